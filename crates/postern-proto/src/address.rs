@@ -1,0 +1,370 @@
+//! RFC 5321 paths: mailboxes, domains, address literals, the null path and Postmaster.
+//!
+//! Everything borrows from the command line. The local part is kept as written (a quoted
+//! local part keeps its quotes), so encoding gives back the same text. Non-ASCII is accepted
+//! by the grammar (RFC 6531) and reported by [`Mailbox::is_ascii`]; whether it is allowed
+//! depends on the transaction, which the session decides.
+
+use core::fmt;
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::limits::{MAX_DOMAIN, MAX_LOCAL_PART, MAX_PATH};
+
+/// The part of a mailbox after the `@`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Host<'a> {
+    /// A domain name (A-labels or, with SMTPUTF8, U-labels).
+    Domain(&'a str),
+    /// `[192.0.2.1]`.
+    Ipv4(Ipv4Addr),
+    /// `[IPv6:2001:db8::1]`.
+    Ipv6(Ipv6Addr),
+}
+
+impl fmt::Display for Host<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Domain(d) => f.write_str(d),
+            Host::Ipv4(a) => write!(f, "[{a}]"),
+            Host::Ipv6(a) => write!(f, "[IPv6:{a}]"),
+        }
+    }
+}
+
+/// `local-part@host`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mailbox<'a> {
+    /// The local part as written: a dot-string, or a quoted string with its quotes.
+    pub local: &'a str,
+    /// The domain or address literal.
+    pub host: Host<'a>,
+}
+
+impl Mailbox<'_> {
+    /// Whether the mailbox is all ASCII (otherwise it needs SMTPUTF8).
+    pub fn is_ascii(&self) -> bool {
+        self.local.is_ascii()
+            && match self.host {
+                Host::Domain(d) => d.is_ascii(),
+                _ => true,
+            }
+    }
+}
+
+impl fmt::Display for Mailbox<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.local, self.host)
+    }
+}
+
+/// The argument of MAIL FROM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReversePath<'a> {
+    /// `<>`: bounces and other notifications.
+    Null,
+    /// A sender mailbox.
+    Mailbox(Mailbox<'a>),
+}
+
+/// The argument of RCPT TO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForwardPath<'a> {
+    /// `<Postmaster>` without a domain (RFC 5321 4.5.1).
+    Postmaster,
+    /// A recipient mailbox.
+    Mailbox(Mailbox<'a>),
+}
+
+impl fmt::Display for ReversePath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReversePath::Null => f.write_str("<>"),
+            ReversePath::Mailbox(m) => write!(f, "<{m}>"),
+        }
+    }
+}
+
+impl fmt::Display for ForwardPath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ForwardPath::Postmaster => f.write_str("<Postmaster>"),
+            ForwardPath::Mailbox(m) => write!(f, "<{m}>"),
+        }
+    }
+}
+
+/// What was wrong with a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// Not of the RFC 5321 Path grammar.
+    #[error("bad address syntax")]
+    Syntax,
+    /// Local part over 64 octets.
+    #[error("local part too long")]
+    LocalPartTooLong,
+    /// Domain over 255 octets.
+    #[error("domain too long")]
+    DomainTooLong,
+    /// Path over 256 octets.
+    #[error("path too long")]
+    PathTooLong,
+}
+
+/// Parses `<...>` at the start of `s`; returns the mailbox (None for `<>`) and the rest.
+fn parse_path(s: &str) -> Result<(Option<Mailbox<'_>>, &str), PathError> {
+    let b = s.as_bytes();
+    if b.first() != Some(&b'<') {
+        return Err(PathError::Syntax);
+    }
+    let mut pos = 1;
+    if b.get(pos) == Some(&b'>') {
+        return Ok((None, &s[2..]));
+    }
+    // A source route (`@a,@b:`) is accepted and ignored (RFC 5321 4.1.2, C.).
+    if b.get(pos) == Some(&b'@') {
+        let colon = s[pos..].find(':').ok_or(PathError::Syntax)? + pos;
+        for hop in s[pos..colon].split(',') {
+            let domain = hop.strip_prefix('@').ok_or(PathError::Syntax)?;
+            check_domain(domain)?;
+        }
+        pos = colon + 1;
+    }
+    let local_end = local_part_end(b, pos)?;
+    let local = &s[pos..local_end];
+    if local.len() > MAX_LOCAL_PART {
+        return Err(PathError::LocalPartTooLong);
+    }
+    if b.get(local_end) != Some(&b'@') {
+        return Err(PathError::Syntax);
+    }
+    let host_start = local_end + 1;
+    let close = s[host_start..].find('>').ok_or(PathError::Syntax)? + host_start;
+    let host = parse_host(&s[host_start..close])?;
+    if close + 1 > MAX_PATH {
+        return Err(PathError::PathTooLong);
+    }
+    Ok((Some(Mailbox { local, host }), &s[close + 1..]))
+}
+
+/// Parses the path of MAIL FROM; returns it and the rest of the line.
+pub fn parse_reverse_path(s: &str) -> Result<(ReversePath<'_>, &str), PathError> {
+    let (mailbox, rest) = parse_path(s)?;
+    Ok((
+        mailbox.map_or(ReversePath::Null, ReversePath::Mailbox),
+        rest,
+    ))
+}
+
+/// Parses the path of RCPT TO; returns it and the rest of the line.
+pub fn parse_forward_path(s: &str) -> Result<(ForwardPath<'_>, &str), PathError> {
+    if s.len() >= 12 && s[..12].eq_ignore_ascii_case("<postmaster>") {
+        return Ok((ForwardPath::Postmaster, &s[12..]));
+    }
+    match parse_path(s)? {
+        (Some(m), rest) => Ok((ForwardPath::Mailbox(m), rest)),
+        (None, _) => Err(PathError::Syntax),
+    }
+}
+
+/// Parses a whole mailbox `local@host` with no angle brackets (used for stored addresses).
+pub fn parse_mailbox(s: &str) -> Result<Mailbox<'_>, PathError> {
+    let b = s.as_bytes();
+    let local_end = local_part_end(b, 0)?;
+    if b.get(local_end) != Some(&b'@') {
+        return Err(PathError::Syntax);
+    }
+    let local = &s[..local_end];
+    if local.len() > MAX_LOCAL_PART {
+        return Err(PathError::LocalPartTooLong);
+    }
+    Ok(Mailbox {
+        local,
+        host: parse_host(&s[local_end + 1..])?,
+    })
+}
+
+/// The end of a dot-string or quoted-string local part starting at `pos`.
+fn local_part_end(b: &[u8], pos: usize) -> Result<usize, PathError> {
+    if b.get(pos) == Some(&b'"') {
+        let mut i = pos + 1;
+        loop {
+            match b.get(i) {
+                None => return Err(PathError::Syntax),
+                Some(b'"') => return Ok(i + 1),
+                Some(b'\\') => match b.get(i + 1) {
+                    Some(32..=126) => i += 2,
+                    _ => return Err(PathError::Syntax),
+                },
+                Some(&c) if c == 32 || c == 33 || (35..=126).contains(&c) || c >= 0x80 => i += 1,
+                Some(_) => return Err(PathError::Syntax),
+            }
+        }
+    }
+    let mut i = pos;
+    let mut atom_len = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'.' {
+            if atom_len == 0 {
+                return Err(PathError::Syntax);
+            }
+            atom_len = 0;
+        } else if is_atext(c) {
+            atom_len += 1;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    if atom_len == 0 {
+        return Err(PathError::Syntax);
+    }
+    Ok(i)
+}
+
+/// RFC 5322 atext, plus UTF-8 (RFC 6531).
+fn is_atext(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&c) || c >= 0x80
+}
+
+/// Parses a domain or an address literal.
+pub fn parse_host(s: &str) -> Result<Host<'_>, PathError> {
+    if let Some(inner) = s.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or(PathError::Syntax)?;
+        if let Some(v6) = strip_prefix_ignore_case(inner, "IPv6:") {
+            return v6.parse().map(Host::Ipv6).map_err(|_| PathError::Syntax);
+        }
+        return inner.parse().map(Host::Ipv4).map_err(|_| PathError::Syntax);
+    }
+    check_domain(s)?;
+    Ok(Host::Domain(s))
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// RFC 5321 Domain: dot-separated labels of letters, digits and inner hyphens (or UTF-8).
+fn check_domain(s: &str) -> Result<(), PathError> {
+    if s.len() > MAX_DOMAIN {
+        return Err(PathError::DomainTooLong);
+    }
+    if s.is_empty() {
+        return Err(PathError::Syntax);
+    }
+    for label in s.split('.') {
+        let b = label.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && b.iter()
+                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c >= 0x80)
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-';
+        if !ok {
+            return Err(PathError::Syntax);
+        }
+    }
+    Ok(())
+}
+
+/// Checks a HELO/EHLO argument: a domain or an address literal.
+pub fn is_valid_helo(s: &str) -> bool {
+    parse_host(s).is_ok() || (s.starts_with('[') && s.ends_with(']') && s.len() > 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(s: &str) -> Result<ReversePath<'_>, PathError> {
+        parse_reverse_path(s).map(|(p, rest)| {
+            assert_eq!(rest, "");
+            p
+        })
+    }
+
+    #[test]
+    fn null_path() {
+        assert_eq!(rev("<>"), Ok(ReversePath::Null));
+    }
+
+    #[test]
+    fn dot_atom_mailbox() {
+        let p = rev("<first.last+tag@mail.example.com>").unwrap();
+        assert_eq!(p.to_string(), "<first.last+tag@mail.example.com>");
+    }
+
+    #[test]
+    fn quoted_local_part_keeps_quotes() {
+        let p = rev("<\"john doe\\\"x\"@example.com>").unwrap();
+        let ReversePath::Mailbox(m) = p else { panic!() };
+        assert_eq!(m.local, "\"john doe\\\"x\"");
+    }
+
+    #[test]
+    fn quoted_local_part_may_hold_angle_bracket() {
+        let p = rev("<\"a>b\"@example.com>").unwrap();
+        assert_eq!(p.to_string(), "<\"a>b\"@example.com>");
+    }
+
+    #[test]
+    fn address_literals() {
+        let p = rev("<a@[192.0.2.1]>").unwrap();
+        assert_eq!(p.to_string(), "<a@[192.0.2.1]>");
+        let p = rev("<a@[IPv6:2001:db8::1]>").unwrap();
+        assert_eq!(p.to_string(), "<a@[IPv6:2001:db8::1]>");
+        assert_eq!(rev("<a@[300.1.1.1]>"), Err(PathError::Syntax));
+    }
+
+    #[test]
+    fn source_route_is_ignored() {
+        let p = rev("<@relay.one,@relay.two:user@example.com>").unwrap();
+        assert_eq!(p.to_string(), "<user@example.com>");
+    }
+
+    #[test]
+    fn syntax_errors() {
+        for bad in [
+            "a@b", "<a@b", "<@b>", "<a@>", "<a..b@c>", "<.a@c>", "<a.@c>", "<a@-b.c>", "<a@b-.c>",
+            "<a@b..c>", "<a b@c>", "<\"a@c>", "<a@b c>", "<>x@y>",
+        ] {
+            let r = parse_reverse_path(bad).map(|(_, rest)| rest.is_empty());
+            assert!(!matches!(r, Ok(true)), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn length_limits() {
+        let local = "a".repeat(65);
+        assert_eq!(
+            rev(&format!("<{local}@example.com>")),
+            Err(PathError::LocalPartTooLong)
+        );
+        let label = "b".repeat(63);
+        let domain = [label.as_str(); 5].join(".");
+        assert_eq!(rev(&format!("<a@{domain}>")), Err(PathError::DomainTooLong));
+        let domain = [label.as_str(); 4].join(".");
+        let local = "c".repeat(64);
+        assert_eq!(
+            rev(&format!("<{local}@{domain}>")),
+            Err(PathError::PathTooLong)
+        );
+    }
+
+    #[test]
+    fn postmaster_without_domain() {
+        assert_eq!(
+            parse_forward_path("<POSTMASTER>"),
+            Ok((ForwardPath::Postmaster, ""))
+        );
+        assert!(parse_forward_path("<>").is_err());
+    }
+
+    #[test]
+    fn utf8_mailbox_parses_and_is_flagged() {
+        let p = rev("<δοκιμή@παράδειγμα.δοκιμή>").unwrap();
+        let ReversePath::Mailbox(m) = p else { panic!() };
+        assert!(!m.is_ascii());
+    }
+}

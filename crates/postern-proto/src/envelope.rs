@@ -1,0 +1,161 @@
+//! The envelope of the transaction in progress, kept in one reusable buffer so that a steady
+//! stream of transactions allocates nothing once the buffers have grown.
+
+use std::ops::Range;
+
+use crate::address::{ForwardPath, ReversePath};
+use crate::params::{BodyType, MailParams, Notify, RcptParams, Ret};
+
+#[derive(Clone, Debug, Default)]
+struct RcptEntry {
+    path: Range<usize>,
+    notify: Option<Notify>,
+    orcpt: Option<Range<usize>>,
+}
+
+/// One accepted recipient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recipient<'a> {
+    /// The mailbox as written, without angle brackets (`Postmaster` for `<Postmaster>`).
+    pub path: &'a str,
+    /// NOTIFY=.
+    pub notify: Option<Notify>,
+    /// ORCPT=, as written.
+    pub orcpt: Option<&'a str>,
+}
+
+/// Reverse path, parameters and recipients of one transaction, plus the client's HELO name.
+#[derive(Clone, Debug, Default)]
+pub struct Envelope {
+    helo: String,
+    esmtp: bool,
+    buf: String,
+    reverse: Option<Range<usize>>,
+    size: Option<u64>,
+    body: BodyType,
+    smtputf8: bool,
+    ret: Option<Ret>,
+    envid: Option<Range<usize>>,
+    auth: Option<Range<usize>>,
+    rcpts: Vec<RcptEntry>,
+}
+
+impl Envelope {
+    /// The name the client gave in HELO or EHLO.
+    pub fn helo(&self) -> &str {
+        &self.helo
+    }
+    /// Whether the client greeted with EHLO (ESMTP) rather than HELO.
+    pub fn is_esmtp(&self) -> bool {
+        self.esmtp
+    }
+    /// The reverse path without angle brackets; empty for the null path `<>`.
+    pub fn reverse_path(&self) -> &str {
+        self.reverse.clone().map_or("", |r| &self.buf[r])
+    }
+    /// SIZE= as declared.
+    pub fn declared_size(&self) -> Option<u64> {
+        self.size
+    }
+    /// BODY= (7BIT when absent).
+    pub fn body_type(&self) -> BodyType {
+        self.body
+    }
+    /// Whether SMTPUTF8 was given on MAIL.
+    pub fn smtputf8(&self) -> bool {
+        self.smtputf8
+    }
+    /// RET=.
+    pub fn ret(&self) -> Option<Ret> {
+        self.ret
+    }
+    /// ENVID= as written.
+    pub fn envid(&self) -> Option<&str> {
+        self.envid.clone().map(|r| &self.buf[r])
+    }
+    /// AUTH= as written.
+    pub fn auth(&self) -> Option<&str> {
+        self.auth.clone().map(|r| &self.buf[r])
+    }
+    /// Number of accepted recipients.
+    pub fn recipient_count(&self) -> usize {
+        self.rcpts.len()
+    }
+    /// The accepted recipients in order.
+    pub fn recipients(&self) -> impl ExactSizeIterator<Item = Recipient<'_>> + '_ {
+        self.rcpts.iter().map(|r| Recipient {
+            path: &self.buf[r.path.clone()],
+            notify: r.notify,
+            orcpt: r.orcpt.clone().map(|o| &self.buf[o]),
+        })
+    }
+
+    pub(crate) fn set_helo(&mut self, name: &str, esmtp: bool) {
+        self.helo.clear();
+        self.helo.push_str(name);
+        self.esmtp = esmtp;
+    }
+
+    pub(crate) fn clear_helo(&mut self) {
+        self.helo.clear();
+        self.esmtp = false;
+    }
+
+    pub(crate) fn clear_transaction(&mut self) {
+        self.buf.clear();
+        self.reverse = None;
+        self.size = None;
+        self.body = BodyType::SevenBit;
+        self.smtputf8 = false;
+        self.ret = None;
+        self.envid = None;
+        self.auth = None;
+        self.rcpts.clear();
+    }
+
+    fn push(&mut self, s: &str) -> Range<usize> {
+        let start = self.buf.len();
+        self.buf.push_str(s);
+        start..self.buf.len()
+    }
+
+    fn push_display(&mut self, d: impl std::fmt::Display) -> Range<usize> {
+        use std::fmt::Write;
+        let start = self.buf.len();
+        let _ = write!(self.buf, "{d}");
+        start..self.buf.len()
+    }
+
+    pub(crate) fn set_mail(&mut self, path: &ReversePath<'_>, params: &MailParams<'_>) {
+        self.clear_transaction();
+        self.reverse = match path {
+            ReversePath::Null => None,
+            ReversePath::Mailbox(m) => Some(self.push_display(m)),
+        };
+        self.size = params.size;
+        self.body = params.body.unwrap_or_default();
+        self.smtputf8 = params.smtputf8;
+        self.ret = params.ret;
+        self.envid = params.envid.map(|e| self.push(e));
+        self.auth = params.auth.map(|a| self.push(a));
+    }
+
+    pub(crate) fn push_rcpt(&mut self, path: &ForwardPath<'_>, params: &RcptParams<'_>) {
+        let path = match path {
+            ForwardPath::Postmaster => self.push("Postmaster"),
+            ForwardPath::Mailbox(m) => self.push_display(m),
+        };
+        let orcpt = params.orcpt.map(|o| self.push(o));
+        self.rcpts.push(RcptEntry {
+            path,
+            notify: params.notify,
+            orcpt,
+        });
+    }
+
+    pub(crate) fn pop_rcpt(&mut self) {
+        if let Some(r) = self.rcpts.pop() {
+            self.buf.truncate(r.path.start);
+        }
+    }
+}

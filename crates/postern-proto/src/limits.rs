@@ -1,0 +1,24 @@
+//! Named caps on everything a peer controls. Every length check in the crate uses one of these.
+
+/// Longest command line, CRLF included (RFC 5321 4.5.3.1.4). Configurable per server.
+pub const MAX_COMMAND_LINE: usize = 512;
+/// Longest reply line, CRLF included (RFC 5321 4.5.3.1.5).
+pub const MAX_REPLY_LINE: usize = 512;
+/// Longest reply the client side assembles, over all its lines.
+pub const MAX_REPLY_LINES: usize = 64;
+/// Longest local part of a mailbox (RFC 5321 4.5.3.1.1).
+pub const MAX_LOCAL_PART: usize = 64;
+/// Longest domain (RFC 5321 4.5.3.1.2).
+pub const MAX_DOMAIN: usize = 255;
+/// Longest reverse or forward path, angle brackets included (RFC 5321 4.5.3.1.3).
+pub const MAX_PATH: usize = 256;
+/// Recipients a transaction must be able to hold at least (RFC 5321 4.5.3.1.8).
+pub const MIN_RECIPIENTS: usize = 100;
+/// Longest ENVID value (RFC 3461 4.4).
+pub const MAX_ENVID: usize = 100;
+/// Longest ORCPT value (RFC 3461 4.2).
+pub const MAX_ORCPT: usize = 500;
+/// Digits accepted in a SIZE or BDAT count: enough for any u64 below 10^19.
+pub const MAX_DECIMAL_DIGITS: usize = 19;
+/// Error replies after which a session is ended with 421 (Postfix's hard error limit).
+pub const DEFAULT_MAX_ERRORS: u32 = 20;

@@ -1,0 +1,394 @@
+//! ESMTP parameters of MAIL FROM and RCPT TO: SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH, NOTIFY,
+//! ORCPT. Values that are opaque to the server (xtext) stay borrowed and as written.
+
+use std::fmt::{self, Write};
+
+use crate::limits::{MAX_DECIMAL_DIGITS, MAX_ENVID, MAX_ORCPT};
+
+/// The body type declared with BODY= (RFC 6152, RFC 3030).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum BodyType {
+    /// 7BIT, the default.
+    #[default]
+    SevenBit,
+    /// 8BITMIME.
+    EightBitMime,
+    /// BINARYMIME: only with BDAT.
+    BinaryMime,
+}
+
+impl BodyType {
+    /// The keyword as sent in BODY=.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyType::SevenBit => "7BIT",
+            BodyType::EightBitMime => "8BITMIME",
+            BodyType::BinaryMime => "BINARYMIME",
+        }
+    }
+}
+
+/// RET= of RFC 3461: how much of the message a failure DSN returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Ret {
+    /// The whole message.
+    Full,
+    /// Headers only.
+    Hdrs,
+}
+
+/// NOTIFY= of RFC 3461, as a set of bits. `Notify::NEVER` stands alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Notify(u8);
+
+impl Notify {
+    /// NEVER.
+    pub const NEVER: Notify = Notify(0);
+    /// SUCCESS.
+    pub const SUCCESS: u8 = 1;
+    /// FAILURE.
+    pub const FAILURE: u8 = 2;
+    /// DELAY.
+    pub const DELAY: u8 = 4;
+
+    /// A set of SUCCESS, FAILURE and DELAY bits (0 is NEVER).
+    pub fn from_bits(bits: u8) -> Notify {
+        Notify(bits & 7)
+    }
+    /// The bits.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+    /// Whether `bit` is in the set.
+    pub fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+impl fmt::Display for Notify {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            return f.write_str("NEVER");
+        }
+        let mut sep = "";
+        for (bit, name) in [(1, "SUCCESS"), (2, "FAILURE"), (4, "DELAY")] {
+            if self.0 & bit != 0 {
+                write!(f, "{sep}{name}")?;
+                sep = ",";
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of MAIL FROM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MailParams<'a> {
+    /// SIZE=: the client's estimate of the message size.
+    pub size: Option<u64>,
+    /// BODY=.
+    pub body: Option<BodyType>,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// RET= (RFC 3461).
+    pub ret: Option<Ret>,
+    /// ENVID= (RFC 3461), xtext as written.
+    pub envid: Option<&'a str>,
+    /// AUTH= (RFC 4954), xtext as written.
+    pub auth: Option<&'a str>,
+}
+
+/// Parameters of RCPT TO.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RcptParams<'a> {
+    /// NOTIFY= (RFC 3461).
+    pub notify: Option<Notify>,
+    /// ORCPT= (RFC 3461): `addr-type;xtext` as written.
+    pub orcpt: Option<&'a str>,
+}
+
+/// What was wrong with a parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    /// A keyword this server does not know (555 5.5.4).
+    #[error("unrecognized parameter")]
+    Unknown,
+    /// A known keyword with a bad value, a missing value, or given twice (501 5.5.4).
+    #[error("invalid parameter value")]
+    Invalid,
+}
+
+/// Splits `rest` (what follows the path) into `(keyword, value)` pairs.
+fn pairs(rest: &str) -> impl Iterator<Item = Result<(&str, Option<&str>), ParamError>> {
+    rest.split(' ').filter(|p| !p.is_empty()).map(|p| {
+        let (key, value) = match p.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (p, None),
+        };
+        let key_ok = key
+            .bytes()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+            && key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+        // esmtp-value: %d33-60 / %d62-126, and UTF-8 (RFC 6531).
+        let value_ok = value.is_none_or(|v| {
+            !v.is_empty()
+                && v.bytes()
+                    .all(|c| (33..=126).contains(&c) && c != b'=' || c >= 0x80)
+        });
+        if key_ok && value_ok {
+            Ok((key, value))
+        } else {
+            Err(ParamError::Invalid)
+        }
+    })
+}
+
+/// Whether `s` is RFC 3461 xtext: printable ASCII but `+` and `=`, with `+XX` hex escapes.
+pub fn is_xtext(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                let hex =
+                    |c: Option<&u8>| c.is_some_and(|c| matches!(c, b'0'..=b'9' | b'A'..=b'F'));
+                if !hex(b.get(i + 1)) || !hex(b.get(i + 2)) {
+                    return false;
+                }
+                i += 3;
+            }
+            33..=126 if b[i] != b'=' => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Parses a decimal count of at most [`MAX_DECIMAL_DIGITS`] digits.
+pub fn parse_decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > MAX_DECIMAL_DIGITS || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn set<T>(slot: &mut Option<T>, value: T) -> Result<(), ParamError> {
+    if slot.is_some() {
+        return Err(ParamError::Invalid);
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+impl<'a> MailParams<'a> {
+    /// Parses the parameters after the reverse path.
+    pub fn parse(rest: &'a str) -> Result<Self, ParamError> {
+        let mut p = MailParams::default();
+        for pair in pairs(rest) {
+            let (key, value) = pair?;
+            if key.eq_ignore_ascii_case("SIZE") {
+                let n = value.and_then(parse_decimal).ok_or(ParamError::Invalid)?;
+                set(&mut p.size, n)?;
+            } else if key.eq_ignore_ascii_case("BODY") {
+                let v = value.ok_or(ParamError::Invalid)?;
+                let body = if v.eq_ignore_ascii_case("7BIT") {
+                    BodyType::SevenBit
+                } else if v.eq_ignore_ascii_case("8BITMIME") {
+                    BodyType::EightBitMime
+                } else if v.eq_ignore_ascii_case("BINARYMIME") {
+                    BodyType::BinaryMime
+                } else {
+                    return Err(ParamError::Invalid);
+                };
+                set(&mut p.body, body)?;
+            } else if key.eq_ignore_ascii_case("SMTPUTF8") {
+                if value.is_some() || p.smtputf8 {
+                    return Err(ParamError::Invalid);
+                }
+                p.smtputf8 = true;
+            } else if key.eq_ignore_ascii_case("RET") {
+                let v = value.ok_or(ParamError::Invalid)?;
+                let ret = if v.eq_ignore_ascii_case("FULL") {
+                    Ret::Full
+                } else if v.eq_ignore_ascii_case("HDRS") {
+                    Ret::Hdrs
+                } else {
+                    return Err(ParamError::Invalid);
+                };
+                set(&mut p.ret, ret)?;
+            } else if key.eq_ignore_ascii_case("ENVID") {
+                let v = value.filter(|v| v.len() <= MAX_ENVID && is_xtext(v));
+                set(&mut p.envid, v.ok_or(ParamError::Invalid)?)?;
+            } else if key.eq_ignore_ascii_case("AUTH") {
+                let v = value.filter(|v| *v == "<>" || is_xtext(v));
+                set(&mut p.auth, v.ok_or(ParamError::Invalid)?)?;
+            } else {
+                return Err(ParamError::Unknown);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Whether any parameter is present (ESMTP parameters need EHLO).
+    pub fn is_empty(&self) -> bool {
+        *self == MailParams::default()
+    }
+
+    /// Appends the parameters, each preceded by a space.
+    pub fn encode(&self, out: &mut String) {
+        if let Some(n) = self.size {
+            let _ = write!(out, " SIZE={n}");
+        }
+        if let Some(b) = self.body {
+            let _ = write!(out, " BODY={}", b.as_str());
+        }
+        if self.smtputf8 {
+            out.push_str(" SMTPUTF8");
+        }
+        if let Some(r) = self.ret {
+            out.push_str(match r {
+                Ret::Full => " RET=FULL",
+                Ret::Hdrs => " RET=HDRS",
+            });
+        }
+        if let Some(e) = self.envid {
+            let _ = write!(out, " ENVID={e}");
+        }
+        if let Some(a) = self.auth {
+            let _ = write!(out, " AUTH={a}");
+        }
+    }
+}
+
+impl<'a> RcptParams<'a> {
+    /// Parses the parameters after the forward path.
+    pub fn parse(rest: &'a str) -> Result<Self, ParamError> {
+        let mut p = RcptParams::default();
+        for pair in pairs(rest) {
+            let (key, value) = pair?;
+            if key.eq_ignore_ascii_case("NOTIFY") {
+                let v = value.ok_or(ParamError::Invalid)?;
+                set(&mut p.notify, parse_notify(v)?)?;
+            } else if key.eq_ignore_ascii_case("ORCPT") {
+                let v = value.filter(|v| v.len() <= MAX_ORCPT && is_orcpt(v));
+                set(&mut p.orcpt, v.ok_or(ParamError::Invalid)?)?;
+            } else {
+                return Err(ParamError::Unknown);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Whether any parameter is present.
+    pub fn is_empty(&self) -> bool {
+        *self == RcptParams::default()
+    }
+
+    /// Appends the parameters, each preceded by a space.
+    pub fn encode(&self, out: &mut String) {
+        if let Some(n) = self.notify {
+            let _ = write!(out, " NOTIFY={n}");
+        }
+        if let Some(o) = self.orcpt {
+            let _ = write!(out, " ORCPT={o}");
+        }
+    }
+}
+
+fn parse_notify(v: &str) -> Result<Notify, ParamError> {
+    if v.eq_ignore_ascii_case("NEVER") {
+        return Ok(Notify::NEVER);
+    }
+    let mut bits = 0;
+    for word in v.split(',') {
+        let bit = if word.eq_ignore_ascii_case("SUCCESS") {
+            Notify::SUCCESS
+        } else if word.eq_ignore_ascii_case("FAILURE") {
+            Notify::FAILURE
+        } else if word.eq_ignore_ascii_case("DELAY") {
+            Notify::DELAY
+        } else {
+            return Err(ParamError::Invalid);
+        };
+        if bits & bit != 0 {
+            return Err(ParamError::Invalid);
+        }
+        bits |= bit;
+    }
+    Ok(Notify::from_bits(bits))
+}
+
+/// `addr-type ";" xtext`, addr-type an atom (RFC 3461 4.2). UTF-8 is allowed for utf-8
+/// address types (RFC 6533).
+fn is_orcpt(v: &str) -> bool {
+    let Some((kind, addr)) = v.split_once(';') else {
+        return false;
+    };
+    !kind.is_empty()
+        && kind.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        && !addr.is_empty()
+        && (is_xtext(addr) || !addr.is_ascii())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_params_parse_and_encode() {
+        let p =
+            MailParams::parse(" size=1000  BODY=8bitmime SMTPUTF8 RET=hdrs ENVID=QQ+2B1 AUTH=<>")
+                .unwrap();
+        assert_eq!(p.size, Some(1000));
+        assert_eq!(p.body, Some(BodyType::EightBitMime));
+        assert!(p.smtputf8);
+        assert_eq!(p.ret, Some(Ret::Hdrs));
+        assert_eq!(p.envid, Some("QQ+2B1"));
+        let mut s = String::new();
+        p.encode(&mut s);
+        assert_eq!(
+            s,
+            " SIZE=1000 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1 AUTH=<>"
+        );
+    }
+
+    #[test]
+    fn mail_param_errors() {
+        assert_eq!(MailParams::parse(" FOO=1"), Err(ParamError::Unknown));
+        assert_eq!(MailParams::parse(" SIZE=abc"), Err(ParamError::Invalid));
+        assert_eq!(
+            MailParams::parse(" SIZE=99999999999999999999"),
+            Err(ParamError::Invalid)
+        );
+        assert_eq!(
+            MailParams::parse(" SIZE=1 SIZE=2"),
+            Err(ParamError::Invalid)
+        );
+        assert_eq!(MailParams::parse(" BODY=9BIT"), Err(ParamError::Invalid));
+        assert_eq!(MailParams::parse(" ENVID=a=b"), Err(ParamError::Invalid));
+        assert_eq!(MailParams::parse(" ENVID=+zz"), Err(ParamError::Invalid));
+        assert_eq!(MailParams::parse(" SMTPUTF8=yes"), Err(ParamError::Invalid));
+    }
+
+    #[test]
+    fn rcpt_params() {
+        let p = RcptParams::parse(" NOTIFY=failure,DELAY ORCPT=rfc822;a+40b").unwrap();
+        assert_eq!(
+            p.notify,
+            Some(Notify::from_bits(Notify::FAILURE | Notify::DELAY))
+        );
+        let mut s = String::new();
+        p.encode(&mut s);
+        assert_eq!(s, " NOTIFY=FAILURE,DELAY ORCPT=rfc822;a+40b");
+        assert_eq!(
+            RcptParams::parse(" NOTIFY=NEVER,SUCCESS"),
+            Err(ParamError::Invalid)
+        );
+        assert_eq!(
+            RcptParams::parse(" ORCPT=nosemicolon"),
+            Err(ParamError::Invalid)
+        );
+        assert_eq!(RcptParams::parse(" XFOO"), Err(ParamError::Unknown));
+    }
+}

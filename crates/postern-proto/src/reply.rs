@@ -1,0 +1,298 @@
+//! Reply codes, RFC 3463 enhanced status codes, writing replies and parsing them (client side).
+
+use std::fmt;
+
+use crate::framer::{Frame, LineFramer};
+use crate::limits::{MAX_REPLY_LINE, MAX_REPLY_LINES};
+
+/// An RFC 3463 enhanced status code, `class.subject.detail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EnhancedCode {
+    /// 2 (success), 4 (persistent transient failure) or 5 (permanent failure).
+    pub class: u8,
+    /// The subject, 0 to 999.
+    pub subject: u16,
+    /// The detail, 0 to 999.
+    pub detail: u16,
+}
+
+impl EnhancedCode {
+    /// Builds a code; used by the named constants below.
+    pub const fn new(class: u8, subject: u16, detail: u16) -> Self {
+        Self {
+            class,
+            subject,
+            detail,
+        }
+    }
+
+    /// Parses `c.s.d` at the start of `text`, returning the code and the rest after one space.
+    pub fn parse_prefix(text: &str) -> Option<(Self, &str)> {
+        let end = text.find(' ').unwrap_or(text.len());
+        let mut parts = text[..end].split('.');
+        let class = parse_digits(parts.next()?, 1)?;
+        let subject = parse_digits(parts.next()?, 3)?;
+        let detail = parse_digits(parts.next()?, 3)?;
+        if parts.next().is_some() || !matches!(class, 2 | 4 | 5) {
+            return None;
+        }
+        let rest = text.get(end + 1..).unwrap_or("");
+        Some((Self::new(class as u8, subject, detail), rest))
+    }
+}
+
+fn parse_digits(s: &str, max: usize) -> Option<u16> {
+    if s.is_empty() || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+impl fmt::Display for EnhancedCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.class, self.subject, self.detail)
+    }
+}
+
+/// A reply the server sends: code, enhanced code and one line of text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticReply {
+    /// The three-digit reply code.
+    pub code: u16,
+    /// The enhanced status code.
+    pub enhanced: EnhancedCode,
+    /// The human-readable text.
+    pub text: &'static str,
+}
+
+impl StaticReply {
+    /// Builds a reply; used for the named replies of [`crate::server`].
+    pub const fn new(code: u16, enhanced: EnhancedCode, text: &'static str) -> Self {
+        Self {
+            code,
+            enhanced,
+            text,
+        }
+    }
+
+    /// Appends the reply line, CRLF included, to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        write_reply(out, self.code, Some(self.enhanced), self.text);
+    }
+}
+
+/// Appends one reply line `code [enhanced ]text\r\n` to `out`.
+pub fn write_reply(out: &mut Vec<u8>, code: u16, enhanced: Option<EnhancedCode>, text: &str) {
+    write_line(out, code, ' ', enhanced, text);
+}
+
+/// Appends one line of a multi-line reply; `last` selects the `code SP` form over `code-`.
+pub fn write_reply_line(out: &mut Vec<u8>, code: u16, last: bool, text: &str) {
+    write_line(out, code, if last { ' ' } else { '-' }, None, text);
+}
+
+fn write_line(out: &mut Vec<u8>, code: u16, sep: char, enhanced: Option<EnhancedCode>, text: &str) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail.
+    let _ = match enhanced {
+        Some(e) => write!(out, "{code:03}{sep}{e} {text}\r\n"),
+        None => write!(out, "{code:03}{sep}{text}\r\n"),
+    };
+}
+
+/// A complete reply as the client side receives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The three-digit reply code, shared by all lines.
+    pub code: u16,
+    /// The enhanced status code of the first line, when the server sent one.
+    pub enhanced: Option<EnhancedCode>,
+    /// The text of each line, without code, separator or enhanced code.
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// 2xx and 3xx.
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+    /// 4xx: try again later.
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+    /// 5xx: do not try again.
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code)?;
+        if let Some(e) = self.enhanced {
+            write!(f, " {e}")?;
+        }
+        for (i, line) in self.lines.iter().enumerate() {
+            write!(f, "{}{line}", if i == 0 { " " } else { " / " })?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a reply from a peer could not be parsed. Always the next hop's fault, and treated as
+/// a temporary failure of that connection.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// A line did not start with three digits and a separator.
+    #[error("malformed reply line")]
+    Malformed,
+    /// The lines of one multi-line reply carried different codes.
+    #[error("reply code changed inside a multi-line reply")]
+    InconsistentCode,
+    /// A line longer than the reply line cap.
+    #[error("reply line too long")]
+    LineTooLong,
+    /// More lines than the client assembles in one reply.
+    #[error("reply has too many lines")]
+    TooManyLines,
+}
+
+/// Assembles replies from bytes as they arrive, keeping partial lines across reads.
+#[derive(Debug)]
+pub struct ReplyParser {
+    framer: LineFramer,
+    partial: Option<Reply>,
+}
+
+impl Default for ReplyParser {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The outcome of one [`ReplyParser::parse`] call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ParsedReply {
+    /// A complete reply; `consumed` bytes were used.
+    Complete {
+        /// The reply.
+        reply: Reply,
+        /// Bytes of input used.
+        consumed: usize,
+    },
+    /// The reply is not complete; `consumed` bytes were used (keep the rest).
+    Incomplete {
+        /// Bytes of input used.
+        consumed: usize,
+    },
+    /// The peer sent something that is not a reply; `consumed` bytes were used.
+    Error {
+        /// What was wrong.
+        error: ReplyError,
+        /// Bytes of input used.
+        consumed: usize,
+    },
+}
+
+impl ReplyParser {
+    /// A parser expecting the first line of a reply.
+    pub fn new() -> Self {
+        Self {
+            framer: LineFramer::new(MAX_REPLY_LINE),
+            partial: None,
+        }
+    }
+
+    /// Consumes reply lines from `input` until one reply is complete or input runs out.
+    pub fn parse(&mut self, input: &[u8]) -> ParsedReply {
+        let mut pos = 0;
+        loop {
+            match self.framer.next_line(&input[pos..]) {
+                Frame::Incomplete { consumed } => {
+                    return ParsedReply::Incomplete {
+                        consumed: pos + consumed,
+                    }
+                }
+                Frame::TooLong { consumed } => {
+                    self.partial = None;
+                    return ParsedReply::Error {
+                        error: ReplyError::LineTooLong,
+                        consumed: pos + consumed,
+                    };
+                }
+                Frame::Line { line, consumed } => {
+                    pos += consumed;
+                    match self.line(line) {
+                        Ok(Some(reply)) => {
+                            return ParsedReply::Complete {
+                                reply,
+                                consumed: pos,
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            self.partial = None;
+                            return ParsedReply::Error {
+                                error,
+                                consumed: pos,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
+        if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+            return Err(ReplyError::Malformed);
+        }
+        let code = u16::from(line[0] - b'0') * 100
+            + u16::from(line[1] - b'0') * 10
+            + u16::from(line[2] - b'0');
+        if !(200..600).contains(&code) {
+            return Err(ReplyError::Malformed);
+        }
+        let last = match line.get(3) {
+            None | Some(b' ') => true,
+            Some(b'-') => false,
+            Some(_) => return Err(ReplyError::Malformed),
+        };
+        let text = String::from_utf8_lossy(line.get(4..).unwrap_or(b""));
+        let reply = match self.partial.as_mut() {
+            Some(r) => {
+                if r.code != code {
+                    return Err(ReplyError::InconsistentCode);
+                }
+                if r.lines.len() >= MAX_REPLY_LINES {
+                    return Err(ReplyError::TooManyLines);
+                }
+                let text = match r.enhanced {
+                    Some(_) => EnhancedCode::parse_prefix(&text)
+                        .map_or(text.as_ref(), |(_, rest)| rest)
+                        .to_owned(),
+                    None => text.into_owned(),
+                };
+                r.lines.push(text);
+                r
+            }
+            None => {
+                let (enhanced, text) = match EnhancedCode::parse_prefix(&text) {
+                    Some((e, rest)) if e.class == (code / 100) as u8 => (Some(e), rest.to_owned()),
+                    _ => (None, text.into_owned()),
+                };
+                self.partial.insert(Reply {
+                    code,
+                    enhanced,
+                    lines: vec![text],
+                })
+            }
+        };
+        let _ = reply;
+        if last {
+            Ok(self.partial.take())
+        } else {
+            Ok(None)
+        }
+    }
+}

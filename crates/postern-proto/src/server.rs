@@ -1,0 +1,829 @@
+//! The server session: RFC 5321 sequencing, PIPELINING, DATA and BDAT, STARTTLS, limits.
+//!
+//! The embedding feeds bytes to [`ServerSession::handle`] and gets back one [`Event`] at a
+//! time with the number of input bytes used. Replies accumulate in [`ServerSession::output`];
+//! the embedding writes them out when `handle` says [`Event::NeedInput`] (all complete commands
+//! in the buffer are answered, RFC 2920), [`Event::StartTls`] or [`Event::Close`], so pipelined
+//! commands read together are answered in one write.
+//!
+//! Three events ask the embedding for a decision before the session goes on: [`Event::Mail`],
+//! [`Event::Rcpt`] and [`Event::DataStart`] are settled with [`ServerSession::accept`] or
+//! [`ServerSession::reject`]; [`Event::DataEnd`] with [`ServerSession::message_queued`] or
+//! [`ServerSession::message_failed`] once the spool has made the message durable. A decision
+//! the embedding never gives counts as a temporary local error (451 4.3.0), never as consent.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::address::{ForwardPath, ReversePath};
+use crate::bdat::ChunkDecoder;
+use crate::command::{Command, CommandError};
+use crate::data::DataDecoder;
+use crate::envelope::Envelope;
+use crate::framer::{Frame, LineFramer};
+use crate::limits::{DEFAULT_MAX_ERRORS, MAX_COMMAND_LINE, MIN_RECIPIENTS};
+use crate::params::{BodyType, MailParams, RcptParams};
+use crate::reply::{write_reply, write_reply_line, EnhancedCode, StaticReply};
+
+const fn r(code: u16, class: u8, subject: u16, detail: u16, text: &'static str) -> StaticReply {
+    StaticReply::new(code, EnhancedCode::new(class, subject, detail), text)
+}
+
+/// Named replies of the server session.
+pub mod replies {
+    use super::r;
+    use crate::reply::StaticReply;
+
+    /// MAIL accepted.
+    pub const MAIL_OK: StaticReply = r(250, 2, 1, 0, "Ok");
+    /// RCPT accepted.
+    pub const RCPT_OK: StaticReply = r(250, 2, 1, 5, "Ok");
+    /// RSET, NOOP.
+    pub const OK: StaticReply = r(250, 2, 0, 0, "Ok");
+    /// QUIT.
+    pub const BYE: StaticReply = r(221, 2, 0, 0, "Bye");
+    /// VRFY (RFC 5321 3.5.3).
+    pub const VRFY: StaticReply = r(
+        252,
+        2,
+        5,
+        0,
+        "Cannot VRFY user, but will accept message and attempt delivery",
+    );
+    /// HELP.
+    pub const HELP: StaticReply = r(
+        214,
+        2,
+        0,
+        0,
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS",
+    );
+    /// EXPN.
+    pub const EXPN: StaticReply = r(502, 5, 5, 1, "EXPN not supported");
+    /// SEND, SOML, SAML, TURN.
+    pub const OBSOLETE: StaticReply = r(502, 5, 5, 1, "Command not implemented");
+    /// AUTH on a server that offers none.
+    pub const NO_AUTH: StaticReply = r(503, 5, 5, 1, "Authentication not enabled");
+    /// STARTTLS without a certificate.
+    pub const NO_TLS: StaticReply = r(502, 5, 5, 1, "STARTTLS not available");
+    /// STARTTLS inside TLS.
+    pub const TLS_ACTIVE: StaticReply = r(503, 5, 5, 1, "TLS already active");
+    /// STARTTLS inside a mail transaction.
+    pub const TLS_IN_TRANSACTION: StaticReply = r(503, 5, 5, 1, "MAIL transaction in progress");
+    /// STARTTLS accepted.
+    pub const TLS_GO: StaticReply = r(220, 2, 0, 0, "Ready to start TLS");
+    /// MAIL before HELO/EHLO.
+    pub const NEED_HELO: StaticReply = r(503, 5, 5, 1, "Send HELO or EHLO first");
+    /// MAIL inside a transaction.
+    pub const NESTED_MAIL: StaticReply = r(503, 5, 5, 1, "Nested MAIL command");
+    /// RCPT, DATA or BDAT before MAIL.
+    pub const NEED_MAIL: StaticReply = r(503, 5, 5, 1, "Need MAIL command");
+    /// DATA before any RCPT.
+    pub const NEED_RCPT: StaticReply = r(503, 5, 5, 1, "Need RCPT command");
+    /// DATA or BDAT when every RCPT was refused (RFC 2920 3.1).
+    pub const NO_RECIPIENTS: StaticReply = r(554, 5, 5, 1, "No valid recipients");
+    /// DATA after BDAT in one transaction.
+    pub const DATA_AFTER_BDAT: StaticReply = r(503, 5, 5, 1, "DATA not allowed after BDAT");
+    /// DATA with BODY=BINARYMIME (RFC 3030 3).
+    pub const BINARY_NEEDS_BDAT: StaticReply = r(503, 5, 5, 1, "BINARYMIME requires BDAT");
+    /// ESMTP parameters after HELO.
+    pub const PARAMS_NEED_EHLO: StaticReply = r(555, 5, 5, 4, "Parameters not allowed after HELO");
+    /// SIZE= or the body over the limit.
+    pub const TOO_BIG: StaticReply = r(
+        552,
+        5,
+        3,
+        4,
+        "Message size exceeds fixed maximum message size",
+    );
+    /// Recipient limit reached.
+    pub const TOO_MANY_RCPTS: StaticReply = r(452, 4, 5, 3, "Too many recipients");
+    /// Non-ASCII address without SMTPUTF8 (RFC 6531 3.7.4.1).
+    pub const NEED_SMTPUTF8: StaticReply = r(553, 5, 6, 7, "Non-ASCII address needs SMTPUTF8");
+    /// Bare CR or LF in a DATA body under the reject policy.
+    pub const BARE_NEWLINE: StaticReply = r(
+        550,
+        5,
+        6,
+        11,
+        "Bare CR or LF in message; use CRLF line endings",
+    );
+    /// Line over the cap.
+    pub const LINE_TOO_LONG: StaticReply = r(500, 5, 5, 2, "Line too long");
+    /// A decision the embedding never gave.
+    pub const NO_DECISION: StaticReply = r(451, 4, 3, 0, "Local error in processing");
+    /// Too many errors.
+    pub const TOO_MANY_ERRORS: StaticReply = r(421, 4, 7, 0, "Too many errors, closing connection");
+    /// An HTTP request on the SMTP port.
+    pub const NOT_SMTP: StaticReply = r(421, 4, 7, 0, "This is an SMTP server, closing connection");
+    /// Command timeout (RFC 5321 4.5.3.2.7).
+    pub const TIMEOUT: StaticReply = r(421, 4, 4, 2, "Timeout exceeded, closing connection");
+    /// Server going down.
+    pub const SHUTDOWN: StaticReply = r(421, 4, 3, 2, "Service shutting down, closing connection");
+    /// Bad BDAT size: the stream cannot be followed any more.
+    pub const BDAT_LOST: StaticReply = r(
+        421,
+        4,
+        5,
+        0,
+        "Cannot follow BDAT framing, closing connection",
+    );
+}
+
+/// A refusal kept until the end of a body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PendingReply {
+    code: u16,
+    enhanced: EnhancedCode,
+    text: Cow<'static, str>,
+}
+
+impl From<StaticReply> for PendingReply {
+    fn from(r: StaticReply) -> Self {
+        Self {
+            code: r.code,
+            enhanced: r.enhanced,
+            text: Cow::Borrowed(r.text),
+        }
+    }
+}
+
+/// What to do with bare CR and bare LF in a DATA body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BareNewlinePolicy {
+    /// Store them as CR LF (what recent Postfix does).
+    #[default]
+    Normalize,
+    /// Refuse the message with 550 5.6.11 once the end of data is found.
+    Reject,
+}
+
+/// Settings shared by every session of a server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Our name, in the banner and the EHLO reply.
+    pub hostname: String,
+    /// Advertised in SIZE and enforced on DATA and BDAT.
+    pub max_message_size: u64,
+    /// Recipients per transaction (at least 100, RFC 5321 4.5.3.1.8).
+    pub max_recipients: usize,
+    /// Error replies after which the session is ended with 421.
+    pub max_errors: u32,
+    /// Command line cap, CR LF included.
+    pub max_line: usize,
+    /// Refuse MAIL before HELO/EHLO.
+    pub require_helo: bool,
+    /// Bare CR and LF in DATA bodies.
+    pub bare_newline: BareNewlinePolicy,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            max_errors: DEFAULT_MAX_ERRORS,
+            max_line: MAX_COMMAND_LINE,
+            require_helo: true,
+            bare_newline: BareNewlinePolicy::Normalize,
+        }
+    }
+}
+
+/// What the session needs from the embedding next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// Every complete command is answered: write [`ServerSession::output`], then read more.
+    NeedInput,
+    /// MAIL FROM passed the grammar and sequencing checks: accept or reject it.
+    Mail(ReversePath<'a>, MailParams<'a>),
+    /// RCPT TO passed the grammar and sequencing checks: accept or reject it (relay control).
+    Rcpt(ForwardPath<'a>, RcptParams<'a>),
+    /// The body is about to start (DATA, or the first BDAT chunk): accept (open a spool
+    /// record) or reject (say, 452 4.3.1 when the spool is full).
+    DataStart,
+    /// The next body bytes, dot-unstuffed: append them.
+    Body(&'a [u8]),
+    /// The body is complete: commit it, then call `message_queued` or `message_failed`.
+    DataEnd,
+    /// The body that was being appended is abandoned: discard it.
+    DataAbort,
+    /// Write the output, then start the TLS handshake. The rest of the input was discarded:
+    /// drop it (commands pipelined after STARTTLS are never run).
+    StartTls,
+    /// Write the output, then close the connection.
+    Close,
+}
+
+/// One step of [`ServerSession::handle`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Step<'a> {
+    /// Input bytes used; drop them before the next call.
+    pub consumed: usize,
+    /// What happened.
+    pub event: Event<'a>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decision {
+    None,
+    Mail,
+    Rcpt,
+    DataStart,
+    Commit,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Reading commands.
+    Commands,
+    /// Inside a DATA body.
+    Data(DataDecoder),
+    /// Inside a BDAT chunk.
+    Chunk {
+        decoder: ChunkDecoder,
+        size: u64,
+        last: bool,
+    },
+    /// Closed: nothing more is read.
+    Closed,
+}
+
+/// The state of one SMTP server session.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: Arc<ServerConfig>,
+    framer: LineFramer,
+    out: Vec<u8>,
+    envelope: Envelope,
+    phase: Phase,
+    decision: Decision,
+    greeted: bool,
+    tls_available: bool,
+    tls_active: bool,
+    errors: u32,
+    /// MAIL accepted, transaction open.
+    in_mail: bool,
+    /// RCPT commands tried in this transaction (accepted or not).
+    rcpts_tried: usize,
+    /// BDAT used in this transaction.
+    bdat: bool,
+    /// The embedding has an open body record (DataStart accepted).
+    body_open: bool,
+    /// Body octets handed out.
+    body_bytes: u64,
+    /// Why the body in progress will be refused at its end.
+    body_failed: Option<PendingReply>,
+}
+
+impl ServerSession {
+    /// A new session; `tls_available` says whether STARTTLS may be offered.
+    pub fn new(config: Arc<ServerConfig>, tls_available: bool) -> Self {
+        let framer = LineFramer::new(config.max_line);
+        Self {
+            config,
+            framer,
+            out: Vec::with_capacity(512),
+            envelope: Envelope::default(),
+            phase: Phase::Commands,
+            decision: Decision::None,
+            greeted: false,
+            tls_available,
+            tls_active: false,
+            errors: 0,
+            in_mail: false,
+            rcpts_tried: 0,
+            bdat: false,
+            body_open: false,
+            body_bytes: 0,
+            body_failed: None,
+        }
+    }
+
+    /// Writes the 220 banner. Call once, before the first `handle`.
+    pub fn greet(&mut self) {
+        let text = format!("{} ESMTP postern", self.config.hostname);
+        write_reply(&mut self.out, 220, None, &text);
+    }
+
+    /// Replies waiting to be written.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Forgets the replies once written.
+    pub fn clear_output(&mut self) {
+        self.out.clear();
+    }
+
+    /// The transaction's envelope (valid from `Mail` until the transaction ends).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// Whether the session is inside TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// Whether a DATA body or BDAT chunk is being read (for choosing a timeout).
+    pub fn in_body(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::Chunk { .. })
+    }
+
+    /// The TLS handshake finished: back to the initial state (RFC 3207 4.2).
+    pub fn tls_established(&mut self) {
+        self.tls_active = true;
+        self.greeted = false;
+        self.envelope.clear_helo();
+        self.framer.reset();
+        self.reset_transaction();
+    }
+
+    /// Settles a pending `Mail`, `Rcpt` or `DataStart` with consent.
+    pub fn accept(&mut self) {
+        match std::mem::replace(&mut self.decision, Decision::None) {
+            Decision::Mail => {
+                self.in_mail = true;
+                replies::MAIL_OK.write(&mut self.out);
+            }
+            Decision::Rcpt => replies::RCPT_OK.write(&mut self.out),
+            Decision::DataStart => {
+                self.body_open = true;
+                if !self.bdat {
+                    write_reply(&mut self.out, 354, None, "End data with <CR><LF>.<CR><LF>");
+                    self.phase = Phase::Data(DataDecoder::new());
+                }
+            }
+            other => self.decision = other,
+        }
+    }
+
+    /// Settles a pending `Mail`, `Rcpt` or `DataStart` with a refusal.
+    pub fn reject(&mut self, reply: StaticReply) {
+        self.reject_with(reply.code, reply.enhanced, reply.text);
+    }
+
+    /// Like [`Self::reject`] with text built at run time.
+    pub fn reject_with(&mut self, code: u16, enhanced: EnhancedCode, text: &str) {
+        match std::mem::replace(&mut self.decision, Decision::None) {
+            Decision::Mail => self.envelope.clear_transaction(),
+            Decision::Rcpt => self.envelope.pop_rcpt(),
+            Decision::DataStart => {
+                if self.bdat {
+                    // The chunk still has to be read; it is refused at its end.
+                    self.body_failed = Some(PendingReply {
+                        code,
+                        enhanced,
+                        text: Cow::Owned(text.to_owned()),
+                    });
+                    return;
+                }
+            }
+            other => {
+                self.decision = other;
+                return;
+            }
+        }
+        self.error_reply(code, Some(enhanced), text);
+    }
+
+    /// Stops appending the current body (the spool failed, say): the rest is read and thrown
+    /// away, and `reply` answers the end of data. No `DataAbort` follows.
+    pub fn abort_body(&mut self, reply: StaticReply) {
+        self.body_open = false;
+        self.body_failed = Some(reply.into());
+    }
+
+    /// The message is durable under `queue_id`: answers the end of data with 250.
+    pub fn message_queued(&mut self, queue_id: &str) {
+        if self.decision == Decision::Commit {
+            self.decision = Decision::None;
+            let text = format!("Ok: queued as {queue_id}");
+            write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
+            self.reset_transaction();
+        }
+    }
+
+    /// The message could not be made durable: answers the end of data with `reply`.
+    pub fn message_failed(&mut self, reply: StaticReply) {
+        if self.decision == Decision::Commit {
+            self.decision = Decision::None;
+            self.body_open = false;
+            self.error_reply(reply.code, Some(reply.enhanced), reply.text);
+            self.reset_transaction();
+        }
+    }
+
+    /// The client was silent too long: 421 4.4.2 and close. Returns whether a body record
+    /// was open (the embedding discards it).
+    pub fn timeout(&mut self) -> bool {
+        self.close_with(replies::TIMEOUT)
+    }
+
+    /// The server is stopping: 421 4.3.2 and close. Returns whether a body record was open.
+    pub fn shutdown(&mut self) -> bool {
+        self.close_with(replies::SHUTDOWN)
+    }
+
+    fn close_with(&mut self, reply: StaticReply) -> bool {
+        reply.write(&mut self.out);
+        let open = self.body_open;
+        self.reset_transaction();
+        self.phase = Phase::Closed;
+        open
+    }
+
+    /// Processes `input` (everything received and not yet consumed) up to the next event.
+    pub fn handle<'a>(&mut self, input: &'a [u8]) -> Step<'a> {
+        if self.decision != Decision::None {
+            if let Some(step) = self.settle_forgotten() {
+                return step;
+            }
+        }
+        let mut pos = 0;
+        loop {
+            let event = match &mut self.phase {
+                Phase::Closed => Some(Event::Close),
+                Phase::Data(_) => self.data(input, &mut pos),
+                Phase::Chunk { .. } => self.chunk(input, &mut pos),
+                Phase::Commands => match self.framer.next_line(&input[pos..]) {
+                    Frame::Incomplete { consumed } => {
+                        pos += consumed;
+                        Some(Event::NeedInput)
+                    }
+                    Frame::TooLong { consumed } => {
+                        pos += consumed;
+                        let r = replies::LINE_TOO_LONG;
+                        self.error_reply(r.code, Some(r.enhanced), r.text);
+                        None
+                    }
+                    Frame::Line { line, consumed } => {
+                        pos += consumed;
+                        self.command(line, input, &mut pos)
+                    }
+                },
+            };
+            if let Some(event) = event {
+                return Step {
+                    consumed: pos,
+                    event,
+                };
+            }
+            if self.is_closed() {
+                return Step {
+                    consumed: pos,
+                    event: Event::Close,
+                };
+            }
+        }
+    }
+
+    /// The embedding went on without settling a decision: treat it as a local error.
+    fn settle_forgotten(&mut self) -> Option<Step<'static>> {
+        if self.decision == Decision::Commit {
+            self.decision = Decision::None;
+            replies::NO_DECISION.write(&mut self.out);
+            self.reset_transaction();
+            return Some(Step {
+                consumed: 0,
+                event: Event::DataAbort,
+            });
+        }
+        self.reject(replies::NO_DECISION);
+        None
+    }
+
+    fn error_reply(&mut self, code: u16, enhanced: Option<EnhancedCode>, text: &str) {
+        write_reply(&mut self.out, code, enhanced, text);
+        self.count_error();
+    }
+
+    fn count_error(&mut self) {
+        self.errors += 1;
+        if self.errors >= self.config.max_errors && !self.is_closed() {
+            replies::TOO_MANY_ERRORS.write(&mut self.out);
+            self.phase = Phase::Closed;
+        }
+    }
+
+    fn fail(&mut self, reply: StaticReply) -> Option<Event<'static>> {
+        self.error_reply(reply.code, Some(reply.enhanced), reply.text);
+        None
+    }
+
+    fn ok(&mut self, reply: StaticReply) -> Option<Event<'static>> {
+        reply.write(&mut self.out);
+        None
+    }
+
+    /// Ends the transaction; returns whether the embedding had a body record open.
+    fn reset_transaction(&mut self) -> bool {
+        let open = self.body_open;
+        self.envelope.clear_transaction();
+        self.in_mail = false;
+        self.rcpts_tried = 0;
+        self.bdat = false;
+        self.body_open = false;
+        self.body_bytes = 0;
+        self.body_failed = None;
+        if !matches!(self.phase, Phase::Closed) {
+            self.phase = Phase::Commands;
+        }
+        open
+    }
+
+    /// Resets for RSET, HELO/EHLO and STARTTLS; a `DataAbort` if a body was open.
+    fn reset_event(&mut self) -> Option<Event<'static>> {
+        self.reset_transaction().then_some(Event::DataAbort)
+    }
+
+    fn command<'a>(
+        &mut self,
+        line: &'a [u8],
+        input: &'a [u8],
+        pos: &mut usize,
+    ) -> Option<Event<'a>> {
+        let cmd = match Command::parse(line) {
+            Ok(cmd) => cmd,
+            Err(CommandError::BadChunkSize) => {
+                // The chunk that follows cannot be skipped: stop before reading it as commands.
+                CommandError::BadChunkSize.reply().write(&mut self.out);
+                let open = self.close_with(replies::BDAT_LOST);
+                return open.then_some(Event::DataAbort);
+            }
+            Err(CommandError::Unknown) if looks_like_http(line) => {
+                let open = self.close_with(replies::NOT_SMTP);
+                return open.then_some(Event::DataAbort);
+            }
+            Err(e) => return self.fail(e.reply()),
+        };
+        match cmd {
+            Command::Ehlo(name) | Command::Helo(name) => {
+                let esmtp = matches!(cmd, Command::Ehlo(_));
+                self.envelope.set_helo(name, esmtp);
+                self.greeted = true;
+                if esmtp {
+                    self.write_ehlo(name);
+                } else {
+                    let text = format!("{} Hello {name}", self.config.hostname);
+                    write_reply(&mut self.out, 250, None, &text);
+                }
+                self.reset_event()
+            }
+            Command::Mail(path, params) => self.mail(path, params),
+            Command::Rcpt(path, params) => self.rcpt(path, params),
+            Command::Data => self.data_command(),
+            Command::Bdat { size, last } => self.bdat_command(size, last),
+            Command::Rset => {
+                replies::OK.write(&mut self.out);
+                self.reset_event()
+            }
+            Command::Noop(_) => self.ok(replies::OK),
+            Command::Quit => {
+                let open = self.close_with(replies::BYE);
+                open.then_some(Event::DataAbort)
+            }
+            Command::Vrfy(_) => self.ok(replies::VRFY),
+            Command::Expn(_) => self.fail(replies::EXPN),
+            Command::Help(_) => self.ok(replies::HELP),
+            Command::Auth(..) => self.fail(replies::NO_AUTH),
+            Command::Obsolete(_) => self.fail(replies::OBSOLETE),
+            Command::StartTls => {
+                if self.tls_active {
+                    return self.fail(replies::TLS_ACTIVE);
+                }
+                if !self.tls_available {
+                    return self.fail(replies::NO_TLS);
+                }
+                if self.in_mail {
+                    return self.fail(replies::TLS_IN_TRANSACTION);
+                }
+                replies::TLS_GO.write(&mut self.out);
+                // Whatever the client pipelined after STARTTLS is dropped, unread.
+                *pos = input.len();
+                self.framer.reset();
+                Some(Event::StartTls)
+            }
+        }
+    }
+
+    fn write_ehlo(&mut self, name: &str) {
+        let first = format!("{} Hello {name}", self.config.hostname);
+        let size = format!("SIZE {}", self.config.max_message_size);
+        let lines: [&str; 9] = [
+            &first,
+            "PIPELINING",
+            &size,
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "BINARYMIME",
+            "CHUNKING",
+            "SMTPUTF8",
+            "STARTTLS",
+        ];
+        let starttls = self.tls_available && !self.tls_active;
+        let count = if starttls { 9 } else { 8 };
+        for (i, line) in lines[..count].iter().enumerate() {
+            write_reply_line(&mut self.out, 250, i + 1 == count, line);
+        }
+    }
+
+    fn mail<'a>(&mut self, path: ReversePath<'a>, params: MailParams<'a>) -> Option<Event<'a>> {
+        if !self.greeted && self.config.require_helo {
+            return self.fail(replies::NEED_HELO);
+        }
+        if self.in_mail {
+            return self.fail(replies::NESTED_MAIL);
+        }
+        if !params.is_empty() && !self.envelope.is_esmtp() && self.greeted {
+            return self.fail(replies::PARAMS_NEED_EHLO);
+        }
+        if params
+            .size
+            .is_some_and(|s| s > self.config.max_message_size)
+        {
+            return self.fail(replies::TOO_BIG);
+        }
+        if let ReversePath::Mailbox(m) = &path {
+            if !m.is_ascii() && !params.smtputf8 {
+                return self.fail(replies::NEED_SMTPUTF8);
+            }
+        }
+        self.envelope.set_mail(&path, &params);
+        self.decision = Decision::Mail;
+        Some(Event::Mail(path, params))
+    }
+
+    fn rcpt<'a>(&mut self, path: ForwardPath<'a>, params: RcptParams<'a>) -> Option<Event<'a>> {
+        if !self.in_mail {
+            return self.fail(replies::NEED_MAIL);
+        }
+        self.rcpts_tried += 1;
+        if !params.is_empty() && !self.envelope.is_esmtp() {
+            return self.fail(replies::PARAMS_NEED_EHLO);
+        }
+        if self.envelope.recipient_count() >= self.config.max_recipients.max(MIN_RECIPIENTS) {
+            return self.fail(replies::TOO_MANY_RCPTS);
+        }
+        if let ForwardPath::Mailbox(m) = &path {
+            if !m.is_ascii() && !self.envelope.smtputf8() {
+                return self.fail(replies::NEED_SMTPUTF8);
+            }
+        }
+        self.envelope.push_rcpt(&path, &params);
+        self.decision = Decision::Rcpt;
+        Some(Event::Rcpt(path, params))
+    }
+
+    /// Why a transaction cannot take a body now, if it cannot.
+    fn body_refusal(&self) -> Option<StaticReply> {
+        if !self.in_mail {
+            Some(replies::NEED_MAIL)
+        } else if self.envelope.recipient_count() == 0 && self.rcpts_tried == 0 {
+            Some(replies::NEED_RCPT)
+        } else if self.envelope.recipient_count() == 0 {
+            Some(replies::NO_RECIPIENTS)
+        } else {
+            None
+        }
+    }
+
+    fn data_command(&mut self) -> Option<Event<'static>> {
+        if let Some(refusal) = self.body_refusal() {
+            return self.fail(refusal);
+        }
+        if self.bdat {
+            return self.fail(replies::DATA_AFTER_BDAT);
+        }
+        if self.envelope.body_type() == BodyType::BinaryMime {
+            return self.fail(replies::BINARY_NEEDS_BDAT);
+        }
+        self.body_bytes = 0;
+        self.body_failed = None;
+        self.decision = Decision::DataStart;
+        Some(Event::DataStart)
+    }
+
+    fn bdat_command(&mut self, size: u64, last: bool) -> Option<Event<'static>> {
+        self.phase = Phase::Chunk {
+            decoder: ChunkDecoder::new(size),
+            size,
+            last,
+        };
+        if self.body_failed.is_some() {
+            return None;
+        }
+        if let Some(refusal) = self.body_refusal() {
+            self.body_failed = Some(refusal.into());
+            return None;
+        }
+        if self.body_bytes.saturating_add(size) > self.config.max_message_size {
+            self.body_failed = Some(replies::TOO_BIG.into());
+            return None;
+        }
+        if !self.bdat {
+            self.bdat = true;
+            self.decision = Decision::DataStart;
+            return Some(Event::DataStart);
+        }
+        None
+    }
+
+    fn data<'a>(&mut self, input: &'a [u8], pos: &mut usize) -> Option<Event<'a>> {
+        let Phase::Data(decoder) = &mut self.phase else {
+            return None;
+        };
+        loop {
+            if *pos == input.len() {
+                return Some(Event::NeedInput);
+            }
+            let step = decoder.decode(&input[*pos..]);
+            *pos += step.consumed;
+            if decoder.saw_bare_newline()
+                && self.config.bare_newline == BareNewlinePolicy::Reject
+                && self.body_failed.is_none()
+            {
+                self.body_failed = Some(replies::BARE_NEWLINE.into());
+            }
+            if step.end {
+                return self.end_of_body();
+            }
+            if step.bytes.is_empty() || self.body_failed.is_some() {
+                continue;
+            }
+            self.body_bytes += step.bytes.len() as u64;
+            if self.body_bytes > self.config.max_message_size {
+                self.body_failed = Some(replies::TOO_BIG.into());
+                continue;
+            }
+            return Some(Event::Body(step.bytes));
+        }
+    }
+
+    fn chunk<'a>(&mut self, input: &'a [u8], pos: &mut usize) -> Option<Event<'a>> {
+        let Phase::Chunk {
+            decoder,
+            size,
+            last,
+        } = &mut self.phase
+        else {
+            return None;
+        };
+        let (size, last) = (*size, *last);
+        let step = decoder.decode(&input[*pos..]);
+        *pos += step.bytes.len();
+        if !step.end {
+            if step.bytes.is_empty() {
+                return Some(Event::NeedInput);
+            }
+        } else {
+            self.phase = Phase::Commands;
+        }
+        if !step.bytes.is_empty() && self.body_failed.is_none() {
+            self.body_bytes += step.bytes.len() as u64;
+            return Some(Event::Body(step.bytes));
+        }
+        if !step.end {
+            return None;
+        }
+        if last || self.body_failed.is_some() {
+            return self.end_of_body();
+        }
+        let text = format!("{size} octets received");
+        write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
+        None
+    }
+
+    /// The end of a DATA body, of a BDAT LAST chunk, or of a refused chunk.
+    fn end_of_body(&mut self) -> Option<Event<'static>> {
+        self.phase = Phase::Commands;
+        if let Some(reply) = self.body_failed.take() {
+            let open = self.body_open;
+            self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
+            self.reset_transaction();
+            return open.then_some(Event::DataAbort);
+        }
+        self.decision = Decision::Commit;
+        Some(Event::DataEnd)
+    }
+}
+
+fn looks_like_http(line: &[u8]) -> bool {
+    [
+        &b"GET "[..],
+        b"POST ",
+        b"HEAD ",
+        b"PUT ",
+        b"CONNECT ",
+        b"OPTIONS ",
+    ]
+    .iter()
+    .any(|m| line.starts_with(m))
+}
