@@ -108,6 +108,8 @@ pub mod replies {
         11,
         "Bare CR or LF in message; use CRLF line endings",
     );
+    /// The spool cannot take the message now (RFC 3463 4.3.1).
+    pub const SPOOL_FULL: StaticReply = r(452, 4, 3, 1, "Insufficient system storage");
     /// Line over the cap.
     pub const LINE_TOO_LONG: StaticReply = r(500, 5, 5, 2, "Line too long");
     /// A decision the embedding never gave.
@@ -779,20 +781,15 @@ impl ServerSession {
         let (size, last) = (*size, *last);
         let step = decoder.decode(&input[*pos..]);
         *pos += step.bytes.len();
-        if !step.end {
-            if step.bytes.is_empty() {
-                return Some(Event::NeedInput);
-            }
-        } else {
-            self.phase = Phase::Commands;
-        }
         if !step.bytes.is_empty() && self.body_failed.is_none() {
+            // When this was the chunk's tail, the next call sees the end with nothing to read.
             self.body_bytes += step.bytes.len() as u64;
             return Some(Event::Body(step.bytes));
         }
         if !step.end {
-            return None;
+            return step.bytes.is_empty().then_some(Event::NeedInput);
         }
+        self.phase = Phase::Commands;
         if last || self.body_failed.is_some() {
             return self.end_of_body();
         }

@@ -1,0 +1,556 @@
+//! Server transcripts: client bytes in, exact reply lines out, every one also split at every
+//! byte offset. Covers the command sequences of RFC 5321 4.3.2 and the extensions.
+
+mod support;
+
+use std::sync::Arc;
+
+use postern_proto::{BareNewlinePolicy, ServerConfig};
+use support::{client, config, run, run_every_split, server};
+
+const BANNER: &str = "220 mx.test ESMTP postern";
+const EHLO: [&str; 8] = [
+    "250-mx.test Hello client.test",
+    "250-PIPELINING",
+    "250-SIZE 10000",
+    "250-ENHANCEDSTATUSCODES",
+    "250-8BITMIME",
+    "250-BINARYMIME",
+    "250-CHUNKING",
+    "250 SMTPUTF8",
+];
+
+fn with_banner_and_ehlo(rest: &[&str]) -> String {
+    let mut lines = vec![BANNER];
+    lines.extend_from_slice(&EHLO);
+    lines.extend_from_slice(rest);
+    server(&lines)
+}
+
+#[test]
+fn pipelined_data_transaction() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<alice@client.test>",
+        "RCPT TO:<bob@mx.test>",
+        "RCPT TO:<carol@mx.test>",
+        "DATA",
+        "Subject: hi",
+        "",
+        "..dot line",
+        ".",
+        "QUIT",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        with_banner_and_ehlo(&[
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 2.1.5 Ok",
+            "354 End data with <CR><LF>.<CR><LF>",
+            "250 2.0.0 Ok: queued as Q1",
+            "221 2.0.0 Bye",
+        ])
+    );
+    assert_eq!(o.messages.len(), 1);
+    let (from, rcpts, body) = &o.messages[0];
+    assert_eq!(from, "alice@client.test");
+    assert_eq!(rcpts, &["bob@mx.test", "carol@mx.test"]);
+    assert_eq!(body, b"Subject: hi\r\n\r\n.dot line\r\n");
+    assert!(o.closed);
+}
+
+#[test]
+fn bdat_transaction_in_chunks() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<> BODY=BINARYMIME",
+        "RCPT TO:<bob@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 7\r\nab\r\n.\r\nBDAT 3 LAST\r\n\0\xff\nNOOP\r\n");
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        with_banner_and_ehlo(&[
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 2.0.0 7 octets received",
+            "250 2.0.0 Ok: queued as Q1",
+            "250 2.0.0 Ok",
+        ])
+    );
+    assert_eq!(o.messages[0].2, b"ab\r\n.\r\n\0\xff\n");
+    assert_eq!(o.messages[0].0, "");
+}
+
+#[test]
+fn bdat_zero_last_ends_the_message() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 2\r\nhiBDAT 0 LAST\r\n");
+    let o = run_every_split(&config(), &input);
+    assert!(o.output.ends_with(&server(&[
+        "250 2.0.0 2 octets received",
+        "250 2.0.0 Ok: queued as Q1"
+    ])));
+    assert_eq!(o.messages[0].2, b"hi");
+}
+
+#[test]
+fn several_transactions_per_connection() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+        "one",
+        ".",
+        "MAIL FROM:<d@b.test>",
+        "RCPT TO:<e@mx.test>",
+        "DATA",
+        "two",
+        ".",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_eq!(o.messages.len(), 2);
+    assert_eq!(o.messages[1].2, b"two\r\n");
+    assert!(o.output.contains("queued as Q2"));
+}
+
+#[test]
+fn sequencing_errors() {
+    let input = client(&[
+        "MAIL FROM:<a@b.test>",
+        "EHLO client.test",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+        "MAIL FROM:<a@b.test>",
+        "DATA",
+        "MAIL FROM:<a@b.test>",
+        "RSET",
+        "DATA",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        server(&[
+            BANNER,
+            "503 5.5.1 Send HELO or EHLO first",
+            EHLO[0],
+            EHLO[1],
+            EHLO[2],
+            EHLO[3],
+            EHLO[4],
+            EHLO[5],
+            EHLO[6],
+            EHLO[7],
+            "503 5.5.1 Need MAIL command",
+            "503 5.5.1 Need MAIL command",
+            "250 2.1.0 Ok",
+            "503 5.5.1 Need RCPT command",
+            "503 5.5.1 Nested MAIL command",
+            "250 2.0.0 Ok",
+            "503 5.5.1 Need MAIL command",
+        ])
+    );
+}
+
+#[test]
+fn relay_refusal_then_no_valid_recipients() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<x@denied.example>",
+        "DATA",
+        "QUIT",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert!(o.output.ends_with(&server(&[
+        "250 2.1.0 Ok",
+        "554 5.7.1 Relay access denied",
+        "554 5.5.1 No valid recipients",
+        "221 2.0.0 Bye",
+    ])));
+    assert!(o.messages.is_empty());
+}
+
+#[test]
+fn helo_session_and_misc_commands() {
+    let input = client(&[
+        "HELO client.test",
+        "NOOP",
+        "NOOP anything at all",
+        "VRFY bob",
+        "EXPN staff",
+        "HELP",
+        "SEND FROM:<a@b>",
+        "TURN",
+        "AUTH PLAIN AGFAYg==",
+        "STARTTLS",
+        "MAIL FROM:<a@b.test> SIZE=10",
+        "MAIL FROM:<a@b.test>",
+        "QUIT",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        server(&[
+            BANNER,
+            "250 mx.test Hello client.test",
+            "250 2.0.0 Ok",
+            "250 2.0.0 Ok",
+            "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+            "502 5.5.1 EXPN not supported",
+            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS",
+            "502 5.5.1 Command not implemented",
+            "502 5.5.1 Command not implemented",
+            "503 5.5.1 Authentication not enabled",
+            "502 5.5.1 STARTTLS not available",
+            "555 5.5.4 Parameters not allowed after HELO",
+            "250 2.1.0 Ok",
+            "221 2.0.0 Bye",
+        ])
+    );
+}
+
+#[test]
+fn size_limits() {
+    let big = "x".repeat(998);
+    let mut lines = vec![
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test> SIZE=10001",
+        "MAIL FROM:<a@b.test> SIZE=100",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+    ];
+    lines.extend(std::iter::repeat_n(big.as_str(), 11));
+    lines.extend([".", "NOOP"]);
+    let input = client(&lines);
+    let o = run(&config(), false, &input, &[]);
+    assert!(
+        o.output.ends_with(&server(&[
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "354 End data with <CR><LF>.<CR><LF>",
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "250 2.0.0 Ok",
+        ])),
+        "{}",
+        o.output
+    );
+    assert!(o.messages.is_empty());
+    assert_eq!(o.aborted, 1);
+}
+
+#[test]
+fn oversized_bdat_chunk_is_consumed_and_refused() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 20000 LAST\r\n");
+    input.extend(std::iter::repeat_n(b'R', 20000));
+    input.extend_from_slice(b"NOOP\r\n");
+    let o = run(&config(), false, &input, &[]);
+    assert!(
+        o.output.ends_with(&server(&[
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "250 2.0.0 Ok",
+        ])),
+        "{}",
+        o.output
+    );
+    assert!(o.messages.is_empty());
+}
+
+#[test]
+fn bdat_without_transaction_is_consumed_and_refused() {
+    let mut input = client(&["EHLO client.test"]);
+    input.extend_from_slice(b"BDAT 12 LAST\r\nRSET\r\nQUIT\r\nNOOP\r\n");
+    let o = run_every_split(&config(), &input);
+    assert!(o
+        .output
+        .ends_with(&server(&["503 5.5.1 Need MAIL command", "250 2.0.0 Ok"])));
+    assert!(!o.closed);
+}
+
+#[test]
+fn data_after_bdat_and_binarymime_with_data() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 1\r\nxDATA\r\nRSET\r\n");
+    input.extend(client(&[
+        "MAIL FROM:<a@b.test> BODY=BINARYMIME",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+    ]));
+    let o = run_every_split(&config(), &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "250 2.0.0 1 octets received",
+            "503 5.5.1 DATA not allowed after BDAT",
+            "250 2.0.0 Ok",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "503 5.5.1 BINARYMIME requires BDAT",
+        ])),
+        "{}",
+        o.output
+    );
+    assert_eq!(o.aborted, 1, "RSET abandons the open BDAT body");
+}
+
+#[test]
+fn bad_bdat_size_closes_the_connection() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 12x\r\nMAIL FROM:<evil@x.test>\r\n");
+    let o = run_every_split(&config(), &input);
+    assert!(o.output.ends_with(&server(&[
+        "501 5.5.4 Syntax: BDAT size [LAST]",
+        "421 4.5.0 Cannot follow BDAT framing, closing connection",
+    ])));
+    assert!(o.closed);
+}
+
+#[test]
+fn recipient_limit_is_452() {
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test>".to_owned(),
+    ];
+    for i in 0..101 {
+        lines.push(format!("RCPT TO:<r{i}@mx.test>"));
+    }
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 100,
+        ..(*config()).clone()
+    });
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let o = run(&cfg, false, &client(&refs), &[]);
+    assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 100);
+    assert!(o.output.ends_with("452 4.5.3 Too many recipients\r\n"));
+}
+
+#[test]
+fn spool_refusal_at_data() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@spool-full.example>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+        "NOOP",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert!(o.output.ends_with(&server(&[
+        "452 4.3.1 Insufficient system storage",
+        "250 2.0.0 Ok"
+    ])));
+}
+
+#[test]
+fn spool_refusal_at_first_bdat_chunk_still_reads_the_chunk() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@spool-full.example>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 6 LAST\r\nNOOP\r\nNOOP\r\n");
+    let o = run_every_split(&config(), &input);
+    assert!(o.output.ends_with(&server(&[
+        "452 4.3.1 Insufficient system storage",
+        "250 2.0.0 Ok"
+    ])));
+    assert!(o.messages.is_empty());
+}
+
+#[test]
+fn syntax_errors_get_precise_codes() {
+    let input = client(&[
+        "EHLO client.test",
+        "FOO bar",
+        "MAIL FROM:bare@address.test",
+        "MAIL FROM:<a@b.test> X-UNKNOWN=1",
+        "MAIL FROM:<ü@b.test>",
+        "MAIL FROM:<ü@b.test> SMTPUTF8",
+        "RCPT TO:<ü@mx.test>",
+        "RCPT TO:<not an address>",
+        "RCPT TO:<Postmaster>",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "500 5.5.1 Command not recognized",
+            "501 5.1.7 Bad sender address syntax",
+            "555 5.5.4 Parameter not recognized or not implemented",
+            "553 5.6.7 Non-ASCII address needs SMTPUTF8",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "501 5.1.3 Bad recipient address syntax",
+            "250 2.1.5 Ok",
+        ])),
+        "{}",
+        o.output
+    );
+}
+
+#[test]
+fn line_too_long_then_in_step() {
+    let mut input = client(&["EHLO client.test"]);
+    input.extend(std::iter::repeat_n(b'A', 600));
+    input.extend_from_slice(b"\r\nNOOP\r\n");
+    let o = run_every_split(&config(), &input);
+    assert!(o
+        .output
+        .ends_with(&server(&["500 5.5.2 Line too long", "250 2.0.0 Ok"])));
+}
+
+#[test]
+fn too_many_errors_closes_with_421() {
+    let lines = vec!["BOGUS"; 30];
+    let o = run_every_split(&config(), &client(&lines));
+    assert_eq!(o.output.matches("500 5.5.1").count(), 20);
+    assert!(o
+        .output
+        .ends_with("421 4.7.0 Too many errors, closing connection\r\n"));
+    assert!(o.closed);
+}
+
+#[test]
+fn http_request_is_dropped() {
+    let o = run_every_split(&config(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        o.output,
+        server(&[
+            BANNER,
+            "421 4.7.0 This is an SMTP server, closing connection"
+        ])
+    );
+    assert!(o.closed);
+}
+
+#[test]
+fn smuggled_end_of_data_is_body() {
+    for smuggle in [&b"\n.\n"[..], b"\n.\r\n", b"\r.\r\n", b"\r.\r", b"\r\n.\n"] {
+        let mut input = client(&[
+            "EHLO client.test",
+            "MAIL FROM:<a@b.test>",
+            "RCPT TO:<c@mx.test>",
+            "DATA",
+            "x",
+        ]);
+        input.extend_from_slice(smuggle);
+        input.extend(client(&[
+            "MAIL FROM:<evil@x.test>",
+            "RCPT TO:<victim@mx.test>",
+            "DATA",
+            "spoof",
+            ".",
+        ]));
+        let o = run_every_split(&config(), &input);
+        assert_eq!(o.messages.len(), 1, "{smuggle:?}");
+        assert!(o.output.ends_with(&server(&[
+            "354 End data with <CR><LF>.<CR><LF>",
+            "250 2.0.0 Ok: queued as Q1"
+        ])));
+        let body = &o.messages[0].2;
+        assert!(
+            body.windows(5).any(|w| w == b"spoof"),
+            "smuggled commands stay in the body"
+        );
+    }
+}
+
+#[test]
+fn bare_newline_reject_policy() {
+    let cfg = Arc::new(ServerConfig {
+        bare_newline: BareNewlinePolicy::Reject,
+        ..(*config()).clone()
+    });
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+    ]);
+    input.extend_from_slice(b"a\nb\r\n.\r\nNOOP\r\n");
+    let o = run(&cfg, false, &input, &[]);
+    assert!(o.output.ends_with(&server(&[
+        "550 5.6.11 Bare CR or LF in message; use CRLF line endings",
+        "250 2.0.0 Ok",
+    ])));
+    assert!(o.messages.is_empty());
+    assert_eq!(o.aborted, 1);
+}
+
+#[test]
+fn starttls_discards_pipelined_commands_and_resets() {
+    let input = client(&[
+        "EHLO client.test",
+        "STARTTLS",
+        "MAIL FROM:<injected@x.test>",
+        "RCPT TO:<v@mx.test>",
+    ]);
+    let o = run(&config(), true, &input, &[]);
+    let mut expected = vec![BANNER];
+    expected.extend_from_slice(&EHLO[..7]);
+    expected.extend([
+        "250-SMTPUTF8",
+        "250 STARTTLS",
+        "220 2.0.0 Ready to start TLS",
+    ]);
+    assert_eq!(o.output, server(&expected));
+    assert_eq!(o.tls, 1);
+
+    // After the handshake the client must greet again, and STARTTLS is neither offered nor allowed.
+    let before = client(&["EHLO client.test", "STARTTLS"]);
+    let mut input = before.clone();
+    input.extend(client(&[
+        "MAIL FROM:<a@b.test>",
+        "EHLO again.test",
+        "STARTTLS",
+    ]));
+    let o = run(&config(), true, &input, &[before.len()]);
+    assert!(
+        o.output.ends_with(&server(&[
+            "220 2.0.0 Ready to start TLS",
+            "503 5.5.1 Send HELO or EHLO first",
+            "250-mx.test Hello again.test",
+            "250-PIPELINING",
+            "250-SIZE 10000",
+            "250-ENHANCEDSTATUSCODES",
+            "250-8BITMIME",
+            "250-BINARYMIME",
+            "250-CHUNKING",
+            "250 SMTPUTF8",
+            "503 5.5.1 TLS already active",
+        ])),
+        "{}",
+        o.output
+    );
+}
+
+#[test]
+fn ehlo_resets_the_transaction() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "EHLO client.test",
+        "DATA",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert!(o.output.ends_with("503 5.5.1 Need MAIL command\r\n"));
+}
