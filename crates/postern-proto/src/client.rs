@@ -1,1 +1,479 @@
-//! client (todo)
+//! The client session, for the relay and the load generator: greeting, EHLO with fallback to
+//! HELO, capabilities, STARTTLS, and transactions pipelined when the server offers PIPELINING,
+//! with the body sent by DATA (dot-stuffed by [`crate::stuff::DotStuffer`]) or one BDAT LAST.
+//!
+//! Like the server side it does no I/O: [`ClientSession::handle`] takes the server's bytes and
+//! returns one [`ClientEvent`]; commands accumulate in [`ClientSession::output`].
+
+use std::collections::VecDeque;
+use std::fmt::Write;
+
+use crate::reply::{ParsedReply, Reply, ReplyError, ReplyParser};
+
+/// What the server offered in its EHLO reply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The server answered EHLO (otherwise HELO, and nothing below is offered).
+    pub esmtp: bool,
+    /// PIPELINING (RFC 2920).
+    pub pipelining: bool,
+    /// CHUNKING (RFC 3030).
+    pub chunking: bool,
+    /// BINARYMIME (RFC 3030).
+    pub binarymime: bool,
+    /// SIZE, with the limit when one was given (0 means no fixed limit).
+    pub size: Option<u64>,
+    /// STARTTLS (RFC 3207).
+    pub starttls: bool,
+    /// 8BITMIME (RFC 6152).
+    pub eightbitmime: bool,
+    /// SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+    /// ENHANCEDSTATUSCODES (RFC 2034).
+    pub enhanced_status_codes: bool,
+    /// AUTH mechanisms offered (RFC 4954), space-separated as sent.
+    pub auth: Option<String>,
+}
+
+impl Capabilities {
+    /// Reads the lines of an EHLO reply after the first.
+    pub fn from_ehlo(reply: &Reply) -> Self {
+        let mut caps = Capabilities {
+            esmtp: true,
+            ..Capabilities::default()
+        };
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split(' ');
+            let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "CHUNKING" => caps.chunking = true,
+                "BINARYMIME" => caps.binarymime = true,
+                "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "STARTTLS" => caps.starttls = true,
+                "8BITMIME" => caps.eightbitmime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
+                "AUTH" => caps.auth = Some(words.collect::<Vec<_>>().join(" ")),
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// How the body goes out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyMode {
+    /// DATA, then the dot-stuffed body and `.CRLF`.
+    Data,
+    /// One `BDAT n LAST` followed by the raw body.
+    Bdat,
+}
+
+/// One recipient of an outgoing transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutRecipient {
+    /// The mailbox, without angle brackets.
+    pub path: String,
+    /// Parameters to append to RCPT TO, each with its leading space (NOTIFY=, ORCPT=).
+    pub params: String,
+}
+
+/// An outgoing transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transaction {
+    /// The reverse path without angle brackets; empty for `<>`.
+    pub from: String,
+    /// Parameters to append to MAIL FROM after SIZE, each with its leading space.
+    pub mail_params: String,
+    /// The recipients.
+    pub rcpts: Vec<OutRecipient>,
+    /// Octets in the body as it will be sent (before dot-stuffing).
+    pub body_len: u64,
+    /// DATA or BDAT.
+    pub mode: BodyMode,
+}
+
+/// The server's answers to one transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransactionResult {
+    /// The reply to MAIL.
+    pub mail: Reply,
+    /// The reply to each RCPT, in order.
+    pub rcpts: Vec<Reply>,
+    /// The reply to the body (or to DATA when it was refused); None when never asked.
+    pub data: Option<Reply>,
+}
+
+impl TransactionResult {
+    /// The reply that decides the fate of recipient `i`.
+    pub fn outcome(&self, i: usize) -> &Reply {
+        if !self.mail.is_positive() {
+            return &self.mail;
+        }
+        match (self.rcpts.get(i), &self.data) {
+            (Some(r), _) if !r.is_positive() => r,
+            (_, Some(d)) => d,
+            (Some(r), None) => r,
+            (None, None) => &self.mail,
+        }
+    }
+}
+
+/// Why a session cannot go on. The connection should be closed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The greeting was not 220 (often 421 or 554).
+    #[error("server refused the session: {0}")]
+    Greeting(Reply),
+    /// Neither EHLO nor HELO was accepted.
+    #[error("server refused HELO/EHLO: {0}")]
+    Helo(Reply),
+    /// STARTTLS was refused.
+    #[error("server refused STARTTLS: {0}")]
+    StartTls(Reply),
+    /// The server said 421 or otherwise ended the session.
+    #[error("server closed the session: {0}")]
+    Closing(Reply),
+    /// The server's bytes were not SMTP replies.
+    #[error("protocol error from server: {0}")]
+    Protocol(#[from] ReplyError),
+    /// A call that the session's state does not allow (an embedding bug).
+    #[error("client session used out of order")]
+    OutOfOrder,
+}
+
+impl ClientError {
+    /// Whether trying again later may succeed (every case but a 5xx greeting or HELO refusal).
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            ClientError::Greeting(r) | ClientError::Helo(r) | ClientError::StartTls(r) => {
+                !r.is_permanent()
+            }
+            _ => true,
+        }
+    }
+}
+
+/// What the embedding does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Write the output, then read more.
+    NeedInput,
+    /// Greeted: capabilities are known and a transaction (or STARTTLS) can start.
+    Ready,
+    /// STARTTLS was accepted: write the output, do the handshake, then `tls_established`.
+    StartTls,
+    /// Write the output, then the body: for DATA through a `DotStuffer` and its `finish`, for
+    /// BDAT raw. Then call `body_sent`.
+    SendBody,
+    /// The transaction is over.
+    Done(TransactionResult),
+    /// QUIT was answered.
+    Closed,
+    /// The session cannot go on.
+    Failed(ClientError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Mail,
+    Rcpt,
+    /// The 354 to DATA.
+    DataGo,
+    /// The reply after the body.
+    DataDone,
+    Rset,
+    Quit,
+}
+
+/// One SMTP client session.
+#[derive(Debug)]
+pub struct ClientSession {
+    helo_name: String,
+    out: Vec<u8>,
+    parser: ReplyParser,
+    caps: Capabilities,
+    expect: VecDeque<Expect>,
+    /// Commands held back until the reply before them arrives (no PIPELINING).
+    held: VecDeque<(Expect, String)>,
+    result: Option<TransactionResult>,
+    mode: BodyMode,
+    body_pending: bool,
+    tls: bool,
+}
+
+impl ClientSession {
+    /// A session that will greet with `helo_name`; the server speaks first.
+    pub fn new(helo_name: &str) -> Self {
+        Self {
+            helo_name: helo_name.to_owned(),
+            out: Vec::with_capacity(512),
+            parser: ReplyParser::new(),
+            caps: Capabilities::default(),
+            expect: VecDeque::from([Expect::Greeting]),
+            held: VecDeque::new(),
+            result: None,
+            mode: BodyMode::Data,
+            body_pending: false,
+            tls: false,
+        }
+    }
+
+    /// Commands waiting to be written.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Forgets the commands once written.
+    pub fn clear_output(&mut self) {
+        self.out.clear();
+    }
+
+    /// What the server offered.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Whether the session runs inside TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    fn idle(&self) -> bool {
+        self.expect.is_empty() && self.held.is_empty() && !self.body_pending
+    }
+
+    /// Asks for STARTTLS. Only when idle.
+    pub fn start_tls(&mut self) -> Result<(), ClientError> {
+        if !self.idle() {
+            return Err(ClientError::OutOfOrder);
+        }
+        self.out.extend_from_slice(b"STARTTLS\r\n");
+        self.expect.push_back(Expect::StartTls);
+        Ok(())
+    }
+
+    /// The handshake is done: greets again (RFC 3207 4.2).
+    pub fn tls_established(&mut self) {
+        self.tls = true;
+        self.parser = ReplyParser::new();
+        self.caps = Capabilities::default();
+        self.send_ehlo();
+    }
+
+    fn send_ehlo(&mut self) {
+        self.greeting_command(b"EHLO ");
+        self.expect.push_back(Expect::Ehlo);
+    }
+
+    fn greeting_command(&mut self, verb: &[u8]) {
+        self.out.extend_from_slice(verb);
+        self.out.extend_from_slice(self.helo_name.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Starts a transaction. Only when idle. Fails at once, without sending, with a 552-class
+    /// [`Reply`] when the server's SIZE is smaller than the body.
+    pub fn send(&mut self, t: &Transaction) -> Result<(), Reply> {
+        if !self.idle() {
+            return Err(local_reply(451, "4.3.0", "client session busy"));
+        }
+        if let Some(limit) = self.caps.size.filter(|&l| l > 0) {
+            if t.body_len > limit {
+                return Err(local_reply(
+                    552,
+                    "5.3.4",
+                    "message size exceeds the next hop's fixed maximum message size",
+                ));
+            }
+        }
+        let mut mail = format!("MAIL FROM:<{}>", t.from);
+        if self.caps.size.is_some() {
+            let _ = write!(mail, " SIZE={}", t.body_len);
+        }
+        mail.push_str(&t.mail_params);
+        mail.push_str("\r\n");
+        let mut cmds = vec![(Expect::Mail, mail)];
+        for r in &t.rcpts {
+            cmds.push((
+                Expect::Rcpt,
+                format!("RCPT TO:<{}>{}\r\n", r.path, r.params),
+            ));
+        }
+        self.mode = t.mode;
+        match t.mode {
+            BodyMode::Data => cmds.push((Expect::DataGo, "DATA\r\n".to_owned())),
+            BodyMode::Bdat => {
+                cmds.push((Expect::DataDone, format!("BDAT {} LAST\r\n", t.body_len)))
+            }
+        }
+        self.result = Some(TransactionResult {
+            mail: local_reply(0, "", ""),
+            rcpts: Vec::with_capacity(t.rcpts.len()),
+            data: None,
+        });
+        for (i, (expect, line)) in cmds.into_iter().enumerate() {
+            if i == 0 || self.caps.pipelining {
+                self.out.extend_from_slice(line.as_bytes());
+                self.expect.push_back(expect);
+            } else {
+                self.held.push_back((expect, line));
+            }
+        }
+        // With BDAT, the body follows its command straight away.
+        self.body_pending = t.mode == BodyMode::Bdat && self.held.is_empty();
+        Ok(())
+    }
+
+    /// The body has been written (for DATA, with the terminating `.CRLF`).
+    pub fn body_sent(&mut self) {
+        if self.mode == BodyMode::Data {
+            self.expect.push_back(Expect::DataDone);
+        }
+    }
+
+    /// Resets the connection for the next transaction (RSET).
+    pub fn rset(&mut self) {
+        self.out.extend_from_slice(b"RSET\r\n");
+        self.expect.push_back(Expect::Rset);
+    }
+
+    /// Ends the session (QUIT).
+    pub fn quit(&mut self) {
+        self.out.extend_from_slice(b"QUIT\r\n");
+        self.expect.push_back(Expect::Quit);
+    }
+
+    /// Processes the server's bytes up to the next event; drop `consumed` bytes after.
+    pub fn handle(&mut self, input: &[u8]) -> (usize, ClientEvent) {
+        let mut pos = 0;
+        loop {
+            if self.body_pending {
+                self.body_pending = false;
+                return (pos, ClientEvent::SendBody);
+            }
+            if self.expect.is_empty() {
+                return (pos, ClientEvent::NeedInput);
+            }
+            let reply = match self.parser.parse(&input[pos..]) {
+                ParsedReply::Incomplete { consumed } => {
+                    return (pos + consumed, ClientEvent::NeedInput)
+                }
+                ParsedReply::Error { error, consumed } => {
+                    self.expect.clear();
+                    return (pos + consumed, ClientEvent::Failed(error.into()));
+                }
+                ParsedReply::Complete { reply, consumed } => {
+                    pos += consumed;
+                    reply
+                }
+            };
+            if let Some(event) = self.on_reply(reply) {
+                return (pos, event);
+            }
+        }
+    }
+
+    fn on_reply(&mut self, reply: Reply) -> Option<ClientEvent> {
+        let expect = self.expect.pop_front()?;
+        if reply.code == 421 && expect != Expect::Quit {
+            self.expect.clear();
+            self.held.clear();
+            return Some(ClientEvent::Failed(ClientError::Closing(reply)));
+        }
+        match expect {
+            Expect::Greeting if reply.code == 220 => {
+                self.send_ehlo();
+                None
+            }
+            Expect::Greeting => Some(self.fail(ClientError::Greeting(reply))),
+            Expect::Ehlo if reply.code == 250 => {
+                self.caps = Capabilities::from_ehlo(&reply);
+                Some(ClientEvent::Ready)
+            }
+            Expect::Ehlo if matches!(reply.code, 500 | 501 | 502 | 504 | 550) => {
+                self.greeting_command(b"HELO ");
+                self.expect.push_back(Expect::Helo);
+                None
+            }
+            Expect::Ehlo | Expect::Helo if reply.code != 250 => {
+                Some(self.fail(ClientError::Helo(reply)))
+            }
+            Expect::Helo => {
+                self.caps = Capabilities::default();
+                Some(ClientEvent::Ready)
+            }
+            Expect::Ehlo => None,
+            Expect::StartTls if reply.code == 220 => Some(ClientEvent::StartTls),
+            Expect::StartTls => Some(self.fail(ClientError::StartTls(reply))),
+            Expect::Mail => {
+                if let Some(r) = self.result.as_mut() {
+                    r.mail = reply;
+                }
+                self.release_held()
+            }
+            Expect::Rcpt => {
+                if let Some(r) = self.result.as_mut() {
+                    r.rcpts.push(reply);
+                }
+                self.release_held()
+            }
+            Expect::DataGo if reply.code == 354 => Some(ClientEvent::SendBody),
+            Expect::DataGo | Expect::DataDone => {
+                let mut result = self.result.take()?;
+                result.data = Some(reply);
+                self.held.clear();
+                Some(ClientEvent::Done(result))
+            }
+            Expect::Rset => None,
+            Expect::Quit => Some(ClientEvent::Closed),
+        }
+    }
+
+    /// Without PIPELINING: sends the next held command, or settles a transaction whose MAIL
+    /// or every RCPT failed without asking for the body.
+    fn release_held(&mut self) -> Option<ClientEvent> {
+        if !self.expect.is_empty() {
+            return None;
+        }
+        let result = self.result.as_ref()?;
+        let no_rcpt_left = self.held.iter().all(|(e, _)| *e != Expect::Rcpt);
+        let doomed = !result.mail.is_positive()
+            || (no_rcpt_left && !result.rcpts.iter().any(Reply::is_positive));
+        if doomed {
+            self.held.clear();
+            let result = self.result.take()?;
+            self.out.extend_from_slice(b"RSET\r\n");
+            self.expect.push_back(Expect::Rset);
+            return Some(ClientEvent::Done(result));
+        }
+        let (expect, line) = self.held.pop_front()?;
+        self.out.extend_from_slice(line.as_bytes());
+        self.expect.push_back(expect);
+        if expect == Expect::DataDone && self.mode == BodyMode::Bdat {
+            self.body_pending = true;
+        }
+        None
+    }
+
+    fn fail(&mut self, e: ClientError) -> ClientEvent {
+        self.expect.clear();
+        self.held.clear();
+        ClientEvent::Failed(e)
+    }
+}
+
+/// A reply made up locally (for a transaction refused before anything was sent).
+fn local_reply(code: u16, enhanced: &str, text: &str) -> Reply {
+    Reply {
+        code,
+        enhanced: crate::reply::EnhancedCode::parse_prefix(enhanced).map(|(e, _)| e),
+        lines: vec![text.to_owned()],
+    }
+}
