@@ -16,6 +16,8 @@ pub mod command;
 pub mod data;
 pub mod envelope;
 pub mod framer;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod params;
 pub mod reply;

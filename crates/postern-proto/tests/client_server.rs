@@ -1,5 +1,6 @@
 //! The client state machine wired to the server state machine in memory, and to canned
 //! replies for servers unlike ours (no PIPELINING, no EHLO, odd multi-line replies).
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 

@@ -1,4 +1,5 @@
 //! Property tests: round trips and split-independence for arbitrary inputs.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Server transcripts: client bytes in, exact reply lines out, every one also split at every
 //! byte offset. Covers the command sequences of RFC 5321 4.3.2 and the extensions.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -1,0 +1,215 @@
+//! Entry points for the fuzz targets in `fuzz/`, kept here so that each target is one line and
+//! the checks compile (and run in unit tests) with the crate. Each takes arbitrary bytes and
+//! panics only when an invariant breaks.
+
+use std::sync::Arc;
+
+use crate::data::{decode_all, DataDecoder};
+use crate::framer::{Frame, LineFramer};
+use crate::reply::{ParsedReply, ReplyParser};
+use crate::server::{Event, ServerConfig, ServerSession};
+use crate::stuff::DotStuffer;
+use crate::Command;
+
+/// First byte picks a split point in the rest.
+fn split(data: &[u8]) -> (&[u8], usize) {
+    match data.split_first() {
+        Some((&b, rest)) => (rest, usize::from(b) * rest.len() / 256),
+        None => (data, 0),
+    }
+}
+
+fn frame(input: &[u8], cut: usize) -> Vec<Option<Vec<u8>>> {
+    let mut f = LineFramer::new(64);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    for piece in [&input[..cut], &input[cut..]] {
+        buf.extend_from_slice(piece);
+        loop {
+            match f.next_line(&buf) {
+                Frame::Line { line, consumed } => {
+                    assert!(line.len() + 2 <= 64, "line over the cap");
+                    out.push(Some(line.to_vec()));
+                    buf.drain(..consumed);
+                }
+                Frame::TooLong { consumed } => {
+                    out.push(None);
+                    buf.drain(..consumed);
+                }
+                Frame::Incomplete { consumed } => {
+                    buf.drain(..consumed);
+                    break;
+                }
+            }
+        }
+        assert!(
+            buf.len() < 64,
+            "framer made the caller buffer an overlong line"
+        );
+    }
+    out
+}
+
+/// The framer gives the same lines however the input is split, and never more than the cap.
+pub fn framer(data: &[u8]) {
+    let (input, cut) = split(data);
+    assert_eq!(frame(input, cut), frame(input, 0));
+}
+
+/// A parsed command encodes to a line that parses to the same command.
+pub fn command(data: &[u8]) {
+    if let Ok(cmd) = Command::parse(data) {
+        let mut line = String::new();
+        cmd.encode(&mut line);
+        let line = line.strip_suffix("\r\n").unwrap_or(&line);
+        assert_eq!(Command::parse(line.as_bytes()), Ok(cmd), "{line}");
+    }
+}
+
+/// DATA decoding does not depend on splits; a decoded body re-stuffed decodes to itself.
+pub fn data(data: &[u8]) {
+    let (input, cut) = split(data);
+    let mut whole = Vec::new();
+    let mut d = DataDecoder::new();
+    let (end, used) = decode_all(&mut d, input, &mut whole);
+    let mut parts = Vec::new();
+    let mut d2 = DataDecoder::new();
+    let (e1, n1) = decode_all(&mut d2, &input[..cut], &mut parts);
+    let (e2, n2) = if e1 {
+        (true, 0)
+    } else {
+        decode_all(&mut d2, &input[cut..], &mut parts)
+    };
+    assert_eq!((&parts, e2, n1 + n2), (&whole, end, used));
+    if end {
+        let mut s = DotStuffer::new();
+        let mut wire = Vec::new();
+        for slice in s.stuff(&whole) {
+            wire.extend_from_slice(slice);
+        }
+        wire.extend_from_slice(s.finish());
+        let mut again = Vec::new();
+        let (e, n) = decode_all(&mut DataDecoder::new(), &wire, &mut again);
+        assert!(e && n == wire.len());
+        // The decoder's output always ends lines in CRLF, so re-stuffing adds nothing.
+        if whole.is_empty() || whole.ends_with(b"\r\n") {
+            assert_eq!(again, whole);
+        }
+    }
+}
+
+/// BDAT chunk decoding takes exactly the chunk, however it arrives.
+pub fn bdat(data: &[u8]) {
+    let (input, cut) = split(data);
+    let size = (cut as u64).min(input.len() as u64 / 2);
+    let mut d = crate::bdat::ChunkDecoder::new(size);
+    let a = d.decode(&input[..cut]).bytes.len();
+    let b = d.decode(&input[cut..]).bytes.len();
+    assert_eq!((a + b) as u64, size.min(input.len() as u64));
+    assert_eq!(d.remaining(), 0);
+}
+
+/// The reply parser never panics and consumes what it reports.
+pub fn reply(data: &[u8]) {
+    let mut p = ReplyParser::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let consumed = match p.parse(&data[pos..]) {
+            ParsedReply::Complete { reply, consumed } => {
+                assert!((200..600).contains(&reply.code) && !reply.lines.is_empty());
+                consumed
+            }
+            ParsedReply::Incomplete { consumed } => {
+                if consumed == 0 {
+                    break;
+                }
+                consumed
+            }
+            ParsedReply::Error { consumed, .. } => consumed.max(1),
+        };
+        assert!(consumed <= data.len() - pos);
+        pos += consumed;
+    }
+}
+
+fn run_session(input: &[u8], cut: usize) -> (Vec<u8>, usize) {
+    let config = Arc::new(ServerConfig {
+        max_message_size: 4096,
+        ..ServerConfig::default()
+    });
+    let mut s = ServerSession::new(config, true);
+    s.greet();
+    let mut buf = Vec::new();
+    let mut messages = 0;
+    'outer: for piece in [&input[..cut], &input[cut..]] {
+        buf.extend_from_slice(piece);
+        loop {
+            let step = s.handle(&buf);
+            let consumed = step.consumed;
+            match step.event {
+                Event::NeedInput => {
+                    buf.drain(..consumed);
+                    break;
+                }
+                Event::Close => break 'outer,
+                Event::StartTls => {
+                    buf.clear();
+                    s.tls_established();
+                    continue;
+                }
+                Event::Mail(..) | Event::Rcpt(..) | Event::DataStart => s.accept(),
+                Event::DataEnd => {
+                    messages += 1;
+                    s.message_queued("FUZZ");
+                }
+                Event::Body(_) | Event::DataAbort => {}
+            }
+            buf.drain(..consumed);
+        }
+    }
+    (s.output().to_vec(), messages)
+}
+
+/// A whole server session over arbitrary client bytes: replies do not depend on how the bytes
+/// arrive (STARTTLS aside, which drops what follows it in the same read), and every reply line
+/// is well formed.
+pub fn server_session(data: &[u8]) {
+    let (input, cut) = split(data);
+    let whole = run_session(input, 0);
+    if !input
+        .windows(8)
+        .any(|w| w.eq_ignore_ascii_case(b"STARTTLS"))
+    {
+        assert_eq!(run_session(input, cut), whole);
+    }
+    for line in whole.0.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        assert!(
+            line.len() >= 5 && line[..3].iter().all(u8::is_ascii_digit) && line.ends_with(b"\r")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_hold_their_invariants() {
+        let seeds: [&[u8]; 6] = [
+            b"\x80EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\n.\n\r\n.\r\nQUIT\r\n",
+            b"\x10EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nabcNOOP\r\n",
+            b"\xffMAIL FROM:<@x,@y:a@[IPv6:::1]> SIZE=1 BODY=8BITMIME",
+            b"\x00250-a\r\n250 b\r\n5xx\r\n",
+            b"\x40..\r\n.\r\r.\r\n\r\n.\r\n",
+            b"",
+        ];
+        for seed in seeds {
+            framer(seed);
+            command(seed);
+            data(seed);
+            bdat(seed);
+            reply(seed);
+            server_session(seed);
+        }
+    }
+}
