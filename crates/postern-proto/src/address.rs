@@ -122,7 +122,7 @@ fn parse_path(s: &str) -> Result<(Option<Mailbox<'_>>, &str), PathError> {
     }
     // A source route (`@a,@b:`) is accepted and ignored (RFC 5321 4.1.2, C.).
     if b.get(pos) == Some(&b'@') {
-        let colon = s[pos..].find(':').ok_or(PathError::Syntax)? + pos;
+        let colon = memchr::memchr(b':', &b[pos..]).ok_or(PathError::Syntax)? + pos;
         for hop in s[pos..colon].split(',') {
             let domain = hop.strip_prefix('@').ok_or(PathError::Syntax)?;
             check_domain(domain)?;
@@ -138,7 +138,7 @@ fn parse_path(s: &str) -> Result<(Option<Mailbox<'_>>, &str), PathError> {
         return Err(PathError::Syntax);
     }
     let host_start = local_end + 1;
-    let close = s[host_start..].find('>').ok_or(PathError::Syntax)? + host_start;
+    let close = memchr::memchr(b'>', &b[host_start..]).ok_or(PathError::Syntax)? + host_start;
     let host = parse_host(&s[host_start..close])?;
     if close + 1 > MAX_PATH {
         return Err(PathError::PathTooLong);
@@ -245,25 +245,35 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
         .then(|| &s[prefix.len()..])
 }
 
-/// RFC 5321 Domain: dot-separated labels of letters, digits and inner hyphens (or UTF-8).
+/// RFC 5321 Domain: dot-separated labels of letters, digits and inner hyphens (or UTF-8),
+/// checked in one pass over the bytes.
 fn check_domain(s: &str) -> Result<(), PathError> {
     if s.len() > MAX_DOMAIN {
         return Err(PathError::DomainTooLong);
     }
-    if s.is_empty() {
-        return Err(PathError::Syntax);
-    }
-    for label in s.split('.') {
-        let b = label.as_bytes();
-        let ok = !b.is_empty()
-            && b.len() <= 63
-            && b.iter()
-                .all(|&c| c.is_ascii_alphanumeric() || c == b'-' || c >= 0x80)
-            && b[0] != b'-'
-            && b[b.len() - 1] != b'-';
-        if !ok {
-            return Err(PathError::Syntax);
+    let mut label_len = 0usize;
+    let mut prev = b'.';
+    for &c in s.as_bytes() {
+        match c {
+            b'.' => {
+                if label_len == 0 || prev == b'-' {
+                    return Err(PathError::Syntax);
+                }
+                label_len = 0;
+            }
+            b'-' if label_len == 0 => return Err(PathError::Syntax),
+            c if c.is_ascii_alphanumeric() || c == b'-' || c >= 0x80 => {
+                label_len += 1;
+                if label_len > 63 {
+                    return Err(PathError::Syntax);
+                }
+            }
+            _ => return Err(PathError::Syntax),
         }
+        prev = c;
+    }
+    if label_len == 0 || prev == b'-' {
+        return Err(PathError::Syntax);
     }
     Ok(())
 }

@@ -151,7 +151,12 @@ fn verb_is(verb: &[u8], name: &str) -> bool {
     verb.eq_ignore_ascii_case(name.as_bytes())
 }
 
-/// Arguments must be UTF-8 without control characters (TAB aside).
+/// MAIL and RCPT arguments need only be UTF-8: their grammar refuses every control character.
+fn utf8_arg(arg: &[u8]) -> Result<&str, CommandError> {
+    std::str::from_utf8(arg).map_err(|_| CommandError::InvalidCharacters)
+}
+
+/// Free-text arguments must be UTF-8 without control characters (TAB aside).
 fn text_arg(arg: &[u8]) -> Result<&str, CommandError> {
     let s = std::str::from_utf8(arg).map_err(|_| CommandError::InvalidCharacters)?;
     if s.bytes().any(|c| (c < 32 && c != b'\t') || c == 127) {
@@ -207,7 +212,7 @@ impl<'a> Command<'a> {
         ];
         match &upper {
             b"MAIL" => {
-                let arg = text_arg(arg)?;
+                let arg = utf8_arg(arg)?;
                 let rest = strip_keyword(arg, "FROM:")
                     .ok_or(CommandError::Syntax("Syntax: MAIL FROM:<address>"))?;
                 let (path, rest) = parse_reverse_path(rest).map_err(CommandError::Sender)?;
@@ -217,7 +222,7 @@ impl<'a> Command<'a> {
                 Ok(Command::Mail(path, MailParams::parse(rest)?))
             }
             b"RCPT" => {
-                let arg = text_arg(arg)?;
+                let arg = utf8_arg(arg)?;
                 let rest = strip_keyword(arg, "TO:")
                     .ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
                 let (path, rest) = parse_forward_path(rest).map_err(CommandError::Recipient)?;

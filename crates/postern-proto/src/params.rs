@@ -121,8 +121,8 @@ pub enum ParamError {
 /// Splits `rest` (what follows the path) into `(keyword, value)` pairs.
 fn pairs(rest: &str) -> impl Iterator<Item = Result<(&str, Option<&str>), ParamError>> {
     rest.split(' ').filter(|p| !p.is_empty()).map(|p| {
-        let (key, value) = match p.split_once('=') {
-            Some((k, v)) => (k, Some(v)),
+        let (key, value) = match memchr::memchr(b'=', p.as_bytes()) {
+            Some(i) => (&p[..i], Some(&p[i + 1..])),
             None => (p, None),
         };
         let key_ok = key
