@@ -138,8 +138,25 @@ fn parse_path(s: &str) -> Result<(Option<Mailbox<'_>>, &str), PathError> {
         return Err(PathError::Syntax);
     }
     let host_start = local_end + 1;
-    let close = memchr::memchr(b'>', &b[host_start..]).ok_or(PathError::Syntax)? + host_start;
-    let host = parse_host(&s[host_start..close])?;
+    // The host ends at its own last byte: a `]` for a literal, the domain grammar otherwise.
+    let host_end = if b.get(host_start) == Some(&b'[') {
+        b[host_start..]
+            .iter()
+            .position(|&c| c == b']')
+            .ok_or(PathError::Syntax)?
+            + host_start
+            + 1
+    } else {
+        host_start + scan_domain(&b[host_start..])?
+    };
+    if b.get(host_end) != Some(&b'>') {
+        return Err(PathError::Syntax);
+    }
+    let close = host_end;
+    let host = match b[host_start] {
+        b'[' => parse_host(&s[host_start..host_end])?,
+        _ => Host::Domain(&s[host_start..host_end]),
+    };
     if close + 1 > MAX_PATH {
         return Err(PathError::PathTooLong);
     }
@@ -221,9 +238,52 @@ fn local_part_end(b: &[u8], pos: usize) -> Result<usize, PathError> {
     Ok(i)
 }
 
+/// Byte classes for the hot loops: bit 0 atext (RFC 5322, plus UTF-8 per RFC 6531), bit 1 a
+/// letter, digit or UTF-8 byte of a domain label.
+const ATEXT: u8 = 1;
+const LABEL: u8 = 2;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        let alnum = b.is_ascii_alphanumeric() || b >= 0x80;
+        let special = matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'/'
+                | b'='
+                | b'?'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'{'
+                | b'|'
+                | b'}'
+                | b'~'
+        );
+        t[c] = if alnum {
+            ATEXT | LABEL
+        } else if special {
+            ATEXT
+        } else {
+            0
+        };
+        c += 1;
+    }
+    t
+};
+
 /// RFC 5322 atext, plus UTF-8 (RFC 6531).
 fn is_atext(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&c) || c >= 0x80
+    CLASS[usize::from(c)] & ATEXT != 0
 }
 
 /// Parses a domain or an address literal.
@@ -245,37 +305,41 @@ fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
         .then(|| &s[prefix.len()..])
 }
 
-/// RFC 5321 Domain: dot-separated labels of letters, digits and inner hyphens (or UTF-8),
-/// checked in one pass over the bytes.
-fn check_domain(s: &str) -> Result<(), PathError> {
-    if s.len() > MAX_DOMAIN {
-        return Err(PathError::DomainTooLong);
-    }
+/// Validates the RFC 5321 Domain at the start of `b` (dot-separated labels of letters, digits
+/// and inner hyphens, or UTF-8) in one pass, and returns its length: it ends at the first byte
+/// that cannot be part of a domain.
+fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     let mut label_len = 0usize;
     let mut prev = b'.';
-    for &c in s.as_bytes() {
-        match c {
-            b'.' => {
-                if label_len == 0 || prev == b'-' {
-                    return Err(PathError::Syntax);
-                }
-                label_len = 0;
-            }
-            b'-' if label_len == 0 => return Err(PathError::Syntax),
-            c if c.is_ascii_alphanumeric() || c == b'-' || c >= 0x80 => {
-                label_len += 1;
-                if label_len > 63 {
-                    return Err(PathError::Syntax);
-                }
-            }
-            _ => return Err(PathError::Syntax),
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if CLASS[usize::from(c)] & LABEL != 0 || (c == b'-' && label_len != 0) {
+            label_len += 1;
+        } else if c == b'.' && label_len != 0 && label_len <= 63 && prev != b'-' {
+            label_len = 0;
+        } else if c == b'.' || c == b'-' {
+            return Err(PathError::Syntax);
+        } else {
+            break;
         }
         prev = c;
+        i += 1;
     }
-    if label_len == 0 || prev == b'-' {
+    if label_len == 0 || label_len > 63 || prev == b'-' {
         return Err(PathError::Syntax);
     }
-    Ok(())
+    if i > MAX_DOMAIN {
+        return Err(PathError::DomainTooLong);
+    }
+    Ok(i)
+}
+
+/// Checks that all of `s` is one RFC 5321 Domain.
+fn check_domain(s: &str) -> Result<(), PathError> {
+    match scan_domain(s.as_bytes())? {
+        n if n == s.len() => Ok(()),
+        _ => Err(PathError::Syntax),
+    }
 }
 
 /// Checks a HELO/EHLO argument: a domain or an address literal.

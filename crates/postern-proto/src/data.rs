@@ -10,8 +10,6 @@
 //! Output is a series of slices of the input (plus a few static ones), long runs of ordinary
 //! lines coming out as one slice: the decoder copies nothing.
 
-use wide::u8x16;
-
 const CRLF: &[u8] = b"\r\n";
 const DOT_CRLF: &[u8] = b".\r\n";
 
@@ -141,7 +139,7 @@ impl DataDecoder {
     /// Scans text from `start`, continuing across ordinary CR LF line ends, and returns the
     /// longest slice that needs no change.
     fn text<'a>(&mut self, input: &'a [u8], start: usize) -> Decoded<'a> {
-        let mut pos = clean_blocks(input, start);
+        let mut pos = crate::scan::clean_blocks(input, start);
         loop {
             let Some(i) = memchr::memchr2(b'\r', b'\n', &input[pos..]) else {
                 return self.step(input.len(), &input[start..]);
@@ -200,54 +198,6 @@ impl DataDecoder {
             end: true,
         }
     }
-}
-
-/// Width of the blocks the fast path classifies at once.
-const BLOCK: usize = 64;
-
-/// Bit `i` set where `block[i]` is CR, LF and `.` respectively: 16-byte vector compares and
-/// mask extraction (SSE2 on x86-64) through the safe `wide` types.
-#[inline(always)]
-fn masks(block: &[u8; BLOCK]) -> (u64, u64, u64) {
-    let (cr_v, lf_v, dot_v) = (u8x16::splat(b'\r'), u8x16::splat(b'\n'), u8x16::splat(b'.'));
-    let (mut cr, mut lf, mut dot) = (0u64, 0u64, 0u64);
-    for (i, lane) in block.chunks_exact(16).enumerate() {
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(lane);
-        let v = u8x16::new(bytes);
-        let shift = 16 * i;
-        cr |= u64::from(v.simd_eq(cr_v).to_bitmask()) << shift;
-        lf |= u64::from(v.simd_eq(lf_v).to_bitmask()) << shift;
-        dot |= u64::from(v.simd_eq(dot_v).to_bitmask()) << shift;
-    }
-    (cr, lf, dot)
-}
-
-/// The fast path for ordinary text: skips whole 64-byte blocks in which every CR is followed by
-/// LF, every LF follows a CR, and no line starts with a dot. Returns a position from which the
-/// line-by-line scan can go on: inside a line, with no CR or LF just behind it. `pos` must be
-/// such a position too.
-fn clean_blocks(input: &[u8], mut pos: usize) -> usize {
-    let mut safe = pos;
-    let (mut carry_cr, mut carry_lf) = (0u64, 0u64);
-    while let Some(block) = input.get(pos..pos + BLOCK) {
-        let Ok(block) = <&[u8; BLOCK]>::try_from(block) else {
-            break;
-        };
-        let (cr, lf, dot) = masks(block);
-        let lf_expected = (cr << 1) | carry_cr;
-        let line_starts = (lf << 1) | carry_lf;
-        if lf != lf_expected || dot & line_starts != 0 {
-            break;
-        }
-        carry_cr = cr >> 63;
-        carry_lf = lf >> 63;
-        pos += BLOCK;
-        if carry_cr == 0 && carry_lf == 0 {
-            safe = pos;
-        }
-    }
-    safe
 }
 
 /// Decodes all of `input` at once (tests, benches and fuzzing): the body, whether the end was

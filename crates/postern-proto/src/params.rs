@@ -118,30 +118,40 @@ pub enum ParamError {
     Invalid,
 }
 
+/// esmtp-value bytes: %d33-60 / %d62-126, and UTF-8 (RFC 6531).
+static VALUE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = (c >= 33 && c <= 126 && c != b'=' as usize) || c >= 0x80;
+        c += 1;
+    }
+    t
+};
+
 /// Splits `rest` (what follows the path) into `(keyword, value)` pairs.
 fn pairs(rest: &str) -> impl Iterator<Item = Result<(&str, Option<&str>), ParamError>> {
-    rest.split(' ').filter(|p| !p.is_empty()).map(|p| {
-        let (key, value) = match memchr::memchr(b'=', p.as_bytes()) {
-            Some(i) => (&p[..i], Some(&p[i + 1..])),
-            None => (p, None),
-        };
-        let key_ok = key
-            .bytes()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-            && key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
-        // esmtp-value: %d33-60 / %d62-126, and UTF-8 (RFC 6531).
-        let value_ok = value.is_none_or(|v| {
-            !v.is_empty()
-                && v.bytes()
-                    .all(|c| (33..=126).contains(&c) && c != b'=' || c >= 0x80)
-        });
-        if key_ok && value_ok {
-            Ok((key, value))
-        } else {
-            Err(ParamError::Invalid)
-        }
-    })
+    rest.split(|c: char| c == ' ')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (key, value) = match p.bytes().position(|c| c == b'=') {
+                Some(i) => (&p[..i], Some(&p[i + 1..])),
+                None => (p, None),
+            };
+            let key_ok = key
+                .bytes()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+                && key.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+            // esmtp-value: %d33-60 / %d62-126, and UTF-8 (RFC 6531).
+            let value_ok =
+                value.is_none_or(|v| !v.is_empty() && v.bytes().all(|c| VALUE[usize::from(c)]));
+            if key_ok && value_ok {
+                Ok((key, value))
+            } else {
+                Err(ParamError::Invalid)
+            }
+        })
 }
 
 /// Whether `s` is RFC 3461 xtext: printable ASCII but `+` and `=`, with `+XX` hex escapes.
