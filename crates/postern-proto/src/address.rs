@@ -174,8 +174,9 @@ pub fn parse_reverse_path(s: &str) -> Result<(ReversePath<'_>, &str), PathError>
 
 /// Parses the path of RCPT TO; returns it and the rest of the line.
 pub fn parse_forward_path(s: &str) -> Result<(ForwardPath<'_>, &str), PathError> {
-    if s.len() >= 12 && s[..12].eq_ignore_ascii_case("<postmaster>") {
-        return Ok((ForwardPath::Postmaster, &s[12..]));
+    const POSTMASTER: &str = "<postmaster>";
+    if let Some(rest) = strip_prefix_ignore_case(s, POSTMASTER) {
+        return Ok((ForwardPath::Postmaster, rest));
     }
     match parse_path(s)? {
         (Some(m), rest) => Ok((ForwardPath::Mailbox(m), rest)),
@@ -433,6 +434,13 @@ mod tests {
             Ok((ForwardPath::Postmaster, ""))
         );
         assert!(parse_forward_path("<>").is_err());
+    }
+
+    #[test]
+    fn multibyte_character_across_the_postmaster_prefix_is_no_panic() {
+        // Found by the `command` fuzz target: byte 12 falls inside a two-byte character.
+        assert!(parse_forward_path("<\"q0IP00:dbȹL").is_err());
+        assert!(parse_forward_path("<postmasterȹ>").is_err());
     }
 
     #[test]
