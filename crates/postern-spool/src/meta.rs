@@ -1,0 +1,111 @@
+//! What the spool keeps about a message besides its body: the envelope and the trace facts.
+
+use crate::format::{Cursor, Fields};
+
+/// One recipient with its DSN parameters (RFC 3461).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recipient {
+    /// The mailbox, without angle brackets.
+    pub path: String,
+    /// NOTIFY bits (1 SUCCESS, 2 FAILURE, 4 DELAY; 0 NEVER), None when not given.
+    pub notify: Option<u8>,
+    /// ORCPT as written.
+    pub orcpt: Option<String>,
+}
+
+/// The envelope and trace facts of a message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MessageMeta {
+    /// Arrival, seconds since the Unix epoch.
+    pub arrival: u64,
+    /// The client's address.
+    pub client: String,
+    /// The client's HELO/EHLO name.
+    pub helo: String,
+    /// The reverse path without angle brackets, empty for `<>`.
+    pub reverse_path: String,
+    /// The recipients.
+    pub recipients: Vec<Recipient>,
+    /// ENVID.
+    pub envid: Option<String>,
+    /// RET: 1 FULL, 2 HDRS.
+    pub ret: Option<u8>,
+    /// BODY: 0 7BIT, 1 8BITMIME, 2 BINARYMIME.
+    pub body_type: u8,
+    /// SMTPUTF8 was given.
+    pub smtputf8: bool,
+}
+
+fn opt_str(f: &mut Fields, s: &Option<String>) {
+    f.u64(u64::from(s.is_some()));
+    f.bytes(s.as_deref().unwrap_or("").as_bytes());
+}
+
+fn read_opt_str(c: &mut Cursor<'_>) -> Option<Option<String>> {
+    let present = c.u64()? != 0;
+    let s = String::from_utf8(c.bytes()?.to_vec()).ok()?;
+    Some(present.then_some(s))
+}
+
+fn read_str(c: &mut Cursor<'_>) -> Option<String> {
+    String::from_utf8(c.bytes()?.to_vec()).ok()
+}
+
+impl MessageMeta {
+    pub(crate) fn encode(&self, f: &mut Fields) {
+        f.u64(self.arrival)
+            .bytes(self.client.as_bytes())
+            .bytes(self.helo.as_bytes())
+            .bytes(self.reverse_path.as_bytes());
+        opt_str(f, &self.envid);
+        f.u64(self.ret.map_or(0, u64::from))
+            .u64(u64::from(self.body_type))
+            .u64(u64::from(self.smtputf8))
+            .u64(self.recipients.len() as u64);
+        for r in &self.recipients {
+            f.bytes(r.path.as_bytes())
+                .u64(r.notify.map_or(0xff, u64::from));
+            opt_str(f, &r.orcpt);
+        }
+    }
+
+    pub(crate) fn decode(c: &mut Cursor<'_>) -> Option<MessageMeta> {
+        let arrival = c.u64()?;
+        let client = read_str(c)?;
+        let helo = read_str(c)?;
+        let reverse_path = read_str(c)?;
+        let envid = read_opt_str(c)?;
+        let ret = match c.u64()? {
+            0 => None,
+            r => Some(u8::try_from(r).ok()?),
+        };
+        let body_type = u8::try_from(c.u64()?).ok()?;
+        let smtputf8 = c.u64()? != 0;
+        let n = c.u64()?;
+        let mut recipients = Vec::with_capacity(n.min(1024) as usize);
+        for _ in 0..n {
+            let path = read_str(c)?;
+            let notify = match c.u64()? {
+                0xff => None,
+                v => Some(u8::try_from(v).ok()?),
+            };
+            let orcpt = read_opt_str(c)?;
+            recipients.push(Recipient {
+                path,
+                notify,
+                orcpt,
+            });
+        }
+        Some(MessageMeta {
+            arrival,
+            client,
+            helo,
+            reverse_path,
+            recipients,
+            envid,
+            ret,
+            body_type,
+            smtputf8,
+        })
+    }
+}

@@ -1,0 +1,306 @@
+//! One core's spool: streaming appends, commit tickets and group commit.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::SpoolError;
+use crate::format::{record_len, write_record, Fields, Kind, HEADER, RECORD_HEADER};
+use crate::meta::MessageMeta;
+use crate::queue_id;
+use crate::segment::{parse_name, sync_dir, Segment};
+
+/// Tunables.
+#[derive(Clone, Copy, Debug)]
+pub struct SpoolOptions {
+    /// Size of each segment file, reserved when it is created.
+    pub segment_size: u64,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        Self {
+            segment_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A message being written. Finish or abort it exactly once.
+#[derive(Debug)]
+pub struct Draft {
+    no: u64,
+    queue_id: String,
+    size: u64,
+}
+
+impl Draft {
+    /// The queue ID the message will have.
+    pub fn queue_id(&self) -> &str {
+        &self.queue_id
+    }
+    /// Body bytes appended so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// A finished message's place in the commit order; durable once a sync covers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// Where a ticket stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketState {
+    /// Not synced yet.
+    Pending,
+    /// Synced: the message is durable.
+    Durable,
+    /// The sync that covered it failed: the message is not durable.
+    Failed,
+}
+
+/// The sync work of one group commit: `Send`, so it can run on a helper thread.
+#[derive(Debug)]
+pub struct SyncBatch {
+    files: Vec<Arc<File>>,
+    upto: u64,
+}
+
+impl SyncBatch {
+    /// Runs `fdatasync` on every file written since the last batch (blocking).
+    pub fn run(&self) -> std::io::Result<()> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// The spool of one core. Not `Sync`: owned and used by that core alone.
+pub struct Spool {
+    dir: PathBuf,
+    core: u32,
+    options: SpoolOptions,
+    seg: Option<Segment>,
+    next_seq: u64,
+    next_draft: u64,
+    counter: u64,
+    open_drafts: HashMap<u64, ()>,
+    issued: u64,
+    batched: u64,
+    durable: u64,
+    failed: Vec<(u64, u64)>,
+    dirty: Vec<Arc<File>>,
+    retired_bytes: u64,
+}
+
+impl Spool {
+    /// Opens (creating) the spool of `core` under `root`. Existing segments are left for
+    /// recovery; new messages go to a new segment.
+    pub fn open(root: &Path, core: u32, options: SpoolOptions) -> Result<Spool, SpoolError> {
+        let dir = root.join(core.to_string());
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(SpoolError::from_io)?;
+            sync_dir(root).map_err(SpoolError::from_io)?;
+        }
+        let mut last = 0;
+        let mut bytes = 0;
+        for entry in std::fs::read_dir(&dir).map_err(SpoolError::from_io)? {
+            let entry = entry.map_err(SpoolError::from_io)?;
+            if let Some(seq) = entry.file_name().to_str().and_then(parse_name) {
+                last = last.max(seq);
+                bytes += entry.metadata().map_or(0, |m| m.len());
+            }
+        }
+        Ok(Spool {
+            dir,
+            core,
+            options,
+            seg: None,
+            next_seq: last + 1,
+            next_draft: 1,
+            counter: 0,
+            open_drafts: HashMap::new(),
+            issued: 0,
+            batched: 0,
+            durable: 0,
+            failed: Vec::new(),
+            dirty: Vec::new(),
+            retired_bytes: bytes,
+        })
+    }
+
+    /// Bytes of segment files in this core's directory.
+    pub fn bytes_in_use(&self) -> u64 {
+        self.retired_bytes + self.seg.as_ref().map_or(0, |s| s.used() as u64)
+    }
+
+    /// Largest payload one record may carry.
+    fn max_payload(&self) -> usize {
+        self.options.segment_size as usize - HEADER - RECORD_HEADER - 8
+    }
+
+    /// Makes room for a record of `len` bytes, starting a new segment when needed.
+    fn segment_for(&mut self, len: usize) -> Result<&mut Segment, SpoolError> {
+        if len > self.options.segment_size as usize - HEADER {
+            return Err(SpoolError::TooLarge(len));
+        }
+        let full = self.seg.as_ref().is_none_or(|s| s.room() < len);
+        if full {
+            if let Some(old) = self.seg.take() {
+                self.retired_bytes += self.options.segment_size;
+                self.mark_dirty(&old.file);
+            }
+            let seg = Segment::create(
+                &self.dir,
+                self.core,
+                self.next_seq,
+                self.options.segment_size,
+            )
+            .map_err(SpoolError::from_io)?;
+            self.next_seq += 1;
+            self.seg = Some(seg);
+        }
+        self.seg.as_mut().ok_or(SpoolError::UnknownDraft)
+    }
+
+    fn mark_dirty(&mut self, file: &Arc<File>) {
+        if !self.dirty.iter().any(|f| Arc::ptr_eq(f, file)) {
+            self.dirty.push(file.clone());
+        }
+    }
+
+    fn append_record(&mut self, kind: Kind, pieces: &[&[u8]]) -> Result<(), SpoolError> {
+        let len = record_len(pieces.iter().map(|p| p.len()).sum());
+        let seg = self.segment_for(len)?;
+        let n = write_record(seg.tail(), kind, pieces);
+        seg.commit(n);
+        let file = seg.file.clone();
+        self.mark_dirty(&file);
+        Ok(())
+    }
+
+    /// Starts a message: writes its envelope and returns the draft to append the body to.
+    pub fn begin(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
+        let no = self.next_draft;
+        self.next_draft += 1;
+        self.counter += 1;
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let queue_id = queue_id::make(micros, self.core, self.counter);
+        let mut f = Fields::default();
+        f.u64(no).bytes(queue_id.as_bytes());
+        meta.encode(&mut f);
+        self.append_record(Kind::Start, &[&f.0])?;
+        self.open_drafts.insert(no, ());
+        Ok(Draft {
+            no,
+            queue_id,
+            size: 0,
+        })
+    }
+
+    /// Appends body bytes, in records of at most one segment each.
+    pub fn append(&mut self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
+        if !self.open_drafts.contains_key(&draft.no) {
+            return Err(SpoolError::UnknownDraft);
+        }
+        let no = draft.no.to_le_bytes();
+        let max_body = self.max_payload() - 8;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // Fill what is left of the current segment before starting another; the slack
+            // covers the record header, the draft number and alignment.
+            let room = self.seg.as_ref().map_or(0, |s| s.room());
+            let fits = room.saturating_sub(RECORD_HEADER + 8 + 7);
+            let take = if fits > 0 { fits } else { max_body }
+                .min(max_body)
+                .min(rest.len());
+            self.append_record(Kind::Body, &[&no, &rest[..take]])?;
+            rest = &rest[take..];
+        }
+        draft.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Ends a message; it is durable once its ticket is.
+    pub fn finish(&mut self, draft: Draft) -> Result<Ticket, SpoolError> {
+        if self.open_drafts.remove(&draft.no).is_none() {
+            return Err(SpoolError::UnknownDraft);
+        }
+        let mut f = Fields::default();
+        f.u64(draft.no).u64(draft.size);
+        self.append_record(Kind::End, &[&f.0])?;
+        self.issued += 1;
+        Ok(Ticket(self.issued))
+    }
+
+    /// Abandons a message: recovery will not report it. Best effort (no sync needed: a
+    /// message without its END is not reported either).
+    pub fn abort(&mut self, draft: Draft) {
+        if self.open_drafts.remove(&draft.no).is_some() {
+            let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
+        }
+    }
+
+    /// The sync work for every ticket issued since the last batch, if any.
+    pub fn take_sync(&mut self) -> Option<SyncBatch> {
+        if self.issued == self.batched {
+            return None;
+        }
+        self.batched = self.issued;
+        Some(SyncBatch {
+            files: std::mem::take(&mut self.dirty),
+            upto: self.issued,
+        })
+    }
+
+    /// Records the outcome of a batch from [`Spool::take_sync`].
+    pub fn sync_done(&mut self, batch: SyncBatch, result: std::io::Result<()>) {
+        match result {
+            Ok(()) => self.durable = self.durable.max(batch.upto),
+            Err(_) => {
+                self.failed.push((self.durable, batch.upto));
+                self.durable = self.durable.max(batch.upto);
+                // The kernel may have dropped the pages that failed: write no more there.
+                if let Some(old) = self.seg.take() {
+                    self.retired_bytes += old.used() as u64;
+                }
+            }
+        }
+    }
+
+    /// Where `ticket` stands.
+    pub fn ticket_state(&self, ticket: Ticket) -> TicketState {
+        if ticket.0 > self.durable {
+            TicketState::Pending
+        } else if self
+            .failed
+            .iter()
+            .any(|&(from, to)| ticket.0 > from && ticket.0 <= to)
+        {
+            TicketState::Failed
+        } else {
+            TicketState::Durable
+        }
+    }
+
+    /// Syncs everything pending now, on this thread (tests, benchmarks, shutdown).
+    pub fn sync_now(&mut self) -> Result<(), SpoolError> {
+        if let Some(batch) = self.take_sync() {
+            let result = batch.run();
+            let err = result
+                .as_ref()
+                .err()
+                .map(|e| std::io::Error::new(e.kind(), e.to_string()));
+            self.sync_done(batch, result);
+            if let Some(e) = err {
+                return Err(SpoolError::Io(e));
+            }
+        }
+        Ok(())
+    }
+}
