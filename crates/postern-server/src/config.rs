@@ -1,0 +1,82 @@
+//! The settings of a running server, already parsed and checked by the binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use postern_proto::BareNewlinePolicy;
+
+use crate::relay::RelayPolicy;
+
+/// Certificate and key files for STARTTLS and implicit TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Everything the server needs to run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// SMTP listeners (STARTTLS offered when TLS is configured).
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners (RFC 8314).
+    pub listen_tls: Vec<SocketAddr>,
+    /// Executors, one per core.
+    pub cores: usize,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+    /// Our name in the banner, EHLO and Received headers.
+    pub hostname: String,
+    /// Domains accepted from anyone.
+    pub accept_domains: Vec<String>,
+    /// Networks allowed to relay to any domain.
+    pub relay_networks: Vec<IpNet>,
+    /// Largest message, advertised in SIZE.
+    pub max_message_size: u64,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// Concurrent connections, all cores together.
+    pub max_connections: usize,
+    /// Concurrent connections from one client address.
+    pub max_connections_per_ip: usize,
+    /// Longest wait for the next command or body bytes (RFC 5321 4.5.3.2).
+    pub command_timeout: Duration,
+    /// Longest session, whatever the client does.
+    pub max_session_time: Duration,
+    /// Longest wait for in-flight transactions at shutdown.
+    pub shutdown_grace: Duration,
+    /// TLS, when configured.
+    pub tls: Option<TlsFiles>,
+    /// Prometheus listener.
+    pub metrics: Option<SocketAddr>,
+    /// Bare CR and LF in DATA bodies.
+    pub bare_newline: BareNewlinePolicy,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            listen_tls: Vec::new(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            spool_dir: PathBuf::from("postern-spool"),
+            hostname: "localhost".into(),
+            accept_domains: Vec::new(),
+            relay_networks: RelayPolicy::loopback(),
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            max_connections: 20_000,
+            max_connections_per_ip: 1000,
+            command_timeout: Duration::from_secs(300),
+            max_session_time: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(30),
+            tls: None,
+            metrics: None,
+            bare_newline: BareNewlinePolicy::Normalize,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! What one core's sessions share: settings, policy, TLS, metrics, shutdown, the spool.
+//! Everything here is owned by one executor thread; nothing is written from another core.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_listener::Event;
+use postern_proto::ServerConfig;
+
+use crate::config::Settings;
+use crate::limits::ConnectionLimits;
+use crate::metrics::CoreMetrics;
+use crate::relay::RelayPolicy;
+use crate::store::CoreStore;
+
+/// The process-wide stop request, set from the signal thread.
+#[derive(Debug, Default)]
+pub struct StopFlag(AtomicBool);
+
+impl StopFlag {
+    /// Asks every core to stop.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    /// Whether a stop was asked for.
+    pub fn is_stopping(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// One core's shared state.
+pub(crate) struct Core {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) proto: Arc<ServerConfig>,
+    pub(crate) relay: RelayPolicy,
+    pub(crate) tls: Option<futures_rustls::TlsAcceptor>,
+    pub(crate) limits: Arc<ConnectionLimits>,
+    pub(crate) metrics: RefCell<CoreMetrics>,
+    pub(crate) published: Arc<Mutex<CoreMetrics>>,
+    pub(crate) store: CoreStore,
+    /// Set once this core has seen the stop request.
+    pub(crate) stopping: Cell<bool>,
+    /// Woken when `stopping` is set.
+    pub(crate) stop_event: Event,
+    /// Sessions open on this core.
+    pub(crate) sessions: Cell<usize>,
+    /// Woken when a session ends.
+    pub(crate) session_ended: Event,
+}
+
+impl Core {
+    /// Copies the core's figures to where the scraper reads them.
+    pub(crate) fn publish(&self) {
+        let mut m = self.metrics.borrow().clone();
+        m.active_sessions = self.sessions.get() as u64;
+        m.spool_bytes = self.store.bytes_in_use();
+        if let Ok(mut slot) = self.published.lock() {
+            *slot = m;
+        }
+    }
+
+    /// Waits until a stop is requested on this core.
+    pub(crate) async fn stopped(&self) {
+        loop {
+            if self.stopping.get() {
+                return;
+            }
+            let listener = self.stop_event.listen();
+            if self.stopping.get() {
+                return;
+            }
+            listener.await;
+        }
+    }
+}
+
+/// Watches the process-wide flag and tells the core; publishes metrics on the way.
+pub(crate) async fn watch(core: Rc<Core>, flag: Arc<StopFlag>) {
+    const TICK: Duration = Duration::from_millis(50);
+    loop {
+        glommio::timer::sleep(TICK).await;
+        core.publish();
+        if flag.is_stopping() {
+            core.stopping.set(true);
+            core.stop_event.notify(usize::MAX);
+            return;
+        }
+    }
+}

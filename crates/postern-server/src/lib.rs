@@ -1,0 +1,27 @@
+//! postern-server runs the SMTP side of postern: one glommio executor per core, each with its
+//! own SO_REUSEPORT listeners, sessions that move bytes between sockets, postern-proto's server
+//! state machine and the core's postern-spool, STARTTLS and implicit TLS with rustls, limits
+//! and timeouts, and per-core metrics merged at scrape time.
+//!
+//! A session never leaves the core that accepted it, and nothing on a core's hot path takes a
+//! lock or blocks: the spool's sync runs on glommio's blocking pool, the connection limits are
+//! atomics, and the metrics port has a thread of its own.
+
+pub mod config;
+mod conn;
+mod core;
+pub mod error;
+mod limits;
+pub mod metrics;
+mod metrics_http;
+mod received;
+pub mod relay;
+mod runtime;
+mod session;
+mod store;
+pub mod tls;
+
+pub use config::{Settings, TlsFiles};
+pub use core::StopFlag;
+pub use error::StartError;
+pub use runtime::{start, Running};

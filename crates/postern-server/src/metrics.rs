@@ -1,0 +1,316 @@
+//! Metrics: each core records into its own histograms and counters (no cross-core writes on
+//! the hot path) and publishes a copy a few times a second; a scrape merges the copies and
+//! renders the Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Latency histograms, in microseconds, 1 µs to 100 s at 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One core's figures.
+#[derive(Clone, Debug)]
+pub struct CoreMetrics {
+    /// End of data to the 250 reply.
+    pub eod_latency: Histogram<u64>,
+    /// Spool commit (append end to durable).
+    pub commit_latency: Histogram<u64>,
+    /// Time from a command's arrival to its reply being written.
+    pub command_latency: Histogram<u64>,
+    /// Whole sessions.
+    pub session_duration: Histogram<u64>,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections refused at once (overload, per-IP limit).
+    pub connections_refused: u64,
+    /// Messages accepted (250 after end of data).
+    pub messages: u64,
+    /// Body bytes accepted.
+    pub bytes: u64,
+    /// Replies sent, by class: index 0 for 2xx, 1 for 3xx, 2 for 4xx, 3 for 5xx.
+    pub replies: [u64; 4],
+    /// TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS handshakes failed.
+    pub tls_failures: u64,
+    /// Spool errors (append, commit).
+    pub spool_errors: u64,
+    /// Sessions open now.
+    pub active_sessions: u64,
+    /// Spool bytes in use.
+    pub spool_bytes: u64,
+    /// Messages waiting for delivery.
+    pub queue_depth: u64,
+}
+
+impl Default for CoreMetrics {
+    fn default() -> Self {
+        Self {
+            eod_latency: histogram(),
+            commit_latency: histogram(),
+            command_latency: histogram(),
+            session_duration: histogram(),
+            connections: 0,
+            connections_refused: 0,
+            messages: 0,
+            bytes: 0,
+            replies: [0; 4],
+            tls_handshakes: 0,
+            tls_failures: 0,
+            spool_errors: 0,
+            active_sessions: 0,
+            spool_bytes: 0,
+            queue_depth: 0,
+        }
+    }
+}
+
+impl CoreMetrics {
+    /// Records a latency.
+    pub fn record(h: &mut Histogram<u64>, d: Duration) {
+        let us = u64::try_from(d.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, 100_000_000);
+        // In range by the clamp above.
+        let _ = h.record(us);
+    }
+
+    /// Counts the replies in a block of reply bytes (first line of each reply).
+    pub fn count_replies(&mut self, out: &[u8]) {
+        for line in out.split(|&b| b == b'\n') {
+            // A final line of a reply has a space (or nothing) after the code.
+            if line.len() >= 4 && line[3] == b' ' || line.len() == 4 {
+                if let Some(class @ b'2'..=b'5') = line.first() {
+                    self.replies[usize::from(class - b'2')] += 1;
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, other: &CoreMetrics) {
+        for (a, b) in [
+            (&mut self.eod_latency, &other.eod_latency),
+            (&mut self.commit_latency, &other.commit_latency),
+            (&mut self.command_latency, &other.command_latency),
+            (&mut self.session_duration, &other.session_duration),
+        ] {
+            // Same bounds on every core, so adding cannot fail.
+            let _ = a.add(b);
+        }
+        self.connections += other.connections;
+        self.connections_refused += other.connections_refused;
+        self.messages += other.messages;
+        self.bytes += other.bytes;
+        for (a, b) in self.replies.iter_mut().zip(other.replies) {
+            *a += b;
+        }
+        self.tls_handshakes += other.tls_handshakes;
+        self.tls_failures += other.tls_failures;
+        self.spool_errors += other.spool_errors;
+        self.active_sessions += other.active_sessions;
+        self.spool_bytes += other.spool_bytes;
+        self.queue_depth += other.queue_depth;
+    }
+}
+
+/// Where each core publishes its copy; shared with the scraper.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    cores: Arc<Mutex<Vec<Arc<Mutex<CoreMetrics>>>>>,
+}
+
+impl Registry {
+    /// A slot for one more core.
+    pub fn slot(&self) -> Arc<Mutex<CoreMetrics>> {
+        let slot = Arc::new(Mutex::new(CoreMetrics::default()));
+        if let Ok(mut cores) = self.cores.lock() {
+            cores.push(slot.clone());
+        }
+        slot
+    }
+
+    /// The sum of all cores' last published copies.
+    pub fn merged(&self) -> CoreMetrics {
+        let mut total = CoreMetrics::default();
+        if let Ok(cores) = self.cores.lock() {
+            for core in cores.iter() {
+                if let Ok(m) = core.lock() {
+                    total.merge(&m);
+                }
+            }
+        }
+        total
+    }
+
+    /// The Prometheus text exposition of the merged figures.
+    pub fn render(&self) -> String {
+        render(&self.merged())
+    }
+}
+
+/// Bucket bounds in seconds for the latency histograms.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+fn render_histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    let _ = writeln!(out, "# HELP {name}_seconds {help}");
+    let _ = writeln!(out, "# TYPE {name}_seconds histogram");
+    for le in BUCKETS {
+        let us = (le * 1e6) as u64;
+        let count = if h.is_empty() {
+            0
+        } else {
+            h.count_between(0, us)
+        };
+        let _ = writeln!(out, "{name}_seconds_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_seconds_bucket{{le=\"+Inf\"}} {}", h.len());
+    let sum = h.mean() * h.len() as f64 / 1e6;
+    let _ = writeln!(out, "{name}_seconds_sum {sum}");
+    let _ = writeln!(out, "{name}_seconds_count {}", h.len());
+    let _ = writeln!(out, "# HELP {name}_quantile_seconds {help} (quantiles)");
+    let _ = writeln!(out, "# TYPE {name}_quantile_seconds summary");
+    for q in [0.5, 0.9, 0.99, 0.999] {
+        let v = h.value_at_quantile(q) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_quantile_seconds{{quantile=\"{q}\"}} {v}");
+    }
+    let _ = writeln!(out, "{name}_quantile_seconds_sum {sum}");
+    let _ = writeln!(out, "{name}_quantile_seconds_count {}", h.len());
+}
+
+fn render_scalar(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// Renders figures in the Prometheus text format (0.0.4).
+pub fn render(m: &CoreMetrics) -> String {
+    let mut out = String::with_capacity(8192);
+    render_histogram(
+        &mut out,
+        "postern_eod_latency",
+        "End of data to 250 reply.",
+        &m.eod_latency,
+    );
+    render_histogram(
+        &mut out,
+        "postern_spool_commit_latency",
+        "Spool commit latency.",
+        &m.commit_latency,
+    );
+    render_histogram(
+        &mut out,
+        "postern_command_latency",
+        "Command to reply latency.",
+        &m.command_latency,
+    );
+    render_histogram(
+        &mut out,
+        "postern_session_duration",
+        "Session duration.",
+        &m.session_duration,
+    );
+    for (name, help, v) in [
+        (
+            "postern_connections_total",
+            "Connections accepted.",
+            m.connections,
+        ),
+        (
+            "postern_connections_refused_total",
+            "Connections refused at once (overload or per-IP limit).",
+            m.connections_refused,
+        ),
+        (
+            "postern_messages_accepted_total",
+            "Messages accepted.",
+            m.messages,
+        ),
+        (
+            "postern_bytes_accepted_total",
+            "Body bytes accepted.",
+            m.bytes,
+        ),
+        (
+            "postern_tls_handshakes_total",
+            "TLS handshakes completed.",
+            m.tls_handshakes,
+        ),
+        (
+            "postern_tls_handshake_failures_total",
+            "TLS handshakes failed.",
+            m.tls_failures,
+        ),
+        (
+            "postern_spool_errors_total",
+            "Spool errors.",
+            m.spool_errors,
+        ),
+    ] {
+        render_scalar(&mut out, name, "counter", help, v);
+    }
+    let _ = writeln!(out, "# HELP postern_replies_total Replies sent, by class.");
+    let _ = writeln!(out, "# TYPE postern_replies_total counter");
+    for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "postern_replies_total{{class=\"{class}\"}} {}",
+            m.replies[i]
+        );
+    }
+    for (name, help, v) in [
+        (
+            "postern_active_sessions",
+            "Sessions open now.",
+            m.active_sessions,
+        ),
+        ("postern_spool_bytes", "Spool bytes in use.", m.spool_bytes),
+        (
+            "postern_queue_depth",
+            "Messages waiting for delivery.",
+            m.queue_depth,
+        ),
+    ] {
+        render_scalar(&mut out, name, "gauge", help, v);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_and_render() {
+        let registry = Registry::default();
+        let a = registry.slot();
+        let b = registry.slot();
+        {
+            let mut a = a.lock().unwrap();
+            a.messages = 2;
+            CoreMetrics::record(&mut a.eod_latency, Duration::from_micros(300));
+            a.count_replies(b"250-x\r\n250 y\r\n354 go\r\n550 5.1.1 no\r\n");
+        }
+        {
+            let mut b = b.lock().unwrap();
+            b.messages = 3;
+            CoreMetrics::record(&mut b.eod_latency, Duration::from_millis(3));
+        }
+        let text = registry.render();
+        assert!(text.contains("postern_messages_accepted_total 5\n"));
+        assert!(text.contains("postern_replies_total{class=\"2xx\"} 1\n"));
+        assert!(text.contains("postern_replies_total{class=\"3xx\"} 1\n"));
+        assert!(text.contains("postern_replies_total{class=\"5xx\"} 1\n"));
+        assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("postern_eod_latency_seconds_count 2\n"));
+    }
+}

@@ -1,0 +1,183 @@
+//! The trace header postern prepends (RFC 5321 4.4) and the mail-loop check on the ones a
+//! message already carries.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+/// Received headers beyond which a message is taken to be looping (RFC 5321 6.3).
+pub(crate) const MAX_RECEIVED: usize = 100;
+
+/// What the Received header says about the transaction.
+pub(crate) struct Trace<'a> {
+    pub(crate) helo: &'a str,
+    pub(crate) client: SocketAddr,
+    pub(crate) hostname: &'a str,
+    pub(crate) esmtp: bool,
+    pub(crate) tls: bool,
+    pub(crate) queue_id: &'a str,
+    /// The single recipient, when there is exactly one.
+    pub(crate) single_rcpt: Option<&'a str>,
+    pub(crate) now: SystemTime,
+}
+
+/// Writes the Received header, folded, CRLF-terminated.
+pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
+    let protocol = match (t.esmtp, t.tls) {
+        (false, false) => "SMTP",
+        (false, true) => "SMTPS",
+        (true, false) => "ESMTP",
+        (true, true) => "ESMTPS",
+    };
+    let mut s = String::with_capacity(256);
+    let helo = if t.helo.is_empty() { "unknown" } else { t.helo };
+    let _ = write!(
+        s,
+        "Received: from {helo} ([{}])\r\n\tby {} (postern) with {protocol} id {}",
+        t.client.ip(),
+        t.hostname,
+        t.queue_id
+    );
+    if let Some(rcpt) = t.single_rcpt {
+        let _ = write!(s, "\r\n\tfor <{rcpt}>");
+    }
+    let _ = write!(s, ";\r\n\t{}\r\n", rfc5322_date(t.now));
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// An RFC 5322 date-time in UTC: `Sun, 22 Nov 2026 11:17:00 +0000`.
+pub(crate) fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {d:02} {} {y} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[(days.rem_euclid(7)) as usize],
+        MONTHS[(m - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Counts `Received:` header fields in the header section of a body as it streams past.
+#[derive(Debug, Default)]
+pub(crate) struct LoopDetector {
+    /// Position in the current line (saturating; only the first 9 bytes matter).
+    col: usize,
+    /// The first bytes of the current line.
+    head: [u8; 9],
+    /// The header section has ended (an empty line).
+    done: bool,
+    count: usize,
+}
+
+impl LoopDetector {
+    /// Feeds body bytes; cheap once the header section is over.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.done {
+                return;
+            }
+            if b == b'\n' {
+                if self.col == 0 || (self.col == 1 && self.head[0] == b'\r') {
+                    self.done = true;
+                }
+                self.col = 0;
+                continue;
+            }
+            if self.col < self.head.len() {
+                self.head[self.col] = b;
+                if self.col == 8 && self.head.eq_ignore_ascii_case(b"received:") {
+                    self.count += 1;
+                }
+            }
+            self.col = self.col.saturating_add(1);
+        }
+    }
+
+    /// Whether the message carries more Received headers than allowed.
+    pub(crate) fn is_looping(&self) -> bool {
+        self.count > MAX_RECEIVED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn dates() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_346_220);
+        assert_eq!(rfc5322_date(t), "Sun, 22 Nov 2026 11:17:00 +0000");
+        assert_eq!(
+            rfc5322_date(SystemTime::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 +0000"
+        );
+    }
+
+    #[test]
+    fn received_header_format() {
+        let mut out = Vec::new();
+        received_header(
+            &Trace {
+                helo: "client.test",
+                client: "192.0.2.7:5000".parse().unwrap(),
+                hostname: "mx.test",
+                esmtp: true,
+                tls: true,
+                queue_id: "Q1",
+                single_rcpt: Some("a@b.test"),
+                now: SystemTime::UNIX_EPOCH,
+            },
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+    }
+
+    #[test]
+    fn loop_detector_counts_headers_only() {
+        let mut d = LoopDetector::default();
+        let mut body = Vec::new();
+        for _ in 0..101 {
+            body.extend_from_slice(b"Received: from x by y; date\r\n");
+        }
+        body.extend_from_slice(b"\r\nReceived: in the body does not count\r\n");
+        for chunk in body.chunks(7) {
+            d.feed(chunk);
+        }
+        assert!(d.is_looping());
+        let mut d = LoopDetector::default();
+        d.feed(&body[..body.len() / 2]);
+        assert!(!d.is_looping());
+        let mut d = LoopDetector::default();
+        d.feed(b"Subject: x\r\n\r\n");
+        d.feed(&body);
+        assert!(!d.is_looping());
+    }
+}

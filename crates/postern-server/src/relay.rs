@@ -1,0 +1,103 @@
+//! Relay control: who may send mail to which domains. Never an open relay by default.
+//!
+//! Mail to an accepted domain is taken from anyone; mail to any other domain only from clients
+//! inside a relay network (loopback by default). Everything else is refused at RCPT with
+//! `554 5.7.1`.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use postern_proto::{ForwardPath, Host};
+
+/// The relay policy of one server.
+#[derive(Clone, Debug)]
+pub struct RelayPolicy {
+    /// Domains we accept mail for, lower-case, without a trailing dot.
+    accept_domains: Vec<String>,
+    /// Networks whose clients may relay to any domain.
+    relay_networks: Vec<IpNet>,
+}
+
+impl RelayPolicy {
+    /// A policy from the operator's lists. Domains match exactly, case-insensitively.
+    pub fn new(accept_domains: &[String], relay_networks: &[IpNet]) -> Self {
+        Self {
+            accept_domains: accept_domains
+                .iter()
+                .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+            relay_networks: relay_networks.to_vec(),
+        }
+    }
+
+    /// The default relay networks: loopback only.
+    pub fn loopback() -> Vec<IpNet> {
+        vec![
+            "127.0.0.0/8".parse().expect("valid network"),
+            "::1/128".parse().expect("valid network"),
+        ]
+    }
+
+    /// Whether `client` is inside a relay network.
+    pub fn is_relay_client(&self, client: IpAddr) -> bool {
+        let client = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+            v4 => v4,
+        };
+        self.relay_networks.iter().any(|n| n.contains(&client))
+    }
+
+    /// Whether `domain` is one we accept mail for.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.accept_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// Whether a recipient may be accepted from `client`. `<Postmaster>` is always accepted
+    /// (RFC 5321 4.5.1).
+    pub fn allows(&self, rcpt: &ForwardPath<'_>, client: IpAddr) -> bool {
+        match rcpt {
+            ForwardPath::Postmaster => true,
+            ForwardPath::Mailbox(m) => match m.host {
+                Host::Domain(d) if self.is_local_domain(d) => true,
+                _ => self.is_relay_client(client),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_proto::address::parse_forward_path;
+
+    fn rcpt(s: &str) -> ForwardPath<'_> {
+        parse_forward_path(s).unwrap().0
+    }
+
+    #[test]
+    fn accepted_domains_from_anyone_others_only_from_relay_networks() {
+        let p = RelayPolicy::new(&["Example.ORG".into()], &RelayPolicy::loopback());
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        let inside: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(p.allows(&rcpt("<a@example.org>"), outside));
+        assert!(p.allows(&rcpt("<a@EXAMPLE.org.>"), outside));
+        assert!(!p.allows(&rcpt("<a@elsewhere.net>"), outside));
+        assert!(!p.allows(&rcpt("<a@sub.example.org>"), outside));
+        assert!(!p.allows(&rcpt("<a@[192.0.2.1]>"), outside));
+        assert!(p.allows(&rcpt("<a@elsewhere.net>"), inside));
+        assert!(p.allows(&rcpt("<postmaster>"), outside));
+        assert!(p.allows(
+            &rcpt("<a@elsewhere.net>"),
+            "::ffff:127.0.0.1".parse().unwrap()
+        ));
+    }
+
+    #[test]
+    fn no_relay_networks_means_no_relaying() {
+        let p = RelayPolicy::new(&[], &[]);
+        assert!(!p.allows(&rcpt("<a@b.example>"), "127.0.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,318 @@
+//! Starting and stopping the server: one glommio executor per core, each with its own
+//! SO_REUSEPORT listener on every address, so the kernel spreads connections over the cores.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use postern_proto::ServerConfig;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Settings;
+use crate::core::{watch, Core, StopFlag};
+use crate::error::StartError;
+use crate::limits::{ConnectionLimits, Refusal};
+use crate::metrics::Registry;
+use crate::relay::RelayPolicy;
+use crate::store::CoreStore;
+use crate::{metrics_http, session, tls};
+
+/// Memory glommio registers for storage I/O per executor. postern does its file I/O through
+/// the spool's mapping, so the minimum is enough, and it keeps well inside a default 8 MiB
+/// RLIMIT_MEMLOCK even with many cores.
+const IO_MEMORY: usize = 64 * 1024;
+
+/// A running server.
+pub struct Running {
+    /// The SMTP addresses actually bound (ports resolved).
+    pub listen: Vec<SocketAddr>,
+    /// The implicit-TLS addresses actually bound.
+    pub listen_tls: Vec<SocketAddr>,
+    /// The metrics address actually bound.
+    pub metrics: Option<SocketAddr>,
+    stop: Arc<StopFlag>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// The flag that stops the server (for signal handlers).
+    pub fn stop_flag(&self) -> Arc<StopFlag> {
+        self.stop.clone()
+    }
+
+    /// Waits until every core has stopped.
+    pub fn wait(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds a placeholder on `addr` with SO_REUSEPORT to learn the port when it is 0, so every
+/// core binds the same one. The placeholder never listens, so it never takes a connection.
+fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
+    let bind_err = |source| StartError::Bind { addr, source };
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
+    s.set_reuse_port(true).map_err(bind_err)?;
+    s.set_reuse_address(true).map_err(bind_err)?;
+    s.bind(&addr.into()).map_err(bind_err)?;
+    let local = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| bind_err(std::io::Error::other("no local address")))?;
+    Ok((s, local))
+}
+
+/// Starts the server and returns once every core is listening.
+pub fn start(settings: Settings) -> Result<Running, StartError> {
+    let settings = Arc::new(settings);
+    let tls_config = match &settings.tls {
+        Some(files) => Some(tls::server_config(&files.cert, &files.key)?),
+        None => None,
+    };
+    CoreStore::check_dir(&settings.spool_dir)?;
+    let mut placeholders = Vec::new();
+    let mut listen = Vec::new();
+    let mut listen_tls = Vec::new();
+    for (addrs, out) in [
+        (&settings.listen, &mut listen),
+        (&settings.listen_tls, &mut listen_tls),
+    ] {
+        for &addr in addrs {
+            let (s, local) = reserve(addr)?;
+            placeholders.push(s);
+            out.push(local);
+        }
+    }
+    let proto = Arc::new(ServerConfig {
+        hostname: settings.hostname.clone(),
+        max_message_size: settings.max_message_size,
+        max_recipients: settings.max_recipients,
+        bare_newline: settings.bare_newline,
+        ..ServerConfig::default()
+    });
+    let relay = RelayPolicy::new(&settings.accept_domains, &settings.relay_networks);
+    let limits = ConnectionLimits::new(settings.max_connections, settings.max_connections_per_ip);
+    let registry = Registry::default();
+    let stop = Arc::new(StopFlag::default());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
+    let mut threads = Vec::new();
+    for id in 0..settings.cores.max(1) {
+        let placement = if settings.cores <= cpus {
+            Placement::Fixed(id)
+        } else {
+            Placement::Unbound
+        };
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("postern-core-{id}"))
+            .io_memory(IO_MEMORY);
+        let ctx = CoreInit {
+            id,
+            settings: settings.clone(),
+            proto: proto.clone(),
+            relay: relay.clone(),
+            tls: tls_config.clone().map(futures_rustls::TlsAcceptor::from),
+            limits: limits.clone(),
+            published: registry.slot(),
+            stop: stop.clone(),
+            listen: listen.clone(),
+            listen_tls: listen_tls.clone(),
+        };
+        let ready = ready_tx.clone();
+        let handle = builder
+            .spawn(move || core_main(ctx, ready))
+            .map_err(|e| StartError::Executor(executor_advice(&e.to_string())))?;
+        threads.push(std::thread::spawn(move || {
+            let _ = handle.join();
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..settings.cores.max(1) {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                stop.stop();
+                return Err(e);
+            }
+            Err(_) => {
+                stop.stop();
+                return Err(StartError::Executor(executor_advice(
+                    "an executor exited during start-up",
+                )));
+            }
+        }
+    }
+    drop(placeholders);
+    let metrics = match settings.metrics {
+        Some(addr) => Some(metrics_http::start(addr, registry, stop.clone())?),
+        None => None,
+    };
+    Ok(Running {
+        listen,
+        listen_tls,
+        metrics,
+        stop,
+        threads,
+    })
+}
+
+fn executor_advice(cause: &str) -> String {
+    let memlock = memlock_limit().map_or("unlimited or unknown".to_owned(), |l| {
+        format!("{} KiB", l / 1024)
+    });
+    format!(
+        "cannot start a glommio executor ({cause}). postern needs io_uring (Linux 5.8 or later, \
+         not disabled by kernel.io_uring_disabled or a seccomp profile) and locked memory for \
+         its rings: the memlock limit here is {memlock}; raise it with `ulimit -l unlimited` or \
+         LimitMEMLOCK=infinity in the systemd unit"
+    )
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes, from /proc (None when unlimited or unknown).
+fn memlock_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+struct CoreInit {
+    id: usize,
+    settings: Arc<Settings>,
+    proto: Arc<ServerConfig>,
+    relay: RelayPolicy,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    limits: Arc<ConnectionLimits>,
+    published: Arc<std::sync::Mutex<crate::metrics::CoreMetrics>>,
+    stop: Arc<StopFlag>,
+    listen: Vec<SocketAddr>,
+    listen_tls: Vec<SocketAddr>,
+}
+
+async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
+    let store = match CoreStore::open(&init.settings.spool_dir, init.id) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut listeners = Vec::new();
+    for (addrs, implicit_tls) in [(&init.listen, false), (&init.listen_tls, true)] {
+        for &addr in addrs {
+            match TcpListener::bind(addr) {
+                Ok(l) => listeners.push((l, implicit_tls)),
+                Err(e) => {
+                    let source = std::io::Error::other(e.to_string());
+                    let _ = ready.send(Err(StartError::Bind { addr, source }));
+                    return;
+                }
+            }
+        }
+    }
+    let core = Rc::new(Core {
+        settings: init.settings,
+        proto: init.proto,
+        relay: init.relay,
+        tls: init.tls,
+        limits: init.limits,
+        metrics: Default::default(),
+        published: init.published,
+        store,
+        stopping: Default::default(),
+        stop_event: Default::default(),
+        sessions: Default::default(),
+        session_ended: Default::default(),
+    });
+    let _ = ready.send(Ok(()));
+    let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
+    let watcher = glommio::spawn_local(watch(core.clone(), init.stop));
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|(l, implicit_tls)| glommio::spawn_local(accept_loop(core.clone(), l, implicit_tls)))
+        .collect();
+    watcher.await;
+    for a in acceptors {
+        a.await;
+    }
+    // Let sessions in the middle of a transaction finish, within the grace period.
+    let grace = glommio::timer::sleep(core.settings.shutdown_grace);
+    let drained = async {
+        while core.sessions.get() > 0 {
+            let l = core.session_ended.listen();
+            if core.sessions.get() == 0 {
+                break;
+            }
+            l.await;
+        }
+    };
+    futures_lite::future::or(drained, grace).await;
+    core.store.shutdown();
+    drop(committer);
+    core.publish();
+}
+
+async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) {
+    loop {
+        let accept = async { Some(listener.accept().await) };
+        let stop = async {
+            core.stopped().await;
+            None
+        };
+        let Some(accepted) = futures_lite::future::or(accept, stop).await else {
+            return;
+        };
+        let Ok(stream) = accepted else {
+            // EMFILE and friends: back off briefly instead of spinning.
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(peer) = stream.peer_addr() else {
+            continue;
+        };
+        match core.limits.admit(peer.ip()) {
+            Ok(permit) => {
+                glommio::spawn_local(session::serve(
+                    core.clone(),
+                    stream,
+                    peer,
+                    implicit_tls,
+                    permit,
+                ))
+                .detach();
+            }
+            Err(refusal) => {
+                core.metrics.borrow_mut().connections_refused += 1;
+                glommio::spawn_local(refuse(stream, refusal, implicit_tls)).detach();
+            }
+        }
+    }
+}
+
+/// Tells an over-limit client so at once rather than leaving it hanging (plain listeners; a
+/// TLS client would not understand cleartext, so it is just closed).
+async fn refuse(mut stream: glommio::net::TcpStream, refusal: Refusal, implicit_tls: bool) {
+    use futures_lite::io::AsyncWriteExt;
+    if !implicit_tls {
+        let text = match refusal {
+            Refusal::Total => "421 4.3.2 Too many connections, try again later\r\n",
+            Refusal::PerIp => {
+                "421 4.7.0 Too many connections from your address, try again later\r\n"
+            }
+        };
+        let _ = stream.write_all(text.as_bytes()).await;
+    }
+    let _ = stream.close().await;
+}

@@ -1,0 +1,341 @@
+//! One SMTP session: moves bytes between the socket, postern-proto's server state machine and
+//! the core's spool. The session lives on the core that accepted it, from accept to close.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_lite::future;
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use postern_proto::server::replies;
+use postern_proto::{EnhancedCode, Event, ServerSession, StaticReply};
+
+use crate::conn::Conn;
+use crate::core::Core;
+use crate::limits::Permit;
+use crate::metrics::CoreMetrics;
+use crate::received::{received_header, LoopDetector, Trace};
+use crate::store::{Draft, Meta};
+
+/// Read buffer per session. Commands are capped far below this and bodies are handed on as
+/// they arrive, so this bounds a session's input memory whatever the client sends.
+const READ_BUFFER: usize = 64 * 1024;
+/// Longest TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Relay refused.
+const RELAY_DENIED: StaticReply =
+    StaticReply::new(554, EnhancedCode::new(5, 7, 1), "Relay access denied");
+/// More than 100 Received headers (RFC 5321 6.3).
+const MAIL_LOOP: StaticReply = StaticReply::new(
+    554,
+    EnhancedCode::new(5, 4, 6),
+    "Too many Received headers: mail loop",
+);
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Timeout,
+    Stop,
+}
+
+/// Runs one session to its end.
+pub(crate) async fn serve(
+    core: Rc<Core>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+    permit: Permit,
+) {
+    let started = Instant::now();
+    core.sessions.set(core.sessions.get() + 1);
+    core.metrics.borrow_mut().connections += 1;
+    let _ = tcp.set_nodelay(true);
+    let mut session = Session {
+        core: core.clone(),
+        conn: Conn::Plain(tcp),
+        peer,
+        proto: ServerSession::new(core.proto.clone(), core.tls.is_some() && !implicit_tls),
+        draft: None,
+        loops: LoopDetector::default(),
+        eod_at: None,
+        deadline: started + core.settings.max_session_time,
+    };
+    if !implicit_tls || session.start_tls().await {
+        session.run().await;
+    }
+    if let Some(draft) = session.draft.take() {
+        core.store.abort(draft);
+    }
+    let _ = session.conn.close().await;
+    drop(permit);
+    CoreMetrics::record(
+        &mut core.metrics.borrow_mut().session_duration,
+        started.elapsed(),
+    );
+    core.sessions.set(core.sessions.get() - 1);
+    core.session_ended.notify(usize::MAX);
+}
+
+struct Session {
+    core: Rc<Core>,
+    conn: Conn,
+    peer: SocketAddr,
+    proto: ServerSession,
+    /// The spool record of the message being received.
+    draft: Option<Draft>,
+    loops: LoopDetector,
+    /// When the last end of data was seen, until its reply is written.
+    eod_at: Option<Instant>,
+    deadline: Instant,
+}
+
+impl Session {
+    async fn run(&mut self) {
+        if self.core.stopping.get() {
+            self.proto.shutdown();
+        } else {
+            self.proto.greet();
+        }
+        if !self.flush().await || self.proto.is_closed() {
+            return;
+        }
+        let mut buf = vec![0u8; READ_BUFFER];
+        let (mut start, mut end) = (0usize, 0usize);
+        loop {
+            let arrived = Instant::now();
+            // Answer every complete command (and take every body byte) already read.
+            loop {
+                let step = self.proto.handle(&buf[start..end]);
+                start += step.consumed;
+                match step.event {
+                    Event::NeedInput => break,
+                    Event::Mail(..) => self.proto.accept(),
+                    Event::Rcpt(path, _) => {
+                        if self.core.relay.allows(&path, self.peer.ip()) {
+                            self.proto.accept();
+                        } else {
+                            self.proto.reject(RELAY_DENIED);
+                        }
+                    }
+                    Event::DataStart => self.data_start(),
+                    Event::Body(bytes) => self.body(bytes),
+                    Event::DataEnd => self.data_end().await,
+                    Event::DataAbort => {
+                        if let Some(draft) = self.draft.take() {
+                            self.core.store.abort(draft);
+                        }
+                    }
+                    Event::StartTls => {
+                        // Anything pipelined after STARTTLS is dropped unread.
+                        start = end;
+                        if !self.flush().await || !self.start_tls().await {
+                            return;
+                        }
+                        self.proto.tls_established();
+                    }
+                    Event::Close => {
+                        self.flush().await;
+                        return;
+                    }
+                }
+            }
+            if !self.proto.output().is_empty() {
+                if !self.flush().await {
+                    return;
+                }
+                CoreMetrics::record(
+                    &mut self.core.metrics.borrow_mut().command_latency,
+                    arrived.elapsed(),
+                );
+            }
+            if start == end {
+                (start, end) = (0, 0);
+            } else if end == buf.len() {
+                buf.copy_within(start..end, 0);
+                (start, end) = (0, end - start);
+            }
+            match self.read(&mut buf[end..]).await {
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return,
+                Wake::Read(Ok(n)) => end += n,
+                Wake::Timeout => {
+                    let open = self.proto.timeout();
+                    self.abandon_draft(open);
+                    self.flush().await;
+                    return;
+                }
+                Wake::Stop => {
+                    let open = self.proto.shutdown();
+                    self.abandon_draft(open);
+                    self.flush().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for bytes, the command timeout, the session's end, or (between transactions'
+    /// bodies) the server's stop.
+    async fn read(&mut self, into: &mut [u8]) -> Wake {
+        let now = Instant::now();
+        let wait = self
+            .core
+            .settings
+            .command_timeout
+            .min(self.deadline.saturating_duration_since(now));
+        let core = self.core.clone();
+        let stoppable = !self.proto.in_body();
+        let read = async { Wake::Read(self.conn.read(into).await) };
+        let timeout = async {
+            glommio::timer::sleep(wait).await;
+            Wake::Timeout
+        };
+        let stop = async {
+            if stoppable {
+                core.stopped().await;
+                Wake::Stop
+            } else {
+                future::pending().await
+            }
+        };
+        future::or(read, future::or(timeout, stop)).await
+    }
+
+    fn abandon_draft(&mut self, open: bool) {
+        if let (true, Some(draft)) = (open, self.draft.take()) {
+            self.core.store.abort(draft);
+        }
+    }
+
+    /// Writes out the pending replies. False when the connection is gone.
+    async fn flush(&mut self) -> bool {
+        let out = self.proto.output();
+        if out.is_empty() {
+            return true;
+        }
+        self.core.metrics.borrow_mut().count_replies(out);
+        let ok = self.conn.write_all(out).await.is_ok() && self.conn.flush().await.is_ok();
+        self.proto.clear_output();
+        if let Some(at) = self.eod_at.take() {
+            CoreMetrics::record(
+                &mut self.core.metrics.borrow_mut().eod_latency,
+                at.elapsed(),
+            );
+        }
+        ok
+    }
+
+    /// The TLS handshake, on STARTTLS or at once on the implicit-TLS port.
+    async fn start_tls(&mut self) -> bool {
+        let (Some(acceptor), Conn::Plain(_)) = (self.core.tls.clone(), &self.conn) else {
+            return false;
+        };
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return false;
+        };
+        let handshake = async { Some(acceptor.accept(tcp).await) };
+        let timeout = async {
+            glommio::timer::sleep(TLS_HANDSHAKE_TIMEOUT).await;
+            None
+        };
+        match future::or(handshake, timeout).await {
+            Some(Ok(tls)) => {
+                self.conn = Conn::Tls(Box::new(tls));
+                self.core.metrics.borrow_mut().tls_handshakes += 1;
+                true
+            }
+            _ => {
+                self.core.metrics.borrow_mut().tls_failures += 1;
+                false
+            }
+        }
+    }
+
+    fn data_start(&mut self) {
+        let env = self.proto.envelope();
+        let meta = Meta {
+            client: self.peer,
+            helo: env.helo(),
+            envelope: env,
+            arrival: SystemTime::now(),
+        };
+        let mut draft = match self.core.store.begin(&meta) {
+            Ok(d) => d,
+            Err(_) => {
+                self.core.metrics.borrow_mut().spool_errors += 1;
+                self.proto.reject(replies::SPOOL_FULL);
+                return;
+            }
+        };
+        let single = (env.recipient_count() == 1)
+            .then(|| env.recipients().next().map(|r| r.path))
+            .flatten();
+        let mut header = Vec::with_capacity(256);
+        received_header(
+            &Trace {
+                helo: env.helo(),
+                client: self.peer,
+                hostname: &self.core.settings.hostname,
+                esmtp: env.is_esmtp(),
+                tls: self.proto.is_tls(),
+                queue_id: draft.queue_id(),
+                single_rcpt: single,
+                now: meta.arrival,
+            },
+            &mut header,
+        );
+        if self.core.store.append(&mut draft, &header).is_err() {
+            self.core.metrics.borrow_mut().spool_errors += 1;
+            self.core.store.abort(draft);
+            self.proto.reject(replies::SPOOL_FULL);
+            return;
+        }
+        self.loops = LoopDetector::default();
+        self.draft = Some(draft);
+        self.proto.accept();
+    }
+
+    fn body(&mut self, bytes: &[u8]) {
+        self.loops.feed(bytes);
+        let Some(draft) = self.draft.as_mut() else {
+            return;
+        };
+        if self.core.store.append(draft, bytes).is_err() {
+            self.core.metrics.borrow_mut().spool_errors += 1;
+            if let Some(draft) = self.draft.take() {
+                self.core.store.abort(draft);
+            }
+            self.proto.abort_body(replies::SPOOL_FULL);
+        }
+    }
+
+    async fn data_end(&mut self) {
+        self.eod_at = Some(Instant::now());
+        let Some(draft) = self.draft.take() else {
+            self.proto.message_failed(replies::NO_DECISION);
+            return;
+        };
+        if self.loops.is_looping() {
+            self.core.store.abort(draft);
+            self.proto.message_failed(MAIL_LOOP);
+            return;
+        }
+        let size = draft.size();
+        let committing = Instant::now();
+        match self.core.store.commit(draft).await {
+            Ok(queue_id) => {
+                let mut m = self.core.metrics.borrow_mut();
+                CoreMetrics::record(&mut m.commit_latency, committing.elapsed());
+                m.messages += 1;
+                m.bytes += size;
+                drop(m);
+                self.proto.message_queued(&queue_id);
+            }
+            Err(_) => {
+                self.core.metrics.borrow_mut().spool_errors += 1;
+                self.proto.message_failed(replies::SPOOL_FULL);
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The core's spool as the sessions see it: begin, append, commit (awaiting the group
+//! commit), abort. The sync runs on glommio's blocking thread pool, never on the core.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use event_listener::Event;
+use postern_proto::{BodyType, Envelope, Ret};
+use postern_spool::{MessageMeta, Recipient, Spool, SpoolError, SpoolOptions, TicketState};
+
+use crate::core::Core;
+use crate::error::StartError;
+
+pub(crate) use postern_spool::Draft;
+
+/// What the spool records about a message, from the session.
+pub(crate) struct Meta<'a> {
+    pub(crate) client: SocketAddr,
+    pub(crate) helo: &'a str,
+    pub(crate) envelope: &'a Envelope,
+    pub(crate) arrival: SystemTime,
+}
+
+/// One core's spool.
+pub(crate) struct CoreStore {
+    spool: RefCell<Spool>,
+    /// Woken when a message is finished and waits for a sync.
+    work: Event,
+    /// Woken after each sync.
+    synced: Event,
+}
+
+impl CoreStore {
+    /// Checks at start-up that the spool directory can be created and written.
+    pub(crate) fn check_dir(dir: &Path) -> Result<(), StartError> {
+        let advice = |e: std::io::Error| {
+            StartError::Spool(format!(
+                "{} is not a writable directory ({e}); create it or pass --spool DIR",
+                dir.display()
+            ))
+        };
+        std::fs::create_dir_all(dir).map_err(advice)?;
+        let probe = dir.join(".postern-probe");
+        std::fs::write(&probe, b"probe").map_err(advice)?;
+        std::fs::remove_file(&probe).map_err(advice)?;
+        Ok(())
+    }
+
+    pub(crate) fn open(dir: &Path, core: usize) -> Result<CoreStore, StartError> {
+        let core = u32::try_from(core).map_err(|_| StartError::Spool("too many cores".into()))?;
+        let spool = Spool::open(dir, core, SpoolOptions::default())
+            .map_err(|e| StartError::Spool(format!("{}: {e}", dir.display())))?;
+        Ok(CoreStore {
+            spool: RefCell::new(spool),
+            work: Event::new(),
+            synced: Event::new(),
+        })
+    }
+
+    pub(crate) fn bytes_in_use(&self) -> u64 {
+        self.spool.borrow().bytes_in_use()
+    }
+
+    pub(crate) fn begin(&self, m: &Meta<'_>) -> Result<Draft, SpoolError> {
+        let env = m.envelope;
+        let meta = MessageMeta {
+            arrival: m
+                .arrival
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            client: m.client.ip().to_string(),
+            helo: m.helo.to_owned(),
+            reverse_path: env.reverse_path().to_owned(),
+            recipients: env
+                .recipients()
+                .map(|r| Recipient {
+                    path: r.path.to_owned(),
+                    notify: r.notify.map(|n| n.bits()),
+                    orcpt: r.orcpt.map(str::to_owned),
+                })
+                .collect(),
+            envid: env.envid().map(str::to_owned),
+            ret: env.ret().map(|r| match r {
+                Ret::Full => 1,
+                Ret::Hdrs => 2,
+            }),
+            body_type: match env.body_type() {
+                BodyType::SevenBit => 0,
+                BodyType::EightBitMime => 1,
+                BodyType::BinaryMime => 2,
+            },
+            smtputf8: env.smtputf8(),
+        };
+        self.spool.borrow_mut().begin(&meta)
+    }
+
+    pub(crate) fn append(&self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
+        self.spool.borrow_mut().append(draft, bytes)
+    }
+
+    pub(crate) fn abort(&self, draft: Draft) {
+        self.spool.borrow_mut().abort(draft);
+    }
+
+    /// Finishes the message and waits until a group commit has made it durable.
+    pub(crate) async fn commit(&self, draft: Draft) -> Result<String, SpoolError> {
+        let queue_id = draft.queue_id().to_owned();
+        let ticket = self.spool.borrow_mut().finish(draft)?;
+        self.work.notify(1);
+        loop {
+            let listener = self.synced.listen();
+            match self.spool.borrow().ticket_state(ticket) {
+                TicketState::Durable => return Ok(queue_id),
+                TicketState::Failed => {
+                    return Err(SpoolError::Io(std::io::Error::other("spool sync failed")))
+                }
+                TicketState::Pending => {}
+            }
+            listener.await;
+        }
+    }
+
+    /// Syncs what is pending, on this thread: only at shutdown.
+    pub(crate) fn shutdown(&self) {
+        let _ = self.spool.borrow_mut().sync_now();
+    }
+}
+
+/// The group-commit loop of one core: every message finished since the last sync shares the
+/// next one, which runs on the blocking pool while the core goes on with other sessions.
+pub(crate) async fn group_commit(core: Rc<Core>) {
+    let store = &core.store;
+    loop {
+        let listener = store.work.listen();
+        let batch = store.spool.borrow_mut().take_sync();
+        let Some(batch) = batch else {
+            listener.await;
+            continue;
+        };
+        let (batch, result) = glommio::executor()
+            .spawn_blocking(move || {
+                let result = batch.run();
+                (batch, result)
+            })
+            .await;
+        if result.is_err() {
+            core.metrics.borrow_mut().spool_errors += 1;
+        }
+        store.spool.borrow_mut().sync_done(batch, result);
+        store.synced.notify(usize::MAX);
+    }
+}

@@ -1,0 +1,211 @@
+//! The real `postern` binary on an ephemeral loopback port with a spool in a temporary
+//! directory, and a plain SMTP client over a real socket.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running server process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub smtp: SocketAddr,
+    pub smtps: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub spool: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts `postern serve` with `args` (plus an ephemeral port and a fresh spool unless
+    /// given) and waits until it says it is ready.
+    pub fn start(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        Self::start_in(args, spool, Some(dir))
+    }
+
+    /// Like [`Server::start`] on an existing spool directory.
+    pub fn start_in(args: &[&str], spool: PathBuf, dir: Option<tempfile::TempDir>) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.arg("serve")
+            .arg("--spool")
+            .arg(&spool)
+            .args(["--hostname", "mx.test"]);
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--cores") {
+            cmd.args(["--cores", "2"]);
+        }
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut smtp, mut smtps, mut metrics) = (None, None, None);
+        loop {
+            let mut line = String::new();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "postern exited before it was ready"
+            );
+            let addr = || {
+                line.trim()
+                    .rsplit(' ')
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap()
+            };
+            if line.contains("smtp listening on") && smtp.is_none() {
+                smtp = Some(addr());
+            } else if line.contains("smtps listening on") {
+                smtps = Some(addr());
+            } else if line.contains("metrics listening on") {
+                metrics = Some(addr());
+            } else if line.contains("ready with") {
+                break;
+            }
+        }
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = out.read_to_string(&mut sink);
+        });
+        Server {
+            child,
+            smtp: smtp.expect("no smtp address printed"),
+            smtps,
+            metrics,
+            spool,
+            _dir: dir,
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.smtp)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap()
+    }
+
+    /// GET a path on the metrics port; returns (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        let mut s = TcpStream::connect(self.metrics.expect("no metrics port")).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
+    }
+
+    /// Reads the metrics until `pred` holds (the cores publish every 50 ms), at most 5 s.
+    pub fn metrics_until(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, body) = self.http_get("/metrics");
+            if pred(&body) || std::time::Instant::now() > deadline {
+                return body;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A line-oriented SMTP client over a real socket.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one whole reply; returns its lines.
+    pub fn reply(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply; got {lines:?}"
+            );
+            let line = line.trim_end().to_owned();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push(line);
+            if last {
+                return lines;
+            }
+        }
+    }
+
+    /// Reads one reply and returns its last line.
+    pub fn line(&mut self) -> String {
+        self.reply().pop().unwrap()
+    }
+
+    /// Sends a command and returns the last line of its reply.
+    pub fn cmd(&mut self, command: &str) -> String {
+        self.send(format!("{command}\r\n").as_bytes());
+        self.line()
+    }
+
+    /// Whether the server has closed the connection (reads EOF).
+    pub fn closed(&mut self) -> bool {
+        let mut rest = String::new();
+        self.reader.read_to_string(&mut rest).is_ok() && rest.is_empty()
+    }
+}
+
+/// The queue ID in a `250 2.0.0 Ok: queued as ID` reply.
+pub fn queue_id(reply: &str) -> String {
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    reply.rsplit(' ').next().unwrap().to_owned()
+}
+
+/// Recovers the spool and returns (queue ID, reverse path, recipients, body) of each message.
+pub fn spooled(spool: &Path) -> Vec<(String, String, Vec<String>, Vec<u8>)> {
+    let r = postern_spool::recover(spool).unwrap();
+    r.messages
+        .iter()
+        .map(|m| {
+            (
+                m.queue_id.clone(),
+                m.meta.reverse_path.clone(),
+                m.meta.recipients.iter().map(|r| r.path.clone()).collect(),
+                r.body_vec(m),
+            )
+        })
+        .collect()
+}

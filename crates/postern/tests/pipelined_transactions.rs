@@ -1,0 +1,72 @@
+//! Pipelined transactions over a real socket, with DATA and BDAT, several per connection; the
+//! spool holds each message with its Received header.
+
+mod common;
+
+use common::{queue_id, spooled, Server};
+
+#[test]
+fn pipelined_data_and_bdat_transactions_are_spooled() {
+    let mut server = Server::start(&[]);
+    let mut c = server.connect();
+    assert_eq!(c.line(), "220 mx.test ESMTP postern");
+    c.send(
+        b"EHLO client.test\r\nMAIL FROM:<alice@origin.test>\r\nRCPT TO:<bob@dest.test>\r\nDATA\r\n",
+    );
+    let ehlo = c.reply();
+    assert!(
+        ehlo.contains(&"250-PIPELINING".to_owned()) && ehlo.contains(&"250-CHUNKING".to_owned())
+    );
+    assert_eq!(c.line(), "250 2.1.0 Ok");
+    assert_eq!(c.line(), "250 2.1.5 Ok");
+    assert_eq!(c.line(), "354 End data with <CR><LF>.<CR><LF>");
+    c.send(b"Subject: one\r\n\r\n..dotted\r\n.\r\n");
+    let first = queue_id(&c.line());
+
+    // The whole second transaction in one write, body by BDAT in two chunks.
+    c.send(b"MAIL FROM:<> BODY=BINARYMIME\r\nRCPT TO:<carol@dest.test>\r\nRCPT TO:<dave@dest.test>\r\nBDAT 5\r\nab\0\r\nBDAT 3 LAST\r\nxyzQUIT\r\n");
+    assert_eq!(c.line(), "250 2.1.0 Ok");
+    assert_eq!(c.line(), "250 2.1.5 Ok");
+    assert_eq!(c.line(), "250 2.1.5 Ok");
+    assert_eq!(c.line(), "250 2.0.0 5 octets received");
+    let second = queue_id(&c.line());
+    assert_eq!(c.line(), "221 2.0.0 Bye");
+    assert!(c.closed());
+    assert_ne!(first, second);
+
+    assert!(server.terminate().success());
+    let msgs = spooled(&server.spool);
+    assert_eq!(msgs.len(), 2);
+    let one = msgs
+        .iter()
+        .find(|m| m.0 == first)
+        .expect("first message spooled");
+    assert_eq!(one.1, "alice@origin.test");
+    assert_eq!(one.2, vec!["bob@dest.test".to_owned()]);
+    let text = String::from_utf8(one.3.clone()).unwrap();
+    assert!(
+        text.starts_with(
+            "Received: from client.test ([127.0.0.1])\r\n\tby mx.test (postern) with ESMTP id "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("id {first}\r\n\tfor <bob@dest.test>;")),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("\r\nSubject: one\r\n\r\n.dotted\r\n"),
+        "{text}"
+    );
+    let two = msgs
+        .iter()
+        .find(|m| m.0 == second)
+        .expect("second message spooled");
+    assert_eq!(two.1, "");
+    assert_eq!(two.2.len(), 2);
+    assert!(two.3.ends_with(b"\r\nab\0\r\nxyz"));
+    assert!(
+        !String::from_utf8_lossy(&two.3).contains("\tfor <"),
+        "no `for` with two recipients"
+    );
+}
