@@ -147,9 +147,21 @@ impl Registry {
         total
     }
 
-    /// The Prometheus text exposition of the merged figures.
+    /// The Prometheus text exposition of the merged figures, plus connections per core.
     pub fn render(&self) -> String {
-        render(&self.merged())
+        let mut out = render(&self.merged());
+        let _ = writeln!(
+            out,
+            "# HELP postern_core_connections_total Connections accepted, by core."
+        );
+        let _ = writeln!(out, "# TYPE postern_core_connections_total counter");
+        if let Ok(cores) = self.cores.lock() {
+            for (i, core) in cores.iter().enumerate() {
+                let n = core.lock().map_or(0, |m| m.connections);
+                let _ = writeln!(out, "postern_core_connections_total{{core=\"{i}\"}} {n}");
+            }
+        }
+        out
     }
 }
 

@@ -68,8 +68,9 @@ pub(crate) async fn serve(
     if let Some(draft) = session.draft.take() {
         core.store.abort(draft);
     }
-    let _ = session.conn.close().await;
+    // Give the place back before the client can see the close.
     drop(permit);
+    let _ = session.conn.close().await;
     CoreMetrics::record(
         &mut core.metrics.borrow_mut().session_duration,
         started.elapsed(),

@@ -1,0 +1,68 @@
+//! Size, recipient and connection limits, over real sockets.
+
+mod common;
+
+use common::{Client, Server};
+
+#[test]
+fn message_size_limit_is_advertised_and_enforced() {
+    let server = Server::start(&["--max-message-size", "2k"]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO client.test\r\n");
+    assert!(c.reply().contains(&"250-SIZE 2048".to_owned()));
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@b.test> SIZE=4096"),
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    );
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<c@d.test>");
+    assert_eq!(c.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    for _ in 0..40 {
+        c.send(b"0123456789012345678901234567890123456789012345678901234567890123456789\r\n");
+    }
+    assert_eq!(
+        c.cmd("."),
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    );
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok", "the session goes on");
+}
+
+#[test]
+fn recipient_limit_gives_452() {
+    let server = Server::start(&["--max-recipients", "100"]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    let mut batch = String::new();
+    for i in 0..101 {
+        batch.push_str(&format!("RCPT TO:<r{i}@d.test>\r\n"));
+    }
+    c.send(batch.as_bytes());
+    for _ in 0..100 {
+        assert_eq!(c.line(), "250 2.1.5 Ok");
+    }
+    assert_eq!(c.line(), "452 4.5.3 Too many recipients");
+}
+
+#[test]
+fn connections_over_the_per_ip_limit_get_421_at_once() {
+    let server = Server::start(&["--max-connections-per-ip", "2", "--max-connections", "10"]);
+    let mut a = server.connect();
+    let mut b = server.connect();
+    assert!(a.line().starts_with("220 "));
+    assert!(b.line().starts_with("220 "));
+    let mut c = server.connect();
+    assert_eq!(
+        c.line(),
+        "421 4.7.0 Too many connections from your address, try again later"
+    );
+    assert!(c.closed());
+    // A place frees up when a session ends.
+    assert_eq!(a.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(a.closed());
+    // The place is given back before the close reaches the client.
+    let mut d = Client::connect(server.smtp);
+    assert!(d.line().starts_with("220 "));
+}

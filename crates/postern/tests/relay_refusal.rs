@@ -1,0 +1,40 @@
+//! Never an open relay: other domains only from relay networks; accepted domains from anyone.
+
+mod common;
+
+use common::Server;
+
+#[test]
+fn outside_the_relay_networks_only_accepted_domains_are_taken() {
+    // Loopback is not a relay network here, so this client is an outsider.
+    let server = Server::start(&[
+        "--relay-network",
+        "192.0.2.0/24",
+        "--accept-domain",
+        "example.org",
+    ]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO outsider.test");
+    assert_eq!(c.cmd("MAIL FROM:<a@outsider.test>"), "250 2.1.0 Ok");
+    assert_eq!(
+        c.cmd("RCPT TO:<victim@elsewhere.test>"),
+        "554 5.7.1 Relay access denied"
+    );
+    assert_eq!(c.cmd("RCPT TO:<user@EXAMPLE.org>"), "250 2.1.5 Ok");
+    assert_eq!(c.cmd("RCPT TO:<postmaster>"), "250 2.1.5 Ok");
+    assert_eq!(
+        c.cmd("RCPT TO:<user@sub.example.org>"),
+        "554 5.7.1 Relay access denied"
+    );
+}
+
+#[test]
+fn by_default_loopback_may_relay_and_nothing_else_is_accepted() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO local.test");
+    c.cmd("MAIL FROM:<a@local.test>");
+    assert_eq!(c.cmd("RCPT TO:<anyone@anywhere.test>"), "250 2.1.5 Ok");
+}
