@@ -1,0 +1,56 @@
+//! SIGTERM: no new connections, idle sessions get 421, a body in flight is finished and
+//! acknowledged, the spool is synced, exit status 0.
+
+mod common;
+
+use std::net::TcpStream;
+
+use common::{queue_id, spooled, Server};
+
+#[test]
+fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
+    let mut server = Server::start(&["--cores", "1"]);
+    let mut idle = server.connect();
+    idle.line();
+    idle.cmd("EHLO idle.test");
+    let mut busy = server.connect();
+    busy.line();
+    busy.cmd("EHLO busy.test");
+    busy.cmd("MAIL FROM:<a@b.test>");
+    busy.cmd("RCPT TO:<c@d.test>");
+    assert_eq!(busy.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
+
+    // Ask the server to stop, from another thread, while the body is half sent.
+    let pid = server.child.id().to_string();
+    let killer = std::thread::spawn(move || {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+    });
+    assert!(killer.join().unwrap().success());
+
+    assert_eq!(
+        idle.line(),
+        "421 4.3.2 Service shutting down, closing connection"
+    );
+    assert!(idle.closed());
+    busy.send(b"second half\r\n.\r\n");
+    let id = queue_id(&busy.line());
+    assert_eq!(
+        busy.line(),
+        "421 4.3.2 Service shutting down, closing connection"
+    );
+
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        TcpStream::connect(server.smtp).is_err(),
+        "still accepting after stop"
+    );
+    let msgs = spooled(&server.spool);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].0, id);
+    assert!(msgs[0].3.ends_with(b"first half\r\nsecond half\r\n"));
+}

@@ -1,0 +1,160 @@
+//! STARTTLS and implicit TLS with a certificate the test makes (rcgen), a rustls client, and
+//! the CVE-2011-0411 check: commands pipelined after STARTTLS are never run.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{queue_id, spooled, Server};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+struct Tls {
+    stream: BufReader<StreamOwned<ClientConnection, TcpStream>>,
+}
+
+impl Tls {
+    fn wrap(tcp: TcpStream, roots: &RootCertStore) -> Tls {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let conn =
+            ClientConnection::new(Arc::new(config), ServerName::try_from("mx.test").unwrap())
+                .unwrap();
+        Tls {
+            stream: BufReader::new(StreamOwned::new(conn, tcp)),
+        }
+    }
+    fn line(&mut self) -> String {
+        loop {
+            let mut l = String::new();
+            assert!(self.stream.read_line(&mut l).unwrap() > 0, "closed");
+            if l.as_bytes().get(3) != Some(&b'-') {
+                return l.trim_end().to_owned();
+            }
+        }
+    }
+    fn reply(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            assert!(self.stream.read_line(&mut l).unwrap() > 0, "closed");
+            let last = l.as_bytes().get(3) != Some(&b'-');
+            lines.push(l.trim_end().to_owned());
+            if last {
+                return lines;
+            }
+        }
+    }
+    fn cmd(&mut self, c: &str) -> String {
+        let s = self.stream.get_mut();
+        s.write_all(format!("{c}\r\n").as_bytes()).unwrap();
+        s.flush().unwrap();
+        self.line()
+    }
+}
+
+fn server_with_cert() -> (Server, RootCertStore, tempfile::TempDir) {
+    let ck = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let server = Server::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--listen-tls",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let mut roots = RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    (server, roots, dir)
+}
+
+#[test]
+fn starttls_drops_pipelined_commands_and_starts_over() {
+    let (mut server, roots, _dir) = server_with_cert();
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO client.test\r\n");
+    assert_eq!(c.reply().last().unwrap(), "250 STARTTLS");
+    // The injected MAIL FROM rides in the same packet as STARTTLS.
+    c.send(b"STARTTLS\r\nMAIL FROM:<injected@attacker.test>\r\n");
+    assert_eq!(c.line(), "220 2.0.0 Ready to start TLS");
+    let mut t = Tls::wrap(c.stream.try_clone().unwrap(), &roots);
+    // Had the injected command been run after the handshake, its reply would come first.
+    t.stream
+        .get_mut()
+        .write_all(b"EHLO client.test\r\n")
+        .unwrap();
+    let ehlo = t.reply();
+    assert_eq!(ehlo[0], "250-mx.test Hello client.test", "{ehlo:?}");
+    assert!(
+        !ehlo.iter().any(|l| l.contains("STARTTLS")),
+        "STARTTLS offered inside TLS"
+    );
+    assert_eq!(t.cmd("STARTTLS"), "503 5.5.1 TLS already active");
+    assert_eq!(t.cmd("MAIL FROM:<a@b.test>"), "250 2.1.0 Ok");
+    assert_eq!(t.cmd("RCPT TO:<c@d.test>"), "250 2.1.5 Ok");
+    assert_eq!(t.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    let id = queue_id(&t.cmd("Subject: secret\r\n\r\nover TLS\r\n."));
+    assert_eq!(t.cmd("QUIT"), "221 2.0.0 Bye");
+
+    let metrics = server.metrics_until(|m| m.contains("postern_tls_handshakes_total 1\n"));
+    assert!(
+        metrics.contains("postern_tls_handshakes_total 1\n"),
+        "{metrics}"
+    );
+    assert!(server.terminate().success());
+    let msgs = spooled(&server.spool);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].0, id);
+    assert_eq!(msgs[0].1, "a@b.test", "the injected sender never made it");
+    assert!(String::from_utf8_lossy(&msgs[0].3).contains("with ESMTPS id"));
+}
+
+#[test]
+fn implicit_tls_port_greets_inside_tls() {
+    let (server, roots, _dir) = server_with_cert();
+    let tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut t = Tls::wrap(tcp, &roots);
+    assert_eq!(t.line(), "220 mx.test ESMTP postern");
+    t.stream
+        .get_mut()
+        .write_all(b"EHLO client.test\r\n")
+        .unwrap();
+    let ehlo = t.reply();
+    assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")));
+    assert_eq!(t.cmd("QUIT"), "221 2.0.0 Bye");
+}
+
+#[test]
+fn a_failed_handshake_closes_only_that_session() {
+    let (server, _roots, _dir) = server_with_cert();
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+    c.send(b"this is not a TLS ClientHello\r\n\r\n");
+    let mut rest = Vec::new();
+    let _ = c.reader.read_to_end(&mut rest);
+    // Another session is unaffected.
+    let mut d = server.connect();
+    assert_eq!(d.line(), "220 mx.test ESMTP postern");
+    assert_eq!(d.cmd("NOOP"), "250 2.0.0 Ok");
+    let metrics = server.metrics_until(|m| m.contains("postern_tls_handshake_failures_total 1\n"));
+    assert!(metrics.contains("postern_tls_handshake_failures_total 1\n"));
+}
