@@ -138,9 +138,14 @@ pub(crate) fn parse() -> Result<Option<Settings>, String> {
             return Err("a command is required: try 'postern serve' or 'postern --help'".into());
         }
         Err(e) => {
+            // clap's first paragraph, on one line: what is wrong and which flag.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            return Err(first.trim_start_matches("error: ").to_owned());
+            let first: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            return Err(first.join(" ").trim_start_matches("error: ").to_owned());
         }
     };
     let Command::Serve(s) = cli.command;

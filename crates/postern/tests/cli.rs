@@ -1,0 +1,112 @@
+//! Flags: a wrong or contradictory flag ends the program with one line naming it and exit 2.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn refused(args: &[&str], names: &str) {
+    let (code, _, err) = run(args);
+    assert_eq!(code, 2, "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: not one line: {err}");
+    assert!(err.starts_with("postern: "), "{err}");
+    assert!(err.contains(names), "{args:?}: {err} does not name {names}");
+}
+
+#[test]
+fn wrong_flags_get_one_line_and_exit_2() {
+    refused(&["serve", "--no-such-flag"], "--no-such-flag");
+    refused(
+        &["serve", "--max-message-size", "lots"],
+        "--max-message-size",
+    );
+    refused(&["serve", "--command-timeout", "soon"], "--command-timeout");
+    refused(&["serve", "--listen", "nowhere"], "--listen");
+    refused(
+        &["serve", "--relay-network", "10.0.0.0/99"],
+        "--relay-network",
+    );
+    refused(&["serve", "--tls-cert", "/x.pem"], "--tls-key");
+    refused(&["serve", "--listen-tls", "127.0.0.1:0"], "--listen-tls");
+    refused(&["serve", "--cores", "0"], "--cores");
+    refused(&["serve", "--max-recipients", "10"], "--max-recipients");
+    refused(
+        &[
+            "serve",
+            "--max-connections",
+            "5",
+            "--max-connections-per-ip",
+            "6",
+        ],
+        "--max-connections-per-ip",
+    );
+    refused(&["frobnicate"], "frobnicate");
+    refused(&[], "postern serve");
+}
+
+#[test]
+fn environment_variables_set_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve"])
+        .env("POSTERN_MAX_MESSAGE_SIZE", "nonsense")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-message-size"));
+}
+
+#[test]
+fn help_explains_every_flag_with_its_default() {
+    let (code, out, _) = run(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    for flag in [
+        "--listen",
+        "--listen-tls",
+        "--cores",
+        "--spool",
+        "--hostname",
+        "--accept-domain",
+        "--relay-network",
+        "--max-message-size",
+        "--max-recipients",
+        "--max-connections",
+        "--max-connections-per-ip",
+        "--command-timeout",
+        "--tls-cert",
+        "--tls-key",
+        "--metrics",
+    ] {
+        assert!(out.contains(flag), "--help lacks {flag}");
+    }
+    assert!(
+        out.contains("[default: 127.0.0.1:2525]")
+            && out.contains("[default: 50M]")
+            && out.contains("[default: 5m]")
+    );
+    assert!(out.contains("[env: POSTERN_LISTEN="));
+}
+
+#[test]
+fn an_unwritable_spool_is_a_clear_start_up_error() {
+    let (code, _, err) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+        "/proc/postern-cannot-be-here",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/proc/postern-cannot-be-here") && err.contains("--spool"),
+        "{err}"
+    );
+}

@@ -1,0 +1,86 @@
+//! The metrics port: Prometheus text that promtool accepts, counters that follow the traffic,
+//! health and readiness, and sessions spread over the cores.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::Server;
+
+#[test]
+fn metrics_follow_traffic_and_pass_promtool() {
+    let server = Server::start(&["--metrics", "127.0.0.1:0", "--cores", "2"]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    for i in 0..3 {
+        c.cmd("MAIL FROM:<a@b.test>");
+        c.cmd(&format!("RCPT TO:<c{i}@d.test>"));
+        c.cmd("DATA");
+        assert!(c
+            .cmd("Subject: m\r\n\r\nbody\r\n.")
+            .starts_with("250 2.0.0 Ok: queued as "));
+    }
+    c.cmd("BOGUS");
+    let text = server.metrics_until(|m| m.contains("postern_messages_accepted_total 3\n"));
+    for expected in [
+        "postern_messages_accepted_total 3\n",
+        "postern_connections_total 1\n",
+        "postern_active_sessions 1\n",
+        "postern_eod_latency_seconds_count 3\n",
+        "postern_spool_commit_latency_seconds_count 3\n",
+        "postern_replies_total{class=\"3xx\"} 3\n",
+        "postern_replies_total{class=\"5xx\"} 1\n",
+        "postern_eod_latency_quantile_seconds{quantile=\"0.99\"}",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is needed (.ci/run installs the prometheus package)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_eq!(server.http_get("/healthz").0, "HTTP/1.1 200 OK");
+    assert_eq!(server.http_get("/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(server.http_get("/nope").0, "HTTP/1.1 404 Not Found");
+}
+
+#[test]
+fn sessions_spread_over_several_cores() {
+    let server = Server::start(&["--metrics", "127.0.0.1:0", "--cores", "2"]);
+    let mut clients = Vec::new();
+    for _ in 0..64 {
+        let mut c = server.connect();
+        c.line();
+        clients.push(c);
+    }
+    let text = server.metrics_until(|m| m.contains("postern_connections_total 64\n"));
+    let per_core: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("postern_core_connections_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(per_core.len(), 2);
+    assert_eq!(per_core.iter().sum::<u64>(), 64);
+    assert!(
+        per_core.iter().all(|&n| n > 0),
+        "SO_REUSEPORT left a core idle: {per_core:?}"
+    );
+}
