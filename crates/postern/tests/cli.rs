@@ -1,4 +1,5 @@
 //! Flags: a wrong or contradictory flag ends the program with one line naming it and exit 2.
+#![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 

@@ -1,5 +1,6 @@
 //! SIGTERM: no new connections, idle sessions get 421, a body in flight is finished and
 //! acknowledged, the spool is synced, exit status 0.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

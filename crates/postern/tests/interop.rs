@@ -1,5 +1,6 @@
 //! Clients nobody here wrote: Python's smtplib (plain and STARTTLS) and swaks (pipelining,
 //! STARTTLS). `.ci/run` installs python3 and swaks.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Size, recipient and connection limits, over real sockets.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The metrics port: Prometheus text that promtool accepts, counters that follow the traffic,
 //! health and readiness, and sessions spread over the cores.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

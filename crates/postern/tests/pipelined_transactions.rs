@@ -1,5 +1,6 @@
 //! Pipelined transactions over a real socket, with DATA and BDAT, several per connection; the
 //! spool holds each message with its Received header.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

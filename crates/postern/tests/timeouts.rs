@@ -1,4 +1,5 @@
 //! Silent clients are dropped with 421 4.4.2 after the command timeout.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
