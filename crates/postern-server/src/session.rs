@@ -18,9 +18,12 @@ use crate::metrics::CoreMetrics;
 use crate::received::{received_header, LoopDetector, Trace};
 use crate::store::{Draft, Meta};
 
-/// Read buffer per session. Commands are capped far below this and bodies are handed on as
-/// they arrive, so this bounds a session's input memory whatever the client sends.
-const READ_BUFFER: usize = 64 * 1024;
+/// Read buffer per session: it starts small (an idle session costs little) and doubles while
+/// reads fill it, up to the cap. Commands are capped far below the first size and bodies are
+/// handed on as they arrive, so the cap bounds a session's input memory whatever the client
+/// sends.
+const READ_BUFFER_FIRST: usize = 4 * 1024;
+const READ_BUFFER_MAX: usize = 64 * 1024;
 /// Longest TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -102,7 +105,7 @@ impl Session {
         if !self.flush().await || self.proto.is_closed() {
             return;
         }
-        let mut buf = vec![0u8; READ_BUFFER];
+        let mut buf = vec![0u8; READ_BUFFER_FIRST];
         let (mut start, mut end) = (0usize, 0usize);
         loop {
             let arrived = Instant::now();
@@ -159,7 +162,13 @@ impl Session {
             }
             match self.read(&mut buf[end..]).await {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return,
-                Wake::Read(Ok(n)) => end += n,
+                Wake::Read(Ok(n)) => {
+                    end += n;
+                    // A full read: the client is sending in bulk, give it room.
+                    if end == buf.len() && buf.len() < READ_BUFFER_MAX {
+                        buf.resize(buf.len() * 2, 0);
+                    }
+                }
                 Wake::Timeout => {
                     let open = self.proto.timeout();
                     self.abandon_draft(open);
