@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Acceptance throughput, side by side in one run, on loopback:
+#   postern (durable spool)  vs  Postfix relaying to smtp-sink (durable queue)  vs  smtp-sink
+#   (stores nothing), all driven by Postfix's smtp-source: 50 sessions, 1 KiB messages, one
+#   connection per session reused for every message (-d). Three rounds each; medians printed.
+# Needs root (installs and configures Postfix when missing). Usage:
+#   bash benches/scripts/accept_vs_postfix.sh [messages-per-round]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MSGS=${1:-20000}
+SESSIONS=50
+SIZE=1024
+SINK_PORT=25251; POSTFIX_PORT=25252; POSTERN_PORT=25253
+work=$(mktemp -d /var/tmp/postern-bench.XXXXXX)
+cleanup() {
+  [ -n "${sink_pid:-}" ] && kill "$sink_pid" 2>/dev/null || true
+  [ -n "${postern_pid:-}" ] && kill "$postern_pid" 2>/dev/null || true
+  postfix stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+if ! command -v smtp-source >/dev/null || ! command -v postfix >/dev/null; then
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
+fi
+cargo build --release -q --bin postern
+
+# Postfix: loopback only, relays everything to the sink, queue on the same disk.
+postfix stop >/dev/null 2>&1 || true
+[ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
+postconf -e "inet_interfaces = loopback-only" "inet_protocols = ipv4" "mydestination =" \
+  "mynetworks = 127.0.0.0/8" "relayhost = [127.0.0.1]:$SINK_PORT" "default_process_limit = 200" \
+  "smtpd_client_connection_count_limit = 0" "smtpd_client_connection_rate_limit = 0" \
+  "anvil_rate_time_unit = 60s" "maillog_file = /var/log/postfix-bench.log" "compatibility_level = 3.6"
+postconf -M# smtp/inet >/dev/null 2>&1 || true
+postconf -Me "127.0.0.1:$POSTFIX_PORT/inet = 127.0.0.1:$POSTFIX_PORT inet n - n - - smtpd"
+[ -s /etc/mailname ] || hostname > /etc/mailname
+postfix check && postfix start >/dev/null
+
+smtp-sink -u nobody -c "127.0.0.1:$SINK_PORT" 1000 >"$work/sink.log" 2>&1 &
+sink_pid=$!
+./target/release/postern serve --listen "127.0.0.1:$POSTERN_PORT" --spool "$work/spool" \
+  --hostname bench.test >"$work/postern.log" 2>&1 &
+postern_pid=$!
+for port in $SINK_PORT $POSTFIX_PORT $POSTERN_PORT; do
+  for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+done
+
+rate() { # port -> messages per second of one round
+  local start end
+  start=$(date +%s.%N)
+  smtp-source -d -s $SESSIONS -m "$MSGS" -l $SIZE -f bench@origin.test -t rcpt@dest.test \
+    "127.0.0.1:$1" >/dev/null
+  end=$(date +%s.%N)
+  python3 -c "print(round($MSGS / ($end - $start)))"
+}
+median() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+drain_postfix() { # let Postfix hand its queue to the sink before the next measurement
+  for _ in $(seq 1 600); do [ -z "$(postqueue -j 2>/dev/null)" ] && return; sleep 0.2; done
+}
+
+declare -A result
+for round in 1 2 3; do
+  for target in postern postfix sink; do
+    case $target in postern) p=$POSTERN_PORT;; postfix) p=$POSTFIX_PORT;; sink) p=$SINK_PORT;; esac
+    result[$target]+="$(rate $p) "
+    [ $target = postfix ] && drain_postfix
+  done
+done
+pm=$(median ${result[postern]}); fm=$(median ${result[postfix]}); sm=$(median ${result[sink]})
+echo "| receiver (smtp-source -d -s $SESSIONS -m $MSGS -l $SIZE) | rounds (msg/s) | median msg/s | postern / this |"
+echo "| --- | --- | --- | --- |"
+echo "| postern, durable spool | ${result[postern]}| $pm | 1.00 |"
+echo "| Postfix relay, durable queue | ${result[postfix]}| $fm | $(python3 -c "print(f'{$pm/$fm:.2f}')") |"
+echo "| Postfix smtp-sink, stores nothing | ${result[sink]}| $sm | $(python3 -c "print(f'{$pm/$sm:.2f}')") |"
