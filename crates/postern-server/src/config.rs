@@ -29,6 +29,8 @@ pub struct Settings {
     pub cores: usize,
     /// Spool directory.
     pub spool_dir: PathBuf,
+    /// Size of each spool segment file, reserved when it is created.
+    pub spool_segment_size: u64,
     /// Our name in the banner, EHLO and Received headers.
     pub hostname: String,
     /// Domains accepted from anyone.
@@ -64,6 +66,7 @@ impl Default for Settings {
             listen_tls: Vec::new(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             spool_dir: PathBuf::from("postern-spool"),
+            spool_segment_size: 64 * 1024 * 1024,
             hostname: "localhost".into(),
             accept_domains: Vec::new(),
             relay_networks: RelayPolicy::loopback(),

@@ -202,7 +202,11 @@ struct CoreInit {
 }
 
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
-    let store = match CoreStore::open(&init.settings.spool_dir, init.id) {
+    let store = match CoreStore::open(
+        &init.settings.spool_dir,
+        init.id,
+        init.settings.spool_segment_size,
+    ) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e));

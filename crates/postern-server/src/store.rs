@@ -49,9 +49,13 @@ impl CoreStore {
         Ok(())
     }
 
-    pub(crate) fn open(dir: &Path, core: usize) -> Result<CoreStore, StartError> {
+    pub(crate) fn open(
+        dir: &Path,
+        core: usize,
+        segment_size: u64,
+    ) -> Result<CoreStore, StartError> {
         let core = u32::try_from(core).map_err(|_| StartError::Spool("too many cores".into()))?;
-        let spool = Spool::open(dir, core, SpoolOptions::default())
+        let spool = Spool::open(dir, core, SpoolOptions { segment_size })
             .map_err(|e| StartError::Spool(format!("{}: {e}", dir.display())))?;
         Ok(CoreStore {
             spool: RefCell::new(spool),

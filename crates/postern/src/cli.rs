@@ -46,6 +46,9 @@ struct Serve {
     /// Spool directory.
     #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
     spool: PathBuf,
+    /// Size of each spool segment file, reserved on disk when it is created.
+    #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size)]
+    spool_segment_size: u64,
     /// Our host name, in the banner, EHLO and Received headers [default: the system's].
     #[arg(long, env = "POSTERN_HOSTNAME")]
     hostname: Option<String>,
@@ -173,6 +176,9 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if s.listen.is_empty() && s.listen_tls.is_empty() {
         return Err("--listen: at least one listen address is needed".into());
     }
+    if !(64 * 1024..=1 << 32).contains(&s.spool_segment_size) {
+        return Err("--spool-segment-size must be between 64k and 4G".into());
+    }
     if s.command_timeout.is_zero() {
         return Err("--command-timeout must be more than 0".into());
     }
@@ -182,6 +188,7 @@ fn settings(s: Serve) -> Result<Settings, String> {
         listen_tls: s.listen_tls,
         cores,
         spool_dir: s.spool,
+        spool_segment_size: s.spool_segment_size,
         hostname: s.hostname.unwrap_or_else(system_hostname),
         accept_domains: s.accept_domain,
         relay_networks: if s.relay_network.is_empty() {

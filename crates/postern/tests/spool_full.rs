@@ -1,0 +1,103 @@
+//! A full disk: on a small tmpfs the test mounts, postern answers 452 4.3.1 when the spool
+//! cannot take a message, keeps running, loses nothing it acknowledged, and accepts again once
+//! space returns. Needs the privilege to mount (root in CI).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::{spooled, Server};
+
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_spool_disk_gives_452_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test mounts a 4 MiB tmpfs: run it as root (CI does)"
+    );
+    let _guard = Tmpfs(mnt.clone());
+    // Leave about 1.5 MiB: room for one 1 MiB segment, not two.
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![0u8; 2560 * 1024]).unwrap();
+
+    let spool = mnt.join("spool");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--spool-segment-size", "1M"],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let body = "x".repeat(99) + "\r\n";
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..40 {
+        c.cmd("MAIL FROM:<a@b.test>");
+        c.cmd(&format!("RCPT TO:<r{i}@d.test>"));
+        let go = c.cmd("DATA");
+        if go.starts_with("452") {
+            refused = Some(go);
+            break;
+        }
+        assert_eq!(go, "354 End data with <CR><LF>.<CR><LF>");
+        for _ in 0..1000 {
+            c.send(body.as_bytes());
+        }
+        let reply = c.cmd(".");
+        if reply.starts_with("452") {
+            refused = Some(reply);
+            break;
+        }
+        acked.push(common::queue_id(&reply));
+    }
+    let refused = refused.expect("the spool never filled up");
+    assert_eq!(refused, "452 4.3.1 Insufficient system storage");
+    assert!(!acked.is_empty());
+    assert_eq!(
+        c.cmd("RSET"),
+        "250 2.0.0 Ok",
+        "the session and the process go on"
+    );
+
+    // Space comes back: mail is accepted again.
+    std::fs::remove_file(&filler).unwrap();
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<after@d.test>");
+    assert_eq!(c.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    acked.push(common::queue_id(
+        &c.cmd("Subject: after\r\n\r\nspace is back\r\n."),
+    ));
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+
+    assert!(server.terminate().success());
+    let msgs = spooled(&spool);
+    for id in &acked {
+        let m = msgs
+            .iter()
+            .find(|m| &m.0 == id)
+            .unwrap_or_else(|| panic!("acknowledged {id} lost"));
+        assert!(m.3.ends_with(b"\r\n"));
+    }
+    assert_eq!(
+        msgs.len(),
+        acked.len(),
+        "nothing unacknowledged is reported whole"
+    );
+}
