@@ -68,7 +68,12 @@ fn spool_rate(dir: &Path, count: usize, size: usize, batch: usize) -> f64 {
 /// Messages per second of a plain loop: write the message, fdatasync, next.
 fn raw_rate(dir: &Path, count: usize, size: usize, batch: usize) -> f64 {
     let path = fresh(dir, "raw").join("file");
-    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&path).expect("raw file");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .expect("raw file");
     let body = vec![b'x'; size];
     let start = Instant::now();
     for i in 0..count {
@@ -113,7 +118,11 @@ fn main() {
         || std::env::temp_dir().join(format!("postern-spool-bench-{}", std::process::id())),
         PathBuf::from,
     );
-    let dir = if dir.starts_with("/tmp") { PathBuf::from("/var/tmp").join(dir.file_name().unwrap_or_default()) } else { dir };
+    let dir = if dir.starts_with("/tmp") {
+        PathBuf::from("/var/tmp").join(dir.file_name().unwrap_or_default())
+    } else {
+        dir
+    };
     std::fs::create_dir_all(&dir).expect("bench directory");
     println!("directory: {}", dir.display());
     println!("| workload | postern spool (median of {RUNS}) | raw write + fdatasync (same run) | ratio |");
@@ -129,9 +138,19 @@ fn main() {
     println!("| 1 KiB, durable, sync per 256 messages | {s:.0} msg/s | {r1:.0} msg/s (sync per message) | {:.1} |", s / r1);
     println!("| 1 KiB, durable, sync per 256 messages | {s:.0} msg/s | {r256:.0} msg/s (sync per 256) | {:.2} |", s / r256);
 
-    for (label, size, count, batch) in [("100 KiB", 100 * 1024, 5_000, 16), ("10 MiB", 10 * 1024 * 1024, 40, 1)] {
-        let spool: Vec<f64> = (0..RUNS).map(|_| spool_rate(&dir, count, size, batch)).collect();
-        let raw: Vec<f64> = (0..RUNS).map(|_| raw_rate(&dir, count, size, batch)).collect();
+    if std::env::var_os("SPOOL_BENCH_SMALL_ONLY").is_some() {
+        return;
+    }
+    for (label, size, count, batch) in [
+        ("100 KiB", 100 * 1024, 5_000, 16),
+        ("10 MiB", 10 * 1024 * 1024, 40, 1),
+    ] {
+        let spool: Vec<f64> = (0..RUNS)
+            .map(|_| spool_rate(&dir, count, size, batch))
+            .collect();
+        let raw: Vec<f64> = (0..RUNS)
+            .map(|_| raw_rate(&dir, count, size, batch))
+            .collect();
         let mb = |rate: f64| rate * size as f64 / 1e6;
         let (s, r) = (median(spool), median(raw));
         println!(
@@ -144,6 +163,9 @@ fn main() {
 
     let (t, msgs) = recovery_time(&dir, 1 << 30);
     println!();
-    println!("recovery of 1 GiB ({msgs} messages of 100 KiB, bodies read): {:.2} s", t.as_secs_f64());
+    println!(
+        "recovery of 1 GiB ({msgs} messages of 100 KiB, bodies read): {:.2} s",
+        t.as_secs_f64()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,8 +1,8 @@
 //! One core's spool: streaming appends, commit tickets and group commit.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ impl Default for SpoolOptions {
 /// A message being written. Finish or abort it exactly once.
 #[derive(Debug)]
 pub struct Draft {
+    spool: u64,
     no: u64,
     queue_id: String,
     size: u64,
@@ -78,6 +79,8 @@ impl SyncBatch {
     }
 }
 
+static NEXT_SPOOL_ID: AtomicU64 = AtomicU64::new(1);
+
 /// The spool of one core. Not `Sync`: owned and used by that core alone.
 pub struct Spool {
     dir: PathBuf,
@@ -87,7 +90,10 @@ pub struct Spool {
     next_seq: u64,
     next_draft: u64,
     counter: u64,
-    open_drafts: HashMap<u64, ()>,
+    /// Tells this spool's drafts from another's.
+    id: u64,
+    /// Reused to encode record payloads.
+    scratch: Vec<u8>,
     issued: u64,
     batched: u64,
     durable: u64,
@@ -122,7 +128,8 @@ impl Spool {
             next_seq: last + 1,
             next_draft: 1,
             counter: 0,
-            open_drafts: HashMap::new(),
+            id: NEXT_SPOOL_ID.fetch_add(1, Ordering::Relaxed),
+            scratch: Vec::with_capacity(1024),
             issued: 0,
             batched: 0,
             durable: 0,
@@ -191,12 +198,15 @@ impl Spool {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
         let queue_id = queue_id::make(micros, self.core, self.counter);
-        let mut f = Fields::default();
+        let mut f = Fields(std::mem::take(&mut self.scratch));
+        f.0.clear();
         f.u64(no).bytes(queue_id.as_bytes());
         meta.encode(&mut f);
-        self.append_record(Kind::Start, &[&f.0])?;
-        self.open_drafts.insert(no, ());
+        let written = self.append_record(Kind::Start, &[&f.0]);
+        self.scratch = f.0;
+        written?;
         Ok(Draft {
+            spool: self.id,
             no,
             queue_id,
             size: 0,
@@ -205,7 +215,7 @@ impl Spool {
 
     /// Appends body bytes, in records of at most one segment each.
     pub fn append(&mut self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
-        if !self.open_drafts.contains_key(&draft.no) {
+        if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
         }
         let no = draft.no.to_le_bytes();
@@ -228,12 +238,13 @@ impl Spool {
 
     /// Ends a message; it is durable once its ticket is.
     pub fn finish(&mut self, draft: Draft) -> Result<Ticket, SpoolError> {
-        if self.open_drafts.remove(&draft.no).is_none() {
+        if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
         }
-        let mut f = Fields::default();
-        f.u64(draft.no).u64(draft.size);
-        self.append_record(Kind::End, &[&f.0])?;
+        let mut end = [0u8; 16];
+        end[..8].copy_from_slice(&draft.no.to_le_bytes());
+        end[8..].copy_from_slice(&draft.size.to_le_bytes());
+        self.append_record(Kind::End, &[&end])?;
         self.issued += 1;
         Ok(Ticket(self.issued))
     }
@@ -241,7 +252,7 @@ impl Spool {
     /// Abandons a message: recovery will not report it. Best effort (no sync needed: a
     /// message without its END is not reported either).
     pub fn abort(&mut self, draft: Draft) {
-        if self.open_drafts.remove(&draft.no).is_some() {
+        if draft.spool == self.id {
             let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
         }
     }
