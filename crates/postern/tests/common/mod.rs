@@ -109,7 +109,7 @@ impl Server {
         (head.lines().next().unwrap().to_owned(), body.to_owned())
     }
 
-    /// Reads the metrics until `pred` holds (the cores publish every 50 ms), at most 5 s.
+    /// Reads the metrics until `pred` holds (the cores publish every 250 ms), at most 5 s.
     pub fn metrics_until(&self, pred: impl Fn(&str) -> bool) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
