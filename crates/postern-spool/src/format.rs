@@ -18,6 +18,7 @@ pub(crate) enum Kind {
     Body = 2,
     End = 3,
     Abort = 4,
+    Status = 5,
 }
 
 impl Kind {
@@ -27,6 +28,7 @@ impl Kind {
             2 => Kind::Body,
             3 => Kind::End,
             4 => Kind::Abort,
+            5 => Kind::Status,
             _ => return None,
         })
     }

@@ -18,6 +18,6 @@ mod segment;
 mod spool;
 
 pub use error::SpoolError;
-pub use meta::{MessageMeta, Recipient};
+pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
 pub use recover::{recover, Recovered, RecoveredMessage};
 pub use spool::{Draft, Spool, SpoolOptions, SyncBatch, Ticket, TicketState};

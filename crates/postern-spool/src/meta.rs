@@ -109,3 +109,60 @@ impl MessageMeta {
         })
     }
 }
+
+/// What happened to one recipient's delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Accepted by the next hop (2xx): final.
+    Delivered,
+    /// Failed for now (4xx, no connection): try again at `next_attempt` (Unix seconds).
+    Deferred {
+        /// When to try again.
+        next_attempt: u64,
+    },
+    /// Refused for good (5xx) or expired: final.
+    Failed,
+}
+
+/// A recipient's outcome with the next hop's reply, as a status record holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The outcome.
+    pub state: DeliveryState,
+    /// The next hop's reply (or a local explanation).
+    pub reply: String,
+}
+
+impl Status {
+    /// Whether nothing more will happen to this recipient.
+    pub fn is_final(&self) -> bool {
+        !matches!(self.state, DeliveryState::Deferred { .. })
+    }
+
+    pub(crate) fn encode(&self, queue_id: &str, rcpt: u32, f: &mut Fields) {
+        let (state, next) = match self.state {
+            DeliveryState::Delivered => (1, 0),
+            DeliveryState::Deferred { next_attempt } => (2, next_attempt),
+            DeliveryState::Failed => (3, 0),
+        };
+        f.u64(u64::from(rcpt))
+            .bytes(queue_id.as_bytes())
+            .u64(state)
+            .u64(next)
+            .bytes(self.reply.as_bytes());
+    }
+
+    /// Decodes (recipient index, queue ID, status) from a status record whose leading
+    /// recipient index was already read as `rcpt`.
+    pub(crate) fn decode(rcpt: u64, c: &mut Cursor<'_>) -> Option<(u32, String, Status)> {
+        let queue_id = read_str(c)?;
+        let state = match (c.u64()?, c.u64()?) {
+            (1, _) => DeliveryState::Delivered,
+            (2, next_attempt) => DeliveryState::Deferred { next_attempt },
+            (3, _) => DeliveryState::Failed,
+            _ => return None,
+        };
+        let reply = read_str(c)?;
+        Some((u32::try_from(rcpt).ok()?, queue_id, Status { state, reply }))
+    }
+}

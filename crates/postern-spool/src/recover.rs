@@ -10,7 +10,7 @@ use memmap2::Mmap;
 use crate::error::SpoolError;
 use crate::format::{read_record, Cursor, Kind, Read, HEADER};
 use crate::map;
-use crate::meta::MessageMeta;
+use crate::meta::{MessageMeta, Status};
 use crate::segment::{header_ok, parse_name};
 
 /// A message found whole.
@@ -22,12 +22,21 @@ pub struct RecoveredMessage {
     pub meta: MessageMeta,
     /// The core whose spool holds it.
     pub core: u32,
+    /// The latest outcome of each recipient (by envelope index), None while never tried.
+    pub statuses: Vec<Option<Status>>,
     size: u64,
     /// Body pieces: (index into the mapped segments, start, end).
     chunks: Vec<(usize, usize, usize)>,
 }
 
 impl RecoveredMessage {
+    /// Whether every recipient has a final outcome (delivered or failed): nothing left to do.
+    pub fn is_final(&self) -> bool {
+        self.statuses
+            .iter()
+            .all(|s| s.as_ref().is_some_and(Status::is_final))
+    }
+
     /// The body length.
     pub fn size(&self) -> u64 {
         self.size
@@ -45,6 +54,8 @@ pub struct Recovered {
     pub unfinished: u64,
     /// Finished messages missing body records (lost to corruption): not reported.
     pub damaged: u64,
+    /// Status records whose message was not found (already reclaimed, or lost).
+    pub orphan_statuses: u64,
     /// Segments read.
     pub segments: u64,
     maps: Vec<Mmap>,
@@ -79,6 +90,7 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     let Ok(cores) = std::fs::read_dir(root) else {
         return Ok(out);
     };
+    let mut statuses = Vec::new();
     let mut core_dirs: Vec<(u32, std::path::PathBuf)> = cores
         .flatten()
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
@@ -103,12 +115,38 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
             }
             out.segments += 1;
             let index = out.maps.len();
-            scan(&map, index, core, &mut open, &mut out);
+            scan(&map, index, core, &mut open, &mut statuses, &mut out);
             out.maps.push(map);
         }
         out.unfinished += open.len() as u64;
     }
+    apply_statuses(&mut out, statuses);
     Ok(out)
+}
+
+/// Gives each message the latest outcome of each recipient; a final outcome is never replaced
+/// by a later deferral (a deferral racing a delivery is stale).
+fn apply_statuses(out: &mut Recovered, statuses: Vec<(String, u32, Status)>) {
+    let index: HashMap<&str, usize> = out
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.queue_id.as_str(), i))
+        .collect();
+    let mut updates = Vec::with_capacity(statuses.len());
+    for (queue_id, rcpt, status) in statuses {
+        match index.get(queue_id.as_str()) {
+            Some(&i) => updates.push((i, rcpt as usize, status)),
+            None => out.orphan_statuses += 1,
+        }
+    }
+    for (i, rcpt, status) in updates {
+        if let Some(slot) = out.messages[i].statuses.get_mut(rcpt) {
+            if !slot.as_ref().is_some_and(Status::is_final) {
+                *slot = Some(status);
+            }
+        }
+    }
 }
 
 fn scan(
@@ -116,6 +154,7 @@ fn scan(
     index: usize,
     core: u32,
     open: &mut HashMap<u64, Partial>,
+    statuses: &mut Vec<(String, u32, Status)>,
     out: &mut Recovered,
 ) {
     let mut pos = HEADER;
@@ -135,6 +174,10 @@ fn scan(
                     continue;
                 };
                 match kind {
+                    Kind::Status => match Status::decode(no, &mut c) {
+                        Some((rcpt, queue_id, status)) => statuses.push((queue_id, rcpt, status)),
+                        None => out.corrupt_records += 1,
+                    },
                     Kind::Start => {
                         let queue_id = c.bytes().and_then(|b| String::from_utf8(b.to_vec()).ok());
                         let meta = MessageMeta::decode(&mut c);
@@ -167,7 +210,9 @@ fn scan(
                         let size = c.u64();
                         if let Some(p) = open.remove(&no) {
                             if size == Some(p.size) {
+                                let n = p.meta.recipients.len();
                                 out.messages.push(RecoveredMessage {
+                                    statuses: vec![None; n],
                                     queue_id: p.queue_id,
                                     meta: p.meta,
                                     core,

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::SpoolError;
 use crate::format::{record_len, write_record, Fields, Kind, HEADER, RECORD_HEADER};
-use crate::meta::MessageMeta;
+use crate::meta::{MessageMeta, Status};
 use crate::queue_id;
 use crate::segment::{parse_name, sync_dir, Segment};
 
@@ -245,6 +245,25 @@ impl Spool {
         end[..8].copy_from_slice(&draft.no.to_le_bytes());
         end[8..].copy_from_slice(&draft.size.to_le_bytes());
         self.append_record(Kind::End, &[&end])?;
+        self.issued += 1;
+        Ok(Ticket(self.issued))
+    }
+
+    /// Records the outcome for recipient `rcpt` (its index in the envelope) of message
+    /// `queue_id`; durable once the returned ticket is. Status records of a message are written
+    /// by the core that owns the message (docs/durability.md).
+    pub fn append_status(
+        &mut self,
+        queue_id: &str,
+        rcpt: u32,
+        status: &Status,
+    ) -> Result<Ticket, SpoolError> {
+        let mut f = Fields(std::mem::take(&mut self.scratch));
+        f.0.clear();
+        status.encode(queue_id, rcpt, &mut f);
+        let written = self.append_record(Kind::Status, &[&f.0]);
+        self.scratch = f.0;
+        written?;
         self.issued += 1;
         Ok(Ticket(self.issued))
     }

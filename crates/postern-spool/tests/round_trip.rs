@@ -137,3 +137,51 @@ fn a_corrupt_record_in_the_middle_is_skipped_and_counted() {
     );
     assert!(bodies[0].starts_with(b"MARKER-0-") && bodies[1].starts_with(b"MARKER-2-"));
 }
+
+#[test]
+fn status_records_merge_across_cores_and_restarts() {
+    use postern_spool::{DeliveryState, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 128 * 1024,
+    };
+    let mut a = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut d = a.begin(&meta(1)).unwrap();
+    a.append(&mut d, b"body").unwrap();
+    let id = d.queue_id().to_owned();
+    a.finish(d).unwrap();
+    let deferred = Status {
+        state: DeliveryState::Deferred { next_attempt: 42 },
+        reply: "451 4.3.0 try later".into(),
+    };
+    a.append_status(&id, 0, &deferred).unwrap();
+    a.sync_now().unwrap();
+    drop(a);
+    // After a restart: recipient 0 delivered, then a stale deferral that must not undo it.
+    let mut a = Spool::open(dir.path(), 0, opts).unwrap();
+    let delivered = Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 ok".into(),
+    };
+    a.append_status(&id, 0, &delivered).unwrap();
+    a.append_status(&id, 0, &deferred).unwrap();
+    a.append_status("NO-SUCH-ID", 0, &delivered).unwrap();
+    a.sync_now().unwrap();
+
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 1);
+    let m = &r.messages[0];
+    assert_eq!(m.statuses, vec![Some(delivered.clone()), None]);
+    assert!(!m.is_final(), "recipient 1 has not been tried");
+    assert_eq!(r.orphan_statuses, 1);
+
+    let failed = Status {
+        state: DeliveryState::Failed,
+        reply: "550 5.1.1 no such user".into(),
+    };
+    a.append_status(&id, 1, &failed).unwrap();
+    a.sync_now().unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages[0].is_final());
+    assert_eq!(r.messages[0].statuses[1], Some(failed));
+}
