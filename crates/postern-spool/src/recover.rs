@@ -25,12 +25,15 @@ pub struct RecoveredMessage {
     /// The latest outcome of each recipient (by envelope index), None while never tried.
     pub statuses: Vec<Option<Status>>,
     size: u64,
+    /// The segment holding the message's START record.
+    pub(crate) start_seq: u64,
     /// Body pieces: (index into the mapped segments, start, end).
     chunks: Vec<(usize, usize, usize)>,
 }
 
 impl RecoveredMessage {
     /// Whether every recipient has a final outcome (delivered or failed): nothing left to do.
+    /// A message without recipients (which SMTP cannot produce) has nothing to do either.
     pub fn is_final(&self) -> bool {
         self.statuses
             .iter()
@@ -78,6 +81,7 @@ impl Recovered {
 }
 
 struct Partial {
+    start_seq: u64,
     queue_id: String,
     meta: MessageMeta,
     size: u64,
@@ -86,27 +90,35 @@ struct Partial {
 
 /// Scans the spool under `root`: every core directory, every segment in number order.
 pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
-    let mut out = Recovered::default();
     let Ok(cores) = std::fs::read_dir(root) else {
-        return Ok(out);
+        return Ok(Recovered::default());
     };
-    let mut statuses = Vec::new();
     let mut core_dirs: Vec<(u32, std::path::PathBuf)> = cores
         .flatten()
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
         .collect();
     core_dirs.sort();
+    scan_dirs(&core_dirs)
+}
+
+/// Scans one core's directory (what the core's own spool needs at open).
+pub(crate) fn recover_core(dir: &Path, core: u32) -> Result<Recovered, SpoolError> {
+    scan_dirs(&[(core, dir.to_path_buf())])
+}
+
+fn scan_dirs(core_dirs: &[(u32, std::path::PathBuf)]) -> Result<Recovered, SpoolError> {
+    let mut out = Recovered::default();
+    let mut statuses = Vec::new();
     for (core, dir) in core_dirs {
-        let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&dir)
+        let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
             .map_err(SpoolError::from_io)?
             .flatten()
             .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
             .collect();
         segs.sort();
-        // Drafts are numbered per spool opening; a new opening starts a new segment, and the
-        // numbers restart, so open drafts are forgotten at each segment whose numbering restarts.
+        // Drafts are numbered per opening of a spool; each opening starts a new segment.
         let mut open: HashMap<u64, Partial> = HashMap::new();
-        for (_, path) in segs {
+        for (seq, path) in segs {
             let file = File::open(&path).map_err(SpoolError::from_io)?;
             let map = map::map(&file).map_err(SpoolError::from_io)?;
             if !header_ok(&map) {
@@ -115,7 +127,14 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
             }
             out.segments += 1;
             let index = out.maps.len();
-            scan(&map, index, core, &mut open, &mut statuses, &mut out);
+            scan(
+                &map,
+                (index, seq),
+                *core,
+                &mut open,
+                &mut statuses,
+                &mut out,
+            );
             out.maps.push(map);
         }
         out.unfinished += open.len() as u64;
@@ -151,7 +170,7 @@ fn apply_statuses(out: &mut Recovered, statuses: Vec<(String, u32, Status)>) {
 
 fn scan(
     map: &[u8],
-    index: usize,
+    (index, seq): (usize, u64),
     core: u32,
     open: &mut HashMap<u64, Partial>,
     statuses: &mut Vec<(String, u32, Status)>,
@@ -190,6 +209,7 @@ fn scan(
                             open.insert(
                                 no,
                                 Partial {
+                                    start_seq: seq,
                                     queue_id,
                                     meta,
                                     size: 0,
@@ -213,6 +233,7 @@ fn scan(
                                 let n = p.meta.recipients.len();
                                 out.messages.push(RecoveredMessage {
                                     statuses: vec![None; n],
+                                    start_seq: p.start_seq,
                                     queue_id: p.queue_id,
                                     meta: p.meta,
                                     core,

@@ -13,6 +13,7 @@ use crate::map;
 
 /// A segment being written.
 pub(crate) struct Segment {
+    pub(crate) seq: u64,
     pub(crate) file: Arc<File>,
     map: MmapMut,
     pos: usize,
@@ -55,6 +56,7 @@ impl Segment {
         })();
         match made {
             Ok(map) => Ok(Segment {
+                seq,
                 file: Arc::new(file),
                 map,
                 pos: HEADER,

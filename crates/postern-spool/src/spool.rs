@@ -1,5 +1,6 @@
 //! One core's spool: streaming appends, commit tickets and group commit.
 
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +11,8 @@ use crate::error::SpoolError;
 use crate::format::{record_len, write_record, Fields, Kind, HEADER, RECORD_HEADER};
 use crate::meta::{MessageMeta, Status};
 use crate::queue_id;
-use crate::segment::{parse_name, sync_dir, Segment};
+use crate::recover::recover_core;
+use crate::segment::{file_name as segment_file_name, parse_name, sync_dir, Segment};
 
 /// Tunables.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +33,8 @@ impl Default for SpoolOptions {
 #[derive(Debug)]
 pub struct Draft {
     spool: u64,
+    /// The segment holding the START record.
+    seq: u64,
     no: u64,
     queue_id: String,
     size: u64,
@@ -94,6 +98,11 @@ pub struct Spool {
     id: u64,
     /// Reused to encode record payloads.
     scratch: Vec<u8>,
+    /// This core's segments, oldest first, with the number of live messages that start in
+    /// each: the reclaim index.
+    segments: VecDeque<(u64, usize)>,
+    /// Live (finished, not final) messages of this core, by queue ID, with their START segment.
+    live: HashMap<String, u64>,
     issued: u64,
     batched: u64,
     durable: u64,
@@ -111,16 +120,27 @@ impl Spool {
             std::fs::create_dir_all(&dir).map_err(SpoolError::from_io)?;
             sync_dir(root).map_err(SpoolError::from_io)?;
         }
-        let mut last = 0;
+        // Rebuild the reclaim index from this core's own segments.
+        let found = recover_core(&dir, core)?;
+        let mut segments: VecDeque<(u64, usize)> = VecDeque::new();
         let mut bytes = 0;
         for entry in std::fs::read_dir(&dir).map_err(SpoolError::from_io)? {
             let entry = entry.map_err(SpoolError::from_io)?;
             if let Some(seq) = entry.file_name().to_str().and_then(parse_name) {
-                last = last.max(seq);
+                segments.push_back((seq, 0));
                 bytes += entry.metadata().map_or(0, |m| m.len());
             }
         }
-        Ok(Spool {
+        segments.make_contiguous().sort_unstable();
+        let mut live = HashMap::new();
+        for m in found.messages.iter().filter(|m| !m.is_final()) {
+            if let Some(slot) = segments.iter_mut().find(|(seq, _)| *seq == m.start_seq) {
+                slot.1 += 1;
+                live.insert(m.queue_id.clone(), m.start_seq);
+            }
+        }
+        let last = segments.back().map_or(0, |&(seq, _)| seq);
+        let mut spool = Spool {
             dir,
             core,
             options,
@@ -130,13 +150,18 @@ impl Spool {
             counter: 0,
             id: NEXT_SPOOL_ID.fetch_add(1, Ordering::Relaxed),
             scratch: Vec::with_capacity(1024),
+            segments,
+            live,
             issued: 0,
             batched: 0,
             durable: 0,
             failed: Vec::new(),
             dirty: Vec::new(),
             retired_bytes: bytes,
-        })
+        };
+        // Segments left with nothing live by the last run go now.
+        spool.reclaim()?;
+        Ok(spool)
     }
 
     /// Bytes of segment files in this core's directory.
@@ -168,6 +193,7 @@ impl Spool {
             )
             .map_err(SpoolError::from_io)?;
             self.next_seq += 1;
+            self.segments.push_back((seg.seq, 0));
             self.seg = Some(seg);
         }
         self.seg.as_mut().ok_or(SpoolError::UnknownDraft)
@@ -205,8 +231,10 @@ impl Spool {
         let written = self.append_record(Kind::Start, &[&f.0]);
         self.scratch = f.0;
         written?;
+        let seq = self.seg.as_ref().map_or(0, |s| s.seq);
         Ok(Draft {
             spool: self.id,
+            seq,
             no,
             queue_id,
             size: 0,
@@ -245,6 +273,10 @@ impl Spool {
         end[..8].copy_from_slice(&draft.no.to_le_bytes());
         end[8..].copy_from_slice(&draft.size.to_le_bytes());
         self.append_record(Kind::End, &[&end])?;
+        if let Some(slot) = self.segments.iter_mut().find(|(seq, _)| *seq == draft.seq) {
+            slot.1 += 1;
+        }
+        self.live.insert(draft.queue_id, draft.seq);
         self.issued += 1;
         Ok(Ticket(self.issued))
     }
@@ -266,6 +298,50 @@ impl Spool {
         written?;
         self.issued += 1;
         Ok(Ticket(self.issued))
+    }
+
+    /// Forgets a message of this core whose recipients all have final, durable status
+    /// records, and deletes the segments that no longer hold anything live. Segments go in
+    /// order, oldest first, so a status record never outlives the message it is about
+    /// (docs/durability.md). Returns the number of segments deleted.
+    pub fn mark_final(&mut self, queue_id: &str) -> Result<usize, SpoolError> {
+        if let Some(seq) = self.live.remove(queue_id) {
+            if let Some(slot) = self.segments.iter_mut().find(|(s, _)| *s == seq) {
+                slot.1 = slot.1.saturating_sub(1);
+            }
+        }
+        self.reclaim()
+    }
+
+    /// Deletes segments from the oldest while they hold nothing live.
+    fn reclaim(&mut self) -> Result<usize, SpoolError> {
+        let current = self.seg.as_ref().map(|s| s.seq);
+        let mut deleted = 0;
+        while let Some(&(seq, live)) = self.segments.front() {
+            if live > 0 || Some(seq) == current {
+                break;
+            }
+            let path = self.dir.join(segment_file_name(seq));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::from_io(e)),
+            }
+            self.retired_bytes = self.retired_bytes.saturating_sub(self.options.segment_size);
+            self.segments.pop_front();
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Messages of this core that are finished and not yet final.
+    pub fn live_messages(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Segment files of this core.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
     }
 
     /// Abandons a message: recovery will not report it. Best effort (no sync needed: a

@@ -51,6 +51,11 @@ fn crash_child() {
         let meta = MessageMeta {
             arrival: i,
             reverse_path: format!("s{i}@x.test"),
+            recipients: vec![postern_spool::Recipient {
+                path: "r@y.test".into(),
+                notify: None,
+                orcpt: None,
+            }],
             ..MessageMeta::default()
         };
         let mut d = spool.begin(&meta).unwrap();
