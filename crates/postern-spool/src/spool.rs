@@ -83,6 +83,9 @@ impl SyncBatch {
     }
 }
 
+/// Body chunks at least this large are written with `pwrite` instead of through the mapping.
+const BULK_WRITE: usize = 16 * 1024;
+
 static NEXT_SPOOL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The spool of one core. Not `Sync`: owned and used by that core alone.
@@ -208,8 +211,16 @@ impl Spool {
     fn append_record(&mut self, kind: Kind, pieces: &[&[u8]]) -> Result<(), SpoolError> {
         let len = record_len(pieces.iter().map(|p| p.len()).sum());
         let seg = self.segment_for(len)?;
-        let n = write_record(seg.tail(), kind, pieces);
-        seg.commit(n);
+        match pieces {
+            [head, bulk] if bulk.len() >= BULK_WRITE => {
+                seg.append_bulk(kind, head, bulk)
+                    .map_err(SpoolError::from_io)?;
+            }
+            _ => {
+                let n = write_record(seg.tail(), kind, pieces);
+                seg.commit(n);
+            }
+        }
         let file = seg.file.clone();
         self.mark_dirty(&file);
         Ok(())

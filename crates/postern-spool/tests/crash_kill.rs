@@ -94,6 +94,7 @@ fn crash_kill_many_times() {
     let mut acked: Vec<String> = Vec::new();
     let mut aborted: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut cut: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut begun: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for iteration in 0..ITERATIONS {
         let mut child = Command::new(&exe)
@@ -113,9 +114,20 @@ fn crash_kill_many_times() {
         let kill_after = 1 + xorshift(&mut rng) % 60;
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut record = |line: &str, last_begun: &mut Option<String>| {
-            let mut words = line.split(' ');
+            // libtest may print "test crash_child ... " on the same line as the first record.
+            let Some(at) = ["BEGIN ", "ABORT ", "FIN ", "ACK "]
+                .iter()
+                .filter_map(|k| line.find(k))
+                .min()
+            else {
+                return;
+            };
+            let mut words = line[at..].split(' ');
             match (words.next(), words.next()) {
-                (Some("BEGIN"), Some(id)) => *last_begun = Some(id.to_owned()),
+                (Some("BEGIN"), Some(id)) => {
+                    begun.insert(id.to_owned());
+                    *last_begun = Some(id.to_owned());
+                }
                 (Some("ABORT"), Some(id)) => {
                     aborted.insert(id.to_owned());
                 }
@@ -157,8 +169,11 @@ fn crash_kill_many_times() {
                 // Killed between writing END and printing FIN: only a message in flight at a kill.
                 None => assert!(
                     cut.contains(&m.queue_id),
-                    "iteration {iteration}: {} was never finished",
-                    m.queue_id
+                    "iteration {iteration}: {} was never finished (begun: {}, aborted: {}, size {})",
+                    m.queue_id,
+                    begun.contains(&m.queue_id),
+                    aborted.contains(&m.queue_id),
+                    body.len()
                 ),
             }
             assert!(
