@@ -19,16 +19,19 @@ fn split(data: &[u8]) -> (&[u8], usize) {
     }
 }
 
-fn frame(input: &[u8], cut: usize) -> Vec<Option<Vec<u8>>> {
-    let mut f = LineFramer::new(64);
+/// Frames `pieces`, delivered one after another as reads, with a `max_line` cap: each line,
+/// or None for a line over the cap. Checks that no line exceeds the cap and that the caller
+/// never has to keep an overlong line. Shared by the fuzz target and the property tests.
+pub fn frame_pieces(max_line: usize, pieces: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
+    let mut f = LineFramer::new(max_line);
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    for piece in [&input[..cut], &input[cut..]] {
+    for piece in pieces {
         buf.extend_from_slice(piece);
         loop {
             match f.next_line(&buf) {
                 Frame::Line { line, consumed } => {
-                    assert!(line.len() + 2 <= 64, "line over the cap");
+                    assert!(line.len() + 2 <= max_line, "line over the cap");
                     out.push(Some(line.to_vec()));
                     buf.drain(..consumed);
                 }
@@ -43,7 +46,7 @@ fn frame(input: &[u8], cut: usize) -> Vec<Option<Vec<u8>>> {
             }
         }
         assert!(
-            buf.len() < 64,
+            buf.len() < max_line,
             "framer made the caller buffer an overlong line"
         );
     }
@@ -53,7 +56,10 @@ fn frame(input: &[u8], cut: usize) -> Vec<Option<Vec<u8>>> {
 /// The framer gives the same lines however the input is split, and never more than the cap.
 pub fn framer(data: &[u8]) {
     let (input, cut) = split(data);
-    assert_eq!(frame(input, cut), frame(input, 0));
+    assert_eq!(
+        frame_pieces(64, &[&input[..cut], &input[cut..]]),
+        frame_pieces(64, &[input])
+    );
 }
 
 /// A parsed command encodes to a line that parses to the same command.

@@ -7,7 +7,6 @@ use proptest::prelude::*;
 
 use postern_proto::command::Obsolete;
 use postern_proto::data::{decode_all, DataDecoder};
-use postern_proto::framer::{Frame, LineFramer};
 use postern_proto::params::{BodyType, MailParams, Notify, RcptParams, Ret};
 use postern_proto::stuff::DotStuffer;
 use postern_proto::{Command, ForwardPath, Host, Mailbox, ReversePath};
@@ -54,29 +53,7 @@ fn crlf_body() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn frame_all(input: &[u8], cuts: &[usize]) -> Vec<Option<Vec<u8>>> {
-    let mut f = LineFramer::new(64);
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    for piece in pieces(input, cuts) {
-        buf.extend_from_slice(piece);
-        loop {
-            match f.next_line(&buf) {
-                Frame::Line { line, consumed } => {
-                    out.push(Some(line.to_vec()));
-                    buf.drain(..consumed);
-                }
-                Frame::TooLong { consumed } => {
-                    out.push(None);
-                    buf.drain(..consumed);
-                }
-                Frame::Incomplete { consumed } => {
-                    buf.drain(..consumed);
-                    break;
-                }
-            }
-        }
-    }
-    out
+    postern_proto::fuzzing::frame_pieces(64, &pieces(input, cuts))
 }
 
 fn atom() -> impl Strategy<Value = String> {
