@@ -51,8 +51,23 @@ fn spool_rate(dir: &Path, count: usize, size: usize, batch: usize) -> f64 {
     let mut spool = Spool::open(&root, 0, SpoolOptions::default()).expect("open spool");
     let body = vec![b'x'; size];
     let meta = meta();
+    // Segments are made ahead of time on a helper thread, as the server does on its blocking
+    // pool.
+    let mut maker: Option<
+        std::thread::JoinHandle<std::io::Result<postern_spool::PreparedSegment>>,
+    > = None;
     let start = Instant::now();
     for i in 0..count {
+        if maker.as_ref().is_some_and(|m| m.is_finished()) {
+            if let Some(m) = maker.take() {
+                spool.install_spare(m.join().expect("segment maker"));
+            }
+        }
+        if maker.is_none() {
+            if let Some(job) = spool.spare_job() {
+                maker = Some(std::thread::spawn(move || job.run()));
+            }
+        }
         let mut d = spool.begin(&meta).expect("begin");
         for piece in body.chunks(64 * 1024) {
             spool.append(&mut d, piece).expect("append");

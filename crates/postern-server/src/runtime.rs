@@ -242,6 +242,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     });
     let _ = ready.send(Ok(()));
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
+    crate::store::ensure_spare(&core);
     let watcher = glommio::spawn_local(watch(core.clone(), init.stop));
     let acceptors: Vec<_> = listeners
         .into_iter()

@@ -270,7 +270,9 @@ impl Session {
             envelope: env,
             arrival: SystemTime::now(),
         };
-        let mut draft = match self.core.store.begin(&meta) {
+        let begun = self.core.store.begin(&meta);
+        crate::store::ensure_spare(&self.core);
+        let mut draft = match begun {
             Ok(d) => d,
             Err(_) => {
                 self.core.metrics.borrow_mut().spool_errors += 1;

@@ -133,6 +133,23 @@ impl CoreStore {
     }
 }
 
+/// Makes sure the next segment is being made ahead of time, on the blocking pool, so that a
+/// full segment never makes a session wait for a file to be created and synced on the core.
+pub(crate) fn ensure_spare(core: &Rc<Core>) {
+    let Some(job) = core.store.spool.borrow_mut().spare_job() else {
+        return;
+    };
+    let core = core.clone();
+    glommio::spawn_local(async move {
+        let made = glommio::executor().spawn_blocking(move || job.run()).await;
+        if made.is_err() {
+            core.metrics.borrow_mut().spool_errors += 1;
+        }
+        core.store.spool.borrow_mut().install_spare(made);
+    })
+    .detach();
+}
+
 /// The group-commit loop of one core: every message finished since the last sync shares the
 /// next one, which runs on the blocking pool while the core goes on with other sessions.
 pub(crate) async fn group_commit(core: Rc<Core>) {

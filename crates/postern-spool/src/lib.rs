@@ -20,4 +20,6 @@ mod spool;
 pub use error::SpoolError;
 pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
 pub use recover::{recover, Recovered, RecoveredMessage};
-pub use spool::{Draft, Spool, SpoolOptions, SyncBatch, Ticket, TicketState};
+pub use spool::{
+    Draft, PreparedSegment, SpareJob, Spool, SpoolOptions, SyncBatch, Ticket, TicketState,
+};

@@ -66,6 +66,31 @@ pub enum TicketState {
     Failed,
 }
 
+/// Making the next segment ahead of time: `Send`, to run off the core.
+#[derive(Debug)]
+pub struct SpareJob {
+    dir: PathBuf,
+    core: u32,
+    seq: u64,
+    size: u64,
+}
+
+/// A segment made by a [`SpareJob`], ready for [`Spool::install_spare`].
+pub struct PreparedSegment(Segment);
+
+impl std::fmt::Debug for PreparedSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PreparedSegment({})", self.0.seq)
+    }
+}
+
+impl SpareJob {
+    /// Creates, reserves and syncs the segment file (blocking).
+    pub fn run(self) -> std::io::Result<PreparedSegment> {
+        Segment::create(&self.dir, self.core, self.seq, self.size).map(PreparedSegment)
+    }
+}
+
 /// The sync work of one group commit: `Send`, so it can run on a helper thread.
 #[derive(Debug)]
 pub struct SyncBatch {
@@ -97,6 +122,10 @@ pub struct Spool {
     next_seq: u64,
     next_draft: u64,
     counter: u64,
+    /// The next segment, made ahead of time.
+    spare: Option<Segment>,
+    /// A spare is being made.
+    spare_pending: bool,
     /// Tells this spool's drafts from another's.
     id: u64,
     /// Reused to encode record payloads.
@@ -148,6 +177,8 @@ impl Spool {
             core,
             options,
             seg: None,
+            spare: None,
+            spare_pending: false,
             next_seq: last + 1,
             next_draft: 1,
             counter: 0,
@@ -188,14 +219,22 @@ impl Spool {
                 self.retired_bytes += self.options.segment_size;
                 self.mark_dirty(&old.file);
             }
-            let seg = Segment::create(
-                &self.dir,
-                self.core,
-                self.next_seq,
-                self.options.segment_size,
-            )
-            .map_err(SpoolError::from_io)?;
-            self.next_seq += 1;
+            // A segment made ahead of time off the core when there is one; otherwise make it
+            // here (file, reservation and two fsyncs: the slow path).
+            let seg = match self.spare.take() {
+                Some(seg) => seg,
+                None => {
+                    let seg = Segment::create(
+                        &self.dir,
+                        self.core,
+                        self.next_seq,
+                        self.options.segment_size,
+                    )
+                    .map_err(SpoolError::from_io)?;
+                    self.next_seq += 1;
+                    seg
+                }
+            };
             self.segments.push_back((seg.seq, 0));
             self.seg = Some(seg);
         }
@@ -373,6 +412,43 @@ impl Spool {
             files: std::mem::take(&mut self.dirty),
             upto: self.issued,
         })
+    }
+
+    /// The work of making the next segment ahead of time, when none is ready or being made.
+    /// Run it off the core (it creates, reserves and syncs a file) and hand the result to
+    /// [`Spool::install_spare`].
+    pub fn spare_job(&mut self) -> Option<SpareJob> {
+        if self.spare.is_some() || self.spare_pending {
+            return None;
+        }
+        self.spare_pending = true;
+        let job = SpareJob {
+            dir: self.dir.clone(),
+            core: self.core,
+            seq: self.next_seq,
+            size: self.options.segment_size,
+        };
+        self.next_seq += 1;
+        Some(job)
+    }
+
+    /// Takes a segment made by a [`SpareJob`]. A spare that arrives after the spool had to make
+    /// a later segment itself is deleted unused, so segments are always used in number order.
+    pub fn install_spare(&mut self, made: std::io::Result<PreparedSegment>) {
+        self.spare_pending = false;
+        let Ok(PreparedSegment(seg)) = made else {
+            return;
+        };
+        let behind = self.seg.as_ref().is_some_and(|cur| cur.seq > seg.seq)
+            || self
+                .segments
+                .back()
+                .is_some_and(|&(last, _)| last > seg.seq);
+        if behind {
+            let _ = std::fs::remove_file(self.dir.join(segment_file_name(seg.seq)));
+        } else {
+            self.spare = Some(seg);
+        }
     }
 
     /// Records the outcome of a batch from [`Spool::take_sync`].

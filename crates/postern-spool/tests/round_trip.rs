@@ -185,3 +185,44 @@ fn status_records_merge_across_cores_and_restarts() {
     assert!(r.messages[0].is_final());
     assert_eq!(r.messages[0].statuses[1], Some(failed));
 }
+
+#[test]
+fn spare_segments_are_used_in_order_and_late_ones_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let job = spool.spare_job().unwrap();
+    assert!(spool.spare_job().is_none(), "one spare at a time");
+    spool.install_spare(job.run());
+    // Fill several segments; the spare goes first, the rest are made inline.
+    let late = spool.spare_job().is_none();
+    assert!(late, "a spare is ready, no job needed");
+    for i in 0..6 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 40_000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    // A spare made for a number the spool has already passed is deleted, not used.
+    let job = spool.spare_job().unwrap();
+    for i in 6..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 40_000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    let stale = job.run();
+    spool.install_spare(stale);
+    spool.sync_now().unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 12);
+    for (i, m) in r.messages.iter().enumerate() {
+        assert_eq!(
+            r.body_vec(m),
+            body(i, 40_000),
+            "message {i} in order and whole"
+        );
+    }
+    let files = std::fs::read_dir(dir.path().join("0")).unwrap().count();
+    assert_eq!(files, spool.segment_count(), "no stray spare left behind");
+}
