@@ -177,6 +177,12 @@ pub struct ServerConfig {
     pub require_helo: bool,
     /// Bare CR and LF in DATA bodies.
     pub bare_newline: BareNewlinePolicy,
+    /// Offer PIPELINING in the EHLO reply (default on). Off makes the session look like an
+    /// older server to clients; pipelined commands are still answered in order.
+    pub offer_pipelining: bool,
+    /// Offer CHUNKING and BINARYMIME in the EHLO reply (default on). Off makes the session look
+    /// like an older server to clients; a BDAT that arrives anyway is still read and handled.
+    pub offer_chunking: bool,
 }
 
 impl Default for ServerConfig {
@@ -189,6 +195,8 @@ impl Default for ServerConfig {
             max_line: MAX_COMMAND_LINE,
             require_helo: true,
             bare_newline: BareNewlinePolicy::Normalize,
+            offer_pipelining: true,
+            offer_chunking: true,
         }
     }
 }
@@ -632,8 +640,14 @@ impl ServerSession {
         ];
         let starttls = self.tls_available && !self.tls_active;
         let count = if starttls { 9 } else { 8 };
-        for (i, line) in lines[..count].iter().enumerate() {
-            write_reply_line(&mut self.out, 250, i + 1 == count, line);
+        let offered = |line: &&str| match *line {
+            "PIPELINING" => self.config.offer_pipelining,
+            "BINARYMIME" | "CHUNKING" => self.config.offer_chunking,
+            _ => true,
+        };
+        let shown: Vec<&str> = lines[..count].iter().copied().filter(offered).collect();
+        for (i, line) in shown.iter().enumerate() {
+            write_reply_line(&mut self.out, 250, i + 1 == shown.len(), line);
         }
     }
 

@@ -555,3 +555,43 @@ fn ehlo_resets_the_transaction() {
     let o = run_every_split(&config(), &input);
     assert!(o.output.ends_with("503 5.5.1 Need MAIL command\r\n"));
 }
+
+#[test]
+fn pipelining_and_chunking_can_be_left_unoffered() {
+    let cfg = Arc::new(ServerConfig {
+        offer_pipelining: false,
+        offer_chunking: false,
+        ..(*config()).clone()
+    });
+    let o = run(&cfg, true, &client(&["EHLO client.test", "QUIT"]), &[]);
+    assert_eq!(
+        o.output,
+        server(&[
+            BANNER,
+            "250-mx.test Hello client.test",
+            "250-SIZE 10000",
+            "250-ENHANCEDSTATUSCODES",
+            "250-8BITMIME",
+            "250-SMTPUTF8",
+            "250 STARTTLS",
+            "221 2.0.0 Bye",
+        ])
+    );
+    let cfg = Arc::new(ServerConfig {
+        offer_chunking: false,
+        ..(*config()).clone()
+    });
+    let o = run(&cfg, false, &client(&["EHLO client.test"]), &[]);
+    assert_eq!(
+        o.output,
+        server(&[
+            BANNER,
+            "250-mx.test Hello client.test",
+            "250-PIPELINING",
+            "250-SIZE 10000",
+            "250-ENHANCEDSTATUSCODES",
+            "250-8BITMIME",
+            "250 SMTPUTF8",
+        ])
+    );
+}
