@@ -1,0 +1,211 @@
+//! The command line: `postern-load send` and `postern-load sink`, with every flag's value
+//! checked by clap so that a wrong flag or value is one line naming it and exit code 2.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units;
+
+/// postern-load: SMTP load generator and sink.
+#[derive(Debug, Parser)]
+#[command(name = "postern-load", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The two tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send mail to an SMTP server as fast as it takes it (or at a fixed rate) and report.
+    Send(Box<SendArgs>),
+    /// Receive mail and throw it away (or record its IDs), with optional faults.
+    Sink(Box<SinkArgs>),
+}
+
+/// A list of sizes with weights (`1k`, or `1k:70,10k:25,1m:5`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SizeMix(pub Vec<(u64, u32)>);
+
+/// End-of-data reply codes with weights (`250:98,451:1,550:1`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplyMix(pub Vec<(u16, u32)>);
+
+/// CPUs to pin executors to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+fn size(s: &str) -> Result<u64, String> {
+    units::parse_size("size", s).map_err(|e| e.to_string())
+}
+
+fn size_mix(s: &str) -> Result<SizeMix, String> {
+    let mix = units::parse_weighted("--size", s, |v| units::parse_size("--size", v))
+        .map_err(|e| e.to_string())?;
+    if mix.iter().any(|(n, _)| *n == 0) {
+        return Err("a message size must be above zero".into());
+    }
+    Ok(SizeMix(mix))
+}
+
+fn reply_mix(s: &str) -> Result<ReplyMix, String> {
+    let mix = units::parse_weighted("--reply-mix", s, |v| {
+        v.parse::<u16>()
+            .ok()
+            .filter(|c| (200..600).contains(c) && !(300..400).contains(c))
+            .ok_or_else(|| {
+                crate::LoadError::flag(
+                    "--reply-mix",
+                    format!("{v:?} is not a 2xx, 4xx or 5xx code"),
+                )
+            })
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(ReplyMix(mix))
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    units::parse_rate("--rate", s).map_err(|e| e.to_string())
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    units::parse_duration("duration", s).map_err(|e| e.to_string())
+}
+
+fn cpus(s: &str) -> Result<CpuList, String> {
+    crate::executors::parse_cpus(s)
+        .map(CpuList)
+        .map_err(|e| e.to_string())
+}
+
+/// Flags of `postern-load send`.
+#[derive(Clone, Debug, Args)]
+pub struct SendArgs {
+    /// The server, HOST:PORT. Loopback only unless --allow-remote.
+    #[arg(long, default_value = "127.0.0.1:2525")]
+    pub target: String,
+    /// Allow a target that is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Concurrent connections, spread over the threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub connections: u32,
+    /// Messages to send in all (default 1000 unless --duration is given).
+    #[arg(long, conflicts_with = "duration")]
+    pub messages: Option<u64>,
+    /// Send for this long instead of a number of messages (30s, 2m).
+    #[arg(long, value_parser = duration)]
+    pub duration: Option<Duration>,
+    /// Messages per connection before QUIT and a new connection; 0 keeps each connection.
+    #[arg(long, default_value_t = 0)]
+    pub msgs_per_conn: u64,
+    /// Message size in bytes, headers included (1024, 10k, 1m), or a mix: 1k:70,10k:25,1m:5.
+    #[arg(long, default_value = "1k", value_parser = size_mix)]
+    pub size: SizeMix,
+    /// Recipients per message.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub rcpts: u32,
+    /// Sender address; {n} is replaced by the message's sequence number.
+    #[arg(long, default_value = "load{n}@sender.test")]
+    pub from: String,
+    /// Recipient address; {n} is the message's sequence number, {r} the recipient's index.
+    #[arg(long, default_value = "rcpt{r}@sink.test")]
+    pub to: String,
+    /// Pipeline MAIL, RCPT and DATA/BDAT when the server offers PIPELINING.
+    #[arg(long)]
+    pub pipelining: bool,
+    /// Send bodies with BDAT when the server offers CHUNKING (DATA otherwise).
+    #[arg(long)]
+    pub bdat: bool,
+    /// Largest single write of a body, in bytes.
+    #[arg(long, default_value = "256k", value_parser = size)]
+    pub chunk_size: u64,
+    /// Start TLS on every connection (the server must offer STARTTLS).
+    #[arg(long)]
+    pub starttls: bool,
+    /// Open loop: start messages at this rate (500/s), latency measured from each message's
+    /// intended start.
+    #[arg(long, value_parser = rate)]
+    pub rate: Option<f64>,
+    /// Executors (one thread each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+    /// Pin executors to these CPUs (0,1 or 2-5); unpinned when absent.
+    #[arg(long, value_parser = cpus)]
+    pub cpus: Option<CpuList>,
+    /// Longest wait for a connection, a reply or a write.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub timeout: Duration,
+    /// The name sent with EHLO.
+    #[arg(long, default_value = "postern-load.test")]
+    pub helo: String,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write HdrHistogram interval logs (one interval a second) to this file.
+    #[arg(long)]
+    pub hdr_log: Option<PathBuf>,
+    /// Draw the latency percentile curves into this SVG file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// No progress line, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Flags of `postern-load sink`.
+#[derive(Clone, Debug, Args)]
+pub struct SinkArgs {
+    /// Address to listen on (port 0 picks one; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:2526")]
+    pub listen: SocketAddr,
+    /// Executors (one thread and one SO_REUSEPORT listener each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
+    /// Pin executors to these CPUs (0,1 or 2-5); unpinned when absent.
+    #[arg(long, value_parser = cpus)]
+    pub cpus: Option<CpuList>,
+    /// Our name in the banner and EHLO reply.
+    #[arg(long, default_value = "sink.postern-load.test")]
+    pub hostname: String,
+    /// Largest message accepted (advertised with SIZE).
+    #[arg(long, default_value = "100m", value_parser = size)]
+    pub max_size: u64,
+    /// Append each accepted message's sequence header and Message-ID to this file.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Certificate chain (PEM) for STARTTLS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for STARTTLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Do not offer CHUNKING (and BINARYMIME), like an older server.
+    #[arg(long)]
+    pub no_chunking: bool,
+    /// Do not offer PIPELINING, like an older server.
+    #[arg(long)]
+    pub no_pipelining: bool,
+    /// Answer end of data with these codes in these proportions (250:98,451:1,550:1).
+    #[arg(long, value_parser = reply_mix)]
+    pub reply_mix: Option<ReplyMix>,
+    /// Wait this long before answering each end of data.
+    #[arg(long, value_parser = duration)]
+    pub delay: Option<Duration>,
+    /// Close a connection without a reply at its N-th end of data.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub drop_after: Option<u64>,
+    /// Serve counters as Prometheus text at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Close a session silent for this long.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub timeout: Duration,
+    /// Exit by itself after this long (otherwise on SIGTERM or SIGINT).
+    #[arg(long, value_parser = duration)]
+    pub lifetime: Option<Duration>,
+}

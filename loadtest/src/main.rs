@@ -1,0 +1,39 @@
+//! The `postern-load` binary: parses the command line, runs `send` or `sink`, and maps the
+//! outcome to an exit code (0 done, 1 the run could not start or nothing was accepted, 2 a
+//! wrong flag, reported on one line that names it). mimalloc is the allocator, as in postern.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use postern_load::cli::{Cli, Command};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("error: invalid command line");
+            eprintln!("postern-load: {first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Send(args) => postern_load::send::run(*args),
+        Command::Sink(args) => postern_load::sink::run(*args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("postern-load: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! One connection of the sender, from connect to QUIT: postern-proto's client session decides
+//! every command; this module moves its bytes, times each step and counts each outcome.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpStream;
+use postern_proto::client::{
+    BodyMode, ClientError, ClientEvent, ClientSession, OutRecipient, Transaction,
+};
+use postern_proto::stuff::DotStuffer;
+use rustls::pki_types::ServerName;
+
+use crate::conn::Conn;
+use crate::send::core::Core;
+use crate::send::filter::NoPipelining;
+use crate::send::message::address;
+use crate::send::outbox::Outbox;
+use crate::send::plan::Ticket;
+use crate::send::stats::Lat;
+
+/// Why a connection ended early; the name is what the report counts.
+#[derive(Debug)]
+pub struct Failure(pub &'static str);
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Failure(match e.kind() {
+            io::ErrorKind::TimedOut => "timeout",
+            io::ErrorKind::ConnectionRefused => "connection_refused",
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => "connection_reset",
+            io::ErrorKind::UnexpectedEof => "connection_closed",
+            _ => "io_error",
+        })
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure(match e {
+            ClientError::Greeting(_) => "greeting_refused",
+            ClientError::Helo(_) => "ehlo_refused",
+            ClientError::StartTls(_) => "starttls_refused",
+            ClientError::Closing(_) => "server_closed_421",
+            ClientError::Protocol(_) => "protocol_error",
+            ClientError::OutOfOrder => "client_out_of_order",
+        })
+    }
+}
+
+/// Read buffer per connection; replies are small.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// An open, greeted connection.
+struct Client {
+    conn: Conn,
+    session: ClientSession,
+    raw: Vec<u8>,
+    raw_len: usize,
+    inbox: Vec<u8>,
+    filter: Option<NoPipelining>,
+    timeout: Duration,
+    /// When the first command (EHLO) was written.
+    first_write: Option<Instant>,
+}
+
+impl Client {
+    /// Runs the session until it has something other than "need input" to say. Commands it
+    /// queues are written before each read; those queued with its answer are left for the
+    /// caller (a BDAT line goes out together with its body).
+    async fn next_event(&mut self) -> Result<ClientEvent, Failure> {
+        // Bounded: every pass either returns or waits for a read that times out.
+        loop {
+            let (used, event) = self.session.handle(&self.inbox);
+            self.inbox.drain(..used);
+            if event != ClientEvent::NeedInput {
+                return Ok(event);
+            }
+            if !self.session.output().is_empty() {
+                self.first_write.get_or_insert_with(Instant::now);
+                self.conn
+                    .write_within(self.session.output(), self.timeout)
+                    .await?;
+                self.session.clear_output();
+            }
+            self.read().await?;
+        }
+    }
+
+    /// Writes what the session queued, reads once and hands the reply over; for settling an
+    /// RSET between transactions.
+    async fn pump(&mut self) -> Result<(), Failure> {
+        if !self.session.output().is_empty() {
+            self.conn
+                .write_within(self.session.output(), self.timeout)
+                .await?;
+            self.session.clear_output();
+        }
+        self.read().await?;
+        let (used, event) = self.session.handle(&self.inbox);
+        self.inbox.drain(..used);
+        match event {
+            ClientEvent::NeedInput => Ok(()),
+            ClientEvent::Failed(e) => Err(e.into()),
+            _ => Err(Failure("protocol_error")),
+        }
+    }
+
+    async fn read(&mut self) -> Result<(), Failure> {
+        if self.raw_len == self.raw.len() {
+            return Err(Failure("reply_too_long"));
+        }
+        let n = self
+            .conn
+            .read_within(&mut self.raw[self.raw_len..], self.timeout)
+            .await?;
+        if n == 0 {
+            return Err(Failure("connection_closed"));
+        }
+        self.raw_len += n;
+        let used = match self.filter.as_mut() {
+            Some(f) => f.filter(&self.raw[..self.raw_len], &mut self.inbox),
+            None => {
+                self.inbox.extend_from_slice(&self.raw[..self.raw_len]);
+                self.raw_len
+            }
+        };
+        self.raw.copy_within(used..self.raw_len, 0);
+        self.raw_len -= used;
+        Ok(())
+    }
+
+    /// Sends QUIT and waits for its answer (or the timeout).
+    async fn quit(mut self) {
+        self.session.quit();
+        let _ = self.next_event().await;
+        let _ = futures_lite::io::AsyncWriteExt::close(&mut self.conn).await;
+    }
+}
+
+/// Runs one of the run's connections until the plan has no more messages.
+pub async fn run(core: Rc<Core>) {
+    let Some(mut ticket) = core.run.plan.claim() else {
+        return;
+    };
+    // Bounded: every pass consumes at least the ticket it holds, and tickets run out.
+    loop {
+        let mut client = match open(&core).await {
+            Ok(c) => c,
+            Err(Failure(kind)) => {
+                core.fail(kind);
+                // Do not spin against a server that refuses connections.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                match core.run.plan.claim() {
+                    Some(t) => ticket = t,
+                    None => return,
+                }
+                continue;
+            }
+        };
+        let mut on_this_connection = 0u64;
+        let mut outbox = Outbox::new(core.run.args.chunk_size);
+        loop {
+            if let Err(Failure(kind)) = transaction(&core, &mut client, &mut outbox, ticket).await {
+                core.fail(kind);
+                break;
+            }
+            on_this_connection += 1;
+            let Some(next) = core.run.plan.claim() else {
+                client.quit().await;
+                return;
+            };
+            ticket = next;
+            if core.run.args.msgs_per_conn > 0 && on_this_connection >= core.run.args.msgs_per_conn
+            {
+                client.quit().await;
+                break;
+            }
+        }
+        // A failed connection is dropped; the next pass opens a new one for `ticket`.
+    }
+}
+
+/// Connects, reads the banner, greets, and starts TLS when asked.
+async fn open(core: &Core) -> Result<Client, Failure> {
+    let run = &core.run;
+    let started = Instant::now();
+    let tcp = TcpStream::connect_timeout(run.addr, run.args.timeout)
+        .await
+        .map_err(|e| match e {
+            glommio::GlommioError::IoError(e) => Failure::from(e),
+            _ => Failure("connect_error"),
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let mut client = Client {
+        conn: Conn::Plain(tcp),
+        session: ClientSession::new(&run.args.helo),
+        raw: vec![0; READ_BUFFER],
+        raw_len: 0,
+        inbox: Vec::with_capacity(1024),
+        filter: (!run.args.pipelining).then(NoPipelining::default),
+        timeout: run.args.timeout,
+        first_write: None,
+    };
+    greet(&mut client).await?;
+    let banner_at = client.first_write.unwrap_or(started);
+    core.with_stats(|s| {
+        s.connections += 1;
+        s.record(Lat::Connect, banner_at - started);
+        s.record(Lat::Ehlo, banner_at.elapsed());
+    });
+    if run.args.starttls {
+        start_tls(core, &mut client, run.addr).await?;
+    }
+    Ok(client)
+}
+
+async fn greet(client: &mut Client) -> Result<(), Failure> {
+    match client.next_event().await? {
+        ClientEvent::Ready => Ok(()),
+        ClientEvent::Failed(e) => Err(e.into()),
+        _ => Err(Failure("protocol_error")),
+    }
+}
+
+async fn start_tls(core: &Core, client: &mut Client, addr: SocketAddr) -> Result<(), Failure> {
+    let Some(connector) = core.run.tls.clone() else {
+        return Err(Failure("tls_unavailable"));
+    };
+    if !client.session.capabilities().starttls {
+        return Err(Failure("starttls_not_offered"));
+    }
+    client
+        .session
+        .start_tls()
+        .map_err(|_| Failure("client_out_of_order"))?;
+    match client.next_event().await? {
+        ClientEvent::StartTls => {}
+        ClientEvent::Failed(e) => return Err(e.into()),
+        _ => return Err(Failure("protocol_error")),
+    }
+    let tcp = client
+        .conn
+        .take_plain()
+        .ok_or(Failure("client_out_of_order"))?;
+    let name = ServerName::IpAddress(addr.ip().into());
+    let handshake = async { Some(connector.connect(name, tcp).await) };
+    let expire = async {
+        glommio::timer::sleep(client.timeout).await;
+        None
+    };
+    match futures_lite::future::or(handshake, expire).await {
+        Some(Ok(tls)) => client.conn = Conn::Client(Box::new(tls)),
+        Some(Err(_)) => return Err(Failure("tls_handshake")),
+        None => return Err(Failure("timeout")),
+    }
+    client.raw_len = 0;
+    client.inbox.clear();
+    if client.filter.is_some() {
+        client.filter = Some(NoPipelining::default());
+    }
+    client.session.tls_established();
+    let at = Instant::now();
+    greet(client).await?;
+    core.with_stats(|s| s.record(Lat::Ehlo, at.elapsed()));
+    Ok(())
+}
+
+/// Sends one message and waits for its outcome.
+async fn transaction(
+    core: &Core,
+    client: &mut Client,
+    outbox: &mut Outbox,
+    ticket: Ticket,
+) -> Result<(), Failure> {
+    let run = &core.run;
+    if let Some(due) = ticket.due {
+        let now = Instant::now();
+        if due > now {
+            glommio::timer::sleep(due - now).await;
+        }
+    }
+    let size = *run.sizes.pick(ticket.seq);
+    let from = address(&run.args.from, ticket.seq, 0);
+    let rcpts: Vec<OutRecipient> = (0..run.args.rcpts)
+        .map(|r| OutRecipient {
+            path: address(&run.args.to, ticket.seq, r),
+            params: String::new(),
+        })
+        .collect();
+    let message = run.bodies.message(ticket.seq, size, &from, &rcpts[0].path);
+    let len = message.len();
+    let mode = if run.args.bdat && client.session.capabilities().chunking {
+        BodyMode::Bdat
+    } else {
+        BodyMode::Data
+    };
+    let t = Transaction {
+        from,
+        mail_params: String::new(),
+        rcpts,
+        body_len: len,
+        mode,
+    };
+    let started = ticket.due.unwrap_or_else(Instant::now);
+    // Bounded: the session is busy only while an RSET reply is pending; each pass reads.
+    let mut tries = 0;
+    loop {
+        match client.session.send(&t) {
+            Ok(()) => break,
+            Err(r) if r.code == 451 && tries < 8 => {
+                tries += 1;
+                client.pump().await?;
+            }
+            Err(r) if r.code == 451 => return Err(Failure("client_busy")),
+            Err(r) => {
+                core.settle(ticket.seq, r.code, false, 0, started, None);
+                return Ok(());
+            }
+        }
+    }
+    let mut eod = None;
+    // Bounded: at most a SendBody and a Done, each after finite reads with timeouts.
+    loop {
+        match client.next_event().await? {
+            ClientEvent::SendBody => {
+                let timeout = client.timeout;
+                outbox
+                    .push(&mut client.conn, client.session.output(), timeout)
+                    .await?;
+                client.session.clear_output();
+                match mode {
+                    BodyMode::Bdat => {
+                        for piece in message.pieces() {
+                            outbox.push(&mut client.conn, piece, timeout).await?;
+                        }
+                    }
+                    BodyMode::Data => {
+                        let mut stuffer = DotStuffer::new();
+                        for piece in message.pieces() {
+                            for slice in stuffer.stuff(piece) {
+                                outbox.push(&mut client.conn, slice, timeout).await?;
+                            }
+                        }
+                        outbox
+                            .push(&mut client.conn, stuffer.finish(), timeout)
+                            .await?;
+                    }
+                }
+                outbox.flush(&mut client.conn, timeout).await?;
+                client.session.body_sent();
+                eod = Some(Instant::now());
+                core.with_stats(|s| {
+                    s.sent += 1;
+                    s.bytes_sent += len;
+                });
+            }
+            ClientEvent::Done(result) => {
+                let accepted = result.data.as_ref().is_some_and(|d| d.code < 300);
+                let decided = match &result.data {
+                    Some(d) if accepted => d.code,
+                    _ if !result.mail.is_positive() => result.mail.code,
+                    _ => match result.rcpts.iter().find(|r| r.is_positive()) {
+                        None => result.rcpts.first().map_or(result.mail.code, |r| r.code),
+                        Some(_) => result.data.as_ref().map_or(0, |d| d.code),
+                    },
+                };
+                core.settle(ticket.seq, decided, accepted, len, started, eod);
+                return Ok(());
+            }
+            ClientEvent::Failed(e) => return Err(e.into()),
+            _ => return Err(Failure("protocol_error")),
+        }
+    }
+}

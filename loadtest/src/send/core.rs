@@ -1,0 +1,92 @@
+//! What every connection of one executor shares: the run's settings and plan (read-only,
+//! shared by all executors) and this executor's own counters, which nothing else writes.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cli::SendArgs;
+use crate::mix::Mix;
+use crate::send::message::Bodies;
+use crate::send::plan::Plan;
+use crate::send::stats::{Lat, Stats};
+
+/// The run, shared by every executor.
+pub struct Run {
+    /// The flags.
+    pub args: SendArgs,
+    /// The resolved target.
+    pub addr: SocketAddr,
+    /// Tickets and due times.
+    pub plan: Plan,
+    /// Message padding.
+    pub bodies: Bodies,
+    /// Message sizes by sequence number.
+    pub sizes: Mix<u64>,
+    /// TLS client, when `--starttls`.
+    pub tls: Option<futures_rustls::TlsConnector>,
+}
+
+/// One executor's state.
+pub struct Core {
+    /// The run.
+    pub run: Arc<Run>,
+    /// Since the start of the run.
+    pub total: RefCell<Stats>,
+    /// Since the last interval was handed to the main thread.
+    pub interval: RefCell<Stats>,
+}
+
+impl Core {
+    /// A core with empty counters.
+    pub fn new(run: Arc<Run>) -> Self {
+        Self {
+            run,
+            total: RefCell::default(),
+            interval: RefCell::default(),
+        }
+    }
+
+    /// Applies `f` to the run's and the interval's counters.
+    pub fn with_stats(&self, f: impl Fn(&mut Stats)) {
+        f(&mut self.total.borrow_mut());
+        f(&mut self.interval.borrow_mut());
+    }
+
+    /// A message without a final reply.
+    pub fn fail(&self, kind: &'static str) {
+        self.with_stats(|s| {
+            s.failed += 1;
+            s.error(kind);
+        });
+    }
+
+    /// A message with a final reply `code`.
+    pub fn settle(
+        &self,
+        _seq: u64,
+        code: u16,
+        accepted: bool,
+        len: u64,
+        started: Instant,
+        eod: Option<Instant>,
+    ) {
+        let now = Instant::now();
+        let since_start = (now - self.run.plan.start()).as_micros() as u64;
+        self.with_stats(|s| {
+            *s.replies.entry(code).or_default() += 1;
+            if accepted {
+                s.accepted += 1;
+                s.bytes_accepted += len;
+            } else {
+                s.refused += 1;
+            }
+            s.record(Lat::Transaction, now - started);
+            if let Some(eod) = eod {
+                s.record(Lat::EndOfData, now - eod);
+            }
+            s.last_reply_us = s.last_reply_us.max(since_start);
+        });
+    }
+}

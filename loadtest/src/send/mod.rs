@@ -1,0 +1,255 @@
+//! `postern-load send`: many SMTP sessions over one glommio executor per thread, each
+//! executor counting on its own and handing the main thread one interval a second (progress,
+//! interval log) and its totals at the end (report, JSON, plot).
+
+pub mod connection;
+pub mod core;
+pub mod filter;
+pub mod hdrlog;
+pub mod message;
+pub mod outbox;
+pub mod plan;
+pub mod plot;
+pub mod progress;
+pub mod report;
+pub mod stats;
+
+use std::cell::Cell;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use event_listener::Event;
+
+use crate::cli::SendArgs;
+use crate::error::LoadError;
+use crate::executors;
+use crate::mix::Mix;
+use crate::send::core::{Core, Run};
+use crate::send::message::Bodies;
+use crate::send::plan::Plan;
+use crate::send::report::{Report, Settings};
+use crate::send::stats::Stats;
+
+/// Length of one progress and log interval.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Messages sent when neither `--messages` nor `--duration` is given.
+pub const DEFAULT_MESSAGES: u64 = 1000;
+
+/// What an executor tells the main thread.
+enum Note {
+    /// Figures of interval `index` (the last one may be shorter than a tick).
+    Interval {
+        thread: usize,
+        index: u64,
+        stats: Box<Stats>,
+    },
+    /// The executor is done; its totals.
+    Done { thread: usize, stats: Box<Stats> },
+}
+
+/// Runs `send` to its end and prints the report.
+pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
+    let addr = crate::target::resolve(&args.target, args.allow_remote)?;
+    let messages = match (args.messages, args.duration) {
+        (None, None) => Some(DEFAULT_MESSAGES),
+        (m, _) => m,
+    };
+    let max_size = args.size.0.iter().map(|(s, _)| *s).max().unwrap_or(1024);
+    let run_id = format!(
+        "{}.{}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros()),
+        std::process::id()
+    );
+    let tls = if args.starttls {
+        Some(futures_rustls::TlsConnector::from(
+            crate::tls::client_config()?,
+        ))
+    } else {
+        None
+    };
+    let threads = usize::from(args.threads);
+    let cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
+    let settings = Settings {
+        target: addr.to_string(),
+        connections: args.connections,
+        threads: args.threads,
+        messages,
+        duration_s: args.duration.map(|d| d.as_secs_f64()),
+        sizes: args.size.0.clone(),
+        rcpts: args.rcpts,
+        pipelining: args.pipelining,
+        bdat: args.bdat,
+        starttls: args.starttls,
+        rate: args.rate,
+        msgs_per_conn: args.msgs_per_conn,
+    };
+    let mut hdr_file = match &args.hdr_log {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| LoadError::file(path, e))?),
+        None => None,
+    };
+    let run = Arc::new(Run {
+        sizes: Mix::new(args.size.0.clone()),
+        bodies: Bodies::new(max_size, run_id),
+        plan: Plan::new(Instant::now(), messages, args.duration, args.rate),
+        addr,
+        tls,
+        args: args.clone(),
+    });
+    let (tx, rx) = mpsc::channel::<Note>();
+    let spawn_run = run.clone();
+    let handles = executors::spawn("postern-load-send", threads, &cpus, move |thread| {
+        executor_main(spawn_run.clone(), thread, threads, tx.clone())
+    })?;
+    let mut serializer = hdrhistogram::serialization::V2DeflateSerializer::new();
+    let mut log = hdrlog::HdrLog::start(hdr_file.as_mut(), &mut serializer, run.plan.start())
+        .map_err(|e| log_error(&args, e))?;
+    let mut progress = progress::Progress::new(args.quiet);
+    let mut buckets = Buckets::new(threads);
+    let mut total = Stats::default();
+    // Bounded: ends when every executor has dropped its sender, which each does once its
+    // connections are done (bounded by the plan and the timeouts).
+    for note in rx.iter() {
+        match note {
+            Note::Interval {
+                thread,
+                index,
+                stats,
+            } => buckets.add(thread, index, &stats),
+            Note::Done { thread, stats } => {
+                buckets.finish(thread);
+                total.merge(&stats);
+            }
+        }
+        for (index, stats) in buckets.ready() {
+            let secs = ((stats.last_reply_us as f64 / 1e6) - index as f64)
+                .clamp(0.001, TICK.as_secs_f64());
+            progress.interval(index, secs, &stats);
+            log.write(index, &stats).map_err(|e| log_error(&args, e))?;
+        }
+    }
+    progress.finish();
+    for h in handles {
+        h.join()
+            .map_err(|e| LoadError::Internal(format!("an executor failed: {e}")))?;
+    }
+    drop(log);
+    let report = Report::new(settings, &total);
+    print!("{}", report.text());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| LoadError::Internal(e.to_string()))?;
+        std::fs::write(path, json + "\n").map_err(|e| LoadError::file(path, e))?;
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(path, &total)?;
+    }
+    Ok(if total.accepted == 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn log_error(args: &SendArgs, e: std::io::Error) -> LoadError {
+    match &args.hdr_log {
+        Some(path) => LoadError::file(path, e),
+        None => LoadError::Internal(e.to_string()),
+    }
+}
+
+async fn executor_main(run: Arc<Run>, thread: usize, threads: usize, tx: mpsc::Sender<Note>) {
+    let core = Rc::new(Core::new(run.clone()));
+    let mine = (0..run.args.connections as usize).filter(|c| c % threads == thread);
+    let tasks: Vec<_> = mine
+        .map(|_| glommio::spawn_local(connection::run(core.clone())))
+        .collect();
+    let done = Rc::new((Cell::new(false), Event::new()));
+    let ticker = glommio::spawn_local(ticker(core.clone(), thread, tx.clone(), done.clone()));
+    for t in tasks {
+        t.await;
+    }
+    done.0.set(true);
+    done.1.notify(usize::MAX);
+    ticker.await;
+    let stats = Box::new(core.total.borrow().clone());
+    let _ = tx.send(Note::Done { thread, stats });
+}
+
+/// Hands the main thread this executor's figures once a tick, and a last time when done.
+async fn ticker(
+    core: Rc<Core>,
+    thread: usize,
+    tx: mpsc::Sender<Note>,
+    done: Rc<(Cell<bool>, Event)>,
+) {
+    let start = core.run.plan.start();
+    // Bounded: ends once the connections are done, which the plan and timeouts bound.
+    for index in 0u64.. {
+        let listener = done.1.listen();
+        if !done.0.get() {
+            let next = start + TICK * (index as u32 + 1);
+            let wait = next.saturating_duration_since(Instant::now());
+            futures_lite::future::or(glommio::timer::sleep(wait), listener).await;
+        }
+        let stats = Box::new(std::mem::take(&mut *core.interval.borrow_mut()));
+        let _ = tx.send(Note::Interval {
+            thread,
+            index,
+            stats,
+        });
+        if done.0.get() {
+            return;
+        }
+    }
+}
+
+/// Interval figures from every executor, merged per interval and released in order once
+/// every executor has sent that interval or finished.
+struct Buckets {
+    last_sent: Vec<Option<u64>>,
+    finished: Vec<bool>,
+    pending: std::collections::BTreeMap<u64, Stats>,
+}
+
+impl Buckets {
+    fn new(threads: usize) -> Self {
+        Self {
+            last_sent: vec![None; threads],
+            finished: vec![false; threads],
+            pending: Default::default(),
+        }
+    }
+
+    fn add(&mut self, thread: usize, index: u64, stats: &Stats) {
+        self.last_sent[thread] = Some(index);
+        self.pending.entry(index).or_default().merge(stats);
+    }
+
+    fn finish(&mut self, thread: usize) {
+        self.finished[thread] = true;
+    }
+
+    fn ready(&mut self) -> Vec<(u64, Stats)> {
+        let mut out = Vec::new();
+        while let Some((&index, _)) = self.pending.first_key_value() {
+            let complete = self
+                .last_sent
+                .iter()
+                .zip(&self.finished)
+                .all(|(sent, done)| *done || sent.is_some_and(|s| s >= index));
+            if !complete {
+                break;
+            }
+            if let Some(stats) = self.pending.remove(&index) {
+                out.push((index, stats));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,95 @@
+//! Which message comes next and when it is due: one ticket per message from a counter shared
+//! by every executor (one atomic add per message), bounded by `--messages` or `--duration`,
+//! and with `--rate` a due time per ticket, so latency is measured from when a message should
+//! have started rather than from when a busy connection got round to it (coordinated
+//! omission).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The schedule of a run.
+#[derive(Debug)]
+pub struct Plan {
+    start: Instant,
+    limit: Option<u64>,
+    deadline: Option<Instant>,
+    rate: Option<f64>,
+    next: AtomicU64,
+}
+
+/// One message to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    /// The message's sequence number, from 0.
+    pub seq: u64,
+    /// When it is due (open loop only).
+    pub due: Option<Instant>,
+}
+
+impl Plan {
+    /// A plan starting at `start`: `limit` messages or until `start + duration`, at `rate`
+    /// messages per second when given.
+    pub fn new(
+        start: Instant,
+        limit: Option<u64>,
+        duration: Option<Duration>,
+        rate: Option<f64>,
+    ) -> Self {
+        Self {
+            start,
+            limit,
+            deadline: duration.map(|d| start + d),
+            rate,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// When the run started.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// The next message, or None when the run is over.
+    pub fn claim(&self) -> Option<Ticket> {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.limit.is_some_and(|l| seq >= l) {
+            return None;
+        }
+        let due = self
+            .rate
+            .map(|r| self.start + Duration::from_secs_f64(seq as f64 / r));
+        if let (Some(due), Some(deadline)) = (due, self.deadline) {
+            if due >= deadline {
+                return None;
+            }
+        }
+        Some(Ticket { seq, due })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_limit_hands_out_each_sequence_number_once() {
+        let plan = Plan::new(Instant::now(), Some(3), None, None);
+        let seqs: Vec<u64> = std::iter::from_fn(|| plan.claim()).map(|t| t.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 2]);
+        assert!(plan.claim().is_none());
+    }
+
+    #[test]
+    fn a_rate_spaces_due_times_and_a_duration_ends_them() {
+        let start = Instant::now();
+        let plan = Plan::new(start, None, Some(Duration::from_secs(1)), Some(4.0));
+        let dues: Vec<Duration> = std::iter::from_fn(|| plan.claim())
+            .map(|t| t.due.unwrap() - start)
+            .collect();
+        assert_eq!(dues, [0, 250, 500, 750].map(Duration::from_millis).to_vec());
+    }
+}

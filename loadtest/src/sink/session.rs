@@ -1,0 +1,234 @@
+//! One sink session: bytes in, postern-proto's server session decides, replies out. Bodies
+//! are counted (and their headers scanned with `--record`), never stored.
+
+use std::rc::Rc;
+
+use futures_lite::future;
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use postern_proto::{Event, ServerSession};
+
+use crate::conn::Conn;
+use crate::sink::core::Core;
+use crate::sink::counters::Slot;
+use crate::sink::faults::Verdict;
+use crate::sink::record::HeaderScan;
+
+/// Read buffer per session: large enough that bulk bodies arrive in few reads.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Runs one session to its end.
+pub async fn serve(core: Rc<Core>, tcp: TcpStream) {
+    core.sessions.set(core.sessions.get() + 1);
+    Slot::add(&core.slot().connections, 1);
+    let _ = tcp.set_nodelay(true);
+    let mut s = Session {
+        proto: ServerSession::new(core.shared.proto.clone(), core.shared.tls.is_some()),
+        core: core.clone(),
+        conn: Conn::Plain(tcp),
+        scan: HeaderScan::default(),
+        body_len: 0,
+        on_connection: 0,
+    };
+    s.run().await;
+    let _ = s.conn.close().await;
+    core.sessions.set(core.sessions.get() - 1);
+    core.session_ended.notify(usize::MAX);
+}
+
+struct Session {
+    core: Rc<Core>,
+    conn: Conn,
+    proto: ServerSession,
+    scan: HeaderScan,
+    body_len: u64,
+    on_connection: u64,
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Timeout,
+    Stop,
+}
+
+impl Session {
+    async fn run(&mut self) {
+        if self.core.is_stopping() {
+            self.proto.shutdown();
+        } else {
+            self.proto.greet();
+        }
+        if !self.flush().await || self.proto.is_closed() {
+            return;
+        }
+        let mut buf = vec![0u8; READ_BUFFER];
+        let (mut start, mut end) = (0usize, 0usize);
+        // Bounded: every pass reads, and reads end with the client, a timeout or the stop.
+        loop {
+            loop {
+                let step = self.proto.handle(&buf[start..end]);
+                start += step.consumed;
+                match step.event {
+                    Event::NeedInput => break,
+                    Event::Mail(..) => self.proto.accept(),
+                    Event::Rcpt(..) => {
+                        Slot::add(&self.core.slot().recipients, 1);
+                        self.proto.accept();
+                    }
+                    Event::DataStart => {
+                        self.scan.reset();
+                        self.body_len = 0;
+                        self.proto.accept();
+                    }
+                    Event::Body(bytes) => {
+                        self.body_len += bytes.len() as u64;
+                        if self.core.recording() {
+                            self.scan.feed(bytes);
+                        }
+                    }
+                    Event::DataEnd => {
+                        if !self.data_end().await {
+                            return;
+                        }
+                    }
+                    Event::DataAbort => {}
+                    Event::StartTls => {
+                        start = end;
+                        if !self.flush().await || !self.start_tls().await {
+                            return;
+                        }
+                        self.proto.tls_established();
+                    }
+                    Event::Close => {
+                        self.flush().await;
+                        return;
+                    }
+                }
+            }
+            if !self.flush().await {
+                return;
+            }
+            if start == end {
+                (start, end) = (0, 0);
+            } else if end == buf.len() {
+                buf.copy_within(start..end, 0);
+                (start, end) = (0, end - start);
+            }
+            match self.read(&mut buf[end..]).await {
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return,
+                Wake::Read(Ok(n)) => end += n,
+                Wake::Timeout => {
+                    Slot::add(&self.core.slot().timeouts, 1);
+                    self.proto.timeout();
+                    self.flush().await;
+                    return;
+                }
+                Wake::Stop => {
+                    self.proto.shutdown();
+                    self.flush().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn read(&mut self, into: &mut [u8]) -> Wake {
+        let core = self.core.clone();
+        let stoppable = !self.proto.in_body();
+        let timeout = self.core.shared.timeout;
+        let read = async { Wake::Read(self.conn.read(into).await) };
+        let expire = async {
+            glommio::timer::sleep(timeout).await;
+            Wake::Timeout
+        };
+        let stop = async {
+            if stoppable {
+                core.stopped().await;
+                Wake::Stop
+            } else {
+                future::pending().await
+            }
+        };
+        future::or(read, future::or(expire, stop)).await
+    }
+
+    /// Settles an end of data; false when the connection is to be dropped.
+    async fn data_end(&mut self) -> bool {
+        let slot_bytes = self.body_len;
+        Slot::add(&self.core.slot().bytes_received, slot_bytes);
+        self.on_connection += 1;
+        let n = self.core.messages.get();
+        self.core.messages.set(n + 1);
+        let faults = &self.core.shared.faults;
+        let verdict = faults.verdict(n, self.on_connection);
+        if let Some(delay) = faults.delay {
+            glommio::timer::sleep(delay).await;
+        }
+        let counters = &self.core.shared.counters;
+        match verdict {
+            Verdict::Drop => {
+                Slot::add(&self.core.slot().dropped, 1);
+                false
+            }
+            Verdict::Accept(code) => {
+                let slot = self.core.slot();
+                Slot::add(&slot.messages, 1);
+                Slot::add(&slot.bytes, slot_bytes);
+                if let Some(i) = counters.code_index(code) {
+                    Slot::add(&slot.replies[i], 1);
+                }
+                if self.core.recording() {
+                    self.scan.line(&mut self.core.record.borrow_mut());
+                    self.core.flush_record(false);
+                }
+                let id = format!("{:X}{:08X}", self.core.id, n);
+                self.proto.message_queued(&id);
+                true
+            }
+            Verdict::Refuse(reply) => {
+                if let Some(i) = counters.code_index(reply.code) {
+                    Slot::add(&self.core.slot().replies[i], 1);
+                }
+                self.proto.message_failed(reply);
+                true
+            }
+        }
+    }
+
+    /// Writes out the pending replies; false when the connection is gone.
+    async fn flush(&mut self) -> bool {
+        if self.proto.output().is_empty() {
+            return true;
+        }
+        let ok = self.conn.write_all(self.proto.output()).await.is_ok()
+            && self.conn.flush().await.is_ok();
+        self.proto.clear_output();
+        ok
+    }
+
+    async fn start_tls(&mut self) -> bool {
+        let Some(acceptor) = self.core.shared.tls.clone() else {
+            return false;
+        };
+        let Some(tcp) = self.conn.take_plain() else {
+            return false;
+        };
+        let timeout = self.core.shared.timeout;
+        let handshake = async { Some(acceptor.accept(tcp).await) };
+        let expire = async {
+            glommio::timer::sleep(timeout).await;
+            None
+        };
+        match future::or(handshake, expire).await {
+            Some(Ok(tls)) => {
+                self.conn = Conn::Server(Box::new(tls));
+                Slot::add(&self.core.slot().tls_handshakes, 1);
+                true
+            }
+            _ => {
+                Slot::add(&self.core.slot().tls_failures, 1);
+                false
+            }
+        }
+    }
+}
