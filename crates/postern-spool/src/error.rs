@@ -2,35 +2,78 @@
 
 use std::io;
 
-/// What went wrong in the spool. Always a local fault; [`SpoolError::is_temporary`] tells the
-/// session whether to answer 4xx (try again later) or treat it as fatal.
+/// What went wrong in the spool. Always a local fault (never the peer's, never the next
+/// hop's); [`SpoolError::is_temporary`] tells the session whether to answer `452 4.3.1` (try
+/// again later) or to treat it as a bug.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    /// The disk is full (at segment creation): temporary, 452 4.3.1.
+    /// No room for a new segment (`ENOSPC`, `EDQUOT`, or `EFBIG` under `RLIMIT_FSIZE`), met
+    /// when a segment is created. Temporary: appends work again once space returns.
     #[error("spool disk full: {0}")]
     NoSpace(io::Error),
-    /// Another I/O error (EIO, a failed sync): temporary for the client, 452 4.3.1.
+    /// Another I/O error (`EIO` on a write, creating a directory or a segment). Temporary for
+    /// the client; the segment being written is abandoned, later appends go to a new one.
     #[error("spool I/O error: {0}")]
     Io(#[from] io::Error),
-    /// A record too large for any segment (raise the segment size).
+    /// A sync that covered records of this message failed, so the message is not durable and
+    /// was not stored; the client must send it again. Temporary.
+    #[error("spool sync failed: {0}")]
+    SyncFailed(String),
+    /// A record larger than a segment can hold (an envelope over the segment size): raise the
+    /// segment size. Body bytes never cause it; they are split into chunks.
     #[error("record of {0} bytes does not fit in a segment")]
     TooLarge(usize),
-    /// The draft is unknown (already finished or aborted): a bug in the caller.
-    #[error("no such draft")]
+    /// The draft belongs to another spool (another core, or an earlier opening): a bug in the
+    /// caller, not temporary.
+    #[error("draft not of this spool")]
     UnknownDraft,
 }
 
 impl SpoolError {
-    /// Whether the client may try again later (every case but a caller bug).
+    /// Whether the client may try again later (`452 4.3.1`): every case but a caller bug.
     pub fn is_temporary(&self) -> bool {
         !matches!(self, SpoolError::UnknownDraft)
     }
 
+    /// Sorts an I/O error into "out of space" and the rest.
     pub(crate) fn from_io(e: io::Error) -> Self {
-        if e.raw_os_error() == Some(28) || e.kind() == io::ErrorKind::StorageFull {
+        let no_space = matches!(
+            e.raw_os_error(),
+            Some(code) if code == libc_codes::ENOSPC
+                || code == libc_codes::EDQUOT
+                || code == libc_codes::EFBIG
+        ) || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+        );
+        if no_space {
             SpoolError::NoSpace(e)
         } else {
             SpoolError::Io(e)
         }
+    }
+}
+
+/// The errno values the spool sorts on (Linux).
+mod libc_codes {
+    pub(super) const EFBIG: i32 = rustix::io::Errno::FBIG.raw_os_error();
+    pub(super) const ENOSPC: i32 = rustix::io::Errno::NOSPC.raw_os_error();
+    pub(super) const EDQUOT: i32 = rustix::io::Errno::DQUOT.raw_os_error();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_space_codes_are_no_space_and_temporary() {
+        for code in [libc_codes::ENOSPC, libc_codes::EDQUOT, libc_codes::EFBIG] {
+            let e = SpoolError::from_io(io::Error::from_raw_os_error(code));
+            assert!(matches!(e, SpoolError::NoSpace(_)), "{e}");
+            assert!(e.is_temporary());
+        }
+        let eio = SpoolError::from_io(io::Error::from_raw_os_error(5));
+        assert!(matches!(eio, SpoolError::Io(_)) && eio.is_temporary());
+        assert!(!SpoolError::UnknownDraft.is_temporary());
     }
 }

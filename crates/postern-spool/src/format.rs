@@ -1,12 +1,12 @@
 //! The record format: `length u32 | crc32c u32 | kind u8 | 3 zero bytes | payload`, 8-byte
-//! aligned, CRC over kind and payload (docs/durability.md).
+//! aligned, CRC over the segment's salt, the kind and the payload (docs/durability.md).
 
 /// Segment header size; records start here.
 pub(crate) const HEADER: usize = 64;
 /// Segment magic.
 pub(crate) const MAGIC: &[u8; 8] = b"PSTNSEG\0";
-/// Format version.
-pub(crate) const VERSION: u32 = 1;
+/// Format version: 2 added the per-segment salt in the CRC.
+pub(crate) const VERSION: u32 = 2;
 /// Record header: length, CRC, kind, padding.
 pub(crate) const RECORD_HEADER: usize = 12;
 
@@ -39,9 +39,10 @@ pub(crate) fn record_len(payload: usize) -> usize {
     (RECORD_HEADER + payload + 7) & !7
 }
 
-/// The CRC of a record's kind and payload pieces.
-pub(crate) fn crc(kind: Kind, pieces: &[&[u8]]) -> u32 {
-    let mut c = crc32c::crc32c(&[kind as u8]);
+/// The CRC of a record's kind and payload pieces, in a segment with `salt`.
+pub(crate) fn crc(salt: u32, kind: Kind, pieces: &[&[u8]]) -> u32 {
+    let mut c = crc32c::crc32c(&salt.to_le_bytes());
+    c = crc32c::crc32c_append(c, &[kind as u8]);
     for p in pieces {
         c = crc32c::crc32c_append(c, p);
     }
@@ -52,7 +53,7 @@ pub(crate) fn crc(kind: Kind, pieces: &[&[u8]]) -> u32 {
 /// The length word goes last, after a compiler fence: a process killed in the middle leaves
 /// a zero length, which recovery reads as the end of the data. After a power loss pages may
 /// reach the disk in any order; there the CRC is what recovery trusts.
-pub(crate) fn write_record(dst: &mut [u8], kind: Kind, pieces: &[&[u8]]) -> usize {
+pub(crate) fn write_record(dst: &mut [u8], salt: u32, kind: Kind, pieces: &[&[u8]]) -> usize {
     let payload: usize = pieces.iter().map(|p| p.len()).sum();
     let mut at = RECORD_HEADER;
     for p in pieces {
@@ -61,7 +62,7 @@ pub(crate) fn write_record(dst: &mut [u8], kind: Kind, pieces: &[&[u8]]) -> usiz
     }
     let total = record_len(payload);
     dst[at..total].fill(0);
-    dst[4..8].copy_from_slice(&crc(kind, pieces).to_le_bytes());
+    dst[4..8].copy_from_slice(&crc(salt, kind, pieces).to_le_bytes());
     dst[8] = kind as u8;
     dst[9..12].fill(0);
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
@@ -84,8 +85,8 @@ pub(crate) enum Read<'a> {
     End,
 }
 
-/// Reads the record at the start of `src`.
-pub(crate) fn read_record(src: &[u8]) -> Read<'_> {
+/// Reads the record at the start of `src`, in a segment with `salt`.
+pub(crate) fn read_record(src: &[u8], salt: u32) -> Read<'_> {
     if src.len() < RECORD_HEADER {
         return Read::End;
     }
@@ -102,7 +103,7 @@ pub(crate) fn read_record(src: &[u8]) -> Read<'_> {
     let stored = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
     let payload = &src[RECORD_HEADER..RECORD_HEADER + payload_len];
     match Kind::from_u8(src[8]) {
-        Some(kind) if crc(kind, &[payload]) == stored => Read::Record { kind, payload, len },
+        Some(kind) if crc(salt, kind, &[payload]) == stored => Read::Record { kind, payload, len },
         _ => Read::Corrupt { len },
     }
 }
@@ -148,23 +149,28 @@ mod tests {
     #[test]
     fn records_round_trip_and_corruption_is_seen() {
         let mut buf = vec![0u8; 256];
-        let n = write_record(&mut buf, Kind::Body, &[b"abc", b"defgh"]);
+        let n = write_record(&mut buf, 7, Kind::Body, &[b"abc", b"defgh"]);
         assert_eq!(n, 24);
         assert_eq!(
-            read_record(&buf),
+            read_record(&buf, 7),
             Read::Record {
                 kind: Kind::Body,
                 payload: b"abcdefgh",
                 len: 24
             }
         );
-        assert_eq!(read_record(&buf[n..]), Read::End);
+        assert_eq!(read_record(&buf[n..], 7), Read::End);
+        assert_eq!(
+            read_record(&buf, 8),
+            Read::Corrupt { len: 24 },
+            "a record is valid only under its own segment's salt"
+        );
         buf[13] ^= 1;
-        assert_eq!(read_record(&buf), Read::Corrupt { len: 24 });
+        assert_eq!(read_record(&buf, 7), Read::Corrupt { len: 24 });
         buf[0] = 0xff;
         buf[1] = 0xff;
         assert_eq!(
-            read_record(&buf),
+            read_record(&buf, 7),
             Read::End,
             "a length past the end ends the scan"
         );

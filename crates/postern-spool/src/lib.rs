@@ -1,25 +1,39 @@
 //! postern-spool keeps the promise behind every `250`: a memory-mapped, append-only log of
-//! messages per core, in CRC-framed records, made durable by group commit, and read back by a
-//! recovery scan after a crash (docs/durability.md gives the exact order of writes and syncs).
+//! messages per core, in CRC-framed records, made durable by group commit, read back by a
+//! recovery scan after a crash, and reclaimed segment by segment once its messages are final.
+//! docs/durability.md gives the exact order of writes and syncs and what recovery promises.
 //!
 //! Each core owns a [`Spool`] and appends only to its own segments, so the hot path takes no
-//! lock and makes no syscall: records are copied into the mapping. The one blocking call,
-//! `fdatasync`, is packaged as a [`SyncBatch`] that the embedding runs where it wants (postern
-//! runs it on a helper thread, never on a core). This crate knows nothing of glommio or SMTP.
-//! Its only `unsafe` is mapping files, in `map`.
+//! lock and, for small records, makes no syscall: records are copied into the mapping (large
+//! body chunks go in with one `pwrite`). The blocking work, `fdatasync` for a group commit and
+//! making the next segment file, is handed out as `Send` values ([`SyncBatch`], [`SpareJob`])
+//! that the embedding runs where it wants; the spool never blocks a core on the disk unless
+//! asked to ([`Spool::sync_now`]). Bodies are read back through [`MessageRef`], `Send + Sync`
+//! handles on read-only mappings, without copies.
+//!
+//! This crate must not know about glommio, SMTP or the queue: envelopes are plain strings.
+//! Its costs: segments are reserved in full on disk (64 MiB each by default), a mapping per
+//! live segment, and per live message an index entry; a long-deferred message keeps the
+//! segments after it. Its only `unsafe` is in `map`.
 
+mod body;
+mod commit;
 mod error;
 mod format;
 mod map;
 mod meta;
 mod queue_id;
+mod reclaim;
 mod recover;
 mod segment;
+mod spare;
 mod spool;
 
+pub use body::MessageRef;
+pub use commit::{Ticket, TicketState};
 pub use error::SpoolError;
 pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
-pub use recover::{recover, Recovered, RecoveredMessage};
-pub use spool::{
-    Draft, PreparedSegment, SpareJob, Spool, SpoolOptions, SyncBatch, Ticket, TicketState,
-};
+pub use queue_id::owner_core;
+pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
+pub use spare::{PreparedSegment, SpareJob};
+pub use spool::{Draft, Spool, SpoolOptions, SyncBatch};

@@ -1,22 +1,54 @@
 //! Memory maps of segment files: the only `unsafe` of the spool.
+//!
+//! Two mappings of a segment exist while it is written: the core's writable one ([`map_mut`])
+//! and a shared read-only one ([`ReadMap`]) from which bodies are handed out, on any thread.
+//! Both are `MAP_SHARED` views of the same page cache, so a byte written through the first is
+//! seen through the second. What keeps the reads sound is the spool's discipline, stated once
+//! here: a byte range is handed out for reading only after it was written, and the spool never
+//! writes it again, never truncates a segment and never recycles one (it deletes; an unlinked
+//! file stays valid for whoever still maps it).
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::{MmapMut, MmapOptions, MmapRaw};
 
 /// Maps a segment for writing.
 pub(crate) fn map_mut(file: &File) -> io::Result<MmapMut> {
     // SAFETY: the file is a segment this process created and reserved with fallocate; the
-    // spool never truncates a mapped segment, and other processes are not expected to change
-    // files under the spool directory (docs/durability.md). Writes go only through this
-    // mapping, by the one core that owns the segment.
+    // spool never truncates a mapped segment, and other processes must not change files under
+    // the spool directory (docs/durability.md). Writes go only through this mapping (and
+    // `pwrite` into the same not-yet-written range), by the one core that owns the segment.
     unsafe { MmapMut::map_mut(file) }
 }
 
-/// Maps a segment for reading (recovery).
-pub(crate) fn map(file: &File) -> io::Result<Mmap> {
-    // SAFETY: as above; recovery maps segments read-only while no writer is running.
-    unsafe { Mmap::map(file) }
+/// A read-only mapping of a whole segment, shared by every body handle into it.
+#[derive(Debug)]
+pub(crate) struct ReadMap(MmapRaw);
+
+impl ReadMap {
+    /// Maps `file` read-only.
+    pub(crate) fn new(file: &File) -> io::Result<ReadMap> {
+        // A raw mapping hands out only a pointer: references are made in `range`, and only
+        // over bytes that are no longer written.
+        MmapOptions::new().map_raw_read_only(file).map(ReadMap)
+    }
+
+    /// The mapping's length.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The bytes `start..end`, which must have been written completely and never be written
+    /// again (records before the write cursor; a whole segment at recovery, when no writer
+    /// runs). Panics when the range is out of bounds.
+    pub(crate) fn range(&self, start: usize, end: usize) -> &[u8] {
+        assert!(start <= end && end <= self.0.len(), "range outside the map");
+        // SAFETY: the range is inside the mapping (checked above), the mapping lives as long
+        // as `self`, and by the spool's discipline (module comment) nothing writes these bytes
+        // while the returned borrow lives. The slice is built from the raw pointer rather than
+        // so that no reference ever covers the part of the segment still being written.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().add(start), end - start) }
+    }
 }

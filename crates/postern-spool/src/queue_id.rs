@@ -12,6 +12,27 @@ fn push(out: &mut String, mut v: u64, digits: usize) {
     out.extend(buf[..digits].iter().map(|&b| b as char));
 }
 
+fn digit(c: u8) -> Option<u64> {
+    ALPHABET.iter().position(|&a| a == c).map(|v| v as u64)
+}
+
+fn read(s: &[u8]) -> Option<u64> {
+    s.iter()
+        .try_fold(0u64, |acc, &c| Some((acc << 5) | digit(c)?))
+}
+
+/// The time part of a queue ID made by [`make`].
+pub(crate) fn micros_of(id: &str) -> Option<u64> {
+    (id.len() == 17).then(|| read(&id.as_bytes()[..11]))?
+}
+
+/// The core that owns the message with queue ID `id` (the core whose spool wrote it), or
+/// `None` when `id` is not a queue ID made by this spool.
+pub fn owner_core(id: &str) -> Option<u32> {
+    let core = (id.len() == 17).then(|| read(&id.as_bytes()[11..13]))??;
+    u32::try_from(core).ok()
+}
+
 /// `micros` since the epoch (11 digits, good to the year 3084), the core (2 digits) and a
 /// per-spool counter (4 digits): 17 characters, sortable by time within a core.
 pub(crate) fn make(micros: u64, core: u32, counter: u64) -> String {
@@ -35,5 +56,9 @@ mod tests {
         assert!(a.bytes().all(|b| b.is_ascii_alphanumeric()));
         assert!(a != b && a != c && b != c);
         assert!(make(1, 0, 0) < make(2, 0, 0));
+        assert_eq!(micros_of(&c), Some(1_795_346_220_000_000));
+        assert_eq!(owner_core(&c), Some(1));
+        assert_eq!(owner_core(&make(5, 1023, 9)), Some(1023));
+        assert_eq!(owner_core("NOT-AN-ID"), None);
     }
 }

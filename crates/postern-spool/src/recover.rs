@@ -1,17 +1,17 @@
 //! Recovery: read every segment of every core, check every record, and rebuild the messages
-//! that were finished (docs/durability.md).
+//! that were finished, with their recipients' latest statuses (docs/durability.md).
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use memmap2::Mmap;
-
+use crate::body::{MessageRef, Piece};
 use crate::error::SpoolError;
-use crate::format::{read_record, Cursor, Kind, Read, HEADER};
-use crate::map;
+use crate::format::{read_record, Cursor, Kind, Read, HEADER, RECORD_HEADER};
+use crate::map::ReadMap;
 use crate::meta::{MessageMeta, Status};
-use crate::segment::{header_ok, parse_name};
+use crate::segment::{header, parse_name, Header};
 
 /// A message found whole.
 #[derive(Debug)]
@@ -20,15 +20,14 @@ pub struct RecoveredMessage {
     pub queue_id: String,
     /// Its envelope and trace facts.
     pub meta: MessageMeta,
-    /// The core whose spool holds it.
+    /// The core whose spool holds it (its owner).
     pub core: u32,
     /// The latest outcome of each recipient (by envelope index), None while never tried.
     pub statuses: Vec<Option<Status>>,
-    size: u64,
+    /// The body, read from the mapping.
+    body: MessageRef,
     /// The segment holding the message's START record.
     pub(crate) start_seq: u64,
-    /// Body pieces: (index into the mapped segments, start, end).
-    chunks: Vec<(usize, usize, usize)>,
 }
 
 impl RecoveredMessage {
@@ -42,8 +41,24 @@ impl RecoveredMessage {
 
     /// The body length.
     pub fn size(&self) -> u64 {
-        self.size
+        self.body.len()
     }
+
+    /// The body handle (`Send + Sync`, no copy), to hand to the relay.
+    pub fn body(&self) -> &MessageRef {
+        &self.body
+    }
+}
+
+/// Where a skipped record was, for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordLocation {
+    /// The core directory.
+    pub core: u32,
+    /// The segment number.
+    pub segment: u64,
+    /// Byte offset of the record in the segment file.
+    pub offset: u64,
 }
 
 /// What recovery found.
@@ -51,8 +66,14 @@ impl RecoveredMessage {
 pub struct Recovered {
     /// Finished messages, in the order they were finished per core.
     pub messages: Vec<RecoveredMessage>,
-    /// Records skipped because their CRC or kind was wrong.
+    /// Records (or segment headers) skipped because their CRC, kind or layout was wrong,
+    /// other than a torn tail.
     pub corrupt_records: u64,
+    /// Where each corrupt record was.
+    pub corrupt_at: Vec<RecordLocation>,
+    /// Segments whose last record was incomplete (a crash or power loss while writing): the
+    /// normal trace of a crash, not corruption.
+    pub torn_tails: u64,
     /// Messages started but never finished or aborted (cut off by a crash).
     pub unfinished: u64,
     /// Finished messages missing body records (lost to corruption): not reported.
@@ -61,22 +82,19 @@ pub struct Recovered {
     pub orphan_statuses: u64,
     /// Segments read.
     pub segments: u64,
-    maps: Vec<Mmap>,
+    /// Segment files with a blank header (creation cut off by a crash): nothing in them.
+    pub unused_segments: u64,
 }
 
 impl Recovered {
     /// The body of `m`, straight from the mapped segments.
     pub fn body<'a>(&'a self, m: &'a RecoveredMessage) -> impl Iterator<Item = &'a [u8]> + 'a {
-        m.chunks.iter().map(|&(seg, a, b)| &self.maps[seg][a..b])
+        m.body.chunks()
     }
 
     /// The body of `m` copied into one buffer.
     pub fn body_vec(&self, m: &RecoveredMessage) -> Vec<u8> {
-        let mut v = Vec::with_capacity(m.size as usize);
-        for piece in self.body(m) {
-            v.extend_from_slice(piece);
-        }
-        v
+        m.body.to_vec()
     }
 }
 
@@ -85,15 +103,16 @@ struct Partial {
     queue_id: String,
     meta: MessageMeta,
     size: u64,
-    chunks: Vec<(usize, usize, usize)>,
+    pieces: Vec<Piece>,
 }
 
-/// Scans the spool under `root`: every core directory, every segment in number order.
+/// Scans the spool under `root`: every core directory, every segment in number order. Run it
+/// at start-up, before any [`Spool`](crate::Spool) writes.
 pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     let Ok(cores) = std::fs::read_dir(root) else {
         return Ok(Recovered::default());
     };
-    let mut core_dirs: Vec<(u32, std::path::PathBuf)> = cores
+    let mut core_dirs: Vec<(u32, PathBuf)> = cores
         .flatten()
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
         .collect();
@@ -106,36 +125,30 @@ pub(crate) fn recover_core(dir: &Path, core: u32) -> Result<Recovered, SpoolErro
     scan_dirs(&[(core, dir.to_path_buf())])
 }
 
-fn scan_dirs(core_dirs: &[(u32, std::path::PathBuf)]) -> Result<Recovered, SpoolError> {
+fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut out = Recovered::default();
     let mut statuses = Vec::new();
-    for (core, dir) in core_dirs {
-        let mut segs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+    for &(core, ref dir) in core_dirs {
+        let mut segs: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
             .map_err(SpoolError::from_io)?
             .flatten()
             .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
             .collect();
         segs.sort();
-        // Drafts are numbered per opening of a spool; each opening starts a new segment.
+        // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();
         for (seq, path) in segs {
             let file = File::open(&path).map_err(SpoolError::from_io)?;
-            let map = map::map(&file).map_err(SpoolError::from_io)?;
-            if !header_ok(&map) {
-                out.corrupt_records += 1;
-                continue;
-            }
-            out.segments += 1;
-            let index = out.maps.len();
-            scan(
-                &map,
-                (index, seq),
-                *core,
-                &mut open,
-                &mut statuses,
-                &mut out,
-            );
-            out.maps.push(map);
+            let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::from_io)?);
+            let mut scan = Scan {
+                map: &map,
+                core,
+                seq,
+                open: &mut open,
+                statuses: &mut statuses,
+                out: &mut out,
+            };
+            scan.segment();
         }
         out.unfinished += open.len() as u64;
     }
@@ -168,87 +181,127 @@ fn apply_statuses(out: &mut Recovered, statuses: Vec<(String, u32, Status)>) {
     }
 }
 
-fn scan(
-    map: &[u8],
-    (index, seq): (usize, u64),
+/// The scan of one segment.
+struct Scan<'a> {
+    map: &'a Arc<ReadMap>,
     core: u32,
-    open: &mut HashMap<u64, Partial>,
-    statuses: &mut Vec<(String, u32, Status)>,
-    out: &mut Recovered,
-) {
-    let mut pos = HEADER;
-    loop {
-        match read_record(&map[pos..]) {
-            Read::End => return,
-            Read::Corrupt { len } => {
-                out.corrupt_records += 1;
-                pos += len;
+    seq: u64,
+    open: &'a mut HashMap<u64, Partial>,
+    statuses: &'a mut Vec<(String, u32, Status)>,
+    out: &'a mut Recovered,
+}
+
+impl Scan<'_> {
+    fn corrupt(&mut self, offset: usize) {
+        self.out.corrupt_records += 1;
+        self.out.corrupt_at.push(RecordLocation {
+            core: self.core,
+            segment: self.seq,
+            offset: offset as u64,
+        });
+    }
+
+    fn segment(&mut self) {
+        // No writer runs during recovery: the whole segment may be borrowed.
+        let data = self.map.range(0, self.map.len());
+        let salt = match header(data) {
+            Header::Valid { salt } => salt,
+            Header::Blank => {
+                self.out.unused_segments += 1;
+                return;
             }
-            Read::Record { kind, payload, len } => {
-                let start = pos + crate::format::RECORD_HEADER;
-                pos += len;
-                let mut c = Cursor(payload);
-                let Some(no) = c.u64() else {
-                    out.corrupt_records += 1;
-                    continue;
-                };
-                match kind {
-                    Kind::Status => match Status::decode(no, &mut c) {
-                        Some((rcpt, queue_id, status)) => statuses.push((queue_id, rcpt, status)),
-                        None => out.corrupt_records += 1,
-                    },
-                    Kind::Start => {
-                        let queue_id = c.bytes().and_then(|b| String::from_utf8(b.to_vec()).ok());
-                        let meta = MessageMeta::decode(&mut c);
-                        if let (Some(queue_id), Some(meta)) = (queue_id, meta) {
-                            if no == 1 {
-                                // A new opening of the spool: earlier drafts can never finish.
-                                out.unfinished += open.len() as u64;
-                                open.clear();
-                            }
-                            open.insert(
-                                no,
-                                Partial {
-                                    start_seq: seq,
-                                    queue_id,
-                                    meta,
-                                    size: 0,
-                                    chunks: Vec::new(),
-                                },
-                            );
-                        } else {
-                            out.corrupt_records += 1;
+            Header::Bad => {
+                self.corrupt(0);
+                return;
+            }
+        };
+        self.out.segments += 1;
+        let mut pos = HEADER;
+        let mut last_corrupt = None;
+        loop {
+            match read_record(&data[pos..], salt) {
+                Read::End => break,
+                Read::Corrupt { len } => {
+                    if let Some(at) = last_corrupt.replace(pos) {
+                        self.corrupt(at);
+                    }
+                    pos += len;
+                }
+                Read::Record { kind, payload, len } => {
+                    if let Some(at) = last_corrupt.take() {
+                        self.corrupt(at);
+                    }
+                    self.record(kind, payload, pos + RECORD_HEADER);
+                    pos += len;
+                }
+            }
+        }
+        // A bad record followed by nothing is the record a crash cut off.
+        if last_corrupt.is_some() {
+            self.out.torn_tails += 1;
+        }
+    }
+
+    /// One valid record whose payload starts at `at`.
+    fn record(&mut self, kind: Kind, payload: &[u8], at: usize) {
+        let mut c = Cursor(payload);
+        let Some(no) = c.u64() else {
+            self.corrupt(at - RECORD_HEADER);
+            return;
+        };
+        match kind {
+            Kind::Status => match Status::decode(no, &mut c) {
+                Some((rcpt, queue_id, status)) => self.statuses.push((queue_id, rcpt, status)),
+                None => self.corrupt(at - RECORD_HEADER),
+            },
+            Kind::Start => {
+                let queue_id = c.bytes().and_then(|b| String::from_utf8(b.to_vec()).ok());
+                match (queue_id, MessageMeta::decode(&mut c)) {
+                    (Some(queue_id), Some(meta)) => {
+                        let partial = Partial {
+                            start_seq: self.seq,
+                            queue_id,
+                            meta,
+                            size: 0,
+                            pieces: Vec::new(),
+                        };
+                        if self.open.insert(no, partial).is_some() {
+                            self.out.unfinished += 1;
                         }
                     }
-                    Kind::Body => {
-                        if let Some(p) = open.get_mut(&no) {
-                            p.size += (payload.len() - 8) as u64;
-                            p.chunks.push((index, start + 8, start + payload.len()));
-                        }
-                    }
-                    Kind::End => {
-                        let size = c.u64();
-                        if let Some(p) = open.remove(&no) {
-                            if size == Some(p.size) {
-                                let n = p.meta.recipients.len();
-                                out.messages.push(RecoveredMessage {
-                                    statuses: vec![None; n],
-                                    start_seq: p.start_seq,
-                                    queue_id: p.queue_id,
-                                    meta: p.meta,
-                                    core,
-                                    size: p.size,
-                                    chunks: p.chunks,
-                                });
-                            } else {
-                                out.damaged += 1;
-                            }
-                        }
-                    }
-                    Kind::Abort => {
-                        open.remove(&no);
+                    _ => self.corrupt(at - RECORD_HEADER),
+                }
+            }
+            Kind::Body => {
+                if let Some(p) = self.open.get_mut(&no) {
+                    p.size += (payload.len() - 8) as u64;
+                    p.pieces.push(Piece {
+                        map: self.map.clone(),
+                        start: at + 8,
+                        end: at + payload.len(),
+                    });
+                }
+            }
+            Kind::End => {
+                let size = c.u64();
+                if let Some(p) = self.open.remove(&no) {
+                    if size == Some(p.size) {
+                        let n = p.meta.recipients.len();
+                        self.out.messages.push(RecoveredMessage {
+                            statuses: vec![None; n],
+                            start_seq: p.start_seq,
+                            body: MessageRef::new(&p.queue_id, p.size, p.pieces),
+                            queue_id: p.queue_id,
+                            meta: p.meta,
+                            core: self.core,
+                        });
+                    } else {
+                        self.out.damaged += 1;
                     }
                 }
+            }
+            Kind::Abort => {
+                self.open.remove(&no);
             }
         }
     }

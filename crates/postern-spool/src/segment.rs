@@ -1,20 +1,24 @@
-//! Segment files: creation (reserved, header written, file and directory synced) and the
-//! write cursor into the mapping.
+//! Segment files: creation (reserved, header written, file and directory synced), the header,
+//! and the write cursor into the mapping.
 
 use std::fs::{File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::MmapMut;
 
-use crate::format::{crc, record_len, Kind, HEADER, MAGIC, RECORD_HEADER, VERSION};
-use crate::map;
+use crate::format::{crc, record_len, write_record, Kind, HEADER, MAGIC, RECORD_HEADER, VERSION};
+use crate::map::{self, ReadMap};
 
 /// A segment being written.
 pub(crate) struct Segment {
     pub(crate) seq: u64,
+    pub(crate) salt: u32,
     pub(crate) file: Arc<File>,
+    /// The read-only mapping body handles share.
+    pub(crate) read: Arc<ReadMap>,
     map: MmapMut,
     pos: usize,
 }
@@ -34,8 +38,48 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A fresh random salt: `RandomState` is seeded from the OS's randomness.
+fn new_salt(seq: u64) -> u32 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(seq);
+    let v = h.finish();
+    (v ^ (v >> 32)) as u32
+}
+
+/// What the first bytes of a segment file say.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Header {
+    /// A segment of this format, with its salt.
+    Valid { salt: u32 },
+    /// Zeros or too short: a segment whose creation was cut off before its header was synced.
+    Blank,
+    /// Something else: not ours, or damaged.
+    Bad,
+}
+
+/// Reads a segment header.
+pub(crate) fn header(data: &[u8]) -> Header {
+    let Some(h) = data.get(..HEADER) else {
+        return if data.iter().all(|&b| b == 0) {
+            Header::Blank
+        } else {
+            Header::Bad
+        };
+    };
+    if h.iter().all(|&b| b == 0) {
+        Header::Blank
+    } else if &h[..8] == MAGIC && h[8..12] == VERSION.to_le_bytes() {
+        Header::Valid {
+            salt: u32::from_le_bytes([h[24], h[25], h[26], h[27]]),
+        }
+    } else {
+        Header::Bad
+    }
+}
+
 impl Segment {
-    /// Creates segment `seq` of `size` bytes in `dir`, durable before it returns.
+    /// Creates segment `seq` of `size` bytes in `dir`, durable before it returns: file created,
+    /// space reserved, header written, file synced, directory synced.
     pub(crate) fn create(dir: &Path, core: u32, seq: u64, size: u64) -> io::Result<Segment> {
         let path: PathBuf = dir.join(file_name(seq));
         let file = OpenOptions::new()
@@ -43,6 +87,7 @@ impl Segment {
             .write(true)
             .create_new(true)
             .open(&path)?;
+        let salt = new_salt(seq);
         let made = (|| {
             rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)?;
             let mut map = map::map_mut(&file)?;
@@ -50,14 +95,18 @@ impl Segment {
             map[8..12].copy_from_slice(&VERSION.to_le_bytes());
             map[12..16].copy_from_slice(&core.to_le_bytes());
             map[16..24].copy_from_slice(&seq.to_le_bytes());
+            map[24..28].copy_from_slice(&salt.to_le_bytes());
             file.sync_all()?;
             sync_dir(dir)?;
-            Ok::<_, io::Error>(map)
+            let read = ReadMap::new(&file)?;
+            Ok::<_, io::Error>((map, read))
         })();
         match made {
-            Ok(map) => Ok(Segment {
+            Ok((map, read)) => Ok(Segment {
                 seq,
+                salt,
                 file: Arc::new(file),
+                read: Arc::new(read),
                 map,
                 pos: HEADER,
             }),
@@ -74,31 +123,31 @@ impl Segment {
         self.map.len() - self.pos
     }
 
-    /// Bytes used, header included.
-    pub(crate) fn used(&self) -> usize {
-        self.pos
+    /// The file's size (what it takes on disk: all of it is reserved).
+    pub(crate) fn size(&self) -> u64 {
+        self.read.len() as u64
     }
 
-    /// The space for the next record; `commit(n)` after writing `n` bytes into it.
-    pub(crate) fn tail(&mut self) -> &mut [u8] {
-        &mut self.map[self.pos..]
-    }
-
-    pub(crate) fn commit(&mut self, n: usize) {
-        self.pos += n;
+    /// Copies a record made of `pieces` into the mapping; returns where its payload starts.
+    /// The caller has checked that it fits.
+    pub(crate) fn append(&mut self, kind: Kind, pieces: &[&[u8]]) -> usize {
+        let start = self.pos;
+        self.pos += write_record(&mut self.map[start..], self.salt, kind, pieces);
+        start + RECORD_HEADER
     }
 
     /// Writes a record whose payload is `head` then `bulk`, putting `bulk` into the file with
     /// `pwrite` rather than through the mapping: whole pages written that way need no page
-    /// fault and no zeroing, which copying into fresh mapped pages costs (docs/benchmarks.md).
-    /// The page cache is shared, so the mapping sees the bytes; the header, with the length
-    /// word last, still goes through the mapping afterwards.
+    /// fault and no zeroing, which copying into fresh mapped pages costs. The page cache is
+    /// shared, so the mapping sees the bytes; the header, with the length word last, still goes
+    /// through the mapping afterwards. Returns where the payload starts. On an error nothing is
+    /// committed (the length word stays zero) and the caller abandons the segment.
     pub(crate) fn append_bulk(
         &mut self,
         kind: Kind,
         head: &[u8],
         bulk: &[u8],
-    ) -> std::io::Result<()> {
+    ) -> io::Result<usize> {
         let payload = head.len() + bulk.len();
         let total = record_len(payload);
         let start = self.pos;
@@ -111,17 +160,31 @@ impl Segment {
         let rec = &mut self.map[start..start + total];
         rec[RECORD_HEADER..RECORD_HEADER + head.len()].copy_from_slice(head);
         rec[RECORD_HEADER + payload..].fill(0);
-        rec[4..8].copy_from_slice(&crc(kind, &[head, bulk]).to_le_bytes());
+        rec[4..8].copy_from_slice(&crc(self.salt, kind, &[head, bulk]).to_le_bytes());
         rec[8] = kind as u8;
         rec[9..12].fill(0);
         std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
         rec[0..4].copy_from_slice(&(payload as u32).to_le_bytes());
         self.pos += total;
-        Ok(())
+        Ok(start + RECORD_HEADER)
     }
 }
 
-/// Whether `data` starts with a segment header.
-pub(crate) fn header_ok(data: &[u8]) -> bool {
-    data.len() >= HEADER && &data[..8] == MAGIC && data[8..12] == VERSION.to_le_bytes()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_valid_blank_or_bad() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let seg = Segment::create(dir.path(), 3, 7, 64 * 1024).unwrap_or_else(|e| panic!("{e}"));
+        let data = std::fs::read(dir.path().join(file_name(7))).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(header(&data), Header::Valid { salt: seg.salt });
+        assert_eq!(header(&[0u8; 10]), Header::Blank);
+        assert_eq!(header(&[0u8; 4096]), Header::Blank);
+        let mut bad = data[..HEADER].to_vec();
+        bad[9] = 9;
+        assert_eq!(header(&bad), Header::Bad);
+        assert_ne!(new_salt(1), new_salt(1), "salts are drawn, not derived");
+    }
 }

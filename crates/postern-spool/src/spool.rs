@@ -1,23 +1,27 @@
-//! One core's spool: streaming appends, commit tickets and group commit.
+//! One core's spool: streaming appends, commit tickets, group commit and reclaim.
 
-use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::body::{MessageRef, Piece};
+use crate::commit::{Commits, Ticket, TicketState};
 use crate::error::SpoolError;
-use crate::format::{record_len, write_record, Fields, Kind, HEADER, RECORD_HEADER};
+use crate::format::{record_len, Fields, Kind, HEADER, RECORD_HEADER};
 use crate::meta::{MessageMeta, Status};
 use crate::queue_id;
+use crate::reclaim::Index;
 use crate::recover::recover_core;
-use crate::segment::{file_name as segment_file_name, parse_name, sync_dir, Segment};
+use crate::segment::{file_name, header, parse_name, sync_dir, Header, Segment};
+use crate::spare::{PreparedSegment, SpareJob};
 
 /// Tunables.
 #[derive(Clone, Copy, Debug)]
 pub struct SpoolOptions {
-    /// Size of each segment file, reserved when it is created.
+    /// Size of each segment file, reserved with `fallocate` when it is created. Larger
+    /// segments mean fewer creations; the disk must hold at least one more than is in use.
     pub segment_size: u64,
 }
 
@@ -29,15 +33,17 @@ impl Default for SpoolOptions {
     }
 }
 
-/// A message being written. Finish or abort it exactly once.
+/// A message being written. Give it to [`Spool::finish`] or [`Spool::abort`] exactly once;
+/// dropping it instead keeps its segment pinned until the spool is reopened.
 #[derive(Debug)]
 pub struct Draft {
     spool: u64,
-    /// The segment holding the START record.
+    /// The segment holding the START record (pinned while the draft lives).
     seq: u64,
     no: u64,
     queue_id: String,
     size: u64,
+    pieces: Vec<Piece>,
 }
 
 impl Draft {
@@ -51,127 +57,106 @@ impl Draft {
     }
 }
 
-/// A finished message's place in the commit order; durable once a sync covers it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Ticket(u64);
-
-/// Where a ticket stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TicketState {
-    /// Not synced yet.
-    Pending,
-    /// Synced: the message is durable.
-    Durable,
-    /// The sync that covered it failed: the message is not durable.
-    Failed,
-}
-
-/// Making the next segment ahead of time: `Send`, to run off the core.
-#[derive(Debug)]
-pub struct SpareJob {
-    dir: PathBuf,
-    core: u32,
-    seq: u64,
-    size: u64,
-}
-
-/// A segment made by a [`SpareJob`], ready for [`Spool::install_spare`].
-pub struct PreparedSegment(Segment);
-
-impl std::fmt::Debug for PreparedSegment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PreparedSegment({})", self.0.seq)
-    }
-}
-
-impl SpareJob {
-    /// Creates, reserves and syncs the segment file (blocking).
-    pub fn run(self) -> std::io::Result<PreparedSegment> {
-        Segment::create(&self.dir, self.core, self.seq, self.size).map(PreparedSegment)
-    }
-}
-
-/// The sync work of one group commit: `Send`, so it can run on a helper thread.
+/// The sync work of one group commit: `Send`, so it runs on a helper thread while the core
+/// goes on; give it back to [`Spool::sync_done`] with the result of [`SyncBatch::run`].
 #[derive(Debug)]
 pub struct SyncBatch {
     files: Vec<Arc<File>>,
-    upto: u64,
+    range: (u64, u64),
 }
 
 impl SyncBatch {
-    /// Runs `fdatasync` on every file written since the last batch (blocking).
+    /// Runs `fdatasync` on every segment file written since the previous batch (blocking).
+    /// On Linux this also writes back the file's dirty pages of the shared mapping.
     pub fn run(&self) -> std::io::Result<()> {
         for f in &self.files {
             f.sync_data()?;
         }
         Ok(())
     }
+
+    /// How many tickets this batch settles.
+    pub fn tickets(&self) -> u64 {
+        self.range.1 - self.range.0
+    }
 }
 
 /// Body chunks at least this large are written with `pwrite` instead of through the mapping.
 const BULK_WRITE: usize = 16 * 1024;
 
+/// Tells one spool's drafts from another's (cores, reopenings).
 static NEXT_SPOOL_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The spool of one core. Not `Sync`: owned and used by that core alone.
+/// The spool of one core. Owned and used by that core alone (no locks inside); the blocking
+/// work it needs (syncs, making segments) is handed out as `Send` values to run elsewhere.
 pub struct Spool {
     dir: PathBuf,
     core: u32,
     options: SpoolOptions,
+    /// The segment being written.
     seg: Option<Segment>,
-    next_seq: u64,
-    next_draft: u64,
-    counter: u64,
     /// The next segment, made ahead of time.
     spare: Option<Segment>,
     /// A spare is being made.
     spare_pending: bool,
-    /// Tells this spool's drafts from another's.
+    next_seq: u64,
+    next_draft: u64,
+    /// Drafts numbered below this were begun before a sync failed: they cannot be durable.
+    poisoned_below: u64,
+    /// Per-opening counter for queue IDs.
+    counter: u64,
+    /// Queue ID times never go below this (the newest ID found at open).
+    id_floor: u64,
     id: u64,
     /// Reused to encode record payloads.
     scratch: Vec<u8>,
-    /// This core's segments, oldest first, with the number of live messages that start in
-    /// each: the reclaim index.
-    segments: VecDeque<(u64, usize)>,
-    /// Live (finished, not final) messages of this core, by queue ID, with their START segment.
-    live: HashMap<String, u64>,
-    issued: u64,
-    batched: u64,
-    durable: u64,
-    failed: Vec<(u64, u64)>,
+    index: Index,
+    commits: Commits,
+    /// Files written since the last batch was taken.
     dirty: Vec<Arc<File>>,
-    retired_bytes: u64,
 }
 
 impl Spool {
-    /// Opens (creating) the spool of `core` under `root`. Existing segments are left for
-    /// recovery; new messages go to a new segment.
+    /// Opens (creating) the spool of `core` under `root`: scans this core's segments to
+    /// rebuild the reclaim index, deletes what holds nothing live, and writes new records to a
+    /// new segment. Recovering the messages themselves is [`recover`](crate::recover)'s job.
     pub fn open(root: &Path, core: u32, options: SpoolOptions) -> Result<Spool, SpoolError> {
         let dir = root.join(core.to_string());
         if !dir.exists() {
             std::fs::create_dir_all(&dir).map_err(SpoolError::from_io)?;
             sync_dir(root).map_err(SpoolError::from_io)?;
         }
-        // Rebuild the reclaim index from this core's own segments.
-        let found = recover_core(&dir, core)?;
-        let mut segments: VecDeque<(u64, usize)> = VecDeque::new();
-        let mut bytes = 0;
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(SpoolError::from_io)? {
             let entry = entry.map_err(SpoolError::from_io)?;
             if let Some(seq) = entry.file_name().to_str().and_then(parse_name) {
-                segments.push_back((seq, 0));
-                bytes += entry.metadata().map_or(0, |m| m.len());
+                files.push((seq, entry.path()));
             }
         }
-        segments.make_contiguous().sort_unstable();
-        let mut live = HashMap::new();
-        for m in found.messages.iter().filter(|m| !m.is_final()) {
-            if let Some(slot) = segments.iter_mut().find(|(seq, _)| *seq == m.start_seq) {
-                slot.1 += 1;
-                live.insert(m.queue_id.clone(), m.start_seq);
+        files.sort_unstable();
+        let mut index = Index::default();
+        let mut last = 0;
+        for (seq, path) in files {
+            last = seq;
+            if segment_is_blank(&path)? {
+                // Its creation was cut off: it never held a record.
+                std::fs::remove_file(&path).map_err(SpoolError::from_io)?;
+                continue;
+            }
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            index.add_segment(seq, bytes);
+        }
+        let found = recover_core(&dir, core)?;
+        let mut id_floor = 0;
+        for m in &found.messages {
+            id_floor = id_floor.max(queue_id::micros_of(&m.queue_id).map_or(0, |t| t + 1));
+            if !m.is_final() {
+                index.pin(m.start_seq);
+                index.set_live(m.queue_id.clone(), m.start_seq);
             }
         }
-        let last = segments.back().map_or(0, |&(seq, _)| seq);
+        drop(found);
+        let next_seq = last + 1;
         let mut spool = Spool {
             dir,
             core,
@@ -179,28 +164,30 @@ impl Spool {
             seg: None,
             spare: None,
             spare_pending: false,
-            next_seq: last + 1,
-            next_draft: 1,
+            next_seq,
+            next_draft: (next_seq << 32) + 1,
+            poisoned_below: 0,
             counter: 0,
+            id_floor,
             id: NEXT_SPOOL_ID.fetch_add(1, Ordering::Relaxed),
             scratch: Vec::with_capacity(1024),
-            segments,
-            live,
-            issued: 0,
-            batched: 0,
-            durable: 0,
-            failed: Vec::new(),
+            index,
+            commits: Commits::default(),
             dirty: Vec::new(),
-            retired_bytes: bytes,
         };
         // Segments left with nothing live by the last run go now.
         spool.reclaim()?;
         Ok(spool)
     }
 
-    /// Bytes of segment files in this core's directory.
+    /// The core this spool belongs to.
+    pub fn core(&self) -> u32 {
+        self.core
+    }
+
+    /// Bytes of segment files in this core's directory (all reserved on disk).
     pub fn bytes_in_use(&self) -> u64 {
-        self.retired_bytes + self.seg.as_ref().map_or(0, |s| s.used() as u64)
+        self.index.bytes() + self.spare.as_ref().map_or(0, Segment::size)
     }
 
     /// Largest payload one record may carry.
@@ -208,17 +195,20 @@ impl Spool {
         self.options.segment_size as usize - HEADER - RECORD_HEADER - 8
     }
 
-    /// Makes room for a record of `len` bytes, starting a new segment when needed.
+    /// Stops writing to the current segment (full, or after an error).
+    fn retire_current(&mut self) {
+        if let Some(old) = self.seg.take() {
+            self.mark_dirty(&old.file);
+        }
+    }
+
+    /// The segment to write a record of `len` bytes into, starting a new one when needed.
     fn segment_for(&mut self, len: usize) -> Result<&mut Segment, SpoolError> {
         if len > self.options.segment_size as usize - HEADER {
             return Err(SpoolError::TooLarge(len));
         }
-        let full = self.seg.as_ref().is_none_or(|s| s.room() < len);
-        if full {
-            if let Some(old) = self.seg.take() {
-                self.retired_bytes += self.options.segment_size;
-                self.mark_dirty(&old.file);
-            }
+        if self.seg.as_ref().is_none_or(|s| s.room() < len) {
+            self.retire_current();
             // A segment made ahead of time off the core when there is one; otherwise make it
             // here (file, reservation and two fsyncs: the slow path).
             let seg = match self.spare.take() {
@@ -235,7 +225,7 @@ impl Spool {
                     seg
                 }
             };
-            self.segments.push_back((seg.seq, 0));
+            self.index.add_segment(seg.seq, seg.size());
             self.seg = Some(seg);
         }
         self.seg.as_mut().ok_or(SpoolError::UnknownDraft)
@@ -247,22 +237,28 @@ impl Spool {
         }
     }
 
-    fn append_record(&mut self, kind: Kind, pieces: &[&[u8]]) -> Result<(), SpoolError> {
+    /// Appends one record; returns the segment it went to and where its payload starts.
+    fn append_record(
+        &mut self,
+        kind: Kind,
+        pieces: &[&[u8]],
+    ) -> Result<(&Segment, usize), SpoolError> {
         let len = record_len(pieces.iter().map(|p| p.len()).sum());
         let seg = self.segment_for(len)?;
-        match pieces {
-            [head, bulk] if bulk.len() >= BULK_WRITE => {
-                seg.append_bulk(kind, head, bulk)
-                    .map_err(SpoolError::from_io)?;
-            }
-            _ => {
-                let n = write_record(seg.tail(), kind, pieces);
-                seg.commit(n);
-            }
-        }
+        let written = match pieces {
+            [head, bulk] if bulk.len() >= BULK_WRITE => seg.append_bulk(kind, head, bulk),
+            _ => Ok(seg.append(kind, pieces)),
+        };
         let file = seg.file.clone();
         self.mark_dirty(&file);
-        Ok(())
+        match written {
+            Ok(at) => Ok((self.seg.as_ref().ok_or(SpoolError::UnknownDraft)?, at)),
+            Err(e) => {
+                // Nothing after a possibly half-written region: later records go elsewhere.
+                self.retire_current();
+                Err(SpoolError::from_io(e))
+            }
+        }
     }
 
     /// Starts a message: writes its envelope and returns the draft to append the body to.
@@ -272,26 +268,29 @@ impl Spool {
         self.counter += 1;
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+            .map_or(0, |d| d.as_micros() as u64)
+            .max(self.id_floor);
         let queue_id = queue_id::make(micros, self.core, self.counter);
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         f.u64(no).bytes(queue_id.as_bytes());
         meta.encode(&mut f);
-        let written = self.append_record(Kind::Start, &[&f.0]);
+        let seq = self.append_record(Kind::Start, &[&f.0]).map(|(s, _)| s.seq);
         self.scratch = f.0;
-        written?;
-        let seq = self.seg.as_ref().map_or(0, |s| s.seq);
+        let seq = seq?;
+        self.index.pin(seq);
         Ok(Draft {
             spool: self.id,
             seq,
             no,
             queue_id,
             size: 0,
+            pieces: Vec::new(),
         })
     }
 
-    /// Appends body bytes, in records of at most one segment each.
+    /// Appends body bytes as they arrive, in records of at most one segment each. On an error
+    /// the draft can still be aborted (and must be: it will not finish).
     pub fn append(&mut self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
         if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
@@ -302,38 +301,66 @@ impl Spool {
         while !rest.is_empty() {
             // Fill what is left of the current segment before starting another; the slack
             // covers the record header, the draft number and alignment.
-            let room = self.seg.as_ref().map_or(0, |s| s.room());
+            let room = self.seg.as_ref().map_or(0, Segment::room);
             let fits = room.saturating_sub(RECORD_HEADER + 8 + 7);
             let take = if fits > 0 { fits } else { max_body }
                 .min(max_body)
                 .min(rest.len());
-            self.append_record(Kind::Body, &[&no, &rest[..take]])?;
+            let (seg, at) = self.append_record(Kind::Body, &[&no, &rest[..take]])?;
+            let start = at + no.len();
+            draft.pieces.push(Piece {
+                map: seg.read.clone(),
+                start,
+                end: start + take,
+            });
             rest = &rest[take..];
+            draft.size += take as u64;
         }
-        draft.size += bytes.len() as u64;
         Ok(())
     }
 
-    /// Ends a message; it is durable once its ticket is.
+    /// Ends a message; it is durable once its ticket is (see [`Spool::ticket_state`]).
     pub fn finish(&mut self, draft: Draft) -> Result<Ticket, SpoolError> {
+        self.finish_with_body(draft).map(|(t, _)| t)
+    }
+
+    /// Ends a message like [`Spool::finish`] and also returns the handle the relay reads its
+    /// body through, straight from the mapping (hand it out once the ticket is durable).
+    pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
         if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
+        }
+        if draft.no < self.poisoned_below {
+            self.index.unpin(draft.seq);
+            return Err(SpoolError::SyncFailed(
+                "a sync covering this message's records failed".into(),
+            ));
         }
         let mut end = [0u8; 16];
         end[..8].copy_from_slice(&draft.no.to_le_bytes());
         end[8..].copy_from_slice(&draft.size.to_le_bytes());
-        self.append_record(Kind::End, &[&end])?;
-        if let Some(slot) = self.segments.iter_mut().find(|(seq, _)| *seq == draft.seq) {
-            slot.1 += 1;
+        if let Err(e) = self.append_record(Kind::End, &[&end]) {
+            self.index.unpin(draft.seq);
+            return Err(e);
         }
-        self.live.insert(draft.queue_id, draft.seq);
-        self.issued += 1;
-        Ok(Ticket(self.issued))
+        let body = MessageRef::new(&draft.queue_id, draft.size, draft.pieces);
+        self.index.set_live(draft.queue_id, draft.seq);
+        Ok((self.commits.issue(), body))
+    }
+
+    /// Abandons a message: recovery will not report it. Best effort: the `ABORT` record needs
+    /// no sync, since a message without `END` is not reported either.
+    pub fn abort(&mut self, draft: Draft) {
+        if draft.spool == self.id {
+            let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
+            self.index.unpin(draft.seq);
+        }
     }
 
     /// Records the outcome for recipient `rcpt` (its index in the envelope) of message
-    /// `queue_id`; durable once the returned ticket is. Status records of a message are written
-    /// by the core that owns the message (docs/durability.md).
+    /// `queue_id`, in this core's spool whatever core owns the message; durable once the
+    /// returned ticket is. Recovery merges statuses of all cores; reclaim relies on the copy in
+    /// the owner's spool (docs/durability.md, "Status records").
     pub fn append_status(
         &mut self,
         queue_id: &str,
@@ -343,23 +370,17 @@ impl Spool {
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         status.encode(queue_id, rcpt, &mut f);
-        let written = self.append_record(Kind::Status, &[&f.0]);
+        let written = self.append_record(Kind::Status, &[&f.0]).map(|_| ());
         self.scratch = f.0;
         written?;
-        self.issued += 1;
-        Ok(Ticket(self.issued))
+        Ok(self.commits.issue())
     }
 
-    /// Forgets a message of this core whose recipients all have final, durable status
-    /// records, and deletes the segments that no longer hold anything live. Segments go in
-    /// order, oldest first, so a status record never outlives the message it is about
-    /// (docs/durability.md). Returns the number of segments deleted.
+    /// Forgets a message of this core whose recipients all have final, durable status records
+    /// in this spool, and deletes the segments that no longer hold anything live, oldest first
+    /// (docs/durability.md, "Reclaiming space"). Returns the number of segments deleted.
     pub fn mark_final(&mut self, queue_id: &str) -> Result<usize, SpoolError> {
-        if let Some(seq) = self.live.remove(queue_id) {
-            if let Some(slot) = self.segments.iter_mut().find(|(s, _)| *s == seq) {
-                slot.1 = slot.1.saturating_sub(1);
-            }
-        }
+        self.index.set_final(queue_id);
         self.reclaim()
     }
 
@@ -367,18 +388,15 @@ impl Spool {
     fn reclaim(&mut self) -> Result<usize, SpoolError> {
         let current = self.seg.as_ref().map(|s| s.seq);
         let mut deleted = 0;
-        while let Some(&(seq, live)) = self.segments.front() {
-            if live > 0 || Some(seq) == current {
-                break;
-            }
-            let path = self.dir.join(segment_file_name(seq));
-            match std::fs::remove_file(&path) {
+        while let Some((seq, bytes)) = self.index.pop_free(current) {
+            match std::fs::remove_file(self.dir.join(file_name(seq))) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(SpoolError::from_io(e)),
+                Err(e) => {
+                    self.index.push_front(seq, bytes);
+                    return Err(SpoolError::from_io(e));
+                }
             }
-            self.retired_bytes = self.retired_bytes.saturating_sub(self.options.segment_size);
-            self.segments.pop_front();
             deleted += 1;
         }
         Ok(deleted)
@@ -386,37 +404,61 @@ impl Spool {
 
     /// Messages of this core that are finished and not yet final.
     pub fn live_messages(&self) -> usize {
-        self.live.len()
+        self.index.live()
     }
 
-    /// Segment files of this core.
+    /// Segment files of this core (the spare not counted).
     pub fn segment_count(&self) -> usize {
-        self.segments.len()
+        self.index.segments()
     }
 
-    /// Abandons a message: recovery will not report it. Best effort (no sync needed: a
-    /// message without its END is not reported either).
-    pub fn abort(&mut self, draft: Draft) {
-        if draft.spool == self.id {
-            let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
-        }
-    }
-
-    /// The sync work for every ticket issued since the last batch, if any.
+    /// The sync work for every ticket issued since the last batch, if any. Run it anywhere
+    /// ([`SyncBatch::run`]) and report with [`Spool::sync_done`]; batches may overlap.
     pub fn take_sync(&mut self) -> Option<SyncBatch> {
-        if self.issued == self.batched {
-            return None;
-        }
-        self.batched = self.issued;
+        let range = self.commits.take()?;
         Some(SyncBatch {
             files: std::mem::take(&mut self.dirty),
-            upto: self.issued,
+            range,
         })
     }
 
+    /// Records the outcome of a batch from [`Spool::take_sync`]. After a failure every ticket
+    /// issued so far fails, every draft begun so far fails at finish, and the current segment
+    /// is abandoned (docs/durability.md, "Faults").
+    pub fn sync_done(&mut self, batch: SyncBatch, result: std::io::Result<()>) {
+        let ok = result.is_ok();
+        self.commits.done(batch.range, ok);
+        if !ok {
+            self.poisoned_below = self.next_draft;
+            self.retire_current();
+        }
+    }
+
+    /// Where `ticket` stands.
+    pub fn ticket_state(&self, ticket: Ticket) -> TicketState {
+        self.commits.state(ticket)
+    }
+
+    /// Whether `ticket` is durable.
+    pub fn is_durable(&self, ticket: Ticket) -> bool {
+        self.ticket_state(ticket) == TicketState::Durable
+    }
+
+    /// Syncs everything pending now, on this thread (tests, benchmarks, shutdown).
+    pub fn sync_now(&mut self) -> Result<(), SpoolError> {
+        if let Some(batch) = self.take_sync() {
+            let result = batch.run();
+            let err = result.as_ref().err().map(ToString::to_string);
+            self.sync_done(batch, result);
+            if let Some(e) = err {
+                return Err(SpoolError::SyncFailed(e));
+            }
+        }
+        Ok(())
+    }
+
     /// The work of making the next segment ahead of time, when none is ready or being made.
-    /// Run it off the core (it creates, reserves and syncs a file) and hand the result to
-    /// [`Spool::install_spare`].
+    /// Run it off the core and hand the result to [`Spool::install_spare`].
     pub fn spare_job(&mut self) -> Option<SpareJob> {
         if self.spare.is_some() || self.spare_pending {
             return None;
@@ -439,61 +481,32 @@ impl Spool {
         let Ok(PreparedSegment(seg)) = made else {
             return;
         };
-        let behind = self.seg.as_ref().is_some_and(|cur| cur.seq > seg.seq)
-            || self
-                .segments
-                .back()
-                .is_some_and(|&(last, _)| last > seg.seq);
-        if behind {
-            let _ = std::fs::remove_file(self.dir.join(segment_file_name(seg.seq)));
+        if self.index.last().is_some_and(|last| last > seg.seq) {
+            let _ = std::fs::remove_file(self.dir.join(file_name(seg.seq)));
         } else {
             self.spare = Some(seg);
         }
     }
+}
 
-    /// Records the outcome of a batch from [`Spool::take_sync`].
-    pub fn sync_done(&mut self, batch: SyncBatch, result: std::io::Result<()>) {
-        match result {
-            Ok(()) => self.durable = self.durable.max(batch.upto),
-            Err(_) => {
-                self.failed.push((self.durable, batch.upto));
-                self.durable = self.durable.max(batch.upto);
-                // The kernel may have dropped the pages that failed: write no more there.
-                if let Some(old) = self.seg.take() {
-                    self.retired_bytes += old.used() as u64;
-                }
-            }
-        }
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.dir)
+            .field("core", &self.core)
+            .field("segment", &self.seg.as_ref().map(|s| s.seq))
+            .field("segments", &self.index.segments())
+            .field("live", &self.index.live())
+            .finish()
     }
+}
 
-    /// Where `ticket` stands.
-    pub fn ticket_state(&self, ticket: Ticket) -> TicketState {
-        if ticket.0 > self.durable {
-            TicketState::Pending
-        } else if self
-            .failed
-            .iter()
-            .any(|&(from, to)| ticket.0 > from && ticket.0 <= to)
-        {
-            TicketState::Failed
-        } else {
-            TicketState::Durable
-        }
-    }
-
-    /// Syncs everything pending now, on this thread (tests, benchmarks, shutdown).
-    pub fn sync_now(&mut self) -> Result<(), SpoolError> {
-        if let Some(batch) = self.take_sync() {
-            let result = batch.run();
-            let err = result
-                .as_ref()
-                .err()
-                .map(|e| std::io::Error::new(e.kind(), e.to_string()));
-            self.sync_done(batch, result);
-            if let Some(e) = err {
-                return Err(SpoolError::Io(e));
-            }
-        }
-        Ok(())
-    }
+/// Whether a segment file's header is blank (creation cut off before it was synced).
+fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(HEADER);
+    File::open(path)
+        .and_then(|f| f.take(HEADER as u64).read_to_end(&mut head))
+        .map_err(SpoolError::from_io)?;
+    Ok(header(&head) == Header::Blank)
 }

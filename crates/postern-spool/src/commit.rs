@@ -1,0 +1,127 @@
+//! Commit tickets and the order in which sync batches settle them.
+//!
+//! Tickets are numbered in issue order. A batch covers the tickets issued since the previous
+//! batch. A ticket is durable once its batch and every earlier batch have succeeded; a failed
+//! batch fails every ticket issued up to the moment the failure is reported, since the failed
+//! range may hold records of messages finished later (docs/durability.md, "Faults").
+
+use std::collections::VecDeque;
+
+/// A finished message's (or status record's) place in the commit order; durable once a sync
+/// covers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub(crate) u64);
+
+/// Where a ticket stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TicketState {
+    /// Not synced yet.
+    Pending,
+    /// Synced: the message (or status) is durable. Reply `250`.
+    Durable,
+    /// A sync that covered it failed: not durable. Reply `452 4.3.1`.
+    Failed,
+}
+
+/// The ticket counters of one spool.
+#[derive(Debug, Default)]
+pub(crate) struct Commits {
+    issued: u64,
+    batched: u64,
+    /// Batches handed out and not yet settled in order: (last ticket, outcome when known).
+    in_flight: VecDeque<(u64, Option<bool>)>,
+    /// Every ticket up to this one is settled (durable unless in `failed`).
+    settled: u64,
+    /// Failed ticket ranges `(after, upto]`.
+    failed: Vec<(u64, u64)>,
+}
+
+impl Commits {
+    /// Issues the next ticket.
+    pub(crate) fn issue(&mut self) -> Ticket {
+        self.issued += 1;
+        Ticket(self.issued)
+    }
+
+    /// The range `(after, upto]` of a new batch, when tickets are waiting.
+    pub(crate) fn take(&mut self) -> Option<(u64, u64)> {
+        if self.issued == self.batched {
+            return None;
+        }
+        let range = (self.batched, self.issued);
+        self.batched = self.issued;
+        self.in_flight.push_back((self.issued, None));
+        Some(range)
+    }
+
+    /// Records a batch's outcome and settles what can be settled in order.
+    pub(crate) fn done(&mut self, (after, upto): (u64, u64), ok: bool) {
+        if !ok {
+            self.failed.push((after, self.issued));
+        }
+        if let Some(slot) = self.in_flight.iter_mut().find(|(u, _)| *u == upto) {
+            slot.1 = Some(ok);
+        }
+        while let Some(&(u, Some(_))) = self.in_flight.front() {
+            self.settled = u;
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// Where `t` stands.
+    pub(crate) fn state(&self, t: Ticket) -> TicketState {
+        if self.failed.iter().any(|&(a, b)| t.0 > a && t.0 <= b) {
+            TicketState::Failed
+        } else if t.0 <= self.settled {
+            TicketState::Durable
+        } else {
+            TicketState::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_batch_does_not_settle_an_earlier_one() {
+        let mut c = Commits::default();
+        let t1 = c.issue();
+        let b1 = c.take().unwrap_or_default();
+        let t2 = c.issue();
+        let b2 = c.take().unwrap_or_default();
+        assert_eq!(c.take(), None);
+        c.done(b2, true);
+        assert_eq!(c.state(t1), TicketState::Pending);
+        assert_eq!(c.state(t2), TicketState::Pending, "its batch waits for b1");
+        c.done(b1, true);
+        assert_eq!(
+            (c.state(t1), c.state(t2)),
+            (TicketState::Durable, TicketState::Durable)
+        );
+    }
+
+    #[test]
+    fn a_failure_fails_every_ticket_issued_before_it_was_known() {
+        let mut c = Commits::default();
+        let t1 = c.issue();
+        let b1 = c.take().unwrap_or_default();
+        let t2 = c.issue();
+        let b2 = c.take().unwrap_or_default();
+        let t3 = c.issue();
+        c.done(b1, false);
+        let t4 = c.issue();
+        c.done(b2, true);
+        let b3 = c.take().unwrap_or_default();
+        c.done(b3, true);
+        assert_eq!(c.state(t1), TicketState::Failed);
+        assert_eq!(
+            c.state(t2),
+            TicketState::Failed,
+            "b2 reported success, too late"
+        );
+        assert_eq!(c.state(t3), TicketState::Failed);
+        assert_eq!(c.state(t4), TicketState::Durable);
+    }
+}
