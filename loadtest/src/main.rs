@@ -19,9 +19,14 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // clap's first paragraph names the flag; its usage and tips follow, not needed.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("error: invalid command line");
-            eprintln!("postern-load: {first} (see --help)");
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("postern-load: {} (see --help)", first.join(" "));
             return ExitCode::from(2);
         }
     };

@@ -164,7 +164,12 @@ pub async fn run(core: Rc<Core>) {
         let mut outbox = Outbox::new(core.run.args.chunk_size);
         loop {
             if let Err(Failure(kind)) = transaction(&core, &mut client, &mut outbox, ticket).await {
+                // The message is lost with its connection; the next one goes on a new one.
                 core.fail(kind);
+                match core.run.plan.claim() {
+                    Some(t) => ticket = t,
+                    None => return,
+                }
                 break;
             }
             on_this_connection += 1;
@@ -179,7 +184,7 @@ pub async fn run(core: Rc<Core>) {
                 break;
             }
         }
-        // A failed connection is dropped; the next pass opens a new one for `ticket`.
+        // The next pass opens a new connection for `ticket`.
     }
 }
 

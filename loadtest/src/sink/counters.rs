@@ -27,6 +27,12 @@ pub struct Slot {
     pub tls_failures: AtomicU64,
     /// Sessions closed for silence.
     pub timeouts: AtomicU64,
+    /// Transactions whose MAIL and first RCPT arrived in one read (the client pipelines).
+    pub pipelined: AtomicU64,
+    /// Bodies started with DATA.
+    pub data_bodies: AtomicU64,
+    /// Bodies started with BDAT.
+    pub bdat_bodies: AtomicU64,
     /// End-of-data replies, by the index of their code in [`Counters::codes`].
     pub replies: Vec<AtomicU64>,
 }
@@ -74,7 +80,7 @@ impl Counters {
     /// Prometheus text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, u64); 9] = [
+        let plain: [(&str, &str, u64); 12] = [
             (
                 "connections_total",
                 "Connections accepted.",
@@ -119,6 +125,21 @@ impl Counters {
                 "timeouts_total",
                 "Sessions closed for silence.",
                 self.sum(|s| &s.timeouts),
+            ),
+            (
+                "pipelined_transactions_total",
+                "Transactions whose MAIL and first RCPT arrived in one read.",
+                self.sum(|s| &s.pipelined),
+            ),
+            (
+                "data_bodies_total",
+                "Bodies started with DATA.",
+                self.sum(|s| &s.data_bodies),
+            ),
+            (
+                "bdat_bodies_total",
+                "Bodies started with BDAT.",
+                self.sum(|s| &s.bdat_bodies),
             ),
         ];
         for (name, help, value) in plain {

@@ -65,20 +65,37 @@ impl Session {
         let (mut start, mut end) = (0usize, 0usize);
         // Bounded: every pass reads, and reads end with the client, a timeout or the stop.
         loop {
+            // A MAIL whose RCPT comes in the same read: the client pipelines.
+            let mut mail_in_this_read = false;
             loop {
                 let step = self.proto.handle(&buf[start..end]);
                 start += step.consumed;
                 match step.event {
                     Event::NeedInput => break,
-                    Event::Mail(..) => self.proto.accept(),
+                    Event::Mail(..) => {
+                        mail_in_this_read = true;
+                        self.proto.accept();
+                    }
                     Event::Rcpt(..) => {
-                        Slot::add(&self.core.slot().recipients, 1);
+                        let slot = self.core.slot();
+                        Slot::add(&slot.recipients, 1);
+                        if std::mem::take(&mut mail_in_this_read) {
+                            Slot::add(&slot.pipelined, 1);
+                        }
                         self.proto.accept();
                     }
                     Event::DataStart => {
                         self.scan.reset();
                         self.body_len = 0;
+                        let before = self.proto.output().len();
                         self.proto.accept();
+                        // Only DATA is answered 354 at its start; BDAT goes straight on.
+                        let slot = self.core.slot();
+                        if self.proto.output()[before..].starts_with(b"354") {
+                            Slot::add(&slot.data_bodies, 1);
+                        } else {
+                            Slot::add(&slot.bdat_bodies, 1);
+                        }
                     }
                     Event::Body(bytes) => {
                         self.body_len += bytes.len() as u64;

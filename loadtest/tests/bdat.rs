@@ -1,0 +1,54 @@
+//! BDAT: bodies go out with BDAT when the sink offers CHUNKING, with DATA when it does not,
+//! and arrive whole and once either way.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{check_record, num, record_path, send_json, Sink};
+
+#[test]
+fn bdat_bodies_arrive_once() {
+    let (_dir, record) = record_path();
+    let sink = Sink::start(&["--record", record.to_str().unwrap()]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "300",
+            "--connections",
+            "4",
+            "--bdat",
+            "--pipelining",
+            "--size",
+            "10k",
+            "--chunk-size",
+            "4k",
+        ],
+    );
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 300);
+    assert_eq!(counters.get("bdat_bodies_total"), 300);
+    assert_eq!(counters.get("data_bodies_total"), 0);
+    assert_eq!(counters.get("bytes_total"), 300 * 10 * 1024);
+    check_record(&record, 0..300);
+}
+
+#[test]
+fn bdat_without_pipelining() {
+    let sink = Sink::start(&[]);
+    let report = send_json(&sink.addr, &["--messages", "50", "--bdat"]);
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 50);
+    assert_eq!(counters.get("bdat_bodies_total"), 50);
+    assert_eq!(counters.get("pipelined_transactions_total"), 0);
+}
+
+#[test]
+fn a_sink_without_chunking_gets_data() {
+    let sink = Sink::start(&["--no-chunking"]);
+    let report = send_json(&sink.addr, &["--messages", "50", "--bdat", "--pipelining"]);
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 50);
+    assert_eq!(counters.get("bdat_bodies_total"), 0);
+    assert_eq!(counters.get("data_bodies_total"), 50);
+}

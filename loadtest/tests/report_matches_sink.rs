@@ -1,0 +1,76 @@
+//! The sender's report and the sink's counters tell the same story: messages, bytes,
+//! recipients, connections and the count of every reply code, also when the sink injects
+//! failures, and /metrics serves the same counters while the sink runs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::{num, send_json, Counters, Sink};
+
+#[test]
+fn counts_agree() {
+    let sink = Sink::start(&[]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "500",
+            "--connections",
+            "5",
+            "--rcpts",
+            "3",
+            "--pipelining",
+            "--size",
+            "2k:1,7k:1",
+        ],
+    );
+    let c = sink.stop();
+    assert_eq!(num(&report, "messages_sent"), 500);
+    assert_eq!(num(&report, "messages_accepted"), c.get("messages_total"));
+    assert_eq!(num(&report, "bytes_accepted"), c.get("bytes_total"));
+    assert_eq!(num(&report, "bytes_sent"), c.get("bytes_received_total"));
+    assert_eq!(
+        num(&report, "connections_opened"),
+        c.get("connections_total")
+    );
+    assert_eq!(c.get("recipients_total"), 3 * 500);
+    assert_eq!(report["replies"]["250"].as_u64(), Some(500));
+}
+
+#[test]
+fn injected_failures_are_counted_the_same_on_both_sides() {
+    let sink = Sink::start(&["--reply-mix", "250:8,451:1,550:1"]);
+    let report = send_json(
+        &sink.addr,
+        &["--messages", "100", "--connections", "2", "--pipelining"],
+    );
+    let c = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 80);
+    assert_eq!(num(&report, "messages_refused"), 20);
+    for code in ["250", "451", "550"] {
+        let sent = report["replies"][code].as_u64().unwrap_or(0);
+        let seen = c.get(&format!("replies_total{{code=\"{code}\"}}"));
+        assert_eq!(sent, seen, "code {code}");
+    }
+    assert_eq!(c.get("replies_total{code=\"451\"}"), 10);
+}
+
+#[test]
+fn metrics_are_served_while_running() {
+    let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
+    send_json(&sink.addr, &["--messages", "30"]);
+    let mut http = TcpStream::connect(sink.metrics.as_deref().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let live = Counters::parse(body);
+    let at_exit = sink.stop();
+    assert_eq!(live.get("messages_total"), 30);
+    assert_eq!(live.0, at_exit.0);
+}
