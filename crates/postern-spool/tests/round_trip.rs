@@ -100,45 +100,6 @@ fn reopening_starts_a_new_segment_and_keeps_the_old() {
 }
 
 #[test]
-fn a_corrupt_record_in_the_middle_is_skipped_and_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = SpoolOptions {
-        segment_size: 128 * 1024,
-    };
-    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
-    for i in 0..3 {
-        let mut d = spool.begin(&meta(i)).unwrap();
-        spool
-            .append(&mut d, format!("MARKER-{i}-").repeat(10).as_bytes())
-            .unwrap();
-        spool.finish(d).unwrap();
-    }
-    spool.sync_now().unwrap();
-    drop(spool);
-    let seg = std::fs::read_dir(dir.path().join("0"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let mut data = std::fs::read(&seg).unwrap();
-    let at = data.windows(9).position(|w| w == b"MARKER-1-").unwrap();
-    data[at] ^= 0x20;
-    std::fs::write(&seg, &data).unwrap();
-    let r = recover(dir.path()).unwrap();
-    assert_eq!((r.corrupt_records, r.damaged), (1, 1));
-    // Message 1 lost its body record, so its END no longer matches: not reported. 0 and 2 are.
-    let bodies: Vec<Vec<u8>> = r.messages.iter().map(|m| r.body_vec(m)).collect();
-    assert_eq!(
-        r.messages.len(),
-        2,
-        "{:?}",
-        r.messages.iter().map(|m| &m.queue_id).collect::<Vec<_>>()
-    );
-    assert!(bodies[0].starts_with(b"MARKER-0-") && bodies[1].starts_with(b"MARKER-2-"));
-}
-
-#[test]
 fn status_records_merge_across_cores_and_restarts() {
     use postern_spool::{DeliveryState, Status};
     let dir = tempfile::tempdir().unwrap();

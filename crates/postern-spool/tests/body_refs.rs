@@ -1,0 +1,89 @@
+//! Body handles: read from the mapping on another thread, still readable after their segment
+//! is reclaimed; and a message being written keeps its first segment from being reclaimed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{body, meta};
+use postern_spool::{recover, DeliveryState, Spool, SpoolOptions, Status};
+
+fn delivered() -> Status {
+    Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 ok".into(),
+    }
+}
+
+#[test]
+fn bodies_are_read_from_the_mapping_on_another_thread_even_after_reclaim() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 128 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut refs = Vec::new();
+    for i in 0..8 {
+        let b = body(i, 1000 + i * 20_000);
+        let mut d = spool.begin(&meta(i)).unwrap();
+        for piece in b.chunks(7000) {
+            spool.append(&mut d, piece).unwrap();
+        }
+        let (ticket, r) = spool.finish_with_body(d).unwrap();
+        refs.push((ticket, r, b));
+    }
+    spool.sync_now().unwrap();
+    assert!(refs.iter().all(|(t, _, _)| spool.is_durable(*t)));
+    // Every message final: their segments go (all but the one being written).
+    for (_, r, _) in &refs {
+        spool.append_status(r.queue_id(), 0, &delivered()).unwrap();
+        spool.append_status(r.queue_id(), 1, &delivered()).unwrap();
+    }
+    spool.sync_now().unwrap();
+    let before = spool.segment_count();
+    for (_, r, _) in &refs {
+        spool.mark_final(r.queue_id()).unwrap();
+    }
+    assert!(spool.segment_count() < before, "segments were reclaimed");
+    let reader = std::thread::spawn(move || {
+        refs.iter().all(|(_, r, b)| {
+            r.len() == b.len() as u64 && r.to_vec() == *b && r.chunks().count() > 0
+        })
+    });
+    assert!(reader.join().unwrap());
+}
+
+#[test]
+fn a_message_being_written_keeps_its_first_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let long_body = body(99, 300_000);
+    let mut long = spool.begin(&meta(99)).unwrap();
+    let long_id = long.queue_id().to_owned();
+    for (k, piece) in long_body.chunks(30_000).enumerate() {
+        spool.append(&mut long, piece).unwrap();
+        // Meanwhile short messages come and go final, which reclaims what it can.
+        let mut d = spool.begin(&meta(k)).unwrap();
+        spool.append(&mut d, &body(k, 10_000)).unwrap();
+        let id = d.queue_id().to_owned();
+        spool.finish(d).unwrap();
+        spool.append_status(&id, 0, &delivered()).unwrap();
+        spool.append_status(&id, 1, &delivered()).unwrap();
+        spool.sync_now().unwrap();
+        spool.mark_final(&id).unwrap();
+    }
+    let (ticket, r) = spool.finish_with_body(long).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
+    assert_eq!(r.to_vec(), long_body);
+    let rec = recover(dir.path()).unwrap();
+    let m = rec
+        .messages
+        .iter()
+        .find(|m| m.queue_id == long_id)
+        .expect("the long message survives the reclaims around it");
+    assert_eq!(m.body().to_vec(), long_body);
+    assert_eq!(spool.live_messages(), 1);
+}

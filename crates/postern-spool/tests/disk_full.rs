@@ -1,0 +1,209 @@
+//! A full disk: the spool refuses with a typed, temporary error (the session's `452 4.3.1`),
+//! keeps every message it acknowledged, never reports the refused one, and takes messages again
+//! once space returns. Two ways to fill a disk: a small tmpfs the test mounts (root), and
+//! `RLIMIT_FSIZE` in a child process, which needs no privilege and also runs when mounting is
+//! not permitted.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{body, fnv, meta};
+use postern_spool::{recover, Spool, SpoolError, SpoolOptions};
+
+const SEGMENT: u64 = 1024 * 1024;
+const MESSAGE: usize = 100 * 1024;
+
+/// Writes one message and syncs it: `Ok(queue ID)` once durable.
+fn write_one(spool: &mut Spool, i: usize, body: &[u8]) -> Result<String, SpoolError> {
+    let mut d = spool.begin(&meta(i))?;
+    for piece in body.chunks(32 * 1024) {
+        if let Err(e) = spool.append(&mut d, piece) {
+            spool.abort(d);
+            return Err(e);
+        }
+    }
+    let id = d.queue_id().to_owned();
+    let ticket = spool.finish(d)?;
+    spool.sync_now()?;
+    assert!(spool.is_durable(ticket));
+    Ok(id)
+}
+
+/// Writes messages until the spool refuses one; returns the refusal.
+fn fill(spool: &mut Spool, from: usize, acked: &mut Vec<(String, u64)>) -> SpoolError {
+    for i in from..from + 1000 {
+        let b = body(i, MESSAGE);
+        match write_one(spool, i, &b) {
+            Ok(id) => acked.push((id, fnv(&b))),
+            Err(e) => return e,
+        }
+    }
+    panic!("the disk never filled");
+}
+
+/// Every acknowledged message is there, whole, and nothing else is.
+fn check(root: &Path, acked: &[(String, u64)]) {
+    let r = recover(root).unwrap();
+    assert_eq!(r.corrupt_records, 0);
+    let found: Vec<(String, u64)> = r
+        .messages
+        .iter()
+        .map(|m| (m.queue_id.clone(), fnv(&m.body().to_vec())))
+        .collect();
+    assert_eq!(found, acked, "exactly the acknowledged messages, intact");
+}
+
+fn assert_no_space(e: &SpoolError) {
+    assert!(matches!(e, SpoolError::NoSpace(_)), "{e:?}");
+    assert!(e.is_temporary(), "a full disk is a 452, not a 5xx");
+}
+
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_tmpfs_refuses_temporarily_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("mounting a tmpfs is not permitted here: filling the disk with RLIMIT_FSIZE");
+        file_size_limit_scenario();
+        return;
+    }
+    let _unmount = Tmpfs(mnt.clone());
+    // 4 MiB, 2.5 taken: room for one 1 MiB segment, not two.
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![1u8; 2560 * 1024]).unwrap();
+    let root = mnt.join("spool");
+    let opts = SpoolOptions {
+        segment_size: SEGMENT,
+    };
+    let mut spool = Spool::open(&root, 0, opts).unwrap();
+    let mut acked = Vec::new();
+    let refused = fill(&mut spool, 0, &mut acked);
+    assert_no_space(&refused);
+    assert!(acked.len() >= 5, "the first segment took messages");
+    // Still full: refused again, no panic, nothing acknowledged lost.
+    assert_no_space(&write_one(&mut spool, 5000, &body(5000, MESSAGE)).unwrap_err());
+    check(&root, &acked);
+
+    // Space returns: the same spool takes mail again.
+    std::fs::remove_file(&filler).unwrap();
+    for i in 6000..6005 {
+        let b = body(i, MESSAGE);
+        acked.push((write_one(&mut spool, i, &b).unwrap(), fnv(&b)));
+    }
+    check(&root, &acked);
+    drop(spool);
+    // And after a restart.
+    let mut spool = Spool::open(&root, 0, opts).unwrap();
+    let b = body(7000, MESSAGE);
+    acked.push((write_one(&mut spool, 7000, &b).unwrap(), fnv(&b)));
+    check(&root, &acked);
+}
+
+#[test]
+fn a_file_size_limit_refuses_temporarily_and_loses_nothing() {
+    file_size_limit_scenario();
+}
+
+/// Runs `fsize_child` with SIGXFSZ ignored (set by the shell, inherited through exec), so that
+/// going over the limit is an `EFBIG` error rather than a killed process, then checks its spool.
+fn file_size_limit_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "fsize_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("POSTERN_FSIZE_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("REFUSED") && stdout.contains("DONE"),
+        "{stdout}"
+    );
+    let acked: Vec<(String, u64)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l[l.find("ACK ")?..].split(' ').skip(1);
+            Some((w.next()?.to_owned(), w.next()?.parse().ok()?))
+        })
+        .collect();
+    assert!(acked.len() >= 6);
+    check(dir.path(), &acked);
+}
+
+#[test]
+#[ignore = "run by the RLIMIT_FSIZE scenario as a child process"]
+fn fsize_child() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let Ok(root) = std::env::var("POSTERN_FSIZE_DIR") else {
+        return;
+    };
+    let root = Path::new(&root);
+    let mut spool = Spool::open(
+        root,
+        0,
+        SpoolOptions {
+            segment_size: SEGMENT,
+        },
+    )
+    .unwrap();
+    let ack = |id: &str, b: &[u8]| println!("ACK {id} {}", fnv(b));
+    for i in 0..3 {
+        let b = body(i, MESSAGE);
+        ack(&write_one(&mut spool, i, &b).unwrap(), &b);
+    }
+    // Files may not grow past 256 KiB now: the segment in use is already past that point,
+    // and a new segment cannot be reserved.
+    let before = getrlimit(Resource::Fsize);
+    setrlimit(
+        Resource::Fsize,
+        Rlimit {
+            current: Some(256 * 1024),
+            maximum: before.maximum,
+        },
+    )
+    .unwrap();
+    let mut acked = Vec::new();
+    let refused = fill(&mut spool, 100, &mut acked);
+    assert!(acked.is_empty(), "{acked:?}");
+    assert_no_space(&refused);
+    let again = write_one(&mut spool, 200, &body(200, 100));
+    assert_no_space(&again.unwrap_err());
+    println!("REFUSED {refused}");
+    setrlimit(Resource::Fsize, before).unwrap();
+    for i in 300..303 {
+        let b = body(i, MESSAGE);
+        ack(&write_one(&mut spool, i, &b).unwrap(), &b);
+    }
+    println!("DONE");
+}

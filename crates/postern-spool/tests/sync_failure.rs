@@ -1,0 +1,63 @@
+//! A failed sync: every ticket it may have covered fails, every draft begun before it fails
+//! at finish (its records may be gone), the process goes on, and later messages are durable.
+//! The failure is injected by reporting an error for a batch; the bytes themselves are fine.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{body, meta};
+use postern_spool::{recover, Spool, SpoolError, SpoolOptions, TicketState};
+
+#[test]
+fn a_failed_sync_fails_what_it_touched_and_nothing_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 256 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+
+    let mut first = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut first, &body(1, 5000)).unwrap();
+    let t1 = spool.finish(first).unwrap();
+    let batch = spool.take_sync().unwrap();
+    // While that batch runs: another message finishes, one is begun and stays open.
+    let mut second = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut second, &body(2, 5000)).unwrap();
+    let t2 = spool.finish(second).unwrap();
+    let mut open = spool.begin(&meta(3)).unwrap();
+    spool.append(&mut open, &body(3, 5000)).unwrap();
+    let open_id = open.queue_id().to_owned();
+
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(t1), TicketState::Failed);
+    assert_eq!(
+        spool.ticket_state(t2),
+        TicketState::Failed,
+        "finished before the failure was known: its records may share the lost range"
+    );
+    // Its batch reports success later: too late, still failed.
+    let late = spool.take_sync().unwrap();
+    spool.sync_done(late, Ok(()));
+    assert_eq!(spool.ticket_state(t2), TicketState::Failed);
+
+    spool.append(&mut open, &body(3, 100)).unwrap();
+    let err = spool.finish(open).unwrap_err();
+    assert!(matches!(err, SpoolError::SyncFailed(_)) && err.is_temporary());
+
+    // The process goes on: a new message is durable as usual.
+    let mut next = spool.begin(&meta(4)).unwrap();
+    spool.append(&mut next, &body(4, 5000)).unwrap();
+    let next_id = next.queue_id().to_owned();
+    let t4 = spool.finish(next).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(t4));
+
+    let r = recover(dir.path()).unwrap();
+    let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    assert!(ids.contains(&next_id.as_str()));
+    assert!(
+        !ids.contains(&open_id.as_str()),
+        "the draft refused at finish has no END"
+    );
+    assert_eq!(r.corrupt_records, 0);
+}
