@@ -21,3 +21,28 @@ fn dropped_connections_lose_only_the_unanswered_message() {
     let recorded = std::fs::read_to_string(&record).unwrap().lines().count();
     assert_eq!(recorded, 20);
 }
+
+#[test]
+fn a_server_that_never_answers_times_out() {
+    let sink = Sink::start(&["--delay", "10s"]);
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            "send",
+            "--target",
+            &sink.addr,
+            "--messages",
+            "2",
+            "--timeout",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("timeout: 2"), "{text}");
+    assert!(
+        started.elapsed().as_secs() < 8,
+        "the timeout was not applied"
+    );
+}

@@ -80,9 +80,7 @@ impl Client {
             }
             if !self.session.output().is_empty() {
                 self.first_write.get_or_insert_with(Instant::now);
-                self.conn
-                    .write_within(self.session.output(), self.timeout)
-                    .await?;
+                self.conn.write_out(self.session.output()).await?;
                 self.session.clear_output();
             }
             self.read().await?;
@@ -93,9 +91,7 @@ impl Client {
     /// RSET between transactions.
     async fn pump(&mut self) -> Result<(), Failure> {
         if !self.session.output().is_empty() {
-            self.conn
-                .write_within(self.session.output(), self.timeout)
-                .await?;
+            self.conn.write_out(self.session.output()).await?;
             self.session.clear_output();
         }
         self.read().await?;
@@ -112,10 +108,7 @@ impl Client {
         if self.raw_len == self.raw.len() {
             return Err(Failure("reply_too_long"));
         }
-        let n = self
-            .conn
-            .read_within(&mut self.raw[self.raw_len..], self.timeout)
-            .await?;
+        let n = self.conn.read_some(&mut self.raw[self.raw_len..]).await?;
         if n == 0 {
             return Err(Failure("connection_closed"));
         }
@@ -200,7 +193,7 @@ async fn open(core: &Core) -> Result<Client, Failure> {
         })?;
     let _ = tcp.set_nodelay(true);
     let mut client = Client {
-        conn: Conn::Plain(tcp),
+        conn: Conn::plain_with_timeouts(tcp, run.args.timeout)?,
         session: ClientSession::new(&run.args.helo),
         raw: vec![0; READ_BUFFER],
         raw_len: 0,
@@ -331,30 +324,27 @@ async fn transaction(
     loop {
         match client.next_event().await? {
             ClientEvent::SendBody => {
-                let timeout = client.timeout;
                 outbox
-                    .push(&mut client.conn, client.session.output(), timeout)
+                    .push(&mut client.conn, client.session.output())
                     .await?;
                 client.session.clear_output();
                 match mode {
                     BodyMode::Bdat => {
                         for piece in message.pieces() {
-                            outbox.push(&mut client.conn, piece, timeout).await?;
+                            outbox.push(&mut client.conn, piece).await?;
                         }
                     }
                     BodyMode::Data => {
                         let mut stuffer = DotStuffer::new();
                         for piece in message.pieces() {
                             for slice in stuffer.stuff(piece) {
-                                outbox.push(&mut client.conn, slice, timeout).await?;
+                                outbox.push(&mut client.conn, slice).await?;
                             }
                         }
-                        outbox
-                            .push(&mut client.conn, stuffer.finish(), timeout)
-                            .await?;
+                        outbox.push(&mut client.conn, stuffer.finish()).await?;
                     }
                 }
-                outbox.flush(&mut client.conn, timeout).await?;
+                outbox.flush(&mut client.conn).await?;
                 client.session.body_sent();
                 eod = Some(Instant::now());
                 core.with_stats(|s| {

@@ -2,10 +2,8 @@
 //! goes out in one write, while large body pieces are written straight from the shared
 //! padding buffer, never copied.
 
-use std::io;
-use std::time::Duration;
-
 use crate::conn::Conn;
+use std::io;
 
 /// Pieces at least this large are written directly instead of being gathered.
 const DIRECT: usize = 32 * 1024;
@@ -29,27 +27,27 @@ impl Outbox {
     }
 
     /// Queues `piece`, writing out first when it is large.
-    pub async fn push(&mut self, conn: &mut Conn, piece: &[u8], t: Duration) -> io::Result<()> {
+    pub async fn push(&mut self, conn: &mut Conn, piece: &[u8]) -> io::Result<()> {
         if piece.len() < DIRECT.min(self.chunk) {
             self.buf.extend_from_slice(piece);
             if self.buf.len() >= self.chunk {
-                self.flush(conn, t).await?;
+                self.flush(conn).await?;
             }
             return Ok(());
         }
-        self.flush(conn, t).await?;
+        self.flush(conn).await?;
         for part in piece.chunks(self.chunk) {
-            conn.write_within(part, t).await?;
+            conn.write_out(part).await?;
         }
         Ok(())
     }
 
     /// Writes out what is gathered.
-    pub async fn flush(&mut self, conn: &mut Conn, t: Duration) -> io::Result<()> {
+    pub async fn flush(&mut self, conn: &mut Conn) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let r = conn.write_within(&self.buf, t).await;
+        let r = conn.write_out(&self.buf).await;
         self.buf.clear();
         r
     }
