@@ -156,25 +156,38 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     Ok(out)
 }
 
-/// Gives each message the latest outcome of each recipient; a final outcome is never replaced
-/// by a later deferral (a deferral racing a delivery is stale).
-fn apply_statuses(out: &mut Recovered, statuses: Vec<(String, u32, Status)>) {
+/// Gives each message its recipients' outcomes. The owner's own records come first, in the
+/// order its log holds them: each replaces the one before, except that a final outcome is never
+/// replaced by a later deferral (which can only be stale). Records written on other cores then
+/// only fill a recipient the owner has nothing for, or turn a deferral into a final outcome
+/// (the owner's copy was not durable yet): their order relative to the owner's is unknown.
+fn apply_statuses(out: &mut Recovered, statuses: Vec<(u32, String, u32, Status)>) {
     let index: HashMap<&str, usize> = out
         .messages
         .iter()
         .enumerate()
         .map(|(i, m)| (m.queue_id.as_str(), i))
         .collect();
-    let mut updates = Vec::with_capacity(statuses.len());
-    for (queue_id, rcpt, status) in statuses {
+    let mut owned = Vec::with_capacity(statuses.len());
+    let mut foreign = Vec::new();
+    for (core, queue_id, rcpt, status) in statuses {
         match index.get(queue_id.as_str()) {
-            Some(&i) => updates.push((i, rcpt as usize, status)),
+            Some(&i) if out.messages[i].core == core => owned.push((i, rcpt as usize, status)),
+            Some(&i) => foreign.push((i, rcpt as usize, status)),
             None => out.orphan_statuses += 1,
         }
     }
-    for (i, rcpt, status) in updates {
+    for (i, rcpt, status) in owned {
         if let Some(slot) = out.messages[i].statuses.get_mut(rcpt) {
             if !slot.as_ref().is_some_and(Status::is_final) {
+                *slot = Some(status);
+            }
+        }
+    }
+    for (i, rcpt, status) in foreign {
+        if let Some(slot) = out.messages[i].statuses.get_mut(rcpt) {
+            if slot.is_none() || (status.is_final() && !slot.as_ref().is_some_and(Status::is_final))
+            {
                 *slot = Some(status);
             }
         }
@@ -187,7 +200,7 @@ struct Scan<'a> {
     core: u32,
     seq: u64,
     open: &'a mut HashMap<u64, Partial>,
-    statuses: &'a mut Vec<(String, u32, Status)>,
+    statuses: &'a mut Vec<(u32, String, u32, Status)>,
     out: &'a mut Recovered,
 }
 
@@ -251,7 +264,9 @@ impl Scan<'_> {
         };
         match kind {
             Kind::Status => match Status::decode(no, &mut c) {
-                Some((rcpt, queue_id, status)) => self.statuses.push((queue_id, rcpt, status)),
+                Some((rcpt, queue_id, status)) => {
+                    self.statuses.push((self.core, queue_id, rcpt, status));
+                }
                 None => self.corrupt(at - RECORD_HEADER),
             },
             Kind::Start => {

@@ -384,8 +384,11 @@ impl Spool {
         self.reclaim()
     }
 
-    /// Deletes segments from the oldest while they hold nothing live.
-    fn reclaim(&mut self) -> Result<usize, SpoolError> {
+    /// Deletes segments from the oldest while they hold nothing live (no open draft, no live
+    /// message), never the one being written; returns how many. [`Spool::mark_final`] and
+    /// [`Spool::open`] call it; call it also now and then on a core that writes mostly status
+    /// records, whose full segments nothing else would release.
+    pub fn reclaim(&mut self) -> Result<usize, SpoolError> {
         let current = self.seg.as_ref().map(|s| s.seq);
         let mut deleted = 0;
         while let Some((seq, bytes)) = self.index.pop_free(current) {

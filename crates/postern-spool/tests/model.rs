@@ -1,36 +1,65 @@
-//! Model-based test: random sequences of writes, aborts, status records, reclaims and
-//! restarts, checked against an in-memory model after every step that can be observed.
+//! Model-based test: random sequences of writes (whole, aborted, or long ones kept open across
+//! other operations), status records written on either of two cores, reclaims and restarts,
+//! checked against an in-memory model after every step.
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
+use proptest::sample::Index;
 
-use postern_spool::{recover, DeliveryState, MessageMeta, Recipient, Spool, SpoolOptions, Status};
+use postern_spool::{
+    recover, DeliveryState, Draft, MessageMeta, MessageRef, Recipient, Spool, SpoolOptions, Status,
+};
+
+const CORES: usize = 2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    /// A message of this body size; aborted halfway when `abort`.
+    /// A whole message on `core`; aborted halfway when `abort`.
     Write {
+        core: usize,
         size: usize,
         abort: bool,
     },
-    /// An outcome for recipient `rcpt` (0 or 1) of the `msg`-th message written.
+    /// Starts a message on `core` that stays open across later operations.
+    Begin {
+        core: usize,
+    },
+    /// More body for `core`'s open message.
+    Grow {
+        core: usize,
+        size: usize,
+    },
+    /// Finishes (or aborts) `core`'s open message.
+    End {
+        core: usize,
+        abort: bool,
+    },
+    /// An outcome for recipient `rcpt` of a message, written on core `on`.
     Status {
-        msg: usize,
+        msg: Index,
         rcpt: u32,
         outcome: u8,
+        on: usize,
     },
-    /// Tell the spool a message is final when the model says so.
+    /// Tell the owner a final message is final.
     Reclaim {
-        msg: usize,
+        msg: Index,
     },
     Restart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let core = 0..CORES;
     prop_oneof![
-        4 => (0usize..30_000, proptest::bool::weighted(0.15)).prop_map(|(size, abort)| Op::Write { size, abort }),
-        4 => (0usize..64, 0u32..2, 0u8..3).prop_map(|(msg, rcpt, outcome)| Op::Status { msg, rcpt, outcome }),
-        2 => (0usize..64).prop_map(|msg| Op::Reclaim { msg }),
+        4 => (core.clone(), 0usize..30_000, proptest::bool::weighted(0.15))
+            .prop_map(|(core, size, abort)| Op::Write { core, size, abort }),
+        1 => core.clone().prop_map(|core| Op::Begin { core }),
+        2 => (core.clone(), 1usize..40_000).prop_map(|(core, size)| Op::Grow { core, size }),
+        1 => (core.clone(), proptest::bool::weighted(0.3))
+            .prop_map(|(core, abort)| Op::End { core, abort }),
+        4 => (any::<Index>(), 0u32..2, 0u8..3, core)
+            .prop_map(|(msg, rcpt, outcome, on)| Op::Status { msg, rcpt, outcome, on }),
+        2 => any::<Index>().prop_map(|msg| Op::Reclaim { msg }),
         1 => Just(Op::Restart),
     ]
 }
@@ -38,9 +67,19 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug)]
 struct Model {
     id: String,
+    core: usize,
     body: Vec<u8>,
+    handle: MessageRef,
     statuses: Vec<Option<Status>>,
     reclaimed: bool,
+}
+
+impl Model {
+    fn is_final(&self) -> bool {
+        self.statuses
+            .iter()
+            .all(|s| s.as_ref().is_some_and(Status::is_final))
+    }
 }
 
 fn meta(i: usize) -> MessageMeta {
@@ -77,7 +116,7 @@ fn outcome(o: u8, step: usize) -> Status {
     }
 }
 
-fn check(dir: &std::path::Path, model: &[Model]) {
+fn check(dir: &std::path::Path, model: &[Model], open: &[Option<(Draft, Vec<u8>)>]) {
     let r = recover(dir).unwrap();
     assert_eq!(r.corrupt_records, 0);
     for m in model.iter().filter(|m| !m.reclaimed) {
@@ -86,10 +125,22 @@ fn check(dir: &std::path::Path, model: &[Model]) {
             .iter()
             .find(|x| x.queue_id == m.id)
             .unwrap_or_else(|| panic!("{} lost", m.id));
-        assert_eq!(r.body_vec(found), m.body, "{} body", m.id);
+        assert_eq!(found.body().to_vec(), m.body, "{} body", m.id);
         assert_eq!(found.statuses, m.statuses, "{} statuses", m.id);
+        assert_eq!(found.core as usize, m.core);
+    }
+    // Handles taken at finish read the same bytes, across restarts and reclaims.
+    for m in model {
+        assert_eq!(m.handle.to_vec(), m.body, "{} handle", m.id);
     }
     for x in &r.messages {
+        assert!(
+            !open
+                .iter()
+                .flatten()
+                .any(|(d, _)| d.queue_id() == x.queue_id),
+            "an open draft reported whole"
+        );
         let m = model
             .iter()
             .find(|m| m.id == x.queue_id)
@@ -99,77 +150,155 @@ fn check(dir: &std::path::Path, model: &[Model]) {
     }
 }
 
+fn write_body(spool: &mut Spool, d: &mut Draft, body: &[u8]) {
+    for piece in body.chunks(4096) {
+        spool.append(d, piece).unwrap();
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(128))]
 
     #[test]
     fn spool_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let opts = SpoolOptions { segment_size: 64 * 1024 };
-        let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+        let open_all = || -> Vec<Spool> {
+            (0..CORES).map(|c| Spool::open(dir.path(), c as u32, opts).unwrap()).collect()
+        };
+        let mut spools = open_all();
         let mut model: Vec<Model> = Vec::new();
+        let mut open: Vec<Option<(Draft, Vec<u8>)>> = (0..CORES).map(|_| None).collect();
         for (step, op) in ops.into_iter().enumerate() {
             match op {
-                Op::Write { size, abort } => {
+                Op::Write { core, size, abort } => {
+                    let spool = &mut spools[core];
                     let body: Vec<u8> = (0..size).map(|k| (k * 7 + step) as u8).collect();
                     let mut d = spool.begin(&meta(step)).unwrap();
                     let half = if abort { size / 2 } else { size };
-                    for piece in body[..half].chunks(4096) {
-                        spool.append(&mut d, piece).unwrap();
-                    }
+                    write_body(spool, &mut d, &body[..half]);
                     if abort {
                         spool.abort(d);
                     } else {
                         let id = d.queue_id().to_owned();
-                        spool.finish(d).unwrap();
-                        model.push(Model { id, body, statuses: vec![None, None], reclaimed: false });
+                        let (_, handle) = spool.finish_with_body(d).unwrap();
+                        model.push(Model { id, core, body, handle, statuses: vec![None, None], reclaimed: false });
                     }
                 }
-                Op::Status { msg, rcpt, outcome: o } => {
-                    let Some(m) = model.get_mut(msg) else { continue };
+                Op::Begin { core } => {
+                    if open[core].is_none() {
+                        let d = spools[core].begin(&meta(step)).unwrap();
+                        open[core] = Some((d, Vec::new()));
+                    }
+                }
+                Op::Grow { core, size } => {
+                    if let Some((d, body)) = open[core].as_mut() {
+                        let more: Vec<u8> = (0..size).map(|k| (k * 3 + step) as u8).collect();
+                        write_body(&mut spools[core], d, &more);
+                        body.extend_from_slice(&more);
+                    }
+                }
+                Op::End { core, abort } => {
+                    if let Some((d, body)) = open[core].take() {
+                        if abort {
+                            spools[core].abort(d);
+                        } else {
+                            let id = d.queue_id().to_owned();
+                            let (_, handle) = spools[core].finish_with_body(d).unwrap();
+                            model.push(Model { id, core, body, handle, statuses: vec![None, None], reclaimed: false });
+                        }
+                    }
+                }
+                Op::Status { msg, rcpt, outcome: o, on } => {
+                    if model.is_empty() {
+                        continue;
+                    }
+                    let n = model.len();
+                    let m = &mut model[msg.index(n)];
                     if m.reclaimed {
                         continue;
                     }
                     let status = outcome(o, step);
-                    spool.append_status(&m.id, rcpt, &status).unwrap();
+                    spools[on].append_status(&m.id, rcpt, &status).unwrap();
+                    if on != m.core {
+                        // The owner's copy, which reclaim relies on (docs/durability.md).
+                        spools[m.core].append_status(&m.id, rcpt, &status).unwrap();
+                    }
                     let slot = &mut m.statuses[rcpt as usize];
                     if !slot.as_ref().is_some_and(Status::is_final) {
                         *slot = Some(status);
                     }
                 }
                 Op::Reclaim { msg } => {
-                    let Some(m) = model.get_mut(msg) else { continue };
-                    if m.reclaimed || !m.statuses.iter().all(|s| s.as_ref().is_some_and(Status::is_final)) {
+                    // Among the messages that can be reclaimed.
+                    let mut candidates: Vec<&mut Model> =
+                        model.iter_mut().filter(|m| !m.reclaimed && m.is_final()).collect();
+                    if candidates.is_empty() {
                         continue;
                     }
-                    spool.sync_now().unwrap();
-                    spool.mark_final(&m.id).unwrap();
+                    let n = candidates.len();
+                    let m = &mut candidates[msg.index(n)];
+                    if m.reclaimed || !m.is_final() {
+                        continue;
+                    }
+                    spools[m.core].sync_now().unwrap();
+                    spools[m.core].mark_final(&m.id).unwrap();
                     m.reclaimed = true;
                 }
                 Op::Restart => {
-                    spool.sync_now().unwrap();
-                    drop(spool);
-                    spool = Spool::open(dir.path(), 0, opts).unwrap();
-                    let expected_live = model.iter().filter(|m| !m.reclaimed && !m.statuses.iter().all(|s| s.as_ref().is_some_and(Status::is_final))).count();
-                    prop_assert_eq!(spool.live_messages(), expected_live);
+                    // Open drafts die with the process that wrote them.
+                    for (c, slot) in open.iter_mut().enumerate() {
+                        if let Some((d, _)) = slot.take() {
+                            spools[c].abort(d);
+                        }
+                    }
+                    for s in &mut spools {
+                        s.sync_now().unwrap();
+                    }
+                    drop(spools);
+                    spools = open_all();
+                    // An opening deletes what holds only final messages.
+                    for m in model.iter_mut().filter(|m| m.is_final()) {
+                        m.reclaimed = true;
+                    }
+                    for (c, s) in spools.iter().enumerate() {
+                        let expected_live = model
+                            .iter()
+                            .filter(|m| m.core == c && !m.reclaimed && !m.is_final())
+                            .count();
+                        prop_assert_eq!(s.live_messages(), expected_live);
+                    }
                 }
             }
-            spool.sync_now().unwrap();
-            check(dir.path(), &model);
+            for s in &mut spools {
+                s.sync_now().unwrap();
+            }
+            check(dir.path(), &model, &open);
         }
         // Once everything is final and reclaimed, only the segment in use may remain.
-        for m in model.iter_mut().filter(|m| !m.reclaimed) {
-            for rcpt in 0..2 {
-                spool.append_status(&m.id, rcpt, &outcome(0, 0)).unwrap();
+        for (c, slot) in open.iter_mut().enumerate() {
+            if let Some((d, _)) = slot.take() {
+                spools[c].abort(d);
             }
         }
-        spool.sync_now().unwrap();
-        let ids: Vec<String> = model.iter().filter(|m| !m.reclaimed).map(|m| m.id.clone()).collect();
-        for id in ids {
-            spool.mark_final(&id).unwrap();
+        for m in model.iter_mut().filter(|m| !m.reclaimed) {
+            for rcpt in 0..2 {
+                spools[m.core].append_status(&m.id, rcpt, &outcome(0, 0)).unwrap();
+            }
         }
-        prop_assert!(spool.segment_count() <= 1, "{} segments left", spool.segment_count());
-        let files = std::fs::read_dir(dir.path().join("0")).unwrap().count();
-        prop_assert_eq!(files, spool.segment_count());
+        for s in &mut spools {
+            s.sync_now().unwrap();
+        }
+        for m in model.iter().filter(|m| !m.reclaimed) {
+            spools[m.core].mark_final(&m.id).unwrap();
+        }
+        for s in &mut spools {
+            s.reclaim().unwrap();
+        }
+        for (c, s) in spools.iter().enumerate() {
+            prop_assert!(s.segment_count() <= 1, "core {}: {} segments left", c, s.segment_count());
+            let files = std::fs::read_dir(dir.path().join(c.to_string())).unwrap().count();
+            prop_assert_eq!(files, s.segment_count());
+        }
     }
 }
