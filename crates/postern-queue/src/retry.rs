@@ -1,0 +1,126 @@
+//! When to try a deferred delivery again: exponential back-off bounded by the queue lifetime.
+
+use std::time::Duration;
+
+/// The retry schedule's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The delay after the first failed attempt.
+    pub initial: Duration,
+    /// The largest delay between attempts.
+    pub max: Duration,
+    /// How long after arrival a message may stay queued before it is returned.
+    pub lifetime: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 5 minutes, growing to 1 hour, for up to 5 days (RFC 5321 4.5.4.1).
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(5 * 60),
+            max: Duration::from_secs(60 * 60),
+            lifetime: Duration::from_secs(5 * 24 * 60 * 60),
+        }
+    }
+}
+
+/// What to do after a temporary failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryDecision {
+    /// Try again at this time (milliseconds since the epoch).
+    RetryAt(u64),
+    /// The message has been queued for its whole lifetime: return it to the sender.
+    Expire,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RetryPolicy {
+    /// The delay after `failures` failed attempts (1 for the first): `initial` doubled each
+    /// time, at most `max`.
+    pub fn delay(&self, failures: u32) -> u64 {
+        let initial = millis(self.initial).max(1);
+        let shift = failures.saturating_sub(1).min(40);
+        initial
+            .saturating_mul(1u64 << shift)
+            .min(millis(self.max).max(initial))
+    }
+
+    /// After the `failures`-th failed attempt at `now` of a message that arrived at `arrival`:
+    /// the next attempt, never later than the end of the lifetime (a last attempt is made
+    /// then), or expiry once the lifetime is over.
+    pub fn after_failure(&self, arrival: u64, failures: u32, now: u64) -> RetryDecision {
+        let deadline = arrival.saturating_add(millis(self.lifetime));
+        if now >= deadline {
+            return RetryDecision::Expire;
+        }
+        RetryDecision::RetryAt(now.saturating_add(self.delay(failures)).min(deadline))
+    }
+
+    /// The time the message expires.
+    pub fn expiry(&self, arrival: u64) -> u64 {
+        arrival.saturating_add(millis(self.lifetime))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RetryDecision, RetryPolicy};
+    use std::time::Duration;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_secs(300),
+            max: Duration::from_secs(3600),
+            lifetime: Duration::from_secs(5 * 86400),
+        }
+    }
+
+    #[test]
+    fn delays_double_up_to_the_max() {
+        let p = policy();
+        let got: Vec<u64> = (1..=7).map(|f| p.delay(f) / 1000).collect();
+        assert_eq!(got, [300, 600, 1200, 2400, 3600, 3600, 3600]);
+        assert_eq!(p.delay(u32::MAX), 3_600_000);
+    }
+
+    #[test]
+    fn last_attempt_at_the_end_of_the_lifetime_then_expiry() {
+        let p = policy();
+        let arrival = 1_000_000;
+        let end = arrival + 5 * 86_400_000;
+        assert_eq!(
+            p.after_failure(arrival, 1, arrival),
+            RetryDecision::RetryAt(arrival + 300_000)
+        );
+        assert_eq!(
+            p.after_failure(arrival, 50, end - 1000),
+            RetryDecision::RetryAt(end)
+        );
+        assert_eq!(p.after_failure(arrival, 51, end), RetryDecision::Expire);
+    }
+
+    #[test]
+    fn walking_the_schedule_expires_within_the_lifetime() {
+        let p = policy();
+        let arrival = 0;
+        let mut now = arrival;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match p.after_failure(arrival, attempts, now) {
+                RetryDecision::RetryAt(t) => {
+                    assert!(t > now);
+                    now = t;
+                }
+                RetryDecision::Expire => break,
+            }
+            assert!(attempts < 1000);
+        }
+        assert_eq!(now, p.expiry(arrival));
+        // 5 + 10 + 20 + 40 minutes, then hourly for the rest of 5 days.
+        assert!((120..=125).contains(&attempts), "{attempts}");
+    }
+}
