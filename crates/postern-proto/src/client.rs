@@ -245,6 +245,11 @@ impl ClientSession {
         self.tls
     }
 
+    /// Whether no reply is awaited and nothing is held back.
+    pub fn is_idle(&self) -> bool {
+        self.idle()
+    }
+
     fn idle(&self) -> bool {
         self.expect.is_empty() && self.held.is_empty() && !self.body_pending
     }
@@ -278,10 +283,15 @@ impl ClientSession {
         self.out.extend_from_slice(b"\r\n");
     }
 
-    /// Starts a transaction. Only when idle. Fails at once, without sending, with a 552-class
+    /// Starts a transaction. Only when idle (or, with PIPELINING, right after [`ClientSession::rset`]). Fails at once, without sending, with a 552-class
     /// [`Reply`] when the server's SIZE is smaller than the body.
     pub fn send(&mut self, t: &Transaction) -> Result<(), Reply> {
-        if !self.idle() {
+        // With PIPELINING, a RSET still awaiting its reply may go first (RFC 2920 3.1).
+        let after_rset = self.caps.pipelining
+            && self.held.is_empty()
+            && !self.body_pending
+            && self.expect.iter().all(|e| *e == Expect::Rset);
+        if !self.idle() && !after_rset {
             return Err(local_reply(451, "4.3.0", "client session busy"));
         }
         if let Some(limit) = self.caps.size.filter(|&l| l > 0) {
@@ -338,7 +348,8 @@ impl ClientSession {
         }
     }
 
-    /// Resets the connection for the next transaction (RSET).
+    /// Resets the connection for the next transaction (RSET). With PIPELINING the next
+    /// [`ClientSession::send`] may follow at once.
     pub fn rset(&mut self) {
         self.out.extend_from_slice(b"RSET\r\n");
         self.expect.push_back(Expect::Rset);

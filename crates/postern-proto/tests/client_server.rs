@@ -285,3 +285,31 @@ fn greeting_refusal_and_421_and_garbage() {
     };
     assert!(matches!(e, ClientError::Protocol(_)) && e.is_temporary());
 }
+
+/// With PIPELINING, RSET and the next transaction go out in one write, and the RSET's reply
+/// is taken in stride before the next transaction's replies.
+#[test]
+fn rset_pipelined_before_the_next_transaction() {
+    let mut w = Wire::new();
+    assert_eq!(w.pump(), ClientEvent::Ready);
+    for (i, body) in [&b"first\r\n"[..], b"second\r\n"].into_iter().enumerate() {
+        if i > 0 {
+            w.client.rset();
+        }
+        w.client
+            .send(&transaction(BodyMode::Bdat, body, &["a@mx.test"]))
+            .unwrap();
+        let out = String::from_utf8(w.client.output().to_vec()).unwrap();
+        assert_eq!(out.starts_with("RSET\r\nMAIL FROM:"), i > 0, "{out}");
+        assert_eq!(w.pump(), ClientEvent::SendBody);
+        w.send_body(BodyMode::Bdat, body);
+        let ClientEvent::Done(result) = w.pump() else {
+            panic!("no result")
+        };
+        assert_eq!(result.outcome(0).code, 250);
+    }
+    assert_eq!(
+        w.queued,
+        vec![b"first\r\n".to_vec(), b"second\r\n".to_vec()]
+    );
+}
