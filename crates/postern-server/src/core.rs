@@ -33,6 +33,8 @@ impl StopFlag {
 
 /// One core's shared state.
 pub(crate) struct Core {
+    /// The core's number, which is also its spool's.
+    pub(crate) id: usize,
     pub(crate) settings: Arc<Settings>,
     pub(crate) proto: Arc<ServerConfig>,
     pub(crate) relay: RelayPolicy,
@@ -49,9 +51,25 @@ pub(crate) struct Core {
     pub(crate) sessions: Cell<usize>,
     /// Woken when a session ends.
     pub(crate) session_ended: Event,
+    /// Where acknowledged messages go (none: they stay in the spool).
+    pub(crate) delivery: std::cell::RefCell<Option<Rc<dyn crate::delivery::Delivery>>>,
 }
 
 impl Core {
+    /// Hands an acknowledged message to the delivery side.
+    pub(crate) fn accepted(&self, message: crate::delivery::Accepted) {
+        let delivery = self.delivery.borrow().clone();
+        if let Some(d) = delivery {
+            d.accepted(message);
+        }
+    }
+
+    /// Whether new transactions may start (the delivery side's backpressure).
+    pub(crate) fn accepting(&self) -> bool {
+        let delivery = self.delivery.borrow().clone();
+        delivery.is_none_or(|d| d.accepting())
+    }
+
     /// Copies the core's figures to where the scraper reads them.
     pub(crate) fn publish(&self) {
         let mut m = self.metrics.borrow().clone();

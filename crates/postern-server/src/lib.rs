@@ -10,6 +10,7 @@
 pub mod config;
 mod conn;
 mod core;
+pub mod delivery;
 pub mod error;
 mod limits;
 pub mod metrics;
@@ -24,4 +25,4 @@ pub mod tls;
 pub use config::{Settings, TlsFiles};
 pub use core::StopFlag;
 pub use error::StartError;
-pub use runtime::{start, Running};
+pub use runtime::{start, start_with, Running};

@@ -46,6 +46,14 @@ pub struct CoreMetrics {
     pub spool_bytes: u64,
     /// Messages waiting for delivery.
     pub queue_depth: u64,
+    /// Recipients delivered to their next hop.
+    pub delivered: u64,
+    /// Delivery attempts deferred (temporary failure).
+    pub deferred: u64,
+    /// Recipients failed for good (permanent failure or expiry).
+    pub failed: u64,
+    /// Bounces (DSNs) made.
+    pub bounces: u64,
 }
 
 impl Default for CoreMetrics {
@@ -66,6 +74,10 @@ impl Default for CoreMetrics {
             active_sessions: 0,
             spool_bytes: 0,
             queue_depth: 0,
+            delivered: 0,
+            deferred: 0,
+            failed: 0,
+            bounces: 0,
         }
     }
 }
@@ -115,6 +127,10 @@ impl CoreMetrics {
         self.active_sessions += other.active_sessions;
         self.spool_bytes += other.spool_bytes;
         self.queue_depth += other.queue_depth;
+        self.delivered += other.delivered;
+        self.deferred += other.deferred;
+        self.failed += other.failed;
+        self.bounces += other.bounces;
     }
 }
 
@@ -265,6 +281,26 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_spool_errors_total",
             "Spool errors.",
             m.spool_errors,
+        ),
+        (
+            "postern_recipients_delivered_total",
+            "Recipients delivered to their next hop.",
+            m.delivered,
+        ),
+        (
+            "postern_delivery_deferrals_total",
+            "Delivery attempts deferred after a temporary failure.",
+            m.deferred,
+        ),
+        (
+            "postern_recipients_failed_total",
+            "Recipients failed for good (permanent failure or expiry).",
+            m.failed,
+        ),
+        (
+            "postern_bounces_total",
+            "Delivery status notifications made.",
+            m.bounces,
         ),
     ] {
         render_scalar(&mut out, name, "counter", help, v);

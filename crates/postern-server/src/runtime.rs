@@ -14,6 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Settings;
 use crate::core::{watch, Core, StopFlag};
+use crate::delivery::{CoreHandle, DeliveryFactory};
 use crate::error::StartError;
 use crate::limits::{ConnectionLimits, Refusal};
 use crate::metrics::Registry;
@@ -73,8 +74,18 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
     Ok((s, local))
 }
 
-/// Starts the server and returns once every core is listening.
+/// Starts the server and returns once every core is listening. Acknowledged messages stay in
+/// the spool; see [`start_with`] to deliver them.
 pub fn start(settings: Settings) -> Result<Running, StartError> {
+    start_with(settings, None)
+}
+
+/// Starts the server with a delivery side made on each core by `delivery`, and returns once
+/// every core is listening.
+pub fn start_with(
+    settings: Settings,
+    delivery: Option<DeliveryFactory>,
+) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
     let tls_config = match &settings.tls {
         Some(files) => Some(tls::server_config(&files.cert, &files.key)?),
@@ -128,6 +139,7 @@ pub fn start(settings: Settings) -> Result<Running, StartError> {
             stop: stop.clone(),
             listen: listen.clone(),
             listen_tls: listen_tls.clone(),
+            delivery: delivery.clone(),
         };
         let ready = ready_tx.clone();
         let handle = builder
@@ -199,6 +211,7 @@ struct CoreInit {
     stop: Arc<StopFlag>,
     listen: Vec<SocketAddr>,
     listen_tls: Vec<SocketAddr>,
+    delivery: Option<DeliveryFactory>,
 }
 
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
@@ -227,6 +240,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         }
     }
     let core = Rc::new(Core {
+        id: init.id,
         settings: init.settings,
         proto: init.proto,
         relay: init.relay,
@@ -239,9 +253,14 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         stop_event: Default::default(),
         sessions: Default::default(),
         session_ended: Default::default(),
+        delivery: Default::default(),
     });
-    let _ = ready.send(Ok(()));
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
+    if let Some(factory) = &init.delivery {
+        let d = factory(CoreHandle(core.clone()));
+        *core.delivery.borrow_mut() = Some(d);
+    }
+    let _ = ready.send(Ok(()));
     crate::store::ensure_spare(&core);
     let watcher = glommio::spawn_local(watch(core.clone(), init.stop));
     let acceptors: Vec<_> = listeners

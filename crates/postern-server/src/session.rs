@@ -13,10 +13,12 @@ use postern_proto::{EnhancedCode, Event, ServerSession, StaticReply};
 
 use crate::conn::Conn;
 use crate::core::Core;
+use crate::delivery::Accepted;
 use crate::limits::Permit;
 use crate::metrics::CoreMetrics;
 use crate::received::{received_header, LoopDetector, Trace};
-use crate::store::{Draft, Meta};
+use crate::store::{CoreStore, Draft, Meta};
+use postern_spool::MessageMeta;
 
 /// Read buffer per session: it starts small (an idle session costs little) and doubles while
 /// reads fill it, up to the cap. Commands are capped far below the first size and bodies are
@@ -35,6 +37,13 @@ const MAIL_LOOP: StaticReply = StaticReply::new(
     554,
     EnhancedCode::new(5, 4, 6),
     "Too many Received headers: mail loop",
+);
+
+/// The delivery queue is past its high-water mark.
+const QUEUE_FULL: StaticReply = StaticReply::new(
+    452,
+    EnhancedCode::new(4, 3, 1),
+    "Mail queue full, try again later",
 );
 
 enum Wake {
@@ -61,6 +70,7 @@ pub(crate) async fn serve(
         peer,
         proto: ServerSession::new(core.proto.clone(), core.tls.is_some() && !implicit_tls),
         draft: None,
+        meta: None,
         loops: LoopDetector::default(),
         eod_at: None,
         deadline: started + core.settings.max_session_time,
@@ -89,6 +99,8 @@ struct Session {
     proto: ServerSession,
     /// The spool record of the message being received.
     draft: Option<Draft>,
+    /// Its envelope as spooled, for the delivery side.
+    meta: Option<MessageMeta>,
     loops: LoopDetector,
     /// When the last end of data was seen, until its reply is written.
     eod_at: Option<Instant>,
@@ -115,7 +127,13 @@ impl Session {
                 start += step.consumed;
                 match step.event {
                     Event::NeedInput => break,
-                    Event::Mail(..) => self.proto.accept(),
+                    Event::Mail(..) => {
+                        if self.core.accepting() {
+                            self.proto.accept();
+                        } else {
+                            self.proto.reject(QUEUE_FULL);
+                        }
+                    }
                     Event::Rcpt(path, _) => {
                         if self.core.relay.allows(&path, self.peer.ip()) {
                             self.proto.accept();
@@ -270,7 +288,9 @@ impl Session {
             envelope: env,
             arrival: SystemTime::now(),
         };
-        let begun = self.core.store.begin(&meta);
+        let record = CoreStore::meta(&meta);
+        let begun = self.core.store.begin(&record);
+        self.meta = Some(record);
         crate::store::ensure_spare(&self.core);
         let mut draft = match begun {
             Ok(d) => d,
@@ -336,13 +356,20 @@ impl Session {
         let size = draft.size();
         let committing = Instant::now();
         match self.core.store.commit(draft).await {
-            Ok(queue_id) => {
+            Ok((queue_id, body)) => {
                 let mut m = self.core.metrics.borrow_mut();
                 CoreMetrics::record(&mut m.commit_latency, committing.elapsed());
                 m.messages += 1;
                 m.bytes += size;
                 drop(m);
                 self.proto.message_queued(&queue_id);
+                if let Some(meta) = self.meta.take() {
+                    self.core.accepted(Accepted {
+                        queue_id,
+                        meta,
+                        body,
+                    });
+                }
             }
             Err(_) => {
                 self.core.metrics.borrow_mut().spool_errors += 1;

@@ -9,7 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
 use postern_proto::{BodyType, Envelope, Ret};
-use postern_spool::{MessageMeta, Recipient, Spool, SpoolError, SpoolOptions, TicketState};
+use postern_spool::{
+    MessageMeta, MessageRef, Recipient, Spool, SpoolError, SpoolOptions, Status, Ticket,
+    TicketState,
+};
 
 use crate::core::Core;
 use crate::error::StartError;
@@ -31,6 +34,8 @@ pub(crate) struct CoreStore {
     work: Event,
     /// Woken after each sync.
     synced: Event,
+    /// The latest status record's ticket.
+    last_status: std::cell::Cell<Option<Ticket>>,
 }
 
 impl CoreStore {
@@ -61,6 +66,7 @@ impl CoreStore {
             spool: RefCell::new(spool),
             work: Event::new(),
             synced: Event::new(),
+            last_status: std::cell::Cell::new(None),
         })
     }
 
@@ -68,9 +74,10 @@ impl CoreStore {
         self.spool.borrow().bytes_in_use()
     }
 
-    pub(crate) fn begin(&self, m: &Meta<'_>) -> Result<Draft, SpoolError> {
+    /// The spool's record of a message from the session's envelope.
+    pub(crate) fn meta(m: &Meta<'_>) -> MessageMeta {
         let env = m.envelope;
-        let meta = MessageMeta {
+        MessageMeta {
             arrival: m
                 .arrival
                 .duration_since(UNIX_EPOCH)
@@ -97,8 +104,11 @@ impl CoreStore {
                 BodyType::BinaryMime => 2,
             },
             smtputf8: env.smtputf8(),
-        };
-        self.spool.borrow_mut().begin(&meta)
+        }
+    }
+
+    pub(crate) fn begin(&self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
+        self.spool.borrow_mut().begin(meta)
     }
 
     pub(crate) fn append(&self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
@@ -110,14 +120,66 @@ impl CoreStore {
     }
 
     /// Finishes the message and waits until a group commit has made it durable.
-    pub(crate) async fn commit(&self, draft: Draft) -> Result<String, SpoolError> {
+    pub(crate) async fn commit(&self, draft: Draft) -> Result<(String, MessageRef), SpoolError> {
         let queue_id = draft.queue_id().to_owned();
-        let ticket = self.spool.borrow_mut().finish(draft)?;
+        let (ticket, body) = self.spool.borrow_mut().finish_with_body(draft)?;
+        self.wait(ticket).await?;
+        Ok((queue_id, body))
+    }
+
+    /// Spools a whole message made locally and waits until it is durable.
+    pub(crate) async fn inject(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+    ) -> Result<(String, MessageRef), SpoolError> {
+        let mut draft = self.begin(meta)?;
+        if let Err(e) = self.append(&mut draft, body) {
+            self.abort(draft);
+            return Err(e);
+        }
+        self.commit(draft).await
+    }
+
+    /// Appends a recipient's status record; durable with the next group commit.
+    pub(crate) fn append_status(
+        &self,
+        queue_id: &str,
+        rcpt: u32,
+        status: &Status,
+    ) -> Result<(), SpoolError> {
+        let ticket = self
+            .spool
+            .borrow_mut()
+            .append_status(queue_id, rcpt, status)?;
+        self.last_status.set(Some(ticket));
+        self.work.notify(1);
+        Ok(())
+    }
+
+    /// Waits until every status appended so far is durable.
+    pub(crate) async fn flush(&self) -> Result<(), SpoolError> {
+        match self.last_status.get() {
+            Some(ticket) => self.wait(ticket).await,
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn mark_final(&self, queue_id: &str) -> Result<usize, SpoolError> {
+        self.spool.borrow_mut().mark_final(queue_id)
+    }
+
+    pub(crate) fn reclaim(&self) -> Result<usize, SpoolError> {
+        self.spool.borrow_mut().reclaim()
+    }
+
+    /// Waits for a ticket's group commit.
+    async fn wait(&self, ticket: Ticket) -> Result<(), SpoolError> {
         self.work.notify(1);
         loop {
             let listener = self.synced.listen();
             match self.spool.borrow().ticket_state(ticket) {
-                TicketState::Durable => return Ok(queue_id),
+                TicketState::Durable => return Ok(()),
                 TicketState::Failed => {
                     return Err(SpoolError::Io(std::io::Error::other("spool sync failed")))
                 }

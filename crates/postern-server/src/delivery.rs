@@ -1,0 +1,132 @@
+//! The seam between accepting mail and delivering it. The server knows nothing of queues or
+//! next hops: once a message is durable and answered 250, the session hands it to the core's
+//! [`Delivery`], which the binary plugs in (postern-relay's, in the real program). The delivery
+//! side in turn reaches the core's spool through a [`CoreHandle`], to record outcomes and to
+//! spool the messages it makes itself (bounces).
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use postern_spool::{MessageMeta, MessageRef, SpoolError, Status};
+
+use crate::core::Core;
+
+/// A message made durable and acknowledged.
+#[derive(Clone)]
+pub struct Accepted {
+    /// Its queue ID.
+    pub queue_id: String,
+    /// The envelope and trace facts, as spooled.
+    pub meta: MessageMeta,
+    /// The body (with the Received header postern added), read from the spool's mapping.
+    pub body: MessageRef,
+}
+
+/// One core's delivery side, living on that core.
+pub trait Delivery {
+    /// A message was acknowledged with 250 on this core.
+    fn accepted(&self, message: Accepted);
+    /// Whether new transactions may start (false: the queue is past its high-water mark, and
+    /// MAIL is answered `452 4.3.1`).
+    fn accepting(&self) -> bool;
+}
+
+/// Makes each core's [`Delivery`]; called once on every core's thread as it starts.
+pub type DeliveryFactory = Arc<dyn Fn(CoreHandle) -> Rc<dyn Delivery> + Send + Sync>;
+
+/// What the delivery side may do with its core.
+#[derive(Clone)]
+pub struct CoreHandle(pub(crate) Rc<Core>);
+
+impl CoreHandle {
+    /// The core's number (0-based), which is also its spool's.
+    pub fn id(&self) -> usize {
+        self.0.id
+    }
+
+    /// Our host name.
+    pub fn hostname(&self) -> &str {
+        &self.0.settings.hostname
+    }
+
+    /// Appends recipient `rcpt`'s outcome for `queue_id` to this core's spool; it becomes
+    /// durable with the next group commit (await [`CoreHandle::durable`] to know).
+    pub fn append_status(
+        &self,
+        queue_id: &str,
+        rcpt: u32,
+        status: &Status,
+    ) -> Result<(), SpoolError> {
+        self.0.store.append_status(queue_id, rcpt, status)
+    }
+
+    /// Waits until everything appended so far on this core is durable.
+    pub async fn durable(&self) -> Result<(), SpoolError> {
+        self.0.store.flush().await
+    }
+
+    /// Forgets a message of this core whose recipients all have durable final statuses, and
+    /// reclaims the segments freed.
+    pub fn mark_final(&self, queue_id: &str) {
+        if self.0.store.mark_final(queue_id).is_err() {
+            self.0.metrics.borrow_mut().spool_errors += 1;
+        }
+    }
+
+    /// Reclaims segments that hold nothing live (call now and then).
+    pub fn reclaim(&self) {
+        if self.0.store.reclaim().is_err() {
+            self.0.metrics.borrow_mut().spool_errors += 1;
+        }
+    }
+
+    /// Spools a message made here (a bounce) and waits until it is durable.
+    pub async fn inject(&self, meta: &MessageMeta, body: &[u8]) -> Result<Accepted, SpoolError> {
+        let (queue_id, body) = self.0.store.inject(meta, body).await?;
+        crate::store::ensure_spare(&self.0);
+        Ok(Accepted {
+            queue_id,
+            meta: meta.clone(),
+            body,
+        })
+    }
+
+    /// Waits until the server is asked to stop.
+    pub async fn stopped(&self) {
+        self.0.stopped().await;
+    }
+
+    /// Whether the server is stopping.
+    pub fn is_stopping(&self) -> bool {
+        self.0.stopping.get()
+    }
+
+    /// Sets the queue-depth gauge of this core.
+    pub fn set_queue_depth(&self, depth: u64) {
+        self.0.metrics.borrow_mut().queue_depth = depth;
+    }
+
+    /// Counts delivery outcomes in this core's metrics.
+    pub fn count_outcome(&self, outcome: Outcome) {
+        let mut m = self.0.metrics.borrow_mut();
+        match outcome {
+            Outcome::Delivered => m.delivered += 1,
+            Outcome::Deferred => m.deferred += 1,
+            Outcome::Failed => m.failed += 1,
+            Outcome::Bounced => m.bounces += 1,
+        }
+    }
+}
+
+/// A delivery outcome, for the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A recipient was delivered.
+    Delivered,
+    /// A recipient's delivery was deferred.
+    Deferred,
+    /// A recipient failed for good.
+    Failed,
+    /// A bounce was made.
+    Bounced,
+}
