@@ -8,6 +8,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use postern_proto::BareNewlinePolicy;
+use postern_queue::RetryPolicy;
+use postern_relay::conn::Timeouts;
+use postern_relay::route::{HostPort, Router};
+use postern_relay::tls::TlsPolicy;
+use postern_relay::RelayConfig;
 use postern_server::{Settings, TlsFiles};
 
 #[derive(Parser, Debug)]
@@ -23,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Accept mail over SMTP and store it durably in the spool.
+    /// Accept mail over SMTP, store it durably in the spool, and deliver it to its next hop.
     Serve(Serve),
 }
 
@@ -91,6 +96,87 @@ struct Serve {
     /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF.
     #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES")]
     reject_bare_newlines: bool,
+    /// Keep accepted mail queued without delivering it; delivery resumes when postern runs
+    /// without --hold.
+    #[arg(long, env = "POSTERN_HOLD")]
+    hold: bool,
+    /// Send all mail to this smarthost (HOST:PORT) instead of looking up MX records.
+    #[arg(long, env = "POSTERN_RELAY_HOST")]
+    relay_host: Option<String>,
+    /// Send mail for DOMAIN and its subdomains to HOST:PORT (repeatable; the longest domain
+    /// wins; takes precedence over --relay-host).
+    #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',')]
+    route: Vec<String>,
+    /// The DNS server for MX lookups (ADDR or ADDR:PORT) [default: from /etc/resolv.conf].
+    #[arg(long, env = "POSTERN_DNS_SERVER")]
+    dns_server: Option<String>,
+    /// The TCP port of MX hosts (25 on the Internet; another value only in labs and tests).
+    #[arg(long, env = "POSTERN_MX_PORT", default_value_t = 25)]
+    mx_port: u16,
+    /// First retry delay after a temporary failure; it doubles with each failure.
+    #[arg(long, env = "POSTERN_RETRY_INITIAL", default_value = "5m", value_parser = parse_duration)]
+    retry_initial: Duration,
+    /// Largest retry delay.
+    #[arg(long, env = "POSTERN_RETRY_MAX", default_value = "1h", value_parser = parse_duration)]
+    retry_max: Duration,
+    /// A message still undelivered after this long is returned to its sender.
+    #[arg(long, env = "POSTERN_MAX_QUEUE_LIFETIME", default_value = "5days", value_parser = parse_duration)]
+    max_queue_lifetime: Duration,
+    /// Tell the sender when a message is still queued after this long [default: never].
+    #[arg(long, env = "POSTERN_DELAY_WARNING", value_parser = parse_duration)]
+    delay_warning: Option<Duration>,
+    /// STARTTLS towards next hops: none, opportunistic (when offered, unauthenticated) or
+    /// required (verified certificate).
+    #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic")]
+    outbound_tls: String,
+    /// Extra trust anchors (PEM) for --outbound-tls required.
+    #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA")]
+    outbound_tls_ca: Option<PathBuf>,
+    /// Concurrent connections to one next hop.
+    #[arg(
+        long,
+        env = "POSTERN_MAX_CONNECTIONS_PER_DESTINATION",
+        default_value_t = 16
+    )]
+    max_connections_per_destination: usize,
+    /// How long an idle outbound connection waits for the next message.
+    #[arg(long, env = "POSTERN_OUTBOUND_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    outbound_idle_timeout: Duration,
+    /// Outbound TCP connect timeout.
+    #[arg(long, env = "POSTERN_SMTP_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    smtp_connect_timeout: Duration,
+    /// Outbound wait for the greeting, EHLO and STARTTLS replies (RFC 5321 4.5.3.2.1).
+    #[arg(long, env = "POSTERN_SMTP_GREETING_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    smtp_greeting_timeout: Duration,
+    /// Outbound wait for the reply to MAIL (RFC 5321 4.5.3.2.2).
+    #[arg(long, env = "POSTERN_SMTP_MAIL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    smtp_mail_timeout: Duration,
+    /// Outbound wait for the reply to RCPT (RFC 5321 4.5.3.2.3).
+    #[arg(long, env = "POSTERN_SMTP_RCPT_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    smtp_rcpt_timeout: Duration,
+    /// Outbound wait for the 354 after DATA (RFC 5321 4.5.3.2.4).
+    #[arg(long, env = "POSTERN_SMTP_DATA_INIT_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    smtp_data_init_timeout: Duration,
+    /// Outbound limit on each write of body bytes (RFC 5321 4.5.3.2.5).
+    #[arg(long, env = "POSTERN_SMTP_DATA_BLOCK_TIMEOUT", default_value = "3m", value_parser = parse_duration)]
+    smtp_data_block_timeout: Duration,
+    /// Outbound wait for the reply after the body (RFC 5321 4.5.3.2.6).
+    #[arg(long, env = "POSTERN_SMTP_DATA_DONE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    smtp_data_done_timeout: Duration,
+    /// Messages queued (not yet delivered or bounced) at which new mail gets 452 4.3.1; 0 for
+    /// no limit.
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000)]
+    queue_high_water: u64,
+    /// Messages queued at which mail is accepted again [default: 80% of --queue-high-water].
+    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER")]
+    queue_low_water: Option<u64>,
+}
+
+/// What the binary runs: the server, and the relay unless mail is held.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) server: Settings,
+    pub(crate) relay: Option<RelayConfig>,
 }
 
 /// Parses `1048576`, `64k`, `50M`, `2G` (suffixes are powers of 1024).
@@ -125,7 +211,7 @@ fn system_hostname() -> String {
 
 /// Parses the command line: `Ok(None)` when help or the version was printed, `Err` with a
 /// one-line message naming the flag otherwise.
-pub(crate) fn parse() -> Result<Option<Settings>, String> {
+pub(crate) fn parse() -> Result<Option<Config>, String> {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e)
@@ -152,7 +238,93 @@ pub(crate) fn parse() -> Result<Option<Settings>, String> {
         }
     };
     let Command::Serve(s) = cli.command;
-    settings(s).map(Some)
+    let relay = relay(&s)?;
+    let server = settings(s)?;
+    let relay = relay.map(|r| RelayConfig {
+        hostname: server.hostname.clone(),
+        ..r
+    });
+    Ok(Some(Config { server, relay }))
+}
+
+fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
+    let relay_host = s
+        .relay_host
+        .as_deref()
+        .map(|h| HostPort::parse(h, 25).map_err(|e| format!("--relay-host: {e}")))
+        .transpose()?;
+    let routes = s
+        .route
+        .iter()
+        .map(|r| Router::parse_route(r).map_err(|e| format!("--route: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dns_server = s
+        .dns_server
+        .as_deref()
+        .map(|d| {
+            d.parse::<SocketAddr>()
+                .or_else(|_| {
+                    d.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    format!(
+                        "--dns-server: '{d}' is not an address like 10.0.0.53 or 127.0.0.1:5353"
+                    )
+                })
+        })
+        .transpose()?;
+    let tls: TlsPolicy = s
+        .outbound_tls
+        .parse()
+        .map_err(|e| format!("--outbound-tls: {e}"))?;
+    if s.mx_port == 0 {
+        return Err("--mx-port must be more than 0".into());
+    }
+    if s.max_connections_per_destination == 0 {
+        return Err("--max-connections-per-destination must be at least 1".into());
+    }
+    if s.retry_initial.is_zero() || s.retry_max < s.retry_initial {
+        return Err("--retry-initial must be more than 0 and at most --retry-max".into());
+    }
+    let low = s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8);
+    if s.queue_high_water > 0 && low > s.queue_high_water {
+        return Err("--queue-low-water cannot exceed --queue-high-water".into());
+    }
+    if s.outbound_tls_ca.is_some() && tls != TlsPolicy::Required {
+        return Err("--outbound-tls-ca needs --outbound-tls required".into());
+    }
+    if s.hold {
+        return Ok(None);
+    }
+    Ok(Some(RelayConfig {
+        hostname: String::new(),
+        router: Router::new(relay_host, routes),
+        dns_server,
+        mx_port: s.mx_port,
+        retry: RetryPolicy {
+            initial: s.retry_initial,
+            max: s.retry_max,
+            lifetime: s.max_queue_lifetime,
+        },
+        delay_warning: s.delay_warning,
+        max_per_destination: s.max_connections_per_destination,
+        idle_timeout: s.outbound_idle_timeout,
+        tls,
+        tls_ca: s.outbound_tls_ca.clone(),
+        timeouts: Timeouts {
+            connect: s.smtp_connect_timeout,
+            greeting: s.smtp_greeting_timeout,
+            mail: s.smtp_mail_timeout,
+            rcpt: s.smtp_rcpt_timeout,
+            data_init: s.smtp_data_init_timeout,
+            data_block: s.smtp_data_block_timeout,
+            data_done: s.smtp_data_done_timeout,
+        },
+        queue_high_water: s.queue_high_water,
+        queue_low_water: low,
+        ..RelayConfig::default()
+    }))
 }
 
 fn settings(s: Serve) -> Result<Settings, String> {

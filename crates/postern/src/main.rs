@@ -10,8 +10,8 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let settings = match cli::parse() {
-        Ok(Some(settings)) => settings,
+    let config = match cli::parse() {
+        Ok(Some(config)) => config,
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("postern: {message}");
@@ -25,8 +25,22 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    let settings = config.server;
     let cores = settings.cores;
-    let running = match postern_server::start(settings) {
+    let delivery = match config.relay {
+        None => {
+            tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
+            None
+        }
+        Some(relay) => match start_relay(relay, &settings) {
+            Ok(r) => Some(r.factory()),
+            Err(e) => {
+                eprintln!("postern: cannot start: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let running = match postern_server::start_with(settings, delivery) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("postern: cannot start: {e}");
@@ -63,4 +77,32 @@ fn main() -> ExitCode {
     running.wait();
     println!("postern: stopped");
     ExitCode::SUCCESS
+}
+
+/// Reads what the spool still has to deliver (every core's segments, before any core writes)
+/// and makes the relay that resumes it.
+fn start_relay(
+    config: postern_relay::RelayConfig,
+    settings: &postern_server::Settings,
+) -> Result<std::sync::Arc<postern_relay::Relay>, String> {
+    let recovered = if settings.spool_dir.exists() {
+        postern_spool::recover(&settings.spool_dir)
+            .map_err(|e| format!("reading the spool {}: {e}", settings.spool_dir.display()))?
+    } else {
+        postern_spool::Recovered::default()
+    };
+    let pending: Vec<_> = recovered
+        .messages
+        .into_iter()
+        .filter(|m| !m.is_final())
+        .collect();
+    if !pending.is_empty() || recovered.corrupt_records > 0 {
+        tracing::info!(
+            queued = pending.len(),
+            corrupt_records = recovered.corrupt_records,
+            torn_tails = recovered.torn_tails,
+            "spool recovered; delivery resumes"
+        );
+    }
+    postern_relay::Relay::new(config, settings.cores, pending)
 }

@@ -20,7 +20,9 @@ pub struct Server {
 
 impl Server {
     /// Starts `postern serve` with `args` (plus an ephemeral port and a fresh spool unless
-    /// given) and waits until it says it is ready.
+    /// given) and waits until it says it is ready. Unless `args` says where to deliver
+    /// (`--relay-host`, `--route`, `--dns-server`), mail is held in the queue (`--hold`), so
+    /// tests of the accepting side never send traffic beyond loopback.
     pub fn start(args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
@@ -39,6 +41,12 @@ impl Server {
         }
         if !args.contains(&"--cores") {
             cmd.args(["--cores", "2"]);
+        }
+        let delivers = args
+            .iter()
+            .any(|a| ["--relay-host", "--route", "--dns-server"].contains(a));
+        if !delivers {
+            cmd.arg("--hold");
         }
         cmd.args(args)
             .stdout(Stdio::piped())

@@ -1,0 +1,402 @@
+//! One outbound SMTP connection: connect, greeting, EHLO, STARTTLS by policy, then
+//! transactions with the body read straight from the spool's mapping.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use postern_proto::client::{
+    BodyMode, ClientError, ClientEvent, ClientSession, Transaction, TransactionResult,
+};
+use postern_proto::stuff::DotStuffer;
+use postern_proto::Reply;
+use postern_spool::MessageRef;
+use rustls::pki_types::ServerName;
+
+use crate::tls::TlsPolicy;
+
+/// Client timeouts (RFC 5321 4.5.3.2 defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// The 220 greeting (and the EHLO and STARTTLS replies).
+    pub greeting: Duration,
+    /// The reply to MAIL.
+    pub mail: Duration,
+    /// The reply to each RCPT.
+    pub rcpt: Duration,
+    /// The 354 to DATA.
+    pub data_init: Duration,
+    /// Each write of body bytes.
+    pub data_block: Duration,
+    /// The reply after the end of the body.
+    pub data_done: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(60 * n);
+        Timeouts {
+            connect: Duration::from_secs(30),
+            greeting: m(5),
+            mail: m(5),
+            rcpt: m(5),
+            data_init: m(2),
+            data_block: m(3),
+            data_done: m(10),
+        }
+    }
+}
+
+/// Why a connection could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnError {
+    /// Connecting, reading or writing failed, or timed out.
+    Io(String),
+    /// The server refused us or broke the protocol.
+    Smtp(ClientError),
+    /// STARTTLS was required and is not offered.
+    TlsRequired,
+    /// The TLS handshake failed.
+    Tls(String),
+}
+
+impl ConnError {
+    /// The text for a status record and a bounce.
+    pub fn describe(&self, remote: &str) -> String {
+        match self {
+            ConnError::Io(e) => format!("connection with {remote} failed: {e}"),
+            ConnError::Smtp(ClientError::Greeting(r)) | ConnError::Smtp(ClientError::Helo(r)) => {
+                format!("{remote} said: {r}")
+            }
+            ConnError::Smtp(e) => format!("{remote}: {e}"),
+            ConnError::TlsRequired => {
+                format!("{remote} does not offer STARTTLS, which is required")
+            }
+            ConnError::Tls(e) => format!("TLS with {remote} failed: {e}"),
+        }
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Gone => Poll::Ready(Ok(0)),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Stream::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// How to set up TLS on one connection.
+#[derive(Clone)]
+pub struct TlsSetup {
+    /// The policy.
+    pub policy: TlsPolicy,
+    /// The client configuration to use (verified for `Required`).
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+/// An open, greeted connection, idle between transactions.
+pub struct Outbound {
+    stream: Stream,
+    session: ClientSession,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The host name or address we talk to, for logs and reports.
+    pub remote: String,
+    /// Transactions done on this connection.
+    pub transactions: u64,
+}
+
+const READ_BUFFER: usize = 16 * 1024;
+
+async fn timed<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, ConnError> {
+    let timeout = async {
+        glommio::timer::sleep(limit).await;
+        Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+    };
+    future::or(f, timeout)
+        .await
+        .map_err(|e| ConnError::Io(e.to_string()))
+}
+
+impl Outbound {
+    /// Connects to `addr` (named `remote`), reads the greeting, says EHLO (HELO when refused)
+    /// and, by policy, starts TLS. `tls` None means no TLS on this connection (policy none,
+    /// or a retry in cleartext after a failed opportunistic handshake).
+    pub async fn connect(
+        addr: SocketAddr,
+        remote: &str,
+        helo: &str,
+        tls: Option<&TlsSetup>,
+        t: &Timeouts,
+    ) -> Result<Outbound, ConnError> {
+        let tcp = TcpStream::connect_timeout(addr, t.connect)
+            .await
+            .map_err(|e| ConnError::Io(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let mut conn = Outbound {
+            stream: Stream::Plain(tcp),
+            session: ClientSession::new(helo),
+            buf: vec![0; READ_BUFFER],
+            start: 0,
+            end: 0,
+            remote: remote.to_owned(),
+            transactions: 0,
+        };
+        conn.expect_ready(t.greeting).await?;
+        let Some(tls) = tls else {
+            return Ok(conn);
+        };
+        if tls.policy == TlsPolicy::None {
+            return Ok(conn);
+        }
+        if !conn.session.capabilities().starttls {
+            if tls.policy == TlsPolicy::Required {
+                return Err(ConnError::TlsRequired);
+            }
+            return Ok(conn);
+        }
+        conn.session.start_tls().map_err(ConnError::Smtp)?;
+        match conn.next_event(t.greeting).await? {
+            ClientEvent::StartTls => {}
+            ClientEvent::Failed(e) => return Err(ConnError::Smtp(e)),
+            other => {
+                return Err(ConnError::Io(format!(
+                    "unexpected {other:?} after STARTTLS"
+                )))
+            }
+        }
+        // Bytes after the 220 would be an injection attempt (RFC 3207 5): drop them.
+        conn.start = conn.end;
+        let name = ServerName::try_from(remote.to_owned())
+            .map_err(|_| ConnError::Tls(format!("'{remote}' is not a valid TLS server name")))?;
+        let Stream::Plain(tcp) = std::mem::replace(&mut conn.stream, Stream::Gone) else {
+            return Err(ConnError::Tls("connection already in TLS".into()));
+        };
+        let connector = futures_rustls::TlsConnector::from(tls.config.clone());
+        let stream = timed(t.greeting, connector.connect(name, tcp))
+            .await
+            .map_err(|e| match e {
+                ConnError::Io(s) => ConnError::Tls(s),
+                other => other,
+            })?;
+        conn.stream = Stream::Tls(Box::new(stream));
+        conn.session.tls_established();
+        conn.expect_ready(t.greeting).await?;
+        Ok(conn)
+    }
+
+    /// Whether the session runs inside TLS.
+    pub fn is_tls(&self) -> bool {
+        self.session.is_tls()
+    }
+
+    /// What the server offered.
+    pub fn capabilities(&self) -> &postern_proto::client::Capabilities {
+        self.session.capabilities()
+    }
+
+    async fn expect_ready(&mut self, limit: Duration) -> Result<(), ConnError> {
+        match self.next_event(limit).await? {
+            ClientEvent::Ready => Ok(()),
+            ClientEvent::Failed(e) => Err(ConnError::Smtp(e)),
+            other => Err(ConnError::Io(format!(
+                "unexpected {other:?} while greeting"
+            ))),
+        }
+    }
+
+    /// Writes what the session has queued.
+    async fn flush(&mut self, limit: Duration) -> Result<(), ConnError> {
+        if self.session.output().is_empty() {
+            return Ok(());
+        }
+        let out = self.session.output().to_vec();
+        self.session.clear_output();
+        let stream = &mut self.stream;
+        timed(limit, async move {
+            stream.write_all(&out).await?;
+            stream.flush().await
+        })
+        .await
+    }
+
+    /// Writes pending commands and reads until the session has an event other than
+    /// `NeedInput`.
+    async fn next_event(&mut self, limit: Duration) -> Result<ClientEvent, ConnError> {
+        self.read_until(limit, false).await
+    }
+
+    /// Like `next_event`, but with `until_idle` also returns `NeedInput` once no reply is
+    /// awaited any more (after a RSET without PIPELINING).
+    async fn read_until(
+        &mut self,
+        limit: Duration,
+        until_idle: bool,
+    ) -> Result<ClientEvent, ConnError> {
+        loop {
+            self.flush(limit).await?;
+            let (n, event) = self.session.handle(&self.buf[self.start..self.end]);
+            self.start += n;
+            if event != ClientEvent::NeedInput || (until_idle && self.session.is_idle()) {
+                return Ok(event);
+            }
+            // Handling the replies may have queued commands (EHLO after the greeting, held
+            // commands without PIPELINING): they go out before waiting.
+            self.flush(limit).await?;
+            if self.start == self.end {
+                (self.start, self.end) = (0, 0);
+            } else if self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+            }
+            if self.end == self.buf.len() {
+                return Err(ConnError::Io("reply too long".into()));
+            }
+            let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
+            let n = timed(limit, stream.read(room)).await?;
+            if n == 0 {
+                return Err(ConnError::Io("connection closed by the server".into()));
+            }
+            self.end += n;
+        }
+    }
+
+    /// Runs one transaction. `Ok` carries every reply (a refused MAIL or RCPT is an answer,
+    /// not an error); `Err(Ok(reply))` is a refusal made locally before anything was sent
+    /// (SIZE); `Err(Err(_))` means the connection is unusable and the outcome unknown.
+    pub async fn deliver(
+        &mut self,
+        tx: &Transaction,
+        body: &MessageRef,
+        t: &Timeouts,
+    ) -> Result<TransactionResult, Result<Reply, ConnError>> {
+        if self.transactions > 0 {
+            self.session.rset();
+            if !self.session.capabilities().pipelining {
+                match self.read_until(t.mail, true).await.map_err(Err)? {
+                    ClientEvent::NeedInput => {}
+                    ClientEvent::Failed(e) => return Err(Err(ConnError::Smtp(e))),
+                    other => {
+                        return Err(Err(ConnError::Io(format!(
+                            "unexpected {other:?} after RSET"
+                        ))))
+                    }
+                }
+            }
+        }
+        self.transactions += 1;
+        self.session.send(tx).map_err(Ok)?;
+        let envelope_limit = t.mail.max(t.rcpt);
+        let limit = match tx.mode {
+            BodyMode::Data => envelope_limit.max(t.data_init),
+            BodyMode::Bdat => envelope_limit,
+        };
+        match self.next_event(limit).await.map_err(Err)? {
+            ClientEvent::SendBody => {
+                self.flush(t.data_block).await.map_err(Err)?;
+                self.send_body(tx.mode, body, t.data_block)
+                    .await
+                    .map_err(Err)?;
+                self.session.body_sent();
+                match self.next_event(t.data_done).await.map_err(Err)? {
+                    ClientEvent::Done(result) => Ok(result),
+                    ClientEvent::Failed(e) => Err(Err(ConnError::Smtp(e))),
+                    other => Err(Err(ConnError::Io(format!(
+                        "unexpected {other:?} after the body"
+                    )))),
+                }
+            }
+            ClientEvent::Done(result) => Ok(result),
+            ClientEvent::Failed(e) => Err(Err(ConnError::Smtp(e))),
+            other => Err(Err(ConnError::Io(format!(
+                "unexpected {other:?} in a transaction"
+            )))),
+        }
+    }
+
+    async fn send_body(
+        &mut self,
+        mode: BodyMode,
+        body: &MessageRef,
+        limit: Duration,
+    ) -> Result<(), ConnError> {
+        let stream = &mut self.stream;
+        match mode {
+            BodyMode::Bdat => {
+                for chunk in body.chunks() {
+                    timed(limit, stream.write_all(chunk)).await?;
+                }
+            }
+            BodyMode::Data => {
+                let mut stuffer = DotStuffer::new();
+                for chunk in body.chunks() {
+                    for piece in stuffer.stuff(chunk) {
+                        timed(limit, stream.write_all(piece)).await?;
+                    }
+                }
+                timed(limit, stream.write_all(stuffer.finish())).await?;
+            }
+        }
+        timed(limit, stream.flush()).await
+    }
+
+    /// Says QUIT and closes, without waiting long for the reply.
+    pub async fn quit(mut self) {
+        self.session.quit();
+        let limit = Duration::from_secs(5);
+        let _ = self.next_event(limit).await;
+        let _ = self.stream.close().await;
+    }
+}

@@ -1,0 +1,740 @@
+//! Delivery status notifications (RFC 3464): the bounce and delay reports postern sends back to
+//! a message's reverse path.
+//!
+//! [`build`] turns a [`Report`] into a complete message, header and MIME body with CRLF line
+//! ends, ready to be spooled and sent from the null reverse path `<>`. The message is a
+//! `multipart/report; report-type=delivery-status` (RFC 6522) with three parts:
+//!
+//! 1. `text/plain`: a short explanation for people, one paragraph per recipient with the next
+//!    hop's reply. mail-builder picks its transfer encoding: 7bit when every line is short ASCII,
+//!    quoted-printable otherwise.
+//! 2. `message/delivery-status`: the machine-readable fields of RFC 3464 section 2, always
+//!    written as 7bit and never encoded. Every value is made safe first: line breaks and other
+//!    control characters become spaces, runs of white space shrink to one, non-ASCII characters
+//!    are written as RFC 6533 `\x{HEX}` escapes, a value is cut at [`MAX_FIELD_VALUE`] octets,
+//!    and long fields are folded at spaces near 78 columns.
+//! 3. The returned content. With `RET=FULL` ([`Report::return_full`]) the whole message comes
+//!    back as `message/rfc822`, otherwise only its header section as `text/rfc822-headers`.
+//!    The full message is returned only when it is no larger than [`Report::max_returned`] and
+//!    every line fits in [`MAX_LINE`] octets; otherwise the headers come back instead. The
+//!    header section is cut at the last whole line within `max_returned`, and a header line
+//!    longer than [`MAX_LINE`] is broken into continuation lines. Bare CR and bare LF become
+//!    CRLF. The content is never re-encoded: its transfer encoding says `8bit` when it holds a
+//!    byte over 127 (8BITMIME or SMTPUTF8 mail), `7bit` otherwise. Such a report must be sent
+//!    with `BODY=8BITMIME`; [`is_8bit`] tells the caller.
+//!
+//! Each recipient's `Status` must agree with its `Action` (RFC 3464 2.3.4): a status that is not
+//! an enhanced status code is replaced by `5.0.0`, `4.0.0` or `2.0.0` after the action, and one
+//! of the wrong class keeps its subject and detail under the action's class (`delayed` with
+//! `5.4.7` becomes `4.4.7`).
+//!
+//! The Subject says "Undelivered Mail Returned to Sender" when any recipient failed, "Delayed
+//! Mail (still being retried)" when all are delayed, "Successful Mail Delivery Report" when all
+//! were delivered, and "Delivery Status Notification" for any other mix (or no recipients).
+//!
+//! No clock is read here: the caller passes the report's time ([`Report::now`]); only
+//! mail-builder's MIME boundary is random (it mixes in the time), so two builds of one report
+//! differ in the boundary alone. The
+//! Message-ID is `<queue-id.now.hash@reporting-mta>`, where hash is an FNV-1a digest of the
+//! recipients and their actions, so two reports about one message in the same second differ
+//! when they are about different recipients. Nothing here panics, whatever the input.
+
+use mail_builder::headers::address::Address;
+use mail_builder::headers::content_type::ContentType;
+use mail_builder::headers::date::Date;
+use mail_builder::headers::raw::Raw;
+use mail_builder::headers::text::Text;
+use mail_builder::mime::{BodyPart, MimePart};
+use mail_builder::MessageBuilder;
+use std::fmt::Write as _;
+
+/// The longest line a message may carry, without its CRLF (RFC 5322 2.1.1).
+pub const MAX_LINE: usize = 998;
+
+/// The longest value of one delivery-status field after it is made safe, in octets. With the
+/// longest field name this keeps every unfoldable line well under [`MAX_LINE`].
+pub const MAX_FIELD_VALUE: usize = 900;
+
+/// The column delivery-status fields fold at, when a space allows (RFC 5322 2.1.1).
+const FOLD_COLUMN: usize = 78;
+
+/// The latest time a date field can show with a four-digit year: 9999-12-31 23:59:59 UTC.
+const LATEST_TIME: u64 = 253_402_300_799;
+
+/// The longest host name or queue id put into the From address and the Message-ID, in
+/// characters (a domain name has at most 255 octets, RFC 1035 2.3.4).
+const MAX_ATOM: usize = 255;
+
+/// The longest address written in the To header, in octets: what fits on one line as
+/// `To: <address>`. A real path is far shorter (256 octets, RFC 5321 4.5.3.1.3); a longer one is
+/// cut rather than breaking the line limit.
+const MAX_TO: usize = MAX_LINE - "To: <>".len();
+
+/// The display name of the report's sender.
+const SENDER_NAME: &str = "Mail Delivery System";
+
+/// What happened to a recipient, as the report tells it (RFC 3464 2.3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Delivery failed for good; the message will not be retried.
+    Failed,
+    /// Delivery has not succeeded yet; the message stays queued and is retried.
+    Delayed,
+    /// The message was delivered; only reported when the sender asked with `NOTIFY=SUCCESS`.
+    Delivered,
+}
+
+impl Action {
+    /// The action as the `Action` field writes it: lower case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+        }
+    }
+
+    /// The status class (RFC 3463) a status for this action must have.
+    fn class(self) -> u8 {
+        match self {
+            Action::Failed => b'5',
+            Action::Delayed => b'4',
+            Action::Delivered => b'2',
+        }
+    }
+}
+
+/// One recipient of the report: one per-recipient block of the delivery-status part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRecipient {
+    /// The mailbox delivery was attempted to: `Final-Recipient: rfc822; path`.
+    pub path: String,
+    /// The `ORCPT` parameter as given at `RCPT` time, such as `rfc822;a@b`, passed through as
+    /// `Original-Recipient` (xtext is not decoded). A value without `;` gets `rfc822;` in front.
+    pub orcpt: Option<String>,
+    /// What happened to this recipient.
+    pub action: Action,
+    /// The enhanced status code (RFC 3463), such as `5.1.1` or `4.4.7`; see [`status_of`] to
+    /// take it from a reply. Brought into line with `action` when the classes disagree.
+    pub status: String,
+    /// The next hop's host name: `Remote-MTA: dns; host`.
+    pub remote_mta: Option<String>,
+    /// The next hop's reply as one line, such as `550 5.1.1 <x@y>: no such user`:
+    /// `Diagnostic-Code: smtp; reply`.
+    pub diagnostic: Option<String>,
+    /// The last delivery attempt, in unix seconds: `Last-Attempt-Date`.
+    pub last_attempt: Option<u64>,
+    /// When retries stop, in unix seconds: `Will-Retry-Until`, written only for
+    /// [`Action::Delayed`].
+    pub will_retry_until: Option<u64>,
+}
+
+/// Everything a report needs. The caller passes all times, in unix seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a> {
+    /// Our host name: `Reporting-MTA: dns; host`, and the report comes from
+    /// `MAILER-DAEMON@host`.
+    pub reporting_mta: &'a str,
+    /// The original message's queue id: the `X-Postern-Queue-ID` field.
+    pub queue_id: &'a str,
+    /// The `ENVID` given at `MAIL` time: `Original-Envelope-Id`.
+    pub envid: Option<&'a str>,
+    /// When the original message arrived: `Arrival-Date`.
+    pub arrival: u64,
+    /// When the report is made: its `Date` header and part of its Message-ID.
+    pub now: u64,
+    /// The original reverse path, which receives the report (`To`). Never build a report for
+    /// the null reverse path: reports about reports are not sent (RFC 5321 4.5.5).
+    pub to: &'a str,
+    /// Who sent us the message (HELO name or address), for the text for people.
+    pub received_from: Option<&'a str>,
+    /// The recipients the report is about, each with its own block.
+    pub recipients: &'a [ReportRecipient],
+    /// The original message as spooled: header section, empty line, body, CRLF line ends.
+    pub original: &'a [u8],
+    /// `RET=FULL`: return the whole message rather than its header section.
+    pub return_full: bool,
+    /// The most octets of original content returned; a larger message returns its headers
+    /// only, themselves cut to this size.
+    pub max_returned: usize,
+}
+
+/// Builds the whole report: header and MIME body with CRLF line ends, ready to be spooled and
+/// sent from the null reverse path `<>` to [`Report::to`].
+pub fn build(report: &Report<'_>) -> Vec<u8> {
+    let host = dot_atom(report.reporting_mta, "localhost");
+    let queue_id = dot_atom(report.queue_id, "dsn");
+    let returned = Returned::from_original(report);
+
+    let text = MimePart::new("text/plain", human_text(report, &host, &returned))
+        .header("Content-Description", Text::new("Notification"));
+    let status = MimePart::new(
+        "message/delivery-status",
+        BodyPart::Binary(delivery_status(report, &host).into()),
+    )
+    .header("Content-Description", Text::new("Delivery report"))
+    .transfer_encoding("7bit");
+    let body = MimePart::new(
+        ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
+        vec![text, status, returned.into_part()],
+    );
+
+    let message_id = format!(
+        "{queue_id}.{}.{:016x}@{host}",
+        report.now,
+        recipients_digest(report.recipients)
+    );
+    let mut output = Vec::with_capacity(report.original.len().min(report.max_returned) + 4096);
+    MessageBuilder::new()
+        .date(Date::new(timestamp(report.now)))
+        .from(Address::new_address(
+            Some(SENDER_NAME),
+            format!("MAILER-DAEMON@{host}"),
+        ))
+        .to(Address::new_address(None::<&str>, cut(report.to, MAX_TO)))
+        .subject(subject(report.recipients))
+        .message_id(message_id)
+        .header("Auto-Submitted", Raw::new("auto-replied"))
+        .header("MIME-Version", Raw::new("1.0"))
+        .body(body)
+        .serialize(&mut output);
+    output
+}
+
+/// Splits the header section off a message: the bytes up to and including the first empty
+/// line, or the whole message when it has none. An empty line is `CRLF` or a bare `LF`.
+pub fn header_block(message: &[u8]) -> &[u8] {
+    let mut start = 0;
+    while let Some(rest) = message.get(start..) {
+        let Some(newline) = rest.iter().position(|&byte| byte == b'\n') else {
+            break;
+        };
+        let end = start + newline + 1;
+        if matches!(rest.get(..=newline), Some(b"\n" | b"\r\n")) {
+            return message.get(..end).unwrap_or(message);
+        }
+        start = end;
+    }
+    message
+}
+
+/// The enhanced status code (RFC 3463) for a report about an SMTP reply: the reply's own when
+/// it starts `NNN X.Y.Z` (or `NNN-X.Y.Z`) with X equal to the reply code's first digit,
+/// otherwise `5.0.0` for a 5xx reply, `4.0.0` for 4xx, `2.0.0` for 2xx, and `5.5.0` (protocol
+/// error) for a reply without a valid code.
+pub fn status_of(reply: &str) -> String {
+    let reply = reply.trim_start();
+    let class = match reply.as_bytes() {
+        [class @ (b'2' | b'4' | b'5'), b'0'..=b'9', b'0'..=b'9', rest @ ..]
+            if matches!(rest.first(), None | Some(b' ' | b'-' | b'\r' | b'\n')) =>
+        {
+            *class
+        }
+        _ => return "5.5.0".to_string(),
+    };
+    // The first four bytes are ASCII, so 4 is a character boundary.
+    let code = reply
+        .get(4..)
+        .and_then(|rest| rest.split_ascii_whitespace().next());
+    match code {
+        Some(code) if enhanced_code(code).is_some_and(|(found, _)| found == class) => {
+            code.to_string()
+        }
+        _ => format!("{}.0.0", char::from(class)),
+    }
+}
+
+/// Whether a message holds any byte over 127. A report that does must go out with
+/// `BODY=8BITMIME`, and to a next hop that does not offer 8BITMIME it cannot go as it is.
+pub fn is_8bit(message: &[u8]) -> bool {
+    message.iter().any(|&byte| byte > 0x7f)
+}
+
+/// Parses `X.Y.Z` with X one of 2, 4, 5 and Y, Z one to three digits each (RFC 3463 2).
+/// Returns the class digit and the `Y.Z` rest.
+fn enhanced_code(code: &str) -> Option<(u8, &str)> {
+    let mut fields = code.split('.');
+    let class = match fields.next()?.as_bytes() {
+        [class @ (b'2' | b'4' | b'5')] => *class,
+        _ => return None,
+    };
+    let subject = fields.next()?;
+    let detail = fields.next()?;
+    let digits = |field: &str| {
+        (1..=3).contains(&field.len()) && field.bytes().all(|byte| byte.is_ascii_digit())
+    };
+    if fields.next().is_some() || !digits(subject) || !digits(detail) {
+        return None;
+    }
+    Some((class, code.get(2..)?))
+}
+
+/// The recipient's status, brought into line with its action (RFC 3464 2.3.4).
+fn recipient_status(recipient: &ReportRecipient) -> String {
+    let class = char::from(recipient.action.class());
+    match enhanced_code(recipient.status.trim()) {
+        Some((_, rest)) => format!("{class}.{rest}"),
+        None => format!("{class}.0.0"),
+    }
+}
+
+/// The returned content: the third part of the report.
+enum Returned {
+    /// The whole message, for `message/rfc822`.
+    Full(Vec<u8>),
+    /// The header section only, for `text/rfc822-headers`.
+    Headers(Vec<u8>),
+}
+
+impl Returned {
+    fn from_original(report: &Report<'_>) -> Self {
+        let original = report.original;
+        if report.return_full && !original.is_empty() && original.len() <= report.max_returned {
+            if let Some(full) = normalize(original, false) {
+                if full.len() <= report.max_returned {
+                    return Returned::Full(full);
+                }
+            }
+        }
+        let fields = without_empty_line(header_block(original));
+        let mut headers = normalize(fields, true).unwrap_or_default();
+        if headers.len() > report.max_returned {
+            let cut = headers
+                .get(..report.max_returned)
+                .and_then(|head| head.windows(2).rposition(|pair| pair == b"\r\n"))
+                .map_or(0, |at| at + 2);
+            headers.truncate(cut);
+        }
+        Returned::Headers(headers)
+    }
+
+    fn is_full(&self) -> bool {
+        matches!(self, Returned::Full(_))
+    }
+
+    fn into_part(self) -> MimePart<'static> {
+        let (content_type, description, content) = match self {
+            Returned::Full(content) => ("message/rfc822", "Original message", content),
+            Returned::Headers(content) => {
+                ("text/rfc822-headers", "Original message headers", content)
+            }
+        };
+        let encoding = if is_8bit(&content) { "8bit" } else { "7bit" };
+        MimePart::new(content_type, BodyPart::Binary(content.into()))
+            .header("Content-Description", Text::new(description))
+            .transfer_encoding(encoding)
+    }
+}
+
+/// The header fields of a block found by [`header_block`]: without its empty line when it has
+/// one, the whole block when the message had no empty line.
+fn without_empty_line(block: &[u8]) -> &[u8] {
+    if block == b"\r\n" || block == b"\n" {
+        return b"";
+    }
+    [&b"\r\n"[..], b"\n"]
+        .into_iter()
+        .filter_map(|end| block.strip_suffix(end))
+        .find(|fields| fields.ends_with(b"\n"))
+        .unwrap_or(block)
+}
+
+/// Copies `input` with every line ending made CRLF and a CRLF after the last line. A line
+/// over [`MAX_LINE`] octets is broken into continuation lines (`CRLF SP`) when `break_long`,
+/// and makes the copy fail otherwise.
+fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
+    let mut output = Vec::with_capacity(input.len() + input.len() / 32 + 2);
+    let mut line = 0;
+    let mut bytes = input.iter().copied().peekable();
+    while let Some(byte) = bytes.next() {
+        match byte {
+            b'\r' | b'\n' => {
+                if byte == b'\r' && bytes.peek() == Some(&b'\n') {
+                    bytes.next();
+                }
+                output.extend_from_slice(b"\r\n");
+                line = 0;
+            }
+            _ => {
+                if line == MAX_LINE {
+                    if !break_long {
+                        return None;
+                    }
+                    output.extend_from_slice(b"\r\n ");
+                    line = 1;
+                }
+                output.push(byte);
+                line += 1;
+            }
+        }
+    }
+    if line > 0 {
+        output.extend_from_slice(b"\r\n");
+    }
+    Some(output)
+}
+
+/// The `message/delivery-status` body (RFC 3464 2.1): the per-message fields, then one block
+/// per recipient, each block after an empty line.
+fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + report.recipients.len() * 320);
+    if let Some(envid) = report.envid {
+        field(&mut out, "Original-Envelope-Id", &safe(envid));
+    }
+    field(&mut out, "Reporting-MTA", &format!("dns; {host}"));
+    field(&mut out, "X-Postern-Queue-ID", &safe(report.queue_id));
+    field(&mut out, "Arrival-Date", &date(report.arrival));
+
+    for recipient in report.recipients {
+        out.extend_from_slice(b"\r\n");
+        if let Some(orcpt) = &recipient.orcpt {
+            let orcpt = safe(orcpt);
+            let value = if orcpt.contains(';') {
+                orcpt
+            } else {
+                format!("rfc822; {orcpt}")
+            };
+            field(&mut out, "Original-Recipient", &value);
+        }
+        field(
+            &mut out,
+            "Final-Recipient",
+            &format!("rfc822; {}", safe(&recipient.path)),
+        );
+        field(&mut out, "Action", recipient.action.as_str());
+        field(&mut out, "Status", &recipient_status(recipient));
+        if let Some(remote) = &recipient.remote_mta {
+            field(&mut out, "Remote-MTA", &format!("dns; {}", safe(remote)));
+        }
+        if let Some(diagnostic) = &recipient.diagnostic {
+            field(
+                &mut out,
+                "Diagnostic-Code",
+                &format!("smtp; {}", safe(diagnostic)),
+            );
+        }
+        if let Some(at) = recipient.last_attempt {
+            field(&mut out, "Last-Attempt-Date", &date(at));
+        }
+        if let (Action::Delayed, Some(until)) = (recipient.action, recipient.will_retry_until) {
+            field(&mut out, "Will-Retry-Until", &date(until));
+        }
+    }
+    out
+}
+
+/// Writes `name: value` CRLF, folding at spaces before [`FOLD_COLUMN`] when it can. `value`
+/// is already safe: ASCII, no control characters, single spaces.
+fn field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    out.push(b':');
+    let mut column = name.len() + 1;
+    let mut first = true;
+    for word in value.split(' ').filter(|word| !word.is_empty()) {
+        if !first && column + 1 + word.len() > FOLD_COLUMN {
+            out.extend_from_slice(b"\r\n");
+            column = 0;
+        }
+        out.push(b' ');
+        out.extend_from_slice(word.as_bytes());
+        column += 1 + word.len();
+        first = false;
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Makes a value safe for a delivery-status field: control characters become spaces, white
+/// space runs shrink to one space, non-ASCII characters become RFC 6533 `\x{HEX}`, and the
+/// result is trimmed and cut at [`MAX_FIELD_VALUE`] octets.
+fn safe(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(MAX_FIELD_VALUE));
+    for ch in value.chars() {
+        if out.len() >= MAX_FIELD_VALUE {
+            break;
+        }
+        if ch.is_ascii_graphic() {
+            out.push(ch);
+        } else if ch.is_ascii() {
+            if !out.is_empty() && !out.ends_with(' ') {
+                out.push(' ');
+            }
+        } else {
+            let escape = format!("\\x{{{:X}}}", u32::from(ch));
+            if out.len() + escape.len() > MAX_FIELD_VALUE {
+                break;
+            }
+            out.push_str(&escape);
+        }
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+/// Makes a value safe for the text for people: control characters become spaces, white space
+/// runs shrink to one space, and the result is trimmed.
+fn readable(value: &str) -> String {
+    value
+        .split(|ch: char| ch.is_whitespace() || ch.is_control())
+        .filter(|word| !word.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Keeps the characters of a dot-atom (RFC 5322 3.2.3) for the From address and the
+/// Message-ID; every other character becomes `_`, and an empty result becomes `fallback`.
+fn dot_atom(value: &str, fallback: &str) -> String {
+    let atom: String = value
+        .trim()
+        .chars()
+        .map(|ch| {
+            if ch.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(ch) {
+                ch
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let atom = atom.trim_matches('.');
+    let atom = cut(atom, MAX_ATOM);
+    if atom.is_empty() {
+        fallback.to_string()
+    } else {
+        atom.to_string()
+    }
+}
+
+/// The longest prefix of `value` of at most `max` octets that ends on a character boundary.
+fn cut(value: &str, max: usize) -> &str {
+    let mut end = value.len().min(max);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value.get(..end).unwrap_or_default()
+}
+
+/// Unix seconds for a date field, held to four-digit years.
+fn timestamp(unix: u64) -> i64 {
+    i64::try_from(unix.min(LATEST_TIME)).unwrap_or(0)
+}
+
+/// An RFC 5322 date in UTC for unix seconds, held to four-digit years.
+fn date(unix: u64) -> String {
+    Date::new(timestamp(unix)).to_rfc822()
+}
+
+/// The Subject: a failure report when any recipient failed, a delay report when all are
+/// delayed, a success report when all were delivered.
+fn subject(recipients: &[ReportRecipient]) -> &'static str {
+    let all = |action| {
+        !recipients.is_empty()
+            && recipients
+                .iter()
+                .all(|recipient| recipient.action == action)
+    };
+    if recipients
+        .iter()
+        .any(|recipient| recipient.action == Action::Failed)
+    {
+        "Undelivered Mail Returned to Sender"
+    } else if all(Action::Delayed) {
+        "Delayed Mail (still being retried)"
+    } else if all(Action::Delivered) {
+        "Successful Mail Delivery Report"
+    } else {
+        "Delivery Status Notification"
+    }
+}
+
+/// FNV-1a over the recipients' paths and actions: tells apart reports about the same message.
+fn recipients_digest(recipients: &[ReportRecipient]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    for recipient in recipients {
+        let action = recipient.action.as_str().as_bytes();
+        for &byte in recipient.path.as_bytes().iter().chain(b"\0").chain(action) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(PRIME);
+        }
+    }
+    hash
+}
+
+/// The `text/plain` part: what happened, in words, one paragraph per recipient.
+fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
+    let has = |action| {
+        report
+            .recipients
+            .iter()
+            .any(|recipient| recipient.action == action)
+    };
+    let mut text = format!("This is the mail system at host {host}.\r\n\r\n");
+    if has(Action::Failed) {
+        text.push_str(
+            "Your message could not be delivered to one or more of its recipients.\r\n\
+             The mail system has given up on them; this is a permanent error.\r\n\r\n",
+        );
+    }
+    if has(Action::Delayed) {
+        text.push_str(
+            "Your message has not been delivered yet to one or more of its recipients.\r\n\
+             The mail system will keep trying; you do not need to send it again.\r\n\r\n",
+        );
+    }
+    if has(Action::Delivered) {
+        text.push_str(
+            "Your message was delivered to one or more of its recipients,\r\n\
+             as you asked to be told.\r\n\r\n",
+        );
+    }
+    let _ = write!(text, "The message arrived on {}", date(report.arrival));
+    if let Some(from) = report.received_from.map(readable) {
+        if !from.is_empty() {
+            let _ = write!(text, "\r\nfrom {from}");
+        }
+    }
+    let _ = write!(text, " (queue id {}).\r\n", readable(report.queue_id));
+    text.push_str(if returned.is_full() {
+        "A delivery report and a copy of the message are attached.\r\n"
+    } else {
+        "A delivery report and the headers of the message are attached.\r\n"
+    });
+
+    for recipient in report.recipients {
+        let what = match recipient.action {
+            Action::Failed => "delivery failed",
+            Action::Delayed => "delivery delayed, still trying",
+            Action::Delivered => "delivered",
+        };
+        let _ = write!(
+            text,
+            "\r\n<{}>: {what} (status {})\r\n",
+            readable(&recipient.path),
+            recipient_status(recipient)
+        );
+        let remote = recipient.remote_mta.as_deref().map(readable);
+        let diagnostic = recipient.diagnostic.as_deref().map(readable);
+        match (remote, diagnostic) {
+            (Some(remote), Some(diagnostic)) => {
+                let _ = write!(text, "    {remote} said: {diagnostic}\r\n");
+            }
+            (None, Some(diagnostic)) => {
+                let _ = write!(text, "    Reply: {diagnostic}\r\n");
+            }
+            (Some(remote), None) => {
+                let _ = write!(text, "    Next hop: {remote}\r\n");
+            }
+            (None, None) => {}
+        }
+        if let Some(at) = recipient.last_attempt {
+            let _ = write!(text, "    Last attempt: {}\r\n", date(at));
+        }
+        if let (Action::Delayed, Some(until)) = (recipient.action, recipient.will_retry_until) {
+            let _ = write!(text, "    Will retry until: {}\r\n", date(until));
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_block_stops_after_the_empty_line() {
+        assert_eq!(
+            header_block(b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
+            b"A: 1\r\nB: 2\r\n\r\n"
+        );
+        assert_eq!(header_block(b"A: 1\nB: 2\n\nbody\n"), b"A: 1\nB: 2\n\n");
+        assert_eq!(header_block(b"\r\nbody"), b"\r\n");
+        assert_eq!(header_block(b"A: 1\r\nB: 2\r\n"), b"A: 1\r\nB: 2\r\n");
+        assert_eq!(header_block(b"A: 1"), b"A: 1");
+        assert_eq!(header_block(b""), b"");
+        assert_eq!(header_block(b"A: 1\r\n\r\n\r\nx"), b"A: 1\r\n\r\n");
+    }
+
+    #[test]
+    fn status_of_takes_the_reply_code() {
+        assert_eq!(status_of("550 5.1.1 <x@y>: no such user"), "5.1.1");
+        assert_eq!(status_of("452-4.2.2 mailbox full"), "4.2.2");
+        assert_eq!(status_of("554 5.7.1"), "5.7.1");
+        assert_eq!(status_of("550 no such user"), "5.0.0");
+        assert_eq!(status_of("421 try later"), "4.0.0");
+        assert_eq!(status_of("250 2.1.5 ok"), "2.1.5");
+        assert_eq!(status_of("550 4.1.1 mismatched class"), "5.0.0");
+        assert_eq!(status_of("550 5.1234.1 too long"), "5.0.0");
+        assert_eq!(status_of("550 5.1.1x"), "5.0.0");
+        assert_eq!(status_of("550"), "5.0.0");
+        assert_eq!(status_of("5501 5.1.1"), "5.5.0");
+        assert_eq!(status_of("hello"), "5.5.0");
+        assert_eq!(status_of(""), "5.5.0");
+        assert_eq!(status_of("354 go ahead"), "5.5.0");
+        assert_eq!(status_of("550 é"), "5.0.0");
+    }
+
+    #[test]
+    fn status_follows_the_action() {
+        let mut recipient = ReportRecipient {
+            path: "a@b".into(),
+            orcpt: None,
+            action: Action::Delayed,
+            status: "5.4.7".into(),
+            remote_mta: None,
+            diagnostic: None,
+            last_attempt: None,
+            will_retry_until: None,
+        };
+        assert_eq!(recipient_status(&recipient), "4.4.7");
+        recipient.status = "garbage".into();
+        assert_eq!(recipient_status(&recipient), "4.0.0");
+        recipient.action = Action::Failed;
+        recipient.status = " 5.1.10 ".into();
+        assert_eq!(recipient_status(&recipient), "5.1.10");
+    }
+
+    #[test]
+    fn safe_values_are_one_ascii_line() {
+        assert_eq!(safe("a\r\nb\t c\u{0}"), "a b c");
+        assert_eq!(safe("  user@bücher.example "), "user@b\\x{FC}cher.example");
+        let long = safe(&"x".repeat(5000));
+        assert_eq!(long.len(), MAX_FIELD_VALUE);
+        let escapes = safe(&"é".repeat(5000));
+        assert!(escapes.len() <= MAX_FIELD_VALUE && escapes.is_ascii());
+    }
+
+    #[test]
+    fn fields_fold_at_spaces() {
+        let mut out = Vec::new();
+        let value = ["word"; 40].join(" ");
+        field(&mut out, "Diagnostic-Code", &value);
+        let text = String::from_utf8(out).unwrap_or_default();
+        let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+        assert!(lines.len() > 1, "{text:?}");
+        assert!(
+            lines.iter().all(|line| line.len() <= FOLD_COLUMN),
+            "{text:?}"
+        );
+        assert!(
+            lines.iter().skip(1).all(|line| line.starts_with(' ')),
+            "{text:?}"
+        );
+        assert_eq!(
+            text.replace("\r\n", ""),
+            format!("Diagnostic-Code: {value}")
+        );
+    }
+
+    #[test]
+    fn normalize_makes_crlf_and_guards_long_lines() {
+        assert_eq!(
+            normalize(b"a\nb\rc\r\nd", false).unwrap_or_default(),
+            b"a\r\nb\r\nc\r\nd\r\n"
+        );
+        let long = vec![b'x'; MAX_LINE + 5];
+        assert!(normalize(&long, false).is_none());
+        let broken = normalize(&long, true).unwrap_or_default();
+        let mut expected = vec![b'x'; MAX_LINE];
+        expected.extend_from_slice(b"\r\n xxxxx\r\n");
+        assert_eq!(broken, expected);
+    }
+}

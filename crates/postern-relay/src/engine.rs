@@ -1,0 +1,1069 @@
+//! The delivery engine of one core, in two roles.
+//!
+//! As an **owner**, a core tracks the messages its sessions accepted (and the ones recovery
+//! found in its spool): it routes their recipients, groups them by next hop, and hands one
+//! [`Job`] per next hop to the shard that owns the next hop, through the lock-free
+//! [`Mailboxes`]. Outcomes come back the same way; the owner writes each as a status record
+//! to its own spool, makes the bounce when recipients failed, and once every recipient is
+//! final and durable tells the spool to forget the message.
+//!
+//! As a **shard**, a core delivers the jobs of the next hops that hash to it: one queue per
+//! next hop, up to `max_per_destination` connections, reused for the next job while there is
+//! one, and a passive [`Schedule`] of deferred jobs for their retry time.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use event_listener::Event;
+use futures_lite::future;
+use postern_proto::client::{BodyMode, OutRecipient, Transaction};
+use postern_proto::Reply;
+use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
+use postern_server::delivery::{Accepted, CoreHandle, Delivery, DeliveryFactory, Outcome};
+use postern_spool::{DeliveryState, MessageMeta, MessageRef, Recipient, RecoveredMessage, Status};
+
+use crate::conn::{ConnError, Outbound, Timeouts, TlsSetup};
+use crate::dsn;
+use crate::mx::{MxError, NextHop, Resolver};
+use crate::route::{Destination, Router};
+use crate::tls::{TlsClients, TlsPolicy};
+
+/// The relay's settings.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Our name in EHLO and in bounces.
+    pub hostname: String,
+    /// Routes and smarthost.
+    pub router: Router,
+    /// A DNS server to ask instead of /etc/resolv.conf.
+    pub dns_server: Option<SocketAddr>,
+    /// The port of MX hosts (25; other values for tests and labs).
+    pub mx_port: u16,
+    /// Retry schedule and queue lifetime.
+    pub retry: RetryPolicy,
+    /// Warn the sender when a message is still queued after this long (off when None).
+    pub delay_warning: Option<Duration>,
+    /// Concurrent connections per next hop.
+    pub max_per_destination: usize,
+    /// How long an idle connection waits for the next message before QUIT.
+    pub idle_timeout: Duration,
+    /// STARTTLS towards next hops.
+    pub tls: TlsPolicy,
+    /// Extra trust anchors for required TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client timeouts.
+    pub timeouts: Timeouts,
+    /// Queue depth (messages not yet final) at which accepting stops; 0 for no limit.
+    pub queue_high_water: u64,
+    /// Queue depth at which accepting starts again.
+    pub queue_low_water: u64,
+    /// The most octets of a message returned in a bounce.
+    pub bounce_max_returned: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            hostname: "localhost".into(),
+            router: Router::default(),
+            dns_server: None,
+            mx_port: 25,
+            retry: RetryPolicy::default(),
+            delay_warning: None,
+            max_per_destination: 16,
+            idle_timeout: Duration::from_secs(10),
+            tls: TlsPolicy::Opportunistic,
+            tls_ca: None,
+            timeouts: Timeouts::default(),
+            queue_high_water: 1_000_000,
+            queue_low_water: 800_000,
+            bounce_max_returned: 128 * 1024,
+        }
+    }
+}
+
+/// A message on its way, shared by the jobs of its next hops (no copy of the body).
+#[derive(Debug)]
+struct Msg {
+    queue_id: String,
+    owner: usize,
+    meta: MessageMeta,
+    body: MessageRef,
+}
+
+/// The recipients of one message that go to one next hop.
+#[derive(Debug)]
+struct Job {
+    msg: Arc<Msg>,
+    rcpts: Vec<u32>,
+    dest: Destination,
+    /// Failed attempts so far.
+    failures: u32,
+    /// Not before this time (ms since the epoch).
+    not_before: u64,
+}
+
+#[derive(Debug)]
+enum Result_ {
+    Delivered,
+    Deferred { next_attempt: u64 },
+    Failed { status: String },
+}
+
+/// One recipient's outcome, on its way back to the owner.
+#[derive(Debug)]
+struct Report {
+    queue_id: String,
+    rcpt: u32,
+    result: Result_,
+    reply: String,
+    remote: Option<String>,
+}
+
+/// What all cores share.
+pub struct Relay {
+    config: RelayConfig,
+    cores: usize,
+    jobs: Mailboxes<Job>,
+    reports: Mailboxes<Report>,
+    depth: Depth,
+    marks: Watermarks,
+    resolver: Resolver,
+    tls: TlsClients,
+    recovered: Mutex<Vec<RecoveredMessage>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("cores", &self.cores).finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Relay {
+    /// The relay for `cores` cores, with the messages recovery found still to deliver.
+    pub fn new(
+        config: RelayConfig,
+        cores: usize,
+        recovered: Vec<RecoveredMessage>,
+    ) -> Result<Arc<Relay>, String> {
+        let resolver = match config.dns_server {
+            Some(addr) => Resolver::with_server(addr),
+            None => Resolver::system(),
+        }
+        .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        let tls = TlsClients::new(config.tls_ca.as_deref())?;
+        let cores = cores.max(1);
+        Ok(Arc::new(Relay {
+            marks: Watermarks::new(config.queue_high_water, config.queue_low_water),
+            config,
+            cores,
+            jobs: Mailboxes::new(cores),
+            reports: Mailboxes::new(cores),
+            depth: Depth::new(cores),
+            resolver,
+            tls,
+            recovered: Mutex::new(recovered),
+        }))
+    }
+
+    /// The factory the server calls on each core.
+    pub fn factory(self: &Arc<Self>) -> DeliveryFactory {
+        let relay = self.clone();
+        Arc::new(move |handle: CoreHandle| -> Rc<dyn Delivery> {
+            let core = CoreRelay::start(relay.clone(), handle);
+            core as Rc<dyn Delivery>
+        })
+    }
+
+    /// Messages not yet final, all cores together.
+    pub fn queue_depth(&self) -> u64 {
+        self.depth.total()
+    }
+}
+
+/// The owner's record of a message not yet final.
+struct Tracked {
+    msg: Arc<Msg>,
+    /// Recipients without a final outcome.
+    pending: usize,
+    /// Recipients failed for good, waiting for the bounce.
+    failed: Vec<(u32, String, Option<String>, String, u64)>,
+    warned: bool,
+}
+
+/// Deliveries waiting for one next hop, and its connections.
+struct DestQueue {
+    dest: Destination,
+    ready: RefCell<VecDeque<Job>>,
+    workers: Cell<usize>,
+    idle: Cell<usize>,
+    arrived: Event,
+    /// A failed opportunistic TLS handshake: cleartext until then (ms).
+    cleartext_until: Cell<u64>,
+}
+
+/// One core's relay.
+pub struct CoreRelay {
+    relay: Arc<Relay>,
+    handle: CoreHandle,
+    id: usize,
+    tracked: RefCell<HashMap<String, Tracked>>,
+    dests: RefCell<HashMap<String, Rc<DestQueue>>>,
+    retry: RefCell<Schedule<Job>>,
+    retry_changed: Event,
+}
+
+impl Delivery for CoreRelay {
+    fn accepted(&self, message: Accepted) {
+        let msg = Arc::new(Msg {
+            queue_id: message.queue_id,
+            owner: self.id,
+            meta: message.meta,
+            body: message.body,
+        });
+        let all: Vec<u32> = (0..msg.meta.recipients.len() as u32).collect();
+        self.track(msg.clone(), all.len());
+        self.dispatch(&msg, &all, 0, 0);
+    }
+
+    fn accepting(&self) -> bool {
+        self.relay.marks.accepting(self.relay.depth.total())
+    }
+}
+
+impl CoreRelay {
+    fn start(relay: Arc<Relay>, handle: CoreHandle) -> Rc<CoreRelay> {
+        let id = handle.id();
+        let core = Rc::new(CoreRelay {
+            relay,
+            handle,
+            id,
+            tracked: RefCell::new(HashMap::new()),
+            dests: RefCell::new(HashMap::new()),
+            retry: RefCell::new(Schedule::new()),
+            retry_changed: Event::new(),
+        });
+        glommio::spawn_local(core.clone().job_loop()).detach();
+        glommio::spawn_local(core.clone().report_loop()).detach();
+        glommio::spawn_local(core.clone().retry_loop()).detach();
+        glommio::spawn_local(core.clone().housekeeping()).detach();
+        core.resume_recovered();
+        core
+    }
+
+    /// Takes this core's share of what recovery found: messages whose owner is this core (or,
+    /// when there are fewer cores than before, whose owner maps to it).
+    fn resume_recovered(&self) {
+        let mine: Vec<RecoveredMessage> = match self.relay.recovered.lock() {
+            Ok(mut all) => {
+                let (mine, rest) = std::mem::take(&mut *all)
+                    .into_iter()
+                    .partition(|m| m.core as usize % self.relay.cores == self.id);
+                *all = rest;
+                mine
+            }
+            Err(_) => return,
+        };
+        for m in mine {
+            if m.is_final() {
+                continue;
+            }
+            let msg = Arc::new(Msg {
+                queue_id: m.queue_id.clone(),
+                owner: self.id,
+                meta: m.meta.clone(),
+                body: m.body().clone(),
+            });
+            let mut now_rcpts = Vec::new();
+            let mut later: HashMap<u64, Vec<u32>> = HashMap::new();
+            for (i, s) in m.statuses.iter().enumerate() {
+                match s.as_ref().map(|s| &s.state) {
+                    None => now_rcpts.push(i as u32),
+                    Some(DeliveryState::Deferred { next_attempt }) => later
+                        .entry(next_attempt.saturating_mul(1000))
+                        .or_default()
+                        .push(i as u32),
+                    Some(_) => {}
+                }
+            }
+            let pending = now_rcpts.len() + later.values().map(Vec::len).sum::<usize>();
+            self.track(msg.clone(), pending);
+            self.dispatch(&msg, &now_rcpts, 0, 0);
+            for (at, rcpts) in later {
+                self.dispatch(&msg, &rcpts, 1, at);
+            }
+        }
+    }
+
+    fn track(&self, msg: Arc<Msg>, pending: usize) {
+        self.tracked.borrow_mut().insert(
+            msg.queue_id.clone(),
+            Tracked {
+                msg,
+                pending,
+                failed: Vec::new(),
+                warned: false,
+            },
+        );
+        self.publish_depth();
+    }
+
+    fn publish_depth(&self) {
+        let n = self.tracked.borrow().len() as u64;
+        self.relay.depth.set(self.id, n);
+        self.handle.set_queue_depth(n);
+    }
+
+    /// Routes recipients `rcpts` of `msg` and sends one job per next hop to its shard.
+    fn dispatch(&self, msg: &Arc<Msg>, rcpts: &[u32], failures: u32, not_before: u64) {
+        let mut groups: Vec<(Destination, Vec<u32>)> = Vec::new();
+        for &i in rcpts {
+            let Some(r) = msg.meta.recipients.get(i as usize) else {
+                continue;
+            };
+            match self.relay.config.router.route(&r.path) {
+                Some(dest) => match groups.iter_mut().find(|(d, _)| *d == dest) {
+                    Some((_, v)) => v.push(i),
+                    None => groups.push((dest, vec![i])),
+                },
+                None => self.relay.reports.send(
+                    self.id,
+                    Report {
+                        queue_id: msg.queue_id.clone(),
+                        rcpt: i,
+                        result: Result_::Failed {
+                            status: "5.1.2".into(),
+                        },
+                        reply: "no route to this recipient (no domain and no relay host)".into(),
+                        remote: None,
+                    },
+                ),
+            }
+        }
+        for (dest, rcpts) in groups {
+            let shard = shard_of(&dest.key(), self.relay.cores);
+            tracing::debug!(queue_id = %msg.queue_id, %dest, shard, recipients = rcpts.len(), "queued for delivery");
+            self.relay.jobs.send(
+                shard,
+                Job {
+                    msg: msg.clone(),
+                    rcpts,
+                    dest,
+                    failures,
+                    not_before,
+                },
+            );
+        }
+    }
+
+    // ----- shard side -----
+
+    async fn job_loop(self: Rc<Self>) {
+        let inbox = self.relay.jobs.get(self.id);
+        loop {
+            let listener = inbox.listen();
+            while let Some(job) = inbox.pop() {
+                tracing::debug!(queue_id = %job.msg.queue_id, core = self.id, "job received");
+                if job.not_before > now_ms() {
+                    self.schedule(job);
+                } else {
+                    self.enqueue(job);
+                }
+            }
+            if self.handle.is_stopping() {
+                return;
+            }
+            future::or(listener, async {
+                self.handle.stopped().await;
+            })
+            .await;
+        }
+    }
+
+    fn schedule(&self, job: Job) {
+        let at = job.not_before;
+        let earlier = self.retry.borrow().next_deadline().is_none_or(|d| at < d);
+        self.retry.borrow_mut().insert(at, job);
+        if earlier {
+            self.retry_changed.notify(1);
+        }
+    }
+
+    async fn retry_loop(self: Rc<Self>) {
+        loop {
+            let listener = self.retry_changed.listen();
+            let now = now_ms();
+            loop {
+                let due = self.retry.borrow_mut().pop_due(now);
+                match due {
+                    Some(job) => self.enqueue(job),
+                    None => break,
+                }
+            }
+            let wait = self
+                .retry
+                .borrow()
+                .next_deadline()
+                .map_or(Duration::from_secs(3600), |d| {
+                    Duration::from_millis(d.saturating_sub(now))
+                });
+            if self.handle.is_stopping() {
+                return;
+            }
+            future::or(
+                future::or(listener, glommio::timer::sleep(wait)),
+                self.handle.stopped(),
+            )
+            .await;
+        }
+    }
+
+    fn enqueue(self: &Rc<Self>, job: Job) {
+        let key = job.dest.key();
+        let dq = self
+            .dests
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| {
+                Rc::new(DestQueue {
+                    dest: job.dest.clone(),
+                    ready: RefCell::new(VecDeque::new()),
+                    workers: Cell::new(0),
+                    idle: Cell::new(0),
+                    arrived: Event::new(),
+                    cleartext_until: Cell::new(0),
+                })
+            })
+            .clone();
+        dq.ready.borrow_mut().push_back(job);
+        if dq.idle.get() > 0 {
+            dq.arrived.notify(1);
+        } else if dq.workers.get() < self.relay.config.max_per_destination.max(1) {
+            dq.workers.set(dq.workers.get() + 1);
+            glommio::spawn_local(self.clone().worker(dq)).detach();
+        }
+    }
+
+    /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
+    async fn worker(self: Rc<Self>, dq: Rc<DestQueue>) {
+        'connect: while !dq.ready.borrow().is_empty() && !self.handle.is_stopping() {
+            let mut conn = match self.open(&dq).await {
+                Ok(c) => c,
+                Err((text, permanent)) => {
+                    // The next hop is unreachable (everything waiting for it waits again) or
+                    // does not exist (everything waiting for it fails).
+                    let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+                    let status = permanent.unwrap_or("4.4.1");
+                    for job in jobs {
+                        self.settle_all(job, permanent.is_some(), status, &text, None);
+                    }
+                    break;
+                }
+            };
+            loop {
+                let job = dq.ready.borrow_mut().pop_front();
+                let Some(job) = job else {
+                    // Idle: keep the connection for a while for the next job.
+                    dq.idle.set(dq.idle.get() + 1);
+                    let listener = dq.arrived.listen();
+                    let woke = dq.ready.borrow().is_empty()
+                        && future::or(
+                            async {
+                                listener.await;
+                                true
+                            },
+                            async {
+                                future::or(
+                                    glommio::timer::sleep(self.relay.config.idle_timeout),
+                                    self.handle.stopped(),
+                                )
+                                .await;
+                                false
+                            },
+                        )
+                        .await;
+                    dq.idle.set(dq.idle.get() - 1);
+                    if woke || !dq.ready.borrow().is_empty() {
+                        continue;
+                    }
+                    conn.quit().await;
+                    break 'connect;
+                };
+                if !self.transact(&mut conn, job).await {
+                    continue 'connect;
+                }
+                if self.handle.is_stopping() {
+                    conn.quit().await;
+                    break 'connect;
+                }
+            }
+        }
+        dq.workers.set(dq.workers.get() - 1);
+    }
+
+    /// Runs one job on `conn`; false when the connection is no longer usable.
+    async fn transact(&self, conn: &mut Outbound, job: Job) -> bool {
+        let meta = &job.msg.meta;
+        let caps = conn.capabilities().clone();
+        // BINARYMIME needs BDAT and BINARYMIME at the next hop; there is no downgrade.
+        if meta.body_type == 2 && !(caps.chunking && caps.binarymime) {
+            let text = format!(
+                "{} does not support BINARYMIME and the message cannot be converted",
+                conn.remote
+            );
+            self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+            return true;
+        }
+        if meta.smtputf8 && !caps.smtputf8 {
+            let ascii = meta.reverse_path.is_ascii()
+                && job.rcpts.iter().all(|&i| {
+                    meta.recipients
+                        .get(i as usize)
+                        .is_some_and(|r| r.path.is_ascii())
+                });
+            if !ascii {
+                let text = format!(
+                    "{} does not support SMTPUTF8, needed for this address",
+                    conn.remote
+                );
+                self.settle_all(job, true, "5.6.7", &text, Some(conn.remote.clone()));
+                return true;
+            }
+        }
+        let mut mail_params = String::new();
+        match meta.body_type {
+            1 if caps.eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
+            2 => mail_params.push_str(" BODY=BINARYMIME"),
+            _ => {}
+        }
+        if meta.smtputf8 && caps.smtputf8 {
+            mail_params.push_str(" SMTPUTF8");
+        }
+        let tx = Transaction {
+            from: meta.reverse_path.clone(),
+            mail_params,
+            rcpts: job
+                .rcpts
+                .iter()
+                .filter_map(|&i| meta.recipients.get(i as usize))
+                .map(|r| OutRecipient {
+                    path: r.path.clone(),
+                    params: String::new(),
+                })
+                .collect(),
+            body_len: job.msg.body.len(),
+            mode: if caps.chunking {
+                BodyMode::Bdat
+            } else {
+                BodyMode::Data
+            },
+        };
+        let remote = Some(conn.remote.clone());
+        match conn
+            .deliver(&tx, &job.msg.body, &self.relay.config.timeouts)
+            .await
+        {
+            Ok(result) => {
+                let mut deferred = Vec::new();
+                let mut last_deferral = String::new();
+                for (k, &rcpt) in job.rcpts.iter().enumerate() {
+                    let reply = result.outcome(k);
+                    let text = reply_line(reply);
+                    if reply.is_positive() {
+                        self.report(&job.msg, rcpt, Result_::Delivered, text, remote.clone());
+                    } else if reply.is_permanent() {
+                        let status = dsn::status_of(&text);
+                        self.report(
+                            &job.msg,
+                            rcpt,
+                            Result_::Failed { status },
+                            text,
+                            remote.clone(),
+                        );
+                    } else {
+                        deferred.push(rcpt);
+                        last_deferral = text;
+                    }
+                }
+                if !deferred.is_empty() {
+                    let again = Job {
+                        rcpts: deferred,
+                        ..job
+                    };
+                    let status = dsn::status_of(&last_deferral);
+                    self.settle_all(again, false, &status, &last_deferral, remote);
+                }
+                true
+            }
+            Err(Ok(local)) => {
+                let text = format!("{}: {}", conn.remote, reply_line(&local));
+                self.settle_all(job, local.is_permanent(), "5.3.4", &text, remote);
+                true
+            }
+            Err(Err(e)) => {
+                let text = e.describe(&conn.remote);
+                self.settle_all(job, false, "4.4.2", &text, remote);
+                false
+            }
+        }
+    }
+
+    /// Every recipient of `job` failed the same way: for good, or for now (then rescheduled,
+    /// or expired when the message's lifetime is over).
+    fn settle_all(
+        &self,
+        job: Job,
+        permanent: bool,
+        status: &str,
+        text: &str,
+        remote: Option<String>,
+    ) {
+        if permanent {
+            for &rcpt in &job.rcpts {
+                let result = Result_::Failed {
+                    status: status.to_owned(),
+                };
+                self.report(&job.msg, rcpt, result, text.to_owned(), remote.clone());
+            }
+            return;
+        }
+        let failures = job.failures + 1;
+        let arrival = job.msg.meta.arrival.saturating_mul(1000);
+        match self
+            .relay
+            .config
+            .retry
+            .after_failure(arrival, failures, now_ms())
+        {
+            RetryDecision::RetryAt(at) => {
+                for &rcpt in &job.rcpts {
+                    self.report(
+                        &job.msg,
+                        rcpt,
+                        Result_::Deferred { next_attempt: at },
+                        text.to_owned(),
+                        remote.clone(),
+                    );
+                }
+                self.handle.count_outcome(Outcome::Deferred);
+                self.schedule(Job {
+                    failures,
+                    not_before: at,
+                    ..job
+                });
+            }
+            RetryDecision::Expire => {
+                for &rcpt in &job.rcpts {
+                    let result = Result_::Failed {
+                        status: "4.4.7".into(),
+                    };
+                    let reply = format!("delivery time expired; last error: {text}");
+                    self.report(&job.msg, rcpt, result, reply, remote.clone());
+                }
+            }
+        }
+    }
+
+    fn report(&self, msg: &Msg, rcpt: u32, result: Result_, reply: String, remote: Option<String>) {
+        let to = msg
+            .meta
+            .recipients
+            .get(rcpt as usize)
+            .map_or("", |r| r.path.as_str());
+        let relay = remote.as_deref().unwrap_or("none");
+        match &result {
+            Result_::Delivered => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "sent", "{reply}")
+            }
+            Result_::Deferred { .. } => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "deferred", "{reply}")
+            }
+            Result_::Failed { .. } => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "bounced", "{reply}")
+            }
+        }
+        self.send_report(msg, rcpt, result, reply, remote);
+    }
+
+    fn send_report(
+        &self,
+        msg: &Msg,
+        rcpt: u32,
+        result: Result_,
+        reply: String,
+        remote: Option<String>,
+    ) {
+        self.relay.reports.send(
+            msg.owner,
+            Report {
+                queue_id: msg.queue_id.clone(),
+                rcpt,
+                result,
+                reply,
+                remote,
+            },
+        );
+    }
+
+    /// Connects to the next hop: its addresses in order, the next one when a host refuses or
+    /// greets with an error. Err carries the text and, for a permanent failure, its status.
+    async fn open(&self, dq: &DestQueue) -> Result<Outbound, (String, Option<&'static str>)> {
+        let config = &self.relay.config;
+        let (hops, port) = match &dq.dest {
+            Destination::Fixed(hp) => {
+                let hops = match hp.host.parse::<IpAddr>() {
+                    Ok(ip) => vec![NextHop {
+                        host: hp.host.clone(),
+                        preference: 0,
+                        addrs: vec![ip],
+                    }],
+                    Err(_) if hp.host == "localhost" => vec![NextHop {
+                        host: hp.host.clone(),
+                        preference: 0,
+                        addrs: vec![IpAddr::from([127, 0, 0, 1])],
+                    }],
+                    Err(_) => self
+                        .relay
+                        .resolver
+                        .next_hops(&hp.host)
+                        .await
+                        .map_err(|e| mx_failure(&hp.host, &e))?,
+                };
+                (hops, hp.port)
+            }
+            Destination::Mx(domain) => {
+                let hops = self
+                    .relay
+                    .resolver
+                    .next_hops(domain)
+                    .await
+                    .map_err(|e| mx_failure(domain, &e))?;
+                (hops, config.mx_port)
+            }
+        };
+        let policy = config.tls;
+        let config_for = |policy| TlsSetup {
+            policy,
+            config: match policy {
+                TlsPolicy::Required => self.relay.tls.verified.clone(),
+                _ => self.relay.tls.unverified.clone(),
+            },
+        };
+        let mut last = String::from("no address to connect to");
+        for hop in &hops {
+            for &ip in &hop.addrs {
+                let addr = SocketAddr::new(ip, port);
+                let cleartext =
+                    policy == TlsPolicy::Opportunistic && dq.cleartext_until.get() > now_ms();
+                let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
+                let helo = &config.hostname;
+                tracing::debug!(%addr, host = %hop.host, "connecting");
+                match Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts)
+                    .await
+                {
+                    Ok(c) => {
+                        tracing::debug!(%addr, tls = c.is_tls(), "connected");
+                        return Ok(c);
+                    }
+                    Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
+                        // Try again in cleartext on a new connection, and stay in cleartext
+                        // with this next hop for a while.
+                        dq.cleartext_until.set(now_ms() + 3_600_000);
+                        match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await
+                        {
+                            Ok(c) => return Ok(c),
+                            Err(e2) => last = format!("{}; then {}", e, e2.describe(&hop.host)),
+                        }
+                    }
+                    Err(e) => last = e.describe(&format!("{} [{}]", hop.host, ip)),
+                }
+            }
+        }
+        Err((last, None))
+    }
+
+    // ----- owner side -----
+
+    async fn report_loop(self: Rc<Self>) {
+        let inbox = self.relay.reports.get(self.id);
+        loop {
+            let listener = inbox.listen();
+            while let Some(r) = inbox.pop() {
+                self.settle(r);
+            }
+            if self.handle.is_stopping() {
+                return;
+            }
+            future::or(listener, async {
+                self.handle.stopped().await;
+            })
+            .await;
+        }
+    }
+
+    /// Records one recipient's outcome.
+    fn settle(self: &Rc<Self>, r: Report) {
+        let now = now_ms();
+        let mut tracked = self.tracked.borrow_mut();
+        let Some(t) = tracked.get_mut(&r.queue_id) else {
+            return;
+        };
+        let state = match &r.result {
+            Result_::Delivered => {
+                self.handle.count_outcome(Outcome::Delivered);
+                t.pending = t.pending.saturating_sub(1);
+                Some(DeliveryState::Delivered)
+            }
+            Result_::Deferred { next_attempt } => Some(DeliveryState::Deferred {
+                next_attempt: next_attempt / 1000,
+            }),
+            Result_::Failed { status } => {
+                // The status record is written after the bounce is durable (see finish).
+                self.handle.count_outcome(Outcome::Failed);
+                t.pending = t.pending.saturating_sub(1);
+                t.failed.push((
+                    r.rcpt,
+                    r.reply.clone(),
+                    r.remote.clone(),
+                    status.clone(),
+                    now / 1000,
+                ));
+                None
+            }
+        };
+        if let Some(state) = state {
+            let status = Status {
+                state,
+                reply: r.reply.clone(),
+            };
+            let _ = self.handle.append_status(&r.queue_id, r.rcpt, &status);
+        }
+        if let (Result_::Deferred { next_attempt }, Some(after)) =
+            (&r.result, self.relay.config.delay_warning)
+        {
+            let age = now.saturating_sub(t.msg.meta.arrival.saturating_mul(1000));
+            if !t.warned && age >= after.as_millis() as u64 {
+                t.warned = true;
+                let warn = vec![(r.rcpt, r.reply.clone(), r.remote.clone(), *next_attempt)];
+                let me = self.clone();
+                let msg = t.msg.clone();
+                glommio::spawn_local(async move { me.delay_warning(&msg, &warn).await }).detach();
+            }
+        }
+        if t.pending == 0 {
+            if let Some(t) = tracked.remove(&r.queue_id) {
+                drop(tracked);
+                self.publish_depth();
+                let me = self.clone();
+                glommio::spawn_local(async move { me.finish(t).await }).detach();
+            }
+        }
+    }
+
+    /// Every recipient has its outcome: bounce the failed ones, record them, forget the
+    /// message once it is all durable.
+    async fn finish(self: Rc<Self>, t: Tracked) {
+        let msg = &t.msg;
+        if !t.failed.is_empty() {
+            let wanted: Vec<&(u32, String, Option<String>, String, u64)> = t
+                .failed
+                .iter()
+                .filter(|(i, ..)| {
+                    msg.meta
+                        .recipients
+                        .get(*i as usize)
+                        .is_some_and(|r| r.notify.is_none_or(|n| n & 2 != 0))
+                })
+                .collect();
+            if msg.meta.reverse_path.is_empty() {
+                tracing::warn!(
+                    queue_id = %msg.queue_id,
+                    "a message from the null reverse path failed; no bounce is sent (RFC 5321 4.5.5)"
+                );
+            } else if !wanted.is_empty() {
+                let recipients: Vec<dsn::ReportRecipient> = wanted
+                    .iter()
+                    .map(|(i, reply, remote, status, at)| {
+                        let r = &msg.meta.recipients[*i as usize];
+                        dsn::ReportRecipient {
+                            path: r.path.clone(),
+                            orcpt: r.orcpt.clone(),
+                            action: dsn::Action::Failed,
+                            status: status.clone(),
+                            remote_mta: remote.clone(),
+                            diagnostic: Some(reply.clone()),
+                            last_attempt: Some(*at),
+                            will_retry_until: None,
+                        }
+                    })
+                    .collect();
+                if self
+                    .bounce(msg, &recipients, dsn::Action::Failed)
+                    .await
+                    .is_err()
+                {
+                    // Not durable: leave the recipients unsettled; they are retried (and the
+                    // bounce made again) after a restart.
+                    tracing::error!(queue_id = %msg.queue_id, "cannot spool the bounce");
+                    return;
+                }
+            }
+            for (i, reply, ..) in &t.failed {
+                let status = Status {
+                    state: DeliveryState::Failed,
+                    reply: reply.clone(),
+                };
+                let _ = self.handle.append_status(&msg.queue_id, *i, &status);
+            }
+        }
+        if self.handle.durable().await.is_ok() {
+            self.handle.mark_final(&msg.queue_id);
+        }
+    }
+
+    async fn delay_warning(&self, msg: &Msg, warn: &[(u32, String, Option<String>, u64)]) {
+        if msg.meta.reverse_path.is_empty() {
+            return;
+        }
+        let until = self
+            .relay
+            .config
+            .retry
+            .expiry(msg.meta.arrival.saturating_mul(1000))
+            / 1000;
+        let recipients: Vec<dsn::ReportRecipient> = warn
+            .iter()
+            .filter_map(|(i, reply, remote, _)| {
+                let r = msg.meta.recipients.get(*i as usize)?;
+                // DELAY notices only when asked for or by default (RFC 3461 4.1).
+                r.notify
+                    .is_none_or(|n| n & 4 != 0)
+                    .then(|| dsn::ReportRecipient {
+                        path: r.path.clone(),
+                        orcpt: r.orcpt.clone(),
+                        action: dsn::Action::Delayed,
+                        status: dsn::status_of(reply),
+                        remote_mta: remote.clone(),
+                        diagnostic: Some(reply.clone()),
+                        last_attempt: Some(now_ms() / 1000),
+                        will_retry_until: Some(until),
+                    })
+            })
+            .collect();
+        if !recipients.is_empty() {
+            let _ = self.bounce(msg, &recipients, dsn::Action::Delayed).await;
+        }
+    }
+
+    /// Builds a DSN about `msg`, spools it durably and queues it like any message.
+    async fn bounce(
+        &self,
+        msg: &Msg,
+        recipients: &[dsn::ReportRecipient],
+        _action: dsn::Action,
+    ) -> Result<(), ()> {
+        let cap = self.relay.config.bounce_max_returned;
+        // The returned content needs one contiguous buffer, bounded by the cap.
+        let mut original = Vec::with_capacity((msg.body.len() as usize).min(cap + 1));
+        for chunk in msg.body.chunks() {
+            let room = (cap + 1).saturating_sub(original.len());
+            if room == 0 {
+                break;
+            }
+            original.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        let now = now_ms() / 1000;
+        let bytes = dsn::build(&dsn::Report {
+            reporting_mta: &self.relay.config.hostname,
+            queue_id: &msg.queue_id,
+            envid: msg.meta.envid.as_deref(),
+            arrival: msg.meta.arrival,
+            now,
+            to: &msg.meta.reverse_path,
+            received_from: Some(&msg.meta.helo),
+            recipients,
+            original: &original,
+            return_full: msg.meta.ret == Some(1) && (msg.body.len() as usize) <= cap,
+            max_returned: cap,
+        });
+        let meta = MessageMeta {
+            arrival: now,
+            client: "127.0.0.1".into(),
+            helo: self.relay.config.hostname.clone(),
+            reverse_path: String::new(),
+            recipients: vec![Recipient {
+                path: msg.meta.reverse_path.clone(),
+                notify: None,
+                orcpt: None,
+            }],
+            envid: None,
+            ret: None,
+            body_type: u8::from(dsn::is_8bit(&bytes)),
+            smtputf8: !msg.meta.reverse_path.is_ascii(),
+        };
+        match self.handle.inject(&meta, &bytes).await {
+            Ok(accepted) => {
+                self.handle.count_outcome(Outcome::Bounced);
+                tracing::info!(
+                    queue_id = %msg.queue_id,
+                    bounce = %accepted.queue_id,
+                    to = %msg.meta.reverse_path,
+                    "delivery status notification queued"
+                );
+                self.accepted(accepted);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %msg.queue_id, "cannot spool a bounce: {e}");
+                Err(())
+            }
+        }
+    }
+
+    /// Reclaims spool segments now and then (status-only segments have nothing else to free
+    /// them) and keeps the depth gauge fresh.
+    async fn housekeeping(self: Rc<Self>) {
+        while !self.handle.is_stopping() {
+            future::or(
+                glommio::timer::sleep(Duration::from_secs(1)),
+                self.handle.stopped(),
+            )
+            .await;
+            self.handle.reclaim();
+            self.publish_depth();
+        }
+    }
+}
+
+fn mx_failure(domain: &str, e: &MxError) -> (String, Option<&'static str>) {
+    let status: Option<&'static str> = if e.is_permanent() {
+        Some(e.enhanced())
+    } else {
+        None
+    };
+    (format!("{domain}: {e}"), status)
+}
+
+/// A reply as one line of text: `550 5.1.1 text`.
+fn reply_line(r: &Reply) -> String {
+    let mut s = r.code.to_string();
+    if let Some(e) = &r.enhanced {
+        s.push(' ');
+        s.push_str(&e.to_string());
+    }
+    for line in &r.lines {
+        s.push(' ');
+        s.push_str(line);
+    }
+    s
+}

@@ -1,0 +1,544 @@
+//! Next-hop lookup for outbound mail: MX records, the implicit MX, null MX and domain literals
+//! (RFC 5321 section 5.1, RFC 7505).
+//!
+//! postern's cores run glommio executors, but hickory-resolver needs tokio. A [`Resolver`] owns
+//! one OS thread (`postern-dns`) running a current-thread tokio runtime and one hickory resolver,
+//! whose TTL cache is therefore shared by every core. A lookup is sent to that thread through a
+//! channel; the whole lookup (MX, then the addresses of every MX host) runs there, and the answer
+//! comes back through a oneshot channel whose waker is called from the resolver thread, which
+//! glommio accepts as a foreign wake. A lookup costs two cross-thread hand-offs and no core ever
+//! blocks on DNS. The thread ends when the last handle is dropped.
+//!
+//! Decisions beyond the RFC text:
+//!
+//! * **Null MX.** A domain has a null MX when every MX record it publishes names the root (`.`);
+//!   RFC 7505 section 3 specifies preference 0, but a lone root target at another preference
+//!   names no host either, so it is read the same way. Mail is then refused at once
+//!   ([`MxError::NullMx`], 5.1.10). A root MX published *alongside* real MX hosts breaks RFC 7505
+//!   ("MUST NOT advertise any other MX RR"); the root entry names no host, so it is skipped and
+//!   the real hosts are used: the domain still lists servers that take its mail.
+//! * **MX hosts without addresses.** Each MX host's A and AAAA records are looked up; hosts with
+//!   no address are left out of the answer and the rest keep their order. When no host has an
+//!   address the lookup fails: [`MxError::Temporary`] if any address lookup failed for a reason
+//!   that may pass (SERVFAIL, timeout, network), otherwise [`MxError::NoMailHost`] (every host is
+//!   NXDOMAIN or has no address records), which is permanent.
+//! * **Address order.** Within one host, IPv4 addresses come before IPv6 ones, each family in the
+//!   order the DNS gave. Many senders' IPv6 paths are less reliable and large receivers judge
+//!   IPv6 senders more strictly (reverse DNS), so IPv4 is tried first.
+//! * **Equal preferences.** MX hosts of equal preference are shuffled on every lookup (RFC 5321
+//!   section 5.1 asks for randomisation to spread load); a host named by several MX records
+//!   keeps its best preference only. At most [`MAX_MX_HOSTS`] hosts are resolved.
+//! * **Names.** Domains are looked up fully qualified (a trailing dot is added), so no search
+//!   list applies; UTF-8 domains are converted to A-labels. Hosts are reported lower-case, as
+//!   A-labels, without the trailing dot.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::thread;
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::TokioResolver;
+use rand::seq::SliceRandom;
+use tokio::sync::{mpsc, oneshot};
+
+/// The most MX hosts whose addresses one lookup resolves (the best ones after sorting); a domain
+/// publishing more gets the rest ignored rather than costing a query each.
+pub const MAX_MX_HOSTS: usize = 16;
+
+/// How long one DNS query waits for an answer before it is sent again, for
+/// [`Resolver::with_server`].
+pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many times a query that got no answer (timeout, network error, SERVFAIL) is sent again
+/// before the lookup fails as [`MxError::Temporary`], for [`Resolver::with_server`].
+pub const DEFAULT_QUERY_RETRIES: usize = 2;
+
+/// One place mail for a domain can be handed to, in the order it should be tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// The MX host, lower-case, as A-labels, without the trailing dot; the domain itself for the
+    /// implicit MX; the address's text (without brackets or `IPv6:` tag) for a domain literal.
+    pub host: String,
+    /// The MX preference (lower is tried first); 0 for the implicit MX and domain literals.
+    pub preference: u16,
+    /// The host's addresses, never empty: IPv4 first, then IPv6.
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Why no next hop was found; each variant says whether to bounce or to retry later.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MxError {
+    /// The domain publishes a null MX (RFC 7505): it accepts no mail. Permanent, 5.1.10.
+    #[error("the domain publishes a null MX and accepts no mail")]
+    NullMx,
+    /// The domain does not exist (NXDOMAIN), or is not a valid domain name or address literal.
+    /// Permanent, 5.1.2.
+    #[error("the domain does not exist")]
+    NoSuchDomain,
+    /// The domain exists but names no host with an address: no MX and no A/AAAA records, or MX
+    /// hosts that are all NXDOMAIN or without address records. Permanent, 5.1.2.
+    #[error("the domain has no mail host with an address")]
+    NoMailHost,
+    /// The lookup failed for a reason that may pass (SERVFAIL, timeout, network error, the
+    /// resolver thread gone). Retry later, 4.4.3.
+    #[error("DNS lookup failed temporarily: {0}")]
+    Temporary(String),
+}
+
+impl MxError {
+    /// Whether the message should bounce now (`true`) or be retried later (`false`).
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, MxError::Temporary(_))
+    }
+
+    /// The enhanced status code (RFC 3463) for the failure, for the DSN or the log.
+    pub fn enhanced(&self) -> &'static str {
+        match self {
+            MxError::NullMx => "5.1.10",
+            MxError::NoSuchDomain | MxError::NoMailHost => "5.1.2",
+            MxError::Temporary(_) => "4.4.3",
+        }
+    }
+}
+
+/// One lookup handed to the resolver thread.
+struct Job {
+    domain: String,
+    reply: oneshot::Sender<Result<Vec<NextHop>, MxError>>,
+}
+
+/// A handle to the resolver thread; cheap to clone, usable from any thread or executor.
+///
+/// The thread, with its runtime and cache, lives until the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct Resolver {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Resolver {
+    /// A resolver using the system configuration (`/etc/resolv.conf`: name servers, timeout and
+    /// attempts; the search list never applies, names are looked up fully qualified).
+    pub fn system() -> io::Result<Resolver> {
+        Self::start(|| {
+            let builder = TokioResolver::builder_tokio().map_err(io::Error::other)?;
+            builder.build().map_err(io::Error::other)
+        })
+    }
+
+    /// A resolver asking only `server` (UDP, then TCP when an answer is truncated), with
+    /// [`DEFAULT_QUERY_TIMEOUT`] and [`DEFAULT_QUERY_RETRIES`]; for `--dns-server ADDR` and
+    /// tests. `/etc/hosts` is not consulted.
+    pub fn with_server(server: SocketAddr) -> io::Result<Resolver> {
+        Self::with_server_timeout(server, DEFAULT_QUERY_TIMEOUT, DEFAULT_QUERY_RETRIES)
+    }
+
+    /// Like [`Resolver::with_server`], with each query waiting `timeout` for an answer and sent
+    /// again up to `retries` times before the lookup fails as [`MxError::Temporary`].
+    pub fn with_server_timeout(
+        server: SocketAddr,
+        timeout: Duration,
+        retries: usize,
+    ) -> io::Result<Resolver> {
+        Self::start(move || {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = server.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = server.port();
+            let name_server = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
+            let config = ResolverConfig::from_name_servers(vec![name_server]);
+            let mut options = ResolverOpts::default();
+            options.timeout = timeout;
+            options.attempts = retries;
+            options.use_hosts_file = ResolveHosts::Never;
+            TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                .with_options(options)
+                .build()
+                .map_err(io::Error::other)
+        })
+    }
+
+    /// Starts the resolver thread; `build` runs on it, inside its runtime, and its error is
+    /// returned here.
+    fn start<F>(build: F) -> io::Result<Resolver>
+    where
+        F: FnOnce() -> io::Result<TokioResolver> + Send + 'static,
+    {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Job>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        thread::Builder::new()
+            .name("postern-dns".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let resolver = {
+                    let _context = runtime.enter();
+                    match build() {
+                        Ok(resolver) => resolver,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                runtime.block_on(async move {
+                    while let Some(job) = queue.recv().await {
+                        tokio::spawn(serve(resolver.clone(), job));
+                    }
+                });
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Resolver { jobs }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::other(
+                "the DNS resolver thread stopped while starting",
+            )),
+        }
+    }
+
+    /// The ordered next hops for mail to `domain` (RFC 5321 section 5.1): MX hosts by
+    /// preference, equal preferences shuffled, each with its addresses; or the domain itself
+    /// (the implicit MX) when it has no MX records; or the address of a domain literal
+    /// (`[192.0.2.1]`, `[IPv6:2001:db8::1]`), which needs no lookup.
+    ///
+    /// The future may be awaited on any executor; the lookup runs on the resolver thread and
+    /// is abandoned there when the future is dropped.
+    pub async fn next_hops(&self, domain: &str) -> Result<Vec<NextHop>, MxError> {
+        if let Some(literal) = domain_literal(domain) {
+            let addr = literal?;
+            return Ok(vec![NextHop {
+                host: addr.to_string(),
+                preference: 0,
+                addrs: vec![addr],
+            }]);
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            domain: domain.to_owned(),
+            reply,
+        };
+        if self.jobs.send(job).is_err() {
+            return Err(MxError::Temporary(
+                "the DNS resolver thread has stopped".into(),
+            ));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(MxError::Temporary(
+                "the DNS resolver thread dropped the lookup".into(),
+            ))
+        })
+    }
+}
+
+/// Parses a domain literal (RFC 5321 section 4.1.3): `None` when `domain` is not one,
+/// `Some(Err)` when it is malformed or of an unsupported kind (general address literals).
+fn domain_literal(domain: &str) -> Option<Result<IpAddr, MxError>> {
+    let inner = domain.strip_prefix('[')?;
+    let Some(inner) = inner.strip_suffix(']') else {
+        return Some(Err(MxError::NoSuchDomain));
+    };
+    let tag = "IPv6:";
+    let parsed = match inner.get(..tag.len()) {
+        Some(prefix) if prefix.eq_ignore_ascii_case(tag) => {
+            inner[tag.len()..].parse::<Ipv6Addr>().map(IpAddr::V6)
+        }
+        _ => inner.parse::<Ipv4Addr>().map(IpAddr::V4),
+    };
+    Some(parsed.map_err(|_| MxError::NoSuchDomain))
+}
+
+/// Runs one job on the resolver thread; gives up when the caller stops waiting.
+async fn serve(resolver: TokioResolver, job: Job) {
+    let Job { domain, mut reply } = job;
+    let answer = tokio::select! {
+        answer = lookup(&resolver, &domain) => answer,
+        () = reply.closed() => return,
+    };
+    let _ = reply.send(answer);
+}
+
+/// What one record-set lookup found.
+enum Found<T> {
+    /// Records of the type asked for (possibly none, after filtering a CNAME-only answer).
+    Records(Vec<T>),
+    /// The name does not exist.
+    NxDomain,
+    /// The name exists but has no records of that type.
+    NoData,
+    /// The lookup failed for a reason that may pass.
+    Failed(String),
+}
+
+/// Classifies a hickory lookup result, keeping the records `pick` selects.
+fn classify<T>(
+    result: Result<hickory_resolver::lookup::Lookup, NetError>,
+    pick: impl Fn(&RData) -> Option<T>,
+) -> Found<T> {
+    match result {
+        Ok(lookup) => Found::Records(
+            lookup
+                .answers()
+                .iter()
+                .filter_map(|r| pick(&r.data))
+                .collect(),
+        ),
+        Err(e) if e.is_nx_domain() => Found::NxDomain,
+        Err(e) if e.is_no_records_found() => Found::NoData,
+        Err(e) => Found::Failed(e.to_string()),
+    }
+}
+
+/// The whole lookup for one domain, on the resolver thread.
+async fn lookup(resolver: &TokioResolver, domain: &str) -> Result<Vec<NextHop>, MxError> {
+    let name = fqdn(domain).ok_or(MxError::NoSuchDomain)?;
+    let mx = resolver.lookup(name.clone(), RecordType::MX).await;
+    let records = match classify(mx, |data| match data {
+        RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
+        _ => None,
+    }) {
+        Found::Records(records) => records,
+        Found::NoData => Vec::new(),
+        Found::NxDomain => return Err(MxError::NoSuchDomain),
+        Found::Failed(why) => return Err(MxError::Temporary(format!("MX {domain}: {why}"))),
+    };
+
+    if records.is_empty() {
+        return implicit_mx(resolver, name).await;
+    }
+    if records.iter().all(|(_, exchange)| exchange.is_root()) {
+        return Err(MxError::NullMx);
+    }
+    let hosts = order_mx(records);
+
+    // The hosts are resolved at once; the set aborts them if this lookup is abandoned.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, (preference, exchange)) in hosts.into_iter().enumerate() {
+        let resolver = resolver.clone();
+        tasks.spawn(async move {
+            let addrs = addresses(&resolver, exchange.clone()).await;
+            (index, preference, exchange, addrs)
+        });
+    }
+    let mut resolved = Vec::with_capacity(tasks.len());
+    while let Some(done) = tasks.join_next().await {
+        resolved.push(done.map_err(|e| MxError::Temporary(format!("MX host lookup task: {e}")))?);
+    }
+    resolved.sort_by_key(|(index, ..)| *index);
+
+    let mut hops = Vec::new();
+    let mut temporary = None;
+    for (_, preference, exchange, addrs) in resolved {
+        let host = host_text(&exchange);
+        match addrs {
+            Addresses::Found(addrs) => hops.push(NextHop {
+                host,
+                preference,
+                addrs,
+            }),
+            Addresses::None => {
+                tracing::debug!(%domain, %host, "MX host has no address; skipped");
+            }
+            Addresses::Failed(why) => {
+                tracing::debug!(%domain, %host, %why, "MX host address lookup failed; skipped");
+                temporary.get_or_insert(format!("MX host {host} of {domain}: {why}"));
+            }
+        }
+    }
+    if !hops.is_empty() {
+        return Ok(hops);
+    }
+    Err(match temporary {
+        Some(why) => MxError::Temporary(why),
+        None => MxError::NoMailHost,
+    })
+}
+
+/// The domain as a fully qualified name (so no search list applies), or `None` if it is not a
+/// domain name.
+fn fqdn(domain: &str) -> Option<Name> {
+    if domain.is_empty() || domain == "." {
+        return None;
+    }
+    let mut name = Name::from_utf8(domain).ok()?;
+    name.set_fqdn(true);
+    Some(name)
+}
+
+/// The MX hosts in the order to try them: root targets dropped, each host once at its best
+/// preference, shuffled, then stably sorted by preference (so equal preferences stay shuffled),
+/// and cut to [`MAX_MX_HOSTS`].
+fn order_mx(records: Vec<(u16, Name)>) -> Vec<(u16, Name)> {
+    let mut hosts: Vec<(u16, Name)> = Vec::with_capacity(records.len());
+    for (preference, exchange) in records {
+        if exchange.is_root() {
+            continue;
+        }
+        match hosts.iter_mut().find(|(_, known)| *known == exchange) {
+            Some(known) => known.0 = known.0.min(preference),
+            None => hosts.push((preference, exchange)),
+        }
+    }
+    hosts.shuffle(&mut rand::rng());
+    hosts.sort_by_key(|(preference, _)| *preference);
+    hosts.truncate(MAX_MX_HOSTS);
+    hosts
+}
+
+/// The implicit MX (RFC 5321 section 5.1): the domain itself at preference 0, if it has an
+/// address.
+async fn implicit_mx(resolver: &TokioResolver, name: Name) -> Result<Vec<NextHop>, MxError> {
+    let host = host_text(&name);
+    match addresses(resolver, name).await {
+        Addresses::Found(addrs) => Ok(vec![NextHop {
+            host,
+            preference: 0,
+            addrs,
+        }]),
+        Addresses::None => Err(MxError::NoMailHost),
+        Addresses::Failed(why) => Err(MxError::Temporary(format!("A/AAAA {host}: {why}"))),
+    }
+}
+
+/// What the address lookups for one host found.
+enum Addresses {
+    /// IPv4 addresses, then IPv6 addresses; never empty.
+    Found(Vec<IpAddr>),
+    /// Neither lookup found an address, and both answered definitively (NXDOMAIN or no data).
+    None,
+    /// No address was found and at least one lookup failed for a reason that may pass.
+    Failed(String),
+}
+
+/// Looks up a host's A and AAAA records at the same time.
+async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
+    let (v4, v6) = tokio::join!(
+        resolver.lookup(host.clone(), RecordType::A),
+        resolver.lookup(host, RecordType::AAAA),
+    );
+    let v4 = classify(v4, |data| match data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        _ => None,
+    });
+    let v6 = classify(v6, |data| match data {
+        RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+        _ => None,
+    });
+    let mut addrs = Vec::new();
+    let mut failed = None;
+    for found in [v4, v6] {
+        match found {
+            Found::Records(mut records) => addrs.append(&mut records),
+            Found::NxDomain | Found::NoData => {}
+            Found::Failed(why) => {
+                failed.get_or_insert(why);
+            }
+        }
+    }
+    match (addrs.is_empty(), failed) {
+        (false, _) => Addresses::Found(addrs),
+        (true, Some(why)) => Addresses::Failed(why),
+        (true, None) => Addresses::None,
+    }
+}
+
+/// A name as a host string: lower-case A-labels without the trailing dot.
+fn host_text(name: &Name) -> String {
+    let mut text = name.to_lowercase().to_ascii();
+    if text.ends_with('.') {
+        text.pop();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_parse_without_lookup() {
+        assert_eq!(
+            domain_literal("[192.0.2.1]"),
+            Some(Ok("192.0.2.1".parse().unwrap()))
+        );
+        assert_eq!(
+            domain_literal("[IPv6:2001:db8::1]"),
+            Some(Ok("2001:db8::1".parse().unwrap()))
+        );
+        assert_eq!(
+            domain_literal("[ipv6:::1]"),
+            Some(Ok("::1".parse().unwrap()))
+        );
+        assert_eq!(domain_literal("example.com"), None);
+        for bad in [
+            "[::1]",
+            "[192.0.2]",
+            "[192.0.2.1",
+            "[x-tag:abc]",
+            "[IPv6:192.0.2.1]",
+        ] {
+            assert_eq!(
+                domain_literal(bad),
+                Some(Err(MxError::NoSuchDomain)),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn mx_order_keeps_best_preference_and_drops_root() {
+        let name = |s: &str| Name::from_ascii(s).unwrap();
+        let ordered = order_mx(vec![
+            (30, name("c.example.")),
+            (10, name("a.example.")),
+            (0, Name::root()),
+            (20, name("b.example.")),
+            (5, name("A.example.")),
+        ]);
+        let hosts: Vec<_> = ordered.iter().map(|(p, n)| (*p, host_text(n))).collect();
+        assert_eq!(
+            hosts,
+            vec![
+                (5, "a.example".to_string()),
+                (20, "b.example".to_string()),
+                (30, "c.example".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn error_classes() {
+        assert!(MxError::NullMx.is_permanent());
+        assert_eq!(MxError::NullMx.enhanced(), "5.1.10");
+        assert!(MxError::NoSuchDomain.is_permanent());
+        assert!(MxError::NoMailHost.is_permanent());
+        assert_eq!(MxError::NoMailHost.enhanced(), "5.1.2");
+        assert!(!MxError::Temporary(String::new()).is_permanent());
+        assert_eq!(MxError::Temporary(String::new()).enhanced(), "4.4.3");
+    }
+
+    #[test]
+    fn fqdn_appends_the_root() {
+        assert_eq!(fqdn("example.com").unwrap().to_ascii(), "example.com.");
+        assert_eq!(fqdn("example.com.").unwrap().to_ascii(), "example.com.");
+        assert_eq!(
+            host_text(&fqdn("Bücher.Example").unwrap()),
+            "xn--bcher-kva.example"
+        );
+        assert!(fqdn("").is_none());
+        assert!(fqdn(".").is_none());
+    }
+}

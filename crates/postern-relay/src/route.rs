@@ -1,0 +1,189 @@
+//! Where mail for a domain goes: a fixed route (`--route DOMAIN=HOST:PORT`, longest suffix
+//! wins), else the smarthost (`--relay-host`), else the domain's MX records.
+
+use std::fmt;
+
+/// A host and port, as written on the command line.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// A host name or an IP address (without brackets).
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Parses `host:port`, `[v6]:port`, or a bare host with `default_port`.
+    pub fn parse(s: &str, default_port: u16) -> Result<HostPort, String> {
+        let bad = || format!("'{s}' is not HOST:PORT");
+        let s = s.trim();
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad())?,
+                None if after.is_empty() => default_port,
+                None => return Err(bad()),
+            };
+            (host, port)
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h, p.parse().map_err(|_| bad())?),
+                _ => (s, default_port),
+            }
+        };
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(HostPort {
+            host: host.trim_end_matches('.').to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A next hop.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Destination {
+    /// A fixed host (a route or the smarthost): its addresses, no MX lookup.
+    Fixed(HostPort),
+    /// The MX hosts of a domain.
+    Mx(String),
+}
+
+impl Destination {
+    /// The name the queue groups by: recipients with the same key share a transaction, and
+    /// the key's hash picks the core that delivers.
+    pub fn key(&self) -> String {
+        match self {
+            Destination::Fixed(hp) => hp.to_string(),
+            Destination::Mx(domain) => domain.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Fixed(hp) => write!(f, "{hp}"),
+            Destination::Mx(domain) => write!(f, "MX of {domain}"),
+        }
+    }
+}
+
+/// The routing table.
+#[derive(Clone, Debug, Default)]
+pub struct Router {
+    relay_host: Option<HostPort>,
+    /// (domain, next hop), longest domain first.
+    routes: Vec<(String, HostPort)>,
+}
+
+impl Router {
+    /// A table from the operator's flags.
+    pub fn new(relay_host: Option<HostPort>, routes: Vec<(String, HostPort)>) -> Router {
+        let mut routes: Vec<(String, HostPort)> = routes
+            .into_iter()
+            .map(|(d, hp)| (d.trim_matches('.').to_ascii_lowercase(), hp))
+            .collect();
+        routes.sort_by_key(|(d, _)| std::cmp::Reverse(d.len()));
+        Router { relay_host, routes }
+    }
+
+    /// Parses one `--route DOMAIN=HOST:PORT`.
+    pub fn parse_route(s: &str) -> Result<(String, HostPort), String> {
+        let (domain, hop) = s
+            .split_once('=')
+            .ok_or_else(|| format!("'{s}' is not DOMAIN=HOST:PORT"))?;
+        let domain = domain.trim().trim_matches('.');
+        if domain.is_empty() {
+            return Err(format!("'{s}' has no domain"));
+        }
+        Ok((domain.to_ascii_lowercase(), HostPort::parse(hop, 25)?))
+    }
+
+    /// The next hop for a recipient mailbox (`local@domain`). A domain matches a route for
+    /// itself or any of its subdomains; the longest matching route wins. A mailbox without a
+    /// domain goes to the smarthost when there is one.
+    pub fn route(&self, mailbox: &str) -> Option<Destination> {
+        let domain = mailbox
+            .rsplit_once('@')
+            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+        if let Some(domain) = &domain {
+            for (suffix, hop) in &self.routes {
+                let hit = domain == suffix
+                    || domain
+                        .strip_suffix(suffix.as_str())
+                        .is_some_and(|head| head.ends_with('.'));
+                if hit {
+                    return Some(Destination::Fixed(hop.clone()));
+                }
+            }
+        }
+        if let Some(hop) = &self.relay_host {
+            return Some(Destination::Fixed(hop.clone()));
+        }
+        domain.filter(|d| !d.is_empty()).map(Destination::Mx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn host_ports() {
+        assert_eq!(
+            HostPort::parse("MX.Example.com.:2525", 25).unwrap(),
+            HostPort {
+                host: "mx.example.com".into(),
+                port: 2525
+            }
+        );
+        assert_eq!(HostPort::parse("10.0.0.1", 25).unwrap().port, 25);
+        let v6 = HostPort::parse("[::1]:26", 25).unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 26));
+        assert_eq!(v6.to_string(), "[::1]:26");
+        for bad in ["", ":25", "host:0", "host:x", "[::1", "[::1]x"] {
+            assert!(HostPort::parse(bad, 25).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn longest_suffix_then_smarthost_then_mx() {
+        let r = Router::new(
+            None,
+            vec![
+                Router::parse_route("example.com=10.0.0.1:25").unwrap(),
+                Router::parse_route("eu.example.com=10.0.0.2:26").unwrap(),
+            ],
+        );
+        let fixed = |h: &str, p| {
+            Some(Destination::Fixed(HostPort {
+                host: h.into(),
+                port: p,
+            }))
+        };
+        assert_eq!(r.route("a@example.com"), fixed("10.0.0.1", 25));
+        assert_eq!(r.route("a@x.EU.example.com"), fixed("10.0.0.2", 26));
+        assert_eq!(r.route("a@eu.example.com"), fixed("10.0.0.2", 26));
+        assert_eq!(
+            r.route("a@badexample.com"),
+            Some(Destination::Mx("badexample.com".into()))
+        );
+        assert_eq!(r.route("postmaster"), None);
+        let smart = Router::new(Some(HostPort::parse("smart:2525", 25).unwrap()), vec![]);
+        assert_eq!(smart.route("a@anywhere.test"), fixed("smart", 2525));
+        assert_eq!(smart.route("postmaster"), fixed("smart", 2525));
+    }
+}

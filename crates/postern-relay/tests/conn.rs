@@ -1,0 +1,156 @@
+//! The outbound connection against scripted servers on loopback sockets.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use postern_relay::conn::{ConnError, Outbound, Timeouts};
+
+fn run<T>(f: impl std::future::Future<Output = T> + 'static) -> T
+where
+    T: 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(64 * 1024)
+        .make()
+        .unwrap()
+        .run(f)
+}
+
+/// A server that greets, answers EHLO without extensions, and then answers each line from
+/// `script` in order.
+fn scripted(greeting: &'static str) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(greeting.as_bytes()).unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let mut in_data = false;
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if in_data {
+                if line == ".\r\n" {
+                    in_data = false;
+                    let _ = w.write_all(b"250 queued\r\n");
+                }
+                line.clear();
+                continue;
+            }
+            let reply: &[u8] = if line.starts_with("DATA") {
+                in_data = true;
+                b"354 go\r\n"
+            } else if line.starts_with("EHLO") {
+                b"250-peer.test\r\n250 8BITMIME\r\n"
+            } else if line.starts_with("QUIT") {
+                b"221 bye\r\n"
+            } else {
+                b"250 ok\r\n"
+            };
+            if w.write_all(reply).is_err() {
+                break;
+            }
+            line.clear();
+        }
+    });
+    addr
+}
+
+#[test]
+fn greets_and_says_ehlo() {
+    let addr = scripted("220 peer.test ESMTP\r\n");
+    run(async move {
+        let c = Outbound::connect(addr, "peer.test", "me.test", None, &Timeouts::default())
+            .await
+            .unwrap();
+        assert!(c.capabilities().esmtp && c.capabilities().eightbitmime);
+        assert!(!c.is_tls());
+        c.quit().await;
+    });
+}
+
+#[test]
+fn an_error_greeting_is_refused() {
+    let addr = scripted("554 go away\r\n");
+    let err = run(async move {
+        Outbound::connect(addr, "peer.test", "me.test", None, &Timeouts::default())
+            .await
+            .err()
+            .unwrap()
+    });
+    assert!(matches!(err, ConnError::Smtp(_)), "{err:?}");
+}
+
+#[test]
+fn a_silent_server_times_out() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = Timeouts {
+        greeting: Duration::from_millis(200),
+        ..Timeouts::default()
+    };
+    let err = run(async move {
+        Outbound::connect(addr, "peer.test", "me.test", None, &t)
+            .await
+            .err()
+            .unwrap()
+    });
+    drop(l);
+    assert!(
+        matches!(err, ConnError::Io(ref e) if e.contains("timed out")),
+        "{err:?}"
+    );
+}
+
+/// Without PIPELINING, the RSET between two transactions waits for its reply before MAIL.
+#[test]
+fn two_transactions_without_pipelining() {
+    use postern_proto::client::{BodyMode, OutRecipient, Transaction};
+    let addr = scripted("220 peer.test ESMTP\r\n");
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool =
+        postern_spool::Spool::open(dir.path(), 0, postern_spool::SpoolOptions::default()).unwrap();
+    let meta = postern_spool::MessageMeta {
+        recipients: vec![postern_spool::Recipient {
+            path: "r@x.test".into(),
+            notify: None,
+            orcpt: None,
+        }],
+        ..Default::default()
+    };
+    let mut draft = spool.begin(&meta).unwrap();
+    spool
+        .append(&mut draft, b"Subject: x\r\n\r\n.dot\r\n")
+        .unwrap();
+    let (_, body) = spool.finish_with_body(draft).unwrap();
+    spool.sync_now().unwrap();
+    let codes = run(async move {
+        let t = Timeouts {
+            mail: Duration::from_secs(5),
+            ..Timeouts::default()
+        };
+        let mut c = Outbound::connect(addr, "peer.test", "me.test", None, &t)
+            .await
+            .unwrap();
+        let tx = Transaction {
+            from: "s@x.test".into(),
+            mail_params: String::new(),
+            rcpts: vec![OutRecipient {
+                path: "r@x.test".into(),
+                params: String::new(),
+            }],
+            body_len: body.len(),
+            mode: BodyMode::Data,
+        };
+        let mut codes = Vec::new();
+        for _ in 0..2 {
+            let r = c.deliver(&tx, &body, &t).await.unwrap();
+            codes.push(r.outcome(0).code);
+        }
+        c.quit().await;
+        codes
+    });
+    assert_eq!(codes, [250, 250]);
+}

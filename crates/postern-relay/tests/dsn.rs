@@ -1,0 +1,591 @@
+#![allow(clippy::unwrap_used)]
+//! Delivery status notifications: the reports `dsn::build` makes, read back with mail-parser.
+
+use mail_parser::{Message, MessageParser, MessagePart, MimeHeaders, PartType};
+use postern_relay::dsn::{self, Action, Report, ReportRecipient};
+
+const ORIGINAL: &[u8] = b"Received: from client.example (client.example [192.0.2.7])\r\n\
+    \tby mx.example.org; Mon, 1 Jan 2024 00:00:00 +0000\r\n\
+    From: Alice <alice@example.com>\r\n\
+    To: bob@example.net, carol@example.net\r\n\
+    Subject: Quarterly figures\r\n\
+    Message-ID: <original.1@example.com>\r\n\
+    \r\n\
+    Hello Bob,\r\n\
+    the figures are attached. BODY-MARKER-1234\r\n";
+
+fn recipient(path: &str, action: Action, status: &str, diagnostic: &str) -> ReportRecipient {
+    ReportRecipient {
+        path: path.to_string(),
+        orcpt: Some(format!("rfc822;{path}")),
+        action,
+        status: status.to_string(),
+        remote_mta: Some("mx.example.net".to_string()),
+        diagnostic: Some(diagnostic.to_string()),
+        last_attempt: Some(1_704_070_800),
+        will_retry_until: Some(1_704_499_200),
+    }
+}
+
+fn failures() -> Vec<ReportRecipient> {
+    vec![
+        recipient(
+            "bob@example.net",
+            Action::Failed,
+            "5.1.1",
+            "550 5.1.1 <bob@example.net>: no such user",
+        ),
+        recipient(
+            "carol@example.net",
+            Action::Failed,
+            "5.2.2",
+            "552 5.2.2 <carol@example.net>: mailbox full",
+        ),
+    ]
+}
+
+fn report<'a>(recipients: &'a [ReportRecipient], original: &'a [u8]) -> Report<'a> {
+    Report {
+        reporting_mta: "mx.example.org",
+        queue_id: "Q1234ABCD",
+        envid: Some("env-42"),
+        arrival: 1_704_067_200,
+        now: 1_704_074_400,
+        to: "alice@example.com",
+        received_from: Some("client.example [192.0.2.7]"),
+        recipients,
+        original,
+        return_full: false,
+        max_returned: 64 * 1024,
+    }
+}
+
+/// Every line ends in CRLF and holds at most 998 octets before it.
+fn assert_lines_ok(bytes: &[u8]) {
+    assert!(bytes.ends_with(b"\r\n"), "no CRLF at the end");
+    for (index, line) in bytes.split_inclusive(|&byte| byte == b'\n').enumerate() {
+        assert!(
+            line.ends_with(b"\r\n"),
+            "line {index} does not end in CRLF: {:?}",
+            String::from_utf8_lossy(line)
+        );
+        let content = &line[..line.len() - 2];
+        assert!(!content.contains(&b'\r'), "bare CR in line {index}");
+        assert!(
+            content.len() <= 998,
+            "line {index} is {} octets: {:?}",
+            content.len(),
+            String::from_utf8_lossy(&content[..content.len().min(120)])
+        );
+    }
+}
+
+fn parse(bytes: &[u8]) -> Message<'_> {
+    MessageParser::default().parse(bytes).unwrap()
+}
+
+/// The three parts under the multipart/report root.
+fn parts<'a>(message: &'a Message<'a>) -> Vec<&'a MessagePart<'a>> {
+    let root = &message.parts[0];
+    let ids = root.sub_parts().expect("the root is multipart");
+    ids.iter().map(|&id| &message.parts[id as usize]).collect()
+}
+
+fn mime_type(part: &MessagePart<'_>) -> String {
+    let content_type = part.content_type().expect("every part has a Content-Type");
+    format!(
+        "{}/{}",
+        content_type.ctype(),
+        content_type.subtype().unwrap_or_default()
+    )
+}
+
+/// The delivery-status part's body as written (it must be plain 7bit text).
+fn delivery_status(message: &Message<'_>) -> String {
+    let part = parts(message)[1];
+    String::from_utf8(part.contents().to_vec()).unwrap()
+}
+
+/// The per-recipient blocks of a delivery-status body, each as (name, value) pairs.
+fn blocks(status: &str) -> Vec<Vec<(String, String)>> {
+    let unfolded = status.replace("\r\n ", " ");
+    unfolded
+        .split("\r\n\r\n")
+        .map(|block| {
+            block
+                .split("\r\n")
+                .filter(|line| !line.is_empty())
+                .map(|line| {
+                    let (name, value) = line.split_once(':').unwrap();
+                    (name.to_string(), value.trim().to_string())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn value<'a>(block: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    block
+        .iter()
+        .find(|(field, _)| field.eq_ignore_ascii_case(name))
+        .map(|(_, value)| value.as_str())
+}
+
+#[test]
+fn report_is_multipart_report_with_three_parts() {
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+
+    let content_type = message.content_type().unwrap();
+    assert_eq!(content_type.ctype(), "multipart");
+    assert_eq!(content_type.subtype(), Some("report"));
+    assert_eq!(
+        content_type.attribute("report-type"),
+        Some("delivery-status")
+    );
+
+    let parts = parts(&message);
+    assert_eq!(parts.len(), 3);
+    assert_eq!(mime_type(parts[0]), "text/plain");
+    assert_eq!(mime_type(parts[1]), "message/delivery-status");
+    assert_eq!(mime_type(parts[2]), "text/rfc822-headers");
+}
+
+#[test]
+fn report_headers_name_the_mailer_daemon_and_the_sender() {
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let message = parse(&bytes);
+
+    assert_eq!(
+        message.subject(),
+        Some("Undelivered Mail Returned to Sender")
+    );
+    let from = message.from().unwrap().first().unwrap();
+    assert_eq!(from.address(), Some("MAILER-DAEMON@mx.example.org"));
+    assert_eq!(from.name(), Some("Mail Delivery System"));
+    let to = message.to().unwrap().first().unwrap();
+    assert_eq!(to.address(), Some("alice@example.com"));
+    assert_eq!(
+        message.header_raw("Auto-Submitted").map(str::trim),
+        Some("auto-replied")
+    );
+    assert_eq!(
+        message.header_raw("MIME-Version").map(str::trim),
+        Some("1.0")
+    );
+    assert_eq!(message.date().unwrap().to_timestamp(), 1_704_074_400);
+    let id = message.message_id().unwrap();
+    assert!(
+        id.starts_with("Q1234ABCD.1704074400.") && id.ends_with("@mx.example.org"),
+        "{id}"
+    );
+}
+
+#[test]
+fn message_ids_differ_between_reports_about_different_recipients() {
+    let recipients = failures();
+    let first = dsn::build(&report(&recipients[..1], ORIGINAL));
+    let second = dsn::build(&report(&recipients[1..], ORIGINAL));
+    let first = parse(&first).message_id().unwrap().to_string();
+    let second = parse(&second).message_id().unwrap().to_string();
+    assert_ne!(first, second);
+}
+
+#[test]
+fn delivery_status_has_per_message_and_per_recipient_fields() {
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let message = parse(&bytes);
+    let status = delivery_status(&message);
+    let blocks = blocks(&status);
+    assert_eq!(blocks.len(), 1 + recipients.len(), "{status}");
+
+    let per_message = &blocks[0];
+    assert_eq!(
+        value(per_message, "Reporting-MTA"),
+        Some("dns; mx.example.org")
+    );
+    assert_eq!(value(per_message, "Original-Envelope-Id"), Some("env-42"));
+    assert_eq!(value(per_message, "X-Postern-Queue-ID"), Some("Q1234ABCD"));
+    assert_eq!(
+        value(per_message, "Arrival-Date"),
+        Some("Mon, 1 Jan 2024 00:00:00 +0000")
+    );
+
+    for (block, recipient) in blocks[1..].iter().zip(&recipients) {
+        assert_eq!(
+            value(block, "Final-Recipient"),
+            Some(format!("rfc822; {}", recipient.path).as_str())
+        );
+        assert_eq!(
+            value(block, "Original-Recipient"),
+            Some(format!("rfc822;{}", recipient.path).as_str())
+        );
+        assert_eq!(value(block, "Action"), Some("failed"));
+        assert_eq!(value(block, "Status"), Some(recipient.status.as_str()));
+        assert_eq!(value(block, "Remote-MTA"), Some("dns; mx.example.net"));
+        assert_eq!(
+            value(block, "Diagnostic-Code"),
+            Some(format!("smtp; {}", recipient.diagnostic.as_deref().unwrap()).as_str())
+        );
+        assert_eq!(
+            value(block, "Last-Attempt-Date"),
+            Some("Mon, 1 Jan 2024 01:00:00 +0000")
+        );
+        assert_eq!(value(block, "Will-Retry-Until"), None, "only for delayed");
+    }
+}
+
+#[test]
+fn delivery_status_part_is_plain_7bit() {
+    let recipients = vec![recipient(
+        "user@bücher.example",
+        Action::Failed,
+        "5.1.1",
+        &format!("550 5.1.1 {} unknown\r\nInjected: field", "x".repeat(300)),
+    )];
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    let part = parts(&message)[1];
+    assert_eq!(part.content_transfer_encoding(), Some("7bit"));
+    let status = delivery_status(&message);
+    assert!(status.is_ascii(), "{status}");
+    assert!(
+        status.contains("Final-Recipient: rfc822; user@b\\x{FC}cher.example\r\n"),
+        "{status}"
+    );
+    // The reply's line break is a space: no new field appears.
+    assert!(!status.contains("\r\nInjected:"), "{status}");
+    let blocks = blocks(&status);
+    let diagnostic = value(&blocks[1], "Diagnostic-Code").unwrap();
+    assert!(
+        diagnostic.ends_with("unknown Injected: field"),
+        "{diagnostic}"
+    );
+    // The raw bytes carry the fields unencoded.
+    let raw = String::from_utf8_lossy(&bytes);
+    assert!(raw.contains("\r\nAction: failed\r\n"));
+}
+
+#[test]
+fn headers_only_without_ret_full() {
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(mime_type(returned), "text/rfc822-headers");
+    let text = returned.text_contents().unwrap();
+    assert!(text.contains("Subject: Quarterly figures\r\n"), "{text}");
+    assert!(
+        text.contains("Message-ID: <original.1@example.com>\r\n"),
+        "{text}"
+    );
+    assert!(text.contains("\tby mx.example.org;"), "{text}");
+    assert!(!text.contains("BODY-MARKER-1234"), "{text}");
+    assert!(!text.contains("Hello Bob"), "{text}");
+}
+
+#[test]
+fn whole_message_with_ret_full() {
+    let recipients = failures();
+    let mut report = report(&recipients, ORIGINAL);
+    report.return_full = true;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(mime_type(returned), "message/rfc822");
+    let PartType::Message(original) = &returned.body else {
+        panic!("the returned part is not a message: {:?}", returned.body);
+    };
+    assert_eq!(original.subject(), Some("Quarterly figures"));
+    assert_eq!(original.message_id(), Some("original.1@example.com"));
+    let body = original.body_text(0).unwrap();
+    assert!(body.contains("BODY-MARKER-1234"), "{body}");
+    // The message comes back byte for byte.
+    let raw = &bytes[..];
+    assert!(
+        raw.windows(ORIGINAL.len()).any(|window| window == ORIGINAL),
+        "the original is not returned verbatim"
+    );
+}
+
+#[test]
+fn over_the_cap_returns_headers_only() {
+    let recipients = failures();
+    let mut report = report(&recipients, ORIGINAL);
+    report.return_full = true;
+    report.max_returned = ORIGINAL.len() - 1;
+    let bytes = dsn::build(&report);
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(mime_type(returned), "text/rfc822-headers");
+    let text = returned.text_contents().unwrap();
+    assert!(text.contains("Subject: Quarterly figures"), "{text}");
+    assert!(!text.contains("BODY-MARKER-1234"), "{text}");
+    assert!(String::from_utf8_lossy(&bytes).contains("headers of the message"));
+}
+
+#[test]
+fn headers_are_cut_at_a_line_within_the_cap() {
+    let recipients = failures();
+    let mut report = report(&recipients, ORIGINAL);
+    report.max_returned = 100;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    let text = parts(&message)[2].text_contents().unwrap();
+    assert!(text.len() <= 100, "{text}");
+    assert!(text.starts_with("Received: from client.example"), "{text}");
+    assert!(!text.contains("Subject:"), "{text}");
+}
+
+#[test]
+fn a_line_over_998_octets_returns_headers_with_the_line_broken() {
+    let mut original = b"Subject: long\r\nX-Long: ".to_vec();
+    original.extend(std::iter::repeat_n(b'h', 2500));
+    original.extend_from_slice(b"\r\n\r\n");
+    original.extend(std::iter::repeat_n(b'b', 1500));
+    original.extend_from_slice(b"\r\n");
+    let recipients = failures();
+    let mut report = report(&recipients, &original);
+    report.return_full = true;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(mime_type(returned), "text/rfc822-headers");
+    let text = returned.text_contents().unwrap();
+    assert_eq!(text.matches('h').count(), 2500, "every octet kept");
+    assert!(!text.contains("bbbb"), "the body is not returned");
+}
+
+#[test]
+fn eight_bit_headers_come_back_as_8bit() {
+    let original = "Subject: Grüße aus Köln\r\nFrom: jörg@example.de\r\n\r\nHallo\r\n";
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, original.as_bytes()));
+    assert_lines_ok(&bytes);
+    assert!(dsn::is_8bit(&bytes));
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(returned.content_transfer_encoding(), Some("8bit"));
+    let text = returned.text_contents().unwrap();
+    assert!(text.contains("Subject: Grüße aus Köln\r\n"), "{text}");
+
+    let ascii = dsn::build(&report(&recipients, ORIGINAL));
+    assert!(!dsn::is_8bit(&ascii));
+    assert_eq!(
+        parts(&parse(&ascii))[2].content_transfer_encoding(),
+        Some("7bit")
+    );
+}
+
+#[test]
+fn delay_report_says_delayed_and_until_when() {
+    let recipients = vec![recipient(
+        "bob@example.net",
+        Action::Delayed,
+        "4.4.7",
+        "421 4.4.7 try again later",
+    )];
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    assert_eq!(
+        message.subject(),
+        Some("Delayed Mail (still being retried)")
+    );
+    let blocks = blocks(&delivery_status(&message));
+    assert_eq!(value(&blocks[1], "Action"), Some("delayed"));
+    assert_eq!(value(&blocks[1], "Status"), Some("4.4.7"));
+    assert_eq!(
+        value(&blocks[1], "Will-Retry-Until"),
+        Some("Sat, 6 Jan 2024 00:00:00 +0000")
+    );
+    let text = parts(&message)[0].text_contents().unwrap();
+    assert!(text.contains("will keep trying"), "{text}");
+    assert!(text.contains("421 4.4.7 try again later"), "{text}");
+}
+
+#[test]
+fn mixed_failure_and_delay_is_a_failure_report() {
+    let mut recipients = failures();
+    recipients.push(recipient(
+        "dave@example.net",
+        Action::Delayed,
+        "5.4.7",
+        "451 timeout",
+    ));
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let message = parse(&bytes);
+    assert_eq!(
+        message.subject(),
+        Some("Undelivered Mail Returned to Sender")
+    );
+    let blocks = blocks(&delivery_status(&message));
+    assert_eq!(value(&blocks[3], "Action"), Some("delayed"));
+    assert_eq!(
+        value(&blocks[3], "Status"),
+        Some("4.4.7"),
+        "class follows action"
+    );
+}
+
+#[test]
+fn text_part_lists_every_recipient_and_reply() {
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let message = parse(&bytes);
+    let text = parts(&message)[0].text_contents().unwrap();
+    for recipient in &recipients {
+        assert!(text.contains(&format!("<{}>", recipient.path)), "{text}");
+        assert!(
+            text.contains(recipient.diagnostic.as_deref().unwrap()),
+            "{text}"
+        );
+    }
+    assert!(text.contains("mx.example.org"), "{text}");
+    assert!(text.contains("Q1234ABCD"), "{text}");
+}
+
+#[test]
+fn status_of_reads_the_enhanced_code() {
+    assert_eq!(dsn::status_of("550 5.1.1 <x@y>: no such user"), "5.1.1");
+    assert_eq!(dsn::status_of("550 no such user"), "5.0.0");
+    assert_eq!(dsn::status_of("450 mailbox busy"), "4.0.0");
+}
+
+#[test]
+fn header_block_splits_at_the_empty_line() {
+    assert_eq!(
+        dsn::header_block(ORIGINAL),
+        &ORIGINAL[..ORIGINAL.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4]
+    );
+    assert_eq!(dsn::header_block(b"no separator"), b"no separator");
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound as u64) as usize
+    }
+
+    fn bytes(&mut self, max: usize) -> Vec<u8> {
+        const PIECES: &[&[u8]] = &[
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"\r\n\r\n",
+            b"\n\n",
+            b":",
+            b" ",
+            b"\t",
+            b"\0",
+            b"\xff",
+            b"\xc3\xa9",
+            b"Subject: x",
+            b"--",
+            b".",
+            b"=?utf-8?q?x?=",
+        ];
+        let len = self.below(max + 1);
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            match self.below(4) {
+                0 => out.extend_from_slice(PIECES[self.below(PIECES.len())]),
+                1 => out.extend(std::iter::repeat_n(b'a', self.below(1200))),
+                _ => out.push(self.next() as u8),
+            }
+        }
+        out
+    }
+
+    fn text(&mut self, max: usize) -> String {
+        String::from_utf8_lossy(&self.bytes(max)).into_owned()
+    }
+
+    fn time(&mut self) -> u64 {
+        match self.below(4) {
+            0 => 0,
+            1 => u64::MAX,
+            _ => self.next() >> self.below(64),
+        }
+    }
+}
+
+#[test]
+fn odd_inputs_never_panic_and_stay_well_formed() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..400 {
+        let recipients: Vec<ReportRecipient> = (0..rng.below(4))
+            .map(|_| ReportRecipient {
+                path: rng.text(300),
+                orcpt: (rng.below(2) == 0).then(|| rng.text(100)),
+                action: [Action::Failed, Action::Delayed, Action::Delivered][rng.below(3)],
+                status: rng.text(12),
+                remote_mta: (rng.below(2) == 0).then(|| rng.text(300)),
+                diagnostic: (rng.below(2) == 0).then(|| rng.text(3000)),
+                last_attempt: (rng.below(2) == 0).then(|| rng.time()),
+                will_retry_until: (rng.below(2) == 0).then(|| rng.time()),
+            })
+            .collect();
+        let original = rng.bytes(if round % 10 == 0 { 200_000 } else { 5000 });
+        let host = rng.text(300);
+        let queue_id = rng.text(40);
+        let envid = rng.text(200);
+        let to = rng.text(200);
+        let received_from = rng.text(200);
+        let report = Report {
+            reporting_mta: &host,
+            queue_id: &queue_id,
+            envid: (round % 3 == 0).then_some(envid.as_str()),
+            arrival: rng.time(),
+            now: rng.time(),
+            to: &to,
+            received_from: (round % 2 == 0).then_some(received_from.as_str()),
+            recipients: &recipients,
+            original: &original,
+            return_full: rng.below(2) == 0,
+            max_returned: [0, 10, 1000, usize::MAX][rng.below(4)],
+        };
+        let bytes = dsn::build(&report);
+        assert_lines_ok(&bytes);
+        let message = parse(&bytes);
+        let parts = parts(&message);
+        assert_eq!(parts.len(), 3, "round {round}");
+        assert!(delivery_status(&message).is_ascii(), "round {round}");
+        let status = delivery_status(&message);
+        assert_eq!(
+            status.matches("\r\nFinal-Recipient: rfc822;").count(),
+            recipients.len(),
+            "round {round}: {status}"
+        );
+        let _ = dsn::status_of(&rng.text(20));
+        let _ = dsn::header_block(&original);
+    }
+}
+
+#[test]
+fn empty_original_and_no_recipients_still_make_a_report() {
+    let mut report = report(&[], b"");
+    report.return_full = true;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    assert_eq!(parts(&message).len(), 3);
+    assert_eq!(message.subject(), Some("Delivery Status Notification"));
+}

@@ -1,0 +1,479 @@
+#![allow(clippy::unwrap_used)]
+//! Next-hop lookup against a real authoritative DNS server on loopback, every lookup awaited
+//! inside a glommio executor, so each answer crosses from the resolver's tokio thread to the
+//! executor thread through a foreign wake.
+
+mod support {
+    pub mod dns_server;
+}
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use postern_relay::mx::{MxError, NextHop, Resolver};
+use support::dns_server::{Rec, TestDns};
+
+const ZONE: &str = "example.test";
+
+/// How long any one lookup may take before the test fails instead of hanging (a lost
+/// cross-thread wake would otherwise hang forever).
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn v4(text: &str) -> Ipv4Addr {
+    text.parse().unwrap()
+}
+
+fn v6(text: &str) -> Ipv6Addr {
+    text.parse().unwrap()
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// Runs `body` to completion on a glommio executor made on this thread.
+fn on_glommio<F, T>(body: impl FnOnce() -> F) -> T
+where
+    F: Future<Output = T>,
+{
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(64 * 1024)
+        .make()
+        .unwrap()
+        .run(body())
+}
+
+/// Awaits `next_hops` on the current glommio executor, failing after [`DEADLINE`]: the glommio
+/// timer wakes the executor itself, so a lost wake from the resolver thread shows up here.
+async fn next_hops(resolver: &Resolver, domain: &str) -> Result<Vec<NextHop>, MxError> {
+    let lookup = resolver.next_hops(domain);
+    let deadline = async {
+        glommio::timer::sleep(DEADLINE).await;
+        panic!("lookup of {domain} never woke the executor");
+    };
+    futures_lite::future::or(lookup, deadline).await
+}
+
+/// Looks `domain` up once on a fresh glommio executor.
+fn lookup(resolver: &Resolver, domain: &str) -> Result<Vec<NextHop>, MxError> {
+    on_glommio(|| next_hops(resolver, domain))
+}
+
+fn hosts(hops: &[NextHop]) -> Vec<(u16, &str)> {
+    hops.iter()
+        .map(|h| (h.preference, h.host.as_str()))
+        .collect()
+}
+
+#[test]
+fn resolver_handle_is_clone_send_sync() {
+    fn check<T: Clone + Send + Sync + 'static>() {}
+    check::<Resolver>();
+}
+
+#[test]
+fn mx_hosts_come_in_preference_order_with_their_addresses() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(30, "c")),
+            ("@", Rec::Mx(10, "a")),
+            ("@", Rec::Mx(20, "b.example.test.")),
+            ("a", Rec::Aaaa(v6("2001:db8::a"))),
+            ("a", Rec::A(v4("192.0.2.10"))),
+            ("b", Rec::A(v4("192.0.2.20"))),
+            ("b", Rec::A(v4("192.0.2.21"))),
+            ("c", Rec::Aaaa(v6("2001:db8::c"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, ZONE).unwrap();
+    assert_eq!(
+        hosts(&hops),
+        [
+            (10, "a.example.test"),
+            (20, "b.example.test"),
+            (30, "c.example.test")
+        ]
+    );
+    // IPv4 first, then IPv6.
+    assert_eq!(hops[0].addrs, [ip("192.0.2.10"), ip("2001:db8::a")]);
+    let mut b = hops[1].addrs.clone();
+    b.sort();
+    assert_eq!(b, [ip("192.0.2.20"), ip("192.0.2.21")]);
+    assert_eq!(hops[2].addrs, [ip("2001:db8::c")]);
+}
+
+#[test]
+fn equal_preferences_are_shuffled() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "a")),
+            ("@", Rec::Mx(10, "b")),
+            ("@", Rec::Mx(20, "c")),
+            ("a", Rec::A(v4("192.0.2.1"))),
+            ("b", Rec::A(v4("192.0.2.2"))),
+            ("c", Rec::A(v4("192.0.2.3"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let (a_first, b_first) = on_glommio(|| async {
+        let (mut a_first, mut b_first) = (0, 0);
+        // Each order has probability 1/2; 200 draws all alike has probability 2^-199.
+        for _ in 0..200 {
+            let hops = next_hops(&resolver, ZONE).await.unwrap();
+            let order = hosts(&hops);
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[2], (20, "c.example.test"), "preference 20 comes last");
+            match order[0].1 {
+                "a.example.test" => a_first += 1,
+                "b.example.test" => b_first += 1,
+                other => panic!("unexpected first host {other}"),
+            }
+            if a_first > 0 && b_first > 0 {
+                break;
+            }
+        }
+        (a_first, b_first)
+    });
+    assert!(
+        a_first > 0 && b_first > 0,
+        "a first {a_first}, b first {b_first}"
+    );
+}
+
+#[test]
+fn host_named_twice_keeps_its_best_preference() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(20, "mx")),
+            ("@", Rec::Mx(5, "MX")),
+            ("mx", Rec::A(v4("192.0.2.1"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        hosts(&lookup(&resolver, ZONE).unwrap()),
+        [(5, "mx.example.test")]
+    );
+}
+
+#[test]
+fn no_mx_falls_back_to_the_implicit_mx() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("plain", Rec::A(v4("192.0.2.7"))),
+            ("plain", Rec::Aaaa(v6("2001:db8::7"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, "plain.example.test").unwrap();
+    assert_eq!(
+        hops,
+        [NextHop {
+            host: "plain.example.test".into(),
+            preference: 0,
+            addrs: vec![ip("192.0.2.7"), ip("2001:db8::7")],
+        }]
+    );
+}
+
+#[test]
+fn no_mx_and_no_address_is_no_mail_host() {
+    // "empty" exists (an empty non-terminal above "x.empty") but has no records.
+    let dns = TestDns::start(ZONE, &[("x.empty", Rec::A(v4("192.0.2.1")))]);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let err = lookup(&resolver, "empty.example.test").unwrap_err();
+    assert_eq!(err, MxError::NoMailHost);
+    assert!(err.is_permanent());
+    assert_eq!(err.enhanced(), "5.1.2");
+}
+
+#[test]
+fn null_mx_refuses_mail() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(0, ".")),
+            // An address at the domain must not turn it into an implicit MX.
+            ("@", Rec::A(v4("192.0.2.1"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert_eq!(err, MxError::NullMx);
+    assert!(err.is_permanent());
+    assert_eq!(err.enhanced(), "5.1.10");
+}
+
+#[test]
+fn null_mx_beside_real_hosts_is_skipped() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(0, ".")),
+            ("@", Rec::Mx(10, "mx")),
+            ("mx", Rec::A(v4("192.0.2.1"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        hosts(&lookup(&resolver, ZONE).unwrap()),
+        [(10, "mx.example.test")]
+    );
+}
+
+#[test]
+fn nxdomain_is_no_such_domain() {
+    let dns = TestDns::start(ZONE, &[("mx", Rec::A(v4("192.0.2.1")))]);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let err = lookup(&resolver, "nowhere.example.test").unwrap_err();
+    assert_eq!(err, MxError::NoSuchDomain);
+    assert!(err.is_permanent());
+    assert_eq!(err.enhanced(), "5.1.2");
+}
+
+#[test]
+fn invalid_domain_is_no_such_domain_without_a_query() {
+    let dns = TestDns::start(ZONE, &[]);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    for bad in ["", ".", "[192.0.2.1", "[::1]", "[tag:whatever]"] {
+        assert_eq!(
+            lookup(&resolver, bad),
+            Err(MxError::NoSuchDomain),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(dns.query_count(), 0);
+}
+
+#[test]
+fn mx_hosts_that_do_not_exist_are_no_mail_host() {
+    let dns = TestDns::start(
+        ZONE,
+        &[("@", Rec::Mx(10, "gone")), ("@", Rec::Mx(20, "gone2"))],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(lookup(&resolver, ZONE), Err(MxError::NoMailHost));
+}
+
+#[test]
+fn mx_hosts_without_addresses_are_skipped() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "gone")),
+            ("@", Rec::Mx(20, "failing.example.test.")),
+            ("@", Rec::Mx(30, "ok")),
+            ("ok", Rec::A(v4("192.0.2.30"))),
+        ],
+    );
+    // "failing" is not in the zone's records but is no special name: NXDOMAIN. The
+    // SERVFAIL case is `mx_host_servfail_is_temporary`.
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        hosts(&lookup(&resolver, ZONE).unwrap()),
+        [(30, "ok.example.test")]
+    );
+}
+
+#[test]
+fn mx_host_servfail_beside_a_good_host_is_skipped() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "servfail")),
+            ("@", Rec::Mx(20, "ok")),
+            ("ok", Rec::A(v4("192.0.2.20"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        hosts(&lookup(&resolver, ZONE).unwrap()),
+        [(20, "ok.example.test")]
+    );
+}
+
+#[test]
+fn mx_host_servfail_is_temporary() {
+    let dns = TestDns::start(
+        ZONE,
+        &[("@", Rec::Mx(10, "servfail")), ("@", Rec::Mx(20, "gone"))],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert!(matches!(err, MxError::Temporary(_)), "{err:?}");
+    assert!(!err.is_permanent());
+    assert_eq!(err.enhanced(), "4.4.3");
+}
+
+#[test]
+fn servfail_is_temporary() {
+    let dns = TestDns::start(ZONE, &[]);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let err = lookup(&resolver, "servfail.example.test").unwrap_err();
+    assert!(matches!(err, MxError::Temporary(_)), "{err:?}");
+}
+
+#[test]
+fn silent_server_times_out_as_temporary() {
+    let dns = TestDns::start(ZONE, &[]);
+    let timeout = Duration::from_millis(200);
+    let resolver = Resolver::with_server_timeout(dns.addr, timeout, 2).unwrap();
+    let started = Instant::now();
+    let err = lookup(&resolver, "silent.example.test").unwrap_err();
+    assert!(matches!(err, MxError::Temporary(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(dns.query_count() >= 1);
+}
+
+#[test]
+fn nothing_listening_is_temporary() {
+    let closed: SocketAddr = {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let resolver = Resolver::with_server_timeout(closed, Duration::from_millis(200), 2).unwrap();
+    let started = Instant::now();
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert!(matches!(err, MxError::Temporary(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn domain_literals_need_no_lookup() {
+    let dns = TestDns::start(ZONE, &[]);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        lookup(&resolver, "[192.0.2.1]").unwrap(),
+        [NextHop {
+            host: "192.0.2.1".into(),
+            preference: 0,
+            addrs: vec![ip("192.0.2.1")],
+        }]
+    );
+    assert_eq!(
+        lookup(&resolver, "[IPv6:2001:db8::1]").unwrap(),
+        [NextHop {
+            host: "2001:db8::1".into(),
+            preference: 0,
+            addrs: vec![ip("2001:db8::1")],
+        }]
+    );
+    assert_eq!(
+        lookup(&resolver, "[IPv6:::1]").unwrap()[0].addrs,
+        [ip("::1")]
+    );
+    assert_eq!(dns.query_count(), 0);
+}
+
+#[test]
+fn cname_at_the_domain_and_at_the_mx_host_is_followed() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("alias", Rec::Cname("real")),
+            ("real", Rec::Mx(10, "mx-alias")),
+            ("mx-alias", Rec::Cname("mx")),
+            ("mx", Rec::A(v4("192.0.2.44"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, "alias.example.test").unwrap();
+    assert_eq!(hosts(&hops), [(10, "mx-alias.example.test")]);
+    assert_eq!(hops[0].addrs, [ip("192.0.2.44")]);
+}
+
+#[test]
+fn truncated_udp_answer_is_retried_over_tcp() {
+    // 100 A records make an answer of about 1.6 KB, over the 1232-byte EDNS size.
+    const ADDRS: u8 = 100;
+    let mut records = vec![("@", Rec::Mx(10, "big"))];
+    for i in 0..ADDRS {
+        records.push(("big", Rec::A(Ipv4Addr::new(198, 51, 100, i))));
+    }
+    let dns = TestDns::start(ZONE, &records);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, ZONE).unwrap();
+    assert_eq!(hops.len(), 1);
+    assert_eq!(hops[0].addrs.len(), usize::from(ADDRS));
+    assert!(
+        dns.tcp_query_count() >= 1,
+        "the truncated answer was not retried over TCP"
+    );
+}
+
+#[test]
+fn many_concurrent_lookups_on_one_executor() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "mx")),
+            ("mx", Rec::A(v4("192.0.2.1"))),
+            ("plain", Rec::A(v4("192.0.2.2"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    on_glommio(|| async {
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let resolver = resolver.clone();
+                glommio::spawn_local(async move {
+                    let domain = if i % 2 == 0 {
+                        ZONE
+                    } else {
+                        "plain.example.test"
+                    };
+                    next_hops(&resolver, domain).await
+                })
+            })
+            .collect();
+        for (i, task) in tasks.into_iter().enumerate() {
+            let hops = task.await.unwrap();
+            let expected = if i % 2 == 0 {
+                "mx.example.test"
+            } else {
+                "plain.example.test"
+            };
+            assert_eq!(hops[0].host, expected);
+        }
+    });
+}
+
+#[test]
+fn one_resolver_serves_executors_on_several_threads() {
+    let dns = TestDns::start(
+        ZONE,
+        &[("@", Rec::Mx(10, "mx")), ("mx", Rec::A(v4("192.0.2.1")))],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let resolver = resolver.clone();
+            std::thread::spawn(move || {
+                on_glommio(|| async {
+                    for _ in 0..10 {
+                        let hops = next_hops(&resolver, ZONE).await.unwrap();
+                        assert_eq!(hosts(&hops), [(10, "mx.example.test")]);
+                    }
+                })
+            })
+        })
+        .collect();
+    drop(resolver);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}

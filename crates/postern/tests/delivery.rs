@@ -1,0 +1,563 @@
+//! Store and forward, end to end: the real `postern` accepts mail over SMTP and delivers it to
+//! real next hops on loopback (aiosmtpd, which nobody here wrote, and the project's own
+//! postern-load sink), retries temporary failures, bounces permanent ones, and survives
+//! SIGKILL without losing or needlessly repeating a delivery.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Server;
+
+/// One message as the aiosmtpd peer stored it.
+#[derive(Debug, Clone)]
+struct Stored {
+    mail_from: String,
+    rcpt_tos: Vec<String>,
+    message_id: String,
+    data: Vec<u8>,
+}
+
+/// The aiosmtpd next hop (tests/peers/smtp_peer.py).
+struct Peer {
+    child: Child,
+    _stdin: ChildStdin,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Peer {
+    fn start(port: u16, extra: &[&str]) -> Peer {
+        Self::start_on("127.0.0.1", port, extra)
+    }
+
+    fn start_on(host: &str, port: u16, extra: &[&str]) -> Peer {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stored.jsonl");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/smtp_peer.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(["--host", host, "--port", &port.to_string()])
+            .arg("--log")
+            .arg(&log)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 with aiosmtpd (scripts/test installs it)");
+        let stdin = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "the aiosmtpd peer did not start");
+        Peer {
+            child,
+            _stdin: stdin,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn stored(&self) -> Vec<Stored> {
+        let Ok(text) = std::fs::read_to_string(&self.log) else {
+            return Vec::new();
+        };
+        text.lines()
+            .filter(|l| l.ends_with('}'))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                Stored {
+                    mail_from: v["mail_from"].as_str().unwrap().to_owned(),
+                    rcpt_tos: v["rcpt_tos"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.as_str().unwrap().to_owned())
+                        .collect(),
+                    message_id: v["message_id"].as_str().unwrap().to_owned(),
+                    data: base64_decode(v["data"].as_str().unwrap()),
+                }
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until `pred` holds for what the peer stored.
+    fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&[Stored]) -> bool,
+    ) -> Vec<Stored> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let stored = self.stored();
+            if pred(&stored) {
+                return stored;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; the peer has {stored:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(val(c)) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Sends one message with the given envelope; returns the queue ID.
+fn send(server: &Server, from: &str, rcpts: &[&str], message_id: &str, body: &str) -> String {
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+    for r in rcpts {
+        assert!(c.cmd(&format!("RCPT TO:<{r}>")).starts_with("250"));
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(
+        format!(
+            "From: <{from}>\r\nTo: <{}>\r\nSubject: test\r\nMessage-ID: {message_id}\r\n\r\n{body}.\r\n",
+            rcpts[0]
+        )
+        .as_bytes(),
+    );
+    let reply = c.line();
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    c.cmd("QUIT");
+    common::queue_id(&reply)
+}
+
+const FAST_RETRY: [&str; 4] = ["--retry-initial", "200ms", "--retry-max", "400ms"];
+
+#[test]
+fn delivers_through_data_to_aiosmtpd_with_dot_stuffing_and_trace() {
+    let peer = Peer::start(free_port(), &[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    send(
+        &server,
+        "alice@origin.test",
+        &["bob@dest.test", "carol@dest.test"],
+        "<m1@t>",
+        "line one\r\n..leading dot\r\n...two dots\r\n",
+    );
+    send(
+        &server,
+        "alice@origin.test",
+        &["dave@sub.dest.test"],
+        "<m2@t>",
+        "second\r\n",
+    );
+    let stored = peer.wait_for("two messages", Duration::from_secs(20), |s| s.len() == 2);
+    let by_id: HashMap<&str, &Stored> = stored.iter().map(|s| (s.message_id.as_str(), s)).collect();
+    let m1 = by_id["<m1@t>"];
+    assert_eq!(m1.mail_from, "alice@origin.test");
+    // Two recipients with the same next hop share one transaction.
+    assert_eq!(m1.rcpt_tos, ["bob@dest.test", "carol@dest.test"]);
+    let text = String::from_utf8(m1.data.clone()).unwrap();
+    assert!(text.starts_with("Received: from client.test"), "{text}");
+    assert!(text.contains("by mx.test"));
+    // The receiver undid the dot-stuffing: the lines are as sent.
+    assert!(
+        text.ends_with("line one\r\n.leading dot\r\n..two dots\r\n"),
+        "{text:?}"
+    );
+    assert_eq!(by_id["<m2@t>"].rcpt_tos, ["dave@sub.dest.test"]);
+}
+
+/// postern-load's binary, built on demand when this package's tests run alone.
+fn postern_load() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("postern-load");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "postern-load"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    bin
+}
+
+#[test]
+fn delivers_through_bdat_to_the_project_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.txt");
+    let mut sink = Command::new(postern_load())
+        .args([
+            "sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--lifetime",
+            "120s",
+            "--record",
+        ])
+        .arg(&record)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(sink.stdout.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "sink exited");
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    let route = format!("sink.test={addr}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    let n = 20;
+    for i in 0..n {
+        let body = format!("X-Postern-Load-Seq: {i}\r\n\r\nbody {i}\r\n");
+        let mut c = server.connect();
+        c.line();
+        c.send(b"EHLO c.test\r\n");
+        c.reply();
+        c.cmd("MAIL FROM:<a@origin.test>");
+        c.cmd("RCPT TO:<r@sink.test>");
+        c.cmd("DATA");
+        c.send(format!("Message-ID: <bdat{i}@t>\r\n{body}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250"));
+    }
+    let text =
+        server.metrics_until(|m| m.contains(&format!("postern_recipients_delivered_total {n}\n")));
+    assert!(
+        text.contains(&format!("postern_recipients_delivered_total {n}\n")),
+        "{text}"
+    );
+    Command::new("kill")
+        .args(["-TERM", &sink.id().to_string()])
+        .status()
+        .unwrap();
+    let mut counters = String::new();
+    out.read_to_string(&mut counters).unwrap();
+    sink.wait().unwrap();
+    assert!(
+        counters.contains(&format!("postern_load_sink_bdat_bodies_total {n}\n")),
+        "{counters}"
+    );
+    assert!(
+        counters.contains("postern_load_sink_data_bodies_total 0\n"),
+        "{counters}"
+    );
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut seqs: Vec<u64> = recorded
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..n).collect::<Vec<_>>());
+}
+
+#[test]
+fn temporary_failure_is_retried_until_delivered() {
+    let peer = Peer::start(free_port(), &["--tempfail-first", "2"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<retry@t>",
+        "hello\r\n",
+    );
+    let stored = peer.wait_for("the third attempt", Duration::from_secs(20), |s| {
+        !s.is_empty()
+    });
+    assert_eq!(stored.len(), 1);
+    let m = server.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 2\n")
+            && m.contains("postern_recipients_delivered_total 1\n")
+    });
+    assert!(m.contains("postern_delivery_deferrals_total 2\n"), "{m}");
+    assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+    assert!(m.contains("postern_bounces_total 0\n"), "{m}");
+}
+
+#[test]
+fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
+    // One peer is both the next hop of the recipients and the sender's domain's route.
+    let peer = Peer::start(free_port(), &["--reject-rcpt", "nobody"]);
+    let route1 = format!("dest.test=127.0.0.1:{}", peer.port);
+    let route2 = format!("origin.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route1, "--route", &route2]);
+    send(
+        &server,
+        "alice@origin.test",
+        &["nobody@dest.test", "bob@dest.test"],
+        "<orig@t>",
+        "the original body\r\n",
+    );
+    let stored = peer.wait_for(
+        "the delivery and the bounce",
+        Duration::from_secs(20),
+        |s| s.len() == 2,
+    );
+    let delivered = stored.iter().find(|s| s.message_id == "<orig@t>").unwrap();
+    assert_eq!(delivered.rcpt_tos, ["bob@dest.test"]);
+    let bounce = stored.iter().find(|s| s.message_id != "<orig@t>").unwrap();
+    // aiosmtpd writes the null reverse path as "<>".
+    assert_eq!(
+        bounce.mail_from, "<>",
+        "a bounce comes from the null reverse path"
+    );
+    assert_eq!(bounce.rcpt_tos, ["alice@origin.test"]);
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(text.contains("multipart/report"), "{text}");
+    assert!(
+        text.contains("report-type=delivery-status")
+            || text.contains("report-type=\"delivery-status\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(text.contains("no such user here"), "{text}");
+    assert!(
+        text.contains("Message-ID: <orig@t>"),
+        "the original headers come back: {text}"
+    );
+    assert!(
+        !text.contains("Final-Recipient: rfc822; bob@dest.test"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_failed_bounce_is_dropped_not_bounced_again() {
+    let peer = Peer::start(free_port(), &["--reject-rcpt", "nobody"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    c.cmd("MAIL FROM:<>");
+    c.cmd("RCPT TO:<nobody@dest.test>");
+    c.cmd("DATA");
+    c.send(b"Subject: a bounce\r\n\r\nbody\r\n.\r\n");
+    assert!(c.line().starts_with("250"));
+    let m = server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    assert!(m.contains("postern_recipients_failed_total 1\n"), "{m}");
+    assert!(m.contains("postern_bounces_total 0\n"), "{m}");
+    assert!(peer.stored().is_empty());
+}
+
+#[test]
+fn next_hop_down_then_up() {
+    let port = free_port();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<down@t>",
+        "wait for me\r\n",
+    );
+    // Nothing listens yet: the attempt fails and is deferred.
+    let m = server.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 1\n")
+            || m.contains("postern_delivery_deferrals_total 2\n")
+    });
+    assert!(m.contains("postern_delivery_deferrals_total"), "{m}");
+    assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
+    let peer = Peer::start(port, &[]);
+    let stored = peer.wait_for("the retry", Duration::from_secs(20), |s| !s.is_empty());
+    assert_eq!(stored[0].message_id, "<down@t>");
+}
+
+#[test]
+fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // A slow next hop, so deliveries are in flight when postern dies.
+    let peer = Peer::start(free_port(), &["--delay", "0.05"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--max-connections-per-destination",
+        "4",
+    ];
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    let n = 60;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("<kill{i}@t>");
+        send(&server, "a@origin.test", &["b@dest.test"], &id, "x\r\n");
+        ids.push(id);
+    }
+    // Kill it while some are delivered and some are not.
+    peer.wait_for("some deliveries", Duration::from_secs(20), |s| s.len() >= 5);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let before = peer.stored().len();
+    assert!(
+        before < n,
+        "all delivered before the kill; the test proves nothing"
+    );
+    let _server = Server::start_in(&args, spool, None);
+    let stored = peer.wait_for("every message", Duration::from_secs(60), |s| {
+        let mut seen: Vec<&str> = s.iter().map(|m| m.message_id.as_str()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len() == n
+    });
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for s in &stored {
+        *count.entry(s.message_id.as_str()).or_default() += 1;
+    }
+    for id in &ids {
+        assert!(count.contains_key(id.as_str()), "{id} lost");
+    }
+    // Only deliveries in flight at the kill (at most one per connection) may repeat.
+    let repeated: usize = count.values().map(|c| c - 1).sum();
+    assert!(repeated <= 4, "{repeated} repeated deliveries: {count:?}");
+}
+
+#[test]
+fn mx_preference_fallback_to_a_and_null_mx() {
+    use dns_server::{Rec, TestDns};
+    // Two MX hosts on two loopback addresses, same port; the preferred one is down at first.
+    let port = free_port();
+    let mx2 = Peer::start_on("127.0.0.3", port, &[]);
+    let implicit = Peer::start_on("127.0.0.4", port, &[]);
+    let origin = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("pref.test.", Rec::Mx(10, "mx1.test.")),
+            ("pref.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("plain.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            ("null.test.", Rec::Mx(0, ".")),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let port_s = port.to_string();
+    // Connections are not kept idle, so each message looks up and connects afresh.
+    let mut args = vec![
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        &port_s,
+        "--outbound-idle-timeout",
+        "10ms",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    // mx1 (preference 10) refuses connections: delivered to mx2.
+    send(
+        &server,
+        "s@origin.test",
+        &["r@pref.test"],
+        "<pref1@t>",
+        "x\r\n",
+    );
+    mx2.wait_for("delivery to the second MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    // Now mx1 is up: the next message goes to it, not to mx2.
+    let mx1 = Peer::start_on("127.0.0.2", port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@pref.test"],
+        "<pref2@t>",
+        "x\r\n",
+    );
+    mx1.wait_for("delivery to the first MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    assert_eq!(mx2.stored().len(), 1);
+    // No MX: the domain's own address.
+    send(
+        &server,
+        "s@origin.test",
+        &["r@plain.test"],
+        "<plain@t>",
+        "x\r\n",
+    );
+    implicit.wait_for(
+        "delivery to the implicit MX",
+        Duration::from_secs(20),
+        |s| s.len() == 1,
+    );
+    // Null MX: bounced at once, the report going to the sender's domain.
+    send(
+        &server,
+        "s@origin.test",
+        &["r@null.test"],
+        "<null@t>",
+        "x\r\n",
+    );
+    let stored = origin.wait_for("the null-MX bounce", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    let text = String::from_utf8_lossy(&stored[0].data);
+    assert!(text.contains("Status: 5.1.10"), "{text}");
+    assert_eq!(stored[0].mail_from, "<>");
+    let _ = std::io::stdout().flush();
+    drop(dns);
+}
+
+#[path = "../../postern-relay/tests/support/dns_server.rs"]
+mod dns_server;

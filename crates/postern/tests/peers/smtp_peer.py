@@ -1,0 +1,85 @@
+"""A next hop for the delivery tests, built on aiosmtpd: it records each message it accepts as
+one JSON line, and can be told to refuse in the ways a real next hop does.
+
+    smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
+                 [--reject-rcpt TEXT] [--delay SECONDS]
+
+--tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
+--reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. It prints "ready" once it
+listens and runs until stdin closes.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import sys
+import threading
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+class Handler:
+    def __init__(self, args):
+        self.args = args
+        self.attempts = {}
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.args.reject_rcpt and self.args.reject_rcpt in address:
+            return "550 5.1.1 <%s>: no such user here" % address
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        data = envelope.original_content or b""
+        message_id = ""
+        for line in data.split(b"\r\n"):
+            if not line:
+                break
+            if line.lower().startswith(b"message-id:"):
+                message_id = line.split(b":", 1)[1].strip().decode("ascii", "replace")
+        if self.args.delay:
+            await asyncio.sleep(self.args.delay)
+        with self.lock:
+            seen = self.attempts.get(message_id, 0)
+            self.attempts[message_id] = seen + 1
+        if seen < self.args.tempfail_first:
+            return "451 4.3.0 Try again later"
+        record = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": envelope.rcpt_tos,
+            "message_id": message_id,
+            "size": len(data),
+            "data": base64.b64encode(data).decode("ascii"),
+        }
+        with self.lock, open(self.args.log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        return "250 2.0.0 Ok: stored"
+
+
+class EightBitController(Controller):
+    def factory(self):
+        return SMTP(self.handler, decode_data=False, enable_SMTPUTF8=True, ident="test peer")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--log", required=True)
+    p.add_argument("--tempfail-first", type=int, default=0)
+    p.add_argument("--reject-rcpt", default="")
+    p.add_argument("--delay", type=float, default=0.0)
+    args = p.parse_args()
+    controller = EightBitController(Handler(args), hostname=args.host, port=args.port)
+    controller.start()
+    print("ready", flush=True)
+    sys.stdin.read()
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
