@@ -270,9 +270,15 @@ fn enhanced_code(code: &str) -> Option<(u8, &str)> {
 }
 
 /// The recipient's status, brought into line with its action (RFC 3464 2.3.4).
+///
+/// A failure keeps a persistent transient code (4.x.x): a message returned when its queue
+/// lifetime ran out says `4.4.7` (RFC 3463 3.5), as the field's MTAs write it.
 fn recipient_status(recipient: &ReportRecipient) -> String {
     let class = char::from(recipient.action.class());
     match enhanced_code(recipient.status.trim()) {
+        Some((b'4', rest)) if recipient.action == Action::Failed => {
+            format!("4.{rest}")
+        }
         Some((_, rest)) => format!("{class}.{rest}"),
         None => format!("{class}.0.0"),
     }
@@ -690,6 +696,10 @@ mod tests {
         recipient.action = Action::Failed;
         recipient.status = " 5.1.10 ".into();
         assert_eq!(recipient_status(&recipient), "5.1.10");
+        recipient.status = "4.4.7".into();
+        assert_eq!(recipient_status(&recipient), "4.4.7");
+        recipient.status = "2.0.0".into();
+        assert_eq!(recipient_status(&recipient), "5.0.0");
     }
 
     #[test]

@@ -561,3 +561,268 @@ fn mx_preference_fallback_to_a_and_null_mx() {
 
 #[path = "../../postern-relay/tests/support/dns_server.rs"]
 mod dns_server;
+
+/// Starts `postern-load sink` with `extra` flags; returns it and its address.
+fn start_sink(extra: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, String) {
+    let mut sink = Command::new(postern_load())
+        .args(["sink", "--listen", "127.0.0.1:0", "--lifetime", "120s"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(sink.stdout.take().unwrap());
+    let addr = loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "sink exited");
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    (sink, out, addr)
+}
+
+/// Stops a sink and returns the counters it prints.
+fn stop_sink(mut sink: Child, mut out: BufReader<std::process::ChildStdout>) -> String {
+    Command::new("kill")
+        .args(["-TERM", &sink.id().to_string()])
+        .status()
+        .unwrap();
+    let mut counters = String::new();
+    out.read_to_string(&mut counters).unwrap();
+    sink.wait().unwrap();
+    counters
+}
+
+#[test]
+fn outbound_starttls_opportunistic_and_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (sink, out, addr) = start_sink(&tls);
+    let port = addr.rsplit(':').next().unwrap();
+    let route = format!("sink.test=localhost:{port}");
+    // Opportunistic (the default): a self-signed certificate still gets encryption.
+    {
+        let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+        send(
+            &server,
+            "a@origin.test",
+            &["r@sink.test"],
+            "<tls1@t>",
+            "x\r\n",
+        );
+        server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    }
+    // Required, with the certificate's issuer trusted: verified, delivered.
+    {
+        let server = Server::start(&[
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+            "--outbound-tls",
+            "required",
+            "--outbound-tls-ca",
+            cert.to_str().unwrap(),
+        ]);
+        send(
+            &server,
+            "a@origin.test",
+            &["r@sink.test"],
+            "<tls2@t>",
+            "x\r\n",
+        );
+        let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+        assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+    }
+    // Required without trusting it: not delivered, deferred (never sent in cleartext).
+    {
+        let server = Server::start(&[
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+            "--outbound-tls",
+            "required",
+        ]);
+        send(
+            &server,
+            "a@origin.test",
+            &["r@sink.test"],
+            "<tls3@t>",
+            "x\r\n",
+        );
+        let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+        assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+        assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
+    }
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 2\n"),
+        "{counters}"
+    );
+    assert!(
+        counters.contains("postern_load_sink_tls_handshakes_total 2\n")
+            || counters.contains("postern_load_sink_tls_handshakes_total 3\n"),
+        "{counters}"
+    );
+}
+
+#[test]
+fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
+    let port = free_port();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec![
+        "--route",
+        &route,
+        "--queue-high-water",
+        "3",
+        "--queue-low-water",
+        "1",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    for i in 0..3 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<bp{i}@t>"),
+            "x\r\n",
+        );
+    }
+    // The next hop is down, so the three stay queued: new mail is refused for now.
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = c.cmd("MAIL FROM:<a@origin.test>");
+        if r.starts_with("452 4.3.1") || Instant::now() > deadline {
+            break r;
+        }
+        c.cmd("RSET");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(refused.starts_with("452 4.3.1"), "{refused}");
+    // The next hop comes up, the queue drains, mail is accepted again.
+    let peer = Peer::start(port, &[]);
+    peer.wait_for("the queued three", Duration::from_secs(20), |s| {
+        s.len() == 3
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let accepted = loop {
+        let r = c.cmd("MAIL FROM:<a@origin.test>");
+        if r.starts_with("250") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(accepted.starts_with("250"), "{accepted}");
+}
+
+#[test]
+fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
+    let origin = Peer::start(free_port(), &[]);
+    let down = free_port();
+    let route1 = format!("dest.test=127.0.0.1:{down}");
+    let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
+    let mut args = vec![
+        "--route",
+        &route1,
+        "--route",
+        &route2,
+        "--max-queue-lifetime",
+        "1s",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<old@t>",
+        "x\r\n",
+    );
+    let stored = origin.wait_for("the expiry bounce", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    let text = String::from_utf8_lossy(&stored[0].data);
+    assert!(text.contains("Status: 4.4.7"), "{text}");
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+}
+
+#[test]
+fn delay_warning_tells_the_sender_once() {
+    let origin = Peer::start(free_port(), &[]);
+    let down = free_port();
+    let route1 = format!("dest.test=127.0.0.1:{down}");
+    let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
+    let mut args = vec![
+        "--route",
+        &route1,
+        "--route",
+        &route2,
+        "--delay-warning",
+        "300ms",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<slow@t>",
+        "x\r\n",
+    );
+    let stored = origin.wait_for("the delay warning", Duration::from_secs(20), |s| {
+        !s.is_empty()
+    });
+    let text = String::from_utf8_lossy(&stored[0].data);
+    assert!(text.contains("Action: delayed"), "{text}");
+    assert!(text.contains("Will-Retry-Until:"), "{text}");
+    // Several more deferrals pass, still one warning.
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n.parse::<u64>().unwrap() >= 6)
+    });
+    assert_eq!(origin.stored().len(), 1);
+}
+
+#[test]
+fn a_message_over_the_next_hops_size_fails_at_once() {
+    let peer = Peer::start(free_port(), &["--size-limit", "4000"]);
+    let route1 = format!("dest.test=127.0.0.1:{}", peer.port);
+    let route2 = format!("origin.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route1, "--route", &route2]);
+    let big = "y".repeat(76) + "\r\n";
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<big@t>",
+        &big.repeat(64),
+    );
+    let stored = peer.wait_for("the bounce", Duration::from_secs(20), |s| !s.is_empty());
+    assert_eq!(stored.len(), 1, "only the bounce arrives");
+    let text = String::from_utf8_lossy(&stored[0].data);
+    assert!(text.contains("Status: 5.3.4"), "{text}");
+}

@@ -2,7 +2,7 @@
 one JSON line, and can be told to refuse in the ways a real next hop does.
 
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
-                 [--reject-rcpt TEXT] [--delay SECONDS]
+                 [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS]
 
 --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
 --reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. It prints "ready" once it
@@ -61,8 +61,18 @@ class Handler:
 
 
 class EightBitController(Controller):
+    def __init__(self, handler, size_limit, **kw):
+        self.size_limit = size_limit
+        super().__init__(handler, **kw)
+
     def factory(self):
-        return SMTP(self.handler, decode_data=False, enable_SMTPUTF8=True, ident="test peer")
+        return SMTP(
+            self.handler,
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            ident="test peer",
+            data_size_limit=self.size_limit,
+        )
 
 
 def main():
@@ -73,8 +83,11 @@ def main():
     p.add_argument("--tempfail-first", type=int, default=0)
     p.add_argument("--reject-rcpt", default="")
     p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--size-limit", type=int, default=33554432)
     args = p.parse_args()
-    controller = EightBitController(Handler(args), hostname=args.host, port=args.port)
+    controller = EightBitController(
+        Handler(args), args.size_limit, hostname=args.host, port=args.port
+    )
     controller.start()
     print("ready", flush=True)
     sys.stdin.read()
