@@ -149,6 +149,8 @@ pub struct Outbound {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Reused for coalesced writes.
+    out: Vec<u8>,
     /// The host name or address we talk to, for logs and reports.
     pub remote: String,
     /// Transactions done on this connection.
@@ -191,6 +193,7 @@ impl Outbound {
             buf: vec![0; READ_BUFFER],
             start: 0,
             end: 0,
+            out: Vec::new(),
             remote: remote.to_owned(),
             transactions: 0,
         };
@@ -262,14 +265,18 @@ impl Outbound {
         if self.session.output().is_empty() {
             return Ok(());
         }
-        let out = self.session.output().to_vec();
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        out.extend_from_slice(self.session.output());
         self.session.clear_output();
         let stream = &mut self.stream;
-        timed(limit, async move {
+        let result = timed(limit, async {
             stream.write_all(&out).await?;
             stream.flush().await
         })
-        .await
+        .await;
+        self.out = out;
+        result
     }
 
     /// Writes pending commands and reads until the session has an event other than
@@ -345,7 +352,6 @@ impl Outbound {
         };
         match self.next_event(limit).await.map_err(Err)? {
             ClientEvent::SendBody => {
-                self.flush(t.data_block).await.map_err(Err)?;
                 self.send_body(tx.mode, body, t.data_block)
                     .await
                     .map_err(Err)?;
@@ -366,30 +372,56 @@ impl Outbound {
         }
     }
 
+    /// Writes the pending commands and the body. A body up to `COALESCE` octets goes out in
+    /// the same write as the commands before it (one send for BDAT's command and data);
+    /// larger ones are written chunk by chunk straight from the spool's mappings.
     async fn send_body(
         &mut self,
         mode: BodyMode,
         body: &MessageRef,
         limit: Duration,
     ) -> Result<(), ConnError> {
+        const COALESCE: u64 = 64 * 1024;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        out.extend_from_slice(self.session.output());
+        self.session.clear_output();
+        let small = body.len() <= COALESCE;
         let stream = &mut self.stream;
-        match mode {
-            BodyMode::Bdat => {
-                for chunk in body.chunks() {
-                    timed(limit, stream.write_all(chunk)).await?;
-                }
-            }
-            BodyMode::Data => {
-                let mut stuffer = DotStuffer::new();
-                for chunk in body.chunks() {
-                    for piece in stuffer.stuff(chunk) {
-                        timed(limit, stream.write_all(piece)).await?;
+        let result = async {
+            match mode {
+                BodyMode::Bdat if small => body.chunks().for_each(|c| out.extend_from_slice(c)),
+                BodyMode::Bdat => {
+                    timed(limit, stream.write_all(&out)).await?;
+                    out.clear();
+                    for chunk in body.chunks() {
+                        timed(limit, stream.write_all(chunk)).await?;
                     }
                 }
-                timed(limit, stream.write_all(stuffer.finish())).await?;
+                BodyMode::Data => {
+                    let mut stuffer = DotStuffer::new();
+                    for chunk in body.chunks() {
+                        for piece in stuffer.stuff(chunk) {
+                            if small {
+                                out.extend_from_slice(piece);
+                            } else {
+                                timed(limit, stream.write_all(&out)).await?;
+                                out.clear();
+                                timed(limit, stream.write_all(piece)).await?;
+                            }
+                        }
+                    }
+                    out.extend_from_slice(stuffer.finish());
+                }
             }
+            if !out.is_empty() {
+                timed(limit, stream.write_all(&out)).await?;
+            }
+            timed(limit, stream.flush()).await
         }
-        timed(limit, stream.flush()).await
+        .await;
+        self.out = out;
+        result
     }
 
     /// Says QUIT and closes, without waiting long for the reply.

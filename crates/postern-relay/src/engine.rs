@@ -210,6 +210,9 @@ struct DestQueue {
     arrived: Event,
     /// A failed opportunistic TLS handshake: cleartext until then (ms).
     cleartext_until: Cell<u64>,
+    /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
+    /// to connect again.
+    down_until: Cell<u64>,
 }
 
 /// One core's relay.
@@ -442,9 +445,18 @@ impl CoreRelay {
                     idle: Cell::new(0),
                     arrived: Event::new(),
                     cleartext_until: Cell::new(0),
+                    down_until: Cell::new(0),
                 })
             })
             .clone();
+        let down_until = dq.down_until.get();
+        if down_until > now_ms() {
+            self.schedule(Job {
+                not_before: down_until,
+                ..job
+            });
+            return;
+        }
         dq.ready.borrow_mut().push_back(job);
         if dq.idle.get() > 0 {
             dq.arrived.notify(1);
@@ -463,6 +475,10 @@ impl CoreRelay {
                     // The next hop is unreachable (everything waiting for it waits again) or
                     // does not exist (everything waiting for it fails).
                     let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+                    if permanent.is_none() {
+                        let pause = self.relay.config.retry.initial.min(Duration::from_secs(60));
+                        dq.down_until.set(now_ms() + pause.as_millis() as u64);
+                    }
                     let status = permanent.unwrap_or("4.4.1");
                     for job in jobs {
                         self.settle_all(job, permanent.is_some(), status, &text, None);
