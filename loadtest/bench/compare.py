@@ -359,7 +359,10 @@ def main():
             postern = subprocess.Popen(
                 [os.path.join(ROOT, "target", "release", "postern"), "serve",
                  "--listen", "127.0.0.1:25264", "--spool", os.path.join(spool, "spool"),
-                 "--hostname", "bench.test"],
+                 "--hostname", "bench.test",
+                 # The same next hop as Postfix: everything goes to the postern-load sink
+                 # (never to MX hosts).
+                 "--relay-host", next_hop.addr],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(postern)
             wait_port(25264)
