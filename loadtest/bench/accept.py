@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Acceptance with the bundled generator: postern against a stock Postfix relay, one run.
+
+Both servers relay to the same postern-load sink (postern with --relay-host, Postfix with
+relayhost), both with their durable queues. For 1 KiB messages over 50 connections with
+PIPELINING (and BDAT where offered), each round sends the same number of seconds of load to
+each server in turn (Postfix's queue drained to the sink between runs); the table gives the
+medians and the postern/Postfix ratio. Then postern is driven open loop (--rate) at half its
+measured peak, and the end-of-data to 250 latency is reported (p50, p99, p99.9, max),
+measured from each message's intended start so that stalls are not hidden.
+
+Targets (issue: thread-per-core server): postern >= 50x Postfix msg/s; p99 end of data to
+250 under 2 ms at half the peak.
+
+    python3 loadtest/bench/accept.py [--rounds 3] [--seconds 5]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402  (the shared Postfix, sink and generator helpers)
+
+ROOT = compare.ROOT
+POSTERN = os.path.join(ROOT, "target", "release", "postern")
+POSTERN_PORT = 25265
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--half-peak-seconds", type=int, default=10)
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks-accept.md"))
+    args = ap.parse_args()
+    cmd = " ".join(["python3 loadtest/bench/accept.py", *sys.argv[1:]])
+    compare.ensure_postfix()
+    compare.log("building postern and postern-load (release)")
+    compare.run(["cargo", "build", "--release", "-q", "-p", "postern", "-p", "postern-load"],
+                cwd=ROOT)
+    spool = tempfile.mkdtemp(prefix="postern-accept-", dir="/var/tmp")
+    procs = []
+    load = ["--connections", "50", "--size", "1024", "--pipelining", "--bdat",
+            "--to", "rcpt{r}@dest.test"]
+    rows = {"postern": [], "Postfix": []}
+    try:
+        next_hop = compare.Sink()
+        compare.configure_postfix(next_hop.port)
+        compare.drain_postfix()
+        postern = subprocess.Popen(
+            [POSTERN, "serve", "--listen", f"127.0.0.1:{POSTERN_PORT}",
+             "--spool", os.path.join(spool, "spool"), "--hostname", "bench.test",
+             "--relay-host", next_hop.addr],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(postern)
+        compare.wait_port(POSTERN_PORT)
+        servers = [("postern", f"127.0.0.1:{POSTERN_PORT}"),
+                   ("Postfix", f"127.0.0.1:{compare.POSTFIX_PORT}")]
+        for r in range(args.rounds):
+            order = servers if r % 2 == 0 else servers[::-1]
+            for name, target in order:
+                rep = compare.send(target, *load, "--duration", f"{args.seconds}s")
+                rows[name].append(rep)
+                compare.log(f"round {r + 1}: {name} {rep['messages_per_s']:.0f} msg/s")
+                if name == "Postfix":
+                    compare.drain_postfix()
+        peak = compare.median([r["messages_per_s"] for r in rows["postern"]])
+        rate = max(1, int(peak / 2))
+        compare.log(f"postern open loop at {rate} msg/s (half of {peak:.0f})")
+        half = compare.send(servers[0][1], *load, "--rate", f"{rate}/s",
+                            "--duration", f"{args.half_peak_seconds}s")
+        compare.drain_postfix()
+        relayed = next_hop.stop().get("messages_total", 0)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=60)
+        subprocess.run(["postfix", "stop"], capture_output=True)
+        shutil.rmtree(spool, ignore_errors=True)
+
+    med = {n: compare.median([r["messages_per_s"] for r in rs]) for n, rs in rows.items()}
+    p99 = {n: compare.median([r["latency_ms"]["transaction"]["p99"] for r in rs])
+           for n, rs in rows.items()}
+    ratio = med["postern"] / med["Postfix"] if med["Postfix"] else float("nan")
+    eod = half["latency_ms"]["end_of_data"]
+    lines = [
+        "## Acceptance with the bundled generator, against Postfix",
+        "",
+        f"Command (root; installs and configures Postfix when missing): `{cmd}`",
+        "",
+        f"Machine: {compare.machine()}. Everything on loopback, in one run. 50 connections of "
+        "`postern-load send --pipelining --bdat`, 1 KiB messages, connections reused; postern "
+        "with its durable spool and delivery on, relaying to a postern-load sink; Postfix "
+        "(stock, durable queue) relaying to the same sink, its queue drained between runs. "
+        f"{args.rounds} rounds of {args.seconds} s per server, alternating order; medians.",
+        "",
+        "| server | rounds (msg/s) | median msg/s | transaction p99 ms (median) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for n in ("postern", "Postfix"):
+        rs = " ".join(f"{r['messages_per_s']:.0f}" for r in rows[n])
+        lines.append(f"| {n} | {rs} | {med[n]:,.0f} | {p99[n]:.2f} |")
+    verdict = "met" if ratio >= 50 else "**not met**"
+    lines += [
+        "",
+        f"postern / Postfix: **{ratio:.1f}×** (target ≥ 50×: {verdict}).",
+        "",
+        f"Open loop at half of postern's peak ({rate} msg/s for {args.half_peak_seconds} s, "
+        f"{half['messages_accepted']} accepted, {half['messages_failed']} failed, "
+        f"{half['messages_refused']} refused): end of data to 250, from each message's "
+        f"intended start: p50 {eod['p50']:.3f} ms, p90 {eod['p90']:.3f} ms, "
+        f"**p99 {eod['p99']:.3f} ms**, p99.9 {eod['p99_9']:.3f} ms, max {eod['max']:.3f} ms "
+        f"(target p99 < 2 ms: {'met' if eod['p99'] < 2 else '**not met**'}).",
+        "",
+        f"The sink counted {relayed} messages relayed by both servers in this run.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+    compare.log(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
