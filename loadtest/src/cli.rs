@@ -43,6 +43,13 @@ fn size(s: &str) -> Result<u64, String> {
     units::parse_size("size", s).map_err(|e| e.to_string())
 }
 
+fn chunk_size(s: &str) -> Result<u64, String> {
+    match size(s)? {
+        0 => Err("a chunk size must be above zero".into()),
+        n => Ok(n),
+    }
+}
+
 fn size_mix(s: &str) -> Result<SizeMix, String> {
     let mix = units::parse_weighted("--size", s, |v| units::parse_size("--size", v))
         .map_err(|e| e.to_string())?;
@@ -121,9 +128,12 @@ pub struct SendArgs {
     /// Send bodies with BDAT when the server offers CHUNKING (DATA otherwise).
     #[arg(long)]
     pub bdat: bool,
-    /// Largest single write of a body, in bytes.
-    #[arg(long, default_value = "256k", value_parser = size)]
-    pub chunk_size: u64,
+    /// With --bdat, send each body as BDAT chunks of at most this many bytes, the last one
+    /// `BDAT n LAST`, all written back to back (needs --pipelining and a server that offers
+    /// PIPELINING; otherwise one `BDAT n LAST`). Also the largest single write of a body.
+    /// When absent: one `BDAT n LAST` per body, written 256k at a time.
+    #[arg(long, value_parser = chunk_size)]
+    pub chunk_size: Option<u64>,
     /// Start TLS on every connection (the server must offer STARTTLS).
     #[arg(long)]
     pub starttls: bool,

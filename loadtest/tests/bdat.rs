@@ -1,5 +1,6 @@
 //! BDAT: bodies go out with BDAT when the sink offers CHUNKING, with DATA when it does not,
-//! and arrive whole and once either way.
+//! and arrive whole and once either way; `--chunk-size` splits them into BDAT chunks when
+//! the sender pipelines, and leaves one `BDAT n LAST` when it does not.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -30,16 +31,60 @@ fn bdat_bodies_arrive_once() {
     assert_eq!(counters.get("bdat_bodies_total"), 300);
     assert_eq!(counters.get("data_bodies_total"), 0);
     assert_eq!(counters.get("bytes_total"), 300 * 10 * 1024);
+    // 4k + 4k + 2k.
+    assert_eq!(counters.get("bdat_chunks_total"), 300 * 3);
     check_record(&record, 0..300);
+}
+
+#[test]
+fn bdat_bodies_in_chunks_arrive_whole() {
+    let (_dir, record) = record_path();
+    let sink = Sink::start(&["--record", record.to_str().unwrap()]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "100",
+            "--connections",
+            "2",
+            "--bdat",
+            "--pipelining",
+            "--size",
+            "20k",
+            "--chunk-size",
+            "4k",
+        ],
+    );
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 100);
+    assert_eq!(counters.get("bdat_bodies_total"), 100);
+    assert_eq!(counters.get("bdat_chunks_total"), 100 * 5);
+    assert_eq!(counters.get("bytes_total"), 100 * 20 * 1024);
+    assert_eq!(counters.get("bytes_received_total"), 100 * 20 * 1024);
+    check_record(&record, 0..100);
 }
 
 #[test]
 fn bdat_without_pipelining() {
     let sink = Sink::start(&[]);
-    let report = send_json(&sink.addr, &["--messages", "50", "--bdat"]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "50",
+            "--bdat",
+            "--size",
+            "20k",
+            "--chunk-size",
+            "4k",
+        ],
+    );
     let counters = sink.stop();
     assert_eq!(num(&report, "messages_accepted"), 50);
     assert_eq!(counters.get("bdat_bodies_total"), 50);
+    // Without pipelining each body goes as one BDAT LAST, written 4k at a time.
+    assert_eq!(counters.get("bdat_chunks_total"), 50);
+    assert_eq!(counters.get("bytes_total"), 50 * 20 * 1024);
     assert_eq!(counters.get("pipelined_transactions_total"), 0);
 }
 

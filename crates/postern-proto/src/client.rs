@@ -1,6 +1,7 @@
 //! The client session, for the relay and the load generator: greeting, EHLO with fallback to
 //! HELO, capabilities, STARTTLS, and transactions pipelined when the server offers PIPELINING,
-//! with the body sent by DATA (dot-stuffed by [`crate::stuff::DotStuffer`]) or one BDAT LAST.
+//! with the body sent by DATA (dot-stuffed by [`crate::stuff::DotStuffer`]) or by BDAT, in one
+//! `BDAT n LAST` or, pipelined, in several chunks ([`BdatChunk`]).
 //!
 //! Like the server side it does no I/O: [`ClientSession::handle`] takes the server's bytes and
 //! returns one [`ClientEvent`]; commands accumulate in [`ClientSession::output`].
@@ -67,8 +68,26 @@ impl Capabilities {
 pub enum BodyMode {
     /// DATA, then the dot-stuffed body and `.CRLF`.
     Data,
-    /// One `BDAT n LAST` followed by the raw body.
+    /// The raw body after `BDAT n LAST`, or in chunks of [`Transaction::chunk_size`].
     Bdat,
+}
+
+/// One BDAT chunk of a body (RFC 3030): the command to write, then `len` octets of the body
+/// from `offset`.
+///
+/// The first chunk's command is already at the end of [`ClientSession::output`] when
+/// [`ClientEvent::SendBody`] comes, as it is for a body sent in one chunk, so its `header` is
+/// empty; every later chunk's `header` (`BDAT n\r\n`, the last `BDAT n LAST\r\n`) goes out
+/// right before its octets. Writing, for each chunk in order, `header` and then its octets
+/// sends the whole body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BdatChunk {
+    /// The BDAT command line with its CRLF; empty for the first chunk.
+    pub header: String,
+    /// Where the chunk starts in the body.
+    pub offset: u64,
+    /// Octets in the chunk.
+    pub len: u64,
 }
 
 /// One recipient of an outgoing transaction.
@@ -93,6 +112,12 @@ pub struct Transaction {
     pub body_len: u64,
     /// DATA or BDAT.
     pub mode: BodyMode,
+    /// With BDAT, the largest chunk in octets; 0 sends the body as one `BDAT n LAST`. A larger
+    /// body goes out in several chunks only when the server offers PIPELINING: all chunks are
+    /// written back to back and their replies read afterwards (RFC 2920, RFC 3030 4.2).
+    /// Without PIPELINING the body still goes as one chunk, since waiting for each chunk's
+    /// reply would only cost round trips. Ignored with DATA.
+    pub chunk_size: u64,
 }
 
 /// The server's answers to one transaction.
@@ -166,7 +191,8 @@ pub enum ClientEvent {
     /// STARTTLS was accepted: write the output, do the handshake, then `tls_established`.
     StartTls,
     /// Write the output, then the body: for DATA through a `DotStuffer` and its `finish`, for
-    /// BDAT raw. Then call `body_sent`.
+    /// BDAT raw, chunk by chunk as [`ClientSession::bdat_chunks`] lays out. Then call
+    /// `body_sent`.
     SendBody,
     /// The transaction is over.
     Done(TransactionResult),
@@ -186,6 +212,8 @@ enum Expect {
     Rcpt,
     /// The 354 to DATA.
     DataGo,
+    /// The reply to a BDAT chunk other than the last.
+    Chunk,
     /// The reply after the body.
     DataDone,
     Rset,
@@ -204,6 +232,8 @@ pub struct ClientSession {
     held: VecDeque<(Expect, String)>,
     result: Option<TransactionResult>,
     mode: BodyMode,
+    /// The BDAT chunks of the current transaction's body.
+    chunks: Vec<BdatChunk>,
     body_pending: bool,
     tls: bool,
 }
@@ -220,6 +250,7 @@ impl ClientSession {
             held: VecDeque::new(),
             result: None,
             mode: BodyMode::Data,
+            chunks: Vec::new(),
             body_pending: false,
             tls: false,
         }
@@ -228,6 +259,13 @@ impl ClientSession {
     /// Commands waiting to be written.
     pub fn output(&self) -> &[u8] {
         &self.out
+    }
+
+    /// How the current BDAT body goes out, for the embedding to write after
+    /// [`ClientEvent::SendBody`]: one chunk covering the whole body unless it is sent in
+    /// several (see [`Transaction::chunk_size`]); empty with DATA.
+    pub fn bdat_chunks(&self) -> &[BdatChunk] {
+        &self.chunks
     }
 
     /// Forgets the commands once written.
@@ -317,10 +355,20 @@ impl ClientSession {
             ));
         }
         self.mode = t.mode;
+        self.chunks.clear();
         match t.mode {
             BodyMode::Data => cmds.push((Expect::DataGo, "DATA\r\n".to_owned())),
             BodyMode::Bdat => {
-                cmds.push((Expect::DataDone, format!("BDAT {} LAST\r\n", t.body_len)))
+                let size = if self.caps.pipelining {
+                    t.chunk_size
+                } else {
+                    0
+                };
+                self.plan_chunks(t.body_len, size);
+                cmds.push(match &self.chunks[..] {
+                    [first, _, ..] => (Expect::Chunk, format!("BDAT {}\r\n", first.len)),
+                    _ => (Expect::DataDone, format!("BDAT {} LAST\r\n", t.body_len)),
+                });
             }
         }
         self.result = Some(TransactionResult {
@@ -336,9 +384,45 @@ impl ClientSession {
                 self.held.push_back((expect, line));
             }
         }
+        // Later chunks go out with the body, but their replies come in order after these.
+        for i in 1..self.chunks.len() {
+            let last = i + 1 == self.chunks.len();
+            self.expect.push_back(if last {
+                Expect::DataDone
+            } else {
+                Expect::Chunk
+            });
+        }
         // With BDAT, the body follows its command straight away.
         self.body_pending = t.mode == BodyMode::Bdat && self.held.is_empty();
         Ok(())
+    }
+
+    /// Splits a BDAT body of `len` octets into chunks of at most `size` (0: one chunk).
+    fn plan_chunks(&mut self, len: u64, size: u64) {
+        if size == 0 || len <= size {
+            self.chunks.push(BdatChunk {
+                header: String::new(),
+                offset: 0,
+                len,
+            });
+            return;
+        }
+        let mut offset = 0;
+        while offset < len {
+            let n = size.min(len - offset);
+            let header = match (offset, offset + n == len) {
+                (0, _) => String::new(),
+                (_, true) => format!("BDAT {n} LAST\r\n"),
+                (_, false) => format!("BDAT {n}\r\n"),
+            };
+            self.chunks.push(BdatChunk {
+                header,
+                offset,
+                len: n,
+            });
+            offset += n;
+        }
     }
 
     /// The body has been written (for DATA, with the terminating `.CRLF`).
@@ -436,9 +520,20 @@ impl ClientSession {
                 self.release_held()
             }
             Expect::DataGo if reply.code == 354 => Some(ClientEvent::SendBody),
+            Expect::Chunk => {
+                // A refused chunk fails the message (RFC 3030 4.2); the chunks after it get
+                // their replies too, and the transaction ends with the last one.
+                if let Some(r) = self.result.as_mut() {
+                    if !reply.is_positive() && r.data.is_none() {
+                        r.data = Some(reply);
+                    }
+                }
+                None
+            }
             Expect::DataGo | Expect::DataDone => {
                 let mut result = self.result.take()?;
-                result.data = Some(reply);
+                // The first refused chunk decides, when there was one.
+                result.data.get_or_insert(reply);
                 self.held.clear();
                 Some(ClientEvent::Done(result))
             }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use postern_proto::client::{
-    BodyMode, ClientError, ClientEvent, ClientSession, OutRecipient, Transaction,
+    BdatChunk, BodyMode, ClientError, ClientEvent, ClientSession, OutRecipient, Transaction,
 };
 use postern_proto::stuff::DotStuffer;
 use postern_proto::{Event, ServerConfig, ServerSession};
@@ -17,14 +17,20 @@ struct Wire {
     to_client: Vec<u8>,
     body: Vec<u8>,
     queued: Vec<Vec<u8>>,
+    /// Every command line the client wrote (its output and BDAT chunk headers, no body).
+    commands: String,
 }
 
 impl Wire {
     fn new() -> Self {
+        Self::with_config(ServerConfig::default())
+    }
+
+    fn with_config(config: ServerConfig) -> Self {
         let config = Arc::new(ServerConfig {
             hostname: "mx.test".into(),
             max_message_size: 1 << 20,
-            ..ServerConfig::default()
+            ..config
         });
         let mut server = ServerSession::new(config, false);
         server.greet();
@@ -35,7 +41,23 @@ impl Wire {
             to_client: Vec::new(),
             body: Vec::new(),
             queued: Vec::new(),
+            commands: String::new(),
         }
+    }
+
+    /// Moves the client's queued commands towards the server.
+    fn take_output(&mut self) {
+        let out = self.client.output();
+        self.commands.push_str(&String::from_utf8_lossy(out));
+        self.to_server.extend_from_slice(out);
+        self.client.clear_output();
+    }
+
+    fn bdat_commands(&self) -> Vec<&str> {
+        self.commands
+            .split_inclusive("\r\n")
+            .filter(|l| l.starts_with("BDAT "))
+            .collect()
     }
 
     fn run_server(&mut self) {
@@ -72,8 +94,7 @@ impl Wire {
     /// Moves bytes both ways until the client has something to say.
     fn pump(&mut self) -> ClientEvent {
         for _ in 0..100 {
-            self.to_server.extend_from_slice(self.client.output());
-            self.client.clear_output();
+            self.take_output();
             self.run_server();
             let (n, event) = self.client.handle(&self.to_client);
             self.to_client.drain(..n);
@@ -85,10 +106,21 @@ impl Wire {
     }
 
     fn send_body(&mut self, mode: BodyMode, body: &[u8]) {
-        self.to_server.extend_from_slice(self.client.output());
-        self.client.clear_output();
+        self.take_output();
         match mode {
-            BodyMode::Bdat => self.to_server.extend_from_slice(body),
+            BodyMode::Bdat => {
+                let mut next = 0;
+                for c in self.client.bdat_chunks() {
+                    assert_eq!(c.offset, next, "chunks in order, without gaps");
+                    next = c.offset + c.len;
+                    self.commands.push_str(&c.header);
+                    self.to_server.extend_from_slice(c.header.as_bytes());
+                    let at = c.offset as usize;
+                    self.to_server
+                        .extend_from_slice(&body[at..at + c.len as usize]);
+                }
+                assert_eq!(next, body.len() as u64, "chunks cover the body");
+            }
             BodyMode::Data => {
                 let mut stuffer = DotStuffer::new();
                 for half in [&body[..body.len() / 2], &body[body.len() / 2..]] {
@@ -116,6 +148,7 @@ fn transaction(mode: BodyMode, body: &[u8], rcpts: &[&str]) -> Transaction {
             .collect(),
         body_len: body.len() as u64,
         mode,
+        chunk_size: 0,
     }
 }
 
@@ -312,4 +345,172 @@ fn rset_pipelined_before_the_next_transaction() {
         w.queued,
         vec![b"first\r\n".to_vec(), b"second\r\n".to_vec()]
     );
+}
+
+/// A body of `len` octets that holds what could confuse a framer: CRLF.CRLF, NUL, a line that
+/// looks like a BDAT command.
+fn awkward_body(len: usize) -> Vec<u8> {
+    let pattern = b"line\r\n.\r\nBDAT 3 LAST\r\n\0\xff";
+    pattern.iter().copied().cycle().take(len).collect()
+}
+
+/// Sends `body` with BDAT in chunks of `chunk_size` through the real server; returns the wire.
+fn deliver_chunked(mut w: Wire, body: &[u8], chunk_size: u64) -> Wire {
+    assert_eq!(w.pump(), ClientEvent::Ready);
+    let mut t = transaction(BodyMode::Bdat, body, &["a@mx.test", "nobody@mx.test"]);
+    t.chunk_size = chunk_size;
+    w.client.send(&t).unwrap();
+    assert_eq!(w.pump(), ClientEvent::SendBody);
+    w.send_body(BodyMode::Bdat, body);
+    let ClientEvent::Done(result) = w.pump() else {
+        panic!("no result")
+    };
+    assert_eq!(
+        result.rcpts.iter().map(|r| r.code).collect::<Vec<_>>(),
+        [250, 550]
+    );
+    assert_eq!(
+        result.outcome(0).lines,
+        vec!["Ok: queued as ID1".to_owned()]
+    );
+    assert!(w.client.is_idle(), "every chunk's reply was read");
+    assert_eq!(w.queued, vec![body.to_vec()]);
+    // Nothing unread is left over to be taken for QUIT's reply.
+    w.client.quit();
+    assert_eq!(w.pump(), ClientEvent::Closed);
+    w
+}
+
+#[test]
+fn pipelined_bdat_in_several_chunks_arrives_whole() {
+    let body = awkward_body(10_000);
+    let w = deliver_chunked(Wire::new(), &body, 4096);
+    assert_eq!(
+        w.bdat_commands(),
+        ["BDAT 4096\r\n", "BDAT 4096\r\n", "BDAT 1808 LAST\r\n"]
+    );
+}
+
+#[test]
+fn chunks_of_one_octet() {
+    let body = awkward_body(40);
+    let w = deliver_chunked(Wire::new(), &body, 1);
+    let bdat = w.bdat_commands();
+    assert_eq!(bdat.len(), 40);
+    assert!(bdat[..39].iter().all(|c| *c == "BDAT 1\r\n"));
+    assert_eq!(bdat[39], "BDAT 1 LAST\r\n");
+}
+
+#[test]
+fn a_chunk_size_not_below_the_body_sends_what_it_always_sent() {
+    let body = awkward_body(1000);
+    let one = deliver_chunked(Wire::new(), &body, 0);
+    assert_eq!(one.bdat_commands(), ["BDAT 1000 LAST\r\n"]);
+    for chunk_size in [1000, 1001, 1 << 20] {
+        let w = deliver_chunked(Wire::new(), &body, chunk_size);
+        assert_eq!(w.commands, one.commands, "chunk size {chunk_size}");
+    }
+}
+
+#[test]
+fn without_pipelining_the_body_goes_in_one_chunk() {
+    let body = awkward_body(10_000);
+    let w = deliver_chunked(
+        Wire::with_config(ServerConfig {
+            offer_pipelining: false,
+            ..ServerConfig::default()
+        }),
+        &body,
+        4096,
+    );
+    assert!(!w.client.capabilities().pipelining);
+    assert_eq!(w.bdat_commands(), ["BDAT 10000 LAST\r\n"]);
+}
+
+#[test]
+fn without_pipelining_canned_bdat_waits_and_sends_one_chunk() {
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 CHUNKING\r\n"]);
+    let mut t = transaction(BodyMode::Bdat, b"0123456789", &["a@x.test"]);
+    t.chunk_size = 4;
+    c.send(&t).unwrap();
+    c.clear_output();
+    let (events, sent) = canned(&mut c, &["250 ok\r\n", "250 ok\r\n"]);
+    assert_eq!(
+        sent,
+        "RCPT TO:<a@x.test> NOTIFY=FAILURE\r\nBDAT 10 LAST\r\n"
+    );
+    assert_eq!(events, vec![ClientEvent::SendBody]);
+    assert_eq!(
+        c.bdat_chunks(),
+        [BdatChunk {
+            header: String::new(),
+            offset: 0,
+            len: 10
+        }]
+    );
+    c.body_sent();
+    let (events, _) = canned(&mut c, &["250 2.0.0 queued\r\n"]);
+    let [ClientEvent::Done(r)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(r.data.as_ref().map(|d| d.code), Some(250));
+}
+
+/// A server that refuses the second of four chunks: the refusal decides the message, and the
+/// transaction ends only once the replies to the chunks after it are read.
+#[test]
+fn a_refused_intermediate_chunk_fails_the_message() {
+    let mut c = ClientSession::new("relay.test");
+    canned(
+        &mut c,
+        &["220 x\r\n", "250-x\r\n250-PIPELINING\r\n250 CHUNKING\r\n"],
+    );
+    let mut t = transaction(BodyMode::Bdat, b"0123456789abcd", &["a@x.test"]);
+    t.chunk_size = 4;
+    c.send(&t).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(c.output()),
+        "MAIL FROM:<sender@origin.test>\r\nRCPT TO:<a@x.test> NOTIFY=FAILURE\r\nBDAT 4\r\n"
+    );
+    c.clear_output();
+    assert_eq!(c.handle(b""), (0, ClientEvent::SendBody));
+    let plan: Vec<(&str, u64, u64)> = c
+        .bdat_chunks()
+        .iter()
+        .map(|b| (b.header.as_str(), b.offset, b.len))
+        .collect();
+    assert_eq!(
+        plan,
+        [
+            ("", 0, 4),
+            ("BDAT 4\r\n", 4, 4),
+            ("BDAT 4\r\n", 8, 4),
+            ("BDAT 2 LAST\r\n", 12, 2)
+        ]
+    );
+    c.body_sent();
+    let (events, _) = canned(
+        &mut c,
+        &[
+            "250 ok\r\n250 ok\r\n250 2.0.0 4 octets received\r\n",
+            "554 5.6.0 chunk refused\r\n503 5.5.1 no transaction\r\n",
+        ],
+    );
+    assert_eq!(events, vec![], "not done before the last chunk's reply");
+    assert!(!c.is_idle());
+    let (events, sent) = canned(&mut c, &["503 5.5.1 no transaction\r\n"]);
+    let [ClientEvent::Done(r)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(sent, "");
+    assert_eq!(r.outcome(0).code, 554);
+    assert_eq!(
+        r.outcome(0).enhanced.map(|e| e.to_string()),
+        Some("5.6.0".into())
+    );
+    assert!(c.is_idle(), "every chunk's reply was read");
+    c.quit();
+    let (events, _) = canned(&mut c, &["221 bye\r\n"]);
+    assert_eq!(events, vec![ClientEvent::Closed]);
 }

@@ -583,6 +583,7 @@ impl CoreRelay {
             } else {
                 BodyMode::Data
             },
+            chunk_size: 0,
         };
         let remote = Some(conn.remote.clone());
         match conn

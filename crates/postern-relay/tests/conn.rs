@@ -143,6 +143,7 @@ fn two_transactions_without_pipelining() {
             }],
             body_len: body.len(),
             mode: BodyMode::Data,
+            chunk_size: 0,
         };
         let mut codes = Vec::new();
         for _ in 0..2 {

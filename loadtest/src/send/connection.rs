@@ -53,6 +53,9 @@ impl From<ClientError> for Failure {
 /// Read buffer per connection; replies are small.
 const READ_BUFFER: usize = 16 * 1024;
 
+/// Largest single write of a body when `--chunk-size` is not given.
+const DEFAULT_WRITE: u64 = 256 * 1024;
+
 /// An open, greeted connection.
 struct Client {
     conn: Conn,
@@ -154,7 +157,7 @@ pub async fn run(core: Rc<Core>) {
             }
         };
         let mut on_this_connection = 0u64;
-        let mut outbox = Outbox::new(core.run.args.chunk_size);
+        let mut outbox = Outbox::new(core.run.args.chunk_size.unwrap_or(DEFAULT_WRITE));
         loop {
             if let Err(Failure(kind)) = transaction(&core, &mut client, &mut outbox, ticket).await {
                 // The message is lost with its connection; the next one goes on a new one.
@@ -301,6 +304,8 @@ async fn transaction(
         rcpts,
         body_len: len,
         mode,
+        // BDAT in chunks of this size where the session may pipeline them; 0 is one chunk.
+        chunk_size: run.args.chunk_size.unwrap_or(0),
     };
     let started = ticket.due.unwrap_or_else(Instant::now);
     // Bounded: the session is busy only while an RSET reply is pending; each pass reads.
@@ -330,8 +335,13 @@ async fn transaction(
                 client.session.clear_output();
                 match mode {
                     BodyMode::Bdat => {
-                        for piece in message.pieces() {
-                            outbox.push(&mut client.conn, piece).await?;
+                        for chunk in client.session.bdat_chunks() {
+                            outbox
+                                .push(&mut client.conn, chunk.header.as_bytes())
+                                .await?;
+                            for part in within(message.pieces(), chunk.offset, chunk.len) {
+                                outbox.push(&mut client.conn, part).await?;
+                            }
                         }
                     }
                     BodyMode::Data => {
@@ -368,5 +378,35 @@ async fn transaction(
             ClientEvent::Failed(e) => return Err(e.into()),
             _ => return Err(Failure("protocol_error")),
         }
+    }
+}
+
+/// The parts of `pieces`, taken as one run of octets, that lie in `offset..offset + len`.
+fn within(pieces: [&[u8]; 3], offset: u64, len: u64) -> impl Iterator<Item = &[u8]> {
+    let (start, end) = (offset as usize, (offset + len) as usize);
+    let mut at = 0;
+    pieces.into_iter().filter_map(move |piece| {
+        let (from, to) = (at, at + piece.len());
+        at = to;
+        let part = &piece[start.clamp(from, to) - from..end.clamp(from, to) - from];
+        (!part.is_empty()).then_some(part)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within;
+
+    #[test]
+    fn within_cuts_across_pieces() {
+        let pieces: [&[u8]; 3] = [b"head", b"lines", b"t"];
+        let cut = |o, n| within(pieces, o, n).collect::<Vec<_>>().concat();
+        let whole = pieces.concat();
+        for o in 0..whole.len() {
+            for n in 0..=whole.len() - o {
+                assert_eq!(cut(o as u64, n as u64), &whole[o..o + n], "{o} {n}");
+            }
+        }
+        assert_eq!(within(pieces, 2, 4).count(), 2);
     }
 }

@@ -33,6 +33,8 @@ pub struct Slot {
     pub data_bodies: AtomicU64,
     /// Bodies started with BDAT.
     pub bdat_bodies: AtomicU64,
+    /// BDAT chunks of those bodies.
+    pub bdat_chunks: AtomicU64,
     /// End-of-data replies, by the index of their code in [`Counters::codes`].
     pub replies: Vec<AtomicU64>,
 }
@@ -80,7 +82,7 @@ impl Counters {
     /// Prometheus text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, u64); 12] = [
+        let plain: [(&str, &str, u64); 13] = [
             (
                 "connections_total",
                 "Connections accepted.",
@@ -140,6 +142,11 @@ impl Counters {
                 "bdat_bodies_total",
                 "Bodies started with BDAT.",
                 self.sum(|s| &s.bdat_bodies),
+            ),
+            (
+                "bdat_chunks_total",
+                "BDAT chunks of those bodies, the last included.",
+                self.sum(|s| &s.bdat_chunks),
             ),
         ];
         for (name, help, value) in plain {

@@ -29,6 +29,7 @@ pub async fn serve(core: Rc<Core>, tcp: TcpStream) {
         scan: HeaderScan::default(),
         body_len: 0,
         on_connection: 0,
+        in_bdat: false,
     };
     s.run().await;
     let _ = s.conn.close().await;
@@ -43,6 +44,8 @@ struct Session {
     scan: HeaderScan,
     body_len: u64,
     on_connection: u64,
+    /// Inside a BDAT body, from its first chunk to its end.
+    in_bdat: bool,
 }
 
 enum Wake {
@@ -68,11 +71,17 @@ impl Session {
             // A MAIL whose RCPT comes in the same read: the client pipelines.
             let mut mail_in_this_read = false;
             loop {
+                let before = self.proto.output().len();
                 let step = self.proto.handle(&buf[start..end]);
                 start += step.consumed;
+                if self.in_bdat {
+                    let acks = chunk_acks(&self.proto.output()[before..]);
+                    Slot::add(&self.core.slot().bdat_chunks, acks);
+                }
                 match step.event {
                     Event::NeedInput => break,
                     Event::Mail(..) => {
+                        self.in_bdat = false;
                         mail_in_this_read = true;
                         self.proto.accept();
                     }
@@ -91,10 +100,12 @@ impl Session {
                         self.proto.accept();
                         // Only DATA is answered 354 at its start; BDAT goes straight on.
                         let slot = self.core.slot();
-                        if self.proto.output()[before..].starts_with(b"354") {
-                            Slot::add(&slot.data_bodies, 1);
-                        } else {
+                        self.in_bdat = !self.proto.output()[before..].starts_with(b"354");
+                        if self.in_bdat {
                             Slot::add(&slot.bdat_bodies, 1);
+                            Slot::add(&slot.bdat_chunks, 1);
+                        } else {
+                            Slot::add(&slot.data_bodies, 1);
                         }
                     }
                     Event::Body(bytes) => {
@@ -104,11 +115,12 @@ impl Session {
                         }
                     }
                     Event::DataEnd => {
+                        self.in_bdat = false;
                         if !self.data_end().await {
                             return;
                         }
                     }
-                    Event::DataAbort => {}
+                    Event::DataAbort => self.in_bdat = false,
                     Event::StartTls => {
                         start = end;
                         if !self.flush().await || !self.start_tls().await {
@@ -248,4 +260,14 @@ impl Session {
             }
         }
     }
+}
+
+/// Replies `250` written inside a BDAT body: each answers a chunk before the last (the first
+/// chunk is counted at its start, the last one ends the body). A NOOP between chunks would be
+/// counted too; postern-load never sends one.
+fn chunk_acks(replies: &[u8]) -> u64 {
+    replies
+        .split(|&b| b == b'\n')
+        .filter(|line| line.starts_with(b"250 "))
+        .count() as u64
 }
