@@ -35,7 +35,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--half-peak-seconds", type=int, default=10)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks-accept.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "accept.md"))
     args = ap.parse_args()
     cmd = " ".join(["python3 loadtest/bench/accept.py", *sys.argv[1:]])
     compare.ensure_postfix()
@@ -121,6 +121,7 @@ def main():
     ]
     text = "\n".join(lines)
     print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     compare.log(f"written to {args.out}")

@@ -11,7 +11,8 @@
 
 Needs root when Postfix must be installed or configured (it installs it with apt when
 missing: debconf "No configuration", then a loopback-only relay set up with postconf).
-Writes the tables with the command to docs/benchmarks-load.md (or --out).
+Prints the tables with the command and writes them to target/bench/compare.md (or --out),
+the section docs/benchmarks.md holds.
 
     python3 loadtest/bench/compare.py [--rounds 3] [--seconds 2] [--postern 127.0.0.1:2525]
 """
@@ -334,7 +335,7 @@ def main():
                     help="build and start postern from this tree (durable spool in a temp dir)")
     ap.add_argument("--skip-generator", action="store_true")
     ap.add_argument("--skip-servers", action="store_true")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks-load.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "compare.md"))
     args = ap.parse_args()
     cmd = " ".join(["python3 loadtest/bench/compare.py", *sys.argv[1:]])
 
@@ -397,6 +398,7 @@ def main():
             shutil.rmtree(spool, ignore_errors=True)
     text = markdown(cmd, gen_rows, matrix, servers, args.rounds, args.seconds, relayed)
     print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     log(f"written to {args.out}")
