@@ -240,6 +240,44 @@ def measure(server, sink, messages, timeout):
         samples=samples)
 
 
+def steady(server, sink, rate, seconds, timeout):
+    """Open loop at `rate` msg/s for `seconds`: does the queue drain as fast as it fills?"""
+    server.prepare()
+    base = sink.delivered()
+    samples = []
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [LOAD, "send", "--target", f"127.0.0.1:{server.port}", "--json", f.name,
+               "--quiet", "--connections", str(CONNECTIONS), "--rate", f"{rate}/s",
+               "--duration", f"{seconds}s", "--size", str(SIZE), *server.send_args]
+        t0 = time.monotonic()
+        gen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        deadline = t0 + timeout
+        while gen.poll() is None and time.monotonic() < deadline:
+            samples.append((time.monotonic() - t0, server.depth(), sink.delivered() - base))
+            time.sleep(SAMPLE_EVERY)
+        if gen.poll() is None:
+            gen.kill()
+            gen.wait()
+            raise SystemExit(f"open-loop run against {server.name} ran past {timeout} s")
+        t_sent = time.monotonic()
+        report = json.load(open(f.name))
+    at_sent = server.depth()
+    want = report["messages_accepted"]
+    got = sink.delivered() - base
+    while got < want and time.monotonic() < deadline:
+        time.sleep(POLL_EVERY)
+        got = sink.delivered() - base
+    drain = time.monotonic() - t_sent
+    depths = [d for _, d, _ in samples]
+    half = len(depths) // 2
+    first = statistics.mean(depths[:half]) if half else 0.0
+    second = statistics.mean(depths[half:]) if depths[half:] else 0.0
+    return dict(rate=rate, seconds=seconds, accepted=want, accepted_rate=report["messages_per_s"],
+                delivered=got, at_sent=at_sent, peak=max(depths, default=0),
+                mean_first=first, mean_second=second, drain_s=drain,
+                eod_p99=report["latency_ms"]["end_of_data"]["p99"], samples=samples)
+
+
 def median(rs, key):
     return statistics.median(r[key] for r in rs)
 
@@ -360,7 +398,9 @@ def main():
     ap.add_argument("--postern-flag", action="append", default=[], metavar="FLAG",
                     help="an extra flag for postern serve, e.g. "
                     "--postern-flag=--max-connections-per-destination=64 (repeatable)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks-relay.md"))
+    ap.add_argument("--steady-seconds", type=int, default=10,
+                    help="length of the open-loop run at the target rate")
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "relay.md"))
     args = ap.parse_args()
     cmd = " ".join(["python3 loadtest/bench/relay.py", *sys.argv[1:]])
     started = time.monotonic()
@@ -390,6 +430,27 @@ def main():
                     f"({r['delivered_n']}/{r['accepted_n']}), queue at end of sending "
                     f"{r['depth_at_sent']}, peak {r['peak']}, final {r['final']}, drain "
                     f"{r['drain_s']:.2f} s")
+        # The target rate: 20x what Postfix delivered. Does postern's queue stay flat there?
+        pf = statistics.median(r["delivered_rate"] for r in results["Postfix"])
+        rate = int(pf * TARGET_RATIO)
+        log(f"postern open loop at {rate} msg/s ({TARGET_RATIO:.0f}x Postfix's {pf:.0f})")
+        st = steady(postern, sink, rate, args.steady_seconds, args.timeout)
+        log(f"open loop: queue mean {st['mean_first']:.0f} then {st['mean_second']:.0f}, "
+            f"peak {st['peak']}, at end {st['at_sent']}, drained in {st['drain_s']:.2f} s")
+        notes.append(
+            f"**Open loop at the target rate**: postern driven at {rate} msg/s "
+            f"({TARGET_RATIO:.0f}× Postfix's median delivered rate) for {st['seconds']} s, "
+            f"same connections and flags: {st['accepted']} accepted "
+            f"({st['accepted_rate']:.0f} msg/s), {st['delivered']} delivered. Queue depth: mean "
+            f"{st['mean_first']:.0f} over the first half and {st['mean_second']:.0f} over the "
+            f"second, peak {st['peak']}, {st['at_sent']} when sending ended, drained "
+            f"{st['drain_s']:.2f} s later; end of data to 250 p99 {st['eod_p99']:.2f} ms. "
+            + ("Rule: the queue keeps up when, at the end of sending, it holds at most half a "
+               "second of traffic and drains within a second. "
+               + ("Met: delivery keeps up at this rate."
+                  if st["at_sent"] <= 0.5 * rate and st["drain_s"] <= 1.0 else
+                  "**Not met: the queue grows at this rate.**")))
+        notes.append(f"- depth over time: {series({'samples': st['samples']})}")
         outcomes = postern.log_summary()
         c = postern.counters()
         notes.append(

@@ -18,8 +18,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Log lines are handed to a writer thread (a lock-free channel), so a core never makes a
+    // write(2) per delivery; lines beyond the channel's capacity are dropped, not waited for.
+    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
