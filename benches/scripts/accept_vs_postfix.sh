@@ -40,8 +40,9 @@ postfix check && postfix start >/dev/null
 
 smtp-sink -u nobody -c "127.0.0.1:$SINK_PORT" 1000 >"$work/sink.log" 2>&1 &
 sink_pid=$!
+# postern relays to the same next hop as Postfix (never to MX hosts).
 ./target/release/postern serve --listen "127.0.0.1:$POSTERN_PORT" --spool "$work/spool" \
-  --hostname bench.test >"$work/postern.log" 2>&1 &
+  --hostname bench.test --relay-host "127.0.0.1:$SINK_PORT" >"$work/postern.log" 2>&1 &
 postern_pid=$!
 for port in $SINK_PORT $POSTFIX_PORT $POSTERN_PORT; do
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done

@@ -18,7 +18,7 @@ def rss_mib(pid):
 with tempfile.TemporaryDirectory() as spool:
     srv = subprocess.Popen(
         ["./target/release/postern", "serve", "--listen", "127.0.0.1:0", "--spool", spool,
-         "--hostname", "idle.test", "--max-connections", str(N + 100),
+         "--hostname", "idle.test", "--hold", "--max-connections", str(N + 100),
          "--max-connections-per-ip", str(N + 100)],
         stdout=subprocess.PIPE, text=True)
     port = None
