@@ -160,7 +160,12 @@ impl Relay {
             Some(addr) => Resolver::with_server(addr),
             None => Resolver::system(),
         }
-        .map_err(|e| format!("cannot start the DNS resolver: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot start the DNS resolver for MX lookups ({e}); fix /etc/resolv.conf or \
+                 pass --dns-server ADDR"
+            )
+        })?;
         let tls = TlsClients::new(config.tls_ca.as_deref())?;
         let cores = cores.max(1);
         Ok(Arc::new(Relay {
