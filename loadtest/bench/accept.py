@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--half-peak-seconds", type=int, default=10)
+    ap.add_argument("--postern-flag", action="append", default=[], metavar="FLAG",
+                    help="an extra flag for postern serve, e.g. --postern-flag=--hold "
+                    "(accept and spool only, no delivery)")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "accept.md"))
     args = ap.parse_args()
     cmd = " ".join(["python3 loadtest/bench/accept.py", *sys.argv[1:]])
@@ -54,7 +57,7 @@ def main():
         postern = subprocess.Popen(
             [POSTERN, "serve", "--listen", f"127.0.0.1:{POSTERN_PORT}",
              "--spool", os.path.join(spool, "spool"), "--hostname", "bench.test",
-             "--relay-host", next_hop.addr],
+             "--relay-host", next_hop.addr, *args.postern_flag],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(postern)
         compare.wait_port(POSTERN_PORT)
@@ -94,7 +97,10 @@ def main():
         "",
         f"Machine: {compare.machine()}. Everything on loopback, in one run. 50 connections of "
         "`postern-load send --pipelining --bdat`, 1 KiB messages, connections reused; postern "
-        "with its durable spool and delivery on, relaying to a postern-load sink; Postfix "
+        + ("with its durable spool and delivery on, relaying to a postern-load sink; "
+           if not args.postern_flag else
+           f"with its durable spool and `{' '.join(args.postern_flag)}`; ")
+        + "Postfix "
         "(stock, durable queue) relaying to the same sink, its queue drained between runs. "
         f"{args.rounds} rounds of {args.seconds} s per server, alternating order; medians.",
         "",
