@@ -31,6 +31,9 @@ pub struct Settings {
     pub spool_dir: PathBuf,
     /// Size of each spool segment file, reserved when it is created.
     pub spool_segment_size: u64,
+    /// Spool bytes (all cores) at which MAIL gets 452 4.3.1 until the spool falls to 80 % of
+    /// it; 0 for no mark (a full disk still gives 452).
+    pub spool_high_water: u64,
     /// Our name in the banner, EHLO and Received headers.
     pub hostname: String,
     /// Domains accepted from anyone.
@@ -67,6 +70,7 @@ impl Default for Settings {
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             spool_dir: PathBuf::from("postern-spool"),
             spool_segment_size: 64 * 1024 * 1024,
+            spool_high_water: 0,
             hostname: "localhost".into(),
             accept_domains: Vec::new(),
             relay_networks: RelayPolicy::loopback(),

@@ -51,6 +51,8 @@ pub(crate) struct Core {
     pub(crate) sessions: Cell<usize>,
     /// Woken when a session ends.
     pub(crate) session_ended: Event,
+    /// The spool is past its high-water mark (until it falls to the low mark).
+    pub(crate) spool_full: Cell<bool>,
     /// Where acknowledged messages go (none: they stay in the spool).
     pub(crate) delivery: std::cell::RefCell<Option<Rc<dyn crate::delivery::Delivery>>>,
 }
@@ -64,10 +66,33 @@ impl Core {
         }
     }
 
-    /// Whether new transactions may start (the delivery side's backpressure).
+    /// Whether new transactions may start: the spool below its high-water mark (this core's
+    /// share of it) and the delivery side not pushing back.
     pub(crate) fn accepting(&self) -> bool {
+        if !self.spool_accepting() {
+            return false;
+        }
         let delivery = self.delivery.borrow().clone();
         delivery.is_none_or(|d| d.accepting())
+    }
+
+    /// The spool's high-water mark with hysteresis: full at the mark, open again at 80 % of it.
+    /// Each core watches its own share (the mark divided by the cores), so no core reads
+    /// another's spool.
+    fn spool_accepting(&self) -> bool {
+        let mark = self.settings.spool_high_water;
+        if mark == 0 {
+            return true;
+        }
+        let share = mark / self.settings.cores.max(1) as u64;
+        let used = self.store.bytes_in_use();
+        let full = if self.spool_full.get() {
+            used > share / 10 * 8
+        } else {
+            used >= share
+        };
+        self.spool_full.set(full);
+        !full
     }
 
     /// Copies the core's figures to where the scraper reads them.

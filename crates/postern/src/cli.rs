@@ -54,6 +54,10 @@ struct Serve {
     /// Size of each spool segment file, reserved on disk when it is created.
     #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size)]
     spool_segment_size: u64,
+    /// Spool size (all cores) at which new mail gets 452 4.3.1 until it falls to 80 % of it;
+    /// 0 for no mark (a full disk still gives 452 4.3.1).
+    #[arg(long, env = "POSTERN_SPOOL_HIGH_WATER", default_value = "0", value_parser = parse_size)]
+    spool_high_water: u64,
     /// Our host name, in the banner, EHLO and Received headers [default: the system's].
     #[arg(long, env = "POSTERN_HOSTNAME")]
     hostname: Option<String>,
@@ -361,6 +365,7 @@ fn settings(s: Serve) -> Result<Settings, String> {
         cores,
         spool_dir: s.spool,
         spool_segment_size: s.spool_segment_size,
+        spool_high_water: s.spool_high_water,
         hostname: s.hostname.unwrap_or_else(system_hostname),
         accept_domains: s.accept_domain,
         relay_networks: if s.relay_network.is_empty() {

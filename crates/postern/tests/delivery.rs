@@ -826,3 +826,129 @@ fn a_message_over_the_next_hops_size_fails_at_once() {
     let text = String::from_utf8_lossy(&stored[0].data);
     assert!(text.contains("Status: 5.3.4"), "{text}");
 }
+
+#[test]
+fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
+    let port = free_port();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec![
+        "--route",
+        &route,
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "64k",
+        "--spool-high-water",
+        "256k",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    let body = ("z".repeat(78) + "\r\n").repeat(500); // 40 KiB
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    let mut sent = 0;
+    let refused = loop {
+        let r = c.cmd("MAIL FROM:<a@origin.test>");
+        if !r.starts_with("250") || sent >= 30 {
+            break r;
+        }
+        assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <sp{sent}@t>\r\n\r\n{body}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250"));
+        sent += 1;
+    };
+    assert!(
+        refused.starts_with("452 4.3.1"),
+        "after {sent} messages: {refused}"
+    );
+    assert!(sent >= 2, "refused too early, after {sent}");
+    // The next hop comes up; delivered messages free their segments; mail is accepted again.
+    let peer = Peer::start(port, &[]);
+    peer.wait_for("the queued messages", Duration::from_secs(30), |s| {
+        s.len() == sent
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let accepted = loop {
+        let r = c.cmd("MAIL FROM:<a@origin.test>");
+        if r.starts_with("250") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(accepted.starts_with("250"), "{accepted}");
+}
+
+/// A next hop that offers STARTTLS and then breaks the handshake on the first connection, and
+/// takes mail in cleartext (recording it) on the next ones.
+fn broken_tls_next_hop() -> (u16, std::sync::mpsc::Receiver<(bool, String)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(4).enumerate() {
+            let Ok(s) = conn else { return };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 tls.test ESMTP\r\n");
+            let mut line = String::new();
+            let mut data = String::new();
+            let mut in_data = false;
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if in_data {
+                    if line == ".\r\n" {
+                        in_data = false;
+                        let _ = tx.send((n == 0, std::mem::take(&mut data)));
+                        let _ = w.write_all(b"250 2.0.0 stored\r\n");
+                    } else {
+                        data.push_str(&line);
+                    }
+                } else if line.starts_with("EHLO") {
+                    let _ = w.write_all(b"250-tls.test\r\n250 STARTTLS\r\n");
+                } else if line.starts_with("STARTTLS") {
+                    // Agree, then answer the ClientHello with something that is not TLS.
+                    let _ = w.write_all(b"220 2.0.0 go ahead\r\n");
+                    let mut hello = [0u8; 512];
+                    let _ = r.read(&mut hello);
+                    let _ = w.write_all(b"this is not a TLS record\r\n");
+                    break;
+                } else if line.starts_with("DATA") {
+                    in_data = true;
+                    let _ = w.write_all(b"354 go\r\n");
+                } else if line.starts_with("QUIT") {
+                    let _ = w.write_all(b"221 bye\r\n");
+                    break;
+                } else {
+                    let _ = w.write_all(b"250 ok\r\n");
+                }
+                line.clear();
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
+    let (port, stored) = broken_tls_next_hop();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<tlsfail@t>",
+        "hello\r\n",
+    );
+    let (first_connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        !first_connection,
+        "delivered on the connection whose handshake failed"
+    );
+    assert!(data.contains("Message-ID: <tlsfail@t>"), "{data}");
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
