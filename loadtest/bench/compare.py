@@ -320,9 +320,11 @@ def markdown(cmd, gen_rows, matrix, servers, rounds, seconds, relayed):
         out.append(line)
     out.append("")
     if relayed is not None:
-        out.append(f"Postfix accepted {relayed[0]} messages in these runs and relayed "
-                   f"{relayed[1]} of them to its next hop (the postern-load sink) before the "
-                   "sink was stopped.\n")
+        accepted, counted, shared = relayed
+        who = " and ".join(f"{n} {a}" for n, a in accepted.items())
+        out.append(f"Accepted in these runs: {who}. The next hop (the postern-load sink"
+                   + (", shared by both servers" if shared else ", Postfix's")
+                   + f") counted {counted} messages before it was stopped.\n")
     return "\n".join(out) + "\n"
 
 
@@ -380,10 +382,12 @@ def main():
             if postern_target:
                 servers.insert(0, ("postern", postern_target, False))
             matrix = server_matrix(servers, args.rounds, args.seconds)
-            accepted = sum(r["messages_accepted"] for by in matrix.values()
-                           for r in by.get("Postfix", []))
+            accepted = {n: sum(r["messages_accepted"] for by in matrix.values()
+                               for r in by.get(n, []))
+                        for n, _, _ in servers}
             drain_postfix()
-            relayed = (accepted, next_hop.stop().get("messages_total", 0))
+            relayed = (accepted, next_hop.stop().get("messages_total", 0),
+                       bool(args.start_postern))
         else:
             servers = []
             next_hop.stop()
