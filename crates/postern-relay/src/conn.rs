@@ -3,19 +3,18 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_lite::future;
-use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use postern_proto::client::{
     BodyMode, ClientError, ClientEvent, ClientSession, Transaction, TransactionResult,
 };
 use postern_proto::stuff::DotStuffer;
 use postern_proto::Reply;
+use postern_server::conn::Conn;
 use postern_spool::MessageRef;
 use rustls::pki_types::ServerName;
 
@@ -85,54 +84,6 @@ impl ConnError {
     }
 }
 
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<futures_rustls::client::TlsStream<TcpStream>>),
-    Gone,
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Gone => Poll::Ready(Ok(0)),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Gone => Poll::Ready(Ok(())),
-        }
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_close(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
-            Stream::Gone => Poll::Ready(Ok(())),
-        }
-    }
-}
-
 /// How to set up TLS on one connection.
 #[derive(Clone)]
 pub struct TlsSetup {
@@ -144,7 +95,7 @@ pub struct TlsSetup {
 
 /// An open, greeted connection, idle between transactions.
 pub struct Outbound {
-    stream: Stream,
+    stream: Conn,
     session: ClientSession,
     buf: Vec<u8>,
     start: usize,
@@ -188,7 +139,7 @@ impl Outbound {
             .map_err(|e| ConnError::Io(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let mut conn = Outbound {
-            stream: Stream::Plain(tcp),
+            stream: Conn::Plain(tcp),
             session: ClientSession::new(helo),
             buf: vec![0; READ_BUFFER],
             start: 0,
@@ -224,7 +175,7 @@ impl Outbound {
         conn.start = conn.end;
         let name = ServerName::try_from(remote.to_owned())
             .map_err(|_| ConnError::Tls(format!("'{remote}' is not a valid TLS server name")))?;
-        let Stream::Plain(tcp) = std::mem::replace(&mut conn.stream, Stream::Gone) else {
+        let Conn::Plain(tcp) = std::mem::replace(&mut conn.stream, Conn::Gone) else {
             return Err(ConnError::Tls("connection already in TLS".into()));
         };
         let connector = futures_rustls::TlsConnector::from(tls.config.clone());
@@ -234,7 +185,7 @@ impl Outbound {
                 ConnError::Io(s) => ConnError::Tls(s),
                 other => other,
             })?;
-        conn.stream = Stream::Tls(Box::new(stream));
+        conn.stream = Conn::Tls(Box::new(futures_rustls::TlsStream::Client(stream)));
         conn.session.tls_established();
         conn.expect_ready(t.greeting).await?;
         Ok(conn)

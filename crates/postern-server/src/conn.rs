@@ -1,4 +1,6 @@
-//! A client connection, plain or inside TLS after STARTTLS (or from the implicit-TLS port).
+//! One SMTP connection's byte stream, plain or inside TLS after STARTTLS (or from the
+//! implicit-TLS port): the server's sessions use it, and so does the relay for its outbound
+//! connections (with the client side of TLS).
 
 use std::io;
 use std::pin::Pin;
@@ -7,12 +9,12 @@ use std::task::{Context, Poll};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
-/// The byte stream of one session.
-pub(crate) enum Conn {
+/// The byte stream of one connection.
+pub enum Conn {
     /// Cleartext.
     Plain(TcpStream),
-    /// Inside TLS.
-    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    /// Inside TLS (the server or the client side).
+    Tls(Box<futures_rustls::TlsStream<TcpStream>>),
     /// Taken apart for the handshake, or after a failed one: reads end, writes fail.
     Gone,
 }

@@ -8,7 +8,7 @@
 //! atomics, and the metrics port has a thread of its own.
 
 pub mod config;
-mod conn;
+pub mod conn;
 mod core;
 pub mod delivery;
 pub mod error;

@@ -269,7 +269,7 @@ impl Session {
         };
         match future::or(handshake, timeout).await {
             Some(Ok(tls)) => {
-                self.conn = Conn::Tls(Box::new(tls));
+                self.conn = Conn::Tls(Box::new(futures_rustls::TlsStream::Server(tls)));
                 self.core.metrics.borrow_mut().tls_handshakes += 1;
                 true
             }
