@@ -1,27 +1,18 @@
 //! Memory maps of segment files: the only `unsafe` of the spool.
 //!
-//! Two mappings of a segment exist while it is written: the core's writable one ([`map_mut`])
-//! and a shared read-only one ([`ReadMap`]) from which bodies are handed out, on any thread.
-//! Both are `MAP_SHARED` views of the same page cache, so a byte written through the first is
-//! seen through the second. What keeps the reads sound is the spool's discipline, stated once
-//! here: a byte range is handed out for reading only after it was written, and the spool never
-//! writes it again, never truncates a segment and never recycles one (it deletes; an unlinked
-//! file stays valid for whoever still maps it).
+//! A segment is written with `pwrite` (records gathered in memory, large body chunks at once)
+//! and read through one shared read-only mapping ([`ReadMap`]) from which bodies are handed
+//! out, on any thread: a `MAP_SHARED` view of the same page cache the writes go to. What keeps
+//! the reads sound is the spool's discipline, stated once here: a byte range is handed out for
+//! reading only after the `pwrite` that wrote it returned, and the spool never writes it
+//! again, never truncates a segment and never recycles one (it deletes; an unlinked file stays
+//! valid for whoever still maps it).
 #![allow(unsafe_code)]
 
 use std::fs::File;
 use std::io;
 
-use memmap2::{MmapMut, MmapOptions, MmapRaw};
-
-/// Maps a segment for writing.
-pub(crate) fn map_mut(file: &File) -> io::Result<MmapMut> {
-    // SAFETY: the file is a segment this process created and reserved with fallocate; the
-    // spool never truncates a mapped segment, and other processes must not change files under
-    // the spool directory (docs/durability.md). Writes go only through this mapping (and
-    // `pwrite` into the same not-yet-written range), by the one core that owns the segment.
-    unsafe { MmapMut::map_mut(file) }
-}
+use memmap2::{MmapOptions, MmapRaw};
 
 /// A read-only mapping of a whole segment, shared by every body handle into it.
 #[derive(Debug)]

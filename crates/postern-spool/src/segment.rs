@@ -1,5 +1,12 @@
 //! Segment files: creation (reserved, header written, file and directory synced), the header,
-//! and the write cursor into the mapping.
+//! and the write cursor.
+//!
+//! Records are not written through a writable mapping: small ones are gathered in memory and
+//! go into the file with one `pwrite` per group commit (on the thread that runs the sync);
+//! large body chunks go in with `pwrite` at once. A writable shared mapping would make every
+//! `fdatasync` write-protect the pages it cleans, with a TLB shootdown across the CPUs each
+//! time, and every fresh page would cost a page fault and a zeroing. Readers use the read-only
+//! mapping, which shares the page cache with the writes.
 
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
@@ -7,10 +14,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::MmapMut;
-
 use crate::format::{crc, record_len, write_record, Kind, HEADER, MAGIC, RECORD_HEADER, VERSION};
-use crate::map::{self, ReadMap};
+use crate::map::ReadMap;
 
 /// A segment being written.
 pub(crate) struct Segment {
@@ -19,8 +24,23 @@ pub(crate) struct Segment {
     pub(crate) file: Arc<File>,
     /// The read-only mapping body handles share.
     pub(crate) read: Arc<ReadMap>,
-    map: MmapMut,
     pos: usize,
+    /// Records appended and not yet written to the file, which start at `pending_at`.
+    pending: Vec<u8>,
+    pending_at: usize,
+}
+
+/// Writes all of `bytes` at `offset`.
+pub(crate) fn pwrite_all(file: &File, mut bytes: &[u8], mut offset: u64) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n = rustix::io::pwrite(file, bytes, offset)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// The file name of segment `seq`.
@@ -90,25 +110,26 @@ impl Segment {
         let salt = new_salt(seq);
         let made = (|| {
             rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)?;
-            let mut map = map::map_mut(&file)?;
-            map[..8].copy_from_slice(MAGIC);
-            map[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            map[12..16].copy_from_slice(&core.to_le_bytes());
-            map[16..24].copy_from_slice(&seq.to_le_bytes());
-            map[24..28].copy_from_slice(&salt.to_le_bytes());
+            let mut head = [0u8; 28];
+            head[..8].copy_from_slice(MAGIC);
+            head[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            head[12..16].copy_from_slice(&core.to_le_bytes());
+            head[16..24].copy_from_slice(&seq.to_le_bytes());
+            head[24..28].copy_from_slice(&salt.to_le_bytes());
+            pwrite_all(&file, &head, 0)?;
             file.sync_all()?;
             sync_dir(dir)?;
-            let read = ReadMap::new(&file)?;
-            Ok::<_, io::Error>((map, read))
+            ReadMap::new(&file)
         })();
         match made {
-            Ok((map, read)) => Ok(Segment {
+            Ok(read) => Ok(Segment {
                 seq,
                 salt,
                 file: Arc::new(file),
                 read: Arc::new(read),
-                map,
                 pos: HEADER,
+                pending: Vec::new(),
+                pending_at: HEADER,
             }),
             Err(e) => {
                 // Leave no half-made segment behind for recovery to puzzle over.
@@ -120,7 +141,18 @@ impl Segment {
 
     /// Bytes left for records.
     pub(crate) fn room(&self) -> usize {
-        self.map.len() - self.pos
+        self.read.len() - self.pos
+    }
+
+    /// The records appended since the last call, with the file offset they go to; None when
+    /// there are none. Written by whoever runs the next sync, before it syncs.
+    pub(crate) fn take_pending(&mut self) -> Option<(u64, Vec<u8>)> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let at = self.pending_at as u64;
+        self.pending_at = self.pos;
+        Some((at, std::mem::take(&mut self.pending)))
     }
 
     /// The file's size (what it takes on disk: all of it is reserved).
@@ -128,44 +160,51 @@ impl Segment {
         self.read.len() as u64
     }
 
-    /// Copies a record made of `pieces` into the mapping; returns where its payload starts.
-    /// The caller has checked that it fits.
+    /// Appends a record made of `pieces` to the pending bytes; returns where its payload
+    /// starts. The caller has checked that it fits.
     pub(crate) fn append(&mut self, kind: Kind, pieces: &[&[u8]]) -> usize {
         let start = self.pos;
-        self.pos += write_record(&mut self.map[start..], self.salt, kind, pieces);
+        if self.pending.is_empty() {
+            self.pending_at = start;
+        }
+        let total = record_len(pieces.iter().map(|p| p.len()).sum());
+        let from = self.pending.len();
+        self.pending.resize(from + total, 0);
+        write_record(&mut self.pending[from..], self.salt, kind, pieces);
+        self.pos += total;
         start + RECORD_HEADER
     }
 
-    /// Writes a record whose payload is `head` then `bulk`, putting `bulk` into the file with
-    /// `pwrite` rather than through the mapping: whole pages written that way need no page
-    /// fault and no zeroing, which copying into fresh mapped pages costs. The page cache is
-    /// shared, so the mapping sees the bytes; the header, with the length word last, still goes
-    /// through the mapping afterwards. Returns where the payload starts. On an error nothing is
-    /// committed (the length word stays zero) and the caller abandons the segment.
+    /// Writes a record whose payload is `head` then `bulk` into the file at once: the pending
+    /// records before it, then `bulk` (whole pages, no copy into a buffer), then the record's
+    /// header, length word included, last. Returns where the payload starts. On an error
+    /// nothing is committed (the length word stays zero) and the caller abandons the segment.
     pub(crate) fn append_bulk(
         &mut self,
         kind: Kind,
         head: &[u8],
         bulk: &[u8],
     ) -> io::Result<usize> {
+        if let Some((at, bytes)) = self.take_pending() {
+            pwrite_all(&self.file, &bytes, at)?;
+        }
         let payload = head.len() + bulk.len();
         let total = record_len(payload);
         let start = self.pos;
         let bulk_at = start + RECORD_HEADER + head.len();
-        let mut written = 0;
-        while written < bulk.len() {
-            written +=
-                rustix::io::pwrite(&*self.file, &bulk[written..], (bulk_at + written) as u64)?;
-        }
-        let rec = &mut self.map[start..start + total];
-        rec[RECORD_HEADER..RECORD_HEADER + head.len()].copy_from_slice(head);
-        rec[RECORD_HEADER + payload..].fill(0);
+        pwrite_all(&self.file, bulk, bulk_at as u64)?;
+        // The padding after the payload is never written: reserved space reads as zeros, and
+        // segments are never reused.
+        let mut rec = vec![0u8; RECORD_HEADER + head.len()];
+        rec[RECORD_HEADER..].copy_from_slice(head);
         rec[4..8].copy_from_slice(&crc(self.salt, kind, &[head, bulk]).to_le_bytes());
         rec[8] = kind as u8;
-        rec[9..12].fill(0);
-        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
         rec[0..4].copy_from_slice(&(payload as u32).to_le_bytes());
+        // The length word last: a record without it reads as the end of the data.
+        pwrite_all(&self.file, &rec[4..], (start + 4) as u64)?;
+        pwrite_all(&self.file, &rec[..4], start as u64)?;
         self.pos += total;
+        self.pending_at = self.pos;
         Ok(start + RECORD_HEADER)
     }
 }

@@ -14,7 +14,7 @@ use crate::meta::{MessageMeta, Status};
 use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
-use crate::segment::{file_name, header, parse_name, sync_dir, Header, Segment};
+use crate::segment::{file_name, header, parse_name, pwrite_all, sync_dir, Header, Segment};
 use crate::spare::{PreparedSegment, SpareJob};
 
 /// Tunables.
@@ -62,13 +62,19 @@ impl Draft {
 #[derive(Debug)]
 pub struct SyncBatch {
     files: Vec<Arc<File>>,
+    /// Records appended since the previous batch, not yet in their files: (file, offset, bytes).
+    writes: Vec<(Arc<File>, u64, Vec<u8>)>,
     range: (u64, u64),
 }
 
 impl SyncBatch {
-    /// Runs `fdatasync` on every segment file written since the previous batch (blocking).
-    /// On Linux this also writes back the file's dirty pages of the shared mapping.
+    /// Writes the records gathered since the previous batch into their segment files (one
+    /// `pwrite` per file), then runs `fdatasync` on every segment file written since the
+    /// previous batch. Blocking.
     pub fn run(&self) -> std::io::Result<()> {
+        for (file, at, bytes) in &self.writes {
+            pwrite_all(file, bytes, *at)?;
+        }
         for f in &self.files {
             f.sync_data()?;
         }
@@ -114,6 +120,8 @@ pub struct Spool {
     commits: Commits,
     /// Files written since the last batch was taken.
     dirty: Vec<Arc<File>>,
+    /// Records of retired segments not yet written to their files (for the next batch).
+    unwritten: Vec<(Arc<File>, u64, Vec<u8>)>,
 }
 
 impl Spool {
@@ -174,6 +182,7 @@ impl Spool {
             index,
             commits: Commits::default(),
             dirty: Vec::new(),
+            unwritten: Vec::new(),
         };
         // Segments left with nothing live by the last run go now.
         spool.reclaim()?;
@@ -197,7 +206,10 @@ impl Spool {
 
     /// Stops writing to the current segment (full, or after an error).
     fn retire_current(&mut self) {
-        if let Some(old) = self.seg.take() {
+        if let Some(mut old) = self.seg.take() {
+            if let Some((at, bytes)) = old.take_pending() {
+                self.unwritten.push((old.file.clone(), at, bytes));
+            }
             self.mark_dirty(&old.file);
         }
     }
@@ -321,12 +333,37 @@ impl Spool {
 
     /// Ends a message; it is durable once its ticket is (see [`Spool::ticket_state`]).
     pub fn finish(&mut self, draft: Draft) -> Result<Ticket, SpoolError> {
-        self.finish_with_body(draft).map(|(t, _)| t)
+        self.finish_inner(draft).map(|(t, _)| t)
     }
 
     /// Ends a message like [`Spool::finish`] and also returns the handle the relay reads its
-    /// body through, straight from the mapping (hand it out once the ticket is durable).
+    /// body through, straight from the read-only mapping (hand it out once the ticket is
+    /// durable). The message's records are written to the file first (one `pwrite` of what
+    /// was gathered), so the handle only ever covers bytes that are already written.
     pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
+        let done = self.finish_inner(draft)?;
+        if let Err(e) = self.write_pending() {
+            // The ticket may not become durable: fail it with the batch that covers it.
+            self.retire_current();
+            return Err(e);
+        }
+        Ok(done)
+    }
+
+    /// Writes every gathered record into its file now, on this thread.
+    fn write_pending(&mut self) -> Result<(), SpoolError> {
+        for (file, at, bytes) in std::mem::take(&mut self.unwritten) {
+            pwrite_all(&file, &bytes, at).map_err(SpoolError::from_io)?;
+        }
+        if let Some(seg) = self.seg.as_mut() {
+            if let Some((at, bytes)) = seg.take_pending() {
+                pwrite_all(&seg.file, &bytes, at).map_err(SpoolError::from_io)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_inner(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
         if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
         }
@@ -419,8 +456,15 @@ impl Spool {
     /// ([`SyncBatch::run`]) and report with [`Spool::sync_done`]; batches may overlap.
     pub fn take_sync(&mut self) -> Option<SyncBatch> {
         let range = self.commits.take()?;
+        let mut writes = std::mem::take(&mut self.unwritten);
+        if let Some(seg) = self.seg.as_mut() {
+            if let Some((at, bytes)) = seg.take_pending() {
+                writes.push((seg.file.clone(), at, bytes));
+            }
+        }
         Some(SyncBatch {
             files: std::mem::take(&mut self.dirty),
+            writes,
             range,
         })
     }
