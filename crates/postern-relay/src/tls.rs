@@ -76,17 +76,24 @@ impl TlsClients {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let unverified = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-            .with_no_client_auth();
         Ok(TlsClients {
-            unverified: Arc::new(unverified),
+            unverified: unverified_client()?,
             verified: Arc::new(verified),
         })
     }
+}
+
+/// A client configuration that encrypts without checking the server's certificate (handshake
+/// signatures are still checked): opportunistic TLS, and the load generator's sessions.
+pub fn unverified_client() -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn add_pem(roots: &mut RootCertStore, pem: &[u8]) -> usize {

@@ -6,7 +6,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures_lite::io::{AsyncRead, AsyncWrite};
+use std::time::Duration;
+
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 /// The byte stream of one connection.
@@ -17,6 +19,41 @@ pub enum Conn {
     Tls(Box<futures_rustls::TlsStream<TcpStream>>),
     /// Taken apart for the handshake, or after a failed one: reads end, writes fail.
     Gone,
+}
+
+impl Conn {
+    /// Takes the cleartext stream out for a TLS handshake (the connection is `Gone` until the
+    /// TLS stream is put back); None when it is not in cleartext.
+    pub fn take_plain(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, Conn::Gone) {
+            Conn::Plain(s) => Some(s),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// A cleartext connection whose every read and write gives up with `TimedOut` after
+    /// `timeout`; glommio links the timeout to the operation in the ring, which costs less
+    /// per read than a timer racing it.
+    pub fn plain_with_timeouts(tcp: TcpStream, timeout: Duration) -> io::Result<Self> {
+        let t = Some(timeout.max(Duration::from_millis(1)));
+        tcp.set_read_timeout(t).map_err(io::Error::from)?;
+        tcp.set_write_timeout(t).map_err(io::Error::from)?;
+        Ok(Conn::Plain(tcp))
+    }
+
+    /// Reads what has arrived.
+    pub async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf).await
+    }
+
+    /// Writes all of `buf` and flushes (TLS records).
+    pub async fn write_out(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.write_all(buf).await?;
+        self.flush().await
+    }
 }
 
 impl AsyncRead for Conn {

@@ -253,7 +253,7 @@ async fn start_tls(core: &Core, client: &mut Client, addr: SocketAddr) -> Result
         None
     };
     match futures_lite::future::or(handshake, expire).await {
-        Some(Ok(tls)) => client.conn = Conn::Client(Box::new(tls)),
+        Some(Ok(tls)) => client.conn = Conn::Tls(Box::new(futures_rustls::TlsStream::Client(tls))),
         Some(Err(_)) => return Err(Failure("tls_handshake")),
         None => return Err(Failure("timeout")),
     }

@@ -250,7 +250,7 @@ impl Session {
         };
         match future::or(handshake, expire).await {
             Some(Ok(tls)) => {
-                self.conn = Conn::Server(Box::new(tls));
+                self.conn = Conn::Tls(Box::new(futures_rustls::TlsStream::Server(tls)));
                 Slot::add(&self.core.slot().tls_handshakes, 1);
                 true
             }
