@@ -735,22 +735,21 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
     mail_until(&mut c, "250");
 }
 
+/// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
+/// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
+fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> Server {
+    let route1 = format!("dest.test=127.0.0.1:{}", free_port());
+    let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
+    let mut args = vec!["--route", &route1, "--route", &route2];
+    args.extend(FAST_RETRY);
+    args.extend(extra);
+    Server::start(&args)
+}
+
 #[test]
 fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
     let origin = Peer::start(free_port(), &[]);
-    let down = free_port();
-    let route1 = format!("dest.test=127.0.0.1:{down}");
-    let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
-    let mut args = vec![
-        "--route",
-        &route1,
-        "--route",
-        &route2,
-        "--max-queue-lifetime",
-        "1s",
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
+    let server = unreachable_dest_with_origin(&origin, &["--max-queue-lifetime", "1s"]);
     send(
         &server,
         "a@origin.test",
@@ -773,21 +772,10 @@ fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
 #[test]
 fn delay_warning_tells_the_sender_once() {
     let origin = Peer::start(free_port(), &[]);
-    let down = free_port();
-    let route1 = format!("dest.test=127.0.0.1:{down}");
-    let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
-    let mut args = vec![
-        "--route",
-        &route1,
-        "--route",
-        &route2,
-        "--delay-warning",
-        "300ms",
-        "--metrics",
-        "127.0.0.1:0",
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
+    let server = unreachable_dest_with_origin(
+        &origin,
+        &["--delay-warning", "300ms", "--metrics", "127.0.0.1:0"],
+    );
     send(
         &server,
         "a@origin.test",
