@@ -204,6 +204,9 @@ struct Tracked {
     /// Recipients failed for good, waiting for the bounce.
     failed: Vec<(u32, String, Option<String>, String, u64)>,
     warned: bool,
+    /// A status record could not be written: the message must stay in the spool, so that
+    /// recovery delivers that recipient again rather than forgetting it.
+    unrecorded: bool,
 }
 
 /// Deliveries waiting for one next hop, and its connections.
@@ -321,6 +324,7 @@ impl CoreRelay {
                 pending,
                 failed: Vec::new(),
                 warned: false,
+                unrecorded: false,
             },
         );
         self.publish_depth();
@@ -868,7 +872,9 @@ impl CoreRelay {
                 state,
                 reply: r.reply.clone(),
             };
-            let _ = self.handle.append_status(&r.queue_id, r.rcpt, &status);
+            if self.handle.append_status(&r.queue_id, r.rcpt, &status).is_err() {
+                t.unrecorded = true;
+            }
         }
         if let (Result_::Deferred { next_attempt }, Some(after)) =
             (&r.result, self.relay.config.delay_warning)
@@ -945,8 +951,17 @@ impl CoreRelay {
                     state: DeliveryState::Failed,
                     reply: reply.clone(),
                 };
-                let _ = self.handle.append_status(&msg.queue_id, *i, &status);
+                if self.handle.append_status(&msg.queue_id, *i, &status).is_err() {
+                    return;
+                }
             }
+        }
+        if t.unrecorded {
+            tracing::error!(
+                queue_id = %msg.queue_id,
+                "a delivery status could not be written; the message stays queued"
+            );
+            return;
         }
         if self.handle.durable().await.is_ok() {
             self.handle.mark_final(&msg.queue_id);
