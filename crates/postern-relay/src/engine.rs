@@ -501,7 +501,9 @@ impl CoreRelay {
                     // Idle: keep the connection for a while for the next job.
                     dq.idle.set(dq.idle.get() + 1);
                     let listener = dq.arrived.listen();
-                    let woke = dq.ready.borrow().is_empty()
+                    // No borrow of the queue may live across the wait (enqueue pushes to it).
+                    let empty = dq.ready.borrow().is_empty();
+                    let woke = empty
                         && future::or(
                             async {
                                 listener.await;
