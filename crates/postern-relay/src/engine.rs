@@ -874,7 +874,11 @@ impl CoreRelay {
                 state,
                 reply: r.reply.clone(),
             };
-            if self.handle.append_status(&r.queue_id, r.rcpt, &status).is_err() {
+            if self
+                .handle
+                .append_status(&r.queue_id, r.rcpt, &status)
+                .is_err()
+            {
                 t.unrecorded = true;
             }
         }
@@ -953,7 +957,11 @@ impl CoreRelay {
                     state: DeliveryState::Failed,
                     reply: reply.clone(),
                 };
-                if self.handle.append_status(&msg.queue_id, *i, &status).is_err() {
+                if self
+                    .handle
+                    .append_status(&msg.queue_id, *i, &status)
+                    .is_err()
+                {
                     return;
                 }
             }
