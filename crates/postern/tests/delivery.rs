@@ -34,8 +34,9 @@ struct Peer {
 }
 
 impl Peer {
-    fn start(port: u16, extra: &[&str]) -> Peer {
-        Self::start_on("127.0.0.1", port, extra)
+    /// A peer on a free loopback port of its own choosing.
+    fn start(extra: &[&str]) -> Peer {
+        Self::start_on("127.0.0.1", 0, extra)
     }
 
     fn start_on(host: &str, port: u16, extra: &[&str]) -> Peer {
@@ -57,7 +58,11 @@ impl Peer {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "the aiosmtpd peer did not start");
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the aiosmtpd peer did not start: {line:?}"));
         Peer {
             child,
             _stdin: stdin,
@@ -141,13 +146,22 @@ fn base64_decode(s: &str) -> Vec<u8> {
     out
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port held by a socket that is bound but not listening: connections to it are
+/// refused (a next hop that is down) and no other process can take it until it is dropped.
+struct Reserved(
+    /// Held only to keep the port.
+    #[allow(dead_code)]
+    socket2::Socket,
+    u16,
+);
+
+fn reserve(host: &str, port: u16) -> Reserved {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
+    s.bind(&addr.into()).unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    Reserved(s, port)
 }
 
 /// Sends one message with the given envelope; returns the queue ID.
@@ -198,7 +212,7 @@ const FAST_RETRY: [&str; 4] = ["--retry-initial", "200ms", "--retry-max", "400ms
 
 #[test]
 fn delivers_through_data_to_aiosmtpd_with_dot_stuffing_and_trace() {
-    let peer = Peer::start(free_port(), &[]);
+    let peer = Peer::start(&[]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route]);
     send(
@@ -319,7 +333,7 @@ fn delivers_through_bdat_to_the_project_sink() {
 
 #[test]
 fn temporary_failure_is_retried_until_delivered() {
-    let peer = Peer::start(free_port(), &["--tempfail-first", "2"]);
+    let peer = Peer::start(&["--tempfail-first", "2"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
     let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
     args.extend(FAST_RETRY);
@@ -347,7 +361,7 @@ fn temporary_failure_is_retried_until_delivered() {
 #[test]
 fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
     // One peer is both the next hop of the recipients and the sender's domain's route.
-    let peer = Peer::start(free_port(), &["--reject-rcpt", "nobody"]);
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route1 = format!("dest.test=127.0.0.1:{}", peer.port);
     let route2 = format!("origin.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route1, "--route", &route2]);
@@ -398,7 +412,7 @@ fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
 
 #[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
-    let peer = Peer::start(free_port(), &["--reject-rcpt", "nobody"]);
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
     let mut c = server.connect();
@@ -418,7 +432,8 @@ fn a_failed_bounce_is_dropped_not_bounced_again() {
 
 #[test]
 fn next_hop_down_then_up() {
-    let port = free_port();
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
     let route = format!("dest.test=127.0.0.1:{port}");
     let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
     args.extend(FAST_RETRY);
@@ -437,7 +452,8 @@ fn next_hop_down_then_up() {
     });
     assert!(m.contains("postern_delivery_deferrals_total"), "{m}");
     assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
-    let peer = Peer::start(port, &[]);
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
     let stored = peer.wait_for("the retry", Duration::from_secs(20), |s| !s.is_empty());
     assert_eq!(stored[0].message_id, "<down@t>");
 }
@@ -447,7 +463,7 @@ fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     // A slow next hop, so deliveries are in flight when postern dies.
-    let peer = Peer::start(free_port(), &["--delay", "0.05"]);
+    let peer = Peer::start(&["--delay", "0.05"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
     let args = [
         "--route",
@@ -495,8 +511,9 @@ fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
 fn mx_preference_fallback_to_a_and_null_mx() {
     use dns_server::{Rec, TestDns};
     // Two MX hosts on two loopback addresses, same port; the preferred one is down at first.
-    let port = free_port();
-    let mx2 = Peer::start_on("127.0.0.3", port, &[]);
+    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = mx2.port;
+    let mx1_down = reserve("127.0.0.2", port);
     let implicit = Peer::start_on("127.0.0.4", port, &[]);
     let origin = Peer::start_on("127.0.0.5", port, &[]);
     let dns = TestDns::start(
@@ -536,6 +553,7 @@ fn mx_preference_fallback_to_a_and_null_mx() {
         s.len() == 1
     });
     // Now mx1 is up: the next message goes to it, not to mx2.
+    drop(mx1_down);
     let mx1 = Peer::start_on("127.0.0.2", port, &[]);
     send(
         &server,
@@ -700,7 +718,8 @@ fn outbound_starttls_opportunistic_and_required() {
 
 #[test]
 fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
-    let port = free_port();
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
     let route = format!("dest.test=127.0.0.1:{port}");
     let mut args = vec![
         "--route",
@@ -728,7 +747,8 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
     c.reply();
     mail_until(&mut c, "452 4.3.1");
     // The next hop comes up, the queue drains, mail is accepted again.
-    let peer = Peer::start(port, &[]);
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
     peer.wait_for("the queued three", Duration::from_secs(20), |s| {
         s.len() == 3
     });
@@ -737,19 +757,20 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
 
 /// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
 /// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
-fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> Server {
-    let route1 = format!("dest.test=127.0.0.1:{}", free_port());
+fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reserved) {
+    let down = reserve("127.0.0.1", 0);
+    let route1 = format!("dest.test=127.0.0.1:{}", down.1);
     let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
     let mut args = vec!["--route", &route1, "--route", &route2];
     args.extend(FAST_RETRY);
     args.extend(extra);
-    Server::start(&args)
+    (Server::start(&args), down)
 }
 
 #[test]
 fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
-    let origin = Peer::start(free_port(), &[]);
-    let server = unreachable_dest_with_origin(&origin, &["--max-queue-lifetime", "1s"]);
+    let origin = Peer::start(&[]);
+    let (server, _down) = unreachable_dest_with_origin(&origin, &["--max-queue-lifetime", "1s"]);
     send(
         &server,
         "a@origin.test",
@@ -771,8 +792,8 @@ fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
 
 #[test]
 fn delay_warning_tells_the_sender_once() {
-    let origin = Peer::start(free_port(), &[]);
-    let server = unreachable_dest_with_origin(
+    let origin = Peer::start(&[]);
+    let (server, _down) = unreachable_dest_with_origin(
         &origin,
         &["--delay-warning", "300ms", "--metrics", "127.0.0.1:0"],
     );
@@ -800,7 +821,7 @@ fn delay_warning_tells_the_sender_once() {
 
 #[test]
 fn a_message_over_the_next_hops_size_fails_at_once() {
-    let peer = Peer::start(free_port(), &["--size-limit", "4000"]);
+    let peer = Peer::start(&["--size-limit", "4000"]);
     let route1 = format!("dest.test=127.0.0.1:{}", peer.port);
     let route2 = format!("origin.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route1, "--route", &route2]);
@@ -820,7 +841,8 @@ fn a_message_over_the_next_hops_size_fails_at_once() {
 
 #[test]
 fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
-    let port = free_port();
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
     let route = format!("dest.test=127.0.0.1:{port}");
     let mut args = vec![
         "--route",
@@ -857,7 +879,8 @@ fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
     );
     assert!(sent >= 2, "refused too early, after {sent}");
     // The next hop comes up; delivered messages free their segments; mail is accepted again.
-    let peer = Peer::start(port, &[]);
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
     peer.wait_for("the queued messages", Duration::from_secs(30), |s| {
         s.len() == sent
     });

@@ -4,15 +4,16 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
                  [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS]
 
---tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
+--port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
 --reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. It prints "ready" once it
-listens and runs until stdin closes.
+listens ("ready PORT") and runs until stdin closes.
 """
 
 import argparse
 import asyncio
 import base64
 import json
+import socket
 import sys
 import threading
 
@@ -75,21 +76,35 @@ class EightBitController(Controller):
         )
 
 
+def free_port(host):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
     p.add_argument("--log", required=True)
     p.add_argument("--tempfail-first", type=int, default=0)
     p.add_argument("--reject-rcpt", default="")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--size-limit", type=int, default=33554432)
     args = p.parse_args()
-    controller = EightBitController(
-        Handler(args), args.size_limit, hostname=args.host, port=args.port
-    )
-    controller.start()
-    print("ready", flush=True)
+    # Port 0: a free port of our own choosing, tried again if another process takes it
+    # between the probe and the bind (bounded).
+    handler = Handler(args)
+    for attempt in range(20):
+        port = args.port or free_port(args.host)
+        controller = EightBitController(handler, args.size_limit, hostname=args.host, port=port)
+        try:
+            controller.start()
+            break
+        except Exception:
+            if args.port or attempt == 19:
+                raise
+    print(f"ready {port}", flush=True)
     sys.stdin.read()
     controller.stop()
 
