@@ -1,22 +1,26 @@
 //! Cross-core handoff: one lock-free inbox per core. Any core pushes; only the owner pops.
+//! The wake-up is lock-free too: the owner leaves its waker in an `AtomicWaker`, and a push
+//! takes it (one atomic swap; nothing to do when the owner is busy and has left none).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 
+use atomic_waker::AtomicWaker;
 use crossbeam::queue::SegQueue;
-use event_listener::{Event, EventListener};
 
 /// One core's inbox.
 #[derive(Debug)]
 pub struct Inbox<T> {
     queue: SegQueue<T>,
-    ready: Event,
+    waker: AtomicWaker,
 }
 
 impl<T> Default for Inbox<T> {
     fn default() -> Self {
         Self {
             queue: SegQueue::new(),
-            ready: Event::new(),
+            waker: AtomicWaker::new(),
         }
     }
 }
@@ -25,7 +29,7 @@ impl<T> Inbox<T> {
     /// Adds an item and wakes the owner if it waits.
     pub fn push(&self, item: T) {
         self.queue.push(item);
-        self.ready.notify(1);
+        self.waker.wake();
     }
 
     /// Takes the oldest item, if any.
@@ -43,10 +47,21 @@ impl<T> Inbox<T> {
         self.queue.is_empty()
     }
 
-    /// A listener to await before looking again. Take it *before* draining the inbox, so a
-    /// push between the last `pop` and the wait is not missed.
-    pub fn listen(&self) -> EventListener {
-        self.ready.listen()
+    /// Resolves once the inbox holds something. Only the owner (one task) may wait: the
+    /// inbox keeps one waker. A push that races the wait is never missed: the waker is
+    /// registered before the inbox is looked at again.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if !self.queue.is_empty() {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.queue.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
     }
 }
 
@@ -97,7 +112,6 @@ impl<T> Mailboxes<T> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::Mailboxes;
-    use event_listener::Listener;
 
     #[test]
     fn items_from_many_threads_all_arrive_in_per_sender_order() {
@@ -125,13 +139,23 @@ mod tests {
     }
 
     #[test]
-    fn a_push_wakes_a_listener_taken_before() {
+    fn a_push_from_another_thread_wakes_the_waiting_owner() {
         let boxes: Mailboxes<u32> = Mailboxes::new(1);
-        let listener = boxes.get(0).listen();
-        let b = boxes.clone();
-        let t = std::thread::spawn(move || b.send(0, 7));
-        listener.wait();
-        t.join().unwrap();
-        assert_eq!(boxes.get(0).pop(), Some(7));
+        for round in 0..200 {
+            // The owner waits on its own thread; a lost wake-up shows as a timeout here.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let owner = boxes.clone();
+            let waiter = std::thread::spawn(move || {
+                futures_lite::future::block_on(owner.get(0).wait());
+                let _ = done_tx.send(owner.get(0).pop());
+            });
+            boxes.send(0, round);
+            let got = done_rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the push did not wake the owner");
+            waiter.join().unwrap();
+            assert_eq!(got, Some(round));
+            assert!(boxes.get(0).is_empty());
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! hashes to it ([`shard_of`]), so every connection to one next hop is pooled on one core.
 //!
 //! - [`Mailboxes`]: one lock-free inbox per core (crossbeam `SegQueue`), through which cores
-//!   hand deliveries and outcomes to each other, with a wake-up that works across threads.
+//!   hand deliveries and outcomes to each other, with a lock-free wake-up (`AtomicWaker`) that
+//!   works across threads.
 //! - [`Schedule`]: a passive retry schedule. It never sleeps; it answers what is due at a
 //!   given time and when the next deadline is, and the embedding sleeps until then.
 //! - [`RetryPolicy`]: exponential back-off between a first and a largest delay, bounded by the

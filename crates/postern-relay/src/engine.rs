@@ -383,7 +383,6 @@ impl CoreRelay {
     async fn job_loop(self: Rc<Self>) {
         let inbox = self.relay.jobs.get(self.id);
         loop {
-            let listener = inbox.listen();
             while let Some(job) = inbox.pop() {
                 tracing::debug!(queue_id = %job.msg.queue_id, core = self.id, "job received");
                 if job.not_before > now_ms() {
@@ -395,10 +394,7 @@ impl CoreRelay {
             if self.handle.is_stopping() {
                 return;
             }
-            future::or(listener, async {
-                self.handle.stopped().await;
-            })
-            .await;
+            future::or(inbox.wait(), self.handle.stopped()).await;
         }
     }
 
@@ -825,17 +821,13 @@ impl CoreRelay {
     async fn report_loop(self: Rc<Self>) {
         let inbox = self.relay.reports.get(self.id);
         loop {
-            let listener = inbox.listen();
             while let Some(r) = inbox.pop() {
                 self.settle(r);
             }
             if self.handle.is_stopping() {
                 return;
             }
-            future::or(listener, async {
-                self.handle.stopped().await;
-            })
-            .await;
+            future::or(inbox.wait(), self.handle.stopped()).await;
         }
     }
 
