@@ -264,28 +264,7 @@ fn postern_load() -> PathBuf {
 fn delivers_through_bdat_to_the_project_sink() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.txt");
-    let mut sink = Command::new(postern_load())
-        .args([
-            "sink",
-            "--listen",
-            "127.0.0.1:0",
-            "--lifetime",
-            "120s",
-            "--record",
-        ])
-        .arg(&record)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(sink.stdout.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).unwrap() > 0, "sink exited");
-        if let Some(a) = line.trim().strip_prefix("listening on ") {
-            break a.to_owned();
-        }
-    };
+    let (sink, out, addr) = start_sink(&["--record", record.to_str().unwrap()]);
     let route = format!("sink.test={addr}");
     let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
     let n = 20;
@@ -307,13 +286,7 @@ fn delivers_through_bdat_to_the_project_sink() {
         text.contains(&format!("postern_recipients_delivered_total {n}\n")),
         "{text}"
     );
-    Command::new("kill")
-        .args(["-TERM", &sink.id().to_string()])
-        .status()
-        .unwrap();
-    let mut counters = String::new();
-    out.read_to_string(&mut counters).unwrap();
-    sink.wait().unwrap();
+    let counters = stop_sink(sink, out);
     assert!(
         counters.contains(&format!("postern_load_sink_bdat_bodies_total {n}\n")),
         "{counters}"
