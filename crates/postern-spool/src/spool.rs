@@ -266,11 +266,23 @@ impl Spool {
         match written {
             Ok(at) => Ok((self.seg.as_ref().ok_or(SpoolError::UnknownDraft)?, at)),
             Err(e) => {
-                // Nothing after a possibly half-written region: later records go elsewhere.
-                self.retire_current();
+                // The gathered records before this one may be lost with the failed write.
+                self.fail_unwritten();
                 Err(SpoolError::from_io(e))
             }
         }
+    }
+
+    /// After a failed write of gathered records (other drafts' and finished messages' among
+    /// them): like a failed sync, every ticket not yet synced fails, every draft begun so far
+    /// fails at finish, and later records go to a new segment. Nothing whose records may be
+    /// missing can be reported durable.
+    fn fail_unwritten(&mut self) {
+        if let Some(range) = self.commits.take() {
+            self.commits.done(range, false);
+        }
+        self.poisoned_below = self.next_draft;
+        self.retire_current();
     }
 
     /// Starts a message: writes its envelope and returns the draft to append the body to.
@@ -343,8 +355,7 @@ impl Spool {
     pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
         let done = self.finish_inner(draft)?;
         if let Err(e) = self.write_pending() {
-            // The ticket may not become durable: fail it with the batch that covers it.
-            self.retire_current();
+            self.fail_unwritten();
             return Err(e);
         }
         Ok(done)
