@@ -117,6 +117,16 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// Waits (bounded) for the first message to arrive and returns it with its text.
+    fn first(&self, what: &str) -> (Stored, String) {
+        let stored = self.wait_for(what, Duration::from_secs(20), |s| !s.is_empty());
+        let first = stored[0].clone();
+        let text = String::from_utf8_lossy(&first.data).into_owned();
+        (first, text)
+    }
+}
+
 impl Drop for Peer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -560,13 +570,9 @@ fn mx_preference_fallback_to_a_and_null_mx() {
         "<null@t>",
         "x\r\n",
     );
-    let stored = origin.wait_for("the null-MX bounce", Duration::from_secs(20), |s| {
-        s.len() == 1
-    });
-    let text = String::from_utf8_lossy(&stored[0].data);
+    let (bounce, text) = origin.first("the null-MX bounce");
     assert!(text.contains("Status: 5.1.10"), "{text}");
-    assert_eq!(stored[0].mail_from, "<>");
-    let _ = std::io::stdout().flush();
+    assert_eq!(bounce.mail_from, "<>");
     drop(dns);
 }
 
@@ -751,10 +757,7 @@ fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
         "<old@t>",
         "x\r\n",
     );
-    let stored = origin.wait_for("the expiry bounce", Duration::from_secs(20), |s| {
-        s.len() == 1
-    });
-    let text = String::from_utf8_lossy(&stored[0].data);
+    let (_, text) = origin.first("the expiry bounce");
     assert!(text.contains("Status: 4.4.7"), "{text}");
     assert!(text.contains("Action: failed"), "{text}");
     assert!(
@@ -777,10 +780,7 @@ fn delay_warning_tells_the_sender_once() {
         "<slow@t>",
         "x\r\n",
     );
-    let stored = origin.wait_for("the delay warning", Duration::from_secs(20), |s| {
-        !s.is_empty()
-    });
-    let text = String::from_utf8_lossy(&stored[0].data);
+    let (_, text) = origin.first("the delay warning");
     assert!(text.contains("Action: delayed"), "{text}");
     assert!(text.contains("Will-Retry-Until:"), "{text}");
     // Several more deferrals pass, still one warning.
