@@ -537,9 +537,15 @@ impl CoreRelay {
     /// Runs one job on `conn`; false when the connection is no longer usable.
     async fn transact(&self, conn: &mut Outbound, job: Job) -> bool {
         let meta = &job.msg.meta;
-        let caps = conn.capabilities().clone();
+        let caps = conn.capabilities();
+        let (chunking, binarymime, smtputf8, eightbitmime) = (
+            caps.chunking,
+            caps.binarymime,
+            caps.smtputf8,
+            caps.eightbitmime,
+        );
         // BINARYMIME needs BDAT and BINARYMIME at the next hop; there is no downgrade.
-        if meta.body_type == 2 && !(caps.chunking && caps.binarymime) {
+        if meta.body_type == 2 && !(chunking && binarymime) {
             let text = format!(
                 "{} does not support BINARYMIME and the message cannot be converted",
                 conn.remote
@@ -547,7 +553,7 @@ impl CoreRelay {
             self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
             return true;
         }
-        if meta.smtputf8 && !caps.smtputf8 {
+        if meta.smtputf8 && !smtputf8 {
             let ascii = meta.reverse_path.is_ascii()
                 && job.rcpts.iter().all(|&i| {
                     meta.recipients
@@ -565,11 +571,11 @@ impl CoreRelay {
         }
         let mut mail_params = String::new();
         match meta.body_type {
-            1 if caps.eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
+            1 if eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
             2 => mail_params.push_str(" BODY=BINARYMIME"),
             _ => {}
         }
-        if meta.smtputf8 && caps.smtputf8 {
+        if meta.smtputf8 && smtputf8 {
             mail_params.push_str(" SMTPUTF8");
         }
         let tx = Transaction {
@@ -585,7 +591,7 @@ impl CoreRelay {
                 })
                 .collect(),
             body_len: job.msg.body.len(),
-            mode: if caps.chunking {
+            mode: if chunking {
                 BodyMode::Bdat
             } else {
                 BodyMode::Data
