@@ -125,6 +125,12 @@ pub struct SendArgs {
     /// Pipeline MAIL, RCPT and DATA/BDAT when the server offers PIPELINING.
     #[arg(long)]
     pub pipelining: bool,
+    /// With --pipelining, up to this many messages in flight on each connection: the next
+    /// message's MAIL, RCPT and DATA or BDAT go out right after the previous body, before
+    /// its reply (RFC 2920 3.1). 1 waits for each message's reply before the next.
+    #[arg(long, default_value_t = 1, requires = "pipelining",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub window: u32,
     /// Send bodies with BDAT when the server offers CHUNKING (DATA otherwise).
     #[arg(long)]
     pub bdat: bool,

@@ -26,6 +26,8 @@ fn wrong_flags_are_one_line_and_exit_2() {
             "--duration",
         ),
         (&["send", "--connections", "0"][..], "--connections"),
+        (&["send", "--window", "4"][..], "--pipelining"),
+        (&["send", "--pipelining", "--window", "0"][..], "--window"),
         (&["sink", "--drop-after", "0"][..], "--drop-after"),
         (&["sink", "--reply-mix", "250:9,999:1"][..], "--reply-mix"),
         (&["sink", "--tls-cert", "x.pem"][..], "--tls-key"),

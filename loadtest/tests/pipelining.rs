@@ -18,7 +18,44 @@ fn pipelined_messages_all_arrive_once() {
     assert_eq!(num(&report, "messages_accepted"), 1000);
     assert_eq!(num(&report, "messages_failed"), 0);
     assert_eq!(counters.get("pipelined_transactions_total"), 1000);
+    // One message in flight per connection: each MAIL waits for the previous reply.
+    assert_eq!(counters.get("overlapped_transactions_total"), 0);
     check_record(&record, 0..1000);
+}
+
+/// `--window`: the next message's commands follow the previous body before its reply.
+fn window(extra: &[&str]) {
+    let (_dir, record) = record_path();
+    let sink = Sink::start(&["--record", record.to_str().unwrap()]);
+    let mut args = vec![
+        "--messages",
+        "1000",
+        "--connections",
+        "4",
+        "--pipelining",
+        "--window",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    let report = send_json(&sink.addr, &args);
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 1000, "{report}");
+    assert_eq!(num(&report, "messages_failed"), 0);
+    assert_eq!(counters.get("messages_total"), 1000);
+    let overlapped = counters.get("overlapped_transactions_total");
+    assert!(overlapped > 0, "no MAIL came before the previous reply");
+    assert!(overlapped < 1000);
+    check_record(&record, 0..1000);
+}
+
+#[test]
+fn a_window_pipelines_bdat_messages_into_each_other() {
+    window(&["--bdat"]);
+}
+
+#[test]
+fn a_window_pipelines_data_messages_into_each_other() {
+    window(&["--msgs-per-conn", "100"]);
 }
 
 #[test]

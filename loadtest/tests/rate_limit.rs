@@ -30,6 +30,31 @@ fn messages_start_on_schedule() {
 }
 
 #[test]
+fn a_window_still_starts_nothing_before_it_is_due() {
+    let sink = Sink::start(&[]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "100",
+            "--rate",
+            "200/s",
+            "--connections",
+            "2",
+            "--pipelining",
+            "--bdat",
+            "--window",
+            "8",
+        ],
+    );
+    sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 100);
+    let elapsed = report["elapsed_s"].as_f64().unwrap();
+    assert!((0.49..5.0).contains(&elapsed), "elapsed {elapsed}");
+    assert!(report["messages_per_s"].as_f64().unwrap() < 210.0);
+}
+
+#[test]
 fn a_slow_server_shows_in_latency_from_the_due_time() {
     // The sink answers each message after 50 ms, so one connection manages 20/s while the
     // schedule asks for 100/s: the 20th message is due at 0.19 s but done near 1 s.

@@ -230,11 +230,17 @@ pub struct ClientSession {
     expect: VecDeque<Expect>,
     /// Commands held back until the reply before them arrives (no PIPELINING).
     held: VecDeque<(Expect, String)>,
-    result: Option<TransactionResult>,
+    /// The transactions awaiting replies, oldest first. More than one only when transactions
+    /// are pipelined into each other (see [`ClientSession::can_send`]); replies come in order,
+    /// so every reply belongs to the oldest.
+    results: VecDeque<TransactionResult>,
     mode: BodyMode,
-    /// The BDAT chunks of the current transaction's body.
+    /// The BDAT chunks of the newest transaction's body.
     chunks: Vec<BdatChunk>,
+    /// `SendBody` is due to be returned.
     body_pending: bool,
+    /// `SendBody` was returned and `body_sent` not yet called.
+    body_open: bool,
     tls: bool,
 }
 
@@ -248,10 +254,11 @@ impl ClientSession {
             caps: Capabilities::default(),
             expect: VecDeque::from([Expect::Greeting]),
             held: VecDeque::new(),
-            result: None,
+            results: VecDeque::new(),
             mode: BodyMode::Data,
             chunks: Vec::new(),
             body_pending: false,
+            body_open: false,
             tls: false,
         }
     }
@@ -289,7 +296,35 @@ impl ClientSession {
     }
 
     fn idle(&self) -> bool {
-        self.expect.is_empty() && self.held.is_empty() && !self.body_pending
+        self.expect.is_empty() && self.held.is_empty() && !self.body_pending && !self.body_open
+    }
+
+    /// Whether [`ClientSession::send`] may start a transaction now: when idle, or, with
+    /// PIPELINING, once every earlier body has been written and only replies to RSET or to
+    /// earlier transactions' MAIL, RCPT and bodies are awaited. RFC 2920 3.1 lets the message
+    /// content open a group and BDAT is no synchronisation point (RFC 3030 4.2), so the next
+    /// transaction's MAIL, RCPT and DATA or BDAT may follow the previous body at once.
+    pub fn can_send(&self) -> bool {
+        self.idle()
+            || (self.caps.pipelining
+                && self.held.is_empty()
+                && !self.body_pending
+                && !self.body_open
+                && self.expect.iter().all(|e| {
+                    matches!(
+                        e,
+                        Expect::Rset
+                            | Expect::Mail
+                            | Expect::Rcpt
+                            | Expect::Chunk
+                            | Expect::DataDone
+                    )
+                }))
+    }
+
+    /// Transactions sent and not yet answered in full.
+    pub fn in_flight(&self) -> usize {
+        self.results.len()
     }
 
     /// Asks for STARTTLS. Only when idle.
@@ -321,15 +356,12 @@ impl ClientSession {
         self.out.extend_from_slice(b"\r\n");
     }
 
-    /// Starts a transaction. Only when idle (or, with PIPELINING, right after [`ClientSession::rset`]). Fails at once, without sending, with a 552-class
-    /// [`Reply`] when the server's SIZE is smaller than the body.
+    /// Starts a transaction when [`ClientSession::can_send`] allows, and otherwise answers 451
+    /// without sending. Fails at once, without sending, with a 552-class [`Reply`] when the
+    /// server's SIZE is smaller than the body. Each transaction ends with its own
+    /// [`ClientEvent::Done`], in the order they were sent.
     pub fn send(&mut self, t: &Transaction) -> Result<(), Reply> {
-        // With PIPELINING, a RSET still awaiting its reply may go first (RFC 2920 3.1).
-        let after_rset = self.caps.pipelining
-            && self.held.is_empty()
-            && !self.body_pending
-            && self.expect.iter().all(|e| *e == Expect::Rset);
-        if !self.idle() && !after_rset {
+        if !self.can_send() {
             return Err(local_reply(451, "4.3.0", "client session busy"));
         }
         if let Some(limit) = self.caps.size.filter(|&l| l > 0) {
@@ -371,7 +403,7 @@ impl ClientSession {
                 });
             }
         }
-        self.result = Some(TransactionResult {
+        self.results.push_back(TransactionResult {
             mail: local_reply(0, "", ""),
             rcpts: Vec::with_capacity(t.rcpts.len()),
             data: None,
@@ -427,6 +459,7 @@ impl ClientSession {
 
     /// The body has been written (for DATA, with the terminating `.CRLF`).
     pub fn body_sent(&mut self) {
+        self.body_open = false;
         if self.mode == BodyMode::Data {
             self.expect.push_back(Expect::DataDone);
         }
@@ -451,6 +484,7 @@ impl ClientSession {
         loop {
             if self.body_pending {
                 self.body_pending = false;
+                self.body_open = true;
                 return (pos, ClientEvent::SendBody);
             }
             if self.expect.is_empty() {
@@ -462,6 +496,7 @@ impl ClientSession {
                 }
                 ParsedReply::Error { error, consumed } => {
                     self.expect.clear();
+                    self.results.clear();
                     return (pos + consumed, ClientEvent::Failed(error.into()));
                 }
                 ParsedReply::Complete { reply, consumed } => {
@@ -479,6 +514,7 @@ impl ClientSession {
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect != Expect::Quit {
             self.expect.clear();
+            self.results.clear();
             self.held.clear();
             return Some(ClientEvent::Failed(ClientError::Closing(reply)));
         }
@@ -508,22 +544,25 @@ impl ClientSession {
             Expect::StartTls if reply.code == 220 => Some(ClientEvent::StartTls),
             Expect::StartTls => Some(self.fail(ClientError::StartTls(reply))),
             Expect::Mail => {
-                if let Some(r) = self.result.as_mut() {
+                if let Some(r) = self.results.front_mut() {
                     r.mail = reply;
                 }
                 self.release_held()
             }
             Expect::Rcpt => {
-                if let Some(r) = self.result.as_mut() {
+                if let Some(r) = self.results.front_mut() {
                     r.rcpts.push(reply);
                 }
                 self.release_held()
             }
-            Expect::DataGo if reply.code == 354 => Some(ClientEvent::SendBody),
+            Expect::DataGo if reply.code == 354 => {
+                self.body_open = true;
+                Some(ClientEvent::SendBody)
+            }
             Expect::Chunk => {
                 // A refused chunk fails the message (RFC 3030 4.2); the chunks after it get
                 // their replies too, and the transaction ends with the last one.
-                if let Some(r) = self.result.as_mut() {
+                if let Some(r) = self.results.front_mut() {
                     if !reply.is_positive() && r.data.is_none() {
                         r.data = Some(reply);
                     }
@@ -531,7 +570,7 @@ impl ClientSession {
                 None
             }
             Expect::DataGo | Expect::DataDone => {
-                let mut result = self.result.take()?;
+                let mut result = self.results.pop_front()?;
                 // The first refused chunk decides, when there was one.
                 result.data.get_or_insert(reply);
                 self.held.clear();
@@ -548,13 +587,13 @@ impl ClientSession {
         if !self.expect.is_empty() {
             return None;
         }
-        let result = self.result.as_ref()?;
+        let result = self.results.front()?;
         let no_rcpt_left = self.held.iter().all(|(e, _)| *e != Expect::Rcpt);
         let doomed = !result.mail.is_positive()
             || (no_rcpt_left && !result.rcpts.iter().any(Reply::is_positive));
         if doomed {
             self.held.clear();
-            let result = self.result.take()?;
+            let result = self.results.pop_front()?;
             self.out.extend_from_slice(b"RSET\r\n");
             self.expect.push_back(Expect::Rset);
             return Some(ClientEvent::Done(result));
@@ -570,6 +609,7 @@ impl ClientSession {
 
     fn fail(&mut self, e: ClientError) -> ClientEvent {
         self.expect.clear();
+        self.results.clear();
         self.held.clear();
         ClientEvent::Failed(e)
     }

@@ -347,6 +347,97 @@ fn rset_pipelined_before_the_next_transaction() {
     );
 }
 
+/// Sends `bodies` as transactions pipelined into each other: each one's commands go out right
+/// after the previous body, before any reply to it is read.
+fn pipeline_transactions(mode: BodyMode, bodies: &[&[u8]]) {
+    let mut w = Wire::new();
+    assert_eq!(w.pump(), ClientEvent::Ready);
+    let rcpts: [&[&str]; 2] = [&["a@mx.test"], &["nobody@mx.test", "b@mx.test"]];
+    for (i, body) in bodies.iter().enumerate() {
+        assert!(w.client.can_send(), "transaction {i} may start");
+        w.client
+            .send(&transaction(mode, body, rcpts[i % 2]))
+            .unwrap();
+        assert_eq!(w.client.in_flight(), i + 1);
+        if mode == BodyMode::Data && i == 0 {
+            // The first DATA waits for its 354; later ones wait behind earlier bodies.
+            assert_eq!(w.pump(), ClientEvent::SendBody);
+        } else if mode == BodyMode::Bdat {
+            let (_, event) = w.client.handle(&[]);
+            assert_eq!(event, ClientEvent::SendBody);
+        }
+        if mode == BodyMode::Bdat || i == 0 {
+            assert!(!w.client.can_send(), "not while a body is owed");
+            w.send_body(mode, body);
+        }
+    }
+    w.take_output();
+    let wire = String::from_utf8_lossy(&w.to_server).into_owned();
+    let after_body = match mode {
+        BodyMode::Data => "end\r\n.\r\nMAIL FROM:",
+        BodyMode::Bdat => "end\r\nMAIL FROM:",
+    };
+    assert_eq!(
+        wire.matches(after_body).count(),
+        bodies.len() - 1,
+        "each later MAIL follows the previous body in one flight: {wire}"
+    );
+    let mut done = Vec::new();
+    // Bounded: one Done per transaction, and a body per later DATA transaction.
+    while done.len() < bodies.len() {
+        match w.pump() {
+            ClientEvent::Done(result) => done.push(result),
+            // A later DATA's 354 comes after every earlier transaction's final reply.
+            ClientEvent::SendBody => w.send_body(mode, bodies[done.len()]),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(w.client.in_flight(), 0);
+    assert!(w.client.is_idle());
+    for (i, result) in done.iter().enumerate() {
+        let codes: Vec<u16> = result.rcpts.iter().map(|r| r.code).collect();
+        let want: Vec<u16> = if i % 2 == 0 {
+            vec![250]
+        } else {
+            vec![550, 250]
+        };
+        assert_eq!(codes, want, "replies of transaction {i}");
+        assert_eq!(result.data.as_ref().map(|d| d.code), Some(250));
+    }
+    assert_eq!(
+        w.queued,
+        bodies.iter().map(|b| b.to_vec()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn bdat_transactions_pipelined_into_each_other() {
+    pipeline_transactions(
+        BodyMode::Bdat,
+        &[b"one\r\nend\r\n", b"two\0\r\nend\r\n", b"three\r\nend\r\n"],
+    );
+}
+
+#[test]
+fn data_transaction_pipelined_after_a_body() {
+    pipeline_transactions(BodyMode::Data, &[b"one\r\nend\r\n", b".two\r\nend\r\n"]);
+}
+
+#[test]
+fn without_pipelining_a_transaction_waits_for_the_last() {
+    let mut c = ClientSession::new("relay.test");
+    let (events, _) = canned(&mut c, &["220 mx\r\n", "250 mx\r\n"]);
+    assert_eq!(events, vec![ClientEvent::Ready]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    assert!(!c.can_send());
+    let err = c
+        .send(&transaction(BodyMode::Data, b"hi\r\n", &["b@x.test"]))
+        .unwrap_err();
+    assert_eq!(err.code, 451);
+    assert_eq!(c.in_flight(), 1);
+}
+
 /// A body of `len` octets that holds what could confuse a framer: CRLF.CRLF, NUL, a line that
 /// looks like a BDAT command.
 fn awkward_body(len: usize) -> Vec<u8> {

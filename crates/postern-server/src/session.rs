@@ -343,6 +343,16 @@ impl Session {
     }
 
     async fn data_end(&mut self) {
+        // A client that pipelines transactions into each other may have sent this message
+        // before reading the previous one's reply: let that reply go before waiting for this
+        // commit, rather than after it.
+        if self.eod_at.is_some() && !self.flush().await {
+            self.proto.message_failed(replies::NO_DECISION);
+            if let Some(draft) = self.draft.take() {
+                self.core.store.abort(draft);
+            }
+            return;
+        }
         self.eod_at = Some(Instant::now());
         let Some(draft) = self.draft.take() else {
             self.proto.message_failed(replies::NO_DECISION);

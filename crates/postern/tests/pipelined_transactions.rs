@@ -71,3 +71,48 @@ fn pipelined_data_and_bdat_transactions_are_spooled() {
         "no `for` with two recipients"
     );
 }
+
+/// Transactions pipelined into each other (RFC 2920 3.1): the next MAIL follows the previous
+/// body in the same write, before its reply; each message gets its own reply, in order.
+#[test]
+fn transactions_pipelined_into_each_other_are_each_answered_and_spooled() {
+    let mut server = Server::start(&[]);
+    let mut c = server.connect();
+    assert_eq!(c.line(), "220 mx.test ESMTP postern");
+    assert!(c.cmd("EHLO client.test").contains("250 "));
+    c.send(
+        b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<one@dest.test>\r\nBDAT 6 LAST\r\nfirst\n\
+          MAIL FROM:<b@origin.test>\r\nRCPT TO:<two@dest.test>\r\nBDAT 7 LAST\r\nsecond\n\
+          MAIL FROM:<c@origin.test>\r\nRCPT TO:<three@dest.test>\r\nDATA\r\n",
+    );
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        assert_eq!(c.line(), "250 2.1.0 Ok");
+        assert_eq!(c.line(), "250 2.1.5 Ok");
+        ids.push(queue_id(&c.line()));
+    }
+    assert_eq!(c.line(), "250 2.1.0 Ok");
+    assert_eq!(c.line(), "250 2.1.5 Ok");
+    assert_eq!(c.line(), "354 End data with <CR><LF>.<CR><LF>");
+    c.send(b"third\r\n.\r\nQUIT\r\n");
+    ids.push(queue_id(&c.line()));
+    assert_eq!(c.line(), "221 2.0.0 Bye");
+    assert!(c.closed());
+
+    assert!(server.terminate().success());
+    let msgs = spooled(&server.spool);
+    assert_eq!(msgs.len(), 3);
+    for (id, (from, rcpt, tail)) in ids.iter().zip([
+        ("a@origin.test", "one@dest.test", &b"\r\nfirst\n"[..]),
+        ("b@origin.test", "two@dest.test", b"\r\nsecond\n"),
+        ("c@origin.test", "three@dest.test", b"\r\nthird\r\n"),
+    ]) {
+        let m = msgs.iter().find(|m| &m.0 == id).expect("spooled");
+        assert_eq!((m.1.as_str(), m.2.clone()), (from, vec![rcpt.to_owned()]));
+        assert!(
+            m.3.ends_with(tail),
+            "{id}: {:?}",
+            String::from_utf8_lossy(&m.3)
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! One connection of the sender, from connect to QUIT: postern-proto's client session decides
 //! every command; this module moves its bytes, times each step and counts each outcome.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -16,7 +17,7 @@ use rustls::pki_types::ServerName;
 use crate::conn::Conn;
 use crate::send::core::Core;
 use crate::send::filter::NoPipelining;
-use crate::send::message::address;
+use crate::send::message::{address, Message};
 use crate::send::outbox::Outbox;
 use crate::send::plan::Ticket;
 use crate::send::stats::Lat;
@@ -64,6 +65,9 @@ struct Client {
     raw_len: usize,
     inbox: Vec<u8>,
     filter: Option<NoPipelining>,
+    /// What is queued to be written: commands, and bodies, gathered so that messages
+    /// pipelined into each other go out together.
+    outbox: Outbox,
     timeout: Duration,
     /// When the first command (EHLO) was written.
     first_write: Option<Instant>,
@@ -81,22 +85,30 @@ impl Client {
             if event != ClientEvent::NeedInput {
                 return Ok(event);
             }
-            if !self.session.output().is_empty() {
-                self.first_write.get_or_insert_with(Instant::now);
-                self.conn.write_out(self.session.output()).await?;
-                self.session.clear_output();
-            }
+            self.write_queued().await?;
             self.read().await?;
         }
+    }
+
+    /// Writes the session's commands and whatever the outbox holds, in order.
+    async fn write_queued(&mut self) -> Result<(), Failure> {
+        if !self.session.output().is_empty() {
+            self.outbox
+                .push(&mut self.conn, self.session.output())
+                .await?;
+            self.session.clear_output();
+        }
+        if !self.outbox.is_empty() {
+            self.first_write.get_or_insert_with(Instant::now);
+            self.outbox.flush(&mut self.conn).await?;
+        }
+        Ok(())
     }
 
     /// Writes what the session queued, reads once and hands the reply over; for settling an
     /// RSET between transactions.
     async fn pump(&mut self) -> Result<(), Failure> {
-        if !self.session.output().is_empty() {
-            self.conn.write_out(self.session.output()).await?;
-            self.session.clear_output();
-        }
+        self.write_queued().await?;
         self.read().await?;
         let (used, event) = self.session.handle(&self.inbox);
         self.inbox.drain(..used);
@@ -138,50 +150,135 @@ impl Client {
 
 /// Runs one of the run's connections until the plan has no more messages.
 pub async fn run(core: Rc<Core>) {
-    let Some(mut ticket) = core.run.plan.claim() else {
-        return;
-    };
-    // Bounded: every pass consumes at least the ticket it holds, and tickets run out.
-    loop {
-        let mut client = match open(&core).await {
+    let mut next = core.run.plan.claim();
+    // Bounded: every pass settles or fails at least the ticket it starts with, and tickets
+    // run out.
+    while let Some(ticket) = next.take() {
+        let client = match open(&core).await {
             Ok(c) => c,
             Err(Failure(kind)) => {
                 core.fail(kind);
                 // Do not spin against a server that refuses connections.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
-                match core.run.plan.claim() {
-                    Some(t) => ticket = t,
-                    None => return,
-                }
+                next = core.run.plan.claim();
                 continue;
             }
         };
-        let mut on_this_connection = 0u64;
-        let mut outbox = Outbox::new(core.run.args.chunk_size.unwrap_or(DEFAULT_WRITE));
-        loop {
-            if let Err(Failure(kind)) = transaction(&core, &mut client, &mut outbox, ticket).await {
-                // The message is lost with its connection; the next one goes on a new one.
-                core.fail(kind);
-                match core.run.plan.claim() {
-                    Some(t) => ticket = t,
-                    None => return,
-                }
+        next = serve(&core, client, ticket).await;
+    }
+}
+
+/// A message sent on the connection and not yet answered.
+struct Pending<'a> {
+    seq: u64,
+    /// Its due time, or when its MAIL was queued.
+    started: Instant,
+    /// When its body was handed to the connection.
+    eod: Option<Instant>,
+    mode: BodyMode,
+    message: Message<'a>,
+}
+
+/// Sends messages on one open connection, starting with `first`: one at a time, or with
+/// `--window N` up to N pipelined into each other, until the plan runs out, the connection has
+/// carried `--msgs-per-conn`, or it fails. Returns the ticket the next connection starts with.
+async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket> {
+    let run = &core.run;
+    let window = run.args.window as usize;
+    let limit = run.args.msgs_per_conn;
+    let mut flight: VecDeque<Pending<'_>> = VecDeque::with_capacity(window);
+    let mut next = Some(first);
+    let mut started_here = 0u64;
+    // Bounded: every pass starts a message, or reads with a timeout towards a reply of one in
+    // flight, or ends; tickets run out.
+    loop {
+        // Start every message that may start now.
+        while flight.len() < window && (flight.is_empty() || client.session.can_send()) {
+            if limit > 0 && started_here >= limit {
                 break;
             }
-            on_this_connection += 1;
-            let Some(next) = core.run.plan.claim() else {
-                client.quit().await;
-                return;
-            };
-            ticket = next;
-            if core.run.args.msgs_per_conn > 0 && on_this_connection >= core.run.args.msgs_per_conn
-            {
-                client.quit().await;
+            let Some(ticket) = next.take().or_else(|| run.plan.claim()) else {
                 break;
+            };
+            if let Some(due) = ticket.due {
+                let now = Instant::now();
+                if due > now {
+                    if !flight.is_empty() {
+                        // Read the replies owed meanwhile; it starts when they are in.
+                        next = Some(ticket);
+                        break;
+                    }
+                    glommio::timer::sleep(due - now).await;
+                }
+            }
+            started_here += 1;
+            match start(core, &mut client, ticket).await {
+                Ok(Some(p)) => flight.push_back(p),
+                Ok(None) => {}
+                Err(Failure(kind)) => return lose(core, kind, flight.len() + 1, None),
             }
         }
-        // The next pass opens a new connection for `ticket`.
+        if flight.is_empty() {
+            client.quit().await;
+            let more = limit > 0 && started_here >= limit;
+            return if more {
+                next.or_else(|| run.plan.claim())
+            } else {
+                None
+            };
+        }
+        let event = match client.next_event().await {
+            Ok(e) => e,
+            Err(Failure(kind)) => return lose(core, kind, flight.len(), next),
+        };
+        match event {
+            ClientEvent::SendBody => {
+                let Some(p) = flight.iter_mut().rev().find(|p| p.eod.is_none()) else {
+                    return lose(core, "client_out_of_order", flight.len(), next);
+                };
+                if let Err(Failure(kind)) = write_body(&mut client, p).await {
+                    return lose(core, kind, flight.len(), next);
+                }
+                client.session.body_sent();
+                p.eod = Some(Instant::now());
+                let len = p.message.len();
+                core.with_stats(|s| {
+                    s.sent += 1;
+                    s.bytes_sent += len;
+                });
+            }
+            ClientEvent::Done(result) => {
+                let Some(p) = flight.pop_front() else {
+                    return lose(core, "protocol_error", 1, next);
+                };
+                let accepted = result.data.as_ref().is_some_and(|d| d.code < 300);
+                let decided = match &result.data {
+                    Some(d) if accepted => d.code,
+                    _ if !result.mail.is_positive() => result.mail.code,
+                    _ => match result.rcpts.iter().find(|r| r.is_positive()) {
+                        None => result.rcpts.first().map_or(result.mail.code, |r| r.code),
+                        Some(_) => result.data.as_ref().map_or(0, |d| d.code),
+                    },
+                };
+                let len = p.message.len();
+                core.settle(p.seq, decided, accepted, len, p.started, p.eod);
+            }
+            ClientEvent::Failed(e) => {
+                let Failure(kind) = e.into();
+                return lose(core, kind, flight.len(), next);
+            }
+            _ => return lose(core, "protocol_error", flight.len(), next),
+        }
     }
+}
+
+/// The connection failed with `lost` messages unanswered, which are lost with it: counts
+/// them, and hands the next connection the ticket not yet started, or a fresh one.
+fn lose(core: &Core, kind: &'static str, lost: usize, held: Option<Ticket>) -> Option<Ticket> {
+    for _ in 0..lost {
+        core.fail(kind);
+    }
+    held.or_else(|| core.run.plan.claim())
 }
 
 /// Connects, reads the banner, greets, and starts TLS when asked.
@@ -202,6 +299,7 @@ async fn open(core: &Core) -> Result<Client, Failure> {
         raw_len: 0,
         inbox: Vec::with_capacity(1024),
         filter: (!run.args.pipelining).then(NoPipelining::default),
+        outbox: Outbox::new(run.args.chunk_size.unwrap_or(DEFAULT_WRITE)),
         timeout: run.args.timeout,
         first_write: None,
     };
@@ -269,20 +367,14 @@ async fn start_tls(core: &Core, client: &mut Client, addr: SocketAddr) -> Result
     Ok(())
 }
 
-/// Sends one message and waits for its outcome.
-async fn transaction(
-    core: &Core,
+/// Queues the commands of the message `ticket`; None when it was refused before anything
+/// was sent (too large for the server's SIZE), already settled.
+async fn start<'a>(
+    core: &'a Core,
     client: &mut Client,
-    outbox: &mut Outbox,
     ticket: Ticket,
-) -> Result<(), Failure> {
+) -> Result<Option<Pending<'a>>, Failure> {
     let run = &core.run;
-    if let Some(due) = ticket.due {
-        let now = Instant::now();
-        if due > now {
-            glommio::timer::sleep(due - now).await;
-        }
-    }
     let size = *run.sizes.pick(ticket.seq);
     let from = address(&run.args.from, ticket.seq, 0);
     let rcpts: Vec<OutRecipient> = (0..run.args.rcpts)
@@ -292,7 +384,6 @@ async fn transaction(
         })
         .collect();
     let message = run.bodies.message(ticket.seq, size, &from, &rcpts[0].path);
-    let len = message.len();
     let mode = if run.args.bdat && client.session.capabilities().chunking {
         BodyMode::Bdat
     } else {
@@ -302,7 +393,7 @@ async fn transaction(
         from,
         mail_params: String::new(),
         rcpts,
-        body_len: len,
+        body_len: message.len(),
         mode,
         // BDAT in chunks of this size where the session may pipeline them; 0 is one chunk.
         chunk_size: run.args.chunk_size.unwrap_or(0),
@@ -320,65 +411,49 @@ async fn transaction(
             Err(r) if r.code == 451 => return Err(Failure("client_busy")),
             Err(r) => {
                 core.settle(ticket.seq, r.code, false, 0, started, None);
-                return Ok(());
+                return Ok(None);
             }
         }
     }
-    let mut eod = None;
-    // Bounded: at most a SendBody and a Done, each after finite reads with timeouts.
-    loop {
-        match client.next_event().await? {
-            ClientEvent::SendBody => {
-                outbox
-                    .push(&mut client.conn, client.session.output())
-                    .await?;
-                client.session.clear_output();
-                match mode {
-                    BodyMode::Bdat => {
-                        for chunk in client.session.bdat_chunks() {
-                            outbox
-                                .push(&mut client.conn, chunk.header.as_bytes())
-                                .await?;
-                            for part in within(message.pieces(), chunk.offset, chunk.len) {
-                                outbox.push(&mut client.conn, part).await?;
-                            }
-                        }
-                    }
-                    BodyMode::Data => {
-                        let mut stuffer = DotStuffer::new();
-                        for piece in message.pieces() {
-                            for slice in stuffer.stuff(piece) {
-                                outbox.push(&mut client.conn, slice).await?;
-                            }
-                        }
-                        outbox.push(&mut client.conn, stuffer.finish()).await?;
-                    }
+    Ok(Some(Pending {
+        seq: ticket.seq,
+        started,
+        eod: None,
+        mode,
+        message,
+    }))
+}
+
+/// Queues the commands before the body, then the body of `p` as the session laid it out.
+async fn write_body(client: &mut Client, p: &Pending<'_>) -> Result<(), Failure> {
+    let Client {
+        conn,
+        session,
+        outbox,
+        ..
+    } = client;
+    outbox.push(conn, session.output()).await?;
+    session.clear_output();
+    match p.mode {
+        BodyMode::Bdat => {
+            for chunk in session.bdat_chunks() {
+                outbox.push(conn, chunk.header.as_bytes()).await?;
+                for part in within(p.message.pieces(), chunk.offset, chunk.len) {
+                    outbox.push(conn, part).await?;
                 }
-                outbox.flush(&mut client.conn).await?;
-                client.session.body_sent();
-                eod = Some(Instant::now());
-                core.with_stats(|s| {
-                    s.sent += 1;
-                    s.bytes_sent += len;
-                });
             }
-            ClientEvent::Done(result) => {
-                let accepted = result.data.as_ref().is_some_and(|d| d.code < 300);
-                let decided = match &result.data {
-                    Some(d) if accepted => d.code,
-                    _ if !result.mail.is_positive() => result.mail.code,
-                    _ => match result.rcpts.iter().find(|r| r.is_positive()) {
-                        None => result.rcpts.first().map_or(result.mail.code, |r| r.code),
-                        Some(_) => result.data.as_ref().map_or(0, |d| d.code),
-                    },
-                };
-                core.settle(ticket.seq, decided, accepted, len, started, eod);
-                return Ok(());
+        }
+        BodyMode::Data => {
+            let mut stuffer = DotStuffer::new();
+            for piece in p.message.pieces() {
+                for slice in stuffer.stuff(piece) {
+                    outbox.push(conn, slice).await?;
+                }
             }
-            ClientEvent::Failed(e) => return Err(e.into()),
-            _ => return Err(Failure("protocol_error")),
+            outbox.push(conn, stuffer.finish()).await?;
         }
     }
+    Ok(())
 }
 
 /// The parts of `pieces`, taken as one run of octets, that lie in `offset..offset + len`.

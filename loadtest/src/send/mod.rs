@@ -84,6 +84,7 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         sizes: args.size.0.clone(),
         rcpts: args.rcpts,
         pipelining: args.pipelining,
+        window: args.window,
         bdat: args.bdat,
         starttls: args.starttls,
         rate: args.rate,

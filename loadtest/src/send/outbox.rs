@@ -42,6 +42,11 @@ impl Outbox {
         Ok(())
     }
 
+    /// Whether nothing is gathered.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     /// Writes out what is gathered.
     pub async fn flush(&mut self, conn: &mut Conn) -> io::Result<()> {
         if self.buf.is_empty() {

@@ -62,6 +62,8 @@ pub struct Settings {
     pub rcpts: u32,
     /// `--pipelining`.
     pub pipelining: bool,
+    /// `--window`: messages in flight per connection.
+    pub window: u32,
     /// `--bdat`.
     pub bdat: bool,
     /// `--starttls`.
@@ -144,9 +146,14 @@ impl Report {
             (false, true) => "no pipelining, BDAT",
             (false, false) => "no pipelining, DATA",
         };
+        let window = if s.window > 1 {
+            format!(", {} messages in flight per connection", s.window)
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             t,
-            "postern-load send: {} with {} connection(s) on {} thread(s), {mode}{}",
+            "postern-load send: {} with {} connection(s) on {} thread(s), {mode}{window}{}",
             s.target,
             s.connections,
             s.threads,

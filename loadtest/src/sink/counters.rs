@@ -29,6 +29,9 @@ pub struct Slot {
     pub timeouts: AtomicU64,
     /// Transactions whose MAIL and first RCPT arrived in one read (the client pipelines).
     pub pipelined: AtomicU64,
+    /// Transactions whose MAIL arrived before the reply to the previous body was written
+    /// (the client pipelines transactions into each other).
+    pub overlapped: AtomicU64,
     /// Bodies started with DATA.
     pub data_bodies: AtomicU64,
     /// Bodies started with BDAT.
@@ -82,7 +85,7 @@ impl Counters {
     /// Prometheus text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, u64); 13] = [
+        let plain: [(&str, &str, u64); 14] = [
             (
                 "connections_total",
                 "Connections accepted.",
@@ -132,6 +135,11 @@ impl Counters {
                 "pipelined_transactions_total",
                 "Transactions whose MAIL and first RCPT arrived in one read.",
                 self.sum(|s| &s.pipelined),
+            ),
+            (
+                "overlapped_transactions_total",
+                "Transactions whose MAIL arrived before the previous message's reply was written.",
+                self.sum(|s| &s.overlapped),
             ),
             (
                 "data_bodies_total",

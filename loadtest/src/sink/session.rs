@@ -30,6 +30,7 @@ pub async fn serve(core: Rc<Core>, tcp: TcpStream) {
         body_len: 0,
         on_connection: 0,
         in_bdat: false,
+        reply_owed: false,
     };
     s.run().await;
     let _ = s.conn.close().await;
@@ -46,6 +47,8 @@ struct Session {
     on_connection: u64,
     /// Inside a BDAT body, from its first chunk to its end.
     in_bdat: bool,
+    /// A message's final reply is queued and not yet written.
+    reply_owed: bool,
 }
 
 enum Wake {
@@ -83,6 +86,9 @@ impl Session {
                     Event::Mail(..) => {
                         self.in_bdat = false;
                         mail_in_this_read = true;
+                        if self.reply_owed {
+                            Slot::add(&self.core.slot().overlapped, 1);
+                        }
                         self.proto.accept();
                     }
                     Event::Rcpt(..) => {
@@ -191,9 +197,14 @@ impl Session {
         let faults = &self.core.shared.faults;
         let verdict = faults.verdict(n, self.on_connection);
         if let Some(delay) = faults.delay {
+            // An earlier message pipelined before this one gets its reply before the wait.
+            if self.reply_owed && !self.flush().await {
+                return false;
+            }
             glommio::timer::sleep(delay).await;
         }
         let counters = &self.core.shared.counters;
+        self.reply_owed = true;
         match verdict {
             Verdict::Drop => {
                 Slot::add(&self.core.slot().dropped, 1);
@@ -232,6 +243,7 @@ impl Session {
         let ok = self.conn.write_all(self.proto.output()).await.is_ok()
             && self.conn.flush().await.is_ok();
         self.proto.clear_output();
+        self.reply_owed = false;
         ok
     }
 
