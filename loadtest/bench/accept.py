@@ -6,13 +6,14 @@ relayhost), both with their durable queues. For 1 KiB messages over 50 connectio
 PIPELINING (and BDAT where offered), each round sends the same number of seconds of load to
 each server in turn (Postfix's queue drained to the sink between runs); the table gives the
 medians and the postern/Postfix ratio. Then postern is driven open loop (--rate) at half its
-measured peak, and the end-of-data to 250 latency is reported (p50, p99, p99.9, max),
-measured from each message's intended start so that stalls are not hidden.
+measured peak, and the end-of-data to 250 latency is reported (p50, p99, p99.9, max), from
+the body's last byte written; beside it the whole transaction's, from each message's due time,
+so that a message kept waiting for its connection shows its wait (no coordinated omission).
 
 Targets (issue: thread-per-core server): postern >= 50x Postfix msg/s; p99 end of data to
 250 under 2 ms at half the peak.
 
-    python3 loadtest/bench/accept.py [--rounds 3] [--seconds 5]
+    python3 loadtest/bench/accept.py [--rounds 3] [--seconds 5] [--window 8]
 """
 
 import argparse
@@ -38,6 +39,9 @@ def main():
     ap.add_argument("--postern-flag", action="append", default=[], metavar="FLAG",
                     help="an extra flag for postern serve, e.g. --postern-flag=--hold "
                     "(accept and spool only, no delivery)")
+    ap.add_argument("--window", type=int, default=1,
+                    help="messages in flight per connection (postern-load send --window); "
+                    "the same for both servers")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "accept.md"))
     args = ap.parse_args()
     cmd = " ".join(["python3 loadtest/bench/accept.py", *sys.argv[1:]])
@@ -49,6 +53,8 @@ def main():
     procs = []
     load = ["--connections", "50", "--size", "1024", "--pipelining", "--bdat",
             "--to", "rcpt{r}@dest.test"]
+    if args.window > 1:
+        load += ["--window", str(args.window)]
     rows = {"postern": [], "Postfix": []}
     try:
         next_hop = compare.Sink()
@@ -90,13 +96,16 @@ def main():
            for n, rs in rows.items()}
     ratio = med["postern"] / med["Postfix"] if med["Postfix"] else float("nan")
     eod = half["latency_ms"]["end_of_data"]
+    txn = half["latency_ms"]["transaction"]
     lines = [
         "## Acceptance with the bundled generator, against Postfix",
         "",
         f"Command (root; installs and configures Postfix when missing): `{cmd}`",
         "",
         f"Machine: {compare.machine()}. Everything on loopback, in one run. 50 connections of "
-        "`postern-load send --pipelining --bdat`, 1 KiB messages, connections reused; postern "
+        "`postern-load send --pipelining --bdat"
+        + (f" --window {args.window}" if args.window > 1 else "")
+        + "`, 1 KiB messages, connections reused; postern "
         + ("with its durable spool and delivery on, relaying to a postern-load sink; "
            if not args.postern_flag else
            f"with its durable spool and `{' '.join(args.postern_flag)}`; ")
@@ -117,10 +126,12 @@ def main():
         "",
         f"Open loop at half of postern's peak ({rate} msg/s for {args.half_peak_seconds} s, "
         f"{half['messages_accepted']} accepted, {half['messages_failed']} failed, "
-        f"{half['messages_refused']} refused): end of data to 250, from each message's "
-        f"intended start: p50 {eod['p50']:.3f} ms, p90 {eod['p90']:.3f} ms, "
+        f"{half['messages_refused']} refused): end of data to 250, from the body's last "
+        f"byte written: p50 {eod['p50']:.3f} ms, p90 {eod['p90']:.3f} ms, "
         f"**p99 {eod['p99']:.3f} ms**, p99.9 {eod['p99_9']:.3f} ms, max {eod['max']:.3f} ms "
-        f"(target p99 < 2 ms: {'met' if eod['p99'] < 2 else '**not met**'}).",
+        f"(target p99 < 2 ms: {'met' if eod['p99'] < 2 else '**not met**'}). The whole "
+        f"transaction, from each message's due time: p50 {txn['p50']:.3f} ms, "
+        f"p99 {txn['p99']:.3f} ms.",
         "",
         f"The sink counted {relayed} messages relayed by both servers in this run.",
         "",
