@@ -323,6 +323,63 @@ impl Outbound {
         }
     }
 
+    /// Whether transactions can be pipelined into each other on this connection: the next hop
+    /// offers PIPELINING and CHUNKING, so each body follows its `BDAT n LAST` at once and no
+    /// reply has to be read before the next transaction starts (RFC 2920 3.1, RFC 3030).
+    pub fn can_pipeline(&self) -> bool {
+        let caps = self.session.capabilities();
+        caps.pipelining && caps.chunking
+    }
+
+    /// Sends a transaction with BDAT, body included, without reading any reply; only where
+    /// [`Outbound::can_pipeline`]. Its replies come from [`Outbound::finish`], one call per
+    /// transaction started, in order. Like `deliver`, a reused connection is reset first, in
+    /// the same flight. `Err(Ok(reply))` is a refusal made before anything was sent (SIZE).
+    pub async fn start(
+        &mut self,
+        tx: &Transaction,
+        body: &MessageRef,
+        t: &Timeouts,
+    ) -> Result<(), Result<Reply, ConnError>> {
+        if !self.can_pipeline() || tx.mode != BodyMode::Bdat {
+            return Err(Err(ConnError::Io(
+                "pipelined transactions need PIPELINING and BDAT".into(),
+            )));
+        }
+        if self.transactions > 0 {
+            self.session.rset();
+        }
+        self.transactions += 1;
+        self.session.send(tx).map_err(Ok)?;
+        // With BDAT the session asks for the body at once, before any reply.
+        match self.session.handle(&[]) {
+            (0, ClientEvent::SendBody) => {}
+            (_, other) => {
+                return Err(Err(ConnError::Io(format!(
+                    "unexpected {other:?} starting a transaction"
+                ))))
+            }
+        }
+        self.send_body(BodyMode::Bdat, body, t.data_block)
+            .await
+            .map_err(Err)?;
+        self.session.body_sent();
+        Ok(())
+    }
+
+    /// The replies to the oldest transaction sent with [`Outbound::start`] and not yet
+    /// finished. An error leaves the outcome of it and of every later one unknown.
+    pub async fn finish(&mut self, t: &Timeouts) -> Result<TransactionResult, ConnError> {
+        let limit = t.mail.max(t.rcpt).max(t.data_done);
+        match self.next_event(limit).await? {
+            ClientEvent::Done(result) => Ok(result),
+            ClientEvent::Failed(e) => Err(ConnError::Smtp(e)),
+            other => Err(ConnError::Io(format!(
+                "unexpected {other:?} after the body"
+            ))),
+        }
+    }
+
     /// Writes the pending commands and the body. A body up to `COALESCE` octets goes out in
     /// the same write as the commands before it (one send for BDAT's command and data);
     /// larger ones are written chunk by chunk straight from the spool's mappings.

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
 use futures_lite::future;
-use postern_proto::client::{BodyMode, OutRecipient, Transaction};
+use postern_proto::client::{BodyMode, OutRecipient, Transaction, TransactionResult};
 use postern_proto::Reply;
 use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
 use postern_server::delivery::{Accepted, CoreHandle, Delivery, DeliveryFactory, Outcome};
@@ -49,6 +49,9 @@ pub struct RelayConfig {
     pub delay_warning: Option<Duration>,
     /// Concurrent connections per next hop.
     pub max_per_destination: usize,
+    /// Transactions pipelined into each other on one connection, where the next hop offers
+    /// PIPELINING and CHUNKING; 1 sends one transaction per round trip.
+    pub max_in_flight: usize,
     /// How long an idle connection waits for the next message before QUIT.
     pub idle_timeout: Duration,
     /// STARTTLS towards next hops.
@@ -75,6 +78,7 @@ impl Default for RelayConfig {
             retry: RetryPolicy::default(),
             delay_warning: None,
             max_per_destination: 16,
+            max_in_flight: 1,
             idle_timeout: Duration::from_secs(10),
             tls: TlsPolicy::Opportunistic,
             tls_ca: None,
@@ -522,7 +526,20 @@ impl CoreRelay {
                     conn.quit().await;
                     break 'connect;
                 };
-                if !self.transact(&mut conn, job).await {
+                let window = self.relay.config.max_in_flight;
+                let usable = if window > 1 && conn.can_pipeline() {
+                    let mut jobs = vec![job];
+                    while jobs.len() < window {
+                        let Some(more) = dq.ready.borrow_mut().pop_front() else {
+                            break;
+                        };
+                        jobs.push(more);
+                    }
+                    self.transact_pipelined(&mut conn, &dq, jobs).await
+                } else {
+                    self.transact(&mut conn, job).await
+                };
+                if !usable {
                     continue 'connect;
                 }
                 if self.handle.is_stopping() {
@@ -536,6 +553,70 @@ impl CoreRelay {
 
     /// Runs one job on `conn`; false when the connection is no longer usable.
     async fn transact(&self, conn: &mut Outbound, job: Job) -> bool {
+        let Some((job, tx)) = self.prepare(conn, job) else {
+            return true;
+        };
+        let outcome = conn
+            .deliver(&tx, &job.msg.body, &self.relay.config.timeouts)
+            .await;
+        self.conclude(&conn.remote, job, outcome)
+    }
+
+    /// Runs up to `--max-transactions-in-flight` jobs on `conn`, pipelined into each other:
+    /// every transaction is written before the first reply is read. Jobs not sent because the
+    /// connection broke go back to the front of the queue. False when the connection is no
+    /// longer usable.
+    async fn transact_pipelined(
+        &self,
+        conn: &mut Outbound,
+        dq: &DestQueue,
+        jobs: Vec<Job>,
+    ) -> bool {
+        let t = &self.relay.config.timeouts;
+        let mut sent = Vec::with_capacity(jobs.len());
+        let mut unsent = jobs.into_iter();
+        // The error that ended the connection, once there is one.
+        let mut broken: Option<ConnError> = None;
+        for job in unsent.by_ref() {
+            let Some((job, tx)) = self.prepare(conn, job) else {
+                continue;
+            };
+            match conn.start(&tx, &job.msg.body, t).await {
+                Ok(()) => sent.push(job),
+                Err(Ok(local)) => {
+                    self.conclude(&conn.remote, job, Err(Ok(local)));
+                }
+                Err(Err(e)) => {
+                    // Part of it may have gone out: its outcome is unknown, like the sent ones'.
+                    self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        let back: Vec<Job> = unsent.collect();
+        if !back.is_empty() {
+            let mut ready = dq.ready.borrow_mut();
+            for job in back.into_iter().rev() {
+                ready.push_front(job);
+            }
+        }
+        for job in sent {
+            let outcome = match &broken {
+                None => conn.finish(t).await,
+                Some(e) => Err(e.clone()),
+            };
+            if let Err(e) = &outcome {
+                broken.get_or_insert_with(|| e.clone());
+            }
+            self.conclude(&conn.remote, job, outcome.map_err(Err));
+        }
+        broken.is_none()
+    }
+
+    /// The transaction for `job` on `conn`, or None when the job was settled without
+    /// sending (the next hop lacks an extension the message needs).
+    fn prepare(&self, conn: &Outbound, job: Job) -> Option<(Job, Transaction)> {
         let meta = &job.msg.meta;
         let caps = conn.capabilities();
         let (chunking, binarymime, smtputf8, eightbitmime) = (
@@ -551,7 +632,7 @@ impl CoreRelay {
                 conn.remote
             );
             self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
-            return true;
+            return None;
         }
         if meta.smtputf8 && !smtputf8 {
             let ascii = meta.reverse_path.is_ascii()
@@ -566,7 +647,7 @@ impl CoreRelay {
                     conn.remote
                 );
                 self.settle_all(job, true, "5.6.7", &text, Some(conn.remote.clone()));
-                return true;
+                return None;
             }
         }
         let mut mail_params = String::new();
@@ -598,11 +679,19 @@ impl CoreRelay {
             },
             chunk_size: 0,
         };
-        let remote = Some(conn.remote.clone());
-        match conn
-            .deliver(&tx, &job.msg.body, &self.relay.config.timeouts)
-            .await
-        {
+        Some((job, tx))
+    }
+
+    /// Records the outcome of `job`'s transaction with `remote`; false when the connection is
+    /// no longer usable.
+    fn conclude(
+        &self,
+        remote_name: &str,
+        job: Job,
+        outcome: Result<TransactionResult, Result<Reply, ConnError>>,
+    ) -> bool {
+        let remote = Some(remote_name.to_owned());
+        match outcome {
             Ok(result) => {
                 let mut deferred = Vec::new();
                 let mut last_deferral = String::new();
@@ -636,12 +725,12 @@ impl CoreRelay {
                 true
             }
             Err(Ok(local)) => {
-                let text = format!("{}: {}", conn.remote, reply_line(&local));
+                let text = format!("{remote_name}: {}", reply_line(&local));
                 self.settle_all(job, local.is_permanent(), "5.3.4", &text, remote);
                 true
             }
             Err(Err(e)) => {
-                let text = e.describe(&conn.remote);
+                let text = e.describe(remote_name);
                 self.settle_all(job, false, "4.4.2", &text, remote);
                 false
             }

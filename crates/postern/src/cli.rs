@@ -143,6 +143,11 @@ struct Serve {
         default_value_t = 16
     )]
     max_connections_per_destination: usize,
+    /// Messages pipelined into each other on one outbound connection when the next hop
+    /// offers PIPELINING and CHUNKING: each transaction is written before the earlier ones'
+    /// replies are read. 1 sends one transaction per round trip.
+    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1)]
+    max_transactions_in_flight: usize,
     /// How long an idle outbound connection waits for the next message.
     #[arg(long, env = "POSTERN_OUTBOUND_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     outbound_idle_timeout: Duration,
@@ -288,6 +293,9 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     if s.max_connections_per_destination == 0 {
         return Err("--max-connections-per-destination must be at least 1".into());
     }
+    if !(1..=256).contains(&s.max_transactions_in_flight) {
+        return Err("--max-transactions-in-flight must be from 1 to 256".into());
+    }
     if s.retry_initial.is_zero() || s.retry_max < s.retry_initial {
         return Err("--retry-initial must be more than 0 and at most --retry-max".into());
     }
@@ -313,6 +321,7 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         },
         delay_warning: s.delay_warning,
         max_per_destination: s.max_connections_per_destination,
+        max_in_flight: s.max_transactions_in_flight,
         idle_timeout: s.outbound_idle_timeout,
         tls,
         tls_ca: s.outbound_tls_ca.clone(),

@@ -50,6 +50,10 @@ fn wrong_flags_get_one_line_and_exit_2() {
         ],
         "--max-connections-per-ip",
     );
+    refused(
+        &["serve", "--max-transactions-in-flight", "0"],
+        "--max-transactions-in-flight",
+    );
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
 }

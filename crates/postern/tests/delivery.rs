@@ -931,3 +931,79 @@ fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
     let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
     assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
 }
+
+/// `--max-transactions-in-flight`: one connection to the next hop carries several messages
+/// pipelined into each other, and each reply still settles its own message. The sink defers
+/// one message in five (and closes the connection after several errors, with messages in
+/// flight); a reply credited to the wrong message would leave one message never recorded
+/// and another recorded twice.
+#[test]
+fn transactions_pipelined_to_the_next_hop_settle_each_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.txt");
+    let (sink, out, addr) = start_sink(&[
+        "--record",
+        record.to_str().unwrap(),
+        "--reply-mix",
+        "250:4,451:1",
+    ]);
+    let route = format!("sink.test={addr}");
+    let mut args = vec![
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-connections-per-destination",
+        "1",
+        "--max-transactions-in-flight",
+        "8",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    let n = 200u64;
+    let target = server.smtp.to_string();
+    let sent = Command::new(postern_load())
+        .args(["send", "--target", &target, "--quiet", "--connections", "8"])
+        .args(["--messages", &n.to_string(), "--pipelining", "--bdat"])
+        .args(["--to", "rcpt{r}@sink.test"])
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    let delivered = format!("postern_recipients_delivered_total {n}\n");
+    let text = server.metrics_until(|m| m.contains(&delivered));
+    assert!(text.contains(&delivered), "{text}");
+    let counters = stop_sink(sink, out);
+    let overlapped: u64 = counters
+        .lines()
+        .find_map(|l| l.strip_prefix("postern_load_sink_overlapped_transactions_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(overlapped > 0, "nothing was pipelined: {counters}");
+    let deferred: u64 = counters
+        .lines()
+        .find_map(|l| l.strip_prefix("postern_load_sink_replies_total{code=\"451\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(deferred > 0, "{counters}");
+    // Every 451 defers its message; so does a 421 closing the connection (the sink's
+    // "too many errors") for each message still in flight on it.
+    let deferrals: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        deferrals >= deferred,
+        "{deferrals} deferrals, {deferred} times 451"
+    );
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut seqs: Vec<u64> = recorded
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..n).collect::<Vec<_>>());
+}
