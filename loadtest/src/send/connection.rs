@@ -173,7 +173,7 @@ struct Pending<'a> {
     seq: u64,
     /// Its due time, or when its MAIL was queued.
     started: Instant,
-    /// When its body was handed to the connection.
+    /// When its body was queued for writing (written before the next read).
     eod: Option<Instant>,
     mode: BodyMode,
     message: Message<'a>,
@@ -233,7 +233,8 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
         };
         match event {
             ClientEvent::SendBody => {
-                let Some(p) = flight.iter_mut().rev().find(|p| p.eod.is_none()) else {
+                // The newest message owes its body: no message starts while one is owed.
+                let Some(p) = flight.back_mut().filter(|p| p.eod.is_none()) else {
                     return lose(core, "client_out_of_order", flight.len(), next);
                 };
                 if let Err(Failure(kind)) = write_body(&mut client, p).await {
