@@ -17,6 +17,7 @@ Targets (issue: thread-per-core server): postern >= 50x Postfix msg/s; p99 end o
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -77,6 +78,11 @@ def main():
                 compare.log(f"round {r + 1}: {name} {rep['messages_per_s']:.0f} msg/s")
                 if name == "Postfix":
                     compare.drain_postfix()
+        # The disk's own floor, on the spool's filesystem, just before the open loop.
+        floor = json.loads(subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benches", "scripts", "fdatasync_tail.py"),
+             "--json", "--dir", spool, "--seconds", str(args.half_peak_seconds)],
+            check=True, capture_output=True, text=True).stdout)
         peak = compare.median([r["messages_per_s"] for r in rows["postern"]])
         rate = max(1, int(peak / 2))
         compare.log(f"postern open loop at {rate} msg/s (half of {peak:.0f})")
@@ -132,6 +138,16 @@ def main():
         f"(target p99 < 2 ms: {'met' if eod['p99'] < 2 else '**not met**'}). The whole "
         f"transaction, from each message's due time: p50 {txn['p50']:.3f} ms, "
         f"p99 {txn['p99']:.3f} ms.",
+        "",
+        f"Reference, same run, just before the open loop: `benches/scripts/fdatasync_tail.py` "
+        f"wrote and fdatasynced 1 KiB records back to back on the spool's filesystem for "
+        f"{args.half_peak_seconds} s ({floor['syncs']} syncs; sync p50 "
+        f"{floor['sync_ms']['p50']:.3f} ms, p99 {floor['sync_ms']['p99']:.3f} ms, max "
+        f"{floor['sync_max_ms']:.1f} ms). A message arriving at a random moment of that run "
+        f"would wait for the sync in progress and then its own: p50 "
+        f"{floor['arrival_wait_ms']['p50']:.3f} ms, p99 {floor['arrival_wait_ms']['p99']:.3f} "
+        f"ms, and {floor['arrivals_over_2ms_pct']:.2f} % of arrivals more than 2 ms: the "
+        "floor under any durable 250 on this disk.",
         "",
         f"The sink counted {relayed} messages relayed by both servers in this run.",
         "",
