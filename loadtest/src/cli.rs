@@ -127,7 +127,9 @@ pub struct SendArgs {
     pub pipelining: bool,
     /// With --pipelining, up to this many messages in flight on each connection: the next
     /// message's MAIL, RCPT and DATA or BDAT go out right after the previous body, before
-    /// its reply (RFC 2920 3.1). 1 waits for each message's reply before the next.
+    /// its reply (RFC 2920 3.1). 1 waits for each message's reply before the next. Fewer
+    /// with many --rcpts (at most 4096 replies awaited). With --rate, a message due while
+    /// others are in flight starts once the next reply is in.
     #[arg(long, default_value_t = 1, requires = "pipelining",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub window: u32,

@@ -305,11 +305,8 @@ impl ClientSession {
     /// content open a group and BDAT is no synchronisation point (RFC 3030 4.2), so the next
     /// transaction's MAIL, RCPT and DATA or BDAT may follow the previous body at once.
     pub fn can_send(&self) -> bool {
-        self.idle()
-            || (self.caps.pipelining
-                && self.held.is_empty()
-                && !self.body_pending
-                && !self.body_open
+        let only_replies_to_earlier = || {
+            self.caps.pipelining
                 && self.expect.iter().all(|e| {
                     matches!(
                         e,
@@ -319,7 +316,12 @@ impl ClientSession {
                             | Expect::Chunk
                             | Expect::DataDone
                     )
-                }))
+                })
+        };
+        self.held.is_empty()
+            && !self.body_pending
+            && !self.body_open
+            && (self.expect.is_empty() || only_replies_to_earlier())
     }
 
     /// Transactions sent and not yet answered in full.

@@ -368,9 +368,10 @@ impl Outbound {
     }
 
     /// The replies to the oldest transaction sent with [`Outbound::start`] and not yet
-    /// finished. An error leaves the outcome of it and of every later one unknown.
-    pub async fn finish(&mut self, t: &Timeouts) -> Result<TransactionResult, ConnError> {
-        let limit = t.mail.max(t.rcpt).max(t.data_done);
+    /// finished, waiting at most `limit`. An error leaves the outcome of it and of every later
+    /// one unknown, except a 421 (`ClientError::Closing`): the server took none of the later
+    /// ones.
+    pub async fn finish(&mut self, limit: Duration) -> Result<TransactionResult, ConnError> {
         match self.next_event(limit).await? {
             ClientEvent::Done(result) => Ok(result),
             ClientEvent::Failed(e) => Err(ConnError::Smtp(e)),

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
 use futures_lite::future;
-use postern_proto::client::{BodyMode, OutRecipient, Transaction, TransactionResult};
+use postern_proto::client::{BodyMode, ClientError, OutRecipient, Transaction, TransactionResult};
 use postern_proto::Reply;
 use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
 use postern_server::delivery::{Accepted, CoreHandle, Delivery, DeliveryFactory, Outcome};
@@ -147,6 +147,17 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// How long replies are read for after a write to the next hop failed.
+const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(2);
+
+/// How long a next hop gets one transaction per round trip after a connection to it broke in
+/// the middle of pipelined transactions.
+const SERIAL_AFTER_BREAK: Duration = Duration::from_secs(60);
+
+/// The most replies (RSET, MAIL, each RCPT, BDAT) awaited at once on a connection that
+/// pipelines transactions; a few dozen octets each.
+const MAX_PIPELINED_REPLIES: usize = 512;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -225,6 +236,9 @@ struct DestQueue {
     /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
     /// to connect again.
     down_until: Cell<u64>,
+    /// A connection broke in the middle of pipelined transactions: one transaction per round
+    /// trip until then (ms).
+    serial_until: Cell<u64>,
 }
 
 /// One core's relay.
@@ -455,6 +469,7 @@ impl CoreRelay {
                     arrived: Event::new(),
                     cleartext_until: Cell::new(0),
                     down_until: Cell::new(0),
+                    serial_until: Cell::new(0),
                 })
             })
             .clone();
@@ -526,13 +541,21 @@ impl CoreRelay {
                     conn.quit().await;
                     break 'connect;
                 };
-                let window = self.relay.config.max_in_flight;
+                let window = if now_ms() < dq.serial_until.get() {
+                    1
+                } else {
+                    self.relay.config.max_in_flight
+                };
                 let usable = if window > 1 && conn.can_pipeline() {
+                    // Replies awaited at once stay few enough for any socket buffer: the
+                    // server must never block writing them while this side still writes.
+                    let mut replies = job.rcpts.len() + 3;
                     let mut jobs = vec![job];
-                    while jobs.len() < window {
+                    while jobs.len() < window && replies < MAX_PIPELINED_REPLIES {
                         let Some(more) = dq.ready.borrow_mut().pop_front() else {
                             break;
                         };
+                        replies += more.rcpts.len() + 3;
                         jobs.push(more);
                     }
                     self.transact_pipelined(&mut conn, &dq, jobs).await
@@ -589,29 +612,55 @@ impl CoreRelay {
                 Err(Err(e)) => {
                     // Part of it may have gone out: its outcome is unknown, like the sent ones'.
                     self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                    dq.serial_until
+                        .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
                     break;
                 }
             }
         }
-        let back: Vec<Job> = unsent.collect();
-        if !back.is_empty() {
-            let mut ready = dq.ready.borrow_mut();
-            for job in back.into_iter().rev() {
-                ready.push_front(job);
+        self.requeue(dq, unsent.collect());
+        // After a failed write the replies to what went out before it may still be readable
+        // (from a server that answered 421 and closed, say): read them briefly, not guess.
+        let limit = match broken {
+            None => t.mail.max(t.rcpt).max(t.data_done),
+            Some(_) => t.data_done.min(AFTER_WRITE_FAILURE),
+        };
+        let mut sent = sent.into_iter();
+        while let Some(job) = sent.next() {
+            match conn.finish(limit).await {
+                Ok(result) => {
+                    self.conclude(&conn.remote, job, Ok(result));
+                }
+                Err(e) => {
+                    self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                    if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
+                        // The server closed at this reply, so it took none of the later
+                        // transactions: they go back to the queue as if never sent.
+                        self.requeue(dq, sent.collect());
+                    } else {
+                        // Their outcome is unknown: deferred, like this one. A next hop that
+                        // drops connections in the middle of a batch might do it to every
+                        // batch, so it gets one transaction per round trip for a while.
+                        dq.serial_until
+                            .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                        for job in sent {
+                            self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                        }
+                    }
+                    return false;
+                }
             }
-        }
-        for job in sent {
-            let outcome = match &broken {
-                None => conn.finish(t).await,
-                Some(e) => Err(e.clone()),
-            };
-            if let Err(e) = &outcome {
-                broken.get_or_insert_with(|| e.clone());
-            }
-            self.conclude(&conn.remote, job, outcome.map_err(Err));
         }
         broken.is_none()
+    }
+
+    /// Puts jobs that were never sent back at the front of their queue, in order.
+    fn requeue(&self, dq: &DestQueue, jobs: Vec<Job>) {
+        let mut ready = dq.ready.borrow_mut();
+        for job in jobs.into_iter().rev() {
+            ready.push_front(job);
+        }
     }
 
     /// The transaction for `job` on `conn`, or None when the job was settled without

@@ -143,7 +143,11 @@ impl Session {
                     }
                     Event::DataStart => self.data_start(),
                     Event::Body(bytes) => self.body(bytes),
-                    Event::DataEnd => self.data_end().await,
+                    Event::DataEnd => {
+                        if !self.data_end().await {
+                            return;
+                        }
+                    }
                     Event::DataAbort => {
                         if let Some(draft) = self.draft.take() {
                             self.core.store.abort(draft);
@@ -342,26 +346,27 @@ impl Session {
         }
     }
 
-    async fn data_end(&mut self) {
+    /// Settles an end of data; false when the connection is gone (nothing more is taken
+    /// from it, and this message is not committed).
+    async fn data_end(&mut self) -> bool {
         // A client that pipelines transactions into each other may have sent this message
         // before reading the previous one's reply: let that reply go before waiting for this
         // commit, rather than after it.
         if self.eod_at.is_some() && !self.flush().await {
-            self.proto.message_failed(replies::NO_DECISION);
             if let Some(draft) = self.draft.take() {
                 self.core.store.abort(draft);
             }
-            return;
+            return false;
         }
         self.eod_at = Some(Instant::now());
         let Some(draft) = self.draft.take() else {
             self.proto.message_failed(replies::NO_DECISION);
-            return;
+            return true;
         };
         if self.loops.is_looping() {
             self.core.store.abort(draft);
             self.proto.message_failed(MAIL_LOOP);
-            return;
+            return true;
         }
         let size = draft.size();
         let committing = Instant::now();
@@ -386,5 +391,6 @@ impl Session {
                 self.proto.message_failed(replies::SPOOL_FULL);
             }
         }
+        true
     }
 }

@@ -54,6 +54,10 @@ impl From<ClientError> for Failure {
 /// Read buffer per connection; replies are small.
 const READ_BUFFER: usize = 16 * 1024;
 
+/// The most replies (MAIL, each RCPT, DATA or BDAT and the body's) awaited at once with
+/// `--window`.
+const MAX_REPLIES_AWAITED: usize = 4096;
+
 /// Largest single write of a body when `--chunk-size` is not given.
 const DEFAULT_WRITE: u64 = 256 * 1024;
 
@@ -184,7 +188,10 @@ struct Pending<'a> {
 /// carried `--msgs-per-conn`, or it fails. Returns the ticket the next connection starts with.
 async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket> {
     let run = &core.run;
-    let window = run.args.window as usize;
+    // Replies awaited at once stay few enough for any socket buffer, so the server never
+    // blocks writing them while this side still writes.
+    let replies_each = run.args.rcpts as usize + 3;
+    let window = (run.args.window as usize).min((MAX_REPLIES_AWAITED / replies_each).max(1));
     let limit = run.args.msgs_per_conn;
     let mut flight: VecDeque<Pending<'_>> = VecDeque::with_capacity(window);
     let mut next = Some(first);
