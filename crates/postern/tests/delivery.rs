@@ -932,21 +932,26 @@ fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
     assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
 }
 
-/// `--max-transactions-in-flight`: one connection to the next hop carries several messages
-/// pipelined into each other, and each reply still settles its own message. The sink defers
-/// one message in five (and closes the connection after several errors, with messages in
-/// flight); a reply credited to the wrong message would leave one message never recorded
-/// and another recorded twice.
-#[test]
-fn transactions_pipelined_to_the_next_hop_settle_each_message() {
+/// What a run through postern to a recording sink left behind.
+struct Relayed {
+    /// postern's metrics once it had delivered every message.
+    metrics: String,
+    /// The sink's counters.
+    sink: String,
+    /// The sequence numbers the sink recorded, sorted, repeats included.
+    seqs: Vec<u64>,
+}
+
+/// Sends `n` messages to postern with `postern-load send` (8 connections, pipelined, BDAT);
+/// postern, with `--max-transactions-in-flight 8`, `connections` per next hop and quick
+/// retries, relays them to a recording sink started with `sink_args`. Returns once postern has
+/// delivered all of them (or gave up waiting after 30 s).
+fn relay_pipelined(n: u64, connections: &str, sink_args: &[&str]) -> Relayed {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.txt");
-    let (sink, out, addr) = start_sink(&[
-        "--record",
-        record.to_str().unwrap(),
-        "--reply-mix",
-        "250:4,451:1",
-    ]);
+    let mut args = vec!["--record", record.to_str().unwrap()];
+    args.extend_from_slice(sink_args);
+    let (sink, out, addr) = start_sink(&args);
     let route = format!("sink.test={addr}");
     let mut args = vec![
         "--route",
@@ -954,13 +959,12 @@ fn transactions_pipelined_to_the_next_hop_settle_each_message() {
         "--metrics",
         "127.0.0.1:0",
         "--max-connections-per-destination",
-        "1",
+        connections,
         "--max-transactions-in-flight",
         "8",
     ];
     args.extend(FAST_RETRY);
     let server = Server::start(&args);
-    let n = 200u64;
     let target = server.smtp.to_string();
     let sent = Command::new(postern_load())
         .args(["send", "--target", &target, "--quiet", "--connections", "8"])
@@ -970,21 +974,27 @@ fn transactions_pipelined_to_the_next_hop_settle_each_message() {
         .unwrap();
     assert!(sent.status.success(), "{sent:?}");
     let delivered = format!("postern_recipients_delivered_total {n}\n");
-    let text = server.metrics_until(|m| m.contains(&delivered));
-    assert!(text.contains(&delivered), "{text}");
-    let counters = stop_sink(sink, out);
-    let overlapped = counter(&counters, "postern_load_sink_overlapped_transactions_total");
-    assert!(overlapped > 0, "nothing was pipelined: {counters}");
-    let deferred = counter(&counters, "postern_load_sink_replies_total{code=\"451\"}");
-    assert!(deferred > 0, "{counters}");
-    // Every 451 defers its message; so does a 421 closing the connection (the sink's
-    // "too many errors") for each message still in flight on it.
-    let deferrals = counter(&text, "postern_delivery_deferrals_total");
-    assert!(
-        deferrals >= deferred,
-        "{deferrals} deferrals, {deferred} times 451"
-    );
-    assert_eq!(recorded_seqs(&record), (0..n).collect::<Vec<_>>());
+    // Retries wait 200 to 400 ms each; bounded at six waits of five seconds.
+    let mut metrics = String::new();
+    for _ in 0..6 {
+        metrics = server.metrics_until(|m| m.contains(&delivered));
+        if metrics.contains(&delivered) {
+            break;
+        }
+    }
+    assert!(metrics.contains(&delivered), "{metrics}");
+    let sink = stop_sink(sink, out);
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut seqs: Vec<u64> = recorded
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    Relayed {
+        metrics,
+        sink,
+        seqs,
+    }
 }
 
 /// A Prometheus sample's value, by its name and labels.
@@ -996,15 +1006,27 @@ fn counter(text: &str, name: &str) -> u64 {
         .unwrap()
 }
 
-/// The sequence numbers a sink recorded, sorted, repeats included.
-fn recorded_seqs(record: &std::path::Path) -> Vec<u64> {
-    let recorded = std::fs::read_to_string(record).unwrap();
-    let mut seqs: Vec<u64> = recorded
-        .lines()
-        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
-        .collect();
-    seqs.sort_unstable();
-    seqs
+/// `--max-transactions-in-flight`: one connection to the next hop carries several messages
+/// pipelined into each other, and each reply still settles its own message. The sink defers
+/// one message in five (and closes the connection after several errors, with messages in
+/// flight); a reply credited to the wrong message would leave one message never recorded
+/// and another recorded twice.
+#[test]
+fn transactions_pipelined_to_the_next_hop_settle_each_message() {
+    let n = 200;
+    let r = relay_pipelined(n, "1", &["--reply-mix", "250:4,451:1"]);
+    let overlapped = counter(&r.sink, "postern_load_sink_overlapped_transactions_total");
+    assert!(overlapped > 0, "nothing was pipelined: {}", r.sink);
+    let deferred = counter(&r.sink, "postern_load_sink_replies_total{code=\"451\"}");
+    assert!(deferred > 0, "{}", r.sink);
+    // Every 451 defers its message; so does a 421 closing the connection (the sink's
+    // "too many errors") for the message it answers.
+    let deferrals = counter(&r.metrics, "postern_delivery_deferrals_total");
+    assert!(
+        deferrals >= deferred,
+        "{deferrals} deferrals, {deferred} times 451"
+    );
+    assert_eq!(r.seqs, (0..n).collect::<Vec<_>>());
 }
 
 /// A next hop that drops the connection in the middle of a pipelined batch: nothing is lost,
@@ -1012,49 +1034,13 @@ fn recorded_seqs(record: &std::path::Path) -> Vec<u64> {
 /// came back (at most one batch per dropped connection).
 #[test]
 fn a_connection_dropped_mid_batch_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("record.txt");
-    let (sink, out, addr) =
-        start_sink(&["--record", record.to_str().unwrap(), "--drop-after", "5"]);
-    let route = format!("sink.test={addr}");
-    let mut args = vec![
-        "--route",
-        &route,
-        "--metrics",
-        "127.0.0.1:0",
-        "--max-connections-per-destination",
-        "2",
-        "--max-transactions-in-flight",
-        "8",
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
-    let n = 100u64;
-    let target = server.smtp.to_string();
-    let sent = Command::new(postern_load())
-        .args(["send", "--target", &target, "--quiet", "--connections", "4"])
-        .args(["--messages", &n.to_string(), "--pipelining", "--bdat"])
-        .args(["--to", "rcpt{r}@sink.test"])
-        .output()
-        .unwrap();
-    assert!(sent.status.success(), "{sent:?}");
-    let delivered = format!("postern_recipients_delivered_total {n}\n");
-    // Retries wait 200 to 400 ms each; bounded at six waits of five seconds.
-    let mut text = String::new();
-    for _ in 0..6 {
-        text = server.metrics_until(|m| m.contains(&delivered));
-        if text.contains(&delivered) {
-            break;
-        }
-    }
-    assert!(text.contains(&delivered), "{text}");
-    let counters = stop_sink(sink, out);
-    let drops = counter(&counters, "postern_load_sink_dropped_total");
-    assert!(drops > 0, "{counters}");
-    let mut seqs = recorded_seqs(&record);
-    let recorded = seqs.len() as u64;
-    seqs.dedup();
-    assert_eq!(seqs, (0..n).collect::<Vec<_>>(), "every message arrived");
+    let n = 100;
+    let mut r = relay_pipelined(n, "2", &["--drop-after", "5"]);
+    let drops = counter(&r.sink, "postern_load_sink_dropped_total");
+    assert!(drops > 0, "{}", r.sink);
+    let recorded = r.seqs.len() as u64;
+    r.seqs.dedup();
+    assert_eq!(r.seqs, (0..n).collect::<Vec<_>>(), "every message arrived");
     assert!(
         recorded <= n + drops * 8,
         "{recorded} recorded for {n} messages and {drops} drops"
