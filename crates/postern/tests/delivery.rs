@@ -280,10 +280,7 @@ fn delivers_through_bdat_to_the_project_sink() {
     let n = 20;
     for i in 0..n {
         let body = format!("X-Postern-Load-Seq: {i}\r\n\r\nbody {i}\r\n");
-        let mut c = server.connect();
-        c.line();
-        c.send(b"EHLO c.test\r\n");
-        c.reply();
+        let mut c = greeted(&server);
         c.cmd("MAIL FROM:<a@origin.test>");
         c.cmd("RCPT TO:<r@sink.test>");
         c.cmd("DATA");
@@ -398,10 +395,7 @@ fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO c.test\r\n");
-    c.reply();
+    let mut c = greeted(&server);
     c.cmd("MAIL FROM:<>");
     c.cmd("RCPT TO:<nobody@dest.test>");
     c.cmd("DATA");
@@ -697,19 +691,8 @@ fn outbound_starttls_opportunistic_and_required() {
 
 #[test]
 fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
-    let down = reserve("127.0.0.1", 0);
+    let (server, down) = unreachable_dest(&["--queue-high-water", "3", "--queue-low-water", "1"]);
     let port = down.1;
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut args = vec![
-        "--route",
-        &route,
-        "--queue-high-water",
-        "3",
-        "--queue-low-water",
-        "1",
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
     for i in 0..3 {
         send(
             &server,
@@ -720,10 +703,7 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
         );
     }
     // The next hop is down, so the three stay queued: new mail is refused for now.
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO c.test\r\n");
-    c.reply();
+    let mut c = greeted(&server);
     mail_until(&mut c, "452 4.3.1");
     // The next hop comes up, the queue drains, mail is accepted again.
     drop(down);
@@ -737,13 +717,30 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
 /// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
 /// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
 fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reserved) {
+    let route = format!("origin.test=127.0.0.1:{}", origin.port);
+    let mut args = vec!["--route", &route];
+    args.extend(extra);
+    unreachable_dest(&args)
+}
+
+/// postern with dest.test routed to a port where nothing listens (held until the returned
+/// reservation is dropped), fast retries, and `extra` flags.
+fn unreachable_dest(extra: &[&str]) -> (Server, Reserved) {
     let down = reserve("127.0.0.1", 0);
-    let route1 = format!("dest.test=127.0.0.1:{}", down.1);
-    let route2 = format!("origin.test=127.0.0.1:{}", origin.port);
-    let mut args = vec!["--route", &route1, "--route", &route2];
+    let route = format!("dest.test=127.0.0.1:{}", down.1);
+    let mut args = vec!["--route", &route];
     args.extend(FAST_RETRY);
     args.extend(extra);
     (Server::start(&args), down)
+}
+
+/// A connection to `server`, past its greeting and EHLO.
+fn greeted(server: &Server) -> common::Client {
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    c
 }
 
 #[test]
@@ -814,26 +811,17 @@ fn a_message_over_the_next_hops_size_fails_at_once() {
 
 #[test]
 fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
-    let down = reserve("127.0.0.1", 0);
-    let port = down.1;
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut args = vec![
-        "--route",
-        &route,
+    let (server, down) = unreachable_dest(&[
         "--cores",
         "1",
         "--spool-segment-size",
         "64k",
         "--spool-high-water",
         "256k",
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
+    ]);
+    let port = down.1;
     let body = ("z".repeat(78) + "\r\n").repeat(500); // 40 KiB
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO c.test\r\n");
-    c.reply();
+    let mut c = greeted(&server);
     let mut sent = 0;
     let refused = loop {
         let r = c.cmd("MAIL FROM:<a@origin.test>");
