@@ -2,19 +2,28 @@
 # Acceptance throughput, side by side in one run, on loopback:
 #   postern (durable spool)  vs  Postfix relaying to smtp-sink (durable queue)  vs  smtp-sink
 #   (stores nothing), all driven by Postfix's smtp-source: 50 sessions, 1 KiB messages, one
-#   connection per session reused for every message (-d). Three rounds each; medians printed.
+#   connection per session reused for every message (-d). Three rounds each (or the second
+#   argument); medians printed.
+# postern runs twice: on all cores (its default), relaying every message to the smtp-sink as
+# Postfix does; and accepting only (--hold: durable spool, no delivery) with --cores 1, which
+# leaves the other core to smtp-source as the single-process smtp-sink does. Each relaying
+# server's queue is drained to the sink after its round, so no delivery backlog takes CPU
+# from the next measurement.
 # Needs root (installs and configures Postfix when missing). Usage:
-#   bash benches/scripts/accept_vs_postfix.sh [messages-per-round]
+#   bash benches/scripts/accept_vs_postfix.sh [messages-per-round [rounds]]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MSGS=${1:-20000}
+ROUNDS=${2:-3}
 SESSIONS=50
 SIZE=1024
-SINK_PORT=25251; POSTFIX_PORT=25252; POSTERN_PORT=25253
+SINK_PORT=25251; POSTFIX_PORT=25252; POSTERN_PORT=25253; POSTERN1_PORT=25254
+METRICS_PORT=25263; METRICS1_PORT=25264
 work=$(mktemp -d /var/tmp/postern-bench.XXXXXX)
 cleanup() {
   [ -n "${sink_pid:-}" ] && kill "$sink_pid" 2>/dev/null || true
   [ -n "${postern_pid:-}" ] && kill "$postern_pid" 2>/dev/null || true
+  [ -n "${postern1_pid:-}" ] && kill "$postern1_pid" 2>/dev/null || true
   postfix stop >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -42,9 +51,14 @@ smtp-sink -u nobody -c "127.0.0.1:$SINK_PORT" 1000 >"$work/sink.log" 2>&1 &
 sink_pid=$!
 # postern relays to the same next hop as Postfix (never to MX hosts).
 ./target/release/postern serve --listen "127.0.0.1:$POSTERN_PORT" --spool "$work/spool" \
-  --hostname bench.test --relay-host "127.0.0.1:$SINK_PORT" >"$work/postern.log" 2>&1 &
+  --hostname bench.test --relay-host "127.0.0.1:$SINK_PORT" \
+  --metrics "127.0.0.1:$METRICS_PORT" >"$work/postern.log" 2>&1 &
 postern_pid=$!
-for port in $SINK_PORT $POSTFIX_PORT $POSTERN_PORT; do
+./target/release/postern serve --listen "127.0.0.1:$POSTERN1_PORT" --spool "$work/spool1" \
+  --hostname bench.test --relay-host "127.0.0.1:$SINK_PORT" --cores 1 --hold \
+  --metrics "127.0.0.1:$METRICS1_PORT" >"$work/postern1.log" 2>&1 &
+postern1_pid=$!
+for port in $SINK_PORT $POSTFIX_PORT $POSTERN_PORT $POSTERN1_PORT; do
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 done
 
@@ -56,22 +70,40 @@ rate() { # port -> messages per second of one round
   end=$(date +%s.%N)
   python3 -c "print(round($MSGS / ($end - $start)))"
 }
-median() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
+median() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
 drain_postfix() { # let Postfix hand its queue to the sink before the next measurement
   for _ in $(seq 1 600); do [ -z "$(postqueue -j 2>/dev/null)" ] && return; sleep 0.2; done
 }
 
+drain_postern() { # metrics port: wait until every accepted message has been delivered
+  for _ in $(seq 1 1500); do
+    depth=$(curl -s "http://127.0.0.1:$1/metrics" | awk '$1 == "postern_queue_depth" {print $2}')
+    [ "$depth" = 0 ] && return
+    sleep 0.2
+  done
+  echo "warning: postern queue not empty after 300 s" >&2
+}
+
 declare -A result
-for round in 1 2 3; do
-  for target in postern postfix sink; do
-    case $target in postern) p=$POSTERN_PORT;; postfix) p=$POSTFIX_PORT;; sink) p=$SINK_PORT;; esac
+for round in $(seq 1 "$ROUNDS"); do
+  for target in postern postern1 postfix sink; do
+    case $target in
+      postern) p=$POSTERN_PORT;; postern1) p=$POSTERN1_PORT;;
+      postfix) p=$POSTFIX_PORT;; sink) p=$SINK_PORT;;
+    esac
     result[$target]+="$(rate $p) "
-    [ $target = postfix ] && drain_postfix
+    case $target in
+      postern) drain_postern $METRICS_PORT;; postern1) drain_postern $METRICS1_PORT;;
+      postfix) drain_postfix;;
+    esac
   done
 done
-pm=$(median ${result[postern]}); fm=$(median ${result[postfix]}); sm=$(median ${result[sink]})
-echo "| receiver (smtp-source -d -s $SESSIONS -m $MSGS -l $SIZE) | rounds (msg/s) | median msg/s | postern / this |"
-echo "| --- | --- | --- | --- |"
-echo "| postern, durable spool | ${result[postern]}| $pm | 1.00 |"
-echo "| Postfix relay, durable queue | ${result[postfix]}| $fm | $(python3 -c "print(f'{$pm/$fm:.2f}')") |"
-echo "| Postfix smtp-sink, stores nothing | ${result[sink]}| $sm | $(python3 -c "print(f'{$pm/$sm:.2f}')") |"
+pm=$(median ${result[postern]}); p1=$(median ${result[postern1]})
+fm=$(median ${result[postfix]}); sm=$(median ${result[sink]})
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+echo "| receiver (smtp-source -d -s $SESSIONS -m $MSGS -l $SIZE) | rounds (msg/s) | median msg/s | postern (all cores) / this | postern --cores 1 --hold / this |"
+echo "| --- | --- | --- | --- | --- |"
+echo "| postern, durable spool, relaying, all cores | ${result[postern]}| $pm | 1.00 | $(ratio $p1 $pm) |"
+echo "| postern, durable spool, accepting only (--hold), --cores 1 | ${result[postern1]}| $p1 | $(ratio $pm $p1) | 1.00 |"
+echo "| Postfix relay, durable queue | ${result[postfix]}| $fm | $(ratio $pm $fm) | $(ratio $p1 $fm) |"
+echo "| Postfix smtp-sink, stores nothing | ${result[sink]}| $sm | $(ratio $pm $sm) | $(ratio $p1 $sm) |"
