@@ -18,7 +18,15 @@ pub const MIN_RECIPIENTS: usize = 100;
 pub const MAX_ENVID: usize = 100;
 /// Longest ORCPT value (RFC 3461 4.2).
 pub const MAX_ORCPT: usize = 500;
-/// Digits accepted in a SIZE or BDAT count: enough for any u64 below 10^19.
+/// Digits accepted in a BDAT count: enough for any u64 below 10^19.
 pub const MAX_DECIMAL_DIGITS: usize = 19;
-/// Error replies after which a session is ended with 421 (Postfix's hard error limit).
+/// Digits accepted in a SIZE value (RFC 1870 4: `1*20DIGIT`); past u64 it reads as too big.
+pub const MAX_SIZE_DIGITS: usize = 20;
+/// Error replies after which a session is ended with 421 (Postfix's hard error limit). The
+/// count starts again after each message accepted, and `452 4.5.3` (too many recipients, an
+/// answer RFC 5321 4.5.3.1.10 requires and clients act on) does not count below
+/// [`MAX_RCPT_OVERSHOOT`].
 pub const DEFAULT_MAX_ERRORS: u32 = 20;
+/// RCPT commands past the recipient limit, in one transaction, answered `452 4.5.3` before
+/// each further one also counts as an error (Postfix's recipient overshoot limit).
+pub const MAX_RCPT_OVERSHOOT: usize = 1000;

@@ -3,7 +3,7 @@
 
 use std::fmt::{self, Write};
 
-use crate::limits::{MAX_DECIMAL_DIGITS, MAX_ENVID, MAX_ORCPT};
+use crate::limits::{MAX_DECIMAL_DIGITS, MAX_ENVID, MAX_ORCPT, MAX_SIZE_DIGITS};
 
 /// The body type declared with BODY= (RFC 6152, RFC 3030).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -185,6 +185,15 @@ pub fn parse_decimal(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
+/// Parses a SIZE value: at most [`MAX_SIZE_DIGITS`] digits (RFC 1870 4), leading zeros
+/// allowed; a value past `u64::MAX` becomes `u64::MAX`, which no limit admits.
+pub fn parse_size(s: &str) -> Option<u64> {
+    if s.is_empty() || s.len() > MAX_SIZE_DIGITS || !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse().unwrap_or(u64::MAX))
+}
+
 fn set<T>(slot: &mut Option<T>, value: T) -> Result<(), ParamError> {
     if slot.is_some() {
         return Err(ParamError::Invalid);
@@ -200,7 +209,7 @@ impl<'a> MailParams<'a> {
         for pair in pairs(rest) {
             let (key, value) = pair?;
             if key.eq_ignore_ascii_case("SIZE") {
-                let n = value.and_then(parse_decimal).ok_or(ParamError::Invalid)?;
+                let n = value.and_then(parse_size).ok_or(ParamError::Invalid)?;
                 set(&mut p.size, n)?;
             } else if key.eq_ignore_ascii_case("BODY") {
                 let v = value.ok_or(ParamError::Invalid)?;

@@ -21,7 +21,7 @@ use crate::command::{Command, CommandError};
 use crate::data::DataDecoder;
 use crate::envelope::Envelope;
 use crate::framer::{Frame, LineFramer};
-use crate::limits::{DEFAULT_MAX_ERRORS, MAX_COMMAND_LINE, MIN_RECIPIENTS};
+use crate::limits::{DEFAULT_MAX_ERRORS, MAX_COMMAND_LINE, MAX_RCPT_OVERSHOOT, MIN_RECIPIENTS};
 use crate::params::{BodyType, MailParams, RcptParams};
 use crate::reply::{write_reply, write_reply_line, EnhancedCode, StaticReply};
 
@@ -82,6 +82,8 @@ pub mod replies {
     pub const NEED_RCPT: StaticReply = r(503, 5, 5, 1, "Need RCPT command");
     /// DATA or BDAT when every RCPT was refused (RFC 2920 3.1).
     pub const NO_RECIPIENTS: StaticReply = r(554, 5, 5, 1, "No valid recipients");
+    /// RCPT after the first BDAT chunk: the envelope is already in the message being stored.
+    pub const RCPT_AFTER_BDAT: StaticReply = r(503, 5, 5, 1, "RCPT not allowed after BDAT");
     /// DATA after BDAT in one transaction.
     pub const DATA_AFTER_BDAT: StaticReply = r(503, 5, 5, 1, "DATA not allowed after BDAT");
     /// DATA with BODY=BINARYMIME (RFC 3030 3).
@@ -417,6 +419,8 @@ impl ServerSession {
             self.decision = Decision::None;
             let text = format!("Ok: queued as {queue_id}");
             write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
+            // Like Postfix's hard error limit: errors count between messages delivered.
+            self.errors = 0;
             self.reset_transaction();
         }
     }
@@ -681,12 +685,22 @@ impl ServerSession {
         if !self.in_mail {
             return self.fail(replies::NEED_MAIL);
         }
+        if self.bdat {
+            return self.fail(replies::RCPT_AFTER_BDAT);
+        }
         self.rcpts_tried += 1;
         if !params.is_empty() && !self.envelope.is_esmtp() {
             return self.fail(replies::PARAMS_NEED_EHLO);
         }
-        if self.envelope.recipient_count() >= self.config.max_recipients.max(MIN_RECIPIENTS) {
-            return self.fail(replies::TOO_MANY_RCPTS);
+        let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
+        if self.envelope.recipient_count() >= limit {
+            // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
+            // answer is not held against the session until the overshoot gets absurd.
+            if self.rcpts_tried - limit > MAX_RCPT_OVERSHOOT {
+                return self.fail(replies::TOO_MANY_RCPTS);
+            }
+            replies::TOO_MANY_RCPTS.write(&mut self.out);
+            return None;
         }
         if let ForwardPath::Mailbox(m) = &path {
             if !m.is_ascii() && !self.envelope.smtputf8() {

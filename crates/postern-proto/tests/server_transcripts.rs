@@ -346,6 +346,136 @@ fn recipient_limit_is_452() {
 }
 
 #[test]
+fn recipients_past_the_limit_do_not_end_the_session() {
+    // 130 recipients against a limit of 100: 30 answers of 452, then the message is still
+    // taken for the 100 accepted (RFC 5321 4.5.3.1.10), and the session goes on.
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test>".to_owned(),
+    ];
+    for i in 0..130 {
+        lines.push(format!("RCPT TO:<r{i}@mx.test>"));
+    }
+    lines.extend(["DATA".to_owned(), "hi".to_owned(), ".".to_owned()]);
+    lines.push("NOOP".to_owned());
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 100,
+        ..(*config()).clone()
+    });
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let o = run(&cfg, false, &client(&refs), &[]);
+    assert_eq!(
+        o.output.matches("452 4.5.3 Too many recipients").count(),
+        30
+    );
+    assert!(!o.output.contains("421"), "{}", o.output);
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].1.len(), 100);
+    assert!(o.output.ends_with(&server(&[
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 Ok: queued as Q1",
+        "250 2.0.0 Ok",
+    ])));
+    assert!(!o.closed);
+}
+
+#[test]
+fn an_absurd_recipient_overshoot_counts_as_errors() {
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test>".to_owned(),
+    ];
+    for i in 0..1200 {
+        lines.push(format!("RCPT TO:<r{i}@mx.test>"));
+    }
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 100,
+        ..(*config()).clone()
+    });
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let o = run(&cfg, false, &client(&refs), &[]);
+    // A limit of 100: 1000 overshooting RCPTs are free, then 20 errors end it.
+    assert_eq!(o.output.matches("452 4.5.3").count(), 1020);
+    assert!(o.output.ends_with(
+        "452 4.5.3 Too many recipients\r\n421 4.7.0 Too many errors, closing connection\r\n"
+    ));
+    assert!(o.closed);
+}
+
+#[test]
+fn the_error_count_starts_again_after_a_message_is_accepted() {
+    let mut lines = vec!["EHLO client.test"];
+    lines.extend(["BOGUS"; 15]);
+    lines.extend([
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+        "x",
+        ".",
+    ]);
+    lines.extend(["BOGUS"; 15]);
+    lines.push("NOOP");
+    let o = run_every_split(&config(), &client(&lines));
+    assert_eq!(o.output.matches("500 5.5.1").count(), 30);
+    assert!(!o.output.contains("421"), "{}", o.output);
+    assert!(o.output.ends_with("250 2.0.0 Ok\r\n"));
+    // Without a message in between, the same 30 errors end the session at the 20th.
+    let mut lines = vec!["EHLO client.test"];
+    lines.extend(["BOGUS"; 30]);
+    let o = run_every_split(&config(), &client(&lines));
+    assert_eq!(o.output.matches("500 5.5.1").count(), 20);
+    assert!(o.closed);
+}
+
+#[test]
+fn rcpt_after_the_first_bdat_chunk_is_refused() {
+    // The envelope goes into the spool with the first chunk: a later RCPT cannot join it.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<first@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 4\r\nab\r\nRCPT TO:<second@mx.test>\r\nBDAT 4 LAST\r\ncd\r\n");
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        with_banner_and_ehlo(&[
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 2.0.0 4 octets received",
+            "503 5.5.1 RCPT not allowed after BDAT",
+            "250 2.0.0 Ok: queued as Q1",
+        ])
+    );
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].1, ["first@mx.test"]);
+    assert_eq!(o.messages[0].2, b"ab\r\ncd\r\n");
+}
+
+#[test]
+fn size_takes_twenty_digits() {
+    // RFC 1870 4: size-value ::= 1*20DIGIT; a value past any limit is too big, not bad syntax.
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test> SIZE=99999999999999999999",
+        "MAIL FROM:<a@b.test> SIZE=00000000000000000001",
+        "RSET",
+        "MAIL FROM:<a@b.test> SIZE=000000000000000000001",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "250 2.1.0 Ok",
+            "250 2.0.0 Ok",
+            "501 5.5.4 Invalid parameter value",
+        ])),
+        "{}",
+        o.output
+    );
+}
+
+#[test]
 fn spool_refusal_at_data() {
     let input = client(&[
         "EHLO client.test",
