@@ -313,7 +313,9 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     let mut label_len = 0usize;
     let mut prev = b'.';
     let mut i = 0;
+    let mut utf8 = false;
     while let Some(&c) = b.get(i) {
+        utf8 |= c >= 0x80;
         if CLASS[usize::from(c)] & LABEL != 0 || (c == b'-' && label_len != 0) {
             label_len += 1;
         } else if c == b'.' && label_len != 0 && label_len <= 63 && prev != b'-' {
@@ -332,7 +334,33 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     if i > MAX_DOMAIN {
         return Err(PathError::DomainTooLong);
     }
+    if utf8 {
+        // UTF-8 bytes end only where a character ends, so the prefix is still text.
+        let domain = std::str::from_utf8(&b[..i]).map_err(|_| PathError::Syntax)?;
+        check_idna(domain)?;
+    }
     Ok(i)
+}
+
+/// A domain with UTF-8 labels (RFC 6531 3.3) must be a domain name IDNA can carry: its
+/// U-labels convert to A-labels under UTS #46 with the STD3 rules and DNS lengths. That
+/// keeps out what no host name holds: spaces (U+00A0), controls (U+0085), line and paragraph
+/// separators, bidirectional overrides.
+fn check_idna(domain: &str) -> Result<(), PathError> {
+    idna::domain_to_ascii_strict(domain)
+        .map(drop)
+        .map_err(|_| PathError::Syntax)
+}
+
+/// The ASCII form of a valid domain: the domain itself when it is ASCII, else with its
+/// U-labels written as A-labels (`xn--...`). None when it is not a valid IDNA domain.
+pub fn domain_to_ascii(domain: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if domain.is_ascii() {
+        return Some(std::borrow::Cow::Borrowed(domain));
+    }
+    idna::domain_to_ascii_strict(domain)
+        .ok()
+        .map(std::borrow::Cow::Owned)
 }
 
 /// Checks that all of `s` is one RFC 5321 Domain.
@@ -441,6 +469,31 @@ mod tests {
         // Found by the `command` fuzz target: byte 12 falls inside a two-byte character.
         assert!(parse_forward_path("<\"q0IP00:dbȹL").is_err());
         assert!(parse_forward_path("<postmasterȹ>").is_err());
+    }
+
+    #[test]
+    fn utf8_domains_must_be_idna_names() {
+        assert!(is_valid_helo("b\u{fc}cher.example"));
+        assert!(rev("<a@b\u{fc}cher.example>").is_ok());
+        for bad in [
+            "a\u{a0}b.example",
+            "\u{202e}example.com",
+            "\u{2028}x.example",
+            "x\u{85}y.example",
+            "ab--\u{fc}.example",
+        ] {
+            assert!(!is_valid_helo(bad), "{bad:?}");
+            assert!(rev(&format!("<a@{bad}>")).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            domain_to_ascii("b\u{fc}cher.example").as_deref(),
+            Some("xn--bcher-kva.example")
+        );
+        assert_eq!(
+            domain_to_ascii("plain.example").as_deref(),
+            Some("plain.example")
+        );
+        assert_eq!(domain_to_ascii("a\u{a0}b.example"), None);
     }
 
     #[test]

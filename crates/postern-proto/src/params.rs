@@ -378,8 +378,13 @@ mod tests {
     fn mail_param_errors() {
         assert_eq!(MailParams::parse(" FOO=1"), Err(ParamError::Unknown));
         assert_eq!(MailParams::parse(" SIZE=abc"), Err(ParamError::Invalid));
+        // RFC 1870 4 allows 20 digits; past u64 the value saturates (too big for any limit).
         assert_eq!(
-            MailParams::parse(" SIZE=99999999999999999999"),
+            MailParams::parse(" SIZE=99999999999999999999").map(|p| p.size),
+            Ok(Some(u64::MAX))
+        );
+        assert_eq!(
+            MailParams::parse(" SIZE=999999999999999999999"),
             Err(ParamError::Invalid)
         );
         assert_eq!(

@@ -15,6 +15,8 @@ pub(crate) struct Trace<'a> {
     pub(crate) hostname: &'a str,
     pub(crate) esmtp: bool,
     pub(crate) tls: bool,
+    /// The transaction used SMTPUTF8 (MAIL ... SMTPUTF8).
+    pub(crate) smtputf8: bool,
     pub(crate) queue_id: &'a str,
     /// The single recipient, when there is exactly one.
     pub(crate) single_rcpt: Option<&'a str>,
@@ -23,14 +25,28 @@ pub(crate) struct Trace<'a> {
 
 /// Writes the Received header, folded, CRLF-terminated.
 pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
-    let protocol = match (t.esmtp, t.tls) {
-        (false, false) => "SMTP",
-        (false, true) => "SMTPS",
-        (true, false) => "ESMTP",
-        (true, true) => "ESMTPS",
+    // Registered "with" names only (RFC 5321 4.4, RFC 3848, RFC 6531 3.7.3). TLS came by
+    // STARTTLS, an ESMTP extension, or on the implicit-TLS port, so it is ESMTPS even after
+    // HELO; SMTPUTF8 needs EHLO, so it always has the ESMTP names' UTF8 forms.
+    let protocol = match (t.smtputf8, t.esmtp || t.tls, t.tls) {
+        (true, _, false) => "UTF8SMTP",
+        (true, _, true) => "UTF8SMTPS",
+        (false, false, _) => "SMTP",
+        (false, true, false) => "ESMTP",
+        (false, true, true) => "ESMTPS",
     };
     let mut s = String::with_capacity(256);
     let helo = if t.helo.is_empty() { "unknown" } else { t.helo };
+    // A header of a message sent without SMTPUTF8 stays ASCII: a UTF-8 HELO name goes in
+    // as A-labels.
+    let ascii_helo;
+    let helo = if t.smtputf8 || helo.is_ascii() {
+        helo
+    } else {
+        ascii_helo = postern_proto::address::domain_to_ascii(helo)
+            .map_or_else(|| "unknown".to_owned(), |d| d.into_owned());
+        &ascii_helo
+    };
     let _ = write!(
         s,
         "Received: from {helo} ([{}])\r\n\tby {} (postern) with {protocol} id {}",
@@ -148,6 +164,7 @@ mod tests {
                 hostname: "mx.test",
                 esmtp: true,
                 tls: true,
+                smtputf8: false,
                 queue_id: "Q1",
                 single_rcpt: Some("a@b.test"),
                 now: SystemTime::UNIX_EPOCH,
@@ -158,6 +175,52 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
+    }
+
+    fn with_name(helo: &str, esmtp: bool, tls: bool, smtputf8: bool) -> String {
+        let mut out = Vec::new();
+        received_header(
+            &Trace {
+                helo,
+                client: "192.0.2.7:5000".parse().unwrap(),
+                hostname: "mx.test",
+                esmtp,
+                tls,
+                smtputf8,
+                queue_id: "Q1",
+                single_rcpt: None,
+                now: SystemTime::UNIX_EPOCH,
+            },
+            &mut out,
+        );
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn protocol_names_are_registered_ones() {
+        for (esmtp, tls, utf8, name) in [
+            (false, false, false, " with SMTP id"),
+            (false, true, false, " with ESMTPS id"),
+            (true, false, false, " with ESMTP id"),
+            (true, true, false, " with ESMTPS id"),
+            (true, false, true, " with UTF8SMTP id"),
+            (true, true, true, " with UTF8SMTPS id"),
+        ] {
+            let h = with_name("c.test", esmtp, tls, utf8);
+            assert!(h.contains(name), "{esmtp} {tls} {utf8}: {h}");
+        }
+    }
+
+    #[test]
+    fn a_utf8_helo_name_is_written_as_a_labels_without_smtputf8() {
+        let h = with_name("b\u{fc}cher.example", true, false, false);
+        assert!(
+            h.starts_with("Received: from xn--bcher-kva.example ("),
+            "{h}"
+        );
+        assert!(h.is_ascii());
+        let h = with_name("b\u{fc}cher.example", true, false, true);
+        assert!(h.starts_with("Received: from b\u{fc}cher.example ("), "{h}");
     }
 
     #[test]

@@ -315,6 +315,7 @@ impl Session {
                 hostname: &self.core.settings.hostname,
                 esmtp: env.is_esmtp(),
                 tls: self.proto.is_tls(),
+                smtputf8: env.smtputf8(),
                 queue_id: draft.queue_id(),
                 single_rcpt: single,
                 now: meta.arrival,
