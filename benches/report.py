@@ -37,7 +37,7 @@ def main():
         group = f"body_{name}"
         ref_ns, ref_tp = median(group, f"memchr_reference/{name}")
         rr, unit = rate(ref_ns, ref_tp)
-        for bench in ("data_decode",):
+        for bench in ("data_decode", "bdat_text"):
             ns, tp = median(group, f"{bench}/{name}")
             r, _ = rate(ns, tp)
             rows.append((f"{bench} {name}", f"{r:,.0f} {unit}", f"{rr:,.0f} {unit}", ref_ns / ns))

@@ -8,6 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use postern_benches::{command_stream, data_wire};
 use postern_proto::bdat::ChunkDecoder;
+use postern_proto::crlf::LineEnds;
 use postern_proto::data::DataDecoder;
 use postern_proto::framer::{Frame, LineFramer};
 use postern_proto::Command;
@@ -75,6 +76,25 @@ fn bodies(c: &mut Criterion) {
                 for read in wire.chunks(64 * 1024) {
                     out += d.decode(read).bytes.len();
                 }
+                black_box(out)
+            })
+        });
+        // A text BDAT body: the chunk's octets with their line ends checked (and repaired).
+        g.bench_with_input(BenchmarkId::new("bdat_text", name), &wire, |b, wire| {
+            b.iter(|| {
+                let mut d = ChunkDecoder::new(wire.len() as u64);
+                let mut ends = LineEnds::default();
+                let mut out = 0usize;
+                for read in wire.chunks(64 * 1024) {
+                    let mut rest = d.available(read);
+                    while !rest.is_empty() {
+                        let r = ends.repair(rest);
+                        d.advance(r.consumed);
+                        out += r.bytes.len();
+                        rest = &rest[r.consumed..];
+                    }
+                }
+                out += ends.finish().len();
                 black_box(out)
             })
         });

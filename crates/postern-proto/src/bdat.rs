@@ -26,6 +26,17 @@ impl ChunkDecoder {
         self.remaining
     }
 
+    /// The part of the chunk that `input` holds, without taking it (see [`Self::advance`]).
+    pub fn available<'a>(&self, input: &'a [u8]) -> &'a [u8] {
+        let take = usize::try_from(self.remaining).map_or(input.len(), |r| r.min(input.len()));
+        &input[..take]
+    }
+
+    /// Takes `n` octets of the chunk (at most what [`Self::available`] showed).
+    pub fn advance(&mut self, n: usize) {
+        self.remaining = self.remaining.saturating_sub(n as u64);
+    }
+
     /// Takes as much of the chunk as `input` holds; `bytes.len()` is the input consumed.
     pub fn decode<'a>(&mut self, input: &'a [u8]) -> Chunk<'a> {
         let take = usize::try_from(self.remaining).map_or(input.len(), |r| r.min(input.len()));

@@ -13,6 +13,7 @@ pub mod address;
 pub mod bdat;
 pub mod client;
 pub mod command;
+pub mod crlf;
 pub mod data;
 pub mod envelope;
 pub mod framer;

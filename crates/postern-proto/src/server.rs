@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::address::{ForwardPath, ReversePath};
 use crate::bdat::ChunkDecoder;
 use crate::command::{Command, CommandError};
+use crate::crlf::LineEnds;
 use crate::data::DataDecoder;
 use crate::envelope::Envelope;
 use crate::framer::{Frame, LineFramer};
@@ -152,7 +153,7 @@ impl From<StaticReply> for PendingReply {
     }
 }
 
-/// What to do with bare CR and bare LF in a DATA body.
+/// What to do with bare CR and bare LF in a DATA body or a text (not BINARYMIME) BDAT body.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BareNewlinePolicy {
     /// Store them as CR LF (what recent Postfix does).
@@ -177,7 +178,7 @@ pub struct ServerConfig {
     pub max_line: usize,
     /// Refuse MAIL before HELO/EHLO.
     pub require_helo: bool,
-    /// Bare CR and LF in DATA bodies.
+    /// Bare CR and LF in DATA and text BDAT bodies.
     pub bare_newline: BareNewlinePolicy,
     /// Offer PIPELINING in the EHLO reply (default on). Off makes the session look like an
     /// older server to clients; pipelined commands are still answered in order.
@@ -287,6 +288,8 @@ pub struct ServerSession {
     body_bytes: u64,
     /// Why the body in progress will be refused at its end.
     body_failed: Option<PendingReply>,
+    /// Line ends of a text BDAT body, across its chunks.
+    line_ends: LineEnds,
 }
 
 impl ServerSession {
@@ -310,6 +313,7 @@ impl ServerSession {
             body_open: false,
             body_bytes: 0,
             body_failed: None,
+            line_ends: LineEnds::default(),
         }
     }
 
@@ -547,6 +551,7 @@ impl ServerSession {
         self.body_open = false;
         self.body_bytes = 0;
         self.body_failed = None;
+        self.line_ends = LineEnds::default();
         if !matches!(self.phase, Phase::Closed) {
             self.phase = Phase::Commands;
         }
@@ -807,15 +812,29 @@ impl ServerSession {
             return None;
         };
         let (size, last) = (*size, *last);
-        let step = decoder.decode(&input[*pos..]);
-        *pos += step.bytes.len();
-        if !step.bytes.is_empty() && self.body_failed.is_none() {
-            // When this was the chunk's tail, the next call sees the end with nothing to read.
-            self.body_bytes += step.bytes.len() as u64;
-            return Some(Event::Body(step.bytes));
+        // A text body (not BINARYMIME) must have CR LF line ends, as in DATA (RFC 3030 3).
+        let text = self.envelope.body_type() != BodyType::BinaryMime;
+        if decoder.remaining() > 0 {
+            let avail = decoder.available(&input[*pos..]);
+            if avail.is_empty() {
+                return Some(Event::NeedInput);
+            }
+            let (consumed, bytes) = if text {
+                let r = self.line_ends.repair(avail);
+                (r.consumed, r.bytes)
+            } else {
+                (avail.len(), avail)
+            };
+            decoder.advance(consumed);
+            *pos += consumed;
+            return self.chunk_bytes(bytes);
         }
-        if !step.end {
-            return step.bytes.is_empty().then_some(Event::NeedInput);
+        if last && text {
+            // A CR held back at the very end of the body was a bare one.
+            let tail = self.line_ends.finish();
+            if !tail.is_empty() {
+                return self.chunk_bytes(tail);
+            }
         }
         self.phase = Phase::Commands;
         if last || self.body_failed.is_some() {
@@ -824,6 +843,27 @@ impl ServerSession {
         let text = format!("{size} octets received");
         write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
         None
+    }
+
+    /// Hands on body octets of a chunk, unless the body is already being refused; applies the
+    /// bare line-end policy and the size limit to what the chunk turned out to hold.
+    fn chunk_bytes<'a>(&mut self, bytes: &'a [u8]) -> Option<Event<'a>> {
+        if self.line_ends.saw_bare_newline()
+            && self.config.bare_newline == BareNewlinePolicy::Reject
+            && self.body_failed.is_none()
+        {
+            self.body_failed = Some(replies::BARE_NEWLINE.into());
+        }
+        if bytes.is_empty() || self.body_failed.is_some() {
+            return None;
+        }
+        self.body_bytes += bytes.len() as u64;
+        if self.body_bytes > self.config.max_message_size {
+            // Repaired line ends can make a body longer than its BDAT sizes said.
+            self.body_failed = Some(replies::TOO_BIG.into());
+            return None;
+        }
+        Some(Event::Body(bytes))
     }
 
     /// The end of a DATA body, of a BDAT LAST chunk, or of a refused chunk.

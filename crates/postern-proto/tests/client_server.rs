@@ -153,17 +153,20 @@ fn transaction(mode: BodyMode, body: &[u8], rcpts: &[&str]) -> Transaction {
 }
 
 fn deliver(mode: BodyMode, body: &[u8]) {
+    deliver_as(mode, "", body);
+}
+
+fn deliver_as(mode: BodyMode, mail_params: &str, body: &[u8]) {
     let mut w = Wire::new();
     assert_eq!(w.pump(), ClientEvent::Ready);
     let caps = w.client.capabilities().clone();
     assert!(caps.pipelining && caps.chunking && caps.eightbitmime && caps.smtputf8);
     assert_eq!(caps.size, Some(1 << 20));
     w.client
-        .send(&transaction(
-            mode,
-            body,
-            &["a@mx.test", "nobody@mx.test", "b@mx.test"],
-        ))
+        .send(&Transaction {
+            mail_params: mail_params.to_owned(),
+            ..transaction(mode, body, &["a@mx.test", "nobody@mx.test", "b@mx.test"])
+        })
         .unwrap();
     assert_eq!(w.pump(), ClientEvent::SendBody);
     w.send_body(mode, body);
@@ -195,7 +198,12 @@ fn pipelined_data_round_trip() {
 
 #[test]
 fn pipelined_bdat_round_trip() {
-    deliver(BodyMode::Bdat, b"binary\0\xff\r\n.\r\nstill body\n");
+    // Octets that are not text (a NUL, a bare LF) go as BINARYMIME, byte for byte.
+    deliver_as(
+        BodyMode::Bdat,
+        " BODY=BINARYMIME",
+        b"binary\0\xff\r\n.\r\nstill body\n",
+    );
 }
 
 #[test]

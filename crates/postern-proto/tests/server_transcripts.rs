@@ -627,6 +627,63 @@ fn bare_newline_reject_policy() {
 }
 
 #[test]
+fn bdat_text_bodies_get_crlf_line_ends_like_data() {
+    // Without BINARYMIME a BDAT body is text (RFC 3030 3): bare CR and LF are stored as CR LF,
+    // a CR LF split between chunks stays one line end, and a bare CR at the very end counts.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test> BODY=8BITMIME",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 4\r\na\nb\rBDAT 4\r\n\nc\rdBDAT 1 LAST\r\n\r");
+    let o = run_every_split(&config(), &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "250 2.0.0 4 octets received",
+            "250 2.0.0 4 octets received",
+            "250 2.0.0 Ok: queued as Q1",
+        ])),
+        "{}",
+        o.output
+    );
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].2, b"a\r\nb\r\nc\r\nd\r\n");
+}
+
+#[test]
+fn bare_newline_reject_policy_covers_bdat_but_not_binarymime() {
+    let cfg = Arc::new(ServerConfig {
+        bare_newline: BareNewlinePolicy::Reject,
+        ..(*config()).clone()
+    });
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 2\r\nx\rBDAT 3 LAST\r\nyz\n");
+    input.extend_from_slice(&client(&[
+        "MAIL FROM:<a@b.test> BODY=BINARYMIME",
+        "RCPT TO:<c@mx.test>",
+    ]));
+    input.extend_from_slice(b"BDAT 3 LAST\r\na\nb");
+    let o = run_every_split(&cfg, &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "250 2.0.0 2 octets received",
+            "550 5.6.11 Bare CR or LF in message; use CRLF line endings",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 2.0.0 Ok: queued as Q1",
+        ])),
+        "{}",
+        o.output
+    );
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].2, b"a\nb");
+}
+
+#[test]
 fn starttls_discards_pipelined_commands_and_resets() {
     let input = client(&[
         "EHLO client.test",

@@ -1,0 +1,175 @@
+//! Line ends of a BDAT body that is text (BODY=7BIT or 8BITMIME, RFC 3030 3): every line must
+//! end in CR LF, as in DATA. A bare CR or bare LF is written out as CR LF and reported through
+//! [`LineEnds::saw_bare_newline`], so the session can keep the repaired body or refuse it
+//! (550 5.6.11), as it does for DATA. BINARYMIME bodies never go through here.
+//!
+//! The state carries over chunk boundaries: a CR that ends one chunk and an LF that starts the
+//! next are one CR LF. Output is slices of the input plus a static CR LF: nothing is copied.
+
+const CRLF: &[u8] = b"\r\n";
+
+/// One step of [`LineEnds::repair`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Repaired<'a> {
+    /// Input octets used by this step (0 only when a CR held back from the previous input
+    /// turned out to be bare and `bytes` is its CR LF).
+    pub consumed: usize,
+    /// Body octets produced (possibly empty).
+    pub bytes: &'a [u8],
+}
+
+/// The line-end state of one text body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LineEnds {
+    /// The last input ended in a CR, held back until the next octet shows whether an LF
+    /// follows it.
+    cr_pending: bool,
+    bare: bool,
+}
+
+impl LineEnds {
+    /// Whether a bare CR or bare LF has been seen (and repaired to CR LF).
+    pub fn saw_bare_newline(&self) -> bool {
+        self.bare
+    }
+
+    /// Repairs from the start of `input` (not empty); call again with `input[consumed..]`.
+    pub fn repair<'a>(&mut self, input: &'a [u8]) -> Repaired<'a> {
+        if std::mem::take(&mut self.cr_pending) {
+            if input.first() == Some(&b'\n') {
+                return Repaired {
+                    consumed: 1,
+                    bytes: CRLF,
+                };
+            }
+            self.bare = true;
+            return Repaired {
+                consumed: 0,
+                bytes: CRLF,
+            };
+        }
+        let mut pos = 0;
+        loop {
+            // Whole 64-octet blocks of CR LF text are passed over with vector compares. The
+            // walk stops at a bare CR or LF, never between a CR and its LF, and also (for
+            // DATA's sake) at a dot starting a line, which a BDAT body need not care about.
+            pos = crate::scan::clean_blocks(input, pos);
+            let Some(i) = memchr::memchr2(b'\r', b'\n', &input[pos..]) else {
+                return Repaired {
+                    consumed: input.len(),
+                    bytes: input,
+                };
+            };
+            let at = pos + i;
+            let bare_at = match (input[at], input.get(at + 1)) {
+                (b'\r', Some(b'\n')) => {
+                    pos = at + 2;
+                    continue;
+                }
+                (b'\r', None) => {
+                    self.cr_pending = true;
+                    return Repaired {
+                        consumed: at + 1,
+                        bytes: &input[..at],
+                    };
+                }
+                _ => at,
+            };
+            if bare_at > 0 {
+                return Repaired {
+                    consumed: bare_at,
+                    bytes: &input[..bare_at],
+                };
+            }
+            self.bare = true;
+            return Repaired {
+                consumed: 1,
+                bytes: CRLF,
+            };
+        }
+    }
+
+    /// The body ended: a CR still held back was bare, and its CR LF is returned; otherwise
+    /// nothing.
+    pub fn finish(&mut self) -> &'static [u8] {
+        if std::mem::take(&mut self.cr_pending) {
+            self.bare = true;
+            CRLF
+        } else {
+            &[]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `pieces` as separate inputs (chunks or reads) and returns the repaired body.
+    fn repair_all(pieces: &[&[u8]]) -> (Vec<u8>, bool) {
+        let mut l = LineEnds::default();
+        let mut out = Vec::new();
+        for piece in pieces {
+            let mut rest = *piece;
+            while !rest.is_empty() {
+                let r = l.repair(rest);
+                out.extend_from_slice(r.bytes);
+                rest = &rest[r.consumed..];
+            }
+        }
+        out.extend_from_slice(l.finish());
+        (out, l.saw_bare_newline())
+    }
+
+    #[test]
+    fn crlf_text_passes_unchanged() {
+        let body = b"Subject: x\r\n\r\nline one\r\nline two\r\n";
+        assert_eq!(repair_all(&[body]), (body.to_vec(), false));
+    }
+
+    #[test]
+    fn bare_lf_and_bare_cr_become_crlf() {
+        assert_eq!(
+            repair_all(&[b"a\nb\rc\r\n\n\r"]),
+            (b"a\r\nb\r\nc\r\n\r\n\r\n".to_vec(), true)
+        );
+    }
+
+    #[test]
+    fn a_crlf_split_between_inputs_is_one_line_end() {
+        assert_eq!(
+            repair_all(&[b"ab\r", b"\ncd\r\n"]),
+            (b"ab\r\ncd\r\n".to_vec(), false)
+        );
+        assert_eq!(
+            repair_all(&[b"ab\r", b"cd\r", b"\r\n"]),
+            (b"ab\r\ncd\r\n\r\n".to_vec(), true)
+        );
+    }
+
+    #[test]
+    fn long_text_is_passed_over_and_a_defect_deep_inside_is_found() {
+        let mut body = Vec::new();
+        for i in 0..200u8 {
+            body.extend(std::iter::repeat_n(b'a' + i % 26, 70));
+            body.extend_from_slice(if i % 7 == 0 { b"\r\n." } else { b"\r\n" });
+        }
+        assert_eq!(repair_all(&[&body]), (body.clone(), false));
+        let mut broken = body.clone();
+        broken[9001] = b'\n';
+        let mut fixed = body.clone();
+        fixed.splice(9001..9002, *b"\r\n");
+        assert_eq!(repair_all(&[&broken]), (fixed, true));
+    }
+
+    #[test]
+    fn every_split_gives_the_same_body() {
+        let body = b"x\r\ny\nz\r\r\n.\r\nq\r";
+        let whole = repair_all(&[body]);
+        for cut in 0..=body.len() {
+            let (a, b) = body.split_at(cut);
+            assert_eq!(repair_all(&[a, b]), whole, "cut at {cut}");
+        }
+        assert_eq!(whole.0, b"x\r\ny\r\nz\r\n\r\n.\r\nq\r\n".to_vec());
+    }
+}
