@@ -32,6 +32,8 @@ pub struct Capabilities {
     pub smtputf8: bool,
     /// ENHANCEDSTATUSCODES (RFC 2034).
     pub enhanced_status_codes: bool,
+    /// DSN (RFC 3461).
+    pub dsn: bool,
     /// AUTH mechanisms offered (RFC 4954), space-separated as sent.
     pub auth: Option<String>,
 }
@@ -55,6 +57,7 @@ impl Capabilities {
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
+                "DSN" => caps.dsn = true,
                 "AUTH" => caps.auth = Some(words.collect::<Vec<_>>().join(" ")),
                 _ => {}
             }

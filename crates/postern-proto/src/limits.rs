@@ -2,6 +2,10 @@
 
 /// Longest command line, CRLF included (RFC 5321 4.5.3.1.4). Configurable per server.
 pub const MAX_COMMAND_LINE: usize = 512;
+/// Extra octets a MAIL or RCPT line may have over the command line cap for the DSN
+/// parameters (RFC 3461 4: 500 for NOTIFY and ORCPT on RCPT, 100 for RET and ENVID on MAIL,
+/// here 500 for both).
+pub const DSN_LINE_EXTRA: usize = 500;
 /// Longest reply line, CRLF included (RFC 5321 4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;
 /// Longest reply the client side assembles, over all its lines.

@@ -22,7 +22,9 @@ use crate::crlf::LineEnds;
 use crate::data::DataDecoder;
 use crate::envelope::Envelope;
 use crate::framer::{Frame, LineFramer};
-use crate::limits::{DEFAULT_MAX_ERRORS, MAX_COMMAND_LINE, MAX_RCPT_OVERSHOOT, MIN_RECIPIENTS};
+use crate::limits::{
+    DEFAULT_MAX_ERRORS, DSN_LINE_EXTRA, MAX_COMMAND_LINE, MAX_RCPT_OVERSHOOT, MIN_RECIPIENTS,
+};
 use crate::params::{BodyType, MailParams, RcptParams};
 use crate::reply::{write_reply, write_reply_line, EnhancedCode, StaticReply};
 
@@ -295,7 +297,9 @@ pub struct ServerSession {
 impl ServerSession {
     /// A new session; `tls_available` says whether STARTTLS may be offered.
     pub fn new(config: Arc<ServerConfig>, tls_available: bool) -> Self {
-        let framer = LineFramer::new(config.max_line);
+        // MAIL and RCPT may be longer by the DSN parameters' room; other commands are held
+        // to `max_line` in `command`.
+        let framer = LineFramer::new(config.max_line.saturating_add(DSN_LINE_EXTRA));
         Self {
             config,
             framer,
@@ -569,6 +573,9 @@ impl ServerSession {
         input: &'a [u8],
         pos: &mut usize,
     ) -> Option<Event<'a>> {
+        if line.len() + 2 > self.config.max_line && !takes_dsn_room(line) {
+            return self.fail(replies::LINE_TOO_LONG);
+        }
         let cmd = match Command::parse(line) {
             Ok(cmd) => cmd,
             Err(CommandError::BadChunkSize) => {
@@ -636,7 +643,7 @@ impl ServerSession {
     fn write_ehlo(&mut self, name: &str) {
         let first = format!("{} Hello {name}", self.config.hostname);
         let size = format!("SIZE {}", self.config.max_message_size);
-        let lines: [&str; 9] = [
+        let lines: [&str; 10] = [
             &first,
             "PIPELINING",
             &size,
@@ -645,10 +652,11 @@ impl ServerSession {
             "BINARYMIME",
             "CHUNKING",
             "SMTPUTF8",
+            "DSN",
             "STARTTLS",
         ];
         let starttls = self.tls_available && !self.tls_active;
-        let count = if starttls { 9 } else { 8 };
+        let count = if starttls { 10 } else { 9 };
         let offered = |line: &&str| match *line {
             "PIPELINING" => self.config.offer_pipelining,
             "BINARYMIME" | "CHUNKING" => self.config.offer_chunking,
@@ -878,6 +886,12 @@ impl ServerSession {
         self.decision = Decision::Commit;
         Some(Event::DataEnd)
     }
+}
+
+/// MAIL and RCPT lines, which may carry DSN parameters past the usual line cap.
+fn takes_dsn_room(line: &[u8]) -> bool {
+    line.len() >= 5
+        && (line[..5].eq_ignore_ascii_case(b"MAIL ") || line[..5].eq_ignore_ascii_case(b"RCPT "))
 }
 
 fn looks_like_http(line: &[u8]) -> bool {

@@ -10,7 +10,7 @@ use postern_proto::{BareNewlinePolicy, ServerConfig};
 use support::{client, config, run, run_every_split, server};
 
 const BANNER: &str = "220 mx.test ESMTP postern";
-const EHLO: [&str; 8] = [
+const EHLO: [&str; 9] = [
     "250-mx.test Hello client.test",
     "250-PIPELINING",
     "250-SIZE 10000",
@@ -18,7 +18,8 @@ const EHLO: [&str; 8] = [
     "250-8BITMIME",
     "250-BINARYMIME",
     "250-CHUNKING",
-    "250 SMTPUTF8",
+    "250-SMTPUTF8",
+    "250 DSN",
 ];
 
 fn with_banner_and_ehlo(rest: &[&str]) -> String {
@@ -149,6 +150,7 @@ fn sequencing_errors() {
             EHLO[5],
             EHLO[6],
             EHLO[7],
+            EHLO[8],
             "503 5.5.1 Need MAIL command",
             "503 5.5.1 Need MAIL command",
             "250 2.1.0 Ok",
@@ -538,6 +540,30 @@ fn syntax_errors_get_precise_codes() {
 }
 
 #[test]
+fn mail_and_rcpt_have_room_for_dsn_parameters() {
+    // RFC 3461 4: NOTIFY and ORCPT may make RCPT 500 octets longer than 512, RET and ENVID
+    // make MAIL longer; other commands keep the usual cap.
+    let mail = format!("MAIL FROM:<a@b.test> RET=HDRS ENVID={}", "e".repeat(100));
+    let orcpt = format!("rfc822;{}", "q".repeat(480));
+    let rcpt = format!("RCPT TO:<c@mx.test> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT={orcpt}");
+    assert!(rcpt.len() + 2 > 512 && rcpt.len() + 2 <= 1012);
+    let noop = format!("NOOP {}", "x".repeat(600));
+    let input = client(&["EHLO client.test", &mail, &rcpt, &noop, "NOOP"]);
+    let o = run_every_split(&config(), &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "500 5.5.2 Line too long",
+            "250 2.0.0 Ok",
+        ])),
+        "{}",
+        o.output
+    );
+    assert_eq!(o.output.matches("Line too long").count(), 1);
+}
+
+#[test]
 fn line_too_long_then_in_step() {
     let mut input = client(&["EHLO client.test"]);
     input.extend(std::iter::repeat_n(b'A', 600));
@@ -696,6 +722,7 @@ fn starttls_discards_pipelined_commands_and_resets() {
     expected.extend_from_slice(&EHLO[..7]);
     expected.extend([
         "250-SMTPUTF8",
+        "250-DSN",
         "250 STARTTLS",
         "220 2.0.0 Ready to start TLS",
     ]);
@@ -722,7 +749,8 @@ fn starttls_discards_pipelined_commands_and_resets() {
             "250-8BITMIME",
             "250-BINARYMIME",
             "250-CHUNKING",
-            "250 SMTPUTF8",
+            "250-SMTPUTF8",
+            "250 DSN",
             "503 5.5.1 TLS already active",
         ])),
         "{}",
@@ -760,6 +788,7 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-ENHANCEDSTATUSCODES",
             "250-8BITMIME",
             "250-SMTPUTF8",
+            "250-DSN",
             "250 STARTTLS",
             "221 2.0.0 Bye",
         ])
@@ -778,7 +807,8 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-SIZE 10000",
             "250-ENHANCEDSTATUSCODES",
             "250-8BITMIME",
-            "250 SMTPUTF8",
+            "250-SMTPUTF8",
+            "250 DSN",
         ])
     );
 }

@@ -82,6 +82,10 @@ pub enum Action {
     Delayed,
     /// The message was delivered; only reported when the sender asked with `NOTIFY=SUCCESS`.
     Delivered,
+    /// The message was passed to a next hop that does not offer DSN, so no success report
+    /// will come from further on; only reported when the sender asked with `NOTIFY=SUCCESS`
+    /// (RFC 3461 4.1, RFC 3464 2.3.3).
+    Relayed,
 }
 
 impl Action {
@@ -91,6 +95,7 @@ impl Action {
             Action::Failed => "failed",
             Action::Delayed => "delayed",
             Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
         }
     }
 
@@ -99,7 +104,7 @@ impl Action {
         match self {
             Action::Failed => b'5',
             Action::Delayed => b'4',
-            Action::Delivered => b'2',
+            Action::Delivered | Action::Relayed => b'2',
         }
     }
 }
@@ -546,6 +551,12 @@ fn subject(recipients: &[ReportRecipient]) -> &'static str {
         "Delayed Mail (still being retried)"
     } else if all(Action::Delivered) {
         "Successful Mail Delivery Report"
+    } else if recipients
+        .iter()
+        .all(|r| matches!(r.action, Action::Delivered | Action::Relayed))
+        && !recipients.is_empty()
+    {
+        "Mail Relayed Report"
     } else {
         "Delivery Status Notification"
     }
@@ -592,6 +603,11 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
              as you asked to be told.\r\n\r\n",
         );
     }
+    if has(Action::Relayed) {
+        text.push_str(
+            "Your message was passed on for one or more of its recipients to a mail system\r\n             that sends no delivery reports, so this is the last report you will get,\r\n             as you asked to be told of delivery.\r\n\r\n",
+        );
+    }
     let _ = write!(text, "The message arrived on {}", date(report.arrival));
     if let Some(from) = report.received_from.map(readable) {
         if !from.is_empty() {
@@ -610,6 +626,7 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
             Action::Failed => "delivery failed",
             Action::Delayed => "delivery delayed, still trying",
             Action::Delivered => "delivered",
+            Action::Relayed => "relayed to a system without delivery reports",
         };
         let _ = write!(
             text,

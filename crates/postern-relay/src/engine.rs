@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use event_listener::Event;
 use futures_lite::future;
 use postern_proto::client::{BodyMode, ClientError, OutRecipient, Transaction, TransactionResult};
-use postern_proto::Reply;
+use postern_proto::{Notify, Reply};
 use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
 use postern_server::delivery::{Accepted, CoreHandle, Delivery, DeliveryFactory, Outcome};
 use postern_spool::{DeliveryState, MessageMeta, MessageRef, Recipient, RecoveredMessage, Status};
@@ -109,13 +109,23 @@ struct Job {
     failures: u32,
     /// Not before this time (ms since the epoch).
     not_before: u64,
+    /// The next hop of the latest attempt offered DSN, so the DSN parameters went on with the
+    /// message (and success reports are that hop's business).
+    hop_dsn: bool,
 }
 
 #[derive(Debug)]
 enum Result_ {
-    Delivered,
-    Deferred { next_attempt: u64 },
-    Failed { status: String },
+    /// `relayed`: the next hop offers no DSN, so a success report, if asked for, is ours.
+    Delivered {
+        relayed: bool,
+    },
+    Deferred {
+        next_attempt: u64,
+    },
+    Failed {
+        status: String,
+    },
 }
 
 /// One recipient's outcome, on its way back to the owner.
@@ -218,6 +228,9 @@ struct Tracked {
     pending: usize,
     /// Recipients failed for good, waiting for the bounce.
     failed: Vec<(u32, String, Option<String>, String, u64)>,
+    /// Recipients that asked for success reports (NOTIFY=SUCCESS) and were relayed to a next
+    /// hop without DSN: (recipient, reply, next hop, when).
+    relayed: Vec<(u32, String, Option<String>, u64)>,
     warned: bool,
     /// A status record could not be written: the message must stay in the spool, so that
     /// recovery delivers that recipient again rather than forgetting it.
@@ -341,6 +354,7 @@ impl CoreRelay {
                 msg,
                 pending,
                 failed: Vec::new(),
+                relayed: Vec::new(),
                 warned: false,
                 unrecorded: false,
             },
@@ -391,6 +405,7 @@ impl CoreRelay {
                     dest,
                     failures,
                     not_before,
+                    hop_dsn: false,
                 },
             );
         }
@@ -665,7 +680,7 @@ impl CoreRelay {
 
     /// The transaction for `job` on `conn`, or None when the job was settled without
     /// sending (the next hop lacks an extension the message needs).
-    fn prepare(&self, conn: &Outbound, job: Job) -> Option<(Job, Transaction)> {
+    fn prepare(&self, conn: &Outbound, mut job: Job) -> Option<(Job, Transaction)> {
         let meta = &job.msg.meta;
         let caps = conn.capabilities();
         let (chunking, binarymime, smtputf8, eightbitmime) = (
@@ -708,6 +723,13 @@ impl CoreRelay {
         if meta.smtputf8 && smtputf8 {
             mail_params.push_str(" SMTPUTF8");
         }
+        // The DSN parameters go on where the next hop takes them (RFC 3461 4); where it does
+        // not, a success report asked for is sent from here when the message is relayed.
+        let dsn = caps.dsn;
+        if dsn {
+            dsn_mail_params(meta, &mut mail_params);
+        }
+        job.hop_dsn = dsn;
         let tx = Transaction {
             from: meta.reverse_path.clone(),
             mail_params,
@@ -717,7 +739,11 @@ impl CoreRelay {
                 .filter_map(|&i| meta.recipients.get(i as usize))
                 .map(|r| OutRecipient {
                     path: r.path.clone(),
-                    params: String::new(),
+                    params: if dsn {
+                        dsn_rcpt_params(r)
+                    } else {
+                        String::new()
+                    },
                 })
                 .collect(),
             body_len: job.msg.body.len(),
@@ -748,7 +774,14 @@ impl CoreRelay {
                     let reply = result.outcome(k);
                     let text = reply_line(reply);
                     if reply.is_positive() {
-                        self.report(&job.msg, rcpt, Result_::Delivered, text, remote.clone());
+                        let relayed = !job.hop_dsn;
+                        self.report(
+                            &job.msg,
+                            rcpt,
+                            Result_::Delivered { relayed },
+                            text,
+                            remote.clone(),
+                        );
                     } else if reply.is_permanent() {
                         let status = dsn::status_of(&text);
                         self.report(
@@ -850,7 +883,7 @@ impl CoreRelay {
             .map_or("", |r| r.path.as_str());
         let relay = remote.as_deref().unwrap_or("none");
         match &result {
-            Result_::Delivered => {
+            Result_::Delivered { .. } => {
                 tracing::info!(queue_id = %msg.queue_id, to, relay, status = "sent", "{reply}")
             }
             Result_::Deferred { .. } => {
@@ -983,9 +1016,20 @@ impl CoreRelay {
             return;
         };
         let state = match &r.result {
-            Result_::Delivered => {
+            Result_::Delivered { relayed } => {
                 self.handle.count_outcome(Outcome::Delivered);
                 t.pending = t.pending.saturating_sub(1);
+                let asked = t
+                    .msg
+                    .meta
+                    .recipients
+                    .get(r.rcpt as usize)
+                    .and_then(|rcpt| rcpt.notify)
+                    .is_some_and(|n| n & Notify::SUCCESS != 0);
+                if *relayed && asked {
+                    t.relayed
+                        .push((r.rcpt, r.reply.clone(), r.remote.clone(), now / 1000));
+                }
                 Some(DeliveryState::Delivered)
             }
             Result_::Deferred { next_attempt } => Some(DeliveryState::Deferred {
@@ -1044,6 +1088,9 @@ impl CoreRelay {
     /// message once it is all durable.
     async fn finish(self: Rc<Self>, t: Tracked) {
         let msg = &t.msg;
+        if !t.relayed.is_empty() && !msg.meta.reverse_path.is_empty() {
+            self.relayed_report(msg, &t.relayed).await;
+        }
         if !t.failed.is_empty() {
             let wanted: Vec<&(u32, String, Option<String>, String, u64)> = t
                 .failed
@@ -1111,6 +1158,36 @@ impl CoreRelay {
         }
         if self.handle.durable().await.is_ok() {
             self.handle.mark_final(&msg.queue_id);
+        }
+    }
+
+    /// The success report for recipients that asked for one and went to a next hop without
+    /// DSN (action `relayed`). Best effort: the deliveries are already recorded, so a report
+    /// that cannot be spooled is logged, not retried.
+    async fn relayed_report(&self, msg: &Msg, relayed: &[(u32, String, Option<String>, u64)]) {
+        let recipients: Vec<dsn::ReportRecipient> = relayed
+            .iter()
+            .filter_map(|(i, reply, remote, at)| {
+                let r = msg.meta.recipients.get(*i as usize)?;
+                Some(dsn::ReportRecipient {
+                    path: r.path.clone(),
+                    orcpt: r.orcpt.clone(),
+                    action: dsn::Action::Relayed,
+                    status: dsn::status_of(reply),
+                    remote_mta: remote.clone(),
+                    diagnostic: Some(reply.clone()),
+                    last_attempt: Some(*at),
+                    will_retry_until: None,
+                })
+            })
+            .collect();
+        if !recipients.is_empty()
+            && self
+                .bounce(msg, &recipients, dsn::Action::Relayed)
+                .await
+                .is_err()
+        {
+            tracing::error!(queue_id = %msg.queue_id, "cannot spool the success report");
         }
     }
 
@@ -1249,4 +1326,31 @@ fn reply_line(r: &Reply) -> String {
         s.push_str(line);
     }
     s
+}
+
+/// RET and ENVID for a next hop that offers DSN, as they came in (ENVID is still xtext).
+fn dsn_mail_params(meta: &MessageMeta, out: &mut String) {
+    match meta.ret {
+        Some(1) => out.push_str(" RET=FULL"),
+        Some(2) => out.push_str(" RET=HDRS"),
+        _ => {}
+    }
+    if let Some(envid) = &meta.envid {
+        out.push_str(" ENVID=");
+        out.push_str(envid);
+    }
+}
+
+/// NOTIFY and ORCPT of one recipient for a next hop that offers DSN, as they came in.
+fn dsn_rcpt_params(r: &Recipient) -> String {
+    let mut out = String::new();
+    if let Some(bits) = r.notify {
+        use std::fmt::Write;
+        let _ = write!(out, " NOTIFY={}", Notify::from_bits(bits));
+    }
+    if let Some(orcpt) = &r.orcpt {
+        out.push_str(" ORCPT=");
+        out.push_str(orcpt);
+    }
+    out
 }

@@ -20,6 +20,9 @@ use common::Server;
 struct Stored {
     mail_from: String,
     rcpt_tos: Vec<String>,
+    /// DSN parameters of MAIL, and of each RCPT in order (a `--dsn` peer only).
+    dsn_mail: Vec<String>,
+    dsn_rcpts: Vec<Vec<String>>,
     message_id: String,
     data: Vec<u8>,
 }
@@ -88,6 +91,11 @@ impl Peer {
                         .iter()
                         .map(|r| r.as_str().unwrap().to_owned())
                         .collect(),
+                    dsn_mail: strings(&v["dsn_mail"]),
+                    dsn_rcpts: v["dsn_rcpts"]
+                        .as_array()
+                        .map(|a| a.iter().map(strings).collect())
+                        .unwrap_or_default(),
                     message_id: v["message_id"].as_str().unwrap().to_owned(),
                     data: base64_decode(v["data"].as_str().unwrap()),
                 }
@@ -132,6 +140,12 @@ impl Drop for Peer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().map(|x| x.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
@@ -388,6 +402,85 @@ fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
         !text.contains("Final-Recipient: rfc822; bob@dest.test"),
         "{text}"
     );
+}
+
+#[test]
+fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_where_not() {
+    // RFC 3461: a next hop with DSN gets RET, ENVID, NOTIFY and ORCPT as they came in; a next
+    // hop without DSN gets none of them (aiosmtpd would refuse them), and a recipient that
+    // asked for NOTIFY=SUCCESS there gets a "relayed" report from postern.
+    let with_dsn = Peer::start(&["--dsn"]);
+    let plain = Peer::start(&[]);
+    let server = Server::start(&[
+        "--route",
+        &format!("dsn.test=127.0.0.1:{}", with_dsn.port),
+        "--route",
+        &format!("plain.test=127.0.0.1:{}", plain.port),
+        "--route",
+        &format!("origin.test=127.0.0.1:{}", plain.port),
+    ]);
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    assert!(c.reply().iter().any(|l| l == "250-DSN" || l == "250 DSN"));
+    for cmd in [
+        "MAIL FROM:<alice@origin.test> RET=HDRS ENVID=env+2B1",
+        "RCPT TO:<a@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;first@dsn.test",
+        "RCPT TO:<b@dsn.test>",
+        "RCPT TO:<c@plain.test> NOTIFY=SUCCESS ORCPT=rfc822;orig-c@plain.test",
+        "RCPT TO:<d@plain.test> NOTIFY=FAILURE",
+    ] {
+        let r = c.cmd(cmd);
+        assert!(r.starts_with("250"), "{cmd}: {r}");
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: dsn\r\nMessage-ID: <dsn@t>\r\n\r\nbody\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+
+    let (got, _) = with_dsn.first("the message at the DSN next hop");
+    assert_eq!(got.rcpt_tos, ["a@dsn.test", "b@dsn.test"]);
+    assert_eq!(got.dsn_mail, ["RET=HDRS", "ENVID=env+2B1"]);
+    assert_eq!(
+        got.dsn_rcpts,
+        [
+            vec![
+                "NOTIFY=SUCCESS,FAILURE".to_owned(),
+                "ORCPT=rfc822;first@dsn.test".to_owned()
+            ],
+            vec![]
+        ]
+    );
+    let stored = plain.wait_for(
+        "the message and the success report",
+        Duration::from_secs(20),
+        |s| s.len() == 2,
+    );
+    let msg = stored.iter().find(|s| s.message_id == "<dsn@t>").unwrap();
+    assert_eq!(msg.rcpt_tos, ["c@plain.test", "d@plain.test"]);
+    let report = stored.iter().find(|s| s.message_id != "<dsn@t>").unwrap();
+    assert_eq!(report.mail_from, "<>");
+    assert_eq!(report.rcpt_tos, ["alice@origin.test"]);
+    let text = String::from_utf8_lossy(&report.data);
+    assert!(text.contains("report-type"), "{text}");
+    assert!(text.contains("Original-Envelope-Id: env+2B1"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; c@plain.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Original-Recipient: rfc822;orig-c@plain.test"),
+        "{text}"
+    );
+    assert!(text.contains("Action: relayed"), "{text}");
+    assert!(text.contains("Status: 2.0.0"), "{text}");
+    // Only c asked for success and went where no report would come from.
+    for other in ["a@dsn.test", "b@dsn.test", "d@plain.test"] {
+        assert!(
+            !text.contains(&format!("rfc822; {other}")),
+            "{other}: {text}"
+        );
+    }
 }
 
 #[test]

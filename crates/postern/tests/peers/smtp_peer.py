@@ -2,17 +2,20 @@
 one JSON line, and can be told to refuse in the ways a real next hop does.
 
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
-                 [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS]
+                 [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS] [--dsn]
 
 --port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
---reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. It prints "ready" once it
-listens ("ready PORT") and runs until stdin closes.
+--reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. --dsn offers DSN (RFC 3461)
+in EHLO and records the DSN parameters of MAIL and of each RCPT (without it, aiosmtpd refuses
+them with 555, as a server without DSN should). It prints "ready" once it listens
+("ready PORT") and runs until stdin closes.
 """
 
 import argparse
 import asyncio
 import base64
 import json
+import re
 import socket
 import sys
 import threading
@@ -26,6 +29,12 @@ class Handler:
         self.args = args
         self.attempts = {}
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.args.dsn:
+            responses.insert(1, "250-DSN")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.args.reject_rcpt and self.args.reject_rcpt in address:
@@ -51,6 +60,8 @@ class Handler:
         record = {
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
+            "dsn_mail": getattr(envelope, "dsn_mail", []),
+            "dsn_rcpts": getattr(envelope, "dsn_rcpts", []),
             "message_id": message_id,
             "size": len(data),
             "data": base64.b64encode(data).decode("ascii"),
@@ -61,13 +72,42 @@ class Handler:
         return "250 2.0.0 Ok: stored"
 
 
+DSN_KEYWORD = re.compile(r"\s+(RET|ENVID|NOTIFY|ORCPT)=(\S+)", re.IGNORECASE)
+
+
+def strip_dsn(arg):
+    """Takes the DSN parameters out of a MAIL or RCPT argument: (rest, ["KEY=value", ...])."""
+    found = [f"{m.group(1).upper()}={m.group(2)}" for m in DSN_KEYWORD.finditer(arg)]
+    return DSN_KEYWORD.sub("", arg), found
+
+
+class DsnSMTP(SMTP):
+    """aiosmtpd's server, taking the DSN parameters (which aiosmtpd itself does not know)."""
+
+    async def smtp_MAIL(self, arg):
+        rest, found = strip_dsn(arg or "")
+        await super().smtp_MAIL(rest if found else arg)
+        if found and self.envelope.mail_from is not None:
+            self.envelope.dsn_mail = found
+
+    async def smtp_RCPT(self, arg):
+        rest, found = strip_dsn(arg or "")
+        before = len(self.envelope.rcpt_tos)
+        await super().smtp_RCPT(rest if found else arg)
+        if len(self.envelope.rcpt_tos) > before:
+            if not hasattr(self.envelope, "dsn_rcpts"):
+                self.envelope.dsn_rcpts = []
+            self.envelope.dsn_rcpts.append(found)
+
+
 class EightBitController(Controller):
-    def __init__(self, handler, size_limit, **kw):
+    def __init__(self, handler, size_limit, dsn=False, **kw):
         self.size_limit = size_limit
+        self.dsn = dsn
         super().__init__(handler, **kw)
 
     def factory(self):
-        return SMTP(
+        return (DsnSMTP if self.dsn else SMTP)(
             self.handler,
             decode_data=False,
             enable_SMTPUTF8=True,
@@ -91,13 +131,16 @@ def main():
     p.add_argument("--reject-rcpt", default="")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--size-limit", type=int, default=33554432)
+    p.add_argument("--dsn", action="store_true")
     args = p.parse_args()
     # Port 0: a free port of our own choosing, tried again if another process takes it
     # between the probe and the bind (bounded).
     handler = Handler(args)
     for attempt in range(20):
         port = args.port or free_port(args.host)
-        controller = EightBitController(handler, args.size_limit, hostname=args.host, port=port)
+        controller = EightBitController(
+            handler, args.size_limit, dsn=args.dsn, hostname=args.host, port=port
+        )
         try:
             controller.start()
             break
