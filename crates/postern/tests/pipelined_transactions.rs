@@ -81,8 +81,8 @@ fn transactions_pipelined_into_each_other_are_each_answered_and_spooled() {
     assert_eq!(c.line(), "220 mx.test ESMTP postern");
     assert!(c.cmd("EHLO client.test").contains("250 "));
     c.send(
-        b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<one@dest.test>\r\nBDAT 6 LAST\r\nfirst\n\
-          MAIL FROM:<b@origin.test>\r\nRCPT TO:<two@dest.test>\r\nBDAT 7 LAST\r\nsecond\n\
+        b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<one@dest.test>\r\nBDAT 7 LAST\r\nfirst\r\n\
+          MAIL FROM:<b@origin.test>\r\nRCPT TO:<two@dest.test>\r\nBDAT 8 LAST\r\nsecond\r\n\
           MAIL FROM:<c@origin.test>\r\nRCPT TO:<three@dest.test>\r\nDATA\r\n",
     );
     let mut ids = Vec::new();
@@ -103,8 +103,8 @@ fn transactions_pipelined_into_each_other_are_each_answered_and_spooled() {
     let msgs = spooled(&server.spool);
     assert_eq!(msgs.len(), 3);
     for (id, (from, rcpt, tail)) in ids.iter().zip([
-        ("a@origin.test", "one@dest.test", &b"\r\nfirst\n"[..]),
-        ("b@origin.test", "two@dest.test", b"\r\nsecond\n"),
+        ("a@origin.test", "one@dest.test", &b"\r\nfirst\r\n"[..]),
+        ("b@origin.test", "two@dest.test", b"\r\nsecond\r\n"),
         ("c@origin.test", "three@dest.test", b"\r\nthird\r\n"),
     ]) {
         let m = msgs.iter().find(|m| &m.0 == id).expect("spooled");
