@@ -60,6 +60,9 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Bare CR and LF in DATA bodies.
     pub bare_newline: BareNewlinePolicy,
+    /// Where mail to `<postmaster>` and `postmaster@<hostname>` goes; without it, `<postmaster>`
+    /// becomes `postmaster@<hostname>` and is routed like any recipient.
+    pub postmaster: Option<String>,
 }
 
 impl Default for Settings {
@@ -84,6 +87,7 @@ impl Default for Settings {
             tls: None,
             metrics: None,
             bare_newline: BareNewlinePolicy::Normalize,
+            postmaster: None,
         }
     }
 }

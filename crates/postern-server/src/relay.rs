@@ -2,7 +2,8 @@
 //!
 //! Mail to an accepted domain is taken from anyone; mail to any other domain only from clients
 //! inside a relay network (loopback by default). Everything else is refused at RCPT with
-//! `554 5.7.1`.
+//! `554 5.7.1`. The postmaster (`<postmaster>`, and `postmaster@` our own host name) is
+//! accepted from anyone (RFC 5321 4.5.1).
 
 use std::net::IpAddr;
 
@@ -16,12 +17,15 @@ pub struct RelayPolicy {
     accept_domains: Vec<String>,
     /// Networks whose clients may relay to any domain.
     relay_networks: Vec<IpNet>,
+    /// Our host name, lower-case: `postmaster@` it is ours.
+    hostname: String,
 }
 
 impl RelayPolicy {
     /// A policy from the operator's lists. Domains match exactly, case-insensitively.
-    pub fn new(accept_domains: &[String], relay_networks: &[IpNet]) -> Self {
+    pub fn new(accept_domains: &[String], relay_networks: &[IpNet], hostname: &str) -> Self {
         Self {
+            hostname: hostname.trim_end_matches('.').to_ascii_lowercase(),
             accept_domains: accept_domains
                 .iter()
                 .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
@@ -55,11 +59,31 @@ impl RelayPolicy {
             .any(|d| d.eq_ignore_ascii_case(domain))
     }
 
-    /// Whether a recipient may be accepted from `client`. `<Postmaster>` is always accepted
-    /// (RFC 5321 4.5.1).
+    /// Whether `path` (a stored recipient) is our postmaster: `postmaster`, or `postmaster@`
+    /// our host name, any case.
+    pub fn is_postmaster(&self, path: &str) -> bool {
+        match path.split_once('@') {
+            None => path.eq_ignore_ascii_case("postmaster"),
+            Some((local, domain)) => {
+                local.eq_ignore_ascii_case("postmaster")
+                    && domain
+                        .trim_end_matches('.')
+                        .eq_ignore_ascii_case(&self.hostname)
+            }
+        }
+    }
+
+    /// Whether a recipient may be accepted from `client`. The postmaster is always accepted
+    /// (RFC 5321 4.5.1): `<Postmaster>`, and `postmaster@` our host name.
     pub fn allows(&self, rcpt: &ForwardPath<'_>, client: IpAddr) -> bool {
         match rcpt {
             ForwardPath::Postmaster => true,
+            ForwardPath::Mailbox(m)
+                if m.local.eq_ignore_ascii_case("postmaster")
+                    && matches!(m.host, Host::Domain(d) if d.trim_end_matches('.').eq_ignore_ascii_case(&self.hostname)) =>
+            {
+                true
+            }
             ForwardPath::Mailbox(m) => match m.host {
                 Host::Domain(d) if self.is_local_domain(d) => true,
                 _ => self.is_relay_client(client),
@@ -79,7 +103,7 @@ mod tests {
 
     #[test]
     fn accepted_domains_from_anyone_others_only_from_relay_networks() {
-        let p = RelayPolicy::new(&["Example.ORG".into()], &RelayPolicy::loopback());
+        let p = RelayPolicy::new(&["Example.ORG".into()], &RelayPolicy::loopback(), "mx.test");
         let outside: IpAddr = "198.51.100.7".parse().unwrap();
         let inside: IpAddr = "127.0.0.1".parse().unwrap();
         assert!(p.allows(&rcpt("<a@example.org>"), outside));
@@ -96,8 +120,22 @@ mod tests {
     }
 
     #[test]
+    fn the_postmaster_of_our_own_host_name_is_accepted_from_anyone() {
+        let p = RelayPolicy::new(&[], &[], "MX.test");
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(p.allows(&rcpt("<postmaster@mx.test>"), outside));
+        assert!(p.allows(&rcpt("<PostMaster@MX.TEST>"), outside));
+        assert!(!p.allows(&rcpt("<postmaster@other.test>"), outside));
+        assert!(!p.allows(&rcpt("<root@mx.test>"), outside));
+        assert!(p.is_postmaster("postmaster"));
+        assert!(p.is_postmaster("POSTMASTER@mx.Test"));
+        assert!(!p.is_postmaster("postmaster@other.test"));
+        assert!(!p.is_postmaster("postmasters@mx.test"));
+    }
+
+    #[test]
     fn no_relay_networks_means_no_relaying() {
-        let p = RelayPolicy::new(&[], &[]);
+        let p = RelayPolicy::new(&[], &[], "mx.test");
         assert!(!p.allows(&rcpt("<a@b.example>"), "127.0.0.1".parse().unwrap()));
     }
 }

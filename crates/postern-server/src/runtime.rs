@@ -112,7 +112,11 @@ pub fn start_with(
         bare_newline: settings.bare_newline,
         ..ServerConfig::default()
     });
-    let relay = RelayPolicy::new(&settings.accept_domains, &settings.relay_networks);
+    let relay = RelayPolicy::new(
+        &settings.accept_domains,
+        &settings.relay_networks,
+        &settings.hostname,
+    );
     let limits = ConnectionLimits::new(settings.max_connections, settings.max_connections_per_ip);
     let registry = Registry::default();
     let stop = Arc::new(StopFlag::default());

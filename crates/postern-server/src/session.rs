@@ -291,6 +291,9 @@ impl Session {
             helo: env.helo(),
             envelope: env,
             arrival: SystemTime::now(),
+            relay: &self.core.relay,
+            hostname: &self.core.settings.hostname,
+            postmaster: self.core.settings.postmaster.as_deref(),
         };
         let record = CoreStore::meta(&meta);
         let begun = self.core.store.begin(&record);

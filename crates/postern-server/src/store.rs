@@ -16,6 +16,7 @@ use postern_spool::{
 
 use crate::core::Core;
 use crate::error::StartError;
+use crate::relay::RelayPolicy;
 
 pub(crate) use postern_spool::Draft;
 
@@ -25,6 +26,53 @@ pub(crate) struct Meta<'a> {
     pub(crate) helo: &'a str,
     pub(crate) envelope: &'a Envelope,
     pub(crate) arrival: SystemTime,
+    /// Recognises the postmaster's addresses.
+    pub(crate) relay: &'a RelayPolicy,
+    /// Our host name.
+    pub(crate) hostname: &'a str,
+    /// `--postmaster`, where the postmaster's mail goes.
+    pub(crate) postmaster: Option<&'a str>,
+}
+
+/// The envelope's recipients as the spool keeps them: the postmaster's sent where the operator
+/// said, and each mailbox once (the first time it was given, with its DSN parameters). Local
+/// parts compare exactly, domains without regard to ASCII case.
+fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
+    let mut out: Vec<Recipient> = Vec::with_capacity(m.envelope.recipient_count());
+    let mut seen = std::collections::HashSet::new();
+    for r in m.envelope.recipients() {
+        let mut rcpt = Recipient {
+            path: r.path.to_owned(),
+            notify: r.notify.map(|n| n.bits()),
+            orcpt: r.orcpt.map(str::to_owned),
+        };
+        if m.relay.is_postmaster(r.path) {
+            postmaster(&mut rcpt, m.hostname, m.postmaster);
+        }
+        let key = match rcpt.path.rsplit_once('@') {
+            Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+            None => rcpt.path.clone(),
+        };
+        if seen.insert(key) {
+            out.push(rcpt);
+        }
+    }
+    out
+}
+
+/// Sends a postmaster recipient where the operator said (`--postmaster`), or, without that, a
+/// bare `postmaster` to `postmaster@<hostname>`. The address the client used is kept as its
+/// ORCPT (when it gave none), so reports still name it.
+fn postmaster(rcpt: &mut Recipient, hostname: &str, to: Option<&str>) {
+    let target = match to {
+        Some(to) => to.to_owned(),
+        None if !rcpt.path.contains('@') => format!("postmaster@{hostname}"),
+        None => return,
+    };
+    if rcpt.orcpt.is_none() && rcpt.path.is_ascii() && !rcpt.path.contains(['+', '=']) {
+        rcpt.orcpt = Some(format!("rfc822;{}", rcpt.path));
+    }
+    rcpt.path = target;
 }
 
 /// One core's spool.
@@ -85,14 +133,7 @@ impl CoreStore {
             client: m.client.ip().to_string(),
             helo: m.helo.to_owned(),
             reverse_path: env.reverse_path().to_owned(),
-            recipients: env
-                .recipients()
-                .map(|r| Recipient {
-                    path: r.path.to_owned(),
-                    notify: r.notify.map(|n| n.bits()),
-                    orcpt: r.orcpt.map(str::to_owned),
-                })
-                .collect(),
+            recipients: recipients(m),
             envid: env.envid().map(str::to_owned),
             ret: env.ret().map(|r| match r {
                 Ret::Full => 1,

@@ -64,6 +64,11 @@ struct Serve {
     /// A domain to accept mail for from anyone (repeatable).
     #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',')]
     accept_domain: Vec<String>,
+    /// Where mail to <postmaster> and postmaster@HOSTNAME goes (an address); both are accepted
+    /// from anyone (RFC 5321 4.5.1) [default: <postmaster> becomes postmaster@HOSTNAME and
+    /// is routed like any recipient].
+    #[arg(long, env = "POSTERN_POSTMASTER")]
+    postmaster: Option<String>,
     /// A network allowed to relay to any domain (repeatable) [default: 127.0.0.0/8, ::1/128].
     #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',')]
     relay_network: Vec<IpNet>,
@@ -367,6 +372,14 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if s.command_timeout.is_zero() {
         return Err("--command-timeout must be more than 0".into());
     }
+    if let Some(pm) = &s.postmaster {
+        let bare = pm.trim_start_matches('<').trim_end_matches('>');
+        if postern_proto::address::parse_mailbox(bare).is_err() {
+            return Err(format!(
+                "--postmaster: {pm:?} is not a mail address (local@domain)"
+            ));
+        }
+    }
     let defaults = Settings::default();
     Ok(Settings {
         listen: s.listen,
@@ -394,6 +407,9 @@ fn settings(s: Serve) -> Result<Settings, String> {
             .zip(s.tls_key)
             .map(|(cert, key)| TlsFiles { cert, key }),
         metrics: s.metrics,
+        postmaster: s
+            .postmaster
+            .map(|pm| pm.trim_start_matches('<').trim_end_matches('>').to_owned()),
         bare_newline: if s.reject_bare_newlines {
             BareNewlinePolicy::Reject
         } else {

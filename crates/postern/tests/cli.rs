@@ -54,6 +54,7 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--max-transactions-in-flight", "0"],
         "--max-transactions-in-flight",
     );
+    refused(&["serve", "--postmaster", "not an address"], "--postmaster");
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
 }
@@ -81,6 +82,7 @@ fn help_explains_every_flag_with_its_default() {
         "--hostname",
         "--accept-domain",
         "--relay-network",
+        "--postmaster",
         "--max-message-size",
         "--max-recipients",
         "--max-connections",

@@ -483,6 +483,96 @@ fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_wh
     }
 }
 
+/// Sends one message with MAIL and RCPT commands as given (each must get 250).
+fn send_commands(server: &Server, commands: &[&str], message_id: &str) {
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    for cmd in commands {
+        let r = c.cmd(cmd);
+        assert!(r.starts_with("250"), "{cmd}: {r}");
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(format!("Subject: t\r\nMessage-ID: {message_id}\r\n\r\nbody\r\n.\r\n").as_bytes());
+    let reply = c.line();
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    c.cmd("QUIT");
+}
+
+#[test]
+fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
+    // 127.0.0.1 is outside the relay networks here: only the postmaster is accepted from it.
+    let peer = Peer::start(&[]);
+    let ops = format!("ops.test=127.0.0.1:{}", peer.port);
+    let mx = format!("mx.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&[
+        "--relay-network",
+        "192.0.2.0/24",
+        "--route",
+        &ops,
+        "--route",
+        &mx,
+        "--postmaster",
+        "ops@ops.test",
+    ]);
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<someone@elsewhere.test>")
+        .starts_with("554 5.7.1"));
+    c.cmd("RSET");
+    c.cmd("QUIT");
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<Postmaster>",
+            "RCPT TO:<postmaster@MX.test>",
+        ],
+        "<pm1@t>",
+    );
+    let (got, _) = peer.first("the postmaster's mail");
+    // Both addresses are the same mailbox: one recipient, the configured one.
+    assert_eq!(got.rcpt_tos, ["ops@ops.test"]);
+
+    // Without --postmaster, <postmaster> is postmaster@<hostname>, routed like any address.
+    let peer = Peer::start(&[]);
+    let mx = format!("mx.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--relay-network", "192.0.2.0/24", "--route", &mx]);
+    send_commands(
+        &server,
+        &["MAIL FROM:<a@origin.test>", "RCPT TO:<postmaster>"],
+        "<pm2@t>",
+    );
+    let (got, _) = peer.first("the postmaster's mail, by host name");
+    assert_eq!(got.rcpt_tos, ["postmaster@mx.test"]);
+}
+
+#[test]
+fn a_mailbox_given_twice_is_one_recipient() {
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<bob@dest.test>",
+            "RCPT TO:<bob@DEST.test>",
+            "RCPT TO:<Bob@dest.test>",
+            "RCPT TO:<bob@dest.test>",
+        ],
+        "<dup@t>",
+    );
+    let (got, _) = peer.first("the message");
+    // Domains compare without case; local parts exactly (RFC 5321 2.4).
+    assert_eq!(got.rcpt_tos, ["bob@dest.test", "Bob@dest.test"]);
+}
+
 #[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
