@@ -328,21 +328,25 @@ fn bad_bdat_size_closes_the_connection() {
     assert!(o.closed);
 }
 
-#[test]
-fn recipient_limit_is_452() {
+/// One transaction of `n` recipients, then `tail`, against a limit of 100 recipients.
+fn with_recipients(n: usize, tail: &[&str]) -> support::Outcome {
     let mut lines = vec![
         "EHLO client.test".to_owned(),
         "MAIL FROM:<a@b.test>".to_owned(),
     ];
-    for i in 0..101 {
-        lines.push(format!("RCPT TO:<r{i}@mx.test>"));
-    }
+    lines.extend((0..n).map(|i| format!("RCPT TO:<r{i}@mx.test>")));
+    lines.extend(tail.iter().map(|t| (*t).to_owned()));
     let cfg = Arc::new(ServerConfig {
         max_recipients: 100,
         ..(*config()).clone()
     });
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let o = run(&cfg, false, &client(&refs), &[]);
+    run(&cfg, false, &client(&refs), &[])
+}
+
+#[test]
+fn recipient_limit_is_452() {
+    let o = with_recipients(101, &[]);
     assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 100);
     assert!(o.output.ends_with("452 4.5.3 Too many recipients\r\n"));
 }
@@ -351,21 +355,7 @@ fn recipient_limit_is_452() {
 fn recipients_past_the_limit_do_not_end_the_session() {
     // 130 recipients against a limit of 100: 30 answers of 452, then the message is still
     // taken for the 100 accepted (RFC 5321 4.5.3.1.10), and the session goes on.
-    let mut lines = vec![
-        "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test>".to_owned(),
-    ];
-    for i in 0..130 {
-        lines.push(format!("RCPT TO:<r{i}@mx.test>"));
-    }
-    lines.extend(["DATA".to_owned(), "hi".to_owned(), ".".to_owned()]);
-    lines.push("NOOP".to_owned());
-    let cfg = Arc::new(ServerConfig {
-        max_recipients: 100,
-        ..(*config()).clone()
-    });
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let o = run(&cfg, false, &client(&refs), &[]);
+    let o = with_recipients(130, &["DATA", "hi", ".", "NOOP"]);
     assert_eq!(
         o.output.matches("452 4.5.3 Too many recipients").count(),
         30
@@ -383,19 +373,7 @@ fn recipients_past_the_limit_do_not_end_the_session() {
 
 #[test]
 fn an_absurd_recipient_overshoot_counts_as_errors() {
-    let mut lines = vec![
-        "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test>".to_owned(),
-    ];
-    for i in 0..1200 {
-        lines.push(format!("RCPT TO:<r{i}@mx.test>"));
-    }
-    let cfg = Arc::new(ServerConfig {
-        max_recipients: 100,
-        ..(*config()).clone()
-    });
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let o = run(&cfg, false, &client(&refs), &[]);
+    let o = with_recipients(1200, &[]);
     // A limit of 100: 1000 overshooting RCPTs are free, then 20 errors end it.
     assert_eq!(o.output.matches("452 4.5.3").count(), 1020);
     assert!(o.output.ends_with(
