@@ -115,7 +115,8 @@ pub struct ReportRecipient {
     /// The mailbox delivery was attempted to: `Final-Recipient: rfc822; path`.
     pub path: String,
     /// The `ORCPT` parameter as given at `RCPT` time, such as `rfc822;a@b`, passed through as
-    /// `Original-Recipient` (xtext is not decoded). A value without `;` gets `rfc822;` in front.
+    /// `Original-Recipient` (an `rfc822` address is decoded from xtext). A value without `;`
+    /// gets `rfc822;` in front.
     pub orcpt: Option<String>,
     /// What happened to this recipient.
     pub action: Action,
@@ -390,7 +391,12 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
 fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + report.recipients.len() * 320);
     if let Some(envid) = report.envid {
-        field(&mut out, "Original-Envelope-Id", &safe(envid));
+        // RFC 3461 4.4: the ENVID came as xtext; the report carries its value.
+        field(
+            &mut out,
+            "Original-Envelope-Id",
+            &safe(&xtext_decode(envid)),
+        );
     }
     field(&mut out, "Reporting-MTA", &format!("dns; {host}"));
     field(&mut out, "X-Postern-Queue-ID", &safe(report.queue_id));
@@ -399,11 +405,14 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
     for recipient in report.recipients {
         out.extend_from_slice(b"\r\n");
         if let Some(orcpt) = &recipient.orcpt {
-            let orcpt = safe(orcpt);
-            let value = if orcpt.contains(';') {
-                orcpt
-            } else {
-                format!("rfc822; {orcpt}")
+            // RFC 3461 4.2: an rfc822 ORCPT is xtext, decoded for the report; other address
+            // types (utf-8, RFC 6533) are written as they came.
+            let value = match orcpt.split_once(';') {
+                Some((kind, addr)) if kind.trim().eq_ignore_ascii_case("rfc822") => {
+                    format!("rfc822;{}", safe(&xtext_decode(addr)))
+                }
+                Some(_) => safe(orcpt),
+                None => format!("rfc822; {}", safe(&xtext_decode(orcpt))),
             };
             field(&mut out, "Original-Recipient", &value);
         }
@@ -436,6 +445,30 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
 
 /// Writes `name: value` CRLF, folding at spaces before [`FOLD_COLUMN`] when it can. `value`
 /// is already safe: ASCII, no control characters, single spaces.
+/// Undoes xtext (RFC 3461 4): `+` and two upper-case hex digits stand for that octet. A `+`
+/// not followed by two hex digits is kept as it is.
+fn xtext_decode(value: &str) -> String {
+    let b = value.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'+' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).and_then(|&c| hex(c)),
+                b.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
     out.push(b':');
@@ -605,7 +638,9 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
     }
     if has(Action::Relayed) {
         text.push_str(
-            "Your message was passed on for one or more of its recipients to a mail system\r\n             that sends no delivery reports, so this is the last report you will get,\r\n             as you asked to be told of delivery.\r\n\r\n",
+            "Your message was passed on for one or more of its recipients to a mail system\r\n\
+             that sends no delivery reports, so this is the last report you will get,\r\n\
+             as you asked to be told of delivery.\r\n\r\n",
         );
     }
     let _ = write!(text, "The message arrived on {}", date(report.arrival));
@@ -661,6 +696,14 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xtext_is_decoded() {
+        assert_eq!(xtext_decode("a+2Bb+3Dc"), "a+b=c");
+        assert_eq!(xtext_decode("plain"), "plain");
+        assert_eq!(xtext_decode("odd+2"), "odd+2");
+        assert_eq!(xtext_decode("+ZZ+41"), "+ZZA");
+    }
 
     #[test]
     fn header_block_stops_after_the_empty_line() {

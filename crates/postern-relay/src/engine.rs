@@ -773,6 +773,10 @@ impl CoreRelay {
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     let reply = result.outcome(k);
                     let text = reply_line(reply);
+                    // RFC 5321 4.5.3.1.10: a 552 to RCPT is "too many recipients" from an
+                    // older server, and is temporary (as Postfix takes it).
+                    let rcpt_552 = result.mail.is_positive()
+                        && result.rcpts.get(k).is_some_and(|r| r.code == 552);
                     if reply.is_positive() {
                         let relayed = !job.hop_dsn;
                         self.report(
@@ -782,7 +786,7 @@ impl CoreRelay {
                             text,
                             remote.clone(),
                         );
-                    } else if reply.is_permanent() {
+                    } else if reply.is_permanent() && !rcpt_552 {
                         let status = dsn::status_of(&text);
                         self.report(
                             &job.msg,

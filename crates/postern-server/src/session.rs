@@ -75,7 +75,17 @@ pub(crate) async fn serve(
         eod_at: None,
         deadline: started + core.settings.max_session_time,
     };
-    if !implicit_tls || session.start_tls().await {
+    let ready = if implicit_tls {
+        let ok = session.start_tls().await;
+        if ok {
+            // The whole session is inside TLS (RFC 8314): Received says ESMTPS/UTF8SMTPS.
+            session.proto.tls_established();
+        }
+        ok
+    } else {
+        true
+    };
+    if ready {
         session.run().await;
     }
     if let Some(draft) = session.draft.take() {

@@ -60,15 +60,18 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
     out
 }
 
-/// Sends a postmaster recipient where the operator said (`--postmaster`), or, without that, a
-/// bare `postmaster` to `postmaster@<hostname>`. The address the client used is kept as its
+/// Sends a postmaster recipient where the operator said (`--postmaster`), or, without that, to
+/// `postmaster@<hostname>` in lower case. The address the client used is kept as its
 /// ORCPT (when it gave none), so reports still name it.
 fn postmaster(rcpt: &mut Recipient, hostname: &str, to: Option<&str>) {
     let target = match to {
         Some(to) => to.to_owned(),
-        None if !rcpt.path.contains('@') => format!("postmaster@{hostname}"),
-        None => return,
+        // One spelling, whatever case the client used, so that the copies are one recipient.
+        None => format!("postmaster@{}", hostname.to_ascii_lowercase()),
     };
+    if target == rcpt.path {
+        return;
+    }
     if rcpt.orcpt.is_none() && rcpt.path.is_ascii() && !rcpt.path.contains(['+', '=']) {
         rcpt.orcpt = Some(format!("rfc822;{}", rcpt.path));
     }

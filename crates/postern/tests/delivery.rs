@@ -463,7 +463,8 @@ fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_wh
     assert_eq!(report.rcpt_tos, ["alice@origin.test"]);
     let text = String::from_utf8_lossy(&report.data);
     assert!(text.contains("report-type"), "{text}");
-    assert!(text.contains("Original-Envelope-Id: env+2B1"), "{text}");
+    // The report carries the values, decoded from xtext (RFC 3461 4.4).
+    assert!(text.contains("Original-Envelope-Id: env+1\r\n"), "{text}");
     assert!(
         text.contains("Final-Recipient: rfc822; c@plain.test"),
         "{text}"
@@ -545,11 +546,47 @@ fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
     let server = Server::start(&["--relay-network", "192.0.2.0/24", "--route", &mx]);
     send_commands(
         &server,
-        &["MAIL FROM:<a@origin.test>", "RCPT TO:<postmaster>"],
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<postmaster>",
+            "RCPT TO:<PostMaster@MX.TEST>",
+        ],
         "<pm2@t>",
     );
     let (got, _) = peer.first("the postmaster's mail, by host name");
     assert_eq!(got.rcpt_tos, ["postmaster@mx.test"]);
+}
+
+#[test]
+fn a_552_to_rcpt_is_temporary_and_those_recipients_follow_later() {
+    // A next hop that takes one recipient per transaction and answers 552 to the others
+    // (RFC 5321 4.5.3.1.10: treat it as temporary): all three arrive, nothing bounces.
+    let peer = Peer::start(&["--max-rcpts", "1"]);
+    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
+    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
+    let mut args = vec!["--route", &dest, "--route", &origin];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "alice@origin.test",
+        &["a@dest.test", "b@dest.test", "c@dest.test"],
+        "<many@t>",
+        "body\r\n",
+    );
+    let stored = peer.wait_for("three deliveries", Duration::from_secs(20), |s| {
+        s.iter().map(|m| m.rcpt_tos.len()).sum::<usize>() >= 3
+    });
+    let mut got: Vec<&str> = stored
+        .iter()
+        .flat_map(|m| m.rcpt_tos.iter().map(String::as_str))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, ["a@dest.test", "b@dest.test", "c@dest.test"]);
+    assert!(
+        stored.iter().all(|m| m.message_id == "<many@t>"),
+        "no bounce: {stored:?}"
+    );
 }
 
 #[test]

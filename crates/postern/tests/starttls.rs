@@ -127,7 +127,7 @@ fn starttls_drops_pipelined_commands_and_starts_over() {
 
 #[test]
 fn implicit_tls_port_greets_inside_tls() {
-    let (server, roots, _dir) = server_with_cert();
+    let (mut server, roots, _dir) = server_with_cert();
     let tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut t = Tls::wrap(tcp, &roots);
@@ -138,7 +138,24 @@ fn implicit_tls_port_greets_inside_tls() {
         .unwrap();
     let ehlo = t.reply();
     assert!(!ehlo.iter().any(|l| l.contains("STARTTLS")));
+    assert_eq!(t.cmd("MAIL FROM:<a@b.test>"), "250 2.1.0 Ok");
+    assert_eq!(t.cmd("RCPT TO:<c@d.test>"), "250 2.1.5 Ok");
+    assert_eq!(t.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    queue_id(&t.cmd("Subject: s\r\n\r\nimplicit\r\n."));
+    // HELO inside implicit TLS is still a TLS session.
+    assert!(t.cmd("HELO again.test").starts_with("250 "));
+    assert_eq!(t.cmd("MAIL FROM:<e@b.test>"), "250 2.1.0 Ok");
+    assert_eq!(t.cmd("RCPT TO:<c@d.test>"), "250 2.1.5 Ok");
+    assert_eq!(t.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    queue_id(&t.cmd("Subject: s\r\n\r\nimplicit\r\n."));
     assert_eq!(t.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(server.terminate().success());
+    let msgs = spooled(&server.spool);
+    assert_eq!(msgs.len(), 2);
+    for m in &msgs {
+        let text = String::from_utf8_lossy(&m.3);
+        assert!(text.contains(") with ESMTPS id"), "{text}");
+    }
 }
 
 #[test]

@@ -3,9 +3,12 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
 
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
                  [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS] [--dsn]
+                 [--max-rcpts N]
 
 --port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
---reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. --dsn offers DSN (RFC 3461)
+--reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. --max-rcpts N answers
+"552 5.5.3 Too many recipients" to each RCPT after the N-th of a transaction, as older servers
+do (RFC 5321 4.5.3.1.10). --dsn offers DSN (RFC 3461)
 in EHLO and records the DSN parameters of MAIL and of each RCPT (without it, aiosmtpd refuses
 them with 555, as a server without DSN should). It prints "ready" once it listens
 ("ready PORT") and runs until stdin closes.
@@ -39,6 +42,8 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.args.reject_rcpt and self.args.reject_rcpt in address:
             return "550 5.1.1 <%s>: no such user here" % address
+        if self.args.max_rcpts and len(envelope.rcpt_tos) >= self.args.max_rcpts:
+            return "552 5.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
@@ -132,6 +137,7 @@ def main():
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--size-limit", type=int, default=33554432)
     p.add_argument("--dsn", action="store_true")
+    p.add_argument("--max-rcpts", type=int, default=0)
     args = p.parse_args()
     # Port 0: a free port of our own choosing, tried again if another process takes it
     # between the probe and the bind (bounded).
