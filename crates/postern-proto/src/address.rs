@@ -346,10 +346,19 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
 /// U-labels convert to A-labels under UTS #46 with the STD3 rules and DNS lengths. That
 /// keeps out what no host name holds: spaces (U+00A0), controls (U+0085), line and paragraph
 /// separators, bidirectional overrides.
+///
+/// UTS #46 also maps some characters silently: it drops the invisible ones (zero-width
+/// space, soft hyphen, word joiner, byte order mark) and folds others (full-width letters).
+/// IDNA2008 allows none of them in a U-label, and a name that reads differently from what
+/// was logged could deceive, so the name must come back from its A-labels unchanged (but
+/// for case).
 fn check_idna(domain: &str) -> Result<(), PathError> {
-    idna::domain_to_ascii_strict(domain)
-        .map(drop)
-        .map_err(|_| PathError::Syntax)
+    let ascii = idna::domain_to_ascii_strict(domain).map_err(|_| PathError::Syntax)?;
+    let (unicode, back) = idna::domain_to_unicode(&ascii);
+    if back.is_err() || unicode != domain.to_lowercase() {
+        return Err(PathError::Syntax);
+    }
+    Ok(())
 }
 
 /// The ASCII form of a valid domain: the domain itself when it is ASCII, else with its
@@ -474,6 +483,8 @@ mod tests {
     #[test]
     fn utf8_domains_must_be_idna_names() {
         assert!(is_valid_helo("b\u{fc}cher.example"));
+        assert!(is_valid_helo("B\u{dc}CHER.example"));
+        assert!(is_valid_helo("stra\u{df}e.example"));
         assert!(rev("<a@b\u{fc}cher.example>").is_ok());
         for bad in [
             "a\u{a0}b.example",
@@ -481,6 +492,11 @@ mod tests {
             "\u{2028}x.example",
             "x\u{85}y.example",
             "ab--\u{fc}.example",
+            "x\u{200b}n\u{e4}me.example",
+            "paypal\u{ad}.\u{e9}x.com",
+            "\u{feff}\u{e4}.example",
+            "\u{2060}\u{e4}.example",
+            "\u{ff45}x\u{e4}.example",
         ] {
             assert!(!is_valid_helo(bad), "{bad:?}");
             assert!(rev(&format!("<a@{bad}>")).is_err(), "{bad:?}");
