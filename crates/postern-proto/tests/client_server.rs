@@ -304,6 +304,37 @@ fn all_recipients_refused_without_pipelining_skips_data() {
 }
 
 #[test]
+fn a_354_after_every_recipient_was_refused_gets_only_the_dot() {
+    // RFC 2920 3.1: pipelined DATA accepted though no RCPT was: a single dot, no content.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+    c.send(&transaction(
+        BodyMode::Data,
+        b"secret body\r\n",
+        &["a@x.test"],
+    ))
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(c.output()),
+        "MAIL FROM:<sender@origin.test>\r\nRCPT TO:<a@x.test> NOTIFY=FAILURE\r\nDATA\r\n"
+    );
+    c.clear_output();
+    let (events, sent) = canned(
+        &mut c,
+        &[
+            "250 ok\r\n550 5.1.1 no\r\n354 go\r\n",
+            "554 5.5.1 no valid recipients\r\n",
+        ],
+    );
+    assert_eq!(sent, ".\r\n");
+    let [ClientEvent::Done(r)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(r.outcome(0).code, 550);
+    assert!(c.is_idle());
+}
+
+#[test]
 fn greeting_refusal_and_421_and_garbage() {
     let mut c = ClientSession::new("relay.test");
     let (events, _) = canned(&mut c, &["554-no\r\n554 go away\r\n"]);
