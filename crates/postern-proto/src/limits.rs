@@ -6,6 +6,10 @@ pub const MAX_COMMAND_LINE: usize = 512;
 /// parameters (RFC 3461 4: 500 for NOTIFY and ORCPT on RCPT, 100 for RET and ENVID on MAIL,
 /// here 500 for both).
 pub const DSN_LINE_EXTRA: usize = 500;
+/// Longest reply line the client side reads, CRLF included. RFC 5321 4.5.3.1 asks for as few
+/// limits as can be, and some servers write long reply lines; beyond [`MAX_REPLY_LINE`] the
+/// text is cut.
+pub const MAX_REPLY_LINE_READ: usize = 4096;
 /// Longest reply line, CRLF included (RFC 5321 4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;
 /// Longest reply the client side assembles, over all its lines.

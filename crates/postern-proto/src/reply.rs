@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::framer::{Frame, LineFramer};
-use crate::limits::{MAX_REPLY_LINE, MAX_REPLY_LINES};
+use crate::limits::{MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_LINE_READ};
 
 /// An RFC 3463 enhanced status code, `class.subject.detail`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -198,7 +198,7 @@ impl ReplyParser {
     /// A parser expecting the first line of a reply.
     pub fn new() -> Self {
         Self {
-            framer: LineFramer::new(MAX_REPLY_LINE),
+            framer: LineFramer::new(MAX_REPLY_LINE_READ),
             partial: None,
         }
     }
@@ -258,7 +258,16 @@ impl ReplyParser {
             Some(b'-') => false,
             Some(_) => return Err(ReplyError::Malformed),
         };
-        let text = String::from_utf8_lossy(line.get(4..).unwrap_or(b""));
+        // A line longer than a reply line may be is kept to that length.
+        let mut text = String::from_utf8_lossy(line.get(4..).unwrap_or(b""));
+        let room = MAX_REPLY_LINE - 6;
+        if text.len() > room {
+            let mut cut = room;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.to_mut().truncate(cut);
+        }
         let reply = match self.partial.as_mut() {
             Some(r) => {
                 if r.code != code {
@@ -294,5 +303,55 @@ impl ReplyParser {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(input: &[u8]) -> ParsedReply {
+        ReplyParser::new().parse(input)
+    }
+
+    #[test]
+    fn a_long_reply_line_is_read_and_its_text_cut() {
+        let mut line = b"250 2.1.5 ".to_vec();
+        line.extend(std::iter::repeat_n(b'x', 700));
+        line.extend_from_slice(b"\r\n");
+        let ParsedReply::Complete { reply, consumed } = parse_all(&line) else {
+            panic!("not read");
+        };
+        assert_eq!(consumed, line.len());
+        assert_eq!(reply.code, 250);
+        assert!(reply.lines[0].len() <= MAX_REPLY_LINE - 6);
+        assert!(reply.lines[0].starts_with("xxx"));
+    }
+
+    #[test]
+    fn a_reply_line_past_what_is_read_is_an_error() {
+        let mut line = b"250 ".to_vec();
+        line.extend(std::iter::repeat_n(b'y', MAX_REPLY_LINE_READ));
+        line.extend_from_slice(b"\r\n");
+        assert!(matches!(
+            parse_all(&line),
+            ParsedReply::Error {
+                error: ReplyError::LineTooLong,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn cutting_keeps_whole_characters() {
+        let mut line = b"550 ".to_vec();
+        for _ in 0..400 {
+            line.extend_from_slice("é".as_bytes());
+        }
+        line.extend_from_slice(b"\r\n");
+        let ParsedReply::Complete { reply, .. } = parse_all(&line) else {
+            panic!("not read");
+        };
+        assert!(reply.lines[0].chars().all(|c| c == 'é'));
     }
 }
