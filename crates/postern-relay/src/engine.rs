@@ -698,6 +698,21 @@ impl CoreRelay {
             self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
             return None;
         }
+        // RFC 6152 3: no octet above 127 goes to a next hop without 8BITMIME. postern does
+        // not rewrite MIME bodies, so such a message fails for that next hop (as BINARYMIME
+        // does above). Only the content decides: a message declared 8BITMIME that is plain
+        // ASCII goes on without the parameter.
+        if meta.body_type != 2
+            && !eightbitmime
+            && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f))
+        {
+            let text = format!(
+                "{} does not support 8BITMIME and the message has 8-bit content",
+                conn.remote
+            );
+            self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+            return None;
+        }
         if meta.smtputf8 && !smtputf8 {
             let ascii = meta.reverse_path.is_ascii()
                 && job.rcpts.iter().all(|&i| {

@@ -590,6 +590,56 @@ fn a_552_to_rcpt_is_temporary_and_those_recipients_follow_later() {
 }
 
 #[test]
+fn eight_bit_content_never_goes_to_a_next_hop_without_8bitmime() {
+    // RFC 6152 3: the 8-bit message fails with 5.6.3 and is bounced (the report itself is
+    // ASCII, as its text and headers are); a message declared 8BITMIME that is plain ASCII
+    // is delivered.
+    let peer = Peer::start(&["--no-8bitmime"]);
+    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
+    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &dest, "--route", &origin]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@origin.test> BODY=8BITMIME",
+            "RCPT TO:<bob@dest.test>",
+        ],
+        "<ascii@t>",
+    );
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> BODY=8BITMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<carol@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: t\r\nMessage-ID: <eight@t>\r\n\r\nGr\u{fc}\u{df}e\r\n.\r\n".as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let stored = peer.wait_for(
+        "the ASCII message and the bounce",
+        Duration::from_secs(20),
+        |s| s.len() == 2,
+    );
+    assert!(
+        stored.iter().all(|m| m.message_id != "<eight@t>"),
+        "{stored:?}"
+    );
+    let ascii = stored.iter().find(|m| m.message_id == "<ascii@t>").unwrap();
+    assert_eq!(ascii.rcpt_tos, ["bob@dest.test"]);
+    let bounce = stored.iter().find(|m| m.message_id != "<ascii@t>").unwrap();
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; carol@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.6.3"), "{text}");
+    assert!(bounce.data.iter().all(|&b| b < 0x80), "{text}");
+}
+
+#[test]
 fn a_mailbox_given_twice_is_one_recipient() {
     let peer = Peer::start(&[]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);

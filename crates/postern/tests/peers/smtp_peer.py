@@ -3,12 +3,12 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
 
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
                  [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS] [--dsn]
-                 [--max-rcpts N]
+                 [--max-rcpts N] [--no-8bitmime]
 
 --port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
 --reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. --max-rcpts N answers
 "552 5.5.3 Too many recipients" to each RCPT after the N-th of a transaction, as older servers
-do (RFC 5321 4.5.3.1.10). --dsn offers DSN (RFC 3461)
+do (RFC 5321 4.5.3.1.10). --no-8bitmime leaves 8BITMIME out of the EHLO reply. --dsn offers DSN (RFC 3461)
 in EHLO and records the DSN parameters of MAIL and of each RCPT (without it, aiosmtpd refuses
 them with 555, as a server without DSN should). It prints "ready" once it listens
 ("ready PORT") and runs until stdin closes.
@@ -37,6 +37,8 @@ class Handler:
         session.host_name = hostname
         if self.args.dsn:
             responses.insert(1, "250-DSN")
+        if self.args.no_8bitmime:
+            responses = [r for r in responses if r != "250-8BITMIME"]
         return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -138,6 +140,7 @@ def main():
     p.add_argument("--size-limit", type=int, default=33554432)
     p.add_argument("--dsn", action="store_true")
     p.add_argument("--max-rcpts", type=int, default=0)
+    p.add_argument("--no-8bitmime", action="store_true")
     args = p.parse_args()
     # Port 0: a free port of our own choosing, tried again if another process takes it
     # between the probe and the bind (bounded).
