@@ -45,8 +45,10 @@ pub(crate) struct Core {
     pub(crate) store: CoreStore,
     /// Set once this core has seen the stop request.
     pub(crate) stopping: Cell<bool>,
-    /// Woken when `stopping` is set.
+    /// Woken when `stopping` is set, and again when `grace_over` is.
     pub(crate) stop_event: Event,
+    /// The shutdown grace is over: sessions still inside a body are told 421 and closed.
+    pub(crate) grace_over: Cell<bool>,
     /// Sessions open on this core.
     pub(crate) sessions: Cell<usize>,
     /// Woken when a session ends.
@@ -107,12 +109,21 @@ impl Core {
 
     /// Waits until a stop is requested on this core.
     pub(crate) async fn stopped(&self) {
+        self.until(&self.stopping).await;
+    }
+
+    /// Waits until the shutdown grace is over.
+    pub(crate) async fn grace_ended(&self) {
+        self.until(&self.grace_over).await;
+    }
+
+    async fn until(&self, flag: &Cell<bool>) {
         loop {
-            if self.stopping.get() {
+            if flag.get() {
                 return;
             }
             let listener = self.stop_event.listen();
-            if self.stopping.get() {
+            if flag.get() {
                 return;
             }
             listener.await;

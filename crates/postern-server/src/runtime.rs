@@ -22,6 +22,9 @@ use crate::relay::RelayPolicy;
 use crate::store::CoreStore;
 use crate::{metrics_http, session, tls};
 
+/// After the shutdown grace, how long sessions still inside a body get to write their 421.
+const GRACE_OVER_WRITES: Duration = Duration::from_secs(1);
+
 /// Memory glommio registers for storage I/O per executor. postern does its file I/O through
 /// the spool's mapping, so the minimum is enough, and it keeps well inside a default 8 MiB
 /// RLIMIT_MEMLOCK even with many cores.
@@ -255,6 +258,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         store,
         stopping: Default::default(),
         stop_event: Default::default(),
+        grace_over: Default::default(),
         sessions: Default::default(),
         session_ended: Default::default(),
         delivery: Default::default(),
@@ -277,8 +281,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         a.await;
     }
     // Let sessions in the middle of a transaction finish, within the grace period.
-    let grace = glommio::timer::sleep(core.settings.shutdown_grace);
-    let drained = async {
+    let drained = || async {
         while core.sessions.get() > 0 {
             let l = core.session_ended.listen();
             if core.sessions.get() == 0 {
@@ -287,7 +290,16 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             l.await;
         }
     };
-    futures_lite::future::or(drained, grace).await;
+    let grace = glommio::timer::sleep(core.settings.shutdown_grace);
+    futures_lite::future::or(drained(), grace).await;
+    if core.sessions.get() > 0 {
+        // Sessions still inside a body: they answer 421 and close (RFC 5321 3.8), and
+        // what they had is not stored; a moment for those writes.
+        core.grace_over.set(true);
+        core.stop_event.notify(usize::MAX);
+        let last = glommio::timer::sleep(GRACE_OVER_WRITES);
+        futures_lite::future::or(drained(), last).await;
+    }
     core.store.shutdown();
     drop(committer);
     core.publish();

@@ -236,10 +236,10 @@ impl Session {
         let stop = async {
             if stoppable {
                 core.stopped().await;
-                Wake::Stop
             } else {
-                future::pending().await
+                core.grace_ended().await;
             }
+            Wake::Stop
         };
         future::or(read, future::or(timeout, stop)).await
     }

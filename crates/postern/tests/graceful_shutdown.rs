@@ -55,3 +55,38 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
     assert_eq!(msgs[0].0, id);
     assert!(msgs[0].3.ends_with(b"first half\r\nsecond half\r\n"));
 }
+
+#[test]
+fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
+    let mut server = Server::start(&["--cores", "1", "--shutdown-grace", "500ms"]);
+    let mut stalled = server.connect();
+    stalled.line();
+    stalled.cmd("EHLO stalled.test");
+    stalled.cmd("MAIL FROM:<a@b.test>");
+    stalled.cmd("RCPT TO:<c@d.test>");
+    assert_eq!(stalled.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    stalled.send(b"Subject: never finished\r\n\r\nhalf\r\n");
+    let mut chunked = server.connect();
+    chunked.line();
+    chunked.cmd("EHLO chunked.test");
+    chunked.cmd("MAIL FROM:<a@b.test>");
+    chunked.cmd("RCPT TO:<c@d.test>");
+    chunked.send(b"BDAT 100 LAST\r\nten octets");
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // RFC 5321 3.8: the server says 421 before it closes, even inside a body.
+    for c in [&mut stalled, &mut chunked] {
+        assert_eq!(
+            c.line(),
+            "421 4.3.2 Service shutting down, closing connection"
+        );
+        assert!(c.closed());
+    }
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(spooled(&server.spool).is_empty());
+}
