@@ -126,7 +126,9 @@ pub struct ReportRecipient {
     /// The next hop's host name: `Remote-MTA: dns; host`.
     pub remote_mta: Option<String>,
     /// The next hop's reply as one line, such as `550 5.1.1 <x@y>: no such user`:
-    /// `Diagnostic-Code: smtp; reply`.
+    /// `Diagnostic-Code: smtp; reply`. Text that is not a reply (postern's own reason, such
+    /// as a lost connection or a next hop lacking an extension) is written
+    /// `Diagnostic-Code: X-Postern; text` instead (RFC 3464 2.3.6).
     pub diagnostic: Option<String>,
     /// The last delivery attempt, in unix seconds: `Last-Attempt-Date`.
     pub last_attempt: Option<u64>,
@@ -427,10 +429,15 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
             field(&mut out, "Remote-MTA", &format!("dns; {}", safe(remote)));
         }
         if let Some(diagnostic) = &recipient.diagnostic {
+            let kind = if is_smtp_reply(diagnostic) {
+                "smtp"
+            } else {
+                "X-Postern"
+            };
             field(
                 &mut out,
                 "Diagnostic-Code",
-                &format!("smtp; {}", safe(diagnostic)),
+                &format!("{kind}; {}", safe(diagnostic)),
             );
         }
         if let Some(at) = recipient.last_attempt {
@@ -445,6 +452,15 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
 
 /// Writes `name: value` CRLF, folding at spaces before [`FOLD_COLUMN`] when it can. `value`
 /// is already safe: ASCII, no control characters, single spaces.
+/// Whether `text` is an SMTP reply line (three digits, then a space, a dash or nothing)
+/// rather than postern's own words.
+fn is_smtp_reply(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() >= 3
+        && b[..3].iter().all(u8::is_ascii_digit)
+        && matches!(b.get(3), None | Some(b' ' | b'-'))
+}
+
 /// Undoes xtext (RFC 3461 4): `+` and two upper-case hex digits stand for that octet. A `+`
 /// not followed by two hex digits is kept as it is.
 fn xtext_decode(value: &str) -> String {
@@ -671,9 +687,19 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
         );
         let remote = recipient.remote_mta.as_deref().map(readable);
         let diagnostic = recipient.diagnostic.as_deref().map(readable);
+        let said = recipient.diagnostic.as_deref().is_some_and(is_smtp_reply);
         match (remote, diagnostic) {
-            (Some(remote), Some(diagnostic)) => {
+            (Some(remote), Some(diagnostic)) if said => {
                 let _ = write!(text, "    {remote} said: {diagnostic}\r\n");
+            }
+            (Some(remote), Some(diagnostic)) => {
+                let _ = write!(
+                    text,
+                    "    Reason: {diagnostic}\r\n    Next hop: {remote}\r\n"
+                );
+            }
+            (None, Some(diagnostic)) if !said => {
+                let _ = write!(text, "    Reason: {diagnostic}\r\n");
             }
             (None, Some(diagnostic)) => {
                 let _ = write!(text, "    Reply: {diagnostic}\r\n");
@@ -696,6 +722,17 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_replies_are_smtp_diagnostics() {
+        assert!(is_smtp_reply("550 5.1.1 no such user"));
+        assert!(is_smtp_reply("421"));
+        assert!(!is_smtp_reply("127.0.0.1: connection refused"));
+        assert!(!is_smtp_reply(
+            "message size exceeds the next hop's fixed maximum message size"
+        ));
+        assert!(!is_smtp_reply("5500 x"));
+    }
 
     #[test]
     fn xtext_is_decoded() {

@@ -826,8 +826,12 @@ impl CoreRelay {
                 true
             }
             Err(Ok(local)) => {
-                let text = format!("{remote_name}: {}", reply_line(&local));
-                self.settle_all(job, local.is_permanent(), "5.3.4", &text, remote);
+                // Decided here, before anything was sent: postern's words, not a reply.
+                let text = local.lines.join(" ");
+                let status = local
+                    .enhanced
+                    .map_or_else(|| "5.3.4".to_owned(), |e| e.to_string());
+                self.settle_all(job, local.is_permanent(), &status, &text, remote);
                 true
             }
             Err(Err(e)) => {

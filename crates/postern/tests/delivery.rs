@@ -1077,6 +1077,12 @@ fn a_message_over_the_next_hops_size_fails_at_once() {
     assert_eq!(stored.len(), 1, "only the bounce arrives");
     let text = String::from_utf8_lossy(&stored[0].data);
     assert!(text.contains("Status: 5.3.4"), "{text}");
+    // Decided here from the next hop's SIZE, not said by it (RFC 3464 2.3.6).
+    assert!(
+        text.contains("Diagnostic-Code: X-Postern; message size exceeds"),
+        "{text}"
+    );
+    assert!(!text.contains("said:"), "{text}");
 }
 
 #[test]
