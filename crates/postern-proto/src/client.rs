@@ -528,7 +528,12 @@ impl ClientSession {
                 self.send_ehlo();
                 None
             }
-            Expect::Greeting => Some(self.fail(ClientError::Greeting(reply))),
+            Expect::Greeting => {
+                // A server that refuses the session still expects QUIT before the close
+                // (RFC 5321 3.1, 4.1.1.10); the embedding writes it if it can.
+                self.out.extend_from_slice(b"QUIT\r\n");
+                Some(self.fail(ClientError::Greeting(reply)))
+            }
             Expect::Ehlo if reply.code == 250 => {
                 self.caps = Capabilities::from_ehlo(&reply);
                 Some(ClientEvent::Ready)

@@ -337,11 +337,13 @@ fn a_354_after_every_recipient_was_refused_gets_only_the_dot() {
 #[test]
 fn greeting_refusal_and_421_and_garbage() {
     let mut c = ClientSession::new("relay.test");
-    let (events, _) = canned(&mut c, &["554-no\r\n554 go away\r\n"]);
+    let (events, sent) = canned(&mut c, &["554-no\r\n554 go away\r\n"]);
     let [ClientEvent::Failed(ClientError::Greeting(r))] = &events[..] else {
         panic!("{events:?}")
     };
     assert_eq!(r.lines, vec!["no".to_owned(), "go away".to_owned()]);
+    // A refused session still ends with QUIT (RFC 5321 3.1).
+    assert_eq!(sent, "QUIT\r\n");
 
     let mut c = ClientSession::new("relay.test");
     let (events, _) = canned(&mut c, &["220 x\r\n", "421 4.3.2 busy\r\n"]);

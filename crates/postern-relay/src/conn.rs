@@ -109,6 +109,8 @@ pub struct Outbound {
 }
 
 const READ_BUFFER: usize = 16 * 1024;
+/// How long a parting QUIT may take to write.
+const PARTING_WRITE: Duration = Duration::from_secs(1);
 
 async fn timed<T>(
     limit: Duration,
@@ -247,6 +249,10 @@ impl Outbound {
             self.flush(limit).await?;
             let (n, event) = self.session.handle(&self.buf[self.start..self.end]);
             self.start += n;
+            if matches!(event, ClientEvent::Failed(_)) && !self.session.output().is_empty() {
+                // A parting QUIT (after a refused greeting), best effort.
+                let _ = self.flush(PARTING_WRITE).await;
+            }
             if event != ClientEvent::NeedInput || (until_idle && self.session.is_idle()) {
                 return Ok(event);
             }
