@@ -785,6 +785,13 @@ impl CoreRelay {
             Ok(result) => {
                 let mut deferred = Vec::new();
                 let mut last_deferral = String::new();
+                // Recipients the next hop would not take in this transaction only ("too many
+                // recipients") while it took others: they go again at once, in the next
+                // transaction (RFC 5321 4.5.3.1.10), not after a retry delay.
+                let mut overflow = Vec::new();
+                let took_some = result.mail.is_positive()
+                    && result.data.as_ref().is_some_and(Reply::is_positive)
+                    && result.rcpts.iter().any(Reply::is_positive);
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     let reply = result.outcome(k);
                     let text = reply_line(reply);
@@ -810,10 +817,27 @@ impl CoreRelay {
                             text,
                             remote.clone(),
                         );
+                    } else if took_some
+                        && result
+                            .rcpts
+                            .get(k)
+                            .is_some_and(|r| r.code == 452 || r.code == 552)
+                    {
+                        overflow.push(rcpt);
                     } else {
                         deferred.push(rcpt);
                         last_deferral = text;
                     }
+                }
+                if !overflow.is_empty() {
+                    self.schedule(Job {
+                        msg: job.msg.clone(),
+                        rcpts: overflow,
+                        dest: job.dest.clone(),
+                        failures: job.failures,
+                        not_before: 0,
+                        hop_dsn: false,
+                    });
                 }
                 if !deferred.is_empty() {
                     let again = Job {
