@@ -38,8 +38,10 @@ pub(crate) struct Meta<'a> {
 /// said, and each mailbox once (the first time it was given, with its DSN parameters). Local
 /// parts compare exactly, domains without regard to ASCII case.
 fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
-    let mut out: Vec<Recipient> = Vec::with_capacity(m.envelope.recipient_count());
-    let mut seen = std::collections::HashSet::new();
+    let count = m.envelope.recipient_count();
+    let mut out: Vec<Recipient> = Vec::with_capacity(count);
+    // Most messages have a few recipients: compare in place; a set only for long lists.
+    let mut seen = (count > 16).then(std::collections::HashSet::<String>::new);
     for r in m.envelope.recipients() {
         let mut rcpt = Recipient {
             path: r.path.to_owned(),
@@ -49,15 +51,26 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
         if m.relay.is_postmaster(r.path) {
             postmaster(&mut rcpt, m.hostname, m.postmaster);
         }
-        let key = match rcpt.path.rsplit_once('@') {
-            Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
-            None => rcpt.path.clone(),
+        let new = match seen.as_mut() {
+            Some(seen) => seen.insert(match rcpt.path.rsplit_once('@') {
+                Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+                None => rcpt.path.clone(),
+            }),
+            None => !out.iter().any(|o| same_mailbox(&o.path, &rcpt.path)),
         };
-        if seen.insert(key) {
+        if new {
             out.push(rcpt);
         }
     }
     out
+}
+
+/// The same mailbox: the local parts equal, the domains equal but for ASCII case.
+fn same_mailbox(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => la == lb && da.eq_ignore_ascii_case(db),
+        _ => a == b,
+    }
 }
 
 /// Sends a postmaster recipient where the operator said (`--postmaster`), or, without that, to

@@ -658,6 +658,23 @@ fn a_mailbox_given_twice_is_one_recipient() {
     let (got, _) = peer.first("the message");
     // Domains compare without case; local parts exactly (RFC 5321 2.4).
     assert_eq!(got.rcpt_tos, ["bob@dest.test", "Bob@dest.test"]);
+
+    // A long list (looked up in a set rather than compared in place) the same way.
+    let mut commands = vec!["MAIL FROM:<a@origin.test>".to_owned()];
+    for i in 0..20 {
+        commands.push(format!("RCPT TO:<r{i}@dest.test>"));
+        commands.push(format!("RCPT TO:<r{i}@Dest.Test>"));
+    }
+    commands.push("RCPT TO:<R0@dest.test>".to_owned());
+    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+    send_commands(&server, &refs, "<dup2@t>");
+    let stored = peer.wait_for("the second message", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let second = stored.iter().find(|m| m.message_id == "<dup2@t>").unwrap();
+    let mut want: Vec<String> = (0..20).map(|i| format!("r{i}@dest.test")).collect();
+    want.push("R0@dest.test".to_owned());
+    assert_eq!(second.rcpt_tos, want);
 }
 
 #[test]
