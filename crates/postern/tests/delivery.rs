@@ -188,12 +188,28 @@ fn reserve(host: &str, port: u16) -> Reserved {
     Reserved(s, port)
 }
 
-/// Sends one message with the given envelope; returns the queue ID.
-fn send(server: &Server, from: &str, rcpts: &[&str], message_id: &str, body: &str) -> String {
+/// A session greeted with EHLO client.test, and the EHLO reply.
+fn hello(server: &Server) -> (common::Client, Vec<String>) {
     let mut c = server.connect();
     assert!(c.line().starts_with("220"));
     c.send(b"EHLO client.test\r\n");
-    c.reply();
+    let ehlo = c.reply();
+    (c, ehlo)
+}
+
+/// A server that delivers mail for dest.test and origin.test (the senders' domain, where
+/// bounces go) to `peer`.
+fn routed_to(peer: &Peer, extra: &[&str]) -> Server {
+    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
+    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
+    let mut args = vec!["--route", dest.as_str(), "--route", origin.as_str()];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// Sends one message with the given envelope; returns the queue ID.
+fn send(server: &Server, from: &str, rcpts: &[&str], message_id: &str, body: &str) -> String {
+    let (mut c, _) = hello(server);
     assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
     for r in rcpts {
         assert!(c.cmd(&format!("RCPT TO:<{r}>")).starts_with("250"));
@@ -356,9 +372,7 @@ fn temporary_failure_is_retried_until_delivered() {
 fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
     // One peer is both the next hop of the recipients and the sender's domain's route.
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
-    let route1 = format!("dest.test=127.0.0.1:{}", peer.port);
-    let route2 = format!("origin.test=127.0.0.1:{}", peer.port);
-    let server = Server::start(&["--route", &route1, "--route", &route2]);
+    let server = routed_to(&peer, &[]);
     send(
         &server,
         "alice@origin.test",
@@ -419,10 +433,8 @@ fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_wh
         "--route",
         &format!("origin.test=127.0.0.1:{}", plain.port),
     ]);
-    let mut c = server.connect();
-    assert!(c.line().starts_with("220"));
-    c.send(b"EHLO client.test\r\n");
-    assert!(c.reply().iter().any(|l| l == "250-DSN" || l == "250 DSN"));
+    let (mut c, ehlo) = hello(&server);
+    assert!(ehlo.iter().any(|l| l == "250-DSN" || l == "250 DSN"));
     for cmd in [
         "MAIL FROM:<alice@origin.test> RET=HDRS ENVID=env+2B1",
         "RCPT TO:<a@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;first@dsn.test",
@@ -486,10 +498,7 @@ fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_wh
 
 /// Sends one message with MAIL and RCPT commands as given (each must get 250).
 fn send_commands(server: &Server, commands: &[&str], message_id: &str) {
-    let mut c = server.connect();
-    assert!(c.line().starts_with("220"));
-    c.send(b"EHLO client.test\r\n");
-    c.reply();
+    let (mut c, _) = hello(server);
     for cmd in commands {
         let r = c.cmd(cmd);
         assert!(r.starts_with("250"), "{cmd}: {r}");
@@ -517,10 +526,7 @@ fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
         "--postmaster",
         "ops@ops.test",
     ]);
-    let mut c = server.connect();
-    assert!(c.line().starts_with("220"));
-    c.send(b"EHLO client.test\r\n");
-    c.reply();
+    let (mut c, _) = hello(&server);
     assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
     assert!(c
         .cmd("RCPT TO:<someone@elsewhere.test>")
@@ -564,9 +570,7 @@ fn a_552_to_rcpt_is_temporary_and_those_recipients_follow_at_once() {
     // the rest go in the next transactions at once (the retry delay here is the default
     // 5 minutes, far past the wait below).
     let peer = Peer::start(&["--max-rcpts", "1"]);
-    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
-    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
-    let server = Server::start(&["--route", &dest, "--route", &origin]);
+    let server = routed_to(&peer, &[]);
     send(
         &server,
         "alice@origin.test",
@@ -595,9 +599,7 @@ fn eight_bit_content_never_goes_to_a_next_hop_without_8bitmime() {
     // ASCII, as its text and headers are); a message declared 8BITMIME that is plain ASCII
     // is delivered.
     let peer = Peer::start(&["--no-8bitmime"]);
-    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
-    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
-    let server = Server::start(&["--route", &dest, "--route", &origin]);
+    let server = routed_to(&peer, &[]);
     send_commands(
         &server,
         &[
@@ -606,10 +608,7 @@ fn eight_bit_content_never_goes_to_a_next_hop_without_8bitmime() {
         ],
         "<ascii@t>",
     );
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO client.test\r\n");
-    c.reply();
+    let (mut c, _) = hello(&server);
     assert!(c
         .cmd("MAIL FROM:<alice@origin.test> BODY=8BITMIME")
         .starts_with("250"));
@@ -1079,9 +1078,7 @@ fn delay_warning_tells_the_sender_once() {
 #[test]
 fn a_message_over_the_next_hops_size_fails_at_once() {
     let peer = Peer::start(&["--size-limit", "4000"]);
-    let route1 = format!("dest.test=127.0.0.1:{}", peer.port);
-    let route2 = format!("origin.test=127.0.0.1:{}", peer.port);
-    let server = Server::start(&["--route", &route1, "--route", &route2]);
+    let server = routed_to(&peer, &[]);
     let big = "y".repeat(76) + "\r\n";
     send(
         &server,

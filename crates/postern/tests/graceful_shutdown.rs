@@ -22,15 +22,8 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
     assert_eq!(busy.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
 
-    // Ask the server to stop, from another thread, while the body is half sent.
-    let pid = server.child.id().to_string();
-    let killer = std::thread::spawn(move || {
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-    });
-    assert!(killer.join().unwrap().success());
+    // Ask the server to stop while the body is half sent.
+    sigterm(&server);
 
     assert_eq!(
         idle.line(),
@@ -73,11 +66,7 @@ fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     chunked.cmd("RCPT TO:<c@d.test>");
     chunked.send(b"BDAT 100 LAST\r\nten octets");
 
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&server);
     // RFC 5321 3.8: the server says 421 before it closes, even inside a body.
     for c in [&mut stalled, &mut chunked] {
         assert_eq!(
@@ -89,4 +78,13 @@ fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(spooled(&server.spool).is_empty());
+}
+
+/// Sends SIGTERM to the server process.
+fn sigterm(server: &Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
