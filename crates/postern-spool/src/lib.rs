@@ -6,9 +6,10 @@
 //! Each core owns a [`Spool`] and appends only to its own segments, so the hot path takes no
 //! lock and, for small records, makes no syscall: records are gathered in memory and written
 //! with one `pwrite` per group commit, by the thread that runs the sync (large body chunks go
-//! in with `pwrite` at once; [`Spool::finish_with_body`] writes what is gathered so its body
-//! handle covers written bytes only). Nothing is written through a mapping. The blocking work, `fdatasync` for a group commit and
-//! making the next segment file, is handed out as `Send` values ([`SyncBatch`], [`SpareJob`])
+//! in with `pwrite` at once, and so does what is gathered past 256 KiB). A body handle from
+//! [`Spool::finish_with_body`] is read only once its ticket is durable, by which time the
+//! sync has written the records it covers. Nothing is written through a mapping. The
+//! blocking work, `fdatasync` for a group commit and making the next segment file, is handed out as `Send` values ([`SyncBatch`], [`SpareJob`])
 //! that the embedding runs where it wants; the spool never blocks a core on the disk unless
 //! asked to ([`Spool::sync_now`]). Bodies are read back through [`MessageRef`], `Send + Sync`
 //! handles on read-only mappings, without copies.

@@ -155,6 +155,11 @@ impl Segment {
         Some((at, std::mem::take(&mut self.pending)))
     }
 
+    /// Bytes appended and not yet written to the file.
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// The file's size (what it takes on disk: all of it is reserved).
     pub(crate) fn size(&self) -> u64 {
         self.read.len() as u64

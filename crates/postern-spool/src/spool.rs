@@ -90,6 +90,9 @@ impl SyncBatch {
 /// Body chunks at least this large are written with `pwrite` instead of through the mapping.
 const BULK_WRITE: usize = 16 * 1024;
 
+/// Records gathered in memory for the next sync are written out early past this many bytes.
+const PENDING_LIMIT: usize = 256 * 1024;
+
 /// Tells one spool's drafts from another's (cores, reopenings).
 static NEXT_SPOOL_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -261,6 +264,16 @@ impl Spool {
             [head, bulk] if bulk.len() >= BULK_WRITE => seg.append_bulk(kind, head, bulk),
             _ => Ok(seg.append(kind, pieces)),
         };
+        // Gathered records beyond PENDING_LIMIT go into the file now, so that memory stays
+        // bounded while a slow sync runs.
+        let written = written.and_then(|at| {
+            if seg.pending_len() >= PENDING_LIMIT {
+                if let Some((offset, bytes)) = seg.take_pending() {
+                    pwrite_all(&seg.file, &bytes, offset)?;
+                }
+            }
+            Ok(at)
+        });
         let file = seg.file.clone();
         self.mark_dirty(&file);
         match written {
@@ -349,29 +362,12 @@ impl Spool {
     }
 
     /// Ends a message like [`Spool::finish`] and also returns the handle the relay reads its
-    /// body through, straight from the read-only mapping (hand it out once the ticket is
-    /// durable). The message's records are written to the file first (one `pwrite` of what
-    /// was gathered), so the handle only ever covers bytes that are already written.
+    /// body through, straight from the read-only mapping. Hand it out, and read through it,
+    /// only once the ticket is durable: the sync that makes the ticket durable writes the
+    /// message's records into the file before it syncs (until then the handle may read
+    /// zeros). No syscall here, so finishing a small message costs none.
     pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
-        let done = self.finish_inner(draft)?;
-        if let Err(e) = self.write_pending() {
-            self.fail_unwritten();
-            return Err(e);
-        }
-        Ok(done)
-    }
-
-    /// Writes every gathered record into its file now, on this thread.
-    fn write_pending(&mut self) -> Result<(), SpoolError> {
-        for (file, at, bytes) in std::mem::take(&mut self.unwritten) {
-            pwrite_all(&file, &bytes, at).map_err(SpoolError::from_io)?;
-        }
-        if let Some(seg) = self.seg.as_mut() {
-            if let Some((at, bytes)) = seg.take_pending() {
-                pwrite_all(&seg.file, &bytes, at).map_err(SpoolError::from_io)?;
-            }
-        }
-        Ok(())
+        self.finish_inner(draft)
     }
 
     fn finish_inner(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {

@@ -87,3 +87,58 @@ fn a_message_being_written_keeps_its_first_segment() {
     assert_eq!(m.body().to_vec(), long_body);
     assert_eq!(spool.live_messages(), 1);
 }
+
+/// Whether `needle` occurs in a segment file under `root`.
+fn in_segment_files(root: &std::path::Path, needle: &[u8]) -> bool {
+    let mut found = false;
+    for entry in walk(root) {
+        let data = std::fs::read(&entry).unwrap();
+        found |= data.windows(needle.len()).any(|w| w == needle);
+    }
+    found
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().is_some_and(|x| x == "seg") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn small_records_wait_for_the_sync_but_never_pile_up_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    // A small message is finished without a write: its bytes reach the file with the sync.
+    let small = body(1, 3000);
+    let mut d = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut d, &small).unwrap();
+    let (ticket, handle) = spool.finish_with_body(d).unwrap();
+    let marker = &small[1000..1064];
+    assert!(
+        !in_segment_files(dir.path(), marker),
+        "finished without a syscall"
+    );
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
+    assert!(in_segment_files(dir.path(), marker));
+    assert_eq!(handle.to_vec(), small);
+    // Many small chunks with no sync between them: the early ones are in the file before
+    // any sync, so the gathered bytes stay bounded.
+    let long = body(2, 1024 * 1024);
+    let mut d = spool.begin(&meta(2)).unwrap();
+    for piece in long.chunks(4000) {
+        spool.append(&mut d, piece).unwrap();
+    }
+    assert!(in_segment_files(dir.path(), &long[10..74]), "written early");
+    let (ticket, handle) = spool.finish_with_body(d).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
+    assert_eq!(handle.to_vec(), long);
+}

@@ -1,8 +1,8 @@
 //! The `postern` binary: flags (each also read from `POSTERN_<NAME>`), start-up checks,
 //! signals, and the server on its embedded defaults.
-#![forbid(unsafe_code)]
 
 mod cli;
+mod ring;
 
 use std::process::ExitCode;
 
