@@ -2,6 +2,10 @@
 //! outcome to an exit code (0 done, 1 the run could not start or nothing was accepted, 2 a
 //! wrong flag, reported on one line that names it). mimalloc is the allocator, as in postern.
 
+// The same ring set-up as postern's (no completion interrupts), from the same file.
+#[path = "../../crates/postern/src/ring.rs"]
+mod ring;
+
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
