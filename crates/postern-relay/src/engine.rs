@@ -43,6 +43,9 @@ pub struct RelayConfig {
     pub dns_server: Option<SocketAddr>,
     /// The port of MX hosts (25; other values for tests and labs).
     pub mx_port: u16,
+    /// Where this server takes SMTP (its `--listen` addresses): an MX host reached at one of
+    /// them is this server (RFC 5321 section 5.1, docs/delivery.md).
+    pub own_addrs: Vec<SocketAddr>,
     /// Retry schedule and queue lifetime.
     pub retry: RetryPolicy,
     /// Warn the sender when a message is still queued after this long (off when None).
@@ -75,6 +78,7 @@ impl Default for RelayConfig {
             router: Router::default(),
             dns_server: None,
             mx_port: 25,
+            own_addrs: Vec::new(),
             retry: RetryPolicy::default(),
             delay_warning: None,
             max_per_destination: 16,
@@ -995,6 +999,14 @@ impl CoreRelay {
                     .resolver
                     .next_hops(domain)
                     .await
+                    .and_then(|hops| {
+                        let me = crate::mx::Myself {
+                            hostname: &config.hostname,
+                            listen: &config.own_addrs,
+                            port: config.mx_port,
+                        };
+                        me.drop_from(hops, crate::mx::local_addresses)
+                    })
                     .map_err(|e| mx_failure(domain, &e))?;
                 (hops, config.mx_port)
             }

@@ -85,6 +85,10 @@ pub enum MxError {
     /// hosts that are all NXDOMAIN or without address records. Permanent, 5.1.2.
     #[error("the domain has no mail host with an address")]
     NoMailHost,
+    /// This server is among the domain's MX hosts and no host is more preferred than it (RFC
+    /// 5321 section 5.1): the mail would come back here. Permanent, 5.4.6.
+    #[error("mail for the domain loops back to this server (MX host {0})")]
+    LoopsToSelf(String),
     /// The lookup failed for a reason that may pass (SERVFAIL, timeout, network error, the
     /// resolver thread gone). Retry later, 4.4.3.
     #[error("DNS lookup failed temporarily: {0}")]
@@ -102,9 +106,101 @@ impl MxError {
         match self {
             MxError::NullMx => "5.1.10",
             MxError::NoSuchDomain | MxError::NoMailHost => "5.1.2",
+            MxError::LoopsToSelf(_) => "5.4.6",
             MxError::Temporary(_) => "4.4.3",
         }
     }
+}
+
+/// This server, as an MX host can name it: by its host name, or by an address and port it
+/// takes SMTP on.
+#[derive(Debug, Clone, Copy)]
+pub struct Myself<'a> {
+    /// Our host name (`--hostname`).
+    pub hostname: &'a str,
+    /// Our SMTP listen addresses; an unspecified address (`0.0.0.0`, `[::]`) stands for every
+    /// address of this machine.
+    pub listen: &'a [SocketAddr],
+    /// The port MX hosts are reached on.
+    pub port: u16,
+}
+
+impl Myself<'_> {
+    /// Whether `hop` is this server: its name is ours, or one of its addresses is one we take
+    /// SMTP on at the MX port. `local` lists this machine's addresses; it is asked only when we
+    /// listen on an unspecified address at that port.
+    fn is(&self, hop: &NextHop, local: &mut impl FnMut() -> Vec<IpAddr>) -> bool {
+        let name = self.hostname.trim_end_matches('.');
+        if !name.is_empty() && hop.host.eq_ignore_ascii_case(name) {
+            return true;
+        }
+        let at_port = || self.listen.iter().filter(|l| l.port() == self.port);
+        if hop.addrs.iter().any(|ip| at_port().any(|l| l.ip() == *ip)) {
+            return true;
+        }
+        let wildcard_v4 = at_port().any(|l| l.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let wildcard_v6 = at_port().any(|l| l.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        if !wildcard_v4 && !wildcard_v6 {
+            return false;
+        }
+        let mine = local();
+        hop.addrs.iter().any(|ip| {
+            // A socket on [::] also takes IPv4 unless it is IPv6-only: counted as ours.
+            let family = match ip {
+                IpAddr::V4(_) => wildcard_v4 || wildcard_v6,
+                IpAddr::V6(_) => wildcard_v6,
+            };
+            family && (ip.is_loopback() || mine.contains(ip))
+        })
+    }
+
+    /// The MX hosts left once this server is taken out (RFC 5321 section 5.1): when it is
+    /// among them, every host at its preference or a worse one goes, itself included, so mail
+    /// only ever moves to hosts more preferred than this one. None left is
+    /// [`MxError::LoopsToSelf`]: mail for a domain whose best MX is this server, that this
+    /// server has no route for.
+    pub fn drop_from(
+        &self,
+        hops: Vec<NextHop>,
+        mut local: impl FnMut() -> Vec<IpAddr>,
+    ) -> Result<Vec<NextHop>, MxError> {
+        let mut known = None;
+        let mut local = || known.get_or_insert_with(&mut local).clone();
+        let Some(own) = hops
+            .iter()
+            .filter(|hop| self.is(hop, &mut local))
+            .map(|hop| hop.preference)
+            .min()
+        else {
+            return Ok(hops);
+        };
+        let host = hops
+            .iter()
+            .find(|hop| hop.preference == own)
+            .map(|hop| hop.host.clone())
+            .unwrap_or_default();
+        let left: Vec<NextHop> = hops.into_iter().filter(|h| h.preference < own).collect();
+        if left.is_empty() {
+            return Err(MxError::LoopsToSelf(host));
+        }
+        Ok(left)
+    }
+}
+
+/// The addresses of this machine's interfaces (empty if they cannot be listed).
+pub fn local_addresses() -> Vec<IpAddr> {
+    let Ok(all) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    all.filter_map(|ifa| {
+        let addr = ifa.address?;
+        if let Some(v4) = addr.as_sockaddr_in() {
+            Some(IpAddr::V4(Ipv4Addr::from(v4.ip())))
+        } else {
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        }
+    })
+    .collect()
 }
 
 /// One lookup handed to the resolver thread.
@@ -467,6 +563,108 @@ fn host_text(name: &Name) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hop(host: &str, preference: u16, addr: &str) -> NextHop {
+        NextHop {
+            host: host.into(),
+            preference,
+            addrs: vec![addr.parse().unwrap()],
+        }
+    }
+
+    fn hosts(r: &Result<Vec<NextHop>, MxError>) -> Vec<String> {
+        match r {
+            Ok(hops) => hops.iter().map(|h| h.host.clone()).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn this_server_and_every_host_not_preferred_to_it_leave_the_mx_list() {
+        let listen: Vec<SocketAddr> = vec!["192.0.2.10:25".parse().unwrap()];
+        let me = Myself {
+            hostname: "mx.example.net",
+            listen: &listen,
+            port: 25,
+        };
+        let never = || -> Vec<IpAddr> { panic!("no wildcard listen: interfaces not listed") };
+        let list = || {
+            vec![
+                hop("a.example.org", 5, "198.51.100.1"),
+                hop("MX.Example.NET", 10, "198.51.100.2"),
+                hop("c.example.org", 10, "198.51.100.3"),
+                hop("d.example.org", 20, "198.51.100.4"),
+            ]
+        };
+        // By name (any case): what is at 10 or worse goes, what is better stays.
+        assert_eq!(hosts(&me.drop_from(list(), never)), ["a.example.org"]);
+        // Not among them: the list is untouched.
+        let other = vec![
+            hop("a.example.org", 5, "198.51.100.1"),
+            hop("d.example.org", 20, "198.51.100.4"),
+        ];
+        assert_eq!(
+            hosts(&me.drop_from(other, never)),
+            ["a.example.org", "d.example.org"]
+        );
+        // By address and port: the best host is this server, nothing is left.
+        let by_addr = vec![
+            hop("mail.example.org", 10, "192.0.2.10"),
+            hop("b.example.org", 20, "198.51.100.5"),
+        ];
+        let r = me.drop_from(by_addr, never);
+        assert!(
+            matches!(&r, Err(MxError::LoopsToSelf(h)) if h == "mail.example.org"),
+            "{r:?}"
+        );
+        assert_eq!(r.unwrap_err().enhanced(), "5.4.6");
+        // The same address at another port than the MX port is someone else.
+        let other_port = Myself { port: 2525, ..me };
+        let by_addr = vec![hop("mail.example.org", 10, "192.0.2.10")];
+        assert_eq!(
+            hosts(&other_port.drop_from(by_addr, never)),
+            ["mail.example.org"]
+        );
+    }
+
+    #[test]
+    fn the_machines_addresses_include_loopback() {
+        let mine = local_addresses();
+        assert!(mine.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{mine:?}");
+    }
+
+    #[test]
+    fn a_wildcard_listen_makes_every_local_address_this_server() {
+        let listen: Vec<SocketAddr> = vec!["0.0.0.0:25".parse().unwrap()];
+        let me = Myself {
+            hostname: "mx.example.net",
+            listen: &listen,
+            port: 25,
+        };
+        let mut asked = 0;
+        let local = || {
+            asked += 1;
+            vec!["203.0.113.7".parse().unwrap()]
+        };
+        let hops = vec![
+            hop("a.example.org", 5, "198.51.100.1"),
+            hop("b.example.org", 10, "203.0.113.7"),
+            hop("c.example.org", 15, "127.0.0.2"),
+        ];
+        assert_eq!(hosts(&me.drop_from(hops, local)), ["a.example.org"]);
+        assert_eq!(asked, 1, "interfaces listed once per lookup");
+        // A loopback MX is this server too; an IPv6 one is not (no IPv6 listener).
+        let hops = vec![
+            hop("v6.example.org", 5, "::1"),
+            hop("lo.example.org", 10, "127.0.0.1"),
+        ];
+        assert_eq!(hosts(&me.drop_from(hops, Vec::new)), ["v6.example.org"]);
+        let hops = vec![hop("lo.example.org", 10, "127.0.0.1")];
+        assert!(matches!(
+            me.drop_from(hops, Vec::new),
+            Err(MxError::LoopsToSelf(_))
+        ));
+    }
 
     #[test]
     fn literals_parse_without_lookup() {

@@ -256,6 +256,7 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
     let server = settings(s)?;
     let relay = relay.map(|r| RelayConfig {
         hostname: server.hostname.clone(),
+        own_addrs: server.listen.clone(),
         ..r
     });
     Ok(Some(Config { server, relay }))

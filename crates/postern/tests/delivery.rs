@@ -856,6 +856,71 @@ fn mx_preference_fallback_to_a_and_null_mx() {
     drop(dns);
 }
 
+#[test]
+fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
+    use dns_server::{Rec, TestDns};
+    // A backup MX on another loopback address; this server on 127.0.0.1 at the same port,
+    // which is the MX port.
+    let primary = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = primary.port;
+    let worse = Peer::start_on("127.0.0.4", port, &[]);
+    let origin = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            // This server is the best MX (by address), a worse one follows: nowhere to go.
+            ("loop.test.", Rec::Mx(10, "here.test.")),
+            ("loop.test.", Rec::Mx(20, "worse.test.")),
+            ("here.test.", Rec::A("127.0.0.1".parse().unwrap())),
+            ("worse.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            // This server (mx.test, its --hostname) is a backup MX: the primary gets the mail.
+            ("backup.test.", Rec::Mx(5, "primary.test.")),
+            ("backup.test.", Rec::Mx(10, "mx.test.")),
+            ("primary.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("mx.test.", Rec::A("127.0.0.6".parse().unwrap())),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let port_s = port.to_string();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        &port_s,
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@loop.test"],
+        "<loop@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the loop bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(text.contains("loops back to this server"), "{text}");
+    send(
+        &server,
+        "s@origin.test",
+        &["r@backup.test"],
+        "<backup@t>",
+        "x\r\n",
+    );
+    primary.wait_for("delivery to the better MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    // Neither message went to the worse MX, nor came back here a second time.
+    assert!(worse.stored().is_empty());
+    assert_eq!(origin.stored().len(), 1);
+    drop(dns);
+}
+
 #[path = "../../postern-relay/tests/support/dns_server.rs"]
 mod dns_server;
 
