@@ -9,6 +9,9 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Bytes of log lines gathered into one write by the log thread.
+const LOG_BUFFER: usize = 64 * 1024;
+
 fn main() -> ExitCode {
     let config = match cli::parse() {
         Ok(Some(config)) => config,
@@ -20,9 +23,17 @@ fn main() -> ExitCode {
     };
     // Log lines are handed to a writer thread (a lock-free channel), so a core never makes a
     // write(2) per delivery; lines beyond the channel's capacity are dropped, not waited for.
-    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stderr());
+    // The writer thread takes every line waiting in the channel, then flushes: through a
+    // buffer, a burst of lines is one write(2), and a lone line still goes out at once.
+    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
+        LOG_BUFFER,
+        std::io::stderr(),
+    ));
+    // Colours only on a terminal: a log file or journal gets plain text to grep.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_writer(writer)
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

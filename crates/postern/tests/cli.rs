@@ -117,3 +117,40 @@ fn an_unwritable_spool_is_a_clear_start_up_error() {
         "{err}"
     );
 }
+
+#[test]
+fn log_lines_written_to_a_pipe_are_plain_text() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+        .arg(&spool)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("postern logs that it holds mail");
+        if line.contains("--hold") {
+            break line;
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(line.contains("INFO"), "{line}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "terminal escapes in a log line: {line:?}"
+    );
+}
