@@ -262,7 +262,10 @@ impl Spool {
         let seg = self.segment_for(len)?;
         let written = match pieces {
             [head, bulk] if bulk.len() >= BULK_WRITE => seg.append_bulk(kind, head, bulk),
-            _ => Ok(seg.append(kind, pieces)),
+            _ => {
+                seg.zero_ahead(len);
+                Ok(seg.append(kind, pieces))
+            }
         };
         // Gathered records beyond PENDING_LIMIT go into the file now, so that memory stays
         // bounded while a slow sync runs.
