@@ -572,6 +572,19 @@ mod tests {
         }
     }
 
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    /// mx.example.net, listening on `listen`, with MX hosts on port 25.
+    fn myself(listen: &[SocketAddr]) -> Myself<'_> {
+        Myself {
+            hostname: "mx.example.net",
+            listen,
+            port: 25,
+        }
+    }
+
     fn hosts(r: &Result<Vec<NextHop>, MxError>) -> Vec<String> {
         match r {
             Ok(hops) => hops.iter().map(|h| h.host.clone()).collect(),
@@ -581,12 +594,8 @@ mod tests {
 
     #[test]
     fn this_server_and_every_host_not_preferred_to_it_leave_the_mx_list() {
-        let listen: Vec<SocketAddr> = vec!["192.0.2.10:25".parse().unwrap()];
-        let me = Myself {
-            hostname: "mx.example.net",
-            listen: &listen,
-            port: 25,
-        };
+        let listen = [addr("192.0.2.10:25")];
+        let me = myself(&listen);
         let never = || -> Vec<IpAddr> { panic!("no wildcard listen: interfaces not listed") };
         let list = || {
             vec![
@@ -635,12 +644,8 @@ mod tests {
 
     #[test]
     fn a_wildcard_listen_makes_every_local_address_this_server() {
-        let listen: Vec<SocketAddr> = vec!["0.0.0.0:25".parse().unwrap()];
-        let me = Myself {
-            hostname: "mx.example.net",
-            listen: &listen,
-            port: 25,
-        };
+        let listen = [addr("0.0.0.0:25")];
+        let me = myself(&listen);
         let mut asked = 0;
         let local = || {
             asked += 1;

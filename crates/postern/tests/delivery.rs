@@ -770,6 +770,17 @@ fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
     assert!(repeated <= 4, "{repeated} repeated deliveries: {count:?}");
 }
 
+/// A server that asks `dns` for MX records and reaches MX hosts on `port`, with `extra` flags
+/// and quick retries.
+fn mx_server(dns: &dns_server::TestDns, port: u16, extra: &[&str]) -> Server {
+    let dns_addr = dns.addr.to_string();
+    let port = port.to_string();
+    let mut args = vec!["--dns-server", &dns_addr, "--mx-port", &port];
+    args.extend(extra);
+    args.extend(FAST_RETRY);
+    Server::start(&args)
+}
+
 #[test]
 fn mx_preference_fallback_to_a_and_null_mx() {
     use dns_server::{Rec, TestDns};
@@ -791,19 +802,8 @@ fn mx_preference_fallback_to_a_and_null_mx() {
             ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
         ],
     );
-    let dns_addr = dns.addr.to_string();
-    let port_s = port.to_string();
     // Connections are not kept idle, so each message looks up and connects afresh.
-    let mut args = vec![
-        "--dns-server",
-        &dns_addr,
-        "--mx-port",
-        &port_s,
-        "--outbound-idle-timeout",
-        "10ms",
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
+    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "10ms"]);
     // mx1 (preference 10) refuses connections: delivered to mx2.
     send(
         &server,
@@ -881,19 +881,8 @@ fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
             ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
         ],
     );
-    let dns_addr = dns.addr.to_string();
     let listen = format!("127.0.0.1:{port}");
-    let port_s = port.to_string();
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--dns-server",
-        &dns_addr,
-        "--mx-port",
-        &port_s,
-    ];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
+    let server = mx_server(&dns, port, &["--listen", &listen]);
     send(
         &server,
         "s@origin.test",
