@@ -126,6 +126,7 @@ fn two_transactions_without_pipelining() {
         .unwrap();
     let (_, body) = spool.finish_with_body(draft).unwrap();
     spool.sync_now().unwrap();
+    let body = spool.body(body).unwrap();
     let codes = run(async move {
         let t = Timeouts {
             mail: Duration::from_secs(5),

@@ -179,8 +179,13 @@ impl CoreStore {
     /// Finishes the message and waits until a group commit has made it durable.
     pub(crate) async fn commit(&self, draft: Draft) -> Result<(String, MessageRef), SpoolError> {
         let queue_id = draft.queue_id().to_owned();
-        let (ticket, body) = self.spool.borrow_mut().finish_with_body(draft)?;
+        let (ticket, pending) = self.spool.borrow_mut().finish_with_body(draft)?;
         self.wait(ticket).await?;
+        let body = self.spool.borrow().body(pending).map_err(|_| {
+            SpoolError::Io(std::io::Error::other(
+                "spool body not durable after its sync",
+            ))
+        })?;
         Ok((queue_id, body))
     }
 

@@ -6,9 +6,9 @@
 //! Each core owns a [`Spool`] and appends only to its own segments, so the hot path takes no
 //! lock and, for small records, makes no syscall: records are gathered in memory and written
 //! with one `pwrite` per group commit, by the thread that runs the sync (large body chunks go
-//! in with `pwrite` at once, and so does what is gathered past 256 KiB). A body handle from
-//! [`Spool::finish_with_body`] is read only once its ticket is durable, by which time the
-//! sync has written the records it covers. Nothing is written through a mapping. The
+//! in with `pwrite` at once, and so does what is gathered past 256 KiB). A body from
+//! [`Spool::finish_with_body`] becomes a readable handle only through [`Spool::body`], once its
+//! ticket is durable, by which time the sync has written the records it covers. Nothing is written through a mapping. The
 //! blocking work, `fdatasync` for a group commit and making the next segment file, is handed out as `Send` values ([`SyncBatch`], [`SpareJob`])
 //! that the embedding runs where it wants; the spool never blocks a core on the disk unless
 //! asked to ([`Spool::sync_now`]). Bodies are read back through [`MessageRef`], `Send + Sync`
@@ -39,4 +39,4 @@ pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
 pub use queue_id::owner_core;
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
 pub use spare::{PreparedSegment, SpareJob};
-pub use spool::{Draft, Spool, SpoolOptions, SyncBatch};
+pub use spool::{Draft, PendingBody, Spool, SpoolOptions, SyncBatch};

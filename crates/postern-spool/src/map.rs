@@ -4,7 +4,8 @@
 //! and read through one shared read-only mapping ([`ReadMap`]) from which bodies are handed
 //! out, on any thread: a `MAP_SHARED` view of the same page cache the writes go to. What keeps
 //! the reads sound is the spool's discipline, stated once here: a byte range is handed out for
-//! reading only after the `pwrite` that wrote it returned, and the spool never writes it
+//! reading only after the `pwrite` that wrote it returned (a finished message's body only
+//! through `Spool::body`, once the sync that writes and syncs its records has completed), and the spool never writes it
 //! again, never truncates a segment and never recycles one (it deletes; an unlinked file stays
 //! valid for whoever still maps it).
 #![allow(unsafe_code)]

@@ -87,6 +87,22 @@ impl SyncBatch {
     }
 }
 
+/// The body of a message finished by [`Spool::finish_with_body`], not yet readable: [`Spool::body`]
+/// turns it into a [`MessageRef`] once the message's ticket is durable.
+#[derive(Debug)]
+pub struct PendingBody {
+    spool: u64,
+    ticket: Ticket,
+    body: MessageRef,
+}
+
+impl PendingBody {
+    /// The ticket whose durability makes the body readable.
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
+    }
+}
+
 /// Body chunks at least this large are written with `pwrite` instead of through the mapping.
 const BULK_WRITE: usize = 16 * 1024;
 
@@ -364,13 +380,34 @@ impl Spool {
         self.finish_inner(draft).map(|(t, _)| t)
     }
 
-    /// Ends a message like [`Spool::finish`] and also returns the handle the relay reads its
-    /// body through, straight from the read-only mapping. Hand it out, and read through it,
-    /// only once the ticket is durable: the sync that makes the ticket durable writes the
-    /// message's records into the file before it syncs (until then the handle may read
-    /// zeros). No syscall here, so finishing a small message costs none.
-    pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
-        self.finish_inner(draft)
+    /// Ends a message like [`Spool::finish`] and also returns its body, to be read straight
+    /// from the read-only mapping once the ticket is durable: [`Spool::body`] hands the
+    /// [`MessageRef`] out then, and not before, since the sync that makes the ticket durable
+    /// is what writes the message's gathered records into the file. No syscall here, so
+    /// finishing a small message costs none.
+    pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, PendingBody), SpoolError> {
+        let spool = self.id;
+        self.finish_inner(draft).map(|(ticket, body)| {
+            (
+                ticket,
+                PendingBody {
+                    spool,
+                    ticket,
+                    body,
+                },
+            )
+        })
+    }
+
+    /// The body of a finished message, once its ticket is durable (its bytes are then in the
+    /// file and never written again); the pending body back while it is not, or when it
+    /// comes from another spool (or an earlier opening of this one).
+    pub fn body(&self, pending: PendingBody) -> Result<MessageRef, PendingBody> {
+        if pending.spool == self.id && self.is_durable(pending.ticket) {
+            Ok(pending.body)
+        } else {
+            Err(pending)
+        }
     }
 
     fn finish_inner(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {

@@ -33,6 +33,10 @@ fn bodies_are_read_from_the_mapping_on_another_thread_even_after_reclaim() {
     }
     spool.sync_now().unwrap();
     assert!(refs.iter().all(|(t, _, _)| spool.is_durable(*t)));
+    let refs: Vec<_> = refs
+        .into_iter()
+        .map(|(t, r, b)| (t, spool.body(r).unwrap(), b))
+        .collect();
     // Every message final: their segments go (all but the one being written).
     for (_, r, _) in &refs {
         spool.append_status(r.queue_id(), 0, &delivered()).unwrap();
@@ -77,6 +81,7 @@ fn a_message_being_written_keeps_its_first_segment() {
     let (ticket, r) = spool.finish_with_body(long).unwrap();
     spool.sync_now().unwrap();
     assert!(spool.is_durable(ticket));
+    let r = spool.body(r).unwrap();
     assert_eq!(r.to_vec(), long_body);
     let rec = recover(dir.path()).unwrap();
     let m = rec
@@ -119,16 +124,19 @@ fn small_records_wait_for_the_sync_but_never_pile_up_past_the_limit() {
     let small = body(1, 3000);
     let mut d = spool.begin(&meta(1)).unwrap();
     spool.append(&mut d, &small).unwrap();
-    let (ticket, handle) = spool.finish_with_body(d).unwrap();
+    let (ticket, pending) = spool.finish_with_body(d).unwrap();
     let marker = &small[1000..1064];
     assert!(
         !in_segment_files(dir.path(), marker),
         "finished without a syscall"
     );
+    // Not readable before its sync.
+    let pending = spool.body(pending).unwrap_err();
+    assert_eq!(pending.ticket(), ticket);
     spool.sync_now().unwrap();
     assert!(spool.is_durable(ticket));
     assert!(in_segment_files(dir.path(), marker));
-    assert_eq!(handle.to_vec(), small);
+    assert_eq!(spool.body(pending).unwrap().to_vec(), small);
     // Many small chunks with no sync between them: the early ones are in the file before
     // any sync, so the gathered bytes stay bounded.
     let long = body(2, 1024 * 1024);
@@ -137,8 +145,29 @@ fn small_records_wait_for_the_sync_but_never_pile_up_past_the_limit() {
         spool.append(&mut d, piece).unwrap();
     }
     assert!(in_segment_files(dir.path(), &long[10..74]), "written early");
-    let (ticket, handle) = spool.finish_with_body(d).unwrap();
+    let (ticket, pending) = spool.finish_with_body(d).unwrap();
     spool.sync_now().unwrap();
     assert!(spool.is_durable(ticket));
-    assert_eq!(handle.to_vec(), long);
+    assert_eq!(spool.body(pending).unwrap().to_vec(), long);
+}
+
+#[test]
+fn a_body_is_handed_out_only_by_the_spool_that_made_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    let mut other = Spool::open(other_dir.path(), 0, SpoolOptions::default()).unwrap();
+    // The other spool has a durable ticket of the same number.
+    let mut d = other.begin(&meta(1)).unwrap();
+    other.append(&mut d, &body(1, 100)).unwrap();
+    let (other_ticket, _) = other.finish_with_body(d).unwrap();
+    other.sync_now().unwrap();
+    let mut d = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut d, &body(2, 100)).unwrap();
+    let (ticket, pending) = spool.finish_with_body(d).unwrap();
+    assert_eq!(ticket, other_ticket);
+    let pending = other.body(pending).unwrap_err();
+    spool.sync_now().unwrap();
+    let pending = other.body(pending).unwrap_err();
+    assert_eq!(spool.body(pending).unwrap().to_vec(), body(2, 100));
 }

@@ -7,7 +7,8 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use postern_spool::{
-    recover, DeliveryState, Draft, MessageMeta, MessageRef, Recipient, Spool, SpoolOptions, Status,
+    recover, DeliveryState, Draft, MessageMeta, MessageRef, PendingBody, Recipient, Spool,
+    SpoolOptions, Status,
 };
 
 const CORES: usize = 2;
@@ -69,7 +70,9 @@ struct Model {
     id: String,
     core: usize,
     body: Vec<u8>,
-    handle: MessageRef,
+    /// The body handle, once the sync after the step that finished it made it readable.
+    handle: Option<MessageRef>,
+    pending: Option<PendingBody>,
     statuses: Vec<Option<Status>>,
     reclaimed: bool,
 }
@@ -131,7 +134,8 @@ fn check(dir: &std::path::Path, model: &[Model], open: &[Option<(Draft, Vec<u8>)
     }
     // Handles taken at finish read the same bytes, across restarts and reclaims.
     for m in model {
-        assert_eq!(m.handle.to_vec(), m.body, "{} handle", m.id);
+        let handle = m.handle.as_ref().expect("readable after the sync");
+        assert_eq!(handle.to_vec(), m.body, "{} handle", m.id);
     }
     for x in &r.messages {
         assert!(
@@ -182,7 +186,7 @@ proptest! {
                     } else {
                         let id = d.queue_id().to_owned();
                         let (_, handle) = spool.finish_with_body(d).unwrap();
-                        model.push(Model { id, core, body, handle, statuses: vec![None, None], reclaimed: false });
+                        model.push(Model { id, core, body, handle: None, pending: Some(handle), statuses: vec![None, None], reclaimed: false });
                     }
                 }
                 Op::Begin { core } => {
@@ -205,7 +209,7 @@ proptest! {
                         } else {
                             let id = d.queue_id().to_owned();
                             let (_, handle) = spools[core].finish_with_body(d).unwrap();
-                            model.push(Model { id, core, body, handle, statuses: vec![None, None], reclaimed: false });
+                            model.push(Model { id, core, body, handle: None, pending: Some(handle), statuses: vec![None, None], reclaimed: false });
                         }
                     }
                 }
@@ -255,6 +259,11 @@ proptest! {
                     for s in &mut spools {
                         s.sync_now().unwrap();
                     }
+                    for m in &mut model {
+                        if let Some(p) = m.pending.take() {
+                            m.handle = Some(spools[m.core].body(p).unwrap());
+                        }
+                    }
                     drop(spools);
                     spools = open_all();
                     // An opening deletes what holds only final messages.
@@ -272,6 +281,11 @@ proptest! {
             }
             for s in &mut spools {
                 s.sync_now().unwrap();
+            }
+            for m in &mut model {
+                if let Some(p) = m.pending.take() {
+                    m.handle = Some(spools[m.core].body(p).unwrap());
+                }
             }
             check(dir.path(), &model, &open);
         }
