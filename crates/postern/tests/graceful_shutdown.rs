@@ -14,12 +14,7 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
     let mut idle = server.connect();
     idle.line();
     idle.cmd("EHLO idle.test");
-    let mut busy = server.connect();
-    busy.line();
-    busy.cmd("EHLO busy.test");
-    busy.cmd("MAIL FROM:<a@b.test>");
-    busy.cmd("RCPT TO:<c@d.test>");
-    assert_eq!(busy.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    let mut busy = in_data(&server, "busy.test");
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
 
     // Ask the server to stop while the body is half sent.
@@ -52,12 +47,7 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
 #[test]
 fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     let mut server = Server::start(&["--cores", "1", "--shutdown-grace", "500ms"]);
-    let mut stalled = server.connect();
-    stalled.line();
-    stalled.cmd("EHLO stalled.test");
-    stalled.cmd("MAIL FROM:<a@b.test>");
-    stalled.cmd("RCPT TO:<c@d.test>");
-    assert_eq!(stalled.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    let mut stalled = in_data(&server, "stalled.test");
     stalled.send(b"Subject: never finished\r\n\r\nhalf\r\n");
     let mut chunked = server.connect();
     chunked.line();
@@ -78,6 +68,17 @@ fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(spooled(&server.spool).is_empty());
+}
+
+/// A session greeted as `helo`, inside a transaction's DATA (354 received).
+fn in_data(server: &Server, helo: &str) -> common::Client {
+    let mut c = server.connect();
+    c.line();
+    c.cmd(&format!("EHLO {helo}"));
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<c@d.test>");
+    assert_eq!(c.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+    c
 }
 
 /// Sends SIGTERM to the server process.
