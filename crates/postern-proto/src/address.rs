@@ -380,9 +380,30 @@ fn check_domain(s: &str) -> Result<(), PathError> {
     }
 }
 
-/// Checks a HELO/EHLO argument: a domain or an address literal.
+/// Checks a HELO/EHLO argument (RFC 5321 4.1.3): a domain, or an address literal of IPv4,
+/// IPv6 or the general form `[tag:content]` (the tag letters, digits and hyphens, the content
+/// printable ASCII but for `[`, `\` and `]`); at most 255 octets either way.
 pub fn is_valid_helo(s: &str) -> bool {
-    parse_host(s).is_ok() || (s.starts_with('[') && s.ends_with(']') && s.len() > 2)
+    if s.len() > MAX_DOMAIN {
+        return false;
+    }
+    if parse_host(s).is_ok() {
+        return true;
+    }
+    let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) else {
+        return false;
+    };
+    let Some((tag, content)) = inner.split_once(':') else {
+        return false;
+    };
+    let ldh = tag.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        && tag
+            .bytes()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    ldh && !tag.eq_ignore_ascii_case("IPv6")
+        && !content.is_empty()
+        && content.bytes().all(|c| matches!(c, 33..=90 | 94..=126))
 }
 
 #[cfg(test)]
@@ -394,6 +415,35 @@ mod tests {
             assert_eq!(rest, "");
             p
         })
+    }
+
+    #[test]
+    fn helo_names_are_domains_or_address_literals() {
+        for ok in [
+            "mail.example.com",
+            "[192.0.2.1]",
+            "[IPv6:2001:db8::1]",
+            "[x-tag:some.content]",
+            "b\u{fc}cher.example",
+        ] {
+            assert!(is_valid_helo(ok), "{ok}");
+        }
+        let long_literal = format!("[tag:{}]", "x".repeat(250));
+        for bad in [
+            "[999.1.1.1]",
+            "[IPv6:zz]",
+            "[a]]",
+            "[]",
+            "[tag:]",
+            "[-:x]",
+            "[tag:a\\b]",
+            "[ta_g:x]",
+            "[tag:\u{e9}]",
+            "bad..domain",
+            long_literal.as_str(),
+        ] {
+            assert!(!is_valid_helo(bad), "{bad}");
+        }
     }
 
     #[test]

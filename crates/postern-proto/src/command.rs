@@ -250,7 +250,8 @@ impl<'a> Command<'a> {
                 })
             }
             b"RSET" => no_arg(arg, Command::Rset, "Syntax: RSET"),
-            b"NOOP" => Ok(Command::Noop(optional(text_arg(arg)?))),
+            // RFC 5321 4.1.1.9: whatever follows NOOP is ignored, so it is never refused.
+            b"NOOP" => Ok(Command::Noop(text_arg(arg).ok().and_then(optional))),
             b"QUIT" => no_arg(arg, Command::Quit, "Syntax: QUIT"),
             b"VRFY" => optional(text_arg(arg)?)
                 .map(Command::Vrfy)
@@ -410,7 +411,9 @@ mod tests {
         assert_eq!(code("BDAT 99999999999999999999"), "501 5.5.4");
         assert_eq!(code("EHLO"), "501 5.5.4");
         assert_eq!(code("HELO a b"), "501 5.5.4");
-        assert_eq!(code("NOOP \u{1}"), "501 5.5.2");
+        assert_eq!(code("VRFY \u{1}"), "501 5.5.2");
+        // NOOP's argument is ignored (RFC 5321 4.1.1.9), whatever it holds.
+        assert!(matches!(parse("NOOP \u{1}"), Ok(Command::Noop(None))));
         assert_eq!(code("VRFY"), "501 5.5.4");
     }
 

@@ -91,6 +91,8 @@ pub mod replies {
     pub const DATA_AFTER_BDAT: StaticReply = r(503, 5, 5, 1, "DATA not allowed after BDAT");
     /// DATA with BODY=BINARYMIME (RFC 3030 3).
     pub const BINARY_NEEDS_BDAT: StaticReply = r(503, 5, 5, 1, "BINARYMIME requires BDAT");
+    /// MAIL with AUTH= on a server that offers no AUTH.
+    pub const AUTH_NOT_OFFERED: StaticReply = r(555, 5, 5, 4, "AUTH parameter not supported");
     /// ESMTP parameters after HELO.
     pub const PARAMS_NEED_EHLO: StaticReply = r(555, 5, 5, 4, "Parameters not allowed after HELO");
     /// SIZE= or the body over the limit.
@@ -598,7 +600,7 @@ impl ServerSession {
                 if esmtp {
                     self.write_ehlo(name);
                 } else {
-                    let text = format!("{} Hello {name}", self.config.hostname);
+                    let text = hello_text(&self.config.hostname, name);
                     write_reply(&mut self.out, 250, None, &text);
                 }
                 self.reset_event()
@@ -641,7 +643,7 @@ impl ServerSession {
     }
 
     fn write_ehlo(&mut self, name: &str) {
-        let first = format!("{} Hello {name}", self.config.hostname);
+        let first = hello_text(&self.config.hostname, name);
         let size = format!("SIZE {}", self.config.max_message_size);
         let lines: [&str; 10] = [
             &first,
@@ -677,6 +679,10 @@ impl ServerSession {
         }
         if !params.is_empty() && !self.envelope.is_esmtp() && self.greeted {
             return self.fail(replies::PARAMS_NEED_EHLO);
+        }
+        if params.auth.is_some() {
+            // RFC 5321 4.1.1.11: AUTH is not offered, so its parameter is not recognised.
+            return self.fail(replies::AUTH_NOT_OFFERED);
         }
         if params
             .size
@@ -892,6 +898,18 @@ impl ServerSession {
 fn takes_dsn_room(line: &[u8]) -> bool {
     line.len() >= 5
         && (line[..5].eq_ignore_ascii_case(b"MAIL ") || line[..5].eq_ignore_ascii_case(b"RCPT "))
+}
+
+/// The first line of the HELO/EHLO reply. The client's name is shown in ASCII (a UTF-8 domain
+/// as A-labels, since reply text is ASCII: RFC 5321 4.2), and left out when the line would
+/// pass 512 octets with its code and CRLF (RFC 5321 4.5.3.1.5).
+fn hello_text(hostname: &str, name: &str) -> String {
+    match crate::address::domain_to_ascii(name) {
+        Some(ascii) if hostname.len() + ascii.len() + 13 <= 512 => {
+            format!("{hostname} Hello {ascii}")
+        }
+        _ => format!("{hostname} Hello"),
+    }
 }
 
 fn looks_like_http(line: &[u8]) -> bool {

@@ -790,3 +790,64 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
         ])
     );
 }
+
+#[test]
+fn helo_names_are_checked_and_echoed_in_ascii() {
+    let input = client(&[
+        "EHLO [999.1.1.1]",
+        "EHLO [IPv6:zz]",
+        "HELO [x-tag:some.content]",
+        "HELO b\u{fc}cher.example",
+        "NOOP \u{1}ignored",
+        "QUIT",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        server(&[
+            BANNER,
+            "501 5.5.4 Syntax: EHLO hostname",
+            "501 5.5.4 Syntax: EHLO hostname",
+            "250 mx.test Hello [x-tag:some.content]",
+            "250 mx.test Hello xn--bcher-kva.example",
+            "250 2.0.0 Ok",
+            "221 2.0.0 Bye",
+        ])
+    );
+}
+
+#[test]
+fn the_ehlo_greeting_line_stays_within_512_octets() {
+    let label = "a".repeat(63);
+    let hostname = [label.as_str(); 4].join(".");
+    assert_eq!(hostname.len(), 255);
+    let cfg = Arc::new(ServerConfig {
+        hostname: hostname.clone(),
+        ..(*config()).clone()
+    });
+    let client_name = format!("[tag:{}]", "x".repeat(249));
+    let input = client(&[&format!("HELO {client_name}"), "HELO short.test"]);
+    let o = run_every_split(&cfg, &input);
+    let lines: Vec<&str> = o.output.split("\r\n").collect();
+    assert_eq!(lines[1], format!("250 {hostname} Hello"));
+    assert_eq!(lines[2], format!("250 {hostname} Hello short.test"));
+    assert!(o.output.split_inclusive("\r\n").all(|l| l.len() <= 512));
+}
+
+#[test]
+fn auth_parameter_is_refused_when_auth_is_not_offered() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test> AUTH=<>",
+        "MAIL FROM:<a@b.test>",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert!(
+        o.output.ends_with(&server(&[
+            "555 5.5.4 AUTH parameter not supported",
+            "250 2.1.0 Ok",
+        ])),
+        "{}",
+        o.output
+    );
+}
