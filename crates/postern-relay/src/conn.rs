@@ -307,7 +307,21 @@ impl Outbound {
             BodyMode::Data => envelope_limit.max(t.data_init),
             BodyMode::Bdat => envelope_limit,
         };
-        match self.next_event(limit).await.map_err(Err)? {
+        // With PIPELINING and BDAT the session asks for the body before any reply; the
+        // commands then go out in the same write as a small body, not in one of their own.
+        let ready = if tx.mode == BodyMode::Bdat && self.session.capabilities().pipelining {
+            match self.session.handle(&[]) {
+                (_, ClientEvent::NeedInput) => None,
+                (_, event) => Some(event),
+            }
+        } else {
+            None
+        };
+        let event = match ready {
+            Some(event) => event,
+            None => self.next_event(limit).await.map_err(Err)?,
+        };
+        match event {
             ClientEvent::SendBody => {
                 self.send_body(tx.mode, body, t.data_block)
                     .await
