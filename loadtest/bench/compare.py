@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 LOAD = os.path.join(ROOT, "target", "release", "postern-load")
@@ -118,6 +119,30 @@ def drain_postfix(timeout=300.0):
             return
         time.sleep(0.2)
     log("warning: Postfix queue not empty after drain timeout")
+
+
+def scrape(addr):
+    """Prometheus text from http://addr/metrics as {name: value}, label sets summed."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        name = name.split("{", 1)[0]
+        out[name] = out.get(name, 0) + float(value)
+    return out
+
+
+def drain_postern(metrics_addr, timeout=300.0):
+    """Lets postern deliver its queue before the next measurement (postern_queue_depth 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if scrape(metrics_addr).get("postern_queue_depth", 0) == 0:
+            return
+        time.sleep(0.2)
+    log("warning: postern queue not empty after drain timeout")
 
 
 class Sink:

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,18 +58,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def scrape(addr):
-    """Prometheus text from http://addr/metrics as {name: value}, label sets summed."""
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        name = name.split("{", 1)[0]
-        out[name] = out.get(name, 0) + float(value)
-    return out
+scrape = compare.scrape
 
 
 class Sink:
