@@ -22,6 +22,11 @@ const EHLO: [&str; 9] = [
     "250 DSN",
 ];
 
+/// Asserts that the session's replies end with `lines`.
+fn assert_tail(o: &support::Outcome, lines: &[&str]) {
+    assert!(o.output.ends_with(&server(lines)), "{}", o.output);
+}
+
 fn with_banner_and_ehlo(rest: &[&str]) -> String {
     let mut lines = vec![BANNER];
     lines.extend_from_slice(&EHLO);
@@ -95,10 +100,10 @@ fn bdat_zero_last_ends_the_message() {
     ]);
     input.extend_from_slice(b"BDAT 2\r\nhiBDAT 0 LAST\r\n");
     let o = run_every_split(&config(), &input);
-    assert!(o.output.ends_with(&server(&[
-        "250 2.0.0 2 octets received",
-        "250 2.0.0 Ok: queued as Q1"
-    ])));
+    assert_tail(
+        &o,
+        &["250 2.0.0 2 octets received", "250 2.0.0 Ok: queued as Q1"],
+    );
     assert_eq!(o.messages[0].2, b"hi");
 }
 
@@ -172,12 +177,15 @@ fn relay_refusal_then_no_valid_recipients() {
         "QUIT",
     ]);
     let o = run_every_split(&config(), &input);
-    assert!(o.output.ends_with(&server(&[
-        "250 2.1.0 Ok",
-        "554 5.7.1 Relay access denied",
-        "554 5.5.1 No valid recipients",
-        "221 2.0.0 Bye",
-    ])));
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.0 Ok",
+            "554 5.7.1 Relay access denied",
+            "554 5.5.1 No valid recipients",
+            "221 2.0.0 Bye",
+        ],
+    );
     assert!(o.messages.is_empty());
 }
 
@@ -234,17 +242,16 @@ fn size_limits() {
     lines.extend([".", "NOOP"]);
     let input = client(&lines);
     let o = run(&config(), false, &input, &[]);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "552 5.3.4 Message size exceeds fixed maximum message size",
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",
             "354 End data with <CR><LF>.<CR><LF>",
             "552 5.3.4 Message size exceeds fixed maximum message size",
             "250 2.0.0 Ok",
-        ])),
-        "{}",
-        o.output
+        ],
     );
     assert!(o.messages.is_empty());
     assert_eq!(o.aborted, 1);
@@ -261,13 +268,12 @@ fn oversized_bdat_chunk_is_consumed_and_refused() {
     input.extend(std::iter::repeat_n(b'R', 20000));
     input.extend_from_slice(b"NOOP\r\n");
     let o = run(&config(), false, &input, &[]);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "552 5.3.4 Message size exceeds fixed maximum message size",
             "250 2.0.0 Ok",
-        ])),
-        "{}",
-        o.output
+        ],
     );
     assert!(o.messages.is_empty());
 }
@@ -297,17 +303,16 @@ fn data_after_bdat_and_binarymime_with_data() {
         "DATA",
     ]));
     let o = run_every_split(&config(), &input);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "250 2.0.0 1 octets received",
             "503 5.5.1 DATA not allowed after BDAT",
             "250 2.0.0 Ok",
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",
             "503 5.5.1 BINARYMIME requires BDAT",
-        ])),
-        "{}",
-        o.output
+        ],
     );
     assert_eq!(o.aborted, 1, "RSET abandons the open BDAT body");
 }
@@ -321,10 +326,13 @@ fn bad_bdat_size_closes_the_connection() {
     ]);
     input.extend_from_slice(b"BDAT 12x\r\nMAIL FROM:<evil@x.test>\r\n");
     let o = run_every_split(&config(), &input);
-    assert!(o.output.ends_with(&server(&[
-        "501 5.5.4 Syntax: BDAT size [LAST]",
-        "421 4.5.0 Cannot follow BDAT framing, closing connection",
-    ])));
+    assert_tail(
+        &o,
+        &[
+            "501 5.5.4 Syntax: BDAT size [LAST]",
+            "421 4.5.0 Cannot follow BDAT framing, closing connection",
+        ],
+    );
     assert!(o.closed);
 }
 
@@ -363,11 +371,14 @@ fn recipients_past_the_limit_do_not_end_the_session() {
     assert!(!o.output.contains("421"), "{}", o.output);
     assert_eq!(o.messages.len(), 1);
     assert_eq!(o.messages[0].1.len(), 100);
-    assert!(o.output.ends_with(&server(&[
-        "354 End data with <CR><LF>.<CR><LF>",
-        "250 2.0.0 Ok: queued as Q1",
-        "250 2.0.0 Ok",
-    ])));
+    assert_tail(
+        &o,
+        &[
+            "354 End data with <CR><LF>.<CR><LF>",
+            "250 2.0.0 Ok: queued as Q1",
+            "250 2.0.0 Ok",
+        ],
+    );
     assert!(!o.closed);
 }
 
@@ -443,15 +454,14 @@ fn size_takes_twenty_digits() {
         "MAIL FROM:<a@b.test> SIZE=000000000000000000001",
     ]);
     let o = run_every_split(&config(), &input);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "552 5.3.4 Message size exceeds fixed maximum message size",
             "250 2.1.0 Ok",
             "250 2.0.0 Ok",
             "501 5.5.4 Invalid parameter value",
-        ])),
-        "{}",
-        o.output
+        ],
     );
 }
 
@@ -465,10 +475,10 @@ fn spool_refusal_at_data() {
         "NOOP",
     ]);
     let o = run_every_split(&config(), &input);
-    assert!(o.output.ends_with(&server(&[
-        "452 4.3.1 Insufficient system storage",
-        "250 2.0.0 Ok"
-    ])));
+    assert_tail(
+        &o,
+        &["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"],
+    );
 }
 
 #[test]
@@ -480,10 +490,10 @@ fn spool_refusal_at_first_bdat_chunk_still_reads_the_chunk() {
     ]);
     input.extend_from_slice(b"BDAT 6 LAST\r\nNOOP\r\nNOOP\r\n");
     let o = run_every_split(&config(), &input);
-    assert!(o.output.ends_with(&server(&[
-        "452 4.3.1 Insufficient system storage",
-        "250 2.0.0 Ok"
-    ])));
+    assert_tail(
+        &o,
+        &["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"],
+    );
     assert!(o.messages.is_empty());
 }
 
@@ -501,8 +511,9 @@ fn syntax_errors_get_precise_codes() {
         "RCPT TO:<Postmaster>",
     ]);
     let o = run_every_split(&config(), &input);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "500 5.5.1 Command not recognized",
             "501 5.1.7 Bad sender address syntax",
             "555 5.5.4 Parameter not recognized or not implemented",
@@ -511,9 +522,7 @@ fn syntax_errors_get_precise_codes() {
             "250 2.1.5 Ok",
             "501 5.1.3 Bad recipient address syntax",
             "250 2.1.5 Ok",
-        ])),
-        "{}",
-        o.output
+        ],
     );
 }
 
@@ -528,15 +537,14 @@ fn mail_and_rcpt_have_room_for_dsn_parameters() {
     let noop = format!("NOOP {}", "x".repeat(600));
     let input = client(&["EHLO client.test", &mail, &rcpt, &noop, "NOOP"]);
     let o = run_every_split(&config(), &input);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",
             "500 5.5.2 Line too long",
             "250 2.0.0 Ok",
-        ])),
-        "{}",
-        o.output
+        ],
     );
     assert_eq!(o.output.matches("Line too long").count(), 1);
 }
@@ -596,10 +604,13 @@ fn smuggled_end_of_data_is_body() {
         ]));
         let o = run_every_split(&config(), &input);
         assert_eq!(o.messages.len(), 1, "{smuggle:?}");
-        assert!(o.output.ends_with(&server(&[
-            "354 End data with <CR><LF>.<CR><LF>",
-            "250 2.0.0 Ok: queued as Q1"
-        ])));
+        assert_tail(
+            &o,
+            &[
+                "354 End data with <CR><LF>.<CR><LF>",
+                "250 2.0.0 Ok: queued as Q1",
+            ],
+        );
         let body = &o.messages[0].2;
         assert!(
             body.windows(5).any(|w| w == b"spoof"),
@@ -622,10 +633,13 @@ fn bare_newline_reject_policy() {
     ]);
     input.extend_from_slice(b"a\nb\r\n.\r\nNOOP\r\n");
     let o = run(&cfg, false, &input, &[]);
-    assert!(o.output.ends_with(&server(&[
-        "550 5.6.11 Bare CR or LF in message; use CRLF line endings",
-        "250 2.0.0 Ok",
-    ])));
+    assert_tail(
+        &o,
+        &[
+            "550 5.6.11 Bare CR or LF in message; use CRLF line endings",
+            "250 2.0.0 Ok",
+        ],
+    );
     assert!(o.messages.is_empty());
     assert_eq!(o.aborted, 1);
 }
@@ -641,14 +655,13 @@ fn bdat_text_bodies_get_crlf_line_ends_like_data() {
     ]);
     input.extend_from_slice(b"BDAT 4\r\na\nb\rBDAT 4\r\n\nc\rdBDAT 1 LAST\r\n\r");
     let o = run_every_split(&config(), &input);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "250 2.0.0 4 octets received",
             "250 2.0.0 4 octets received",
             "250 2.0.0 Ok: queued as Q1",
-        ])),
-        "{}",
-        o.output
+        ],
     );
     assert_eq!(o.messages.len(), 1);
     assert_eq!(o.messages[0].2, b"a\r\nb\r\nc\r\nd\r\n");
@@ -672,16 +685,15 @@ fn bare_newline_reject_policy_covers_bdat_but_not_binarymime() {
     ]));
     input.extend_from_slice(b"BDAT 3 LAST\r\na\nb");
     let o = run_every_split(&cfg, &input);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "250 2.0.0 2 octets received",
             "550 5.6.11 Bare CR or LF in message; use CRLF line endings",
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",
             "250 2.0.0 Ok: queued as Q1",
-        ])),
-        "{}",
-        o.output
+        ],
     );
     assert_eq!(o.messages.len(), 1);
     assert_eq!(o.messages[0].2, b"a\nb");
@@ -716,8 +728,9 @@ fn starttls_discards_pipelined_commands_and_resets() {
         "STARTTLS",
     ]));
     let o = run(&config(), true, &input, &[before.len()]);
-    assert!(
-        o.output.ends_with(&server(&[
+    assert_tail(
+        &o,
+        &[
             "220 2.0.0 Ready to start TLS",
             "503 5.5.1 Send HELO or EHLO first",
             "250-mx.test Hello again.test",
@@ -730,9 +743,7 @@ fn starttls_discards_pipelined_commands_and_resets() {
             "250-SMTPUTF8",
             "250 DSN",
             "503 5.5.1 TLS already active",
-        ])),
-        "{}",
-        o.output
+        ],
     );
 }
 
@@ -842,12 +853,8 @@ fn auth_parameter_is_refused_when_auth_is_not_offered() {
         "MAIL FROM:<a@b.test>",
     ]);
     let o = run_every_split(&config(), &input);
-    assert!(
-        o.output.ends_with(&server(&[
-            "555 5.5.4 AUTH parameter not supported",
-            "250 2.1.0 Ok",
-        ])),
-        "{}",
-        o.output
+    assert_tail(
+        &o,
+        &["555 5.5.4 AUTH parameter not supported", "250 2.1.0 Ok"],
     );
 }
