@@ -25,4 +25,5 @@ pub mod tls;
 pub use config::{Settings, TlsFiles};
 pub use core::StopFlag;
 pub use error::StartError;
-pub use runtime::{start, start_with, Running};
+pub use postern_spool::DirLock;
+pub use runtime::{lock_spool, start, start_locked, start_with, Running};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use postern_proto::ServerConfig;
+use postern_spool::{DirLock, LOCK_FILE};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Settings;
@@ -40,6 +41,8 @@ pub struct Running {
     pub metrics: Option<SocketAddr>,
     stop: Arc<StopFlag>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Held until the cores have stopped: no other process opens this spool meanwhile.
+    _spool_lock: DirLock,
 }
 
 impl Running {
@@ -58,6 +61,10 @@ impl Running {
 
 /// Binds a placeholder on `addr` with SO_REUSEPORT to learn the port when it is 0, so every
 /// core binds the same one. The placeholder never listens, so it never takes a connection.
+///
+/// SO_REUSEPORT would also let this process join the listeners of another process of the same
+/// user on that port (another postern left running), and the kernel would split connections
+/// between the two. So a fixed port that something already listens on is refused first.
 fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
     let bind_err = |source| StartError::Bind { addr, source };
     let domain = if addr.is_ipv6() {
@@ -65,6 +72,12 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
     } else {
         Domain::IPV4
     };
+    if addr.port() != 0 && listening_on(addr) {
+        return Err(bind_err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process already listens there (another postern?)",
+        )));
+    }
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
     s.set_reuse_port(true).map_err(bind_err)?;
     s.set_reuse_address(true).map_err(bind_err)?;
@@ -75,6 +88,60 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
         .and_then(|a| a.as_socket())
         .ok_or_else(|| bind_err(std::io::Error::other("no local address")))?;
     Ok((s, local))
+}
+
+/// Whether a TCP socket of this network namespace listens on `addr`'s port at an address that
+/// overlaps it (the same one, or a wildcard on either side), from `/proc/net/tcp` and `tcp6`.
+/// A bind test cannot tell: with SO_REUSEADDR it also fails on an earlier run's connections
+/// in TIME_WAIT. Where `/proc` cannot be read, nothing is found.
+fn listening_on(addr: SocketAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    const LISTEN: &str = "0A";
+    let overlaps = |other: IpAddr| {
+        other == addr.ip()
+            || other.is_unspecified()
+            || addr.ip().is_unspecified()
+            || matches!(other, IpAddr::V6(v6) if v6.to_ipv4_mapped() == Some(match addr.ip() {
+                IpAddr::V4(v4) => v4,
+                IpAddr::V6(_) => return false,
+            }))
+    };
+    let parse_ip = |hex: &str| -> Option<IpAddr> {
+        // The kernel prints each 32-bit word of the address in host byte order.
+        let words = (0..hex.len() / 8)
+            .map(|i| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok())
+            .collect::<Option<Vec<u32>>>()?;
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        match bytes.len() {
+            4 => Some(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            16 => {
+                let octets: [u8; 16] = bytes.try_into().ok()?;
+                Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            }
+            _ => None,
+        }
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            return false;
+        };
+        text.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let (Some(local), Some(_remote), Some(state)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return false;
+            };
+            let Some((ip, port)) = local.split_once(':') else {
+                return false;
+            };
+            state == LISTEN
+                && u16::from_str_radix(port, 16) == Ok(addr.port())
+                && parse_ip(ip).is_some_and(overlaps)
+        })
+    })
 }
 
 /// Starts the server and returns once every core is listening. Acknowledged messages stay in
@@ -89,12 +156,35 @@ pub fn start_with(
     settings: Settings,
     delivery: Option<DeliveryFactory>,
 ) -> Result<Running, StartError> {
+    let lock = lock_spool(&settings.spool_dir)?;
+    start_locked(settings, delivery, lock)
+}
+
+/// Checks that the spool directory can be created and written, and takes its lock (one process
+/// per spool: [`DirLock`]). For a caller that reads the spool before [`start_locked`].
+pub fn lock_spool(dir: &std::path::Path) -> Result<DirLock, StartError> {
+    CoreStore::check_dir(dir)?;
+    DirLock::acquire(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => StartError::Spool(e.to_string()),
+        _ => StartError::Spool(format!(
+            "cannot lock {}: {e}",
+            dir.join(LOCK_FILE).display()
+        )),
+    })
+}
+
+/// [`start_with`] on a spool whose lock the caller already holds (from [`lock_spool`]); the
+/// server keeps it until its cores have stopped.
+pub fn start_locked(
+    settings: Settings,
+    delivery: Option<DeliveryFactory>,
+    spool_lock: DirLock,
+) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
     let tls_config = match &settings.tls {
         Some(files) => Some(tls::server_config(&files.cert, &files.key)?),
         None => None,
     };
-    CoreStore::check_dir(&settings.spool_dir)?;
     let mut placeholders = Vec::new();
     let mut listen = Vec::new();
     let mut listen_tls = Vec::new();
@@ -183,6 +273,7 @@ pub fn start_with(
         metrics,
         stop,
         threads,
+        _spool_lock: spool_lock,
     })
 }
 

@@ -41,6 +41,14 @@ fn main() -> ExitCode {
         .init();
     let settings = config.server;
     let cores = settings.cores;
+    // The spool's lock comes first: recovery must not read a spool another process writes.
+    let spool_lock = match postern_server::lock_spool(&settings.spool_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("postern: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let delivery = match config.relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
@@ -54,7 +62,7 @@ fn main() -> ExitCode {
             }
         },
     };
-    let running = match postern_server::start_with(settings, delivery) {
+    let running = match postern_server::start_locked(settings, delivery, spool_lock) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("postern: cannot start: {e}");

@@ -1,0 +1,96 @@
+//! One server per spool and per port: a second `postern` started on a spool or a port that a
+//! running one holds ends at once with a clear error, and the running one keeps its mail.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{queue_id, spooled, Server};
+
+/// Runs a second `postern serve` with `args`: its exit code and stderr. One that is still
+/// running after 20 s has started where it must not; it is killed and the test fails.
+fn second(args: &[&str]) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--hold", "--cores", "1"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("a second server with {args:?} started beside the first");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn a_second_server_on_a_spool_in_use_stops_and_the_first_keeps_its_mail() {
+    let mut first = Server::start(&[]);
+    let spool = first.spool.to_str().unwrap().to_owned();
+    let (code, err) = second(&["--listen", "127.0.0.1:0", "--spool", &spool]);
+    assert_eq!(code, 1, "{err}");
+    let pid = first.child.id().to_string();
+    assert!(
+        err.contains("in use by another postern") && err.contains(&pid),
+        "{err}"
+    );
+
+    let mut c = first.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@client.test>");
+    c.cmd("RCPT TO:<b@localhost>");
+    c.cmd("DATA");
+    let reply = c.cmd("Subject: kept\r\n\r\nstill here\r\n.");
+    assert!(reply.starts_with("250 "), "{reply}");
+    let id = queue_id(&reply);
+    assert!(first.terminate().success());
+    let kept = spooled(&first.spool);
+    assert!(
+        kept.iter().any(|(qid, ..)| *qid == id),
+        "{id} not in {kept:?}"
+    );
+}
+
+#[test]
+fn a_second_server_on_a_port_in_use_stops() {
+    let first = Server::start(&[]);
+    let spool = tempfile::tempdir().unwrap();
+    let port = first.smtp.port();
+    for listen in [format!("127.0.0.1:{port}"), format!("0.0.0.0:{port}")] {
+        let (code, err) = second(&[
+            "--listen",
+            &listen,
+            "--spool",
+            spool.path().join("spool").to_str().unwrap(),
+        ]);
+        assert_eq!(code, 1, "{listen}: {err}");
+        assert!(
+            err.contains(&listen) && err.contains("already listens"),
+            "{err}"
+        );
+    }
+    // The first still answers.
+    let mut c = first.connect();
+    assert!(c.line().starts_with("220 "));
+    assert!(c.cmd("NOOP").starts_with("250"));
+}
