@@ -426,7 +426,13 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
                 .detach();
             }
             Err(refusal) => {
-                core.metrics.borrow_mut().connections_refused += 1;
+                let mut metrics = core.metrics.borrow_mut();
+                metrics.connections_refused += 1;
+                if !implicit_tls {
+                    // The 421 it gets is a reply like any other.
+                    metrics.count_replies(b"421 \r\n");
+                }
+                drop(metrics);
                 glommio::spawn_local(refuse(stream, refusal, implicit_tls)).detach();
             }
         }

@@ -49,7 +49,14 @@ fn recipient_limit_gives_452() {
 
 #[test]
 fn connections_over_the_per_ip_limit_get_421_at_once() {
-    let server = Server::start(&["--max-connections-per-ip", "2", "--max-connections", "10"]);
+    let server = Server::start(&[
+        "--max-connections-per-ip",
+        "2",
+        "--max-connections",
+        "10",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     let mut a = server.connect();
     let mut b = server.connect();
     assert!(a.line().starts_with("220 "));
@@ -60,6 +67,11 @@ fn connections_over_the_per_ip_limit_get_421_at_once() {
         "421 4.7.0 Too many connections from your address, try again later"
     );
     assert!(c.closed());
+    // The 421 counts as a reply, beside the refused connection.
+    let refused = "postern_connections_refused_total 1";
+    let four = "postern_replies_total{class=\"4xx\"} 1";
+    let text = server.metrics_until(|m| m.contains(refused) && m.contains(four));
+    assert!(text.contains(refused) && text.contains(four), "{text}");
     // A place frees up when a session ends.
     assert_eq!(a.cmd("QUIT"), "221 2.0.0 Bye");
     assert!(a.closed());

@@ -5,7 +5,9 @@
 mod common;
 
 use std::io::Write;
+use std::net::TcpStream;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::Server;
 
@@ -84,4 +86,33 @@ fn sessions_spread_over_several_cores() {
         per_core.iter().all(|&n| n > 0),
         "SO_REUSEPORT left a core idle: {per_core:?}"
     );
+}
+
+#[test]
+fn silent_clients_of_the_metrics_port_do_not_hold_up_a_scrape() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    // Three clients that connect and never send a request: served one after another, each
+    // would hold the port for the server's 5 s read timeout.
+    let silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    write!(s, "GET /metrics?collect=all HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .expect("the scrape is answered while silent clients wait");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("postern_connections_total"), "{text}");
+    drop(silent);
+
+    let mut h = TcpStream::connect(addr).unwrap();
+    write!(h, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = String::new();
+    h.read_to_string(&mut head).unwrap();
+    let (status, rest) = head.split_once("\r\n").unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(rest.ends_with("\r\n\r\n"), "HEAD has no body: {head:?}");
+    let (status, _) = server.http_get_with("DELETE", "/metrics");
+    assert!(status.starts_with("HTTP/1.1 405"), "{status}");
 }

@@ -109,8 +109,13 @@ impl Server {
 
     /// GET a path on the metrics port; returns (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
+        self.http_get_with("GET", path)
+    }
+
+    /// A request with `method` for a path on the metrics port; returns (status line, body).
+    pub fn http_get_with(&self, method: &str, path: &str) -> (String, String) {
         let mut s = TcpStream::connect(self.metrics.expect("no metrics port")).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
