@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use postern_proto::BareNewlinePolicy;
@@ -33,6 +34,8 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+// `--cores -1` or `--command-timeout -1s` is a wrong value for that flag, not an unknown flag.
+#[command(allow_hyphen_values = true)]
 struct Serve {
     /// SMTP listen address (repeatable).
     #[arg(
@@ -42,7 +45,8 @@ struct Serve {
         default_value = "127.0.0.1:2525"
     )]
     listen: Vec<SocketAddr>,
-    /// Implicit-TLS (RFC 8314) listen address (repeatable); needs --tls-cert and --tls-key.
+    /// Implicit-TLS (RFC 8314) listen address (repeatable); needs --tls-cert and --tls-key
+    /// [default: none].
     #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',')]
     listen_tls: Vec<SocketAddr>,
     /// Executors, one per core [default: all cores].
@@ -61,7 +65,7 @@ struct Serve {
     /// Our host name, in the banner, EHLO and Received headers [default: the system's].
     #[arg(long, env = "POSTERN_HOSTNAME")]
     hostname: Option<String>,
-    /// A domain to accept mail for from anyone (repeatable).
+    /// A domain to accept mail for from anyone (repeatable) [default: none].
     #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',')]
     accept_domain: Vec<String>,
     /// Where mail to <postmaster> and postmaster@HOSTNAME goes (an address); both are accepted
@@ -93,27 +97,29 @@ struct Serve {
     /// Longest wait for transactions in flight when stopping.
     #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
-    /// PEM certificate chain; with --tls-key, enables STARTTLS.
+    /// PEM certificate chain; with --tls-key, enables STARTTLS [default: none, no TLS].
     #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
+    /// PEM private key for --tls-cert [default: none].
     #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Prometheus metrics, /healthz and /readyz on this address.
+    /// Prometheus metrics, /healthz and /readyz on this address [default: none, not served].
     #[arg(long, env = "POSTERN_METRICS")]
     metrics: Option<SocketAddr>,
-    /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF.
-    #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES")]
+    /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF
+    /// [default: off].
+    #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES", value_parser = BoolishValueParser::new())]
     reject_bare_newlines: bool,
     /// Keep accepted mail queued without delivering it; delivery resumes when postern runs
-    /// without --hold.
-    #[arg(long, env = "POSTERN_HOLD")]
+    /// without --hold [default: off].
+    #[arg(long, env = "POSTERN_HOLD", value_parser = BoolishValueParser::new())]
     hold: bool,
-    /// Send all mail to this smarthost (HOST:PORT) instead of looking up MX records.
+    /// Send all mail to this smarthost (HOST:PORT; port 25 when left out) instead of looking
+    /// up MX records [default: none, MX records].
     #[arg(long, env = "POSTERN_RELAY_HOST")]
     relay_host: Option<String>,
     /// Send mail for DOMAIN and its subdomains to HOST:PORT (repeatable; the longest domain
-    /// wins; takes precedence over --relay-host).
+    /// wins; takes precedence over --relay-host) [default: none].
     #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',')]
     route: Vec<String>,
     /// The DNS server for MX lookups (ADDR or ADDR:PORT) [default: from /etc/resolv.conf].
@@ -138,7 +144,7 @@ struct Serve {
     /// required (verified certificate).
     #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic")]
     outbound_tls: String,
-    /// Extra trust anchors (PEM) for --outbound-tls required.
+    /// Extra trust anchors (PEM) for --outbound-tls required [default: none, the system's].
     #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA")]
     outbound_tls_ca: Option<PathBuf>,
     /// Concurrent connections to one next hop.
@@ -215,6 +221,14 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"))
 }
 
+/// A domain name (ASCII or UTF-8 labels), as `--accept-domain` and `--route` take.
+fn is_domain(s: &str) -> bool {
+    matches!(
+        postern_proto::address::parse_host(s.trim_end_matches('.')),
+        Ok(postern_proto::address::Host::Domain(_))
+    )
+}
+
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -248,7 +262,8 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
                 .take_while(|l| !l.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            return Err(first.join(" ").trim_start_matches("error: ").to_owned());
+            let line = first.join(" ").trim_start_matches("error: ").to_owned();
+            return Err(with_env_source(line));
         }
     };
     let Command::Serve(s) = cli.command;
@@ -262,6 +277,23 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
     Ok(Some(Config { server, relay }))
 }
 
+/// Adds which environment variable a wrong value came from, when the flag it names was not on
+/// the command line and its `POSTERN_<NAME>` is set.
+fn with_env_source(line: String) -> String {
+    let Some(flag) = line
+        .split(['\'', ' '])
+        .find(|w| w.starts_with("--") && w.len() > 2)
+    else {
+        return line;
+    };
+    let on_command_line = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let var = format!("POSTERN_{}", flag[2..].replace('-', "_").to_uppercase());
+    if on_command_line || std::env::var_os(&var).is_none() {
+        return line;
+    }
+    format!("{line} (from {var})")
+}
+
 fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     let relay_host = s
         .relay_host
@@ -273,6 +305,14 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         .iter()
         .map(|r| Router::parse_route(r).map_err(|e| format!("--route: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, (domain, _)) in routes.iter().enumerate() {
+        if routes[..i].iter().any(|(d, _)| d == domain) {
+            return Err(format!("--route: {domain} is routed twice"));
+        }
+        if !is_domain(domain) {
+            return Err(format!("--route: '{domain}' is not a domain"));
+        }
+    }
     let dns_server = s
         .dns_server
         .as_deref()
@@ -372,6 +412,36 @@ fn settings(s: Serve) -> Result<Settings, String> {
     }
     if s.command_timeout.is_zero() {
         return Err("--command-timeout must be more than 0".into());
+    }
+    if s.max_session_time.is_zero() {
+        return Err("--max-session-time must be more than 0".into());
+    }
+    if s.max_message_size == 0 {
+        // SIZE 0 would tell clients there is no limit (RFC 1870).
+        return Err("--max-message-size must be more than 0".into());
+    }
+    if let Some(h) = &s.hostname {
+        if !h.is_ascii() || !postern_proto::address::is_valid_helo(h) {
+            return Err(format!(
+                "--hostname: {h:?} is not a host name (an ASCII domain such as mx1.example.net)"
+            ));
+        }
+    }
+    if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {
+        return Err(format!("--accept-domain: {d:?} is not a domain"));
+    }
+    for (flag, addrs) in [("--listen", &s.listen), ("--listen-tls", &s.listen_tls)] {
+        for (i, a) in addrs.iter().enumerate() {
+            if a.port() == 0 {
+                continue;
+            }
+            if addrs[..i].contains(a) {
+                return Err(format!("{flag}: {a} is given twice"));
+            }
+            if flag == "--listen-tls" && s.listen.contains(a) {
+                return Err(format!("--listen-tls: {a} is also a --listen address"));
+            }
+        }
     }
     if let Some(pm) = &s.postmaster {
         let bare = pm.trim_start_matches('<').trim_end_matches('>');

@@ -12,12 +12,29 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Bytes of log lines gathered into one write by the log thread.
 const LOG_BUFFER: usize = 64 * 1024;
 
+/// A line on stdout. A closed stdout (a pipe whose reader has gone) must not stop the server
+/// or make it panic, so a failed write is ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// A line on stderr, with the same care as [`say!`].
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let config = match cli::parse() {
         Ok(Some(config)) => config,
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("postern: {message}");
+            complain!("postern: {message}");
             return ExitCode::from(2);
         }
     };
@@ -45,7 +62,7 @@ fn main() -> ExitCode {
     let spool_lock = match postern_server::lock_spool(&settings.spool_dir) {
         Ok(lock) => lock,
         Err(e) => {
-            eprintln!("postern: cannot start: {e}");
+            complain!("postern: cannot start: {e}");
             return ExitCode::from(1);
         }
     };
@@ -57,7 +74,7 @@ fn main() -> ExitCode {
         Some(relay) => match start_relay(relay, &settings) {
             Ok(r) => Some(r.factory()),
             Err(e) => {
-                eprintln!("postern: cannot start: {e}");
+                complain!("postern: cannot start: {e}");
                 return ExitCode::from(1);
             }
         },
@@ -65,20 +82,20 @@ fn main() -> ExitCode {
     let running = match postern_server::start_locked(settings, delivery, spool_lock) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("postern: cannot start: {e}");
+            complain!("postern: cannot start: {e}");
             return ExitCode::from(1);
         }
     };
     for addr in &running.listen {
-        println!("postern: smtp listening on {addr}");
+        say!("postern: smtp listening on {addr}");
     }
     for addr in &running.listen_tls {
-        println!("postern: smtps listening on {addr}");
+        say!("postern: smtps listening on {addr}");
     }
     if let Some(addr) = running.metrics {
-        println!("postern: metrics listening on {addr}");
+        say!("postern: metrics listening on {addr}");
     }
-    println!("postern: ready with {cores} cores");
+    say!("postern: ready with {cores} cores");
     let stop = running.stop_flag();
     match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -97,7 +114,7 @@ fn main() -> ExitCode {
         Err(e) => tracing::warn!("cannot handle signals: {e}"),
     }
     running.wait();
-    println!("postern: stopped");
+    say!("postern: stopped");
     ExitCode::SUCCESS
 }
 

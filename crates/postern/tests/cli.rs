@@ -60,6 +60,83 @@ fn wrong_flags_get_one_line_and_exit_2() {
 }
 
 #[test]
+fn values_that_cannot_work_are_refused_by_name() {
+    // Negative values are wrong values for their flag, not unknown flags.
+    refused(&["serve", "--cores", "-1"], "--cores");
+    refused(&["serve", "--command-timeout", "-1s"], "--command-timeout");
+    // SIZE 0 would advertise no limit at all (RFC 1870); a session time of 0 ends every
+    // session at its banner.
+    refused(&["serve", "--max-message-size", "0"], "--max-message-size");
+    refused(&["serve", "--max-session-time", "0s"], "--max-session-time");
+    // The host name goes into the banner, EHLO and Received.
+    refused(&["serve", "--hostname", ""], "--hostname");
+    refused(&["serve", "--hostname", "two words"], "--hostname");
+    refused(&["serve", "--hostname", "ctl\u{1}host"], "--hostname");
+    refused(
+        &["serve", "--accept-domain", "bad domain"],
+        "--accept-domain",
+    );
+    refused(
+        &[
+            "serve",
+            "--route",
+            "a.test=127.0.0.1:25",
+            "--route",
+            "A.test=127.0.0.1:26",
+        ],
+        "--route",
+    );
+    refused(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:2600",
+            "--listen",
+            "127.0.0.1:2600",
+        ],
+        "--listen",
+    );
+    refused(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:2600",
+            "--listen-tls",
+            "127.0.0.1:2600",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+        ],
+        "--listen-tls",
+    );
+}
+
+#[test]
+fn a_wrong_value_from_the_environment_names_its_variable() {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve"])
+        .env("POSTERN_MAX_RECIPIENTS", "abc")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--max-recipients") && err.contains("POSTERN_MAX_RECIPIENTS"),
+        "{err}"
+    );
+    // Switches take the usual spellings of yes and no.
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--cores", "0"])
+        .env("POSTERN_HOLD", "yes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cores") && !err.contains("--hold"), "{err}");
+}
+
+#[test]
 fn environment_variables_set_flags() {
     let out = Command::new(env!("CARGO_BIN_EXE_postern"))
         .args(["serve"])
