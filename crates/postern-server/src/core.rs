@@ -102,6 +102,10 @@ impl Core {
         let mut m = self.metrics.borrow().clone();
         m.active_sessions = self.sessions.get() as u64;
         m.spool_bytes = self.store.bytes_in_use();
+        if self.delivery.borrow().is_none() {
+            // Held mail (--hold): nothing delivers, so the queue is what the spool keeps live.
+            m.queue_depth = self.store.live_messages() as u64;
+        }
         if let Ok(mut slot) = self.published.lock() {
             *slot = m;
         }

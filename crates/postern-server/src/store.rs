@@ -134,6 +134,11 @@ impl CoreStore {
         })
     }
 
+    /// Messages finished and not yet final (recovered ones included).
+    pub(crate) fn live_messages(&self) -> usize {
+        self.spool.borrow().live_messages()
+    }
+
     pub(crate) fn bytes_in_use(&self) -> u64 {
         self.spool.borrow().bytes_in_use()
     }

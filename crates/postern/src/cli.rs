@@ -410,6 +410,16 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if !(64 * 1024..=1 << 32).contains(&s.spool_segment_size) {
         return Err("--spool-segment-size must be between 64k and 4G".into());
     }
+    // Each core keeps a segment it writes and a spare, both reserved in full on disk: a mark
+    // below that would refuse all mail on an empty spool.
+    let floor = 2 * s.spool_segment_size * cores as u64;
+    if s.spool_high_water != 0 && s.spool_high_water < floor {
+        return Err(format!(
+            "--spool-high-water must be 0 or at least {} (two --spool-segment-size segments \
+             per core, reserved on disk even when empty)",
+            floor
+        ));
+    }
     if s.command_timeout.is_zero() {
         return Err("--command-timeout must be more than 0".into());
     }

@@ -35,6 +35,8 @@ fn metrics_follow_traffic_and_pass_promtool() {
         "postern_spool_commit_latency_seconds_count 3\n",
         "postern_replies_total{class=\"3xx\"} 3\n",
         "postern_replies_total{class=\"5xx\"} 1\n",
+        // Held (--hold): nothing delivers, so all three are still queued.
+        "postern_queue_depth 3\n",
         "postern_eod_latency_quantile_seconds{quantile=\"0.99\"}",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
