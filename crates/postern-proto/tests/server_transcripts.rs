@@ -22,6 +22,11 @@ const EHLO: [&str; 9] = [
     "250 DSN",
 ];
 
+/// Asserts that the session's replies are exactly `lines`.
+fn assert_transcript(o: &support::Outcome, lines: &[&str]) {
+    assert_eq!(o.output, server(lines));
+}
+
 /// Asserts that the session's replies end with `lines`.
 fn assert_tail(o: &support::Outcome, lines: &[&str]) {
     assert!(o.output.ends_with(&server(lines)), "{}", o.output);
@@ -142,9 +147,9 @@ fn sequencing_errors() {
         "DATA",
     ]);
     let o = run_every_split(&config(), &input);
-    assert_eq!(
-        o.output,
-        server(&[
+    assert_transcript(
+        &o,
+        &[
             BANNER,
             "503 5.5.1 Send HELO or EHLO first",
             EHLO[0],
@@ -163,7 +168,7 @@ fn sequencing_errors() {
             "503 5.5.1 Nested MAIL command",
             "250 2.0.0 Ok",
             "503 5.5.1 Need MAIL command",
-        ])
+        ],
     );
 }
 
@@ -207,24 +212,24 @@ fn helo_session_and_misc_commands() {
         "QUIT",
     ]);
     let o = run_every_split(&config(), &input);
-    assert_eq!(
-        o.output,
-        server(&[
-            BANNER,
-            "250 mx.test Hello client.test",
-            "250 2.0.0 Ok",
-            "250 2.0.0 Ok",
-            "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
-            "502 5.5.1 EXPN not supported",
-            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS",
-            "502 5.5.1 Command not implemented",
-            "502 5.5.1 Command not implemented",
-            "503 5.5.1 Authentication not enabled",
-            "502 5.5.1 STARTTLS not available",
-            "555 5.5.4 Parameters not allowed after HELO",
-            "250 2.1.0 Ok",
-            "221 2.0.0 Bye",
-        ])
+    assert_transcript(
+        &o,
+        &[
+        BANNER,
+        "250 mx.test Hello client.test",
+        "250 2.0.0 Ok",
+        "250 2.0.0 Ok",
+        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+        "502 5.5.1 EXPN not supported",
+        "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS",
+        "502 5.5.1 Command not implemented",
+        "502 5.5.1 Command not implemented",
+        "503 5.5.1 Authentication not enabled",
+        "502 5.5.1 STARTTLS not available",
+        "555 5.5.4 Parameters not allowed after HELO",
+        "250 2.1.0 Ok",
+        "221 2.0.0 Bye",
+        ],
     );
 }
 
@@ -574,12 +579,12 @@ fn too_many_errors_closes_with_421() {
 #[test]
 fn http_request_is_dropped() {
     let o = run_every_split(&config(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(
-        o.output,
-        server(&[
+    assert_transcript(
+        &o,
+        &[
             BANNER,
-            "421 4.7.0 This is an SMTP server, closing connection"
-        ])
+            "421 4.7.0 This is an SMTP server, closing connection",
+        ],
     );
     assert!(o.closed);
 }
@@ -768,9 +773,9 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
         ..(*config()).clone()
     });
     let o = run(&cfg, true, &client(&["EHLO client.test", "QUIT"]), &[]);
-    assert_eq!(
-        o.output,
-        server(&[
+    assert_transcript(
+        &o,
+        &[
             BANNER,
             "250-mx.test Hello client.test",
             "250-SIZE 10000",
@@ -780,16 +785,16 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-DSN",
             "250 STARTTLS",
             "221 2.0.0 Bye",
-        ])
+        ],
     );
     let cfg = Arc::new(ServerConfig {
         offer_chunking: false,
         ..(*config()).clone()
     });
     let o = run(&cfg, false, &client(&["EHLO client.test"]), &[]);
-    assert_eq!(
-        o.output,
-        server(&[
+    assert_transcript(
+        &o,
+        &[
             BANNER,
             "250-mx.test Hello client.test",
             "250-PIPELINING",
@@ -798,7 +803,7 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-8BITMIME",
             "250-SMTPUTF8",
             "250 DSN",
-        ])
+        ],
     );
 }
 
@@ -813,9 +818,9 @@ fn helo_names_are_checked_and_echoed_in_ascii() {
         "QUIT",
     ]);
     let o = run_every_split(&config(), &input);
-    assert_eq!(
-        o.output,
-        server(&[
+    assert_transcript(
+        &o,
+        &[
             BANNER,
             "501 5.5.4 Syntax: EHLO hostname",
             "501 5.5.4 Syntax: EHLO hostname",
@@ -823,7 +828,7 @@ fn helo_names_are_checked_and_echoed_in_ascii() {
             "250 mx.test Hello xn--bcher-kva.example",
             "250 2.0.0 Ok",
             "221 2.0.0 Bye",
-        ])
+        ],
     );
 }
 
