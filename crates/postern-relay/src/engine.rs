@@ -225,6 +225,9 @@ impl Relay {
     }
 }
 
+/// How long a bounce that could not be spooled waits before it is tried again.
+const BOUNCE_RETRY: Duration = Duration::from_secs(10);
+
 /// The owner's record of a message not yet final.
 struct Tracked {
     msg: Arc<Msg>,
@@ -236,8 +239,10 @@ struct Tracked {
     /// hop without DSN: (recipient, reply, next hop, when).
     relayed: Vec<(u32, String, Option<String>, u64)>,
     warned: bool,
-    /// A status record could not be written: the message must stay in the spool, so that
-    /// recovery delivers that recipient again rather than forgetting it.
+    /// A status record could not be written (the spool's disk is full): the outcome is known
+    /// here but not on disk. The message is still forgotten once every recipient is settled,
+    /// so its segments can be reclaimed; a crash before that delivers it again (a duplicate,
+    /// never a loss). Keeping it instead would keep the disk full for good.
     unrecorded: bool,
 }
 
@@ -1145,11 +1150,14 @@ impl CoreRelay {
 
     /// Every recipient has its outcome: bounce the failed ones, record them, forget the
     /// message once it is all durable.
-    async fn finish(self: Rc<Self>, t: Tracked) {
-        let msg = &t.msg;
+    async fn finish(self: Rc<Self>, mut t: Tracked) {
+        let msg = t.msg.clone();
+        let msg = &msg;
         if !t.relayed.is_empty() && !msg.meta.reverse_path.is_empty() {
             self.relayed_report(msg, &t.relayed).await;
         }
+        // Made once, even if the bounce below has to be tried again.
+        t.relayed.clear();
         if !t.failed.is_empty() {
             let wanted: Vec<&(u32, String, Option<String>, String, u64)> = t
                 .failed
@@ -1188,9 +1196,21 @@ impl CoreRelay {
                     .await
                     .is_err()
                 {
-                    // Not durable: leave the recipients unsettled; they are retried (and the
-                    // bounce made again) after a restart.
-                    tracing::error!(queue_id = %msg.queue_id, "cannot spool the bounce");
+                    // Not durable (the spool's disk is full, most likely): the message stays
+                    // queued and the bounce is tried again, once other messages have been
+                    // settled and their segments reclaimed. After a restart it would be made
+                    // again from the spool.
+                    tracing::error!(
+                        queue_id = %msg.queue_id,
+                        "cannot spool the bounce; trying again in {}s",
+                        BOUNCE_RETRY.as_secs()
+                    );
+                    let me = self.clone();
+                    glommio::spawn_local(async move {
+                        glommio::timer::sleep(BOUNCE_RETRY).await;
+                        me.finish(t).await;
+                    })
+                    .detach();
                     return;
                 }
             }
@@ -1204,16 +1224,16 @@ impl CoreRelay {
                     .append_status(&msg.queue_id, *i, &status)
                     .is_err()
                 {
-                    return;
+                    t.unrecorded = true;
                 }
             }
         }
         if t.unrecorded {
-            tracing::error!(
+            tracing::warn!(
                 queue_id = %msg.queue_id,
-                "a delivery status could not be written; the message stays queued"
+                "a delivery status could not be written (spool full); the message is settled \
+                 anyway, so its space can be reclaimed"
             );
-            return;
         }
         if self.handle.durable().await.is_ok() {
             self.handle.mark_final(&msg.queue_id);

@@ -1378,3 +1378,85 @@ fn a_connection_dropped_mid_batch_loses_nothing() {
         "{recorded} recorded for {n} messages and {drops} drops"
     );
 }
+
+/// Sends one message of `body` to dest.test; returns the reply to its end of data, or to the
+/// command that refused it.
+fn try_message(c: &mut common::Client, n: usize, body: &str) -> String {
+    let mail = c.cmd("MAIL FROM:<a@origin.test>");
+    if !mail.starts_with("250") {
+        return mail;
+    }
+    assert!(c
+        .cmd(&format!("RCPT TO:<r{n}@dest.test>"))
+        .starts_with("250"));
+    let go = c.cmd("DATA");
+    if !go.starts_with("354") {
+        c.cmd("RSET");
+        return go;
+    }
+    c.send(format!("Message-ID: <full{n}@t>\r\n\r\n{body}.\r\n").as_bytes());
+    let reply = c.line();
+    if !reply.starts_with("250") {
+        c.cmd("RSET");
+    }
+    reply
+}
+
+#[test]
+fn a_spool_disk_that_filled_up_is_freed_once_its_queue_is_delivered() {
+    let disk = common::Tmpfs::mount("6m");
+    let spool = disk.path.join("spool");
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec!["--route", route.as_str(), "--cores", "1"];
+    args.extend(["--spool-segment-size", "1M"]);
+    args.extend(FAST_RETRY);
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    let body = ("f".repeat(78) + "\r\n").repeat(1000); // 80 KiB
+    let mut c = greeted(&server);
+    let mut acked = 0;
+    let refused = loop {
+        let reply = try_message(&mut c, acked, &body);
+        if !reply.starts_with("250") || acked >= 200 {
+            break reply;
+        }
+        acked += 1;
+    };
+    assert!(refused.starts_with("452 4.3.1"), "after {acked}: {refused}");
+    assert!(acked >= 5, "refused too early, after {acked}");
+
+    // The next hop comes up while the disk is full: the statuses of the deliveries may find
+    // no room, yet every message must be delivered and its space given back.
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    peer.wait_for("every acknowledged message", Duration::from_secs(60), |s| {
+        s.len() == acked
+    });
+    c.cmd("QUIT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = acked;
+    loop {
+        // A fresh session each time, so refusals never add up to the session's error limit.
+        let mut c = greeted(&server);
+        let reply = try_message(&mut c, n, "room again\r\n");
+        c.cmd("QUIT");
+        if reply.starts_with("250") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {reply}");
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.terminate().success());
+    // Nothing delivered is left to deliver again after a restart.
+    let left = postern_spool::recover(&spool).unwrap();
+    let pending: Vec<_> = left
+        .messages
+        .iter()
+        .filter(|m| !m.is_final())
+        .map(|m| m.meta.recipients[0].path.clone())
+        .filter(|r| !r.contains(&format!("r{n}@")))
+        .collect();
+    assert!(pending.is_empty(), "would be delivered again: {pending:?}");
+}

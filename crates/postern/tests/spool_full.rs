@@ -5,33 +5,12 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::{spooled, Server};
-
-struct Tmpfs(std::path::PathBuf);
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn a_full_spool_disk_gives_452_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "this test mounts a 4 MiB tmpfs: run it as root (CI does)"
-    );
-    let _guard = Tmpfs(mnt.clone());
+    let disk = common::Tmpfs::mount("4m");
+    let mnt = disk.path.clone();
     // Leave about 1.5 MiB: room for one 1 MiB segment, not two.
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![0u8; 2560 * 1024]).unwrap();

@@ -222,3 +222,34 @@ pub fn spooled(spool: &Path) -> Vec<(String, String, Vec<String>, Vec<u8>)> {
         })
         .collect()
 }
+
+/// A tmpfs of `size` (like `4m`) mounted on a fresh directory for a full-disk test, unmounted
+/// when dropped. Needs the privilege to mount (root in CI).
+pub struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "this test mounts a {size} tmpfs: run it as root (CI does)"
+        );
+        Tmpfs { path, _dir: dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
