@@ -426,7 +426,14 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
         field(&mut out, "Action", recipient.action.as_str());
         field(&mut out, "Status", &recipient_status(recipient));
         if let Some(remote) = &recipient.remote_mta {
-            field(&mut out, "Remote-MTA", &format!("dns; {}", safe(remote)));
+            // A next hop given by address is written as an address literal: the `dns` type
+            // names hosts, and `[192.0.2.1]` is how SMTP writes an address in their place.
+            let name = match remote.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) => format!("[{ip}]"),
+                Ok(std::net::IpAddr::V6(ip)) => format!("[IPv6:{ip}]"),
+                Err(_) => safe(remote),
+            };
+            field(&mut out, "Remote-MTA", &format!("dns; {name}"));
         }
         if let Some(diagnostic) = &recipient.diagnostic {
             let kind = if is_smtp_reply(diagnostic) {

@@ -589,3 +589,19 @@ fn empty_original_and_no_recipients_still_make_a_report() {
     assert_eq!(parts(&message).len(), 3);
     assert_eq!(message.subject(), Some("Delivery Status Notification"));
 }
+
+#[test]
+fn a_next_hop_given_by_address_is_an_address_literal_in_remote_mta() {
+    let mut recipients = failures();
+    recipients[0].remote_mta = Some("192.0.2.7".into());
+    recipients[1].remote_mta = Some("2001:db8::7".into());
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let message = parse(&bytes);
+    let status = delivery_status(&message);
+    let blocks = blocks(&status);
+    assert_eq!(value(&blocks[1], "Remote-MTA"), Some("dns; [192.0.2.7]"));
+    assert_eq!(
+        value(&blocks[2], "Remote-MTA"),
+        Some("dns; [IPv6:2001:db8::7]")
+    );
+}
