@@ -98,13 +98,11 @@ fn listening_on(addr: SocketAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     const LISTEN: &str = "0A";
     let overlaps = |other: IpAddr| {
-        other == addr.ip()
-            || other.is_unspecified()
-            || addr.ip().is_unspecified()
-            || matches!(other, IpAddr::V6(v6) if v6.to_ipv4_mapped() == Some(match addr.ip() {
-                IpAddr::V4(v4) => v4,
-                IpAddr::V6(_) => return false,
-            }))
+        let mapped = match (other, addr.ip()) {
+            (IpAddr::V6(v6), IpAddr::V4(v4)) => v6.to_ipv4_mapped() == Some(v4),
+            _ => false,
+        };
+        other == addr.ip() || other.is_unspecified() || addr.ip().is_unspecified() || mapped
     };
     let parse_ip = |hex: &str| -> Option<IpAddr> {
         // The kernel prints each 32-bit word of the address in host byte order.
