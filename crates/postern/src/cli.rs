@@ -412,7 +412,7 @@ fn settings(s: Serve) -> Result<Settings, String> {
     }
     // Each core keeps a segment it writes and a spare, both reserved in full on disk: a mark
     // below that would refuse all mail on an empty spool.
-    let floor = 2 * s.spool_segment_size * cores as u64;
+    let floor = s.spool_segment_size.saturating_mul(2 * cores as u64);
     if s.spool_high_water != 0 && s.spool_high_water < floor {
         return Err(format!(
             "--spool-high-water must be 0 or at least {} (two --spool-segment-size segments \
