@@ -172,6 +172,13 @@ const SERIAL_AFTER_BREAK: Duration = Duration::from_secs(60);
 /// pipelines transactions; a few dozen octets each.
 const MAX_PIPELINED_REPLIES: usize = 512;
 
+/// A message's arrival in milliseconds since the epoch, for its queue lifetime and delay
+/// warning. The spool keeps the arrival in whole seconds, so the end of that second is taken:
+/// a lifetime may run up to a second long, never short.
+fn arrival_ms(meta: &MessageMeta) -> u64 {
+    meta.arrival.saturating_mul(1000).saturating_add(999)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -895,7 +902,7 @@ impl CoreRelay {
             return;
         }
         let failures = job.failures + 1;
-        let arrival = job.msg.meta.arrival.saturating_mul(1000);
+        let arrival = arrival_ms(&job.msg.meta);
         match self
             .relay
             .config
@@ -1129,7 +1136,7 @@ impl CoreRelay {
         if let (Result_::Deferred { next_attempt }, Some(after)) =
             (&r.result, self.relay.config.delay_warning)
         {
-            let age = now.saturating_sub(t.msg.meta.arrival.saturating_mul(1000));
+            let age = now.saturating_sub(arrival_ms(&t.msg.meta));
             if !t.warned && age >= after.as_millis() as u64 {
                 t.warned = true;
                 let warn = vec![(r.rcpt, r.reply.clone(), r.remote.clone(), *next_attempt)];
@@ -1274,12 +1281,7 @@ impl CoreRelay {
         if msg.meta.reverse_path.is_empty() {
             return;
         }
-        let until = self
-            .relay
-            .config
-            .retry
-            .expiry(msg.meta.arrival.saturating_mul(1000))
-            / 1000;
+        let until = self.relay.config.retry.expiry(arrival_ms(&msg.meta)) / 1000;
         let recipients: Vec<dsn::ReportRecipient> = warn
             .iter()
             .filter_map(|(i, reply, remote, _)| {

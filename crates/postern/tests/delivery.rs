@@ -1104,6 +1104,42 @@ fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
 }
 
 #[test]
+fn the_queue_lifetime_runs_whole_from_arrival() {
+    // The spool keeps arrival times in whole seconds. A message that arrives late in a second
+    // must still get its whole lifetime, not one shortened by the part of the second that
+    // the truncation drops.
+    let origin = Peer::start(&[]);
+    let (server, _down) = unreachable_dest_with_origin(&origin, &["--max-queue-lifetime", "1s"]);
+    let mut c = greeted(&server);
+    let into_second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis()
+    };
+    // Wait, bounded, for the clock to be at least 0.7 s into a second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while into_second() < 700 {
+        assert!(Instant::now() < deadline, "the clock did not move");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = Instant::now();
+    c.send(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<b@dest.test>\r\nDATA\r\n");
+    assert!(c.line().starts_with("250"));
+    assert!(c.line().starts_with("250"));
+    assert!(c.line().starts_with("354"));
+    c.send(b"Subject: late in a second\r\n\r\nx\r\n.\r\n");
+    assert!(c.line().starts_with("250"));
+    let (_, text) = origin.first("the expiry bounce");
+    let waited = before.elapsed();
+    assert!(text.contains("Status: 4.4.7"), "{text}");
+    assert!(
+        waited >= Duration::from_millis(995),
+        "bounced {waited:?} after arrival, within a lifetime of 1 s"
+    );
+}
+
+#[test]
 fn delay_warning_tells_the_sender_once() {
     let origin = Peer::start(&[]);
     let (server, _down) = unreachable_dest_with_origin(
