@@ -193,6 +193,9 @@ pub enum ClientEvent {
     Ready,
     /// STARTTLS was accepted: write the output, do the handshake, then `tls_established`.
     StartTls,
+    /// STARTTLS was refused (RFC 3207 4: 454 or 501); the session goes on in cleartext if
+    /// the embedding wants it to, as after `Ready`.
+    StartTlsRefused(Reply),
     /// Write the output, then the body: for DATA through a `DotStuffer` and its `finish`, for
     /// BDAT raw, chunk by chunk as [`ClientSession::bdat_chunks`] lays out. Then call
     /// `body_sent`.
@@ -552,7 +555,7 @@ impl ClientSession {
             }
             Expect::Ehlo => None,
             Expect::StartTls if reply.code == 220 => Some(ClientEvent::StartTls),
-            Expect::StartTls => Some(self.fail(ClientError::StartTls(reply))),
+            Expect::StartTls => Some(ClientEvent::StartTlsRefused(reply)),
             Expect::Mail => {
                 if let Some(r) = self.results.front_mut() {
                     r.mail = reply;

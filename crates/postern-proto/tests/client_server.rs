@@ -253,6 +253,23 @@ fn ehlo_refused_falls_back_to_helo() {
 }
 
 #[test]
+fn a_refused_starttls_leaves_the_session_usable_in_cleartext() {
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 STARTTLS\r\n"]);
+    c.start_tls().unwrap();
+    let (events, sent) = canned(&mut c, &["454 4.7.0 not now\r\n"]);
+    let [ClientEvent::StartTlsRefused(r)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!((r.code, sent.as_str()), (454, "STARTTLS\r\n"));
+    assert!(!c.is_tls());
+    // The session goes on: a transaction can start.
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    assert!(String::from_utf8_lossy(c.output()).starts_with("MAIL FROM:<sender@origin.test>"));
+}
+
+#[test]
 fn without_pipelining_commands_wait_for_replies() {
     let mut c = ClientSession::new("relay.test");
     let (events, _) = canned(&mut c, &["220 x\r\n", "250-x\r\n250 8BITMIME\r\n"]);

@@ -166,6 +166,15 @@ impl Outbound {
         conn.session.start_tls().map_err(ConnError::Smtp)?;
         match conn.next_event(t.greeting).await? {
             ClientEvent::StartTls => {}
+            ClientEvent::StartTlsRefused(reply) if tls.policy == TlsPolicy::Opportunistic => {
+                // Opportunistic TLS: a refusal leaves the session as it was, in cleartext
+                // (RFC 3207 4 leaves the choice to the client).
+                tracing::info!(remote, %reply, "STARTTLS refused; going on in cleartext");
+                return Ok(conn);
+            }
+            ClientEvent::StartTlsRefused(reply) => {
+                return Err(ConnError::Smtp(ClientError::StartTls(reply)))
+            }
             ClientEvent::Failed(e) => return Err(ConnError::Smtp(e)),
             other => {
                 return Err(ConnError::Io(format!(

@@ -1228,9 +1228,10 @@ fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
     mail_until(&mut c, "250");
 }
 
-/// A next hop that offers STARTTLS and then breaks the handshake on the first connection, and
-/// takes mail in cleartext (recording it) on the next ones.
-fn broken_tls_next_hop() -> (u16, std::sync::mpsc::Receiver<(bool, String)>) {
+/// A next hop that offers STARTTLS and takes mail in cleartext, recording it with whether it
+/// came on the first connection. STARTTLS itself: with `refuse` it answers 454 and the session
+/// goes on; otherwise it agrees and then breaks the handshake, closing that connection.
+fn broken_tls_next_hop(refuse: bool) -> (u16, std::sync::mpsc::Receiver<(bool, String)>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1255,6 +1256,8 @@ fn broken_tls_next_hop() -> (u16, std::sync::mpsc::Receiver<(bool, String)>) {
                     }
                 } else if line.starts_with("EHLO") {
                     let _ = w.write_all(b"250-tls.test\r\n250 STARTTLS\r\n");
+                } else if line.starts_with("STARTTLS") && refuse {
+                    let _ = w.write_all(b"454 4.7.0 TLS not available now\r\n");
                 } else if line.starts_with("STARTTLS") {
                     // Agree, then answer the ClientHello with something that is not TLS.
                     let _ = w.write_all(b"220 2.0.0 go ahead\r\n");
@@ -1280,7 +1283,7 @@ fn broken_tls_next_hop() -> (u16, std::sync::mpsc::Receiver<(bool, String)>) {
 
 #[test]
 fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
-    let (port, stored) = broken_tls_next_hop();
+    let (port, stored) = broken_tls_next_hop(false);
     let route = format!("dest.test=127.0.0.1:{port}");
     let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
     send(
@@ -1298,6 +1301,58 @@ fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
     assert!(data.contains("Message-ID: <tlsfail@t>"), "{data}");
     let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
     assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
+
+#[test]
+fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
+    let (port, stored) = broken_tls_next_hop(true);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<tls454@t>",
+        "hello\r\n",
+    );
+    let (first_connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        first_connection,
+        "not delivered on the connection that got 454"
+    );
+    assert!(data.contains("Message-ID: <tls454@t>"), "{data}");
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
+
+#[test]
+fn a_refused_starttls_defers_when_tls_is_required() {
+    let (port, stored) = broken_tls_next_hop(true);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--outbound-tls",
+        "required",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<tls454req@t>",
+        "hello\r\n",
+    );
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n != "0")
+    });
+    assert!(
+        stored.try_recv().is_err(),
+        "sent in cleartext though TLS is required"
+    );
 }
 
 /// What a run through postern to a recording sink left behind.
