@@ -505,7 +505,10 @@ impl CoreRelay {
             })
             .clone();
         let down_until = dq.down_until.get();
-        if down_until > now_ms() {
+        // A job whose lifetime ends before the next hop's pause does gets its last attempt
+        // now, not after the pause.
+        let expiry = self.relay.config.retry.expiry(arrival_ms(&job.msg.meta));
+        if down_until > now_ms() && expiry > down_until {
             self.schedule(Job {
                 not_before: down_until,
                 ..job
@@ -1281,7 +1284,12 @@ impl CoreRelay {
         if msg.meta.reverse_path.is_empty() {
             return;
         }
-        let until = self.relay.config.retry.expiry(arrival_ms(&msg.meta)) / 1000;
+        let until = self
+            .relay
+            .config
+            .retry
+            .expiry(arrival_ms(&msg.meta))
+            .div_ceil(1000);
         let recipients: Vec<dsn::ReportRecipient> = warn
             .iter()
             .filter_map(|(i, reply, remote, _)| {

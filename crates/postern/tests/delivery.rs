@@ -1140,6 +1140,43 @@ fn the_queue_lifetime_runs_whole_from_arrival() {
 }
 
 #[test]
+fn the_last_attempt_comes_at_the_end_of_the_lifetime_while_the_next_hop_is_paused() {
+    // Nothing listens at first: the first attempt pauses the next hop for a minute (the
+    // retry delay, at most 60 s). The lifetime ends well before that, and its last attempt
+    // must come then, not after the pause.
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--retry-initial",
+        "60s",
+        "--retry-max",
+        "60s",
+        "--max-queue-lifetime",
+        "3s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<last@t>",
+        "x\r\n",
+    );
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    let stored = peer.wait_for("the last attempt", Duration::from_secs(20), |s| {
+        !s.is_empty()
+    });
+    assert!(String::from_utf8_lossy(&stored[0].data).contains("Message-ID: <last@t>"));
+}
+
+#[test]
 fn delay_warning_tells_the_sender_once() {
     let origin = Peer::start(&[]);
     let (server, _down) = unreachable_dest_with_origin(
