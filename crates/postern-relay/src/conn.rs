@@ -462,6 +462,30 @@ impl Outbound {
         result
     }
 
+    /// Whether the server ended the connection, or said something unasked (a 421 before
+    /// closing an idle connection), while it sat idle between transactions. Looked at without
+    /// waiting and without consuming anything; such a connection is not used again.
+    pub fn went_away_while_idle(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        if self.start < self.end {
+            return true;
+        }
+        let Some(tcp) = self.stream.tcp() else {
+            return true;
+        };
+        let mut byte = [0u8; 1];
+        match recv(
+            tcp.as_raw_fd(),
+            &mut byte,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(nix::errno::Errno::EAGAIN) => false,
+            // End of file, a byte nobody asked for, or a socket error.
+            _ => true,
+        }
+    }
+
     /// Says QUIT and closes, without waiting long for the reply.
     pub async fn quit(mut self) {
         self.session.quit();

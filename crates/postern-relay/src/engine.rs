@@ -569,6 +569,13 @@ impl CoreRelay {
                         )
                         .await;
                     dq.idle.set(dq.idle.get() - 1);
+                    if (woke || !dq.ready.borrow().is_empty()) && conn.went_away_while_idle() {
+                        // The next hop closed it meanwhile (often after an idle timeout of
+                        // its own): the waiting job goes on a new connection, not charged a
+                        // failed attempt for a transaction the next hop never saw.
+                        tracing::debug!(remote = %conn.remote, "idle connection closed by the next hop");
+                        continue 'connect;
+                    }
                     if woke || !dq.ready.borrow().is_empty() {
                         continue;
                     }

@@ -44,6 +44,15 @@ impl Conn {
         Ok(Conn::Plain(tcp))
     }
 
+    /// The TCP stream underneath, cleartext or TLS; None when taken apart.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Conn::Plain(s) => Some(s),
+            Conn::Tls(t) => Some(t.get_ref().0),
+            Conn::Gone => None,
+        }
+    }
+
     /// Reads what has arrived.
     pub async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.read(buf).await

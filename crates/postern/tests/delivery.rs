@@ -1392,6 +1392,85 @@ fn a_refused_starttls_defers_when_tls_is_required() {
     );
 }
 
+/// A next hop that takes one message per connection: after its 250 it says `421 4.4.2` and
+/// closes, as servers do when an idle connection times out. Each stored message comes with
+/// the number of its connection; `closed` gets a word after each close.
+fn one_message_per_connection_next_hop() -> (
+    u16,
+    std::sync::mpsc::Receiver<(usize, String)>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(4).enumerate() {
+            let Ok(s) = conn else { return };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 idle.test ESMTP\r\n");
+            let mut line = String::new();
+            let mut data = String::new();
+            let mut in_data = false;
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if in_data {
+                    if line == ".\r\n" {
+                        let _ = tx.send((n, std::mem::take(&mut data)));
+                        let _ = w.write_all(b"250 2.0.0 stored\r\n");
+                        let _ = w.write_all(b"421 4.4.2 idle.test idle timeout\r\n");
+                        break;
+                    }
+                    data.push_str(&line);
+                } else if line.starts_with("EHLO") {
+                    let _ = w.write_all(b"250 idle.test\r\n");
+                } else if line.starts_with("DATA") {
+                    in_data = true;
+                    let _ = w.write_all(b"354 go\r\n");
+                } else {
+                    let _ = w.write_all(b"250 ok\r\n");
+                }
+                line.clear();
+            }
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            let _ = closed_tx.send(());
+        }
+    });
+    (port, rx, closed)
+}
+
+#[test]
+fn a_connection_the_next_hop_closed_while_idle_is_not_used_again() {
+    let (port, stored, closed) = one_message_per_connection_next_hop();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<idle1@t>",
+        "x\r\n",
+    );
+    let (n, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(n, 0);
+    // postern keeps that connection for the next message; the next hop has closed it.
+    closed.recv_timeout(Duration::from_secs(20)).unwrap();
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<idle2@t>",
+        "x\r\n",
+    );
+    let (n, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(n, 1);
+    assert!(data.contains("Message-ID: <idle2@t>"), "{data}");
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+    assert!(m.contains("postern_recipients_delivered_total 2\n"), "{m}");
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
+
 /// What a run through postern to a recording sink left behind.
 struct Relayed {
     /// postern's metrics once it had delivered every message.
