@@ -104,6 +104,8 @@ pub struct Outbound {
     out: Vec<u8>,
     /// The host name or address we talk to, for logs and reports.
     pub remote: String,
+    /// The address connected to.
+    pub addr: SocketAddr,
     /// Transactions done on this connection.
     pub transactions: u64,
 }
@@ -148,6 +150,7 @@ impl Outbound {
             end: 0,
             out: Vec::new(),
             remote: remote.to_owned(),
+            addr,
             transactions: 0,
         };
         conn.expect_ready(t.greeting).await?;

@@ -116,6 +116,20 @@ struct Job {
     /// The next hop of the latest attempt offered DSN, so the DSN parameters went on with the
     /// message (and success reports are that hop's business).
     hop_dsn: bool,
+    /// Addresses of the next hop that broke off or put off this attempt, each passed over
+    /// for the next one (see `pass_over`).
+    hosts_tried: u8,
+}
+
+/// What a worker does with its connection after a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    /// Use it for the next job.
+    Keep,
+    /// It broke: drop it.
+    Broken,
+    /// It works, but the job goes to another address: QUIT, then connect elsewhere.
+    Elsewhere,
 }
 
 #[derive(Debug)]
@@ -268,6 +282,10 @@ struct DestQueue {
     /// A connection broke in the middle of pipelined transactions: one transaction per round
     /// trip until then (ms).
     serial_until: Cell<u64>,
+    /// The addresses the next hop resolved to at the latest connection, in preference order.
+    addrs: RefCell<Vec<SocketAddr>>,
+    /// Addresses passed over until then (ms): they broke off or put off a transaction.
+    avoid: RefCell<HashMap<SocketAddr, u64>>,
 }
 
 /// One core's relay.
@@ -422,6 +440,7 @@ impl CoreRelay {
                     failures,
                     not_before,
                     hop_dsn: false,
+                    hosts_tried: 0,
                 },
             );
         }
@@ -501,6 +520,8 @@ impl CoreRelay {
                     cleartext_until: Cell::new(0),
                     down_until: Cell::new(0),
                     serial_until: Cell::new(0),
+                    addrs: RefCell::new(Vec::new()),
+                    avoid: RefCell::new(HashMap::new()),
                 })
             })
             .clone();
@@ -534,8 +555,7 @@ impl CoreRelay {
                     // does not exist (everything waiting for it fails).
                     let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
                     if permanent.is_none() {
-                        let pause = self.relay.config.retry.initial.min(Duration::from_secs(60));
-                        dq.down_until.set(now_ms() + pause.as_millis() as u64);
+                        dq.down_until.set(now_ms() + self.pause_ms());
                     }
                     let status = permanent.unwrap_or("4.4.1");
                     for job in jobs {
@@ -587,7 +607,7 @@ impl CoreRelay {
                 } else {
                     self.relay.config.max_in_flight
                 };
-                let usable = if window > 1 && conn.can_pipeline() {
+                let after = if window > 1 && conn.can_pipeline() {
                     // Replies awaited at once stay few enough for any socket buffer: the
                     // server must never block writing them while this side still writes.
                     let mut replies = job.rcpts.len() + 3;
@@ -601,10 +621,15 @@ impl CoreRelay {
                     }
                     self.transact_pipelined(&mut conn, &dq, jobs).await
                 } else {
-                    self.transact(&mut conn, job).await
+                    self.transact(&mut conn, &dq, job).await
                 };
-                if !usable {
-                    continue 'connect;
+                match after {
+                    After::Keep => {}
+                    After::Broken => continue 'connect,
+                    After::Elsewhere => {
+                        conn.quit().await;
+                        continue 'connect;
+                    }
                 }
                 if self.handle.is_stopping() {
                     conn.quit().await;
@@ -615,27 +640,26 @@ impl CoreRelay {
         dq.workers.set(dq.workers.get() - 1);
     }
 
-    /// Runs one job on `conn`; false when the connection is no longer usable.
-    async fn transact(&self, conn: &mut Outbound, job: Job) -> bool {
+    /// Runs one job on `conn`.
+    async fn transact(&self, conn: &mut Outbound, dq: &DestQueue, job: Job) -> After {
         let Some((job, tx)) = self.prepare(conn, job) else {
-            return true;
+            return After::Keep;
         };
         let outcome = conn
             .deliver(&tx, &job.msg.body, &self.relay.config.timeouts)
             .await;
-        self.conclude(&conn.remote, job, outcome)
+        self.conclude(conn, dq, job, outcome)
     }
 
     /// Runs up to `--max-transactions-in-flight` jobs on `conn`, pipelined into each other:
     /// every transaction is written before the first reply is read. Jobs not sent because the
-    /// connection broke go back to the front of the queue. False when the connection is no
-    /// longer usable.
+    /// connection broke go back to the front of the queue.
     async fn transact_pipelined(
         &self,
         conn: &mut Outbound,
         dq: &DestQueue,
         jobs: Vec<Job>,
-    ) -> bool {
+    ) -> After {
         let t = &self.relay.config.timeouts;
         let mut sent = Vec::with_capacity(jobs.len());
         let mut unsent = jobs.into_iter();
@@ -648,11 +672,11 @@ impl CoreRelay {
             match conn.start(&tx, &job.msg.body, t).await {
                 Ok(()) => sent.push(job),
                 Err(Ok(local)) => {
-                    self.conclude(&conn.remote, job, Err(Ok(local)));
+                    self.conclude(conn, dq, job, Err(Ok(local)));
                 }
                 Err(Err(e)) => {
                     // Part of it may have gone out: its outcome is unknown, like the sent ones'.
-                    self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                    self.conclude(conn, dq, job, Err(Err(e.clone())));
                     dq.serial_until
                         .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
@@ -668,13 +692,14 @@ impl CoreRelay {
             Some(_) => t.data_done.min(AFTER_WRITE_FAILURE),
         };
         let mut sent = sent.into_iter();
+        let mut elsewhere = false;
         while let Some(job) = sent.next() {
             match conn.finish(limit).await {
                 Ok(result) => {
-                    self.conclude(&conn.remote, job, Ok(result));
+                    elsewhere |= self.conclude(conn, dq, job, Ok(result)) == After::Elsewhere;
                 }
                 Err(e) => {
-                    self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                    self.conclude(conn, dq, job, Err(Err(e.clone())));
                     if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
                         // The server closed at this reply, so it took none of the later
                         // transactions: they go back to the queue as if never sent.
@@ -686,14 +711,18 @@ impl CoreRelay {
                         dq.serial_until
                             .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                         for job in sent {
-                            self.conclude(&conn.remote, job, Err(Err(e.clone())));
+                            self.conclude(conn, dq, job, Err(Err(e.clone())));
                         }
                     }
-                    return false;
+                    return After::Broken;
                 }
             }
         }
-        broken.is_none()
+        match (broken, elsewhere) {
+            (Some(_), _) => After::Broken,
+            (None, true) => After::Elsewhere,
+            (None, false) => After::Keep,
+        }
     }
 
     /// Puts jobs that were never sent back at the front of their queue, in order.
@@ -798,14 +827,16 @@ impl CoreRelay {
         Some((job, tx))
     }
 
-    /// Records the outcome of `job`'s transaction with `remote`; false when the connection is
-    /// no longer usable.
+    /// Records the outcome of `job`'s transaction on `conn`, and says what becomes of the
+    /// connection.
     fn conclude(
         &self,
-        remote_name: &str,
+        conn: &Outbound,
+        dq: &DestQueue,
         job: Job,
         outcome: Result<TransactionResult, Result<Reply, ConnError>>,
-    ) -> bool {
+    ) -> After {
+        let remote_name = conn.remote.as_str();
         let remote = Some(remote_name.to_owned());
         match outcome {
             Ok(result) => {
@@ -863,17 +894,29 @@ impl CoreRelay {
                         failures: job.failures,
                         not_before: 0,
                         hop_dsn: false,
+                        hosts_tried: 0,
                     });
                 }
                 if !deferred.is_empty() {
+                    let whole = deferred.len() == job.rcpts.len();
                     let again = Job {
                         rcpts: deferred,
                         ..job
                     };
+                    // The whole transaction was put off (a 4xx to MAIL or to the data, or to
+                    // every RCPT): another address of the next hop may take it now.
+                    let again = if whole {
+                        match self.pass_over(dq, conn.addr, again) {
+                            Some(job) => job,
+                            None => return After::Elsewhere,
+                        }
+                    } else {
+                        again
+                    };
                     let status = dsn::status_of(&last_deferral);
                     self.settle_all(again, false, &status, &last_deferral, remote);
                 }
-                true
+                After::Keep
             }
             Err(Ok(local)) => {
                 // Decided here, before anything was sent: postern's words, not a reply.
@@ -882,14 +925,58 @@ impl CoreRelay {
                     .enhanced
                     .map_or_else(|| "5.3.4".to_owned(), |e| e.to_string());
                 self.settle_all(job, local.is_permanent(), &status, &text, remote);
-                true
+                After::Keep
             }
             Err(Err(e)) => {
-                let text = e.describe(remote_name);
-                self.settle_all(job, false, "4.4.2", &text, remote);
-                false
+                // The connection broke off (421, closed, timed out): another address may
+                // take the job at once.
+                if let Some(job) = self.pass_over(dq, conn.addr, job) {
+                    let text = e.describe(remote_name);
+                    self.settle_all(job, false, "4.4.2", &text, remote);
+                }
+                After::Broken
             }
         }
+    }
+
+    /// How long a next hop, or one of its addresses, is left alone after it could not be
+    /// reached or broke off (ms): the first retry delay, at most a minute.
+    fn pause_ms(&self) -> u64 {
+        let pause = self.relay.config.retry.initial.min(Duration::from_secs(60));
+        u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Passes over `addr` of `dq`'s next hop for a while (see `pause_ms`).
+    fn avoid(&self, dq: &DestQueue, addr: SocketAddr) {
+        let now = now_ms();
+        let mut avoid = dq.avoid.borrow_mut();
+        avoid.retain(|_, until| *until > now);
+        avoid.insert(addr, now + self.pause_ms());
+    }
+
+    /// `job`'s transaction at `addr` broke off or was put off as a whole. The address is
+    /// passed over for a while, and the job goes at once to the next address of its next hop
+    /// that is not, each address once per attempt (RFC 5321 5.1: the addresses in order
+    /// until one takes the mail); None then. With none left the job comes back, to be
+    /// deferred.
+    fn pass_over(&self, dq: &DestQueue, addr: SocketAddr, mut job: Job) -> Option<Job> {
+        self.avoid(dq, addr);
+        let now = now_ms();
+        let others = {
+            let addrs = dq.addrs.borrow();
+            let avoid = dq.avoid.borrow();
+            usize::from(job.hosts_tried) + 1 < addrs.len()
+                && addrs
+                    .iter()
+                    .any(|a| avoid.get(a).is_none_or(|&until| until <= now))
+        };
+        if !others {
+            return Some(job);
+        }
+        job.hosts_tried = job.hosts_tried.saturating_add(1);
+        tracing::info!(queue_id = %job.msg.queue_id, %addr, "trying the next address of the next hop");
+        dq.ready.borrow_mut().push_front(job);
+        None
     }
 
     /// Every recipient of `job` failed the same way: for good, or for now (then rescheduled,
@@ -933,6 +1020,7 @@ impl CoreRelay {
                 self.schedule(Job {
                     failures,
                     not_before: at,
+                    hosts_tried: 0,
                     ..job
                 });
             }
@@ -1042,33 +1130,43 @@ impl CoreRelay {
             },
         };
         let mut last = String::from("no address to connect to");
-        for hop in &hops {
-            for &ip in &hop.addrs {
-                let addr = SocketAddr::new(ip, port);
-                let cleartext =
-                    policy == TlsPolicy::Opportunistic && dq.cleartext_until.get() > now_ms();
-                let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
-                let helo = &config.hostname;
-                tracing::debug!(%addr, host = %hop.host, "connecting");
-                match Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts)
-                    .await
-                {
-                    Ok(c) => {
-                        tracing::debug!(%addr, tls = c.is_tls(), "connected");
-                        return Ok(c);
-                    }
-                    Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
-                        // Try again in cleartext on a new connection, and stay in cleartext
-                        // with this next hop for a while.
-                        dq.cleartext_until.set(now_ms() + 3_600_000);
-                        match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await
-                        {
-                            Ok(c) => return Ok(c),
-                            Err(e2) => last = format!("{}; then {}", e, e2.describe(&hop.host)),
-                        }
-                    }
-                    Err(e) => last = e.describe(&format!("{} [{}]", hop.host, ip)),
+        let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
+            .iter()
+            .flat_map(|h| {
+                h.addrs
+                    .iter()
+                    .map(move |&ip| (h, SocketAddr::new(ip, port)))
+            })
+            .collect();
+        *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
+        // Addresses passed over lately go last; the sort is stable, so preference order holds
+        // otherwise.
+        let now = now_ms();
+        {
+            let avoid = dq.avoid.borrow();
+            candidates.sort_by_key(|(_, a)| avoid.get(a).is_some_and(|&until| until > now));
+        }
+        for (hop, addr) in candidates {
+            let cleartext =
+                policy == TlsPolicy::Opportunistic && dq.cleartext_until.get() > now_ms();
+            let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
+            let helo = &config.hostname;
+            tracing::debug!(%addr, host = %hop.host, "connecting");
+            match Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts).await {
+                Ok(c) => {
+                    tracing::debug!(%addr, tls = c.is_tls(), "connected");
+                    return Ok(c);
                 }
+                Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
+                    // Try again in cleartext on a new connection, and stay in cleartext
+                    // with this next hop for a while.
+                    dq.cleartext_until.set(now_ms() + 3_600_000);
+                    match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
+                        Ok(c) => return Ok(c),
+                        Err(e2) => last = format!("{}; then {}", e, e2.describe(&hop.host)),
+                    }
+                }
+                Err(e) => last = e.describe(&format!("{} [{}]", hop.host, addr.ip())),
             }
         }
         Err((last, None))

@@ -856,6 +856,100 @@ fn mx_preference_fallback_to_a_and_null_mx() {
     drop(dns);
 }
 
+/// A next hop on `host` (port 0: any) that greets and answers EHLO, then says
+/// `421 4.3.2` to MAIL and closes, for every connection (bounded). Returns its port and a
+/// count of its connections.
+fn busy_next_hop(host: &str, port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind((host, port)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(50) {
+            let Ok(s) = conn else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 busy.test ESMTP\r\n");
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.starts_with("MAIL") {
+                    let _ = w.write_all(b"421 4.3.2 busy.test too busy, closing\r\n");
+                    break;
+                }
+                let _ = w.write_all(b"250 busy.test\r\n");
+                line.clear();
+            }
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_primary_mx_that_puts_mail_off_passes_it_to_the_next_mx_at_once() {
+    use dns_server::{Rec, TestDns};
+    // mx1 (preference 10) takes every session but answers 451 to every message; mx2
+    // (preference 20) takes mail. busy1 (10) says 421 to MAIL; busy2 (20) takes mail.
+    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = mx2.port;
+    let mx1 = Peer::start_on("127.0.0.2", port, &["--tempfail-first", "1000"]);
+    let (_, busy_connections) = busy_next_hop("127.0.0.4", port);
+    let busy2 = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("tempfail.test.", Rec::Mx(10, "mx1.test.")),
+            ("tempfail.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("busy.test.", Rec::Mx(10, "busy1.test.")),
+            ("busy.test.", Rec::Mx(20, "busy2.test.")),
+            ("busy1.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            ("busy2.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    // Retries a minute apart: only a move to the next MX within the attempt delivers in time.
+    let dns_addr = dns.addr.to_string();
+    let port_s = port.to_string();
+    let server = Server::start(&[
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        &port_s,
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@tempfail.test"],
+        "<tf@t>",
+        "x\r\n",
+    );
+    mx2.wait_for("delivery to the second MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    assert!(mx1.stored().is_empty());
+    send(
+        &server,
+        "s@origin.test",
+        &["r@busy.test"],
+        "<busy@t>",
+        "x\r\n",
+    );
+    busy2.wait_for("delivery past the busy MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    assert!(busy_connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    drop(dns);
+}
+
 #[test]
 fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
     use dns_server::{Rec, TestDns};
