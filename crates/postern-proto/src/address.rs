@@ -372,6 +372,17 @@ pub fn domain_to_ascii(domain: &str) -> Option<std::borrow::Cow<'_, str>> {
         .map(std::borrow::Cow::Owned)
 }
 
+/// A domain in the one form used to compare it: lower case, no trailing dot, U-labels
+/// written as A-labels, so that `B\u{fc}cher.example` and `xn--bcher-kva.example` are the same
+/// domain (RFC 5890 2.3.2.1). A name that is not a valid IDNA domain is only lower-cased.
+pub fn canonical_domain(domain: &str) -> String {
+    let domain = domain.trim_end_matches('.');
+    if domain.is_ascii() {
+        return domain.to_ascii_lowercase();
+    }
+    idna::domain_to_ascii(domain).map_or_else(|_| domain.to_lowercase(), |a| a.to_ascii_lowercase())
+}
+
 /// Checks that all of `s` is one RFC 5321 Domain.
 fn check_domain(s: &str) -> Result<(), PathError> {
     match scan_domain(s.as_bytes())? {
@@ -560,6 +571,14 @@ mod tests {
             Some("plain.example")
         );
         assert_eq!(domain_to_ascii("a\u{a0}b.example"), None);
+        for same in [
+            "B\u{fc}cher.Example.",
+            "xn--bcher-kva.example",
+            "XN--BCHER-KVA.EXAMPLE",
+        ] {
+            assert_eq!(canonical_domain(same), "xn--bcher-kva.example", "{same}");
+        }
+        assert_eq!(canonical_domain("Plain.Example"), "plain.example");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use postern_proto::address::canonical_domain;
+
 /// A host and port, as written on the command line.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct HostPort {
@@ -93,7 +95,7 @@ impl Router {
     pub fn new(relay_host: Option<HostPort>, routes: Vec<(String, HostPort)>) -> Router {
         let mut routes: Vec<(String, HostPort)> = routes
             .into_iter()
-            .map(|(d, hp)| (d.trim_matches('.').to_ascii_lowercase(), hp))
+            .map(|(d, hp)| (canonical_domain(d.trim_start_matches('.')), hp))
             .collect();
         routes.sort_by_key(|(d, _)| std::cmp::Reverse(d.len()));
         Router { relay_host, routes }
@@ -112,12 +114,11 @@ impl Router {
     }
 
     /// The next hop for a recipient mailbox (`local@domain`). A domain matches a route for
-    /// itself or any of its subdomains; the longest matching route wins. A mailbox without a
+    /// itself or any of its subdomains; the longest matching route wins. Domains compare in
+    /// canonical form (lower case, A-labels). A mailbox without a
     /// domain goes to the smarthost when there is one.
     pub fn route(&self, mailbox: &str) -> Option<Destination> {
-        let domain = mailbox
-            .rsplit_once('@')
-            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase());
+        let domain = mailbox.rsplit_once('@').map(|(_, d)| canonical_domain(d));
         if let Some(domain) = &domain {
             for (suffix, hop) in &self.routes {
                 let hit = domain == suffix
@@ -185,5 +186,27 @@ mod tests {
         let smart = Router::new(Some(HostPort::parse("smart:2525", 25).unwrap()), vec![]);
         assert_eq!(smart.route("a@anywhere.test"), fixed("smart", 2525));
         assert_eq!(smart.route("postmaster"), fixed("smart", 2525));
+    }
+
+    #[test]
+    fn a_u_label_and_its_a_label_take_the_same_route() {
+        let fixed = Some(Destination::Fixed(HostPort {
+            host: "10.0.0.9".into(),
+            port: 25,
+        }));
+        for route in [
+            "b\u{fc}cher.test=10.0.0.9:25",
+            "xn--bcher-kva.test=10.0.0.9:25",
+        ] {
+            let r = Router::new(None, vec![Router::parse_route(route).unwrap()]);
+            assert_eq!(r.route("u@b\u{fc}cher.test"), fixed, "{route}");
+            assert_eq!(r.route("u@XN--BCHER-KVA.test"), fixed, "{route}");
+            assert_eq!(r.route("u@sub.b\u{fc}cher.test"), fixed, "{route}");
+        }
+        let mx = Router::new(None, vec![]);
+        assert_eq!(
+            mx.route("u@b\u{fc}cher.test"),
+            Some(Destination::Mx("xn--bcher-kva.test".into()))
+        );
     }
 }

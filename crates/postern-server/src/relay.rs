@@ -8,12 +8,13 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use postern_proto::address::canonical_domain;
 use postern_proto::{ForwardPath, Host};
 
 /// The relay policy of one server.
 #[derive(Clone, Debug)]
 pub struct RelayPolicy {
-    /// Domains we accept mail for, lower-case, without a trailing dot.
+    /// Domains we accept mail for, in canonical form (lower case, A-labels, no trailing dot).
     accept_domains: Vec<String>,
     /// Networks whose clients may relay to any domain.
     relay_networks: Vec<IpNet>,
@@ -22,14 +23,12 @@ pub struct RelayPolicy {
 }
 
 impl RelayPolicy {
-    /// A policy from the operator's lists. Domains match exactly, case-insensitively.
+    /// A policy from the operator's lists. Domains match exactly, in any case, and a U-label
+    /// matches its A-label (`b\u{fc}cher.example` is `xn--bcher-kva.example`).
     pub fn new(accept_domains: &[String], relay_networks: &[IpNet], hostname: &str) -> Self {
         Self {
             hostname: hostname.trim_end_matches('.').to_ascii_lowercase(),
-            accept_domains: accept_domains
-                .iter()
-                .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
-                .collect(),
+            accept_domains: accept_domains.iter().map(|d| canonical_domain(d)).collect(),
             relay_networks: relay_networks.to_vec(),
         }
     }
@@ -53,10 +52,11 @@ impl RelayPolicy {
 
     /// Whether `domain` is one we accept mail for.
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        let domain = domain.trim_end_matches('.');
-        self.accept_domains
-            .iter()
-            .any(|d| d.eq_ignore_ascii_case(domain))
+        if self.accept_domains.is_empty() {
+            return false;
+        }
+        let domain = canonical_domain(domain);
+        self.accept_domains.contains(&domain)
     }
 
     /// Whether `path` (a stored recipient) is our postmaster: `postmaster`, or `postmaster@`
@@ -131,6 +131,23 @@ mod tests {
         assert!(p.is_postmaster("POSTMASTER@mx.Test"));
         assert!(!p.is_postmaster("postmaster@other.test"));
         assert!(!p.is_postmaster("postmasters@mx.test"));
+    }
+
+    #[test]
+    fn a_u_label_and_its_a_label_are_the_same_accepted_domain() {
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        for accepted in ["b\u{fc}cher.test", "XN--BCHER-KVA.test."] {
+            let p = RelayPolicy::new(&[accepted.into()], &[], "mx.test");
+            assert!(
+                p.allows(&rcpt("<u@xn--bcher-kva.test>"), outside),
+                "{accepted}"
+            );
+            assert!(
+                p.allows(&rcpt("<u@B\u{dc}cher.test>"), outside),
+                "{accepted}"
+            );
+            assert!(!p.allows(&rcpt("<u@bucher.test>"), outside), "{accepted}");
+        }
     }
 
     #[test]
