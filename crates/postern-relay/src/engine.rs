@@ -193,6 +193,31 @@ fn arrival_ms(meta: &MessageMeta) -> u64 {
     meta.arrival.saturating_mul(1000).saturating_add(999)
 }
 
+/// Whether a message's header section (up to its first empty line) is all ASCII.
+fn headers_are_ascii(body: &MessageRef) -> bool {
+    #[derive(Clone, Copy)]
+    enum At {
+        LineStart,
+        CrAtLineStart,
+        InLine,
+    }
+    let mut at = At::LineStart;
+    for chunk in body.chunks() {
+        for &b in chunk {
+            if b > 0x7f {
+                return false;
+            }
+            at = match (at, b) {
+                (At::LineStart | At::CrAtLineStart, b'\n') => return true,
+                (At::LineStart, b'\r') => At::CrAtLineStart,
+                (_, b'\n') => At::LineStart,
+                _ => At::InLine,
+            };
+        }
+    }
+    true
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -753,14 +778,36 @@ impl CoreRelay {
             self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
             return None;
         }
-        // RFC 6152 3: no octet above 127 goes to a next hop without 8BITMIME. postern does
-        // not rewrite MIME bodies, so such a message fails for that next hop (as BINARYMIME
-        // does above). Only the content decides: a message declared 8BITMIME that is plain
-        // ASCII goes on without the parameter.
-        if meta.body_type != 2
-            && !eightbitmime
-            && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f))
-        {
+        // RFC 6531 3.2: an internationalized message (UTF-8 in its envelope or in its header
+        // section) goes only to a next hop with SMTPUTF8. postern does not downgrade, so such
+        // a message fails for that next hop. One sent with SMTPUTF8 that has neither goes on
+        // without the parameter.
+        if meta.smtputf8 && !smtputf8 {
+            let ascii = meta.reverse_path.is_ascii()
+                && job.rcpts.iter().all(|&i| {
+                    meta.recipients
+                        .get(i as usize)
+                        .is_some_and(|r| r.path.is_ascii())
+                })
+                && headers_are_ascii(&job.msg.body);
+            if !ascii {
+                let text = format!(
+                    "{} does not support SMTPUTF8, needed for this message's addresses or header fields",
+                    conn.remote
+                );
+                self.settle_all(job, true, "5.6.7", &text, Some(conn.remote.clone()));
+                return None;
+            }
+        }
+        // RFC 6152 3: no octet above 127 goes to a next hop without 8BITMIME, and any that
+        // goes is announced with BODY=8BITMIME. postern does not rewrite MIME bodies, so such
+        // a message fails for a next hop without 8BITMIME (as BINARYMIME does above). The
+        // content decides, not the declaration: a message declared 8BITMIME that is plain
+        // ASCII goes to any next hop, and 8-bit content declared as nothing or 7BIT goes
+        // with BODY=8BITMIME.
+        let eight_bit =
+            meta.body_type != 2 && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
+        if eight_bit && !eightbitmime {
             let text = format!(
                 "{} does not support 8BITMIME and the message has 8-bit content",
                 conn.remote
@@ -768,26 +815,11 @@ impl CoreRelay {
             self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
             return None;
         }
-        if meta.smtputf8 && !smtputf8 {
-            let ascii = meta.reverse_path.is_ascii()
-                && job.rcpts.iter().all(|&i| {
-                    meta.recipients
-                        .get(i as usize)
-                        .is_some_and(|r| r.path.is_ascii())
-                });
-            if !ascii {
-                let text = format!(
-                    "{} does not support SMTPUTF8, needed for this address",
-                    conn.remote
-                );
-                self.settle_all(job, true, "5.6.7", &text, Some(conn.remote.clone()));
-                return None;
-            }
-        }
         let mut mail_params = String::new();
         match meta.body_type {
-            1 if eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
             2 => mail_params.push_str(" BODY=BINARYMIME"),
+            1 if eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
+            _ if eight_bit => mail_params.push_str(" BODY=8BITMIME"),
             _ => {}
         }
         if meta.smtputf8 && smtputf8 {

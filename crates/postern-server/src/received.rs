@@ -37,10 +37,11 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
     };
     let mut s = String::with_capacity(256);
     let helo = if t.helo.is_empty() { "unknown" } else { t.helo };
-    // A header of a message sent without SMTPUTF8 stays ASCII: a UTF-8 HELO name goes in
-    // as A-labels.
+    // A UTF-8 HELO name goes in as A-labels, with or without SMTPUTF8: this header must not
+    // be what makes a message internationalized (RFC 6532), which a next hop without
+    // SMTPUTF8 could not take.
     let ascii_helo;
-    let helo = if t.smtputf8 || helo.is_ascii() {
+    let helo = if helo.is_ascii() {
         helo
     } else {
         ascii_helo = postern_proto::address::domain_to_ascii(helo)
@@ -212,15 +213,15 @@ mod tests {
     }
 
     #[test]
-    fn a_utf8_helo_name_is_written_as_a_labels_without_smtputf8() {
-        let h = with_name("b\u{fc}cher.example", true, false, false);
-        assert!(
-            h.starts_with("Received: from xn--bcher-kva.example ("),
-            "{h}"
-        );
-        assert!(h.is_ascii());
-        let h = with_name("b\u{fc}cher.example", true, false, true);
-        assert!(h.starts_with("Received: from b\u{fc}cher.example ("), "{h}");
+    fn a_utf8_helo_name_is_written_as_a_labels() {
+        for smtputf8 in [false, true] {
+            let h = with_name("b\u{fc}cher.example", true, false, smtputf8);
+            assert!(
+                h.starts_with("Received: from xn--bcher-kva.example ("),
+                "{h}"
+            );
+            assert!(h.is_ascii());
+        }
     }
 
     #[test]

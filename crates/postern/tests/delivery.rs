@@ -19,6 +19,8 @@ use common::Server;
 #[derive(Debug, Clone)]
 struct Stored {
     mail_from: String,
+    /// The parameters of MAIL, as aiosmtpd parsed them (DSN ones aside).
+    mail_options: Vec<String>,
     rcpt_tos: Vec<String>,
     /// DSN parameters of MAIL, and of each RCPT in order (a `--dsn` peer only).
     dsn_mail: Vec<String>,
@@ -85,6 +87,7 @@ impl Peer {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 Stored {
                     mail_from: v["mail_from"].as_str().unwrap().to_owned(),
+                    mail_options: strings(&v["mail_options"]),
                     rcpt_tos: v["rcpt_tos"]
                         .as_array()
                         .unwrap()
@@ -636,6 +639,70 @@ fn eight_bit_content_never_goes_to_a_next_hop_without_8bitmime() {
     );
     assert!(text.contains("Status: 5.6.3"), "{text}");
     assert!(bounce.data.iter().all(|&b| b < 0x80), "{text}");
+}
+
+#[test]
+fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
+    // A next hop with 8BITMIME and without SMTPUTF8.
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let server = routed_to(&peer, &[]);
+    let send_raw = |helo: &str, mail: &str, message: &str| {
+        let mut c = server.connect();
+        c.line();
+        c.send(format!("EHLO {helo}\r\n").as_bytes());
+        c.reply();
+        assert!(c.cmd(mail).starts_with("250"), "{mail}");
+        assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("{message}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+        c.cmd("QUIT");
+    };
+    // 8-bit content sent without BODY=8BITMIME: it goes on with BODY=8BITMIME (RFC 6152 3).
+    send_raw(
+        "c.test",
+        "MAIL FROM:<alice@origin.test>",
+        "Message-ID: <undeclared@t>\r\n\r\nGr\u{fc}\u{df}e\r\n",
+    );
+    // SMTPUTF8, ASCII addresses, a UTF-8 header field: an internationalized message, which
+    // cannot go to this next hop (RFC 6531 3.2): bounced with 5.6.7.
+    send_raw(
+        "c.test",
+        "MAIL FROM:<alice@origin.test> SMTPUTF8",
+        "Message-ID: <intl@t>\r\nSubject: Gr\u{fc}\u{df}e\r\n\r\nx\r\n",
+    );
+    // SMTPUTF8 and a UTF-8 EHLO name, but an ASCII message: delivered without SMTPUTF8,
+    // and the Received field names the client by A-labels.
+    send_raw(
+        "b\u{fc}cher.test",
+        "MAIL FROM:<alice@origin.test> SMTPUTF8",
+        "Message-ID: <plain@t>\r\n\r\nx\r\n",
+    );
+    let stored = peer.wait_for("two messages and a bounce", Duration::from_secs(20), |s| {
+        s.len() == 3
+    });
+    let by_id = |id: &str| stored.iter().find(|m| m.message_id == id);
+    let undeclared = by_id("<undeclared@t>").expect("the undeclared 8-bit message");
+    assert!(
+        undeclared.mail_options.iter().any(|o| o == "BODY=8BITMIME"),
+        "{:?}",
+        undeclared.mail_options
+    );
+    assert!(by_id("<intl@t>").is_none(), "{stored:?}");
+    let plain = by_id("<plain@t>").expect("the ASCII message");
+    assert!(
+        plain.data.is_ascii(),
+        "{}",
+        String::from_utf8_lossy(&plain.data)
+    );
+    assert!(String::from_utf8_lossy(&plain.data).contains("from xn--bcher-kva.test ("));
+    let bounce = stored
+        .iter()
+        .find(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+        .expect("the bounce");
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(text.contains("Status: 5.6.7"), "{text}");
+    assert!(text.contains("<intl@t>"), "{text}");
 }
 
 #[test]

@@ -3,12 +3,12 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
 
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
                  [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS] [--dsn]
-                 [--max-rcpts N] [--no-8bitmime]
+                 [--max-rcpts N] [--no-8bitmime] [--no-smtputf8]
 
 --port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
 --reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. --max-rcpts N answers
 "552 5.5.3 Too many recipients" to each RCPT after the N-th of a transaction, as older servers
-do (RFC 5321 4.5.3.1.10). --no-8bitmime leaves 8BITMIME out of the EHLO reply. --dsn offers DSN (RFC 3461)
+do (RFC 5321 4.5.3.1.10). --no-8bitmime leaves 8BITMIME out of the EHLO reply, --no-smtputf8 SMTPUTF8. --dsn offers DSN (RFC 3461)
 in EHLO and records the DSN parameters of MAIL and of each RCPT (without it, aiosmtpd refuses
 them with 555, as a server without DSN should). It prints "ready" once it listens
 ("ready PORT") and runs until stdin closes.
@@ -66,6 +66,7 @@ class Handler:
             return "451 4.3.0 Try again later"
         record = {
             "mail_from": envelope.mail_from,
+            "mail_options": envelope.mail_options,
             "rcpt_tos": envelope.rcpt_tos,
             "dsn_mail": getattr(envelope, "dsn_mail", []),
             "dsn_rcpts": getattr(envelope, "dsn_rcpts", []),
@@ -108,16 +109,17 @@ class DsnSMTP(SMTP):
 
 
 class EightBitController(Controller):
-    def __init__(self, handler, size_limit, dsn=False, **kw):
+    def __init__(self, handler, size_limit, dsn=False, smtputf8=True, **kw):
         self.size_limit = size_limit
         self.dsn = dsn
+        self.smtputf8 = smtputf8
         super().__init__(handler, **kw)
 
     def factory(self):
         return (DsnSMTP if self.dsn else SMTP)(
             self.handler,
             decode_data=False,
-            enable_SMTPUTF8=True,
+            enable_SMTPUTF8=self.smtputf8,
             ident="test peer",
             data_size_limit=self.size_limit,
         )
@@ -141,6 +143,7 @@ def main():
     p.add_argument("--dsn", action="store_true")
     p.add_argument("--max-rcpts", type=int, default=0)
     p.add_argument("--no-8bitmime", action="store_true")
+    p.add_argument("--no-smtputf8", action="store_true")
     args = p.parse_args()
     # Port 0: a free port of our own choosing, tried again if another process takes it
     # between the probe and the bind (bounded).
@@ -148,7 +151,12 @@ def main():
     for attempt in range(20):
         port = args.port or free_port(args.host)
         controller = EightBitController(
-            handler, args.size_limit, dsn=args.dsn, hostname=args.host, port=port
+            handler,
+            args.size_limit,
+            dsn=args.dsn,
+            smtputf8=not args.no_smtputf8,
+            hostname=args.host,
+            port=port,
         )
         try:
             controller.start()
