@@ -158,14 +158,31 @@ fn pairs(rest: &str) -> impl Iterator<Item = Result<(&str, Option<&str>), ParamE
 
 /// Whether `s` is RFC 3461 xtext: printable ASCII but `+` and `=`, with `+XX` hex escapes.
 pub fn is_xtext(s: &str) -> bool {
+    xtext(s, false)
+}
+
+/// Whether `s` is xtext whose decoded value is printable US-ASCII (0x20 to 0x7E), as ENVID
+/// and an `rfc822` ORCPT must be (RFC 3461 4.2, 4.4): no control characters, no 8-bit
+/// octets hidden in escapes.
+pub fn is_printable_xtext(s: &str) -> bool {
+    xtext(s, true)
+}
+
+fn xtext(s: &str, printable: bool) -> bool {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'+' => {
-                let hex =
-                    |c: Option<&u8>| c.is_some_and(|c| matches!(c, b'0'..=b'9' | b'A'..=b'F'));
-                if !hex(b.get(i + 1)) || !hex(b.get(i + 2)) {
+                let hex = |c: Option<&u8>| match c {
+                    Some(c @ b'0'..=b'9') => Some(c - b'0'),
+                    Some(c @ b'A'..=b'F') => Some(c - b'A' + 10),
+                    _ => None,
+                };
+                let (Some(hi), Some(lo)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) else {
+                    return false;
+                };
+                if printable && !(0x20..=0x7e).contains(&(hi << 4 | lo)) {
                     return false;
                 }
                 i += 3;
@@ -239,7 +256,7 @@ impl<'a> MailParams<'a> {
                 };
                 set(&mut p.ret, ret)?;
             } else if key.eq_ignore_ascii_case("ENVID") {
-                let v = value.filter(|v| v.len() <= MAX_ENVID && is_xtext(v));
+                let v = value.filter(|v| v.len() <= MAX_ENVID && is_printable_xtext(v));
                 set(&mut p.envid, v.ok_or(ParamError::Invalid)?)?;
             } else if key.eq_ignore_ascii_case("AUTH") {
                 let v = value.filter(|v| *v == "<>" || is_xtext(v));
@@ -340,8 +357,9 @@ fn parse_notify(v: &str) -> Result<Notify, ParamError> {
     Ok(Notify::from_bits(bits))
 }
 
-/// `addr-type ";" xtext`, addr-type an atom (RFC 3461 4.2). UTF-8 is allowed for utf-8
-/// address types (RFC 6533).
+/// `addr-type ";" xtext`, addr-type an atom (RFC 3461 4.2), the decoded address printable
+/// US-ASCII. Raw UTF-8 only for the `utf-8` address type (RFC 6533 3), and only in an
+/// SMTPUTF8 transaction, which the session checks.
 fn is_orcpt(v: &str) -> bool {
     let Some((kind, addr)) = v.split_once(';') else {
         return false;
@@ -349,7 +367,11 @@ fn is_orcpt(v: &str) -> bool {
     !kind.is_empty()
         && kind.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
         && !addr.is_empty()
-        && (is_xtext(addr) || !addr.is_ascii())
+        && if addr.is_ascii() {
+            is_printable_xtext(addr)
+        } else {
+            kind.eq_ignore_ascii_case("utf-8") && !addr.chars().any(char::is_control)
+        }
 }
 
 #[cfg(test)]
@@ -416,5 +438,30 @@ mod tests {
             Err(ParamError::Invalid)
         );
         assert_eq!(RcptParams::parse(" XFOO"), Err(ParamError::Unknown));
+    }
+
+    #[test]
+    fn decoded_envid_and_orcpt_are_printable_ascii() {
+        // Escapes of CR, LF, NUL or 8-bit octets are xtext, but not printable values.
+        for bad in ["a+0D+0AX-Inj:+20yes", "a+00b", "u+C3+A9", "a+7F"] {
+            assert!(is_xtext(bad), "{bad}");
+            assert!(!is_printable_xtext(bad), "{bad}");
+            let envid = format!(" ENVID={bad}");
+            assert_eq!(MailParams::parse(&envid), Err(ParamError::Invalid), "{bad}");
+            let orcpt = format!(" ORCPT=rfc822;{bad}@x.test");
+            assert_eq!(RcptParams::parse(&orcpt), Err(ParamError::Invalid), "{bad}");
+        }
+        assert!(is_printable_xtext("a+20b+2B+3D"));
+        // Raw UTF-8 only with the utf-8 address type (RFC 6533); the session also asks for
+        // SMTPUTF8.
+        assert!(RcptParams::parse(" ORCPT=utf-8;\u{fc}@x.test").is_ok());
+        assert_eq!(
+            RcptParams::parse(" ORCPT=rfc822;\u{e9}@x.test"),
+            Err(ParamError::Invalid)
+        );
+        assert_eq!(
+            RcptParams::parse(" ORCPT=utf-8;\u{fc}\u{85}@x.test"),
+            Err(ParamError::Invalid)
+        );
     }
 }

@@ -61,6 +61,14 @@ pub mod replies {
         0,
         "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS",
     );
+    /// HELP where STARTTLS is not offered (no certificate, or TLS already on).
+    pub const HELP_NO_TLS: StaticReply = r(
+        214,
+        2,
+        0,
+        0,
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
+    );
     /// EXPN.
     pub const EXPN: StaticReply = r(502, 5, 5, 1, "EXPN not supported");
     /// SEND, SOML, SAML, TURN.
@@ -105,6 +113,8 @@ pub mod replies {
     );
     /// Recipient limit reached.
     pub const TOO_MANY_RCPTS: StaticReply = r(452, 4, 5, 3, "Too many recipients");
+    /// ORCPT with raw UTF-8 outside an SMTPUTF8 transaction (RFC 6533 3).
+    pub const ORCPT_NEEDS_SMTPUTF8: StaticReply = r(501, 5, 5, 4, "UTF-8 in ORCPT needs SMTPUTF8");
     /// Non-ASCII address without SMTPUTF8 (RFC 6531 3.7.4.1).
     pub const NEED_SMTPUTF8: StaticReply = r(553, 5, 6, 7, "Non-ASCII address needs SMTPUTF8");
     /// Bare CR or LF in a DATA body under the reject policy.
@@ -590,7 +600,18 @@ impl ServerSession {
                 let open = self.close_with(replies::NOT_SMTP);
                 return open.then_some(Event::DataAbort);
             }
-            Err(e) => return self.fail(e.reply()),
+            Err(e) => {
+                // A refused RCPT is a RCPT tried, bad syntax or not: DATA after it gets 554
+                // (no valid recipients), not 503 (RFC 2920 3.1).
+                if self.in_mail
+                    && line
+                        .get(..4)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT"))
+                {
+                    self.rcpts_tried += 1;
+                }
+                return self.fail(e.reply());
+            }
         };
         match cmd {
             Command::Ehlo(name) | Command::Helo(name) => {
@@ -620,7 +641,8 @@ impl ServerSession {
             }
             Command::Vrfy(_) => self.ok(replies::VRFY),
             Command::Expn(_) => self.fail(replies::EXPN),
-            Command::Help(_) => self.ok(replies::HELP),
+            Command::Help(_) if self.tls_available && !self.tls_active => self.ok(replies::HELP),
+            Command::Help(_) => self.ok(replies::HELP_NO_TLS),
             Command::Auth(..) => self.fail(replies::NO_AUTH),
             Command::Obsolete(_) => self.fail(replies::OBSOLETE),
             Command::StartTls => {
@@ -725,6 +747,11 @@ impl ServerSession {
             if !m.is_ascii() && !self.envelope.smtputf8() {
                 return self.fail(replies::NEED_SMTPUTF8);
             }
+        }
+        if params.orcpt.is_some_and(|o| !o.is_ascii()) && !self.envelope.smtputf8() {
+            // Raw UTF-8 in ORCPT only inside SMTPUTF8 (RFC 6533 3); outside it the address
+            // is written utf-8-addr-xtext.
+            return self.fail(replies::ORCPT_NEEDS_SMTPUTF8);
         }
         self.envelope.push_rcpt(&path, &params);
         self.decision = Decision::Rcpt;

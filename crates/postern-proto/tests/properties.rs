@@ -79,8 +79,9 @@ fn host(domain: &str) -> impl Strategy<Value = Host<'_>> {
     ]
 }
 
+/// xtext whose escapes decode to printable US-ASCII (0x20 to 0x7E), as ENVID's must.
 fn xtext() -> impl Strategy<Value = String> {
-    "([!-*,-<>-~]|\\+[0-9A-F]{2}){1,12}"
+    "([!-*,-<>-~]|\\+[2-6][0-9A-F]|\\+7[0-9A-E]){1,12}"
 }
 
 fn text() -> impl Strategy<Value = String> {

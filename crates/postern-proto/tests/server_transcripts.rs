@@ -215,20 +215,20 @@ fn helo_session_and_misc_commands() {
     assert_transcript(
         &o,
         &[
-        BANNER,
-        "250 mx.test Hello client.test",
-        "250 2.0.0 Ok",
-        "250 2.0.0 Ok",
-        "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
-        "502 5.5.1 EXPN not supported",
-        "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS",
-        "502 5.5.1 Command not implemented",
-        "502 5.5.1 Command not implemented",
-        "503 5.5.1 Authentication not enabled",
-        "502 5.5.1 STARTTLS not available",
-        "555 5.5.4 Parameters not allowed after HELO",
-        "250 2.1.0 Ok",
-        "221 2.0.0 Bye",
+            BANNER,
+            "250 mx.test Hello client.test",
+            "250 2.0.0 Ok",
+            "250 2.0.0 Ok",
+            "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+            "502 5.5.1 EXPN not supported",
+            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
+            "502 5.5.1 Command not implemented",
+            "502 5.5.1 Command not implemented",
+            "503 5.5.1 Authentication not enabled",
+            "502 5.5.1 STARTTLS not available",
+            "555 5.5.4 Parameters not allowed after HELO",
+            "250 2.1.0 Ok",
+            "221 2.0.0 Bye",
         ],
     );
 }
@@ -532,6 +532,62 @@ fn syntax_errors_get_precise_codes() {
 }
 
 #[test]
+fn utf8_in_orcpt_needs_smtputf8_and_escapes_must_be_printable() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test> ORCPT=utf-8;\u{fc}@x.test",
+        "RCPT TO:<c@mx.test> ORCPT=rfc822;a+0D+0AX:+20y@x.test",
+        "RCPT TO:<c@mx.test> ORCPT=rfc822;a+2Bb@x.test",
+        "RSET",
+        "MAIL FROM:<a@b.test> SMTPUTF8 ENVID=a+00",
+        "MAIL FROM:<a@b.test> SMTPUTF8",
+        "RCPT TO:<c@mx.test> ORCPT=utf-8;\u{fc}@x.test",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "501 5.5.4 UTF-8 in ORCPT needs SMTPUTF8",
+            "501 5.5.4 Invalid parameter value",
+            "250 2.1.5 Ok",
+            "250 2.0.0 Ok",
+            "501 5.5.4 Invalid parameter value",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+        ],
+    );
+}
+
+#[test]
+fn data_after_only_refused_recipients_is_554_whatever_the_refusal() {
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "DATA",
+        "RCPT TO:<not an address>",
+        "DATA",
+        "RSET",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test> XFOO=1",
+        "DATA",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "503 5.5.1 Need RCPT command",
+            "501 5.1.3 Bad recipient address syntax",
+            "554 5.5.1 No valid recipients",
+            "250 2.0.0 Ok",
+            "250 2.1.0 Ok",
+            "555 5.5.4 Parameter not recognized or not implemented",
+            "554 5.5.1 No valid recipients",
+        ],
+    );
+}
+
+#[test]
 fn mail_and_rcpt_have_room_for_dsn_parameters() {
     // RFC 3461 4: NOTIFY and ORCPT may make RCPT 500 octets longer than 512, RET and ENVID
     // make MAIL longer; other commands keep the usual cap.
@@ -702,6 +758,21 @@ fn bare_newline_reject_policy_covers_bdat_but_not_binarymime() {
     );
     assert_eq!(o.messages.len(), 1);
     assert_eq!(o.messages[0].2, b"a\nb");
+}
+
+#[test]
+fn help_names_starttls_only_where_it_is_offered() {
+    let input = client(&["EHLO client.test", "HELP"]);
+    let o = run(&config(), true, &input, &[]);
+    assert_tail(
+        &o,
+        &["214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS"],
+    );
+    let o = run(&config(), false, &input, &[]);
+    assert_tail(
+        &o,
+        &["214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY"],
+    );
 }
 
 #[test]

@@ -842,7 +842,7 @@ impl CoreRelay {
                 .map(|r| OutRecipient {
                     path: r.path.clone(),
                     params: if dsn {
-                        dsn_rcpt_params(r)
+                        dsn_rcpt_params(r, meta.smtputf8 && smtputf8)
                     } else {
                         String::new()
                     },
@@ -1568,15 +1568,50 @@ fn dsn_mail_params(meta: &MessageMeta, out: &mut String) {
 }
 
 /// NOTIFY and ORCPT of one recipient for a next hop that offers DSN, as they came in.
-fn dsn_rcpt_params(r: &Recipient) -> String {
+/// A recipient's DSN parameters for the next hop. In a transaction without SMTPUTF8 a
+/// UTF-8 ORCPT is written in its ASCII form, each non-ASCII character as `\x{HEX}`
+/// (RFC 6533 3, utf-8-addr-xtext).
+fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
+    use std::fmt::Write;
     let mut out = String::new();
     if let Some(bits) = r.notify {
-        use std::fmt::Write;
         let _ = write!(out, " NOTIFY={}", Notify::from_bits(bits));
     }
     if let Some(orcpt) = &r.orcpt {
         out.push_str(" ORCPT=");
-        out.push_str(orcpt);
+        if smtputf8 || orcpt.is_ascii() {
+            out.push_str(orcpt);
+        } else {
+            for c in orcpt.chars() {
+                if c.is_ascii() {
+                    out.push(c);
+                } else {
+                    let _ = write!(out, "\\x{{{:X}}}", u32::from(c));
+                }
+            }
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dsn_rcpt_params, Recipient};
+
+    #[test]
+    fn a_utf8_orcpt_is_written_in_ascii_outside_smtputf8() {
+        let r = Recipient {
+            path: "u@x.test".into(),
+            notify: Some(3),
+            orcpt: Some("utf-8;j\u{f6}ran@\u{e9}x.test".into()),
+        };
+        assert_eq!(
+            dsn_rcpt_params(&r, false),
+            " NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;j\\x{F6}ran@\\x{E9}x.test"
+        );
+        assert_eq!(
+            dsn_rcpt_params(&r, true),
+            " NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;j\u{f6}ran@\u{e9}x.test"
+        );
+    }
 }
