@@ -26,7 +26,7 @@ use postern_spool::MessageMeta;
 /// sends.
 const READ_BUFFER_FIRST: usize = 4 * 1024;
 const READ_BUFFER_MAX: usize = 64 * 1024;
-/// Longest TLS handshake.
+/// Longest TLS handshake (shorter when the command timeout or the session's cap is).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Relay refused.
@@ -277,8 +277,13 @@ impl Session {
             return false;
         };
         let handshake = async { Some(acceptor.accept(tcp).await) };
+        // A handshake is a client's turn like a command: bounded by the command timeout and
+        // the session's cap as well.
+        let limit = TLS_HANDSHAKE_TIMEOUT
+            .min(self.core.settings.command_timeout)
+            .min(self.deadline.saturating_duration_since(Instant::now()));
         let timeout = async {
-            glommio::timer::sleep(TLS_HANDSHAKE_TIMEOUT).await;
+            glommio::timer::sleep(limit).await;
             None
         };
         match future::or(handshake, timeout).await {

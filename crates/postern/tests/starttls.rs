@@ -62,13 +62,17 @@ impl Tls {
 }
 
 fn server_with_cert() -> (Server, RootCertStore, tempfile::TempDir) {
+    server_with_cert_and(&[])
+}
+
+fn server_with_cert_and(extra: &[&str]) -> (Server, RootCertStore, tempfile::TempDir) {
     let ck = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let server = Server::start(&[
+    let mut args = vec![
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
@@ -77,7 +81,9 @@ fn server_with_cert() -> (Server, RootCertStore, tempfile::TempDir) {
         "127.0.0.1:0",
         "--metrics",
         "127.0.0.1:0",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
     let mut roots = RootCertStore::empty();
     roots.add(ck.cert.der().clone()).unwrap();
     (server, roots, dir)
@@ -174,4 +180,32 @@ fn a_failed_handshake_closes_only_that_session() {
     assert_eq!(d.cmd("NOOP"), "250 2.0.0 Ok");
     let metrics = server.metrics_until(|m| m.contains("postern_tls_handshake_failures_total 1\n"));
     assert!(metrics.contains("postern_tls_handshake_failures_total 1\n"));
+}
+
+#[test]
+fn a_silent_handshake_is_bounded_by_the_command_timeout() {
+    // The built-in handshake limit is 30 s; a 1 s command timeout bounds it too, after
+    // STARTTLS and on the implicit-TLS port alike.
+    let (server, _roots, _dir) = server_with_cert_and(&["--command-timeout", "1s"]);
+    let closed_within = |tcp: &mut TcpStream| {
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let start = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tcp.read_to_end(&mut rest);
+        assert!(
+            read.is_ok(),
+            "still open after {:?}: {read:?}",
+            start.elapsed()
+        );
+        start.elapsed()
+    };
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+    let waited = closed_within(&mut c.stream);
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    let mut tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
+    let waited = closed_within(&mut tcp);
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
 }
