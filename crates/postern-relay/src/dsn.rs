@@ -14,7 +14,9 @@
 //!    are written as RFC 6533 `\x{HEX}` escapes, a value is cut at [`MAX_FIELD_VALUE`] octets,
 //!    and long fields are folded at spaces near 78 columns.
 //! 3. The returned content. With `RET=FULL` ([`Report::return_full`]) the whole message comes
-//!    back as `message/rfc822`, otherwise only its header section as `text/rfc822-headers`.
+//!    back as `message/rfc822`, otherwise only its header section as `text/rfc822-headers`;
+//!    `message/global` and `message/global-headers` where those header fields hold UTF-8
+//!    (RFC 6533 6).
 //!    The full message is returned only when it is no larger than [`Report::max_returned`] and
 //!    every line fits in [`MAX_LINE`] octets; otherwise the headers come back instead. The
 //!    header section is cut at the last whole line within `max_returned`, and a header line
@@ -327,10 +329,25 @@ impl Returned {
     }
 
     fn into_part(self) -> MimePart<'static> {
+        // UTF-8 in the returned header fields makes them internationalized: the RFC 6532
+        // types then (RFC 6533 6.3, 6.4).
         let (content_type, description, content) = match self {
-            Returned::Full(content) => ("message/rfc822", "Original message", content),
+            Returned::Full(content) => {
+                let utf8 = !header_block(&content).is_ascii();
+                let kind = if utf8 {
+                    "message/global"
+                } else {
+                    "message/rfc822"
+                };
+                (kind, "Original message", content)
+            }
             Returned::Headers(content) => {
-                ("text/rfc822-headers", "Original message headers", content)
+                let kind = if content.is_ascii() {
+                    "text/rfc822-headers"
+                } else {
+                    "message/global-headers"
+                };
+                (kind, "Original message headers", content)
             }
         };
         let encoding = if is_8bit(&content) { "8bit" } else { "7bit" };
@@ -418,10 +435,17 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
             };
             field(&mut out, "Original-Recipient", &value);
         }
+        // A UTF-8 mailbox is of the utf-8 address type, written utf-8-addr-xtext (RFC 6533
+        // 3): `safe` gives its non-ASCII characters as `\x{HEX}`.
+        let kind = if recipient.path.is_ascii() {
+            "rfc822"
+        } else {
+            "utf-8"
+        };
         field(
             &mut out,
             "Final-Recipient",
-            &format!("rfc822; {}", safe(&recipient.path)),
+            &format!("{kind}; {}", safe(&recipient.path)),
         );
         field(&mut out, "Action", recipient.action.as_str());
         field(&mut out, "Status", &recipient_status(recipient));

@@ -255,7 +255,7 @@ fn delivery_status_part_is_plain_7bit() {
     let status = delivery_status(&message);
     assert!(status.is_ascii(), "{status}");
     assert!(
-        status.contains("Final-Recipient: rfc822; user@b\\x{FC}cher.example\r\n"),
+        status.contains("Final-Recipient: utf-8; user@b\\x{FC}cher.example\r\n"),
         "{status}"
     );
     // The reply's line break is a space: no new field appears.
@@ -374,7 +374,9 @@ fn eight_bit_headers_come_back_as_8bit() {
     let message = parse(&bytes);
     let returned = parts(&message)[2];
     assert_eq!(returned.content_transfer_encoding(), Some("8bit"));
-    let text = returned.text_contents().unwrap();
+    // UTF-8 header fields are internationalized: message/global-headers (RFC 6533 6.4).
+    assert_eq!(mime_type(returned), "message/global-headers");
+    let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("Subject: Grüße aus Köln\r\n"), "{text}");
 
     let ascii = dsn::build(&report(&recipients, ORIGINAL));
@@ -382,6 +384,24 @@ fn eight_bit_headers_come_back_as_8bit() {
     assert_eq!(
         parts(&parse(&ascii))[2].content_transfer_encoding(),
         Some("7bit")
+    );
+    assert_eq!(mime_type(parts(&parse(&ascii))[2]), "text/rfc822-headers");
+}
+
+#[test]
+fn a_utf8_recipient_is_of_the_utf8_address_type() {
+    let recipients = vec![recipient(
+        "j\u{f6}rg@b\u{fc}cher.example",
+        Action::Failed,
+        "5.1.1",
+        "550 5.1.1 no such user",
+    )];
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let status = delivery_status(&parse(&bytes));
+    let blocks = blocks(&status);
+    assert_eq!(
+        value(&blocks[1], "Final-Recipient"),
+        Some("utf-8; j\\x{F6}rg@b\\x{FC}cher.example")
     );
 }
 
@@ -569,9 +589,15 @@ fn odd_inputs_never_panic_and_stay_well_formed() {
         assert_eq!(parts.len(), 3, "round {round}");
         assert!(delivery_status(&message).is_ascii(), "round {round}");
         let status = delivery_status(&message);
+        let utf8 = recipients.iter().filter(|r| !r.path.is_ascii()).count();
         assert_eq!(
             status.matches("\r\nFinal-Recipient: rfc822;").count(),
-            recipients.len(),
+            recipients.len() - utf8,
+            "round {round}: {status}"
+        );
+        assert_eq!(
+            status.matches("\r\nFinal-Recipient: utf-8;").count(),
+            utf8,
             "round {round}: {status}"
         );
         let _ = dsn::status_of(&rng.text(20));
