@@ -322,6 +322,8 @@ pub struct CoreRelay {
     dests: RefCell<HashMap<String, Rc<DestQueue>>>,
     retry: RefCell<Schedule<Job>>,
     retry_changed: Event,
+    /// Messages with relayed recipients whose success report is still to be made.
+    relayed_waiting: RefCell<Vec<String>>,
 }
 
 impl Delivery for CoreRelay {
@@ -353,6 +355,7 @@ impl CoreRelay {
             dests: RefCell::new(HashMap::new()),
             retry: RefCell::new(Schedule::new()),
             retry_changed: Event::new(),
+            relayed_waiting: RefCell::new(Vec::new()),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
@@ -1212,6 +1215,7 @@ impl CoreRelay {
             while let Some(r) = inbox.pop() {
                 self.settle(r);
             }
+            self.report_relayed();
             if self.handle.is_stopping() {
                 return;
             }
@@ -1240,6 +1244,7 @@ impl CoreRelay {
                 if *relayed && asked {
                     t.relayed
                         .push((r.rcpt, r.reply.clone(), r.remote.clone(), now / 1000));
+                    self.relayed_waiting.borrow_mut().push(r.queue_id.clone());
                 }
                 Some(DeliveryState::Delivered)
             }
@@ -1292,6 +1297,34 @@ impl CoreRelay {
                 let me = self.clone();
                 glommio::spawn_local(async move { me.finish(t).await }).detach();
             }
+        }
+    }
+
+    /// Success reports for recipients relayed while others of their message are still
+    /// pending, made after each batch of outcomes rather than when the whole message is
+    /// settled: a restart does not know which recorded deliveries went to a next hop without
+    /// DSN, so a report held back until then could be lost. (A message settled as a whole
+    /// gets its report from `finish`.)
+    fn report_relayed(self: &Rc<Self>) {
+        let waiting = std::mem::take(&mut *self.relayed_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        let mut tracked = self.tracked.borrow_mut();
+        for queue_id in waiting {
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                continue;
+            };
+            if t.pending == 0 || t.relayed.is_empty() {
+                continue;
+            }
+            let relayed = std::mem::take(&mut t.relayed);
+            if t.msg.meta.reverse_path.is_empty() {
+                continue;
+            }
+            let msg = t.msg.clone();
+            let me = self.clone();
+            glommio::spawn_local(async move { me.relayed_report(&msg, &relayed).await }).detach();
         }
     }
 

@@ -642,6 +642,47 @@ fn eight_bit_content_never_goes_to_a_next_hop_without_8bitmime() {
 }
 
 #[test]
+fn a_success_report_does_not_wait_for_the_rest_of_the_message() {
+    // c@plain.test asked for success and is relayed to a next hop without DSN; x@down.test
+    // stays deferred (nothing listens there). The relayed report comes at once: held until
+    // the whole message settled, a restart in between (which cannot tell which recorded
+    // deliveries were relayed) would lose it.
+    let plain = Peer::start(&[]);
+    let down = reserve("127.0.0.1", 0);
+    let server = Server::start(&[
+        "--route",
+        &format!("plain.test=127.0.0.1:{}", plain.port),
+        "--route",
+        &format!("origin.test=127.0.0.1:{}", plain.port),
+        "--route",
+        &format!("down.test=127.0.0.1:{}", down.1),
+    ]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@origin.test>",
+            "RCPT TO:<c@plain.test> NOTIFY=SUCCESS",
+            "RCPT TO:<x@down.test>",
+        ],
+        "<partial@t>",
+    );
+    let stored = plain.wait_for(
+        "the message and the success report",
+        Duration::from_secs(20),
+        |s| s.len() == 2,
+    );
+    let report = stored
+        .iter()
+        .find(|s| s.message_id != "<partial@t>")
+        .unwrap();
+    assert_eq!(report.mail_from, "<>");
+    let text = String::from_utf8_lossy(&report.data);
+    assert!(text.contains("Action: relayed"), "{text}");
+    assert!(text.contains("Final-Recipient: rfc822; c@plain.test"), "{text}");
+    assert!(!text.contains("x@down.test"), "{text}");
+}
+
+#[test]
 fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
     // A next hop with 8BITMIME and without SMTPUTF8.
     let peer = Peer::start(&["--no-smtputf8"]);
