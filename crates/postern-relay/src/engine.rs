@@ -116,10 +116,24 @@ struct Job {
     /// The next hop of the latest attempt offered DSN, so the DSN parameters went on with the
     /// message (and success reports are that hop's business).
     hop_dsn: bool,
-    /// Addresses of the next hop that broke off or put off this attempt, each passed over
-    /// for the next one (see `pass_over`).
-    hosts_tried: u8,
+    /// Addresses of the next hop that broke off or put off this attempt: its next connection
+    /// goes elsewhere (see `pass_over`).
+    tried: Vec<SocketAddr>,
 }
+
+/// A job passed over to another address of its next hop, with what the last one said, for
+/// when no other address takes it.
+struct Carried {
+    job: Job,
+    status: String,
+    text: String,
+    remote: Option<String>,
+}
+
+/// Addresses tried within one attempt of a job at most (as Postfix's
+/// `smtp_mx_address_limit`): a domain with many addresses that all put mail off costs a
+/// bounded number of connections per attempt.
+const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 
 /// What a worker does with its connection after a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -468,7 +482,7 @@ impl CoreRelay {
                     failures,
                     not_before,
                     hop_dsn: false,
-                    hosts_tried: 0,
+                    tried: Vec::new(),
                 },
             );
         }
@@ -575,10 +589,33 @@ impl CoreRelay {
 
     /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
     async fn worker(self: Rc<Self>, dq: Rc<DestQueue>) {
-        'connect: while !dq.ready.borrow().is_empty() && !self.handle.is_stopping() {
-            let mut conn = match self.open(&dq).await {
-                Ok(c) => c,
+        // Jobs this worker passed over to another address: the next connection takes them
+        // first, so that no other worker sends them back to the address that put them off.
+        let mut carry: Vec<Carried> = Vec::new();
+        'connect: while (!carry.is_empty() || !dq.ready.borrow().is_empty())
+            && !self.handle.is_stopping()
+        {
+            let tried: Vec<SocketAddr> = carry
+                .iter()
+                .flat_map(|c| c.job.tried.iter().copied())
+                .collect();
+            let mut conn = match self.open(&dq, &tried).await {
+                Ok(c) => {
+                    // A carried job whose only way on is an address it already tried waits
+                    // for its retry, with that address's answer.
+                    let (go, stay): (Vec<Carried>, Vec<Carried>) = std::mem::take(&mut carry)
+                        .into_iter()
+                        .partition(|k| !k.job.tried.contains(&c.addr));
+                    carry = go;
+                    for k in stay {
+                        self.settle_carried(k);
+                    }
+                    c
+                }
                 Err((text, permanent)) => {
+                    for k in carry.drain(..) {
+                        self.settle_carried(k);
+                    }
                     // The next hop is unreachable (everything waiting for it waits again) or
                     // does not exist (everything waiting for it fails).
                     let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
@@ -593,7 +630,11 @@ impl CoreRelay {
                 }
             };
             loop {
-                let job = dq.ready.borrow_mut().pop_front();
+                let job = if carry.is_empty() {
+                    dq.ready.borrow_mut().pop_front()
+                } else {
+                    Some(carry.remove(0).job)
+                };
                 let Some(job) = job else {
                     // Idle: keep the connection for a while for the next job.
                     dq.idle.set(dq.idle.get() + 1);
@@ -647,9 +688,10 @@ impl CoreRelay {
                         replies += more.rcpts.len() + 3;
                         jobs.push(more);
                     }
-                    self.transact_pipelined(&mut conn, &dq, jobs).await
+                    self.transact_pipelined(&mut conn, &dq, jobs, &mut carry)
+                        .await
                 } else {
-                    self.transact(&mut conn, &dq, job).await
+                    self.transact(&mut conn, &dq, job, &mut carry).await
                 };
                 match after {
                     After::Keep => {}
@@ -669,14 +711,20 @@ impl CoreRelay {
     }
 
     /// Runs one job on `conn`.
-    async fn transact(&self, conn: &mut Outbound, dq: &DestQueue, job: Job) -> After {
+    async fn transact(
+        &self,
+        conn: &mut Outbound,
+        dq: &DestQueue,
+        job: Job,
+        carry: &mut Vec<Carried>,
+    ) -> After {
         let Some((job, tx)) = self.prepare(conn, job) else {
             return After::Keep;
         };
         let outcome = conn
             .deliver(&tx, &job.msg.body, &self.relay.config.timeouts)
             .await;
-        self.conclude(conn, dq, job, outcome)
+        self.conclude(conn, dq, job, outcome, carry)
     }
 
     /// Runs up to `--max-transactions-in-flight` jobs on `conn`, pipelined into each other:
@@ -687,6 +735,7 @@ impl CoreRelay {
         conn: &mut Outbound,
         dq: &DestQueue,
         jobs: Vec<Job>,
+        carry: &mut Vec<Carried>,
     ) -> After {
         let t = &self.relay.config.timeouts;
         let mut sent = Vec::with_capacity(jobs.len());
@@ -700,11 +749,11 @@ impl CoreRelay {
             match conn.start(&tx, &job.msg.body, t).await {
                 Ok(()) => sent.push(job),
                 Err(Ok(local)) => {
-                    self.conclude(conn, dq, job, Err(Ok(local)));
+                    self.conclude(conn, dq, job, Err(Ok(local)), carry);
                 }
                 Err(Err(e)) => {
                     // Part of it may have gone out: its outcome is unknown, like the sent ones'.
-                    self.conclude(conn, dq, job, Err(Err(e.clone())));
+                    self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
                     dq.serial_until
                         .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
@@ -724,10 +773,11 @@ impl CoreRelay {
         while let Some(job) = sent.next() {
             match conn.finish(limit).await {
                 Ok(result) => {
-                    elsewhere |= self.conclude(conn, dq, job, Ok(result)) == After::Elsewhere;
+                    elsewhere |=
+                        self.conclude(conn, dq, job, Ok(result), carry) == After::Elsewhere;
                 }
                 Err(e) => {
-                    self.conclude(conn, dq, job, Err(Err(e.clone())));
+                    self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
                     if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
                         // The server closed at this reply, so it took none of the later
                         // transactions: they go back to the queue as if never sent.
@@ -739,7 +789,7 @@ impl CoreRelay {
                         dq.serial_until
                             .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                         for job in sent {
-                            self.conclude(conn, dq, job, Err(Err(e.clone())));
+                            self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
                         }
                     }
                     return After::Broken;
@@ -870,6 +920,7 @@ impl CoreRelay {
         dq: &DestQueue,
         job: Job,
         outcome: Result<TransactionResult, Result<Reply, ConnError>>,
+        carry: &mut Vec<Carried>,
     ) -> After {
         let remote_name = conn.remote.as_str();
         let remote = Some(remote_name.to_owned());
@@ -929,7 +980,7 @@ impl CoreRelay {
                         failures: job.failures,
                         not_before: 0,
                         hop_dsn: false,
-                        hosts_tried: 0,
+                        tried: Vec::new(),
                     });
                 }
                 if !deferred.is_empty() {
@@ -938,18 +989,27 @@ impl CoreRelay {
                         rcpts: deferred,
                         ..job
                     };
-                    // The whole transaction was put off (a 4xx to MAIL or to the data, or to
-                    // every RCPT): another address of the next hop may take it now.
-                    let again = if whole {
-                        match self.pass_over(dq, conn.addr, again) {
-                            Some(job) => job,
-                            None => return After::Elsewhere,
-                        }
-                    } else {
-                        again
-                    };
                     let status = dsn::status_of(&last_deferral);
-                    self.settle_all(again, false, &status, &last_deferral, remote);
+                    if !whole {
+                        self.settle_all(again, false, &status, &last_deferral, remote);
+                        return After::Keep;
+                    }
+                    // The whole transaction was put off: another address of the next hop may
+                    // take it now. A 4xx to MAIL or to the data (the host's trouble) also
+                    // passes the address over for other jobs a while; a 4xx to every RCPT
+                    // (greylisting, full mailboxes) only for this job.
+                    let host_trouble =
+                        !result.mail.is_positive() || result.rcpts.iter().any(Reply::is_positive);
+                    let c = Carried {
+                        job: again,
+                        status,
+                        text: last_deferral,
+                        remote,
+                    };
+                    match self.pass_over(dq, conn.addr, host_trouble, c, carry) {
+                        Some(c) => self.settle_carried(c),
+                        None => return After::Elsewhere,
+                    }
                 }
                 After::Keep
             }
@@ -965,9 +1025,14 @@ impl CoreRelay {
             Err(Err(e)) => {
                 // The connection broke off (421, closed, timed out): another address may
                 // take the job at once.
-                if let Some(job) = self.pass_over(dq, conn.addr, job) {
-                    let text = e.describe(remote_name);
-                    self.settle_all(job, false, "4.4.2", &text, remote);
+                let c = Carried {
+                    job,
+                    status: "4.4.2".into(),
+                    text: e.describe(remote_name),
+                    remote,
+                };
+                if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
+                    self.settle_carried(c);
                 }
                 After::Broken
             }
@@ -989,29 +1054,39 @@ impl CoreRelay {
         avoid.insert(addr, now + self.pause_ms());
     }
 
-    /// `job`'s transaction at `addr` broke off or was put off as a whole. The address is
-    /// passed over for a while, and the job goes at once to the next address of its next hop
-    /// that is not, each address once per attempt (RFC 5321 5.1: the addresses in order
-    /// until one takes the mail); None then. With none left the job comes back, to be
-    /// deferred.
-    fn pass_over(&self, dq: &DestQueue, addr: SocketAddr, mut job: Job) -> Option<Job> {
-        self.avoid(dq, addr);
-        let now = now_ms();
-        let others = {
-            let addrs = dq.addrs.borrow();
-            let avoid = dq.avoid.borrow();
-            usize::from(job.hosts_tried) + 1 < addrs.len()
-                && addrs
-                    .iter()
-                    .any(|a| avoid.get(a).is_none_or(|&until| until <= now))
-        };
-        if !others {
-            return Some(job);
+    /// A job's transaction at `addr` broke off or was put off as a whole. The job goes at once
+    /// to another address of its next hop that it has not tried in this attempt, on this
+    /// worker's next connection (RFC 5321 5.1: the addresses in order until one takes the
+    /// mail), at most [`MAX_ADDRESSES_PER_ATTEMPT`]; None then. With none left it comes back,
+    /// to be deferred. With `host_trouble` the address is also passed over by new
+    /// connections for a while.
+    fn pass_over(
+        &self,
+        dq: &DestQueue,
+        addr: SocketAddr,
+        host_trouble: bool,
+        mut c: Carried,
+        carry: &mut Vec<Carried>,
+    ) -> Option<Carried> {
+        if host_trouble {
+            self.avoid(dq, addr);
         }
-        job.hosts_tried = job.hosts_tried.saturating_add(1);
-        tracing::info!(queue_id = %job.msg.queue_id, %addr, "trying the next address of the next hop");
-        dq.ready.borrow_mut().push_front(job);
+        if !c.job.tried.contains(&addr) {
+            c.job.tried.push(addr);
+        }
+        let others = c.job.tried.len() < MAX_ADDRESSES_PER_ATTEMPT
+            && dq.addrs.borrow().iter().any(|a| !c.job.tried.contains(a));
+        if !others {
+            return Some(c);
+        }
+        tracing::info!(queue_id = %c.job.msg.queue_id, %addr, "trying the next address of the next hop");
+        carry.push(c);
         None
+    }
+
+    /// A passed-over job that no other address took: deferred with the last answer.
+    fn settle_carried(&self, c: Carried) {
+        self.settle_all(c.job, false, &c.status, &c.text, c.remote);
     }
 
     /// Every recipient of `job` failed the same way: for good, or for now (then rescheduled,
@@ -1055,7 +1130,7 @@ impl CoreRelay {
                 self.schedule(Job {
                     failures,
                     not_before: at,
-                    hosts_tried: 0,
+                    tried: Vec::new(),
                     ..job
                 });
             }
@@ -1112,9 +1187,15 @@ impl CoreRelay {
         );
     }
 
-    /// Connects to the next hop: its addresses in order, the next one when a host refuses or
-    /// greets with an error. Err carries the text and, for a permanent failure, its status.
-    async fn open(&self, dq: &DestQueue) -> Result<Outbound, (String, Option<&'static str>)> {
+    /// Connects to the next hop: its addresses in preference order (those in `tried` by the
+    /// jobs this connection is for, and those passed over lately, last), the next one when a
+    /// host refuses or greets with an error. Err carries the text and, for a permanent
+    /// failure, its status.
+    async fn open(
+        &self,
+        dq: &DestQueue,
+        tried: &[SocketAddr],
+    ) -> Result<Outbound, (String, Option<&'static str>)> {
         let config = &self.relay.config;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
@@ -1174,12 +1255,17 @@ impl CoreRelay {
             })
             .collect();
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
-        // Addresses passed over lately go last; the sort is stable, so preference order holds
-        // otherwise.
+        // Addresses tried or passed over lately go last; the sort is stable, so preference
+        // order holds otherwise.
         let now = now_ms();
         {
             let avoid = dq.avoid.borrow();
-            candidates.sort_by_key(|(_, a)| avoid.get(a).is_some_and(|&until| until > now));
+            candidates.sort_by_key(|(_, a)| {
+                (
+                    tried.contains(a),
+                    avoid.get(a).is_some_and(|&until| until > now),
+                )
+            });
         }
         for (hop, addr) in candidates {
             let cleartext =
