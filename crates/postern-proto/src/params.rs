@@ -370,8 +370,36 @@ fn is_orcpt(v: &str) -> bool {
         && if addr.is_ascii() {
             is_printable_xtext(addr)
         } else {
-            kind.eq_ignore_ascii_case("utf-8") && !addr.chars().any(char::is_control)
+            kind.eq_ignore_ascii_case("utf-8") && is_utf8_addr_unitext(addr)
         }
+}
+
+/// RFC 6533 3 `utf-8-addr-unitext`: printable ASCII but `+`, `=` and `\`, or UTF-8 other than
+/// controls, or `\x{HEX}` (1 to 6 hex digits) for any character.
+fn is_utf8_addr_unitext(s: &str) -> bool {
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if chars.next() != Some('x') || chars.next() != Some('{') {
+                    return false;
+                }
+                let mut digits = 0;
+                loop {
+                    match chars.next() {
+                        Some('}') if (1..=6).contains(&digits) => break,
+                        Some(h) if h.is_ascii_hexdigit() && digits < 6 => digits += 1,
+                        _ => return false,
+                    }
+                }
+            }
+            '+' | '=' => return false,
+            c if c.is_ascii() && !c.is_ascii_graphic() => return false,
+            c if c.is_control() => return false,
+            _ => {}
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -459,9 +487,18 @@ mod tests {
             RcptParams::parse(" ORCPT=rfc822;\u{e9}@x.test"),
             Err(ParamError::Invalid)
         );
-        assert_eq!(
-            RcptParams::parse(" ORCPT=utf-8;\u{fc}\u{85}@x.test"),
-            Err(ParamError::Invalid)
-        );
+        for bad in [
+            "\u{fc}\u{85}@x.test",
+            "\u{fc}+@x.test",
+            "\u{fc}=@x.test",
+            "\u{fc}\\@x.test",
+            "\u{fc}\\x{}@x.test",
+            "\u{fc}\\x{1234567}@x.test",
+            "\u{fc} @x.test",
+        ] {
+            let orcpt = format!(" ORCPT=utf-8;{bad}");
+            assert_eq!(RcptParams::parse(&orcpt), Err(ParamError::Invalid), "{bad}");
+        }
+        assert!(RcptParams::parse(" ORCPT=utf-8;\u{fc}\\x{2B}a@x.test").is_ok());
     }
 }

@@ -603,11 +603,8 @@ impl ServerSession {
             Err(e) => {
                 // A refused RCPT is a RCPT tried, bad syntax or not: DATA after it gets 554
                 // (no valid recipients), not 503 (RFC 2920 3.1).
-                if self.in_mail
-                    && line
-                        .get(..4)
-                        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT"))
-                {
+                let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
+                if self.in_mail && verb.eq_ignore_ascii_case(b"RCPT") {
                     self.rcpts_tried += 1;
                 }
                 return self.fail(e.reply());

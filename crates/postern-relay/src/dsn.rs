@@ -436,17 +436,13 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
             field(&mut out, "Original-Recipient", &value);
         }
         // A UTF-8 mailbox is of the utf-8 address type, written utf-8-addr-xtext (RFC 6533
-        // 3): `safe` gives its non-ASCII characters as `\x{HEX}`.
-        let kind = if recipient.path.is_ascii() {
-            "rfc822"
+        // 3).
+        let final_recipient = if recipient.path.is_ascii() {
+            format!("rfc822; {}", safe(&recipient.path))
         } else {
-            "utf-8"
+            format!("utf-8; {}", safe(&utf8_addr_xtext(&recipient.path)))
         };
-        field(
-            &mut out,
-            "Final-Recipient",
-            &format!("{kind}; {}", safe(&recipient.path)),
-        );
+        field(&mut out, "Final-Recipient", &final_recipient);
         field(&mut out, "Action", recipient.action.as_str());
         field(&mut out, "Status", &recipient_status(recipient));
         if let Some(remote) = &recipient.remote_mta {
@@ -532,6 +528,20 @@ fn field(out: &mut Vec<u8>, name: &str, value: &str) {
         first = false;
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// RFC 6533 3 `utf-8-addr-xtext`: printable ASCII but `+`, `=` and `\` as itself, every
+/// other character as `\x{HEX}`.
+pub fn utf8_addr_xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_ascii_graphic() && !matches!(c, '+' | '=' | '\\') {
+            out.push(c);
+        } else {
+            let _ = write!(out, "\\x{{{:X}}}", u32::from(c));
+        }
+    }
+    out
 }
 
 /// Makes a value safe for a delivery-status field: control characters become spaces, white
@@ -828,6 +838,15 @@ mod tests {
         assert_eq!(recipient_status(&recipient), "4.4.7");
         recipient.status = "2.0.0".into();
         assert_eq!(recipient_status(&recipient), "5.0.0");
+    }
+
+    #[test]
+    fn utf8_addresses_are_written_as_utf8_addr_xtext() {
+        assert_eq!(
+            utf8_addr_xtext("j\u{f6}rg+x=y\\z@b\u{fc}cher.example"),
+            "j\\x{F6}rg\\x{2B}x\\x{3D}y\\x{5C}z@b\\x{FC}cher.example"
+        );
+        assert_eq!(utf8_addr_xtext("a b@c"), "a\\x{20}b@c");
     }
 
     #[test]

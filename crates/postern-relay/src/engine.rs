@@ -858,8 +858,11 @@ impl CoreRelay {
         // content decides, not the declaration: a message declared 8BITMIME that is plain
         // ASCII goes to any next hop, and 8-bit content declared as nothing or 7BIT goes
         // with BODY=8BITMIME.
-        let eight_bit =
-            meta.body_type != 2 && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
+        // (Not scanned where the answer changes nothing: declared 8BITMIME to a next hop that
+        // offers it.)
+        let eight_bit = meta.body_type != 2
+            && !(meta.body_type == 1 && eightbitmime)
+            && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
         if eight_bit && !eightbitmime {
             let text = format!(
                 "{} does not support 8BITMIME and the message has 8-bit content",
