@@ -130,6 +130,16 @@ struct Carried {
     remote: Option<String>,
 }
 
+/// A connection `open` made.
+struct Opened {
+    conn: Outbound,
+    /// Addresses that could not be reached or refused the session on the way.
+    failed: Vec<SocketAddr>,
+    /// The address is of a less preferred MX host than the best: the connection is used for
+    /// a while only, so that the better host gets mail again once it is back.
+    fallback: bool,
+}
+
 /// Addresses tried within one attempt of a job at most (as Postfix's
 /// `smtp_mx_address_limit`): a domain with many addresses that all put mail off costs a
 /// bounded number of connections per attempt.
@@ -599,18 +609,30 @@ impl CoreRelay {
                 .iter()
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
-            let mut conn = match self.open(&dq, &tried).await {
-                Ok(c) => {
-                    // A carried job whose only way on is an address it already tried waits
-                    // for its retry, with that address's answer.
-                    let (go, stay): (Vec<Carried>, Vec<Carried>) = std::mem::take(&mut carry)
-                        .into_iter()
-                        .partition(|k| !k.job.tried.contains(&c.addr));
-                    carry = go;
-                    for k in stay {
-                        self.settle_carried(k);
+            let (mut conn, fallback_until) = match self.open(&dq, &tried).await {
+                Ok(Opened {
+                    conn: c,
+                    failed,
+                    fallback,
+                }) => {
+                    // A carried job counts the addresses that failed on the way as tried. One
+                    // whose only way on is an address it already tried, or that has tried
+                    // its share, waits for its retry with the last answer.
+                    for mut k in std::mem::take(&mut carry) {
+                        for a in &failed {
+                            if !k.job.tried.contains(a) {
+                                k.job.tried.push(*a);
+                            }
+                        }
+                        if k.job.tried.contains(&c.addr)
+                            || k.job.tried.len() >= MAX_ADDRESSES_PER_ATTEMPT
+                        {
+                            self.settle_carried(k);
+                        } else {
+                            carry.push(k);
+                        }
                     }
-                    c
+                    (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
                 Err((text, permanent)) => {
                     for k in carry.drain(..) {
@@ -630,6 +652,12 @@ impl CoreRelay {
                 }
             };
             loop {
+                if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
+                    // A less preferred host served long enough: see whether a better one is
+                    // back (RFC 5321 5.1, preference order).
+                    conn.quit().await;
+                    continue 'connect;
+                }
                 let job = if carry.is_empty() {
                     dq.ready.borrow_mut().pop_front()
                 } else {
@@ -1198,7 +1226,7 @@ impl CoreRelay {
         &self,
         dq: &DestQueue,
         tried: &[SocketAddr],
-    ) -> Result<Outbound, (String, Option<&'static str>)> {
+    ) -> Result<Opened, (String, Option<&'static str>)> {
         let config = &self.relay.config;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
@@ -1258,6 +1286,8 @@ impl CoreRelay {
             })
             .collect();
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
+        let best = candidates.iter().map(|(h, _)| h.preference).min();
+        let mut failed = Vec::new();
         // Addresses tried or passed over lately go last; the sort is stable, so preference
         // order holds otherwise.
         let now = now_ms();
@@ -1270,7 +1300,15 @@ impl CoreRelay {
                 )
             });
         }
-        for (hop, addr) in candidates {
+        // At most MAX_ADDRESSES_PER_ATTEMPT addresses, as for a job passed over: a next hop
+        // with many silent addresses cannot hold a worker for their greeting timeouts.
+        for (hop, addr) in candidates.into_iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
+            let fallback = best.is_some_and(|b| hop.preference > b);
+            let opened = |conn: Outbound, failed: Vec<SocketAddr>| Opened {
+                conn,
+                failed,
+                fallback,
+            };
             let cleartext =
                 policy == TlsPolicy::Opportunistic && dq.cleartext_until.get() > now_ms();
             let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
@@ -1279,19 +1317,20 @@ impl CoreRelay {
             match Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts).await {
                 Ok(c) => {
                     tracing::debug!(%addr, tls = c.is_tls(), "connected");
-                    return Ok(c);
+                    return Ok(opened(c, failed));
                 }
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
                     // with this next hop for a while.
                     dq.cleartext_until.set(now_ms() + 3_600_000);
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
-                        Ok(c) => return Ok(c),
+                        Ok(c) => return Ok(opened(c, failed)),
                         Err(e2) => last = format!("{}; then {}", e, e2.describe(&hop.host)),
                     }
                 }
                 Err(e) => last = e.describe(&format!("{} [{}]", hop.host, addr.ip())),
             }
+            failed.push(addr);
         }
         Err((last, None))
     }

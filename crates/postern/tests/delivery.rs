@@ -1066,6 +1066,117 @@ fn a_primary_mx_that_puts_mail_off_passes_it_to_the_next_mx_at_once() {
 }
 
 #[test]
+fn a_primary_mx_that_comes_back_gets_mail_again_though_a_backup_connection_is_open() {
+    use dns_server::{Rec, TestDns};
+    // mx1 is down at first: mail goes to mx2, over a connection postern keeps (the idle
+    // timeout is 10 s). Once mx1 is back, mail must go to it again within the pause (the first
+    // retry delay, 200 ms here), not keep flowing over the open connection to mx2.
+    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = mx2.port;
+    let mx1_down = reserve("127.0.0.2", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("back.test.", Rec::Mx(10, "mx1.test.")),
+            ("back.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &[]);
+    let (mut c, _) = hello(&server);
+    let send_one = |c: &mut common::Client, n: usize| {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<r@back.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <back{n}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    };
+    send_one(&mut c, 0);
+    mx2.wait_for("delivery to the backup", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    drop(mx1_down);
+    let mx1 = Peer::start_on("127.0.0.2", port, &[]);
+    // Keep mail flowing (so the connection to mx2 never idles out) until mx1 gets some, each
+    // message delivered before the next; bounded in count and time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = 1;
+    while mx1.stored().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline && sent < 2000,
+            "mx1 got nothing; mx2 has {}",
+            mx2.stored().len()
+        );
+        send_one(&mut c, sent);
+        sent += 1;
+        mx2.wait_for("each message", Duration::from_secs(20), |s| {
+            s.len() + mx1.stored().len() == sent
+        });
+    }
+    drop(dns);
+}
+
+/// A next hop on `host:port` that greets every connection with `421` and closes (bounded);
+/// returns a count of its connections.
+fn refusing_greeter(host: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind((host, port)).unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(50) {
+            let Ok(mut s) = conn else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(b"421 4.3.2 not now\r\n");
+        }
+    });
+    count
+}
+
+#[test]
+fn one_attempt_tries_at_most_five_addresses() {
+    use dns_server::{Rec, TestDns};
+    let peer = Peer::start_on("127.0.0.30", 0, &[]);
+    let port = peer.port;
+    let counts: Vec<_> = (0..8)
+        .map(|i| refusing_greeter(&format!("127.0.0.{}", 31 + i), port))
+        .collect();
+    let mut records = vec![("many.test.", Rec::Mx(10, "hosts.many.test."))];
+    for i in 0..8u8 {
+        records.push(("hosts.many.test.", Rec::A([127, 0, 0, 31 + i].into())));
+    }
+    let dns = TestDns::start("test", &records);
+    let dns_addr = dns.addr.to_string();
+    let port_s = port.to_string();
+    let server = Server::start(&[
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        &port_s,
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@many.test"],
+        "<many@t>",
+        "x\r\n",
+    );
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    let total: usize = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        .sum();
+    assert_eq!(total, 5, "connections in one attempt");
+    drop(dns);
+}
+
+#[test]
 fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
     use dns_server::{Rec, TestDns};
     // A backup MX on another loopback address; this server on 127.0.0.1 at the same port,
