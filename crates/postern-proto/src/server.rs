@@ -369,6 +369,13 @@ impl ServerSession {
         matches!(self.phase, Phase::Data(_) | Phase::Chunk { .. })
     }
 
+    /// Whether a message's content has started and not ended: inside a DATA body or a BDAT
+    /// chunk, or between the chunks of a BDAT transaction (RFC 3030 2: the chunks together
+    /// are the body).
+    pub fn in_message(&self) -> bool {
+        self.in_body() || (self.in_mail && self.bdat)
+    }
+
     /// The TLS handshake finished: back to the initial state (RFC 3207 4.2).
     pub fn tls_established(&mut self) {
         self.tls_active = true;

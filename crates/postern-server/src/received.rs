@@ -48,12 +48,18 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
             .map_or_else(|| "unknown".to_owned(), |d| d.into_owned());
         &ascii_helo
     };
+    // TCP-info is an address literal (RFC 5321 4.4, 4.1.3): `[192.0.2.1]`, `[IPv6:2001:db8::1]`.
+    let literal = match t.client.ip() {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("[{v4}]"),
+            None => format!("[IPv6:{v6}]"),
+        },
+        v4 => format!("[{v4}]"),
+    };
     let _ = write!(
         s,
-        "Received: from {helo} ([{}])\r\n\tby {} (postern) with {protocol} id {}",
-        t.client.ip(),
-        t.hostname,
-        t.queue_id
+        "Received: from {helo} ({literal})\r\n\tby {} (postern) with {protocol} id {}",
+        t.hostname, t.queue_id
     );
     if let Some(rcpt) = t.single_rcpt {
         let _ = write!(s, "\r\n\tfor <{rcpt}>");
@@ -209,6 +215,36 @@ mod tests {
         ] {
             let h = with_name("c.test", esmtp, tls, utf8);
             assert!(h.contains(name), "{esmtp} {tls} {utf8}: {h}");
+        }
+    }
+
+    #[test]
+    fn the_client_address_is_an_address_literal() {
+        for (client, literal) in [
+            ("192.0.2.7:25", "([192.0.2.7])"),
+            ("[2001:db8::1]:25", "([IPv6:2001:db8::1])"),
+            ("[::ffff:192.0.2.8]:25", "([192.0.2.8])"),
+        ] {
+            let mut out = Vec::new();
+            received_header(
+                &Trace {
+                    helo: "c.test",
+                    client: client.parse().unwrap(),
+                    hostname: "mx.test",
+                    esmtp: true,
+                    tls: false,
+                    smtputf8: false,
+                    queue_id: "Q1",
+                    single_rcpt: None,
+                    now: SystemTime::UNIX_EPOCH,
+                },
+                &mut out,
+            );
+            let h = String::from_utf8(out).unwrap();
+            assert!(
+                h.starts_with(&format!("Received: from c.test {literal}\r\n")),
+                "{h}"
+            );
         }
     }
 

@@ -227,7 +227,7 @@ impl Session {
             .command_timeout
             .min(self.deadline.saturating_duration_since(now));
         let core = self.core.clone();
-        let stoppable = !self.proto.in_body();
+        let stoppable = !self.proto.in_message();
         let read = async { Wake::Read(self.conn.read(into).await) };
         let timeout = async {
             glommio::timer::sleep(wait).await;

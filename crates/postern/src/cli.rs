@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use postern_proto::address::canonical_domain;
 use postern_proto::BareNewlinePolicy;
 use postern_queue::RetryPolicy;
 use postern_relay::conn::Timeouts;
@@ -267,8 +268,8 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
         }
     };
     let Command::Serve(s) = cli.command;
-    let relay = relay(&s)?;
-    let server = settings(s)?;
+    let relay = relay(&s).map_err(with_env_source)?;
+    let server = settings(s).map_err(with_env_source)?;
     let relay = relay.map(|r| RelayConfig {
         hostname: server.hostname.clone(),
         own_addrs: server.listen.clone(),
@@ -306,7 +307,9 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         .map(|r| Router::parse_route(r).map_err(|e| format!("--route: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, (domain, _)) in routes.iter().enumerate() {
-        if routes[..i].iter().any(|(d, _)| d == domain) {
+        // bücher.example and xn--bcher-kva.example are one domain.
+        let same = |d: &String| canonical_domain(d) == canonical_domain(domain);
+        if routes[..i].iter().any(|(d, _)| same(d)) {
             return Err(format!("--route: {domain} is routed twice"));
         }
         if !is_domain(domain) {
@@ -386,11 +389,21 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     }))
 }
 
+/// The most executors per CPU `--cores` may ask for.
+const MAX_CORES_PER_CPU: usize = 4;
+
 fn settings(s: Serve) -> Result<Settings, String> {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = s.cores.unwrap_or(available);
     if cores == 0 {
         return Err("--cores must be at least 1".into());
+    }
+    // Executors beyond the CPUs only share them; far beyond, each still reserves its spool
+    // segments on disk and its io_uring memory.
+    if cores > MAX_CORES_PER_CPU * available {
+        return Err(format!(
+            "--cores {cores} is more than {MAX_CORES_PER_CPU} per CPU this process may use              ({available} CPUs)"
+        ));
     }
     if s.max_recipients < 100 {
         return Err("--max-recipients must be at least 100 (RFC 5321 4.5.3.1.8)".into());

@@ -86,6 +86,19 @@ fn values_that_cannot_work_are_refused_by_name() {
         ],
         "--route",
     );
+    // A U-label and its A-label are one domain.
+    refused(
+        &[
+            "serve",
+            "--route",
+            "b\u{fc}cher.test=127.0.0.1:25",
+            "--route",
+            "xn--bcher-kva.test=127.0.0.1:26",
+        ],
+        "--route",
+    );
+    // Far more executors than CPUs: each would reserve its spool segments on disk.
+    refused(&["serve", "--cores", "100000"], "--cores");
     refused(
         &[
             "serve",
@@ -134,6 +147,18 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--cores") && !err.contains("--hold"), "{err}");
+    // A value refused after parsing names its variable too.
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve"])
+        .env("POSTERN_MAX_MESSAGE_SIZE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--max-message-size") && err.contains("POSTERN_MAX_MESSAGE_SIZE"),
+        "{err}"
+    );
 }
 
 #[test]

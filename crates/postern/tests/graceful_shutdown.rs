@@ -45,6 +45,40 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
 }
 
 #[test]
+fn sigterm_lets_a_bdat_transaction_between_chunks_finish() {
+    let mut server = Server::start(&["--cores", "1"]);
+    let mut idle = server.connect();
+    idle.line();
+    idle.cmd("EHLO idle.test");
+    let mut chunked = server.connect();
+    chunked.line();
+    chunked.cmd("EHLO chunked.test");
+    chunked.cmd("MAIL FROM:<a@b.test>");
+    chunked.cmd("RCPT TO:<c@d.test>");
+    chunked.send(b"BDAT 22\r\nSubject: chunked\r\n\r\nab");
+    assert_eq!(chunked.line(), "250 2.0.0 22 octets received");
+
+    sigterm(&server);
+    // The idle session hears of the stop; the one between chunks may still finish.
+    assert_eq!(
+        idle.line(),
+        "421 4.3.2 Service shutting down, closing connection"
+    );
+    chunked.send(b"BDAT 4 LAST\r\ncd\r\n");
+    let id = queue_id(&chunked.line());
+    assert_eq!(
+        chunked.line(),
+        "421 4.3.2 Service shutting down, closing connection"
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let msgs = spooled(&server.spool);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].0, id);
+    assert!(msgs[0].3.ends_with(b"Subject: chunked\r\n\r\nabcd\r\n"));
+}
+
+#[test]
 fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     let mut server = Server::start(&["--cores", "1", "--shutdown-grace", "500ms"]);
     let mut stalled = in_data(&server, "stalled.test");
