@@ -1585,101 +1585,139 @@ fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
     mail_until(&mut c, "250");
 }
 
-/// A next hop that offers STARTTLS and takes mail in cleartext, recording it with whether it
-/// came on the first connection. STARTTLS itself: with `refuse` it answers 454 and the session
-/// goes on; otherwise it agrees and then breaks the handshake, closing that connection.
-fn broken_tls_next_hop(refuse: bool) -> (u16, std::sync::mpsc::Receiver<(bool, String)>) {
+/// What a scripted next hop does with a line.
+enum Act {
+    /// Write this reply.
+    Say(&'static str),
+    /// Write this reply, then close the connection.
+    SayAndClose(&'static str),
+}
+
+type Stored_ = std::sync::mpsc::Receiver<(usize, String)>;
+
+/// A next hop on a thread, for up to 4 connections: it greets, answers each command line as
+/// `answer` says (given the connection's number and the line), answers DATA with 354, and
+/// sends each message's content with its connection's number to the first receiver, then
+/// does what `after_data` says. The second receiver gets a word after each connection closes.
+fn scripted_next_hop(
+    answer: impl Fn(usize, &str) -> Act + Send + 'static,
+    after_data: Act,
+) -> (u16, Stored_, std::sync::mpsc::Receiver<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for (n, conn) in l.incoming().take(4).enumerate() {
             let Ok(s) = conn else { return };
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut w = s.try_clone().unwrap();
             let mut r = BufReader::new(s);
-            let _ = w.write_all(b"220 tls.test ESMTP\r\n");
+            let _ = w.write_all(b"220 scripted.test ESMTP\r\n");
             let mut line = String::new();
             let mut data = String::new();
             let mut in_data = false;
             while r.read_line(&mut line).unwrap_or(0) > 0 {
-                if in_data {
-                    if line == ".\r\n" {
-                        in_data = false;
-                        let _ = tx.send((n == 0, std::mem::take(&mut data)));
-                        let _ = w.write_all(b"250 2.0.0 stored\r\n");
-                    } else {
-                        data.push_str(&line);
-                    }
-                } else if line.starts_with("EHLO") {
-                    let _ = w.write_all(b"250-tls.test\r\n250 STARTTLS\r\n");
-                } else if line.starts_with("STARTTLS") && refuse {
-                    let _ = w.write_all(b"454 4.7.0 TLS not available now\r\n");
-                } else if line.starts_with("STARTTLS") {
-                    // Agree, then answer the ClientHello with something that is not TLS.
-                    let _ = w.write_all(b"220 2.0.0 go ahead\r\n");
-                    let mut hello = [0u8; 512];
-                    let _ = r.read(&mut hello);
-                    let _ = w.write_all(b"this is not a TLS record\r\n");
-                    break;
+                let act = if in_data && line == ".\r\n" {
+                    in_data = false;
+                    let _ = tx.send((n, std::mem::take(&mut data)));
+                    Some(&after_data)
+                } else if in_data {
+                    data.push_str(&line);
+                    None
                 } else if line.starts_with("DATA") {
                     in_data = true;
-                    let _ = w.write_all(b"354 go\r\n");
-                } else if line.starts_with("QUIT") {
-                    let _ = w.write_all(b"221 bye\r\n");
-                    break;
+                    Some(&Act::Say("354 go\r\n"))
                 } else {
-                    let _ = w.write_all(b"250 ok\r\n");
+                    let _ = w.write_all(match answer(n, &line) {
+                        Act::Say(r) => r.as_bytes(),
+                        Act::SayAndClose(r) => {
+                            let _ = w.write_all(r.as_bytes());
+                            break;
+                        }
+                    });
+                    None
+                };
+                match act {
+                    Some(Act::Say(r)) => {
+                        let _ = w.write_all(r.as_bytes());
+                    }
+                    Some(Act::SayAndClose(r)) => {
+                        let _ = w.write_all(r.as_bytes());
+                        break;
+                    }
+                    None => {}
                 }
                 line.clear();
             }
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            let _ = closed_tx.send(());
         }
     });
-    (port, rx)
+    (port, rx, closed)
+}
+
+/// A next hop that offers STARTTLS and takes mail in cleartext. STARTTLS itself: with
+/// `refuse` it answers 454 and the session goes on; otherwise it agrees and closes, which
+/// breaks the handshake.
+fn broken_tls_next_hop(refuse: bool) -> (u16, Stored_) {
+    let (port, stored, _) = scripted_next_hop(
+        move |_, line| {
+            if line.starts_with("EHLO") {
+                Act::Say("250-tls.test\r\n250 STARTTLS\r\n")
+            } else if line.starts_with("STARTTLS") && refuse {
+                Act::Say("454 4.7.0 TLS not available now\r\n")
+            } else if line.starts_with("STARTTLS") {
+                Act::SayAndClose("220 2.0.0 go ahead\r\n")
+            } else if line.starts_with("QUIT") {
+                Act::SayAndClose("221 bye\r\n")
+            } else {
+                Act::Say("250 ok\r\n")
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    (port, stored)
+}
+
+/// Sends one message through postern (default opportunistic TLS) to `broken_tls_next_hop`
+/// (with `refuse`): returns whether it arrived on the first connection, after checking that
+/// it arrived whole and with no deferral counted.
+fn through_tls_next_hop(refuse: bool, message_id: &str) -> bool {
+    let (port, stored) = broken_tls_next_hop(refuse);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        message_id,
+        "hello\r\n",
+    );
+    let (connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        data.contains(&format!("Message-ID: {message_id}")),
+        "{data}"
+    );
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    connection == 0
 }
 
 #[test]
 fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
-    let (port, stored) = broken_tls_next_hop(false);
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<tlsfail@t>",
-        "hello\r\n",
-    );
-    let (first_connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(
-        !first_connection,
+        !through_tls_next_hop(false, "<tlsfail@t>"),
         "delivered on the connection whose handshake failed"
     );
-    assert!(data.contains("Message-ID: <tlsfail@t>"), "{data}");
-    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
-    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
 }
 
 #[test]
 fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
-    let (port, stored) = broken_tls_next_hop(true);
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<tls454@t>",
-        "hello\r\n",
-    );
-    let (first_connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(
-        first_connection,
+        through_tls_next_hop(true, "<tls454@t>"),
         "not delivered on the connection that got 454"
     );
-    assert!(data.contains("Message-ID: <tls454@t>"), "{data}");
-    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
-    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
 }
 
 #[test]
@@ -1713,51 +1751,18 @@ fn a_refused_starttls_defers_when_tls_is_required() {
 }
 
 /// A next hop that takes one message per connection: after its 250 it says `421 4.4.2` and
-/// closes, as servers do when an idle connection times out. Each stored message comes with
-/// the number of its connection; `closed` gets a word after each close.
-fn one_message_per_connection_next_hop() -> (
-    u16,
-    std::sync::mpsc::Receiver<(usize, String)>,
-    std::sync::mpsc::Receiver<()>,
-) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (closed_tx, closed) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for (n, conn) in l.incoming().take(4).enumerate() {
-            let Ok(s) = conn else { return };
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            let _ = w.write_all(b"220 idle.test ESMTP\r\n");
-            let mut line = String::new();
-            let mut data = String::new();
-            let mut in_data = false;
-            while r.read_line(&mut line).unwrap_or(0) > 0 {
-                if in_data {
-                    if line == ".\r\n" {
-                        let _ = tx.send((n, std::mem::take(&mut data)));
-                        let _ = w.write_all(b"250 2.0.0 stored\r\n");
-                        let _ = w.write_all(b"421 4.4.2 idle.test idle timeout\r\n");
-                        break;
-                    }
-                    data.push_str(&line);
-                } else if line.starts_with("EHLO") {
-                    let _ = w.write_all(b"250 idle.test\r\n");
-                } else if line.starts_with("DATA") {
-                    in_data = true;
-                    let _ = w.write_all(b"354 go\r\n");
-                } else {
-                    let _ = w.write_all(b"250 ok\r\n");
-                }
-                line.clear();
+/// closes, as servers do when an idle connection times out.
+fn one_message_per_connection_next_hop() -> (u16, Stored_, std::sync::mpsc::Receiver<()>) {
+    scripted_next_hop(
+        |_, line| {
+            if line.starts_with("EHLO") {
+                Act::Say("250 idle.test\r\n")
+            } else {
+                Act::Say("250 ok\r\n")
             }
-            let _ = w.shutdown(std::net::Shutdown::Both);
-            let _ = closed_tx.send(());
-        }
-    });
-    (port, rx, closed)
+        },
+        Act::SayAndClose("250 2.0.0 stored\r\n421 4.4.2 idle.test idle timeout\r\n"),
+    )
 }
 
 #[test]
