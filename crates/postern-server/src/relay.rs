@@ -55,6 +55,14 @@ impl RelayPolicy {
         if self.accept_domains.is_empty() {
             return false;
         }
+        let domain = domain.trim_end_matches('.');
+        if domain.is_ascii() {
+            // Its canonical form is its lower case: compare without making it.
+            return self
+                .accept_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain));
+        }
         let domain = canonical_domain(domain);
         self.accept_domains.contains(&domain)
     }

@@ -72,7 +72,9 @@ fn same_mailbox(a: &str, b: &str) -> bool {
     match (a.rsplit_once('@'), b.rsplit_once('@')) {
         (Some((la, da)), Some((lb, db))) => {
             la == lb
-                && (da.eq_ignore_ascii_case(db) || canonical_domain(da) == canonical_domain(db))
+                && (da.eq_ignore_ascii_case(db)
+                    || (!(da.is_ascii() && db.is_ascii())
+                        && canonical_domain(da) == canonical_domain(db)))
         }
         _ => a == b,
     }

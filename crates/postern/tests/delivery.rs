@@ -1593,7 +1593,8 @@ enum Act {
     SayAndClose(&'static str),
 }
 
-type Stored_ = std::sync::mpsc::Receiver<(usize, String)>;
+/// What a scripted next hop stored: each message's content with its connection's number.
+type StoredRx = std::sync::mpsc::Receiver<(usize, String)>;
 
 /// A next hop on a thread, for up to 4 connections: it greets, answers each command line as
 /// `answer` says (given the connection's number and the line), answers DATA with 354, and
@@ -1602,7 +1603,7 @@ type Stored_ = std::sync::mpsc::Receiver<(usize, String)>;
 fn scripted_next_hop(
     answer: impl Fn(usize, &str) -> Act + Send + 'static,
     after_data: Act,
-) -> (u16, Stored_, std::sync::mpsc::Receiver<()>) {
+) -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -1660,7 +1661,7 @@ fn scripted_next_hop(
 /// A next hop that offers STARTTLS and takes mail in cleartext. STARTTLS itself: with
 /// `refuse` it answers 454 and the session goes on; otherwise it agrees and closes, which
 /// breaks the handshake.
-fn broken_tls_next_hop(refuse: bool) -> (u16, Stored_) {
+fn broken_tls_next_hop(refuse: bool) -> (u16, StoredRx) {
     let (port, stored, _) = scripted_next_hop(
         move |_, line| {
             if line.starts_with("EHLO") {
@@ -1752,7 +1753,7 @@ fn a_refused_starttls_defers_when_tls_is_required() {
 
 /// A next hop that takes one message per connection: after its 250 it says `421 4.4.2` and
 /// closes, as servers do when an idle connection times out.
-fn one_message_per_connection_next_hop() -> (u16, Stored_, std::sync::mpsc::Receiver<()>) {
+fn one_message_per_connection_next_hop() -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
     scripted_next_hop(
         |_, line| {
             if line.starts_with("EHLO") {
