@@ -292,12 +292,53 @@ pub fn parse_host(s: &str) -> Result<Host<'_>, PathError> {
     if let Some(inner) = s.strip_prefix('[') {
         let inner = inner.strip_suffix(']').ok_or(PathError::Syntax)?;
         if let Some(v6) = strip_prefix_ignore_case(inner, "IPv6:") {
+            if !is_rfc5321_ipv6(v6) {
+                return Err(PathError::Syntax);
+            }
             return v6.parse().map(Host::Ipv6).map_err(|_| PathError::Syntax);
         }
         return inner.parse().map(Host::Ipv4).map_err(|_| PathError::Syntax);
     }
     check_domain(s)?;
     Ok(Host::Domain(s))
+}
+
+/// The shape RFC 5321 4.1.3 gives an IPv6 address literal, which is narrower than RFC 4291's:
+/// eight groups of one to four hex digits, or six and an IPv4 address; with `::`, at most six
+/// groups besides it (four besides it and the IPv4 address), so that `::` stands for at least
+/// two groups. The value itself is then read by `Ipv6Addr`'s parser.
+fn is_rfc5321_ipv6(s: &str) -> bool {
+    fn groups(part: &str, v4_allowed: bool) -> Option<usize> {
+        if part.is_empty() {
+            return Some(0);
+        }
+        let mut n = 0;
+        let mut fields = part.split(':').peekable();
+        while let Some(f) = fields.next() {
+            let last = fields.peek().is_none();
+            if last && v4_allowed && f.contains('.') {
+                f.parse::<Ipv4Addr>().ok()?;
+                n += 2;
+            } else if (1..=4).contains(&f.len()) && f.bytes().all(|c| c.is_ascii_hexdigit()) {
+                n += 1;
+            } else {
+                return None;
+            }
+        }
+        Some(n)
+    }
+    match s.split_once("::") {
+        None => groups(s, true) == Some(8),
+        Some((left, right)) => {
+            if right.contains("::") {
+                return false;
+            }
+            match (groups(left, false), groups(right, true)) {
+                (Some(l), Some(r)) => l + r <= 6,
+                _ => false,
+            }
+        }
+    }
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -488,6 +529,53 @@ mod tests {
         let p = rev("<a@[IPv6:2001:db8::1]>").unwrap();
         assert_eq!(p.to_string(), "<a@[IPv6:2001:db8::1]>");
         assert_eq!(rev("<a@[300.1.1.1]>"), Err(PathError::Syntax));
+    }
+
+    #[test]
+    fn ipv6_literals_follow_rfc_5321_grammar() {
+        for ok in [
+            "1:2:3:4:5:6:7:8",
+            "2001:db8::1",
+            "::",
+            "::1",
+            "1::",
+            "1:2:3:4:5:6::",
+            "::1:2:3:4:5:6",
+            "1:2:3::4:5:6",
+            "1:2:3:4:5:6:192.0.2.1",
+            "::192.0.2.1",
+            "::ffff:192.0.2.1",
+            "1:2:3:4::192.0.2.1",
+            "1:2::3:4:192.0.2.1",
+            "ABCD:ef01::2",
+        ] {
+            assert!(is_rfc5321_ipv6(ok), "{ok}");
+            let lit = format!("[IPv6:{ok}]");
+            assert!(matches!(parse_host(&lit), Ok(Host::Ipv6(_))), "{lit}");
+        }
+        for bad in [
+            // `::` standing for a single group (RFC 4291 allows it, RFC 5321 does not).
+            "1:2:3:4:5:6:7::",
+            "::1:2:3:4:5:6:7",
+            "1:2:3::4:5:6:7",
+            "1:2:3:4:5::192.0.2.1",
+            "::1:2:3:4:5:192.0.2.1",
+            "1:2:3:4:5:6:7",
+            "1:2:3:4:5:6:7:8:9",
+            "1::2::3",
+            "12345::1",
+            ":1:2:3:4:5:6:7",
+            "1:2:3:4:5:6:7:",
+            "1:2:3:4:5:192.0.2.1",
+            "192.0.2.1::",
+            "::192.0.2.1:1",
+            "fe80::1%eth0",
+            "",
+        ] {
+            assert!(!is_rfc5321_ipv6(bad), "{bad}");
+            let lit = format!("[IPv6:{bad}]");
+            assert_eq!(parse_host(&lit), Err(PathError::Syntax), "{lit}");
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
+use postern_proto::Host;
 use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, oneshot};
 
@@ -343,18 +344,14 @@ impl Resolver {
 /// Parses a domain literal (RFC 5321 section 4.1.3): `None` when `domain` is not one,
 /// `Some(Err)` when it is malformed or of an unsupported kind (general address literals).
 fn domain_literal(domain: &str) -> Option<Result<IpAddr, MxError>> {
-    let inner = domain.strip_prefix('[')?;
-    let Some(inner) = inner.strip_suffix(']') else {
-        return Some(Err(MxError::NoSuchDomain));
-    };
-    let tag = "IPv6:";
-    let parsed = match inner.get(..tag.len()) {
-        Some(prefix) if prefix.eq_ignore_ascii_case(tag) => {
-            inner[tag.len()..].parse::<Ipv6Addr>().map(IpAddr::V6)
-        }
-        _ => inner.parse::<Ipv4Addr>().map(IpAddr::V4),
-    };
-    Some(parsed.map_err(|_| MxError::NoSuchDomain))
+    if !domain.starts_with('[') {
+        return None;
+    }
+    Some(match postern_proto::address::parse_host(domain) {
+        Ok(Host::Ipv4(a)) => Ok(IpAddr::V4(a)),
+        Ok(Host::Ipv6(a)) => Ok(IpAddr::V6(a)),
+        Ok(Host::Domain(_)) | Err(_) => Err(MxError::NoSuchDomain),
+    })
 }
 
 /// Runs one job on the resolver thread; gives up when the caller stops waiting.
@@ -692,6 +689,7 @@ mod tests {
             "[192.0.2.1",
             "[x-tag:abc]",
             "[IPv6:192.0.2.1]",
+            "[IPv6:1:2:3:4:5:6:7::]",
         ] {
             assert_eq!(
                 domain_literal(bad),
