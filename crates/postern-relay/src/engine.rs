@@ -335,6 +335,12 @@ struct DestQueue {
     addrs: RefCell<Vec<SocketAddr>>,
     /// Addresses passed over until then (ms): they broke off or put off a transaction.
     avoid: RefCell<HashMap<SocketAddr, u64>>,
+    /// Addresses that could not be reached or broke a connection off (421, closed, timed
+    /// out), until then (ms). When every address of the next hop is here, the next hop as a
+    /// whole is paused (`down_until`).
+    broke: RefCell<HashMap<SocketAddr, u64>>,
+    /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
+    paused_for: RefCell<Option<(String, String, Option<String>)>>,
 }
 
 /// One core's relay.
@@ -574,6 +580,8 @@ impl CoreRelay {
                     serial_until: Cell::new(0),
                     addrs: RefCell::new(Vec::new()),
                     avoid: RefCell::new(HashMap::new()),
+                    broke: RefCell::new(HashMap::new()),
+                    paused_for: RefCell::new(None),
                 })
             })
             .clone();
@@ -641,10 +649,11 @@ impl CoreRelay {
                     // The next hop is unreachable (everything waiting for it waits again) or
                     // does not exist (everything waiting for it fails).
                     let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+                    let status = permanent.unwrap_or("4.4.1");
                     if permanent.is_none() {
                         dq.down_until.set(now_ms() + self.pause_ms());
+                        *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), None));
                     }
-                    let status = permanent.unwrap_or("4.4.1");
                     for job in jobs {
                         self.settle_all(job, permanent.is_some(), status, &text, None);
                     }
@@ -832,7 +841,16 @@ impl CoreRelay {
     }
 
     /// Puts jobs that were never sent back at the front of their queue, in order.
+    /// While the next hop is paused they are deferred like the jobs that waited for it.
     fn requeue(&self, dq: &DestQueue, jobs: Vec<Job>) {
+        if dq.down_until.get() > now_ms() {
+            if let Some((status, text, remote)) = dq.paused_for.borrow().clone() {
+                for job in jobs {
+                    self.settle_all(job, false, &status, &text, remote.clone());
+                }
+                return;
+            }
+        }
         let mut ready = dq.ready.borrow_mut();
         for job in jobs.into_iter().rev() {
             ready.push_front(job);
@@ -1062,7 +1080,11 @@ impl CoreRelay {
                     text: e.describe(remote_name),
                     remote,
                 };
+                self.broke(dq, conn.addr);
                 if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
+                    if self.every_address_broke(dq) {
+                        self.suspend(dq, &c, carry);
+                    }
                     self.settle_carried(c);
                 }
                 After::Broken
@@ -1075,6 +1097,48 @@ impl CoreRelay {
     fn pause_ms(&self) -> u64 {
         let pause = self.relay.config.retry.initial.min(Duration::from_secs(60));
         u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Notes that `addr` of `dq`'s next hop could not be reached or broke a connection off.
+    fn broke(&self, dq: &DestQueue, addr: SocketAddr) {
+        let now = now_ms();
+        let mut broke = dq.broke.borrow_mut();
+        broke.retain(|_, until| *until > now);
+        broke.insert(addr, now + self.pause_ms());
+    }
+
+    /// Whether every address of `dq`'s next hop could not be reached or broke a connection
+    /// off lately.
+    fn every_address_broke(&self, dq: &DestQueue) -> bool {
+        let now = now_ms();
+        let broke = dq.broke.borrow();
+        let addrs = dq.addrs.borrow();
+        !addrs.is_empty()
+            && addrs
+                .iter()
+                .all(|a| broke.get(a).is_some_and(|&until| until > now))
+    }
+
+    /// Every address of the next hop broke off: the next hop is left alone for a while, as
+    /// one that cannot be reached is, rather than each waiting job opening connections to
+    /// every address again. The jobs waiting for it, and those this worker carries, are
+    /// deferred with the answer `last` got; jobs that come meanwhile wait for the pause's end.
+    fn suspend(&self, dq: &DestQueue, last: &Carried, carry: &mut Vec<Carried>) {
+        dq.down_until.set(now_ms() + self.pause_ms());
+        *dq.paused_for.borrow_mut() =
+            Some((last.status.clone(), last.text.clone(), last.remote.clone()));
+        tracing::info!(
+            next_hop = %dq.dest.key(),
+            "every address of the next hop broke off; delivery to it suspended for {}s",
+            self.pause_ms() / 1000
+        );
+        for k in carry.drain(..) {
+            self.settle_carried(k);
+        }
+        let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+        for job in jobs {
+            self.settle_all(job, false, &last.status, &last.text, last.remote.clone());
+        }
     }
 
     /// Passes over `addr` of `dq`'s next hop for a while (see `pause_ms`).
@@ -1330,6 +1394,7 @@ impl CoreRelay {
                 }
                 Err(e) => last = e.describe(&format!("{} [{}]", hop.host, addr.ip())),
             }
+            self.broke(dq, addr);
             failed.push(addr);
         }
         Err((last, None))

@@ -971,6 +971,15 @@ fn mx_preference_fallback_to_a_and_null_mx() {
 /// `421 4.3.2` to MAIL and closes, for every connection (bounded). Returns its port and a
 /// count of its connections.
 fn busy_next_hop(host: &str, port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    busy_next_hop_gated(host, port, None)
+}
+
+/// [`busy_next_hop`], which greets its first connection only once `gate` gets a word.
+fn busy_next_hop_gated(
+    host: &str,
+    port: u16,
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let l = TcpListener::bind((host, port)).unwrap();
     let port = l.local_addr().unwrap().port();
@@ -980,6 +989,9 @@ fn busy_next_hop(host: &str, port: u16) -> (u16, std::sync::Arc<std::sync::atomi
         for conn in l.incoming().take(50) {
             let Ok(s) = conn else { return };
             seen.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &gate {
+                let _ = gate.recv_timeout(Duration::from_secs(20));
+            }
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut w = s.try_clone().unwrap();
             let mut r = BufReader::new(s);
@@ -1119,6 +1131,63 @@ fn a_primary_mx_that_comes_back_gets_mail_again_though_a_backup_connection_is_op
 
 /// A next hop on `host:port` that greets every connection with `421` and closes (bounded);
 /// returns a count of its connections.
+#[test]
+fn a_next_hop_whose_every_address_breaks_off_is_paused_not_tried_again_for_each_message() {
+    use dns_server::{Rec, TestDns};
+    use std::sync::atomic::Ordering;
+    // Both MX hosts answer 421 to MAIL. The first greets only once all four messages are
+    // queued behind the one connection the destination may have.
+    let (gate_tx, gate) = std::sync::mpsc::channel();
+    let (port, first) = busy_next_hop_gated("127.0.0.40", 0, Some(gate));
+    let (_, second) = busy_next_hop("127.0.0.41", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("down.test.", Rec::Mx(10, "a.down.test.")),
+            ("down.test.", Rec::Mx(20, "b.down.test.")),
+            ("a.down.test.", Rec::A("127.0.0.40".parse().unwrap())),
+            ("b.down.test.", Rec::A("127.0.0.41".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let port_s = port.to_string();
+    let server = Server::start(&[
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        &port_s,
+        "--retry-initial",
+        "60s",
+        "--max-connections-per-destination",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let (mut c, _) = hello(&server);
+    for i in 0..4 {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<r@down.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <down{i}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    }
+    gate_tx.send(()).unwrap();
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 4\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 4\n"), "{m}");
+    // One connection to each address; before, each message tried both (eight connections).
+    assert_eq!(
+        first.load(Ordering::SeqCst),
+        1,
+        "connections to the first MX"
+    );
+    assert_eq!(
+        second.load(Ordering::SeqCst),
+        1,
+        "connections to the second MX"
+    );
+    drop(dns);
+}
+
 fn refusing_greeter(host: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let l = TcpListener::bind((host, port)).unwrap();
