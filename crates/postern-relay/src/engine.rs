@@ -15,6 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -191,7 +192,29 @@ pub struct Relay {
     resolver: Resolver,
     tls: TlsClients,
     recovered: Mutex<Vec<RecoveredMessage>>,
+    /// Outbound transactions running, on all cores: a stopping core waits for them to end and
+    /// their outcomes to be recorded.
+    in_flight: AtomicUsize,
 }
+
+/// Counts an outbound transaction in [`Relay::in_flight`] while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How often a stopping core looks whether the deliveries in flight on every core are over.
+const WIND_DOWN_POLL: Duration = Duration::from_millis(5);
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,6 +300,7 @@ impl Relay {
             resolver,
             tls,
             recovered: Mutex::new(recovered),
+            in_flight: AtomicUsize::new(0),
         }))
     }
 
@@ -371,6 +395,18 @@ impl Delivery for CoreRelay {
 
     fn accepting(&self) -> bool {
         self.relay.marks.accepting(self.relay.depth.total())
+    }
+
+    fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+        Box::pin(async move {
+            // A transaction's reports are sent before it stops counting, so once no core
+            // has one running, every outcome is in its owner's inbox; the report loop
+            // records it (appends its status) in the same step as it takes it out.
+            let inbox = self.relay.reports.get(self.id);
+            while self.relay.in_flight.load(Ordering::SeqCst) > 0 || !inbox.is_empty() {
+                glommio::timer::sleep(WIND_DOWN_POLL).await;
+            }
+        })
     }
 }
 
@@ -661,6 +697,12 @@ impl CoreRelay {
                 }
             };
             loop {
+                if self.handle.is_stopping() {
+                    // No new transaction once the server stops; carried jobs wait for the
+                    // next run (their earlier attempt recorded nothing).
+                    conn.quit().await;
+                    break 'connect;
+                }
                 if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
                     // A less preferred host served long enough: see whether a better one is
                     // back (RFC 5321 5.1, preference order).
@@ -713,6 +755,7 @@ impl CoreRelay {
                 } else {
                     self.relay.config.max_in_flight
                 };
+                let counted = InFlight::new(&self.relay.in_flight);
                 let after = if window > 1 && conn.can_pipeline() {
                     // Replies awaited at once stay few enough for any socket buffer: the
                     // server must never block writing them while this side still writes.
@@ -730,6 +773,7 @@ impl CoreRelay {
                 } else {
                     self.transact(&mut conn, &dq, job, &mut carry).await
                 };
+                drop(counted);
                 match after {
                     After::Keep => {}
                     After::Broken => continue 'connect,
@@ -737,10 +781,6 @@ impl CoreRelay {
                         conn.quit().await;
                         continue 'connect;
                     }
-                }
-                if self.handle.is_stopping() {
-                    conn.quit().await;
-                    break 'connect;
                 }
             }
         }
@@ -1409,10 +1449,9 @@ impl CoreRelay {
                 self.settle(r);
             }
             self.report_relayed();
-            if self.handle.is_stopping() {
-                return;
-            }
-            future::or(inbox.wait(), self.handle.stopped()).await;
+            // Also while stopping: outcomes of deliveries in flight still come (see
+            // `wind_down`).
+            inbox.wait().await;
         }
     }
 

@@ -29,6 +29,12 @@ pub trait Delivery {
     /// Whether new transactions may start (false: the queue is past its high-water mark, and
     /// MAIL is answered `452 4.3.1`).
     fn accepting(&self) -> bool;
+    /// The server is stopping and its sessions are done: returns once the deliveries in
+    /// flight have their outcomes recorded (appended to the spool, which the core then
+    /// syncs). The core stops waiting at the end of its shutdown grace.
+    fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+        Box::pin(async {})
+    }
 }
 
 /// Makes each core's [`Delivery`]; called once on every core's thread as it starts.

@@ -379,6 +379,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             l.await;
         }
     };
+    let grace_ends = std::time::Instant::now() + core.settings.shutdown_grace;
     let grace = glommio::timer::sleep(core.settings.shutdown_grace);
     futures_lite::future::or(drained(), grace).await;
     if core.sessions.get() > 0 {
@@ -388,6 +389,16 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         core.stop_event.notify(usize::MAX);
         let last = glommio::timer::sleep(GRACE_OVER_WRITES);
         futures_lite::future::or(drained(), last).await;
+    }
+    // Deliveries in flight get the rest of the grace to have their outcomes recorded, so
+    // that the next run does not send them again.
+    let delivery = core.delivery.borrow().clone();
+    if let Some(delivery) = delivery {
+        let rest = grace_ends.saturating_duration_since(std::time::Instant::now());
+        futures_lite::future::or(delivery.wind_down(), async {
+            glommio::timer::sleep(rest).await;
+        })
+        .await;
     }
     core.store.shutdown();
     drop(committer);

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1660,6 +1660,8 @@ enum Act {
     Say(&'static str),
     /// Write this reply, then close the connection.
     SayAndClose(&'static str),
+    /// Write this reply once the receiver gets a word (or is dropped).
+    SayWhenTold(std::sync::mpsc::Receiver<()>, &'static str),
 }
 
 /// What a scripted next hop stored: each message's content with its connection's number.
@@ -1701,6 +1703,10 @@ fn scripted_next_hop(
                 } else {
                     let _ = w.write_all(match answer(n, &line) {
                         Act::Say(r) => r.as_bytes(),
+                        Act::SayWhenTold(told, r) => {
+                            let _ = told.recv();
+                            r.as_bytes()
+                        }
                         Act::SayAndClose(r) => {
                             let _ = w.write_all(r.as_bytes());
                             break;
@@ -1710,6 +1716,10 @@ fn scripted_next_hop(
                 };
                 match act {
                     Some(Act::Say(r)) => {
+                        let _ = w.write_all(r.as_bytes());
+                    }
+                    Some(Act::SayWhenTold(told, r)) => {
+                        let _ = told.recv();
                         let _ = w.write_all(r.as_bytes());
                     }
                     Some(Act::SayAndClose(r)) => {
@@ -1788,6 +1798,73 @@ fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
         through_tls_next_hop(true, "<tls454@t>"),
         "not delivered on the connection that got 454"
     );
+}
+
+#[test]
+fn sigterm_waits_for_a_delivery_in_flight_so_the_next_run_does_not_send_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // A next hop that answers the end of the data only when the test says so.
+    let (told, gate) = std::sync::mpsc::channel();
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("QUIT") {
+                Act::SayAndClose("221 bye\r\n")
+            } else {
+                Act::Say("250 ok\r\n")
+            }
+        },
+        Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let args = ["--route", route.as_str(), "--shutdown-grace", "20s"];
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<inflight@t>",
+        "x\r\n",
+    );
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    // Stop while the next hop holds its reply; the listener closing shows the stop began.
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(server.smtp).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still listening");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    told.send(()).unwrap();
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The next run knows the message was delivered: only the new one goes out, on the one
+    // connection the destination may have, after anything recovered.
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--max-connections-per-destination",
+        "1",
+    ];
+    let server = Server::start_in(&args, spool, None);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<after@t>",
+        "x\r\n",
+    );
+    let got = peer.wait_for("the new message", Duration::from_secs(20), |s| {
+        s.iter().any(|m| m.message_id == "<after@t>")
+    });
+    let ids: Vec<&str> = got.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, ["<after@t>"], "sent again after a graceful stop");
 }
 
 #[test]
