@@ -363,6 +363,9 @@ struct DestQueue {
     /// out), until then (ms). When every address of the next hop is here, the next hop as a
     /// whole is paused (`down_until`).
     broke: RefCell<HashMap<SocketAddr, u64>>,
+    /// Connections in a row, since a transaction was last answered, that could not be made
+    /// or broke off.
+    broken_in_a_row: Cell<u32>,
     /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
     paused_for: RefCell<Option<(String, String, Option<String>)>>,
 }
@@ -617,6 +620,7 @@ impl CoreRelay {
                     addrs: RefCell::new(Vec::new()),
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),
+                    broken_in_a_row: Cell::new(0),
                     paused_for: RefCell::new(None),
                 })
             })
@@ -1015,6 +1019,7 @@ impl CoreRelay {
         let remote = Some(remote_name.to_owned());
         match outcome {
             Ok(result) => {
+                dq.broken_in_a_row.set(0);
                 let mut deferred = Vec::new();
                 let mut last_deferral = String::new();
                 // Recipients the next hop would not take in this transaction only ("too many
@@ -1145,11 +1150,17 @@ impl CoreRelay {
         let mut broke = dq.broke.borrow_mut();
         broke.retain(|_, until| *until > now);
         broke.insert(addr, now + self.pause_ms());
+        dq.broken_in_a_row
+            .set(dq.broken_in_a_row.get().saturating_add(1));
     }
 
     /// Whether every address of `dq`'s next hop could not be reached or broke a connection
-    /// off lately.
+    /// off lately, with at least two such failures in a row: one dropped connection to a
+    /// next hop with a single address is a glitch, not an outage.
     fn every_address_broke(&self, dq: &DestQueue) -> bool {
+        if dq.broken_in_a_row.get() < 2 {
+            return false;
+        }
         let now = now_ms();
         let broke = dq.broke.borrow();
         let addrs = dq.addrs.borrow();

@@ -1801,6 +1801,38 @@ fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
 }
 
 #[test]
+fn one_broken_session_with_a_single_address_relay_host_does_not_hold_up_other_mail() {
+    // The first session says 421 to MAIL; the next ones take mail.
+    let (port, stored, _) = scripted_next_hop(
+        |n, line| {
+            if n == 0 && line.starts_with("MAIL") {
+                Act::SayAndClose("421 4.3.2 restarting\r\n")
+            } else if line.starts_with("QUIT") {
+                Act::SayAndClose("221 bye\r\n")
+            } else {
+                Act::Say("250 ok\r\n")
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let relay = format!("127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--relay-host",
+        &relay,
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(&server, "a@origin.test", &["b@dest.test"], "<one@t>", "x\r\n");
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    send(&server, "a@origin.test", &["b@dest.test"], "<two@t>", "x\r\n");
+    let (connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <two@t>"), "{data}");
+    assert_eq!(connection, 1);
+}
+
+#[test]
 fn sigterm_waits_for_a_delivery_in_flight_so_the_next_run_does_not_send_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
