@@ -424,6 +424,20 @@ pub fn canonical_domain(domain: &str) -> String {
     idna::domain_to_ascii(domain).map_or_else(|_| domain.to_lowercase(), |a| a.to_ascii_lowercase())
 }
 
+/// The same mailbox: the local parts equal, the domains equal in canonical form (any case,
+/// U-labels or A-labels; see [`canonical_domain`]).
+pub fn same_mailbox(a: &str, b: &str) -> bool {
+    match (a.rsplit_once('@'), b.rsplit_once('@')) {
+        (Some((la, da)), Some((lb, db))) => {
+            la == lb
+                && (da.eq_ignore_ascii_case(db)
+                    || (!(da.is_ascii() && db.is_ascii())
+                        && canonical_domain(da) == canonical_domain(db)))
+        }
+        _ => a == b,
+    }
+}
+
 /// Checks that all of `s` is one RFC 5321 Domain.
 fn check_domain(s: &str) -> Result<(), PathError> {
     match scan_domain(s.as_bytes())? {
@@ -529,6 +543,15 @@ mod tests {
         let p = rev("<a@[IPv6:2001:db8::1]>").unwrap();
         assert_eq!(p.to_string(), "<a@[IPv6:2001:db8::1]>");
         assert_eq!(rev("<a@[300.1.1.1]>"), Err(PathError::Syntax));
+    }
+
+    #[test]
+    fn a_mailbox_is_the_same_whatever_the_form_of_its_domain() {
+        assert!(same_mailbox("u@Example.TEST", "u@example.test"));
+        assert!(same_mailbox("u@b\u{fc}cher.test", "u@xn--bcher-kva.test"));
+        assert!(same_mailbox("u@B\u{dc}cher.test", "u@b\u{fc}cher.test"));
+        assert!(!same_mailbox("U@example.test", "u@example.test"));
+        assert!(!same_mailbox("u@bucher.test", "u@b\u{fc}cher.test"));
     }
 
     #[test]

@@ -153,6 +153,18 @@ impl Envelope {
         });
     }
 
+    /// Whether `path` is the mailbox of a recipient already taken (see
+    /// [`crate::address::same_mailbox`]).
+    pub(crate) fn has_recipient(&self, path: &ForwardPath<'_>) -> bool {
+        let shown = match path {
+            ForwardPath::Postmaster => "Postmaster".to_owned(),
+            ForwardPath::Mailbox(m) => m.to_string(),
+        };
+        self.rcpts
+            .iter()
+            .any(|r| crate::address::same_mailbox(&self.buf[r.path.clone()], &shown))
+    }
+
     pub(crate) fn pop_rcpt(&mut self) {
         if let Some(r) = self.rcpts.pop() {
             self.buf.truncate(r.path.start);

@@ -737,16 +737,6 @@ impl ServerSession {
         if !params.is_empty() && !self.envelope.is_esmtp() {
             return self.fail(replies::PARAMS_NEED_EHLO);
         }
-        let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
-        if self.envelope.recipient_count() >= limit {
-            // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
-            // answer is not held against the session until the overshoot gets absurd.
-            if self.rcpts_tried - limit > MAX_RCPT_OVERSHOOT {
-                return self.fail(replies::TOO_MANY_RCPTS);
-            }
-            replies::TOO_MANY_RCPTS.write(&mut self.out);
-            return None;
-        }
         if let ForwardPath::Mailbox(m) = &path {
             if !m.is_ascii() && !self.envelope.smtputf8() {
                 return self.fail(replies::NEED_SMTPUTF8);
@@ -756,6 +746,22 @@ impl ServerSession {
             // Raw UTF-8 in ORCPT only inside SMTPUTF8 (RFC 6533 3); outside it the address
             // is written utf-8-addr-xtext.
             return self.fail(replies::ORCPT_NEEDS_SMTPUTF8);
+        }
+        let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
+        if self.envelope.recipient_count() >= limit {
+            if self.envelope.has_recipient(&path) {
+                // A mailbox already taken is the same recipient, stored once: a 452 would
+                // have the client send the message to it again later.
+                replies::RCPT_OK.write(&mut self.out);
+                return None;
+            }
+            // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
+            // answer is not held against the session until the overshoot gets absurd.
+            if self.rcpts_tried - limit > MAX_RCPT_OVERSHOOT {
+                return self.fail(replies::TOO_MANY_RCPTS);
+            }
+            replies::TOO_MANY_RCPTS.write(&mut self.out);
+            return None;
         }
         self.envelope.push_rcpt(&path, &params);
         self.decision = Decision::Rcpt;

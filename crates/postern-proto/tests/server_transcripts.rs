@@ -388,6 +388,27 @@ fn recipients_past_the_limit_do_not_end_the_session() {
 }
 
 #[test]
+fn a_mailbox_already_taken_is_250_again_at_the_recipient_limit() {
+    // Stored once, so not "too many": a 452 would have the client send it again later
+    // (RFC 5321 4.5.3.1.10). Any case of the domain is the same mailbox; a new one is 452.
+    let o = with_recipients(
+        100,
+        &[
+            "RCPT TO:<r0@mx.test>",
+            "RCPT TO:<r7@MX.Test>",
+            "RCPT TO:<R7@mx.test>",
+            "DATA",
+            "hi",
+            ".",
+        ],
+    );
+    assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 102);
+    assert_eq!(o.output.matches("452 4.5.3").count(), 1, "{}", o.output);
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].1.len(), 100);
+}
+
+#[test]
 fn an_absurd_recipient_overshoot_counts_as_errors() {
     let o = with_recipients(1200, &[]);
     // A limit of 100: 1000 overshooting RCPTs are free, then 20 errors end it.

@@ -104,13 +104,16 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Counts `Received:` header fields in the header section of a body as it streams past.
+/// Counts `Received:` header fields in the header section of a body as it streams past,
+/// also in the obsolete form with white space before the colon (`Received :`, RFC 5322 4.5).
 #[derive(Debug, Default)]
 pub(crate) struct LoopDetector {
-    /// Position in the current line (saturating; only the first 9 bytes matter).
+    /// Position in the current line (saturating; only the first 8 bytes are kept).
     col: usize,
     /// The first bytes of the current line.
-    head: [u8; 9],
+    head: [u8; 8],
+    /// The line starts with the field name `Received` and only white space has come after it.
+    named: bool,
     /// The header section has ended (an empty line).
     done: bool,
     count: usize,
@@ -132,8 +135,15 @@ impl LoopDetector {
             }
             if self.col < self.head.len() {
                 self.head[self.col] = b;
-                if self.col == 8 && self.head.eq_ignore_ascii_case(b"received:") {
-                    self.count += 1;
+                self.named = self.col == 7 && self.head.eq_ignore_ascii_case(b"received");
+            } else if self.named {
+                match b {
+                    b' ' | b'\t' => {}
+                    b':' => {
+                        self.count += 1;
+                        self.named = false;
+                    }
+                    _ => self.named = false,
                 }
             }
             self.col = self.col.saturating_add(1);
@@ -278,6 +288,31 @@ mod tests {
         let mut d = LoopDetector::default();
         d.feed(b"Subject: x\r\n\r\n");
         d.feed(&body);
+        assert!(!d.is_looping());
+    }
+
+    #[test]
+    fn loop_detector_takes_the_obsolete_form_with_space_before_the_colon() {
+        let mut body = Vec::new();
+        for i in 0..101 {
+            body.extend_from_slice(match i % 3 {
+                0 => b"Received : from x by y; date\r\n".as_slice(),
+                1 => b"RECEIVED\t: from x by y; date\r\n".as_slice(),
+                _ => b"received: from x by y; date\r\n".as_slice(),
+            });
+        }
+        for size in [1, 5, 64] {
+            let mut d = LoopDetector::default();
+            for chunk in body.chunks(size) {
+                d.feed(chunk);
+            }
+            assert!(d.is_looping(), "chunks of {size}");
+        }
+        // Other fields whose names start alike do not count.
+        let mut d = LoopDetector::default();
+        for _ in 0..101 {
+            d.feed(b"Received-SPF: pass\r\nReceivedx: y\r\nReceived x: y\r\n");
+        }
         assert!(!d.is_looping());
     }
 }

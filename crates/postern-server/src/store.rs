@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
-use postern_proto::address::canonical_domain;
+use postern_proto::address::{canonical_domain, same_mailbox};
 use postern_proto::{BodyType, Envelope, Ret};
 use postern_spool::{
     MessageMeta, MessageRef, Recipient, Spool, SpoolError, SpoolOptions, Status, Ticket,
@@ -64,20 +64,6 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
         }
     }
     out
-}
-
-/// The same mailbox: the local parts equal, the domains equal in canonical form (any case,
-/// U-labels or A-labels).
-fn same_mailbox(a: &str, b: &str) -> bool {
-    match (a.rsplit_once('@'), b.rsplit_once('@')) {
-        (Some((la, da)), Some((lb, db))) => {
-            la == lb
-                && (da.eq_ignore_ascii_case(db)
-                    || (!(da.is_ascii() && db.is_ascii())
-                        && canonical_domain(da) == canonical_domain(db)))
-        }
-        _ => a == b,
-    }
 }
 
 /// Sends a postmaster recipient where the operator said (`--postmaster`), or, without that, to
@@ -308,19 +294,5 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
         }
         store.spool.borrow_mut().sync_done(batch, result);
         store.synced.notify(usize::MAX);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_mailbox;
-
-    #[test]
-    fn a_mailbox_is_the_same_whatever_the_form_of_its_domain() {
-        assert!(same_mailbox("u@Example.TEST", "u@example.test"));
-        assert!(same_mailbox("u@b\u{fc}cher.test", "u@xn--bcher-kva.test"));
-        assert!(same_mailbox("u@B\u{dc}cher.test", "u@b\u{fc}cher.test"));
-        assert!(!same_mailbox("U@example.test", "u@example.test"));
-        assert!(!same_mailbox("u@bucher.test", "u@b\u{fc}cher.test"));
     }
 }

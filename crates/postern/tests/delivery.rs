@@ -1824,9 +1824,21 @@ fn one_broken_session_with_a_single_address_relay_host_does_not_hold_up_other_ma
         "--metrics",
         "127.0.0.1:0",
     ]);
-    send(&server, "a@origin.test", &["b@dest.test"], "<one@t>", "x\r\n");
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<one@t>",
+        "x\r\n",
+    );
     server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
-    send(&server, "a@origin.test", &["b@dest.test"], "<two@t>", "x\r\n");
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<two@t>",
+        "x\r\n",
+    );
     let (connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(data.contains("Message-ID: <two@t>"), "{data}");
     assert_eq!(connection, 1);
