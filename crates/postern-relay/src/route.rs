@@ -26,6 +26,9 @@ impl HostPort {
                 None if after.is_empty() => default_port,
                 None => return Err(bad()),
             };
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad());
+            }
             (host, port)
         } else {
             match s.rsplit_once(':') {
@@ -35,6 +38,17 @@ impl HostPort {
         };
         if host.is_empty() || port == 0 {
             return Err(bad());
+        }
+        // An IP address, or a host name of letters, digits and hyphens (or UTF-8 labels).
+        let name = host.trim_end_matches('.');
+        let is_name = matches!(
+            postern_proto::address::parse_host(name),
+            Ok(postern_proto::Host::Domain(_))
+        );
+        if host.parse::<std::net::IpAddr>().is_err() && !is_name {
+            return Err(format!(
+                "'{s}' is not HOST:PORT: '{host}' is neither a host name nor an IP address"
+            ));
         }
         Ok(HostPort {
             host: host.trim_end_matches('.').to_ascii_lowercase(),
@@ -155,7 +169,22 @@ mod tests {
         let v6 = HostPort::parse("[::1]:26", 25).unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 26));
         assert_eq!(v6.to_string(), "[::1]:26");
-        for bad in ["", ":25", "host:0", "host:x", "[::1", "[::1]x"] {
+        assert_eq!(HostPort::parse("localhost", 25).unwrap().host, "localhost");
+        assert_eq!(HostPort::parse("::1", 25).unwrap().host, "::1");
+        for bad in [
+            "",
+            ":25",
+            "host:0",
+            "host:x",
+            "[::1",
+            "[::1]x",
+            "127.0.0.1:2525:5",
+            "a b:25",
+            "a..b:25",
+            "-x:25",
+            "h:x:y",
+            "[not-v6]:25",
+        ] {
             assert!(HostPort::parse(bad, 25).is_err(), "{bad}");
         }
     }

@@ -40,7 +40,7 @@ pub struct Running {
     /// The metrics address actually bound.
     pub metrics: Option<SocketAddr>,
     stop: Arc<StopFlag>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<bool>>,
     /// Held until the cores have stopped: no other process opens this spool meanwhile.
     _spool_lock: DirLock,
 }
@@ -51,11 +51,14 @@ impl Running {
         self.stop.clone()
     }
 
-    /// Waits until every core has stopped.
-    pub fn wait(self) {
+    /// Waits until every core has stopped; false when one of them failed (panicked), which
+    /// stops the others.
+    pub fn wait(self) -> bool {
+        let mut clean = true;
         for t in self.threads {
-            let _ = t.join();
+            clean &= t.join().unwrap_or(false);
         }
+        clean
     }
 }
 
@@ -240,8 +243,15 @@ pub fn start_locked(
         let handle = builder
             .spawn(move || core_main(ctx, ready))
             .map_err(|e| StartError::Executor(executor_advice(&e.to_string())))?;
+        let stop_all = stop.clone();
         threads.push(std::thread::spawn(move || {
-            let _ = handle.join();
+            // A core that fails leaves its deliveries and its spool unserved: the whole
+            // server stops (the others gracefully), for its supervisor to start it again.
+            let clean = handle.join().is_ok();
+            if !clean {
+                stop_all.stop();
+            }
+            clean
         }));
     }
     drop(ready_tx);

@@ -218,9 +218,17 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses `500ms`, `3s`, `5m`, `1h`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"))
+    let d = humantime::parse_duration(s)
+        .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"))?;
+    // Deadlines are instants: a duration this long would overflow when added to one.
+    if d > MAX_DURATION {
+        return Err(format!("'{s}' is more than 10 years"));
+    }
+    Ok(d)
 }
+
+/// The longest duration any flag takes.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
 /// A domain name (ASCII or UTF-8 labels), as `--accept-domain` and `--route` take.
 fn is_domain(s: &str) -> bool {
@@ -282,7 +290,7 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
 /// the command line and its `POSTERN_<NAME>` is set.
 fn with_env_source(line: String) -> String {
     let Some(flag) = line
-        .split(['\'', ' '])
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
         .find(|w| w.starts_with("--") && w.len() > 2)
     else {
         return line;
@@ -345,6 +353,19 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     if !(1..=256).contains(&s.max_transactions_in_flight) {
         return Err("--max-transactions-in-flight must be from 1 to 256".into());
     }
+    for (flag, d) in [
+        ("--smtp-connect-timeout", s.smtp_connect_timeout),
+        ("--smtp-greeting-timeout", s.smtp_greeting_timeout),
+        ("--smtp-mail-timeout", s.smtp_mail_timeout),
+        ("--smtp-rcpt-timeout", s.smtp_rcpt_timeout),
+        ("--smtp-data-init-timeout", s.smtp_data_init_timeout),
+        ("--smtp-data-block-timeout", s.smtp_data_block_timeout),
+        ("--smtp-data-done-timeout", s.smtp_data_done_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(format!("{flag} must be more than 0"));
+        }
+    }
     if s.retry_initial.is_zero() || s.retry_max < s.retry_initial {
         return Err("--retry-initial must be more than 0 and at most --retry-max".into());
     }
@@ -402,7 +423,7 @@ fn settings(s: Serve) -> Result<Settings, String> {
     // segments on disk and its io_uring memory.
     if cores > MAX_CORES_PER_CPU * available {
         return Err(format!(
-            "--cores {cores} is more than {MAX_CORES_PER_CPU} per CPU this process may use              ({available} CPUs)"
+            "--cores {cores} is more than {MAX_CORES_PER_CPU} per CPU this process may use ({available} CPUs)"
         ));
     }
     if s.max_recipients < 100 {

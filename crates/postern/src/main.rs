@@ -113,7 +113,10 @@ fn main() -> ExitCode {
         }
         Err(e) => tracing::warn!("cannot handle signals: {e}"),
     }
-    running.wait();
+    if !running.wait() {
+        say!("postern: stopped because a core failed (see the log above)");
+        return ExitCode::FAILURE;
+    }
     say!("postern: stopped");
     ExitCode::SUCCESS
 }

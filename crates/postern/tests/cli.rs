@@ -99,6 +99,28 @@ fn values_that_cannot_work_are_refused_by_name() {
     );
     // Far more executors than CPUs: each would reserve its spool segments on disk.
     refused(&["serve", "--cores", "100000"], "--cores");
+    // A deadline this far off overflows the clock.
+    refused(
+        &["serve", "--max-session-time", "300000000000y"],
+        "--max-session-time",
+    );
+    refused(
+        &["serve", "--outbound-idle-timeout", "300000000000y"],
+        "--outbound-idle-timeout",
+    );
+    // An outbound wait of 0 times out at once, after the next hop may have taken the mail.
+    for flag in [
+        "--smtp-connect-timeout",
+        "--smtp-greeting-timeout",
+        "--smtp-data-done-timeout",
+    ] {
+        refused(&["serve", flag, "0s"], flag);
+    }
+    // A next hop must be a host name or an IP address.
+    for bad in ["127.0.0.1:2525:5", "a b:25", "a..b:25", "-x:25"] {
+        refused(&["serve", "--relay-host", bad], "--relay-host");
+    }
+    refused(&["serve", "--route", "a.test=h:x:y"], "--route");
     refused(
         &[
             "serve",
@@ -159,6 +181,21 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         err.contains("--max-message-size") && err.contains("POSTERN_MAX_MESSAGE_SIZE"),
         "{err}"
     );
+    // Also where the message puts a colon after the flag.
+    for (var, value, flag) in [
+        ("POSTERN_HOSTNAME", "bad host", "--hostname"),
+        ("POSTERN_RELAY_HOST", "host:0", "--relay-host"),
+        ("POSTERN_OUTBOUND_TLS", "bogus", "--outbound-tls"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(flag) && err.contains(var), "{var}: {err}");
+    }
 }
 
 #[test]
