@@ -55,6 +55,8 @@ pub(crate) struct Core {
     pub(crate) session_ended: Event,
     /// The spool is past its high-water mark (until it falls to the low mark).
     pub(crate) spool_full: Cell<bool>,
+    /// With `--hold`: past the queue's high-water mark, until its low-water mark.
+    pub(crate) queue_full: Cell<bool>,
     /// Where acknowledged messages go (none: they stay in the spool).
     pub(crate) delivery: std::cell::RefCell<Option<Rc<dyn crate::delivery::Delivery>>>,
 }
@@ -75,7 +77,27 @@ impl Core {
             return false;
         }
         let delivery = self.delivery.borrow().clone();
-        delivery.is_none_or(|d| d.accepting())
+        match delivery {
+            Some(d) => d.accepting(),
+            None => self.held_accepting(),
+        }
+    }
+
+    /// With nothing delivering (`--hold`), the queue's marks apply to the messages this core
+    /// keeps, against its share of them.
+    fn held_accepting(&self) -> bool {
+        let Some((high, low)) = self.settings.held_queue_marks else {
+            return true;
+        };
+        let cores = self.settings.cores.max(1) as u64;
+        let live = self.store.live_messages() as u64;
+        let full = if self.queue_full.get() {
+            live > low / cores
+        } else {
+            live >= high.div_ceil(cores)
+        };
+        self.queue_full.set(full);
+        !full
     }
 
     /// The spool's high-water mark with hysteresis: full at the mark, open again at 80 % of it.

@@ -362,6 +362,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         session_ended: Default::default(),
         delivery: Default::default(),
         spool_full: Default::default(),
+        queue_full: Default::default(),
     });
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
     if let Some(factory) = &init.delivery {

@@ -444,13 +444,14 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if !(64 * 1024..=1 << 32).contains(&s.spool_segment_size) {
         return Err("--spool-segment-size must be between 64k and 4G".into());
     }
-    // Each core keeps a segment it writes and a spare, both reserved in full on disk: a mark
-    // below that would refuse all mail on an empty spool.
-    let floor = s.spool_segment_size.saturating_mul(2 * cores as u64);
+    // Each core keeps a segment it writes and a spare, both reserved in full on disk, and
+    // watches its share of the mark: a share of two segments would refuse all mail on an
+    // empty spool, so each core gets room for a third.
+    let floor = s.spool_segment_size.saturating_mul(3 * cores as u64);
     if s.spool_high_water != 0 && s.spool_high_water < floor {
         return Err(format!(
-            "--spool-high-water must be 0 or at least {} (two --spool-segment-size segments \
-             per core, reserved on disk even when empty)",
+            "--spool-high-water must be 0 or at least {} (three --spool-segment-size segments \
+             per core: two are reserved on disk even when empty)",
             floor
         ));
     }
@@ -503,6 +504,12 @@ fn settings(s: Serve) -> Result<Settings, String> {
         spool_dir: s.spool,
         spool_segment_size: s.spool_segment_size,
         spool_high_water: s.spool_high_water,
+        held_queue_marks: (s.hold && s.queue_high_water > 0).then(|| {
+            (
+                s.queue_high_water,
+                s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8),
+            )
+        }),
         hostname: s.hostname.unwrap_or_else(system_hostname),
         accept_domains: s.accept_domain,
         relay_networks: if s.relay_network.is_empty() {

@@ -56,6 +56,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Past RLIMIT_FSIZE a write raises SIGXFSZ, which ends the process by default; with a
+    // handler the write fails with EFBIG instead, which the spool answers as a full disk
+    // (452 4.3.1) and logs.
+    let fsize_exceeded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, fsize_exceeded) {
+        tracing::warn!("cannot handle SIGXFSZ: {e}");
+    }
     let settings = config.server;
     let cores = settings.cores;
     // The spool's lock comes first: recovery must not read a spool another process writes.
@@ -97,17 +104,21 @@ fn main() -> ExitCode {
     }
     say!("postern: ready with {cores} cores");
     let stop = running.stop_flag();
-    match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]) {
         Ok(mut signals) => {
             std::thread::spawn(move || {
-                if signals.forever().next().is_some() {
-                    tracing::info!(
-                        "stopping: no new connections, finishing transactions in flight"
-                    );
-                    stop.stop();
+                for signal in signals.forever() {
+                    if signal == SIGTERM || signal == SIGINT {
+                        tracing::info!(
+                            "stopping: no new connections, finishing transactions in flight"
+                        );
+                        stop.stop();
+                        return;
+                    }
+                    // There is no configuration to reload (flags only): a restart applies
+                    // new ones. A stray signal must not kill the server abruptly.
+                    tracing::warn!(signal, "signal ignored; SIGTERM stops postern");
                 }
             });
         }

@@ -99,6 +99,20 @@ fn values_that_cannot_work_are_refused_by_name() {
     );
     // Far more executors than CPUs: each would reserve its spool segments on disk.
     refused(&["serve", "--cores", "100000"], "--cores");
+    // Two segments per core are reserved even when the spool is empty: a mark there would
+    // refuse all mail for good.
+    refused(
+        &[
+            "serve",
+            "--cores",
+            "1",
+            "--spool-segment-size",
+            "1M",
+            "--spool-high-water",
+            "2M",
+        ],
+        "--spool-high-water",
+    );
     // A deadline this far off overflows the clock.
     refused(
         &["serve", "--max-session-time", "300000000000y"],

@@ -1443,6 +1443,27 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
     mail_until(&mut c, "250");
 }
 
+#[test]
+fn held_mail_counts_against_the_queue_high_water_mark() {
+    // Nothing delivers with --hold (the harness's default without a route), so what is kept
+    // is the queue.
+    let server = Server::start(&["--cores", "1", "--queue-high-water", "3"]);
+    for i in 0..3 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<held{i}@t>"),
+            "x\r\n",
+        );
+    }
+    let mut c = greeted(&server);
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@origin.test>"),
+        "452 4.3.1 Mail queue full, try again later"
+    );
+}
+
 /// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
 /// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
 fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reserved) {
