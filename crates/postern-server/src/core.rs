@@ -16,6 +16,9 @@ use crate::metrics::CoreMetrics;
 use crate::relay::RelayPolicy;
 use crate::store::CoreStore;
 
+/// At most one log line about spool errors per core this often.
+const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// The process-wide stop request, set from the signal thread.
 #[derive(Debug, Default)]
 pub struct StopFlag(AtomicBool);
@@ -57,6 +60,8 @@ pub(crate) struct Core {
     pub(crate) spool_full: Cell<bool>,
     /// With `--hold`: past the queue's high-water mark, until its low-water mark.
     pub(crate) queue_full: Cell<bool>,
+    /// When a spool error was last logged, and how many came since.
+    pub(crate) spool_error_log: Cell<(Option<std::time::Instant>, u64)>,
     /// Where acknowledged messages go (none: they stay in the spool).
     pub(crate) delivery: std::cell::RefCell<Option<Rc<dyn crate::delivery::Delivery>>>,
 }
@@ -117,6 +122,26 @@ impl Core {
         };
         self.spool_full.set(full);
         !full
+    }
+
+    /// Counts a spool error and logs it: the first at once, then at most one line every
+    /// [`SPOOL_ERROR_LOG_EVERY`] with how many came meanwhile, so a full or broken disk is in
+    /// the log without flooding it.
+    pub(crate) fn spool_error(&self, what: &str, e: &dyn std::fmt::Display) {
+        self.metrics.borrow_mut().spool_errors += 1;
+        let now = std::time::Instant::now();
+        let (last, quiet) = self.spool_error_log.get();
+        if last.is_some_and(|t| now.duration_since(t) < SPOOL_ERROR_LOG_EVERY) {
+            self.spool_error_log.set((last, quiet + 1));
+            return;
+        }
+        self.spool_error_log.set((Some(now), 0));
+        tracing::error!(
+            core = self.id,
+            spool = %self.settings.spool_dir.display(),
+            more_since_last = quiet,
+            "spool error while {what}: {e}"
+        );
     }
 
     /// Copies the core's figures to where the scraper reads them.

@@ -74,15 +74,15 @@ impl CoreHandle {
     /// Forgets a message of this core whose recipients all have durable final statuses, and
     /// reclaims the segments freed.
     pub fn mark_final(&self, queue_id: &str) {
-        if self.0.store.mark_final(queue_id).is_err() {
-            self.0.metrics.borrow_mut().spool_errors += 1;
+        if let Err(e) = self.0.store.mark_final(queue_id) {
+            self.0.spool_error("reclaiming segments", &e);
         }
     }
 
     /// Reclaims segments that hold nothing live (call now and then).
     pub fn reclaim(&self) {
-        if self.0.store.reclaim().is_err() {
-            self.0.metrics.borrow_mut().spool_errors += 1;
+        if let Err(e) = self.0.store.reclaim() {
+            self.0.spool_error("reclaiming segments", &e);
         }
     }
 

@@ -363,6 +363,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         delivery: Default::default(),
         spool_full: Default::default(),
         queue_full: Default::default(),
+        spool_error_log: Default::default(),
     });
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
     if let Some(factory) = &init.delivery {

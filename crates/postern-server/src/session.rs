@@ -316,8 +316,8 @@ impl Session {
         crate::store::ensure_spare(&self.core);
         let mut draft = match begun {
             Ok(d) => d,
-            Err(_) => {
-                self.core.metrics.borrow_mut().spool_errors += 1;
+            Err(e) => {
+                self.core.spool_error("starting a message", &e);
                 self.proto.reject(replies::SPOOL_FULL);
                 return;
             }
@@ -340,8 +340,8 @@ impl Session {
             },
             &mut header,
         );
-        if self.core.store.append(&mut draft, &header).is_err() {
-            self.core.metrics.borrow_mut().spool_errors += 1;
+        if let Err(e) = self.core.store.append(&mut draft, &header) {
+            self.core.spool_error("writing a message", &e);
             self.core.store.abort(draft);
             self.proto.reject(replies::SPOOL_FULL);
             return;
@@ -356,8 +356,8 @@ impl Session {
         let Some(draft) = self.draft.as_mut() else {
             return;
         };
-        if self.core.store.append(draft, bytes).is_err() {
-            self.core.metrics.borrow_mut().spool_errors += 1;
+        if let Err(e) = self.core.store.append(draft, bytes) {
+            self.core.spool_error("writing a message", &e);
             if let Some(draft) = self.draft.take() {
                 self.core.store.abort(draft);
             }
@@ -405,8 +405,8 @@ impl Session {
                     });
                 }
             }
-            Err(_) => {
-                self.core.metrics.borrow_mut().spool_errors += 1;
+            Err(e) => {
+                self.core.spool_error("committing a message", &e);
                 self.proto.message_failed(replies::SPOOL_FULL);
             }
         }

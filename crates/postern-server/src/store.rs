@@ -264,8 +264,8 @@ pub(crate) fn ensure_spare(core: &Rc<Core>) {
     let core = core.clone();
     glommio::spawn_local(async move {
         let made = glommio::executor().spawn_blocking(move || job.run()).await;
-        if made.is_err() {
-            core.metrics.borrow_mut().spool_errors += 1;
+        if let Err(e) = &made {
+            core.spool_error("making the next segment", e);
         }
         core.store.spool.borrow_mut().install_spare(made);
     })
@@ -289,8 +289,8 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
                 (batch, result)
             })
             .await;
-        if result.is_err() {
-            core.metrics.borrow_mut().spool_errors += 1;
+        if let Err(e) = &result {
+            core.spool_error("syncing", e);
         }
         store.spool.borrow_mut().sync_done(batch, result);
         store.synced.notify(usize::MAX);

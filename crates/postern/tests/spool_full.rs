@@ -80,3 +80,66 @@ fn a_full_spool_disk_gives_452_and_loses_nothing() {
         "nothing unacknowledged is reported whole"
     );
 }
+
+#[test]
+fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // A segment file of 1 MiB is past `ulimit -f 512` (512 KiB): writing it raises SIGXFSZ,
+    // which ends a process that does not handle it.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 512 && exec {} serve --listen 127.0.0.1:0 --cores 1 --hold \
+             --spool-segment-size 1M --spool {}",
+            env!("CARGO_BIN_EXE_postern"),
+            spool.display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = None;
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).unwrap() > 0, "postern exited");
+        if let Some(a) = line.trim().strip_prefix("postern: smtp listening on ") {
+            addr = Some(a.parse().unwrap());
+        }
+        if line.starts_with("postern: ready") {
+            break;
+        }
+    }
+    let mut c = common::Client::connect(addr.unwrap());
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<r@d.test>");
+    let data = c.cmd("DATA");
+    let reply = if data.starts_with("354") {
+        c.cmd("Subject: x\r\n\r\nhello\r\n.")
+    } else {
+        data
+    };
+    assert_eq!(reply, "452 4.3.1 Insufficient system storage");
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 Bye");
+    assert!(child.try_wait().unwrap().is_none(), "postern died");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("spool error"), "{log}");
+}
