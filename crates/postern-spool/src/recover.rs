@@ -121,6 +121,20 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
 }
 
 /// Scans one core's directory (what the core's own spool needs at open).
+/// Whether a segment file has a valid header and not one record: a segment made ahead (the
+/// spare) or opened by a run that wrote nothing to it. It holds nothing to keep.
+pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
+    let file = File::open(path).map_err(SpoolError::from_io)?;
+    let map = ReadMap::new(&file).map_err(SpoolError::from_io)?;
+    let data = map.range(0, map.len());
+    Ok(match header(data) {
+        Header::Valid { salt } => data
+            .get(HEADER..)
+            .is_some_and(|rest| matches!(read_record(rest, salt), Read::End)),
+        _ => false,
+    })
+}
+
 pub(crate) fn recover_core(dir: &Path, core: u32) -> Result<Recovered, SpoolError> {
     scan_dirs(&[(core, dir.to_path_buf())])
 }

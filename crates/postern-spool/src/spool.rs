@@ -165,8 +165,10 @@ impl Spool {
         let mut last = 0;
         for (seq, path) in files {
             last = seq;
-            if segment_is_blank(&path)? {
-                // Its creation was cut off: it never held a record.
+            if segment_is_blank(&path)? || crate::recover::segment_holds_nothing(&path)? {
+                // Its creation was cut off, or it was made ahead and never written: it holds
+                // no record. Left in place, each restart behind a message still queued in an
+                // older segment would keep one more such segment, reserved in full on disk.
                 std::fs::remove_file(&path).map_err(SpoolError::from_io)?;
                 continue;
             }

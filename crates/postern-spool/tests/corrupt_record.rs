@@ -1,6 +1,7 @@
 //! Damage in the middle of a segment: the bad record is skipped, counted and located, the scan
 //! goes on, nothing crashes; bytes copied from another segment (as a body may carry them) are
-//! never taken for records; a segment whose creation was cut off is dropped quietly.
+//! never taken for records; a segment whose creation was cut off, or that was made ahead and
+//! never written, is dropped quietly.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -116,4 +117,27 @@ fn a_segment_cut_off_while_being_made_is_dropped() {
     let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert!(!blank.exists());
     assert_eq!(spool.segment_count(), 1);
+}
+
+#[test]
+fn segments_made_ahead_and_never_written_do_not_pile_up_over_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    // A message that stays queued pins the oldest segment, so nothing after it is released
+    // oldest-first.
+    let mut d = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut d, b"still queued").unwrap();
+    spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    for _ in 0..3 {
+        // Each run makes its next segment ahead of need, as the server does at start.
+        let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+        let job = spool.spare_job().expect("a spare to make");
+        spool.install_spare(job.run());
+        drop(spool);
+    }
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.segment_count(), 1, "{:?}", segment_files(dir.path()));
+    assert_eq!(recover(dir.path()).unwrap().messages.len(), 1);
 }
