@@ -105,10 +105,7 @@ impl CoreStore {
             ))
         };
         std::fs::create_dir_all(dir).map_err(advice)?;
-        let probe = dir.join(".postern-probe");
-        std::fs::write(&probe, b"probe").map_err(advice)?;
-        std::fs::remove_file(&probe).map_err(advice)?;
-        Ok(())
+        probe_writable(dir).map_err(advice)
     }
 
     pub(crate) fn open(
@@ -116,6 +113,17 @@ impl CoreStore {
         core: usize,
         segment_size: u64,
     ) -> Result<CoreStore, StartError> {
+        // Each core writes its own directory, which may differ from the root (made by another
+        // user, mounted read-only).
+        let own = dir.join(core.to_string());
+        if own.is_dir() {
+            probe_writable(&own).map_err(|e| {
+                StartError::Spool(format!(
+                    "{} is not a writable directory ({e}); make it writable by this user",
+                    own.display()
+                ))
+            })?;
+        }
         let core = u32::try_from(core).map_err(|_| StartError::Spool("too many cores".into()))?;
         let spool = Spool::open(dir, core, SpoolOptions { segment_size })
             .map_err(|e| StartError::Spool(format!("{}: {e}", dir.display())))?;
@@ -252,6 +260,29 @@ impl CoreStore {
     /// Syncs what is pending, on this thread: only at shutdown.
     pub(crate) fn shutdown(&self) {
         let _ = self.spool.borrow_mut().sync_now();
+    }
+}
+
+/// Creates and removes an empty file in `dir`. A full disk is not a reason to refuse to start
+/// (mail is refused with 452 until space returns, and delivery frees it), so `ENOSPC` and
+/// `EDQUOT` pass; only a directory this process may not write fails.
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(".postern-probe");
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe);
+    let _ = std::fs::remove_file(&probe);
+    match made {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
+            tracing::warn!(
+                "the spool's disk is full ({}): mail is refused with 452 until space returns",
+                dir.display()
+            );
+            Ok(())
+        }
+        other => other.map(drop),
     }
 }
 

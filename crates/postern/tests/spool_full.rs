@@ -143,3 +143,118 @@ fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process(
         .unwrap();
     assert!(log.contains("spool error"), "{log}");
 }
+
+#[test]
+fn a_server_starts_on_a_full_disk_refuses_mail_with_452_and_takes_it_once_space_returns() {
+    let disk = common::Tmpfs::mount("4m");
+    let spool = disk.path.join("spool");
+    let args = ["--cores", "1", "--spool-segment-size", "1M"];
+    // A first run takes a message and stops.
+    let mut first = Server::start_in(&args, spool.clone(), None);
+    let mut c = first.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<r@d.test>");
+    c.cmd("DATA");
+    let kept = common::queue_id(&c.cmd("Subject: kept\r\n\r\nkept\r\n."));
+    drop(c);
+    assert!(first.terminate().success());
+    // Then the disk fills to the last block.
+    let fill = |name: &str| {
+        use std::io::Write;
+        let path = disk.path.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+        path
+    };
+    let filler = fill("filler");
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    // It started (and dropped the spare the first run never wrote to): whatever that freed
+    // is filled too.
+    let filler2 = fill("filler2");
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let line = "y".repeat(998) + "\r\n";
+    let deliver = |c: &mut common::Client| {
+        c.cmd("RSET");
+        c.cmd("MAIL FROM:<a@b.test>");
+        c.cmd("RCPT TO:<r@d.test>");
+        let go = c.cmd("DATA");
+        if !go.starts_with("354") {
+            return go;
+        }
+        c.send(b"Subject: x\r\n\r\n");
+        for _ in 0..100 {
+            c.send(line.as_bytes());
+        }
+        c.cmd(".")
+    };
+    // Whatever segment the new run could still make fills up; then 452.
+    let refused = (0..40)
+        .map(|_| deliver(&mut c))
+        .find(|r| !r.starts_with("250"))
+        .expect("the disk never filled up");
+    assert_eq!(refused, "452 4.3.1 Insufficient system storage");
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&filler2).unwrap();
+    let after = common::queue_id(&deliver(&mut c));
+    drop(c);
+    assert!(server.terminate().success());
+    let ids: Vec<String> = spooled(&spool).into_iter().map(|m| m.0).collect();
+    assert!(ids.contains(&kept) && ids.contains(&after), "{ids:?}");
+}
+
+#[test]
+fn a_core_directory_this_process_cannot_write_is_a_start_up_error() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let core0 = spool.join("0");
+    std::fs::create_dir_all(&core0).unwrap();
+    // Root may write anywhere but on a read-only mount.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&core0)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "this test mounts a tmpfs: run it as root"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(core0.clone());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cores", "1", "--hold"])
+        .arg("--spool")
+        .arg(&spool)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("postern started on a spool it cannot write");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&core0.display().to_string()) && err.contains("not a writable directory"),
+        "{err}"
+    );
+}
