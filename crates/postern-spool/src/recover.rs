@@ -120,7 +120,6 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     scan_dirs(&core_dirs)
 }
 
-/// Scans one core's directory (what the core's own spool needs at open).
 /// Whether a segment file has a valid header and not one record: a segment made ahead (the
 /// spare) or opened by a run that wrote nothing to it. It holds nothing to keep.
 pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
@@ -135,6 +134,7 @@ pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
     })
 }
 
+/// Scans one core's directory (what the core's own spool needs at open).
 pub(crate) fn recover_core(dir: &Path, core: u32) -> Result<Recovered, SpoolError> {
     scan_dirs(&[(core, dir.to_path_buf())])
 }

@@ -73,6 +73,31 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Fewer cores than last time: what the missing cores' directories still hold moves to
+    // the remaining ones before anything else reads the spool.
+    let options = postern_spool::SpoolOptions {
+        segment_size: settings.spool_segment_size,
+    };
+    match postern_spool::fold_cores(&settings.spool_dir, cores as u32, options) {
+        Ok(folded) if folded.dirs > 0 => {
+            for (old, new) in &folded.moved {
+                tracing::info!(queue_id = %new, was = %old, "moved from a core that no longer exists");
+            }
+            tracing::info!(
+                directories = folded.dirs,
+                messages = folded.moved.len(),
+                "spool written by more cores folded into {cores}"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            complain!(
+                "postern: cannot start: moving the queue of cores past --cores {cores} in {}: {e}",
+                settings.spool_dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    }
     let delivery = match config.relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");

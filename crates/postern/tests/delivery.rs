@@ -1444,6 +1444,76 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
 }
 
 #[test]
+fn mail_queued_by_more_cores_is_delivered_once_however_often_fewer_cores_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // Two cores hold mail (--hold), with some of it on core 1: one connection per message,
+    // which the kernel spreads over the cores.
+    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
+    let mut sent = 0;
+    while sent < 40 {
+        send(
+            &held,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<fold{sent}@t>"),
+            "x\r\n",
+        );
+        sent += 1;
+        let on_core_1 = common::spooled(&spool)
+            .iter()
+            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+            .count();
+        if sent >= 6 && on_core_1 > 0 {
+            break;
+        }
+    }
+    assert!(held.terminate().success());
+    assert!(
+        common::spooled(&spool)
+            .iter()
+            .any(|m| postern_spool::owner_core(&m.0) == Some(1)),
+        "no message on core 1: the test proves nothing"
+    );
+    // One core delivers everything, then restarts a few times.
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--cores",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    for run in 0..4 {
+        let mut server = Server::start_in(&args, spool.clone(), None);
+        if run == 0 {
+            peer.wait_for("every held message", Duration::from_secs(20), |s| {
+                s.len() >= sent
+            });
+        }
+        // Settled and recorded before the stop (the queue is empty).
+        server.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
+        assert!(server.terminate().success());
+        assert!(
+            !spool.join("1").exists(),
+            "core 1's directory is still there"
+        );
+    }
+    let stored = peer.stored();
+    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
+    ids.sort_unstable();
+    let all = ids.len();
+    ids.dedup();
+    assert_eq!(
+        (ids.len(), all),
+        (sent, sent),
+        "delivered again after a restart"
+    );
+}
+
+#[test]
 fn held_mail_counts_against_the_queue_high_water_mark() {
     // Nothing delivers with --hold (the harness's default without a route), so what is kept
     // is the queue.

@@ -1,0 +1,81 @@
+//! Fewer cores than the spool was written with: the messages still queued in the directories
+//! of cores that no longer exist are written again into the spool of core `n mod cores`, with
+//! their recipients' outcomes, and the old directories are removed.
+//!
+//! Left in place, they would be delivered by another core whose status records live in its
+//! own segments; once that core released those segments, the next start would find the old
+//! messages without outcomes and deliver them again (docs/durability.md).
+
+use std::path::Path;
+
+use crate::error::SpoolError;
+use crate::recover::recover;
+use crate::segment::sync_dir;
+use crate::spool::{Spool, SpoolOptions};
+
+/// What [`fold_cores`] did.
+#[derive(Debug, Default)]
+pub struct Folded {
+    /// Core directories removed.
+    pub dirs: usize,
+    /// Messages written again, as (old queue ID, new queue ID).
+    pub moved: Vec<(String, String)>,
+}
+
+/// Moves what the directories of cores `cores` and up still have to deliver into the spools
+/// of cores `0..cores`, makes it durable, then removes those directories. Called before any
+/// core opens its spool. A crash in the middle leaves the old copies in place: at worst a
+/// message is delivered twice, never lost.
+pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Folded, SpoolError> {
+    let mut out = Folded::default();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(out);
+    };
+    let old_dirs: Vec<(u32, std::path::PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
+        .filter(|(n, _)| *n >= cores)
+        .collect();
+    if old_dirs.is_empty() || cores == 0 {
+        return Ok(out);
+    }
+    // Every directory is read: outcomes of these messages may have been recorded by the core
+    // that delivered them in an earlier run.
+    let found = recover(root)?;
+    let mut by_target: Vec<Vec<&crate::recover::RecoveredMessage>> =
+        vec![Vec::new(); cores as usize];
+    for m in &found.messages {
+        if m.core >= cores && !m.is_final() {
+            by_target[(m.core % cores) as usize].push(m);
+        }
+    }
+    for (target, messages) in by_target.iter().enumerate() {
+        if messages.is_empty() {
+            continue;
+        }
+        let mut spool = Spool::open(root, target as u32, options)?;
+        for m in messages {
+            let mut draft = spool.begin(&m.meta)?;
+            for chunk in m.body().chunks() {
+                spool.append(&mut draft, chunk)?;
+            }
+            let new_id = draft.queue_id().to_owned();
+            spool.finish(draft)?;
+            for (rcpt, status) in m.statuses.iter().enumerate() {
+                if let Some(status) = status {
+                    spool.append_status(&new_id, rcpt as u32, status)?;
+                }
+            }
+            out.moved.push((m.queue_id.clone(), new_id));
+        }
+        spool.sync_now()?;
+    }
+    drop(found);
+    for (_, dir) in &old_dirs {
+        std::fs::remove_dir_all(dir).map_err(SpoolError::from_io)?;
+        out.dirs += 1;
+    }
+    sync_dir(root).map_err(SpoolError::from_io)?;
+    Ok(out)
+}

@@ -1,0 +1,67 @@
+//! Fewer cores than the spool was written with: the missing cores' queued messages move, with
+//! their outcomes, to the remaining cores; what was final is dropped; the old directories go.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{body, meta};
+use postern_spool::{fold_cores, recover, DeliveryState, Spool, SpoolOptions, Status};
+
+const OPTS: SpoolOptions = SpoolOptions {
+    segment_size: 128 * 1024,
+};
+
+fn delivered() -> Status {
+    Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 ok".into(),
+    }
+}
+
+#[test]
+fn queued_mail_of_missing_cores_moves_with_its_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Core 2 of an earlier run: one message half delivered, one delivered whole, one untried.
+    let mut old = Spool::open(dir.path(), 2, OPTS).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let mut d = old.begin(&meta(i)).unwrap();
+        old.append(&mut d, &body(i, 5000)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        old.finish(d).unwrap();
+    }
+    old.append_status(&ids[0], 0, &delivered()).unwrap();
+    old.append_status(&ids[1], 0, &delivered()).unwrap();
+    old.append_status(&ids[1], 1, &delivered()).unwrap();
+    old.sync_now().unwrap();
+    drop(old);
+
+    let folded = fold_cores(dir.path(), 2, OPTS).unwrap();
+    assert_eq!(folded.dirs, 1);
+    assert_eq!(folded.moved.len(), 2, "{folded:?}");
+    assert!(!dir.path().join("2").exists());
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 2);
+    for m in &r.messages {
+        assert_eq!(m.core, 0, "2 mod 2 is core 0");
+        let (old_id, _) = folded
+            .moved
+            .iter()
+            .find(|(_, new)| *new == m.queue_id)
+            .unwrap();
+        let i = ids.iter().position(|id| id == old_id).unwrap();
+        assert_eq!(r.body_vec(m), body(i, 5000));
+        assert_eq!(m.meta.reverse_path, meta(i).reverse_path);
+        let done: Vec<bool> = m.statuses.iter().map(Option::is_some).collect();
+        assert_eq!(
+            done,
+            if i == 0 {
+                [true, false]
+            } else {
+                [false, false]
+            }
+        );
+    }
+    // Nothing more to fold.
+    assert_eq!(fold_cores(dir.path(), 2, OPTS).unwrap().dirs, 0);
+}
