@@ -1,14 +1,15 @@
 //! The metrics port: Prometheus text at `/metrics`, liveness at `/healthz`, readiness at
 //! `/readyz` (503 once the server is draining, so a load balancer stops sending new clients).
 //! It runs on threads of its own with blocking I/O: never on a core that carries sessions.
-//! Each connection gets a thread of its own (at most [`MAX_CLIENTS`] at once), so a client
-//! that connects and says nothing never holds up the scrape behind it.
+//! Each connection gets a thread of its own (at most [`MAX_CLIENTS`] at once) and
+//! [`REQUEST_TIME`] for its whole request, so a client that connects and says nothing, or
+//! trickles its request, never holds up the scrape behind it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::core::StopFlag;
 use crate::error::StartError;
@@ -17,8 +18,16 @@ use crate::metrics::Registry;
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Connections served at once; past this, a new one is closed unanswered.
+/// Connections served at once. Past this, the connection that has been sending its request
+/// the longest is dropped to make room: a scraper sends its request at once, so clients that
+/// trickle theirs (or say nothing) cannot keep it out.
 const MAX_CLIENTS: usize = 64;
+
+/// How long a client has for its whole request head.
+const REQUEST_TIME: Duration = Duration::from_secs(5);
+
+/// Connections still sending their request: (number, since when, a handle to shut it down).
+type Reading = Arc<Mutex<Vec<(u64, Instant, TcpStream)>>>;
 
 /// Binds `addr` and serves from a new thread; returns the bound address.
 pub(crate) fn start(
@@ -35,16 +44,28 @@ pub(crate) fn start(
         .name("postern-metrics".into())
         .spawn(move || {
             let busy = Arc::new(AtomicUsize::new(0));
-            for stream in listener.incoming().flatten() {
-                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                    busy.fetch_sub(1, Ordering::AcqRel);
+            let reading: Reading = Arc::default();
+            for (n, stream) in (0u64..).zip(listener.incoming().flatten()) {
+                if busy.load(Ordering::Acquire) >= MAX_CLIENTS && !evict_slowest(&reading) {
+                    // Every slot is writing a response: this one waits for the next scrape.
                     continue;
                 }
+                if let Ok(handle) = stream.try_clone() {
+                    if let Ok(mut r) = reading.lock() {
+                        r.push((n, Instant::now(), handle));
+                    }
+                }
+                busy.fetch_add(1, Ordering::AcqRel);
                 let (registry, stop, done) = (registry.clone(), stop.clone(), busy.clone());
+                let reading = reading.clone();
                 let spawned = std::thread::Builder::new()
                     .name("postern-metrics-client".into())
                     .spawn(move || {
-                        let _ = answer(stream, &registry, &stop);
+                        let _ = answer(stream, &registry, &stop, || {
+                            if let Ok(mut r) = reading.lock() {
+                                r.retain(|(k, ..)| *k != n);
+                            }
+                        });
                         done.fetch_sub(1, Ordering::AcqRel);
                     });
                 if spawned.is_err() {
@@ -56,21 +77,116 @@ pub(crate) fn start(
     Ok(local)
 }
 
-fn answer(mut stream: TcpStream, registry: &Registry, stop: &StopFlag) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+/// Shuts down the connection that has been sending its request the longest, so that its
+/// thread ends and a new client is served; false when none is still reading.
+fn evict_slowest(reading: &Reading) -> bool {
+    let Ok(mut r) = reading.lock() else {
+        return false;
+    };
+    let Some(i) = r
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, (_, since, _))| *since)
+        .map(|(i, _)| i)
+    else {
+        return false;
+    };
+    let (_, _, stream) = r.swap_remove(i);
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    true
+}
+
+fn answer(
+    mut stream: TcpStream,
+    registry: &Registry,
+    stop: &StopFlag,
+    request_read: impl FnOnce(),
+) -> std::io::Result<()> {
+    stream.set_write_timeout(Some(REQUEST_TIME))?;
+    let deadline = Instant::now() + REQUEST_TIME;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+    let mut complete = false;
+    while head.len() < MAX_REQUEST {
+        // One deadline for the whole head, not for each read.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            complete = true;
+            break;
+        }
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or(b"");
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, target) = (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""));
+    request_read();
+    let (status, kind, body, head_only) = if complete {
+        route(&head, registry, stop)
+    } else {
+        // RFC 6585 5.
+        (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            "request head too large\n".to_owned(),
+            false,
+        )
+    };
+    let allow = if status.starts_with("405") {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
+        body.len(),
+        if head_only { "" } else { body.as_str() }
+    );
+    stream.write_all(response.as_bytes())
+}
+
+/// The response to a whole request head: (status, content type, body, HEAD).
+fn route(
+    head: &[u8],
+    registry: &Registry,
+    stop: &StopFlag,
+) -> (&'static str, &'static str, String, bool) {
+    let bad = || {
+        (
+            "400 Bad Request",
+            "text/plain",
+            "bad request\n".to_owned(),
+            false,
+        )
+    };
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let line = lines.next().unwrap_or(b"");
+    let parts: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+    // RFC 9112 3: method SP request-target SP HTTP-version; an HTTP/0.9 line has no version.
+    let (method, target, version) = match parts[..] {
+        [m, t, v] => (m, t, v),
+        [m, t] => (m, t, &b"HTTP/0.9"[..]),
+        _ => return bad(),
+    };
+    let token = |s: &[u8]| {
+        !s.is_empty()
+            && s.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c))
+    };
+    if !token(method) || !target.starts_with(b"/") || !version.starts_with(b"HTTP/") {
+        return bad();
+    }
+    // RFC 9112 3.2: an HTTP/1.1 request without Host is answered 400.
+    let has_host = lines.any(|l| l.len() > 5 && l[..5].eq_ignore_ascii_case(b"host:"));
+    if version == b"HTTP/1.1" && !has_host {
+        return bad();
+    }
     // A query string (Prometheus' `params`) does not change what is served.
     let path = target.split(|&b| b == b'?').next().unwrap_or(b"");
     // HEAD gets GET's status and headers, without the body (RFC 9110 9.3.2).
@@ -96,15 +212,5 @@ fn answer(mut stream: TcpStream, registry: &Registry, stop: &StopFlag) -> std::i
             "method not allowed\n".to_owned(),
         ),
     };
-    let allow = if status.starts_with("405") {
-        "Allow: GET, HEAD\r\n"
-    } else {
-        ""
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
-        body.len(),
-        if head_only { "" } else { body.as_str() }
-    );
-    stream.write_all(response.as_bytes())
+    (status, kind, body, head_only)
 }

@@ -118,3 +118,69 @@ fn silent_clients_of_the_metrics_port_do_not_hold_up_a_scrape() {
     let (status, _) = server.http_get_with("DELETE", "/metrics");
     assert!(status.starts_with("HTTP/1.1 405"), "{status}");
 }
+
+#[test]
+fn clients_that_hold_every_slot_of_the_metrics_port_do_not_keep_a_scrape_out() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    // More clients than the port serves at once, each sending a byte of its request now and
+    // then (a read timeout per read would never end them).
+    let mut slow: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for s in &mut slow {
+        let _ = s.write_all(b"G");
+    }
+    let scrape = || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    };
+    for _ in 0..3 {
+        for s in &mut slow {
+            let _ = s.write_all(b"E");
+        }
+        let text = scrape();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    }
+}
+
+#[test]
+fn malformed_requests_to_the_metrics_port_get_400_or_431() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    let status_of = |request: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        s.write_all(request).unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text.lines().next().unwrap_or("").to_owned()
+    };
+    // RFC 9112 3.2: HTTP/1.1 needs Host.
+    assert_eq!(
+        status_of(b"GET /metrics HTTP/1.1\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    assert_eq!(
+        status_of(b"\x16\x03\x01\x02\x00 binary\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    assert_eq!(
+        status_of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    let long = format!("GET /metrics?{} HTTP/1.1\r\n", "a".repeat(9000));
+    assert_eq!(
+        status_of(long.as_bytes()),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    // HTTP/1.0 needs no Host.
+    assert_eq!(
+        status_of(b"GET /healthz HTTP/1.0\r\n\r\n"),
+        "HTTP/1.1 200 OK"
+    );
+}
