@@ -30,7 +30,7 @@ pub struct CoreMetrics {
     pub connections_refused: u64,
     /// Messages accepted (250 after end of data).
     pub messages: u64,
-    /// Body bytes accepted.
+    /// Message bytes spooled (with the Received header added).
     pub bytes: u64,
     /// Replies sent, by class: index 0 for 2xx, 1 for 3xx, 2 for 4xx, 3 for 5xx.
     pub replies: [u64; 4],
@@ -264,7 +264,7 @@ pub fn render(m: &CoreMetrics) -> String {
         ),
         (
             "postern_bytes_accepted_total",
-            "Body bytes accepted.",
+            "Message bytes accepted and spooled, the Received header postern adds included.",
             m.bytes,
         ),
         (

@@ -128,6 +128,17 @@ pub(crate) fn header(data: &[u8]) -> Header {
     }
 }
 
+/// Writes `size` bytes of zeros from the start of `file`.
+fn fill_with_zeros(file: &File, size: u64) -> io::Result<()> {
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(ZEROS.len() as u64) as usize;
+        pwrite_all(file, &ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 impl Segment {
     /// Creates segment `seq` of `size` bytes in `dir`, durable before it returns: file created,
     /// space reserved, header written, file synced, directory synced.
@@ -139,8 +150,18 @@ impl Segment {
             .create_new(true)
             .open(&path)?;
         let salt = new_salt(seq);
+        let mut filled = false;
         let made = (|| {
-            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size)?;
+            match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
+                Ok(()) => {}
+                // A file system without fallocate (ext2, some network ones): the space is
+                // reserved by writing it, once, here off the core.
+                Err(rustix::io::Errno::OPNOTSUPP) => {
+                    fill_with_zeros(&file, size)?;
+                    filled = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
             let mut head = [0u8; 28];
             head[..8].copy_from_slice(MAGIC);
             head[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -160,7 +181,11 @@ impl Segment {
                 file: Arc::new(file),
                 read: Arc::new(read),
                 pos: HEADER,
-                zeroed_to: if in_place { HEADER } else { size as usize },
+                zeroed_to: if in_place && !filled {
+                    HEADER
+                } else {
+                    size as usize
+                },
                 pending: Vec::new(),
                 pending_at: HEADER,
             }),
