@@ -36,6 +36,17 @@ impl SpoolError {
     }
 
     /// Sorts an I/O error into "out of space" and the rest.
+    /// [`SpoolError::from_io`] for an error about `path`, which the message names.
+    pub(crate) fn at(path: &std::path::Path) -> impl Fn(io::Error) -> SpoolError + '_ {
+        move |e| {
+            let named = io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+            match SpoolError::from_io(e) {
+                SpoolError::NoSpace(_) => SpoolError::NoSpace(named),
+                _ => SpoolError::Io(named),
+            }
+        }
+    }
+
     pub(crate) fn from_io(e: io::Error) -> Self {
         let no_space = matches!(
             e.raw_os_error(),

@@ -114,6 +114,8 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     };
     let mut core_dirs: Vec<(u32, PathBuf)> = cores
         .flatten()
+        // A core's directory; a stray file with a number for a name is not one.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
         .collect();
     core_dirs.sort();
@@ -123,8 +125,8 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
 /// Whether a segment file has a valid header and not one record: a segment made ahead (the
 /// spare) or opened by a run that wrote nothing to it. It holds nothing to keep.
 pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
-    let file = File::open(path).map_err(SpoolError::from_io)?;
-    let map = ReadMap::new(&file).map_err(SpoolError::from_io)?;
+    let file = File::open(path).map_err(SpoolError::at(path))?;
+    let map = ReadMap::new(&file).map_err(SpoolError::at(path))?;
     let data = map.range(0, map.len());
     Ok(match header(data) {
         Header::Valid { salt } => data
@@ -144,7 +146,7 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
         let mut segs: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
-            .map_err(SpoolError::from_io)?
+            .map_err(SpoolError::at(dir))?
             .flatten()
             .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
             .collect();
@@ -152,8 +154,8 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();
         for (seq, path) in segs {
-            let file = File::open(&path).map_err(SpoolError::from_io)?;
-            let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::from_io)?);
+            let file = File::open(&path).map_err(SpoolError::at(&path))?;
+            let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::at(&path))?);
             let mut scan = Scan {
                 map: &map,
                 core,

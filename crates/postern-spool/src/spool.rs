@@ -154,7 +154,7 @@ impl Spool {
             sync_dir(root).map_err(SpoolError::from_io)?;
         }
         let mut files = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(SpoolError::from_io)? {
+        for entry in std::fs::read_dir(&dir).map_err(SpoolError::at(&dir))? {
             let entry = entry.map_err(SpoolError::from_io)?;
             if let Some(seq) = entry.file_name().to_str().and_then(parse_name) {
                 files.push((seq, entry.path()));
@@ -603,6 +603,6 @@ fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
     let mut head = Vec::with_capacity(HEADER);
     File::open(path)
         .and_then(|f| f.take(HEADER as u64).read_to_end(&mut head))
-        .map_err(SpoolError::from_io)?;
+        .map_err(SpoolError::at(path))?;
     Ok(header(&head) == Header::Blank)
 }

@@ -182,5 +182,22 @@ fn start_relay(
             "spool recovered; delivery resumes"
         );
     }
+    if recovered.corrupt_records > 0 || recovered.damaged > 0 {
+        // Not what a crash leaves (that is a torn tail): the disk or something else changed
+        // the files. Say where, so the operator can look.
+        let at: Vec<String> = recovered
+            .corrupt_at
+            .iter()
+            .take(10)
+            .map(|l| format!("core {} segment {} offset {}", l.core, l.segment, l.offset))
+            .collect();
+        tracing::warn!(
+            corrupt_records = recovered.corrupt_records,
+            damaged_messages = recovered.damaged,
+            first_at = %at.join("; "),
+            "the spool has damaged records: the messages they held (or parts of them) are not \
+             delivered; look at the disk"
+        );
+    }
     postern_relay::Relay::new(config, settings.cores, pending)
 }

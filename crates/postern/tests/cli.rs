@@ -307,3 +307,20 @@ fn log_lines_written_to_a_pipe_are_plain_text() {
         "terminal escapes in a log line: {line:?}"
     );
 }
+
+#[test]
+fn a_spool_with_something_odd_in_it_is_a_start_up_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let odd = spool.join("0").join("0000000009.seg");
+    std::fs::create_dir_all(&odd).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cores", "1", "--hold"])
+        .arg("--spool")
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&odd.display().to_string()), "{err}");
+}
