@@ -881,6 +881,30 @@ fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
     assert!(repeated <= 4, "{repeated} repeated deliveries: {count:?}");
 }
 
+/// A server that asks `dns` for MX records and reaches MX hosts on `port`, with `extra` flags,
+/// metrics, and retries a minute apart: only what happens within the first attempt is seen.
+fn mx_server_one_attempt(dns: &dns_server::TestDns, port: u16, extra: &[&str]) -> Server {
+    let dns_addr = dns.addr.to_string();
+    let port = port.to_string();
+    let mut args = vec!["--dns-server", &dns_addr, "--mx-port", &port];
+    args.extend(["--retry-initial", "60s", "--metrics", "127.0.0.1:0"]);
+    args.extend(extra);
+    Server::start(&args)
+}
+
+/// Sends `n` messages from s@origin.test to `rcpt` in one session, one after another, with
+/// Message-IDs `<{prefix}{i}@t>`.
+fn send_in_one_session(server: &Server, rcpt: &str, prefix: &str, n: usize) {
+    let (mut c, _) = hello(server);
+    for i in 0..n {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <{prefix}{i}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    }
+}
+
 /// A server that asks `dns` for MX records and reaches MX hosts on `port`, with `extra` flags
 /// and quick retries.
 fn mx_server(dns: &dns_server::TestDns, port: u16, extra: &[&str]) -> Server {
@@ -1034,28 +1058,10 @@ fn a_primary_mx_that_puts_mail_off_passes_it_to_the_next_mx_at_once() {
         ],
     );
     // Retries a minute apart: only a move to the next MX within the attempt delivers in time.
-    let dns_addr = dns.addr.to_string();
-    let port_s = port.to_string();
-    let server = Server::start(&[
-        "--dns-server",
-        &dns_addr,
-        "--mx-port",
-        &port_s,
-        "--retry-initial",
-        "60s",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let server = mx_server_one_attempt(&dns, port, &[]);
     // Several in a row, so that several connections to mx1 are open at once: none of them
     // may take back a message another one passed over.
-    let (mut c, _) = hello(&server);
-    for i in 0..6 {
-        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
-        assert!(c.cmd("RCPT TO:<r@tempfail.test>").starts_with("250"));
-        assert!(c.cmd("DATA").starts_with("354"));
-        c.send(format!("Message-ID: <tf{i}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
-        assert!(c.line().starts_with("250 2.0.0"));
-    }
+    send_in_one_session(&server, "r@tempfail.test", "tf", 6);
     mx2.wait_for("delivery to the second MX", Duration::from_secs(20), |s| {
         s.len() == 6
     });
@@ -1149,28 +1155,8 @@ fn a_next_hop_whose_every_address_breaks_off_is_paused_not_tried_again_for_each_
             ("b.down.test.", Rec::A("127.0.0.41".parse().unwrap())),
         ],
     );
-    let dns_addr = dns.addr.to_string();
-    let port_s = port.to_string();
-    let server = Server::start(&[
-        "--dns-server",
-        &dns_addr,
-        "--mx-port",
-        &port_s,
-        "--retry-initial",
-        "60s",
-        "--max-connections-per-destination",
-        "1",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
-    let (mut c, _) = hello(&server);
-    for i in 0..4 {
-        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
-        assert!(c.cmd("RCPT TO:<r@down.test>").starts_with("250"));
-        assert!(c.cmd("DATA").starts_with("354"));
-        c.send(format!("Message-ID: <down{i}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
-        assert!(c.line().starts_with("250 2.0.0"));
-    }
+    let server = mx_server_one_attempt(&dns, port, &["--max-connections-per-destination", "1"]);
+    send_in_one_session(&server, "r@down.test", "down", 4);
     gate_tx.send(()).unwrap();
     let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 4\n"));
     assert!(m.contains("postern_delivery_deferrals_total 4\n"), "{m}");
@@ -1216,18 +1202,7 @@ fn one_attempt_tries_at_most_five_addresses() {
         records.push(("hosts.many.test.", Rec::A([127, 0, 0, 31 + i].into())));
     }
     let dns = TestDns::start("test", &records);
-    let dns_addr = dns.addr.to_string();
-    let port_s = port.to_string();
-    let server = Server::start(&[
-        "--dns-server",
-        &dns_addr,
-        "--mx-port",
-        &port_s,
-        "--retry-initial",
-        "60s",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let server = mx_server_one_attempt(&dns, port, &[]);
     send(
         &server,
         "s@origin.test",
