@@ -1734,11 +1734,12 @@ enum Act {
 type StoredRx = std::sync::mpsc::Receiver<(usize, String)>;
 
 /// A next hop on a thread, for up to 4 connections: it greets, answers each command line as
-/// `answer` says (given the connection's number and the line), answers DATA with 354, and
+/// `answer` says (given the connection's number and the line; where it says nothing, QUIT gets
+/// 221 and a close and anything else 250), answers DATA with 354, and
 /// sends each message's content with its connection's number to the first receiver, then
 /// does what `after_data` says. The second receiver gets a word after each connection closes.
 fn scripted_next_hop(
-    answer: impl Fn(usize, &str) -> Act + Send + 'static,
+    answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
     after_data: Act,
 ) -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1767,7 +1768,12 @@ fn scripted_next_hop(
                     in_data = true;
                     Some(&Act::Say("354 go\r\n"))
                 } else {
-                    let _ = w.write_all(match answer(n, &line) {
+                    let told = answer(n, &line).unwrap_or(if line.starts_with("QUIT") {
+                        Act::SayAndClose("221 bye\r\n")
+                    } else {
+                        Act::Say("250 ok\r\n")
+                    });
+                    let _ = w.write_all(match told {
                         Act::Say(r) => r.as_bytes(),
                         Act::SayWhenTold(told, r) => {
                             let _ = told.recv();
@@ -1810,15 +1816,13 @@ fn broken_tls_next_hop(refuse: bool) -> (u16, StoredRx) {
     let (port, stored, _) = scripted_next_hop(
         move |_, line| {
             if line.starts_with("EHLO") {
-                Act::Say("250-tls.test\r\n250 STARTTLS\r\n")
+                Some(Act::Say("250-tls.test\r\n250 STARTTLS\r\n"))
             } else if line.starts_with("STARTTLS") && refuse {
-                Act::Say("454 4.7.0 TLS not available now\r\n")
+                Some(Act::Say("454 4.7.0 TLS not available now\r\n"))
             } else if line.starts_with("STARTTLS") {
-                Act::SayAndClose("220 2.0.0 go ahead\r\n")
-            } else if line.starts_with("QUIT") {
-                Act::SayAndClose("221 bye\r\n")
+                Some(Act::SayAndClose("220 2.0.0 go ahead\r\n"))
             } else {
-                Act::Say("250 ok\r\n")
+                None
             }
         },
         Act::Say("250 2.0.0 stored\r\n"),
@@ -1871,13 +1875,8 @@ fn one_broken_session_with_a_single_address_relay_host_does_not_hold_up_other_ma
     // The first session says 421 to MAIL; the next ones take mail.
     let (port, stored, _) = scripted_next_hop(
         |n, line| {
-            if n == 0 && line.starts_with("MAIL") {
-                Act::SayAndClose("421 4.3.2 restarting\r\n")
-            } else if line.starts_with("QUIT") {
-                Act::SayAndClose("221 bye\r\n")
-            } else {
-                Act::Say("250 ok\r\n")
-            }
+            (n == 0 && line.starts_with("MAIL"))
+                .then_some(Act::SayAndClose("421 4.3.2 restarting\r\n"))
         },
         Act::Say("250 2.0.0 stored\r\n"),
     );
@@ -1916,16 +1915,8 @@ fn sigterm_waits_for_a_delivery_in_flight_so_the_next_run_does_not_send_it_again
     let spool = dir.path().join("spool");
     // A next hop that answers the end of the data only when the test says so.
     let (told, gate) = std::sync::mpsc::channel();
-    let (port, stored, _) = scripted_next_hop(
-        |_, line| {
-            if line.starts_with("QUIT") {
-                Act::SayAndClose("221 bye\r\n")
-            } else {
-                Act::Say("250 ok\r\n")
-            }
-        },
-        Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"),
-    );
+    let (port, stored, _) =
+        scripted_next_hop(|_, _| None, Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"));
     let route = format!("dest.test=127.0.0.1:{port}");
     let args = ["--route", route.as_str(), "--shutdown-grace", "20s"];
     let mut server = Server::start_in(&args, spool.clone(), None);
@@ -2012,11 +2003,8 @@ fn a_refused_starttls_defers_when_tls_is_required() {
 fn one_message_per_connection_next_hop() -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
     scripted_next_hop(
         |_, line| {
-            if line.starts_with("EHLO") {
-                Act::Say("250 idle.test\r\n")
-            } else {
-                Act::Say("250 ok\r\n")
-            }
+            line.starts_with("EHLO")
+                .then_some(Act::Say("250 idle.test\r\n"))
         },
         Act::SayAndClose("250 2.0.0 stored\r\n421 4.4.2 idle.test idle timeout\r\n"),
     )
