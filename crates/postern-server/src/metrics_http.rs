@@ -57,15 +57,13 @@ pub(crate) fn start(
                 }
                 busy.fetch_add(1, Ordering::AcqRel);
                 let (registry, stop, done) = (registry.clone(), stop.clone(), busy.clone());
-                let reading = reading.clone();
+                // Out of the list however the request ends (read, silence, error, or a
+                // failed spawn): a copy left there would keep the connection open.
+                let listed = Listed(reading.clone(), n);
                 let spawned = std::thread::Builder::new()
                     .name("postern-metrics-client".into())
                     .spawn(move || {
-                        let _ = answer(stream, &registry, &stop, || {
-                            if let Ok(mut r) = reading.lock() {
-                                r.retain(|(k, ..)| *k != n);
-                            }
-                        });
+                        let _ = answer(stream, &registry, &stop, || drop(listed));
                         done.fetch_sub(1, Ordering::AcqRel);
                     });
                 if spawned.is_err() {
@@ -75,6 +73,18 @@ pub(crate) fn start(
         })
         .map_err(|e| StartError::Metrics(e.to_string()))?;
     Ok(local)
+}
+
+/// A connection's place in the list of those still sending their request; leaves it when
+/// dropped.
+struct Listed(Reading, u64);
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.0.lock() {
+            r.retain(|(k, ..)| *k != self.1);
+        }
+    }
 }
 
 /// Shuts down the connection that has been sending its request the longest, so that its

@@ -184,3 +184,31 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
         "HTTP/1.1 200 OK"
     );
 }
+
+#[test]
+fn connections_closed_before_a_request_leave_nothing_open() {
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    // Probes that connect and hang up, as TCP health checks do.
+    for _ in 0..100 {
+        drop(TcpStream::connect(addr).unwrap());
+    }
+    // Accepted one after another: once a scrape is answered, every probe was taken.
+    let (status, _) = server.http_get("/healthz");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fds() > before + 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} descriptors left open",
+            fds() - before
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
