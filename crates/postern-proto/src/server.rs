@@ -749,16 +749,16 @@ impl ServerSession {
         }
         let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
         if self.envelope.recipient_count() >= limit {
+            // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
+            // answer is not held against the session until the overshoot gets absurd.
+            if self.rcpts_tried - limit > MAX_RCPT_OVERSHOOT {
+                return self.fail(replies::TOO_MANY_RCPTS);
+            }
             if self.envelope.has_recipient(&path) {
                 // A mailbox already taken is the same recipient, stored once: a 452 would
                 // have the client send the message to it again later.
                 replies::RCPT_OK.write(&mut self.out);
                 return None;
-            }
-            // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
-            // answer is not held against the session until the overshoot gets absurd.
-            if self.rcpts_tried - limit > MAX_RCPT_OVERSHOOT {
-                return self.fail(replies::TOO_MANY_RCPTS);
             }
             replies::TOO_MANY_RCPTS.write(&mut self.out);
             return None;

@@ -108,6 +108,9 @@ pub struct Outbound {
     pub addr: SocketAddr,
     /// Transactions done on this connection.
     pub transactions: u64,
+    /// The connection broke off and that was counted against its next hop (once per
+    /// connection, however many transactions it carried).
+    pub broke_counted: std::cell::Cell<bool>,
 }
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -152,6 +155,7 @@ impl Outbound {
             remote: remote.to_owned(),
             addr,
             transactions: 0,
+            broke_counted: std::cell::Cell::new(false),
         };
         conn.expect_ready(t.greeting).await?;
         let Some(tls) = tls else {

@@ -195,6 +195,8 @@ pub struct Relay {
     /// Outbound transactions running, on all cores: a stopping core waits for them to end and
     /// their outcomes to be recorded.
     in_flight: AtomicUsize,
+    /// Cores that have begun to wind down (they start no new transaction).
+    winding_down: AtomicUsize,
 }
 
 /// Counts an outbound transaction in [`Relay::in_flight`] while it lives.
@@ -301,6 +303,7 @@ impl Relay {
             tls,
             recovered: Mutex::new(recovered),
             in_flight: AtomicUsize::new(0),
+            winding_down: AtomicUsize::new(0),
         }))
     }
 
@@ -402,11 +405,18 @@ impl Delivery for CoreRelay {
 
     fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
         Box::pin(async move {
-            // A transaction's reports are sent before it stops counting, so once no core
-            // has one running, every outcome is in its owner's inbox; the report loop
-            // records it (appends its status) in the same step as it takes it out.
+            // A core notices the stop on its own tick, so until every core winds down, one
+            // may still start a transaction whose outcome comes here. Once all do, none
+            // starts (a worker checks its core's stop and counts itself in flight in one
+            // step), and a transaction's reports are sent before it stops counting: then
+            // every outcome is in its owner's inbox, and the report loop records it (appends
+            // its status) in the same step as it takes it out.
+            self.relay.winding_down.fetch_add(1, Ordering::SeqCst);
             let inbox = self.relay.reports.get(self.id);
-            while self.relay.in_flight.load(Ordering::SeqCst) > 0 || !inbox.is_empty() {
+            while self.relay.winding_down.load(Ordering::SeqCst) < self.relay.cores
+                || self.relay.in_flight.load(Ordering::SeqCst) > 0
+                || !inbox.is_empty()
+            {
                 glommio::timer::sleep(WIND_DOWN_POLL).await;
             }
         })
@@ -1125,7 +1135,10 @@ impl CoreRelay {
                     text: e.describe(remote_name),
                     remote,
                 };
-                self.broke(dq, conn.addr);
+                // One broken connection counts once, whatever it carried.
+                if !conn.broke_counted.replace(true) {
+                    self.broke(dq, conn.addr);
+                }
                 if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
                     if self.every_address_broke(dq) {
                         self.suspend(dq, &c, carry);

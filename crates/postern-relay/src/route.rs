@@ -26,7 +26,7 @@ impl HostPort {
                 None if after.is_empty() => default_port,
                 None => return Err(bad()),
             };
-            if host.parse::<std::net::Ipv6Addr>().is_err() {
+            if host.parse::<std::net::IpAddr>().is_err() {
                 return Err(bad());
             }
             (host, port)
@@ -39,10 +39,11 @@ impl HostPort {
         if host.is_empty() || port == 0 {
             return Err(bad());
         }
-        // An IP address, or a host name of letters, digits and hyphens (or UTF-8 labels).
+        // An IP address, or a host name of letters, digits and hyphens (or UTF-8 labels);
+        // underscores pass too, as in container service names.
         let name = host.trim_end_matches('.');
         let is_name = matches!(
-            postern_proto::address::parse_host(name),
+            postern_proto::address::parse_host(&name.replace('_', "u")),
             Ok(postern_proto::Host::Domain(_))
         );
         if host.parse::<std::net::IpAddr>().is_err() && !is_name {
@@ -170,6 +171,14 @@ mod tests {
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 26));
         assert_eq!(v6.to_string(), "[::1]:26");
         assert_eq!(HostPort::parse("localhost", 25).unwrap().host, "localhost");
+        assert_eq!(
+            HostPort::parse("mail_relay:25", 25).unwrap().host,
+            "mail_relay"
+        );
+        assert_eq!(
+            HostPort::parse("[192.0.2.1]:26", 25).unwrap().host,
+            "192.0.2.1"
+        );
         assert_eq!(HostPort::parse("::1", 25).unwrap().host, "::1");
         for bad in [
             "",

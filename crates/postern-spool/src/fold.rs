@@ -20,6 +20,8 @@ pub struct Folded {
     pub dirs: usize,
     /// Messages written again, as (old queue ID, new queue ID).
     pub moved: Vec<(String, String)>,
+    /// Old directories with damaged records, set aside rather than deleted.
+    pub kept_damaged: Vec<std::path::PathBuf>,
 }
 
 /// Moves what the directories of cores `cores` and up still have to deliver into the spools
@@ -31,9 +33,19 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     let Ok(entries) = std::fs::read_dir(root) else {
         return Ok(out);
     };
+    let entries: Vec<std::fs::DirEntry> = entries.flatten().collect();
+    // What an earlier fold set aside after moving its messages: never read again.
+    for e in &entries {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(FOLDED))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let old_dirs: Vec<(u32, std::path::PathBuf)> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .iter()
+        .filter(|e| e.path().is_dir())
         .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
         .filter(|(n, _)| *n >= cores)
         .collect();
@@ -71,11 +83,29 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
         }
         spool.sync_now()?;
     }
+    // The copies are durable: each old directory is renamed out of the way in one step, so
+    // that no later start copies its messages again, whatever happens to the deletion.
+    let damaged: Vec<u32> = found.corrupt_at.iter().map(|l| l.core).collect();
     drop(found);
-    for (_, dir) in &old_dirs {
-        std::fs::remove_dir_all(dir).map_err(SpoolError::from_io)?;
+    let mut aside = Vec::new();
+    for (n, dir) in &old_dirs {
+        let to = root.join(format!("{FOLDED}{n}"));
+        std::fs::rename(dir, &to).map_err(SpoolError::at(dir))?;
+        aside.push((*n, to));
         out.dirs += 1;
     }
     sync_dir(root).map_err(SpoolError::from_io)?;
+    for (n, dir) in aside {
+        if damaged.contains(&n) {
+            // Damaged records: kept for the operator to look at (see the log).
+            out.kept_damaged.push(dir);
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
     Ok(out)
 }
+
+/// The name an old core directory takes once its messages have moved (then it is deleted,
+/// unless it has damaged records).
+const FOLDED: &str = ".folded-core-";

@@ -115,7 +115,7 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     let mut core_dirs: Vec<(u32, PathBuf)> = cores
         .flatten()
         // A core's directory; a stray file with a number for a name is not one.
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.path().is_dir())
         .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
         .collect();
     core_dirs.sort();

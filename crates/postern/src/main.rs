@@ -88,8 +88,22 @@ fn main() -> ExitCode {
                 messages = folded.moved.len(),
                 "spool written by more cores folded into {cores}"
             );
+            for dir in &folded.kept_damaged {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "damaged records in a folded core directory: kept for inspection"
+                );
+            }
         }
         Ok(_) => {}
+        Err(postern_spool::SpoolError::NoSpace(e)) => {
+            // Nothing moved for good (the old directories stay): their messages are
+            // delivered from where they are, as the cores that own `n mod cores`.
+            tracing::warn!(
+                "no room to move the queue of cores past --cores {cores} ({e}); it is \
+                 delivered from where it is"
+            );
+        }
         Err(e) => {
             complain!(
                 "postern: cannot start: moving the queue of cores past --cores {cores} in {}: {e}",
