@@ -155,7 +155,8 @@ impl Segment {
             match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
                 Ok(()) => {}
                 // A file system without fallocate (ext2, some network ones): the space is
-                // reserved by writing it, once, here off the core.
+                // reserved by writing it, once (off the core when this is the spare made
+                // ahead; inline only when no spare was ready).
                 Err(rustix::io::Errno::OPNOTSUPP) => {
                     fill_with_zeros(&file, size)?;
                     filled = true;
