@@ -1910,6 +1910,80 @@ fn one_broken_session_with_a_single_address_relay_host_does_not_hold_up_other_ma
 }
 
 #[test]
+fn a_pipelined_batch_lost_with_its_connection_counts_as_one_break() {
+    use std::io::Read;
+    // A single-address relay host that offers PIPELINING and CHUNKING. Its first connection
+    // greets once the test says so, takes a batch of two transactions and drops without a
+    // reply; later connections are passed through to a real peer.
+    let peer = Peer::start(&[]);
+    let peer_port = peer.port;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(4).enumerate() {
+            let Ok(mut s) = conn else { return };
+            if n > 0 {
+                let mut up = TcpStream::connect(("127.0.0.1", peer_port)).unwrap();
+                let (mut s2, mut up2) = (s.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut up2, &mut s2));
+                std::thread::spawn(move || std::io::copy(&mut s, &mut up));
+                continue;
+            }
+            let _ = gate.recv_timeout(Duration::from_secs(20));
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(b"220 batch.test ESMTP\r\n");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            let mut greeted = false;
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..k]);
+                if !greeted && seen.ends_with(b"\r\n") {
+                    greeted = true;
+                    let _ = s.write_all(b"250-batch.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+                }
+                if seen.windows(4).filter(|w| w == b"BDAT").count() >= 2 {
+                    break;
+                }
+            }
+            // Dropped here, without a reply to either transaction.
+        }
+    });
+    let relay = format!("127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--relay-host",
+        &relay,
+        "--max-transactions-in-flight",
+        "4",
+        "--max-connections-per-destination",
+        "1",
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send_in_one_session(&server, "r@dest.test", "batch", 2);
+    open_gate.send(()).unwrap();
+    // Both outcomes are unknown: deferred. One connection broke, not two: the relay host is
+    // not paused, and the next message goes at once.
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
+    send(
+        &server,
+        "s@origin.test",
+        &["r@dest.test"],
+        "<after-batch@t>",
+        "x\r\n",
+    );
+    let got = peer.wait_for("the next message", Duration::from_secs(20), |s| {
+        !s.is_empty()
+    });
+    assert_eq!(got[0].message_id, "<after-batch@t>");
+}
+
+#[test]
 fn sigterm_waits_for_a_delivery_in_flight_so_the_next_run_does_not_send_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
