@@ -419,43 +419,67 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
 
 async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) {
     loop {
-        let accept = async { Some(listener.accept().await) };
+        let mut accept = std::pin::pin!(listener.accept());
         let stop = async {
             core.stopped().await;
             None
         };
-        let Some(accepted) = futures_lite::future::or(accept, stop).await else {
-            return;
+        let accepted = async { Some(accept.as_mut().await) };
+        let Some(accepted) = futures_lite::future::or(accepted, stop).await else {
+            // An accept the kernel has finished meanwhile is taken, not dropped.
+            if let Some(Ok(stream)) = futures_lite::future::poll_once(accept).await {
+                admit(&core, stream, implicit_tls);
+            }
+            break;
         };
         let Ok(stream) = accepted else {
             // EMFILE and friends: back off briefly instead of spinning.
             glommio::timer::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let Ok(peer) = stream.peer_addr() else {
-            continue;
-        };
-        match core.limits.admit(peer.ip()) {
-            Ok(permit) => {
-                glommio::spawn_local(session::serve(
-                    core.clone(),
-                    stream,
-                    peer,
-                    implicit_tls,
-                    permit,
-                ))
-                .detach();
+        admit(&core, stream, implicit_tls);
+    }
+    // Connections whose handshake the kernel has already completed would be reset when the
+    // listener closes: take them too, and tell each that the server is stopping (421).
+    for _ in 0..BACKLOG_DRAIN_MAX {
+        match futures_lite::future::poll_once(listener.accept()).await {
+            Some(Ok(stream)) => admit(&core, stream, implicit_tls),
+            Some(Err(_)) | None => break,
+        }
+    }
+}
+
+/// At most this many waiting connections are taken from a listener when the server stops
+/// (glommio listens with a backlog of 1,024).
+const BACKLOG_DRAIN_MAX: usize = 1024;
+
+/// Starts a session for an accepted connection, or refuses it when over a limit.
+fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    match core.limits.admit(peer.ip()) {
+        Ok(permit) => {
+            // Counted now, not when the task first runs: a stop waits for it either way.
+            core.sessions.set(core.sessions.get() + 1);
+            glommio::spawn_local(session::serve(
+                core.clone(),
+                stream,
+                peer,
+                implicit_tls,
+                permit,
+            ))
+            .detach();
+        }
+        Err(refusal) => {
+            let mut metrics = core.metrics.borrow_mut();
+            metrics.connections_refused += 1;
+            if !implicit_tls {
+                // The 421 it gets is a reply like any other.
+                metrics.count_replies(b"421 \r\n");
             }
-            Err(refusal) => {
-                let mut metrics = core.metrics.borrow_mut();
-                metrics.connections_refused += 1;
-                if !implicit_tls {
-                    // The 421 it gets is a reply like any other.
-                    metrics.count_replies(b"421 \r\n");
-                }
-                drop(metrics);
-                glommio::spawn_local(refuse(stream, refusal, implicit_tls)).detach();
-            }
+            drop(metrics);
+            glommio::spawn_local(refuse(stream, refusal, implicit_tls)).detach();
         }
     }
 }

@@ -52,7 +52,8 @@ enum Wake {
     Stop,
 }
 
-/// Runs one session to its end.
+/// Runs one session to its end. The caller has already counted it in `core.sessions`
+/// (before spawning it, so that a stop never misses a session whose task has not run yet).
 pub(crate) async fn serve(
     core: Rc<Core>,
     tcp: TcpStream,
@@ -61,7 +62,6 @@ pub(crate) async fn serve(
     permit: Permit,
 ) {
     let started = Instant::now();
-    core.sessions.set(core.sessions.get() + 1);
     core.metrics.borrow_mut().connections += 1;
     let _ = tcp.set_nodelay(true);
     let mut session = Session {

@@ -63,6 +63,11 @@ fn main() -> ExitCode {
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, fsize_exceeded) {
         tracing::warn!("cannot handle SIGXFSZ: {e}");
     }
+    // Taken over before anything starts, so that a SIGTERM at any moment (even one that
+    // arrives while the server is still starting) stops it gracefully once it runs, instead
+    // of ending it by the default action.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]);
     let settings = config.server;
     let cores = settings.cores;
     // The spool's lock comes first: recovery must not read a spool another process writes.
@@ -143,8 +148,7 @@ fn main() -> ExitCode {
     }
     say!("postern: ready with {cores} cores");
     let stop = running.stop_flag();
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
-    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]) {
+    match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 for signal in signals.forever() {

@@ -123,3 +123,39 @@ fn sigterm(server: &Server) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn connections_waiting_to_be_accepted_at_sigterm_get_421_not_a_reset() {
+    let mut server = Server::start(&["--cores", "1"]);
+    let pid = server.child.id().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // While the process is stopped, the kernel completes these handshakes and queues
+    // them on the listener; the server sees them only after it has been told to stop.
+    signal("-STOP");
+    let waiting: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(server.smtp).unwrap())
+        .collect();
+    signal("-TERM");
+    signal("-CONT");
+    for (i, stream) in waiting.into_iter().enumerate() {
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut text = String::new();
+        let read = std::io::Read::read_to_string(&mut &stream, &mut text);
+        assert!(read.is_ok(), "connection {i}: {read:?} after {text:?}");
+        let last = text.lines().last().unwrap_or_default().to_owned();
+        assert_eq!(
+            last, "421 4.3.2 Service shutting down, closing connection",
+            "connection {i} read {text:?}"
+        );
+    }
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
