@@ -26,4 +26,6 @@ pub use config::{Settings, TlsFiles};
 pub use core::StopFlag;
 pub use error::StartError;
 pub use postern_spool::DirLock;
-pub use runtime::{lock_spool, start, start_locked, start_with, Running};
+pub use runtime::{
+    lock_spool, raise_open_file_limit, start, start_locked, start_with, OpenFileLimit, Running,
+};

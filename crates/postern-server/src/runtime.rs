@@ -499,3 +499,34 @@ async fn refuse(mut stream: glommio::net::TcpStream, refusal: Refusal, implicit_
     }
     let _ = stream.close().await;
 }
+
+/// The open-file limit after [`raise_open_file_limit`] (`None`: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFileLimit {
+    /// The soft limit before.
+    pub was: Option<u64>,
+    /// The soft limit now: the hard limit.
+    pub now: Option<u64>,
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: every connection is a descriptor, and a
+/// soft limit of 1,024 (the usual default) would leave connections past it waiting in the
+/// kernel's queue. Servers that hold many connections do the same.
+pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let was = lim.current;
+    if lim.current != lim.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )?;
+    }
+    Ok(OpenFileLimit {
+        was,
+        now: lim.maximum,
+    })
+}

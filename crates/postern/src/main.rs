@@ -70,6 +70,7 @@ fn main() -> ExitCode {
     let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]);
     let settings = config.server;
     let cores = settings.cores;
+    check_open_file_limit(settings.max_connections);
     // The spool's lock comes first: recovery must not read a spool another process writes.
     let spool_lock = match postern_server::lock_spool(&settings.spool_dir) {
         Ok(lock) => lock,
@@ -173,6 +174,36 @@ fn main() -> ExitCode {
     }
     say!("postern: stopped");
     ExitCode::SUCCESS
+}
+
+/// Descriptors beyond the inbound connections: spool segments, outbound connections, the
+/// metrics listener's clients, the rings.
+const OPEN_FILE_HEADROOM: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one, and says so when even that leaves too
+/// few descriptors for `--max-connections`.
+fn check_open_file_limit(max_connections: usize) {
+    match postern_server::raise_open_file_limit() {
+        Ok(limit) => {
+            if limit.now != limit.was {
+                tracing::info!(
+                    "open-file limit raised from {} to {}",
+                    limit.was.map_or("unlimited".into(), |n| n.to_string()),
+                    limit.now.map_or("unlimited".into(), |n| n.to_string()),
+                );
+            }
+            let wanted = max_connections as u64 + OPEN_FILE_HEADROOM;
+            if let Some(now) = limit.now.filter(|&n| n < wanted) {
+                tracing::warn!(
+                    "the open-file limit ({now}) is below --max-connections ({max_connections}) \
+                     plus {OPEN_FILE_HEADROOM} for the spool and delivery: connections past it \
+                     wait in the kernel's queue until others close; raise it with `ulimit -n` \
+                     or LimitNOFILE= in the systemd unit, or lower --max-connections"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
 }
 
 /// Reads what the spool still has to deliver (every core's segments, before any core writes)

@@ -324,3 +324,64 @@ fn a_spool_with_something_odd_in_it_is_a_start_up_error_naming_it() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains(&odd.display().to_string()), "{err}");
 }
+
+/// Starts `postern serve --hold` under `prlimit --nofile=SOFT:HARD` with `extra` flags;
+/// returns the soft open-file limit the running server has and what it logged up to "ready".
+fn open_file_limit_under(soft: u64, hard: u64, extra: &[&str]) -> (u64, String) {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+        .arg(&spool)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    for line in stdout.lines().map_while(Result::ok) {
+        if line.contains("ready with") {
+            break;
+        }
+    }
+    // prlimit execs the server, so the child's PID is the server's.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_owned();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let now = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    (now, log.join().unwrap())
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_named() {
+    let (now, log) = open_file_limit_under(1024, 4096, &["--max-connections", "20000"]);
+    assert_eq!(now, 4096, "{log}");
+    assert!(
+        log.contains("open-file limit raised from 1024 to 4096"),
+        "{log}"
+    );
+    assert!(
+        log.contains("below --max-connections (20000)"),
+        "no warning that 4,096 descriptors cannot hold 20,000 connections: {log}"
+    );
+    let (now, log) = open_file_limit_under(1024, 4096, &["--max-connections", "1000"]);
+    assert_eq!(now, 4096, "{log}");
+    assert!(!log.contains("below --max-connections"), "{log}");
+}
