@@ -295,12 +295,37 @@ pub fn parse_host(s: &str) -> Result<Host<'_>, PathError> {
             if !is_rfc5321_ipv6(v6) {
                 return Err(PathError::Syntax);
             }
-            return v6.parse().map(Host::Ipv6).map_err(|_| PathError::Syntax);
+            // An IPv4 tail may have leading zeros, which `Ipv6Addr`'s parser refuses.
+            let value = match v6.rsplit_once(':') {
+                Some((head, tail)) if tail.contains('.') => {
+                    let v4 = parse_ipv4_literal(tail).ok_or(PathError::Syntax)?;
+                    format!("{head}:{v4}").parse()
+                }
+                _ => v6.parse(),
+            };
+            return value.map(Host::Ipv6).map_err(|_| PathError::Syntax);
         }
-        return inner.parse().map(Host::Ipv4).map_err(|_| PathError::Syntax);
+        return parse_ipv4_literal(inner)
+            .map(Host::Ipv4)
+            .ok_or(PathError::Syntax);
     }
     check_domain(s)?;
     Ok(Host::Domain(s))
+}
+
+/// RFC 5321 4.1.3 `IPv4-address-literal`: four `Snum`, each one to three digits worth 0 to
+/// 255 (so `010` is ten; `Ipv4Addr`'s parser refuses leading zeros).
+fn parse_ipv4_literal(s: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if !(1..=3).contains(&part.len()) || !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
 }
 
 /// The shape RFC 5321 4.1.3 gives an IPv6 address literal, which is narrower than RFC 4291's:
@@ -317,7 +342,7 @@ fn is_rfc5321_ipv6(s: &str) -> bool {
         while let Some(f) = fields.next() {
             let last = fields.peek().is_none();
             if last && v4_allowed && f.contains('.') {
-                f.parse::<Ipv4Addr>().ok()?;
+                parse_ipv4_literal(f)?;
                 n += 2;
             } else if (1..=4).contains(&f.len()) && f.bytes().all(|c| c.is_ascii_hexdigit()) {
                 n += 1;
@@ -543,6 +568,26 @@ mod tests {
         let p = rev("<a@[IPv6:2001:db8::1]>").unwrap();
         assert_eq!(p.to_string(), "<a@[IPv6:2001:db8::1]>");
         assert_eq!(rev("<a@[300.1.1.1]>"), Err(PathError::Syntax));
+        // Snum is one to three digits (RFC 5321 4.1.3): leading zeros are allowed.
+        assert_eq!(
+            parse_host("[01.002.3.010]"),
+            Ok(Host::Ipv4(Ipv4Addr::new(1, 2, 3, 10)))
+        );
+        assert_eq!(
+            parse_host("[IPv6:::ffff:001.2.3.4]"),
+            Ok(Host::Ipv6("::ffff:1.2.3.4".parse().unwrap()))
+        );
+        for bad in [
+            "[0001.2.3.4]",
+            "[1.2.3.256]",
+            "[1.2.3]",
+            "[1.2.3.4.5]",
+            "[1.2.3.+4]",
+            "[1..3.4]",
+            "[IPv6:::ffff:1.2.3.0256]",
+        ] {
+            assert_eq!(parse_host(bad), Err(PathError::Syntax), "{bad}");
+        }
     }
 
     #[test]

@@ -367,31 +367,34 @@ fn is_orcpt(v: &str) -> bool {
     !kind.is_empty()
         && kind.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
         && !addr.is_empty()
-        && if addr.is_ascii() {
-            is_printable_xtext(addr)
+        && if kind.eq_ignore_ascii_case("utf-8") {
+            // RFC 6533 3: ASCII only, `utf-8-addr-xtext`; with UTF-8, `utf-8-addr-unitext`.
+            // Both are the same characters and escapes but for the UTF-8 itself.
+            is_utf8_addr_text(addr)
         } else {
-            kind.eq_ignore_ascii_case("utf-8") && is_utf8_addr_unitext(addr)
+            addr.is_ascii() && is_printable_xtext(addr)
         }
 }
 
-/// RFC 6533 3 `utf-8-addr-unitext`: printable ASCII but `+`, `=` and `\`, or UTF-8 other than
-/// controls, or `\x{HEX}` (1 to 6 hex digits) for any character.
-fn is_utf8_addr_unitext(s: &str) -> bool {
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
+/// RFC 6533 3 `utf-8-addr-xtext` and `utf-8-addr-unitext`: printable ASCII but `+`, `=` and
+/// `\`, or UTF-8 other than controls, or `\x{HEXPOINT}` for a character that may not appear
+/// as itself.
+fn is_utf8_addr_text(s: &str) -> bool {
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        rest = &rest[c.len_utf8()..];
         match c {
             '\\' => {
-                if chars.next() != Some('x') || chars.next() != Some('{') {
+                let Some(after) = rest.strip_prefix("x{") else {
+                    return false;
+                };
+                let Some((hex, tail)) = after.split_once('}') else {
+                    return false;
+                };
+                if !is_hexpoint(hex) {
                     return false;
                 }
-                let mut digits = 0;
-                loop {
-                    match chars.next() {
-                        Some('}') if (1..=6).contains(&digits) => break,
-                        Some(h) if h.is_ascii_hexdigit() && digits < 6 => digits += 1,
-                        _ => return false,
-                    }
-                }
+                rest = tail;
             }
             '+' | '=' => return false,
             c if c.is_ascii() && !c.is_ascii_graphic() => return false,
@@ -400,6 +403,25 @@ fn is_utf8_addr_unitext(s: &str) -> bool {
         }
     }
     true
+}
+
+/// RFC 6533 3 `HEXPOINT`: a Unicode scalar value in hex without superfluous leading zeros (two
+/// digits below 0x100), and only for what cannot be written as itself: controls, space, `+`,
+/// `=`, `\`, DEL, or anything beyond ASCII.
+fn is_hexpoint(hex: &str) -> bool {
+    if !(2..=6).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return false;
+    }
+    let Ok(value) = u32::from_str_radix(hex, 16) else {
+        return false;
+    };
+    let minimal = if value < 0x100 {
+        hex.len() == 2
+    } else {
+        !hex.starts_with('0')
+    };
+    let needs_escape = value <= 0x20 || [0x2B, 0x3D, 0x5C, 0x7F].contains(&value) || value >= 0x80;
+    minimal && needs_escape && char::from_u32(value).is_some()
 }
 
 #[cfg(test)]
@@ -500,5 +522,32 @@ mod tests {
             assert_eq!(RcptParams::parse(&orcpt), Err(ParamError::Invalid), "{bad}");
         }
         assert!(RcptParams::parse(" ORCPT=utf-8;\u{fc}\\x{2B}a@x.test").is_ok());
+        // Without UTF-8, a utf-8 address is utf-8-addr-xtext (RFC 6533 3): no xtext `+XX`,
+        // and each `\x{..}` a real character that may not stand as itself.
+        for good in [
+            "a@x.test",
+            "a\\x{2B}b@x.test",
+            "a\\x{E9}@x.test",
+            "a\\x{1F600}@x.test",
+            "a\\x{10FFFF}@x.test",
+            "a\\x{20}b@x.test",
+        ] {
+            let orcpt = format!(" ORCPT=utf-8;{good}");
+            assert!(RcptParams::parse(&orcpt).is_ok(), "{good}");
+        }
+        for bad in [
+            "a+2Bb@x.test",
+            "a\\x{}b@x.test",
+            "a\\x{110000}b@x.test",
+            "a\\x{D800}b@x.test",
+            "a\\x{41}b@x.test",
+            "a\\x{2b}b@x.test\\x{E}",
+            "a\\x{00E9}@x.test",
+            "a\\x{2B@x.test",
+            "a=b@x.test",
+        ] {
+            let orcpt = format!(" ORCPT=utf-8;{bad}");
+            assert_eq!(RcptParams::parse(&orcpt), Err(ParamError::Invalid), "{bad}");
+        }
     }
 }

@@ -1856,7 +1856,6 @@ fn dsn_mail_params(meta: &MessageMeta, out: &mut String) {
     }
 }
 
-/// NOTIFY and ORCPT of one recipient for a next hop that offers DSN, as they came in.
 /// A recipient's DSN parameters for the next hop. In a transaction without SMTPUTF8 a
 /// UTF-8 ORCPT is written in its ASCII form, each non-ASCII character as `\x{HEX}`
 /// (RFC 6533 3, utf-8-addr-xtext).
