@@ -325,13 +325,22 @@ impl Relay {
 /// How long a bounce that could not be spooled waits before it is tried again.
 const BOUNCE_RETRY: Duration = Duration::from_secs(10);
 
+/// A recipient failed for good: (recipient, reply, next hop, status, when).
+type Failure = (u32, String, Option<String>, String, u64);
+
+/// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, next attempt).
+type Delay = (u32, String, Option<String>, u64);
+
 /// The owner's record of a message not yet final.
 struct Tracked {
     msg: Arc<Msg>,
     /// Recipients without a final outcome.
     pending: usize,
     /// Recipients failed for good, waiting for the bounce.
-    failed: Vec<(u32, String, Option<String>, String, u64)>,
+    failed: Vec<Failure>,
+    /// A bounce for some failed recipients is being made while others are still pending;
+    /// the message is finished only after it.
+    bouncing: bool,
     /// Recipients that asked for success reports (NOTIFY=SUCCESS) and were relayed to a next
     /// hop without DSN: (recipient, reply, next hop, when).
     relayed: Vec<(u32, String, Option<String>, u64)>,
@@ -384,6 +393,10 @@ pub struct CoreRelay {
     retry_changed: Event,
     /// Messages with relayed recipients whose success report is still to be made.
     relayed_waiting: RefCell<Vec<String>>,
+    /// Messages with failed recipients whose bounce is still to be made.
+    failed_waiting: RefCell<Vec<String>>,
+    /// Recipients deferred past `--delay-warning` in this batch of outcomes, by message.
+    delays_waiting: RefCell<Vec<(String, Delay)>>,
 }
 
 impl Delivery for CoreRelay {
@@ -435,6 +448,8 @@ impl CoreRelay {
             retry: RefCell::new(Schedule::new()),
             retry_changed: Event::new(),
             relayed_waiting: RefCell::new(Vec::new()),
+            failed_waiting: RefCell::new(Vec::new()),
+            delays_waiting: RefCell::new(Vec::new()),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
@@ -495,6 +510,7 @@ impl CoreRelay {
                 msg,
                 pending,
                 failed: Vec::new(),
+                bouncing: false,
                 relayed: Vec::new(),
                 warned: false,
                 unrecorded: false,
@@ -1473,6 +1489,8 @@ impl CoreRelay {
                 self.settle(r);
             }
             self.report_relayed();
+            self.report_failed();
+            self.report_delays();
             // Also while stopping: outcomes of deliveries in flight still come (see
             // `wind_down`).
             inbox.wait().await;
@@ -1508,7 +1526,8 @@ impl CoreRelay {
                 next_attempt: next_attempt / 1000,
             }),
             Result_::Failed { status } => {
-                // The status record is written after the bounce is durable (see finish).
+                // The status record is written after the bounce is durable (see
+                // `report_failures`).
                 self.handle.count_outcome(Outcome::Failed);
                 t.pending = t.pending.saturating_sub(1);
                 t.failed.push((
@@ -1538,15 +1557,26 @@ impl CoreRelay {
             (&r.result, self.relay.config.delay_warning)
         {
             let age = now.saturating_sub(arrival_ms(&t.msg.meta));
-            if !t.warned && age >= after.as_millis() as u64 {
-                t.warned = true;
-                let warn = vec![(r.rcpt, r.reply.clone(), r.remote.clone(), *next_attempt)];
-                let me = self.clone();
-                let msg = t.msg.clone();
-                glommio::spawn_local(async move { me.delay_warning(&msg, &warn).await }).detach();
+            // DELAY notices only when asked for or by default (RFC 3461 4.1); the one
+            // warning of a message goes out after this batch, naming every recipient
+            // deferred in it that wants one.
+            let wants = t
+                .msg
+                .meta
+                .recipients
+                .get(r.rcpt as usize)
+                .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
+            if !t.warned && wants && age >= after.as_millis() as u64 {
+                let delay = (r.rcpt, r.reply.clone(), r.remote.clone(), *next_attempt);
+                self.delays_waiting
+                    .borrow_mut()
+                    .push((r.queue_id.clone(), delay));
             }
         }
-        if t.pending == 0 {
+        if !t.failed.is_empty() && t.pending > 0 {
+            self.failed_waiting.borrow_mut().push(r.queue_id.clone());
+        }
+        if t.pending == 0 && !t.bouncing {
             if let Some(t) = tracked.remove(&r.queue_id) {
                 drop(tracked);
                 self.publish_depth();
@@ -1584,6 +1614,151 @@ impl CoreRelay {
         }
     }
 
+    /// Bounces for recipients failed while others of their message are still pending (a
+    /// retry for a 4xx may take days), made after each batch of outcomes: the sender learns
+    /// of a permanent failure at once, and its status is recorded so that a restart does not
+    /// try that recipient again.
+    fn report_failed(self: &Rc<Self>) {
+        let mut waiting = std::mem::take(&mut *self.failed_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.dedup();
+        let mut tracked = self.tracked.borrow_mut();
+        for queue_id in waiting {
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                continue;
+            };
+            if t.bouncing || t.pending == 0 || t.failed.is_empty() {
+                continue;
+            }
+            t.bouncing = true;
+            let failed = std::mem::take(&mut t.failed);
+            let msg = t.msg.clone();
+            let me = self.clone();
+            glommio::spawn_local(async move { me.bounce_partial(queue_id, msg, failed).await })
+                .detach();
+        }
+    }
+
+    async fn bounce_partial(self: Rc<Self>, queue_id: String, msg: Arc<Msg>, failed: Vec<Failure>) {
+        let outcome = self.report_failures(&msg, &failed).await;
+        let (done, more) = {
+            let mut tracked = self.tracked.borrow_mut();
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                return;
+            };
+            t.bouncing = false;
+            match outcome {
+                Ok(unrecorded) => t.unrecorded |= unrecorded,
+                Err(()) => {
+                    // Made again with the message's next outcome, or when it is finished.
+                    tracing::error!(
+                        queue_id = %queue_id,
+                        "cannot spool the bounce; it is made again with the next outcome"
+                    );
+                    t.failed.splice(0..0, failed);
+                }
+            }
+            let more = !t.failed.is_empty() && outcome.is_ok();
+            let done = if t.pending == 0 {
+                tracked.remove(&queue_id)
+            } else {
+                None
+            };
+            (done, more)
+        };
+        if let Some(t) = done {
+            self.publish_depth();
+            self.finish(t).await;
+        } else if more {
+            // Failures that came while this bounce was made.
+            self.failed_waiting.borrow_mut().push(queue_id);
+            self.report_failed();
+        }
+    }
+
+    /// The delay warnings gathered from the last batch of outcomes: one per message.
+    fn report_delays(self: &Rc<Self>) {
+        let waiting = std::mem::take(&mut *self.delays_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        let mut by_message: Vec<(String, Vec<Delay>)> = Vec::new();
+        for (queue_id, delay) in waiting {
+            match by_message.iter_mut().find(|(id, _)| *id == queue_id) {
+                Some((_, delays)) => delays.push(delay),
+                None => by_message.push((queue_id, vec![delay])),
+            }
+        }
+        let mut tracked = self.tracked.borrow_mut();
+        for (queue_id, delays) in by_message {
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                continue;
+            };
+            if t.warned {
+                continue;
+            }
+            t.warned = true;
+            let msg = t.msg.clone();
+            let me = self.clone();
+            glommio::spawn_local(async move { me.delay_warning(&msg, &delays).await }).detach();
+        }
+    }
+
+    /// Bounces `failed` (those that asked for it) and records their failures once the bounce
+    /// is durable. `Ok(true)`: a status could not be written.
+    async fn report_failures(&self, msg: &Msg, failed: &[Failure]) -> Result<bool, ()> {
+        let wanted: Vec<&Failure> = failed
+            .iter()
+            .filter(|(i, ..)| {
+                msg.meta
+                    .recipients
+                    .get(*i as usize)
+                    .is_some_and(|r| r.notify.is_none_or(|n| n & Notify::FAILURE != 0))
+            })
+            .collect();
+        if msg.meta.reverse_path.is_empty() {
+            tracing::warn!(
+                queue_id = %msg.queue_id,
+                "a message from the null reverse path failed; no bounce is sent (RFC 5321 4.5.5)"
+            );
+        } else if !wanted.is_empty() {
+            let recipients: Vec<dsn::ReportRecipient> = wanted
+                .iter()
+                .map(|(i, reply, remote, status, at)| {
+                    let r = &msg.meta.recipients[*i as usize];
+                    dsn::ReportRecipient {
+                        path: r.path.clone(),
+                        orcpt: r.orcpt.clone(),
+                        action: dsn::Action::Failed,
+                        status: status.clone(),
+                        remote_mta: remote.clone(),
+                        diagnostic: Some(reply.clone()),
+                        last_attempt: Some(*at),
+                        will_retry_until: None,
+                    }
+                })
+                .collect();
+            self.bounce(msg, &recipients, dsn::Action::Failed).await?;
+        }
+        let mut unrecorded = false;
+        for (i, reply, ..) in failed {
+            let status = Status {
+                state: DeliveryState::Failed,
+                reply: reply.clone(),
+            };
+            if self
+                .handle
+                .append_status(&msg.queue_id, *i, &status)
+                .is_err()
+            {
+                unrecorded = true;
+            }
+        }
+        Ok(unrecorded)
+    }
+
     /// Every recipient has its outcome: bounce the failed ones, record them, forget the
     /// message once it is all durable.
     async fn finish(self: Rc<Self>, mut t: Tracked) {
@@ -1595,43 +1770,9 @@ impl CoreRelay {
         // Made once, even if the bounce below has to be tried again.
         t.relayed.clear();
         if !t.failed.is_empty() {
-            let wanted: Vec<&(u32, String, Option<String>, String, u64)> = t
-                .failed
-                .iter()
-                .filter(|(i, ..)| {
-                    msg.meta
-                        .recipients
-                        .get(*i as usize)
-                        .is_some_and(|r| r.notify.is_none_or(|n| n & 2 != 0))
-                })
-                .collect();
-            if msg.meta.reverse_path.is_empty() {
-                tracing::warn!(
-                    queue_id = %msg.queue_id,
-                    "a message from the null reverse path failed; no bounce is sent (RFC 5321 4.5.5)"
-                );
-            } else if !wanted.is_empty() {
-                let recipients: Vec<dsn::ReportRecipient> = wanted
-                    .iter()
-                    .map(|(i, reply, remote, status, at)| {
-                        let r = &msg.meta.recipients[*i as usize];
-                        dsn::ReportRecipient {
-                            path: r.path.clone(),
-                            orcpt: r.orcpt.clone(),
-                            action: dsn::Action::Failed,
-                            status: status.clone(),
-                            remote_mta: remote.clone(),
-                            diagnostic: Some(reply.clone()),
-                            last_attempt: Some(*at),
-                            will_retry_until: None,
-                        }
-                    })
-                    .collect();
-                if self
-                    .bounce(msg, &recipients, dsn::Action::Failed)
-                    .await
-                    .is_err()
-                {
+            match self.report_failures(msg, &t.failed).await {
+                Ok(unrecorded) => t.unrecorded |= unrecorded,
+                Err(()) => {
                     // Not durable (the spool's disk is full, most likely): the message stays
                     // queued and the bounce is tried again, once other messages have been
                     // settled and their segments reclaimed. After a restart it would be made
@@ -1648,19 +1789,6 @@ impl CoreRelay {
                     })
                     .detach();
                     return;
-                }
-            }
-            for (i, reply, ..) in &t.failed {
-                let status = Status {
-                    state: DeliveryState::Failed,
-                    reply: reply.clone(),
-                };
-                if self
-                    .handle
-                    .append_status(&msg.queue_id, *i, &status)
-                    .is_err()
-                {
-                    t.unrecorded = true;
                 }
             }
         }
@@ -1768,7 +1896,11 @@ impl CoreRelay {
             received_from: Some(&msg.meta.helo),
             recipients,
             original: &original,
-            return_full: msg.meta.ret == Some(1) && (msg.body.len() as usize) <= cap,
+            // A BINARYMIME body cannot be returned: a report is 7bit or 8bit MIME (RFC 3030
+            // 3, RFC 2045 2.8: no NUL, lines within 998 octets), so its headers come back.
+            return_full: msg.meta.ret == Some(1)
+                && (msg.body.len() as usize) <= cap
+                && msg.meta.body_type != 2,
             max_returned: cap,
         });
         let meta = MessageMeta {

@@ -2311,3 +2311,121 @@ fn a_spool_disk_that_filled_up_is_freed_once_its_queue_is_delivered() {
         .collect();
     assert!(pending.is_empty(), "would be delivered again: {pending:?}");
 }
+
+#[test]
+fn a_permanent_failure_is_bounced_at_once_though_another_recipient_waits_for_a_retry() {
+    // dest.test refuses nobody@ with 550; slow.test is down (retried for days by default);
+    // bounces go to origin.test, the same peer.
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
+    let down = reserve("127.0.0.1", 0);
+    let slow = format!("slow.test=127.0.0.1:{}", down.1);
+    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
+    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut args = vec![
+        "--route",
+        dest.as_str(),
+        "--route",
+        origin.as_str(),
+        "--route",
+        slow.as_str(),
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend(FAST_RETRY);
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    send(
+        &server,
+        "alice@origin.test",
+        &["nobody@dest.test", "later@slow.test"],
+        "<mixed@t>",
+        "x\r\n",
+    );
+    let stored = peer.wait_for(
+        "the bounce for nobody@, while later@ is still retried",
+        Duration::from_secs(20),
+        |s| !s.is_empty(),
+    );
+    let text = String::from_utf8_lossy(&stored[0].data).into_owned();
+    assert_eq!(stored[0].mail_from, "<>");
+    assert_eq!(stored[0].rcpt_tos, ["alice@origin.test"]);
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(!text.contains("later@slow.test"), "{text}");
+    let m = server.metrics_until(|m| m.contains("postern_queue_depth 1\n"));
+    assert!(m.contains("postern_queue_depth 1\n"), "{m}");
+
+    // The failure is recorded: after a restart only later@ is tried again, and nobody@
+    // gets neither a second RCPT nor a second bounce.
+    server.terminate();
+    let server = Server::start_in(&args, spool, Some(dir));
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n.parse::<u64>().unwrap() >= 3)
+    });
+    let m = server.metrics_until(|m| m.contains("postern_recipients_failed_total"));
+    assert!(
+        m.contains("postern_recipients_failed_total 0\n"),
+        "nobody@ was tried again after the restart: {m}"
+    );
+    assert_eq!(peer.stored().len(), 1, "{:#?}", peer.stored());
+}
+
+#[test]
+fn a_delay_warning_names_every_deferred_recipient_that_wants_one() {
+    let origin = Peer::start(&[]);
+    let (server, _down) = unreachable_dest_with_origin(&origin, &["--delay-warning", "300ms"]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<failure-only@dest.test> NOTIFY=FAILURE",
+            "RCPT TO:<asked@dest.test> NOTIFY=DELAY,FAILURE",
+            "RCPT TO:<default@dest.test>",
+        ],
+        "<slow3@t>",
+    );
+    let (_, text) = origin.first("the delay warning");
+    assert!(text.contains("Action: delayed"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; asked@dest.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; default@dest.test"),
+        "{text}"
+    );
+    assert!(!text.contains("failure-only@dest.test"), "{text}");
+}
+
+#[test]
+fn a_binarymime_message_bounced_with_ret_full_returns_only_its_headers() {
+    // The aiosmtpd next hop offers no BINARYMIME, so the message fails there (5.6.3).
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME RET=FULL")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let mut body = b"Subject: binary\r\nMessage-ID: <bin@t>\r\n\r\n".to_vec();
+    body.extend((0u8..=255).cycle().take(3000));
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(&body);
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (bounce, text) = peer.first("the bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.6.3"), "{text}");
+    assert!(text.contains("text/rfc822-headers"), "{text}");
+    assert!(text.contains("Message-ID: <bin@t>"), "{text}");
+    assert!(
+        !bounce.data.contains(&0u8),
+        "binary content came back in the report"
+    );
+}
