@@ -329,6 +329,7 @@ impl Returned {
     }
 
     fn into_part(self) -> MimePart<'static> {
+        let header_only = matches!(self, Returned::Headers(_));
         // UTF-8 in the returned header fields makes them internationalized: the RFC 6532
         // types then (RFC 6533 6.3, 6.4).
         let (content_type, description, content) = match self {
@@ -350,6 +351,17 @@ impl Returned {
                 (kind, "Original message headers", content)
             }
         };
+        if header_only && is_8bit(&content) {
+            // Header fields with 8-bit octets are encoded (quoted-printable as text, else
+            // base64), so that the report is 7-bit and reaches a sender whose next hop lacks
+            // 8BITMIME: a report from `<>` that fails is never reported again.
+            let body = match String::from_utf8(content) {
+                Ok(text) => BodyPart::Text(text.into()),
+                Err(e) => BodyPart::Binary(e.into_bytes().into()),
+            };
+            return MimePart::new(content_type, body)
+                .header("Content-Description", Text::new(description));
+        }
         let encoding = if is_8bit(&content) { "8bit" } else { "7bit" };
         MimePart::new(content_type, BodyPart::Binary(content.into()))
             .header("Content-Description", Text::new(description))

@@ -2429,3 +2429,38 @@ fn a_binarymime_message_bounced_with_ret_full_returns_only_its_headers() {
         "binary content came back in the report"
     );
 }
+
+#[test]
+fn a_bounce_of_8bit_header_fields_reaches_a_sender_whose_next_hop_lacks_8bitmime() {
+    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
+    let origin = Peer::start(&["--no-8bitmime"]);
+    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &to_dest, "--route", &to_origin]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=8BITMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: caf\u{e9} cr\u{e8}me\r\nMessage-ID: <8bit@t>\r\n\r\nbody\r\n.\r\n".as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (bounce, text) = origin.first("the bounce, through a next hop without 8BITMIME");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(
+        bounce.data.iter().all(|&b| b < 0x80),
+        "the report is not 7-bit: {text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("message/global-headers"), "{text}");
+    // The header section comes back encoded, and whole.
+    assert!(
+        text.contains("Content-Transfer-Encoding: quoted-printable"),
+        "{text}"
+    );
+    assert!(text.contains("Subject: caf=C3=A9 cr=C3=A8me"), "{text}");
+}
