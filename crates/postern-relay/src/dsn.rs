@@ -468,16 +468,13 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
             field(&mut out, "Remote-MTA", &format!("dns; {name}"));
         }
         if let Some(diagnostic) = &recipient.diagnostic {
-            let kind = if is_smtp_reply(diagnostic) {
-                "smtp"
-            } else {
-                "X-Postern"
+            // The next hop's reply where there is one, even inside postern's account of a
+            // session it ended ("...: server closed the session: 421 ..."), RFC 3464 2.3.6.
+            let value = match smtp_reply_in(diagnostic) {
+                Some(reply) => format!("smtp; {}", safe(reply)),
+                None => format!("X-Postern; {}", safe(diagnostic)),
             };
-            field(
-                &mut out,
-                "Diagnostic-Code",
-                &format!("{kind}; {}", safe(diagnostic)),
-            );
+            field(&mut out, "Diagnostic-Code", &value);
         }
         if let Some(at) = recipient.last_attempt {
             field(&mut out, "Last-Attempt-Date", &date(at));
@@ -491,6 +488,16 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
 
 /// Writes `name: value` CRLF, folding at spaces before [`FOLD_COLUMN`] when it can. `value`
 /// is already safe: ASCII, no control characters, single spaces.
+/// The SMTP reply that `text` is, or that it ends with after a `": "`.
+fn smtp_reply_in(text: &str) -> Option<&str> {
+    if is_smtp_reply(text) {
+        return Some(text);
+    }
+    text.match_indices(": ")
+        .map(|(at, sep)| &text[at + sep.len()..])
+        .find(|rest| is_smtp_reply(rest))
+}
+
 /// Whether `text` is an SMTP reply line (three digits, then a space, a dash or nothing)
 /// rather than postern's own words.
 fn is_smtp_reply(text: &str) -> bool {
@@ -785,6 +792,19 @@ mod tests {
             "message size exceeds the next hop's fixed maximum message size"
         ));
         assert!(!is_smtp_reply("5500 x"));
+        assert_eq!(
+            smtp_reply_in("127.0.0.1: server closed the session: 421 4.3.2 bye: now"),
+            Some("421 4.3.2 bye: now")
+        );
+        assert_eq!(smtp_reply_in("550 5.1.1 x: y"), Some("550 5.1.1 x: y"));
+        assert_eq!(
+            smtp_reply_in("mx.test said: 554 go away"),
+            Some("554 go away")
+        );
+        assert_eq!(
+            smtp_reply_in("connection with 127.0.0.1 failed: refused"),
+            None
+        );
     }
 
     #[test]
