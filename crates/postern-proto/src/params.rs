@@ -420,7 +420,10 @@ fn is_hexpoint(hex: &str) -> bool {
     } else {
         !hex.starts_with('0')
     };
-    let needs_escape = value <= 0x20 || [0x2B, 0x3D, 0x5C, 0x7F].contains(&value) || value >= 0x80;
+    // NUL is no character of an address.
+    let needs_escape = (0x01..=0x20).contains(&value)
+        || [0x2B, 0x3D, 0x5C, 0x7F].contains(&value)
+        || value >= 0x80;
     minimal && needs_escape && char::from_u32(value).is_some()
 }
 
@@ -543,6 +546,7 @@ mod tests {
             "a\\x{41}b@x.test",
             "a\\x{2b}b@x.test\\x{E}",
             "a\\x{00E9}@x.test",
+            "a\\x{00}b@x.test",
             "a\\x{2B@x.test",
             "a=b@x.test",
         ] {

@@ -331,6 +331,36 @@ type Failure = (u32, String, Option<String>, String, u64);
 /// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, next attempt).
 type Delay = (u32, String, Option<String>, u64);
 
+impl Tracked {
+    /// Marks `rcpt` as warned of its delay; false if it already was.
+    fn warn_once(&mut self, rcpt: u32) -> bool {
+        let (word, bit) = ((rcpt / 64) as usize, 1u64 << (rcpt % 64));
+        if self.warned.len() <= word {
+            self.warned.resize(word + 1, 0);
+        }
+        let first = self.warned[word] & bit == 0;
+        self.warned[word] |= bit;
+        first
+    }
+}
+
+/// A bounce being made or a message being finished, counted in `CoreRelay::reporting` from
+/// when its task is spawned until it ends.
+struct Reporting(Rc<CoreRelay>);
+
+impl Reporting {
+    fn new(core: &Rc<CoreRelay>) -> Self {
+        core.reporting.set(core.reporting.get() + 1);
+        Reporting(core.clone())
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        self.0.reporting.set(self.0.reporting.get() - 1);
+    }
+}
+
 /// The owner's record of a message not yet final.
 struct Tracked {
     msg: Arc<Msg>,
@@ -344,7 +374,8 @@ struct Tracked {
     /// Recipients that asked for success reports (NOTIFY=SUCCESS) and were relayed to a next
     /// hop without DSN: (recipient, reply, next hop, when).
     relayed: Vec<(u32, String, Option<String>, u64)>,
-    warned: bool,
+    /// Recipients already sent a delay warning (a bit each; empty until the first).
+    warned: Vec<u64>,
     /// A status record could not be written (the spool's disk is full): the outcome is known
     /// here but not on disk. The message is still forgotten once every recipient is settled,
     /// so its segments can be reclaimed; a crash before that delivers it again (a duplicate,
@@ -397,6 +428,9 @@ pub struct CoreRelay {
     failed_waiting: RefCell<Vec<String>>,
     /// Recipients deferred past `--delay-warning` in this batch of outcomes, by message.
     delays_waiting: RefCell<Vec<(String, Delay)>>,
+    /// Bounces being made and messages being finished: a graceful stop waits for them, so
+    /// that their statuses are recorded and the next run does not repeat them.
+    reporting: Cell<usize>,
 }
 
 impl Delivery for CoreRelay {
@@ -429,6 +463,7 @@ impl Delivery for CoreRelay {
             while self.relay.winding_down.load(Ordering::SeqCst) < self.relay.cores
                 || self.relay.in_flight.load(Ordering::SeqCst) > 0
                 || !inbox.is_empty()
+                || self.reporting.get() > 0
             {
                 glommio::timer::sleep(WIND_DOWN_POLL).await;
             }
@@ -450,6 +485,7 @@ impl CoreRelay {
             relayed_waiting: RefCell::new(Vec::new()),
             failed_waiting: RefCell::new(Vec::new()),
             delays_waiting: RefCell::new(Vec::new()),
+            reporting: Cell::new(0),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
@@ -512,7 +548,7 @@ impl CoreRelay {
                 failed: Vec::new(),
                 bouncing: false,
                 relayed: Vec::new(),
-                warned: false,
+                warned: Vec::new(),
                 unrecorded: false,
             },
         );
@@ -1566,7 +1602,7 @@ impl CoreRelay {
                 .recipients
                 .get(r.rcpt as usize)
                 .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
-            if !t.warned && wants && age >= after.as_millis() as u64 {
+            if wants && age >= after.as_millis() as u64 && t.warn_once(r.rcpt) {
                 let delay = (r.rcpt, r.reply.clone(), r.remote.clone(), *next_attempt);
                 self.delays_waiting
                     .borrow_mut()
@@ -1581,7 +1617,12 @@ impl CoreRelay {
                 drop(tracked);
                 self.publish_depth();
                 let me = self.clone();
-                glommio::spawn_local(async move { me.finish(t).await }).detach();
+                let busy = Reporting::new(self);
+                glommio::spawn_local(async move {
+                    me.finish(t).await;
+                    drop(busy);
+                })
+                .detach();
             }
         }
     }
@@ -1636,37 +1677,63 @@ impl CoreRelay {
             let failed = std::mem::take(&mut t.failed);
             let msg = t.msg.clone();
             let me = self.clone();
-            glommio::spawn_local(async move { me.bounce_partial(queue_id, msg, failed).await })
-                .detach();
+            let busy = Reporting::new(self);
+            glommio::spawn_local(async move {
+                me.bounce_partial(queue_id, msg, failed).await;
+                drop(busy);
+            })
+            .detach();
         }
     }
 
-    async fn bounce_partial(self: Rc<Self>, queue_id: String, msg: Arc<Msg>, failed: Vec<Failure>) {
-        let outcome = self.report_failures(&msg, &failed).await;
-        let (done, more) = {
+    async fn bounce_partial(
+        self: Rc<Self>,
+        queue_id: String,
+        msg: Arc<Msg>,
+        mut failed: Vec<Failure>,
+    ) {
+        let (done, more) = loop {
+            let outcome = self.report_failures(&msg, &failed).await;
+            {
+                let mut tracked = self.tracked.borrow_mut();
+                let Some(t) = tracked.get_mut(&queue_id) else {
+                    return;
+                };
+                match outcome {
+                    Ok(unrecorded) => {
+                        t.unrecorded |= unrecorded;
+                        t.bouncing = false;
+                        let more = !t.failed.is_empty();
+                        let done = if t.pending == 0 {
+                            tracked.remove(&queue_id)
+                        } else {
+                            None
+                        };
+                        break (done, more);
+                    }
+                    Err(()) => {
+                        // Not durable (the spool's disk is full, most likely): tried again
+                        // after a pause, with any failures that came meanwhile.
+                        tracing::error!(
+                            queue_id = %queue_id,
+                            "cannot spool the bounce; trying again in {}s",
+                            BOUNCE_RETRY.as_secs()
+                        );
+                        t.failed.splice(0..0, std::mem::take(&mut failed));
+                    }
+                }
+            }
+            glommio::timer::sleep(BOUNCE_RETRY).await;
             let mut tracked = self.tracked.borrow_mut();
             let Some(t) = tracked.get_mut(&queue_id) else {
                 return;
             };
-            t.bouncing = false;
-            match outcome {
-                Ok(unrecorded) => t.unrecorded |= unrecorded,
-                Err(()) => {
-                    // Made again with the message's next outcome, or when it is finished.
-                    tracing::error!(
-                        queue_id = %queue_id,
-                        "cannot spool the bounce; it is made again with the next outcome"
-                    );
-                    t.failed.splice(0..0, failed);
-                }
+            if t.pending == 0 {
+                // Every recipient is settled meanwhile: `finish` bounces what is left.
+                t.bouncing = false;
+                break (tracked.remove(&queue_id), false);
             }
-            let more = !t.failed.is_empty() && outcome.is_ok();
-            let done = if t.pending == 0 {
-                tracked.remove(&queue_id)
-            } else {
-                None
-            };
-            (done, more)
+            failed = std::mem::take(&mut t.failed);
         };
         if let Some(t) = done {
             self.publish_depth();
@@ -1691,15 +1758,11 @@ impl CoreRelay {
                 None => by_message.push((queue_id, vec![delay])),
             }
         }
-        let mut tracked = self.tracked.borrow_mut();
+        let tracked = self.tracked.borrow_mut();
         for (queue_id, delays) in by_message {
-            let Some(t) = tracked.get_mut(&queue_id) else {
+            let Some(t) = tracked.get(&queue_id) else {
                 continue;
             };
-            if t.warned {
-                continue;
-            }
-            t.warned = true;
             let msg = t.msg.clone();
             let me = self.clone();
             glommio::spawn_local(async move { me.delay_warning(&msg, &delays).await }).detach();
@@ -1783,9 +1846,11 @@ impl CoreRelay {
                         BOUNCE_RETRY.as_secs()
                     );
                     let me = self.clone();
+                    let busy = Reporting::new(&self);
                     glommio::spawn_local(async move {
                         glommio::timer::sleep(BOUNCE_RETRY).await;
                         me.finish(t).await;
+                        drop(busy);
                     })
                     .detach();
                     return;

@@ -418,7 +418,9 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
 }
 
 async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) {
-    loop {
+    // Checked at each turn too: under a backlog that never empties, or an accept error that
+    // comes at once each time, the accept below is always ready first.
+    while !core.stopping.get() {
         let mut accept = std::pin::pin!(listener.accept());
         let stop = async {
             core.stopped().await;
@@ -444,7 +446,10 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
     for _ in 0..BACKLOG_DRAIN_MAX {
         match futures_lite::future::poll_once(listener.accept()).await {
             Some(Ok(stream)) => admit(&core, stream, implicit_tls),
-            Some(Err(_)) | None => break,
+            // A client that reset while queued (ECONNABORTED), or no descriptor left: the
+            // ones behind it are still taken, up to the bound.
+            Some(Err(_)) => continue,
+            None => break,
         }
     }
 }

@@ -2378,8 +2378,22 @@ fn a_permanent_failure_is_bounced_at_once_though_another_recipient_waits_for_a_r
 
 #[test]
 fn a_delay_warning_names_every_deferred_recipient_that_wants_one() {
+    // dest.test and far.test are both down, so their recipients are deferred in separate
+    // attempts (separate batches of outcomes).
     let origin = Peer::start(&[]);
-    let (server, _down) = unreachable_dest_with_origin(&origin, &["--delay-warning", "300ms"]);
+    let far = reserve("127.0.0.1", 0);
+    let far_route = format!("far.test=127.0.0.1:{}", far.1);
+    let (server, _down) = unreachable_dest_with_origin(
+        &origin,
+        &[
+            "--delay-warning",
+            "300ms",
+            "--route",
+            &far_route,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+    );
     send_commands(
         &server,
         &[
@@ -2387,20 +2401,38 @@ fn a_delay_warning_names_every_deferred_recipient_that_wants_one() {
             "RCPT TO:<failure-only@dest.test> NOTIFY=FAILURE",
             "RCPT TO:<asked@dest.test> NOTIFY=DELAY,FAILURE",
             "RCPT TO:<default@dest.test>",
+            "RCPT TO:<elsewhere@far.test> NOTIFY=DELAY",
         ],
         "<slow3@t>",
     );
-    let (_, text) = origin.first("the delay warning");
-    assert!(text.contains("Action: delayed"), "{text}");
-    assert!(
-        text.contains("Final-Recipient: rfc822; asked@dest.test"),
-        "{text}"
+    let warned = ["asked@dest.test", "default@dest.test", "elsewhere@far.test"];
+    let count = |stored: &[Stored], who: &str| {
+        let field = format!("Final-Recipient: rfc822; {who}");
+        stored
+            .iter()
+            .filter(|s| String::from_utf8_lossy(&s.data).contains(&field))
+            .count()
+    };
+    origin.wait_for(
+        "delay warnings for the three recipients that want one",
+        Duration::from_secs(20),
+        |s| warned.iter().all(|w| count(s, w) >= 1),
     );
-    assert!(
-        text.contains("Final-Recipient: rfc822; default@dest.test"),
-        "{text}"
-    );
-    assert!(!text.contains("failure-only@dest.test"), "{text}");
+    // Several more deferrals of each pass: still one warning per recipient.
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n.parse::<u64>().unwrap() >= 16)
+    });
+    let stored_after = origin.stored();
+    for s in &stored_after {
+        let text = String::from_utf8_lossy(&s.data);
+        assert!(text.contains("Action: delayed"), "{text}");
+        assert!(!text.contains("failure-only@dest.test"), "{text}");
+    }
+    for w in warned {
+        assert_eq!(count(&stored_after, w), 1, "{w}: {stored_after:#?}");
+    }
 }
 
 #[test]
