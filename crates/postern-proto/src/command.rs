@@ -409,6 +409,23 @@ mod tests {
         assert_eq!(code("BDAT x"), "501 5.5.4");
         assert_eq!(code("BDAT 10 FIRST"), "501 5.5.4");
         assert_eq!(code("BDAT 99999999999999999999"), "501 5.5.4");
+        assert_eq!(code("BDAT 00000000000000000000001 0"), "501 5.5.4");
+        // chunk-size is 1*DIGIT (RFC 3030 2): leading zeros, however many, are a size.
+        assert_eq!(
+            parse("BDAT 00000000000000000000000005 LAST").unwrap(),
+            Command::Bdat {
+                size: 5,
+                last: true
+            }
+        );
+        assert_eq!(
+            parse("BDAT 0000000000000000000000").unwrap(),
+            Command::Bdat {
+                size: 0,
+                last: false
+            }
+        );
+        assert_eq!(code("BDAT 000000009999999999999999999999"), "501 5.5.4");
         assert_eq!(code("EHLO"), "501 5.5.4");
         assert_eq!(code("HELO a b"), "501 5.5.4");
         assert_eq!(code("VRFY \u{1}"), "501 5.5.2");

@@ -194,12 +194,17 @@ fn xtext(s: &str, printable: bool) -> bool {
     true
 }
 
-/// Parses a decimal count of at most [`MAX_DECIMAL_DIGITS`] digits.
+/// Parses a decimal count of at most [`MAX_DECIMAL_DIGITS`] digits after any leading zeros
+/// (RFC 3030's `1*DIGIT`; the command line's own limit bounds the zeros).
 pub fn parse_decimal(s: &str) -> Option<u64> {
-    if s.is_empty() || s.len() > MAX_DECIMAL_DIGITS || !s.bytes().all(|c| c.is_ascii_digit()) {
+    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
-    s.parse().ok()
+    let significant = s.trim_start_matches('0');
+    if significant.len() > MAX_DECIMAL_DIGITS {
+        return None;
+    }
+    Some(significant.parse().unwrap_or(0))
 }
 
 /// Parses a SIZE value: at most [`MAX_SIZE_DIGITS`] digits (RFC 1870 4), leading zeros

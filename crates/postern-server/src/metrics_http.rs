@@ -192,6 +192,16 @@ fn route(
     if !token(method) || !target.starts_with(b"/") || !version.starts_with(b"HTTP/") {
         return bad();
     }
+    // Major versions other than 1 (and 0.9 above) are not spoken here (RFC 9110 15.6.6); a
+    // later 1.x minor version is answered as 1.1 (RFC 9110 6.2).
+    if version != b"HTTP/0.9" && !version.starts_with(b"HTTP/1.") {
+        return (
+            "505 HTTP Version Not Supported",
+            "text/plain",
+            "HTTP/1.1 only\n".to_owned(),
+            false,
+        );
+    }
     // RFC 9112 3.2: an HTTP/1.1 request without Host is answered 400.
     let has_host = lines.any(|l| l.len() > 5 && l[..5].eq_ignore_ascii_case(b"host:"));
     if version == b"HTTP/1.1" && !has_host {

@@ -183,6 +183,14 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
         status_of(b"GET /healthz HTTP/1.0\r\n\r\n"),
         "HTTP/1.1 200 OK"
     );
+    assert_eq!(
+        status_of(b"GET /metrics HTTP/9.9\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 505 HTTP Version Not Supported"
+    );
+    assert_eq!(
+        status_of(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 404 Not Found"
+    );
 }
 
 #[test]
