@@ -365,19 +365,36 @@ fn a_line_over_998_octets_returns_headers_with_the_line_broken() {
 }
 
 #[test]
-fn eight_bit_headers_come_back_as_8bit() {
+fn eight_bit_headers_come_back_encoded_in_a_7bit_report() {
     let original = "Subject: Grüße aus Köln\r\nFrom: jörg@example.de\r\n\r\nHallo\r\n";
     let recipients = failures();
     let bytes = dsn::build(&report(&recipients, original.as_bytes()));
     assert_lines_ok(&bytes);
-    assert!(dsn::is_8bit(&bytes));
+    // 7-bit, so that it reaches a sender whose next hop lacks 8BITMIME.
+    assert!(!dsn::is_8bit(&bytes));
     let message = parse(&bytes);
     let returned = parts(&message)[2];
-    assert_eq!(returned.content_transfer_encoding(), Some("8bit"));
+    assert_eq!(
+        returned.content_transfer_encoding(),
+        Some("quoted-printable")
+    );
     // UTF-8 header fields are internationalized: message/global-headers (RFC 6533 6.4).
     assert_eq!(mime_type(returned), "message/global-headers");
-    let text = String::from_utf8_lossy(&bytes);
-    assert!(text.contains("Subject: Grüße aus Köln\r\n"), "{text}");
+    let decoded = String::from_utf8_lossy(returned.contents()).into_owned();
+    assert!(
+        decoded.starts_with("Subject: Grüße aus Köln\r\nFrom: jörg@example.de\r\n"),
+        "{decoded}"
+    );
+    assert!(!decoded.contains("Hallo"), "{decoded}");
+
+    // Octets that are not UTF-8 come back base64-encoded, and whole.
+    let latin1 = b"Subject: Gr\xfc\xdfe\r\n\r\nbody\r\n";
+    let bytes = dsn::build(&report(&recipients, latin1));
+    assert!(!dsn::is_8bit(&bytes));
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(returned.content_transfer_encoding(), Some("base64"));
+    assert!(returned.contents().starts_with(b"Subject: Gr\xfc\xdfe\r\n"));
 
     let ascii = dsn::build(&report(&recipients, ORIGINAL));
     assert!(!dsn::is_8bit(&ascii));
