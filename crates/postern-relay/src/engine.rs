@@ -1745,7 +1745,8 @@ impl CoreRelay {
         }
     }
 
-    /// The delay warnings gathered from the last batch of outcomes: one per message.
+    /// The delay warnings gathered from the last batch of outcomes: one report per message,
+    /// naming its recipients deferred in the batch and not warned before.
     fn report_delays(self: &Rc<Self>) {
         let waiting = std::mem::take(&mut *self.delays_waiting.borrow_mut());
         if waiting.is_empty() {
