@@ -166,6 +166,9 @@ impl Outbound {
         }
         if !conn.session.capabilities().starttls {
             if tls.policy == TlsPolicy::Required {
+                // The session is still usable in cleartext: end it properly (RFC 5321
+                // 4.1.1.10), without sending anything else.
+                conn.quit().await;
                 return Err(ConnError::TlsRequired);
             }
             return Ok(conn);
@@ -180,7 +183,8 @@ impl Outbound {
                 return Ok(conn);
             }
             ClientEvent::StartTlsRefused(reply) => {
-                return Err(ConnError::Smtp(ClientError::StartTls(reply)))
+                conn.quit().await;
+                return Err(ConnError::Smtp(ClientError::StartTls(reply)));
             }
             ClientEvent::Failed(e) => return Err(ConnError::Smtp(e)),
             other => {

@@ -228,12 +228,16 @@ pub fn header_block(message: &[u8]) -> &[u8] {
     message
 }
 
-/// The enhanced status code (RFC 3463) for a report about an SMTP reply: the reply's own when
+/// The enhanced status code (RFC 3463) for a report about an SMTP reply (or about postern's
+/// account of a session that ends with one, see [`smtp_reply_in`]): the reply's own when
 /// it starts `NNN X.Y.Z` (or `NNN-X.Y.Z`) with X equal to the reply code's first digit,
 /// otherwise `5.0.0` for a 5xx reply, `4.0.0` for 4xx, `2.0.0` for 2xx, and `5.5.0` (protocol
 /// error) for a reply without a valid code.
 pub fn status_of(reply: &str) -> String {
     let reply = reply.trim_start();
+    // A next hop's reply inside postern's account of the session ("...: server refused
+    // STARTTLS: 454 4.7.0 ...") keeps its own status.
+    let reply = smtp_reply_in(reply).unwrap_or(reply);
     let class = match reply.as_bytes() {
         [class @ (b'2' | b'4' | b'5'), b'0'..=b'9', b'0'..=b'9', rest @ ..]
             if matches!(rest.first(), None | Some(b' ' | b'-' | b'\r' | b'\n')) =>
@@ -846,6 +850,10 @@ mod tests {
         assert_eq!(status_of(""), "5.5.0");
         assert_eq!(status_of("354 go ahead"), "5.5.0");
         assert_eq!(status_of("550 é"), "5.0.0");
+        assert_eq!(
+            status_of("127.0.0.1 [127.0.0.1]: server refused STARTTLS: 454 4.7.0 not now"),
+            "4.7.0"
+        );
     }
 
     #[test]

@@ -376,6 +376,11 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     if s.outbound_tls_ca.is_some() && tls != TlsPolicy::Required {
         return Err("--outbound-tls-ca needs --outbound-tls required".into());
     }
+    // Read now, with --hold too: a file that cannot work is said at once, not when the hold
+    // is lifted.
+    if let Some(ca) = &s.outbound_tls_ca {
+        postern_relay::tls::TlsClients::new(Some(ca))?;
+    }
     if s.hold {
         return Ok(None);
     }

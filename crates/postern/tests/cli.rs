@@ -385,3 +385,79 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_named() {
     assert_eq!(now, 4096, "{log}");
     assert!(!log.contains("below --max-connections"), "{log}");
 }
+
+#[test]
+fn an_outbound_ca_that_cannot_work_is_refused_with_hold_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let spool = dir.path().join("spool");
+    for ca in [empty.to_str().unwrap(), "/nonexistent/ca.pem"] {
+        refused(
+            &[
+                "serve",
+                "--hold",
+                "--spool",
+                spool.to_str().unwrap(),
+                "--outbound-tls",
+                "required",
+                "--outbound-tls-ca",
+                ca,
+            ],
+            "--outbound-tls-ca",
+        );
+    }
+}
+
+/// Starts `postern serve` with a certificate and key and returns its exit code and stderr
+/// (it exits at once when they cannot work).
+fn start_with_tls_files(cert: &str, key: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let (code, _, err) = run(&[
+        "serve",
+        "--hold",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+    ]);
+    (code, err)
+}
+
+#[test]
+fn tls_files_that_cannot_work_are_named_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let one = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
+    std::fs::write(path("cert.pem"), one.cert.pem()).unwrap();
+    std::fs::write(path("other.key"), other.signing_key.serialize_pem()).unwrap();
+    // What `openssl pkcs8 -topk8 -v2 aes256` and the legacy `-aes256` forms look like.
+    std::fs::write(
+        path("pkcs8.key"),
+        "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIFHDBOBgkqhkiG9w0BBQ0w\n-----END ENCRYPTED PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    std::fs::write(
+        path("legacy.key"),
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,00112233445566778899AABBCCDDEEFF\n\nMIIEpAIBAAKCAQEA\n-----END RSA PRIVATE KEY-----\n",
+    )
+    .unwrap();
+
+    let (code, err) = start_with_tls_files(&path("cert.pem"), &path("other.key"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("other.key"), "the key is not named: {err}");
+    assert!(err.contains("first certificate"), "{err}");
+    for key in ["pkcs8.key", "legacy.key"] {
+        let (code, err) = start_with_tls_files(&path("cert.pem"), &path(key));
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains(key), "{err}");
+        assert!(err.contains("encrypted"), "{key}: {err}");
+        assert!(err.contains("openssl pkey"), "{key}: {err}");
+    }
+}

@@ -2496,3 +2496,54 @@ fn a_bounce_of_8bit_header_fields_reaches_a_sender_whose_next_hop_lacks_8bitmime
     );
     assert!(text.contains("Subject: caf=C3=A9 cr=C3=A8me"), "{text}");
 }
+
+#[test]
+fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
+    for offers_starttls in [true, false] {
+        let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+        let seen_tx = std::sync::Mutex::new(seen_tx);
+        let (port, stored, _) = scripted_next_hop(
+            move |_, line| {
+                let _ = seen_tx.lock().unwrap().send(line.trim_end().to_owned());
+                if line.starts_with("EHLO") && offers_starttls {
+                    Some(Act::Say("250-tls.test\r\n250 STARTTLS\r\n"))
+                } else if line.starts_with("EHLO") {
+                    Some(Act::Say("250 plain.test\r\n"))
+                } else if line.starts_with("STARTTLS") {
+                    Some(Act::Say("454 4.7.0 TLS not available now\r\n"))
+                } else {
+                    None
+                }
+            },
+            Act::Say("250 2.0.0 stored\r\n"),
+        );
+        let route = format!("dest.test=127.0.0.1:{port}");
+        let server = Server::start(&["--route", &route, "--outbound-tls", "required"]);
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            "<tlsquit@t>",
+            "hello\r\n",
+        );
+        let mut lines = Vec::new();
+        while let Ok(line) = seen.recv_timeout(Duration::from_secs(10)) {
+            let quit = line == "QUIT";
+            lines.push(line);
+            if quit {
+                break;
+            }
+        }
+        let expected: &[&str] = if offers_starttls {
+            &["EHLO", "STARTTLS", "QUIT"]
+        } else {
+            &["EHLO", "QUIT"]
+        };
+        let verbs: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(verbs, expected, "offers STARTTLS: {offers_starttls}");
+        assert!(stored.try_recv().is_err(), "sent in cleartext");
+    }
+}
