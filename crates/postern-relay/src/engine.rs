@@ -1759,7 +1759,7 @@ impl CoreRelay {
                 None => by_message.push((queue_id, vec![delay])),
             }
         }
-        let tracked = self.tracked.borrow_mut();
+        let tracked = self.tracked.borrow();
         for (queue_id, delays) in by_message {
             let Some(t) = tracked.get(&queue_id) else {
                 continue;
