@@ -82,6 +82,12 @@ impl ConnError {
             ConnError::Tls(e) => format!("TLS with {remote} failed: {e}"),
         }
     }
+
+    /// Whether the next hop answered before the failure (a greeting, an EHLO reply, a TLS
+    /// handshake): it is then the remote MTA of the failure, not an address nobody answered.
+    pub fn answered(&self) -> bool {
+        !matches!(self, ConnError::Io(_))
+    }
 }
 
 /// How to set up TLS on one connection.

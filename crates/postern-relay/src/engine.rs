@@ -744,7 +744,7 @@ impl CoreRelay {
                     }
                     (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
-                Err((text, permanent)) => {
+                Err((text, permanent, remote)) => {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
                     }
@@ -754,10 +754,11 @@ impl CoreRelay {
                     let status = permanent.unwrap_or("4.4.1");
                     if permanent.is_none() {
                         dq.down_until.set(now_ms() + self.pause_ms());
-                        *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), None));
+                        *dq.paused_for.borrow_mut() =
+                            Some((status.into(), text.clone(), remote.clone()));
                     }
                     for job in jobs {
-                        self.settle_all(job, permanent.is_some(), status, &text, None);
+                        self.settle_all(job, permanent.is_some(), status, &text, remote.clone());
                     }
                     break;
                 }
@@ -1400,13 +1401,15 @@ impl CoreRelay {
 
     /// Connects to the next hop: its addresses in preference order (those in `tried` by the
     /// jobs this connection is for, and those passed over lately, last), the next one when a
-    /// host refuses or greets with an error. Err carries the text and, for a permanent
-    /// failure, its status.
+    /// host refuses or greets with an error. Err carries the text, for a permanent failure
+    /// its status, and the next hop's name when the last failure came from a host that
+    /// answered (its greeting, EHLO or TLS), for the log's `relay` and the report's
+    /// Remote-MTA.
     async fn open(
         &self,
         dq: &DestQueue,
         tried: &[SocketAddr],
-    ) -> Result<Opened, (String, Option<&'static str>)> {
+    ) -> Result<Opened, (String, Option<&'static str>, Option<String>)> {
         let config = &self.relay.config;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
@@ -1426,7 +1429,7 @@ impl CoreRelay {
                         .resolver
                         .next_hops(&hp.host)
                         .await
-                        .map_err(|e| mx_failure(&hp.host, &e))?,
+                        .map_err(|e| unresolved(mx_failure(&hp.host, &e)))?,
                 };
                 (hops, hp.port)
             }
@@ -1444,7 +1447,7 @@ impl CoreRelay {
                         };
                         me.drop_from(hops, crate::mx::local_addresses)
                     })
-                    .map_err(|e| mx_failure(domain, &e))?;
+                    .map_err(|e| unresolved(mx_failure(domain, &e)))?;
                 (hops, config.mx_port)
             }
         };
@@ -1457,6 +1460,7 @@ impl CoreRelay {
             },
         };
         let mut last = String::from("no address to connect to");
+        let mut last_remote = None;
         let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
             .iter()
             .flat_map(|h| {
@@ -1494,7 +1498,14 @@ impl CoreRelay {
             let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
             let helo = &config.hostname;
             tracing::debug!(%addr, host = %hop.host, "connecting");
-            match Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts).await {
+            let connected =
+                Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts).await;
+            match &connected {
+                Ok(c) if c.is_tls() => self.handle.count_outbound_tls(true),
+                Err(ConnError::Tls(_)) => self.handle.count_outbound_tls(false),
+                _ => {}
+            }
+            match connected {
                 Ok(c) => {
                     tracing::debug!(%addr, tls = c.is_tls(), "connected");
                     return Ok(opened(c, failed));
@@ -1505,15 +1516,21 @@ impl CoreRelay {
                     dq.cleartext_until.set(now_ms() + 3_600_000);
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) => return Ok(opened(c, failed)),
-                        Err(e2) => last = format!("{}; then {}", e, e2.describe(&hop.host)),
+                        Err(e2) => {
+                            last = format!("{}; then {}", e, e2.describe(&hop.host));
+                            last_remote = e2.answered().then(|| hop.host.clone());
+                        }
                     }
                 }
-                Err(e) => last = e.describe(&format!("{} [{}]", hop.host, addr.ip())),
+                Err(e) => {
+                    last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
+                    last_remote = e.answered().then(|| hop.host.clone());
+                }
             }
             self.broke(dq, addr);
             failed.push(addr);
         }
-        Err((last, None))
+        Err((last, None, last_remote))
     }
 
     // ----- owner side -----
@@ -2025,6 +2042,13 @@ fn mx_failure(domain: &str, e: &MxError) -> (String, Option<&'static str>) {
         None
     };
     (format!("{domain}: {e}"), status)
+}
+
+/// A next hop that could not be resolved: no host answered.
+fn unresolved(
+    (text, status): (String, Option<&'static str>),
+) -> (String, Option<&'static str>, Option<String>) {
+    (text, status, None)
 }
 
 /// A reply as one line of text: `550 5.1.1 text`.

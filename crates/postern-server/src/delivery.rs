@@ -122,6 +122,16 @@ impl CoreHandle {
             Outcome::Bounced => m.bounces += 1,
         }
     }
+
+    /// Counts a TLS handshake with a next hop, completed (`ok`) or failed.
+    pub fn count_outbound_tls(&self, ok: bool) {
+        let mut m = self.0.metrics.borrow_mut();
+        if ok {
+            m.outbound_tls_handshakes += 1;
+        } else {
+            m.outbound_tls_failures += 1;
+        }
+    }
 }
 
 /// A delivery outcome, for the counters.

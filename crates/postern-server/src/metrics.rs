@@ -38,6 +38,10 @@ pub struct CoreMetrics {
     pub tls_handshakes: u64,
     /// TLS handshakes failed.
     pub tls_failures: u64,
+    /// TLS handshakes completed with next hops (STARTTLS on delivery).
+    pub outbound_tls_handshakes: u64,
+    /// TLS handshakes with next hops that failed.
+    pub outbound_tls_failures: u64,
     /// Spool errors (append, commit).
     pub spool_errors: u64,
     /// Sessions open now.
@@ -70,6 +74,8 @@ impl Default for CoreMetrics {
             replies: [0; 4],
             tls_handshakes: 0,
             tls_failures: 0,
+            outbound_tls_handshakes: 0,
+            outbound_tls_failures: 0,
             spool_errors: 0,
             active_sessions: 0,
             spool_bytes: 0,
@@ -123,6 +129,8 @@ impl CoreMetrics {
         }
         self.tls_handshakes += other.tls_handshakes;
         self.tls_failures += other.tls_failures;
+        self.outbound_tls_handshakes += other.outbound_tls_handshakes;
+        self.outbound_tls_failures += other.outbound_tls_failures;
         self.spool_errors += other.spool_errors;
         self.active_sessions += other.active_sessions;
         self.spool_bytes += other.spool_bytes;
@@ -269,13 +277,23 @@ pub fn render(m: &CoreMetrics) -> String {
         ),
         (
             "postern_tls_handshakes_total",
-            "TLS handshakes completed.",
+            "TLS handshakes completed with clients (STARTTLS and implicit TLS).",
             m.tls_handshakes,
         ),
         (
             "postern_tls_handshake_failures_total",
-            "TLS handshakes failed.",
+            "TLS handshakes with clients that failed.",
             m.tls_failures,
+        ),
+        (
+            "postern_outbound_tls_handshakes_total",
+            "TLS handshakes completed with next hops (STARTTLS on delivery).",
+            m.outbound_tls_handshakes,
+        ),
+        (
+            "postern_outbound_tls_handshake_failures_total",
+            "TLS handshakes with next hops that failed.",
+            m.outbound_tls_failures,
         ),
         (
             "postern_spool_errors_total",

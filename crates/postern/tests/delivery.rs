@@ -1336,7 +1336,9 @@ fn outbound_starttls_opportunistic_and_required() {
             "<tls1@t>",
             "x\r\n",
         );
-        server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+        let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+        assert!(m.contains("postern_outbound_tls_handshakes_total 1\n"), "{m}");
+        assert!(m.contains("postern_tls_handshakes_total 0\n"), "{m}");
     }
     // Required, with the certificate's issuer trusted: verified, delivered.
     {
@@ -1359,6 +1361,7 @@ fn outbound_starttls_opportunistic_and_required() {
         );
         let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
         assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+        assert!(m.contains("postern_outbound_tls_handshakes_total 1\n"), "{m}");
     }
     // Required without trusting it: not delivered, deferred (never sent in cleartext).
     {
@@ -1380,6 +1383,11 @@ fn outbound_starttls_opportunistic_and_required() {
         let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
         assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
         assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
+        assert!(m.contains("postern_outbound_tls_handshakes_total 0\n"), "{m}");
+        assert!(
+            m.contains("postern_outbound_tls_handshake_failures_total 1\n"),
+            "{m}"
+        );
     }
     let counters = stop_sink(sink, out);
     assert!(
@@ -1851,6 +1859,13 @@ fn through_tls_next_hop(refuse: bool, message_id: &str) -> bool {
     );
     let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
     assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    // A refused STARTTLS is no handshake; one broken off is a failed one.
+    let failures = format!(
+        "postern_outbound_tls_handshake_failures_total {}\n",
+        u8::from(!refuse)
+    );
+    assert!(m.contains(&failures), "{m}");
+    assert!(m.contains("postern_outbound_tls_handshakes_total 0\n"), "{m}");
     connection == 0
 }
 
@@ -2545,5 +2560,11 @@ fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
             .collect();
         assert_eq!(verbs, expected, "offers STARTTLS: {offers_starttls}");
         assert!(stored.try_recv().is_err(), "sent in cleartext");
+        // The next hop answered: the deferral names it, not "none".
+        let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+        assert!(
+            deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("TLS"),
+            "{deferred}"
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// A running server process; killed when dropped.
 pub struct Server {
@@ -15,6 +16,8 @@ pub struct Server {
     pub smtps: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub spool: PathBuf,
+    /// What the server has written to stderr (its log).
+    log: Arc<(Mutex<String>, Condvar)>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -48,10 +51,21 @@ impl Server {
         if !delivers {
             cmd.arg("--hold");
         }
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
+        // The log (stderr) is passed on to the test's stderr and kept for `log_until`.
+        let log = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let kept = log.clone();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while err.read_line(&mut line).is_ok_and(|n| n > 0) {
+                eprint!("{line}");
+                kept.0.lock().unwrap().push_str(&line);
+                kept.1.notify_all();
+                line.clear();
+            }
+        });
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let (mut smtp, mut smtps, mut metrics) = (None, None, None);
         loop {
@@ -89,7 +103,23 @@ impl Server {
             smtps,
             metrics,
             spool,
+            log,
             _dir: dir,
+        }
+    }
+
+    /// Waits (at most 20 s) until a line of the server's log satisfies `pred`; returns it.
+    pub fn log_until(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (text, changed) = &*self.log;
+        let mut text = text.lock().unwrap();
+        loop {
+            if let Some(line) = text.lines().find(|l| pred(l)) {
+                return line.to_owned();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no such log line in:\n{text}");
+            text = changed.wait_timeout(text, left).unwrap().0;
         }
     }
 
