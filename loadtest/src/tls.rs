@@ -9,9 +9,12 @@ use std::sync::Arc;
 
 use crate::error::LoadError;
 
-/// A server configuration from a certificate chain and its key (PEM), as postern's own.
+/// A server configuration from a certificate chain and its key (PEM), as postern's own (the
+/// sink answers to any name, so the certificate's names are not checked).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, LoadError> {
-    postern_server::tls::server_config(cert, key).map_err(|e| LoadError::Tls(e.to_string()))
+    postern_server::tls::server_config(cert, key, None)
+        .map(|(config, _)| config)
+        .map_err(|e| LoadError::Tls(e.to_string()))
 }
 
 /// A client configuration that accepts any server certificate (see the module notes), the

@@ -40,6 +40,7 @@ pub struct Running {
     /// The metrics address actually bound.
     pub metrics: Option<SocketAddr>,
     stop: Arc<StopFlag>,
+    server_cert: Option<Arc<tls::ServerCert>>,
     threads: Vec<std::thread::JoinHandle<bool>>,
     /// Held until the cores have stopped: no other process opens this spool meanwhile.
     _spool_lock: DirLock,
@@ -49,6 +50,11 @@ impl Running {
     /// The flag that stops the server (for signal handlers).
     pub fn stop_flag(&self) -> Arc<StopFlag> {
         self.stop.clone()
+    }
+
+    /// The server's certificate and key when TLS is on, to read again on SIGHUP.
+    pub fn server_cert(&self) -> Option<Arc<tls::ServerCert>> {
+        self.server_cert.clone()
     }
 
     /// Waits until every core has stopped; false when one of them failed (panicked), which
@@ -182,9 +188,13 @@ pub fn start_locked(
     spool_lock: DirLock,
 ) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
-    let tls_config = match &settings.tls {
-        Some(files) => Some(tls::server_config(&files.cert, &files.key)?),
-        None => None,
+    let (tls_config, server_cert) = match &settings.tls {
+        Some(files) => {
+            let (config, cert) =
+                tls::server_config(&files.cert, &files.key, Some(&settings.hostname))?;
+            (Some(config), Some(cert))
+        }
+        None => (None, None),
     };
     let mut placeholders = Vec::new();
     let mut listen = Vec::new();
@@ -280,6 +290,7 @@ pub fn start_locked(
         listen_tls,
         metrics,
         stop,
+        server_cert,
         threads,
         _spool_lock: spool_lock,
     })

@@ -2,16 +2,93 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
 use crate::error::StartError;
 
 /// Loads a certificate chain and its private key (PEM) into a rustls server configuration
-/// (TLS 1.2 and 1.3, rustls' safe defaults, ring as the crypto provider).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, StartError> {
+/// (TLS 1.2 and 1.3, rustls' safe defaults, ring as the crypto provider). Warns (see
+/// [`certificate_warnings`]) about a certificate that is out of date or does not name
+/// `hostname` (when given). The returned [`ServerCert`] reads the files again on demand (SIGHUP).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    hostname: Option<&str>,
+) -> Result<(Arc<ServerConfig>, Arc<ServerCert>), StartError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let current = load(cert, key, hostname, &provider)?;
+    let resolver = Arc::new(ServerCert {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        hostname: hostname.map(str::to_owned),
+        provider: provider.clone(),
+        current: RwLock::new(Arc::new(current)),
+    });
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    Ok((Arc::new(config), resolver))
+}
+
+/// The server's certificate chain and key, shared by every core's handshakes; [`reload`]
+/// (on SIGHUP) puts a renewed pair in place for the handshakes that follow.
+///
+/// [`reload`]: ServerCert::reload
+#[derive(Debug)]
+pub struct ServerCert {
+    cert: PathBuf,
+    key: PathBuf,
+    hostname: Option<String>,
+    provider: Arc<CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ServerCert {
+    /// Reads the certificate and key files again. When they cannot work, the error names them
+    /// and the pair in use stays.
+    pub fn reload(&self) -> Result<(), StartError> {
+        let renewed = load(
+            &self.cert,
+            &self.key,
+            self.hostname.as_deref(),
+            &self.provider,
+        )?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(renewed);
+        Ok(())
+    }
+
+    /// The certificate file.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+}
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// Reads a certificate chain and its key (PEM) and checks that they belong together.
+fn load(
+    cert: &Path,
+    key: &Path,
+    hostname: Option<&str>,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, StartError> {
     let bad = |path: &Path, why: String| StartError::Tls(format!("{}: {why}", path.display()));
     let mut reader = BufReader::new(File::open(cert).map_err(|e| bad(cert, e.to_string()))?);
     let certs = rustls_pemfile::certs(&mut reader)
@@ -38,19 +115,195 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Start
                 "no private key found (PEM, PKCS#1, PKCS#8 or SEC1)".into(),
             )
         })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| {
-            StartError::Tls(format!(
-                "{} and {}: {e}; the key must be the one of the first certificate in the \
-                 file (the server's own, followed by its chain)",
-                cert.display(),
-                key.display()
-            ))
-        })?;
-    Ok(Arc::new(config))
+    let warnings = certificate_warnings(&certs[0], hostname, unix_now());
+    let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
+        StartError::Tls(format!(
+            "{} and {}: {e}; the key must be the one of the first certificate in the \
+             file (the server's own, followed by its chain)",
+            cert.display(),
+            key.display()
+        ))
+    })?;
+    for warning in warnings {
+        tracing::warn!("{}: {warning}", cert.display());
+    }
+    Ok(certified)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Within this many seconds of its end a certificate is said to expire soon.
+const EXPIRES_SOON: i64 = 14 * 86_400;
+
+/// What an operator should hear about the server's own certificate (DER) at `now` (Unix
+/// seconds): expired, not valid yet, expiring within two weeks, or not naming `hostname` (when
+/// given).
+/// The certificate is still used: clients that deliver opportunistically do not check it, and
+/// refusing to start would stop all mail instead of only the verifying clients' TLS.
+pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec<String> {
+    let cert = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => cert,
+        Err(e) => {
+            return vec![format!(
+                "the certificate could not be read for its dates: {e}"
+            )]
+        }
+    };
+    let mut warnings = Vec::new();
+    let validity = cert.validity();
+    let (from, until) = (validity.not_before, validity.not_after);
+    if until.timestamp() < now {
+        warnings.push(format!(
+            "the certificate expired on {until}; clients that verify it will refuse TLS \
+             (renew it)"
+        ));
+    } else if from.timestamp() > now {
+        warnings.push(format!(
+            "the certificate is not valid before {from}; clients that verify it will refuse \
+             TLS until then (is the clock right?)"
+        ));
+    } else if until.timestamp() - now < EXPIRES_SOON {
+        warnings.push(format!(
+            "the certificate expires on {until}, in {} days (renew it)",
+            (until.timestamp() - now) / 86_400
+        ));
+    }
+    let Some(hostname) = hostname else {
+        return warnings;
+    };
+    let names: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let names = if names.is_empty() {
+        // No DNS names in subjectAltName: the subject's common name, as older clients read it.
+        cert.subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .collect()
+    } else {
+        names
+    };
+    if !names.iter().any(|n| name_matches(n, hostname)) {
+        warnings.push(format!(
+            "the certificate does not name --hostname {hostname} (it names {}); clients that \
+             verify the name will refuse TLS",
+            if names.is_empty() {
+                "no host".to_owned()
+            } else {
+                names.join(", ")
+            }
+        ));
+    }
+    warnings
+}
+
+/// Whether a certificate's DNS name covers `host` (a wildcard covers exactly one label,
+/// RFC 6125 6.4.3).
+fn name_matches(pattern: &str, host: &str) -> bool {
+    let (pattern, host) = (
+        pattern.trim_end_matches('.').to_ascii_lowercase(),
+        host.trim_end_matches('.').to_ascii_lowercase(),
+    );
+    match pattern.strip_prefix("*.") {
+        Some(rest) => host
+            .split_once('.')
+            .is_some_and(|(first, tail)| !first.is_empty() && tail == rest),
+        None => pattern == host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    /// A self-signed certificate for `names`, valid from `from` to `until` (Unix seconds).
+    fn cert(names: &[&str], from: i64, until: i64) -> Vec<u8> {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let secs = |t: i64| std::time::Duration::from_secs(u64::try_from(t).unwrap());
+        params.not_before = epoch + secs(from);
+        params.not_after = epoch + secs(until);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_current_certificate_naming_the_host_gives_no_warning() {
+        let now = 1_800_000_000;
+        let der = cert(&["mx.example.net"], now - DAY, now + 90 * DAY);
+        assert_eq!(
+            certificate_warnings(&der, Some("mx.example.net"), now),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            certificate_warnings(&der, Some("MX.Example.Net."), now),
+            Vec::<String>::new()
+        );
+    }
+
+    fn one_warning(der: &[u8], host: &str, now: i64) -> String {
+        let w = certificate_warnings(der, Some(host), now);
+        assert_eq!(w.len(), 1, "{w:?}");
+        w.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn an_out_of_date_certificate_is_named_with_its_date() {
+        let now = 1_800_000_000;
+        let expired = cert(&["mx.example.net"], now - 100 * DAY, now - DAY);
+        let w = one_warning(&expired, "mx.example.net", now);
+        assert!(w.contains("expired on") && w.contains("renew"), "{w}");
+        let early = cert(&["mx.example.net"], now + DAY, now + 100 * DAY);
+        let w = one_warning(&early, "mx.example.net", now);
+        assert!(w.contains("not valid before"), "{w}");
+        let soon = cert(&["mx.example.net"], now - 80 * DAY, now + 5 * DAY + 60);
+        let w = one_warning(&soon, "mx.example.net", now);
+        assert!(w.contains("in 5 days"), "{w}");
+        let later = cert(&["mx.example.net"], now - 80 * DAY, now + 15 * DAY);
+        assert_eq!(
+            certificate_warnings(&later, Some("mx.example.net"), now),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_certificate_for_other_names_is_named_with_the_names_it_has() {
+        let now = 1_800_000_000;
+        let der = cert(
+            &["a.example.net", "b.example.net"],
+            now - DAY,
+            now + 90 * DAY,
+        );
+        let w = one_warning(&der, "mx.example.net", now);
+        assert!(w.contains("--hostname mx.example.net"), "{w}");
+        assert!(w.contains("a.example.net, b.example.net"), "{w}");
+    }
+
+    #[test]
+    fn a_wildcard_covers_exactly_one_label() {
+        assert!(name_matches("*.example.net", "mx.example.net"));
+        assert!(name_matches("*.Example.net", "MX.example.net."));
+        assert!(!name_matches("*.example.net", "example.net"));
+        assert!(!name_matches("*.example.net", "a.mx.example.net"));
+        assert!(!name_matches("*.example.net", ".example.net"));
+        assert!(!name_matches("mx.example.net", "mx.example.org"));
+    }
 }

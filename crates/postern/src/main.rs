@@ -149,6 +149,7 @@ fn main() -> ExitCode {
     }
     say!("postern: ready with {cores} cores");
     let stop = running.stop_flag();
+    let server_cert = running.server_cert();
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {
@@ -160,8 +161,22 @@ fn main() -> ExitCode {
                         stop.stop();
                         return;
                     }
-                    // There is no configuration to reload (flags only): a restart applies
-                    // new ones. A stray signal must not kill the server abruptly.
+                    if let (SIGHUP, Some(cert)) = (signal, &server_cert) {
+                        // A renewed certificate takes effect without a restart.
+                        match cert.reload() {
+                            Ok(()) => tracing::info!(
+                                "SIGHUP: TLS certificate and key read again from {}; new \
+                                 handshakes use them",
+                                cert.cert_path().display()
+                            ),
+                            Err(e) => tracing::error!(
+                                "SIGHUP: {e}; the certificate in use stays until this is fixed"
+                            ),
+                        }
+                        continue;
+                    }
+                    // Every other setting is a flag: a restart applies new ones. A stray
+                    // signal must not kill the server abruptly.
                     tracing::warn!(signal, "signal ignored; SIGTERM stops postern");
                 }
             });

@@ -1337,7 +1337,10 @@ fn outbound_starttls_opportunistic_and_required() {
             "x\r\n",
         );
         let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
-        assert!(m.contains("postern_outbound_tls_handshakes_total 1\n"), "{m}");
+        assert!(
+            m.contains("postern_outbound_tls_handshakes_total 1\n"),
+            "{m}"
+        );
         assert!(m.contains("postern_tls_handshakes_total 0\n"), "{m}");
     }
     // Required, with the certificate's issuer trusted: verified, delivered.
@@ -1361,7 +1364,10 @@ fn outbound_starttls_opportunistic_and_required() {
         );
         let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
         assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
-        assert!(m.contains("postern_outbound_tls_handshakes_total 1\n"), "{m}");
+        assert!(
+            m.contains("postern_outbound_tls_handshakes_total 1\n"),
+            "{m}"
+        );
     }
     // Required without trusting it: not delivered, deferred (never sent in cleartext).
     {
@@ -1383,7 +1389,10 @@ fn outbound_starttls_opportunistic_and_required() {
         let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
         assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
         assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
-        assert!(m.contains("postern_outbound_tls_handshakes_total 0\n"), "{m}");
+        assert!(
+            m.contains("postern_outbound_tls_handshakes_total 0\n"),
+            "{m}"
+        );
         assert!(
             m.contains("postern_outbound_tls_handshake_failures_total 1\n"),
             "{m}"
@@ -1865,7 +1874,10 @@ fn through_tls_next_hop(refuse: bool, message_id: &str) -> bool {
         u8::from(!refuse)
     );
     assert!(m.contains(&failures), "{m}");
-    assert!(m.contains("postern_outbound_tls_handshakes_total 0\n"), "{m}");
+    assert!(
+        m.contains("postern_outbound_tls_handshakes_total 0\n"),
+        "{m}"
+    );
     connection == 0
 }
 

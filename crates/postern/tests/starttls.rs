@@ -209,3 +209,112 @@ fn a_silent_handshake_is_bounded_by_the_command_timeout() {
     let waited = closed_within(&mut tcp);
     assert!(waited < Duration::from_secs(5), "{waited:?}");
 }
+
+#[test]
+fn an_expired_certificate_for_another_name_is_warned_about_and_still_served() {
+    let mut params = rcgen::CertificateParams::new(vec!["other.test".to_owned()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let server = Server::start(&[
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ]);
+    let expired = server.log_until(|l| l.contains("WARN") && l.contains("expired on"));
+    assert!(
+        expired.contains("cert.pem") && expired.contains("2021"),
+        "{expired}"
+    );
+    let name = server.log_until(|l| l.contains("does not name --hostname mx.test"));
+    assert!(name.contains("other.test"), "{name}");
+    // Clients that do not verify (most MTAs delivering opportunistically) still get TLS.
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO client.test\r\n");
+    assert_eq!(c.reply().last().unwrap(), "250 STARTTLS");
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+}
+
+/// STARTTLS with a client that trusts only `roots`; the first line of the EHLO reply inside
+/// TLS, or the error of the handshake.
+fn ehlo_inside_tls(server: &Server, roots: &RootCertStore) -> std::io::Result<String> {
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+    let mut t = Tls::wrap(c.stream.try_clone().unwrap(), roots);
+    t.stream.get_mut().write_all(b"EHLO client.test\r\n")?;
+    let mut line = String::new();
+    t.stream.read_line(&mut line)?;
+    Ok(line.trim_end().to_owned())
+}
+
+fn sighup(server: &Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_reads_a_renewed_certificate_and_keeps_the_old_one_when_the_new_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let old = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
+    let new = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
+    let trusting = |ck: &rcgen::CertifiedKey<rcgen::KeyPair>| {
+        let mut roots = RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        roots
+    };
+    let (old_roots, new_roots) = (trusting(&old), trusting(&new));
+    std::fs::write(&cert, old.cert.pem()).unwrap();
+    std::fs::write(&key, old.signing_key.serialize_pem()).unwrap();
+    let server = Server::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        ehlo_inside_tls(&server, &old_roots).unwrap(),
+        "250-mx.test Hello client.test"
+    );
+    assert!(ehlo_inside_tls(&server, &new_roots).is_err());
+
+    std::fs::write(&cert, new.cert.pem()).unwrap();
+    std::fs::write(&key, new.signing_key.serialize_pem()).unwrap();
+    sighup(&server);
+    server.log_until(|l| l.contains("SIGHUP: TLS certificate and key read again"));
+    assert_eq!(
+        ehlo_inside_tls(&server, &new_roots).unwrap(),
+        "250-mx.test Hello client.test"
+    );
+    assert!(
+        ehlo_inside_tls(&server, &old_roots).is_err(),
+        "the old certificate still served"
+    );
+
+    // A half-written renewal: the key no longer matches. The error names both files and the
+    // certificate in use stays.
+    std::fs::write(&key, old.signing_key.serialize_pem()).unwrap();
+    sighup(&server);
+    let error = server.log_until(|l| l.contains("SIGHUP: ") && l.contains("ERROR"));
+    assert!(
+        error.contains("key.pem") && error.contains("stays"),
+        "{error}"
+    );
+    assert_eq!(
+        ehlo_inside_tls(&server, &new_roots).unwrap(),
+        "250-mx.test Hello client.test"
+    );
+}
