@@ -154,7 +154,13 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();
         for (seq, path) in segs {
-            let file = File::open(&path).map_err(SpoolError::at(&path))?;
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                // Reclaimed since the directory was read (a `postern queue` beside a running
+                // server): a reclaimed segment held nothing live.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SpoolError::at(&path)(e)),
+            };
             let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::at(&path))?);
             let mut scan = Scan {
                 map: &map,

@@ -31,7 +31,28 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Accept mail over SMTP, store it durably in the spool, and deliver it to its next hop.
-    Serve(Serve),
+    Serve(Box<Serve>),
+    /// List the mail waiting in a spool (read only; the server may be running).
+    Queue(Queue),
+}
+
+/// `postern queue`.
+#[derive(Args, Debug)]
+pub(crate) struct Queue {
+    /// Spool directory, as given to `postern serve`.
+    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
+    pub(crate) spool: PathBuf,
+    /// One JSON object per message (one per line) instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// What the command line asks for.
+pub(crate) enum Job {
+    /// Run the server.
+    Serve(Box<Config>),
+    /// List the queue.
+    Queue(Queue),
 }
 
 #[derive(Args, Debug)]
@@ -248,7 +269,7 @@ fn system_hostname() -> String {
 
 /// Parses the command line: `Ok(None)` when help or the version was printed, `Err` with a
 /// one-line message naming the flag otherwise.
-pub(crate) fn parse() -> Result<Option<Config>, String> {
+pub(crate) fn parse() -> Result<Option<Job>, String> {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e)
@@ -261,7 +282,10 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
             return Ok(None);
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            return Err("a command is required: try 'postern serve' or 'postern --help'".into());
+            return Err(
+                "a command is required: try 'postern serve', 'postern queue' or 'postern --help'"
+                    .into(),
+            );
         }
         Err(e) => {
             // clap's first paragraph, on one line: what is wrong and which flag.
@@ -275,7 +299,10 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
             return Err(with_env_source(line));
         }
     };
-    let Command::Serve(s) = cli.command;
+    let s = match cli.command {
+        Command::Serve(s) => *s,
+        Command::Queue(q) => return Ok(Some(Job::Queue(q))),
+    };
     let relay = relay(&s).map_err(with_env_source)?;
     let server = settings(s).map_err(with_env_source)?;
     let relay = relay.map(|r| RelayConfig {
@@ -283,7 +310,7 @@ pub(crate) fn parse() -> Result<Option<Config>, String> {
         own_addrs: server.listen.clone(),
         ..r
     });
-    Ok(Some(Config { server, relay }))
+    Ok(Some(Job::Serve(Box::new(Config { server, relay }))))
 }
 
 /// Adds which environment variable a wrong value came from, when the flag it names was not on

@@ -2,6 +2,7 @@
 //! signals, and the server on its embedded defaults.
 
 mod cli;
+mod queue;
 mod ring;
 
 use std::process::ExitCode;
@@ -31,7 +32,8 @@ macro_rules! complain {
 
 fn main() -> ExitCode {
     let config = match cli::parse() {
-        Ok(Some(config)) => config,
+        Ok(Some(cli::Job::Serve(config))) => *config,
+        Ok(Some(cli::Job::Queue(q))) => return queue::run(&q),
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => {
             complain!("postern: {message}");

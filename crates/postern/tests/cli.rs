@@ -461,3 +461,32 @@ fn tls_files_that_cannot_work_are_named_with_what_to_do() {
         assert!(err.contains("openssl pkey"), "{key}: {err}");
     }
 }
+
+#[test]
+fn the_queue_command_names_a_missing_spool_and_says_when_the_queue_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing-here");
+    let (code, out, err) = run(&["queue", "--spool", missing.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no spool at") && err.contains("nothing-here"),
+        "{err}"
+    );
+    let (code, out, err) = run(&["queue", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "-- the queue is empty\n"),
+        "{err}"
+    );
+    refused(
+        &[
+            "queue",
+            "--spool",
+            dir.path().to_str().unwrap(),
+            "--cores",
+            "2",
+        ],
+        "--cores",
+    );
+}

@@ -2580,3 +2580,75 @@ fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
         );
     }
 }
+
+/// `postern queue --json` on `spool`: one object per waiting message.
+fn queue_listing(spool: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--json", "--spool"])
+        .arg(spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_queue_command_lists_waiting_mail_beside_a_running_server() {
+    let (port, stored, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let ok_route = format!("ok.test=127.0.0.1:{port}");
+    let (server, _down) = unreachable_dest(&["--route", &ok_route]);
+    let waiting = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test", "c@dest.test"],
+        "<wait@t>",
+        "x\r\n",
+    );
+    let delivered = send(&server, "a@origin.test", &["d@ok.test"], "<ok@t>", "x\r\n");
+    server.log_until(|l| l.contains("to=\"c@dest.test\"") && l.contains("deferred"));
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    // The delivered message leaves the listing once its outcome is written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listing = loop {
+        let listing = queue_listing(&server.spool);
+        if !listing.iter().any(|m| m["queue_id"] == delivered.as_str()) {
+            break listing;
+        }
+        assert!(Instant::now() < deadline, "still listed: {listing:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    let m = &listing[0];
+    assert_eq!(m["queue_id"], waiting.as_str());
+    assert_eq!(m["sender"], "a@origin.test");
+    let rcpts = m["recipients"].as_array().unwrap();
+    let addresses: Vec<&str> = rcpts
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, ["b@dest.test", "c@dest.test"]);
+    for r in rcpts {
+        assert_eq!(r["state"], "deferred", "{r}");
+        assert!(r["reply"].as_str().unwrap().contains("refused"), "{r}");
+        assert!(r["next_attempt"].as_u64().unwrap() >= m["arrival"].as_u64().unwrap());
+    }
+    let table = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains(&waiting), "{table}");
+    assert!(
+        table.contains("<c@dest.test> deferred, next attempt"),
+        "{table}"
+    );
+    assert!(
+        table.contains("\n-- 1 message, 2 recipients waiting, "),
+        "{table}"
+    );
+}

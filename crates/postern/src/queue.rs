@@ -1,0 +1,156 @@
+//! `postern queue`: the mail waiting in a spool, read straight from its segments.
+//!
+//! It reads without the spool's lock, beside a running server: segments are only appended to
+//! and removed whole, never shortened, so a listing is a snapshot that may miss a message
+//! being written at that moment (its records are not complete yet), never a crash.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use postern_spool::{DeliveryState, RecoveredMessage, Status};
+
+use crate::cli::Queue;
+
+/// Runs `postern queue`; prints the listing on stdout, or one line naming the problem on
+/// stderr (exit status 1).
+pub(crate) fn run(q: &Queue) -> ExitCode {
+    match listing(&q.spool, q.json) {
+        Ok(text) => {
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "postern: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A waiting recipient's state, for the listing.
+fn state(status: Option<&Status>) -> (&'static str, Option<u64>, &str) {
+    match status {
+        None => ("waiting", None, ""),
+        Some(Status {
+            state: DeliveryState::Deferred { next_attempt },
+            reply,
+        }) => ("deferred", Some(*next_attempt), reply.as_str()),
+        // Final recipients are not listed.
+        Some(s) => ("final", None, s.reply.as_str()),
+    }
+}
+
+fn time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// The listing of the spool at `spool`: messages with recipients still to deliver, oldest
+/// first.
+fn listing(spool: &Path, json: bool) -> Result<String, String> {
+    if !spool.is_dir() {
+        return Err(format!(
+            "no spool at {} (give the --spool of `postern serve`)",
+            spool.display()
+        ));
+    }
+    let recovered = postern_spool::recover(spool)
+        .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))?;
+    let mut waiting: Vec<&RecoveredMessage> = recovered
+        .messages
+        .iter()
+        .filter(|m| !m.is_final())
+        .collect();
+    waiting.sort_by(|a, b| (a.meta.arrival, &a.queue_id).cmp(&(b.meta.arrival, &b.queue_id)));
+    let mut out = String::new();
+    if json {
+        for m in &waiting {
+            let recipients: Vec<serde_json::Value> = pending(m)
+                .map(|(address, status)| {
+                    let (state, next, reply) = state(status);
+                    serde_json::json!({
+                        "address": address,
+                        "state": state,
+                        "next_attempt": next,
+                        "reply": (!reply.is_empty()).then_some(reply),
+                    })
+                })
+                .collect();
+            let line = serde_json::json!({
+                "queue_id": m.queue_id,
+                "size": m.size(),
+                "arrival": m.meta.arrival,
+                "sender": m.meta.reverse_path,
+                "client": m.meta.client,
+                "recipients": recipients,
+            });
+            let _ = writeln!(out, "{line}");
+        }
+        return Ok(out);
+    }
+    if waiting.is_empty() {
+        out.push_str("-- the queue is empty\n");
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "{:<20} {:>10}  {:<20}  SENDER / RECIPIENTS",
+        "QUEUE ID", "SIZE", "ARRIVED"
+    );
+    let (mut recipients, mut bytes) = (0usize, 0u64);
+    for m in &waiting {
+        bytes += m.size();
+        let sender = if m.meta.reverse_path.is_empty() {
+            "<>".to_owned()
+        } else {
+            format!("<{}>", m.meta.reverse_path)
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10}  {:<20}  {sender}",
+            m.queue_id,
+            m.size(),
+            time(m.meta.arrival)
+        );
+        for (address, status) in pending(m) {
+            recipients += 1;
+            let (_, next, reply) = state(status);
+            let _ = match next {
+                Some(at) => writeln!(
+                    out,
+                    "{:>55}<{address}> deferred, next attempt {}: {reply}",
+                    "",
+                    time(at)
+                ),
+                None => writeln!(out, "{:>55}<{address}> not tried yet", ""),
+            };
+        }
+    }
+    let _ = writeln!(
+        out,
+        "-- {} message{}, {recipients} recipient{} waiting, {bytes} bytes",
+        waiting.len(),
+        if waiting.len() == 1 { "" } else { "s" },
+        if recipients == 1 { "" } else { "s" },
+    );
+    if recovered.corrupt_records > 0 {
+        let _ = writeln!(
+            out,
+            "-- {} damaged record(s) skipped; `postern serve` logs where",
+            recovered.corrupt_records
+        );
+    }
+    Ok(out)
+}
+
+/// The recipients of `m` without a final outcome, with their latest status.
+fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)> {
+    m.meta
+        .recipients
+        .iter()
+        .zip(&m.statuses)
+        .filter(|(_, s)| !s.as_ref().is_some_and(Status::is_final))
+        .map(|(r, s)| (r.path.as_str(), s.as_ref()))
+}
