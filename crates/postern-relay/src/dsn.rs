@@ -228,6 +228,23 @@ pub fn header_block(message: &[u8]) -> &[u8] {
     message
 }
 
+/// The status of a deferral whose last answer was `reply`: the status of the next hop's reply
+/// when `reply` is one (or postern's account of a session that ends with one, see
+/// [`smtp_reply_in`]), else `fallback`, postern's status for what happened without a reply
+/// (4.4.1 no answer, 4.4.2 a connection broken off, RFC 3463 3.5).
+pub fn deferral_status(reply: &str, fallback: &str) -> String {
+    let trimmed = reply.trim_start();
+    let inner = smtp_reply_in(trimmed).unwrap_or(trimmed);
+    match inner.as_bytes() {
+        [b'2' | b'4' | b'5', b'0'..=b'9', b'0'..=b'9', rest @ ..]
+            if matches!(rest.first(), None | Some(b' ' | b'-' | b'\r' | b'\n')) =>
+        {
+            status_of(reply)
+        }
+        _ => fallback.to_owned(),
+    }
+}
+
 /// The enhanced status code (RFC 3463) for a report about an SMTP reply (or about postern's
 /// account of a session that ends with one, see [`smtp_reply_in`]): the reply's own when
 /// it starts `NNN X.Y.Z` (or `NNN-X.Y.Z`) with X equal to the reply code's first digit,
@@ -831,6 +848,27 @@ mod tests {
         assert_eq!(header_block(b"A: 1"), b"A: 1");
         assert_eq!(header_block(b""), b"");
         assert_eq!(header_block(b"A: 1\r\n\r\n\r\nx"), b"A: 1\r\n\r\n");
+    }
+
+    #[test]
+    fn a_deferral_without_a_reply_keeps_postern_s_status() {
+        assert_eq!(
+            deferral_status(
+                "connection with mx [127.0.0.1] failed: Connection refused (os error 111)",
+                "4.4.1"
+            ),
+            "4.4.1"
+        );
+        assert_eq!(deferral_status("mx: timed out", "4.4.2"), "4.4.2");
+        assert_eq!(deferral_status("451 4.3.0 try later", "4.4.2"), "4.3.0");
+        assert_eq!(deferral_status("421 try later", "4.4.2"), "4.0.0");
+        assert_eq!(
+            deferral_status(
+                "mx [127.0.0.1]: server refused STARTTLS: 454 4.7.0 no",
+                "4.4.1"
+            ),
+            "4.7.0"
+        );
     }
 
     #[test]

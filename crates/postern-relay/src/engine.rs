@@ -165,6 +165,8 @@ enum Result_ {
     },
     Deferred {
         next_attempt: u64,
+        /// postern's status for the deferral when its reply holds none (4.4.1, 4.4.2).
+        status: String,
     },
     Failed {
         status: String,
@@ -328,8 +330,8 @@ const BOUNCE_RETRY: Duration = Duration::from_secs(10);
 /// A recipient failed for good: (recipient, reply, next hop, status, when).
 type Failure = (u32, String, Option<String>, String, u64);
 
-/// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, next attempt).
-type Delay = (u32, String, Option<String>, u64);
+/// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, status).
+type Delay = (u32, String, Option<String>, String);
 
 impl Tracked {
     /// Marks `rcpt` as warned of its delay; false if it already was.
@@ -1333,7 +1335,10 @@ impl CoreRelay {
                     self.report(
                         &job.msg,
                         rcpt,
-                        Result_::Deferred { next_attempt: at },
+                        Result_::Deferred {
+                            next_attempt: at,
+                            status: status.to_owned(),
+                        },
                         text.to_owned(),
                         remote.clone(),
                     );
@@ -1575,7 +1580,7 @@ impl CoreRelay {
                 }
                 Some(DeliveryState::Delivered)
             }
-            Result_::Deferred { next_attempt } => Some(DeliveryState::Deferred {
+            Result_::Deferred { next_attempt, .. } => Some(DeliveryState::Deferred {
                 next_attempt: next_attempt / 1000,
             }),
             Result_::Failed { status } => {
@@ -1606,7 +1611,7 @@ impl CoreRelay {
                 t.unrecorded = true;
             }
         }
-        if let (Result_::Deferred { next_attempt }, Some(after)) =
+        if let (Result_::Deferred { status, .. }, Some(after)) =
             (&r.result, self.relay.config.delay_warning)
         {
             let age = now.saturating_sub(arrival_ms(&t.msg.meta));
@@ -1620,7 +1625,8 @@ impl CoreRelay {
                 .get(r.rcpt as usize)
                 .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
             if wants && age >= after.as_millis() as u64 && t.warn_once(r.rcpt) {
-                let delay = (r.rcpt, r.reply.clone(), r.remote.clone(), *next_attempt);
+                let status = dsn::deferral_status(&r.reply, status);
+                let delay = (r.rcpt, r.reply.clone(), r.remote.clone(), status);
                 self.delays_waiting
                     .borrow_mut()
                     .push((r.queue_id.clone(), delay));
@@ -1917,7 +1923,7 @@ impl CoreRelay {
         }
     }
 
-    async fn delay_warning(&self, msg: &Msg, warn: &[(u32, String, Option<String>, u64)]) {
+    async fn delay_warning(&self, msg: &Msg, warn: &[Delay]) {
         if msg.meta.reverse_path.is_empty() {
             return;
         }
@@ -1929,7 +1935,7 @@ impl CoreRelay {
             .div_ceil(1000);
         let recipients: Vec<dsn::ReportRecipient> = warn
             .iter()
-            .filter_map(|(i, reply, remote, _)| {
+            .filter_map(|(i, reply, remote, status)| {
                 let r = msg.meta.recipients.get(*i as usize)?;
                 // DELAY notices only when asked for or by default (RFC 3461 4.1).
                 r.notify
@@ -1938,7 +1944,7 @@ impl CoreRelay {
                         path: r.path.clone(),
                         orcpt: r.orcpt.clone(),
                         action: dsn::Action::Delayed,
-                        status: dsn::status_of(reply),
+                        status: status.clone(),
                         remote_mta: remote.clone(),
                         diagnostic: Some(reply.clone()),
                         last_attempt: Some(now_ms() / 1000),

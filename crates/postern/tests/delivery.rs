@@ -1665,6 +1665,8 @@ fn delay_warning_tells_the_sender_once() {
     let (_, text) = origin.first("the delay warning");
     assert!(text.contains("Action: delayed"), "{text}");
     assert!(text.contains("Will-Retry-Until:"), "{text}");
+    // Nothing answered: no answer from host (RFC 3463 3.5), not a protocol status.
+    assert!(text.contains("Status: 4.4.1"), "{text}");
     // Several more deferrals pass, still one warning.
     server.metrics_until(|m| {
         m.lines()
