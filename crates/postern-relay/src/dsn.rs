@@ -364,7 +364,9 @@ impl Returned {
                 (kind, "Original message", content)
             }
             Returned::Headers(content) => {
-                let kind = if content.is_ascii() {
+                // Internationalized header fields are UTF-8 (RFC 6532 3.2); 8-bit octets
+                // that are not are of some unknown charset, and plain headers to the report.
+                let kind = if content.is_ascii() || std::str::from_utf8(&content).is_err() {
                     "text/rfc822-headers"
                 } else {
                     "message/global-headers"
@@ -373,15 +375,17 @@ impl Returned {
             }
         };
         if header_only && is_8bit(&content) {
-            // Header fields with 8-bit octets are encoded (quoted-printable as text, else
-            // base64), so that the report is 7-bit and reaches a sender whose next hop lacks
-            // 8BITMIME: a report from `<>` that fails is never reported again.
-            let body = match String::from_utf8(content) {
+            // Header fields with 8-bit octets are encoded (quoted-printable, which RFC 6533
+            // 6.3 allows for message/global-headers too), so that the report is 7-bit and
+            // reaches a sender whose next hop lacks 8BITMIME: a report from `<>` that fails
+            // is never reported again. The part is made as binary so that it gets no charset
+            // parameter, which neither type defines, and then given its text.
+            let mut part = MimePart::new(content_type, BodyPart::Binary(Vec::new().into()));
+            part.contents = match String::from_utf8(content) {
                 Ok(text) => BodyPart::Text(text.into()),
                 Err(e) => BodyPart::Binary(e.into_bytes().into()),
             };
-            return MimePart::new(content_type, body)
-                .header("Content-Description", Text::new(description));
+            return part.header("Content-Description", Text::new(description));
         }
         let encoding = if is_8bit(&content) { "8bit" } else { "7bit" };
         MimePart::new(content_type, BodyPart::Binary(content.into()))
@@ -404,11 +408,15 @@ fn without_empty_line(block: &[u8]) -> &[u8] {
 }
 
 /// Copies `input` with every line ending made CRLF and a CRLF after the last line. A line
-/// over [`MAX_LINE`] octets is broken into continuation lines (`CRLF SP`) when `break_long`,
-/// and makes the copy fail otherwise.
+/// over [`MAX_LINE`] octets makes the copy fail, or with `break_long` is folded (RFC 5322
+/// 2.2.3): a CRLF goes in before its last space or tab, so the field's content stays the
+/// same; a line without one is broken with `CRLF SP` where it reaches the limit.
 fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
     let mut output = Vec::with_capacity(input.len() + input.len() / 32 + 2);
-    let mut line = 0;
+    // Where the current line starts in `output`, and its last space or tab past its first
+    // octet (a fold there leaves a line with content before it).
+    let mut start = 0;
+    let mut blank = None;
     let mut bytes = input.iter().copied().peekable();
     while let Some(byte) = bytes.next() {
         match byte {
@@ -417,22 +425,33 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
                     bytes.next();
                 }
                 output.extend_from_slice(b"\r\n");
-                line = 0;
+                start = output.len();
+                blank = None;
             }
             _ => {
-                if line == MAX_LINE {
+                if output.len() - start == MAX_LINE {
                     if !break_long {
                         return None;
                     }
-                    output.extend_from_slice(b"\r\n ");
-                    line = 1;
+                    match blank.take() {
+                        Some(at) => {
+                            output.splice(at..at, *b"\r\n");
+                            start = at + 2;
+                        }
+                        None => {
+                            output.extend_from_slice(b"\r\n ");
+                            start = output.len() - 1;
+                        }
+                    }
+                }
+                if matches!(byte, b' ' | b'\t') && output.len() > start {
+                    blank = Some(output.len());
                 }
                 output.push(byte);
-                line += 1;
             }
         }
     }
-    if line > 0 {
+    if output.len() > start {
         output.extend_from_slice(b"\r\n");
     }
     Some(output)
@@ -451,8 +470,9 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
         );
     }
     field(&mut out, "Reporting-MTA", &format!("dns; {host}"));
-    field(&mut out, "X-Postern-Queue-ID", &safe(report.queue_id));
     field(&mut out, "Arrival-Date", &date(report.arrival));
+    // Extension fields come after the standard ones (RFC 3464 2.2).
+    field(&mut out, "X-Postern-Queue-ID", &safe(report.queue_id));
 
     for recipient in report.recipients {
         out.extend_from_slice(b"\r\n");
@@ -971,5 +991,34 @@ mod tests {
         let mut expected = vec![b'x'; MAX_LINE];
         expected.extend_from_slice(b"\r\n xxxxx\r\n");
         assert_eq!(broken, expected);
+    }
+
+    #[test]
+    fn a_long_field_is_folded_before_its_last_blank_and_keeps_its_words() {
+        let words: Vec<String> = (0..300).map(|i| format!("word{i:04}")).collect();
+        let field = format!("X-Long: {}", words.join(" "));
+        let folded = normalize(field.as_bytes(), true).unwrap_or_default();
+        let text = String::from_utf8(folded).unwrap_or_default();
+        let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+        assert!(lines.len() > 2, "{text}");
+        assert!(lines.iter().all(|l| l.len() <= MAX_LINE), "{text}");
+        assert!(lines[1..].iter().all(|l| l.starts_with(' ')), "{text}");
+        // Unfolding (RFC 5322 2.2.3: remove each CRLF before a blank) gives the field back.
+        assert_eq!(text.replace("\r\n", ""), field);
+        // A tab is a place to fold too, and a line that is all one word is still cut.
+        let tabbed = format!("X-T:\t{}\t{}", "a".repeat(990), "b".repeat(20));
+        let folded = normalize(tabbed.as_bytes(), true).unwrap_or_default();
+        let text = String::from_utf8(folded).unwrap_or_default();
+        assert_eq!(
+            text,
+            format!("X-T:\t{}\r\n\t{}\r\n", "a".repeat(990), "b".repeat(20))
+        );
+        // A blank at the very start of a line (a continuation's own) is no place to fold.
+        let lead = format!(" {}", "c".repeat(MAX_LINE + 3));
+        let folded = normalize(lead.as_bytes(), true).unwrap_or_default();
+        assert_eq!(
+            String::from_utf8(folded).unwrap_or_default(),
+            format!(" {}\r\n cccc\r\n", "c".repeat(MAX_LINE - 1))
+        );
     }
 }

@@ -378,8 +378,14 @@ fn eight_bit_headers_come_back_encoded_in_a_7bit_report() {
         returned.content_transfer_encoding(),
         Some("quoted-printable")
     );
-    // UTF-8 header fields are internationalized: message/global-headers (RFC 6533 6.4).
+    // UTF-8 header fields are internationalized: message/global-headers (RFC 6533 6.4),
+    // a type without parameters.
     assert_eq!(mime_type(returned), "message/global-headers");
+    let raw = String::from_utf8(bytes.clone()).unwrap();
+    assert!(
+        raw.contains("Content-Type: message/global-headers\r\n"),
+        "{raw}"
+    );
     let decoded = String::from_utf8_lossy(returned.contents()).into_owned();
     assert!(
         decoded.starts_with("Subject: Grüße aus Köln\r\nFrom: jörg@example.de\r\n"),
@@ -387,14 +393,25 @@ fn eight_bit_headers_come_back_encoded_in_a_7bit_report() {
     );
     assert!(!decoded.contains("Hallo"), "{decoded}");
 
-    // Octets that are not UTF-8 come back base64-encoded, and whole.
+    // Octets that are not UTF-8 come back encoded too, and whole.
     let latin1 = b"Subject: Gr\xfc\xdfe\r\n\r\nbody\r\n";
     let bytes = dsn::build(&report(&recipients, latin1));
     assert!(!dsn::is_8bit(&bytes));
     let message = parse(&bytes);
     let returned = parts(&message)[2];
-    assert_eq!(returned.content_transfer_encoding(), Some("base64"));
-    assert!(returned.contents().starts_with(b"Subject: Gr\xfc\xdfe\r\n"));
+    assert_eq!(
+        returned.content_transfer_encoding(),
+        Some("quoted-printable")
+    );
+    let raw = String::from_utf8(bytes.clone()).unwrap();
+    assert!(raw.contains("\r\n\r\nSubject: Gr=FC=DFe\r\n"), "{raw}");
+    // Not UTF-8, so not internationalized header fields (RFC 6532 3.2).
+    assert_eq!(mime_type(returned), "text/rfc822-headers");
+    // Neither type defines a charset parameter.
+    assert!(
+        raw.contains("Content-Type: text/rfc822-headers\r\n"),
+        "{raw}"
+    );
 
     let ascii = dsn::build(&report(&recipients, ORIGINAL));
     assert!(!dsn::is_8bit(&ascii));
