@@ -211,6 +211,71 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
     output
 }
 
+/// What the text part of a report says when the whole message is attached.
+const COPY_ATTACHED: &[u8] = b"A delivery report and a copy of the message are attached.\r\n";
+
+/// A report (`multipart/report`) whose returned part is a whole message (`message/rfc822` or
+/// `message/global`) with 8-bit content, remade for a next hop without 8BITMIME: the returned
+/// message gives way to its header section, encoded as in a headers-only report. A message/*
+/// part allows no encoding (RFC 2046 5.2.1), and `RET=FULL` asks for the whole message
+/// without requiring it (RFC 3461 4.3), so this is the report that can still reach its
+/// sender; from `<>`, the alternative is a report nobody gets. None when `report` is not such
+/// a report.
+pub fn with_headers_only(report: &[u8]) -> Option<Vec<u8>> {
+    use mail_parser::MimeHeaders as _;
+    let parsed = mail_parser::MessageParser::default().parse(report)?;
+    let is = |ct: Option<&mail_parser::ContentType<'_>>, kind: &str, subtypes: &[&str]| {
+        ct.is_some_and(|ct| {
+            ct.c_type.eq_ignore_ascii_case(kind)
+                && ct
+                    .c_subtype
+                    .as_deref()
+                    .is_some_and(|sub| subtypes.iter().any(|s| sub.eq_ignore_ascii_case(s)))
+        })
+    };
+    if !is(parsed.content_type(), "multipart", &["report"]) {
+        return None;
+    }
+    let part = parsed
+        .parts
+        .iter()
+        .find(|p| is(p.content_type(), "message", &["rfc822", "global"]))?;
+    let (start, body, end) = (
+        part.offset_header as usize,
+        part.offset_body as usize,
+        part.offset_end as usize,
+    );
+    let fields = without_empty_line(header_block(report.get(body..end)?));
+    let mut returned = Vec::new();
+    Returned::Headers(normalize(fields, true)?)
+        .into_part()
+        .write_part(&mut returned);
+    let before = report.get(..start)?;
+    let after = report.get(end..)?;
+    let mut out = Vec::with_capacity(before.len() + returned.len() + after.len() + 128);
+    match before
+        .windows(COPY_ATTACHED.len())
+        .position(|w| w == COPY_ATTACHED)
+    {
+        Some(at) => {
+            out.extend_from_slice(&before[..at]);
+            out.extend_from_slice(
+                b"A delivery report and the headers of the message are attached (the next\r\n\
+                  hop toward you does not take 8-bit mail, so the whole message could not\r\n\
+                  come back).\r\n",
+            );
+            out.extend_from_slice(&before[at + COPY_ATTACHED.len()..]);
+        }
+        None => out.extend_from_slice(before),
+    }
+    out.extend_from_slice(&returned);
+    if !returned.ends_with(b"\r\n") && !after.starts_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(after);
+    Some(out)
+}
+
 /// Splits the header section off a message: the bytes up to and including the first empty
 /// line, or the whole message when it has none. An empty line is `CRLF` or a bare `LF`.
 pub fn header_block(message: &[u8]) -> &[u8] {
@@ -768,7 +833,7 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
     }
     let _ = write!(text, " (queue id {}).\r\n", readable(report.queue_id));
     text.push_str(if returned.is_full() {
-        "A delivery report and a copy of the message are attached.\r\n"
+        std::str::from_utf8(COPY_ATTACHED).unwrap_or_default()
     } else {
         "A delivery report and the headers of the message are attached.\r\n"
     });

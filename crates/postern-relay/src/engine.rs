@@ -1015,9 +1015,31 @@ impl CoreRelay {
         // with BODY=8BITMIME.
         // (Not scanned where the answer changes nothing: declared 8BITMIME to a next hop that
         // offers it.)
-        let eight_bit = meta.body_type != 2
+        let mut eight_bit = meta.body_type != 2
             && !(meta.body_type == 1 && eightbitmime)
             && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
+        // A report from `<>` that returns a whole 8-bit message: what still reaches its
+        // sender through this next hop is the report with the header section only.
+        if eight_bit && !eightbitmime && meta.reverse_path.is_empty() {
+            let remade = dsn::with_headers_only(&job.msg.body.to_vec())
+                .filter(|r| !dsn::is_8bit(r))
+                .and_then(|r| MessageRef::from_bytes(&job.msg.queue_id, &r).ok());
+            if let Some(body) = remade {
+                tracing::info!(
+                    queue_id = %job.msg.queue_id,
+                    "{} does not support 8BITMIME: the report goes with the returned message's header section only",
+                    conn.remote
+                );
+                job.msg = Arc::new(Msg {
+                    queue_id: job.msg.queue_id.clone(),
+                    owner: job.msg.owner,
+                    meta: job.msg.meta.clone(),
+                    body,
+                });
+                eight_bit = false;
+            }
+        }
+        let meta = &job.msg.meta;
         if eight_bit && !eightbitmime {
             let text = format!(
                 "{} does not support 8BITMIME and the message has 8-bit content",

@@ -665,3 +665,41 @@ fn a_next_hop_given_by_address_is_an_address_literal_in_remote_mta() {
         Some("dns; [IPv6:2001:db8::7]")
     );
 }
+
+#[test]
+fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
+    let original = "Subject: caf\u{e9}\r\nMessage-ID: <m@t>\r\n\r\nGr\u{fc}\u{df}e\r\n";
+    let recipients = failures();
+    let mut full = report(&recipients, original.as_bytes());
+    full.return_full = true;
+    let bytes = dsn::build(&full);
+    assert!(dsn::is_8bit(&bytes));
+    assert_eq!(mime_type(parts(&parse(&bytes))[2]), "message/global");
+
+    let remade = dsn::with_headers_only(&bytes).unwrap();
+    assert!(!dsn::is_8bit(&remade));
+    assert_lines_ok(&remade);
+    let message = parse(&remade);
+    let remade_parts = parts(&message);
+    assert_eq!(remade_parts.len(), 3);
+    // The report itself is unchanged: the same delivery-status part.
+    let original_message = parse(&bytes);
+    assert_eq!(
+        remade_parts[1].contents(),
+        parts(&original_message)[1].contents()
+    );
+    let returned = remade_parts[2];
+    assert_eq!(mime_type(returned), "message/global-headers");
+    let decoded = String::from_utf8_lossy(returned.contents()).into_owned();
+    assert_eq!(decoded, "Subject: caf\u{e9}\r\nMessage-ID: <m@t>\r\n");
+    let text = remade_parts[0].text_contents().unwrap();
+    assert!(
+        text.contains("the headers of the message are attached"),
+        "{text}"
+    );
+
+    // Not a report with a whole message: nothing to remake.
+    assert!(dsn::with_headers_only(original.as_bytes()).is_none());
+    let headers_only = dsn::build(&report(&recipients, original.as_bytes()));
+    assert!(dsn::with_headers_only(&headers_only).is_none());
+}

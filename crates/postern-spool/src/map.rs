@@ -7,7 +7,10 @@
 //! reading only after the `pwrite` that wrote it returned (a finished message's body only
 //! through `Spool::body`, once the sync that writes and syncs its records has completed), and the spool never writes it
 //! again, never truncates a segment and never recycles one (it deletes; an unlinked file stays
-//! valid for whoever still maps it).
+//! valid for whoever still maps it). The one reader outside that discipline is `postern
+//! queue`, which scans a live spool: the bytes it may see changing are only those of records
+//! being appended, and the scan treats every byte as untrusted (lengths bounds-checked, CRC
+//! checked) before it uses one.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -25,6 +28,14 @@ impl ReadMap {
         // A raw mapping hands out only a pointer: references are made in `range`, and only
         // over bytes that are no longer written.
         MmapOptions::new().map_raw_read_only(file).map(ReadMap)
+    }
+
+    /// An anonymous read-only mapping holding `bytes` (a body made in memory, see
+    /// [`crate::MessageRef::from_bytes`]).
+    pub(crate) fn holding(bytes: &[u8]) -> io::Result<ReadMap> {
+        let mut map = MmapOptions::new().len(bytes.len().max(1)).map_anon()?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        Ok(ReadMap(MmapRaw::from(map.make_read_only()?)))
     }
 
     /// The mapping's length.

@@ -1,8 +1,10 @@
 //! `postern queue`: the mail waiting in a spool, read straight from its segments.
 //!
 //! It reads without the spool's lock, beside a running server: segments are only appended to
-//! and removed whole, never shortened, so a listing is a snapshot that may miss a message
-//! being written at that moment (its records are not complete yet), never a crash.
+//! and removed whole, never shortened or reused, so a mapping never loses its pages under the
+//! reader. A record being written at that moment can be read half-written; every record is
+//! checked (length and CRC) before it is believed, so such a record is passed over like a
+//! torn tail, and the listing is a snapshot that may miss the message it belongs to.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -138,7 +140,8 @@ fn listing(spool: &Path, json: bool) -> Result<String, String> {
     if recovered.corrupt_records > 0 {
         let _ = writeln!(
             out,
-            "-- {} damaged record(s) skipped; `postern serve` logs where",
+            "-- {} record(s) skipped as damaged (or being written at this moment); \
+             `postern serve` logs damaged ones at start-up",
             recovered.corrupt_records
         );
     }

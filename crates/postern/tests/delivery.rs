@@ -2654,3 +2654,51 @@ fn the_queue_command_lists_waiting_mail_beside_a_running_server() {
         "{table}"
     );
 }
+
+#[test]
+fn a_full_8bit_return_comes_back_as_headers_to_a_sender_whose_next_hop_lacks_8bitmime() {
+    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
+    let plain = Peer::start(&["--no-8bitmime"]);
+    let eight = Peer::start(&[]);
+    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
+    let to_plain = format!("plain.test=127.0.0.1:{}", plain.port);
+    let to_eight = format!("eight.test=127.0.0.1:{}", eight.port);
+    let server = Server::start(&[
+        "--route", &to_dest, "--route", &to_plain, "--route", &to_eight,
+    ]);
+    for sender in ["a@plain.test", "a@eight.test"] {
+        let (mut c, _) = hello(&server);
+        let mail = format!("MAIL FROM:<{sender}> BODY=8BITMIME RET=FULL");
+        assert!(c.cmd(&mail).starts_with("250"));
+        assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(
+            "Subject: full\r\nMessage-ID: <full8@t>\r\n\r\nbody with caf\u{e9}\r\n.\r\n".as_bytes(),
+        );
+        assert!(c.line().starts_with("250 2.0.0"));
+        c.cmd("QUIT");
+    }
+    // Through a next hop with 8BITMIME the whole message comes back, 8-bit.
+    let (_, whole) = eight.first("the bounce with the whole message");
+    assert!(whole.contains("Content-Type: message/rfc822"), "{whole}");
+    assert!(whole.contains("body with caf\u{e9}"), "{whole}");
+    assert!(
+        whole.contains("a copy of the message are attached"),
+        "{whole}"
+    );
+    // Through one without, the report still comes, 7-bit, with the header section.
+    let (bounce, text) = plain.first("the bounce, through a next hop without 8BITMIME");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(bounce.data.iter().all(|&b| b < 0x80), "not 7-bit: {text}");
+    assert!(text.contains("Content-Type: text/rfc822-headers"), "{text}");
+    assert!(text.contains("Message-ID: <full8@t>"), "{text}");
+    assert!(!text.contains("body with"), "{text}");
+    assert!(
+        text.contains("the headers of the message are attached"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+}
