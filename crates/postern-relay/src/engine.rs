@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -199,6 +199,8 @@ pub struct Relay {
     in_flight: AtomicUsize,
     /// Cores that have begun to wind down (they start no new transaction).
     winding_down: AtomicUsize,
+    /// How many times the operator asked to try deferred mail now ([`Relay::flush`]).
+    flushes: AtomicU64,
 }
 
 /// Counts an outbound transaction in [`Relay::in_flight`] while it lives.
@@ -306,6 +308,7 @@ impl Relay {
             recovered: Mutex::new(recovered),
             in_flight: AtomicUsize::new(0),
             winding_down: AtomicUsize::new(0),
+            flushes: AtomicU64::new(0),
         }))
     }
 
@@ -318,11 +321,21 @@ impl Relay {
         })
     }
 
+    /// Asks every core to try its deferred mail now (SIGUSR1, `postern queue --flush`): the
+    /// jobs waiting for a retry go at once, and next hops paused after failures are tried
+    /// again. Each core sees it within [`FLUSH_POLL`]. Retry counts stay as they are.
+    pub fn flush(&self) {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Messages not yet final, all cores together.
     pub fn queue_depth(&self) -> u64 {
         self.depth.total()
     }
 }
+
+/// How often a core looks whether a flush was asked for ([`Relay::flush`]).
+const FLUSH_POLL: Duration = Duration::from_millis(250);
 
 /// How long a bounce that could not be spooled waits before it is tried again.
 const BOUNCE_RETRY: Duration = Duration::from_secs(10);
@@ -424,6 +437,8 @@ pub struct CoreRelay {
     dests: RefCell<HashMap<String, Rc<DestQueue>>>,
     retry: RefCell<Schedule<Job>>,
     retry_changed: Event,
+    /// The last [`Relay::flushes`] this core acted on.
+    flushes_seen: Cell<u64>,
     /// Messages with relayed recipients whose success report is still to be made.
     relayed_waiting: RefCell<Vec<String>>,
     /// Messages with failed recipients whose bounce is still to be made.
@@ -484,6 +499,7 @@ impl CoreRelay {
             dests: RefCell::new(HashMap::new()),
             retry: RefCell::new(Schedule::new()),
             retry_changed: Event::new(),
+            flushes_seen: Cell::new(0),
             relayed_waiting: RefCell::new(Vec::new()),
             failed_waiting: RefCell::new(Vec::new()),
             delays_waiting: RefCell::new(Vec::new()),
@@ -639,6 +655,7 @@ impl CoreRelay {
     async fn retry_loop(self: Rc<Self>) {
         loop {
             let listener = self.retry_changed.listen();
+            self.flush_if_asked();
             let now = now_ms();
             loop {
                 let due = self.retry.borrow_mut().pop_due(now);
@@ -653,7 +670,8 @@ impl CoreRelay {
                 .next_deadline()
                 .map_or(Duration::from_secs(3600), |d| {
                     Duration::from_millis(d.saturating_sub(now))
-                });
+                })
+                .min(FLUSH_POLL);
             if self.handle.is_stopping() {
                 return;
             }
@@ -662,6 +680,34 @@ impl CoreRelay {
                 self.handle.stopped(),
             )
             .await;
+        }
+    }
+
+    /// Acts on a flush asked for since the last look: every next hop's pause and passed-over
+    /// addresses are forgotten, and every job waiting for its retry goes now.
+    fn flush_if_asked(self: &Rc<Self>) {
+        let asked = self.relay.flushes.load(Ordering::SeqCst);
+        if asked == self.flushes_seen.replace(asked) {
+            return;
+        }
+        for dq in self.dests.borrow().values() {
+            dq.down_until.set(0);
+            dq.paused_for.borrow_mut().take();
+            dq.avoid.borrow_mut().clear();
+            dq.broke.borrow_mut().clear();
+            dq.broken_in_a_row.set(0);
+        }
+        let jobs: Vec<Job> = self.retry.borrow_mut().drain().collect();
+        tracing::info!(
+            core = self.id,
+            jobs = jobs.len(),
+            "flush: deferred mail is tried now"
+        );
+        for job in jobs {
+            self.enqueue(Job {
+                not_before: 0,
+                ..job
+            });
         }
     }
 

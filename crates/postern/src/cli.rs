@@ -45,6 +45,10 @@ pub(crate) struct Queue {
     /// One JSON object per message (one per line) instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Instead of listing, ask the postern serving this spool to try its deferred mail now
+    /// (it sends that process SIGUSR1).
+    #[arg(long, conflicts_with = "json")]
+    pub(crate) flush: bool,
 }
 
 /// What the command line asks for.

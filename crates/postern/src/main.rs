@@ -120,13 +120,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    let mut relay_handle = None;
     let delivery = match config.relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
             None
         }
         Some(relay) => match start_relay(relay, &settings) {
-            Ok(r) => Some(r.factory()),
+            Ok(r) => {
+                relay_handle = Some(r.clone());
+                Some(r.factory())
+            }
             Err(e) => {
                 complain!("postern: cannot start: {e}");
                 return ExitCode::from(1);
@@ -162,6 +166,19 @@ fn main() -> ExitCode {
                         );
                         stop.stop();
                         return;
+                    }
+                    if signal == SIGUSR1 {
+                        // `postern queue --flush`: deferred mail is tried now.
+                        match &relay_handle {
+                            Some(relay) => {
+                                tracing::info!("SIGUSR1: trying deferred mail now");
+                                relay.flush();
+                            }
+                            None => {
+                                tracing::info!("SIGUSR1: nothing to flush, --hold delivers nothing")
+                            }
+                        }
+                        continue;
                     }
                     if let (SIGHUP, Some(cert)) = (signal, &server_cert) {
                         // A renewed certificate takes effect without a restart.

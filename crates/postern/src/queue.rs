@@ -18,7 +18,12 @@ use crate::cli::Queue;
 /// Runs `postern queue`; prints the listing on stdout, or one line naming the problem on
 /// stderr (exit status 1).
 pub(crate) fn run(q: &Queue) -> ExitCode {
-    match listing(&q.spool, q.json) {
+    let result = if q.flush {
+        flush(&q.spool)
+    } else {
+        listing(&q.spool, q.json)
+    };
+    match result {
         Ok(text) => {
             use std::io::Write as _;
             let _ = std::io::stdout().write_all(text.as_bytes());
@@ -30,6 +35,37 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Asks the server holding `spool`'s lock to try its deferred mail now: SIGUSR1 to the
+/// process whose ID the lock file holds, once the lock shows that it is held.
+fn flush(spool: &Path) -> Result<String, String> {
+    use rustix::fs::{flock, FlockOperation};
+    let path = spool.join(postern_spool::LOCK_FILE);
+    let file = std::fs::File::open(&path).map_err(|e| {
+        format!(
+            "no postern serves {} ({}: {e})",
+            spool.display(),
+            path.display()
+        )
+    })?;
+    // A shared lock taken at once means nobody holds the exclusive one: no server runs here.
+    if flock(&file, FlockOperation::NonBlockingLockShared).is_ok() {
+        return Err(format!("no postern is running on {}", spool.display()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let pid = text
+        .trim()
+        .parse::<i32>()
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| format!("{} holds no process ID", path.display()))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::USR1)
+        .map_err(|e| format!("cannot signal postern (pid {}): {e}", pid.as_raw_nonzero()))?;
+    Ok(format!(
+        "asked postern (pid {}) to try its deferred mail now; its log says what it did\n",
+        pid.as_raw_nonzero()
+    ))
 }
 
 /// A waiting recipient's state, for the listing.

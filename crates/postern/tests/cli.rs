@@ -490,3 +490,17 @@ fn the_queue_command_names_a_missing_spool_and_says_when_the_queue_is_empty() {
         "--cores",
     );
 }
+
+#[test]
+fn a_flush_without_a_server_on_the_spool_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err) = run(&["queue", "--flush", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no postern serves"), "{err}");
+    // A lock file left by a server that has gone (its lock went with it).
+    std::fs::write(dir.path().join("postern.lock"), "4194303\n").unwrap();
+    let (code, _, err) = run(&["queue", "--flush", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no postern is running on"), "{err}");
+    refused(&["queue", "--flush", "--json"], "--json");
+}

@@ -2702,3 +2702,43 @@ fn a_full_8bit_return_comes_back_as_headers_to_a_sender_whose_next_hop_lacks_8bi
         "{text}"
     );
 }
+
+#[test]
+fn queue_flush_tries_deferred_mail_now() {
+    // The first RCPT is put off; later ones are taken.
+    let rcpts = std::sync::atomic::AtomicUsize::new(0);
+    let (port, stored, _) = scripted_next_hop(
+        move |_, line| {
+            let first = line.starts_with("RCPT")
+                && rcpts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            first.then_some(Act::Say("451 4.3.0 later\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<flush@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("deferred"));
+    assert!(stored.try_recv().is_err());
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        said.contains(&format!("pid {}", server.child.id())),
+        "{said}"
+    );
+    // Delivered now, an hour before its retry was due.
+    let (_, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <flush@t>"), "{data}");
+    server.log_until(|l| l.contains("SIGUSR1: trying deferred mail now"));
+}
