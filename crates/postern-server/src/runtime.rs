@@ -81,7 +81,7 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
     } else {
         Domain::IPV4
     };
-    if addr.port() != 0 && listening_on(addr) {
+    if addr.port() != 0 && still_listening(addr) {
         return Err(bind_err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
             "another process already listens there (another postern?)",
@@ -103,6 +103,21 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
 /// overlaps it (the same one, or a wildcard on either side), from `/proc/net/tcp` and `tcp6`.
 /// A bind test cannot tell: with SO_REUSEADDR it also fails on an earlier run's connections
 /// in TIME_WAIT. Where `/proc` cannot be read, nothing is found.
+/// Whether something listens on `addr` and goes on listening for half a second: a process that
+/// has just exited (a restart) leaves its listener in the table for some milliseconds while
+/// the kernel tears it down, which is no reason to refuse to start.
+fn still_listening(addr: SocketAddr) -> bool {
+    const LOOKS: u32 = 20;
+    const APART: Duration = Duration::from_millis(25);
+    for _ in 0..LOOKS {
+        if !listening_on(addr) {
+            return false;
+        }
+        std::thread::sleep(APART);
+    }
+    true
+}
+
 fn listening_on(addr: SocketAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     const LISTEN: &str = "0A";

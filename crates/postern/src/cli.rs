@@ -111,9 +111,10 @@ struct Serve {
     /// Concurrent connections, all cores together; more get 421 4.3.2.
     #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000)]
     max_connections: usize,
-    /// Concurrent connections from one client address; more get 421 4.7.0.
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
-    max_connections_per_ip: usize,
+    /// Concurrent connections from one client address; more get 421 4.7.0 [default: 1000, or
+    /// --max-connections when that is lower].
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
     /// Longest wait for a command or body bytes (RFC 5321 4.5.3.2), e.g. 500ms, 3s, 5m.
     #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     command_timeout: Duration,
@@ -392,6 +393,8 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         ("--smtp-data-init-timeout", s.smtp_data_init_timeout),
         ("--smtp-data-block-timeout", s.smtp_data_block_timeout),
         ("--smtp-data-done-timeout", s.smtp_data_done_timeout),
+        // 0 would return every message to its sender at its first deferral.
+        ("--max-queue-lifetime", s.max_queue_lifetime),
     ] {
         if d.is_zero() {
             return Err(format!("{flag} must be more than 0"));
@@ -449,6 +452,9 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
 /// The most executors per CPU `--cores` may ask for.
 const MAX_CORES_PER_CPU: usize = 4;
 
+/// `--max-connections-per-ip` when not given (and `--max-connections` is not lower).
+const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1000;
+
 fn settings(s: Serve) -> Result<Settings, String> {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = s.cores.unwrap_or(available);
@@ -465,10 +471,13 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if s.max_recipients < 100 {
         return Err("--max-recipients must be at least 100 (RFC 5321 4.5.3.1.8)".into());
     }
-    if s.max_connections == 0 || s.max_connections_per_ip == 0 {
+    let max_connections_per_ip = s
+        .max_connections_per_ip
+        .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP.min(s.max_connections));
+    if s.max_connections == 0 || max_connections_per_ip == 0 {
         return Err("--max-connections and --max-connections-per-ip must be at least 1".into());
     }
-    if s.max_connections_per_ip > s.max_connections {
+    if max_connections_per_ip > s.max_connections {
         return Err("--max-connections-per-ip cannot exceed --max-connections".into());
     }
     if !s.listen_tls.is_empty() && s.tls_cert.is_none() {
@@ -556,7 +565,7 @@ fn settings(s: Serve) -> Result<Settings, String> {
         max_message_size: s.max_message_size,
         max_recipients: s.max_recipients,
         max_connections: s.max_connections,
-        max_connections_per_ip: s.max_connections_per_ip,
+        max_connections_per_ip,
         command_timeout: s.command_timeout,
         max_session_time: s.max_session_time,
         shutdown_grace: s.shutdown_grace,

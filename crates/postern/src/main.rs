@@ -31,6 +31,13 @@ macro_rules! complain {
 }
 
 fn main() -> ExitCode {
+    // `serve` takes the stop signals over first thing, before the flags are even read, so that
+    // a SIGTERM during start-up stops it gracefully once it runs; only the moments between
+    // exec and here (before it has touched anything) are left to the default action. Other
+    // commands keep the defaults.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    let signals = (std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("serve")))
+        .then(|| signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]));
     let config = match cli::parse() {
         Ok(Some(cli::Job::Serve(config))) => *config,
         Ok(Some(cli::Job::Queue(q))) => return queue::run(&q),
@@ -65,11 +72,9 @@ fn main() -> ExitCode {
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, fsize_exceeded) {
         tracing::warn!("cannot handle SIGXFSZ: {e}");
     }
-    // Taken over before anything starts, so that a SIGTERM at any moment (even one that
-    // arrives while the server is still starting) stops it gracefully once it runs, instead
-    // of ending it by the default action.
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
-    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]);
+    let signals = signals.unwrap_or_else(|| {
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
+    });
     let settings = config.server;
     let cores = settings.cores;
     check_open_file_limit(settings.max_connections);

@@ -88,10 +88,13 @@ fn time(unix: u64) -> String {
 /// The listing of the spool at `spool`: messages with recipients still to deliver, oldest
 /// first.
 fn listing(spool: &Path, json: bool) -> Result<String, String> {
-    if !spool.is_dir() {
+    // Every spool has the lock file from its first start: without it, the directory is
+    // more likely a typo than an empty queue.
+    if !spool.is_dir() || !spool.join(postern_spool::LOCK_FILE).is_file() {
         return Err(format!(
-            "no spool at {} (give the --spool of `postern serve`)",
-            spool.display()
+            "no spool at {} (no {}; give the --spool of `postern serve`)",
+            spool.display(),
+            postern_spool::LOCK_FILE
         ));
     }
     let recovered = postern_spool::recover(spool)

@@ -55,6 +55,10 @@ fn wrong_flags_get_one_line_and_exit_2() {
         "--max-transactions-in-flight",
     );
     refused(&["serve", "--postmaster", "not an address"], "--postmaster");
+    refused(
+        &["serve", "--max-queue-lifetime", "0s"],
+        "--max-queue-lifetime",
+    );
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
 }
@@ -473,6 +477,12 @@ fn the_queue_command_names_a_missing_spool_and_says_when_the_queue_is_empty() {
         err.contains("no spool at") && err.contains("nothing-here"),
         "{err}"
     );
+    // A directory that is no spool (a typo) is not an empty queue.
+    let (code, _, err) = run(&["queue", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no postern.lock"), "{err}");
+    // What a server that took nothing leaves: its lock file.
+    std::fs::write(dir.path().join("postern.lock"), "").unwrap();
     let (code, out, err) = run(&["queue", "--spool", dir.path().to_str().unwrap()]);
     assert_eq!(
         (code, out.as_str()),

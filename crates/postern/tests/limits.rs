@@ -79,3 +79,16 @@ fn connections_over_the_per_ip_limit_get_421_at_once() {
     let mut d = Client::connect(server.smtp);
     assert!(d.line().starts_with("220 "));
 }
+
+#[test]
+fn a_lower_max_connections_alone_lowers_the_per_ip_default_with_it() {
+    // The per-IP default (1000) follows a lower --max-connections instead of contradicting it.
+    let server = Server::start(&["--max-connections", "2"]);
+    let mut a = server.connect();
+    let mut b = server.connect();
+    assert!(a.line().starts_with("220 "));
+    assert!(b.line().starts_with("220 "));
+    let mut c = server.connect();
+    assert!(c.line().starts_with("421 "));
+    assert!(c.closed());
+}

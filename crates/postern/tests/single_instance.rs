@@ -87,3 +87,24 @@ fn a_second_server_on_a_port_in_use_stops() {
     assert!(c.line().starts_with("220 "));
     assert!(c.cmd("NOOP").starts_with("250"));
 }
+
+#[test]
+fn a_restart_on_the_same_port_starts_at_once_after_the_old_server_exits() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // The kernel takes some milliseconds to tear down an exited server's listener; a restart
+    // in that moment is no second server.
+    for round in 0..8 {
+        let mut server = Server::start_in(&["--listen", &listen], spool.clone(), None);
+        let mut c = server.connect();
+        assert!(c.line().starts_with("220 "), "round {round}");
+        drop(c);
+        assert!(server.terminate().success(), "round {round}");
+    }
+}
