@@ -153,6 +153,7 @@ impl Core {
             // Held mail (--hold): nothing delivers, so the queue is what the spool keeps live.
             m.queue_depth = self.store.live_messages() as u64;
         }
+        m.refusing = u64::from(!self.accepting());
         if let Ok(mut slot) = self.published.lock() {
             *slot = m;
         }

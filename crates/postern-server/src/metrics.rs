@@ -50,6 +50,9 @@ pub struct CoreMetrics {
     pub spool_bytes: u64,
     /// Messages waiting for delivery.
     pub queue_depth: u64,
+    /// 1 while this core refuses new transactions (452) because the queue or the spool is
+    /// over its high-water mark.
+    pub refusing: u64,
     /// Recipients delivered to their next hop.
     pub delivered: u64,
     /// Delivery attempts deferred (temporary failure).
@@ -80,6 +83,7 @@ impl Default for CoreMetrics {
             active_sessions: 0,
             spool_bytes: 0,
             queue_depth: 0,
+            refusing: 0,
             delivered: 0,
             deferred: 0,
             failed: 0,
@@ -135,6 +139,7 @@ impl CoreMetrics {
         self.active_sessions += other.active_sessions;
         self.spool_bytes += other.spool_bytes;
         self.queue_depth += other.queue_depth;
+        self.refusing += other.refusing;
         self.delivered += other.delivered;
         self.deferred += other.deferred;
         self.failed += other.failed;
@@ -169,6 +174,17 @@ impl Registry {
             }
         }
         total
+    }
+
+    /// How many cores refuse new transactions now (as last published), without merging the
+    /// histograms: for `/readyz`.
+    pub fn refusing(&self) -> u64 {
+        self.cores.lock().map_or(0, |cores| {
+            cores
+                .iter()
+                .map(|core| core.lock().map_or(0, |m| m.refusing))
+                .sum()
+        })
     }
 
     /// The Prometheus text exposition of the merged figures, plus connections per core.
@@ -343,6 +359,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_queue_depth",
             "Messages waiting for delivery.",
             m.queue_depth,
+        ),
+        (
+            "postern_cores_refusing_mail",
+            "Cores refusing new transactions (452) while the queue or the spool is over its high-water mark.",
+            m.refusing,
         ),
     ] {
         render_scalar(&mut out, name, "gauge", help, v);

@@ -224,6 +224,12 @@ fn route(
             "text/plain",
             "draining\n".to_owned(),
         ),
+        // A load balancer should send new clients elsewhere while MAIL here gets 452.
+        (b"GET", b"/readyz") if registry.refusing() > 0 => (
+            "503 Service Unavailable",
+            "text/plain",
+            "refusing new mail: the queue or the spool is over its high-water mark\n".to_owned(),
+        ),
         (b"GET", b"/readyz") => ("200 OK", "text/plain", "ready\n".to_owned()),
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (

@@ -1412,7 +1412,14 @@ fn outbound_starttls_opportunistic_and_required() {
 
 #[test]
 fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
-    let (server, down) = unreachable_dest(&["--queue-high-water", "3", "--queue-low-water", "1"]);
+    let (server, down) = unreachable_dest(&[
+        "--queue-high-water",
+        "3",
+        "--queue-low-water",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
     let port = down.1;
     for i in 0..3 {
         send(
@@ -1426,6 +1433,15 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
     // The next hop is down, so the three stay queued: new mail is refused for now.
     let mut c = greeted(&server);
     mail_until(&mut c, "452 4.3.1");
+    // Meanwhile a load balancer is told to send new clients elsewhere.
+    let refusing = server.metrics_until(|m| m.contains("postern_cores_refusing_mail 2\n"));
+    assert!(
+        refusing.contains("postern_cores_refusing_mail 2\n"),
+        "{refusing}"
+    );
+    let (status, body) = server.http_get("/readyz");
+    assert!(status.contains("503"), "{status} {body}");
+    assert!(body.contains("high-water"), "{body}");
     // The next hop comes up, the queue drains, mail is accepted again.
     drop(down);
     let peer = Peer::start_on("127.0.0.1", port, &[]);
@@ -1433,6 +1449,9 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
         s.len() == 3
     });
     mail_until(&mut c, "250");
+    server.metrics_until(|m| m.contains("postern_cores_refusing_mail 0\n"));
+    let (status, body) = server.http_get("/readyz");
+    assert!(status.contains("200"), "{status} {body}");
 }
 
 #[test]
