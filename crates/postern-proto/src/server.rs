@@ -137,6 +137,14 @@ pub mod replies {
     pub const NOT_SMTP: StaticReply = r(421, 4, 7, 0, "This is an SMTP server, closing connection");
     /// Command timeout (RFC 5321 4.5.3.2.7).
     pub const TIMEOUT: StaticReply = r(421, 4, 4, 2, "Timeout exceeded, closing connection");
+    /// The session's total time is over (the embedding's cap), whatever the client does.
+    pub const SESSION_TIME: StaticReply = r(
+        421,
+        4,
+        4,
+        2,
+        "Session time limit reached, closing connection",
+    );
     /// Server going down.
     pub const SHUTDOWN: StaticReply = r(421, 4, 3, 2, "Service shutting down, closing connection");
     /// Bad BDAT size: the stream cannot be followed any more.
@@ -466,6 +474,12 @@ impl ServerSession {
     /// was open (the embedding discards it).
     pub fn timeout(&mut self) -> bool {
         self.close_with(replies::TIMEOUT)
+    }
+
+    /// The session has lasted as long as it may: 421 4.4.2, said as such, and close. Returns
+    /// whether a body record was open.
+    pub fn session_time_over(&mut self) -> bool {
+        self.close_with(replies::SESSION_TIME)
     }
 
     /// The server is stopping: 421 4.3.2 and close. Returns whether a body record was open.

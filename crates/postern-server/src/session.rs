@@ -202,7 +202,11 @@ impl Session {
                     }
                 }
                 Wake::Timeout => {
-                    let open = self.proto.timeout();
+                    let open = if Instant::now() >= self.deadline {
+                        self.proto.session_time_over()
+                    } else {
+                        self.proto.timeout()
+                    };
                     self.abandon_draft(open);
                     self.flush().await;
                     return;

@@ -42,6 +42,11 @@ fn the_session_time_cap_holds_even_for_a_chatty_client() {
     loop {
         let reply = c.cmd("NOOP");
         if reply.starts_with("421 4.4.2") {
+            // Said as what it is, not as a silent client's timeout.
+            assert_eq!(
+                reply,
+                "421 4.4.2 Session time limit reached, closing connection"
+            );
             break;
         }
         assert_eq!(reply, "250 2.0.0 Ok");
