@@ -212,7 +212,7 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
 }
 
 /// What the text part of a report says when the whole message is attached.
-const COPY_ATTACHED: &[u8] = b"A delivery report and a copy of the message are attached.\r\n";
+const COPY_ATTACHED: &str = "A delivery report and a copy of the message are attached.\r\n";
 
 /// A report (`multipart/report`) whose returned part is a whole message (`message/rfc822` or
 /// `message/global`) with 8-bit content, remade for a next hop without 8BITMIME: the returned
@@ -233,7 +233,12 @@ pub fn with_headers_only(report: &[u8]) -> Option<Vec<u8>> {
                     .is_some_and(|sub| subtypes.iter().any(|s| sub.eq_ignore_ascii_case(s)))
         })
     };
-    if !is(parsed.content_type(), "multipart", &["report"]) {
+    // Delivery status reports only (RFC 3464), not other reports such as MDNs.
+    let delivery_status = parsed
+        .content_type()
+        .and_then(|ct| ct.attribute("report-type"))
+        .is_some_and(|t| t.eq_ignore_ascii_case("delivery-status"));
+    if !is(parsed.content_type(), "multipart", &["report"]) || !delivery_status {
         return None;
     }
     let part = parsed
@@ -253,9 +258,10 @@ pub fn with_headers_only(report: &[u8]) -> Option<Vec<u8>> {
     let before = report.get(..start)?;
     let after = report.get(end..)?;
     let mut out = Vec::with_capacity(before.len() + returned.len() + after.len() + 128);
+    let copy_attached = COPY_ATTACHED.as_bytes();
     match before
-        .windows(COPY_ATTACHED.len())
-        .position(|w| w == COPY_ATTACHED)
+        .windows(copy_attached.len())
+        .position(|w| w == copy_attached)
     {
         Some(at) => {
             out.extend_from_slice(&before[..at]);
@@ -264,7 +270,7 @@ pub fn with_headers_only(report: &[u8]) -> Option<Vec<u8>> {
                   hop toward you does not take 8-bit mail, so the whole message could not\r\n\
                   come back).\r\n",
             );
-            out.extend_from_slice(&before[at + COPY_ATTACHED.len()..]);
+            out.extend_from_slice(&before[at + copy_attached.len()..]);
         }
         None => out.extend_from_slice(before),
     }
@@ -833,7 +839,7 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
     }
     let _ = write!(text, " (queue id {}).\r\n", readable(report.queue_id));
     text.push_str(if returned.is_full() {
-        std::str::from_utf8(COPY_ATTACHED).unwrap_or_default()
+        COPY_ATTACHED
     } else {
         "A delivery report and the headers of the message are attached.\r\n"
     });

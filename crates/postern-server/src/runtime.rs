@@ -99,10 +99,6 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
     Ok((s, local))
 }
 
-/// Whether a TCP socket of this network namespace listens on `addr`'s port at an address that
-/// overlaps it (the same one, or a wildcard on either side), from `/proc/net/tcp` and `tcp6`.
-/// A bind test cannot tell: with SO_REUSEADDR it also fails on an earlier run's connections
-/// in TIME_WAIT. Where `/proc` cannot be read, nothing is found.
 /// Whether something listens on `addr` and goes on listening for half a second: a process that
 /// has just exited (a restart) leaves its listener in the table for some milliseconds while
 /// the kernel tears it down, which is no reason to refuse to start.
@@ -118,6 +114,10 @@ fn still_listening(addr: SocketAddr) -> bool {
     true
 }
 
+/// Whether a TCP socket of this network namespace listens on `addr`'s port at an address that
+/// overlaps it (the same one, or a wildcard on either side), from `/proc/net/tcp` and `tcp6`.
+/// A bind test cannot tell: with SO_REUSEADDR it also fails on an earlier run's connections
+/// in TIME_WAIT. Where `/proc` cannot be read, nothing is found.
 fn listening_on(addr: SocketAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     const LISTEN: &str = "0A";

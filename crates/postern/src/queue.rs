@@ -38,34 +38,55 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
 }
 
 /// Asks the server holding `spool`'s lock to try its deferred mail now: SIGUSR1 to the
-/// process whose ID the lock file holds, once the lock shows that it is held.
+/// process that the kernel says holds the lock. The PID written in the lock file is not
+/// trusted: it may be stale, or from another PID namespace.
 fn flush(spool: &Path) -> Result<String, String> {
-    use rustix::fs::{flock, FlockOperation};
+    use std::os::unix::fs::MetadataExt as _;
     let path = spool.join(postern_spool::LOCK_FILE);
-    let file = std::fs::File::open(&path).map_err(|e| {
-        format!(
-            "no postern serves {} ({}: {e})",
-            spool.display(),
-            path.display()
-        )
-    })?;
-    // A shared lock taken at once means nobody holds the exclusive one: no server runs here.
-    if flock(&file, FlockOperation::NonBlockingLockShared).is_ok() {
-        return Err(format!("no postern is running on {}", spool.display()));
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let pid = text
-        .trim()
-        .parse::<i32>()
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-        .ok_or_else(|| format!("{} holds no process ID", path.display()))?;
+    let meta = match std::fs::metadata(&path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "no postern serves {} (no {})",
+                spool.display(),
+                path.display()
+            ));
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let locks = std::fs::read_to_string("/proc/locks")
+        .map_err(|e| format!("cannot read /proc/locks to find the server: {e}"))?;
+    let dev = meta.dev();
+    let file = (rustix::fs::major(dev), rustix::fs::minor(dev), meta.ino());
+    let pid = flock_holder(&locks, file)
+        .ok_or_else(|| format!("no postern is running on {}", spool.display()))?;
     rustix::process::kill_process(pid, rustix::process::Signal::USR1)
         .map_err(|e| format!("cannot signal postern (pid {}): {e}", pid.as_raw_nonzero()))?;
     Ok(format!(
         "asked postern (pid {}) to try its deferred mail now; its log says what it did\n",
         pid.as_raw_nonzero()
     ))
+}
+
+/// The process holding an exclusive `flock` on the file (device major, minor, inode), from
+/// the text of `/proc/locks` (`1: FLOCK  ADVISORY  WRITE <pid> <maj>:<min>:<inode> 0 EOF`,
+/// major and minor in hex). Waiters (`->`) and other kinds of lock are passed over.
+fn flock_holder(
+    locks: &str,
+    (major, minor, inode): (u32, u32, u64),
+) -> Option<rustix::process::Pid> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, "WRITE", pid, file, ..] = fields.as_slice() else {
+            return None;
+        };
+        let mut parts = file.split(':');
+        let same = u32::from_str_radix(parts.next()?, 16).ok()? == major
+            && u32::from_str_radix(parts.next()?, 16).ok()? == minor
+            && parts.next()?.parse::<u64>().ok()? == inode;
+        let pid = pid.parse::<i32>().ok().filter(|&p| p > 0)?;
+        same.then(|| rustix::process::Pid::from_raw(pid)).flatten()
+    })
 }
 
 /// A waiting recipient's state, for the listing.
@@ -195,4 +216,23 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
         .zip(&m.statuses)
         .filter(|(_, s)| !s.as_ref().is_some_and(Status::is_final))
         .map(|(r, s)| (r.path.as_str(), s.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_holder_is_found_by_its_file_and_nothing_else() {
+        let locks = "1: POSIX  ADVISORY  WRITE 11 fe:00:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 12 fe:00:77 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 13 fe:01:77 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 14 fe:00:77 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE -1 fe:00:77 0 EOF\n\
+                     5: FLOCK  ADVISORY  WRITE 15 fe:00:77 0 EOF\n";
+        let pid = flock_holder(locks, (254, 0, 77)).map(|p| p.as_raw_nonzero().get());
+        assert_eq!(pid, Some(15));
+        assert!(flock_holder(locks, (254, 0, 78)).is_none());
+        assert!(flock_holder("", (254, 0, 77)).is_none());
+    }
 }
