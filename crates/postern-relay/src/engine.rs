@@ -910,12 +910,10 @@ impl CoreRelay {
         job: Job,
         carry: &mut Vec<Carried>,
     ) -> After {
-        let Some((job, tx)) = self.prepare(conn, job) else {
+        let Some((job, tx, body)) = self.prepare(conn, job) else {
             return After::Keep;
         };
-        let outcome = conn
-            .deliver(&tx, &job.msg.body, &self.relay.config.timeouts)
-            .await;
+        let outcome = conn.deliver(&tx, &body, &self.relay.config.timeouts).await;
         self.conclude(conn, dq, job, outcome, carry)
     }
 
@@ -935,10 +933,10 @@ impl CoreRelay {
         // The error that ended the connection, once there is one.
         let mut broken: Option<ConnError> = None;
         for job in unsent.by_ref() {
-            let Some((job, tx)) = self.prepare(conn, job) else {
+            let Some((job, tx, body)) = self.prepare(conn, job) else {
                 continue;
             };
-            match conn.start(&tx, &job.msg.body, t).await {
+            match conn.start(&tx, &body, t).await {
                 Ok(()) => sent.push(job),
                 Err(Ok(local)) => {
                     self.conclude(conn, dq, job, Err(Ok(local)), carry);
@@ -1014,7 +1012,7 @@ impl CoreRelay {
 
     /// The transaction for `job` on `conn`, or None when the job was settled without
     /// sending (the next hop lacks an extension the message needs).
-    fn prepare(&self, conn: &Outbound, mut job: Job) -> Option<(Job, Transaction)> {
+    fn prepare(&self, conn: &Outbound, mut job: Job) -> Option<(Job, Transaction, MessageRef)> {
         let meta = &job.msg.meta;
         let caps = conn.capabilities();
         let (chunking, binarymime, smtputf8, eightbitmime) = (
@@ -1065,27 +1063,24 @@ impl CoreRelay {
             && !(meta.body_type == 1 && eightbitmime)
             && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
         // A report from `<>` that returns a whole 8-bit message: what still reaches its
-        // sender through this next hop is the report with the header section only.
+        // sender through this next hop is the report with the header section only. Only this
+        // transaction's body changes: a later attempt, through a next hop with 8BITMIME,
+        // sends the whole report.
+        let mut body = job.msg.body.clone();
         if eight_bit && !eightbitmime && meta.reverse_path.is_empty() {
             let remade = dsn::with_headers_only(&job.msg.body.to_vec())
                 .filter(|r| !dsn::is_8bit(r))
                 .and_then(|r| MessageRef::from_bytes(&job.msg.queue_id, &r).ok());
-            if let Some(body) = remade {
+            if let Some(remade) = remade {
                 tracing::info!(
                     queue_id = %job.msg.queue_id,
                     "{} does not support 8BITMIME: the report goes with the returned message's header section only",
                     conn.remote
                 );
-                job.msg = Arc::new(Msg {
-                    queue_id: job.msg.queue_id.clone(),
-                    owner: job.msg.owner,
-                    meta: job.msg.meta.clone(),
-                    body,
-                });
+                body = remade;
                 eight_bit = false;
             }
         }
-        let meta = &job.msg.meta;
         if eight_bit && !eightbitmime {
             let text = format!(
                 "{} does not support 8BITMIME and the message has 8-bit content",
@@ -1127,7 +1122,7 @@ impl CoreRelay {
                     },
                 })
                 .collect(),
-            body_len: job.msg.body.len(),
+            body_len: body.len(),
             mode: if chunking {
                 BodyMode::Bdat
             } else {
@@ -1135,7 +1130,7 @@ impl CoreRelay {
             },
             chunk_size: 0,
         };
-        Some((job, tx))
+        Some((job, tx, body))
     }
 
     /// Records the outcome of `job`'s transaction on `conn`, and says what becomes of the
