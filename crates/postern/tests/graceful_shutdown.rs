@@ -18,7 +18,7 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
 
     // Ask the server to stop while the body is half sent.
-    sigterm(&server);
+    server.signal("-TERM");
 
     assert_eq!(
         idle.line(),
@@ -58,7 +58,7 @@ fn sigterm_lets_a_bdat_transaction_between_chunks_finish() {
     chunked.send(b"BDAT 22\r\nSubject: chunked\r\n\r\nab");
     assert_eq!(chunked.line(), "250 2.0.0 22 octets received");
 
-    sigterm(&server);
+    server.signal("-TERM");
     // The idle session hears of the stop; the one between chunks may still finish.
     assert_eq!(
         idle.line(),
@@ -90,7 +90,7 @@ fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     chunked.cmd("RCPT TO:<c@d.test>");
     chunked.send(b"BDAT 100 LAST\r\nten octets");
 
-    sigterm(&server);
+    server.signal("-TERM");
     // RFC 5321 3.8: the server says 421 before it closes, even inside a body.
     for c in [&mut stalled, &mut chunked] {
         assert_eq!(
@@ -115,34 +115,17 @@ fn in_data(server: &Server, helo: &str) -> common::Client {
     c
 }
 
-/// Sends SIGTERM to the server process.
-fn sigterm(server: &Server) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn connections_waiting_to_be_accepted_at_sigterm_get_421_not_a_reset() {
     let mut server = Server::start(&["--cores", "1"]);
-    let pid = server.child.id().to_string();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
     // While the process is stopped, the kernel completes these handshakes and queues
     // them on the listener; the server sees them only after it has been told to stop.
-    signal("-STOP");
+    server.signal("-STOP");
     let waiting: Vec<TcpStream> = (0..20)
         .map(|_| TcpStream::connect(server.smtp).unwrap())
         .collect();
-    signal("-TERM");
-    signal("-CONT");
+    server.signal("-TERM");
+    server.signal("-CONT");
     for (i, stream) in waiting.into_iter().enumerate() {
         stream
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))

@@ -257,14 +257,6 @@ fn ehlo_inside_tls(server: &Server, roots: &RootCertStore) -> std::io::Result<St
     Ok(line.trim_end().to_owned())
 }
 
-fn sighup(server: &Server) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn sighup_reads_a_renewed_certificate_and_keeps_the_old_one_when_the_new_cannot_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -293,7 +285,7 @@ fn sighup_reads_a_renewed_certificate_and_keeps_the_old_one_when_the_new_cannot_
 
     std::fs::write(&cert, new.cert.pem()).unwrap();
     std::fs::write(&key, new.signing_key.serialize_pem()).unwrap();
-    sighup(&server);
+    server.signal("-HUP");
     server.log_until(|l| l.contains("SIGHUP: TLS certificate and key read again"));
     assert_eq!(
         ehlo_inside_tls(&server, &new_roots).unwrap(),
@@ -307,7 +299,7 @@ fn sighup_reads_a_renewed_certificate_and_keeps_the_old_one_when_the_new_cannot_
     // A half-written renewal: the key no longer matches. The error names both files and the
     // certificate in use stays.
     std::fs::write(&key, old.signing_key.serialize_pem()).unwrap();
-    sighup(&server);
+    server.signal("-HUP");
     let error = server.log_until(|l| l.contains("SIGHUP: ") && l.contains("ERROR"));
     assert!(
         error.contains("key.pem") && error.contains("stays"),

@@ -127,13 +127,18 @@ impl Server {
         Client::connect(self.smtp)
     }
 
-    /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Sends a signal (`-TERM`, `-HUP`, `-STOP`, ...) to the server process.
+    pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([sig, &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
         self.child.wait().unwrap()
     }
 
