@@ -248,6 +248,8 @@ pub struct ClientSession {
     /// `SendBody` was returned and `body_sent` not yet called.
     body_open: bool,
     tls: bool,
+    /// A whole reply has come from the server.
+    answered: bool,
 }
 
 impl ClientSession {
@@ -266,6 +268,7 @@ impl ClientSession {
             body_pending: false,
             body_open: false,
             tls: false,
+            answered: false,
         }
     }
 
@@ -294,6 +297,12 @@ impl ClientSession {
     /// Whether the session runs inside TLS.
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// Whether the server has sent a whole reply (its greeting, at least): a failure after
+    /// that is one of a server that answered, not of an address where nobody did.
+    pub fn has_answered(&self) -> bool {
+        self.answered
     }
 
     /// Whether no reply is awaited and nothing is held back.
@@ -519,6 +528,7 @@ impl ClientSession {
     }
 
     fn on_reply(&mut self, reply: Reply) -> Option<ClientEvent> {
+        self.answered = true;
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect != Expect::Quit {
             self.expect.clear();

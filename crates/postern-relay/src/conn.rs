@@ -65,13 +65,17 @@ pub enum ConnError {
     TlsRequired,
     /// The TLS handshake failed.
     Tls(String),
+    /// Reading or writing failed, or timed out, after the server had answered.
+    Lost(String),
 }
 
 impl ConnError {
     /// The text for a status record and a bounce.
     pub fn describe(&self, remote: &str) -> String {
         match self {
-            ConnError::Io(e) => format!("connection with {remote} failed: {e}"),
+            ConnError::Io(e) | ConnError::Lost(e) => {
+                format!("connection with {remote} failed: {e}")
+            }
             ConnError::Smtp(ClientError::Greeting(r)) | ConnError::Smtp(ClientError::Helo(r)) => {
                 format!("{remote} said: {r}")
             }
@@ -97,6 +101,9 @@ pub struct TlsSetup {
     pub policy: TlsPolicy,
     /// The client configuration to use (verified for `Required`).
     pub config: Arc<rustls::ClientConfig>,
+    /// Set by [`Outbound::connect`] when it tried a TLS handshake: whether it completed,
+    /// whatever happened in the session after it.
+    pub handshake: std::cell::Cell<Option<bool>>,
 }
 
 /// An open, greeted connection, idle between transactions.
@@ -163,33 +170,49 @@ impl Outbound {
             transactions: 0,
             broke_counted: std::cell::Cell::new(false),
         };
-        conn.expect_ready(t.greeting).await?;
+        match conn.open(remote, tls, t).await {
+            Ok(()) => Ok(conn),
+            // Reading or writing failed after the server had answered: it is the remote MTA
+            // of the failure (RFC 3464 2.3.5), unlike an address where nobody answered.
+            Err(ConnError::Io(e)) if conn.session.has_answered() => Err(ConnError::Lost(e)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The greeting, EHLO and, by policy, STARTTLS, on a fresh connection.
+    async fn open(
+        &mut self,
+        remote: &str,
+        tls: Option<&TlsSetup>,
+        t: &Timeouts,
+    ) -> Result<(), ConnError> {
+        self.expect_ready(t.greeting).await?;
         let Some(tls) = tls else {
-            return Ok(conn);
+            return Ok(());
         };
         if tls.policy == TlsPolicy::None {
-            return Ok(conn);
+            return Ok(());
         }
-        if !conn.session.capabilities().starttls {
+        if !self.session.capabilities().starttls {
             if tls.policy == TlsPolicy::Required {
                 // The session is still usable in cleartext: end it properly (RFC 5321
                 // 4.1.1.10), without sending anything else.
-                conn.quit().await;
+                self.end_session().await;
                 return Err(ConnError::TlsRequired);
             }
-            return Ok(conn);
+            return Ok(());
         }
-        conn.session.start_tls().map_err(ConnError::Smtp)?;
-        match conn.next_event(t.greeting).await? {
+        self.session.start_tls().map_err(ConnError::Smtp)?;
+        match self.next_event(t.greeting).await? {
             ClientEvent::StartTls => {}
             ClientEvent::StartTlsRefused(reply) if tls.policy == TlsPolicy::Opportunistic => {
                 // Opportunistic TLS: a refusal leaves the session as it was, in cleartext
                 // (RFC 3207 4 leaves the choice to the client).
                 tracing::info!(remote, %reply, "STARTTLS refused; going on in cleartext");
-                return Ok(conn);
+                return Ok(());
             }
             ClientEvent::StartTlsRefused(reply) => {
-                conn.quit().await;
+                self.end_session().await;
                 return Err(ConnError::Smtp(ClientError::StartTls(reply)));
             }
             ClientEvent::Failed(e) => return Err(ConnError::Smtp(e)),
@@ -200,10 +223,10 @@ impl Outbound {
             }
         }
         // Bytes after the 220 would be an injection attempt (RFC 3207 5): drop them.
-        conn.start = conn.end;
+        self.start = self.end;
         let name = ServerName::try_from(remote.to_owned())
             .map_err(|_| ConnError::Tls(format!("'{remote}' is not a valid TLS server name")))?;
-        let Conn::Plain(tcp) = std::mem::replace(&mut conn.stream, Conn::Gone) else {
+        let Conn::Plain(tcp) = std::mem::replace(&mut self.stream, Conn::Gone) else {
             return Err(ConnError::Tls("connection already in TLS".into()));
         };
         let connector = futures_rustls::TlsConnector::from(tls.config.clone());
@@ -212,11 +235,12 @@ impl Outbound {
             .map_err(|e| match e {
                 ConnError::Io(s) => ConnError::Tls(s),
                 other => other,
-            })?;
-        conn.stream = Conn::Tls(Box::new(futures_rustls::TlsStream::Client(stream)));
-        conn.session.tls_established();
-        conn.expect_ready(t.greeting).await?;
-        Ok(conn)
+            });
+        tls.handshake.set(Some(stream.is_ok()));
+        let stream = stream?;
+        self.stream = Conn::Tls(Box::new(futures_rustls::TlsStream::Client(stream)));
+        self.session.tls_established();
+        self.expect_ready(t.greeting).await
     }
 
     /// Whether the session runs inside TLS.
@@ -505,6 +529,10 @@ impl Outbound {
 
     /// Says QUIT and closes, without waiting long for the reply.
     pub async fn quit(mut self) {
+        self.end_session().await;
+    }
+
+    async fn end_session(&mut self) {
         self.session.quit();
         let limit = Duration::from_secs(5);
         let _ = self.next_event(limit).await;

@@ -1526,6 +1526,7 @@ impl CoreRelay {
                 TlsPolicy::Required => self.relay.tls.verified.clone(),
                 _ => self.relay.tls.unverified.clone(),
             },
+            handshake: std::cell::Cell::new(None),
         };
         let mut last = String::from("no address to connect to");
         let mut last_remote = None;
@@ -1568,10 +1569,8 @@ impl CoreRelay {
             tracing::debug!(%addr, host = %hop.host, "connecting");
             let connected =
                 Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts).await;
-            match &connected {
-                Ok(c) if c.is_tls() => self.handle.count_outbound_tls(true),
-                Err(ConnError::Tls(_)) => self.handle.count_outbound_tls(false),
-                _ => {}
+            if let Some(ok) = setup.as_ref().and_then(|s| s.handshake.get()) {
+                self.handle.count_outbound_tls(ok);
             }
             match connected {
                 Ok(c) => {

@@ -1336,7 +1336,12 @@ fn outbound_starttls_opportunistic_and_required() {
             "<tls1@t>",
             "x\r\n",
         );
-        let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+        // Each core publishes its counters a few times a second: the handshake may have been
+        // counted on another core than the delivery.
+        let m = server.metrics_until(|m| {
+            m.contains("postern_recipients_delivered_total 1\n")
+                && m.contains("postern_outbound_tls_handshakes_total 1\n")
+        });
         assert!(
             m.contains("postern_outbound_tls_handshakes_total 1\n"),
             "{m}"
@@ -1362,7 +1367,10 @@ fn outbound_starttls_opportunistic_and_required() {
             "<tls2@t>",
             "x\r\n",
         );
-        let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+        let m = server.metrics_until(|m| {
+            m.contains("postern_recipients_delivered_total 1\n")
+                && m.contains("postern_outbound_tls_handshakes_total 1\n")
+        });
         assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
         assert!(
             m.contains("postern_outbound_tls_handshakes_total 1\n"),
@@ -1386,7 +1394,10 @@ fn outbound_starttls_opportunistic_and_required() {
             "<tls3@t>",
             "x\r\n",
         );
-        let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+        let m = server.metrics_until(|m| {
+            m.contains("postern_delivery_deferrals_total 1\n")
+                && m.contains("postern_outbound_tls_handshake_failures_total 1\n")
+        });
         assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
         assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
         assert!(
@@ -1887,13 +1898,16 @@ fn through_tls_next_hop(refuse: bool, message_id: &str) -> bool {
         data.contains(&format!("Message-ID: {message_id}")),
         "{data}"
     );
-    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
-    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
     // A refused STARTTLS is no handshake; one broken off is a failed one.
     let failures = format!(
         "postern_outbound_tls_handshake_failures_total {}\n",
         u8::from(!refuse)
     );
+    // Each core publishes its counters a few times a second: wait for both.
+    let m = server.metrics_until(|m| {
+        m.contains("postern_recipients_delivered_total 1\n") && m.contains(&failures)
+    });
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
     assert!(m.contains(&failures), "{m}");
     assert!(
         m.contains("postern_outbound_tls_handshakes_total 0\n"),
@@ -2600,6 +2614,103 @@ fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
             "{deferred}"
         );
     }
+}
+
+#[test]
+fn a_next_hop_that_greets_then_drops_the_connection_is_named_as_the_relay() {
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| line.starts_with("EHLO").then_some(Act::SayAndClose("")),
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<dropped@t>",
+        "hello\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("closed by the server"),
+        "{deferred}"
+    );
+    assert!(stored.try_recv().is_err());
+}
+
+/// A next hop that offers STARTTLS, completes the handshake with `cert`, then closes the
+/// connection instead of answering the EHLO inside TLS.
+fn next_hop_dropping_after_tls(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let chain = vec![cert.cert.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else { return };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let _ = w.write_all(b"220 tls.test ESMTP\r\n");
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.starts_with("EHLO") {
+                let _ = w.write_all(b"250-tls.test\r\n250 STARTTLS\r\n");
+            } else if line.starts_with("STARTTLS") {
+                let _ = w.write_all(b"220 2.0.0 go ahead\r\n");
+                break;
+            }
+            line.clear();
+        }
+        let mut conn = rustls::ServerConnection::new(config).unwrap();
+        let mut tcp = r.into_inner();
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut tcp).is_err() {
+                return;
+            }
+        }
+        // The client's EHLO arrives inside TLS; the connection ends without a reply.
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut buf = [0u8; 512];
+        let _ = tls.read(&mut buf);
+    });
+    port
+}
+
+#[test]
+fn a_completed_outbound_handshake_counts_even_when_the_session_then_fails() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let port = next_hop_dropping_after_tls(&ck);
+    let route = format!("dest.test=localhost:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<tlsdrop@t>",
+        "hello\r\n",
+    );
+    let m = server.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 1\n")
+            && m.contains("postern_outbound_tls_handshakes_total 1\n")
+    });
+    assert!(
+        m.contains("postern_outbound_tls_handshakes_total 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("postern_outbound_tls_handshake_failures_total 0\n"),
+        "{m}"
+    );
+    // It answered (and completed a handshake): the deferral names it.
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(deferred.contains("relay=\"localhost\""), "{deferred}");
 }
 
 /// `postern queue --json` on `spool`: one object per waiting message.
