@@ -68,12 +68,13 @@ struct Serve {
         long,
         env = "POSTERN_LISTEN",
         value_delimiter = ',',
+        value_parser = trimmed::<SocketAddr>,
         default_value = "127.0.0.1:2525"
     )]
     listen: Vec<SocketAddr>,
     /// Implicit-TLS (RFC 8314) listen address (repeatable); needs --tls-cert and --tls-key
     /// [default: none].
-    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',')]
+    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = trimmed::<SocketAddr>)]
     listen_tls: Vec<SocketAddr>,
     /// Executors, one per core [default: all cores].
     #[arg(long, env = "POSTERN_CORES")]
@@ -92,7 +93,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_HOSTNAME")]
     hostname: Option<String>,
     /// A domain to accept mail for from anyone (repeatable) [default: none].
-    #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',')]
+    #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',', value_parser = trimmed::<String>)]
     accept_domain: Vec<String>,
     /// Where mail to <postmaster> and postmaster@HOSTNAME goes (an address); both are accepted
     /// from anyone (RFC 5321 4.5.1) [default: <postmaster> becomes postmaster@HOSTNAME and
@@ -100,7 +101,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_POSTMASTER")]
     postmaster: Option<String>,
     /// A network allowed to relay to any domain (repeatable) [default: 127.0.0.0/8, ::1/128].
-    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',')]
+    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = trimmed::<IpNet>)]
     relay_network: Vec<IpNet>,
     /// Largest message, advertised in SIZE (bytes; k, M, G suffixes are powers of 1024).
     #[arg(long, env = "POSTERN_MAX_MESSAGE_SIZE", default_value = "50M", value_parser = parse_size)]
@@ -147,7 +148,7 @@ struct Serve {
     relay_host: Option<String>,
     /// Send mail for DOMAIN and its subdomains to HOST:PORT (repeatable; the longest domain
     /// wins; takes precedence over --relay-host) [default: none].
-    #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',')]
+    #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',', value_parser = trimmed::<String>)]
     route: Vec<String>,
     /// The DNS server for MX lookups (ADDR or ADDR:PORT) [default: from /etc/resolv.conf].
     #[arg(long, env = "POSTERN_DNS_SERVER")]
@@ -224,6 +225,16 @@ struct Serve {
 pub(crate) struct Config {
     pub(crate) server: Settings,
     pub(crate) relay: Option<RelayConfig>,
+}
+
+/// One item of a list flag, without the blanks around it: a `POSTERN_*` variable may list
+/// `a.example, b.example` as well as `a.example,b.example`.
+fn trimmed<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    s.trim().parse().map_err(|e: T::Err| e.to_string())
 }
 
 /// Parses `1048576`, `64k`, `50M`, `2G` (suffixes are powers of 1024).

@@ -39,3 +39,25 @@ fn by_default_loopback_may_relay_and_nothing_else_is_accepted() {
     c.cmd("MAIL FROM:<a@local.test>");
     assert_eq!(c.cmd("RCPT TO:<anyone@anywhere.test>"), "250 2.1.5 Ok");
 }
+
+#[test]
+fn lists_from_the_environment_may_have_blanks_after_their_commas() {
+    let server = Server::start_with_env(
+        &[],
+        &[
+            ("POSTERN_RELAY_NETWORK", "192.0.2.0/24, 198.51.100.0/24"),
+            ("POSTERN_ACCEPT_DOMAIN", "example.org, example.net"),
+        ],
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO outsider.test");
+    c.cmd("MAIL FROM:<a@outsider.test>");
+    // Loopback is in neither network: only the two domains are taken.
+    assert_eq!(c.cmd("RCPT TO:<user@example.net>"), "250 2.1.5 Ok");
+    assert_eq!(c.cmd("RCPT TO:<user@example.org>"), "250 2.1.5 Ok");
+    assert_eq!(
+        c.cmd("RCPT TO:<victim@elsewhere.test>"),
+        "554 5.7.1 Relay access denied"
+    );
+}

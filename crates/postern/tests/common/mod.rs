@@ -34,7 +34,24 @@ impl Server {
 
     /// Like [`Server::start`] on an existing spool directory.
     pub fn start_in(args: &[&str], spool: PathBuf, dir: Option<tempfile::TempDir>) -> Server {
+        Self::launch(args, &[], spool, dir)
+    }
+
+    /// Like [`Server::start`], with these `POSTERN_*` variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        Self::launch(args, env, spool, Some(dir))
+    }
+
+    fn launch(
+        args: &[&str],
+        env: &[(&str, &str)],
+        spool: PathBuf,
+        dir: Option<tempfile::TempDir>,
+    ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.envs(env.iter().copied());
         cmd.arg("serve")
             .arg("--spool")
             .arg(&spool)
