@@ -799,7 +799,11 @@ impl CoreRelay {
                     // The next hop is unreachable (everything waiting for it waits again) or
                     // does not exist (everything waiting for it fails).
                     let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
-                    let status = permanent.unwrap_or("4.4.1");
+                    // RFC 3463 3.5: no answer from any host (4.4.1), or a host that answered
+                    // and then failed the connection (4.4.2); a reply's own status wins
+                    // where the account quotes one (dsn::deferral_status).
+                    let status =
+                        permanent.unwrap_or(if remote.is_some() { "4.4.2" } else { "4.4.1" });
                     if permanent.is_none() {
                         dq.down_until.set(now_ms() + self.pause_ms());
                         *dq.paused_for.borrow_mut() =
@@ -1584,14 +1588,20 @@ impl CoreRelay {
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) => return Ok(opened(c, failed)),
                         Err(e2) => {
+                            // It answered the first time (STARTTLS came before the
+                            // handshake), whatever the second connection did.
                             last = format!("{}; then {}", e, e2.describe(&hop.host));
-                            last_remote = e2.answered().then(|| hop.host.clone());
+                            last_remote = Some(hop.host.clone());
                         }
                     }
                 }
                 Err(e) => {
-                    last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
-                    last_remote = e.answered().then(|| hop.host.clone());
+                    // The account kept is that of the last host that answered, if any did: a
+                    // later address where nobody answered does not hide it.
+                    if e.answered() || last_remote.is_none() {
+                        last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
+                        last_remote = e.answered().then(|| hop.host.clone());
+                    }
                 }
             }
             self.broke(dq, addr);

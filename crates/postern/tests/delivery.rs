@@ -2622,8 +2622,10 @@ fn a_next_hop_that_greets_then_drops_the_connection_is_named_as_the_relay() {
         |_, line| line.starts_with("EHLO").then_some(Act::SayAndClose("")),
         Act::Say("250 2.0.0 stored\r\n"),
     );
+    let origin = Peer::start(&[]);
     let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&["--route", &route]);
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &route, "--route", &back, "--delay-warning", "0s"]);
     send(
         &server,
         "a@origin.test",
@@ -2636,7 +2638,51 @@ fn a_next_hop_that_greets_then_drops_the_connection_is_named_as_the_relay() {
         deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("closed by the server"),
         "{deferred}"
     );
+    // The warning names it too, with a bad connection rather than no answer (RFC 3463 3.5).
+    let (_, text) = origin.first("the delay warning");
+    assert!(text.contains("Action: delayed"), "{text}");
+    assert!(text.contains("Remote-MTA: dns; [127.0.0.1]"), "{text}");
+    assert!(text.contains("Status: 4.4.2"), "{text}");
     assert!(stored.try_recv().is_err());
+}
+
+#[test]
+fn a_later_address_where_nobody_answers_does_not_hide_the_host_that_did() {
+    use dns_server::{Rec, TestDns};
+    // mx1 (preference 10) greets, then closes at EHLO; mx2 (20) refuses connections.
+    let l = TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(2) {
+            let Ok(mut s) = conn else { return };
+            let _ = s.write_all(b"220 mx1.test ESMTP\r\n");
+            let _ = s.read(&mut [0u8; 512]);
+        }
+    });
+    let _mx2_down = reserve("127.0.0.3", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("two.test.", Rec::Mx(10, "mx1.test.")),
+            ("two.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+        ],
+    );
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@two.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        deferred.contains("relay=\"mx1.test\"") && deferred.contains("closed by the server"),
+        "{deferred}"
+    );
+    drop(dns);
 }
 
 /// A next hop that offers STARTTLS, completes the handshake with `cert`, then closes the
