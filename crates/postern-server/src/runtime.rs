@@ -510,25 +510,74 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
                 metrics.count_replies(b"421 \r\n");
             }
             drop(metrics);
-            glommio::spawn_local(refuse(stream, refusal, implicit_tls)).detach();
+            glommio::spawn_local(refuse(core.clone(), stream, refusal, implicit_tls)).detach();
         }
     }
 }
 
-/// Tells an over-limit client so at once rather than leaving it hanging (plain listeners; a
-/// TLS client would not understand cleartext, so it is just closed).
-async fn refuse(mut stream: glommio::net::TcpStream, refusal: Refusal, implicit_tls: bool) {
+/// Over-limit clients of the implicit-TLS port that one core answers at a time. Their `421`
+/// costs a TLS handshake each; past this many, more are closed without a reply, so that a
+/// flood of connections does not also become a flood of handshakes.
+const TLS_REFUSALS_MAX: usize = 16;
+
+/// Longest handshake and write for an over-limit client of the implicit-TLS port.
+const TLS_REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// This core's over-limit implicit-TLS clients being answered now.
+    static TLS_REFUSALS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Tells an over-limit client so at once rather than leaving it hanging: in cleartext on a
+/// plain listener, inside TLS on the implicit-TLS port (RFC 8314 3.3: a client there speaks
+/// TLS first, and would not understand a cleartext reply), a few at a time per core.
+async fn refuse(
+    core: Rc<Core>,
+    mut stream: glommio::net::TcpStream,
+    refusal: Refusal,
+    implicit_tls: bool,
+) {
     use futures_lite::io::AsyncWriteExt;
+    let text = match refusal {
+        Refusal::Total => "421 4.3.2 Too many connections, try again later\r\n",
+        Refusal::PerIp => "421 4.7.0 Too many connections from your address, try again later\r\n",
+    };
     if !implicit_tls {
-        let text = match refusal {
-            Refusal::Total => "421 4.3.2 Too many connections, try again later\r\n",
-            Refusal::PerIp => {
-                "421 4.7.0 Too many connections from your address, try again later\r\n"
-            }
-        };
         let _ = stream.write_all(text.as_bytes()).await;
+        let _ = stream.close().await;
+        return;
     }
-    let _ = stream.close().await;
+    let Some(acceptor) = core.tls.clone() else {
+        let _ = stream.close().await;
+        return;
+    };
+    if TLS_REFUSALS.get() >= TLS_REFUSALS_MAX {
+        let _ = stream.close().await;
+        return;
+    }
+    TLS_REFUSALS.set(TLS_REFUSALS.get() + 1);
+    let answered = async {
+        let Ok(mut tls) = acceptor.accept(stream).await else {
+            return Some(false);
+        };
+        core.metrics.borrow_mut().tls_handshakes += 1;
+        if tls.write_all(text.as_bytes()).await.is_ok() && tls.flush().await.is_ok() {
+            core.metrics.borrow_mut().count_replies(text.as_bytes());
+        }
+        // close_notify, then the connection.
+        let _ = tls.close().await;
+        Some(true)
+    };
+    let limit = TLS_REFUSAL_TIMEOUT.min(core.settings.command_timeout);
+    let timeout = async {
+        glommio::timer::sleep(limit).await;
+        None
+    };
+    let outcome = futures_lite::future::or(answered, timeout).await;
+    TLS_REFUSALS.set(TLS_REFUSALS.get() - 1);
+    if outcome != Some(true) {
+        core.metrics.borrow_mut().tls_failures += 1;
+    }
 }
 
 /// The open-file limit after [`raise_open_file_limit`] (`None`: unlimited).

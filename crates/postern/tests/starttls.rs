@@ -165,6 +165,33 @@ fn implicit_tls_port_greets_inside_tls() {
 }
 
 #[test]
+fn an_over_limit_client_of_the_implicit_tls_port_gets_its_421_inside_tls() {
+    let (server, roots, _dir) =
+        server_with_cert_and(&["--max-connections-per-ip", "1", "--max-connections", "10"]);
+    let connect = || {
+        let tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Tls::wrap(tcp, &roots)
+    };
+    let mut first = connect();
+    assert_eq!(first.line(), "220 mx.test ESMTP postern");
+    let mut second = connect();
+    assert_eq!(
+        second.line(),
+        "421 4.7.0 Too many connections from your address, try again later"
+    );
+    // Then the server ends the TLS session and the connection.
+    let mut rest = Vec::new();
+    let end = second.stream.read_to_end(&mut rest);
+    assert!(end.is_ok() && rest.is_empty(), "{end:?} {rest:?}");
+    let four = "postern_replies_total{class=\"4xx\"} 1";
+    let m = server.metrics_until(|m| m.contains(four));
+    assert!(m.contains("postern_connections_refused_total 1"), "{m}");
+    assert!(m.contains(four), "{m}");
+    assert_eq!(first.cmd("QUIT"), "221 2.0.0 Bye");
+}
+
+#[test]
 fn a_failed_handshake_closes_only_that_session() {
     let (server, _roots, _dir) = server_with_cert();
     let mut c = server.connect();
