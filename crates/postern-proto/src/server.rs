@@ -127,6 +127,14 @@ pub mod replies {
     );
     /// The spool cannot take the message now (RFC 3463 4.3.1).
     pub const SPOOL_FULL: StaticReply = r(452, 4, 3, 1, "Insufficient system storage");
+    /// A command line ended by a bare LF (RFC 5321 2.3.8).
+    pub const BARE_LF_COMMAND: StaticReply = r(
+        500,
+        5,
+        5,
+        2,
+        "Syntax error: command lines must end with CR LF",
+    );
     /// Line over the cap.
     pub const LINE_TOO_LONG: StaticReply = r(500, 5, 5, 2, "Line too long");
     /// A decision the embedding never gave.
@@ -520,8 +528,18 @@ impl ServerSession {
                         None
                     }
                     Frame::Line { line, consumed } => {
+                        // The octet before the line feed (CR normally). Only CR LF ends a
+                        // command line (RFC 5321 2.3.8); a line ended by a bare LF is refused,
+                        // not run, and the framer stays in step at the LF.
+                        let bare_lf = consumed < 2 || input[pos + consumed - 2] != b'\r';
                         pos += consumed;
-                        self.command(line, input, &mut pos)
+                        if bare_lf {
+                            let r = replies::BARE_LF_COMMAND;
+                            self.error_reply(r.code, Some(r.enhanced), r.text);
+                            None
+                        } else {
+                            self.command(line, input, &mut pos)
+                        }
                     }
                 },
             };

@@ -955,3 +955,24 @@ fn auth_parameter_is_refused_when_auth_is_not_offered() {
         &["555 5.5.4 AUTH parameter not supported", "250 2.1.0 Ok"],
     );
 }
+
+#[test]
+fn a_command_line_ended_by_a_bare_lf_is_refused_not_run() {
+    let mut input = client(&["EHLO client.test"]);
+    // RFC 5321 2.3.8: only CR LF ends a line. A bare CR inside a line is no end either.
+    input.extend_from_slice(
+        b"MAIL FROM:<a@client.test>\nRCPT TO:<b@mx.test>\r\nNOOP\rRSET\r\n\nNOOP\r\n",
+    );
+    let o = run_every_split(&config(), &input);
+    assert_eq!(
+        o.output,
+        with_banner_and_ehlo(&[
+            "500 5.5.2 Syntax error: command lines must end with CR LF",
+            "503 5.5.1 Need MAIL command",
+            "500 5.5.1 Command not recognized",
+            "500 5.5.2 Syntax error: command lines must end with CR LF",
+            "250 2.0.0 Ok",
+        ])
+    );
+    assert!(o.messages.is_empty());
+}

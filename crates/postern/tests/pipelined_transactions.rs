@@ -116,3 +116,22 @@ fn transactions_pipelined_into_each_other_are_each_answered_and_spooled() {
         );
     }
 }
+
+#[test]
+fn a_command_ended_by_a_bare_lf_is_refused_and_the_session_goes_on() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.send(b"MAIL FROM:<a@origin.test>\nNOOP\r\n");
+    assert_eq!(
+        c.line(),
+        "500 5.5.2 Syntax error: command lines must end with CR LF"
+    );
+    assert_eq!(c.line(), "250 2.0.0 Ok");
+    // The MAIL was not run.
+    assert_eq!(
+        c.cmd("RCPT TO:<b@dest.test>"),
+        "503 5.5.1 Need MAIL command"
+    );
+}
