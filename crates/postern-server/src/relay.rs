@@ -70,10 +70,10 @@ impl RelayPolicy {
     /// Whether `path` (a stored recipient) is our postmaster: `postmaster`, or `postmaster@`
     /// our host name, any case.
     pub fn is_postmaster(&self, path: &str) -> bool {
-        match path.split_once('@') {
-            None => path.eq_ignore_ascii_case("postmaster"),
+        match path.rsplit_once('@') {
+            None => is_postmaster_local(path),
             Some((local, domain)) => {
-                local.eq_ignore_ascii_case("postmaster")
+                is_postmaster_local(local)
                     && domain
                         .trim_end_matches('.')
                         .eq_ignore_ascii_case(&self.hostname)
@@ -87,7 +87,7 @@ impl RelayPolicy {
         match rcpt {
             ForwardPath::Postmaster => true,
             ForwardPath::Mailbox(m)
-                if m.local.eq_ignore_ascii_case("postmaster")
+                if is_postmaster_local(m.local)
                     && matches!(m.host, Host::Domain(d) if d.trim_end_matches('.').eq_ignore_ascii_case(&self.hostname)) =>
             {
                 true
@@ -98,6 +98,29 @@ impl RelayPolicy {
             },
         }
     }
+}
+
+/// Whether a local part, as written, is `postmaster` in any case: also quoted
+/// (`"postmaster"`, `"post\master"`), which is the same mailbox (RFC 5321 4.1.2).
+fn is_postmaster_local(local: &str) -> bool {
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return local.eq_ignore_ascii_case("postmaster");
+    };
+    // Undo the quoted pairs; compare octet by octet with "postmaster".
+    let mut want = "postmaster".bytes();
+    let mut octets = inner.bytes();
+    while let Some(mut b) = octets.next() {
+        if b == b'\\' {
+            match octets.next() {
+                Some(escaped) => b = escaped,
+                None => return false,
+            }
+        }
+        if want.next().is_none_or(|w| !b.eq_ignore_ascii_case(&w)) {
+            return false;
+        }
+    }
+    want.next().is_none()
 }
 
 #[cfg(test)]
@@ -139,6 +162,13 @@ mod tests {
         assert!(p.is_postmaster("POSTMASTER@mx.Test"));
         assert!(!p.is_postmaster("postmaster@other.test"));
         assert!(!p.is_postmaster("postmasters@mx.test"));
+        // Quoted, it is the same mailbox (RFC 5321 4.1.2).
+        assert!(p.allows(&rcpt("<\"postmaster\"@mx.test>"), outside));
+        assert!(p.allows(&rcpt("<\"Post\\master\"@MX.test>"), outside));
+        assert!(!p.allows(&rcpt("<\"postmaster \"@mx.test>"), outside));
+        assert!(!p.allows(&rcpt("<\"postmaste\"@mx.test>"), outside));
+        assert!(p.is_postmaster("\"postmaster\"@mx.test"));
+        assert!(!p.is_postmaster("\"postmaster\\\"@mx.test"));
     }
 
     #[test]

@@ -24,6 +24,8 @@ fn outside_the_relay_networks_only_accepted_domains_are_taken() {
     );
     assert_eq!(c.cmd("RCPT TO:<user@EXAMPLE.org>"), "250 2.1.5 Ok");
     assert_eq!(c.cmd("RCPT TO:<postmaster>"), "250 2.1.5 Ok");
+    // Our own postmaster, quoted or not (RFC 5321 4.1.2, 4.5.1).
+    assert_eq!(c.cmd("RCPT TO:<\"PostMaster\"@mx.test>"), "250 2.1.5 Ok");
     assert_eq!(
         c.cmd("RCPT TO:<user@sub.example.org>"),
         "554 5.7.1 Relay access denied"
