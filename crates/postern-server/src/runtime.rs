@@ -547,37 +547,62 @@ async fn refuse(
         let _ = stream.close().await;
         return;
     }
-    let Some(acceptor) = core.tls.clone() else {
+    // No handshakes for refusals once the server stops: it would not wait for them.
+    let (Some(acceptor), false) = (core.tls.clone(), core.stopping.get()) else {
         let _ = stream.close().await;
         return;
     };
-    if TLS_REFUSALS.get() >= TLS_REFUSALS_MAX {
+    let Some(_slot) = TlsRefusalSlot::take() else {
         let _ = stream.close().await;
         return;
-    }
-    TLS_REFUSALS.set(TLS_REFUSALS.get() + 1);
-    let answered = async {
-        let Ok(mut tls) = acceptor.accept(stream).await else {
-            return Some(false);
-        };
-        core.metrics.borrow_mut().tls_handshakes += 1;
+    };
+    let limit = TLS_REFUSAL_TIMEOUT.min(core.settings.command_timeout);
+    // The handshake is counted once, completed or failed, as a session's is.
+    let Some(mut tls) = within(limit, async { acceptor.accept(stream).await.ok() })
+        .await
+        .flatten()
+    else {
+        core.metrics.borrow_mut().tls_failures += 1;
+        return;
+    };
+    core.metrics.borrow_mut().tls_handshakes += 1;
+    let reply = async {
         if tls.write_all(text.as_bytes()).await.is_ok() && tls.flush().await.is_ok() {
             core.metrics.borrow_mut().count_replies(text.as_bytes());
         }
         // close_notify, then the connection.
         let _ = tls.close().await;
-        Some(true)
     };
-    let limit = TLS_REFUSAL_TIMEOUT.min(core.settings.command_timeout);
+    let _ = within(limit, reply).await;
+}
+
+/// A place among this core's over-limit implicit-TLS clients being answered, given back when
+/// dropped.
+struct TlsRefusalSlot;
+
+impl TlsRefusalSlot {
+    fn take() -> Option<TlsRefusalSlot> {
+        let taken = TLS_REFUSALS.get();
+        (taken < TLS_REFUSALS_MAX).then(|| {
+            TLS_REFUSALS.set(taken + 1);
+            TlsRefusalSlot
+        })
+    }
+}
+
+impl Drop for TlsRefusalSlot {
+    fn drop(&mut self) {
+        TLS_REFUSALS.set(TLS_REFUSALS.get() - 1);
+    }
+}
+
+/// `fut`'s output, or `None` when `limit` passes first.
+async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     let timeout = async {
         glommio::timer::sleep(limit).await;
         None
     };
-    let outcome = futures_lite::future::or(answered, timeout).await;
-    TLS_REFUSALS.set(TLS_REFUSALS.get() - 1);
-    if outcome != Some(true) {
-        core.metrics.borrow_mut().tls_failures += 1;
-    }
+    futures_lite::future::or(async { Some(fut.await) }, timeout).await
 }
 
 /// The open-file limit after [`raise_open_file_limit`] (`None`: unlimited).

@@ -185,9 +185,15 @@ fn an_over_limit_client_of_the_implicit_tls_port_gets_its_421_inside_tls() {
     let end = second.stream.read_to_end(&mut rest);
     assert!(end.is_ok() && rest.is_empty(), "{end:?} {rest:?}");
     let four = "postern_replies_total{class=\"4xx\"} 1";
-    let m = server.metrics_until(|m| m.contains(four));
+    // Two handshakes, each counted once: the session's and the refusal's.
+    let shakes = "postern_tls_handshakes_total 2\n";
+    let m = server.metrics_until(|m| m.contains(four) && m.contains(shakes));
     assert!(m.contains("postern_connections_refused_total 1"), "{m}");
-    assert!(m.contains(four), "{m}");
+    assert!(m.contains(four) && m.contains(shakes), "{m}");
+    assert!(
+        m.contains("postern_tls_handshake_failures_total 0\n"),
+        "{m}"
+    );
     assert_eq!(first.cmd("QUIT"), "221 2.0.0 Bye");
 }
 
