@@ -201,6 +201,8 @@ pub struct Relay {
     winding_down: AtomicUsize,
     /// How many times the operator asked to try deferred mail now ([`Relay::flush`]).
     flushes: AtomicU64,
+    /// Wakes every core's retry loop when a flush is asked for (from any thread).
+    flush_asked: Event,
 }
 
 /// Counts an outbound transaction in [`Relay::in_flight`] while it lives.
@@ -309,6 +311,7 @@ impl Relay {
             in_flight: AtomicUsize::new(0),
             winding_down: AtomicUsize::new(0),
             flushes: AtomicU64::new(0),
+            flush_asked: Event::new(),
         }))
     }
 
@@ -323,9 +326,10 @@ impl Relay {
 
     /// Asks every core to try its deferred mail now (SIGUSR1, `postern queue --flush`): the
     /// jobs waiting for a retry go at once, and next hops paused after failures are tried
-    /// again. Each core sees it within [`FLUSH_POLL`]. Retry counts stay as they are.
+    /// again. Every core's retry loop is woken at once. Retry counts stay as they are.
     pub fn flush(&self) {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.flush_asked.notify(usize::MAX);
     }
 
     /// Messages not yet final, all cores together.
@@ -333,9 +337,6 @@ impl Relay {
         self.depth.total()
     }
 }
-
-/// How often a core looks whether a flush was asked for ([`Relay::flush`]).
-const FLUSH_POLL: Duration = Duration::from_millis(250);
 
 /// How long a bounce that could not be spooled waits before it is tried again.
 const BOUNCE_RETRY: Duration = Duration::from_secs(10);
@@ -655,6 +656,8 @@ impl CoreRelay {
     async fn retry_loop(self: Rc<Self>) {
         loop {
             let listener = self.retry_changed.listen();
+            // Listening before looking: a flush asked for in between still wakes the loop.
+            let flushed = self.relay.flush_asked.listen();
             self.flush_if_asked();
             let now = now_ms();
             loop {
@@ -670,13 +673,12 @@ impl CoreRelay {
                 .next_deadline()
                 .map_or(Duration::from_secs(3600), |d| {
                     Duration::from_millis(d.saturating_sub(now))
-                })
-                .min(FLUSH_POLL);
+                });
             if self.handle.is_stopping() {
                 return;
             }
             future::or(
-                future::or(listener, glommio::timer::sleep(wait)),
+                future::or(future::or(listener, flushed), glommio::timer::sleep(wait)),
                 self.handle.stopped(),
             )
             .await;
