@@ -164,6 +164,9 @@ pub enum ClientError {
     /// The server said 421 or otherwise ended the session.
     #[error("server closed the session: {0}")]
     Closing(Reply),
+    /// A reply the command cannot get (RFC 5321 4.3.2), such as 250 to DATA.
+    #[error("unexpected reply to {0} ({1})")]
+    Unexpected(&'static str, Reply),
     /// The server's bytes were not SMTP replies.
     #[error("protocol error from server: {0}")]
     Protocol(#[from] ReplyError),
@@ -537,6 +540,23 @@ impl ClientSession {
             return Some(ClientEvent::Failed(ClientError::Closing(reply)));
         }
         match expect {
+            // Replies these commands cannot get (RFC 5321 4.3.2): an intermediate 3xx to
+            // anything but DATA, a success other than 354 to DATA. Taking one as an answer
+            // would count a message delivered whose body was never sent: the session ends,
+            // and the outcome stays open (the mail is tried again).
+            Expect::Mail | Expect::Rcpt | Expect::Chunk | Expect::DataDone
+                if (300..400).contains(&reply.code) =>
+            {
+                let command = match expect {
+                    Expect::Mail => "MAIL",
+                    Expect::Rcpt => "RCPT",
+                    _ => "the message",
+                };
+                Some(self.fail(ClientError::Unexpected(command, reply)))
+            }
+            Expect::DataGo if reply.is_positive() && reply.code != 354 => {
+                Some(self.fail(ClientError::Unexpected("DATA", reply)))
+            }
             Expect::Greeting if reply.code == 220 => {
                 self.send_ehlo();
                 None

@@ -663,3 +663,53 @@ fn a_refused_intermediate_chunk_fails_the_message() {
     let (events, _) = canned(&mut c, &["221 bye\r\n"]);
     assert_eq!(events, vec![ClientEvent::Closed]);
 }
+
+#[test]
+fn a_reply_the_command_cannot_get_ends_the_session_undelivered() {
+    // RFC 5321 4.3.2: DATA's only intermediate success is 354, and the end of data gets 2xx
+    // or a failure. Anything else must never count as delivered.
+    for (pipelining, replies, command) in [
+        (
+            false,
+            &["250 ok\r\n", "250 ok\r\n", "250 2.0.0 what\r\n"][..],
+            "DATA",
+        ),
+        (
+            false,
+            &["250 ok\r\n", "250 ok\r\n", "220 huh\r\n"][..],
+            "DATA",
+        ),
+        (true, &["250 ok\r\n250 ok\r\n221 2.0.0 bye\r\n"][..], "DATA"),
+        (false, &["354 mail?\r\n"][..], "MAIL"),
+        (false, &["250 ok\r\n", "354 rcpt?\r\n"][..], "RCPT"),
+    ] {
+        let mut c = ClientSession::new("relay.test");
+        let caps = if pipelining {
+            "250-x\r\n250 PIPELINING\r\n"
+        } else {
+            "250 x\r\n"
+        };
+        canned(&mut c, &["220 x\r\n", caps]);
+        c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+            .unwrap();
+        c.clear_output();
+        let (events, _) = canned(&mut c, replies);
+        let [ClientEvent::Failed(ClientError::Unexpected(cmd, _))] = &events[..] else {
+            panic!("{replies:?}: {events:?}")
+        };
+        assert_eq!(*cmd, command);
+    }
+    // A 354 after the body is no delivery either.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250 x\r\n"]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    let (events, _) = canned(&mut c, &["250 ok\r\n", "250 ok\r\n", "354 go\r\n"]);
+    assert_eq!(events, vec![ClientEvent::SendBody]);
+    c.body_sent();
+    let (events, _) = canned(&mut c, &["354 again\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Unexpected(_, r))] if r.code == 354),
+        "{events:?}"
+    );
+}

@@ -46,6 +46,7 @@ impl From<ClientError> for Failure {
             ClientError::StartTls(_) => "starttls_refused",
             ClientError::Closing(_) => "server_closed_421",
             ClientError::Protocol(_) => "protocol_error",
+            ClientError::Unexpected(..) => "unexpected_reply",
             ClientError::OutOfOrder => "client_out_of_order",
         })
     }
