@@ -128,6 +128,9 @@ struct Carried {
     job: Job,
     status: String,
     text: String,
+    /// Each recipient's own reply, in the order of `job.rcpts`, when they differ (RCPT
+    /// replies); empty when `text` is every recipient's.
+    texts: Vec<String>,
     remote: Option<String>,
 }
 
@@ -1155,6 +1158,7 @@ impl CoreRelay {
             Ok(result) => {
                 dq.broken_in_a_row.set(0);
                 let mut deferred = Vec::new();
+                let mut deferred_texts = Vec::new();
                 let mut last_deferral = String::new();
                 // Recipients the next hop would not take in this transaction only ("too many
                 // recipients") while it took others: they go again at once, in the next
@@ -1197,6 +1201,7 @@ impl CoreRelay {
                         overflow.push(rcpt);
                     } else {
                         deferred.push(rcpt);
+                        deferred_texts.push(text.clone());
                         last_deferral = text;
                     }
                 }
@@ -1219,7 +1224,14 @@ impl CoreRelay {
                     };
                     let status = dsn::status_of(&last_deferral);
                     if !whole {
-                        self.settle_all(again, false, &status, &last_deferral, remote);
+                        self.settle_each(
+                            again,
+                            false,
+                            &status,
+                            &last_deferral,
+                            &deferred_texts,
+                            remote,
+                        );
                         return After::Keep;
                     }
                     // The whole transaction was put off: another address of the next hop may
@@ -1232,6 +1244,7 @@ impl CoreRelay {
                         job: again,
                         status,
                         text: last_deferral,
+                        texts: deferred_texts,
                         remote,
                     };
                     match self.pass_over(dq, conn.addr, host_trouble, c, carry) {
@@ -1257,6 +1270,7 @@ impl CoreRelay {
                     job,
                     status: "4.4.2".into(),
                     text: e.describe(remote_name),
+                    texts: Vec::new(),
                     remote,
                 };
                 // One broken connection counts once, whatever it carried.
@@ -1369,7 +1383,7 @@ impl CoreRelay {
 
     /// A passed-over job that no other address took: deferred with the last answer.
     fn settle_carried(&self, c: Carried) {
-        self.settle_all(c.job, false, &c.status, &c.text, c.remote);
+        self.settle_each(c.job, false, &c.status, &c.text, &c.texts, c.remote);
     }
 
     /// Every recipient of `job` failed the same way: for good, or for now (then rescheduled,
@@ -1382,12 +1396,37 @@ impl CoreRelay {
         text: &str,
         remote: Option<String>,
     ) {
+        self.settle_each(job, permanent, status, text, &[], remote);
+    }
+
+    /// Like [`CoreRelay::settle_all`], with each recipient's own reply where `texts` has one
+    /// (in the order of `job.rcpts`; its status is then the reply's).
+    fn settle_each(
+        &self,
+        job: Job,
+        permanent: bool,
+        status: &str,
+        text: &str,
+        texts: &[String],
+        remote: Option<String>,
+    ) {
+        let text_of = |k: usize| texts.get(k).map_or(text, String::as_str);
+        let status_of = |k: usize| match texts.get(k) {
+            Some(t) => dsn::status_of(t),
+            None => status.to_owned(),
+        };
         if permanent {
-            for &rcpt in &job.rcpts {
+            for (k, &rcpt) in job.rcpts.iter().enumerate() {
                 let result = Result_::Failed {
-                    status: status.to_owned(),
+                    status: status_of(k),
                 };
-                self.report(&job.msg, rcpt, result, text.to_owned(), remote.clone());
+                self.report(
+                    &job.msg,
+                    rcpt,
+                    result,
+                    text_of(k).to_owned(),
+                    remote.clone(),
+                );
             }
             return;
         }
@@ -1400,15 +1439,15 @@ impl CoreRelay {
             .after_failure(arrival, failures, now_ms())
         {
             RetryDecision::RetryAt(at) => {
-                for &rcpt in &job.rcpts {
+                for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     self.report(
                         &job.msg,
                         rcpt,
                         Result_::Deferred {
                             next_attempt: at,
-                            status: status.to_owned(),
+                            status: status_of(k),
                         },
-                        text.to_owned(),
+                        text_of(k).to_owned(),
                         remote.clone(),
                     );
                 }
@@ -1421,11 +1460,11 @@ impl CoreRelay {
                 });
             }
             RetryDecision::Expire => {
-                for &rcpt in &job.rcpts {
+                for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     let result = Result_::Failed {
                         status: "4.4.7".into(),
                     };
-                    let reply = format!("delivery time expired; last error: {text}");
+                    let reply = format!("delivery time expired; last error: {}", text_of(k));
                     self.report(&job.msg, rcpt, result, reply, remote.clone());
                 }
             }

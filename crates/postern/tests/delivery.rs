@@ -2685,6 +2685,55 @@ fn a_later_address_where_nobody_answers_does_not_hide_the_host_that_did() {
     drop(dns);
 }
 
+#[test]
+fn each_deferred_recipient_keeps_its_own_reply() {
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("RCPT TO:<busy@") {
+                Some(Act::Say("450 4.2.1 mailbox busy\r\n"))
+            } else if line.starts_with("RCPT TO:<later@") {
+                Some(Act::Say("451 4.3.0 try later\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route]);
+    // Nobody taken (the whole transaction put off), then one taken beside the two.
+    let ids = [
+        send(
+            &server,
+            "a@origin.test",
+            &["busy@dest.test", "later@dest.test"],
+            "<none@t>",
+            "x\r\n",
+        ),
+        send(
+            &server,
+            "a@origin.test",
+            &["busy@dest.test", "ok@dest.test", "later@dest.test"],
+            "<some@t>",
+            "x\r\n",
+        ),
+    ];
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    for id in &ids {
+        for (rcpt, reply) in [
+            ("busy@dest.test", "450 4.2.1 mailbox busy"),
+            ("later@dest.test", "451 4.3.0 try later"),
+        ] {
+            let line = server.log_until(|l| {
+                l.contains(id.as_str())
+                    && l.contains(&format!("to=\"{rcpt}\""))
+                    && l.contains("status=\"deferred\"")
+            });
+            assert!(line.contains(reply), "{line}");
+        }
+    }
+}
+
 /// A next hop that offers STARTTLS, completes the handshake with `cert`, then closes the
 /// connection instead of answering the EHLO inside TLS.
 fn next_hop_dropping_after_tls(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
