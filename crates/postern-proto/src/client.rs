@@ -253,6 +253,9 @@ pub struct ClientSession {
     tls: bool,
     /// A whole reply has come from the server.
     answered: bool,
+    /// Without PIPELINING: a RSET or QUIT asked for while replies were awaited, written once
+    /// they are all in (RFC 2920 3: no command before the previous one's reply).
+    waiting: Option<(Expect, &'static [u8])>,
 }
 
 impl ClientSession {
@@ -272,6 +275,7 @@ impl ClientSession {
             body_open: false,
             tls: false,
             answered: false,
+            waiting: None,
         }
     }
 
@@ -488,14 +492,28 @@ impl ClientSession {
     /// Resets the connection for the next transaction (RSET). With PIPELINING the next
     /// [`ClientSession::send`] may follow at once.
     pub fn rset(&mut self) {
-        self.out.extend_from_slice(b"RSET\r\n");
-        self.expect.push_back(Expect::Rset);
+        // One RSET is enough: a refused transaction has already sent one.
+        let pending = self.expect.back() == Some(&Expect::Rset)
+            || matches!(self.waiting, Some((Expect::Rset, _)));
+        if !pending {
+            self.write_or_wait(Expect::Rset, b"RSET\r\n");
+        }
     }
 
     /// Ends the session (QUIT).
     pub fn quit(&mut self) {
-        self.out.extend_from_slice(b"QUIT\r\n");
-        self.expect.push_back(Expect::Quit);
+        self.write_or_wait(Expect::Quit, b"QUIT\r\n");
+    }
+
+    /// Writes a RSET or QUIT now, or, without PIPELINING while replies are awaited, once they
+    /// are in. A QUIT takes the place of a RSET waiting to go.
+    fn write_or_wait(&mut self, expect: Expect, line: &'static [u8]) {
+        if !self.caps.pipelining && !self.expect.is_empty() {
+            self.waiting = Some((expect, line));
+        } else {
+            self.out.extend_from_slice(line);
+            self.expect.push_back(expect);
+        }
     }
 
     /// Processes the server's bytes up to the next event; drop `consumed` bytes after.
@@ -524,7 +542,14 @@ impl ClientSession {
                     reply
                 }
             };
-            if let Some(event) = self.on_reply(reply) {
+            let event = self.on_reply(reply);
+            if self.expect.is_empty() && self.held.is_empty() && self.results.is_empty() {
+                if let Some((expect, line)) = self.waiting.take() {
+                    self.out.extend_from_slice(line);
+                    self.expect.push_back(expect);
+                }
+            }
+            if let Some(event) = event {
                 return (pos, event);
             }
         }
@@ -534,6 +559,7 @@ impl ClientSession {
         self.answered = true;
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect != Expect::Quit {
+            self.waiting = None;
             self.expect.clear();
             self.results.clear();
             self.held.clear();
@@ -662,6 +688,7 @@ impl ClientSession {
     }
 
     fn fail(&mut self, e: ClientError) -> ClientEvent {
+        self.waiting = None;
         self.expect.clear();
         self.results.clear();
         self.held.clear();

@@ -713,3 +713,25 @@ fn a_reply_the_command_cannot_get_ends_the_session_undelivered() {
         "{events:?}"
     );
 }
+
+#[test]
+fn without_pipelining_rset_and_quit_wait_for_the_reply_before_them() {
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250 x\r\n"]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    c.clear_output();
+    // The only RCPT is put off: the session sends RSET itself.
+    let (events, sent) = canned(&mut c, &["250 ok\r\n", "450 4.2.1 busy\r\n"]);
+    assert!(matches!(&events[..], [ClientEvent::Done(_)]), "{events:?}");
+    assert_eq!(sent, "RCPT TO:<a@x.test> NOTIFY=FAILURE\r\nRSET\r\n");
+    // A RSET asked for again is not sent twice; a QUIT waits for the RSET's reply.
+    c.rset();
+    c.quit();
+    assert_eq!(String::from_utf8_lossy(c.output()), "");
+    let (events, sent) = canned(&mut c, &["250 2.0.0 reset\r\n"]);
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(sent, "QUIT\r\n");
+    let (events, _) = canned(&mut c, &["221 bye\r\n"]);
+    assert_eq!(events, vec![ClientEvent::Closed]);
+}
