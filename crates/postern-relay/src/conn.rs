@@ -67,13 +67,16 @@ pub enum ConnError {
     Tls(String),
     /// Reading or writing failed, or timed out, after the server had answered.
     Lost(String),
+    /// A connection kept from an earlier transaction was refused (421) or closed at its RSET,
+    /// before anything of the next transaction was sent: that one goes on a new connection.
+    Stale(String),
 }
 
 impl ConnError {
     /// The text for a status record and a bounce.
     pub fn describe(&self, remote: &str) -> String {
         match self {
-            ConnError::Io(e) | ConnError::Lost(e) => {
+            ConnError::Io(e) | ConnError::Lost(e) | ConnError::Stale(e) => {
                 format!("connection with {remote} failed: {e}")
             }
             ConnError::Smtp(ClientError::Greeting(r)) | ConnError::Smtp(ClientError::Helo(r)) => {
@@ -339,10 +342,17 @@ impl Outbound {
         if self.transactions > 0 {
             self.session.rset();
             if !self.session.capabilities().pipelining {
-                match self.read_until(t.mail, true).await.map_err(Err)? {
-                    ClientEvent::NeedInput => {}
-                    ClientEvent::Failed(e) => return Err(Err(ConnError::Smtp(e))),
-                    other => {
+                match self.read_until(t.mail, true).await {
+                    Ok(ClientEvent::NeedInput) => {}
+                    Ok(ClientEvent::Failed(ClientError::Closing(r))) => {
+                        return Err(Err(ConnError::Stale(format!("RSET answered {r}"))))
+                    }
+                    Err(ConnError::Io(e)) => {
+                        return Err(Err(ConnError::Stale(format!("at RSET: {e}"))))
+                    }
+                    Err(e) => return Err(Err(e)),
+                    Ok(ClientEvent::Failed(e)) => return Err(Err(ConnError::Smtp(e))),
+                    Ok(other) => {
                         return Err(Err(ConnError::Io(format!(
                             "unexpected {other:?} after RSET"
                         ))))

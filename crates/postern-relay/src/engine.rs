@@ -923,6 +923,14 @@ impl CoreRelay {
             return After::Keep;
         };
         let outcome = conn.deliver(&tx, &body, &self.relay.config.timeouts).await;
+        if let Err(Err(ConnError::Stale(e))) = &outcome {
+            // The next hop ended a kept connection before this transaction began: the job
+            // goes on a new connection, not charged a failed attempt (a new connection never
+            // sends RSET first, so this cannot repeat).
+            tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e}); reconnecting");
+            self.requeue(dq, vec![job]);
+            return After::Broken;
+        }
         self.conclude(conn, dq, job, outcome, carry)
     }
 

@@ -2734,6 +2734,41 @@ fn each_deferred_recipient_keeps_its_own_reply() {
     }
 }
 
+#[test]
+fn a_kept_connection_refused_at_its_rset_costs_no_retry_delay() {
+    // No PIPELINING: the RSET before the second transaction is answered on its own.
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            line.starts_with("RSET")
+                .then_some(Act::SayAndClose("421 4.4.2 idle timeout\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    let (first, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<second@t>",
+        "x\r\n",
+    );
+    // Delivered at once on a new connection, though the first retry is minutes away.
+    let (second, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <second@t>"), "{data}");
+    assert_eq!((first, second), (0, 1));
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
+
 /// A next hop that offers STARTTLS, completes the handshake with `cert`, then closes the
 /// connection instead of answering the EHLO inside TLS.
 fn next_hop_dropping_after_tls(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
