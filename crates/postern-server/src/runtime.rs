@@ -597,7 +597,10 @@ impl Drop for TlsRefusalSlot {
 }
 
 /// `fut`'s output, or `None` when `limit` passes first.
-async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+pub(crate) async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
     let timeout = async {
         glommio::timer::sleep(limit).await;
         None

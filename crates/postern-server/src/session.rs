@@ -280,17 +280,12 @@ impl Session {
         let Conn::Plain(tcp) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             return false;
         };
-        let handshake = async { Some(acceptor.accept(tcp).await) };
         // A handshake is a client's turn like a command: bounded by the command timeout and
         // the session's cap as well.
         let limit = TLS_HANDSHAKE_TIMEOUT
             .min(self.core.settings.command_timeout)
             .min(self.deadline.saturating_duration_since(Instant::now()));
-        let timeout = async {
-            glommio::timer::sleep(limit).await;
-            None
-        };
-        match future::or(handshake, timeout).await {
+        match crate::runtime::within(limit, acceptor.accept(tcp)).await {
             Some(Ok(tls)) => {
                 self.conn = Conn::Tls(Box::new(futures_rustls::TlsStream::Server(tls)));
                 self.core.metrics.borrow_mut().tls_handshakes += 1;
