@@ -256,6 +256,8 @@ pub struct ClientSession {
     /// Without PIPELINING: a RSET or QUIT asked for while replies were awaited, written once
     /// they are all in (RFC 2920 3: no command before the previous one's reply).
     waiting: Option<(Expect, &'static [u8])>,
+    /// The session ended with a 421 that answered a RSET.
+    closed_at_rset: bool,
 }
 
 impl ClientSession {
@@ -276,6 +278,7 @@ impl ClientSession {
             tls: false,
             answered: false,
             waiting: None,
+            closed_at_rset: false,
         }
     }
 
@@ -489,6 +492,18 @@ impl ClientSession {
         }
     }
 
+    /// Whether the reply to a RSET is the next one awaited: a failure now comes before the
+    /// server has answered, or taken, anything sent after that RSET.
+    pub fn awaiting_rset(&self) -> bool {
+        self.expect.front() == Some(&Expect::Rset)
+    }
+
+    /// Whether the session ended with a 421 given in answer to a RSET: the server is closing,
+    /// so it took nothing sent after that RSET.
+    pub fn closed_at_rset(&self) -> bool {
+        self.closed_at_rset
+    }
+
     /// Resets the connection for the next transaction (RSET). With PIPELINING the next
     /// [`ClientSession::send`] may follow at once.
     pub fn rset(&mut self) {
@@ -559,6 +574,7 @@ impl ClientSession {
         self.answered = true;
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect != Expect::Quit {
+            self.closed_at_rset = expect == Expect::Rset;
             self.waiting = None;
             self.expect.clear();
             self.results.clear();

@@ -735,3 +735,42 @@ fn without_pipelining_rset_and_quit_wait_for_the_reply_before_them() {
     let (events, _) = canned(&mut c, &["221 bye\r\n"]);
     assert_eq!(events, vec![ClientEvent::Closed]);
 }
+
+#[test]
+fn a_421_is_known_to_answer_the_rset_before_a_pipelined_transaction() {
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+    let tx = transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]);
+    c.send(&tx).unwrap();
+    let (events, _) = canned(&mut c, &["250 ok\r\n250 ok\r\n354 go\r\n"]);
+    assert_eq!(events, vec![ClientEvent::SendBody]);
+    c.body_sent();
+    let (events, _) = canned(&mut c, &["250 2.0.0 queued\r\n"]);
+    assert!(matches!(&events[..], [ClientEvent::Done(_)]), "{events:?}");
+    assert!(!c.awaiting_rset());
+    // The next transaction follows its RSET at once; the RSET's reply is the next awaited.
+    c.rset();
+    c.send(&tx).unwrap();
+    assert!(c.awaiting_rset());
+    let (events, _) = canned(&mut c, &["421 4.4.2 idle timeout\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Closing(_))]),
+        "{events:?}"
+    );
+    assert!(c.closed_at_rset());
+    // A 421 to a later command of the transaction is not the RSET's.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+    c.send(&tx).unwrap();
+    canned(&mut c, &["250 ok\r\n250 ok\r\n354 go\r\n"]);
+    c.body_sent();
+    canned(&mut c, &["250 2.0.0 queued\r\n"]);
+    c.rset();
+    c.send(&tx).unwrap();
+    let (events, _) = canned(&mut c, &["250 2.0.0 reset\r\n", "421 4.3.2 going down\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Closing(_))]),
+        "{events:?}"
+    );
+    assert!(!c.closed_at_rset());
+}

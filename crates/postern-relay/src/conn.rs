@@ -68,7 +68,7 @@ pub enum ConnError {
     /// Reading or writing failed, or timed out, after the server had answered.
     Lost(String),
     /// A connection kept from an earlier transaction was refused (421) or closed at its RSET,
-    /// before anything of the next transaction was sent: that one goes on a new connection.
+    /// so the server took nothing of the next transaction: that one goes on a new connection.
     Stale(String),
 }
 
@@ -344,14 +344,10 @@ impl Outbound {
             if !self.session.capabilities().pipelining {
                 match self.read_until(t.mail, true).await {
                     Ok(ClientEvent::NeedInput) => {}
-                    Ok(ClientEvent::Failed(ClientError::Closing(r))) => {
-                        return Err(Err(ConnError::Stale(format!("RSET answered {r}"))))
+                    Ok(ClientEvent::Failed(e)) => {
+                        return Err(Err(self.at_rset(ConnError::Smtp(e))))
                     }
-                    Err(ConnError::Io(e)) => {
-                        return Err(Err(ConnError::Stale(format!("at RSET: {e}"))))
-                    }
-                    Err(e) => return Err(Err(e)),
-                    Ok(ClientEvent::Failed(e)) => return Err(Err(ConnError::Smtp(e))),
+                    Err(e) => return Err(Err(self.at_rset(e))),
                     Ok(other) => {
                         return Err(Err(ConnError::Io(format!(
                             "unexpected {other:?} after RSET"
@@ -362,6 +358,34 @@ impl Outbound {
         }
         self.transactions += 1;
         self.session.send(tx).map_err(Ok)?;
+        self.run_transaction(tx, body, t)
+            .await
+            .map_err(|e| e.map_err(|e| self.at_rset(e)))
+    }
+
+    /// A failure at the RSET that opens a transaction on a kept connection becomes
+    /// [`ConnError::Stale`]: a 421 in answer to it, or the connection ending before its reply
+    /// came. With PIPELINING the transaction went out behind the RSET; a server that closes
+    /// there takes none of it.
+    pub fn at_rset(&self, e: ConnError) -> ConnError {
+        match e {
+            ConnError::Smtp(ClientError::Closing(r)) if self.session.closed_at_rset() => {
+                ConnError::Stale(format!("RSET answered {r}"))
+            }
+            ConnError::Io(e) if self.session.awaiting_rset() => {
+                ConnError::Stale(format!("at RSET: {e}"))
+            }
+            e => e,
+        }
+    }
+
+    /// The rest of [`Outbound::deliver`], once the transaction's commands are queued.
+    async fn run_transaction(
+        &mut self,
+        tx: &Transaction,
+        body: &MessageRef,
+        t: &Timeouts,
+    ) -> Result<TransactionResult, Result<Reply, ConnError>> {
         let envelope_limit = t.mail.max(t.rcpt);
         let limit = match tx.mode {
             BodyMode::Data => envelope_limit.max(t.data_init),

@@ -949,6 +949,8 @@ impl CoreRelay {
         let mut unsent = jobs.into_iter();
         // The error that ended the connection, once there is one.
         let mut broken: Option<ConnError> = None;
+        // A job whose RSET found the connection ended: it goes back first.
+        let mut stale = Vec::new();
         for job in unsent.by_ref() {
             let Some((job, tx, body)) = self.prepare(conn, job) else {
                 continue;
@@ -959,6 +961,14 @@ impl CoreRelay {
                     self.conclude(conn, dq, job, Err(Ok(local)), carry);
                 }
                 Err(Err(e)) => {
+                    if let e @ ConnError::Stale(_) = conn.at_rset(e.clone()) {
+                        // A kept connection that ended at its RSET took nothing: the job goes
+                        // on a new connection, not charged a failed attempt.
+                        tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e:?}); reconnecting");
+                        stale.push(job);
+                        broken = Some(e);
+                        break;
+                    }
                     // Part of it may have gone out: its outcome is unknown, like the sent ones'.
                     self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
                     dq.serial_until
@@ -968,7 +978,8 @@ impl CoreRelay {
                 }
             }
         }
-        self.requeue(dq, unsent.collect());
+        stale.extend(unsent);
+        self.requeue(dq, stale);
         // After a failed write the replies to what went out before it may still be readable
         // (from a server that answered 421 and closed, say): read them briefly, not guess.
         let limit = match broken {
@@ -984,6 +995,13 @@ impl CoreRelay {
                         self.conclude(conn, dq, job, Ok(result), carry) == After::Elsewhere;
                 }
                 Err(e) => {
+                    if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
+                        // Ended at the RSET before this transaction: the server took neither
+                        // it nor any later one, and none is charged a failed attempt.
+                        tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
+                        self.requeue(dq, std::iter::once(job).chain(sent).collect());
+                        return After::Broken;
+                    }
                     self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
                     if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
                         // The server closed at this reply, so it took none of the later

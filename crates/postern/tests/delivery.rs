@@ -1784,9 +1784,9 @@ type StoredRx = std::sync::mpsc::Receiver<(usize, String)>;
 
 /// A next hop on a thread, for up to 4 connections: it greets, answers each command line as
 /// `answer` says (given the connection's number and the line; where it says nothing, QUIT gets
-/// 221 and a close and anything else 250), answers DATA with 354, and
-/// sends each message's content with its connection's number to the first receiver, then
-/// does what `after_data` says. The second receiver gets a word after each connection closes.
+/// 221 and a close and anything else 250), answers DATA with 354 and a BDAT that is not LAST
+/// with 250, and sends each message's content with its connection's number to the first
+/// receiver, then does what `after_data` says. The second receiver gets a word after each connection closes.
 fn scripted_next_hop(
     answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
     after_data: Act,
@@ -1816,6 +1816,20 @@ fn scripted_next_hop(
                 } else if line.starts_with("DATA") {
                     in_data = true;
                     Some(&Act::Say("354 go\r\n"))
+                } else if let Some(args) = line.strip_prefix("BDAT ") {
+                    let mut args = args.split_whitespace();
+                    let size: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    let mut chunk = vec![0u8; size];
+                    if r.read_exact(&mut chunk).is_err() {
+                        break;
+                    }
+                    data.push_str(&String::from_utf8_lossy(&chunk));
+                    if args.next().is_some_and(|a| a.eq_ignore_ascii_case("LAST")) {
+                        let _ = tx.send((n, std::mem::take(&mut data)));
+                        Some(&after_data)
+                    } else {
+                        Some(&Act::Say("250 2.0.0 chunk taken\r\n"))
+                    }
                 } else {
                     let told = answer(n, &line).unwrap_or(if line.starts_with("QUIT") {
                         Act::SayAndClose("221 bye\r\n")
@@ -2736,37 +2750,72 @@ fn each_deferred_recipient_keeps_its_own_reply() {
 
 #[test]
 fn a_kept_connection_refused_at_its_rset_costs_no_retry_delay() {
-    // No PIPELINING: the RSET before the second transaction is answered on its own.
-    let (port, stored, _) = scripted_next_hop(
-        |_, line| {
-            line.starts_with("RSET")
-                .then_some(Act::SayAndClose("421 4.4.2 idle timeout\r\n"))
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<first@t>",
-        "x\r\n",
-    );
-    let (first, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<second@t>",
-        "x\r\n",
-    );
-    // Delivered at once on a new connection, though the first retry is minutes away.
-    let (second, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
-    assert!(data.contains("Message-ID: <second@t>"), "{data}");
-    assert_eq!((first, second), (0, 1));
-    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
-    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    // Without PIPELINING the RSET before the second transaction is answered on its own; with
+    // it the second transaction follows the RSET in the same write, with DATA or with BDAT,
+    // one transaction at a time or pipelined into each other.
+    let cases: [(&'static str, &[&str]); 4] = [
+        ("250 scripted.test\r\n", &[]),
+        ("250-scripted.test\r\n250 PIPELINING\r\n", &[]),
+        (
+            "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            &[],
+        ),
+        (
+            "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            &["--max-transactions-in-flight", "8"],
+        ),
+    ];
+    for (ehlo, extra) in cases {
+        for close in [
+            Act::SayAndClose("421 4.4.2 idle timeout\r\n"),
+            Act::SayAndClose(""),
+        ] {
+            let Act::SayAndClose(said) = close else {
+                unreachable!()
+            };
+            let (port, stored, _) = scripted_next_hop(
+                move |_, line| {
+                    if line.starts_with("EHLO") {
+                        Some(Act::Say(ehlo))
+                    } else {
+                        line.starts_with("RSET").then_some(Act::SayAndClose(said))
+                    }
+                },
+                Act::Say("250 2.0.0 stored\r\n"),
+            );
+            let route = format!("dest.test=127.0.0.1:{port}");
+            let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
+            args.extend_from_slice(extra);
+            let server = Server::start(&args);
+            let case = format!("EHLO {ehlo:?}, {extra:?}, RSET answered {said:?}");
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                "<first@t>",
+                "x\r\n",
+            );
+            let (first, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                "<second@t>",
+                "x\r\n",
+            );
+            // Delivered at once on a new connection, though the first retry is minutes away.
+            let (second, data) = stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert!(data.contains("Message-ID: <second@t>"), "{case}: {data}");
+            assert_eq!((first, second), (0, 1), "{case}");
+            let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+            assert!(
+                m.contains("postern_delivery_deferrals_total 0\n"),
+                "{case}: {m}"
+            );
+        }
+    }
 }
 
 /// A next hop that offers STARTTLS, completes the handshake with `cert`, then closes the
