@@ -48,6 +48,8 @@ pub struct Settings {
     pub max_connections: usize,
     /// Concurrent connections from one client address.
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per network of this many bits by `max_connections_per_ip`.
+    pub ipv6_client_prefix: u8,
     /// Longest wait for the next command or body bytes (RFC 5321 4.5.3.2).
     pub command_timeout: Duration,
     /// Longest session, whatever the client does.
@@ -85,6 +87,7 @@ impl Default for Settings {
             max_recipients: 1000,
             max_connections: 20_000,
             max_connections_per_ip: 1000,
+            ipv6_client_prefix: 64,
             command_timeout: Duration::from_secs(300),
             max_session_time: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),

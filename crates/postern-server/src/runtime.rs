@@ -236,7 +236,11 @@ pub fn start_locked(
         &settings.relay_networks,
         &settings.hostname,
     );
-    let limits = ConnectionLimits::new(settings.max_connections, settings.max_connections_per_ip);
+    let limits = ConnectionLimits::new(
+        settings.max_connections,
+        settings.max_connections_per_ip,
+        settings.ipv6_client_prefix,
+    );
     let registry = Registry::default();
     let stop = Arc::new(StopFlag::default());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -116,6 +116,11 @@ struct Serve {
     /// --max-connections when that is lower].
     #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
+    /// For --max-connections-per-ip, IPv6 clients are counted per network of this prefix
+    /// length (16 to 128; 128 counts each address on its own).
+    #[arg(long, env = "POSTERN_IPV6_CLIENT_PREFIX", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(16..=128))]
+    ipv6_client_prefix: u8,
     /// Longest wait for a command or body bytes (RFC 5321 4.5.3.2), e.g. 500ms, 3s, 5m.
     #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     command_timeout: Duration,
@@ -577,6 +582,7 @@ fn settings(s: Serve) -> Result<Settings, String> {
         max_recipients: s.max_recipients,
         max_connections: s.max_connections,
         max_connections_per_ip,
+        ipv6_client_prefix: s.ipv6_client_prefix,
         command_timeout: s.command_timeout,
         max_session_time: s.max_session_time,
         shutdown_grace: s.shutdown_grace,

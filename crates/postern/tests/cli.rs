@@ -56,6 +56,14 @@ fn wrong_flags_get_one_line_and_exit_2() {
     );
     refused(&["serve", "--postmaster", "not an address"], "--postmaster");
     refused(
+        &["serve", "--ipv6-client-prefix", "8"],
+        "--ipv6-client-prefix",
+    );
+    refused(
+        &["serve", "--ipv6-client-prefix", "129"],
+        "--ipv6-client-prefix",
+    );
+    refused(
         &["serve", "--max-queue-lifetime", "0s"],
         "--max-queue-lifetime",
     );

@@ -81,6 +81,38 @@ fn connections_over_the_per_ip_limit_get_421_at_once() {
 }
 
 #[test]
+fn an_ipv4_client_on_a_dual_stack_listener_is_counted_as_itself() {
+    // The second listener takes IPv4 clients as IPv4-mapped IPv6 addresses
+    // (::ffff:127.0.0.1); they are the same client as on the IPv4 listener.
+    let server = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "[::]:0",
+        "--max-connections-per-ip",
+        "1",
+        "--cores",
+        "1",
+    ]);
+    let [v4, dual] = server.smtp_all[..] else {
+        panic!("two listeners: {:?}", server.smtp_all)
+    };
+    let mut a = Client::connect(v4);
+    assert!(a.line().starts_with("220 "));
+    let mut b = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], dual.port())));
+    assert_eq!(
+        b.line(),
+        "421 4.7.0 Too many connections from your address, try again later"
+    );
+    // An IPv6 client is another client.
+    let mut c = Client::connect(std::net::SocketAddr::from((
+        std::net::Ipv6Addr::LOCALHOST,
+        dual.port(),
+    )));
+    assert!(c.line().starts_with("220 "));
+}
+
+#[test]
 fn a_lower_max_connections_alone_lowers_the_per_ip_default_with_it() {
     // The per-IP default (1000) follows a lower --max-connections instead of contradicting it.
     let server = Server::start(&["--max-connections", "2"]);

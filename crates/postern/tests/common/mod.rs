@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub smtp: SocketAddr,
+    /// Every `--listen` address, in the order printed (`smtp` is the first).
+    #[allow(dead_code)]
+    pub smtp_all: Vec<SocketAddr>,
     pub smtps: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub spool: PathBuf,
@@ -85,6 +88,7 @@ impl Server {
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let (mut smtp, mut smtps, mut metrics) = (None, None, None);
+        let mut smtp_all = Vec::new();
         loop {
             let mut line = String::new();
             assert!(
@@ -99,8 +103,9 @@ impl Server {
                     .parse::<SocketAddr>()
                     .unwrap()
             };
-            if line.contains("smtp listening on") && smtp.is_none() {
-                smtp = Some(addr());
+            if line.contains("smtp listening on") {
+                smtp_all.push(addr());
+                smtp = smtp.or(Some(addr()));
             } else if line.contains("smtps listening on") {
                 smtps = Some(addr());
             } else if line.contains("metrics listening on") {
@@ -117,6 +122,7 @@ impl Server {
         Server {
             child,
             smtp: smtp.expect("no smtp address printed"),
+            smtp_all,
             smtps,
             metrics,
             spool,
