@@ -28,6 +28,8 @@ const READ_BUFFER_FIRST: usize = 4 * 1024;
 const READ_BUFFER_MAX: usize = 64 * 1024;
 /// Longest TLS handshake (shorter when the command timeout or the session's cap is).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest TLS handshake begun once the server is stopping.
+const HANDSHAKE_DURING_STOP: Duration = Duration::from_secs(1);
 
 /// Relay refused.
 const RELAY_DENIED: StaticReply =
@@ -285,7 +287,30 @@ impl Session {
         let limit = TLS_HANDSHAKE_TIMEOUT
             .min(self.core.settings.command_timeout)
             .min(self.deadline.saturating_duration_since(Instant::now()));
-        match crate::runtime::within(limit, acceptor.accept(tcp)).await {
+        // A stop ends a handshake still in progress: its client cannot be sent a 421 (it is
+        // already speaking TLS), has nothing in flight, and would otherwise hold the stop for
+        // the whole grace.
+        // One that begins during the stop (a connection taken from the listener's backlog
+        // then) gets a short while, so that a client that completes it hears the 421.
+        let core = self.core.clone();
+        let already_stopping = core.stopping.get();
+        let limit = if already_stopping {
+            limit.min(HANDSHAKE_DURING_STOP)
+        } else {
+            limit
+        };
+        let handshake = async { Some(acceptor.accept(tcp).await) };
+        let stopped = async {
+            if already_stopping {
+                std::future::pending::<()>().await;
+            }
+            core.stopped().await;
+            None
+        };
+        let outcome = crate::runtime::within(limit, futures_lite::future::or(handshake, stopped))
+            .await
+            .flatten();
+        match outcome {
             Some(Ok(tls)) => {
                 self.conn = Conn::Tls(Box::new(futures_rustls::TlsStream::Server(tls)));
                 self.core.metrics.borrow_mut().tls_handshakes += 1;

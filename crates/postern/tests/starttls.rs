@@ -343,3 +343,36 @@ fn sighup_reads_a_renewed_certificate_and_keeps_the_old_one_when_the_new_cannot_
         "250-mx.test Hello client.test"
     );
 }
+
+#[test]
+fn a_stop_does_not_wait_for_handshakes_in_progress() {
+    // Long grace and long handshake limit: only ending the handshakes lets the stop finish
+    // well inside either.
+    let (mut server, _roots, _dir) =
+        server_with_cert_and(&["--cores", "1", "--shutdown-grace", "60s"]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+    let mut silent = TcpStream::connect(server.smtps.unwrap()).unwrap();
+    // A ClientHello's first bytes, and no more.
+    silent.write_all(b"\x16\x03\x01\x02\x00").unwrap();
+    server.metrics_until(|m| m.contains("postern_active_sessions 2\n"));
+    server.signal("-TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stop waited for the handshakes"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    for tcp in [&mut c.stream, &mut silent] {
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(tcp.read_to_end(&mut Vec::new()).is_ok(), "left open");
+    }
+}
