@@ -809,7 +809,11 @@ impl CoreRelay {
                     // where the account quotes one (dsn::deferral_status).
                     let status =
                         permanent.unwrap_or(if remote.is_some() { "4.4.2" } else { "4.4.1" });
-                    if permanent.is_none() {
+                    // Paused with two failures in a row, as for broken-off sessions: one
+                    // refused connection to a next hop with a single address (a restart, say)
+                    // defers the jobs waiting now, and the next job tries again at once.
+                    // With more addresses one attempt has failed on two or more already.
+                    if permanent.is_none() && dq.broken_in_a_row.get() >= 2 {
                         dq.down_until.set(now_ms() + self.pause_ms());
                         *dq.paused_for.borrow_mut() =
                             Some((status.into(), text.clone(), remote.clone()));

@@ -3051,3 +3051,24 @@ fn queue_flush_tries_deferred_mail_now() {
     assert!(data.contains("Message-ID: <flush@t>"), "{data}");
     server.log_until(|l| l.contains("SIGUSR1: trying deferred mail now"));
 }
+
+#[test]
+fn one_refused_connection_to_a_single_address_does_not_hold_the_next_message() {
+    // The retry delay is the default 5 minutes, so a pause would last a minute.
+    let down = reserve("127.0.0.1", 0);
+    let route = format!("dest.test=127.0.0.1:{}", down.1);
+    let server = Server::start(&["--route", &route]);
+    for n in 0..2 {
+        let id = send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<refused{n}@t>"),
+            "x\r\n",
+        );
+        // Each tried at once: the first failure is a glitch, not yet an outage.
+        let line =
+            server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+        assert!(line.contains("refused"), "{line}");
+    }
+}
