@@ -96,9 +96,17 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     }
     sync_dir(root).map_err(SpoolError::from_io)?;
     for (n, dir) in aside {
-        if damaged.contains(&n) {
-            // Damaged records: kept for the operator to look at (see the log).
-            out.kept_damaged.push(dir);
+        if damaged.contains(&n) || dir.join(crate::DAMAGED_DIR).exists() {
+            // Damaged records (or segments set aside for them): kept for the operator to look
+            // at (see the log), under a name the next start does not clear.
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let kept = root.join(format!("{DAMAGED_FOLD}{n}-{secs}"));
+            match std::fs::rename(&dir, &kept) {
+                Ok(()) => out.kept_damaged.push(kept),
+                Err(_) => out.kept_damaged.push(dir),
+            }
         } else {
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -109,3 +117,5 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
 /// The name an old core directory takes once its messages have moved (then it is deleted,
 /// unless it has damaged records).
 const FOLDED: &str = ".folded-core-";
+/// The name an old core directory with damaged records keeps (with the time it was folded).
+const DAMAGED_FOLD: &str = ".damaged-core-";

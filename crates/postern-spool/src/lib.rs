@@ -43,4 +43,4 @@ pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
 pub use queue_id::owner_core;
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
 pub use spare::{PreparedSegment, SpareJob};
-pub use spool::{Draft, PendingBody, Spool, SpoolOptions, SyncBatch};
+pub use spool::{Draft, PendingBody, Spool, SpoolOptions, SyncBatch, DAMAGED_DIR};

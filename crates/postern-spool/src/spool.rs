@@ -104,6 +104,9 @@ impl PendingBody {
 }
 
 /// Body chunks at least this large are written with `pwrite` instead of through the mapping.
+/// The directory, inside a core's, where segments with damaged records are set aside.
+pub const DAMAGED_DIR: &str = "damaged";
+
 const BULK_WRITE: usize = 16 * 1024;
 
 /// Records gathered in memory for the next sync are written out early past this many bytes.
@@ -136,6 +139,9 @@ pub struct Spool {
     /// Reused to encode record payloads.
     scratch: Vec<u8>,
     index: Index,
+    /// Segments where the last opening found damaged records: set aside, not deleted, once
+    /// nothing live is left in them.
+    damaged: Vec<u64>,
     commits: Commits,
     /// Files written since the last batch was taken.
     dirty: Vec<Arc<File>>,
@@ -184,6 +190,9 @@ impl Spool {
                 index.set_live(m.queue_id.clone(), m.start_seq);
             }
         }
+        let mut damaged: Vec<u64> = found.corrupt_at.iter().map(|l| l.segment).collect();
+        damaged.sort_unstable();
+        damaged.dedup();
         drop(found);
         let next_seq = last + 1;
         let mut spool = Spool {
@@ -201,6 +210,7 @@ impl Spool {
             id: NEXT_SPOOL_ID.fetch_add(1, Ordering::Relaxed),
             scratch: Vec::with_capacity(1024),
             index,
+            damaged,
             commits: Commits::default(),
             dirty: Vec::new(),
             unwritten: Vec::new(),
@@ -478,7 +488,13 @@ impl Spool {
         let current = self.seg.as_ref().map(|s| s.seq);
         let mut deleted = 0;
         while let Some((seq, bytes)) = self.index.pop_free(current) {
-            match std::fs::remove_file(self.dir.join(file_name(seq))) {
+            let path = self.dir.join(file_name(seq));
+            let gone = if self.damaged.binary_search(&seq).is_ok() {
+                self.set_aside(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match gone {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -489,6 +505,19 @@ impl Spool {
             deleted += 1;
         }
         Ok(deleted)
+    }
+
+    /// Moves a segment with damaged records into the core's `damaged` directory, where it is
+    /// kept for the operator to look at instead of deleted with the evidence.
+    fn set_aside(&self, path: &Path) -> std::io::Result<()> {
+        let aside = self.dir.join(DAMAGED_DIR);
+        std::fs::create_dir_all(&aside)?;
+        let Some(name) = path.file_name() else {
+            return Ok(());
+        };
+        std::fs::rename(path, aside.join(name))?;
+        sync_dir(&aside)?;
+        sync_dir(&self.dir)
     }
 
     /// Messages of this core that are finished and not yet final.

@@ -129,6 +129,12 @@ fn main() -> ExitCode {
     let delivery = match config.relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
+            // Read the spool all the same, so that damage is reported at start-up with or
+            // without delivery.
+            if let Err(e) = recover_and_report(&settings, "nothing is delivered (--hold)") {
+                complain!("postern: cannot start: {e}");
+                return ExitCode::from(1);
+            }
             None
         }
         Some(relay) => match start_relay(relay, &settings) {
@@ -251,6 +257,16 @@ fn start_relay(
     config: postern_relay::RelayConfig,
     settings: &postern_server::Settings,
 ) -> Result<std::sync::Arc<postern_relay::Relay>, String> {
+    let pending = recover_and_report(settings, "delivery resumes")?;
+    postern_relay::Relay::new(config, settings.cores, pending)
+}
+
+/// Reads the spool's messages still to deliver, logging how many and any damaged records.
+/// `then` says what happens to them.
+fn recover_and_report(
+    settings: &postern_server::Settings,
+    then: &str,
+) -> Result<Vec<postern_spool::RecoveredMessage>, String> {
     let recovered = if settings.spool_dir.exists() {
         postern_spool::recover(&settings.spool_dir)
             .map_err(|e| format!("reading the spool {}: {e}", settings.spool_dir.display()))?
@@ -267,7 +283,7 @@ fn start_relay(
             queued = pending.len(),
             corrupt_records = recovered.corrupt_records,
             torn_tails = recovered.torn_tails,
-            "spool recovered; delivery resumes"
+            "spool recovered; {then}"
         );
     }
     if recovered.corrupt_records > 0 || recovered.damaged > 0 {
@@ -287,5 +303,33 @@ fn start_relay(
              delivered; look at the disk"
         );
     }
-    postern_relay::Relay::new(config, settings.cores, pending)
+    let kept = kept_damage(&settings.spool_dir);
+    if !kept.is_empty() {
+        let at: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
+        tracing::warn!(
+            kept = %at.join(", "),
+            "segments with damaged records are kept for inspection (nothing in them is              delivered; delete them when done)"
+        );
+    }
+    Ok(pending)
+}
+
+/// Where earlier runs set aside segments or core directories with damaged records.
+fn kept_damage(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".damaged-core-") {
+            kept.push(path);
+        } else if name.parse::<u32>().is_ok() {
+            let aside = path.join(postern_spool::DAMAGED_DIR);
+            for seg in std::fs::read_dir(&aside).into_iter().flatten().flatten() {
+                kept.push(seg.path());
+            }
+        }
+    }
+    kept.sort();
+    kept
 }

@@ -18,19 +18,33 @@ use crate::cli::Queue;
 /// Runs `postern queue`; prints the listing on stdout, or one line naming the problem on
 /// stderr (exit status 1).
 pub(crate) fn run(q: &Queue) -> ExitCode {
+    use std::io::Write as _;
     let result = if q.flush {
-        flush(&q.spool)
+        flush(&q.spool).map(|text| (text, String::new()))
     } else {
         listing(&q.spool, q.json)
     };
     match result {
-        Ok(text) => {
-            use std::io::Write as _;
-            let _ = std::io::stdout().write_all(text.as_bytes());
+        Ok((text, note)) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => {}
+                // A reader that stopped early (`| head`) wanted no more.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "postern: writing the listing: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+            if !note.is_empty() {
+                let _ = std::io::stderr().write_all(note.as_bytes());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            use std::io::Write as _;
             let _ = writeln!(std::io::stderr(), "postern: {e}");
             ExitCode::from(1)
         }
@@ -108,7 +122,9 @@ fn time(unix: u64) -> String {
 
 /// The listing of the spool at `spool`: messages with recipients still to deliver, oldest
 /// first.
-fn listing(spool: &Path, json: bool) -> Result<String, String> {
+/// With the listing comes a note on damage found, if any: part of the listing in text, on
+/// stderr beside JSON (whose lines stay one message each).
+fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     // Every spool has the lock file from its first start: without it, the directory is
     // more likely a typo than an empty queue.
     if !spool.is_dir() || !spool.join(postern_spool::LOCK_FILE).is_file() {
@@ -126,6 +142,22 @@ fn listing(spool: &Path, json: bool) -> Result<String, String> {
         .filter(|m| !m.is_final())
         .collect();
     waiting.sort_by(|a, b| (a.meta.arrival, &a.queue_id).cmp(&(b.meta.arrival, &b.queue_id)));
+    let mut note = String::new();
+    if recovered.corrupt_records > 0 {
+        let _ = writeln!(
+            note,
+            "-- {} record(s) skipped as damaged (or being written at this moment); \
+             `postern serve` logs damaged ones at start-up",
+            recovered.corrupt_records
+        );
+    }
+    if recovered.damaged > 0 {
+        let _ = writeln!(
+            note,
+            "-- {} message(s) damaged (body records lost): not listed and not delivered",
+            recovered.damaged
+        );
+    }
     let mut out = String::new();
     if json {
         for m in &waiting {
@@ -150,11 +182,12 @@ fn listing(spool: &Path, json: bool) -> Result<String, String> {
             });
             let _ = writeln!(out, "{line}");
         }
-        return Ok(out);
+        return Ok((out, note));
     }
     if waiting.is_empty() {
         out.push_str("-- the queue is empty\n");
-        return Ok(out);
+        out.push_str(&note);
+        return Ok((out, String::new()));
     }
     let _ = writeln!(
         out,
@@ -197,15 +230,8 @@ fn listing(spool: &Path, json: bool) -> Result<String, String> {
         if waiting.len() == 1 { "" } else { "s" },
         if recipients == 1 { "" } else { "s" },
     );
-    if recovered.corrupt_records > 0 {
-        let _ = writeln!(
-            out,
-            "-- {} record(s) skipped as damaged (or being written at this moment); \
-             `postern serve` logs damaged ones at start-up",
-            recovered.corrupt_records
-        );
-    }
-    Ok(out)
+    out.push_str(&note);
+    Ok((out, String::new()))
 }
 
 /// The recipients of `m` without a final outcome, with their latest status.

@@ -108,3 +108,99 @@ fn a_restart_on_the_same_port_starts_at_once_after_the_old_server_exits() {
         assert!(server.terminate().success(), "round {round}");
     }
 }
+
+/// Every segment file under `spool`.
+fn segments(spool: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for core in std::fs::read_dir(spool).unwrap().flatten() {
+        if core.path().is_dir() {
+            for f in std::fs::read_dir(core.path()).unwrap().flatten() {
+                if f.path().extension().is_some_and(|e| e == "seg") {
+                    out.push(f.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn damaged_records_are_reported_at_start_with_or_without_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // Without a route the test server holds its mail (--hold).
+    let mut first = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let mut c = first.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@client.test>");
+    c.cmd("RCPT TO:<b@dest.test>");
+    c.cmd("DATA");
+    let reply = c.cmd("Subject: soon damaged\r\n\r\nmarker-of-the-body\r\n.");
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert!(first.terminate().success());
+    // One byte of the body changes on disk, as a failing disk might change it.
+    let marker = b"marker-of-the-body";
+    let mut changed = 0;
+    for seg in segments(&spool) {
+        let mut bytes = std::fs::read(&seg).unwrap();
+        if let Some(at) = bytes.windows(marker.len()).position(|w| w == marker) {
+            bytes[at] ^= 0x20;
+            std::fs::write(&seg, bytes).unwrap();
+            changed += 1;
+        }
+    }
+    assert_eq!(changed, 1, "the body is in one segment");
+    let queue = |json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args(["queue", "--spool"]).arg(&spool);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    // The listing says so too, though nothing is left to list.
+    let (listing, _) = queue(false);
+    assert!(
+        listing.contains("1 record(s) skipped as damaged"),
+        "{listing}"
+    );
+    assert!(listing.contains("1 message(s) damaged"), "{listing}");
+    let (json, said) = queue(true);
+    assert!(
+        json.is_empty() && said.contains("damaged"),
+        "{json} / {said}"
+    );
+    // A listing that cannot be written is an error, not a silent success.
+    let full = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(1), "{full:?}");
+    assert!(
+        String::from_utf8_lossy(&full.stderr).contains("writing the listing"),
+        "{full:?}"
+    );
+    // With --hold (the test server's default without a route) as without it.
+    let delivering = ["--cores", "1", "--route", "dest.test=127.0.0.1:1"];
+    let server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let warned = server.log_until(|l| l.contains("the spool has damaged records"));
+    assert!(warned.contains("corrupt_records=1"), "{warned}");
+    drop(server);
+    // The segment is kept for inspection, not deleted, and every later start says so.
+    let aside: Vec<_> = std::fs::read_dir(spool.join("0").join("damaged"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let server = Server::start_in(&delivering, spool.clone(), None);
+    let warned = server.log_until(|l| l.contains("kept for inspection"));
+    assert!(warned.contains("damaged"), "{warned}");
+}
