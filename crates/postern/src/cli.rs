@@ -416,8 +416,13 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
             return Err(format!("{flag} must be more than 0"));
         }
     }
-    if s.retry_initial.is_zero() || s.retry_max < s.retry_initial {
-        return Err("--retry-initial must be more than 0 and at most --retry-max".into());
+    // Below this, every attempt is retried in a storm of attempts, log lines and status
+    // records (short values are for tests).
+    if s.retry_initial < SHORTEST_WAIT {
+        return Err("--retry-initial must be at least 100ms".into());
+    }
+    if s.retry_max < s.retry_initial {
+        return Err("--retry-max must be at least --retry-initial".into());
     }
     let low = s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8);
     if s.queue_high_water > 0 && low > s.queue_high_water {
@@ -468,6 +473,22 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
 /// The most executors per CPU `--cores` may ask for.
 const MAX_CORES_PER_CPU: usize = 4;
 
+/// Whether listening on `a` and on `b` would take the same connections: the same port, and
+/// the same address or a wildcard (an IPv4-mapped IPv6 address is its IPv4 address).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    // `[::]` takes IPv4 connections as well (dual stack); `0.0.0.0` only IPv4 ones.
+    let covers = |wide: IpAddr, other: IpAddr| match wide {
+        IpAddr::V6(w) => w.is_unspecified(),
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+    };
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
+}
+
+/// The shortest command timeout, session time and first retry delay that can work.
+const SHORTEST_WAIT: Duration = Duration::from_millis(100);
+
 /// `--max-connections-per-ip` when not given (and `--max-connections` is not lower).
 const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1000;
 
@@ -490,8 +511,11 @@ fn settings(s: Serve) -> Result<Settings, String> {
     let max_connections_per_ip = s
         .max_connections_per_ip
         .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP.min(s.max_connections));
-    if s.max_connections == 0 || max_connections_per_ip == 0 {
-        return Err("--max-connections and --max-connections-per-ip must be at least 1".into());
+    if s.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
+    if max_connections_per_ip == 0 {
+        return Err("--max-connections-per-ip must be at least 1".into());
     }
     if max_connections_per_ip > s.max_connections {
         return Err("--max-connections-per-ip cannot exceed --max-connections".into());
@@ -516,11 +540,12 @@ fn settings(s: Serve) -> Result<Settings, String> {
             floor
         ));
     }
-    if s.command_timeout.is_zero() {
-        return Err("--command-timeout must be more than 0".into());
+    // Shorter than a round trip on many networks: every session would time out.
+    if s.command_timeout < SHORTEST_WAIT {
+        return Err("--command-timeout must be at least 100ms".into());
     }
-    if s.max_session_time.is_zero() {
-        return Err("--max-session-time must be more than 0".into());
+    if s.max_session_time < SHORTEST_WAIT {
+        return Err("--max-session-time must be at least 100ms".into());
     }
     if s.max_message_size == 0 {
         // SIZE 0 would tell clients there is no limit (RFC 1870).
@@ -536,17 +561,28 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {
         return Err(format!("--accept-domain: {d:?} is not a domain"));
     }
-    for (flag, addrs) in [("--listen", &s.listen), ("--listen-tls", &s.listen_tls)] {
-        for (i, a) in addrs.iter().enumerate() {
-            if a.port() == 0 {
-                continue;
-            }
-            if addrs[..i].contains(a) {
-                return Err(format!("{flag}: {a} is given twice"));
-            }
-            if flag == "--listen-tls" && s.listen.contains(a) {
-                return Err(format!("--listen-tls: {a} is also a --listen address"));
-            }
+    // Every listening address against those before it: the same one, or one that a wildcard
+    // address on the same port takes in (each listener has SO_REUSEPORT, so the kernel would
+    // otherwise split one port's connections between two kinds of listener).
+    let all: Vec<(&str, SocketAddr)> = s
+        .listen
+        .iter()
+        .map(|a| ("--listen", *a))
+        .chain(s.listen_tls.iter().map(|a| ("--listen-tls", *a)))
+        .chain(s.metrics.iter().map(|a| ("--metrics", *a)))
+        .collect();
+    for (i, &(flag, a)) in all.iter().enumerate() {
+        if a.port() == 0 {
+            continue;
+        }
+        if let Some(&(earlier, b)) = all[..i].iter().find(|(_, b)| overlaps(a, *b)) {
+            return Err(if (earlier, b) == (flag, a) {
+                format!("{flag}: {a} is given twice")
+            } else if earlier == flag {
+                format!("{flag}: {a} overlaps {b}, also given")
+            } else {
+                format!("{flag}: {a} is also a {earlier} address ({b})")
+            });
         }
     }
     if let Some(pm) = &s.postmaster {

@@ -55,6 +55,53 @@ fn wrong_flags_get_one_line_and_exit_2() {
         "--max-transactions-in-flight",
     );
     refused(&["serve", "--postmaster", "not an address"], "--postmaster");
+    // Values that parse but cannot work: sessions that time out before a round trip, a
+    // storm of retries.
+    refused(&["serve", "--command-timeout", "1ns"], "--command-timeout");
+    refused(
+        &["serve", "--max-session-time", "5ms"],
+        "--max-session-time",
+    );
+    refused(&["serve", "--retry-initial", "1ms"], "--retry-initial");
+    refused(
+        &["serve", "--retry-initial", "10s", "--retry-max", "1s"],
+        "--retry-max",
+    );
+    refused(
+        &["serve", "--max-connections-per-ip", "0"],
+        "--max-connections-per-ip",
+    );
+    // Listeners that would take the same connections.
+    refused(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:2600",
+            "--metrics",
+            "127.0.0.1:2600",
+        ],
+        "--metrics",
+    );
+    refused(
+        &[
+            "serve",
+            "--listen",
+            "[::]:2600",
+            "--listen",
+            "127.0.0.1:2600",
+        ],
+        "--listen",
+    );
+    refused(
+        &[
+            "serve",
+            "--listen",
+            "0.0.0.0:2600",
+            "--metrics",
+            "127.0.0.1:2600",
+        ],
+        "--metrics",
+    );
     refused(
         &["serve", "--ipv6-client-prefix", "8"],
         "--ipv6-client-prefix",
