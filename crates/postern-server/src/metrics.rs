@@ -13,6 +13,11 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Session durations reach `--max-session-time` (1 h by default) and beyond: up to 4 h.
+fn session_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 4 * 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
 /// One core's figures.
 #[derive(Clone, Debug)]
 pub struct CoreMetrics {
@@ -69,7 +74,7 @@ impl Default for CoreMetrics {
             eod_latency: histogram(),
             commit_latency: histogram(),
             command_latency: histogram(),
-            session_duration: histogram(),
+            session_duration: session_histogram(),
             connections: 0,
             connections_refused: 0,
             messages: 0,
@@ -97,7 +102,7 @@ impl CoreMetrics {
     pub fn record(h: &mut Histogram<u64>, d: Duration) {
         let us = u64::try_from(d.as_micros())
             .unwrap_or(u64::MAX)
-            .clamp(1, 100_000_000);
+            .clamp(1, h.high());
         // In range by the clamp above.
         let _ = h.record(us);
     }
@@ -211,10 +216,25 @@ const BUCKETS: [f64; 16] = [
     5.0, 10.0,
 ];
 
+/// Bucket bounds in seconds for session durations.
+const SESSION_BUCKETS: [f64; 14] = [
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+];
+
 fn render_histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    render_histogram_in(out, name, help, h, &BUCKETS);
+}
+
+fn render_histogram_in(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    h: &Histogram<u64>,
+    buckets: &[f64],
+) {
     let _ = writeln!(out, "# HELP {name}_seconds {help}");
     let _ = writeln!(out, "# TYPE {name}_seconds histogram");
-    for le in BUCKETS {
+    for &le in buckets {
         let us = (le * 1e6) as u64;
         let count = if h.is_empty() {
             0
@@ -264,11 +284,12 @@ pub fn render(m: &CoreMetrics) -> String {
         "Command to reply latency.",
         &m.command_latency,
     );
-    render_histogram(
+    render_histogram_in(
         &mut out,
         "postern_session_duration",
         "Session duration.",
         &m.session_duration,
+        &SESSION_BUCKETS,
     );
     for (name, help, v) in [
         (
@@ -399,5 +420,33 @@ mod tests {
         assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("postern_eod_latency_seconds_count 2\n"));
+    }
+
+    #[test]
+    fn long_sessions_keep_their_length() {
+        let registry = Registry::default();
+        let a = registry.slot();
+        {
+            let mut a = a.lock().unwrap();
+            CoreMetrics::record(&mut a.session_duration, Duration::from_secs(1200));
+            CoreMetrics::record(&mut a.session_duration, Duration::from_millis(40));
+        }
+        let text = registry.render();
+        assert!(
+            text.contains("postern_session_duration_seconds_bucket{le=\"600\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("postern_session_duration_seconds_bucket{le=\"1800\"} 2\n"),
+            "{text}"
+        );
+        let max = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("postern_session_duration_quantile_seconds{quantile=\"0.999\"} ")
+            })
+            .unwrap();
+        let max: f64 = max.parse().unwrap();
+        assert!((1190.0..1210.0).contains(&max), "{max}");
     }
 }
