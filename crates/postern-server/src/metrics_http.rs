@@ -129,7 +129,7 @@ fn answer(
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head_is_complete(&head) {
             complete = true;
             break;
         }
@@ -157,6 +157,21 @@ fn answer(
         if head_only { "" } else { body.as_str() }
     );
     stream.write_all(response.as_bytes())
+}
+
+/// Whether `head` holds a whole request head: up to an empty line, a line end being CR LF or a
+/// bare LF (RFC 9112 2.2 lets a recipient take a bare LF as one), or, for a request line with
+/// no version (HTTP/0.9), that line alone.
+fn head_is_complete(head: &[u8]) -> bool {
+    let Some(first_end) = head.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let first = &head[..first_end];
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    if first.split(|&b| b == b' ').count() == 2 {
+        return true;
+    }
+    head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// The response to a whole request head: (status, content type, body, HEAD).
@@ -203,8 +218,12 @@ fn route(
         );
     }
     // RFC 9112 3.2: an HTTP/1.1 request without Host is answered 400.
-    let has_host = lines.any(|l| l.len() > 5 && l[..5].eq_ignore_ascii_case(b"host:"));
-    if version == b"HTTP/1.1" && !has_host {
+    // More than one Host is answered 400 as well.
+    let hosts = lines
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.len() >= 5 && l[..5].eq_ignore_ascii_case(b"host:"))
+        .count();
+    if (version == b"HTTP/1.1" && hosts == 0) || hosts > 1 {
         return bad();
     }
     // A query string (Prometheus' `params`) does not change what is served.

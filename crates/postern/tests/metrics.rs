@@ -191,6 +191,24 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
         status_of(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"),
         "HTTP/1.1 404 Not Found"
     );
+    // RFC 9112 3.2: more than one Host is a bad request too.
+    assert_eq!(
+        status_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    // Lines ended by a bare LF (RFC 9112 2.2), and a request line without a version, are
+    // answered at once, not left to time out.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        status_of(b"GET /healthz HTTP/1.1\nHost: x\n\n"),
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(status_of(b"GET /healthz\r\n"), "HTTP/1.1 200 OK");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
