@@ -117,8 +117,12 @@ fn load(
         })?;
     let warnings = certificate_warnings(&certs[0], hostname, unix_now());
     let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(_) => "the key does not match the certificate".into(),
+            e => e.to_string(),
+        };
         StartError::Tls(format!(
-            "{} and {}: {e}; the key must be the one of the first certificate in the \
+            "{} and {}: {why}; the key must be the one of the first certificate in the \
              file (the server's own, followed by its chain)",
             cert.display(),
             key.display()
@@ -167,9 +171,14 @@ pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec
              TLS until then (is the clock right?)"
         ));
     } else if until.timestamp() - now < EXPIRES_SOON {
+        let left = until.timestamp() - now;
+        let when = match left / 86_400 {
+            0 => format!("in {} hours", left / 3600),
+            1 => "in 1 day".to_owned(),
+            days => format!("in {days} days"),
+        };
         warnings.push(format!(
-            "the certificate expires on {until}, in {} days (renew it)",
-            (until.timestamp() - now) / 86_400
+            "the certificate expires on {until}, {when} (renew it)"
         ));
     }
     let Some(hostname) = hostname else {
@@ -277,6 +286,9 @@ mod tests {
         let soon = cert(&["mx.example.net"], now - 80 * DAY, now + 5 * DAY + 60);
         let w = one_warning(&soon, "mx.example.net", now);
         assert!(w.contains("in 5 days"), "{w}");
+        let hours = cert(&["mx.example.net"], now - 80 * DAY, now + 23 * 3600 + 60);
+        let w = one_warning(&hours, "mx.example.net", now);
+        assert!(w.contains("in 23 hours"), "{w}");
         let later = cert(&["mx.example.net"], now - 80 * DAY, now + 15 * DAY);
         assert_eq!(
             certificate_warnings(&later, Some("mx.example.net"), now),
