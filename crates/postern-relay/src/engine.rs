@@ -772,6 +772,7 @@ impl CoreRelay {
                 .iter()
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
+            let failures_before = dq.broken_in_a_row.get();
             let (mut conn, fallback_until) = match self.open(&dq, &tried).await {
                 Ok(Opened {
                     conn: c,
@@ -812,11 +813,19 @@ impl CoreRelay {
                     // Paused with two failures in a row, as for broken-off sessions: one
                     // refused connection to a next hop with a single address (a restart, say)
                     // defers the jobs waiting now, and the next job tries again at once.
-                    // With more addresses one attempt has failed on two or more already.
-                    if permanent.is_none() && dq.broken_in_a_row.get() >= 2 {
+                    // With more addresses one attempt has failed on two or more already. A
+                    // name that could not be resolved (no address tried) pauses at once:
+                    // every job would ask the resolver again.
+                    let no_address_tried = dq.broken_in_a_row.get() == failures_before;
+                    if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
                         dq.down_until.set(now_ms() + self.pause_ms());
                         *dq.paused_for.borrow_mut() =
                             Some((status.into(), text.clone(), remote.clone()));
+                        tracing::info!(
+                            next_hop = %dq.dest.key(),
+                            "the next hop cannot be reached ({text}); delivery to it paused for {}s",
+                            self.pause_ms() / 1000
+                        );
                     }
                     for job in jobs {
                         self.settle_all(job, permanent.is_some(), status, &text, remote.clone());

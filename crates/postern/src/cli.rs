@@ -473,16 +473,13 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
 /// The most executors per CPU `--cores` may ask for.
 const MAX_CORES_PER_CPU: usize = 4;
 
-/// Whether listening on `a` and on `b` would take the same connections: the same port, and
-/// the same address or a wildcard (an IPv4-mapped IPv6 address is its IPv4 address).
+/// Whether `a` and `b` cannot both be bound without SO_REUSEPORT: the same port, and the same
+/// address or the wildcard of the other's family (an IPv4-mapped IPv6 address is IPv4).
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    use std::net::IpAddr;
-    // `[::]` takes IPv4 connections as well (dual stack); `0.0.0.0` only IPv4 ones.
-    let covers = |wide: IpAddr, other: IpAddr| match wide {
-        IpAddr::V6(w) => w.is_unspecified(),
-        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
-    };
     let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
+        wide.is_unspecified() && wide.is_ipv4() == other.is_ipv4()
+    };
     a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
 }
 
@@ -561,9 +558,11 @@ fn settings(s: Serve) -> Result<Settings, String> {
     if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {
         return Err(format!("--accept-domain: {d:?} is not a domain"));
     }
-    // Every listening address against those before it: the same one, or one that a wildcard
-    // address on the same port takes in (each listener has SO_REUSEPORT, so the kernel would
-    // otherwise split one port's connections between two kinds of listener).
+    // Every listening address against those before it. SMTP listeners (SO_REUSEPORT) may
+    // share a port at different addresses, wildcards included: the kernel gives a connection
+    // to the most specific. The same address twice is a mistake. The metrics listener has no
+    // SO_REUSEPORT: an SMTP listener at its address, or at the wildcard of its family on its
+    // port, would make it fail to bind.
     let all: Vec<(&str, SocketAddr)> = s
         .listen
         .iter()
@@ -575,11 +574,16 @@ fn settings(s: Serve) -> Result<Settings, String> {
         if a.port() == 0 {
             continue;
         }
-        if let Some(&(earlier, b)) = all[..i].iter().find(|(_, b)| overlaps(a, *b)) {
-            return Err(if (earlier, b) == (flag, a) {
+        let clash = |&&(earlier, b): &&(&str, SocketAddr)| {
+            if flag == "--metrics" || earlier == "--metrics" {
+                overlaps(a, b)
+            } else {
+                a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+            }
+        };
+        if let Some(&(earlier, b)) = all[..i].iter().find(clash) {
+            return Err(if earlier == flag && a == b {
                 format!("{flag}: {a} is given twice")
-            } else if earlier == flag {
-                format!("{flag}: {a} overlaps {b}, also given")
             } else {
                 format!("{flag}: {a} is also a {earlier} address ({b})")
             });

@@ -86,9 +86,9 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &[
             "serve",
             "--listen",
-            "[::]:2600",
-            "--listen",
             "127.0.0.1:2600",
+            "--listen",
+            "[::ffff:127.0.0.1]:2600",
         ],
         "--listen",
     );
