@@ -133,13 +133,16 @@ const READ_BUFFER: usize = 16 * 1024;
 /// How long a parting QUIT may take to write.
 const PARTING_WRITE: Duration = Duration::from_secs(1);
 
+/// The text of a [`timed`] read or write that ran out of time.
+const TIMED_OUT: &str = "timed out";
+
 async fn timed<T>(
     limit: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
 ) -> Result<T, ConnError> {
     let timeout = async {
         glommio::timer::sleep(limit).await;
-        Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+        Err(io::Error::new(io::ErrorKind::TimedOut, TIMED_OUT))
     };
     future::or(f, timeout)
         .await
@@ -372,7 +375,9 @@ impl Outbound {
             ConnError::Smtp(ClientError::Closing(r)) if self.session.closed_at_rset() => {
                 ConnError::Stale(format!("RSET answered {r}"))
             }
-            ConnError::Io(e) if self.session.awaiting_rset() => {
+            // Not a timeout: a server that holds its replies until it has taken the
+            // message (RFC 2920 allows it) may have taken the one behind the RSET.
+            ConnError::Io(e) if self.session.awaiting_rset() && e != TIMED_OUT => {
                 ConnError::Stale(format!("at RSET: {e}"))
             }
             e => e,

@@ -83,13 +83,12 @@ impl ConnectionLimits {
                 .shard(client)
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let count = counts.entry(client).or_insert(0);
-            if *count >= self.max_per_client {
+            if counts.get(&client).copied().unwrap_or(0) >= self.max_per_client {
                 drop(counts);
                 self.total.fetch_sub(1, Ordering::Relaxed);
                 return Err(Refusal::PerIp);
             }
-            *count += 1;
+            *counts.entry(client).or_insert(0) += 1;
         }
         Ok(Permit {
             limits: self.clone(),

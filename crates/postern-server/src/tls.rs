@@ -172,10 +172,12 @@ pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec
         ));
     } else if until.timestamp() - now < EXPIRES_SOON {
         let left = until.timestamp() - now;
-        let when = match left / 86_400 {
-            0 => format!("in {} hours", left / 3600),
-            1 => "in 1 day".to_owned(),
-            days => format!("in {days} days"),
+        let when = match (left / 86_400, left / 3600) {
+            (0, 0) => "in less than an hour".to_owned(),
+            (0, 1) => "in 1 hour".to_owned(),
+            (0, hours) => format!("in {hours} hours"),
+            (1, _) => "in 1 day".to_owned(),
+            (days, _) => format!("in {days} days"),
         };
         warnings.push(format!(
             "the certificate expires on {until}, {when} (renew it)"

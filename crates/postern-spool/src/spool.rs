@@ -515,7 +515,15 @@ impl Spool {
         let Some(name) = path.file_name() else {
             return Ok(());
         };
-        std::fs::rename(path, aside.join(name))?;
+        // Segment numbers start again at 1 once a core's directory is empty: never over
+        // evidence set aside before.
+        let mut to = aside.join(name);
+        let mut n = 1;
+        while to.exists() {
+            to = aside.join(format!("{}.{n}", name.to_string_lossy()));
+            n += 1;
+        }
+        std::fs::rename(path, to)?;
         sync_dir(&aside)?;
         sync_dir(&self.dir)
     }

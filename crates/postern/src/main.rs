@@ -308,7 +308,8 @@ fn recover_and_report(
         let at: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
         tracing::warn!(
             kept = %at.join(", "),
-            "segments with damaged records are kept for inspection (nothing in them is              delivered; delete them when done)"
+            "segments with damaged records are kept for inspection (nothing in them is \
+             delivered; delete them when done)"
         );
     }
     Ok(pending)
