@@ -316,6 +316,8 @@ impl Session {
                 self.core.metrics.borrow_mut().tls_handshakes += 1;
                 true
             }
+            // Ended by the stop: not the client's failure.
+            None if !already_stopping && core.stopping.get() => false,
             _ => {
                 self.core.metrics.borrow_mut().tls_failures += 1;
                 false
