@@ -87,7 +87,7 @@ impl Default for Settings {
             max_recipients: 1000,
             max_connections: 20_000,
             max_connections_per_ip: 1000,
-            ipv6_client_prefix: 64,
+            ipv6_client_prefix: 84,
             command_timeout: Duration::from_secs(300),
             max_session_time: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),

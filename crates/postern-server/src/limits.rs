@@ -4,7 +4,8 @@
 //!
 //! A client is its address, except that an IPv4-mapped IPv6 address (`::ffff:192.0.2.1`, as a
 //! dual-stack listener sees IPv4 clients) is the IPv4 address itself, and that IPv6 clients are
-//! counted per network of `--ipv6-client-prefix` bits: one site holds a whole /64 or more.
+//! counted per network of `--ipv6-client-prefix` bits (84 by default): one site holds a /64 or
+//! more.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};

@@ -118,7 +118,7 @@ struct Serve {
     max_connections_per_ip: Option<usize>,
     /// For --max-connections-per-ip, IPv6 clients are counted per network of this prefix
     /// length (16 to 128; 128 counts each address on its own).
-    #[arg(long, env = "POSTERN_IPV6_CLIENT_PREFIX", default_value_t = 64,
+    #[arg(long, env = "POSTERN_IPV6_CLIENT_PREFIX", default_value_t = 84,
           value_parser = clap::value_parser!(u8).range(16..=128))]
     ipv6_client_prefix: u8,
     /// Longest wait for a command or body bytes (RFC 5321 4.5.3.2), e.g. 500ms, 3s, 5m.
