@@ -134,6 +134,48 @@ struct Carried {
     remote: Option<String>,
 }
 
+/// What a carried job brings besides itself: the answer it is deferred with if no other
+/// address takes it.
+struct Note {
+    status: String,
+    text: String,
+    texts: Vec<String>,
+    remote: Option<String>,
+}
+
+impl Carried {
+    fn split(self) -> (Job, Note) {
+        let Carried {
+            job,
+            status,
+            text,
+            texts,
+            remote,
+        } = self;
+        (
+            job,
+            Note {
+                status,
+                text,
+                texts,
+                remote,
+            },
+        )
+    }
+}
+
+impl Note {
+    fn with(self, job: Job) -> Carried {
+        Carried {
+            job,
+            status: self.status,
+            text: self.text,
+            texts: self.texts,
+            remote: self.remote,
+        }
+    }
+}
+
 /// A connection `open` made.
 struct Opened {
     conn: Outbound,
@@ -846,10 +888,11 @@ impl CoreRelay {
                     conn.quit().await;
                     continue 'connect;
                 }
-                let job = if carry.is_empty() {
-                    dq.ready.borrow_mut().pop_front()
+                let (job, note) = if carry.is_empty() {
+                    (dq.ready.borrow_mut().pop_front(), None)
                 } else {
-                    Some(carry.remove(0).job)
+                    let (job, note) = carry.remove(0).split();
+                    (Some(job), Some(note))
                 };
                 let Some(job) = job else {
                     // Idle: keep the connection for a while for the next job.
@@ -905,10 +948,10 @@ impl CoreRelay {
                         replies += more.rcpts.len() + 3;
                         jobs.push(more);
                     }
-                    self.transact_pipelined(&mut conn, &dq, jobs, &mut carry)
+                    self.transact_pipelined(&mut conn, &dq, jobs, note, &mut carry)
                         .await
                 } else {
-                    self.transact(&mut conn, &dq, job, &mut carry).await
+                    self.transact(&mut conn, &dq, job, note, &mut carry).await
                 };
                 drop(counted);
                 match after {
@@ -924,12 +967,23 @@ impl CoreRelay {
         dq.workers.set(dq.workers.get() - 1);
     }
 
-    /// Runs one job on `conn`.
+    /// A job never sent on a connection that ended at its RSET goes back: to the front of
+    /// `carry` when it was carried (`note`), so that it keeps its way past the address that
+    /// put it off, else to the front of its queue.
+    fn put_back(&self, dq: &DestQueue, job: Job, note: Option<Note>, carry: &mut Vec<Carried>) {
+        match note {
+            Some(note) => carry.insert(0, note.with(job)),
+            None => self.requeue(dq, vec![job]),
+        }
+    }
+
+    /// Runs one job on `conn`; `note` when it was carried.
     async fn transact(
         &self,
         conn: &mut Outbound,
         dq: &DestQueue,
         job: Job,
+        note: Option<Note>,
         carry: &mut Vec<Carried>,
     ) -> After {
         let Some((job, tx, body)) = self.prepare(conn, job) else {
@@ -941,7 +995,7 @@ impl CoreRelay {
             // goes on a new connection, not charged a failed attempt (a new connection never
             // sends RSET first, so this cannot repeat).
             tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e}); reconnecting");
-            self.requeue(dq, vec![job]);
+            self.put_back(dq, job, note, carry);
             return After::Broken;
         }
         self.conclude(conn, dq, job, outcome, carry)
@@ -955,21 +1009,30 @@ impl CoreRelay {
         conn: &mut Outbound,
         dq: &DestQueue,
         jobs: Vec<Job>,
+        note: Option<Note>,
         carry: &mut Vec<Carried>,
     ) -> After {
         let t = &self.relay.config.timeouts;
+        // The first job's note when it was carried, while it may still go back unsent.
+        let mut note = note;
         let mut sent = Vec::with_capacity(jobs.len());
         let mut unsent = jobs.into_iter();
         // The error that ended the connection, once there is one.
         let mut broken: Option<ConnError> = None;
         // A job whose RSET found the connection ended: it goes back first.
         let mut stale = Vec::new();
-        for job in unsent.by_ref() {
+        for (i, job) in unsent.by_ref().enumerate() {
+            let first_note = if i == 0 { note.take() } else { None };
             let Some((job, tx, body)) = self.prepare(conn, job) else {
                 continue;
             };
             match conn.start(&tx, &body, t).await {
-                Ok(()) => sent.push(job),
+                Ok(()) => {
+                    if sent.is_empty() {
+                        note = first_note;
+                    }
+                    sent.push(job);
+                }
                 Err(Ok(local)) => {
                     self.conclude(conn, dq, job, Err(Ok(local)), carry);
                 }
@@ -978,7 +1041,10 @@ impl CoreRelay {
                         // A kept connection that ended at its RSET took nothing: the job goes
                         // on a new connection, not charged a failed attempt.
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e:?}); reconnecting");
-                        stale.push(job);
+                        match first_note {
+                            Some(n) => carry.insert(0, n.with(job)),
+                            None => stale.push(job),
+                        }
                         broken = Some(e);
                         break;
                     }
@@ -1002,6 +1068,8 @@ impl CoreRelay {
         let mut sent = sent.into_iter();
         let mut elsewhere = false;
         while let Some(job) = sent.next() {
+            // Only the first job sent can be the carried one.
+            let first_note = note.take();
             match conn.finish(limit).await {
                 Ok(result) => {
                     elsewhere |=
@@ -1012,7 +1080,13 @@ impl CoreRelay {
                         // Ended at the RSET before this transaction: the server took neither
                         // it nor any later one, and none is charged a failed attempt.
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
-                        self.requeue(dq, std::iter::once(job).chain(sent).collect());
+                        match first_note {
+                            Some(n) => {
+                                carry.insert(0, n.with(job));
+                                self.requeue(dq, sent.collect());
+                            }
+                            None => self.requeue(dq, std::iter::once(job).chain(sent).collect()),
+                        }
                         return After::Broken;
                     }
                     self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
