@@ -1792,7 +1792,16 @@ fn scripted_next_hop(
     answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
     after_data: Act,
 ) -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    scripted_next_hop_at("127.0.0.1:0", answer, after_data)
+}
+
+/// [`scripted_next_hop`] listening on `bind`.
+fn scripted_next_hop_at(
+    bind: &str,
+    answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
+    after_data: Act,
+) -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
+    let l = TcpListener::bind(bind).unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
     let (closed_tx, closed) = std::sync::mpsc::channel();
@@ -3072,4 +3081,90 @@ fn one_refused_connection_to_a_single_address_does_not_hold_the_next_message() {
             server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
         assert!(line.contains("refused"), "{line}");
     }
+}
+
+#[test]
+fn a_carried_job_whose_kept_connection_ends_at_rset_stays_carried() {
+    use dns_server::{Rec, TestDns};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // mx2 (preference 20) takes mail, without PIPELINING, and ends its first connection with
+    // 421 at the RSET before the second transaction. mx1 (10) greylists every recipient:
+    // both messages, pipelined to it together, are passed over to mx2, carried by the same
+    // worker. The second must then go on a new connection to mx2, not back to mx1.
+    let (port, stored, _) = scripted_next_hop_at(
+        "127.0.0.3:0",
+        |n, line| {
+            (n == 0 && line.starts_with("RSET"))
+                .then_some(Act::SayAndClose("421 4.4.2 closing\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let rcpts_at_mx1 = Arc::new(AtomicUsize::new(0));
+    let counted = rcpts_at_mx1.clone();
+    let (_, _, _) = scripted_next_hop_at(
+        &format!("127.0.0.2:{port}"),
+        move |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say(
+                    "250-mx1.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                ))
+            } else if line.starts_with("RCPT") {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Some(Act::Say("450 4.2.0 greylisted\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("554 5.5.1 no valid recipients\r\n"),
+    );
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("grey.test.", Rec::Mx(10, "mx1.test.")),
+            ("grey.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+        ],
+    );
+    // Both messages queued first (--hold), so that the next start hands them to one worker
+    // at once and they go to mx1 in one pipelined batch.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let dns_addr = dns.addr.to_string();
+    let port_s = port.to_string();
+    let base = [
+        "--dns-server",
+        dns_addr.as_str(),
+        "--mx-port",
+        port_s.as_str(),
+        "--retry-initial",
+        "60s",
+        "--cores",
+        "1",
+        "--max-connections-per-destination",
+        "1",
+        "--max-transactions-in-flight",
+        "8",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut held: Vec<&str> = base.to_vec();
+    held.push("--hold");
+    let mut first = Server::start_in(&held, spool.clone(), None);
+    send_in_one_session(&first, "r@grey.test", "grey", 2);
+    assert!(first.terminate().success());
+    let server = Server::start_in(&base, spool, None);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(stored.recv_timeout(Duration::from_secs(20)).unwrap());
+    }
+    // The first connection to mx2 took one; the second, a new connection, took the other.
+    let conns: Vec<usize> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(conns, vec![0, 1]);
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    // Each recipient was put off by mx1 once: the second did not go back to it.
+    assert_eq!(rcpts_at_mx1.load(Ordering::SeqCst), 2);
+    drop(dns);
 }
