@@ -119,3 +119,24 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
 const FOLDED: &str = ".folded-core-";
 /// The name an old core directory with damaged records keeps (with the time it was folded).
 const DAMAGED_FOLD: &str = ".damaged-core-";
+
+/// Where earlier runs set aside segments (a core's `damaged` directory) or whole core
+/// directories (at a fold) with damaged records, for the operator to look at.
+pub fn kept_damage(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(DAMAGED_FOLD) {
+            kept.push(path);
+        } else if name.parse::<u32>().is_ok() {
+            let aside = path.join(crate::DAMAGED_DIR);
+            for seg in std::fs::read_dir(&aside).into_iter().flatten().flatten() {
+                kept.push(seg.path());
+            }
+        }
+    }
+    kept.sort();
+    kept
+}

@@ -303,7 +303,7 @@ fn recover_and_report(
              delivered; look at the disk"
         );
     }
-    let kept = kept_damage(&settings.spool_dir);
+    let kept = postern_spool::kept_damage(&settings.spool_dir);
     if !kept.is_empty() {
         let at: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
         tracing::warn!(
@@ -313,24 +313,4 @@ fn recover_and_report(
         );
     }
     Ok(pending)
-}
-
-/// Where earlier runs set aside segments or core directories with damaged records.
-fn kept_damage(root: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut kept = Vec::new();
-    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(".damaged-core-") {
-            kept.push(path);
-        } else if name.parse::<u32>().is_ok() {
-            let aside = path.join(postern_spool::DAMAGED_DIR);
-            for seg in std::fs::read_dir(&aside).into_iter().flatten().flatten() {
-                kept.push(seg.path());
-            }
-        }
-    }
-    kept.sort();
-    kept
 }
