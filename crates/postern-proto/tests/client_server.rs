@@ -736,21 +736,28 @@ fn without_pipelining_rset_and_quit_wait_for_the_reply_before_them() {
     assert_eq!(events, vec![ClientEvent::Closed]);
 }
 
-#[test]
-fn a_421_is_known_to_answer_the_rset_before_a_pipelined_transaction() {
+/// A session with PIPELINING that has delivered one transaction with `tx` and then sent
+/// RSET and `tx` again, in one flight.
+fn second_transaction_in_flight(tx: &Transaction) -> ClientSession {
     let mut c = ClientSession::new("relay.test");
     canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
-    let tx = transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]);
-    c.send(&tx).unwrap();
+    c.send(tx).unwrap();
     let (events, _) = canned(&mut c, &["250 ok\r\n250 ok\r\n354 go\r\n"]);
     assert_eq!(events, vec![ClientEvent::SendBody]);
     c.body_sent();
     let (events, _) = canned(&mut c, &["250 2.0.0 queued\r\n"]);
     assert!(matches!(&events[..], [ClientEvent::Done(_)]), "{events:?}");
     assert!(!c.awaiting_rset());
-    // The next transaction follows its RSET at once; the RSET's reply is the next awaited.
     c.rset();
-    c.send(&tx).unwrap();
+    c.send(tx).unwrap();
+    c
+}
+
+#[test]
+fn a_421_is_known_to_answer_the_rset_before_a_pipelined_transaction() {
+    let tx = transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]);
+    // The next transaction follows its RSET at once; the RSET's reply is the next awaited.
+    let mut c = second_transaction_in_flight(&tx);
     assert!(c.awaiting_rset());
     let (events, _) = canned(&mut c, &["421 4.4.2 idle timeout\r\n"]);
     assert!(
@@ -759,14 +766,7 @@ fn a_421_is_known_to_answer_the_rset_before_a_pipelined_transaction() {
     );
     assert!(c.closed_at_rset());
     // A 421 to a later command of the transaction is not the RSET's.
-    let mut c = ClientSession::new("relay.test");
-    canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
-    c.send(&tx).unwrap();
-    canned(&mut c, &["250 ok\r\n250 ok\r\n354 go\r\n"]);
-    c.body_sent();
-    canned(&mut c, &["250 2.0.0 queued\r\n"]);
-    c.rset();
-    c.send(&tx).unwrap();
+    let mut c = second_transaction_in_flight(&tx);
     let (events, _) = canned(&mut c, &["250 2.0.0 reset\r\n", "421 4.3.2 going down\r\n"]);
     assert!(
         matches!(&events[..], [ClientEvent::Failed(ClientError::Closing(_))]),

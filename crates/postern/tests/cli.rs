@@ -1,40 +1,12 @@
 //! Flags: a wrong or contradictory flag ends the program with one line naming it and exit 2.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::process::Command;
 
-/// Runs `postern` with `args`: exit code, stdout, stderr. One still running after 20 s
-/// (a server that started where it should have refused) is killed and the test fails,
-/// rather than waiting for it for ever.
 fn run(args: &[&str]) -> (i32, String, String) {
-    use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = out.read_to_string(&mut text);
-        text
-    });
-    let mut errors = String::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("postern {args:?} is still running after 20 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let _ = err.read_to_string(&mut errors);
-    (status.code().unwrap_or(-1), reader.join().unwrap(), errors)
+    common::run_bounded(args)
 }
 
 fn refused(args: &[&str], names: &str) {

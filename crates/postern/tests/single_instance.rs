@@ -4,35 +4,15 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use common::{queue_id, spooled, Server};
 
 /// Runs a second `postern serve` with `args`: its exit code and stderr. One that is still
 /// running after 20 s has started where it must not; it is killed and the test fails.
 fn second(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve", "--hold", "--cores", "1"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("a second server with {args:?} started beside the first");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["serve", "--hold", "--cores", "1"];
+    all.extend_from_slice(args);
+    let (code, _, err) = common::run_bounded(&all);
+    (code, err)
 }
 
 #[test]
