@@ -613,12 +613,16 @@ impl ClientSession {
                 self.caps = Capabilities::from_ehlo(&reply);
                 Some(ClientEvent::Ready)
             }
-            Expect::Ehlo if matches!(reply.code, 500 | 501 | 502 | 504 | 550) => {
+            // Any permanent refusal of EHLO may be a server that does not know it (RFC 5321
+            // 4.1.4 names 500, 501, 502 and 550; others answer 504 or 554): HELO next.
+            Expect::Ehlo if reply.is_permanent() => {
                 self.greeting_command(b"HELO ");
                 self.expect.push_back(Expect::Helo);
                 None
             }
             Expect::Ehlo | Expect::Helo if reply.code != 250 => {
+                // The session ends; QUIT before the close (RFC 5321 4.1.1.10).
+                self.out.extend_from_slice(b"QUIT\r\n");
                 Some(self.fail(ClientError::Helo(reply)))
             }
             Expect::Helo => {

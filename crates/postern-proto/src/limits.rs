@@ -12,7 +12,8 @@ pub const DSN_LINE_EXTRA: usize = 500;
 pub const MAX_REPLY_LINE_READ: usize = 4096;
 /// Longest reply line, CRLF included (RFC 5321 4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;
-/// Longest reply the client side assembles, over all its lines.
+/// Lines of one reply the client side keeps; further lines are read and dropped (RFC 5321
+/// sets no count, and an EHLO reply names one extension per line).
 pub const MAX_REPLY_LINES: usize = 64;
 /// Longest local part of a mailbox (RFC 5321 4.5.3.1.1).
 pub const MAX_LOCAL_PART: usize = 64;

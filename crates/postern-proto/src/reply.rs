@@ -152,9 +152,6 @@ pub enum ReplyError {
     /// A line longer than the reply line cap.
     #[error("reply line too long")]
     LineTooLong,
-    /// More lines than the client assembles in one reply.
-    #[error("reply has too many lines")]
-    TooManyLines,
 }
 
 /// Assembles replies from bytes as they arrive, keeping partial lines across reads.
@@ -273,8 +270,10 @@ impl ReplyParser {
                 if r.code != code {
                     return Err(ReplyError::InconsistentCode);
                 }
+                // RFC 5321 sets no line count: lines past the cap are read and dropped, so
+                // memory stays bounded and the reply still ends where the server ends it.
                 if r.lines.len() >= MAX_REPLY_LINES {
-                    return Err(ReplyError::TooManyLines);
+                    return Ok(last.then(|| self.partial.take()).flatten());
                 }
                 let text = match r.enhanced {
                     Some(_) => EnhancedCode::parse_prefix(&text)

@@ -253,6 +253,55 @@ fn ehlo_refused_falls_back_to_helo() {
 }
 
 #[test]
+fn any_permanent_refusal_of_ehlo_falls_back_to_helo() {
+    for code in ["500", "501", "502", "504", "550", "554"] {
+        let mut c = ClientSession::new("relay.test");
+        let refusal = format!("{code} no EHLO here\r\n");
+        let (events, sent) = canned(&mut c, &["220 old.test\r\n", &refusal, "250 old.test\r\n"]);
+        assert_eq!(events, vec![ClientEvent::Ready], "{code}");
+        assert_eq!(sent, "EHLO relay.test\r\nHELO relay.test\r\n", "{code}");
+    }
+}
+
+#[test]
+fn a_refused_helo_or_a_temporary_ehlo_refusal_ends_with_quit() {
+    for replies in [
+        &[
+            "220 x\r\n",
+            "554 5.7.1 go away\r\n",
+            "554 5.7.1 still no\r\n",
+        ][..],
+        &["220 x\r\n", "451 4.3.0 busy\r\n"][..],
+    ] {
+        let mut c = ClientSession::new("relay.test");
+        let (events, sent) = canned(&mut c, replies);
+        let [ClientEvent::Failed(ClientError::Helo(r))] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(r.code, replies.last().unwrap()[..3].parse::<u16>().unwrap());
+        assert!(sent.ends_with("QUIT\r\n"), "{sent:?}");
+    }
+}
+
+#[test]
+fn a_long_ehlo_reply_is_taken_whole_up_to_its_last_line() {
+    // More lines than the client keeps: the extra lines are read and dropped, the reply
+    // itself still counts (RFC 5321 4.2.1 sets no line count).
+    for (lines, keeps_last) in [(40, true), (5000, false)] {
+        let mut ehlo = String::new();
+        for i in 0..lines {
+            ehlo.push_str(&format!("250-X-EXTENSION-{i}\r\n"));
+        }
+        ehlo.push_str("250 PIPELINING\r\n");
+        let mut c = ClientSession::new("relay.test");
+        let (events, _) = canned(&mut c, &["220 x\r\n", &ehlo]);
+        assert_eq!(events, vec![ClientEvent::Ready], "{lines}");
+        assert!(c.capabilities().esmtp);
+        assert_eq!(c.capabilities().pipelining, keeps_last, "{lines}");
+    }
+}
+
+#[test]
 fn a_refused_starttls_leaves_the_session_usable_in_cleartext() {
     let mut c = ClientSession::new("relay.test");
     canned(&mut c, &["220 x\r\n", "250-x\r\n250 STARTTLS\r\n"]);

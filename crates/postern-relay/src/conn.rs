@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
@@ -269,10 +269,10 @@ impl Outbound {
         }
     }
 
-    /// Writes what the session has queued.
-    async fn flush(&mut self, limit: Duration) -> Result<(), ConnError> {
+    /// Writes what the session has queued; `true` when there was something.
+    async fn flush(&mut self, limit: Duration) -> Result<bool, ConnError> {
         if self.session.output().is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut out = std::mem::take(&mut self.out);
         out.clear();
@@ -285,7 +285,7 @@ impl Outbound {
         })
         .await;
         self.out = out;
-        result
+        result.map(|()| true)
     }
 
     /// Writes pending commands and reads until the session has an event other than
@@ -301,8 +301,15 @@ impl Outbound {
         limit: Duration,
         until_idle: bool,
     ) -> Result<ClientEvent, ConnError> {
+        // The limit is for the whole wait for a reply (RFC 5321 4.5.3.2), not for each read:
+        // a server that sends its reply a byte at a time does not get past it. It starts
+        // again when a command goes out (without PIPELINING, each waits for the last reply).
+        let mut deadline = Instant::now() + limit;
+        let left = |deadline: Instant| deadline.saturating_duration_since(Instant::now());
         loop {
-            self.flush(limit).await?;
+            if self.flush(left(deadline)).await? {
+                deadline = Instant::now() + limit;
+            }
             let (n, event) = self.session.handle(&self.buf[self.start..self.end]);
             self.start += n;
             if matches!(event, ClientEvent::Failed(_)) && !self.session.output().is_empty() {
@@ -314,7 +321,9 @@ impl Outbound {
             }
             // Handling the replies may have queued commands (EHLO after the greeting, held
             // commands without PIPELINING): they go out before waiting.
-            self.flush(limit).await?;
+            if self.flush(left(deadline)).await? {
+                deadline = Instant::now() + limit;
+            }
             if self.start == self.end {
                 (self.start, self.end) = (0, 0);
             } else if self.end == self.buf.len() {
@@ -325,7 +334,7 @@ impl Outbound {
                 return Err(ConnError::Io("reply too long".into()));
             }
             let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
-            let n = timed(limit, stream.read(room)).await?;
+            let n = timed(left(deadline), stream.read(room)).await?;
             if n == 0 {
                 return Err(ConnError::Io("connection closed by the server".into()));
             }

@@ -104,6 +104,42 @@ fn a_silent_server_times_out() {
     );
 }
 
+#[test]
+fn a_server_that_trickles_its_greeting_times_out_all_the_same() {
+    // One byte every 50 ms: each read comes well inside the limit, the whole greeting
+    // (about 2.5 s) does not (RFC 5321 4.5.3.2 times the wait for the reply).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        for b in b"220 a-greeting-sent-one-byte-at-a-time.peer.test ESMTP\r\n" {
+            if done.try_recv().is_ok() || s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let t = Timeouts {
+        greeting: Duration::from_millis(500),
+        ..Timeouts::default()
+    };
+    let started = std::time::Instant::now();
+    let err = run(async move {
+        Outbound::connect(addr, "peer.test", "me.test", None, &t)
+            .await
+            .err()
+            .unwrap()
+    });
+    let took = started.elapsed();
+    let _ = done_tx.send(());
+    assert!(
+        matches!(err, ConnError::Io(ref e) if e.contains("timed out")),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_millis(2000), "took {took:?}");
+}
+
 /// Without PIPELINING, the RSET between two transactions waits for its reply before MAIL.
 #[test]
 fn two_transactions_without_pipelining() {
