@@ -17,6 +17,9 @@ pub enum Frame<'a> {
     },
     /// A line over the cap. Its bytes so far are consumed; the rest is skipped silently.
     TooLong {
+        /// The start of the line, as much of it as this input holds (at least the cap's
+        /// worth, or up to the line feed): enough to tell what command it was meant to be.
+        head: &'a [u8],
         /// Bytes of input used.
         consumed: usize,
     },
@@ -87,6 +90,7 @@ impl LineFramer {
                 // A bare LF counts as if it were CR LF, so the cap means the same either way.
                 if line.len() + 2 > self.max_line {
                     return Frame::TooLong {
+                        head: line,
                         consumed: skipped + lf + 1,
                     };
                 }
@@ -100,6 +104,7 @@ impl LineFramer {
                 self.discarding = true;
                 self.scanned = 0;
                 Frame::TooLong {
+                    head: rest,
                     consumed: input.len(),
                 }
             }
@@ -133,7 +138,7 @@ mod tests {
                         out.push(Ok(line.to_vec()));
                         buf.drain(..consumed);
                     }
-                    Frame::TooLong { consumed } => {
+                    Frame::TooLong { consumed, .. } => {
                         out.push(Err(()));
                         buf.drain(..consumed);
                     }

@@ -35,7 +35,7 @@ pub fn frame_pieces(max_line: usize, pieces: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
                     out.push(Some(line.to_vec()));
                     buf.drain(..consumed);
                 }
-                Frame::TooLong { consumed } => {
+                Frame::TooLong { consumed, .. } => {
                     out.push(None);
                     buf.drain(..consumed);
                 }

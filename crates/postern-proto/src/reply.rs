@@ -210,7 +210,7 @@ impl ReplyParser {
                         consumed: pos + consumed,
                     }
                 }
-                Frame::TooLong { consumed } => {
+                Frame::TooLong { consumed, .. } => {
                     self.partial = None;
                     return ParsedReply::Error {
                         error: ReplyError::LineTooLong,

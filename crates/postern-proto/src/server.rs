@@ -521,11 +521,9 @@ impl ServerSession {
                         pos += consumed;
                         Some(Event::NeedInput)
                     }
-                    Frame::TooLong { consumed } => {
+                    Frame::TooLong { head, consumed } => {
                         pos += consumed;
-                        let r = replies::LINE_TOO_LONG;
-                        self.error_reply(r.code, Some(r.enhanced), r.text);
-                        None
+                        self.refuse_line(replies::LINE_TOO_LONG, head)
                     }
                     Frame::Line { line, consumed } => {
                         // The octet before the line feed (CR normally). Only CR LF ends a
@@ -534,9 +532,7 @@ impl ServerSession {
                         let bare_lf = consumed < 2 || input[pos + consumed - 2] != b'\r';
                         pos += consumed;
                         if bare_lf {
-                            let r = replies::BARE_LF_COMMAND;
-                            self.error_reply(r.code, Some(r.enhanced), r.text);
-                            None
+                            self.refuse_line(replies::BARE_LF_COMMAND, line)
                         } else {
                             self.command(line, input, &mut pos)
                         }
@@ -586,6 +582,19 @@ impl ServerSession {
         }
     }
 
+    /// Refuses a command line without running it. A refused BDAT line still announced a
+    /// chunk (RFC 3030 2): its octets follow, and reading them as commands would let a client
+    /// smuggle commands past the line's refusal, so the connection ends as after an
+    /// unreadable chunk size.
+    fn refuse_line(&mut self, reply: StaticReply, line: &[u8]) -> Option<Event<'static>> {
+        self.error_reply(reply.code, Some(reply.enhanced), reply.text);
+        if is_bdat(line) && !self.is_closed() {
+            let open = self.close_with(replies::BDAT_LOST);
+            return open.then_some(Event::DataAbort);
+        }
+        None
+    }
+
     fn fail(&mut self, reply: StaticReply) -> Option<Event<'static>> {
         self.error_reply(reply.code, Some(reply.enhanced), reply.text);
         None
@@ -625,7 +634,7 @@ impl ServerSession {
         pos: &mut usize,
     ) -> Option<Event<'a>> {
         if line.len() + 2 > self.config.max_line && !takes_dsn_room(line) {
-            return self.fail(replies::LINE_TOO_LONG);
+            return self.refuse_line(replies::LINE_TOO_LONG, line);
         }
         let cmd = match Command::parse(line) {
             Ok(cmd) => cmd,
@@ -979,6 +988,12 @@ fn hello_text(hostname: &str, name: &str) -> String {
         }
         _ => format!("{hostname} Hello"),
     }
+}
+
+/// Whether a command line is meant as BDAT (the verb in any case, then a space or tab),
+/// whatever the rest of it.
+fn is_bdat(line: &[u8]) -> bool {
+    line.len() > 4 && line[..4].eq_ignore_ascii_case(b"BDAT") && matches!(line[4], b' ' | b'\t')
 }
 
 fn looks_like_http(line: &[u8]) -> bool {

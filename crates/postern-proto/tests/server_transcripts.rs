@@ -341,6 +341,43 @@ fn bad_bdat_size_closes_the_connection() {
     assert!(o.closed);
 }
 
+/// A BDAT line refused before its size is read (a bare LF, a line over the cap, with or
+/// without the leading zeros RFC 3030 allows) still announced a chunk: the chunk's octets must
+/// never run as commands.
+#[test]
+fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
+    let chunk = "RSET\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<c@mx.test>\r\nBDAT 5 LAST\r\nEVIL!";
+    let long_zeros = format!("BDAT {}{} LAST\r\n", "0".repeat(600), chunk.len());
+    let long_line = format!("bdat {} LAST{}\r\n", chunk.len(), " ".repeat(600));
+    let bare_lf = format!("BDAT {} LAST\n", chunk.len());
+    let cases = [
+        (
+            bare_lf,
+            "500 5.5.2 Syntax error: command lines must end with CR LF",
+        ),
+        (long_zeros, "500 5.5.2 Line too long"),
+        (long_line, "500 5.5.2 Line too long"),
+    ];
+    for (bdat, refusal) in cases {
+        let mut input = client(&[
+            "EHLO client.test",
+            "MAIL FROM:<a@b.test>",
+            "RCPT TO:<c@mx.test>",
+        ]);
+        input.extend_from_slice(bdat.as_bytes());
+        input.extend_from_slice(chunk.as_bytes());
+        let o = run_every_split(&config(), &input);
+        assert_tail(
+            &o,
+            &[
+                refusal,
+                "421 4.5.0 Cannot follow BDAT framing, closing connection",
+            ],
+        );
+        assert!(o.closed && o.messages.is_empty(), "{bdat:?}: {o:?}");
+    }
+}
+
 /// One transaction of `n` recipients, then `tail`, against a limit of 100 recipients.
 fn with_recipients(n: usize, tail: &[&str]) -> support::Outcome {
     let mut lines = vec![
