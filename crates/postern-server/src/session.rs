@@ -197,6 +197,7 @@ impl Session {
             match self.read(&mut buf[end..]).await {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return,
                 Wake::Read(Ok(n)) => {
+                    crate::store::collect_sync(&self.core);
                     end += n;
                     // A full read: the client is sending in bulk, give it room.
                     if end == buf.len() && buf.len() < READ_BUFFER_MAX {

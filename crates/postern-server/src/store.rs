@@ -1,17 +1,19 @@
 //! The core's spool as the sessions see it: begin, append, commit (awaiting the group
 //! commit), abort. The sync runs on glommio's blocking thread pool, never on the core.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
 use postern_proto::address::{canonical_domain, same_mailbox};
 use postern_proto::{BodyType, Envelope, Ret};
 use postern_spool::{
-    MessageMeta, MessageRef, Recipient, Spool, SpoolError, SpoolOptions, Status, Ticket,
+    MessageMeta, MessageRef, Recipient, Spool, SpoolError, SpoolOptions, Status, SyncBatch, Ticket,
     TicketState,
 };
 
@@ -92,7 +94,20 @@ pub(crate) struct CoreStore {
     /// Woken after each sync.
     synced: Event,
     /// The latest status record's ticket.
-    last_status: std::cell::Cell<Option<Ticket>>,
+    last_status: Cell<Option<Ticket>>,
+    /// Where the blocking pool leaves a finished sync for the core to collect.
+    finished: Arc<FinishedSync>,
+    /// Whether a sync is running and not yet collected.
+    syncing: Cell<bool>,
+}
+
+/// A sync the blocking pool has finished, waiting for the core. Whichever task of the core
+/// runs first collects it: a session after a read, or the sync's own task once glommio hands
+/// back the blocking pool's result (which it does only between rounds of its run queue).
+#[derive(Default)]
+struct FinishedSync {
+    ready: AtomicBool,
+    slot: Mutex<Option<(SyncBatch, std::io::Result<()>)>>,
 }
 
 impl CoreStore {
@@ -131,7 +146,9 @@ impl CoreStore {
             spool: RefCell::new(spool),
             work: Event::new(),
             synced: Event::new(),
-            last_status: std::cell::Cell::new(None),
+            last_status: Cell::new(None),
+            finished: Arc::default(),
+            syncing: Cell::new(false),
         })
     }
 
@@ -303,6 +320,33 @@ pub(crate) fn ensure_spare(core: &Rc<Core>) {
     .detach();
 }
 
+/// Collects a sync the blocking pool has finished, if there is one: its tickets complete and
+/// their sessions (and the group-commit loop) wake. Cheap when there is none (one atomic load);
+/// sessions call it after each read, so a busy core sees a finished sync without waiting for
+/// the end of its run queue's round.
+pub(crate) fn collect_sync(core: &Core) {
+    let store = &core.store;
+    if !store.finished.ready.load(Ordering::Acquire) {
+        return;
+    }
+    let Some((batch, result)) = store
+        .finished
+        .slot
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    else {
+        return;
+    };
+    store.finished.ready.store(false, Ordering::Relaxed);
+    if let Err(e) = &result {
+        core.spool_error("syncing", e);
+    }
+    store.spool.borrow_mut().sync_done(batch, result);
+    store.syncing.set(false);
+    store.synced.notify(usize::MAX);
+}
+
 /// The group-commit loop of one core: every message finished since the last sync shares the
 /// next one, which runs on the blocking pool while the core goes on with other sessions.
 pub(crate) async fn group_commit(core: Rc<Core>) {
@@ -314,16 +358,27 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
             listener.await;
             continue;
         };
-        let (batch, result) = glommio::executor()
-            .spawn_blocking(move || {
-                let result = batch.run();
-                (batch, result)
-            })
-            .await;
-        if let Err(e) = &result {
-            core.spool_error("syncing", e);
+        store.syncing.set(true);
+        let finished = store.finished.clone();
+        let owner = core.clone();
+        glommio::spawn_local(async move {
+            glommio::executor()
+                .spawn_blocking(move || {
+                    let result = batch.run();
+                    *finished.slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((batch, result));
+                    finished.ready.store(true, Ordering::Release);
+                })
+                .await;
+            collect_sync(&owner);
+        })
+        .detach();
+        while store.syncing.get() {
+            let listener = store.synced.listen();
+            if !store.syncing.get() {
+                break;
+            }
+            listener.await;
         }
-        store.spool.borrow_mut().sync_done(batch, result);
-        store.synced.notify(usize::MAX);
     }
 }
