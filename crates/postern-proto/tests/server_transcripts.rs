@@ -738,6 +738,25 @@ fn smuggled_end_of_data_is_body() {
     }
 }
 
+/// Under the default policy a bare line end is the line end it is stored as: a dot after it
+/// is a leading dot, unstuffed like any other (docs/protocol.md).
+#[test]
+fn a_dot_after_a_bare_line_end_is_unstuffed_as_at_any_line_start() {
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+    ]);
+    input.extend_from_slice(b"a\n..b\r\nc\n.d\r\ne\r.f\r\n.\r\n");
+    let o = run_every_split(&config(), &input);
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&o.messages[0].2),
+        "a\r\n.b\r\nc\r\nd\r\ne\r\nf\r\n"
+    );
+}
+
 #[test]
 fn bare_newline_reject_policy() {
     let cfg = Arc::new(ServerConfig {
