@@ -251,8 +251,8 @@ pub struct ClientSession {
     /// `SendBody` was returned and `body_sent` not yet called.
     body_open: bool,
     tls: bool,
-    /// A whole reply has come from the server.
-    answered: bool,
+    /// Whole replies read from the server.
+    replies: u64,
     /// Without PIPELINING: a RSET or QUIT asked for while replies were awaited, written once
     /// they are all in (RFC 2920 3: no command before the previous one's reply).
     waiting: Option<(Expect, &'static [u8])>,
@@ -276,7 +276,7 @@ impl ClientSession {
             body_pending: false,
             body_open: false,
             tls: false,
-            answered: false,
+            replies: 0,
             waiting: None,
             closed_at_rset: false,
         }
@@ -312,7 +312,13 @@ impl ClientSession {
     /// Whether the server has sent a whole reply (its greeting, at least): a failure after
     /// that is one of a server that answered, not of an address where nobody did.
     pub fn has_answered(&self) -> bool {
-        self.answered
+        self.replies > 0
+    }
+
+    /// How many whole replies have come from the server: an embedding that times each wait
+    /// for a reply (RFC 5321 4.5.3.2) starts the next wait when this moves.
+    pub fn replies_read(&self) -> u64 {
+        self.replies
     }
 
     /// Whether no reply is awaited and nothing is held back.
@@ -571,7 +577,7 @@ impl ClientSession {
     }
 
     fn on_reply(&mut self, reply: Reply) -> Option<ClientEvent> {
-        self.answered = true;
+        self.replies += 1;
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect != Expect::Quit {
             self.closed_at_rset = expect == Expect::Rset;

@@ -648,6 +648,9 @@ impl ServerSession {
                 let open = self.close_with(replies::NOT_SMTP);
                 return open.then_some(Event::DataAbort);
             }
+            // BDAT and a tab: not a command this parser reads, but a client or a proxy in
+            // front that does would send a chunk next.
+            Err(e) if is_bdat(line) => return self.refuse_line(e.reply(), line),
             Err(e) => {
                 // A refused RCPT is a RCPT tried, bad syntax or not: DATA after it gets 554
                 // (no valid recipients), not 503 (RFC 2920 3.1).
@@ -990,7 +993,7 @@ fn hello_text(hostname: &str, name: &str) -> String {
     }
 }
 
-/// Whether a command line is meant as BDAT (the verb in any case, then a space or tab),
+/// Whether a command line is meant as BDAT (the verb in any case, then a space or a tab),
 /// whatever the rest of it.
 fn is_bdat(line: &[u8]) -> bool {
     line.len() > 4 && line[..4].eq_ignore_ascii_case(b"BDAT") && matches!(line[4], b' ' | b'\t')

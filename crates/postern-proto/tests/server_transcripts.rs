@@ -350,7 +350,9 @@ fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
     let long_zeros = format!("BDAT {}{} LAST\r\n", "0".repeat(600), chunk.len());
     let long_line = format!("bdat {} LAST{}\r\n", chunk.len(), " ".repeat(600));
     let bare_lf = format!("BDAT {} LAST\n", chunk.len());
+    let tab = format!("BDAT\t{} LAST\r\n", chunk.len());
     let cases = [
+        (tab, "500 5.5.1 Command not recognized"),
         (
             bare_lf,
             "500 5.5.2 Syntax error: command lines must end with CR LF",

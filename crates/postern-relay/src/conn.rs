@@ -301,17 +301,22 @@ impl Outbound {
         limit: Duration,
         until_idle: bool,
     ) -> Result<ClientEvent, ConnError> {
-        // The limit is for the whole wait for a reply (RFC 5321 4.5.3.2), not for each read:
-        // a server that sends its reply a byte at a time does not get past it. It starts
-        // again when a command goes out (without PIPELINING, each waits for the last reply).
+        // The limit is for the whole wait for one reply (RFC 5321 4.5.3.2), not for each
+        // read: a server that sends its reply a byte at a time does not get past it. The
+        // wait starts again when a command goes out and when a whole reply is in (pipelined
+        // commands each get their own wait, as they would one after another).
         let mut deadline = Instant::now() + limit;
         let left = |deadline: Instant| deadline.saturating_duration_since(Instant::now());
         loop {
-            if self.flush(left(deadline)).await? {
+            if self.flush(limit).await? {
                 deadline = Instant::now() + limit;
             }
+            let replies = self.session.replies_read();
             let (n, event) = self.session.handle(&self.buf[self.start..self.end]);
             self.start += n;
+            if self.session.replies_read() != replies {
+                deadline = Instant::now() + limit;
+            }
             if matches!(event, ClientEvent::Failed(_)) && !self.session.output().is_empty() {
                 // A parting QUIT (after a refused greeting), best effort.
                 let _ = self.flush(PARTING_WRITE).await;
@@ -321,7 +326,7 @@ impl Outbound {
             }
             // Handling the replies may have queued commands (EHLO after the greeting, held
             // commands without PIPELINING): they go out before waiting.
-            if self.flush(left(deadline)).await? {
+            if self.flush(limit).await? {
                 deadline = Instant::now() + limit;
             }
             if self.start == self.end {

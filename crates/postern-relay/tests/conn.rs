@@ -140,14 +140,10 @@ fn a_server_that_trickles_its_greeting_times_out_all_the_same() {
     assert!(took < Duration::from_millis(2000), "took {took:?}");
 }
 
-/// Without PIPELINING, the RSET between two transactions waits for its reply before MAIL.
-#[test]
-fn two_transactions_without_pipelining() {
-    use postern_proto::client::{BodyMode, OutRecipient, Transaction};
-    let addr = scripted("220 peer.test ESMTP\r\n");
-    let dir = tempfile::tempdir().unwrap();
+/// A message in a spool under `dir`, synced; its body handle.
+fn spooled(dir: &std::path::Path) -> postern_spool::MessageRef {
     let mut spool =
-        postern_spool::Spool::open(dir.path(), 0, postern_spool::SpoolOptions::default()).unwrap();
+        postern_spool::Spool::open(dir, 0, postern_spool::SpoolOptions::default()).unwrap();
     let meta = postern_spool::MessageMeta {
         recipients: vec![postern_spool::Recipient {
             path: "r@x.test".into(),
@@ -162,7 +158,93 @@ fn two_transactions_without_pipelining() {
         .unwrap();
     let (_, body) = spool.finish_with_body(draft).unwrap();
     spool.sync_now().unwrap();
-    let body = spool.body(body).unwrap();
+    spool.body(body).unwrap()
+}
+
+/// With PIPELINING the envelope's replies come back one after another; each has its own wait.
+/// Here each RCPT takes 300 ms against a limit of 800 ms: six of them take longer than one
+/// limit, and none takes longer than its own.
+#[test]
+fn pipelined_replies_each_get_their_own_wait() {
+    use postern_proto::client::{BodyMode, OutRecipient, Transaction};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        let mut w = s.try_clone().unwrap();
+        w.write_all(b"220 peer.test ESMTP\r\n").unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        let mut in_data = false;
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            let reply: &[u8] = if in_data {
+                if line == ".\r\n" {
+                    in_data = false;
+                    b"250 queued\r\n"
+                } else {
+                    b""
+                }
+            } else if line.starts_with("EHLO") {
+                b"250-peer.test\r\n250 PIPELINING\r\n"
+            } else if line.starts_with("RCPT") {
+                std::thread::sleep(Duration::from_millis(300));
+                b"250 ok\r\n"
+            } else if line.starts_with("DATA") {
+                in_data = true;
+                b"354 go\r\n"
+            } else if line.starts_with("QUIT") {
+                b"221 bye\r\n"
+            } else {
+                b"250 ok\r\n"
+            };
+            if w.write_all(reply).is_err() {
+                break;
+            }
+            line.clear();
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let body = spooled(dir.path());
+    let codes = run(async move {
+        let limit = Duration::from_millis(800);
+        let t = Timeouts {
+            greeting: limit,
+            mail: limit,
+            rcpt: limit,
+            data_init: limit,
+            data_done: limit,
+            ..Timeouts::default()
+        };
+        let mut c = Outbound::connect(addr, "peer.test", "me.test", None, &t)
+            .await
+            .unwrap();
+        let tx = Transaction {
+            from: "s@x.test".into(),
+            mail_params: String::new(),
+            rcpts: (0..6)
+                .map(|i| OutRecipient {
+                    path: format!("r{i}@x.test"),
+                    params: String::new(),
+                })
+                .collect(),
+            body_len: body.len(),
+            mode: BodyMode::Data,
+            chunk_size: 0,
+        };
+        let r = c.deliver(&tx, &body, &t).await.unwrap();
+        c.quit().await;
+        (0..6).map(|i| r.outcome(i).code).collect::<Vec<_>>()
+    });
+    assert_eq!(codes, [250; 6]);
+}
+
+/// Without PIPELINING, the RSET between two transactions waits for its reply before MAIL.
+#[test]
+fn two_transactions_without_pipelining() {
+    use postern_proto::client::{BodyMode, OutRecipient, Transaction};
+    let addr = scripted("220 peer.test ESMTP\r\n");
+    let dir = tempfile::tempdir().unwrap();
+    let body = spooled(dir.path());
     let codes = run(async move {
         let t = Timeouts {
             mail: Duration::from_secs(5),

@@ -442,7 +442,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         })
         .await;
     }
-    core.store.shutdown();
+    core.store.shutdown().await;
     drop(committer);
     core.publish();
 }

@@ -274,9 +274,22 @@ impl CoreStore {
         }
     }
 
-    /// Syncs what is pending, on this thread: only at shutdown.
-    pub(crate) fn shutdown(&self) {
+    /// At shutdown: lets the sync in flight be collected, then syncs what is pending, on this
+    /// thread.
+    pub(crate) async fn shutdown(&self) {
+        self.sync_collected().await;
         let _ = self.spool.borrow_mut().sync_now();
+    }
+
+    /// Waits until no sync is in flight (the last one collected).
+    async fn sync_collected(&self) {
+        while self.syncing.get() {
+            let listener = self.synced.listen();
+            if !self.syncing.get() {
+                break;
+            }
+            listener.await;
+        }
     }
 }
 
@@ -364,7 +377,11 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
         glommio::spawn_local(async move {
             glommio::executor()
                 .spawn_blocking(move || {
-                    let result = batch.run();
+                    // A panic would leave the core waiting for this sync for ever: it fails
+                    // as a sync does instead (452 to the clients waiting on it).
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.run()))
+                            .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked")));
                     *finished.slot.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some((batch, result));
                     finished.ready.store(true, Ordering::Release);
@@ -373,12 +390,6 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
             collect_sync(&owner);
         })
         .detach();
-        while store.syncing.get() {
-            let listener = store.synced.listen();
-            if !store.syncing.get() {
-                break;
-            }
-            listener.await;
-        }
+        store.sync_collected().await;
     }
 }
