@@ -164,7 +164,8 @@ fn main() -> ExitCode {
     if let Some(addr) = running.metrics {
         say!("postern: metrics listening on {addr}");
     }
-    say!("postern: ready with {cores} cores");
+    let plural = if cores == 1 { "" } else { "s" };
+    say!("postern: ready with {cores} core{plural}");
     let stop = running.stop_flag();
     let server_cert = running.server_cert();
     match signals {

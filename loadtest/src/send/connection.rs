@@ -328,7 +328,12 @@ async fn open(core: &Core) -> Result<Client, Failure> {
 async fn greet(client: &mut Client) -> Result<(), Failure> {
     match client.next_event().await? {
         ClientEvent::Ready => Ok(()),
-        ClientEvent::Failed(e) => Err(e.into()),
+        ClientEvent::Failed(e) => {
+            // The QUIT the session queued after a refused greeting or HELO (RFC 5321
+            // 4.1.1.10), best effort.
+            let _ = client.write_queued().await;
+            Err(e.into())
+        }
         _ => Err(Failure("protocol_error")),
     }
 }
