@@ -1152,25 +1152,44 @@ impl CoreRelay {
             self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
             return None;
         }
-        // RFC 6531 3.2: an internationalized message (UTF-8 in its envelope or in its header
-        // section) goes only to a next hop with SMTPUTF8. postern does not downgrade, so such
-        // a message fails for that next hop. One sent with SMTPUTF8 that has neither goes on
-        // without the parameter.
+        // RFC 6531 3.2: an internationalized message (UTF-8 in its reverse path, its header
+        // section or a recipient's address) goes only to a next hop with SMTPUTF8. postern
+        // does not downgrade, so such a message fails for that next hop. With an ASCII
+        // reverse path and header section, only the recipients whose own address is UTF-8
+        // fail: the others go on in a transaction without them, which is not
+        // internationalized. One sent with SMTPUTF8 that has none of these goes on without
+        // the parameter.
         if meta.smtputf8 && !smtputf8 {
-            let ascii = meta.reverse_path.is_ascii()
-                && job.rcpts.iter().all(|&i| {
-                    meta.recipients
-                        .get(i as usize)
-                        .is_some_and(|r| r.path.is_ascii())
-                })
-                && headers_are_ascii(&job.msg.body);
-            if !ascii {
-                let text = format!(
+            let text = || {
+                format!(
                     "{} does not support SMTPUTF8, needed for this message's addresses or header fields",
                     conn.remote
-                );
-                self.settle_all(job, true, "5.6.7", &text, Some(conn.remote.clone()));
+                )
+            };
+            let (ascii, intl): (Vec<u32>, Vec<u32>) = job.rcpts.iter().partition(|&&i| {
+                meta.recipients
+                    .get(i as usize)
+                    .is_some_and(|r| r.path.is_ascii())
+            });
+            if ascii.is_empty()
+                || !meta.reverse_path.is_ascii()
+                || !headers_are_ascii(&job.msg.body)
+            {
+                self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
                 return None;
+            }
+            if !intl.is_empty() {
+                let failed = Job {
+                    msg: job.msg.clone(),
+                    rcpts: intl,
+                    dest: job.dest.clone(),
+                    failures: job.failures,
+                    not_before: 0,
+                    hop_dsn: false,
+                    tried: Vec::new(),
+                };
+                self.settle_all(failed, true, "5.6.7", &text(), Some(conn.remote.clone()));
+                job.rcpts = ascii;
             }
         }
         // RFC 6152 3: no octet above 127 goes to a next hop without 8BITMIME, and any that

@@ -750,6 +750,49 @@ fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
 }
 
 #[test]
+fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
+    // A next hop without SMTPUTF8; an ASCII sender and header section, one ASCII and one
+    // UTF-8 recipient there: the ASCII one gets the message (without SMTPUTF8), the UTF-8
+    // one is bounced with 5.6.7 (RFC 6531 3.2).
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let server = routed_to(&peer, &[]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<j\u{f6}rg@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Message-ID: <split@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let stored = peer.wait_for("the message and a bounce", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let got = stored
+        .iter()
+        .find(|m| m.message_id == "<split@t>")
+        .expect("the message for the ASCII recipient");
+    assert_eq!(got.rcpt_tos, ["bob@dest.test"]);
+    assert!(
+        !got.mail_options.iter().any(|o| o == "SMTPUTF8"),
+        "{:?}",
+        got.mail_options
+    );
+    let bounce = stored
+        .iter()
+        .find(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+        .expect("the bounce");
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(text.contains("Status: 5.6.7"), "{text}");
+    assert!(text.contains("rg@dest.test"), "{text}");
+    assert!(!text.contains("bob@dest.test"), "{text}");
+}
+
+#[test]
 fn a_mailbox_given_twice_is_one_recipient() {
     let peer = Peer::start(&[]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
