@@ -18,9 +18,21 @@ where
         .run(f)
 }
 
-/// A server that greets, answers EHLO without extensions, and then answers each line from
-/// `script` in order.
+/// A server that greets, answers EHLO with 8BITMIME, and then 250 to everything (354 to DATA).
 fn scripted(greeting: &'static str) -> std::net::SocketAddr {
+    scripted_with(
+        greeting,
+        "250-peer.test\r\n250 8BITMIME\r\n",
+        Duration::ZERO,
+    )
+}
+
+/// [`scripted`] with this EHLO reply, answering each RCPT after `rcpt_delay`.
+fn scripted_with(
+    greeting: &'static str,
+    ehlo: &'static str,
+    rcpt_delay: Duration,
+) -> std::net::SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -43,7 +55,10 @@ fn scripted(greeting: &'static str) -> std::net::SocketAddr {
                 in_data = true;
                 b"354 go\r\n"
             } else if line.starts_with("EHLO") {
-                b"250-peer.test\r\n250 8BITMIME\r\n"
+                ehlo.as_bytes()
+            } else if line.starts_with("RCPT") {
+                std::thread::sleep(rcpt_delay);
+                b"250 ok\r\n"
             } else if line.starts_with("QUIT") {
                 b"221 bye\r\n"
             } else {
@@ -167,42 +182,11 @@ fn spooled(dir: &std::path::Path) -> postern_spool::MessageRef {
 #[test]
 fn pipelined_replies_each_get_their_own_wait() {
     use postern_proto::client::{BodyMode, OutRecipient, Transaction};
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let (s, _) = l.accept().unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(b"220 peer.test ESMTP\r\n").unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        let mut in_data = false;
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            let reply: &[u8] = if in_data {
-                if line == ".\r\n" {
-                    in_data = false;
-                    b"250 queued\r\n"
-                } else {
-                    b""
-                }
-            } else if line.starts_with("EHLO") {
-                b"250-peer.test\r\n250 PIPELINING\r\n"
-            } else if line.starts_with("RCPT") {
-                std::thread::sleep(Duration::from_millis(300));
-                b"250 ok\r\n"
-            } else if line.starts_with("DATA") {
-                in_data = true;
-                b"354 go\r\n"
-            } else if line.starts_with("QUIT") {
-                b"221 bye\r\n"
-            } else {
-                b"250 ok\r\n"
-            };
-            if w.write_all(reply).is_err() {
-                break;
-            }
-            line.clear();
-        }
-    });
+    let addr = scripted_with(
+        "220 peer.test ESMTP\r\n",
+        "250-peer.test\r\n250 PIPELINING\r\n",
+        Duration::from_millis(300),
+    );
     let dir = tempfile::tempdir().unwrap();
     let body = spooled(dir.path());
     let codes = run(async move {

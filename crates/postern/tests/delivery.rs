@@ -685,6 +685,15 @@ fn a_success_report_does_not_wait_for_the_rest_of_the_message() {
     assert!(!text.contains("x@down.test"), "{text}");
 }
 
+/// The text of the one report (from the null sender) among `stored`.
+fn bounce_text(stored: &[Stored]) -> String {
+    let bounce = stored
+        .iter()
+        .find(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+        .expect("the bounce");
+    String::from_utf8_lossy(&bounce.data).into_owned()
+}
+
 #[test]
 fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
     // A next hop with 8BITMIME and without SMTPUTF8.
@@ -740,11 +749,7 @@ fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
         String::from_utf8_lossy(&plain.data)
     );
     assert!(String::from_utf8_lossy(&plain.data).contains("from xn--bcher-kva.test ("));
-    let bounce = stored
-        .iter()
-        .find(|m| m.mail_from.is_empty() || m.mail_from == "<>")
-        .expect("the bounce");
-    let text = String::from_utf8_lossy(&bounce.data);
+    let text = bounce_text(&stored);
     assert!(text.contains("Status: 5.6.7"), "{text}");
     assert!(text.contains("<intl@t>"), "{text}");
 }
@@ -782,11 +787,7 @@ fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
         "{:?}",
         got.mail_options
     );
-    let bounce = stored
-        .iter()
-        .find(|m| m.mail_from.is_empty() || m.mail_from == "<>")
-        .expect("the bounce");
-    let text = String::from_utf8_lossy(&bounce.data);
+    let text = bounce_text(&stored);
     assert!(text.contains("Status: 5.6.7"), "{text}");
     assert!(text.contains("rg@dest.test"), "{text}");
     assert!(!text.contains("bob@dest.test"), "{text}");
