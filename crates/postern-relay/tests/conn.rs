@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
+use postern_proto::client::{BodyMode, OutRecipient, Transaction};
 use postern_relay::conn::{ConnError, Outbound, Timeouts};
 
 fn run<T>(f: impl std::future::Future<Output = T> + 'static) -> T
@@ -176,12 +177,28 @@ fn spooled(dir: &std::path::Path) -> postern_spool::MessageRef {
     spool.body(body).unwrap()
 }
 
+/// A DATA transaction from `s@x.test` to `r0@x.test` .. `r{n-1}@x.test`.
+fn data_transaction(n: usize, body_len: u64) -> Transaction {
+    Transaction {
+        from: "s@x.test".into(),
+        mail_params: String::new(),
+        rcpts: (0..n)
+            .map(|i| OutRecipient {
+                path: format!("r{i}@x.test"),
+                params: String::new(),
+            })
+            .collect(),
+        body_len,
+        mode: BodyMode::Data,
+        chunk_size: 0,
+    }
+}
+
 /// With PIPELINING the envelope's replies come back one after another; each has its own wait.
 /// Here each RCPT takes 300 ms against a limit of 800 ms: six of them take longer than one
 /// limit, and none takes longer than its own.
 #[test]
 fn pipelined_replies_each_get_their_own_wait() {
-    use postern_proto::client::{BodyMode, OutRecipient, Transaction};
     let addr = scripted_with(
         "220 peer.test ESMTP\r\n",
         "250-peer.test\r\n250 PIPELINING\r\n",
@@ -202,19 +219,7 @@ fn pipelined_replies_each_get_their_own_wait() {
         let mut c = Outbound::connect(addr, "peer.test", "me.test", None, &t)
             .await
             .unwrap();
-        let tx = Transaction {
-            from: "s@x.test".into(),
-            mail_params: String::new(),
-            rcpts: (0..6)
-                .map(|i| OutRecipient {
-                    path: format!("r{i}@x.test"),
-                    params: String::new(),
-                })
-                .collect(),
-            body_len: body.len(),
-            mode: BodyMode::Data,
-            chunk_size: 0,
-        };
+        let tx = data_transaction(6, body.len());
         let r = c.deliver(&tx, &body, &t).await.unwrap();
         c.quit().await;
         (0..6).map(|i| r.outcome(i).code).collect::<Vec<_>>()
@@ -225,7 +230,6 @@ fn pipelined_replies_each_get_their_own_wait() {
 /// Without PIPELINING, the RSET between two transactions waits for its reply before MAIL.
 #[test]
 fn two_transactions_without_pipelining() {
-    use postern_proto::client::{BodyMode, OutRecipient, Transaction};
     let addr = scripted("220 peer.test ESMTP\r\n");
     let dir = tempfile::tempdir().unwrap();
     let body = spooled(dir.path());
@@ -237,17 +241,7 @@ fn two_transactions_without_pipelining() {
         let mut c = Outbound::connect(addr, "peer.test", "me.test", None, &t)
             .await
             .unwrap();
-        let tx = Transaction {
-            from: "s@x.test".into(),
-            mail_params: String::new(),
-            rcpts: vec![OutRecipient {
-                path: "r@x.test".into(),
-                params: String::new(),
-            }],
-            body_len: body.len(),
-            mode: BodyMode::Data,
-            chunk_size: 0,
-        };
+        let tx = data_transaction(1, body.len());
         let mut codes = Vec::new();
         for _ in 0..2 {
             let r = c.deliver(&tx, &body, &t).await.unwrap();
