@@ -496,11 +496,19 @@ impl ServerSession {
     }
 
     fn close_with(&mut self, reply: StaticReply) -> bool {
-        reply.write(&mut self.out);
+        self.write_closing(reply);
         let open = self.body_open;
         self.reset_transaction();
         self.phase = Phase::Closed;
         open
+    }
+
+    /// Writes a reply that ends the session (221, 421) with this server's name first, as
+    /// RFC 5321 4.2.3 gives them (`421 <domain> Service not available, closing transmission
+    /// channel`): a client may read the name in these replies (RFC 5321 4.2).
+    fn write_closing(&mut self, reply: StaticReply) {
+        let text = format!("{} {}", self.config.hostname, reply.text);
+        write_reply(&mut self.out, reply.code, Some(reply.enhanced), &text);
     }
 
     /// Processes `input` (everything received and not yet consumed) up to the next event.
@@ -577,7 +585,7 @@ impl ServerSession {
     fn count_error(&mut self) {
         self.errors += 1;
         if self.errors >= self.config.max_errors && !self.is_closed() {
-            replies::TOO_MANY_ERRORS.write(&mut self.out);
+            self.write_closing(replies::TOO_MANY_ERRORS);
             self.phase = Phase::Closed;
         }
     }

@@ -62,7 +62,7 @@ fn pipelined_data_transaction() {
             "250 2.1.5 Ok",
             "354 End data with <CR><LF>.<CR><LF>",
             "250 2.0.0 Ok: queued as Q1",
-            "221 2.0.0 Bye",
+            "221 2.0.0 mx.test Bye",
         ])
     );
     assert_eq!(o.messages.len(), 1);
@@ -188,7 +188,7 @@ fn relay_refusal_then_no_valid_recipients() {
             "250 2.1.0 Ok",
             "554 5.7.1 Relay access denied",
             "554 5.5.1 No valid recipients",
-            "221 2.0.0 Bye",
+            "221 2.0.0 mx.test Bye",
         ],
     );
     assert!(o.messages.is_empty());
@@ -228,7 +228,7 @@ fn helo_session_and_misc_commands() {
             "502 5.5.1 STARTTLS not available",
             "555 5.5.4 Parameters not allowed after HELO",
             "250 2.1.0 Ok",
-            "221 2.0.0 Bye",
+            "221 2.0.0 mx.test Bye",
         ],
     );
 }
@@ -335,7 +335,7 @@ fn bad_bdat_size_closes_the_connection() {
         &o,
         &[
             "501 5.5.4 Syntax: BDAT size [LAST]",
-            "421 4.5.0 Cannot follow BDAT framing, closing connection",
+            "421 4.5.0 mx.test Cannot follow BDAT framing, closing connection",
         ],
     );
     assert!(o.closed);
@@ -373,7 +373,7 @@ fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
             &o,
             &[
                 refusal,
-                "421 4.5.0 Cannot follow BDAT framing, closing connection",
+                "421 4.5.0 mx.test Cannot follow BDAT framing, closing connection",
             ],
         );
         assert!(o.closed && o.messages.is_empty(), "{bdat:?}: {o:?}");
@@ -453,7 +453,7 @@ fn an_absurd_recipient_overshoot_counts_as_errors() {
     // A limit of 100: 1000 overshooting RCPTs are free, then 20 errors end it.
     assert_eq!(o.output.matches("452 4.5.3").count(), 1020);
     assert!(o.output.ends_with(
-        "452 4.5.3 Too many recipients\r\n421 4.7.0 Too many errors, closing connection\r\n"
+        "452 4.5.3 Too many recipients\r\n421 4.7.0 mx.test Too many errors, closing connection\r\n"
     ));
     assert!(o.closed);
 }
@@ -688,7 +688,7 @@ fn too_many_errors_closes_with_421() {
     assert_eq!(o.output.matches("500 5.5.1").count(), 20);
     assert!(o
         .output
-        .ends_with("421 4.7.0 Too many errors, closing connection\r\n"));
+        .ends_with("421 4.7.0 mx.test Too many errors, closing connection\r\n"));
     assert!(o.closed);
 }
 
@@ -699,7 +699,7 @@ fn http_request_is_dropped() {
         &o,
         &[
             BANNER,
-            "421 4.7.0 This is an SMTP server, closing connection",
+            "421 4.7.0 mx.test This is an SMTP server, closing connection",
         ],
     );
     assert!(o.closed);
@@ -934,7 +934,7 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-SMTPUTF8",
             "250-DSN",
             "250 STARTTLS",
-            "221 2.0.0 Bye",
+            "221 2.0.0 mx.test Bye",
         ],
     );
     let cfg = Arc::new(ServerConfig {
@@ -977,7 +977,7 @@ fn helo_names_are_checked_and_echoed_in_ascii() {
             "250 mx.test Hello [x-tag:some.content]",
             "250 mx.test Hello xn--bcher-kva.example",
             "250 2.0.0 Ok",
-            "221 2.0.0 Bye",
+            "221 2.0.0 mx.test Bye",
         ],
     );
 }

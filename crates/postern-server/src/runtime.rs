@@ -542,9 +542,13 @@ async fn refuse(
     implicit_tls: bool,
 ) {
     use futures_lite::io::AsyncWriteExt;
+    // "421 <domain> ..." (RFC 5321 4.2.3), as every reply that closes a session.
+    let host = &core.settings.hostname;
     let text = match refusal {
-        Refusal::Total => "421 4.3.2 Too many connections, try again later\r\n",
-        Refusal::PerIp => "421 4.7.0 Too many connections from your address, try again later\r\n",
+        Refusal::Total => format!("421 4.3.2 {host} Too many connections, try again later\r\n"),
+        Refusal::PerIp => {
+            format!("421 4.7.0 {host} Too many connections from your address, try again later\r\n")
+        }
     };
     if !implicit_tls {
         let _ = stream.write_all(text.as_bytes()).await;

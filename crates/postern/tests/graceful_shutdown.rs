@@ -22,14 +22,14 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
 
     assert_eq!(
         idle.line(),
-        "421 4.3.2 Service shutting down, closing connection"
+        "421 4.3.2 mx.test Service shutting down, closing connection"
     );
     assert!(idle.closed());
     busy.send(b"second half\r\n.\r\n");
     let id = queue_id(&busy.line());
     assert_eq!(
         busy.line(),
-        "421 4.3.2 Service shutting down, closing connection"
+        "421 4.3.2 mx.test Service shutting down, closing connection"
     );
 
     let status = server.child.wait().unwrap();
@@ -62,13 +62,13 @@ fn sigterm_lets_a_bdat_transaction_between_chunks_finish() {
     // The idle session hears of the stop; the one between chunks may still finish.
     assert_eq!(
         idle.line(),
-        "421 4.3.2 Service shutting down, closing connection"
+        "421 4.3.2 mx.test Service shutting down, closing connection"
     );
     chunked.send(b"BDAT 4 LAST\r\ncd\r\n");
     let id = queue_id(&chunked.line());
     assert_eq!(
         chunked.line(),
-        "421 4.3.2 Service shutting down, closing connection"
+        "421 4.3.2 mx.test Service shutting down, closing connection"
     );
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
@@ -95,7 +95,7 @@ fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     for c in [&mut stalled, &mut chunked] {
         assert_eq!(
             c.line(),
-            "421 4.3.2 Service shutting down, closing connection"
+            "421 4.3.2 mx.test Service shutting down, closing connection"
         );
         assert!(c.closed());
     }
@@ -135,7 +135,7 @@ fn connections_waiting_to_be_accepted_at_sigterm_get_421_not_a_reset() {
         assert!(read.is_ok(), "connection {i}: {read:?} after {text:?}");
         let last = text.lines().last().unwrap_or_default().to_owned();
         assert_eq!(
-            last, "421 4.3.2 Service shutting down, closing connection",
+            last, "421 4.3.2 mx.test Service shutting down, closing connection",
             "connection {i} read {text:?}"
         );
     }

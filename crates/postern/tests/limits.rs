@@ -64,7 +64,7 @@ fn connections_over_the_per_ip_limit_get_421_at_once() {
     let mut c = server.connect();
     assert_eq!(
         c.line(),
-        "421 4.7.0 Too many connections from your address, try again later"
+        "421 4.7.0 mx.test Too many connections from your address, try again later"
     );
     assert!(c.closed());
     // The 421 counts as a reply, beside the refused connection.
@@ -73,7 +73,7 @@ fn connections_over_the_per_ip_limit_get_421_at_once() {
     let text = server.metrics_until(|m| m.contains(refused) && m.contains(four));
     assert!(text.contains(refused) && text.contains(four), "{text}");
     // A place frees up when a session ends.
-    assert_eq!(a.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(a.cmd("QUIT"), "221 2.0.0 mx.test Bye");
     assert!(a.closed());
     // The place is given back before the close reaches the client.
     let mut d = Client::connect(server.smtp);
@@ -110,7 +110,7 @@ fn an_ipv4_client_on_a_dual_stack_listener_is_counted_as_itself() {
     let mut b = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], dual.port())));
     assert_eq!(
         b.line(),
-        "421 4.7.0 Too many connections from your address, try again later"
+        "421 4.7.0 mx.test Too many connections from your address, try again later"
     );
     // An IPv6 client is another client.
     let mut c = Client::connect(std::net::SocketAddr::from((

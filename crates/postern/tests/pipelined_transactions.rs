@@ -31,7 +31,7 @@ fn pipelined_data_and_bdat_transactions_are_spooled() {
     assert_eq!(c.line(), "250 2.1.5 Ok");
     assert_eq!(c.line(), "250 2.0.0 5 octets received");
     let second = queue_id(&c.line());
-    assert_eq!(c.line(), "221 2.0.0 Bye");
+    assert_eq!(c.line(), "221 2.0.0 mx.test Bye");
     assert!(c.closed());
     assert_ne!(first, second);
 
@@ -96,7 +96,7 @@ fn transactions_pipelined_into_each_other_are_each_answered_and_spooled() {
     assert_eq!(c.line(), "354 End data with <CR><LF>.<CR><LF>");
     c.send(b"third\r\n.\r\nQUIT\r\n");
     ids.push(queue_id(&c.line()));
-    assert_eq!(c.line(), "221 2.0.0 Bye");
+    assert_eq!(c.line(), "221 2.0.0 mx.test Bye");
     assert!(c.closed());
 
     assert!(server.terminate().success());

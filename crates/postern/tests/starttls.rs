@@ -116,7 +116,7 @@ fn starttls_drops_pipelined_commands_and_starts_over() {
     assert_eq!(t.cmd("RCPT TO:<c@d.test>"), "250 2.1.5 Ok");
     assert_eq!(t.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
     let id = queue_id(&t.cmd("Subject: secret\r\n\r\nover TLS\r\n."));
-    assert_eq!(t.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(t.cmd("QUIT"), "221 2.0.0 mx.test Bye");
 
     let metrics = server.metrics_until(|m| m.contains("postern_tls_handshakes_total 1\n"));
     assert!(
@@ -154,7 +154,7 @@ fn implicit_tls_port_greets_inside_tls() {
     assert_eq!(t.cmd("RCPT TO:<c@d.test>"), "250 2.1.5 Ok");
     assert_eq!(t.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
     queue_id(&t.cmd("Subject: s\r\n\r\nimplicit\r\n."));
-    assert_eq!(t.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(t.cmd("QUIT"), "221 2.0.0 mx.test Bye");
     assert!(server.terminate().success());
     let msgs = spooled(&server.spool);
     assert_eq!(msgs.len(), 2);
@@ -178,7 +178,7 @@ fn an_over_limit_client_of_the_implicit_tls_port_gets_its_421_inside_tls() {
     let mut second = connect();
     assert_eq!(
         second.line(),
-        "421 4.7.0 Too many connections from your address, try again later"
+        "421 4.7.0 mx.test Too many connections from your address, try again later"
     );
     // Then the server ends the TLS session and the connection.
     let mut rest = Vec::new();
@@ -194,7 +194,7 @@ fn an_over_limit_client_of_the_implicit_tls_port_gets_its_421_inside_tls() {
         m.contains("postern_tls_handshake_failures_total 0\n"),
         "{m}"
     );
-    assert_eq!(first.cmd("QUIT"), "221 2.0.0 Bye");
+    assert_eq!(first.cmd("QUIT"), "221 2.0.0 mx.test Bye");
 }
 
 #[test]

@@ -13,7 +13,10 @@ fn a_silent_client_gets_421_and_is_closed() {
     let mut c = server.connect();
     c.line();
     let started = Instant::now();
-    assert_eq!(c.line(), "421 4.4.2 Timeout exceeded, closing connection");
+    assert_eq!(
+        c.line(),
+        "421 4.4.2 mx.test Timeout exceeded, closing connection"
+    );
     assert!(started.elapsed().as_millis() >= 250, "timed out too early");
     assert!(c.closed());
 }
@@ -28,7 +31,10 @@ fn a_client_stalling_inside_data_is_dropped_and_nothing_is_spooled() {
     c.cmd("RCPT TO:<c@d.test>");
     c.cmd("DATA");
     c.send(b"Subject: half a message\r\n");
-    assert_eq!(c.line(), "421 4.4.2 Timeout exceeded, closing connection");
+    assert_eq!(
+        c.line(),
+        "421 4.4.2 mx.test Timeout exceeded, closing connection"
+    );
     assert!(server.terminate().success());
     assert!(common::spooled(&server.spool).is_empty());
 }
@@ -45,7 +51,7 @@ fn the_session_time_cap_holds_even_for_a_chatty_client() {
             // Said as what it is, not as a silent client's timeout.
             assert_eq!(
                 reply,
-                "421 4.4.2 Session time limit reached, closing connection"
+                "421 4.4.2 mx.test Session time limit reached, closing connection"
             );
             break;
         }
