@@ -449,12 +449,32 @@ pub fn canonical_domain(domain: &str) -> String {
     idna::domain_to_ascii(domain).map_or_else(|_| domain.to_lowercase(), |a| a.to_ascii_lowercase())
 }
 
-/// The same mailbox: the local parts equal, the domains equal in canonical form (any case,
-/// U-labels or A-labels; see [`canonical_domain`]).
+/// What a local part says: a quoted string without its quotes and with each quoted pair
+/// (`\x`) read as its character, so that `"john"`, `"jo\hn"` and `john` are one local part
+/// (RFC 5322 3.2.4: the quotes and the backslashes are not part of the value). Case is kept:
+/// only the mailbox's host may say what case means (RFC 5321 2.4).
+pub fn local_part_value(local: &str) -> std::borrow::Cow<'_, str> {
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return std::borrow::Cow::Borrowed(local);
+    };
+    let mut value = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        value.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    std::borrow::Cow::Owned(value)
+}
+
+/// The same mailbox: the local parts say the same (see [`local_part_value`]), the domains are
+/// equal in canonical form (any case, U-labels or A-labels; see [`canonical_domain`]).
 pub fn same_mailbox(a: &str, b: &str) -> bool {
     match (a.rsplit_once('@'), b.rsplit_once('@')) {
         (Some((la, da)), Some((lb, db))) => {
-            la == lb
+            (la == lb || local_part_value(la) == local_part_value(lb))
                 && (da.eq_ignore_ascii_case(db)
                     || (!(da.is_ascii() && db.is_ascii())
                         && canonical_domain(da) == canonical_domain(db)))
@@ -596,6 +616,19 @@ mod tests {
         assert!(same_mailbox("u@b\u{fc}cher.test", "u@xn--bcher-kva.test"));
         assert!(same_mailbox("u@B\u{dc}cher.test", "u@b\u{fc}cher.test"));
         assert!(!same_mailbox("U@example.test", "u@example.test"));
+        // A quoted local part is its value: quotes and quoted pairs aside.
+        for same in [
+            "\"u\"@example.test",
+            "\"\\u\"@example.test",
+            "u@EXAMPLE.test",
+        ] {
+            assert!(same_mailbox("u@example.test", same), "{same}");
+        }
+        assert!(same_mailbox("\"a b\"@x.test", "\"a\\ b\"@x.test"));
+        assert!(!same_mailbox("\"U\"@example.test", "u@example.test"));
+        assert!(!same_mailbox("\"u.\"@example.test", "u@example.test"));
+        assert_eq!(local_part_value("\"a\\\"b\""), "a\"b");
+        assert_eq!(local_part_value("\""), "\"");
         assert!(!same_mailbox("u@bucher.test", "u@b\u{fc}cher.test"));
     }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
-use postern_proto::address::{canonical_domain, same_mailbox};
+use postern_proto::address::{canonical_domain, local_part_value, same_mailbox};
 use postern_proto::{BodyType, Envelope, Ret};
 use postern_spool::{
     MessageMeta, MessageRef, Recipient, Spool, SpoolError, SpoolOptions, Status, SyncBatch, Ticket,
@@ -39,7 +39,8 @@ pub(crate) struct Meta<'a> {
 
 /// The envelope's recipients as the spool keeps them: the postmaster's sent where the operator
 /// said, and each mailbox once (the first time it was given, with its DSN parameters). Local
-/// parts compare exactly, domains without regard to ASCII case.
+/// parts compare by their value (quotes and quoted pairs aside) with their case, domains in
+/// their canonical form.
 fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
     let count = m.envelope.recipient_count();
     let mut out: Vec<Recipient> = Vec::with_capacity(count);
@@ -56,7 +57,9 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
         }
         let new = match seen.as_mut() {
             Some(seen) => seen.insert(match rcpt.path.rsplit_once('@') {
-                Some((local, domain)) => format!("{local}@{}", canonical_domain(domain)),
+                Some((local, domain)) => {
+                    format!("{}@{}", local_part_value(local), canonical_domain(domain))
+                }
                 None => rcpt.path.clone(),
             }),
             None => !out.iter().any(|o| same_mailbox(&o.path, &rcpt.path)),

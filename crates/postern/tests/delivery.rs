@@ -806,11 +806,14 @@ fn a_mailbox_given_twice_is_one_recipient() {
             "RCPT TO:<bob@DEST.test>",
             "RCPT TO:<Bob@dest.test>",
             "RCPT TO:<bob@dest.test>",
+            "RCPT TO:<\"bob\"@dest.test>",
+            "RCPT TO:<\"b\\ob\"@Dest.test>",
         ],
         "<dup@t>",
     );
     let (got, _) = peer.first("the message");
-    // Domains compare without case; local parts exactly (RFC 5321 2.4).
+    // Domains compare without case; local parts by their value (quotes and quoted pairs
+    // aside), with their case (RFC 5321 2.4).
     assert_eq!(got.rcpt_tos, ["bob@dest.test", "Bob@dest.test"]);
 
     // A long list (looked up in a set rather than compared in place) the same way.
@@ -818,6 +821,7 @@ fn a_mailbox_given_twice_is_one_recipient() {
     for i in 0..20 {
         commands.push(format!("RCPT TO:<r{i}@dest.test>"));
         commands.push(format!("RCPT TO:<r{i}@Dest.Test>"));
+        commands.push(format!("RCPT TO:<\"r{i}\"@dest.test>"));
     }
     commands.push("RCPT TO:<R0@dest.test>".to_owned());
     let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
