@@ -61,7 +61,13 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
         "Received: from {helo} ({literal})\r\n\tby {} (postern) with {protocol} id {}",
         t.hostname, t.queue_id
     );
-    if let Some(rcpt) = t.single_rcpt {
+    // Not an address with a Unicode line or paragraph separator (possible in a quoted
+    // SMTPUTF8 local part): tools that split text at them would see a header line the client
+    // wrote. The clause is optional (RFC 5321 4.4).
+    if let Some(rcpt) = t
+        .single_rcpt
+        .filter(|r| !r.contains(['\u{85}', '\u{2028}', '\u{2029}']))
+    {
         let _ = write!(s, "\r\n\tfor <{rcpt}>");
     }
     let _ = write!(s, ";\r\n\t{}\r\n", rfc5322_date(t.now));
@@ -192,6 +198,37 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
+    }
+
+    #[test]
+    fn no_for_clause_for_an_address_with_a_unicode_line_separator() {
+        for rcpt in [
+            "\"a\u{2028}b\"@b.test",
+            "\"a\u{85}b\"@b.test",
+            "\"a\u{2029}\"@b.test",
+        ] {
+            let mut out = Vec::new();
+            received_header(
+                &Trace {
+                    helo: "client.test",
+                    client: "192.0.2.7:5000".parse().unwrap(),
+                    hostname: "mx.test",
+                    esmtp: true,
+                    tls: false,
+                    smtputf8: true,
+                    queue_id: "Q1",
+                    single_rcpt: Some(rcpt),
+                    now: SystemTime::UNIX_EPOCH,
+                },
+                &mut out,
+            );
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("for <"), "{text}");
+            assert!(
+                text.ends_with(";\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"),
+                "{text}"
+            );
+        }
     }
 
     fn with_name(helo: &str, esmtp: bool, tls: bool, smtputf8: bool) -> String {
