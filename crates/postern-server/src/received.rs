@@ -179,23 +179,11 @@ mod tests {
 
     #[test]
     fn received_header_format() {
-        let mut out = Vec::new();
-        received_header(
-            &Trace {
-                helo: "client.test",
-                client: "192.0.2.7:5000".parse().unwrap(),
-                hostname: "mx.test",
-                esmtp: true,
-                tls: true,
-                smtputf8: false,
-                queue_id: "Q1",
-                single_rcpt: Some("a@b.test"),
-                now: SystemTime::UNIX_EPOCH,
-            },
-            &mut out,
-        );
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            header(&Trace {
+                tls: true,
+                ..trace()
+            }),
             "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
     }
@@ -207,22 +195,11 @@ mod tests {
             "\"a\u{85}b\"@b.test",
             "\"a\u{2029}\"@b.test",
         ] {
-            let mut out = Vec::new();
-            received_header(
-                &Trace {
-                    helo: "client.test",
-                    client: "192.0.2.7:5000".parse().unwrap(),
-                    hostname: "mx.test",
-                    esmtp: true,
-                    tls: false,
-                    smtputf8: true,
-                    queue_id: "Q1",
-                    single_rcpt: Some(rcpt),
-                    now: SystemTime::UNIX_EPOCH,
-                },
-                &mut out,
-            );
-            let text = String::from_utf8(out).unwrap();
+            let text = header(&Trace {
+                smtputf8: true,
+                single_rcpt: Some(rcpt),
+                ..trace()
+            });
             assert!(!text.contains("for <"), "{text}");
             assert!(
                 text.ends_with(";\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"),
@@ -231,23 +208,36 @@ mod tests {
         }
     }
 
-    fn with_name(helo: &str, esmtp: bool, tls: bool, smtputf8: bool) -> String {
+    /// The trace of a client `client.test` at 192.0.2.7, EHLO, no TLS, one recipient.
+    fn trace() -> Trace<'static> {
+        Trace {
+            helo: "client.test",
+            client: "192.0.2.7:5000".parse().unwrap(),
+            hostname: "mx.test",
+            esmtp: true,
+            tls: false,
+            smtputf8: false,
+            queue_id: "Q1",
+            single_rcpt: Some("a@b.test"),
+            now: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    fn header(t: &Trace<'_>) -> String {
         let mut out = Vec::new();
-        received_header(
-            &Trace {
-                helo,
-                client: "192.0.2.7:5000".parse().unwrap(),
-                hostname: "mx.test",
-                esmtp,
-                tls,
-                smtputf8,
-                queue_id: "Q1",
-                single_rcpt: None,
-                now: SystemTime::UNIX_EPOCH,
-            },
-            &mut out,
-        );
+        received_header(t, &mut out);
         String::from_utf8(out).unwrap()
+    }
+
+    fn with_name(helo: &str, esmtp: bool, tls: bool, smtputf8: bool) -> String {
+        header(&Trace {
+            helo,
+            esmtp,
+            tls,
+            smtputf8,
+            single_rcpt: None,
+            ..trace()
+        })
     }
 
     #[test]
@@ -272,22 +262,11 @@ mod tests {
             ("[2001:db8::1]:25", "([IPv6:2001:db8::1])"),
             ("[::ffff:192.0.2.8]:25", "([192.0.2.8])"),
         ] {
-            let mut out = Vec::new();
-            received_header(
-                &Trace {
-                    helo: "c.test",
-                    client: client.parse().unwrap(),
-                    hostname: "mx.test",
-                    esmtp: true,
-                    tls: false,
-                    smtputf8: false,
-                    queue_id: "Q1",
-                    single_rcpt: None,
-                    now: SystemTime::UNIX_EPOCH,
-                },
-                &mut out,
-            );
-            let h = String::from_utf8(out).unwrap();
+            let h = header(&Trace {
+                helo: "c.test",
+                client: client.parse().unwrap(),
+                ..trace()
+            });
             assert!(
                 h.starts_with(&format!("Received: from c.test {literal}\r\n")),
                 "{h}"
