@@ -62,8 +62,8 @@ impl Draft {
 #[derive(Debug)]
 pub struct SyncBatch {
     files: Vec<Arc<File>>,
-    /// Records appended since the previous batch, not yet in their files: (file, offset, bytes).
-    writes: Vec<(Arc<File>, u64, Vec<u8>)>,
+    /// Records appended since the previous batch, not yet in their files.
+    writes: Vec<Gathered>,
     range: (u64, u64),
 }
 
@@ -146,8 +146,16 @@ pub struct Spool {
     /// Files written since the last batch was taken.
     dirty: Vec<Arc<File>>,
     /// Records of retired segments not yet written to their files (for the next batch).
-    unwritten: Vec<(Arc<File>, u64, Vec<u8>)>,
+    unwritten: Vec<Gathered>,
+    /// The records the batch being synced writes, until it is done, and the segment that was
+    /// current when it was taken (its records are in that one or older ones).
+    in_flight: Vec<Gathered>,
+    in_flight_seq: u64,
 }
+
+/// Gathered records for one file: the file, their offset, their bytes (shared between the
+/// spool and the batch that writes them).
+type Gathered = (Arc<File>, u64, Arc<Vec<u8>>);
 
 impl Spool {
     /// Opens (creating) the spool of `core` under `root`: scans this core's segments to
@@ -214,6 +222,8 @@ impl Spool {
             commits: Commits::default(),
             dirty: Vec::new(),
             unwritten: Vec::new(),
+            in_flight: Vec::new(),
+            in_flight_seq: 0,
         };
         // Segments left with nothing live by the last run go now.
         spool.reclaim()?;
@@ -239,7 +249,7 @@ impl Spool {
     fn retire_current(&mut self) {
         if let Some(mut old) = self.seg.take() {
             if let Some((at, bytes)) = old.take_pending() {
-                self.unwritten.push((old.file.clone(), at, bytes));
+                self.unwritten.push((old.file.clone(), at, Arc::new(bytes)));
             }
             self.mark_dirty(&old.file);
         }
@@ -287,7 +297,25 @@ impl Spool {
         pieces: &[&[u8]],
     ) -> Result<(&Segment, usize), SpoolError> {
         let len = record_len(pieces.iter().map(|p| p.len()).sum());
-        let seg = self.segment_for(len)?;
+        let bulk = matches!(pieces, [_, bulk] if bulk.len() >= BULK_WRITE);
+        self.segment_for(len)?;
+        // A write that goes into the file at once (a bulk chunk, or gathered records past
+        // PENDING_LIMIT) comes after the gathered records of older segments are in theirs: a
+        // crash must never leave a later record on file without an earlier one that only a
+        // sync would have written (recovery would see a message with a hole in its body).
+        // Those records wait in `unwritten`, or in the batch being synced when the segment
+        // changed since it was taken (written here too: the same bytes at the same place).
+        let at_once = |seg: &Segment| bulk || seg.pending_len() + len >= PENDING_LIMIT;
+        if let Some(seg) = self.seg.as_ref().filter(|s| at_once(s)) {
+            let behind_in_flight = !self.in_flight.is_empty() && seg.seq > self.in_flight_seq;
+            if behind_in_flight || !self.unwritten.is_empty() {
+                if let Err(e) = self.write_behind(behind_in_flight) {
+                    self.fail_unwritten();
+                    return Err(SpoolError::from_io(e));
+                }
+            }
+        }
+        let seg = self.seg.as_mut().ok_or(SpoolError::UnknownDraft)?;
         let written = match pieces {
             [head, bulk] if bulk.len() >= BULK_WRITE => seg.append_bulk(kind, head, bulk),
             _ => {
@@ -315,6 +343,22 @@ impl Spool {
                 Err(SpoolError::from_io(e))
             }
         }
+    }
+
+    /// Writes the gathered records of older segments into their files now, oldest first:
+    /// those of the batch being synced (with `in_flight`; its thread writes them too), then
+    /// those of retired segments, rather than at the next sync. Each file stays listed for
+    /// its sync's `fdatasync`.
+    fn write_behind(&mut self, in_flight: bool) -> std::io::Result<()> {
+        let in_flight = if in_flight {
+            std::mem::take(&mut self.in_flight)
+        } else {
+            Vec::new()
+        };
+        for (file, at, bytes) in in_flight.iter().chain(&std::mem::take(&mut self.unwritten)) {
+            pwrite_all(file, bytes, *at)?;
+        }
+        Ok(())
     }
 
     /// After a failed write of gathered records (other drafts' and finished messages' among
@@ -545,9 +589,11 @@ impl Spool {
         let mut writes = std::mem::take(&mut self.unwritten);
         if let Some(seg) = self.seg.as_mut() {
             if let Some((at, bytes)) = seg.take_pending() {
-                writes.push((seg.file.clone(), at, bytes));
+                writes.push((seg.file.clone(), at, Arc::new(bytes)));
             }
+            self.in_flight_seq = seg.seq;
         }
+        self.in_flight.clone_from(&writes);
         Some(SyncBatch {
             files: std::mem::take(&mut self.dirty),
             writes,
@@ -559,6 +605,7 @@ impl Spool {
     /// issued so far fails, every draft begun so far fails at finish, and the current segment
     /// is abandoned (docs/durability.md, "Faults").
     pub fn sync_done(&mut self, batch: SyncBatch, result: std::io::Result<()>) {
+        self.in_flight.clear();
         let ok = result.is_ok();
         self.commits.done(batch.range, ok);
         if !ok {

@@ -6,7 +6,7 @@
 //!   finished but unacknowledged message may survive: docs/durability.md), never an aborted or
 //!   cut-off one;
 //! - every acknowledged status is there;
-//! - a kill corrupts nothing.
+//! - a kill corrupts nothing and leaves no message with a hole in its body.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -283,6 +283,10 @@ fn crash_kill_many_times() {
             r.corrupt_records, 0,
             "iteration {iteration}: a process kill corrupts nothing: {:?}",
             r.corrupt_at
+        );
+        assert_eq!(
+            r.damaged, 0,
+            "iteration {iteration}: a process kill leaves no message with a hole in its body"
         );
     }
     let statuses: usize = seen.status_acked.values().map(Vec::len).sum();
