@@ -85,7 +85,10 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     }
     // The copies are durable: each old directory is renamed out of the way in one step, so
     // that no later start copies its messages again, whatever happens to the deletion.
-    let damaged: Vec<u32> = found.corrupt_at.iter().map(|l| l.core).collect();
+    let damaged: Vec<u32> = (found.corrupt_at.iter())
+        .chain(found.damaged_at.iter().map(|(start, _)| start))
+        .map(|l| l.core)
+        .collect();
     drop(found);
     let mut aside = Vec::new();
     for (n, dir) in &old_dirs {

@@ -78,6 +78,9 @@ pub struct Recovered {
     pub unfinished: u64,
     /// Finished messages missing body records (lost to corruption): not reported.
     pub damaged: u64,
+    /// Where each damaged message's first record (`START`) and last (`END`) are: the records
+    /// it lost lie between them.
+    pub damaged_at: Vec<(RecordLocation, RecordLocation)>,
     /// Status records whose message was not found (already reclaimed, or lost).
     pub orphan_statuses: u64,
     /// Segments read.
@@ -100,6 +103,8 @@ impl Recovered {
 
 struct Partial {
     start_seq: u64,
+    /// Offset of the START record in its segment.
+    start_at: u64,
     queue_id: String,
     meta: MessageMeta,
     size: u64,
@@ -297,6 +302,7 @@ impl Scan<'_> {
                     (Some(queue_id), Some(meta)) => {
                         let partial = Partial {
                             start_seq: self.seq,
+                            start_at: (at - RECORD_HEADER) as u64,
                             queue_id,
                             meta,
                             size: 0,
@@ -334,6 +340,15 @@ impl Scan<'_> {
                         });
                     } else {
                         self.out.damaged += 1;
+                        let at_record = |segment, offset| RecordLocation {
+                            core: self.core,
+                            segment,
+                            offset,
+                        };
+                        self.out.damaged_at.push((
+                            at_record(p.start_seq, p.start_at),
+                            at_record(self.seq, (at - RECORD_HEADER) as u64),
+                        ));
                     }
                 }
             }

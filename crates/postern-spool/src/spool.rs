@@ -198,7 +198,12 @@ impl Spool {
                 index.set_live(m.queue_id.clone(), m.start_seq);
             }
         }
+        // Segments with damaged records, and those between a damaged message's first and
+        // last records (one of them lost the records it misses).
         let mut damaged: Vec<u64> = found.corrupt_at.iter().map(|l| l.segment).collect();
+        for (start, end) in &found.damaged_at {
+            damaged.extend(start.segment..=end.segment);
+        }
         damaged.sort_unstable();
         damaged.dedup();
         drop(found);

@@ -141,3 +141,39 @@ fn segments_made_ahead_and_never_written_do_not_pile_up_over_restarts() {
     assert_eq!(spool.segment_count(), 1, "{:?}", segment_files(dir.path()));
     assert_eq!(recover(dir.path()).unwrap().messages.len(), 1);
 }
+
+/// A zeroed length word in the middle of a segment reads as the end of its data: what follows
+/// is hidden, nothing counts as a corrupt record, and a message whose END lies in the next
+/// segment comes out damaged. Both segments between its START and END are kept for
+/// inspection at the next opening, not deleted with the rest of what holds nothing live.
+#[test]
+fn the_segments_of_a_damaged_message_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut d = spool.begin(&meta(1)).unwrap();
+    for i in 0..20 {
+        spool.append(&mut d, &body(i, 8 * 1024)).unwrap();
+    }
+    spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let segs = segment_files(dir.path());
+    assert!(segs.len() >= 2, "the message must cross a segment boundary");
+    // The record after START: its length word zeroed.
+    let mut data = std::fs::read(&segs[0]).unwrap();
+    let start_len = u32::from_le_bytes(data[64..68].try_into().unwrap()) as usize;
+    let next = 64 + ((12 + start_len + 7) & !7);
+    data[next..next + 4].fill(0);
+    std::fs::write(&segs[0], &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.damaged), (0, 1));
+    let (start, end) = r.damaged_at[0];
+    assert_eq!((start.segment, start.offset), (1, 64));
+    assert!(end.segment > start.segment, "{end:?}");
+    drop(r);
+    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let kept = std::fs::read_dir(dir.path().join("0").join(postern_spool::DAMAGED_DIR))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(kept as u64, end.segment - start.segment + 1);
+}

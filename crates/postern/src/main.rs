@@ -290,11 +290,15 @@ fn recover_and_report(
     if recovered.corrupt_records > 0 || recovered.damaged > 0 {
         // Not what a crash leaves (that is a torn tail): the disk or something else changed
         // the files. Say where, so the operator can look.
-        let at: Vec<String> = recovered
-            .corrupt_at
-            .iter()
-            .take(10)
+        let at: Vec<String> = (recovered.corrupt_at.iter())
             .map(|l| format!("core {} segment {} offset {}", l.core, l.segment, l.offset))
+            .chain(recovered.damaged_at.iter().map(|(start, end)| {
+                format!(
+                    "a message from core {} segment {} offset {} to segment {} offset {}",
+                    start.core, start.segment, start.offset, end.segment, end.offset
+                )
+            }))
+            .take(10)
             .collect();
         tracing::warn!(
             corrupt_records = recovered.corrupt_records,
