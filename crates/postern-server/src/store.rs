@@ -277,10 +277,14 @@ impl CoreStore {
         }
     }
 
-    /// At shutdown: lets the sync in flight be collected, then syncs what is pending, on this
-    /// thread.
+    /// At shutdown: lets the sync in flight be collected (for a few seconds at most: a stop
+    /// must end), then syncs what is pending, on this thread.
     pub(crate) async fn shutdown(&self) {
-        self.sync_collected().await;
+        const SYNC_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        futures_lite::future::or(self.sync_collected(), async {
+            glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
+        })
+        .await;
         let _ = self.spool.borrow_mut().sync_now();
     }
 

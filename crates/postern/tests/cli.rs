@@ -329,12 +329,14 @@ fn log_lines_written_to_a_pipe_are_plain_text() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
-        .arg(&spool)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+            .arg(&spool)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -384,16 +386,18 @@ fn open_file_limit_under(soft: u64, hard: u64, extra: &[&str]) -> (u64, String) 
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let mut child = Command::new("prlimit")
-        .arg(format!("--nofile={soft}:{hard}"))
-        .arg(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
-        .arg(&spool)
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new("prlimit")
+            .arg(format!("--nofile={soft}:{hard}"))
+            .arg(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+            .arg(&spool)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {

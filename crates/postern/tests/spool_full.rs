@@ -89,18 +89,20 @@ fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process(
     let spool = dir.path().join("spool");
     // A segment file of 1 MiB is past `ulimit -f 512` (512 KiB): writing it raises SIGXFSZ,
     // which ends a process that does not handle it.
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -f 512 && exec {} serve --listen 127.0.0.1:0 --cores 1 --hold \
+    let mut child = common::KillOnDrop(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -f 512 && exec {} serve --listen 127.0.0.1:0 --cores 1 --hold \
              --spool-segment-size 1M --spool {}",
-            env!("CARGO_BIN_EXE_postern"),
-            spool.display()
-        ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+                env!("CARGO_BIN_EXE_postern"),
+                spool.display()
+            ))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut addr = None;
     loop {
