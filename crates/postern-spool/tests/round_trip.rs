@@ -221,15 +221,8 @@ fn a_kill_between_segments_damages_no_message() {
     for i in 0..40 {
         spool.append(&mut second, &body(i, 8 * 1024)).unwrap();
     }
-    assert!(
-        std::fs::read_dir(dir.path().join("0")).unwrap().count() >= 2,
-        "the body must cross into a second segment"
-    );
     std::mem::forget(second);
-    std::mem::forget(spool);
-    let r = recover(dir.path()).unwrap();
-    assert_eq!(r.damaged, 0, "a kill damaged a message");
-    assert_eq!(r.corrupt_records, 0);
+    let r = killed(dir.path(), spool);
     // The first message was finished but never synced: it may be there or not, but whole.
     for m in &r.messages {
         assert_eq!(m.size(), first_len as u64);
@@ -262,14 +255,21 @@ fn a_kill_before_a_taken_batch_is_written_damages_no_message() {
     for i in 0..40 {
         spool.append(&mut second, &body(i, 8 * 1024)).unwrap();
     }
-    assert!(
-        std::fs::read_dir(dir.path().join("0")).unwrap().count() >= 2,
-        "the body must cross into a second segment"
-    );
     std::mem::forget(batch);
     std::mem::forget(second);
+    killed(dir.path(), spool);
+}
+
+/// Ends `spool` as a killed process would (nothing more written, no sync) and recovers what is
+/// on file, which must span two segments and hold no damaged message.
+fn killed(root: &std::path::Path, spool: Spool) -> postern_spool::Recovered {
+    assert!(
+        std::fs::read_dir(root.join("0")).unwrap().count() >= 2,
+        "the body must cross into a second segment"
+    );
     std::mem::forget(spool);
-    let r = recover(dir.path()).unwrap();
+    let r = recover(root).unwrap();
     assert_eq!(r.damaged, 0, "a kill damaged a message");
     assert_eq!(r.corrupt_records, 0);
+    r
 }
