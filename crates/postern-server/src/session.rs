@@ -30,6 +30,8 @@ const READ_BUFFER_MAX: usize = 64 * 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest TLS handshake begun once the server is stopping.
 const HANDSHAKE_DURING_STOP: Duration = Duration::from_secs(1);
+/// What a reply written at or past the session's cap (its closing 421) still gets.
+const CLOSING_WRITE: Duration = Duration::from_secs(1);
 
 /// Relay refused.
 const RELAY_DENIED: StaticReply =
@@ -264,6 +266,19 @@ impl Session {
             return true;
         }
         self.core.metrics.borrow_mut().count_replies(out);
+        // A client that sends but never reads fills the socket's buffers until this write
+        // waits: it waits no longer than a command may, nor past the session's cap, so such
+        // a client cannot hold its connection (and its place under the limits) for ever.
+        // glommio arms the timer only when the write has to wait.
+        if let Some(tcp) = self.conn.tcp() {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let limit = self
+                .core
+                .settings
+                .command_timeout
+                .min(left.max(CLOSING_WRITE));
+            let _ = tcp.set_write_timeout(Some(limit));
+        }
         let ok = self.conn.write_all(out).await.is_ok() && self.conn.flush().await.is_ok();
         self.proto.clear_output();
         if let Some(at) = self.eod_at.take() {

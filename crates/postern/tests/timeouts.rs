@@ -63,3 +63,79 @@ fn the_session_time_cap_holds_even_for_a_chatty_client() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_dropped_and_frees_its_place() {
+    never_reads(&["--command-timeout", "1s", "--max-session-time", "1h"]);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_dropped_at_the_session_cap() {
+    never_reads(&["--command-timeout", "1h", "--max-session-time", "3s"]);
+}
+
+/// A client that sends commands and never reads the replies, on a server with `limits`:
+/// its session ends (and its place under the per-address limit comes free) although the
+/// client never closes.
+fn never_reads(limits: &[&str]) {
+    use std::io::{ErrorKind, Read, Write};
+    use std::time::Duration;
+
+    let mut args = limits.to_vec();
+    args.extend(["--max-connections-per-ip", "1"]);
+    let server = Server::start(&args);
+    // A small receive buffer, so that the replies the server owes fill it soon.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.smtp.into()).unwrap();
+    let mut stream: std::net::TcpStream = sock.into();
+    let mut banner = [0u8; 512];
+    let n = stream.read(&mut banner).unwrap();
+    assert!(banner[..n].starts_with(b"220 "));
+    // Commands, never a read: once our writes have waited half a second straight, the server
+    // has stopped reading, because its own write of the replies waits on us.
+    stream.set_nonblocking(true).unwrap();
+    let noops = b"NOOP\r\n".repeat(1000);
+    let started = Instant::now();
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the server never stopped reading"
+        );
+        match stream.write(&noops) {
+            Ok(_) => waiting_since = None,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if waiting_since
+                    .get_or_insert_with(Instant::now)
+                    .elapsed()
+                    .as_millis()
+                    >= 500
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Already dropped (the command timeout has run out meanwhile).
+            Err(_) => break,
+        }
+    }
+    // Its write gives up after the command timeout, or at the session's cap; the session
+    // ends and its place under --max-connections-per-ip is free again, though the client
+    // still has not closed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut c = server.connect();
+        let line = c.line();
+        if line.starts_with("220 ") {
+            break;
+        }
+        assert!(line.starts_with("421 4.7.0"), "{line}");
+        assert!(
+            Instant::now() < deadline,
+            "a client that does not read still holds its place"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(stream);
+}
