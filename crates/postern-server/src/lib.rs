@@ -21,6 +21,7 @@ mod runtime;
 mod session;
 mod store;
 pub mod tls;
+mod watchdog;
 
 pub use config::{Settings, TlsFiles};
 pub use core::StopFlag;

@@ -156,6 +156,9 @@ impl CoreMetrics {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     cores: Arc<Mutex<Vec<Arc<Mutex<CoreMetrics>>>>>,
+    /// Stalled cores the watchdog has interrupted (kept by the watchdog, not by a core: a
+    /// stalled core publishes nothing).
+    stalls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Registry {
@@ -166,6 +169,11 @@ impl Registry {
             cores.push(slot.clone());
         }
         slot
+    }
+
+    /// The watchdog's count of stalled cores.
+    pub(crate) fn stalls(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.stalls.clone()
     }
 
     /// The sum of all cores' last published copies.
@@ -206,6 +214,13 @@ impl Registry {
                 let _ = writeln!(out, "postern_core_connections_total{{core=\"{i}\"}} {n}");
             }
         }
+        render_scalar(
+            &mut out,
+            "postern_core_stalls_total",
+            "counter",
+            "Cores that ran no timer for a second and were interrupted by the watchdog.",
+            self.stalls.load(std::sync::atomic::Ordering::Relaxed),
+        );
         out
     }
 }

@@ -21,7 +21,7 @@ use crate::limits::{ConnectionLimits, Refusal};
 use crate::metrics::Registry;
 use crate::relay::RelayPolicy;
 use crate::store::CoreStore;
-use crate::{metrics_http, session, tls};
+use crate::{metrics_http, session, tls, watchdog};
 
 /// After the shutdown grace, how long sessions still inside a body get to write their 421.
 const GRACE_OVER_WRITES: Duration = Duration::from_secs(1);
@@ -246,6 +246,7 @@ pub fn start_locked(
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::new();
+    let mut beats = Vec::new();
     for id in 0..settings.cores.max(1) {
         let placement = if settings.cores <= cpus {
             Placement::Fixed(id)
@@ -267,7 +268,9 @@ pub fn start_locked(
             listen: listen.clone(),
             listen_tls: listen_tls.clone(),
             delivery: delivery.clone(),
+            beat: Arc::default(),
         };
+        beats.push(ctx.beat.clone());
         let ready = ready_tx.clone();
         let handle = builder
             .spawn(move || core_main(ctx, ready))
@@ -300,6 +303,10 @@ pub fn start_locked(
         }
     }
     drop(placeholders);
+    watchdog::spawn(beats, registry.stalls()).map_err(|e| {
+        stop.stop();
+        StartError::Executor(format!("cannot start the cores' watchdog: {e}"))
+    })?;
     let metrics = match settings.metrics {
         Some(addr) => Some(metrics_http::start(addr, registry, stop.clone())?),
         None => None,
@@ -348,9 +355,13 @@ struct CoreInit {
     listen: Vec<SocketAddr>,
     listen_tls: Vec<SocketAddr>,
     delivery: Option<DeliveryFactory>,
+    /// This core's heartbeat, for the watchdog.
+    beat: Arc<watchdog::Beat>,
 }
 
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
+    let _ends = watchdog::EndsBeat(init.beat.clone());
+    glommio::spawn_local(heartbeat(init.beat.clone())).detach();
     let store = match CoreStore::open(
         &init.settings.spool_dir,
         init.id,
@@ -445,6 +456,15 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     core.store.shutdown().await;
     drop(committer);
     core.publish();
+}
+
+/// Ticks the core's heartbeat from a timer for as long as the core runs (see `watchdog`).
+async fn heartbeat(beat: Arc<watchdog::Beat>) {
+    beat.started();
+    loop {
+        glommio::timer::sleep(watchdog::BEAT_EVERY).await;
+        beat.beat();
+    }
 }
 
 async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) {
