@@ -184,7 +184,9 @@ impl Core {
 }
 
 /// Watches the process-wide flag and tells the core; publishes metrics on the way (a copy of
-/// four histograms is some 600 KB, so it is made every 250 ms, not on every tick).
+/// four histograms is some 600 KB, so it is made every 250 ms, not on every tick). It goes on
+/// publishing while the core stops, so that the figures of the transactions finished in the
+/// grace are seen; the core drops it at its very end.
 pub(crate) async fn watch(core: Rc<Core>, flag: Arc<StopFlag>) {
     const TICK: Duration = Duration::from_millis(50);
     const PUBLISH_EVERY: u32 = 5;
@@ -195,10 +197,9 @@ pub(crate) async fn watch(core: Rc<Core>, flag: Arc<StopFlag>) {
         if ticks % PUBLISH_EVERY == 0 {
             core.publish();
         }
-        if flag.is_stopping() {
+        if flag.is_stopping() && !core.stopping.get() {
             core.stopping.set(true);
             core.stop_event.notify(usize::MAX);
-            return;
         }
     }
 }

@@ -412,13 +412,16 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         *core.delivery.borrow_mut() = Some(d);
     }
     let _ = ready.send(Ok(()));
+    // Dropped now, not at the core's end: should another core fail before it reports, the
+    // start-up sees every sender gone and gives up, instead of waiting on this one.
+    drop(ready);
     crate::store::ensure_spare(&core);
     let watcher = glommio::spawn_local(watch(core.clone(), init.stop));
     let acceptors: Vec<_> = listeners
         .into_iter()
         .map(|(l, implicit_tls)| glommio::spawn_local(accept_loop(core.clone(), l, implicit_tls)))
         .collect();
-    watcher.await;
+    core.stopped().await;
     for a in acceptors {
         a.await;
     }
@@ -455,6 +458,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     }
     core.store.shutdown().await;
     drop(committer);
+    drop(watcher);
     core.publish();
 }
 

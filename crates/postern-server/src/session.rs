@@ -137,6 +137,15 @@ impl Session {
             let arrived = Instant::now();
             // Answer every complete command (and take every body byte) already read.
             loop {
+                // Once the server stops, a session outside a message body gets 421, also
+                // when its next commands were pipelined behind the body just finished: the
+                // stop lets transactions in flight finish, not new ones start.
+                if self.core.stopping.get() && !self.proto.in_message() {
+                    let open = self.proto.shutdown();
+                    self.abandon_draft(open);
+                    self.flush().await;
+                    return;
+                }
                 let step = self.proto.handle(&buf[start..end]);
                 start += step.consumed;
                 match step.event {

@@ -2,6 +2,7 @@
 //! signals, and the server on its embedded defaults.
 
 mod cli;
+mod probe;
 mod queue;
 mod ring;
 
@@ -31,6 +32,7 @@ macro_rules! complain {
 }
 
 fn main() -> ExitCode {
+    set_panic_hook();
     // `serve` takes the stop signals over first thing, before the flags are even read, so that
     // a SIGTERM during start-up stops it gracefully once it runs; only the moments between
     // exec and here (before it has touched anything) are left to the default action. Other
@@ -77,7 +79,14 @@ fn main() -> ExitCode {
     });
     let settings = config.server;
     let cores = settings.cores;
-    check_open_file_limit(settings.max_connections);
+    if let Err(e) = check_open_file_limit(settings.max_connections, cores) {
+        complain!("postern: cannot start: {e}");
+        return ExitCode::from(1);
+    }
+    if let Err(e) = probe::io_uring() {
+        complain!("postern: cannot start: {}", probe::advice(&e));
+        return ExitCode::from(1);
+    }
     // The spool's lock comes first: recovery must not read a spool another process writes.
     let spool_lock = match postern_server::lock_spool(&settings.spool_dir) {
         Ok(lock) => lock,
@@ -222,15 +231,55 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// A panic (a bug, or a library failing where it cannot return an error) is reported as one
+/// line naming the thread and the place, and a backtrace only where RUST_BACKTRACE asks.
+fn set_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        complain!("postern: internal error: thread {name} panicked{at}: {message}");
+        let trace = std::backtrace::Backtrace::capture();
+        if trace.status() == std::backtrace::BacktraceStatus::Captured {
+            complain!("{trace}");
+        }
+    }));
+}
+
 /// Descriptors beyond the inbound connections: spool segments, outbound connections, the
 /// metrics listener's clients, the rings.
 const OPEN_FILE_HEADROOM: u64 = 1024;
 
+/// Descriptors a core needs before its first connection (its three rings and their eventfds,
+/// its listeners, its spool's segments, its blocking pool), and the process besides.
+const OPEN_FILES_PER_CORE: u64 = 16;
+const OPEN_FILES_BASE: u64 = 64;
+
 /// Raises the soft open-file limit to the hard one, and says so when even that leaves too
-/// few descriptors for `--max-connections`.
-fn check_open_file_limit(max_connections: usize) {
+/// few descriptors for `--max-connections`. A limit too low for the cores to start at all is
+/// an error (naming the limit, rather than whichever descriptor happens to fail first).
+fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(), String> {
     match postern_server::raise_open_file_limit() {
         Ok(limit) => {
+            let least = OPEN_FILES_BASE + OPEN_FILES_PER_CORE * cores as u64;
+            if let Some(now) = limit.now.filter(|&n| n < least) {
+                let plural = if cores == 1 { "" } else { "s" };
+                return Err(format!(
+                    "the open-file limit is {now}, too low to start {cores} core{plural} \
+                     (at least {least}, and one more per connection); raise it with \
+                     `ulimit -n` or LimitNOFILE= in the systemd unit"
+                ));
+            }
             if limit.now != limit.was {
                 tracing::info!(
                     "open-file limit raised from {} to {}",
@@ -250,6 +299,7 @@ fn check_open_file_limit(max_connections: usize) {
         }
         Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
+    Ok(())
 }
 
 /// Reads what the spool still has to deliver (every core's segments, before any core writes)

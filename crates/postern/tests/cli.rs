@@ -567,3 +567,132 @@ fn a_flush_without_a_server_on_the_spool_is_refused() {
     assert!(err.contains("no postern is running on"), "{err}");
     refused(&["queue", "--flush", "--json"], "--json");
 }
+
+/// `postern serve --hold` on a fresh spool with `flags`, run through `wrapper` (a command and
+/// its arguments, ending where the program goes), without RUST_BACKTRACE.
+fn serve_under(wrapper: &[&str], flags: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut cmd = Command::new(wrapper[0]);
+    cmd.args(&wrapper[1..])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+        .arg(&spool)
+        .args(flags)
+        .env_remove("RUST_BACKTRACE");
+    common::run_command_bounded(cmd)
+}
+
+/// What a panic prints by default; none may reach an operator at start-up.
+const RAW_PANIC: &str = "RUST_BACKTRACE";
+
+#[test]
+fn an_open_file_limit_too_low_for_the_cores_is_named() {
+    let (code, _, err) = serve_under(&["prlimit", "--nofile=20:20"], &["--cores", "2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot start: the open-file limit is 20, too low to start 2 cores"),
+        "{err}"
+    );
+    assert!(!err.contains(RAW_PANIC), "{err}");
+}
+
+#[test]
+fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
+    for (errno, says) in [
+        ("EPERM", "io_uring is not allowed here"),
+        ("ENOSYS", "this kernel has no io_uring"),
+    ] {
+        let inject = format!("inject=io_uring_setup:error={errno}");
+        let (code, _, err) = serve_under(
+            &["strace", "-f", "-qq", "-o", "/dev/null", "-e", &inject],
+            &["--cores", "1"],
+        );
+        assert_eq!(code, 1, "{errno}: {err}");
+        assert!(err.contains(says), "{errno}: {err}");
+        assert_eq!(err.matches("cannot start").count(), 1, "{errno}: {err}");
+        assert!(!err.contains(RAW_PANIC), "{errno}: {err}");
+    }
+}
+
+#[test]
+fn a_core_that_fails_to_start_after_another_has_started_ends_the_start_up() {
+    // How many rings each thread of a two-core server makes as it starts. strace counts the
+    // calls of each thread apart, and the core that comes first to glommio's look at the
+    // kernel's features makes one ring more than the other (for that look), so the last ring
+    // of that core can be made to fail while the other core starts.
+    let trace = tempfile::NamedTempFile::new().unwrap();
+    let trace_path = trace.path().to_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let mut count = Command::new("strace");
+    count
+        .args(["-f", "-qq", "-e", "trace=io_uring_setup", "-o", &trace_path])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args([
+            "serve",
+            "--cores",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--hold",
+            "--spool",
+        ])
+        .arg(dir.path().join("spool"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut tracer = common::KillOnDrop(count.spawn().unwrap());
+    let stdout = std::io::BufReader::new(tracer.stdout.take().unwrap());
+    let ready = std::io::BufRead::lines(stdout)
+        .map_while(Result::ok)
+        .any(|l| l.contains("ready with"));
+    // strace's child is the server; killing strace would leave it running, so it is stopped
+    // itself: with SIGTERM here, and with SIGKILL should an assertion fail first.
+    let tracer_pid = tracer.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{tracer_pid}/task/{tracer_pid}/children"))
+            .unwrap_or_default();
+    struct KillPid(String);
+    impl Drop for KillPid {
+        fn drop(&mut self) {
+            if self.0.parse::<u32>().is_ok_and(|pid| pid > 1) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &self.0])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+    let server = KillPid(children.split_whitespace().next().unwrap_or("").to_owned());
+    assert!(ready);
+    assert!(
+        server.0.parse::<u32>().is_ok_and(|pid| pid > 1),
+        "{children:?}"
+    );
+    assert!(Command::new("kill")
+        .args(["-TERM", &server.0])
+        .status()
+        .unwrap()
+        .success());
+    assert!(tracer.wait().unwrap().success());
+    let trace = std::fs::read_to_string(&trace_path).unwrap();
+    let mut per_thread = std::collections::BTreeMap::<u32, usize>::new();
+    for line in trace.lines().filter(|l| l.contains("io_uring_setup(")) {
+        let tid = line.split_whitespace().next().unwrap().parse().unwrap();
+        *per_thread.entry(tid).or_default() += 1;
+    }
+    // The main thread's look, then the cores in the order they were made.
+    let counts: Vec<usize> = per_thread.values().copied().collect();
+    assert_eq!(counts.len(), 3, "{trace}");
+    let more = counts[1].max(counts[2]);
+    assert!(counts[1] != counts[2] && more > counts[0], "{counts:?}");
+
+    // The last ring of the core that makes more fails; the other core starts.
+    let inject = format!("inject=io_uring_setup:error=ENOMEM:when={more}");
+    let (code, _, err) = serve_under(
+        &["strace", "-f", "-qq", "-o", "/dev/null", "-e", &inject],
+        &["--cores", "2"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot start"), "{err}");
+    assert!(!err.contains(RAW_PANIC), "{err}");
+}

@@ -142,3 +142,44 @@ fn connections_waiting_to_be_accepted_at_sigterm_get_421_not_a_reset() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_transaction_pipelined_behind_the_body_finished_in_the_grace_gets_421() {
+    let mut server = Server::start(&["--cores", "1", "--metrics", "127.0.0.1:0"]);
+    let mut idle = server.connect();
+    idle.line();
+    let mut busy = in_data(&server, "busy.test");
+    busy.send(b"Subject: in flight\r\n\r\nbody\r\n");
+    // A second body that never ends holds the stop in its grace meanwhile.
+    let mut held = in_data(&server, "held.test");
+    held.send(b"Subject: never finished\r\n\r\n");
+    server.signal("-TERM");
+    // The idle session's 421 says the core has seen the stop.
+    assert_eq!(
+        idle.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    // The end of the body, and a whole new transaction behind it in the same write.
+    busy.send(
+        b".\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<second@d.test>\r\nDATA\r\n\
+          Subject: after the stop\r\n\r\nbody\r\n.\r\n",
+    );
+    let id = queue_id(&busy.line());
+    assert_eq!(
+        busy.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    assert!(busy.closed());
+    // The figures of what the grace finished are published while the stop goes on.
+    let metrics = server.metrics_until(|m| m.contains("postern_messages_accepted_total 1\n"));
+    assert!(
+        metrics.contains("postern_messages_accepted_total 1\n"),
+        "{metrics}"
+    );
+    drop(held);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let stored = spooled(&server.spool);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].0, id);
+}

@@ -340,8 +340,15 @@ impl Drop for Tmpfs {
 /// 20 s (a server that started where it should have refused) is killed and the test fails,
 /// rather than waiting for it for ever.
 pub fn run_bounded(args: &[&str]) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args(args);
+    run_command_bounded(cmd)
+}
+
+/// Like [`run_bounded`] for any command (postern under `strace` or `prlimit`, say).
+pub fn run_command_bounded(mut cmd: Command) -> (i32, String, String) {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -363,7 +370,7 @@ pub fn run_bounded(args: &[&str]) -> (i32, String, String) {
         if Instant::now() > deadline {
             child.kill().unwrap();
             child.wait().unwrap();
-            panic!("postern {args:?} is still running after 20 s: it started where it must not");
+            panic!("{what} is still running after 20 s: it started where it must not");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
