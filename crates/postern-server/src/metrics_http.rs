@@ -151,12 +151,53 @@ fn answer(
     } else {
         ""
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
-        body.len(),
-        if head_only { "" } else { body.as_str() }
-    );
-    stream.write_all(response.as_bytes())
+    // An HTTP/0.9 request (a request line without a version) gets the body alone.
+    let response = if complete && is_http09(&head) {
+        body
+    } else {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",
+            body.len(),
+            if head_only { "" } else { body.as_str() }
+        )
+    };
+    stream.write_all(response.as_bytes())?;
+    if complete {
+        return Ok(());
+    }
+    // A head too large leaves input unread, and a close with unread input resets the
+    // connection, which can overtake the 431 on its way (RFC 9112 9.6): the writing side is
+    // closed first, and what the client still sends is read and dropped for a moment.
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_read_timeout(Some(LINGER))?;
+    let until = Instant::now() + LINGER;
+    let mut drained = 0usize;
+    while drained < LINGER_BYTES && Instant::now() < until {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+    Ok(())
+}
+
+/// How long, and how much, a response's connection reads after the response (see `answer`).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Whether the request line is an HTTP/0.9 one: a method and a path, no version
+/// (`GET /path`); other two-word lines are not requests at all, and get a 400 in HTTP/1.1.
+fn is_http09(head: &[u8]) -> bool {
+    let first = head.split(|&b| b == b'\n').next().unwrap_or(b"");
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    match first.split(|&b| b == b' ').collect::<Vec<_>>()[..] {
+        [method, path] => {
+            !method.is_empty()
+                && method.iter().all(u8::is_ascii_uppercase)
+                && path.starts_with(b"/")
+        }
+        _ => false,
+    }
 }
 
 /// Whether `head` holds a whole request head: up to an empty line, a line end being CR LF or a
@@ -172,6 +213,22 @@ fn head_is_complete(head: &[u8]) -> bool {
         return true;
     }
     head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// The path and query of an absolute-form request target (`http://host:port/path?query`),
+/// `/` when it has none; None when `target` is not in absolute form.
+fn absolute_path(target: &[u8]) -> Option<&[u8]> {
+    let lower = target.to_ascii_lowercase();
+    let scheme = [&b"http://"[..], b"https://"]
+        .into_iter()
+        .find(|s| lower.starts_with(s))?;
+    let rest = &target[scheme.len()..];
+    let start = rest.iter().position(|&b| b == b'/' || b == b'?');
+    Some(match start {
+        Some(i) if rest[i] == b'/' => &rest[i..],
+        // `http://host?query` is the path `/` with a query, which is ignored.
+        _ => b"/",
+    })
 }
 
 /// The response to a whole request head: (status, content type, body, HEAD).
@@ -204,7 +261,11 @@ fn route(
             && s.iter()
                 .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c))
     };
-    if !token(method) || !target.starts_with(b"/") || !version.starts_with(b"HTTP/") {
+    // The absolute form (`http://host/metrics`) must be taken too (RFC 9112 3.2.2); the
+    // asterisk form belongs to OPTIONS alone (RFC 9112 3.2.4).
+    let target = absolute_path(target).unwrap_or(target);
+    let origin_form = target.starts_with(b"/") || (target == b"*" && method == b"OPTIONS");
+    if !token(method) || !origin_form || !version.starts_with(b"HTTP/") {
         return bad();
     }
     // Major versions other than 1 (and 0.9 above) are not spoken here (RFC 9110 15.6.6); a

@@ -308,6 +308,12 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
                     .into(),
             );
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
+            // clap says only that some argument is not UTF-8: name it.
+            return Err(
+                invalid_utf8_source().unwrap_or_else(|| "invalid UTF-8 in an argument".to_owned())
+            );
+        }
         Err(e) => {
             // clap's first paragraph, on one line: what is wrong and which flag.
             let rendered = e.render().to_string();
@@ -343,12 +349,48 @@ fn with_env_source(line: String) -> String {
     else {
         return line;
     };
-    let on_command_line = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    let on_command_line = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
     let var = format!("POSTERN_{}", flag[2..].replace('-', "_").to_uppercase());
     if on_command_line || std::env::var_os(&var).is_none() {
         return line;
     }
     format!("{line} (from {var})")
+}
+
+/// Which argument, flag value or `POSTERN_*` variable is not UTF-8 (clap's error names none).
+fn invalid_utf8_source() -> Option<String> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    for (i, arg) in args.iter().enumerate() {
+        if arg.to_str().is_some() {
+            continue;
+        }
+        let bytes = arg.as_encoded_bytes();
+        let lossy = String::from_utf8_lossy(bytes);
+        if bytes.starts_with(b"--") {
+            return Some(match bytes.iter().position(|&b| b == b'=') {
+                Some(eq) => format!(
+                    "invalid UTF-8 in the value of {}",
+                    String::from_utf8_lossy(&bytes[..eq])
+                ),
+                None => format!("invalid UTF-8 in the flag '{lossy}'"),
+            });
+        }
+        let flag = i
+            .checked_sub(1)
+            .and_then(|p| args[p].to_str())
+            .filter(|p| p.starts_with("--"));
+        return Some(match flag {
+            Some(flag) => format!("invalid UTF-8 in the value of {flag}"),
+            None => format!("invalid UTF-8 in the argument '{lossy}'"),
+        });
+    }
+    std::env::vars_os().find_map(|(name, value)| {
+        let name = name.to_str()?;
+        (name.starts_with("POSTERN_") && value.to_str().is_none())
+            .then(|| format!("invalid UTF-8 in the variable {name}"))
+    })
 }
 
 fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
@@ -381,7 +423,9 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
                     d.parse::<std::net::IpAddr>()
                         .map(|ip| SocketAddr::new(ip, 53))
                 })
-                .map_err(|_| {
+                .ok()
+                .filter(|a| a.port() != 0)
+                .ok_or_else(|| {
                     format!(
                         "--dns-server: '{d}' is not an address like 10.0.0.53 or 127.0.0.1:5353"
                     )
@@ -427,6 +471,12 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     let low = s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8);
     if s.queue_high_water > 0 && low > s.queue_high_water {
         return Err("--queue-low-water cannot exceed --queue-high-water".into());
+    }
+    if s.queue_high_water == 0 && s.queue_low_water.is_some() {
+        return Err(
+            "--queue-low-water has no effect with --queue-high-water 0 (no mark): leave it out"
+                .into(),
+        );
     }
     if s.outbound_tls_ca.is_some() && tls != TlsPolicy::Required {
         return Err("--outbound-tls-ca needs --outbound-tls required".into());

@@ -121,6 +121,13 @@ fn values_that_cannot_work_are_refused_by_name() {
     // session at its banner.
     refused(&["serve", "--max-message-size", "0"], "--max-message-size");
     refused(&["serve", "--max-session-time", "0s"], "--max-session-time");
+    // Port 0 is no server to ask, as for --relay-host and --route.
+    refused(&["serve", "--dns-server", "127.0.0.1:0"], "--dns-server");
+    // A low mark without a high one would be ignored.
+    refused(
+        &["serve", "--queue-high-water", "0", "--queue-low-water", "5"],
+        "--queue-low-water",
+    );
     // The host name goes into the banner, EHLO and Received.
     refused(&["serve", "--hostname", ""], "--hostname");
     refused(&["serve", "--hostname", "two words"], "--hostname");
@@ -695,4 +702,37 @@ fn a_core_that_fails_to_start_after_another_has_started_ends_the_start_up() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot start"), "{err}");
     assert!(!err.contains(RAW_PANIC), "{err}");
+}
+
+#[test]
+fn a_value_that_is_not_utf8_is_named_with_its_flag_or_variable() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = OsStr::from_bytes(b"\xff");
+    let bad_eq = OsStr::from_bytes(b"--cores=\xff");
+    let cases: [(&[&OsStr], Option<&str>, &str); 3] = [
+        (
+            &[OsStr::new("--cores"), bad],
+            None,
+            "invalid UTF-8 in the value of --cores",
+        ),
+        (&[bad_eq], None, "invalid UTF-8 in the value of --cores"),
+        (
+            &[],
+            Some("POSTERN_HOSTNAME"),
+            "invalid UTF-8 in the variable POSTERN_HOSTNAME",
+        ),
+    ];
+    for (args, var, says) in cases {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.arg("serve").args(args);
+        if let Some(var) = var {
+            cmd.env(var, bad);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{says}: {err}");
+        assert_eq!(err.lines().count(), 1, "{says}: {err}");
+        assert_eq!(err.trim_end(), format!("postern: {says}"));
+    }
 }

@@ -191,6 +191,23 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
         status_of(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"),
         "HTTP/1.1 404 Not Found"
     );
+    // RFC 9112 3.2.2: the absolute form is taken; 3.2.4: the asterisk form is OPTIONS'.
+    assert_eq!(
+        status_of(b"GET http://x:9/healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 200 OK"
+    );
+    assert_eq!(
+        status_of(b"GET HTTP://X/nope?a=1 HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 404 Not Found"
+    );
+    assert_eq!(
+        status_of(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    assert_eq!(
+        status_of(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
     // RFC 9112 3.2: more than one Host is a bad request too.
     assert_eq!(
         status_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
@@ -203,11 +220,31 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
         status_of(b"GET /healthz HTTP/1.1\nHost: x\n\n"),
         "HTTP/1.1 200 OK"
     );
-    assert_eq!(status_of(b"GET /healthz\r\n"), "HTTP/1.1 200 OK");
+    // HTTP/0.9: the body alone.
+    assert_eq!(status_of(b"GET /healthz\r\n"), "ok");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
+    );
+}
+
+#[test]
+fn a_431_is_not_lost_to_a_reset_while_the_client_is_still_sending() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let mut s = TcpStream::connect(server.metrics.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    // A head far past 8 KiB, all written before anything is read: the server answers at
+    // 8 KiB with the rest still unread on its side.
+    let long = format!("GET /metrics?{} HTTP/1.1\r\n", "a".repeat(60_000));
+    s.write_all(long.as_bytes()).unwrap();
+    let mut text = String::new();
+    let read = s.read_to_string(&mut text);
+    assert!(read.is_ok(), "{read:?} after {text:?}");
+    assert!(
+        text.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{text:?}"
     );
 }
 
