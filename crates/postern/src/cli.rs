@@ -323,6 +323,19 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
                 .map(str::trim)
                 .collect();
             let line = first.join(" ").trim_start_matches("error: ").to_owned();
+            if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                // What asked for the missing flag may have come from the environment.
+                let set: Vec<String> = std::env::vars_os()
+                    .filter_map(|(name, _)| name.into_string().ok())
+                    .filter(|name| name.starts_with("POSTERN_"))
+                    .collect();
+                if !set.is_empty() {
+                    return Err(format!(
+                        "{line} (set in the environment: {})",
+                        set.join(", ")
+                    ));
+                }
+            }
             return Err(with_env_source(line));
         }
     };

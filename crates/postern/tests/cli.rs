@@ -255,6 +255,19 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         err.contains("--max-message-size") && err.contains("POSTERN_MAX_MESSAGE_SIZE"),
         "{err}"
     );
+    // A flag from the environment that needs another names itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve"])
+        .env("POSTERN_TLS_CERT", "/nonexistent/cert.pem")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--tls-key") && err.contains("POSTERN_TLS_CERT"),
+        "{err}"
+    );
     // Also where the message puts a colon after the flag.
     for (var, value, flag) in [
         ("POSTERN_HOSTNAME", "bad host", "--hostname"),
