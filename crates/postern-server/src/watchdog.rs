@@ -180,8 +180,9 @@ pub(crate) fn spawn(cores: Vec<Arc<Beat>>, stalls: Arc<AtomicU64>) -> std::io::R
                     if new {
                         tracing::warn!(
                             core,
-                            "core {core} ran no timer for {} ms (a lost wake-up, or the \
-                             machine itself stalled); interrupting its wait",
+                            "core {core} ran no timer for {} ms (a lost wake-up, a long \
+                             blocking call on the core, or a stall of the machine itself); \
+                             interrupting its wait",
                             STALL_AFTER.as_millis()
                         );
                     }
