@@ -48,6 +48,9 @@ pub(crate) struct Core {
     pub(crate) store: CoreStore,
     /// Set once this core has seen the stop request.
     pub(crate) stopping: Cell<bool>,
+    /// The process-wide stop request, which a session also reads before each command: the
+    /// core's own flag follows it only at the next tick of `watch`.
+    pub(crate) stop_flag: Arc<StopFlag>,
     /// Woken when `stopping` is set, and again when `grace_over` is.
     pub(crate) stop_event: Event,
     /// The shutdown grace is over: sessions still inside a body are told 421 and closed.
@@ -157,6 +160,11 @@ impl Core {
         if let Ok(mut slot) = self.published.lock() {
             *slot = m;
         }
+    }
+
+    /// Whether a stop was asked for, on this core or by the process (not yet seen by `watch`).
+    pub(crate) fn stop_asked(&self) -> bool {
+        self.stopping.get() || self.stop_flag.is_stopping()
     }
 
     /// Waits until a stop is requested on this core.

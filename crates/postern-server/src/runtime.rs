@@ -397,6 +397,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         published: init.published,
         store,
         stopping: Default::default(),
+        stop_flag: init.stop.clone(),
         stop_event: Default::default(),
         grace_over: Default::default(),
         sessions: Default::default(),

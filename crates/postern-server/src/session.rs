@@ -97,7 +97,11 @@ pub(crate) async fn serve(
     }
     // Give the place back before the client can see the close.
     drop(permit);
-    let _ = session.conn.close().await;
+    // Over TLS the close writes a close_notify: bounded too, for a client that does not read.
+    let close = async {
+        let _ = session.conn.close().await;
+    };
+    future::or(close, glommio::timer::sleep(CLOSING_WRITE)).await;
     CoreMetrics::record(
         &mut core.metrics.borrow_mut().session_duration,
         started.elapsed(),
@@ -140,7 +144,7 @@ impl Session {
                 // Once the server stops, a session outside a message body gets 421, also
                 // when its next commands were pipelined behind the body just finished: the
                 // stop lets transactions in flight finish, not new ones start.
-                if self.core.stopping.get() && !self.proto.in_message() {
+                if !self.proto.in_message() && self.core.stop_asked() {
                     let open = self.proto.shutdown();
                     self.abandon_draft(open);
                     self.flush().await;
@@ -275,20 +279,24 @@ impl Session {
             return true;
         }
         self.core.metrics.borrow_mut().count_replies(out);
-        // A client that sends but never reads fills the socket's buffers until this write
-        // waits: it waits no longer than a command may, nor past the session's cap, so such
-        // a client cannot hold its connection (and its place under the limits) for ever.
-        // glommio arms the timer only when the write has to wait.
-        if let Some(tcp) = self.conn.tcp() {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            let limit = self
-                .core
-                .settings
-                .command_timeout
-                .min(left.max(CLOSING_WRITE));
-            let _ = tcp.set_write_timeout(Some(limit));
-        }
-        let ok = self.conn.write_all(out).await.is_ok() && self.conn.flush().await.is_ok();
+        // A client that sends but never reads (or reads a trickle) fills the socket's buffers
+        // until this write waits: the whole write gets no longer than a command may, nor
+        // past the session's cap, so such a client cannot hold its connection (and its place
+        // under the limits) for ever. The timer is made only when the write has to wait:
+        // `or` polls the write first, and the sleep starts at its first poll.
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let limit = self
+            .core
+            .settings
+            .command_timeout
+            .min(left.max(CLOSING_WRITE));
+        let conn = &mut self.conn;
+        let write = async { conn.write_all(out).await.is_ok() && conn.flush().await.is_ok() };
+        let expire = async {
+            glommio::timer::sleep(limit).await;
+            false
+        };
+        let ok = future::or(write, expire).await;
         self.proto.clear_output();
         if let Some(at) = self.eod_at.take() {
             CoreMetrics::record(

@@ -182,10 +182,10 @@ fn main() -> ExitCode {
             std::thread::spawn(move || {
                 for signal in signals.forever() {
                     if signal == SIGTERM || signal == SIGINT {
+                        stop.stop();
                         tracing::info!(
                             "stopping: no new connections, finishing transactions in flight"
                         );
-                        stop.stop();
                         return;
                     }
                     if signal == SIGUSR1 {

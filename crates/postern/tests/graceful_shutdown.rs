@@ -183,3 +183,26 @@ fn a_transaction_pipelined_behind_the_body_finished_in_the_grace_gets_421() {
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].0, id);
 }
+
+#[test]
+fn no_transaction_starts_once_the_stop_is_asked_for() {
+    let mut server = Server::start(&["--cores", "1"]);
+    let mut busy = in_data(&server, "busy.test");
+    busy.send(b"Subject: in flight\r\n\r\nbody\r\n");
+    server.signal("-TERM");
+    // As soon as the stop is asked for (the log says so once it is), not at the core's next
+    // look at it: the body ends, and the transaction pipelined behind it is refused.
+    server.log_until(|l| l.contains("stopping: no new connections"));
+    busy.send(b".\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<second@d.test>\r\n");
+    let id = queue_id(&busy.line());
+    assert_eq!(
+        busy.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    assert!(busy.closed());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let stored = spooled(&server.spool);
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].0, id);
+}

@@ -139,3 +139,87 @@ fn never_reads(limits: &[&str]) {
     }
     drop(stream);
 }
+
+#[test]
+fn a_client_that_reads_a_trickle_is_dropped_at_the_session_cap() {
+    use std::io::{ErrorKind, Read, Write};
+    use std::time::Duration;
+
+    let server = Server::start(&[
+        "--command-timeout",
+        "1h",
+        "--max-session-time",
+        "3s",
+        "--max-connections-per-ip",
+        "1",
+    ]);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.smtp.into()).unwrap();
+    let mut stream: std::net::TcpStream = sock.into();
+    let mut banner = [0u8; 512];
+    let n = stream.read(&mut banner).unwrap();
+    assert!(banner[..n].starts_with(b"220 "));
+    // Some megabytes of commands, whose replies fill the socket's buffers.
+    stream.set_nonblocking(true).unwrap();
+    let noops = b"NOOP\r\n".repeat(1000);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut waiting_since: Option<Instant> = None;
+    while sent < 4 << 20 && started.elapsed() < Duration::from_secs(20) {
+        match stream.write(&noops) {
+            Ok(n) => {
+                sent += n;
+                waiting_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if waiting_since
+                    .get_or_insert_with(Instant::now)
+                    .elapsed()
+                    .as_millis()
+                    >= 300
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(_) => break,
+        }
+    }
+    // Then read a trickle, 4,000 bytes every half second: each write of the server makes a
+    // little progress, none waits long, and the session would go on for minutes.
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let trickle = std::thread::spawn(move || {
+        let mut buf = [0u8; 4000];
+        for _ in 0..120 {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    });
+    // The cap (3 s, and 1 s more for a reply being written) ends it: its place is free.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = server.connect();
+        let line = c.line();
+        if line.starts_with("220 ") {
+            break;
+        }
+        assert!(line.starts_with("421 4.7.0"), "{line}");
+        assert!(
+            Instant::now() < deadline,
+            "a client reading a trickle outlives the session cap"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "freed only after {:?}",
+        started.elapsed()
+    );
+    trickle.join().unwrap();
+}
