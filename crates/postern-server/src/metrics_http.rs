@@ -153,7 +153,11 @@ fn answer(
     };
     // An HTTP/0.9 request (a request line without a version) gets the body alone.
     let response = if complete && is_http09(&head) {
-        body
+        if head_only {
+            String::new()
+        } else {
+            body
+        }
     } else {
         format!(
             "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n{}",

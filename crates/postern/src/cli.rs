@@ -437,7 +437,8 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
                         .map(|ip| SocketAddr::new(ip, 53))
                 })
                 .ok()
-                .filter(|a| a.port() != 0)
+                // Port 0, or no address (0.0.0.0, ::), names no server to ask.
+                .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
                 .ok_or_else(|| {
                     format!(
                         "--dns-server: '{d}' is not an address like 10.0.0.53 or 127.0.0.1:5353"

@@ -123,6 +123,7 @@ fn values_that_cannot_work_are_refused_by_name() {
     refused(&["serve", "--max-session-time", "0s"], "--max-session-time");
     // Port 0 is no server to ask, as for --relay-host and --route.
     refused(&["serve", "--dns-server", "127.0.0.1:0"], "--dns-server");
+    refused(&["serve", "--dns-server", "0.0.0.0"], "--dns-server");
     // A low mark without a high one would be ignored.
     refused(
         &["serve", "--queue-high-water", "0", "--queue-low-water", "5"],

@@ -222,6 +222,7 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
     );
     // HTTP/0.9: the body alone.
     assert_eq!(status_of(b"GET /healthz\r\n"), "ok");
+    assert_eq!(status_of(b"HEAD /healthz\r\n"), "");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
