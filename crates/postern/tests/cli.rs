@@ -224,46 +224,26 @@ fn values_that_cannot_work_are_refused_by_name() {
 
 #[test]
 fn a_wrong_value_from_the_environment_names_its_variable() {
-    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve"])
-        .env("POSTERN_MAX_RECIPIENTS", "abc")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = serve_with_env(&[], "POSTERN_MAX_RECIPIENTS", "abc");
+    assert_eq!(code, Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("--max-recipients") && err.contains("POSTERN_MAX_RECIPIENTS"),
         "{err}"
     );
     // Switches take the usual spellings of yes and no.
-    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve", "--cores", "0"])
-        .env("POSTERN_HOLD", "yes")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (_, err) = serve_with_env(&["--cores", "0"], "POSTERN_HOLD", "yes");
     assert!(err.contains("--cores") && !err.contains("--hold"), "{err}");
     // A value refused after parsing names its variable too.
-    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve"])
-        .env("POSTERN_MAX_MESSAGE_SIZE", "0")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = serve_with_env(&[], "POSTERN_MAX_MESSAGE_SIZE", "0");
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("--max-message-size") && err.contains("POSTERN_MAX_MESSAGE_SIZE"),
         "{err}"
     );
     // A flag from the environment that needs another names itself.
-    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve"])
-        .env("POSTERN_TLS_CERT", "/nonexistent/cert.pem")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = serve_with_env(&[], "POSTERN_TLS_CERT", "/nonexistent/cert.pem");
+    assert_eq!(code, Some(2), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("--tls-key") && err.contains("POSTERN_TLS_CERT"),
@@ -275,15 +255,25 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         ("POSTERN_RELAY_HOST", "host:0", "--relay-host"),
         ("POSTERN_OUTBOUND_TLS", "bogus", "--outbound-tls"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-            .args(["serve"])
-            .env(var, value)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+        let (code, err) = serve_with_env(&[], var, value);
+        assert_eq!(code, Some(2), "{err}");
         assert!(err.contains(flag) && err.contains(var), "{var}: {err}");
     }
+}
+
+/// `postern serve` with `args` and the variable `var` set to `value`, run to its end: the
+/// exit code and what it wrote to stderr.
+fn serve_with_env(args: &[&str], var: &str, value: &str) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .arg("serve")
+        .args(args)
+        .env(var, value)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]

@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::time::Instant;
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use common::Server;
 
@@ -78,114 +80,28 @@ fn a_client_that_never_reads_its_replies_is_dropped_at_the_session_cap() {
 /// its session ends (and its place under the per-address limit comes free) although the
 /// client never closes.
 fn never_reads(limits: &[&str]) {
-    use std::io::{ErrorKind, Read, Write};
-    use std::time::Duration;
-
-    let mut args = limits.to_vec();
-    args.extend(["--max-connections-per-ip", "1"]);
-    let server = Server::start(&args);
-    // A small receive buffer, so that the replies the server owes fill it soon.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.smtp.into()).unwrap();
-    let mut stream: std::net::TcpStream = sock.into();
-    let mut banner = [0u8; 512];
-    let n = stream.read(&mut banner).unwrap();
-    assert!(banner[..n].starts_with(b"220 "));
+    let server = Server::start(&with_one_per_address(limits));
     // Commands, never a read: once our writes have waited half a second straight, the server
     // has stopped reading, because its own write of the replies waits on us.
-    stream.set_nonblocking(true).unwrap();
-    let noops = b"NOOP\r\n".repeat(1000);
-    let started = Instant::now();
-    let mut waiting_since: Option<Instant> = None;
-    loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the server never stopped reading"
-        );
-        match stream.write(&noops) {
-            Ok(_) => waiting_since = None,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if waiting_since
-                    .get_or_insert_with(Instant::now)
-                    .elapsed()
-                    .as_millis()
-                    >= 500
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            // Already dropped (the command timeout has run out meanwhile).
-            Err(_) => break,
-        }
-    }
+    let stream = flood(&server, usize::MAX, Duration::from_millis(500));
     // Its write gives up after the command timeout, or at the session's cap; the session
     // ends and its place under --max-connections-per-ip is free again, though the client
     // still has not closed.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let mut c = server.connect();
-        let line = c.line();
-        if line.starts_with("220 ") {
-            break;
-        }
-        assert!(line.starts_with("421 4.7.0"), "{line}");
-        assert!(
-            Instant::now() < deadline,
-            "a client that does not read still holds its place"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    place_comes_free(&server, "a client that does not read still holds its place");
     drop(stream);
 }
 
 #[test]
 fn a_client_that_reads_a_trickle_is_dropped_at_the_session_cap() {
-    use std::io::{ErrorKind, Read, Write};
-    use std::time::Duration;
-
-    let server = Server::start(&[
+    let server = Server::start(&with_one_per_address(&[
         "--command-timeout",
         "1h",
         "--max-session-time",
         "3s",
-        "--max-connections-per-ip",
-        "1",
-    ]);
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&server.smtp.into()).unwrap();
-    let mut stream: std::net::TcpStream = sock.into();
-    let mut banner = [0u8; 512];
-    let n = stream.read(&mut banner).unwrap();
-    assert!(banner[..n].starts_with(b"220 "));
-    // Some megabytes of commands, whose replies fill the socket's buffers.
-    stream.set_nonblocking(true).unwrap();
-    let noops = b"NOOP\r\n".repeat(1000);
+    ]));
     let started = Instant::now();
-    let mut sent = 0usize;
-    let mut waiting_since: Option<Instant> = None;
-    while sent < 4 << 20 && started.elapsed() < Duration::from_secs(20) {
-        match stream.write(&noops) {
-            Ok(n) => {
-                sent += n;
-                waiting_since = None;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if waiting_since
-                    .get_or_insert_with(Instant::now)
-                    .elapsed()
-                    .as_millis()
-                    >= 300
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(_) => break,
-        }
-    }
+    // Some megabytes of commands, whose replies fill the socket's buffers.
+    let mut stream = flood(&server, 4 << 20, Duration::from_millis(300));
     // Then read a trickle, 4,000 bytes every half second: each write of the server makes a
     // little progress, none waits long, and the session would go on for minutes.
     stream.set_nonblocking(false).unwrap();
@@ -202,24 +118,75 @@ fn a_client_that_reads_a_trickle_is_dropped_at_the_session_cap() {
         }
     });
     // The cap (3 s, and 1 s more for a reply being written) ends it: its place is free.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut c = server.connect();
-        let line = c.line();
-        if line.starts_with("220 ") {
-            break;
-        }
-        assert!(line.starts_with("421 4.7.0"), "{line}");
-        assert!(
-            Instant::now() < deadline,
-            "a client reading a trickle outlives the session cap"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    place_comes_free(
+        &server,
+        "a client reading a trickle outlives the session cap",
+    );
     assert!(
         started.elapsed() < Duration::from_secs(12),
         "freed only after {:?}",
         started.elapsed()
     );
     trickle.join().unwrap();
+}
+
+fn with_one_per_address<'a>(limits: &[&'a str]) -> Vec<&'a str> {
+    let mut args = limits.to_vec();
+    args.extend(["--max-connections-per-ip", "1"]);
+    args
+}
+
+/// Connects with a small receive buffer (so that the replies the server owes fill it soon),
+/// reads the banner, then writes NOOPs without reading, until `bytes` are written or the
+/// writes have waited `waited` straight. Returns the connection, non-blocking.
+fn flood(server: &Server, bytes: usize, waited: Duration) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&server.smtp.into()).unwrap();
+    let mut stream: TcpStream = sock.into();
+    let mut banner = [0u8; 512];
+    let n = stream.read(&mut banner).unwrap();
+    assert!(banner[..n].starts_with(b"220 "));
+    stream.set_nonblocking(true).unwrap();
+    let noops = b"NOOP\r\n".repeat(1000);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut waiting_since: Option<Instant> = None;
+    while sent < bytes {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the server never stopped reading"
+        );
+        match stream.write(&noops) {
+            Ok(n) => {
+                sent += n;
+                waiting_since = None;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if waiting_since.get_or_insert_with(Instant::now).elapsed() >= waited {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Already dropped (a limit has run out meanwhile).
+            Err(_) => break,
+        }
+    }
+    stream
+}
+
+/// Waits (at most 20 s) until a new connection from the same address gets a banner, not
+/// the per-address 421; fails with `why` otherwise.
+fn place_comes_free(server: &Server, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c = server.connect();
+        let line = c.line();
+        if line.starts_with("220 ") {
+            return;
+        }
+        assert!(line.starts_with("421 4.7.0"), "{line}");
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
