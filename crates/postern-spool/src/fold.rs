@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::error::SpoolError;
 use crate::recover::recover;
-use crate::segment::sync_dir;
+use crate::segment::{parse_name, sync_dir};
 use crate::spool::{Spool, SpoolOptions};
 
 /// What [`fold_cores`] did.
@@ -26,14 +26,31 @@ pub struct Folded {
 
 /// Moves what the directories of cores `cores` and up still have to deliver into the spools
 /// of cores `0..cores`, makes it durable, then removes those directories. Called before any
-/// core opens its spool. A crash in the middle leaves the old copies in place: at worst a
-/// message is delivered twice, never lost.
+/// core opens its spool.
+///
+/// A journal (`.fold-journal` in `root`) makes the move all or nothing across crashes: it
+/// names the first segment the move writes in each target before anything is written there,
+/// and says "copied" once the copies are durable. A start that finds it still "copying"
+/// deletes those segments (they hold nothing but copies) and moves again from the old
+/// directories; one that finds it "copied" only finishes setting the old directories aside.
+/// So however often the move is cut off, each message exists once afterwards. A move that
+/// fails (a full disk) is undone the same way before the error is returned.
 pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Folded, SpoolError> {
     let mut out = Folded::default();
-    let Ok(entries) = std::fs::read_dir(root) else {
+    if !root.is_dir() {
         return Ok(out);
-    };
-    let entries: Vec<std::fs::DirEntry> = entries.flatten().collect();
+    }
+    if let Some(journal) = Journal::read(root)? {
+        if journal.copied {
+            set_aside(root, &journal, &mut out)?;
+        } else {
+            undo(root, &journal)?;
+        }
+    }
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(root)
+        .map_err(SpoolError::at(root))?
+        .flatten()
+        .collect();
     // What an earlier fold set aside after moving its messages: never read again.
     for e in &entries {
         if e.file_name()
@@ -43,18 +60,58 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    let old_dirs: Vec<(u32, std::path::PathBuf)> = entries
+    let mut old_dirs: Vec<u32> = entries
         .iter()
         .filter(|e| e.path().is_dir())
-        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path())))
-        .filter(|(n, _)| *n >= cores)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|n| *n >= cores)
         .collect();
+    old_dirs.sort_unstable();
     if old_dirs.is_empty() || cores == 0 {
         return Ok(out);
     }
     // Every directory is read: outcomes of these messages may have been recorded by the core
     // that delivered them in an earlier run.
     let found = recover(root)?;
+    let mut journal = Journal {
+        copied: false,
+        sources: old_dirs,
+        targets: Vec::new(),
+        damaged: Vec::new(),
+    };
+    journal.write(root)?;
+    if let Err(e) = copy(root, cores, options, &found, &mut journal, &mut out) {
+        // Nothing moved: the old directories stay, and are delivered from where they are.
+        undo(root, &journal)?;
+        out.moved.clear();
+        return Err(e);
+    }
+    // The copies are durable. From here on a crash only finishes the move.
+    journal.damaged = (found.corrupt_at.iter())
+        .chain(found.damaged_at.iter().map(|(start, _)| start))
+        .map(|l| l.core)
+        .filter(|c| journal.sources.contains(c))
+        .collect();
+    journal.damaged.sort_unstable();
+    journal.damaged.dedup();
+    drop(found);
+    journal.copied = true;
+    journal.write(root)?;
+    set_aside(root, &journal, &mut out)?;
+    Ok(out)
+}
+
+/// Writes the messages of the old directories that are not final into the spools of cores
+/// `n mod cores`, with their outcomes, and syncs them. Each target is named in the journal,
+/// with the first segment the move will write there, before anything is written to it.
+fn copy(
+    root: &Path,
+    cores: u32,
+    options: SpoolOptions,
+    found: &crate::recover::Recovered,
+    journal: &mut Journal,
+    out: &mut Folded,
+) -> Result<(), SpoolError> {
     let mut by_target: Vec<Vec<&crate::recover::RecoveredMessage>> =
         vec![Vec::new(); cores as usize];
     for m in &found.messages {
@@ -67,6 +124,8 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
             continue;
         }
         let mut spool = Spool::open(root, target as u32, options)?;
+        journal.targets.push((target as u32, spool.next_segment()));
+        journal.write(root)?;
         for m in messages {
             let mut draft = spool.begin(&m.meta)?;
             for chunk in m.body().chunks() {
@@ -83,23 +142,52 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
         }
         spool.sync_now()?;
     }
-    // The copies are durable: each old directory is renamed out of the way in one step, so
-    // that no later start copies its messages again, whatever happens to the deletion.
-    let damaged: Vec<u32> = (found.corrupt_at.iter())
-        .chain(found.damaged_at.iter().map(|(start, _)| start))
-        .map(|l| l.core)
-        .collect();
-    drop(found);
-    let mut aside = Vec::new();
-    for (n, dir) in &old_dirs {
-        let to = root.join(format!("{FOLDED}{n}"));
-        std::fs::rename(dir, &to).map_err(SpoolError::at(dir))?;
-        aside.push((*n, to));
-        out.dirs += 1;
+    Ok(())
+}
+
+/// Undoes a move that did not finish: deletes every segment it wrote in its targets (from the
+/// first one the journal names; nothing else writes there before the move ends), then the
+/// journal. The old directories were not touched.
+fn undo(root: &Path, journal: &Journal) -> Result<(), SpoolError> {
+    for &(target, first) in &journal.targets {
+        let dir = root.join(target.to_string());
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut copies: Vec<(u64, std::path::PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
+            .filter(|(seq, _)| *seq >= first)
+            .collect();
+        // Newest first: a crash in the middle leaves the journal, and the next start goes on.
+        copies.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+        for (_, path) in copies {
+            std::fs::remove_file(&path).map_err(SpoolError::at(&path))?;
+        }
+        sync_dir(&dir).map_err(SpoolError::at(&dir))?;
     }
-    sync_dir(root).map_err(SpoolError::from_io)?;
-    for (n, dir) in aside {
-        if damaged.contains(&n) || dir.join(crate::DAMAGED_DIR).exists() {
+    Journal::remove(root)
+}
+
+/// Finishes a move whose copies are durable: renames each old directory aside in one step,
+/// so that no later start copies its messages again, then deletes the old directories, or
+/// keeps those with damaged records for the operator, and drops the journal.
+fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), SpoolError> {
+    for n in &journal.sources {
+        let dir = root.join(n.to_string());
+        if dir.is_dir() {
+            let to = root.join(format!("{FOLDED}{n}"));
+            std::fs::rename(&dir, &to).map_err(SpoolError::at(&dir))?;
+            out.dirs += 1;
+        }
+    }
+    sync_dir(root).map_err(SpoolError::at(root))?;
+    for n in &journal.sources {
+        let dir = root.join(format!("{FOLDED}{n}"));
+        if !dir.is_dir() {
+            continue;
+        }
+        if journal.damaged.contains(n) || dir.join(crate::DAMAGED_DIR).exists() {
             // Damaged records (or segments set aside for them): kept for the operator to look
             // at (see the log), under a name the next start does not clear.
             let secs = std::time::SystemTime::now()
@@ -114,7 +202,113 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
-    Ok(out)
+    // Last, so that a crash before this point keeps damaged directories too.
+    Journal::remove(root)
+}
+
+/// The state of a move, in `root/.fold-journal`: written whole to a temporary file, synced
+/// and renamed over the old one, so a crash leaves the old state or the new one.
+#[derive(Debug, PartialEq, Eq)]
+struct Journal {
+    /// The copies are durable; only setting the old directories aside is left.
+    copied: bool,
+    /// The old core directories being moved.
+    sources: Vec<u32>,
+    /// Each target core and the first segment the move writes there.
+    targets: Vec<(u32, u64)>,
+    /// Old directories with damaged records (kept rather than deleted).
+    damaged: Vec<u32>,
+}
+
+const JOURNAL: &str = ".fold-journal";
+const JOURNAL_TMP: &str = ".fold-journal.tmp";
+const JOURNAL_HEAD: &str = "postern fold journal 1";
+
+impl Journal {
+    fn encode(&self) -> String {
+        let mut s = format!(
+            "{JOURNAL_HEAD}\nstate {}\n",
+            if self.copied { "copied" } else { "copying" }
+        );
+        for n in &self.sources {
+            s.push_str(&format!("source {n}\n"));
+        }
+        for (n, first) in &self.targets {
+            s.push_str(&format!("target {n} {first}\n"));
+        }
+        for n in &self.damaged {
+            s.push_str(&format!("damaged {n}\n"));
+        }
+        s
+    }
+
+    fn decode(text: &str) -> Option<Journal> {
+        let mut lines = text.lines();
+        if lines.next()? != JOURNAL_HEAD {
+            return None;
+        }
+        let copied = match lines.next()? {
+            "state copied" => true,
+            "state copying" => false,
+            _ => return None,
+        };
+        let mut j = Journal {
+            copied,
+            sources: Vec::new(),
+            targets: Vec::new(),
+            damaged: Vec::new(),
+        };
+        for line in lines {
+            let mut words = line.split(' ');
+            match (words.next()?, words.next()?.parse().ok()?, words.next()) {
+                ("source", n, None) => j.sources.push(n),
+                ("damaged", n, None) => j.damaged.push(n),
+                ("target", n, Some(first)) => j.targets.push((n, first.parse().ok()?)),
+                _ => return None,
+            }
+        }
+        Some(j)
+    }
+
+    fn write(&self, root: &Path) -> Result<(), SpoolError> {
+        let tmp = root.join(JOURNAL_TMP);
+        let made = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, self.encode().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, root.join(JOURNAL))?;
+            sync_dir(root)
+        })();
+        made.map_err(SpoolError::at(&tmp))
+    }
+
+    /// The journal of a move cut off by a crash, if there is one.
+    fn read(root: &Path) -> Result<Option<Journal>, SpoolError> {
+        let path = root.join(JOURNAL);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Journal::decode(&text).map(Some).ok_or_else(|| {
+                SpoolError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: not a journal this version wrote; the move of a smaller --cores \
+                         was cut off and cannot be finished",
+                        path.display()
+                    ),
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SpoolError::at(&path)(e)),
+        }
+    }
+
+    fn remove(root: &Path) -> Result<(), SpoolError> {
+        let path = root.join(JOURNAL);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(root).map_err(SpoolError::at(root)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(SpoolError::at(&path)(e)),
+        }
+    }
 }
 
 /// The name an old core directory takes once its messages have moved (then it is deleted,
@@ -142,4 +336,168 @@ pub fn kept_damage(root: &Path) -> Vec<std::path::PathBuf> {
     }
     kept.sort();
     kept
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::meta::{MessageMeta, Recipient};
+
+    const OPTS: SpoolOptions = SpoolOptions {
+        segment_size: 128 * 1024,
+    };
+
+    fn meta(i: u64) -> MessageMeta {
+        MessageMeta {
+            arrival: 1_795_346_220 + i,
+            client: "192.0.2.1".into(),
+            helo: "client.test".into(),
+            reverse_path: format!("sender{i}@origin.test"),
+            recipients: vec![Recipient {
+                path: "a@dest.test".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            envid: None,
+            ret: None,
+            body_type: 1,
+            smtputf8: false,
+        }
+    }
+
+    /// Three queued messages on core 3 of an earlier run.
+    fn old_core(root: &Path) {
+        let mut old = Spool::open(root, 3, OPTS).unwrap();
+        for i in 0..3 {
+            let mut d = old.begin(&meta(i)).unwrap();
+            old.append(&mut d, format!("body {i}\r\n").as_bytes())
+                .unwrap();
+            old.finish(d).unwrap();
+        }
+        old.sync_now().unwrap();
+    }
+
+    fn senders(root: &Path) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> = recover(root)
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| (m.core, m.meta.reverse_path.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The move as far as a crash after its copies were written and before they were known
+    /// to be durable (the journal still says "copying").
+    fn cut_off_while_copying(root: &Path, cores: u32) {
+        let found = recover(root).unwrap();
+        let mut journal = Journal {
+            copied: false,
+            sources: vec![3],
+            targets: Vec::new(),
+            damaged: Vec::new(),
+        };
+        journal.write(root).unwrap();
+        copy(
+            root,
+            cores,
+            OPTS,
+            &found,
+            &mut journal,
+            &mut Folded::default(),
+        )
+        .unwrap();
+    }
+
+    /// The three messages once each, on core 3 mod 2.
+    fn moved_once() -> Vec<(u32, String)> {
+        (0..3)
+            .map(|i| (1, format!("sender{i}@origin.test")))
+            .collect()
+    }
+
+    #[test]
+    fn a_move_cut_off_while_copying_is_undone_and_done_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        old_core(root);
+        cut_off_while_copying(root, 2);
+        assert_eq!(
+            senders(root).len(),
+            6,
+            "the copies are on disk beside the originals"
+        );
+        let folded = fold_cores(root, 2, OPTS).unwrap();
+        assert_eq!(folded.dirs, 1);
+        assert_eq!(folded.moved.len(), 3);
+        assert_eq!(
+            senders(root),
+            moved_once(),
+            "each message once, on core 3 mod 2"
+        );
+        assert!(!root.join(JOURNAL).exists());
+        assert_eq!(fold_cores(root, 2, OPTS).unwrap().dirs, 0);
+        assert_eq!(senders(root).len(), 3);
+    }
+
+    #[test]
+    fn a_move_cut_off_after_its_copies_were_durable_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        old_core(root);
+        cut_off_while_copying(root, 2);
+        let mut journal = Journal::read(root).unwrap().unwrap();
+        assert_eq!(journal.targets.len(), 1);
+        journal.copied = true;
+        journal.write(root).unwrap();
+        // The start after the crash finishes the move without copying again.
+        let folded = fold_cores(root, 2, OPTS).unwrap();
+        assert_eq!(folded.dirs, 1);
+        assert!(folded.moved.is_empty(), "{folded:?}");
+        assert_eq!(senders(root), moved_once());
+        assert!(!root.join("3").exists() && !root.join(JOURNAL).exists());
+    }
+
+    #[test]
+    fn a_start_with_more_cores_after_a_cut_off_move_undoes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        old_core(root);
+        cut_off_while_copying(root, 2);
+        // Back to four cores: nothing to move, but the copies must not stay beside the
+        // originals.
+        let folded = fold_cores(root, 4, OPTS).unwrap();
+        assert_eq!(folded.dirs, 0);
+        let expected: Vec<(u32, String)> = (0..3)
+            .map(|i| (3, format!("sender{i}@origin.test")))
+            .collect();
+        assert_eq!(senders(root), expected);
+    }
+
+    #[test]
+    fn the_journal_reads_back_what_was_written_and_refuses_anything_else() {
+        let j = Journal {
+            copied: true,
+            sources: vec![2, 5],
+            targets: vec![(0, 7), (1, 12)],
+            damaged: vec![5],
+        };
+        assert_eq!(Journal::decode(&j.encode()), Some(j));
+        assert_eq!(Journal::decode(""), None);
+        assert_eq!(
+            Journal::decode(&format!("{JOURNAL_HEAD}\nstate copying\ntarget 1\n")),
+            None
+        );
+        assert_eq!(
+            Journal::decode(&format!("{JOURNAL_HEAD}\nstate done\n")),
+            None
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(JOURNAL), "garbage").unwrap();
+        let e = fold_cores(dir.path(), 1, OPTS).unwrap_err();
+        assert!(e.to_string().contains(".fold-journal"), "{e}");
+    }
 }

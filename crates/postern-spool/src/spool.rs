@@ -235,6 +235,12 @@ impl Spool {
         Ok(spool)
     }
 
+    /// The number the next segment this opening makes will take: every one it writes is
+    /// numbered from here up.
+    pub(crate) fn next_segment(&self) -> u64 {
+        self.next_seq
+    }
+
     /// The core this spool belongs to.
     pub fn core(&self) -> u32 {
         self.core

@@ -1584,6 +1584,96 @@ fn mail_queued_by_more_cores_is_delivered_once_however_often_fewer_cores_restart
 }
 
 #[test]
+fn a_move_to_fewer_cores_cut_off_by_crashes_delivers_each_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
+    let mut sent = 0;
+    while sent < 40 {
+        send(
+            &held,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<cut{sent}@t>"),
+            "x\r\n",
+        );
+        sent += 1;
+        let on_core_1 = common::spooled(&spool)
+            .iter()
+            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+            .count();
+        if sent >= 6 && on_core_1 > 0 {
+            break;
+        }
+    }
+    assert!(held.terminate().success());
+    let on_core_1 = common::spooled(&spool)
+        .iter()
+        .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+        .count();
+    assert!(
+        on_core_1 > 0,
+        "no message on core 1: the test proves nothing"
+    );
+    // Two starts on one core, each killed as the move of core 1's mail syncs its copies: the
+    // first `fdatasync` of the process is that sync (strace counts each thread's calls apart,
+    // and the cores' threads do not exist yet).
+    for _ in 0..2 {
+        let mut cmd = Command::new("strace");
+        cmd.args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "inject=fdatasync:signal=SIGKILL:when=1",
+        ])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args([
+            "serve",
+            "--cores",
+            "1",
+            "--hold",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+        ])
+        .arg(&spool);
+        let (code, _, err) = common::run_command_bounded(cmd);
+        assert_ne!(code, 0, "the start was not cut off: {err}");
+        assert!(!err.contains("ready with"), "{err}");
+        assert!(spool.join("1").exists(), "the move finished: {err}");
+        assert!(
+            common::spooled(&spool).len() > sent,
+            "the copies were not on disk when the start was cut off: the test proves nothing"
+        );
+    }
+    // A start that is not cut off delivers everything, each message once.
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--cores",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    peer.wait_for("every held message", Duration::from_secs(20), |s| {
+        s.len() >= sent
+    });
+    server.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
+    assert!(server.terminate().success());
+    let stored = peer.stored();
+    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
+    ids.sort_unstable();
+    let all = ids.len();
+    ids.dedup();
+    assert_eq!((ids.len(), all), (sent, sent), "delivered more than once");
+}
+
+#[test]
 fn held_mail_counts_against_the_queue_high_water_mark() {
     // Nothing delivers with --hold (the harness's default without a route), so what is kept
     // is the queue.
