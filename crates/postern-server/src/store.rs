@@ -2,6 +2,7 @@
 //! commit), abort. The sync runs on glommio's blocking thread pool, never on the core.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::rc::Rc;
@@ -11,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use event_listener::Event;
 use postern_proto::address::{canonical_domain, local_part_value, same_mailbox};
-use postern_proto::{BodyType, Envelope, Ret};
+use postern_proto::{BodyType, Envelope, Notify, Ret};
 use postern_spool::{
     MessageMeta, MessageRef, Recipient, Spool, SpoolError, SpoolOptions, Status, SyncBatch, Ticket,
     TicketState,
@@ -38,14 +39,15 @@ pub(crate) struct Meta<'a> {
 }
 
 /// The envelope's recipients as the spool keeps them: the postmaster's sent where the operator
-/// said, and each mailbox once (the first time it was given, with its DSN parameters). Local
-/// parts compare by their value (quotes and quoted pairs aside) with their case, domains in
-/// their canonical form.
+/// said, and each mailbox once (in the form it was first given). Local parts compare by their
+/// value (quotes and quoted pairs aside) with their case, domains in their canonical form. A
+/// mailbox given again with other DSN parameters keeps every report either asked for
+/// ([`merge_notify`]) and the first ORCPT given.
 fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
     let count = m.envelope.recipient_count();
     let mut out: Vec<Recipient> = Vec::with_capacity(count);
-    // Most messages have a few recipients: compare in place; a set only for long lists.
-    let mut seen = (count > 16).then(std::collections::HashSet::<String>::new);
+    // Most messages have a few recipients: compare in place; a map only for long lists.
+    let mut seen = (count > 16).then(HashMap::<String, usize>::new);
     for r in m.envelope.recipients() {
         let mut rcpt = Recipient {
             path: r.path.to_owned(),
@@ -55,20 +57,48 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
         if m.relay.is_postmaster(r.path) {
             postmaster(&mut rcpt, m.hostname, m.postmaster);
         }
-        let new = match seen.as_mut() {
-            Some(seen) => seen.insert(match rcpt.path.rsplit_once('@') {
-                Some((local, domain)) => {
-                    format!("{}@{}", local_part_value(local), canonical_domain(domain))
+        let taken = match seen.as_mut() {
+            Some(seen) => {
+                let key = match rcpt.path.rsplit_once('@') {
+                    Some((local, domain)) => {
+                        format!("{}@{}", local_part_value(local), canonical_domain(domain))
+                    }
+                    None => rcpt.path.clone(),
+                };
+                match seen.entry(key) {
+                    std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(out.len());
+                        None
+                    }
                 }
-                None => rcpt.path.clone(),
-            }),
-            None => !out.iter().any(|o| same_mailbox(&o.path, &rcpt.path)),
+            }
+            None => out.iter().position(|o| same_mailbox(&o.path, &rcpt.path)),
         };
-        if new {
-            out.push(rcpt);
+        match taken {
+            Some(i) => {
+                let first = &mut out[i];
+                first.notify = merge_notify(first.notify, rcpt.notify);
+                if first.orcpt.is_none() {
+                    first.orcpt = rcpt.orcpt;
+                }
+            }
+            None => out.push(rcpt),
         }
     }
     out
+}
+
+/// The NOTIFY of one recipient given twice: every report either RCPT asked for. No NOTIFY is
+/// the default (failure and delay reports, RFC 3461 4.1), which NEVER adds nothing to.
+fn merge_notify(a: Option<u8>, b: Option<u8>) -> Option<u8> {
+    const DEFAULT: u8 = Notify::FAILURE | Notify::DELAY;
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a | b),
+        (None, None) => None,
+        (None, Some(x)) | (Some(x), None) if x & !DEFAULT == 0 => None,
+        (None, Some(x)) | (Some(x), None) => Some(x | DEFAULT),
+    }
 }
 
 /// Sends a postmaster recipient where the operator said (`--postmaster`), or, without that, to
@@ -398,5 +428,26 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
         })
         .detach();
         store.sync_collected().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recipient_given_twice_gets_every_report_either_asked_for() {
+        const S: u8 = Notify::SUCCESS;
+        const F: u8 = Notify::FAILURE;
+        const D: u8 = Notify::DELAY;
+        let never = Some(0);
+        assert_eq!(merge_notify(never, Some(F)), Some(F));
+        assert_eq!(merge_notify(Some(S), Some(F)), Some(S | F));
+        assert_eq!(merge_notify(never, never), never);
+        assert_eq!(merge_notify(None, None), None);
+        // No NOTIFY is the default, failure and delay reports.
+        assert_eq!(merge_notify(None, never), None);
+        assert_eq!(merge_notify(Some(F), None), None);
+        assert_eq!(merge_notify(None, Some(S)), Some(S | F | D));
     }
 }

@@ -836,6 +836,38 @@ fn a_mailbox_given_twice_is_one_recipient() {
 }
 
 #[test]
+fn a_mailbox_given_twice_keeps_every_report_either_rcpt_asked_for() {
+    // As after a list expanded upstream: the same mailbox twice, the second time with a
+    // failure report asked for and the list as its original recipient.
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
+    let server = routed_to(&peer, &[]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<nobody@dest.test> NOTIFY=NEVER",
+            "RCPT TO:<nobody@Dest.test> NOTIFY=FAILURE ORCPT=rfc822;list@lists.test",
+        ],
+        "<twice@t>",
+    );
+    let (bounce, text) = peer.first("the failure report the second RCPT asked for");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Original-Recipient: rfc822;list@lists.test"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("Final-Recipient:").count(),
+        1,
+        "still one recipient: {text}"
+    );
+}
+
+#[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
