@@ -134,11 +134,20 @@ pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
     let map = ReadMap::new(&file).map_err(SpoolError::at(path))?;
     let data = map.range(0, map.len());
     Ok(match header(data) {
-        Header::Valid { salt } => data
-            .get(HEADER..)
-            .is_some_and(|rest| matches!(read_record(rest, salt), Read::End)),
+        Header::Valid { salt, size } => {
+            !cut_short(data.len(), size)
+                && data
+                    .get(HEADER..)
+                    .is_some_and(|rest| matches!(read_record(rest, salt), Read::End))
+        }
         _ => false,
     })
+}
+
+/// Whether a segment file of `len` bytes is shorter than the `size` it was made with (0: not
+/// recorded, in segments of earlier versions).
+fn cut_short(len: usize, size: u64) -> bool {
+    size != 0 && (len as u64) < size
 }
 
 /// Scans one core's directory (what the core's own spool needs at open).
@@ -244,8 +253,8 @@ impl Scan<'_> {
     fn segment(&mut self) {
         // No writer runs during recovery: the whole segment may be borrowed.
         let data = self.map.range(0, self.map.len());
-        let salt = match header(data) {
-            Header::Valid { salt } => salt,
+        let (salt, size) = match header(data) {
+            Header::Valid { salt, size } => (salt, size),
             Header::Blank => {
                 self.out.unused_segments += 1;
                 return;
@@ -279,6 +288,11 @@ impl Scan<'_> {
         // A bad record followed by nothing is the record a crash cut off.
         if last_corrupt.is_some() {
             self.out.torn_tails += 1;
+        }
+        // A file shorter than it was made lost what was past its end to damage, not to a
+        // crash (its size is reserved before it gets its name): damage where it ends.
+        if cut_short(data.len(), size) {
+            self.corrupt(data.len());
         }
     }
 

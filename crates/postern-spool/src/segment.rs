@@ -79,6 +79,18 @@ pub(crate) fn file_name(seq: u64) -> String {
     format!("{seq:010}.seg")
 }
 
+/// The name a segment has while it is being made.
+pub(crate) fn temp_name(seq: u64) -> String {
+    format!(".{seq:010}.seg.new")
+}
+
+/// Whether a file name is that of a segment whose making was cut off.
+pub(crate) fn is_temp_name(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_suffix(".seg.new"))
+        .is_some_and(|n| n.parse::<u64>().is_ok())
+}
+
 /// The segment number of a file name, if it is one.
 pub(crate) fn parse_name(name: &str) -> Option<u64> {
     name.strip_suffix(".seg")?.parse().ok()
@@ -100,28 +112,33 @@ fn new_salt(seq: u64) -> u32 {
 /// What the first bytes of a segment file say.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Header {
-    /// A segment of this format, with its salt.
-    Valid { salt: u32 },
-    /// Zeros or too short: a segment whose creation was cut off before its header was synced.
+    /// A segment of this format, with its salt and the size reserved when it was made (0 in
+    /// segments made before the size was recorded).
+    Valid { salt: u32, size: u64 },
+    /// Zeros where the header and the first record would be: a segment whose creation was cut
+    /// off by an earlier version, which made segments under their final name.
     Blank,
-    /// Something else: not ours, or damaged.
+    /// Something else: not ours, or damaged (a segment file is never shorter than its header,
+    /// since it gets its name only once made).
     Bad,
 }
 
 /// Reads a segment header.
 pub(crate) fn header(data: &[u8]) -> Header {
     let Some(h) = data.get(..HEADER) else {
-        return if data.iter().all(|&b| b == 0) {
+        return Header::Bad;
+    };
+    if h.iter().all(|&b| b == 0) {
+        let first = &data[HEADER..data.len().min(HEADER + RECORD_HEADER)];
+        if first.iter().all(|&b| b == 0) {
             Header::Blank
         } else {
             Header::Bad
-        };
-    };
-    if h.iter().all(|&b| b == 0) {
-        Header::Blank
+        }
     } else if &h[..8] == MAGIC && h[8..12] == VERSION.to_le_bytes() {
         Header::Valid {
             salt: u32::from_le_bytes([h[24], h[25], h[26], h[27]]),
+            size: u64::from_le_bytes([h[28], h[29], h[30], h[31], h[32], h[33], h[34], h[35]]),
         }
     } else {
         Header::Bad
@@ -143,14 +160,20 @@ impl Segment {
     /// Creates segment `seq` of `size` bytes in `dir`, durable before it returns: file created,
     /// space reserved, header written, file synced, directory synced.
     pub(crate) fn create(dir: &Path, core: u32, seq: u64, size: u64) -> io::Result<Segment> {
+        // Made under a temporary name and linked to its own only once reserved, headed and
+        // synced: a segment file with a segment's name is never shorter than its header, so
+        // recovery can tell a file cut short by damage from one whose creation was cut off.
         let path: PathBuf = dir.join(file_name(seq));
+        let tmp: PathBuf = dir.join(temp_name(seq));
+        let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(&path)?;
+            .open(&tmp)?;
         let salt = new_salt(seq);
         let mut filled = false;
+        let mut linked = false;
         let made = (|| {
             match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
                 Ok(()) => {}
@@ -163,14 +186,19 @@ impl Segment {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let mut head = [0u8; 28];
+            let mut head = [0u8; 36];
             head[..8].copy_from_slice(MAGIC);
             head[8..12].copy_from_slice(&VERSION.to_le_bytes());
             head[12..16].copy_from_slice(&core.to_le_bytes());
             head[16..24].copy_from_slice(&seq.to_le_bytes());
             head[24..28].copy_from_slice(&salt.to_le_bytes());
+            head[28..36].copy_from_slice(&size.to_le_bytes());
             pwrite_all(&file, &head, 0)?;
             file.sync_all()?;
+            // A link, not a rename: it never replaces a file already under that name.
+            std::fs::hard_link(&tmp, &path)?;
+            linked = true;
+            std::fs::remove_file(&tmp)?;
             sync_dir(dir)?;
             ReadMap::new(&file)
         })();
@@ -192,7 +220,10 @@ impl Segment {
             }),
             Err(e) => {
                 // Leave no half-made segment behind for recovery to puzzle over.
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&tmp);
+                if linked {
+                    let _ = std::fs::remove_file(&path);
+                }
                 Err(e)
             }
         }
@@ -374,9 +405,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let seg = Segment::create(dir.path(), 3, 7, 64 * 1024).unwrap_or_else(|e| panic!("{e}"));
         let data = std::fs::read(dir.path().join(file_name(7))).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(header(&data), Header::Valid { salt: seg.salt });
-        assert_eq!(header(&[0u8; 10]), Header::Blank);
+        assert_eq!(
+            header(&data),
+            Header::Valid {
+                salt: seg.salt,
+                size: 64 * 1024
+            }
+        );
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .map(|e| {
+                e.unwrap_or_else(|e| panic!("{e}"))
+                    .file_name()
+                    .to_string_lossy()
+                    .into()
+            })
+            .collect();
+        assert_eq!(names, [file_name(7)], "no temporary name left behind");
+        assert!(is_temp_name(&temp_name(7)) && !is_temp_name(&file_name(7)));
+        assert_eq!(parse_name(&temp_name(7)), None);
+        // A file cut short is never a creation cut off: segments get their name once made.
+        assert_eq!(header(&[]), Header::Bad);
+        assert_eq!(header(&[0u8; 10]), Header::Bad);
         assert_eq!(header(&[0u8; 4096]), Header::Blank);
+        let mut zeroed_header = data.clone();
+        zeroed_header[..HEADER].fill(0);
+        assert_eq!(
+            header(&zeroed_header),
+            Header::Blank,
+            "no record yet behind the zeros"
+        );
+        let mut written = vec![0u8; 4096];
+        written[HEADER] = 24;
+        assert_eq!(
+            header(&written),
+            Header::Bad,
+            "records behind a zeroed header"
+        );
         let mut bad = data[..HEADER].to_vec();
         bad[9] = 9;
         assert_eq!(header(&bad), Header::Bad);

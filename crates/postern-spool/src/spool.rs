@@ -14,7 +14,9 @@ use crate::meta::{MessageMeta, Status};
 use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
-use crate::segment::{file_name, header, parse_name, pwrite_all, sync_dir, Header, Segment};
+use crate::segment::{
+    file_name, header, is_temp_name, parse_name, pwrite_all, sync_dir, Header, Segment,
+};
 use crate::spare::{PreparedSegment, SpareJob};
 
 /// Tunables.
@@ -170,8 +172,13 @@ impl Spool {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(SpoolError::at(&dir))? {
             let entry = entry.map_err(SpoolError::from_io)?;
-            if let Some(seq) = entry.file_name().to_str().and_then(parse_name) {
+            let name = entry.file_name();
+            let name = name.to_str().unwrap_or_default();
+            if let Some(seq) = parse_name(name) {
                 files.push((seq, entry.path()));
+            } else if is_temp_name(name) {
+                // A segment whose making was cut off: it never held a record.
+                std::fs::remove_file(entry.path()).map_err(SpoolError::from_io)?;
             }
         }
         files.sort_unstable();
@@ -695,9 +702,14 @@ impl std::fmt::Debug for Spool {
 /// Whether a segment file's header is blank (creation cut off before it was synced).
 fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
     use std::io::Read;
-    let mut head = Vec::with_capacity(HEADER);
+    // The header and the first record's: zeros in the header with a record behind them are
+    // damage, not a creation cut off.
+    let mut head = Vec::with_capacity(HEADER + RECORD_HEADER);
     File::open(path)
-        .and_then(|f| f.take(HEADER as u64).read_to_end(&mut head))
+        .and_then(|f| {
+            f.take((HEADER + RECORD_HEADER) as u64)
+                .read_to_end(&mut head)
+        })
         .map_err(SpoolError::at(path))?;
     Ok(header(&head) == Header::Blank)
 }

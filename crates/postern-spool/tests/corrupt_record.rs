@@ -177,3 +177,107 @@ fn the_segments_of_a_damaged_message_are_kept() {
         .unwrap_or(0);
     assert_eq!(kept as u64, end.segment - start.segment + 1);
 }
+
+/// Three messages synced into one segment, the spool closed; returns the segment's path.
+fn three_messages(root: &std::path::Path) -> std::path::PathBuf {
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
+    for i in 0..3 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 5000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    drop(spool);
+    let segs = segment_files(root);
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    segs[0].clone()
+}
+
+fn kept_for_inspection(root: &std::path::Path) -> usize {
+    std::fs::read_dir(root.join("0").join(postern_spool::DAMAGED_DIR))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A segment is reserved in full before it gets its name, so a file shorter than that lost
+/// its end to damage, not to a crash: reported where it ends, and kept.
+#[test]
+fn a_segment_cut_short_is_damage_reported_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    // Cut in the middle of the second message's body.
+    let cut = 64 + 5000 + 2500;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 1, "only the first is whole");
+    assert_eq!(r.corrupt_records, 1);
+    assert_eq!((r.corrupt_at[0].segment, r.corrupt_at[0].offset), (1, cut));
+    let first = r.messages[0].queue_id.clone();
+    drop(r);
+    // Still in place while the first message is queued; set aside, not deleted, once it is
+    // final.
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert!(seg.exists());
+    spool.mark_final(&first).unwrap();
+    assert!(!seg.exists());
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+#[test]
+fn a_segment_cut_to_nothing_or_into_its_header_is_damage_reported_and_kept() {
+    for len in [0, 30] {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = three_messages(dir.path());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let r = recover(dir.path()).unwrap();
+        assert_eq!(
+            (r.messages.len(), r.corrupt_records, r.unused_segments),
+            (0, 1, 0),
+            "{len} bytes"
+        );
+        drop(r);
+        let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+        assert_eq!(kept_for_inspection(dir.path()), 1, "{len} bytes");
+    }
+}
+
+/// Zeros over the header of a segment with records behind it: damage, not a segment whose
+/// creation was cut off.
+#[test]
+fn a_zeroed_header_over_records_is_damage_reported_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    data[..64].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.unused_segments), (1, 0));
+    drop(r);
+    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+/// What a crash while a segment is being made leaves: a file under its temporary name, which
+/// the next opening removes.
+#[test]
+fn a_segment_whose_making_was_cut_off_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    three_messages(dir.path());
+    let tmp = dir.path().join("0").join(".0000000002.seg.new");
+    std::fs::write(&tmp, b"").unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.messages.len(), r.corrupt_records), (3, 0));
+    drop(r);
+    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert!(!tmp.exists());
+}
