@@ -1682,7 +1682,7 @@ impl CoreRelay {
                 let hops = self
                     .relay
                     .resolver
-                    .next_hops(domain)
+                    .mx_next_hops(domain, &config.hostname)
                     .await
                     .and_then(|hops| {
                         let me = crate::mx::Myself {

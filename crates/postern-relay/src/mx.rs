@@ -207,6 +207,9 @@ pub fn local_addresses() -> Vec<IpAddr> {
 /// One lookup handed to the resolver thread.
 struct Job {
     domain: String,
+    /// Our host name, to take out of the domain's MX hosts (with all not preferred to it)
+    /// before their addresses are looked up; `None` for a host that is not an MX lookup.
+    own_name: Option<String>,
     reply: oneshot::Sender<Result<Vec<NextHop>, MxError>>,
 }
 
@@ -315,6 +318,25 @@ impl Resolver {
     /// The future may be awaited on any executor; the lookup runs on the resolver thread and
     /// is abandoned there when the future is dropped.
     pub async fn next_hops(&self, domain: &str) -> Result<Vec<NextHop>, MxError> {
+        self.hops(domain, None).await
+    }
+
+    /// [`Resolver::next_hops`] for mail to `domain` on this server named `hostname`: an MX
+    /// host of that name is this server, so it and every host not preferred to it leave the
+    /// list by name, whether or not the name has an address (RFC 5321 section 5.1, "its own
+    /// name"); none left is [`MxError::LoopsToSelf`]. Hosts that are this server by an
+    /// address are for [`Myself::drop_from`], once addresses are known.
+    pub async fn mx_next_hops(
+        &self,
+        domain: &str,
+        hostname: &str,
+    ) -> Result<Vec<NextHop>, MxError> {
+        let name = hostname.trim_end_matches('.');
+        self.hops(domain, (!name.is_empty()).then(|| name.to_owned()))
+            .await
+    }
+
+    async fn hops(&self, domain: &str, own_name: Option<String>) -> Result<Vec<NextHop>, MxError> {
         if let Some(literal) = domain_literal(domain) {
             let addr = literal?;
             return Ok(vec![NextHop {
@@ -326,6 +348,7 @@ impl Resolver {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             domain: domain.to_owned(),
+            own_name,
             reply,
         };
         if self.jobs.send(job).is_err() {
@@ -356,9 +379,13 @@ fn domain_literal(domain: &str) -> Option<Result<IpAddr, MxError>> {
 
 /// Runs one job on the resolver thread; gives up when the caller stops waiting.
 async fn serve(resolver: TokioResolver, job: Job) {
-    let Job { domain, mut reply } = job;
+    let Job {
+        domain,
+        own_name,
+        mut reply,
+    } = job;
     let answer = tokio::select! {
-        answer = lookup(&resolver, &domain) => answer,
+        answer = lookup(&resolver, &domain, own_name.as_deref()) => answer,
         () = reply.closed() => return,
     };
     let _ = reply.send(answer);
@@ -396,7 +423,11 @@ fn classify<T>(
 }
 
 /// The whole lookup for one domain, on the resolver thread.
-async fn lookup(resolver: &TokioResolver, domain: &str) -> Result<Vec<NextHop>, MxError> {
+async fn lookup(
+    resolver: &TokioResolver,
+    domain: &str,
+    own_name: Option<&str>,
+) -> Result<Vec<NextHop>, MxError> {
     let name = fqdn(domain).ok_or(MxError::NoSuchDomain)?;
     let mx = resolver.lookup(name.clone(), RecordType::MX).await;
     let records = match classify(mx, |data| match data {
@@ -416,6 +447,10 @@ async fn lookup(resolver: &TokioResolver, domain: &str) -> Result<Vec<NextHop>, 
         return Err(MxError::NullMx);
     }
     let hosts = order_mx(records);
+    let hosts = match own_name {
+        Some(own) => drop_own_name(hosts, own)?,
+        None => hosts,
+    };
 
     // The hosts are resolved at once; the set aborts them if this lookup is abandoned.
     let mut tasks = tokio::task::JoinSet::new();
@@ -489,6 +524,24 @@ fn order_mx(records: Vec<(u16, Name)>) -> Vec<(u16, Name)> {
     hosts.sort_by_key(|(preference, _)| *preference);
     hosts.truncate(MAX_MX_HOSTS);
     hosts
+}
+
+/// The MX hosts more preferred than the one named `own` (this server), when it is among
+/// them; none is [`MxError::LoopsToSelf`]. By name alone: a name of ours without an address
+/// in the DNS (an internal name, a failed lookup) is still this server.
+fn drop_own_name(hosts: Vec<(u16, Name)>, own: &str) -> Result<Vec<(u16, Name)>, MxError> {
+    let Some((preference, name)) = hosts
+        .iter()
+        .find(|(_, exchange)| host_text(exchange).eq_ignore_ascii_case(own))
+        .map(|(p, exchange)| (*p, host_text(exchange)))
+    else {
+        return Ok(hosts);
+    };
+    let left: Vec<(u16, Name)> = hosts.into_iter().filter(|(p, _)| *p < preference).collect();
+    if left.is_empty() {
+        return Err(MxError::LoopsToSelf(name));
+    }
+    Ok(left)
 }
 
 /// The implicit MX (RFC 5321 section 5.1): the domain itself at preference 0, if it has an
@@ -697,6 +750,31 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn this_server_leaves_the_mx_list_by_its_name_before_any_address_is_looked_up() {
+        let name = |s: &str| Name::from_ascii(s).unwrap();
+        let list = || {
+            order_mx(vec![
+                (5, name("primary.example.")),
+                (10, name("MX.Example.Net.")),
+                (10, name("twin.example.")),
+                (20, name("worse.example.")),
+            ])
+        };
+        let left = drop_own_name(list(), "mx.example.net").unwrap();
+        let hosts: Vec<String> = left.iter().map(|(_, n)| host_text(n)).collect();
+        assert_eq!(hosts, ["primary.example"]);
+        assert_eq!(drop_own_name(list(), "other.example.net").unwrap().len(), 4);
+        let best = order_mx(vec![
+            (10, name("mx.example.net.")),
+            (20, name("worse.example.")),
+        ]);
+        assert_eq!(
+            drop_own_name(best, "mx.example.net"),
+            Err(MxError::LoopsToSelf("mx.example.net".into()))
+        );
     }
 
     #[test]

@@ -1354,6 +1354,39 @@ fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
     drop(dns);
 }
 
+#[test]
+fn mail_whose_best_mx_is_this_server_by_a_name_without_address_bounces() {
+    use dns_server::{Rec, TestDns};
+    let worse = Peer::start_on("127.0.0.4", 0, &[]);
+    let port = worse.port;
+    let origin = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            // This server's name (mx.test, its --hostname) is the best MX and has no address
+            // in the DNS (an internal name, say): still this server.
+            ("noaddr.test.", Rec::Mx(10, "mx.test.")),
+            ("noaddr.test.", Rec::Mx(20, "worse.test.")),
+            ("worse.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@noaddr.test"],
+        "<noaddr@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the loop bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(text.contains("loops back to this server"), "{text}");
+    assert!(worse.stored().is_empty(), "sent on to a worse MX");
+    drop(dns);
+}
+
 #[path = "../../postern-relay/tests/support/dns_server.rs"]
 mod dns_server;
 
