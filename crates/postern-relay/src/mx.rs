@@ -441,6 +441,11 @@ async fn lookup(
     };
 
     if records.is_empty() {
+        // The domain is its own mail host (the implicit MX): this server, by its name.
+        let host = host_text(&name);
+        if own_name.is_some_and(|own| host.eq_ignore_ascii_case(own)) {
+            return Err(MxError::LoopsToSelf(host));
+        }
         return implicit_mx(resolver, name).await;
     }
     if records.iter().all(|(_, exchange)| exchange.is_root()) {

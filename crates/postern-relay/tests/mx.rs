@@ -66,6 +66,61 @@ fn hosts(hops: &[NextHop]) -> Vec<(u16, &str)> {
         .collect()
 }
 
+/// [`Resolver::mx_next_hops`] for this server named `own`, once, on a fresh executor.
+fn lookup_as(resolver: &Resolver, domain: &str, own: &str) -> Result<Vec<NextHop>, MxError> {
+    on_glommio(|| async {
+        let lookup = resolver.mx_next_hops(domain, own);
+        let deadline = async {
+            glommio::timer::sleep(DEADLINE).await;
+            panic!("lookup of {domain} never woke the executor");
+        };
+        futures_lite::future::or(lookup, deadline).await
+    })
+}
+
+#[test]
+fn this_server_is_found_among_the_mx_hosts_by_its_name_even_without_an_address() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            // Our name, without any address, is the best MX of `@` and a backup of `backup`.
+            ("@", Rec::Mx(10, "us")),
+            ("@", Rec::Mx(20, "worse")),
+            ("backup", Rec::Mx(5, "primary")),
+            ("backup", Rec::Mx(10, "us")),
+            ("backup", Rec::Mx(20, "worse")),
+            ("primary", Rec::A(v4("192.0.2.5"))),
+            ("worse", Rec::A(v4("192.0.2.20"))),
+            ("us", Rec::Txt("no address here")),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let us = "US.example.test.";
+    assert_eq!(
+        lookup_as(&resolver, ZONE, us).unwrap_err(),
+        MxError::LoopsToSelf("us.example.test".into())
+    );
+    let backup = format!("backup.{ZONE}");
+    assert_eq!(
+        hosts(&lookup_as(&resolver, &backup, us).unwrap()),
+        [(5, "primary.example.test")]
+    );
+    // The domain named like this server, with no MX: its implicit MX is this server.
+    assert_eq!(
+        lookup_as(&resolver, &format!("us.{ZONE}"), us).unwrap_err(),
+        MxError::LoopsToSelf("us.example.test".into())
+    );
+    // Another server's view of the same records: the host without an address is skipped.
+    assert_eq!(
+        hosts(&lookup_as(&resolver, ZONE, "mx.elsewhere.test").unwrap()),
+        [(20, "worse.example.test")]
+    );
+    assert_eq!(
+        lookup_as(&resolver, &format!("us.{ZONE}"), "mx.elsewhere.test").unwrap_err(),
+        MxError::NoMailHost
+    );
+}
+
 #[test]
 fn resolver_handle_is_clone_send_sync() {
     fn check<T: Clone + Send + Sync + 'static>() {}

@@ -90,13 +90,14 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
 }
 
 /// The NOTIFY of one recipient given twice: every report either RCPT asked for. No NOTIFY is
-/// the default (failure and delay reports, RFC 3461 4.1), which NEVER adds nothing to.
+/// this server's default (failure and delay reports), which NEVER adds nothing to; joined with
+/// anything else it is written out, since a next hop may take no NOTIFY as failure reports
+/// only (RFC 3461 4.1) and drop a delay report one RCPT asked for.
 fn merge_notify(a: Option<u8>, b: Option<u8>) -> Option<u8> {
     const DEFAULT: u8 = Notify::FAILURE | Notify::DELAY;
     match (a, b) {
         (Some(a), Some(b)) => Some(a | b),
-        (None, None) => None,
-        (None, Some(x)) | (Some(x), None) if x & !DEFAULT == 0 => None,
+        (None, None) | (None, Some(0)) | (Some(0), None) => None,
         (None, Some(x)) | (Some(x), None) => Some(x | DEFAULT),
     }
 }
@@ -447,7 +448,8 @@ mod tests {
         assert_eq!(merge_notify(None, None), None);
         // No NOTIFY is the default, failure and delay reports.
         assert_eq!(merge_notify(None, never), None);
-        assert_eq!(merge_notify(Some(F), None), None);
+        assert_eq!(merge_notify(Some(F), None), Some(F | D));
+        assert_eq!(merge_notify(None, Some(D)), Some(F | D));
         assert_eq!(merge_notify(None, Some(S)), Some(S | F | D));
     }
 }

@@ -34,7 +34,11 @@ pub struct Folded {
 /// deletes those segments (they hold nothing but copies) and moves again from the old
 /// directories; one that finds it "copied" only finishes setting the old directories aside.
 /// So however often the move is cut off, each message exists once afterwards. A move that
-/// fails (a full disk) is undone the same way before the error is returned.
+/// fails while copying is undone the same way before the error is returned: only then may the
+/// error be [`SpoolError::NoSpace`], after which the old directories may be delivered from
+/// where they are. Any error once the copies are durable, or while undoing, is never
+/// `NoSpace`: the server must not start beside a move it could not finish or undo, whose
+/// next undo would delete what it wrote.
 pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Folded, SpoolError> {
     let mut out = Folded::default();
     if !root.is_dir() {
@@ -42,9 +46,9 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     }
     if let Some(journal) = Journal::read(root)? {
         if journal.copied {
-            set_aside(root, &journal, &mut out)?;
+            set_aside(root, &journal, &mut out).map_err(must_stop)?;
         } else {
-            undo(root, &journal)?;
+            undo(root, &journal).map_err(must_stop)?;
         }
     }
     let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(root)
@@ -82,7 +86,7 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     journal.write(root)?;
     if let Err(e) = copy(root, cores, options, &found, &mut journal, &mut out) {
         // Nothing moved: the old directories stay, and are delivered from where they are.
-        undo(root, &journal)?;
+        undo(root, &journal).map_err(must_stop)?;
         out.moved.clear();
         return Err(e);
     }
@@ -96,9 +100,18 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     journal.damaged.dedup();
     drop(found);
     journal.copied = true;
-    journal.write(root)?;
-    set_aside(root, &journal, &mut out)?;
+    journal.write(root).map_err(must_stop)?;
+    set_aside(root, &journal, &mut out).map_err(must_stop)?;
     Ok(out)
+}
+
+/// An error the start cannot go on from (never [`SpoolError::NoSpace`], which lets the server
+/// deliver the old directories in place).
+fn must_stop(e: SpoolError) -> SpoolError {
+    match e {
+        SpoolError::NoSpace(e) => SpoolError::Io(e),
+        other => other,
+    }
 }
 
 /// Writes the messages of the old directories that are not final into the spools of cores
@@ -475,6 +488,23 @@ mod tests {
             .map(|i| (3, format!("sender{i}@origin.test")))
             .collect();
         assert_eq!(senders(root), expected);
+    }
+
+    #[test]
+    fn errors_past_the_point_of_no_undo_never_read_as_a_full_disk() {
+        let full = || std::io::Error::from_raw_os_error(28);
+        assert!(matches!(
+            SpoolError::from_io(full()),
+            SpoolError::NoSpace(_)
+        ));
+        assert!(matches!(
+            must_stop(SpoolError::from_io(full())),
+            SpoolError::Io(_)
+        ));
+        assert!(matches!(
+            must_stop(SpoolError::SyncFailed("x".into())),
+            SpoolError::SyncFailed(_)
+        ));
     }
 
     #[test]

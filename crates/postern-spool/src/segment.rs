@@ -79,6 +79,20 @@ pub(crate) fn file_name(seq: u64) -> String {
     format!("{seq:010}.seg")
 }
 
+/// Whether a failed `link` says the file system has no hard links.
+fn links_unsupported(e: &io::Error) -> bool {
+    e.raw_os_error().is_some_and(|code| {
+        [
+            rustix::io::Errno::PERM,
+            rustix::io::Errno::OPNOTSUPP,
+            rustix::io::Errno::NOSYS,
+            rustix::io::Errno::MLINK,
+        ]
+        .iter()
+        .any(|errno| errno.raw_os_error() == code)
+    })
+}
+
 /// The name a segment has while it is being made.
 pub(crate) fn temp_name(seq: u64) -> String {
     format!(".{seq:010}.seg.new")
@@ -195,10 +209,27 @@ impl Segment {
             head[28..36].copy_from_slice(&size.to_le_bytes());
             pwrite_all(&file, &head, 0)?;
             file.sync_all()?;
-            // A link, not a rename: it never replaces a file already under that name.
-            std::fs::hard_link(&tmp, &path)?;
-            linked = true;
-            std::fs::remove_file(&tmp)?;
+            // A link, not a rename: it never replaces a file already under that name. Where
+            // the file system has no links (vfat, some network and FUSE mounts), a rename
+            // once the name is known to be free (one process per spool, and only its core
+            // makes this core's segments).
+            match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => {
+                    linked = true;
+                    std::fs::remove_file(&tmp)?;
+                }
+                Err(e) if links_unsupported(&e) => {
+                    if path.exists() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!("{} exists", path.display()),
+                        ));
+                    }
+                    std::fs::rename(&tmp, &path)?;
+                    linked = true;
+                }
+                Err(e) => return Err(e),
+            }
             sync_dir(dir)?;
             ReadMap::new(&file)
         })();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 /// The TTL of every served record, and the SOA minimum (negative-caching TTL).
@@ -44,6 +44,8 @@ pub enum Rec {
     Aaaa(Ipv6Addr),
     /// A CNAME record: the canonical name.
     Cname(&'static str),
+    /// A TXT record (a name that exists with neither MX nor address records).
+    Txt(&'static str),
 }
 
 /// A running server; it stops and its thread is joined when dropped.
@@ -89,6 +91,7 @@ impl TestDns {
                     Rec::A(addr) => RData::A(A(*addr)),
                     Rec::Aaaa(addr) => RData::AAAA(AAAA(*addr)),
                     Rec::Cname(target) => RData::CNAME(CNAME(name(target))),
+                    Rec::Txt(text) => RData::TXT(TXT::new(vec![(*text).to_owned()])),
                 };
                 Record::from_rdata(name(owner), TTL, data)
             })
