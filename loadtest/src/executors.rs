@@ -87,5 +87,8 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, LoadError> {
             None => out.push(part.trim().parse().map_err(|_| bad())?),
         }
     }
+    if out.is_empty() {
+        return Err(bad());
+    }
     Ok(out)
 }

@@ -42,7 +42,13 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("postern-load: {e}");
-            ExitCode::from(1)
+            // A flag that cannot work here (found once the run looks at the machine) is a
+            // wrong flag, as one clap refuses is.
+            ExitCode::from(if matches!(e, postern_load::LoadError::Flag { .. }) {
+                2
+            } else {
+                1
+            })
         }
     }
 }

@@ -50,11 +50,28 @@ pub fn parse_rate(flag: &'static str, s: &str) -> Result<f64, LoadError> {
         .trim()
         .parse()
         .map_err(|_| LoadError::flag(flag, format!("{s:?} is not a rate like 500/s")))?;
-    if !(n.is_finite() && n > 0.0) {
+    if !n.is_finite() {
+        return Err(LoadError::flag(flag, format!("{s:?} is not a finite rate")));
+    }
+    if n <= 0.0 {
         return Err(LoadError::flag(flag, "the rate must be above zero"));
     }
-    Ok(n / per)
+    let rate = n / per;
+    // Messages are spaced by 1/rate: it must be a time (at most a day), and not shorter than
+    // a nanosecond.
+    if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+        return Err(LoadError::flag(
+            flag,
+            format!("{s:?} is outside 1/day to 10^9/s"),
+        ));
+    }
+    Ok(rate)
 }
+
+/// The slowest rate: one message a day.
+const MIN_RATE: f64 = 1.0 / 86_400.0;
+/// The fastest rate: one message a nanosecond.
+const MAX_RATE: f64 = 1e9;
 
 /// Reads a duration: `30s`, `1m`, `250ms`, `1h 30m`.
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, LoadError> {
@@ -111,6 +128,17 @@ mod tests {
         assert_eq!(parse_rate("--rate", "60/m").unwrap(), 1.0);
         assert_eq!(parse_rate("--rate", "20").unwrap(), 20.0);
         assert!(parse_rate("--rate", "0/s").is_err());
+        assert!(parse_rate("--rate", "1/h").is_ok());
+        for bad in [
+            "1e-20/s", "5e-324/s", "inf/s", "1e400/s", "NaN", "2e9/s", "0.5/day",
+        ] {
+            let e = parse_rate("--rate", bad).unwrap_err().to_string();
+            assert!(e.contains("--rate"), "{bad}: {e}");
+        }
+        assert!(parse_rate("--rate", "inf/s")
+            .unwrap_err()
+            .to_string()
+            .contains("finite"));
         assert!(parse_rate("--rate", "fast").is_err());
     }
 

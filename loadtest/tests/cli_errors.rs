@@ -32,6 +32,13 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["sink", "--reply-mix", "250:9,999:1"][..], "--reply-mix"),
         (&["sink", "--tls-cert", "x.pem"][..], "--tls-key"),
         (&["frobnicate"][..], "frobnicate"),
+        (&["send", "--rate", "1e-20/s"][..], "--rate"),
+        (&["send", "--rate", "inf/s"][..], "--rate"),
+        (&["send", "--timeout", "0s"][..], "--timeout"),
+        (&["sink", "--timeout", "0s"][..], "--timeout"),
+        (&["send", "--helo", ""][..], "--helo"),
+        (&["send", "--chunk-size", "10"][..], "--bdat"),
+        (&["send", "--cpus", ","][..], "--cpus"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -44,4 +51,48 @@ fn wrong_flags_are_one_line_and_exit_2() {
 fn help_is_not_an_error() {
     let (code, _) = run(&["send", "--help"]);
     assert_eq!(code, Some(0));
+}
+
+#[test]
+fn more_connections_than_the_open_file_limit_holds_are_refused_before_the_run() {
+    let out = Command::new("prlimit")
+        .args(["--nofile=100:100", BIN, "send", "--connections", "200"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--connections") && err.contains("100"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_report_file_that_cannot_be_written_is_found_before_the_run() {
+    let sink = common::Sink::start(&[]);
+    for flag in ["--json", "--plot"] {
+        let out = Command::new(BIN)
+            .args(["send", "--target", &sink.addr, "--messages", "5", flag])
+            .arg("/nonexistent-dir/report")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        assert!(err.contains("/nonexistent-dir/report"), "{flag}: {err}");
+        assert!(
+            out.stdout.is_empty(),
+            "{flag}: ran before finding out: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(sink.stop().get("messages_total"), 0, "no message was sent");
+}
+
+#[test]
+fn a_second_sink_on_a_port_already_listened_on_is_refused() {
+    let first = common::Sink::start(&[]);
+    let (code, err) = run(&["sink", "--listen", &first.addr, "--lifetime", "5s"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another process already listens"), "{err}");
 }

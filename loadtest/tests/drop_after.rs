@@ -46,3 +46,47 @@ fn a_server_that_never_answers_times_out() {
         "the timeout was not applied"
     );
 }
+
+#[test]
+fn replies_owed_before_a_dropped_message_still_go_out() {
+    // Pipelined BDAT with eight messages in flight: the first four of each connection are
+    // answered before the fifth end of data closes it.
+    let sink = Sink::start(&["--drop-after", "5"]);
+    let out = common::send(&[
+        "--target",
+        &sink.addr,
+        "--messages",
+        "40",
+        "--connections",
+        "1",
+        "--pipelining",
+        "--window",
+        "8",
+        "--bdat",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let c = sink.stop();
+    assert!(c.get("messages_total") > 0, "{c:?}");
+    assert!(
+        text.contains(&format!("{} accepted", c.get("messages_total"))),
+        "the sink answered {} messages 250; the sender saw: {text}",
+        c.get("messages_total")
+    );
+}
+
+#[test]
+fn messages_that_time_out_count_in_the_length_of_the_run() {
+    let sink = Sink::start(&["--delay", "10s"]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = std::process::Command::new(common::BIN)
+        .args(["send", "--target", &sink.addr, "--messages", "2"])
+        .args(["--timeout", "300ms", "--json", json.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let elapsed = report["elapsed_s"].as_f64().unwrap();
+    assert!(elapsed >= 0.3, "two 300 ms timeouts in {elapsed} s");
+}

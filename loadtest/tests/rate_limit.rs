@@ -69,3 +69,32 @@ fn a_slow_server_shows_in_latency_from_the_due_time() {
         "transaction max {txn_max} hides the backlog"
     );
 }
+
+#[test]
+fn messages_due_that_a_slow_server_left_unstarted_are_reported() {
+    // One connection to a server that takes 100 ms a message, at 100/s for 1 s: about ten
+    // are started, ninety never are.
+    let sink = Sink::start(&["--delay", "100ms"]);
+    let report = send_json(
+        &sink.addr,
+        &["--rate", "100/s", "--duration", "1s", "--connections", "1"],
+    );
+    sink.stop();
+    assert_eq!(num(&report, "messages_due"), 100);
+    let missed = num(&report, "messages_not_started");
+    let sent = num(&report, "messages_sent");
+    assert!(missed >= 50, "{report}");
+    assert_eq!(missed + sent, 100, "{report}");
+}
+
+#[test]
+fn a_server_that_keeps_up_misses_nothing() {
+    let sink = Sink::start(&[]);
+    let report = send_json(
+        &sink.addr,
+        &["--rate", "100/s", "--duration", "1s", "--connections", "4"],
+    );
+    sink.stop();
+    assert_eq!(num(&report, "messages_due"), 100);
+    assert_eq!(num(&report, "messages_not_started"), 0, "{report}");
+}

@@ -74,3 +74,93 @@ fn metrics_are_served_while_running() {
     assert_eq!(live.get("messages_total"), 30);
     assert_eq!(live.0, at_exit.0);
 }
+
+fn http(addr: &str, request: &[u8]) -> String {
+    let mut http = TcpStream::connect(addr).unwrap();
+    http.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    http.write_all(request).unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn a_silent_metrics_client_does_not_hold_up_a_scrape() {
+    let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = sink.metrics.clone().unwrap();
+    // Clients that connect and send nothing, or half a request.
+    let _idle: Vec<TcpStream> = (0..3)
+        .map(|i| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            if i > 0 {
+                s.write_all(b"GET /met").unwrap();
+            }
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let response = http(&addr, b"GET /metrics?name=x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the scrape waited {:?} behind silent clients",
+        started.elapsed()
+    );
+    let head = http(&addr, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {head}"
+    );
+    let post = http(&addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    sink.stop();
+}
+
+#[test]
+fn the_record_reaches_its_file_while_the_sink_runs() {
+    let (_dir, record) = common::record_path();
+    let sink = Sink::start(&["--record", record.to_str().unwrap()]);
+    send_json(&sink.addr, &["--messages", "300", "--connections", "3"]);
+    // The sink goes on running: the lines must reach the file without its exit. Bounded
+    // wait for the writer (the executors hand over their lines every 50 ms).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let lines = loop {
+        let lines = std::fs::read_to_string(&record)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        if lines == 300 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(lines, 300, "lines in the record while the sink runs");
+    sink.stop();
+    common::check_record(&record, 0..300);
+}
+
+#[test]
+fn the_report_says_when_the_server_offered_less_than_was_asked() {
+    let sink = Sink::start(&["--no-chunking", "--no-pipelining"]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "20",
+            "--connections",
+            "2",
+            "--pipelining",
+            "--bdat",
+        ],
+    );
+    sink.stop();
+    assert_eq!(num(&report, "connections_without_pipelining"), 2);
+    assert_eq!(num(&report, "connections_without_chunking"), 2);
+    let sink = Sink::start(&[]);
+    let report = send_json(&sink.addr, &["--messages", "20", "--pipelining", "--bdat"]);
+    sink.stop();
+    assert_eq!(num(&report, "connections_without_pipelining"), 0);
+    assert_eq!(num(&report, "connections_without_chunking"), 0);
+}

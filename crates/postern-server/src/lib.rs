@@ -28,5 +28,6 @@ pub use core::StopFlag;
 pub use error::StartError;
 pub use postern_spool::DirLock;
 pub use runtime::{
-    lock_spool, raise_open_file_limit, start, start_locked, start_with, OpenFileLimit, Running,
+    lock_spool, raise_open_file_limit, start, start_locked, start_with, still_listening,
+    OpenFileLimit, Running,
 };

@@ -102,7 +102,7 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
 /// Whether something listens on `addr` and goes on listening for half a second: a process that
 /// has just exited (a restart) leaves its listener in the table for some milliseconds while
 /// the kernel tears it down, which is no reason to refuse to start.
-fn still_listening(addr: SocketAddr) -> bool {
+pub fn still_listening(addr: SocketAddr) -> bool {
     const LOOKS: u32 = 20;
     const APART: Duration = Duration::from_millis(25);
     for _ in 0..LOOKS {

@@ -81,8 +81,13 @@ pub(crate) enum Read<'a> {
     },
     /// A record whose CRC or kind is wrong, but whose length stays in bounds: skip `len`.
     Corrupt { len: usize },
-    /// Zeros (nothing written here) or a length past the end: the end of the segment's data.
+    /// Zeros: nothing written here (or a record whose writer died before its length word),
+    /// the end of the segment's data.
     End,
+    /// A length running past the end of the segment. No writer makes one (a length word is
+    /// written last, and only for a record that fits), so it is damage; the records after
+    /// it cannot be found.
+    Overrun,
 }
 
 /// Reads the record at the start of `src`, in a segment with `salt`.
@@ -98,7 +103,7 @@ pub(crate) fn read_record(src: &[u8], salt: u32) -> Read<'_> {
     }
     let len = record_len(payload_len);
     if len > src.len() {
-        return Read::End;
+        return Read::Overrun;
     }
     let stored = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);
     let payload = &src[RECORD_HEADER..RECORD_HEADER + payload_len];
@@ -171,8 +176,8 @@ mod tests {
         buf[1] = 0xff;
         assert_eq!(
             read_record(&buf, 7),
-            Read::End,
-            "a length past the end ends the scan"
+            Read::Overrun,
+            "a length past the end is damage, and ends the scan"
         );
     }
 }

@@ -267,9 +267,21 @@ impl Scan<'_> {
         self.out.segments += 1;
         let mut pos = HEADER;
         let mut last_corrupt = None;
+        let mut overrun = false;
         loop {
             match read_record(&data[pos..], salt) {
                 Read::End => break,
+                Read::Overrun => {
+                    // Damage, not a crash: reported where it is (with a bad record before it,
+                    // that one too), and the segment is kept. What follows is lost to the
+                    // scan. (In a file cut short, the record the cut went through.)
+                    if let Some(at) = last_corrupt.take() {
+                        self.corrupt(at);
+                    }
+                    self.corrupt(pos);
+                    overrun = true;
+                    break;
+                }
                 Read::Corrupt { len } => {
                     if let Some(at) = last_corrupt.replace(pos) {
                         self.corrupt(at);
@@ -290,8 +302,9 @@ impl Scan<'_> {
             self.out.torn_tails += 1;
         }
         // A file shorter than it was made lost what was past its end to damage, not to a
-        // crash (its size is reserved before it gets its name): damage where it ends.
-        if cut_short(data.len(), size) {
+        // crash (its size is reserved before it gets its name): damage where it ends, unless
+        // already reported at the record the cut went through.
+        if cut_short(data.len(), size) && !overrun {
             self.corrupt(data.len());
         }
     }

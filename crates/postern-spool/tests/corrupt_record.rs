@@ -216,7 +216,13 @@ fn a_segment_cut_short_is_damage_reported_and_kept() {
     let r = recover(dir.path()).unwrap();
     assert_eq!(r.messages.len(), 1, "only the first is whole");
     assert_eq!(r.corrupt_records, 1);
-    assert_eq!((r.corrupt_at[0].segment, r.corrupt_at[0].offset), (1, cut));
+    // Reported at the record the cut went through.
+    assert_eq!(r.corrupt_at[0].segment, 1);
+    assert!(
+        r.corrupt_at[0].offset > 64 + 5000 && r.corrupt_at[0].offset < cut,
+        "{:?}",
+        r.corrupt_at
+    );
     let first = r.messages[0].queue_id.clone();
     drop(r);
     // Still in place while the first message is queued; set aside, not deleted, once it is
@@ -280,4 +286,27 @@ fn a_segment_whose_making_was_cut_off_is_removed() {
     drop(r);
     let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert!(!tmp.exists());
+}
+
+/// A length word that runs past the end of its segment is damage, reported where it is (the
+/// records after it are lost to the scan), never a torn tail.
+#[test]
+fn a_length_past_the_end_is_damage_reported_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let start_len = u32::from_le_bytes(data[64..68].try_into().unwrap()) as usize;
+    let second = 64 + ((12 + start_len + 7) & !7);
+    data[second..second + 4].fill(0xff);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.torn_tails), (1, 0));
+    assert_eq!(r.corrupt_at[0].offset, second as u64);
+    assert!(
+        r.messages.is_empty(),
+        "the first message lost its body record"
+    );
+    drop(r);
+    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(kept_for_inspection(dir.path()), 1);
 }

@@ -146,7 +146,8 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     if recovered.corrupt_records > 0 {
         let _ = writeln!(
             note,
-            "-- {} record(s) skipped as damaged (or being written at this moment); \
+            "-- {} record(s) skipped as damaged (or being written at this moment); a damaged \
+             record can hide the rest of its segment, whose messages are then not listed; \
              `postern serve` logs damaged ones at start-up",
             recovered.corrupt_records
         );
@@ -185,7 +186,11 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
         return Ok((out, note));
     }
     if waiting.is_empty() {
-        out.push_str("-- the queue is empty\n");
+        out.push_str(if note.is_empty() {
+            "-- the queue is empty\n"
+        } else {
+            "-- no message waiting could be read\n"
+        });
         out.push_str(&note);
         return Ok((out, String::new()));
     }

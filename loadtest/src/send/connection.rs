@@ -322,6 +322,18 @@ async fn open(core: &Core) -> Result<Client, Failure> {
     if run.args.starttls {
         start_tls(core, &mut client, run.addr).await?;
     }
+    // What the server offered, against what was asked: the report says when the two differ.
+    let offered = client.session.capabilities();
+    let (no_pipelining, no_chunking) = (
+        run.args.pipelining && !offered.pipelining,
+        run.args.bdat && !offered.chunking,
+    );
+    if no_pipelining || no_chunking {
+        core.with_stats(|s| {
+            s.without_pipelining += u64::from(no_pipelining);
+            s.without_chunking += u64::from(no_chunking);
+        });
+    }
     Ok(client)
 }
 

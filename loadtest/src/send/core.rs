@@ -56,9 +56,13 @@ impl Core {
 
     /// A message without a final reply.
     pub fn fail(&self, kind: &'static str) {
+        // A failure ends a message as a reply does: the run's length counts the time it took
+        // (a server that stalls until messages time out must not read as a fast one).
+        let since_start = (Instant::now() - self.run.plan.start()).as_micros() as u64;
         self.with_stats(|s| {
             s.failed += 1;
             s.error(kind);
+            s.last_reply_us = s.last_reply_us.max(since_start);
         });
     }
 

@@ -104,12 +104,13 @@ impl Bodies {
     }
 }
 
-/// Fills `{n}` (sequence) and `{r}` (recipient index) in an address pattern.
+/// Fills `{seq}` or `{n}` (sequence) and `{r}` (recipient index) in an address pattern.
 pub fn address(pattern: &str, seq: u64, rcpt: u32) -> String {
     if !pattern.contains('{') {
         return pattern.to_owned();
     }
     pattern
+        .replace("{seq}", &seq.to_string())
         .replace("{n}", &seq.to_string())
         .replace("{r}", &rcpt.to_string())
 }
@@ -159,6 +160,7 @@ mod tests {
     #[test]
     fn patterns() {
         assert_eq!(address("u{n}.{r}@x.test", 5, 2), "u5.2@x.test");
+        assert_eq!(address("u{seq}@x.test", 7, 0), "u7@x.test");
         assert_eq!(address("plain@x.test", 5, 2), "plain@x.test");
     }
 }

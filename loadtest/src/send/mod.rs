@@ -54,6 +54,12 @@ enum Note {
 /// Runs `send` to its end and prints the report.
 pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     let addr = crate::target::resolve(&args.target, args.allow_remote)?;
+    check_open_files(args.connections)?;
+    // The report's files are made now, so that a path that cannot be written is found before
+    // the run rather than after it, with its figures lost.
+    for path in [&args.json, &args.plot].into_iter().flatten() {
+        std::fs::File::create(path).map_err(|e| LoadError::file(path, e))?;
+    }
     let messages = match (args.messages, args.duration) {
         (None, None) => Some(DEFAULT_MESSAGES),
         (m, _) => m,
@@ -102,6 +108,14 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         tls,
         args: args.clone(),
     });
+    // SIGINT or SIGTERM ends the run early: no new messages, those in flight finish, and the
+    // report is printed. A second one ends the process at once.
+    let stop = run.plan.stop_flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()))
+            .map_err(|e| LoadError::Internal(format!("cannot handle signals: {e}")))?;
+    }
     let (tx, rx) = mpsc::channel::<Note>();
     let spawn_run = run.clone();
     let handles = executors::spawn("postern-load-send", threads, &cpus, move |thread| {
@@ -140,7 +154,13 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
             .map_err(|e| LoadError::Internal(format!("an executor failed: {e}")))?;
     }
     drop(log);
-    let report = Report::new(settings, &total);
+    let report = Report::new(
+        settings,
+        &total,
+        run.plan.due(),
+        run.plan.claimed(),
+        run.plan.stopped(),
+    );
     print!("{}", report.text());
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)
@@ -155,6 +175,28 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Descriptors each executor needs beside its connections (rings, eventfds, timers).
+const SPARE_FILES: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one, and refuses a `--connections` the limit
+/// cannot hold: past it, connects would fail with `EMFILE` and read as the server's errors.
+fn check_open_files(connections: u32) -> Result<(), LoadError> {
+    let Ok(limit) = postern_server::raise_open_file_limit() else {
+        return Ok(());
+    };
+    match limit.now {
+        Some(now) if u64::from(connections) + SPARE_FILES > now => Err(LoadError::flag(
+            "--connections",
+            format!(
+                "{connections} connections need about {} open files, and the limit is {now} \
+                 (raise it with ulimit -n)",
+                u64::from(connections) + SPARE_FILES
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn log_error(args: &SendArgs, e: std::io::Error) -> LoadError {

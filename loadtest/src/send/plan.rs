@@ -4,7 +4,8 @@
 //! have started rather than from when a busy connection got round to it (coordinated
 //! omission).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The schedule of a run.
@@ -15,6 +16,10 @@ pub struct Plan {
     deadline: Option<Instant>,
     rate: Option<f64>,
     next: AtomicU64,
+    /// Tickets handed out.
+    claimed: AtomicU64,
+    /// Set (by SIGINT or SIGTERM) to end the run early: no more tickets.
+    stop: Arc<AtomicBool>,
 }
 
 /// One message to send.
@@ -41,7 +46,33 @@ impl Plan {
             deadline: duration.map(|d| start + d),
             rate,
             next: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            stop: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The flag that ends the run early once set.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Whether the run was ended early.
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Messages handed out so far.
+    pub fn claimed(&self) -> u64 {
+        self.claimed.load(Ordering::Relaxed)
+    }
+
+    /// With `--rate` and `--duration`, how many messages came due during the run: those a
+    /// server that kept up would have been sent.
+    pub fn due(&self) -> Option<u64> {
+        let (rate, deadline) = (self.rate?, self.deadline?);
+        let due = ((deadline - self.start).as_secs_f64() * rate).ceil();
+        let due = due as u64;
+        Some(self.limit.map_or(due, |l| l.min(due)))
     }
 
     /// When the run started.
@@ -51,7 +82,7 @@ impl Plan {
 
     /// The next message, or None when the run is over.
     pub fn claim(&self) -> Option<Ticket> {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.stopped() || self.deadline.is_some_and(|d| Instant::now() >= d) {
             return None;
         }
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
@@ -66,6 +97,7 @@ impl Plan {
                 return None;
             }
         }
+        self.claimed.fetch_add(1, Ordering::Relaxed);
         Some(Ticket { seq, due })
     }
 }
@@ -91,5 +123,27 @@ mod tests {
             .map(|t| t.due.unwrap() - start)
             .collect();
         assert_eq!(dues, [0, 250, 500, 750].map(Duration::from_millis).to_vec());
+        assert_eq!((plan.due(), plan.claimed()), (Some(4), 4));
+    }
+
+    #[test]
+    fn messages_due_and_never_started_are_counted() {
+        let start = Instant::now();
+        let plan = Plan::new(start, None, Some(Duration::from_secs(2)), Some(10.0));
+        assert_eq!(plan.due(), Some(20));
+        // A server that kept two connections busy: two messages were started.
+        plan.claim().unwrap();
+        plan.claim().unwrap();
+        assert_eq!(plan.claimed(), 2);
+        assert_eq!(Plan::new(start, Some(5), None, Some(10.0)).due(), None);
+    }
+
+    #[test]
+    fn a_stop_ends_the_handing_out() {
+        let plan = Plan::new(Instant::now(), Some(10), None, None);
+        assert!(plan.claim().is_some());
+        plan.stop_flag().store(true, Ordering::Relaxed);
+        assert!(plan.claim().is_none());
+        assert!(plan.stopped());
     }
 }

@@ -79,6 +79,13 @@ pub struct Settings {
 pub struct Report {
     /// What was asked.
     pub settings: Settings,
+    /// The run was ended early by SIGINT or SIGTERM: the figures cover it until then.
+    pub interrupted: bool,
+    /// With `--rate` and `--duration`: messages that came due during the run.
+    pub messages_due: Option<u64>,
+    /// Of those, the ones never started because no connection was free (the server did not
+    /// keep up): their waits are in no latency row.
+    pub messages_not_started: Option<u64>,
     /// Messages whose body was written completely.
     pub messages_sent: u64,
     /// Messages answered 2xx after their body.
@@ -93,7 +100,12 @@ pub struct Report {
     pub bytes_accepted: u64,
     /// Connections greeted.
     pub connections_opened: u64,
-    /// Seconds from the start to the last final reply.
+    /// Connections whose server did not offer PIPELINING although it was asked for.
+    pub connections_without_pipelining: u64,
+    /// Connections whose server did not offer CHUNKING although BDAT was asked for.
+    pub connections_without_chunking: u64,
+    /// Seconds from the start to the end of the last message (its final reply or its failure),
+    /// and never less than `--duration`: the time the load was offered.
     pub elapsed_s: f64,
     /// Accepted messages per second.
     pub messages_per_s: f64,
@@ -109,10 +121,26 @@ pub struct Report {
 
 impl Report {
     /// The report of `stats`.
-    pub fn new(settings: Settings, stats: &Stats) -> Self {
-        let elapsed_s = (stats.last_reply_us as f64 / 1e6).max(1e-6);
+    pub fn new(
+        settings: Settings,
+        stats: &Stats,
+        due: Option<u64>,
+        started: u64,
+        interrupted: bool,
+    ) -> Self {
+        let offered = if interrupted {
+            0.0
+        } else {
+            settings.duration_s.unwrap_or(0.0)
+        };
+        let elapsed_s = (stats.last_reply_us as f64 / 1e6).max(offered).max(1e-6);
+        // Cut short, the run made fewer messages due than --duration would have.
+        let due = due.filter(|_| !interrupted);
         Self {
             settings,
+            interrupted,
+            messages_due: due,
+            messages_not_started: due.map(|d| d.saturating_sub(started)),
             messages_sent: stats.sent,
             messages_accepted: stats.accepted,
             messages_refused: stats.refused,
@@ -120,6 +148,8 @@ impl Report {
             bytes_sent: stats.bytes_sent,
             bytes_accepted: stats.bytes_accepted,
             connections_opened: stats.connections,
+            connections_without_pipelining: stats.without_pipelining,
+            connections_without_chunking: stats.without_chunking,
             elapsed_s,
             messages_per_s: stats.accepted as f64 / elapsed_s,
             mb_per_s: stats.bytes_accepted as f64 / 1e6 / elapsed_s,
@@ -159,11 +189,43 @@ impl Report {
             s.threads,
             if s.starttls { ", STARTTLS" } else { "" }
         );
+        if self.interrupted {
+            let _ = writeln!(
+                t,
+                "note:     stopped early by a signal: the figures cover the run until then"
+            );
+        }
+        if self.connections_without_pipelining > 0 {
+            let _ = writeln!(
+                t,
+                "note:     the server offered no PIPELINING on {} connection(s): one command \
+                 per round trip there",
+                self.connections_without_pipelining
+            );
+        }
+        if self.connections_without_chunking > 0 {
+            let _ = writeln!(
+                t,
+                "note:     the server offered no CHUNKING on {} connection(s): DATA instead of \
+                 BDAT there",
+                self.connections_without_chunking
+            );
+        }
         let _ = writeln!(
             t,
             "messages: {} sent, {} accepted, {} refused, {} failed",
             self.messages_sent, self.messages_accepted, self.messages_refused, self.messages_failed
         );
+        if let (Some(due), Some(missed)) = (self.messages_due, self.messages_not_started) {
+            if missed > 0 {
+                let _ = writeln!(
+                    t,
+                    "missed:   {missed} of the {due} messages due at --rate were never started \
+                     (no connection was free: the server did not keep up); no latency row \
+                     counts their wait"
+                );
+            }
+        }
         let _ = writeln!(
             t,
             "bytes:    {} sent, {} accepted",
@@ -171,7 +233,7 @@ impl Report {
         );
         let _ = writeln!(
             t,
-            "elapsed:  {:.3} s, {} connection(s) opened",
+            "elapsed:  {:.3} s, {} connection(s) greeted",
             self.elapsed_s, self.connections_opened
         );
         let _ = writeln!(

@@ -59,13 +59,20 @@ pub struct Stats {
     pub bytes_accepted: u64,
     /// Connections that reached the greeting.
     pub connections: u64,
+    /// Connections ready for mail whose server did not offer PIPELINING, though
+    /// `--pipelining` asked for it: they sent one command per round trip.
+    pub without_pipelining: u64,
+    /// Connections ready for mail whose server did not offer CHUNKING, though `--bdat` asked
+    /// for it: they sent DATA.
+    pub without_chunking: u64,
     /// Messages by the code of the reply that decided them.
     pub replies: BTreeMap<u16, u64>,
     /// Failures by kind.
     pub errors: BTreeMap<&'static str, u64>,
     /// Latency histograms in microseconds, indexed by [`Lat`].
     pub latency: [Histogram<u64>; 4],
-    /// Microseconds from the run's start to the last final reply seen.
+    /// Microseconds from the run's start to the last message's end: its final reply, or its
+    /// failure (a timeout, a connection lost).
     pub last_reply_us: u64,
 }
 
@@ -79,6 +86,8 @@ impl Default for Stats {
             bytes_sent: 0,
             bytes_accepted: 0,
             connections: 0,
+            without_pipelining: 0,
+            without_chunking: 0,
             replies: BTreeMap::new(),
             errors: BTreeMap::new(),
             latency: [histogram(), histogram(), histogram(), histogram()],
@@ -108,6 +117,8 @@ impl Stats {
         self.bytes_sent += other.bytes_sent;
         self.bytes_accepted += other.bytes_accepted;
         self.connections += other.connections;
+        self.without_pipelining += other.without_pipelining;
+        self.without_chunking += other.without_chunking;
         for (code, n) in &other.replies {
             *self.replies.entry(*code).or_default() += n;
         }

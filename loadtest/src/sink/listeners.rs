@@ -14,7 +14,20 @@ const BACKLOG: i32 = 4096;
 
 /// Binds `count` listening sockets on `addr`; returns them and the address bound (with the
 /// port resolved when `addr` had port 0).
+///
+/// SO_REUSEPORT would also let a second sink (or a server of the same user) share a fixed port
+/// with one already listening there, and the kernel would split the connections, and the
+/// counts, between them: a port something listens on is refused first.
 pub fn bind(addr: SocketAddr, count: usize) -> Result<(Vec<Socket>, SocketAddr), LoadError> {
+    if addr.port() != 0 && postern_server::still_listening(addr) {
+        return Err(LoadError::Listen {
+            addr,
+            source: std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process already listens there (another sink?)",
+            ),
+        });
+    }
     let first = listen(addr)?;
     let local = first
         .local_addr()

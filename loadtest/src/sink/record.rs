@@ -88,9 +88,13 @@ impl Recorder {
             .name("postern-load-record".into())
             .spawn(move || {
                 let mut out = BufWriter::with_capacity(BATCH, file);
-                // Bounded: ends when every sender is dropped, at the sink's exit.
+                // Bounded: ends when every sender is dropped, at the sink's exit. Each batch
+                // reaches the file when it comes (the executors hand theirs over at least
+                // every watch tick), so a harness reading it during the run, or after the
+                // sink was killed, sees what was accepted up to then.
                 for batch in rx {
                     out.write_all(&batch)?;
+                    out.flush()?;
                 }
                 out.flush()
             })

@@ -208,6 +208,10 @@ impl Session {
         match verdict {
             Verdict::Drop => {
                 Slot::add(&self.core.slot().dropped, 1);
+                // The replies owed for what came before this end of data (earlier messages
+                // pipelined in the same read, BDAT chunks) go out first: only this one goes
+                // unanswered.
+                self.flush().await;
                 false
             }
             Verdict::Accept(code) => {

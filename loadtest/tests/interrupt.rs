@@ -1,0 +1,71 @@
+//! SIGINT (Ctrl-C) or SIGTERM ends a run early and still gives its report and JSON.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Counters, Sink, BIN};
+
+fn accepted_so_far(metrics: &str) -> u64 {
+    let mut http = TcpStream::connect(metrics).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    Counters::parse(body).get("messages_total")
+}
+
+#[test]
+fn an_interrupted_run_still_reports() {
+    let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let sender = Command::new(BIN)
+        .args([
+            "send",
+            "--target",
+            &sink.addr,
+            "--duration",
+            "60s",
+            "--quiet",
+        ])
+        .args(["--json", json.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // Bounded: until the sink has taken mail, or 20 s.
+    let metrics = sink.metrics.clone().unwrap();
+    while accepted_so_far(&metrics) == 0 && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = sender.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the run went on"
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("stopped early by a signal"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["interrupted"], true);
+    assert!(report["messages_accepted"].as_u64().unwrap() > 0);
+    assert!(report["elapsed_s"].as_f64().unwrap() < 40.0, "{report}");
+    let c = sink.stop();
+    assert_eq!(
+        report["messages_accepted"].as_u64().unwrap(),
+        c.get("messages_total")
+    );
+}
