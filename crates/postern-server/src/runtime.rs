@@ -202,6 +202,16 @@ pub fn start_locked(
     delivery: Option<DeliveryFactory>,
     spool_lock: DirLock,
 ) -> Result<Running, StartError> {
+    // A move to fewer cores cut off by a crash is finished or undone by
+    // `postern_spool::fold_cores`, before any core writes: writing first would put new mail
+    // into segments the undo deletes.
+    if postern_spool::fold_pending(&settings.spool_dir) {
+        return Err(StartError::Spool(format!(
+            "a move of the queue to fewer cores was cut off in {} (.fold-journal): \
+             `postern serve` finishes it at start",
+            settings.spool_dir.display()
+        )));
+    }
     let settings = Arc::new(settings);
     let (tls_config, server_cert) = match &settings.tls {
         Some(files) => {
@@ -670,4 +680,30 @@ pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
         was,
         now: lim.maximum,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_cut_off_move_to_fewer_cores_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        std::fs::write(spool.join(".fold-journal"), "").unwrap();
+        assert!(postern_spool::fold_pending(&spool));
+        let settings = Settings {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            cores: 1,
+            spool_dir: spool,
+            ..Settings::default()
+        };
+        match start(settings) {
+            Err(StartError::Spool(why)) => assert!(why.contains(".fold-journal"), "{why}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("started beside a cut-off move"),
+        }
+    }
 }

@@ -114,6 +114,12 @@ fn must_stop(e: SpoolError) -> SpoolError {
     }
 }
 
+/// Whether a move to fewer cores was cut off and waits for [`fold_cores`] to finish or undo
+/// it: nothing may write to the spool before.
+pub fn fold_pending(root: &Path) -> bool {
+    root.join(JOURNAL).exists()
+}
+
 /// Writes the messages of the old directories that are not final into the spools of cores
 /// `n mod cores`, with their outcomes, and syncs them. Each target is named in the journal,
 /// with the first segment the move will write there, before anything is written to it.
@@ -443,6 +449,7 @@ mod tests {
             6,
             "the copies are on disk beside the originals"
         );
+        assert!(fold_pending(root));
         let folded = fold_cores(root, 2, OPTS).unwrap();
         assert_eq!(folded.dirs, 1);
         assert_eq!(folded.moved.len(), 3);
@@ -472,6 +479,7 @@ mod tests {
         assert!(folded.moved.is_empty(), "{folded:?}");
         assert_eq!(senders(root), moved_once());
         assert!(!root.join("3").exists() && !root.join(JOURNAL).exists());
+        assert!(!fold_pending(root));
     }
 
     #[test]

@@ -37,7 +37,7 @@ mod spool;
 pub use body::MessageRef;
 pub use commit::{Ticket, TicketState};
 pub use error::SpoolError;
-pub use fold::{fold_cores, kept_damage, Folded};
+pub use fold::{fold_cores, fold_pending, kept_damage, Folded};
 pub use lock::{DirLock, LOCK_FILE};
 pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
 pub use queue_id::owner_core;
