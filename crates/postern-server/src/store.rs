@@ -148,8 +148,21 @@ impl CoreStore {
     /// Checks at start-up that the spool directory can be created and written.
     pub(crate) fn check_dir(dir: &Path) -> Result<(), StartError> {
         let advice = |e: std::io::Error| {
+            // What to change depends on what is there.
+            let what = if dir.exists() && !dir.is_dir() {
+                "it is not a directory: remove it or pass another --spool DIR"
+            } else if e.raw_os_error() == Some(libc::EROFS) {
+                "its file system is mounted read-only: remount it read-write or pass another \
+                 --spool DIR"
+            } else if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "make it writable by this user, or pass another --spool DIR"
+            } else if dir.symlink_metadata().is_ok() && !dir.exists() {
+                "it is a symbolic link to nothing: fix the link or pass another --spool DIR"
+            } else {
+                "create it or pass --spool DIR"
+            };
             StartError::Spool(format!(
-                "{} is not a writable directory ({e}); create it or pass --spool DIR",
+                "{} is not a writable directory ({e}); {what}",
                 dir.display()
             ))
         };

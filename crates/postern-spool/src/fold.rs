@@ -22,6 +22,8 @@ pub struct Folded {
     pub moved: Vec<(String, String)>,
     /// Old directories with damaged records, set aside rather than deleted.
     pub kept_damaged: Vec<std::path::PathBuf>,
+    /// Old directories whose messages were moved but that could not be deleted.
+    pub left_behind: Vec<std::path::PathBuf>,
 }
 
 /// Moves what the directories of cores `cores` and up still have to deliver into the spools
@@ -60,8 +62,9 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
         if e.file_name()
             .to_str()
             .is_some_and(|n| n.starts_with(FOLDED))
+            && std::fs::remove_dir_all(e.path()).is_err()
         {
-            let _ = std::fs::remove_dir_all(e.path());
+            out.left_behind.push(e.path());
         }
     }
     let mut old_dirs: Vec<u32> = entries
@@ -217,8 +220,8 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
                 Ok(()) => out.kept_damaged.push(kept),
                 Err(_) => out.kept_damaged.push(dir),
             }
-        } else {
-            let _ = std::fs::remove_dir_all(&dir);
+        } else if std::fs::remove_dir_all(&dir).is_err() {
+            out.left_behind.push(dir);
         }
     }
     // Last, so that a crash before this point keeps damaged directories too.

@@ -102,6 +102,7 @@ fn main() -> ExitCode {
     };
     match postern_spool::fold_cores(&settings.spool_dir, cores as u32, options) {
         Ok(folded) if folded.dirs > 0 => {
+            warn_left_behind(&folded);
             for (old, new) in &folded.moved {
                 tracing::info!(queue_id = %new, was = %old, "moved from a core that no longer exists");
             }
@@ -117,13 +118,15 @@ fn main() -> ExitCode {
                 );
             }
         }
-        Ok(_) => {}
+        Ok(folded) => {
+            warn_left_behind(&folded);
+        }
         Err(postern_spool::SpoolError::NoSpace(e)) => {
-            // Nothing moved for good (the old directories stay): their messages are
-            // delivered from where they are, as the cores that own `n mod cores`.
+            // Nothing moved (the move was undone): the old directories stay as they were,
+            // and their mail waits there (see `start_relay`).
             tracing::warn!(
-                "no room to move the queue of cores past --cores {cores} ({e}); it is \
-                 delivered from where it is"
+                "no room to move the queue of cores past --cores {cores} ({e}); it waits \
+                 where it is until a start finds room"
             );
         }
         Err(e) => {
@@ -157,6 +160,15 @@ fn main() -> ExitCode {
             }
         },
     };
+    // A SIGTERM or SIGINT that came while the spool was read (a long move to fewer cores):
+    // stop now, rather than say "ready" and greet clients first.
+    let mut signals = signals;
+    if let Ok(signals) = &mut signals {
+        if signals.pending().any(|s| s == SIGTERM || s == SIGINT) {
+            say!("postern: stopped before it was ready (a stop was asked for while it started)");
+            return ExitCode::SUCCESS;
+        }
+    }
     let running = match postern_server::start_locked(settings, delivery, spool_lock) {
         Ok(r) => r,
         Err(e) => {
@@ -302,13 +314,39 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(), Str
     Ok(())
 }
 
+/// Folded core directories that could not be deleted: their mail was moved, the operator may
+/// delete them.
+fn warn_left_behind(folded: &postern_spool::Folded) {
+    for dir in &folded.left_behind {
+        tracing::warn!(
+            dir = %dir.display(),
+            "a folded core directory could not be deleted; its mail was moved, so it may be \
+             deleted by hand"
+        );
+    }
+}
+
 /// Reads what the spool still has to deliver (every core's segments, before any core writes)
 /// and makes the relay that resumes it.
 fn start_relay(
     config: postern_relay::RelayConfig,
     settings: &postern_server::Settings,
 ) -> Result<std::sync::Arc<postern_relay::Relay>, String> {
-    let pending = recover_and_report(settings, "delivery resumes")?;
+    let mut pending = recover_and_report(settings, "delivery resumes")?;
+    // Mail still in the directories of cores past --cores (its move found no room) waits
+    // there: delivered from there, its outcomes would be written on a core whose segments
+    // do not keep them, and a later start would deliver it all again.
+    let before = pending.len();
+    pending.retain(|m| (m.core as usize) < settings.cores);
+    if pending.len() < before {
+        tracing::warn!(
+            waiting = before - pending.len(),
+            "messages in the directories of cores past --cores {} wait there, not delivered, \
+             until a start finds room to move them (free space and restart, or start with \
+             the earlier --cores)",
+            settings.cores
+        );
+    }
     postern_relay::Relay::new(config, settings.cores, pending)
 }
 

@@ -152,6 +152,14 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             recovered.corrupt_records
         );
     }
+    if postern_spool::fold_pending(spool) {
+        let _ = writeln!(
+            note,
+            "-- a move of the queue to fewer cores is under way, or was cut off: messages being \
+             moved may be listed twice (once under each queue ID); the server's next start \
+             settles it, and each is delivered once"
+        );
+    }
     if recovered.damaged > 0 {
         let _ = writeln!(
             note,
@@ -186,11 +194,13 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
         return Ok((out, note));
     }
     if waiting.is_empty() {
-        out.push_str(if note.is_empty() {
-            "-- the queue is empty\n"
-        } else {
-            "-- no message waiting could be read\n"
-        });
+        out.push_str(
+            if recovered.corrupt_records == 0 && recovered.damaged == 0 {
+                "-- the queue is empty\n"
+            } else {
+                "-- no message waiting could be read\n"
+            },
+        );
         out.push_str(&note);
         return Ok((out, String::new()));
     }

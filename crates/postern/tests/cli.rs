@@ -553,6 +553,12 @@ fn the_queue_command_names_a_missing_spool_and_says_when_the_queue_is_empty() {
         (0, "-- the queue is empty\n"),
         "{err}"
     );
+    // A move to fewer cores under way (or cut off) may list a message twice: said so.
+    std::fs::write(dir.path().join(".fold-journal"), "").unwrap();
+    let (code, out, err) = run(&["queue", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("-- the queue is empty\n"), "{out}");
+    assert!(out.contains("move of the queue to fewer cores"), "{out}");
     refused(
         &[
             "queue",
@@ -738,5 +744,34 @@ fn a_value_that_is_not_utf8_is_named_with_its_flag_or_variable() {
         assert_eq!(out.status.code(), Some(2), "{says}: {err}");
         assert_eq!(err.lines().count(), 1, "{says}: {err}");
         assert_eq!(err.trim_end(), format!("postern: {says}"));
+    }
+}
+
+#[test]
+fn a_spool_path_that_is_no_directory_gets_advice_that_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let dangling = dir.path().join("dangling");
+    std::os::unix::fs::symlink(dir.path().join("gone"), &dangling).unwrap();
+    for (spool, says) in [
+        (&file, "it is not a directory"),
+        (&dangling, "symbolic link to nothing"),
+    ] {
+        let (code, _, err) = run(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--hold",
+            "--spool",
+            spool.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 1, "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("cannot start"))
+            .unwrap_or_else(|| panic!("no start-up error in {err}"));
+        assert!(line.contains(says), "{line}");
+        assert!(!line.contains("create it"), "{line}");
     }
 }

@@ -1739,6 +1739,163 @@ fn a_move_to_fewer_cores_cut_off_by_crashes_delivers_each_message_once() {
 }
 
 #[test]
+fn mail_of_removed_cores_with_no_room_to_move_waits_and_is_delivered_once() {
+    let disk = common::Tmpfs::mount("24m");
+    let spool = disk.path.join("spool");
+    let small = ["--spool-segment-size", "1M"];
+    let mut held = Server::start_in(&["--cores", "2", small[0], small[1]], spool.clone(), None);
+    let on_core_1 = || {
+        common::spooled(&spool)
+            .iter()
+            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+            .count()
+    };
+    let mut sent = 0;
+    while sent < 40 {
+        send(
+            &held,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<room{sent}@t>"),
+            "x\r\n",
+        );
+        sent += 1;
+        if sent >= 6 && on_core_1() > 0 {
+            break;
+        }
+    }
+    assert!(held.terminate().success());
+    let waiting = on_core_1();
+    assert!(waiting > 0, "no message on core 1: the test proves nothing");
+    // The disk fills up: one core's start cannot copy core 1's mail.
+    let filler = disk.path.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+    }
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--cores",
+        "1",
+        small[0],
+        small[1],
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut full = Server::start_in(&args, spool.clone(), None);
+    full.log_until(|l| l.contains("no room to move"));
+    full.log_until(|l| l.contains("wait there, not delivered"));
+    // Core 0's own mail goes; core 1's waits where it is.
+    peer.wait_for("core 0's mail", Duration::from_secs(20), |s| {
+        s.len() >= sent - waiting
+    });
+    full.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
+    assert!(full.terminate().success());
+    assert_eq!(
+        peer.stored().len(),
+        sent - waiting,
+        "core 1's mail went out"
+    );
+    // Room again: the next start moves it, and it is delivered, once.
+    std::fs::remove_file(&filler).unwrap();
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    peer.wait_for("every message", Duration::from_secs(20), |s| {
+        s.len() >= sent
+    });
+    server.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
+    assert!(server.terminate().success());
+    let stored = peer.stored();
+    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
+    ids.sort_unstable();
+    let all = ids.len();
+    ids.dedup();
+    assert_eq!((ids.len(), all), (sent, sent), "delivered more than once");
+}
+
+#[test]
+fn a_stop_asked_for_during_the_move_to_fewer_cores_ends_the_start_before_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
+    let mut sent = 0;
+    while sent < 40 {
+        send(
+            &held,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<stop{sent}@t>"),
+            "x\r\n",
+        );
+        sent += 1;
+        let on_core_1 = common::spooled(&spool)
+            .iter()
+            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+            .count();
+        if on_core_1 > 0 {
+            break;
+        }
+    }
+    assert!(held.terminate().success());
+    // The move's sync (the process's first fdatasync) takes 3 s: time to ask for a stop.
+    let mut tracer = common::KillOnDrop(
+        Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+            .arg("inject=fdatasync:delay_enter=3000000:when=1")
+            .arg(env!("CARGO_BIN_EXE_postern"))
+            .args([
+                "serve",
+                "--cores",
+                "1",
+                "--hold",
+                "--listen",
+                "127.0.0.1:0",
+                "--spool",
+            ])
+            .arg(&spool)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !spool.join(".fold-journal").exists() {
+        assert!(Instant::now() < deadline, "the move never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // strace's child is the server.
+    let tracer_pid = tracer.0.id();
+    let children =
+        std::fs::read_to_string(format!("/proc/{tracer_pid}/task/{tracer_pid}/children")).unwrap();
+    let server = children.split_whitespace().next().unwrap().to_owned();
+    assert!(Command::new("kill")
+        .args(["-TERM", &server])
+        .status()
+        .unwrap()
+        .success());
+    let mut out = String::new();
+    tracer
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(tracer.0.wait().unwrap().success(), "{out}");
+    assert!(out.contains("stopped before it was ready"), "{out}");
+    assert!(
+        !out.contains("ready with"),
+        "said ready after a stop: {out}"
+    );
+    // The move itself finished: nothing lost, nothing twice.
+    assert_eq!(common::spooled(&spool).len(), sent);
+}
+
+#[test]
 fn held_mail_counts_against_the_queue_high_water_mark() {
     // Nothing delivers with --hold (the harness's default without a route), so what is kept
     // is the queue.
