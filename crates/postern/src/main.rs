@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     // Colours only on a terminal: a log file or journal gets plain text to grep.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
-        .with_writer(writer)
+        .with_writer(move || OneLine(writer.clone()))
         .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -243,6 +243,36 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Keeps each log event on one line: a line break inside an event (a library's message that
+/// prints an error with `{:#?}`) becomes a space, so that every line of the log is one event
+/// to grep. The formatter hands each event over in one write.
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        if !body.contains(&b'\n') {
+            return self.0.write(buf);
+        }
+        let mut joined: Vec<u8> = Vec::with_capacity(buf.len());
+        let mut lines = body.split(|&b| b == b'\n');
+        if let Some(first) = lines.next() {
+            joined.extend_from_slice(first);
+        }
+        for line in lines {
+            joined.push(b' ');
+            joined.extend_from_slice(line.trim_ascii_start());
+        }
+        joined.extend_from_slice(&buf[body.len()..]);
+        self.0.write_all(&joined)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// A panic (a bug, or a library failing where it cannot return an error) is reported as one
 /// line naming the thread and the place, and a backtrace only where RUST_BACKTRACE asks.
 fn set_panic_hook() {
@@ -406,4 +436,22 @@ fn recover_and_report(
         );
     }
     Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OneLine;
+    use std::io::Write;
+
+    #[test]
+    fn a_log_event_stays_on_one_line() {
+        let mut out = OneLine(Vec::new());
+        out.write_all(b"WARN x: Error: Os {\n    code: 12,\n}\n")
+            .unwrap();
+        out.write_all(b"INFO y: plain\n").unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "WARN x: Error: Os { code: 12, }\nINFO y: plain\n"
+        );
+    }
 }
