@@ -4,6 +4,9 @@ use std::io::{IsTerminal, Write};
 
 use crate::send::stats::{Lat, Stats};
 
+/// The shortest interval shown as a rate, in seconds.
+const MIN_SHOWN: f64 = 0.25;
+
 /// Prints progress when it is wanted.
 #[derive(Debug)]
 pub struct Progress {
@@ -20,19 +23,20 @@ impl Progress {
         }
     }
 
-    /// One second's figures (`secs` is the interval's length).
+    /// One second's figures (`secs` is the interval's length: shorter for the last one).
     pub fn interval(&mut self, index: u64, secs: f64, s: &Stats) {
         self.total += s.accepted;
-        if !self.on {
+        // A last interval of a few milliseconds (the run ended just past a tick) would show
+        // its few messages as a rate: the report gives the end instead.
+        if !self.on || secs < MIN_SHOWN {
             return;
         }
-        let secs = secs.max(1e-3);
         let p99 = s.latency[Lat::Transaction as usize].value_at_quantile(0.99) as f64 / 1000.0;
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
-            "\r\x1b[K{:>5}s {:>9.0} msg/s {:>8.2} MB/s  errors {:<6} p99 {:>8.3} ms  accepted {}",
-            index + 1,
+            "\r\x1b[K{:>6.1}s {:>9.0} msg/s {:>8.2} MB/s  errors {:<6} p99 {:>8.3} ms  accepted {}",
+            index as f64 + secs,
             s.accepted as f64 / secs,
             s.bytes_accepted as f64 / 1e6 / secs,
             s.error_count(),
