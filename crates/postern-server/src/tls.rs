@@ -117,16 +117,24 @@ fn load(
         })?;
     let warnings = certificate_warnings(&certs[0], hostname, unix_now());
     let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
+        // The advice fits the failure: a key of a kind rustls does not sign with (Ed448, DSA)
+        // or a certificate that does not parse is not a mismatch.
         let why = match e {
-            rustls::Error::InconsistentKeys(_) => "the key does not match the certificate".into(),
+            rustls::Error::InconsistentKeys(_) => "the key does not match the certificate; the \
+                 key must be the one of the first certificate in the file (the server's own, \
+                 followed by its chain)"
+                .to_owned(),
+            rustls::Error::General(ref m) if m.contains("failed to parse private key") => {
+                "the key is of a kind that cannot be used (use RSA, ECDSA P-256/P-384, or \
+                 Ed25519)"
+                    .to_owned()
+            }
+            rustls::Error::InvalidCertificate(ref c) => {
+                format!("the certificate cannot be read ({c:?}): check the PEM file")
+            }
             e => e.to_string(),
         };
-        StartError::Tls(format!(
-            "{} and {}: {why}; the key must be the one of the first certificate in the \
-             file (the server's own, followed by its chain)",
-            cert.display(),
-            key.display()
-        ))
+        StartError::Tls(format!("{} and {}: {why}", cert.display(), key.display()))
     })?;
     for warning in warnings {
         tracing::warn!("{}: {warning}", cert.display());
@@ -309,6 +317,53 @@ mod tests {
         let w = one_warning(&der, "mx.example.net", now);
         assert!(w.contains("--hostname mx.example.net"), "{w}");
         assert!(w.contains("a.example.net, b.example.net"), "{w}");
+    }
+
+    /// Writes `pem` into `dir/name`; returns the path.
+    fn file(dir: &Path, name: &str, pem: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    fn load_error(cert: &Path, key: &Path) -> String {
+        let provider = rustls::crypto::ring::default_provider();
+        match load(cert, key, None, &provider) {
+            Err(StartError::Tls(why)) => why,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("loaded"),
+        }
+    }
+
+    #[test]
+    fn the_advice_for_a_key_or_certificate_fits_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
+        let good_cert = file(
+            dir.path(),
+            "cert.pem",
+            &params.self_signed(&key).unwrap().pem(),
+        );
+        let other = rcgen::KeyPair::generate().unwrap();
+        let other_key = file(dir.path(), "other.pem", &other.serialize_pem());
+        let why = load_error(&good_cert, &other_key);
+        assert!(why.contains("does not match the certificate"), "{why}");
+        // An Ed448 key: PKCS#8, of a kind rustls does not sign with. Not a mismatch.
+        let ed448 = file(dir.path(), "ed448.pem", "-----BEGIN PRIVATE KEY-----\nMEcCAQAwBQYDK2VxBDsEOQECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8g\nISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OQ==\n-----END PRIVATE KEY-----\n");
+        let why = load_error(&good_cert, &ed448);
+        assert!(why.contains("kind that cannot be used"), "{why}");
+        assert!(!why.contains("must be the one"), "{why}");
+        // A certificate whose base64 holds no certificate.
+        let garbled = file(
+            dir.path(),
+            "garbled.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let own_key = file(dir.path(), "key.pem", &key.serialize_pem());
+        let why = load_error(&garbled, &own_key);
+        assert!(why.contains("certificate cannot be read"), "{why}");
+        assert!(!why.contains("peer"), "{why}");
     }
 
     #[test]
