@@ -1578,38 +1578,54 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
     assert!(status.contains("200"), "{status} {body}");
 }
 
-#[test]
-fn mail_queued_by_more_cores_is_delivered_once_however_often_fewer_cores_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    // Two cores hold mail (--hold), with some of it on core 1: one connection per message,
-    // which the kernel spreads over the cores.
-    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
+/// Holds mail on two cores (`--hold`, with `extra` flags) in `spool` until some of it is on
+/// core 1 (one connection per message, which the kernel spreads over the cores), and stops;
+/// returns how many messages were sent and how many are on core 1.
+fn hold_on_two_cores(spool: &Path, extra: &[&str], prefix: &str) -> (usize, usize) {
+    let mut args = vec!["--cores", "2"];
+    args.extend_from_slice(extra);
+    let mut held = Server::start_in(&args, spool.to_path_buf(), None);
+    let on_core_1 = || {
+        common::spooled(spool)
+            .iter()
+            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+            .count()
+    };
     let mut sent = 0;
     while sent < 40 {
         send(
             &held,
             "a@origin.test",
             &["b@dest.test"],
-            &format!("<fold{sent}@t>"),
+            &format!("<{prefix}{sent}@t>"),
             "x\r\n",
         );
         sent += 1;
-        let on_core_1 = common::spooled(&spool)
-            .iter()
-            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
-            .count();
-        if sent >= 6 && on_core_1 > 0 {
+        if sent >= 6 && on_core_1() > 0 {
             break;
         }
     }
     assert!(held.terminate().success());
-    assert!(
-        common::spooled(&spool)
-            .iter()
-            .any(|m| postern_spool::owner_core(&m.0) == Some(1)),
-        "no message on core 1: the test proves nothing"
-    );
+    let on_1 = on_core_1();
+    assert!(on_1 > 0, "no message on core 1: the test proves nothing");
+    (sent, on_1)
+}
+
+/// The peer stored `sent` messages, each once (by Message-ID).
+fn assert_each_once(peer: &Peer, sent: usize, why: &str) {
+    let stored = peer.stored();
+    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
+    ids.sort_unstable();
+    let all = ids.len();
+    ids.dedup();
+    assert_eq!((ids.len(), all), (sent, sent), "{why}");
+}
+
+#[test]
+fn mail_queued_by_more_cores_is_delivered_once_however_often_fewer_cores_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let (sent, _) = hold_on_two_cores(&spool, &[], "fold");
     // One core delivers everything, then restarts a few times.
     let peer = Peer::start(&[]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
@@ -1636,50 +1652,14 @@ fn mail_queued_by_more_cores_is_delivered_once_however_often_fewer_cores_restart
             "core 1's directory is still there"
         );
     }
-    let stored = peer.stored();
-    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
-    ids.sort_unstable();
-    let all = ids.len();
-    ids.dedup();
-    assert_eq!(
-        (ids.len(), all),
-        (sent, sent),
-        "delivered again after a restart"
-    );
+    assert_each_once(&peer, sent, "delivered again after a restart");
 }
 
 #[test]
 fn a_move_to_fewer_cores_cut_off_by_crashes_delivers_each_message_once() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
-    let mut sent = 0;
-    while sent < 40 {
-        send(
-            &held,
-            "a@origin.test",
-            &["b@dest.test"],
-            &format!("<cut{sent}@t>"),
-            "x\r\n",
-        );
-        sent += 1;
-        let on_core_1 = common::spooled(&spool)
-            .iter()
-            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
-            .count();
-        if sent >= 6 && on_core_1 > 0 {
-            break;
-        }
-    }
-    assert!(held.terminate().success());
-    let on_core_1 = common::spooled(&spool)
-        .iter()
-        .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
-        .count();
-    assert!(
-        on_core_1 > 0,
-        "no message on core 1: the test proves nothing"
-    );
+    let (sent, _) = hold_on_two_cores(&spool, &[], "cut");
     // Two starts on one core, each killed as the move of core 1's mail syncs its copies: the
     // first `fdatasync` of the process is that sync (strace counts each thread's calls apart,
     // and the cores' threads do not exist yet).
@@ -1730,12 +1710,7 @@ fn a_move_to_fewer_cores_cut_off_by_crashes_delivers_each_message_once() {
     });
     server.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
     assert!(server.terminate().success());
-    let stored = peer.stored();
-    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
-    ids.sort_unstable();
-    let all = ids.len();
-    ids.dedup();
-    assert_eq!((ids.len(), all), (sent, sent), "delivered more than once");
+    assert_each_once(&peer, sent, "delivered more than once");
 }
 
 #[test]
@@ -1743,30 +1718,7 @@ fn mail_of_removed_cores_with_no_room_to_move_waits_and_is_delivered_once() {
     let disk = common::Tmpfs::mount("24m");
     let spool = disk.path.join("spool");
     let small = ["--spool-segment-size", "1M"];
-    let mut held = Server::start_in(&["--cores", "2", small[0], small[1]], spool.clone(), None);
-    let on_core_1 = || {
-        common::spooled(&spool)
-            .iter()
-            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
-            .count()
-    };
-    let mut sent = 0;
-    while sent < 40 {
-        send(
-            &held,
-            "a@origin.test",
-            &["b@dest.test"],
-            &format!("<room{sent}@t>"),
-            "x\r\n",
-        );
-        sent += 1;
-        if sent >= 6 && on_core_1() > 0 {
-            break;
-        }
-    }
-    assert!(held.terminate().success());
-    let waiting = on_core_1();
-    assert!(waiting > 0, "no message on core 1: the test proves nothing");
+    let (sent, waiting) = hold_on_two_cores(&spool, &small, "room");
     // The disk fills up: one core's start cannot copy core 1's mail.
     let filler = disk.path.join("filler");
     {
@@ -1809,38 +1761,14 @@ fn mail_of_removed_cores_with_no_room_to_move_waits_and_is_delivered_once() {
     });
     server.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
     assert!(server.terminate().success());
-    let stored = peer.stored();
-    let mut ids: Vec<&str> = stored.iter().map(|m| m.message_id.as_str()).collect();
-    ids.sort_unstable();
-    let all = ids.len();
-    ids.dedup();
-    assert_eq!((ids.len(), all), (sent, sent), "delivered more than once");
+    assert_each_once(&peer, sent, "delivered more than once");
 }
 
 #[test]
 fn a_stop_asked_for_during_the_move_to_fewer_cores_ends_the_start_before_ready() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
-    let mut sent = 0;
-    while sent < 40 {
-        send(
-            &held,
-            "a@origin.test",
-            &["b@dest.test"],
-            &format!("<stop{sent}@t>"),
-            "x\r\n",
-        );
-        sent += 1;
-        let on_core_1 = common::spooled(&spool)
-            .iter()
-            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
-            .count();
-        if on_core_1 > 0 {
-            break;
-        }
-    }
-    assert!(held.terminate().success());
+    let (sent, _) = hold_on_two_cores(&spool, &[], "stop");
     // The move's sync (the process's first fdatasync) takes 3 s: time to ask for a stop.
     let mut tracer = common::KillOnDrop(
         Command::new("strace")
