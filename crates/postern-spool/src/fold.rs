@@ -24,6 +24,9 @@ pub struct Folded {
     pub kept_damaged: Vec<std::path::PathBuf>,
     /// Old directories whose messages were moved but that could not be deleted.
     pub left_behind: Vec<std::path::PathBuf>,
+    /// Damage found in the old directories, which stays there (not moved): per old core, the
+    /// corrupt records and the damaged messages (body records lost).
+    pub damage: Vec<(u32, u64, u64)>,
 }
 
 /// Moves what the directories of cores `cores` and up still have to deliver into the spools
@@ -94,6 +97,13 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
         return Err(e);
     }
     // The copies are durable. From here on a crash only finishes the move.
+    for &n in &journal.sources {
+        let records = found.corrupt_at.iter().filter(|l| l.core == n).count() as u64;
+        let messages = found.damaged_at.iter().filter(|(s, _)| s.core == n).count() as u64;
+        if records + messages > 0 {
+            out.damage.push((n, records, messages));
+        }
+    }
     journal.damaged = (found.corrupt_at.iter())
         .chain(found.damaged_at.iter().map(|(start, _)| start))
         .map(|l| l.core)
@@ -516,6 +526,22 @@ mod tests {
             must_stop(SpoolError::SyncFailed("x".into())),
             SpoolError::SyncFailed(_)
         ));
+    }
+
+    #[test]
+    fn damage_in_a_folded_directory_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        old_core(root);
+        let seg = root.join("3").join(crate::segment::file_name(1));
+        let mut data = std::fs::read(&seg).unwrap();
+        let at = data.windows(6).position(|w| w == b"body 1").unwrap();
+        data[at] ^= 0x20;
+        std::fs::write(&seg, &data).unwrap();
+        let folded = fold_cores(root, 2, OPTS).unwrap();
+        assert_eq!(folded.damage, [(3, 1, 1)]);
+        assert_eq!(folded.moved.len(), 2, "the two whole messages moved");
+        assert_eq!(folded.kept_damaged.len(), 1);
     }
 
     #[test]

@@ -111,6 +111,15 @@ fn main() -> ExitCode {
                 messages = folded.moved.len(),
                 "spool written by more cores folded into {cores}"
             );
+            for &(core, records, messages) in &folded.damage {
+                tracing::warn!(
+                    core,
+                    corrupt_records = records,
+                    damaged_messages = messages,
+                    "the directory of a removed core has damaged records: the messages they \
+                     held (or parts of them) were not moved"
+                );
+            }
             for dir in &folded.kept_damaged {
                 tracing::warn!(
                     dir = %dir.display(),
