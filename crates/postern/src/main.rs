@@ -171,12 +171,16 @@ fn main() -> ExitCode {
     };
     // A SIGTERM or SIGINT that came while the spool was read (a long move to fewer cores):
     // stop now, rather than say "ready" and greet clients first.
+    // Reading them clears them: the others (a flush, a certificate reload) are raised again
+    // once the server runs.
     let mut signals = signals;
-    if let Ok(signals) = &mut signals {
-        if signals.pending().any(|s| s == SIGTERM || s == SIGINT) {
-            say!("postern: stopped before it was ready (a stop was asked for while it started)");
-            return ExitCode::SUCCESS;
-        }
+    let early: Vec<i32> = match &mut signals {
+        Ok(signals) => signals.pending().collect(),
+        Err(_) => Vec::new(),
+    };
+    if early.iter().any(|&s| s == SIGTERM || s == SIGINT) {
+        say!("postern: stopped before it was ready (a stop was asked for while it started)");
+        return ExitCode::SUCCESS;
     }
     let running = match postern_server::start_locked(settings, delivery, spool_lock) {
         Ok(r) => r,
@@ -243,6 +247,9 @@ fn main() -> ExitCode {
             });
         }
         Err(e) => tracing::warn!("cannot handle signals: {e}"),
+    }
+    for signal in early {
+        let _ = signal_hook::low_level::raise(signal);
     }
     if !running.wait() {
         say!("postern: stopped because a core failed (see the log above)");
