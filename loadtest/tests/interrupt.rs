@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Counters, Sink, BIN};
@@ -20,20 +20,14 @@ fn accepted_so_far(metrics: &str) -> u64 {
     Counters::parse(body).get("messages_total")
 }
 
-#[test]
-fn an_interrupted_run_still_reports() {
-    let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
+/// Starts a 60 s `send` with `extra` flags against `sink`, waits until the sink has taken
+/// mail, and interrupts it: returns its output, its JSON report, and when it started.
+fn interrupt_after_first(sink: &Sink, extra: &[&str]) -> (Output, serde_json::Value, Instant) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let sender = Command::new(BIN)
-        .args([
-            "send",
-            "--target",
-            &sink.addr,
-            "--duration",
-            "60s",
-            "--quiet",
-        ])
+        .args(["send", "--target", &sink.addr, "--quiet"])
+        .args(extra)
         .args(["--json", json.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -51,6 +45,14 @@ fn an_interrupted_run_still_reports() {
         .unwrap()
         .success());
     let out = sender.wait_with_output().unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (out, report, started)
+}
+
+#[test]
+fn an_interrupted_run_still_reports() {
+    let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
+    let (out, report, started) = interrupt_after_first(&sink, &["--duration", "60s"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         started.elapsed() < Duration::from_secs(40),
@@ -58,8 +60,6 @@ fn an_interrupted_run_still_reports() {
     );
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(text.contains("stopped early by a signal"), "{text}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(report["interrupted"], true);
     assert!(report["messages_accepted"].as_u64().unwrap() > 0);
     assert!(report["elapsed_s"].as_f64().unwrap() < 40.0, "{report}");
@@ -68,4 +68,25 @@ fn an_interrupted_run_still_reports() {
         report["messages_accepted"].as_u64().unwrap(),
         c.get("messages_total")
     );
+}
+
+#[test]
+fn an_interrupt_ends_the_wait_for_the_next_message_due() {
+    // At two messages a minute the second is due 30 s in: the interrupt comes while the only
+    // connection waits for it, which ends the run at once and sends nothing more.
+    let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
+    let (out, report, started) = interrupt_after_first(
+        &sink,
+        &["--rate", "2/min", "--duration", "10m", "--connections", "1"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the run waited for the next message: {text}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(report["interrupted"], true);
+    assert_eq!(report["messages_sent"], 1, "{report}");
+    assert_eq!(report["messages_accepted"], 1, "{report}");
+    assert_eq!(sink.stop().get("messages_total"), 1);
 }

@@ -15,7 +15,7 @@ use postern_proto::stuff::DotStuffer;
 use rustls::pki_types::ServerName;
 
 use crate::conn::Conn;
-use crate::send::core::Core;
+use crate::send::core::{Core, Run};
 use crate::send::filter::NoPipelining;
 use crate::send::message::{address, Message};
 use crate::send::outbox::Outbox;
@@ -216,7 +216,10 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                         next = Some(ticket);
                         break;
                     }
-                    glommio::timer::sleep(due - now).await;
+                    if !wait_until(run, due).await {
+                        // Stopped while waiting: the message is not sent.
+                        break;
+                    }
                 }
             }
             started_here += 1;
@@ -278,6 +281,25 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
             }
             _ => return lose(core, "protocol_error", flight.len(), next),
         }
+    }
+}
+
+/// Longest sleep towards a due time between looks at the stop flag: how late a SIGINT or
+/// SIGTERM can end a run at a slow `--rate`.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// Waits until `due`, or until the run is stopped; true when `due` came.
+async fn wait_until(run: &Run, due: Instant) -> bool {
+    // Bounded: each pass sleeps towards `due`, at most STOP_POLL at a time.
+    loop {
+        if run.plan.stopped() {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= due {
+            return true;
+        }
+        glommio::timer::sleep((due - now).min(STOP_POLL)).await;
     }
 }
 

@@ -70,9 +70,22 @@ impl Plan {
     /// server that kept up would have been sent.
     pub fn due(&self) -> Option<u64> {
         let (rate, deadline) = (self.rate?, self.deadline?);
-        let due = ((deadline - self.start).as_secs_f64() * rate).ceil();
-        let due = due as u64;
+        // The count of sequence numbers whose due time falls before the deadline, by the same
+        // test `claim` applies: the estimate is off by one at most where rounding differs.
+        let mut due = ((deadline - self.start).as_secs_f64() * rate).ceil() as u64;
+        // Bounded: each loop moves the estimate by one, at most a step or two.
+        while due > 0 && self.due_time(due - 1, rate) >= deadline {
+            due -= 1;
+        }
+        while self.due_time(due, rate) < deadline {
+            due += 1;
+        }
         Some(self.limit.map_or(due, |l| l.min(due)))
+    }
+
+    /// When message `seq` is due at `rate` messages per second.
+    fn due_time(&self, seq: u64, rate: f64) -> Instant {
+        self.start + Duration::from_secs_f64(seq as f64 / rate)
     }
 
     /// When the run started.
@@ -89,9 +102,7 @@ impl Plan {
         if self.limit.is_some_and(|l| seq >= l) {
             return None;
         }
-        let due = self
-            .rate
-            .map(|r| self.start + Duration::from_secs_f64(seq as f64 / r));
+        let due = self.rate.map(|r| self.due_time(seq, r));
         if let (Some(due), Some(deadline)) = (due, self.deadline) {
             if due >= deadline {
                 return None;
@@ -136,6 +147,29 @@ mod tests {
         plan.claim().unwrap();
         assert_eq!(plan.claimed(), 2);
         assert_eq!(Plan::new(start, Some(5), None, Some(10.0)).due(), None);
+    }
+
+    #[test]
+    fn the_messages_due_are_those_a_run_hands_out() {
+        // Durations and rates whose product rounds up past a whole number in floating point
+        // (0.7 × 10 is 7.000000000000001), beside plain ones. Claiming takes microseconds, so
+        // the due times end each run long before its deadline comes round.
+        for (rate, ms) in [
+            (10.0, 700),
+            (3.0, 1000),
+            (100.0, 1100),
+            (7.0, 1000),
+            (33.3, 990),
+        ] {
+            let plan = Plan::new(
+                Instant::now(),
+                None,
+                Some(Duration::from_millis(ms)),
+                Some(rate),
+            );
+            let handed_out = std::iter::from_fn(|| plan.claim()).count() as u64;
+            assert_eq!(plan.due(), Some(handed_out), "rate {rate}, {ms} ms");
+        }
     }
 
     #[test]
