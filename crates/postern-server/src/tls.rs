@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::PrivateKeyDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -116,6 +117,7 @@ fn load(
             )
         })?;
     let warnings = certificate_warnings(&certs[0], hostname, unix_now());
+    let claimed_kind = key_kind(&key_der);
     let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
         // The advice fits the failure: a key of a kind rustls does not sign with (Ed448, DSA)
         // or a certificate that does not parse is not a mismatch.
@@ -125,9 +127,17 @@ fn load(
                  followed by its chain)"
                 .to_owned(),
             rustls::Error::General(ref m) if m.contains("failed to parse private key") => {
-                "the key is of a kind that cannot be used (use RSA, ECDSA P-256/P-384, or \
-                 Ed25519)"
-                    .to_owned()
+                match claimed_kind {
+                    // A kind that is signed with, yet unreadable: the file is damaged, or
+                    // (ECDSA) the curve is not one of those.
+                    Some(kind) => format!(
+                        "the {kind} key cannot be read: it is damaged, or of a size or curve \
+                         that cannot be used (RSA 2048 bits or more, ECDSA P-256/P-384)"
+                    ),
+                    None => "the key is of a kind that cannot be used (use RSA, ECDSA \
+                             P-256/P-384, or Ed25519)"
+                        .to_owned(),
+                }
             }
             rustls::Error::InvalidCertificate(ref c) => {
                 format!("the certificate cannot be read ({c:?}): check the PEM file")
@@ -140,6 +150,33 @@ fn load(
         tracing::warn!("{}: {warning}", cert.display());
     }
     Ok(certified)
+}
+
+/// The kind of key a private key says it is, when it is one that is signed with: from its
+/// PEM label (PKCS#1 is RSA, SEC1 is EC), or from the algorithm named at the start of a
+/// PKCS#8 key.
+fn key_kind(key: &PrivateKeyDer<'_>) -> Option<&'static str> {
+    // DER object identifiers with their tag and length: rsaEncryption, id-ecPublicKey and
+    // id-Ed25519.
+    const KINDS: [(&[u8], &str); 3] = [
+        (b"\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01", "RSA"),
+        (b"\x06\x07\x2a\x86\x48\xce\x3d\x02\x01", "ECDSA"),
+        (b"\x06\x03\x2b\x65\x70", "Ed25519"),
+    ];
+    match key {
+        PrivateKeyDer::Pkcs1(_) => Some("RSA"),
+        PrivateKeyDer::Sec1(_) => Some("ECDSA"),
+        PrivateKeyDer::Pkcs8(der) => {
+            // The algorithm identifier comes after the outer header and the version: well
+            // inside the first 32 octets.
+            let head = &der.secret_pkcs8_der()[..der.secret_pkcs8_der().len().min(32)];
+            KINDS
+                .iter()
+                .find(|(oid, _)| head.windows(oid.len()).any(|w| w == *oid))
+                .map(|(_, kind)| *kind)
+        }
+        _ => None,
+    }
 }
 
 fn unix_now() -> i64 {
@@ -354,6 +391,34 @@ mod tests {
         let why = load_error(&good_cert, &ed448);
         assert!(why.contains("kind that cannot be used"), "{why}");
         assert!(!why.contains("must be the one"), "{why}");
+        // Keys of kinds that are signed with, but damaged: named by their kind, not called
+        // unusable. An RSA key in PKCS#1 whose numbers are nonsense, a PKCS#8 key that names
+        // rsaEncryption around nothing, and a SEC1 (EC) key with nothing in it.
+        for (name, pem, kind) in [
+            (
+                "pkcs1.pem",
+                "RSA PRIVATE KEY",
+                "MBsCAQACAQMCAQECAQECAQECAQECAQECAQECAQE=",
+                "RSA",
+            ),
+            (
+                "pkcs8.pem",
+                "PRIVATE KEY",
+                "MBkCAQAwDQYJKoZIhvcNAQEBBQAEBTADAgEA",
+                "RSA",
+            ),
+            ("sec1.pem", "EC PRIVATE KEY", "MAoCAQEEBQEBAQEB", "ECDSA"),
+        ]
+        .map(|(n, label, b64, kind)| {
+            let pem = format!("-----BEGIN {label}-----\n{b64}\n-----END {label}-----\n");
+            (n, pem, kind)
+        }) {
+            let why = load_error(&good_cert, &file(dir.path(), name, &pem));
+            assert!(
+                why.contains(&format!("the {kind} key cannot be read")),
+                "{name}: {why}"
+            );
+        }
         // A certificate whose base64 holds no certificate.
         let garbled = file(
             dir.path(),
