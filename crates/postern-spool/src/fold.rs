@@ -96,21 +96,15 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
         out.moved.clear();
         return Err(e);
     }
-    // The copies are durable. From here on a crash only finishes the move.
+    // The copies are durable. From here on a crash only finishes the move. The damage goes
+    // into the journal, so that a start that finishes the move reports it too.
     for &n in &journal.sources {
         let records = found.corrupt_at.iter().filter(|l| l.core == n).count() as u64;
         let messages = found.damaged_at.iter().filter(|(s, _)| s.core == n).count() as u64;
         if records + messages > 0 {
-            out.damage.push((n, records, messages));
+            journal.damaged.push((n, records, messages));
         }
     }
-    journal.damaged = (found.corrupt_at.iter())
-        .chain(found.damaged_at.iter().map(|(start, _)| start))
-        .map(|l| l.core)
-        .filter(|c| journal.sources.contains(c))
-        .collect();
-    journal.damaged.sort_unstable();
-    journal.damaged.dedup();
     drop(found);
     journal.copied = true;
     journal.write(root).map_err(must_stop)?;
@@ -205,6 +199,7 @@ fn undo(root: &Path, journal: &Journal) -> Result<(), SpoolError> {
 /// so that no later start copies its messages again, then deletes the old directories, or
 /// keeps those with damaged records for the operator, and drops the journal.
 fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), SpoolError> {
+    out.damage.clone_from(&journal.damaged);
     for n in &journal.sources {
         let dir = root.join(n.to_string());
         if dir.is_dir() {
@@ -219,7 +214,8 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
         if !dir.is_dir() {
             continue;
         }
-        if journal.damaged.contains(n) || dir.join(crate::DAMAGED_DIR).exists() {
+        let damaged = journal.damaged.iter().any(|(d, _, _)| d == n);
+        if damaged || dir.join(crate::DAMAGED_DIR).exists() {
             // Damaged records (or segments set aside for them): kept for the operator to look
             // at (see the log), under a name the next start does not clear.
             let secs = std::time::SystemTime::now()
@@ -248,8 +244,9 @@ struct Journal {
     sources: Vec<u32>,
     /// Each target core and the first segment the move writes there.
     targets: Vec<(u32, u64)>,
-    /// Old directories with damaged records (kept rather than deleted).
-    damaged: Vec<u32>,
+    /// Old directories with damaged records (kept rather than deleted), with the counts of
+    /// corrupt records and damaged messages found in each.
+    damaged: Vec<(u32, u64, u64)>,
 }
 
 const JOURNAL: &str = ".fold-journal";
@@ -268,8 +265,8 @@ impl Journal {
         for (n, first) in &self.targets {
             s.push_str(&format!("target {n} {first}\n"));
         }
-        for n in &self.damaged {
-            s.push_str(&format!("damaged {n}\n"));
+        for (n, records, messages) in &self.damaged {
+            s.push_str(&format!("damaged {n} {records} {messages}\n"));
         }
         s
     }
@@ -291,11 +288,18 @@ impl Journal {
             damaged: Vec::new(),
         };
         for line in lines {
-            let mut words = line.split(' ');
-            match (words.next()?, words.next()?.parse().ok()?, words.next()) {
-                ("source", n, None) => j.sources.push(n),
-                ("damaged", n, None) => j.damaged.push(n),
-                ("target", n, Some(first)) => j.targets.push((n, first.parse().ok()?)),
+            let (word, numbers) = line.split_once(' ')?;
+            let numbers = numbers
+                .split(' ')
+                .map(|n| n.parse::<u64>().ok())
+                .collect::<Option<Vec<u64>>>()?;
+            let core = |n: u64| u32::try_from(n).ok();
+            match (word, numbers.as_slice()) {
+                ("source", &[n]) => j.sources.push(core(n)?),
+                ("damaged", &[n, records, messages]) => {
+                    j.damaged.push((core(n)?, records, messages));
+                }
+                ("target", &[n, first]) => j.targets.push((core(n)?, first)),
                 _ => return None,
             }
         }
@@ -545,12 +549,33 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_move_still_reports_the_damage_it_found() {
+        // A crash after the copies were durable: the start that finishes the move no longer
+        // reads the old directory, and reports its damage from the journal.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        old_core(root);
+        let j = Journal {
+            copied: true,
+            sources: vec![3],
+            targets: vec![(1, 1)],
+            damaged: vec![(3, 4, 2)],
+        };
+        j.write(root).unwrap();
+        let folded = fold_cores(root, 2, OPTS).unwrap();
+        assert_eq!(folded.damage, [(3, 4, 2)]);
+        assert_eq!((folded.dirs, folded.kept_damaged.len()), (1, 1));
+        assert!(folded.moved.is_empty());
+        assert!(!fold_pending(root));
+    }
+
+    #[test]
     fn the_journal_reads_back_what_was_written_and_refuses_anything_else() {
         let j = Journal {
             copied: true,
             sources: vec![2, 5],
             targets: vec![(0, 7), (1, 12)],
-            damaged: vec![5],
+            damaged: vec![(5, 2, 1)],
         };
         assert_eq!(Journal::decode(&j.encode()), Some(j));
         assert_eq!(Journal::decode(""), None);
@@ -560,6 +585,12 @@ mod tests {
         );
         assert_eq!(
             Journal::decode(&format!("{JOURNAL_HEAD}\nstate done\n")),
+            None
+        );
+        assert_eq!(
+            Journal::decode(&format!(
+                "{JOURNAL_HEAD}\nstate copied\nsource 99999999999\n"
+            )),
             None
         );
         let dir = tempfile::tempdir().unwrap();

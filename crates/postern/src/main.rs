@@ -116,8 +116,9 @@ fn main() -> ExitCode {
                     core,
                     corrupt_records = records,
                     damaged_messages = messages,
-                    "the directory of a removed core has damaged records: the messages they \
-                     held (or parts of them) were not moved"
+                    "the directory of a removed core has damaged records: the damaged \
+                     messages were not moved, and where a damaged record held a delivery \
+                     outcome its recipient may be tried again"
                 );
             }
             for dir in &folded.kept_damaged {
