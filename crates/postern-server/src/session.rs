@@ -284,10 +284,10 @@ impl Session {
         // past the session's cap, so such a client cannot hold its connection (and its place
         // under the limits) for ever. The timer is made only when the write has to wait:
         // `or` polls the write first, and the sleep starts at its first poll.
-        // Past the cap, 1 s more: the last replies (the 421 among them) may still reach a
-        // client that reads slowly.
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        let limit = self.core.settings.command_timeout.min(left + CLOSING_WRITE);
+        // Writes may run until 1 s past the cap, all of them together: the last replies (the
+        // 421 among them) may still reach a client that reads slowly.
+        let closing = (self.deadline + CLOSING_WRITE).saturating_duration_since(Instant::now());
+        let limit = self.core.settings.command_timeout.min(closing);
         let conn = &mut self.conn;
         let write = async { conn.write_all(out).await.is_ok() && conn.flush().await.is_ok() };
         let expire = async {
