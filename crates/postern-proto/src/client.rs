@@ -651,13 +651,12 @@ impl ClientSession {
                 self.release_held()
             }
             Expect::DataGo if reply.code == 354 => {
-                let no_rcpt = self
-                    .results
-                    .front()
-                    .is_some_and(|r| !r.rcpts.iter().any(Reply::is_positive));
-                if no_rcpt {
-                    // Pipelined DATA accepted though every RCPT was refused: end the data at
-                    // once with a lone dot, sending no content (RFC 2920 3.1).
+                let empty = self.results.front().is_some_and(|r| {
+                    !r.mail.is_positive() || !r.rcpts.iter().any(Reply::is_positive)
+                });
+                if empty {
+                    // Pipelined DATA accepted though MAIL or every RCPT was refused: end the
+                    // data at once with a lone dot, sending no content (RFC 2920 3.1).
                     self.out.extend_from_slice(b".\r\n");
                     self.expect.push_back(Expect::DataDone);
                     return None;

@@ -401,6 +401,38 @@ fn a_354_after_every_recipient_was_refused_gets_only_the_dot() {
 }
 
 #[test]
+fn a_354_after_mail_was_refused_gets_only_the_dot() {
+    // A server that refused MAIL yet took the pipelined RCPT and DATA (it should have said
+    // 503): the transaction is empty all the same, so no content goes, and the MAIL reply
+    // decides, whatever the server says to the dot. Sending the body there made a refusal
+    // (bounced) or a deferral (sent again) of a message the server kept.
+    for (mail, code) in [("550 5.7.1 sender rejected", 550), ("451 4.3.0 later", 451)] {
+        let mut c = ClientSession::new("relay.test");
+        canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+        c.send(&transaction(
+            BodyMode::Data,
+            b"secret body\r\n",
+            &["a@x.test"],
+        ))
+        .unwrap();
+        c.clear_output();
+        let (events, sent) = canned(
+            &mut c,
+            &[
+                &format!("{mail}\r\n250 ok\r\n354 go\r\n"),
+                "250 2.0.0 queued\r\n",
+            ],
+        );
+        assert_eq!(sent, ".\r\n", "{mail}");
+        let [ClientEvent::Done(r)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(r.outcome(0).code, code);
+        assert!(c.is_idle());
+    }
+}
+
+#[test]
 fn greeting_refusal_and_421_and_garbage() {
     let mut c = ClientSession::new("relay.test");
     let (events, sent) = canned(&mut c, &["554-no\r\n554 go away\r\n"]);
