@@ -75,8 +75,21 @@ const MAX_RATE: f64 = 1e9;
 
 /// Reads a duration: `30s`, `1m`, `250ms`, `1h 30m`.
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, LoadError> {
-    humantime::parse_duration(s).map_err(|e| LoadError::flag(flag, format!("{s:?}: {e}")))
+    let d =
+        humantime::parse_duration(s).map_err(|e| LoadError::flag(flag, format!("{s:?}: {e}")))?;
+    // Far enough for any run, and near enough that instants and message counts reckoned from
+    // it cannot overflow.
+    if d > LONGEST {
+        return Err(LoadError::flag(
+            flag,
+            format!("{s:?} is more than 10 years"),
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration a flag takes.
+const LONGEST: Duration = Duration::from_secs(10 * 366 * 86_400);
 
 /// Reads `item:weight,item:weight`; an item without a weight weighs 1.
 pub fn parse_weighted<T>(
@@ -140,6 +153,19 @@ mod tests {
             .to_string()
             .contains("finite"));
         assert!(parse_rate("--rate", "fast").is_err());
+    }
+
+    #[test]
+    fn durations_past_ten_years_are_refused() {
+        assert_eq!(
+            parse_duration("--duration", "1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(parse_duration("--duration", "10years").is_ok());
+        let e = parse_duration("--duration", "11years")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--duration") && e.contains("10 years"), "{e}");
     }
 
     #[test]

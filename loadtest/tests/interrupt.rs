@@ -20,7 +20,7 @@ fn accepted_so_far(metrics: &str) -> u64 {
     Counters::parse(body).get("messages_total")
 }
 
-/// Starts a 60 s `send` with `extra` flags against `sink`, waits until the sink has taken
+/// Starts a `send` with `extra` flags against `sink`, waits until the sink has taken
 /// mail, and interrupts it: returns its output, its JSON report, and when it started.
 fn interrupt_after_first(sink: &Sink, extra: &[&str]) -> (Output, serde_json::Value, Instant) {
     let dir = tempfile::tempdir().unwrap();

@@ -131,8 +131,16 @@ fn load(
                     // A kind that is signed with, yet unreadable: the file is damaged, or
                     // (ECDSA) the curve is not one of those.
                     Some(kind) => format!(
-                        "the {kind} key cannot be read: it is damaged, or of a size or curve \
-                         that cannot be used (RSA 2048 bits or more, ECDSA P-256/P-384)"
+                        "the {kind} key cannot be read: {}",
+                        match kind {
+                            "RSA" =>
+                                "it is damaged, or of a size that cannot be used (2048 to \
+                                      8192 bits)",
+                            "ECDSA" =>
+                                "it is damaged, or on a curve that cannot be used (use \
+                                        P-256 or P-384)",
+                            _ => "it is damaged",
+                        }
                     ),
                     None => "the key is of a kind that cannot be used (use RSA, ECDSA \
                              P-256/P-384, or Ed25519)"

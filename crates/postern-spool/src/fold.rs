@@ -199,7 +199,7 @@ fn undo(root: &Path, journal: &Journal) -> Result<(), SpoolError> {
 /// so that no later start copies its messages again, then deletes the old directories, or
 /// keeps those with damaged records for the operator, and drops the journal.
 fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), SpoolError> {
-    out.damage.clone_from(&journal.damaged);
+    out.damage.extend_from_slice(&journal.damaged);
     for n in &journal.sources {
         let dir = root.join(n.to_string());
         if dir.is_dir() {
@@ -296,6 +296,8 @@ impl Journal {
             let core = |n: u64| u32::try_from(n).ok();
             match (word, numbers.as_slice()) {
                 ("source", &[n]) => j.sources.push(core(n)?),
+                // As an earlier build wrote it, without the counts.
+                ("damaged", &[n]) => j.damaged.push((core(n)?, 0, 0)),
                 ("damaged", &[n, records, messages]) => {
                     j.damaged.push((core(n)?, records, messages));
                 }
@@ -570,6 +572,38 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_move_and_a_new_one_in_the_same_start_report_both() {
+        // The cut-off move went to three cores; this start asks for two, so after finishing
+        // it the start moves core 2 (which holds a damaged record) as well.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        old_core(root);
+        let seg = root.join("3").join(crate::segment::file_name(1));
+        std::fs::create_dir_all(root.join("2")).unwrap();
+        std::fs::rename(&seg, root.join("2").join(crate::segment::file_name(1))).unwrap();
+        let seg = root.join("2").join(crate::segment::file_name(1));
+        let mut data = std::fs::read(&seg).unwrap();
+        let at = data.windows(6).position(|w| w == b"body 1").unwrap();
+        data[at] ^= 0x20;
+        std::fs::write(&seg, &data).unwrap();
+        std::fs::create_dir_all(root.join("5")).unwrap();
+        let j = Journal {
+            copied: true,
+            sources: vec![5],
+            targets: vec![(2, 1)],
+            damaged: vec![(5, 4, 2)],
+        };
+        j.write(root).unwrap();
+        let folded = fold_cores(root, 2, OPTS).unwrap();
+        assert_eq!(folded.damage, [(5, 4, 2), (2, 1, 1)]);
+        assert_eq!(
+            folded.moved.len(),
+            2,
+            "the two whole messages of core 2 moved"
+        );
+    }
+
+    #[test]
     fn the_journal_reads_back_what_was_written_and_refuses_anything_else() {
         let j = Journal {
             copied: true,
@@ -592,6 +626,12 @@ mod tests {
                 "{JOURNAL_HEAD}\nstate copied\nsource 99999999999\n"
             )),
             None
+        );
+        // An earlier build's line, without the counts, still reads.
+        assert_eq!(
+            Journal::decode(&format!("{JOURNAL_HEAD}\nstate copied\ndamaged 4\n"))
+                .map(|j| j.damaged),
+            Some(vec![(4, 0, 0)])
         );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(JOURNAL), "garbage").unwrap();

@@ -263,7 +263,11 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                 let Some(p) = flight.pop_front() else {
                     return lose(core, "protocol_error", 1, next);
                 };
-                let accepted = result.data.as_ref().is_some_and(|d| d.code < 300);
+                // Accepted only with MAIL, a recipient and the body taken: a server that took
+                // the pipelined DATA after refusing them gets a lone dot, not the message.
+                let accepted = result.mail.is_positive()
+                    && result.rcpts.iter().any(|r| r.is_positive())
+                    && result.data.as_ref().is_some_and(|d| d.code < 300);
                 let decided = match &result.data {
                     Some(d) if accepted => d.code,
                     _ if !result.mail.is_positive() => result.mail.code,

@@ -77,7 +77,7 @@ impl Plan {
         while due > 0 && self.due_time(due - 1, rate) >= deadline {
             due -= 1;
         }
-        while self.due_time(due, rate) < deadline {
+        while due < u64::MAX && self.due_time(due, rate) < deadline {
             due += 1;
         }
         Some(self.limit.map_or(due, |l| l.min(due)))
