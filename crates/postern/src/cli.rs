@@ -553,7 +553,7 @@ const SHORTEST_WAIT: Duration = Duration::from_millis(100);
 /// `--max-connections-per-ip` when not given (and `--max-connections` is not lower).
 const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1000;
 
-fn settings(s: Serve) -> Result<Settings, String> {
+fn settings(mut s: Serve) -> Result<Settings, String> {
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = s.cores.unwrap_or(available);
     if cores == 0 {
@@ -612,12 +612,21 @@ fn settings(s: Serve) -> Result<Settings, String> {
         // SIZE 0 would tell clients there is no limit (RFC 1870).
         return Err("--max-message-size must be more than 0".into());
     }
-    if let Some(h) = &s.hostname {
-        if !h.is_ascii() || !postern_proto::address::is_valid_helo(h) {
-            return Err(format!(
+    // The system's name, the default, is checked like a given one: it goes into the banner,
+    // EHLO and Received, where a space or a line end would break them.
+    let own = s.hostname.is_none();
+    let h = s.hostname.get_or_insert_with(system_hostname);
+    if !h.is_ascii() || !postern_proto::address::is_valid_helo(h) {
+        return Err(if own {
+            format!(
+                "--hostname: the system's name {h:?} is not a host name; give one (an ASCII \
+                 domain such as mx1.example.net)"
+            )
+        } else {
+            format!(
                 "--hostname: {h:?} is not a host name (an ASCII domain such as mx1.example.net)"
-            ));
-        }
+            )
+        });
     }
     if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {
         return Err(format!("--accept-domain: {d:?} is not a domain"));

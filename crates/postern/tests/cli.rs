@@ -775,3 +775,28 @@ fn a_spool_path_that_is_no_directory_gets_advice_that_fits() {
         assert!(!line.contains("create it"), "{line}");
     }
 }
+
+#[test]
+fn a_system_name_that_is_no_host_name_is_refused_like_a_flag() {
+    // In a UTS namespace of its own (root, as CI runs), the system's name holds a space and
+    // a line end: without --hostname it would go into the banner, EHLO and Received as is.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let script = format!(
+        "printf 'bad host\\r\\n554 x' > /proc/sys/kernel/hostname && exec timeout 20 {} serve \
+         --listen 127.0.0.1:0 --cores 1 --hold --spool {}",
+        env!("CARGO_BIN_EXE_postern"),
+        spool.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-u", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--hostname") && err.contains("system's name"),
+        "{err}"
+    );
+}
