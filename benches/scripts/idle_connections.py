@@ -41,8 +41,12 @@ with tempfile.TemporaryDirectory() as spool:
         s.sendall(b"EHLO idle.test\r\n")
     for s in conns:
         buf = b""
-        while not buf.endswith(b"250 SMTPUTF8\r\n"):
-            buf += s.recv(4096)
+        # The EHLO reply ends with its one line that has a space after the code.
+        while not (buf.endswith(b"\r\n") and (buf.startswith(b"250 ") or b"\r\n250 " in buf)):
+            chunk = s.recv(4096)
+            if not chunk:
+                sys.exit("a connection was closed before its EHLO reply")
+            buf += chunk
     after = rss_mib(srv.pid)
     print(f"| idle sessions | postern RSS before | RSS with sessions open | per session |")
     print(f"| --- | --- | --- | --- |")

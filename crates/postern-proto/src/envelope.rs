@@ -140,6 +140,21 @@ impl Envelope {
         self.auth = params.auth.map(|a| self.push(a));
     }
 
+    /// Whether one more recipient keeps the octets of the envelope within `budget`.
+    pub(crate) fn rcpt_fits(
+        &self,
+        path: &ForwardPath<'_>,
+        params: &RcptParams<'_>,
+        budget: usize,
+    ) -> bool {
+        let path = match path {
+            ForwardPath::Postmaster => "Postmaster".len(),
+            ForwardPath::Mailbox(m) => shown_len(m),
+        };
+        let orcpt = params.orcpt.map_or(0, str::len);
+        self.buf.len() + path + orcpt <= budget
+    }
+
     pub(crate) fn push_rcpt(&mut self, path: &ForwardPath<'_>, params: &RcptParams<'_>) {
         let path = match path {
             ForwardPath::Postmaster => self.push("Postmaster"),
@@ -170,4 +185,18 @@ impl Envelope {
             self.buf.truncate(r.path.start);
         }
     }
+}
+
+/// The length of `d` as written, without writing it anywhere.
+fn shown_len(d: impl std::fmt::Display) -> usize {
+    struct Count(usize);
+    impl std::fmt::Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    let _ = std::fmt::Write::write_fmt(&mut n, format_args!("{d}"));
+    n.0
 }

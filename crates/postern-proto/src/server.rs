@@ -23,7 +23,8 @@ use crate::data::DataDecoder;
 use crate::envelope::Envelope;
 use crate::framer::{Frame, LineFramer};
 use crate::limits::{
-    DEFAULT_MAX_ERRORS, DSN_LINE_EXTRA, MAX_COMMAND_LINE, MAX_RCPT_OVERSHOOT, MIN_RECIPIENTS,
+    DEFAULT_MAX_ERRORS, DSN_LINE_EXTRA, ENVELOPE_BYTES_PER_RECIPIENT, MAX_COMMAND_LINE,
+    MAX_RCPT_OVERSHOOT, MIN_ENVELOPE_BYTES, MIN_RECIPIENTS,
 };
 use crate::params::{BodyType, MailParams, RcptParams};
 use crate::reply::{write_reply, write_reply_line, EnhancedCode, StaticReply};
@@ -200,7 +201,9 @@ pub struct ServerConfig {
     pub hostname: String,
     /// Advertised in SIZE and enforced on DATA and BDAT.
     pub max_message_size: u64,
-    /// Recipients per transaction (at least 100, RFC 5321 4.5.3.1.8).
+    /// Recipients per transaction (at least 100, RFC 5321 4.5.3.1.8). The envelope's octets
+    /// are capped at [`ENVELOPE_BYTES_PER_RECIPIENT`] times this, and never below
+    /// [`MIN_ENVELOPE_BYTES`].
     pub max_recipients: usize,
     /// Error replies after which the session is ended with 421.
     pub max_errors: u32,
@@ -800,10 +803,14 @@ impl ServerSession {
             return self.fail(replies::ORCPT_NEEDS_SMTPUTF8);
         }
         let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
-        if self.envelope.recipient_count() >= limit {
+        let budget = limit
+            .saturating_mul(ENVELOPE_BYTES_PER_RECIPIENT)
+            .max(MIN_ENVELOPE_BYTES);
+        let taken = self.envelope.recipient_count();
+        if taken >= limit || !self.envelope.rcpt_fits(&path, &params, budget) {
             // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
             // answer is not held against the session until the overshoot gets absurd.
-            if self.rcpts_tried - limit > MAX_RCPT_OVERSHOOT {
+            if self.rcpts_tried - taken > MAX_RCPT_OVERSHOOT {
                 return self.fail(replies::TOO_MANY_RCPTS);
             }
             if self.envelope.has_recipient(&path) {

@@ -447,6 +447,80 @@ fn a_mailbox_already_taken_is_250_again_at_the_recipient_limit() {
     assert_eq!(o.messages[0].1.len(), 100);
 }
 
+/// `n` recipients of 500 envelope octets each (an 11-octet path and a 489-octet ORCPT),
+/// then `tail`, at the default recipient limit (1000).
+fn with_long_recipients(n: usize, tail: &[&str]) -> support::Outcome {
+    let orcpt = format!("rfc822;{}@mx.test", "o".repeat(489 - 15));
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test>".to_owned(),
+    ];
+    lines.extend((0..n).map(|i| format!("RCPT TO:<r{i:03}@mx.test> ORCPT={orcpt}")));
+    lines.extend(tail.iter().map(|t| (*t).to_owned()));
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 1000,
+        ..(*config()).clone()
+    });
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    run(&cfg, false, &client(&refs), &[])
+}
+
+#[test]
+fn long_recipients_past_the_envelope_budget_are_452() {
+    use postern_proto::limits::ENVELOPE_BYTES_PER_RECIPIENT;
+    // 128 octets per allowed recipient: 1000 allow 128,000 octets, the reverse path included,
+    // which leaves room for 255 of these recipients.
+    let fit = (1000 * ENVELOPE_BYTES_PER_RECIPIENT - "a@b.test".len()) / 500;
+    let o = with_long_recipients(fit + 40, &["DATA", "hi", ".", "NOOP"]);
+    assert_eq!(
+        o.output.matches("250 2.1.5 Ok").count(),
+        fit,
+        "{}",
+        o.output
+    );
+    assert_eq!(
+        o.output.matches("452 4.5.3 Too many recipients").count(),
+        40
+    );
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].1.len(), fit);
+    assert_tail(
+        &o,
+        &[
+            "354 End data with <CR><LF>.<CR><LF>",
+            "250 2.0.0 Ok: queued as Q1",
+            "250 2.0.0 Ok",
+        ],
+    );
+}
+
+#[test]
+fn the_envelope_budget_holds_100_recipients_of_the_longest_form() {
+    // RFC 5321 4.5.3.1.8: 100 recipients whatever their length, here 254-octet mailboxes with
+    // 500-octet ORCPTs, at a recipient limit of 100.
+    let local = "l".repeat(61);
+    let domain = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(61));
+    let orcpt = format!("rfc822;{}", "x".repeat(493));
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test>".to_owned(),
+    ];
+    lines.extend((0..101).map(|i| format!("RCPT TO:<{local}{i:03}@{domain}> ORCPT={orcpt}")));
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 100,
+        ..(*config()).clone()
+    });
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let o = run(&cfg, false, &client(&refs), &[]);
+    assert_eq!(
+        o.output.matches("250 2.1.5 Ok").count(),
+        100,
+        "{}",
+        o.output
+    );
+    assert!(o.output.ends_with("452 4.5.3 Too many recipients\r\n"));
+}
+
 #[test]
 fn an_absurd_recipient_overshoot_counts_as_errors() {
     let o = with_recipients(1200, &[]);

@@ -48,6 +48,47 @@ fn recipient_limit_gives_452() {
 }
 
 #[test]
+fn long_recipients_past_the_envelope_budget_are_452_and_sent_again_later() {
+    // At the default --max-recipients (1000) a transaction keeps 128,000 envelope octets:
+    // 255 recipients of 500 (an 11-octet mailbox, a 489-octet ORCPT) beside the reverse
+    // path. The rest get 452 4.5.3 and come in a second transaction.
+    let mut server = Server::start(&[]);
+    let orcpt = format!("rfc822;{}@mx.test", "o".repeat(489 - 15));
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let mut ids = Vec::new();
+    let mut sent = 0;
+    while sent < 300 {
+        assert_eq!(c.cmd("MAIL FROM:<a@b.test>"), "250 2.1.0 Ok");
+        let batch: String = (sent..300)
+            .map(|i| format!("RCPT TO:<r{i:03}@mx.test> ORCPT={orcpt}\r\n"))
+            .collect();
+        c.send(batch.as_bytes());
+        let replies: Vec<String> = (sent..300).map(|_| c.line()).collect();
+        let taken = replies.iter().take_while(|r| *r == "250 2.1.5 Ok").count();
+        assert!(
+            replies[taken..]
+                .iter()
+                .all(|r| r == "452 4.5.3 Too many recipients"),
+            "{replies:?}"
+        );
+        assert!(taken > 0, "a fresh transaction takes recipients");
+        assert_eq!(c.cmd("DATA"), "354 End data with <CR><LF>.<CR><LF>");
+        ids.push(common::queue_id(&c.cmd("Subject: many\r\n\r\nhi\r\n.")));
+        sent += taken;
+    }
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    assert!(server.terminate().success());
+    let stored = common::spooled(&server.spool);
+    let counts: Vec<usize> = ids
+        .iter()
+        .map(|id| stored.iter().find(|m| &m.0 == id).unwrap().2.len())
+        .collect();
+    assert_eq!(counts, [255, 45]);
+}
+
+#[test]
 fn connections_over_the_per_ip_limit_get_421_at_once() {
     let server = Server::start(&[
         "--max-connections-per-ip",

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""What a session that sends recipients and never a body costs postern in resident memory.
+
+Starts postern (one core, `--hold`, default limits) and, for each kind of envelope below, holds
+N sessions open, each having sent MAIL and a pipelined batch of RCPT commands, then prints the
+growth of postern's VmRSS per session. A fresh server is started for each kind. Loopback only,
+bounded in count and time. Usage, from the workspace root after `cargo build --release`:
+
+    python3 benches/scripts/envelope_memory.py [N]   # N sessions per kind, 200 by default
+"""
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+# (what it is, recipients sent, length of the ORCPT value's padding; None for no ORCPT)
+KINDS = [
+    ("idle after EHLO", 0, None),
+    ("1,000 short recipients", 1000, None),
+    ("1,000 recipients with 440-octet ORCPTs", 1000, 433),
+]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+
+
+def read_reply(f):
+    """Reads one reply and returns its code (the last line's)."""
+    while True:
+        line = f.readline()
+        if not line:
+            sys.exit("the server closed a connection")
+        if line[3:4] != b"-":
+            return line[:3]
+
+
+def measure(count, pad):
+    with tempfile.TemporaryDirectory() as spool:
+        srv = subprocess.Popen(
+            ["./target/release/postern", "serve", "--listen", "127.0.0.1:0", "--spool", spool,
+             "--hostname", "mem.test", "--hold", "--cores", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            port = None
+            for line in srv.stdout:
+                m = re.search(r"smtp listening on 127.0.0.1:(\d+)", line)
+                if m:
+                    port = int(m.group(1))
+                if "ready with" in line:
+                    break
+            before = rss_kib(srv.pid)
+            orcpt = "" if pad is None else " ORCPT=rfc822;" + "o" * pad
+            batch = "".join(f"RCPT TO:<r{i:04}@mem.test>{orcpt}\r\n" for i in range(count))
+            conns, taken = [], 0
+            deadline = time.time() + 120
+            for _ in range(N):
+                if time.time() > deadline:
+                    break
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                f = s.makefile("rb")
+                read_reply(f)
+                s.sendall(b"EHLO client.test\r\n")
+                read_reply(f)
+                if count:
+                    s.sendall(b"MAIL FROM:<a@b.test>\r\n")
+                    read_reply(f)
+                    s.sendall(batch.encode())
+                    taken = sum(read_reply(f) == b"250" for _ in range(count))
+                conns.append((s, f))
+            after = rss_kib(srv.pid)
+            for s, _ in conns:
+                s.close()
+            return len(conns), taken, (after - before) / max(1, len(conns))
+        finally:
+            srv.terminate()
+            srv.wait(timeout=30)
+
+
+print("| sessions | envelope | recipients taken (last session) | RSS growth per session |")
+print("| --- | --- | --- | --- |")
+for name, count, pad in KINDS:
+    n, taken, per = measure(count, pad)
+    print(f"| {n} | {name} | {taken} | {per:.0f} KiB |")
