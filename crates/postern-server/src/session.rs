@@ -288,13 +288,27 @@ impl Session {
         // 421 among them) may still reach a client that reads slowly.
         let closing = (self.deadline + CLOSING_WRITE).saturating_duration_since(Instant::now());
         let limit = self.core.settings.command_timeout.min(closing);
+        // A stop gives a write that waits 1 s more, as it gives a read none: outside a
+        // message from the stop, inside one from the end of the grace. A client that never
+        // reads would otherwise hold the stop for the whole grace.
+        let core = self.core.clone();
+        let stoppable = !self.proto.in_message();
         let conn = &mut self.conn;
         let write = async { conn.write_all(out).await.is_ok() && conn.flush().await.is_ok() };
         let expire = async {
             glommio::timer::sleep(limit).await;
             false
         };
-        let ok = future::or(write, expire).await;
+        let stop = async {
+            if stoppable {
+                core.stopped().await;
+            } else {
+                core.grace_ended().await;
+            }
+            glommio::timer::sleep(CLOSING_WRITE).await;
+            false
+        };
+        let ok = future::or(write, future::or(expire, stop)).await;
         self.proto.clear_output();
         if let Some(at) = self.eod_at.take() {
             CoreMetrics::record(

@@ -206,3 +206,45 @@ fn no_transaction_starts_once_the_stop_is_asked_for() {
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].0, id);
 }
+
+#[test]
+fn a_client_that_never_reads_its_replies_does_not_hold_the_stop() {
+    // It pipelines commands and reads nothing: the server's writes wait on a full socket. It
+    // has no transaction in flight, so the stop ends it after a short last write, long
+    // before the grace (or the command timeout) would.
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let mut server = Server::start(&["--cores", "1", "--shutdown-grace", "60s"]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.smtp.into()).unwrap();
+    let mut tcp = TcpStream::from(socket);
+    tcp.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let batch = "NOOP\r\n".repeat(10_000);
+    // Until the server stops reading, which it does only while its own write waits: a write
+    // that cannot finish in 2 s. Bounded at 256 MiB.
+    let mut stalled = false;
+    for _ in 0..(256 << 20) / batch.len() {
+        if tcp.write_all(batch.as_bytes()).is_err() {
+            stalled = true;
+            break;
+        }
+    }
+    assert!(
+        stalled,
+        "the server read everything without its replies being read"
+    );
+    let asked = Instant::now();
+    server.signal("-TERM");
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(15),
+            "the stop waited for the client that does not read"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
