@@ -21,37 +21,39 @@ with tempfile.TemporaryDirectory() as spool:
          "--hostname", "idle.test", "--hold", "--max-connections", str(N + 100),
          "--max-connections-per-ip", str(N + 100)],
         stdout=subprocess.PIPE, text=True)
-    port = None
-    for line in srv.stdout:
-        m = re.search(r"smtp listening on 127.0.0.1:(\d+)", line)
-        if m:
-            port = int(m.group(1))
-        if "ready with" in line:
-            break
-    before = rss_mib(srv.pid)
-    conns = []
-    deadline = time.time() + 120
-    for i in range(N):
-        if time.time() > deadline:
-            break
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        conns.append(s)
-    for s in conns:
-        s.recv(512)
-        s.sendall(b"EHLO idle.test\r\n")
-    for s in conns:
-        buf = b""
-        # The EHLO reply ends with its one line that has a space after the code.
-        while not (buf.endswith(b"\r\n") and (buf.startswith(b"250 ") or b"\r\n250 " in buf)):
-            chunk = s.recv(4096)
-            if not chunk:
-                sys.exit("a connection was closed before its EHLO reply")
-            buf += chunk
-    after = rss_mib(srv.pid)
-    print(f"| idle sessions | postern RSS before | RSS with sessions open | per session |")
-    print(f"| --- | --- | --- | --- |")
-    print(f"| {len(conns)} | {before:.1f} MiB | {after:.1f} MiB | {(after - before) * 1024 / max(1, len(conns)):.1f} KiB |")
-    for s in conns:
-        s.close()
-    srv.terminate()
-    srv.wait(timeout=30)
+    try:
+        port = None
+        for line in srv.stdout:
+            m = re.search(r"smtp listening on 127.0.0.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+            if "ready with" in line:
+                break
+        before = rss_mib(srv.pid)
+        conns = []
+        deadline = time.time() + 120
+        for i in range(N):
+            if time.time() > deadline:
+                break
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conns.append(s)
+        for s in conns:
+            s.recv(512)
+            s.sendall(b"EHLO idle.test\r\n")
+        for s in conns:
+            buf = b""
+            # The EHLO reply ends with its one line that has a space after the code.
+            while not (buf.endswith(b"\r\n") and (buf.startswith(b"250 ") or b"\r\n250 " in buf)):
+                chunk = s.recv(4096)
+                if not chunk:
+                    sys.exit("a connection was closed before its EHLO reply")
+                buf += chunk
+        after = rss_mib(srv.pid)
+        print(f"| idle sessions | postern RSS before | RSS with sessions open | per session |")
+        print(f"| --- | --- | --- | --- |")
+        print(f"| {len(conns)} | {before:.1f} MiB | {after:.1f} MiB | {(after - before) * 1024 / max(1, len(conns)):.1f} KiB |")
+        for s in conns:
+            s.close()
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)

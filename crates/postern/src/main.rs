@@ -77,11 +77,17 @@ fn main() -> ExitCode {
     let signals = signals.unwrap_or_else(|| {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
     });
-    let settings = config.server;
+    let mut settings = config.server;
     let cores = settings.cores;
-    if let Err(e) = check_open_file_limit(settings.max_connections, cores) {
-        complain!("postern: cannot start: {e}");
-        return ExitCode::from(1);
+    match check_open_file_limit(settings.max_connections, cores) {
+        Ok(cap) => {
+            settings.max_connections = cap;
+            settings.max_connections_per_ip = settings.max_connections_per_ip.min(cap);
+        }
+        Err(e) => {
+            complain!("postern: cannot start: {e}");
+            return ExitCode::from(1);
+        }
     }
     if let Err(e) = probe::io_uring() {
         complain!("postern: cannot start: {}", probe::advice(&e));
@@ -333,10 +339,22 @@ const OPEN_FILE_HEADROOM: u64 = 1024;
 const OPEN_FILES_PER_CORE: u64 = 16;
 const OPEN_FILES_BASE: u64 = 64;
 
-/// Raises the soft open-file limit to the hard one, and says so when even that leaves too
-/// few descriptors for `--max-connections`. A limit too low for the cores to start at all is
-/// an error (naming the limit, rather than whichever descriptor happens to fail first).
-fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(), String> {
+/// The connections an open-file limit of `limit` holds with room left for the spool and
+/// delivery: all but [`OPEN_FILE_HEADROOM`], and never less than half.
+fn connections_within(limit: u64) -> usize {
+    let cap = limit
+        .saturating_sub(OPEN_FILE_HEADROOM)
+        .max(limit / 2)
+        .max(1);
+    usize::try_from(cap).unwrap_or(usize::MAX)
+}
+
+/// Raises the soft open-file limit to the hard one and returns the connection limit to use:
+/// `--max-connections`, or less where even the hard limit leaves too few descriptors for it
+/// and for the spool and delivery (said in a warning). A limit too low for the cores to start
+/// at all is an error (naming the limit, rather than whichever descriptor happens to fail
+/// first).
+fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<usize, String> {
     match postern_server::raise_open_file_limit() {
         Ok(limit) => {
             let least = OPEN_FILES_BASE + OPEN_FILES_PER_CORE * cores as u64;
@@ -357,17 +375,23 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(), Str
             }
             let wanted = max_connections as u64 + OPEN_FILE_HEADROOM;
             if let Some(now) = limit.now.filter(|&n| n < wanted) {
+                let cap = connections_within(now);
                 tracing::warn!(
                     "the open-file limit ({now}) is below --max-connections ({max_connections}) \
-                     plus {OPEN_FILE_HEADROOM} for the spool and delivery: connections past it \
-                     wait in the kernel's queue until others close; raise it with `ulimit -n` \
-                     or LimitNOFILE= in the systemd unit, or lower --max-connections"
+                     plus {OPEN_FILE_HEADROOM} for the spool and delivery: connections are \
+                     capped at {cap}, so that idle ones cannot take the descriptors mail needs, \
+                     and those past it get 421 4.3.2; raise it with `ulimit -n` or \
+                     LimitNOFILE= in the systemd unit, or lower --max-connections"
                 );
+                return Ok(cap);
             }
+            Ok(max_connections)
         }
-        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+        Err(e) => {
+            tracing::warn!("cannot raise the open-file limit: {e}");
+            Ok(max_connections)
+        }
     }
-    Ok(())
 }
 
 /// Folded core directories that could not be deleted: their mail was moved, the operator may

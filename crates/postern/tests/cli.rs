@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::TcpStream;
 use std::process::Command;
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -452,6 +453,90 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_short_one_is_named() {
     let (now, log) = open_file_limit_under(1024, 4096, &["--max-connections", "1000"]);
     assert_eq!(now, 4096, "{log}");
     assert!(!log.contains("below --max-connections"), "{log}");
+}
+
+#[test]
+fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
+    // 400 descriptors cannot hold 20,000 connections and the spool's: connections are capped
+    // at half of them, the rest get 421 4.3.2 at once, and mail still goes through a session
+    // when every place is taken.
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut child = common::KillOnDrop(
+        Command::new("prlimit")
+            .arg("--nofile=400:400")
+            .arg(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--cores", "1"])
+            .args(["--hostname", "mx.test", "--spool"])
+            .arg(&spool)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut port = None;
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines().map_while(Result::ok) {
+        if let Some(p) = line.rsplit_once("127.0.0.1:").map(|(_, p)| p.to_owned()) {
+            port = p.trim().parse::<u16>().ok().or(port);
+        }
+        if line.contains("ready with") {
+            break;
+        }
+    }
+    // The warning comes before "ready"; the log is read on a thread so that its absence
+    // fails the test instead of leaving it waiting on a running server.
+    let log = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let warning = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("no warning about the open-file limit");
+        if line.contains("open-file limit (") {
+            break line;
+        }
+    };
+    assert!(
+        warning.contains("(400) is below --max-connections (20000)")
+            && warning.contains("connections are capped at 200"),
+        "{warning}"
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port.unwrap()));
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let tcp = TcpStream::connect(addr).unwrap();
+        let mut r = BufReader::new(tcp.try_clone().unwrap());
+        let mut banner = String::new();
+        r.read_line(&mut banner).unwrap();
+        assert!(banner.starts_with("220 "), "{banner}");
+        held.push((tcp, r));
+    }
+    let over = TcpStream::connect(addr).unwrap();
+    let mut reply = String::new();
+    BufReader::new(over).read_line(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("421 4.3.2 mx.test Too many connections"),
+        "{reply}"
+    );
+    let (tcp, r) = &mut held[0];
+    tcp.write_all(
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nhi\r\n.\r\n",
+    )
+    .unwrap();
+    let mut last = String::new();
+    while !last.starts_with("250 2.0.0 Ok: queued") {
+        last.clear();
+        assert!(r.read_line(&mut last).unwrap() > 0, "closed");
+        assert!(!last.starts_with('4') && !last.starts_with('5'), "{last}");
+    }
 }
 
 #[test]
