@@ -354,23 +354,30 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
     Ok(Some(Job::Serve(Box::new(Config { server, relay }))))
 }
 
-/// Adds which environment variable a wrong value came from, when the flag it names was not on
-/// the command line and its `POSTERN_<NAME>` is set.
+/// Adds which environment variables the values behind a message came from: each flag it
+/// names that was not on the command line and whose `POSTERN_<NAME>` is set (a clash between
+/// two flags may have either, or both, from there).
 fn with_env_source(line: String) -> String {
-    let Some(flag) = line
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-        .find(|w| w.starts_with("--") && w.len() > 2)
-    else {
-        return line;
-    };
-    let on_command_line = std::env::args_os()
+    let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
-        .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
-    let var = format!("POSTERN_{}", flag[2..].replace('-', "_").to_uppercase());
-    if on_command_line || std::env::var_os(&var).is_none() {
+        .collect();
+    let mut vars: Vec<String> = Vec::new();
+    for flag in line
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+    {
+        let on_command_line = args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        let var = format!("POSTERN_{}", flag[2..].replace('-', "_").to_uppercase());
+        if !on_command_line && std::env::var_os(&var).is_some() && !vars.contains(&var) {
+            vars.push(var);
+        }
+    }
+    if vars.is_empty() {
         return line;
     }
-    format!("{line} (from {var})")
+    format!("{line} (from {})", vars.join(", "))
 }
 
 /// Which argument, flag value or `POSTERN_*` variable is not UTF-8 (clap's error names none).

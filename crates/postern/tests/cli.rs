@@ -260,6 +260,15 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         assert_eq!(code, Some(2), "{err}");
         assert!(err.contains(flag) && err.contains(var), "{var}: {err}");
     }
+    // A clash names the variable behind the second flag it names too.
+    let (code, err) = serve_with_env(&[], "POSTERN_RETRY_INITIAL", "2h");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--retry-initial") && err.contains("(from POSTERN_RETRY_INITIAL)"),
+        "{err}"
+    );
+    let (_, err) = serve_with_env(&["--retry-max", "30m"], "POSTERN_RETRY_INITIAL", "2h");
+    assert!(err.contains("(from POSTERN_RETRY_INITIAL)"), "{err}");
 }
 
 /// `postern serve` with `args` and the variable `var` set to `value`, run to its end: the
