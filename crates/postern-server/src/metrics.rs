@@ -178,15 +178,27 @@ impl Registry {
 
     /// The sum of all cores' last published copies.
     pub fn merged(&self) -> CoreMetrics {
+        self.merged_with_connections().0
+    }
+
+    /// The sum of all cores' last published copies, and each core's connections from the
+    /// same copies (a core may publish between two reads: one read of each keeps the total
+    /// and its parts in agreement).
+    fn merged_with_connections(&self) -> (CoreMetrics, Vec<u64>) {
         let mut total = CoreMetrics::default();
+        let mut each = Vec::new();
         if let Ok(cores) = self.cores.lock() {
             for core in cores.iter() {
-                if let Ok(m) = core.lock() {
-                    total.merge(&m);
+                match core.lock() {
+                    Ok(m) => {
+                        total.merge(&m);
+                        each.push(m.connections);
+                    }
+                    Err(_) => each.push(0),
                 }
             }
         }
-        total
+        (total, each)
     }
 
     /// How many cores refuse new transactions now (as last published), without merging the
@@ -202,17 +214,15 @@ impl Registry {
 
     /// The Prometheus text exposition of the merged figures, plus connections per core.
     pub fn render(&self) -> String {
-        let mut out = render(&self.merged());
+        let (total, each) = self.merged_with_connections();
+        let mut out = render(&total);
         let _ = writeln!(
             out,
             "# HELP postern_core_connections_total Connections accepted, by core."
         );
         let _ = writeln!(out, "# TYPE postern_core_connections_total counter");
-        if let Ok(cores) = self.cores.lock() {
-            for (i, core) in cores.iter().enumerate() {
-                let n = core.lock().map_or(0, |m| m.connections);
-                let _ = writeln!(out, "postern_core_connections_total{{core=\"{i}\"}} {n}");
-            }
+        for (i, n) in each.iter().enumerate() {
+            let _ = writeln!(out, "postern_core_connections_total{{core=\"{i}\"}} {n}");
         }
         render_scalar(
             &mut out,
@@ -410,6 +420,52 @@ pub fn render(m: &CoreMetrics) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `postern_connections_total` and the sum of `postern_core_connections_total` in `text`.
+    fn connections_and_their_parts(text: &str) -> (u64, u64) {
+        let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+        let total = text
+            .lines()
+            .find(|l| l.starts_with("postern_connections_total "))
+            .map(value)
+            .unwrap();
+        let parts = text
+            .lines()
+            .filter(|l| l.starts_with("postern_core_connections_total{"))
+            .map(value)
+            .sum();
+        (total, parts)
+    }
+
+    #[test]
+    fn the_connection_total_and_its_parts_come_from_the_same_copies() {
+        // Two cores publish all along while the scrapes run: each scrape's total must be the
+        // sum of the parts it shows.
+        let registry = Registry::default();
+        let slots = [registry.slot(), registry.slot()];
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publisher = {
+            let (slots, stop) = (slots.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 50_000_000 {
+                    n += 1;
+                    for slot in &slots {
+                        slot.lock().unwrap().connections = n;
+                    }
+                }
+            })
+        };
+        let mut moved = 0;
+        for _ in 0..300 {
+            let (total, parts) = connections_and_their_parts(&registry.render());
+            assert_eq!(total, parts, "a scrape disagrees with itself");
+            moved += u64::from(total > 0);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        publisher.join().unwrap();
+        assert!(moved > 0, "nothing was published during the scrapes");
+    }
 
     #[test]
     fn merge_and_render() {
