@@ -160,7 +160,8 @@ struct Serve {
     #[arg(long, env = "POSTERN_DNS_SERVER")]
     dns_server: Option<String>,
     /// The TCP port of MX hosts (25 on the Internet; another value only in labs and tests).
-    #[arg(long, env = "POSTERN_MX_PORT", default_value_t = 25)]
+    #[arg(long, env = "POSTERN_MX_PORT", default_value_t = 25,
+          value_parser = clap::value_parser!(u16).range(1..))]
     mx_port: u16,
     /// First retry delay after a temporary failure; it doubles with each failure.
     #[arg(long, env = "POSTERN_RETRY_INITIAL", default_value = "5m", value_parser = parse_duration)]
@@ -458,9 +459,6 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         .outbound_tls
         .parse()
         .map_err(|e| format!("--outbound-tls: {e}"))?;
-    if s.mx_port == 0 {
-        return Err("--mx-port must be more than 0".into());
-    }
     if s.max_connections_per_destination == 0 {
         return Err("--max-connections-per-destination must be at least 1".into());
     }
@@ -481,6 +479,14 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         if d.is_zero() {
             return Err(format!("{flag} must be more than 0"));
         }
+    }
+    // A warning due at or after the message is returned would never be sent.
+    if s.delay_warning.is_some_and(|w| w >= s.max_queue_lifetime) {
+        return Err(
+            "--delay-warning must be shorter than --max-queue-lifetime (the message is \
+             returned to its sender before the warning would be due)"
+                .into(),
+        );
     }
     // Below this, every attempt is retried in a storm of attempts, log lines and status
     // records (short values are for tests).
@@ -635,6 +641,19 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
                 "--hostname: {h:?} is not a host name (an ASCII domain such as mx1.example.net)"
             )
         });
+    }
+    // A name of digits and dots is an IPv4 address to every client, not a host name (RFC
+    // 5321 2.3.5: an address is written as a literal in brackets).
+    if h.parse::<std::net::IpAddr>().is_ok()
+        || h.trim_end_matches('.')
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'.')
+    {
+        let whose = if own { "the system's name " } else { "" };
+        return Err(format!(
+            "--hostname: {whose}{h:?} is an IP address, not a host name; give a name (an \
+             ASCII domain such as mx1.example.net)"
+        ));
     }
     if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {
         return Err(format!("--accept-domain: {d:?} is not a domain"));

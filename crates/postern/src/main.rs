@@ -162,6 +162,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    for net in settings
+        .relay_networks
+        .iter()
+        .filter(|n| n.prefix_len() == 0)
+    {
+        tracing::warn!(
+            "--relay-network {net} takes in every {} client: this server relays mail from \
+             anyone to anywhere (an open relay); name the clients' own networks instead",
+            if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
+        );
+    }
     let mut relay_handle = None;
     let delivery = match config.relay {
         None => {

@@ -109,6 +109,25 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--max-queue-lifetime", "0s"],
         "--max-queue-lifetime",
     );
+    // A warning that would come after the message is returned; an address for a name; a
+    // port out of range is worded as port 0 is.
+    refused(
+        &[
+            "serve",
+            "--delay-warning",
+            "5days",
+            "--max-queue-lifetime",
+            "5days",
+        ],
+        "--delay-warning must be shorter than --max-queue-lifetime",
+    );
+    refused(&["serve", "--hostname", "127.0.0.1"], "is an IP address");
+    refused(&["serve", "--hostname", "1.2.3"], "is an IP address");
+    refused(&["serve", "--mx-port", "0"], "0 is not in 1..=65535");
+    refused(
+        &["serve", "--mx-port", "70000"],
+        "70000 is not in 1..=65535",
+    );
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
 }
@@ -546,6 +565,20 @@ fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
         assert!(r.read_line(&mut last).unwrap() > 0, "closed");
         assert!(!last.starts_with('4') && !last.starts_with('5'), "{last}");
     }
+}
+
+#[test]
+fn a_relay_network_of_everyone_is_warned_about() {
+    let server = common::Server::start(&["--relay-network", "127.0.0.0/8,0.0.0.0/0"]);
+    let line = server.log_until(|l| l.contains("open relay"));
+    assert!(
+        line.contains("WARN") && line.contains("--relay-network 0.0.0.0/0"),
+        "{line}"
+    );
+    // The warning comes before the line about --hold, or not at all.
+    let quiet = common::Server::start(&["--relay-network", "127.0.0.0/8,10.0.0.0/8"]);
+    let first = quiet.log_until(|l| l.contains("--hold") || l.contains("open relay"));
+    assert!(first.contains("--hold"), "{first}");
 }
 
 #[test]
