@@ -8,12 +8,14 @@ bounded in count and time. Usage, from the workspace root after `cargo build --r
 
     python3 benches/scripts/envelope_memory.py [N]   # N sessions per kind, 200 by default
 """
-import re
+import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serving  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
 # (what it is, recipients sent, length of the ORCPT value's padding; None for no ORCPT)
@@ -22,11 +24,6 @@ KINDS = [
     ("1,000 short recipients", 1000, None),
     ("1,000 recipients with 440-octet ORCPTs", 1000, 433),
 ]
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
 
 
 def read_reply(f):
@@ -41,19 +38,9 @@ def read_reply(f):
 
 def measure(count, pad):
     with tempfile.TemporaryDirectory() as spool:
-        srv = subprocess.Popen(
-            ["./target/release/postern", "serve", "--listen", "127.0.0.1:0", "--spool", spool,
-             "--hostname", "mem.test", "--hold", "--cores", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        srv, port = serving.start(spool, "--hostname", "mem.test", "--cores", "1", quiet=True)
         try:
-            port = None
-            for line in srv.stdout:
-                m = re.search(r"smtp listening on 127.0.0.1:(\d+)", line)
-                if m:
-                    port = int(m.group(1))
-                if "ready with" in line:
-                    break
-            before = rss_kib(srv.pid)
+            before = serving.rss_kib(srv.pid)
             orcpt = "" if pad is None else " ORCPT=rfc822;" + "o" * pad
             batch = "".join(f"RCPT TO:<r{i:04}@mem.test>{orcpt}\r\n" for i in range(count))
             conns, taken = [], 0
@@ -72,7 +59,7 @@ def measure(count, pad):
                     s.sendall(batch.encode())
                     taken = sum(read_reply(f) == b"250" for _ in range(count))
                 conns.append((s, f))
-            after = rss_kib(srv.pid)
+            after = serving.rss_kib(srv.pid)
             for s, _ in conns:
                 s.close()
             return len(conns), taken, (after - before) / max(1, len(conns))

@@ -5,30 +5,22 @@ bounded in count and time. Usage, from the workspace root after `cargo build --r
 
     python3 benches/scripts/idle_connections.py [N]
 """
-import os, re, resource, socket, subprocess, sys, tempfile, time
+import os, resource, socket, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serving
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, N + 1024)), hard))
 
 def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
+    return serving.rss_kib(pid) / 1024
 
 with tempfile.TemporaryDirectory() as spool:
-    srv = subprocess.Popen(
-        ["./target/release/postern", "serve", "--listen", "127.0.0.1:0", "--spool", spool,
-         "--hostname", "idle.test", "--hold", "--max-connections", str(N + 100),
-         "--max-connections-per-ip", str(N + 100)],
-        stdout=subprocess.PIPE, text=True)
+    srv, port = serving.start(spool, "--hostname", "idle.test", "--max-connections",
+                              str(N + 100), "--max-connections-per-ip", str(N + 100))
     try:
-        port = None
-        for line in srv.stdout:
-            m = re.search(r"smtp listening on 127.0.0.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-            if "ready with" in line:
-                break
         before = rss_mib(srv.pid)
         conns = []
         deadline = time.time() + 120

@@ -380,20 +380,30 @@ fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
     }
 }
 
-/// One transaction of `n` recipients, then `tail`, against a limit of 100 recipients.
-fn with_recipients(n: usize, tail: &[&str]) -> support::Outcome {
+/// One transaction with these RCPT command lines, then `tail`, against a limit of `limit`
+/// recipients.
+fn with_rcpt_lines(
+    rcpts: impl Iterator<Item = String>,
+    limit: usize,
+    tail: &[&str],
+) -> support::Outcome {
     let mut lines = vec![
         "EHLO client.test".to_owned(),
         "MAIL FROM:<a@b.test>".to_owned(),
     ];
-    lines.extend((0..n).map(|i| format!("RCPT TO:<r{i}@mx.test>")));
+    lines.extend(rcpts);
     lines.extend(tail.iter().map(|t| (*t).to_owned()));
     let cfg = Arc::new(ServerConfig {
-        max_recipients: 100,
+        max_recipients: limit,
         ..(*config()).clone()
     });
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     run(&cfg, false, &client(&refs), &[])
+}
+
+/// One transaction of `n` recipients, then `tail`, against a limit of 100 recipients.
+fn with_recipients(n: usize, tail: &[&str]) -> support::Outcome {
+    with_rcpt_lines((0..n).map(|i| format!("RCPT TO:<r{i}@mx.test>")), 100, tail)
 }
 
 #[test]
@@ -451,18 +461,8 @@ fn a_mailbox_already_taken_is_250_again_at_the_recipient_limit() {
 /// then `tail`, at the default recipient limit (1000).
 fn with_long_recipients(n: usize, tail: &[&str]) -> support::Outcome {
     let orcpt = format!("rfc822;{}@mx.test", "o".repeat(489 - 15));
-    let mut lines = vec![
-        "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test>".to_owned(),
-    ];
-    lines.extend((0..n).map(|i| format!("RCPT TO:<r{i:03}@mx.test> ORCPT={orcpt}")));
-    lines.extend(tail.iter().map(|t| (*t).to_owned()));
-    let cfg = Arc::new(ServerConfig {
-        max_recipients: 1000,
-        ..(*config()).clone()
-    });
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    run(&cfg, false, &client(&refs), &[])
+    let rcpts = (0..n).map(|i| format!("RCPT TO:<r{i:03}@mx.test> ORCPT={orcpt}"));
+    with_rcpt_lines(rcpts, 1000, tail)
 }
 
 #[test]
@@ -501,17 +501,8 @@ fn the_envelope_budget_holds_100_recipients_of_the_longest_form() {
     let local = "l".repeat(61);
     let domain = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(61));
     let orcpt = format!("rfc822;{}", "x".repeat(493));
-    let mut lines = vec![
-        "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test>".to_owned(),
-    ];
-    lines.extend((0..101).map(|i| format!("RCPT TO:<{local}{i:03}@{domain}> ORCPT={orcpt}")));
-    let cfg = Arc::new(ServerConfig {
-        max_recipients: 100,
-        ..(*config()).clone()
-    });
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let o = run(&cfg, false, &client(&refs), &[]);
+    let rcpts = (0..101).map(|i| format!("RCPT TO:<{local}{i:03}@{domain}> ORCPT={orcpt}"));
+    let o = with_rcpt_lines(rcpts, 100, &[]);
     assert_eq!(
         o.output.matches("250 2.1.5 Ok").count(),
         100,

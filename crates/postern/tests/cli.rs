@@ -366,7 +366,6 @@ fn an_unwritable_spool_is_a_clear_start_up_error() {
 
 #[test]
 fn log_lines_written_to_a_pipe_are_plain_text() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let mut child = common::KillOnDrop(
@@ -377,23 +376,8 @@ fn log_lines_written_to_a_pipe_are_plain_text() {
             .spawn()
             .unwrap(),
     );
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let line = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("postern logs that it holds mail");
-        if line.contains("--hold") {
-            break line;
-        }
-    };
+    let log = log_lines(child.stderr.take().unwrap());
+    let line = first_logged(&log, "--hold");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(line.contains("INFO"), "{line}");
@@ -420,24 +404,61 @@ fn a_spool_with_something_odd_in_it_is_a_start_up_error_naming_it() {
     assert!(err.contains(&odd.display().to_string()), "{err}");
 }
 
-/// Starts `postern serve --hold` under `prlimit --nofile=SOFT:HARD` with `extra` flags;
-/// returns the soft open-file limit the running server has and what it logged up to "ready".
-fn open_file_limit_under(soft: u64, hard: u64, extra: &[&str]) -> (u64, String) {
+/// Hands each line postern logs to the receiver, read on a thread so that a line that never
+/// comes fails the test (at `first_logged`) instead of leaving it waiting on a live server.
+fn log_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
     use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let mut child = common::KillOnDrop(
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line from `log_lines` that has `what` in it, waiting at most 30 s.
+fn first_logged(rx: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
+    loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("postern never logged {what:?}"));
+        if line.contains(what) {
+            return line;
+        }
+    }
+}
+
+/// `postern serve --hold` on a fresh spool in `dir` under `prlimit --nofile=SOFT:HARD`, with
+/// `extra` flags, its stdout and stderr piped.
+fn serve_under_prlimit(
+    soft: u64,
+    hard: u64,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> common::KillOnDrop {
+    common::KillOnDrop(
         Command::new("prlimit")
             .arg(format!("--nofile={soft}:{hard}"))
             .arg(env!("CARGO_BIN_EXE_postern"))
             .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
-            .arg(&spool)
+            .arg(dir.join("spool"))
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
-    );
+    )
+}
+
+/// Starts `postern serve --hold` under `prlimit --nofile=SOFT:HARD` with `extra` flags;
+/// returns the soft open-file limit the running server has and what it logged up to "ready".
+fn open_file_limit_under(soft: u64, hard: u64, extra: &[&str]) -> (u64, String) {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = serve_under_prlimit(soft, hard, dir.path(), extra);
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let stderr = child.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
@@ -490,19 +511,8 @@ fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
     // when every place is taken.
     use std::io::{BufRead, BufReader, Write};
     let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let mut child = common::KillOnDrop(
-        Command::new("prlimit")
-            .arg("--nofile=400:400")
-            .arg(env!("CARGO_BIN_EXE_postern"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--cores", "1"])
-            .args(["--hostname", "mx.test", "--spool"])
-            .arg(&spool)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let flags = ["--cores", "1", "--hostname", "mx.test"];
+    let mut child = serve_under_prlimit(400, 400, dir.path(), &flags);
     let mut port = None;
     let stdout = BufReader::new(child.stdout.take().unwrap());
     for line in stdout.lines().map_while(Result::ok) {
@@ -513,25 +523,9 @@ fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
             break;
         }
     }
-    // The warning comes before "ready"; the log is read on a thread so that its absence
-    // fails the test instead of leaving it waiting on a running server.
-    let log = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in log.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let warning = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("no warning about the open-file limit");
-        if line.contains("open-file limit (") {
-            break line;
-        }
-    };
+    // The warning comes before "ready".
+    let log = log_lines(child.stderr.take().unwrap());
+    let warning = first_logged(&log, "open-file limit (");
     assert!(
         warning.contains("(400) is below --max-connections (20000)")
             && warning.contains("connections are capped at 200"),
