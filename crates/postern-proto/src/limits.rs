@@ -28,9 +28,11 @@ pub const MIN_RECIPIENTS: usize = 100;
 /// Past the budget RCPT is answered like past the recipient limit, so that a session's
 /// memory does not grow with the length of what it is sent.
 pub const ENVELOPE_BYTES_PER_RECIPIENT: usize = 128;
-/// The least envelope budget: room for [`MIN_RECIPIENTS`] recipients of the longest form,
-/// each with the longest ORCPT (RFC 5321 4.5.3.1.8 asks for 100 whatever their length).
-pub const MIN_ENVELOPE_BYTES: usize = MIN_RECIPIENTS * (MAX_PATH + MAX_ORCPT);
+/// The least envelope budget: room for the longest reverse path and ENVID and
+/// [`MIN_RECIPIENTS`] recipients of the longest form, each with the longest ORCPT (RFC 5321
+/// 4.5.3.1.8 asks for 100 whatever their length).
+pub const MIN_ENVELOPE_BYTES: usize =
+    MAX_PATH + MAX_ENVID + MIN_RECIPIENTS * (MAX_PATH + MAX_ORCPT);
 /// Longest ENVID value (RFC 3461 4.4).
 pub const MAX_ENVID: usize = 100;
 /// Longest ORCPT value (RFC 3461 4.2).

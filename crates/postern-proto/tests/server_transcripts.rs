@@ -380,17 +380,15 @@ fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
     }
 }
 
-/// One transaction with these RCPT command lines, then `tail`, against a limit of `limit`
-/// recipients.
+/// One transaction from `mail` with these RCPT command lines, then `tail`, against a limit
+/// of `limit` recipients.
 fn with_rcpt_lines(
+    mail: &str,
     rcpts: impl Iterator<Item = String>,
     limit: usize,
     tail: &[&str],
 ) -> support::Outcome {
-    let mut lines = vec![
-        "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test>".to_owned(),
-    ];
+    let mut lines = vec!["EHLO client.test".to_owned(), mail.to_owned()];
     lines.extend(rcpts);
     lines.extend(tail.iter().map(|t| (*t).to_owned()));
     let cfg = Arc::new(ServerConfig {
@@ -403,7 +401,8 @@ fn with_rcpt_lines(
 
 /// One transaction of `n` recipients, then `tail`, against a limit of 100 recipients.
 fn with_recipients(n: usize, tail: &[&str]) -> support::Outcome {
-    with_rcpt_lines((0..n).map(|i| format!("RCPT TO:<r{i}@mx.test>")), 100, tail)
+    let rcpts = (0..n).map(|i| format!("RCPT TO:<r{i}@mx.test>"));
+    with_rcpt_lines("MAIL FROM:<a@b.test>", rcpts, 100, tail)
 }
 
 #[test]
@@ -457,12 +456,23 @@ fn a_mailbox_already_taken_is_250_again_at_the_recipient_limit() {
     assert_eq!(o.messages[0].1.len(), 100);
 }
 
-/// `n` recipients of 500 envelope octets each (an 11-octet path and a 489-octet ORCPT),
-/// then `tail`, at the default recipient limit (1000).
+/// The mailbox and ORCPT of the `i`th recipient of `with_long_recipients`: 500 envelope
+/// octets together.
+fn long_recipient(i: usize) -> (String, String) {
+    let mailbox = format!("r{i:03}@mx.test");
+    let orcpt = format!("rfc822;{}@mx.test", "o".repeat(500 - mailbox.len() - 15));
+    assert_eq!(mailbox.len() + orcpt.len(), 500);
+    (mailbox, orcpt)
+}
+
+/// `n` recipients of 500 envelope octets each, then `tail`, at the default recipient limit
+/// (1000).
 fn with_long_recipients(n: usize, tail: &[&str]) -> support::Outcome {
-    let orcpt = format!("rfc822;{}@mx.test", "o".repeat(489 - 15));
-    let rcpts = (0..n).map(|i| format!("RCPT TO:<r{i:03}@mx.test> ORCPT={orcpt}"));
-    with_rcpt_lines(rcpts, 1000, tail)
+    let rcpts = (0..n).map(|i| {
+        let (mailbox, orcpt) = long_recipient(i);
+        format!("RCPT TO:<{mailbox}> ORCPT={orcpt}")
+    });
+    with_rcpt_lines("MAIL FROM:<a@b.test>", rcpts, 1000, tail)
 }
 
 #[test]
@@ -497,12 +507,24 @@ fn long_recipients_past_the_envelope_budget_are_452() {
 #[test]
 fn the_envelope_budget_holds_100_recipients_of_the_longest_form() {
     // RFC 5321 4.5.3.1.8: 100 recipients whatever their length, here 254-octet mailboxes with
-    // 500-octet ORCPTs, at a recipient limit of 100.
-    let local = "l".repeat(61);
+    // 500-octet ORCPTs, from a 254-octet reverse path with a 100-octet ENVID, at a recipient
+    // limit of 100.
     let domain = format!("{}.{}.{}", "a".repeat(63), "b".repeat(63), "c".repeat(61));
+    let mailbox = |local: &str| {
+        let m = format!("{local}{}@{domain}", "l".repeat(64 - local.len()));
+        assert_eq!(m.len(), 254);
+        m
+    };
+    let mail = format!(
+        "MAIL FROM:<{}> ENVID={}",
+        mailbox("sender"),
+        "e".repeat(100)
+    );
     let orcpt = format!("rfc822;{}", "x".repeat(493));
-    let rcpts = (0..101).map(|i| format!("RCPT TO:<{local}{i:03}@{domain}> ORCPT={orcpt}"));
-    let o = with_rcpt_lines(rcpts, 100, &[]);
+    let rcpts =
+        (0..101).map(|i| format!("RCPT TO:<{}> ORCPT={orcpt}", mailbox(&format!("{i:03}"))));
+    let o = with_rcpt_lines(&mail, rcpts, 100, &[]);
+    assert!(o.output.contains("250 2.1.0 Ok"), "{}", o.output);
     assert_eq!(
         o.output.matches("250 2.1.5 Ok").count(),
         100,

@@ -351,11 +351,12 @@ const OPEN_FILES_PER_CORE: u64 = 16;
 const OPEN_FILES_BASE: u64 = 64;
 
 /// The connections an open-file limit of `limit` holds with room left for the spool and
-/// delivery: all but [`OPEN_FILE_HEADROOM`], and never less than half.
-fn connections_within(limit: u64) -> usize {
+/// delivery: all but [`OPEN_FILE_HEADROOM`], and never less than half of what the cores'
+/// own descriptors (`least`) leave.
+fn connections_within(limit: u64, least: u64) -> usize {
     let cap = limit
         .saturating_sub(OPEN_FILE_HEADROOM)
-        .max(limit / 2)
+        .max(limit.saturating_sub(least) / 2)
         .max(1);
     usize::try_from(cap).unwrap_or(usize::MAX)
 }
@@ -385,8 +386,12 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<usize, 
                 );
             }
             let wanted = max_connections as u64 + OPEN_FILE_HEADROOM;
-            if let Some(now) = limit.now.filter(|&n| n < wanted) {
-                let cap = connections_within(now);
+            let capped = limit
+                .now
+                .filter(|&n| n < wanted)
+                .map(|n| (n, connections_within(n, least)))
+                .filter(|&(_, cap)| cap < max_connections);
+            if let Some((now, cap)) = capped {
                 tracing::warn!(
                     "the open-file limit ({now}) is below --max-connections ({max_connections}) \
                      plus {OPEN_FILE_HEADROOM} for the spool and delivery: connections are \

@@ -50,10 +50,10 @@ fn recipient_limit_gives_452() {
 #[test]
 fn long_recipients_past_the_envelope_budget_are_452_and_sent_again_later() {
     // At the default --max-recipients (1000) a transaction keeps 128,000 envelope octets:
-    // 255 recipients of 500 (an 11-octet mailbox, a 489-octet ORCPT) beside the reverse
+    // 255 recipients of 500 (a 12-octet mailbox, a 488-octet ORCPT) beside the reverse
     // path. The rest get 452 4.5.3 and come in a second transaction.
     let mut server = Server::start(&[]);
-    let orcpt = format!("rfc822;{}@mx.test", "o".repeat(489 - 15));
+    let orcpt = format!("rfc822;{}@mx.test", "o".repeat(488 - 15));
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");
