@@ -2331,7 +2331,9 @@ fn dsn_mail_params(meta: &MessageMeta, out: &mut String) {
 
 /// A recipient's DSN parameters for the next hop. In a transaction without SMTPUTF8 a
 /// UTF-8 ORCPT is written in its ASCII form, each non-ASCII character as `\x{HEX}`
-/// (RFC 6533 3, utf-8-addr-xtext).
+/// (RFC 6533 3, utf-8-addr-xtext). That form is up to ten times longer: past the 500 octets
+/// RFC 3461 4.2 allows an ORCPT (and the line room it gives DSN parameters) it is left out,
+/// as for a next hop without DSN, rather than sent on a line the next hop may refuse.
 fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -2339,17 +2341,21 @@ fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
         let _ = write!(out, " NOTIFY={}", Notify::from_bits(bits));
     }
     if let Some(orcpt) = &r.orcpt {
-        out.push_str(" ORCPT=");
+        let mut value = String::with_capacity(orcpt.len());
         if smtputf8 || orcpt.is_ascii() {
-            out.push_str(orcpt);
+            value.push_str(orcpt);
         } else {
             for c in orcpt.chars() {
                 if c.is_ascii() {
-                    out.push(c);
+                    value.push(c);
                 } else {
-                    let _ = write!(out, "\\x{{{:X}}}", u32::from(c));
+                    let _ = write!(value, "\\x{{{:X}}}", u32::from(c));
                 }
             }
+        }
+        if value.len() <= postern_proto::limits::MAX_ORCPT {
+            out.push_str(" ORCPT=");
+            out.push_str(&value);
         }
     }
     out
@@ -2373,6 +2379,22 @@ mod tests {
         assert_eq!(
             dsn_rcpt_params(&r, true),
             " NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;j\u{f6}ran@\u{e9}x.test"
+        );
+    }
+
+    #[test]
+    fn an_orcpt_too_long_in_its_ascii_form_is_left_out() {
+        // 140 CJK characters: 420 octets as UTF-8, 1,120 as \x{4E2D}.
+        let orcpt = format!("utf-8;{}@dsn.test", "\u{4e2d}".repeat(140));
+        let r = Recipient {
+            path: "r1@dsn.test".into(),
+            notify: Some(3),
+            orcpt: Some(orcpt.clone()),
+        };
+        assert_eq!(dsn_rcpt_params(&r, false), " NOTIFY=SUCCESS,FAILURE");
+        assert_eq!(
+            dsn_rcpt_params(&r, true),
+            format!(" NOTIFY=SUCCESS,FAILURE ORCPT={orcpt}")
         );
     }
 }
