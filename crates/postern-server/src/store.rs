@@ -39,7 +39,8 @@ pub(crate) struct Meta<'a> {
 }
 
 /// The envelope's recipients as the spool keeps them: the postmaster's sent where the operator
-/// said, and each mailbox once (in the form it was first given). Local parts compare by their
+/// said, and each mailbox once (in the form it was first given, or in its ASCII form where the
+/// client gave that too). Local parts compare by their
 /// value (quotes and quoted pairs aside) with their case, domains in their canonical form. A
 /// mailbox given again with other DSN parameters keeps every report either asked for
 /// ([`merge_notify`]) and the first ORCPT given.
@@ -81,6 +82,11 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
                 first.notify = merge_notify(first.notify, rcpt.notify);
                 if first.orcpt.is_none() {
                     first.orcpt = rcpt.orcpt;
+                }
+                // The same mailbox with A-labels where the first form had U-labels: the form
+                // a next hop without SMTPUTF8 can take too.
+                if !first.path.is_ascii() && rcpt.path.is_ascii() {
+                    first.path = rcpt.path;
                 }
             }
             None => out.push(rcpt),

@@ -755,6 +755,31 @@ fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
 }
 
 #[test]
+fn a_mailbox_given_with_u_labels_and_a_labels_goes_in_its_ascii_form() {
+    // One mailbox, given first with U-labels and then with A-labels: one recipient, kept in
+    // the form a next hop without SMTPUTF8 can take (RFC 6531 3.2), whichever came first.
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let route = format!("xn--bcher-kva.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u@b\u{fc}cher.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u@xn--bcher-kva.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Message-ID: <labels@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, _) = peer.first("the message");
+    assert_eq!(got.message_id, "<labels@t>");
+    assert_eq!(got.rcpt_tos, ["u@xn--bcher-kva.test"]);
+}
+
+#[test]
 fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
     // A next hop without SMTPUTF8; an ASCII sender and header section, one ASCII and one
     // UTF-8 recipient there: the ASCII one gets the message (without SMTPUTF8), the UTF-8
