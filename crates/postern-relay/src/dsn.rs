@@ -17,8 +17,9 @@
 //!    back as `message/rfc822`, otherwise only its header section as `text/rfc822-headers`;
 //!    `message/global` and `message/global-headers` where those header fields hold UTF-8
 //!    (RFC 6533 6).
-//!    The full message is returned only when it is no larger than [`Report::max_returned`] and
-//!    every line fits in [`MAX_LINE`] octets; otherwise the headers come back instead. The
+//!    The full message is returned only when it is no larger than [`Report::max_returned`],
+//!    every line fits in [`MAX_LINE`] octets and it holds no NUL; otherwise the headers come
+//!    back instead, and the text part says why. The
 //!    header section is cut at the last whole line within `max_returned`, and a header line
 //!    longer than [`MAX_LINE`] is broken into continuation lines. Bare CR and bare LF become
 //!    CRLF. The content is never re-encoded: its transfer encoding says `8bit` when it holds a
@@ -394,6 +395,27 @@ enum Returned {
     Headers(Vec<u8>),
 }
 
+/// Why the whole message, asked for with `RET=FULL`, did not come back: words for the
+/// report's text, after "could not come back".
+fn not_whole(report: &Report<'_>) -> Option<String> {
+    let original = report.original;
+    if !report.return_full || original.is_empty() {
+        return None;
+    }
+    let too_large = || format!("it is larger than {} KiB", report.max_returned / 1024);
+    if original.len() > report.max_returned {
+        return Some(too_large());
+    }
+    match normalize(original, false) {
+        None => Some(
+            "it has a line longer than 998 octets or a NUL octet, which a report cannot carry"
+                .into(),
+        ),
+        Some(full) if full.len() > report.max_returned => Some(too_large()),
+        Some(_) => None,
+    }
+}
+
 impl Returned {
     fn from_original(report: &Report<'_>) -> Self {
         let original = report.original;
@@ -499,6 +521,9 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
                 start = output.len();
                 blank = None;
             }
+            // Neither 7bit nor 8bit content may hold a NUL (RFC 2045 2.7, 2.8): a whole
+            // message with one cannot come back as it is.
+            0 if !break_long => return None,
             _ => {
                 if output.len() - start == MAX_LINE {
                     if !break_long {
@@ -838,11 +863,17 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
         }
     }
     let _ = write!(text, " (queue id {}).\r\n", readable(report.queue_id));
-    text.push_str(if returned.is_full() {
-        COPY_ATTACHED
+    if returned.is_full() {
+        text.push_str(COPY_ATTACHED);
+    } else if let Some(why) = not_whole(report) {
+        let _ = write!(
+            text,
+            "A delivery report and the headers of the message are attached (the whole\r\n\
+             message, which you asked for, could not come back: {why}).\r\n"
+        );
     } else {
-        "A delivery report and the headers of the message are attached.\r\n"
-    });
+        text.push_str("A delivery report and the headers of the message are attached.\r\n");
+    }
 
     for recipient in report.recipients {
         let what = match recipient.action {

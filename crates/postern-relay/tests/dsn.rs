@@ -328,6 +328,12 @@ fn over_the_cap_returns_headers_only() {
     assert!(text.contains("Subject: Quarterly figures"), "{text}");
     assert!(!text.contains("BODY-MARKER-1234"), "{text}");
     assert!(String::from_utf8_lossy(&bytes).contains("headers of the message"));
+    // The sender asked for the whole message: the text says why it did not come back.
+    let text = parts(&message)[0].text_contents().unwrap();
+    assert!(
+        text.contains("could not come back: it is larger than"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -362,6 +368,30 @@ fn a_line_over_998_octets_returns_headers_with_the_line_broken() {
     let text = returned.text_contents().unwrap();
     assert_eq!(text.matches('h').count(), 2500, "every octet kept");
     assert!(!text.contains("bbbb"), "the body is not returned");
+    let why = parts(&message)[0].text_contents().unwrap();
+    assert!(why.contains("a line longer than 998 octets"), "{why}");
+}
+
+#[test]
+fn a_nul_in_the_message_returns_headers_and_says_why() {
+    // Neither 7bit nor 8bit content may hold a NUL (RFC 2045 2.7, 2.8).
+    let original = b"Subject: nul\r\n\r\nbefore\0after\r\n";
+    let recipients = failures();
+    let mut report = report(&recipients, original);
+    report.return_full = true;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    assert!(!bytes.contains(&0), "a NUL in the report");
+    let message = parse(&bytes);
+    assert_eq!(mime_type(parts(&message)[2]), "text/rfc822-headers");
+    let why = parts(&message)[0].text_contents().unwrap();
+    assert!(why.contains("a NUL octet"), "{why}");
+    // Without RET=FULL, headers only as asked, and no reason to give.
+    report.return_full = false;
+    let bytes = dsn::build(&report);
+    let message = parse(&bytes);
+    let text = parts(&message)[0].text_contents().unwrap();
+    assert!(!text.contains("could not come back"), "{text}");
 }
 
 #[test]
