@@ -52,13 +52,15 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
 }
 
 /// Asks the server holding `spool`'s lock to try its deferred mail now: SIGUSR1 to the
-/// process that the kernel says holds the lock. The PID written in the lock file is not
-/// trusted: it may be stale, or from another PID namespace.
+/// process that the kernel says holds the lock on the spool directory itself, which postern
+/// takes (a process that only locks `postern.lock`, such as `flock` around a backup, is not
+/// signalled). The PID written in the lock file is not trusted: it may be stale, or from
+/// another PID namespace.
 fn flush(spool: &Path) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt as _;
     let path = spool.join(postern_spool::LOCK_FILE);
-    let meta = match std::fs::metadata(&path) {
-        Ok(meta) => meta,
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!(
                 "no postern serves {} (no {})",
@@ -67,7 +69,8 @@ fn flush(spool: &Path) -> Result<String, String> {
             ));
         }
         Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
+    }
+    let meta = std::fs::metadata(spool).map_err(|e| format!("{}: {e}", spool.display()))?;
     let locks = std::fs::read_to_string("/proc/locks")
         .map_err(|e| format!("cannot read /proc/locks to find the server: {e}"))?;
     let dev = meta.dev();

@@ -744,6 +744,14 @@ fn a_flush_without_a_server_on_the_spool_is_refused() {
     let (code, _, err) = run(&["queue", "--flush", "--spool", dir.path().to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no postern is running on"), "{err}");
+    // A process that locks only the lock file (`flock` around a backup; here this test) is
+    // not postern, and is not signalled (SIGUSR1 would end this test).
+    let held = std::fs::File::open(dir.path().join("postern.lock")).unwrap();
+    held.lock().unwrap();
+    let (code, _, err) = run(&["queue", "--flush", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no postern is running on"), "{err}");
+    drop(held);
     refused(&["queue", "--flush", "--json"], "--json");
 }
 

@@ -45,6 +45,31 @@ fn a_second_server_on_a_spool_in_use_stops_and_the_first_keeps_its_mail() {
 }
 
 #[test]
+fn a_second_server_stops_even_when_the_lock_file_was_deleted() {
+    // A clean-up of "stale" lock files while the first server runs: the spool directory is
+    // still locked, and the first server keeps the mail it acknowledges.
+    let mut first = Server::start(&[]);
+    std::fs::remove_file(first.spool.join("postern.lock")).unwrap();
+    let spool = first.spool.to_str().unwrap().to_owned();
+    let (code, err) = second(&["--listen", "127.0.0.1:0", "--spool", &spool]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("in use by another postern"), "{err}");
+    let mut c = first.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@client.test>");
+    c.cmd("RCPT TO:<b@localhost>");
+    c.cmd("DATA");
+    let id = queue_id(&c.cmd("Subject: kept\r\n\r\nstill here\r\n."));
+    assert!(first.terminate().success());
+    let kept = spooled(&first.spool);
+    assert!(
+        kept.iter().any(|(qid, ..)| *qid == id),
+        "{id} not in {kept:?}"
+    );
+}
+
+#[test]
 fn a_second_server_on_a_port_in_use_stops() {
     let first = Server::start(&[]);
     let spool = tempfile::tempdir().unwrap();
