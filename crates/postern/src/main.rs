@@ -294,7 +294,7 @@ struct OneLine<W>(W);
 impl<W: std::io::Write> std::io::Write for OneLine<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let body = buf.strip_suffix(b"\n").unwrap_or(buf);
-        if !body.contains(&b'\n') {
+        if !body.iter().any(|&b| b == b'\n' || b == b'\r') {
             return self.0.write(buf);
         }
         let mut joined: Vec<u8> = Vec::with_capacity(buf.len());
@@ -305,6 +305,12 @@ impl<W: std::io::Write> std::io::Write for OneLine<W> {
         for line in lines {
             joined.push(b' ');
             joined.extend_from_slice(line.trim_ascii_start());
+        }
+        // A CR (in a next hop's reply, say) would send a terminal back over the line.
+        for b in &mut joined {
+            if *b == b'\r' {
+                *b = b' ';
+            }
         }
         joined.extend_from_slice(&buf[body.len()..]);
         self.0.write_all(&joined)?;
@@ -518,6 +524,17 @@ mod tests {
         assert_eq!(
             String::from_utf8(out.0).unwrap(),
             "WARN x: Error: Os { code: 12, }\nINFO y: plain\n"
+        );
+    }
+
+    #[test]
+    fn a_carriage_return_in_a_log_event_is_a_space() {
+        let mut out = OneLine(Vec::new());
+        out.write_all(b"INFO z: reply=\"451 before\rAFTER\"\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "INFO z: reply=\"451 before AFTER\"\n"
         );
     }
 }

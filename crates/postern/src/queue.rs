@@ -230,6 +230,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
         for (address, status) in pending(m) {
             recipients += 1;
             let (_, next, reply) = state(status);
+            let reply = for_terminal(reply);
             let _ = match next {
                 Some(at) => writeln!(
                     out,
@@ -262,6 +263,25 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
         .map(|(r, s)| (r.path.as_str(), s.as_ref()))
 }
 
+/// A next hop's reply text as the listing shows it on a terminal: control characters (a
+/// reply should hold none but tab, RFC 5321 4.2) and the characters that reorder text
+/// (bidirectional overrides) are written as `\u{HEX}`, so that a hostile or broken next hop
+/// cannot move the cursor, colour the terminal or make a line read differently.
+fn for_terminal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let reorders = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c == '\t' {
+            out.push(' ');
+        } else if c.is_control() || reorders {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +298,14 @@ mod tests {
         assert_eq!(pid, Some(15));
         assert!(flock_holder(locks, (254, 0, 78)).is_none());
         assert!(flock_holder("", (254, 0, 77)).is_none());
+    }
+
+    #[test]
+    fn a_reply_is_listed_without_its_control_and_reordering_characters() {
+        assert_eq!(
+            for_terminal("451 4.3.0 evil \u{1b}[31mRED\tx\u{7f}\u{8}\rback \u{202e}rev"),
+            "451 4.3.0 evil \\u{1b}[31mRED x\\u{7f}\\u{8}\\u{d}back \\u{202e}rev"
+        );
+        assert_eq!(for_terminal("450 4.2.1 b\u{fc}sy"), "450 4.2.1 b\u{fc}sy");
     }
 }
