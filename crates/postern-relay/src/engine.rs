@@ -2239,7 +2239,8 @@ impl CoreRelay {
         });
         let meta = MessageMeta {
             arrival: now,
-            client: "127.0.0.1".into(),
+            // Made here: no client sent it.
+            client: String::new(),
             helo: self.relay.config.hostname.clone(),
             reverse_path: String::new(),
             recipients: vec![Recipient {

@@ -222,7 +222,8 @@ impl CoreStore {
                 .arrival
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            client: m.client.ip().to_string(),
+            // An IPv4 client on a dual-stack listener is itself, not `::ffff:a.b.c.d`.
+            client: m.client.ip().to_canonical().to_string(),
             helo: m.helo.to_owned(),
             reverse_path: env.reverse_path().to_owned(),
             recipients: recipients(m),

@@ -189,7 +189,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
                 "size": m.size(),
                 "arrival": m.meta.arrival,
                 "sender": m.meta.reverse_path,
-                "client": m.meta.client,
+                "client": (!m.meta.client.is_empty()).then_some(&m.meta.client),
                 "recipients": recipients,
             });
             let _ = writeln!(out, "{line}");
