@@ -130,7 +130,13 @@ fn time(unix: u64) -> String {
 fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     // Every spool has the lock file from its first start: without it, the directory is
     // more likely a typo than an empty queue.
-    if !spool.is_dir() || !spool.join(postern_spool::LOCK_FILE).is_file() {
+    let lock = std::fs::metadata(spool.join(postern_spool::LOCK_FILE));
+    if let Err(e) = &lock {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(format!("cannot read the spool at {}: {e}", spool.display()));
+        }
+    }
+    if !spool.is_dir() || !lock.is_ok_and(|m| m.is_file()) {
         return Err(format!(
             "no spool at {} (no {}; give the --spool of `postern serve`)",
             spool.display(),

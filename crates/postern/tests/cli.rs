@@ -761,6 +761,41 @@ fn the_queue_lists_an_ipv4_client_of_a_dual_stack_listener_as_itself() {
 }
 
 #[test]
+fn a_spool_the_caller_cannot_enter_is_not_called_missing() {
+    // Run as nobody (CI runs as root; setpriv is in util-linux) on a spool of mode 700.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::write(spool.join("postern.lock"), "").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false);
+    if !root {
+        eprintln!("not root: cannot run as another user here; {err}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot read the spool at") && err.contains("ermission denied"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_flush_without_a_server_on_the_spool_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (code, _, err) = run(&["queue", "--flush", "--spool", dir.path().to_str().unwrap()]);
