@@ -211,7 +211,8 @@ pub struct SinkArgs {
     /// Largest message accepted (advertised with SIZE).
     #[arg(long, default_value = "100m", value_parser = size)]
     pub max_size: u64,
-    /// Append each accepted message's sequence header and Message-ID to this file.
+    /// Write each accepted message's sequence header and Message-ID to this file, one line
+    /// each as they come (the file is made anew, or emptied, at start).
     #[arg(long)]
     pub record: Option<PathBuf>,
     /// Certificate chain (PEM) for STARTTLS.
