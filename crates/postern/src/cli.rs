@@ -100,8 +100,9 @@ struct Serve {
     /// is routed like any recipient].
     #[arg(long, env = "POSTERN_POSTMASTER")]
     postmaster: Option<String>,
-    /// A network allowed to relay to any domain (repeatable) [default: 127.0.0.0/8, ::1/128].
-    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = trimmed::<IpNet>)]
+    /// A network allowed to relay to any domain, as ADDR/PREFIX or one address (repeatable)
+    /// [default: 127.0.0.0/8, ::1/128].
+    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = network)]
     relay_network: Vec<IpNet>,
     /// Largest message, advertised in SIZE (bytes; k, M, G suffixes are powers of 1024).
     #[arg(long, env = "POSTERN_MAX_MESSAGE_SIZE", default_value = "50M", value_parser = parse_size)]
@@ -242,6 +243,21 @@ where
     T::Err: std::fmt::Display,
 {
     s.trim().parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// A network as `ADDR/PREFIX`, or one address as its own network (`/32`, `/128`).
+fn network(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    match s.parse::<IpNet>() {
+        Ok(net) => Ok(net),
+        Err(e) => match s.parse::<std::net::IpAddr>() {
+            Ok(addr) => Ok(IpNet::from(addr)),
+            Err(_) if s.contains('/') => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "'{s}' is neither an address nor a network like 10.0.0.0/8"
+            )),
+        },
+    }
 }
 
 /// Parses `1048576`, `64k`, `50M`, `2G` (suffixes are powers of 1024).

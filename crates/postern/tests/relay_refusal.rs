@@ -63,3 +63,23 @@ fn lists_from_the_environment_may_have_blanks_after_their_commas() {
         "554 5.7.1 Relay access denied"
     );
 }
+
+#[test]
+fn a_relay_network_given_as_one_address_is_that_address() {
+    // 127.0.0.1 alone (as /32): this client may relay; 127.0.0.2 on the same port may not.
+    let server = Server::start(&["--relay-network", "127.0.0.1"]);
+    for (from, allowed) in [([127, 0, 0, 1], true), ([127, 0, 0, 2], false)] {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&std::net::SocketAddr::from((from, 0)).into())
+            .unwrap();
+        socket.connect(&server.smtp.into()).unwrap();
+        let mut c = common::Client::from_stream(std::net::TcpStream::from(socket));
+        c.line();
+        c.cmd("EHLO local.test");
+        c.cmd("MAIL FROM:<a@local.test>");
+        let reply = c.cmd("RCPT TO:<someone@elsewhere.test>");
+        assert_eq!(reply.starts_with("250 "), allowed, "{from:?}: {reply}");
+    }
+}
