@@ -2,7 +2,8 @@
 """What a session that sends recipients and never a body costs postern in resident memory.
 
 Starts postern (one core, `--hold`, default limits) and, for each kind of envelope below, holds
-N sessions open, each having sent MAIL and a pipelined batch of RCPT commands, then prints the
+N sessions open, each having sent MAIL and a pipelined batch of RCPT commands (or, for the
+last kind, 8,000 pipelined EHLOs in one write, whose replies it reads), then prints the
 growth of postern's VmRSS per session. A fresh server is started for each kind. Loopback only,
 bounded in count and time. Usage, from the workspace root after `cargo build --release`:
 
@@ -23,7 +24,9 @@ KINDS = [
     ("idle after EHLO", 0, None),
     ("1,000 short recipients", 1000, None),
     ("1,000 recipients with 440-octet ORCPTs", 1000, 433),
+    ("none, after 8,000 pipelined EHLOs", 0, "ehlo"),
 ]
+EHLOS = 8000
 
 
 def read_reply(f):
@@ -41,7 +44,7 @@ def measure(count, pad):
         srv, port = serving.start(spool, "--hostname", "mem.test", "--cores", "1", quiet=True)
         try:
             before = serving.rss_kib(srv.pid)
-            orcpt = "" if pad is None else " ORCPT=rfc822;" + "o" * pad
+            orcpt = "" if pad in (None, "ehlo") else " ORCPT=rfc822;" + "o" * pad
             batch = "".join(f"RCPT TO:<r{i:04}@mem.test>{orcpt}\r\n" for i in range(count))
             conns, taken = [], 0
             deadline = time.time() + 120
@@ -53,6 +56,10 @@ def measure(count, pad):
                 read_reply(f)
                 s.sendall(b"EHLO client.test\r\n")
                 read_reply(f)
+                if pad == "ehlo":
+                    s.sendall(b"EHLO client.test\r\n" * EHLOS)
+                    for _ in range(EHLOS):
+                        read_reply(f)
                 if count:
                     s.sendall(b"MAIL FROM:<a@b.test>\r\n")
                     read_reply(f)

@@ -1,4 +1,6 @@
-"""Starting the release build of postern for the memory scripts beside this file."""
+"""Starting the release build of postern for the memory scripts beside this file (or the
+binary that POSTERN_BIN names, to compare builds)."""
+import os
 import re
 import subprocess
 
@@ -7,7 +9,7 @@ def start(spool, *flags, quiet=False):
     """Starts `postern serve --hold` on an ephemeral loopback port with `spool` and `flags`;
     returns the process and its port once it says it is ready."""
     srv = subprocess.Popen(
-        ["./target/release/postern", "serve", "--listen", "127.0.0.1:0", "--spool", spool,
+        [os.environ.get("POSTERN_BIN", "./target/release/postern"), "serve", "--listen", "127.0.0.1:0", "--spool", spool,
          "--hold", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True)
     port = None

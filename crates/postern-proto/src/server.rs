@@ -4,7 +4,9 @@
 //! time with the number of input bytes used. Replies accumulate in [`ServerSession::output`];
 //! the embedding writes them out when `handle` says [`Event::NeedInput`] (all complete commands
 //! in the buffer are answered, RFC 2920), [`Event::StartTls`] or [`Event::Close`], so pipelined
-//! commands read together are answered in one write.
+//! commands read together are answered in one write; and on [`Event::Flush`], when the replies
+//! to one read pass [`OUTPUT_HIGH_WATER`], so a client that pipelines commands with long
+//! replies (EHLO, HELP) cannot make the replies it has not read yet grow without bound.
 //!
 //! Three events ask the embedding for a decision before the session goes on: [`Event::Mail`],
 //! [`Event::Rcpt`] and [`Event::DataStart`] are settled with [`ServerSession::accept`] or
@@ -260,7 +262,14 @@ pub enum Event<'a> {
     StartTls,
     /// Write the output, then close the connection.
     Close,
+    /// The replies waiting in [`ServerSession::output`] passed [`OUTPUT_HIGH_WATER`]: write
+    /// them (and clear them), then call `handle` again with the rest of the input. Given again
+    /// each time another `OUTPUT_HIGH_WATER` octets of replies are added without a clear.
+    Flush,
 }
+
+/// Replies held before [`Event::Flush`] asks for them to be written.
+pub const OUTPUT_HIGH_WATER: usize = 16 * 1024;
 
 /// One step of [`ServerSession::handle`].
 #[derive(Debug, PartialEq, Eq)]
@@ -302,6 +311,8 @@ pub struct ServerSession {
     config: Arc<ServerConfig>,
     framer: LineFramer,
     out: Vec<u8>,
+    /// `out`'s length when `Flush` was last given (0 once cleared).
+    flush_mark: usize,
     envelope: Envelope,
     phase: Phase,
     decision: Decision,
@@ -335,6 +346,7 @@ impl ServerSession {
             config,
             framer,
             out: Vec::with_capacity(512),
+            flush_mark: 0,
             envelope: Envelope::default(),
             phase: Phase::Commands,
             decision: Decision::None,
@@ -366,6 +378,7 @@ impl ServerSession {
     /// Forgets the replies once written.
     pub fn clear_output(&mut self) {
         self.out.clear();
+        self.flush_mark = 0;
     }
 
     /// The transaction's envelope (valid from `Mail` until the transaction ends).
@@ -527,6 +540,10 @@ impl ServerSession {
                 Phase::Closed => Some(Event::Close),
                 Phase::Data(_) => self.data(input, &mut pos),
                 Phase::Chunk { .. } => self.chunk(input, &mut pos),
+                Phase::Commands if self.out.len() >= self.flush_mark + OUTPUT_HIGH_WATER => {
+                    self.flush_mark = self.out.len();
+                    Some(Event::Flush)
+                }
                 Phase::Commands => match self.framer.next_line(&input[pos..]) {
                     Frame::Incomplete { consumed } => {
                         pos += consumed;

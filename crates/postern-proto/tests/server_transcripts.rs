@@ -6,6 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
+use postern_proto::server::OUTPUT_HIGH_WATER;
 use postern_proto::{BareNewlinePolicy, ServerConfig};
 use support::{client, config, run, run_every_split, server};
 
@@ -37,6 +38,24 @@ fn with_banner_and_ehlo(rest: &[&str]) -> String {
     lines.extend_from_slice(&EHLO);
     lines.extend_from_slice(rest);
     server(&lines)
+}
+
+#[test]
+fn replies_to_a_long_pipelined_run_are_flushed_in_bounded_pieces() {
+    // 2,000 EHLOs in one read: some 340 KiB of replies, from 16 KiB of commands.
+    let mut input = b"EHLO client.test\r\n".repeat(2000);
+    input.extend_from_slice(b"QUIT\r\n");
+    let o = support::run(&support::config(), false, &input, &[]);
+    let one = EHLO.iter().map(|l| l.len() + 2).sum::<usize>();
+    assert_eq!(o.output.matches(EHLO[0]).count(), 2000);
+    assert!(o.output.ends_with("221 2.0.0 mx.test Bye\r\n"));
+    assert!(o.flushed.len() >= 2000 * one / (OUTPUT_HIGH_WATER + one), "{:?}", o.flushed);
+    for &n in &o.flushed {
+        assert!((OUTPUT_HIGH_WATER..OUTPUT_HIGH_WATER + one).contains(&n), "{n}");
+    }
+    // The same whole output however the input is cut.
+    let cuts: Vec<usize> = (7..input.len()).step_by(4099).collect();
+    assert_eq!(support::run(&support::config(), false, &input, &cuts).output, o.output);
 }
 
 #[test]

@@ -20,6 +20,8 @@ pub struct Outcome {
     pub closed: bool,
     /// STARTTLS handshakes the session asked for.
     pub tls: usize,
+    /// The length of the output written at each `Flush`.
+    pub flushed: Vec<usize>,
 }
 
 /// Feeds `input` cut at `cuts` to a new session, answering decisions with the test policy:
@@ -87,6 +89,11 @@ pub fn run(config: &Arc<ServerConfig>, tls: bool, input: &[u8], cuts: &[usize]) 
                 Event::Close => {
                     o.closed = true;
                     break 'pieces;
+                }
+                Event::Flush => {
+                    o.flushed.push(s.output().len());
+                    o.output.push_str(&String::from_utf8_lossy(s.output()));
+                    s.clear_output();
                 }
             }
             buf.drain(..consumed);

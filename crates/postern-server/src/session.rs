@@ -192,6 +192,11 @@ impl Session {
                         self.flush().await;
                         return;
                     }
+                    Event::Flush => {
+                        if !self.flush().await {
+                            return;
+                        }
+                    }
                 }
             }
             if !self.proto.output().is_empty() {
@@ -242,14 +247,24 @@ impl Session {
     /// Waits for bytes, the command timeout, the session's end, or (between transactions'
     /// bodies) the server's stop.
     async fn read(&mut self, into: &mut [u8]) -> Wake {
+        // A client that keeps the socket full makes every read ready at once, and `or` polls
+        // the read first: the cap, the stop and the other tasks of the core are seen here,
+        // not only when a read has to wait.
+        glommio::yield_if_needed().await;
         let now = Instant::now();
+        if now >= self.deadline {
+            return Wake::Timeout;
+        }
+        let stoppable = !self.proto.in_message();
+        if (stoppable && self.core.stopping.get()) || self.core.grace_over.get() {
+            return Wake::Stop;
+        }
         let wait = self
             .core
             .settings
             .command_timeout
             .min(self.deadline.saturating_duration_since(now));
         let core = self.core.clone();
-        let stoppable = !self.proto.in_message();
         let read = async { Wake::Read(self.conn.read(into).await) };
         let timeout = async {
             glommio::timer::sleep(wait).await;

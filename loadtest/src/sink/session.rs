@@ -138,6 +138,11 @@ impl Session {
                         self.flush().await;
                         return;
                     }
+                    Event::Flush => {
+                        if !self.flush().await {
+                            return;
+                        }
+                    }
                 }
             }
             if !self.flush().await {
