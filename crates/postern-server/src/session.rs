@@ -30,6 +30,11 @@ const READ_BUFFER_MAX: usize = 64 * 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest TLS handshake begun once the server is stopping.
 const HANDSHAKE_DURING_STOP: Duration = Duration::from_secs(1);
+/// Body pieces shorter than this are gathered (up to `BODY_GATHER`) before they go to the
+/// spool: the decoders hand out a piece per dot-stuffed line and per bare line end, and a
+/// record each would cost the spool (and the message's list of pieces) many times the bytes.
+const SMALL_PIECE: usize = 512;
+const BODY_GATHER: usize = 16 * 1024;
 /// What a reply written at or past the session's cap (its closing 421) still gets.
 const CLOSING_WRITE: Duration = Duration::from_secs(1);
 
@@ -74,6 +79,7 @@ pub(crate) async fn serve(
         peer,
         proto: ServerSession::new(core.proto.clone(), core.tls.is_some() && !implicit_tls),
         draft: None,
+        gathered: Vec::new(),
         meta: None,
         loops: LoopDetector::default(),
         eod_at: None,
@@ -117,6 +123,8 @@ struct Session {
     proto: ServerSession,
     /// The spool record of the message being received.
     draft: Option<Draft>,
+    /// Small body pieces not yet appended to it.
+    gathered: Vec<u8>,
     /// Its envelope as spooled, for the delivery side.
     meta: Option<MessageMeta>,
     loops: LoopDetector,
@@ -433,22 +441,50 @@ impl Session {
             return;
         }
         self.loops = LoopDetector::default();
+        self.gathered.clear();
         self.draft = Some(draft);
         self.proto.accept();
     }
 
     fn body(&mut self, bytes: &[u8]) {
         self.loops.feed(bytes);
-        let Some(draft) = self.draft.as_mut() else {
+        if self.draft.is_none() {
             return;
+        }
+        let appended = if bytes.len() < SMALL_PIECE {
+            self.gathered.extend_from_slice(bytes);
+            if self.gathered.len() >= BODY_GATHER {
+                self.append_gathered()
+            } else {
+                Ok(())
+            }
+        } else {
+            self.append_gathered().and_then(|()| {
+                let draft = self.draft.as_mut().expect("checked above");
+                self.core.store.append(draft, bytes)
+            })
         };
-        if let Err(e) = self.core.store.append(draft, bytes) {
+        if let Err(e) = appended {
             self.core.spool_error("writing a message", &e);
             if let Some(draft) = self.draft.take() {
                 self.core.store.abort(draft);
             }
             self.proto.abort_body(replies::SPOOL_FULL);
         }
+    }
+
+    /// Appends the gathered small pieces to the draft.
+    fn append_gathered(&mut self) -> Result<(), postern_spool::SpoolError> {
+        let Some(draft) = self.draft.as_mut() else {
+            self.gathered.clear();
+            return Ok(());
+        };
+        if self.gathered.is_empty() {
+            return Ok(());
+        }
+        let appended = self.core.store.append(draft, &self.gathered);
+        self.gathered.clear();
+        appended
     }
 
     /// Settles an end of data; false when the connection is gone (nothing more is taken
@@ -464,6 +500,18 @@ impl Session {
             return false;
         }
         self.eod_at = Some(Instant::now());
+        let appended = self.append_gathered();
+        if self.gathered.capacity() > 4 * 1024 {
+            self.gathered = Vec::new();
+        }
+        if let Err(e) = appended {
+            self.core.spool_error("writing a message", &e);
+            if let Some(draft) = self.draft.take() {
+                self.core.store.abort(draft);
+            }
+            self.proto.message_failed(replies::SPOOL_FULL);
+            return true;
+        }
         let Some(draft) = self.draft.take() else {
             self.proto.message_failed(replies::NO_DECISION);
             return true;

@@ -173,3 +173,55 @@ fn a_lower_max_connections_alone_lowers_the_per_ip_default_with_it() {
     assert!(c.line().starts_with("421 "));
     assert!(c.closed());
 }
+
+/// The value of an unlabelled metric line `name value`.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+fn a_body_cut_into_tiny_pieces_costs_the_spool_what_a_plain_one_does() {
+    // Dot-stuffed lines and bare line feeds come out of the decoder as tiny pieces; stored one
+    // record each, 150 KiB of them would take some 2 MiB of spool.
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "64k",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<c@d.test>");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let mut body = Vec::new();
+    for _ in 0..25_000 {
+        body.extend_from_slice(b"..\r\nx\n");
+    }
+    // End of data needs a real CR LF before the dot.
+    body.extend_from_slice(b"end\r\n");
+    c.send(&body);
+    let id = common::queue_id(&c.cmd("."));
+    let m = server.metrics_until(|m| m.contains("postern_messages_accepted_total 1\n"));
+    let used = metric(&m, "postern_spool_bytes");
+    // The body as stored: ".\r\nx\r\n" per pair, plus the Received header.
+    let stored = 25_000 * 6 + 5;
+    assert!(
+        used <= 4 * stored,
+        "{used} bytes of spool for a {stored}-byte message"
+    );
+    drop(c);
+    let mut server = server;
+    assert!(server.terminate().success());
+    let spooled = common::spooled(&server.spool);
+    assert_eq!(spooled.len(), 1);
+    assert_eq!(spooled[0].0, id);
+    let mut expected = b".\r\nx\r\n".repeat(25_000);
+    expected.extend_from_slice(b"end\r\n");
+    assert!(spooled[0].3.ends_with(&expected));
+}
