@@ -257,7 +257,11 @@ impl CoreStore {
     pub(crate) async fn commit(&self, draft: Draft) -> Result<(String, MessageRef), SpoolError> {
         let queue_id = draft.queue_id().to_owned();
         let (ticket, pending) = self.spool.borrow_mut().finish_with_body(draft)?;
-        self.wait(ticket).await?;
+        if let Err(e) = self.wait(ticket).await {
+            // Refused to its client: nothing delivers it, and its segments must not stay.
+            let _ = self.spool.borrow_mut().forget_failed(&queue_id);
+            return Err(e);
+        }
         let body = self.spool.borrow().body(pending).map_err(|_| {
             SpoolError::Io(std::io::Error::other(
                 "spool body not durable after its sync",

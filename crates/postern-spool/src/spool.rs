@@ -542,6 +542,16 @@ impl Spool {
         self.reclaim()
     }
 
+    /// Lets go of a finished message whose ticket failed: its client was refused, so nothing
+    /// here delivers it, and the segments it holds may be deleted like those of a message
+    /// delivered. Without this a failed sync would keep them, and every later one, for the
+    /// rest of the run, since segments are deleted oldest first. Returns the number of
+    /// segments deleted.
+    pub fn forget_failed(&mut self, queue_id: &str) -> Result<usize, SpoolError> {
+        self.index.set_final(queue_id);
+        self.reclaim()
+    }
+
     /// Deletes segments from the oldest while they hold nothing live (no open draft, no live
     /// message), never the one being written; returns how many. [`Spool::mark_final`] and
     /// [`Spool::open`] call it; call it also now and then on a core that writes mostly status

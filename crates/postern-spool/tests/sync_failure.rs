@@ -61,3 +61,40 @@ fn a_failed_sync_fails_what_it_touched_and_nothing_after() {
     );
     assert_eq!(r.corrupt_records, 0);
 }
+
+#[test]
+fn a_message_whose_sync_failed_does_not_hold_its_segments_once_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut lost = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut lost, &body(1, 40_000)).unwrap();
+    let lost_id = lost.queue_id().to_owned();
+    let t = spool.finish(lost).unwrap();
+    let batch = spool.take_sync().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(t), TicketState::Failed);
+    spool.forget_failed(&lost_id).unwrap();
+
+    // Later messages fill several segments, are delivered and marked final.
+    let mut ids = Vec::new();
+    for i in 2..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 40_000)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    let before = spool.bytes_in_use();
+    let mut deleted = 0;
+    for id in &ids {
+        deleted += spool.mark_final(id).unwrap();
+    }
+    assert!(
+        deleted >= 5,
+        "{deleted} segments deleted of {before} bytes: the failed message's first segment holds the rest"
+    );
+    assert!(spool.bytes_in_use() <= 3 * 64 * 1024, "{}", spool.bytes_in_use());
+}
