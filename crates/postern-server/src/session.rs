@@ -83,6 +83,7 @@ pub(crate) async fn serve(
         meta: None,
         loops: LoopDetector::default(),
         eod_at: None,
+        eod_queued: false,
         deadline: started + core.settings.max_session_time,
     };
     let ready = if implicit_tls {
@@ -130,6 +131,8 @@ struct Session {
     loops: LoopDetector,
     /// When the last end of data was seen, until its reply is written.
     eod_at: Option<Instant>,
+    /// That reply is the 250 with a queue ID (only those are timed).
+    eod_queued: bool,
     deadline: Instant,
 }
 
@@ -333,7 +336,8 @@ impl Session {
         };
         let ok = future::or(write, future::or(expire, stop)).await;
         self.proto.clear_output();
-        if let Some(at) = self.eod_at.take() {
+        let queued = std::mem::take(&mut self.eod_queued);
+        if let (Some(at), true, true) = (self.eod_at.take(), queued, ok) {
             CoreMetrics::record(
                 &mut self.core.metrics.borrow_mut().eod_latency,
                 at.elapsed(),
@@ -531,6 +535,7 @@ impl Session {
                 m.bytes += size;
                 drop(m);
                 self.proto.message_queued(&queue_id);
+                self.eod_queued = true;
                 if let Some(meta) = self.meta.take() {
                     self.core.accepted(Accepted {
                         queue_id,

@@ -25,6 +25,13 @@ fn metrics_follow_traffic_and_pass_promtool() {
             .cmd("Subject: m\r\n\r\nbody\r\n.")
             .starts_with("250 2.0.0 Ok: queued as "));
     }
+    // Refused at its end (a mail loop): not timed as an end of data to 250.
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<c@d.test>");
+    c.cmd("DATA");
+    assert!(c
+        .cmd(&format!("{}\r\nbody\r\n.", "Received: x\r\n".repeat(101)))
+        .starts_with("554 5.4.6"));
     c.cmd("BOGUS");
     let text = server.metrics_until(|m| m.contains("postern_messages_accepted_total 3\n"));
     for expected in [
@@ -33,8 +40,8 @@ fn metrics_follow_traffic_and_pass_promtool() {
         "postern_active_sessions 1\n",
         "postern_eod_latency_seconds_count 3\n",
         "postern_spool_commit_latency_seconds_count 3\n",
-        "postern_replies_total{class=\"3xx\"} 3\n",
-        "postern_replies_total{class=\"5xx\"} 1\n",
+        "postern_replies_total{class=\"3xx\"} 4\n",
+        "postern_replies_total{class=\"5xx\"} 2\n",
         // Held (--hold): nothing delivers, so all three are still queued.
         "postern_queue_depth 3\n",
         "postern_eod_latency_quantile_seconds{quantile=\"0.99\"}",
