@@ -554,9 +554,7 @@ impl ClientSession {
                     return (pos + consumed, ClientEvent::NeedInput)
                 }
                 ParsedReply::Error { error, consumed } => {
-                    self.expect.clear();
-                    self.results.clear();
-                    return (pos + consumed, ClientEvent::Failed(error.into()));
+                    return (pos + consumed, self.fail(error.into()));
                 }
                 ParsedReply::Complete { reply, consumed } => {
                     pos += consumed;
@@ -609,12 +607,7 @@ impl ClientSession {
                 self.send_ehlo();
                 None
             }
-            Expect::Greeting => {
-                // A server that refuses the session still expects QUIT before the close
-                // (RFC 5321 3.1, 4.1.1.10); the embedding writes it if it can.
-                self.out.extend_from_slice(b"QUIT\r\n");
-                Some(self.fail(ClientError::Greeting(reply)))
-            }
+            Expect::Greeting => Some(self.fail(ClientError::Greeting(reply))),
             Expect::Ehlo if reply.code == 250 => {
                 self.caps = Capabilities::from_ehlo(&reply);
                 Some(ClientEvent::Ready)
@@ -627,8 +620,6 @@ impl ClientSession {
                 None
             }
             Expect::Ehlo | Expect::Helo if reply.code != 250 => {
-                // The session ends; QUIT before the close (RFC 5321 4.1.1.10).
-                self.out.extend_from_slice(b"QUIT\r\n");
                 Some(self.fail(ClientError::Helo(reply)))
             }
             Expect::Helo => {
@@ -712,11 +703,17 @@ impl ClientSession {
         None
     }
 
+    /// Ends the session on a reply it cannot go on from. The server (which did not say
+    /// 421) still expects QUIT before the close, even after an error (RFC 5321 3.1,
+    /// 4.1.1.10): it replaces any command not yet written, and the embedding writes it if it
+    /// can, without waiting for its reply (after a reply out of step, one may never come).
     fn fail(&mut self, e: ClientError) -> ClientEvent {
         self.waiting = None;
         self.expect.clear();
         self.results.clear();
         self.held.clear();
+        self.out.clear();
+        self.out.extend_from_slice(b"QUIT\r\n");
         ClientEvent::Failed(e)
     }
 }

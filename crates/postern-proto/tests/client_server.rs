@@ -438,11 +438,13 @@ fn greeting_refusal_and_421_and_garbage() {
     ));
 
     let mut c = ClientSession::new("relay.test");
-    let (events, _) = canned(&mut c, &["HTTP/1.1 400 Bad Request\r\n"]);
+    let (events, sent) = canned(&mut c, &["HTTP/1.1 400 Bad Request\r\n"]);
     let [ClientEvent::Failed(e)] = &events[..] else {
         panic!("{events:?}")
     };
     assert!(matches!(e, ClientError::Protocol(_)) && e.is_temporary());
+    // Out of step, but still told the session is over.
+    assert_eq!(sent, "QUIT\r\n");
 }
 
 /// With PIPELINING, RSET and the next transaction go out in one write, and the RSET's reply
@@ -761,11 +763,13 @@ fn a_reply_the_command_cannot_get_ends_the_session_undelivered() {
         c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
             .unwrap();
         c.clear_output();
-        let (events, _) = canned(&mut c, replies);
+        let (events, sent) = canned(&mut c, replies);
         let [ClientEvent::Failed(ClientError::Unexpected(cmd, _))] = &events[..] else {
             panic!("{replies:?}: {events:?}")
         };
         assert_eq!(*cmd, command);
+        // The session ends, with QUIT before the close (RFC 5321 4.1.1.10).
+        assert!(sent.ends_with("QUIT\r\n"), "{replies:?}: {sent:?}");
     }
     // A 354 after the body is no delivery either.
     let mut c = ClientSession::new("relay.test");
@@ -775,11 +779,12 @@ fn a_reply_the_command_cannot_get_ends_the_session_undelivered() {
     let (events, _) = canned(&mut c, &["250 ok\r\n", "250 ok\r\n", "354 go\r\n"]);
     assert_eq!(events, vec![ClientEvent::SendBody]);
     c.body_sent();
-    let (events, _) = canned(&mut c, &["354 again\r\n"]);
+    let (events, sent) = canned(&mut c, &["354 again\r\n"]);
     assert!(
         matches!(&events[..], [ClientEvent::Failed(ClientError::Unexpected(_, r))] if r.code == 354),
         "{events:?}"
     );
+    assert_eq!(sent, "QUIT\r\n");
 }
 
 #[test]

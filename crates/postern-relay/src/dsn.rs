@@ -118,7 +118,7 @@ pub struct ReportRecipient {
     /// The mailbox delivery was attempted to: `Final-Recipient: rfc822; path`.
     pub path: String,
     /// The `ORCPT` parameter as given at `RCPT` time, such as `rfc822;a@b`, passed through as
-    /// `Original-Recipient` (an `rfc822` address is decoded from xtext). A value without `;`
+    /// `Original-Recipient` (decoded from xtext, but for the `utf-8` type). A value without `;`
     /// gets `rfc822;` in front.
     pub orcpt: Option<String>,
     /// What happened to this recipient.
@@ -573,13 +573,17 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
     for recipient in report.recipients {
         out.extend_from_slice(b"\r\n");
         if let Some(orcpt) = &recipient.orcpt {
-            // RFC 3461 4.2: an rfc822 ORCPT is xtext, decoded for the report; other address
-            // types (utf-8, RFC 6533) are written as they came.
+            // RFC 3461 4.2: an ORCPT is xtext whatever its address type, decoded for the
+            // report (RFC 3464 2.3.1 wants the address); utf-8 (RFC 6533) has a form of its
+            // own, written as it came.
             let value = match orcpt.split_once(';') {
+                Some((kind, _)) if kind.trim().eq_ignore_ascii_case("utf-8") => safe(orcpt),
                 Some((kind, addr)) if kind.trim().eq_ignore_ascii_case("rfc822") => {
                     format!("rfc822;{}", safe(&xtext_decode(addr)))
                 }
-                Some(_) => safe(orcpt),
+                Some((kind, addr)) => {
+                    format!("{};{}", safe(kind.trim()), safe(&xtext_decode(addr)))
+                }
                 None => format!("rfc822; {}", safe(&xtext_decode(orcpt))),
             };
             field(&mut out, "Original-Recipient", &value);

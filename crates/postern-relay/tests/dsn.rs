@@ -733,3 +733,24 @@ fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
     let headers_only = dsn::build(&report(&recipients, original.as_bytes()));
     assert!(dsn::with_headers_only(&headers_only).is_none());
 }
+
+#[test]
+fn an_original_recipient_of_any_address_type_but_utf8_is_decoded_from_xtext() {
+    // RFC 3461 4.2: the ORCPT value is xtext whatever its address type; the report gives
+    // the address itself (RFC 3464 2.3.1). utf-8 (RFC 6533) has its own form, kept.
+    let cases = [
+        ("rfc822;a+2Bb@example.net", "rfc822;a+b@example.net"),
+        ("x-foo;bar+20baz", "x-foo;bar baz"),
+        ("X.400;c=us+3Ba=b", "X.400;c=us;a=b"),
+        ("utf-8;j\\x{F6}rg@example.net", "utf-8;j\\x{F6}rg@example.net"),
+    ];
+    for (given, shown) in cases {
+        let mut recipients = failures();
+        recipients.truncate(1);
+        recipients[0].orcpt = Some(given.to_owned());
+        let bytes = dsn::build(&report(&recipients, ORIGINAL));
+        let status = delivery_status(&parse(&bytes));
+        let blocks = blocks(&status);
+        assert_eq!(value(&blocks[1], "Original-Recipient"), Some(shown), "{given}");
+    }
+}
