@@ -197,7 +197,12 @@ fn strip_keyword<'a>(arg: &'a str, keyword: &str) -> Option<&'a str> {
 impl<'a> Command<'a> {
     /// Parses one command line (without its line ending).
     pub fn parse(line: &'a [u8]) -> Result<Command<'a>, CommandError> {
-        let (verb, arg) = split_verb(line);
+        // RFC 5321 4.1.1: trailing white space (SP or HTAB) before the line end is tolerated.
+        let end = line
+            .iter()
+            .rposition(|&b| b != b' ' && b != b'\t')
+            .map_or(0, |i| i + 1);
+        let (verb, arg) = split_verb(&line[..end]);
         match verb.len() {
             4 => {}
             8 if verb_is(verb, "STARTTLS") => {
@@ -359,6 +364,37 @@ mod tests {
         c.encode(&mut s);
         let line = s.strip_suffix("\r\n").unwrap();
         assert_eq!(Command::parse(line.as_bytes()), Ok(c), "{line}");
+    }
+
+    #[test]
+    fn trailing_spaces_and_tabs_are_tolerated() {
+        // RFC 5321 4.1.1: receivers SHOULD tolerate trailing white space.
+        for tail in [" ", "\t", " \t", "\t \t"] {
+            assert_eq!(parse(&format!("QUIT{tail}")), Ok(Command::Quit), "{tail:?}");
+            assert_eq!(parse(&format!("DATA{tail}")), Ok(Command::Data), "{tail:?}");
+            assert_eq!(
+                parse(&format!("BDAT 5 LAST{tail}")),
+                Ok(Command::Bdat {
+                    size: 5,
+                    last: true
+                }),
+                "{tail:?}"
+            );
+            assert_eq!(
+                parse(&format!("EHLO x.test{tail}")),
+                Ok(Command::Ehlo("x.test"))
+            );
+            assert!(matches!(
+                parse(&format!("MAIL FROM:<a@b.test> SIZE=10{tail}")),
+                Ok(Command::Mail(_, p)) if p.size == Some(10)
+            ));
+            assert!(matches!(
+                parse(&format!("RCPT TO:<c@d.test>{tail}")),
+                Ok(Command::Rcpt(..))
+            ));
+        }
+        // Inside the line a tab is still not a separator.
+        assert_eq!(parse("QUIT\tnow"), Err(CommandError::Unknown));
     }
 
     #[test]
