@@ -221,10 +221,12 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     let (mut recipients, mut bytes) = (0usize, 0u64);
     for m in &waiting {
         bytes += m.size();
+        // Addresses come from any client; an SMTPUTF8 one may hold C1 controls and bidi
+        // overrides (RFC 6531 takes them), shown escaped like a reply's.
         let sender = if m.meta.reverse_path.is_empty() {
             "<>".to_owned()
         } else {
-            format!("<{}>", m.meta.reverse_path)
+            format!("<{}>", for_terminal(&m.meta.reverse_path))
         };
         let _ = writeln!(
             out,
@@ -237,6 +239,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             recipients += 1;
             let (_, next, reply) = state(status);
             let reply = for_terminal(reply);
+            let address = for_terminal(address);
             let _ = match next {
                 Some(at) => writeln!(
                     out,
@@ -269,10 +272,10 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
         .map(|(r, s)| (r.path.as_str(), s.as_ref()))
 }
 
-/// A next hop's reply text as the listing shows it on a terminal: control characters (a
-/// reply should hold none but tab, RFC 5321 4.2) and the characters that reorder text
-/// (bidirectional overrides) are written as `\u{HEX}`, so that a hostile or broken next hop
-/// cannot move the cursor, colour the terminal or make a line read differently.
+/// A next hop's reply text or an address as the listing shows it on a terminal: control
+/// characters (a reply should hold none but tab, RFC 5321 4.2) and the characters that reorder
+/// text (bidirectional overrides) are written as `\u{HEX}`, so that a hostile or broken next
+/// hop or client cannot move the cursor, colour the terminal or make a line read differently.
 fn for_terminal(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {

@@ -761,6 +761,33 @@ fn the_queue_lists_an_ipv4_client_of_a_dual_stack_listener_as_itself() {
 }
 
 #[test]
+fn the_queue_listing_escapes_controls_and_bidi_overrides_in_addresses() {
+    // SMTPUTF8 addresses may hold C1 controls (U+009B is CSI on many terminals) and bidi
+    // overrides: the listing must not pass them to the operator's terminal.
+    let mut server = common::Server::start(&[]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    assert!(c
+        .cmd("MAIL FROM:<evil\u{202e}cba@client.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<x\u{9b}2J@localhost>").starts_with("250"));
+    c.cmd("DATA");
+    common::queue_id(&c.cmd("Subject: t\r\n\r\nx\r\n."));
+    assert!(server.terminate().success());
+    let (code, out, err) = run(&["queue", "--spool", server.spool.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains('\u{202e}') && !out.contains('\u{9b}'),
+        "{out:?}"
+    );
+    assert!(
+        out.contains("<evil\\u{202e}cba@client.test>") && out.contains("<x\\u{9b}2J@localhost>"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_spool_the_caller_cannot_enter_is_not_called_missing() {
     // Run as nobody (CI runs as root; setpriv is in util-linux) on a spool of mode 700.
     let dir = tempfile::tempdir().unwrap();
