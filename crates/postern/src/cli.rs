@@ -107,8 +107,9 @@ struct Serve {
     /// Largest message, advertised in SIZE (bytes; k, M, G suffixes are powers of 1024).
     #[arg(long, env = "POSTERN_MAX_MESSAGE_SIZE", default_value = "50M", value_parser = parse_size)]
     max_message_size: u64,
-    /// Recipients per transaction (at least 100); the envelope is also capped at 128 octets
-    /// per recipient allowed (paths and ORCPTs).
+    /// Recipients per transaction (at least 100); the envelope (paths and ORCPTs) is also
+    /// capped at 128 octets per recipient allowed, never below 75,956 octets (room for 100
+    /// recipients of the longest form).
     #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000)]
     max_recipients: usize,
     /// Concurrent connections, all cores together; more get 421 4.3.2.
