@@ -1455,12 +1455,15 @@ impl CoreRelay {
 
     /// Every address of the next hop broke off: the next hop is left alone for a while, as
     /// one that cannot be reached is, rather than each waiting job opening connections to
-    /// every address again. The jobs waiting for it, and those this worker carries, are
-    /// deferred with the answer `last` got; jobs that come meanwhile wait for the pause's end.
+    /// every address again. The jobs this worker carries are deferred with their own answers;
+    /// those waiting for the next hop, never sent, with the answer `last` got, said to be
+    /// the reason they were not tried (it may be about another message); jobs that come
+    /// meanwhile wait for the pause's end.
     fn suspend(&self, dq: &DestQueue, last: &Carried, carry: &mut Vec<Carried>) {
         dq.down_until.set(now_ms() + self.pause_ms());
+        let not_tried = format!("not tried, delivery to the next hop suspended after: {}", last.text);
         *dq.paused_for.borrow_mut() =
-            Some((last.status.clone(), last.text.clone(), last.remote.clone()));
+            Some((last.status.clone(), not_tried.clone(), last.remote.clone()));
         tracing::info!(
             next_hop = %dq.dest.key(),
             "every address of the next hop broke off; delivery to it suspended for {}s",
@@ -1471,7 +1474,7 @@ impl CoreRelay {
         }
         let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
         for job in jobs {
-            self.settle_all(job, false, &last.status, &last.text, last.remote.clone());
+            self.settle_all(job, false, &last.status, &not_tried, last.remote.clone());
         }
     }
 

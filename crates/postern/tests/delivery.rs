@@ -1276,6 +1276,18 @@ fn a_next_hop_whose_every_address_breaks_off_is_paused_not_tried_again_for_each_
         1,
         "connections to the second MX"
     );
+    // The messages never sent say so, rather than quoting another message's answer as
+    // their own.
+    let replies: Vec<String> = queue_listing(&server.spool)
+        .iter()
+        .map(|m| m["recipients"][0]["reply"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    let not_tried = replies
+        .iter()
+        .filter(|r| r.starts_with("not tried, delivery to the next hop suspended after: "))
+        .count();
+    assert_eq!(not_tried, 3, "{replies:?}");
     drop(dns);
 }
 
