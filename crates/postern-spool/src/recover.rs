@@ -11,7 +11,7 @@ use crate::error::SpoolError;
 use crate::format::{read_record, Cursor, Kind, Read, HEADER, RECORD_HEADER};
 use crate::map::ReadMap;
 use crate::meta::{MessageMeta, Status};
-use crate::segment::{header, parse_name, Header};
+use crate::segment::{header, parse_name, sealed_end, Header};
 
 /// A message found whole.
 #[derive(Debug)]
@@ -265,12 +265,24 @@ impl Scan<'_> {
             }
         };
         self.out.segments += 1;
+        // A sealed segment was full, and everything it holds was durable: its records end
+        // where the seal says, so a zero length word before that is damage (zeros over a
+        // length word, a lost write), not the end of what was written.
+        let sealed = sealed_end(data, salt).filter(|&end| end <= data.len());
         let mut pos = HEADER;
         let mut last_corrupt = None;
         let mut overrun = false;
         loop {
             match read_record(&data[pos..], salt) {
-                Read::End => break,
+                Read::End => {
+                    if sealed.is_some_and(|end| pos < end) {
+                        if let Some(at) = last_corrupt.take() {
+                            self.corrupt(at);
+                        }
+                        self.corrupt(pos);
+                    }
+                    break;
+                }
                 Read::Overrun => {
                     // Damage, not a crash: reported where it is (with a bad record before it,
                     // that one too), and the segment is kept. What follows is lost to the

@@ -159,6 +159,40 @@ pub(crate) fn header(data: &[u8]) -> Header {
     }
 }
 
+/// Where a full segment's header says its records end, once every one of them is durable:
+/// the end offset (u64) at 36, and at 44 a CRC of it under the segment's salt, so that damage
+/// there is not believed. Zeros (no seal) in segments still being written, in those that a
+/// crash or a failed sync left, and in those of earlier versions.
+const SEAL_AT: usize = 36;
+const SEAL_LEN: usize = 12;
+
+fn seal_crc(salt: u32, end: u64) -> u32 {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&salt.to_le_bytes());
+    bytes[4..8].copy_from_slice(b"seal");
+    bytes[8..].copy_from_slice(&end.to_le_bytes());
+    crc32c::crc32c(&bytes)
+}
+
+/// Seals a full segment: its records end at `end`, and all of them are durable. Recovery
+/// then knows that a zero length word before `end` is damage, not the end of the data.
+pub(crate) fn write_seal(file: &File, salt: u32, end: u64) -> io::Result<()> {
+    let mut seal = [0u8; SEAL_LEN];
+    seal[..8].copy_from_slice(&end.to_le_bytes());
+    seal[8..].copy_from_slice(&seal_crc(salt, end).to_le_bytes());
+    pwrite_all(file, &seal, SEAL_AT as u64)
+}
+
+/// The end of the records a sealed segment holds, from its header (see [`write_seal`]).
+pub(crate) fn sealed_end(data: &[u8], salt: u32) -> Option<usize> {
+    let seal = data.get(SEAL_AT..SEAL_AT + SEAL_LEN)?;
+    let end = u64::from_le_bytes(seal[..8].try_into().ok()?);
+    let crc = u32::from_le_bytes(seal[8..].try_into().ok()?);
+    (end != 0 && crc == seal_crc(salt, end))
+        .then(|| usize::try_from(end).ok())
+        .flatten()
+}
+
 /// Writes `size` bytes of zeros from the start of `file`.
 fn fill_with_zeros(file: &File, size: u64) -> io::Result<()> {
     let mut at = 0u64;
@@ -263,6 +297,11 @@ impl Segment {
     /// Bytes left for records.
     pub(crate) fn room(&self) -> usize {
         self.read.len() - self.pos
+    }
+
+    /// Where the records appended so far end.
+    pub(crate) fn end(&self) -> usize {
+        self.pos
     }
 
     /// The records appended since the last call, with the file offset they go to; None when

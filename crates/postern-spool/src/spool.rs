@@ -15,7 +15,8 @@ use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
 use crate::segment::{
-    file_name, header, is_temp_name, parse_name, pwrite_all, sync_dir, Header, Segment,
+    file_name, header, is_temp_name, parse_name, pwrite_all, sync_dir, write_seal, Header,
+    Segment,
 };
 use crate::spare::{PreparedSegment, SpareJob};
 
@@ -153,6 +154,16 @@ pub struct Spool {
     /// current when it was taken (its records are in that one or older ones).
     in_flight: Vec<Gathered>,
     in_flight_seq: u64,
+    /// Full segments to seal once the ticket issued when they filled is durable.
+    to_seal: Vec<Seal>,
+}
+
+/// A full segment waiting for its seal ([`write_seal`]).
+struct Seal {
+    ticket: Ticket,
+    file: Arc<File>,
+    salt: u32,
+    end: u64,
 }
 
 /// Gathered records for one file: the file, their offset, their bytes (shared between the
@@ -236,6 +247,7 @@ impl Spool {
             unwritten: Vec::new(),
             in_flight: Vec::new(),
             in_flight_seq: 0,
+            to_seal: Vec::new(),
         };
         // Segments left with nothing live by the last run go now.
         spool.reclaim()?;
@@ -279,6 +291,18 @@ impl Spool {
             return Err(SpoolError::TooLarge(len));
         }
         if self.seg.as_ref().is_none_or(|s| s.room() < len) {
+            // A full segment is sealed once all it holds is durable: the ticket issued now
+            // covers its last record. (One left by a failed write is not current any more,
+            // and is never sealed.)
+            if let Some(full) = self.seg.as_ref() {
+                let seal = Seal {
+                    ticket: self.commits.issue(),
+                    file: full.file.clone(),
+                    salt: full.salt,
+                    end: full.end() as u64,
+                };
+                self.to_seal.push(seal);
+            }
             self.retire_current();
             // A segment made ahead of time off the core when there is one; otherwise make it
             // here (file, reservation and two fsyncs: the slow path).
@@ -639,6 +663,27 @@ impl Spool {
         if !ok {
             self.poisoned_below = self.next_draft;
             self.retire_current();
+        }
+        self.seal_durable();
+    }
+
+    /// Seals the full segments whose records are all durable now (best effort: a seal lost
+    /// only takes away a check). Their files are synced again with the next batch.
+    fn seal_durable(&mut self) {
+        let mut sealed = Vec::new();
+        let commits = &self.commits;
+        self.to_seal.retain(|s| match commits.state(s.ticket) {
+            TicketState::Pending => true,
+            TicketState::Failed => false,
+            TicketState::Durable => {
+                if write_seal(&s.file, s.salt, s.end).is_ok() {
+                    sealed.push(s.file.clone());
+                }
+                false
+            }
+        });
+        for file in sealed {
+            self.mark_dirty(&file);
         }
     }
 

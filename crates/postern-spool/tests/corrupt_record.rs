@@ -166,7 +166,8 @@ fn the_segments_of_a_damaged_message_are_kept() {
     data[next..next + 4].fill(0);
     std::fs::write(&segs[0], &data).unwrap();
     let r = recover(dir.path()).unwrap();
-    assert_eq!((r.corrupt_records, r.damaged), (0, 1));
+    // The first segment is full and sealed: the zeroed length word is damage where it is.
+    assert_eq!((r.corrupt_records, r.damaged), (1, 1));
     let (start, end) = r.damaged_at[0];
     assert_eq!((start.segment, start.offset), (1, 64));
     assert!(end.segment > start.segment, "{end:?}");
@@ -309,4 +310,80 @@ fn a_length_past_the_end_is_damage_reported_and_kept() {
     drop(r);
     let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+/// The offsets of the records of the segment file `data`, in order (8-aligned, each
+/// `length u32 | crc u32 | kind u8 | 3 zeros | payload`).
+fn record_offsets(data: &[u8]) -> Vec<usize> {
+    let mut at = 64;
+    let mut found = Vec::new();
+    while at + 4 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        found.push(at);
+        at += (12 + len + 7) & !7;
+    }
+    found
+}
+
+#[test]
+fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
+    // A full, sealed segment: a zero length word before the end its header records is a
+    // lost or zeroed write, not the end of the data, so its later messages are not lost
+    // without a word.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for i in 0..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 30_000)).unwrap();
+        spool.finish(d).unwrap();
+        spool.sync_now().unwrap();
+    }
+    drop(spool);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "{files:?}");
+    let before = recover(dir.path()).unwrap();
+    assert_eq!((before.messages.len(), before.corrupt_records), (12, 0));
+    let first = &files[0];
+    let mut data = std::fs::read(first).unwrap();
+    let records = record_offsets(&data);
+    let at = records[records.len() / 2];
+    data[at..at + 4].fill(0);
+    std::fs::write(first, &data).unwrap();
+
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages.len() < 12, "the zeros hid nothing?");
+    assert!(r.corrupt_records >= 1, "{} messages, no damage reported", r.messages.len());
+    assert!(r
+        .corrupt_at
+        .iter()
+        .any(|c| c.segment == 1 && c.offset == at as u64));
+    // Once the messages still read are final, the segment is set aside, not deleted.
+    let ids: Vec<String> = r.messages.iter().map(|m| m.queue_id.clone()).collect();
+    drop(r);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for id in &ids {
+        spool.mark_final(id).unwrap();
+    }
+    assert!(!first.exists());
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+#[test]
+fn zeros_after_the_last_record_of_the_segment_being_written_are_its_end() {
+    // The segment in use at a crash has no seal: its zeros are the end of the data, and
+    // nothing is reported.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for i in 0..2 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 3_000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.messages.len(), r.corrupt_records, r.torn_tails), (2, 0, 0));
 }
