@@ -49,13 +49,23 @@ fn replies_to_a_long_pipelined_run_are_flushed_in_bounded_pieces() {
     let one = EHLO.iter().map(|l| l.len() + 2).sum::<usize>();
     assert_eq!(o.output.matches(EHLO[0]).count(), 2000);
     assert!(o.output.ends_with("221 2.0.0 mx.test Bye\r\n"));
-    assert!(o.flushed.len() >= 2000 * one / (OUTPUT_HIGH_WATER + one), "{:?}", o.flushed);
+    assert!(
+        o.flushed.len() >= 2000 * one / (OUTPUT_HIGH_WATER + one),
+        "{:?}",
+        o.flushed
+    );
     for &n in &o.flushed {
-        assert!((OUTPUT_HIGH_WATER..OUTPUT_HIGH_WATER + one).contains(&n), "{n}");
+        assert!(
+            (OUTPUT_HIGH_WATER..OUTPUT_HIGH_WATER + one).contains(&n),
+            "{n}"
+        );
     }
     // The same whole output however the input is cut.
     let cuts: Vec<usize> = (7..input.len()).step_by(4099).collect();
-    assert_eq!(support::run(&support::config(), false, &input, &cuts).output, o.output);
+    assert_eq!(
+        support::run(&support::config(), false, &input, &cuts).output,
+        o.output
+    );
 }
 
 #[test]

@@ -1461,7 +1461,10 @@ impl CoreRelay {
     /// meanwhile wait for the pause's end.
     fn suspend(&self, dq: &DestQueue, last: &Carried, carry: &mut Vec<Carried>) {
         dq.down_until.set(now_ms() + self.pause_ms());
-        let not_tried = format!("not tried, delivery to the next hop suspended after: {}", last.text);
+        let not_tried = format!(
+            "not tried, delivery to the next hop suspended after: {}",
+            last.text
+        );
         *dq.paused_for.borrow_mut() =
             Some((last.status.clone(), not_tried.clone(), last.remote.clone()));
         tracing::info!(

@@ -742,7 +742,10 @@ fn an_original_recipient_of_any_address_type_but_utf8_is_decoded_from_xtext() {
         ("rfc822;a+2Bb@example.net", "rfc822;a+b@example.net"),
         ("x-foo;bar+20baz", "x-foo;bar baz"),
         ("X.400;c=us+3Ba=b", "X.400;c=us;a=b"),
-        ("utf-8;j\\x{F6}rg@example.net", "utf-8;j\\x{F6}rg@example.net"),
+        (
+            "utf-8;j\\x{F6}rg@example.net",
+            "utf-8;j\\x{F6}rg@example.net",
+        ),
     ];
     for (given, shown) in cases {
         let mut recipients = failures();
@@ -751,6 +754,10 @@ fn an_original_recipient_of_any_address_type_but_utf8_is_decoded_from_xtext() {
         let bytes = dsn::build(&report(&recipients, ORIGINAL));
         let status = delivery_status(&parse(&bytes));
         let blocks = blocks(&status);
-        assert_eq!(value(&blocks[1], "Original-Recipient"), Some(shown), "{given}");
+        assert_eq!(
+            value(&blocks[1], "Original-Recipient"),
+            Some(shown),
+            "{given}"
+        );
     }
 }

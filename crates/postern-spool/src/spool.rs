@@ -15,8 +15,7 @@ use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
 use crate::segment::{
-    file_name, header, is_temp_name, parse_name, pwrite_all, sync_dir, write_seal, Header,
-    Segment,
+    file_name, header, is_temp_name, parse_name, pwrite_all, sync_dir, write_seal, Header, Segment,
 };
 use crate::spare::{PreparedSegment, SpareJob};
 

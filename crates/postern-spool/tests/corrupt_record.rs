@@ -355,7 +355,11 @@ fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
 
     let r = recover(dir.path()).unwrap();
     assert!(r.messages.len() < 12, "the zeros hid nothing?");
-    assert!(r.corrupt_records >= 1, "{} messages, no damage reported", r.messages.len());
+    assert!(
+        r.corrupt_records >= 1,
+        "{} messages, no damage reported",
+        r.messages.len()
+    );
     assert!(r
         .corrupt_at
         .iter()
@@ -385,5 +389,8 @@ fn zeros_after_the_last_record_of_the_segment_being_written_are_its_end() {
     spool.sync_now().unwrap();
     drop(spool);
     let r = recover(dir.path()).unwrap();
-    assert_eq!((r.messages.len(), r.corrupt_records, r.torn_tails), (2, 0, 0));
+    assert_eq!(
+        (r.messages.len(), r.corrupt_records, r.torn_tails),
+        (2, 0, 0)
+    );
 }

@@ -96,5 +96,9 @@ fn a_message_whose_sync_failed_does_not_hold_its_segments_once_forgotten() {
         deleted >= 5,
         "{deleted} segments deleted of {before} bytes: the failed message's first segment holds the rest"
     );
-    assert!(spool.bytes_in_use() <= 3 * 64 * 1024, "{}", spool.bytes_in_use());
+    assert!(
+        spool.bytes_in_use() <= 3 * 64 * 1024,
+        "{}",
+        spool.bytes_in_use()
+    );
 }
