@@ -1461,12 +1461,9 @@ impl CoreRelay {
     /// meanwhile wait for the pause's end.
     fn suspend(&self, dq: &DestQueue, last: &Carried, carry: &mut Vec<Carried>) {
         dq.down_until.set(now_ms() + self.pause_ms());
-        let not_tried = format!(
-            "not tried, delivery to the next hop suspended after: {}",
-            last.text
-        );
-        *dq.paused_for.borrow_mut() =
-            Some((last.status.clone(), not_tried.clone(), last.remote.clone()));
+        // No next hop answered for these jobs: no Remote-MTA in their reports.
+        let not_tried = format!("{}{}", dsn::NOT_TRIED, last.text);
+        *dq.paused_for.borrow_mut() = Some((last.status.clone(), not_tried.clone(), None));
         tracing::info!(
             next_hop = %dq.dest.key(),
             "every address of the next hop broke off; delivery to it suspended for {}s",
@@ -1477,7 +1474,7 @@ impl CoreRelay {
         }
         let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
         for job in jobs {
-            self.settle_all(job, false, &last.status, &not_tried, last.remote.clone());
+            self.settle_all(job, false, &last.status, &not_tried, None);
         }
     }
 

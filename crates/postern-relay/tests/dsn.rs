@@ -761,3 +761,34 @@ fn an_original_recipient_of_any_address_type_but_utf8_is_decoded_from_xtext() {
         );
     }
 }
+
+#[test]
+fn a_recipient_never_sent_does_not_report_another_sessions_reply_as_its_own() {
+    let text = format!(
+        "{}mx.example.net: server closed the session: 421 4.3.2 not now",
+        dsn::NOT_TRIED
+    );
+    let mut recipients = vec![recipient(
+        "bob@example.net",
+        Action::Delayed,
+        "4.3.2",
+        &text,
+    )];
+    recipients[0].remote_mta = None;
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let status = delivery_status(&parse(&bytes));
+    let first = blocks(&status);
+    let diagnostic = value(&first[1], "Diagnostic-Code").unwrap();
+    assert!(
+        diagnostic.starts_with("X-Postern; not tried"),
+        "{diagnostic}"
+    );
+    assert_eq!(value(&first[1], "Remote-MTA"), None);
+    // A reply of its own is still written as one.
+    let recipients = failures();
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let status = delivery_status(&parse(&bytes));
+    assert!(value(&blocks(&status)[1], "Diagnostic-Code")
+        .unwrap()
+        .starts_with("smtp; 550 5.1.1"));
+}

@@ -190,6 +190,7 @@ impl Session {
                         if let Some(draft) = self.draft.take() {
                             self.core.store.abort(draft);
                         }
+                        self.gathered = Vec::new();
                     }
                     Event::StartTls => {
                         // Anything pipelined after STARTTLS is dropped unread.
@@ -295,6 +296,7 @@ impl Session {
     fn abandon_draft(&mut self, open: bool) {
         if let (true, Some(draft)) = (open, self.draft.take()) {
             self.core.store.abort(draft);
+            self.gathered = Vec::new();
         }
     }
 
@@ -473,6 +475,7 @@ impl Session {
             if let Some(draft) = self.draft.take() {
                 self.core.store.abort(draft);
             }
+            self.gathered = Vec::new();
             self.proto.abort_body(replies::SPOOL_FULL);
         }
     }

@@ -134,8 +134,10 @@ pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
     let map = ReadMap::new(&file).map_err(SpoolError::at(path))?;
     let data = map.range(0, map.len());
     Ok(match header(data) {
+        // A sealed segment held records, whatever its first length word says now.
         Header::Valid { salt, size } => {
             !cut_short(data.len(), size)
+                && sealed_end(data, salt).is_none_or(|end| end <= HEADER)
                 && data
                     .get(HEADER..)
                     .is_some_and(|rest| matches!(read_record(rest, salt), Read::End))
@@ -275,11 +277,15 @@ impl Scan<'_> {
         loop {
             match read_record(&data[pos..], salt) {
                 Read::End => {
-                    if sealed.is_some_and(|end| pos < end) {
+                    // A sealed segment has no torn tail: a bad record before the end is
+                    // damage, and so is an end found anywhere but where the seal says.
+                    if let Some(end) = sealed {
                         if let Some(at) = last_corrupt.take() {
                             self.corrupt(at);
                         }
-                        self.corrupt(pos);
+                        if pos != end {
+                            self.corrupt(pos);
+                        }
                     }
                     break;
                 }

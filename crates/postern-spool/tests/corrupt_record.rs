@@ -376,21 +376,80 @@ fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
 }
 
 #[test]
-fn zeros_after_the_last_record_of_the_segment_being_written_are_its_end() {
-    // The segment in use at a crash has no seal: its zeros are the end of the data, and
-    // nothing is reported.
+fn zeros_over_the_first_length_word_of_a_full_segment_are_damage_reported_and_kept() {
+    // Its first record gone, the segment looks like one made ahead and never written; the
+    // seal says otherwise, so it is not deleted as empty at the next opening.
     let dir = tempfile::tempdir().unwrap();
-    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
-    for i in 0..2 {
-        let mut d = spool.begin(&meta(i)).unwrap();
-        spool.append(&mut d, &body(i, 3_000)).unwrap();
-        spool.finish(d).unwrap();
-    }
-    spool.sync_now().unwrap();
-    drop(spool);
+    let ids = full_segments(dir.path());
+    let first = &segment_files(dir.path())[0];
+    let mut data = std::fs::read(first).unwrap();
+    data[64..68].fill(0);
+    std::fs::write(first, &data).unwrap();
     let r = recover(dir.path()).unwrap();
-    assert_eq!(
-        (r.messages.len(), r.corrupt_records, r.torn_tails),
-        (2, 0, 0)
-    );
+    assert!(r
+        .corrupt_at
+        .iter()
+        .any(|c| c.segment == 1 && c.offset == 64));
+    drop(r);
+    // Nothing live is left in it (its messages' records are hidden): set aside at the
+    // opening or once the rest is final, never deleted.
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for id in &ids {
+        let _ = spool.mark_final(id);
+    }
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+#[test]
+fn a_bad_last_record_of_a_full_segment_is_damage_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    full_segments(dir.path());
+    let first = &segment_files(dir.path())[0];
+    let mut data = std::fs::read(first).unwrap();
+    let last = *record_offsets(&data).last().unwrap();
+    // A bit flipped in its payload: the CRC no longer matches.
+    data[last + 20] ^= 0x01;
+    std::fs::write(first, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.torn_tails, 0);
+    assert!(r
+        .corrupt_at
+        .iter()
+        .any(|c| c.segment == 1 && c.offset == last as u64));
+}
+
+/// Twelve 30,000-byte messages, each synced, in 128 KiB segments: the first ones are full
+/// and sealed. Returns their queue IDs.
+fn full_segments(root: &std::path::Path) -> Vec<String> {
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 30_000)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        spool.finish(d).unwrap();
+        spool.sync_now().unwrap();
+    }
+    drop(spool);
+    assert!(segment_files(root).len() >= 3);
+    ids
+}
+
+#[test]
+fn zeros_in_the_segment_being_written_are_its_end() {
+    // The segment in use when the server stopped has no seal: zeros over a length word there
+    // are what a crash leaves, the end of the data, and are not reported (the full segments
+    // before it are sealed).
+    let dir = tempfile::tempdir().unwrap();
+    full_segments(dir.path());
+    let files = segment_files(dir.path());
+    let current = files.last().unwrap();
+    let mut data = std::fs::read(current).unwrap();
+    let records = record_offsets(&data);
+    assert!(records.len() >= 2, "{records:?}");
+    data[records[1]..records[1] + 4].fill(0);
+    std::fs::write(current, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.corrupt_records, 0, "{:?}", r.corrupt_at);
+    assert!(r.messages.len() < 12);
 }
