@@ -1675,7 +1675,7 @@ impl CoreRelay {
                     Err(_) => self
                         .relay
                         .resolver
-                        .next_hops(&hp.host)
+                        .host_next_hops(&hp.host)
                         .await
                         .map_err(|e| unresolved(mx_failure(&hp.host, &e)))?,
                 };

@@ -210,6 +210,8 @@ struct Job {
     /// Our host name, to take out of the domain's MX hosts (with all not preferred to it)
     /// before their addresses are looked up; `None` for a host that is not an MX lookup.
     own_name: Option<String>,
+    /// A host's own addresses only, no MX (a route's host or the relay host).
+    host_only: bool,
     reply: oneshot::Sender<Result<Vec<NextHop>, MxError>>,
 }
 
@@ -336,7 +338,25 @@ impl Resolver {
             .await
     }
 
+    /// The addresses of the host `host` itself (A and AAAA, following CNAMEs), with no MX
+    /// lookup: the next hop of a route or of the relay host is the host the operator named
+    /// (RFC 5321 5.1 applies to a mail domain, not to a configured host). A name that does
+    /// not exist or has no address is a temporary failure here: the operator's setting is
+    /// wrong, and mail waits for it to be fixed rather than bouncing.
+    pub async fn host_next_hops(&self, host: &str) -> Result<Vec<NextHop>, MxError> {
+        self.ask(host, None, true).await
+    }
+
     async fn hops(&self, domain: &str, own_name: Option<String>) -> Result<Vec<NextHop>, MxError> {
+        self.ask(domain, own_name, false).await
+    }
+
+    async fn ask(
+        &self,
+        domain: &str,
+        own_name: Option<String>,
+        host_only: bool,
+    ) -> Result<Vec<NextHop>, MxError> {
         if let Some(literal) = domain_literal(domain) {
             let addr = literal?;
             return Ok(vec![NextHop {
@@ -349,6 +369,7 @@ impl Resolver {
         let job = Job {
             domain: domain.to_owned(),
             own_name,
+            host_only,
             reply,
         };
         if self.jobs.send(job).is_err() {
@@ -382,10 +403,18 @@ async fn serve(resolver: TokioResolver, job: Job) {
     let Job {
         domain,
         own_name,
+        host_only,
         mut reply,
     } = job;
+    let work = async {
+        if host_only {
+            host_lookup(&resolver, &domain).await
+        } else {
+            lookup(&resolver, &domain, own_name.as_deref()).await
+        }
+    };
     let answer = tokio::select! {
-        answer = lookup(&resolver, &domain, own_name.as_deref()) => answer,
+        answer = work => answer,
         () = reply.closed() => return,
     };
     let _ = reply.send(answer);
@@ -498,6 +527,24 @@ async fn lookup(
         Some(why) => MxError::Temporary(why),
         None => MxError::NoMailHost,
     })
+}
+
+/// The addresses of a configured host, for [`Resolver::host_next_hops`].
+async fn host_lookup(resolver: &TokioResolver, host: &str) -> Result<Vec<NextHop>, MxError> {
+    let Some(name) = fqdn(host) else {
+        return Err(MxError::Temporary(format!("{host} is not a host name")));
+    };
+    match addresses(resolver, name).await {
+        Addresses::Found(addrs) => Ok(vec![NextHop {
+            host: host.trim_end_matches('.').to_owned(),
+            preference: 0,
+            addrs,
+        }]),
+        Addresses::None => Err(MxError::Temporary(format!(
+            "the host {host} has no address (A or AAAA record) or does not exist"
+        ))),
+        Addresses::Failed(why) => Err(MxError::Temporary(format!("A/AAAA {host}: {why}"))),
+    }
 }
 
 /// The domain as a fully qualified name (so no search list applies), or `None` if it is not a

@@ -532,3 +532,53 @@ fn one_resolver_serves_executors_on_several_threads() {
         thread.join().unwrap();
     }
 }
+
+/// Awaits `host_next_hops` on a fresh glommio executor, failing after [`DEADLINE`].
+fn host_lookup(resolver: &Resolver, host: &str) -> Result<Vec<NextHop>, MxError> {
+    on_glommio(|| async {
+        let lookup = resolver.host_next_hops(host);
+        let deadline = async {
+            glommio::timer::sleep(DEADLINE).await;
+            panic!("lookup of {host} never woke the executor");
+        };
+        futures_lite::future::or(lookup, deadline).await
+    })
+}
+
+#[test]
+fn a_configured_host_is_its_own_addresses_whatever_its_mx_records_say() {
+    // The relay host or a route's host is the host the operator named: its MX records (to
+    // another host, a null MX) are for mail addressed to it, not for mail sent through it.
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("relay", Rec::A(v4("192.0.2.11"))),
+            ("relay", Rec::Mx(10, "other")),
+            ("other", Rec::A(v4("192.0.2.12"))),
+            ("nullmx", Rec::A(v4("192.0.2.13"))),
+            ("nullmx", Rec::Mx(0, ".")),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        host_lookup(&resolver, "relay.example.test").unwrap(),
+        [NextHop {
+            host: "relay.example.test".into(),
+            preference: 0,
+            addrs: vec![ip("192.0.2.11")],
+        }]
+    );
+    assert_eq!(
+        host_lookup(&resolver, "nullmx.example.test").unwrap()[0].addrs,
+        [ip("192.0.2.13")]
+    );
+    // The MX lookup of the same names still follows their MX records.
+    assert_eq!(
+        hosts(&lookup(&resolver, "relay.example.test").unwrap()),
+        [(10, "other.example.test")]
+    );
+    // A configured host that does not exist is the operator's mistake: mail waits.
+    let err = host_lookup(&resolver, "typo.example.test").unwrap_err();
+    assert!(!err.is_permanent(), "{err:?}");
+    assert!(err.to_string().contains("typo.example.test"), "{err}");
+}

@@ -1022,6 +1022,39 @@ fn mx_server(dns: &dns_server::TestDns, port: u16, extra: &[&str]) -> Server {
 }
 
 #[test]
+fn the_relay_host_is_reached_at_its_own_address_not_through_its_mx() {
+    use dns_server::{Rec, TestDns};
+    // relay.test has an address and an MX record naming another host: mail sent through the
+    // relay host goes to relay.test itself (an MX is for mail addressed to the domain).
+    let relay = Peer::start_on("127.0.0.60", 0, &[]);
+    let port = relay.port;
+    let other = Peer::start_on("127.0.0.61", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("relay.test.", Rec::A("127.0.0.60".parse().unwrap())),
+            ("relay.test.", Rec::Mx(10, "other.test.")),
+            ("other.test.", Rec::A("127.0.0.61".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let relay_host = format!("relay.test:{port}");
+    let mut args = vec!["--dns-server", &dns_addr, "--relay-host", &relay_host];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@anywhere.test"],
+        "<smarthost@t>",
+        "x\r\n",
+    );
+    relay.first("delivery to the relay host");
+    assert!(other.stored().is_empty(), "delivered through the relay host's MX");
+    drop(dns);
+}
+
+#[test]
 fn mx_preference_fallback_to_a_and_null_mx() {
     use dns_server::{Rec, TestDns};
     // Two MX hosts on two loopback addresses, same port; the preferred one is down at first.
