@@ -1050,7 +1050,10 @@ fn the_relay_host_is_reached_at_its_own_address_not_through_its_mx() {
         "x\r\n",
     );
     relay.first("delivery to the relay host");
-    assert!(other.stored().is_empty(), "delivered through the relay host's MX");
+    assert!(
+        other.stored().is_empty(),
+        "delivered through the relay host's MX"
+    );
     drop(dns);
 }
 
