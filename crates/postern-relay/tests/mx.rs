@@ -47,10 +47,14 @@ where
 /// Awaits `next_hops` on the current glommio executor, failing after [`DEADLINE`]: the glommio
 /// timer wakes the executor itself, so a lost wake from the resolver thread shows up here.
 async fn next_hops(resolver: &Resolver, domain: &str) -> Result<Vec<NextHop>, MxError> {
-    let lookup = resolver.next_hops(domain);
+    within_deadline(domain, resolver.next_hops(domain)).await
+}
+
+/// Awaits `lookup` of `name`, failing after [`DEADLINE`] (see [`next_hops`]).
+async fn within_deadline<T>(name: &str, lookup: impl Future<Output = T>) -> T {
     let deadline = async {
         glommio::timer::sleep(DEADLINE).await;
-        panic!("lookup of {domain} never woke the executor");
+        panic!("lookup of {name} never woke the executor");
     };
     futures_lite::future::or(lookup, deadline).await
 }
@@ -68,14 +72,7 @@ fn hosts(hops: &[NextHop]) -> Vec<(u16, &str)> {
 
 /// [`Resolver::mx_next_hops`] for this server named `own`, once, on a fresh executor.
 fn lookup_as(resolver: &Resolver, domain: &str, own: &str) -> Result<Vec<NextHop>, MxError> {
-    on_glommio(|| async {
-        let lookup = resolver.mx_next_hops(domain, own);
-        let deadline = async {
-            glommio::timer::sleep(DEADLINE).await;
-            panic!("lookup of {domain} never woke the executor");
-        };
-        futures_lite::future::or(lookup, deadline).await
-    })
+    on_glommio(|| within_deadline(domain, resolver.mx_next_hops(domain, own)))
 }
 
 #[test]
@@ -535,14 +532,7 @@ fn one_resolver_serves_executors_on_several_threads() {
 
 /// Awaits `host_next_hops` on a fresh glommio executor, failing after [`DEADLINE`].
 fn host_lookup(resolver: &Resolver, host: &str) -> Result<Vec<NextHop>, MxError> {
-    on_glommio(|| async {
-        let lookup = resolver.host_next_hops(host);
-        let deadline = async {
-            glommio::timer::sleep(DEADLINE).await;
-            panic!("lookup of {host} never woke the executor");
-        };
-        futures_lite::future::or(lookup, deadline).await
-    })
+    on_glommio(|| within_deadline(host, resolver.host_next_hops(host)))
 }
 
 #[test]
