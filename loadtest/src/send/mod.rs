@@ -161,7 +161,8 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         run.plan.claimed(),
         run.plan.stopped(),
     );
-    print!("{}", report.text());
+    // The files first: a report that cannot be printed (stdout a closed pipe, a full disk)
+    // must not cost them, nor end the program in a panic.
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| LoadError::Internal(e.to_string()))?;
@@ -169,6 +170,12 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     }
     if let Some(path) = &args.plot {
         plot::draw(path, &total)?;
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(report.text().as_bytes());
+        let _ = out.flush();
     }
     Ok(if total.accepted == 0 {
         ExitCode::from(1)

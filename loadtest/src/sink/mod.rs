@@ -83,7 +83,8 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
     ));
     if let Some(addr) = args.metrics {
         let bound = metrics_http::start(addr, counters.clone())?;
-        println!("metrics on {bound}");
+        // Ignored when stdout is gone (a harness that read the first line and closed it).
+        let _ = writeln!(std::io::stdout(), "metrics on {bound}");
     }
     let handles = executors::spawn("postern-load-sink", threads, &cpus, move |id| {
         let shared = shared.clone();
@@ -105,7 +106,7 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
             return Err(e);
         }
     };
-    println!("listening on {local}");
+    let _ = writeln!(std::io::stdout(), "listening on {local}");
     let _ = std::io::stdout().flush();
     let started = Instant::now();
     // Bounded by a signal or by --lifetime.
@@ -123,7 +124,7 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
     if let (Some(r), Some(path)) = (recorder, &args.record) {
         r.finish(path)?;
     }
-    print!("{}", counters.render());
+    let _ = std::io::stdout().write_all(counters.render().as_bytes());
     let _ = std::io::stdout().flush();
     if failed {
         return Err(LoadError::Internal("an executor failed".into()));
