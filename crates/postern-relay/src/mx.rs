@@ -207,12 +207,17 @@ pub fn local_addresses() -> Vec<IpAddr> {
 /// One lookup handed to the resolver thread.
 struct Job {
     domain: String,
-    /// Our host name, to take out of the domain's MX hosts (with all not preferred to it)
-    /// before their addresses are looked up; `None` for a host that is not an MX lookup.
-    own_name: Option<String>,
-    /// A host's own addresses only, no MX (a route's host or the relay host).
-    host_only: bool,
+    kind: Lookup,
     reply: oneshot::Sender<Result<Vec<NextHop>, MxError>>,
+}
+
+/// What a [`Job`] looks up.
+enum Lookup {
+    /// The domain's MX hosts. With our host name, to take out of them (with all not preferred
+    /// to it) before their addresses are looked up.
+    Mx(Option<String>),
+    /// A host's own addresses only, no MX (a route's host or the relay host).
+    Host,
 }
 
 /// A handle to the resolver thread; cheap to clone, usable from any thread or executor.
@@ -344,19 +349,14 @@ impl Resolver {
     /// not exist or has no address is a temporary failure here: the operator's setting is
     /// wrong, and mail waits for it to be fixed rather than bouncing.
     pub async fn host_next_hops(&self, host: &str) -> Result<Vec<NextHop>, MxError> {
-        self.ask(host, None, true).await
+        self.ask(host, Lookup::Host).await
     }
 
     async fn hops(&self, domain: &str, own_name: Option<String>) -> Result<Vec<NextHop>, MxError> {
-        self.ask(domain, own_name, false).await
+        self.ask(domain, Lookup::Mx(own_name)).await
     }
 
-    async fn ask(
-        &self,
-        domain: &str,
-        own_name: Option<String>,
-        host_only: bool,
-    ) -> Result<Vec<NextHop>, MxError> {
+    async fn ask(&self, domain: &str, kind: Lookup) -> Result<Vec<NextHop>, MxError> {
         if let Some(literal) = domain_literal(domain) {
             let addr = literal?;
             return Ok(vec![NextHop {
@@ -368,8 +368,7 @@ impl Resolver {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             domain: domain.to_owned(),
-            own_name,
-            host_only,
+            kind,
             reply,
         };
         if self.jobs.send(job).is_err() {
@@ -402,15 +401,13 @@ fn domain_literal(domain: &str) -> Option<Result<IpAddr, MxError>> {
 async fn serve(resolver: TokioResolver, job: Job) {
     let Job {
         domain,
-        own_name,
-        host_only,
+        kind,
         mut reply,
     } = job;
     let work = async {
-        if host_only {
-            host_lookup(&resolver, &domain).await
-        } else {
-            lookup(&resolver, &domain, own_name.as_deref()).await
+        match kind {
+            Lookup::Host => host_lookup(&resolver, &domain).await,
+            Lookup::Mx(own_name) => lookup(&resolver, &domain, own_name.as_deref()).await,
         }
     };
     let answer = tokio::select! {

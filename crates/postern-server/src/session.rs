@@ -186,12 +186,7 @@ impl Session {
                             return;
                         }
                     }
-                    Event::DataAbort => {
-                        if let Some(draft) = self.draft.take() {
-                            self.core.store.abort(draft);
-                        }
-                        self.gathered = Vec::new();
-                    }
+                    Event::DataAbort => self.drop_draft(),
                     Event::StartTls => {
                         // Anything pipelined after STARTTLS is dropped unread.
                         start = end;
@@ -294,10 +289,18 @@ impl Session {
     }
 
     fn abandon_draft(&mut self, open: bool) {
-        if let (true, Some(draft)) = (open, self.draft.take()) {
-            self.core.store.abort(draft);
-            self.gathered = Vec::new();
+        if open {
+            self.drop_draft();
         }
+    }
+
+    /// Abandons the message being received, if any: its spool records and its gathered
+    /// pieces.
+    fn drop_draft(&mut self) {
+        if let Some(draft) = self.draft.take() {
+            self.core.store.abort(draft);
+        }
+        self.gathered = Vec::new();
     }
 
     /// Writes out the pending replies. False when the connection is gone.
@@ -472,10 +475,7 @@ impl Session {
         };
         if let Err(e) = appended {
             self.core.spool_error("writing a message", &e);
-            if let Some(draft) = self.draft.take() {
-                self.core.store.abort(draft);
-            }
-            self.gathered = Vec::new();
+            self.drop_draft();
             self.proto.abort_body(replies::SPOOL_FULL);
         }
     }
@@ -513,9 +513,7 @@ impl Session {
         }
         if let Err(e) = appended {
             self.core.spool_error("writing a message", &e);
-            if let Some(draft) = self.draft.take() {
-                self.core.store.abort(draft);
-            }
+            self.drop_draft();
             self.proto.message_failed(replies::SPOOL_FULL);
             return true;
         }
