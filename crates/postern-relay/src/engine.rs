@@ -233,7 +233,10 @@ pub struct Relay {
     config: RelayConfig,
     cores: usize,
     jobs: Mailboxes<Job>,
-    reports: Mailboxes<Report>,
+    /// Outcomes, by owner: those of one job go together, so the owner settles them in one
+    /// batch (a transaction that failed every recipient makes one bounce, not one per
+    /// batch the owner happened to take them out in).
+    reports: Mailboxes<Vec<Report>>,
     depth: Depth,
     marks: Watermarks,
     resolver: Resolver,
@@ -628,6 +631,7 @@ impl CoreRelay {
     /// Routes recipients `rcpts` of `msg` and sends one job per next hop to its shard.
     fn dispatch(&self, msg: &Arc<Msg>, rcpts: &[u32], failures: u32, not_before: u64) {
         let mut groups: Vec<(Destination, Vec<u32>)> = Vec::new();
+        let mut unrouted = Vec::new();
         for &i in rcpts {
             let Some(r) = msg.meta.recipients.get(i as usize) else {
                 continue;
@@ -637,19 +641,19 @@ impl CoreRelay {
                     Some((_, v)) => v.push(i),
                     None => groups.push((dest, vec![i])),
                 },
-                None => self.relay.reports.send(
-                    self.id,
-                    Report {
-                        queue_id: msg.queue_id.clone(),
-                        rcpt: i,
-                        result: Result_::Failed {
-                            status: "5.1.2".into(),
-                        },
-                        reply: "no route to this recipient (no domain and no relay host)".into(),
-                        remote: None,
+                None => unrouted.push(Report {
+                    queue_id: msg.queue_id.clone(),
+                    rcpt: i,
+                    result: Result_::Failed {
+                        status: "5.1.2".into(),
                     },
-                ),
+                    reply: "no route to this recipient (no domain and no relay host)".into(),
+                    remote: None,
+                }),
             }
+        }
+        if !unrouted.is_empty() {
+            self.relay.reports.send(self.id, unrouted);
         }
         for (dest, rcpts) in groups {
             let shard = shard_of(&dest.key(), self.relay.cores);
@@ -1299,6 +1303,7 @@ impl CoreRelay {
                 let took_some = result.mail.is_positive()
                     && result.data.as_ref().is_some_and(Reply::is_positive)
                     && result.rcpts.iter().any(Reply::is_positive);
+                let mut out = Vec::with_capacity(job.rcpts.len());
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     let reply = result.outcome(k);
                     let text = reply_line(reply);
@@ -1309,6 +1314,7 @@ impl CoreRelay {
                     if reply.is_positive() {
                         let relayed = !job.hop_dsn;
                         self.report(
+                            &mut out,
                             &job.msg,
                             rcpt,
                             Result_::Delivered { relayed },
@@ -1318,6 +1324,7 @@ impl CoreRelay {
                     } else if reply.is_permanent() && !rcpt_552 {
                         let status = dsn::status_of(&text);
                         self.report(
+                            &mut out,
                             &job.msg,
                             rcpt,
                             Result_::Failed { status },
@@ -1337,6 +1344,7 @@ impl CoreRelay {
                         last_deferral = text;
                     }
                 }
+                self.send_reports(&job.msg, out);
                 if !overflow.is_empty() {
                     self.schedule(Job {
                         msg: job.msg.clone(),
@@ -1550,19 +1558,16 @@ impl CoreRelay {
             Some(t) => dsn::status_of(t),
             None => status.to_owned(),
         };
+        let mut out = Vec::with_capacity(job.rcpts.len());
         if permanent {
             for (k, &rcpt) in job.rcpts.iter().enumerate() {
                 let result = Result_::Failed {
                     status: status_of(k),
                 };
-                self.report(
-                    &job.msg,
-                    rcpt,
-                    result,
-                    text_of(k).to_owned(),
-                    remote.clone(),
-                );
+                let reply = text_of(k).to_owned();
+                self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
             }
+            self.send_reports(&job.msg, out);
             return;
         }
         let failures = job.failures + 1;
@@ -1575,17 +1580,14 @@ impl CoreRelay {
         {
             RetryDecision::RetryAt(at) => {
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
-                    self.report(
-                        &job.msg,
-                        rcpt,
-                        Result_::Deferred {
-                            next_attempt: at,
-                            status: status_of(k),
-                        },
-                        text_of(k).to_owned(),
-                        remote.clone(),
-                    );
+                    let result = Result_::Deferred {
+                        next_attempt: at,
+                        status: status_of(k),
+                    };
+                    let reply = text_of(k).to_owned();
+                    self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
                 }
+                self.send_reports(&job.msg, out);
                 self.handle.count_outcome(Outcome::Deferred);
                 self.schedule(Job {
                     failures,
@@ -1600,13 +1602,24 @@ impl CoreRelay {
                         status: "4.4.7".into(),
                     };
                     let reply = format!("delivery time expired; last error: {}", text_of(k));
-                    self.report(&job.msg, rcpt, result, reply, remote.clone());
+                    self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
                 }
+                self.send_reports(&job.msg, out);
             }
         }
     }
 
-    fn report(&self, msg: &Msg, rcpt: u32, result: Result_, reply: String, remote: Option<String>) {
+    /// Logs one recipient's outcome and adds it to `out`, the outcomes of its job that go to
+    /// the owner together ([`CoreRelay::send_reports`]).
+    fn report(
+        &self,
+        out: &mut Vec<Report>,
+        msg: &Msg,
+        rcpt: u32,
+        result: Result_,
+        reply: String,
+        remote: Option<String>,
+    ) {
         let to = msg
             .meta
             .recipients
@@ -1624,27 +1637,20 @@ impl CoreRelay {
                 tracing::info!(queue_id = %msg.queue_id, to, relay, status = "bounced", "{reply}")
             }
         }
-        self.send_report(msg, rcpt, result, reply, remote);
+        out.push(Report {
+            queue_id: msg.queue_id.clone(),
+            rcpt,
+            result,
+            reply,
+            remote,
+        });
     }
 
-    fn send_report(
-        &self,
-        msg: &Msg,
-        rcpt: u32,
-        result: Result_,
-        reply: String,
-        remote: Option<String>,
-    ) {
-        self.relay.reports.send(
-            msg.owner,
-            Report {
-                queue_id: msg.queue_id.clone(),
-                rcpt,
-                result,
-                reply,
-                remote,
-            },
-        );
+    /// Sends the outcomes of one job to the owner of its message, in one piece.
+    fn send_reports(&self, msg: &Msg, out: Vec<Report>) {
+        if !out.is_empty() {
+            self.relay.reports.send(msg.owner, out);
+        }
     }
 
     /// Connects to the next hop: its addresses in preference order (those in `tried` by the
@@ -1791,8 +1797,10 @@ impl CoreRelay {
     async fn report_loop(self: Rc<Self>) {
         let inbox = self.relay.reports.get(self.id);
         loop {
-            while let Some(r) = inbox.pop() {
-                self.settle(r);
+            while let Some(batch) = inbox.pop() {
+                for r in batch {
+                    self.settle(r);
+                }
             }
             self.report_relayed();
             self.report_failed();

@@ -910,6 +910,82 @@ fn a_failed_bounce_is_dropped_not_bounced_again() {
 }
 
 #[test]
+fn recipients_failed_in_one_transaction_get_one_bounce() {
+    // Several sessions, spread over both cores, each send messages to six recipients that the
+    // next hop refuses: each message fails in one transaction, and its sender gets one report
+    // naming all six, however the outcomes travel from the delivering core to the owner's.
+    const SESSIONS: usize = 4;
+    const EACH: usize = 40;
+    const RCPTS: usize = 6;
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
+    let mut server = routed_to(&peer, &["--metrics", "127.0.0.1:0"]);
+    let addr = server.smtp;
+    let senders: Vec<_> = (0..SESSIONS)
+        .map(|s| {
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                assert!(c.line().starts_with("220"));
+                c.send(b"EHLO client.test\r\n");
+                c.reply();
+                let mut ids = Vec::new();
+                for i in 0..EACH {
+                    assert!(c.cmd("MAIL FROM:<alice@origin.test>").starts_with("250"));
+                    for r in 0..RCPTS {
+                        let rcpt = format!("RCPT TO:<nobody{r}@dest.test>");
+                        assert!(c.cmd(&rcpt).starts_with("250"));
+                    }
+                    assert!(c.cmd("DATA").starts_with("354"));
+                    c.send(format!("Message-ID: <f{s}-{i}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+                    let reply = c.line();
+                    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+                    ids.push(common::queue_id(&reply));
+                }
+                c.cmd("QUIT");
+                ids
+            })
+        })
+        .collect();
+    let ids: Vec<String> = senders
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let failed = format!(
+        "postern_recipients_failed_total {}\n",
+        SESSIONS * EACH * RCPTS
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !server
+        .metrics_until(|m| m.contains(&failed))
+        .contains(&failed)
+    {
+        assert!(Instant::now() < deadline, "not every recipient failed");
+    }
+    // Every outcome is settled; a graceful stop waits for the reports being made.
+    let log = server.terminate_for_log();
+    let mut reports: HashMap<&str, usize> = HashMap::new();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("delivery status notification queued"))
+    {
+        let id = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("queue_id="))
+            .unwrap_or_else(|| panic!("no queue_id in {line}"));
+        *reports.entry(id).or_default() += 1;
+    }
+    let not_once: Vec<(&String, Option<usize>)> = ids
+        .iter()
+        .map(|id| (id, reports.get(id.as_str()).copied()))
+        .filter(|(_, n)| *n != Some(1))
+        .collect();
+    assert!(
+        not_once.is_empty(),
+        "messages not bounced exactly once (bounces made): {not_once:?}"
+    );
+    assert_eq!(reports.len(), ids.len(), "bounces of messages not sent");
+}
+
+#[test]
 fn next_hop_down_then_up() {
     let down = reserve("127.0.0.1", 0);
     let port = down.1;

@@ -24,6 +24,9 @@ pub struct Server {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The line added to a server's kept log once its stderr is closed (the process ended).
+const LOG_END: &str = "-- end of log --\n";
+
 impl Server {
     /// Starts `postern serve` with `args` (plus an ephemeral port and a fresh spool unless
     /// given) and waits until it says it is ready. Unless `args` says where to deliver
@@ -85,6 +88,8 @@ impl Server {
                 kept.1.notify_all();
                 line.clear();
             }
+            kept.0.lock().unwrap().push_str(LOG_END);
+            kept.1.notify_all();
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let (mut smtp, mut smtps, mut metrics) = (None, None, None);
@@ -144,6 +149,24 @@ impl Server {
             assert!(!left.is_zero(), "no such log line in:\n{text}");
             text = changed.wait_timeout(text, left).unwrap().0;
         }
+    }
+
+    /// Sends SIGTERM, waits for a successful exit and returns the whole log.
+    pub fn terminate_for_log(&mut self) -> String {
+        let status = self.terminate();
+        assert!(status.success(), "postern exited with {status}");
+        let (text, changed) = &*self.log;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut text = text.lock().unwrap();
+        while !text.ends_with(LOG_END) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "the log did not end after the process exited"
+            );
+            text = changed.wait_timeout(text, left).unwrap().0;
+        }
+        text.clone()
     }
 
     pub fn connect(&self) -> Client {
