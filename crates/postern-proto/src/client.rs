@@ -258,6 +258,8 @@ pub struct ClientSession {
     waiting: Option<(Expect, &'static [u8])>,
     /// The session ended with a 421 that answered a RSET.
     closed_at_rset: bool,
+    /// A RSET went out (or waits to) after the last transaction: another is not needed.
+    reset: bool,
 }
 
 impl ClientSession {
@@ -279,6 +281,7 @@ impl ClientSession {
             replies: 0,
             waiting: None,
             closed_at_rset: false,
+            reset: true,
         }
     }
 
@@ -436,6 +439,7 @@ impl ClientSession {
                 });
             }
         }
+        self.reset = false;
         self.results.push_back(TransactionResult {
             mail: local_reply(0, "", ""),
             rcpts: Vec::with_capacity(t.rcpts.len()),
@@ -514,9 +518,8 @@ impl ClientSession {
     /// [`ClientSession::send`] may follow at once.
     pub fn rset(&mut self) {
         // One RSET is enough: a refused transaction has already sent one.
-        let pending = self.expect.back() == Some(&Expect::Rset)
-            || matches!(self.waiting, Some((Expect::Rset, _)));
-        if !pending {
+        if !self.reset {
+            self.reset = true;
             self.write_or_wait(Expect::Rset, b"RSET\r\n");
         }
     }
@@ -670,6 +673,13 @@ impl ClientSession {
                 // The first refused chunk decides, when there was one.
                 result.data.get_or_insert(reply);
                 self.held.clear();
+                if expect == Expect::DataGo && result.mail.is_positive() {
+                    // DATA refused (no valid recipient, most often) after MAIL was taken: the
+                    // server still holds the transaction open, and the next MAIL would get
+                    // 503. RSET closes it (RFC 2920 3.1); nothing was pipelined behind DATA,
+                    // which waits for its 354.
+                    self.rset();
+                }
                 Some(ClientEvent::Done(result))
             }
             Expect::Rset => None,
@@ -692,6 +702,7 @@ impl ClientSession {
             let result = self.results.pop_front()?;
             self.out.extend_from_slice(b"RSET\r\n");
             self.expect.push_back(Expect::Rset);
+            self.reset = true;
             return Some(ClientEvent::Done(result));
         }
         let (expect, line) = self.held.pop_front()?;

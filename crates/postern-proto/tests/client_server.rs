@@ -475,6 +475,41 @@ fn rset_pipelined_before_the_next_transaction() {
     );
 }
 
+/// A pipelined DATA refused because every RCPT was: the server still holds the transaction
+/// MAIL opened, so the session closes it with RSET by itself, and the next transaction on the
+/// connection is taken rather than refused as a nested MAIL.
+#[test]
+fn a_refused_data_after_a_taken_mail_is_followed_by_rset() {
+    let mut w = Wire::new();
+    assert_eq!(w.pump(), ClientEvent::Ready);
+    w.client
+        .send(&transaction(
+            BodyMode::Data,
+            b"lost\r\n",
+            &["nobody@mx.test"],
+        ))
+        .unwrap();
+    let ClientEvent::Done(refused) = w.pump() else {
+        panic!("no result")
+    };
+    assert_eq!(refused.mail.code, 250);
+    assert_eq!(refused.data.as_ref().map(|d| d.code), Some(554));
+    assert_eq!(String::from_utf8_lossy(w.client.output()), "RSET\r\n");
+    // Asked for again, it is not sent twice.
+    w.client.rset();
+    assert_eq!(String::from_utf8_lossy(w.client.output()), "RSET\r\n");
+    w.client
+        .send(&transaction(BodyMode::Data, b"second\r\n", &["a@mx.test"]))
+        .unwrap();
+    assert_eq!(w.pump(), ClientEvent::SendBody);
+    w.send_body(BodyMode::Data, b"second\r\n");
+    let ClientEvent::Done(taken) = w.pump() else {
+        panic!("no result")
+    };
+    assert_eq!((taken.mail.code, taken.outcome(0).code), (250, 250));
+    assert_eq!(w.queued, vec![b"second\r\n".to_vec()]);
+}
+
 /// Sends `bodies` as transactions pipelined into each other: each one's commands go out right
 /// after the previous body, before any reply to it is read.
 fn pipeline_transactions(mode: BodyMode, bodies: &[&[u8]]) {
