@@ -324,7 +324,7 @@ def markdown(cmd, gen_rows, matrix, servers, rounds, seconds, relayed):
                "(BDAT only where the sink offers CHUNKING; smtp-sink does not), and again "
                f"with `--window {WINDOW}` added ({WINDOW} messages in flight per connection, "
                "each message's commands following the previous body). (smtp-source's `-l` "
-               "is the body alone; postern-load's `--size` includes its ~170 octets of "
+               "is the body alone; postern-load's `--size` includes its ~210 octets of "
                "headers.) CPU % is user + system time over the run's wall time: the "
                "generator's (a child of the script) and the sink's (from /proc), where 100 % "
                "is one core of the two; a single-threaded sink near 100 % is saturated.\n")

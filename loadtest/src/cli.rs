@@ -83,6 +83,57 @@ fn duration(s: &str) -> Result<Duration, String> {
     units::parse_duration("duration", s).map_err(|e| e.to_string())
 }
 
+/// How long to send: above zero (a run of no time sends nothing).
+fn run_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("a run must last more than zero".into()),
+        d => Ok(d),
+    }
+}
+
+/// `HOST:PORT` (an IPv6 address in brackets), with a port that can be connected to.
+fn target(s: &str) -> Result<String, String> {
+    let port = s
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && (!host.contains(':') || host.ends_with(']')))
+        .map(|(_, port)| port);
+    match port.map(str::parse::<u16>) {
+        Some(Ok(p)) if p > 0 => Ok(s.to_owned()),
+        _ => Err(format!(
+            "{s:?} is not HOST:PORT (127.0.0.1:2525, [::1]:25, localhost:2525)"
+        )),
+    }
+}
+
+/// An address pattern for MAIL or RCPT: it goes between `<` and `>` on a command line, so no
+/// angle brackets, line ends, other control characters or spaces. (`--from ''` is the null
+/// reverse path.)
+fn address_pattern(s: &str) -> Result<String, String> {
+    if let Some(c) = s
+        .chars()
+        .find(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>'))
+    {
+        return Err(format!("{s:?} holds {c:?}, which an address cannot"));
+    }
+    Ok(s.to_owned())
+}
+
+/// A recipient pattern: an address pattern, not empty.
+fn recipient_pattern(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a recipient cannot be empty".into());
+    }
+    address_pattern(s)
+}
+
+/// A message size limit above zero (SIZE 0 tells clients there is none, RFC 1870).
+fn size_limit(s: &str) -> Result<u64, String> {
+    match size(s)? {
+        0 => Err("the limit must be above zero".into()),
+        n => Ok(n),
+    }
+}
+
 /// A duration above zero (a timeout of zero would fail every wait).
 fn timeout(s: &str) -> Result<Duration, String> {
     match duration(s)? {
@@ -91,10 +142,13 @@ fn timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// An EHLO name: not empty, no white space or control characters.
+/// A host name for EHLO, a banner or an EHLO reply: not empty, no white space or control
+/// characters.
 fn helo(s: &str) -> Result<String, String> {
     if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{s:?} is not a host name to send with EHLO"));
+        return Err(format!(
+            "{s:?} is not a host name (no spaces or control characters)"
+        ));
     }
     Ok(s.to_owned())
 }
@@ -109,7 +163,7 @@ fn cpus(s: &str) -> Result<CpuList, String> {
 #[derive(Clone, Debug, Args)]
 pub struct SendArgs {
     /// The server, HOST:PORT. Loopback only unless --allow-remote.
-    #[arg(long, default_value = "127.0.0.1:2525")]
+    #[arg(long, default_value = "127.0.0.1:2525", value_parser = target)]
     pub target: String,
     /// Allow a target that is not a loopback address.
     #[arg(long)]
@@ -118,16 +172,16 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub connections: u32,
     /// Messages to send in all (default 1000 unless --duration is given).
-    #[arg(long, conflicts_with = "duration")]
+    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: Option<u64>,
     /// Send for this long instead of a number of messages (30s, 2m).
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = run_duration)]
     pub duration: Option<Duration>,
     /// Messages per connection before QUIT and a new connection; 0 keeps each connection.
     #[arg(long, default_value_t = 0)]
     pub msgs_per_conn: u64,
     /// Message size in bytes, headers included (1024, 10k, 1m), or a mix: 1k:70,10k:25,1m:5.
-    /// The generator's own header fields set a floor of about 170 bytes: a smaller size is
+    /// The generator's own header fields set a floor of about 210 bytes: a smaller size is
     /// sent at that floor.
     #[arg(long, default_value = "1k", value_parser = size_mix)]
     pub size: SizeMix,
@@ -135,10 +189,10 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rcpts: u32,
     /// Sender address; {seq} is replaced by the message's sequence number.
-    #[arg(long, default_value = "load{seq}@sender.test")]
+    #[arg(long, default_value = "load{seq}@sender.test", value_parser = address_pattern)]
     pub from: String,
     /// Recipient address; {seq} is the message's sequence number, {r} the recipient's index.
-    #[arg(long, default_value = "rcpt{r}@sink.test")]
+    #[arg(long, default_value = "rcpt{r}@sink.test", value_parser = recipient_pattern)]
     pub to: String,
     /// Pipeline MAIL, RCPT and DATA/BDAT when the server offers PIPELINING.
     #[arg(long)]
@@ -170,7 +224,8 @@ pub struct SendArgs {
     /// Executors (one thread each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
-    /// Pin executors to these CPUs (0,1 or 2-5); unpinned when absent.
+    /// Pin executors to these CPUs (0,1 or 2-5), taken in turn when there are more threads;
+    /// unpinned when absent.
     #[arg(long, value_parser = cpus)]
     pub cpus: Option<CpuList>,
     /// Longest wait for a connection, a reply or a write.
@@ -202,14 +257,15 @@ pub struct SinkArgs {
     /// Executors (one thread and one SO_REUSEPORT listener each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
-    /// Pin executors to these CPUs (0,1 or 2-5); unpinned when absent.
+    /// Pin executors to these CPUs (0,1 or 2-5), taken in turn when there are more threads;
+    /// unpinned when absent.
     #[arg(long, value_parser = cpus)]
     pub cpus: Option<CpuList>,
     /// Our name in the banner and EHLO reply.
-    #[arg(long, default_value = "sink.postern-load.test")]
+    #[arg(long, default_value = "sink.postern-load.test", value_parser = helo)]
     pub hostname: String,
-    /// Largest message accepted (advertised with SIZE).
-    #[arg(long, default_value = "100m", value_parser = size)]
+    /// Largest message accepted (advertised with SIZE); above zero.
+    #[arg(long, default_value = "100m", value_parser = size_limit)]
     pub max_size: u64,
     /// Write each accepted message's sequence header and Message-ID to this file, one line
     /// each as they come (the file is made anew, or emptied, at start).

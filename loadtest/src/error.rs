@@ -16,7 +16,7 @@ pub enum LoadError {
     },
     /// The target resolves to an address that is not loopback and `--allow-remote` was not given.
     #[error(
-        "refusing to send to {addr}: it is not a loopback address; pass --allow-remote to load a \
+        "refusing --target {addr}: it is not a loopback address; pass --allow-remote to load a \
          remote server (only one you are allowed to load)"
     )]
     RemoteTarget {
@@ -24,7 +24,7 @@ pub enum LoadError {
         addr: SocketAddr,
     },
     /// The target name did not resolve.
-    #[error("cannot resolve {target}: {why}")]
+    #[error("cannot resolve --target {target}: {why}")]
     Resolve {
         /// The name as given.
         target: String,
@@ -67,6 +67,14 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// Whether the operator fixes this by changing a flag (exit code 2).
+    pub fn is_flag(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Flag { .. } | LoadError::RemoteTarget { .. } | LoadError::Resolve { .. }
+        )
+    }
+
     /// A flag error.
     pub fn flag(flag: &'static str, why: impl Into<String>) -> Self {
         LoadError::Flag {

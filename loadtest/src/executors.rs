@@ -14,8 +14,9 @@ const IO_MEMORY: usize = 64 * 1024;
 /// Submission queue entries per ring: enough for hundreds of sessions per core.
 const RING_DEPTH: usize = 256;
 
-/// Starts `threads` executors, the i-th running `make(i)`, pinned to `cpus[i]` when given.
-/// Returns their join handles once all have been spawned.
+/// Starts `threads` executors, the i-th running `make(i)`, pinned to CPU `cpus[i]` when `cpus`
+/// is given (taken round: more executors than CPUs share them). Returns their join handles
+/// once all have been spawned.
 pub fn spawn<F, Fut, T>(
     name: &str,
     threads: usize,
@@ -27,9 +28,20 @@ where
     Fut: Future<Output = T> + 'static,
     T: Send + 'static,
 {
+    if let Some(online) = online_cpus() {
+        if let Some(cpu) = cpus.iter().find(|c| !online.contains(c)) {
+            return Err(LoadError::flag(
+                "--cpus",
+                format!(
+                    "CPU {cpu} is not online here (online: {})",
+                    online_text(&online)
+                ),
+            ));
+        }
+    }
     let mut handles = Vec::with_capacity(threads);
     for i in 0..threads {
-        let placement = match cpus.get(i) {
+        let placement = match cpus.get(i % cpus.len().max(1)) {
             Some(&cpu) => Placement::Fixed(cpu),
             None => Placement::Unbound,
         };
@@ -43,6 +55,34 @@ where
         handles.push(handle);
     }
     Ok(handles)
+}
+
+/// The CPUs the kernel has online, when it says.
+fn online_cpus() -> Option<Vec<usize>> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    parse_cpus(text.trim()).ok()
+}
+
+/// `0-3,6` for CPUs 0, 1, 2, 3 and 6.
+fn online_text(cpus: &[usize]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&cpus[i].to_string());
+        if j > i {
+            out.push('-');
+            out.push_str(&cpus[j].to_string());
+        }
+        i = j + 1;
+    }
+    out
 }
 
 /// What to change when an executor does not start.
@@ -91,4 +131,19 @@ pub fn parse_cpus(s: &str) -> Result<Vec<usize>, LoadError> {
         return Err(bad());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cpu_lists_read_and_write_back() {
+        assert_eq!(parse_cpus("0-3,6").unwrap(), [0, 1, 2, 3, 6]);
+        assert_eq!(online_text(&[0, 1, 2, 3, 6]), "0-3,6");
+        assert_eq!(online_text(&[1]), "1");
+        assert_eq!(online_text(&[0, 2, 3]), "0,2-3");
+        assert_eq!(online_text(&[]), "");
+    }
 }

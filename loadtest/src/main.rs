@@ -1,6 +1,7 @@
 //! The `postern-load` binary: parses the command line, runs `send` or `sink`, and maps the
 //! outcome to an exit code (0 done, 1 the run could not start or nothing was accepted, 2 a
-//! wrong flag, reported on one line that names it). mimalloc is the allocator, as in postern.
+//! wrong flag, also one found only once the run starts, such as a --target that is not
+//! loopback, reported on one line that names it). mimalloc is the allocator, as in postern.
 
 // The same ring set-up as postern's (no completion interrupts), from the same file.
 #[path = "../../crates/postern/src/ring.rs"]
@@ -42,13 +43,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("postern-load: {e}");
-            // A flag that cannot work here (found once the run looks at the machine) is a
-            // wrong flag, as one clap refuses is.
-            ExitCode::from(if matches!(e, postern_load::LoadError::Flag { .. }) {
-                2
-            } else {
-                1
-            })
+            // A flag that cannot work here (found once the run looks at the machine or the
+            // target) is a wrong flag, as one clap refuses is.
+            ExitCode::from(if e.is_flag() { 2 } else { 1 })
         }
     }
 }

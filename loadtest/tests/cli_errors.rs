@@ -39,6 +39,20 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["send", "--helo", ""][..], "--helo"),
         (&["send", "--chunk-size", "10"][..], "--bdat"),
         (&["send", "--cpus", ","][..], "--cpus"),
+        (&["send", "--messages", "0"][..], "--messages"),
+        (&["send", "--duration", "0s"][..], "--duration"),
+        (&["send", "--target", "127.0.0.1"][..], "--target"),
+        (&["send", "--target", "127.0.0.1:0"][..], "--target"),
+        (&["send", "--target", "::1"][..], "--target"),
+        (&["send", "--to", ""][..], "--to"),
+        (
+            &["send", "--to", "a@b.test>\r\nRCPT TO:<c@d.test"][..],
+            "--to",
+        ),
+        (&["send", "--from", "a b@c.test"][..], "--from"),
+        (&["send", "--from", "<a@c.test>"][..], "--from"),
+        (&["sink", "--max-size", "0"][..], "--max-size"),
+        (&["sink", "--hostname", "two words"][..], "--hostname"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -95,4 +109,33 @@ fn a_second_sink_on_a_port_already_listened_on_is_refused() {
     let (code, err) = run(&["sink", "--listen", &first.addr, "--lifetime", "5s"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("another process already listens"), "{err}");
+}
+
+#[test]
+fn a_target_that_does_not_resolve_or_a_cpu_not_online_is_a_wrong_flag() {
+    for (args, names) in [
+        (
+            &[
+                "send",
+                "--target",
+                "no-such-host.invalid:25",
+                "--messages",
+                "1",
+            ][..],
+            "--target",
+        ),
+        (
+            &["send", "--cpus", "100000", "--messages", "1"][..],
+            "--cpus",
+        ),
+        (
+            &["sink", "--cpus", "100000", "--lifetime", "1s"][..],
+            "--cpus",
+        ),
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?} should name {names}: {err}");
+    }
 }

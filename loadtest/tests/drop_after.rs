@@ -75,6 +75,37 @@ fn replies_owed_before_a_dropped_message_still_go_out() {
 }
 
 #[test]
+fn replies_that_came_before_a_reset_count_as_the_server_gave_them() {
+    // Bodies in many small chunks: the sender is still writing when the sink closes the
+    // connection on unread input (a reset), and the write fails while the replies to the
+    // messages before the dropped one wait in the socket. They count as accepted, as the sink
+    // counted them, not as lost with the connection.
+    let sink = Sink::start(&["--drop-after", "5"]);
+    let out = common::send(&[
+        "--target",
+        &sink.addr,
+        "--messages",
+        "200",
+        "--connections",
+        "2",
+        "--pipelining",
+        "--window",
+        "8",
+        "--bdat",
+        "--chunk-size",
+        "300",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let c = sink.stop();
+    assert!(c.get("dropped_total") > 0, "{c:?}");
+    assert!(
+        text.contains(&format!("{} accepted", c.get("messages_total"))),
+        "the sink answered {} messages 250; the sender saw: {text}",
+        c.get("messages_total")
+    );
+}
+
+#[test]
 fn messages_that_time_out_count_in_the_length_of_the_run() {
     let sink = Sink::start(&["--delay", "10s"]);
     let dir = tempfile::tempdir().unwrap();

@@ -12,7 +12,9 @@ fn remote_targets_are_refused() {
         let started = std::time::Instant::now();
         let out = send(&["--target", target, "--messages", "1"]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{target}: {err}");
+        // A wrong flag: exit code 2, naming it.
+        assert_eq!(out.status.code(), Some(2), "{target}: {err}");
+        assert!(err.contains("--target"), "{target}: {err}");
         assert!(err.contains("not a loopback address"), "{target}: {err}");
         assert!(err.contains("--allow-remote"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");

@@ -27,6 +27,7 @@ pub use config::{Settings, TlsFiles};
 pub use core::StopFlag;
 pub use error::StartError;
 pub use postern_spool::DirLock;
+pub use received::rfc5322_date;
 pub use runtime::{
     lock_spool, raise_open_file_limit, start, start_locked, start_with, still_listening,
     OpenFileLimit, Running,

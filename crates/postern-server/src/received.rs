@@ -75,7 +75,7 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
 }
 
 /// An RFC 5322 date-time in UTC: `Sun, 22 Nov 2026 11:17:00 +0000`.
-pub(crate) fn rfc5322_date(t: SystemTime) -> String {
+pub fn rfc5322_date(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

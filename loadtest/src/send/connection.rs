@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
 use postern_proto::client::{
-    BodyMode, ClientError, ClientEvent, ClientSession, OutRecipient, Transaction,
+    BodyMode, ClientError, ClientEvent, ClientSession, OutRecipient, Transaction, TransactionResult,
 };
 use postern_proto::stuff::DotStuffer;
 use rustls::pki_types::ServerName;
@@ -17,7 +17,7 @@ use rustls::pki_types::ServerName;
 use crate::conn::Conn;
 use crate::send::core::{Core, Run};
 use crate::send::filter::NoPipelining;
-use crate::send::message::{address, Message};
+use crate::send::message::{address, with_date, Message};
 use crate::send::outbox::Outbox;
 use crate::send::plan::Ticket;
 use crate::send::stats::Lat;
@@ -226,7 +226,9 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
             match start(core, &mut client, ticket).await {
                 Ok(Some(p)) => flight.push_back(p),
                 Ok(None) => {}
-                Err(Failure(kind)) => return lose(core, kind, flight.len() + 1, None),
+                Err(Failure(kind)) => {
+                    return salvage(core, &mut client, &mut flight, kind, 1, None).await
+                }
             }
         }
         if flight.is_empty() {
@@ -240,7 +242,9 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
         }
         let event = match client.next_event().await {
             Ok(e) => e,
-            Err(Failure(kind)) => return lose(core, kind, flight.len(), next),
+            Err(Failure(kind)) => {
+                return salvage(core, &mut client, &mut flight, kind, 0, next).await
+            }
         };
         match event {
             ClientEvent::SendBody => {
@@ -249,7 +253,7 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                     return lose(core, "client_out_of_order", flight.len(), next);
                 };
                 if let Err(Failure(kind)) = write_body(&mut client, p).await {
-                    return lose(core, kind, flight.len(), next);
+                    return salvage(core, &mut client, &mut flight, kind, 0, next).await;
                 }
                 client.session.body_sent();
                 p.eod = Some(Instant::now());
@@ -263,21 +267,7 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                 let Some(p) = flight.pop_front() else {
                     return lose(core, "protocol_error", 1, next);
                 };
-                // Accepted only with MAIL, a recipient and the body taken: a server that took
-                // the pipelined DATA after refusing them gets a lone dot, not the message.
-                let accepted = result.mail.is_positive()
-                    && result.rcpts.iter().any(|r| r.is_positive())
-                    && result.data.as_ref().is_some_and(|d| d.code < 300);
-                let decided = match &result.data {
-                    Some(d) if accepted => d.code,
-                    _ if !result.mail.is_positive() => result.mail.code,
-                    _ => match result.rcpts.iter().find(|r| r.is_positive()) {
-                        None => result.rcpts.first().map_or(result.mail.code, |r| r.code),
-                        Some(_) => result.data.as_ref().map_or(0, |d| d.code),
-                    },
-                };
-                let len = p.message.len();
-                core.settle(p.seq, decided, accepted, len, p.started, p.eod);
+                settle(core, &p, &result);
             }
             ClientEvent::Failed(e) => {
                 let Failure(kind) = e.into();
@@ -286,6 +276,74 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
             _ => return lose(core, "protocol_error", flight.len(), next),
         }
     }
+}
+
+/// Counts the answer to message `p`.
+fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult) {
+    // Accepted only with MAIL, a recipient and the body taken: a server that took the
+    // pipelined DATA after refusing them gets a lone dot, not the message.
+    let accepted = result.mail.is_positive()
+        && result.rcpts.iter().any(|r| r.is_positive())
+        && result.data.as_ref().is_some_and(|d| d.code < 300);
+    let decided = match &result.data {
+        Some(d) if accepted => d.code,
+        _ if !result.mail.is_positive() => result.mail.code,
+        _ => match result.rcpts.iter().find(|r| r.is_positive()) {
+            None => result.rcpts.first().map_or(result.mail.code, |r| r.code),
+            Some(_) => result.data.as_ref().map_or(0, |d| d.code),
+        },
+    };
+    core.settle(p.seq, decided, accepted, p.message.len(), p.started, p.eod);
+}
+
+/// The longest wait for replies already on their way when a connection fails.
+const SALVAGE_WAIT: Duration = Duration::from_secs(2);
+
+/// The connection failed (`kind`) with `flight` unanswered, and `extra` more messages lost
+/// before they were in flight. Replies the server sent before it went may still be there to
+/// read (a write fails on a reset while the replies that came before it wait in the socket):
+/// they settle the messages they answer, as the server decided them, read for at most
+/// [`SALVAGE_WAIT`]. The rest are lost ([`lose`]).
+async fn salvage(
+    core: &Core,
+    client: &mut Client,
+    flight: &mut VecDeque<Pending<'_>>,
+    kind: &'static str,
+    extra: usize,
+    held: Option<Ticket>,
+) -> Option<Ticket> {
+    if kind != "timeout" {
+        let deadline = Instant::now() + SALVAGE_WAIT.min(client.timeout);
+        // Bounded: every pass settles a message, or reads with the deadline, or ends.
+        'read: while !flight.is_empty() {
+            let (used, event) = client.session.handle(&client.inbox);
+            client.inbox.drain(..used);
+            match event {
+                ClientEvent::Done(result) => {
+                    let Some(p) = flight.pop_front() else {
+                        break 'read;
+                    };
+                    settle(core, &p, &result);
+                    continue;
+                }
+                ClientEvent::NeedInput => {}
+                _ => break 'read,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let read = async { Some(client.read().await.is_ok()) };
+            let expire = async {
+                glommio::timer::sleep(left).await;
+                None
+            };
+            if futures_lite::future::or(read, expire).await != Some(true) {
+                break;
+            }
+        }
+    }
+    lose(core, kind, flight.len() + extra, held)
 }
 
 /// Longest sleep towards a due time between looks at the stop flag: how late a SIGINT or
@@ -435,7 +493,10 @@ async fn start<'a>(
             params: String::new(),
         })
         .collect();
-    let message = run.bodies.message(ticket.seq, size, &from, &rcpts[0].path);
+    let message = with_date(|date| {
+        run.bodies
+            .message(ticket.seq, size, &from, &rcpts[0].path, date)
+    });
     let mode = if run.args.bdat && client.session.capabilities().chunking {
         BodyMode::Bdat
     } else {

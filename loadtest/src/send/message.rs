@@ -1,6 +1,6 @@
 //! The messages the sender sends: a small header block that is unique per message (a
 //! Message-ID and an `X-Postern-Load-Seq` header, so a sink or a test can find loss and
-//! duplication) and a body of 78-octet lines cut from one padding buffer shared by every
+//! duplication; Date and From, which RFC 5322 3.6 asks of every message) and a body of 78-octet lines cut from one padding buffer shared by every
 //! executor, so a 1 MiB message costs no copy and no allocation beyond its header.
 
 use std::fmt::Write;
@@ -74,14 +74,22 @@ impl Bodies {
     }
 
     /// Message `seq` of `size` octets (more when `size` is smaller than the headers) from
-    /// `from` to `to`.
-    pub fn message<'a>(&'a self, seq: u64, size: u64, from: &str, to: &str) -> Message<'a> {
+    /// `from` to `to`, dated `date` (an RFC 5322 date-time).
+    pub fn message<'a>(
+        &'a self,
+        seq: u64,
+        size: u64,
+        from: &str,
+        to: &str,
+        date: &str,
+    ) -> Message<'a> {
         let mut header = String::with_capacity(256);
         // Writing into a String cannot fail.
         let _ = write!(
             header,
             "Message-ID: <{}.{seq}@postern-load.test>\r\n{SEQ_HEADER}: {seq}\r\n\
-             From: <{from}>\r\nTo: <{to}>\r\nSubject: postern-load message {seq}\r\n\r\n",
+             Date: {date}\r\nFrom: <{from}>\r\nTo: <{to}>\r\n\
+             Subject: postern-load message {seq}\r\n\r\n",
             self.run_id
         );
         let want = (size as usize).saturating_sub(header.len()).max(2);
@@ -104,6 +112,27 @@ impl Bodies {
     }
 }
 
+/// Calls `f` with the date-time of now for a Date field, made at most once a second on each
+/// thread.
+pub fn with_date<T>(f: impl FnOnce(&str) -> T) -> T {
+    thread_local! {
+        static NOW: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    NOW.with_borrow_mut(|(at, date)| {
+        if *at != secs {
+            *at = secs;
+            *date = postern_server::rfc5322_date(now);
+        }
+        f(date)
+    })
+}
+
 /// Fills `{seq}` or `{n}` (sequence) and `{r}` (recipient index) in an address pattern.
 pub fn address(pattern: &str, seq: u64, rcpt: u32) -> String {
     if !pattern.contains('{') {
@@ -119,6 +148,8 @@ pub fn address(pattern: &str, seq: u64, rcpt: u32) -> String {
 mod tests {
     use super::*;
 
+    const DATE: &str = "Fri, 04 Dec 2026 12:00:00 +0000";
+
     fn flat(m: &Message<'_>) -> Vec<u8> {
         m.pieces().concat()
     }
@@ -127,7 +158,7 @@ mod tests {
     fn sizes_are_exact_and_lines_end_in_crlf() {
         let bodies = Bodies::new(1 << 20, "run".into());
         for size in [200, 1024, 1025, 1026, 10_240, 100 * 1024, 1 << 20] {
-            let m = bodies.message(7, size, "a@b.test", "c@d.test");
+            let m = bodies.message(7, size, "a@b.test", "c@d.test", DATE);
             let bytes = flat(&m);
             assert_eq!(bytes.len() as u64, size.max(m.header.len() as u64 + 2));
             assert_eq!(m.len(), bytes.len() as u64);
@@ -144,17 +175,20 @@ mod tests {
     #[test]
     fn tiny_sizes_still_make_a_message() {
         let bodies = Bodies::new(1024, "run".into());
-        let m = bodies.message(1, 10, "a@b.test", "c@d.test");
+        let m = bodies.message(1, 10, "a@b.test", "c@d.test", DATE);
         assert!(flat(&m).ends_with(b"\r\n\r\nx\r\n") || flat(&m).ends_with(b"\r\n\r\n\r\n"));
     }
 
     #[test]
     fn headers_carry_the_sequence() {
         let bodies = Bodies::new(1024, "run".into());
-        let m = bodies.message(42, 1024, "a@b.test", "c@d.test");
+        let m = bodies.message(42, 1024, "a@b.test", "c@d.test", DATE);
         assert!(m
             .header
             .starts_with("Message-ID: <run.42@postern-load.test>\r\nX-Postern-Load-Seq: 42\r\n"));
+        assert!(m
+            .header
+            .contains(&format!("\r\nDate: {DATE}\r\nFrom: <a@b.test>\r\n")));
     }
 
     #[test]
