@@ -88,5 +88,8 @@ fn an_interrupt_ends_the_wait_for_the_next_message_due() {
     assert_eq!(report["interrupted"], true);
     assert_eq!(report["messages_sent"], 1, "{report}");
     assert_eq!(report["messages_accepted"], 1, "{report}");
+    // Due until the interrupt: the first message only, and it was started.
+    assert_eq!(report["messages_due"], 1, "{report}");
+    assert_eq!(report["messages_not_started"], 0, "{report}");
     assert_eq!(sink.stop().get("messages_total"), 1);
 }

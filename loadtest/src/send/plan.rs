@@ -5,7 +5,7 @@
 //! omission).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The schedule of a run.
@@ -20,6 +20,8 @@ pub struct Plan {
     claimed: AtomicU64,
     /// Set (by SIGINT or SIGTERM) to end the run early: no more tickets.
     stop: Arc<AtomicBool>,
+    /// When the run first saw `stop` set: where an interrupted run's due times end.
+    stop_seen: OnceLock<Instant>,
 }
 
 /// One message to send.
@@ -48,6 +50,7 @@ impl Plan {
             next: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
             stop: Arc::new(AtomicBool::new(false)),
+            stop_seen: OnceLock::new(),
         }
     }
 
@@ -56,9 +59,13 @@ impl Plan {
         self.stop.clone()
     }
 
-    /// Whether the run was ended early.
+    /// Whether the run was ended early (the first look that sees it notes when).
     pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        let stopped = self.stop.load(Ordering::Relaxed);
+        if stopped {
+            self.stop_seen.get_or_init(Instant::now);
+        }
+        stopped
     }
 
     /// Messages handed out so far.
@@ -66,10 +73,15 @@ impl Plan {
         self.claimed.load(Ordering::Relaxed)
     }
 
-    /// With `--rate` and `--duration`, how many messages came due during the run: those a
-    /// server that kept up would have been sent.
+    /// With `--rate`, how many messages came due during the run: those a server that kept up
+    /// would have been sent. The run ends at `--duration`, or where it was stopped before
+    /// (with `--messages` alone, only a stopped run has an end).
     pub fn due(&self) -> Option<u64> {
-        let (rate, deadline) = (self.rate?, self.deadline?);
+        let rate = self.rate?;
+        let deadline = match (self.stop_seen.get().copied(), self.deadline) {
+            (Some(stop), Some(deadline)) => stop.min(deadline),
+            (stop, deadline) => stop.or(deadline)?,
+        };
         // The count of sequence numbers whose due time falls before the deadline, by the same
         // test `claim` applies: the estimate is off by one at most where rounding differs.
         let mut due = ((deadline - self.start).as_secs_f64() * rate).ceil() as u64;
@@ -135,6 +147,31 @@ mod tests {
             .collect();
         assert_eq!(dues, [0, 250, 500, 750].map(Duration::from_millis).to_vec());
         assert_eq!((plan.due(), plan.claimed()), (Some(4), 4));
+    }
+
+    #[test]
+    fn a_stopped_run_counts_the_messages_due_until_the_stop() {
+        let start = Instant::now() - Duration::from_secs(1);
+        let plan = Plan::new(start, None, Some(Duration::from_secs(60)), Some(10.0));
+        assert_eq!(plan.due(), Some(600));
+        plan.stop_flag().store(true, Ordering::Relaxed);
+        let before = Instant::now();
+        assert!(plan.stopped());
+        let after = Instant::now();
+        // Due times 0.0, 0.1, ... s before the stop was seen.
+        let at_least = ((before - start).as_secs_f64() * 10.0).floor() as u64;
+        let at_most = ((after - start).as_secs_f64() * 10.0).ceil() as u64 + 1;
+        let due = plan.due().unwrap();
+        assert!(
+            (at_least..=at_most).contains(&due),
+            "{due} of {at_least}..={at_most}"
+        );
+        // With --messages alone only a stopped run has an end.
+        let plan = Plan::new(start, Some(1000), None, Some(10.0));
+        assert_eq!(plan.due(), None);
+        plan.stop_flag().store(true, Ordering::Relaxed);
+        assert!(plan.stopped());
+        assert!(plan.due().is_some_and(|d| (10..=1000).contains(&d)));
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub struct Report {
     pub settings: Settings,
     /// The run was ended early by SIGINT or SIGTERM: the figures cover it until then.
     pub interrupted: bool,
-    /// With `--rate` and `--duration`: messages that came due during the run.
+    /// With `--rate` and `--duration`, or an interrupted `--rate` run: messages that came due
+    /// during the run (until the interrupt).
     pub messages_due: Option<u64>,
     /// Of those, the ones never started because no connection was free (the server did not
     /// keep up): their waits are in no latency row.
@@ -134,8 +135,6 @@ impl Report {
             settings.duration_s.unwrap_or(0.0)
         };
         let elapsed_s = (stats.last_reply_us as f64 / 1e6).max(offered).max(1e-6);
-        // Cut short, the run made fewer messages due than --duration would have.
-        let due = due.filter(|_| !interrupted);
         Self {
             settings,
             interrupted,
