@@ -167,19 +167,16 @@ impl Myself<'_> {
     ) -> Result<Vec<NextHop>, MxError> {
         let mut known = None;
         let mut local = || known.get_or_insert_with(&mut local).clone();
-        let Some(own) = hops
+        // The most preferred host that is this server names it in the error: not another
+        // host of the same preference.
+        let Some((own, host)) = hops
             .iter()
             .filter(|hop| self.is(hop, &mut local))
-            .map(|hop| hop.preference)
-            .min()
+            .min_by_key(|hop| hop.preference)
+            .map(|hop| (hop.preference, hop.host.clone()))
         else {
             return Ok(hops);
         };
-        let host = hops
-            .iter()
-            .find(|hop| hop.preference == own)
-            .map(|hop| hop.host.clone())
-            .unwrap_or_default();
         let left: Vec<NextHop> = hops.into_iter().filter(|h| h.preference < own).collect();
         if left.is_empty() {
             return Err(MxError::LoopsToSelf(host));
@@ -726,6 +723,17 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(r.unwrap_err().enhanced(), "5.4.6");
+        // Another host at the same preference, listed first: the error still names the one
+        // that is this server.
+        let equal = vec![
+            hop("b.example.org", 10, "198.51.100.5"),
+            hop("mail.example.org", 10, "192.0.2.10"),
+        ];
+        let r = me.drop_from(equal, never);
+        assert!(
+            matches!(&r, Err(MxError::LoopsToSelf(h)) if h == "mail.example.org"),
+            "{r:?}"
+        );
         // The same address at another port than the MX port is someone else.
         let other_port = Myself { port: 2525, ..me };
         let by_addr = vec![hop("mail.example.org", 10, "192.0.2.10")];
