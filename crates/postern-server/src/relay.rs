@@ -2,8 +2,9 @@
 //!
 //! Mail to an accepted domain is taken from anyone; mail to any other domain only from clients
 //! inside a relay network (loopback by default). Everything else is refused at RCPT with
-//! `554 5.7.1`. The postmaster (`<postmaster>`, and `postmaster@` our own host name) is
-//! accepted from anyone (RFC 5321 4.5.1).
+//! `554 5.7.1`. The postmaster (`<postmaster>`, `postmaster@` our own host name, and
+//! `postmaster@[address]` with the address the client reached us at) is accepted from anyone
+//! (RFC 5321 4.5.1).
 
 use std::net::IpAddr;
 
@@ -67,28 +68,41 @@ impl RelayPolicy {
         self.accept_domains.contains(&domain)
     }
 
-    /// Whether `path` (a stored recipient) is our postmaster: `postmaster`, or `postmaster@`
-    /// our host name, any case.
-    pub fn is_postmaster(&self, path: &str) -> bool {
+    /// Whether `path` (a stored recipient of a session that reached us at `local`) is our
+    /// postmaster: `postmaster`, `postmaster@` our host name (any case), or `postmaster@` the
+    /// address literal of `local`.
+    pub fn is_postmaster(&self, path: &str, local: IpAddr) -> bool {
         match path.rsplit_once('@') {
             None => is_postmaster_local(path),
-            Some((local, domain)) => {
-                is_postmaster_local(local)
-                    && domain
-                        .trim_end_matches('.')
-                        .eq_ignore_ascii_case(&self.hostname)
+            Some((part, domain)) => {
+                is_postmaster_local(part)
+                    && match postern_proto::address::parse_host(domain) {
+                        Ok(host) => self.is_ours(&host, local),
+                        Err(_) => false,
+                    }
             }
         }
     }
 
-    /// Whether a recipient may be accepted from `client`. The postmaster is always accepted
-    /// (RFC 5321 4.5.1): `<Postmaster>`, and `postmaster@` our host name.
-    pub fn allows(&self, rcpt: &ForwardPath<'_>, client: IpAddr) -> bool {
+    /// Whether `host` names this server: our host name, or the address literal of `local`,
+    /// the address the client reached us at (RFC 5321 4.1.3).
+    fn is_ours(&self, host: &Host<'_>, local: IpAddr) -> bool {
+        let local = local.to_canonical();
+        match host {
+            Host::Domain(d) => d.trim_end_matches('.').eq_ignore_ascii_case(&self.hostname),
+            Host::Ipv4(a) => local == IpAddr::V4(*a),
+            Host::Ipv6(a) => local == IpAddr::V6(*a).to_canonical(),
+        }
+    }
+
+    /// Whether a recipient may be accepted from `client`, in a session that reached us at
+    /// `local`. The postmaster is always accepted (RFC 5321 4.5.1): `<Postmaster>`,
+    /// `postmaster@` our host name, and `postmaster@[local]`.
+    pub fn allows(&self, rcpt: &ForwardPath<'_>, client: IpAddr, local: IpAddr) -> bool {
         match rcpt {
             ForwardPath::Postmaster => true,
             ForwardPath::Mailbox(m)
-                if is_postmaster_local(m.local)
-                    && matches!(m.host, Host::Domain(d) if d.trim_end_matches('.').eq_ignore_ascii_case(&self.hostname)) =>
+                if is_postmaster_local(m.local) && self.is_ours(&m.host, local) =>
             {
                 true
             }
@@ -132,21 +146,27 @@ mod tests {
         parse_forward_path(s).unwrap().0
     }
 
+    /// The address clients reach the server at, in these tests.
+    fn here() -> IpAddr {
+        "192.0.2.25".parse().unwrap()
+    }
+
     #[test]
     fn accepted_domains_from_anyone_others_only_from_relay_networks() {
         let p = RelayPolicy::new(&["Example.ORG".into()], &RelayPolicy::loopback(), "mx.test");
         let outside: IpAddr = "198.51.100.7".parse().unwrap();
         let inside: IpAddr = "127.0.0.1".parse().unwrap();
-        assert!(p.allows(&rcpt("<a@example.org>"), outside));
-        assert!(p.allows(&rcpt("<a@EXAMPLE.org>"), outside));
-        assert!(!p.allows(&rcpt("<a@elsewhere.net>"), outside));
-        assert!(!p.allows(&rcpt("<a@sub.example.org>"), outside));
-        assert!(!p.allows(&rcpt("<a@[192.0.2.1]>"), outside));
-        assert!(p.allows(&rcpt("<a@elsewhere.net>"), inside));
-        assert!(p.allows(&rcpt("<postmaster>"), outside));
+        assert!(p.allows(&rcpt("<a@example.org>"), outside, here()));
+        assert!(p.allows(&rcpt("<a@EXAMPLE.org>"), outside, here()));
+        assert!(!p.allows(&rcpt("<a@elsewhere.net>"), outside, here()));
+        assert!(!p.allows(&rcpt("<a@sub.example.org>"), outside, here()));
+        assert!(!p.allows(&rcpt("<a@[192.0.2.1]>"), outside, here()));
+        assert!(p.allows(&rcpt("<a@elsewhere.net>"), inside, here()));
+        assert!(p.allows(&rcpt("<postmaster>"), outside, here()));
         assert!(p.allows(
             &rcpt("<a@elsewhere.net>"),
-            "::ffff:127.0.0.1".parse().unwrap()
+            "::ffff:127.0.0.1".parse().unwrap(),
+            here()
         ));
     }
 
@@ -154,21 +174,40 @@ mod tests {
     fn the_postmaster_of_our_own_host_name_is_accepted_from_anyone() {
         let p = RelayPolicy::new(&[], &[], "MX.test");
         let outside: IpAddr = "198.51.100.7".parse().unwrap();
-        assert!(p.allows(&rcpt("<postmaster@mx.test>"), outside));
-        assert!(p.allows(&rcpt("<PostMaster@MX.TEST>"), outside));
-        assert!(!p.allows(&rcpt("<postmaster@other.test>"), outside));
-        assert!(!p.allows(&rcpt("<root@mx.test>"), outside));
-        assert!(p.is_postmaster("postmaster"));
-        assert!(p.is_postmaster("POSTMASTER@mx.Test"));
-        assert!(!p.is_postmaster("postmaster@other.test"));
-        assert!(!p.is_postmaster("postmasters@mx.test"));
+        assert!(p.allows(&rcpt("<postmaster@mx.test>"), outside, here()));
+        assert!(p.allows(&rcpt("<PostMaster@MX.TEST>"), outside, here()));
+        assert!(!p.allows(&rcpt("<postmaster@other.test>"), outside, here()));
+        assert!(!p.allows(&rcpt("<root@mx.test>"), outside, here()));
+        assert!(p.is_postmaster("postmaster", here()));
+        assert!(p.is_postmaster("POSTMASTER@mx.Test", here()));
+        assert!(!p.is_postmaster("postmaster@other.test", here()));
+        assert!(!p.is_postmaster("postmasters@mx.test", here()));
         // Quoted, it is the same mailbox (RFC 5321 4.1.2).
-        assert!(p.allows(&rcpt("<\"postmaster\"@mx.test>"), outside));
-        assert!(p.allows(&rcpt("<\"Post\\master\"@MX.test>"), outside));
-        assert!(!p.allows(&rcpt("<\"postmaster \"@mx.test>"), outside));
-        assert!(!p.allows(&rcpt("<\"postmaste\"@mx.test>"), outside));
-        assert!(p.is_postmaster("\"postmaster\"@mx.test"));
-        assert!(!p.is_postmaster("\"postmaster\\\"@mx.test"));
+        assert!(p.allows(&rcpt("<\"postmaster\"@mx.test>"), outside, here()));
+        assert!(p.allows(&rcpt("<\"Post\\master\"@MX.test>"), outside, here()));
+        assert!(!p.allows(&rcpt("<\"postmaster \"@mx.test>"), outside, here()));
+        assert!(!p.allows(&rcpt("<\"postmaste\"@mx.test>"), outside, here()));
+        assert!(p.is_postmaster("\"postmaster\"@mx.test", here()));
+        assert!(!p.is_postmaster("\"postmaster\\\"@mx.test", here()));
+    }
+
+    #[test]
+    fn the_postmaster_at_the_address_the_client_reached_is_accepted_from_anyone() {
+        let p = RelayPolicy::new(&[], &[], "mx.test");
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(p.allows(&rcpt("<postmaster@[192.0.2.25]>"), outside, here()));
+        assert!(p.allows(&rcpt("<PostMaster@[192.0.2.25]>"), outside, here()));
+        assert!(!p.allows(&rcpt("<postmaster@[192.0.2.26]>"), outside, here()));
+        assert!(!p.allows(&rcpt("<root@[192.0.2.25]>"), outside, here()));
+        assert!(p.is_postmaster("postmaster@[192.0.2.25]", here()));
+        assert!(!p.is_postmaster("postmaster@[192.0.2.26]", here()));
+        // An IPv4 client on a dual-stack listener reached `::ffff:192.0.2.25`: the same host.
+        let mapped: IpAddr = "::ffff:192.0.2.25".parse().unwrap();
+        assert!(p.allows(&rcpt("<postmaster@[192.0.2.25]>"), outside, mapped));
+        let v6: IpAddr = "2001:db8::25".parse().unwrap();
+        assert!(p.allows(&rcpt("<postmaster@[IPv6:2001:db8::25]>"), outside, v6));
+        assert!(p.is_postmaster("postmaster@[IPv6:2001:DB8::25]", v6));
+        assert!(!p.allows(&rcpt("<postmaster@[IPv6:2001:db8::26]>"), outside, v6));
     }
 
     #[test]
@@ -177,20 +216,23 @@ mod tests {
         for accepted in ["b\u{fc}cher.test", "XN--BCHER-KVA.test."] {
             let p = RelayPolicy::new(&[accepted.into()], &[], "mx.test");
             assert!(
-                p.allows(&rcpt("<u@xn--bcher-kva.test>"), outside),
+                p.allows(&rcpt("<u@xn--bcher-kva.test>"), outside, here()),
                 "{accepted}"
             );
             assert!(
-                p.allows(&rcpt("<u@B\u{dc}cher.test>"), outside),
+                p.allows(&rcpt("<u@B\u{dc}cher.test>"), outside, here()),
                 "{accepted}"
             );
-            assert!(!p.allows(&rcpt("<u@bucher.test>"), outside), "{accepted}");
+            assert!(
+                !p.allows(&rcpt("<u@bucher.test>"), outside, here()),
+                "{accepted}"
+            );
         }
     }
 
     #[test]
     fn no_relay_networks_means_no_relaying() {
         let p = RelayPolicy::new(&[], &[], "mx.test");
-        assert!(!p.allows(&rcpt("<a@b.example>"), "127.0.0.1".parse().unwrap()));
+        assert!(!p.allows(&rcpt("<a@b.example>"), "127.0.0.1".parse().unwrap(), here()));
     }
 }

@@ -1,7 +1,7 @@
 //! One SMTP session: moves bytes between the socket, postern-proto's server state machine and
 //! the core's spool. The session lives on the core that accepted it, from accept to close.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -75,6 +75,10 @@ pub(crate) async fn serve(
     let _ = tcp.set_nodelay(true);
     let mut session = Session {
         core: core.clone(),
+        // Unspecified where the socket cannot say (an accepted one always can).
+        local: tcp
+            .local_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip()),
         conn: Conn::Plain(tcp),
         peer,
         proto: ServerSession::new(core.proto.clone(), core.tls.is_some() && !implicit_tls),
@@ -121,6 +125,8 @@ struct Session {
     core: Rc<Core>,
     conn: Conn,
     peer: SocketAddr,
+    /// The address the client reached us at.
+    local: IpAddr,
     proto: ServerSession,
     /// The spool record of the message being received.
     draft: Option<Draft>,
@@ -173,7 +179,7 @@ impl Session {
                         }
                     }
                     Event::Rcpt(path, _) => {
-                        if self.core.relay.allows(&path, self.peer.ip()) {
+                        if self.core.relay.allows(&path, self.peer.ip(), self.local) {
                             self.proto.accept();
                         } else {
                             self.proto.reject(RELAY_DENIED);
@@ -406,6 +412,7 @@ impl Session {
         let env = self.proto.envelope();
         let meta = Meta {
             client: self.peer,
+            local: self.local,
             helo: env.helo(),
             envelope: env,
             arrival: SystemTime::now(),

@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,8 @@ pub(crate) use postern_spool::Draft;
 /// What the spool records about a message, from the session.
 pub(crate) struct Meta<'a> {
     pub(crate) client: SocketAddr,
+    /// The address the client reached us at (`postmaster@[it]` is our postmaster).
+    pub(crate) local: IpAddr,
     pub(crate) helo: &'a str,
     pub(crate) envelope: &'a Envelope,
     pub(crate) arrival: SystemTime,
@@ -55,7 +57,7 @@ fn recipients(m: &Meta<'_>) -> Vec<Recipient> {
             notify: r.notify.map(|n| n.bits()),
             orcpt: r.orcpt.map(str::to_owned),
         };
-        if m.relay.is_postmaster(r.path) {
+        if m.relay.is_postmaster(r.path, m.local) {
             postmaster(&mut rcpt, m.hostname, m.postmaster);
         }
         let taken = match seen.as_mut() {

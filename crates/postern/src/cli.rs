@@ -95,9 +95,9 @@ struct Serve {
     /// A domain to accept mail for from anyone (repeatable) [default: none].
     #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',', value_parser = trimmed::<String>)]
     accept_domain: Vec<String>,
-    /// Where mail to <postmaster> and postmaster@HOSTNAME goes (an address); both are accepted
-    /// from anyone (RFC 5321 4.5.1) [default: <postmaster> becomes postmaster@HOSTNAME and
-    /// is routed like any recipient].
+    /// Where mail to <postmaster>, postmaster@HOSTNAME and postmaster@[the address the client
+    /// reached] goes (an address); all are accepted from anyone (RFC 5321 4.5.1) [default:
+    /// they become postmaster@HOSTNAME, routed like any recipient].
     #[arg(long, env = "POSTERN_POSTMASTER")]
     postmaster: Option<String>,
     /// A network allowed to relay to any domain, as ADDR/PREFIX or one address (repeatable)

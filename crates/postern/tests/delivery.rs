@@ -534,6 +534,10 @@ fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
     assert!(c
         .cmd("RCPT TO:<someone@elsewhere.test>")
         .starts_with("554 5.7.1"));
+    // The postmaster at an address literal that is not the one the client reached is not ours.
+    assert!(c
+        .cmd("RCPT TO:<postmaster@[192.0.2.9]>")
+        .starts_with("554 5.7.1"));
     c.cmd("RSET");
     c.cmd("QUIT");
     send_commands(
@@ -542,11 +546,12 @@ fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
             "MAIL FROM:<a@origin.test>",
             "RCPT TO:<Postmaster>",
             "RCPT TO:<postmaster@MX.test>",
+            "RCPT TO:<postmaster@[127.0.0.1]>",
         ],
         "<pm1@t>",
     );
     let (got, _) = peer.first("the postmaster's mail");
-    // Both addresses are the same mailbox: one recipient, the configured one.
+    // The addresses are the same mailbox: one recipient, the configured one.
     assert_eq!(got.rcpt_tos, ["ops@ops.test"]);
 
     // Without --postmaster, <postmaster> is postmaster@<hostname>, routed like any address.
@@ -559,6 +564,7 @@ fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
             "MAIL FROM:<a@origin.test>",
             "RCPT TO:<postmaster>",
             "RCPT TO:<PostMaster@MX.TEST>",
+            "RCPT TO:<POSTMASTER@[127.0.0.1]>",
         ],
         "<pm2@t>",
     );
