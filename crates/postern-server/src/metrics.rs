@@ -306,7 +306,7 @@ pub fn render(m: &CoreMetrics) -> String {
     render_histogram(
         &mut out,
         "postern_command_latency",
-        "Command to reply latency.",
+        "Command to reply latency: from a read of commands to the write of their replies, one sample per read.",
         &m.command_latency,
     );
     render_histogram_in(
