@@ -260,6 +260,9 @@ pub struct ClientSession {
     closed_at_rset: bool,
     /// A RSET went out (or waits to) after the last transaction: another is not needed.
     reset: bool,
+    /// Transactions the session gave up on (a 421, a reply out of step), oldest first, with
+    /// the replies they had got.
+    abandoned: VecDeque<TransactionResult>,
 }
 
 impl ClientSession {
@@ -282,6 +285,7 @@ impl ClientSession {
             waiting: None,
             closed_at_rset: false,
             reset: true,
+            abandoned: VecDeque::new(),
         }
     }
 
@@ -502,6 +506,16 @@ impl ClientSession {
         }
     }
 
+    /// The oldest transaction that ended without its outcome, because the session failed (a
+    /// 421, a reply out of step) or the connection broke: the replies it got before that. A
+    /// recipient the server already refused for good stays refused (RFC 5321 4.2.1: a 5yz is
+    /// not to be repeated), whatever became of the rest.
+    pub fn take_unfinished(&mut self) -> Option<TransactionResult> {
+        self.abandoned
+            .pop_front()
+            .or_else(|| self.results.pop_front())
+    }
+
     /// Whether the reply to a RSET is the next one awaited: a failure now comes before the
     /// server has answered, or taken, anything sent after that RSET.
     pub fn awaiting_rset(&self) -> bool {
@@ -584,7 +598,7 @@ impl ClientSession {
             self.closed_at_rset = expect == Expect::Rset;
             self.waiting = None;
             self.expect.clear();
-            self.results.clear();
+            self.abandoned.extend(self.results.drain(..));
             self.held.clear();
             return Some(ClientEvent::Failed(ClientError::Closing(reply)));
         }
@@ -721,7 +735,7 @@ impl ClientSession {
     fn fail(&mut self, e: ClientError) -> ClientEvent {
         self.waiting = None;
         self.expect.clear();
-        self.results.clear();
+        self.abandoned.extend(self.results.drain(..));
         self.held.clear();
         self.out.clear();
         self.out.extend_from_slice(b"QUIT\r\n");

@@ -510,6 +510,33 @@ fn a_refused_data_after_a_taken_mail_is_followed_by_rset() {
     assert_eq!(w.queued, vec![b"second\r\n".to_vec()]);
 }
 
+/// A 421 in the middle of a transaction ends the session, and the replies the transaction had
+/// got stay readable: a recipient refused for good before it is not to be asked again.
+#[test]
+fn replies_before_a_421_are_kept_for_the_unfinished_transaction() {
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+    c.send(&transaction(
+        BodyMode::Data,
+        b"body\r\n",
+        &["a@x.test", "b@x.test"],
+    ))
+    .unwrap();
+    c.clear_output();
+    let (events, _) = canned(
+        &mut c,
+        &["250 ok\r\n550 5.1.1 no such user\r\n421 4.3.2 going down\r\n"],
+    );
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Closing(_))]),
+        "{events:?}"
+    );
+    let r = c.take_unfinished().expect("the transaction's replies");
+    assert_eq!(r.mail.code, 250);
+    assert_eq!(r.rcpts.iter().map(|r| r.code).collect::<Vec<_>>(), [550]);
+    assert!(c.take_unfinished().is_none());
+}
+
 /// Sends `bodies` as transactions pipelined into each other: each one's commands go out right
 /// after the previous body, before any reply to it is read.
 fn pipeline_transactions(mode: BodyMode, bodies: &[&[u8]]) {

@@ -490,6 +490,12 @@ impl Outbound {
         Ok(())
     }
 
+    /// The replies the oldest transaction without an outcome got before the connection failed
+    /// ([`ClientSession::take_unfinished`]).
+    pub fn take_unfinished(&mut self) -> Option<TransactionResult> {
+        self.session.take_unfinished()
+    }
+
     /// The replies to the oldest transaction sent with [`Outbound::start`] and not yet
     /// finished, waiting at most `limit`. An error leaves the outcome of it and of every later
     /// one unknown, except a 421 (`ClientError::Closing`): the server took none of the later

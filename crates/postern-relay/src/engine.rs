@@ -1002,7 +1002,12 @@ impl CoreRelay {
             self.put_back(dq, job, note, carry);
             return After::Broken;
         }
-        self.conclude(conn, dq, job, outcome, carry)
+        // Replies got before a break still count where they refused for good.
+        let partial = match &outcome {
+            Err(Err(_)) => conn.take_unfinished(),
+            _ => None,
+        };
+        self.conclude(conn, dq, job, outcome, partial, carry)
     }
 
     /// Runs up to `--max-transactions-in-flight` jobs on `conn`, pipelined into each other:
@@ -1038,7 +1043,7 @@ impl CoreRelay {
                     sent.push(job);
                 }
                 Err(Ok(local)) => {
-                    self.conclude(conn, dq, job, Err(Ok(local)), carry);
+                    self.conclude(conn, dq, job, Err(Ok(local)), None, carry);
                 }
                 Err(Err(e)) => {
                     if let e @ ConnError::Stale(_) = conn.at_rset(e.clone()) {
@@ -1053,7 +1058,8 @@ impl CoreRelay {
                         break;
                     }
                     // Part of it may have gone out: its outcome is unknown, like the sent ones'.
-                    self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
+                    // (The replies read so far belong to earlier transactions.)
+                    self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
                     dq.serial_until
                         .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
@@ -1077,7 +1083,7 @@ impl CoreRelay {
             match conn.finish(limit).await {
                 Ok(result) => {
                     elsewhere |=
-                        self.conclude(conn, dq, job, Ok(result), carry) == After::Elsewhere;
+                        self.conclude(conn, dq, job, Ok(result), None, carry) == After::Elsewhere;
                 }
                 Err(e) => {
                     if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
@@ -1093,7 +1099,9 @@ impl CoreRelay {
                         }
                         return After::Broken;
                     }
-                    self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
+                    // The oldest transaction: the replies it got before the break are its own.
+                    let partial = conn.take_unfinished();
+                    self.conclude(conn, dq, job, Err(Err(e.clone())), partial, carry);
                     if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
                         // The server closed at this reply, so it took none of the later
                         // transactions: they go back to the queue as if never sent.
@@ -1105,7 +1113,7 @@ impl CoreRelay {
                         dq.serial_until
                             .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                         for job in sent {
-                            self.conclude(conn, dq, job, Err(Err(e.clone())), carry);
+                            self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
                         }
                     }
                     return After::Broken;
@@ -1280,12 +1288,15 @@ impl CoreRelay {
 
     /// Records the outcome of `job`'s transaction on `conn`, and says what becomes of the
     /// connection.
+    /// `partial`: with a broken connection (`Err(Err(_))`), the replies this job's transaction
+    /// got before the break.
     fn conclude(
         &self,
         conn: &Outbound,
         dq: &DestQueue,
         job: Job,
         outcome: Result<TransactionResult, Result<Reply, ConnError>>,
+        partial: Option<TransactionResult>,
         carry: &mut Vec<Carried>,
     ) -> After {
         let remote_name = conn.remote.as_str();
@@ -1405,7 +1416,18 @@ impl CoreRelay {
             }
             Err(Err(e)) => {
                 // The connection broke off (421, closed, timed out): another address may
-                // take the job at once.
+                // take the job at once. Recipients the next hop had already refused for good
+                // are failed now with that refusal (RFC 5321 4.2.1), not tried again.
+                let job = match partial {
+                    Some(r) => self.fail_refused(job, &r, &remote),
+                    None => job,
+                };
+                if job.rcpts.is_empty() {
+                    if !conn.broke_counted.replace(true) {
+                        self.broke(dq, conn.addr);
+                    }
+                    return After::Broken;
+                }
                 let c = Carried {
                     job,
                     status: "4.4.2".into(),
@@ -1426,6 +1448,37 @@ impl CoreRelay {
                 After::Broken
             }
         }
+    }
+
+    /// Fails the recipients of `job` that `partial` (the replies its transaction got before the
+    /// connection broke) shows refused for good at RCPT after MAIL was taken; returns the job
+    /// with the others. A 552 to RCPT is "too many recipients" and temporary (as in
+    /// `conclude`).
+    fn fail_refused(
+        &self,
+        mut job: Job,
+        partial: &TransactionResult,
+        remote: &Option<String>,
+    ) -> Job {
+        if !partial.mail.is_positive() {
+            return job;
+        }
+        let mut out = Vec::new();
+        let mut left = Vec::with_capacity(job.rcpts.len());
+        for (k, &rcpt) in job.rcpts.iter().enumerate() {
+            match partial.rcpts.get(k) {
+                Some(r) if r.is_permanent() && r.code != 552 => {
+                    let text = reply_line(r);
+                    let status = dsn::status_of(&text);
+                    let result = Result_::Failed { status };
+                    self.report(&mut out, &job.msg, rcpt, result, text, remote.clone());
+                }
+                _ => left.push(rcpt),
+            }
+        }
+        self.send_reports(&job.msg, out);
+        job.rcpts = left;
+        job
     }
 
     /// How long a next hop, or one of its addresses, is left alone after it could not be

@@ -422,6 +422,37 @@ fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
 }
 
 #[test]
+fn a_recipient_refused_for_good_stays_refused_when_the_next_hop_then_goes_away() {
+    // RCPT: 550 for the first recipient, then 421 and a close at the second. The 550 was an
+    // answer (RFC 5321 4.2.1): that recipient is bounced at once with it, not deferred with
+    // the 421 and asked again on every retry; the other waits for its retry.
+    let peer = Peer::start(&["--reject-rcpt", "nobody", "--close-rcpt", "gone"]);
+    let server = routed_to(&peer, &["--retry-initial", "60s"]);
+    send(
+        &server,
+        "alice@origin.test",
+        &["nobody@dest.test", "gone@dest.test"],
+        "<refused@t>",
+        "body\r\n",
+    );
+    let stored = peer.wait_for("the bounce", Duration::from_secs(20), |s| !s.is_empty());
+    let bounce = &stored[0];
+    assert_eq!(bounce.mail_from, "<>");
+    assert_eq!(bounce.rcpt_tos, ["alice@origin.test"]);
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(text.contains("no such user here"), "{text}");
+    assert!(
+        !text.contains("Final-Recipient: rfc822; gone@dest.test"),
+        "the recipient put off waits for its retry: {text}"
+    );
+}
+
+#[test]
 fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_where_not() {
     // RFC 3461: a next hop with DSN gets RET, ENVID, NOTIFY and ORCPT as they came in; a next
     // hop without DSN gets none of them (aiosmtpd would refuse them), and a recipient that

@@ -3,10 +3,11 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
 
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
                  [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS] [--dsn]
-                 [--max-rcpts N] [--no-8bitmime] [--no-smtputf8]
+                 [--max-rcpts N] [--no-8bitmime] [--no-smtputf8] [--close-rcpt TEXT]
 
 --port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
---reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT. --max-rcpts N answers
+--reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT; --close-rcpt TEXT answers
+421 to them and closes the connection, as a server going down does. --max-rcpts N answers
 "552 5.5.3 Too many recipients" to each RCPT after the N-th of a transaction, as older servers
 do (RFC 5321 4.5.3.1.10). --no-8bitmime leaves 8BITMIME out of the EHLO reply, --no-smtputf8 SMTPUTF8. --dsn offers DSN (RFC 3461)
 in EHLO and records the DSN parameters of MAIL and of each RCPT (without it, aiosmtpd refuses
@@ -44,6 +45,10 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.args.reject_rcpt and self.args.reject_rcpt in address:
             return "550 5.1.1 <%s>: no such user here" % address
+        if self.args.close_rcpt and self.args.close_rcpt in address:
+            # The reply is written first; the close follows on the next turn of the loop.
+            asyncio.get_running_loop().call_soon(server.transport.close)
+            return "421 4.3.2 %s going down" % self.args.host
         if self.args.max_rcpts and len(envelope.rcpt_tos) >= self.args.max_rcpts:
             return "552 5.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -138,6 +143,7 @@ def main():
     p.add_argument("--log", required=True)
     p.add_argument("--tempfail-first", type=int, default=0)
     p.add_argument("--reject-rcpt", default="")
+    p.add_argument("--close-rcpt", default="")
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--size-limit", type=int, default=33554432)
     p.add_argument("--dsn", action="store_true")
