@@ -59,6 +59,17 @@ impl RetryPolicy {
         RetryDecision::RetryAt(now.saturating_add(self.delay(failures)).min(deadline))
     }
 
+    /// When to try again, after a restart at `now`, a delivery that an earlier run deferred
+    /// until `recorded`: then, but no later than this run's settings allow, one longest delay
+    /// from now and the end of the lifetime (where an attempt expires it). An operator who
+    /// shortens `--retry-max` or `--max-queue-lifetime` and restarts sees them apply to mail
+    /// already queued.
+    pub fn resume_at(&self, arrival: u64, recorded: u64, now: u64) -> u64 {
+        recorded
+            .min(now.saturating_add(millis(self.max)))
+            .min(self.expiry(arrival))
+    }
+
     /// The time the message expires.
     pub fn expiry(&self, arrival: u64) -> u64 {
         arrival.saturating_add(millis(self.lifetime))
@@ -76,6 +87,30 @@ mod tests {
             max: Duration::from_secs(3600),
             lifetime: Duration::from_secs(5 * 86400),
         }
+    }
+
+    #[test]
+    fn a_recorded_attempt_is_held_to_this_run_s_settings() {
+        let p = policy();
+        let arrival = 1_000_000;
+        let now = arrival + 600_000;
+        // Within the settings: kept.
+        assert_eq!(p.resume_at(arrival, now + 60_000, now), now + 60_000);
+        // An earlier run's longer delay: at most one longest delay from now.
+        assert_eq!(p.resume_at(arrival, now + 86_400_000, now), now + 3_600_000);
+        // Past this run's lifetime: at its end, where the attempt expires it.
+        let short = RetryPolicy {
+            lifetime: Duration::from_secs(900),
+            ..p
+        };
+        assert_eq!(
+            short.resume_at(arrival, now + 3_000_000, now),
+            arrival + 900_000
+        );
+        assert_eq!(
+            short.after_failure(arrival, 1, arrival + 900_000),
+            RetryDecision::Expire
+        );
     }
 
     #[test]

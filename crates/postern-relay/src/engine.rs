@@ -587,11 +587,16 @@ impl CoreRelay {
             });
             let mut now_rcpts = Vec::new();
             let mut later: HashMap<u64, Vec<u32>> = HashMap::new();
+            let (arrival, now) = (arrival_ms(&msg.meta), now_ms());
             for (i, s) in m.statuses.iter().enumerate() {
                 match s.as_ref().map(|s| &s.state) {
                     None => now_rcpts.push(i as u32),
                     Some(DeliveryState::Deferred { next_attempt }) => later
-                        .entry(next_attempt.saturating_mul(1000))
+                        .entry(self.relay.config.retry.resume_at(
+                            arrival,
+                            next_attempt.saturating_mul(1000),
+                            now,
+                        ))
                         .or_default()
                         .push(i as u32),
                     Some(_) => {}

@@ -372,6 +372,53 @@ fn temporary_failure_is_retried_until_delivered() {
 }
 
 #[test]
+fn a_restart_with_a_shorter_retry_max_retries_queued_mail_within_it() {
+    // Deferred for an hour by one run; the next run's --retry-max is 1s: the hour recorded in
+    // the spool does not outlast the operator's new setting.
+    let peer = Peer::start(&["--tempfail-first", "1"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let slow = [
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--retry-initial",
+        "1h",
+        "--retry-max",
+        "1h",
+    ];
+    let mut first = Server::start_in(&slow, spool.clone(), None);
+    send(
+        &first,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<later@t>",
+        "x\r\n",
+    );
+    let m = first.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    assert!(first.terminate().success());
+    assert!(peer.stored().is_empty());
+    let quick = [
+        "--route",
+        &route,
+        "--retry-initial",
+        "500ms",
+        "--retry-max",
+        "1s",
+    ];
+    let _second = Server::start_in(&quick, spool, None);
+    let stored = peer.wait_for(
+        "the retry after the restart",
+        Duration::from_secs(20),
+        |s| !s.is_empty(),
+    );
+    assert_eq!(stored[0].message_id, "<later@t>");
+}
+
+#[test]
 fn permanent_failure_bounces_to_the_sender_with_a_delivery_report() {
     // One peer is both the next hop of the recipients and the sender's domain's route.
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
