@@ -215,14 +215,23 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
 /// What the text part of a report says when the whole message is attached.
 const COPY_ATTACHED: &str = "A delivery report and a copy of the message are attached.\r\n";
 
+/// Why a report's returned message gives way to its header section on the way to its sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadersOnly {
+    /// The message has 8-bit content and the next hop has no 8BITMIME.
+    EightBit,
+    /// The report is larger than the next hop's SIZE.
+    TooBig,
+}
+
 /// A report (`multipart/report`) whose returned part is a whole message (`message/rfc822` or
-/// `message/global`) with 8-bit content, remade for a next hop without 8BITMIME: the returned
+/// `message/global`), remade for a next hop that cannot take it (`why`): the returned
 /// message gives way to its header section, encoded as in a headers-only report. A message/*
 /// part allows no encoding (RFC 2046 5.2.1), and `RET=FULL` asks for the whole message
 /// without requiring it (RFC 3461 4.3), so this is the report that can still reach its
 /// sender; from `<>`, the alternative is a report nobody gets. None when `report` is not such
 /// a report.
-pub fn with_headers_only(report: &[u8]) -> Option<Vec<u8>> {
+pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
     use mail_parser::MimeHeaders as _;
     let parsed = mail_parser::MessageParser::default().parse(report)?;
     let is = |ct: Option<&mail_parser::ContentType<'_>>, kind: &str, subtypes: &[&str]| {
@@ -266,11 +275,18 @@ pub fn with_headers_only(report: &[u8]) -> Option<Vec<u8>> {
     {
         Some(at) => {
             out.extend_from_slice(&before[..at]);
-            out.extend_from_slice(
-                b"A delivery report and the headers of the message are attached (the next\r\n\
-                  hop toward you does not take 8-bit mail, so the whole message could not\r\n\
-                  come back).\r\n",
-            );
+            out.extend_from_slice(match why {
+                HeadersOnly::EightBit => {
+                    b"A delivery report and the headers of the message are attached (the next\r\n\
+                      hop toward you does not take 8-bit mail, so the whole message could not\r\n\
+                      come back).\r\n"
+                }
+                HeadersOnly::TooBig => {
+                    b"A delivery report and the headers of the message are attached (the next\r\n\
+                      hop toward you does not take mail this large, so the whole message could\r\n\
+                      not come back).\r\n"
+                }
+            });
             out.extend_from_slice(&before[at + copy_attached.len()..]);
         }
         None => out.extend_from_slice(before),

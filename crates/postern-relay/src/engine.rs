@@ -1226,7 +1226,7 @@ impl CoreRelay {
         // sends the whole report.
         let mut body = job.msg.body.clone();
         if eight_bit && !eightbitmime && meta.reverse_path.is_empty() {
-            let remade = dsn::with_headers_only(&job.msg.body.to_vec())
+            let remade = dsn::with_headers_only(&job.msg.body.to_vec(), dsn::HeadersOnly::EightBit)
                 .filter(|r| !dsn::is_8bit(r))
                 .and_then(|r| MessageRef::from_bytes(&job.msg.queue_id, &r).ok());
             if let Some(remade) = remade {
@@ -1237,6 +1237,23 @@ impl CoreRelay {
                 );
                 body = remade;
                 eight_bit = false;
+            }
+        }
+        // The same for a report from `<>` larger than the next hop takes (its SIZE): with the
+        // header section only, it may fit.
+        if let Some(limit) = caps.size.filter(|&l| l > 0 && body.len() > l) {
+            if meta.reverse_path.is_empty() {
+                let remade = dsn::with_headers_only(&body.to_vec(), dsn::HeadersOnly::TooBig)
+                    .filter(|r| r.len() as u64 <= limit)
+                    .and_then(|r| MessageRef::from_bytes(&job.msg.queue_id, &r).ok());
+                if let Some(remade) = remade {
+                    tracing::info!(
+                        queue_id = %job.msg.queue_id,
+                        "{} takes at most {limit} octets: the report goes with the returned message's header section only",
+                        conn.remote
+                    );
+                    body = remade;
+                }
             }
         }
         if eight_bit && !eightbitmime {

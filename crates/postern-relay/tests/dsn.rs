@@ -706,7 +706,7 @@ fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
     assert!(dsn::is_8bit(&bytes));
     assert_eq!(mime_type(parts(&parse(&bytes))[2]), "message/global");
 
-    let remade = dsn::with_headers_only(&bytes).unwrap();
+    let remade = dsn::with_headers_only(&bytes, dsn::HeadersOnly::EightBit).unwrap();
     assert!(!dsn::is_8bit(&remade));
     assert_lines_ok(&remade);
     let message = parse(&remade);
@@ -727,11 +727,29 @@ fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
         text.contains("the headers of the message are attached"),
         "{text}"
     );
+    assert!(text.contains("does not take 8-bit mail"), "{text}");
+    // Too large for the next hop: the same report without the body, and its text gives
+    // that reason.
+    let big = format!(
+        "Subject: big\r\nMessage-ID: <b@t>\r\n\r\n{}",
+        "0123456789abcdef\r\n".repeat(256)
+    );
+    let mut full = report(&recipients, big.as_bytes());
+    full.return_full = true;
+    let bytes = dsn::build(&full);
+    let smaller = dsn::with_headers_only(&bytes, dsn::HeadersOnly::TooBig).unwrap();
+    assert!(smaller.len() + 4096 < bytes.len(), "{}", smaller.len());
+    assert_lines_ok(&smaller);
+    let message = parse(&smaller);
+    let smaller_parts = parts(&message);
+    assert_eq!(mime_type(smaller_parts[2]), "text/rfc822-headers");
+    let text = smaller_parts[0].text_contents().unwrap();
+    assert!(text.contains("does not take mail this large"), "{text}");
 
     // Not a report with a whole message: nothing to remake.
-    assert!(dsn::with_headers_only(original.as_bytes()).is_none());
+    assert!(dsn::with_headers_only(original.as_bytes(), dsn::HeadersOnly::EightBit).is_none());
     let headers_only = dsn::build(&report(&recipients, original.as_bytes()));
-    assert!(dsn::with_headers_only(&headers_only).is_none());
+    assert!(dsn::with_headers_only(&headers_only, dsn::HeadersOnly::TooBig).is_none());
 }
 
 #[test]

@@ -977,6 +977,36 @@ fn a_mailbox_given_twice_keeps_every_report_either_rcpt_asked_for() {
 }
 
 #[test]
+fn a_whole_message_report_too_large_for_the_sender_s_server_goes_with_the_headers() {
+    // RET=FULL, and the sender's server takes 3,000 octets at most (SIZE): the report returns
+    // the header section instead, rather than reaching nobody.
+    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
+    let origin = Peer::start(&["--size-limit", "3000"]);
+    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &to_dest, "--route", &to_origin]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> RET=FULL")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let body = "0123456789abcdef\r\n".repeat(300);
+    c.send(format!("Subject: big\r\nMessage-ID: <big@t>\r\n\r\n{body}.\r\n").as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    let (bounce, text) = origin.first("the report");
+    assert_eq!(bounce.rcpt_tos, ["alice@origin.test"]);
+    assert!(bounce.data.len() <= 3000, "{}", bounce.data.len());
+    assert!(text.contains("does not take mail this large"), "{text}");
+    assert!(text.contains("Message-ID: <big@t>"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(!text.contains("0123456789abcdef"), "{text}");
+}
+
+#[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
