@@ -283,7 +283,8 @@ pub struct SinkArgs {
     /// Do not offer PIPELINING, like an older server.
     #[arg(long)]
     pub no_pipelining: bool,
-    /// Answer end of data with these codes in these proportions (250:98,451:1,550:1).
+    /// Answer end of data with these codes in these proportions (250:98,451:1,550:1); a 421
+    /// also closes the connection, as a server going down does.
     #[arg(long, value_parser = reply_mix)]
     pub reply_mix: Option<ReplyMix>,
     /// Wait this long before answering each end of data.

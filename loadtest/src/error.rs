@@ -83,6 +83,11 @@ impl LoadError {
         }
     }
 
+    /// A file named by `flag` that cannot be made: a wrong flag value, found before the run.
+    pub fn flag_file(flag: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        LoadError::flag(flag, format!("{}: {source}", path.display()))
+    }
+
     /// A file error.
     pub fn file(path: &std::path::Path, source: std::io::Error) -> Self {
         LoadError::File {

@@ -14,21 +14,30 @@ pub struct Mix<T> {
 }
 
 impl<T: Clone> Mix<T> {
-    /// A mix from `(item, weight)` pairs; weights of zero are left out by the caller.
+    /// A mix from `(item, weight)` pairs; weights of zero are left out by the caller. Only
+    /// the ratios count: `1:1` and `2147483648:2147483648` are the same mix, whose cycle is
+    /// two picks long.
     pub fn new(pairs: Vec<(T, u32)>) -> Self {
+        let common = pairs
+            .iter()
+            .fold(0u64, |g, (_, w)| gcd(g, u64::from(*w)))
+            .max(1);
         let mut ends = Vec::with_capacity(pairs.len());
         let mut items = Vec::with_capacity(pairs.len());
         let mut total = 0u64;
         for (item, w) in pairs {
-            total += u64::from(w);
+            total += u64::from(w) / common;
             ends.push(total);
             items.push(item);
         }
         let total = total.max(1);
-        // A stride coprime with the total visits every slot once per cycle, spread out.
-        let stride = [7919u64, 104_729, 1_299_709, 1]
-            .into_iter()
-            .find(|p| gcd(*p, total) == 1)
+        // A stride coprime with the total visits every slot once per cycle; near the total
+        // times the golden ratio, consecutive picks land far apart, so each item's share is
+        // spread over the cycle rather than given in a run.
+        let golden = ((total as f64) * 0.618_033_988_75).round() as u64;
+        // Bounded: among any `total` consecutive numbers one is coprime with it (1 is).
+        let stride = (golden.max(1)..golden.max(1) + total)
+            .find(|s| gcd(*s, total) == 1)
             .unwrap_or(1);
         Self {
             ends,
@@ -80,6 +89,32 @@ mod tests {
             }
         }
         assert_eq!(counts, [700, 250, 50]);
+    }
+
+    #[test]
+    fn equal_weights_alternate_whatever_their_size() {
+        for w in [1, 10, 2_147_483_648] {
+            let mix = Mix::new(vec![("a", w), ("b", w)]);
+            let picks: Vec<&str> = (0..6).map(|n| *mix.pick(n)).collect();
+            let a = picks.iter().filter(|p| **p == "a").count();
+            assert_eq!(a, 3, "weight {w}: {picks:?}");
+            assert!(
+                picks.windows(2).all(|p| p[0] != p[1]),
+                "weight {w}: {picks:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_long_runs_in_an_uneven_mix() {
+        let mix = Mix::new(vec![("a", 10), ("b", 11)]);
+        let picks: Vec<&str> = (0..21).map(|n| *mix.pick(n)).collect();
+        let longest = picks
+            .chunk_by(|x, y| x == y)
+            .map(<[&str]>::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest <= 3, "{picks:?}");
     }
 
     #[test]

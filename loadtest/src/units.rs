@@ -102,7 +102,10 @@ pub fn parse_weighted<T>(
         let (value, weight) = match part.split_once(':') {
             Some((v, w)) => {
                 let w: u32 = w.trim().parse().map_err(|_| {
-                    LoadError::flag(flag, format!("weight {w:?} is not a whole number"))
+                    LoadError::flag(
+                        flag,
+                        format!("weight {w:?} is not a whole number from 0 to 4294967295"),
+                    )
                 })?;
                 (v, w)
             }

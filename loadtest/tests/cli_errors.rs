@@ -85,14 +85,17 @@ fn more_connections_than_the_open_file_limit_holds_are_refused_before_the_run() 
 #[test]
 fn a_report_file_that_cannot_be_written_is_found_before_the_run() {
     let sink = common::Sink::start(&[]);
-    for flag in ["--json", "--plot"] {
+    for flag in ["--json", "--plot", "--hdr-log"] {
         let out = Command::new(BIN)
             .args(["send", "--target", &sink.addr, "--messages", "5", flag])
             .arg("/nonexistent-dir/report")
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{flag}: {err}");
+        // A wrong flag value: one line naming the flag, exit code 2.
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert_eq!(err.lines().count(), 1, "{flag}: {err}");
+        assert!(err.contains(flag), "{flag}: {err}");
         assert!(err.contains("/nonexistent-dir/report"), "{flag}: {err}");
         assert!(
             out.stdout.is_empty(),
@@ -101,6 +104,9 @@ fn a_report_file_that_cannot_be_written_is_found_before_the_run() {
         );
     }
     assert_eq!(sink.stop().get("messages_total"), 0, "no message was sent");
+    let (code, err) = run(&["sink", "--record", "/nonexistent-dir/r", "--lifetime", "5s"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--record"), "{err}");
 }
 
 #[test]

@@ -59,6 +59,36 @@ fn injected_failures_are_counted_the_same_on_both_sides() {
 }
 
 #[test]
+fn injected_refusals_never_add_up_to_a_close() {
+    // Twenty-nine 550s on one connection: each is the sink's own fault, not the client's
+    // error, so the sink never closes with "too many errors" and the mix stays as asked.
+    let sink = Sink::start(&["--reply-mix", "250:1,550:29"]);
+    let report = send_json(&sink.addr, &["--messages", "30", "--connections", "1"]);
+    let c = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 1, "{report}");
+    assert_eq!(num(&report, "messages_refused"), 29, "{report}");
+    assert_eq!(num(&report, "messages_failed"), 0, "{report}");
+    assert_eq!(num(&report, "connections_opened"), 1, "{report}");
+    assert_eq!(c.get("connections_total"), 1);
+}
+
+#[test]
+fn an_injected_421_closes_the_connection() {
+    // 250 and 421 in turn: each 421 ends its connection (RFC 5321 3.8), so what the sender
+    // pipelined behind it is never read as another transaction.
+    let sink = Sink::start(&["--reply-mix", "250:1,421:1"]);
+    let report = send_json(
+        &sink.addr,
+        &["--messages", "20", "--connections", "1", "--pipelining"],
+    );
+    let c = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 10, "{report}");
+    assert_eq!(c.get("messages_total"), 10);
+    assert_eq!(c.get("replies_total{code=\"421\"}"), 10);
+    assert_eq!(c.get("connections_total"), 10, "one connection per 421");
+}
+
+#[test]
 fn metrics_are_served_while_running() {
     let sink = Sink::start(&["--metrics", "127.0.0.1:0"]);
     send_json(&sink.addr, &["--messages", "30"]);

@@ -57,8 +57,10 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     check_open_files(args.connections)?;
     // The report's files are made now, so that a path that cannot be written is found before
     // the run rather than after it, with its figures lost.
-    for path in [&args.json, &args.plot].into_iter().flatten() {
-        std::fs::File::create(path).map_err(|e| LoadError::file(path, e))?;
+    for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
+        if let Some(path) = path {
+            std::fs::File::create(path).map_err(|e| LoadError::flag_file(flag, path, e))?;
+        }
     }
     let messages = match (args.messages, args.duration) {
         (None, None) => Some(DEFAULT_MESSAGES),
@@ -97,7 +99,9 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         msgs_per_conn: args.msgs_per_conn,
     };
     let mut hdr_file = match &args.hdr_log {
-        Some(path) => Some(std::fs::File::create(path).map_err(|e| LoadError::file(path, e))?),
+        Some(path) => Some(
+            std::fs::File::create(path).map_err(|e| LoadError::flag_file("--hdr-log", path, e))?,
+        ),
         None => None,
     };
     let run = Arc::new(Run {

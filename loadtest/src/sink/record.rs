@@ -82,7 +82,7 @@ pub struct Recorder {
 impl Recorder {
     /// Creates (truncates) `path` and starts the writer.
     pub fn start(path: &Path) -> Result<Self, LoadError> {
-        let file = File::create(path).map_err(|e| LoadError::file(path, e))?;
+        let file = File::create(path).map_err(|e| LoadError::flag_file("--record", path, e))?;
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let thread = std::thread::Builder::new()
             .name("postern-load-record".into())

@@ -239,6 +239,11 @@ impl Session {
                     Slot::add(&self.core.slot().replies[i], 1);
                 }
                 self.proto.message_failed(reply);
+                if reply.code == 421 {
+                    // 421 closes the channel (RFC 5321 3.8): nothing after it is read.
+                    self.flush().await;
+                    return false;
+                }
                 true
             }
         }
