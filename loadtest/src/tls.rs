@@ -14,7 +14,13 @@ use crate::error::LoadError;
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, LoadError> {
     postern_server::tls::server_config(cert, key, None)
         .map(|(config, _)| config)
-        .map_err(|e| LoadError::Tls(e.to_string()))
+        .map_err(|e| {
+            // Files that do not hold a usable chain and key: a wrong flag value, named once
+            // (the server's message already says TLS).
+            let why = e.to_string();
+            let why = why.strip_prefix("TLS: ").unwrap_or(&why).to_owned();
+            LoadError::flag("--tls-cert/--tls-key", why)
+        })
 }
 
 /// A client configuration that accepts any server certificate (see the module notes), the

@@ -107,6 +107,27 @@ fn a_report_file_that_cannot_be_written_is_found_before_the_run() {
     let (code, err) = run(&["sink", "--record", "/nonexistent-dir/r", "--lifetime", "5s"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--record"), "{err}");
+    // Certificate files that hold no certificate: named, once, before the sink listens.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap();
+    let (code, err) = run(&[
+        "sink",
+        "--tls-cert",
+        empty,
+        "--tls-key",
+        empty,
+        "--lifetime",
+        "5s",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--tls-cert") && err.contains("empty.pem"),
+        "{err}"
+    );
+    assert!(!err.contains("TLS: TLS"), "{err}");
 }
 
 #[test]
