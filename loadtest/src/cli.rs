@@ -174,7 +174,8 @@ pub struct SendArgs {
     /// Messages to send in all (default 1000 unless --duration is given).
     #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: Option<u64>,
-    /// Send for this long instead of a number of messages (30s, 2m).
+    /// Start messages for this long instead of a number of messages (30s, 2m); those in flight
+    /// at the end still get their replies (each within --timeout), and count.
     #[arg(long, value_parser = run_duration)]
     pub duration: Option<Duration>,
     /// Messages per connection before QUIT and a new connection; 0 keeps each connection.
