@@ -1225,11 +1225,11 @@ impl CoreRelay {
         // transaction's body changes: a later attempt, through a next hop with 8BITMIME,
         // sends the whole report.
         let mut body = job.msg.body.clone();
-        if eight_bit && !eightbitmime && meta.reverse_path.is_empty() {
-            let remade = dsn::with_headers_only(&job.msg.body.to_vec(), dsn::HeadersOnly::EightBit)
-                .filter(|r| !dsn::is_8bit(r))
-                .and_then(|r| MessageRef::from_bytes(&job.msg.queue_id, &r).ok());
-            if let Some(remade) = remade {
+        if eight_bit && !eightbitmime {
+            let seven_bit = |r: &[u8]| !dsn::is_8bit(r);
+            if let Some(remade) =
+                headers_only(&job.msg, &body, dsn::HeadersOnly::EightBit, seven_bit)
+            {
                 tracing::info!(
                     queue_id = %job.msg.queue_id,
                     "{} does not support 8BITMIME: the report goes with the returned message's header section only",
@@ -1242,18 +1242,14 @@ impl CoreRelay {
         // The same for a report from `<>` larger than the next hop takes (its SIZE): with the
         // header section only, it may fit.
         if let Some(limit) = caps.size.filter(|&l| l > 0 && body.len() > l) {
-            if meta.reverse_path.is_empty() {
-                let remade = dsn::with_headers_only(&body.to_vec(), dsn::HeadersOnly::TooBig)
-                    .filter(|r| r.len() as u64 <= limit)
-                    .and_then(|r| MessageRef::from_bytes(&job.msg.queue_id, &r).ok());
-                if let Some(remade) = remade {
-                    tracing::info!(
-                        queue_id = %job.msg.queue_id,
-                        "{} takes at most {limit} octets: the report goes with the returned message's header section only",
-                        conn.remote
-                    );
-                    body = remade;
-                }
+            let fits = |r: &[u8]| r.len() as u64 <= limit;
+            if let Some(remade) = headers_only(&job.msg, &body, dsn::HeadersOnly::TooBig, fits) {
+                tracing::info!(
+                    queue_id = %job.msg.queue_id,
+                    "{} takes at most {limit} octets: the report goes with the returned message's header section only",
+                    conn.remote
+                );
+                body = remade;
             }
         }
         if eight_bit && !eightbitmime {
@@ -2371,6 +2367,22 @@ impl CoreRelay {
             self.publish_depth();
         }
     }
+}
+
+/// `body`, a report from `<>` in `msg`, remade with its returned message's header section
+/// only (`why`), when the remade report `fits`; None for any other message.
+fn headers_only(
+    msg: &Msg,
+    body: &MessageRef,
+    why: dsn::HeadersOnly,
+    fits: impl Fn(&[u8]) -> bool,
+) -> Option<MessageRef> {
+    if !msg.meta.reverse_path.is_empty() {
+        return None;
+    }
+    dsn::with_headers_only(&body.to_vec(), why)
+        .filter(|r| fits(r))
+        .and_then(|r| MessageRef::from_bytes(&msg.queue_id, &r).ok())
 }
 
 fn mx_failure(domain: &str, e: &MxError) -> (String, Option<&'static str>) {
