@@ -976,15 +976,22 @@ fn a_mailbox_given_twice_keeps_every_report_either_rcpt_asked_for() {
     );
 }
 
+/// A next hop for dest.test that refuses `nobody`, the sender's own next hop for origin.test
+/// (an aiosmtpd peer with `origin_flags`), and a server routing to both.
+fn refusing_next_hop_and_sender_s(origin_flags: &[&str]) -> (Peer, Peer, Server) {
+    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
+    let origin = Peer::start(origin_flags);
+    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &to_dest, "--route", &to_origin]);
+    (dest, origin, server)
+}
+
 #[test]
 fn a_whole_message_report_too_large_for_the_sender_s_server_goes_with_the_headers() {
     // RET=FULL, and the sender's server takes 3,000 octets at most (SIZE): the report returns
     // the header section instead, rather than reaching nobody.
-    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
-    let origin = Peer::start(&["--size-limit", "3000"]);
-    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
-    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&["--route", &to_dest, "--route", &to_origin]);
+    let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--size-limit", "3000"]);
     let (mut c, _) = hello(&server);
     assert!(c
         .cmd("MAIL FROM:<alice@origin.test> RET=FULL")
@@ -3101,11 +3108,7 @@ fn a_binarymime_message_bounced_with_ret_full_returns_only_its_headers() {
 
 #[test]
 fn a_bounce_of_8bit_header_fields_reaches_a_sender_whose_next_hop_lacks_8bitmime() {
-    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
-    let origin = Peer::start(&["--no-8bitmime"]);
-    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
-    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&["--route", &to_dest, "--route", &to_origin]);
+    let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--no-8bitmime"]);
     let (mut c, _) = hello(&server);
     assert!(c
         .cmd("MAIL FROM:<a@origin.test> BODY=8BITMIME")
