@@ -105,15 +105,32 @@ fn target(s: &str) -> Result<String, String> {
     }
 }
 
+/// The longest address a pattern may make: a path is at most 256 octets with its angle
+/// brackets (RFC 5321 4.5.3.1.3).
+const MAX_ADDRESS: usize = 254;
+
 /// An address pattern for MAIL or RCPT: it goes between `<` and `>` on a command line, so no
-/// angle brackets, line ends, other control characters or spaces. (`--from ''` is the null
-/// reverse path.)
+/// angle brackets, line ends, other control characters or spaces; ASCII only, as the generator
+/// does not send SMTPUTF8; and short enough for a path once `{seq}` and `{r}` are filled in.
+/// (`--from ''` is the null reverse path.)
 fn address_pattern(s: &str) -> Result<String, String> {
     if let Some(c) = s
         .chars()
         .find(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>'))
     {
         return Err(format!("{s:?} holds {c:?}, which an address cannot"));
+    }
+    if let Some(c) = s.chars().find(|c| !c.is_ascii()) {
+        return Err(format!(
+            "{s:?} holds {c:?}: addresses must be ASCII (the generator does not send SMTPUTF8)"
+        ));
+    }
+    // The widest filling: a 20-digit sequence number for each {seq} or {n}, 4 digits per {r}.
+    let longest = crate::send::message::address(s, u64::MAX, 9999).len();
+    if longest > MAX_ADDRESS {
+        return Err(format!(
+            "makes addresses of up to {longest} octets; a path holds at most {MAX_ADDRESS}"
+        ));
     }
     Ok(s.to_owned())
 }

@@ -17,6 +17,9 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 
 #[test]
 fn wrong_flags_are_one_line_and_exit_2() {
+    // 249 octets as written, past the 254 of a path once {seq} is a 20-digit number.
+    let long_at_most_seq = format!("{}{{seq}}@x.test", "r".repeat(237));
+    let too_long = format!("{}@x.test", "s".repeat(248));
     for (args, names) in [
         (&["send", "--bogus"][..], "--bogus"),
         (&["send", "--size", "1x"][..], "--size"),
@@ -51,6 +54,9 @@ fn wrong_flags_are_one_line_and_exit_2() {
         ),
         (&["send", "--from", "a b@c.test"][..], "--from"),
         (&["send", "--from", "<a@c.test>"][..], "--from"),
+        (&["send", "--from", "j\u{f6}rg@c.test"][..], "--from"),
+        (&["send", "--to", &long_at_most_seq][..], "--to"),
+        (&["send", "--from", &too_long][..], "--from"),
         (&["sink", "--max-size", "0"][..], "--max-size"),
         (&["sink", "--hostname", "two words"][..], "--hostname"),
     ] {

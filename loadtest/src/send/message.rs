@@ -9,6 +9,9 @@ use std::sync::Arc;
 /// The sequence header's name.
 pub const SEQ_HEADER: &str = "X-Postern-Load-Seq";
 
+/// The From header field's mailbox for messages sent with the null reverse path (`--from ''`).
+pub const NULL_SENDER_FROM: &str = "mailer-daemon@postern-load.test";
+
 /// Octets per padding line, CR LF included.
 const LINE: usize = 78;
 /// A short last line's source: `x` then CR LF; a tail of it is always a well-formed line.
@@ -83,6 +86,12 @@ impl Bodies {
         to: &str,
         date: &str,
     ) -> Message<'a> {
+        // A null reverse path still needs an author: RFC 5322 3.6.2 makes From a mailbox.
+        let from = if from.is_empty() {
+            NULL_SENDER_FROM
+        } else {
+            from
+        };
         let mut header = String::with_capacity(256);
         // Writing into a String cannot fail.
         let _ = write!(
@@ -189,6 +198,18 @@ mod tests {
         assert!(m
             .header
             .contains(&format!("\r\nDate: {DATE}\r\nFrom: <a@b.test>\r\n")));
+    }
+
+    #[test]
+    fn the_null_reverse_path_still_has_an_author() {
+        let bodies = Bodies::new(1024, "run".into());
+        let m = bodies.message(1, 1024, "", "c@d.test", DATE);
+        assert!(
+            m.header
+                .contains(&format!("\r\nFrom: <{NULL_SENDER_FROM}>\r\n")),
+            "{}",
+            m.header
+        );
     }
 
     #[test]
