@@ -83,7 +83,7 @@ fn duration(s: &str) -> Result<Duration, String> {
     units::parse_duration("duration", s).map_err(|e| e.to_string())
 }
 
-/// How long to send: above zero (a run of no time sends nothing).
+/// How long to send, or for the sink to live: above zero (a run of no time does nothing).
 fn run_duration(s: &str) -> Result<Duration, String> {
     match duration(s)? {
         d if d.is_zero() => Err("a run must last more than zero".into()),
@@ -317,7 +317,7 @@ pub struct SinkArgs {
     /// Close a session silent for this long.
     #[arg(long, default_value = "60s", value_parser = timeout)]
     pub timeout: Duration,
-    /// Exit by itself after this long (otherwise on SIGTERM or SIGINT).
-    #[arg(long, value_parser = duration)]
+    /// Exit by itself after this long (otherwise on SIGTERM or SIGINT); above zero.
+    #[arg(long, value_parser = run_duration)]
     pub lifetime: Option<Duration>,
 }

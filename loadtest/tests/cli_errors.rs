@@ -58,6 +58,7 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["send", "--to", &long_at_most_seq][..], "--to"),
         (&["send", "--from", &too_long][..], "--from"),
         (&["sink", "--max-size", "0"][..], "--max-size"),
+        (&["sink", "--lifetime", "0s"][..], "--lifetime"),
         (&["sink", "--hostname", "two words"][..], "--hostname"),
     ] {
         let (code, err) = run(args);
