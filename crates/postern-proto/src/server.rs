@@ -77,7 +77,7 @@ pub mod replies {
     /// SEND, SOML, SAML, TURN.
     pub const OBSOLETE: StaticReply = r(502, 5, 5, 1, "Command not implemented");
     /// AUTH on a server that offers none.
-    pub const NO_AUTH: StaticReply = r(503, 5, 5, 1, "Authentication not enabled");
+    pub const NO_AUTH: StaticReply = r(502, 5, 5, 1, "Authentication not enabled");
     /// STARTTLS without a certificate.
     pub const NO_TLS: StaticReply = r(502, 5, 5, 1, "STARTTLS not available");
     /// STARTTLS inside TLS.

@@ -253,7 +253,7 @@ fn helo_session_and_misc_commands() {
             "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
             "502 5.5.1 Command not implemented",
             "502 5.5.1 Command not implemented",
-            "503 5.5.1 Authentication not enabled",
+            "502 5.5.1 Authentication not enabled",
             "502 5.5.1 STARTTLS not available",
             "555 5.5.4 Parameters not allowed after HELO",
             "250 2.1.0 Ok",
