@@ -73,7 +73,20 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Tls(s) => {
+                let read = Pin::new(s.as_mut()).poll_read(cx, buf);
+                // TLS may have made records of its own while reading (the alert that refuses
+                // a renegotiation, the answer to a TLS 1.3 KeyUpdate), and a TLS stream's read
+                // never writes them. A peer may be waiting for them while we wait for it:
+                // send them before waiting. A flush that must wait for room is polled again
+                // with the read.
+                if read.is_pending() && s.get_ref().1.wants_write() {
+                    if let Poll::Ready(Err(e)) = Pin::new(s.as_mut()).poll_flush(cx) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                read
+            }
             Conn::Gone => Poll::Ready(Ok(0)),
         }
     }

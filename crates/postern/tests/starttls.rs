@@ -376,3 +376,91 @@ fn a_stop_does_not_wait_for_handshakes_in_progress() {
         assert!(tcp.read_to_end(&mut Vec::new()).is_ok(), "left open");
     }
 }
+
+/// `openssl s_client` asks for a TLS 1.2 renegotiation (its `R` command) on `addr`, after
+/// STARTTLS when `starttls`; what it printed once it gave up. The server refuses with an alert;
+/// the client must get it at once, not with the server's 421 when the command timeout ends.
+fn renegotiate(addr: std::net::SocketAddr, starttls: bool) -> String {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-crlf",
+        "-tls1_2",
+    ]);
+    if starttls {
+        cmd.args(["-starttls", "smtp"]);
+    }
+    let mut child = common::KillOnDrop(
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl (the test command installs it)"),
+    );
+    // s_client reads its commands only once the handshake is done; stdin stays open, as an
+    // end of input would end the session from the client's side.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"R\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client still waits for an answer to its renegotiation after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stdin);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn a_renegotiation_is_refused_at_once() {
+    // A command timeout far beyond the test's patience: the refusal must not wait for it.
+    let (server, _roots, _dir) = server_with_cert_and(&["--command-timeout", "5m"]);
+    for (addr, starttls) in [(server.smtp, true), (server.smtps.unwrap(), false)] {
+        let out = renegotiate(addr, starttls);
+        assert!(out.contains("RENEGOTIATING"), "{out}");
+        assert!(out.contains("no renegotiation"), "{out}");
+        // The session is over for the client; the server still serves others.
+        let mut c = server.connect();
+        assert!(c.line().starts_with("220 "));
+    }
+}
+
+#[test]
+fn clients_cannot_fill_the_log_with_tls_warnings() {
+    use std::process::{Command, Stdio};
+    let (mut server, _roots, _dir) = server_with_cert();
+    let smtps = server.smtps.unwrap().to_string();
+    for _ in 0..3 {
+        // An IP address as SNI: TLS ignores it (RFC 6066 3) and the handshake goes on.
+        let out = Command::new("openssl")
+            .args(["s_client", "-connect", &smtps, "-servername", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl (the test command installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Certificate chain"), "{text}");
+    }
+    let metrics = server.metrics_until(|m| m.contains("postern_tls_handshakes_total 3\n"));
+    assert!(metrics.contains("postern_tls_handshakes_total 3\n"));
+    let log = server.terminate_for_log();
+    assert!(!log.contains("rustls"), "{log}");
+    assert!(!log.contains("SNI"), "{log}");
+}

@@ -57,6 +57,8 @@ impl Server {
         dir: Option<tempfile::TempDir>,
     ) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        // The tests read the log at its default level; a RUST_LOG of the caller's would change it.
+        cmd.env_remove("RUST_LOG");
         cmd.envs(env.iter().copied());
         cmd.arg("serve")
             .arg("--spool")
