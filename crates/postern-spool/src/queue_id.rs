@@ -33,8 +33,27 @@ pub fn owner_core(id: &str) -> Option<u32> {
     u32::try_from(core).ok()
 }
 
+/// How many counter values an ID holds (4 digits): it starts over after this many.
+const COUNTER_SPAN: u64 = 1 << 20;
+
+/// The time part for the ID with `counter`, the clock reading `now`, when no ID may have a time
+/// below `floor` (the last one issued, or past the newest found at open). Never below the
+/// floor, so a clock set back (or behind the newest ID in the spool) cannot go back over IDs
+/// already issued; and moved one microsecond on where the counter starts over, so that IDs
+/// that share a time (a clock held behind the floor, over a million messages) still differ.
+/// Issued with a counter that goes up by one, the IDs of a core only ever go up.
+pub(crate) fn time_for(now: u64, floor: u64, counter: u64) -> u64 {
+    let micros = now.max(floor);
+    if micros == floor && counter % COUNTER_SPAN == 0 {
+        micros + 1
+    } else {
+        micros
+    }
+}
+
 /// `micros` since the epoch (11 digits, good to the year 3084), the core (2 digits) and a
-/// per-spool counter (4 digits): 17 characters, sortable by time within a core.
+/// per-spool counter (4 digits, which starts over after 2^20 IDs): 17 characters, sortable
+/// by time within a core.
 pub(crate) fn make(micros: u64, core: u32, counter: u64) -> String {
     let mut s = String::with_capacity(17);
     push(&mut s, micros, 11);
@@ -60,5 +79,31 @@ mod tests {
         assert_eq!(owner_core(&c), Some(1));
         assert_eq!(owner_core(&make(5, 1023, 9)), Some(1023));
         assert_eq!(owner_core("NOT-AN-ID"), None);
+    }
+
+    /// IDs issued as the spool issues them, from `counter` on, with the clock at `clock(i)`.
+    fn issue(mut floor: u64, mut counter: u64, n: u64, clock: impl Fn(u64) -> u64) -> bool {
+        let mut last = String::new();
+        for i in 0..n {
+            counter += 1;
+            floor = time_for(clock(i), floor, counter);
+            let id = make(floor, 3, counter);
+            if id <= last {
+                return false;
+            }
+            last = id;
+        }
+        true
+    }
+
+    #[test]
+    fn ids_stay_distinct_with_the_clock_behind_the_floor_past_the_counter_s_span() {
+        let ahead = 1_796_000_000_000_000;
+        // The clock ten days behind the newest ID at open, for more IDs than the counter holds.
+        assert!(issue(ahead, 0, 2 * COUNTER_SPAN + 10, |_| ahead - 864_000_000_000));
+        // A clock that stands still, from a counter just short of its end.
+        assert!(issue(0, COUNTER_SPAN - 5, 20, |_| 1000));
+        // A clock set back in the middle of a run.
+        assert!(issue(0, 0, 1000, |i| if i < 500 { 5000 + i } else { 100 }));
     }
 }

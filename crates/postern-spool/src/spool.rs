@@ -135,7 +135,8 @@ pub struct Spool {
     poisoned_below: u64,
     /// Per-opening counter for queue IDs.
     counter: u64,
-    /// Queue ID times never go below this (the newest ID found at open).
+    /// Queue ID times never go below this: past the newest ID found at open, then the time
+    /// of the last ID issued.
     id_floor: u64,
     id: u64,
     /// Reused to encode record payloads.
@@ -419,10 +420,11 @@ impl Spool {
         let no = self.next_draft;
         self.next_draft += 1;
         self.counter += 1;
-        let micros = SystemTime::now()
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64)
-            .max(self.id_floor);
+            .map_or(0, |d| d.as_micros() as u64);
+        let micros = queue_id::time_for(now, self.id_floor, self.counter);
+        self.id_floor = micros;
         let queue_id = queue_id::make(micros, self.core, self.counter);
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
