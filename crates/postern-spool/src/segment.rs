@@ -129,22 +129,31 @@ pub(crate) enum Header {
     /// A segment of this format, with its salt and the size reserved when it was made (0 in
     /// segments made before the size was recorded).
     Valid { salt: u32, size: u64 },
-    /// Zeros where the header and the first record would be: a segment whose creation was cut
-    /// off by an earlier version, which made segments under their final name.
+    /// Nothing but zeros: a segment whose creation was cut off by an earlier version, which
+    /// made segments under their final name. (Zeros over a header with anything behind it are
+    /// damage: the records behind it are not given up.)
     Blank,
     /// Something else: not ours, or damaged (a segment file is never shorter than its header,
     /// since it gets its name only once made).
     Bad,
 }
 
-/// Reads a segment header.
+/// Whether `data` holds only zero bytes (eight at a time where it can).
+fn all_zero(data: &[u8]) -> bool {
+    let (words, rest) = data.split_at(data.len() - data.len() % 8);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && rest.iter().all(|&b| b == 0)
+}
+
+/// Reads a segment header, from the whole segment (or, to rule Blank out, its first bytes).
 pub(crate) fn header(data: &[u8]) -> Header {
     let Some(h) = data.get(..HEADER) else {
         return Header::Bad;
     };
     if h.iter().all(|&b| b == 0) {
-        let first = &data[HEADER..data.len().min(HEADER + RECORD_HEADER)];
-        if first.iter().all(|&b| b == 0) {
+        if all_zero(&data[HEADER..]) {
             Header::Blank
         } else {
             Header::Bad
@@ -511,6 +520,17 @@ mod tests {
             header(&written),
             Header::Bad,
             "records behind a zeroed header"
+        );
+        // Zeros over the whole first page, records further on.
+        let mut paged = vec![0u8; 3 * 4096 + 5];
+        paged[2 * 4096 + 17] = 1;
+        assert_eq!(header(&paged), Header::Bad, "a record past a zeroed page");
+        paged[2 * 4096 + 17] = 0;
+        paged[3 * 4096 + 4] = 1;
+        assert_eq!(
+            header(&paged),
+            Header::Bad,
+            "a byte in the last, short word"
         );
         let mut bad = data[..HEADER].to_vec();
         bad[9] = 9;

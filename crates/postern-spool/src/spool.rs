@@ -755,17 +755,20 @@ impl std::fmt::Debug for Spool {
     }
 }
 
-/// Whether a segment file's header is blank (creation cut off before it was synced).
+/// Whether a segment file is blank (creation cut off before it was synced): nothing but
+/// zeros. Zeros over its header with anything behind them are damage, not a creation cut off.
 fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
     use std::io::Read;
-    // The header and the first record's: zeros in the header with a record behind them are
-    // damage, not a creation cut off.
+    // The header and the first record's first: what nearly every segment is ruled out by.
+    let mut file = File::open(path).map_err(SpoolError::at(path))?;
     let mut head = Vec::with_capacity(HEADER + RECORD_HEADER);
-    File::open(path)
-        .and_then(|f| {
-            f.take((HEADER + RECORD_HEADER) as u64)
-                .read_to_end(&mut head)
-        })
+    (&mut file)
+        .take((HEADER + RECORD_HEADER) as u64)
+        .read_to_end(&mut head)
         .map_err(SpoolError::at(path))?;
-    Ok(header(&head) == Header::Blank)
+    if header(&head) != Header::Blank {
+        return Ok(false);
+    }
+    let map = crate::map::ReadMap::new(&file).map_err(SpoolError::at(path))?;
+    Ok(header(map.range(0, map.len())) == Header::Blank)
 }

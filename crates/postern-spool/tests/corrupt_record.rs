@@ -274,6 +274,30 @@ fn a_zeroed_header_over_records_is_damage_reported_and_kept() {
     assert_eq!(kept_for_inspection(dir.path()), 1);
 }
 
+/// Zeros over a whole first page (the header and the first records), records further on: the
+/// segment is damage reported and kept, not a blank one dropped with the mail behind it.
+#[test]
+fn a_zeroed_first_page_over_records_is_damage_reported_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    data[..4096].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.unused_segments), (1, 0));
+    drop(r);
+    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+    let kept = dir.path().join("0").join(postern_spool::DAMAGED_DIR);
+    let kept = std::fs::read_dir(kept)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(std::fs::read(kept).unwrap(), data, "kept as it was");
+}
+
 /// What a crash while a segment is being made leaves: a file under its temporary name, which
 /// the next opening removes.
 #[test]
