@@ -249,8 +249,11 @@ impl Spool {
             in_flight_seq: 0,
             to_seal: Vec::new(),
         };
-        // Segments left with nothing live by the last run go now.
-        spool.reclaim()?;
+        // Segments left with nothing live by the last run go now. One that cannot go yet (a
+        // damaged one to set aside on a full disk) stays where it is, in the index, for the
+        // next reclaim, whose error the embedding reports: a spool that holds mail to deliver
+        // must not fail to open for a segment that holds none.
+        let _ = spool.reclaim();
         Ok(spool)
     }
 

@@ -207,3 +207,68 @@ fn fsize_child() {
     }
     println!("DONE");
 }
+
+/// A damaged segment that holds no mail, to be set aside at open, on a disk with no room for
+/// the directory it goes to: the spool still opens (to deliver what it holds), keeps the
+/// segment in place, and sets it aside once there is room.
+#[test]
+fn a_damaged_segment_that_cannot_be_set_aside_does_not_keep_the_spool_from_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Files and directories are what run out here: a tmpfs with few inodes.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("mounting a tmpfs is not permitted here: nothing to test");
+        return;
+    }
+    let _unmount = Tmpfs(mnt.clone());
+    let root = mnt.join("spool");
+    let opts = SpoolOptions {
+        segment_size: SEGMENT,
+    };
+    let mut spool = Spool::open(&root, 0, opts).unwrap();
+    write_one(&mut spool, 1, &body(1, 5000)).unwrap();
+    drop(spool);
+    let seg = std::fs::read_dir(root.join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    // Damage in the body: the message is not whole, so the segment holds nothing to deliver
+    // and the next opening sets it aside.
+    let mut data = std::fs::read(&seg).unwrap();
+    data[64 + 300] ^= 0x40;
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(&root).unwrap();
+    assert_eq!((r.messages.len(), r.corrupt_records), (0, 1));
+    drop(r);
+    // Take every inode left.
+    let mut fillers = Vec::new();
+    for i in 0..64 {
+        let f = mnt.join(format!("filler-{i}"));
+        match std::fs::write(&f, b"x") {
+            Ok(()) => fillers.push(f),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(28), "ENOSPC: {e}");
+                break;
+            }
+        }
+    }
+    assert!(std::fs::create_dir(mnt.join("one-more")).is_err(), "full");
+    let mut spool = Spool::open(&root, 0, opts).unwrap();
+    assert!(seg.exists(), "kept in place while it cannot be set aside");
+    assert!(spool.reclaim().is_err(), "still no room for it");
+    for f in fillers.drain(..) {
+        std::fs::remove_file(f).unwrap();
+    }
+    assert_eq!(spool.reclaim().unwrap(), 1);
+    assert!(!seg.exists());
+    let aside = root.join("0").join(postern_spool::DAMAGED_DIR);
+    assert_eq!(std::fs::read_dir(aside).unwrap().count(), 1, "set aside");
+}
