@@ -321,6 +321,19 @@ fn headers_are_ascii(body: &MessageRef) -> bool {
     true
 }
 
+/// Starts `task` on this core, to run once the caller is back in the executor. glommio's
+/// `spawn_local` polls a new task at once, inside the caller: up to its first wait, the task
+/// would run while the caller still holds its borrows (of the tracked messages, of a
+/// destination's queue), and a task that takes one of them then (a bounce owed to nobody
+/// settles without waiting for anything) would panic the core.
+fn spawn_detached(task: impl std::future::Future<Output = ()> + 'static) {
+    glommio::spawn_local(async move {
+        future::yield_now().await;
+        task.await;
+    })
+    .detach();
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -807,7 +820,7 @@ impl CoreRelay {
             dq.arrived.notify(1);
         } else if dq.workers.get() < self.relay.config.max_per_destination.max(1) {
             dq.workers.set(dq.workers.get() + 1);
-            glommio::spawn_local(self.clone().worker(dq)).detach();
+            spawn_detached(self.clone().worker(dq));
         }
     }
 
@@ -1968,11 +1981,10 @@ impl CoreRelay {
                 self.publish_depth();
                 let me = self.clone();
                 let busy = Reporting::new(self);
-                glommio::spawn_local(async move {
+                spawn_detached(async move {
                     me.finish(t).await;
                     drop(busy);
-                })
-                .detach();
+                });
             }
         }
     }
@@ -2001,7 +2013,7 @@ impl CoreRelay {
             }
             let msg = t.msg.clone();
             let me = self.clone();
-            glommio::spawn_local(async move { me.relayed_report(&msg, &relayed).await }).detach();
+            spawn_detached(async move { me.relayed_report(&msg, &relayed).await });
         }
     }
 
@@ -2028,11 +2040,10 @@ impl CoreRelay {
             let msg = t.msg.clone();
             let me = self.clone();
             let busy = Reporting::new(self);
-            glommio::spawn_local(async move {
+            spawn_detached(async move {
                 me.bounce_partial(queue_id, msg, failed).await;
                 drop(busy);
-            })
-            .detach();
+            });
         }
     }
 
@@ -2116,7 +2127,7 @@ impl CoreRelay {
             };
             let msg = t.msg.clone();
             let me = self.clone();
-            glommio::spawn_local(async move { me.delay_warning(&msg, &delays).await }).detach();
+            spawn_detached(async move { me.delay_warning(&msg, &delays).await });
         }
     }
 
@@ -2198,12 +2209,11 @@ impl CoreRelay {
                     );
                     let me = self.clone();
                     let busy = Reporting::new(&self);
-                    glommio::spawn_local(async move {
+                    spawn_detached(async move {
                         glommio::timer::sleep(BOUNCE_RETRY).await;
                         me.finish(t).await;
                         drop(busy);
-                    })
-                    .detach();
+                    });
                     return;
                 }
             }

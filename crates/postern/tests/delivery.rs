@@ -578,7 +578,7 @@ fn dsn_parameters_go_on_where_the_next_hop_offers_dsn_and_success_is_reported_wh
 }
 
 /// Sends one message with MAIL and RCPT commands as given (each must get 250).
-fn send_commands(server: &Server, commands: &[&str], message_id: &str) {
+fn send_commands(server: &Server, commands: &[&str], message_id: &str) -> String {
     let (mut c, _) = hello(server);
     for cmd in commands {
         let r = c.cmd(cmd);
@@ -589,6 +589,50 @@ fn send_commands(server: &Server, commands: &[&str], message_id: &str) {
     let reply = c.line();
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
     c.cmd("QUIT");
+    common::queue_id(&reply)
+}
+
+#[test]
+fn a_failure_nobody_is_told_of_beside_a_deferral_is_recorded_and_delivery_goes_on() {
+    // One recipient refused for good with no report due (NOTIFY=NEVER; the null sender),
+    // another deferred: the failure is settled at once, with no report, while the deferred
+    // one waits for its retry. One core, so that a core that failed would stop the server.
+    let refusing = Peer::start(&["--reject-rcpt", "nobody"]);
+    let deferring = Peer::start(&["--tempfail-first", "1000"]);
+    let to_dest = format!("dest.test=127.0.0.1:{}", refusing.port);
+    let to_later = format!("later.test=127.0.0.1:{}", deferring.port);
+    let to_origin = format!("origin.test=127.0.0.1:{}", refusing.port);
+    let server = Server::start(&[
+        "--cores", "1", "--route", &to_dest, "--route", &to_later, "--route", &to_origin,
+    ]);
+    for (from, notify, id) in [
+        ("a@origin.test", " NOTIFY=NEVER", "<never@t>"),
+        ("", "", "<null@t>"),
+    ] {
+        let queue_id = send_commands(
+            &server,
+            &[
+                &format!("MAIL FROM:<{from}>"),
+                &format!("RCPT TO:<nobody@dest.test>{notify}"),
+                "RCPT TO:<b@later.test>",
+            ],
+            id,
+        );
+        server.log_until(|l| l.contains(&queue_id) && l.contains("nobody@dest.test"));
+        server.log_until(|l| l.contains(&queue_id) && l.contains("b@later.test"));
+    }
+    // The server still delivers.
+    send(
+        &server,
+        "a@origin.test",
+        &["ok@dest.test"],
+        "<after@t>",
+        "x\r\n",
+    );
+    let stored = refusing.wait_for("the next message", Duration::from_secs(20), |s| {
+        s.iter().any(|m| m.message_id == "<after@t>")
+    });
+    assert_eq!(stored.len(), 1, "no report for either failure: {stored:?}");
 }
 
 #[test]
