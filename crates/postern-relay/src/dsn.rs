@@ -165,6 +165,9 @@ pub struct Report<'a> {
     pub original: &'a [u8],
     /// `RET=FULL`: return the whole message rather than its header section.
     pub return_full: bool,
+    /// The message came as binary MIME (`BODY=BINARYMIME`, RFC 3030): never returned whole,
+    /// as a report is 7bit or 8bit MIME (RFC 2045 2.8: no NUL, lines within 998 octets).
+    pub binary: bool,
     /// The most octets of original content returned; a larger message returns its headers
     /// only, themselves cut to this size.
     pub max_returned: usize,
@@ -418,6 +421,9 @@ fn not_whole(report: &Report<'_>) -> Option<String> {
     if !report.return_full || original.is_empty() {
         return None;
     }
+    if report.binary {
+        return Some("it came as binary MIME (BINARYMIME), which a report cannot carry".into());
+    }
     let too_large = || format!("it is larger than {} KiB", report.max_returned / 1024);
     if original.len() > report.max_returned {
         return Some(too_large());
@@ -435,7 +441,11 @@ fn not_whole(report: &Report<'_>) -> Option<String> {
 impl Returned {
     fn from_original(report: &Report<'_>) -> Self {
         let original = report.original;
-        if report.return_full && !original.is_empty() && original.len() <= report.max_returned {
+        if report.return_full
+            && !report.binary
+            && !original.is_empty()
+            && original.len() <= report.max_returned
+        {
             if let Some(full) = normalize(original, false) {
                 if full.len() <= report.max_returned {
                     return Returned::Full(full);

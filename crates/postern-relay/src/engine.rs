@@ -2322,11 +2322,10 @@ impl CoreRelay {
             received_from: Some(&msg.meta.helo),
             recipients,
             original: &original,
-            // A BINARYMIME body cannot be returned: a report is 7bit or 8bit MIME (RFC 3030
-            // 3, RFC 2045 2.8: no NUL, lines within 998 octets), so its headers come back.
-            return_full: msg.meta.ret == Some(1)
-                && (msg.body.len() as usize) <= cap
-                && msg.meta.body_type != 2,
+            // What the sender asked for: the report says why it gets the headers instead
+            // (a message over the cap, which `original` is then longer than; BINARYMIME).
+            return_full: msg.meta.ret == Some(1),
+            binary: msg.meta.body_type == 2,
             max_returned: cap,
         });
         let meta = MessageMeta {

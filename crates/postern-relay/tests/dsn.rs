@@ -56,6 +56,7 @@ fn report<'a>(recipients: &'a [ReportRecipient], original: &'a [u8]) -> Report<'
         recipients,
         original,
         return_full: false,
+        binary: false,
         max_returned: 64 * 1024,
     }
 }
@@ -312,6 +313,27 @@ fn whole_message_with_ret_full() {
         raw.windows(ORIGINAL.len()).any(|window| window == ORIGINAL),
         "the original is not returned verbatim"
     );
+}
+
+#[test]
+fn a_binary_message_returns_headers_only_and_says_why() {
+    let recipients = failures();
+    let mut report = report(&recipients, ORIGINAL);
+    report.return_full = true;
+    report.binary = true;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    let message = parse(&bytes);
+    assert_eq!(mime_type(parts(&message)[2]), "text/rfc822-headers");
+    let text = parts(&message)[0].text_contents().unwrap();
+    assert!(text.contains("could not come back"), "{text}");
+    assert!(text.contains("BINARYMIME"), "{text}");
+    // Not asked for: no reason to give.
+    report.return_full = false;
+    let message = dsn::build(&report);
+    let message = parse(&message);
+    let text = parts(&message)[0].text_contents().unwrap();
+    assert!(!text.contains("could not come back"), "{text}");
 }
 
 #[test]
@@ -644,6 +666,7 @@ fn odd_inputs_never_panic_and_stay_well_formed() {
             recipients: &recipients,
             original: &original,
             return_full: rng.below(2) == 0,
+            binary: rng.below(4) == 0,
             max_returned: [0, 10, 1000, usize::MAX][rng.below(4)],
         };
         let bytes = dsn::build(&report);

@@ -1058,6 +1058,32 @@ fn a_whole_message_report_too_large_for_the_sender_s_server_goes_with_the_header
 }
 
 #[test]
+fn a_whole_message_report_over_the_returned_size_says_why_it_has_the_headers() {
+    // RET=FULL for a message over the 128 KiB a report returns: the headers come back, and the
+    // report's text tells the sender why it did not get what it asked for.
+    let (_dest, origin, server) = refusing_next_hop_and_sender_s(&[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> RET=FULL")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let body = "0123456789abcdef\r\n".repeat(9000); // 162 KiB
+    c.send(format!("Subject: big\r\nMessage-ID: <huge@t>\r\n\r\n{body}.\r\n").as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    let (_, text) = origin.first("the report");
+    assert!(text.contains("Message-ID: <huge@t>"), "{text}");
+    assert!(!text.contains("0123456789abcdef"), "{text}");
+    // The text part is quoted-printable: without its soft line breaks, on one line.
+    let text = text.replace("=\r\n", "");
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        text.contains("could not come back: it is larger than 128 KiB"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
