@@ -188,10 +188,16 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
     )
     .header("Content-Description", Text::new("Delivery report"))
     .transfer_encoding("7bit");
-    let body = MimePart::new(
+    // A part that is 8bit makes the whole 8bit: a multipart is labelled with the widest
+    // encoding of its parts (RFC 2045 6.4), and without a label it is taken as 7bit.
+    let eight_bit = matches!(&returned, Returned::Full(content) if is_8bit(content));
+    let mut body = MimePart::new(
         ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
         vec![text, status, returned.into_part()],
     );
+    if eight_bit {
+        body = body.transfer_encoding("8bit");
+    }
 
     let message_id = format!(
         "{queue_id}.{}.{:016x}@{host}",
@@ -299,6 +305,14 @@ pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(after);
+    if !is_8bit(&out) {
+        // The whole is 7bit again: so says its label (RFC 2045 6.4).
+        let head = header_block(&out).len();
+        let label = b"\r\nContent-Transfer-Encoding: 8bit\r\n";
+        if let Some(at) = out[..head].windows(label.len()).position(|w| w == label) {
+            out[at + label.len() - 6..at + label.len() - 2].copy_from_slice(b"7bit");
+        }
+    }
     Some(out)
 }
 

@@ -297,6 +297,8 @@ fn whole_message_with_ret_full() {
     report.return_full = true;
     let bytes = dsn::build(&report);
     assert_lines_ok(&bytes);
+    let top = String::from_utf8_lossy(dsn::header_block(&bytes)).into_owned();
+    assert!(!top.contains("8bit"), "a 7-bit report: {top}");
     let message = parse(&bytes);
     let returned = parts(&message)[2];
     assert_eq!(mime_type(returned), "message/rfc822");
@@ -728,9 +730,20 @@ fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
     let bytes = dsn::build(&full);
     assert!(dsn::is_8bit(&bytes));
     assert_eq!(mime_type(parts(&parse(&bytes))[2]), "message/global");
+    // The whole is labelled with the widest encoding of its parts (RFC 2045 6.4).
+    let top = String::from_utf8_lossy(dsn::header_block(&bytes)).into_owned();
+    assert!(
+        top.contains("\r\nContent-Transfer-Encoding: 8bit\r\n"),
+        "{top}"
+    );
 
     let remade = dsn::with_headers_only(&bytes, dsn::HeadersOnly::EightBit).unwrap();
     assert!(!dsn::is_8bit(&remade));
+    let top = String::from_utf8_lossy(dsn::header_block(&remade)).into_owned();
+    assert!(
+        top.contains("\r\nContent-Transfer-Encoding: 7bit\r\n"),
+        "{top}"
+    );
     assert_lines_ok(&remade);
     let message = parse(&remade);
     let remade_parts = parts(&message);
