@@ -686,6 +686,11 @@ impl ServerSession {
                 if self.in_mail && verb.eq_ignore_ascii_case(b"RCPT") {
                     self.rcpts_tried += 1;
                 }
+                // AUTH is not offered: whatever its arguments, it is a command recognised and
+                // not implemented (RFC 5321 4.2.4), as with a mechanism.
+                if verb.eq_ignore_ascii_case(b"AUTH") {
+                    return self.fail(replies::NO_AUTH);
+                }
                 return self.fail(e.reply());
             }
         };
