@@ -569,13 +569,21 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
 const MAX_CORES_PER_CPU: usize = 4;
 
 /// Whether `a` and `b` cannot both be bound without SO_REUSEPORT: the same port, and the same
-/// address or the wildcard of the other's family (an IPv4-mapped IPv6 address is IPv4).
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+/// address or the wildcard of the other's family (an IPv4-mapped IPv6 address is IPv4). The
+/// IPv6 wildcard also takes IPv4 where sockets are dual-stack (`dual_stack`, the kernel's
+/// default, as postern's listeners leave IPV6_V6ONLY to it).
+fn overlaps(a: SocketAddr, b: SocketAddr, dual_stack: bool) -> bool {
     let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
     let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
-        wide.is_unspecified() && wide.is_ipv4() == other.is_ipv4()
+        wide.is_unspecified() && (wide.is_ipv4() == other.is_ipv4() || dual_stack)
     };
     a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
+}
+
+/// Whether an IPv6 socket takes IPv4 too unless told otherwise (`net.ipv6.bindv6only` is 0,
+/// the default, also when it cannot be read).
+fn ipv6_is_dual_stack() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
 }
 
 /// The shortest command timeout, session time and first retry delay that can work.
@@ -687,13 +695,14 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         .chain(s.listen_tls.iter().map(|a| ("--listen-tls", *a)))
         .chain(s.metrics.iter().map(|a| ("--metrics", *a)))
         .collect();
+    let dual_stack = ipv6_is_dual_stack();
     for (i, &(flag, a)) in all.iter().enumerate() {
         if a.port() == 0 {
             continue;
         }
         let clash = |&&(earlier, b): &&(&str, SocketAddr)| {
             if flag == "--metrics" || earlier == "--metrics" {
-                overlaps(a, b)
+                overlaps(a, b, dual_stack)
             } else {
                 a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
             }

@@ -97,6 +97,29 @@ fn wrong_flags_get_one_line_and_exit_2() {
         ],
         "--metrics",
     );
+    // The IPv6 wildcard takes IPv4 too on a dual-stack host (the kernel's default).
+    if std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0") {
+        refused(
+            &[
+                "serve",
+                "--listen",
+                "[::]:2600",
+                "--metrics",
+                "127.0.0.1:2600",
+            ],
+            "--metrics",
+        );
+        refused(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:2600",
+                "--metrics",
+                "[::]:2600",
+            ],
+            "--metrics",
+        );
+    }
     refused(
         &["serve", "--ipv6-client-prefix", "8"],
         "--ipv6-client-prefix",
