@@ -557,6 +557,11 @@ impl ClientSession {
     /// Processes the server's bytes up to the next event; drop `consumed` bytes after.
     pub fn handle(&mut self, input: &[u8]) -> (usize, ClientEvent) {
         let mut pos = 0;
+        // Replies can answer only the commands awaited on entry: one queued during this call
+        // (a held command released, a RSET) is not written yet, and a reply to it in this
+        // input came before it, unasked: taken as its answer, every later reply would answer
+        // the wrong command (a refused message counted delivered).
+        let (answerable, replies_before) = (self.expect.len() as u64, self.replies);
         loop {
             if self.body_pending {
                 self.body_pending = false;
@@ -574,6 +579,10 @@ impl ClientSession {
                     return (pos + consumed, self.fail(error.into()));
                 }
                 ParsedReply::Complete { reply, consumed } => {
+                    if self.replies - replies_before >= answerable {
+                        let error = ClientError::Unexpected("a command not yet sent", reply);
+                        return (pos + consumed, self.fail(error));
+                    }
                     pos += consumed;
                     reply
                 }

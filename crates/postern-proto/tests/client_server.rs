@@ -353,6 +353,34 @@ fn without_pipelining_commands_wait_for_replies() {
 }
 
 #[test]
+fn a_reply_that_comes_before_its_command_is_out_of_step() {
+    // Two replies to MAIL in one read: the second came before RCPT went out, so it answers
+    // nothing. Taken as RCPT's, each later reply would answer the command before it (the
+    // reply to the end of data taken from DATA's 354 and a refusal never seen).
+    let mut c = ClientSession::new("relay.test");
+    let (events, _) = canned(&mut c, &["220 x\r\n", "250-x\r\n250 8BITMIME\r\n"]);
+    assert_eq!(events, vec![ClientEvent::Ready]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    c.clear_output();
+    let (events, sent) = canned(&mut c, &["250 ok\r\n250 ok\r\n"]);
+    let [ClientEvent::Failed(ClientError::Unexpected(_, extra))] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(extra.code, 250);
+    assert_eq!(sent, "QUIT\r\n", "RCPT never goes out");
+    // Replies to commands written before are taken as always (pipelined in one read).
+    let mut c = ClientSession::new("relay.test");
+    let (events, _) = canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+    assert_eq!(events, vec![ClientEvent::Ready]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    c.clear_output();
+    let (events, _) = canned(&mut c, &["250 ok\r\n250 ok\r\n354 go\r\n"]);
+    assert_eq!(events, vec![ClientEvent::SendBody]);
+}
+
+#[test]
 fn all_recipients_refused_without_pipelining_skips_data() {
     let mut c = ClientSession::new("relay.test");
     canned(&mut c, &["220 x\r\n", "250 x\r\n"]);

@@ -897,6 +897,7 @@ impl CoreRelay {
                     break;
                 }
             };
+            let mut used = false;
             loop {
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
@@ -904,6 +905,14 @@ impl CoreRelay {
                     conn.quit().await;
                     break 'connect;
                 }
+                if used && conn.went_away_while_idle() {
+                    // The next hop said something after the last transaction's replies (a
+                    // reply too many) or closed: the next commands' replies could not be told
+                    // from it. The jobs waiting go on a new connection, nothing charged.
+                    tracing::debug!(remote = %conn.remote, "next hop out of step or gone between transactions");
+                    continue 'connect;
+                }
+                used = true;
                 if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
                     // A less preferred host served long enough: see whether a better one is
                     // back (RFC 5321 5.1, preference order).

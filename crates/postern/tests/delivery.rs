@@ -1083,6 +1083,109 @@ fn a_whole_message_report_over_the_returned_size_says_why_it_has_the_headers() {
     );
 }
 
+/// A next hop (PIPELINING, CHUNKING) that answers the first message's BDAT with a reply too
+/// many, once `go` says so, and refuses every later message with 554. Returns its port and
+/// how many BDAT commands it has seen.
+fn next_hop_with_a_reply_too_many(
+    go: std::sync::mpsc::Receiver<()>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let bdats = seen.clone();
+    std::thread::spawn(move || {
+        let mut go = Some(go);
+        // A few connections at most: the test needs two.
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let verb = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        reader.read_exact(&mut body).unwrap();
+                        if bdats.fetch_add(1, Ordering::SeqCst) == 0 {
+                            // Both messages are queued by now: the second waits for this
+                            // connection.
+                            go.take().unwrap().recv().unwrap();
+                            b"250 2.0.0 queued\r\n250 2.0.0 a reply nobody asked for\r\n"
+                        } else {
+                            b"554 5.7.1 message refused\r\n"
+                        }
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies() {
+    // Left unread, the extra reply would answer the next transaction's RSET, RSET's its MAIL,
+    // and so on: the refusal of the second message would be taken for RCPT's, and the reply
+    // to RCPT for the message's. The second message must be bounced, not counted delivered.
+    let (go, wait) = std::sync::mpsc::channel();
+    let (port, bdats) = next_hop_with_a_reply_too_many(wait);
+    let origin = Peer::start(&[]);
+    let to_dest = format!("dest.test=127.0.0.1:{port}");
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&[
+        "--route",
+        &to_dest,
+        "--route",
+        &to_origin,
+        "--max-connections-per-destination",
+        "1",
+        "--cores",
+        "1",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<second@t>",
+        "x\r\n",
+    );
+    go.send(()).unwrap();
+    let (bounce, text) = origin.first("the second message's bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(text.contains("<second@t>"), "{text}");
+    assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
