@@ -338,6 +338,14 @@ impl Outbound {
             if self.end == self.buf.len() {
                 return Err(ConnError::Io("reply too long".into()));
             }
+            // A next hop that keeps the socket full (a reply of endless continuation lines)
+            // makes every read ready at once, and the timer raced against it never wins: the
+            // deadline is looked at here too, and the core serves its other tasks between
+            // reads.
+            if left(deadline).is_zero() {
+                return Err(ConnError::Io(TIMED_OUT.into()));
+            }
+            glommio::yield_if_needed().await;
             let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
             let n = timed(left(deadline), stream.read(room)).await?;
             if n == 0 {

@@ -1187,6 +1187,75 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
 }
 
 #[test]
+fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core() {
+    // The reply to MAIL is continuation lines without end, as fast as the socket takes them:
+    // every read is ready at once, and only the deadline itself can end the wait.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hop = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        stream.write_all(b"220 hop.test ESMTP\r\n").unwrap();
+        reader.read_line(&mut line).unwrap();
+        stream.write_all(b"250 hop.test\r\n").unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("MAIL"), "{line}");
+        let flood = b"250-x\r\n".repeat(64 * 1024);
+        let start = Instant::now();
+        // Until postern gives up (the write fails), for 30 s at most.
+        while start.elapsed() < Duration::from_secs(30) {
+            if stream.write_all(&flood).is_err() {
+                break;
+            }
+        }
+        start.elapsed()
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    // MAIL's reply is waited for as long as the longest of the envelope's timeouts.
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--smtp-mail-timeout",
+        "1s",
+        "--smtp-rcpt-timeout",
+        "1s",
+        "--smtp-data-init-timeout",
+        "1s",
+        "--cores",
+        "1",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<flood@t>",
+        "x\r\n",
+    );
+    // Meanwhile the core still greets new clients.
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut c = server.connect();
+        assert!(c.line().starts_with("220 "));
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "a greeting took {:?} during the flood",
+            start.elapsed()
+        );
+        c.cmd("QUIT");
+    }
+    let flooded = hop.join().unwrap();
+    assert!(
+        flooded < Duration::from_secs(10),
+        "the reply went on for {flooded:?} with a 1 s timeout"
+    );
+}
+
+#[test]
 fn a_failed_bounce_is_dropped_not_bounced_again() {
     let peer = Peer::start(&["--reject-rcpt", "nobody"]);
     let route = format!("dest.test=127.0.0.1:{}", peer.port);
