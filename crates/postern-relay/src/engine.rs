@@ -816,9 +816,17 @@ impl CoreRelay {
             return;
         }
         dq.ready.borrow_mut().push_back(job);
+        // While the last connections to the next hop failed (none has answered a transaction
+        // since), one connection at a time tries it: when a pause ends, the jobs it held come
+        // all at once, and a next hop still down costs one connection, not one per job.
+        let most = if dq.broken_in_a_row.get() > 0 {
+            1
+        } else {
+            self.relay.config.max_per_destination.max(1)
+        };
         if dq.idle.get() > 0 {
             dq.arrived.notify(1);
-        } else if dq.workers.get() < self.relay.config.max_per_destination.max(1) {
+        } else if dq.workers.get() < most {
             dq.workers.set(dq.workers.get() + 1);
             spawn_detached(self.clone().worker(dq));
         }

@@ -1782,6 +1782,52 @@ fn refusing_greeter(host: &str, port: u16) -> std::sync::Arc<std::sync::atomic::
 }
 
 #[test]
+fn the_end_of_a_pause_costs_one_connection_not_one_per_waiting_message() {
+    // A next hop that refuses every session, and several messages waiting for it: each time
+    // the pause ends they all come due together, and one connection finds it still down.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let refusals = refusing_greeter("127.0.0.1", port);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+        "--metrics",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+    ]);
+    for i in 0..6 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<p{i}@t>"),
+            "x\r\n",
+        );
+    }
+    let deferrals = |m: &str| -> usize {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let m = server.metrics_until(|m| deferrals(m) >= 30);
+    let connections = refusals.load(std::sync::atomic::Ordering::SeqCst);
+    // Each connection after the first pause defers the six messages together.
+    assert!(
+        connections * 3 <= deferrals(&m),
+        "{connections} connections for {} deferrals",
+        deferrals(&m)
+    );
+}
+
+#[test]
 fn one_attempt_tries_at_most_five_addresses() {
     use dns_server::{Rec, TestDns};
     let peer = Peer::start_on("127.0.0.30", 0, &[]);
