@@ -296,10 +296,19 @@ fn main() -> ExitCode {
 /// to grep. The formatter hands each event over in one write.
 struct OneLine<W>(W);
 
+/// A control character that only a peer's text can have put in a log line: not a tab, not a
+/// line end (joined), not ESC (the log's own colours; tracing escapes one in a value).
+fn is_stray_control(b: u8) -> bool {
+    b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r' | 0x1b)
+}
+
 impl<W: std::io::Write> std::io::Write for OneLine<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let body = buf.strip_suffix(b"\n").unwrap_or(buf);
-        if !body.iter().any(|&b| b == b'\n' || b == b'\r') {
+        if !body
+            .iter()
+            .any(|&b| b == b'\n' || b == b'\r' || is_stray_control(b))
+        {
             return self.0.write(buf);
         }
         let mut joined: Vec<u8> = Vec::with_capacity(buf.len());
@@ -311,9 +320,10 @@ impl<W: std::io::Write> std::io::Write for OneLine<W> {
             joined.push(b' ');
             joined.extend_from_slice(line.trim_ascii_start());
         }
-        // A CR (in a next hop's reply, say) would send a terminal back over the line.
+        // A CR (in a next hop's reply, say) would send a terminal back over the line; a NUL
+        // or another control character from a peer has no place in a log line either.
         for b in &mut joined {
-            if *b == b'\r' {
+            if *b == b'\r' || is_stray_control(*b) {
                 *b = b' ';
             }
         }
@@ -540,6 +550,17 @@ mod tests {
         assert_eq!(
             String::from_utf8(out.0).unwrap(),
             "INFO z: reply=\"451 before AFTER\"\n"
+        );
+    }
+
+    #[test]
+    fn a_peer_s_control_characters_are_spaces_and_the_log_s_colours_stay() {
+        let mut out = OneLine(Vec::new());
+        out.write_all(b"\x1b[32mINFO\x1b[0m z: 550 a\x00b\x01c\td\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "\x1b[32mINFO\x1b[0m z: 550 a b c\td\n"
         );
     }
 }
