@@ -133,6 +133,10 @@ const READ_BUFFER: usize = 16 * 1024;
 /// How long a parting QUIT may take to write.
 const PARTING_WRITE: Duration = Duration::from_secs(1);
 
+/// Why the outcome of a transaction is not known: its replies were out of step.
+pub(crate) const OUT_OF_STEP: &str =
+    "a reply came that no command asked for: the replies were out of step";
+
 /// The text of a [`timed`] read or write that ran out of time.
 const TIMED_OUT: &str = "timed out";
 
@@ -439,12 +443,18 @@ impl Outbound {
                     .map_err(Err)?;
                 self.session.body_sent();
                 match self.next_event(t.data_done).await.map_err(Err)? {
+                    ClientEvent::Done(_) if self.unasked_after_reply() => {
+                        Err(Err(ConnError::Io(OUT_OF_STEP.into())))
+                    }
                     ClientEvent::Done(result) => Ok(result),
                     ClientEvent::Failed(e) => Err(Err(ConnError::Smtp(e))),
                     other => Err(Err(ConnError::Io(format!(
                         "unexpected {other:?} after the body"
                     )))),
                 }
+            }
+            ClientEvent::Done(_) if self.unasked_after_reply() => {
+                Err(Err(ConnError::Io(OUT_OF_STEP.into())))
             }
             ClientEvent::Done(result) => Ok(result),
             ClientEvent::Failed(e) => Err(Err(ConnError::Smtp(e))),
@@ -568,6 +578,38 @@ impl Outbound {
         .await;
         self.out = out;
         result
+    }
+
+    /// Whether something came after the reply just read, with no command outstanding: the
+    /// next hop sent a reply too many earlier, so the replies taken were each the answer to
+    /// the command before, and the real last one is what follows. The outcome of what they
+    /// answered is then not known. A `421` is not counted (a next hop may close right after a
+    /// last reply), nor is the end of the connection. Inside TLS only what has already been
+    /// read and decrypted can be looked at.
+    pub fn unasked_after_reply(&self) -> bool {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut head = [0u8; 4];
+        let n = if self.start < self.end {
+            let n = (self.end - self.start).min(head.len());
+            head[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            n
+        } else if self.is_tls() {
+            return false;
+        } else {
+            let Some(tcp) = self.stream.tcp() else {
+                return false;
+            };
+            match recv(
+                tcp.as_raw_fd(),
+                &mut head,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(n) => n,
+                Err(_) => 0,
+            }
+        };
+        n > 0 && !b"421".starts_with(&head[..n.min(3)])
     }
 
     /// Whether the server ended the connection, or said something unasked (a 421 before

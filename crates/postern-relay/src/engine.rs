@@ -1112,15 +1112,20 @@ impl CoreRelay {
         };
         let mut sent = sent.into_iter();
         let mut elsewhere = false;
+        // Outcomes are concluded once the batch's last reply is in: a reply too many found
+        // after it means every reply of the batch may have answered the command before its
+        // own (see `unasked_after_reply`).
+        let mut answered: Vec<(Job, TransactionResult)> = Vec::new();
         while let Some(job) = sent.next() {
             // Only the first job sent can be the carried one.
             let first_note = note.take();
             match conn.finish(limit).await {
-                Ok(result) => {
-                    elsewhere |=
-                        self.conclude(conn, dq, job, Ok(result), None, carry) == After::Elsewhere;
-                }
+                Ok(result) => answered.push((job, result)),
                 Err(e) => {
+                    for (job, result) in answered.drain(..) {
+                        elsewhere |= self.conclude(conn, dq, job, Ok(result), None, carry)
+                            == After::Elsewhere;
+                    }
                     if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
                         // Ended at the RSET before this transaction: the server took neither
                         // it nor any later one, and none is charged a failed attempt.
@@ -1154,6 +1159,18 @@ impl CoreRelay {
                     return After::Broken;
                 }
             }
+        }
+        if broken.is_none() && conn.unasked_after_reply() {
+            // Out of step: none of these outcomes is known. Deferred, and tried again (a
+            // duplicate at worst, never a refusal taken for a delivery).
+            let e = ConnError::Io(crate::conn::OUT_OF_STEP.into());
+            for (job, _) in answered {
+                self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
+            }
+            return After::Broken;
+        }
+        for (job, result) in answered {
+            elsewhere |= self.conclude(conn, dq, job, Ok(result), None, carry) == After::Elsewhere;
         }
         match (broken, elsewhere) {
             (Some(_), _) => After::Broken,

@@ -1186,6 +1186,116 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
     assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
+/// A next hop (PIPELINING, CHUNKING) that answers each group of commands in one write, as
+/// pipelining servers do, takes the first message, and slips a reply too many in front of the
+/// next group's replies, whose BDAT it refuses (as every later one). Returns its port.
+fn next_hop_with_a_late_reply_too_many() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut messages = 0;
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut out = b"220 hop.test ESMTP\r\n".to_vec();
+            'session: loop {
+                if !out.is_empty() && stream.write_all(&std::mem::take(&mut out)).is_err() {
+                    break;
+                }
+                // The replies to a group go out together, after its last command.
+                let mut flush = false;
+                while !flush {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'session;
+                    }
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_uppercase();
+                    match verb.as_str() {
+                        "EHLO" => {
+                            out.extend_from_slice(
+                                b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                            );
+                            flush = true;
+                        }
+                        "RSET" if messages == 1 => {
+                            out.extend_from_slice(b"250 2.0.0 a reply nobody asked for\r\n");
+                            out.extend_from_slice(b"250 2.0.0 ok\r\n");
+                        }
+                        "BDAT" => {
+                            let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                            let mut body = vec![0u8; n];
+                            reader.read_exact(&mut body).unwrap();
+                            messages += 1;
+                            out.extend_from_slice(if messages == 1 {
+                                b"250 2.0.0 queued\r\n".as_slice()
+                            } else {
+                                b"554 5.7.1 message refused\r\n".as_slice()
+                            });
+                            flush = true;
+                        }
+                        "QUIT" => {
+                            let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                            break 'session;
+                        }
+                        _ => out.extend_from_slice(b"250 2.0.0 ok\r\n"),
+                    }
+                }
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_delivered() {
+    // The reply too many comes only once the next group is written: RSET takes it, MAIL takes
+    // RSET's reply, RCPT MAIL's and BDAT RCPT's, and the refusal is left over. Seen after the
+    // last reply, it makes the outcome unknown: the message is tried again, and bounced.
+    let port = next_hop_with_a_late_reply_too_many();
+    let origin = Peer::start(&[]);
+    let to_dest = format!("dest.test=127.0.0.1:{port}");
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&[
+        "--route",
+        &to_dest,
+        "--route",
+        &to_origin,
+        "--max-connections-per-destination",
+        "1",
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+        "--cores",
+        "1",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<second@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the second message's bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(text.contains("<second@t>"), "{text}");
+}
+
 #[test]
 fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core() {
     // The reply to MAIL is continuation lines without end, as fast as the socket takes them:
