@@ -600,14 +600,12 @@ impl Outbound {
             let Some(tcp) = self.stream.tcp() else {
                 return false;
             };
-            match recv(
+            recv(
                 tcp.as_raw_fd(),
                 &mut head,
                 MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(n) => n,
-                Err(_) => 0,
-            }
+            )
+            .unwrap_or_default()
         };
         n > 0 && !b"421".starts_with(&head[..n.min(3)])
     }

@@ -1122,9 +1122,10 @@ impl CoreRelay {
             match conn.finish(limit).await {
                 Ok(result) => answered.push((job, result)),
                 Err(e) => {
+                    // Those answered before the break stay answered (the connection is
+                    // left either way, so where they would go next does not matter).
                     for (job, result) in answered.drain(..) {
-                        elsewhere |= self.conclude(conn, dq, job, Ok(result), None, carry)
-                            == After::Elsewhere;
+                        self.conclude(conn, dq, job, Ok(result), None, carry);
                     }
                     if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
                         // Ended at the RSET before this transaction: the server took neither
