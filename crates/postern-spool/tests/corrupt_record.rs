@@ -258,44 +258,34 @@ fn a_segment_cut_to_nothing_or_into_its_header_is_damage_reported_and_kept() {
     }
 }
 
-/// Zeros over the header of a segment with records behind it: damage, not a segment whose
-/// creation was cut off.
-#[test]
-fn a_zeroed_header_over_records_is_damage_reported_and_kept() {
+/// Zeros over the first `len` bytes of a segment with records behind them: damage, reported
+/// and kept as it was (in `damaged/`), not a segment whose creation was cut off, dropped with
+/// the mail behind the zeros.
+fn zeros_over_the_start_are_damage_reported_and_kept(len: usize) {
     let dir = tempfile::tempdir().unwrap();
     let seg = three_messages(dir.path());
     let mut data = std::fs::read(&seg).unwrap();
-    data[..64].fill(0);
+    data[..len].fill(0);
     std::fs::write(&seg, &data).unwrap();
     let r = recover(dir.path()).unwrap();
-    assert_eq!((r.corrupt_records, r.unused_segments), (1, 0));
+    assert_eq!((r.corrupt_records, r.unused_segments), (1, 0), "{len}");
     drop(r);
     let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
-    assert_eq!(kept_for_inspection(dir.path()), 1);
+    assert_eq!(kept_for_inspection(dir.path()), 1, "{len}");
+    let kept = dir.path().join("0").join(postern_spool::DAMAGED_DIR);
+    let kept = std::fs::read_dir(kept).unwrap().next().unwrap().unwrap();
+    assert_eq!(std::fs::read(kept.path()).unwrap(), data, "kept as it was");
 }
 
-/// Zeros over a whole first page (the header and the first records), records further on: the
-/// segment is damage reported and kept, not a blank one dropped with the mail behind it.
+#[test]
+fn a_zeroed_header_over_records_is_damage_reported_and_kept() {
+    zeros_over_the_start_are_damage_reported_and_kept(64);
+}
+
+/// A whole first page: the header and the first records.
 #[test]
 fn a_zeroed_first_page_over_records_is_damage_reported_and_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let seg = three_messages(dir.path());
-    let mut data = std::fs::read(&seg).unwrap();
-    data[..4096].fill(0);
-    std::fs::write(&seg, &data).unwrap();
-    let r = recover(dir.path()).unwrap();
-    assert_eq!((r.corrupt_records, r.unused_segments), (1, 0));
-    drop(r);
-    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
-    assert_eq!(kept_for_inspection(dir.path()), 1);
-    let kept = dir.path().join("0").join(postern_spool::DAMAGED_DIR);
-    let kept = std::fs::read_dir(kept)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    assert_eq!(std::fs::read(kept).unwrap(), data, "kept as it was");
+    zeros_over_the_start_are_damage_reported_and_kept(4096);
 }
 
 /// What a crash while a segment is being made leaves: a file under its temporary name, which

@@ -1151,6 +1151,14 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
     // to RCPT for the message's. The second message must be bounced, not counted delivered.
     let (go, wait) = std::sync::mpsc::channel();
     let (port, bdats) = next_hop_with_a_reply_too_many(wait);
+    two_messages_the_second_bounced(port, || go.send(()).unwrap());
+    assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Sends two messages through one connection to the next hop on `port` (retries 300 ms
+/// apart), calls `then`, and checks that the second one, which the next hop refuses with
+/// `554 5.7.1 message refused`, is bounced to its sender.
+fn two_messages_the_second_bounced(port: u16, then: impl FnOnce()) {
     let origin = Peer::start(&[]);
     let to_dest = format!("dest.test=127.0.0.1:{port}");
     let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
@@ -1161,29 +1169,21 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
         &to_origin,
         "--max-connections-per-destination",
         "1",
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
         "--cores",
         "1",
     ]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<first@t>",
-        "x\r\n",
-    );
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<second@t>",
-        "x\r\n",
-    );
-    go.send(()).unwrap();
+    for id in ["<first@t>", "<second@t>"] {
+        send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    }
+    then();
     let (bounce, text) = origin.first("the second message's bounce");
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     assert!(text.contains("<second@t>"), "{text}");
-    assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
 /// A next hop (PIPELINING, CHUNKING) that answers each group of commands in one write, as
@@ -1258,42 +1258,7 @@ fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_deliver
     // The reply too many comes only once the next group is written: RSET takes it, MAIL takes
     // RSET's reply, RCPT MAIL's and BDAT RCPT's, and the refusal is left over. Seen after the
     // last reply, it makes the outcome unknown: the message is tried again, and bounced.
-    let port = next_hop_with_a_late_reply_too_many();
-    let origin = Peer::start(&[]);
-    let to_dest = format!("dest.test=127.0.0.1:{port}");
-    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&[
-        "--route",
-        &to_dest,
-        "--route",
-        &to_origin,
-        "--max-connections-per-destination",
-        "1",
-        "--retry-initial",
-        "300ms",
-        "--retry-max",
-        "300ms",
-        "--cores",
-        "1",
-    ]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<first@t>",
-        "x\r\n",
-    );
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<second@t>",
-        "x\r\n",
-    );
-    let (bounce, text) = origin.first("the second message's bounce");
-    assert_eq!(bounce.mail_from, "<>");
-    assert!(text.contains("554 5.7.1 message refused"), "{text}");
-    assert!(text.contains("<second@t>"), "{text}");
+    two_messages_the_second_bounced(next_hop_with_a_late_reply_too_many(), || ());
 }
 
 #[test]
