@@ -138,7 +138,7 @@ pub(crate) const OUT_OF_STEP: &str =
     "a reply came that no command asked for: the replies were out of step";
 
 /// The text of a [`timed`] read or write that ran out of time.
-const TIMED_OUT: &str = "timed out";
+pub(crate) const TIMED_OUT: &str = "timed out";
 
 async fn timed<T>(
     limit: Duration,
@@ -583,9 +583,11 @@ impl Outbound {
     /// Whether something came after the reply just read, with no command outstanding: the
     /// next hop sent a reply too many earlier, so the replies taken were each the answer to
     /// the command before, and the real last one is what follows. The outcome of what they
-    /// answered is then not known. A `421` is not counted (a next hop may close right after a
-    /// last reply), nor is the end of the connection. Inside TLS only what has already been
-    /// read and decrypted can be looked at.
+    /// answered is then not known. A `421` is not counted: next hops say it right after a
+    /// last 250 as they close, and counting it would send such a next hop every message again
+    /// and again (after a shifted reply it is the real answer to the last command, which
+    /// this cannot tell). Nor is the end of the connection. Inside TLS only what has already
+    /// been read and decrypted can be looked at.
     pub fn unasked_after_reply(&self) -> bool {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;

@@ -1122,10 +1122,18 @@ impl CoreRelay {
             match conn.finish(limit).await {
                 Ok(result) => answered.push((job, result)),
                 Err(e) => {
-                    // Those answered before the break stay answered (the connection is
-                    // left either way, so where they would go next does not matter).
+                    // Those answered before the break keep their replies, unless the batch
+                    // ran out of time: a reply the next hop never sent would have let each
+                    // later one answer the command before its own (the next RSET's 250 taken
+                    // for a message's), so none of them is known.
+                    let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT);
                     for (job, result) in answered.drain(..) {
-                        self.conclude(conn, dq, job, Ok(result), None, carry);
+                        let outcome = if short {
+                            Err(Err(e.clone()))
+                        } else {
+                            Ok(result)
+                        };
+                        self.conclude(conn, dq, job, outcome, None, carry);
                     }
                     if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
                         // Ended at the RSET before this transaction: the server took neither
@@ -1161,10 +1169,14 @@ impl CoreRelay {
                 }
             }
         }
-        if broken.is_none() && conn.unasked_after_reply() {
+        if conn.unasked_after_reply() {
             // Out of step: none of these outcomes is known. Deferred, and tried again (a
-            // duplicate at worst, never a refusal taken for a delivery).
+            // duplicate at worst, never a refusal taken for a delivery); one transaction per
+            // round trip to this next hop for a while, so that one stray reply costs one
+            // message's attempt, not a batch's.
             let e = ConnError::Io(crate::conn::OUT_OF_STEP.into());
+            dq.serial_until
+                .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
             for (job, _) in answered {
                 self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
             }

@@ -1262,6 +1262,116 @@ fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_deliver
 }
 
 #[test]
+fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
+    // Three messages pipelined into one another; the next hop never answers the second one's
+    // data (nor takes it). Each later reply then answers the command before its own: the
+    // third's RSET reply is taken for the second message's, and the batch runs out of time
+    // on the last. None of its outcomes is known: the second message must be tried again and
+    // taken, not counted delivered.
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = taken.clone();
+    std::thread::spawn(move || {
+        let mut bodies = 0;
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let verb = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        reader.read_exact(&mut body).unwrap();
+                        bodies += 1;
+                        if bodies == 2 {
+                            continue;
+                        }
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                        record
+                            .lock()
+                            .unwrap()
+                            .push(id.unwrap_or_default().to_owned());
+                        b"250 2.0.0 queued\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // Queued while held (a server that routes nowhere holds), then released together: one
+    // batch.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    for i in 1..=3 {
+        send(
+            &held,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<b{i}@t>"),
+            "x\r\n",
+        );
+    }
+    assert!(held.terminate().success());
+    let _server = Server::start_in(
+        &[
+            "--route",
+            &route,
+            "--cores",
+            "1",
+            "--max-transactions-in-flight",
+            "8",
+            "--smtp-mail-timeout",
+            "1s",
+            "--smtp-rcpt-timeout",
+            "1s",
+            "--smtp-data-done-timeout",
+            "1s",
+            "--retry-initial",
+            "300ms",
+            "--retry-max",
+            "300ms",
+        ],
+        spool,
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
+        assert!(
+            Instant::now() < deadline,
+            "the second message was never taken: {:?}",
+            taken.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
 fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core() {
     // The reply to MAIL is continuation lines without end, as fast as the socket takes them:
     // every read is ready at once, and only the deadline itself can end the wait.
