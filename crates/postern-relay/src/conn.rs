@@ -343,12 +343,8 @@ impl Outbound {
                 return Err(ConnError::Io("reply too long".into()));
             }
             // A next hop that keeps the socket full (a reply of endless continuation lines)
-            // makes every read ready at once, and the timer raced against it never wins: the
-            // deadline is looked at here too, and the core serves its other tasks between
-            // reads.
-            if left(deadline).is_zero() {
-                return Err(ConnError::Io(TIMED_OUT.into()));
-            }
+            // makes reads ready one after another: once the core's time slice is up, its
+            // other tasks run before the next one.
             glommio::yield_if_needed().await;
             let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
             let n = timed(left(deadline), stream.read(room)).await?;
@@ -591,6 +587,11 @@ impl Outbound {
     pub fn unasked_after_reply(&self) -> bool {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
+        // A reply still awaited (a RSET queued after a refusal, or before a transaction that
+        // was then refused here for its size) may be what follows: nothing to tell.
+        if !self.session.is_idle() {
+            return false;
+        }
         let mut head = [0u8; 4];
         let n = if self.start < self.end {
             let n = (self.end - self.start).min(head.len());

@@ -587,9 +587,16 @@ impl Spool {
     pub fn reclaim(&mut self) -> Result<usize, SpoolError> {
         let current = self.seg.as_ref().map(|s| s.seq);
         let mut deleted = 0;
+        // Damaged segments that could not be set aside (no room for `damaged/` on a full
+        // disk): they stay, and the segments behind them go on being freed, since keeping an
+        // older segment never loses a status record a newer one needs; they are tried again
+        // with the next reclaim.
+        let mut stuck: Vec<(u64, u64)> = Vec::new();
+        let mut first_error = None;
         while let Some((seq, bytes)) = self.index.pop_free(current) {
             let path = self.dir.join(file_name(seq));
-            let gone = if self.damaged.binary_search(&seq).is_ok() {
+            let damaged = self.damaged.binary_search(&seq).is_ok();
+            let gone = if damaged {
                 self.set_aside(&path)
             } else {
                 std::fs::remove_file(&path)
@@ -597,14 +604,26 @@ impl Spool {
             match gone {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) if damaged => {
+                    stuck.push((seq, bytes));
+                    first_error.get_or_insert(e);
+                    continue;
+                }
                 Err(e) => {
                     self.index.push_front(seq, bytes);
-                    return Err(SpoolError::from_io(e));
+                    first_error = Some(e);
+                    break;
                 }
             }
             deleted += 1;
         }
-        Ok(deleted)
+        for (seq, bytes) in stuck.into_iter().rev() {
+            self.index.push_front(seq, bytes);
+        }
+        match first_error {
+            Some(e) => Err(SpoolError::from_io(e)),
+            None => Ok(deleted),
+        }
     }
 
     /// Moves a segment with damaged records into the core's `damaged` directory, where it is

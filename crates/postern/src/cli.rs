@@ -575,7 +575,9 @@ const MAX_CORES_PER_CPU: usize = 4;
 fn overlaps(a: SocketAddr, b: SocketAddr, dual_stack: bool) -> bool {
     let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
     let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
-        wide.is_unspecified() && (wide.is_ipv4() == other.is_ipv4() || dual_stack)
+        wide.is_unspecified()
+            && (wide.is_ipv4() == other.is_ipv4()
+                || (dual_stack && wide.is_ipv6() && other.is_ipv4()))
     };
     a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
 }

@@ -1372,6 +1372,108 @@ fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
 }
 
 #[test]
+fn a_batch_ending_in_a_message_over_the_next_hop_s_size_keeps_its_outcomes() {
+    // Two messages released together in one batch; the second is over the next hop's SIZE and
+    // refused before it is sent, leaving the RSET written for it awaited. Its reply, after the
+    // first message's, is not a reply too many: the first message is delivered once.
+    use std::sync::{Arc, Mutex};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = taken.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let verb = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => {
+                        b"250-hop.test\r\n250-PIPELINING\r\n250-SIZE 2000\r\n250 CHUNKING\r\n"
+                    }
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        reader.read_exact(&mut body).unwrap();
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                        record
+                            .lock()
+                            .unwrap()
+                            .push(id.unwrap_or_default().to_owned());
+                        b"250 2.0.0 queued\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    send(
+        &held,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<small@t>",
+        "x\r\n",
+    );
+    let big = "y".repeat(76) + "\r\n";
+    send(
+        &held,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<big@t>",
+        &big.repeat(64),
+    );
+    assert!(held.terminate().success());
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start_in(
+        &[
+            "--route",
+            &route,
+            "--cores",
+            "1",
+            "--max-transactions-in-flight",
+            "8",
+            "--metrics",
+            "127.0.0.1:0",
+            "--retry-initial",
+            "300ms",
+            "--retry-max",
+            "300ms",
+        ],
+        spool,
+        None,
+    );
+    // The big one fails for good (no one takes its bounce: its sender's domain goes nowhere).
+    server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    let log = server.terminate_for_log();
+    assert!(!log.contains("out of step"), "{log}");
+    assert_eq!(*taken.lock().unwrap(), ["<small@t>"]);
+}
+
+#[test]
 fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core() {
     // The reply to MAIL is continuation lines without end, as fast as the socket takes them:
     // every read is ready at once, and only the deadline itself can end the wait.
