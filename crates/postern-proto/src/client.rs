@@ -579,7 +579,8 @@ impl ClientSession {
                     return (pos + consumed, self.fail(error.into()));
                 }
                 ParsedReply::Complete { reply, consumed } => {
-                    if self.replies - replies_before >= answerable {
+                    // A 421 is the server closing, whatever it answers: taken as such below.
+                    if self.replies - replies_before >= answerable && reply.code != 421 {
                         let error = ClientError::Unexpected("a command not yet sent", reply);
                         return (pos + consumed, self.fail(error));
                     }

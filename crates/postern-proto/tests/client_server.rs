@@ -369,6 +369,17 @@ fn a_reply_that_comes_before_its_command_is_out_of_step() {
     };
     assert_eq!(extra.code, 250);
     assert_eq!(sent, "QUIT\r\n", "RCPT never goes out");
+    // A 421 in the same place is the server closing, and said so.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 8BITMIME\r\n"]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    c.clear_output();
+    let (events, _) = canned(&mut c, &["250 ok\r\n421 4.3.2 going down\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Closing(r))] if r.code == 421),
+        "{events:?}"
+    );
     // Replies to commands written before are taken as always (pipelined in one read).
     let mut c = ClientSession::new("relay.test");
     let (events, _) = canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
