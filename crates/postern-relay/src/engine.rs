@@ -421,8 +421,9 @@ impl Tracked {
     }
 }
 
-/// A bounce being made or a message being finished, counted in `CoreRelay::reporting` from
-/// when its task is spawned until it ends.
+/// A report being made (a bounce, a delay warning, a success report for a recipient relayed
+/// to a next hop without DSN) or a message being finished, counted in
+/// `CoreRelay::reporting` from when its task is spawned until it ends: a stop waits for it.
 struct Reporting(Rc<CoreRelay>);
 
 impl Reporting {
@@ -2060,7 +2061,11 @@ impl CoreRelay {
             }
             let msg = t.msg.clone();
             let me = self.clone();
-            spawn_detached(async move { me.relayed_report(&msg, &relayed).await });
+            let busy = Reporting::new(self);
+            spawn_detached(async move {
+                me.relayed_report(&msg, &relayed).await;
+                drop(busy);
+            });
         }
     }
 
@@ -2174,7 +2179,11 @@ impl CoreRelay {
             };
             let msg = t.msg.clone();
             let me = self.clone();
-            spawn_detached(async move { me.delay_warning(&msg, &delays).await });
+            let busy = Reporting::new(self);
+            spawn_detached(async move {
+                me.delay_warning(&msg, &delays).await;
+                drop(busy);
+            });
         }
     }
 
