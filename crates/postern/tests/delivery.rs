@@ -1261,20 +1261,24 @@ fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_deliver
     two_messages_the_second_bounced(next_hop_with_a_late_reply_too_many(), || ());
 }
 
-#[test]
-fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
-    // Three messages pipelined into one another; the next hop never answers the second one's
-    // data (nor takes it). Each later reply then answers the command before its own: the
-    // third's RSET reply is taken for the second message's, and the batch runs out of time
-    // on the last. None of its outcomes is known: the second message must be tried again and
-    // taken, not counted delivered.
-    use std::sync::{Arc, Mutex};
+/// The Message-IDs a next hop took.
+type Taken = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A next hop offering PIPELINING, CHUNKING and `extensions` (EHLO lines, each ending in CR
+/// LF), answering each command as it comes. Each body (`BDAT n LAST`) gets what `answer`
+/// says for it, given how many bodies came before; `None` is no answer at all. A message
+/// answered 250 is taken: its Message-ID is recorded.
+fn batch_next_hop(
+    extensions: &'static str,
+    answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
+) -> (u16, Taken) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let taken = Arc::new(Mutex::new(Vec::<String>::new()));
+    let taken = Taken::default();
     let record = taken.clone();
     std::thread::spawn(move || {
         let mut bodies = 0;
+        let ehlo = format!("250-hop.test\r\n250-PIPELINING\r\n{extensions}250 CHUNKING\r\n");
         for stream in listener.incoming().take(8) {
             let Ok(mut stream) = stream else { return };
             stream
@@ -1293,22 +1297,24 @@ fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
                     .unwrap_or("")
                     .to_ascii_uppercase();
                 let reply: &[u8] = match verb.as_str() {
-                    "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                    "EHLO" => ehlo.as_bytes(),
                     "BDAT" => {
                         let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
                         let mut body = vec![0u8; n];
                         reader.read_exact(&mut body).unwrap();
                         bodies += 1;
-                        if bodies == 2 {
+                        let Some(reply) = answer(bodies - 1) else {
                             continue;
+                        };
+                        if reply.starts_with(b"250") {
+                            let text = String::from_utf8_lossy(&body).into_owned();
+                            let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                            record
+                                .lock()
+                                .unwrap()
+                                .push(id.unwrap_or_default().to_owned());
                         }
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
-                        record
-                            .lock()
-                            .unwrap()
-                            .push(id.unwrap_or_default().to_owned());
-                        b"250 2.0.0 queued\r\n"
+                        reply
                     }
                     "QUIT" => {
                         let _ = stream.write_all(b"221 2.0.0 bye\r\n");
@@ -1322,43 +1328,62 @@ fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
             }
         }
     });
-    // Queued while held (a server that routes nowhere holds), then released together: one
-    // batch.
+    (port, taken)
+}
+
+/// Messages (Message-ID, body) queued while held (a server that routes nowhere holds), then
+/// released together to the next hop on `port`, pipelined into one batch; with `extra` flags.
+fn released_in_one_batch(port: u16, messages: &[(&str, &str)], extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let route = format!("dest.test=127.0.0.1:{port}");
     let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    for i in 1..=3 {
-        send(
-            &held,
-            "a@origin.test",
-            &["b@dest.test"],
-            &format!("<b{i}@t>"),
-            "x\r\n",
-        );
+    for (id, body) in messages {
+        send(&held, "a@origin.test", &["b@dest.test"], id, body);
     }
     assert!(held.terminate().success());
-    let _server = Server::start_in(
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec![
+        "--route",
+        &route,
+        "--cores",
+        "1",
+        "--max-transactions-in-flight",
+        "8",
+        "--metrics",
+        "127.0.0.1:0",
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+    ];
+    args.extend_from_slice(extra);
+    // The spool's directory lives as long as the server that owns it.
+    Server::start_in(&args, spool, Some(dir))
+}
+
+#[test]
+fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
+    // Three messages pipelined into one another; the next hop never answers the second one's
+    // data (nor takes it). Each later reply then answers the command before its own: the
+    // third's RSET reply is taken for the second message's, and the batch runs out of time
+    // on the last. None of its outcomes is known: the second message must be tried again and
+    // taken, not counted delivered.
+    let (port, taken) = batch_next_hop("", |n| (n != 1).then_some(b"250 2.0.0 queued\r\n"));
+    let _server = released_in_one_batch(
+        port,
         &[
-            "--route",
-            &route,
-            "--cores",
-            "1",
-            "--max-transactions-in-flight",
-            "8",
+            ("<b1@t>", "x\r\n"),
+            ("<b2@t>", "x\r\n"),
+            ("<b3@t>", "x\r\n"),
+        ],
+        &[
             "--smtp-mail-timeout",
             "1s",
             "--smtp-rcpt-timeout",
             "1s",
             "--smtp-data-done-timeout",
             "1s",
-            "--retry-initial",
-            "300ms",
-            "--retry-max",
-            "300ms",
         ],
-        spool,
-        None,
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
@@ -1376,95 +1401,9 @@ fn a_batch_ending_in_a_message_over_the_next_hop_s_size_keeps_its_outcomes() {
     // Two messages released together in one batch; the second is over the next hop's SIZE and
     // refused before it is sent, leaving the RSET written for it awaited. Its reply, after the
     // first message's, is not a reply too many: the first message is delivered once.
-    use std::sync::{Arc, Mutex};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let taken = Arc::new(Mutex::new(Vec::<String>::new()));
-    let record = taken.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(8) {
-            let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                let verb = line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
-                let reply: &[u8] = match verb.as_str() {
-                    "EHLO" => {
-                        b"250-hop.test\r\n250-PIPELINING\r\n250-SIZE 2000\r\n250 CHUNKING\r\n"
-                    }
-                    "BDAT" => {
-                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                        let mut body = vec![0u8; n];
-                        reader.read_exact(&mut body).unwrap();
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
-                        record
-                            .lock()
-                            .unwrap()
-                            .push(id.unwrap_or_default().to_owned());
-                        b"250 2.0.0 queued\r\n"
-                    }
-                    "QUIT" => {
-                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
-                        break;
-                    }
-                    _ => b"250 2.0.0 ok\r\n",
-                };
-                if stream.write_all(reply).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    send(
-        &held,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<small@t>",
-        "x\r\n",
-    );
-    let big = "y".repeat(76) + "\r\n";
-    send(
-        &held,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<big@t>",
-        &big.repeat(64),
-    );
-    assert!(held.terminate().success());
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start_in(
-        &[
-            "--route",
-            &route,
-            "--cores",
-            "1",
-            "--max-transactions-in-flight",
-            "8",
-            "--metrics",
-            "127.0.0.1:0",
-            "--retry-initial",
-            "300ms",
-            "--retry-max",
-            "300ms",
-        ],
-        spool,
-        None,
-    );
+    let (port, taken) = batch_next_hop("250-SIZE 2000\r\n", |_| Some(b"250 2.0.0 queued\r\n"));
+    let big = ("y".repeat(76) + "\r\n").repeat(64);
+    let mut server = released_in_one_batch(port, &[("<small@t>", "x\r\n"), ("<big@t>", &big)], &[]);
     // The big one fails for good (no one takes its bounce: its sender's domain goes nowhere).
     server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
     server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
