@@ -1090,55 +1090,16 @@ fn next_hop_with_a_reply_too_many(
     go: std::sync::mpsc::Receiver<()>,
 ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(AtomicUsize::new(0));
     let bdats = seen.clone();
-    std::thread::spawn(move || {
-        let mut go = Some(go);
-        // A few connections at most: the test needs two.
-        for stream in listener.incoming().take(4) {
-            let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                let verb = line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
-                let reply: &[u8] = match verb.as_str() {
-                    "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
-                    "BDAT" => {
-                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                        let mut body = vec![0u8; n];
-                        reader.read_exact(&mut body).unwrap();
-                        if bdats.fetch_add(1, Ordering::SeqCst) == 0 {
-                            // Both messages are queued by now: the second waits for this
-                            // connection.
-                            go.take().unwrap().recv().unwrap();
-                            b"250 2.0.0 queued\r\n250 2.0.0 a reply nobody asked for\r\n"
-                        } else {
-                            b"554 5.7.1 message refused\r\n"
-                        }
-                    }
-                    "QUIT" => {
-                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
-                        break;
-                    }
-                    _ => b"250 2.0.0 ok\r\n",
-                };
-                if stream.write_all(reply).is_err() {
-                    break;
-                }
-            }
+    let (port, _) = batch_next_hop("", move |n| {
+        bdats.fetch_add(1, Ordering::SeqCst);
+        if n == 0 {
+            // Both messages are queued by now: the second waits for this connection.
+            go.recv().unwrap();
+            Some(b"250 2.0.0 queued\r\n250 2.0.0 a reply nobody asked for\r\n")
+        } else {
+            Some(b"554 5.7.1 message refused\r\n")
         }
     });
     (port, seen)
