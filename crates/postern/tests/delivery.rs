@@ -1031,20 +1031,26 @@ fn refusing_next_hop_and_sender_s(origin_flags: &[&str]) -> (Peer, Peer, Server)
     (dest, origin, server)
 }
 
-#[test]
-fn a_whole_message_report_too_large_for_the_sender_s_server_goes_with_the_headers() {
-    // RET=FULL, and the sender's server takes 3,000 octets at most (SIZE): the report returns
-    // the header section instead, rather than reaching nobody.
-    let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--size-limit", "3000"]);
-    let (mut c, _) = hello(&server);
+/// Sends a message from alice@origin.test with RET=FULL to nobody@dest.test (whom the next
+/// hop refuses), its body `lines` lines of 18 octets.
+fn send_ret_full(server: &Server, message_id: &str, lines: usize) {
+    let (mut c, _) = hello(server);
     assert!(c
         .cmd("MAIL FROM:<alice@origin.test> RET=FULL")
         .starts_with("250"));
     assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
     assert!(c.cmd("DATA").starts_with("354"));
-    let body = "0123456789abcdef\r\n".repeat(300);
-    c.send(format!("Subject: big\r\nMessage-ID: <big@t>\r\n\r\n{body}.\r\n").as_bytes());
+    let body = "0123456789abcdef\r\n".repeat(lines);
+    c.send(format!("Subject: big\r\nMessage-ID: {message_id}\r\n\r\n{body}.\r\n").as_bytes());
     assert!(c.line().starts_with("250 2.0.0"));
+}
+
+#[test]
+fn a_whole_message_report_too_large_for_the_sender_s_server_goes_with_the_headers() {
+    // RET=FULL, and the sender's server takes 3,000 octets at most (SIZE): the report returns
+    // the header section instead, rather than reaching nobody.
+    let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--size-limit", "3000"]);
+    send_ret_full(&server, "<big@t>", 300);
     let (bounce, text) = origin.first("the report");
     assert_eq!(bounce.rcpt_tos, ["alice@origin.test"]);
     assert!(bounce.data.len() <= 3000, "{}", bounce.data.len());
@@ -1062,15 +1068,7 @@ fn a_whole_message_report_over_the_returned_size_says_why_it_has_the_headers() {
     // RET=FULL for a message over the 128 KiB a report returns: the headers come back, and the
     // report's text tells the sender why it did not get what it asked for.
     let (_dest, origin, server) = refusing_next_hop_and_sender_s(&[]);
-    let (mut c, _) = hello(&server);
-    assert!(c
-        .cmd("MAIL FROM:<alice@origin.test> RET=FULL")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    let body = "0123456789abcdef\r\n".repeat(9000); // 162 KiB
-    c.send(format!("Subject: big\r\nMessage-ID: <huge@t>\r\n\r\n{body}.\r\n").as_bytes());
-    assert!(c.line().starts_with("250 2.0.0"));
+    send_ret_full(&server, "<huge@t>", 9000); // 162 KiB
     let (_, text) = origin.first("the report");
     assert!(text.contains("Message-ID: <huge@t>"), "{text}");
     assert!(!text.contains("0123456789abcdef"), "{text}");
