@@ -14,7 +14,8 @@ of --seconds, postern's queue drained to the sink after each:
 At the largest core count postern is also driven open loop at half its `c50` peak, for the end
 of data to 250 latency. When Postfix is installed (and we are root), the same `c50` load goes to
 a stock Postfix relaying to the same sink, and Postfix's smtp-source drives postern, Postfix's
-smtp-sink (which stores nothing) and Postfix, for the issue's two ratios. The disk's own sync
+smtp-sink (which stores nothing) and Postfix, for the issue's two ratios (as root, Postfix is
+installed with apt when missing; without it, or with --no-postfix, postern alone). The disk's own sync
 floor (benches/scripts/fdatasync_tail.py) is measured in the same run.
 
     python3 loadtest/bench/scaling.py [--cores 1,2,4,8] [--rounds 2] [--seconds 4] [--no-build]
@@ -144,8 +145,13 @@ def main():
         placement = f"only {ncpu} CPUs: the load and the sink share the server's"
     threads = str(max(1, len(load_cpus)))
     load_pin = ["--threads", threads] + (["--cpus", cpu_list(load_cpus)] if load_cpus else [])
-    postfix = (not args.no_postfix and os.geteuid() == 0 and shutil.which("postfix")
-               and shutil.which("smtp-source") and shutil.which("smtp-sink"))
+    postfix = not args.no_postfix and os.geteuid() == 0
+    if postfix:
+        try:
+            compare.ensure_postfix()
+        except (OSError, subprocess.SubprocessError) as e:
+            compare.log(f"no Postfix here and it could not be installed ({e}): postern only")
+            postfix = False
     work = tempfile.mkdtemp(prefix="postern-scaling-", dir=args.spool_dir)
     log = open(os.path.join(work, "postern.log"), "w")
     results = {"command": cmd, "postern_flags": args.postern_flag, "machine": compare.machine() if postfix else None,
