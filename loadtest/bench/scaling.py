@@ -12,11 +12,11 @@ of --seconds, postern's queue drained to the sink after each:
   every core busy whatever the disk's sync time.
 
 At the largest core count postern is also driven open loop at half its `c50` peak, for the end
-of data to 250 latency. When Postfix is installed (and we are root), the same `c50` load goes to
-a stock Postfix relaying to the same sink, and Postfix's smtp-source drives postern, Postfix's
-smtp-sink (which stores nothing) and Postfix, for the issue's two ratios (as root, Postfix is
-installed with apt when missing; without it, or with --no-postfix, postern alone). The disk's own sync
-floor (benches/scripts/fdatasync_tail.py) is measured in the same run.
+of data to 250 latency. As root, the same `c50` load then goes to a stock Postfix relaying to
+the same sink, and Postfix's smtp-source drives postern, Postfix's smtp-sink (which stores
+nothing) and Postfix, for the issue's two ratios; Postfix is installed with apt when missing
+(without it, or with --no-postfix, postern alone). The disk's own sync floor
+(benches/scripts/fdatasync_tail.py) is measured in the same run.
 
     python3 loadtest/bench/scaling.py [--cores 1,2,4,8] [--rounds 2] [--seconds 4] [--no-build]
 
