@@ -68,7 +68,13 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
         .single_rcpt
         .filter(|r| !r.contains(['\u{85}', '\u{2028}', '\u{2029}']))
     {
-        let _ = write!(s, "\r\n\tfor <{rcpt}>");
+        // `<Postmaster>` alone is this server's postmaster (RFC 5321 4.1.1.3); the clause takes
+        // a whole Path (4.4), so the domain is written out.
+        let _ = if rcpt.contains('@') {
+            write!(s, "\r\n\tfor <{rcpt}>")
+        } else {
+            write!(s, "\r\n\tfor <{rcpt}@{}>", t.hostname)
+        };
     }
     let _ = write!(s, ";\r\n\t{}\r\n", rfc5322_date(t.now));
     out.extend_from_slice(s.as_bytes());
@@ -203,6 +209,20 @@ mod tests {
             assert!(!text.contains("for <"), "{text}");
             assert!(
                 text.ends_with(";\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bare_postmaster_is_named_with_our_domain() {
+        for rcpt in ["Postmaster", "postMASTER"] {
+            let text = header(&Trace {
+                single_rcpt: Some(rcpt),
+                ..trace()
+            });
+            assert!(
+                text.contains(&format!("\r\n\tfor <{rcpt}@mx.test>;")),
                 "{text}"
             );
         }
