@@ -11,7 +11,7 @@ use crate::error::SpoolError;
 use crate::format::{read_record, Cursor, Kind, Read, HEADER, RECORD_HEADER};
 use crate::map::ReadMap;
 use crate::meta::{MessageMeta, Status};
-use crate::segment::{header, parse_name, sealed_end, Header};
+use crate::segment::{header, is_regular_file, parse_name, sealed_end, Header};
 
 /// A message found whole.
 #[derive(Debug)]
@@ -87,6 +87,9 @@ pub struct Recovered {
     pub segments: u64,
     /// Segment files with a blank header (creation cut off by a crash): nothing in them.
     pub unused_segments: u64,
+    /// Entries named like segments that are not regular files (a directory, say): not read,
+    /// left where they are.
+    pub strays: Vec<PathBuf>,
 }
 
 impl Recovered {
@@ -161,11 +164,12 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut out = Recovered::default();
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
-        let mut segs: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        let (mut segs, strays): (Vec<(u64, PathBuf)>, Vec<_>) = std::fs::read_dir(dir)
             .map_err(SpoolError::at(dir))?
             .flatten()
             .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
-            .collect();
+            .partition(|(_, path)| is_regular_file(path));
+        out.strays.extend(strays.into_iter().map(|(_, path)| path));
         segs.sort();
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();

@@ -110,6 +110,12 @@ pub(crate) fn parse_name(name: &str) -> Option<u64> {
     name.strip_suffix(".seg")?.parse().ok()
 }
 
+/// Whether `path` (a symbolic link followed) is a regular file. A directory, a socket or a
+/// dangling link with a segment's name holds no records: it is left alone, never read.
+pub(crate) fn is_regular_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
 /// Syncs a directory, so that a new entry in it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -15,7 +15,8 @@ use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
 use crate::segment::{
-    file_name, header, is_temp_name, parse_name, pwrite_all, sync_dir, write_seal, Header, Segment,
+    file_name, header, is_regular_file, is_temp_name, parse_name, pwrite_all, sync_dir, write_seal,
+    Header, Segment,
 };
 use crate::spare::{PreparedSegment, SpareJob};
 
@@ -181,12 +182,18 @@ impl Spool {
             sync_dir(root).map_err(SpoolError::from_io)?;
         }
         let mut files = Vec::new();
+        let mut stray_last = 0;
         for entry in std::fs::read_dir(&dir).map_err(SpoolError::at(&dir))? {
             let entry = entry.map_err(SpoolError::from_io)?;
             let name = entry.file_name();
             let name = name.to_str().unwrap_or_default();
             if let Some(seq) = parse_name(name) {
-                files.push((seq, entry.path()));
+                if is_regular_file(&entry.path()) {
+                    files.push((seq, entry.path()));
+                } else {
+                    // Not a segment (recovery reports it); its name stays taken.
+                    stray_last = stray_last.max(seq);
+                }
             } else if is_temp_name(name) {
                 // A segment whose making was cut off: it never held a record.
                 std::fs::remove_file(entry.path()).map_err(SpoolError::from_io)?;
@@ -225,7 +232,7 @@ impl Spool {
         damaged.sort_unstable();
         damaged.dedup();
         drop(found);
-        let next_seq = last + 1;
+        let next_seq = last.max(stray_last) + 1;
         let mut spool = Spool {
             dir,
             core,

@@ -467,3 +467,34 @@ fn zeros_in_the_segment_being_written_are_its_end() {
     assert_eq!(r.corrupt_records, 0, "{:?}", r.corrupt_at);
     assert!(r.messages.len() < 12);
 }
+
+/// A directory (or anything not a regular file) with a segment's name holds no records: it
+/// is reported and left alone, the real segments are read, and new segments take other names.
+#[test]
+fn an_entry_named_like_a_segment_that_is_not_a_file_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    let core = dir.path().join("0");
+    let strays = [core.join("0000000002.seg"), core.join("0000000009.seg")];
+    for s in &strays {
+        std::fs::create_dir(s).unwrap();
+    }
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 3);
+    assert_eq!(r.corrupt_records, 0);
+    let mut found = r.strays.clone();
+    found.sort();
+    assert_eq!(found, strays);
+    drop(r);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    // Enough for a segment of its own: a new one is made, past the strays' numbers.
+    let mut d = spool.begin(&meta(3)).unwrap();
+    spool.append(&mut d, &body(3, 200 * 1024)).unwrap();
+    spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 4);
+    assert!(seg.is_file());
+    assert!(strays.iter().all(|s| s.is_dir()));
+}

@@ -513,6 +513,17 @@ fn recover_and_report(
              delivered; look at the disk"
         );
     }
+    if !recovered.strays.is_empty() {
+        let at: Vec<String> = (recovered.strays.iter().take(10))
+            .map(|p| p.display().to_string())
+            .collect();
+        tracing::warn!(
+            strays = recovered.strays.len(),
+            first_at = %at.join(", "),
+            "entries named like spool segments are not regular files (a directory, say): \
+             they hold no mail and are not read; move them out of the spool"
+        );
+    }
     let kept = postern_spool::kept_damage(&settings.spool_dir);
     if !kept.is_empty() {
         let at: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();

@@ -169,6 +169,19 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
              settles it, and each is delivered once"
         );
     }
+    if let Some(first) = recovered.strays.first() {
+        let _ = writeln!(
+            note,
+            "-- {} entr{} named like a segment but not a regular file (first {}): not read",
+            recovered.strays.len(),
+            if recovered.strays.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            first.display()
+        );
+    }
     if recovered.damaged > 0 {
         let _ = writeln!(
             note,
