@@ -99,6 +99,14 @@ fn reserve(addr: SocketAddr) -> Result<(Socket, SocketAddr), StartError> {
     Ok((s, local))
 }
 
+/// Whether `addr` can be listened on now, by the checks the start makes (something else
+/// listening on a fixed port, an address that is not ours, a port this user may not bind),
+/// without keeping the socket. The binary asks before it touches the spool, so that a start
+/// that cannot listen changes nothing there.
+pub fn check_listen(addr: SocketAddr) -> Result<(), StartError> {
+    reserve(addr).map(drop)
+}
+
 /// Whether something listens on `addr` and goes on listening for half a second: a process that
 /// has just exited (a restart) leaves its listener in the table for some milliseconds while
 /// the kernel tears it down, which is no reason to refuse to start.

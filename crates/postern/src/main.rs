@@ -98,6 +98,17 @@ fn main() -> ExitCode {
         complain!("postern: cannot start: {}", probe::advice(&e));
         return ExitCode::from(1);
     }
+    // A start that cannot listen changes nothing: the addresses are checked before the spool
+    // is locked (made, when new) or moved to fewer cores.
+    let addresses = (settings.listen.iter())
+        .chain(&settings.listen_tls)
+        .chain(&settings.metrics);
+    for &addr in addresses {
+        if let Err(e) = postern_server::check_listen(addr) {
+            complain!("postern: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    }
     // The spool's lock comes first: recovery must not read a spool another process writes.
     let spool_lock = match postern_server::lock_spool(&settings.spool_dir) {
         Ok(lock) => lock,

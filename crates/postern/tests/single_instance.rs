@@ -86,6 +86,8 @@ fn a_second_server_on_a_port_in_use_stops() {
             err.contains(&listen) && err.contains("already listens"),
             "{err}"
         );
+        // Refused before the spool was touched: not even made.
+        assert!(!spool.path().join("spool").exists(), "{listen}");
     }
     // The first still answers.
     let mut c = first.connect();
