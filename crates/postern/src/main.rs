@@ -19,6 +19,9 @@ const LOG_BUFFER: usize = 64 * 1024;
 /// cause, one line each, as often as it likes. Handshake failures are counted in the metrics.
 const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
 
+/// Messages moved to other cores at start-up that get a log line each (old and new queue ID).
+const MOVED_LOGGED: usize = 20;
+
 /// A line on stdout. A closed stdout (a pipe whose reader has gone) must not stop the server
 /// or make it panic, so a failed write is ignored.
 macro_rules! say {
@@ -125,8 +128,18 @@ fn main() -> ExitCode {
     match postern_spool::fold_cores(&settings.spool_dir, cores as u32, options) {
         Ok(folded) if folded.dirs > 0 => {
             warn_left_behind(&folded);
-            for (old, new) in &folded.moved {
+            // Each ID's new name, for the operator following a message through the logs; a
+            // large queue gets the first ones and a count, not a line per message (the log's
+            // buffer would drop lines).
+            for (old, new) in folded.moved.iter().take(MOVED_LOGGED) {
                 tracing::info!(queue_id = %new, was = %old, "moved from a core that no longer exists");
+            }
+            if folded.moved.len() > MOVED_LOGGED {
+                tracing::info!(
+                    more = folded.moved.len() - MOVED_LOGGED,
+                    "more messages moved from cores that no longer exist (their new queue \
+                     IDs: `postern queue`; the old ID is in each message's Received header)"
+                );
             }
             tracing::info!(
                 directories = folded.dirs,

@@ -2354,6 +2354,51 @@ fn hold_on_two_cores(spool: &Path, extra: &[&str], prefix: &str) -> (usize, usiz
     (sent, on_1)
 }
 
+/// A large move logs the first messages' new queue IDs one by one and a count for the rest, not
+/// a line per message.
+#[test]
+fn a_move_to_fewer_cores_logs_a_few_queue_ids_and_counts_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "2"], spool.clone(), None);
+    let on_core_1 = || {
+        common::spooled(&spool)
+            .iter()
+            .filter(|m| postern_spool::owner_core(&m.0) == Some(1))
+            .count()
+    };
+    let mut sent = 0;
+    // Each message on a connection of its own, which the kernel gives either core.
+    while sent < 400 && on_core_1() < 30 {
+        let body = "x\r\n";
+        send(
+            &held,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<many{sent}@t>"),
+            body,
+        );
+        sent += 1;
+    }
+    assert!(held.terminate().success());
+    let moved = on_core_1();
+    assert!(moved >= 30, "only {moved} of {sent} on core 1");
+    let mut one = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    one.log_until(|l| l.contains("folded into 1"));
+    let log = one.terminate_for_log();
+    let each = log
+        .lines()
+        .filter(|l| l.contains("moved from a core that no longer exists"))
+        .count();
+    assert_eq!(each, 20, "{log}");
+    let more = format!("more={}", moved - 20);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&more) && l.contains("more messages moved")),
+        "{more} in {log}"
+    );
+}
+
 /// The peer stored `sent` messages, each once (by Message-ID).
 fn assert_each_once(peer: &Peer, sent: usize, why: &str) {
     let stored = peer.stored();
