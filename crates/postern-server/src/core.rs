@@ -21,16 +21,29 @@ const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The process-wide stop request, set from the signal thread.
 #[derive(Debug, Default)]
-pub struct StopFlag(AtomicBool);
+pub struct StopFlag {
+    stop: AtomicBool,
+    hurry: AtomicBool,
+}
 
 impl StopFlag {
     /// Asks every core to stop.
     pub fn stop(&self) {
-        self.0.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
     }
     /// Whether a stop was asked for.
     pub fn is_stopping(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.stop.load(Ordering::Acquire)
+    }
+    /// Asks every core to stop without waiting out the shutdown grace (a second SIGTERM):
+    /// sessions still in a transaction are told 421 now, deliveries in flight are left.
+    pub fn hurry(&self) {
+        self.stop();
+        self.hurry.store(true, Ordering::Release);
+    }
+    /// Whether the grace was cut short.
+    pub fn is_hurried(&self) -> bool {
+        self.hurry.load(Ordering::Acquire)
     }
 }
 

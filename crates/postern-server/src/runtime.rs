@@ -454,10 +454,23 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             l.await;
         }
     };
+    // A second stop signal ends the grace at once; the signal thread cannot wake this core, so
+    // it looks.
+    let hurried = || async {
+        while !core.stop_flag.is_hurried() {
+            glommio::timer::sleep(HURRY_LOOK_EVERY).await;
+        }
+    };
     let grace_ends = std::time::Instant::now() + core.settings.shutdown_grace;
     let grace = glommio::timer::sleep(core.settings.shutdown_grace);
-    futures_lite::future::or(drained(), grace).await;
+    futures_lite::future::or(drained(), futures_lite::future::or(grace, hurried())).await;
     if core.sessions.get() > 0 {
+        tracing::warn!(
+            core = core.id,
+            sessions = core.sessions.get(),
+            "the stop's grace is over with sessions still open: they are told 421 and closed, \
+             and a message one was sending is not stored (its client still has it)"
+        );
         // Sessions still inside a body: they answer 421 and close (RFC 5321 3.8), and
         // what they had is not stored; a moment for those writes.
         core.grace_over.set(true);
@@ -470,10 +483,25 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     let delivery = core.delivery.borrow().clone();
     if let Some(delivery) = delivery {
         let rest = grace_ends.saturating_duration_since(std::time::Instant::now());
-        futures_lite::future::or(delivery.wind_down(), async {
-            glommio::timer::sleep(rest).await;
-        })
+        let wound_down = futures_lite::future::or(
+            async {
+                delivery.wind_down().await;
+                true
+            },
+            async {
+                futures_lite::future::or(glommio::timer::sleep(rest), hurried()).await;
+                false
+            },
+        )
         .await;
+        if !wound_down {
+            tracing::warn!(
+                core = core.id,
+                "the stop's grace is over with deliveries in flight: their messages stay \
+                 queued, and one a next hop had already taken goes to it again after the \
+                 next start"
+            );
+        }
     }
     core.store.shutdown().await;
     drop(committer);
@@ -526,6 +554,9 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
         }
     }
 }
+
+/// How often a core in its shutdown grace looks whether a second stop signal cut it short.
+const HURRY_LOOK_EVERY: Duration = Duration::from_millis(50);
 
 /// At most this many waiting connections are taken from a listener when the server stops
 /// (glommio listens with a backlog of 1,024).

@@ -262,10 +262,19 @@ fn main() -> ExitCode {
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 for signal in signals.forever() {
-                    if signal == SIGTERM || signal == SIGINT {
+                    if (signal == SIGTERM || signal == SIGINT) && !stop.is_stopping() {
                         stop.stop();
                         tracing::info!(
-                            "stopping: no new connections, finishing transactions in flight"
+                            "stopping: no new connections, finishing transactions in flight \
+                             (a second SIGTERM or SIGINT stops without waiting for them)"
+                        );
+                        continue;
+                    }
+                    if signal == SIGTERM || signal == SIGINT {
+                        stop.hurry();
+                        tracing::warn!(
+                            "stopping now: the grace for transactions and deliveries in flight \
+                             is cut short"
                         );
                         return;
                     }

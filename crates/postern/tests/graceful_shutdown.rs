@@ -104,6 +104,29 @@ fn a_body_still_unfinished_when_the_grace_ends_gets_421_and_is_not_stored() {
     assert!(spooled(&server.spool).is_empty());
 }
 
+/// A second SIGTERM does not wait out the grace: the body still coming gets 421 at once (the
+/// client's reads give up after 10 s, the grace is a minute), and the log says why.
+#[test]
+fn a_second_sigterm_cuts_the_grace_short() {
+    let mut server = Server::start(&["--cores", "1", "--shutdown-grace", "60s"]);
+    let mut stalled = in_data(&server, "stalled.test");
+    stalled.send(b"Subject: never finished\r\n\r\nhalf\r\n");
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("stopping: no new connections"));
+    server.signal("-INT");
+    assert_eq!(
+        stalled.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    assert!(stalled.closed());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    server.log_until(|l| l.contains("stopping now: the grace") && l.contains("cut short"));
+    let over = server.log_until(|l| l.contains("the stop's grace is over with sessions"));
+    assert!(over.contains("sessions=1"), "{over}");
+    assert!(spooled(&server.spool).is_empty());
+}
+
 /// A session greeted as `helo`, inside a transaction's DATA (354 received).
 fn in_data(server: &Server, helo: &str) -> common::Client {
     let mut c = server.connect();
