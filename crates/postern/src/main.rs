@@ -17,7 +17,9 @@ const LOG_BUFFER: usize = 64 * 1024;
 /// The log filter without `RUST_LOG`: `info`, but only errors from rustls, whose warnings
 /// (an IP address as SNI, a stray ChangeCipherSpec, a refused renegotiation) any client can
 /// cause, one line each, as often as it likes. Handshake failures are counted in the metrics.
-const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+/// Nor glommio's ring set-up warnings: their only one says that registering its I/O buffers
+/// failed (over RLIMIT_MEMLOCK without CAP_IPC_LOCK), buffers postern never uses.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error,glommio::sys::uring=error";
 
 /// Messages moved to other cores at start-up that get a log line each (old and new queue ID).
 const MOVED_LOGGED: usize = 20;

@@ -1082,3 +1082,54 @@ fn a_system_name_that_is_no_host_name_is_refused_like_a_flag() {
         "{err}"
     );
 }
+
+/// As a user without CAP_IPC_LOCK under the usual 8 MiB memlock limit, the I/O library cannot
+/// register its (unused) buffers in every ring of two cores: harmless, and not a warning in
+/// the log (it came in the library's debug format, and looked like a failure).
+#[test]
+fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let spool = dir.path().join("spool");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false);
+    if !root {
+        eprintln!("not root: cannot run as another user here");
+        return;
+    }
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(r#"ulimit -l 8192 && exec "$0" serve --cores 2 --hold --listen 127.0.0.1:0 --spool "$1""#)
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .arg(&spool)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout says ready; then a stop, and the whole log.
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("ready with 2 cores") {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
+            break;
+        }
+        said.push_str(&line);
+    }
+    let stopped = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let rest = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&rest.stderr);
+    assert!(said.contains("ready with 2 cores"), "{said} {err}");
+    assert!(rest.status.success(), "{err}");
+    assert!(!err.contains("glommio"), "{err}");
+}
