@@ -253,7 +253,21 @@ fn network(s: &str) -> Result<IpNet, String> {
         Ok(net) => Ok(net),
         Err(e) => match s.parse::<std::net::IpAddr>() {
             Ok(addr) => Ok(IpNet::from(addr)),
-            Err(_) if s.contains('/') => Err(e.to_string()),
+            Err(_) if s.contains('/') => {
+                // ipnet says "invalid IP address syntax" for a prefix that is too long too.
+                let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
+                match (addr.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) {
+                    (Ok(a), Ok(p)) => Err(format!(
+                        "the prefix /{p} is longer than an {} address ({} bits)",
+                        if a.is_ipv4() { "IPv4" } else { "IPv6" },
+                        if a.is_ipv4() { 32 } else { 128 }
+                    )),
+                    (Ok(_), Err(_)) => Err(format!(
+                        "'{prefix}' is not a prefix length (a network like 10.0.0.0/8)"
+                    )),
+                    (Err(_), _) => Err(format!("'{addr}' is not an IP address ({e})")),
+                }
+            }
             Err(_) => Err(format!(
                 "'{s}' is neither an address nor a network like 10.0.0.0/8"
             )),

@@ -31,6 +31,17 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--relay-network", "10.0.0.0/99"],
         "--relay-network",
     );
+    for (net, says) in [
+        (
+            "10.0.0.0/33",
+            "/33 is longer than an IPv4 address (32 bits)",
+        ),
+        ("::/129", "/129 is longer than an IPv6 address (128 bits)"),
+        ("10.0.0.0/x", "'x' is not a prefix length"),
+        ("10.0.0.300/8", "'10.0.0.300' is not an IP address"),
+    ] {
+        refused(&["serve", "--relay-network", net], says);
+    }
     refused(&["serve", "--tls-cert", "/x.pem"], "--tls-key");
     refused(&["serve", "--listen-tls", "127.0.0.1:0"], "--listen-tls");
     refused(&["serve", "--cores", "0"], "--cores");
