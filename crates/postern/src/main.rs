@@ -122,6 +122,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Err(e) = check_spool_room(&settings.spool_dir, settings.spool_segment_size, cores) {
+        complain!("postern: cannot start: {e}");
+        return ExitCode::from(1);
+    }
     // Fewer cores than last time: what the missing cores' directories still hold moves to
     // the remaining ones before anything else reads the spool.
     let options = postern_spool::SpoolOptions {
@@ -500,6 +504,36 @@ fn start_relay(
         );
     }
     postern_relay::Relay::new(config, settings.cores, pending)
+}
+
+/// Whether the spool's file system is big enough for its segments, which are reserved whole
+/// when made: one that cannot hold a single segment could never take a message (every one
+/// would get 452 4.3.1), so the start fails; one that cannot hold a segment and its spare
+/// for each core refuses mail long before it is full, which is a warning.
+fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result<(), String> {
+    let Ok(fs) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    if total < segment {
+        return Err(format!(
+            "the spool's file system ({}) holds {total} bytes in all, less than one spool \
+             segment (--spool-segment-size {segment}): no message could be stored; lower \
+             --spool-segment-size or give a bigger file system",
+            dir.display()
+        ));
+    }
+    let wanted = segment.saturating_mul(2 * cores as u64);
+    if total < wanted {
+        tracing::warn!(
+            "the spool's file system ({}) holds {total} bytes in all, less than a segment \
+             and its spare for each core ({wanted} bytes of --spool-segment-size {segment} \
+             with {cores} cores): mail gets 452 4.3.1 long before it is full; lower \
+             --spool-segment-size",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Reads the spool's messages still to deliver, logging how many and any damaged records.

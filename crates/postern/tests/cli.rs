@@ -1123,10 +1123,21 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // stdout says ready; then a stop, and the whole log.
+    let (said, status, err) = ready_then_stopped(child, "ready with 2 cores");
+    assert!(said.contains("ready with 2 cores"), "{said} {err}");
+    assert!(status.success(), "{err}");
+    assert!(!err.contains("glommio"), "{err}");
+}
+
+/// Reads a started server's stdout until `ready` (or its end), stops it with SIGTERM, and
+/// returns what stdout said, the exit status and the whole of stderr.
+fn ready_then_stopped(
+    mut child: std::process::Child,
+    ready: &str,
+) -> (String, std::process::ExitStatus, String) {
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut said = String::new();
-    while !said.contains("ready with 2 cores") {
+    while !said.contains(ready) {
         let mut line = String::new();
         if std::io::BufRead::read_line(&mut out, &mut line).unwrap() == 0 {
             break;
@@ -1139,8 +1150,69 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
         .unwrap();
     assert!(stopped.success());
     let rest = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&rest.stderr);
+    let err = String::from_utf8_lossy(&rest.stderr).into_owned();
+    (said, rest.status, err)
+}
+
+/// A tmpfs of `size` mounted on a new directory (root only), unmounted when dropped.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+        mounted.is_ok_and(|s| s.success()).then_some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_spool_file_system_smaller_than_a_segment_is_refused_and_a_tight_one_warned_of() {
+    let Some(fs) = SmallFs::mount("8m") else {
+        eprintln!("cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let spool = fs.0.path().join("spool");
+    let spool = spool.to_str().unwrap();
+    // The default 64 MiB segment cannot be made on 8 MiB.
+    let (code, _, err) = run(&[
+        "serve",
+        "--hold",
+        "--cores",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+        spool,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("less than one spool segment") && err.contains("--spool-segment-size"),
+        "{err}"
+    );
+    // 3 MiB segments fit, but not one and its spare for each of two cores.
+    let child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--hold", "--cores", "2", "--listen", "127.0.0.1:0"])
+        .args(["--spool-segment-size", "3M", "--spool", spool])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (said, status, err) = ready_then_stopped(child, "ready with 2 cores");
     assert!(said.contains("ready with 2 cores"), "{said} {err}");
-    assert!(rest.status.success(), "{err}");
-    assert!(!err.contains("glommio"), "{err}");
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("WARN") && err.contains("less than a segment and its spare for each core"),
+        "{err}"
+    );
 }
