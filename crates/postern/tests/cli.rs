@@ -1113,7 +1113,7 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
         eprintln!("not root: cannot run as another user here");
         return;
     }
-    let mut child = Command::new("setpriv")
+    let child = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
         .arg(r#"ulimit -l 8192 && exec "$0" serve --cores 2 --hold --listen 127.0.0.1:0 --spool "$1""#)
         .arg(env!("CARGO_BIN_EXE_postern"))
