@@ -25,8 +25,8 @@ use crate::data::DataDecoder;
 use crate::envelope::Envelope;
 use crate::framer::{Frame, LineFramer};
 use crate::limits::{
-    DEFAULT_MAX_ERRORS, DSN_LINE_EXTRA, ENVELOPE_BYTES_PER_RECIPIENT, MAX_COMMAND_LINE,
-    MAX_RCPT_OVERSHOOT, MIN_ENVELOPE_BYTES, MIN_RECIPIENTS,
+    DEFAULT_MAX_ERRORS, DEFAULT_MAX_JUNK_COMMANDS, DSN_LINE_EXTRA, ENVELOPE_BYTES_PER_RECIPIENT,
+    MAX_COMMAND_LINE, MAX_RCPT_OVERSHOOT, MIN_ENVELOPE_BYTES, MIN_RECIPIENTS,
 };
 use crate::params::{BodyType, MailParams, RcptParams};
 use crate::reply::{write_reply, write_reply_line, EnhancedCode, StaticReply};
@@ -144,6 +144,14 @@ pub mod replies {
     pub const NO_DECISION: StaticReply = r(451, 4, 3, 0, "Local error in processing");
     /// Too many errors.
     pub const TOO_MANY_ERRORS: StaticReply = r(421, 4, 7, 0, "Too many errors, closing connection");
+    /// Too many commands that move no mail forward.
+    pub const TOO_MUCH_JUNK: StaticReply = r(
+        421,
+        4,
+        7,
+        0,
+        "Too many commands without mail, closing connection",
+    );
     /// An HTTP request on the SMTP port.
     pub const NOT_SMTP: StaticReply = r(421, 4, 7, 0, "This is an SMTP server, closing connection");
     /// Command timeout (RFC 5321 4.5.3.2.7).
@@ -209,6 +217,9 @@ pub struct ServerConfig {
     pub max_recipients: usize,
     /// Error replies after which the session is ended with 421.
     pub max_errors: u32,
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP) a session may
+    /// send between messages accepted before each further one counts as an error.
+    pub max_junk_commands: u32,
     /// Command line cap, CR LF included.
     pub max_line: usize,
     /// Refuse MAIL before HELO/EHLO.
@@ -230,6 +241,7 @@ impl Default for ServerConfig {
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 1000,
             max_errors: DEFAULT_MAX_ERRORS,
+            max_junk_commands: DEFAULT_MAX_JUNK_COMMANDS,
             max_line: MAX_COMMAND_LINE,
             require_helo: true,
             bare_newline: BareNewlinePolicy::Normalize,
@@ -320,6 +332,9 @@ pub struct ServerSession {
     tls_available: bool,
     tls_active: bool,
     errors: u32,
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP) since the
+    /// session began or the last message was accepted.
+    junk: u32,
     /// MAIL accepted, transaction open.
     in_mail: bool,
     /// RCPT commands tried in this transaction (accepted or not).
@@ -354,6 +369,7 @@ impl ServerSession {
             tls_available,
             tls_active: false,
             errors: 0,
+            junk: 0,
             in_mail: false,
             rcpts_tried: 0,
             bdat: false,
@@ -480,6 +496,7 @@ impl ServerSession {
             write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
             // Like Postfix's hard error limit: errors count between messages delivered.
             self.errors = 0;
+            self.junk = 0;
             self.reset_transaction();
         }
     }
@@ -694,6 +711,44 @@ impl ServerSession {
                 return self.fail(e.reply());
             }
         };
+        // Commands that move no mail forward: a client may send some, but one that sends them
+        // without end would hold its core for nothing.
+        let junk = matches!(
+            cmd,
+            Command::Ehlo(_)
+                | Command::Helo(_)
+                | Command::Rset
+                | Command::Noop(_)
+                | Command::Vrfy(_)
+                | Command::Help(_)
+        );
+        let event = self.run_command(cmd, input, pos);
+        if junk {
+            self.count_junk();
+        }
+        event
+    }
+
+    /// Past [`ServerConfig::max_junk_commands`] since the last message accepted, each command
+    /// that moves no mail forward still gets its reply and also counts as an error, so the
+    /// session ends at the error limit (like Postfix's junk command limit).
+    fn count_junk(&mut self) {
+        self.junk = self.junk.saturating_add(1);
+        if self.junk > self.config.max_junk_commands && !self.is_closed() {
+            self.errors = self.errors.saturating_add(1);
+            if self.errors >= self.config.max_errors {
+                self.write_closing(replies::TOO_MUCH_JUNK);
+                self.phase = Phase::Closed;
+            }
+        }
+    }
+
+    fn run_command<'a>(
+        &mut self,
+        cmd: Command<'a>,
+        input: &'a [u8],
+        pos: &mut usize,
+    ) -> Option<Event<'a>> {
         match cmd {
             Command::Ehlo(name) | Command::Helo(name) => {
                 let esmtp = matches!(cmd, Command::Ehlo(_));

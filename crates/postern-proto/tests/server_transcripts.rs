@@ -42,10 +42,15 @@ fn with_banner_and_ehlo(rest: &[&str]) -> String {
 
 #[test]
 fn replies_to_a_long_pipelined_run_are_flushed_in_bounded_pieces() {
-    // 2,000 EHLOs in one read: some 340 KiB of replies, from 16 KiB of commands.
+    // 2,000 EHLOs in one read: some 340 KiB of replies, from 16 KiB of commands (past the
+    // junk command limit, lifted here: this is about the output's pieces).
     let mut input = b"EHLO client.test\r\n".repeat(2000);
     input.extend_from_slice(b"QUIT\r\n");
-    let o = support::run(&support::config(), false, &input, &[]);
+    let config = Arc::new(ServerConfig {
+        max_junk_commands: u32::MAX,
+        ..(*support::config()).clone()
+    });
+    let o = support::run(&config, false, &input, &[]);
     let one = EHLO.iter().map(|l| l.len() + 2).sum::<usize>();
     assert_eq!(o.output.matches(EHLO[0]).count(), 2000);
     assert!(o.output.ends_with("221 2.0.0 mx.test Bye\r\n"));
@@ -62,10 +67,7 @@ fn replies_to_a_long_pipelined_run_are_flushed_in_bounded_pieces() {
     }
     // The same whole output however the input is cut.
     let cuts: Vec<usize> = (7..input.len()).step_by(4099).collect();
-    assert_eq!(
-        support::run(&support::config(), false, &input, &cuts).output,
-        o.output
-    );
+    assert_eq!(support::run(&config, false, &input, &cuts).output, o.output);
 }
 
 #[test]
@@ -1156,4 +1158,49 @@ fn a_command_line_ended_by_a_bare_lf_is_refused_not_run() {
         ])
     );
     assert!(o.messages.is_empty());
+}
+
+/// Commands that move no mail forward are free up to 100 between messages accepted; each one
+/// past that still gets its reply and counts as an error, so a session that sends nothing else
+/// ends after 120 of them.
+#[test]
+fn commands_without_mail_end_the_session_past_the_junk_limit() {
+    let mut lines = vec!["EHLO client.test"];
+    lines.extend(["NOOP", "RSET", "VRFY someone", "HELP"].repeat(40));
+    let o = run(&config(), false, &client(&lines), &[]);
+    // EHLO is the first; the 120th (the 119th after it) is answered, then the session ends.
+    let answered = o.output.matches("250 2.0.0 Ok\r\n").count()
+        + o.output.matches("252 2.").count()
+        + o.output.matches("214 ").count();
+    assert_eq!(answered, 119, "{}", o.output);
+    assert!(
+        o.output
+            .ends_with("421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"),
+        "{}",
+        o.output
+    );
+    assert!(o.closed);
+
+    // A message accepted starts the count again: 99 before it and 99 after are fine.
+    let mut lines = vec!["EHLO client.test"];
+    lines.extend(vec!["NOOP"; 99]);
+    lines.extend([
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@d.test>",
+        "DATA",
+        "Subject: s",
+        "",
+        "body",
+        ".",
+    ]);
+    lines.extend(vec!["NOOP"; 99]);
+    lines.push("QUIT");
+    let o = run(&config(), false, &client(&lines), &[]);
+    assert!(!o.output.contains("421 "), "{}", o.output);
+    assert!(o.output.contains("queued as"), "{}", o.output);
+    assert!(
+        o.output.ends_with("221 2.0.0 mx.test Bye\r\n"),
+        "{}",
+        o.output
+    );
 }

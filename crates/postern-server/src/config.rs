@@ -44,6 +44,9 @@ pub struct Settings {
     pub max_message_size: u64,
     /// Recipients per transaction.
     pub max_recipients: usize,
+    /// Commands that move no mail forward between messages accepted before each one counts
+    /// as an error; 0 for no limit.
+    pub max_junk_commands: u32,
     /// Concurrent connections, all cores together.
     pub max_connections: usize,
     /// Concurrent connections from one client address.
@@ -85,6 +88,7 @@ impl Default for Settings {
             relay_networks: RelayPolicy::loopback(),
             max_message_size: 50 * 1024 * 1024,
             max_recipients: 1000,
+            max_junk_commands: postern_proto::limits::DEFAULT_MAX_JUNK_COMMANDS,
             max_connections: 20_000,
             max_connections_per_ip: 1000,
             ipv6_client_prefix: 84,

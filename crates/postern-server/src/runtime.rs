@@ -246,6 +246,10 @@ pub fn start_locked(
         hostname: settings.hostname.clone(),
         max_message_size: settings.max_message_size,
         max_recipients: settings.max_recipients,
+        max_junk_commands: match settings.max_junk_commands {
+            0 => u32::MAX,
+            n => n,
+        },
         bare_newline: settings.bare_newline,
         ..ServerConfig::default()
     });

@@ -112,6 +112,11 @@ struct Serve {
     /// recipients of the longest form).
     #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000)]
     max_recipients: usize,
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP) a session may
+    /// send between messages accepted; past it each one also counts as an error, and the
+    /// session ends with 421 4.7.0 at the error limit (20). 0 for no limit.
+    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100)]
+    max_junk_commands: u32,
     /// Concurrent connections, all cores together; more get 421 4.3.2.
     #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000)]
     max_connections: usize,
@@ -762,6 +767,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         },
         max_message_size: s.max_message_size,
         max_recipients: s.max_recipients,
+        max_junk_commands: s.max_junk_commands,
         max_connections: s.max_connections,
         max_connections_per_ip,
         ipv6_client_prefix: s.ipv6_client_prefix,

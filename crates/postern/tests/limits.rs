@@ -225,3 +225,30 @@ fn a_body_cut_into_tiny_pieces_costs_the_spool_what_a_plain_one_does() {
     expected.extend_from_slice(b"end\r\n");
     assert!(spooled[0].3.ends_with(&expected));
 }
+
+/// A client that pipelines commands that move no mail forward gets 100 free, then 20 more
+/// counted as errors, then 421 and a close; the limit can be lifted.
+#[test]
+fn commands_without_mail_end_the_session_at_the_junk_limit() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.line();
+    c.send("NOOP\r\n".repeat(200).as_bytes());
+    for n in 1..=120 {
+        assert_eq!(c.line(), "250 2.0.0 Ok", "NOOP {n}");
+    }
+    assert_eq!(
+        c.line(),
+        "421 4.7.0 mx.test Too many commands without mail, closing connection"
+    );
+    assert!(c.closed());
+
+    let lifted = Server::start(&["--max-junk-commands", "0"]);
+    let mut c = lifted.connect();
+    c.line();
+    c.send("NOOP\r\n".repeat(200).as_bytes());
+    for n in 1..=200 {
+        assert_eq!(c.line(), "250 2.0.0 Ok", "NOOP {n}");
+    }
+    assert!(c.cmd("QUIT").starts_with("221 "));
+}

@@ -132,7 +132,9 @@ fn a_client_that_reads_a_trickle_is_dropped_at_the_session_cap() {
 
 fn with_one_per_address<'a>(limits: &[&'a str]) -> Vec<&'a str> {
     let mut args = limits.to_vec();
-    args.extend(["--max-connections-per-ip", "1"]);
+    // The floods are NOOPs, which would otherwise end the session at the junk command limit
+    // long before its writes wait.
+    args.extend(["--max-connections-per-ip", "1", "--max-junk-commands", "0"]);
     args
 }
 
