@@ -277,7 +277,8 @@ pub fn start_locked(
         };
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("postern-core-{id}"))
-            .io_memory(IO_MEMORY);
+            .io_memory(IO_MEMORY)
+            .preempt_timer(PREEMPT_AFTER);
         let ctx = CoreInit {
             id,
             settings: settings.clone(),
@@ -558,6 +559,11 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
         }
     }
 }
+
+/// How long a task runs before it must let the core's others run at its next yield point
+/// (each read of a session, each reply wait of a delivery). glommio's 100 ms let one client
+/// that pipelines without pause hold every other session of its core for 100 ms at a time.
+const PREEMPT_AFTER: Duration = Duration::from_micros(500);
 
 /// How often a core in its shutdown grace looks whether a second stop signal cut it short.
 const HURRY_LOOK_EVERY: Duration = Duration::from_millis(50);

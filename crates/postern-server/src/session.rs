@@ -209,6 +209,9 @@ impl Session {
                         if !self.flush().await {
                             return;
                         }
+                        // A long pipelined run is worked through between reads: the core's
+                        // other sessions get their turn in it, not only at the next read.
+                        glommio::yield_if_needed().await;
                     }
                 }
             }
