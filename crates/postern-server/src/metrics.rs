@@ -319,7 +319,7 @@ pub fn render(m: &CoreMetrics) -> String {
     for (name, help, v) in [
         (
             "postern_connections_total",
-            "Connections accepted.",
+            "Connections accepted (a session each, but for those reset before it began).",
             m.connections,
         ),
         (

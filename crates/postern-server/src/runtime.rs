@@ -575,6 +575,9 @@ const BACKLOG_DRAIN_MAX: usize = 1024;
 /// Starts a session for an accepted connection, or refuses it when over a limit.
 fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
     let Ok(peer) = stream.peer_addr() else {
+        // Reset by the client between the kernel's accept and this one: accepted all the
+        // same, and counted, though no session is left to run.
+        core.metrics.borrow_mut().connections += 1;
         return;
     };
     match core.limits.admit(peer.ip()) {

@@ -283,3 +283,20 @@ fn connections_closed_before_a_request_leave_nothing_open() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A connection the client resets at once (SO_LINGER 0) may be gone before its session
+/// begins; it was accepted all the same, and counted.
+#[test]
+fn connections_reset_at_once_are_counted() {
+    let server = Server::start(&["--cores", "1", "--metrics", "127.0.0.1:0"]);
+    let n = 200;
+    for _ in 0..n {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        s.connect(&server.smtp.into()).unwrap();
+        drop(s);
+    }
+    let want = format!("postern_connections_total {n}\n");
+    let text = server.metrics_until(|m| m.contains(&want));
+    assert!(text.contains(&want), "{text}");
+}
