@@ -549,6 +549,10 @@ impl Delivery for CoreRelay {
             }
         })
     }
+
+    fn in_flight(&self) -> usize {
+        self.relay.in_flight.load(Ordering::SeqCst)
+    }
 }
 
 impl CoreRelay {

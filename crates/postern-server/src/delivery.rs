@@ -35,6 +35,10 @@ pub trait Delivery {
     fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
         Box::pin(async {})
     }
+    /// Transactions with a next hop under way on every core, their outcomes not yet known.
+    fn in_flight(&self) -> usize {
+        0
+    }
 }
 
 /// Makes each core's [`Delivery`]; called once on every core's thread as it starts.

@@ -499,9 +499,12 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             },
         )
         .await;
-        if !wound_down {
+        // The wait is for every core's deliveries (and for every core to get there), so
+        // one core says what is left for all.
+        let in_flight = delivery.in_flight();
+        if !wound_down && in_flight > 0 && core.id == 0 {
             tracing::warn!(
-                core = core.id,
+                in_flight,
                 "the stop's grace is over with deliveries in flight: their messages stay \
                  queued, and one a next hop had already taken goes to it again after the \
                  next start"

@@ -11,7 +11,7 @@ use crate::error::SpoolError;
 use crate::format::{read_record, Cursor, Kind, Read, HEADER, RECORD_HEADER};
 use crate::map::ReadMap;
 use crate::meta::{MessageMeta, Status};
-use crate::segment::{header, is_regular_file, parse_name, sealed_end, Header};
+use crate::segment::{header, parse_name, sealed_end, Header};
 
 /// A message found whole.
 #[derive(Debug)]
@@ -164,12 +164,27 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut out = Recovered::default();
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
-        let (mut segs, strays): (Vec<(u64, PathBuf)>, Vec<_>) = std::fs::read_dir(dir)
+        let mut segs: Vec<(u64, PathBuf)> = Vec::new();
+        for (seq, path) in std::fs::read_dir(dir)
             .map_err(SpoolError::at(dir))?
             .flatten()
             .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
-            .partition(|(_, path)| is_regular_file(path));
-        out.strays.extend(strays.into_iter().map(|(_, path)| path));
+        {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => segs.push((seq, path)),
+                // Reclaimed since the directory was read (a `postern queue` beside a running
+                // server): it held nothing live.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // A link to nothing is still there, and holds nothing.
+                    if std::fs::symlink_metadata(&path).is_ok() {
+                        out.strays.push(path);
+                    }
+                }
+                Ok(_) => out.strays.push(path),
+                // Opening it below reports the error.
+                Err(_) => segs.push((seq, path)),
+            }
+        }
         segs.sort();
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();

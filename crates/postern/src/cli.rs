@@ -261,16 +261,21 @@ fn network(s: &str) -> Result<IpNet, String> {
             Err(_) if s.contains('/') => {
                 // ipnet says "invalid IP address syntax" for a prefix that is too long too.
                 let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
-                match (addr.parse::<std::net::IpAddr>(), prefix.parse::<u8>()) {
-                    (Ok(a), Ok(p)) => Err(format!(
-                        "the prefix /{p} is longer than an {} address ({} bits)",
-                        if a.is_ipv4() { "IPv4" } else { "IPv6" },
-                        if a.is_ipv4() { 32 } else { 128 }
-                    )),
-                    (Ok(_), Err(_)) => Err(format!(
-                        "'{prefix}' is not a prefix length (a network like 10.0.0.0/8)"
-                    )),
-                    (Err(_), _) => Err(format!("'{addr}' is not an IP address ({e})")),
+                let digits = !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit());
+                match addr.parse::<std::net::IpAddr>() {
+                    Err(_) => Err(format!("'{addr}' is not an IP address ({e})")),
+                    Ok(a) => {
+                        let bits = if a.is_ipv4() { 32 } else { 128 };
+                        match prefix.parse::<u64>() {
+                            Ok(p) if digits && p > bits => Err(format!(
+                                "the prefix /{p} is longer than an {} address ({bits} bits)",
+                                if a.is_ipv4() { "IPv4" } else { "IPv6" },
+                            )),
+                            _ => Err(format!(
+                                "'{prefix}' is not a prefix length (a network like 10.0.0.0/8)"
+                            )),
+                        }
+                    }
                 }
             }
             Err(_) => Err(format!(

@@ -267,8 +267,11 @@ fn main() -> ExitCode {
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {
+                // Counted here: the stop flag is also set by a core that fails.
+                let mut asked_to_stop = false;
                 for signal in signals.forever() {
-                    if (signal == SIGTERM || signal == SIGINT) && !stop.is_stopping() {
+                    if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
+                        asked_to_stop = true;
                         stop.stop();
                         tracing::info!(
                             "stopping: no new connections, finishing transactions in flight \
@@ -511,9 +514,13 @@ fn start_relay(
 /// would get 452 4.3.1), so the start fails; one that cannot hold a segment and its spare
 /// for each core refuses mail long before it is full, which is a warning.
 fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result<(), String> {
+    // Some file systems (FUSE, network ones) say nothing of their size: no check then.
     let Ok(fs) = rustix::fs::statvfs(dir) else {
         return Ok(());
     };
+    if fs.f_blocks == 0 {
+        return Ok(());
+    }
     let total = fs.f_blocks.saturating_mul(fs.f_frsize);
     if total < segment {
         return Err(format!(
