@@ -277,8 +277,7 @@ pub fn start_locked(
         };
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("postern-core-{id}"))
-            .io_memory(IO_MEMORY)
-            .preempt_timer(PREEMPT_AFTER);
+            .io_memory(IO_MEMORY);
         let ctx = CoreInit {
             id,
             settings: settings.clone(),
@@ -563,10 +562,11 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
     }
 }
 
-/// How long a task runs before it must let the core's others run at its next yield point
-/// (each read of a session, each reply wait of a delivery). glommio's 100 ms let one client
-/// that pipelines without pause hold every other session of its core for 100 ms at a time.
-const PREEMPT_AFTER: Duration = Duration::from_micros(500);
+// glommio's preemption timer stays at its 100 ms. A shorter one (500 us) gave a client that
+// pipelines without pause its share of the core rather than 100 ms slices of it, but glommio
+// 0.9 parks an executor whose timer fired before it ran anything, with tasks still runnable:
+// with 500 us that happened at start-up under load, and the core slept until some I/O came.
+// Such clients are held by the junk command limit instead (`--max-junk-commands`).
 
 /// How often a core in its shutdown grace looks whether a second stop signal cut it short.
 const HURRY_LOOK_EVERY: Duration = Duration::from_millis(50);
