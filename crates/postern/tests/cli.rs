@@ -846,12 +846,7 @@ fn a_spool_the_caller_cannot_enter_is_not_called_missing() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        .unwrap_or(false);
+    let root = running_as_root();
     if !root {
         eprintln!("not root: cannot run as another user here; {err}");
         return;
@@ -1110,12 +1105,7 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let spool = dir.path().join("spool");
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        .unwrap_or(false);
+    let root = running_as_root();
     if !root {
         eprintln!("not root: cannot run as another user here");
         return;
@@ -1161,34 +1151,10 @@ fn ready_then_stopped(
     (said, rest.status, err)
 }
 
-/// A tmpfs of `size` mounted on a new directory (root only), unmounted when dropped.
-struct SmallFs(tempfile::TempDir);
-
-impl SmallFs {
-    fn mount(size: &str) -> Option<SmallFs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status();
-        mounted.is_ok_and(|s| s.success()).then_some(SmallFs(dir))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_spool_file_system_smaller_than_a_segment_is_refused_and_a_tight_one_warned_of() {
-    let Some(fs) = SmallFs::mount("8m") else {
-        eprintln!("cannot mount a tmpfs here (not root?)");
-        return;
-    };
-    let spool = fs.0.path().join("spool");
+    let fs = common::Tmpfs::mount("8m");
+    let spool = fs.path.join("spool");
     let spool = spool.to_str().unwrap();
     // The default 64 MiB segment cannot be made on 8 MiB.
     let (code, _, err) = run(&[
@@ -1222,4 +1188,14 @@ fn a_spool_file_system_smaller_than_a_segment_is_refused_and_a_tight_one_warned_
         err.contains("WARN") && err.contains("less than a segment and its spare for each core"),
         "{err}"
     );
+}
+
+/// Whether this test runs as root (CI does): only root can run a command as another user.
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
 }
