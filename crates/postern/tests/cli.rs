@@ -1110,28 +1110,32 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
         eprintln!("not root: cannot run as another user here");
         return;
     }
-    let child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
-        .arg(r#"ulimit -l 8192 && exec "$0" serve --cores 2 --hold --listen 127.0.0.1:0 --spool "$1""#)
-        .arg(env!("CARGO_BIN_EXE_postern"))
-        .arg(&spool)
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sh",
+        "-c",
+    ])
+    .arg(r#"ulimit -l 8192 && exec "$0" serve --cores 2 --hold --listen 127.0.0.1:0 --spool "$1""#)
+    .arg(env!("CARGO_BIN_EXE_postern"))
+    .arg(&spool);
+    let err = ready_then_stopped(cmd);
+    assert!(!err.contains("glommio"), "{err}");
+}
+
+/// Starts a server with `cmd` (at the default log level), reads its stdout until it is ready
+/// with 2 cores, stops it with SIGTERM, asserts that it was ready and stopped well, and returns
+/// the whole of its stderr.
+fn ready_then_stopped(mut cmd: Command) -> String {
+    let mut child = cmd
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let (said, status, err) = ready_then_stopped(child, "ready with 2 cores");
-    assert!(said.contains("ready with 2 cores"), "{said} {err}");
-    assert!(status.success(), "{err}");
-    assert!(!err.contains("glommio"), "{err}");
-}
-
-/// Reads a started server's stdout until `ready` (or its end), stops it with SIGTERM, and
-/// returns what stdout said, the exit status and the whole of stderr.
-fn ready_then_stopped(
-    mut child: std::process::Child,
-    ready: &str,
-) -> (String, std::process::ExitStatus, String) {
+    let ready = "ready with 2 cores";
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut said = String::new();
     while !said.contains(ready) {
@@ -1148,7 +1152,9 @@ fn ready_then_stopped(
     assert!(stopped.success());
     let rest = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&rest.stderr).into_owned();
-    (said, rest.status, err)
+    assert!(said.contains(ready), "{said} {err}");
+    assert!(rest.status.success(), "{err}");
+    err
 }
 
 #[test]
@@ -1173,17 +1179,10 @@ fn a_spool_file_system_smaller_than_a_segment_is_refused_and_a_tight_one_warned_
         "{err}"
     );
     // 3 MiB segments fit, but not one and its spare for each of two cores.
-    let child = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["serve", "--hold", "--cores", "2", "--listen", "127.0.0.1:0"])
-        .args(["--spool-segment-size", "3M", "--spool", spool])
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (said, status, err) = ready_then_stopped(child, "ready with 2 cores");
-    assert!(said.contains("ready with 2 cores"), "{said} {err}");
-    assert!(status.success(), "{err}");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args(["serve", "--hold", "--cores", "2", "--listen", "127.0.0.1:0"])
+        .args(["--spool-segment-size", "3M", "--spool", spool]);
+    let err = ready_then_stopped(cmd);
     assert!(
         err.contains("WARN") && err.contains("less than a segment and its spare for each core"),
         "{err}"
