@@ -185,7 +185,7 @@ impl Session {
                             self.proto.reject(RELAY_DENIED);
                         }
                     }
-                    Event::DataStart => self.data_start(),
+                    Event::DataStart => self.data_start().await,
                     Event::Body(bytes) => self.body(bytes),
                     Event::DataEnd => {
                         if !self.data_end().await {
@@ -411,7 +411,7 @@ impl Session {
         }
     }
 
-    fn data_start(&mut self) {
+    async fn data_start(&mut self) {
         let env = self.proto.envelope();
         let meta = Meta {
             client: self.peer,
@@ -424,6 +424,7 @@ impl Session {
             postmaster: self.core.settings.postmaster.as_deref(),
         };
         let record = CoreStore::meta(&meta);
+        self.core.store.spare_for(&record).await;
         let begun = self.core.store.begin(&record);
         self.meta = Some(record);
         crate::store::ensure_spare(&self.core);

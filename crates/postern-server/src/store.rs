@@ -135,6 +135,8 @@ pub(crate) struct CoreStore {
     work: Event,
     /// Woken after each sync.
     synced: Event,
+    /// Woken when the segment being made ahead of time is ready (or failed).
+    spare_made: Event,
     /// The latest status record's ticket.
     last_status: Cell<Option<Ticket>>,
     /// Where the blocking pool leaves a finished sync for the core to collect.
@@ -201,6 +203,7 @@ impl CoreStore {
             spool: RefCell::new(spool),
             work: Event::new(),
             synced: Event::new(),
+            spare_made: Event::new(),
             last_status: Cell::new(None),
             finished: Arc::default(),
             syncing: Cell::new(false),
@@ -240,6 +243,19 @@ impl CoreStore {
                 BodyType::BinaryMime => 2,
             },
             smtputf8: env.smtputf8(),
+        }
+    }
+
+    /// Waits, when the segment being made ahead of time is needed for this message's start
+    /// record, until it is ready (a few milliseconds: right after start-up, or after a segment
+    /// filled faster than the next could be made).
+    pub(crate) async fn spare_for(&self, meta: &MessageMeta) {
+        while self.spool.borrow_mut().start_awaits_spare(meta) {
+            let listener = self.spare_made.listen();
+            if !self.spool.borrow_mut().start_awaits_spare(meta) {
+                break;
+            }
+            listener.await;
         }
     }
 
@@ -393,6 +409,7 @@ pub(crate) fn ensure_spare(core: &Rc<Core>) {
             core.spool_error("making the next segment", e);
         }
         core.store.spool.borrow_mut().install_spare(made);
+        core.store.spare_made.notify(usize::MAX);
     })
     .detach();
 }

@@ -54,8 +54,11 @@ pub(crate) fn time_for(now: u64, floor: u64, counter: u64) -> u64 {
 /// `micros` since the epoch (11 digits, good to the year 3084), the core (2 digits) and a
 /// per-spool counter (4 digits, which starts over after 2^20 IDs): 17 characters, sortable
 /// by time within a core.
+/// Characters in a queue ID.
+pub(crate) const LEN: usize = 17;
+
 pub(crate) fn make(micros: u64, core: u32, counter: u64) -> String {
-    let mut s = String::with_capacity(17);
+    let mut s = String::with_capacity(LEN);
     push(&mut s, micros, 11);
     push(&mut s, u64::from(core), 2);
     push(&mut s, counter, 4);

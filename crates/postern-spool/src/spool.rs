@@ -757,6 +757,27 @@ impl Spool {
         Some(job)
     }
 
+    /// Whether the start of a message with this envelope should wait for the spare being
+    /// made: one is on its way and the current segment (if any) has no room for the start
+    /// record. Waiting a moment beats making the next segment inline, which on a nearly full
+    /// disk fails where the spare fits (and the spare is then deleted unused).
+    pub fn start_awaits_spare(&mut self, meta: &MessageMeta) -> bool {
+        if !self.spare_pending {
+            return false;
+        }
+        let Some(room) = self.seg.as_ref().map(Segment::room) else {
+            return true;
+        };
+        let mut f = Fields(std::mem::take(&mut self.scratch));
+        f.0.clear();
+        // Laid out as `begin` lays it out: draft number, queue ID, envelope.
+        f.u64(0).bytes(&[0; queue_id::LEN]);
+        meta.encode(&mut f);
+        let len = record_len(f.0.len());
+        self.scratch = f.0;
+        room < len
+    }
+
     /// Takes a segment made by a [`SpareJob`]. A spare that arrives after the spool had to make
     /// a later segment itself is deleted unused, so segments are always used in number order.
     pub fn install_spare(&mut self, made: std::io::Result<PreparedSegment>) {

@@ -82,6 +82,33 @@ fn a_full_spool_disk_gives_452_and_loses_nothing() {
 }
 
 #[test]
+fn the_first_message_after_start_takes_the_segment_being_made_not_a_second_one() {
+    // Room for one 256 MiB segment, not two. At start-up the server makes its first segment
+    // off the core; a message that arrives meanwhile must wait for it, not make another (which
+    // the disk cannot hold) and be refused.
+    let disk = common::Tmpfs::mount("400m");
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--spool-segment-size", "256M"],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.send(b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@d.test>\r\nDATA\r\n");
+    let greeting_and_replies: Vec<String> = (0..5).map(|_| c.line()).collect();
+    assert_eq!(
+        greeting_and_replies[4], "354 End data with <CR><LF>.<CR><LF>",
+        "{greeting_and_replies:?}"
+    );
+    let id = common::queue_id(&c.cmd("Subject: first\r\n\r\nat once\r\n."));
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    assert!(server.terminate().success());
+    let msgs = spooled(&spool);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].0, id);
+}
+
+#[test]
 fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process() {
     use std::io::{BufRead, BufReader, Read};
     use std::process::{Command, Stdio};
