@@ -1225,14 +1225,22 @@ impl CoreRelay {
             caps.smtputf8,
             caps.eightbitmime,
         );
-        // BINARYMIME needs BDAT and BINARYMIME at the next hop; there is no downgrade.
-        if meta.body_type == 2 && !(chunking && binarymime) {
-            let text = format!(
-                "{} does not support BINARYMIME and the message cannot be converted",
-                conn.remote
-            );
-            self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
-            return None;
+        // BINARYMIME needs BDAT and BINARYMIME at the next hop (RFC 3030 3). A body declared
+        // BINARYMIME that is text all the same (CRLF lines of at most 998 octets, no NUL) goes
+        // as it is, declared 8BITMIME or 7BIT (decided below from its content): nothing in it
+        // changes, and DATA's dot-stuffing is undone at the other end. Any other body is not
+        // rewritten (postern does not encode MIME parts) and fails for this next hop.
+        let mut body_type = meta.body_type;
+        if body_type == 2 && !(chunking && binarymime) {
+            if !is_text(job.msg.body.chunks()) {
+                let text = format!(
+                    "{} does not support BINARYMIME and the message is not text that could go without it",
+                    conn.remote
+                );
+                self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+                return None;
+            }
+            body_type = 0;
         }
         // RFC 6531 3.2: an internationalized message (UTF-8 in its reverse path, its header
         // section or a recipient's address) goes only to a next hop with SMTPUTF8. postern
@@ -1282,8 +1290,8 @@ impl CoreRelay {
         // with BODY=8BITMIME.
         // (Not scanned where the answer changes nothing: declared 8BITMIME to a next hop that
         // offers it.)
-        let mut eight_bit = meta.body_type != 2
-            && !(meta.body_type == 1 && eightbitmime)
+        let mut eight_bit = body_type != 2
+            && !(body_type == 1 && eightbitmime)
             && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
         // A report from `<>` that returns a whole 8-bit message: what still reaches its
         // sender through this next hop is the report with the header section only. Only this
@@ -1326,7 +1334,7 @@ impl CoreRelay {
             return None;
         }
         let mut mail_params = String::new();
-        match meta.body_type {
+        match body_type {
             2 => mail_params.push_str(" BODY=BINARYMIME"),
             1 if eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
             _ if eight_bit => mail_params.push_str(" BODY=8BITMIME"),
@@ -2529,9 +2537,61 @@ fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
     out
 }
 
+/// Whether a message is text in the sense of RFC 5322 2.1.1 and RFC 6152 3: lines that end in
+/// CRLF (the last one too), CR and LF nowhere else, no NUL, no line over 998 octets before
+/// its CRLF. Octets above 127 are allowed (8-bit text). Such a body can go without BINARYMIME.
+/// `chunks`: the body in pieces, cut anywhere.
+fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
+    let mut line = 0usize;
+    let mut after_cr = false;
+    for chunk in chunks {
+        for &b in chunk {
+            if after_cr {
+                if b != b'\n' {
+                    return false;
+                }
+                after_cr = false;
+                line = 0;
+                continue;
+            }
+            match b {
+                0 | b'\n' => return false,
+                b'\r' => after_cr = true,
+                _ => {
+                    line += 1;
+                    if line > 998 {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    !after_cr && line == 0
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{dsn_rcpt_params, Recipient};
+    use super::{dsn_rcpt_params, is_text, Recipient};
+
+    #[test]
+    fn text_is_crlf_lines_of_at_most_998_octets_without_nul() {
+        let text = |pieces: &[&[u8]]| is_text(pieces.iter().copied());
+        assert!(text(&[b"Subject: a\r\n\r\nbody \xc3\xa9\r\n"]));
+        assert!(text(&[]), "an empty body");
+        // CR and LF split between pieces.
+        assert!(text(&[b"a\r", b"\nb\r\n"]));
+        let long = [vec![b'x'; 998], b"\r\n".to_vec()].concat();
+        assert!(text(&[&long]));
+        let too_long = [vec![b'x'; 999], b"\r\n".to_vec()].concat();
+        assert!(!text(&[&too_long]));
+        // Split over pieces, the count goes on.
+        assert!(!text(&[&too_long[..500], &too_long[500..]]));
+        assert!(!text(&[b"a\nb\r\n"]), "bare LF");
+        assert!(!text(&[b"a\rb\r\n"]), "bare CR");
+        assert!(!text(&[b"a\x00b\r\n"]), "NUL");
+        assert!(!text(&[b"no line end"]), "a last line without CRLF");
+        assert!(!text(&[b"ends in CR\r"]));
+    }
 
     #[test]
     fn a_utf8_orcpt_is_written_in_ascii_outside_smtputf8() {

@@ -3625,6 +3625,40 @@ fn a_binarymime_message_bounced_with_ret_full_returns_only_its_headers() {
 }
 
 #[test]
+fn a_binarymime_message_that_is_text_goes_to_a_next_hop_without_binarymime_unchanged() {
+    // The aiosmtpd next hop offers 8BITMIME, not CHUNKING or BINARYMIME: the body, declared
+    // BINARYMIME but made of CRLF lines (8-bit, one line starting with a dot), goes by DATA
+    // as 8BITMIME and arrives byte for byte.
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let body = "Subject: caf\u{e9}\r\nMessage-ID: <bintext@t>\r\n\r\n.leading dot\r\n\
+                cr\u{e8}me\r\n.\r\nlast\r\n"
+        .as_bytes();
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body);
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, _) = peer.first("the message");
+    assert!(
+        got.data.ends_with(body),
+        "{:?}",
+        String::from_utf8_lossy(&got.data)
+    );
+    assert!(got.data.starts_with(b"Received: "));
+    assert!(
+        got.mail_options.iter().any(|o| o == "BODY=8BITMIME")
+            && !got.mail_options.iter().any(|o| o.contains("BINARYMIME")),
+        "{:?}",
+        got.mail_options
+    );
+}
+
+#[test]
 fn a_bounce_of_8bit_header_fields_reaches_a_sender_whose_next_hop_lacks_8bitmime() {
     let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--no-8bitmime"]);
     let (mut c, _) = hello(&server);
