@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +76,10 @@ pub(crate) struct Core {
     pub(crate) spool_full: Cell<bool>,
     /// With `--hold`: past the queue's high-water mark, until its low-water mark.
     pub(crate) queue_full: Cell<bool>,
+    /// With `--hold`: the messages each core keeps (this core writes only its own).
+    pub(crate) held: Arc<[AtomicU64]>,
+    /// New transactions were refused at the last look (for the log of each change).
+    pub(crate) refusing: Cell<bool>,
     /// When a spool error was last logged, and how many came since.
     pub(crate) spool_error_log: Cell<(Option<std::time::Instant>, u64)>,
     /// Where acknowledged messages go (none: they stay in the spool).
@@ -86,36 +90,56 @@ impl Core {
     /// Hands an acknowledged message to the delivery side.
     pub(crate) fn accepted(&self, message: crate::delivery::Accepted) {
         let delivery = self.delivery.borrow().clone();
-        if let Some(d) = delivery {
-            d.accepted(message);
+        match delivery {
+            Some(d) => d.accepted(message),
+            None => self.count_held(),
+        }
+    }
+
+    /// With `--hold`: publishes how many messages this core keeps, for every core's look at
+    /// the queue's marks.
+    pub(crate) fn count_held(&self) {
+        if let Some(c) = self.held.get(self.id) {
+            c.store(self.store.live_messages() as u64, Ordering::Relaxed);
         }
     }
 
     /// Whether new transactions may start: the spool below its high-water mark (this core's
-    /// share of it) and the delivery side not pushing back.
+    /// share of it) and the delivery side not pushing back. Each change is logged once.
     pub(crate) fn accepting(&self) -> bool {
-        if !self.spool_accepting() {
-            return false;
+        let (open, why) = if !self.spool_accepting() {
+            (false, "the spool is at --spool-high-water")
+        } else {
+            let delivery = self.delivery.borrow().clone();
+            let open = match delivery {
+                Some(d) => d.accepting(),
+                None => self.held_accepting(),
+            };
+            (open, "the queue is at --queue-high-water")
+        };
+        if open == self.refusing.get() {
+            self.refusing.set(!open);
+            if open {
+                tracing::info!(core = self.id, "accepting new mail again");
+            } else {
+                tracing::warn!(core = self.id, "new mail gets 452 4.3.1: {why}");
+            }
         }
-        let delivery = self.delivery.borrow().clone();
-        match delivery {
-            Some(d) => d.accepting(),
-            None => self.held_accepting(),
-        }
+        open
     }
 
-    /// With nothing delivering (`--hold`), the queue's marks apply to the messages this core
-    /// keeps, against its share of them.
+    /// With nothing delivering (`--hold`), the queue's marks apply to the messages all cores
+    /// keep (each core's count as it last published it).
     fn held_accepting(&self) -> bool {
         let Some((high, low)) = self.settings.held_queue_marks else {
             return true;
         };
-        let cores = self.settings.cores.max(1) as u64;
-        let live = self.store.live_messages() as u64;
+        self.count_held();
+        let live: u64 = self.held.iter().map(|c| c.load(Ordering::Relaxed)).sum();
         let full = if self.queue_full.get() {
-            live > low / cores
+            live > low
         } else {
-            live >= high.div_ceil(cores)
+            live >= high
         };
         self.queue_full.set(full);
         !full

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -269,6 +270,9 @@ pub fn start_locked(
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::new();
     let mut beats = Vec::new();
+    let held: Arc<[AtomicU64]> = (0..settings.cores.max(1))
+        .map(|_| AtomicU64::new(0))
+        .collect();
     for id in 0..settings.cores.max(1) {
         let placement = if settings.cores <= cpus {
             Placement::Fixed(id)
@@ -291,6 +295,7 @@ pub fn start_locked(
             listen_tls: listen_tls.clone(),
             delivery: delivery.clone(),
             beat: Arc::default(),
+            held: held.clone(),
         };
         beats.push(ctx.beat.clone());
         let ready = ready_tx.clone();
@@ -379,6 +384,8 @@ struct CoreInit {
     delivery: Option<DeliveryFactory>,
     /// This core's heartbeat, for the watchdog.
     beat: Arc<watchdog::Beat>,
+    /// With `--hold`: the messages each core keeps.
+    held: Arc<[AtomicU64]>,
 }
 
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
@@ -427,8 +434,11 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         delivery: Default::default(),
         spool_full: Default::default(),
         queue_full: Default::default(),
+        held: init.held,
+        refusing: Default::default(),
         spool_error_log: Default::default(),
     });
+    core.count_held();
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
     if let Some(factory) = &init.delivery {
         let d = factory(CoreHandle(core.clone()));

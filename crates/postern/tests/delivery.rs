@@ -2632,6 +2632,37 @@ fn held_mail_counts_against_the_queue_high_water_mark() {
     );
 }
 
+#[test]
+fn held_mail_counts_against_the_queue_high_water_mark_across_cores() {
+    // The mark is for the whole queue, not each core's share: whichever core a connection
+    // lands on, exactly five messages are taken and every later one gets 452.
+    let server = Server::start(&["--cores", "2", "--queue-high-water", "5"]);
+    let mut replies = Vec::new();
+    for i in 0..12 {
+        let mut c = greeted(&server);
+        let reply = c.cmd("MAIL FROM:<a@origin.test>");
+        if reply.starts_with("250") {
+            assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+            assert!(c.cmd("DATA").starts_with("354"));
+            let id = common::queue_id(&c.cmd(&format!("Message-ID: <m{i}@t>\r\n\r\nx\r\n.")));
+            replies.push(format!("250 {id}"));
+        } else {
+            replies.push(reply);
+        }
+        c.cmd("QUIT");
+    }
+    let taken = replies.iter().filter(|r| r.starts_with("250")).count();
+    assert_eq!(taken, 5, "{replies:#?}");
+    assert!(
+        replies[5..]
+            .iter()
+            .all(|r| r == "452 4.3.1 Mail queue full, try again later"),
+        "{replies:#?}"
+    );
+    let line = server.log_until(|l| l.contains("new mail gets 452 4.3.1"));
+    assert!(line.contains("--queue-high-water"), "{line}");
+}
+
 /// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
 /// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
 fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reserved) {
