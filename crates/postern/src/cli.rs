@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
 use ipnet::IpNet;
 use postern_proto::address::canonical_domain;
 use postern_proto::BareNewlinePolicy;
@@ -148,12 +148,17 @@ struct Serve {
     #[arg(long, env = "POSTERN_METRICS")]
     metrics: Option<SocketAddr>,
     /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF
-    /// [default: off].
-    #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES", value_parser = BoolishValueParser::new())]
+    /// [default: off; =false turns off a value set in the environment].
+    #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES", value_parser = BoolishValueParser::new(),
+          action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", hide_default_value = true)]
     reject_bare_newlines: bool,
     /// Keep accepted mail queued without delivering it; delivery resumes when postern runs
-    /// without --hold [default: off].
-    #[arg(long, env = "POSTERN_HOLD", value_parser = BoolishValueParser::new())]
+    /// without --hold [default: off; --hold=false turns off a POSTERN_HOLD set in the
+    /// environment].
+    #[arg(long, env = "POSTERN_HOLD", value_parser = BoolishValueParser::new(),
+          action = ArgAction::Set, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", hide_default_value = true)]
     hold: bool,
     /// Send all mail to this smarthost (HOST:PORT; port 25 when left out) instead of looking
     /// up MX records [default: none, MX records].

@@ -1198,3 +1198,31 @@ fn running_as_root() -> bool {
         .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
         .unwrap_or(false)
 }
+
+#[test]
+fn a_switch_set_in_the_environment_is_turned_off_by_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = "--hold: accepted mail stays queued";
+    let start = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args([
+            "serve",
+            "--cores",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+        ])
+        .arg(dir.path().join("spool"))
+        .args(extra)
+        .env("POSTERN_HOLD", "true");
+        ready_then_stopped(cmd)
+    };
+    let err = start(&[]);
+    assert!(err.contains(held), "{err}");
+    let err = start(&["--hold=false"]);
+    assert!(!err.contains(held), "{err}");
+    // The bare flag still turns it on.
+    let err = start(&["--hold"]);
+    assert!(err.contains(held), "{err}");
+}
