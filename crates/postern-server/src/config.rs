@@ -65,12 +65,14 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Bare CR and LF in DATA bodies.
     pub bare_newline: BareNewlinePolicy,
-    /// With nothing delivering (`--hold`): the messages kept (all cores, each core watching
-    /// its share) at which MAIL gets 452 4.3.1, and at which mail is taken again.
+    /// With nothing delivering (`--hold`): the messages kept (all cores together) at which
+    /// MAIL gets 452 4.3.1, and at which mail is taken again.
     pub held_queue_marks: Option<(u64, u64)>,
     /// Where mail to `<postmaster>` and `postmaster@<hostname>` goes; without it, `<postmaster>`
     /// becomes `postmaster@<hostname>` and is routed like any recipient.
     pub postmaster: Option<String>,
+    /// Damaged records the spool's reading found at start-up (exported as a gauge).
+    pub spool_damage_found: u64,
 }
 
 impl Default for Settings {
@@ -83,6 +85,7 @@ impl Default for Settings {
             spool_segment_size: 64 * 1024 * 1024,
             spool_high_water: 0,
             held_queue_marks: None,
+            spool_damage_found: 0,
             hostname: "localhost".into(),
             accept_domains: Vec::new(),
             relay_networks: RelayPolicy::loopback(),

@@ -159,6 +159,8 @@ pub struct Registry {
     /// Stalled cores the watchdog has interrupted (kept by the watchdog, not by a core: a
     /// stalled core publishes nothing).
     stalls: Arc<std::sync::atomic::AtomicU64>,
+    /// Damaged spool records found at start-up.
+    damage: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Registry {
@@ -169,6 +171,12 @@ impl Registry {
             cores.push(slot.clone());
         }
         slot
+    }
+
+    /// Records the damaged spool records found at start-up.
+    pub(crate) fn set_spool_damage(&self, records: u64) {
+        self.damage
+            .store(records, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The watchdog's count of stalled cores.
@@ -230,6 +238,14 @@ impl Registry {
             "counter",
             "Cores that ran no timer for a second and were interrupted by the watchdog.",
             self.stalls.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        render_scalar(
+            &mut out,
+            "postern_spool_damaged_records",
+            "gauge",
+            "Damaged spool records (or messages missing records, where more) found when this \
+             process started: what they held is not delivered (the start-up log says where).",
+            self.damage.load(std::sync::atomic::Ordering::Relaxed),
         );
         out
     }

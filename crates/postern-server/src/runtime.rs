@@ -265,6 +265,7 @@ pub fn start_locked(
         settings.ipv6_client_prefix,
     );
     let registry = Registry::default();
+    registry.set_spool_damage(settings.spool_damage_found);
     let stop = Arc::new(StopFlag::default());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();

@@ -178,13 +178,13 @@ impl Spool {
     pub fn open(root: &Path, core: u32, options: SpoolOptions) -> Result<Spool, SpoolError> {
         let dir = root.join(core.to_string());
         if !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(SpoolError::from_io)?;
-            sync_dir(root).map_err(SpoolError::from_io)?;
+            std::fs::create_dir_all(&dir).map_err(SpoolError::at(&dir))?;
+            sync_dir(root).map_err(SpoolError::at(root))?;
         }
         let mut files = Vec::new();
         let mut stray_last = 0;
         for entry in std::fs::read_dir(&dir).map_err(SpoolError::at(&dir))? {
-            let entry = entry.map_err(SpoolError::from_io)?;
+            let entry = entry.map_err(SpoolError::at(&dir))?;
             let name = entry.file_name();
             let name = name.to_str().unwrap_or_default();
             if let Some(seq) = parse_name(name) {
@@ -196,7 +196,8 @@ impl Spool {
                 }
             } else if is_temp_name(name) {
                 // A segment whose making was cut off: it never held a record.
-                std::fs::remove_file(entry.path()).map_err(SpoolError::from_io)?;
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(SpoolError::at(&path))?;
             }
         }
         files.sort_unstable();
@@ -208,7 +209,7 @@ impl Spool {
                 // Its creation was cut off, or it was made ahead and never written: it holds
                 // no record. Left in place, each restart behind a message still queued in an
                 // older segment would keep one more such segment, reserved in full on disk.
-                std::fs::remove_file(&path).map_err(SpoolError::from_io)?;
+                std::fs::remove_file(&path).map_err(SpoolError::at(&path))?;
                 continue;
             }
             let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());

@@ -768,6 +768,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
                 s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8),
             )
         }),
+        spool_damage_found: 0,
         hostname: s.hostname.unwrap_or_else(system_hostname),
         accept_domains: s.accept_domain,
         relay_networks: if s.relay_network.is_empty() {

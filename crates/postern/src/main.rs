@@ -214,14 +214,18 @@ fn main() -> ExitCode {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
             // Read the spool all the same, so that damage is reported at start-up with or
             // without delivery.
-            if let Err(e) = recover_and_report(&settings, "nothing is delivered (--hold)") {
-                complain!("postern: cannot start: {e}");
-                return ExitCode::from(1);
+            match recover_and_report(&settings, "nothing is delivered (--hold)") {
+                Ok((_, damage)) => settings.spool_damage_found = damage,
+                Err(e) => {
+                    complain!("postern: cannot start: {e}");
+                    return ExitCode::from(1);
+                }
             }
             None
         }
         Some(relay) => match start_relay(relay, &settings) {
-            Ok(r) => {
+            Ok((r, damage)) => {
+                settings.spool_damage_found = damage;
                 relay_handle = Some(r.clone());
                 Some(r.factory())
             }
@@ -490,8 +494,8 @@ fn warn_left_behind(folded: &postern_spool::Folded) {
 fn start_relay(
     config: postern_relay::RelayConfig,
     settings: &postern_server::Settings,
-) -> Result<std::sync::Arc<postern_relay::Relay>, String> {
-    let mut pending = recover_and_report(settings, "delivery resumes")?;
+) -> Result<(std::sync::Arc<postern_relay::Relay>, u64), String> {
+    let (mut pending, damage) = recover_and_report(settings, "delivery resumes")?;
     // Mail still in the directories of cores past --cores (its move found no room) waits
     // there: delivered from there, its outcomes would be written on a core whose segments
     // do not keep them, and a later start would deliver it all again.
@@ -506,7 +510,7 @@ fn start_relay(
             settings.cores
         );
     }
-    postern_relay::Relay::new(config, settings.cores, pending)
+    postern_relay::Relay::new(config, settings.cores, pending).map(|r| (r, damage))
 }
 
 /// Whether the spool's file system is big enough for its segments, which are reserved whole
@@ -545,10 +549,12 @@ fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result
 
 /// Reads the spool's messages still to deliver, logging how many and any damaged records.
 /// `then` says what happens to them.
+/// Returns the messages not yet final, and how many damaged records were found (or messages
+/// missing records, where those are more).
 fn recover_and_report(
     settings: &postern_server::Settings,
     then: &str,
-) -> Result<Vec<postern_spool::RecoveredMessage>, String> {
+) -> Result<(Vec<postern_spool::RecoveredMessage>, u64), String> {
     let recovered = if settings.spool_dir.exists() {
         postern_spool::recover(&settings.spool_dir)
             .map_err(|e| format!("reading the spool {}: {e}", settings.spool_dir.display()))?
@@ -586,7 +592,8 @@ fn recover_and_report(
             damaged_messages = recovered.damaged,
             first_at = %at.join("; "),
             "the spool has damaged records: the messages they held (or parts of them) are not \
-             delivered; look at the disk"
+             delivered, and a message whose first record was lost is not counted in \
+             damaged_messages; look at the disk"
         );
     }
     if !recovered.strays.is_empty() {
@@ -609,7 +616,8 @@ fn recover_and_report(
              delivered; delete them when done)"
         );
     }
-    Ok(pending)
+    // One damaged record usually makes one damaged message: not counted twice.
+    Ok((pending, recovered.corrupt_records.max(recovered.damaged)))
 }
 
 #[cfg(test)]

@@ -197,9 +197,19 @@ fn damaged_records_are_reported_at_start_with_or_without_hold() {
     );
     // With --hold (the test server's default without a route) as without it.
     let delivering = ["--cores", "1", "--route", "dest.test=127.0.0.1:1"];
-    let server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let server = Server::start_in(
+        &["--cores", "1", "--metrics", "127.0.0.1:0"],
+        spool.clone(),
+        None,
+    );
     let warned = server.log_until(|l| l.contains("the spool has damaged records"));
     assert!(warned.contains("corrupt_records=1"), "{warned}");
+    // A monitor sees it too, not only the log.
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(
+        metrics.contains("\npostern_spool_damaged_records 1\n"),
+        "{metrics}"
+    );
     drop(server);
     // The segment is kept for inspection, not deleted, and every later start says so.
     let aside: Vec<_> = std::fs::read_dir(spool.join("0").join("damaged"))
