@@ -153,6 +153,33 @@ async fn timed<T>(
         .map_err(|e| ConnError::Io(e.to_string()))
 }
 
+/// A failed handshake in words. rustls names most certificate faults itself, but passes on
+/// some of what its verifier found as a Rust identifier (`Other(OtherError(CaUsedAsEndEntity))`):
+/// those an operator meets with a misconfigured next hop are said plainly, the rest by name.
+fn handshake_failure(e: &io::Error) -> String {
+    use rustls::{CertificateError, Error};
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
+    let Some(Error::InvalidCertificate(CertificateError::Other(other))) = inner else {
+        return e.to_string();
+    };
+    let name = other.to_string();
+    let plain = match name.as_str() {
+        "CaUsedAsEndEntity" => "it is a CA certificate, not a server's",
+        "EndEntityUsedAsCa" => "a server's certificate signs another in its chain",
+        "PathLenConstraintViolated" => "its chain is longer than an authority in it allows",
+        "RequiredEkuNotFound" => "it is not for TLS servers (extended key usage)",
+        "NameConstraintViolation" => "its names are outside what its authority may certify",
+        "BadDer" | "BadDerTime" | "TrailingData" => "it is malformed",
+        "UnsupportedCertVersion" => "it is not an X.509 v3 certificate",
+        "UnsupportedCriticalExtension" => "it has a critical extension that is not understood",
+        "InvalidSignatureForPublicKey" | "SignatureAlgorithmMismatch" => {
+            "its signature does not verify"
+        }
+        _ => return format!("invalid peer certificate: {name}"),
+    };
+    format!("invalid peer certificate: {plain}")
+}
+
 impl Outbound {
     /// Connects to `addr` (named `remote`), reads the greeting, says EHLO (HELO when refused)
     /// and, by policy, starts TLS. `tls` None means no TLS on this connection (policy none,
@@ -240,12 +267,14 @@ impl Outbound {
             return Err(ConnError::Tls("connection already in TLS".into()));
         };
         let connector = futures_rustls::TlsConnector::from(tls.config.clone());
-        let stream = timed(t.greeting, connector.connect(name, tcp))
-            .await
-            .map_err(|e| match e {
-                ConnError::Io(s) => ConnError::Tls(s),
-                other => other,
-            });
+        let handshake = async {
+            (connector.connect(name, tcp).await)
+                .map_err(|e| io::Error::new(e.kind(), handshake_failure(&e)))
+        };
+        let stream = timed(t.greeting, handshake).await.map_err(|e| match e {
+            ConnError::Io(s) => ConnError::Tls(s),
+            other => other,
+        });
         tls.handshake.set(Some(stream.is_ok()));
         let stream = stream?;
         self.stream = Conn::Tls(Box::new(futures_rustls::TlsStream::Client(stream)));
@@ -647,5 +676,40 @@ impl Outbound {
         let limit = Duration::from_secs(5);
         let _ = self.next_event(limit).await;
         let _ = self.stream.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    #[test]
+    fn certificate_faults_named_by_the_verifier_are_said_plainly() {
+        #[derive(Debug)]
+        struct Named(&'static str);
+        impl std::fmt::Display for Named {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Named {}
+        let failed = |name: &'static str| {
+            let other = rustls::OtherError(std::sync::Arc::new(Named(name)));
+            let e = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other));
+            super::handshake_failure(&io::Error::new(io::ErrorKind::InvalidData, e))
+        };
+        assert_eq!(
+            failed("CaUsedAsEndEntity"),
+            "invalid peer certificate: it is a CA certificate, not a server's"
+        );
+        assert_eq!(
+            failed("SomethingNew"),
+            "invalid peer certificate: SomethingNew"
+        );
+        // What rustls says well itself is left as it is.
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let said = super::handshake_failure(&io::Error::new(io::ErrorKind::InvalidData, e));
+        assert!(said.starts_with("invalid peer certificate: "), "{said}");
+        assert!(!said.contains("Other("), "{said}");
     }
 }

@@ -2166,6 +2166,50 @@ fn stop_sink(mut sink: Child, mut out: BufReader<std::process::ChildStdout>) -> 
 }
 
 #[test]
+fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral() {
+    // A certificate marked as an authority (CA:TRUE) served as the next hop's own, and
+    // trusted: the verifier refuses it, and the log says why in words.
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&key).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, ca.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert, key) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+    let (sink, out, addr) = start_sink(&["--tls-cert", cert, "--tls-key", key]);
+    let port = addr.rsplit(':').next().unwrap();
+    let route = format!("sink.test=localhost:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--outbound-tls",
+        "required",
+        "--outbound-tls-ca",
+        cert,
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["r@sink.test"],
+        "<ca@t>",
+        "x\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        deferred.contains("invalid peer certificate: it is a CA certificate, not a server's"),
+        "{deferred}"
+    );
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 0\n"),
+        "{counters}"
+    );
+}
+
+#[test]
 fn outbound_starttls_opportunistic_and_required() {
     let dir = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
