@@ -2367,7 +2367,7 @@ impl CoreRelay {
         &self,
         msg: &Msg,
         recipients: &[dsn::ReportRecipient],
-        _action: dsn::Action,
+        action: dsn::Action,
     ) -> Result<(), ()> {
         let cap = self.relay.config.bounce_max_returned;
         // The returned content needs one contiguous buffer, bounded by the cap.
@@ -2419,6 +2419,7 @@ impl CoreRelay {
                     queue_id = %msg.queue_id,
                     bounce = %accepted.queue_id,
                     to = %msg.meta.reverse_path,
+                    action = action.as_str(),
                     "delivery status notification queued"
                 );
                 self.accepted(accepted);

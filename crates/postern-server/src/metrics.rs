@@ -51,7 +51,7 @@ pub struct CoreMetrics {
     pub spool_errors: u64,
     /// Sessions open now.
     pub active_sessions: u64,
-    /// Spool bytes in use.
+    /// Bytes of spool segment files (reserved on disk in full).
     pub spool_bytes: u64,
     /// Messages waiting for delivery.
     pub queue_depth: u64,
@@ -291,6 +291,11 @@ fn render_histogram_in(
     let _ = writeln!(out, "# HELP {name}_quantile_seconds {help} (quantiles)");
     let _ = writeln!(out, "# TYPE {name}_quantile_seconds summary");
     for q in [0.5, 0.9, 0.99, 0.999] {
+        // No observation, no quantile: NaN, as Prometheus's own client libraries write it.
+        if h.is_empty() {
+            let _ = writeln!(out, "{name}_quantile_seconds{{quantile=\"{q}\"}} NaN");
+            continue;
+        }
         let v = h.value_at_quantile(q) as f64 / 1e6;
         let _ = writeln!(out, "{name}_quantile_seconds{{quantile=\"{q}\"}} {v}");
     }
@@ -416,7 +421,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "Sessions open now.",
             m.active_sessions,
         ),
-        ("postern_spool_bytes", "Spool bytes in use.", m.spool_bytes),
+        (
+            "postern_spool_bytes",
+            "Bytes of spool segment files, each reserved on disk in full when made.",
+            m.spool_bytes,
+        ),
         (
             "postern_queue_depth",
             "Messages waiting for delivery.",
@@ -507,6 +516,12 @@ mod tests {
         assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("postern_eod_latency_seconds_count 2\n"));
+        // A summary with no observation has no quantiles to give.
+        assert!(text.contains("postern_eod_latency_quantile_seconds{quantile=\"0.99\"} 0.003"));
+        assert!(
+            text.contains("postern_spool_commit_latency_quantile_seconds{quantile=\"0.5\"} NaN\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ struct Cli {
 enum Command {
     /// Accept mail over SMTP, store it durably in the spool, and deliver it to its next hop.
     Serve(Box<Serve>),
-    /// List the mail waiting in a spool (read only; the server may be running).
+    /// List the mail waiting in a spool (the server may be running; the spool is only read,
+    /// and --flush only signals the server).
     Queue(Queue),
 }
 

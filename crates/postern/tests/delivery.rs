@@ -1515,6 +1515,8 @@ fn recipients_failed_in_one_transaction_get_one_bounce() {
         .lines()
         .filter(|l| l.contains("delivery status notification queued"))
     {
+        // Each says what kind of report it is: these are all failures.
+        assert!(line.contains("action=\"failed\""), "{line}");
         let id = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("queue_id="))
