@@ -105,12 +105,12 @@ fn main() -> ExitCode {
     }
     // A start that cannot listen changes nothing: the addresses are checked before the spool
     // is locked (made, when new) or moved to fewer cores.
-    let addresses = (settings.listen.iter())
-        .chain(&settings.listen_tls)
-        .chain(&settings.metrics);
-    for &addr in addresses {
+    let addresses = (settings.listen.iter().map(|a| ("--listen", a)))
+        .chain(settings.listen_tls.iter().map(|a| ("--listen-tls", a)))
+        .chain(settings.metrics.iter().map(|a| ("--metrics", a)));
+    for (flag, &addr) in addresses {
         if let Err(e) = postern_server::check_listen(addr) {
-            complain!("postern: cannot start: {e}");
+            complain!("postern: cannot start: {flag}: {e}");
             return ExitCode::from(1);
         }
     }

@@ -86,9 +86,22 @@ fn a_second_server_on_a_port_in_use_stops() {
             err.contains(&listen) && err.contains("already listens"),
             "{err}"
         );
+        assert!(err.contains("--listen: "), "names the flag: {err}");
         // Refused before the spool was touched: not even made.
         assert!(!spool.path().join("spool").exists(), "{listen}");
     }
+    // The metrics listener too, named as such.
+    let taken = format!("127.0.0.1:{port}");
+    let (code, err) = second(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        &taken,
+        "--spool",
+        spool.path().join("spool").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--metrics: ") && err.contains(&taken), "{err}");
     // The first still answers.
     let mut c = first.connect();
     assert!(c.line().starts_with("220 "));
