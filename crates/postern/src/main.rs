@@ -459,12 +459,14 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<usize, 
                 .map(|n| (n, connections_within(n, least)))
                 .filter(|&(_, cap)| cap < max_connections);
             if let Some((now, cap)) = capped {
+                let left = now.saturating_sub(cap as u64);
                 tracing::warn!(
                     "the open-file limit ({now}) is below --max-connections ({max_connections}) \
                      plus {OPEN_FILE_HEADROOM} for the spool and delivery: connections are \
-                     capped at {cap}, so that idle ones cannot take the descriptors mail needs, \
-                     and those past it get 421 4.3.2; raise it with `ulimit -n` or \
-                     LimitNOFILE= in the systemd unit, or lower --max-connections"
+                     capped at {cap}, leaving {left} descriptors so that idle connections \
+                     cannot take those mail needs, and those past it get 421 4.3.2; raise it \
+                     with `ulimit -n` or LimitNOFILE= in the systemd unit, or lower \
+                     --max-connections"
                 );
                 return Ok(cap);
             }

@@ -609,7 +609,7 @@ fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
     assert!(
         said.iter()
             .any(|l| l.contains("(400) is below --max-connections (20000)")
-                && l.contains("connections are capped at 160")),
+                && l.contains("connections are capped at 160, leaving 240 descriptors")),
         "{said:?}"
     );
     assert_eq!(held.len(), 160);
