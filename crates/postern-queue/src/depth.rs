@@ -64,11 +64,9 @@ impl Watermarks {
             return true;
         }
         let full = self.full.load(Ordering::Relaxed);
-        let now_full = if full {
-            level > self.low
-        } else {
-            level >= self.high
-        };
+        // At the high mark it is full whatever it was: with the low mark equal to the high
+        // one, a level sitting at the mark must not flip at each look.
+        let now_full = level >= self.high || (full && level > self.low);
         if now_full != full {
             self.full.store(now_full, Ordering::Relaxed);
         }
@@ -89,6 +87,14 @@ mod tests {
             got,
             [true, true, false, false, false, true, true, true, false, false, true]
         );
+    }
+
+    #[test]
+    fn equal_marks_do_not_flap_at_the_mark() {
+        let w = Watermarks::new(10, 10);
+        let levels = [9, 10, 10, 10, 9, 10];
+        let got: Vec<bool> = levels.iter().map(|&l| w.accepting(l)).collect();
+        assert_eq!(got, [true, false, false, false, true, false]);
     }
 
     #[test]

@@ -2540,15 +2540,20 @@ fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
 
 /// Whether a message is text in the sense of RFC 5322 2.1.1 and RFC 6152 3: lines that end in
 /// CRLF (the last one too), CR and LF nowhere else, no NUL, no line over 998 octets before
-/// its CRLF. Octets above 127 are allowed (8-bit text). Such a body can go without BINARYMIME.
+/// its CRLF. Octets above 127 are allowed (8-bit text). Such a body can go without BINARYMIME,
+/// unless a part of it is labelled `Content-Transfer-Encoding: binary`, a label only a
+/// binary transport may carry (RFC 2045 6.2): such a body is not taken for text either.
 /// `chunks`: the body in pieces, cut anywhere.
 fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
+    // The start of each line, enough to recognise the label.
+    const PREFIX: usize = 64;
+    let mut start = [0u8; PREFIX];
     let mut line = 0usize;
     let mut after_cr = false;
     for chunk in chunks {
         for &b in chunk {
             if after_cr {
-                if b != b'\n' {
+                if b != b'\n' || labelled_binary(&start[..line.min(PREFIX)]) {
                     return false;
                 }
                 after_cr = false;
@@ -2559,6 +2564,9 @@ fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
                 0 | b'\n' => return false,
                 b'\r' => after_cr = true,
                 _ => {
+                    if let Some(slot) = start.get_mut(line) {
+                        *slot = b;
+                    }
                     line += 1;
                     if line > 998 {
                         return false;
@@ -2568,6 +2576,16 @@ fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
         }
     }
     !after_cr && line == 0
+}
+
+/// Whether a line is a `Content-Transfer-Encoding: binary` header field.
+fn labelled_binary(line: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-transfer-encoding:";
+    line.len() > NAME.len()
+        && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+        && line[NAME.len()..]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"binary")
 }
 
 #[cfg(test)]
@@ -2592,6 +2610,13 @@ mod tests {
         assert!(!text(&[b"a\x00b\r\n"]), "NUL");
         assert!(!text(&[b"no line end"]), "a last line without CRLF");
         assert!(!text(&[b"ends in CR\r"]));
+        // A part labelled binary is not taken for text, however its lines look.
+        assert!(!text(&[
+            b"Subject: a\r\n\r\n--b\r\nContent-Transfer-",
+            b"Encoding:  Binary \r\n\r\nx\r\n"
+        ]));
+        assert!(text(&[b"Content-Transfer-Encoding: 8bit\r\n\r\nx\r\n"]));
+        assert!(text(&[b"X: Content-Transfer-Encoding: binary\r\n"]));
     }
 
     #[test]

@@ -86,6 +86,12 @@ pub(crate) struct Core {
     pub(crate) delivery: std::cell::RefCell<Option<Rc<dyn crate::delivery::Delivery>>>,
 }
 
+/// Why new mail is refused when the queue's marks say so.
+const QUEUE_FULL: &str = "the queue is at --queue-high-water";
+
+/// A core's held count before it has read its spool.
+pub(crate) const NOT_COUNTED: u64 = u64::MAX;
+
 impl Core {
     /// Hands an acknowledged message to the delivery side.
     pub(crate) fn accepted(&self, message: crate::delivery::Accepted) {
@@ -111,11 +117,10 @@ impl Core {
             (false, "the spool is at --spool-high-water")
         } else {
             let delivery = self.delivery.borrow().clone();
-            let open = match delivery {
-                Some(d) => d.accepting(),
+            match delivery {
+                Some(d) => (d.accepting(), QUEUE_FULL),
                 None => self.held_accepting(),
-            };
-            (open, "the queue is at --queue-high-water")
+            }
         };
         if open == self.refusing.get() {
             self.refusing.set(!open);
@@ -130,19 +135,25 @@ impl Core {
 
     /// With nothing delivering (`--hold`), the queue's marks apply to the messages all cores
     /// keep (each core's count as it last published it).
-    fn held_accepting(&self) -> bool {
+    /// A core that has not read its spool yet (at start-up) counts as unknown: until every
+    /// core has, new mail waits rather than pass the mark unseen.
+    fn held_accepting(&self) -> (bool, &'static str) {
         let Some((high, low)) = self.settings.held_queue_marks else {
-            return true;
+            return (true, QUEUE_FULL);
         };
         self.count_held();
-        let live: u64 = self.held.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        let full = if self.queue_full.get() {
-            live > low
-        } else {
-            live >= high
-        };
+        let mut live = 0u64;
+        for c in self.held.iter() {
+            match c.load(Ordering::Relaxed) {
+                NOT_COUNTED => return (false, "the queue is still being counted at start-up"),
+                n => live += n,
+            }
+        }
+        // As the delivery's marks: full at the high mark whatever it was, so that equal
+        // marks do not flip at each look.
+        let full = live >= high || (self.queue_full.get() && live > low);
         self.queue_full.set(full);
-        !full
+        (!full, QUEUE_FULL)
     }
 
     /// The spool's high-water mark with hysteresis: full at the mark, open again at 80 % of it.

@@ -272,7 +272,7 @@ pub fn start_locked(
     let mut threads = Vec::new();
     let mut beats = Vec::new();
     let held: Arc<[AtomicU64]> = (0..settings.cores.max(1))
-        .map(|_| AtomicU64::new(0))
+        .map(|_| AtomicU64::new(crate::core::NOT_COUNTED))
         .collect();
     for id in 0..settings.cores.max(1) {
         let placement = if settings.cores <= cpus {

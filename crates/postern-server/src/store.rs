@@ -247,8 +247,8 @@ impl CoreStore {
     }
 
     /// Waits, when the segment being made ahead of time is needed for this message's start
-    /// record, until it is ready (a few milliseconds: right after start-up, or after a segment
-    /// filled faster than the next could be made).
+    /// record and first writes, until it is ready (a few milliseconds, right after start-up or
+    /// after a segment filled faster than the next could be made).
     pub(crate) async fn spare_for(&self, meta: &MessageMeta) {
         while self.spool.borrow_mut().start_awaits_spare(meta) {
             let listener = self.spare_made.listen();

@@ -760,7 +760,8 @@ impl Spool {
 
     /// Whether the start of a message with this envelope should wait for the spare being
     /// made: one is on its way and the current segment (if any) has no room for the start
-    /// record. Waiting a moment beats making the next segment inline, which on a nearly full
+    /// record and [`FIRST_WRITES`] more. (A body that outgrows the segment later still makes
+    /// the next one itself when no spare is ready.) Waiting a moment beats making the next segment inline, which on a nearly full
     /// disk fails where the spare fits (and the spare is then deleted unused).
     pub fn start_awaits_spare(&mut self, meta: &MessageMeta) -> bool {
         if !self.spare_pending {
@@ -776,7 +777,9 @@ impl Spool {
         meta.encode(&mut f);
         let len = record_len(f.0.len());
         self.scratch = f.0;
-        room < len
+        // The trace header the session writes right after it, and the first bytes of the body,
+        // should not start the next segment inline either.
+        room < len + FIRST_WRITES
     }
 
     /// Takes a segment made by a [`SpareJob`]. A spare that arrives after the spool had to make
@@ -805,6 +808,10 @@ impl std::fmt::Debug for Spool {
             .finish()
     }
 }
+
+/// Room a message's first records after its start take, besides the start record: its trace
+/// header and the first of its body (a read's worth).
+const FIRST_WRITES: usize = 64 * 1024;
 
 /// Whether a segment file is blank (creation cut off before it was synced): nothing but
 /// zeros. Zeros over its header with anything behind them are damage, not a creation cut off.
