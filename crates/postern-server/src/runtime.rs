@@ -666,13 +666,23 @@ async fn refuse(
         return;
     };
     let limit = TLS_REFUSAL_TIMEOUT.min(core.settings.command_timeout);
-    // The handshake is counted once, completed or failed, as a session's is.
-    let Some(mut tls) = within(limit, async { acceptor.accept(stream).await.ok() })
-        .await
-        .flatten()
-    else {
-        core.metrics.borrow_mut().tls_failures += 1;
-        return;
+    // The handshake is counted once, completed or failed, as a session's is (and not at all
+    // when the client closes before its first byte).
+    let handshake = async {
+        if matches!(stream.peek(&mut [0u8; 1]).await, Ok(0)) {
+            return None;
+        }
+        Some(acceptor.accept(stream).await.ok())
+    };
+    let mut tls = match within(limit, handshake).await {
+        // Closed before a byte.
+        Some(None) => return,
+        Some(Some(Some(tls))) => tls,
+        // Failed, or timed out.
+        Some(Some(None)) | None => {
+            core.metrics.borrow_mut().tls_failures += 1;
+            return;
+        }
     };
     core.metrics.borrow_mut().tls_handshakes += 1;
     let reply = async {

@@ -91,7 +91,7 @@ pub(crate) async fn serve(
         deadline: started + core.settings.max_session_time,
     };
     let ready = if implicit_tls {
-        let ok = session.start_tls().await;
+        let ok = session.start_tls(true).await;
         if ok {
             // The whole session is inside TLS (RFC 8314): Received says ESMTPS/UTF8SMTPS.
             session.proto.tls_established();
@@ -196,7 +196,7 @@ impl Session {
                     Event::StartTls => {
                         // Anything pipelined after STARTTLS is dropped unread.
                         start = end;
-                        if !self.flush().await || !self.start_tls().await {
+                        if !self.flush().await || !self.start_tls(false).await {
                             return;
                         }
                         self.proto.tls_established();
@@ -361,7 +361,8 @@ impl Session {
     }
 
     /// The TLS handshake, on STARTTLS or at once on the implicit-TLS port.
-    async fn start_tls(&mut self) -> bool {
+    /// `implicit`: on the implicit-TLS port, before anything else (RFC 8314).
+    async fn start_tls(&mut self, implicit: bool) -> bool {
         let (Some(acceptor), Conn::Plain(_)) = (self.core.tls.clone(), &self.conn) else {
             return false;
         };
@@ -385,7 +386,14 @@ impl Session {
         } else {
             limit
         };
-        let handshake = async { Some(acceptor.accept(tcp).await) };
+        let handshake = async {
+            // On the implicit-TLS port, a connection closed before its first byte (a port
+            // check, a load balancer's probe) attempted no handshake: not counted as failed.
+            if implicit && matches!(tcp.peek(&mut [0u8; 1]).await, Ok(0)) {
+                return Some(None);
+            }
+            Some(Some(acceptor.accept(tcp).await))
+        };
         let stopped = async {
             if already_stopping {
                 std::future::pending::<()>().await;
@@ -397,11 +405,13 @@ impl Session {
             .await
             .flatten();
         match outcome {
-            Some(Ok(tls)) => {
+            Some(Some(Ok(tls))) => {
                 self.conn = Conn::Tls(Box::new(futures_rustls::TlsStream::Server(tls)));
                 self.core.metrics.borrow_mut().tls_handshakes += 1;
                 true
             }
+            // Closed before a byte: no handshake.
+            Some(None) => false,
             // Ended by the stop: not the client's failure.
             None if !already_stopping && core.stopping.get() => false,
             _ => {

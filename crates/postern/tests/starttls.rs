@@ -464,3 +464,30 @@ fn clients_cannot_fill_the_log_with_tls_warnings() {
     assert!(!log.contains("rustls"), "{log}");
     assert!(!log.contains("SNI"), "{log}");
 }
+
+#[test]
+fn a_connection_closed_before_its_first_byte_on_the_tls_port_is_no_failed_handshake() {
+    let (server, _roots, _dir) = server_with_cert();
+    let smtps = server.smtps.unwrap();
+    // A port check: connect, close.
+    drop(TcpStream::connect(smtps).unwrap());
+    // Not TLS at all: a failed handshake, answered with an alert and a close.
+    let mut junk = TcpStream::connect(smtps).unwrap();
+    junk.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    junk.write_all(b"EHLO not-tls.test\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = junk.read_to_end(&mut rest);
+    // Both sessions over: only the second counts as a failure.
+    let done = |m: &str| {
+        m.contains("postern_connections_total 2\n") && m.contains("postern_active_sessions 0\n")
+    };
+    let m =
+        server.metrics_until(|m| done(m) && m.contains("postern_tls_handshake_failures_total 1\n"));
+    assert!(done(&m), "{m}");
+    assert!(
+        m.contains("postern_tls_handshake_failures_total 1\n"),
+        "{m}"
+    );
+    assert!(m.contains("postern_tls_handshakes_total 0\n"), "{m}");
+}
