@@ -212,6 +212,7 @@ fn main() -> ExitCode {
     let delivery = match config.relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
+            mark_held(&settings.spool_dir, true);
             // Read the spool all the same, so that damage is reported at start-up with or
             // without delivery.
             match recover_and_report(&settings, "nothing is delivered (--hold)") {
@@ -223,7 +224,9 @@ fn main() -> ExitCode {
             }
             None
         }
-        Some(relay) => match start_relay(relay, &settings) {
+        Some(relay) => match start_relay(relay, &settings).inspect(|_| {
+            mark_held(&settings.spool_dir, false);
+        }) {
             Ok((r, damage)) => {
                 settings.spool_damage_found = damage;
                 relay_handle = Some(r.clone());
@@ -487,6 +490,29 @@ fn warn_left_behind(folded: &postern_spool::Folded) {
             dir = %dir.display(),
             "a folded core directory could not be deleted; its mail was moved, so it may be \
              deleted by hand"
+        );
+    }
+}
+
+/// Says in the spool whether this server holds its mail (`--hold`), for `postern queue`. A
+/// file that cannot be written or removed costs only that hint: warned of.
+fn mark_held(spool: &std::path::Path, held: bool) {
+    let path = spool.join(queue::HOLD_FILE);
+    let done = if held {
+        std::fs::write(
+            &path,
+            "this postern runs with --hold: nothing is delivered\n",
+        )
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    };
+    if let Err(e) = done {
+        tracing::warn!(
+            "{}: {e} (`postern queue` may say wrongly whether mail is held)",
+            path.display()
         );
     }
 }

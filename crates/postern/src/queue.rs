@@ -15,6 +15,18 @@ use postern_spool::{DeliveryState, RecoveredMessage, Status};
 
 use crate::cli::Queue;
 
+/// The file a server running with `--hold` keeps in its spool (and one without removes), so
+/// that the listing and `--flush` can say that nothing is delivered.
+pub(crate) const HOLD_FILE: &str = "postern.hold";
+
+/// The server running on `spool` with `--hold`, if there is one.
+fn held_by(spool: &Path) -> Option<rustix::process::Pid> {
+    if !spool.join(HOLD_FILE).is_file() {
+        return None;
+    }
+    server_pid(spool).ok()
+}
+
 /// Runs `postern queue`; prints the listing on stdout, or one line naming the problem on
 /// stderr (exit status 1).
 pub(crate) fn run(q: &Queue) -> ExitCode {
@@ -57,7 +69,6 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
 /// signalled). The PID written in the lock file is not trusted: it may be stale, or from
 /// another PID namespace.
 fn flush(spool: &Path) -> Result<String, String> {
-    use std::os::unix::fs::MetadataExt as _;
     let path = spool.join(postern_spool::LOCK_FILE);
     match std::fs::metadata(&path) {
         Ok(_) => {}
@@ -70,19 +81,32 @@ fn flush(spool: &Path) -> Result<String, String> {
         }
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    let meta = std::fs::metadata(spool).map_err(|e| format!("{}: {e}", spool.display()))?;
-    let locks = std::fs::read_to_string("/proc/locks")
-        .map_err(|e| format!("cannot read /proc/locks to find the server: {e}"))?;
-    let dev = meta.dev();
-    let file = (rustix::fs::major(dev), rustix::fs::minor(dev), meta.ino());
-    let pid = flock_holder(&locks, file)
-        .ok_or_else(|| format!("no postern is running on {}", spool.display()))?;
+    let pid = server_pid(spool)?;
+    if held_by(spool).is_some() {
+        return Err(format!(
+            "postern (pid {}) runs with --hold: it delivers nothing, so there is nothing to \
+             try now; restart it without --hold to deliver",
+            pid.as_raw_nonzero()
+        ));
+    }
     rustix::process::kill_process(pid, rustix::process::Signal::USR1)
         .map_err(|e| format!("cannot signal postern (pid {}): {e}", pid.as_raw_nonzero()))?;
     Ok(format!(
         "asked postern (pid {}) to try its deferred mail now; its log says what it did\n",
         pid.as_raw_nonzero()
     ))
+}
+
+/// The process that holds the lock on the spool directory itself (a running postern).
+fn server_pid(spool: &Path) -> Result<rustix::process::Pid, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(spool).map_err(|e| format!("{}: {e}", spool.display()))?;
+    let locks = std::fs::read_to_string("/proc/locks")
+        .map_err(|e| format!("cannot read /proc/locks to find the server: {e}"))?;
+    let dev = meta.dev();
+    let file = (rustix::fs::major(dev), rustix::fs::minor(dev), meta.ino());
+    flock_holder(&locks, file)
+        .ok_or_else(|| format!("no postern is running on {}", spool.display()))
 }
 
 /// The process holding an exclusive `flock` on the file (device major, minor, inode), from
@@ -187,6 +211,14 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             note,
             "-- {} message(s) damaged (body records lost): not listed and not delivered",
             recovered.damaged
+        );
+    }
+    if let Some(pid) = held_by(spool) {
+        let _ = writeln!(
+            note,
+            "-- the server on this spool (pid {}) runs with --hold: nothing is delivered until \
+             it runs without; mail listed as waiting is held",
+            pid.as_raw_nonzero()
         );
     }
     let mut out = String::new();

@@ -4246,6 +4246,56 @@ fn queue_flush_tries_deferred_mail_now() {
 }
 
 #[test]
+fn the_listing_and_a_flush_say_when_the_server_holds_its_mail() {
+    let queue = |spool: &std::path::Path, flush: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args(["queue", "--spool"]).arg(spool);
+        if flush {
+            cmd.arg("--flush");
+        }
+        cmd.output().unwrap()
+    };
+    // Without a route the test server holds its mail (--hold).
+    let mut held = Server::start(&[]);
+    send(
+        &held,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<held@t>",
+        "x\r\n",
+    );
+    let out = queue(&held.spool, false);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        listing.contains(&format!("(pid {}) runs with --hold", held.child.id())),
+        "{listing}"
+    );
+    let out = queue(&held.spool, true);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runs with --hold: it delivers nothing"),
+        "{out:?}"
+    );
+    // The same spool served without --hold: nothing said of holding, and a flush is sent.
+    let spool = held.spool.clone();
+    assert!(held.terminate().success());
+    let down = reserve("127.0.0.1", 0);
+    let route = format!("dest.test=127.0.0.1:{}", down.1);
+    let mut args = vec!["--route", route.as_str()];
+    args.extend(FAST_RETRY);
+    let server = Server::start_in(&args, spool.clone(), None);
+    let out = queue(&spool, false);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("--hold"),
+        "{out:?}"
+    );
+    let out = queue(&spool, true);
+    assert!(out.status.success(), "{out:?}");
+    drop(server);
+}
+
+#[test]
 fn one_refused_connection_to_a_single_address_does_not_hold_the_next_message() {
     // The retry delay is the default 5 minutes, so a pause would last a minute.
     let down = reserve("127.0.0.1", 0);
