@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crossbeam::utils::CachePadded;
 use event_listener::Event;
 use postern_proto::ServerConfig;
 
@@ -77,7 +78,7 @@ pub(crate) struct Core {
     /// With `--hold`: past the queue's high-water mark, until its low-water mark.
     pub(crate) queue_full: Cell<bool>,
     /// With `--hold`: the messages each core keeps (this core writes only its own).
-    pub(crate) held: Arc<[AtomicU64]>,
+    pub(crate) held: Arc<[CachePadded<AtomicU64>]>,
     /// New transactions were refused at the last look (for the log of each change).
     pub(crate) refusing: Cell<bool>,
     /// When a spool error was last logged, and how many came since.
@@ -105,6 +106,9 @@ impl Core {
     /// With `--hold`: publishes how many messages this core keeps, for every core's look at
     /// the queue's marks.
     pub(crate) fn count_held(&self) {
+        if self.settings.held_queue_marks.is_none() {
+            return;
+        }
         if let Some(c) = self.held.get(self.id) {
             c.store(self.store.live_messages() as u64, Ordering::Relaxed);
         }

@@ -271,8 +271,9 @@ pub fn start_locked(
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::new();
     let mut beats = Vec::new();
-    let held: Arc<[AtomicU64]> = (0..settings.cores.max(1))
-        .map(|_| AtomicU64::new(crate::core::NOT_COUNTED))
+    // Each core writes its own count as it takes a message: a cache line each.
+    let held: Arc<[crossbeam::utils::CachePadded<AtomicU64>]> = (0..settings.cores.max(1))
+        .map(|_| crossbeam::utils::CachePadded::new(AtomicU64::new(crate::core::NOT_COUNTED)))
         .collect();
     for id in 0..settings.cores.max(1) {
         let placement = if settings.cores <= cpus {
@@ -386,7 +387,7 @@ struct CoreInit {
     /// This core's heartbeat, for the watchdog.
     beat: Arc<watchdog::Beat>,
     /// With `--hold`: the messages each core keeps.
-    held: Arc<[AtomicU64]>,
+    held: Arc<[crossbeam::utils::CachePadded<AtomicU64>]>,
 }
 
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
