@@ -170,6 +170,7 @@ fn handshake_failure(e: &io::Error) -> String {
         "PathLenConstraintViolated" => "its chain is longer than an authority in it allows",
         "NameConstraintViolation" => "its names are outside what its authority may certify",
         "UnsupportedCertVersion" => "it is not an X.509 v3 certificate",
+        "UnsupportedCriticalExtension" => "it has a critical extension that is not understood",
         "SignatureAlgorithmMismatch" => "its signature does not verify",
         _ => return format!("invalid peer certificate: {name}"),
     };

@@ -2542,7 +2542,8 @@ fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
 /// CRLF (the last one too), CR and LF nowhere else, no NUL, no line over 998 octets before
 /// its CRLF. Octets above 127 are allowed (8-bit text). Such a body can go without BINARYMIME,
 /// unless a part of it is labelled `Content-Transfer-Encoding: binary`, a label only a
-/// binary transport may carry (RFC 2045 6.2): such a body is not taken for text either.
+/// binary transport may carry (RFC 2045 6.2): such a body is not taken for text either (the
+/// label as one unfolded line without a comment, as mail software writes it).
 /// `chunks`: the body in pieces, cut anywhere.
 fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     // The start of each line, enough to recognise the label.
@@ -2553,7 +2554,7 @@ fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     for chunk in chunks {
         for &b in chunk {
             if after_cr {
-                if b != b'\n' || labelled_binary(&start[..line.min(PREFIX)]) {
+                if b != b'\n' || (line <= PREFIX && labelled_binary(&start[..line])) {
                     return false;
                 }
                 after_cr = false;
@@ -2617,6 +2618,9 @@ mod tests {
         ]));
         assert!(text(&[b"Content-Transfer-Encoding: 8bit\r\n\r\nx\r\n"]));
         assert!(text(&[b"X: Content-Transfer-Encoding: binary\r\n"]));
+        // Only the whole line counts, not its first 64 octets.
+        let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
+        assert!(text(&[long.as_bytes()]));
     }
 
     #[test]

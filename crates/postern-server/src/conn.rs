@@ -121,3 +121,12 @@ impl AsyncWrite for Conn {
         }
     }
 }
+
+/// Whether the client closed (or reset) the connection before sending a byte: a port check,
+/// not a TLS client that failed its handshake. Nothing is consumed (`MSG_PEEK`).
+pub(crate) async fn closed_before_a_byte(tcp: &TcpStream) -> bool {
+    match tcp.peek(&mut [0u8; 1]).await {
+        Ok(n) => n == 0,
+        Err(e) => std::io::Error::from(e).kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}

@@ -670,7 +670,7 @@ async fn refuse(
     // The handshake is counted once, completed or failed, as a session's is (and not at all
     // when the client closes before its first byte).
     let handshake = async {
-        if matches!(stream.peek(&mut [0u8; 1]).await, Ok(0)) {
+        if crate::conn::closed_before_a_byte(&stream).await {
             return None;
         }
         Some(acceptor.accept(stream).await.ok())

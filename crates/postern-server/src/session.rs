@@ -389,7 +389,7 @@ impl Session {
         let handshake = async {
             // On the implicit-TLS port, a connection closed before its first byte (a port
             // check, a load balancer's probe) attempted no handshake: not counted as failed.
-            if implicit && matches!(tcp.peek(&mut [0u8; 1]).await, Ok(0)) {
+            if implicit && crate::conn::closed_before_a_byte(&tcp).await {
                 return Some(None);
             }
             Some(Some(acceptor.accept(tcp).await))

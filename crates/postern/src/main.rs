@@ -122,6 +122,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Said at once, before a long recovery: `postern queue` reads it while the lock is held.
+    mark_held(&settings.spool_dir, config.relay.is_none());
     if let Err(e) = check_spool_room(&settings.spool_dir, settings.spool_segment_size, cores) {
         complain!("postern: cannot start: {e}");
         return ExitCode::from(1);
@@ -212,7 +214,6 @@ fn main() -> ExitCode {
     let delivery = match config.relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
-            mark_held(&settings.spool_dir, true);
             // Read the spool all the same, so that damage is reported at start-up with or
             // without delivery.
             match recover_and_report(&settings, "nothing is delivered (--hold)") {
@@ -224,9 +225,7 @@ fn main() -> ExitCode {
             }
             None
         }
-        Some(relay) => match start_relay(relay, &settings).inspect(|_| {
-            mark_held(&settings.spool_dir, false);
-        }) {
+        Some(relay) => match start_relay(relay, &settings) {
             Ok((r, damage)) => {
                 settings.spool_damage_found = damage;
                 relay_handle = Some(r.clone());
