@@ -122,8 +122,6 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Said at once, before a long recovery: `postern queue` reads it while the lock is held.
-    mark_held(&settings.spool_dir, config.relay.is_none());
     if let Err(e) = check_spool_room(&settings.spool_dir, settings.spool_segment_size, cores) {
         complain!("postern: cannot start: {e}");
         return ExitCode::from(1);
@@ -199,6 +197,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    // Said before the spool is read (a long recovery), once any move to fewer cores is done
+    // (the marker must not take the room a move's journal needs on a full disk).
+    mark_held(&settings.spool_dir, config.relay.is_none());
     for net in settings
         .relay_networks
         .iter()
