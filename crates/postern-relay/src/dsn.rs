@@ -13,8 +13,10 @@
 //!    control characters become spaces, runs of white space shrink to one, non-ASCII characters
 //!    are written as RFC 6533 `\x{HEX}` escapes, a value is cut at [`MAX_FIELD_VALUE`] octets,
 //!    and long fields are folded at spaces near 78 columns.
-//! 3. The returned content. With `RET=FULL` ([`Report::return_full`]) the whole message comes
-//!    back as `message/rfc822`, otherwise only its header section as `text/rfc822-headers`;
+//! 3. The returned content. With `RET=FULL` ([`Report::return_full`]) a report of a failure
+//!    brings the whole message back as `message/rfc822`; otherwise (and in a report that
+//!    tells of no failure: delays, deliveries, relays, RFC 3461 4.3) only its header section
+//!    comes back, as `text/rfc822-headers`;
 //!    `message/global` and `message/global-headers` where those header fields hold UTF-8
 //!    (RFC 6533 6).
 //!    The full message is returned only when it is no larger than [`Report::max_returned`],
@@ -163,7 +165,8 @@ pub struct Report<'a> {
     pub recipients: &'a [ReportRecipient],
     /// The original message as spooled: header section, empty line, body, CRLF line ends.
     pub original: &'a [u8],
-    /// `RET=FULL`: return the whole message rather than its header section.
+    /// `RET=FULL`: return the whole message rather than its header section, in a report
+    /// that tells of a failure (see [`Report::wants_full`]).
     pub return_full: bool,
     /// The message came as binary MIME (`BODY=BINARYMIME`, RFC 3030): never returned whole,
     /// as a report is 7bit or 8bit MIME (RFC 2045 2.8: no NUL, lines within 998 octets).
@@ -171,6 +174,19 @@ pub struct Report<'a> {
     /// The most octets of original content returned; a larger message returns its headers
     /// only, themselves cut to this size.
     pub max_returned: usize,
+}
+
+impl Report<'_> {
+    /// Whether the whole message is to come back: asked for with `RET=FULL`, and the report
+    /// tells of a failure. A report of delays or successes alone returns the header section
+    /// (RFC 3461 4.3: such a report SHOULD return only the headers).
+    pub fn wants_full(&self) -> bool {
+        self.return_full
+            && self
+                .recipients
+                .iter()
+                .any(|recipient| recipient.action == Action::Failed)
+    }
 }
 
 /// Builds the whole report: header and MIME body with CRLF line ends, ready to be spooled and
@@ -432,7 +448,7 @@ enum Returned {
 /// report's text, after "could not come back".
 fn not_whole(report: &Report<'_>) -> Option<String> {
     let original = report.original;
-    if !report.return_full || original.is_empty() {
+    if !report.wants_full() || original.is_empty() {
         return None;
     }
     if report.binary {
@@ -455,7 +471,7 @@ fn not_whole(report: &Report<'_>) -> Option<String> {
 impl Returned {
     fn from_original(report: &Report<'_>) -> Self {
         let original = report.original;
-        if report.return_full
+        if report.wants_full()
             && !report.binary
             && !original.is_empty()
             && original.len() <= report.max_returned

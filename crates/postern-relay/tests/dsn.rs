@@ -846,3 +846,55 @@ fn a_recipient_never_sent_does_not_report_another_sessions_reply_as_its_own() {
         .unwrap()
         .starts_with("smtp; 550 5.1.1"));
 }
+
+#[test]
+fn ret_full_returns_the_whole_message_only_in_a_report_of_a_failure() {
+    // RFC 3461 4.3: a report that tells of no failure SHOULD return the headers only, even
+    // when the sender asked for the whole message; one with any failure returns it whole.
+    let delayed = vec![recipient(
+        "bob@example.net",
+        Action::Delayed,
+        "4.2.1",
+        "451 4.2.1 mailbox busy",
+    )];
+    let relayed = vec![recipient(
+        "bob@example.net",
+        Action::Relayed,
+        "2.0.0",
+        "250 2.0.0 ok",
+    )];
+    let delivered = vec![recipient(
+        "bob@example.net",
+        Action::Delivered,
+        "2.0.0",
+        "250 2.0.0 ok",
+    )];
+    let mut mixed = failures();
+    mixed.insert(0, delayed[0].clone());
+    for (recipients, returned) in [
+        (&delayed, "text/rfc822-headers"),
+        (&relayed, "text/rfc822-headers"),
+        (&delivered, "text/rfc822-headers"),
+        (&mixed, "message/rfc822"),
+    ] {
+        let mut report = report(recipients, ORIGINAL);
+        report.return_full = true;
+        let bytes = dsn::build(&report);
+        assert_lines_ok(&bytes);
+        let message = parse(&bytes);
+        let actions = format!(
+            "{:?}",
+            recipients.iter().map(|r| r.action).collect::<Vec<_>>()
+        );
+        assert_eq!(mime_type(parts(&message)[2]), returned, "{actions}");
+        let raw = String::from_utf8_lossy(&bytes);
+        assert_eq!(
+            raw.contains("BODY-MARKER-1234"),
+            returned == "message/rfc822",
+            "{actions}"
+        );
+        // Headers asked for by the rules, not for want of room: no reason is given.
+        let text = parts(&message)[0].text_contents().unwrap();
+        assert!(!text.contains("could not come back"), "{actions}: {text}");
+    }
+}
