@@ -1837,13 +1837,13 @@ impl CoreRelay {
                     .resolver
                     .mx_next_hops(domain, &config.hostname)
                     .await
-                    .and_then(|hops| {
+                    .and_then(|found| {
                         let me = crate::mx::Myself {
                             hostname: &config.hostname,
                             listen: &config.own_addrs,
                             port: config.mx_port,
                         };
-                        me.drop_from(hops, crate::mx::local_addresses)
+                        me.drop_from(found, crate::mx::local_addresses)
                     })
                     .map_err(|e| unresolved(mx_failure(domain, &e)))?;
                 (hops, config.mx_port)

@@ -22,12 +22,19 @@
 //!   address the lookup fails: [`MxError::Temporary`] if any address lookup failed for a reason
 //!   that may pass (SERVFAIL, timeout, network), otherwise [`MxError::NoMailHost`] (every host is
 //!   NXDOMAIN or has no address records), which is permanent.
-//! * **Address order.** Within one host, IPv4 addresses come before IPv6 ones, each family in the
-//!   order the DNS gave. Many senders' IPv6 paths are less reliable and large receivers judge
-//!   IPv6 senders more strictly (reverse DNS), so IPv4 is tried first.
+//! * **Address order.** Within one host, IPv4 addresses come before IPv6 ones, each family
+//!   shuffled on every lookup (the DNS, or its cache, may give them in the same order every time,
+//!   and only the first few addresses are tried: all of them get their turn). Many senders' IPv6
+//!   paths are less reliable and large receivers judge IPv6 senders more strictly (reverse DNS),
+//!   so IPv4 is tried first.
 //! * **Equal preferences.** MX hosts of equal preference are shuffled on every lookup (RFC 5321
 //!   section 5.1 asks for randomisation to spread load); a host named by several MX records
-//!   keeps its best preference only. At most [`MAX_MX_HOSTS`] hosts are resolved.
+//!   keeps its best preference only. At most [`MAX_MX_HOSTS`] hosts are resolved, counted
+//!   after this server (by its name) and the hosts not preferred to it are taken out.
+//! * **A backup MX without a primary.** When this server is an MX host of the domain and no
+//!   more preferred host has an address (its lookup failed, for now or for good), the mail
+//!   waits ([`MxError::NoPrimary`], 4.4.4) rather than bouncing: the primary's DNS may be
+//!   mended, and a backup must not fail mail for good over it (Postfix does the same).
 //! * **Names.** Domains are looked up fully qualified (a trailing dot is added), so no search
 //!   list applies; UTF-8 domains are converted to A-labels. Hosts are reported lower-case, as
 //!   A-labels, without the trailing dot.
@@ -72,6 +79,17 @@ pub struct NextHop {
     pub addrs: Vec<IpAddr>,
 }
 
+/// What an MX lookup found: the hosts to try, and what [`Myself::drop_from`] needs to tell a
+/// loop from a primary that cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MxHops {
+    /// The hosts with addresses, in the order to try them.
+    pub hops: Vec<NextHop>,
+    /// The best preference among the hosts the domain publishes, those without an address
+    /// included; 0 for the implicit MX and domain literals.
+    pub best: u16,
+}
+
 /// Why no next hop was found; each variant says whether to bounce or to retry later.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MxError {
@@ -90,6 +108,11 @@ pub enum MxError {
     /// 5321 section 5.1): the mail would come back here. Permanent, 5.4.6.
     #[error("mail for the domain loops back to this server (MX host {0})")]
     LoopsToSelf(String),
+    /// This server is among the domain's MX hosts (named here) and the hosts more preferred
+    /// than it have no address, for now or for good: a backup MX holds the mail for its
+    /// primary. Retry later, 4.4.4.
+    #[error("this server is a backup MX (MX host {0}) and no more preferred host has an address")]
+    NoPrimary(String),
     /// The lookup failed for a reason that may pass (SERVFAIL, timeout, network error, the
     /// resolver thread gone). Retry later, 4.4.3.
     #[error("DNS lookup failed temporarily: {0}")]
@@ -99,7 +122,7 @@ pub enum MxError {
 impl MxError {
     /// Whether the message should bounce now (`true`) or be retried later (`false`).
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, MxError::Temporary(_))
+        !matches!(self, MxError::Temporary(_) | MxError::NoPrimary(_))
     }
 
     /// The enhanced status code (RFC 3463) for the failure, for the DSN or the log.
@@ -109,6 +132,7 @@ impl MxError {
             MxError::NoSuchDomain | MxError::NoMailHost => "5.1.2",
             MxError::LoopsToSelf(_) => "5.4.6",
             MxError::Temporary(_) => "4.4.3",
+            MxError::NoPrimary(_) => "4.4.4",
         }
     }
 }
@@ -158,13 +182,15 @@ impl Myself<'_> {
     /// The MX hosts left once this server is taken out (RFC 5321 section 5.1): when it is
     /// among them, every host at its preference or a worse one goes, itself included, so mail
     /// only ever moves to hosts more preferred than this one. None left is
-    /// [`MxError::LoopsToSelf`]: mail for a domain whose best MX is this server, that this
-    /// server has no route for.
+    /// [`MxError::LoopsToSelf`] (mail for a domain whose best MX is this server, that this
+    /// server has no route for), or [`MxError::NoPrimary`] when the domain publishes more
+    /// preferred hosts that had no address.
     pub fn drop_from(
         &self,
-        hops: Vec<NextHop>,
+        found: MxHops,
         mut local: impl FnMut() -> Vec<IpAddr>,
     ) -> Result<Vec<NextHop>, MxError> {
+        let MxHops { hops, best } = found;
         let mut known = None;
         let mut local = || known.get_or_insert_with(&mut local).clone();
         // The most preferred host that is this server names it in the error: not another
@@ -179,7 +205,11 @@ impl Myself<'_> {
         };
         let left: Vec<NextHop> = hops.into_iter().filter(|h| h.preference < own).collect();
         if left.is_empty() {
-            return Err(MxError::LoopsToSelf(host));
+            return Err(if best < own {
+                MxError::NoPrimary(host)
+            } else {
+                MxError::LoopsToSelf(host)
+            });
         }
         Ok(left)
     }
@@ -205,7 +235,7 @@ pub fn local_addresses() -> Vec<IpAddr> {
 struct Job {
     domain: String,
     kind: Lookup,
-    reply: oneshot::Sender<Result<Vec<NextHop>, MxError>>,
+    reply: oneshot::Sender<Result<MxHops, MxError>>,
 }
 
 /// What a [`Job`] looks up.
@@ -322,19 +352,16 @@ impl Resolver {
     /// The future may be awaited on any executor; the lookup runs on the resolver thread and
     /// is abandoned there when the future is dropped.
     pub async fn next_hops(&self, domain: &str) -> Result<Vec<NextHop>, MxError> {
-        self.hops(domain, None).await
+        self.hops(domain, None).await.map(|found| found.hops)
     }
 
     /// [`Resolver::next_hops`] for mail to `domain` on this server named `hostname`: an MX
     /// host of that name is this server, so it and every host not preferred to it leave the
     /// list by name, whether or not the name has an address (RFC 5321 section 5.1, "its own
-    /// name"); none left is [`MxError::LoopsToSelf`]. Hosts that are this server by an
-    /// address are for [`Myself::drop_from`], once addresses are known.
-    pub async fn mx_next_hops(
-        &self,
-        domain: &str,
-        hostname: &str,
-    ) -> Result<Vec<NextHop>, MxError> {
+    /// name"); none left is [`MxError::LoopsToSelf`], and more preferred hosts none of which
+    /// has an address [`MxError::NoPrimary`]. Hosts that are this server by an address are
+    /// for [`Myself::drop_from`], once addresses are known.
+    pub async fn mx_next_hops(&self, domain: &str, hostname: &str) -> Result<MxHops, MxError> {
         let name = hostname.trim_end_matches('.');
         self.hops(domain, (!name.is_empty()).then(|| name.to_owned()))
             .await
@@ -346,21 +373,24 @@ impl Resolver {
     /// not exist or has no address is a temporary failure here: the operator's setting is
     /// wrong, and mail waits for it to be fixed rather than bouncing.
     pub async fn host_next_hops(&self, host: &str) -> Result<Vec<NextHop>, MxError> {
-        self.ask(host, Lookup::Host).await
+        self.ask(host, Lookup::Host).await.map(|found| found.hops)
     }
 
-    async fn hops(&self, domain: &str, own_name: Option<String>) -> Result<Vec<NextHop>, MxError> {
+    async fn hops(&self, domain: &str, own_name: Option<String>) -> Result<MxHops, MxError> {
         self.ask(domain, Lookup::Mx(own_name)).await
     }
 
-    async fn ask(&self, domain: &str, kind: Lookup) -> Result<Vec<NextHop>, MxError> {
+    async fn ask(&self, domain: &str, kind: Lookup) -> Result<MxHops, MxError> {
         if let Some(literal) = domain_literal(domain) {
             let addr = literal?;
-            return Ok(vec![NextHop {
-                host: addr.to_string(),
-                preference: 0,
-                addrs: vec![addr],
-            }]);
+            return Ok(MxHops {
+                hops: vec![NextHop {
+                    host: addr.to_string(),
+                    preference: 0,
+                    addrs: vec![addr],
+                }],
+                best: 0,
+            });
         }
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -403,7 +433,9 @@ async fn serve(resolver: TokioResolver, job: Job) {
     } = job;
     let work = async {
         match kind {
-            Lookup::Host => host_lookup(&resolver, &domain).await,
+            Lookup::Host => host_lookup(&resolver, &domain)
+                .await
+                .map(|hops| MxHops { hops, best: 0 }),
             Lookup::Mx(own_name) => lookup(&resolver, &domain, own_name.as_deref()).await,
         }
     };
@@ -450,7 +482,7 @@ async fn lookup(
     resolver: &TokioResolver,
     domain: &str,
     own_name: Option<&str>,
-) -> Result<Vec<NextHop>, MxError> {
+) -> Result<MxHops, MxError> {
     let name = fqdn(domain).ok_or(MxError::NoSuchDomain)?;
     let mx = resolver.lookup(name.clone(), RecordType::MX).await;
     let records = match classify(mx, |data| match data {
@@ -469,16 +501,21 @@ async fn lookup(
         if own_name.is_some_and(|own| host.eq_ignore_ascii_case(own)) {
             return Err(MxError::LoopsToSelf(host));
         }
-        return implicit_mx(resolver, name).await;
+        return implicit_mx(resolver, name)
+            .await
+            .map(|hops| MxHops { hops, best: 0 });
     }
     if records.iter().all(|(_, exchange)| exchange.is_root()) {
         return Err(MxError::NullMx);
     }
     let hosts = order_mx(records);
-    let hosts = match own_name {
+    let best = hosts.first().map_or(0, |(preference, _)| *preference);
+    // This server goes first, by name, then the list is cut: a long list must not hide it.
+    let (mut hosts, own) = match own_name {
         Some(own) => drop_own_name(hosts, own)?,
-        None => hosts,
+        None => (hosts, None),
     };
+    hosts.truncate(MAX_MX_HOSTS);
 
     // The hosts are resolved at once; the set aborts them if this lookup is abandoned.
     let mut tasks = tokio::task::JoinSet::new();
@@ -515,11 +552,13 @@ async fn lookup(
         }
     }
     if !hops.is_empty() {
-        return Ok(hops);
+        return Ok(MxHops { hops, best });
     }
-    Err(match temporary {
-        Some(why) => MxError::Temporary(why),
-        None => MxError::NoMailHost,
+    Err(match (own, temporary) {
+        // A backup MX whose primaries have no address keeps the mail for them.
+        (Some(own), _) => MxError::NoPrimary(own),
+        (None, Some(why)) => MxError::Temporary(why),
+        (None, None) => MxError::NoMailHost,
     })
 }
 
@@ -553,8 +592,8 @@ fn fqdn(domain: &str) -> Option<Name> {
 }
 
 /// The MX hosts in the order to try them: root targets dropped, each host once at its best
-/// preference, shuffled, then stably sorted by preference (so equal preferences stay shuffled),
-/// and cut to [`MAX_MX_HOSTS`].
+/// preference, shuffled, then stably sorted by preference (so equal preferences stay
+/// shuffled). The caller cuts the list to [`MAX_MX_HOSTS`], once this server is out of it.
 fn order_mx(records: Vec<(u16, Name)>) -> Vec<(u16, Name)> {
     let mut hosts: Vec<(u16, Name)> = Vec::with_capacity(records.len());
     for (preference, exchange) in records {
@@ -568,26 +607,30 @@ fn order_mx(records: Vec<(u16, Name)>) -> Vec<(u16, Name)> {
     }
     hosts.shuffle(&mut rand::rng());
     hosts.sort_by_key(|(preference, _)| *preference);
-    hosts.truncate(MAX_MX_HOSTS);
     hosts
 }
 
 /// The MX hosts more preferred than the one named `own` (this server), when it is among
-/// them; none is [`MxError::LoopsToSelf`]. By name alone: a name of ours without an address
-/// in the DNS (an internal name, a failed lookup) is still this server.
-fn drop_own_name(hosts: Vec<(u16, Name)>, own: &str) -> Result<Vec<(u16, Name)>, MxError> {
+/// them, with this server's host name; none is [`MxError::LoopsToSelf`]. By name alone: a
+/// name of ours without an address in the DNS (an internal name, a failed lookup) is still
+/// this server.
+#[allow(clippy::type_complexity)]
+fn drop_own_name(
+    hosts: Vec<(u16, Name)>,
+    own: &str,
+) -> Result<(Vec<(u16, Name)>, Option<String>), MxError> {
     let Some((preference, name)) = hosts
         .iter()
         .find(|(_, exchange)| host_text(exchange).eq_ignore_ascii_case(own))
         .map(|(p, exchange)| (*p, host_text(exchange)))
     else {
-        return Ok(hosts);
+        return Ok((hosts, None));
     };
     let left: Vec<(u16, Name)> = hosts.into_iter().filter(|(p, _)| *p < preference).collect();
     if left.is_empty() {
         return Err(MxError::LoopsToSelf(name));
     }
-    Ok(left)
+    Ok((left, Some(name)))
 }
 
 /// The implicit MX (RFC 5321 section 5.1): the domain itself at preference 0, if it has an
@@ -633,7 +676,10 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
     let mut failed = None;
     for found in [v4, v6] {
         match found {
-            Found::Records(mut records) => addrs.append(&mut records),
+            Found::Records(mut records) => {
+                records.shuffle(&mut rand::rng());
+                addrs.append(&mut records);
+            }
             Found::NxDomain | Found::NoData => {}
             Found::Failed(why) => {
                 failed.get_or_insert(why);
@@ -681,6 +727,12 @@ mod tests {
         }
     }
 
+    /// `hops` as a lookup finds them, the best preference published among them.
+    fn found(hops: Vec<NextHop>) -> MxHops {
+        let best = hops.iter().map(|h| h.preference).min().unwrap_or(0);
+        MxHops { hops, best }
+    }
+
     fn hosts(r: &Result<Vec<NextHop>, MxError>) -> Vec<String> {
         match r {
             Ok(hops) => hops.iter().map(|h| h.host.clone()).collect(),
@@ -702,14 +754,17 @@ mod tests {
             ]
         };
         // By name (any case): what is at 10 or worse goes, what is better stays.
-        assert_eq!(hosts(&me.drop_from(list(), never)), ["a.example.org"]);
+        assert_eq!(
+            hosts(&me.drop_from(found(list()), never)),
+            ["a.example.org"]
+        );
         // Not among them: the list is untouched.
         let other = vec![
             hop("a.example.org", 5, "198.51.100.1"),
             hop("d.example.org", 20, "198.51.100.4"),
         ];
         assert_eq!(
-            hosts(&me.drop_from(other, never)),
+            hosts(&me.drop_from(found(other), never)),
             ["a.example.org", "d.example.org"]
         );
         // By address and port: the best host is this server, nothing is left.
@@ -717,7 +772,7 @@ mod tests {
             hop("mail.example.org", 10, "192.0.2.10"),
             hop("b.example.org", 20, "198.51.100.5"),
         ];
-        let r = me.drop_from(by_addr, never);
+        let r = me.drop_from(found(by_addr), never);
         assert!(
             matches!(&r, Err(MxError::LoopsToSelf(h)) if h == "mail.example.org"),
             "{r:?}"
@@ -729,7 +784,7 @@ mod tests {
             hop("b.example.org", 10, "198.51.100.5"),
             hop("mail.example.org", 10, "192.0.2.10"),
         ];
-        let r = me.drop_from(equal, never);
+        let r = me.drop_from(found(equal), never);
         assert!(
             matches!(&r, Err(MxError::LoopsToSelf(h)) if h == "mail.example.org"),
             "{r:?}"
@@ -738,9 +793,36 @@ mod tests {
         let other_port = Myself { port: 2525, ..me };
         let by_addr = vec![hop("mail.example.org", 10, "192.0.2.10")];
         assert_eq!(
-            hosts(&other_port.drop_from(by_addr, never)),
+            hosts(&other_port.drop_from(found(by_addr), never)),
             ["mail.example.org"]
         );
+    }
+
+    #[test]
+    fn a_backup_mx_whose_better_hosts_have_no_address_waits_for_them() {
+        let listen = [addr("192.0.2.10:25")];
+        let me = myself(&listen);
+        let never = || -> Vec<IpAddr> { panic!("no wildcard listen: interfaces not listed") };
+        // The domain publishes a host at 5 that had no address: this server, at 10, is a
+        // backup with no primary to hand the mail to. It waits; it is no loop.
+        let hops = vec![
+            hop("mail.example.org", 10, "192.0.2.10"),
+            hop("b.example.org", 20, "198.51.100.5"),
+        ];
+        let r = me.drop_from(
+            MxHops {
+                hops: hops.clone(),
+                best: 5,
+            },
+            never,
+        );
+        assert_eq!(r, Err(MxError::NoPrimary("mail.example.org".into())));
+        let e = r.unwrap_err();
+        assert_eq!(e.enhanced(), "4.4.4");
+        assert!(!e.is_permanent());
+        // Nothing better published: a loop, permanent.
+        let r = me.drop_from(MxHops { hops, best: 10 }, never);
+        assert!(matches!(&r, Err(e @ MxError::LoopsToSelf(_)) if e.is_permanent()));
     }
 
     #[test]
@@ -763,17 +845,20 @@ mod tests {
             hop("b.example.org", 10, "203.0.113.7"),
             hop("c.example.org", 15, "127.0.0.2"),
         ];
-        assert_eq!(hosts(&me.drop_from(hops, local)), ["a.example.org"]);
+        assert_eq!(hosts(&me.drop_from(found(hops), local)), ["a.example.org"]);
         assert_eq!(asked, 1, "interfaces listed once per lookup");
         // A loopback MX is this server too; an IPv6 one is not (no IPv6 listener).
         let hops = vec![
             hop("v6.example.org", 5, "::1"),
             hop("lo.example.org", 10, "127.0.0.1"),
         ];
-        assert_eq!(hosts(&me.drop_from(hops, Vec::new)), ["v6.example.org"]);
+        assert_eq!(
+            hosts(&me.drop_from(found(hops), Vec::new)),
+            ["v6.example.org"]
+        );
         let hops = vec![hop("lo.example.org", 10, "127.0.0.1")];
         assert!(matches!(
-            me.drop_from(hops, Vec::new),
+            me.drop_from(found(hops), Vec::new),
             Err(MxError::LoopsToSelf(_))
         ));
     }
@@ -820,10 +905,12 @@ mod tests {
                 (20, name("worse.example.")),
             ])
         };
-        let left = drop_own_name(list(), "mx.example.net").unwrap();
+        let (left, own) = drop_own_name(list(), "mx.example.net").unwrap();
         let hosts: Vec<String> = left.iter().map(|(_, n)| host_text(n)).collect();
         assert_eq!(hosts, ["primary.example"]);
-        assert_eq!(drop_own_name(list(), "other.example.net").unwrap().len(), 4);
+        assert_eq!(own.as_deref(), Some("mx.example.net"));
+        let (all, own) = drop_own_name(list(), "other.example.net").unwrap();
+        assert_eq!((all.len(), own), (4, None));
         let best = order_mx(vec![
             (10, name("mx.example.net.")),
             (20, name("worse.example.")),

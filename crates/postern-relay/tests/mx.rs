@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use postern_relay::mx::{MxError, NextHop, Resolver};
+use postern_relay::mx::{MxError, Myself, NextHop, Resolver};
 use support::dns_server::{Rec, TestDns};
 
 const ZONE: &str = "example.test";
@@ -73,6 +73,7 @@ fn hosts(hops: &[NextHop]) -> Vec<(u16, &str)> {
 /// [`Resolver::mx_next_hops`] for this server named `own`, once, on a fresh executor.
 fn lookup_as(resolver: &Resolver, domain: &str, own: &str) -> Result<Vec<NextHop>, MxError> {
     on_glommio(|| within_deadline(domain, resolver.mx_next_hops(domain, own)))
+        .map(|found| found.hops)
 }
 
 #[test]
@@ -571,4 +572,118 @@ fn a_configured_host_is_its_own_addresses_whatever_its_mx_records_say() {
     let err = host_lookup(&resolver, "typo.example.test").unwrap_err();
     assert!(!err.is_permanent(), "{err:?}");
     assert!(err.to_string().contains("typo.example.test"), "{err}");
+}
+
+#[test]
+fn a_backup_mx_whose_primary_has_no_address_waits_for_it() {
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            // This server by its name, at 20, behind a primary whose lookup fails for now...
+            ("temp", Rec::Mx(10, "servfail")),
+            ("temp", Rec::Mx(20, "us")),
+            // ...or whose name does not exist.
+            ("gone", Rec::Mx(10, "nowhere")),
+            ("gone", Rec::Mx(20, "us")),
+            ("us", Rec::A(v4("192.0.2.10"))),
+            // This server by its address alone, behind a primary without one.
+            ("byaddr", Rec::Mx(10, "nowhere")),
+            ("byaddr", Rec::Mx(20, "me")),
+            ("me", Rec::A(v4("192.0.2.10"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    // A backup MX keeps the mail for its primary (4.4.4): neither a loop nor a bounce.
+    for domain in ["temp", "gone"] {
+        let err = lookup_as(&resolver, &format!("{domain}.{ZONE}"), "us.example.test").unwrap_err();
+        assert_eq!(
+            err,
+            MxError::NoPrimary("us.example.test".into()),
+            "{domain}"
+        );
+        assert!(!err.is_permanent(), "{domain}");
+        assert_eq!(err.enhanced(), "4.4.4", "{domain}");
+    }
+    let domain = format!("byaddr.{ZONE}");
+    let found =
+        on_glommio(|| within_deadline(&domain, resolver.mx_next_hops(&domain, "other.test")))
+            .unwrap();
+    assert_eq!(
+        found.best, 10,
+        "the primary without an address still counts"
+    );
+    assert_eq!(hosts(&found.hops), [(20, "me.example.test")]);
+    let listen = [SocketAddr::from(([192, 0, 2, 10], 25))];
+    let me = Myself {
+        hostname: "other.test",
+        listen: &listen,
+        port: 25,
+    };
+    assert_eq!(
+        me.drop_from(found, Vec::new),
+        Err(MxError::NoPrimary("me.example.test".into()))
+    );
+}
+
+#[test]
+fn this_server_is_found_by_name_in_a_list_longer_than_the_hosts_resolved() {
+    // 40 other hosts at this server's preference: RFC 5321 5.1 drops them all with it,
+    // wherever the shuffle puts this server, also past the hosts whose addresses are looked up.
+    const PEERS: usize = 40;
+    assert!(PEERS > postern_relay::mx::MAX_MX_HOSTS);
+    let mut records = vec![("@", Rec::Mx(10, "us"))];
+    for i in 0..PEERS {
+        let peer: &'static str = Box::leak(format!("peer{i}").into_boxed_str());
+        records.push(("@", Rec::Mx(10, peer)));
+        records.push((peer, Rec::A(Ipv4Addr::new(198, 51, 100, i as u8))));
+    }
+    let dns = TestDns::start(ZONE, &records);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    // Each lookup shuffles anew; this server would be cut off in more than half of them.
+    for round in 0..8 {
+        assert_eq!(
+            lookup_as(&resolver, ZONE, "us.example.test"),
+            Err(MxError::LoopsToSelf("us.example.test".into())),
+            "round {round}"
+        );
+    }
+}
+
+#[test]
+fn a_hosts_addresses_are_shuffled_at_each_lookup_ipv4_first() {
+    // Only the first few addresses of a host are tried: each must get its turn, although
+    // the DNS (and the resolver's cache) gives them in one order.
+    let mut records = vec![("@", Rec::Mx(10, "mx"))];
+    let v4s: Vec<IpAddr> = (1..=8)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
+        .collect();
+    let v6s: Vec<IpAddr> = ["2001:db8::1", "2001:db8::2"]
+        .iter()
+        .map(|a| ip(a))
+        .collect();
+    for a in &v4s {
+        let IpAddr::V4(a) = a else { unreachable!() };
+        records.push(("mx", Rec::A(*a)));
+    }
+    for a in &v6s {
+        let IpAddr::V6(a) = a else { unreachable!() };
+        records.push(("mx", Rec::Aaaa(*a)));
+    }
+    let dns = TestDns::start(ZONE, &records);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let mut firsts = std::collections::HashSet::new();
+    for _ in 0..30 {
+        let hops = lookup(&resolver, ZONE).unwrap();
+        let addrs = &hops[0].addrs;
+        let (mut four, mut six) = (addrs[..8].to_vec(), addrs[8..].to_vec());
+        four.sort();
+        six.sort();
+        assert_eq!(
+            (four, six),
+            (v4s.clone(), v6s.clone()),
+            "IPv4 first, all there: {addrs:?}"
+        );
+        firsts.insert(addrs[0]);
+    }
+    assert!(firsts.len() > 1, "always {firsts:?} first");
 }
