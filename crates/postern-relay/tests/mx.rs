@@ -630,7 +630,7 @@ fn this_server_is_found_by_name_in_a_list_longer_than_the_hosts_resolved() {
     // 40 other hosts at this server's preference: RFC 5321 5.1 drops them all with it,
     // wherever the shuffle puts this server, also past the hosts whose addresses are looked up.
     const PEERS: usize = 40;
-    assert!(PEERS > postern_relay::mx::MAX_MX_HOSTS);
+    const { assert!(PEERS > postern_relay::mx::MAX_MX_HOSTS) };
     let mut records = vec![("@", Rec::Mx(10, "us"))];
     for i in 0..PEERS {
         let peer: &'static str = Box::leak(format!("peer{i}").into_boxed_str());
