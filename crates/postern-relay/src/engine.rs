@@ -972,7 +972,10 @@ impl CoreRelay {
                         continue;
                     }
                     conn.quit().await;
-                    break 'connect;
+                    // The QUIT's reply may take a while, and this worker still counts against
+                    // the next hop's connections: a job queued meanwhile started no worker of
+                    // its own. The loop's test looks at the queue again before leaving.
+                    continue 'connect;
                 };
                 let window = if now_ms() < dq.serial_until.get() {
                     1
@@ -2293,9 +2296,18 @@ impl CoreRelay {
                  anyway, so its space can be reclaimed"
             );
         }
-        if self.handle.durable().await.is_ok() {
-            self.handle.mark_final(&msg.queue_id);
+        if let Err(e) = self.handle.durable().await {
+            // As for a status that could not be written: the outcomes are final here, and a
+            // message kept live for ever would keep its segment, and every later one, from
+            // being reclaimed for the rest of the run. A crash before the statuses reach the
+            // disk only repeats a delivery.
+            tracing::warn!(
+                queue_id = %msg.queue_id,
+                "the message's final statuses could not be synced ({e}); the message is settled \
+                 anyway, so its space can be reclaimed"
+            );
         }
+        self.handle.mark_final(&msg.queue_id);
     }
 
     /// The success report for recipients that asked for one and went to a next hop without
