@@ -1099,6 +1099,11 @@ fn looks_like_http(line: &[u8]) -> bool {
         b"PUT ",
         b"CONNECT ",
         b"OPTIONS ",
+        b"DELETE ",
+        b"TRACE ",
+        b"PATCH ",
+        // The HTTP/2 connection preface (RFC 9113 3.4).
+        b"PRI * HTTP/2",
     ]
     .iter()
     .any(|m| line.starts_with(m))

@@ -816,15 +816,23 @@ fn too_many_errors_closes_with_421() {
 
 #[test]
 fn http_request_is_dropped() {
-    let o = run_every_split(&config(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_transcript(
-        &o,
-        &[
-            BANNER,
-            "421 4.7.0 mx.test This is an SMTP server, closing connection",
-        ],
-    );
-    assert!(o.closed);
+    for request in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"DELETE /x HTTP/1.1\r\n\r\n",
+        b"TRACE / HTTP/1.1\r\n\r\n",
+        b"PATCH / HTTP/1.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ] {
+        let o = run_every_split(&config(), request);
+        assert_transcript(
+            &o,
+            &[
+                BANNER,
+                "421 4.7.0 mx.test This is an SMTP server, closing connection",
+            ],
+        );
+        assert!(o.closed, "{}", String::from_utf8_lossy(request));
+    }
 }
 
 #[test]
