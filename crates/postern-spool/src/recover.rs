@@ -323,7 +323,12 @@ impl Scan<'_> {
                     if let Some(at) = last_corrupt.replace(pos) {
                         self.corrupt(at);
                     }
-                    pos += len;
+                    // The CRC does not cover the length word: a damaged one may claim more
+                    // than its record held, and the jump would pass over good records (in a
+                    // segment without a seal, landing on zeros would even read as a torn
+                    // tail). A valid record inside the span shows the length was wrong: the
+                    // scan goes on from there, and the bad record is reported as damage.
+                    pos += valid_record_within(&data[pos..], len, salt).unwrap_or(len);
                 }
                 Read::Record { kind, payload, len } => {
                     if let Some(at) = last_corrupt.take() {
@@ -421,4 +426,14 @@ impl Scan<'_> {
             }
         }
     }
+}
+
+/// The offset, within the first `len` octets of `data` (a record that failed its CRC), of the
+/// first record there that passes it: 8-aligned, as records are. None when there is none, as
+/// in a record cut off by a crash, whose span holds only its own payload (a copy of records
+/// from another segment in a body never passes: every segment has its own salt).
+fn valid_record_within(data: &[u8], len: usize, salt: u32) -> Option<usize> {
+    (RECORD_HEADER.next_multiple_of(8)..len.min(data.len()))
+        .step_by(8)
+        .find(|&at| matches!(read_record(&data[at..], salt), Read::Record { .. }))
 }

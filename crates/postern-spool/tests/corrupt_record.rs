@@ -498,3 +498,50 @@ fn an_entry_named_like_a_segment_that_is_not_a_file_is_left_alone() {
     assert!(seg.is_file());
     assert!(strays.iter().all(|s| s.is_dir()));
 }
+
+/// The CRC does not cover a record's length word: one damaged to claim more than its record
+/// held would make the scan jump over good records, and in the segment being written (no
+/// seal) land on zeros and read as a crash's torn tail, the messages after it lost without a
+/// word. The scan goes on from the first valid record inside the claimed span, and the bad
+/// record is damage, reported and kept.
+#[test]
+fn a_length_word_that_claims_too_much_does_not_hide_the_records_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let records = record_offsets(&data);
+    let end_of_data = {
+        let last = *records.last().unwrap();
+        let len = u32::from_le_bytes(data[last..last + 4].try_into().unwrap()) as usize;
+        last + ((12 + len + 7) & !7)
+    };
+    // The first message's body record: its jump now lands in the zeros past the data.
+    let body = records[1];
+    let claimed = end_of_data - body + 4096;
+    assert!(body + claimed < data.len());
+    data[body..body + 4].copy_from_slice(&(claimed as u32).to_le_bytes());
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(
+        (r.corrupt_records, r.torn_tails, r.damaged),
+        (1, 0, 1),
+        "{:?}",
+        r.corrupt_at
+    );
+    assert_eq!(r.corrupt_at[0].offset, body as u64);
+    let bodies: Vec<Vec<u8>> = r.messages.iter().map(|m| m.body().to_vec()).collect();
+    assert_eq!(
+        bodies,
+        [body_of(1), body_of(2)],
+        "the messages after it are kept"
+    );
+    drop(r);
+    // The messages found are live: the segment stays where it is, to be delivered from.
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 2);
+    assert!(seg.exists());
+}
+
+fn body_of(i: usize) -> Vec<u8> {
+    body(i, 5000)
+}

@@ -260,6 +260,45 @@ fn a_kill_before_a_taken_batch_is_written_damages_no_message() {
     killed(dir.path(), spool);
 }
 
+#[test]
+fn a_kill_before_a_batch_taken_after_a_rollover_is_written_damages_no_message() {
+    // The batch is taken once the body has crossed into the second segment: it holds the
+    // first segment's last gathered records as well as the second's. Records the second
+    // segment writes at once must still not reach the file before those.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 1 << 20,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut first = spool.begin(&meta(1)).unwrap();
+    for i in 0..140 {
+        spool.append(&mut first, &body(i, 8 * 1024)).unwrap();
+    }
+    assert_eq!(
+        spool.segment_count(),
+        2,
+        "the body must be in a second segment before the batch is taken"
+    );
+    let mut other = spool.begin(&meta(0)).unwrap();
+    spool.append(&mut other, b"small\r\n").unwrap();
+    let _ticket = spool.finish(other).unwrap();
+    // Taken for its sync, never run.
+    let batch = spool.take_sync().expect("a batch");
+    for i in 140..150 {
+        spool.append(&mut first, &body(i, 8 * 1024)).unwrap();
+    }
+    let _unsynced = spool.finish(first).unwrap();
+    // Past the gathering limit: the second segment's records, the first message's end among
+    // them, go into its file at once.
+    let mut third = spool.begin(&meta(2)).unwrap();
+    for i in 0..40 {
+        spool.append(&mut third, &body(i, 8 * 1024)).unwrap();
+    }
+    std::mem::forget(batch);
+    std::mem::forget(third);
+    killed(dir.path(), spool);
+}
+
 /// Ends `spool` as a killed process would (nothing more written, no sync) and recovers what is
 /// on file, which must span two segments and hold no damaged message.
 fn killed(root: &std::path::Path, spool: Spool) -> postern_spool::Recovered {
