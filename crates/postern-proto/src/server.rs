@@ -721,6 +721,11 @@ impl ServerSession {
                 | Command::Noop(_)
                 | Command::Vrfy(_)
                 | Command::Help(_)
+                // An empty chunk that is not the last adds nothing to the message.
+                | Command::Bdat {
+                    size: 0,
+                    last: false
+                }
         );
         let event = self.run_command(cmd, input, pos);
         if junk {

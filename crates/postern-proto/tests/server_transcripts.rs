@@ -1212,3 +1212,38 @@ fn commands_without_mail_end_the_session_past_the_junk_limit() {
         o.output
     );
 }
+
+/// Empty chunks that are not the last move no mail forward either: a client that sends them
+/// without end inside one BDAT transaction ends like one that sends NOOPs.
+#[test]
+fn empty_bdat_chunks_without_end_count_as_commands_without_mail() {
+    let mut lines = vec![
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@d.test>",
+    ];
+    lines.extend(vec!["BDAT 0"; 200]);
+    let o = run(&config(), false, &client(&lines), &[]);
+    let chunks = o.output.matches("0 octets received").count();
+    assert!((100..200).contains(&chunks), "{chunks}: {}", o.output);
+    assert!(
+        o.output
+            .ends_with("421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"),
+        "{}",
+        o.output
+    );
+    assert!(o.closed);
+    // A message made of chunks, the empty ones among them, is fine.
+    let mut lines = vec![
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@d.test>",
+    ];
+    lines.extend(vec!["BDAT 0"; 5]);
+    let mut input = client(&lines);
+    input.extend_from_slice(b"BDAT 14 LAST\r\nSubject: s\r\n\r\n");
+    input.extend_from_slice(b"QUIT\r\n");
+    let o = run(&config(), false, &input, &[]);
+    assert!(o.output.contains("queued as"), "{}", o.output);
+    assert!(!o.output.contains("421 "), "{}", o.output);
+}
