@@ -113,9 +113,10 @@ struct Serve {
     /// recipients of the longest form).
     #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000)]
     max_recipients: usize,
-    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT chunk not the last) a session may
-    /// send between messages accepted; past it each one also counts as an error, and the
-    /// session ends with 421 4.7.0 at the error limit (20). 0 for no limit.
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
+    /// chunk not the last) a session may send between messages accepted; past it each one
+    /// also counts as an error, and the session ends with 421 4.7.0 at the error limit (20).
+    /// 0 for no limit.
     #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100)]
     max_junk_commands: u32,
     /// Concurrent connections, all cores together; more get 421 4.3.2.
