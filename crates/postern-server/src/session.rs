@@ -38,6 +38,9 @@ const BODY_GATHER: usize = 16 * 1024;
 /// What a reply written at or past the session's cap (its closing 421) still gets.
 const CLOSING_WRITE: Duration = Duration::from_secs(1);
 
+/// The most a session reads and drops after closing its side (see `serve`).
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// Relay refused.
 const RELAY_DENIED: StaticReply =
     StaticReply::new(554, EnhancedCode::new(5, 7, 1), "Relay access denied");
@@ -109,8 +112,23 @@ pub(crate) async fn serve(
     // Give the place back before the client can see the close.
     drop(permit);
     // Over TLS the close writes a close_notify: bounded too, for a client that does not read.
+    // Closing a socket with input still unread sends a reset, which throws away what the
+    // socket has not sent yet (the last replies, the 421 that ends a session pipelining
+    // past the error limit or streaming a body when the stop's grace ends): our side is
+    // closed first, then what the client still sends is read and dropped until it closes,
+    // within the same bound (as HTTP servers do, RFC 9112 9.6).
     let close = async {
-        let _ = session.conn.close().await;
+        if session.conn.close().await.is_err() {
+            return;
+        }
+        let mut scrap = vec![0u8; 16 * 1024];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match session.conn.read(&mut scrap).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
     };
     future::or(close, glommio::timer::sleep(CLOSING_WRITE)).await;
     CoreMetrics::record(

@@ -252,3 +252,43 @@ fn commands_without_mail_end_the_session_at_the_junk_limit() {
     }
     assert!(c.cmd("QUIT").starts_with("221 "));
 }
+
+#[test]
+fn a_session_closed_with_input_still_coming_ends_in_its_421_and_a_clean_close_not_a_reset() {
+    // A client past the error limit, with more pipelined behind the command that ends its
+    // session, and not reading yet: the 421 waits in the server's socket. Closing a socket
+    // with unread input sends a reset, which throws away what it has not sent, the 421
+    // too. The server closes its side and reads what still comes, so the client reads every
+    // reply, the 421 last, and then the end of the stream.
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    socket.connect(&server.smtp.into()).unwrap();
+    let mut c = Client::from_stream(socket.into());
+    assert!(c.line().starts_with("220"));
+    // 100 commands without mail (EHLO replies fill the client's small window), then 20
+    // errors: the 20th gets the 421. Then more, which the server never reads as commands.
+    let mut input = "EHLO client.test\r\n".repeat(60);
+    input.push_str(&"NOOP\r\n".repeat(40));
+    input.push_str(&"BOGUS\r\n".repeat(20));
+    let mut input = input.into_bytes();
+    input.extend(std::iter::repeat_n(b'x', 100_000));
+    let mut writer = c.stream.try_clone().unwrap();
+    let sending = std::thread::spawn(move || {
+        // The server may be gone before the last of it: that is not the point here.
+        let _ = writer.write_all(&input);
+    });
+    sending.join().unwrap();
+    let mut replies = String::new();
+    let end = c.reader.read_to_string(&mut replies);
+    assert!(
+        replies.ends_with("421 4.7.0 mx.test Too many errors, closing connection\r\n"),
+        "{end:?}: {}",
+        &replies[replies.len().saturating_sub(300)..]
+    );
+    assert!(
+        end.is_ok(),
+        "the stream ended in {end:?}, not a clean close"
+    );
+}
