@@ -511,6 +511,8 @@ pub struct CoreRelay {
     /// Bounces being made and messages being finished: a graceful stop waits for them, so
     /// that their statuses are recorded and the next run does not repeat them.
     reporting: Cell<usize>,
+    /// When a failed sync of settled statuses was last logged (at most once a minute).
+    sync_warned: Cell<Option<std::time::Instant>>,
 }
 
 impl Delivery for CoreRelay {
@@ -571,6 +573,7 @@ impl CoreRelay {
             failed_waiting: RefCell::new(Vec::new()),
             delays_waiting: RefCell::new(Vec::new()),
             reporting: Cell::new(0),
+            sync_warned: Cell::new(None),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
@@ -875,7 +878,7 @@ impl CoreRelay {
                     }
                     (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
-                Err((text, permanent, remote)) => {
+                Err((text, permanent, remote, deferred)) => {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
                     }
@@ -885,8 +888,11 @@ impl CoreRelay {
                     // RFC 3463 3.5: no answer from any host (4.4.1), or a host that answered
                     // and then failed the connection (4.4.2); a reply's own status wins
                     // where the account quotes one (dsn::deferral_status).
-                    let status =
-                        permanent.unwrap_or(if remote.is_some() { "4.4.2" } else { "4.4.1" });
+                    let status = permanent.or(deferred).unwrap_or(if remote.is_some() {
+                        "4.4.2"
+                    } else {
+                        "4.4.1"
+                    });
                     // Paused with two failures in a row, as for broken-off sessions: one
                     // refused connection to a next hop with a single address (a restart, say)
                     // defers the jobs waiting now, and the next job tries again at once.
@@ -1806,11 +1812,7 @@ impl CoreRelay {
     /// its status, and the next hop's name when the last failure came from a host that
     /// answered (its greeting, EHLO or TLS), for the log's `relay` and the report's
     /// Remote-MTA.
-    async fn open(
-        &self,
-        dq: &DestQueue,
-        tried: &[SocketAddr],
-    ) -> Result<Opened, (String, Option<&'static str>, Option<String>)> {
+    async fn open(&self, dq: &DestQueue, tried: &[SocketAddr]) -> Result<Opened, Unopened> {
         let config = &self.relay.config;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
@@ -1830,7 +1832,7 @@ impl CoreRelay {
                         .resolver
                         .host_next_hops(&hp.host)
                         .await
-                        .map_err(|e| unresolved(mx_failure(&hp.host, &e)))?,
+                        .map_err(|e| unresolved(&hp.host, &e))?,
                 };
                 (hops, hp.port)
             }
@@ -1848,7 +1850,7 @@ impl CoreRelay {
                         };
                         me.drop_from(found, crate::mx::local_addresses)
                     })
-                    .map_err(|e| unresolved(mx_failure(domain, &e)))?;
+                    .map_err(|e| unresolved(domain, &e))?;
                 (hops, config.mx_port)
             }
         };
@@ -1936,7 +1938,7 @@ impl CoreRelay {
             self.broke(dq, addr);
             failed.push(addr);
         }
-        Err((last, None, last_remote))
+        Err((last, None, last_remote, None))
     }
 
     // ----- owner side -----
@@ -2299,13 +2301,22 @@ impl CoreRelay {
         if let Err(e) = self.handle.durable().await {
             // As for a status that could not be written: the outcomes are final here, and a
             // message kept live for ever would keep its segment, and every later one, from
-            // being reclaimed for the rest of the run. A crash before the statuses reach the
-            // disk only repeats a delivery.
-            tracing::warn!(
-                queue_id = %msg.queue_id,
-                "the message's final statuses could not be synced ({e}); the message is settled \
-                 anyway, so its space can be reclaimed"
-            );
+            // being reclaimed for the rest of the run. A crash before its segments are
+            // reclaimed only repeats a delivery. Logged once a minute: a failing disk fails
+            // every message's sync.
+            let now = std::time::Instant::now();
+            if self
+                .sync_warned
+                .get()
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+            {
+                self.sync_warned.set(Some(now));
+                tracing::warn!(
+                    queue_id = %msg.queue_id,
+                    "a message's final statuses could not be synced ({e}); such messages are \
+                     settled anyway, so that their space can be reclaimed (logged once a minute)"
+                );
+            }
         }
         self.handle.mark_final(&msg.queue_id);
     }
@@ -2475,20 +2486,26 @@ fn headers_only(
         .and_then(|r| MessageRef::from_bytes(&msg.queue_id, &r).ok())
 }
 
-fn mx_failure(domain: &str, e: &MxError) -> (String, Option<&'static str>) {
-    let status: Option<&'static str> = if e.is_permanent() {
-        Some(e.enhanced())
-    } else {
-        None
-    };
-    (format!("{domain}: {e}"), status)
-}
+/// A next hop that could not be reached: the text, the status when its jobs fail for good,
+/// the next hop's name when the last failure came from a host that answered, and postern's
+/// own status for a deferral no reply explains (a DNS failure's, say).
+type Unopened = (
+    String,
+    Option<&'static str>,
+    Option<String>,
+    Option<&'static str>,
+);
 
-/// A next hop that could not be resolved: no host answered.
-fn unresolved(
-    (text, status): (String, Option<&'static str>),
-) -> (String, Option<&'static str>, Option<String>) {
-    (text, status, None)
+/// A next hop that could not be resolved (no host answered): failed for good with the
+/// lookup's status when it is permanent, deferred with it otherwise (4.4.3 a DNS failure,
+/// 4.4.4 no primary for a backup MX).
+fn unresolved(domain: &str, e: &MxError) -> Unopened {
+    let text = format!("{domain}: {e}");
+    if e.is_permanent() {
+        (text, Some(e.enhanced()), None, None)
+    } else {
+        (text, None, None, Some(e.enhanced()))
+    }
 }
 
 /// A reply as one line of text: `550 5.1.1 text`.

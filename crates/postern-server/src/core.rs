@@ -71,6 +71,9 @@ pub(crate) struct Core {
     pub(crate) grace_over: Cell<bool>,
     /// Sessions open on this core.
     pub(crate) sessions: Cell<usize>,
+    /// Sessions over, their connections closed on our side, reading what their clients still
+    /// send (see `session::serve`); no longer counted under the connection limits.
+    pub(crate) lingering: Cell<usize>,
     /// Woken when a session ends.
     pub(crate) session_ended: Event,
     /// The spool is past its high-water mark (until it falls to the low mark).

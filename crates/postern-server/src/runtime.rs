@@ -432,6 +432,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         stop_event: Default::default(),
         grace_over: Default::default(),
         sessions: Default::default(),
+        lingering: Default::default(),
         session_ended: Default::default(),
         delivery: Default::default(),
         spool_full: Default::default(),
@@ -491,7 +492,9 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         // what they had is not stored; a moment for those writes.
         core.grace_over.set(true);
         core.stop_event.notify(usize::MAX);
-        let last = glommio::timer::sleep(GRACE_OVER_WRITES);
+        // The writes, then the moment each session reads what its client still sends after
+        // its side is closed (so that the 421 is not lost to a reset).
+        let last = glommio::timer::sleep(GRACE_OVER_WRITES + session::CLOSING_WRITE);
         futures_lite::future::or(drained(), last).await;
     }
     // Deliveries in flight get the rest of the grace to have their outcomes recorded, so

@@ -36,10 +36,15 @@ const HANDSHAKE_DURING_STOP: Duration = Duration::from_secs(1);
 const SMALL_PIECE: usize = 512;
 const BODY_GATHER: usize = 16 * 1024;
 /// What a reply written at or past the session's cap (its closing 421) still gets.
-const CLOSING_WRITE: Duration = Duration::from_secs(1);
+pub(crate) const CLOSING_WRITE: Duration = Duration::from_secs(1);
 
 /// The most a session reads and drops after closing its side (see `serve`).
 const LINGER_BYTES: usize = 1024 * 1024;
+
+/// The most connections of one core that read and drop after their session: they are no
+/// longer counted under `--max-connections`, so clients that never close cannot use them to
+/// hold descriptors without bound. Past it a connection closes at once.
+const MAX_LINGERING: usize = 256;
 
 /// Relay refused.
 const RELAY_DENIED: StaticReply =
@@ -117,20 +122,28 @@ pub(crate) async fn serve(
     // past the error limit or streaming a body when the stop's grace ends): our side is
     // closed first, then what the client still sends is read and dropped until it closes,
     // within the same bound (as HTTP servers do, RFC 9112 9.6).
-    let close = async {
-        if session.conn.close().await.is_err() {
-            return;
-        }
-        let mut scrap = vec![0u8; 16 * 1024];
-        let mut drained = 0;
-        while drained < LINGER_BYTES {
-            match session.conn.read(&mut scrap).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
-            }
-        }
+    let until = Instant::now() + CLOSING_WRITE;
+    let close = async { session.conn.close().await.is_ok() };
+    let timeout = async {
+        glommio::timer::sleep(CLOSING_WRITE).await;
+        false
     };
-    future::or(close, glommio::timer::sleep(CLOSING_WRITE)).await;
+    if future::or(close, timeout).await && core.lingering.get() < MAX_LINGERING {
+        core.lingering.set(core.lingering.get() + 1);
+        let mut scrap = vec![0u8; 4096];
+        let mut drained = 0;
+        let read = async {
+            while drained < LINGER_BYTES {
+                match session.conn.read(&mut scrap).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => drained += n,
+                }
+            }
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        future::or(read, glommio::timer::sleep(left)).await;
+        core.lingering.set(core.lingering.get() - 1);
+    }
     CoreMetrics::record(
         &mut core.metrics.borrow_mut().session_duration,
         started.elapsed(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::body::{MessageRef, Piece};
 use crate::error::SpoolError;
-use crate::format::{read_record, Cursor, Kind, Read, HEADER, RECORD_HEADER};
+use crate::format::{read_record, record_len, Cursor, Kind, Read, HEADER, RECORD_HEADER};
 use crate::map::ReadMap;
 use crate::meta::{MessageMeta, Status};
 use crate::segment::{header, parse_name, sealed_end, Header};
@@ -432,8 +432,26 @@ impl Scan<'_> {
 /// first record there that passes it: 8-aligned, as records are. None when there is none, as
 /// in a record cut off by a crash, whose span holds only its own payload (a copy of records
 /// from another segment in a body never passes: every segment has its own salt).
+///
+/// The work is bounded: CRCs over at most four times the span (1 MiB at least), after
+/// cheaper checks every record passes (a payload of a draft number at least, zero padding in
+/// its header, room for it). Past the bound the claimed length is believed, as it was before
+/// this look: a span crafted to cost more only loses what follows it, as before.
 fn valid_record_within(data: &[u8], len: usize, salt: u32) -> Option<usize> {
-    (RECORD_HEADER.next_multiple_of(8)..len.min(data.len()))
-        .step_by(8)
-        .find(|&at| matches!(read_record(&data[at..], salt), Read::Record { .. }))
+    let mut budget = len.saturating_mul(4).max(1 << 20);
+    for at in (RECORD_HEADER.next_multiple_of(8)..len.min(data.len())).step_by(8) {
+        let rest = &data[at..];
+        let Some(head) = rest.get(..RECORD_HEADER) else {
+            break;
+        };
+        let payload = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if payload < 8 || head[9..12] != [0, 0, 0] || record_len(payload) > rest.len() {
+            continue;
+        }
+        budget = budget.checked_sub(payload)?;
+        if matches!(read_record(rest, salt), Read::Record { .. }) {
+            return Some(at);
+        }
+    }
+    None
 }

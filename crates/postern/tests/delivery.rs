@@ -2132,6 +2132,41 @@ fn mail_whose_best_mx_is_this_server_by_a_name_without_address_bounces() {
     drop(dns);
 }
 
+#[test]
+fn a_backup_mx_whose_primary_has_no_address_keeps_the_mail_and_says_why() {
+    use dns_server::{Rec, TestDns};
+    let origin = Peer::start_on("127.0.0.5", 0, &[]);
+    let port = origin.port;
+    let dns = TestDns::start(
+        "test",
+        &[
+            // This server (mx.test, its --hostname) is a backup MX; the primary's name does
+            // not exist (for now, say: its zone is being mended).
+            ("backup.test.", Rec::Mx(5, "gone.test.")),
+            ("backup.test.", Rec::Mx(10, "mx.test.")),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &["--delay-warning", "0s"]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@backup.test"],
+        "<backup@t>",
+        "x\r\n",
+    );
+    // Not a bounce: a delay warning, with the backup's own status (RFC 3463 4.4.4).
+    let (warning, text) = origin.first("the delay warning");
+    assert_eq!(warning.mail_from, "<>");
+    assert!(text.contains("Action: delayed"), "{text}");
+    assert!(text.contains("Status: 4.4.4"), "{text}");
+    assert!(
+        text.contains("no more preferred host has an address"),
+        "{text}"
+    );
+    drop(dns);
+}
+
 #[path = "../../postern-relay/tests/support/dns_server.rs"]
 mod dns_server;
 
