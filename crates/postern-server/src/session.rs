@@ -116,6 +116,11 @@ pub(crate) async fn serve(
     }
     // Give the place back before the client can see the close.
     drop(permit);
+    // The session is over: what follows is its connection's end.
+    CoreMetrics::record(
+        &mut core.metrics.borrow_mut().session_duration,
+        started.elapsed(),
+    );
     // Over TLS the close writes a close_notify: bounded too, for a client that does not read.
     // Closing a socket with input still unread sends a reset, which throws away what the
     // socket has not sent yet (the last replies, the 421 that ends a session pipelining
@@ -144,10 +149,6 @@ pub(crate) async fn serve(
         future::or(read, glommio::timer::sleep(left)).await;
         core.lingering.set(core.lingering.get() - 1);
     }
-    CoreMetrics::record(
-        &mut core.metrics.borrow_mut().session_duration,
-        started.elapsed(),
-    );
     core.sessions.set(core.sessions.get() - 1);
     core.session_ended.notify(usize::MAX);
 }

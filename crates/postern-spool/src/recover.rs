@@ -293,6 +293,8 @@ impl Scan<'_> {
         let mut pos = HEADER;
         let mut last_corrupt = None;
         let mut overrun = false;
+        // The CRC work the rescans below may do in this segment, all together.
+        let mut rescan = data.len().saturating_mul(4).max(1 << 20);
         loop {
             match read_record(&data[pos..], salt) {
                 Read::End => {
@@ -328,7 +330,18 @@ impl Scan<'_> {
                     // segment without a seal, landing on zeros would even read as a torn
                     // tail). A valid record inside the span shows the length was wrong: the
                     // scan goes on from there, and the bad record is reported as damage.
-                    pos += valid_record_within(&data[pos..], len, salt).unwrap_or(len);
+                    match valid_record_within(&data[pos..], len, salt, &mut rescan) {
+                        Rescan::Found(at) => pos += at,
+                        Rescan::None => pos += len,
+                        Rescan::OutOfBudget => {
+                            // Not looked at in full: whatever follows, this record counts as
+                            // damage (the segment is kept), never as a crash's torn tail.
+                            if let Some(at) = last_corrupt.take() {
+                                self.corrupt(at);
+                            }
+                            pos += len;
+                        }
+                    }
                 }
                 Read::Record { kind, payload, len } => {
                     if let Some(at) = last_corrupt.take() {
@@ -428,30 +441,41 @@ impl Scan<'_> {
     }
 }
 
+/// What a look inside a bad record's claimed span found.
+enum Rescan {
+    /// A valid record at this offset: the length word was wrong.
+    Found(usize),
+    /// None: the length is believed.
+    None,
+    /// The segment's CRC budget ran out before the span was looked at in full.
+    OutOfBudget,
+}
+
 /// The offset, within the first `len` octets of `data` (a record that failed its CRC), of the
 /// first record there that passes it: 8-aligned, as records are. None when there is none, as
 /// in a record cut off by a crash, whose span holds only its own payload (a copy of records
 /// from another segment in a body never passes: every segment has its own salt).
 ///
-/// The work is bounded: CRCs over at most four times the span (1 MiB at least), after
-/// cheaper checks every record passes (a payload of a draft number at least, zero padding in
-/// its header, room for it). Past the bound the claimed length is believed, as it was before
-/// this look: a span crafted to cost more only loses what follows it, as before.
-fn valid_record_within(data: &[u8], len: usize, salt: u32) -> Option<usize> {
-    let mut budget = len.saturating_mul(4).max(1 << 20);
+/// The work is bounded: positions that cannot start a record (a payload shorter than a draft
+/// number, an unknown kind, no room for it) cost nothing, and the CRCs of the others are
+/// charged to `budget`, the segment's (four times its size, 1 MiB at least).
+fn valid_record_within(data: &[u8], len: usize, salt: u32, budget: &mut usize) -> Rescan {
     for at in (RECORD_HEADER.next_multiple_of(8)..len.min(data.len())).step_by(8) {
         let rest = &data[at..];
         let Some(head) = rest.get(..RECORD_HEADER) else {
             break;
         };
         let payload = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if payload < 8 || head[9..12] != [0, 0, 0] || record_len(payload) > rest.len() {
+        if payload < 8 || Kind::from_u8(head[8]).is_none() || record_len(payload) > rest.len() {
             continue;
         }
-        budget = budget.checked_sub(payload)?;
+        match budget.checked_sub(payload) {
+            Some(left) => *budget = left,
+            None => return Rescan::OutOfBudget,
+        }
         if matches!(read_record(rest, salt), Read::Record { .. }) {
-            return Some(at);
+            return Rescan::Found(at);
         }
     }
-    None
+    Rescan::None
 }
