@@ -479,3 +479,42 @@ fn valid_record_within(data: &[u8], len: usize, salt: u32, budget: &mut usize) -
     }
     Rescan::None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::write_record;
+
+    /// A bad record claiming 4 KiB, with a valid record 1 KiB into its span.
+    fn span_with_a_record(salt: u32) -> (Vec<u8>, usize) {
+        let mut data = vec![0u8; 8192];
+        data[0..4].copy_from_slice(&(4096u32 - 16).to_le_bytes());
+        data[8] = Kind::Body as u8;
+        let payload = [7u8; 100];
+        write_record(&mut data[1024..], salt, Kind::Body, &[&payload]);
+        (data, 4096)
+    }
+
+    #[test]
+    fn a_valid_record_inside_a_bad_span_is_found_within_the_budget() {
+        let (data, len) = span_with_a_record(0x5a5a_1234);
+        let mut budget = 1 << 20;
+        assert!(matches!(
+            valid_record_within(&data, len, 0x5a5a_1234, &mut budget),
+            Rescan::Found(1024)
+        ));
+        assert!(budget < 1 << 20, "its CRC was charged");
+        // Another segment's salt: nothing there is a record.
+        let mut budget = 1 << 20;
+        assert!(matches!(
+            valid_record_within(&data, len, 0x1111_2222, &mut budget),
+            Rescan::None
+        ));
+        // No budget left: the look is cut short, and says so.
+        let mut budget = 10;
+        assert!(matches!(
+            valid_record_within(&data, len, 0x5a5a_1234, &mut budget),
+            Rescan::OutOfBudget
+        ));
+    }
+}
