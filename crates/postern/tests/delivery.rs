@@ -4437,81 +4437,24 @@ fn a_carried_job_whose_kept_connection_ends_at_rset_stays_carried() {
     drop(dns);
 }
 
-/// A next hop (no extensions but the basics) that sends the Message-ID of each message it
-/// takes down the first channel, and leaves the first connection's QUIT unanswered: the
-/// second channel gets a message when it comes. Later connections are answered in full.
-fn slow_to_quit_next_hop() -> (
-    u16,
-    std::sync::mpsc::Receiver<String>,
-    std::sync::mpsc::Receiver<()>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (record, taken) = std::sync::mpsc::channel();
-    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for (index, stream) in listener.incoming().take(4).enumerate() {
-            let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                let verb = line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
-                let reply: &[u8] = match verb.as_str() {
-                    "EHLO" => b"250-hop.test\r\n250 8BITMIME\r\n",
-                    "DATA" => {
-                        let _ = stream.write_all(b"354 go on\r\n");
-                        let mut id = String::new();
-                        loop {
-                            let mut body = String::new();
-                            if reader.read_line(&mut body).unwrap_or(0) == 0 || body == ".\r\n" {
-                                break;
-                            }
-                            if let Some(found) = body.strip_prefix("Message-ID: ") {
-                                id = found.trim_end().to_owned();
-                            }
-                        }
-                        let _ = record.send(id);
-                        b"250 2.0.0 taken\r\n"
-                    }
-                    "QUIT" if index == 0 => {
-                        let _ = quit_seen.send(());
-                        // No reply: the connection stays open until postern gives up on it.
-                        held.push(stream.try_clone().unwrap());
-                        break;
-                    }
-                    "QUIT" => {
-                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
-                        break;
-                    }
-                    _ => b"250 2.0.0 ok\r\n",
-                };
-                if stream.write_all(reply).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    (port, taken, quit_rx)
-}
-
 #[test]
 fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
-    // One connection per next hop: the only one idles out and says QUIT, whose reply takes
-    // long. A message for that next hop queued meanwhile found the connection neither idle
+    // One connection per next hop: the only one idles out and says QUIT, whose reply comes
+    // late. A message for that next hop queued meanwhile found the connection neither idle
     // nor replaceable (the limit counted it); it must not wait for a next message to come.
-    let (port, taken, quit_seen) = slow_to_quit_next_hop();
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
+    let (tell, told) = std::sync::mpsc::channel::<()>();
+    let told = std::sync::Mutex::new(Some(told));
+    let (port, stored, _) = scripted_next_hop(
+        move |n, line| {
+            (n == 0 && line.starts_with("QUIT")).then(|| {
+                let _ = quit_seen.send(());
+                let told = told.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "221 bye\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 taken\r\n"),
+    );
     let route = format!("dest.test=127.0.0.1:{port}");
     let server = Server::start(&[
         "--route",
@@ -4525,6 +4468,7 @@ fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
         "--retry-initial",
         "1h",
     ]);
+    let wait = Duration::from_secs(30);
     send(
         &server,
         "a@origin.test",
@@ -4532,11 +4476,12 @@ fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
         "<first@t>",
         "one\r\n",
     );
-    let wait = Duration::from_secs(30);
-    assert_eq!(taken.recv_timeout(wait).unwrap(), "<first@t>");
-    quit_seen
-        .recv_timeout(Duration::from_secs(30))
+    let (_, first) = stored.recv_timeout(wait).unwrap();
+    assert!(first.contains("<first@t>"), "{first}");
+    quit_rx
+        .recv_timeout(wait)
         .expect("the idle connection said QUIT");
+    // Queued for the next hop before its 250 is written (one core): then the QUIT's reply.
     send(
         &server,
         "a@origin.test",
@@ -4544,9 +4489,9 @@ fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
         "<second@t>",
         "two\r\n",
     );
-    assert_eq!(
-        taken.recv_timeout(wait).ok().as_deref(),
-        Some("<second@t>"),
-        "the second message was never delivered"
-    );
+    tell.send(()).unwrap();
+    let (_, second) = stored
+        .recv_timeout(wait)
+        .expect("the second message was never delivered");
+    assert!(second.contains("<second@t>"), "{second}");
 }
