@@ -544,7 +544,9 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     if s.retry_max < s.retry_initial {
         return Err("--retry-max must be at least --retry-initial".into());
     }
-    let low = s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8);
+    let low = s
+        .queue_low_water
+        .unwrap_or(default_low_water(s.queue_high_water));
     if s.queue_high_water > 0 && low > s.queue_high_water {
         return Err("--queue-low-water cannot exceed --queue-high-water".into());
     }
@@ -767,7 +769,8 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         held_queue_marks: (s.hold && s.queue_high_water > 0).then(|| {
             (
                 s.queue_high_water,
-                s.queue_low_water.unwrap_or(s.queue_high_water / 10 * 8),
+                s.queue_low_water
+                    .unwrap_or(default_low_water(s.queue_high_water)),
             )
         }),
         spool_damage_found: 0,
@@ -803,8 +806,24 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     })
 }
 
+/// The default `--queue-low-water`: 80 % of the high mark, rounded down (19 gives 15).
+fn default_low_water(high: u64) -> u64 {
+    (u128::from(high) * 8 / 10) as u64
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_default_low_water_is_80_percent_of_the_high_mark_also_for_small_marks() {
+        assert_eq!(default_low_water(19), 15);
+        assert_eq!(default_low_water(5), 4);
+        assert_eq!(default_low_water(1_000_000), 800_000);
+        assert_eq!(
+            default_low_water(u64::MAX),
+            u64::MAX / 10 * 8 + u64::MAX % 10 * 8 / 10
+        );
+    }
     use super::*;
 
     #[test]

@@ -105,8 +105,26 @@ fn server_pid(spool: &Path) -> Result<rustix::process::Pid, String> {
         .map_err(|e| format!("cannot read /proc/locks to find the server: {e}"))?;
     let dev = meta.dev();
     let file = (rustix::fs::major(dev), rustix::fs::minor(dev), meta.ino());
-    flock_holder(&locks, file)
-        .ok_or_else(|| format!("no postern is running on {}", spool.display()))
+    let pid = flock_holder(&locks, file)
+        .ok_or_else(|| format!("no postern is running on {}", spool.display()))?;
+    // Another program may lock the directory (`flock DIR command`): it is not signalled.
+    let raw = pid.as_raw_nonzero();
+    let comm = std::fs::read_to_string(format!("/proc/{raw}/comm")).unwrap_or_default();
+    let same_binary = match (
+        std::fs::read_link(format!("/proc/{raw}/exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs == ours,
+        _ => false,
+    };
+    if !comm.trim_end().starts_with("postern") && !same_binary {
+        return Err(format!(
+            "{} is locked by pid {raw} ({}), which is not postern: nothing was signalled",
+            spool.display(),
+            comm.trim_end()
+        ));
+    }
+    Ok(pid)
 }
 
 /// The process holding an exclusive `flock` on the file (device major, minor, inode), from

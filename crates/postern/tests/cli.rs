@@ -877,6 +877,14 @@ fn a_flush_without_a_server_on_the_spool_is_refused() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no postern is running on"), "{err}");
     drop(held);
+    // A process that locks the directory itself, as postern does, but is not postern (this
+    // test): not signalled either, and said so.
+    let dir_lock = std::fs::File::open(dir.path()).unwrap();
+    dir_lock.lock().unwrap();
+    let (code, _, err) = run(&["queue", "--flush", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("which is not postern"), "{err}");
+    drop(dir_lock);
     refused(&["queue", "--flush", "--json"], "--json");
 }
 
