@@ -51,6 +51,11 @@ pub struct Settings {
     pub max_connections: usize,
     /// Concurrent connections from one client address.
     pub max_connections_per_ip: usize,
+    /// Connections whose session is over, all cores together, that may still read and drop
+    /// what their clients send before they close (so that a reset does not throw away the
+    /// last reply): they are not counted under `max_connections`, so this comes out of the
+    /// descriptors kept for the spool and delivery. Past it a connection closes at once.
+    pub max_lingering: usize,
     /// IPv6 clients are counted per network of this many bits by `max_connections_per_ip`.
     pub ipv6_client_prefix: u8,
     /// Longest wait for the next command or body bytes (RFC 5321 4.5.3.2).
@@ -94,6 +99,7 @@ impl Default for Settings {
             max_junk_commands: postern_proto::limits::DEFAULT_MAX_JUNK_COMMANDS,
             max_connections: 20_000,
             max_connections_per_ip: 1000,
+            max_lingering: 256,
             ipv6_client_prefix: 84,
             command_timeout: Duration::from_secs(300),
             max_session_time: Duration::from_secs(3600),

@@ -41,11 +41,6 @@ pub(crate) const CLOSING_WRITE: Duration = Duration::from_secs(1);
 /// The most a session reads and drops after closing its side (see `serve`).
 const LINGER_BYTES: usize = 1024 * 1024;
 
-/// The most connections of one core that read and drop after their session: they are no
-/// longer counted under `--max-connections`, so clients that never close cannot use them to
-/// hold descriptors without bound. Past it a connection closes at once.
-const MAX_LINGERING: usize = 256;
-
 /// Relay refused.
 const RELAY_DENIED: StaticReply =
     StaticReply::new(554, EnhancedCode::new(5, 7, 1), "Relay access denied");
@@ -133,7 +128,11 @@ pub(crate) async fn serve(
         glommio::timer::sleep(CLOSING_WRITE).await;
         false
     };
-    if future::or(close, timeout).await && core.lingering.get() < MAX_LINGERING {
+    // No longer counted under --max-connections, these take descriptors kept for the spool
+    // and delivery: a core's share of `max_lingering` at most (clients that never close
+    // cannot hold them without bound); past it the connection closes at once.
+    let most = core.settings.max_lingering / core.settings.cores.max(1);
+    if future::or(close, timeout).await && core.lingering.get() < most {
         core.lingering.set(core.lingering.get() + 1);
         let mut scrap = vec![0u8; 4096];
         let mut drained = 0;

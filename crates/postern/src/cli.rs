@@ -785,6 +785,8 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         max_recipients: s.max_recipients,
         max_junk_commands: s.max_junk_commands,
         max_connections: s.max_connections,
+        // Set from the open-file limit at start-up (main).
+        max_lingering: 256,
         max_connections_per_ip,
         ipv6_client_prefix: s.ipv6_client_prefix,
         command_timeout: s.command_timeout,

@@ -90,9 +90,11 @@ fn main() -> ExitCode {
     let mut settings = config.server;
     let cores = settings.cores;
     match check_open_file_limit(settings.max_connections, cores) {
-        Ok(cap) => {
+        Ok((cap, reserve)) => {
             settings.max_connections = cap;
             settings.max_connections_per_ip = settings.max_connections_per_ip.min(cap);
+            // A quarter of the descriptors kept for the spool and delivery, 256 at most.
+            settings.max_lingering = usize::try_from(reserve / 4).unwrap_or(256).min(256);
         }
         Err(e) => {
             complain!("postern: cannot start: {e}");
@@ -436,7 +438,7 @@ fn connections_within(limit: u64, least: u64) -> usize {
 /// and for the spool and delivery (said in a warning). A limit too low for the cores to start
 /// at all is an error (naming the limit, rather than whichever descriptor happens to fail
 /// first).
-fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<usize, String> {
+fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize, u64), String> {
     match postern_server::raise_open_file_limit() {
         Ok(limit) => {
             let least = OPEN_FILES_BASE + OPEN_FILES_PER_CORE * cores as u64;
@@ -471,13 +473,13 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<usize, 
                      with `ulimit -n` or LimitNOFILE= in the systemd unit, or lower \
                      --max-connections"
                 );
-                return Ok(cap);
+                return Ok((cap, left));
             }
-            Ok(max_connections)
+            Ok((max_connections, OPEN_FILE_HEADROOM))
         }
         Err(e) => {
             tracing::warn!("cannot raise the open-file limit: {e}");
-            Ok(max_connections)
+            Ok((max_connections, OPEN_FILE_HEADROOM))
         }
     }
 }
