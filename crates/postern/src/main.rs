@@ -548,6 +548,16 @@ fn start_relay(
 /// would get 452 4.3.1), so the start fails; one that cannot hold a segment and its spare
 /// for each core refuses mail long before it is full, which is a warning.
 fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result<(), String> {
+    // The file-size limit (`ulimit -f`) applies to every segment file: one below a segment
+    // makes every segment fail (EFBIG), as a file system too small would.
+    let fsize = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
+    if let Some(limit) = fsize.filter(|&l| l < segment) {
+        return Err(format!(
+            "the file-size limit is {limit} bytes, less than one spool segment \
+             (--spool-segment-size {segment}): no message could be stored; raise it with \
+             `ulimit -f` or LimitFSIZE= in the systemd unit, or lower --spool-segment-size"
+        ));
+    }
     // Some file systems (FUSE, network ones) say nothing of their size: no check then.
     let Ok(fs) = rustix::fs::statvfs(dir) else {
         return Ok(());

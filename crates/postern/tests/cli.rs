@@ -918,6 +918,20 @@ fn an_open_file_limit_too_low_for_the_cores_is_named() {
 }
 
 #[test]
+fn a_file_size_limit_below_one_segment_is_a_start_up_error() {
+    // Every segment file would fail to be made (EFBIG): no message could ever be stored.
+    let (code, _, err) = serve_under(&["prlimit", "--fsize=1048576"], &["--cores", "1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "cannot start: the file-size limit is 1048576 bytes, less than one spool segment"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains(RAW_PANIC), "{err}");
+}
+
+#[test]
 fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
     for (errno, says) in [
         ("EPERM", "io_uring is not allowed here"),
