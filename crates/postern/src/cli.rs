@@ -310,6 +310,13 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses `500ms`, `3s`, `5m`, `1h`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    // `M` is a month to the parser, while sizes take it for MiB: `5M` written for minutes
+    // would be five months without a word.
+    if s.contains('M') {
+        return Err(format!(
+            "'{s}' is ambiguous: durations take m for minutes (M would be months; write 30d)"
+        ));
+    }
     let d = humantime::parse_duration(s)
         .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"))?;
     // Deadlines are instants: a duration this long would overflow when added to one.
@@ -815,6 +822,15 @@ fn default_low_water(high: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_capital_m_in_a_duration_is_refused_not_taken_for_months() {
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        for bad in ["5M", "5 M", "1Mon"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("m for minutes"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn the_default_low_water_is_80_percent_of_the_high_mark_also_for_small_marks() {
