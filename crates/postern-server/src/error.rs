@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", bind_advice(source, addr))]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
@@ -23,4 +23,20 @@ pub enum StartError {
     /// The metrics listener could not be started.
     #[error("metrics listener: {0}")]
     Metrics(String),
+}
+
+/// What to do about a bind that failed, where the error alone does not say it.
+fn bind_advice(e: &std::io::Error, addr: &std::net::SocketAddr) -> String {
+    match e.raw_os_error() {
+        Some(libc::EACCES) if addr.port() < 1024 => {
+            "; ports below 1024 need root or the CAP_NET_BIND_SERVICE capability \
+             (AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit)"
+                .into()
+        }
+        Some(libc::EADDRNOTAVAIL) => {
+            "; that address is not one of this machine's (see `ip addr`; 0.0.0.0 and [::] take all)"
+                .into()
+        }
+        _ => String::new(),
+    }
 }
