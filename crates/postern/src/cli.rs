@@ -381,10 +381,12 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
                 .collect();
             let line = first.join(" ").trim_start_matches("error: ").to_owned();
             if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
-                // What asked for the missing flag may have come from the environment.
-                let set: Vec<String> = std::env::vars_os()
-                    .filter_map(|(name, _)| name.into_string().ok())
-                    .filter(|name| name.starts_with("POSTERN_"))
+                // What asked for the missing flag may have come from the environment: only the
+                // flags that require another (the certificate and its key) can ask.
+                let set: Vec<String> = ["POSTERN_TLS_CERT", "POSTERN_TLS_KEY"]
+                    .into_iter()
+                    .filter(|name| std::env::var_os(name).is_some())
+                    .map(str::to_owned)
                     .collect();
                 if !set.is_empty() {
                     return Err(format!(

@@ -305,6 +305,13 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
         err.contains("--tls-key") && err.contains("POSTERN_TLS_CERT"),
         "{err}"
     );
+    // A variable that asks for nothing is not named beside the flag that is missing.
+    let (code, err) = serve_with_env(&["--tls-cert", "/x.pem"], "POSTERN_SPOOL", "/tmp/x");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--tls-key") && !err.contains("POSTERN_SPOOL"),
+        "{err}"
+    );
     // Also where the message puts a colon after the flag.
     for (var, value, flag) in [
         ("POSTERN_HOSTNAME", "bad host", "--hostname"),
