@@ -23,7 +23,7 @@ pub fn server_config(
     hostname: Option<&str>,
 ) -> Result<(Arc<ServerConfig>, Arc<ServerCert>), StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let current = load(cert, key, hostname, &provider)?;
+    let current = load(cert, key, hostname, &provider, true)?;
     let resolver = Arc::new(ServerCert {
         cert: cert.to_owned(),
         key: key.to_owned(),
@@ -37,6 +37,14 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
     Ok((Arc::new(config), resolver))
+}
+
+/// Whether the certificate chain and key load and go together, without a word of warning:
+/// checked before anything else changes at start-up (the spool), so that a start that
+/// fails on them has changed nothing.
+pub fn check_pair(cert: &Path, key: &Path) -> Result<(), StartError> {
+    let provider = rustls::crypto::ring::default_provider();
+    load(cert, key, None, &provider, false).map(|_| ())
 }
 
 /// The server's certificate chain and key, shared by every core's handshakes; [`reload`]
@@ -61,6 +69,7 @@ impl ServerCert {
             &self.key,
             self.hostname.as_deref(),
             &self.provider,
+            true,
         )?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(renewed);
         Ok(())
@@ -89,6 +98,7 @@ fn load(
     key: &Path,
     hostname: Option<&str>,
     provider: &CryptoProvider,
+    warn: bool,
 ) -> Result<CertifiedKey, StartError> {
     let bad = |path: &Path, why: String| StartError::Tls(format!("{}: {why}", path.display()));
     let mut reader = BufReader::new(File::open(cert).map_err(|e| bad(cert, e.to_string()))?);
@@ -154,7 +164,7 @@ fn load(
         };
         StartError::Tls(format!("{} and {}: {why}", cert.display(), key.display()))
     })?;
-    for warning in warnings {
+    for warning in warnings.into_iter().filter(|_| warn) {
         tracing::warn!("{}: {warning}", cert.display());
     }
     Ok(certified)
@@ -373,7 +383,7 @@ mod tests {
 
     fn load_error(cert: &Path, key: &Path) -> String {
         let provider = rustls::crypto::ring::default_provider();
-        match load(cert, key, None, &provider) {
+        match load(cert, key, None, &provider, true) {
             Err(StartError::Tls(why)) => why,
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("loaded"),

@@ -116,6 +116,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    // So do the certificate and key: read before the spool is locked, made or moved.
+    if let Some(files) = &settings.tls {
+        if let Err(e) = postern_server::tls::check_pair(&files.cert, &files.key) {
+            complain!("postern: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    }
     // The spool's lock comes first: recovery must not read a spool another process writes.
     let spool_lock = match postern_server::lock_spool(&settings.spool_dir) {
         Ok(lock) => lock,

@@ -937,6 +937,30 @@ fn an_address_not_of_this_machine_is_named_with_what_to_do() {
 }
 
 #[test]
+fn a_start_that_fails_on_its_certificate_has_not_touched_the_spool() {
+    // The spool is made (or moved to fewer cores) only once everything else is known good.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+        .arg(&spool)
+        .args([
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ])
+        .env_remove("RUST_BACKTRACE");
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/cert.pem"), "{err}");
+    assert!(
+        !spool.exists(),
+        "the spool was made before the certificate was read"
+    );
+}
+
+#[test]
 fn a_file_size_limit_below_one_segment_is_a_start_up_error() {
     // Every segment file would fail to be made (EFBIG): no message could ever be stored.
     let (code, _, err) = serve_under(&["prlimit", "--fsize=1048576"], &["--cores", "1"]);
