@@ -28,7 +28,7 @@ pub enum StartError {
 /// What to do about a bind that failed, where the error alone does not say it.
 fn bind_advice(e: &std::io::Error, addr: &std::net::SocketAddr) -> String {
     match e.raw_os_error() {
-        Some(libc::EACCES) if addr.port() < 1024 => {
+        Some(libc::EACCES) if (1..1024).contains(&addr.port()) => {
             "; ports below 1024 need root or the CAP_NET_BIND_SERVICE capability \
              (AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit)"
                 .into()

@@ -131,7 +131,8 @@ pub(crate) async fn serve(
     // No longer counted under --max-connections, these take descriptors kept for the spool
     // and delivery: a core's share of `max_lingering` at most (clients that never close
     // cannot hold them without bound); past it the connection closes at once.
-    let most = core.settings.max_lingering / core.settings.cores.max(1);
+    let lingering = core.settings.max_lingering;
+    let most = (lingering / core.settings.cores.max(1)).max(usize::from(lingering > 0));
     if future::or(close, timeout).await && core.lingering.get() < most {
         core.lingering.set(core.lingering.get() + 1);
         let mut scrap = vec![0u8; 4096];

@@ -116,6 +116,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    if let Err(e) = check_file_size_limit(settings.spool_segment_size) {
+        complain!("postern: cannot start: {e}");
+        return ExitCode::from(1);
+    }
     // So do the certificate and key: read before the spool is locked, made or moved.
     if let Some(files) = &settings.tls {
         if let Err(e) = postern_server::tls::check_pair(&files.cert, &files.key) {
@@ -445,6 +449,7 @@ fn connections_within(limit: u64, least: u64) -> usize {
 /// and for the spool and delivery (said in a warning). A limit too low for the cores to start
 /// at all is an error (naming the limit, rather than whichever descriptor happens to fail
 /// first).
+/// With the connection limit, the descriptors left over by the connections and the cores.
 fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize, u64), String> {
     match postern_server::raise_open_file_limit() {
         Ok(limit) => {
@@ -480,9 +485,14 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
                      with `ulimit -n` or LimitNOFILE= in the systemd unit, or lower \
                      --max-connections"
                 );
-                return Ok((cap, left));
+                // Free for lingering connections: what neither the connections nor the
+                // cores' own descriptors take.
+                return Ok((cap, now.saturating_sub(cap as u64 + least)));
             }
-            Ok((max_connections, OPEN_FILE_HEADROOM))
+            let spare = limit.now.map_or(OPEN_FILE_HEADROOM, |n| {
+                n.saturating_sub(max_connections as u64 + least)
+            });
+            Ok((max_connections, spare))
         }
         Err(e) => {
             tracing::warn!("cannot raise the open-file limit: {e}");
@@ -555,16 +565,6 @@ fn start_relay(
 /// would get 452 4.3.1), so the start fails; one that cannot hold a segment and its spare
 /// for each core refuses mail long before it is full, which is a warning.
 fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result<(), String> {
-    // The file-size limit (`ulimit -f`) applies to every segment file: one below a segment
-    // makes every segment fail (EFBIG), as a file system too small would.
-    let fsize = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
-    if let Some(limit) = fsize.filter(|&l| l < segment) {
-        return Err(format!(
-            "the file-size limit is {limit} bytes, less than one spool segment \
-             (--spool-segment-size {segment}): no message could be stored; raise it with \
-             `ulimit -f` or LimitFSIZE= in the systemd unit, or lower --spool-segment-size"
-        ));
-    }
     // Some file systems (FUSE, network ones) say nothing of their size: no check then.
     let Ok(fs) = rustix::fs::statvfs(dir) else {
         return Ok(());
@@ -592,6 +592,20 @@ fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result
         );
     }
     Ok(())
+}
+
+/// The file-size limit (`ulimit -f`) applies to every segment file: one below a segment
+/// makes every segment fail (EFBIG), as a file system too small would, so the start fails.
+fn check_file_size_limit(segment: u64) -> Result<(), String> {
+    let fsize = rustix::process::getrlimit(rustix::process::Resource::Fsize).current;
+    match fsize.filter(|&l| l < segment) {
+        Some(limit) => Err(format!(
+            "the file-size limit is {limit} bytes, less than one spool segment \
+             (--spool-segment-size {segment}): no message could be stored; raise it with \
+             `ulimit -f` or LimitFSIZE= in the systemd unit, or lower --spool-segment-size"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Reads the spool's messages still to deliver, logging how many and any damaged records.

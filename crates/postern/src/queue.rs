@@ -117,6 +117,12 @@ fn server_pid(spool: &Path) -> Result<rustix::process::Pid, String> {
         (Ok(theirs), Ok(ours)) => theirs == ours,
         _ => false,
     };
+    if comm.is_empty() && !same_binary {
+        return Err(format!(
+            "{} is locked by pid {raw}, which cannot be told to be postern: nothing was signalled",
+            spool.display()
+        ));
+    }
     if !comm.trim_end().starts_with("postern") && !same_binary {
         return Err(format!(
             "{} is locked by pid {raw} ({}), which is not postern: nothing was signalled",

@@ -114,17 +114,14 @@ fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process(
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    // A segment file of 1 MiB is past `ulimit -f 512` (512 KiB): writing it raises SIGXFSZ,
-    // which ends a process that does not handle it.
+    // A start under a file-size limit below one segment is refused (no message could be
+    // stored); one lowered while the server runs (`prlimit --pid`) is met at the next write
+    // past it, which raises SIGXFSZ: that ends a process that does not handle it.
     let mut child = common::KillOnDrop(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -f 512 && exec {} serve --listen 127.0.0.1:0 --cores 1 --hold \
-             --spool-segment-size 1M --spool {}",
-                env!("CARGO_BIN_EXE_postern"),
-                spool.display()
-            ))
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cores", "1", "--hold"])
+            .args(["--spool-segment-size", "1M", "--spool"])
+            .arg(&spool)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -142,17 +139,22 @@ fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process(
             break;
         }
     }
+    let lowered = Command::new("prlimit")
+        .args(["--pid", &child.id().to_string(), "--fsize=65536"])
+        .status()
+        .unwrap();
+    assert!(lowered.success());
     let mut c = common::Client::connect(addr.unwrap());
     c.line();
     c.cmd("EHLO client.test");
     c.cmd("MAIL FROM:<a@b.test>");
     c.cmd("RCPT TO:<r@d.test>");
     let data = c.cmd("DATA");
-    let reply = if data.starts_with("354") {
-        c.cmd("Subject: x\r\n\r\nhello\r\n.")
-    } else {
-        data
-    };
+    // A body that reaches past 64 KiB into the segment.
+    assert!(data.starts_with("354"), "{data}");
+    let body = "x".repeat(998) + "\r\n";
+    c.send(format!("Subject: x\r\n\r\n{}.\r\n", body.repeat(100)).as_bytes());
+    let reply = c.line();
     assert_eq!(reply, "452 4.3.1 Insufficient system storage");
     let bye = c.cmd("QUIT");
     // Started without --hostname: the machine's name comes first.
