@@ -69,13 +69,13 @@ struct Serve {
         long,
         env = "POSTERN_LISTEN",
         value_delimiter = ',',
-        value_parser = trimmed::<SocketAddr>,
+        value_parser = socket_address,
         default_value = "127.0.0.1:2525"
     )]
     listen: Vec<SocketAddr>,
     /// Implicit-TLS (RFC 8314) listen address (repeatable); needs --tls-cert and --tls-key
     /// [default: none].
-    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = trimmed::<SocketAddr>)]
+    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = socket_address)]
     listen_tls: Vec<SocketAddr>,
     /// Executors, one per core [default: all cores].
     #[arg(long, env = "POSTERN_CORES")]
@@ -147,7 +147,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Prometheus metrics, /healthz and /readyz on this address [default: none, not served].
-    #[arg(long, env = "POSTERN_METRICS")]
+    #[arg(long, env = "POSTERN_METRICS", value_parser = socket_address)]
     metrics: Option<SocketAddr>,
     /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF
     /// [default: off; =false turns off a value set in the environment].
@@ -256,6 +256,17 @@ where
     T::Err: std::fmt::Display,
 {
     s.trim().parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// An address to listen on: an IP address and a port.
+fn socket_address(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "'{}' is not an address like 127.0.0.1:2525, 0.0.0.0:25 or [::1]:2525 (an IP \
+             address and a port; host names are not taken)",
+            s.trim()
+        )
+    })
 }
 
 /// A network as `ADDR/PREFIX`, or one address as its own network (`/32`, `/128`).
@@ -824,6 +835,18 @@ fn default_low_water(high: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_listen_address_must_be_an_ip_address_and_a_port() {
+        assert_eq!(
+            socket_address(" 127.0.0.1:2525 "),
+            Ok("127.0.0.1:2525".parse().unwrap())
+        );
+        for bad in ["localhost:2525", "127.0.0.1", "[::1]"] {
+            let e = socket_address(bad).unwrap_err();
+            assert!(e.contains("an IP address and a port"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn a_capital_m_in_a_duration_is_refused_not_taken_for_months() {

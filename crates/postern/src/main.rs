@@ -583,10 +583,11 @@ fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result
     }
     let wanted = segment.saturating_mul(2 * cores as u64);
     if total < wanted {
+        let plural = if cores == 1 { "" } else { "s" };
         tracing::warn!(
             "the spool's file system ({}) holds {total} bytes in all, less than a segment \
              and its spare for each core ({wanted} bytes of --spool-segment-size {segment} \
-             with {cores} cores): mail gets 452 4.3.1 long before it is full; lower \
+             with {cores} core{plural}): mail gets 452 4.3.1 long before it is full; lower \
              --spool-segment-size",
             dir.display()
         );
