@@ -130,3 +130,19 @@ pub(crate) async fn closed_before_a_byte(tcp: &TcpStream) -> bool {
         Err(e) => std::io::Error::from(e).kind() == std::io::ErrorKind::ConnectionReset,
     }
 }
+
+/// Reads and drops, without waiting, what the client has already sent (16 KiB at most):
+/// closing a socket with input unread sends a reset, which throws away what the socket has
+/// not sent yet, such as the reply written just before. For a connection refused at once,
+/// where waiting for the client (as a session's end does) would make an overload dearer.
+pub(crate) fn drop_input_already_here(tcp: &TcpStream) {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut scrap = [0u8; 4096];
+    for _ in 0..4 {
+        match recv(tcp.as_raw_fd(), &mut scrap, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) if n == scrap.len() => {}
+            _ => break,
+        }
+    }
+}

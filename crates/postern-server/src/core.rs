@@ -74,6 +74,9 @@ pub(crate) struct Core {
     /// Sessions over, their connections closed on our side, reading what their clients still
     /// send (see `session::serve`); no longer counted under the connection limits.
     pub(crate) lingering: Cell<usize>,
+    /// Connections refused over the limits, their 421 written and our side closed, reading
+    /// what their clients still send (see `session::linger`); they share the sessions' cap.
+    pub(crate) refusals_lingering: Cell<usize>,
     /// Woken when a session ends.
     pub(crate) session_ended: Event,
     /// The spool is past its high-water mark (until it falls to the low mark).

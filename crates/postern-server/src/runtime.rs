@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -433,6 +433,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         grace_over: Default::default(),
         sessions: Default::default(),
         lingering: Default::default(),
+        refusals_lingering: Default::default(),
         session_ended: Default::default(),
         delivery: Default::default(),
         spool_full: Default::default(),
@@ -661,8 +662,18 @@ async fn refuse(
         }
     };
     if !implicit_tls {
-        let _ = stream.write_all(text.as_bytes()).await;
-        let _ = stream.close().await;
+        // Our side closed, what the client still sends (an EHLO pipelined behind its
+        // connect, a QUIT) is read as a session's end does: closing with input unread would
+        // send a reset, which can take the 421 with it.
+        let until = Instant::now() + session::CLOSING_WRITE;
+        let wrote = within(session::CLOSING_WRITE, async {
+            stream.write_all(text.as_bytes()).await.is_ok() && stream.close().await.is_ok()
+        })
+        .await;
+        if wrote == Some(true) && !core.stopping.get() {
+            session::linger(&core, &core.refusals_lingering, &mut stream, until).await;
+        }
+        crate::conn::drop_input_already_here(&stream);
         return;
     }
     // No handshakes for refusals once the server stops: it would not wait for them.

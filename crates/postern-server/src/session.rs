@@ -131,26 +131,44 @@ pub(crate) async fn serve(
     // No longer counted under --max-connections, these take descriptors kept for the spool
     // and delivery: a core's share of `max_lingering` at most (clients that never close
     // cannot hold them without bound); past it the connection closes at once.
-    let lingering = core.settings.max_lingering;
-    let most = (lingering / core.settings.cores.max(1)).max(usize::from(lingering > 0));
-    if future::or(close, timeout).await && core.lingering.get() < most {
-        core.lingering.set(core.lingering.get() + 1);
-        let mut scrap = vec![0u8; 4096];
-        let mut drained = 0;
-        let read = async {
-            while drained < LINGER_BYTES {
-                match session.conn.read(&mut scrap).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => drained += n,
-                }
-            }
-        };
-        let left = until.saturating_duration_since(Instant::now());
-        future::or(read, glommio::timer::sleep(left)).await;
-        core.lingering.set(core.lingering.get() - 1);
+    if future::or(close, timeout).await {
+        linger(&core, &core.lingering, &mut session.conn, until).await;
     }
     core.sessions.set(core.sessions.get() - 1);
     core.session_ended.notify(usize::MAX);
+}
+
+/// Reads and drops what a client still sends after our side of its connection is closed,
+/// until it closes too, `LINGER_BYTES` have come or `until`. No longer counted under
+/// --max-connections, such connections take descriptors kept for the spool and delivery: a
+/// core's share of `max_lingering` at most, sessions' and refusals' together (clients that
+/// never close cannot hold them without bound); past it this returns at once. `count` is
+/// the core's counter this one is kept in while it lasts.
+pub(crate) async fn linger<R: futures_lite::AsyncRead + Unpin>(
+    core: &Core,
+    count: &std::cell::Cell<usize>,
+    reader: &mut R,
+    until: Instant,
+) {
+    let lingering = core.settings.max_lingering;
+    let most = (lingering / core.settings.cores.max(1)).max(usize::from(lingering > 0));
+    if core.lingering.get() + core.refusals_lingering.get() >= most {
+        return;
+    }
+    count.set(count.get() + 1);
+    let mut scrap = [0u8; 4096];
+    let mut drained = 0;
+    let read = async {
+        while drained < LINGER_BYTES {
+            match reader.read(&mut scrap).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let left = until.saturating_duration_since(Instant::now());
+    future::or(read, glommio::timer::sleep(left)).await;
+    count.set(count.get() - 1);
 }
 
 struct Session {

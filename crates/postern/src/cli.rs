@@ -78,7 +78,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = socket_address)]
     listen_tls: Vec<SocketAddr>,
     /// Executors, one per core [default: all cores].
-    #[arg(long, env = "POSTERN_CORES")]
+    #[arg(long, env = "POSTERN_CORES", value_parser = trimmed::<usize>)]
     cores: Option<usize>,
     /// Spool directory.
     #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
@@ -91,7 +91,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_SPOOL_HIGH_WATER", default_value = "0", value_parser = parse_size)]
     spool_high_water: u64,
     /// Our host name, in the banner, EHLO and Received headers [default: the system's].
-    #[arg(long, env = "POSTERN_HOSTNAME")]
+    #[arg(long, env = "POSTERN_HOSTNAME", value_parser = trimmed::<String>)]
     hostname: Option<String>,
     /// A domain to accept mail for from anyone (repeatable) [default: none].
     #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',', value_parser = trimmed::<String>)]
@@ -99,7 +99,7 @@ struct Serve {
     /// Where mail to <postmaster>, postmaster@HOSTNAME and postmaster@[the address the client
     /// reached] goes (an address); all are accepted from anyone (RFC 5321 4.5.1) [default:
     /// they become postmaster@HOSTNAME, routed like any recipient].
-    #[arg(long, env = "POSTERN_POSTMASTER")]
+    #[arg(long, env = "POSTERN_POSTMASTER", value_parser = trimmed::<String>)]
     postmaster: Option<String>,
     /// A network allowed to relay to any domain, as ADDR/PREFIX or one address (repeatable)
     /// [default: 127.0.0.0/8, ::1/128].
@@ -111,25 +111,25 @@ struct Serve {
     /// Recipients per transaction (at least 100); the envelope (paths and ORCPTs) is also
     /// capped at 128 octets per recipient allowed, never below 75,956 octets (room for 100
     /// recipients of the longest form).
-    #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000)]
+    #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000, value_parser = trimmed::<usize>)]
     max_recipients: usize,
     /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
     /// chunk not the last) a session may send between messages accepted; past it each one
     /// also counts as an error, and the session ends with 421 4.7.0 at the error limit (20).
     /// 0 for no limit.
-    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100)]
+    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100, value_parser = trimmed::<u32>)]
     max_junk_commands: u32,
     /// Concurrent connections, all cores together; more get 421 4.3.2.
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000)]
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = trimmed::<usize>)]
     max_connections: usize,
     /// Concurrent connections from one client address; more get 421 4.7.0 [default: 1000, or
     /// --max-connections when that is lower].
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP")]
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_parser = trimmed::<usize>)]
     max_connections_per_ip: Option<usize>,
     /// For --max-connections-per-ip, IPv6 clients are counted per network of this prefix
     /// length (16 to 128; 128 counts each address on its own).
     #[arg(long, env = "POSTERN_IPV6_CLIENT_PREFIX", default_value_t = 84,
-          value_parser = clap::value_parser!(u8).range(16..=128))]
+          value_parser = ranged::<u8>(16, 128))]
     ipv6_client_prefix: u8,
     /// Longest wait for a command or body bytes (RFC 5321 4.5.3.2), e.g. 500ms, 3s, 5m.
     #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
@@ -164,18 +164,18 @@ struct Serve {
     hold: bool,
     /// Send all mail to this smarthost (HOST:PORT; port 25 when left out) instead of looking
     /// up MX records [default: none, MX records].
-    #[arg(long, env = "POSTERN_RELAY_HOST")]
+    #[arg(long, env = "POSTERN_RELAY_HOST", value_parser = trimmed::<String>)]
     relay_host: Option<String>,
     /// Send mail for DOMAIN and its subdomains to HOST:PORT (repeatable; the longest domain
     /// wins; takes precedence over --relay-host) [default: none].
     #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',', value_parser = trimmed::<String>)]
     route: Vec<String>,
     /// The DNS server for MX lookups (ADDR or ADDR:PORT) [default: from /etc/resolv.conf].
-    #[arg(long, env = "POSTERN_DNS_SERVER")]
+    #[arg(long, env = "POSTERN_DNS_SERVER", value_parser = trimmed::<String>)]
     dns_server: Option<String>,
     /// The TCP port of MX hosts (25 on the Internet; another value only in labs and tests).
     #[arg(long, env = "POSTERN_MX_PORT", default_value_t = 25,
-          value_parser = clap::value_parser!(u16).range(1..))]
+          value_parser = ranged::<u16>(1, u16::MAX))]
     mx_port: u16,
     /// First retry delay after a temporary failure; it doubles with each failure.
     #[arg(long, env = "POSTERN_RETRY_INITIAL", default_value = "5m", value_parser = parse_duration)]
@@ -191,7 +191,7 @@ struct Serve {
     delay_warning: Option<Duration>,
     /// STARTTLS towards next hops: none, opportunistic (when offered, unauthenticated) or
     /// required (verified certificate).
-    #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic")]
+    #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic", value_parser = trimmed::<String>)]
     outbound_tls: String,
     /// Extra trust anchors (PEM) for --outbound-tls required [default: none, the system's].
     #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA")]
@@ -200,13 +200,14 @@ struct Serve {
     #[arg(
         long,
         env = "POSTERN_MAX_CONNECTIONS_PER_DESTINATION",
-        default_value_t = 16
+        default_value_t = 16,
+        value_parser = trimmed::<usize>
     )]
     max_connections_per_destination: usize,
     /// Messages pipelined into each other on one outbound connection when the next hop
     /// offers PIPELINING and CHUNKING: each transaction is written before the earlier ones'
     /// replies are read. 1 sends one transaction per round trip.
-    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1)]
+    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1, value_parser = trimmed::<usize>)]
     max_transactions_in_flight: usize,
     /// How long an idle outbound connection waits for the next message.
     #[arg(long, env = "POSTERN_OUTBOUND_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -234,10 +235,10 @@ struct Serve {
     smtp_data_done_timeout: Duration,
     /// Messages queued (not yet delivered or bounced) at which new mail gets 452 4.3.1; 0 for
     /// no limit.
-    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000)]
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000, value_parser = trimmed::<u64>)]
     queue_high_water: u64,
     /// Messages queued at which mail is accepted again [default: 80% of --queue-high-water].
-    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER")]
+    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER", value_parser = trimmed::<u64>)]
     queue_low_water: Option<u64>,
 }
 
@@ -256,6 +257,21 @@ where
     T::Err: std::fmt::Display,
 {
     s.trim().parse().map_err(|e: T::Err| e.to_string())
+}
+
+/// A number within `low..=high`, without the blanks around it.
+fn ranged<T>(low: T, high: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
+where
+    T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    move |s: &str| {
+        let n: T = trimmed(s)?;
+        if n < low || n > high {
+            return Err(format!("{n} is not in {low}..={high}"));
+        }
+        Ok(n)
+    }
 }
 
 /// An address to listen on: an IP address and a port.
@@ -845,6 +861,42 @@ mod tests {
         for bad in ["localhost:2525", "127.0.0.1", "[::1]"] {
             let e = socket_address(bad).unwrap_err();
             assert!(e.contains("an IP address and a port"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn numbers_and_names_from_the_environment_may_have_blanks_around_them() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "postern",
+            "serve",
+            "--max-recipients",
+            " 5 ",
+            "--cores",
+            "1\n",
+            "--mx-port",
+            " 2526",
+            "--ipv6-client-prefix",
+            "64 ",
+            "--hostname",
+            " mx1.example.net ",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(s.max_recipients, 5);
+        assert_eq!(s.cores, Some(1));
+        assert_eq!(s.mx_port, 2526);
+        assert_eq!(s.ipv6_client_prefix, 64);
+        assert_eq!(s.hostname.as_deref(), Some("mx1.example.net"));
+        for (flag, bad) in [
+            ("--mx-port", "0"),
+            ("--ipv6-client-prefix", " 8"),
+            ("--max-recipients", "5x"),
+        ] {
+            let e = Cli::try_parse_from(["postern", "serve", flag, bad]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{flag} {bad}: {e}");
         }
     }
 

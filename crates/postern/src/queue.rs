@@ -7,7 +7,7 @@
 //! torn tail, and the listing is a snapshot that may miss the message it belongs to.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -230,6 +230,31 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             first.display()
         );
     }
+    // `postern serve` refuses to start on a spool where a core's entry is not a directory;
+    // listed as empty, that queue would look fine.
+    let mut odd_cores: Vec<PathBuf> = std::fs::read_dir(spool)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                        && !e.path().is_dir()
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    odd_cores.sort();
+    for path in &odd_cores {
+        let _ = writeln!(
+            note,
+            "-- {} is named like a core's directory but is not one: not read, and `postern \
+             serve` will not start on this spool until it is moved away",
+            path.display()
+        );
+    }
     if recovered.damaged > 0 {
         let _ = writeln!(
             note,
@@ -273,7 +298,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     }
     if waiting.is_empty() {
         out.push_str(
-            if recovered.corrupt_records == 0 && recovered.damaged == 0 {
+            if recovered.corrupt_records == 0 && recovered.damaged == 0 && odd_cores.is_empty() {
                 "-- the queue is empty\n"
             } else {
                 "-- no message waiting could be read\n"

@@ -769,6 +769,26 @@ fn the_queue_command_names_a_missing_spool_and_says_when_the_queue_is_empty() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("-- the queue is empty\n"), "{out}");
     assert!(out.contains("move of the queue to fewer cores"), "{out}");
+    std::fs::remove_file(dir.path().join(".fold-journal")).unwrap();
+    // A core's entry that is a file: the server will not start on it, so the listing does
+    // not call the queue empty.
+    std::fs::write(dir.path().join("0"), "").unwrap();
+    let (code, out, err) = run(&["queue", "--spool", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("the queue is empty"), "{out}");
+    assert!(out.contains("named like a core's directory"), "{out}");
+    let (code, _, err) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--hold",
+        "--cores",
+        "1",
+        "--spool",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    std::fs::remove_file(dir.path().join("0")).unwrap();
     refused(
         &[
             "queue",
