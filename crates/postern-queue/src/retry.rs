@@ -51,12 +51,19 @@ impl RetryPolicy {
     /// After the `failures`-th failed attempt at `now` of a message that arrived at `arrival`:
     /// the next attempt, never later than the end of the lifetime (a last attempt is made
     /// then), or expiry once the lifetime is over.
+    ///
+    /// The delay is the doubling one, or the message's age when that is longer (at most
+    /// `max`): on the doubling schedule the age is always the shorter, but the count of
+    /// failures starts again in each run, and a message queued for a day is not tried every
+    /// `initial` again after a restart, nor after a flush or a wait under `--hold`.
     pub fn after_failure(&self, arrival: u64, failures: u32, now: u64) -> RetryDecision {
         let deadline = arrival.saturating_add(millis(self.lifetime));
         if now >= deadline {
             return RetryDecision::Expire;
         }
-        RetryDecision::RetryAt(now.saturating_add(self.delay(failures)).min(deadline))
+        let age = now.saturating_sub(arrival).min(millis(self.max));
+        let delay = self.delay(failures).max(age);
+        RetryDecision::RetryAt(now.saturating_add(delay).min(deadline))
     }
 
     /// When to try again, after a restart at `now`, a delivery that an earlier run deferred
@@ -119,6 +126,32 @@ mod tests {
         let got: Vec<u64> = (1..=7).map(|f| p.delay(f) / 1000).collect();
         assert_eq!(got, [300, 600, 1200, 2400, 3600, 3600, 3600]);
         assert_eq!(p.delay(u32::MAX), 3_600_000);
+    }
+
+    #[test]
+    fn the_count_of_failures_starting_again_does_not_shorten_an_old_message_s_delay() {
+        let p = policy();
+        let arrival = 1_000_000;
+        // A message queued for 3 hours fails for the first time in this run: an hour, not
+        // five minutes.
+        assert_eq!(
+            p.after_failure(arrival, 1, arrival + 3 * 3_600_000),
+            RetryDecision::RetryAt(arrival + 4 * 3_600_000)
+        );
+        // 20 minutes old: 20 minutes.
+        assert_eq!(
+            p.after_failure(arrival, 1, arrival + 1_200_000),
+            RetryDecision::RetryAt(arrival + 2_400_000)
+        );
+        // On the doubling schedule of one run, the age changes nothing.
+        let mut now = arrival;
+        for (failures, minutes) in (1..=6).zip([5, 10, 20, 40, 60, 60]) {
+            let RetryDecision::RetryAt(at) = p.after_failure(arrival, failures, now) else {
+                panic!("expired")
+            };
+            assert_eq!(at - now, minutes * 60_000, "failure {failures}");
+            now = at;
+        }
     }
 
     #[test]
