@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use event_listener::Event;
+use event_listener::{Event, IntoNotification};
 use futures_lite::future;
 use postern_proto::client::{BodyMode, ClientError, OutRecipient, Transaction, TransactionResult};
 use postern_proto::{Notify, Reply};
@@ -824,19 +824,27 @@ impl CoreRelay {
             return;
         }
         dq.ready.borrow_mut().push_back(job);
-        // While the last connections to the next hop failed (none has answered a transaction
-        // since), one connection at a time tries it: when a pause ends, the jobs it held come
-        // all at once, and a next hop still down costs one connection, not one per job.
-        let most = if dq.broken_in_a_row.get() > 0 {
+        if dq.idle.get() > 0 {
+            // One more idle connection for each job: a plain `notify(1)` wakes no second one
+            // while the first has not run yet, and jobs queued in one go (a flush, retries
+            // come due together) would all wait for that one.
+            dq.arrived.notify(1.additional());
+        }
+        if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(&dq) {
+            dq.workers.set(dq.workers.get() + 1);
+            spawn_detached(self.clone().worker(dq));
+        }
+    }
+
+    /// How many connections a next hop may have now. While the last connections to it failed
+    /// (none has answered a transaction since), one at a time tries it: when a pause ends,
+    /// the jobs it held come all at once, and a next hop still down costs one connection,
+    /// not one per job.
+    fn most_workers(&self, dq: &DestQueue) -> usize {
+        if dq.broken_in_a_row.get() > 0 {
             1
         } else {
             self.relay.config.max_per_destination.max(1)
-        };
-        if dq.idle.get() > 0 {
-            dq.arrived.notify(1);
-        } else if dq.workers.get() < most {
-            dq.workers.set(dq.workers.get() + 1);
-            spawn_detached(self.clone().worker(dq));
         }
     }
 
@@ -917,6 +925,8 @@ impl CoreRelay {
                 }
             };
             let mut used = false;
+            // Connections to this next hop failed before this one was made.
+            let mut after_failures = failures_before > 0;
             loop {
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
@@ -1007,6 +1017,18 @@ impl CoreRelay {
                     self.transact(&mut conn, &dq, job, note, &mut carry).await
                 };
                 drop(counted);
+                if after_failures && dq.broken_in_a_row.get() == 0 {
+                    after_failures = false;
+                    // A transaction answered after failures lifts the one-connection limit:
+                    // the jobs that piled up meanwhile get their other connections now (this
+                    // one takes the next job itself).
+                    let waiting = dq.ready.borrow().len().saturating_sub(dq.idle.get() + 1);
+                    let room = self.most_workers(&dq).saturating_sub(dq.workers.get());
+                    for _ in 0..waiting.min(room) {
+                        dq.workers.set(dq.workers.get() + 1);
+                        spawn_detached(self.clone().worker(dq.clone()));
+                    }
+                }
                 match after {
                     After::Keep => {}
                     After::Broken => continue 'connect,

@@ -4495,3 +4495,237 @@ fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
         .expect("the second message was never delivered");
     assert!(second.contains("<second@t>"), "{second}");
 }
+
+/// When a [`gated_next_hop`] answers an end of data.
+#[derive(Clone, Copy)]
+enum Gate {
+    /// Once this many sessions wait at their end of data together (a group; the count
+    /// starts again for the next).
+    Together(usize),
+    /// Once this many connections are open at the same time.
+    Open(usize),
+}
+
+/// A next hop that serves its connections concurrently (a thread each, 32 connections at
+/// most): the first `refuse` get `421` as their greeting and a close. It offers no
+/// PIPELINING. The first `free` ends of data are answered at once; each later one waits for
+/// `gate` (10 s at most, then `451 4.3.0 gate`); after the wait the first `defer` of those
+/// are answered `451 4.3.0 later`, the rest `250`. Each message answered 250 goes to the
+/// receiver.
+fn gated_next_hop(
+    refuse: usize,
+    free: usize,
+    gate: Gate,
+    defer: usize,
+) -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::sync::{Arc, Condvar, Mutex};
+    #[derive(Default)]
+    struct State {
+        open: usize,
+        waiting: usize,
+        group: u64,
+        ends: usize,
+        deferred: usize,
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(32).enumerate() {
+            let Ok(s) = conn else { return };
+            let (tx, shared) = (tx.clone(), shared.clone());
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                if n < refuse {
+                    let _ = w.write_all(b"421 4.3.2 gated.test busy\r\n");
+                    return;
+                }
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let (lock, changed) = &*shared;
+                lock.lock().unwrap().open += 1;
+                changed.notify_all();
+                let mut r = BufReader::new(s);
+                let _ = w.write_all(b"220 gated.test ESMTP\r\n");
+                let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    let reply: &[u8] = if in_data && line == ".\r\n" {
+                        in_data = false;
+                        let mut st = lock.lock().unwrap();
+                        st.ends += 1;
+                        let mut passed = st.ends <= free;
+                        if !passed {
+                            let until = Instant::now() + Duration::from_secs(10);
+                            let group = st.group;
+                            if let Gate::Together(n) = gate {
+                                st.waiting += 1;
+                                if st.waiting >= n {
+                                    st.waiting = 0;
+                                    st.group += 1;
+                                    changed.notify_all();
+                                }
+                            }
+                            loop {
+                                passed = match gate {
+                                    Gate::Together(_) => st.group != group,
+                                    Gate::Open(n) => st.open >= n,
+                                };
+                                let left = until.saturating_duration_since(Instant::now());
+                                if passed || left.is_zero() {
+                                    break;
+                                }
+                                st = changed.wait_timeout(st, left).unwrap().0;
+                            }
+                            if !passed && matches!(gate, Gate::Together(_)) {
+                                st.waiting -= 1;
+                            }
+                        }
+                        if !passed {
+                            b"451 4.3.0 gate\r\n"
+                        } else if st.deferred < defer {
+                            st.deferred += 1;
+                            b"451 4.3.0 later\r\n"
+                        } else {
+                            let _ = tx.send(std::mem::take(&mut data));
+                            b"250 2.0.0 stored\r\n"
+                        }
+                    } else if in_data {
+                        data.push_str(&line);
+                        b""
+                    } else if line.starts_with("EHLO") {
+                        b"250-gated.test\r\n250 8BITMIME\r\n"
+                    } else if line.starts_with("DATA") {
+                        in_data = true;
+                        data.clear();
+                        b"354 go\r\n"
+                    } else if line.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                    line.clear();
+                }
+                lock.lock().unwrap().open -= 1;
+                changed.notify_all();
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// The Message-IDs of `n` messages from `stored`, waiting up to 20 s for each.
+fn message_ids(stored: &std::sync::mpsc::Receiver<String>, n: usize) -> Vec<String> {
+    let mut ids: Vec<String> = (0..n)
+        .map(|k| {
+            let data = stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("message {k} of {n} not delivered: {e}"));
+            data.lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_flush_wakes_every_idle_connection_to_a_next_hop_not_one() {
+    // Four messages on four connections are put off together; the connections stay, idle.
+    // A flush queues the four jobs in one go: each idle connection takes one. (Woken one
+    // at a time, one connection would carry them one after another, and the next hop here
+    // takes them only four at once.)
+    let (port, stored) = gated_next_hop(0, 0, Gate::Together(4), 4);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "1h",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    let ids: Vec<String> = (0..4)
+        .map(|k| {
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                &format!("<idle{k}@t>"),
+                "x\r\n",
+            )
+        })
+        .collect();
+    for id in &ids {
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        message_ids(&stored, 4),
+        ["<idle0@t>", "<idle1@t>", "<idle2@t>", "<idle3@t>"]
+    );
+}
+
+#[test]
+fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connections() {
+    // Two greetings of 421 in a row pause the next hop; the mail that comes meanwhile is
+    // held for the pause's end, and then tried over one connection. Once that one is
+    // answered, the others open for the rest (here, the next hop takes the rest only while
+    // two connections are open).
+    let (port, stored) = gated_next_hop(2, 1, Gate::Open(2), 0);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "2s",
+        "--retry-max",
+        "2s",
+    ]);
+    for k in 0..2 {
+        let id = send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<down{k}@t>"),
+            "x\r\n",
+        );
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    server.log_until(|l| l.contains("delivery to it paused"));
+    for k in 2..6 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<down{k}@t>"),
+            "x\r\n",
+        );
+    }
+    assert_eq!(
+        message_ids(&stored, 6),
+        [
+            "<down0@t>",
+            "<down1@t>",
+            "<down2@t>",
+            "<down3@t>",
+            "<down4@t>",
+            "<down5@t>"
+        ]
+    );
+    // None of them waited 10 s at the gate for a second connection and was put off.
+    let log = server.terminate_for_log();
+    assert!(!log.contains("4.3.0 gate"), "{log}");
+}
