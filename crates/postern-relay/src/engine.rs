@@ -53,6 +53,8 @@ pub struct RelayConfig {
     pub delay_warning: Option<Duration>,
     /// Concurrent connections per next hop.
     pub max_per_destination: usize,
+    /// Outbound connections of all next hops together (each core takes its share).
+    pub max_outbound: usize,
     /// Transactions pipelined into each other on one connection, where the next hop offers
     /// PIPELINING and CHUNKING; 1 sends one transaction per round trip.
     pub max_in_flight: usize,
@@ -83,6 +85,7 @@ impl Default for RelayConfig {
             retry: RetryPolicy::default(),
             delay_warning: None,
             max_per_destination: 16,
+            max_outbound: 1000,
             max_in_flight: 1,
             idle_timeout: Duration::from_secs(10),
             tls: TlsPolicy::Opportunistic,
@@ -468,6 +471,8 @@ struct DestQueue {
     workers: Cell<usize>,
     idle: Cell<usize>,
     arrived: Event,
+    /// Waiting in the core's `starved` list for a connection the core's cap held back.
+    starved: Cell<bool>,
     /// A failed opportunistic TLS handshake: cleartext until then (ms).
     cleartext_until: Cell<u64>,
     /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
@@ -513,6 +518,13 @@ pub struct CoreRelay {
     reporting: Cell<usize>,
     /// When a failed sync of settled statuses was last logged (at most once a minute).
     sync_warned: Cell<Option<std::time::Instant>>,
+    /// Outbound connections of this core (workers, from their start to their end).
+    outbound: Cell<usize>,
+    /// Next hops with jobs waiting that got no connection for the core's cap, in the order
+    /// they asked: each connection that ends goes to the first.
+    starved: RefCell<VecDeque<Rc<DestQueue>>>,
+    /// Told when a next hop is starved: idle connections of others give up their place.
+    slot_wanted: Event,
 }
 
 impl Delivery for CoreRelay {
@@ -574,6 +586,9 @@ impl CoreRelay {
             delays_waiting: RefCell::new(Vec::new()),
             reporting: Cell::new(0),
             sync_warned: Cell::new(None),
+            outbound: Cell::new(0),
+            starved: RefCell::new(VecDeque::new()),
+            slot_wanted: Event::new(),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
@@ -801,6 +816,7 @@ impl CoreRelay {
                     workers: Cell::new(0),
                     idle: Cell::new(0),
                     arrived: Event::new(),
+                    starved: Cell::new(false),
                     cleartext_until: Cell::new(0),
                     down_until: Cell::new(0),
                     serial_until: Cell::new(0),
@@ -831,9 +847,52 @@ impl CoreRelay {
             dq.arrived.notify(1.additional());
         }
         if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(&dq) {
-            dq.workers.set(dq.workers.get() + 1);
-            spawn_detached(self.clone().worker(dq));
+            self.start_worker(&dq);
         }
+    }
+
+    /// This core's share of `--max-outbound-connections`.
+    fn most_outbound(&self) -> usize {
+        (self.relay.config.max_outbound / self.relay.cores.max(1)).max(1)
+    }
+
+    /// Starts a connection to `dq`'s next hop, unless the core has its share of outbound
+    /// connections: then the next hop waits for the first to end (connections idle for
+    /// other next hops end at once for it), and this returns false.
+    fn start_worker(self: &Rc<Self>, dq: &Rc<DestQueue>) -> bool {
+        if self.outbound.get() >= self.most_outbound() {
+            if !dq.starved.replace(true) {
+                self.starved.borrow_mut().push_back(dq.clone());
+            }
+            self.slot_wanted.notify(1.additional());
+            return false;
+        }
+        self.outbound.set(self.outbound.get() + 1);
+        dq.workers.set(dq.workers.get() + 1);
+        spawn_detached(self.clone().worker(dq.clone()));
+        true
+    }
+
+    /// A connection ended: its place goes to the first next hop that still waits for one.
+    fn hand_over_connection(self: &Rc<Self>) {
+        loop {
+            let Some(dq) = self.starved.borrow_mut().pop_front() else {
+                return;
+            };
+            dq.starved.set(false);
+            let wants = dq.ready.borrow().len() > dq.idle.get()
+                && dq.workers.get() < self.most_workers(&dq);
+            if wants {
+                self.start_worker(&dq);
+                return;
+            }
+        }
+    }
+
+    /// Whether a connection of `dq` should give its place up now: other next hops wait for
+    /// one, and this next hop keeps another.
+    fn yields_place(&self, dq: &DestQueue) -> bool {
+        dq.workers.get() > 1 && !self.starved.borrow().is_empty()
     }
 
     /// How many connections a next hop may have now. While the last connections to it failed
@@ -955,6 +1014,13 @@ impl CoreRelay {
                     (Some(job), Some(note))
                 };
                 let Some(job) = job else {
+                    let wanted = self.slot_wanted.listen();
+                    if !self.starved.borrow().is_empty() {
+                        // Other next hops wait for a connection of the core's share: an idle
+                        // one gives its place up.
+                        conn.quit().await;
+                        break 'connect;
+                    }
                     // Idle: keep the connection for a while for the next job.
                     dq.idle.set(dq.idle.get() + 1);
                     let listener = dq.arrived.listen();
@@ -968,8 +1034,11 @@ impl CoreRelay {
                             },
                             async {
                                 future::or(
-                                    glommio::timer::sleep(self.relay.config.idle_timeout),
-                                    self.handle.stopped(),
+                                    future::or(
+                                        glommio::timer::sleep(self.relay.config.idle_timeout),
+                                        self.handle.stopped(),
+                                    ),
+                                    wanted,
                                 )
                                 .await;
                                 false
@@ -1025,11 +1094,18 @@ impl CoreRelay {
                     let waiting = dq.ready.borrow().len().saturating_sub(dq.idle.get() + 1);
                     let room = self.most_workers(&dq).saturating_sub(dq.workers.get());
                     for _ in 0..waiting.min(room) {
-                        dq.workers.set(dq.workers.get() + 1);
-                        spawn_detached(self.clone().worker(dq.clone()));
+                        if !self.start_worker(&dq) {
+                            break;
+                        }
                     }
                 }
                 match after {
+                    After::Keep if carry.is_empty() && self.yields_place(&dq) => {
+                        // Other next hops wait for a connection of the core's share, and
+                        // this one keeps another.
+                        conn.quit().await;
+                        break 'connect;
+                    }
                     After::Keep => {}
                     After::Broken => continue 'connect,
                     After::Elsewhere => {
@@ -1040,6 +1116,8 @@ impl CoreRelay {
             }
         }
         dq.workers.set(dq.workers.get() - 1);
+        self.outbound.set(self.outbound.get() - 1);
+        self.hand_over_connection();
     }
 
     /// A job never sent on a connection that ended at its RSET goes back: to the front of

@@ -204,6 +204,12 @@ struct Serve {
         value_parser = trimmed::<usize>
     )]
     max_connections_per_destination: usize,
+    /// Outbound connections to all next hops together, each core taking an equal share
+    /// (fewer when the open-file limit leaves too few descriptors, said at start-up). Past it,
+    /// mail for another next hop waits for a connection to end; idle ones end at once for it.
+    #[arg(long, env = "POSTERN_MAX_OUTBOUND_CONNECTIONS", default_value_t = 1000,
+          value_parser = trimmed::<usize>)]
+    max_outbound_connections: usize,
     /// Messages pipelined into each other on one outbound connection when the next hop
     /// offers PIPELINING and CHUNKING: each transaction is written before the earlier ones'
     /// replies are read. 1 sends one transaction per round trip.
@@ -262,15 +268,14 @@ where
 /// A number within `low..=high`, without the blanks around it.
 fn ranged<T>(low: T, high: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
 where
-    T: std::str::FromStr + PartialOrd + Copy + std::fmt::Display + Send + Sync + 'static,
-    T::Err: std::fmt::Display,
+    T: Into<i128> + TryFrom<i128> + Copy + std::fmt::Display + Send + Sync + 'static,
 {
     move |s: &str| {
-        let n: T = trimmed(s)?;
-        if n < low || n > high {
+        let n: i128 = trimmed(s)?;
+        if n < low.into() || n > high.into() {
             return Err(format!("{n} is not in {low}..={high}"));
         }
-        Ok(n)
+        T::try_from(n).map_err(|_| format!("{n} is not in {low}..={high}"))
     }
 }
 
@@ -546,6 +551,9 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     if s.max_connections_per_destination == 0 {
         return Err("--max-connections-per-destination must be at least 1".into());
     }
+    if s.max_outbound_connections == 0 {
+        return Err("--max-outbound-connections must be at least 1".into());
+    }
     if !(1..=256).contains(&s.max_transactions_in_flight) {
         return Err("--max-transactions-in-flight must be from 1 to 256".into());
     }
@@ -615,6 +623,7 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         },
         delay_warning: s.delay_warning,
         max_per_destination: s.max_connections_per_destination,
+        max_outbound: s.max_outbound_connections,
         max_in_flight: s.max_transactions_in_flight,
         idle_timeout: s.outbound_idle_timeout,
         tls,

@@ -88,6 +88,7 @@ fn main() -> ExitCode {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
     });
     let mut settings = config.server;
+    let mut config_relay = config.relay;
     let cores = settings.cores;
     match check_open_file_limit(settings.max_connections, cores) {
         Ok((cap, reserve)) => {
@@ -95,6 +96,9 @@ fn main() -> ExitCode {
             settings.max_connections_per_ip = settings.max_connections_per_ip.min(cap);
             // A quarter of the descriptors kept for the spool and delivery, 256 at most.
             settings.max_lingering = usize::try_from(reserve / 4).unwrap_or(256).min(256);
+            if let Some(relay) = &mut config_relay {
+                relay.max_outbound = outbound_within(relay.max_outbound, reserve, cores);
+            }
         }
         Err(e) => {
             complain!("postern: cannot start: {e}");
@@ -212,7 +216,7 @@ fn main() -> ExitCode {
     }
     // Said before the spool is read (a long recovery), once any move to fewer cores is done
     // (the marker must not take the room a move's journal needs on a full disk).
-    mark_held(&settings.spool_dir, config.relay.is_none());
+    mark_held(&settings.spool_dir, config_relay.is_none());
     for net in settings
         .relay_networks
         .iter()
@@ -225,7 +229,7 @@ fn main() -> ExitCode {
         );
     }
     let mut relay_handle = None;
-    let delivery = match config.relay {
+    let delivery = match config_relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
             // Read the spool all the same, so that damage is reported at start-up with or
@@ -489,16 +493,37 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
                 // cores' own descriptors take.
                 return Ok((cap, now.saturating_sub(cap as u64 + least)));
             }
-            let spare = limit.now.map_or(OPEN_FILE_HEADROOM, |n| {
+            // No limit: no reserve to keep either.
+            let spare = limit.now.map_or(u64::MAX, |n| {
                 n.saturating_sub(max_connections as u64 + least)
             });
             Ok((max_connections, spare))
         }
         Err(e) => {
             tracing::warn!("cannot raise the open-file limit: {e}");
-            Ok((max_connections, OPEN_FILE_HEADROOM))
+            // The limit is not known: nothing is held to it.
+            Ok((max_connections, u64::MAX))
         }
     }
+}
+
+/// `--max-outbound-connections`, held to half of the descriptors `reserve` that neither the
+/// inbound connections nor the cores' own take (the rest are the spool's, the lingering
+/// connections' and the resolver's), one per core at least; said when it is lowered.
+fn outbound_within(wanted: usize, reserve: u64, cores: usize) -> usize {
+    let room = usize::try_from(reserve / 2)
+        .unwrap_or(usize::MAX)
+        .max(cores);
+    if wanted > room {
+        tracing::warn!(
+            "the open-file limit leaves {reserve} descriptors beside the connections and the \
+             cores' own: outbound connections are capped at {room}, not \
+             --max-outbound-connections {wanted}; raise it with `ulimit -n` or LimitNOFILE= \
+             in the systemd unit, or lower --max-connections"
+        );
+        return room;
+    }
+    wanted
 }
 
 /// Folded core directories that could not be deleted: their mail was moved, the operator may
@@ -686,6 +711,14 @@ fn recover_and_report(
 mod tests {
     use super::OneLine;
     use std::io::Write;
+
+    #[test]
+    fn outbound_connections_are_held_to_half_the_spare_descriptors_one_per_core_at_least() {
+        assert_eq!(super::outbound_within(1000, u64::MAX, 2), 1000);
+        assert_eq!(super::outbound_within(1000, 2000, 2), 1000);
+        assert_eq!(super::outbound_within(1000, 600, 2), 300);
+        assert_eq!(super::outbound_within(1000, 2, 4), 4);
+    }
 
     #[test]
     fn a_log_event_stays_on_one_line() {

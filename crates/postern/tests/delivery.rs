@@ -4729,3 +4729,42 @@ fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connection
     let log = server.terminate_for_log();
     assert!(!log.contains("4.3.0 gate"), "{log}");
 }
+
+#[test]
+fn past_the_outbound_connection_cap_mail_for_another_next_hop_waits_for_a_connection_to_end() {
+    // One outbound connection in all: while the first next hop holds its transaction, mail
+    // for a second next hop gets no connection; once the first transaction is answered, its
+    // connection, idle, gives its place up (not after --outbound-idle-timeout).
+    let (release, gate) = std::sync::mpsc::channel();
+    let (port_a, stored_a, _) =
+        scripted_next_hop(|_, _| None, Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"));
+    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route_a = format!("a.test=127.0.0.1:{port_a}");
+    let route_b = format!("b.test=127.0.0.1:{port_b}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route_a,
+        "--route",
+        &route_b,
+        "--max-outbound-connections",
+        "1",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
+    // The first next hop has the message and holds its reply: the one connection is taken.
+    let (_, data) = stored_a.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <a@t>"), "{data}");
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    // Delivered in milliseconds with a connection of its own; here it waits (2 s is the
+    // bound of a look for something that should not happen).
+    assert!(
+        stored_b.recv_timeout(Duration::from_secs(2)).is_err(),
+        "the second next hop got a connection past the cap"
+    );
+    release.send(()).unwrap();
+    let (_, data) = stored_b.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+}
