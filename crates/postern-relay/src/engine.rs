@@ -2566,7 +2566,28 @@ impl CoreRelay {
             .await;
             self.handle.reclaim();
             self.publish_depth();
+            self.forget_quiet_next_hops();
+            self.handle
+                .set_outbound(self.outbound.get() as u64, self.dests.borrow().len() as u64);
         }
+    }
+
+    /// Forgets the next hops with nothing going on: no connection, no job waiting, and no
+    /// pause, passed-over or failed address, or other window still running. Mail for one
+    /// later starts it afresh. Without this, every next hop ever mailed would be kept for
+    /// the life of the process.
+    fn forget_quiet_next_hops(&self) {
+        let now = now_ms();
+        self.dests.borrow_mut().retain(|_, dq| {
+            dq.workers.get() > 0
+                || dq.starved.get()
+                || !dq.ready.borrow().is_empty()
+                || dq.down_until.get() > now
+                || dq.serial_until.get() > now
+                || dq.cleartext_until.get() > now
+                || dq.avoid.borrow().values().any(|&until| until > now)
+                || dq.broke.borrow().values().any(|&until| until > now)
+        });
     }
 }
 

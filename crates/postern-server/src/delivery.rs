@@ -116,6 +116,13 @@ impl CoreHandle {
         self.0.metrics.borrow_mut().queue_depth = depth;
     }
 
+    /// Sets the gauges of this core's outbound connections and the next hops it keeps.
+    pub fn set_outbound(&self, connections: u64, next_hops: u64) {
+        let mut m = self.0.metrics.borrow_mut();
+        m.outbound_connections = connections;
+        m.next_hops = next_hops;
+    }
+
     /// Counts delivery outcomes in this core's metrics.
     pub fn count_outcome(&self, outcome: Outcome) {
         let mut m = self.0.metrics.borrow_mut();

@@ -55,6 +55,10 @@ pub struct CoreMetrics {
     pub spool_bytes: u64,
     /// Messages waiting for delivery.
     pub queue_depth: u64,
+    /// Outbound connections open (or being opened) now.
+    pub outbound_connections: u64,
+    /// Next hops the relay keeps state for (jobs, connections, pauses).
+    pub next_hops: u64,
     /// 1 while this core refuses new transactions (452) because the queue or the spool is
     /// over its high-water mark.
     pub refusing: u64,
@@ -88,6 +92,8 @@ impl Default for CoreMetrics {
             active_sessions: 0,
             spool_bytes: 0,
             queue_depth: 0,
+            outbound_connections: 0,
+            next_hops: 0,
             refusing: 0,
             delivered: 0,
             deferred: 0,
@@ -144,6 +150,8 @@ impl CoreMetrics {
         self.active_sessions += other.active_sessions;
         self.spool_bytes += other.spool_bytes;
         self.queue_depth += other.queue_depth;
+        self.outbound_connections += other.outbound_connections;
+        self.next_hops += other.next_hops;
         self.refusing += other.refusing;
         self.delivered += other.delivered;
         self.deferred += other.deferred;
@@ -430,6 +438,16 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_queue_depth",
             "Messages waiting for delivery.",
             m.queue_depth,
+        ),
+        (
+            "postern_outbound_connections",
+            "Outbound connections to next hops, open or being opened.",
+            m.outbound_connections,
+        ),
+        (
+            "postern_next_hops",
+            "Next hops the relay keeps state for (jobs waiting, connections, a pause); quiet ones are forgotten.",
+            m.next_hops,
         ),
         (
             "postern_cores_refusing_mail",

@@ -4768,3 +4768,36 @@ fn past_the_outbound_connection_cap_mail_for_another_next_hop_waits_for_a_connec
     let (_, data) = stored_b.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(data.contains("Message-ID: <b@t>"), "{data}");
 }
+
+#[test]
+fn a_next_hop_with_nothing_going_on_is_forgotten_and_its_connection_counted_while_open() {
+    let (port, stored, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--outbound-idle-timeout",
+        "3s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<hop@t>",
+        "x\r\n",
+    );
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    // Kept idle for 3 s: one connection, one next hop.
+    let one = "postern_outbound_connections 1\n";
+    let text = server.metrics_until(|m| m.contains(one) && m.contains("postern_next_hops 1\n"));
+    assert!(text.contains(one), "{text}");
+    // Then QUIT, and nothing is left of the next hop.
+    let none = "postern_next_hops 0\n";
+    let text = server.metrics_until(|m| m.contains(none));
+    assert!(text.contains(none), "{text}");
+    assert!(text.contains("postern_outbound_connections 0\n"), "{text}");
+}
