@@ -1976,17 +1976,18 @@ impl CoreRelay {
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
         let best = candidates.iter().map(|(h, _)| h.preference).min();
         let mut failed = Vec::new();
-        // Addresses tried or passed over lately go last; the sort is stable, so preference
-        // order holds otherwise.
+        // Addresses tried, passed over or found unreachable lately go last (one that took
+        // a greeting timeout to fail would otherwise cost the next connection as much, as
+        // often as the shuffle puts it first); the sort is stable, so preference order holds
+        // otherwise.
         let now = now_ms();
         {
-            let avoid = dq.avoid.borrow();
-            candidates.sort_by_key(|(_, a)| {
-                (
-                    tried.contains(a),
-                    avoid.get(a).is_some_and(|&until| until > now),
-                )
-            });
+            let (avoid, broke) = (dq.avoid.borrow(), dq.broke.borrow());
+            let lately = |m: &HashMap<SocketAddr, u64>, a: &SocketAddr| {
+                m.get(a).is_some_and(|&until| until > now)
+            };
+            candidates
+                .sort_by_key(|(_, a)| (tried.contains(a), lately(&avoid, a) || lately(&broke, a)));
         }
         // At most MAX_ADDRESSES_PER_ATTEMPT addresses, as for a job passed over: a next hop
         // with many silent addresses cannot hold a worker for their greeting timeouts.

@@ -4801,3 +4801,85 @@ fn a_next_hop_with_nothing_going_on_is_forgotten_and_its_connection_counted_whil
     assert!(text.contains(none), "{text}");
     assert!(text.contains("postern_outbound_connections 0\n"), "{text}");
 }
+
+#[test]
+fn an_address_that_did_not_greet_is_tried_last_by_the_next_connections() {
+    use dns_server::{Rec, TestDns};
+    // mail.test has two addresses, shuffled at each lookup: one takes connections and never
+    // greets, the other is a next hop that closes each connection after its message. Once
+    // the silent one has cost a greeting timeout, the next connections go to the other first.
+    let good = TcpListener::bind("127.0.0.70:0").unwrap();
+    let port = good.local_addr().unwrap().port();
+    let silent = TcpListener::bind(("127.0.0.71", port)).unwrap();
+    let (stored_tx, stored) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in good.incoming().take(8) {
+            let Ok(s) = conn else { return };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 good.test ESMTP\r\n");
+            let (mut line, mut in_data) = (String::new(), false);
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if in_data && line == ".\r\n" {
+                    let _ = w.write_all(b"250 2.0.0 stored\r\n");
+                    let _ = stored_tx.send(());
+                    break;
+                } else if line.starts_with("DATA") {
+                    in_data = true;
+                    let _ = w.write_all(b"354 go\r\n");
+                } else if !in_data {
+                    let _ = w.write_all(b"250 ok\r\n");
+                }
+                line.clear();
+            }
+        }
+    });
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().take(8) {
+            let Ok(s) = conn else { return };
+            held.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("mail.test.", Rec::A("127.0.0.70".parse().unwrap())),
+            ("mail.test.", Rec::A("127.0.0.71".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let relay_host = format!("mail.test:{port}");
+    let server = Server::start(&[
+        "--dns-server",
+        &dns_addr,
+        "--relay-host",
+        &relay_host,
+        "--cores",
+        "1",
+        "--smtp-greeting-timeout",
+        "1s",
+        "--retry-initial",
+        "60s",
+    ]);
+    for k in 0..8 {
+        send(
+            &server,
+            "s@origin.test",
+            &["r@anywhere.test"],
+            &format!("<silent{k}@t>"),
+            "x\r\n",
+        );
+        stored
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("message {k}: {e}"));
+    }
+    // The first connection may have met the silent address first (the shuffle's choice);
+    // none after it.
+    let met = accepted.try_iter().count();
+    assert!(met <= 1, "the silent address took {met} connections");
+    drop(dns);
+}
