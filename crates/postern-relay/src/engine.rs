@@ -750,12 +750,15 @@ impl CoreRelay {
             let flushed = self.relay.flush_asked.listen();
             self.flush_if_asked();
             let now = now_ms();
-            loop {
-                let due = self.retry.borrow_mut().pop_due(now);
-                match due {
-                    Some(job) => self.enqueue(job),
-                    None => break,
-                }
+            // Taken out before any goes on: a job that `enqueue` puts back (its next hop is
+            // paused until a time this reading of the clock has passed but its own has not,
+            // as after a step back of the clock) waits for the next pass, not this one.
+            let due: Vec<Job> = {
+                let mut retry = self.retry.borrow_mut();
+                std::iter::from_fn(|| retry.pop_due(now)).collect()
+            };
+            for job in due {
+                self.enqueue(job);
             }
             let wait = self
                 .retry
