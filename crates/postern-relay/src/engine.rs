@@ -422,6 +422,13 @@ impl Tracked {
         self.warned[word] |= bit;
         first
     }
+
+    /// Takes `rcpt`'s mark of [`Tracked::warn_once`] back: its warning was not made.
+    fn unwarn(&mut self, rcpt: u32) {
+        if let Some(word) = self.warned.get_mut((rcpt / 64) as usize) {
+            *word &= !(1u64 << (rcpt % 64));
+        }
+    }
 }
 
 /// A report being made (a bounce, a delay warning, a success report for a recipient relayed
@@ -2484,8 +2491,19 @@ impl CoreRelay {
                     })
             })
             .collect();
-        if !recipients.is_empty() {
-            let _ = self.bounce(msg, &recipients, dsn::Action::Delayed).await;
+        if !recipients.is_empty()
+            && self
+                .bounce(msg, &recipients, dsn::Action::Delayed)
+                .await
+                .is_err()
+        {
+            // Not spooled (the disk is full): the next deferral of these recipients tries
+            // the warning again, as a bounce is tried again.
+            if let Some(t) = self.tracked.borrow_mut().get_mut(&msg.queue_id) {
+                for (i, ..) in warn {
+                    t.unwarn(*i);
+                }
+            }
         }
     }
 
