@@ -970,6 +970,13 @@ impl CoreRelay {
                     } else {
                         "4.4.1"
                     });
+                    // Refused for good by a host that answered (a 5xx to HELO): the reply's
+                    // own status.
+                    let status = match (permanent, &remote) {
+                        (Some(_), Some(_)) => dsn::deferral_status(&text, status),
+                        _ => status.to_owned(),
+                    };
+                    let status = status.as_str();
                     // Paused with two failures in a row, as for broken-off sessions: one
                     // refused connection to a next hop with a single address (a restart, say)
                     // defers the jobs waiting now, and the next job tries again at once.
@@ -1986,6 +1993,11 @@ impl CoreRelay {
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
         let best = candidates.iter().map(|(h, _)| h.preference).min();
         let mut failed = Vec::new();
+        // Whether every address tried answered and then refused HELO for good (after EHLO):
+        // that host will not take mail from us, now or later (RFC 5321 4.2.1: a 5yz is not
+        // to be repeated), so its mail fails rather than waiting out the queue lifetime. A
+        // 5xx greeting is not that: such a server may greet others so, and be back.
+        let mut refused_helo = true;
         // Addresses tried, passed over or found unreachable lately go last (one that took
         // a greeting timeout to fail would otherwise cost the next connection as much, as
         // often as the shuffle puts it first); the sort is stable, so preference order holds
@@ -2030,6 +2042,7 @@ impl CoreRelay {
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) => return Ok(opened(c, failed)),
                         Err(e2) => {
+                            refused_helo = false;
                             // It answered the first time (STARTTLS came before the
                             // handshake), whatever the second connection did.
                             last = format!("{}; then {}", e, e2.describe(&hop.host));
@@ -2038,6 +2051,9 @@ impl CoreRelay {
                     }
                 }
                 Err(e) => {
+                    if !matches!(&e, ConnError::Smtp(ClientError::Helo(r)) if r.is_permanent()) {
+                        refused_helo = false;
+                    }
                     // The account kept is that of the last host that answered, if any did: a
                     // later address where nobody answered does not hide it.
                     if e.answered() || last_remote.is_none() {
@@ -2049,7 +2065,8 @@ impl CoreRelay {
             self.broke(dq, addr);
             failed.push(addr);
         }
-        Err((last, None, last_remote, None))
+        let refused = (refused_helo && !failed.is_empty()).then_some("5.0.0");
+        Err((last, refused, last_remote, None))
     }
 
     // ----- owner side -----

@@ -4883,3 +4883,31 @@ fn an_address_that_did_not_greet_is_tried_last_by_the_next_connections() {
     assert!(met <= 1, "the silent address took {met} connections");
     drop(dns);
 }
+
+#[test]
+fn a_next_hop_that_refuses_helo_for_good_bounces_the_mail_at_once() {
+    // EHLO and then HELO answered 550: that host will not take mail from us (RFC 5321
+    // 4.2.1), so the mail fails now, with the reply's status, not after days of retries.
+    let origin = Peer::start(&[]);
+    let (port, _stored, _) = scripted_next_hop(
+        |_, line| {
+            (line.starts_with("EHLO") || line.starts_with("HELO"))
+                .then_some(Act::Say("550 5.7.1 go away\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let dest = format!("dest.test=127.0.0.1:{port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &dest, "--route", &back, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<helo@t>",
+        "x\r\n",
+    );
+    let (_, text) = origin.first("the bounce");
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.7.1"), "{text}");
+    assert!(text.contains("550 5.7.1 go away"), "{text}");
+}
