@@ -990,8 +990,8 @@ impl CoreRelay {
                             Some((status.into(), text.clone(), remote.clone()));
                         tracing::info!(
                             next_hop = %dq.dest.key(),
-                            "the next hop cannot be reached ({text}); delivery to it paused for {}s",
-                            self.pause_ms() / 1000
+                            "the next hop cannot be reached ({text}); delivery to it paused for {:?}",
+                            Duration::from_millis(self.pause_ms())
                         );
                     }
                     for job in jobs {
