@@ -55,7 +55,8 @@ impl RetryPolicy {
     /// The delay is the doubling one, or the message's age when that is longer (at most
     /// `max`): on the doubling schedule the age is always the shorter, but the count of
     /// failures starts again in each run, and a message queued for a day is not tried every
-    /// `initial` again after a restart, nor after a flush or a wait under `--hold`.
+    /// `initial` again after a restart, nor after a wait under `--hold` (the age-based
+    /// back-off Postfix's queue manager uses).
     pub fn after_failure(&self, arrival: u64, failures: u32, now: u64) -> RetryDecision {
         let deadline = arrival.saturating_add(millis(self.lifetime));
         if now >= deadline {

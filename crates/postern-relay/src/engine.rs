@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use event_listener::{Event, IntoNotification};
 use futures_lite::future;
@@ -193,6 +193,10 @@ struct Opened {
 /// `smtp_mx_address_limit`): a domain with many addresses that all put mail off costs a
 /// bounded number of connections per attempt.
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
+
+/// How long a next hop's only connection keeps its place past the core's share of outbound
+/// connections while another next hop waits in line for one.
+const TURN: Duration = Duration::from_secs(30);
 
 /// What a worker does with its connection after a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -499,6 +503,8 @@ struct DestQueue {
     /// Connections in a row, since a transaction was last answered, that could not be made
     /// or broke off.
     broken_in_a_row: Cell<u32>,
+    /// When a connection last failed (ms).
+    last_broke: Cell<u64>,
     /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
     paused_for: RefCell<Option<(String, String, Option<String>)>>,
 }
@@ -834,6 +840,7 @@ impl CoreRelay {
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),
                     broken_in_a_row: Cell::new(0),
+                    last_broke: Cell::new(0),
                     paused_for: RefCell::new(None),
                 })
             })
@@ -867,14 +874,15 @@ impl CoreRelay {
     }
 
     /// Starts a connection to `dq`'s next hop, unless the core has its share of outbound
-    /// connections: then the next hop waits for the first to end (connections idle for
-    /// other next hops end at once for it), and this returns false.
+    /// connections: then a next hop without any connection waits in line for the first to
+    /// end (one that has connections goes on with those), and this returns false.
     fn start_worker(self: &Rc<Self>, dq: &Rc<DestQueue>) -> bool {
         if self.outbound.get() >= self.most_outbound() {
-            if !dq.starved.replace(true) {
+            if dq.workers.get() == 0 && !dq.starved.replace(true) {
                 self.starved.borrow_mut().push_back(dq.clone());
+                // One idle connection of another next hop ends for it.
+                self.slot_wanted.notify(1.additional());
             }
-            self.slot_wanted.notify(1.additional());
             return false;
         }
         self.outbound.set(self.outbound.get() + 1);
@@ -883,26 +891,45 @@ impl CoreRelay {
         true
     }
 
-    /// A connection ended: its place goes to the first next hop that still waits for one.
-    fn hand_over_connection(self: &Rc<Self>) {
+    /// A worker of `dq` leaves (counted out before its QUIT, so that decisions meanwhile see
+    /// it gone): its place goes to the first next hop waiting in line, and when its own next
+    /// hop still has jobs that no connection will take, that one asks for a connection again
+    /// (at the back of the line when the core is at its share).
+    fn leave(self: &Rc<Self>, dq: &Rc<DestQueue>) {
+        dq.workers.set(dq.workers.get() - 1);
+        self.outbound.set(self.outbound.get() - 1);
+        if self.handle.is_stopping() {
+            // No new connection once the server stops.
+            return;
+        }
         loop {
-            let Some(dq) = self.starved.borrow_mut().pop_front() else {
-                return;
+            let Some(next) = self.starved.borrow_mut().pop_front() else {
+                break;
             };
-            dq.starved.set(false);
-            let wants = dq.ready.borrow().len() > dq.idle.get()
-                && dq.workers.get() < self.most_workers(&dq);
-            if wants {
-                self.start_worker(&dq);
-                return;
+            next.starved.set(false);
+            if next.workers.get() == 0 && !next.ready.borrow().is_empty() {
+                self.start_worker(&next);
+                break;
             }
+        }
+        if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(dq) {
+            self.start_worker(dq);
         }
     }
 
-    /// Whether a connection of `dq` should give its place up now: other next hops wait for
-    /// one, and this next hop keeps another.
-    fn yields_place(&self, dq: &DestQueue) -> bool {
-        dq.workers.get() > 1 && !self.starved.borrow().is_empty()
+    /// Whether a next hop with jobs waits in line for a connection.
+    fn someone_starved(&self) -> bool {
+        self.starved
+            .borrow()
+            .iter()
+            .any(|d| d.workers.get() == 0 && !d.ready.borrow().is_empty())
+    }
+
+    /// Whether a connection of `dq`, open since `since`, should give its place up after its
+    /// transaction: a next hop waits in line for one, and this next hop keeps another, or
+    /// this one has had its turn ([`TURN`]; then its next hop goes to the back of the line).
+    fn yields_place(&self, dq: &DestQueue, since: Instant) -> bool {
+        (dq.workers.get() > 1 || since.elapsed() >= TURN) && self.someone_starved()
     }
 
     /// How many connections a next hop may have now. While the last connections to it failed
@@ -1001,6 +1028,7 @@ impl CoreRelay {
                 }
             };
             let mut used = false;
+            let connected_at = Instant::now();
             // Connections to this next hop failed before this one was made.
             let mut after_failures = failures_before > 0;
             loop {
@@ -1032,11 +1060,12 @@ impl CoreRelay {
                 };
                 let Some(job) = job else {
                     let wanted = self.slot_wanted.listen();
-                    if !self.starved.borrow().is_empty() {
+                    if self.someone_starved() {
                         // Other next hops wait for a connection of the core's share: an idle
                         // one gives its place up.
+                        self.leave(&dq);
                         conn.quit().await;
-                        break 'connect;
+                        return;
                     }
                     // Idle: keep the connection for a while for the next job.
                     dq.idle.set(dq.idle.get() + 1);
@@ -1071,6 +1100,10 @@ impl CoreRelay {
                         continue 'connect;
                     }
                     if woke || !dq.ready.borrow().is_empty() {
+                        if self.someone_starved() {
+                            // Woken for a place this connection keeps: another one's turn.
+                            self.slot_wanted.notify(1.additional());
+                        }
                         continue;
                     }
                     conn.quit().await;
@@ -1117,11 +1150,11 @@ impl CoreRelay {
                     }
                 }
                 match after {
-                    After::Keep if carry.is_empty() && self.yields_place(&dq) => {
-                        // Other next hops wait for a connection of the core's share, and
-                        // this one keeps another.
+                    After::Keep if carry.is_empty() && self.yields_place(&dq, connected_at) => {
+                        // Other next hops wait for a connection of the core's share.
+                        self.leave(&dq);
                         conn.quit().await;
-                        break 'connect;
+                        return;
                     }
                     After::Keep => {}
                     After::Broken => continue 'connect,
@@ -1132,9 +1165,7 @@ impl CoreRelay {
                 }
             }
         }
-        dq.workers.set(dq.workers.get() - 1);
-        self.outbound.set(self.outbound.get() - 1);
-        self.hand_over_connection();
+        self.leave(&dq);
     }
 
     /// A job never sent on a connection that ended at its RSET goes back: to the front of
@@ -1711,6 +1742,7 @@ impl CoreRelay {
         let mut broke = dq.broke.borrow_mut();
         broke.retain(|_, until| *until > now);
         broke.insert(addr, now + self.pause_ms());
+        dq.last_broke.set(now);
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_add(1));
     }
@@ -1992,6 +2024,7 @@ impl CoreRelay {
             .collect();
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
         let best = candidates.iter().map(|(h, _)| h.preference).min();
+        let addresses = candidates.len();
         let mut failed = Vec::new();
         // Whether every address tried answered and then refused HELO for good (after EHLO):
         // that host will not take mail from us, now or later (RFC 5321 4.2.1: a 5yz is not
@@ -2065,7 +2098,9 @@ impl CoreRelay {
             self.broke(dq, addr);
             failed.push(addr);
         }
-        let refused = (refused_helo && !failed.is_empty()).then_some("5.0.0");
+        // Every address, not only those this attempt reached: a host further down the list
+        // (a backup MX) may still take the mail.
+        let refused = (refused_helo && failed.len() == addresses).then_some("5.0.0");
         Err((last, refused, last_remote, None))
     }
 
@@ -2617,6 +2652,7 @@ impl CoreRelay {
     /// the life of the process.
     fn forget_quiet_next_hops(&self) {
         let now = now_ms();
+        let retry_max = u64::try_from(self.relay.config.retry.max.as_millis()).unwrap_or(u64::MAX);
         self.dests.borrow_mut().retain(|_, dq| {
             dq.workers.get() > 0
                 || dq.starved.get()
@@ -2626,6 +2662,10 @@ impl CoreRelay {
                 || dq.cleartext_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)
                 || dq.broke.borrow().values().any(|&until| until > now)
+                // Failed lately: its deferred jobs come back within the longest retry delay,
+                // and then still get one connection at a time, not a fresh next hop's many.
+                || (dq.broken_in_a_row.get() > 0
+                    && now < dq.last_broke.get().saturating_add(retry_max))
         });
     }
 }

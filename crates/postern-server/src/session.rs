@@ -155,6 +155,11 @@ pub(crate) async fn linger<R: futures_lite::AsyncRead + Unpin>(
     if core.lingering.get() + core.refusals_lingering.get() >= most {
         return;
     }
+    // Refused connections (a flood of them, silent and never closing) take half of it at
+    // most, so that sessions still get their clean ends.
+    if std::ptr::eq(count, &core.refusals_lingering) && count.get() >= most / 2 {
+        return;
+    }
     count.set(count.get() + 1);
     let mut scrap = [0u8; 4096];
     let mut drained = 0;

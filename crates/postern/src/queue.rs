@@ -251,7 +251,8 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
         let _ = writeln!(
             note,
             "-- {} is named like a core's directory but is not one: not read, and `postern \
-             serve` will not start on this spool until it is moved away",
+             serve` with that core among its --cores will not start on this spool until it is \
+             moved away",
             path.display()
         );
     }

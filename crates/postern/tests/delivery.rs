@@ -4511,13 +4511,13 @@ enum Gate {
 /// PIPELINING. The first `free` ends of data are answered at once; each later one waits for
 /// `gate` (10 s at most, then `451 4.3.0 gate`); after the wait the first `defer` of those
 /// are answered `451 4.3.0 later`, the rest `250`. Each message answered 250 goes to the
-/// receiver.
+/// receiver, with the number of its connection (from 0, in the order they came).
 fn gated_next_hop(
     refuse: usize,
     free: usize,
     gate: Gate,
     defer: usize,
-) -> (u16, std::sync::mpsc::Receiver<String>) {
+) -> (u16, std::sync::mpsc::Receiver<(usize, String)>) {
     use std::sync::{Arc, Condvar, Mutex};
     #[derive(Default)]
     struct State {
@@ -4586,7 +4586,7 @@ fn gated_next_hop(
                             st.deferred += 1;
                             b"451 4.3.0 later\r\n"
                         } else {
-                            let _ = tx.send(std::mem::take(&mut data));
+                            let _ = tx.send((n, std::mem::take(&mut data)));
                             b"250 2.0.0 stored\r\n"
                         }
                     } else if in_data {
@@ -4616,10 +4616,10 @@ fn gated_next_hop(
 }
 
 /// The Message-IDs of `n` messages from `stored`, waiting up to 20 s for each.
-fn message_ids(stored: &std::sync::mpsc::Receiver<String>, n: usize) -> Vec<String> {
+fn message_ids(stored: &std::sync::mpsc::Receiver<(usize, String)>, n: usize) -> Vec<String> {
     let mut ids: Vec<String> = (0..n)
         .map(|k| {
-            let data = stored
+            let (_, data) = stored
                 .recv_timeout(Duration::from_secs(20))
                 .unwrap_or_else(|e| panic!("message {k} of {n} not delivered: {e}"));
             data.lines()
@@ -4795,9 +4795,14 @@ fn a_next_hop_with_nothing_going_on_is_forgotten_and_its_connection_counted_whil
     let one = "postern_outbound_connections 1\n";
     let text = server.metrics_until(|m| m.contains(one) && m.contains("postern_next_hops 1\n"));
     assert!(text.contains(one), "{text}");
-    // Then QUIT, and nothing is left of the next hop.
+    // Then QUIT, and nothing is left of the next hop (3 s idle, then a second's tick at
+    // most: looked for over 15 s).
     let none = "postern_next_hops 0\n";
-    let text = server.metrics_until(|m| m.contains(none));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut text = server.metrics_until(|m| m.contains(none));
+    while !text.contains(none) && Instant::now() < deadline {
+        text = server.metrics_until(|m| m.contains(none));
+    }
     assert!(text.contains(none), "{text}");
     assert!(text.contains("postern_outbound_connections 0\n"), "{text}");
 }
@@ -4910,4 +4915,114 @@ fn a_next_hop_that_refuses_helo_for_good_bounces_the_mail_at_once() {
     assert!(text.contains("Action: failed"), "{text}");
     assert!(text.contains("Status: 5.7.1"), "{text}");
     assert!(text.contains("550 5.7.1 go away"), "{text}");
+}
+
+#[test]
+fn mail_that_arrives_while_a_connection_gives_its_place_up_is_still_delivered() {
+    // One outbound connection in all, one per next hop. The first next hop's connection,
+    // idle while mail for the second waits in line, gives its place up and says QUIT, whose
+    // reply comes late; a message for the first next hop queued meanwhile must get a
+    // connection in its turn, not wait for more mail to come.
+    let (release_data, data_gate) = std::sync::mpsc::channel();
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
+    let (release_quit, quit_gate) = std::sync::mpsc::channel::<()>();
+    let quit_gate = std::sync::Mutex::new(Some(quit_gate));
+    let (port_a, stored_a, _) = scripted_next_hop(
+        move |n, line| {
+            (n == 0 && line.starts_with("QUIT")).then(|| {
+                let _ = quit_seen.send(());
+                Act::SayWhenTold(quit_gate.lock().unwrap().take().unwrap(), "221 bye\r\n")
+            })
+        },
+        Act::SayWhenTold(data_gate, "250 2.0.0 stored\r\n"),
+    );
+    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route_a = format!("a.test=127.0.0.1:{port_a}");
+    let route_b = format!("b.test=127.0.0.1:{port_b}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route_a,
+        "--route",
+        &route_b,
+        "--max-outbound-connections",
+        "1",
+        "--max-connections-per-destination",
+        "1",
+        "--outbound-idle-timeout",
+        "60s",
+        "--retry-initial",
+        "1h",
+    ]);
+    let wait = Duration::from_secs(20);
+    send(&server, "s@origin.test", &["r@a.test"], "<a1@t>", "x\r\n");
+    // The first next hop holds its reply to the data: the one connection is taken.
+    stored_a.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    release_data.send(()).unwrap();
+    // Idle with the second next hop in line: QUIT, answered late.
+    quit_rx.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@a.test"], "<a2@t>", "x\r\n");
+    let (_, data) = stored_b.recv_timeout(wait).unwrap();
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+    release_quit.send(()).unwrap();
+    let (n, data) = stored_a.recv_timeout(wait).unwrap();
+    assert!(data.contains("Message-ID: <a2@t>"), "{data}");
+    assert_eq!(n, 1, "a new connection");
+}
+
+#[test]
+fn a_next_hop_at_the_outbound_cap_keeps_its_connections_for_its_backlog() {
+    // Two outbound connections in all. Ten messages to one next hop are put off, then a
+    // flush queues them in one go: the two connections, idle, take them, and the rest wait
+    // for those. The next hop has connections, so it is not in line for one, and its
+    // connections do not give their places up to it (a new connection, with its handshakes,
+    // after every transaction).
+    let (port, stored) = gated_next_hop(0, usize::MAX, Gate::Open(1), 10);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--max-outbound-connections",
+        "2",
+        "--outbound-idle-timeout",
+        "60s",
+        "--retry-initial",
+        "1h",
+    ]);
+    let ids: Vec<String> = (0..10)
+        .map(|k| {
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                &format!("<backlog{k}@t>"),
+                "x\r\n",
+            )
+        })
+        .collect();
+    for id in &ids {
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let connections: Vec<usize> = (0..10)
+        .map(|k| {
+            stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("message {k}: {e}"))
+                .0
+        })
+        .collect();
+    assert!(
+        connections.iter().all(|&n| n < 2),
+        "connections made: {connections:?}"
+    );
 }
