@@ -194,6 +194,17 @@ struct Opened {
 /// bounded number of connections per attempt.
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 
+/// How an idle connection's wait ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// A job came.
+    Job,
+    /// Another next hop waits in line for a connection.
+    Wanted,
+    /// The idle timeout, or the stop.
+    Over,
+}
+
 /// How long a next hop's only connection keeps its place past the core's share of outbound
 /// connections while another next hop waits in line for one.
 const TURN: Duration = Duration::from_secs(30);
@@ -484,6 +495,8 @@ struct DestQueue {
     arrived: Event,
     /// Waiting in the core's `starved` list for a connection the core's cap held back.
     starved: Cell<bool>,
+    /// In the core's `wanting_more` list: it has connections, and jobs they do not take.
+    wanting_more: Cell<bool>,
     /// A failed opportunistic TLS handshake: cleartext until then (ms).
     cleartext_until: Cell<u64>,
     /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
@@ -538,6 +551,9 @@ pub struct CoreRelay {
     starved: RefCell<VecDeque<Rc<DestQueue>>>,
     /// Told when a next hop is starved: idle connections of others give up their place.
     slot_wanted: Event,
+    /// Next hops that have connections and wanted more when the core had none to give: a
+    /// place no next hop in line takes goes to the first of them.
+    wanting_more: RefCell<VecDeque<Rc<DestQueue>>>,
 }
 
 impl Delivery for CoreRelay {
@@ -602,6 +618,7 @@ impl CoreRelay {
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
+            wanting_more: RefCell::new(VecDeque::new()),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
@@ -833,6 +850,7 @@ impl CoreRelay {
                     idle: Cell::new(0),
                     arrived: Event::new(),
                     starved: Cell::new(false),
+                    wanting_more: Cell::new(false),
                     cleartext_until: Cell::new(0),
                     down_until: Cell::new(0),
                     serial_until: Cell::new(0),
@@ -877,11 +895,18 @@ impl CoreRelay {
     /// connections: then a next hop without any connection waits in line for the first to
     /// end (one that has connections goes on with those), and this returns false.
     fn start_worker(self: &Rc<Self>, dq: &Rc<DestQueue>) -> bool {
+        if self.handle.is_stopping() {
+            return false;
+        }
         if self.outbound.get() >= self.most_outbound() {
-            if dq.workers.get() == 0 && !dq.starved.replace(true) {
-                self.starved.borrow_mut().push_back(dq.clone());
-                // One idle connection of another next hop ends for it.
-                self.slot_wanted.notify(1.additional());
+            if dq.workers.get() == 0 {
+                if !dq.starved.replace(true) {
+                    self.starved.borrow_mut().push_back(dq.clone());
+                    // One idle connection of another next hop ends for it.
+                    self.slot_wanted.notify(1.additional());
+                }
+            } else if !dq.wanting_more.replace(true) {
+                self.wanting_more.borrow_mut().push_back(dq.clone());
             }
             return false;
         }
@@ -902,18 +927,30 @@ impl CoreRelay {
             // No new connection once the server stops.
             return;
         }
+        let mut given = false;
         loop {
             let Some(next) = self.starved.borrow_mut().pop_front() else {
                 break;
             };
             next.starved.set(false);
             if next.workers.get() == 0 && !next.ready.borrow().is_empty() {
-                self.start_worker(&next);
+                given = self.start_worker(&next);
                 break;
             }
         }
         if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(dq) {
-            self.start_worker(dq);
+            given |= self.start_worker(dq);
+        }
+        while !given {
+            let Some(next) = self.wanting_more.borrow_mut().pop_front() else {
+                break;
+            };
+            next.wanting_more.set(false);
+            if next.ready.borrow().len() > next.idle.get()
+                && next.workers.get() < self.most_workers(&next)
+            {
+                given = self.start_worker(&next);
+            }
         }
     }
 
@@ -949,9 +986,16 @@ impl CoreRelay {
         // Jobs this worker passed over to another address: the next connection takes them
         // first, so that no other worker sends them back to the address that put them off.
         let mut carry: Vec<Carried> = Vec::new();
+        // For its turn past the core's share (see `yields_place`).
+        let started = Instant::now();
         'connect: while (!carry.is_empty() || !dq.ready.borrow().is_empty())
             && !self.handle.is_stopping()
         {
+            if carry.is_empty() && self.yields_place(&dq, started) {
+                // About to connect again while another next hop waits in line.
+                self.leave(&dq);
+                return;
+            }
             let tried: Vec<SocketAddr> = carry
                 .iter()
                 .flat_map(|c| c.job.tried.iter().copied())
@@ -1028,9 +1072,8 @@ impl CoreRelay {
                 }
             };
             let mut used = false;
-            let connected_at = Instant::now();
-            // Connections to this next hop failed before this one was made.
-            let mut after_failures = failures_before > 0;
+            // Connections to this next hop failed lately (this attempt's too).
+            let mut after_failures = dq.broken_in_a_row.get() > 0;
             loop {
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
@@ -1059,39 +1102,56 @@ impl CoreRelay {
                     (Some(job), Some(note))
                 };
                 let Some(job) = job else {
-                    let wanted = self.slot_wanted.listen();
-                    if self.someone_starved() {
-                        // Other next hops wait for a connection of the core's share: an idle
-                        // one gives its place up.
-                        self.leave(&dq);
-                        conn.quit().await;
-                        return;
+                    // Idle: keep the connection for a while for the next job, unless another
+                    // next hop waits in line for a connection of the core's share.
+                    let (woke, wanted) = loop {
+                        let wanted = self.slot_wanted.listen();
+                        if self.someone_starved() {
+                            drop(wanted);
+                            self.leave(&dq);
+                            conn.quit().await;
+                            return;
+                        }
+                        dq.idle.set(dq.idle.get() + 1);
+                        let listener = dq.arrived.listen();
+                        // No borrow of the queue may live across the wait (enqueue pushes to
+                        // it).
+                        let empty = dq.ready.borrow().is_empty();
+                        let idle_end = async {
+                            future::or(
+                                glommio::timer::sleep(self.relay.config.idle_timeout),
+                                self.handle.stopped(),
+                            )
+                            .await;
+                            Idle::Over
+                        };
+                        let woke = if empty {
+                            future::or(
+                                async {
+                                    listener.await;
+                                    Idle::Job
+                                },
+                                future::or(idle_end, async {
+                                    wanted.await;
+                                    Idle::Wanted
+                                }),
+                            )
+                            .await
+                        } else {
+                            Idle::Job
+                        };
+                        dq.idle.set(dq.idle.get() - 1);
+                        // Asked for its place with nothing of its own to do: given up at the
+                        // top of the loop if the line still has someone (or it waits again).
+                        if woke != Idle::Wanted || !dq.ready.borrow().is_empty() {
+                            break (woke == Idle::Job, woke == Idle::Wanted);
+                        }
+                    };
+                    if wanted {
+                        // Woken for a place, with a job of its own to do: the wake goes to
+                        // another idle connection.
+                        self.slot_wanted.notify(1.additional());
                     }
-                    // Idle: keep the connection for a while for the next job.
-                    dq.idle.set(dq.idle.get() + 1);
-                    let listener = dq.arrived.listen();
-                    // No borrow of the queue may live across the wait (enqueue pushes to it).
-                    let empty = dq.ready.borrow().is_empty();
-                    let woke = empty
-                        && future::or(
-                            async {
-                                listener.await;
-                                true
-                            },
-                            async {
-                                future::or(
-                                    future::or(
-                                        glommio::timer::sleep(self.relay.config.idle_timeout),
-                                        self.handle.stopped(),
-                                    ),
-                                    wanted,
-                                )
-                                .await;
-                                false
-                            },
-                        )
-                        .await;
-                    dq.idle.set(dq.idle.get() - 1);
                     if (woke || !dq.ready.borrow().is_empty()) && conn.went_away_while_idle() {
                         // The next hop closed it meanwhile (often after an idle timeout of
                         // its own): the waiting job goes on a new connection, not charged a
@@ -1100,10 +1160,6 @@ impl CoreRelay {
                         continue 'connect;
                     }
                     if woke || !dq.ready.borrow().is_empty() {
-                        if self.someone_starved() {
-                            // Woken for a place this connection keeps: another one's turn.
-                            self.slot_wanted.notify(1.additional());
-                        }
                         continue;
                     }
                     conn.quit().await;
@@ -1150,7 +1206,7 @@ impl CoreRelay {
                     }
                 }
                 match after {
-                    After::Keep if carry.is_empty() && self.yields_place(&dq, connected_at) => {
+                    After::Keep if carry.is_empty() && self.yields_place(&dq, started) => {
                         // Other next hops wait for a connection of the core's share.
                         self.leave(&dq);
                         conn.quit().await;
@@ -2100,7 +2156,8 @@ impl CoreRelay {
         }
         // Every address, not only those this attempt reached: a host further down the list
         // (a backup MX) may still take the mail.
-        let refused = (refused_helo && failed.len() == addresses).then_some("5.0.0");
+        let refused =
+            (refused_helo && addresses > 0 && failed.len() == addresses).then_some("5.0.0");
         Err((last, refused, last_remote, None))
     }
 
@@ -2656,6 +2713,7 @@ impl CoreRelay {
         self.dests.borrow_mut().retain(|_, dq| {
             dq.workers.get() > 0
                 || dq.starved.get()
+                || dq.wanting_more.get()
                 || !dq.ready.borrow().is_empty()
                 || dq.down_until.get() > now
                 || dq.serial_until.get() > now

@@ -5026,3 +5026,48 @@ fn a_next_hop_at_the_outbound_cap_keeps_its_connections_for_its_backlog() {
         "connections made: {connections:?}"
     );
 }
+
+#[test]
+fn an_idle_connection_asked_for_its_place_gives_it_before_its_quit_is_answered() {
+    // One outbound connection in all. The first next hop's connection sits idle; mail for a
+    // second next hop comes: the idle connection ends for it, and the place is the second
+    // next hop's at once, not once the QUIT is answered (here it is not answered until the
+    // second next hop has its message; postern waits 5 s for a QUIT's reply).
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
+    let (release_quit, quit_gate) = std::sync::mpsc::channel::<()>();
+    let quit_gate = std::sync::Mutex::new(Some(quit_gate));
+    let (port_a, stored_a, _) = scripted_next_hop(
+        move |n, line| {
+            (n == 0 && line.starts_with("QUIT")).then(|| {
+                let _ = quit_seen.send(());
+                Act::SayWhenTold(quit_gate.lock().unwrap().take().unwrap(), "221 bye\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route_a = format!("a.test=127.0.0.1:{port_a}");
+    let route_b = format!("b.test=127.0.0.1:{port_b}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route_a,
+        "--route",
+        &route_b,
+        "--max-outbound-connections",
+        "1",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    let wait = Duration::from_secs(20);
+    send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
+    stored_a.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    quit_rx.recv_timeout(wait).unwrap();
+    // Within 3 s (in milliseconds here): before postern's 5 s wait for the QUIT's reply.
+    let got = stored_b.recv_timeout(Duration::from_secs(3));
+    release_quit.send(()).unwrap();
+    let (_, data) = got.expect("the second next hop waited for the first one's QUIT");
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+}
