@@ -4615,6 +4615,80 @@ fn gated_next_hop(
     (port, rx)
 }
 
+/// A [`scripted_next_hop`] doing `after_data`, whose first connection answers QUIT only
+/// when told: it returns the port, the stored messages, a receiver told when that QUIT
+/// comes, and the sender that lets its reply go.
+fn slow_to_quit(
+    after_data: Act,
+) -> (
+    u16,
+    StoredRx,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
+    let (release_quit, quit_gate) = std::sync::mpsc::channel::<()>();
+    let quit_gate = std::sync::Mutex::new(Some(quit_gate));
+    let (port, stored, _) = scripted_next_hop(
+        move |n, line| {
+            (n == 0 && line.starts_with("QUIT")).then(|| {
+                let _ = quit_seen.send(());
+                Act::SayWhenTold(quit_gate.lock().unwrap().take().unwrap(), "221 bye\r\n")
+            })
+        },
+        after_data,
+    );
+    (port, stored, quit_rx, release_quit)
+}
+
+/// A server on one core with one outbound connection in all (kept idle for 60 s), routing
+/// a.test to 127.0.0.1:`port_a` and b.test to a next hop it starts, whose stored messages it
+/// returns; with `extra` flags.
+fn one_connection_for_two_next_hops(port_a: u16, extra: &[&str]) -> (Server, StoredRx) {
+    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route_a = format!("a.test=127.0.0.1:{port_a}");
+    let route_b = format!("b.test=127.0.0.1:{port_b}");
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--route",
+        &route_a,
+        "--route",
+        &route_b,
+        "--max-outbound-connections",
+        "1",
+        "--outbound-idle-timeout",
+        "60s",
+    ];
+    args.extend_from_slice(extra);
+    (Server::start(&args), stored_b)
+}
+
+/// Sends `n` messages from a@origin.test to b@dest.test (Message-IDs `<{prefix}{k}@t>`),
+/// waits until each is deferred, then asks for a flush.
+fn defer_then_flush(server: &Server, prefix: &str, n: usize) {
+    let ids: Vec<String> = (0..n)
+        .map(|k| {
+            send(
+                server,
+                "a@origin.test",
+                &["b@dest.test"],
+                &format!("<{prefix}{k}@t>"),
+                "x\r\n",
+            )
+        })
+        .collect();
+    for id in &ids {
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// The Message-IDs of `n` messages from `stored`, waiting up to 20 s for each.
 fn message_ids(stored: &std::sync::mpsc::Receiver<(usize, String)>, n: usize) -> Vec<String> {
     let mut ids: Vec<String> = (0..n)
@@ -4650,26 +4724,7 @@ fn a_flush_wakes_every_idle_connection_to_a_next_hop_not_one() {
         "--outbound-idle-timeout",
         "60s",
     ]);
-    let ids: Vec<String> = (0..4)
-        .map(|k| {
-            send(
-                &server,
-                "a@origin.test",
-                &["b@dest.test"],
-                &format!("<idle{k}@t>"),
-                "x\r\n",
-            )
-        })
-        .collect();
-    for id in &ids {
-        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["queue", "--flush", "--spool"])
-        .arg(&server.spool)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    defer_then_flush(&server, "idle", 4);
     assert_eq!(
         message_ids(&stored, 4),
         ["<idle0@t>", "<idle1@t>", "<idle2@t>", "<idle3@t>"]
@@ -4738,21 +4793,7 @@ fn past_the_outbound_connection_cap_mail_for_another_next_hop_waits_for_a_connec
     let (release, gate) = std::sync::mpsc::channel();
     let (port_a, stored_a, _) =
         scripted_next_hop(|_, _| None, Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"));
-    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
-    let route_a = format!("a.test=127.0.0.1:{port_a}");
-    let route_b = format!("b.test=127.0.0.1:{port_b}");
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route_a,
-        "--route",
-        &route_b,
-        "--max-outbound-connections",
-        "1",
-        "--outbound-idle-timeout",
-        "60s",
-    ]);
+    let (server, stored_b) = one_connection_for_two_next_hops(port_a, &[]);
     send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
     // The first next hop has the message and holds its reply: the one connection is taken.
     let (_, data) = stored_a.recv_timeout(Duration::from_secs(20)).unwrap();
@@ -4924,37 +4965,17 @@ fn mail_that_arrives_while_a_connection_gives_its_place_up_is_still_delivered() 
     // reply comes late; a message for the first next hop queued meanwhile must get a
     // connection in its turn, not wait for more mail to come.
     let (release_data, data_gate) = std::sync::mpsc::channel();
-    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
-    let (release_quit, quit_gate) = std::sync::mpsc::channel::<()>();
-    let quit_gate = std::sync::Mutex::new(Some(quit_gate));
-    let (port_a, stored_a, _) = scripted_next_hop(
-        move |n, line| {
-            (n == 0 && line.starts_with("QUIT")).then(|| {
-                let _ = quit_seen.send(());
-                Act::SayWhenTold(quit_gate.lock().unwrap().take().unwrap(), "221 bye\r\n")
-            })
-        },
-        Act::SayWhenTold(data_gate, "250 2.0.0 stored\r\n"),
+    let (port_a, stored_a, quit_rx, release_quit) =
+        slow_to_quit(Act::SayWhenTold(data_gate, "250 2.0.0 stored\r\n"));
+    let (server, stored_b) = one_connection_for_two_next_hops(
+        port_a,
+        &[
+            "--max-connections-per-destination",
+            "1",
+            "--retry-initial",
+            "1h",
+        ],
     );
-    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
-    let route_a = format!("a.test=127.0.0.1:{port_a}");
-    let route_b = format!("b.test=127.0.0.1:{port_b}");
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route_a,
-        "--route",
-        &route_b,
-        "--max-outbound-connections",
-        "1",
-        "--max-connections-per-destination",
-        "1",
-        "--outbound-idle-timeout",
-        "60s",
-        "--retry-initial",
-        "1h",
-    ]);
     let wait = Duration::from_secs(20);
     send(&server, "s@origin.test", &["r@a.test"], "<a1@t>", "x\r\n");
     // The first next hop holds its reply to the data: the one connection is taken.
@@ -4993,26 +5014,7 @@ fn a_next_hop_at_the_outbound_cap_keeps_its_connections_for_its_backlog() {
         "--retry-initial",
         "1h",
     ]);
-    let ids: Vec<String> = (0..10)
-        .map(|k| {
-            send(
-                &server,
-                "a@origin.test",
-                &["b@dest.test"],
-                &format!("<backlog{k}@t>"),
-                "x\r\n",
-            )
-        })
-        .collect();
-    for id in &ids {
-        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
-        .args(["queue", "--flush", "--spool"])
-        .arg(&server.spool)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    defer_then_flush(&server, "backlog", 10);
     let connections: Vec<usize> = (0..10)
         .map(|k| {
             stored
@@ -5033,33 +5035,8 @@ fn an_idle_connection_asked_for_its_place_gives_it_before_its_quit_is_answered()
     // second next hop comes: the idle connection ends for it, and the place is the second
     // next hop's at once, not once the QUIT is answered (here it is not answered until the
     // second next hop has its message; postern waits 5 s for a QUIT's reply).
-    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
-    let (release_quit, quit_gate) = std::sync::mpsc::channel::<()>();
-    let quit_gate = std::sync::Mutex::new(Some(quit_gate));
-    let (port_a, stored_a, _) = scripted_next_hop(
-        move |n, line| {
-            (n == 0 && line.starts_with("QUIT")).then(|| {
-                let _ = quit_seen.send(());
-                Act::SayWhenTold(quit_gate.lock().unwrap().take().unwrap(), "221 bye\r\n")
-            })
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
-    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
-    let route_a = format!("a.test=127.0.0.1:{port_a}");
-    let route_b = format!("b.test=127.0.0.1:{port_b}");
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route_a,
-        "--route",
-        &route_b,
-        "--max-outbound-connections",
-        "1",
-        "--outbound-idle-timeout",
-        "60s",
-    ]);
+    let (port_a, stored_a, quit_rx, release_quit) = slow_to_quit(Act::Say("250 2.0.0 stored\r\n"));
+    let (server, stored_b) = one_connection_for_two_next_hops(port_a, &[]);
     let wait = Duration::from_secs(20);
     send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
     stored_a.recv_timeout(wait).unwrap();
