@@ -668,6 +668,15 @@ impl Outbound {
         self.end_session().await;
     }
 
+    /// Says QUIT and closes without waiting for the reply (RFC 5321 4.1.1.10 has the client
+    /// wait only as a SHOULD): for a connection whose place has gone to another while too
+    /// many others are still waiting for their QUIT's reply.
+    pub async fn quit_now(mut self) {
+        self.session.quit();
+        let _ = self.flush(PARTING_WRITE).await;
+        let _ = self.stream.close().await;
+    }
+
     async fn end_session(&mut self) {
         self.session.quit();
         let limit = Duration::from_secs(5);

@@ -551,6 +551,8 @@ pub struct CoreRelay {
     starved: RefCell<VecDeque<Rc<DestQueue>>>,
     /// Told when a next hop is starved: idle connections of others give up their place.
     slot_wanted: Event,
+    /// Connections counted out (see `leave`) still waiting for their QUIT's reply.
+    quitting: Cell<usize>,
     /// Next hops that have connections and wanted more when the core had none to give: a
     /// place no next hop in line takes goes to the first of them.
     wanting_more: RefCell<VecDeque<Rc<DestQueue>>>,
@@ -618,6 +620,7 @@ impl CoreRelay {
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
+            quitting: Cell::new(0),
             wanting_more: RefCell::new(VecDeque::new()),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
@@ -907,6 +910,7 @@ impl CoreRelay {
                 }
             } else if !dq.wanting_more.replace(true) {
                 self.wanting_more.borrow_mut().push_back(dq.clone());
+                self.slot_wanted.notify(1.additional());
             }
             return false;
         }
@@ -950,6 +954,13 @@ impl CoreRelay {
                 && next.workers.get() < self.most_workers(&next)
             {
                 given = self.start_worker(&next);
+                // Still more jobs than connections: first in line for the next place.
+                if next.ready.borrow().len() > next.workers.get()
+                    && next.workers.get() < self.most_workers(&next)
+                    && !next.wanting_more.replace(true)
+                {
+                    self.wanting_more.borrow_mut().push_front(next.clone());
+                }
             }
         }
     }
@@ -960,6 +971,30 @@ impl CoreRelay {
             .borrow()
             .iter()
             .any(|d| d.workers.get() == 0 && !d.ready.borrow().is_empty())
+    }
+
+    /// Whether a next hop waits for a place: in line, or with jobs its connections do not
+    /// take (an idle connection of another next hop gives its place to either; a busy one
+    /// only to a next hop in line, or two busy next hops would trade places after every
+    /// transaction).
+    fn someone_waiting(&self) -> bool {
+        self.someone_starved()
+            || self.wanting_more.borrow().iter().any(|d| {
+                d.ready.borrow().len() > d.idle.get() && d.workers.get() < self.most_workers(d)
+            })
+    }
+
+    /// Ends a connection whose worker has left (see [`CoreRelay::leave`]): with QUIT and a
+    /// short wait for its reply, or, while as many others as the core's share are still in
+    /// that wait, without waiting, so that sockets past the cap stay bounded.
+    async fn quit_after_leaving(&self, conn: Outbound) {
+        if self.quitting.get() >= self.most_outbound() {
+            conn.quit_now().await;
+            return;
+        }
+        self.quitting.set(self.quitting.get() + 1);
+        conn.quit().await;
+        self.quitting.set(self.quitting.get() - 1);
     }
 
     /// Whether a connection of `dq`, open since `since`, should give its place up after its
@@ -1106,10 +1141,10 @@ impl CoreRelay {
                     // next hop waits in line for a connection of the core's share.
                     let (woke, wanted) = loop {
                         let wanted = self.slot_wanted.listen();
-                        if self.someone_starved() {
+                        if self.someone_waiting() {
                             drop(wanted);
                             self.leave(&dq);
-                            conn.quit().await;
+                            self.quit_after_leaving(conn).await;
                             return;
                         }
                         dq.idle.set(dq.idle.get() + 1);
@@ -1209,7 +1244,7 @@ impl CoreRelay {
                     After::Keep if carry.is_empty() && self.yields_place(&dq, started) => {
                         // Other next hops wait for a connection of the core's share.
                         self.leave(&dq);
-                        conn.quit().await;
+                        self.quit_after_leaving(conn).await;
                         return;
                     }
                     After::Keep => {}
@@ -2698,8 +2733,10 @@ impl CoreRelay {
             self.handle.reclaim();
             self.publish_depth();
             self.forget_quiet_next_hops();
-            self.handle
-                .set_outbound(self.outbound.get() as u64, self.dests.borrow().len() as u64);
+            self.handle.set_outbound(
+                (self.outbound.get() + self.quitting.get()) as u64,
+                self.dests.borrow().len() as u64,
+            );
         }
     }
 

@@ -5048,3 +5048,130 @@ fn an_idle_connection_asked_for_its_place_gives_it_before_its_quit_is_answered()
     let (_, data) = got.expect("the second next hop waited for the first one's QUIT");
     assert!(data.contains("Message-ID: <b@t>"), "{data}");
 }
+
+#[test]
+fn idle_connections_of_other_next_hops_give_their_places_to_a_backlog() {
+    // Three outbound connections in all: two sit idle at next hops that had one message
+    // each, while a third next hop gets a backlog on the one place left. The idle ones give
+    // their places up to it (here its next hop takes mail only while three connections are
+    // open to it).
+    let (port_1, stored_1, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let (port_2, stored_2, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let (port_big, stored_big) = gated_next_hop(0, 0, Gate::Open(3), 0);
+    let routes = [
+        format!("h1.test=127.0.0.1:{port_1}"),
+        format!("h2.test=127.0.0.1:{port_2}"),
+        format!("big.test=127.0.0.1:{port_big}"),
+    ];
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &routes[0],
+        "--route",
+        &routes[1],
+        "--route",
+        &routes[2],
+        "--max-outbound-connections",
+        "3",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    send(&server, "s@origin.test", &["r@h1.test"], "<h1@t>", "x\r\n");
+    send(&server, "s@origin.test", &["r@h2.test"], "<h2@t>", "x\r\n");
+    stored_1.recv_timeout(Duration::from_secs(20)).unwrap();
+    stored_2.recv_timeout(Duration::from_secs(20)).unwrap();
+    for k in 0..9 {
+        send(
+            &server,
+            "s@origin.test",
+            &["r@big.test"],
+            &format!("<big{k}@t>"),
+            "x\r\n",
+        );
+    }
+    assert_eq!(message_ids(&stored_big, 9).len(), 9);
+    let log = server.terminate_for_log();
+    assert!(!log.contains("4.3.0 gate"), "{log}");
+}
+
+#[test]
+fn connections_that_give_their_places_up_do_not_pile_up_waiting_for_quit() {
+    // One outbound connection in all, and five next hops that never answer QUIT: mail to
+    // each in turn makes each connection give its place up to the next. Counted out before
+    // its QUIT, each would stay open for the 5 s wait for the reply; past one such wait at a
+    // time, a connection says QUIT and closes at once. At the next hops: at most the one
+    // connection, one waiting for its QUIT's reply, and for a moment one closing.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (stored_tx, stored) = std::sync::mpsc::channel();
+    let mut routes = Vec::new();
+    for hop in 0..5 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        routes.push(format!(
+            "h{hop}.test=127.0.0.1:{}",
+            l.local_addr().unwrap().port()
+        ));
+        let (open, most, stored_tx) = (open.clone(), most.clone(), stored_tx.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(8) {
+                let Ok(s) = conn else { return };
+                let (open, most, stored_tx) = (open.clone(), most.clone(), stored_tx.clone());
+                most.fetch_max(open.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    let _ = w.write_all(b"220 slow-quit.test ESMTP\r\n");
+                    let (mut line, mut in_data) = (String::new(), false);
+                    while r.read_line(&mut line).unwrap_or(0) > 0 {
+                        let reply: &[u8] = if in_data && line == ".\r\n" {
+                            in_data = false;
+                            let _ = stored_tx.send(());
+                            b"250 2.0.0 stored\r\n"
+                        } else if in_data || line.starts_with("QUIT") {
+                            b""
+                        } else if line.starts_with("DATA") {
+                            in_data = true;
+                            b"354 go\r\n"
+                        } else {
+                            b"250 ok\r\n"
+                        };
+                        let _ = w.write_all(reply);
+                        line.clear();
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+    }
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--max-outbound-connections",
+        "1",
+        "--outbound-idle-timeout",
+        "60s",
+    ];
+    for r in &routes {
+        args.extend(["--route", r.as_str()]);
+    }
+    let server = Server::start(&args);
+    for k in 0..10 {
+        send(
+            &server,
+            "s@origin.test",
+            &[&format!("r@h{}.test", k % 5)],
+            &format!("<q{k}@t>"),
+            "x\r\n",
+        );
+    }
+    for k in 0..10 {
+        stored
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("message {k}: {e}"));
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 3, "{most} connections open at once");
+}
