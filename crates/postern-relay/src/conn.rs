@@ -672,9 +672,15 @@ impl Outbound {
     /// wait only as a SHOULD): for a connection whose place has gone to another while too
     /// many others are still waiting for their QUIT's reply.
     pub async fn quit_now(mut self) {
-        self.session.quit();
-        let _ = self.flush(PARTING_WRITE).await;
-        let _ = self.stream.close().await;
+        // Written whatever the session still awaits (it would hold QUIT back behind a reply
+        // without PIPELINING): nothing more is read on this connection.
+        let stream = &mut self.stream;
+        let _ = timed(PARTING_WRITE, async {
+            stream.write_all(b"QUIT\r\n").await?;
+            stream.flush().await?;
+            stream.close().await
+        })
+        .await;
     }
 
     async fn end_session(&mut self) {

@@ -908,9 +908,13 @@ impl CoreRelay {
                     // One idle connection of another next hop ends for it.
                     self.slot_wanted.notify(1.additional());
                 }
-            } else if !dq.wanting_more.replace(true) {
-                self.wanting_more.borrow_mut().push_back(dq.clone());
-                self.slot_wanted.notify(1.additional());
+            } else if dq.ready.borrow().len() > dq.workers.get() {
+                if !dq.wanting_more.replace(true) {
+                    self.wanting_more.borrow_mut().push_back(dq.clone());
+                }
+                // An idle connection of another next hop ends for it (one at a time: each
+                // that does wakes the next while the backlog lasts, see `leave`).
+                self.slot_wanted.notify(1);
             }
             return false;
         }
@@ -954,12 +958,17 @@ impl CoreRelay {
                 && next.workers.get() < self.most_workers(&next)
             {
                 given = self.start_worker(&next);
-                // Still more jobs than connections: first in line for the next place.
+                if !given {
+                    break;
+                }
+                // Still more jobs than connections: first in line for the next place, and
+                // the next idle connection is asked for it.
                 if next.ready.borrow().len() > next.workers.get()
                     && next.workers.get() < self.most_workers(&next)
                     && !next.wanting_more.replace(true)
                 {
                     self.wanting_more.borrow_mut().push_front(next.clone());
+                    self.slot_wanted.notify(1.additional());
                 }
             }
         }
@@ -979,9 +988,27 @@ impl CoreRelay {
     /// transaction).
     fn someone_waiting(&self) -> bool {
         self.someone_starved()
-            || self.wanting_more.borrow().iter().any(|d| {
-                d.ready.borrow().len() > d.idle.get() && d.workers.get() < self.most_workers(d)
-            })
+            || self
+                .wanting_more
+                .borrow()
+                .iter()
+                .any(|d| self.wants_more(d))
+    }
+
+    /// Whether `dq` has more jobs waiting than connections, and room for another.
+    fn wants_more(&self, dq: &DestQueue) -> bool {
+        dq.ready.borrow().len() > dq.workers.get() && dq.workers.get() < self.most_workers(dq)
+    }
+
+    /// Takes the next hops that no longer want more out of `wanting_more` (their backlog
+    /// went), so that the list and the next hops it keeps do not grow while the core stays
+    /// at its share and every place goes to `starved`.
+    fn prune_wanting_more(&self) {
+        self.wanting_more.borrow_mut().retain(|d| {
+            let keep = self.wants_more(d);
+            d.wanting_more.set(keep);
+            keep
+        });
     }
 
     /// Ends a connection whose worker has left (see [`CoreRelay::leave`]): with QUIT and a
@@ -1139,6 +1166,8 @@ impl CoreRelay {
                 let Some(job) = job else {
                     // Idle: keep the connection for a while for the next job, unless another
                     // next hop waits in line for a connection of the core's share.
+                    // One idle timeout, however often the wait is woken for nothing.
+                    let idle_until = Instant::now() + self.relay.config.idle_timeout;
                     let (woke, wanted) = loop {
                         let wanted = self.slot_wanted.listen();
                         if self.someone_waiting() {
@@ -1154,7 +1183,9 @@ impl CoreRelay {
                         let empty = dq.ready.borrow().is_empty();
                         let idle_end = async {
                             future::or(
-                                glommio::timer::sleep(self.relay.config.idle_timeout),
+                                glommio::timer::sleep(
+                                    idle_until.saturating_duration_since(Instant::now()),
+                                ),
                                 self.handle.stopped(),
                             )
                             .await;
@@ -2732,6 +2763,7 @@ impl CoreRelay {
             .await;
             self.handle.reclaim();
             self.publish_depth();
+            self.prune_wanting_more();
             self.forget_quiet_next_hops();
             self.handle.set_outbound(
                 (self.outbound.get() + self.quitting.get()) as u64,
