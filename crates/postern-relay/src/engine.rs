@@ -1228,6 +1228,12 @@ impl CoreRelay {
                     if woke || !dq.ready.borrow().is_empty() {
                         continue;
                     }
+                    if self.someone_waiting() {
+                        // Its place is wanted: counted out before the QUIT, not after it.
+                        self.leave(&dq);
+                        self.quit_after_leaving(conn).await;
+                        return;
+                    }
                     conn.quit().await;
                     // The QUIT's reply may take a while, and this worker still counts against
                     // the next hop's connections: a job queued meanwhile started no worker of
