@@ -62,6 +62,14 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--max-transactions-in-flight", "0"],
         "--max-transactions-in-flight",
     );
+    refused(
+        &["serve", "--max-outbound-connections", "0"],
+        "--max-outbound-connections",
+    );
+    refused(
+        &["serve", "--max-outbound-connections", "many"],
+        "--max-outbound-connections",
+    );
     refused(&["serve", "--postmaster", "not an address"], "--postmaster");
     // Values that parse but cannot work: sessions that time out before a round trip, a
     // storm of retries.
