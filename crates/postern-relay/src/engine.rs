@@ -205,6 +205,10 @@ enum Idle {
     Over,
 }
 
+/// How long a connection stays idle before it gives its place to a next hop whose
+/// connections have a backlog (to one with none, at once).
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// How long a next hop's only connection keeps its place past the core's share of outbound
 /// connections while another next hop waits in line for one.
 const TURN: Duration = Duration::from_secs(30);
@@ -987,12 +991,15 @@ impl CoreRelay {
     /// only to a next hop in line, or two busy next hops would trade places after every
     /// transaction).
     fn someone_waiting(&self) -> bool {
-        self.someone_starved()
-            || self
-                .wanting_more
-                .borrow()
-                .iter()
-                .any(|d| self.wants_more(d))
+        self.someone_starved() || self.someone_wanting_more()
+    }
+
+    /// Whether a next hop's connections have more jobs than they take, at the core's share.
+    fn someone_wanting_more(&self) -> bool {
+        self.wanting_more
+            .borrow()
+            .iter()
+            .any(|d| self.wants_more(d))
     }
 
     /// Whether `dq` has more jobs waiting than connections, and room for another.
@@ -1167,10 +1174,16 @@ impl CoreRelay {
                     // Idle: keep the connection for a while for the next job, unless another
                     // next hop waits in line for a connection of the core's share.
                     // One idle timeout, however often the wait is woken for nothing.
-                    let idle_until = Instant::now() + self.relay.config.idle_timeout;
+                    let idle_since = Instant::now();
+                    let idle_until = idle_since + self.relay.config.idle_timeout;
                     let (woke, wanted) = loop {
                         let wanted = self.slot_wanted.listen();
-                        if self.someone_waiting() {
+                        // A next hop in line gets the place at once; one whose connections
+                        // have a backlog once this one has been idle for a moment (so that a
+                        // trickle of mail keeps its connection).
+                        let grace_over = idle_since.elapsed() >= IDLE_GRACE;
+                        let backlog = self.someone_wanting_more();
+                        if self.someone_starved() || (grace_over && backlog) {
                             drop(wanted);
                             self.leave(&dq);
                             self.quit_after_leaving(conn).await;
@@ -1191,16 +1204,28 @@ impl CoreRelay {
                             .await;
                             Idle::Over
                         };
+                        let grace_end = async {
+                            if backlog {
+                                let left = IDLE_GRACE.saturating_sub(idle_since.elapsed());
+                                glommio::timer::sleep(left).await;
+                            } else {
+                                future::pending::<()>().await;
+                            }
+                            Idle::Wanted
+                        };
                         let woke = if empty {
                             future::or(
                                 async {
                                     listener.await;
                                     Idle::Job
                                 },
-                                future::or(idle_end, async {
-                                    wanted.await;
-                                    Idle::Wanted
-                                }),
+                                future::or(
+                                    idle_end,
+                                    future::or(grace_end, async {
+                                        wanted.await;
+                                        Idle::Wanted
+                                    }),
+                                ),
                             )
                             .await
                         } else {
@@ -1234,10 +1259,31 @@ impl CoreRelay {
                         self.quit_after_leaving(conn).await;
                         return;
                     }
-                    conn.quit().await;
                     // The QUIT's reply may take a while, and this worker still counts against
                     // the next hop's connections: a job queued meanwhile started no worker of
-                    // its own. The loop's test looks at the queue again before leaving.
+                    // its own. The loop's test looks at the queue again before leaving. If
+                    // another next hop comes to want the place meanwhile, it is counted out
+                    // then, and the QUIT goes on.
+                    let wanted = self.slot_wanted.listen();
+                    let mut quit = std::pin::pin!(conn.quit());
+                    let asked = future::or(
+                        async {
+                            (&mut quit).await;
+                            false
+                        },
+                        async {
+                            wanted.await;
+                            true
+                        },
+                    )
+                    .await;
+                    if asked {
+                        self.leave(&dq);
+                        self.quitting.set(self.quitting.get() + 1);
+                        quit.await;
+                        self.quitting.set(self.quitting.get() - 1);
+                        return;
+                    }
                     continue 'connect;
                 };
                 let window = if now_ms() < dq.serial_until.get() {

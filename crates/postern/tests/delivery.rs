@@ -4641,9 +4641,9 @@ fn slow_to_quit(
     (port, stored, quit_rx, release_quit)
 }
 
-/// A server on one core with one outbound connection in all (kept idle for 60 s), routing
-/// a.test to 127.0.0.1:`port_a` and b.test to a next hop it starts, whose stored messages it
-/// returns; with `extra` flags.
+/// A server on one core with one outbound connection in all (kept idle for 60 s unless
+/// `extra` says), routing a.test to 127.0.0.1:`port_a` and b.test to a next hop it starts,
+/// whose stored messages it returns; with `extra` flags.
 fn one_connection_for_two_next_hops(port_a: u16, extra: &[&str]) -> (Server, StoredRx) {
     let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
     let route_a = format!("a.test=127.0.0.1:{port_a}");
@@ -4657,9 +4657,10 @@ fn one_connection_for_two_next_hops(port_a: u16, extra: &[&str]) -> (Server, Sto
         &route_b,
         "--max-outbound-connections",
         "1",
-        "--outbound-idle-timeout",
-        "60s",
     ];
+    if !extra.contains(&"--outbound-idle-timeout") {
+        args.extend(["--outbound-idle-timeout", "60s"]);
+    }
     args.extend_from_slice(extra);
     (Server::start(&args), stored_b)
 }
@@ -5174,4 +5175,24 @@ fn connections_that_give_their_places_up_do_not_pile_up_waiting_for_quit() {
     }
     let most = most.load(Ordering::SeqCst);
     assert!(most <= 3, "{most} connections open at once");
+}
+
+#[test]
+fn a_connection_saying_quit_after_its_idle_time_gives_its_place_when_it_is_wanted() {
+    // One outbound connection in all. The first next hop's connection idles out and says
+    // QUIT, whose reply comes late; mail for a second next hop that comes meanwhile gets the
+    // place then, not once the reply has come (postern waits 5 s for it).
+    let (port_a, stored_a, quit_rx, release_quit) = slow_to_quit(Act::Say("250 2.0.0 stored\r\n"));
+    let (server, stored_b) =
+        one_connection_for_two_next_hops(port_a, &["--outbound-idle-timeout", "300ms"]);
+    let wait = Duration::from_secs(20);
+    send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
+    stored_a.recv_timeout(wait).unwrap();
+    quit_rx.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    // Within 3 s (in milliseconds here): before postern's 5 s wait for the QUIT's reply.
+    let got = stored_b.recv_timeout(Duration::from_secs(3));
+    release_quit.send(()).unwrap();
+    let (_, data) = got.expect("the second next hop waited for the first one's QUIT");
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
 }
