@@ -1,0 +1,902 @@
+//! The delivery engine of one core, in two roles.
+//!
+//! As an **owner**, a core tracks the messages its sessions accepted (and the ones recovery
+//! found in its spool): it routes their recipients, groups them by next hop, and hands one
+//! [`Job`] per next hop to the shard that owns the next hop, through the lock-free
+//! [`Mailboxes`]. Outcomes come back the same way; the owner writes each as a status record
+//! to its own spool, makes the bounce when recipients failed, and once every recipient is
+//! final and durable tells the spool to forget the message.
+//!
+//! As a **shard**, a core delivers the jobs of the next hops that hash to it: one queue per
+//! next hop, up to `max_per_destination` connections, reused for the next job while there is
+//! one, and a passive [`Schedule`] of deferred jobs for their retry time.
+//!
+//! This module holds the core's state, the intake of messages and the retry loop; the rest
+//! is in `places` (who gets an outbound connection under the core's cap), `worker` (one
+//! connection's life), `prepare` (a job made into a transaction), `outcome` (replies made
+//! into each recipient's outcome) and `reports` (the owner's status records, bounces and
+//! other reports).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use event_listener::{Event, IntoNotification};
+use futures_lite::future;
+use postern_proto::client::{BodyMode, ClientError, OutRecipient, Transaction, TransactionResult};
+use postern_proto::{Notify, Reply};
+use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
+use postern_server::delivery::{Accepted, CoreHandle, Delivery, DeliveryFactory, Outcome};
+use postern_spool::{DeliveryState, MessageMeta, MessageRef, Recipient, RecoveredMessage, Status};
+
+use crate::conn::{ConnError, Outbound, Timeouts, TlsSetup};
+use crate::dsn;
+use crate::mx::{MxError, NextHop, Resolver};
+use crate::route::{Destination, Router};
+use crate::tls::{TlsClients, TlsPolicy};
+
+mod outcome;
+mod places;
+mod prepare;
+mod reports;
+mod worker;
+
+/// The relay's settings.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// Our name in EHLO and in bounces.
+    pub hostname: String,
+    /// Routes and smarthost.
+    pub router: Router,
+    /// A DNS server to ask instead of /etc/resolv.conf.
+    pub dns_server: Option<SocketAddr>,
+    /// The port of MX hosts (25; other values for tests and labs).
+    pub mx_port: u16,
+    /// Where this server takes SMTP (its `--listen` addresses): an MX host reached at one of
+    /// them is this server (RFC 5321 section 5.1, docs/delivery.md).
+    pub own_addrs: Vec<SocketAddr>,
+    /// Retry schedule and queue lifetime.
+    pub retry: RetryPolicy,
+    /// Warn the sender when a message is still queued after this long (off when None).
+    pub delay_warning: Option<Duration>,
+    /// Concurrent connections per next hop.
+    pub max_per_destination: usize,
+    /// Outbound connections of all next hops together (each core takes its share).
+    pub max_outbound: usize,
+    /// Transactions pipelined into each other on one connection, where the next hop offers
+    /// PIPELINING and CHUNKING; 1 sends one transaction per round trip.
+    pub max_in_flight: usize,
+    /// How long an idle connection waits for the next message before QUIT.
+    pub idle_timeout: Duration,
+    /// STARTTLS towards next hops.
+    pub tls: TlsPolicy,
+    /// Extra trust anchors for required TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client timeouts.
+    pub timeouts: Timeouts,
+    /// Queue depth (messages not yet final) at which accepting stops; 0 for no limit.
+    pub queue_high_water: u64,
+    /// Queue depth at which accepting starts again.
+    pub queue_low_water: u64,
+    /// The most octets of a message returned in a bounce.
+    pub bounce_max_returned: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            hostname: "localhost".into(),
+            router: Router::default(),
+            dns_server: None,
+            mx_port: 25,
+            own_addrs: Vec::new(),
+            retry: RetryPolicy::default(),
+            delay_warning: None,
+            max_per_destination: 16,
+            max_outbound: 1000,
+            max_in_flight: 1,
+            idle_timeout: Duration::from_secs(10),
+            tls: TlsPolicy::Opportunistic,
+            tls_ca: None,
+            timeouts: Timeouts::default(),
+            queue_high_water: 1_000_000,
+            queue_low_water: 800_000,
+            bounce_max_returned: 128 * 1024,
+        }
+    }
+}
+
+/// A message on its way, shared by the jobs of its next hops (no copy of the body).
+#[derive(Debug)]
+struct Msg {
+    queue_id: String,
+    owner: usize,
+    meta: MessageMeta,
+    body: MessageRef,
+}
+
+/// The recipients of one message that go to one next hop.
+#[derive(Debug)]
+struct Job {
+    msg: Arc<Msg>,
+    rcpts: Vec<u32>,
+    dest: Destination,
+    /// Failed attempts so far.
+    failures: u32,
+    /// Not before this time (ms since the epoch).
+    not_before: u64,
+    /// The next hop of the latest attempt offered DSN, so the DSN parameters went on with the
+    /// message (and success reports are that hop's business).
+    hop_dsn: bool,
+    /// Addresses of the next hop that broke off or put off this attempt: its next connection
+    /// goes elsewhere (see `pass_over`).
+    tried: Vec<SocketAddr>,
+}
+
+/// A job passed over to another address of its next hop, with what the last one said, for
+/// when no other address takes it.
+struct Carried {
+    job: Job,
+    status: String,
+    text: String,
+    /// Each recipient's own reply, in the order of `job.rcpts`, when they differ (RCPT
+    /// replies); empty when `text` is every recipient's.
+    texts: Vec<String>,
+    remote: Option<String>,
+}
+
+/// What a carried job brings besides itself: the answer it is deferred with if no other
+/// address takes it.
+struct Note {
+    status: String,
+    text: String,
+    texts: Vec<String>,
+    remote: Option<String>,
+}
+
+impl Carried {
+    fn split(self) -> (Job, Note) {
+        let Carried {
+            job,
+            status,
+            text,
+            texts,
+            remote,
+        } = self;
+        (
+            job,
+            Note {
+                status,
+                text,
+                texts,
+                remote,
+            },
+        )
+    }
+}
+
+impl Note {
+    fn with(self, job: Job) -> Carried {
+        Carried {
+            job,
+            status: self.status,
+            text: self.text,
+            texts: self.texts,
+            remote: self.remote,
+        }
+    }
+}
+
+/// A connection `open` made.
+struct Opened {
+    conn: Outbound,
+    /// Addresses that could not be reached or refused the session on the way.
+    failed: Vec<SocketAddr>,
+    /// The address is of a less preferred MX host than the best: the connection is used for
+    /// a while only, so that the better host gets mail again once it is back.
+    fallback: bool,
+}
+
+/// Addresses tried within one attempt of a job at most (as Postfix's
+/// `smtp_mx_address_limit`): a domain with many addresses that all put mail off costs a
+/// bounded number of connections per attempt.
+const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
+
+/// How an idle connection's wait ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// A job came.
+    Job,
+    /// Another next hop waits in line for a connection.
+    Wanted,
+    /// The idle timeout, or the stop.
+    Over,
+}
+
+/// How long a connection stays idle before it gives its place to a next hop whose
+/// connections have a backlog (to one with none, at once).
+const IDLE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a next hop's only connection keeps its place past the core's share of outbound
+/// connections while another next hop waits in line for one.
+const TURN: Duration = Duration::from_secs(30);
+
+/// What a worker does with its connection after a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    /// Use it for the next job.
+    Keep,
+    /// It broke: drop it.
+    Broken,
+    /// It works, but the job goes to another address: QUIT, then connect elsewhere.
+    Elsewhere,
+}
+
+#[derive(Debug)]
+enum Result_ {
+    /// `relayed`: the next hop offers no DSN, so a success report, if asked for, is ours.
+    Delivered {
+        relayed: bool,
+    },
+    Deferred {
+        next_attempt: u64,
+        /// postern's status for the deferral when its reply holds none (4.4.1, 4.4.2).
+        status: String,
+    },
+    Failed {
+        status: String,
+    },
+}
+
+/// One recipient's outcome, on its way back to the owner.
+#[derive(Debug)]
+struct Report {
+    queue_id: String,
+    rcpt: u32,
+    result: Result_,
+    reply: String,
+    remote: Option<String>,
+}
+
+/// What all cores share.
+pub struct Relay {
+    config: RelayConfig,
+    cores: usize,
+    jobs: Mailboxes<Job>,
+    /// Outcomes, by owner: those of one job go together, so the owner settles them in one
+    /// batch (a transaction that failed every recipient makes one bounce, not one per
+    /// batch the owner happened to take them out in).
+    reports: Mailboxes<Vec<Report>>,
+    depth: Depth,
+    marks: Watermarks,
+    resolver: Resolver,
+    tls: TlsClients,
+    recovered: Mutex<Vec<RecoveredMessage>>,
+    /// Outbound transactions running, on all cores: a stopping core waits for them to end and
+    /// their outcomes to be recorded.
+    in_flight: AtomicUsize,
+    /// Cores that have begun to wind down (they start no new transaction).
+    winding_down: AtomicUsize,
+    /// How many times the operator asked to try deferred mail now ([`Relay::flush`]).
+    flushes: AtomicU64,
+    /// Wakes every core's retry loop when a flush is asked for (from any thread).
+    flush_asked: Event,
+}
+
+/// Counts an outbound transaction in [`Relay::in_flight`] while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How often a stopping core looks whether the deliveries in flight on every core are over.
+const WIND_DOWN_POLL: Duration = Duration::from_millis(5);
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("cores", &self.cores).finish()
+    }
+}
+
+/// How long replies are read for after a write to the next hop failed.
+const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(2);
+
+/// How long a next hop gets one transaction per round trip after a connection to it broke in
+/// the middle of pipelined transactions.
+const SERIAL_AFTER_BREAK: Duration = Duration::from_secs(60);
+
+/// The most replies (RSET, MAIL, each RCPT, BDAT) awaited at once on a connection that
+/// pipelines transactions; a few dozen octets each.
+const MAX_PIPELINED_REPLIES: usize = 512;
+
+/// A message's arrival in milliseconds since the epoch, for its queue lifetime and delay
+/// warning. The spool keeps the arrival in whole seconds, so the end of that second is taken:
+/// a lifetime may run up to a second long, never short.
+fn arrival_ms(meta: &MessageMeta) -> u64 {
+    meta.arrival.saturating_mul(1000).saturating_add(999)
+}
+
+/// Starts `task` on this core, to run once the caller is back in the executor. glommio's
+/// `spawn_local` polls a new task at once, inside the caller: up to its first wait, the task
+/// would run while the caller still holds its borrows (of the tracked messages, of a
+/// destination's queue), and a task that takes one of them then (a bounce owed to nobody
+/// settles without waiting for anything) would panic the core.
+fn spawn_detached(task: impl std::future::Future<Output = ()> + 'static) {
+    glommio::spawn_local(async move {
+        future::yield_now().await;
+        task.await;
+    })
+    .detach();
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Relay {
+    /// The relay for `cores` cores, with the messages recovery found still to deliver.
+    pub fn new(
+        config: RelayConfig,
+        cores: usize,
+        recovered: Vec<RecoveredMessage>,
+    ) -> Result<Arc<Relay>, String> {
+        let resolver = match config.dns_server {
+            Some(addr) => Resolver::with_server(addr),
+            None => Resolver::system(),
+        }
+        .map_err(|e| {
+            format!(
+                "cannot start the DNS resolver for MX lookups ({e}); fix /etc/resolv.conf or \
+                 pass --dns-server ADDR"
+            )
+        })?;
+        let tls = TlsClients::new(config.tls_ca.as_deref())?;
+        let cores = cores.max(1);
+        Ok(Arc::new(Relay {
+            marks: Watermarks::new(config.queue_high_water, config.queue_low_water),
+            config,
+            cores,
+            jobs: Mailboxes::new(cores),
+            reports: Mailboxes::new(cores),
+            depth: Depth::new(cores),
+            resolver,
+            tls,
+            recovered: Mutex::new(recovered),
+            in_flight: AtomicUsize::new(0),
+            winding_down: AtomicUsize::new(0),
+            flushes: AtomicU64::new(0),
+            flush_asked: Event::new(),
+        }))
+    }
+
+    /// The factory the server calls on each core.
+    pub fn factory(self: &Arc<Self>) -> DeliveryFactory {
+        let relay = self.clone();
+        Arc::new(move |handle: CoreHandle| -> Rc<dyn Delivery> {
+            let core = CoreRelay::start(relay.clone(), handle);
+            core as Rc<dyn Delivery>
+        })
+    }
+
+    /// Asks every core to try its deferred mail now (SIGUSR1, `postern queue --flush`): the
+    /// jobs waiting for a retry go at once, and next hops paused after failures are tried
+    /// again. Every core's retry loop is woken at once. Retry counts stay as they are.
+    pub fn flush(&self) {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.flush_asked.notify(usize::MAX);
+    }
+
+    /// Messages not yet final, all cores together.
+    pub fn queue_depth(&self) -> u64 {
+        self.depth.total()
+    }
+}
+
+/// How long a bounce that could not be spooled waits before it is tried again.
+const BOUNCE_RETRY: Duration = Duration::from_secs(10);
+
+/// A recipient failed for good: (recipient, reply, next hop, status, when).
+type Failure = (u32, String, Option<String>, String, u64);
+
+/// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, status).
+type Delay = (u32, String, Option<String>, String);
+
+impl Tracked {
+    /// Marks `rcpt` as warned of its delay; false if it already was.
+    fn warn_once(&mut self, rcpt: u32) -> bool {
+        let (word, bit) = ((rcpt / 64) as usize, 1u64 << (rcpt % 64));
+        if self.warned.len() <= word {
+            self.warned.resize(word + 1, 0);
+        }
+        let first = self.warned[word] & bit == 0;
+        self.warned[word] |= bit;
+        first
+    }
+
+    /// Takes `rcpt`'s mark of [`Tracked::warn_once`] back: its warning was not made.
+    fn unwarn(&mut self, rcpt: u32) {
+        if let Some(word) = self.warned.get_mut((rcpt / 64) as usize) {
+            *word &= !(1u64 << (rcpt % 64));
+        }
+    }
+}
+
+/// A report being made (a bounce, a delay warning, a success report for a recipient relayed
+/// to a next hop without DSN) or a message being finished, counted in
+/// `CoreRelay::reporting` from when its task is spawned until it ends: a stop waits for it.
+struct Reporting(Rc<CoreRelay>);
+
+impl Reporting {
+    fn new(core: &Rc<CoreRelay>) -> Self {
+        core.reporting.set(core.reporting.get() + 1);
+        Reporting(core.clone())
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        self.0.reporting.set(self.0.reporting.get() - 1);
+    }
+}
+
+/// The owner's record of a message not yet final.
+struct Tracked {
+    msg: Arc<Msg>,
+    /// Recipients without a final outcome.
+    pending: usize,
+    /// Recipients failed for good, waiting for the bounce.
+    failed: Vec<Failure>,
+    /// A bounce for some failed recipients is being made while others are still pending;
+    /// the message is finished only after it.
+    bouncing: bool,
+    /// Recipients that asked for success reports (NOTIFY=SUCCESS) and were relayed to a next
+    /// hop without DSN: (recipient, reply, next hop, when).
+    relayed: Vec<(u32, String, Option<String>, u64)>,
+    /// Recipients already sent a delay warning (a bit each; empty until the first).
+    warned: Vec<u64>,
+    /// A status record could not be written (the spool's disk is full): the outcome is known
+    /// here but not on disk. The message is still forgotten once every recipient is settled,
+    /// so its segments can be reclaimed; a crash before that delivers it again (a duplicate,
+    /// never a loss). Keeping it instead would keep the disk full for good.
+    unrecorded: bool,
+}
+
+/// Deliveries waiting for one next hop, and its connections.
+struct DestQueue {
+    dest: Destination,
+    ready: RefCell<VecDeque<Job>>,
+    workers: Cell<usize>,
+    idle: Cell<usize>,
+    arrived: Event,
+    /// Waiting in the core's `starved` list for a connection the core's cap held back.
+    starved: Cell<bool>,
+    /// In the core's `wanting_more` list: it has connections, and jobs they do not take.
+    wanting_more: Cell<bool>,
+    /// A failed opportunistic TLS handshake: cleartext until then (ms).
+    cleartext_until: Cell<u64>,
+    /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
+    /// to connect again.
+    down_until: Cell<u64>,
+    /// A connection broke in the middle of pipelined transactions: one transaction per round
+    /// trip until then (ms).
+    serial_until: Cell<u64>,
+    /// The addresses the next hop resolved to at the latest connection, in preference order.
+    addrs: RefCell<Vec<SocketAddr>>,
+    /// Addresses passed over until then (ms): they broke off or put off a transaction.
+    avoid: RefCell<HashMap<SocketAddr, u64>>,
+    /// Addresses that could not be reached or broke a connection off (421, closed, timed
+    /// out), until then (ms). When every address of the next hop is here, the next hop as a
+    /// whole is paused (`down_until`).
+    broke: RefCell<HashMap<SocketAddr, u64>>,
+    /// Connections in a row, since a transaction was last answered, that could not be made
+    /// or broke off.
+    broken_in_a_row: Cell<u32>,
+    /// When a connection last failed (ms).
+    last_broke: Cell<u64>,
+    /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
+    paused_for: RefCell<Option<(String, String, Option<String>)>>,
+}
+
+/// One core's relay.
+pub struct CoreRelay {
+    relay: Arc<Relay>,
+    handle: CoreHandle,
+    id: usize,
+    tracked: RefCell<HashMap<String, Tracked>>,
+    dests: RefCell<HashMap<String, Rc<DestQueue>>>,
+    retry: RefCell<Schedule<Job>>,
+    retry_changed: Event,
+    /// The last [`Relay::flushes`] this core acted on.
+    flushes_seen: Cell<u64>,
+    /// Messages with relayed recipients whose success report is still to be made.
+    relayed_waiting: RefCell<Vec<String>>,
+    /// Messages with failed recipients whose bounce is still to be made.
+    failed_waiting: RefCell<Vec<String>>,
+    /// Recipients deferred past `--delay-warning` in this batch of outcomes, by message.
+    delays_waiting: RefCell<Vec<(String, Delay)>>,
+    /// Bounces being made and messages being finished: a graceful stop waits for them, so
+    /// that their statuses are recorded and the next run does not repeat them.
+    reporting: Cell<usize>,
+    /// When a failed sync of settled statuses was last logged (at most once a minute).
+    sync_warned: Cell<Option<std::time::Instant>>,
+    /// Outbound connections of this core (workers, from their start to their end).
+    outbound: Cell<usize>,
+    /// Next hops with jobs waiting that got no connection for the core's cap, in the order
+    /// they asked: each connection that ends goes to the first.
+    starved: RefCell<VecDeque<Rc<DestQueue>>>,
+    /// Told when a next hop is starved: idle connections of others give up their place.
+    slot_wanted: Event,
+    /// Connections counted out (see `leave`) still waiting for their QUIT's reply.
+    quitting: Cell<usize>,
+    /// Next hops that have connections and wanted more when the core had none to give: a
+    /// place no next hop in line takes goes to the first of them.
+    wanting_more: RefCell<VecDeque<Rc<DestQueue>>>,
+}
+
+impl Delivery for CoreRelay {
+    fn accepted(&self, message: Accepted) {
+        let msg = Arc::new(Msg {
+            queue_id: message.queue_id,
+            owner: self.id,
+            meta: message.meta,
+            body: message.body,
+        });
+        let all: Vec<u32> = (0..msg.meta.recipients.len() as u32).collect();
+        self.track(msg.clone(), all.len());
+        self.dispatch(&msg, &all, 0, 0);
+    }
+
+    fn accepting(&self) -> bool {
+        self.relay.marks.accepting(self.relay.depth.total())
+    }
+
+    fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
+        Box::pin(async move {
+            // A core notices the stop on its own tick, so until every core winds down, one
+            // may still start a transaction whose outcome comes here. Once all do, none
+            // starts (a worker checks its core's stop and counts itself in flight in one
+            // step), and a transaction's reports are sent before it stops counting: then
+            // every outcome is in its owner's inbox, and the report loop records it (appends
+            // its status) in the same step as it takes it out.
+            self.relay.winding_down.fetch_add(1, Ordering::SeqCst);
+            let inbox = self.relay.reports.get(self.id);
+            while self.relay.winding_down.load(Ordering::SeqCst) < self.relay.cores
+                || self.relay.in_flight.load(Ordering::SeqCst) > 0
+                || !inbox.is_empty()
+                || self.reporting.get() > 0
+            {
+                glommio::timer::sleep(WIND_DOWN_POLL).await;
+            }
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.relay.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl CoreRelay {
+    fn start(relay: Arc<Relay>, handle: CoreHandle) -> Rc<CoreRelay> {
+        let id = handle.id();
+        let core = Rc::new(CoreRelay {
+            relay,
+            handle,
+            id,
+            tracked: RefCell::new(HashMap::new()),
+            dests: RefCell::new(HashMap::new()),
+            retry: RefCell::new(Schedule::new()),
+            retry_changed: Event::new(),
+            flushes_seen: Cell::new(0),
+            relayed_waiting: RefCell::new(Vec::new()),
+            failed_waiting: RefCell::new(Vec::new()),
+            delays_waiting: RefCell::new(Vec::new()),
+            reporting: Cell::new(0),
+            sync_warned: Cell::new(None),
+            outbound: Cell::new(0),
+            starved: RefCell::new(VecDeque::new()),
+            slot_wanted: Event::new(),
+            quitting: Cell::new(0),
+            wanting_more: RefCell::new(VecDeque::new()),
+        });
+        glommio::spawn_local(core.clone().job_loop()).detach();
+        glommio::spawn_local(core.clone().report_loop()).detach();
+        glommio::spawn_local(core.clone().retry_loop()).detach();
+        glommio::spawn_local(core.clone().housekeeping()).detach();
+        core.resume_recovered();
+        core
+    }
+
+    /// Takes this core's share of what recovery found: messages whose owner is this core (or,
+    /// when there are fewer cores than before, whose owner maps to it).
+    fn resume_recovered(&self) {
+        let mine: Vec<RecoveredMessage> = match self.relay.recovered.lock() {
+            Ok(mut all) => {
+                let (mine, rest) = std::mem::take(&mut *all)
+                    .into_iter()
+                    .partition(|m| m.core as usize % self.relay.cores == self.id);
+                *all = rest;
+                mine
+            }
+            Err(_) => return,
+        };
+        for m in mine {
+            if m.is_final() {
+                continue;
+            }
+            let msg = Arc::new(Msg {
+                queue_id: m.queue_id.clone(),
+                owner: self.id,
+                meta: m.meta.clone(),
+                body: m.body().clone(),
+            });
+            let mut now_rcpts = Vec::new();
+            let mut later: HashMap<u64, Vec<u32>> = HashMap::new();
+            let (arrival, now) = (arrival_ms(&msg.meta), now_ms());
+            for (i, s) in m.statuses.iter().enumerate() {
+                match s.as_ref().map(|s| &s.state) {
+                    None => now_rcpts.push(i as u32),
+                    Some(DeliveryState::Deferred { next_attempt }) => later
+                        .entry(self.relay.config.retry.resume_at(
+                            arrival,
+                            next_attempt.saturating_mul(1000),
+                            now,
+                        ))
+                        .or_default()
+                        .push(i as u32),
+                    Some(_) => {}
+                }
+            }
+            let pending = now_rcpts.len() + later.values().map(Vec::len).sum::<usize>();
+            self.track(msg.clone(), pending);
+            self.dispatch(&msg, &now_rcpts, 0, 0);
+            for (at, rcpts) in later {
+                self.dispatch(&msg, &rcpts, 1, at);
+            }
+        }
+    }
+
+    fn track(&self, msg: Arc<Msg>, pending: usize) {
+        self.tracked.borrow_mut().insert(
+            msg.queue_id.clone(),
+            Tracked {
+                msg,
+                pending,
+                failed: Vec::new(),
+                bouncing: false,
+                relayed: Vec::new(),
+                warned: Vec::new(),
+                unrecorded: false,
+            },
+        );
+        self.publish_depth();
+    }
+
+    fn publish_depth(&self) {
+        let n = self.tracked.borrow().len() as u64;
+        self.relay.depth.set(self.id, n);
+        self.handle.set_queue_depth(n);
+    }
+
+    /// Routes recipients `rcpts` of `msg` and sends one job per next hop to its shard.
+    fn dispatch(&self, msg: &Arc<Msg>, rcpts: &[u32], failures: u32, not_before: u64) {
+        let mut groups: Vec<(Destination, Vec<u32>)> = Vec::new();
+        let mut unrouted = Vec::new();
+        for &i in rcpts {
+            let Some(r) = msg.meta.recipients.get(i as usize) else {
+                continue;
+            };
+            match self.relay.config.router.route(&r.path) {
+                Some(dest) => match groups.iter_mut().find(|(d, _)| *d == dest) {
+                    Some((_, v)) => v.push(i),
+                    None => groups.push((dest, vec![i])),
+                },
+                None => unrouted.push(Report {
+                    queue_id: msg.queue_id.clone(),
+                    rcpt: i,
+                    result: Result_::Failed {
+                        status: "5.1.2".into(),
+                    },
+                    reply: "no route to this recipient (no domain and no relay host)".into(),
+                    remote: None,
+                }),
+            }
+        }
+        if !unrouted.is_empty() {
+            self.relay.reports.send(self.id, unrouted);
+        }
+        for (dest, rcpts) in groups {
+            let shard = shard_of(&dest.key(), self.relay.cores);
+            tracing::debug!(queue_id = %msg.queue_id, %dest, shard, recipients = rcpts.len(), "queued for delivery");
+            self.relay.jobs.send(
+                shard,
+                Job {
+                    msg: msg.clone(),
+                    rcpts,
+                    dest,
+                    failures,
+                    not_before,
+                    hop_dsn: false,
+                    tried: Vec::new(),
+                },
+            );
+        }
+    }
+
+    // ----- shard side -----
+
+    async fn job_loop(self: Rc<Self>) {
+        let inbox = self.relay.jobs.get(self.id);
+        loop {
+            while let Some(job) = inbox.pop() {
+                tracing::debug!(queue_id = %job.msg.queue_id, core = self.id, "job received");
+                if job.not_before > now_ms() {
+                    self.schedule(job);
+                } else {
+                    self.enqueue(job);
+                }
+            }
+            if self.handle.is_stopping() {
+                return;
+            }
+            future::or(inbox.wait(), self.handle.stopped()).await;
+        }
+    }
+
+    fn schedule(&self, job: Job) {
+        let at = job.not_before;
+        let earlier = self.retry.borrow().next_deadline().is_none_or(|d| at < d);
+        self.retry.borrow_mut().insert(at, job);
+        if earlier {
+            self.retry_changed.notify(1);
+        }
+    }
+
+    async fn retry_loop(self: Rc<Self>) {
+        loop {
+            let listener = self.retry_changed.listen();
+            // Listening before looking: a flush asked for in between still wakes the loop.
+            let flushed = self.relay.flush_asked.listen();
+            self.flush_if_asked();
+            let now = now_ms();
+            // Taken out before any goes on: a job that `enqueue` puts back (its next hop is
+            // paused until a time this reading of the clock has passed but its own has not,
+            // as after a step back of the clock) waits for the next pass, not this one.
+            let due: Vec<Job> = {
+                let mut retry = self.retry.borrow_mut();
+                std::iter::from_fn(|| retry.pop_due(now)).collect()
+            };
+            for job in due {
+                self.enqueue(job);
+            }
+            let wait = self
+                .retry
+                .borrow()
+                .next_deadline()
+                .map_or(Duration::from_secs(3600), |d| {
+                    Duration::from_millis(d.saturating_sub(now))
+                });
+            if self.handle.is_stopping() {
+                return;
+            }
+            future::or(
+                future::or(future::or(listener, flushed), glommio::timer::sleep(wait)),
+                self.handle.stopped(),
+            )
+            .await;
+        }
+    }
+
+    /// Acts on a flush asked for since the last look: every next hop's pause and passed-over
+    /// addresses are forgotten, and every job waiting for its retry goes now.
+    fn flush_if_asked(self: &Rc<Self>) {
+        let asked = self.relay.flushes.load(Ordering::SeqCst);
+        if asked == self.flushes_seen.replace(asked) {
+            return;
+        }
+        for dq in self.dests.borrow().values() {
+            dq.down_until.set(0);
+            dq.paused_for.borrow_mut().take();
+            dq.avoid.borrow_mut().clear();
+            dq.broke.borrow_mut().clear();
+            dq.broken_in_a_row.set(0);
+        }
+        let jobs: Vec<Job> = self.retry.borrow_mut().drain().collect();
+        tracing::info!(
+            core = self.id,
+            jobs = jobs.len(),
+            "flush: deferred mail is tried now"
+        );
+        for job in jobs {
+            self.enqueue(Job {
+                not_before: 0,
+                ..job
+            });
+        }
+    }
+
+    fn enqueue(self: &Rc<Self>, job: Job) {
+        let key = job.dest.key();
+        let dq = self
+            .dests
+            .borrow_mut()
+            .entry(key)
+            .or_insert_with(|| {
+                Rc::new(DestQueue {
+                    dest: job.dest.clone(),
+                    ready: RefCell::new(VecDeque::new()),
+                    workers: Cell::new(0),
+                    idle: Cell::new(0),
+                    arrived: Event::new(),
+                    starved: Cell::new(false),
+                    wanting_more: Cell::new(false),
+                    cleartext_until: Cell::new(0),
+                    down_until: Cell::new(0),
+                    serial_until: Cell::new(0),
+                    addrs: RefCell::new(Vec::new()),
+                    avoid: RefCell::new(HashMap::new()),
+                    broke: RefCell::new(HashMap::new()),
+                    broken_in_a_row: Cell::new(0),
+                    last_broke: Cell::new(0),
+                    paused_for: RefCell::new(None),
+                })
+            })
+            .clone();
+        let down_until = dq.down_until.get();
+        // A job whose lifetime ends before the next hop's pause does gets its last attempt
+        // now, not after the pause.
+        let expiry = self.relay.config.retry.expiry(arrival_ms(&job.msg.meta));
+        if down_until > now_ms() && expiry > down_until {
+            self.schedule(Job {
+                not_before: down_until,
+                ..job
+            });
+            return;
+        }
+        dq.ready.borrow_mut().push_back(job);
+        if dq.idle.get() > 0 {
+            // One more idle connection for each job: a plain `notify(1)` wakes no second one
+            // while the first has not run yet, and jobs queued in one go (a flush, retries
+            // come due together) would all wait for that one.
+            dq.arrived.notify(1.additional());
+        }
+        if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(&dq) {
+            self.start_worker(&dq);
+        }
+    }
+
+    /// Reclaims spool segments now and then (status-only segments have nothing else to free
+    /// them) and keeps the depth gauge fresh.
+    async fn housekeeping(self: Rc<Self>) {
+        while !self.handle.is_stopping() {
+            future::or(
+                glommio::timer::sleep(Duration::from_secs(1)),
+                self.handle.stopped(),
+            )
+            .await;
+            self.handle.reclaim();
+            self.publish_depth();
+            self.prune_wanting_more();
+            self.forget_quiet_next_hops();
+            self.handle.set_outbound(
+                (self.outbound.get() + self.quitting.get()) as u64,
+                self.dests.borrow().len() as u64,
+            );
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! A transaction's replies made into each recipient's outcome (delivered, deferred with a
+//! retry time, failed for good) and sent back to the core that owns the message.
+
+use super::*;
+
+impl CoreRelay {
+    /// Records the outcome of `job`'s transaction on `conn`, and says what becomes of the
+    /// connection.
+    /// `partial`: with a broken connection (`Err(Err(_))`), the replies this job's transaction
+    /// got before the break.
+    pub(super) fn conclude(
+        &self,
+        conn: &Outbound,
+        dq: &DestQueue,
+        job: Job,
+        outcome: Result<TransactionResult, Result<Reply, ConnError>>,
+        partial: Option<TransactionResult>,
+        carry: &mut Vec<Carried>,
+    ) -> After {
+        let remote_name = conn.remote.as_str();
+        let remote = Some(remote_name.to_owned());
+        match outcome {
+            Ok(result) => {
+                dq.broken_in_a_row.set(0);
+                let mut deferred = Vec::new();
+                let mut deferred_texts = Vec::new();
+                let mut last_deferral = String::new();
+                // Recipients the next hop would not take in this transaction only ("too many
+                // recipients") while it took others: they go again at once, in the next
+                // transaction (RFC 5321 4.5.3.1.10), not after a retry delay.
+                let mut overflow = Vec::new();
+                let took_some = result.mail.is_positive()
+                    && result.data.as_ref().is_some_and(Reply::is_positive)
+                    && result.rcpts.iter().any(Reply::is_positive);
+                let mut out = Vec::with_capacity(job.rcpts.len());
+                for (k, &rcpt) in job.rcpts.iter().enumerate() {
+                    let reply = result.outcome(k);
+                    let text = reply_line(reply);
+                    // RFC 5321 4.5.3.1.10: a 552 to RCPT is "too many recipients" from an
+                    // older server, and is temporary (as Postfix takes it).
+                    let rcpt_552 = result.mail.is_positive()
+                        && result.rcpts.get(k).is_some_and(|r| r.code == 552);
+                    if reply.is_positive() {
+                        let relayed = !job.hop_dsn;
+                        self.report(
+                            &mut out,
+                            &job.msg,
+                            rcpt,
+                            Result_::Delivered { relayed },
+                            text,
+                            remote.clone(),
+                        );
+                    } else if reply.is_permanent() && !rcpt_552 {
+                        let status = dsn::status_of(&text);
+                        self.report(
+                            &mut out,
+                            &job.msg,
+                            rcpt,
+                            Result_::Failed { status },
+                            text,
+                            remote.clone(),
+                        );
+                    } else if took_some
+                        && result
+                            .rcpts
+                            .get(k)
+                            .is_some_and(|r| r.code == 452 || r.code == 552)
+                    {
+                        overflow.push(rcpt);
+                    } else {
+                        deferred.push(rcpt);
+                        deferred_texts.push(text.clone());
+                        last_deferral = text;
+                    }
+                }
+                self.send_reports(&job.msg, out);
+                if !overflow.is_empty() {
+                    self.schedule(Job {
+                        msg: job.msg.clone(),
+                        rcpts: overflow,
+                        dest: job.dest.clone(),
+                        failures: job.failures,
+                        not_before: 0,
+                        hop_dsn: false,
+                        tried: Vec::new(),
+                    });
+                }
+                if !deferred.is_empty() {
+                    let whole = deferred.len() == job.rcpts.len();
+                    let again = Job {
+                        rcpts: deferred,
+                        ..job
+                    };
+                    let status = dsn::status_of(&last_deferral);
+                    if !whole {
+                        self.settle_each(
+                            again,
+                            false,
+                            &status,
+                            &last_deferral,
+                            &deferred_texts,
+                            remote,
+                        );
+                        return After::Keep;
+                    }
+                    // The whole transaction was put off: another address of the next hop may
+                    // take it now. A 4xx to MAIL or to the data (the host's trouble) also
+                    // passes the address over for other jobs a while; a 4xx to every RCPT
+                    // (greylisting, full mailboxes) only for this job.
+                    let host_trouble =
+                        !result.mail.is_positive() || result.rcpts.iter().any(Reply::is_positive);
+                    let c = Carried {
+                        job: again,
+                        status,
+                        text: last_deferral,
+                        texts: deferred_texts,
+                        remote,
+                    };
+                    match self.pass_over(dq, conn.addr, host_trouble, c, carry) {
+                        Some(c) => self.settle_carried(c),
+                        None => return After::Elsewhere,
+                    }
+                }
+                After::Keep
+            }
+            Err(Ok(local)) => {
+                // Decided here, before anything was sent: postern's words, not a reply.
+                let text = local.lines.join(" ");
+                let status = local
+                    .enhanced
+                    .map_or_else(|| "5.3.4".to_owned(), |e| e.to_string());
+                self.settle_all(job, local.is_permanent(), &status, &text, remote);
+                After::Keep
+            }
+            Err(Err(e)) => {
+                // The connection broke off (421, closed, timed out): another address may
+                // take the job at once. Recipients the next hop had already refused for good
+                // are failed now with that refusal (RFC 5321 4.2.1), not tried again.
+                let job = match partial {
+                    Some(r) => self.fail_refused(job, &r, &remote),
+                    None => job,
+                };
+                if job.rcpts.is_empty() {
+                    if !conn.broke_counted.replace(true) {
+                        self.broke(dq, conn.addr);
+                    }
+                    return After::Broken;
+                }
+                let c = Carried {
+                    job,
+                    status: "4.4.2".into(),
+                    text: e.describe(remote_name),
+                    texts: Vec::new(),
+                    remote,
+                };
+                // One broken connection counts once, whatever it carried.
+                if !conn.broke_counted.replace(true) {
+                    self.broke(dq, conn.addr);
+                }
+                if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
+                    if self.every_address_broke(dq) {
+                        self.suspend(dq, &c, carry);
+                    }
+                    self.settle_carried(c);
+                }
+                After::Broken
+            }
+        }
+    }
+
+    /// Fails the recipients of `job` that `partial` (the replies its transaction got before the
+    /// connection broke) shows refused for good at RCPT after MAIL was taken; returns the job
+    /// with the others. A 552 to RCPT is "too many recipients" and temporary (as in
+    /// `conclude`).
+    pub(super) fn fail_refused(
+        &self,
+        mut job: Job,
+        partial: &TransactionResult,
+        remote: &Option<String>,
+    ) -> Job {
+        if !partial.mail.is_positive() {
+            return job;
+        }
+        let mut out = Vec::new();
+        let mut left = Vec::with_capacity(job.rcpts.len());
+        for (k, &rcpt) in job.rcpts.iter().enumerate() {
+            match partial.rcpts.get(k) {
+                Some(r) if r.is_permanent() && r.code != 552 => {
+                    let text = reply_line(r);
+                    let status = dsn::status_of(&text);
+                    let result = Result_::Failed { status };
+                    self.report(&mut out, &job.msg, rcpt, result, text, remote.clone());
+                }
+                _ => left.push(rcpt),
+            }
+        }
+        self.send_reports(&job.msg, out);
+        job.rcpts = left;
+        job
+    }
+
+    /// A passed-over job that no other address took: deferred with the last answer.
+    pub(super) fn settle_carried(&self, c: Carried) {
+        self.settle_each(c.job, false, &c.status, &c.text, &c.texts, c.remote);
+    }
+
+    /// Every recipient of `job` failed the same way: for good, or for now (then rescheduled,
+    /// or expired when the message's lifetime is over).
+    pub(super) fn settle_all(
+        &self,
+        job: Job,
+        permanent: bool,
+        status: &str,
+        text: &str,
+        remote: Option<String>,
+    ) {
+        self.settle_each(job, permanent, status, text, &[], remote);
+    }
+
+    /// Like [`CoreRelay::settle_all`], with each recipient's own reply where `texts` has one
+    /// (in the order of `job.rcpts`; its status is then the reply's).
+    pub(super) fn settle_each(
+        &self,
+        job: Job,
+        permanent: bool,
+        status: &str,
+        text: &str,
+        texts: &[String],
+        remote: Option<String>,
+    ) {
+        let text_of = |k: usize| texts.get(k).map_or(text, String::as_str);
+        let status_of = |k: usize| match texts.get(k) {
+            Some(t) => dsn::status_of(t),
+            None => status.to_owned(),
+        };
+        let mut out = Vec::with_capacity(job.rcpts.len());
+        if permanent {
+            for (k, &rcpt) in job.rcpts.iter().enumerate() {
+                let result = Result_::Failed {
+                    status: status_of(k),
+                };
+                let reply = text_of(k).to_owned();
+                self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
+            }
+            self.send_reports(&job.msg, out);
+            return;
+        }
+        let failures = job.failures + 1;
+        let arrival = arrival_ms(&job.msg.meta);
+        match self
+            .relay
+            .config
+            .retry
+            .after_failure(arrival, failures, now_ms())
+        {
+            RetryDecision::RetryAt(at) => {
+                for (k, &rcpt) in job.rcpts.iter().enumerate() {
+                    let result = Result_::Deferred {
+                        next_attempt: at,
+                        status: status_of(k),
+                    };
+                    let reply = text_of(k).to_owned();
+                    self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
+                }
+                self.send_reports(&job.msg, out);
+                self.handle.count_outcome(Outcome::Deferred);
+                self.schedule(Job {
+                    failures,
+                    not_before: at,
+                    tried: Vec::new(),
+                    ..job
+                });
+            }
+            RetryDecision::Expire => {
+                for (k, &rcpt) in job.rcpts.iter().enumerate() {
+                    let result = Result_::Failed {
+                        status: "4.4.7".into(),
+                    };
+                    let reply = format!("delivery time expired; last error: {}", text_of(k));
+                    self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
+                }
+                self.send_reports(&job.msg, out);
+            }
+        }
+    }
+
+    /// Logs one recipient's outcome and adds it to `out`, the outcomes of its job that go to
+    /// the owner together ([`CoreRelay::send_reports`]).
+    pub(super) fn report(
+        &self,
+        out: &mut Vec<Report>,
+        msg: &Msg,
+        rcpt: u32,
+        result: Result_,
+        reply: String,
+        remote: Option<String>,
+    ) {
+        let to = msg
+            .meta
+            .recipients
+            .get(rcpt as usize)
+            .map_or("", |r| r.path.as_str());
+        let relay = remote.as_deref().unwrap_or("none");
+        match &result {
+            Result_::Delivered { .. } => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "sent", "{reply}")
+            }
+            Result_::Deferred { .. } => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "deferred", "{reply}")
+            }
+            Result_::Failed { .. } => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "bounced", "{reply}")
+            }
+        }
+        out.push(Report {
+            queue_id: msg.queue_id.clone(),
+            rcpt,
+            result,
+            reply,
+            remote,
+        });
+    }
+
+    /// Sends the outcomes of one job to the owner of its message, in one piece.
+    pub(super) fn send_reports(&self, msg: &Msg, out: Vec<Report>) {
+        if !out.is_empty() {
+            self.relay.reports.send(msg.owner, out);
+        }
+    }
+}
+
+/// A reply as one line of text: `550 5.1.1 text`.
+pub(super) fn reply_line(r: &Reply) -> String {
+    let mut s = r.code.to_string();
+    if let Some(e) = &r.enhanced {
+        s.push(' ');
+        s.push_str(&e.to_string());
+    }
+    for line in &r.lines {
+        s.push(' ');
+        s.push_str(line);
+    }
+    s
+}

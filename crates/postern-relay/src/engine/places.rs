@@ -1,0 +1,189 @@
+//! Places for outbound connections: each core holds at most its share of
+//! `--max-outbound-connections`, and these decide which next hop gets a place that frees up
+//! (one waiting with none first, then one whose connections have a backlog) and when a
+//! connection gives its place up.
+
+use super::*;
+
+impl CoreRelay {
+    /// This core's share of `--max-outbound-connections`.
+    pub(super) fn most_outbound(&self) -> usize {
+        (self.relay.config.max_outbound / self.relay.cores.max(1)).max(1)
+    }
+
+    /// Starts a connection to `dq`'s next hop, unless the core has its share of outbound
+    /// connections: then a next hop without any connection waits in line for the first to
+    /// end (one that has connections goes on with those), and this returns false.
+    pub(super) fn start_worker(self: &Rc<Self>, dq: &Rc<DestQueue>) -> bool {
+        if self.handle.is_stopping() {
+            return false;
+        }
+        if self.outbound.get() >= self.most_outbound() {
+            if dq.workers.get() == 0 {
+                if !dq.starved.replace(true) {
+                    self.starved.borrow_mut().push_back(dq.clone());
+                    // One idle connection of another next hop ends for it.
+                    self.slot_wanted.notify(1.additional());
+                }
+            } else if dq.ready.borrow().len() > dq.workers.get() {
+                if !dq.wanting_more.replace(true) {
+                    self.wanting_more.borrow_mut().push_back(dq.clone());
+                }
+                // An idle connection of another next hop ends for it (one at a time: each
+                // that does wakes the next while the backlog lasts, see `leave`).
+                self.slot_wanted.notify(1);
+            }
+            return false;
+        }
+        self.outbound.set(self.outbound.get() + 1);
+        dq.workers.set(dq.workers.get() + 1);
+        spawn_detached(self.clone().worker(dq.clone()));
+        true
+    }
+
+    /// A worker of `dq` leaves (counted out before its QUIT, so that decisions meanwhile see
+    /// it gone): its place goes to the first next hop waiting in line, and when its own next
+    /// hop still has jobs that no connection will take, that one asks for a connection again
+    /// (at the back of the line when the core is at its share).
+    pub(super) fn leave(self: &Rc<Self>, dq: &Rc<DestQueue>) {
+        dq.workers.set(dq.workers.get() - 1);
+        self.outbound.set(self.outbound.get() - 1);
+        if self.handle.is_stopping() {
+            // No new connection once the server stops.
+            return;
+        }
+        let mut given = false;
+        loop {
+            let Some(next) = self.starved.borrow_mut().pop_front() else {
+                break;
+            };
+            next.starved.set(false);
+            if next.workers.get() == 0 && !next.ready.borrow().is_empty() {
+                given = self.start_worker(&next);
+                break;
+            }
+        }
+        if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(dq) {
+            given |= self.start_worker(dq);
+        }
+        while !given {
+            let Some(next) = self.wanting_more.borrow_mut().pop_front() else {
+                break;
+            };
+            next.wanting_more.set(false);
+            if next.ready.borrow().len() > next.idle.get()
+                && next.workers.get() < self.most_workers(&next)
+            {
+                given = self.start_worker(&next);
+                if !given {
+                    break;
+                }
+                // Still more jobs than connections: first in line for the next place, and
+                // the next idle connection is asked for it.
+                if next.ready.borrow().len() > next.workers.get()
+                    && next.workers.get() < self.most_workers(&next)
+                    && !next.wanting_more.replace(true)
+                {
+                    self.wanting_more.borrow_mut().push_front(next.clone());
+                    self.slot_wanted.notify(1.additional());
+                }
+            }
+        }
+    }
+
+    /// Whether a next hop with jobs waits in line for a connection.
+    pub(super) fn someone_starved(&self) -> bool {
+        self.starved
+            .borrow()
+            .iter()
+            .any(|d| d.workers.get() == 0 && !d.ready.borrow().is_empty())
+    }
+
+    /// Whether a next hop waits for a place: in line, or with jobs its connections do not
+    /// take (an idle connection of another next hop gives its place to either; a busy one
+    /// only to a next hop in line, or two busy next hops would trade places after every
+    /// transaction).
+    pub(super) fn someone_waiting(&self) -> bool {
+        self.someone_starved() || self.someone_wanting_more()
+    }
+
+    /// Whether a next hop's connections have more jobs than they take, at the core's share.
+    pub(super) fn someone_wanting_more(&self) -> bool {
+        self.wanting_more
+            .borrow()
+            .iter()
+            .any(|d| self.wants_more(d))
+    }
+
+    /// Whether `dq` has more jobs waiting than connections, and room for another.
+    pub(super) fn wants_more(&self, dq: &DestQueue) -> bool {
+        dq.ready.borrow().len() > dq.workers.get() && dq.workers.get() < self.most_workers(dq)
+    }
+
+    /// Takes the next hops that no longer want more out of `wanting_more` (their backlog
+    /// went), so that the list and the next hops it keeps do not grow while the core stays
+    /// at its share and every place goes to `starved`.
+    pub(super) fn prune_wanting_more(&self) {
+        self.wanting_more.borrow_mut().retain(|d| {
+            let keep = self.wants_more(d);
+            d.wanting_more.set(keep);
+            keep
+        });
+    }
+
+    /// Ends a connection whose worker has left (see [`CoreRelay::leave`]): with QUIT and a
+    /// short wait for its reply, or, while as many others as the core's share are still in
+    /// that wait, without waiting, so that sockets past the cap stay bounded.
+    pub(super) async fn quit_after_leaving(&self, conn: Outbound) {
+        if self.quitting.get() >= self.most_outbound() {
+            conn.quit_now().await;
+            return;
+        }
+        self.quitting.set(self.quitting.get() + 1);
+        conn.quit().await;
+        self.quitting.set(self.quitting.get() - 1);
+    }
+
+    /// Whether a connection of `dq`, open since `since`, should give its place up after its
+    /// transaction: a next hop waits in line for one, and this next hop keeps another, or
+    /// this one has had its turn ([`TURN`]; then its next hop goes to the back of the line).
+    pub(super) fn yields_place(&self, dq: &DestQueue, since: Instant) -> bool {
+        (dq.workers.get() > 1 || since.elapsed() >= TURN) && self.someone_starved()
+    }
+
+    /// How many connections a next hop may have now. While the last connections to it failed
+    /// (none has answered a transaction since), one at a time tries it: when a pause ends,
+    /// the jobs it held come all at once, and a next hop still down costs one connection,
+    /// not one per job.
+    pub(super) fn most_workers(&self, dq: &DestQueue) -> usize {
+        if dq.broken_in_a_row.get() > 0 {
+            1
+        } else {
+            self.relay.config.max_per_destination.max(1)
+        }
+    }
+
+    /// Forgets the next hops with nothing going on: no connection, no job waiting, and no
+    /// pause, passed-over or failed address, or other window still running. Mail for one
+    /// later starts it afresh. Without this, every next hop ever mailed would be kept for
+    /// the life of the process.
+    pub(super) fn forget_quiet_next_hops(&self) {
+        let now = now_ms();
+        let retry_max = u64::try_from(self.relay.config.retry.max.as_millis()).unwrap_or(u64::MAX);
+        self.dests.borrow_mut().retain(|_, dq| {
+            dq.workers.get() > 0
+                || dq.starved.get()
+                || dq.wanting_more.get()
+                || !dq.ready.borrow().is_empty()
+                || dq.down_until.get() > now
+                || dq.serial_until.get() > now
+                || dq.cleartext_until.get() > now
+                || dq.avoid.borrow().values().any(|&until| until > now)
+                || dq.broke.borrow().values().any(|&until| until > now)
+                // Failed lately: its deferred jobs come back within the longest retry delay,
+                // and then still get one connection at a time, not a fresh next hop's many.
+                || (dq.broken_in_a_row.get() > 0
+                    && now < dq.last_broke.get().saturating_add(retry_max))
+        });
+    }
+}

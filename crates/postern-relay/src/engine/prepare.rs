@@ -1,0 +1,378 @@
+//! A job made into a transaction for one connection: the envelope's parameters as the next
+//! hop's extensions allow them, and the body as it must go (8-bit, binary or downgraded).
+
+use super::*;
+
+impl CoreRelay {
+    /// The transaction for `job` on `conn`, or None when the job was settled without
+    /// sending (the next hop lacks an extension the message needs).
+    pub(super) fn prepare(
+        &self,
+        conn: &Outbound,
+        mut job: Job,
+    ) -> Option<(Job, Transaction, MessageRef)> {
+        let meta = &job.msg.meta;
+        let caps = conn.capabilities();
+        let (chunking, binarymime, smtputf8, eightbitmime) = (
+            caps.chunking,
+            caps.binarymime,
+            caps.smtputf8,
+            caps.eightbitmime,
+        );
+        // BINARYMIME needs BDAT and BINARYMIME at the next hop (RFC 3030 3). A body declared
+        // BINARYMIME that is text all the same (CRLF lines of at most 998 octets, no NUL) goes
+        // as it is, declared 8BITMIME or 7BIT (decided below from its content): nothing in it
+        // changes, and DATA's dot-stuffing is undone at the other end. Any other body is not
+        // rewritten (postern does not encode MIME parts) and fails for this next hop.
+        let mut body_type = meta.body_type;
+        if body_type == 2 && !(chunking && binarymime) {
+            if !is_text(job.msg.body.chunks()) {
+                let text = format!(
+                    "{} does not support BINARYMIME and the message is not text that could go without it",
+                    conn.remote
+                );
+                self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+                return None;
+            }
+            body_type = 0;
+        }
+        // RFC 6531 3.2: an internationalized message (UTF-8 in its reverse path, its header
+        // section or a recipient's address) goes only to a next hop with SMTPUTF8. postern
+        // does not downgrade, so such a message fails for that next hop. With an ASCII
+        // reverse path and header section, only the recipients whose own address is UTF-8
+        // fail: the others go on in a transaction without them, which is not
+        // internationalized. One sent with SMTPUTF8 that has none of these goes on without
+        // the parameter.
+        if meta.smtputf8 && !smtputf8 {
+            let text = || {
+                format!(
+                    "{} does not support SMTPUTF8, needed for this message's addresses or header fields",
+                    conn.remote
+                )
+            };
+            let (ascii, intl): (Vec<u32>, Vec<u32>) = job.rcpts.iter().partition(|&&i| {
+                meta.recipients
+                    .get(i as usize)
+                    .is_some_and(|r| r.path.is_ascii())
+            });
+            if ascii.is_empty()
+                || !meta.reverse_path.is_ascii()
+                || !headers_are_ascii(&job.msg.body)
+            {
+                self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
+                return None;
+            }
+            if !intl.is_empty() {
+                let failed = Job {
+                    msg: job.msg.clone(),
+                    rcpts: intl,
+                    dest: job.dest.clone(),
+                    failures: job.failures,
+                    not_before: 0,
+                    hop_dsn: false,
+                    tried: Vec::new(),
+                };
+                self.settle_all(failed, true, "5.6.7", &text(), Some(conn.remote.clone()));
+                job.rcpts = ascii;
+            }
+        }
+        // RFC 6152 3: no octet above 127 goes to a next hop without 8BITMIME, and any that
+        // goes is announced with BODY=8BITMIME. postern does not rewrite MIME bodies, so such
+        // a message fails for a next hop without 8BITMIME (as BINARYMIME does above). The
+        // content decides, not the declaration: a message declared 8BITMIME that is plain
+        // ASCII goes to any next hop, and 8-bit content declared as nothing or 7BIT goes
+        // with BODY=8BITMIME.
+        // (Not scanned where the answer changes nothing: declared 8BITMIME to a next hop that
+        // offers it.)
+        let mut eight_bit = body_type != 2
+            && !(body_type == 1 && eightbitmime)
+            && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
+        // A report from `<>` that returns a whole 8-bit message: what still reaches its
+        // sender through this next hop is the report with the header section only. Only this
+        // transaction's body changes: a later attempt, through a next hop with 8BITMIME,
+        // sends the whole report.
+        let mut body = job.msg.body.clone();
+        if eight_bit && !eightbitmime {
+            let seven_bit = |r: &[u8]| !dsn::is_8bit(r);
+            if let Some(remade) =
+                headers_only(&job.msg, &body, dsn::HeadersOnly::EightBit, seven_bit)
+            {
+                tracing::info!(
+                    queue_id = %job.msg.queue_id,
+                    "{} does not support 8BITMIME: the report goes with the returned message's header section only",
+                    conn.remote
+                );
+                body = remade;
+                eight_bit = false;
+            }
+        }
+        // The same for a report from `<>` larger than the next hop takes (its SIZE): with the
+        // header section only, it may fit.
+        if let Some(limit) = caps.size.filter(|&l| l > 0 && body.len() > l) {
+            let fits = |r: &[u8]| r.len() as u64 <= limit;
+            if let Some(remade) = headers_only(&job.msg, &body, dsn::HeadersOnly::TooBig, fits) {
+                tracing::info!(
+                    queue_id = %job.msg.queue_id,
+                    "{} takes at most {limit} octets: the report goes with the returned message's header section only",
+                    conn.remote
+                );
+                body = remade;
+            }
+        }
+        if eight_bit && !eightbitmime {
+            let text = format!(
+                "{} does not support 8BITMIME and the message has 8-bit content",
+                conn.remote
+            );
+            self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+            return None;
+        }
+        let mut mail_params = String::new();
+        match body_type {
+            2 => mail_params.push_str(" BODY=BINARYMIME"),
+            1 if eightbitmime => mail_params.push_str(" BODY=8BITMIME"),
+            _ if eight_bit => mail_params.push_str(" BODY=8BITMIME"),
+            _ => {}
+        }
+        if meta.smtputf8 && smtputf8 {
+            mail_params.push_str(" SMTPUTF8");
+        }
+        // The DSN parameters go on where the next hop takes them (RFC 3461 4); where it does
+        // not, a success report asked for is sent from here when the message is relayed.
+        let dsn = caps.dsn;
+        if dsn {
+            dsn_mail_params(meta, &mut mail_params);
+        }
+        job.hop_dsn = dsn;
+        let tx = Transaction {
+            from: meta.reverse_path.clone(),
+            mail_params,
+            rcpts: job
+                .rcpts
+                .iter()
+                .filter_map(|&i| meta.recipients.get(i as usize))
+                .map(|r| OutRecipient {
+                    path: r.path.clone(),
+                    params: if dsn {
+                        dsn_rcpt_params(r, meta.smtputf8 && smtputf8)
+                    } else {
+                        String::new()
+                    },
+                })
+                .collect(),
+            body_len: body.len(),
+            mode: if chunking {
+                BodyMode::Bdat
+            } else {
+                BodyMode::Data
+            },
+            chunk_size: 0,
+        };
+        Some((job, tx, body))
+    }
+}
+
+/// Whether a message's header section (up to its first empty line) is all ASCII.
+pub(super) fn headers_are_ascii(body: &MessageRef) -> bool {
+    #[derive(Clone, Copy)]
+    enum At {
+        LineStart,
+        CrAtLineStart,
+        InLine,
+    }
+    let mut at = At::LineStart;
+    for chunk in body.chunks() {
+        for &b in chunk {
+            if b > 0x7f {
+                return false;
+            }
+            at = match (at, b) {
+                (At::LineStart | At::CrAtLineStart, b'\n') => return true,
+                (At::LineStart, b'\r') => At::CrAtLineStart,
+                (_, b'\n') => At::LineStart,
+                _ => At::InLine,
+            };
+        }
+    }
+    true
+}
+
+/// `body`, a report from `<>` in `msg`, remade with its returned message's header section
+/// only (`why`), when the remade report `fits`; None for any other message.
+pub(super) fn headers_only(
+    msg: &Msg,
+    body: &MessageRef,
+    why: dsn::HeadersOnly,
+    fits: impl Fn(&[u8]) -> bool,
+) -> Option<MessageRef> {
+    if !msg.meta.reverse_path.is_empty() {
+        return None;
+    }
+    dsn::with_headers_only(&body.to_vec(), why)
+        .filter(|r| fits(r))
+        .and_then(|r| MessageRef::from_bytes(&msg.queue_id, &r).ok())
+}
+
+/// RET and ENVID for a next hop that offers DSN, as they came in (ENVID is still xtext).
+pub(super) fn dsn_mail_params(meta: &MessageMeta, out: &mut String) {
+    match meta.ret {
+        Some(1) => out.push_str(" RET=FULL"),
+        Some(2) => out.push_str(" RET=HDRS"),
+        _ => {}
+    }
+    if let Some(envid) = &meta.envid {
+        out.push_str(" ENVID=");
+        out.push_str(envid);
+    }
+}
+
+/// A recipient's DSN parameters for the next hop. In a transaction without SMTPUTF8 a
+/// UTF-8 ORCPT is written in its ASCII form, each non-ASCII character as `\x{HEX}`
+/// (RFC 6533 3, utf-8-addr-xtext). That form is up to ten times longer: past the 500 octets
+/// RFC 3461 4.2 allows an ORCPT (and the line room it gives DSN parameters) it is left out,
+/// as for a next hop without DSN, rather than sent on a line the next hop may refuse.
+pub(super) fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(bits) = r.notify {
+        let _ = write!(out, " NOTIFY={}", Notify::from_bits(bits));
+    }
+    if let Some(orcpt) = &r.orcpt {
+        let mut value = String::with_capacity(orcpt.len());
+        if smtputf8 || orcpt.is_ascii() {
+            value.push_str(orcpt);
+        } else {
+            for c in orcpt.chars() {
+                if c.is_ascii() {
+                    value.push(c);
+                } else {
+                    let _ = write!(value, "\\x{{{:X}}}", u32::from(c));
+                }
+            }
+        }
+        if value.len() <= postern_proto::limits::MAX_ORCPT {
+            out.push_str(" ORCPT=");
+            out.push_str(&value);
+        }
+    }
+    out
+}
+
+/// Whether a message is text in the sense of RFC 5322 2.1.1 and RFC 6152 3: lines that end in
+/// CRLF (the last one too), CR and LF nowhere else, no NUL, no line over 998 octets before
+/// its CRLF. Octets above 127 are allowed (8-bit text). Such a body can go without BINARYMIME,
+/// unless a part of it is labelled `Content-Transfer-Encoding: binary`, a label only a
+/// binary transport may carry (RFC 2045 6.2): such a body is not taken for text either (the
+/// label as one unfolded line without a comment, as mail software writes it).
+/// `chunks`: the body in pieces, cut anywhere.
+pub(super) fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
+    // The start of each line, enough to recognise the label.
+    const PREFIX: usize = 64;
+    let mut start = [0u8; PREFIX];
+    let mut line = 0usize;
+    let mut after_cr = false;
+    for chunk in chunks {
+        for &b in chunk {
+            if after_cr {
+                if b != b'\n' || (line <= PREFIX && labelled_binary(&start[..line])) {
+                    return false;
+                }
+                after_cr = false;
+                line = 0;
+                continue;
+            }
+            match b {
+                0 | b'\n' => return false,
+                b'\r' => after_cr = true,
+                _ => {
+                    if let Some(slot) = start.get_mut(line) {
+                        *slot = b;
+                    }
+                    line += 1;
+                    if line > 998 {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    !after_cr && line == 0
+}
+
+/// Whether a line is a `Content-Transfer-Encoding: binary` header field.
+pub(super) fn labelled_binary(line: &[u8]) -> bool {
+    const NAME: &[u8] = b"content-transfer-encoding:";
+    line.len() > NAME.len()
+        && line[..NAME.len()].eq_ignore_ascii_case(NAME)
+        && line[NAME.len()..]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"binary")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dsn_rcpt_params, is_text, Recipient};
+
+    #[test]
+    fn text_is_crlf_lines_of_at_most_998_octets_without_nul() {
+        let text = |pieces: &[&[u8]]| is_text(pieces.iter().copied());
+        assert!(text(&[b"Subject: a\r\n\r\nbody \xc3\xa9\r\n"]));
+        assert!(text(&[]), "an empty body");
+        // CR and LF split between pieces.
+        assert!(text(&[b"a\r", b"\nb\r\n"]));
+        let long = [vec![b'x'; 998], b"\r\n".to_vec()].concat();
+        assert!(text(&[&long]));
+        let too_long = [vec![b'x'; 999], b"\r\n".to_vec()].concat();
+        assert!(!text(&[&too_long]));
+        // Split over pieces, the count goes on.
+        assert!(!text(&[&too_long[..500], &too_long[500..]]));
+        assert!(!text(&[b"a\nb\r\n"]), "bare LF");
+        assert!(!text(&[b"a\rb\r\n"]), "bare CR");
+        assert!(!text(&[b"a\x00b\r\n"]), "NUL");
+        assert!(!text(&[b"no line end"]), "a last line without CRLF");
+        assert!(!text(&[b"ends in CR\r"]));
+        // A part labelled binary is not taken for text, however its lines look.
+        assert!(!text(&[
+            b"Subject: a\r\n\r\n--b\r\nContent-Transfer-",
+            b"Encoding:  Binary \r\n\r\nx\r\n"
+        ]));
+        assert!(text(&[b"Content-Transfer-Encoding: 8bit\r\n\r\nx\r\n"]));
+        assert!(text(&[b"X: Content-Transfer-Encoding: binary\r\n"]));
+        // Only the whole line counts, not its first 64 octets.
+        let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
+        assert!(text(&[long.as_bytes()]));
+    }
+
+    #[test]
+    fn a_utf8_orcpt_is_written_in_ascii_outside_smtputf8() {
+        let r = Recipient {
+            path: "u@x.test".into(),
+            notify: Some(3),
+            orcpt: Some("utf-8;j\u{f6}ran@\u{e9}x.test".into()),
+        };
+        assert_eq!(
+            dsn_rcpt_params(&r, false),
+            " NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;j\\x{F6}ran@\\x{E9}x.test"
+        );
+        assert_eq!(
+            dsn_rcpt_params(&r, true),
+            " NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;j\u{f6}ran@\u{e9}x.test"
+        );
+    }
+
+    #[test]
+    fn an_orcpt_too_long_in_its_ascii_form_is_left_out() {
+        // 140 CJK characters: 420 octets as UTF-8, 1,120 as \x{4E2D}.
+        let orcpt = format!("utf-8;{}@dsn.test", "\u{4e2d}".repeat(140));
+        let r = Recipient {
+            path: "r1@dsn.test".into(),
+            notify: Some(3),
+            orcpt: Some(orcpt.clone()),
+        };
+        assert_eq!(dsn_rcpt_params(&r, false), " NOTIFY=SUCCESS,FAILURE");
+        assert_eq!(
+            dsn_rcpt_params(&r, true),
+            format!(" NOTIFY=SUCCESS,FAILURE ORCPT={orcpt}")
+        );
+    }
+}

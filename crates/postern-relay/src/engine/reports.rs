@@ -1,0 +1,534 @@
+//! The owner's side of outcomes: status records in the spool, and the reports postern
+//! makes from them (bounces, delay warnings, success reports for recipients relayed to a
+//! next hop without DSN), until each message is final and forgotten.
+
+use super::*;
+
+impl CoreRelay {
+    pub(super) async fn report_loop(self: Rc<Self>) {
+        let inbox = self.relay.reports.get(self.id);
+        loop {
+            while let Some(batch) = inbox.pop() {
+                for r in batch {
+                    self.settle(r);
+                }
+            }
+            self.report_relayed();
+            self.report_failed();
+            self.report_delays();
+            // Also while stopping: outcomes of deliveries in flight still come (see
+            // `wind_down`).
+            inbox.wait().await;
+        }
+    }
+
+    /// Records one recipient's outcome.
+    pub(super) fn settle(self: &Rc<Self>, r: Report) {
+        let now = now_ms();
+        let mut tracked = self.tracked.borrow_mut();
+        let Some(t) = tracked.get_mut(&r.queue_id) else {
+            return;
+        };
+        let state = match &r.result {
+            Result_::Delivered { relayed } => {
+                self.handle.count_outcome(Outcome::Delivered);
+                t.pending = t.pending.saturating_sub(1);
+                let asked = t
+                    .msg
+                    .meta
+                    .recipients
+                    .get(r.rcpt as usize)
+                    .and_then(|rcpt| rcpt.notify)
+                    .is_some_and(|n| n & Notify::SUCCESS != 0);
+                if *relayed && asked {
+                    t.relayed
+                        .push((r.rcpt, r.reply.clone(), r.remote.clone(), now / 1000));
+                    self.relayed_waiting.borrow_mut().push(r.queue_id.clone());
+                }
+                Some(DeliveryState::Delivered)
+            }
+            Result_::Deferred { next_attempt, .. } => Some(DeliveryState::Deferred {
+                next_attempt: next_attempt / 1000,
+            }),
+            Result_::Failed { status } => {
+                // The status record is written after the bounce is durable (see
+                // `report_failures`).
+                self.handle.count_outcome(Outcome::Failed);
+                t.pending = t.pending.saturating_sub(1);
+                t.failed.push((
+                    r.rcpt,
+                    r.reply.clone(),
+                    r.remote.clone(),
+                    status.clone(),
+                    now / 1000,
+                ));
+                None
+            }
+        };
+        if let Some(state) = state {
+            let status = Status {
+                state,
+                reply: r.reply.clone(),
+            };
+            if self
+                .handle
+                .append_status(&r.queue_id, r.rcpt, &status)
+                .is_err()
+            {
+                t.unrecorded = true;
+            }
+        }
+        if let (Result_::Deferred { status, .. }, Some(after)) =
+            (&r.result, self.relay.config.delay_warning)
+        {
+            let age = now.saturating_sub(arrival_ms(&t.msg.meta));
+            // DELAY notices only when asked for or by default (RFC 3461 4.1); the one
+            // warning of a message goes out after this batch, naming every recipient
+            // deferred in it that wants one.
+            let wants = t
+                .msg
+                .meta
+                .recipients
+                .get(r.rcpt as usize)
+                .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
+            if wants && age >= after.as_millis() as u64 && t.warn_once(r.rcpt) {
+                let status = dsn::deferral_status(&r.reply, status);
+                let delay = (r.rcpt, r.reply.clone(), r.remote.clone(), status);
+                self.delays_waiting
+                    .borrow_mut()
+                    .push((r.queue_id.clone(), delay));
+            }
+        }
+        if !t.failed.is_empty() && t.pending > 0 {
+            self.failed_waiting.borrow_mut().push(r.queue_id.clone());
+        }
+        if t.pending == 0 && !t.bouncing {
+            if let Some(t) = tracked.remove(&r.queue_id) {
+                drop(tracked);
+                self.publish_depth();
+                let me = self.clone();
+                let busy = Reporting::new(self);
+                spawn_detached(async move {
+                    me.finish(t).await;
+                    drop(busy);
+                });
+            }
+        }
+    }
+
+    /// Success reports for recipients relayed while others of their message are still
+    /// pending, made after each batch of outcomes rather than when the whole message is
+    /// settled: a restart does not know which recorded deliveries went to a next hop without
+    /// DSN, so a report held back until then could be lost. (A message settled as a whole
+    /// gets its report from `finish`.)
+    pub(super) fn report_relayed(self: &Rc<Self>) {
+        let waiting = std::mem::take(&mut *self.relayed_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        let mut tracked = self.tracked.borrow_mut();
+        for queue_id in waiting {
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                continue;
+            };
+            if t.pending == 0 || t.relayed.is_empty() {
+                continue;
+            }
+            let relayed = std::mem::take(&mut t.relayed);
+            if t.msg.meta.reverse_path.is_empty() {
+                continue;
+            }
+            let msg = t.msg.clone();
+            let me = self.clone();
+            let busy = Reporting::new(self);
+            spawn_detached(async move {
+                me.relayed_report(&msg, &relayed).await;
+                drop(busy);
+            });
+        }
+    }
+
+    /// Bounces for recipients failed while others of their message are still pending (a
+    /// retry for a 4xx may take days), made after each batch of outcomes: the sender learns
+    /// of a permanent failure at once, and its status is recorded so that a restart does not
+    /// try that recipient again.
+    pub(super) fn report_failed(self: &Rc<Self>) {
+        let mut waiting = std::mem::take(&mut *self.failed_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        waiting.dedup();
+        let mut tracked = self.tracked.borrow_mut();
+        for queue_id in waiting {
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                continue;
+            };
+            if t.bouncing || t.pending == 0 || t.failed.is_empty() {
+                continue;
+            }
+            t.bouncing = true;
+            let failed = std::mem::take(&mut t.failed);
+            let msg = t.msg.clone();
+            let me = self.clone();
+            let busy = Reporting::new(self);
+            spawn_detached(async move {
+                me.bounce_partial(queue_id, msg, failed).await;
+                drop(busy);
+            });
+        }
+    }
+
+    pub(super) async fn bounce_partial(
+        self: Rc<Self>,
+        queue_id: String,
+        msg: Arc<Msg>,
+        mut failed: Vec<Failure>,
+    ) {
+        let (done, more) = loop {
+            let outcome = self.report_failures(&msg, &failed).await;
+            {
+                let mut tracked = self.tracked.borrow_mut();
+                let Some(t) = tracked.get_mut(&queue_id) else {
+                    return;
+                };
+                match outcome {
+                    Ok(unrecorded) => {
+                        t.unrecorded |= unrecorded;
+                        t.bouncing = false;
+                        let more = !t.failed.is_empty();
+                        let done = if t.pending == 0 {
+                            tracked.remove(&queue_id)
+                        } else {
+                            None
+                        };
+                        break (done, more);
+                    }
+                    Err(()) => {
+                        // Not durable (the spool's disk is full, most likely): tried again
+                        // after a pause, with any failures that came meanwhile.
+                        tracing::error!(
+                            queue_id = %queue_id,
+                            "cannot spool the bounce; trying again in {}s",
+                            BOUNCE_RETRY.as_secs()
+                        );
+                        t.failed.splice(0..0, std::mem::take(&mut failed));
+                    }
+                }
+            }
+            glommio::timer::sleep(BOUNCE_RETRY).await;
+            let mut tracked = self.tracked.borrow_mut();
+            let Some(t) = tracked.get_mut(&queue_id) else {
+                return;
+            };
+            if t.pending == 0 {
+                // Every recipient is settled meanwhile: `finish` bounces what is left.
+                t.bouncing = false;
+                break (tracked.remove(&queue_id), false);
+            }
+            failed = std::mem::take(&mut t.failed);
+        };
+        if let Some(t) = done {
+            self.publish_depth();
+            self.finish(t).await;
+        } else if more {
+            // Failures that came while this bounce was made.
+            self.failed_waiting.borrow_mut().push(queue_id);
+            self.report_failed();
+        }
+    }
+
+    /// The delay warnings gathered from the last batch of outcomes: one report per message,
+    /// naming its recipients deferred in the batch and not warned before.
+    pub(super) fn report_delays(self: &Rc<Self>) {
+        let waiting = std::mem::take(&mut *self.delays_waiting.borrow_mut());
+        if waiting.is_empty() {
+            return;
+        }
+        let mut by_message: Vec<(String, Vec<Delay>)> = Vec::new();
+        for (queue_id, delay) in waiting {
+            match by_message.iter_mut().find(|(id, _)| *id == queue_id) {
+                Some((_, delays)) => delays.push(delay),
+                None => by_message.push((queue_id, vec![delay])),
+            }
+        }
+        let tracked = self.tracked.borrow();
+        for (queue_id, delays) in by_message {
+            let Some(t) = tracked.get(&queue_id) else {
+                continue;
+            };
+            let msg = t.msg.clone();
+            let me = self.clone();
+            let busy = Reporting::new(self);
+            spawn_detached(async move {
+                me.delay_warning(&msg, &delays).await;
+                drop(busy);
+            });
+        }
+    }
+
+    /// Bounces `failed` (those that asked for it) and records their failures once the bounce
+    /// is durable. `Ok(true)`: a status could not be written.
+    pub(super) async fn report_failures(&self, msg: &Msg, failed: &[Failure]) -> Result<bool, ()> {
+        let wanted: Vec<&Failure> = failed
+            .iter()
+            .filter(|(i, ..)| {
+                msg.meta
+                    .recipients
+                    .get(*i as usize)
+                    .is_some_and(|r| r.notify.is_none_or(|n| n & Notify::FAILURE != 0))
+            })
+            .collect();
+        if msg.meta.reverse_path.is_empty() {
+            tracing::warn!(
+                queue_id = %msg.queue_id,
+                "a message from the null reverse path failed; no bounce is sent (RFC 5321 4.5.5)"
+            );
+        } else if !wanted.is_empty() {
+            let recipients: Vec<dsn::ReportRecipient> = wanted
+                .iter()
+                .map(|(i, reply, remote, status, at)| {
+                    let r = &msg.meta.recipients[*i as usize];
+                    dsn::ReportRecipient {
+                        path: r.path.clone(),
+                        orcpt: r.orcpt.clone(),
+                        action: dsn::Action::Failed,
+                        status: status.clone(),
+                        remote_mta: remote.clone(),
+                        diagnostic: Some(reply.clone()),
+                        last_attempt: Some(*at),
+                        will_retry_until: None,
+                    }
+                })
+                .collect();
+            self.bounce(msg, &recipients, dsn::Action::Failed).await?;
+        }
+        let mut unrecorded = false;
+        for (i, reply, ..) in failed {
+            let status = Status {
+                state: DeliveryState::Failed,
+                reply: reply.clone(),
+            };
+            if self
+                .handle
+                .append_status(&msg.queue_id, *i, &status)
+                .is_err()
+            {
+                unrecorded = true;
+            }
+        }
+        Ok(unrecorded)
+    }
+
+    /// Every recipient has its outcome: bounce the failed ones, record them, forget the
+    /// message once it is all durable.
+    pub(super) async fn finish(self: Rc<Self>, mut t: Tracked) {
+        let msg = t.msg.clone();
+        let msg = &msg;
+        if !t.relayed.is_empty() && !msg.meta.reverse_path.is_empty() {
+            self.relayed_report(msg, &t.relayed).await;
+        }
+        // Made once, even if the bounce below has to be tried again.
+        t.relayed.clear();
+        if !t.failed.is_empty() {
+            match self.report_failures(msg, &t.failed).await {
+                Ok(unrecorded) => t.unrecorded |= unrecorded,
+                Err(()) => {
+                    // Not durable (the spool's disk is full, most likely): the message stays
+                    // queued and the bounce is tried again, once other messages have been
+                    // settled and their segments reclaimed. After a restart it would be made
+                    // again from the spool.
+                    tracing::error!(
+                        queue_id = %msg.queue_id,
+                        "cannot spool the bounce; trying again in {}s",
+                        BOUNCE_RETRY.as_secs()
+                    );
+                    let me = self.clone();
+                    let busy = Reporting::new(&self);
+                    spawn_detached(async move {
+                        glommio::timer::sleep(BOUNCE_RETRY).await;
+                        me.finish(t).await;
+                        drop(busy);
+                    });
+                    return;
+                }
+            }
+        }
+        if t.unrecorded {
+            tracing::warn!(
+                queue_id = %msg.queue_id,
+                "a delivery status could not be written (spool full); the message is settled \
+                 anyway, so its space can be reclaimed"
+            );
+        }
+        if let Err(e) = self.handle.durable().await {
+            // As for a status that could not be written: the outcomes are final here, and a
+            // message kept live for ever would keep its segment, and every later one, from
+            // being reclaimed for the rest of the run. A crash before its segments are
+            // reclaimed only repeats a delivery. Logged once a minute: a failing disk fails
+            // every message's sync.
+            let now = std::time::Instant::now();
+            if self
+                .sync_warned
+                .get()
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60))
+            {
+                self.sync_warned.set(Some(now));
+                tracing::warn!(
+                    queue_id = %msg.queue_id,
+                    "a message's final statuses could not be synced ({e}); such messages are \
+                     settled anyway, so that their space can be reclaimed (logged once a minute)"
+                );
+            }
+        }
+        self.handle.mark_final(&msg.queue_id);
+    }
+
+    /// The success report for recipients that asked for one and went to a next hop without
+    /// DSN (action `relayed`). Best effort: the deliveries are already recorded, so a report
+    /// that cannot be spooled is logged, not retried.
+    pub(super) async fn relayed_report(
+        &self,
+        msg: &Msg,
+        relayed: &[(u32, String, Option<String>, u64)],
+    ) {
+        let recipients: Vec<dsn::ReportRecipient> = relayed
+            .iter()
+            .filter_map(|(i, reply, remote, at)| {
+                let r = msg.meta.recipients.get(*i as usize)?;
+                Some(dsn::ReportRecipient {
+                    path: r.path.clone(),
+                    orcpt: r.orcpt.clone(),
+                    action: dsn::Action::Relayed,
+                    status: dsn::status_of(reply),
+                    remote_mta: remote.clone(),
+                    diagnostic: Some(reply.clone()),
+                    last_attempt: Some(*at),
+                    will_retry_until: None,
+                })
+            })
+            .collect();
+        if !recipients.is_empty()
+            && self
+                .bounce(msg, &recipients, dsn::Action::Relayed)
+                .await
+                .is_err()
+        {
+            tracing::error!(queue_id = %msg.queue_id, "cannot spool the success report");
+        }
+    }
+
+    pub(super) async fn delay_warning(&self, msg: &Msg, warn: &[Delay]) {
+        if msg.meta.reverse_path.is_empty() {
+            return;
+        }
+        let until = self
+            .relay
+            .config
+            .retry
+            .expiry(arrival_ms(&msg.meta))
+            .div_ceil(1000);
+        let recipients: Vec<dsn::ReportRecipient> = warn
+            .iter()
+            .filter_map(|(i, reply, remote, status)| {
+                let r = msg.meta.recipients.get(*i as usize)?;
+                // DELAY notices only when asked for or by default (RFC 3461 4.1).
+                r.notify
+                    .is_none_or(|n| n & 4 != 0)
+                    .then(|| dsn::ReportRecipient {
+                        path: r.path.clone(),
+                        orcpt: r.orcpt.clone(),
+                        action: dsn::Action::Delayed,
+                        status: status.clone(),
+                        remote_mta: remote.clone(),
+                        diagnostic: Some(reply.clone()),
+                        last_attempt: Some(now_ms() / 1000),
+                        will_retry_until: Some(until),
+                    })
+            })
+            .collect();
+        if !recipients.is_empty()
+            && self
+                .bounce(msg, &recipients, dsn::Action::Delayed)
+                .await
+                .is_err()
+        {
+            // Not spooled (the disk is full): the next deferral of these recipients tries
+            // the warning again, as a bounce is tried again.
+            if let Some(t) = self.tracked.borrow_mut().get_mut(&msg.queue_id) {
+                for (i, ..) in warn {
+                    t.unwarn(*i);
+                }
+            }
+        }
+    }
+
+    /// Builds a DSN about `msg`, spools it durably and queues it like any message.
+    pub(super) async fn bounce(
+        &self,
+        msg: &Msg,
+        recipients: &[dsn::ReportRecipient],
+        action: dsn::Action,
+    ) -> Result<(), ()> {
+        let cap = self.relay.config.bounce_max_returned;
+        // The returned content needs one contiguous buffer, bounded by the cap.
+        let mut original = Vec::with_capacity((msg.body.len() as usize).min(cap + 1));
+        for chunk in msg.body.chunks() {
+            let room = (cap + 1).saturating_sub(original.len());
+            if room == 0 {
+                break;
+            }
+            original.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        let now = now_ms() / 1000;
+        let bytes = dsn::build(&dsn::Report {
+            reporting_mta: &self.relay.config.hostname,
+            queue_id: &msg.queue_id,
+            envid: msg.meta.envid.as_deref(),
+            arrival: msg.meta.arrival,
+            now,
+            to: &msg.meta.reverse_path,
+            received_from: Some(&msg.meta.helo),
+            recipients,
+            original: &original,
+            // What the sender asked for: the report says why it gets the headers instead
+            // (a message over the cap, which `original` is then longer than; BINARYMIME).
+            return_full: msg.meta.ret == Some(1),
+            binary: msg.meta.body_type == 2,
+            max_returned: cap,
+        });
+        let meta = MessageMeta {
+            arrival: now,
+            // Made here: no client sent it.
+            client: String::new(),
+            helo: self.relay.config.hostname.clone(),
+            reverse_path: String::new(),
+            recipients: vec![Recipient {
+                path: msg.meta.reverse_path.clone(),
+                notify: None,
+                orcpt: None,
+            }],
+            envid: None,
+            ret: None,
+            body_type: u8::from(dsn::is_8bit(&bytes)),
+            smtputf8: !msg.meta.reverse_path.is_ascii(),
+        };
+        match self.handle.inject(&meta, &bytes).await {
+            Ok(accepted) => {
+                self.handle.count_outcome(Outcome::Bounced);
+                tracing::info!(
+                    queue_id = %msg.queue_id,
+                    bounce = %accepted.queue_id,
+                    to = %msg.meta.reverse_path,
+                    action = action.as_str(),
+                    "delivery status notification queued"
+                );
+                self.accepted(accepted);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %msg.queue_id, "cannot spool a bounce: {e}");
+                Err(())
+            }
+        }
+    }
+}

@@ -1,0 +1,783 @@
+//! One outbound connection's life: opening it (trying the next hop's addresses in order,
+//! pausing a next hop none of whose addresses answer), then taking its next hop's jobs one
+//! transaction at a time or pipelined, until it is idle too long or its place is wanted.
+
+use super::*;
+
+impl CoreRelay {
+    /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
+    pub(super) async fn worker(self: Rc<Self>, dq: Rc<DestQueue>) {
+        // Jobs this worker passed over to another address: the next connection takes them
+        // first, so that no other worker sends them back to the address that put them off.
+        let mut carry: Vec<Carried> = Vec::new();
+        // For its turn past the core's share (see `yields_place`).
+        let started = Instant::now();
+        'connect: while (!carry.is_empty() || !dq.ready.borrow().is_empty())
+            && !self.handle.is_stopping()
+        {
+            if carry.is_empty() && self.yields_place(&dq, started) {
+                // About to connect again while another next hop waits in line.
+                self.leave(&dq);
+                return;
+            }
+            let tried: Vec<SocketAddr> = carry
+                .iter()
+                .flat_map(|c| c.job.tried.iter().copied())
+                .collect();
+            let failures_before = dq.broken_in_a_row.get();
+            let (mut conn, fallback_until) = match self.open(&dq, &tried).await {
+                Ok(Opened {
+                    conn: c,
+                    failed,
+                    fallback,
+                }) => {
+                    // A carried job counts the addresses that failed on the way as tried. One
+                    // whose only way on is an address it already tried, or that has tried
+                    // its share, waits for its retry with the last answer.
+                    for mut k in std::mem::take(&mut carry) {
+                        for a in &failed {
+                            if !k.job.tried.contains(a) {
+                                k.job.tried.push(*a);
+                            }
+                        }
+                        if k.job.tried.contains(&c.addr)
+                            || k.job.tried.len() >= MAX_ADDRESSES_PER_ATTEMPT
+                        {
+                            self.settle_carried(k);
+                        } else {
+                            carry.push(k);
+                        }
+                    }
+                    (c, fallback.then(|| now_ms() + self.pause_ms()))
+                }
+                Err((text, permanent, remote, deferred)) => {
+                    for k in carry.drain(..) {
+                        self.settle_carried(k);
+                    }
+                    // The next hop is unreachable (everything waiting for it waits again) or
+                    // does not exist (everything waiting for it fails).
+                    let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+                    // RFC 3463 3.5: no answer from any host (4.4.1), or a host that answered
+                    // and then failed the connection (4.4.2); a reply's own status wins
+                    // where the account quotes one (dsn::deferral_status).
+                    let status = permanent.or(deferred).unwrap_or(if remote.is_some() {
+                        "4.4.2"
+                    } else {
+                        "4.4.1"
+                    });
+                    // Refused for good by a host that answered (a 5xx to HELO): the reply's
+                    // own status.
+                    let status = match (permanent, &remote) {
+                        (Some(_), Some(_)) => dsn::deferral_status(&text, status),
+                        _ => status.to_owned(),
+                    };
+                    let status = status.as_str();
+                    // Paused with two failures in a row, as for broken-off sessions: one
+                    // refused connection to a next hop with a single address (a restart, say)
+                    // defers the jobs waiting now, and the next job tries again at once.
+                    // With more addresses one attempt has failed on two or more already. A
+                    // name that could not be resolved (no address tried) pauses at once:
+                    // every job would ask the resolver again.
+                    let no_address_tried = dq.broken_in_a_row.get() == failures_before;
+                    if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
+                        dq.down_until.set(now_ms() + self.pause_ms());
+                        *dq.paused_for.borrow_mut() =
+                            Some((status.into(), text.clone(), remote.clone()));
+                        tracing::info!(
+                            next_hop = %dq.dest.key(),
+                            "the next hop cannot be reached ({text}); delivery to it paused for {:?}",
+                            Duration::from_millis(self.pause_ms())
+                        );
+                    }
+                    for job in jobs {
+                        self.settle_all(job, permanent.is_some(), status, &text, remote.clone());
+                    }
+                    break;
+                }
+            };
+            let mut used = false;
+            // Connections to this next hop failed lately (this attempt's too).
+            let mut after_failures = dq.broken_in_a_row.get() > 0;
+            loop {
+                if self.handle.is_stopping() {
+                    // No new transaction once the server stops; carried jobs wait for the
+                    // next run (their earlier attempt recorded nothing).
+                    conn.quit().await;
+                    break 'connect;
+                }
+                if used && conn.went_away_while_idle() {
+                    // The next hop said something after the last transaction's replies (a
+                    // reply too many) or closed: the next commands' replies could not be told
+                    // from it. The jobs waiting go on a new connection, nothing charged.
+                    tracing::debug!(remote = %conn.remote, "next hop out of step or gone between transactions");
+                    continue 'connect;
+                }
+                used = true;
+                if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
+                    // A less preferred host served long enough: see whether a better one is
+                    // back (RFC 5321 5.1, preference order).
+                    conn.quit().await;
+                    continue 'connect;
+                }
+                let (job, note) = if carry.is_empty() {
+                    (dq.ready.borrow_mut().pop_front(), None)
+                } else {
+                    let (job, note) = carry.remove(0).split();
+                    (Some(job), Some(note))
+                };
+                let Some(job) = job else {
+                    // Idle: keep the connection for a while for the next job, unless another
+                    // next hop waits in line for a connection of the core's share.
+                    // One idle timeout, however often the wait is woken for nothing.
+                    let idle_since = Instant::now();
+                    let idle_until = idle_since + self.relay.config.idle_timeout;
+                    let (woke, wanted) = loop {
+                        let wanted = self.slot_wanted.listen();
+                        // A next hop in line gets the place at once; one whose connections
+                        // have a backlog once this one has been idle for a moment (so that a
+                        // trickle of mail keeps its connection).
+                        let grace_over = idle_since.elapsed() >= IDLE_GRACE;
+                        let backlog = self.someone_wanting_more();
+                        if self.someone_starved() || (grace_over && backlog) {
+                            drop(wanted);
+                            self.leave(&dq);
+                            self.quit_after_leaving(conn).await;
+                            return;
+                        }
+                        dq.idle.set(dq.idle.get() + 1);
+                        let listener = dq.arrived.listen();
+                        // No borrow of the queue may live across the wait (enqueue pushes to
+                        // it).
+                        let empty = dq.ready.borrow().is_empty();
+                        let idle_end = async {
+                            future::or(
+                                glommio::timer::sleep(
+                                    idle_until.saturating_duration_since(Instant::now()),
+                                ),
+                                self.handle.stopped(),
+                            )
+                            .await;
+                            Idle::Over
+                        };
+                        let grace_end = async {
+                            if backlog {
+                                let left = IDLE_GRACE.saturating_sub(idle_since.elapsed());
+                                glommio::timer::sleep(left).await;
+                            } else {
+                                future::pending::<()>().await;
+                            }
+                            Idle::Wanted
+                        };
+                        let woke = if empty {
+                            future::or(
+                                async {
+                                    listener.await;
+                                    Idle::Job
+                                },
+                                future::or(
+                                    idle_end,
+                                    future::or(grace_end, async {
+                                        wanted.await;
+                                        Idle::Wanted
+                                    }),
+                                ),
+                            )
+                            .await
+                        } else {
+                            Idle::Job
+                        };
+                        dq.idle.set(dq.idle.get() - 1);
+                        // Asked for its place with nothing of its own to do: given up at the
+                        // top of the loop if the line still has someone (or it waits again).
+                        if woke != Idle::Wanted || !dq.ready.borrow().is_empty() {
+                            break (woke == Idle::Job, woke == Idle::Wanted);
+                        }
+                    };
+                    if wanted {
+                        // Woken for a place, with a job of its own to do: the wake goes to
+                        // another idle connection.
+                        self.slot_wanted.notify(1.additional());
+                    }
+                    if (woke || !dq.ready.borrow().is_empty()) && conn.went_away_while_idle() {
+                        // The next hop closed it meanwhile (often after an idle timeout of
+                        // its own): the waiting job goes on a new connection, not charged a
+                        // failed attempt for a transaction the next hop never saw.
+                        tracing::debug!(remote = %conn.remote, "idle connection closed by the next hop");
+                        continue 'connect;
+                    }
+                    if woke || !dq.ready.borrow().is_empty() {
+                        continue;
+                    }
+                    if self.someone_waiting() {
+                        // Its place is wanted: counted out before the QUIT, not after it.
+                        self.leave(&dq);
+                        self.quit_after_leaving(conn).await;
+                        return;
+                    }
+                    // The QUIT's reply may take a while, and this worker still counts against
+                    // the next hop's connections: a job queued meanwhile started no worker of
+                    // its own. The loop's test looks at the queue again before leaving. If
+                    // another next hop comes to want the place meanwhile, it is counted out
+                    // then, and the QUIT goes on.
+                    let wanted = self.slot_wanted.listen();
+                    let mut quit = std::pin::pin!(conn.quit());
+                    let asked = future::or(
+                        async {
+                            (&mut quit).await;
+                            false
+                        },
+                        async {
+                            wanted.await;
+                            true
+                        },
+                    )
+                    .await;
+                    if asked {
+                        self.leave(&dq);
+                        self.quitting.set(self.quitting.get() + 1);
+                        quit.await;
+                        self.quitting.set(self.quitting.get() - 1);
+                        return;
+                    }
+                    continue 'connect;
+                };
+                let window = if now_ms() < dq.serial_until.get() {
+                    1
+                } else {
+                    self.relay.config.max_in_flight
+                };
+                let counted = InFlight::new(&self.relay.in_flight);
+                let after = if window > 1 && conn.can_pipeline() {
+                    // Replies awaited at once stay few enough for any socket buffer: the
+                    // server must never block writing them while this side still writes.
+                    let mut replies = job.rcpts.len() + 3;
+                    let mut jobs = vec![job];
+                    while jobs.len() < window && replies < MAX_PIPELINED_REPLIES {
+                        let Some(more) = dq.ready.borrow_mut().pop_front() else {
+                            break;
+                        };
+                        replies += more.rcpts.len() + 3;
+                        jobs.push(more);
+                    }
+                    self.transact_pipelined(&mut conn, &dq, jobs, note, &mut carry)
+                        .await
+                } else {
+                    self.transact(&mut conn, &dq, job, note, &mut carry).await
+                };
+                drop(counted);
+                if after_failures && dq.broken_in_a_row.get() == 0 {
+                    after_failures = false;
+                    // A transaction answered after failures lifts the one-connection limit:
+                    // the jobs that piled up meanwhile get their other connections now (this
+                    // one takes the next job itself).
+                    let waiting = dq.ready.borrow().len().saturating_sub(dq.idle.get() + 1);
+                    let room = self.most_workers(&dq).saturating_sub(dq.workers.get());
+                    for _ in 0..waiting.min(room) {
+                        if !self.start_worker(&dq) {
+                            break;
+                        }
+                    }
+                }
+                match after {
+                    After::Keep if carry.is_empty() && self.yields_place(&dq, started) => {
+                        // Other next hops wait for a connection of the core's share.
+                        self.leave(&dq);
+                        self.quit_after_leaving(conn).await;
+                        return;
+                    }
+                    After::Keep => {}
+                    After::Broken => continue 'connect,
+                    After::Elsewhere => {
+                        conn.quit().await;
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+        self.leave(&dq);
+    }
+
+    /// A job never sent on a connection that ended at its RSET goes back: to the front of
+    /// `carry` when it was carried (`note`), so that it keeps its way past the address that
+    /// put it off, else to the front of its queue.
+    pub(super) fn put_back(
+        &self,
+        dq: &DestQueue,
+        job: Job,
+        note: Option<Note>,
+        carry: &mut Vec<Carried>,
+    ) {
+        match note {
+            Some(note) => carry.insert(0, note.with(job)),
+            None => self.requeue(dq, vec![job]),
+        }
+    }
+
+    /// Runs one job on `conn`; `note` when it was carried.
+    pub(super) async fn transact(
+        &self,
+        conn: &mut Outbound,
+        dq: &DestQueue,
+        job: Job,
+        note: Option<Note>,
+        carry: &mut Vec<Carried>,
+    ) -> After {
+        let Some((job, tx, body)) = self.prepare(conn, job) else {
+            return After::Keep;
+        };
+        let outcome = conn.deliver(&tx, &body, &self.relay.config.timeouts).await;
+        if let Err(Err(ConnError::Stale(e))) = &outcome {
+            // The next hop ended a kept connection before this transaction began: the job
+            // goes on a new connection, not charged a failed attempt (a new connection never
+            // sends RSET first, so this cannot repeat).
+            tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e}); reconnecting");
+            self.put_back(dq, job, note, carry);
+            return After::Broken;
+        }
+        // Replies got before a break still count where they refused for good.
+        let partial = match &outcome {
+            Err(Err(_)) => conn.take_unfinished(),
+            _ => None,
+        };
+        self.conclude(conn, dq, job, outcome, partial, carry)
+    }
+
+    /// Runs up to `--max-transactions-in-flight` jobs on `conn`, pipelined into each other:
+    /// every transaction is written before the first reply is read. Jobs not sent because the
+    /// connection broke go back to the front of the queue.
+    pub(super) async fn transact_pipelined(
+        &self,
+        conn: &mut Outbound,
+        dq: &DestQueue,
+        jobs: Vec<Job>,
+        note: Option<Note>,
+        carry: &mut Vec<Carried>,
+    ) -> After {
+        let t = &self.relay.config.timeouts;
+        // The first job's note when it was carried, while it may still go back unsent.
+        let mut note = note;
+        let mut sent = Vec::with_capacity(jobs.len());
+        let mut unsent = jobs.into_iter();
+        // The error that ended the connection, once there is one.
+        let mut broken: Option<ConnError> = None;
+        // A job whose RSET found the connection ended: it goes back first.
+        let mut stale = Vec::new();
+        for (i, job) in unsent.by_ref().enumerate() {
+            let first_note = if i == 0 { note.take() } else { None };
+            let Some((job, tx, body)) = self.prepare(conn, job) else {
+                continue;
+            };
+            match conn.start(&tx, &body, t).await {
+                Ok(()) => {
+                    if sent.is_empty() {
+                        note = first_note;
+                    }
+                    sent.push(job);
+                }
+                Err(Ok(local)) => {
+                    self.conclude(conn, dq, job, Err(Ok(local)), None, carry);
+                }
+                Err(Err(e)) => {
+                    if let e @ ConnError::Stale(_) = conn.at_rset(e.clone()) {
+                        // A kept connection that ended at its RSET took nothing: the job goes
+                        // on a new connection, not charged a failed attempt.
+                        tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e:?}); reconnecting");
+                        match first_note {
+                            Some(n) => carry.insert(0, n.with(job)),
+                            None => stale.push(job),
+                        }
+                        broken = Some(e);
+                        break;
+                    }
+                    // Part of it may have gone out: its outcome is unknown, like the sent ones'.
+                    // (The replies read so far belong to earlier transactions.)
+                    self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
+                    dq.serial_until
+                        .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        stale.extend(unsent);
+        self.requeue(dq, stale);
+        // After a failed write the replies to what went out before it may still be readable
+        // (from a server that answered 421 and closed, say): read them briefly, not guess.
+        let limit = match broken {
+            None => t.mail.max(t.rcpt).max(t.data_done),
+            Some(_) => t.data_done.min(AFTER_WRITE_FAILURE),
+        };
+        let mut sent = sent.into_iter();
+        let mut elsewhere = false;
+        // Outcomes are concluded once the batch's last reply is in: a reply too many found
+        // after it means every reply of the batch may have answered the command before its
+        // own (see `unasked_after_reply`).
+        let mut answered: Vec<(Job, TransactionResult)> = Vec::new();
+        while let Some(job) = sent.next() {
+            // Only the first job sent can be the carried one.
+            let first_note = note.take();
+            match conn.finish(limit).await {
+                Ok(result) => answered.push((job, result)),
+                Err(e) => {
+                    // Those answered before the break keep their replies, unless the batch
+                    // ran out of time: a reply the next hop never sent would have let each
+                    // later one answer the command before its own (the next RSET's 250 taken
+                    // for a message's), so none of them is known.
+                    let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT);
+                    for (job, result) in answered.drain(..) {
+                        let outcome = if short {
+                            Err(Err(e.clone()))
+                        } else {
+                            Ok(result)
+                        };
+                        self.conclude(conn, dq, job, outcome, None, carry);
+                    }
+                    if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
+                        // Ended at the RSET before this transaction: the server took neither
+                        // it nor any later one, and none is charged a failed attempt.
+                        tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
+                        match first_note {
+                            Some(n) => {
+                                carry.insert(0, n.with(job));
+                                self.requeue(dq, sent.collect());
+                            }
+                            None => self.requeue(dq, std::iter::once(job).chain(sent).collect()),
+                        }
+                        return After::Broken;
+                    }
+                    // The oldest transaction: the replies it got before the break are its own.
+                    let partial = conn.take_unfinished();
+                    self.conclude(conn, dq, job, Err(Err(e.clone())), partial, carry);
+                    if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
+                        // The server closed at this reply, so it took none of the later
+                        // transactions: they go back to the queue as if never sent.
+                        self.requeue(dq, sent.collect());
+                    } else {
+                        // Their outcome is unknown: deferred, like this one. A next hop that
+                        // drops connections in the middle of a batch might do it to every
+                        // batch, so it gets one transaction per round trip for a while.
+                        dq.serial_until
+                            .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                        for job in sent {
+                            self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
+                        }
+                    }
+                    return After::Broken;
+                }
+            }
+        }
+        if conn.unasked_after_reply() {
+            // Out of step: none of these outcomes is known. Deferred, and tried again (a
+            // duplicate at worst, never a refusal taken for a delivery); one transaction per
+            // round trip to this next hop for a while, so that one stray reply costs one
+            // message's attempt, not a batch's.
+            let e = ConnError::Io(crate::conn::OUT_OF_STEP.into());
+            dq.serial_until
+                .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+            for (job, _) in answered {
+                self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
+            }
+            return After::Broken;
+        }
+        for (job, result) in answered {
+            elsewhere |= self.conclude(conn, dq, job, Ok(result), None, carry) == After::Elsewhere;
+        }
+        match (broken, elsewhere) {
+            (Some(_), _) => After::Broken,
+            (None, true) => After::Elsewhere,
+            (None, false) => After::Keep,
+        }
+    }
+
+    /// Puts jobs that were never sent back at the front of their queue, in order.
+    /// While the next hop is paused they are deferred like the jobs that waited for it.
+    pub(super) fn requeue(&self, dq: &DestQueue, jobs: Vec<Job>) {
+        if dq.down_until.get() > now_ms() {
+            if let Some((status, text, remote)) = dq.paused_for.borrow().clone() {
+                for job in jobs {
+                    self.settle_all(job, false, &status, &text, remote.clone());
+                }
+                return;
+            }
+        }
+        let mut ready = dq.ready.borrow_mut();
+        for job in jobs.into_iter().rev() {
+            ready.push_front(job);
+        }
+    }
+
+    /// How long a next hop, or one of its addresses, is left alone after it could not be
+    /// reached or broke off (ms): the first retry delay, at most a minute.
+    pub(super) fn pause_ms(&self) -> u64 {
+        let pause = self.relay.config.retry.initial.min(Duration::from_secs(60));
+        u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Notes that `addr` of `dq`'s next hop could not be reached or broke a connection off.
+    pub(super) fn broke(&self, dq: &DestQueue, addr: SocketAddr) {
+        let now = now_ms();
+        let mut broke = dq.broke.borrow_mut();
+        broke.retain(|_, until| *until > now);
+        broke.insert(addr, now + self.pause_ms());
+        dq.last_broke.set(now);
+        dq.broken_in_a_row
+            .set(dq.broken_in_a_row.get().saturating_add(1));
+    }
+
+    /// Whether every address of `dq`'s next hop could not be reached or broke a connection
+    /// off lately, with at least two such failures in a row: one dropped connection to a
+    /// next hop with a single address is a glitch, not an outage.
+    pub(super) fn every_address_broke(&self, dq: &DestQueue) -> bool {
+        if dq.broken_in_a_row.get() < 2 {
+            return false;
+        }
+        let now = now_ms();
+        let broke = dq.broke.borrow();
+        let addrs = dq.addrs.borrow();
+        !addrs.is_empty()
+            && addrs
+                .iter()
+                .all(|a| broke.get(a).is_some_and(|&until| until > now))
+    }
+
+    /// Every address of the next hop broke off: the next hop is left alone for a while, as
+    /// one that cannot be reached is, rather than each waiting job opening connections to
+    /// every address again. The jobs this worker carries are deferred with their own answers;
+    /// those waiting for the next hop, never sent, with the answer `last` got, said to be
+    /// the reason they were not tried (it may be about another message); jobs that come
+    /// meanwhile wait for the pause's end.
+    pub(super) fn suspend(&self, dq: &DestQueue, last: &Carried, carry: &mut Vec<Carried>) {
+        dq.down_until.set(now_ms() + self.pause_ms());
+        // No next hop answered for these jobs: no Remote-MTA in their reports.
+        let not_tried = format!("{}{}", dsn::NOT_TRIED, last.text);
+        *dq.paused_for.borrow_mut() = Some((last.status.clone(), not_tried.clone(), None));
+        tracing::info!(
+            next_hop = %dq.dest.key(),
+            "every address of the next hop broke off; delivery to it suspended for {}s",
+            self.pause_ms() / 1000
+        );
+        for k in carry.drain(..) {
+            self.settle_carried(k);
+        }
+        let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+        for job in jobs {
+            self.settle_all(job, false, &last.status, &not_tried, None);
+        }
+    }
+
+    /// Passes over `addr` of `dq`'s next hop for a while (see `pause_ms`).
+    pub(super) fn avoid(&self, dq: &DestQueue, addr: SocketAddr) {
+        let now = now_ms();
+        let mut avoid = dq.avoid.borrow_mut();
+        avoid.retain(|_, until| *until > now);
+        avoid.insert(addr, now + self.pause_ms());
+    }
+
+    /// A job's transaction at `addr` broke off or was put off as a whole. The job goes at once
+    /// to another address of its next hop that it has not tried in this attempt, on this
+    /// worker's next connection (RFC 5321 5.1: the addresses in order until one takes the
+    /// mail), at most [`MAX_ADDRESSES_PER_ATTEMPT`]; None then. With none left it comes back,
+    /// to be deferred. With `host_trouble` the address is also passed over by new
+    /// connections for a while.
+    pub(super) fn pass_over(
+        &self,
+        dq: &DestQueue,
+        addr: SocketAddr,
+        host_trouble: bool,
+        mut c: Carried,
+        carry: &mut Vec<Carried>,
+    ) -> Option<Carried> {
+        if host_trouble {
+            self.avoid(dq, addr);
+        }
+        if !c.job.tried.contains(&addr) {
+            c.job.tried.push(addr);
+        }
+        let others = c.job.tried.len() < MAX_ADDRESSES_PER_ATTEMPT
+            && dq.addrs.borrow().iter().any(|a| !c.job.tried.contains(a));
+        if !others {
+            return Some(c);
+        }
+        tracing::info!(queue_id = %c.job.msg.queue_id, %addr, "trying the next address of the next hop");
+        carry.push(c);
+        None
+    }
+
+    /// Connects to the next hop: its addresses in preference order (those in `tried` by the
+    /// jobs this connection is for, and those passed over lately, last), the next one when a
+    /// host refuses or greets with an error. Err carries the text, for a permanent failure
+    /// its status, and the next hop's name when the last failure came from a host that
+    /// answered (its greeting, EHLO or TLS), for the log's `relay` and the report's
+    /// Remote-MTA.
+    pub(super) async fn open(
+        &self,
+        dq: &DestQueue,
+        tried: &[SocketAddr],
+    ) -> Result<Opened, Unopened> {
+        let config = &self.relay.config;
+        let (hops, port) = match &dq.dest {
+            Destination::Fixed(hp) => {
+                let hops = match hp.host.parse::<IpAddr>() {
+                    Ok(ip) => vec![NextHop {
+                        host: hp.host.clone(),
+                        preference: 0,
+                        addrs: vec![ip],
+                    }],
+                    Err(_) if hp.host == "localhost" => vec![NextHop {
+                        host: hp.host.clone(),
+                        preference: 0,
+                        addrs: vec![IpAddr::from([127, 0, 0, 1])],
+                    }],
+                    Err(_) => self
+                        .relay
+                        .resolver
+                        .host_next_hops(&hp.host)
+                        .await
+                        .map_err(|e| unresolved(&hp.host, &e))?,
+                };
+                (hops, hp.port)
+            }
+            Destination::Mx(domain) => {
+                let hops = self
+                    .relay
+                    .resolver
+                    .mx_next_hops(domain, &config.hostname)
+                    .await
+                    .and_then(|found| {
+                        let me = crate::mx::Myself {
+                            hostname: &config.hostname,
+                            listen: &config.own_addrs,
+                            port: config.mx_port,
+                        };
+                        me.drop_from(found, crate::mx::local_addresses)
+                    })
+                    .map_err(|e| unresolved(domain, &e))?;
+                (hops, config.mx_port)
+            }
+        };
+        let policy = config.tls;
+        let config_for = |policy| TlsSetup {
+            policy,
+            config: match policy {
+                TlsPolicy::Required => self.relay.tls.verified.clone(),
+                _ => self.relay.tls.unverified.clone(),
+            },
+            handshake: std::cell::Cell::new(None),
+        };
+        let mut last = String::from("no address to connect to");
+        let mut last_remote = None;
+        let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
+            .iter()
+            .flat_map(|h| {
+                h.addrs
+                    .iter()
+                    .map(move |&ip| (h, SocketAddr::new(ip, port)))
+            })
+            .collect();
+        *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
+        let best = candidates.iter().map(|(h, _)| h.preference).min();
+        let addresses = candidates.len();
+        let mut failed = Vec::new();
+        // Whether every address tried answered and then refused HELO for good (after EHLO):
+        // that host will not take mail from us, now or later (RFC 5321 4.2.1: a 5yz is not
+        // to be repeated), so its mail fails rather than waiting out the queue lifetime. A
+        // 5xx greeting is not that: such a server may greet others so, and be back.
+        let mut refused_helo = true;
+        // Addresses tried, passed over or found unreachable lately go last (one that took
+        // a greeting timeout to fail would otherwise cost the next connection as much, as
+        // often as the shuffle puts it first); the sort is stable, so preference order holds
+        // otherwise.
+        let now = now_ms();
+        {
+            let (avoid, broke) = (dq.avoid.borrow(), dq.broke.borrow());
+            let lately = |m: &HashMap<SocketAddr, u64>, a: &SocketAddr| {
+                m.get(a).is_some_and(|&until| until > now)
+            };
+            candidates
+                .sort_by_key(|(_, a)| (tried.contains(a), lately(&avoid, a) || lately(&broke, a)));
+        }
+        // At most MAX_ADDRESSES_PER_ATTEMPT addresses, as for a job passed over: a next hop
+        // with many silent addresses cannot hold a worker for their greeting timeouts.
+        for (hop, addr) in candidates.into_iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
+            let fallback = best.is_some_and(|b| hop.preference > b);
+            let opened = |conn: Outbound, failed: Vec<SocketAddr>| Opened {
+                conn,
+                failed,
+                fallback,
+            };
+            let cleartext =
+                policy == TlsPolicy::Opportunistic && dq.cleartext_until.get() > now_ms();
+            let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
+            let helo = &config.hostname;
+            tracing::debug!(%addr, host = %hop.host, "connecting");
+            let connected =
+                Outbound::connect(addr, &hop.host, helo, setup.as_ref(), &config.timeouts).await;
+            if let Some(ok) = setup.as_ref().and_then(|s| s.handshake.get()) {
+                self.handle.count_outbound_tls(ok);
+            }
+            match connected {
+                Ok(c) => {
+                    tracing::debug!(%addr, tls = c.is_tls(), "connected");
+                    return Ok(opened(c, failed));
+                }
+                Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
+                    // Try again in cleartext on a new connection, and stay in cleartext
+                    // with this next hop for a while.
+                    dq.cleartext_until.set(now_ms() + 3_600_000);
+                    match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
+                        Ok(c) => return Ok(opened(c, failed)),
+                        Err(e2) => {
+                            refused_helo = false;
+                            // It answered the first time (STARTTLS came before the
+                            // handshake), whatever the second connection did.
+                            last = format!("{}; then {}", e, e2.describe(&hop.host));
+                            last_remote = Some(hop.host.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !matches!(&e, ConnError::Smtp(ClientError::Helo(r)) if r.is_permanent()) {
+                        refused_helo = false;
+                    }
+                    // The account kept is that of the last host that answered, if any did: a
+                    // later address where nobody answered does not hide it.
+                    if e.answered() || last_remote.is_none() {
+                        last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
+                        last_remote = e.answered().then(|| hop.host.clone());
+                    }
+                }
+            }
+            self.broke(dq, addr);
+            failed.push(addr);
+        }
+        // Every address, not only those this attempt reached: a host further down the list
+        // (a backup MX) may still take the mail.
+        let refused =
+            (refused_helo && addresses > 0 && failed.len() == addresses).then_some("5.0.0");
+        Err((last, refused, last_remote, None))
+    }
+
+    // ----- owner side -----
+}
+
+/// A next hop that could not be reached: the text, the status when its jobs fail for good,
+/// the next hop's name when the last failure came from a host that answered, and postern's
+/// own status for a deferral no reply explains (a DNS failure's, say).
+pub(super) type Unopened = (
+    String,
+    Option<&'static str>,
+    Option<String>,
+    Option<&'static str>,
+);
+
+/// A next hop that could not be resolved (no host answered): failed for good with the
+/// lookup's status when it is permanent, deferred with it otherwise (4.4.3 a DNS failure,
+/// 4.4.4 no primary for a backup MX).
+pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
+    let text = format!("{domain}: {e}");
+    if e.is_permanent() {
+        (text, Some(e.enhanced()), None, None)
+    } else {
+        (text, None, None, Some(e.enhanced()))
+    }
+}
