@@ -1,0 +1,767 @@
+//! Next hops found through MX records (from a test DNS server) and routes: preference order,
+//! fallback to the address records, null MX, a primary that puts mail off or comes back, and
+//! next hops whose addresses do not answer, greet or stay connected.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::Server;
+use relaying::*;
+
+/// A server that asks `dns` for MX records and reaches MX hosts on `port`, with `extra` flags,
+/// metrics, and retries a minute apart: only what happens within the first attempt is seen.
+fn mx_server_one_attempt(dns: &dns_server::TestDns, port: u16, extra: &[&str]) -> Server {
+    let dns_addr = dns.addr.to_string();
+    let port = port.to_string();
+    let mut args = vec!["--dns-server", &dns_addr, "--mx-port", &port];
+    args.extend(["--retry-initial", "60s", "--metrics", "127.0.0.1:0"]);
+    args.extend(extra);
+    Server::start(&args)
+}
+
+/// A server that asks `dns` for MX records and reaches MX hosts on `port`, with `extra` flags
+/// and quick retries.
+fn mx_server(dns: &dns_server::TestDns, port: u16, extra: &[&str]) -> Server {
+    let dns_addr = dns.addr.to_string();
+    let port = port.to_string();
+    let mut args = vec!["--dns-server", &dns_addr, "--mx-port", &port];
+    args.extend(extra);
+    args.extend(FAST_RETRY);
+    Server::start(&args)
+}
+
+#[test]
+fn the_relay_host_is_reached_at_its_own_address_not_through_its_mx() {
+    use dns_server::{Rec, TestDns};
+    // relay.test has an address and an MX record naming another host: mail sent through the
+    // relay host goes to relay.test itself (an MX is for mail addressed to the domain).
+    let relay = Peer::start_on("127.0.0.60", 0, &[]);
+    let port = relay.port;
+    let other = Peer::start_on("127.0.0.61", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("relay.test.", Rec::A("127.0.0.60".parse().unwrap())),
+            ("relay.test.", Rec::Mx(10, "other.test.")),
+            ("other.test.", Rec::A("127.0.0.61".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let relay_host = format!("relay.test:{port}");
+    let mut args = vec!["--dns-server", &dns_addr, "--relay-host", &relay_host];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@anywhere.test"],
+        "<smarthost@t>",
+        "x\r\n",
+    );
+    relay.first("delivery to the relay host");
+    assert!(
+        other.stored().is_empty(),
+        "delivered through the relay host's MX"
+    );
+    drop(dns);
+}
+
+#[test]
+fn mx_preference_fallback_to_a_and_null_mx() {
+    use dns_server::{Rec, TestDns};
+    // Two MX hosts on two loopback addresses, same port; the preferred one is down at first.
+    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = mx2.port;
+    let mx1_down = reserve("127.0.0.2", port);
+    let implicit = Peer::start_on("127.0.0.4", port, &[]);
+    let origin = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("pref.test.", Rec::Mx(10, "mx1.test.")),
+            ("pref.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("plain.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            ("null.test.", Rec::Mx(0, ".")),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    // Connections are not kept idle, so each message looks up and connects afresh.
+    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "10ms"]);
+    // mx1 (preference 10) refuses connections: delivered to mx2.
+    send(
+        &server,
+        "s@origin.test",
+        &["r@pref.test"],
+        "<pref1@t>",
+        "x\r\n",
+    );
+    mx2.wait_for("delivery to the second MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    // Now mx1 is up: the next message goes to it, not to mx2.
+    drop(mx1_down);
+    let mx1 = Peer::start_on("127.0.0.2", port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@pref.test"],
+        "<pref2@t>",
+        "x\r\n",
+    );
+    mx1.wait_for("delivery to the first MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    assert_eq!(mx2.stored().len(), 1);
+    // No MX: the domain's own address.
+    send(
+        &server,
+        "s@origin.test",
+        &["r@plain.test"],
+        "<plain@t>",
+        "x\r\n",
+    );
+    implicit.wait_for(
+        "delivery to the implicit MX",
+        Duration::from_secs(20),
+        |s| s.len() == 1,
+    );
+    // Null MX: bounced at once, the report going to the sender's domain.
+    send(
+        &server,
+        "s@origin.test",
+        &["r@null.test"],
+        "<null@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the null-MX bounce");
+    assert!(text.contains("Status: 5.1.10"), "{text}");
+    assert_eq!(bounce.mail_from, "<>");
+    drop(dns);
+}
+
+/// A next hop on `host` (port 0: any) that greets and answers EHLO, then says
+/// `421 4.3.2` to MAIL and closes, for every connection (bounded). Returns its port and a
+/// count of its connections.
+fn busy_next_hop(host: &str, port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    busy_next_hop_gated(host, port, None)
+}
+
+/// [`busy_next_hop`], which greets its first connection only once `gate` gets a word.
+fn busy_next_hop_gated(
+    host: &str,
+    port: u16,
+    gate: Option<std::sync::mpsc::Receiver<()>>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind((host, port)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(50) {
+            let Ok(s) = conn else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &gate {
+                let _ = gate.recv_timeout(Duration::from_secs(20));
+            }
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 busy.test ESMTP\r\n");
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.starts_with("MAIL") {
+                    let _ = w.write_all(b"421 4.3.2 busy.test too busy, closing\r\n");
+                    break;
+                }
+                let _ = w.write_all(b"250 busy.test\r\n");
+                line.clear();
+            }
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_primary_mx_that_puts_mail_off_passes_it_to_the_next_mx_at_once() {
+    use dns_server::{Rec, TestDns};
+    // mx1 (preference 10) takes every session but answers 451 to every message; mx2
+    // (preference 20) takes mail. busy1 (10) says 421 to MAIL; busy2 (20) takes mail.
+    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = mx2.port;
+    let mx1 = Peer::start_on("127.0.0.2", port, &["--tempfail-first", "1000"]);
+    let (_, busy_connections) = busy_next_hop("127.0.0.4", port);
+    let busy2 = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("tempfail.test.", Rec::Mx(10, "mx1.test.")),
+            ("tempfail.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("busy.test.", Rec::Mx(10, "busy1.test.")),
+            ("busy.test.", Rec::Mx(20, "busy2.test.")),
+            ("busy1.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            ("busy2.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    // Retries a minute apart: only a move to the next MX within the attempt delivers in time.
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    // Several in a row, so that several connections to mx1 are open at once: none of them
+    // may take back a message another one passed over.
+    send_in_one_session(&server, "r@tempfail.test", "tf", 6);
+    mx2.wait_for("delivery to the second MX", Duration::from_secs(20), |s| {
+        s.len() == 6
+    });
+    assert!(mx1.stored().is_empty());
+    send(
+        &server,
+        "s@origin.test",
+        &["r@busy.test"],
+        "<busy@t>",
+        "x\r\n",
+    );
+    busy2.wait_for("delivery past the busy MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    assert!(busy_connections.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 7\n"));
+    assert!(m.contains("postern_recipients_delivered_total 7\n"), "{m}");
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    drop(dns);
+}
+
+#[test]
+fn a_primary_mx_that_comes_back_gets_mail_again_though_a_backup_connection_is_open() {
+    use dns_server::{Rec, TestDns};
+    // mx1 is down at first: mail goes to mx2, over a connection postern keeps (the idle
+    // timeout is 10 s). Once mx1 is back, mail must go to it again within the pause (the first
+    // retry delay, 200 ms here), not keep flowing over the open connection to mx2.
+    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = mx2.port;
+    let mx1_down = reserve("127.0.0.2", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("back.test.", Rec::Mx(10, "mx1.test.")),
+            ("back.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &[]);
+    let (mut c, _) = hello(&server);
+    let send_one = |c: &mut common::Client, n: usize| {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<r@back.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <back{n}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    };
+    send_one(&mut c, 0);
+    mx2.wait_for("delivery to the backup", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    drop(mx1_down);
+    let mx1 = Peer::start_on("127.0.0.2", port, &[]);
+    // Keep mail flowing (so the connection to mx2 never idles out) until mx1 gets some, each
+    // message delivered before the next; bounded in count and time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut sent = 1;
+    while mx1.stored().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline && sent < 2000,
+            "mx1 got nothing; mx2 has {}",
+            mx2.stored().len()
+        );
+        send_one(&mut c, sent);
+        sent += 1;
+        mx2.wait_for("each message", Duration::from_secs(20), |s| {
+            s.len() + mx1.stored().len() == sent
+        });
+    }
+    drop(dns);
+}
+
+/// A next hop on `host:port` that greets every connection with `421` and closes (bounded);
+/// returns a count of its connections.
+#[test]
+fn a_next_hop_whose_every_address_breaks_off_is_paused_not_tried_again_for_each_message() {
+    use dns_server::{Rec, TestDns};
+    use std::sync::atomic::Ordering;
+    // Both MX hosts answer 421 to MAIL. The first greets only once all four messages are
+    // queued behind the one connection the destination may have.
+    let (gate_tx, gate) = std::sync::mpsc::channel();
+    let (port, first) = busy_next_hop_gated("127.0.0.40", 0, Some(gate));
+    let (_, second) = busy_next_hop("127.0.0.41", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("down.test.", Rec::Mx(10, "a.down.test.")),
+            ("down.test.", Rec::Mx(20, "b.down.test.")),
+            ("a.down.test.", Rec::A("127.0.0.40".parse().unwrap())),
+            ("b.down.test.", Rec::A("127.0.0.41".parse().unwrap())),
+        ],
+    );
+    let server = mx_server_one_attempt(&dns, port, &["--max-connections-per-destination", "1"]);
+    send_in_one_session(&server, "r@down.test", "down", 4);
+    gate_tx.send(()).unwrap();
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 4\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 4\n"), "{m}");
+    // One connection to each address; before, each message tried both (eight connections).
+    assert_eq!(
+        first.load(Ordering::SeqCst),
+        1,
+        "connections to the first MX"
+    );
+    assert_eq!(
+        second.load(Ordering::SeqCst),
+        1,
+        "connections to the second MX"
+    );
+    // The messages never sent say so, rather than quoting another message's answer as
+    // their own.
+    let replies: Vec<String> = queue_listing(&server.spool)
+        .iter()
+        .map(|m| m["recipients"][0]["reply"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(replies.len(), 4, "{replies:?}");
+    let not_tried = replies
+        .iter()
+        .filter(|r| r.starts_with("not tried, delivery to the next hop suspended after: "))
+        .count();
+    assert_eq!(not_tried, 3, "{replies:?}");
+    drop(dns);
+}
+
+fn refusing_greeter(host: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind((host, port)).unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(50) {
+            let Ok(mut s) = conn else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(b"421 4.3.2 not now\r\n");
+        }
+    });
+    count
+}
+
+#[test]
+fn the_end_of_a_pause_costs_one_connection_not_one_per_waiting_message() {
+    // A next hop that refuses every session, and several messages waiting for it: each time
+    // the pause ends they all come due together, and one connection finds it still down.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let refusals = refusing_greeter("127.0.0.1", port);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+        "--metrics",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+    ]);
+    for i in 0..6 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<p{i}@t>"),
+            "x\r\n",
+        );
+    }
+    let deferrals = |m: &str| -> usize {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let m = server.metrics_until(|m| deferrals(m) >= 30);
+    let connections = refusals.load(std::sync::atomic::Ordering::SeqCst);
+    // Each connection after the first pause defers the six messages together.
+    assert!(
+        connections * 3 <= deferrals(&m),
+        "{connections} connections for {} deferrals",
+        deferrals(&m)
+    );
+}
+
+#[test]
+fn one_attempt_tries_at_most_five_addresses() {
+    use dns_server::{Rec, TestDns};
+    let peer = Peer::start_on("127.0.0.30", 0, &[]);
+    let port = peer.port;
+    let counts: Vec<_> = (0..8)
+        .map(|i| refusing_greeter(&format!("127.0.0.{}", 31 + i), port))
+        .collect();
+    let mut records = vec![("many.test.", Rec::Mx(10, "hosts.many.test."))];
+    for i in 0..8u8 {
+        records.push(("hosts.many.test.", Rec::A([127, 0, 0, 31 + i].into())));
+    }
+    let dns = TestDns::start("test", &records);
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@many.test"],
+        "<many@t>",
+        "x\r\n",
+    );
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    let total: usize = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        .sum();
+    assert_eq!(total, 5, "connections in one attempt");
+    drop(dns);
+}
+
+#[test]
+fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
+    use dns_server::{Rec, TestDns};
+    // A backup MX on another loopback address; this server on 127.0.0.1 at the same port,
+    // which is the MX port.
+    let primary = Peer::start_on("127.0.0.3", 0, &[]);
+    let port = primary.port;
+    let worse = Peer::start_on("127.0.0.4", port, &[]);
+    let origin = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            // This server is the best MX (by address), a worse one follows: nowhere to go.
+            ("loop.test.", Rec::Mx(10, "here.test.")),
+            ("loop.test.", Rec::Mx(20, "worse.test.")),
+            ("here.test.", Rec::A("127.0.0.1".parse().unwrap())),
+            ("worse.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            // This server (mx.test, its --hostname) is a backup MX: the primary gets the mail.
+            ("backup.test.", Rec::Mx(5, "primary.test.")),
+            ("backup.test.", Rec::Mx(10, "mx.test.")),
+            ("primary.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("mx.test.", Rec::A("127.0.0.6".parse().unwrap())),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let server = mx_server(&dns, port, &["--listen", &listen]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@loop.test"],
+        "<loop@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the loop bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(text.contains("loops back to this server"), "{text}");
+    send(
+        &server,
+        "s@origin.test",
+        &["r@backup.test"],
+        "<backup@t>",
+        "x\r\n",
+    );
+    primary.wait_for("delivery to the better MX", Duration::from_secs(20), |s| {
+        s.len() == 1
+    });
+    // Neither message went to the worse MX, nor came back here a second time.
+    assert!(worse.stored().is_empty());
+    assert_eq!(origin.stored().len(), 1);
+    drop(dns);
+}
+
+#[test]
+fn mail_whose_best_mx_is_this_server_by_a_name_without_address_bounces() {
+    use dns_server::{Rec, TestDns};
+    let worse = Peer::start_on("127.0.0.4", 0, &[]);
+    let port = worse.port;
+    let origin = Peer::start_on("127.0.0.5", port, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            // This server's name (mx.test, its --hostname) is the best MX and has no address
+            // in the DNS (an internal name, say): still this server.
+            ("noaddr.test.", Rec::Mx(10, "mx.test.")),
+            ("noaddr.test.", Rec::Mx(20, "worse.test.")),
+            ("worse.test.", Rec::A("127.0.0.4".parse().unwrap())),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@noaddr.test"],
+        "<noaddr@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the loop bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(text.contains("loops back to this server"), "{text}");
+    assert!(worse.stored().is_empty(), "sent on to a worse MX");
+    drop(dns);
+}
+
+#[test]
+fn a_backup_mx_whose_primary_has_no_address_keeps_the_mail_and_says_why() {
+    use dns_server::{Rec, TestDns};
+    let origin = Peer::start_on("127.0.0.5", 0, &[]);
+    let port = origin.port;
+    let dns = TestDns::start(
+        "test",
+        &[
+            // This server (mx.test, its --hostname) is a backup MX; the primary's name does
+            // not exist (for now, say: its zone is being mended).
+            ("backup.test.", Rec::Mx(5, "gone.test.")),
+            ("backup.test.", Rec::Mx(10, "mx.test.")),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &["--delay-warning", "0s"]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@backup.test"],
+        "<backup@t>",
+        "x\r\n",
+    );
+    // Not a bounce: a delay warning, with the backup's own status (RFC 3463 4.4.4).
+    let (warning, text) = origin.first("the delay warning");
+    assert_eq!(warning.mail_from, "<>");
+    assert!(text.contains("Action: delayed"), "{text}");
+    assert!(text.contains("Status: 4.4.4"), "{text}");
+    assert!(
+        text.contains("no more preferred host has an address"),
+        "{text}"
+    );
+    drop(dns);
+}
+
+#[test]
+fn one_broken_session_with_a_single_address_relay_host_does_not_hold_up_other_mail() {
+    // The first session says 421 to MAIL; the next ones take mail.
+    let (port, stored, _) = scripted_next_hop(
+        |n, line| {
+            (n == 0 && line.starts_with("MAIL"))
+                .then_some(Act::SayAndClose("421 4.3.2 restarting\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let relay = format!("127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--relay-host",
+        &relay,
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<one@t>",
+        "x\r\n",
+    );
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let (connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <two@t>"), "{data}");
+    assert_eq!(connection, 1);
+}
+
+#[test]
+fn a_next_hop_that_greets_then_drops_the_connection_is_named_as_the_relay() {
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| line.starts_with("EHLO").then_some(Act::SayAndClose("")),
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let origin = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &route, "--route", &back, "--delay-warning", "0s"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<dropped@t>",
+        "hello\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("closed by the server"),
+        "{deferred}"
+    );
+    // The warning names it too, with a bad connection rather than no answer (RFC 3463 3.5).
+    let (_, text) = origin.first("the delay warning");
+    assert!(text.contains("Action: delayed"), "{text}");
+    assert!(text.contains("Remote-MTA: dns; [127.0.0.1]"), "{text}");
+    assert!(text.contains("Status: 4.4.2"), "{text}");
+    assert!(stored.try_recv().is_err());
+}
+
+#[test]
+fn a_later_address_where_nobody_answers_does_not_hide_the_host_that_did() {
+    use dns_server::{Rec, TestDns};
+    // mx1 (preference 10) greets, then closes at EHLO; mx2 (20) refuses connections.
+    let l = TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(2) {
+            let Ok(mut s) = conn else { return };
+            let _ = s.write_all(b"220 mx1.test ESMTP\r\n");
+            let _ = s.read(&mut [0u8; 512]);
+        }
+    });
+    let _mx2_down = reserve("127.0.0.3", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("two.test.", Rec::Mx(10, "mx1.test.")),
+            ("two.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+        ],
+    );
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@two.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        deferred.contains("relay=\"mx1.test\"") && deferred.contains("closed by the server"),
+        "{deferred}"
+    );
+    drop(dns);
+}
+
+#[test]
+fn one_refused_connection_to_a_single_address_does_not_hold_the_next_message() {
+    // The retry delay is the default 5 minutes, so a pause would last a minute.
+    let down = reserve("127.0.0.1", 0);
+    let route = format!("dest.test=127.0.0.1:{}", down.1);
+    let server = Server::start(&["--route", &route]);
+    for n in 0..2 {
+        let id = send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<refused{n}@t>"),
+            "x\r\n",
+        );
+        // Each tried at once: the first failure is a glitch, not yet an outage.
+        let line =
+            server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+        assert!(line.contains("refused"), "{line}");
+    }
+}
+
+#[test]
+fn an_address_that_did_not_greet_is_tried_last_by_the_next_connections() {
+    use dns_server::{Rec, TestDns};
+    // mail.test has two addresses, shuffled at each lookup: one takes connections and never
+    // greets, the other is a next hop that closes each connection after its message. Once
+    // the silent one has cost a greeting timeout, the next connections go to the other first.
+    let good = TcpListener::bind("127.0.0.70:0").unwrap();
+    let port = good.local_addr().unwrap().port();
+    let silent = TcpListener::bind(("127.0.0.71", port)).unwrap();
+    let (stored_tx, stored) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in good.incoming().take(8) {
+            let Ok(s) = conn else { return };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 good.test ESMTP\r\n");
+            let (mut line, mut in_data) = (String::new(), false);
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                if in_data && line == ".\r\n" {
+                    let _ = w.write_all(b"250 2.0.0 stored\r\n");
+                    let _ = stored_tx.send(());
+                    break;
+                } else if line.starts_with("DATA") {
+                    in_data = true;
+                    let _ = w.write_all(b"354 go\r\n");
+                } else if !in_data {
+                    let _ = w.write_all(b"250 ok\r\n");
+                }
+                line.clear();
+            }
+        }
+    });
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().take(8) {
+            let Ok(s) = conn else { return };
+            held.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("mail.test.", Rec::A("127.0.0.70".parse().unwrap())),
+            ("mail.test.", Rec::A("127.0.0.71".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let relay_host = format!("mail.test:{port}");
+    let server = Server::start(&[
+        "--dns-server",
+        &dns_addr,
+        "--relay-host",
+        &relay_host,
+        "--cores",
+        "1",
+        "--smtp-greeting-timeout",
+        "1s",
+        "--retry-initial",
+        "60s",
+    ]);
+    for k in 0..8 {
+        send(
+            &server,
+            "s@origin.test",
+            &["r@anywhere.test"],
+            &format!("<silent{k}@t>"),
+            "x\r\n",
+        );
+        stored
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("message {k}: {e}"));
+    }
+    // The first connection may have met the silent address first (the shuffle's choice);
+    // none after it.
+    let met = accepted.try_iter().count();
+    assert!(met <= 1, "the silent address took {met} connections");
+    drop(dns);
+}

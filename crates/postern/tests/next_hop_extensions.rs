@@ -1,0 +1,330 @@
+//! Mail a next hop's extensions cannot take as it is: 8-bit content to a next hop without
+//! 8BITMIME, UTF-8 addresses and header fields without SMTPUTF8, BINARYMIME bodies without
+//! BINARYMIME; what goes on unchanged, in another form, or back to the sender.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::time::Duration;
+
+use common::Server;
+use relaying::*;
+
+#[test]
+fn eight_bit_content_never_goes_to_a_next_hop_without_8bitmime() {
+    // RFC 6152 3: the 8-bit message fails with 5.6.3 and is bounced (the report itself is
+    // ASCII, as its text and headers are); a message declared 8BITMIME that is plain ASCII
+    // is delivered.
+    let peer = Peer::start(&["--no-8bitmime"]);
+    let server = routed_to(&peer, &[]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@origin.test> BODY=8BITMIME",
+            "RCPT TO:<bob@dest.test>",
+        ],
+        "<ascii@t>",
+    );
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> BODY=8BITMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<carol@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: t\r\nMessage-ID: <eight@t>\r\n\r\nGr\u{fc}\u{df}e\r\n.\r\n".as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let stored = peer.wait_for(
+        "the ASCII message and the bounce",
+        Duration::from_secs(20),
+        |s| s.len() == 2,
+    );
+    assert!(
+        stored.iter().all(|m| m.message_id != "<eight@t>"),
+        "{stored:?}"
+    );
+    let ascii = stored.iter().find(|m| m.message_id == "<ascii@t>").unwrap();
+    assert_eq!(ascii.rcpt_tos, ["bob@dest.test"]);
+    let bounce = stored.iter().find(|m| m.message_id != "<ascii@t>").unwrap();
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(
+        text.contains("Final-Recipient: rfc822; carol@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.6.3"), "{text}");
+    assert!(bounce.data.iter().all(|&b| b < 0x80), "{text}");
+}
+
+/// The text of the one report (from the null sender) among `stored`.
+fn bounce_text(stored: &[Stored]) -> String {
+    let bounce = stored
+        .iter()
+        .find(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+        .expect("the bounce");
+    String::from_utf8_lossy(&bounce.data).into_owned()
+}
+
+#[test]
+fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
+    // A next hop with 8BITMIME and without SMTPUTF8.
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let server = routed_to(&peer, &[]);
+    let send_raw = |helo: &str, mail: &str, message: &str| {
+        let mut c = server.connect();
+        c.line();
+        c.send(format!("EHLO {helo}\r\n").as_bytes());
+        c.reply();
+        assert!(c.cmd(mail).starts_with("250"), "{mail}");
+        assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("{message}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+        c.cmd("QUIT");
+    };
+    // 8-bit content sent without BODY=8BITMIME: it goes on with BODY=8BITMIME (RFC 6152 3).
+    send_raw(
+        "c.test",
+        "MAIL FROM:<alice@origin.test>",
+        "Message-ID: <undeclared@t>\r\n\r\nGr\u{fc}\u{df}e\r\n",
+    );
+    // SMTPUTF8, ASCII addresses, a UTF-8 header field: an internationalized message, which
+    // cannot go to this next hop (RFC 6531 3.2): bounced with 5.6.7.
+    send_raw(
+        "c.test",
+        "MAIL FROM:<alice@origin.test> SMTPUTF8",
+        "Message-ID: <intl@t>\r\nSubject: Gr\u{fc}\u{df}e\r\n\r\nx\r\n",
+    );
+    // SMTPUTF8 and a UTF-8 EHLO name, but an ASCII message: delivered without SMTPUTF8,
+    // and the Received field names the client by A-labels.
+    send_raw(
+        "b\u{fc}cher.test",
+        "MAIL FROM:<alice@origin.test> SMTPUTF8",
+        "Message-ID: <plain@t>\r\n\r\nx\r\n",
+    );
+    let stored = peer.wait_for("two messages and a bounce", Duration::from_secs(20), |s| {
+        s.len() == 3
+    });
+    let by_id = |id: &str| stored.iter().find(|m| m.message_id == id);
+    let undeclared = by_id("<undeclared@t>").expect("the undeclared 8-bit message");
+    assert!(
+        undeclared.mail_options.iter().any(|o| o == "BODY=8BITMIME"),
+        "{:?}",
+        undeclared.mail_options
+    );
+    assert!(by_id("<intl@t>").is_none(), "{stored:?}");
+    let plain = by_id("<plain@t>").expect("the ASCII message");
+    assert!(
+        plain.data.is_ascii(),
+        "{}",
+        String::from_utf8_lossy(&plain.data)
+    );
+    assert!(String::from_utf8_lossy(&plain.data).contains("from xn--bcher-kva.test ("));
+    let text = bounce_text(&stored);
+    assert!(text.contains("Status: 5.6.7"), "{text}");
+    assert!(text.contains("<intl@t>"), "{text}");
+}
+
+#[test]
+fn a_mailbox_given_with_u_labels_and_a_labels_goes_in_its_ascii_form() {
+    // One mailbox, given first with U-labels and then with A-labels: one recipient, kept in
+    // the form a next hop without SMTPUTF8 can take (RFC 6531 3.2), whichever came first.
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let route = format!("xn--bcher-kva.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u@b\u{fc}cher.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u@xn--bcher-kva.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Message-ID: <labels@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, _) = peer.first("the message");
+    assert_eq!(got.message_id, "<labels@t>");
+    assert_eq!(got.rcpt_tos, ["u@xn--bcher-kva.test"]);
+}
+
+#[test]
+fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
+    // A next hop without SMTPUTF8; an ASCII sender and header section, one ASCII and one
+    // UTF-8 recipient there: the ASCII one gets the message (without SMTPUTF8), the UTF-8
+    // one is bounced with 5.6.7 (RFC 6531 3.2).
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let server = routed_to(&peer, &[]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<j\u{f6}rg@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Message-ID: <split@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let stored = peer.wait_for("the message and a bounce", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let got = stored
+        .iter()
+        .find(|m| m.message_id == "<split@t>")
+        .expect("the message for the ASCII recipient");
+    assert_eq!(got.rcpt_tos, ["bob@dest.test"]);
+    assert!(
+        !got.mail_options.iter().any(|o| o == "SMTPUTF8"),
+        "{:?}",
+        got.mail_options
+    );
+    let text = bounce_text(&stored);
+    assert!(text.contains("Status: 5.6.7"), "{text}");
+    assert!(text.contains("rg@dest.test"), "{text}");
+    assert!(!text.contains("bob@dest.test"), "{text}");
+}
+
+#[test]
+fn a_binarymime_message_bounced_with_ret_full_returns_only_its_headers() {
+    // The aiosmtpd next hop offers no BINARYMIME, so the message fails there (5.6.3).
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME RET=FULL")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let mut body = b"Subject: binary\r\nMessage-ID: <bin@t>\r\n\r\n".to_vec();
+    body.extend((0u8..=255).cycle().take(3000));
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(&body);
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (bounce, text) = peer.first("the bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.6.3"), "{text}");
+    assert!(text.contains("text/rfc822-headers"), "{text}");
+    assert!(text.contains("Message-ID: <bin@t>"), "{text}");
+    assert!(
+        !bounce.data.contains(&0u8),
+        "binary content came back in the report"
+    );
+}
+
+#[test]
+fn a_binarymime_message_that_is_text_goes_to_a_next_hop_without_binarymime_unchanged() {
+    // The aiosmtpd next hop offers 8BITMIME, not CHUNKING or BINARYMIME: the body, declared
+    // BINARYMIME but made of CRLF lines (8-bit, one line starting with a dot), goes by DATA
+    // as 8BITMIME and arrives byte for byte.
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let body = "Subject: caf\u{e9}\r\nMessage-ID: <bintext@t>\r\n\r\n.leading dot\r\n\
+                cr\u{e8}me\r\n.\r\nlast\r\n"
+        .as_bytes();
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body);
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, _) = peer.first("the message");
+    assert!(
+        got.data.ends_with(body),
+        "{:?}",
+        String::from_utf8_lossy(&got.data)
+    );
+    assert!(got.data.starts_with(b"Received: "));
+    assert!(
+        got.mail_options.iter().any(|o| o == "BODY=8BITMIME")
+            && !got.mail_options.iter().any(|o| o.contains("BINARYMIME")),
+        "{:?}",
+        got.mail_options
+    );
+}
+
+#[test]
+fn a_bounce_of_8bit_header_fields_reaches_a_sender_whose_next_hop_lacks_8bitmime() {
+    let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--no-8bitmime"]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=8BITMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Subject: caf\u{e9} cr\u{e8}me\r\nMessage-ID: <8bit@t>\r\n\r\nbody\r\n.\r\n".as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (bounce, text) = origin.first("the bounce, through a next hop without 8BITMIME");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(
+        bounce.data.iter().all(|&b| b < 0x80),
+        "the report is not 7-bit: {text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("message/global-headers"), "{text}");
+    // The header section comes back encoded, and whole.
+    assert!(
+        text.contains("Content-Transfer-Encoding: quoted-printable"),
+        "{text}"
+    );
+    assert!(text.contains("Subject: caf=C3=A9 cr=C3=A8me"), "{text}");
+}
+
+#[test]
+fn a_full_8bit_return_comes_back_as_headers_to_a_sender_whose_next_hop_lacks_8bitmime() {
+    let dest = Peer::start(&["--reject-rcpt", "nobody"]);
+    let plain = Peer::start(&["--no-8bitmime"]);
+    let eight = Peer::start(&[]);
+    let to_dest = format!("dest.test=127.0.0.1:{}", dest.port);
+    let to_plain = format!("plain.test=127.0.0.1:{}", plain.port);
+    let to_eight = format!("eight.test=127.0.0.1:{}", eight.port);
+    let server = Server::start(&[
+        "--route", &to_dest, "--route", &to_plain, "--route", &to_eight,
+    ]);
+    for sender in ["a@plain.test", "a@eight.test"] {
+        let (mut c, _) = hello(&server);
+        let mail = format!("MAIL FROM:<{sender}> BODY=8BITMIME RET=FULL");
+        assert!(c.cmd(&mail).starts_with("250"));
+        assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(
+            "Subject: full\r\nMessage-ID: <full8@t>\r\n\r\nbody with caf\u{e9}\r\n.\r\n".as_bytes(),
+        );
+        assert!(c.line().starts_with("250 2.0.0"));
+        c.cmd("QUIT");
+    }
+    // Through a next hop with 8BITMIME the whole message comes back, 8-bit.
+    let (_, whole) = eight.first("the bounce with the whole message");
+    assert!(whole.contains("Content-Type: message/rfc822"), "{whole}");
+    assert!(whole.contains("body with caf\u{e9}"), "{whole}");
+    assert!(
+        whole.contains("a copy of the message are attached"),
+        "{whole}"
+    );
+    // Through one without, the report still comes, 7-bit, with the header section.
+    let (bounce, text) = plain.first("the bounce, through a next hop without 8BITMIME");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(bounce.data.iter().all(|&b| b < 0x80), "not 7-bit: {text}");
+    assert!(text.contains("Content-Type: text/rfc822-headers"), "{text}");
+    assert!(text.contains("Message-ID: <full8@t>"), "{text}");
+    assert!(!text.contains("body with"), "{text}");
+    assert!(
+        text.contains("the headers of the message are attached"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+}

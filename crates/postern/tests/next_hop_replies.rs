@@ -1,0 +1,719 @@
+//! Next hops whose replies do not match what was sent (one too many, one too few, never
+//! ended), and transactions pipelined to a next hop: each message's outcome is what its own
+//! replies said, and one not known is never taken for delivered.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use relaying::*;
+
+/// A next hop (PIPELINING, CHUNKING) that answers the first message's BDAT with a reply too
+/// many, once `go` says so, and refuses every later message with 554. Returns its port and
+/// how many BDAT commands it has seen.
+fn next_hop_with_a_reply_too_many(
+    go: std::sync::mpsc::Receiver<()>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let bdats = seen.clone();
+    let (port, _) = batch_next_hop("", move |n| {
+        bdats.fetch_add(1, Ordering::SeqCst);
+        if n == 0 {
+            // Both messages are queued by now: the second waits for this connection.
+            go.recv().unwrap();
+            Some(b"250 2.0.0 queued\r\n250 2.0.0 a reply nobody asked for\r\n")
+        } else {
+            Some(b"554 5.7.1 message refused\r\n")
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies() {
+    // Left unread, the extra reply would answer the next transaction's RSET, RSET's its MAIL,
+    // and so on: the refusal of the second message would be taken for RCPT's, and the reply
+    // to RCPT for the message's. The second message must be bounced, not counted delivered.
+    let (go, wait) = std::sync::mpsc::channel();
+    let (port, bdats) = next_hop_with_a_reply_too_many(wait);
+    two_messages_the_second_bounced(port, || go.send(()).unwrap());
+    assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Sends two messages through one connection to the next hop on `port` (retries 300 ms
+/// apart), calls `then`, and checks that the second one, which the next hop refuses with
+/// `554 5.7.1 message refused`, is bounced to its sender.
+fn two_messages_the_second_bounced(port: u16, then: impl FnOnce()) {
+    let origin = Peer::start(&[]);
+    let to_dest = format!("dest.test=127.0.0.1:{port}");
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&[
+        "--route",
+        &to_dest,
+        "--route",
+        &to_origin,
+        "--max-connections-per-destination",
+        "1",
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+        "--cores",
+        "1",
+    ]);
+    for id in ["<first@t>", "<second@t>"] {
+        send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    }
+    then();
+    let (bounce, text) = origin.first("the second message's bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(text.contains("<second@t>"), "{text}");
+}
+
+/// A next hop (PIPELINING, CHUNKING) that answers each group of commands in one write, as
+/// pipelining servers do, takes the first message, and slips a reply too many in front of the
+/// next group's replies, whose BDAT it refuses (as every later one). Returns its port.
+fn next_hop_with_a_late_reply_too_many() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut messages = 0;
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut out = b"220 hop.test ESMTP\r\n".to_vec();
+            'session: loop {
+                if !out.is_empty() && stream.write_all(&std::mem::take(&mut out)).is_err() {
+                    break;
+                }
+                // The replies to a group go out together, after its last command.
+                let mut flush = false;
+                while !flush {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'session;
+                    }
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_uppercase();
+                    match verb.as_str() {
+                        "EHLO" => {
+                            out.extend_from_slice(
+                                b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                            );
+                            flush = true;
+                        }
+                        "RSET" if messages == 1 => {
+                            out.extend_from_slice(b"250 2.0.0 a reply nobody asked for\r\n");
+                            out.extend_from_slice(b"250 2.0.0 ok\r\n");
+                        }
+                        "BDAT" => {
+                            let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                            let mut body = vec![0u8; n];
+                            reader.read_exact(&mut body).unwrap();
+                            messages += 1;
+                            out.extend_from_slice(if messages == 1 {
+                                b"250 2.0.0 queued\r\n".as_slice()
+                            } else {
+                                b"554 5.7.1 message refused\r\n".as_slice()
+                            });
+                            flush = true;
+                        }
+                        "QUIT" => {
+                            let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                            break 'session;
+                        }
+                        _ => out.extend_from_slice(b"250 2.0.0 ok\r\n"),
+                    }
+                }
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_delivered() {
+    // The reply too many comes only once the next group is written: RSET takes it, MAIL takes
+    // RSET's reply, RCPT MAIL's and BDAT RCPT's, and the refusal is left over. Seen after the
+    // last reply, it makes the outcome unknown: the message is tried again, and bounced.
+    two_messages_the_second_bounced(next_hop_with_a_late_reply_too_many(), || ());
+}
+
+/// The Message-IDs a next hop took.
+type Taken = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A next hop offering PIPELINING, CHUNKING and `extensions` (EHLO lines, each ending in CR
+/// LF), answering each command as it comes. Each body (`BDAT n LAST`) gets what `answer`
+/// says for it, given how many bodies came before; `None` is no answer at all. A message
+/// answered 250 is taken: its Message-ID is recorded.
+fn batch_next_hop(
+    extensions: &'static str,
+    answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
+) -> (u16, Taken) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Taken::default();
+    let record = taken.clone();
+    std::thread::spawn(move || {
+        let mut bodies = 0;
+        let ehlo = format!("250-hop.test\r\n250-PIPELINING\r\n{extensions}250 CHUNKING\r\n");
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let verb = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => ehlo.as_bytes(),
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        reader.read_exact(&mut body).unwrap();
+                        bodies += 1;
+                        let Some(reply) = answer(bodies - 1) else {
+                            continue;
+                        };
+                        if reply.starts_with(b"250") {
+                            let text = String::from_utf8_lossy(&body).into_owned();
+                            let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                            record
+                                .lock()
+                                .unwrap()
+                                .push(id.unwrap_or_default().to_owned());
+                        }
+                        reply
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, taken)
+}
+
+/// Messages (Message-ID, body) queued while held (a server that routes nowhere holds), then
+/// released together to the next hop on `port`, pipelined into one batch; with `extra` flags.
+fn released_in_one_batch(port: u16, messages: &[(&str, &str)], extra: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    for (id, body) in messages {
+        send(&held, "a@origin.test", &["b@dest.test"], id, body);
+    }
+    assert!(held.terminate().success());
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec![
+        "--route",
+        &route,
+        "--cores",
+        "1",
+        "--max-transactions-in-flight",
+        "8",
+        "--metrics",
+        "127.0.0.1:0",
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+    ];
+    args.extend_from_slice(extra);
+    // The spool's directory lives as long as the server that owns it.
+    Server::start_in(&args, spool, Some(dir))
+}
+
+#[test]
+fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
+    // Three messages pipelined into one another; the next hop never answers the second one's
+    // data (nor takes it). Each later reply then answers the command before its own: the
+    // third's RSET reply is taken for the second message's, and the batch runs out of time
+    // on the last. None of its outcomes is known: the second message must be tried again and
+    // taken, not counted delivered.
+    let (port, taken) = batch_next_hop("", |n| (n != 1).then_some(b"250 2.0.0 queued\r\n"));
+    let _server = released_in_one_batch(
+        port,
+        &[
+            ("<b1@t>", "x\r\n"),
+            ("<b2@t>", "x\r\n"),
+            ("<b3@t>", "x\r\n"),
+        ],
+        &[
+            "--smtp-mail-timeout",
+            "1s",
+            "--smtp-rcpt-timeout",
+            "1s",
+            "--smtp-data-done-timeout",
+            "1s",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
+        assert!(
+            Instant::now() < deadline,
+            "the second message was never taken: {:?}",
+            taken.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_batch_ending_in_a_message_over_the_next_hop_s_size_keeps_its_outcomes() {
+    // Two messages released together in one batch; the second is over the next hop's SIZE and
+    // refused before it is sent, leaving the RSET written for it awaited. Its reply, after the
+    // first message's, is not a reply too many: the first message is delivered once.
+    let (port, taken) = batch_next_hop("250-SIZE 2000\r\n", |_| Some(b"250 2.0.0 queued\r\n"));
+    let big = ("y".repeat(76) + "\r\n").repeat(64);
+    let mut server = released_in_one_batch(port, &[("<small@t>", "x\r\n"), ("<big@t>", &big)], &[]);
+    // The big one fails for good (no one takes its bounce: its sender's domain goes nowhere).
+    server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    let log = server.terminate_for_log();
+    assert!(!log.contains("out of step"), "{log}");
+    assert_eq!(*taken.lock().unwrap(), ["<small@t>"]);
+}
+
+#[test]
+fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core() {
+    // The reply to MAIL is continuation lines without end, as fast as the socket takes them:
+    // every read is ready at once, and only the deadline itself can end the wait.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hop = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        stream.write_all(b"220 hop.test ESMTP\r\n").unwrap();
+        reader.read_line(&mut line).unwrap();
+        stream.write_all(b"250 hop.test\r\n").unwrap();
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("MAIL"), "{line}");
+        let flood = b"250-x\r\n".repeat(64 * 1024);
+        let start = Instant::now();
+        // Until postern gives up (the write fails), for 30 s at most.
+        while start.elapsed() < Duration::from_secs(30) {
+            if stream.write_all(&flood).is_err() {
+                break;
+            }
+        }
+        start.elapsed()
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    // MAIL's reply is waited for as long as the longest of the envelope's timeouts.
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--smtp-mail-timeout",
+        "1s",
+        "--smtp-rcpt-timeout",
+        "1s",
+        "--smtp-data-init-timeout",
+        "1s",
+        "--cores",
+        "1",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<flood@t>",
+        "x\r\n",
+    );
+    // Meanwhile the core still greets new clients.
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut c = server.connect();
+        assert!(c.line().starts_with("220 "));
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "a greeting took {:?} during the flood",
+            start.elapsed()
+        );
+        c.cmd("QUIT");
+    }
+    let flooded = hop.join().unwrap();
+    assert!(
+        flooded < Duration::from_secs(10),
+        "the reply went on for {flooded:?} with a 1 s timeout"
+    );
+}
+
+#[test]
+fn a_pipelined_batch_lost_with_its_connection_counts_as_one_break() {
+    use std::io::Read;
+    // A single-address relay host that offers PIPELINING and CHUNKING. Its first connection
+    // greets once the test says so, takes a batch of two transactions and drops without a
+    // reply; later connections are passed through to a real peer.
+    let peer = Peer::start(&[]);
+    let peer_port = peer.port;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(4).enumerate() {
+            let Ok(mut s) = conn else { return };
+            if n > 0 {
+                let mut up = TcpStream::connect(("127.0.0.1", peer_port)).unwrap();
+                let (mut s2, mut up2) = (s.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut up2, &mut s2));
+                std::thread::spawn(move || std::io::copy(&mut s, &mut up));
+                continue;
+            }
+            let _ = gate.recv_timeout(Duration::from_secs(20));
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = s.write_all(b"220 batch.test ESMTP\r\n");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            let mut greeted = false;
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..k]);
+                if !greeted && seen.ends_with(b"\r\n") {
+                    greeted = true;
+                    let _ = s.write_all(b"250-batch.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+                }
+                if seen.windows(4).filter(|w| w == b"BDAT").count() >= 2 {
+                    break;
+                }
+            }
+            // Dropped here, without a reply to either transaction.
+        }
+    });
+    let relay = format!("127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--relay-host",
+        &relay,
+        "--max-transactions-in-flight",
+        "4",
+        "--max-connections-per-destination",
+        "1",
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send_in_one_session(&server, "r@dest.test", "batch", 2);
+    open_gate.send(()).unwrap();
+    // Both outcomes are unknown: deferred. One connection broke, not two: the relay host is
+    // not paused, and the next message goes at once.
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
+    send(
+        &server,
+        "s@origin.test",
+        &["r@dest.test"],
+        "<after-batch@t>",
+        "x\r\n",
+    );
+    let got = peer.wait_for("the next message", Duration::from_secs(20), |s| {
+        !s.is_empty()
+    });
+    assert_eq!(got[0].message_id, "<after-batch@t>");
+}
+
+/// What a run through postern to a recording sink left behind.
+struct Relayed {
+    /// postern's metrics once it had delivered every message.
+    metrics: String,
+    /// The sink's counters.
+    sink: String,
+    /// The sequence numbers the sink recorded, sorted, repeats included.
+    seqs: Vec<u64>,
+}
+
+/// Sends `n` messages to postern with `postern-load send` (8 connections, pipelined, BDAT);
+/// postern, with `--max-transactions-in-flight 8`, `connections` per next hop and quick
+/// retries, relays them to a recording sink started with `sink_args`. Returns once postern has
+/// delivered all of them (or gave up waiting after 30 s).
+fn relay_pipelined(n: u64, connections: &str, sink_args: &[&str]) -> Relayed {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.txt");
+    let mut args = vec!["--record", record.to_str().unwrap()];
+    args.extend_from_slice(sink_args);
+    let (sink, out, addr) = start_sink(&args);
+    let route = format!("sink.test={addr}");
+    let mut args = vec![
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-connections-per-destination",
+        connections,
+        "--max-transactions-in-flight",
+        "8",
+    ];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    let target = server.smtp.to_string();
+    let sent = Command::new(postern_load())
+        .args(["send", "--target", &target, "--quiet", "--connections", "8"])
+        .args(["--messages", &n.to_string(), "--pipelining", "--bdat"])
+        .args(["--to", "rcpt{r}@sink.test"])
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    let delivered = format!("postern_recipients_delivered_total {n}\n");
+    // Retries wait 200 to 400 ms each; bounded at six waits of five seconds.
+    let mut metrics = String::new();
+    for _ in 0..6 {
+        metrics = server.metrics_until(|m| m.contains(&delivered));
+        if metrics.contains(&delivered) {
+            break;
+        }
+    }
+    assert!(metrics.contains(&delivered), "{metrics}");
+    let sink = stop_sink(sink, out);
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut seqs: Vec<u64> = recorded
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    Relayed {
+        metrics,
+        sink,
+        seqs,
+    }
+}
+
+/// A Prometheus sample's value, by its name and labels.
+fn counter(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// `--max-transactions-in-flight`: one connection to the next hop carries several messages
+/// pipelined into each other, and each reply still settles its own message. The sink defers
+/// one message in five (and closes the connection after several errors, with messages in
+/// flight); a reply credited to the wrong message would leave one message never recorded
+/// and another recorded twice.
+#[test]
+fn transactions_pipelined_to_the_next_hop_settle_each_message() {
+    let n = 200;
+    let r = relay_pipelined(n, "1", &["--reply-mix", "250:4,451:1"]);
+    let overlapped = counter(&r.sink, "postern_load_sink_overlapped_transactions_total");
+    assert!(overlapped > 0, "nothing was pipelined: {}", r.sink);
+    let deferred = counter(&r.sink, "postern_load_sink_replies_total{code=\"451\"}");
+    assert!(deferred > 0, "{}", r.sink);
+    // Every 451 defers its message; so does a 421 closing the connection (the sink's
+    // "too many errors") for the message it answers.
+    let deferrals = counter(&r.metrics, "postern_delivery_deferrals_total");
+    assert!(
+        deferrals >= deferred,
+        "{deferrals} deferrals, {deferred} times 451"
+    );
+    assert_eq!(r.seqs, (0..n).collect::<Vec<_>>());
+}
+
+/// A next hop that drops the connection in the middle of a pipelined batch: nothing is lost,
+/// and a message arrives twice only when the sink took it before the drop and its reply never
+/// came back (at most one batch per dropped connection).
+#[test]
+fn a_connection_dropped_mid_batch_loses_nothing() {
+    let n = 100;
+    let mut r = relay_pipelined(n, "2", &["--drop-after", "5"]);
+    let drops = counter(&r.sink, "postern_load_sink_dropped_total");
+    assert!(drops > 0, "{}", r.sink);
+    let recorded = r.seqs.len() as u64;
+    r.seqs.dedup();
+    assert_eq!(r.seqs, (0..n).collect::<Vec<_>>(), "every message arrived");
+    assert!(
+        recorded <= n + drops * 8,
+        "{recorded} recorded for {n} messages and {drops} drops"
+    );
+}
+
+#[test]
+fn a_kept_connection_refused_at_its_rset_costs_no_retry_delay() {
+    // Without PIPELINING the RSET before the second transaction is answered on its own; with
+    // it the second transaction follows the RSET in the same write, with DATA or with BDAT,
+    // one transaction at a time or pipelined into each other.
+    let cases: [(&'static str, &[&str]); 4] = [
+        ("250 scripted.test\r\n", &[]),
+        ("250-scripted.test\r\n250 PIPELINING\r\n", &[]),
+        (
+            "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            &[],
+        ),
+        (
+            "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            &["--max-transactions-in-flight", "8"],
+        ),
+    ];
+    for (ehlo, extra) in cases {
+        for close in [
+            Act::SayAndClose("421 4.4.2 idle timeout\r\n"),
+            Act::SayAndClose(""),
+        ] {
+            let Act::SayAndClose(said) = close else {
+                unreachable!()
+            };
+            let (port, stored, _) = scripted_next_hop(
+                move |_, line| {
+                    if line.starts_with("EHLO") {
+                        Some(Act::Say(ehlo))
+                    } else {
+                        line.starts_with("RSET").then_some(Act::SayAndClose(said))
+                    }
+                },
+                Act::Say("250 2.0.0 stored\r\n"),
+            );
+            let route = format!("dest.test=127.0.0.1:{port}");
+            let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
+            args.extend_from_slice(extra);
+            let server = Server::start(&args);
+            let case = format!("EHLO {ehlo:?}, {extra:?}, RSET answered {said:?}");
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                "<first@t>",
+                "x\r\n",
+            );
+            let (first, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                "<second@t>",
+                "x\r\n",
+            );
+            // Delivered at once on a new connection, though the first retry is minutes away.
+            let (second, data) = stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert!(data.contains("Message-ID: <second@t>"), "{case}: {data}");
+            assert_eq!((first, second), (0, 1), "{case}");
+            let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+            assert!(
+                m.contains("postern_delivery_deferrals_total 0\n"),
+                "{case}: {m}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_carried_job_whose_kept_connection_ends_at_rset_stays_carried() {
+    use dns_server::{Rec, TestDns};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // mx2 (preference 20) takes mail, without PIPELINING, and ends its first connection with
+    // 421 at the RSET before the second transaction. mx1 (10) greylists every recipient:
+    // both messages, pipelined to it together, are passed over to mx2, carried by the same
+    // worker. The second must then go on a new connection to mx2, not back to mx1.
+    let (port, stored, _) = scripted_next_hop_at(
+        "127.0.0.3:0",
+        |n, line| {
+            (n == 0 && line.starts_with("RSET"))
+                .then_some(Act::SayAndClose("421 4.4.2 closing\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let rcpts_at_mx1 = Arc::new(AtomicUsize::new(0));
+    let counted = rcpts_at_mx1.clone();
+    let (_, _, _) = scripted_next_hop_at(
+        &format!("127.0.0.2:{port}"),
+        move |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say(
+                    "250-mx1.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                ))
+            } else if line.starts_with("RCPT") {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Some(Act::Say("450 4.2.0 greylisted\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("554 5.5.1 no valid recipients\r\n"),
+    );
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("grey.test.", Rec::Mx(10, "mx1.test.")),
+            ("grey.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+        ],
+    );
+    // Both messages queued first (--hold), so that the next start hands them to one worker
+    // at once and they go to mx1 in one pipelined batch.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let dns_addr = dns.addr.to_string();
+    let port_s = port.to_string();
+    let base = [
+        "--dns-server",
+        dns_addr.as_str(),
+        "--mx-port",
+        port_s.as_str(),
+        "--retry-initial",
+        "60s",
+        "--cores",
+        "1",
+        "--max-connections-per-destination",
+        "1",
+        "--max-transactions-in-flight",
+        "8",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut held: Vec<&str> = base.to_vec();
+    held.push("--hold");
+    let mut first = Server::start_in(&held, spool.clone(), None);
+    send_in_one_session(&first, "r@grey.test", "grey", 2);
+    assert!(first.terminate().success());
+    let server = Server::start_in(&base, spool, None);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(stored.recv_timeout(Duration::from_secs(20)).unwrap());
+    }
+    // The first connection to mx2 took one; the second, a new connection, took the other.
+    let conns: Vec<usize> = got.iter().map(|(n, _)| *n).collect();
+    assert_eq!(conns, vec![0, 1]);
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    // Each recipient was put off by mx1 once: the second did not go back to it.
+    assert_eq!(rcpts_at_mx1.load(Ordering::SeqCst), 2);
+    drop(dns);
+}

@@ -1,0 +1,708 @@
+//! Outbound connections: kept and reused while a next hop has mail, ended when idle, woken for
+//! a flush, and shared under `--max-outbound-connections` (a next hop waiting with none gets a
+//! place that frees up; idle connections give theirs up).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use relaying::*;
+
+/// A next hop that takes one message per connection: after its 250 it says `421 4.4.2` and
+/// closes, as servers do when an idle connection times out.
+fn one_message_per_connection_next_hop() -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
+    scripted_next_hop(
+        |_, line| {
+            line.starts_with("EHLO")
+                .then_some(Act::Say("250 idle.test\r\n"))
+        },
+        Act::SayAndClose("250 2.0.0 stored\r\n421 4.4.2 idle.test idle timeout\r\n"),
+    )
+}
+
+#[test]
+fn a_connection_the_next_hop_closed_while_idle_is_not_used_again() {
+    let (port, stored, closed) = one_message_per_connection_next_hop();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<idle1@t>",
+        "x\r\n",
+    );
+    let (n, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(n, 0);
+    // postern keeps that connection for the next message; the next hop has closed it.
+    closed.recv_timeout(Duration::from_secs(20)).unwrap();
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<idle2@t>",
+        "x\r\n",
+    );
+    let (n, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(n, 1);
+    assert!(data.contains("Message-ID: <idle2@t>"), "{data}");
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 2\n"));
+    assert!(m.contains("postern_recipients_delivered_total 2\n"), "{m}");
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
+
+#[test]
+fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
+    // One connection per next hop: the only one idles out and says QUIT, whose reply comes
+    // late. A message for that next hop queued meanwhile found the connection neither idle
+    // nor replaceable (the limit counted it); it must not wait for a next message to come.
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
+    let (tell, told) = std::sync::mpsc::channel::<()>();
+    let told = std::sync::Mutex::new(Some(told));
+    let (port, stored, _) = scripted_next_hop(
+        move |n, line| {
+            (n == 0 && line.starts_with("QUIT")).then(|| {
+                let _ = quit_seen.send(());
+                let told = told.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "221 bye\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 taken\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--cores",
+        "1",
+        "--max-connections-per-destination",
+        "1",
+        "--outbound-idle-timeout",
+        "200ms",
+        "--retry-initial",
+        "1h",
+    ]);
+    let wait = Duration::from_secs(30);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "one\r\n",
+    );
+    let (_, first) = stored.recv_timeout(wait).unwrap();
+    assert!(first.contains("<first@t>"), "{first}");
+    quit_rx
+        .recv_timeout(wait)
+        .expect("the idle connection said QUIT");
+    // Queued for the next hop before its 250 is written (one core): then the QUIT's reply.
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<second@t>",
+        "two\r\n",
+    );
+    tell.send(()).unwrap();
+    let (_, second) = stored
+        .recv_timeout(wait)
+        .expect("the second message was never delivered");
+    assert!(second.contains("<second@t>"), "{second}");
+}
+
+/// When a [`gated_next_hop`] answers an end of data.
+#[derive(Clone, Copy)]
+enum Gate {
+    /// Once this many sessions wait at their end of data together (a group; the count
+    /// starts again for the next).
+    Together(usize),
+    /// Once this many connections are open at the same time.
+    Open(usize),
+}
+
+/// A next hop that serves its connections concurrently (a thread each, 32 connections at
+/// most): the first `refuse` get `421` as their greeting and a close. It offers no
+/// PIPELINING. The first `free` ends of data are answered at once; each later one waits for
+/// `gate` (10 s at most, then `451 4.3.0 gate`); after the wait the first `defer` of those
+/// are answered `451 4.3.0 later`, the rest `250`. Each message answered 250 goes to the
+/// receiver, with the number of its connection (from 0, in the order they came).
+fn gated_next_hop(
+    refuse: usize,
+    free: usize,
+    gate: Gate,
+    defer: usize,
+) -> (u16, std::sync::mpsc::Receiver<(usize, String)>) {
+    use std::sync::{Arc, Condvar, Mutex};
+    #[derive(Default)]
+    struct State {
+        open: usize,
+        waiting: usize,
+        group: u64,
+        ends: usize,
+        deferred: usize,
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(32).enumerate() {
+            let Ok(s) = conn else { return };
+            let (tx, shared) = (tx.clone(), shared.clone());
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                if n < refuse {
+                    let _ = w.write_all(b"421 4.3.2 gated.test busy\r\n");
+                    return;
+                }
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let (lock, changed) = &*shared;
+                lock.lock().unwrap().open += 1;
+                changed.notify_all();
+                let mut r = BufReader::new(s);
+                let _ = w.write_all(b"220 gated.test ESMTP\r\n");
+                let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    let reply: &[u8] = if in_data && line == ".\r\n" {
+                        in_data = false;
+                        let mut st = lock.lock().unwrap();
+                        st.ends += 1;
+                        let mut passed = st.ends <= free;
+                        if !passed {
+                            let until = Instant::now() + Duration::from_secs(10);
+                            let group = st.group;
+                            if let Gate::Together(n) = gate {
+                                st.waiting += 1;
+                                if st.waiting >= n {
+                                    st.waiting = 0;
+                                    st.group += 1;
+                                    changed.notify_all();
+                                }
+                            }
+                            loop {
+                                passed = match gate {
+                                    Gate::Together(_) => st.group != group,
+                                    Gate::Open(n) => st.open >= n,
+                                };
+                                let left = until.saturating_duration_since(Instant::now());
+                                if passed || left.is_zero() {
+                                    break;
+                                }
+                                st = changed.wait_timeout(st, left).unwrap().0;
+                            }
+                            if !passed && matches!(gate, Gate::Together(_)) {
+                                st.waiting -= 1;
+                            }
+                        }
+                        if !passed {
+                            b"451 4.3.0 gate\r\n"
+                        } else if st.deferred < defer {
+                            st.deferred += 1;
+                            b"451 4.3.0 later\r\n"
+                        } else {
+                            let _ = tx.send((n, std::mem::take(&mut data)));
+                            b"250 2.0.0 stored\r\n"
+                        }
+                    } else if in_data {
+                        data.push_str(&line);
+                        b""
+                    } else if line.starts_with("EHLO") {
+                        b"250-gated.test\r\n250 8BITMIME\r\n"
+                    } else if line.starts_with("DATA") {
+                        in_data = true;
+                        data.clear();
+                        b"354 go\r\n"
+                    } else if line.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                    line.clear();
+                }
+                lock.lock().unwrap().open -= 1;
+                changed.notify_all();
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// A [`scripted_next_hop`] doing `after_data`, whose first connection answers QUIT only
+/// when told: it returns the port, the stored messages, a receiver told when that QUIT
+/// comes, and the sender that lets its reply go.
+fn slow_to_quit(
+    after_data: Act,
+) -> (
+    u16,
+    StoredRx,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel();
+    let (release_quit, quit_gate) = std::sync::mpsc::channel::<()>();
+    let quit_gate = std::sync::Mutex::new(Some(quit_gate));
+    let (port, stored, _) = scripted_next_hop(
+        move |n, line| {
+            (n == 0 && line.starts_with("QUIT")).then(|| {
+                let _ = quit_seen.send(());
+                Act::SayWhenTold(quit_gate.lock().unwrap().take().unwrap(), "221 bye\r\n")
+            })
+        },
+        after_data,
+    );
+    (port, stored, quit_rx, release_quit)
+}
+
+/// A server on one core with one outbound connection in all (kept idle for 60 s unless
+/// `extra` says), routing a.test to 127.0.0.1:`port_a` and b.test to a next hop it starts,
+/// whose stored messages it returns; with `extra` flags.
+fn one_connection_for_two_next_hops(port_a: u16, extra: &[&str]) -> (Server, StoredRx) {
+    let (port_b, stored_b, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route_a = format!("a.test=127.0.0.1:{port_a}");
+    let route_b = format!("b.test=127.0.0.1:{port_b}");
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--route",
+        &route_a,
+        "--route",
+        &route_b,
+        "--max-outbound-connections",
+        "1",
+    ];
+    if !extra.contains(&"--outbound-idle-timeout") {
+        args.extend(["--outbound-idle-timeout", "60s"]);
+    }
+    args.extend_from_slice(extra);
+    (Server::start(&args), stored_b)
+}
+
+/// Sends `n` messages from a@origin.test to b@dest.test (Message-IDs `<{prefix}{k}@t>`),
+/// waits until each is deferred, then asks for a flush.
+fn defer_then_flush(server: &Server, prefix: &str, n: usize) {
+    let ids: Vec<String> = (0..n)
+        .map(|k| {
+            send(
+                server,
+                "a@origin.test",
+                &["b@dest.test"],
+                &format!("<{prefix}{k}@t>"),
+                "x\r\n",
+            )
+        })
+        .collect();
+    for id in &ids {
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The Message-IDs of `n` messages from `stored`, waiting up to 20 s for each.
+fn message_ids(stored: &std::sync::mpsc::Receiver<(usize, String)>, n: usize) -> Vec<String> {
+    let mut ids: Vec<String> = (0..n)
+        .map(|k| {
+            let (_, data) = stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("message {k} of {n} not delivered: {e}"));
+            data.lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_flush_wakes_every_idle_connection_to_a_next_hop_not_one() {
+    // Four messages on four connections are put off together; the connections stay, idle.
+    // A flush queues the four jobs in one go: each idle connection takes one. (Woken one
+    // at a time, one connection would carry them one after another, and the next hop here
+    // takes them only four at once.)
+    let (port, stored) = gated_next_hop(0, 0, Gate::Together(4), 4);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "1h",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    defer_then_flush(&server, "idle", 4);
+    assert_eq!(
+        message_ids(&stored, 4),
+        ["<idle0@t>", "<idle1@t>", "<idle2@t>", "<idle3@t>"]
+    );
+}
+
+#[test]
+fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connections() {
+    // Two greetings of 421 in a row pause the next hop; the mail that comes meanwhile is
+    // held for the pause's end, and then tried over one connection. Once that one is
+    // answered, the others open for the rest (here, the next hop takes the rest only while
+    // two connections are open).
+    let (port, stored) = gated_next_hop(2, 1, Gate::Open(2), 0);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "2s",
+        "--retry-max",
+        "2s",
+    ]);
+    for k in 0..2 {
+        let id = send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<down{k}@t>"),
+            "x\r\n",
+        );
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    server.log_until(|l| l.contains("delivery to it paused"));
+    for k in 2..6 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<down{k}@t>"),
+            "x\r\n",
+        );
+    }
+    assert_eq!(
+        message_ids(&stored, 6),
+        [
+            "<down0@t>",
+            "<down1@t>",
+            "<down2@t>",
+            "<down3@t>",
+            "<down4@t>",
+            "<down5@t>"
+        ]
+    );
+    // None of them waited 10 s at the gate for a second connection and was put off.
+    let log = server.terminate_for_log();
+    assert!(!log.contains("4.3.0 gate"), "{log}");
+}
+
+#[test]
+fn past_the_outbound_connection_cap_mail_for_another_next_hop_waits_for_a_connection_to_end() {
+    // One outbound connection in all: while the first next hop holds its transaction, mail
+    // for a second next hop gets no connection; once the first transaction is answered, its
+    // connection, idle, gives its place up (not after --outbound-idle-timeout).
+    let (release, gate) = std::sync::mpsc::channel();
+    let (port_a, stored_a, _) =
+        scripted_next_hop(|_, _| None, Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"));
+    let (server, stored_b) = one_connection_for_two_next_hops(port_a, &[]);
+    send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
+    // The first next hop has the message and holds its reply: the one connection is taken.
+    let (_, data) = stored_a.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <a@t>"), "{data}");
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    // Delivered in milliseconds with a connection of its own; here it waits (2 s is the
+    // bound of a look for something that should not happen).
+    assert!(
+        stored_b.recv_timeout(Duration::from_secs(2)).is_err(),
+        "the second next hop got a connection past the cap"
+    );
+    release.send(()).unwrap();
+    let (_, data) = stored_b.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+}
+
+#[test]
+fn a_next_hop_with_nothing_going_on_is_forgotten_and_its_connection_counted_while_open() {
+    let (port, stored, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--outbound-idle-timeout",
+        "3s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<hop@t>",
+        "x\r\n",
+    );
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    // Kept idle for 3 s: one connection, one next hop.
+    let one = "postern_outbound_connections 1\n";
+    let text = server.metrics_until(|m| m.contains(one) && m.contains("postern_next_hops 1\n"));
+    assert!(text.contains(one), "{text}");
+    // Then QUIT, and nothing is left of the next hop (3 s idle, then a second's tick at
+    // most: looked for over 15 s).
+    let none = "postern_next_hops 0\n";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut text = server.metrics_until(|m| m.contains(none));
+    while !text.contains(none) && Instant::now() < deadline {
+        text = server.metrics_until(|m| m.contains(none));
+    }
+    assert!(text.contains(none), "{text}");
+    assert!(text.contains("postern_outbound_connections 0\n"), "{text}");
+}
+
+#[test]
+fn mail_that_arrives_while_a_connection_gives_its_place_up_is_still_delivered() {
+    // One outbound connection in all, one per next hop. The first next hop's connection,
+    // idle while mail for the second waits in line, gives its place up and says QUIT, whose
+    // reply comes late; a message for the first next hop queued meanwhile must get a
+    // connection in its turn, not wait for more mail to come.
+    let (release_data, data_gate) = std::sync::mpsc::channel();
+    let (port_a, stored_a, quit_rx, release_quit) =
+        slow_to_quit(Act::SayWhenTold(data_gate, "250 2.0.0 stored\r\n"));
+    let (server, stored_b) = one_connection_for_two_next_hops(
+        port_a,
+        &[
+            "--max-connections-per-destination",
+            "1",
+            "--retry-initial",
+            "1h",
+        ],
+    );
+    let wait = Duration::from_secs(20);
+    send(&server, "s@origin.test", &["r@a.test"], "<a1@t>", "x\r\n");
+    // The first next hop holds its reply to the data: the one connection is taken.
+    stored_a.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    release_data.send(()).unwrap();
+    // Idle with the second next hop in line: QUIT, answered late.
+    quit_rx.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@a.test"], "<a2@t>", "x\r\n");
+    let (_, data) = stored_b.recv_timeout(wait).unwrap();
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+    release_quit.send(()).unwrap();
+    let (n, data) = stored_a.recv_timeout(wait).unwrap();
+    assert!(data.contains("Message-ID: <a2@t>"), "{data}");
+    assert_eq!(n, 1, "a new connection");
+}
+
+#[test]
+fn a_next_hop_at_the_outbound_cap_keeps_its_connections_for_its_backlog() {
+    // Two outbound connections in all. Ten messages to one next hop are put off, then a
+    // flush queues them in one go: the two connections, idle, take them, and the rest wait
+    // for those. The next hop has connections, so it is not in line for one, and its
+    // connections do not give their places up to it (a new connection, with its handshakes,
+    // after every transaction).
+    let (port, stored) = gated_next_hop(0, usize::MAX, Gate::Open(1), 10);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--max-outbound-connections",
+        "2",
+        "--outbound-idle-timeout",
+        "60s",
+        "--retry-initial",
+        "1h",
+    ]);
+    defer_then_flush(&server, "backlog", 10);
+    let connections: Vec<usize> = (0..10)
+        .map(|k| {
+            stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("message {k}: {e}"))
+                .0
+        })
+        .collect();
+    assert!(
+        connections.iter().all(|&n| n < 2),
+        "connections made: {connections:?}"
+    );
+}
+
+#[test]
+fn an_idle_connection_asked_for_its_place_gives_it_before_its_quit_is_answered() {
+    // One outbound connection in all. The first next hop's connection sits idle; mail for a
+    // second next hop comes: the idle connection ends for it, and the place is the second
+    // next hop's at once, not once the QUIT is answered (here it is not answered until the
+    // second next hop has its message; postern waits 5 s for a QUIT's reply).
+    let (port_a, stored_a, quit_rx, release_quit) = slow_to_quit(Act::Say("250 2.0.0 stored\r\n"));
+    let (server, stored_b) = one_connection_for_two_next_hops(port_a, &[]);
+    let wait = Duration::from_secs(20);
+    send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
+    stored_a.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    quit_rx.recv_timeout(wait).unwrap();
+    // Within 3 s (in milliseconds here): before postern's 5 s wait for the QUIT's reply.
+    let got = stored_b.recv_timeout(Duration::from_secs(3));
+    release_quit.send(()).unwrap();
+    let (_, data) = got.expect("the second next hop waited for the first one's QUIT");
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+}
+
+#[test]
+fn idle_connections_of_other_next_hops_give_their_places_to_a_backlog() {
+    // Three outbound connections in all: two sit idle at next hops that had one message
+    // each, while a third next hop gets a backlog on the one place left. The idle ones give
+    // their places up to it (here its next hop takes mail only while three connections are
+    // open to it).
+    let (port_1, stored_1, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let (port_2, stored_2, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let (port_big, stored_big) = gated_next_hop(0, 0, Gate::Open(3), 0);
+    let routes = [
+        format!("h1.test=127.0.0.1:{port_1}"),
+        format!("h2.test=127.0.0.1:{port_2}"),
+        format!("big.test=127.0.0.1:{port_big}"),
+    ];
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &routes[0],
+        "--route",
+        &routes[1],
+        "--route",
+        &routes[2],
+        "--max-outbound-connections",
+        "3",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    send(&server, "s@origin.test", &["r@h1.test"], "<h1@t>", "x\r\n");
+    send(&server, "s@origin.test", &["r@h2.test"], "<h2@t>", "x\r\n");
+    stored_1.recv_timeout(Duration::from_secs(20)).unwrap();
+    stored_2.recv_timeout(Duration::from_secs(20)).unwrap();
+    for k in 0..9 {
+        send(
+            &server,
+            "s@origin.test",
+            &["r@big.test"],
+            &format!("<big{k}@t>"),
+            "x\r\n",
+        );
+    }
+    assert_eq!(message_ids(&stored_big, 9).len(), 9);
+    let log = server.terminate_for_log();
+    assert!(!log.contains("4.3.0 gate"), "{log}");
+}
+
+#[test]
+fn connections_that_give_their_places_up_do_not_pile_up_waiting_for_quit() {
+    // One outbound connection in all, and five next hops that never answer QUIT: mail to
+    // each in turn makes each connection give its place up to the next. Counted out before
+    // its QUIT, each would stay open for the 5 s wait for the reply; past one such wait at a
+    // time, a connection says QUIT and closes at once. At the next hops: at most the one
+    // connection, one waiting for its QUIT's reply, and for a moment one closing.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (stored_tx, stored) = std::sync::mpsc::channel();
+    let mut routes = Vec::new();
+    for hop in 0..5 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        routes.push(format!(
+            "h{hop}.test=127.0.0.1:{}",
+            l.local_addr().unwrap().port()
+        ));
+        let (open, most, stored_tx) = (open.clone(), most.clone(), stored_tx.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(8) {
+                let Ok(s) = conn else { return };
+                let (open, most, stored_tx) = (open.clone(), most.clone(), stored_tx.clone());
+                most.fetch_max(open.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    let _ = w.write_all(b"220 slow-quit.test ESMTP\r\n");
+                    let (mut line, mut in_data) = (String::new(), false);
+                    while r.read_line(&mut line).unwrap_or(0) > 0 {
+                        let reply: &[u8] = if in_data && line == ".\r\n" {
+                            in_data = false;
+                            let _ = stored_tx.send(());
+                            b"250 2.0.0 stored\r\n"
+                        } else if in_data || line.starts_with("QUIT") {
+                            b""
+                        } else if line.starts_with("DATA") {
+                            in_data = true;
+                            b"354 go\r\n"
+                        } else {
+                            b"250 ok\r\n"
+                        };
+                        let _ = w.write_all(reply);
+                        line.clear();
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+    }
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--max-outbound-connections",
+        "1",
+        "--outbound-idle-timeout",
+        "60s",
+    ];
+    for r in &routes {
+        args.extend(["--route", r.as_str()]);
+    }
+    let server = Server::start(&args);
+    for k in 0..10 {
+        send(
+            &server,
+            "s@origin.test",
+            &[&format!("r@h{}.test", k % 5)],
+            &format!("<q{k}@t>"),
+            "x\r\n",
+        );
+    }
+    for k in 0..10 {
+        stored
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("message {k}: {e}"));
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= 3, "{most} connections open at once");
+}
+
+#[test]
+fn a_connection_saying_quit_after_its_idle_time_gives_its_place_when_it_is_wanted() {
+    // One outbound connection in all. The first next hop's connection idles out and says
+    // QUIT, whose reply comes late; mail for a second next hop that comes meanwhile gets the
+    // place then, not once the reply has come (postern waits 5 s for it).
+    let (port_a, stored_a, quit_rx, release_quit) = slow_to_quit(Act::Say("250 2.0.0 stored\r\n"));
+    let (server, stored_b) =
+        one_connection_for_two_next_hops(port_a, &["--outbound-idle-timeout", "300ms"]);
+    let wait = Duration::from_secs(20);
+    send(&server, "s@origin.test", &["r@a.test"], "<a@t>", "x\r\n");
+    stored_a.recv_timeout(wait).unwrap();
+    quit_rx.recv_timeout(wait).unwrap();
+    send(&server, "s@origin.test", &["r@b.test"], "<b@t>", "x\r\n");
+    // Within 3 s (in milliseconds here): before postern's 5 s wait for the QUIT's reply.
+    let got = stored_b.recv_timeout(Duration::from_secs(3));
+    release_quit.send(()).unwrap();
+    let (_, data) = got.expect("the second next hop waited for the first one's QUIT");
+    assert!(data.contains("Message-ID: <b@t>"), "{data}");
+}

@@ -1,0 +1,405 @@
+//! STARTTLS towards next hops: opportunistic (cleartext when it fails, on a new connection)
+//! and required (a verified certificate, or the mail waits), and how a failed handshake is
+//! reported.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::Server;
+use relaying::*;
+
+#[test]
+fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral() {
+    // A certificate marked as an authority (CA:TRUE) served as the next hop's own, and
+    // trusted: the verifier refuses it, and the log says why in words.
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&key).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, ca.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert, key) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+    let (sink, out, addr) = start_sink(&["--tls-cert", cert, "--tls-key", key]);
+    let port = addr.rsplit(':').next().unwrap();
+    let route = format!("sink.test=localhost:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--outbound-tls",
+        "required",
+        "--outbound-tls-ca",
+        cert,
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["r@sink.test"],
+        "<ca@t>",
+        "x\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        deferred.contains("invalid peer certificate: it is a CA certificate, not a server's"),
+        "{deferred}"
+    );
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 0\n"),
+        "{counters}"
+    );
+}
+
+#[test]
+fn outbound_starttls_opportunistic_and_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let (sink, out, addr) = start_sink(&tls);
+    let port = addr.rsplit(':').next().unwrap();
+    let route = format!("sink.test=localhost:{port}");
+    // Opportunistic (the default): a self-signed certificate still gets encryption.
+    {
+        let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+        send(
+            &server,
+            "a@origin.test",
+            &["r@sink.test"],
+            "<tls1@t>",
+            "x\r\n",
+        );
+        // Each core publishes its counters a few times a second: the handshake may have been
+        // counted on another core than the delivery.
+        let m = server.metrics_until(|m| {
+            m.contains("postern_recipients_delivered_total 1\n")
+                && m.contains("postern_outbound_tls_handshakes_total 1\n")
+        });
+        assert!(
+            m.contains("postern_outbound_tls_handshakes_total 1\n"),
+            "{m}"
+        );
+        assert!(m.contains("postern_tls_handshakes_total 0\n"), "{m}");
+    }
+    // Required, with the certificate's issuer trusted: verified, delivered.
+    {
+        let server = Server::start(&[
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+            "--outbound-tls",
+            "required",
+            "--outbound-tls-ca",
+            cert.to_str().unwrap(),
+        ]);
+        send(
+            &server,
+            "a@origin.test",
+            &["r@sink.test"],
+            "<tls2@t>",
+            "x\r\n",
+        );
+        let m = server.metrics_until(|m| {
+            m.contains("postern_recipients_delivered_total 1\n")
+                && m.contains("postern_outbound_tls_handshakes_total 1\n")
+        });
+        assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+        assert!(
+            m.contains("postern_outbound_tls_handshakes_total 1\n"),
+            "{m}"
+        );
+    }
+    // Required without trusting it: not delivered, deferred (never sent in cleartext).
+    {
+        let server = Server::start(&[
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+            "--outbound-tls",
+            "required",
+        ]);
+        send(
+            &server,
+            "a@origin.test",
+            &["r@sink.test"],
+            "<tls3@t>",
+            "x\r\n",
+        );
+        let m = server.metrics_until(|m| {
+            m.contains("postern_delivery_deferrals_total 1\n")
+                && m.contains("postern_outbound_tls_handshake_failures_total 1\n")
+        });
+        assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+        assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
+        assert!(
+            m.contains("postern_outbound_tls_handshakes_total 0\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains("postern_outbound_tls_handshake_failures_total 1\n"),
+            "{m}"
+        );
+    }
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 2\n"),
+        "{counters}"
+    );
+    assert!(
+        counters.contains("postern_load_sink_tls_handshakes_total 2\n")
+            || counters.contains("postern_load_sink_tls_handshakes_total 3\n"),
+        "{counters}"
+    );
+}
+
+/// A next hop that offers STARTTLS and takes mail in cleartext. STARTTLS itself: with
+/// `refuse` it answers 454 and the session goes on; otherwise it agrees and closes, which
+/// breaks the handshake.
+fn broken_tls_next_hop(refuse: bool) -> (u16, StoredRx) {
+    let (port, stored, _) = scripted_next_hop(
+        move |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say("250-tls.test\r\n250 STARTTLS\r\n"))
+            } else if line.starts_with("STARTTLS") && refuse {
+                Some(Act::Say("454 4.7.0 TLS not available now\r\n"))
+            } else if line.starts_with("STARTTLS") {
+                Some(Act::SayAndClose("220 2.0.0 go ahead\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    (port, stored)
+}
+
+/// Sends one message through postern (default opportunistic TLS) to `broken_tls_next_hop`
+/// (with `refuse`): returns whether it arrived on the first connection, after checking that
+/// it arrived whole and with no deferral counted.
+fn through_tls_next_hop(refuse: bool, message_id: &str) -> bool {
+    let (port, stored) = broken_tls_next_hop(refuse);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        message_id,
+        "hello\r\n",
+    );
+    let (connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        data.contains(&format!("Message-ID: {message_id}")),
+        "{data}"
+    );
+    // A refused STARTTLS is no handshake; one broken off is a failed one.
+    let failures = format!(
+        "postern_outbound_tls_handshake_failures_total {}\n",
+        u8::from(!refuse)
+    );
+    // Each core publishes its counters a few times a second: wait for both.
+    let m = server.metrics_until(|m| {
+        m.contains("postern_recipients_delivered_total 1\n") && m.contains(&failures)
+    });
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    assert!(m.contains(&failures), "{m}");
+    assert!(
+        m.contains("postern_outbound_tls_handshakes_total 0\n"),
+        "{m}"
+    );
+    connection == 0
+}
+
+#[test]
+fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
+    assert!(
+        !through_tls_next_hop(false, "<tlsfail@t>"),
+        "delivered on the connection whose handshake failed"
+    );
+}
+
+#[test]
+fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
+    assert!(
+        through_tls_next_hop(true, "<tls454@t>"),
+        "not delivered on the connection that got 454"
+    );
+}
+
+#[test]
+fn a_refused_starttls_defers_when_tls_is_required() {
+    let (port, stored) = broken_tls_next_hop(true);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--outbound-tls",
+        "required",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<tls454req@t>",
+        "hello\r\n",
+    );
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n != "0")
+    });
+    assert!(
+        stored.try_recv().is_err(),
+        "sent in cleartext though TLS is required"
+    );
+}
+
+#[test]
+fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
+    for offers_starttls in [true, false] {
+        let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+        let seen_tx = std::sync::Mutex::new(seen_tx);
+        let (port, stored, _) = scripted_next_hop(
+            move |_, line| {
+                let _ = seen_tx.lock().unwrap().send(line.trim_end().to_owned());
+                if line.starts_with("EHLO") && offers_starttls {
+                    Some(Act::Say("250-tls.test\r\n250 STARTTLS\r\n"))
+                } else if line.starts_with("EHLO") {
+                    Some(Act::Say("250 plain.test\r\n"))
+                } else if line.starts_with("STARTTLS") {
+                    Some(Act::Say("454 4.7.0 TLS not available now\r\n"))
+                } else {
+                    None
+                }
+            },
+            Act::Say("250 2.0.0 stored\r\n"),
+        );
+        let route = format!("dest.test=127.0.0.1:{port}");
+        let server = Server::start(&["--route", &route, "--outbound-tls", "required"]);
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            "<tlsquit@t>",
+            "hello\r\n",
+        );
+        let mut lines = Vec::new();
+        while let Ok(line) = seen.recv_timeout(Duration::from_secs(10)) {
+            let quit = line == "QUIT";
+            lines.push(line);
+            if quit {
+                break;
+            }
+        }
+        let expected: &[&str] = if offers_starttls {
+            &["EHLO", "STARTTLS", "QUIT"]
+        } else {
+            &["EHLO", "QUIT"]
+        };
+        let verbs: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(verbs, expected, "offers STARTTLS: {offers_starttls}");
+        assert!(stored.try_recv().is_err(), "sent in cleartext");
+        // The next hop answered: the deferral names it, not "none".
+        let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+        assert!(
+            deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("TLS"),
+            "{deferred}"
+        );
+    }
+}
+
+/// A next hop that offers STARTTLS, completes the handshake with `cert`, then closes the
+/// connection instead of answering the EHLO inside TLS.
+fn next_hop_dropping_after_tls(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let chain = vec![cert.cert.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else { return };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let _ = w.write_all(b"220 tls.test ESMTP\r\n");
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.starts_with("EHLO") {
+                let _ = w.write_all(b"250-tls.test\r\n250 STARTTLS\r\n");
+            } else if line.starts_with("STARTTLS") {
+                let _ = w.write_all(b"220 2.0.0 go ahead\r\n");
+                break;
+            }
+            line.clear();
+        }
+        let mut conn = rustls::ServerConnection::new(config).unwrap();
+        let mut tcp = r.into_inner();
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut tcp).is_err() {
+                return;
+            }
+        }
+        // The client's EHLO arrives inside TLS; the connection ends without a reply.
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut buf = [0u8; 512];
+        let _ = tls.read(&mut buf);
+    });
+    port
+}
+
+#[test]
+fn a_completed_outbound_handshake_counts_even_when_the_session_then_fails() {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let port = next_hop_dropping_after_tls(&ck);
+    let route = format!("dest.test=localhost:{port}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<tlsdrop@t>",
+        "hello\r\n",
+    );
+    let m = server.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 1\n")
+            && m.contains("postern_outbound_tls_handshakes_total 1\n")
+    });
+    assert!(
+        m.contains("postern_outbound_tls_handshakes_total 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("postern_outbound_tls_handshake_failures_total 0\n"),
+        "{m}"
+    );
+    // It answered (and completed a handshake): the deferral names it.
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(deferred.contains("relay=\"localhost\""), "{deferred}");
+}

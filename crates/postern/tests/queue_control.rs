@@ -1,0 +1,397 @@
+//! The queue from the operator's side: high-water marks of the queue and the spool (452 and
+//! back), mail held with `--hold`, `postern queue` listings and flushes beside a running
+//! server.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Server;
+use relaying::*;
+
+/// Asks MAIL (with RSET between) until the reply starts with `want`, for at most 15 s: the
+/// server's answer changes when its queue or spool crosses a mark, which it checks at MAIL.
+fn mail_until(c: &mut common::Client, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c.cmd("MAIL FROM:<a@origin.test>");
+        if r.starts_with(want) {
+            if want.starts_with('2') {
+                c.cmd("RSET");
+            }
+            return;
+        }
+        assert!(Instant::now() < deadline, "still {r}, waiting for {want}");
+        if r.starts_with('2') {
+            c.cmd("RSET");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
+    let (server, down) = unreachable_dest(&[
+        "--queue-high-water",
+        "3",
+        "--queue-low-water",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let port = down.1;
+    for i in 0..3 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<bp{i}@t>"),
+            "x\r\n",
+        );
+    }
+    // The next hop is down, so the three stay queued: new mail is refused for now.
+    let mut c = greeted(&server);
+    mail_until(&mut c, "452 4.3.1");
+    // Meanwhile a load balancer is told to send new clients elsewhere.
+    let refusing = server.metrics_until(|m| m.contains("postern_cores_refusing_mail 2\n"));
+    assert!(
+        refusing.contains("postern_cores_refusing_mail 2\n"),
+        "{refusing}"
+    );
+    let (status, body) = server.http_get("/readyz");
+    assert!(status.contains("503"), "{status} {body}");
+    assert!(body.contains("high-water"), "{body}");
+    // The next hop comes up, the queue drains, mail is accepted again.
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    peer.wait_for("the queued three", Duration::from_secs(20), |s| {
+        s.len() == 3
+    });
+    mail_until(&mut c, "250");
+    server.metrics_until(|m| m.contains("postern_cores_refusing_mail 0\n"));
+    let (status, body) = server.http_get("/readyz");
+    assert!(status.contains("200"), "{status} {body}");
+}
+
+#[test]
+fn held_mail_counts_against_the_queue_high_water_mark() {
+    // Nothing delivers with --hold (the harness's default without a route), so what is kept
+    // is the queue.
+    let server = Server::start(&["--cores", "1", "--queue-high-water", "3"]);
+    for i in 0..3 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<held{i}@t>"),
+            "x\r\n",
+        );
+    }
+    let mut c = greeted(&server);
+    assert_eq!(
+        c.cmd("MAIL FROM:<a@origin.test>"),
+        "452 4.3.1 Mail queue full, try again later"
+    );
+}
+
+#[test]
+fn held_mail_counts_against_the_queue_high_water_mark_across_cores() {
+    // The mark is for the whole queue, not each core's share: whichever core a connection
+    // lands on, exactly five messages are taken and every later one gets 452.
+    let server = Server::start(&["--cores", "2", "--queue-high-water", "5"]);
+    let mut replies = Vec::new();
+    for i in 0..12 {
+        let mut c = greeted(&server);
+        let reply = c.cmd("MAIL FROM:<a@origin.test>");
+        if reply.starts_with("250") {
+            assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+            assert!(c.cmd("DATA").starts_with("354"));
+            let id = common::queue_id(&c.cmd(&format!("Message-ID: <m{i}@t>\r\n\r\nx\r\n.")));
+            replies.push(format!("250 {id}"));
+        } else {
+            replies.push(reply);
+        }
+        c.cmd("QUIT");
+    }
+    let taken = replies.iter().filter(|r| r.starts_with("250")).count();
+    assert_eq!(taken, 5, "{replies:#?}");
+    assert!(
+        replies[5..]
+            .iter()
+            .all(|r| r == "452 4.3.1 Mail queue full, try again later"),
+        "{replies:#?}"
+    );
+    let line = server.log_until(|l| l.contains("new mail gets 452 4.3.1"));
+    assert!(line.contains("--queue-high-water"), "{line}");
+}
+
+#[test]
+fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
+    let (server, down) = unreachable_dest(&[
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "64k",
+        "--spool-high-water",
+        "256k",
+    ]);
+    let port = down.1;
+    let body = ("z".repeat(78) + "\r\n").repeat(500); // 40 KiB
+    let mut c = greeted(&server);
+    let mut sent = 0;
+    let refused = loop {
+        let r = c.cmd("MAIL FROM:<a@origin.test>");
+        if !r.starts_with("250") || sent >= 30 {
+            break r;
+        }
+        assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <sp{sent}@t>\r\n\r\n{body}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250"));
+        sent += 1;
+    };
+    assert!(
+        refused.starts_with("452 4.3.1"),
+        "after {sent} messages: {refused}"
+    );
+    assert!(sent >= 2, "refused too early, after {sent}");
+    // The next hop comes up; delivered messages free their segments; mail is accepted again.
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    peer.wait_for("the queued messages", Duration::from_secs(30), |s| {
+        s.len() == sent
+    });
+    mail_until(&mut c, "250");
+}
+
+/// Sends one message of `body` to dest.test; returns the reply to its end of data, or to the
+/// command that refused it.
+fn try_message(c: &mut common::Client, n: usize, body: &str) -> String {
+    let mail = c.cmd("MAIL FROM:<a@origin.test>");
+    if !mail.starts_with("250") {
+        return mail;
+    }
+    assert!(c
+        .cmd(&format!("RCPT TO:<r{n}@dest.test>"))
+        .starts_with("250"));
+    let go = c.cmd("DATA");
+    if !go.starts_with("354") {
+        c.cmd("RSET");
+        return go;
+    }
+    c.send(format!("Message-ID: <full{n}@t>\r\n\r\n{body}.\r\n").as_bytes());
+    let reply = c.line();
+    if !reply.starts_with("250") {
+        c.cmd("RSET");
+    }
+    reply
+}
+
+#[test]
+fn a_spool_disk_that_filled_up_is_freed_once_its_queue_is_delivered() {
+    let disk = common::Tmpfs::mount("6m");
+    let spool = disk.path.join("spool");
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec!["--route", route.as_str(), "--cores", "1"];
+    args.extend(["--spool-segment-size", "1M"]);
+    args.extend(FAST_RETRY);
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    let body = ("f".repeat(78) + "\r\n").repeat(1000); // 80 KiB
+    let mut c = greeted(&server);
+    let mut acked = 0;
+    let refused = loop {
+        let reply = try_message(&mut c, acked, &body);
+        if !reply.starts_with("250") || acked >= 200 {
+            break reply;
+        }
+        acked += 1;
+    };
+    assert!(refused.starts_with("452 4.3.1"), "after {acked}: {refused}");
+    assert!(acked >= 5, "refused too early, after {acked}");
+
+    // The next hop comes up while the disk is full: the statuses of the deliveries may find
+    // no room, yet every message must be delivered and its space given back.
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    peer.wait_for("every acknowledged message", Duration::from_secs(60), |s| {
+        s.len() == acked
+    });
+    c.cmd("QUIT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = acked;
+    loop {
+        // A fresh session each time, so refusals never add up to the session's error limit.
+        let mut c = greeted(&server);
+        let reply = try_message(&mut c, n, "room again\r\n");
+        c.cmd("QUIT");
+        if reply.starts_with("250") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {reply}");
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.terminate().success());
+    // Nothing delivered is left to deliver again after a restart.
+    let left = postern_spool::recover(&spool).unwrap();
+    let pending: Vec<_> = left
+        .messages
+        .iter()
+        .filter(|m| !m.is_final())
+        .map(|m| m.meta.recipients[0].path.clone())
+        .filter(|r| !r.contains(&format!("r{n}@")))
+        .collect();
+    assert!(pending.is_empty(), "would be delivered again: {pending:?}");
+}
+
+#[test]
+fn the_queue_command_lists_waiting_mail_beside_a_running_server() {
+    let (port, stored, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 stored\r\n"));
+    let ok_route = format!("ok.test=127.0.0.1:{port}");
+    let (server, _down) = unreachable_dest(&["--route", &ok_route]);
+    let waiting = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test", "c@dest.test"],
+        "<wait@t>",
+        "x\r\n",
+    );
+    let delivered = send(&server, "a@origin.test", &["d@ok.test"], "<ok@t>", "x\r\n");
+    server.log_until(|l| l.contains("to=\"c@dest.test\"") && l.contains("deferred"));
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    // The delivered message leaves the listing once its outcome is written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listing = loop {
+        let listing = queue_listing(&server.spool);
+        if !listing.iter().any(|m| m["queue_id"] == delivered.as_str()) {
+            break listing;
+        }
+        assert!(Instant::now() < deadline, "still listed: {listing:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(listing.len(), 1, "{listing:?}");
+    let m = &listing[0];
+    assert_eq!(m["queue_id"], waiting.as_str());
+    assert_eq!(m["sender"], "a@origin.test");
+    let rcpts = m["recipients"].as_array().unwrap();
+    let addresses: Vec<&str> = rcpts
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, ["b@dest.test", "c@dest.test"]);
+    for r in rcpts {
+        assert_eq!(r["state"], "deferred", "{r}");
+        assert!(r["reply"].as_str().unwrap().contains("refused"), "{r}");
+        assert!(r["next_attempt"].as_u64().unwrap() >= m["arrival"].as_u64().unwrap());
+    }
+    let table = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains(&waiting), "{table}");
+    assert!(
+        table.contains("<c@dest.test> deferred, next attempt"),
+        "{table}"
+    );
+    assert!(
+        table.contains("\n-- 1 message, 2 recipients waiting, "),
+        "{table}"
+    );
+}
+
+#[test]
+fn queue_flush_tries_deferred_mail_now() {
+    // The first RCPT is put off; later ones are taken.
+    let rcpts = std::sync::atomic::AtomicUsize::new(0);
+    let (port, stored, _) = scripted_next_hop(
+        move |_, line| {
+            let first = line.starts_with("RCPT")
+                && rcpts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            first.then_some(Act::Say("451 4.3.0 later\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<flush@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("deferred"));
+    assert!(stored.try_recv().is_err());
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        said.contains(&format!("pid {}", server.child.id())),
+        "{said}"
+    );
+    // Delivered now, an hour before its retry was due.
+    let (_, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <flush@t>"), "{data}");
+    server.log_until(|l| l.contains("SIGUSR1: trying deferred mail now"));
+}
+
+#[test]
+fn the_listing_and_a_flush_say_when_the_server_holds_its_mail() {
+    let queue = |spool: &std::path::Path, flush: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args(["queue", "--spool"]).arg(spool);
+        if flush {
+            cmd.arg("--flush");
+        }
+        cmd.output().unwrap()
+    };
+    // Without a route the test server holds its mail (--hold).
+    let mut held = Server::start(&[]);
+    send(
+        &held,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<held@t>",
+        "x\r\n",
+    );
+    let out = queue(&held.spool, false);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        listing.contains(&format!("(pid {}) runs with --hold", held.child.id())),
+        "{listing}"
+    );
+    let out = queue(&held.spool, true);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("runs with --hold: it delivers nothing"),
+        "{out:?}"
+    );
+    // The same spool served without --hold: nothing said of holding, and a flush is sent.
+    let spool = held.spool.clone();
+    assert!(held.terminate().success());
+    let down = reserve("127.0.0.1", 0);
+    let route = format!("dest.test=127.0.0.1:{}", down.1);
+    let mut args = vec!["--route", route.as_str()];
+    args.extend(FAST_RETRY);
+    let server = Server::start_in(&args, spool.clone(), None);
+    let out = queue(&spool, false);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("--hold"),
+        "{out:?}"
+    );
+    let out = queue(&spool, true);
+    assert!(out.status.success(), "{out:?}");
+    drop(server);
+}

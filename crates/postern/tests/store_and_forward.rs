@@ -1,0 +1,506 @@
+//! Store and forward, end to end: the real `postern` accepts mail over SMTP and delivers it to
+//! real next hops on loopback (aiosmtpd, which nobody here wrote, and the project's own
+//! postern-load sink), retries temporary failures, and survives SIGKILL and SIGTERM without
+//! losing or needlessly repeating a delivery.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::Server;
+use relaying::*;
+
+#[test]
+fn delivers_through_data_to_aiosmtpd_with_dot_stuffing_and_trace() {
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    send(
+        &server,
+        "alice@origin.test",
+        &["bob@dest.test", "carol@dest.test"],
+        "<m1@t>",
+        "line one\r\n..leading dot\r\n...two dots\r\n",
+    );
+    send(
+        &server,
+        "alice@origin.test",
+        &["dave@sub.dest.test"],
+        "<m2@t>",
+        "second\r\n",
+    );
+    let stored = peer.wait_for("two messages", Duration::from_secs(20), |s| s.len() == 2);
+    let by_id: HashMap<&str, &Stored> = stored.iter().map(|s| (s.message_id.as_str(), s)).collect();
+    let m1 = by_id["<m1@t>"];
+    assert_eq!(m1.mail_from, "alice@origin.test");
+    // Two recipients with the same next hop share one transaction.
+    assert_eq!(m1.rcpt_tos, ["bob@dest.test", "carol@dest.test"]);
+    let text = String::from_utf8(m1.data.clone()).unwrap();
+    assert!(text.starts_with("Received: from client.test"), "{text}");
+    assert!(text.contains("by mx.test"));
+    // The receiver undid the dot-stuffing: the lines are as sent.
+    assert!(
+        text.ends_with("line one\r\n.leading dot\r\n..two dots\r\n"),
+        "{text:?}"
+    );
+    assert_eq!(by_id["<m2@t>"].rcpt_tos, ["dave@sub.dest.test"]);
+}
+
+#[test]
+fn delivers_through_bdat_to_the_project_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.txt");
+    let (sink, out, addr) = start_sink(&["--record", record.to_str().unwrap()]);
+    let route = format!("sink.test={addr}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    let n = 20;
+    for i in 0..n {
+        let body = format!("X-Postern-Load-Seq: {i}\r\n\r\nbody {i}\r\n");
+        let mut c = greeted(&server);
+        c.cmd("MAIL FROM:<a@origin.test>");
+        c.cmd("RCPT TO:<r@sink.test>");
+        c.cmd("DATA");
+        c.send(format!("Message-ID: <bdat{i}@t>\r\n{body}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250"));
+    }
+    let text =
+        server.metrics_until(|m| m.contains(&format!("postern_recipients_delivered_total {n}\n")));
+    assert!(
+        text.contains(&format!("postern_recipients_delivered_total {n}\n")),
+        "{text}"
+    );
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains(&format!("postern_load_sink_bdat_bodies_total {n}\n")),
+        "{counters}"
+    );
+    assert!(
+        counters.contains("postern_load_sink_data_bodies_total 0\n"),
+        "{counters}"
+    );
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let mut seqs: Vec<u64> = recorded
+        .lines()
+        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..n).collect::<Vec<_>>());
+}
+
+#[test]
+fn temporary_failure_is_retried_until_delivered() {
+    let peer = Peer::start(&["--tempfail-first", "2"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<retry@t>",
+        "hello\r\n",
+    );
+    let stored = peer.wait_for("the third attempt", Duration::from_secs(20), |s| {
+        !s.is_empty()
+    });
+    assert_eq!(stored.len(), 1);
+    let m = server.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 2\n")
+            && m.contains("postern_recipients_delivered_total 1\n")
+    });
+    assert!(m.contains("postern_delivery_deferrals_total 2\n"), "{m}");
+    assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+    assert!(m.contains("postern_bounces_total 0\n"), "{m}");
+}
+
+#[test]
+fn a_restart_with_a_shorter_retry_max_retries_queued_mail_within_it() {
+    // Deferred for an hour by one run; the next run's --retry-max is 1s: the hour recorded in
+    // the spool does not outlast the operator's new setting.
+    let peer = Peer::start(&["--tempfail-first", "1"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let slow = [
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--retry-initial",
+        "1h",
+        "--retry-max",
+        "1h",
+    ];
+    let mut first = Server::start_in(&slow, spool.clone(), None);
+    send(
+        &first,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<later@t>",
+        "x\r\n",
+    );
+    let m = first.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    assert!(first.terminate().success());
+    assert!(peer.stored().is_empty());
+    let quick = [
+        "--route",
+        &route,
+        "--retry-initial",
+        "500ms",
+        "--retry-max",
+        "1s",
+    ];
+    let _second = Server::start_in(&quick, spool, None);
+    let stored = peer.wait_for(
+        "the retry after the restart",
+        Duration::from_secs(20),
+        |s| !s.is_empty(),
+    );
+    assert_eq!(stored[0].message_id, "<later@t>");
+}
+
+#[test]
+fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
+    // 127.0.0.1 is outside the relay networks here: only the postmaster is accepted from it.
+    let peer = Peer::start(&[]);
+    let ops = format!("ops.test=127.0.0.1:{}", peer.port);
+    let mx = format!("mx.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&[
+        "--relay-network",
+        "192.0.2.0/24",
+        "--route",
+        &ops,
+        "--route",
+        &mx,
+        "--postmaster",
+        "ops@ops.test",
+    ]);
+    let (mut c, _) = hello(&server);
+    assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+    assert!(c
+        .cmd("RCPT TO:<someone@elsewhere.test>")
+        .starts_with("554 5.7.1"));
+    // The postmaster at an address literal that is not the one the client reached is not ours.
+    assert!(c
+        .cmd("RCPT TO:<postmaster@[192.0.2.9]>")
+        .starts_with("554 5.7.1"));
+    c.cmd("RSET");
+    c.cmd("QUIT");
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<Postmaster>",
+            "RCPT TO:<postmaster@MX.test>",
+            "RCPT TO:<postmaster@[127.0.0.1]>",
+        ],
+        "<pm1@t>",
+    );
+    let (got, _) = peer.first("the postmaster's mail");
+    // The addresses are the same mailbox: one recipient, the configured one.
+    assert_eq!(got.rcpt_tos, ["ops@ops.test"]);
+
+    // Without --postmaster, <postmaster> is postmaster@<hostname>, routed like any address.
+    let peer = Peer::start(&[]);
+    let mx = format!("mx.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--relay-network", "192.0.2.0/24", "--route", &mx]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<postmaster>",
+            "RCPT TO:<PostMaster@MX.TEST>",
+            "RCPT TO:<POSTMASTER@[127.0.0.1]>",
+        ],
+        "<pm2@t>",
+    );
+    let (got, _) = peer.first("the postmaster's mail, by host name");
+    assert_eq!(got.rcpt_tos, ["postmaster@mx.test"]);
+}
+
+#[test]
+fn a_552_to_rcpt_is_temporary_and_those_recipients_follow_at_once() {
+    // A next hop that takes one recipient per transaction and answers 552 to the others
+    // (RFC 5321 4.5.3.1.10: treat it as temporary): all three arrive, nothing bounces, and
+    // the rest go in the next transactions at once (the retry delay here is the default
+    // 5 minutes, far past the wait below).
+    let peer = Peer::start(&["--max-rcpts", "1"]);
+    let server = routed_to(&peer, &[]);
+    send(
+        &server,
+        "alice@origin.test",
+        &["a@dest.test", "b@dest.test", "c@dest.test"],
+        "<many@t>",
+        "body\r\n",
+    );
+    let stored = peer.wait_for("three deliveries", Duration::from_secs(20), |s| {
+        s.iter().map(|m| m.rcpt_tos.len()).sum::<usize>() >= 3
+    });
+    let mut got: Vec<&str> = stored
+        .iter()
+        .flat_map(|m| m.rcpt_tos.iter().map(String::as_str))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, ["a@dest.test", "b@dest.test", "c@dest.test"]);
+    assert!(
+        stored.iter().all(|m| m.message_id == "<many@t>"),
+        "no bounce: {stored:?}"
+    );
+}
+
+#[test]
+fn a_mailbox_given_twice_is_one_recipient() {
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<a@origin.test>",
+            "RCPT TO:<bob@dest.test>",
+            "RCPT TO:<bob@DEST.test>",
+            "RCPT TO:<Bob@dest.test>",
+            "RCPT TO:<bob@dest.test>",
+            "RCPT TO:<\"bob\"@dest.test>",
+            "RCPT TO:<\"b\\ob\"@Dest.test>",
+        ],
+        "<dup@t>",
+    );
+    let (got, _) = peer.first("the message");
+    // Domains compare without case; local parts by their value (quotes and quoted pairs
+    // aside), with their case (RFC 5321 2.4).
+    assert_eq!(got.rcpt_tos, ["bob@dest.test", "Bob@dest.test"]);
+
+    // A long list (looked up in a set rather than compared in place) the same way.
+    let mut commands = vec!["MAIL FROM:<a@origin.test>".to_owned()];
+    for i in 0..20 {
+        commands.push(format!("RCPT TO:<r{i}@dest.test>"));
+        commands.push(format!("RCPT TO:<r{i}@Dest.Test>"));
+        commands.push(format!("RCPT TO:<\"r{i}\"@dest.test>"));
+    }
+    commands.push("RCPT TO:<R0@dest.test>".to_owned());
+    let refs: Vec<&str> = commands.iter().map(String::as_str).collect();
+    send_commands(&server, &refs, "<dup2@t>");
+    let stored = peer.wait_for("the second message", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let second = stored.iter().find(|m| m.message_id == "<dup2@t>").unwrap();
+    let mut want: Vec<String> = (0..20).map(|i| format!("r{i}@dest.test")).collect();
+    want.push("R0@dest.test".to_owned());
+    assert_eq!(second.rcpt_tos, want);
+}
+
+#[test]
+fn next_hop_down_then_up() {
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec!["--route", &route, "--metrics", "127.0.0.1:0"];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<down@t>",
+        "wait for me\r\n",
+    );
+    // Nothing listens yet: the attempt fails and is deferred.
+    let m = server.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 1\n")
+            || m.contains("postern_delivery_deferrals_total 2\n")
+    });
+    assert!(m.contains("postern_delivery_deferrals_total"), "{m}");
+    assert!(m.contains("postern_recipients_delivered_total 0\n"), "{m}");
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    let stored = peer.wait_for("the retry", Duration::from_secs(20), |s| !s.is_empty());
+    assert_eq!(stored[0].message_id, "<down@t>");
+}
+
+#[test]
+fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // A slow next hop, so deliveries are in flight when postern dies.
+    let peer = Peer::start(&["--delay", "0.05"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--max-connections-per-destination",
+        "4",
+    ];
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    let n = 60;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("<kill{i}@t>");
+        send(&server, "a@origin.test", &["b@dest.test"], &id, "x\r\n");
+        ids.push(id);
+    }
+    // Kill it while some are delivered and some are not.
+    peer.wait_for("some deliveries", Duration::from_secs(20), |s| s.len() >= 5);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let before = peer.stored().len();
+    assert!(
+        before < n,
+        "all delivered before the kill; the test proves nothing"
+    );
+    let _server = Server::start_in(&args, spool, None);
+    let stored = peer.wait_for("every message", Duration::from_secs(60), |s| {
+        let mut seen: Vec<&str> = s.iter().map(|m| m.message_id.as_str()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len() == n
+    });
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for s in &stored {
+        *count.entry(s.message_id.as_str()).or_default() += 1;
+    }
+    for id in &ids {
+        assert!(count.contains_key(id.as_str()), "{id} lost");
+    }
+    // Only deliveries in flight at the kill (at most one per connection) may repeat.
+    let repeated: usize = count.values().map(|c| c - 1).sum();
+    assert!(repeated <= 4, "{repeated} repeated deliveries: {count:?}");
+}
+
+#[test]
+fn a_message_over_the_next_hops_size_fails_at_once() {
+    let peer = Peer::start(&["--size-limit", "4000"]);
+    let server = routed_to(&peer, &[]);
+    let big = "y".repeat(76) + "\r\n";
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<big@t>",
+        &big.repeat(64),
+    );
+    let stored = peer.wait_for("the bounce", Duration::from_secs(20), |s| !s.is_empty());
+    assert_eq!(stored.len(), 1, "only the bounce arrives");
+    let text = String::from_utf8_lossy(&stored[0].data);
+    assert!(text.contains("Status: 5.3.4"), "{text}");
+    // Decided here from the next hop's SIZE, not said by it (RFC 3464 2.3.6).
+    assert!(
+        text.contains("Diagnostic-Code: X-Postern; message size exceeds"),
+        "{text}"
+    );
+    assert!(!text.contains("said:"), "{text}");
+}
+
+#[test]
+fn sigterm_waits_for_a_delivery_in_flight_so_the_next_run_does_not_send_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // A next hop that answers the end of the data only when the test says so.
+    let (told, gate) = std::sync::mpsc::channel();
+    let (port, stored, _) =
+        scripted_next_hop(|_, _| None, Act::SayWhenTold(gate, "250 2.0.0 stored\r\n"));
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let args = ["--route", route.as_str(), "--shutdown-grace", "20s"];
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<inflight@t>",
+        "x\r\n",
+    );
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    // Stop while the next hop holds its reply; the listener closing shows the stop began.
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(server.smtp).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still listening");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    told.send(()).unwrap();
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    // The next run knows the message was delivered: only the new one goes out, on the one
+    // connection the destination may have, after anything recovered.
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = [
+        "--route",
+        route.as_str(),
+        "--max-connections-per-destination",
+        "1",
+    ];
+    let server = Server::start_in(&args, spool, None);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<after@t>",
+        "x\r\n",
+    );
+    let got = peer.wait_for("the new message", Duration::from_secs(20), |s| {
+        s.iter().any(|m| m.message_id == "<after@t>")
+    });
+    let ids: Vec<&str> = got.iter().map(|m| m.message_id.as_str()).collect();
+    assert_eq!(ids, ["<after@t>"], "sent again after a graceful stop");
+}
+
+#[test]
+fn each_deferred_recipient_keeps_its_own_reply() {
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("RCPT TO:<busy@") {
+                Some(Act::Say("450 4.2.1 mailbox busy\r\n"))
+            } else if line.starts_with("RCPT TO:<later@") {
+                Some(Act::Say("451 4.3.0 try later\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route]);
+    // Nobody taken (the whole transaction put off), then one taken beside the two.
+    let ids = [
+        send(
+            &server,
+            "a@origin.test",
+            &["busy@dest.test", "later@dest.test"],
+            "<none@t>",
+            "x\r\n",
+        ),
+        send(
+            &server,
+            "a@origin.test",
+            &["busy@dest.test", "ok@dest.test", "later@dest.test"],
+            "<some@t>",
+            "x\r\n",
+        ),
+    ];
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    for id in &ids {
+        for (rcpt, reply) in [
+            ("busy@dest.test", "450 4.2.1 mailbox busy"),
+            ("later@dest.test", "451 4.3.0 try later"),
+        ] {
+            let line = server.log_until(|l| {
+                l.contains(id.as_str())
+                    && l.contains(&format!("to=\"{rcpt}\""))
+                    && l.contains("status=\"deferred\"")
+            });
+            assert!(line.contains(reply), "{line}");
+        }
+    }
+}
