@@ -151,6 +151,33 @@ fn a_mailbox_given_with_u_labels_and_a_labels_goes_in_its_ascii_form() {
 }
 
 #[test]
+fn a_utf8_domain_alone_does_not_make_the_message_need_smtputf8() {
+    // The one recipient's domain is in U-labels, its local part ASCII, and the header
+    // section ASCII: the message goes to a next hop without SMTPUTF8 with the domain in
+    // A-labels (RFC 6531 3.2), and the Received header postern adds names it so too (a
+    // UTF-8 `for` clause would make the message need SMTPUTF8 and bounce it with 5.6.7).
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let route = format!("xn--bcher-kva.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<u@b\u{fc}cher.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Message-ID: <idn@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, text) = peer.first("the message");
+    assert_eq!(got.message_id, "<idn@t>");
+    assert_eq!(got.rcpt_tos, ["u@xn--bcher-kva.test"]);
+    assert!(text.contains("\tfor <u@xn--bcher-kva.test>;"), "{text}");
+}
+
+#[test]
 fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
     // A next hop without SMTPUTF8; an ASCII sender and header section, one ASCII and one
     // UTF-8 recipient there: the ASCII one gets the message (without SMTPUTF8), the UTF-8

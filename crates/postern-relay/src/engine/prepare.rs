@@ -39,9 +39,9 @@ impl CoreRelay {
         // RFC 6531 3.2: an internationalized message (UTF-8 in its reverse path, its header
         // section or a recipient's address) goes only to a next hop with SMTPUTF8. postern
         // does not downgrade, so such a message fails for that next hop. With an ASCII
-        // reverse path and header section, only the recipients whose own address is UTF-8
+        // reverse path and header section, only the recipients whose own local part is UTF-8
         // fail: the others go on in a transaction without them, which is not
-        // internationalized. One sent with SMTPUTF8 that has none of these goes on without
+        // internationalized (a domain in U-labels goes in A-labels). One sent with SMTPUTF8 that has none of these goes on without
         // the parameter.
         if meta.smtputf8 && !smtputf8 {
             let text = || {
@@ -53,10 +53,10 @@ impl CoreRelay {
             let (ascii, intl): (Vec<u32>, Vec<u32>) = job.rcpts.iter().partition(|&&i| {
                 meta.recipients
                     .get(i as usize)
-                    .is_some_and(|r| r.path.is_ascii())
+                    .is_some_and(|r| ascii_path(&r.path).is_some())
             });
             if ascii.is_empty()
-                || !meta.reverse_path.is_ascii()
+                || ascii_path(&meta.reverse_path).is_none()
                 || !headers_are_ascii(&job.msg.body)
             {
                 self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
@@ -144,15 +144,24 @@ impl CoreRelay {
             dsn_mail_params(meta, &mut mail_params);
         }
         job.hop_dsn = dsn;
+        // Without SMTPUTF8 at the next hop, a domain in U-labels goes in A-labels (RFC 6531
+        // 3.2); the checks above left only paths that have that form.
+        let as_sent = |path: &str| {
+            if meta.smtputf8 && !smtputf8 {
+                ascii_path(path).map_or_else(|| path.to_owned(), |p| p.into_owned())
+            } else {
+                path.to_owned()
+            }
+        };
         let tx = Transaction {
-            from: meta.reverse_path.clone(),
+            from: as_sent(&meta.reverse_path),
             mail_params,
             rcpts: job
                 .rcpts
                 .iter()
                 .filter_map(|&i| meta.recipients.get(i as usize))
                 .map(|r| OutRecipient {
-                    path: r.path.clone(),
+                    path: as_sent(&r.path),
                     params: if dsn {
                         dsn_rcpt_params(r, meta.smtputf8 && smtputf8)
                     } else {
@@ -170,6 +179,21 @@ impl CoreRelay {
         };
         Some((job, tx, body))
     }
+}
+
+/// `path` in a form without UTF-8, for a next hop without SMTPUTF8: as it is when it is
+/// ASCII, with its domain in A-labels when only the domain is UTF-8; None when its local part
+/// is UTF-8 (it has no ASCII form: postern does not downgrade addresses).
+pub(super) fn ascii_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if path.is_ascii() {
+        return Some(std::borrow::Cow::Borrowed(path));
+    }
+    let (local, domain) = path.rsplit_once('@')?;
+    if !local.is_ascii() {
+        return None;
+    }
+    let domain = postern_proto::address::domain_to_ascii(domain)?;
+    Some(std::borrow::Cow::Owned(format!("{local}@{domain}")))
 }
 
 /// Whether a message's header section (up to its first empty line) is all ASCII.
@@ -311,7 +335,7 @@ pub(super) fn labelled_binary(line: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{dsn_rcpt_params, is_text, Recipient};
+    use super::{ascii_path, dsn_rcpt_params, is_text, Recipient};
 
     #[test]
     fn text_is_crlf_lines_of_at_most_998_octets_without_nul() {
@@ -341,6 +365,22 @@ mod tests {
         // Only the whole line counts, not its first 64 octets.
         let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
         assert!(text(&[long.as_bytes()]));
+    }
+
+    #[test]
+    fn only_a_utf8_local_part_has_no_ascii_path() {
+        assert_eq!(ascii_path("a@b.test").as_deref(), Some("a@b.test"));
+        assert_eq!(
+            ascii_path("u@b\u{fc}cher.test").as_deref(),
+            Some("u@xn--bcher-kva.test")
+        );
+        assert_eq!(
+            ascii_path("\"a@b\"@b\u{fc}cher.test").as_deref(),
+            Some("\"a@b\"@xn--bcher-kva.test")
+        );
+        assert_eq!(ascii_path("j\u{f6}rg@b.test"), None);
+        assert_eq!(ascii_path("j\u{f6}rg@b\u{fc}cher.test"), None);
+        assert_eq!(ascii_path(""), Some("".into()));
     }
 
     #[test]
