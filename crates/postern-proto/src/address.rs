@@ -380,12 +380,17 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     let mut prev = b'.';
     let mut i = 0;
     let mut utf8 = false;
+    // A U-label's length limit is its A-label's (RFC 5890 4.2), checked by `check_idna`;
+    // 63 octets here is the limit of an ASCII label only.
+    let mut label_utf8 = false;
     while let Some(&c) = b.get(i) {
         utf8 |= c >= 0x80;
+        label_utf8 |= c >= 0x80;
         if CLASS[usize::from(c)] & LABEL != 0 || (c == b'-' && label_len != 0) {
             label_len += 1;
-        } else if c == b'.' && label_len != 0 && label_len <= 63 && prev != b'-' {
+        } else if c == b'.' && label_len != 0 && (label_len <= 63 || label_utf8) && prev != b'-' {
             label_len = 0;
+            label_utf8 = false;
         } else if c == b'.' || c == b'-' {
             return Err(PathError::Syntax);
         } else {
@@ -394,7 +399,7 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
         prev = c;
         i += 1;
     }
-    if label_len == 0 || label_len > 63 || prev == b'-' {
+    if label_len == 0 || (label_len > 63 && !label_utf8) || prev == b'-' {
         return Err(PathError::Syntax);
     }
     if i > MAX_DOMAIN {
@@ -416,15 +421,33 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
 /// UTS #46 also maps some characters silently: it drops the invisible ones (zero-width
 /// space, soft hyphen, word joiner, byte order mark) and folds others (full-width letters).
 /// IDNA2008 allows none of them in a U-label, and a name that reads differently from what
-/// was logged could deceive, so the name must come back from its A-labels unchanged (but
-/// for case).
+/// was logged could deceive, so each U-label must come back from its A-label unchanged (but
+/// for case). Labels are each an LDH label or a U-label (RFC 6531 3.3), so a name may mix
+/// U-labels with A-labels: an ASCII label is compared in its ASCII form.
 fn check_idna(domain: &str) -> Result<(), PathError> {
     let ascii = idna::domain_to_ascii_strict(domain).map_err(|_| PathError::Syntax)?;
     let (unicode, back) = idna::domain_to_unicode(&ascii);
-    if back.is_err() || unicode != domain.to_lowercase() {
+    if back.is_err() {
         return Err(PathError::Syntax);
     }
-    Ok(())
+    let (mut given, mut ascii, mut unicode) =
+        (domain.split('.'), ascii.split('.'), unicode.split('.'));
+    loop {
+        match (given.next(), ascii.next(), unicode.next()) {
+            (None, None, None) => return Ok(()),
+            (Some(g), Some(a), Some(u)) => {
+                let same = if g.is_ascii() {
+                    g.eq_ignore_ascii_case(a)
+                } else {
+                    g.to_lowercase() == u
+                };
+                if !same {
+                    return Err(PathError::Syntax);
+                }
+            }
+            _ => return Err(PathError::Syntax),
+        }
+    }
 }
 
 /// The ASCII form of a valid domain: the domain itself when it is ASCII, else with its
@@ -735,6 +758,21 @@ mod tests {
             assert!(!is_valid_helo(bad), "{bad:?}");
             assert!(rev(&format!("<a@{bad}>")).is_err(), "{bad:?}");
         }
+        // U-labels and A-labels mixed in one name (RFC 6531 3.3).
+        for mixed in [
+            "b\u{fc}.xn--tda.example",
+            "xn--tda.b\u{fc}.example",
+            "xn--b-xka.\u{fc}.example",
+        ] {
+            assert!(is_valid_helo(mixed), "{mixed:?}");
+            assert!(rev(&format!("<a@{mixed}>")).is_ok(), "{mixed:?}");
+        }
+        assert!(rev("<a@xn--bcher-kva.\u{fc}.example>").is_ok());
+        // A U-label's limit is its A-label's 63 octets, not its UTF-8 length: 32 u-umlauts
+        // are 64 octets of UTF-8 and a 42-octet A-label; 60 are past 63 as an A-label.
+        let long = "\u{fc}".repeat(32);
+        assert!(rev(&format!("<a@{long}.example>")).is_ok());
+        assert!(rev(&format!("<a@{}.example>", "\u{fc}".repeat(60))).is_err());
         assert_eq!(
             domain_to_ascii("b\u{fc}cher.example").as_deref(),
             Some("xn--bcher-kva.example")
