@@ -424,7 +424,7 @@ fn enhanced_code(code: &str) -> Option<(u8, &str)> {
 /// The recipient's status, brought into line with its action (RFC 3464 2.3.4).
 ///
 /// A failure keeps a persistent transient code (4.x.x): a message returned when its queue
-/// lifetime ran out says `4.4.7` (RFC 3463 3.5), as the field's MTAs write it.
+/// lifetime ran out says its last attempt's status, or `4.4.7` (RFC 3463 3.5).
 fn recipient_status(recipient: &ReportRecipient) -> String {
     let class = char::from(recipient.action.class());
     match enhanced_code(recipient.status.trim()) {

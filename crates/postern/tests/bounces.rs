@@ -445,7 +445,9 @@ fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reser
 }
 
 #[test]
-fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
+fn undeliverable_past_the_queue_lifetime_bounces_with_its_last_error_s_status() {
+    // Nothing answers: the last error is postern's own 4.4.1 (no answer from the host), which
+    // the report keeps rather than 4.4.7 (RFC 3463 3.5: the actual problem's code).
     let origin = Peer::start(&[]);
     let (server, _down) = unreachable_dest_with_origin(&origin, &["--max-queue-lifetime", "1s"]);
     send(
@@ -456,12 +458,77 @@ fn undeliverable_past_the_queue_lifetime_bounces_with_4_4_7() {
         "x\r\n",
     );
     let (_, text) = origin.first("the expiry bounce");
-    assert!(text.contains("Status: 4.4.7"), "{text}");
+    assert!(text.contains("Status: 4.4.1"), "{text}");
+    assert!(
+        text.contains("delivery time expired; last error:"),
+        "{text}"
+    );
     assert!(text.contains("Action: failed"), "{text}");
     assert!(
         text.contains("Final-Recipient: rfc822; b@dest.test"),
         "{text}"
     );
+}
+
+#[test]
+fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
+    // Two messages put off by the next hop until their lifetime ends: one with an enhanced
+    // status (450 4.2.1), kept in its report; one whose reply says no more than its class
+    // (451 without a status), reported 4.4.7.
+    let origin = Peer::start(&[]);
+    let (port, _stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("RCPT TO:<busy@") {
+                Some(Act::Say("450 4.2.1 mailbox busy\r\n"))
+            } else if line.starts_with("RCPT TO:<vague@") {
+                Some(Act::Say("451 try later\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let dest = format!("dest.test=127.0.0.1:{port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&[
+        "--route",
+        &dest,
+        "--route",
+        &back,
+        "--max-queue-lifetime",
+        "2s",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["busy@dest.test"],
+        "<busy@t>",
+        "x\r\n",
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["vague@dest.test"],
+        "<vague@t>",
+        "x\r\n",
+    );
+    let stored = origin.wait_for("two expiry bounces", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let report_for = |rcpt: &str| {
+        stored
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+            .find(|t| t.contains(&format!("Final-Recipient: rfc822; {rcpt}")))
+            .unwrap_or_else(|| panic!("no report for {rcpt}"))
+    };
+    let busy = report_for("busy@dest.test");
+    assert!(busy.contains("Status: 4.2.1"), "{busy}");
+    assert!(busy.contains("450 4.2.1 mailbox busy"), "{busy}");
+    assert!(busy.contains("delivery time expired"), "{busy}");
+    let vague = report_for("vague@dest.test");
+    assert!(vague.contains("Status: 4.4.7"), "{vague}");
+    assert!(vague.contains("451 try later"), "{vague}");
 }
 
 #[test]
@@ -493,7 +560,7 @@ fn the_queue_lifetime_runs_whole_from_arrival() {
     assert!(c.line().starts_with("250"));
     let (_, text) = origin.first("the expiry bounce");
     let waited = before.elapsed();
-    assert!(text.contains("Status: 4.4.7"), "{text}");
+    assert!(text.contains("delivery time expired"), "{text}");
     assert!(
         waited >= Duration::from_millis(995),
         "bounced {waited:?} after arrival, within a lifetime of 1 s"

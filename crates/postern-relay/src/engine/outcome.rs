@@ -273,9 +273,16 @@ impl CoreRelay {
             }
             RetryDecision::Expire => {
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
-                    let result = Result_::Failed {
-                        status: "4.4.7".into(),
+                    // RFC 3463 3.5: the actual problem's code rather than 4.4.7 where there is
+                    // one (a reply's `4.2.1`, postern's `4.4.1` for no answer); 4.4.7 where
+                    // the last error said no more than its class.
+                    let last = status_of(k);
+                    let status = if last.starts_with('4') && last != "4.0.0" {
+                        last
+                    } else {
+                        "4.4.7".to_owned()
                     };
+                    let result = Result_::Failed { status };
                     let reply = format!("delivery time expired; last error: {}", text_of(k));
                     self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
                 }
