@@ -461,6 +461,21 @@ pub fn domain_to_ascii(domain: &str) -> Option<std::borrow::Cow<'_, str>> {
         .map(std::borrow::Cow::Owned)
 }
 
+/// The ASCII form of a mailbox (`local@domain`): the mailbox itself when it is ASCII, with
+/// its domain in A-labels when only the domain is UTF-8 (RFC 6531 3.2). None when its local
+/// part is UTF-8 (no ASCII form exists) or its domain is not a valid IDNA domain.
+pub fn mailbox_to_ascii(mailbox: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if mailbox.is_ascii() {
+        return Some(std::borrow::Cow::Borrowed(mailbox));
+    }
+    let (local, domain) = mailbox.rsplit_once('@')?;
+    if !local.is_ascii() {
+        return None;
+    }
+    let domain = domain_to_ascii(domain)?;
+    Some(std::borrow::Cow::Owned(format!("{local}@{domain}")))
+}
+
 /// A domain in the one form used to compare it: lower case, no trailing dot, U-labels
 /// written as A-labels, so that `B\u{fc}cher.example` and `xn--bcher-kva.example` are the same
 /// domain (RFC 5890 2.3.2.1). A name that is not a valid IDNA domain is only lower-cased.
@@ -790,6 +805,22 @@ mod tests {
             assert_eq!(canonical_domain(same), "xn--bcher-kva.example", "{same}");
         }
         assert_eq!(canonical_domain("Plain.Example"), "plain.example");
+    }
+
+    #[test]
+    fn only_a_utf8_local_part_has_no_mailbox_to_ascii() {
+        assert_eq!(mailbox_to_ascii("a@b.test").as_deref(), Some("a@b.test"));
+        assert_eq!(
+            mailbox_to_ascii("u@b\u{fc}cher.test").as_deref(),
+            Some("u@xn--bcher-kva.test")
+        );
+        assert_eq!(
+            mailbox_to_ascii("\"a@b\"@b\u{fc}cher.test").as_deref(),
+            Some("\"a@b\"@xn--bcher-kva.test")
+        );
+        assert_eq!(mailbox_to_ascii("j\u{f6}rg@b.test"), None);
+        assert_eq!(mailbox_to_ascii("j\u{f6}rg@b\u{fc}cher.test"), None);
+        assert_eq!(mailbox_to_ascii(""), Some("".into()));
     }
 
     #[test]

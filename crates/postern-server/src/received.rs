@@ -71,32 +71,18 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
         // `<Postmaster>` alone is this server's postmaster (RFC 5321 4.1.1.3); the clause takes
         // a whole Path (4.4), so the domain is written out.
         let _ = if rcpt.contains('@') {
-            write!(s, "\r\n\tfor <{}>", ascii_where_possible(rcpt))
+            // Only the domain UTF-8: in A-labels, like the HELO name, so that this clause is
+            // not what makes the message need SMTPUTF8 at a next hop without it (RFC 6531
+            // 3.2). A UTF-8 local part has no ASCII form and stays as it is.
+            let rcpt = postern_proto::address::mailbox_to_ascii(rcpt)
+                .unwrap_or(std::borrow::Cow::Borrowed(rcpt));
+            write!(s, "\r\n\tfor <{rcpt}>")
         } else {
             write!(s, "\r\n\tfor <{rcpt}@{}>", t.hostname)
         };
     }
     let _ = write!(s, ";\r\n\t{}\r\n", rfc5322_date(t.now));
     out.extend_from_slice(s.as_bytes());
-}
-
-/// `mailbox` with its domain in A-labels when only the domain is UTF-8: like the HELO name,
-/// the clause must not be what makes the message internationalized, since its recipient
-/// goes to a next hop without SMTPUTF8 in that form (RFC 6531 3.2). A UTF-8 local part has
-/// no ASCII form and stays as it is.
-fn ascii_where_possible(mailbox: &str) -> std::borrow::Cow<'_, str> {
-    if mailbox.is_ascii() {
-        return std::borrow::Cow::Borrowed(mailbox);
-    }
-    match mailbox.rsplit_once('@') {
-        Some((local, domain)) if local.is_ascii() => {
-            match postern_proto::address::domain_to_ascii(domain) {
-                Some(ascii) => std::borrow::Cow::Owned(format!("{local}@{ascii}")),
-                None => std::borrow::Cow::Borrowed(mailbox),
-            }
-        }
-        _ => std::borrow::Cow::Borrowed(mailbox),
-    }
 }
 
 /// An RFC 5322 date-time in UTC: `Sun, 22 Nov 2026 11:17:00 +0000`.

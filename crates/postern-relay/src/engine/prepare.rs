@@ -2,6 +2,7 @@
 //! hop's extensions allow them, and the body as it must go (8-bit, binary or downgraded).
 
 use super::*;
+use postern_proto::address::mailbox_to_ascii;
 
 impl CoreRelay {
     /// The transaction for `job` on `conn`, or None when the job was settled without
@@ -53,10 +54,10 @@ impl CoreRelay {
             let (ascii, intl): (Vec<u32>, Vec<u32>) = job.rcpts.iter().partition(|&&i| {
                 meta.recipients
                     .get(i as usize)
-                    .is_some_and(|r| ascii_path(&r.path).is_some())
+                    .is_some_and(|r| mailbox_to_ascii(&r.path).is_some())
             });
             if ascii.is_empty()
-                || ascii_path(&meta.reverse_path).is_none()
+                || mailbox_to_ascii(&meta.reverse_path).is_none()
                 || !headers_are_ascii(&job.msg.body)
             {
                 self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
@@ -148,7 +149,7 @@ impl CoreRelay {
         // 3.2); the checks above left only paths that have that form.
         let as_sent = |path: &str| {
             if meta.smtputf8 && !smtputf8 {
-                ascii_path(path).map_or_else(|| path.to_owned(), |p| p.into_owned())
+                mailbox_to_ascii(path).map_or_else(|| path.to_owned(), |p| p.into_owned())
             } else {
                 path.to_owned()
             }
@@ -179,21 +180,6 @@ impl CoreRelay {
         };
         Some((job, tx, body))
     }
-}
-
-/// `path` in a form without UTF-8, for a next hop without SMTPUTF8: as it is when it is
-/// ASCII, with its domain in A-labels when only the domain is UTF-8; None when its local part
-/// is UTF-8 (it has no ASCII form: postern does not downgrade addresses).
-pub(super) fn ascii_path(path: &str) -> Option<std::borrow::Cow<'_, str>> {
-    if path.is_ascii() {
-        return Some(std::borrow::Cow::Borrowed(path));
-    }
-    let (local, domain) = path.rsplit_once('@')?;
-    if !local.is_ascii() {
-        return None;
-    }
-    let domain = postern_proto::address::domain_to_ascii(domain)?;
-    Some(std::borrow::Cow::Owned(format!("{local}@{domain}")))
 }
 
 /// Whether a message's header section (up to its first empty line) is all ASCII.
@@ -335,7 +321,7 @@ pub(super) fn labelled_binary(line: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{ascii_path, dsn_rcpt_params, is_text, Recipient};
+    use super::{dsn_rcpt_params, is_text, Recipient};
 
     #[test]
     fn text_is_crlf_lines_of_at_most_998_octets_without_nul() {
@@ -365,22 +351,6 @@ mod tests {
         // Only the whole line counts, not its first 64 octets.
         let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
         assert!(text(&[long.as_bytes()]));
-    }
-
-    #[test]
-    fn only_a_utf8_local_part_has_no_ascii_path() {
-        assert_eq!(ascii_path("a@b.test").as_deref(), Some("a@b.test"));
-        assert_eq!(
-            ascii_path("u@b\u{fc}cher.test").as_deref(),
-            Some("u@xn--bcher-kva.test")
-        );
-        assert_eq!(
-            ascii_path("\"a@b\"@b\u{fc}cher.test").as_deref(),
-            Some("\"a@b\"@xn--bcher-kva.test")
-        );
-        assert_eq!(ascii_path("j\u{f6}rg@b.test"), None);
-        assert_eq!(ascii_path("j\u{f6}rg@b\u{fc}cher.test"), None);
-        assert_eq!(ascii_path(""), Some("".into()));
     }
 
     #[test]
