@@ -132,19 +132,15 @@ fn a_mailbox_given_with_u_labels_and_a_labels_goes_in_its_ascii_form() {
     let peer = Peer::start(&["--no-smtputf8"]);
     let route = format!("xn--bcher-kva.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route]);
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO c.test\r\n");
-    c.reply();
-    assert!(c
-        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<u@b\u{fc}cher.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<u@xn--bcher-kva.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(b"Message-ID: <labels@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@origin.test> SMTPUTF8",
+            "RCPT TO:<u@b\u{fc}cher.test>",
+            "RCPT TO:<u@xn--bcher-kva.test>",
+        ],
+        "<labels@t>",
+    );
     let (got, _) = peer.first("the message");
     assert_eq!(got.message_id, "<labels@t>");
     assert_eq!(got.rcpt_tos, ["u@xn--bcher-kva.test"]);
@@ -159,18 +155,14 @@ fn a_utf8_domain_alone_does_not_make_the_message_need_smtputf8() {
     let peer = Peer::start(&["--no-smtputf8"]);
     let route = format!("xn--bcher-kva.test=127.0.0.1:{}", peer.port);
     let server = Server::start(&["--route", &route]);
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO c.test\r\n");
-    c.reply();
-    assert!(c
-        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<u@b\u{fc}cher.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(b"Message-ID: <idn@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@origin.test> SMTPUTF8",
+            "RCPT TO:<u@b\u{fc}cher.test>",
+        ],
+        "<idn@t>",
+    );
     let (got, text) = peer.first("the message");
     assert_eq!(got.message_id, "<idn@t>");
     assert_eq!(got.rcpt_tos, ["u@xn--bcher-kva.test"]);
@@ -184,19 +176,15 @@ fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
     // one is bounced with 5.6.7 (RFC 6531 3.2).
     let peer = Peer::start(&["--no-smtputf8"]);
     let server = routed_to(&peer, &[]);
-    let mut c = server.connect();
-    c.line();
-    c.send(b"EHLO c.test\r\n");
-    c.reply();
-    assert!(c
-        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<j\u{f6}rg@dest.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(b"Message-ID: <split@t>\r\nSubject: hi\r\n\r\nx\r\n.\r\n");
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@origin.test> SMTPUTF8",
+            "RCPT TO:<bob@dest.test>",
+            "RCPT TO:<j\u{f6}rg@dest.test>",
+        ],
+        "<split@t>",
+    );
     let stored = peer.wait_for("the message and a bounce", Duration::from_secs(20), |s| {
         s.len() == 2
     });
