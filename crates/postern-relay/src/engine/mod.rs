@@ -206,17 +206,6 @@ struct Opened {
 /// bounded number of connections per attempt.
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 
-/// How an idle connection's wait ended.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Idle {
-    /// A job came.
-    Job,
-    /// Another next hop waits in line for a connection.
-    Wanted,
-    /// The idle timeout, or the stop.
-    Over,
-}
-
 /// How long a connection stays idle before it gives its place to a next hop whose
 /// connections have a backlog (to one with none, at once).
 const IDLE_GRACE: Duration = Duration::from_secs(1);

@@ -4,6 +4,31 @@
 
 use super::*;
 
+/// How an idle connection's wait ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// A job came.
+    Job,
+    /// Another next hop waits in line for a connection.
+    Wanted,
+    /// The idle timeout, or the stop.
+    Over,
+}
+
+/// What an idle connection came to ([`CoreRelay::idle`]).
+enum Idled {
+    /// A job came for it: it takes it.
+    Work,
+    /// It is gone (closed by the next hop, or ended after its idle time): jobs that came
+    /// meanwhile need a new connection.
+    Reconnect,
+    /// It gives its place up and was counted out: it says QUIT
+    /// ([`CoreRelay::quit_after_leaving`]) and its worker ends.
+    Quit,
+    /// Its idle time is over: it says QUIT ([`CoreRelay::quit_idle`]).
+    Over,
+}
+
 impl CoreRelay {
     /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
     pub(super) async fn worker(self: Rc<Self>, dq: Rc<DestQueue>) {
@@ -126,120 +151,20 @@ impl CoreRelay {
                     (Some(job), Some(note))
                 };
                 let Some(job) = job else {
-                    // Idle: keep the connection for a while for the next job, unless another
-                    // next hop waits in line for a connection of the core's share.
-                    // One idle timeout, however often the wait is woken for nothing.
-                    let idle_since = Instant::now();
-                    let idle_until = idle_since + self.relay.config.idle_timeout;
-                    let (woke, wanted) = loop {
-                        let wanted = self.slot_wanted.listen();
-                        // A next hop in line gets the place at once; one whose connections
-                        // have a backlog once this one has been idle for a moment (so that a
-                        // trickle of mail keeps its connection).
-                        let grace_over = idle_since.elapsed() >= IDLE_GRACE;
-                        let backlog = self.someone_wanting_more();
-                        if self.someone_starved() || (grace_over && backlog) {
-                            drop(wanted);
-                            self.leave(&dq);
+                    match self.idle(&dq, &mut conn).await {
+                        Idled::Work => continue,
+                        Idled::Reconnect => continue 'connect,
+                        Idled::Quit => {
                             self.quit_after_leaving(conn).await;
                             return;
                         }
-                        dq.idle.set(dq.idle.get() + 1);
-                        let listener = dq.arrived.listen();
-                        // No borrow of the queue may live across the wait (enqueue pushes to
-                        // it).
-                        let empty = dq.ready.borrow().is_empty();
-                        let idle_end = async {
-                            future::or(
-                                glommio::timer::sleep(
-                                    idle_until.saturating_duration_since(Instant::now()),
-                                ),
-                                self.handle.stopped(),
-                            )
-                            .await;
-                            Idle::Over
-                        };
-                        let grace_end = async {
-                            if backlog {
-                                let left = IDLE_GRACE.saturating_sub(idle_since.elapsed());
-                                glommio::timer::sleep(left).await;
-                            } else {
-                                future::pending::<()>().await;
+                        Idled::Over => {
+                            if self.quit_idle(&dq, conn).await {
+                                return;
                             }
-                            Idle::Wanted
-                        };
-                        let woke = if empty {
-                            future::or(
-                                async {
-                                    listener.await;
-                                    Idle::Job
-                                },
-                                future::or(
-                                    idle_end,
-                                    future::or(grace_end, async {
-                                        wanted.await;
-                                        Idle::Wanted
-                                    }),
-                                ),
-                            )
-                            .await
-                        } else {
-                            Idle::Job
-                        };
-                        dq.idle.set(dq.idle.get() - 1);
-                        // Asked for its place with nothing of its own to do: given up at the
-                        // top of the loop if the line still has someone (or it waits again).
-                        if woke != Idle::Wanted || !dq.ready.borrow().is_empty() {
-                            break (woke == Idle::Job, woke == Idle::Wanted);
+                            continue 'connect;
                         }
-                    };
-                    if wanted {
-                        // Woken for a place, with a job of its own to do: the wake goes to
-                        // another idle connection.
-                        self.slot_wanted.notify(1.additional());
                     }
-                    if (woke || !dq.ready.borrow().is_empty()) && conn.went_away_while_idle() {
-                        // The next hop closed it meanwhile (often after an idle timeout of
-                        // its own): the waiting job goes on a new connection, not charged a
-                        // failed attempt for a transaction the next hop never saw.
-                        tracing::debug!(remote = %conn.remote, "idle connection closed by the next hop");
-                        continue 'connect;
-                    }
-                    if woke || !dq.ready.borrow().is_empty() {
-                        continue;
-                    }
-                    if self.someone_waiting() {
-                        // Its place is wanted: counted out before the QUIT, not after it.
-                        self.leave(&dq);
-                        self.quit_after_leaving(conn).await;
-                        return;
-                    }
-                    // The QUIT's reply may take a while, and this worker still counts against
-                    // the next hop's connections: a job queued meanwhile started no worker of
-                    // its own. The loop's test looks at the queue again before leaving. If
-                    // another next hop comes to want the place meanwhile, it is counted out
-                    // then, and the QUIT goes on.
-                    let wanted = self.slot_wanted.listen();
-                    let mut quit = std::pin::pin!(conn.quit());
-                    let asked = future::or(
-                        async {
-                            (&mut quit).await;
-                            false
-                        },
-                        async {
-                            wanted.await;
-                            true
-                        },
-                    )
-                    .await;
-                    if asked {
-                        self.leave(&dq);
-                        self.quitting.set(self.quitting.get() + 1);
-                        quit.await;
-                        self.quitting.set(self.quitting.get() - 1);
-                        return;
-                    }
-                    continue 'connect;
                 };
                 let window = if now_ms() < dq.serial_until.get() {
                     1
@@ -295,6 +220,129 @@ impl CoreRelay {
             }
         }
         self.leave(&dq);
+    }
+
+    /// A connection with no job waiting: kept for the next job up to `--outbound-idle-timeout`,
+    /// unless another next hop wants its place (at once for one waiting with no connection,
+    /// after [`IDLE_GRACE`] for one whose connections have a backlog).
+    async fn idle(self: &Rc<Self>, dq: &Rc<DestQueue>, conn: &mut Outbound) -> Idled {
+        // Idle: keep the connection for a while for the next job, unless another
+        // next hop waits in line for a connection of the core's share.
+        // One idle timeout, however often the wait is woken for nothing.
+        let idle_since = Instant::now();
+        let idle_until = idle_since + self.relay.config.idle_timeout;
+        let (woke, wanted) = loop {
+            let wanted = self.slot_wanted.listen();
+            // A next hop in line gets the place at once; one whose connections
+            // have a backlog once this one has been idle for a moment (so that a
+            // trickle of mail keeps its connection).
+            let grace_over = idle_since.elapsed() >= IDLE_GRACE;
+            let backlog = self.someone_wanting_more();
+            if self.someone_starved() || (grace_over && backlog) {
+                drop(wanted);
+                self.leave(dq);
+                return Idled::Quit;
+            }
+            dq.idle.set(dq.idle.get() + 1);
+            let listener = dq.arrived.listen();
+            // No borrow of the queue may live across the wait (enqueue pushes to
+            // it).
+            let empty = dq.ready.borrow().is_empty();
+            let idle_end = async {
+                future::or(
+                    glommio::timer::sleep(idle_until.saturating_duration_since(Instant::now())),
+                    self.handle.stopped(),
+                )
+                .await;
+                Wake::Over
+            };
+            let grace_end = async {
+                if backlog {
+                    let left = IDLE_GRACE.saturating_sub(idle_since.elapsed());
+                    glommio::timer::sleep(left).await;
+                } else {
+                    future::pending::<()>().await;
+                }
+                Wake::Wanted
+            };
+            let woke = if empty {
+                future::or(
+                    async {
+                        listener.await;
+                        Wake::Job
+                    },
+                    future::or(
+                        idle_end,
+                        future::or(grace_end, async {
+                            wanted.await;
+                            Wake::Wanted
+                        }),
+                    ),
+                )
+                .await
+            } else {
+                Wake::Job
+            };
+            dq.idle.set(dq.idle.get() - 1);
+            // Asked for its place with nothing of its own to do: given up at the
+            // top of the loop if the line still has someone (or it waits again).
+            if woke != Wake::Wanted || !dq.ready.borrow().is_empty() {
+                break (woke == Wake::Job, woke == Wake::Wanted);
+            }
+        };
+        if wanted {
+            // Woken for a place, with a job of its own to do: the wake goes to
+            // another idle connection.
+            self.slot_wanted.notify(1.additional());
+        }
+        if (woke || !dq.ready.borrow().is_empty()) && conn.went_away_while_idle() {
+            // The next hop closed it meanwhile (often after an idle timeout of
+            // its own): the waiting job goes on a new connection, not charged a
+            // failed attempt for a transaction the next hop never saw.
+            tracing::debug!(remote = %conn.remote, "idle connection closed by the next hop");
+            return Idled::Reconnect;
+        }
+        if woke || !dq.ready.borrow().is_empty() {
+            return Idled::Work;
+        }
+        if self.someone_waiting() {
+            // Its place is wanted: counted out before the QUIT, not after it.
+            self.leave(dq);
+            return Idled::Quit;
+        }
+        Idled::Over
+    }
+
+    /// Ends a connection idle for its whole `--outbound-idle-timeout` with QUIT. True when
+    /// another next hop wanted its place meanwhile: it was counted out then, and its worker
+    /// ends; false when jobs that came meanwhile may want a new connection.
+    async fn quit_idle(self: &Rc<Self>, dq: &Rc<DestQueue>, conn: Outbound) -> bool {
+        // The QUIT's reply may take a while, and this worker still counts against
+        // the next hop's connections: a job queued meanwhile started no worker of
+        // its own. The loop's test looks at the queue again before leaving. If
+        // another next hop comes to want the place meanwhile, it is counted out
+        // then, and the QUIT goes on.
+        let wanted = self.slot_wanted.listen();
+        let mut quit = std::pin::pin!(conn.quit());
+        let asked = future::or(
+            async {
+                (&mut quit).await;
+                false
+            },
+            async {
+                wanted.await;
+                true
+            },
+        )
+        .await;
+        if asked {
+            self.leave(dq);
+            self.quitting.set(self.quitting.get() + 1);
+            quit.await;
+            self.quitting.set(self.quitting.get() - 1);
+            return true;
+        }
+        false
     }
 
     /// A job never sent on a connection that ended at its RSET goes back: to the front of
