@@ -75,48 +75,11 @@ impl CoreRelay {
                     }
                     (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
-                Err((text, permanent, remote, deferred)) => {
+                Err(unopened) => {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
                     }
-                    // The next hop is unreachable (everything waiting for it waits again) or
-                    // does not exist (everything waiting for it fails).
-                    let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
-                    // RFC 3463 3.5: no answer from any host (4.4.1), or a host that answered
-                    // and then failed the connection (4.4.2); a reply's own status wins
-                    // where the account quotes one (dsn::deferral_status).
-                    let status = permanent.or(deferred).unwrap_or(if remote.is_some() {
-                        "4.4.2"
-                    } else {
-                        "4.4.1"
-                    });
-                    // Refused for good by a host that answered (a 5xx to HELO): the reply's
-                    // own status.
-                    let status = match (permanent, &remote) {
-                        (Some(_), Some(_)) => dsn::deferral_status(&text, status),
-                        _ => status.to_owned(),
-                    };
-                    let status = status.as_str();
-                    // Paused with two failures in a row, as for broken-off sessions: one
-                    // refused connection to a next hop with a single address (a restart, say)
-                    // defers the jobs waiting now, and the next job tries again at once.
-                    // With more addresses one attempt has failed on two or more already. A
-                    // name that could not be resolved (no address tried) pauses at once:
-                    // every job would ask the resolver again.
-                    let no_address_tried = dq.broken_in_a_row.get() == failures_before;
-                    if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
-                        dq.down_until.set(now_ms() + self.pause_ms());
-                        *dq.paused_for.borrow_mut() =
-                            Some((status.into(), text.clone(), remote.clone()));
-                        tracing::info!(
-                            next_hop = %dq.dest.key(),
-                            "the next hop cannot be reached ({text}); delivery to it paused for {:?}",
-                            Duration::from_millis(self.pause_ms())
-                        );
-                    }
-                    for job in jobs {
-                        self.settle_all(job, permanent.is_some(), status, &text, remote.clone());
-                    }
+                    self.unopened(&dq, failures_before, unopened);
                     break;
                 }
             };
@@ -220,6 +183,49 @@ impl CoreRelay {
             }
         }
         self.leave(&dq);
+    }
+
+    /// No connection could be made to `dq`'s next hop: the jobs waiting for it wait again (or
+    /// fail, when the failure is for good), and the next hop is paused when connections keep
+    /// failing. `failures_before` is its count of failed connections before this attempt.
+    fn unopened(&self, dq: &DestQueue, failures_before: u32, unopened: Unopened) {
+        let (text, permanent, remote, deferred) = unopened;
+        // The next hop is unreachable (everything waiting for it waits again) or
+        // does not exist (everything waiting for it fails).
+        let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
+        // RFC 3463 3.5: no answer from any host (4.4.1), or a host that answered
+        // and then failed the connection (4.4.2); a reply's own status wins
+        // where the account quotes one (dsn::deferral_status).
+        let status =
+            permanent
+                .or(deferred)
+                .unwrap_or(if remote.is_some() { "4.4.2" } else { "4.4.1" });
+        // Refused for good by a host that answered (a 5xx to HELO): the reply's
+        // own status.
+        let status = match (permanent, &remote) {
+            (Some(_), Some(_)) => dsn::deferral_status(&text, status),
+            _ => status.to_owned(),
+        };
+        let status = status.as_str();
+        // Paused with two failures in a row, as for broken-off sessions: one
+        // refused connection to a next hop with a single address (a restart, say)
+        // defers the jobs waiting now, and the next job tries again at once.
+        // With more addresses one attempt has failed on two or more already. A
+        // name that could not be resolved (no address tried) pauses at once:
+        // every job would ask the resolver again.
+        let no_address_tried = dq.broken_in_a_row.get() == failures_before;
+        if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
+            dq.down_until.set(now_ms() + self.pause_ms());
+            *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), remote.clone()));
+            tracing::info!(
+                next_hop = %dq.dest.key(),
+                "the next hop cannot be reached ({text}); delivery to it paused for {:?}",
+                Duration::from_millis(self.pause_ms())
+            );
+        }
+        for job in jobs {
+            self.settle_all(job, permanent.is_some(), status, &text, remote.clone());
+        }
     }
 
     /// A connection with no job waiting: kept for the next job up to `--outbound-idle-timeout`,
