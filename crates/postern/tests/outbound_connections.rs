@@ -607,6 +607,66 @@ fn idle_connections_of_other_next_hops_give_their_places_to_a_backlog() {
 }
 
 #[test]
+fn a_trickle_of_mail_keeps_its_connection_beside_a_backlog_and_gives_it_up_when_quiet() {
+    // Two outbound connections in all. One next hop gets a message every 100 ms for a second
+    // on its one connection, while another, on the other place, has a backlog (its next hop
+    // answers only once two connections are open to it). An idle connection gives its place
+    // to a backlog only after a second idle: the trickle keeps its connection rather than
+    // losing it after each message, and once the trickle ends the place goes to the backlog.
+    let (port_t, stored_t) = gated_next_hop(0, usize::MAX, Gate::Open(1), 0);
+    let (port_b, stored_b) = gated_next_hop(0, 0, Gate::Open(2), 0);
+    let routes = [
+        format!("trickle.test=127.0.0.1:{port_t}"),
+        format!("big.test=127.0.0.1:{port_b}"),
+    ];
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &routes[0],
+        "--route",
+        &routes[1],
+        "--max-outbound-connections",
+        "2",
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    let trickle = |k: usize| {
+        let id = format!("<t{k}@t>");
+        send(&server, "s@origin.test", &["r@trickle.test"], &id, "x\r\n");
+    };
+    trickle(0);
+    assert_eq!(stored_t.recv_timeout(Duration::from_secs(20)).unwrap().0, 0);
+    for k in 0..3 {
+        let id = format!("<big{k}@t>");
+        send(&server, "s@origin.test", &["r@big.test"], &id, "x\r\n");
+    }
+    // The pace of the trickle is the scenario: a message every 100 ms, each well inside the
+    // second of idle after which its connection would go to the backlog.
+    for k in 1..=10 {
+        std::thread::sleep(Duration::from_millis(100));
+        trickle(k);
+    }
+    for k in 1..=10 {
+        let (n, _) = stored_t
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("trickle message {k}: {e}"));
+        assert_eq!(n, 0, "trickle message {k} came over a new connection");
+    }
+    // The backlog's next hop had no second connection while the trickle ran (it answers
+    // once it has one): nothing of the backlog is delivered yet. Without the grace, the
+    // trickle's idle connection gave its place up at the backlog's first message.
+    assert!(
+        stored_b.try_recv().is_err(),
+        "the backlog got a second connection during the trickle"
+    );
+    // Then the trickle's connection, idle, gives its place to the backlog.
+    assert_eq!(message_ids(&stored_b, 3).len(), 3);
+    let log = server.terminate_for_log();
+    assert!(!log.contains("4.3.0 gate"), "{log}");
+}
+
+#[test]
 fn connections_that_give_their_places_up_do_not_pile_up_waiting_for_quit() {
     // One outbound connection in all, and five next hops that never answer QUIT: mail to
     // each in turn makes each connection give its place up to the next. Counted out before
