@@ -162,8 +162,9 @@ impl CoreStore {
             let what = if dir.exists() && !dir.is_dir() {
                 "it is not a directory: remove it or pass another --spool DIR"
             } else if e.raw_os_error() == Some(libc::EROFS) {
-                "its file system is mounted read-only: remount it read-write or pass another \
-                 --spool DIR"
+                "its file system is read-only here: remount it read-write, or under systemd \
+                 with ProtectSystem= create the directory or list it in ReadWritePaths=; or \
+                 pass another --spool DIR"
             } else if e.kind() == std::io::ErrorKind::PermissionDenied {
                 "make it writable by this user, or pass another --spool DIR"
             } else if dir.symlink_metadata().is_ok() && !dir.exists() {
@@ -176,7 +177,7 @@ impl CoreStore {
                 dir.display()
             ))
         };
-        std::fs::create_dir_all(dir).map_err(advice)?;
+        postern_spool::create_private_dir(dir).map_err(advice)?;
         probe_writable(dir).map_err(advice)
     }
 

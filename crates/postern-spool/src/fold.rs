@@ -311,7 +311,14 @@ impl Journal {
     fn write(&self, root: &Path) -> Result<(), SpoolError> {
         let tmp = root.join(JOURNAL_TMP);
         let made = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true),
+                crate::segment::PRIVATE_FILE_MODE,
+            )
+            .open(&tmp)?;
             std::io::Write::write_all(&mut f, self.encode().as_bytes())?;
             f.sync_all()?;
             std::fs::rename(&tmp, root.join(JOURNAL))?;

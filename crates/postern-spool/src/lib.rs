@@ -42,5 +42,6 @@ pub use lock::{DirLock, LOCK_FILE};
 pub use meta::{DeliveryState, MessageMeta, Recipient, Status};
 pub use queue_id::owner_core;
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
+pub use segment::create_private_dir;
 pub use spare::{PreparedSegment, SpareJob};
 pub use spool::{Draft, PendingBody, Spool, SpoolOptions, SyncBatch, DAMAGED_DIR};

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rustix::fs::{flock, FlockOperation};
@@ -58,6 +59,7 @@ impl DirLock {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::segment::PRIVATE_FILE_MODE)
             .open(&path)?;
         locked(&file)?;
         file.set_len(0)?;

@@ -13,6 +13,7 @@
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -115,6 +116,35 @@ pub(crate) fn parse_name(name: &str) -> Option<u64> {
 pub(crate) fn is_regular_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file())
 }
+
+/// Makes `dir` and any parents missing, open to this user only: a spool holds mail, which
+/// other local users must not read, whatever the umask (Postfix keeps its queue so too).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+}
+
+/// Takes group and other access away from `dir` where it has any. Best effort: a directory
+/// this user does not own keeps its mode (the spool still works; only its privacy is the
+/// owner's to set).
+pub(crate) fn make_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return;
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700));
+    }
+}
+
+/// Spool directories: `rwx------`.
+pub(crate) const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Spool files (segments, the lock, the journal): `rw-------`.
+pub(crate) const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Syncs a directory, so that a new entry in it survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -233,6 +263,7 @@ impl Segment {
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(PRIVATE_FILE_MODE)
             .open(&tmp)?;
         let salt = new_salt(seq);
         let mut filled = false;

@@ -178,8 +178,13 @@ impl Spool {
     pub fn open(root: &Path, core: u32, options: SpoolOptions) -> Result<Spool, SpoolError> {
         let dir = root.join(core.to_string());
         if !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(SpoolError::at(&dir))?;
+            crate::segment::create_private_dir(&dir).map_err(SpoolError::at(&dir))?;
             sync_dir(root).map_err(SpoolError::at(root))?;
+        } else {
+            // A spool made before its directories were private (or by hand): closing the
+            // core's directory keeps the mail in it from other users, whatever its files'
+            // own modes.
+            crate::segment::make_private(&dir);
         }
         let mut files = Vec::new();
         let mut stray_last = 0;
@@ -638,7 +643,7 @@ impl Spool {
     /// kept for the operator to look at instead of deleted with the evidence.
     fn set_aside(&self, path: &Path) -> std::io::Result<()> {
         let aside = self.dir.join(DAMAGED_DIR);
-        std::fs::create_dir_all(&aside)?;
+        crate::segment::create_private_dir(&aside)?;
         let Some(name) = path.file_name() else {
             return Ok(());
         };

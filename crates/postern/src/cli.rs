@@ -146,9 +146,11 @@ struct Serve {
     /// PEM private key for --tls-cert [default: none].
     #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Prometheus metrics, /healthz and /readyz on this address [default: none, not served].
-    #[arg(long, env = "POSTERN_METRICS", value_parser = socket_address)]
-    metrics: Option<SocketAddr>,
+    /// Prometheus metrics, /healthz and /readyz on this address; `none` turns off one set
+    /// elsewhere (the unit's POSTERN_METRICS, from /etc/default/postern) [default: none, not
+    /// served].
+    #[arg(long, env = "POSTERN_METRICS", value_parser = metrics_address)]
+    metrics: Option<MetricsAddress>,
     /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF
     /// [default: off; =false turns off a value set in the environment].
     #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES", value_parser = BoolishValueParser::new(),
@@ -288,6 +290,19 @@ fn socket_address(s: &str) -> Result<SocketAddr, String> {
             s.trim()
         )
     })
+}
+
+/// `--metrics`: an address, or `none` for no metrics listener.
+#[derive(Clone, Copy, Debug)]
+struct MetricsAddress(Option<SocketAddr>);
+
+fn metrics_address(s: &str) -> Result<MetricsAddress, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(MetricsAddress(None));
+    }
+    socket_address(s)
+        .map(|a| MetricsAddress(Some(a)))
+        .map_err(|e| format!("{e}, or none"))
 }
 
 /// A network as `ADDR/PREFIX`, or one address as its own network (`/32`, `/128`).
@@ -773,7 +788,12 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         .iter()
         .map(|a| ("--listen", *a))
         .chain(s.listen_tls.iter().map(|a| ("--listen-tls", *a)))
-        .chain(s.metrics.iter().map(|a| ("--metrics", *a)))
+        .chain(
+            s.metrics
+                .and_then(|m| m.0)
+                .iter()
+                .map(|a| ("--metrics", *a)),
+        )
         .collect();
     let dual_stack = ipv6_is_dual_stack();
     for (i, &(flag, a)) in all.iter().enumerate() {
@@ -841,7 +861,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
             .tls_cert
             .zip(s.tls_key)
             .map(|(cert, key)| TlsFiles { cert, key }),
-        metrics: s.metrics,
+        metrics: s.metrics.and_then(|m| m.0),
         postmaster: s
             .postmaster
             .map(|pm| pm.trim_start_matches('<').trim_end_matches('>').to_owned()),

@@ -543,10 +543,21 @@ fn warn_left_behind(folded: &postern_spool::Folded) {
 fn mark_held(spool: &std::path::Path, held: bool) {
     let path = spool.join(queue::HOLD_FILE);
     let done = if held {
-        std::fs::write(
-            &path,
-            "this postern runs with --hold: nothing is delivered\n",
+        // Like the rest of the spool, its user's alone.
+        std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            0o600,
         )
+        .open(&path)
+        .and_then(|mut f| {
+            std::io::Write::write_all(
+                &mut f,
+                b"this postern runs with --hold: nothing is delivered\n",
+            )
+        })
     } else {
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -1220,7 +1220,12 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
 /// Starts a server with `cmd` (at the default log level), reads its stdout until it is ready
 /// with 2 cores, stops it with SIGTERM, asserts that it was ready and stopped well, and returns
 /// the whole of its stderr.
-fn ready_then_stopped(mut cmd: Command) -> String {
+fn ready_then_stopped(cmd: Command) -> String {
+    ready_then_stopped_saying(cmd).1
+}
+
+/// [`ready_then_stopped`], also giving what the server wrote to stdout until it was ready.
+fn ready_then_stopped_saying(mut cmd: Command) -> (String, String) {
     let mut child = cmd
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
@@ -1246,7 +1251,7 @@ fn ready_then_stopped(mut cmd: Command) -> String {
     let err = String::from_utf8_lossy(&rest.stderr).into_owned();
     assert!(said.contains(ready), "{said} {err}");
     assert!(rest.status.success(), "{err}");
-    err
+    (said, err)
 }
 
 #[test]
@@ -1317,4 +1322,34 @@ fn a_switch_set_in_the_environment_is_turned_off_by_its_flag() {
     // The bare flag still turns it on.
     let err = start(&["--hold"]);
     assert!(err.contains(held), "{err}");
+}
+
+#[test]
+fn metrics_set_in_the_environment_are_turned_off_with_none() {
+    // As the systemd unit sets POSTERN_METRICS and /etc/default/postern overrides it.
+    let dir = tempfile::tempdir().unwrap();
+    let start = |value: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args([
+            "serve",
+            "--cores",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+        ])
+        .arg(dir.path().join("spool"))
+        .env("POSTERN_METRICS", value);
+        ready_then_stopped_saying(cmd).0
+    };
+    let said = start("127.0.0.1:0");
+    assert!(said.contains("metrics listening on 127.0.0.1:"), "{said}");
+    for off in ["none", "None", " none "] {
+        let said = start(off);
+        assert!(!said.contains("metrics listening"), "{off:?}: {said}");
+    }
+    let (code, err) = serve_with_env(&[], "POSTERN_METRICS", "nowhere");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("POSTERN_METRICS"), "{err}");
+    assert!(err.contains("or none"), "{err}");
 }
