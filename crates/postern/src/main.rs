@@ -21,6 +21,33 @@ const LOG_BUFFER: usize = 64 * 1024;
 /// failed (over RLIMIT_MEMLOCK without CAP_IPC_LOCK), buffers postern never uses.
 const DEFAULT_LOG_FILTER: &str = "info,rustls=error,glommio::sys::uring=error";
 
+/// The log filter: `RUST_LOG`, or [`DEFAULT_LOG_FILTER`] when it is unset or blank (an empty
+/// value from an environment file must not silence the log). A word that is neither a level
+/// nor `TARGET=LEVEL` would turn off every line but a target's nobody has (`warning` is not
+/// a level, `warn` is): refused, like a wrong flag.
+fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
+    let value = std::env::var("RUST_LOG").unwrap_or_default();
+    if value.trim().is_empty() {
+        return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    }
+    for directive in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let bare = !directive.contains(['=', '[']);
+        if bare
+            && directive
+                .parse::<tracing::level_filters::LevelFilter>()
+                .is_err()
+        {
+            return Err(format!(
+                "RUST_LOG: '{directive}' is not a level (error, warn, info, debug, trace, off) \
+                 nor TARGET=LEVEL"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(&value)
+        .map_err(|e| format!("RUST_LOG: '{}': {e}", value.trim()))
+}
+
 /// Messages moved to other cores at start-up that get a log line each (old and new queue ID).
 const MOVED_LOGGED: usize = 20;
 
@@ -59,6 +86,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let log_filter = match log_filter() {
+        Ok(filter) => filter,
+        Err(message) => {
+            complain!("postern: {message}");
+            return ExitCode::from(2);
+        }
+    };
     // Log lines are handed to a writer thread (a lock-free channel), so a core never makes a
     // write(2) per delivery; lines beyond the channel's capacity are dropped, not waited for.
     // The writer thread takes every line waiting in the channel, then flushes: through a
@@ -72,10 +106,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(move || OneLine(writer.clone()))
         .with_ansi(colour)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
-        )
+        .with_env_filter(log_filter)
         .init();
     // Past RLIMIT_FSIZE a write raises SIGXFSZ, which ends the process by default; with a
     // handler the write fails with EFBIG instead, which the spool answers as a full disk

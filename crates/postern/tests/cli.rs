@@ -1226,8 +1226,11 @@ fn ready_then_stopped(cmd: Command) -> String {
 
 /// [`ready_then_stopped`], also giving what the server wrote to stdout until it was ready.
 fn ready_then_stopped_saying(mut cmd: Command) -> (String, String) {
+    // The caller's RUST_LOG would change what the tests read; one the test sets stays.
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env_remove("RUST_LOG");
+    }
     let mut child = cmd
-        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1352,4 +1355,40 @@ fn metrics_set_in_the_environment_are_turned_off_with_none() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("POSTERN_METRICS"), "{err}");
     assert!(err.contains("or none"), "{err}");
+}
+
+#[test]
+fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = "--hold: accepted mail stays queued";
+    let start = |rust_log: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args(["serve", "--cores", "2", "--listen", "127.0.0.1:0", "--hold"])
+            .arg("--spool")
+            .arg(dir.path().join("spool"))
+            .env("RUST_LOG", rust_log);
+        ready_then_stopped(cmd)
+    };
+    // An empty value (from an environment file, say) is the default, info.
+    for empty in ["", " "] {
+        let err = start(empty);
+        assert!(err.contains(held), "{empty:?}: {err}");
+    }
+    // Levels and targets as tracing takes them.
+    assert!(start("info").contains(held));
+    assert!(start("WARN,postern=info").contains(held));
+    assert!(!start("warn").contains(held));
+    // A word that is no level would have silenced every line.
+    for wrong in ["garbage", "warning", "info,verbose"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--spool"])
+            .arg(dir.path().join("spool"))
+            .env("RUST_LOG", wrong)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{wrong}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("RUST_LOG"), "{err}");
+    }
 }
