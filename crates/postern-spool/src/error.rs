@@ -27,12 +27,31 @@ pub enum SpoolError {
     /// caller, not temporary.
     #[error("draft not of this spool")]
     UnknownDraft,
+    /// A segment in a format this build cannot read, written by a newer postern (a
+    /// downgrade): the spool is left untouched, for that version. Not temporary.
+    #[error(
+        "{}: written by a newer postern (spool format {found}; this one reads format {supported}): \
+         run that version on this spool",
+        path.display()
+    )]
+    NewerFormat {
+        /// The segment file.
+        path: std::path::PathBuf,
+        /// Its format version.
+        found: u32,
+        /// The format this build reads and writes.
+        supported: u32,
+    },
 }
 
 impl SpoolError {
-    /// Whether the client may try again later (`452 4.3.1`): every case but a caller bug.
+    /// Whether the client may try again later (`452 4.3.1`): every case but a caller bug and
+    /// a spool of a newer format (both met before any client).
     pub fn is_temporary(&self) -> bool {
-        !matches!(self, SpoolError::UnknownDraft)
+        !matches!(
+            self,
+            SpoolError::UnknownDraft | SpoolError::NewerFormat { .. }
+        )
     }
 
     /// Sorts an I/O error into "out of space" and the rest.

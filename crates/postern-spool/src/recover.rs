@@ -197,6 +197,15 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                 Err(e) => return Err(SpoolError::at(&path)(e)),
             };
             let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::at(&path))?);
+            // A newer postern's segment is not damage to set aside: nothing is read or
+            // changed, and the start (or the listing) ends here, saying so.
+            if let Header::Newer(found) = header(map.range(0, map.len())) {
+                return Err(SpoolError::NewerFormat {
+                    path,
+                    found,
+                    supported: crate::format::VERSION,
+                });
+            }
             let mut scan = Scan {
                 map: &map,
                 core,
@@ -280,7 +289,8 @@ impl Scan<'_> {
                 self.out.unused_segments += 1;
                 return;
             }
-            Header::Bad => {
+            // (A newer format's segment stopped the scan before this one.)
+            Header::Bad | Header::Newer(_) => {
                 self.corrupt(0);
                 return;
             }

@@ -172,6 +172,9 @@ pub(crate) enum Header {
     /// Something else: not ours, or damaged (a segment file is never shorter than its header,
     /// since it gets its name only once made).
     Bad,
+    /// Our magic with a later format version: written by a newer postern. Not damage: what
+    /// it holds is kept for that version to read.
+    Newer(u32),
 }
 
 /// Whether `data` holds only zero bytes (eight at a time where it can).
@@ -198,6 +201,11 @@ pub(crate) fn header(data: &[u8]) -> Header {
         Header::Valid {
             salt: u32::from_le_bytes([h[24], h[25], h[26], h[27]]),
             size: u64::from_le_bytes([h[28], h[29], h[30], h[31], h[32], h[33], h[34], h[35]]),
+        }
+    } else if &h[..8] == MAGIC {
+        match u32::from_le_bytes([h[8], h[9], h[10], h[11]]) {
+            found if found > VERSION => Header::Newer(found),
+            _ => Header::Bad,
         }
     } else {
         Header::Bad
@@ -572,6 +580,12 @@ mod tests {
         let mut bad = data[..HEADER].to_vec();
         bad[9] = 9;
         assert_eq!(header(&bad), Header::Bad);
+        let mut newer = bad.clone();
+        newer[..8].copy_from_slice(MAGIC);
+        newer[8..12].copy_from_slice(&9u32.to_le_bytes());
+        assert_eq!(header(&newer), Header::Newer(9));
+        newer[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(header(&newer), Header::Bad);
         assert_ne!(new_salt(1), new_salt(1), "salts are drawn, not derived");
     }
 }
