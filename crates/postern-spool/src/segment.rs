@@ -177,6 +177,10 @@ pub(crate) enum Header {
     Newer(u32),
 }
 
+/// How far past this build's format a version word is taken for a newer postern's rather
+/// than for damage.
+const NEWER_VERSIONS: u32 = 16;
+
 /// Whether `data` holds only zero bytes (eight at a time where it can).
 fn all_zero(data: &[u8]) -> bool {
     let (words, rest) = data.split_at(data.len() - data.len() % 8);
@@ -203,8 +207,9 @@ pub(crate) fn header(data: &[u8]) -> Header {
             size: u64::from_le_bytes([h[28], h[29], h[30], h[31], h[32], h[33], h[34], h[35]]),
         }
     } else if &h[..8] == MAGIC {
+        // Only a version a few steps ahead: a damaged word (a flipped high bit) is damage.
         match u32::from_le_bytes([h[8], h[9], h[10], h[11]]) {
-            found if found > VERSION => Header::Newer(found),
+            found if found > VERSION && found <= VERSION + NEWER_VERSIONS => Header::Newer(found),
             _ => Header::Bad,
         }
     } else {
@@ -586,6 +591,12 @@ mod tests {
         assert_eq!(header(&newer), Header::Newer(9));
         newer[8..12].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(header(&newer), Header::Bad);
+        newer[8..12].copy_from_slice(&(VERSION + NEWER_VERSIONS + 1).to_le_bytes());
+        assert_eq!(
+            header(&newer),
+            Header::Bad,
+            "past any plausible version: damage"
+        );
         assert_ne!(new_salt(1), new_salt(1), "salts are drawn, not derived");
     }
 }
