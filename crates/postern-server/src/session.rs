@@ -237,6 +237,11 @@ impl Session {
                         if self.core.relay.allows(&path, self.peer.ip(), self.local) {
                             self.proto.accept();
                         } else {
+                            tracing::info!(
+                                client = %self.peer.ip(),
+                                to = ?path.to_string().trim_matches(['<', '>']),
+                                "recipient refused: 554 5.7.1 relay access denied"
+                            );
                             self.proto.reject(RELAY_DENIED);
                         }
                     }
@@ -614,6 +619,17 @@ impl Session {
                 self.proto.message_queued(&queue_id);
                 self.eod_queued = true;
                 if let Some(meta) = self.meta.take() {
+                    // The record of where a message came from, for the operator (the
+                    // delivery lines give where it went, under the same queue ID).
+                    tracing::info!(
+                        queue_id = %queue_id,
+                        client = %self.peer.ip(),
+                        helo = ?meta.helo,
+                        from = ?meta.reverse_path,
+                        nrcpt = meta.recipients.len(),
+                        size,
+                        "message accepted"
+                    );
                     self.core.accepted(Accepted {
                         queue_id,
                         meta,

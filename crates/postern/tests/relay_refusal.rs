@@ -83,3 +83,50 @@ fn a_relay_network_given_as_one_address_is_that_address() {
         assert_eq!(reply.starts_with("250 "), allowed, "{from:?}: {reply}");
     }
 }
+
+#[test]
+fn the_log_says_what_was_accepted_from_whom_and_what_relaying_was_refused() {
+    let mut server = Server::start(&[
+        "--relay-network",
+        "192.0.2.0/24",
+        "--accept-domain",
+        "example.org",
+    ]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO outsider.test");
+    assert_eq!(c.cmd("MAIL FROM:<a@outsider.test>"), "250 2.1.0 Ok");
+    assert_eq!(
+        c.cmd("RCPT TO:<victim@elsewhere.test>"),
+        "554 5.7.1 Relay access denied"
+    );
+    assert_eq!(c.cmd("RCPT TO:<user@example.org>"), "250 2.1.5 Ok");
+    assert_eq!(c.cmd("RCPT TO:<other@example.org>"), "250 2.1.5 Ok");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: logged\r\n\r\nbody\r\n.\r\n");
+    let reply = c.line();
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    let queue_id = common::queue_id(&reply);
+    c.cmd("QUIT");
+    let log = server.terminate_for_log();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("relay access denied"))
+        .unwrap_or_else(|| panic!("no refusal logged: {log}"));
+    assert!(refused.contains("client=127.0.0.1"), "{refused}");
+    assert!(refused.contains("to=\"victim@elsewhere.test\""), "{refused}");
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("message accepted"))
+        .unwrap_or_else(|| panic!("no acceptance logged: {log}"));
+    for field in [
+        format!("queue_id={queue_id}"),
+        "client=127.0.0.1".to_owned(),
+        "helo=\"outsider.test\"".to_owned(),
+        "from=\"a@outsider.test\"".to_owned(),
+        "nrcpt=2".to_owned(),
+    ] {
+        assert!(accepted.contains(&field), "{field}: {accepted}");
+    }
+    assert!(accepted.contains(" size="), "{accepted}");
+}
