@@ -83,7 +83,7 @@ struct Serve {
     /// Spool directory.
     #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
     spool: PathBuf,
-    /// Size of each spool segment file, reserved on disk when it is created.
+    /// Size of each spool segment file, reserved on disk when it is created (64k to 4G).
     #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size)]
     spool_segment_size: u64,
     /// Spool size (all cores) at which new mail gets 452 4.3.1 until it falls to 80 % of it;
@@ -214,7 +214,7 @@ struct Serve {
     max_outbound_connections: usize,
     /// Messages pipelined into each other on one outbound connection when the next hop
     /// offers PIPELINING and CHUNKING: each transaction is written before the earlier ones'
-    /// replies are read. 1 sends one transaction per round trip.
+    /// replies are read (1 to 256). 1 sends one transaction per round trip.
     #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1, value_parser = trimmed::<usize>)]
     max_transactions_in_flight: usize,
     /// How long an idle outbound connection waits for the next message.
@@ -257,6 +257,28 @@ pub(crate) struct Config {
     pub(crate) relay: Option<RelayConfig>,
 }
 
+/// `POSTERN_*` variables set in the environment that name no setting of `postern serve` (a
+/// misspelt name, or one of another version), each ignored: for a warning at start.
+pub(crate) fn unknown_variables() -> Vec<String> {
+    let cli = <Cli as clap::CommandFactory>::command();
+    let known: Vec<String> = cli
+        .find_subcommand("serve")
+        .map(|serve| {
+            serve
+                .get_arguments()
+                .filter_map(|a| a.get_env())
+                .filter_map(|e| e.to_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut unknown: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("POSTERN_") && !known.contains(k))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// One item of a list flag, without the blanks around it: a `POSTERN_*` variable may list
 /// `a.example, b.example` as well as `a.example,b.example`.
 fn trimmed<T>(s: &str) -> Result<T, String>
@@ -264,7 +286,16 @@ where
     T: std::str::FromStr,
     T::Err: std::fmt::Display,
 {
-    s.trim().parse().map_err(|e: T::Err| e.to_string())
+    let s = s.trim();
+    s.parse().map_err(|e: T::Err| {
+        // The parser's own words for `-1` are "invalid digit found in string".
+        match s.strip_prefix('-') {
+            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                format!("'{s}' is negative; it takes a whole number")
+            }
+            _ => e.to_string(),
+        }
+    })
 }
 
 /// A number within `low..=high`, without the blanks around it.

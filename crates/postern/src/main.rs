@@ -108,6 +108,10 @@ fn main() -> ExitCode {
         .with_ansi(colour)
         .with_env_filter(log_filter)
         .init();
+    tracing::info!("postern {} starting", env!("CARGO_PKG_VERSION"));
+    for var in cli::unknown_variables() {
+        tracing::warn!("{var} names no setting and is ignored (a misspelt name?)");
+    }
     // Past RLIMIT_FSIZE a write raises SIGXFSZ, which ends the process by default; with a
     // handler the write fails with EFBIG instead, which the spool answers as a full disk
     // (452 4.3.1) and logs.
@@ -369,9 +373,18 @@ fn main() -> ExitCode {
                         }
                         continue;
                     }
+                    if signal == SIGHUP {
+                        // `systemctl reload` without TLS: nothing is read again.
+                        tracing::info!(
+                            "SIGHUP: nothing to read again (it reloads the --tls-cert and \
+                             --tls-key files, and none are set); other settings take a restart"
+                        );
+                        continue;
+                    }
                     // Every other setting is a flag: a restart applies new ones. A stray
                     // signal must not kill the server abruptly.
-                    tracing::warn!(signal, "signal ignored; SIGTERM stops postern");
+                    let name = signal_hook::low_level::signal_name(signal).unwrap_or("unknown");
+                    tracing::warn!("{name} ignored; SIGTERM stops postern");
                 }
             });
         }

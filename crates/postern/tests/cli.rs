@@ -1392,3 +1392,33 @@ fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
         assert!(err.contains("RUST_LOG"), "{err}");
     }
 }
+
+#[test]
+fn a_negative_number_is_called_negative() {
+    for flag in ["--cores", "--max-connections", "--max-junk-commands"] {
+        refused(&["serve", flag, "-1"], flag);
+        let (_, _, err) = run(&["serve", flag, "-1"]);
+        assert!(err.contains("'-1' is negative"), "{err}");
+    }
+}
+
+#[test]
+fn the_start_names_its_version_and_a_misspelt_variable() {
+    let mut server = common::Server::start_with_env(&[], &[("POSTERN_METRIC", "127.0.0.1:0")]);
+    // SIGHUP without TLS files reads nothing again, and says so.
+    server.signal("-HUP");
+    server.log_until(|l| l.contains("SIGHUP: nothing to read again"));
+    let log = server.terminate_for_log();
+    assert!(
+        log.contains(&format!("postern {} starting", env!("CARGO_PKG_VERSION"))),
+        "{log}"
+    );
+    let warned = log
+        .lines()
+        .find(|l| l.contains("POSTERN_METRIC "))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(warned.contains("WARN"), "{warned}");
+    assert!(warned.contains("names no setting"), "{warned}");
+    // The real settings' names are not warned of.
+    assert!(!log.contains("POSTERN_HOLD names"), "{log}");
+}

@@ -114,7 +114,10 @@ fn the_log_says_what_was_accepted_from_whom_and_what_relaying_was_refused() {
         .find(|l| l.contains("relay access denied"))
         .unwrap_or_else(|| panic!("no refusal logged: {log}"));
     assert!(refused.contains("client=127.0.0.1"), "{refused}");
-    assert!(refused.contains("to=\"victim@elsewhere.test\""), "{refused}");
+    assert!(
+        refused.contains("to=\"victim@elsewhere.test\""),
+        "{refused}"
+    );
     let accepted = log
         .lines()
         .find(|l| l.contains("message accepted"))
