@@ -20,6 +20,42 @@ use crate::store::CoreStore;
 /// At most one log line about spool errors per core this often.
 const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Messages the operator asked to delete (`postern queue --delete`, then SIGUSR2), handed
+/// from the signal thread to the cores: each core takes those of its own spool at its next
+/// tick (50 ms).
+#[derive(Debug, Default)]
+pub struct Deletions {
+    /// Raised with each request, so that a core looks at the list only when it changed.
+    asked: AtomicU64,
+    /// Queue IDs with their number of recipients, not yet taken by their core.
+    waiting: Mutex<Vec<(String, u32)>>,
+}
+
+/// Requests kept for a core that never takes them (an ID of no core of this run).
+const MAX_DELETIONS_WAITING: usize = 10_000;
+
+impl Deletions {
+    /// Asks the cores to delete these messages (queue ID, recipients).
+    pub fn ask(&self, ids: Vec<(String, u32)>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.extend(ids);
+        let over = waiting.len().saturating_sub(MAX_DELETIONS_WAITING);
+        waiting.drain(..over);
+        drop(waiting);
+        self.asked.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The requests for `core`'s messages, taken out of the list.
+    fn take_for(&self, core: usize) -> Vec<(String, u32)> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut *waiting)
+            .into_iter()
+            .partition(|(id, _)| postern_spool::owner_core(id) == Some(core as u32));
+        *waiting = others;
+        mine
+    }
+}
+
 /// The process-wide stop request, set from the signal thread.
 #[derive(Debug, Default)]
 pub struct StopFlag {
@@ -65,6 +101,8 @@ pub(crate) struct Core {
     /// The process-wide stop request, which a session also reads before each command: the
     /// core's own flag follows it only at the next tick of `watch`.
     pub(crate) stop_flag: Arc<StopFlag>,
+    /// The operator's deletions, shared by the cores.
+    pub(crate) deletions: Arc<Deletions>,
     /// Woken when `stopping` is set, and again when `grace_over` is.
     pub(crate) stop_event: Event,
     /// The shutdown grace is over: sessions still inside a body are told 421 and closed.
@@ -118,6 +156,41 @@ impl Core {
         if let Some(c) = self.held.get(self.id) {
             c.store(self.store.live_messages() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Deletes a message of this core's spool for the operator: its delivery drops it, each
+    /// recipient is recorded as failed (no report is made: a failed status on disk means the
+    /// report was made), and once that is durable the message is forgotten and its space
+    /// reclaimed. An ID this spool does not hold leaves records nobody reads.
+    pub(crate) fn delete(self: &Rc<Self>, queue_id: &str, recipients: u32) {
+        let delivery = self.delivery.borrow().clone();
+        if let Some(d) = delivery {
+            d.deleted(queue_id);
+        }
+        let status = postern_spool::Status {
+            state: postern_spool::DeliveryState::Failed,
+            reply: "deleted by the operator".to_owned(),
+        };
+        for rcpt in 0..recipients {
+            if let Err(e) = self.store.append_status(queue_id, rcpt, &status) {
+                self.spool_error("deleting a message", &e);
+                return;
+            }
+        }
+        tracing::info!(queue_id, recipients, "deleted by the operator");
+        let core = self.clone();
+        let queue_id = queue_id.to_owned();
+        glommio::spawn_local(async move {
+            match core.store.flush().await {
+                Ok(()) => {
+                    if let Err(e) = core.store.mark_final(&queue_id) {
+                        core.spool_error("reclaiming segments", &e);
+                    }
+                }
+                Err(e) => core.spool_error("deleting a message", &e),
+            }
+        })
+        .detach();
     }
 
     /// Whether new transactions may start: the spool below its high-water mark (this core's
@@ -257,9 +330,17 @@ pub(crate) async fn watch(core: Rc<Core>, flag: Arc<StopFlag>) {
     const TICK: Duration = Duration::from_millis(50);
     const PUBLISH_EVERY: u32 = 5;
     let mut ticks = 0u32;
+    let mut deletions_seen = 0;
     loop {
         glommio::timer::sleep(TICK).await;
         ticks += 1;
+        let asked = core.deletions.asked.load(Ordering::Acquire);
+        if asked != deletions_seen {
+            deletions_seen = asked;
+            for (queue_id, recipients) in core.deletions.take_for(core.id) {
+                core.delete(&queue_id, recipients);
+            }
+        }
         if ticks % PUBLISH_EVERY == 0 {
             core.publish();
         }

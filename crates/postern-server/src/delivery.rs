@@ -35,6 +35,10 @@ pub trait Delivery {
     fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
         Box::pin(async {})
     }
+    /// The operator deleted this message of this core (`postern queue --delete`): it is
+    /// delivered no more, and nothing is reported of it. The core records its recipients as
+    /// failed and forgets it.
+    fn deleted(&self, _queue_id: &str) {}
     /// Transactions with a next hop under way on every core, their outcomes not yet known.
     fn in_flight(&self) -> usize {
         0

@@ -24,7 +24,7 @@ pub mod tls;
 mod watchdog;
 
 pub use config::{Settings, TlsFiles};
-pub use core::StopFlag;
+pub use core::{Deletions, StopFlag};
 pub use error::StartError;
 pub use postern_spool::DirLock;
 pub use received::rfc5322_date;

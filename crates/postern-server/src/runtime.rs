@@ -15,7 +15,7 @@ use postern_spool::{DirLock, LOCK_FILE};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Settings;
-use crate::core::{watch, Core, StopFlag};
+use crate::core::{watch, Core, Deletions, StopFlag};
 use crate::delivery::{CoreHandle, DeliveryFactory};
 use crate::error::StartError;
 use crate::limits::{ConnectionLimits, Refusal};
@@ -41,6 +41,7 @@ pub struct Running {
     /// The metrics address actually bound.
     pub metrics: Option<SocketAddr>,
     stop: Arc<StopFlag>,
+    deletions: Arc<Deletions>,
     server_cert: Option<Arc<tls::ServerCert>>,
     threads: Vec<std::thread::JoinHandle<bool>>,
     /// Held until the cores have stopped: no other process opens this spool meanwhile.
@@ -51,6 +52,11 @@ impl Running {
     /// The flag that stops the server (for signal handlers).
     pub fn stop_flag(&self) -> Arc<StopFlag> {
         self.stop.clone()
+    }
+
+    /// Where the operator's deletions go (for the signal thread, on SIGUSR2).
+    pub fn deletions(&self) -> Arc<Deletions> {
+        self.deletions.clone()
     }
 
     /// The server's certificate and key when TLS is on, to read again on SIGHUP.
@@ -267,6 +273,7 @@ pub fn start_locked(
     let registry = Registry::default();
     registry.set_spool_damage(settings.spool_damage_found);
     let stop = Arc::new(StopFlag::default());
+    let deletions = Arc::new(Deletions::default());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut threads = Vec::new();
@@ -293,6 +300,7 @@ pub fn start_locked(
             limits: limits.clone(),
             published: registry.slot(),
             stop: stop.clone(),
+            deletions: deletions.clone(),
             listen: listen.clone(),
             listen_tls: listen_tls.clone(),
             delivery: delivery.clone(),
@@ -345,6 +353,7 @@ pub fn start_locked(
         listen_tls,
         metrics,
         stop,
+        deletions,
         server_cert,
         threads,
         _spool_lock: spool_lock,
@@ -381,6 +390,7 @@ struct CoreInit {
     limits: Arc<ConnectionLimits>,
     published: Arc<std::sync::Mutex<crate::metrics::CoreMetrics>>,
     stop: Arc<StopFlag>,
+    deletions: Arc<Deletions>,
     listen: Vec<SocketAddr>,
     listen_tls: Vec<SocketAddr>,
     delivery: Option<DeliveryFactory>,
@@ -429,6 +439,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         store,
         stopping: Default::default(),
         stop_flag: init.stop.clone(),
+        deletions: init.deletions.clone(),
         stop_event: Default::default(),
         grace_over: Default::default(),
         sessions: Default::default(),

@@ -50,6 +50,12 @@ pub(crate) struct Queue {
     /// (it sends that process SIGUSR1).
     #[arg(long, conflicts_with = "json")]
     pub(crate) flush: bool,
+    /// Instead of listing, delete these queued messages (queue IDs, repeatable or comma
+    /// separated): the postern serving this spool records their recipients as failed, sends
+    /// no report, and forgets them. Waits up to 10 s for them to leave the queue.
+    #[arg(long, value_delimiter = ',', value_parser = trimmed::<String>,
+          conflicts_with_all = ["json", "flush"])]
+    pub(crate) delete: Vec<String>,
 }
 
 /// What the command line asks for.

@@ -252,6 +252,7 @@ fn main() -> ExitCode {
     // Said before the spool is read (a long recovery), once any move to fewer cores is done
     // (the marker must not take the room a move's journal needs on a full disk).
     mark_held(&settings.spool_dir, config_relay.is_none());
+    let spool_dir = settings.spool_dir.clone();
     for net in settings
         .relay_networks
         .iter()
@@ -322,6 +323,7 @@ fn main() -> ExitCode {
     let plural = if cores == 1 { "" } else { "s" };
     say!("postern: ready with {cores} core{plural}");
     let stop = running.stop_flag();
+    let deletions = running.deletions();
     let server_cert = running.server_cert();
     match signals {
         Ok(mut signals) => {
@@ -357,6 +359,16 @@ fn main() -> ExitCode {
                                 tracing::info!("SIGUSR1: nothing to flush, --hold delivers nothing")
                             }
                         }
+                        continue;
+                    }
+                    if signal == SIGUSR2 {
+                        // `postern queue --delete`: its requests wait in the spool.
+                        let asked = deletion_requests(&spool_dir);
+                        tracing::info!(
+                            messages = asked.len(),
+                            "SIGUSR2: deleting for the operator"
+                        );
+                        deletions.ask(asked);
                         continue;
                     }
                     if let (SIGHUP, Some(cert)) = (signal, &server_cert) {
@@ -580,6 +592,39 @@ fn warn_left_behind(folded: &postern_spool::Folded) {
              deleted by hand"
         );
     }
+}
+
+/// Takes the requests of `postern queue --delete` out of the spool directory: each file's
+/// lines `<queue id> <recipients>`. A line that is not one is passed over.
+fn deletion_requests(spool: &std::path::Path) -> Vec<(String, u32)> {
+    let mut asked = Vec::new();
+    let Ok(entries) = std::fs::read_dir(spool) else {
+        return asked;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(queue::DELETE_PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!("{}: {e}", path.display());
+        }
+        for line in text.lines() {
+            let mut words = line.split_ascii_whitespace();
+            if let (Some(id), Some(Ok(n)), None) = (
+                words.next(),
+                words.next().map(str::parse::<u32>),
+                words.next(),
+            ) {
+                if postern_spool::owner_core(id).is_some() {
+                    asked.push((id.to_owned(), n));
+                }
+            }
+        }
+    }
+    asked
 }
 
 /// Says in the spool whether this server holds its mail (`--hold`), for `postern queue`. A

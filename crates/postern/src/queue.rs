@@ -33,6 +33,8 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
     use std::io::Write as _;
     let result = if q.flush {
         flush(&q.spool).map(|text| (text, String::new()))
+    } else if !q.delete.is_empty() {
+        delete(&q.spool, &q.delete).map(|text| (text, String::new()))
     } else {
         listing(&q.spool, q.json)
     };
@@ -95,6 +97,81 @@ fn flush(spool: &Path) -> Result<String, String> {
         "asked postern (pid {}) to try its deferred mail now; its log says what it did\n",
         pid.as_raw_nonzero()
     ))
+}
+
+/// Requests of `postern queue --delete` in the spool directory, one file each:
+/// `postern.delete.<pid>`, a line `<queue id> <recipients>` per message. The server reads
+/// and removes them on SIGUSR2.
+pub(crate) const DELETE_PREFIX: &str = "postern.delete.";
+
+/// How long `--delete` waits for the messages to leave the queue.
+const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks the server holding `spool`'s lock to delete the messages `ids`, then waits (bounded)
+/// until the queue no longer lists them. Each ID must be in the queue now.
+fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
+    let queued = |spool: &Path| -> Result<Vec<(String, u32)>, String> {
+        let recovered = postern_spool::recover(spool)
+            .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))?;
+        Ok(recovered
+            .messages
+            .iter()
+            .filter(|m| !m.is_final())
+            .map(|m| (m.queue_id.clone(), m.meta.recipients.len() as u32))
+            .collect())
+    };
+    if !spool.join(postern_spool::LOCK_FILE).is_file() {
+        return Err(format!(
+            "no spool at {} (no {}; give the --spool of `postern serve`)",
+            spool.display(),
+            postern_spool::LOCK_FILE
+        ));
+    }
+    let pid = server_pid(spool).map_err(|e| {
+        format!("{e}: a deletion is made by the server on the spool (start it, with --hold to deliver nothing meanwhile)")
+    })?;
+    let now = queued(spool)?;
+    let mut asked = Vec::new();
+    for id in ids {
+        match now.iter().find(|(q, _)| q == id) {
+            Some(found) => asked.push(found.clone()),
+            None => return Err(format!("{id} is not in the queue of {}", spool.display())),
+        }
+    }
+    let raw = pid.as_raw_nonzero();
+    let name = format!("{DELETE_PREFIX}{}", std::process::id());
+    let tmp = spool.join(format!(".{name}.tmp"));
+    let text: String = asked.iter().map(|(id, n)| format!("{id} {n}\n")).collect();
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, spool.join(&name)))
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::USR2)
+        .map_err(|e| format!("cannot signal postern (pid {raw}): {e}"))?;
+    let deadline = std::time::Instant::now() + DELETE_WAIT;
+    loop {
+        let left: Vec<&String> = {
+            let now = queued(spool)?;
+            ids.iter()
+                .filter(|id| now.iter().any(|(q, _)| q == *id))
+                .collect()
+        };
+        if left.is_empty() {
+            let mut out = String::new();
+            for id in ids {
+                out.push_str(&format!("deleted {id}\n"));
+            }
+            return Ok(out);
+        }
+        if std::time::Instant::now() >= deadline {
+            let left: Vec<&str> = left.iter().map(|s| s.as_str()).collect();
+            return Err(format!(
+                "postern (pid {raw}) has not deleted {} within {}s; its log says why",
+                left.join(", "),
+                DELETE_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The process that holds the lock on the spool directory itself (a running postern).

@@ -435,15 +435,6 @@ fn recipients_failed_in_one_transaction_get_one_bounce() {
     assert_eq!(reports.len(), ids.len(), "bounces of messages not sent");
 }
 
-/// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
-/// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
-fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reserved) {
-    let route = format!("origin.test=127.0.0.1:{}", origin.port);
-    let mut args = vec!["--route", &route];
-    args.extend(extra);
-    unreachable_dest(&args)
-}
-
 #[test]
 fn undeliverable_past_the_queue_lifetime_bounces_with_its_last_error_s_status() {
     // Nothing answers: the last error is postern's own 4.4.1 (no answer from the host), which

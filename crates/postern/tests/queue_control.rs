@@ -395,3 +395,124 @@ fn the_listing_and_a_flush_say_when_the_server_holds_its_mail() {
     assert!(out.status.success(), "{out:?}");
     drop(server);
 }
+
+/// `postern queue --delete IDS` on `spool`: exit code, stdout, stderr.
+fn delete(spool: &std::path::Path, ids: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(spool)
+        .args(["--delete", ids])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The queue IDs `postern queue --json` lists.
+fn listed(spool: &std::path::Path) -> Vec<String> {
+    queue_listing(spool)
+        .iter()
+        .map(|m| m["queue_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_held_message_deleted_by_the_operator_leaves_the_queue_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut server = Server::start_in(&[], spool.clone(), None);
+    let doomed = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test", "c@dest.test"],
+        "<d@t>",
+        "x\r\n",
+    );
+    let kept = send(&server, "a@origin.test", &["b@dest.test"], "<k@t>", "x\r\n");
+    let mut before = listed(&spool);
+    before.sort();
+    let mut both = vec![doomed.clone(), kept.clone()];
+    both.sort();
+    assert_eq!(before, both);
+    let (code, out, err) = delete(&spool, &doomed);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, format!("deleted {doomed}\n"));
+    assert_eq!(listed(&spool), std::slice::from_ref(&kept));
+    server.log_until(|l| l.contains("deleted by the operator") && l.contains(&doomed));
+    // Recorded in the spool: a restart does not bring it back.
+    assert!(server.terminate().success());
+    let mut server = Server::start_in(&[], spool.clone(), None);
+    assert_eq!(listed(&spool), std::slice::from_ref(&kept));
+    // An ID not in the queue (the one just deleted) is refused by name.
+    let (code, _, err) = delete(&spool, &doomed);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{doomed} is not in the queue")),
+        "{err}"
+    );
+    // No request file is left behind.
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("delete"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Without a server, nothing is deleted, and the command says what to do.
+    assert!(server.terminate().success());
+    let (code, _, err) = delete(&spool, &kept);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("start it"), "{err}");
+    assert_eq!(listed(&spool), [kept]);
+}
+
+#[test]
+fn a_deferred_message_deleted_by_the_operator_is_not_delivered_and_nobody_is_told() {
+    // The next hop is down: the message waits for its retry an hour away. Deleted, it is not
+    // delivered when the next hop is back and the queue is flushed; no report goes out.
+    let origin = Peer::start(&[]);
+    let down = reserve("127.0.0.1", 0);
+    let dest = format!("dest.test=127.0.0.1:{}", down.1);
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &dest, "--route", &back, "--retry-initial", "1h"]);
+    let doomed = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<gone@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("deferred"));
+    let (code, _, err) = delete(&server.spool, &doomed);
+    assert_eq!(code, Some(0), "{err}");
+    let port = down.1;
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--flush", "--spool"])
+        .arg(&server.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    server.log_until(|l| l.contains("SIGUSR1: trying deferred mail now"));
+    // A message sent after it is delivered; the deleted one, flushed before it, never.
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<after@t>",
+        "x\r\n",
+    );
+    let stored = peer.wait_for("the later message", Duration::from_secs(20), |s| {
+        s.iter().any(|m| m.message_id == "<after@t>")
+    });
+    assert!(
+        stored.iter().all(|m| m.message_id != "<gone@t>"),
+        "the deleted message was delivered"
+    );
+    assert!(origin.stored().is_empty(), "a report went to the sender");
+    assert!(listed(&server.spool).is_empty());
+}

@@ -21,7 +21,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -117,6 +117,9 @@ struct Msg {
     owner: usize,
     meta: MessageMeta,
     body: MessageRef,
+    /// Deleted by the operator (`postern queue --delete`): its jobs still queued on any core
+    /// are dropped instead of delivered.
+    deleted: AtomicBool,
 }
 
 /// The recipients of one message that go to one next hop.
@@ -545,6 +548,7 @@ impl Delivery for CoreRelay {
             owner: self.id,
             meta: message.meta,
             body: message.body,
+            deleted: AtomicBool::new(false),
         });
         let all: Vec<u32> = (0..msg.meta.recipients.len() as u32).collect();
         self.track(msg.clone(), all.len());
@@ -573,6 +577,16 @@ impl Delivery for CoreRelay {
                 glommio::timer::sleep(WIND_DOWN_POLL).await;
             }
         })
+    }
+
+    fn deleted(&self, queue_id: &str) {
+        // Its outcomes still to come are ignored (nothing tracks it), and its jobs queued on
+        // any core are dropped when their turn comes.
+        let Some(t) = self.tracked.borrow_mut().remove(queue_id) else {
+            return;
+        };
+        t.msg.deleted.store(true, Ordering::Release);
+        self.publish_depth();
     }
 
     fn in_flight(&self) -> usize {
@@ -633,6 +647,7 @@ impl CoreRelay {
                 owner: self.id,
                 meta: m.meta.clone(),
                 body: m.body().clone(),
+                deleted: AtomicBool::new(false),
             });
             let mut now_rcpts = Vec::new();
             let mut later: HashMap<u64, Vec<u32>> = HashMap::new();

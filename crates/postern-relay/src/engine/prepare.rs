@@ -12,6 +12,10 @@ impl CoreRelay {
         conn: &Outbound,
         mut job: Job,
     ) -> Option<(Job, Transaction, MessageRef)> {
+        if job.msg.deleted.load(Ordering::Acquire) {
+            // Deleted by the operator: its owner has settled and forgotten it.
+            return None;
+        }
         let meta = &job.msg.meta;
         let caps = conn.capabilities();
         let (chunking, binarymime, smtputf8, eightbitmime) = (

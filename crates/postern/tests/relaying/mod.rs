@@ -317,6 +317,15 @@ pub fn stop_sink(mut sink: Child, mut out: BufReader<std::process::ChildStdout>)
     counters
 }
 
+/// postern with dest.test routed to a port where nothing listens, origin.test (the senders'
+/// domain, where reports go) routed to `origin`, fast retries, and `extra` flags.
+pub fn unreachable_dest_with_origin(origin: &Peer, extra: &[&str]) -> (Server, Reserved) {
+    let route = format!("origin.test=127.0.0.1:{}", origin.port);
+    let mut args = vec!["--route", &route];
+    args.extend(extra);
+    unreachable_dest(&args)
+}
+
 /// postern with dest.test routed to a port where nothing listens (held until the returned
 /// reservation is dropped), fast retries, and `extra` flags.
 pub fn unreachable_dest(extra: &[&str]) -> (Server, Reserved) {
