@@ -31,6 +31,9 @@ pub struct Deletions {
     waiting: Mutex<Vec<(String, u32)>>,
 }
 
+/// Relay refusals logged per second and core.
+const REFUSALS_LOGGED: u32 = 20;
+
 /// Requests kept for a core that never takes them (an ID of no core of this run).
 const MAX_DELETIONS_WAITING: usize = 10_000;
 
@@ -103,6 +106,9 @@ pub(crate) struct Core {
     pub(crate) stop_flag: Arc<StopFlag>,
     /// The operator's deletions, shared by the cores.
     pub(crate) deletions: Arc<Deletions>,
+    /// Relay refusals logged in the current second (its start, how many, how many more were
+    /// not): a flood of them must not crowd out the lines that matter.
+    pub(crate) refusals_logged: Cell<(Option<std::time::Instant>, u32, u64)>,
     /// Woken when `stopping` is set, and again when `grace_over` is.
     pub(crate) stop_event: Event,
     /// The shutdown grace is over: sessions still inside a body are told 421 and closed.
@@ -155,6 +161,37 @@ impl Core {
         }
         if let Some(c) = self.held.get(self.id) {
             c.store(self.store.live_messages() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Logs a recipient refused for relaying: at most [`REFUSALS_LOGGED`] a second on this
+    /// core; past that they are counted, and the count is logged with the next one logged.
+    pub(crate) fn log_relay_refusal(&self, client: std::net::IpAddr, to: &str) {
+        let now = std::time::Instant::now();
+        let (since, logged, unlogged) = self.refusals_logged.get();
+        let (since, logged, unlogged) = match since {
+            Some(at) if now.duration_since(at) < Duration::from_secs(1) => (at, logged, unlogged),
+            _ => {
+                if unlogged > 0 {
+                    tracing::info!(
+                        unlogged,
+                        "more recipients refused for relaying than are logged (20 a second)"
+                    );
+                }
+                (now, 0, 0)
+            }
+        };
+        if logged < REFUSALS_LOGGED {
+            tracing::info!(
+                client = %client,
+                to = ?to,
+                "recipient refused: 554 5.7.1 relay access denied"
+            );
+            self.refusals_logged
+                .set((Some(since), logged + 1, unlogged));
+        } else {
+            self.refusals_logged
+                .set((Some(since), logged, unlogged + 1));
         }
     }
 

@@ -440,6 +440,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         stopping: Default::default(),
         stop_flag: init.stop.clone(),
         deletions: init.deletions.clone(),
+        refusals_logged: Default::default(),
         stop_event: Default::default(),
         grace_over: Default::default(),
         sessions: Default::default(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_lite::future;
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use postern_proto::address::ForwardPath;
 use postern_proto::server::replies;
 use postern_proto::{EnhancedCode, Event, ServerSession, StaticReply};
 
@@ -237,11 +238,11 @@ impl Session {
                         if self.core.relay.allows(&path, self.peer.ip(), self.local) {
                             self.proto.accept();
                         } else {
-                            tracing::info!(
-                                client = %self.peer.ip(),
-                                to = ?path.to_string().trim_matches(['<', '>']),
-                                "recipient refused: 554 5.7.1 relay access denied"
-                            );
+                            let to = match path {
+                                ForwardPath::Mailbox(m) => m.to_string(),
+                                ForwardPath::Postmaster => "Postmaster".to_owned(),
+                            };
+                            self.core.log_relay_refusal(self.peer.ip(), &to);
                             self.proto.reject(RELAY_DENIED);
                         }
                     }

@@ -127,7 +127,7 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Takes group and other access away from `dir` where it has any. Best effort: a directory
-/// this user does not own keeps its mode (the spool still works; only its privacy is the
+/// this user may not change keeps its mode (the spool still works; only its privacy is the
 /// owner's to set).
 pub(crate) fn make_private(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;

@@ -296,7 +296,7 @@ where
     s.parse().map_err(|e: T::Err| {
         // The parser's own words for `-1` are "invalid digit found in string".
         match s.strip_prefix('-') {
-            Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(n) if n.bytes().all(|b| b.is_ascii_digit()) && n.bytes().any(|b| b != b'0') => {
                 format!("'{s}' is negative; it takes a whole number")
             }
             _ => e.to_string(),

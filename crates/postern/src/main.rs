@@ -30,7 +30,14 @@ fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
     if value.trim().is_empty() {
         return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     }
-    for directive in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+    // Blanks around each part are dropped here: the filter's parser would keep them in a
+    // target's name (`info, postern=debug` would name a target " postern").
+    let directives: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    for directive in &directives {
         let bare = !directive.contains(['=', '[']);
         if bare
             && directive
@@ -43,9 +50,10 @@ fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
             ));
         }
     }
+    let filter = directives.join(",");
     tracing_subscriber::EnvFilter::builder()
-        .parse(&value)
-        .map_err(|e| format!("RUST_LOG: '{}': {e}", value.trim()))
+        .parse(&filter)
+        .map_err(|e| format!("RUST_LOG: '{filter}': {e}"))
 }
 
 /// Messages moved to other cores at start-up that get a log line each (old and new queue ID).

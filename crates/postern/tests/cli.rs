@@ -1378,6 +1378,10 @@ fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
     assert!(start("info").contains(held));
     assert!(start("WARN,postern=info").contains(held));
     assert!(!start("warn").contains(held));
+    // Blanks around the parts, as in the lists of POSTERN_* variables.
+    assert!(start("warn, postern=info").contains(held));
+    assert!(!start(" warn ").contains(held));
+    assert!(start(" info ").contains(held));
     // A word that is no level would have silenced every line.
     for wrong in ["garbage", "warning", "info,verbose"] {
         let out = Command::new(env!("CARGO_BIN_EXE_postern"))

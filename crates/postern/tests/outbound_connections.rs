@@ -637,15 +637,14 @@ fn a_trickle_of_mail_keeps_its_connection_beside_a_backlog_and_gives_it_up_when_
     };
     trickle(0);
     assert_eq!(stored_t.recv_timeout(Duration::from_secs(20)).unwrap().0, 0);
-    for k in 0..3 {
-        let id = format!("<big{k}@t>");
-        send(&server, "s@origin.test", &["r@big.test"], &id, "x\r\n");
-    }
+    // The trickle's connection is idle from here: the backlog and the next trickle message
+    // go in at once (the backlog's three in one session), well inside its second of grace.
+    send_in_one_session(&server, "r@big.test", "big", 3);
     // The pace of the trickle is the scenario: a message every 100 ms, each well inside the
     // second of idle after which its connection would go to the backlog.
     for k in 1..=10 {
-        std::thread::sleep(Duration::from_millis(100));
         trickle(k);
+        std::thread::sleep(Duration::from_millis(100));
     }
     for k in 1..=10 {
         let (n, _) = stored_t

@@ -133,3 +133,30 @@ fn the_log_says_what_was_accepted_from_whom_and_what_relaying_was_refused() {
     }
     assert!(accepted.contains(" size="), "{accepted}");
 }
+
+#[test]
+fn a_flood_of_relay_refusals_is_logged_twenty_a_second() {
+    // One core; 30 refused recipients, pipelined in two sessions, well within a second.
+    let mut server = Server::start(&["--cores", "1", "--relay-network", "192.0.2.0/24"]);
+    for session in 0..2 {
+        let mut c = server.connect();
+        c.line();
+        c.cmd("EHLO outsider.test");
+        let mut burst = String::from("MAIL FROM:<a@outsider.test>\r\n");
+        for k in 0..15 {
+            burst.push_str(&format!("RCPT TO:<v{session}-{k}@elsewhere.test>\r\n"));
+        }
+        c.send(burst.as_bytes());
+        assert_eq!(c.line(), "250 2.1.0 Ok");
+        for _ in 0..15 {
+            assert_eq!(c.line(), "554 5.7.1 Relay access denied");
+        }
+        c.cmd("QUIT");
+    }
+    let log = server.terminate_for_log();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("relay access denied"))
+        .count();
+    assert_eq!(logged, 20, "{log}");
+}
