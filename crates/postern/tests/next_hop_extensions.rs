@@ -170,6 +170,27 @@ fn a_utf8_domain_alone_does_not_make_the_message_need_smtputf8() {
 }
 
 #[test]
+fn a_sender_whose_only_utf8_is_its_domain_goes_in_a_labels() {
+    // The reverse path's domain in U-labels, the rest ASCII: the next hop without SMTPUTF8
+    // gets MAIL FROM with the domain in A-labels (RFC 6531 3.2), not a bounce.
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    send_commands(
+        &server,
+        &[
+            "MAIL FROM:<alice@b\u{fc}cher.test> SMTPUTF8",
+            "RCPT TO:<bob@dest.test>",
+        ],
+        "<from-idn@t>",
+    );
+    let (got, _) = peer.first("the message");
+    assert_eq!(got.message_id, "<from-idn@t>");
+    assert_eq!(got.mail_from, "alice@xn--bcher-kva.test");
+    assert_eq!(got.rcpt_tos, ["bob@dest.test"]);
+}
+
+#[test]
 fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
     // A next hop without SMTPUTF8; an ASCII sender and header section, one ASCII and one
     // UTF-8 recipient there: the ASCII one gets the message (without SMTPUTF8), the UTF-8
