@@ -51,6 +51,14 @@ impl<T> Schedule<T> {
         std::mem::take(&mut self.entries).into_values()
     }
 
+    /// Keeps only the items for which `keep` holds (to drop those that lost their reason to
+    /// wait), returning how many were dropped.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|_, item| keep(item));
+        before - self.entries.len()
+    }
+
     /// Items waiting.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -99,5 +107,18 @@ mod tests {
                 prop_assert_eq!(s.len(), model.len());
             }
         }
+    }
+    #[test]
+    fn retain_drops_what_fails_and_keeps_the_order_of_the_rest() {
+        let mut s = Schedule::new();
+        for (at, item) in [(30, 1), (10, 2), (20, 3), (10, 4)] {
+            s.insert(at, item);
+        }
+        assert_eq!(s.retain(|&item| item != 2 && item != 3), 2);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.next_deadline(), Some(10));
+        assert_eq!(s.pop_due(100), Some(4));
+        assert_eq!(s.pop_due(100), Some(1));
+        assert!(s.is_empty());
     }
 }

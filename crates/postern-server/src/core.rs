@@ -31,6 +31,9 @@ pub struct Deletions {
     waiting: Mutex<Vec<(String, u32)>>,
 }
 
+/// The most recipients a deletion records (a message has at most `--max-recipients`).
+const MAX_RECIPIENTS_DELETED: u32 = 100_000;
+
 /// Relay refusals logged per second and core.
 const REFUSALS_LOGGED: u32 = 20;
 
@@ -175,7 +178,8 @@ impl Core {
                 if unlogged > 0 {
                     tracing::info!(
                         unlogged,
-                        "more recipients refused for relaying than are logged (20 a second)"
+                        "more recipients refused for relaying than are logged ({REFUSALS_LOGGED} a \
+                         second)"
                     );
                 }
                 (now, 0, 0)
@@ -200,6 +204,8 @@ impl Core {
     /// report was made), and once that is durable the message is forgotten and its space
     /// reclaimed. An ID this spool does not hold leaves records nobody reads.
     pub(crate) fn delete(self: &Rc<Self>, queue_id: &str, recipients: u32) {
+        // The count comes from the request (the listing's): bounded, against a forged one.
+        let recipients = recipients.min(MAX_RECIPIENTS_DELETED);
         let delivery = self.delivery.borrow().clone();
         if let Some(d) = delivery {
             d.deleted(queue_id);
@@ -208,23 +214,35 @@ impl Core {
             state: postern_spool::DeliveryState::Failed,
             reply: "deleted by the operator".to_owned(),
         };
+        let mut recorded = true;
         for rcpt in 0..recipients {
             if let Err(e) = self.store.append_status(queue_id, rcpt, &status) {
-                self.spool_error("deleting a message", &e);
-                return;
+                tracing::error!(
+                    queue_id,
+                    "deleting: a status could not be written ({e}); the message is forgotten in \
+                     this run, and a restart may deliver the recipients not recorded"
+                );
+                recorded = false;
+                break;
             }
         }
-        tracing::info!(queue_id, recipients, "deleted by the operator");
+        if recorded {
+            tracing::info!(queue_id, recipients, "deleted by the operator");
+        }
         let core = self.clone();
         let queue_id = queue_id.to_owned();
         glommio::spawn_local(async move {
-            match core.store.flush().await {
-                Ok(()) => {
-                    if let Err(e) = core.store.mark_final(&queue_id) {
-                        core.spool_error("reclaiming segments", &e);
-                    }
-                }
-                Err(e) => core.spool_error("deleting a message", &e),
+            // As for a message settled by its delivery: forgotten even when the records could
+            // not be made durable, or its segments, and every later one, would stay.
+            if let Err(e) = core.store.flush().await {
+                tracing::error!(
+                    queue_id,
+                    "deleting: the statuses could not be synced ({e}); the message is forgotten \
+                     in this run, and a restart may deliver it"
+                );
+            }
+            if let Err(e) = core.store.mark_final(&queue_id) {
+                core.spool_error("reclaiming segments", &e);
             }
         })
         .detach();

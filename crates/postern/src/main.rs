@@ -371,7 +371,7 @@ fn main() -> ExitCode {
                     }
                     if signal == SIGUSR2 {
                         // `postern queue --delete`: its requests wait in the spool.
-                        let asked = deletion_requests(&spool_dir);
+                        let asked = deletion_requests(&spool_dir, cores);
                         tracing::info!(
                             messages = asked.len(),
                             "SIGUSR2: deleting for the operator"
@@ -604,7 +604,9 @@ fn warn_left_behind(folded: &postern_spool::Folded) {
 
 /// Takes the requests of `postern queue --delete` out of the spool directory: each file's
 /// lines `<queue id> <recipients>`. A line that is not one is passed over.
-fn deletion_requests(spool: &std::path::Path) -> Vec<(String, u32)> {
+fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let mut asked = Vec::new();
     let Ok(entries) = std::fs::read_dir(spool) else {
         return asked;
@@ -615,25 +617,45 @@ fn deletion_requests(spool: &std::path::Path) -> Vec<(String, u32)> {
             continue;
         }
         let path = entry.path();
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // A plain file, read without following a link or waiting on a pipe, and only as much
+        // as a request can hold.
+        let mut text = String::new();
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&path);
+            if let Ok(f) = opened {
+                let _ = f.take(DELETION_REQUEST_MAX).read_to_string(&mut text);
+            }
+        }
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!("{}: {e}", path.display());
         }
         for line in text.lines() {
             let mut words = line.split_ascii_whitespace();
-            if let (Some(id), Some(Ok(n)), None) = (
+            let (Some(id), Some(Ok(n)), None) = (
                 words.next(),
                 words.next().map(str::parse::<u32>),
                 words.next(),
-            ) {
-                if postern_spool::owner_core(id).is_some() {
-                    asked.push((id.to_owned(), n));
-                }
+            ) else {
+                continue;
+            };
+            match postern_spool::owner_core(id) {
+                Some(core) if (core as usize) < cores => asked.push((id.to_owned(), n)),
+                _ => tracing::warn!(
+                    queue_id = id,
+                    "not deleted: no core of this run holds it (a queue ID of a core removed by \
+                     a smaller --cores whose mail could not be moved yet)"
+                ),
             }
         }
     }
     asked
 }
+
+/// The most bytes read of one deletion request.
+const DELETION_REQUEST_MAX: u64 = 1 << 20;
 
 /// Says in the spool whether this server holds its mail (`--hold`), for `postern queue`. A
 /// file that cannot be written or removed costs only that hint: warned of.

@@ -142,11 +142,16 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     let name = format!("{DELETE_PREFIX}{}", std::process::id());
     let tmp = spool.join(format!(".{name}.tmp"));
     let text: String = asked.iter().map(|(id, n)| format!("{id} {n}\n")).collect();
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, spool.join(&name)))
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::USR2)
-        .map_err(|e| format!("cannot signal postern (pid {raw}): {e}"))?;
+    let request = spool.join(&name);
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &request)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("{}: {e}", tmp.display()));
+    }
+    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::USR2) {
+        // Not left for a later signal to act on: this deletion was refused.
+        let _ = std::fs::remove_file(&request);
+        return Err(format!("cannot signal postern (pid {raw}): {e}"));
+    }
     let deadline = std::time::Instant::now() + DELETE_WAIT;
     loop {
         let left: Vec<&String> = {
@@ -170,7 +175,8 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
                 DELETE_WAIT.as_secs()
             ));
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Each look reads the whole spool: a few a second.
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -514,5 +514,39 @@ fn a_deferred_message_deleted_by_the_operator_is_not_delivered_and_nobody_is_tol
         "the deleted message was delivered"
     );
     assert!(origin.stored().is_empty(), "a report went to the sender");
+    // The later message's delivery is recorded just after its next hop's 250.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listed(&server.spool).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(listed(&server.spool).is_empty());
+}
+
+#[test]
+fn a_deleted_message_for_a_next_hop_that_is_down_is_tried_no_more() {
+    // Retries every few hundred milliseconds to a next hop where nothing listens: once the
+    // message is deleted, its job leaves the retry schedule instead of failing again and
+    // again until its lifetime ends.
+    let (mut server, _down) = unreachable_dest(&[]);
+    let doomed = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<down@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains(&doomed) && l.contains("deferred"));
+    let (code, _, err) = delete(&server.spool, &doomed);
+    assert_eq!(code, Some(0), "{err}");
+    server.log_until(|l| l.contains("deleted by the operator") && l.contains(&doomed));
+    // Ten retry periods: the window in which attempts would show.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = server.terminate_for_log();
+    let after: Vec<&str> = log
+        .lines()
+        .skip_while(|l| !l.contains("deleted by the operator"))
+        .filter(|l| l.contains(&doomed) && l.contains("deferred"))
+        .collect();
+    // One attempt may have been under way when it was deleted.
+    assert!(after.len() <= 1, "{after:#?}");
 }

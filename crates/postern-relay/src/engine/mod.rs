@@ -763,6 +763,9 @@ impl CoreRelay {
     }
 
     fn schedule(&self, job: Job) {
+        if job.msg.deleted.load(Ordering::Acquire) {
+            return;
+        }
         let at = job.not_before;
         let earlier = self.retry.borrow().next_deadline().is_none_or(|d| at < d);
         self.retry.borrow_mut().insert(at, job);
@@ -835,6 +838,10 @@ impl CoreRelay {
     }
 
     fn enqueue(self: &Rc<Self>, job: Job) {
+        if job.msg.deleted.load(Ordering::Acquire) {
+            // Deleted by the operator: its owner has settled and forgotten it.
+            return;
+        }
         let key = job.dest.key();
         let dq = self
             .dests
@@ -886,6 +893,16 @@ impl CoreRelay {
 
     /// Reclaims spool segments now and then (status-only segments have nothing else to free
     /// them) and keeps the depth gauge fresh.
+    /// Drops the jobs of messages the operator deleted that wait here for their retry or for
+    /// a connection: they would only hold their bodies' space (and make connections).
+    fn drop_deleted(&self) {
+        let deleted = |job: &Job| job.msg.deleted.load(Ordering::Acquire);
+        self.retry.borrow_mut().retain(|job| !deleted(job));
+        for dq in self.dests.borrow().values() {
+            dq.ready.borrow_mut().retain(|job| !deleted(job));
+        }
+    }
+
     async fn housekeeping(self: Rc<Self>) {
         while !self.handle.is_stopping() {
             future::or(
@@ -893,6 +910,7 @@ impl CoreRelay {
                 self.handle.stopped(),
             )
             .await;
+            self.drop_deleted();
             self.handle.reclaim();
             self.publish_depth();
             self.prune_wanting_more();

@@ -302,6 +302,10 @@ impl CoreRelay {
         reply: String,
         remote: Option<String>,
     ) {
+        if msg.deleted.load(Ordering::Acquire) {
+            // Deleted by the operator meanwhile: its owner tracks it no more.
+            return;
+        }
         let to = msg
             .meta
             .recipients
