@@ -32,8 +32,8 @@ struct Cli {
 enum Command {
     /// Accept mail over SMTP, store it durably in the spool, and deliver it to its next hop.
     Serve(Box<Serve>),
-    /// List the mail waiting in a spool (the server may be running; the spool is only read,
-    /// and --flush only signals the server).
+    /// List the mail waiting in a spool (the server may be running; the spool is only read;
+    /// --flush and --delete ask the server).
     Queue(Queue),
 }
 
@@ -53,7 +53,7 @@ pub(crate) struct Queue {
     /// Instead of listing, delete these queued messages (queue IDs, repeatable or comma
     /// separated): the postern serving this spool records their recipients as failed, sends
     /// no report, and forgets them. Waits up to 10 s for them to leave the queue.
-    #[arg(long, value_delimiter = ',', value_parser = trimmed::<String>,
+    #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = trimmed::<String>,
           conflicts_with_all = ["json", "flush"])]
     pub(crate) delete: Vec<String>,
 }
