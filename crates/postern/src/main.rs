@@ -618,9 +618,22 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
         }
         let path = entry.path();
         // A plain file, read without following a link or waiting on a pipe, and only as much
-        // as a request can hold.
+        // as a request can hold. One older than a command waits for its answer was left by a
+        // command that gave up or died: it is not acted on now.
         let mut text = String::new();
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+        let meta = std::fs::symlink_metadata(&path);
+        let stale = meta
+            .as_ref()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > DELETION_REQUEST_STALE);
+        if stale {
+            tracing::warn!(
+                "{}: an old deletion request, removed unread",
+                path.display()
+            );
+        } else if meta.is_ok_and(|m| m.is_file()) {
             let opened = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -639,8 +652,12 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
                 words.next().map(str::parse::<u32>),
                 words.next(),
             ) else {
+                tracing::warn!("{}: a line that is no request: {line:?}", path.display());
                 continue;
             };
+            if asked.iter().any(|(known, _)| known == id) {
+                continue;
+            }
             match postern_spool::owner_core(id) {
                 Some(core) if (core as usize) < cores => asked.push((id.to_owned(), n)),
                 _ => tracing::warn!(
@@ -656,6 +673,9 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
 
 /// The most bytes read of one deletion request.
 const DELETION_REQUEST_MAX: u64 = 1 << 20;
+
+/// A deletion request older than this (its command waits 10 s) is not acted on.
+const DELETION_REQUEST_STALE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Says in the spool whether this server holds its mail (`--hold`), for `postern queue`. A
 /// file that cannot be written or removed costs only that hint: warned of.

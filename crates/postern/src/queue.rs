@@ -130,12 +130,23 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     let pid = server_pid(spool).map_err(|e| {
         format!("{e}: a deletion is made by the server on the spool (start it, with --hold to deliver nothing meanwhile)")
     })?;
+    let mut ids: Vec<String> = ids.to_vec();
+    ids.sort();
+    ids.dedup();
+    if ids.iter().any(String::is_empty) {
+        return Err("--delete: an empty queue ID; nothing was deleted".to_owned());
+    }
     let now = queued(spool)?;
     let mut asked = Vec::new();
-    for id in ids {
+    for id in &ids {
         match now.iter().find(|(q, _)| q == id) {
             Some(found) => asked.push(found.clone()),
-            None => return Err(format!("{id} is not in the queue of {}", spool.display())),
+            None => {
+                return Err(format!(
+                    "{id} is not in the queue of {}; nothing was deleted",
+                    spool.display()
+                ))
+            }
         }
     }
     let raw = pid.as_raw_nonzero();
@@ -162,18 +173,32 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         };
         if left.is_empty() {
             let mut out = String::new();
-            for id in ids {
+            for id in &ids {
                 out.push_str(&format!("deleted {id}\n"));
             }
             return Ok(out);
         }
-        if std::time::Instant::now() >= deadline {
+        let ended = rustix::process::test_kill_process(pid).is_err();
+        if ended || std::time::Instant::now() >= deadline {
+            // A request not taken yet is withdrawn: told it was not deleted, the operator
+            // must not find it deleted later, at some other command's signal. (One the
+            // server took is being made.)
+            let withdrawn = std::fs::remove_file(&request).is_ok();
             let left: Vec<&str> = left.iter().map(|s| s.as_str()).collect();
-            return Err(format!(
-                "postern (pid {raw}) has not deleted {} within {}s; its log says why",
-                left.join(", "),
-                DELETE_WAIT.as_secs()
-            ));
+            let what = if ended {
+                format!("postern (pid {raw}) ended before it deleted")
+            } else if withdrawn {
+                format!(
+                    "postern (pid {raw}) did not take the request within {}s (withdrawn) for",
+                    DELETE_WAIT.as_secs()
+                )
+            } else {
+                format!(
+                    "postern (pid {raw}) has not deleted within {}s",
+                    DELETE_WAIT.as_secs()
+                )
+            };
+            return Err(format!("{what} {}; its log says why", left.join(", ")));
         }
         // Each look reads the whole spool: a few a second.
         std::thread::sleep(std::time::Duration::from_millis(200));

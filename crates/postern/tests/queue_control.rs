@@ -550,3 +550,29 @@ fn a_deleted_message_for_a_next_hop_that_is_down_is_tried_no_more() {
     // One attempt may have been under way when it was deleted.
     assert!(after.len() <= 1, "{after:#?}");
 }
+
+#[test]
+fn a_deletion_request_left_behind_is_not_acted_on_later() {
+    // A request file a command left (it gave up, or died) is old by the next signal: that
+    // message stays. The same ID given twice is one deletion.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_in(&[], spool.clone(), None);
+    let stays = send(&server, "a@origin.test", &["b@dest.test"], "<s@t>", "x\r\n");
+    let goes = send(&server, "a@origin.test", &["b@dest.test"], "<g@t>", "x\r\n");
+    let left = spool.join("postern.delete.99999");
+    std::fs::write(&left, format!("{stays} 1\n")).unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(120);
+    std::fs::File::options()
+        .write(true)
+        .open(&left)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let (code, out, err) = delete(&spool, &format!("{goes},{goes}"));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, format!("deleted {goes}\n"));
+    server.log_until(|l| l.contains("an old deletion request, removed unread"));
+    assert!(!left.exists());
+    assert_eq!(listed(&spool), [stays]);
+}
