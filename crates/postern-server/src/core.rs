@@ -171,20 +171,9 @@ impl Core {
     /// core; past that they are counted, and the count is logged with the next one logged.
     pub(crate) fn log_relay_refusal(&self, client: std::net::IpAddr, to: &str) {
         let now = std::time::Instant::now();
+        self.end_refusal_window(now);
         let (since, logged, unlogged) = self.refusals_logged.get();
-        let (since, logged, unlogged) = match since {
-            Some(at) if now.duration_since(at) < Duration::from_secs(1) => (at, logged, unlogged),
-            _ => {
-                if unlogged > 0 {
-                    tracing::info!(
-                        unlogged,
-                        "more recipients refused for relaying than are logged ({REFUSALS_LOGGED} a \
-                         second)"
-                    );
-                }
-                (now, 0, 0)
-            }
-        };
+        let since = since.unwrap_or(now);
         if logged < REFUSALS_LOGGED {
             tracing::info!(
                 client = %client,
@@ -197,6 +186,26 @@ impl Core {
             self.refusals_logged
                 .set((Some(since), logged, unlogged + 1));
         }
+    }
+
+    /// Closes the second of relay refusals once it is over, logging how many were not
+    /// (called with each refusal and at each tick of the core, so that the count of a flood
+    /// that stopped is not lost).
+    pub(crate) fn end_refusal_window(&self, now: std::time::Instant) {
+        let (since, _, unlogged) = self.refusals_logged.get();
+        let Some(at) = since else {
+            return;
+        };
+        if now.duration_since(at) < Duration::from_secs(1) {
+            return;
+        }
+        if unlogged > 0 {
+            tracing::info!(
+                unlogged,
+                "more recipients refused for relaying than are logged ({REFUSALS_LOGGED} a second)"
+            );
+        }
+        self.refusals_logged.set((None, 0, 0));
     }
 
     /// Deletes a message of this core's spool for the operator: its delivery drops it, each
@@ -389,6 +398,7 @@ pub(crate) async fn watch(core: Rc<Core>, flag: Arc<StopFlag>) {
     loop {
         glommio::timer::sleep(TICK).await;
         ticks += 1;
+        core.end_refusal_window(std::time::Instant::now());
         let asked = core.deletions.asked.load(Ordering::Acquire);
         if asked != deletions_seen {
             deletions_seen = asked;
