@@ -1299,23 +1299,29 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
+/// `postern serve` on two cores, an ephemeral loopback port and `spool`, for
+/// [`ready_then_stopped`].
+fn serve_on(spool: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args([
+        "serve",
+        "--cores",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+    ])
+    .arg(spool);
+    cmd
+}
+
 #[test]
 fn a_switch_set_in_the_environment_is_turned_off_by_its_flag() {
     let dir = tempfile::tempdir().unwrap();
     let held = "--hold: accepted mail stays queued";
     let start = |extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
-        cmd.args([
-            "serve",
-            "--cores",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--spool",
-        ])
-        .arg(dir.path().join("spool"))
-        .args(extra)
-        .env("POSTERN_HOLD", "true");
+        let mut cmd = serve_on(&dir.path().join("spool"));
+        cmd.args(extra).env("POSTERN_HOLD", "true");
         ready_then_stopped(cmd)
     };
     let err = start(&[]);
@@ -1332,17 +1338,8 @@ fn metrics_set_in_the_environment_are_turned_off_with_none() {
     // As the systemd unit sets POSTERN_METRICS and /etc/default/postern overrides it.
     let dir = tempfile::tempdir().unwrap();
     let start = |value: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
-        cmd.args([
-            "serve",
-            "--cores",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--spool",
-        ])
-        .arg(dir.path().join("spool"))
-        .env("POSTERN_METRICS", value);
+        let mut cmd = serve_on(&dir.path().join("spool"));
+        cmd.env("POSTERN_METRICS", value);
         ready_then_stopped_saying(cmd).0
     };
     let said = start("127.0.0.1:0");
@@ -1362,11 +1359,8 @@ fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let held = "--hold: accepted mail stays queued";
     let start = |rust_log: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
-        cmd.args(["serve", "--cores", "2", "--listen", "127.0.0.1:0", "--hold"])
-            .arg("--spool")
-            .arg(dir.path().join("spool"))
-            .env("RUST_LOG", rust_log);
+        let mut cmd = serve_on(&dir.path().join("spool"));
+        cmd.arg("--hold").env("RUST_LOG", rust_log);
         ready_then_stopped(cmd)
     };
     // An empty value (from an environment file, say) is the default, info.
