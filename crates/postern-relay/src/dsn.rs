@@ -368,7 +368,7 @@ pub fn deferral_status(reply: &str, fallback: &str) -> String {
 
 /// The enhanced status code (RFC 3463) for a report about an SMTP reply (or about postern's
 /// account of a session that ends with one, see [`smtp_reply_in`]): the reply's own when
-/// it starts `NNN X.Y.Z` (or `NNN-X.Y.Z`) with X equal to the reply code's first digit,
+/// it starts `NNN X.Y.Z` (or `NNN-X.Y.Z`), its class X made the reply code's first digit,
 /// otherwise `5.0.0` for a 5xx reply, `4.0.0` for 4xx, `2.0.0` for 2xx, and `5.5.0` (protocol
 /// error) for a reply without a valid code.
 pub fn status_of(reply: &str) -> String {
@@ -388,11 +388,13 @@ pub fn status_of(reply: &str) -> String {
     let code = reply
         .get(4..)
         .and_then(|rest| rest.split_ascii_whitespace().next());
-    match code {
-        Some(code) if enhanced_code(code).is_some_and(|(found, _)| found == class) => {
-            code.to_string()
-        }
-        _ => format!("{}.0.0", char::from(class)),
+    match code.and_then(enhanced_code) {
+        // A code whose class disagrees with the reply's keeps its subject and detail under the
+        // reply's class, which is what the next hop's software acted on (`550 4.1.1` is
+        // `5.1.1`): RFC 3463 2 has the class agree with the reply, and the subject is still
+        // the best account of the problem.
+        Some((_, rest)) => format!("{}.{rest}", char::from(class)),
+        None => format!("{}.0.0", char::from(class)),
     }
 }
 
@@ -1069,7 +1071,9 @@ mod tests {
         assert_eq!(status_of("550 no such user"), "5.0.0");
         assert_eq!(status_of("421 try later"), "4.0.0");
         assert_eq!(status_of("250 2.1.5 ok"), "2.1.5");
-        assert_eq!(status_of("550 4.1.1 mismatched class"), "5.0.0");
+        assert_eq!(status_of("550 4.1.1 mismatched class"), "5.1.1");
+        assert_eq!(status_of("451 5.7.1 mismatched class"), "4.7.1");
+        assert_eq!(status_of("250 5.0.0 ok"), "2.0.0");
         assert_eq!(status_of("550 5.1234.1 too long"), "5.0.0");
         assert_eq!(status_of("550 5.1.1x"), "5.0.0");
         assert_eq!(status_of("550"), "5.0.0");

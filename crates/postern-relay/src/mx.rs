@@ -20,8 +20,10 @@
 //! * **MX hosts without addresses.** Each MX host's A and AAAA records are looked up; hosts with
 //!   no address are left out of the answer and the rest keep their order. When no host has an
 //!   address the lookup fails: [`MxError::Temporary`] if any address lookup failed for a reason
-//!   that may pass (SERVFAIL, timeout, network), otherwise [`MxError::NoMailHost`] (every host is
-//!   NXDOMAIN or has no address records), which is permanent.
+//!   that may pass (SERVFAIL, timeout, network), otherwise [`MxError::NoMxAddress`] (every host is
+//!   NXDOMAIN or has no address records), which is permanent: 5.4.4, routing information the
+//!   DNS does not give (RFC 3463 3.5), as against 5.1.2 for a domain with no MX at all and no
+//!   address, which cannot take mail.
 //! * **Address order.** Within one host, IPv4 addresses come before IPv6 ones, each family
 //!   shuffled on every lookup (the DNS, or its cache, may give them in the same order every time,
 //!   and only the first few addresses are tried: all of them get their turn). Many senders' IPv6
@@ -100,10 +102,13 @@ pub enum MxError {
     /// Permanent, 5.1.2.
     #[error("the domain does not exist")]
     NoSuchDomain,
-    /// The domain exists but names no host with an address: no MX and no A/AAAA records, or MX
-    /// hosts that are all NXDOMAIN or without address records. Permanent, 5.1.2.
+    /// The domain exists but has no MX and no A/AAAA records. Permanent, 5.1.2.
     #[error("the domain has no mail host with an address")]
     NoMailHost,
+    /// The domain's MX hosts are all NXDOMAIN or without address records. Permanent, 5.4.4
+    /// (unable to route).
+    #[error("the domain's MX hosts have no address")]
+    NoMxAddress,
     /// This server is among the domain's MX hosts and no host is more preferred than it (RFC
     /// 5321 section 5.1): the mail would come back here. Permanent, 5.4.6.
     #[error("mail for the domain loops back to this server (MX host {0})")]
@@ -130,6 +135,7 @@ impl MxError {
         match self {
             MxError::NullMx => "5.1.10",
             MxError::NoSuchDomain | MxError::NoMailHost => "5.1.2",
+            MxError::NoMxAddress => "5.4.4",
             MxError::LoopsToSelf(_) => "5.4.6",
             MxError::Temporary(_) => "4.4.3",
             MxError::NoPrimary(_) => "4.4.4",
@@ -558,7 +564,7 @@ async fn lookup(
         // A backup MX whose primaries have no address keeps the mail for them.
         (Some(own), _) => MxError::NoPrimary(own),
         (None, Some(why)) => MxError::Temporary(why),
-        (None, None) => MxError::NoMailHost,
+        (None, None) => MxError::NoMxAddress,
     })
 }
 
@@ -949,6 +955,8 @@ mod tests {
         assert!(MxError::NoSuchDomain.is_permanent());
         assert!(MxError::NoMailHost.is_permanent());
         assert_eq!(MxError::NoMailHost.enhanced(), "5.1.2");
+        assert!(MxError::NoMxAddress.is_permanent());
+        assert_eq!(MxError::NoMxAddress.enhanced(), "5.4.4");
         assert!(!MxError::Temporary(String::new()).is_permanent());
         assert_eq!(MxError::Temporary(String::new()).enhanced(), "4.4.3");
     }

@@ -305,13 +305,16 @@ fn invalid_domain_is_no_such_domain_without_a_query() {
 }
 
 #[test]
-fn mx_hosts_that_do_not_exist_are_no_mail_host() {
+fn mx_hosts_that_do_not_exist_are_unable_to_route() {
     let dns = TestDns::start(
         ZONE,
         &[("@", Rec::Mx(10, "gone")), ("@", Rec::Mx(20, "gone2"))],
     );
     let resolver = Resolver::with_server(dns.addr).unwrap();
-    assert_eq!(lookup(&resolver, ZONE), Err(MxError::NoMailHost));
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert_eq!(err, MxError::NoMxAddress);
+    assert!(err.is_permanent());
+    assert_eq!(err.enhanced(), "5.4.4");
 }
 
 #[test]
