@@ -265,7 +265,10 @@ impl Core {
         } else {
             let delivery = self.delivery.borrow().clone();
             match delivery {
-                Some(d) => (d.accepting(), QUEUE_FULL),
+                Some(d) => match d.accepting() {
+                    Ok(()) => (true, QUEUE_FULL),
+                    Err(why) => (false, why),
+                },
                 None => self.held_accepting(),
             }
         };

@@ -26,9 +26,9 @@ pub struct Accepted {
 pub trait Delivery {
     /// A message was acknowledged with 250 on this core.
     fn accepted(&self, message: Accepted);
-    /// Whether new transactions may start (false: the queue is past its high-water mark, and
-    /// MAIL is answered `452 4.3.1`).
-    fn accepting(&self) -> bool;
+    /// Whether new transactions may start; `Err` says why not (the queue is past one of its
+    /// high-water marks, and MAIL is answered `452 4.3.1`).
+    fn accepting(&self) -> Result<(), &'static str>;
     /// The server is stopping and its sessions are done: returns once the deliveries in
     /// flight have their outcomes recorded (appended to the spool, which the core then
     /// syncs). The core stops waiting at the end of its shutdown grace.
@@ -115,9 +115,11 @@ impl CoreHandle {
         self.0.stopping.get()
     }
 
-    /// Sets the queue-depth gauge of this core.
-    pub fn set_queue_depth(&self, depth: u64) {
-        self.0.metrics.borrow_mut().queue_depth = depth;
+    /// Sets the queue-depth gauges of this core: messages, and their recipients.
+    pub fn set_queue_depth(&self, depth: u64, recipients: u64) {
+        let mut m = self.0.metrics.borrow_mut();
+        m.queue_depth = depth;
+        m.queue_recipients = recipients;
     }
 
     /// Sets the gauges of this core's outbound connections and the next hops it keeps.

@@ -55,6 +55,8 @@ pub struct CoreMetrics {
     pub spool_bytes: u64,
     /// Messages waiting for delivery.
     pub queue_depth: u64,
+    /// Recipients of the messages waiting for delivery (0 with `--hold`).
+    pub queue_recipients: u64,
     /// Outbound connections open (or being opened) now.
     pub outbound_connections: u64,
     /// Next hops the relay keeps state for (jobs, connections, pauses).
@@ -92,6 +94,7 @@ impl Default for CoreMetrics {
             active_sessions: 0,
             spool_bytes: 0,
             queue_depth: 0,
+            queue_recipients: 0,
             outbound_connections: 0,
             next_hops: 0,
             refusing: 0,
@@ -150,6 +153,7 @@ impl CoreMetrics {
         self.active_sessions += other.active_sessions;
         self.spool_bytes += other.spool_bytes;
         self.queue_depth += other.queue_depth;
+        self.queue_recipients += other.queue_recipients;
         self.outbound_connections += other.outbound_connections;
         self.next_hops += other.next_hops;
         self.refusing += other.refusing;
@@ -438,6 +442,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_queue_depth",
             "Messages waiting for delivery.",
             m.queue_depth,
+        ),
+        (
+            "postern_queue_recipients",
+            "Recipients of the messages waiting for delivery, each message's all until it is final (0 while mail is held).",
+            m.queue_recipients,
         ),
         (
             "postern_outbound_connections",

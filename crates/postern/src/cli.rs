@@ -254,6 +254,11 @@ struct Serve {
     /// Messages queued at which mail is accepted again [default: 80% of --queue-high-water].
     #[arg(long, env = "POSTERN_QUEUE_LOW_WATER", value_parser = trimmed::<u64>)]
     queue_low_water: Option<u64>,
+    /// Recipients of the queued messages (each message's envelope is held in memory until it
+    /// is final, about 130 bytes a recipient) at which new mail gets 452 4.3.1, accepted
+    /// again at 80 % of it; 0 for no limit. Not applied with --hold (nothing is held in memory)
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER_RECIPIENTS", default_value_t = 10_000_000, value_parser = trimmed::<u64>)]
+    queue_high_water_recipients: u64,
 }
 
 /// What the binary runs: the server, and the relay unless mail is held.
@@ -691,6 +696,8 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
         },
         queue_high_water: s.queue_high_water,
         queue_low_water: low,
+        queue_high_water_recipients: s.queue_high_water_recipients,
+        queue_low_water_recipients: default_low_water(s.queue_high_water_recipients),
         ..RelayConfig::default()
     }))
 }

@@ -77,6 +77,38 @@ fn queue_past_its_high_water_mark_refuses_then_accepts_again() {
 }
 
 #[test]
+fn recipients_queued_past_their_high_water_mark_refuse_then_accept_again() {
+    // Two messages are far below the message mark; their five recipients reach the
+    // recipient mark, which is what bounds the memory the queued envelopes take.
+    let (server, down) = unreachable_dest(&[
+        "--queue-high-water-recipients",
+        "5",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let port = down.1;
+    let three = ["b1@dest.test", "b2@dest.test", "b3@dest.test"];
+    send(&server, "a@origin.test", &three, "<r3@t>", "x\r\n");
+    let mut c = greeted(&server);
+    // Four of five: still accepting.
+    mail_until(&mut c, "250");
+    let two = ["b4@dest.test", "b5@dest.test"];
+    send(&server, "a@origin.test", &two, "<r2@t>", "x\r\n");
+    mail_until(&mut c, "452 4.3.1");
+    let line = server.log_until(|l| l.contains("new mail gets 452 4.3.1"));
+    assert!(line.contains("--queue-high-water-recipients"), "{line}");
+    let m = server.metrics_until(|m| m.contains("postern_queue_recipients 5\n"));
+    assert!(m.contains("postern_queue_depth 2\n"), "{m}");
+    // The next hop comes up, the queue drains, mail is accepted again.
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    peer.wait_for("the queued two", Duration::from_secs(20), |s| s.len() == 2);
+    mail_until(&mut c, "250");
+    let m = server.metrics_until(|m| m.contains("postern_queue_recipients 0\n"));
+    assert!(m.contains("postern_cores_refusing_mail 0\n"), "{m}");
+}
+
+#[test]
 fn held_mail_counts_against_the_queue_high_water_mark() {
     // Nothing delivers with --hold (the harness's default without a route), so what is kept
     // is the queue.

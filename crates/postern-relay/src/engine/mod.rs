@@ -82,6 +82,11 @@ pub struct RelayConfig {
     pub queue_high_water: u64,
     /// Queue depth at which accepting starts again.
     pub queue_low_water: u64,
+    /// Recipients of the messages queued (all of each message's recipients: its whole
+    /// envelope is held until it is final) at which accepting stops; 0 for no limit.
+    pub queue_high_water_recipients: u64,
+    /// Recipients queued at which accepting starts again.
+    pub queue_low_water_recipients: u64,
     /// The most octets of a message returned in a bounce.
     pub bounce_max_returned: usize,
 }
@@ -105,6 +110,8 @@ impl Default for RelayConfig {
             timeouts: Timeouts::default(),
             queue_high_water: 1_000_000,
             queue_low_water: 800_000,
+            queue_high_water_recipients: 10_000_000,
+            queue_low_water_recipients: 8_000_000,
             bounce_max_returned: 128 * 1024,
         }
     }
@@ -265,6 +272,9 @@ pub struct Relay {
     reports: Mailboxes<Vec<Report>>,
     depth: Depth,
     marks: Watermarks,
+    /// Recipients of the queued messages, per core, and their marks.
+    recipients: Depth,
+    recipient_marks: Watermarks,
     resolver: Resolver,
     tls: TlsClients,
     recovered: Mutex<Vec<RecoveredMessage>>,
@@ -362,6 +372,11 @@ impl Relay {
         let cores = cores.max(1);
         Ok(Arc::new(Relay {
             marks: Watermarks::new(config.queue_high_water, config.queue_low_water),
+            recipient_marks: Watermarks::new(
+                config.queue_high_water_recipients,
+                config.queue_low_water_recipients,
+            ),
+            recipients: Depth::new(cores),
             config,
             cores,
             jobs: Mailboxes::new(cores),
@@ -447,6 +462,42 @@ impl Drop for Reporting {
     }
 }
 
+/// The messages a core owns that are not yet final, by queue ID, with the sum of their
+/// recipients (for the recipient mark).
+#[derive(Default)]
+struct Queued {
+    messages: HashMap<String, Tracked>,
+    recipients: u64,
+}
+
+impl Queued {
+    fn insert(&mut self, queue_id: String, t: Tracked) {
+        let n = t.msg.meta.recipients.len() as u64;
+        if let Some(old) = self.messages.insert(queue_id, t) {
+            self.recipients -= old.msg.meta.recipients.len() as u64;
+        }
+        self.recipients += n;
+    }
+
+    fn remove(&mut self, queue_id: &str) -> Option<Tracked> {
+        let t = self.messages.remove(queue_id)?;
+        self.recipients -= t.msg.meta.recipients.len() as u64;
+        Some(t)
+    }
+
+    fn get(&self, queue_id: &str) -> Option<&Tracked> {
+        self.messages.get(queue_id)
+    }
+
+    fn get_mut(&mut self, queue_id: &str) -> Option<&mut Tracked> {
+        self.messages.get_mut(queue_id)
+    }
+
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+}
+
 /// The owner's record of a message not yet final.
 struct Tracked {
     msg: Arc<Msg>,
@@ -510,7 +561,7 @@ pub struct CoreRelay {
     relay: Arc<Relay>,
     handle: CoreHandle,
     id: usize,
-    tracked: RefCell<HashMap<String, Tracked>>,
+    tracked: RefCell<Queued>,
     dests: RefCell<HashMap<String, Rc<DestQueue>>>,
     retry: RefCell<Schedule<Job>>,
     retry_changed: Event,
@@ -555,8 +606,18 @@ impl Delivery for CoreRelay {
         self.dispatch(&msg, &all, 0, 0);
     }
 
-    fn accepting(&self) -> bool {
-        self.relay.marks.accepting(self.relay.depth.total())
+    fn accepting(&self) -> Result<(), &'static str> {
+        // Both marks are looked at every time, so each keeps its hysteresis.
+        let messages = self.relay.marks.accepting(self.relay.depth.total());
+        let recipients = self
+            .relay
+            .recipient_marks
+            .accepting(self.relay.recipients.total());
+        match (messages, recipients) {
+            (true, true) => Ok(()),
+            (false, _) => Err("the queue is at --queue-high-water"),
+            (true, false) => Err("the queue is at --queue-high-water-recipients"),
+        }
     }
 
     fn wind_down(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>> {
@@ -601,7 +662,7 @@ impl CoreRelay {
             relay,
             handle,
             id,
-            tracked: RefCell::new(HashMap::new()),
+            tracked: RefCell::new(Queued::default()),
             dests: RefCell::new(HashMap::new()),
             retry: RefCell::new(Schedule::new()),
             retry_changed: Event::new(),
@@ -692,9 +753,13 @@ impl CoreRelay {
     }
 
     fn publish_depth(&self) {
-        let n = self.tracked.borrow().len() as u64;
+        let (n, recipients) = {
+            let tracked = self.tracked.borrow();
+            (tracked.len() as u64, tracked.recipients)
+        };
         self.relay.depth.set(self.id, n);
-        self.handle.set_queue_depth(n);
+        self.relay.recipients.set(self.id, recipients);
+        self.handle.set_queue_depth(n, recipients);
     }
 
     /// Routes recipients `rcpts` of `msg` and sends one job per next hop to its shard.
