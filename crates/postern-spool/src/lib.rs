@@ -24,6 +24,8 @@ mod commit;
 mod error;
 mod fold;
 mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod lock;
 mod map;
 mod meta;

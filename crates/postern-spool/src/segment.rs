@@ -224,7 +224,7 @@ pub(crate) fn header(data: &[u8]) -> Header {
 const SEAL_AT: usize = 36;
 const SEAL_LEN: usize = 12;
 
-fn seal_crc(salt: u32, end: u64) -> u32 {
+pub(crate) fn seal_crc(salt: u32, end: u64) -> u32 {
     let mut bytes = [0u8; 16];
     bytes[..4].copy_from_slice(&salt.to_le_bytes());
     bytes[4..8].copy_from_slice(b"seal");
