@@ -137,6 +137,21 @@ const PARTING_WRITE: Duration = Duration::from_secs(1);
 pub(crate) const OUT_OF_STEP: &str =
     "a reply came that no command asked for: the replies were out of step";
 
+/// Why a connection is given up before its first transaction, or a kept one before the next.
+const UNASKED_AFTER_EHLO: &str = "a reply came after the EHLO reply, which no command asked for";
+const UNASKED_AFTER_RSET: &str = "a reply came after the RSET reply, which no command asked for";
+const OUT_OF_STEP_AHEAD: &str = "the replies to the next commands could not be told from it";
+
+/// Whether a failure ended a session whose replies were out of step: each reply read may have
+/// answered the command before its own, so none of them says what became of its command.
+pub fn out_of_step(e: &ConnError) -> bool {
+    match e {
+        ConnError::Smtp(ClientError::Unexpected(..)) => true,
+        ConnError::Io(text) | ConnError::Lost(text) => text == OUT_OF_STEP,
+        _ => false,
+    }
+}
+
 /// The text of a [`timed`] read or write that ran out of time.
 pub(crate) const TIMED_OUT: &str = "timed out";
 
@@ -205,6 +220,12 @@ impl Outbound {
             broke_counted: std::cell::Cell::new(false),
         };
         match conn.open(remote, tls, t).await {
+            // A reply after the EHLO reply, before any command of a transaction went out,
+            // would answer the first command sent (and each reply the one after its own: a
+            // refusal taken for a delivery). The connection is given up before it carries mail.
+            Ok(()) if conn.unasked_after_reply() => Err(ConnError::Lost(format!(
+                "{UNASKED_AFTER_EHLO}: {OUT_OF_STEP_AHEAD}"
+            ))),
             Ok(()) => Ok(conn),
             // Reading or writing failed after the server had answered: it is the remote MTA
             // of the failure (RFC 3464 2.3.5), unlike an address where nobody answered.
@@ -394,6 +415,13 @@ impl Outbound {
             self.session.rset();
             if !self.session.capabilities().pipelining {
                 match self.read_until(t.mail, true).await {
+                    // A reply after RSET's would answer the MAIL sent next: nothing of this
+                    // transaction went out, so it goes on a new connection.
+                    Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => {
+                        return Err(Err(ConnError::Stale(format!(
+                            "{UNASKED_AFTER_RSET}: {OUT_OF_STEP_AHEAD}"
+                        ))))
+                    }
                     Ok(ClientEvent::NeedInput) => {}
                     Ok(ClientEvent::Failed(e)) => {
                         return Err(Err(self.at_rset(ConnError::Smtp(e))))

@@ -717,3 +717,199 @@ fn a_carried_job_whose_kept_connection_ends_at_rset_stays_carried() {
     assert_eq!(rcpts_at_mx1.load(Ordering::SeqCst), 2);
     drop(dns);
 }
+
+/// A next hop offering `extensions` (EHLO lines, each ending in CR LF) that slips a reply
+/// nobody asked for behind its reply to the first `after` command (`EHLO` or `RSET`) of its
+/// first connection, in the same write. It refuses `<unknown@...>` at RCPT with 550, and a
+/// message whose body holds `refuse-me` with 554 a moment after the body (after postern's
+/// look for replies too many); it takes the others and records their Message-IDs.
+fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) -> (u16, Taken) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Taken::default();
+    let record = taken.clone();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().take(8).enumerate() {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            let mut stray = n == 0;
+            'session: loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let verb = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
+                let body = match verb.as_str() {
+                    "DATA" => {
+                        stream.write_all(b"354 go on\r\n").unwrap();
+                        let mut body = String::new();
+                        loop {
+                            let mut l = String::new();
+                            if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                                // Closed before the end of the data: nothing taken.
+                                break 'session;
+                            }
+                            if l == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&l);
+                        }
+                        Some(body)
+                    }
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        reader.read_exact(&mut body).unwrap();
+                        Some(String::from_utf8_lossy(&body).into_owned())
+                    }
+                    _ => None,
+                };
+                let mut reply = match (verb.as_str(), body) {
+                    ("EHLO", _) => format!("250-hop.test\r\n{extensions}250 8BITMIME\r\n"),
+                    ("RCPT", _) if line.contains("<unknown@") => {
+                        "550 5.1.1 unknown user\r\n".into()
+                    }
+                    ("QUIT", _) => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    (_, Some(body)) if body.contains("refuse-me") => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        "554 5.7.1 message refused\r\n".into()
+                    }
+                    (_, Some(body)) => {
+                        let id = body.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                        record
+                            .lock()
+                            .unwrap()
+                            .push(id.unwrap_or_default().to_owned());
+                        "250 2.0.0 queued\r\n".into()
+                    }
+                    _ => "250 2.0.0 ok\r\n".into(),
+                };
+                if stray && verb == after {
+                    stray = false;
+                    reply.push_str("250 2.0.0 a reply nobody asked for\r\n");
+                }
+                if stream.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, taken)
+}
+
+/// postern on one core, one connection at a time to the next hop on `port` (dest.test), its
+/// reports to `origin`, retries 300 ms apart.
+fn one_connection_to(port: u16, origin: &Peer) -> Server {
+    let to_dest = format!("dest.test=127.0.0.1:{port}");
+    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
+    Server::start(&[
+        "--route",
+        &to_dest,
+        "--route",
+        &to_origin,
+        "--max-connections-per-destination",
+        "1",
+        "--retry-initial",
+        "300ms",
+        "--retry-max",
+        "300ms",
+        "--cores",
+        "1",
+    ])
+}
+
+#[test]
+fn a_reply_after_the_ehlo_reply_gives_the_connection_up_before_it_carries_mail() {
+    // Taken on, the extra reply would answer MAIL, MAIL's reply RCPT and RCPT's the body:
+    // the message would count as delivered before the next hop's refusal came.
+    let (port, _) = next_hop_with_a_stray_after("EHLO", "250-PIPELINING\r\n250-CHUNKING\r\n");
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<refused@t>",
+        "refuse-me\r\n",
+    );
+    let (bounce, text) = origin.first("the refused message's bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    server.log_until(|l| l.contains("after the EHLO reply"));
+}
+
+#[test]
+fn a_reply_after_the_rset_reply_without_pipelining_moves_the_next_message_to_a_new_connection() {
+    // Without PIPELINING, MAIL goes out once RSET is answered; the extra reply behind RSET's
+    // would answer it, and each later reply the command before its own.
+    let (port, taken) = next_hop_with_a_stray_after("RSET", "250-CHUNKING\r\n");
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<taken@t>",
+        "x\r\n",
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<refused@t>",
+        "refuse-me\r\n",
+    );
+    let (_, text) = origin.first("the refused message's bounce");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(text.contains("<refused@t>"), "{text}");
+    assert_eq!(*taken.lock().unwrap(), ["<taken@t>"]);
+}
+
+#[test]
+fn replies_out_of_step_refuse_no_recipient_with_another_s_refusal() {
+    // Pipelined behind RSET, every reply answers the command before its own: unknown@'s 550
+    // lands on b@'s RCPT, and b@'s 250 on DATA, which ends the session as out of step. The
+    // 550 must not fail b@: the transaction's outcome is unknown, and the retry sorts it out.
+    let (port, taken) = next_hop_with_a_stray_after("RSET", "250-PIPELINING\r\n");
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin);
+    send(
+        &server,
+        "a@origin.test",
+        &["c@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["unknown@dest.test", "b@dest.test"],
+        "<second@t>",
+        "y\r\n",
+    );
+    let (_, text) = origin.first("unknown@'s bounce");
+    assert!(
+        text.contains("Final-Recipient: rfc822; unknown@dest.test"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while taken.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(*taken.lock().unwrap(), ["<first@t>", "<second@t>"]);
+}

@@ -388,8 +388,10 @@ impl CoreRelay {
             self.put_back(dq, job, note, carry);
             return After::Broken;
         }
-        // Replies got before a break still count where they refused for good.
+        // Replies got before a break still count where they refused for good, unless they
+        // were out of step: then a refusal may have been another command's.
         let partial = match &outcome {
+            Err(Err(e)) if crate::conn::out_of_step(e) => None,
             Err(Err(_)) => conn.take_unfinished(),
             _ => None,
         };
@@ -499,8 +501,13 @@ impl CoreRelay {
                         }
                         return After::Broken;
                     }
-                    // The oldest transaction: the replies it got before the break are its own.
-                    let partial = conn.take_unfinished();
+                    // The oldest transaction: the replies it got before the break are its own,
+                    // unless the break is that they were out of step.
+                    let partial = if crate::conn::out_of_step(&e) {
+                        None
+                    } else {
+                        conn.take_unfinished()
+                    };
                     self.conclude(conn, dq, job, Err(Err(e.clone())), partial, carry);
                     if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
                         // The server closed at this reply, so it took none of the later
