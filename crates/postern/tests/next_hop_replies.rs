@@ -52,22 +52,7 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
 /// `554 5.7.1 message refused`, is bounced to its sender.
 fn two_messages_the_second_bounced(port: u16, then: impl FnOnce()) {
     let origin = Peer::start(&[]);
-    let to_dest = format!("dest.test=127.0.0.1:{port}");
-    let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&[
-        "--route",
-        &to_dest,
-        "--route",
-        &to_origin,
-        "--max-connections-per-destination",
-        "1",
-        "--retry-initial",
-        "300ms",
-        "--retry-max",
-        "300ms",
-        "--cores",
-        "1",
-    ]);
+    let server = one_connection_to(port, &origin);
     for id in ["<first@t>", "<second@t>"] {
         send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
     }
@@ -153,6 +138,29 @@ fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_deliver
     two_messages_the_second_bounced(next_hop_with_a_late_reply_too_many(), || ());
 }
 
+/// Greets a client of a scripted next hop (reads time out after 30 s); returns its reader.
+fn greeted_by_hop(stream: &mut TcpStream) -> BufReader<TcpStream> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+    BufReader::new(stream.try_clone().unwrap())
+}
+
+/// The next command line and its verb in capitals; None once the client is gone.
+fn command_line(reader: &mut BufReader<TcpStream>) -> Option<(String, String)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let verb = line
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    Some((line, verb))
+}
+
 /// The Message-IDs a next hop took.
 type Taken = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
@@ -173,21 +181,11 @@ fn batch_next_hop(
         let ehlo = format!("250-hop.test\r\n250-PIPELINING\r\n{extensions}250 CHUNKING\r\n");
         for stream in listener.incoming().take(8) {
             let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            let mut reader = greeted_by_hop(&mut stream);
             loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let Some((line, verb)) = command_line(&mut reader) else {
                     break;
-                }
-                let verb = line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
+                };
                 let reply: &[u8] = match verb.as_str() {
                     "EHLO" => ehlo.as_bytes(),
                     "BDAT" => {
@@ -731,22 +729,12 @@ fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) ->
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().take(8).enumerate() {
             let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            let mut reader = greeted_by_hop(&mut stream);
             let mut stray = n == 0;
             'session: loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                let Some((line, verb)) = command_line(&mut reader) else {
                     break;
-                }
-                let verb = line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
+                };
                 let body = match verb.as_str() {
                     "DATA" => {
                         stream.write_all(b"354 go on\r\n").unwrap();
@@ -829,19 +817,32 @@ fn one_connection_to(port: u16, origin: &Peer) -> Server {
     ])
 }
 
+/// The next hop of [`next_hop_with_a_stray_after`], postern sending to it one connection at a
+/// time (reports to a peer for origin.test), and `messages` (Message-ID, recipients, body)
+/// sent in that order from a@origin.test. Returns what the next hop took, the peer, and the
+/// server (kept for its log).
+fn strayed_into(
+    after: &'static str,
+    extensions: &'static str,
+    messages: &[(&str, &[&str], &str)],
+) -> (Taken, Peer, Server) {
+    let (port, taken) = next_hop_with_a_stray_after(after, extensions);
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin);
+    for (id, rcpts, body) in messages {
+        send(&server, "a@origin.test", rcpts, id, body);
+    }
+    (taken, origin, server)
+}
+
 #[test]
 fn a_reply_after_the_ehlo_reply_gives_the_connection_up_before_it_carries_mail() {
     // Taken on, the extra reply would answer MAIL, MAIL's reply RCPT and RCPT's the body:
     // the message would count as delivered before the next hop's refusal came.
-    let (port, _) = next_hop_with_a_stray_after("EHLO", "250-PIPELINING\r\n250-CHUNKING\r\n");
-    let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<refused@t>",
-        "refuse-me\r\n",
+    let (_, origin, server) = strayed_into(
+        "EHLO",
+        "250-PIPELINING\r\n250-CHUNKING\r\n",
+        &[("<refused@t>", &["b@dest.test"], "refuse-me\r\n")],
     );
     let (bounce, text) = origin.first("the refused message's bounce");
     assert_eq!(bounce.mail_from, "<>");
@@ -853,22 +854,13 @@ fn a_reply_after_the_ehlo_reply_gives_the_connection_up_before_it_carries_mail()
 fn a_reply_after_the_rset_reply_without_pipelining_moves_the_next_message_to_a_new_connection() {
     // Without PIPELINING, MAIL goes out once RSET is answered; the extra reply behind RSET's
     // would answer it, and each later reply the command before its own.
-    let (port, taken) = next_hop_with_a_stray_after("RSET", "250-CHUNKING\r\n");
-    let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<taken@t>",
-        "x\r\n",
-    );
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<refused@t>",
-        "refuse-me\r\n",
+    let (taken, origin, _server) = strayed_into(
+        "RSET",
+        "250-CHUNKING\r\n",
+        &[
+            ("<taken@t>", &["b@dest.test"], "x\r\n"),
+            ("<refused@t>", &["b@dest.test"], "refuse-me\r\n"),
+        ],
     );
     let (_, text) = origin.first("the refused message's bounce");
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
@@ -881,22 +873,13 @@ fn replies_out_of_step_refuse_no_recipient_with_another_s_refusal() {
     // Pipelined behind RSET, every reply answers the command before its own: unknown@'s 550
     // lands on b@'s RCPT, and b@'s 250 on DATA, which ends the session as out of step. The
     // 550 must not fail b@: the transaction's outcome is unknown, and the retry sorts it out.
-    let (port, taken) = next_hop_with_a_stray_after("RSET", "250-PIPELINING\r\n");
-    let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin);
-    send(
-        &server,
-        "a@origin.test",
-        &["c@dest.test"],
-        "<first@t>",
-        "x\r\n",
-    );
-    send(
-        &server,
-        "a@origin.test",
-        &["unknown@dest.test", "b@dest.test"],
-        "<second@t>",
-        "y\r\n",
+    let (taken, origin, _server) = strayed_into(
+        "RSET",
+        "250-PIPELINING\r\n",
+        &[
+            ("<first@t>", &["c@dest.test"], "x\r\n"),
+            ("<second@t>", &["unknown@dest.test", "b@dest.test"], "y\r\n"),
+        ],
     );
     let (_, text) = origin.first("unknown@'s bounce");
     assert!(
