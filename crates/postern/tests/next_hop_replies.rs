@@ -182,10 +182,7 @@ fn batch_next_hop(
         for stream in listener.incoming().take(8) {
             let Ok(mut stream) = stream else { return };
             let mut reader = greeted_by_hop(&mut stream);
-            loop {
-                let Some((line, verb)) = command_line(&mut reader) else {
-                    break;
-                };
+            while let Some((line, verb)) = command_line(&mut reader) {
                 let reply: &[u8] = match verb.as_str() {
                     "EHLO" => ehlo.as_bytes(),
                     "BDAT" => {
@@ -731,10 +728,7 @@ fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) ->
             let Ok(mut stream) = stream else { return };
             let mut reader = greeted_by_hop(&mut stream);
             let mut stray = n == 0;
-            'session: loop {
-                let Some((line, verb)) = command_line(&mut reader) else {
-                    break;
-                };
+            'session: while let Some((line, verb)) = command_line(&mut reader) {
                 let body = match verb.as_str() {
                     "DATA" => {
                         stream.write_all(b"354 go on\r\n").unwrap();
