@@ -172,6 +172,16 @@ fn batch_next_hop(
     extensions: &'static str,
     answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
 ) -> (u16, Taken) {
+    batch_next_hop_idle(extensions, Duration::from_secs(30), answer)
+}
+
+/// [`batch_next_hop`] that ends a connection idle for `idle` with a 421 (as Postfix's
+/// `smtpd_timeout`).
+fn batch_next_hop_idle(
+    extensions: &'static str,
+    idle: Duration,
+    answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
+) -> (u16, Taken) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let taken = Taken::default();
@@ -182,7 +192,13 @@ fn batch_next_hop(
         for stream in listener.incoming().take(8) {
             let Ok(mut stream) = stream else { return };
             let mut reader = greeted_by_hop(&mut stream);
-            while let Some((line, verb)) = command_line(&mut reader) {
+            stream.set_read_timeout(Some(idle)).unwrap();
+            loop {
+                let Some((line, verb)) = command_line(&mut reader) else {
+                    // Gone, or idle too long: a client still there is told so.
+                    let _ = stream.write_all(b"421 4.4.2 hop.test Error: timeout exceeded\r\n");
+                    break;
+                };
                 let reply: &[u8] = match verb.as_str() {
                     "EHLO" => ehlo.as_bytes(),
                     "BDAT" => {
@@ -273,6 +289,35 @@ fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
         ],
     );
     let deadline = Instant::now() + Duration::from_secs(20);
+    while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
+        assert!(
+            Instant::now() < deadline,
+            "the second message was never taken: {:?}",
+            taken.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_batch_short_of_a_reply_ended_by_the_next_hop_s_own_timeout_leaves_every_outcome_unknown() {
+    // As above, but postern waits the default 10 minutes for the missing reply, and the next
+    // hop, silent the while, ends the connection first (421 after 6 s idle). The replies read
+    // before that were each the command before its own: the second message must not count as
+    // delivered on the third RSET's 250.
+    let idle = Duration::from_secs(6);
+    let (port, taken) =
+        batch_next_hop_idle("", idle, |n| (n != 1).then_some(b"250 2.0.0 queued\r\n"));
+    let _server = released_in_one_batch(
+        port,
+        &[
+            ("<b1@t>", "x\r\n"),
+            ("<b2@t>", "x\r\n"),
+            ("<b3@t>", "x\r\n"),
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
         assert!(
             Instant::now() < deadline,

@@ -469,17 +469,23 @@ impl CoreRelay {
         // after it means every reply of the batch may have answered the command before its
         // own (see `unasked_after_reply`).
         let mut answered: Vec<(Job, TransactionResult)> = Vec::new();
+        let mut last_answer = std::time::Instant::now();
         while let Some(job) = sent.next() {
             // Only the first job sent can be the carried one.
             let first_note = note.take();
             match conn.finish(limit).await {
-                Ok(result) => answered.push((job, result)),
+                Ok(result) => {
+                    answered.push((job, result));
+                    last_answer = std::time::Instant::now();
+                }
                 Err(e) => {
                     // Those answered before the break keep their replies, unless the batch
-                    // ran out of time: a reply the next hop never sent would have let each
-                    // later one answer the command before its own (the next RSET's 250 taken
-                    // for a message's), so none of them is known.
-                    let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT);
+                    // ran out of time, or the next hop ended it after a long silence: a reply
+                    // it never sent would have let each later one answer the command before
+                    // its own (the next RSET's 250 taken for a message's), so none of them is
+                    // known (see SILENCE_BEFORE_BREAK).
+                    let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT)
+                        || last_answer.elapsed() >= SILENCE_BEFORE_BREAK;
                     for (job, result) in answered.drain(..) {
                         let outcome = if short {
                             Err(Err(e.clone()))
@@ -503,7 +509,7 @@ impl CoreRelay {
                     }
                     // The oldest transaction: the replies it got before the break are its own,
                     // unless the break is that they were out of step.
-                    let partial = if crate::conn::out_of_step(&e) {
+                    let partial = if short || crate::conn::out_of_step(&e) {
                         None
                     } else {
                         conn.take_unfinished()
