@@ -366,6 +366,17 @@ pub fn deferral_status(reply: &str, fallback: &str) -> String {
     }
 }
 
+/// The status of a connection that failed for now after the next hop answered: the enhanced
+/// code of the reply that ended it where postern's account quotes one that gives it (a `421
+/// 4.3.2` greeting, a `454 4.7.0` to STARTTLS), otherwise `fallback` (4.4.2, the connection
+/// broke), which says more than a bare class (`4.0.0`).
+pub fn connection_status(text: &str, fallback: &str) -> String {
+    match deferral_status(text, fallback) {
+        status if status.ends_with(".0.0") => fallback.to_owned(),
+        status => status,
+    }
+}
+
 /// The enhanced status code (RFC 3463) for a report about an SMTP reply (or about postern's
 /// account of a session that ends with one, see [`smtp_reply_in`]): the reply's own when
 /// it starts `NNN X.Y.Z` (or `NNN-X.Y.Z`), its class X made the reply code's first digit,
@@ -1060,6 +1071,22 @@ mod tests {
                 "4.4.1"
             ),
             "4.7.0"
+        );
+    }
+
+    #[test]
+    fn a_connection_s_status_is_its_reply_s_where_that_says_more_than_a_class() {
+        let greeting = "127.0.0.1 said: 421 4.3.2 too busy";
+        assert_eq!(connection_status(greeting, "4.4.2"), "4.3.2");
+        let starttls = "127.0.0.1: server refused STARTTLS: 454 4.7.0 TLS not available";
+        assert_eq!(connection_status(starttls, "4.4.2"), "4.7.0");
+        assert_eq!(
+            connection_status("127.0.0.1 said: 421 busy", "4.4.2"),
+            "4.4.2"
+        );
+        assert_eq!(
+            connection_status("connection with x failed: timed out", "4.4.2"),
+            "4.4.2"
         );
     }
 

@@ -523,6 +523,72 @@ fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
 }
 
 #[test]
+fn an_expired_recipient_keeps_the_status_of_the_421_that_ended_its_sessions() {
+    // Next hops that answer and then end the session with a 421 carrying an enhanced status:
+    // one at its greeting, one in answer to MAIL. The expiry reports their status, not the
+    // 4.4.2 of a broken connection.
+    let origin = Peer::start(&[]);
+    let greeting = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let greeting_port = greeting.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in greeting.incoming().take(100) {
+            let Ok(mut conn) = conn else { return };
+            let _ = std::io::Write::write_all(&mut conn, b"421 4.3.2 hop.test too busy\r\n");
+        }
+    });
+    let (mail_port, _stored, _) = scripted_next_hop(
+        |_, line| {
+            line.starts_with("MAIL")
+                .then_some(Act::SayAndClose("421 4.7.0 hop.test go away\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let busy = format!("busy.test=127.0.0.1:{greeting_port}");
+    let away = format!("away.test=127.0.0.1:{mail_port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&[
+        "--route",
+        &busy,
+        "--route",
+        &away,
+        "--route",
+        &back,
+        "--max-queue-lifetime",
+        "2s",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@busy.test"],
+        "<busy@t>",
+        "x\r\n",
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@away.test"],
+        "<away@t>",
+        "x\r\n",
+    );
+    let stored = origin.wait_for("two expiry bounces", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let report_for = |rcpt: &str| {
+        stored
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+            .find(|t| t.contains(&format!("Final-Recipient: rfc822; {rcpt}")))
+            .unwrap_or_else(|| panic!("no report for {rcpt}"))
+    };
+    let busy = report_for("b@busy.test");
+    assert!(busy.contains("Status: 4.3.2"), "{busy}");
+    assert!(busy.contains("421 4.3.2 hop.test too busy"), "{busy}");
+    let away = report_for("b@away.test");
+    assert!(away.contains("Status: 4.7.0"), "{away}");
+    assert!(away.contains("421 4.7.0 hop.test go away"), "{away}");
+}
+
+#[test]
 fn the_queue_lifetime_runs_whole_from_arrival() {
     // The spool keeps arrival times in whole seconds. A message that arrives late in a second
     // must still get its whole lifetime, not one shortened by the part of the second that

@@ -146,10 +146,13 @@ impl CoreRelay {
                     }
                     return After::Broken;
                 }
+                // 4.4.2 (the connection broke), or the status of the reply that ended it (a
+                // 421 4.3.2), which a report and the expiry bounce then keep.
+                let text = e.describe(remote_name);
                 let c = Carried {
                     job,
-                    status: "4.4.2".into(),
-                    text: e.describe(remote_name),
+                    status: dsn::connection_status(&text, "4.4.2"),
+                    text,
                     texts: Vec::new(),
                     remote,
                 };

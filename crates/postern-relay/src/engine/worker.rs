@@ -200,10 +200,12 @@ impl CoreRelay {
             permanent
                 .or(deferred)
                 .unwrap_or(if remote.is_some() { "4.4.2" } else { "4.4.1" });
-        // Refused for good by a host that answered (a 5xx to HELO): the reply's
-        // own status.
-        let status = match (permanent, &remote) {
-            (Some(_), Some(_)) => dsn::deferral_status(&text, status),
+        // A host that answered: its reply's own status where the account quotes one
+        // (a 5xx to HELO, a 421 greeting, a 454 to STARTTLS), so that a report, and
+        // the expiry bounce, say the next hop's code (RFC 3463 3.5).
+        let status = match (permanent, deferred, &remote) {
+            (Some(_), _, Some(_)) => dsn::deferral_status(&text, status),
+            (None, None, Some(_)) => dsn::connection_status(&text, status),
             _ => status.to_owned(),
         };
         let status = status.as_str();
@@ -219,7 +221,7 @@ impl CoreRelay {
             *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), remote.clone()));
             tracing::info!(
                 next_hop = %dq.dest.key(),
-                "the next hop cannot be reached ({text}); delivery to it paused for {:?}",
+                "no connection to the next hop could be used ({text}); delivery to it paused for {:?}",
                 Duration::from_millis(self.pause_ms())
             );
         }
