@@ -260,18 +260,7 @@ impl Core {
     /// Whether new transactions may start: the spool below its high-water mark (this core's
     /// share of it) and the delivery side not pushing back. Each change is logged once.
     pub(crate) fn accepting(&self) -> bool {
-        let (open, why) = if !self.spool_accepting() {
-            (false, "the spool is at --spool-high-water")
-        } else {
-            let delivery = self.delivery.borrow().clone();
-            match delivery {
-                Some(d) => match d.accepting() {
-                    Ok(()) => (true, QUEUE_FULL),
-                    Err(why) => (false, why),
-                },
-                None => self.held_accepting(),
-            }
-        };
+        let (open, why) = self.admission(false);
         if open == self.refusing.get() {
             self.refusing.set(!open);
             if open {
@@ -283,11 +272,30 @@ impl Core {
         open
     }
 
+    /// Whether new transactions may start, and if not why, without logging a change. With
+    /// `starting`, cores that have not counted their held mail yet count as holding none.
+    fn admission(&self, starting: bool) -> (bool, &'static str) {
+        if !self.spool_accepting() {
+            (false, "the spool is at --spool-high-water")
+        } else {
+            let delivery = self.delivery.borrow().clone();
+            match delivery {
+                Some(d) => match d.accepting() {
+                    Ok(()) => (true, QUEUE_FULL),
+                    Err(why) => (false, why),
+                },
+                None => self.held_accepting(starting),
+            }
+        }
+    }
+
     /// With nothing delivering (`--hold`), the queue's marks apply to the messages all cores
     /// keep (each core's count as it last published it).
     /// A core that has not read its spool yet (at start-up) counts as unknown: until every
-    /// core has, new mail waits rather than pass the mark unseen.
-    fn held_accepting(&self) -> (bool, &'static str) {
+    /// core has, new mail waits rather than pass the mark unseen (with `starting`, for the
+    /// copy a core publishes before it is ready, they count as holding none: every core has
+    /// counted by the time the server is ready).
+    fn held_accepting(&self, starting: bool) -> (bool, &'static str) {
         let Some((high, low)) = self.settings.held_queue_marks else {
             return (true, QUEUE_FULL);
         };
@@ -295,6 +303,7 @@ impl Core {
         let mut live = 0u64;
         for c in self.held.iter() {
             match c.load(Ordering::Relaxed) {
+                NOT_COUNTED if starting => {}
                 NOT_COUNTED => return (false, "the queue is still being counted at start-up"),
                 n => live += n,
             }
@@ -347,6 +356,20 @@ impl Core {
 
     /// Copies the core's figures to where the scraper reads them.
     pub(crate) fn publish(&self) {
+        let refusing = !self.accepting();
+        self.publish_as(refusing);
+    }
+
+    /// The first copy, made before the core says it is ready (so that the first scrape and
+    /// `/readyz` see its queue and spool, not zeros). Cores that have not counted their held
+    /// mail yet count as holding none, and a refusal is not logged: by the time the server is
+    /// ready every core has counted, and the next copy and MAIL see all of them.
+    pub(crate) fn publish_first(&self) {
+        let (open, _) = self.admission(true);
+        self.publish_as(!open);
+    }
+
+    fn publish_as(&self, refusing: bool) {
         let mut m = self.metrics.borrow().clone();
         m.active_sessions = self.sessions.get() as u64;
         m.spool_bytes = self.store.bytes_in_use();
@@ -354,7 +377,7 @@ impl Core {
             // Held mail (--hold): nothing delivers, so the queue is what the spool keeps live.
             m.queue_depth = self.store.live_messages() as u64;
         }
-        m.refusing = u64::from(!self.accepting());
+        m.refusing = u64::from(refusing);
         if let Ok(mut slot) = self.published.lock() {
             *slot = m;
         }

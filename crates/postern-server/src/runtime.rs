@@ -460,6 +460,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         let d = factory(CoreHandle(core.clone()));
         *core.delivery.borrow_mut() = Some(d);
     }
+    core.publish_first();
     let _ = ready.send(Ok(()));
     // Dropped now, not at the core's end: should another core fail before it reports, the
     // start-up sees every sender gone and gives up, instead of waiting on this one.

@@ -75,6 +75,38 @@ fn metrics_follow_traffic_and_pass_promtool() {
 }
 
 #[test]
+fn the_first_scrape_after_ready_sees_the_queue_and_spool_of_every_core() {
+    // Three messages kept by a first run; once the second says it is ready, its very first
+    // scrape counts them (not zeros until each core's first periodic copy) and says ready.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut first = Server::start_in(&["--cores", "2"], spool.clone(), None);
+    for i in 0..3 {
+        let mut c = first.connect();
+        c.line();
+        c.cmd("EHLO client.test");
+        c.cmd("MAIL FROM:<a@b.test>");
+        c.cmd(&format!("RCPT TO:<c{i}@d.test>"));
+        c.cmd("DATA");
+        assert!(c
+            .cmd("Subject: m\r\n\r\nbody\r\n.")
+            .starts_with("250 2.0.0"));
+    }
+    assert!(first.terminate().success());
+    let second = Server::start_in(
+        &["--cores", "2", "--metrics", "127.0.0.1:0"],
+        spool,
+        Some(dir),
+    );
+    let (status, text) = second.http_get("/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(text.contains("postern_queue_depth 3\n"), "{text}");
+    assert!(!text.contains("postern_spool_bytes 0\n"), "{text}");
+    let (status, body) = second.http_get("/readyz");
+    assert!(status.contains("200"), "{status} {body}");
+}
+
+#[test]
 fn sessions_spread_over_several_cores() {
     let server = Server::start(&["--metrics", "127.0.0.1:0", "--cores", "2"]);
     let mut clients = Vec::new();
