@@ -127,6 +127,10 @@ pub struct Outbound {
     /// The connection broke off and that was counted against its next hop (once per
     /// connection, however many transactions it carried).
     pub broke_counted: std::cell::Cell<bool>,
+    /// When the last reply was read (or the connection made, or [`Outbound::quiet_from_now`]
+    /// called), and how long the next hop had been quiet before it.
+    last_reply: Instant,
+    quiet_before_last: Duration,
 }
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -218,6 +222,8 @@ impl Outbound {
             addr,
             transactions: 0,
             broke_counted: std::cell::Cell::new(false),
+            last_reply: Instant::now(),
+            quiet_before_last: Duration::ZERO,
         };
         match conn.open(remote, tls, t).await {
             // A reply after the EHLO reply, before any command of a transaction went out,
@@ -367,6 +373,8 @@ impl Outbound {
             self.start += n;
             if self.session.replies_read() != replies {
                 deadline = Instant::now() + limit;
+                self.quiet_before_last = self.last_reply.elapsed();
+                self.last_reply = Instant::now();
             }
             if matches!(event, ClientEvent::Failed(_)) && !self.session.output().is_empty() {
                 // A parting QUIT (after a refused greeting), best effort.
@@ -512,6 +520,19 @@ impl Outbound {
                 "unexpected {other:?} in a transaction"
             )))),
         }
+    }
+
+    /// Starts counting the next hop's silence now (once commands are written: the time
+    /// their writing took is not the next hop's).
+    pub fn quiet_from_now(&mut self) {
+        self.last_reply = Instant::now();
+        self.quiet_before_last = Duration::ZERO;
+    }
+
+    /// The longest the next hop has been quiet lately: since its last reply, or before it (a
+    /// 421 that ends a silence).
+    pub fn quiet_for(&self) -> Duration {
+        self.last_reply.elapsed().max(self.quiet_before_last)
     }
 
     /// Whether transactions can be pipelined into each other on this connection: the next hop

@@ -115,10 +115,11 @@ const MAX_OPS: usize = 256;
 /// The size each segment is made with.
 const SEGMENT_SIZE: usize = 16 * 1024;
 
-/// Input: a salt seed (4 bytes), then operations, each a tag byte and its arguments:
-/// `0` raw damage (a length byte, that many bytes as they are), `1` the next segment, `2` a
+/// Input: a salt seed (4 bytes), then operations, each a tag byte and its arguments, by
+/// `tag % 8`: `0` raw damage (a length byte, that many bytes as they are), `1` the next
+/// segment (read as a `7` once there are [`MAX_SEGMENTS`]), `2` a
 /// file cut short (a byte: where), `3` a seal on the segment being written, and otherwise a
-/// record for draft `tag >> 5`: `tag % 8` picks START (4), BODY (5), END (6), STATUS or
+/// record for draft `tag >> 5`: START (4), BODY (5), END (6), STATUS or
 /// ABORT (7, by the next byte); the bytes after give each its fields.
 fn build(data: &[u8], dir: &Path) -> Written {
     let mut input = data.iter().copied();

@@ -52,7 +52,7 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
 /// `554 5.7.1 message refused`, is bounced to its sender.
 fn two_messages_the_second_bounced(port: u16, then: impl FnOnce()) {
     let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin);
+    let server = one_connection_to(port, &origin, &[]);
     for id in ["<first@t>", "<second@t>"] {
         send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
     }
@@ -302,10 +302,10 @@ fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
 #[test]
 fn a_batch_short_of_a_reply_ended_by_the_next_hop_s_own_timeout_leaves_every_outcome_unknown() {
     // As above, but postern waits the default 10 minutes for the missing reply, and the next
-    // hop, silent the while, ends the connection first (421 after 6 s idle). The replies read
+    // hop, silent the while, ends the connection first (421 after 9 s idle). The replies read
     // before that were each the command before its own: the second message must not count as
     // delivered on the third RSET's 250.
-    let idle = Duration::from_secs(6);
+    let idle = Duration::from_secs(9);
     let (port, taken) =
         batch_next_hop_idle("", idle, |n| (n != 1).then_some(b"250 2.0.0 queued\r\n"));
     let _server = released_in_one_batch(
@@ -326,6 +326,89 @@ fn a_batch_short_of_a_reply_ended_by_the_next_hop_s_own_timeout_leaves_every_out
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn refusals_a_next_hop_slows_down_before_it_closes_stay_refusals() {
+    // A next hop (PIPELINING, CHUNKING) that answers each unknown recipient after 0.8 s and
+    // ends the session with a 421 at the eleventh, as Postfix does past its error limits: some
+    // 9 s from the batch's write to its end, but never 8 s without a reply. The ten refusals
+    // read are the next hop's own: those recipients bounce now, and the rest is tried again.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Taken::default();
+    let record = taken.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = greeted_by_hop(&mut stream);
+            let mut errors = 0;
+            while let Some((line, verb)) = command_line(&mut reader) {
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                    "RCPT" if line.contains("<unknown") => {
+                        std::thread::sleep(Duration::from_millis(800));
+                        errors += 1;
+                        if errors > 10 {
+                            let _ = stream.write_all(b"421 4.7.0 hop.test too many errors\r\n");
+                            break;
+                        }
+                        b"550 5.1.1 unknown user\r\n"
+                    }
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        reader.read_exact(&mut body).unwrap();
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                        record
+                            .lock()
+                            .unwrap()
+                            .push(id.unwrap_or_default().to_owned());
+                        b"250 2.0.0 queued\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let origin = Peer::start(&[]);
+    // Pipelined batches, where a break after a long silence leaves every reply unknown.
+    let mut server = one_connection_to(port, &origin, &["--max-transactions-in-flight", "8"]);
+    let unknown: Vec<String> = (0..11).map(|i| format!("unknown{i}@dest.test")).collect();
+    let mut rcpts = vec!["b@dest.test"];
+    rcpts.extend(unknown.iter().map(String::as_str));
+    send(&server, "a@origin.test", &rcpts, "<slowed@t>", "x\r\n");
+    let (_, text) = origin.first("the refused recipients' bounce");
+    for i in 0..10 {
+        assert!(
+            text.contains(&format!("Final-Recipient: rfc822; unknown{i}@dest.test")),
+            "{text}"
+        );
+    }
+    assert!(
+        !text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while taken.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "b@ was never delivered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Failed at the first attempt, not put off to a later one.
+    let log = server.terminate_for_log();
+    let put_off: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("to=\"unknown0@dest.test\"") && l.contains("status=\"deferred\""))
+        .collect();
+    assert!(put_off.is_empty(), "{put_off:#?}");
 }
 
 #[test]
@@ -836,11 +919,11 @@ fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) ->
 }
 
 /// postern on one core, one connection at a time to the next hop on `port` (dest.test), its
-/// reports to `origin`, retries 300 ms apart.
-fn one_connection_to(port: u16, origin: &Peer) -> Server {
+/// reports to `origin`, retries 300 ms apart, and `extra` flags.
+fn one_connection_to(port: u16, origin: &Peer, extra: &[&str]) -> Server {
     let to_dest = format!("dest.test=127.0.0.1:{port}");
     let to_origin = format!("origin.test=127.0.0.1:{}", origin.port);
-    Server::start(&[
+    let mut args = vec![
         "--route",
         &to_dest,
         "--route",
@@ -853,7 +936,9 @@ fn one_connection_to(port: u16, origin: &Peer) -> Server {
         "300ms",
         "--cores",
         "1",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
 /// The next hop of [`next_hop_with_a_stray_after`], postern sending to it one connection at a
@@ -867,7 +952,7 @@ fn strayed_into(
 ) -> (Taken, Peer, Server) {
     let (port, taken) = next_hop_with_a_stray_after(after, extensions);
     let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin);
+    let server = one_connection_to(port, &origin, &[]);
     for (id, rcpts, body) in messages {
         send(&server, "a@origin.test", rcpts, id, body);
     }

@@ -90,7 +90,7 @@ fn recipients_queued_past_their_high_water_mark_refuse_then_accept_again() {
     let three = ["b1@dest.test", "b2@dest.test", "b3@dest.test"];
     send(&server, "a@origin.test", &three, "<r3@t>", "x\r\n");
     let mut c = greeted(&server);
-    // Four of five: still accepting.
+    // Three of five: still accepting.
     mail_until(&mut c, "250");
     let two = ["b4@dest.test", "b5@dest.test"];
     send(&server, "a@origin.test", &two, "<r2@t>", "x\r\n");

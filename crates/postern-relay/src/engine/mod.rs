@@ -317,12 +317,15 @@ impl std::fmt::Debug for Relay {
 /// How long replies are read for after a write to the next hop failed.
 const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(2);
 
-/// A silence this long before a next hop ends a pipelined batch (a 421 or a close) makes the
-/// batch's replies unknown, as when postern's own wait runs out: a next hop in step that had
-/// the commands would have answered them, while one that never sent a reply waits for more
-/// input and ends the connection on its own idle timeout (Postfix's is 10 s under stress),
-/// each later reply having answered the command before its own.
-const SILENCE_BEFORE_BREAK: Duration = Duration::from_secs(5);
+/// A silence this long (since the last reply read, and since the batch was written) before a
+/// next hop ends a pipelined batch (a 421 or a close) makes the batch's replies unknown, as
+/// when postern's own wait runs out: a next hop in step that had the commands would have
+/// answered them, while one that never sent a reply waits for more input and ends the
+/// connection on its own idle timeout (Postfix's is 10 s under stress), each later reply
+/// having answered the command before its own. Longer than the delays next hops put before
+/// their replies to slow a sender down (Exchange's tarpit is 5 s, Postfix's error sleep 1 s),
+/// whose refusals stay known.
+const SILENCE_BEFORE_BREAK: Duration = Duration::from_secs(8);
 
 /// How long a next hop gets one transaction per round trip after a connection to it broke in
 /// the middle of pipelined transactions.

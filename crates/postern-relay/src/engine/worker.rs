@@ -471,23 +471,24 @@ impl CoreRelay {
         // after it means every reply of the batch may have answered the command before its
         // own (see `unasked_after_reply`).
         let mut answered: Vec<(Job, TransactionResult)> = Vec::new();
-        let mut last_answer = std::time::Instant::now();
+        // The silence before a break counts from the end of the writes (a slow write is no
+        // silence of the next hop's).
+        conn.quiet_from_now();
         while let Some(job) = sent.next() {
             // Only the first job sent can be the carried one.
             let first_note = note.take();
             match conn.finish(limit).await {
-                Ok(result) => {
-                    answered.push((job, result));
-                    last_answer = std::time::Instant::now();
-                }
+                Ok(result) => answered.push((job, result)),
                 Err(e) => {
                     // Those answered before the break keep their replies, unless the batch
-                    // ran out of time, or the next hop ended it after a long silence: a reply
-                    // it never sent would have let each later one answer the command before
-                    // its own (the next RSET's 250 taken for a message's), so none of them is
-                    // known (see SILENCE_BEFORE_BREAK).
+                    // ran out of time, the next hop ended it after a long silence, or its
+                    // replies were out of step: a reply it never sent would have let each
+                    // later one answer the command before its own (the next RSET's 250 taken
+                    // for a message's), so none of them is known (see SILENCE_BEFORE_BREAK).
+                    let silent = conn.quiet_for() >= SILENCE_BEFORE_BREAK;
                     let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT)
-                        || last_answer.elapsed() >= SILENCE_BEFORE_BREAK;
+                        || silent
+                        || crate::conn::out_of_step(&e);
                     for (job, result) in answered.drain(..) {
                         let outcome = if short {
                             Err(Err(e.clone()))
@@ -511,15 +512,17 @@ impl CoreRelay {
                     }
                     // The oldest transaction: the replies it got before the break are its own,
                     // unless the break is that they were out of step.
-                    let partial = if short || crate::conn::out_of_step(&e) {
-                        None
-                    } else {
-                        conn.take_unfinished()
-                    };
+                    let partial = if short { None } else { conn.take_unfinished() };
                     self.conclude(conn, dq, job, Err(Err(e.clone())), partial, carry);
                     if matches!(e, ConnError::Smtp(ClientError::Closing(_))) {
                         // The server closed at this reply, so it took none of the later
-                        // transactions: they go back to the queue as if never sent.
+                        // transactions: they go back to the queue as if never sent (a batch
+                        // short of a reply may have had them taken: sent again, a duplicate
+                        // at worst, one transaction per round trip for a while, as below).
+                        if short {
+                            dq.serial_until
+                                .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                        }
                         self.requeue(dq, sent.collect());
                     } else {
                         // Their outcome is unknown: deferred, like this one. A next hop that
