@@ -13,6 +13,7 @@ mod core;
 pub mod delivery;
 pub mod error;
 mod limits;
+mod listener;
 pub mod metrics;
 mod metrics_http;
 mod received;

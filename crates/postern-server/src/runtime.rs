@@ -8,7 +8,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use postern_proto::ServerConfig;
 use postern_spool::{DirLock, LOCK_FILE};
@@ -19,6 +18,7 @@ use crate::core::{watch, Core, Deletions, StopFlag};
 use crate::delivery::{CoreHandle, DeliveryFactory};
 use crate::error::StartError;
 use crate::limits::{ConnectionLimits, Refusal};
+use crate::listener::Listener;
 use crate::metrics::Registry;
 use crate::relay::RelayPolicy;
 use crate::store::CoreStore;
@@ -417,10 +417,9 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     let mut listeners = Vec::new();
     for (addrs, implicit_tls) in [(&init.listen, false), (&init.listen_tls, true)] {
         for &addr in addrs {
-            match TcpListener::bind(addr) {
+            match Listener::bind(addr) {
                 Ok(l) => listeners.push((l, implicit_tls)),
-                Err(e) => {
-                    let source = std::io::Error::other(e.to_string());
+                Err(source) => {
                     let _ = ready.send(Err(StartError::Bind { addr, source }));
                     return;
                 }
@@ -559,7 +558,7 @@ async fn heartbeat(beat: Arc<watchdog::Beat>) {
     }
 }
 
-async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) {
+async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
     // Checked at each turn too: under a backlog that never empties, or an accept error that
     // comes at once each time, the accept below is always ready first.
     while !core.stopping.get() {
@@ -570,11 +569,18 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
         };
         let accepted = async { Some(accept.as_mut().await) };
         let Some(accepted) = futures_lite::future::or(accepted, stop).await else {
-            // An accept the kernel has finished meanwhile is taken, not dropped.
-            if let Some(Ok(stream)) = futures_lite::future::poll_once(accept).await {
+            // The accept in flight is not dropped as it is (see `listener`): what the kernel
+            // has completed is taken first, then the listener shut, which ends the accept,
+            // with a connection that came in between or an error.
+            drain(&core, &listener, implicit_tls);
+            let ended = futures_lite::future::or(async { Some(accept.as_mut().await) }, async {
+                glommio::timer::sleep(ACCEPT_END_WAIT).await;
+                None
+            });
+            if let Some(Ok(stream)) = ended.await {
                 admit(&core, stream, implicit_tls);
             }
-            break;
+            return;
         };
         let Ok(stream) = accepted else {
             // EMFILE and friends: back off briefly instead of spinning.
@@ -583,18 +589,22 @@ async fn accept_loop(core: Rc<Core>, listener: TcpListener, implicit_tls: bool) 
         };
         admit(&core, stream, implicit_tls);
     }
-    // Connections whose handshake the kernel has already completed would be reset when the
-    // listener closes: take them too, and tell each that the server is stopping (421).
-    for _ in 0..BACKLOG_DRAIN_MAX {
-        match futures_lite::future::poll_once(listener.accept()).await {
-            Some(Ok(stream)) => admit(&core, stream, implicit_tls),
-            // A client that reset while queued (ECONNABORTED), or no descriptor left: the
-            // ones behind it are still taken, up to the bound.
-            Some(Err(_)) => continue,
-            None => break,
-        }
-    }
+    drain(&core, &listener, implicit_tls);
 }
+
+/// Connections whose handshake the kernel has already completed would be reset when the
+/// listener closes: they are taken and told that the server is stopping (421). Then the
+/// listener takes no more.
+fn drain(core: &Rc<Core>, listener: &Listener, implicit_tls: bool) {
+    for stream in listener.take_waiting(BACKLOG_DRAIN_MAX) {
+        admit(core, stream, implicit_tls);
+    }
+    listener.stop_listening();
+}
+
+/// How long a stopping core waits for its accept in flight to end once its listener is shut
+/// (at once, in practice); past it the accept is dropped as it is.
+const ACCEPT_END_WAIT: Duration = Duration::from_secs(1);
 
 // glommio's preemption timer stays at its 100 ms. A shorter one (500 us) gave a client that
 // pipelines without pause its share of the core rather than 100 ms slices of it, but glommio
