@@ -257,13 +257,13 @@ impl Session {
                     Event::StartTls => {
                         // Anything pipelined after STARTTLS is dropped unread.
                         start = end;
-                        if !self.flush().await || !self.start_tls(false).await {
+                        if !self.flush_timed(arrived).await || !self.start_tls(false).await {
                             return;
                         }
                         self.proto.tls_established();
                     }
                     Event::Close => {
-                        self.flush().await;
+                        self.flush_timed(arrived).await;
                         return;
                     }
                     Event::Flush => {
@@ -276,14 +276,8 @@ impl Session {
                     }
                 }
             }
-            if !self.proto.output().is_empty() {
-                if !self.flush().await {
-                    return;
-                }
-                CoreMetrics::record(
-                    &mut self.core.metrics.borrow_mut().command_latency,
-                    arrived.elapsed(),
-                );
+            if !self.flush_timed(arrived).await {
+                return;
             }
             if start == end {
                 (start, end) = (0, 0);
@@ -374,6 +368,22 @@ impl Session {
     }
 
     /// Writes out the pending replies. False when the connection is gone.
+    /// [`Session::flush`], and for replies to what was read at `arrived`, one sample of the
+    /// command latency once they are written (the QUIT's 221 and STARTTLS's 220 too).
+    async fn flush_timed(&mut self, arrived: Instant) -> bool {
+        if self.proto.output().is_empty() {
+            return true;
+        }
+        if !self.flush().await {
+            return false;
+        }
+        CoreMetrics::record(
+            &mut self.core.metrics.borrow_mut().command_latency,
+            arrived.elapsed(),
+        );
+        true
+    }
+
     async fn flush(&mut self) -> bool {
         let out = self.proto.output();
         if out.is_empty() {

@@ -107,6 +107,30 @@ fn the_first_scrape_after_ready_sees_the_queue_and_spool_of_every_core() {
 }
 
 #[test]
+fn every_read_that_gets_replies_is_one_command_latency_sample_quit_too() {
+    let server = Server::start(&["--metrics", "127.0.0.1:0", "--cores", "1"]);
+    let count = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("postern_command_latency_seconds_count "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no command latency count in\n{text}"))
+    };
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("NOOP");
+    // QUIT alone, then a read holding NOOP and QUIT: each answered read is one sample.
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let mut d = server.connect();
+    d.line();
+    d.send(b"NOOP\r\nQUIT\r\n");
+    assert!(d.line().starts_with("250"));
+    assert!(d.line().starts_with("221"));
+    let text = server.metrics_until(|m| m.contains("postern_active_sessions 0\n") && count(m) >= 4);
+    assert_eq!(count(&text), 4, "{text}");
+}
+
+#[test]
 fn sessions_spread_over_several_cores() {
     let server = Server::start(&["--metrics", "127.0.0.1:0", "--cores", "2"]);
     let mut clients = Vec::new();
