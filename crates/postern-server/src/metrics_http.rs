@@ -129,6 +129,12 @@ fn answer(
             return Ok(());
         }
         head.extend_from_slice(&buf[..n]);
+        // Empty lines before the request line are passed over (RFC 9112 2.2).
+        let blank = head
+            .iter()
+            .position(|&b| b != b'\r' && b != b'\n')
+            .unwrap_or(head.len());
+        head.drain(..blank);
         if head_is_complete(&head) {
             complete = true;
             break;
@@ -146,6 +152,8 @@ fn answer(
             false,
         )
     };
+    // A HEAD request gets no body, whatever its status (RFC 9110 9.3.2).
+    let head_only = head_only || head.starts_with(b"HEAD ");
     let allow = if status.starts_with("405") {
         "Allow: GET, HEAD\r\n"
     } else {
@@ -166,12 +174,13 @@ fn answer(
         )
     };
     stream.write_all(response.as_bytes())?;
-    if complete {
+    if complete && !has_body(&head) {
         return Ok(());
     }
-    // A head too large leaves input unread, and a close with unread input resets the
-    // connection, which can overtake the 431 on its way (RFC 9112 9.6): the writing side is
-    // closed first, and what the client still sends is read and dropped for a moment.
+    // A head too large, or a request with a body (which is not read), leaves input unread,
+    // and a close with unread input resets the connection, which can overtake the response
+    // on its way (RFC 9112 9.6): the writing side is closed first, and what the client still
+    // sends is read and dropped for a moment.
     stream.shutdown(std::net::Shutdown::Write)?;
     stream.set_read_timeout(Some(LINGER))?;
     let until = Instant::now() + LINGER;
@@ -183,6 +192,27 @@ fn answer(
         }
     }
     Ok(())
+}
+
+/// Whether a request says a body follows its head (Content-Length other than 0, or
+/// Transfer-Encoding), or bytes already came after the head's empty line.
+fn has_body(head: &[u8]) -> bool {
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .or_else(|| head.windows(2).position(|w| w == b"\n\n").map(|i| i + 2))
+        .unwrap_or(head.len());
+    end < head.len()
+        || head[..end].split(|&b| b == b'\n').skip(1).any(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                return false;
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            name.eq_ignore_ascii_case(b"transfer-encoding")
+                || (name.eq_ignore_ascii_case(b"content-length") && value != b"0")
+        })
 }
 
 /// How long, and how much, a response's connection reads after the response (see `answer`).

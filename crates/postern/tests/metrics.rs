@@ -211,6 +211,34 @@ fn clients_that_hold_every_slot_of_the_metrics_port_do_not_keep_a_scrape_out() {
 }
 
 #[test]
+fn an_empty_line_before_a_request_is_passed_over_and_head_never_gets_a_body() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    let response = |request: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        s.write_all(request).unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    };
+    // RFC 9112 2.2: an empty line before the request line is ignored.
+    let text = response(b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    // RFC 9110 9.3.2: no body after HEAD, whatever the status.
+    for request in [
+        &b"HEAD /metrics HTTP/2.0\r\nHost: x\r\n\r\n"[..],
+        b"HEAD /metrics HTTP/1.1\r\n\r\n",
+        b"HEAD /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let text = response(request);
+        assert!(text.starts_with("HTTP/1.1 "), "{text:?}");
+        assert!(text.ends_with("\r\n\r\n"), "HEAD got a body: {text:?}");
+    }
+}
+
+#[test]
 fn malformed_requests_to_the_metrics_port_get_400_or_431() {
     use std::io::Read;
     let server = Server::start(&["--metrics", "127.0.0.1:0"]);
