@@ -261,7 +261,8 @@ pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec
             .collect(),
         _ => Vec::new(),
     };
-    let names = if names.is_empty() {
+    let from_cn = names.is_empty();
+    let names = if from_cn {
         // No DNS names in subjectAltName: the subject's common name, as older clients read it.
         cert.subject()
             .iter_common_name()
@@ -270,7 +271,18 @@ pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec
     } else {
         names
     };
-    if !names.iter().any(|n| name_matches(n, hostname)) {
+    let named = names.iter().any(|n| name_matches(n, hostname));
+    if named && from_cn {
+        // RFC 9525 (as RFC 6125 before it for new software) has clients look at
+        // subjectAltName only: rustls, Go and browsers refuse such a certificate, postern's
+        // own delivery with --outbound-tls required among them.
+        warnings.push(format!(
+            "the certificate names --hostname {hostname} only in its subject's common name, \
+             not in subjectAltName; clients that follow RFC 9525 (rustls, Go, browsers) will \
+             refuse TLS (make it with a subjectAltName)"
+        ));
+    }
+    if !named {
         warnings.push(format!(
             "the certificate does not name --hostname {hostname} (it names {}); clients that \
              verify the name will refuse TLS",
@@ -359,6 +371,19 @@ mod tests {
             certificate_warnings(&later, Some("mx.example.net"), now),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn a_certificate_naming_the_host_in_its_common_name_alone_is_said_so() {
+        let now = 1_800_000_000;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mx.example.net");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let w = one_warning(&der, "mx.example.net", now);
+        assert!(w.contains("only in its subject's common name"), "{w}");
     }
 
     #[test]
