@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     // buffer, a burst of lines is one write(2), and a lone line still goes out at once.
     let (writer, _log_guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
         LOG_BUFFER,
-        std::io::stderr(),
+        Unfailing(std::io::stderr()),
     ));
     // Colours only on a terminal: a log file or journal gets plain text to grep.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -464,6 +464,27 @@ impl<W: std::io::Write> std::io::Write for OneLine<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+/// The log's destination, whose errors are dropped with the lines: with stderr gone (a closed
+/// pipe), tracing-appender's writer thread would otherwise miss the stop's shutdown message
+/// behind a failed flush, and every stop would wait out its guard's second.
+struct Unfailing<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Unfailing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write(buf) {
+            // Tried again by the caller (`write_all`).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(e),
+            Ok(n) => Ok(n),
+            Err(_) => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
     }
 }
 
@@ -859,6 +880,27 @@ fn recover_and_report(
 
 #[cfg(test)]
 mod tests {
+    /// A destination that is gone: every write and flush fails (a closed pipe).
+    struct Gone;
+
+    impl std::io::Write for Gone {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+    }
+
+    #[test]
+    fn a_log_destination_that_is_gone_fails_no_write_nor_flush() {
+        use std::io::Write;
+        let mut log = std::io::BufWriter::with_capacity(64, super::Unfailing(Gone));
+        log.write_all(&[b'x'; 200]).unwrap();
+        log.write_all(b"a line\n").unwrap();
+        log.flush().unwrap();
+    }
+
     use super::OneLine;
     use std::io::Write;
 
