@@ -359,6 +359,12 @@ fn main() -> ExitCode {
                     if signal == SIGUSR1 {
                         // `postern queue --flush`: deferred mail is tried now.
                         match &relay_handle {
+                            // A stopping server starts no delivery: what is deferred waits
+                            // for the next run.
+                            Some(_) if asked_to_stop => tracing::info!(
+                                "SIGUSR1: not flushing, the server is stopping (the next run \
+                                 tries deferred mail as its schedule says)"
+                            ),
                             Some(relay) => {
                                 tracing::info!("SIGUSR1: trying deferred mail now");
                                 relay.flush();

@@ -279,3 +279,22 @@ fn a_client_that_never_reads_its_replies_does_not_hold_the_stop() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn sigusr1_while_stopping_starts_no_delivery_and_says_so() {
+    // Delivering (a route, not --hold), held in its grace by a body in flight.
+    let mut server = Server::start(&["--cores", "1", "--route", "dest.test=127.0.0.1:9"]);
+    let mut busy = in_data(&server, "busy.test");
+    busy.send(b"Subject: in flight\r\n\r\nhalf\r\n");
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("stopping: no new connections"));
+    server.signal("-USR1");
+    let line = server.log_until(|l| l.contains("SIGUSR1"));
+    assert!(
+        line.contains("not flushing, the server is stopping"),
+        "{line}"
+    );
+    busy.send(b".\r\n");
+    queue_id(&busy.line());
+    assert!(server.child.wait().unwrap().success());
+}
