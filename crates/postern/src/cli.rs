@@ -266,6 +266,9 @@ struct Serve {
 pub(crate) struct Config {
     pub(crate) server: Settings,
     pub(crate) relay: Option<RelayConfig>,
+    /// `--outbound-tls-ca`, read at start-up with --hold too: a file that cannot work is said
+    /// at once, not when the hold is lifted.
+    pub(crate) outbound_tls_ca: Option<PathBuf>,
 }
 
 /// `POSTERN_*` variables set in the environment that name no setting of `postern serve` (a
@@ -492,13 +495,18 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
         Command::Queue(q) => return Ok(Some(Job::Queue(q))),
     };
     let relay = relay(&s).map_err(with_env_source)?;
+    let outbound_tls_ca = s.outbound_tls_ca.clone();
     let server = settings(s).map_err(with_env_source)?;
     let relay = relay.map(|r| RelayConfig {
         hostname: server.hostname.clone(),
         own_addrs: server.listen.clone(),
         ..r
     });
-    Ok(Some(Job::Serve(Box::new(Config { server, relay }))))
+    Ok(Some(Job::Serve(Box::new(Config {
+        server,
+        relay,
+        outbound_tls_ca,
+    }))))
 }
 
 /// Adds which environment variables the values behind a message came from: each flag it
@@ -659,11 +667,6 @@ fn relay(s: &Serve) -> Result<Option<RelayConfig>, String> {
     }
     if s.outbound_tls_ca.is_some() && tls != TlsPolicy::Required {
         return Err("--outbound-tls-ca needs --outbound-tls required".into());
-    }
-    // Read now, with --hold too: a file that cannot work is said at once, not when the hold
-    // is lifted.
-    if let Some(ca) = &s.outbound_tls_ca {
-        postern_relay::tls::TlsClients::new(Some(ca))?;
     }
     if s.hold {
         return Ok(None);

@@ -167,9 +167,16 @@ fn main() -> ExitCode {
         complain!("postern: cannot start: {e}");
         return ExitCode::from(1);
     }
-    // So do the certificate and key: read before the spool is locked, made or moved.
+    // So do the certificate and key, and the next hops' trust anchors (with --hold too): read
+    // before the spool is locked, made or moved.
     if let Some(files) = &settings.tls {
         if let Err(e) = postern_server::tls::check_pair(&files.cert, &files.key) {
+            complain!("postern: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if let Some(ca) = &config.outbound_tls_ca {
+        if let Err(e) = postern_relay::tls::TlsClients::new(Some(ca)) {
             complain!("postern: cannot start: {e}");
             return ExitCode::from(1);
         }

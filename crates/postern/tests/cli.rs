@@ -673,25 +673,34 @@ fn a_relay_network_of_everyone_is_warned_about() {
 }
 
 #[test]
-fn an_outbound_ca_that_cannot_work_is_refused_with_hold_too() {
+fn an_outbound_ca_that_cannot_work_stops_the_start_with_hold_too() {
+    // A file, not a flag, that cannot work: a start-up failure (exit 1, as for --tls-cert),
+    // which a supervisor may try again once the file is there, not a wrong flag (exit 2).
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
     let spool = dir.path().join("spool");
     for ca in [empty.to_str().unwrap(), "/nonexistent/ca.pem"] {
-        refused(
-            &[
-                "serve",
-                "--hold",
-                "--spool",
-                spool.to_str().unwrap(),
-                "--outbound-tls",
-                "required",
-                "--outbound-tls-ca",
-                ca,
-            ],
+        let args = [
+            "serve",
+            "--hold",
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            spool.to_str().unwrap(),
+            "--outbound-tls",
+            "required",
             "--outbound-tls-ca",
-        );
+            ca,
+        ];
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("postern: cannot start"))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(line.contains("--outbound-tls-ca"), "{line}");
+        assert!(!spool.exists(), "the spool was made: {err}");
     }
 }
 
