@@ -216,9 +216,11 @@ impl Core {
         // The count comes from the request (the listing's): bounded, against a forged one.
         let recipients = recipients.min(MAX_RECIPIENTS_DELETED);
         let delivery = self.delivery.borrow().clone();
-        if let Some(d) = delivery {
-            d.deleted(queue_id);
-        }
+        // How many it stops: those the delivery side still had to settle, or with nothing
+        // delivering (--hold) every recipient the listing gave.
+        let stopped = delivery
+            .and_then(|d| d.deleted(queue_id))
+            .map_or(recipients, |n| u32::try_from(n).unwrap_or(u32::MAX));
         let status = postern_spool::Status {
             state: postern_spool::DeliveryState::Failed,
             reply: "deleted by the operator".to_owned(),
@@ -236,7 +238,7 @@ impl Core {
             }
         }
         if recorded {
-            tracing::info!(queue_id, recipients, "deleted by the operator");
+            tracing::info!(queue_id, recipients = stopped, "deleted by the operator");
         }
         let core = self.clone();
         let queue_id = queue_id.to_owned();

@@ -37,8 +37,11 @@ pub trait Delivery {
     }
     /// The operator deleted this message of this core (`postern queue --delete`): it is
     /// delivered no more, and nothing is reported of it. The core records its recipients as
-    /// failed and forgets it.
-    fn deleted(&self, _queue_id: &str) {}
+    /// failed and forgets it. Returns how many of its recipients were still to be settled
+    /// (None when the delivery side did not have it).
+    fn deleted(&self, _queue_id: &str) -> Option<usize> {
+        None
+    }
     /// Transactions with a next hop under way on every core, their outcomes not yet known.
     fn in_flight(&self) -> usize {
         0

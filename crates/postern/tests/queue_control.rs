@@ -559,6 +559,42 @@ fn a_deferred_message_deleted_by_the_operator_is_not_delivered_and_nobody_is_tol
 }
 
 #[test]
+fn a_deletion_counts_only_the_recipients_it_stops() {
+    // One recipient delivered, one waiting for a next hop that is down: deleting the message
+    // stops one, which is what the log line and the failure counter say.
+    let up = Peer::start(&[]);
+    let down = reserve("127.0.0.1", 0);
+    let to_up = format!("up.test=127.0.0.1:{}", up.port);
+    let to_down = format!("dest.test=127.0.0.1:{}", down.1);
+    let server = Server::start(&[
+        "--route",
+        &to_up,
+        "--route",
+        &to_down,
+        "--retry-initial",
+        "1h",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let id = send(
+        &server,
+        "a@origin.test",
+        &["b@up.test", "b@dest.test"],
+        "<half@t>",
+        "x\r\n",
+    );
+    up.first("the delivered half");
+    server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("deferred"));
+    server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    let (code, _, err) = delete(&server.spool, &id);
+    assert_eq!(code, Some(0), "{err}");
+    let line = server.log_until(|l| l.contains("deleted by the operator"));
+    assert!(line.contains("recipients=1"), "{line}");
+    let m = server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    assert!(m.contains("postern_recipients_failed_total 1\n"), "{m}");
+}
+
+#[test]
 fn a_deleted_message_for_a_next_hop_that_is_down_is_tried_no_more() {
     // Retries every few hundred milliseconds to a next hop where nothing listens: once the
     // message is deleted, its job leaves the retry schedule instead of failing again and

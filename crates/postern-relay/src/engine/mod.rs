@@ -650,14 +650,18 @@ impl Delivery for CoreRelay {
         })
     }
 
-    fn deleted(&self, queue_id: &str) {
+    fn deleted(&self, queue_id: &str) -> Option<usize> {
         // Its outcomes still to come are ignored (nothing tracks it), and its jobs queued on
         // any core are dropped when their turn comes.
-        let Some(t) = self.tracked.borrow_mut().remove(queue_id) else {
-            return;
-        };
+        let t = self.tracked.borrow_mut().remove(queue_id)?;
         t.msg.deleted.store(true, Ordering::Release);
         self.publish_depth();
+        // Failed for good, by the operator: counted with the other failures (those waiting
+        // for their bounce were counted when they failed).
+        for _ in 0..t.pending {
+            self.handle.count_outcome(Outcome::Failed);
+        }
+        Some(t.pending)
     }
 
     fn in_flight(&self) -> usize {
