@@ -461,6 +461,28 @@ fn undeliverable_past_the_queue_lifetime_bounces_with_its_last_error_s_status() 
     );
 }
 
+/// Sends one message per (recipient, Message-ID) from a@origin.test and returns, in the same
+/// order, the report that names each recipient, once `origin` has them all.
+fn expiry_reports<const N: usize>(
+    server: &Server,
+    origin: &Peer,
+    messages: [(&str, &str); N],
+) -> [String; N] {
+    for (rcpt, id) in messages {
+        send(server, "a@origin.test", &[rcpt], id, "x\r\n");
+    }
+    let stored = origin.wait_for("the expiry bounces", Duration::from_secs(20), |s| {
+        s.len() == N
+    });
+    messages.map(|(rcpt, _)| {
+        stored
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+            .find(|t| t.contains(&format!("Final-Recipient: rfc822; {rcpt}")))
+            .unwrap_or_else(|| panic!("no report for {rcpt}"))
+    })
+}
+
 #[test]
 fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
     // Two messages put off by the next hop until their lifetime ends: one with an enhanced
@@ -489,35 +511,17 @@ fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
         "--max-queue-lifetime",
         "2s",
     ]);
-    send(
+    let [busy, vague] = expiry_reports(
         &server,
-        "a@origin.test",
-        &["busy@dest.test"],
-        "<busy@t>",
-        "x\r\n",
+        &origin,
+        [
+            ("busy@dest.test", "<busy@t>"),
+            ("vague@dest.test", "<vague@t>"),
+        ],
     );
-    send(
-        &server,
-        "a@origin.test",
-        &["vague@dest.test"],
-        "<vague@t>",
-        "x\r\n",
-    );
-    let stored = origin.wait_for("two expiry bounces", Duration::from_secs(20), |s| {
-        s.len() == 2
-    });
-    let report_for = |rcpt: &str| {
-        stored
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
-            .find(|t| t.contains(&format!("Final-Recipient: rfc822; {rcpt}")))
-            .unwrap_or_else(|| panic!("no report for {rcpt}"))
-    };
-    let busy = report_for("busy@dest.test");
     assert!(busy.contains("Status: 4.2.1"), "{busy}");
     assert!(busy.contains("450 4.2.1 mailbox busy"), "{busy}");
     assert!(busy.contains("delivery time expired"), "{busy}");
-    let vague = report_for("vague@dest.test");
     assert!(vague.contains("Status: 4.4.7"), "{vague}");
     assert!(vague.contains("451 try later"), "{vague}");
 }
@@ -556,34 +560,13 @@ fn an_expired_recipient_keeps_the_status_of_the_421_that_ended_its_sessions() {
         "--max-queue-lifetime",
         "2s",
     ]);
-    send(
+    let [busy, away] = expiry_reports(
         &server,
-        "a@origin.test",
-        &["b@busy.test"],
-        "<busy@t>",
-        "x\r\n",
+        &origin,
+        [("b@busy.test", "<busy@t>"), ("b@away.test", "<away@t>")],
     );
-    send(
-        &server,
-        "a@origin.test",
-        &["b@away.test"],
-        "<away@t>",
-        "x\r\n",
-    );
-    let stored = origin.wait_for("two expiry bounces", Duration::from_secs(20), |s| {
-        s.len() == 2
-    });
-    let report_for = |rcpt: &str| {
-        stored
-            .iter()
-            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
-            .find(|t| t.contains(&format!("Final-Recipient: rfc822; {rcpt}")))
-            .unwrap_or_else(|| panic!("no report for {rcpt}"))
-    };
-    let busy = report_for("b@busy.test");
     assert!(busy.contains("Status: 4.3.2"), "{busy}");
     assert!(busy.contains("421 4.3.2 hop.test too busy"), "{busy}");
-    let away = report_for("b@away.test");
     assert!(away.contains("Status: 4.7.0"), "{away}");
     assert!(away.contains("421 4.7.0 hop.test go away"), "{away}");
 }
