@@ -261,11 +261,23 @@ impl CoreStore {
     }
 
     pub(crate) fn begin(&self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
-        self.spool.borrow_mut().begin(meta)
+        let begun = self.spool.borrow_mut().begin(meta);
+        self.failed_write(begun)
     }
 
     pub(crate) fn append(&self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
-        self.spool.borrow_mut().append(draft, bytes)
+        let appended = self.spool.borrow_mut().append(draft, bytes);
+        self.failed_write(appended)
+    }
+
+    /// A write into a segment that fails fails every ticket not yet synced, other sessions'
+    /// among them (see `Spool`'s failed writes): those waiting for theirs are woken to see it,
+    /// rather than wait for the next sync, which an idle core may never make.
+    fn failed_write<T>(&self, result: Result<T, SpoolError>) -> Result<T, SpoolError> {
+        if result.is_err() {
+            self.synced.notify(usize::MAX);
+        }
+        result
     }
 
     pub(crate) fn abort(&self, draft: Draft) {
@@ -275,7 +287,8 @@ impl CoreStore {
     /// Finishes the message and waits until a group commit has made it durable.
     pub(crate) async fn commit(&self, draft: Draft) -> Result<(String, MessageRef), SpoolError> {
         let queue_id = draft.queue_id().to_owned();
-        let (ticket, pending) = self.spool.borrow_mut().finish_with_body(draft)?;
+        let finished = self.spool.borrow_mut().finish_with_body(draft);
+        let (ticket, pending) = self.failed_write(finished)?;
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
             let _ = self.spool.borrow_mut().forget_failed(&queue_id);
@@ -310,10 +323,11 @@ impl CoreStore {
         rcpt: u32,
         status: &Status,
     ) -> Result<(), SpoolError> {
-        let ticket = self
+        let appended = self
             .spool
             .borrow_mut()
-            .append_status(queue_id, rcpt, status)?;
+            .append_status(queue_id, rcpt, status);
+        let ticket = self.failed_write(appended)?;
         self.last_status.set(Some(ticket));
         self.work.notify(1);
         Ok(())
@@ -352,7 +366,8 @@ impl CoreStore {
     }
 
     /// At shutdown: lets the sync in flight be collected (for a few seconds at most: a stop
-    /// must end), then syncs what is pending, on this thread.
+    /// must end), then syncs what is pending, on this thread, and wakes whoever waits for a
+    /// ticket (a session whose end of data came before a slow sync then says its 250).
     pub(crate) async fn shutdown(&self) {
         const SYNC_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
         futures_lite::future::or(self.sync_collected(), async {
@@ -360,6 +375,7 @@ impl CoreStore {
         })
         .await;
         let _ = self.spool.borrow_mut().sync_now();
+        self.synced.notify(usize::MAX);
     }
 
     /// Waits until no sync is in flight (the last one collected).
