@@ -363,8 +363,10 @@ fn parse_notify(v: &str) -> Result<Notify, ParamError> {
 }
 
 /// `addr-type ";" xtext`, addr-type an atom (RFC 3461 4.2), the decoded address printable
-/// US-ASCII. Raw UTF-8 only for the `utf-8` address type (RFC 6533 3), and only in an
-/// SMTPUTF8 transaction, which the session checks.
+/// US-ASCII, or UTF-8 other than controls (Postfix writes an internationalised recipient
+/// it was given no ORCPT for as `rfc822;j+C3+B6rg@...`, and takes it from others). Raw UTF-8
+/// only for the `utf-8` address type (RFC 6533 3), and only in an SMTPUTF8 transaction,
+/// which the session checks.
 fn is_orcpt(v: &str) -> bool {
     let Some((kind, addr)) = v.split_once(';') else {
         return false;
@@ -377,8 +379,32 @@ fn is_orcpt(v: &str) -> bool {
             // Both are the same characters and escapes but for the UTF-8 itself.
             is_utf8_addr_text(addr)
         } else {
-            addr.is_ascii() && is_printable_xtext(addr)
+            addr.is_ascii() && is_text_xtext(addr)
         }
+}
+
+/// Whether `s` is xtext whose decoded value is printable US-ASCII or UTF-8 text: escapes of
+/// control characters (`+0D+0A`, `+00`, `+7F`, C1 controls) and octets that are no UTF-8 are
+/// refused, since the value may end up in a report's header field.
+fn is_text_xtext(s: &str) -> bool {
+    if !is_xtext(s) {
+        return false;
+    }
+    let b = s.as_bytes();
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            // Two upper-case hex digits, checked by `is_xtext`.
+            let hex = |c: u8| (c as char).to_digit(16).unwrap_or(0) as u8;
+            decoded.push(hex(b[i + 1]) << 4 | hex(b[i + 2]));
+            i += 3;
+        } else {
+            decoded.push(b[i]);
+            i += 1;
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok_and(|text| !text.chars().any(char::is_control))
 }
 
 /// RFC 6533 3 `utf-8-addr-xtext` and `utf-8-addr-unitext`: printable ASCII but `+`, `=` and
@@ -499,17 +525,25 @@ mod tests {
     }
 
     #[test]
-    fn decoded_envid_and_orcpt_are_printable_ascii() {
+    fn decoded_envid_is_printable_ascii_and_orcpt_printable_text() {
         // Escapes of CR, LF, NUL or 8-bit octets are xtext, but not printable values.
         for bad in ["a+0D+0AX-Inj:+20yes", "a+00b", "u+C3+A9", "a+7F"] {
             assert!(is_xtext(bad), "{bad}");
             assert!(!is_printable_xtext(bad), "{bad}");
             let envid = format!(" ENVID={bad}");
             assert_eq!(MailParams::parse(&envid), Err(ParamError::Invalid), "{bad}");
+        }
+        assert!(is_printable_xtext("a+20b+2B+3D"));
+        // An rfc822 ORCPT may escape UTF-8 (Postfix writes `j+C3+B6rg` for jörg), never a
+        // control character nor octets that are no UTF-8.
+        for bad in ["a+0D+0AX-Inj:+20yes", "a+00b", "a+7F", "u+C3", "u+C2+85", "u+FF"] {
             let orcpt = format!(" ORCPT=rfc822;{bad}@x.test");
             assert_eq!(RcptParams::parse(&orcpt), Err(ParamError::Invalid), "{bad}");
         }
-        assert!(is_printable_xtext("a+20b+2B+3D"));
+        for good in ["j+C3+B6rg", "u+C3+A9+E2+98+83", "a+2Bb"] {
+            let orcpt = format!(" ORCPT=rfc822;{good}@x.test");
+            assert!(RcptParams::parse(&orcpt).is_ok(), "{good}");
+        }
         // Raw UTF-8 only with the utf-8 address type (RFC 6533); the session also asks for
         // SMTPUTF8.
         assert!(RcptParams::parse(" ORCPT=utf-8;\u{fc}@x.test").is_ok());

@@ -742,6 +742,32 @@ fn utf8_in_orcpt_needs_smtputf8_and_escapes_must_be_printable() {
 }
 
 #[test]
+fn an_rfc822_orcpt_may_escape_utf8_as_postfix_writes_it() {
+    // Postfix relays an internationalised recipient given no ORCPT with one it makes itself,
+    // `rfc822;` and the UTF-8 octets xtext-escaped, with or without SMTPUTF8.
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<jorg@mx.test> ORCPT=rfc822;j+C3+B6rg@mx.test",
+        "RCPT TO:<c@mx.test> ORCPT=rfc822;j+C3rg@mx.test",
+        "RSET",
+        "MAIL FROM:<s\u{e9}nder@b.test> SMTPUTF8",
+        "RCPT TO:<j\u{f6}rg@mx.test> ORCPT=rfc822;j+C3+B6rg@mx.test",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.5 Ok",
+            "501 5.5.4 Invalid parameter value",
+            "250 2.0.0 Ok",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+        ],
+    );
+}
+
+#[test]
 fn data_after_only_refused_recipients_is_554_whatever_the_refusal() {
     let input = client(&[
         "EHLO client.test",

@@ -648,7 +648,14 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
             let value = match orcpt.split_once(';') {
                 Some((kind, _)) if kind.trim().eq_ignore_ascii_case("utf-8") => safe(orcpt),
                 Some((kind, addr)) if kind.trim().eq_ignore_ascii_case("rfc822") => {
-                    format!("rfc822;{}", safe(&xtext_decode(addr)))
+                    // An address beyond ASCII in escapes (`j+C3+B6rg`, as Postfix writes
+                    // one) is of the utf-8 type, in its ASCII form (RFC 6533 3).
+                    let address = xtext_decode(addr);
+                    if address.is_ascii() {
+                        format!("rfc822;{}", safe(&address))
+                    } else {
+                        format!("utf-8;{}", safe(&utf8_addr_xtext(&address)))
+                    }
                 }
                 Some((kind, addr)) => {
                     format!("{};{}", safe(kind.trim()), safe(&xtext_decode(addr)))
