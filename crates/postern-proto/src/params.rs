@@ -536,7 +536,14 @@ mod tests {
         assert!(is_printable_xtext("a+20b+2B+3D"));
         // An rfc822 ORCPT may escape UTF-8 (Postfix writes `j+C3+B6rg` for jörg), never a
         // control character nor octets that are no UTF-8.
-        for bad in ["a+0D+0AX-Inj:+20yes", "a+00b", "a+7F", "u+C3", "u+C2+85", "u+FF"] {
+        for bad in [
+            "a+0D+0AX-Inj:+20yes",
+            "a+00b",
+            "a+7F",
+            "u+C3",
+            "u+C2+85",
+            "u+FF",
+        ] {
             let orcpt = format!(" ORCPT=rfc822;{bad}@x.test");
             assert_eq!(RcptParams::parse(&orcpt), Err(ParamError::Invalid), "{bad}");
         }

@@ -795,7 +795,10 @@ fn an_original_recipient_of_any_address_type_but_utf8_is_decoded_from_xtext() {
     let cases = [
         ("rfc822;a+2Bb@example.net", "rfc822;a+b@example.net"),
         // UTF-8 in xtext escapes (Postfix's ORCPT for jörg): the utf-8 type's ASCII form.
-        ("rfc822;j+C3+B6rg@example.net", "utf-8;j\\x{F6}rg@example.net"),
+        (
+            "rfc822;j+C3+B6rg@example.net",
+            "utf-8;j\\x{F6}rg@example.net",
+        ),
         ("x-foo;bar+20baz", "x-foo;bar baz"),
         ("X.400;c=us+3Ba=b", "X.400;c=us;a=b"),
         (

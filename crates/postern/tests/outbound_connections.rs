@@ -406,6 +406,94 @@ fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connection
     assert!(!log.contains("4.3.0 gate"), "{log}");
 }
 
+/// A next hop that takes at most `limit` connections from us at once (a thread each; 64
+/// connections in all): one more gets `421 4.7.0` as its greeting and a close, as Postfix's
+/// `smtpd_client_connection_count_limit` does. Each end of data takes a moment (50 ms) and is
+/// answered 250; the Message-IDs go to the receiver.
+fn limited_next_hop(limit: usize) -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let open = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(64) {
+            let Ok(s) = conn else { return };
+            let mut w = s.try_clone().unwrap();
+            if open.fetch_add(1, Ordering::SeqCst) >= limit {
+                open.fetch_sub(1, Ordering::SeqCst);
+                let _ = w.write_all(b"421 4.7.0 limited.test Error: too many connections\r\n");
+                continue;
+            }
+            let (tx, open) = (tx.clone(), open.clone());
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut r = BufReader::new(s);
+                let _ = w.write_all(b"220 limited.test ESMTP\r\n");
+                let (mut line, mut id, mut in_data) = (String::new(), String::new(), false);
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    let reply: &[u8] = if in_data && line == ".\r\n" {
+                        in_data = false;
+                        std::thread::sleep(Duration::from_millis(50));
+                        let _ = tx.send(std::mem::take(&mut id));
+                        b"250 2.0.0 stored\r\n"
+                    } else if in_data {
+                        if let Some(v) = line.strip_prefix("Message-ID: ") {
+                            id = v.trim_end().to_owned();
+                        }
+                        b""
+                    } else if line.starts_with("EHLO") {
+                        b"250-limited.test\r\n250 8BITMIME\r\n"
+                    } else if line.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go\r\n"
+                    } else if line.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                    line.clear();
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_next_hop_that_limits_our_connections_gets_its_mail_over_those_it_takes() {
+    // The mail queues up faster than two connections carry it, so more are opened, and the
+    // third gets 421. The two that work carry everything, at once, not after a retry delay
+    // of an hour for each message the third connection would have taken.
+    let (port, stored) = limited_next_hop(2);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    let ids: Vec<String> = (0..20).map(|k| format!("<lim{k}@t>")).collect();
+    for id in &ids {
+        send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < ids.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match stored.recv_timeout(left) {
+            Ok(id) => got.push(id),
+            Err(_) => panic!("{} of {} delivered: {got:?}", got.len(), ids.len()),
+        }
+    }
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(got, want);
+    let log = server.terminate_for_log();
+    assert!(log.contains("at most 2 to it"), "{log}");
+    assert!(!log.contains("status=\"deferred\""), "{log}");
+}
+
 #[test]
 fn past_the_outbound_connection_cap_mail_for_another_next_hop_waits_for_a_connection_to_end() {
     // One outbound connection in all: while the first next hop holds its transaction, mail

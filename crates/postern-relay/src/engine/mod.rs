@@ -564,7 +564,17 @@ struct DestQueue {
     last_broke: Cell<u64>,
     /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
     paused_for: RefCell<Option<(String, String, Option<String>)>>,
+    /// Connections to the next hop open now (past their greeting and EHLO).
+    connected: Cell<usize>,
+    /// The most connections the next hop takes from us, learned from a connection it
+    /// refused while others of ours were open (a per-client limit), until `cap_until` (ms).
+    cap: Cell<usize>,
+    cap_until: Cell<u64>,
 }
+
+/// How long a next hop's connection limit learned from a refusal holds (see
+/// [`DestQueue::cap`]); then more connections are tried again, and a refusal learns it anew.
+const CAP_HOLDS: Duration = Duration::from_secs(300);
 
 /// One core's relay.
 pub struct CoreRelay {
@@ -944,6 +954,9 @@ impl CoreRelay {
                     broken_in_a_row: Cell::new(0),
                     last_broke: Cell::new(0),
                     paused_for: RefCell::new(None),
+                    connected: Cell::new(0),
+                    cap: Cell::new(0),
+                    cap_until: Cell::new(0),
                 })
             })
             .clone();

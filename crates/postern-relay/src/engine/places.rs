@@ -156,10 +156,16 @@ impl CoreRelay {
     /// the jobs it held come all at once, and a next hop still down costs one connection,
     /// not one per job.
     pub(super) fn most_workers(&self, dq: &DestQueue) -> usize {
-        if dq.broken_in_a_row.get() > 0 {
+        let most = if dq.broken_in_a_row.get() > 0 {
             1
         } else {
             self.relay.config.max_per_destination.max(1)
+        };
+        // A connection limit the next hop showed (see `DestQueue::cap`).
+        if dq.cap_until.get() > now_ms() {
+            most.min(dq.cap.get().max(1))
+        } else {
+            most
         }
     }
 
@@ -178,6 +184,7 @@ impl CoreRelay {
                 || dq.down_until.get() > now
                 || dq.serial_until.get() > now
                 || dq.cleartext_until.get() > now
+                || dq.cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)
                 || dq.broke.borrow().values().any(|&until| until > now)
                 // Failed lately: its deferred jobs come back within the longest retry delay,

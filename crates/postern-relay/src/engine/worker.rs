@@ -75,6 +75,17 @@ impl CoreRelay {
                     }
                     (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
+                Err(unopened) if unopened.1.is_none() && dq.connected.get() > 0 => {
+                    // Refused (or not answered) while other connections of ours to the same
+                    // next hop are open: a limit on connections per client, not a next hop
+                    // that is down. The jobs stay for the open connections, nothing is
+                    // paused, and no more connections are opened to it for a while.
+                    self.at_connection_limit(&dq, failures_before, &unopened.0);
+                    for k in carry.drain(..) {
+                        self.settle_carried(k);
+                    }
+                    break;
+                }
                 Err(unopened) => {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
@@ -83,6 +94,8 @@ impl CoreRelay {
                     break;
                 }
             };
+            // Counted open until this connection is done with (any way out of this turn).
+            let _open = OpenConnection::new(&dq);
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
@@ -183,6 +196,28 @@ impl CoreRelay {
             }
         }
         self.leave(&dq);
+    }
+
+    /// A connection to `dq`'s next hop failed while others of ours to it are open: the next
+    /// hop takes no more than those (Postfix's `smtpd_client_connection_count_limit`, say).
+    /// Not a failure of the next hop: it is not counted as one, and until [`CAP_HOLDS`] has
+    /// passed no more connections than those are opened to it.
+    fn at_connection_limit(&self, dq: &DestQueue, failures_before: u32, why: &str) {
+        dq.broken_in_a_row.set(failures_before);
+        let open = dq.connected.get();
+        let capped = dq.cap_until.get() > now_ms();
+        if !capped || dq.cap.get() != open {
+            tracing::info!(
+                next_hop = %dq.dest.key(),
+                connections = open,
+                "the next hop refused another connection while {open} of ours were open \
+                 ({why}): at most {open} to it for {}s",
+                CAP_HOLDS.as_secs()
+            );
+        }
+        dq.cap.set(open);
+        dq.cap_until
+            .set(now_ms() + u64::try_from(CAP_HOLDS.as_millis()).unwrap_or(u64::MAX));
     }
 
     /// No connection could be made to `dq`'s next hop: the jobs waiting for it wait again (or
@@ -851,5 +886,21 @@ pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
         (text, Some(e.enhanced()), None, None)
     } else {
         (text, None, None, Some(e.enhanced()))
+    }
+}
+
+/// A connection to a next hop counted in [`DestQueue::connected`] while it is held.
+struct OpenConnection<'a>(&'a DestQueue);
+
+impl<'a> OpenConnection<'a> {
+    fn new(dq: &'a DestQueue) -> Self {
+        dq.connected.set(dq.connected.get() + 1);
+        OpenConnection(dq)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connected.set(self.0.connected.get() - 1);
     }
 }
