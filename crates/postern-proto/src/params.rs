@@ -378,8 +378,10 @@ fn is_orcpt(v: &str) -> bool {
             // RFC 6533 3: ASCII only, `utf-8-addr-xtext`; with UTF-8, `utf-8-addr-unitext`.
             // Both are the same characters and escapes but for the UTF-8 itself.
             is_utf8_addr_text(addr)
-        } else {
+        } else if kind.eq_ignore_ascii_case("rfc822") {
             addr.is_ascii() && is_text_xtext(addr)
+        } else {
+            addr.is_ascii() && is_printable_xtext(addr)
         }
 }
 
@@ -551,6 +553,11 @@ mod tests {
             let orcpt = format!(" ORCPT=rfc822;{good}@x.test");
             assert!(RcptParams::parse(&orcpt).is_ok(), "{good}");
         }
+        // Other address types keep to printable ASCII.
+        assert_eq!(
+            RcptParams::parse(" ORCPT=x-foo;j+C3+B6rg"),
+            Err(ParamError::Invalid)
+        );
         // Raw UTF-8 only with the utf-8 address type (RFC 6533); the session also asks for
         // SMTPUTF8.
         assert!(RcptParams::parse(" ORCPT=utf-8;\u{fc}@x.test").is_ok());

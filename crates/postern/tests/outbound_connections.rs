@@ -476,6 +476,38 @@ fn a_next_hop_that_limits_our_connections_gets_its_mail_over_those_it_takes() {
     for id in &ids {
         send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
     }
+    all_stored_none_deferred(&stored, &ids, &mut server);
+}
+
+#[test]
+fn a_burst_of_connections_to_a_next_hop_that_limits_them_loses_no_time() {
+    // Twenty messages held, then released at once by a restart: connections open together,
+    // and those over the limit are refused while the others are still opening.
+    let (port, stored) = limited_next_hop(2);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let ids: Vec<String> = (0..20).map(|k| format!("<burst{k}@t>")).collect();
+    for id in &ids {
+        send(&held, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    }
+    assert!(held.terminate().success());
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--route", &route, "--retry-initial", "1h"],
+        spool,
+        Some(dir),
+    );
+    all_stored_none_deferred(&stored, &ids, &mut server);
+}
+
+/// Waits (20 s at most) until the next hop has stored every message of `ids`, then stops the
+/// server and checks that none was deferred and that the limit was learned.
+fn all_stored_none_deferred(
+    stored: &std::sync::mpsc::Receiver<String>,
+    ids: &[String],
+    server: &mut Server,
+) {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while got.len() < ids.len() {
@@ -486,11 +518,11 @@ fn a_next_hop_that_limits_our_connections_gets_its_mail_over_those_it_takes() {
         }
     }
     got.sort();
-    let mut want = ids.clone();
+    let mut want = ids.to_vec();
     want.sort();
     assert_eq!(got, want);
     let log = server.terminate_for_log();
-    assert!(log.contains("at most 2 to it"), "{log}");
+    assert!(log.contains("to it for 300s"), "{log}");
     assert!(!log.contains("status=\"deferred\""), "{log}");
 }
 

@@ -564,10 +564,9 @@ struct DestQueue {
     last_broke: Cell<u64>,
     /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
     paused_for: RefCell<Option<(String, String, Option<String>)>>,
-    /// Connections to the next hop open now (past their greeting and EHLO).
-    connected: Cell<usize>,
     /// The most connections the next hop takes from us, learned from a connection it
-    /// refused while others of ours were open (a per-client limit), until `cap_until` (ms).
+    /// refused while others of ours were open or opening (a per-client limit), until
+    /// `cap_until` (ms).
     cap: Cell<usize>,
     cap_until: Cell<u64>,
 }
@@ -954,7 +953,6 @@ impl CoreRelay {
                     broken_in_a_row: Cell::new(0),
                     last_broke: Cell::new(0),
                     paused_for: RefCell::new(None),
-                    connected: Cell::new(0),
                     cap: Cell::new(0),
                     cap_until: Cell::new(0),
                 })

@@ -75,12 +75,16 @@ impl CoreRelay {
                     }
                     (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
-                Err(unopened) if unopened.1.is_none() && dq.connected.get() > 0 => {
-                    // Refused (or not answered) while other connections of ours to the same
-                    // next hop are open: a limit on connections per client, not a next hop
-                    // that is down. The jobs stay for the open connections, nothing is
-                    // paused, and no more connections are opened to it for a while.
-                    self.at_connection_limit(&dq, failures_before, &unopened.0);
+                Err(unopened)
+                    if unopened.1.is_none() && unopened.2.is_some() && dq.workers.get() > 1 =>
+                {
+                    // Refused by a host that answered (a 421 greeting, say) while other
+                    // connections of ours to the same next hop are open or opening: a limit
+                    // on connections per client, not a next hop that is down. The jobs stay
+                    // for the other connections, nothing is paused, and no more connections
+                    // are opened to it for a while. (The last of a burst that are all
+                    // refused takes the path below.)
+                    self.at_connection_limit(&dq, unopened.4, &unopened.0);
                     for k in carry.drain(..) {
                         self.settle_carried(k);
                     }
@@ -94,8 +98,6 @@ impl CoreRelay {
                     break;
                 }
             };
-            // Counted open until this connection is done with (any way out of this turn).
-            let _open = OpenConnection::new(&dq);
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
@@ -198,20 +200,23 @@ impl CoreRelay {
         self.leave(&dq);
     }
 
-    /// A connection to `dq`'s next hop failed while others of ours to it are open: the next
-    /// hop takes no more than those (Postfix's `smtpd_client_connection_count_limit`, say).
-    /// Not a failure of the next hop: it is not counted as one, and until [`CAP_HOLDS`] has
-    /// passed no more connections than those are opened to it.
-    fn at_connection_limit(&self, dq: &DestQueue, failures_before: u32, why: &str) {
-        dq.broken_in_a_row.set(failures_before);
-        let open = dq.connected.get();
+    /// A connection to `dq`'s next hop was refused while others of ours to it are open or
+    /// opening: the next hop takes no more than those (Postfix's
+    /// `smtpd_client_connection_count_limit`, say). Not a failure of the next hop: the
+    /// `failed` addresses this attempt counted as failures are taken off the count, and until
+    /// [`CAP_HOLDS`] has passed no more connections than the others are opened to it.
+    fn at_connection_limit(&self, dq: &DestQueue, failed: u32, why: &str) {
+        dq.broken_in_a_row
+            .set(dq.broken_in_a_row.get().saturating_sub(failed));
+        // This worker is about to leave; the others stay.
+        let open = dq.workers.get().saturating_sub(1).max(1);
         let capped = dq.cap_until.get() > now_ms();
         if !capped || dq.cap.get() != open {
             tracing::info!(
                 next_hop = %dq.dest.key(),
                 connections = open,
-                "the next hop refused another connection while {open} of ours were open \
-                 ({why}): at most {open} to it for {}s",
+                "the next hop refused another connection while {open} of ours were open or \
+                 opening ({why}): at most {open} to it for {}s",
                 CAP_HOLDS.as_secs()
             );
         }
@@ -224,7 +229,7 @@ impl CoreRelay {
     /// fail, when the failure is for good), and the next hop is paused when connections keep
     /// failing. `failures_before` is its count of failed connections before this attempt.
     fn unopened(&self, dq: &DestQueue, failures_before: u32, unopened: Unopened) {
-        let (text, permanent, remote, deferred) = unopened;
+        let (text, permanent, remote, deferred, _) = unopened;
         // The next hop is unreachable (everything waiting for it waits again) or
         // does not exist (everything waiting for it fails).
         let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
@@ -861,20 +866,23 @@ impl CoreRelay {
         // (a backup MX) may still take the mail.
         let refused =
             (refused_helo && addresses > 0 && failed.len() == addresses).then_some("5.0.0");
-        Err((last, refused, last_remote, None))
+        let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+        Err((last, refused, last_remote, None, failed))
     }
 
     // ----- owner side -----
 }
 
 /// A next hop that could not be reached: the text, the status when its jobs fail for good,
-/// the next hop's name when the last failure came from a host that answered, and postern's
-/// own status for a deferral no reply explains (a DNS failure's, say).
+/// the next hop's name when the last failure came from a host that answered, postern's
+/// own status for a deferral no reply explains (a DNS failure's, say), and how many
+/// addresses the attempt counted as failed (`CoreRelay::broke`).
 pub(super) type Unopened = (
     String,
     Option<&'static str>,
     Option<String>,
     Option<&'static str>,
+    u32,
 );
 
 /// A next hop that could not be resolved (no host answered): failed for good with the
@@ -883,24 +891,8 @@ pub(super) type Unopened = (
 pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
     let text = format!("{domain}: {e}");
     if e.is_permanent() {
-        (text, Some(e.enhanced()), None, None)
+        (text, Some(e.enhanced()), None, None, 0)
     } else {
-        (text, None, None, Some(e.enhanced()))
-    }
-}
-
-/// A connection to a next hop counted in [`DestQueue::connected`] while it is held.
-struct OpenConnection<'a>(&'a DestQueue);
-
-impl<'a> OpenConnection<'a> {
-    fn new(dq: &'a DestQueue) -> Self {
-        dq.connected.set(dq.connected.get() + 1);
-        OpenConnection(dq)
-    }
-}
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.0.connected.set(self.0.connected.get() - 1);
+        (text, None, None, Some(e.enhanced()), 0)
     }
 }
