@@ -264,6 +264,19 @@ fn released_in_one_batch(port: u16, messages: &[(&str, &str)], extra: &[&str]) -
     Server::start_in(&args, spool, Some(dir))
 }
 
+/// Waits, for `limit` at most, until the next hop has taken the message `id`.
+fn taken_within(taken: &Taken, id: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !taken.lock().unwrap().iter().any(|t| t == id) {
+        assert!(
+            Instant::now() < deadline,
+            "{id} was never taken: {:?}",
+            taken.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
     // Three messages pipelined into one another; the next hop never answers the second one's
@@ -288,15 +301,7 @@ fn a_batch_short_of_a_reply_leaves_every_outcome_in_it_unknown() {
             "1s",
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
-        assert!(
-            Instant::now() < deadline,
-            "the second message was never taken: {:?}",
-            taken.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    taken_within(&taken, "<b2@t>", Duration::from_secs(20));
 }
 
 #[test]
@@ -317,15 +322,7 @@ fn a_batch_short_of_a_reply_ended_by_the_next_hop_s_own_timeout_leaves_every_out
         ],
         &[],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !taken.lock().unwrap().iter().any(|id| id == "<b2@t>") {
-        assert!(
-            Instant::now() < deadline,
-            "the second message was never taken: {:?}",
-            taken.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    taken_within(&taken, "<b2@t>", Duration::from_secs(30));
 }
 
 #[test]
