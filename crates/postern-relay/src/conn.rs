@@ -372,9 +372,10 @@ impl Outbound {
             let (n, event) = self.session.handle(&self.buf[self.start..self.end]);
             self.start += n;
             if self.session.replies_read() != replies {
-                deadline = Instant::now() + limit;
-                self.quiet_before_last = self.last_reply.elapsed();
-                self.last_reply = Instant::now();
+                let now = Instant::now();
+                deadline = now + limit;
+                self.quiet_before_last = now.saturating_duration_since(self.last_reply);
+                self.last_reply = now;
             }
             if matches!(event, ClientEvent::Failed(_)) && !self.session.output().is_empty() {
                 // A parting QUIT (after a refused greeting), best effort.
