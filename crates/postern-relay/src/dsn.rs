@@ -795,6 +795,13 @@ fn safe(value: &str) -> String {
     let mut out = String::with_capacity(value.len().min(MAX_FIELD_VALUE));
     for ch in value.chars() {
         if out.len() >= MAX_FIELD_VALUE {
+            // A value that came already escaped (an address in utf-8-addr-xtext) is not
+            // cut inside an escape: a reader would take `\x{F` for text.
+            if let Some(open) = out.rfind('\\') {
+                if is_escape_start(&out[open + 1..]) {
+                    out.truncate(open);
+                }
+            }
             break;
         }
         if ch.is_ascii_graphic() {
@@ -813,6 +820,17 @@ fn safe(value: &str) -> String {
     }
     out.truncate(out.trim_end().len());
     out
+}
+
+/// Whether `tail` (what follows a `\`) is the start of a `\x{HEX}` escape left unclosed.
+fn is_escape_start(tail: &str) -> bool {
+    let Some(rest) = tail.strip_prefix('x') else {
+        return tail.is_empty();
+    };
+    let Some(hex) = rest.strip_prefix('{') else {
+        return rest.is_empty();
+    };
+    hex.len() <= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Makes a value safe for the text for people: control characters become spaces, white space
@@ -1163,6 +1181,23 @@ mod tests {
         assert_eq!(long.len(), MAX_FIELD_VALUE);
         let escapes = safe(&"é".repeat(5000));
         assert!(escapes.len() <= MAX_FIELD_VALUE && escapes.is_ascii());
+        // Already escaped (utf8_addr_xtext), the cut falls between escapes.
+        let escaped = safe(&utf8_addr_xtext(&"é".repeat(400)));
+        assert!(escaped.len() <= MAX_FIELD_VALUE, "{}", escaped.len());
+        assert!(
+            escaped.ends_with("\\x{E9}"),
+            "{}",
+            &escaped[escaped.len() - 10..]
+        );
+        for cut in 0..8 {
+            let value = format!("{}{}", "a".repeat(cut), utf8_addr_xtext(&"é".repeat(400)));
+            let written = safe(&value);
+            assert!(
+                written.ends_with('}'),
+                "{cut}: {}",
+                &written[written.len() - 10..]
+            );
+        }
     }
 
     #[test]
