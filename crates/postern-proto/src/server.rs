@@ -233,6 +233,10 @@ pub struct ServerConfig {
     /// Offer CHUNKING and BINARYMIME in the EHLO reply (default on). Off makes the session look
     /// like an older server to clients; a BDAT that arrives anyway is still read and handled.
     pub offer_chunking: bool,
+    /// The most envelope octets the embedding can store for one message (a spool record's
+    /// room): the budget from `max_recipients` is lowered to it, below [`MIN_ENVELOPE_BYTES`]
+    /// too. `usize::MAX` for no such bound.
+    pub max_envelope_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -248,6 +252,7 @@ impl Default for ServerConfig {
             bare_newline: BareNewlinePolicy::Normalize,
             offer_pipelining: true,
             offer_chunking: true,
+            max_envelope_bytes: usize::MAX,
         }
     }
 }
@@ -888,7 +893,8 @@ impl ServerSession {
         let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
         let budget = limit
             .saturating_mul(ENVELOPE_BYTES_PER_RECIPIENT)
-            .max(MIN_ENVELOPE_BYTES);
+            .max(MIN_ENVELOPE_BYTES)
+            .min(self.config.max_envelope_bytes);
         let taken = self.envelope.recipient_count();
         if taken >= limit || !self.envelope.rcpt_fits(&path, &params, budget) {
             // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the

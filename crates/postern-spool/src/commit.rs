@@ -2,8 +2,9 @@
 //!
 //! Tickets are numbered in issue order. A batch covers the tickets issued since the previous
 //! batch. A ticket is durable once its batch and every earlier batch have succeeded; a failed
-//! batch fails every ticket issued up to the moment the failure is reported, since the failed
-//! range may hold records of messages finished later (docs/durability.md, "Faults").
+//! batch fails every ticket not yet settled and issued up to the moment the failure is
+//! reported, since the failed range may hold records of messages finished later, and an
+//! earlier batch still in flight may not learn of the error (docs/durability.md, "Faults").
 
 use std::collections::VecDeque;
 
@@ -57,7 +58,11 @@ impl Commits {
     /// Records a batch's outcome and settles what can be settled in order.
     pub(crate) fn done(&mut self, (after, upto): (u64, u64), ok: bool) {
         if !ok {
-            self.failed.push((after, self.issued));
+            // Not only this batch's range: an earlier batch still in flight syncs the same
+            // files, and a sync error is reported to one fdatasync only, so that batch's
+            // success, if it comes later, proves nothing (docs/durability.md, "Faults").
+            let _ = after;
+            self.failed.push((self.settled, self.issued));
         }
         if let Some(slot) = self.in_flight.iter_mut().find(|(u, _)| *u == upto) {
             slot.1 = Some(ok);
@@ -123,5 +128,25 @@ mod tests {
         );
         assert_eq!(c.state(t3), TicketState::Failed);
         assert_eq!(c.state(t4), TicketState::Durable);
+    }
+
+    #[test]
+    fn a_failure_fails_the_earlier_batches_still_in_flight() {
+        let mut c = Commits::default();
+        let t1 = c.issue();
+        let b1 = c.take().unwrap_or_default();
+        let t2 = c.issue();
+        let b2 = c.take().unwrap_or_default();
+        c.done(b2, false);
+        c.done(b1, true);
+        assert_eq!(
+            (c.state(t1), c.state(t2)),
+            (TicketState::Failed, TicketState::Failed),
+            "b1 synced the same files; its success may hide b2's error"
+        );
+        let t3 = c.issue();
+        let b3 = c.take().unwrap_or_default();
+        c.done(b3, true);
+        assert_eq!(c.state(t3), TicketState::Durable);
     }
 }

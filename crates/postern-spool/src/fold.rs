@@ -215,7 +215,7 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
             continue;
         }
         let damaged = journal.damaged.iter().any(|(d, _, _)| d == n);
-        if damaged || dir.join(crate::DAMAGED_DIR).exists() {
+        if damaged || dir.join(crate::DAMAGED_DIR).exists() || !damaged_in_place(&dir).is_empty() {
             // Damaged records (or segments set aside for them): kept for the operator to look
             // at (see the log), under a name the next start does not clear.
             let secs = std::time::SystemTime::now()
@@ -362,8 +362,24 @@ const FOLDED: &str = ".folded-core-";
 /// The name an old core directory with damaged records keeps (with the time it was folded).
 const DAMAGED_FOLD: &str = ".damaged-core-";
 
-/// Where earlier runs set aside segments (a core's `damaged` directory) or whole core
-/// directories (at a fold) with damaged records, for the operator to look at.
+/// The damaged segments kept in a core's own directory, for want of room for `damaged/`.
+fn damaged_in_place(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(&format!(".seg{}", crate::spool::DAMAGED_SUFFIX))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Where earlier runs set aside segments (a core's `damaged` directory, or in the core's
+/// directory itself when that had no room) or whole core directories (at a fold) with
+/// damaged records, for the operator to look at.
 pub fn kept_damage(root: &Path) -> Vec<std::path::PathBuf> {
     let mut kept = Vec::new();
     for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
@@ -377,6 +393,7 @@ pub fn kept_damage(root: &Path) -> Vec<std::path::PathBuf> {
             for seg in std::fs::read_dir(&aside).into_iter().flatten().flatten() {
                 kept.push(seg.path());
             }
+            kept.extend(damaged_in_place(&path));
         }
     }
     kept.sort();

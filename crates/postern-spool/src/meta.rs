@@ -36,6 +36,29 @@ pub struct MessageMeta {
     pub smtputf8: bool,
 }
 
+/// What a `START` record holds beyond the recipients' paths and ORCPTs, at its longest: the
+/// message number and queue ID, the arrival time, the client address, the HELO name (a
+/// command line), the reverse path, the ENVID and the flags, each with its length, and room
+/// for the postmaster addresses a server may put in place of `<Postmaster>`.
+const START_FIXED_MAX: usize = 2048;
+
+/// What each recipient adds to a `START` record besides its path and ORCPT: their lengths, its
+/// NOTIFY and whether it has an ORCPT.
+const START_PER_RECIPIENT: usize = 4 + 8 + 8 + 4;
+
+/// The most octets of recipients' paths and ORCPT values a message's envelope may hold so that
+/// its `START` record fits a segment of `segment_size` whatever else it holds, with up to
+/// `max_recipients` recipients. A server caps its envelopes at this (a larger one could never
+/// be stored, and would be refused as if the disk were full).
+pub fn envelope_room(segment_size: u64, max_recipients: usize) -> usize {
+    let payload = usize::try_from(segment_size)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(crate::format::HEADER + crate::format::RECORD_HEADER + 8);
+    payload
+        .saturating_sub(START_FIXED_MAX)
+        .saturating_sub(max_recipients.saturating_mul(START_PER_RECIPIENT))
+}
+
 fn opt_str(f: &mut Fields, s: &Option<String>) {
     f.u64(u64::from(s.is_some()));
     f.bytes(s.as_deref().unwrap_or("").as_bytes());
@@ -164,5 +187,48 @@ impl Status {
         };
         let reply = read_str(c)?;
         Some((u32::try_from(rcpt).ok()?, queue_id, Status { state, reply }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An envelope of `envelope_room` octets of paths and ORCPTs, every other field at its
+    /// longest, makes a START record that fits a segment.
+    #[test]
+    fn an_envelope_within_its_room_fits_a_segment() {
+        for (segment, max_recipients) in [(64 * 1024, 1000), (64 * 1024, 100), (1 << 20, 1000)] {
+            let room = envelope_room(segment, max_recipients);
+            let n = max_recipients;
+            let each = room / n;
+            let recipient = |i: usize| Recipient {
+                path: "p".repeat(each / 2 + usize::from(i < room % n)),
+                notify: Some(0xf),
+                orcpt: Some("o".repeat(each - each / 2)),
+            };
+            let meta = MessageMeta {
+                arrival: u64::MAX,
+                client: "f".repeat(45),
+                helo: "h".repeat(505),
+                reverse_path: "r".repeat(256),
+                recipients: (0..n).map(recipient).collect(),
+                envid: Some("e".repeat(100)),
+                ret: Some(2),
+                body_type: 2,
+                smtputf8: true,
+            };
+            let mut f = Fields(Vec::new());
+            f.u64(u64::MAX).bytes(&[b'Q'; 17]);
+            meta.encode(&mut f);
+            let payload =
+                segment as usize - crate::format::HEADER - crate::format::RECORD_HEADER - 8;
+            assert!(
+                f.0.len() <= payload,
+                "{segment} {n}: {} > {payload}",
+                f.0.len()
+            );
+            assert!(room > 0);
+        }
     }
 }

@@ -33,6 +33,9 @@ pub fn owner_core(id: &str) -> Option<u32> {
     u32::try_from(core).ok()
 }
 
+/// The most cores whose queue IDs differ: an ID holds the core in 2 digits of base 32.
+pub const MAX_CORES: usize = 32 * 32;
+
 /// How many counter values an ID holds (4 digits): it starts over after this many.
 const COUNTER_SPAN: u64 = 1 << 20;
 

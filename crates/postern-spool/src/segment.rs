@@ -120,10 +120,23 @@ pub(crate) fn is_regular_file(path: &Path) -> bool {
 /// Makes `dir` and any parents missing, open to this user only: a spool holds mail, which
 /// other local users must not read, whatever the umask (Postfix keeps its queue so too).
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    // The directories made here are each synced into their parent: the files synced in them
+    // later are durable only with the path to them.
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .collect();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(PRIVATE_DIR_MODE)
-        .create(dir)
+        .create(dir)?;
+    for made in missing.iter().rev() {
+        match made.parent() {
+            Some(p) if !p.as_os_str().is_empty() => sync_dir(p)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// Takes group and other access away from `dir` where it has any. Best effort: a directory

@@ -110,6 +110,10 @@ impl PendingBody {
 /// The directory, inside a core's, where segments with damaged records are set aside.
 pub const DAMAGED_DIR: &str = "damaged";
 
+/// What a damaged segment's name gets when it is kept in place, for want of room for
+/// [`DAMAGED_DIR`] (`0000000003.seg.damaged`).
+pub(crate) const DAMAGED_SUFFIX: &str = ".damaged";
+
 const BULK_WRITE: usize = 16 * 1024;
 
 /// Records gathered in memory for the next sync are written out early past this many bytes.
@@ -600,11 +604,6 @@ impl Spool {
     pub fn reclaim(&mut self) -> Result<usize, SpoolError> {
         let current = self.seg.as_ref().map(|s| s.seq);
         let mut deleted = 0;
-        // Damaged segments that could not be set aside (no room for `damaged/` on a full
-        // disk): they stay, and the segments behind them go on being freed, since keeping an
-        // older segment never loses a status record a newer one needs; they are tried again
-        // with the next reclaim.
-        let mut stuck: Vec<(u64, u64)> = Vec::new();
         let mut first_error = None;
         while let Some((seq, bytes)) = self.index.pop_free(current) {
             let path = self.dir.join(file_name(seq));
@@ -618,9 +617,18 @@ impl Spool {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) if damaged => {
-                    stuck.push((seq, bytes));
+                    // No room for `damaged/`: renamed in place, out of the scan, which a
+                    // rename in the same directory can be without new space. Left as it is,
+                    // its messages (final, their statuses in the newer segments freed next)
+                    // would be delivered again at the next start.
+                    if self.set_aside_in_place(&path).is_err() {
+                        // Kept, and everything behind it with it, until one of the two works.
+                        self.index.push_front(seq, bytes);
+                        first_error = Some(e);
+                        break;
+                    }
+                    // Out of the scan: counted as freed, the error still reported.
                     first_error.get_or_insert(e);
-                    continue;
                 }
                 Err(e) => {
                     self.index.push_front(seq, bytes);
@@ -630,13 +638,28 @@ impl Spool {
             }
             deleted += 1;
         }
-        for (seq, bytes) in stuck.into_iter().rev() {
-            self.index.push_front(seq, bytes);
-        }
         match first_error {
             Some(e) => Err(SpoolError::from_io(e)),
             None => Ok(deleted),
         }
+    }
+
+    /// Renames a damaged segment in its own directory to a name the scan passes over
+    /// (`NNNNNNNNNN.seg.damaged`, numbered after it when taken), where [`crate::kept_damage`]
+    /// finds it.
+    fn set_aside_in_place(&self, path: &Path) -> std::io::Result<()> {
+        let Some(name) = path.file_name() else {
+            return Ok(());
+        };
+        let name = name.to_string_lossy();
+        let mut to = self.dir.join(format!("{name}{DAMAGED_SUFFIX}"));
+        let mut n = 1;
+        while to.exists() {
+            to = self.dir.join(format!("{name}{DAMAGED_SUFFIX}.{n}"));
+            n += 1;
+        }
+        std::fs::rename(path, to)?;
+        sync_dir(&self.dir)
     }
 
     /// Moves a segment with damaged records into the core's `damaged` directory, where it is

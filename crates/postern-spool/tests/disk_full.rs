@@ -209,8 +209,10 @@ fn fsize_child() {
 }
 
 /// A damaged segment that holds no mail, to be set aside at open, on a disk with no room for
-/// the directory it goes to: the spool still opens (to deliver what it holds), keeps the
-/// segment in place, and sets it aside once there is room.
+/// the directory it goes to: the spool still opens (to deliver what it holds), and the
+/// segment is renamed in its own directory, out of the scan (left under its name, the final
+/// messages it may hold would be delivered again once the newer segments with their statuses
+/// are freed), where the listing of kept damage finds it.
 #[test]
 fn a_damaged_segment_that_cannot_be_set_aside_does_not_keep_the_spool_from_opening() {
     let dir = tempfile::tempdir().unwrap();
@@ -262,13 +264,20 @@ fn a_damaged_segment_that_cannot_be_set_aside_does_not_keep_the_spool_from_openi
     }
     assert!(std::fs::create_dir(mnt.join("one-more")).is_err(), "full");
     let mut spool = Spool::open(&root, 0, opts).unwrap();
-    assert!(seg.exists(), "kept in place while it cannot be set aside");
-    assert!(spool.reclaim().is_err(), "still no room for it");
+    assert!(!seg.exists(), "out of the scan");
+    let mut in_place = seg.clone().into_os_string();
+    in_place.push(".damaged");
+    let in_place = std::path::PathBuf::from(in_place);
+    assert!(in_place.exists(), "renamed beside itself");
+    assert_eq!(spool.reclaim().unwrap(), 0, "nothing more to free");
+    assert_eq!(postern_spool::kept_damage(&root), vec![in_place.clone()]);
+    drop(spool);
     for f in fillers.drain(..) {
         std::fs::remove_file(f).unwrap();
     }
-    assert_eq!(spool.reclaim().unwrap(), 1);
-    assert!(!seg.exists());
-    let aside = root.join("0").join(postern_spool::DAMAGED_DIR);
-    assert_eq!(std::fs::read_dir(aside).unwrap().count(), 1, "set aside");
+    let r = recover(&root).unwrap();
+    assert_eq!((r.messages.len(), r.corrupt_records), (0, 0), "not scanned");
+    drop(r);
+    let _spool = Spool::open(&root, 0, opts).unwrap();
+    assert!(in_place.exists(), "kept for the operator");
 }

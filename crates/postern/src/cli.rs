@@ -740,6 +740,13 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     if cores == 0 {
         return Err("--cores must be at least 1".into());
     }
+    // A queue ID tells the core that wrote it in two base-32 digits.
+    if cores > postern_spool::MAX_CORES {
+        return Err(format!(
+            "--cores {cores} is more than {}, the most cores queue IDs tell apart",
+            postern_spool::MAX_CORES
+        ));
+    }
     // Executors beyond the CPUs only share them; far beyond, each still reserves its spool
     // segments on disk and its io_uring memory.
     if cores > MAX_CORES_PER_CPU * available {

@@ -224,6 +224,12 @@ fn values_that_cannot_work_are_refused_by_name() {
     );
     // Far more executors than CPUs: each would reserve its spool segments on disk.
     refused(&["serve", "--cores", "100000"], "--cores");
+    // Queue IDs hold the core in two base-32 digits, whatever the CPUs.
+    let (code, _, err) = run(&["serve", "--cores", "1025"]);
+    assert!(
+        code == 2 && err.contains("--cores 1025 is more than 1024"),
+        "{err}"
+    );
     // Two segments per core are reserved even when the spool is empty: a mark there would
     // refuse all mail for good.
     refused(

@@ -331,3 +331,43 @@ fn a_session_closed_with_input_still_coming_ends_in_its_421_and_a_clean_close_no
         "the stream ended in {end:?}, not a clean close"
     );
 }
+
+/// With small spool segments, an envelope that would not fit one (long paths with long
+/// ORCPTs) is cut short at RCPT with 452 4.5.3, which clients answer by sending the rest in
+/// another transaction, and the message with the recipients taken is stored. Taken whole it
+/// could never be stored: DATA got 452 4.3.1 (a full disk) at every try.
+#[test]
+fn an_envelope_is_capped_at_what_one_spool_segment_holds() {
+    let server = Server::start(&["--cores", "1", "--spool-segment-size", "64k"]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    let orcpt = "x".repeat(400);
+    let mut taken = 0;
+    let mut capped = None;
+    for i in 0..150 {
+        let local = format!("{i:03}{}", "r".repeat(60));
+        let reply = c.cmd(&format!(
+            "RCPT TO:<{local}@d.test> ORCPT=rfc822;{orcpt}{i:03}@d.test"
+        ));
+        if reply.starts_with("250") {
+            taken += 1;
+        } else {
+            capped = Some(reply);
+            break;
+        }
+    }
+    let capped = capped.expect("some RCPT past a segment's room is refused");
+    assert!(capped.starts_with("452 4.5.3"), "{capped}");
+    assert!(taken >= 50, "only {taken} taken");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: many\r\n\r\nbody\r\n");
+    let id = common::queue_id(&c.cmd("."));
+    drop(c);
+    let mut server = server;
+    assert!(server.terminate().success());
+    let spooled = common::spooled(&server.spool);
+    assert_eq!(spooled.len(), 1);
+    assert_eq!(spooled[0].0, id);
+}
