@@ -226,6 +226,8 @@ enum Expect {
     /// The reply after the body.
     DataDone,
     Rset,
+    /// A NOOP asked to see whether the replies are in step: its only answer is a 250.
+    Noop,
     Quit,
 }
 
@@ -263,6 +265,8 @@ pub struct ClientSession {
     /// Transactions the session gave up on (a 421, a reply out of step), oldest first, with
     /// the replies they had got.
     abandoned: VecDeque<TransactionResult>,
+    /// A transaction whose DATA was refused waits for the reply to the RSET after it.
+    settle_at_rset: bool,
 }
 
 impl ClientSession {
@@ -286,6 +290,7 @@ impl ClientSession {
             closed_at_rset: false,
             reset: true,
             abandoned: VecDeque::new(),
+            settle_at_rset: false,
         }
     }
 
@@ -538,6 +543,13 @@ impl ClientSession {
         }
     }
 
+    /// Asks for a reply that can only be a 250 (NOOP, RFC 5321 4.1.1.9), to see whether the
+    /// replies are in step: a reply left over from the last transaction takes its place. Read
+    /// until idle; anything but 250 (or a 421) ends the session as out of step.
+    pub fn noop(&mut self) {
+        self.write_or_wait(Expect::Noop, b"NOOP\r\n");
+    }
+
     /// Ends the session (QUIT).
     pub fn quit(&mut self) {
         self.write_or_wait(Expect::Quit, b"QUIT\r\n");
@@ -606,6 +618,7 @@ impl ClientSession {
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect != Expect::Quit {
             self.closed_at_rset = expect == Expect::Rset;
+            self.settle_at_rset = false;
             self.waiting = None;
             self.expect.clear();
             self.abandoned.extend(self.results.drain(..));
@@ -692,6 +705,19 @@ impl ClientSession {
                 }
                 None
             }
+            Expect::DataGo if self.settles_at_rset(&reply) => {
+                // DATA refused after a recipient was taken: the refusal may be a RCPT reply
+                // that a reply no command asked for pushed along, with the server's 354 still
+                // to come. The RSET that closes the transaction tells: its 250 settles it,
+                // anything else puts the session out of step.
+                if let Some(r) = self.results.front_mut() {
+                    r.data = Some(reply);
+                }
+                self.held.clear();
+                self.settle_at_rset = true;
+                self.rset();
+                None
+            }
             Expect::DataGo | Expect::DataDone => {
                 let mut result = self.results.pop_front()?;
                 // The first refused chunk decides, when there was one.
@@ -706,9 +732,30 @@ impl ClientSession {
                 }
                 Some(ClientEvent::Done(result))
             }
+            Expect::Rset if std::mem::take(&mut self.settle_at_rset) => {
+                if reply.code == 250 {
+                    self.results.pop_front().map(ClientEvent::Done)
+                } else {
+                    Some(self.fail(ClientError::Unexpected("RSET", reply)))
+                }
+            }
             Expect::Rset => None,
+            Expect::Noop if reply.code == 250 => None,
+            Expect::Noop => Some(self.fail(ClientError::Unexpected("NOOP", reply))),
             Expect::Quit => Some(ClientEvent::Closed),
         }
+    }
+
+    /// Whether a refusal of DATA waits for the reply to the RSET after it before it settles
+    /// the transaction: MAIL and a recipient were taken, so the refusal is not the usual one
+    /// (no valid recipient), and it may have answered another command.
+    fn settles_at_rset(&self, reply: &Reply) -> bool {
+        !reply.is_positive()
+            && reply.code != 421
+            && self
+                .results
+                .front()
+                .is_some_and(|r| r.mail.is_positive() && r.rcpts.iter().any(Reply::is_positive))
     }
 
     /// Without PIPELINING: sends the next held command, or settles a transaction whose MAIL
@@ -744,6 +791,7 @@ impl ClientSession {
     /// can, without waiting for its reply (after a reply out of step, one may never come).
     fn fail(&mut self, e: ClientError) -> ClientEvent {
         self.waiting = None;
+        self.settle_at_rset = false;
         self.expect.clear();
         self.abandoned.extend(self.results.drain(..));
         self.held.clear();

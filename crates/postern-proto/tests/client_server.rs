@@ -392,6 +392,87 @@ fn a_reply_that_comes_before_its_command_is_out_of_step() {
 }
 
 #[test]
+fn a_refused_data_after_a_recipient_was_taken_settles_at_the_rset_reply() {
+    // A reply no command asked for (after b's refusal) pushes c's refusal into DATA's place;
+    // the server's 354 comes next. Settled at once, DATA's "refusal" would fail a, which the
+    // server took, with c's reply.
+    let start = |c: &mut ClientSession| {
+        canned(c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+        c.send(&transaction(
+            BodyMode::Data,
+            b"hi\r\n",
+            &["a@x.test", "b@x.test", "c@x.test"],
+        ))
+        .unwrap();
+        c.clear_output();
+    };
+    let mut c = ClientSession::new("relay.test");
+    start(&mut c);
+    let (events, sent) = canned(
+        &mut c,
+        &["250 ok\r\n250 ok\r\n550 5.1.1 b\r\n250 stray\r\n550 5.1.1 c\r\n"],
+    );
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(sent, "RSET\r\n");
+    let (events, _) = canned(&mut c, &["354 go\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Unexpected("RSET", r))] if r.code == 354),
+        "{events:?}"
+    );
+    let unfinished = c.take_unfinished().expect("the transaction is given up");
+    assert_eq!(unfinished.data.as_ref().map(|d| d.code), Some(550));
+    // The 354 in the same read as the refusal came before the RSET went out: out of step too.
+    let mut c = ClientSession::new("relay.test");
+    start(&mut c);
+    let (events, _) = canned(
+        &mut c,
+        &["250 ok\r\n250 ok\r\n550 5.1.1 b\r\n250 stray\r\n550 5.1.1 c\r\n354 go\r\n"],
+    );
+    assert!(
+        matches!(
+            &events[..],
+            [ClientEvent::Failed(ClientError::Unexpected(..))]
+        ),
+        "{events:?}"
+    );
+    // A refusal of DATA that the RSET's 250 follows is taken.
+    let mut c = ClientSession::new("relay.test");
+    start(&mut c);
+    let (events, _) = canned(
+        &mut c,
+        &["250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n554 5.3.0 not now\r\n"],
+    );
+    assert!(events.is_empty(), "{events:?}");
+    let (events, _) = canned(&mut c, &["250 2.0.0 reset\r\n"]);
+    let [ClientEvent::Done(r)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(r.data.as_ref().map(|d| d.code), Some(554));
+    assert_eq!(r.outcome(0).code, 554);
+}
+
+#[test]
+fn a_noop_answered_by_anything_but_250_is_out_of_step() {
+    let ready = || {
+        let mut c = ClientSession::new("relay.test");
+        canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+        c.noop();
+        assert_eq!(String::from_utf8_lossy(c.output()), "NOOP\r\n");
+        c.clear_output();
+        c
+    };
+    let mut c = ready();
+    let (events, _) = canned(&mut c, &["250 2.0.0 ok\r\n"]);
+    assert!(events.is_empty() && c.is_idle(), "{events:?}");
+    let mut c = ready();
+    let (events, _) = canned(&mut c, &["554 5.7.1 message refused\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Unexpected("NOOP", r))] if r.code == 554),
+        "{events:?}"
+    );
+}
+
+#[test]
 fn all_recipients_refused_without_pipelining_skips_data() {
     let mut c = ClientSession::new("relay.test");
     canned(&mut c, &["220 x\r\n", "250 x\r\n"]);

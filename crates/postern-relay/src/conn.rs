@@ -156,6 +156,17 @@ pub fn out_of_step(e: &ConnError) -> bool {
     }
 }
 
+/// Whether a transaction sent one at a time was taken (its data accepted) although the next
+/// hop refused one of its recipients: then a NOOP checks that the replies were in step. A
+/// reply no command asked for, which next hops that misbehave send after a refusal, shifts
+/// every later reply onto the command before its own, and the real answer to the data, read
+/// too late by the look after the last reply, could be a refusal.
+fn taken_past_a_refusal(result: &TransactionResult) -> bool {
+    result.mail.is_positive()
+        && result.data.as_ref().is_some_and(Reply::is_positive)
+        && result.rcpts.iter().any(|r| !r.is_positive())
+}
+
 /// The text of a [`timed`] read or write that ran out of time.
 pub(crate) const TIMED_OUT: &str = "timed out";
 
@@ -505,6 +516,10 @@ impl Outbound {
                     ClientEvent::Done(_) if self.unasked_after_reply() => {
                         Err(Err(ConnError::Io(OUT_OF_STEP.into())))
                     }
+                    ClientEvent::Done(result) if taken_past_a_refusal(&result) => {
+                        self.in_step(t.mail).await.map_err(Err)?;
+                        Ok(result)
+                    }
                     ClientEvent::Done(result) => Ok(result),
                     ClientEvent::Failed(e) => Err(Err(ConnError::Smtp(e))),
                     other => Err(Err(ConnError::Io(format!(
@@ -520,6 +535,25 @@ impl Outbound {
             other => Err(Err(ConnError::Io(format!(
                 "unexpected {other:?} in a transaction"
             )))),
+        }
+    }
+
+    /// Whether the replies are still in step after a transaction, asked with a NOOP: a reply
+    /// left over (the real answer to the data, when a reply no command asked for pushed the
+    /// others along) takes the place of its 250. A 421 there is the next hop closing, after
+    /// replies in step.
+    async fn in_step(&mut self, limit: Duration) -> Result<(), ConnError> {
+        self.session.noop();
+        match self.read_until(limit, true).await {
+            Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => {
+                Err(ConnError::Io(OUT_OF_STEP.into()))
+            }
+            Ok(ClientEvent::NeedInput) => Ok(()),
+            Ok(ClientEvent::Failed(ClientError::Closing(_))) => Ok(()),
+            Ok(ClientEvent::Failed(e)) => Err(ConnError::Smtp(e)),
+            Ok(other) => Err(ConnError::Io(format!("unexpected {other:?} after NOOP"))),
+            // No answer to a NOOP: what the last one answered is not known either.
+            Err(_) => Err(ConnError::Io(OUT_OF_STEP.into())),
         }
     }
 

@@ -1017,3 +1017,52 @@ fn replies_out_of_step_refuse_no_recipient_with_another_s_refusal() {
     }
     assert_eq!(*taken.lock().unwrap(), ["<first@t>", "<second@t>"]);
 }
+
+#[test]
+fn a_refusal_pushed_into_data_s_place_fails_no_recipient_the_next_hop_took() {
+    // The extra reply behind b@'s 250 answers unknown@'s RCPT, and unknown@'s 550 lands on
+    // DATA, with the next hop's 354 still to come. Taken as DATA's refusal, it would fail b@,
+    // which the next hop took, with unknown@'s reply.
+    let (taken, origin, _server) = strayed_into(
+        "RCPT",
+        "250-PIPELINING\r\n",
+        &[("<mixed@t>", &["b@dest.test", "unknown@dest.test"], "x\r\n")],
+    );
+    let (_, text) = origin.first("unknown@'s bounce");
+    assert!(
+        text.contains("Final-Recipient: rfc822; unknown@dest.test"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while taken.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(*taken.lock().unwrap(), ["<mixed@t>"]);
+}
+
+#[test]
+fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery() {
+    // The extra reply behind unknown@'s 550 answers b@'s RCPT, and b@'s 250 the body; the
+    // next hop's real answer to the body, its 554, comes a moment later, after postern's look
+    // past the last reply. Taken as it was read, b@ would count as delivered.
+    let (taken, origin, _server) = strayed_into(
+        "RCPT",
+        "250-PIPELINING\r\n250-CHUNKING\r\n",
+        &[(
+            "<refused@t>",
+            &["unknown@dest.test", "b@dest.test"],
+            "refuse-me\r\n",
+        )],
+    );
+    let (_, text) = origin.first("the bounce");
+    assert!(
+        text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(taken.lock().unwrap().is_empty());
+}
