@@ -1066,3 +1066,117 @@ fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery(
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     assert!(taken.lock().unwrap().is_empty());
 }
+
+/// A next hop (PIPELINING) serving each connection on its own thread: a message whose body
+/// holds `break-me` is cut off in its data (the connection closed) the first time; one with
+/// `hang-me` gets no reply to its data (the connection held for a minute); the others are
+/// taken and their Message-IDs recorded. Returns its port, what it took, and whether a
+/// message hangs.
+fn next_hop_that_breaks_then_hangs() -> (u16, Taken, std::sync::Arc<std::sync::atomic::AtomicBool>)
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Taken::default();
+    let record = taken.clone();
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hanging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hangs = hanging.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { return };
+            let (record, broken, hangs) = (record.clone(), broken.clone(), hangs.clone());
+            std::thread::spawn(move || {
+                let mut reader = greeted_by_hop(&mut stream);
+                while let Some((_, verb)) = command_line(&mut reader) {
+                    let reply: String = match verb.as_str() {
+                        "EHLO" => "250-hop.test\r\n250 PIPELINING\r\n".into(),
+                        "QUIT" => {
+                            let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                            return;
+                        }
+                        "DATA" => {
+                            stream.write_all(b"354 go on\r\n").unwrap();
+                            let mut body = String::new();
+                            loop {
+                                let mut l = String::new();
+                                if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                                    return;
+                                }
+                                if l == ".\r\n" {
+                                    break;
+                                }
+                                body.push_str(&l);
+                            }
+                            if body.contains("break-me")
+                                && !broken.swap(true, std::sync::atomic::Ordering::SeqCst)
+                            {
+                                return;
+                            }
+                            if body.contains("hang-me") {
+                                hangs.store(true, std::sync::atomic::Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_secs(60));
+                                return;
+                            }
+                            let id = body.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                            record
+                                .lock()
+                                .unwrap()
+                                .push(id.unwrap_or_default().to_owned());
+                            "250 2.0.0 queued\r\n".into()
+                        }
+                        _ => "250 2.0.0 ok\r\n".into(),
+                    };
+                    if stream.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, taken, hanging)
+}
+
+#[test]
+fn a_transaction_that_hangs_after_a_failure_does_not_hold_the_next_hop_s_other_mail() {
+    // After a connection broke off, a next hop gets one connection at a time until it answers
+    // again. The next connection opens, and its transaction hangs at the end of the data
+    // (the next hop's wait for it is minutes): the mail behind it gets other connections.
+    let (port, taken, hanging) = next_hop_that_breaks_then_hangs();
+    let to_dest = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &to_dest, "--cores", "1", "--retry-initial", "1h"]);
+    let broken = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<broken@t>",
+        "break-me\r\n",
+    );
+    server.log_until(|l| l.contains(&broken) && l.contains("deferred"));
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<hung@t>",
+        "hang-me\r\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !hanging.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        hanging.load(std::sync::atomic::Ordering::SeqCst),
+        "the second message hangs"
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<after@t>",
+        "x\r\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while taken.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(*taken.lock().unwrap(), ["<after@t>"]);
+}

@@ -152,11 +152,11 @@ impl CoreRelay {
     }
 
     /// How many connections a next hop may have now. While the last connections to it failed
-    /// (none has answered a transaction since), one at a time tries it: when a pause ends,
-    /// the jobs it held come all at once, and a next hop still down costs one connection,
-    /// not one per job.
+    /// (none has answered a transaction since, nor opened), one at a time tries it: when a
+    /// pause ends, the jobs it held come all at once, and a next hop still down costs one
+    /// connection, not one per job.
     pub(super) fn most_workers(&self, dq: &DestQueue) -> usize {
-        let most = if dq.broken_in_a_row.get() > 0 {
+        let most = if dq.broken_in_a_row.get() > 0 && !dq.opened_since_broke.get() {
             1
         } else {
             self.relay.config.max_per_destination.max(1)

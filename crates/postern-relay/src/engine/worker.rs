@@ -101,6 +101,12 @@ impl CoreRelay {
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
+            if after_failures && !dq.opened_since_broke.replace(true) {
+                // The next hop answers again: the jobs that piled up get their other
+                // connections now, not only once this one's first transaction is answered
+                // (which a transaction that hangs may put off for many minutes).
+                self.spread_waiting(&dq);
+            }
             loop {
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
@@ -170,16 +176,9 @@ impl CoreRelay {
                 drop(counted);
                 if after_failures && dq.broken_in_a_row.get() == 0 {
                     after_failures = false;
-                    // A transaction answered after failures lifts the one-connection limit:
-                    // the jobs that piled up meanwhile get their other connections now (this
-                    // one takes the next job itself).
-                    let waiting = dq.ready.borrow().len().saturating_sub(dq.idle.get() + 1);
-                    let room = self.most_workers(&dq).saturating_sub(dq.workers.get());
-                    for _ in 0..waiting.min(room) {
-                        if !self.start_worker(&dq) {
-                            break;
-                        }
-                    }
+                    // A transaction answered after failures lifts the one-connection limit
+                    // for good (a connection that failed since put it back).
+                    self.spread_waiting(&dq);
                 }
                 match after {
                     After::Keep if carry.is_empty() && self.yields_place(&dq, started) => {
@@ -625,6 +624,18 @@ impl CoreRelay {
         u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Starts connections for the jobs of `dq` waiting beyond the one this worker takes next
+    /// and the idle connections, as many as the next hop may have.
+    fn spread_waiting(self: &Rc<Self>, dq: &Rc<DestQueue>) {
+        let waiting = dq.ready.borrow().len().saturating_sub(dq.idle.get() + 1);
+        let room = self.most_workers(dq).saturating_sub(dq.workers.get());
+        for _ in 0..waiting.min(room) {
+            if !self.start_worker(dq) {
+                break;
+            }
+        }
+    }
+
     /// Notes that `addr` of `dq`'s next hop could not be reached or broke a connection off.
     pub(super) fn broke(&self, dq: &DestQueue, addr: SocketAddr) {
         let now = now_ms();
@@ -634,6 +645,7 @@ impl CoreRelay {
         dq.last_broke.set(now);
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_add(1));
+        dq.opened_since_broke.set(false);
     }
 
     /// Whether every address of `dq`'s next hop could not be reached or broke a connection
