@@ -485,9 +485,10 @@ fn expiry_reports<const N: usize>(
 
 #[test]
 fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
-    // Two messages put off by the next hop until their lifetime ends: one with an enhanced
+    // Three messages put off by the next hop until their lifetime ends: one with an enhanced
     // status (450 4.2.1), kept in its report; one whose reply says no more than its class
-    // (451 without a status), reported 4.4.7.
+    // (451 without a status), reported 4.4.7; one refused with 552 at RCPT, which is
+    // temporary there, reported 4.2.2.
     let origin = Peer::start(&[]);
     let (port, _stored, _) = scripted_next_hop(
         |_, line| {
@@ -495,6 +496,9 @@ fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
                 Some(Act::Say("450 4.2.1 mailbox busy\r\n"))
             } else if line.starts_with("RCPT TO:<vague@") {
                 Some(Act::Say("451 try later\r\n"))
+            } else if line.starts_with("RCPT TO:<full@") {
+                // RFC 5321 4.5.3.1.10: too many recipients from an older server, temporary.
+                Some(Act::Say("552 5.2.2 mailbox full\r\n"))
             } else {
                 None
             }
@@ -511,14 +515,18 @@ fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
         "--max-queue-lifetime",
         "2s",
     ]);
-    let [busy, vague] = expiry_reports(
+    let [busy, vague, full] = expiry_reports(
         &server,
         &origin,
         [
             ("busy@dest.test", "<busy@t>"),
             ("vague@dest.test", "<vague@t>"),
+            ("full@dest.test", "<full@t>"),
         ],
     );
+    // Taken as temporary, its code stays in the transient class, as in a delay warning.
+    assert!(full.contains("Status: 4.2.2"), "{full}");
+    assert!(full.contains("552 5.2.2 mailbox full"), "{full}");
     assert!(busy.contains("Status: 4.2.1"), "{busy}");
     assert!(busy.contains("450 4.2.1 mailbox busy"), "{busy}");
     assert!(busy.contains("delivery time expired"), "{busy}");

@@ -277,13 +277,13 @@ impl CoreRelay {
             RetryDecision::Expire => {
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     // RFC 3463 3.5: the actual problem's code rather than 4.4.7 where there is
-                    // one (a reply's `4.2.1`, postern's `4.4.1` for no answer); 4.4.7 where
-                    // the last error said no more than its class.
-                    let last = status_of(k);
-                    let status = if last.starts_with('4') && last != "4.0.0" {
-                        last
-                    } else {
-                        "4.4.7".to_owned()
+                    // one (a reply's `4.2.1`, postern's `4.4.1` for no answer), in the
+                    // transient class the failure had (a `552 5.2.2` to RCPT, a `554 5.7.1`
+                    // greeting, taken as temporary, are `4.2.2` and `4.7.1`, as in the delay
+                    // warning); 4.4.7 where the last error said no more than its class.
+                    let status = match status_of(k).split_once('.') {
+                        Some((_, rest)) if rest != "0.0" => format!("4.{rest}"),
+                        _ => "4.4.7".to_owned(),
                     };
                     let result = Result_::Failed { status };
                     let reply = format!("delivery time expired; last error: {}", text_of(k));
