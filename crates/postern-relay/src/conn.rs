@@ -156,15 +156,24 @@ pub fn out_of_step(e: &ConnError) -> bool {
     }
 }
 
-/// Whether a transaction sent one at a time was taken (its data accepted) although the next
-/// hop refused one of its recipients: then a NOOP checks that the replies were in step. A
-/// reply no command asked for, which next hops that misbehave send after a refusal, shifts
-/// every later reply onto the command before its own, and the real answer to the data, read
-/// too late by the look after the last reply, could be a refusal.
-fn taken_past_a_refusal(result: &TransactionResult) -> bool {
-    result.mail.is_positive()
-        && result.data.as_ref().is_some_and(Reply::is_positive)
-        && result.rcpts.iter().any(|r| !r.is_positive())
+/// Whether transactions whose replies were all read (one, or a pipelined batch) took a
+/// message (its data accepted) although the next hop refused something among them: then a
+/// NOOP checks that the replies were in step. A reply no command asked for, which next hops
+/// that misbehave send after a refusal, shifts every later reply onto the command before its
+/// own, and the real answer to the last data, read too late by the look after the last
+/// reply, could be a refusal.
+pub fn taken_past_a_refusal<'a>(
+    results: impl Iterator<Item = &'a TransactionResult> + Clone,
+) -> bool {
+    let taken = |r: &TransactionResult| {
+        r.mail.is_positive() && r.data.as_ref().is_some_and(Reply::is_positive)
+    };
+    let refused = |r: &TransactionResult| {
+        !r.mail.is_positive()
+            || r.rcpts.iter().any(|x| !x.is_positive())
+            || r.data.as_ref().is_some_and(|d| !d.is_positive())
+    };
+    results.clone().any(taken) && results.clone().any(refused)
 }
 
 /// The text of a [`timed`] read or write that ran out of time.
@@ -516,7 +525,7 @@ impl Outbound {
                     ClientEvent::Done(_) if self.unasked_after_reply() => {
                         Err(Err(ConnError::Io(OUT_OF_STEP.into())))
                     }
-                    ClientEvent::Done(result) if taken_past_a_refusal(&result) => {
+                    ClientEvent::Done(result) if taken_past_a_refusal(std::iter::once(&result)) => {
                         self.in_step(t.mail).await.map_err(Err)?;
                         Ok(result)
                     }
@@ -542,7 +551,7 @@ impl Outbound {
     /// left over (the real answer to the data, when a reply no command asked for pushed the
     /// others along) takes the place of its 250. A 421 there is the next hop closing, after
     /// replies in step.
-    async fn in_step(&mut self, limit: Duration) -> Result<(), ConnError> {
+    pub async fn in_step(&mut self, limit: Duration) -> Result<(), ConnError> {
         self.session.noop();
         match self.read_until(limit, true).await {
             Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => {

@@ -1180,3 +1180,26 @@ fn a_transaction_that_hangs_after_a_failure_does_not_hold_the_next_hop_s_other_m
     }
     assert_eq!(*taken.lock().unwrap(), ["<after@t>"]);
 }
+
+#[test]
+fn a_refusal_to_the_data_pushed_past_a_batch_s_last_reply_is_not_taken_for_a_delivery() {
+    // As above, with transactions pipelined into each other (a batch of one here): the
+    // batch's last reply read is b@'s 250, the next hop's 554 to the body comes after it.
+    let (port, taken) = next_hop_with_a_stray_after("RCPT", "250-PIPELINING\r\n250-CHUNKING\r\n");
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin, &["--max-transactions-in-flight", "8"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["unknown@dest.test", "b@dest.test"],
+        "<refused@t>",
+        "refuse-me\r\n",
+    );
+    let (_, text) = origin.first("the bounce");
+    assert!(
+        text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(taken.lock().unwrap().is_empty());
+}

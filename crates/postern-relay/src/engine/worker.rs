@@ -577,7 +577,12 @@ impl CoreRelay {
                 }
             }
         }
-        if conn.unasked_after_reply() {
+        // A batch that took a message past a refusal is asked a NOOP (see
+        // `taken_past_a_refusal`): anything but its 250 is a reply left over.
+        let unsure = || crate::conn::taken_past_a_refusal(answered.iter().map(|(_, r)| r));
+        if conn.unasked_after_reply()
+            || (broken.is_none() && unsure() && conn.in_step(t.mail).await.is_err())
+        {
             // Out of step: none of these outcomes is known. Deferred, and tried again (a
             // duplicate at worst, never a refusal taken for a delivery); one transaction per
             // round trip to this next hop for a while, so that one stray reply costs one
