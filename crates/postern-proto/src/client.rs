@@ -226,6 +226,8 @@ enum Expect {
     /// The reply after the body.
     DataDone,
     Rset,
+    /// The RSET after a refusal of DATA that settles the transaction once answered.
+    SettleRset,
     /// A NOOP asked to see whether the replies are in step: its only answer is a 250.
     Noop,
     Quit,
@@ -265,8 +267,9 @@ pub struct ClientSession {
     /// Transactions the session gave up on (a 421, a reply out of step), oldest first, with
     /// the replies they had got.
     abandoned: VecDeque<TransactionResult>,
-    /// A transaction whose DATA was refused waits for the reply to the RSET after it.
-    settle_at_rset: bool,
+    /// A reply other than 250 to the NOOP of [`ClientSession::noop`], for the embedding to
+    /// weigh: a server that does not take NOOP, or the answer to an earlier command.
+    noop_refused: Option<Reply>,
 }
 
 impl ClientSession {
@@ -290,7 +293,7 @@ impl ClientSession {
             closed_at_rset: false,
             reset: true,
             abandoned: VecDeque::new(),
-            settle_at_rset: false,
+            noop_refused: None,
         }
     }
 
@@ -545,9 +548,27 @@ impl ClientSession {
 
     /// Asks for a reply that can only be a 250 (NOOP, RFC 5321 4.1.1.9), to see whether the
     /// replies are in step: a reply left over from the last transaction takes its place. Read
-    /// until idle; anything but 250 (or a 421) ends the session as out of step.
+    /// until idle; a reply other than 250 is kept for [`ClientSession::take_noop_refusal`].
     pub fn noop(&mut self) {
+        self.noop_refused = None;
         self.write_or_wait(Expect::Noop, b"NOOP\r\n");
+    }
+
+    /// The reply other than 250 that the last NOOP got, if it got one.
+    pub fn take_noop_refusal(&mut self) -> Option<Reply> {
+        self.noop_refused.take()
+    }
+
+    /// When the connection ends (or its wait runs out) before the RSET after a refusal of
+    /// DATA is answered: that refusal settles the transaction (a reply out of step would have
+    /// been a 354 right behind it, most likely read already).
+    pub fn settle_unanswered(&mut self) -> Option<TransactionResult> {
+        if self.expect.front() != Some(&Expect::SettleRset) {
+            return None;
+        }
+        self.expect.clear();
+        self.held.clear();
+        self.results.pop_front()
     }
 
     /// Ends the session (QUIT).
@@ -616,9 +637,15 @@ impl ClientSession {
     fn on_reply(&mut self, reply: Reply) -> Option<ClientEvent> {
         self.replies += 1;
         let expect = self.expect.pop_front()?;
+        if reply.code == 421 && expect == Expect::SettleRset {
+            // The server closing after it refused DATA: the refusal stands (a reply out of
+            // step would have been a 354 here).
+            self.expect.clear();
+            self.held.clear();
+            return self.results.pop_front().map(ClientEvent::Done);
+        }
         if reply.code == 421 && expect != Expect::Quit {
             self.closed_at_rset = expect == Expect::Rset;
-            self.settle_at_rset = false;
             self.waiting = None;
             self.expect.clear();
             self.abandoned.extend(self.results.drain(..));
@@ -714,8 +741,8 @@ impl ClientSession {
                     r.data = Some(reply);
                 }
                 self.held.clear();
-                self.settle_at_rset = true;
-                self.rset();
+                self.reset = true;
+                self.write_or_wait(Expect::SettleRset, b"RSET\r\n");
                 None
             }
             Expect::DataGo | Expect::DataDone => {
@@ -732,16 +759,16 @@ impl ClientSession {
                 }
                 Some(ClientEvent::Done(result))
             }
-            Expect::Rset if std::mem::take(&mut self.settle_at_rset) => {
-                if reply.code == 250 {
-                    self.results.pop_front().map(ClientEvent::Done)
-                } else {
-                    Some(self.fail(ClientError::Unexpected("RSET", reply)))
-                }
+            Expect::SettleRset if reply.code == 250 => {
+                self.results.pop_front().map(ClientEvent::Done)
             }
+            Expect::SettleRset => Some(self.fail(ClientError::Unexpected("RSET", reply))),
             Expect::Rset => None,
             Expect::Noop if reply.code == 250 => None,
-            Expect::Noop => Some(self.fail(ClientError::Unexpected("NOOP", reply))),
+            Expect::Noop => {
+                self.noop_refused = Some(reply);
+                None
+            }
             Expect::Quit => Some(ClientEvent::Closed),
         }
     }
@@ -791,7 +818,6 @@ impl ClientSession {
     /// can, without waiting for its reply (after a reply out of step, one may never come).
     fn fail(&mut self, e: ClientError) -> ClientEvent {
         self.waiting = None;
-        self.settle_at_rset = false;
         self.expect.clear();
         self.abandoned.extend(self.results.drain(..));
         self.held.clear();

@@ -234,9 +234,13 @@ pub struct ServerConfig {
     /// like an older server to clients; a BDAT that arrives anyway is still read and handled.
     pub offer_chunking: bool,
     /// The most envelope octets the embedding can store for one message (a spool record's
-    /// room): the budget from `max_recipients` is lowered to it, below [`MIN_ENVELOPE_BYTES`]
-    /// too. `usize::MAX` for no such bound.
+    /// room), counting [`ServerConfig::stored_bytes_per_recipient`] for each recipient
+    /// besides its path and ORCPT: the budget from `max_recipients` is lowered to it, below
+    /// [`MIN_ENVELOPE_BYTES`] too. `usize::MAX` for no such bound.
     pub max_envelope_bytes: usize,
+    /// What the embedding stores for each recipient besides its path and ORCPT (see
+    /// `max_envelope_bytes`).
+    pub stored_bytes_per_recipient: usize,
 }
 
 impl Default for ServerConfig {
@@ -253,6 +257,7 @@ impl Default for ServerConfig {
             offer_pipelining: true,
             offer_chunking: true,
             max_envelope_bytes: usize::MAX,
+            stored_bytes_per_recipient: 0,
         }
     }
 }
@@ -893,9 +898,13 @@ impl ServerSession {
         let limit = self.config.max_recipients.max(MIN_RECIPIENTS);
         let budget = limit
             .saturating_mul(ENVELOPE_BYTES_PER_RECIPIENT)
-            .max(MIN_ENVELOPE_BYTES)
-            .min(self.config.max_envelope_bytes);
+            .max(MIN_ENVELOPE_BYTES);
         let taken = self.envelope.recipient_count();
+        let stored = self
+            .config
+            .max_envelope_bytes
+            .saturating_sub((taken + 1).saturating_mul(self.config.stored_bytes_per_recipient));
+        let budget = budget.min(stored);
         if taken >= limit || !self.envelope.rcpt_fits(&path, &params, budget) {
             // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
             // answer is not held against the session until the overshoot gets absurd.

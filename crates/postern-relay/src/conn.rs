@@ -176,6 +176,10 @@ pub fn taken_past_a_refusal<'a>(
     results.clone().any(taken) && results.clone().any(refused)
 }
 
+/// How long a NOOP answered with something other than 250 waits for a reply behind that one
+/// (its own, when the replies were pushed along by one).
+const NOOP_ECHO_WAIT: Duration = Duration::from_secs(2);
+
 /// The text of a [`timed`] read or write that ran out of time.
 pub(crate) const TIMED_OUT: &str = "timed out";
 
@@ -513,7 +517,11 @@ impl Outbound {
         };
         let event = match ready {
             Some(event) => event,
-            None => self.next_event(limit).await.map_err(Err)?,
+            None => match self.next_event(limit).await {
+                Ok(event) => event,
+                // Closed, or silent, after refusing DATA: the refusal settles it.
+                Err(e) => return self.session.settle_unanswered().ok_or(Err(e)),
+            },
         };
         match event {
             ClientEvent::SendBody => {
@@ -552,17 +560,43 @@ impl Outbound {
     /// others along) takes the place of its 250. A 421 there is the next hop closing, after
     /// replies in step.
     pub async fn in_step(&mut self, limit: Duration) -> Result<(), ConnError> {
+        let out_of_step = || ConnError::Io(OUT_OF_STEP.into());
         self.session.noop();
         match self.read_until(limit, true).await {
-            Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => {
-                Err(ConnError::Io(OUT_OF_STEP.into()))
-            }
-            Ok(ClientEvent::NeedInput) => Ok(()),
+            Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => Err(out_of_step()),
+            Ok(ClientEvent::NeedInput) => match self.session.take_noop_refusal() {
+                None => Ok(()),
+                // Replies pushed along put a reply left over in the NOOP's place, and its own
+                // 250 comes next; a server that does not take NOOP says nothing more.
+                Some(_) if self.reply_follows(NOOP_ECHO_WAIT).await => Err(out_of_step()),
+                Some(_) => Ok(()),
+            },
             Ok(ClientEvent::Failed(ClientError::Closing(_))) => Ok(()),
             Ok(ClientEvent::Failed(e)) => Err(ConnError::Smtp(e)),
             Ok(other) => Err(ConnError::Io(format!("unexpected {other:?} after NOOP"))),
-            // No answer to a NOOP: what the last one answered is not known either.
-            Err(_) => Err(ConnError::Io(OUT_OF_STEP.into())),
+            // No answer to a NOOP in all that time: what the last reply answered is not
+            // known either.
+            Err(ConnError::Io(e)) if e == TIMED_OUT => Err(out_of_step()),
+            // The connection ended with nothing more read: no reply was left over.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Whether more comes from the next hop within `wait` (what is already read counts).
+    async fn reply_follows(&mut self, wait: Duration) -> bool {
+        if self.start < self.end {
+            return true;
+        }
+        if self.end == self.buf.len() {
+            (self.start, self.end) = (0, 0);
+        }
+        let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
+        match timed(wait, stream.read(room)).await {
+            Ok(n) => {
+                self.end += n;
+                n > 0
+            }
+            Err(_) => false,
         }
     }
 

@@ -260,10 +260,8 @@ pub fn start_locked(
         bare_newline: settings.bare_newline,
         // An envelope whose START record would not fit one spool segment gets 452 4.5.3 at
         // the RCPT that would make it so, not 452 4.3.1 at DATA for good.
-        max_envelope_bytes: postern_spool::envelope_room(
-            settings.spool_segment_size,
-            settings.max_recipients,
-        ),
+        max_envelope_bytes: postern_spool::envelope_room(settings.spool_segment_size),
+        stored_bytes_per_recipient: postern_spool::START_PER_RECIPIENT,
         ..ServerConfig::default()
     });
     let relay = RelayPolicy::new(

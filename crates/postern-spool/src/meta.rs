@@ -44,19 +44,17 @@ const START_FIXED_MAX: usize = 2048;
 
 /// What each recipient adds to a `START` record besides its path and ORCPT: their lengths, its
 /// NOTIFY and whether it has an ORCPT.
-const START_PER_RECIPIENT: usize = 4 + 8 + 8 + 4;
+pub const START_PER_RECIPIENT: usize = 4 + 8 + 8 + 4;
 
-/// The most octets of recipients' paths and ORCPT values a message's envelope may hold so that
-/// its `START` record fits a segment of `segment_size` whatever else it holds, with up to
-/// `max_recipients` recipients. A server caps its envelopes at this (a larger one could never
-/// be stored, and would be refused as if the disk were full).
-pub fn envelope_room(segment_size: u64, max_recipients: usize) -> usize {
+/// The most octets a message's recipients may take in its `START` record (their paths and
+/// ORCPT values, and [`START_PER_RECIPIENT`] each) so that the record fits a segment of
+/// `segment_size` whatever else it holds. A server caps its envelopes at this (a larger one
+/// could never be stored, and would be refused as if the disk were full).
+pub fn envelope_room(segment_size: u64) -> usize {
     let payload = usize::try_from(segment_size)
         .unwrap_or(usize::MAX)
         .saturating_sub(crate::format::HEADER + crate::format::RECORD_HEADER + 8);
-    payload
-        .saturating_sub(START_FIXED_MAX)
-        .saturating_sub(max_recipients.saturating_mul(START_PER_RECIPIENT))
+    payload.saturating_sub(START_FIXED_MAX)
 }
 
 fn opt_str(f: &mut Fields, s: &Option<String>) {
@@ -198,9 +196,8 @@ mod tests {
     /// longest, makes a START record that fits a segment.
     #[test]
     fn an_envelope_within_its_room_fits_a_segment() {
-        for (segment, max_recipients) in [(64 * 1024, 1000), (64 * 1024, 100), (1 << 20, 1000)] {
-            let room = envelope_room(segment, max_recipients);
-            let n = max_recipients;
+        for (segment, n) in [(64 * 1024, 1000), (64 * 1024, 100), (1 << 20, 1000)] {
+            let room = envelope_room(segment) - n * START_PER_RECIPIENT;
             let each = room / n;
             let recipient = |i: usize| Recipient {
                 path: "p".repeat(each / 2 + usize::from(i < room % n)),

@@ -621,7 +621,9 @@ impl Spool {
                     // rename in the same directory can be without new space. Left as it is,
                     // its messages (final, their statuses in the newer segments freed next)
                     // would be delivered again at the next start.
-                    if self.set_aside_in_place(&path).is_err() {
+                    let in_place = self.set_aside_in_place(&path);
+                    // Gone already: renamed by an earlier try whose directory sync failed.
+                    if in_place.is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound) {
                         // Kept, and everything behind it with it, until one of the two works.
                         self.index.push_front(seq, bytes);
                         first_error = Some(e);

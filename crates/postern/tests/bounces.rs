@@ -831,3 +831,107 @@ fn a_next_hop_that_refuses_helo_for_good_bounces_the_mail_at_once() {
     assert!(text.contains("Status: 5.7.1"), "{text}");
     assert!(text.contains("550 5.7.1 go away"), "{text}");
 }
+
+/// A next hop (no extensions) that answers DATA with a 554 and closes the connection; counts
+/// the connections it takes.
+fn next_hop_dropping_at_data() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(mut stream) = stream else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.starts_with("DATA") {
+                    let _ = stream.write_all(b"554 5.7.1 not from you\r\n");
+                    break;
+                }
+                let _ = stream.write_all(b"250 hop.test\r\n");
+                line.clear();
+            }
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_refusal_of_data_followed_by_a_close_bounces_the_message() {
+    // Exim's `drop` in its DATA ACL: a 554, then the connection closed, before the RSET that
+    // would confirm the refusal was in step. The refusal stands; the message is not sent
+    // again and again on new connections.
+    let origin = Peer::start(&[]);
+    let (port, connections) = next_hop_dropping_at_data();
+    let dest = format!("dest.test=127.0.0.1:{port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &dest, "--route", &back, "--cores", "1"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<dropped@t>",
+        "x\r\n",
+    );
+    let (_, text) = origin.first("the bounce");
+    assert!(
+        text.contains("Final-Recipient: rfc822; b@dest.test"),
+        "{text}"
+    );
+    assert!(text.contains("554 5.7.1 not from you"), "{text}");
+    assert!(text.contains("Status: 5.7.1"), "{text}");
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one connection"
+    );
+}
+
+#[test]
+fn a_next_hop_that_refuses_noop_gets_its_mixed_transactions_once() {
+    // A transaction taken past a refused recipient is asked a NOOP to see that the replies
+    // are in step; a next hop that does not take NOOP (nothing follows its refusal) is in
+    // step, and the message is not sent again.
+    let origin = Peer::start(&[]);
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("NOOP") {
+                Some(Act::Say("502 5.5.1 command not implemented\r\n"))
+            } else if line.starts_with("RCPT TO:<unknown@") {
+                Some(Act::Say("550 5.1.1 unknown user\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let dest = format!("dest.test=127.0.0.1:{port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let mut args = vec!["--route", &dest, "--route", &back, "--cores", "1"];
+    args.extend(FAST_RETRY);
+    let server = Server::start(&args);
+    send(
+        &server,
+        "a@origin.test",
+        &["unknown@dest.test", "b@dest.test"],
+        "<mixed@t>",
+        "x\r\n",
+    );
+    let (_, text) = origin.first("unknown@'s bounce");
+    assert!(
+        text.contains("Final-Recipient: rfc822; unknown@dest.test"),
+        "{text}"
+    );
+    assert!(stored.recv_timeout(Duration::from_secs(5)).is_ok());
+    assert!(
+        stored.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "sent once"
+    );
+}

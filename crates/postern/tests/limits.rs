@@ -370,4 +370,22 @@ fn an_envelope_is_capped_at_what_one_spool_segment_holds() {
     let spooled = common::spooled(&server.spool);
     assert_eq!(spooled.len(), 1);
     assert_eq!(spooled[0].0, id);
+    // The room is shared by the recipients taken, not reserved for as many as
+    // --max-recipients allows: a large limit with small segments still takes mail.
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "64k",
+        "--max-recipients",
+        "5000",
+    ]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    for i in 0..200 {
+        let reply = c.cmd(&format!("RCPT TO:<r{i}@d.test>"));
+        assert!(reply.starts_with("250"), "{i}: {reply}");
+    }
 }

@@ -560,10 +560,12 @@ struct DestQueue {
     /// Connections in a row, since a transaction was last answered, that could not be made
     /// or broke off.
     broken_in_a_row: Cell<u32>,
-    /// A connection opened (greeting and EHLO answered) since the last one failed: the next
-    /// hop is up, and the one-connection limit after failures is lifted, so that one
-    /// transaction that hangs does not hold every other job for the next hop.
-    opened_since_broke: Cell<bool>,
+    /// Connections opened (greeting and EHLO answered) since the last one failed: each lets
+    /// one more connection start past the one-connection limit after failures, so that a
+    /// transaction that hangs does not hold every other job for the next hop, while a next
+    /// hop that answers EHLO and then fails every transaction gets a few connections, not
+    /// all it may have.
+    opened_since_broke: Cell<u32>,
     /// When a connection last failed (ms).
     last_broke: Cell<u64>,
     /// Why the next hop is paused (status, text, remote), while `down_until` lasts.
@@ -955,7 +957,7 @@ impl CoreRelay {
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),
                     broken_in_a_row: Cell::new(0),
-                    opened_since_broke: Cell::new(false),
+                    opened_since_broke: Cell::new(0),
                     last_broke: Cell::new(0),
                     paused_for: RefCell::new(None),
                     cap: Cell::new(0),

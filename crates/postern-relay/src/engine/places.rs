@@ -152,14 +152,15 @@ impl CoreRelay {
     }
 
     /// How many connections a next hop may have now. While the last connections to it failed
-    /// (none has answered a transaction since, nor opened), one at a time tries it: when a
-    /// pause ends, the jobs it held come all at once, and a next hop still down costs one
-    /// connection, not one per job.
+    /// (none has answered a transaction since), one at a time tries it, and one more for each
+    /// that opened since: when a pause ends, the jobs it held come all at once, and a next hop
+    /// still down costs one connection, not one per job.
     pub(super) fn most_workers(&self, dq: &DestQueue) -> usize {
-        let most = if dq.broken_in_a_row.get() > 0 && !dq.opened_since_broke.get() {
-            1
+        let all = self.relay.config.max_per_destination.max(1);
+        let most = if dq.broken_in_a_row.get() > 0 {
+            all.min(1 + dq.opened_since_broke.get() as usize)
         } else {
-            self.relay.config.max_per_destination.max(1)
+            all
         };
         // A connection limit the next hop showed (see `DestQueue::cap`).
         if dq.cap_until.get() > now_ms() {

@@ -101,10 +101,12 @@ impl CoreRelay {
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
-            if after_failures && !dq.opened_since_broke.replace(true) {
-                // The next hop answers again: the jobs that piled up get their other
-                // connections now, not only once this one's first transaction is answered
-                // (which a transaction that hangs may put off for many minutes).
+            if after_failures {
+                // The next hop answers again: the jobs that piled up get one more connection
+                // now, not only once this one's first transaction is answered (which a
+                // transaction that hangs may put off for many minutes).
+                dq.opened_since_broke
+                    .set(dq.opened_since_broke.get().saturating_add(1));
                 self.spread_waiting(&dq);
             }
             loop {
@@ -650,7 +652,7 @@ impl CoreRelay {
         dq.last_broke.set(now);
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_add(1));
-        dq.opened_since_broke.set(false);
+        dq.opened_since_broke.set(0);
     }
 
     /// Whether every address of `dq`'s next hop could not be reached or broke a connection
