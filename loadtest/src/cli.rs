@@ -178,6 +178,8 @@ fn cpus(s: &str) -> Result<CpuList, String> {
 
 /// Flags of `postern-load send`.
 #[derive(Clone, Debug, Args)]
+// `--connections -1` is a wrong value for that flag, named as such, not an unknown argument.
+#[command(allow_negative_numbers = true)]
 pub struct SendArgs {
     /// The server, HOST:PORT. Loopback only unless --allow-remote.
     #[arg(long, default_value = "127.0.0.1:2525", value_parser = target)]
@@ -268,6 +270,8 @@ pub struct SendArgs {
 
 /// Flags of `postern-load sink`.
 #[derive(Clone, Debug, Args)]
+// `--connections -1` is a wrong value for that flag, named as such, not an unknown argument.
+#[command(allow_negative_numbers = true)]
 pub struct SinkArgs {
     /// Address to listen on (port 0 picks one; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:2526")]

@@ -24,6 +24,16 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            if matches!(
+                e.kind(),
+                ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                eprintln!(
+                    "postern-load: a command is required: try 'postern-load send' or \
+                     'postern-load sink' (see --help)"
+                );
+                return ExitCode::from(2);
+            }
             // clap's first paragraph names the flag; its usage and tips follow, not needed.
             let text = e.to_string();
             let first: Vec<&str> = text

@@ -75,6 +75,14 @@ const MAX_RATE: f64 = 1e9;
 
 /// Reads a duration: `30s`, `1m`, `250ms`, `1h 30m`.
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, LoadError> {
+    // `M` is a month to the parser, while sizes take it for MiB: `5M` written for minutes
+    // would be a five-month run without a word.
+    if s.contains('M') {
+        return Err(LoadError::flag(
+            flag,
+            format!("{s:?} is ambiguous: durations take m for minutes (M would be months)"),
+        ));
+    }
     let d =
         humantime::parse_duration(s).map_err(|e| LoadError::flag(flag, format!("{s:?}: {e}")))?;
     // Far enough for any run, and near enough that instants and message counts reckoned from
@@ -156,6 +164,16 @@ mod tests {
             .to_string()
             .contains("finite"));
         assert!(parse_rate("--rate", "fast").is_err());
+    }
+
+    #[test]
+    fn a_capital_m_in_a_duration_is_refused_not_read_as_months() {
+        let e = parse_duration("--duration", "5M").unwrap_err().to_string();
+        assert!(e.contains("--duration") && e.contains("ambiguous"), "{e}");
+        assert_eq!(
+            parse_duration("--duration", "5m").ok(),
+            Some(Duration::from_secs(300))
+        );
     }
 
     #[test]

@@ -38,6 +38,13 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["send", "--rate", "1e-20/s"][..], "--rate"),
         (&["send", "--rate", "inf/s"][..], "--rate"),
         (&["send", "--timeout", "0s"][..], "--timeout"),
+        // M would be months to the duration parser: a five-month run without a word.
+        (&["send", "--duration", "5M"][..], "--duration"),
+        (&["sink", "--delay", "5M"][..], "--delay"),
+        // A negative number is a wrong value for its flag, not an unknown argument.
+        (&["send", "--connections", "-1"][..], "--connections"),
+        (&["sink", "--threads", "-1"][..], "--threads"),
+        (&[][..], "a command is required"),
         (&["sink", "--timeout", "0s"][..], "--timeout"),
         (&["send", "--helo", ""][..], "--helo"),
         (&["send", "--chunk-size", "10"][..], "--bdat"),

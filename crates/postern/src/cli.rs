@@ -53,7 +53,7 @@ pub(crate) struct Queue {
     /// Instead of listing, delete these queued messages (queue IDs, repeatable or comma
     /// separated): the postern serving this spool records their recipients as failed, sends
     /// no report, and forgets them. Waits up to 10 s for them to leave the queue.
-    #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = trimmed::<String>,
+    #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = queue_id_arg,
           conflicts_with_all = ["json", "flush"])]
     pub(crate) delete: Vec<String>,
 }
@@ -295,6 +295,14 @@ pub(crate) fn unknown_variables() -> Vec<String> {
 
 /// One item of a list flag, without the blanks around it: a `POSTERN_*` variable may list
 /// `a.example, b.example` as well as `a.example,b.example`.
+/// A queue ID for `--delete`: a wrong flag (exit 2) when empty, whatever the spool holds.
+fn queue_id_arg(s: &str) -> Result<String, String> {
+    match s.trim() {
+        "" => Err("an empty queue ID; nothing was deleted".to_owned()),
+        id => Ok(id.to_owned()),
+    }
+}
+
 fn trimmed<T>(s: &str) -> Result<T, String>
 where
     T: std::str::FromStr,

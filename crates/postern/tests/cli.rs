@@ -224,6 +224,9 @@ fn values_that_cannot_work_are_refused_by_name() {
     );
     // Far more executors than CPUs: each would reserve its spool segments on disk.
     refused(&["serve", "--cores", "100000"], "--cores");
+    // An empty queue ID is a wrong value, found before the spool is looked at.
+    refused(&["queue", "--delete", ""], "--delete");
+    refused(&["queue", "--delete", "ID,"], "--delete");
     // Queue IDs hold the core in two base-32 digits, whatever the CPUs.
     let (code, _, err) = run(&["serve", "--cores", "1025"]);
     assert!(
