@@ -523,6 +523,11 @@ fn all_stored_none_deferred(
     assert_eq!(got, want);
     let log = server.terminate_for_log();
     assert!(log.contains("to it for 300s"), "{log}");
+    assert_eq!(
+        log.matches("to it for 300s").count(),
+        1,
+        "logged once: {log}"
+    );
     assert!(!log.contains("status=\"deferred\""), "{log}");
 }
 

@@ -212,7 +212,14 @@ impl CoreRelay {
         // This worker is about to leave; the others stay.
         let open = dq.workers.get().saturating_sub(1).max(1);
         let capped = dq.cap_until.get() > now_ms();
-        if !capped || dq.cap.get() != open {
+        // Once per window: a burst refused one by one lowers the cap one by one.
+        if capped {
+            tracing::debug!(
+                next_hop = %dq.dest.key(),
+                connections = open,
+                "the next hop refused another connection: at most {open} to it"
+            );
+        } else {
             tracing::info!(
                 next_hop = %dq.dest.key(),
                 connections = open,
