@@ -194,7 +194,7 @@ pub struct SendArgs {
     #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: Option<u64>,
     /// Start messages for this long instead of a number of messages (30s, 2m); those in flight
-    /// at the end still get their replies (each within --timeout), and count.
+    /// at the end still get their replies (each within --timeout), and count. [default: none: --messages ends the run]
     #[arg(long, value_parser = run_duration)]
     pub duration: Option<Duration>,
     /// Messages per connection before QUIT and a new connection; 0 keeps each connection.
@@ -238,7 +238,7 @@ pub struct SendArgs {
     #[arg(long)]
     pub starttls: bool,
     /// Open loop: start messages at this rate (500/s), latency measured from each message's
-    /// intended start.
+    /// intended start. [default: none: closed loop, each connection sends its next message once the last is answered]
     #[arg(long, value_parser = rate)]
     pub rate: Option<f64>,
     /// Executors (one thread each).
@@ -254,13 +254,13 @@ pub struct SendArgs {
     /// The name sent with EHLO.
     #[arg(long, default_value = "postern-load.test", value_parser = helo)]
     pub helo: String,
-    /// Write the report as JSON to this file.
+    /// Write the report as JSON to this file. [default: none]
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Write HdrHistogram interval logs (one interval a second) to this file.
+    /// Write HdrHistogram interval logs (one interval a second) to this file. [default: none]
     #[arg(long)]
     pub hdr_log: Option<PathBuf>,
-    /// Draw the latency percentile curves into this SVG file.
+    /// Draw the latency percentile curves into this SVG file. [default: none]
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// No progress line, even on a terminal.
@@ -290,13 +290,13 @@ pub struct SinkArgs {
     #[arg(long, default_value = "100m", value_parser = size_limit)]
     pub max_size: u64,
     /// Write each accepted message's sequence header and Message-ID to this file, one line
-    /// each as they come (the file is made anew, or emptied, at start).
+    /// each as they come (the file is made anew, or emptied, at start). [default: none]
     #[arg(long)]
     pub record: Option<PathBuf>,
-    /// Certificate chain (PEM) for STARTTLS.
+    /// Certificate chain (PEM) for STARTTLS. [default: none, STARTTLS not offered]
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) for STARTTLS.
+    /// Private key (PEM) for STARTTLS. [default: none]
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Do not offer CHUNKING (and BINARYMIME), like an older server.
@@ -306,22 +306,22 @@ pub struct SinkArgs {
     #[arg(long)]
     pub no_pipelining: bool,
     /// Answer end of data with these codes in these proportions (250:98,451:1,550:1); a 421
-    /// also closes the connection, as a server going down does.
+    /// also closes the connection, as a server going down does. [default: 250 to every message]
     #[arg(long, value_parser = reply_mix)]
     pub reply_mix: Option<ReplyMix>,
-    /// Wait this long before answering each end of data.
+    /// Wait this long before answering each end of data. [default: none, answered at once]
     #[arg(long, value_parser = duration)]
     pub delay: Option<Duration>,
-    /// Close a connection without a reply at its N-th end of data.
+    /// Close a connection without a reply at its N-th end of data. [default: never]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub drop_after: Option<u64>,
-    /// Serve counters as Prometheus text at http://ADDR/metrics.
+    /// Serve counters as Prometheus text at http://ADDR/metrics. [default: none, not served]
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Close a session silent for this long.
     #[arg(long, default_value = "60s", value_parser = timeout)]
     pub timeout: Duration,
-    /// Exit by itself after this long (otherwise on SIGTERM or SIGINT); above zero.
+    /// Exit by itself after this long (otherwise on SIGTERM or SIGINT); above zero. [default: none]
     #[arg(long, value_parser = run_duration)]
     pub lifetime: Option<Duration>,
 }

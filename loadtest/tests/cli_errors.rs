@@ -45,6 +45,21 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["send", "--connections", "-1"][..], "--connections"),
         (&["sink", "--threads", "-1"][..], "--threads"),
         (&[][..], "a command is required"),
+        (
+            &[
+                "sink",
+                "--listen",
+                "127.0.0.1:26999",
+                "--metrics",
+                "127.0.0.1:26999",
+            ][..],
+            "--metrics",
+        ),
+        // Two reports into one file: the last would overwrite the other.
+        (
+            &["send", "--json", "same.out", "--hdr-log", "same.out"][..],
+            "--hdr-log",
+        ),
         (&["sink", "--timeout", "0s"][..], "--timeout"),
         (&["send", "--helo", ""][..], "--helo"),
         (&["send", "--chunk-size", "10"][..], "--bdat"),

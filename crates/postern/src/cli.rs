@@ -410,6 +410,8 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses `500ms`, `3s`, `5m`, `1h`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    // Blanks around a value (from an environment file) are no part of it, as for numbers.
+    let s = s.trim();
     // `M` is a month to the parser, while sizes take it for MiB: `5M` written for minutes
     // would be five months without a word.
     if s.contains('M') {
@@ -971,6 +973,8 @@ mod tests {
             "64 ",
             "--hostname",
             " mx1.example.net ",
+            "--command-timeout",
+            " 5s",
         ])
         .unwrap();
         let Command::Serve(s) = cli.command else {
@@ -981,6 +985,7 @@ mod tests {
         assert_eq!(s.mx_port, 2526);
         assert_eq!(s.ipv6_client_prefix, 64);
         assert_eq!(s.hostname.as_deref(), Some("mx1.example.net"));
+        assert_eq!(s.command_timeout, Duration::from_secs(5));
         for (flag, bad) in [
             ("--mx-port", "0"),
             ("--ipv6-client-prefix", " 8"),

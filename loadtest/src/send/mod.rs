@@ -55,6 +55,24 @@ enum Note {
 pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     let addr = crate::target::resolve(&args.target, args.allow_remote)?;
     check_open_files(args.connections)?;
+    // Two reports written to one file: the last would overwrite the other.
+    let outputs = [
+        ("--json", &args.json),
+        ("--plot", &args.plot),
+        ("--hdr-log", &args.hdr_log),
+    ];
+    for (i, (flag, path)) in outputs.iter().enumerate() {
+        let Some(path) = path else { continue };
+        if let Some((other, _)) = outputs[..i]
+            .iter()
+            .find(|(_, p)| p.as_ref().is_some_and(|p| p == path))
+        {
+            return Err(LoadError::flag(
+                flag,
+                format!("{} is also the file of {other}", path.display()),
+            ));
+        }
+    }
     // The report's files are made now, so that a path that cannot be written is found before
     // the run rather than after it, with its figures lost.
     for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {

@@ -235,9 +235,11 @@ impl Report {
             "elapsed:  {:.3} s, {} connection(s) greeted",
             self.elapsed_s, self.connections_opened
         );
+        // Whole messages per second, but for slow runs, where that would read 0.
+        let places = if self.messages_per_s < 10.0 { 2 } else { 0 };
         let _ = writeln!(
             t,
-            "rate:     {:.0} messages/s, {:.2} MB/s",
+            "rate:     {:.places$} messages/s, {:.2} MB/s",
             self.messages_per_s, self.mb_per_s
         );
         let _ = writeln!(

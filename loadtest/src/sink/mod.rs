@@ -51,6 +51,14 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         max_errors: u32::MAX,
         ..ServerConfig::default()
     });
+    if let Some(metrics) = args.metrics {
+        if metrics.port() != 0 && metrics == args.listen {
+            return Err(LoadError::flag(
+                "--metrics",
+                format!("{metrics} is also --listen"),
+            ));
+        }
+    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(futures_rustls::TlsAcceptor::from(
             crate::tls::server_config(cert, key)?,
@@ -85,7 +93,8 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         sockets.into_iter().map(Some).collect::<Vec<_>>(),
     ));
     if let Some(addr) = args.metrics {
-        let bound = metrics_http::start(addr, counters.clone())?;
+        let bound = metrics_http::start(addr, counters.clone())
+            .map_err(|e| LoadError::Internal(format!("--metrics: {e}")))?;
         // Ignored when stdout is gone (a harness that read the first line and closed it).
         let _ = writeln!(std::io::stdout(), "metrics on {bound}");
     }
