@@ -890,3 +890,90 @@ fn a_connection_saying_quit_after_its_idle_time_gives_its_place_when_it_is_wante
     let (_, data) = got.expect("the second next hop waited for the first one's QUIT");
     assert!(data.contains("Message-ID: <b@t>"), "{data}");
 }
+
+/// A next hop without PIPELINING that refuses `<later@...>` with 450 and takes the rest;
+/// sends each command line it reads (its verb) down the channel.
+fn next_hop_recording_commands() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let mut in_data = false;
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                let reply: &[u8] = if in_data {
+                    if line == ".\r\n" {
+                        in_data = false;
+                        b"250 2.0.0 stored\r\n"
+                    } else {
+                        b""
+                    }
+                } else {
+                    let verb = line.split_whitespace().next().unwrap_or("").to_owned();
+                    let _ = tx.send(verb.to_ascii_uppercase());
+                    match verb.to_ascii_uppercase().as_str() {
+                        "DATA" => {
+                            in_data = true;
+                            b"354 go\r\n"
+                        }
+                        "RCPT" if line.contains("<later@") => b"450 4.2.0 try later\r\n",
+                        "QUIT" => {
+                            let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                            break;
+                        }
+                        _ => b"250 2.0.0 ok\r\n",
+                    }
+                };
+                let _ = stream.write_all(reply);
+                line.clear();
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_kept_connection_whose_last_transaction_was_refused_says_quit_at_shutdown() {
+    // Without PIPELINING, the RSET after the refused transaction is still unanswered when the
+    // server stops: QUIT goes out once its reply is in (RFC 5321 4.1.1.10).
+    let (port, commands) = next_hop_recording_commands();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&["--route", &route, "--cores", "1"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    let id = send(
+        &server,
+        "a@origin.test",
+        &["later@dest.test"],
+        "<second@t>",
+        "y\r\n",
+    );
+    server.log_until(|l| l.contains(&id) && l.contains("deferred"));
+    let mut seen = Vec::new();
+    while let Ok(verb) = commands.recv_timeout(Duration::from_secs(5)) {
+        seen.push(verb);
+        if seen.iter().filter(|v| *v == "RSET").count() >= 2 {
+            break;
+        }
+    }
+    assert!(server.terminate().success());
+    while let Ok(verb) = commands.recv_timeout(Duration::from_secs(5)) {
+        seen.push(verb);
+        if seen.last().is_some_and(|v| v == "QUIT") {
+            break;
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("QUIT"), "{seen:?}");
+}

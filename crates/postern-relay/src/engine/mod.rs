@@ -612,6 +612,8 @@ pub struct CoreRelay {
     slot_wanted: Event,
     /// Connections counted out (see `leave`) still waiting for their QUIT's reply.
     quitting: Cell<usize>,
+    /// Connections saying QUIT, however they ended (see `say_quit`): a stop waits for them.
+    closing: Cell<usize>,
     /// Next hops that have connections and wanted more when the core had none to give: a
     /// place no next hop in line takes goes to the first of them.
     wanting_more: RefCell<VecDeque<Rc<DestQueue>>>,
@@ -659,6 +661,9 @@ impl Delivery for CoreRelay {
                 || self.relay.in_flight.load(Ordering::SeqCst) > 0
                 || !inbox.is_empty()
                 || self.reporting.get() > 0
+                // Connections ending say QUIT and read its reply (RFC 5321 4.1.1.10), which
+                // without PIPELINING waits behind a RSET's reply: a few round trips.
+                || self.closing.get() > 0
             {
                 glommio::timer::sleep(WIND_DOWN_POLL).await;
             }
@@ -705,6 +710,7 @@ impl CoreRelay {
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
             quitting: Cell::new(0),
+            closing: Cell::new(0),
             wanting_more: RefCell::new(VecDeque::new()),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();

@@ -140,8 +140,16 @@ impl CoreRelay {
             return;
         }
         self.quitting.set(self.quitting.get() + 1);
-        conn.quit().await;
+        self.say_quit(conn).await;
         self.quitting.set(self.quitting.get() - 1);
+    }
+
+    /// Ends `conn` with QUIT (its reply read, within a few seconds), counted meanwhile so that
+    /// a stop lets it finish.
+    pub(super) async fn say_quit(&self, conn: Outbound) {
+        self.closing.set(self.closing.get() + 1);
+        conn.quit().await;
+        self.closing.set(self.closing.get() - 1);
     }
 
     /// Whether a connection of `dq`, open since `since`, should give its place up after its

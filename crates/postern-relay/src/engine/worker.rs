@@ -113,7 +113,7 @@ impl CoreRelay {
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
                     // next run (their earlier attempt recorded nothing).
-                    conn.quit().await;
+                    self.say_quit(conn).await;
                     break 'connect;
                 }
                 if used && conn.went_away_while_idle() {
@@ -127,7 +127,7 @@ impl CoreRelay {
                 if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
                     // A less preferred host served long enough: see whether a better one is
                     // back (RFC 5321 5.1, preference order).
-                    conn.quit().await;
+                    self.say_quit(conn).await;
                     continue 'connect;
                 }
                 let (job, note) = if carry.is_empty() {
@@ -192,7 +192,7 @@ impl CoreRelay {
                     After::Keep => {}
                     After::Broken => continue 'connect,
                     After::Elsewhere => {
-                        conn.quit().await;
+                        self.say_quit(conn).await;
                         continue 'connect;
                     }
                 }
@@ -379,7 +379,7 @@ impl CoreRelay {
         // another next hop comes to want the place meanwhile, it is counted out
         // then, and the QUIT goes on.
         let wanted = self.slot_wanted.listen();
-        let mut quit = std::pin::pin!(conn.quit());
+        let mut quit = std::pin::pin!(self.say_quit(conn));
         let asked = future::or(
             async {
                 (&mut quit).await;
