@@ -270,6 +270,9 @@ pub struct ClientSession {
     /// A reply other than 250 to the NOOP of [`ClientSession::noop`], for the embedding to
     /// weigh: a server that does not take NOOP, or the answer to an earlier command.
     noop_refused: Option<Reply>,
+    /// The server said 421 to the RSET that settles a refusal of DATA, or the connection
+    /// ended or fell silent before its reply: nothing more may go out on it.
+    closing: bool,
 }
 
 impl ClientSession {
@@ -294,6 +297,7 @@ impl ClientSession {
             reset: true,
             abandoned: VecDeque::new(),
             noop_refused: None,
+            closing: false,
         }
     }
 
@@ -351,6 +355,9 @@ impl ClientSession {
     /// content open a group and BDAT is no synchronisation point (RFC 3030 4.2), so the next
     /// transaction's MAIL, RCPT and DATA or BDAT may follow the previous body at once.
     pub fn can_send(&self) -> bool {
+        if self.closing {
+            return false;
+        }
         let only_replies_to_earlier = || {
             self.caps.pipelining
                 && self.expect.iter().all(|e| {
@@ -566,9 +573,22 @@ impl ClientSession {
         if self.expect.front() != Some(&Expect::SettleRset) {
             return None;
         }
+        self.close_settled();
+        self.results.pop_front()
+    }
+
+    /// Whether the session ended where a refusal of DATA was settled without the RSET's
+    /// reply (a 421, the connection's end, no answer): it takes no further transaction.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    fn close_settled(&mut self) {
+        self.closing = true;
         self.expect.clear();
         self.held.clear();
-        self.results.pop_front()
+        self.waiting = None;
+        self.out.clear();
     }
 
     /// Ends the session (QUIT).
@@ -639,9 +659,8 @@ impl ClientSession {
         let expect = self.expect.pop_front()?;
         if reply.code == 421 && expect == Expect::SettleRset {
             // The server closing after it refused DATA: the refusal stands (a reply out of
-            // step would have been a 354 here).
-            self.expect.clear();
-            self.held.clear();
+            // step would have been a 354 here), and the connection is done.
+            self.close_settled();
             return self.results.pop_front().map(ClientEvent::Done);
         }
         if reply.code == 421 && expect != Expect::Quit {

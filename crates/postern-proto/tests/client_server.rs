@@ -462,6 +462,10 @@ fn a_refused_data_after_a_recipient_was_taken_settles_at_the_rset_reply() {
         matches!(&events[..], [ClientEvent::Done(r)] if r.outcome(0).code == 554),
         "{events:?}"
     );
+    assert!(
+        c.is_closing() && !c.can_send(),
+        "no transaction after the 421"
+    );
     let mut c = ClientSession::new("relay.test");
     start(&mut c);
     canned(
@@ -470,7 +474,7 @@ fn a_refused_data_after_a_recipient_was_taken_settles_at_the_rset_reply() {
     );
     let settled = c.settle_unanswered().expect("settled by its refusal");
     assert_eq!(settled.outcome(0).code, 554);
-    assert!(c.is_idle());
+    assert!(c.is_idle() && c.is_closing() && !c.can_send());
 }
 
 #[test]

@@ -656,6 +656,9 @@ impl Delivery for CoreRelay {
             // every outcome is in its owner's inbox, and the report loop records it (appends
             // its status) in the same step as it takes it out.
             self.relay.winding_down.fetch_add(1, Ordering::SeqCst);
+            // Idle connections woken by the stop start their QUIT (counted in `closing`)
+            // once they run: a moment for them before the first look.
+            glommio::timer::sleep(WIND_DOWN_POLL).await;
             let inbox = self.relay.reports.get(self.id);
             while self.relay.winding_down.load(Ordering::SeqCst) < self.relay.cores
                 || self.relay.in_flight.load(Ordering::SeqCst) > 0
