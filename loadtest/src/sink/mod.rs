@@ -52,7 +52,9 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         ..ServerConfig::default()
     });
     if let Some(metrics) = args.metrics {
-        if metrics.port() != 0 && metrics == args.listen {
+        let (m, l) = (metrics.ip(), args.listen.ip());
+        let overlap = m == l || m.is_unspecified() || l.is_unspecified();
+        if metrics.port() != 0 && metrics.port() == args.listen.port() && overlap {
             return Err(LoadError::flag(
                 "--metrics",
                 format!("{metrics} is also --listen"),
