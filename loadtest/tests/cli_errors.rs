@@ -55,6 +55,16 @@ fn wrong_flags_are_one_line_and_exit_2() {
             ][..],
             "--metrics",
         ),
+        (
+            &[
+                "sink",
+                "--listen",
+                "127.0.0.1:26999",
+                "--metrics",
+                "0.0.0.0:26999",
+            ][..],
+            "--metrics",
+        ),
         // Two reports into one file: the last would overwrite the other.
         (
             &["send", "--json", "same.out", "--hdr-log", "same.out"][..],
