@@ -164,6 +164,15 @@ fn command_line(reader: &mut BufReader<TcpStream>) -> Option<(String, String)> {
 /// The Message-IDs a next hop took.
 type Taken = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
+/// What the next hop took once it has `n` messages (15 s at most).
+fn taken_once(taken: &Taken, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while taken.lock().unwrap().len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    taken.lock().unwrap().clone()
+}
+
 /// A next hop offering PIPELINING, CHUNKING and `extensions` (EHLO lines, each ending in CR
 /// LF), answering each command as it comes. Each body (`BDAT n LAST`) gets what `answer`
 /// says for it, given how many bodies came before; `None` is no answer at all. A message
@@ -1011,11 +1020,7 @@ fn replies_out_of_step_refuse_no_recipient_with_another_s_refusal() {
         !text.contains("Final-Recipient: rfc822; b@dest.test"),
         "{text}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while taken.lock().unwrap().len() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(*taken.lock().unwrap(), ["<first@t>", "<second@t>"]);
+    assert_eq!(taken_once(&taken, 2), ["<first@t>", "<second@t>"]);
 }
 
 #[test]
@@ -1037,11 +1042,7 @@ fn a_refusal_pushed_into_data_s_place_fails_no_recipient_the_next_hop_took() {
         !text.contains("Final-Recipient: rfc822; b@dest.test"),
         "{text}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while taken.lock().unwrap().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(*taken.lock().unwrap(), ["<mixed@t>"]);
+    assert_eq!(taken_once(&taken, 1), ["<mixed@t>"]);
 }
 
 #[test]
@@ -1174,11 +1175,7 @@ fn a_transaction_that_hangs_after_a_failure_does_not_hold_the_next_hop_s_other_m
         "<after@t>",
         "x\r\n",
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while taken.lock().unwrap().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(*taken.lock().unwrap(), ["<after@t>"]);
+    assert_eq!(taken_once(&taken, 1), ["<after@t>"]);
 }
 
 #[test]
