@@ -956,9 +956,19 @@ fn strayed_into(
     extensions: &'static str,
     messages: &[(&str, &[&str], &str)],
 ) -> (Taken, Peer, Server) {
+    strayed_into_with(after, extensions, messages, &[])
+}
+
+/// [`strayed_into`], postern run with the `extra` flags.
+fn strayed_into_with(
+    after: &'static str,
+    extensions: &'static str,
+    messages: &[(&str, &[&str], &str)],
+    extra: &[&str],
+) -> (Taken, Peer, Server) {
     let (port, taken) = next_hop_with_a_stray_after(after, extensions);
     let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin, &[]);
+    let server = one_connection_to(port, &origin, extra);
     for (id, rcpts, body) in messages {
         send(&server, "a@origin.test", rcpts, id, body);
     }
@@ -1045,12 +1055,11 @@ fn a_refusal_pushed_into_data_s_place_fails_no_recipient_the_next_hop_took() {
     assert_eq!(taken_once(&taken, 1), ["<mixed@t>"]);
 }
 
-#[test]
-fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery() {
-    // The extra reply behind unknown@'s 550 answers b@'s RCPT, and b@'s 250 the body; the
-    // next hop's real answer to the body, its 554, comes a moment later, after postern's look
-    // past the last reply. Taken as it was read, b@ would count as delivered.
-    let (taken, origin, _server) = strayed_into(
+/// A BDAT transaction to unknown@ (refused) and b@ whose body the next hop refuses a moment
+/// after its replies, with a reply too many behind unknown@'s 550, sent by postern with the
+/// `extra` flags: b@ is bounced with the next hop's 554, never counted as delivered.
+fn refusal_of_the_data_pushed_past_the_last_reply(extra: &[&str]) {
+    let (taken, origin, _server) = strayed_into_with(
         "RCPT",
         "250-PIPELINING\r\n250-CHUNKING\r\n",
         &[(
@@ -1058,6 +1067,7 @@ fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery(
             &["unknown@dest.test", "b@dest.test"],
             "refuse-me\r\n",
         )],
+        extra,
     );
     let (_, text) = origin.first("the bounce");
     assert!(
@@ -1066,6 +1076,14 @@ fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery(
     );
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     assert!(taken.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery() {
+    // The extra reply behind unknown@'s 550 answers b@'s RCPT, and b@'s 250 the body; the
+    // next hop's real answer to the body, its 554, comes a moment later, after postern's look
+    // past the last reply. Taken as it was read, b@ would count as delivered.
+    refusal_of_the_data_pushed_past_the_last_reply(&[]);
 }
 
 /// A next hop (PIPELINING) serving each connection on its own thread: a message whose body
@@ -1182,21 +1200,5 @@ fn a_transaction_that_hangs_after_a_failure_does_not_hold_the_next_hop_s_other_m
 fn a_refusal_to_the_data_pushed_past_a_batch_s_last_reply_is_not_taken_for_a_delivery() {
     // As above, with transactions pipelined into each other (a batch of one here): the
     // batch's last reply read is b@'s 250, the next hop's 554 to the body comes after it.
-    let (port, taken) = next_hop_with_a_stray_after("RCPT", "250-PIPELINING\r\n250-CHUNKING\r\n");
-    let origin = Peer::start(&[]);
-    let server = one_connection_to(port, &origin, &["--max-transactions-in-flight", "8"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["unknown@dest.test", "b@dest.test"],
-        "<refused@t>",
-        "refuse-me\r\n",
-    );
-    let (_, text) = origin.first("the bounce");
-    assert!(
-        text.contains("Final-Recipient: rfc822; b@dest.test"),
-        "{text}"
-    );
-    assert!(text.contains("554 5.7.1 message refused"), "{text}");
-    assert!(taken.lock().unwrap().is_empty());
+    refusal_of_the_data_pushed_past_the_last_reply(&["--max-transactions-in-flight", "8"]);
 }
