@@ -176,6 +176,9 @@ pub fn taken_past_a_refusal<'a>(
     results.clone().any(taken) && results.clone().any(refused)
 }
 
+/// A reply longer than the read buffer.
+const REPLY_TOO_LONG: &str = "reply too long";
+
 /// How long a NOOP answered with something other than 250 waits for a reply behind that one
 /// (its own, when the replies were pushed along by one).
 const NOOP_ECHO_WAIT: Duration = Duration::from_secs(2);
@@ -420,7 +423,7 @@ impl Outbound {
                 (self.start, self.end) = (0, self.end - self.start);
             }
             if self.end == self.buf.len() {
-                return Err(ConnError::Io("reply too long".into()));
+                return Err(ConnError::Io(REPLY_TOO_LONG.into()));
             }
             // A next hop that keeps the socket full (a reply of endless continuation lines)
             // makes reads ready one after another: once the core's time slice is up, its
@@ -567,25 +570,27 @@ impl Outbound {
             Ok(ClientEvent::NeedInput) => match self.session.take_noop_refusal() {
                 None => Ok(()),
                 // Replies pushed along put a reply left over in the NOOP's place, and its own
-                // 250 comes next; a server that does not take NOOP says nothing more.
-                Some(_) if self.reply_follows(NOOP_ECHO_WAIT).await => Err(out_of_step()),
-                Some(_) => Ok(()),
+                // 250 comes next; a server that does not take NOOP says nothing more (and
+                // keeps the connection: one that ends it there may have been out of step).
+                Some(_) if self.quiet_for_a_while(NOOP_ECHO_WAIT).await => Ok(()),
+                Some(_) => Err(out_of_step()),
             },
             Ok(ClientEvent::Failed(ClientError::Closing(_))) => Ok(()),
             Ok(ClientEvent::Failed(e)) => Err(ConnError::Smtp(e)),
             Ok(other) => Err(ConnError::Io(format!("unexpected {other:?} after NOOP"))),
-            // No answer to a NOOP in all that time: what the last reply answered is not
-            // known either.
-            Err(ConnError::Io(e)) if e == TIMED_OUT => Err(out_of_step()),
+            // No answer to a NOOP in all that time, or more than a reply: what the last
+            // reply answered is not known either.
+            Err(ConnError::Io(e)) if e == TIMED_OUT || e == REPLY_TOO_LONG => Err(out_of_step()),
             // The connection ended with nothing more read: no reply was left over.
             Err(_) => Ok(()),
         }
     }
 
-    /// Whether more comes from the next hop within `wait` (what is already read counts).
-    async fn reply_follows(&mut self, wait: Duration) -> bool {
+    /// Whether the next hop stays quiet, the connection open, for `wait` (what is already
+    /// read counts as speaking).
+    async fn quiet_for_a_while(&mut self, wait: Duration) -> bool {
         if self.start < self.end {
-            return true;
+            return false;
         }
         if self.end == self.buf.len() {
             (self.start, self.end) = (0, 0);
@@ -594,10 +599,17 @@ impl Outbound {
         match timed(wait, stream.read(room)).await {
             Ok(n) => {
                 self.end += n;
-                n > 0
+                false
             }
+            Err(ConnError::Io(e)) => e == TIMED_OUT,
             Err(_) => false,
         }
+    }
+
+    /// Whether the connection may take another transaction: not when a refusal of DATA was
+    /// settled by the connection ending there (see `ClientSession::is_closing`).
+    pub fn is_closing(&self) -> bool {
+        self.session.is_closing()
     }
 
     /// Starts counting the next hop's silence now (once commands are written: the time

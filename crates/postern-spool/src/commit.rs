@@ -56,12 +56,11 @@ impl Commits {
     }
 
     /// Records a batch's outcome and settles what can be settled in order.
-    pub(crate) fn done(&mut self, (after, upto): (u64, u64), ok: bool) {
+    pub(crate) fn done(&mut self, (_, upto): (u64, u64), ok: bool) {
         if !ok {
             // Not only this batch's range: an earlier batch still in flight syncs the same
             // files, and a sync error is reported to one fdatasync only, so that batch's
             // success, if it comes later, proves nothing (docs/durability.md, "Faults").
-            let _ = after;
             self.failed.push((self.settled, self.issued));
         }
         if let Some(slot) = self.in_flight.iter_mut().find(|(u, _)| *u == upto) {

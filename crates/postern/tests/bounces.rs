@@ -935,3 +935,91 @@ fn a_next_hop_that_refuses_noop_gets_its_mixed_transactions_once() {
         "sent once"
     );
 }
+
+/// A next hop (no extensions): its first connection refuses DATA with 554 and answers the
+/// RSET after it with 421, then says nothing more (a server waiting for QUIT); later
+/// connections take each message. Sends the Message-IDs it takes down the channel.
+fn next_hop_closing_after_a_refused_data() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().take(4).enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut line, mut refused, mut closing) = (String::new(), false, false);
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    let reply: String = if closing {
+                        String::new()
+                    } else if refused {
+                        closing = true;
+                        "421 4.3.2 hop.test closing\r\n".into()
+                    } else if line.starts_with("DATA") && n == 0 {
+                        refused = true;
+                        "554 5.7.1 not now\r\n".into()
+                    } else if line.starts_with("DATA") {
+                        let _ = stream.write_all(b"354 go\r\n");
+                        let mut body = String::new();
+                        loop {
+                            let mut l = String::new();
+                            if reader.read_line(&mut l).unwrap_or(0) == 0 || l == ".\r\n" {
+                                break;
+                            }
+                            body.push_str(&l);
+                        }
+                        let id = body.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                        let _ = tx.send(id.unwrap_or_default().to_owned());
+                        "250 2.0.0 stored\r\n".into()
+                    } else if line.starts_with("QUIT") {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        return;
+                    } else {
+                        "250 2.0.0 ok\r\n".into()
+                    };
+                    let _ = stream.write_all(reply.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_connection_closing_after_a_refused_data_takes_no_further_transaction() {
+    // The 421 to the RSET settles the refusal of DATA; the connection, which the next hop
+    // is closing, takes no further message (sent on it, the next would wait minutes for a
+    // reply that never comes).
+    let origin = Peer::start(&[]);
+    let (port, taken) = next_hop_closing_after_a_refused_data();
+    let dest = format!("dest.test=127.0.0.1:{port}");
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let server = Server::start(&["--route", &dest, "--route", &back, "--cores", "1"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<refused@t>",
+        "x\r\n",
+    );
+    let (_, text) = origin.first("the bounce");
+    assert!(text.contains("554 5.7.1 not now"), "{text}");
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<next@t>",
+        "y\r\n",
+    );
+    assert_eq!(
+        taken.recv_timeout(Duration::from_secs(10)).unwrap(),
+        "<next@t>"
+    );
+}

@@ -116,7 +116,7 @@ impl CoreRelay {
                     self.say_quit(conn).await;
                     break 'connect;
                 }
-                if used && conn.went_away_while_idle() {
+                if used && (conn.is_closing() || conn.went_away_while_idle()) {
                     // The next hop said something after the last transaction's replies (a
                     // reply too many) or closed: the next commands' replies could not be told
                     // from it. The jobs waiting go on a new connection, nothing charged.
