@@ -832,44 +832,13 @@ fn a_next_hop_that_refuses_helo_for_good_bounces_the_mail_at_once() {
     assert!(text.contains("550 5.7.1 go away"), "{text}");
 }
 
-/// A next hop (no extensions) that answers DATA with a 554 and closes the connection; counts
-/// the connections it takes.
-fn next_hop_dropping_at_data() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = count.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(20) {
-            let Ok(mut stream) = stream else { return };
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                if line.starts_with("DATA") {
-                    let _ = stream.write_all(b"554 5.7.1 not from you\r\n");
-                    break;
-                }
-                let _ = stream.write_all(b"250 hop.test\r\n");
-                line.clear();
-            }
-        }
-    });
-    (port, count)
-}
-
 #[test]
 fn a_refusal_of_data_followed_by_a_close_bounces_the_message() {
     // Exim's `drop` in its DATA ACL: a 554, then the connection closed, before the RSET that
     // would confirm the refusal was in step. The refusal stands; the message is not sent
     // again and again on new connections.
     let origin = Peer::start(&[]);
-    let (port, connections) = next_hop_dropping_at_data();
+    let (port, connections, _) = next_hop_refusing_data_once(true);
     let dest = format!("dest.test=127.0.0.1:{port}");
     let back = format!("origin.test=127.0.0.1:{}", origin.port);
     let server = Server::start(&["--route", &dest, "--route", &back, "--cores", "1"]);
@@ -936,17 +905,27 @@ fn a_next_hop_that_refuses_noop_gets_its_mixed_transactions_once() {
     );
 }
 
-/// A next hop (no extensions): its first connection refuses DATA with 554 and answers the
-/// RSET after it with 421, then says nothing more (a server waiting for QUIT); later
-/// connections take each message. Sends the Message-IDs it takes down the channel.
-fn next_hop_closing_after_a_refused_data() -> (u16, std::sync::mpsc::Receiver<String>) {
+/// A next hop (no extensions) whose first connection refuses DATA with 554, then closes
+/// (`close`) or answers the RSET after it with 421 and says nothing more (a server waiting
+/// for QUIT); later connections take each message. Returns its port, how many connections it
+/// took, and the Message-IDs it took.
+fn next_hop_refusing_data_once(
+    close: bool,
+) -> (
+    u16,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::mpsc::Receiver<String>,
+) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for (n, stream) in listener.incoming().take(4).enumerate() {
+        for (n, stream) in listener.incoming().take(20).enumerate() {
             let Ok(mut stream) = stream else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let tx = tx.clone();
             std::thread::spawn(move || {
                 stream
@@ -962,8 +941,12 @@ fn next_hop_closing_after_a_refused_data() -> (u16, std::sync::mpsc::Receiver<St
                         closing = true;
                         "421 4.3.2 hop.test closing\r\n".into()
                     } else if line.starts_with("DATA") && n == 0 {
+                        let _ = stream.write_all(b"554 5.7.1 not from you\r\n");
+                        if close {
+                            return;
+                        }
                         refused = true;
-                        "554 5.7.1 not now\r\n".into()
+                        String::new()
                     } else if line.starts_with("DATA") {
                         let _ = stream.write_all(b"354 go\r\n");
                         let mut body = String::new();
@@ -989,7 +972,7 @@ fn next_hop_closing_after_a_refused_data() -> (u16, std::sync::mpsc::Receiver<St
             });
         }
     });
-    (port, rx)
+    (port, count, rx)
 }
 
 #[test]
@@ -998,7 +981,7 @@ fn a_connection_closing_after_a_refused_data_takes_no_further_transaction() {
     // is closing, takes no further message (sent on it, the next would wait minutes for a
     // reply that never comes).
     let origin = Peer::start(&[]);
-    let (port, taken) = next_hop_closing_after_a_refused_data();
+    let (port, _, taken) = next_hop_refusing_data_once(false);
     let dest = format!("dest.test=127.0.0.1:{port}");
     let back = format!("origin.test=127.0.0.1:{}", origin.port);
     let server = Server::start(&["--route", &dest, "--route", &back, "--cores", "1"]);
@@ -1010,7 +993,7 @@ fn a_connection_closing_after_a_refused_data_takes_no_further_transaction() {
         "x\r\n",
     );
     let (_, text) = origin.first("the bounce");
-    assert!(text.contains("554 5.7.1 not now"), "{text}");
+    assert!(text.contains("554 5.7.1 not from you"), "{text}");
     send(
         &server,
         "a@origin.test",
