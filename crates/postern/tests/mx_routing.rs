@@ -193,23 +193,24 @@ fn busy_next_hop_gated(
 fn a_primary_mx_that_puts_mail_off_passes_it_to_the_next_mx_at_once() {
     use dns_server::{Rec, TestDns};
     // mx1 (preference 10) takes every session but answers 451 to every message; mx2
-    // (preference 20) takes mail. busy1 (10) says 421 to MAIL; busy2 (20) takes mail.
-    let mx2 = Peer::start_on("127.0.0.3", 0, &[]);
+    // (preference 20) takes mail. busy1 (10) says 421 to MAIL; busy2 (20) takes mail. Their
+    // addresses are this test's own: all on one port, they must not meet another test's.
+    let mx2 = Peer::start_on("127.0.0.23", 0, &[]);
     let port = mx2.port;
-    let mx1 = Peer::start_on("127.0.0.2", port, &["--tempfail-first", "1000"]);
-    let (_, busy_connections) = busy_next_hop("127.0.0.4", port);
-    let busy2 = Peer::start_on("127.0.0.5", port, &[]);
+    let mx1 = Peer::start_on("127.0.0.22", port, &["--tempfail-first", "1000"]);
+    let (_, busy_connections) = busy_next_hop("127.0.0.24", port);
+    let busy2 = Peer::start_on("127.0.0.25", port, &[]);
     let dns = TestDns::start(
         "test",
         &[
             ("tempfail.test.", Rec::Mx(10, "mx1.test.")),
             ("tempfail.test.", Rec::Mx(20, "mx2.test.")),
-            ("mx1.test.", Rec::A("127.0.0.2".parse().unwrap())),
-            ("mx2.test.", Rec::A("127.0.0.3".parse().unwrap())),
+            ("mx1.test.", Rec::A("127.0.0.22".parse().unwrap())),
+            ("mx2.test.", Rec::A("127.0.0.23".parse().unwrap())),
             ("busy.test.", Rec::Mx(10, "busy1.test.")),
             ("busy.test.", Rec::Mx(20, "busy2.test.")),
-            ("busy1.test.", Rec::A("127.0.0.4".parse().unwrap())),
-            ("busy2.test.", Rec::A("127.0.0.5".parse().unwrap())),
+            ("busy1.test.", Rec::A("127.0.0.24".parse().unwrap())),
+            ("busy2.test.", Rec::A("127.0.0.25".parse().unwrap())),
         ],
     );
     // Retries a minute apart: only a move to the next MX within the attempt delivers in time.
