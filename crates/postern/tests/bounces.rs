@@ -505,16 +505,7 @@ fn an_expired_recipient_keeps_its_next_hop_s_status_or_gets_4_4_7() {
         },
         Act::Say("250 2.0.0 stored\r\n"),
     );
-    let dest = format!("dest.test=127.0.0.1:{port}");
-    let back = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&[
-        "--route",
-        &dest,
-        "--route",
-        &back,
-        "--max-queue-lifetime",
-        "2s",
-    ]);
+    let server = routed_apart(port, origin.port, &["--max-queue-lifetime", "2s"]);
     let [busy, vague, full] = expiry_reports(
         &server,
         &origin,
@@ -816,9 +807,7 @@ fn a_next_hop_that_refuses_helo_for_good_bounces_the_mail_at_once() {
         },
         Act::Say("250 2.0.0 stored\r\n"),
     );
-    let dest = format!("dest.test=127.0.0.1:{port}");
-    let back = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&["--route", &dest, "--route", &back, "--retry-initial", "1h"]);
+    let server = routed_apart(port, origin.port, &["--retry-initial", "1h"]);
     send(
         &server,
         "a@origin.test",
@@ -839,9 +828,7 @@ fn a_refusal_of_data_followed_by_a_close_bounces_the_message() {
     // again and again on new connections.
     let origin = Peer::start(&[]);
     let (port, connections, _) = next_hop_refusing_data_once(true);
-    let dest = format!("dest.test=127.0.0.1:{port}");
-    let back = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&["--route", &dest, "--route", &back, "--cores", "1"]);
+    let server = routed_apart(port, origin.port, &["--cores", "1"]);
     send(
         &server,
         "a@origin.test",
@@ -881,11 +868,11 @@ fn a_next_hop_that_refuses_noop_gets_its_mixed_transactions_once() {
         },
         Act::Say("250 2.0.0 stored\r\n"),
     );
-    let dest = format!("dest.test=127.0.0.1:{port}");
-    let back = format!("origin.test=127.0.0.1:{}", origin.port);
-    let mut args = vec!["--route", &dest, "--route", &back, "--cores", "1"];
-    args.extend(FAST_RETRY);
-    let server = Server::start(&args);
+    let server = routed_apart(
+        port,
+        origin.port,
+        &[&["--cores", "1"][..], &FAST_RETRY].concat(),
+    );
     send(
         &server,
         "a@origin.test",
@@ -982,9 +969,7 @@ fn a_connection_closing_after_a_refused_data_takes_no_further_transaction() {
     // reply that never comes).
     let origin = Peer::start(&[]);
     let (port, _, taken) = next_hop_refusing_data_once(false);
-    let dest = format!("dest.test=127.0.0.1:{port}");
-    let back = format!("origin.test=127.0.0.1:{}", origin.port);
-    let server = Server::start(&["--route", &dest, "--route", &back, "--cores", "1"]);
+    let server = routed_apart(port, origin.port, &["--cores", "1"]);
     send(
         &server,
         "a@origin.test",

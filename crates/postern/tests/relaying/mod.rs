@@ -199,8 +199,14 @@ pub fn hello(server: &Server) -> (common::Client, Vec<String>) {
 /// A server that delivers mail for dest.test and origin.test (the senders' domain, where
 /// bounces go) to `peer`.
 pub fn routed_to(peer: &Peer, extra: &[&str]) -> Server {
-    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
-    let origin = format!("origin.test=127.0.0.1:{}", peer.port);
+    routed_apart(peer.port, peer.port, extra)
+}
+
+/// postern sending dest.test to the next hop on `dest`, and origin.test (the senders'
+/// domain, where reports go) to the one on `origin`, with the `extra` flags.
+pub fn routed_apart(dest: u16, origin: u16, extra: &[&str]) -> Server {
+    let dest = format!("dest.test=127.0.0.1:{dest}");
+    let origin = format!("origin.test=127.0.0.1:{origin}");
     let mut args = vec!["--route", dest.as_str(), "--route", origin.as_str()];
     args.extend_from_slice(extra);
     Server::start(&args)
