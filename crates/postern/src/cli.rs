@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use ipnet::IpNet;
 use postern_proto::address::canonical_domain;
@@ -159,14 +158,14 @@ struct Serve {
     metrics: Option<MetricsAddress>,
     /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF
     /// [default: off; =false turns off a value set in the environment].
-    #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES", value_parser = BoolishValueParser::new(),
+    #[arg(long, env = "POSTERN_REJECT_BARE_NEWLINES", value_parser = switch,
           action = ArgAction::Set, num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", hide_default_value = true)]
     reject_bare_newlines: bool,
     /// Keep accepted mail queued without delivering it; delivery resumes when postern runs
     /// without --hold [default: off; --hold=false turns off a POSTERN_HOLD set in the
     /// environment].
-    #[arg(long, env = "POSTERN_HOLD", value_parser = BoolishValueParser::new(),
+    #[arg(long, env = "POSTERN_HOLD", value_parser = switch,
           action = ArgAction::Set, num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", hide_default_value = true)]
     hold: bool,
@@ -303,6 +302,17 @@ fn queue_id_arg(s: &str) -> Result<String, String> {
     }
 }
 
+/// A switch's value (`--hold=yes`, `POSTERN_HOLD=" true"`): the spellings clap's boolish
+/// parser takes, without the blanks around them.
+fn switch(s: &str) -> Result<bool, String> {
+    let s = s.trim();
+    match s.to_ascii_lowercase().as_str() {
+        "y" | "yes" | "t" | "true" | "on" | "1" => Ok(true),
+        "n" | "no" | "f" | "false" | "off" | "0" => Ok(false),
+        _ => Err(format!("'{s}' is not a switch value (true or false)")),
+    }
+}
+
 fn trimmed<T>(s: &str) -> Result<T, String>
 where
     T: std::str::FromStr,
@@ -362,6 +372,13 @@ fn metrics_address(s: &str) -> Result<MetricsAddress, String> {
 fn network(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     match s.parse::<IpNet>() {
+        // `192.168.1.5/24` may mean the one host or its network: which, only the operator
+        // knows, and guessing wrong lets a network relay or locks one out.
+        Ok(net) if net.addr() != net.network() => Err(format!(
+            "'{s}' has host bits set: write the network as {} or the one address as {}",
+            net.trunc(),
+            net.addr()
+        )),
         Ok(net) => Ok(net),
         Err(e) => match s.parse::<std::net::IpAddr>() {
             Ok(addr) => Ok(IpNet::from(addr)),

@@ -41,6 +41,11 @@ fn wrong_flags_get_one_line_and_exit_2() {
         ("10.0.0.0/+8", "'+8' is not a prefix length"),
         ("10.0.0.0/256", "/256 is longer than an IPv4 address"),
         ("10.0.0.300/8", "'10.0.0.300' is not an IP address"),
+        (
+            "192.168.1.5/24",
+            "host bits set: write the network as 192.168.1.0/24 or the one address as 192.168.1.5",
+        ),
+        ("2001:db8::1/64", "network as 2001:db8::/64"),
     ] {
         refused(&["serve", "--relay-network", net], says);
     }
@@ -307,6 +312,15 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
     // Switches take the usual spellings of yes and no.
     let (_, err) = serve_with_env(&["--cores", "0"], "POSTERN_HOLD", "yes");
     assert!(err.contains("--cores") && !err.contains("--hold"), "{err}");
+    // With the blanks a file of variables may leave around them.
+    let (_, err) = serve_with_env(&["--cores", "0"], "POSTERN_HOLD", " true ");
+    assert!(err.contains("--cores") && !err.contains("--hold"), "{err}");
+    let (code, err) = serve_with_env(&[], "POSTERN_HOLD", "maybe");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--hold") && err.contains("'maybe' is not a switch value"),
+        "{err}"
+    );
     // A value refused after parsing names its variable too.
     let (code, err) = serve_with_env(&[], "POSTERN_MAX_MESSAGE_SIZE", "0");
     assert_eq!(code, Some(2), "{err}");
