@@ -11,7 +11,7 @@ use crate::error::SpoolError;
 use crate::format::{read_record, record_len, Cursor, Kind, Read, HEADER, RECORD_HEADER};
 use crate::map::ReadMap;
 use crate::meta::{MessageMeta, Status};
-use crate::segment::{header, parse_name, sealed_end, Header};
+use crate::segment::{header, marked_end, parse_name, sealed_end, Header};
 
 /// A message found whole.
 #[derive(Debug)]
@@ -141,6 +141,7 @@ pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
         Header::Valid { salt, size } => {
             !cut_short(data.len(), size)
                 && sealed_end(data, salt).is_none_or(|end| end <= HEADER)
+                && marked_end(data, salt).is_none_or(|end| end <= HEADER)
                 && data
                     .get(HEADER..)
                     .is_some_and(|rest| matches!(read_record(rest, salt), Read::End))
@@ -300,6 +301,12 @@ impl Scan<'_> {
         // where the seal says, so a zero length word before that is damage (zeros over a
         // length word, a lost write), not the end of what was written.
         let sealed = sealed_end(data, salt).filter(|&end| end <= data.len());
+        // A segment still being written has a mark instead: its records were durable up to
+        // there, so before it a crash leaves nothing to read as a torn tail or an end.
+        let marked = sealed
+            .is_none()
+            .then(|| marked_end(data, salt).filter(|&end| end <= data.len()))
+            .flatten();
         let mut pos = HEADER;
         let mut last_corrupt = None;
         let mut overrun = false;
@@ -315,6 +322,13 @@ impl Scan<'_> {
                             self.corrupt(at);
                         }
                         if pos != end {
+                            self.corrupt(pos);
+                        }
+                    } else if let Some(mark) = marked {
+                        if let Some(at) = last_corrupt.take_if(|at| *at < mark) {
+                            self.corrupt(at);
+                        }
+                        if pos < mark {
                             self.corrupt(pos);
                         }
                     }

@@ -234,34 +234,66 @@ pub(crate) fn header(data: &[u8]) -> Header {
 /// the end offset (u64) at 36, and at 44 a CRC of it under the segment's salt, so that damage
 /// there is not believed. Zeros (no seal) in segments still being written, in those that a
 /// crash or a failed sync left, and in those of earlier versions.
-const SEAL_AT: usize = 36;
+///
+/// The segment being written keeps a *mark* in the same place (a CRC under another tag):
+/// where its records were known durable, at most about a second behind (see
+/// [`mark_bytes`]). A seal, once written, replaces it.
+pub(crate) const SEAL_AT: usize = 36;
 const SEAL_LEN: usize = 12;
 
-pub(crate) fn seal_crc(salt: u32, end: u64) -> u32 {
+/// The CRC of an end offset in the seal's place, under the segment's salt and a tag that
+/// tells a seal from a mark.
+fn end_crc(salt: u32, tag: &[u8; 4], end: u64) -> u32 {
     let mut bytes = [0u8; 16];
     bytes[..4].copy_from_slice(&salt.to_le_bytes());
-    bytes[4..8].copy_from_slice(b"seal");
+    bytes[4..8].copy_from_slice(tag);
     bytes[8..].copy_from_slice(&end.to_le_bytes());
     crc32c::crc32c(&bytes)
+}
+
+pub(crate) fn seal_crc(salt: u32, end: u64) -> u32 {
+    end_crc(salt, b"seal", end)
+}
+
+fn end_bytes(salt: u32, tag: &[u8; 4], end: u64) -> [u8; SEAL_LEN] {
+    let mut bytes = [0u8; SEAL_LEN];
+    bytes[..8].copy_from_slice(&end.to_le_bytes());
+    bytes[8..].copy_from_slice(&end_crc(salt, tag, end).to_le_bytes());
+    bytes
 }
 
 /// Seals a full segment: its records end at `end`, and all of them are durable. Recovery
 /// then knows that a zero length word before `end` is damage, not the end of the data.
 pub(crate) fn write_seal(file: &File, salt: u32, end: u64) -> io::Result<()> {
-    let mut seal = [0u8; SEAL_LEN];
-    seal[..8].copy_from_slice(&end.to_le_bytes());
-    seal[8..].copy_from_slice(&seal_crc(salt, end).to_le_bytes());
-    pwrite_all(file, &seal, SEAL_AT as u64)
+    pwrite_all(file, &end_bytes(salt, b"seal", end), SEAL_AT as u64)
+}
+
+/// The mark of a segment still being written, for its place at [`SEAL_AT`]: every record
+/// before `end` was durable when it was written. Recovery then knows that a zero length word
+/// before `end` is damage, not what a crash leaves at the end of the data: a crash loses only
+/// what was written after the last sync, and the mark never claims that.
+pub(crate) fn mark_bytes(salt: u32, end: u64) -> [u8; SEAL_LEN] {
+    end_bytes(salt, b"mark", end)
+}
+
+/// The end in the seal's place under `tag`, when its CRC holds.
+fn end_in_header(data: &[u8], salt: u32, tag: &[u8; 4]) -> Option<usize> {
+    let seal = data.get(SEAL_AT..SEAL_AT + SEAL_LEN)?;
+    let end = u64::from_le_bytes(seal[..8].try_into().ok()?);
+    let crc = u32::from_le_bytes(seal[8..].try_into().ok()?);
+    (end != 0 && crc == end_crc(salt, tag, end))
+        .then(|| usize::try_from(end).ok())
+        .flatten()
 }
 
 /// The end of the records a sealed segment holds, from its header (see [`write_seal`]).
 pub(crate) fn sealed_end(data: &[u8], salt: u32) -> Option<usize> {
-    let seal = data.get(SEAL_AT..SEAL_AT + SEAL_LEN)?;
-    let end = u64::from_le_bytes(seal[..8].try_into().ok()?);
-    let crc = u32::from_le_bytes(seal[8..].try_into().ok()?);
-    (end != 0 && crc == seal_crc(salt, end))
-        .then(|| usize::try_from(end).ok())
-        .flatten()
+    end_in_header(data, salt, b"seal")
+}
+
+/// How far an unsealed segment's records were durable, from its header (see [`mark_bytes`]).
+pub(crate) fn marked_end(data: &[u8], salt: u32) -> Option<usize> {
+    end_in_header(data, salt, b"mark")
 }
 
 /// Writes `size` bytes of zeros from the start of `file`.

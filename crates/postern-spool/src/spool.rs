@@ -4,7 +4,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::body::{MessageRef, Piece};
 use crate::commit::{Commits, Ticket, TicketState};
@@ -15,8 +15,8 @@ use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
 use crate::segment::{
-    file_name, header, is_regular_file, is_temp_name, parse_name, pwrite_all, sync_dir, write_seal,
-    Header, Segment,
+    file_name, header, is_regular_file, is_temp_name, mark_bytes, parse_name, pwrite_all, sync_dir,
+    write_seal, Header, Segment, SEAL_AT,
 };
 use crate::spare::{PreparedSegment, SpareJob};
 
@@ -161,6 +161,56 @@ pub struct Spool {
     in_flight_seq: u64,
     /// Full segments to seal once the ticket issued when they filled is durable.
     to_seal: Vec<Seal>,
+    /// The current segment's mark of how far its records are durable.
+    mark: Mark,
+}
+
+/// How often the segment being written has its header's mark moved on (docs/durability.md,
+/// "Recovery rule"): once a second costs one more small write per second to a page the next
+/// group commit syncs anyway.
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+/// The mark ([`mark_bytes`]) of the segment being written: where its records are known
+/// durable, and where its header says they are.
+#[derive(Debug)]
+struct Mark {
+    /// A batch's last ticket, and where the current segment's records ended when the batch
+    /// was taken: durable with that ticket.
+    waiting: Option<(Ticket, u64, usize)>,
+    /// The segment and end that a durable ticket covers.
+    durable: (u64, usize),
+    /// The segment and end its header was last given, and when.
+    written: (u64, usize),
+    written_at: Instant,
+    every: Duration,
+}
+
+impl Mark {
+    fn new() -> Mark {
+        Mark {
+            waiting: None,
+            durable: (0, 0),
+            written: (0, 0),
+            written_at: Instant::now(),
+            every: MARK_EVERY,
+        }
+    }
+
+    /// The end to write into segment `seq`'s header now, if it is time and there is more to
+    /// claim than the header says.
+    fn due(&mut self, seq: u64) -> Option<usize> {
+        let (durable_seq, end) = self.durable;
+        if durable_seq != seq || self.written == self.durable || end <= HEADER {
+            return None;
+        }
+        let now = Instant::now();
+        if now.duration_since(self.written_at) < self.every {
+            return None;
+        }
+        self.written = self.durable;
+        self.written_at = now;
+        Some(end)
+    }
 }
 
 /// A full segment waiting for its seal ([`write_seal`]).
@@ -265,6 +315,7 @@ impl Spool {
             in_flight: Vec::new(),
             in_flight_seq: 0,
             to_seal: Vec::new(),
+            mark: Mark::new(),
         };
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
         // damaged one to set aside on a full disk) stays where it is, in the index, for the
@@ -707,11 +758,33 @@ impl Spool {
             self.in_flight_seq = seg.seq;
         }
         self.in_flight.clone_from(&writes);
+        let mut files = std::mem::take(&mut self.dirty);
+        if let Some(seg) = self.seg.as_ref() {
+            // This batch makes the records before the current end durable; an earlier one's
+            // may let the header say so now (with this batch's sync). One claim waits at a
+            // time.
+            if self.mark.waiting.is_none() {
+                self.mark.waiting = Some((Ticket(range.1), seg.seq, seg.end()));
+            }
+            if let Some(end) = self.mark.due(seg.seq) {
+                let bytes = mark_bytes(seg.salt, end as u64).to_vec();
+                writes.push((seg.file.clone(), SEAL_AT as u64, Arc::new(bytes)));
+                if !files.iter().any(|f| Arc::ptr_eq(f, &seg.file)) {
+                    files.push(seg.file.clone());
+                }
+            }
+        }
         Some(SyncBatch {
-            files: std::mem::take(&mut self.dirty),
+            files,
             writes,
             range,
         })
+    }
+
+    /// How often the segment being written has its mark moved on (default: a second; tests
+    /// set zero to have every batch write it).
+    pub fn set_mark_interval(&mut self, every: Duration) {
+        self.mark.every = every;
     }
 
     /// Records the outcome of a batch from [`Spool::take_sync`]. After a failure every ticket
@@ -724,6 +797,16 @@ impl Spool {
         if !ok {
             self.poisoned_below = self.next_draft;
             self.retire_current();
+        }
+        if let Some((ticket, seq, end)) = self.mark.waiting {
+            match self.commits.state(ticket) {
+                TicketState::Pending => {}
+                TicketState::Durable => {
+                    self.mark.durable = (seq, end);
+                    self.mark.waiting = None;
+                }
+                TicketState::Failed => self.mark.waiting = None,
+            }
         }
         self.seal_durable();
     }

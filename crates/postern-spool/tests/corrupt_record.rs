@@ -468,6 +468,116 @@ fn zeros_in_the_segment_being_written_are_its_end() {
     assert!(r.messages.len() < 12);
 }
 
+/// Where the START records of a segment's messages are (kind 1).
+fn message_starts(data: &[u8]) -> Vec<usize> {
+    record_offsets(data)
+        .into_iter()
+        .filter(|&at| data[at + 8] == 1)
+        .collect()
+}
+
+/// Four messages synced one by one into one segment, its mark moved on at every batch, the
+/// spool closed; returns the segment's path and the queue IDs.
+fn four_marked_messages(root: &std::path::Path) -> (std::path::PathBuf, Vec<String>) {
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
+    spool.set_mark_interval(std::time::Duration::ZERO);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 5000)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        spool.finish(d).unwrap();
+        spool.sync_now().unwrap();
+    }
+    drop(spool);
+    let segs = segment_files(root);
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    (segs[0].clone(), ids)
+}
+
+#[test]
+fn zeros_before_the_mark_of_the_segment_being_written_are_damage_reported_and_kept() {
+    // The segment in use has no seal, but its header marks how far its records were durable
+    // (here: to the end of the third message, written with the fourth's batch). Zeros over a
+    // length word before that are damage, not what a crash leaves.
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, ids) = four_marked_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let starts = message_starts(&data);
+    assert_eq!(starts.len(), 4, "{starts:?}");
+    data[starts[1]..starts[1] + 4].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 1, "the zeros end the scan");
+    assert_eq!(r.torn_tails, 0);
+    assert!(
+        r.corrupt_at.iter().any(|c| c.offset == starts[1] as u64),
+        "{:?}",
+        r.corrupt_at
+    );
+    drop(r);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let _ = spool.mark_final(&ids[0]);
+    assert!(!seg.exists());
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+#[test]
+fn a_bad_record_before_the_mark_is_damage_and_one_past_it_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, _) = four_marked_messages(dir.path());
+    let clean = std::fs::read(&seg).unwrap();
+    let starts = message_starts(&clean);
+    let records = record_offsets(&clean);
+    // The last record of the third message, its CRC broken, with zeros after it: before the
+    // mark, so damage.
+    let third_end = records[records.iter().position(|&r| r == starts[3]).unwrap() - 1];
+    let mut data = clean.clone();
+    data[third_end + 12] ^= 0x01;
+    data[starts[3]..].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.torn_tails, 0, "{:?}", r.corrupt_at);
+    assert!(r.corrupt_at.iter().any(|c| c.offset == third_end as u64));
+    // The fourth message's records are past the mark: zeros over its START, or its last
+    // record cut off, are what a crash leaves there.
+    let mut data = clean.clone();
+    data[starts[3]..starts[3] + 4].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.messages.len(), r.corrupt_records), (3, 0));
+    let last = *records.last().unwrap();
+    let mut data = clean;
+    data[last + 12] ^= 0x01;
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(
+        (r.messages.len(), r.corrupt_records, r.torn_tails),
+        (3, 0, 1)
+    );
+}
+
+#[test]
+fn a_marked_segment_whose_first_record_is_zeroed_is_not_taken_for_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, ids) = four_marked_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    data[64..68].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert!(
+        r.corrupt_at.iter().any(|c| c.offset == 64),
+        "{:?}",
+        r.corrupt_at
+    );
+    drop(r);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for id in &ids {
+        let _ = spool.mark_final(id);
+    }
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
 /// A directory (or anything not a regular file) with a segment's name holds no records: it
 /// is reported and left alone, the real segments are read, and new segments take other names.
 #[test]
