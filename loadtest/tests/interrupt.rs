@@ -93,3 +93,44 @@ fn an_interrupt_ends_the_wait_for_the_next_message_due() {
     assert_eq!(report["messages_not_started"], 0, "{report}");
     assert_eq!(sink.stop().get("messages_total"), 1);
 }
+
+#[test]
+fn a_run_against_a_port_where_nothing_listens_stops_and_says_so() {
+    // A port that was free a moment ago: nothing listens there now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let out = common::send(&[
+        "--target",
+        &target,
+        "--duration",
+        "120s",
+        "--connections",
+        "4",
+        "--quiet",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the run went on against nothing"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "no connection to {target} opened in 3 s (connection refused)"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("note:     no connection opened"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("stopped early by a signal"), "{stdout}");
+}

@@ -163,6 +163,7 @@ pub async fn run(core: Rc<Core>) {
             Ok(c) => c,
             Err(Failure(kind)) => {
                 core.fail(kind);
+                core.run.give_up_unless_opened(kind);
                 // Do not spin against a server that refuses connections.
                 glommio::timer::sleep(Duration::from_millis(20)).await;
                 next = core.run.plan.claim();
@@ -397,6 +398,7 @@ async fn open(core: &Core) -> Result<Client, Failure> {
         first_write: None,
     };
     greet(&mut client).await?;
+    run.opened.store(true, std::sync::atomic::Ordering::Relaxed);
     let banner_at = client.first_write.unwrap_or(started);
     core.with_stats(|s| {
         s.connections += 1;

@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,6 +27,35 @@ pub struct Run {
     pub sizes: Mix<u64>,
     /// TLS client, when `--starttls`.
     pub tls: Option<futures_rustls::TlsConnector>,
+    /// A connection has opened (been greeted) during the run.
+    pub opened: AtomicBool,
+    /// The run was ended because no connection opened within [`NO_SERVER_WAIT`].
+    pub gave_up: AtomicBool,
+}
+
+/// How long connects may all fail, none ever opening, before the run ends: nothing is
+/// listening (or nothing answers), and sending the rest of the plan there proves nothing.
+pub const NO_SERVER_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Run {
+    /// After a failed connect: ends the run when no connection has opened in
+    /// [`NO_SERVER_WAIT`]. Says so once, on stderr; true when it did.
+    pub fn give_up_unless_opened(&self, kind: &str) -> bool {
+        if self.opened.load(Ordering::Relaxed) || self.plan.start().elapsed() < NO_SERVER_WAIT {
+            return false;
+        }
+        if self.gave_up.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.plan.stop_flag().store(true, Ordering::Relaxed);
+        eprintln!(
+            "postern-load: no connection to {} opened in {} s ({}): stopping the run",
+            self.addr,
+            NO_SERVER_WAIT.as_secs(),
+            kind.replace('_', " ")
+        );
+        true
+    }
 }
 
 /// One executor's state.

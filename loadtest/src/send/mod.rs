@@ -129,6 +129,8 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         addr,
         tls,
         args: args.clone(),
+        opened: Default::default(),
+        gave_up: Default::default(),
     });
     // SIGINT or SIGTERM ends the run early: no new messages, those in flight finish, and the
     // report is printed. A second one ends the process at once.
@@ -181,7 +183,8 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         &total,
         run.plan.due(),
         run.plan.claimed(),
-        run.plan.stopped(),
+        run.plan.stopped() && !run.gave_up.load(std::sync::atomic::Ordering::Relaxed),
+        run.gave_up.load(std::sync::atomic::Ordering::Relaxed),
     );
     // The files first: a report that cannot be printed (stdout a closed pipe, a full disk)
     // must not cost them, nor end the program in a panic.

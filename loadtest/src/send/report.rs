@@ -81,6 +81,9 @@ pub struct Report {
     pub settings: Settings,
     /// The run was ended early by SIGINT or SIGTERM: the figures cover it until then.
     pub interrupted: bool,
+    /// The run was ended because no connection opened in its first seconds (nothing listens
+    /// at the target, or nothing answers there).
+    pub no_server: bool,
     /// With `--rate` and `--duration`, or an interrupted `--rate` run: messages that came due
     /// during the run (until the interrupt).
     pub messages_due: Option<u64>,
@@ -128,8 +131,9 @@ impl Report {
         due: Option<u64>,
         started: u64,
         interrupted: bool,
+        no_server: bool,
     ) -> Self {
-        let offered = if interrupted {
+        let offered = if interrupted || no_server {
             0.0
         } else {
             settings.duration_s.unwrap_or(0.0)
@@ -138,6 +142,7 @@ impl Report {
         Self {
             settings,
             interrupted,
+            no_server,
             messages_due: due,
             messages_not_started: due.map(|d| d.saturating_sub(started)),
             messages_sent: stats.sent,
@@ -192,6 +197,13 @@ impl Report {
             let _ = writeln!(
                 t,
                 "note:     stopped early by a signal: the figures cover the run until then"
+            );
+        }
+        if self.no_server {
+            let _ = writeln!(
+                t,
+                "note:     no connection opened in {} s: the run stopped; is the server up?",
+                crate::send::core::NO_SERVER_WAIT.as_secs()
             );
         }
         if self.connections_without_pipelining > 0 {
