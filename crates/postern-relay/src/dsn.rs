@@ -712,7 +712,8 @@ pub const NOT_TRIED: &str = "not tried, delivery to the next hop suspended after
 
 /// The SMTP reply that `text` is, or that it ends with after a `": "`.
 fn smtp_reply_in(text: &str) -> Option<&str> {
-    if text.starts_with(NOT_TRIED) {
+    // Also behind other words (an expiry's "last error: ").
+    if text.contains(NOT_TRIED) {
         return None;
     }
     if is_smtp_reply(text) {

@@ -843,6 +843,23 @@ fn a_recipient_never_sent_does_not_report_another_sessions_reply_as_its_own() {
         "{diagnostic}"
     );
     assert_eq!(value(&first[1], "Remote-MTA"), None);
+    // So when it expired that way: the account is behind the expiry's words.
+    let expired = format!("delivery time expired; last error: {text}");
+    let mut recipients = vec![recipient(
+        "bob@example.net",
+        Action::Failed,
+        "4.3.2",
+        &expired,
+    )];
+    recipients[0].remote_mta = None;
+    let bytes = dsn::build(&report(&recipients, ORIGINAL));
+    let status = delivery_status(&parse(&bytes));
+    let expired_blocks = blocks(&status);
+    let diagnostic = value(&expired_blocks[1], "Diagnostic-Code").unwrap();
+    assert!(
+        diagnostic.starts_with("X-Postern; delivery time expired"),
+        "{diagnostic}"
+    );
     // A reply of its own is still written as one.
     let recipients = failures();
     let bytes = dsn::build(&report(&recipients, ORIGINAL));
