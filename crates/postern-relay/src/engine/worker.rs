@@ -49,7 +49,6 @@ impl CoreRelay {
                 .iter()
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
-            let failures_before = dq.broken_in_a_row.get();
             let (mut conn, fallback_until) = match self.open(&dq, &tried).await {
                 Ok(Opened {
                     conn: c,
@@ -94,7 +93,7 @@ impl CoreRelay {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
                     }
-                    self.unopened(&dq, failures_before, unopened);
+                    self.unopened(&dq, unopened);
                     break;
                 }
             };
@@ -235,9 +234,9 @@ impl CoreRelay {
 
     /// No connection could be made to `dq`'s next hop: the jobs waiting for it wait again (or
     /// fail, when the failure is for good), and the next hop is paused when connections keep
-    /// failing. `failures_before` is its count of failed connections before this attempt.
-    fn unopened(&self, dq: &DestQueue, failures_before: u32, unopened: Unopened) {
-        let (text, permanent, remote, deferred, _) = unopened;
+    /// failing.
+    fn unopened(&self, dq: &DestQueue, unopened: Unopened) {
+        let (text, permanent, remote, deferred, failed) = unopened;
         // The next hop is unreachable (everything waiting for it waits again) or
         // does not exist (everything waiting for it fails).
         let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
@@ -263,7 +262,9 @@ impl CoreRelay {
         // With more addresses one attempt has failed on two or more already. A
         // name that could not be resolved (no address tried) pauses at once:
         // every job would ask the resolver again.
-        let no_address_tried = dq.broken_in_a_row.get() == failures_before;
+        // (Counted by this attempt: the next hop's count of failures in a row may have been
+        // reset meanwhile by another connection's transaction.)
+        let no_address_tried = failed == 0;
         if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
             dq.down_until.set(now_ms() + self.pause_ms());
             *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), remote.clone()));
