@@ -118,7 +118,8 @@ const SEGMENT_SIZE: usize = 16 * 1024;
 /// Input: a salt seed (4 bytes), then operations, each a tag byte and its arguments, by
 /// `tag % 8`: `0` raw damage (a length byte, that many bytes as they are), `1` the next
 /// segment (read as a `7` once there are [`MAX_SEGMENTS`]), `2` a
-/// file cut short (a byte: where), `3` a seal on the segment being written, and otherwise a
+/// file cut short (a byte: where), `3` a seal on the segment being written (or, with bit 5
+/// set, a mark of how far its records are durable, where they end now), and otherwise a
 /// record for draft `tag >> 5`: START (4), BODY (5), END (6), STATUS or
 /// ABORT (7, by the next byte); the bytes after give each its fields.
 fn build(data: &[u8], dir: &Path) -> Written {
@@ -157,6 +158,8 @@ fn build(data: &[u8], dir: &Path) -> Written {
                 seg.cut = Some(usize::from(next().unwrap_or(0)) * 64);
                 w.clean = false;
             }
+            // A mark of how far the records are durable, where the writing is now.
+            3 if tag & 0x20 != 0 => seg.mark = Some(seg.at),
             3 => seg.sealed = true,
             4 => {
                 let queue_id = format!("Q{seq}x{draft}x{}", seg.at);
@@ -263,6 +266,7 @@ struct Seg {
     bytes: Vec<u8>,
     at: usize,
     sealed: bool,
+    mark: Option<usize>,
     cut: Option<usize>,
     /// A write did not fit and was left out.
     full: bool,
@@ -281,6 +285,7 @@ impl Seg {
             bytes,
             at: HEADER,
             sealed: false,
+            mark: None,
             cut: None,
             full: false,
         }
@@ -309,6 +314,8 @@ impl Seg {
                 &crate::segment::seal_crc(self.salt, self.at as u64).to_le_bytes(),
             );
             self.bytes[36..48].copy_from_slice(&seal);
+        } else if let Some(end) = self.mark {
+            self.bytes[36..48].copy_from_slice(&crate::segment::mark_bytes(self.salt, end as u64));
         }
         let len = self
             .cut
