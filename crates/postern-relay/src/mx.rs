@@ -31,8 +31,9 @@
 //!   so IPv4 is tried first.
 //! * **Equal preferences.** MX hosts of equal preference are shuffled on every lookup (RFC 5321
 //!   section 5.1 asks for randomisation to spread load); a host named by several MX records
-//!   keeps its best preference only. At most [`MAX_MX_HOSTS`] hosts are resolved, counted
-//!   after this server (by its name) and the hosts not preferred to it are taken out.
+//!   keeps its best preference only. The best [`MAX_MX_HOSTS`] hosts are resolved (counted
+//!   after this server, by its name, and the hosts not preferred to it are taken out); the
+//!   next ones only when none of those has an address, up to 64 in all.
 //! * **A backup MX without a primary.** When this server is an MX host of the domain and no
 //!   more preferred host has an address (its lookup failed, for now or for good), the mail
 //!   waits ([`MxError::NoPrimary`], 4.4.4) rather than bouncing: the primary's DNS may be
@@ -57,9 +58,13 @@ use postern_proto::Host;
 use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, oneshot};
 
-/// The most MX hosts whose addresses one lookup resolves (the best ones after sorting); a domain
-/// publishing more gets the rest ignored rather than costing a query each.
+/// The most MX hosts whose addresses one lookup resolves at once (the best ones after
+/// sorting). Only when none of them has an address are the next ones resolved, up to
+/// [`MX_HOST_ROUNDS`] times as many in all; a domain publishing more gets the rest ignored
+/// rather than costing a query each.
 pub const MAX_MX_HOSTS: usize = 16;
+/// How many rounds of [`MAX_MX_HOSTS`] lookups one MX lookup may take.
+pub const MX_HOST_ROUNDS: usize = 4;
 
 /// How long one DNS query waits for an answer before it is sent again, for
 /// [`Resolver::with_server`].
@@ -105,6 +110,10 @@ pub enum MxError {
     /// The domain exists but has no MX and no A/AAAA records. Permanent, 5.1.2.
     #[error("the domain has no mail host with an address")]
     NoMailHost,
+    /// An address literal that no host can have as its own (unspecified, multicast,
+    /// broadcast): a connection to `0.0.0.0` would even reach this machine. Permanent, 5.1.2.
+    #[error("{0} is not a host's address")]
+    NotHostAddress(IpAddr),
     /// The domain's MX hosts are all NXDOMAIN or without address records. Permanent, 5.4.4
     /// (unable to route).
     #[error("the domain's MX hosts have no address")]
@@ -134,7 +143,7 @@ impl MxError {
     pub fn enhanced(&self) -> &'static str {
         match self {
             MxError::NullMx => "5.1.10",
-            MxError::NoSuchDomain | MxError::NoMailHost => "5.1.2",
+            MxError::NoSuchDomain | MxError::NoMailHost | MxError::NotHostAddress(_) => "5.1.2",
             MxError::NoMxAddress => "5.4.4",
             MxError::LoopsToSelf(_) => "5.4.6",
             MxError::Temporary(_) => "4.4.3",
@@ -166,7 +175,9 @@ impl Myself<'_> {
             return true;
         }
         let at_port = || self.listen.iter().filter(|l| l.port() == self.port);
-        if hop.addrs.iter().any(|ip| at_port().any(|l| l.ip() == *ip)) {
+        // An IPv4 address written as IPv6 (`::ffff:192.0.2.1`) reaches the IPv4 socket.
+        let ours = |ip: &IpAddr, l: &SocketAddr| l.ip().to_canonical() == ip.to_canonical();
+        if hop.addrs.iter().any(|ip| at_port().any(|l| ours(ip, l))) {
             return true;
         }
         let wildcard_v4 = at_port().any(|l| l.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED));
@@ -176,6 +187,7 @@ impl Myself<'_> {
         }
         let mine = local();
         hop.addrs.iter().any(|ip| {
+            let ip = &ip.to_canonical();
             // A socket on [::] also takes IPv4 unless it is IPv6-only: counted as ours.
             let family = match ip {
                 IpAddr::V4(_) => wildcard_v4 || wildcard_v6,
@@ -424,10 +436,25 @@ fn domain_literal(domain: &str) -> Option<Result<IpAddr, MxError>> {
         return None;
     }
     Some(match postern_proto::address::parse_host(domain) {
-        Ok(Host::Ipv4(a)) => Ok(IpAddr::V4(a)),
-        Ok(Host::Ipv6(a)) => Ok(IpAddr::V6(a)),
+        Ok(Host::Ipv4(a)) => host_address(IpAddr::V4(a)),
+        Ok(Host::Ipv6(a)) => host_address(IpAddr::V6(a)),
         Ok(Host::Domain(_)) | Err(_) => Err(MxError::NoSuchDomain),
     })
+}
+
+/// `ip` when a host can have it as its own: not the unspecified address (`0.0.0.0`, `::`,
+/// which a connection takes for this machine), nor a multicast or broadcast address (RFC
+/// 1122 3.2.1.3, RFC 4291 2.5.2), also when written as IPv4-mapped IPv6.
+fn host_address(ip: IpAddr) -> Result<IpAddr, MxError> {
+    let canonical = ip.to_canonical();
+    let unusable = canonical.is_unspecified()
+        || canonical.is_multicast()
+        || canonical == IpAddr::V4(Ipv4Addr::BROADCAST);
+    if unusable {
+        Err(MxError::NotHostAddress(ip))
+    } else {
+        Ok(ip)
+    }
 }
 
 /// Runs one job on the resolver thread; gives up when the caller stops waiting.
@@ -521,9 +548,37 @@ async fn lookup(
         Some(own) => drop_own_name(hosts, own)?,
         None => (hosts, None),
     };
-    hosts.truncate(MAX_MX_HOSTS);
+    hosts.truncate(MAX_MX_HOSTS * MX_HOST_ROUNDS);
 
-    // The hosts are resolved at once; the set aborts them if this lookup is abandoned.
+    // The best MAX_MX_HOSTS hosts are resolved at once (the set aborts them if this lookup is
+    // abandoned); only when none of them has an address, the next ones.
+    let mut hops = Vec::new();
+    let mut temporary = None;
+    let mut hosts = hosts.into_iter().peekable();
+    while hops.is_empty() && hosts.peek().is_some() {
+        let round: Vec<(u16, Name)> = hosts.by_ref().take(MAX_MX_HOSTS).collect();
+        resolve_hosts(resolver, domain, round, &mut hops, &mut temporary).await?;
+    }
+    if !hops.is_empty() {
+        return Ok(MxHops { hops, best });
+    }
+    Err(match (own, temporary) {
+        // A backup MX whose primaries have no address keeps the mail for them.
+        (Some(own), _) => MxError::NoPrimary(own),
+        (None, Some(why)) => MxError::Temporary(why),
+        (None, None) => MxError::NoMxAddress,
+    })
+}
+
+/// Resolves `hosts` (MX hosts of `domain`, in order) at once, adding those with addresses to
+/// `hops`, and the first temporary failure to `temporary`.
+async fn resolve_hosts(
+    resolver: &TokioResolver,
+    domain: &str,
+    hosts: Vec<(u16, Name)>,
+    hops: &mut Vec<NextHop>,
+    temporary: &mut Option<String>,
+) -> Result<(), MxError> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (preference, exchange)) in hosts.into_iter().enumerate() {
         let resolver = resolver.clone();
@@ -538,8 +593,6 @@ async fn lookup(
     }
     resolved.sort_by_key(|(index, ..)| *index);
 
-    let mut hops = Vec::new();
-    let mut temporary = None;
     for (_, preference, exchange, addrs) in resolved {
         let host = host_text(&exchange);
         match addrs {
@@ -557,15 +610,7 @@ async fn lookup(
             }
         }
     }
-    if !hops.is_empty() {
-        return Ok(MxHops { hops, best });
-    }
-    Err(match (own, temporary) {
-        // A backup MX whose primaries have no address keeps the mail for them.
-        (Some(own), _) => MxError::NoPrimary(own),
-        (None, Some(why)) => MxError::Temporary(why),
-        (None, None) => MxError::NoMxAddress,
-    })
+    Ok(())
 }
 
 /// The addresses of a configured host, for [`Resolver::host_next_hops`].
@@ -683,6 +728,8 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
     for found in [v4, v6] {
         match found {
             Found::Records(mut records) => {
+                // An address no host can have (a parked domain's `0.0.0.0`) is no address.
+                records.retain(|ip| host_address(*ip).is_ok());
                 records.shuffle(&mut rand::rng());
                 addrs.append(&mut records);
             }
@@ -867,6 +914,33 @@ mod tests {
             me.drop_from(found(hops), Vec::new),
             Err(MxError::LoopsToSelf(_))
         ));
+    }
+
+    #[test]
+    fn an_ipv4_address_of_ours_written_as_ipv6_is_this_server() {
+        // `::ffff:127.0.0.50` reaches the socket on 127.0.0.50: the mail would loop.
+        let listen = [addr("127.0.0.50:25")];
+        let me = myself(&listen);
+        let hops = vec![
+            hop("mapped.example.org", 10, "::ffff:127.0.0.50"),
+            hop("backup.example.org", 20, "192.0.2.9"),
+        ];
+        assert!(matches!(
+            me.drop_from(found(hops), Vec::new),
+            Err(MxError::LoopsToSelf(h)) if h == "mapped.example.org"
+        ));
+        // With a wildcard listener, a mapped local address is ours too.
+        let listen = [addr("0.0.0.0:25")];
+        let me = myself(&listen);
+        let hops = vec![
+            hop("better.example.org", 5, "192.0.2.1"),
+            hop("mapped.example.org", 10, "::ffff:203.0.113.7"),
+        ];
+        let local = || vec!["203.0.113.7".parse().unwrap()];
+        assert_eq!(
+            hosts(&me.drop_from(found(hops), local)),
+            ["better.example.org"]
+        );
     }
 
     #[test]

@@ -690,3 +690,75 @@ fn a_hosts_addresses_are_shuffled_at_each_lookup_ipv4_first() {
     }
     assert!(firsts.len() > 1, "always {firsts:?} first");
 }
+
+#[test]
+fn a_host_whose_only_address_no_host_can_have_is_a_host_without_address() {
+    // A parked domain's 0.0.0.0 (a connection there reaches this machine), `::`, a multicast
+    // or the broadcast address, also as IPv4-mapped IPv6: skipped like no address at all.
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "parked")),
+            ("parked", Rec::A(v4("0.0.0.0"))),
+            ("parked", Rec::Aaaa(v6("::ffff:0.0.0.0"))),
+            ("@", Rec::Mx(20, "multi")),
+            ("multi", Rec::A(v4("224.0.0.1"))),
+            ("multi", Rec::Aaaa(v6("::"))),
+            ("@", Rec::Mx(30, "ok")),
+            ("ok", Rec::A(v4("255.255.255.255"))),
+            ("ok", Rec::A(v4("192.0.2.30"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, ZONE).unwrap();
+    assert_eq!(hosts(&hops), [(30, "ok.example.test")]);
+    assert_eq!(hops[0].addrs, [ip("192.0.2.30")]);
+    // None left: unable to route, as for hosts without addresses.
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "parked")),
+            ("parked", Rec::A(v4("0.0.0.0"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(lookup(&resolver, ZONE), Err(MxError::NoMxAddress));
+    // The implicit MX too.
+    let dns = TestDns::start(ZONE, &[("@", Rec::A(v4("0.0.0.0")))]);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(lookup(&resolver, ZONE), Err(MxError::NoMailHost));
+    // And an address literal of one, permanently (5.1.2), without a query.
+    for literal in [
+        "[0.0.0.0]",
+        "[IPv6:::]",
+        "[IPv6:::ffff:0.0.0.0]",
+        "[224.0.0.5]",
+    ] {
+        let err = lookup(&resolver, literal).unwrap_err();
+        assert!(
+            matches!(err, MxError::NotHostAddress(_)),
+            "{literal}: {err:?}"
+        );
+        assert!(err.is_permanent());
+        assert_eq!(err.enhanced(), "5.1.2");
+    }
+}
+
+#[test]
+fn past_the_hosts_resolved_at_once_the_next_ones_are_resolved_when_none_has_an_address() {
+    // The best MAX_MX_HOSTS hosts do not exist; the one after them does.
+    let n = postern_relay::mx::MAX_MX_HOSTS;
+    let mut records = Vec::new();
+    for i in 0..n {
+        let gone: &'static str = Box::leak(format!("gone{i}").into_boxed_str());
+        records.push(("@", Rec::Mx(i as u16 + 1, gone)));
+    }
+    records.push(("@", Rec::Mx(100, "last")));
+    records.push(("last", Rec::A(v4("192.0.2.99"))));
+    let dns = TestDns::start(ZONE, &records);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        hosts(&lookup(&resolver, ZONE).unwrap()),
+        [(100, "last.example.test")]
+    );
+}
