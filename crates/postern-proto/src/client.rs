@@ -46,7 +46,8 @@ impl Capabilities {
             ..Capabilities::default()
         };
         for line in reply.lines.iter().skip(1) {
-            let mut words = line.split(' ');
+            // Blanks of any kind between and after the words (`DSN<TAB>`, `SIZE  1000`).
+            let mut words = line.split_ascii_whitespace();
             let keyword = words.next().unwrap_or("").to_ascii_uppercase();
             match keyword.as_str() {
                 "PIPELINING" => caps.pipelining = true,
@@ -273,6 +274,16 @@ pub struct ClientSession {
     /// The server said 421 to the RSET that settles a refusal of DATA, or the connection
     /// ended or fell silent before its reply: nothing more may go out on it.
     closing: bool,
+    /// The names the server gave itself: the first word of its 220 greeting and of its
+    /// EHLO (or HELO) reply (RFC 5321 4.2, 4.1.1.1).
+    greeted_as: Option<String>,
+    helo_as: Option<String>,
+}
+
+/// The first word of a reply's first line: the domain a greeting or an EHLO reply starts with.
+fn first_word(reply: &Reply) -> Option<String> {
+    let line = reply.lines.first()?;
+    line.split_ascii_whitespace().next().map(str::to_owned)
 }
 
 impl ClientSession {
@@ -298,6 +309,8 @@ impl ClientSession {
             abandoned: VecDeque::new(),
             noop_refused: None,
             closing: false,
+            greeted_as: None,
+            helo_as: None,
         }
     }
 
@@ -321,6 +334,18 @@ impl ClientSession {
     /// What the server offered.
     pub fn capabilities(&self) -> &Capabilities {
         &self.caps
+    }
+
+    /// Whether the server named itself `name` (any case, a trailing dot aside) in its greeting
+    /// or its EHLO (HELO) reply: a next hop that is this very server, reached where its own
+    /// addresses did not show it (through NAT, a port forward).
+    pub fn names_itself(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        !name.is_empty()
+            && [&self.greeted_as, &self.helo_as]
+                .into_iter()
+                .flatten()
+                .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
     }
 
     /// Whether the session runs inside TLS.
@@ -690,12 +715,14 @@ impl ClientSession {
                 Some(self.fail(ClientError::Unexpected("DATA", reply)))
             }
             Expect::Greeting if reply.code == 220 => {
+                self.greeted_as = first_word(&reply);
                 self.send_ehlo();
                 None
             }
             Expect::Greeting => Some(self.fail(ClientError::Greeting(reply))),
             Expect::Ehlo if reply.code == 250 => {
                 self.caps = Capabilities::from_ehlo(&reply);
+                self.helo_as = first_word(&reply);
                 Some(ClientEvent::Ready)
             }
             // Any permanent refusal of EHLO may be a server that does not know it (RFC 5321
@@ -710,6 +737,7 @@ impl ClientSession {
             }
             Expect::Helo => {
                 self.caps = Capabilities::default();
+                self.helo_as = first_word(&reply);
                 Some(ClientEvent::Ready)
             }
             Expect::Ehlo => None,

@@ -286,6 +286,30 @@ fn a_refused_helo_or_a_temporary_ehlo_refusal_ends_with_quit() {
 }
 
 #[test]
+fn the_names_a_server_gives_itself_are_kept_and_blanks_in_ehlo_lines_are_any_blanks() {
+    let mut c = ClientSession::new("relay.test");
+    let (events, _) = canned(
+        &mut c,
+        &[
+            "220 Greeter.Example. ESMTP ready\r\n",
+            "250-helper.example hello\r\n250-DSN\t\r\n250-SIZE  1000\r\n250 8BITMIME \r\n",
+        ],
+    );
+    assert_eq!(events, vec![ClientEvent::Ready]);
+    assert!(c.names_itself("greeter.example"));
+    assert!(c.names_itself("HELPER.EXAMPLE."));
+    assert!(!c.names_itself("relay.test"));
+    assert!(!c.names_itself(""));
+    let caps = c.capabilities();
+    assert!(caps.dsn && caps.eightbitmime, "{caps:?}");
+    assert_eq!(caps.size, Some(1000));
+    // After HELO, its reply's name.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "502 no\r\n", "250 old.example\r\n"]);
+    assert!(c.names_itself("old.example") && c.names_itself("x"));
+}
+
+#[test]
 fn a_long_ehlo_reply_is_taken_whole_up_to_its_last_line() {
     // More lines than the client keeps: the extra lines are read and dropped, the reply
     // itself still counts (RFC 5321 4.2.1 sets no line count).

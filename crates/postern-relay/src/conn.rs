@@ -802,6 +802,12 @@ impl Outbound {
         }
     }
 
+    /// Whether the server named itself `name` in its greeting or EHLO reply
+    /// ([`ClientSession::names_itself`]).
+    pub fn names_itself(&self, name: &str) -> bool {
+        self.session.names_itself(name)
+    }
+
     /// Says QUIT and closes, without waiting long for the reply.
     pub async fn quit(mut self) {
         self.end_session().await;

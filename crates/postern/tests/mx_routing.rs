@@ -766,3 +766,87 @@ fn an_address_that_did_not_greet_is_tried_last_by_the_next_connections() {
     assert!(met <= 1, "the silent address took {met} connections");
     drop(dns);
 }
+
+/// A port forward (as NAT makes one) from `host:port` to whatever `to` is set to: up to 20
+/// connections, each copied both ways until either side closes.
+fn forwarder(host: &str, port: u16) -> std::sync::Arc<std::sync::OnceLock<std::net::SocketAddr>> {
+    let l = TcpListener::bind((host, port)).unwrap();
+    let to = std::sync::Arc::new(std::sync::OnceLock::<std::net::SocketAddr>::new());
+    let target = to.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(20) {
+            let Ok(inbound) = conn else { return };
+            let Some(addr) = target.get() else { return };
+            let Ok(outbound) = std::net::TcpStream::connect(addr) else {
+                return;
+            };
+            for (mut from, mut into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    to
+}
+
+#[test]
+fn an_mx_host_that_greets_with_our_own_name_is_this_server_behind_a_port_forward() {
+    use dns_server::{Rec, TestDns};
+    // fwd.test's address is not one of ours, but a port forward there reaches this server,
+    // which greets as mx.test (its --hostname): relaying there would loop.
+    let origin = Peer::start_on("127.0.0.5", 0, &[]);
+    let port = origin.port;
+    let forward_to = forwarder("127.0.0.9", port);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("nat.test.", Rec::Mx(10, "fwd.test.")),
+            ("fwd.test.", Rec::A("127.0.0.9".parse().unwrap())),
+            // A backup behind the forward: the primary (nothing listens there) may come back.
+            ("backup.test.", Rec::Mx(5, "down.test.")),
+            ("backup.test.", Rec::Mx(10, "fwd.test.")),
+            ("down.test.", Rec::A("127.0.0.10".parse().unwrap())),
+            ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
+        ],
+    );
+    let server = mx_server_one_attempt(&dns, port, &["--delay-warning", "0s"]);
+    forward_to.set(server.smtp).unwrap();
+    send(
+        &server,
+        "s@origin.test",
+        &["r@nat.test"],
+        "<nat@t>",
+        "x\r\n",
+    );
+    let (bounce, text) = origin.first("the loop bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Action: failed"), "{text}");
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(text.contains("greets with our own name"), "{text}");
+    send(
+        &server,
+        "s@origin.test",
+        &["r@backup.test"],
+        "<backup@t>",
+        "x\r\n",
+    );
+    origin.wait_for("the delay warning", Duration::from_secs(20), |s| {
+        s.len() == 2
+    });
+    let stored = origin.stored();
+    let warning = String::from_utf8_lossy(&stored[1].data).into_owned();
+    assert!(warning.contains("Action: delayed"), "{warning}");
+    assert!(warning.contains("Status: 4.4.4"), "{warning}");
+    // Nothing went round through the forward: the server took the two messages sent here.
+    let metrics = server.metrics_until(|m| m.contains("postern_messages_accepted_total 2\n"));
+    assert!(
+        metrics.contains("postern_messages_accepted_total 2\n"),
+        "{metrics}"
+    );
+    drop(dns);
+}

@@ -754,6 +754,9 @@ impl CoreRelay {
         tried: &[SocketAddr],
     ) -> Result<Opened, Unopened> {
         let config = &self.relay.config;
+        // MX hosts are checked for being this server once connected; a route's host and the
+        // relay host are the operator's choice.
+        let mut looked_up_mx = false;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
                 let hops = match hp.host.parse::<IpAddr>() {
@@ -777,6 +780,7 @@ impl CoreRelay {
                 (hops, hp.port)
             }
             Destination::Mx(domain) => {
+                looked_up_mx = true;
                 let hops = self
                     .relay
                     .resolver
@@ -855,6 +859,9 @@ impl CoreRelay {
                 self.handle.count_outbound_tls(ok);
             }
             match connected {
+                Ok(c) if looked_up_mx && c.names_itself(&config.hostname) => {
+                    return Err(loops_here(c, hop, addr, best, &config.hostname, &failed).await);
+                }
                 Ok(c) => {
                     tracing::debug!(%addr, tls = c.is_tls(), "connected");
                     return Ok(opened(c, failed));
@@ -864,6 +871,10 @@ impl CoreRelay {
                     // with this next hop for a while.
                     dq.cleartext_until.set(now_ms() + 3_600_000);
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
+                        Ok(c) if looked_up_mx && c.names_itself(&config.hostname) => {
+                            let here = loops_here(c, hop, addr, best, &config.hostname, &failed);
+                            return Err(here.await);
+                        }
                         Ok(c) => return Ok(opened(c, failed)),
                         Err(e2) => {
                             refused_helo = false;
@@ -898,6 +909,34 @@ impl CoreRelay {
     }
 
     // ----- owner side -----
+}
+
+/// An MX host that greets with our own name: this server, where its addresses did not show
+/// it (NAT, a port forward), and what it takes it would relay here again (RFC 5321 5.1).
+/// Ends the session. A host more preferred than it that could not be reached now may take
+/// the mail later (deferred, 4.4.4); otherwise nowhere is left to send it (5.4.6).
+async fn loops_here(
+    c: Outbound,
+    hop: &NextHop,
+    addr: SocketAddr,
+    best: Option<u16>,
+    hostname: &str,
+    failed: &[SocketAddr],
+) -> Unopened {
+    c.quit_now().await;
+    let text = format!(
+        "mail for the domain loops back to this server (MX host {} [{}] greets with our own \
+         name, {hostname})",
+        hop.host,
+        addr.ip(),
+    );
+    tracing::warn!(%addr, host = %hop.host, "{text}");
+    let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+    if best.is_some_and(|b| hop.preference > b) {
+        (text, None, None, Some("4.4.4"), failed)
+    } else {
+        (text, Some("5.4.6"), None, None, failed)
+    }
 }
 
 /// A next hop that could not be reached: the text, the status when its jobs fail for good,
