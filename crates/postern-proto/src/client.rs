@@ -336,6 +336,14 @@ impl ClientSession {
         &self.caps
     }
 
+    /// From now on, each command waits for the reply to the one before it, as with a server
+    /// that does not offer PIPELINING (RFC 2920): a body goes out only once its recipients
+    /// are answered. For a server whose replies could not be read after a body had gone out
+    /// pipelined behind them.
+    pub fn forgo_pipelining(&mut self) {
+        self.caps.pipelining = false;
+    }
+
     /// Whether the server named itself `name` (any case, a trailing dot aside) in its greeting
     /// or its EHLO (HELO) reply: a next hop that is this very server, reached where its own
     /// addresses did not show it (through NAT, a port forward).

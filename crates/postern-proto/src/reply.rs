@@ -143,16 +143,39 @@ impl fmt::Display for Reply {
 /// a temporary failure of that connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplyError {
-    /// A line did not start with three digits and a separator.
-    #[error("malformed reply line")]
-    Malformed,
-    /// The lines of one multi-line reply carried different codes.
-    #[error("reply code changed inside a multi-line reply")]
-    InconsistentCode,
+    /// A line did not start with three digits (200 to 599) and a separator; the line as
+    /// [`shown`] in reports and logs.
+    #[error("malformed reply line {0}")]
+    Malformed(String),
+    /// The lines of one multi-line reply carried different codes: the first, then the other.
+    #[error("reply code changed inside a multi-line reply ({0}, then {1})")]
+    InconsistentCode(u16, u16),
     /// A line longer than the reply line cap.
     #[error("reply line too long")]
     LineTooLong,
 }
+
+/// A line a server sent, for a report or a log: in double quotes, at most
+/// [`SHOWN_LINE`] octets of it, printable ASCII as it is and every other octet (a quote and a
+/// backslash too) as `\xHH`.
+fn shown(line: &[u8]) -> String {
+    let mut out = String::from("\"");
+    for &b in line.iter().take(SHOWN_LINE) {
+        if (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    if line.len() > SHOWN_LINE {
+        out.push_str("...");
+    }
+    out.push('"');
+    out
+}
+
+/// How much of a malformed reply line an error shows.
+const SHOWN_LINE: usize = 64;
 
 /// Assembles replies from bytes as they arrive, keeping partial lines across reads.
 #[derive(Debug)]
@@ -242,18 +265,18 @@ impl ReplyParser {
 
     fn line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
         if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-            return Err(ReplyError::Malformed);
+            return Err(ReplyError::Malformed(shown(line)));
         }
         let code = u16::from(line[0] - b'0') * 100
             + u16::from(line[1] - b'0') * 10
             + u16::from(line[2] - b'0');
         if !(200..600).contains(&code) {
-            return Err(ReplyError::Malformed);
+            return Err(ReplyError::Malformed(shown(line)));
         }
         let last = match line.get(3) {
             None | Some(b' ') => true,
             Some(b'-') => false,
-            Some(_) => return Err(ReplyError::Malformed),
+            Some(_) => return Err(ReplyError::Malformed(shown(line))),
         };
         // A line longer than a reply line may be is kept to that length.
         let mut text = String::from_utf8_lossy(line.get(4..).unwrap_or(b""));
@@ -268,7 +291,7 @@ impl ReplyParser {
         let reply = match self.partial.as_mut() {
             Some(r) => {
                 if r.code != code {
-                    return Err(ReplyError::InconsistentCode);
+                    return Err(ReplyError::InconsistentCode(r.code, code));
                 }
                 // RFC 5321 sets no line count: lines past the cap are read and dropped, so
                 // memory stays bounded and the reply still ends where the server ends it.

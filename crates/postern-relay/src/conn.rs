@@ -802,6 +802,12 @@ impl Outbound {
         }
     }
 
+    /// Each command waits for the reply before it from now on
+    /// ([`ClientSession::forgo_pipelining`]).
+    pub fn forgo_pipelining(&mut self) {
+        self.session.forgo_pipelining();
+    }
+
     /// Whether the server named itself `name` in its greeting or EHLO reply
     /// ([`ClientSession::names_itself`]).
     pub fn names_itself(&self, name: &str) -> bool {

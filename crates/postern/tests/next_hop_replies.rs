@@ -64,8 +64,10 @@ fn two_messages_the_second_bounced(port: u16, then: impl FnOnce()) {
 }
 
 /// A next hop (PIPELINING, CHUNKING) that answers each group of commands in one write, as
-/// pipelining servers do, takes the first message, and slips a reply too many in front of the
-/// next group's replies, whose BDAT it refuses (as every later one). Returns its port.
+/// pipelining servers do (once the group's last command is in, or nothing more is waiting to
+/// be read: a client that does not pipeline gets each reply), takes the first message, and
+/// slips a reply too many in front of the next group's replies, whose BDAT it refuses (as
+/// every later one). Returns its port.
 fn next_hop_with_a_late_reply_too_many() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -123,6 +125,7 @@ fn next_hop_with_a_late_reply_too_many() -> u16 {
                         }
                         _ => out.extend_from_slice(b"250 2.0.0 ok\r\n"),
                     }
+                    flush |= reader.buffer().is_empty();
                 }
             }
         }
@@ -1201,4 +1204,85 @@ fn a_refusal_to_the_data_pushed_past_a_batch_s_last_reply_is_not_taken_for_a_del
     // As above, with transactions pipelined into each other (a batch of one here): the
     // batch's last reply read is b@'s 250, the next hop's 554 to the body comes after it.
     refusal_of_the_data_pushed_past_the_last_reply(&["--max-transactions-in-flight", "8"]);
+}
+
+/// A next hop (PIPELINING, CHUNKING) whose reply to RCPT is malformed (`250ok`, no space
+/// after the code) but which takes every body all the same. Returns its port, what it took,
+/// and how many MAIL commands it has seen.
+fn next_hop_with_a_malformed_rcpt_reply(
+) -> (u16, Taken, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Taken::default();
+    let record = taken.clone();
+    let mails = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = mails.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = greeted_by_hop(&mut stream);
+            while let Some((line, verb)) = command_line(&mut reader) {
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                    "MAIL" => {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        b"250 2.1.0 ok\r\n"
+                    }
+                    "RCPT" => b"250ok\r\n",
+                    "BDAT" => {
+                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+                        let mut body = vec![0u8; n];
+                        if reader.read_exact(&mut body).is_err() {
+                            break;
+                        }
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                        record
+                            .lock()
+                            .unwrap()
+                            .push(id.unwrap_or_default().to_owned());
+                        b"250 2.0.0 queued\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, taken, mails)
+}
+
+#[test]
+fn a_next_hop_whose_replies_cannot_be_read_gets_no_pipelined_body_again() {
+    // The first attempt pipelines the body behind RCPT, and the next hop takes it while its
+    // reply to RCPT cannot be read: the outcome is unknown, and the message is tried again.
+    // Each retry waits for the RCPT's reply before the body, so the next hop does not take
+    // the message at every retry.
+    use std::sync::atomic::Ordering;
+    let (port, taken, mails) = next_hop_with_a_malformed_rcpt_reply();
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin, &[]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<once@t>",
+        "x\r\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mails.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(mails.load(Ordering::SeqCst) >= 4, "not retried");
+    assert_eq!(*taken.lock().unwrap(), ["<once@t>"]);
+    // The log quotes the line that could not be read.
+    let log = server.log_until(|l| l.contains(r#"malformed reply line "250ok""#));
+    assert!(log.contains(r#"malformed reply line "250ok""#), "{log}");
 }

@@ -331,6 +331,11 @@ const SILENCE_BEFORE_BREAK: Duration = Duration::from_secs(8);
 /// the middle of pipelined transactions.
 const SERIAL_AFTER_BREAK: Duration = Duration::from_secs(60);
 
+/// How long a next hop whose replies could not be read does without PIPELINING (see
+/// `DestQueue::lockstep_until`): several retries at the default delays, so that a message
+/// the next hop takes in spite of its reply goes to it at most once an hour.
+const LOCKSTEP_AFTER_PROTOCOL_ERROR: Duration = Duration::from_secs(3600);
+
 /// The most replies (RSET, MAIL, each RCPT, BDAT) awaited at once on a connection that
 /// pipelines transactions; a few dozen octets each.
 const MAX_PIPELINED_REPLIES: usize = 512;
@@ -549,6 +554,12 @@ struct DestQueue {
     /// A connection broke in the middle of pipelined transactions: one transaction per round
     /// trip until then (ms).
     serial_until: Cell<u64>,
+    /// The next hop's replies could not be read (a malformed reply, or one the command
+    /// cannot get): until then (ms) its connections do without PIPELINING, so that a body
+    /// goes out only once its recipients are answered. Otherwise a BDAT body pipelined
+    /// behind its RCPT, taken by the next hop while the RCPT's reply cannot be read, would
+    /// be taken again at every retry.
+    lockstep_until: Cell<u64>,
     /// The addresses the next hop resolved to at the latest connection, in preference order.
     addrs: RefCell<Vec<SocketAddr>>,
     /// Addresses passed over until then (ms): they broke off or put off a transaction.
@@ -962,6 +973,7 @@ impl CoreRelay {
                     cleartext_until: Cell::new(0),
                     down_until: Cell::new(0),
                     serial_until: Cell::new(0),
+                    lockstep_until: Cell::new(0),
                     addrs: RefCell::new(Vec::new()),
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),

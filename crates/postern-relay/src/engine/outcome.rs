@@ -133,6 +133,16 @@ impl CoreRelay {
                 After::Keep
             }
             Err(Err(e)) => {
+                if matches!(
+                    e,
+                    ConnError::Smtp(ClientError::Protocol(_) | ClientError::Unexpected(..))
+                ) || crate::conn::out_of_step(&e)
+                {
+                    // Replies that could not be read: a body that went out pipelined behind
+                    // them may have been taken, and would be at every retry.
+                    dq.lockstep_until
+                        .set(now_ms() + LOCKSTEP_AFTER_PROTOCOL_ERROR.as_millis() as u64);
+                }
                 // The connection broke off (421, closed, timed out): another address may
                 // take the job at once. Recipients the next hop had already refused for good
                 // are failed now with that refusal (RFC 5321 4.2.1), not tried again.

@@ -192,6 +192,7 @@ impl CoreRelay {
                 || !dq.ready.borrow().is_empty()
                 || dq.down_until.get() > now
                 || dq.serial_until.get() > now
+                || dq.lockstep_until.get() > now
                 || dq.cleartext_until.get() > now
                 || dq.cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)

@@ -151,6 +151,9 @@ impl CoreRelay {
                         }
                     }
                 };
+                if now_ms() < dq.lockstep_until.get() {
+                    conn.forgo_pipelining();
+                }
                 let window = if now_ms() < dq.serial_until.get() {
                     1
                 } else {
