@@ -31,7 +31,7 @@ impl CoreRelay {
         // rewritten (postern does not encode MIME parts) and fails for this next hop.
         let mut body_type = meta.body_type;
         if body_type == 2 && !(chunking && binarymime) {
-            if !is_text(job.msg.body.chunks()) {
+            if !is_text(|| job.msg.body.chunks()) {
                 let text = format!(
                     "{} does not support BINARYMIME and the message is not text that could go without it",
                     conn.remote
@@ -276,19 +276,23 @@ pub(super) fn dsn_rcpt_params(r: &Recipient, smtputf8: bool) -> String {
 /// CRLF (the last one too), CR and LF nowhere else, no NUL, no line over 998 octets before
 /// its CRLF. Octets above 127 are allowed (8-bit text). Such a body can go without BINARYMIME,
 /// unless a part of it is labelled `Content-Transfer-Encoding: binary`, a label only a
-/// binary transport may carry (RFC 2045 6.2): such a body is not taken for text either (the
-/// label as one unfolded line without a comment, as mail software writes it).
-/// `chunks`: the body in pieces, cut anywhere.
-pub(super) fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
-    // The start of each line, enough to recognise the label.
-    const PREFIX: usize = 64;
-    let mut start = [0u8; PREFIX];
+/// binary transport may carry (RFC 2045 6.2): such a body is not taken for text either. The
+/// label is read from the MIME header sections only (the message's, its parts', those of
+/// messages inside it), as MIME reads them: folded, with comments, any case; the same words
+/// in a body or a preamble are no label.
+/// `chunks`: the body in pieces, cut anywhere (each call from the start).
+pub(super) fn is_text<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) -> bool {
+    text_lines(chunks()) && !labelled_binary(chunks())
+}
+
+/// The line rules of [`is_text`].
+fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     let mut line = 0usize;
     let mut after_cr = false;
     for chunk in chunks {
         for &b in chunk {
             if after_cr {
-                if b != b'\n' || (line <= PREFIX && labelled_binary(&start[..line])) {
+                if b != b'\n' {
                     return false;
                 }
                 after_cr = false;
@@ -299,9 +303,6 @@ pub(super) fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
                 0 | b'\n' => return false,
                 b'\r' => after_cr = true,
                 _ => {
-                    if let Some(slot) = start.get_mut(line) {
-                        *slot = b;
-                    }
                     line += 1;
                     if line > 998 {
                         return false;
@@ -313,14 +314,70 @@ pub(super) fn is_text<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     !after_cr && line == 0
 }
 
-/// Whether a line is a `Content-Transfer-Encoding: binary` header field.
-pub(super) fn labelled_binary(line: &[u8]) -> bool {
-    const NAME: &[u8] = b"content-transfer-encoding:";
-    line.len() > NAME.len()
-        && line[..NAME.len()].eq_ignore_ascii_case(NAME)
-        && line[NAME.len()..]
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"binary")
+/// Whether a part of the message (or of a message inside it) is labelled
+/// `Content-Transfer-Encoding: binary`. The body is copied whole to be parsed: only bodies
+/// declared BINARYMIME for a next hop without it come here.
+fn labelled_binary<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
+    let whole: Vec<u8> = chunks.flat_map(|c| c.iter().copied()).collect();
+    // Not a label anywhere, in any case: nothing to parse.
+    if !contains_ignoring_case(&whole, b"binary") {
+        return false;
+    }
+    mail_parser::MessageParser::default()
+        .parse(&whole)
+        .is_some_and(|m| message_labelled_binary(&m, 0))
+}
+
+/// How deep messages inside messages are looked into.
+const MAX_NESTING: usize = 16;
+
+fn message_labelled_binary(message: &mail_parser::Message<'_>, depth: usize) -> bool {
+    use mail_parser::{HeaderName, PartType};
+    message.parts.iter().any(|part| {
+        let label = part
+            .headers
+            .iter()
+            .filter(|h| h.name == HeaderName::ContentTransferEncoding)
+            .filter_map(|h| h.value.as_text())
+            .any(|v| without_comments(v).eq_ignore_ascii_case("binary"));
+        label
+            || match &part.body {
+                PartType::Message(inner) if depth < MAX_NESTING => {
+                    message_labelled_binary(inner, depth + 1)
+                }
+                _ => false,
+            }
+    })
+}
+
+/// A header field's value without its comments (RFC 5322 3.2.2, nested, with quoted pairs)
+/// and the blanks around what is left.
+fn without_comments(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut depth = 0usize;
+    let mut escaped = false;
+    for c in value.chars() {
+        if depth > 0 {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+        } else if c == '(' {
+            depth = 1;
+        } else {
+            out.push(c);
+        }
+    }
+    out.trim().to_owned()
+}
+
+fn contains_ignoring_case(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 #[cfg(test)]
@@ -329,7 +386,7 @@ mod tests {
 
     #[test]
     fn text_is_crlf_lines_of_at_most_998_octets_without_nul() {
-        let text = |pieces: &[&[u8]]| is_text(pieces.iter().copied());
+        let text = |pieces: &[&[u8]]| is_text(|| pieces.iter().copied());
         assert!(text(&[b"Subject: a\r\n\r\nbody \xc3\xa9\r\n"]));
         assert!(text(&[]), "an empty body");
         // CR and LF split between pieces.
@@ -345,16 +402,57 @@ mod tests {
         assert!(!text(&[b"a\x00b\r\n"]), "NUL");
         assert!(!text(&[b"no line end"]), "a last line without CRLF");
         assert!(!text(&[b"ends in CR\r"]));
-        // A part labelled binary is not taken for text, however its lines look.
-        assert!(!text(&[
-            b"Subject: a\r\n\r\n--b\r\nContent-Transfer-",
-            b"Encoding:  Binary \r\n\r\nx\r\n"
-        ]));
         assert!(text(&[b"Content-Transfer-Encoding: 8bit\r\n\r\nx\r\n"]));
         assert!(text(&[b"X: Content-Transfer-Encoding: binary\r\n"]));
-        // Only the whole line counts, not its first 64 octets.
         let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
         assert!(text(&[long.as_bytes()]));
+    }
+
+    /// A multipart message whose second part has `label` as its header fields.
+    fn multipart(label: &str) -> String {
+        format!(
+            "Subject: a\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n\
+             preamble\r\n--b\r\nContent-Type: text/plain\r\n\r\nfirst\r\n--b\r\n{label}\
+             Content-Type: application/octet-stream\r\n\r\nsecond\r\n--b--\r\n"
+        )
+    }
+
+    #[test]
+    fn a_part_labelled_binary_is_not_text_however_the_label_is_written() {
+        let text = |body: &str| is_text(|| std::iter::once(body.as_bytes()));
+        for label in [
+            "Content-Transfer-Encoding: binary\r\n",
+            "content-transfer-encoding:\tbInArY\r\n",
+            "Content-Transfer-Encoding:\r\n binary\r\n",
+            "Content-Transfer-Encoding:\r\n\tbinary\r\n",
+            "Content-Transfer-Encoding : binary\r\n",
+            "Content-Transfer-Encoding: binary (raw octets)\r\n",
+            "Content-Transfer-Encoding: (it is) binary\r\n",
+        ] {
+            assert!(!text(&multipart(label)), "{label:?}");
+        }
+        // The message's own header section.
+        assert!(!text(
+            "Subject: a\r\nContent-Transfer-Encoding:\r\n binary\r\n\r\nx\r\n"
+        ));
+        // A message inside the message.
+        let inner = "Subject: in\r\nContent-Transfer-Encoding: binary\r\n\r\ny\r\n";
+        let outer = format!(
+            "Subject: a\r\nMIME-Version: 1.0\r\nContent-Type: message/rfc822\r\n\r\n{inner}"
+        );
+        assert!(!text(&outer));
+        // Other encodings, and the words in a body or a preamble, are no label.
+        assert!(text(&multipart("Content-Transfer-Encoding: 8bit\r\n")));
+        assert!(text(&multipart("")));
+        assert!(text(
+            "Subject: a\r\n\r\nContent-Transfer-Encoding: binary\r\n"
+        ));
+        let in_preamble =
+            multipart("").replace("preamble\r\n", "Content-Transfer-Encoding: binary\r\n");
+        assert!(text(&in_preamble));
+        let in_a_part_body =
+            multipart("").replace("second\r\n", "Content-Transfer-Encoding: binary\r\n");
+        assert!(text(&in_a_part_body));
     }
 
     #[test]
