@@ -908,14 +908,20 @@ impl ServerSession {
         if taken >= limit || !self.envelope.rcpt_fits(&path, &params, budget) {
             // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
             // answer is not held against the session until the overshoot gets absurd.
-            if self.rcpts_tried - taken > MAX_RCPT_OVERSHOOT {
-                return self.fail(replies::TOO_MANY_RCPTS);
-            }
+            let absurd = self.rcpts_tried - taken > MAX_RCPT_OVERSHOOT;
             if self.envelope.has_recipient(&path) {
                 // A mailbox already taken is the same recipient, stored once: a 452 would
-                // have the client send the message to it again later.
+                // have the client send the message to it again later. Past the overshoot it
+                // is still 250, but counts as an error, so that a client repeating it
+                // without end is ended (nothing of the transaction is taken then).
                 replies::RCPT_OK.write(&mut self.out);
+                if absurd {
+                    self.count_error();
+                }
                 return None;
+            }
+            if absurd {
+                return self.fail(replies::TOO_MANY_RCPTS);
             }
             replies::TOO_MANY_RCPTS.write(&mut self.out);
             return None;

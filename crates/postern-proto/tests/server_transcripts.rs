@@ -581,6 +581,36 @@ fn an_absurd_recipient_overshoot_counts_as_errors() {
 }
 
 #[test]
+fn a_mailbox_already_taken_is_250_past_the_overshoot_too() {
+    // 100 distinct recipients fill the limit; the same mailbox again, 1,200 times more, is
+    // always 250 (a 452 would have the client send it the message again), and the rest of
+    // the transaction still goes through.
+    let rcpts = (0..100)
+        .map(|i| format!("RCPT TO:<r{i}@mx.test>"))
+        .chain((0..1200).map(|_| "RCPT TO:<r7@MX.test>".to_owned()))
+        .take(1100 + 18);
+    let o = with_rcpt_lines("MAIL FROM:<a@b.test>", rcpts, 100, &["DATA", "hi", "."]);
+    assert!(!o.output.contains("452"), "{}", o.output);
+    assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 1118);
+    assert!(o.output.contains("354 "), "{}", o.output);
+    assert!(!o.closed);
+    // Repeated without end, it is ended like any absurd overshoot: nothing is taken.
+    let rcpts = (0..100)
+        .map(|i| format!("RCPT TO:<r{i}@mx.test>"))
+        .chain((0..1200).map(|_| "RCPT TO:<r7@mx.test>".to_owned()));
+    let o = with_rcpt_lines("MAIL FROM:<a@b.test>", rcpts, 100, &["DATA"]);
+    assert!(!o.output.contains("452"), "{}", o.output);
+    assert!(
+        o.output
+            .ends_with("250 2.1.5 Ok\r\n421 4.7.0 mx.test Too many errors, closing connection\r\n"),
+        "{}",
+        &o.output[o.output.len() - 200..]
+    );
+    assert!(!o.output.contains("354"));
+    assert!(o.closed);
+}
+
+#[test]
 fn the_error_count_starts_again_after_a_message_is_accepted() {
     let mut lines = vec!["EHLO client.test"];
     lines.extend(["BOGUS"; 15]);
