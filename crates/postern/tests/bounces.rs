@@ -991,3 +991,76 @@ fn a_connection_closing_after_a_refused_data_takes_no_further_transaction() {
         "<next@t>"
     );
 }
+
+/// A next hop without extensions that refuses every recipient with 550, `delay` after each
+/// RCPT (up to 8 connections). Returns its port.
+fn slow_refusing_next_hop(delay: Duration) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let _ = stream.write_all(b"220 slow.hop ESMTP\r\n");
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250 slow.hop\r\n",
+                    "RCPT" => {
+                        std::thread::sleep(delay);
+                        b"550 5.1.1 no such user here, slowly\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                        break;
+                    }
+                    _ => b"250 2.0.0 ok\r\n",
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn recipients_failing_at_two_next_hops_moments_apart_get_one_bounce() {
+    // dest.test's next hop refuses at once, slow.test's 200 ms later: one report names both,
+    // rather than one report for each (RFC 3464 lets one report cover them).
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
+    let slow = slow_refusing_next_hop(Duration::from_millis(200));
+    let to_slow = format!("slow.test=127.0.0.1:{slow}");
+    let mut server = routed_to(&peer, &["--route", &to_slow, "--metrics", "127.0.0.1:0"]);
+    let id = send(
+        &server,
+        "alice@origin.test",
+        &["nobody@dest.test", "nobody@slow.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let bounce = peer.wait_for("the bounce", Duration::from_secs(20), |s| !s.is_empty());
+    let text = String::from_utf8_lossy(&bounce[0].data).into_owned();
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test")
+            && text.contains("Final-Recipient: rfc822; nobody@slow.test"),
+        "{text}"
+    );
+    server.metrics_until(|m| m.contains("postern_recipients_failed_total 2\n"));
+    let log = server.terminate_for_log();
+    let reports = log
+        .lines()
+        .filter(|l| l.contains("delivery status notification queued"))
+        .filter(|l| l.contains(&format!("queue_id={id}")))
+        .count();
+    assert_eq!(reports, 1, "{log}");
+}

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How long a failure of some of a message's recipients waits for the outcomes of the others
+/// before its report is made (see `report_loop`).
+const GATHER_FAILURES: Duration = Duration::from_millis(500);
+
 impl CoreRelay {
     pub(super) async fn report_loop(self: Rc<Self>) {
         let inbox = self.relay.reports.get(self.id);
@@ -11,6 +15,24 @@ impl CoreRelay {
             while let Some(batch) = inbox.pop() {
                 for r in batch {
                     self.settle(r);
+                }
+            }
+            if !self.failed_waiting.borrow().is_empty() {
+                // Failures of messages with recipients still pending: those recipients'
+                // outcomes at other next hops (other domains failing their lookups, say)
+                // often come moments later, and then share the report (or the whole message
+                // is settled and `finish` makes one report of it all).
+                let until = Instant::now() + GATHER_FAILURES;
+                while !self.handle.is_stopping() {
+                    let Some(left) = until.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    futures_lite::future::or(inbox.wait(), glommio::timer::sleep(left)).await;
+                    while let Some(batch) = inbox.pop() {
+                        for r in batch {
+                            self.settle(r);
+                        }
+                    }
                 }
             }
             self.report_relayed();
