@@ -257,34 +257,28 @@ pub enum HeadersOnly {
 /// sender; from `<>`, the alternative is a report nobody gets. None when `report` is not such
 /// a report.
 pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
-    use mail_parser::MimeHeaders as _;
-    let parsed = mail_parser::MessageParser::default().parse(report)?;
-    let is = |ct: Option<&mail_parser::ContentType<'_>>, kind: &str, subtypes: &[&str]| {
-        ct.is_some_and(|ct| {
-            ct.c_type.eq_ignore_ascii_case(kind)
-                && ct
-                    .c_subtype
-                    .as_deref()
-                    .is_some_and(|sub| subtypes.iter().any(|s| sub.eq_ignore_ascii_case(s)))
-        })
-    };
+    // Read without a parse tree (crate::mime): the returned message is the sender's, and may
+    // nest messages without end.
+    let top_block = header_block(report);
+    let top = crate::mime::PartHeader::read(top_block);
+    let is_report = top
+        .media
+        .as_ref()
+        .is_some_and(|(kind, sub)| kind == "multipart" && sub == "report");
     // Delivery status reports only (RFC 3464), not other reports such as MDNs.
-    let delivery_status = parsed
-        .content_type()
-        .and_then(|ct| ct.attribute("report-type"))
-        .is_some_and(|t| t.eq_ignore_ascii_case("delivery-status"));
-    if !is(parsed.content_type(), "multipart", &["report"]) || !delivery_status {
+    if !is_report || top.report_type.as_deref() != Some("delivery-status") {
         return None;
     }
-    let part = parsed
-        .parts
-        .iter()
-        .find(|p| is(p.content_type(), "message", &["rfc822", "global"]))?;
-    let (start, body, end) = (
-        part.offset_header as usize,
-        part.offset_body as usize,
-        part.offset_end as usize,
-    );
+    let boundary = top.boundary.as_deref()?;
+    let offset = top_block.len();
+    let (start, body, end) = crate::mime::parts(report.get(offset..)?, boundary)
+        .into_iter()
+        .find(|&(start, body, _)| {
+            report
+                .get(offset + start..offset + body)
+                .is_some_and(|h| crate::mime::PartHeader::read(h).is_message())
+        })
+        .map(|(start, body, end)| (offset + start, offset + body, offset + end))?;
     let fields = without_empty_line(header_block(report.get(body..end)?));
     let mut returned = Vec::new();
     Returned::Headers(normalize(fields, true)?)

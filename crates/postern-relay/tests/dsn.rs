@@ -920,3 +920,38 @@ fn ret_full_returns_the_whole_message_only_in_a_report_of_a_failure() {
         assert!(!text.contains("could not come back"), "{actions}: {text}");
     }
 }
+
+#[test]
+fn a_returned_message_nested_without_end_is_remade_in_bounded_stack() {
+    // 3,000 messages inside each other (within the 128 KiB returned whole), 8-bit so that a
+    // next hop without 8BITMIME has the report remade: read on a thread with a small stack.
+    // (Not parsed here with a parse tree, which would be as deep.)
+    let original = format!(
+        "Subject: caf\u{e9}\r\nMIME-Version: 1.0\r\n{}Subject: in\r\n\r\nx\r\n",
+        "Content-Type: message/rfc822\r\n\r\n".repeat(3000)
+    );
+    let recipients = failures();
+    let mut full = report(&recipients, original.as_bytes());
+    full.return_full = true;
+    full.max_returned = 128 * 1024;
+    let bytes = dsn::build(&full);
+    let whole = "Content-Type: message/global\r\n".as_bytes();
+    assert!(
+        bytes.windows(whole.len()).any(|w| w == whole),
+        "not returned whole"
+    );
+    let remade = std::thread::Builder::new()
+        .stack_size(128 * 1024)
+        .spawn(move || dsn::with_headers_only(&bytes, dsn::HeadersOnly::EightBit))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    let top = String::from_utf8_lossy(dsn::header_block(&remade)).into_owned();
+    assert!(
+        top.contains("\r\nContent-Transfer-Encoding: 7bit\r\n"),
+        "{top}"
+    );
+    assert!(!dsn::is_8bit(&remade));
+    assert!(remade.len() < 10_000, "{}", remade.len());
+}

@@ -1,0 +1,345 @@
+//! Just enough MIME (RFC 2045, 2046) to read a message's structure without a parse tree: the
+//! header sections of its parts and of messages inside it, one line at a time, with the
+//! nesting held in a bounded list rather than on the call stack. A message is the sender's:
+//! parts nested without end must cost neither stack nor more than a pass over the bytes.
+
+/// How deep parts and messages inside the message are followed.
+pub const MAX_NESTING: usize = 32;
+
+/// The fields of a header section that say how a part is made.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PartHeader {
+    /// `Content-Type` type and subtype, lower-case ("text", "plain" when absent).
+    pub media: Option<(String, String)>,
+    /// The `boundary` parameter of a multipart `Content-Type`.
+    pub boundary: Option<Vec<u8>>,
+    /// `Content-Transfer-Encoding`, lower-case, without comments.
+    pub encoding: Option<String>,
+    /// The `report-type` parameter of a `multipart/report` (RFC 6522), lower-case.
+    pub report_type: Option<String>,
+}
+
+impl PartHeader {
+    /// Reads one header section (the fields, without the empty line that ends it).
+    pub fn read(section: &[u8]) -> PartHeader {
+        let mut header = PartHeader::default();
+        for (name, value) in fields(section) {
+            header.field(&name, &value);
+        }
+        header
+    }
+
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"content-transfer-encoding") {
+            let value = without_comments(value);
+            self.encoding = Some(String::from_utf8_lossy(value.trim_ascii()).to_ascii_lowercase());
+        } else if name.eq_ignore_ascii_case(b"content-type") {
+            let value = without_comments(value);
+            let (media, params) = match value.iter().position(|&b| b == b';') {
+                Some(at) => (&value[..at], &value[at + 1..]),
+                None => (&value[..], &b""[..]),
+            };
+            let media = String::from_utf8_lossy(media.trim_ascii()).to_ascii_lowercase();
+            let Some((kind, sub)) = media.split_once('/') else {
+                return;
+            };
+            let (kind, sub) = (kind.trim().to_owned(), sub.trim().to_owned());
+            self.boundary = (kind == "multipart")
+                .then(|| parameter(params, b"boundary"))
+                .flatten()
+                .filter(|b| !b.is_empty());
+            self.report_type = (kind == "multipart" && sub == "report")
+                .then(|| parameter(params, b"report-type"))
+                .flatten()
+                .map(|t| String::from_utf8_lossy(&t).to_ascii_lowercase());
+            self.media = Some((kind, sub));
+        }
+    }
+
+    /// Whether the part is a message of its own (`message/rfc822`, `message/global`), whose
+    /// body starts with a header section.
+    pub fn is_message(&self) -> bool {
+        self.media
+            .as_ref()
+            .is_some_and(|(kind, sub)| kind == "message" && (sub == "rfc822" || sub == "global"))
+    }
+
+    /// Whether the part is labelled `Content-Transfer-Encoding: binary`.
+    pub fn is_binary(&self) -> bool {
+        self.encoding.as_deref() == Some("binary")
+    }
+}
+
+/// The fields of a header section, unfolded (RFC 5322 2.2.3): name (blanks before the colon
+/// dropped) and value. Lines end in CR LF or LF; lines that are no field are skipped.
+pub fn fields(section: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+    let mut lines = section
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .peekable();
+    std::iter::from_fn(move || loop {
+        let line = lines.next()?;
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = line[..colon].trim_ascii_end().to_vec();
+        let mut value = line[colon + 1..].to_vec();
+        while let Some(next) =
+            lines.next_if(|l| l.first().is_some_and(|&b| b == b' ' || b == b'\t'))
+        {
+            value.extend_from_slice(next);
+        }
+        if name.is_empty() || name.iter().any(|&b| b <= b' ' || b >= 0x7f) {
+            continue;
+        }
+        return Some((name, value));
+    })
+}
+
+/// A field value without its comments (RFC 5322 3.2.2: nested, with quoted pairs; not inside
+/// quoted strings).
+pub fn without_comments(value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    let mut depth = 0usize;
+    let mut quoted = false;
+    let mut escaped = false;
+    for &b in value {
+        if escaped {
+            escaped = false;
+            if depth == 0 {
+                out.push(b);
+            }
+            continue;
+        }
+        match b {
+            b'\\' if depth > 0 || quoted => {
+                escaped = true;
+                if depth == 0 {
+                    out.push(b);
+                }
+            }
+            b'"' if depth == 0 => {
+                quoted = !quoted;
+                out.push(b);
+            }
+            b'(' if !quoted => depth += 1,
+            b')' if depth > 0 => depth -= 1,
+            _ if depth > 0 => {}
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// The value of parameter `name` in `params` (`; a=b; c="d e"`), unquoted.
+fn parameter(params: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut rest = params;
+    loop {
+        rest = rest.trim_ascii_start();
+        let eq = rest.iter().position(|&b| b == b'=' || b == b';')?;
+        let (attribute, after) = (rest[..eq].trim_ascii(), &rest[eq..]);
+        if after[0] == b';' {
+            rest = &after[1..];
+            continue;
+        }
+        let after = after[1..].trim_ascii_start();
+        let (value, next) = if after.first() == Some(&b'"') {
+            let mut value = Vec::new();
+            let mut i = 1;
+            let mut escaped = false;
+            while let Some(&b) = after.get(i) {
+                i += 1;
+                match b {
+                    _ if escaped => {
+                        escaped = false;
+                        value.push(b);
+                    }
+                    b'\\' => escaped = true,
+                    b'"' => break,
+                    _ => value.push(b),
+                }
+            }
+            (value, &after[i.min(after.len())..])
+        } else {
+            let end = after
+                .iter()
+                .position(|&b| b == b';' || b.is_ascii_whitespace())
+                .unwrap_or(after.len());
+            (after[..end].to_vec(), &after[end..])
+        };
+        if attribute.eq_ignore_ascii_case(name) {
+            return Some(value);
+        }
+        let semicolon = next.iter().position(|&b| b == b';')?;
+        rest = &next[semicolon + 1..];
+    }
+}
+
+/// Where a line stands against the open multipart boundaries: `Some((i, closing))` when it
+/// is the delimiter (`--boundary`) or, with `closing`, the close delimiter (`--boundary--`)
+/// of `open[i]`, transport padding allowed after it (RFC 2046 5.1.1).
+fn delimiter(line: &[u8], open: &[Frame]) -> Option<(usize, bool)> {
+    let rest = line.strip_prefix(b"--")?;
+    open.iter().enumerate().rev().find_map(|(i, frame)| {
+        let Frame::Multipart(boundary) = frame else {
+            return None;
+        };
+        let after = rest.strip_prefix(boundary.as_slice())?;
+        match after.strip_prefix(b"--") {
+            Some(padding) if padding.trim_ascii().is_empty() => Some((i, true)),
+            _ if after.trim_ascii().is_empty() => Some((i, false)),
+            _ => None,
+        }
+    })
+}
+
+/// What encloses the line being read.
+enum Frame {
+    Multipart(Vec<u8>),
+    Message,
+}
+
+/// Whether a part of `message` (or of a message inside it) is labelled
+/// `Content-Transfer-Encoding: binary`. Structure nested deeper than [`MAX_NESTING`] counts
+/// as labelled: it is not followed, so what it holds is not known to be text.
+pub fn labelled_binary(message: &[u8]) -> bool {
+    let mut open: Vec<Frame> = Vec::new();
+    // The header section being read, from where it starts; None in a body.
+    let mut header_from = Some(0usize);
+    let mut at = 0usize;
+    while at < message.len() {
+        let end = message[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(message.len(), |n| at + n + 1);
+        let line = &message[at..end];
+        let bare = line
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .unwrap_or(line);
+        match header_from {
+            Some(from) if bare.is_empty() => {
+                let header = PartHeader::read(&message[from..at]);
+                if header.is_binary() {
+                    return true;
+                }
+                header_from = None;
+                if let Some(boundary) = header.boundary {
+                    open.push(Frame::Multipart(boundary));
+                } else if header.is_message() {
+                    open.push(Frame::Message);
+                    header_from = Some(end);
+                }
+                if open.len() > MAX_NESTING {
+                    return true;
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some((i, closing)) = delimiter(bare, &open) {
+                    // What was open inside that multipart ends with it.
+                    open.truncate(if closing { i } else { i + 1 });
+                    if !closing {
+                        header_from = Some(end);
+                    }
+                }
+            }
+        }
+        at = end;
+    }
+    // A header section that runs to the end.
+    header_from.is_some_and(|from| PartHeader::read(&message[from..]).is_binary())
+}
+
+/// The parts of a multipart body, for each: where its header section starts, where its body
+/// starts (after the empty line; its end when it has none) and where it ends (before the line
+/// end that precedes the next delimiter). Only the delimiters of `boundary` count, not those
+/// of multiparts inside the parts.
+pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
+    let mut found = Vec::new();
+    let open = [Frame::Multipart(boundary.to_vec())];
+    // The part being read: its start, and its body's start once known.
+    let mut current: Option<(usize, Option<usize>)> = None;
+    let mut at = 0usize;
+    let mut line_start_before = 0usize;
+    while at < body.len() {
+        let end = body[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(body.len(), |n| at + n + 1);
+        let line = &body[at..end];
+        let bare = line
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .unwrap_or(line);
+        if let Some((_, closing)) = delimiter(bare, &open) {
+            if let Some((start, body_start)) = current.take() {
+                // The line end before the delimiter belongs to it (RFC 2046 5.1.1).
+                let part_end = line_start_before.max(start);
+                found.push((
+                    start,
+                    body_start.unwrap_or(part_end).min(part_end),
+                    part_end,
+                ));
+            }
+            if closing {
+                return found;
+            }
+            current = Some((end, None));
+        } else if let Some((_, body_start @ None)) = current.as_mut() {
+            if bare.is_empty() {
+                *body_start = Some(end);
+            }
+        }
+        // Where this line's own line end starts: the end of what precedes the next line.
+        line_start_before = at + bare.len();
+        at = end;
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_fields_unfold_and_lose_their_comments() {
+        let h = PartHeader::read(
+            b"Content-Type: multipart/mixed;\r\n boundary=\"a b\" (the (nested) one)\r\n\
+              Content-Transfer-Encoding : (raw) Binary\r\n",
+        );
+        assert_eq!(h.media, Some(("multipart".into(), "mixed".into())));
+        assert_eq!(h.boundary.as_deref(), Some(&b"a b"[..]));
+        assert!(h.is_binary());
+        let h = PartHeader::read(b"content-type: Message/RFC822\n");
+        assert!(h.is_message() && !h.is_binary());
+        let h = PartHeader::read(b"Content-Type: text/plain; charset=\"(not a comment)\"\r\n");
+        assert_eq!(h.media, Some(("text".into(), "plain".into())));
+    }
+
+    #[test]
+    fn parameters_are_found_quoted_or_not() {
+        assert_eq!(
+            parameter(b" a=1; boundary=xyz", b"boundary"),
+            Some(b"xyz".to_vec())
+        );
+        assert_eq!(
+            parameter(b"; BOUNDARY = \"q\\\"uote;d\" ; c=d", b"boundary"),
+            Some(b"q\"uote;d".to_vec())
+        );
+        assert_eq!(parameter(b"a=\"x;boundary=no\"", b"boundary"), None);
+        assert_eq!(parameter(b"", b"boundary"), None);
+        assert_eq!(parameter(b";;", b"boundary"), None);
+    }
+
+    #[test]
+    fn parts_are_found_at_their_own_boundary_only() {
+        let body = b"preamble\r\n--b\r\nA: 1\r\n\r\none\r\n--b\r\nContent-Type: multipart/x; boundary=c\r\n\r\n--c\r\n\r\ninner\r\n--c--\r\n--b--\r\nepilogue\r\n";
+        let parts = parts(body, b"b");
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        let (start, body_start, end) = parts[0];
+        assert_eq!(&body[start..body_start], b"A: 1\r\n\r\n");
+        assert_eq!(&body[body_start..end], b"one");
+        assert!(body[parts[1].1..parts[1].2].ends_with(b"--c--"));
+    }
+}
