@@ -811,6 +811,9 @@ fn an_mx_host_that_greets_with_our_own_name_is_this_server_behind_a_port_forward
             ("backup.test.", Rec::Mx(5, "down.test.")),
             ("backup.test.", Rec::Mx(10, "fwd.test.")),
             ("down.test.", Rec::A("127.0.0.10".parse().unwrap())),
+            // A backup behind the forward whose primary has no address (for now, perhaps).
+            ("nameless.test.", Rec::Mx(5, "noaddress.test.")),
+            ("nameless.test.", Rec::Mx(10, "fwd.test.")),
             ("origin.test.", Rec::A("127.0.0.5".parse().unwrap())),
         ],
     );
@@ -838,14 +841,26 @@ fn an_mx_host_that_greets_with_our_own_name_is_this_server_behind_a_port_forward
     origin.wait_for("the delay warning", Duration::from_secs(20), |s| {
         s.len() == 2
     });
+    send(
+        &server,
+        "s@origin.test",
+        &["r@nameless.test"],
+        "<nameless@t>",
+        "x\r\n",
+    );
+    origin.wait_for("the second delay warning", Duration::from_secs(20), |s| {
+        s.len() == 3
+    });
     let stored = origin.stored();
-    let warning = String::from_utf8_lossy(&stored[1].data).into_owned();
-    assert!(warning.contains("Action: delayed"), "{warning}");
-    assert!(warning.contains("Status: 4.4.4"), "{warning}");
-    // Nothing went round through the forward: the server took the two messages sent here.
-    let metrics = server.metrics_until(|m| m.contains("postern_messages_accepted_total 2\n"));
+    for warning in &stored[1..] {
+        let warning = String::from_utf8_lossy(&warning.data).into_owned();
+        assert!(warning.contains("Action: delayed"), "{warning}");
+        assert!(warning.contains("Status: 4.4.4"), "{warning}");
+    }
+    // Nothing went round through the forward: the server took the three messages sent here.
+    let metrics = server.metrics_until(|m| m.contains("postern_messages_accepted_total 3\n"));
     assert!(
-        metrics.contains("postern_messages_accepted_total 2\n"),
+        metrics.contains("postern_messages_accepted_total 3\n"),
         "{metrics}"
     );
     drop(dns);

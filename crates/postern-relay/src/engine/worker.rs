@@ -760,6 +760,8 @@ impl CoreRelay {
         // MX hosts are checked for being this server once connected; a route's host and the
         // relay host are the operator's choice.
         let mut looked_up_mx = false;
+        // The best preference the domain publishes, hosts without an address included.
+        let mut published_best = None;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
                 let hops = match hp.host.parse::<IpAddr>() {
@@ -790,6 +792,7 @@ impl CoreRelay {
                     .mx_next_hops(domain, &config.hostname)
                     .await
                     .and_then(|found| {
+                        published_best = Some(found.best);
                         let me = crate::mx::Myself {
                             hostname: &config.hostname,
                             listen: &config.own_addrs,
@@ -801,6 +804,9 @@ impl CoreRelay {
                 (hops, config.mx_port)
             }
         };
+        // Only a name of ours that no other server is likely to give itself: a fully
+        // qualified one, not `localhost` (which unconfigured servers greet with).
+        let check_greeting = looked_up_mx && distinctive(&config.hostname);
         let policy = config.tls;
         let config_for = |policy| TlsSetup {
             policy,
@@ -822,6 +828,9 @@ impl CoreRelay {
             .collect();
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
         let best = candidates.iter().map(|(h, _)| h.preference).min();
+        // For a host that turns out to be this server: a more preferred one published, with
+        // or without an address now, may take the mail later.
+        let primary = best.into_iter().chain(published_best).min();
         let addresses = candidates.len();
         let mut failed = Vec::new();
         // Whether every address tried answered and then refused HELO for good (after EHLO):
@@ -862,8 +871,8 @@ impl CoreRelay {
                 self.handle.count_outbound_tls(ok);
             }
             match connected {
-                Ok(c) if looked_up_mx && c.names_itself(&config.hostname) => {
-                    return Err(loops_here(c, hop, addr, best, &config.hostname, &failed).await);
+                Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
+                    return Err(loops_here(c, hop, addr, primary, &config.hostname, &failed).await);
                 }
                 Ok(c) => {
                     tracing::debug!(%addr, tls = c.is_tls(), "connected");
@@ -874,8 +883,8 @@ impl CoreRelay {
                     // with this next hop for a while.
                     dq.cleartext_until.set(now_ms() + 3_600_000);
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
-                        Ok(c) if looked_up_mx && c.names_itself(&config.hostname) => {
-                            let here = loops_here(c, hop, addr, best, &config.hostname, &failed);
+                        Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
+                            let here = loops_here(c, hop, addr, primary, &config.hostname, &failed);
                             return Err(here.await);
                         }
                         Ok(c) => return Ok(opened(c, failed)),
@@ -912,6 +921,13 @@ impl CoreRelay {
     }
 
     // ----- owner side -----
+}
+
+/// Whether a host name is one only this server would greet with: it has a dot inside, and it
+/// is not `localhost` or under it (`localhost.localdomain`).
+fn distinctive(hostname: &str) -> bool {
+    let name = hostname.trim_end_matches('.').to_ascii_lowercase();
+    name.contains('.') && !name.starts_with("localhost.") && !name.starts_with("localhost6.")
 }
 
 /// An MX host that greets with our own name: this server, where its addresses did not show
@@ -963,5 +979,25 @@ pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
         (text, Some(e.enhanced()), None, None, 0)
     } else {
         (text, None, None, Some(e.enhanced()), 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_fully_qualified_name_not_localhost_is_taken_for_ours_in_a_greeting() {
+        for ours in ["mx.example.net", "MX.Example.Net.", "a.b"] {
+            assert!(super::distinctive(ours), "{ours}");
+        }
+        for shared in [
+            "localhost",
+            "localhost.localdomain",
+            "LOCALHOST.",
+            "localhost6.localdomain6",
+            "3f2a1b9c",
+            "",
+        ] {
+            assert!(!super::distinctive(shared), "{shared}");
+        }
     }
 }
