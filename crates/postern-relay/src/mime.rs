@@ -193,6 +193,29 @@ fn delimiter(line: &[u8], open: &[Frame]) -> Option<(usize, bool)> {
     })
 }
 
+/// The lines of `data`: where each starts, where the next starts, and the line without its
+/// line end (LF or CR LF).
+fn lines(data: &[u8]) -> impl Iterator<Item = (usize, usize, &[u8])> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= data.len() {
+            return None;
+        }
+        let start = at;
+        let end = data[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |n| at + n + 1);
+        let line = &data[start..end];
+        let bare = line
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .unwrap_or(line);
+        at = end;
+        Some((start, end, bare))
+    })
+}
+
 /// What encloses the line being read.
 enum Frame {
     Multipart(Vec<u8>),
@@ -206,17 +229,7 @@ pub fn labelled_binary(message: &[u8]) -> bool {
     let mut open: Vec<Frame> = Vec::new();
     // The header section being read, from where it starts; None in a body.
     let mut header_from = Some(0usize);
-    let mut at = 0usize;
-    while at < message.len() {
-        let end = message[at..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(message.len(), |n| at + n + 1);
-        let line = &message[at..end];
-        let bare = line
-            .strip_suffix(b"\n")
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .unwrap_or(line);
+    for (at, end, bare) in lines(message) {
         match header_from {
             Some(from) if bare.is_empty() => {
                 let header = PartHeader::read(&message[from..at]);
@@ -245,7 +258,6 @@ pub fn labelled_binary(message: &[u8]) -> bool {
                 }
             }
         }
-        at = end;
     }
     // A header section that runs to the end.
     header_from.is_some_and(|from| PartHeader::read(&message[from..]).is_binary())
@@ -260,18 +272,8 @@ pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
     let open = [Frame::Multipart(boundary.to_vec())];
     // The part being read: its start, and its body's start once known.
     let mut current: Option<(usize, Option<usize>)> = None;
-    let mut at = 0usize;
     let mut line_start_before = 0usize;
-    while at < body.len() {
-        let end = body[at..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(body.len(), |n| at + n + 1);
-        let line = &body[at..end];
-        let bare = line
-            .strip_suffix(b"\n")
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .unwrap_or(line);
+    for (at, end, bare) in lines(body) {
         if let Some((_, closing)) = delimiter(bare, &open) {
             if let Some((start, body_start)) = current.take() {
                 // The line end before the delimiter belongs to it (RFC 2046 5.1.1).
@@ -293,7 +295,6 @@ pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
         }
         // Where this line's own line end starts: the end of what precedes the next line.
         line_start_before = at + bare.len();
-        at = end;
     }
     found
 }

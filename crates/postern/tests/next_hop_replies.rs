@@ -167,6 +167,19 @@ fn command_line(reader: &mut BufReader<TcpStream>) -> Option<(String, String)> {
 /// The Message-IDs a next hop took.
 type Taken = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
+/// Reads the body a `BDAT n LAST` line announced and records its Message-ID as taken.
+fn take_bdat_body(line: &str, reader: &mut BufReader<TcpStream>, record: &Taken) {
+    let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = vec![0u8; n];
+    reader.read_exact(&mut body).unwrap();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+    record
+        .lock()
+        .unwrap()
+        .push(id.unwrap_or_default().to_owned());
+}
+
 /// What the next hop took once it has `n` messages (15 s at most).
 fn taken_once(taken: &Taken, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -365,15 +378,7 @@ fn refusals_a_next_hop_slows_down_before_it_closes_stay_refusals() {
                         b"550 5.1.1 unknown user\r\n"
                     }
                     "BDAT" => {
-                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                        let mut body = vec![0u8; n];
-                        reader.read_exact(&mut body).unwrap();
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
-                        record
-                            .lock()
-                            .unwrap()
-                            .push(id.unwrap_or_default().to_owned());
+                        take_bdat_body(&line, &mut reader, &record);
                         b"250 2.0.0 queued\r\n"
                     }
                     "QUIT" => {
@@ -1231,17 +1236,7 @@ fn next_hop_with_a_malformed_rcpt_reply(
                     }
                     "RCPT" => b"250ok\r\n",
                     "BDAT" => {
-                        let n: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-                        let mut body = vec![0u8; n];
-                        if reader.read_exact(&mut body).is_err() {
-                            break;
-                        }
-                        let text = String::from_utf8_lossy(&body).into_owned();
-                        let id = text.lines().find_map(|l| l.strip_prefix("Message-ID: "));
-                        record
-                            .lock()
-                            .unwrap()
-                            .push(id.unwrap_or_default().to_owned());
+                        take_bdat_body(&line, &mut reader, &record);
                         b"250 2.0.0 queued\r\n"
                     }
                     "QUIT" => {
