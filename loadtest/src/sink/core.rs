@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use event_listener::Event;
@@ -14,7 +14,7 @@ use socket2::Socket;
 
 use crate::sink::counters::{Counters, Slot};
 use crate::sink::faults::Faults;
-use crate::sink::record::BATCH;
+use crate::sink::record::{Recorder, BATCH};
 use crate::sink::{listeners, session};
 
 /// How often the watcher looks at the stop flag and hands over a partial record batch.
@@ -46,9 +46,9 @@ pub struct Core {
     pub id: usize,
     /// End-of-data decisions made here (drives the reply mix).
     pub messages: Cell<u64>,
-    /// Record lines not yet handed to the writer.
+    /// Record lines not yet written.
     pub record: RefCell<Vec<u8>>,
-    record_tx: Option<mpsc::Sender<Vec<u8>>>,
+    recorder: Option<Arc<Recorder>>,
     stopping: Cell<bool>,
     stop_event: Event,
     /// Sessions open.
@@ -65,19 +65,21 @@ impl Core {
 
     /// Whether `--record` is on.
     pub fn recording(&self) -> bool {
-        self.record_tx.is_some()
+        self.recorder.is_some()
     }
 
-    /// Hands the record lines over when the batch is full (or `force`).
+    /// Writes the record lines gathered so far (those of the messages whose replies are
+    /// about to go out), or only once they fill a batch unless `force`.
     pub fn flush_record(&self, force: bool) {
-        let Some(tx) = &self.record_tx else {
+        let Some(recorder) = &self.recorder else {
             return;
         };
         let mut buf = self.record.borrow_mut();
         if buf.is_empty() || (!force && buf.len() < BATCH) {
             return;
         }
-        let _ = tx.send(std::mem::replace(&mut *buf, Vec::with_capacity(BATCH)));
+        recorder.write(&buf);
+        buf.clear();
     }
 
     /// Whether the sink is stopping.
@@ -102,19 +104,14 @@ impl Core {
 }
 
 /// Runs one executor until the stop flag is set and its sessions are done.
-pub async fn run(
-    shared: Arc<Shared>,
-    id: usize,
-    socket: Socket,
-    record_tx: Option<mpsc::Sender<Vec<u8>>>,
-) {
+pub async fn run(shared: Arc<Shared>, id: usize, socket: Socket, recorder: Option<Arc<Recorder>>) {
     let listener = listeners::into_glommio(socket);
     let core = Rc::new(Core {
         shared,
         id,
         messages: Cell::new(0),
         record: RefCell::new(Vec::with_capacity(BATCH)),
-        record_tx,
+        recorder,
         stopping: Cell::new(false),
         stop_event: Event::new(),
         sessions: Cell::new(0),

@@ -89,7 +89,7 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         Some(path) => Some(Recorder::start(path)?),
         None => None,
     };
-    let record_tx = recorder.as_ref().map(Recorder::sender);
+
     let (sockets, local) = listeners::bind(args.listen, threads)?;
     let sockets = Arc::new(Mutex::new(
         sockets.into_iter().map(Some).collect::<Vec<_>>(),
@@ -100,16 +100,17 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         // Ignored when stdout is gone (a harness that read the first line and closed it).
         let _ = writeln!(std::io::stdout(), "metrics on {bound}");
     }
+    let for_executors = recorder.clone();
     let handles = executors::spawn("postern-load-sink", threads, &cpus, move |id| {
         let shared = shared.clone();
         let socket = sockets
             .lock()
             .ok()
             .and_then(|mut s| s.get_mut(id).and_then(Option::take));
-        let record_tx = record_tx.clone();
+        let recorder = for_executors.clone();
         async move {
             if let Some(socket) = socket {
-                core::run(shared, id, socket, record_tx).await;
+                core::run(shared, id, socket, recorder).await;
             }
         }
     });

@@ -1,12 +1,12 @@
 //! `--record`: one line per accepted message, `SEQ MESSAGE-ID`, taken from the message's own
 //! headers, so a test can prove that nothing was lost or duplicated. Executors gather lines in
-//! memory and hand full batches to a writer thread; no executor ever waits for the disk.
+//! memory and write them to the file before the replies that accept those messages go out.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::error::LoadError;
 
@@ -73,66 +73,40 @@ fn value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     (!v.is_empty() && !v.contains(&b' ')).then_some(v)
 }
 
-/// The writer thread and the way to it.
+/// The record file, written by the executors themselves: each writes its lines before the
+/// replies that accept those messages go out, so a sink killed at any moment has recorded
+/// every message it said 250 to (a write to the page cache, which outlives the process; the
+/// executors do not wait for the disk).
 pub struct Recorder {
-    tx: mpsc::Sender<Vec<u8>>,
-    thread: JoinHandle<std::io::Result<()>>,
+    file: File,
+    failed: AtomicBool,
 }
 
 impl Recorder {
-    /// Creates (truncates) `path` and starts the writer.
-    pub fn start(path: &Path) -> Result<Self, LoadError> {
+    /// Creates (truncates) `path`.
+    pub fn start(path: &Path) -> Result<Arc<Self>, LoadError> {
         let file = File::create(path).map_err(|e| LoadError::flag_file("--record", path, e))?;
-        let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        let thread = std::thread::Builder::new()
-            .name("postern-load-record".into())
-            .spawn(move || {
-                let mut out = BufWriter::with_capacity(BATCH, file);
-                // Bounded: ends when every sender is dropped, at the sink's exit. Each batch
-                // reaches the file when it comes (the executors hand theirs over at least
-                // every watch tick), so a harness reading it during the run, or after the
-                // sink was killed, sees what was accepted up to then.
-                for batch in rx {
-                    out.write_all(&batch)?;
-                    out.flush()?;
-                }
-                out.flush()
-            })
-            .map_err(|e| LoadError::file(path, e))?;
-        Ok(Self { tx, thread })
+        Ok(Arc::new(Self {
+            file,
+            failed: AtomicBool::new(false),
+        }))
     }
 
-    /// A sender for one executor.
-    pub fn sender(&self) -> mpsc::Sender<Vec<u8>> {
-        self.tx.clone()
-    }
-
-    /// Waits until every batch is written.
-    pub fn finish(self, path: &Path) -> Result<(), LoadError> {
-        drop(self.tx);
-        match self.thread.join() {
-            Ok(r) => r.map_err(|e| LoadError::file(path, e)),
-            Err(_) => Err(LoadError::Internal("the record writer failed".into())),
+    /// Appends `lines` (whole lines) to the file, in one write where the kernel allows.
+    pub fn write(&self, lines: &[u8]) {
+        if (&self.file).write_all(lines).is_err() {
+            self.failed.store(true, Ordering::Relaxed);
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_both_headers_across_pieces() {
-        let mut scan = HeaderScan::default();
-        scan.feed(b"Message-ID: <a.1@x>\r\nX-Postern-Lo");
-        scan.feed(b"ad-Seq: 17\r\nSubject: x\r\n\r\nX-Postern-Load-Seq: 99\r\n");
-        let mut out = Vec::new();
-        scan.line(&mut out);
-        assert_eq!(out, b"17 <a.1@x>\n");
-        scan.reset();
-        scan.feed(b"Subject: none\r\n\r\n");
-        out.clear();
-        scan.line(&mut out);
-        assert_eq!(out, b"- -\n");
+    /// Whether every write succeeded.
+    pub fn finish(&self, path: &Path) -> Result<(), LoadError> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(LoadError::file(
+                path,
+                std::io::Error::other("a write of the record failed"),
+            ));
+        }
+        Ok(())
     }
 }

@@ -254,6 +254,8 @@ impl Session {
         if self.proto.output().is_empty() {
             return true;
         }
+        // The messages these replies accept are recorded before the replies go out.
+        self.core.flush_record(true);
         let ok = self.conn.write_all(self.proto.output()).await.is_ok()
             && self.conn.flush().await.is_ok();
         self.proto.clear_output();
