@@ -837,14 +837,13 @@ fn recover_and_report(
         .into_iter()
         .filter(|m| !m.is_final())
         .collect();
-    if !pending.is_empty() || recovered.corrupt_records > 0 {
-        tracing::info!(
-            queued = pending.len(),
-            corrupt_records = recovered.corrupt_records,
-            torn_tails = recovered.torn_tails,
-            "spool recovered; {then}"
-        );
-    }
+    // Also with nothing queued: every start says what it found.
+    tracing::info!(
+        queued = pending.len(),
+        corrupt_records = recovered.corrupt_records,
+        torn_tails = recovered.torn_tails,
+        "spool recovered; {then}"
+    );
     if recovered.corrupt_records > 0 || recovered.damaged > 0 {
         // Not what a crash leaves (that is a torn tail): the disk or something else changed
         // the files. Say where, so the operator can look.

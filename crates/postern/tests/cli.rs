@@ -461,6 +461,28 @@ fn log_lines_written_to_a_pipe_are_plain_text() {
     );
 }
 
+#[test]
+fn a_start_on_an_empty_spool_says_what_it_found_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--spool"])
+            .arg(&spool)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = log_lines(child.stderr.take().unwrap());
+    let line = first_logged(&log, "spool recovered");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        line.contains("queued=0") && line.contains("corrupt_records=0"),
+        "{line}"
+    );
+}
+
 /// An entry named like a segment that is not a file holds no mail: the start names it in a
 /// warning and serves the rest (it once stopped every start, with a cryptic error).
 #[test]
