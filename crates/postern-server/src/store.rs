@@ -374,7 +374,10 @@ impl CoreStore {
             glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
         })
         .await;
-        let _ = self.spool.borrow_mut().sync_now();
+        let mut spool = self.spool.borrow_mut();
+        let _ = spool.sync_now();
+        spool.mark_durable_end();
+        drop(spool);
         self.synced.notify(usize::MAX);
     }
 

@@ -781,6 +781,24 @@ impl Spool {
         })
     }
 
+    /// At a stop, after the last [`Spool::sync_now`]: moves the mark of the segment being
+    /// written to where its records are durable now, and syncs it (one more small write and
+    /// sync), so that a quiet segment is covered to its end. Best effort: a failure only
+    /// leaves the mark where it was.
+    pub fn mark_durable_end(&mut self) {
+        let Some(seg) = self.seg.as_ref() else {
+            return;
+        };
+        let (seq, end) = self.mark.durable;
+        if seq != seg.seq || end <= HEADER || self.mark.written == self.mark.durable {
+            return;
+        }
+        let bytes = mark_bytes(seg.salt, end as u64);
+        if pwrite_all(&seg.file, &bytes, SEAL_AT as u64).is_ok() && seg.file.sync_data().is_ok() {
+            self.mark.written = self.mark.durable;
+        }
+    }
+
     /// How often the segment being written has its mark moved on (default: a second; tests
     /// set zero to have every batch write it).
     pub fn set_mark_interval(&mut self, every: Duration) {

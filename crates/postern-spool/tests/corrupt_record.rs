@@ -558,6 +558,32 @@ fn a_bad_record_before_the_mark_is_damage_and_one_past_it_a_torn_tail() {
 }
 
 #[test]
+fn a_stop_marks_the_segment_being_written_to_its_end() {
+    // Written well within a second: no group commit moved the mark. The stop does.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for i in 0..3 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 5000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    spool.mark_durable_end();
+    drop(spool);
+    let seg = segment_files(dir.path())[0].clone();
+    let mut data = std::fs::read(&seg).unwrap();
+    let starts = message_starts(&data);
+    let last = *record_offsets(&data).last().unwrap();
+    // The last record of all, its CRC broken: damage, not a torn tail.
+    data[last + 12] ^= 0x01;
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.torn_tails, 0, "{:?}", r.corrupt_at);
+    assert!(r.corrupt_at.iter().any(|c| c.offset == last as u64));
+    assert_eq!(starts.len(), 3);
+}
+
+#[test]
 fn a_marked_segment_whose_first_record_is_zeroed_is_not_taken_for_an_empty_one() {
     let dir = tempfile::tempdir().unwrap();
     let (seg, ids) = four_marked_messages(dir.path());
