@@ -332,6 +332,21 @@ impl Scan<'_> {
                             self.corrupt(pos);
                         }
                     }
+                    // Before the seal's end or the mark everything was durable: zeros there
+                    // are a hole in records that go on, not the end of what was written. The
+                    // scan goes on from the next valid record in it, so that the messages
+                    // after the hole are not lost with it (each record found has this
+                    // segment's salt, which no copy from elsewhere carries).
+                    let limit = sealed.or(marked).unwrap_or(0);
+                    if pos < limit {
+                        let span = limit - pos;
+                        if let Rescan::Found(at) =
+                            valid_record_within(&data[pos..], span, salt, &mut rescan)
+                        {
+                            pos += at;
+                            continue;
+                        }
+                    }
                     break;
                 }
                 Read::Overrun => {
