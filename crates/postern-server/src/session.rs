@@ -31,10 +31,11 @@ const READ_BUFFER_MAX: usize = 64 * 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest TLS handshake begun once the server is stopping.
 const HANDSHAKE_DURING_STOP: Duration = Duration::from_secs(1);
-/// Body pieces shorter than this are gathered (up to `BODY_GATHER`) before they go to the
-/// spool: the decoders hand out a piece per dot-stuffed line and per bare line end, and a
-/// record each would cost the spool (and the message's list of pieces) many times the bytes.
-const SMALL_PIECE: usize = 512;
+/// Body pieces are gathered up to this before they go to the spool, and only larger ones go
+/// as they are: the decoders hand out a piece per dot-stuffed line and per bare line end, and
+/// a record each would cost the spool (and the message's list of pieces, kept in memory until
+/// it is delivered) many times the bytes. A body of 512-octet dot-stuffed lines stays at one
+/// piece per 16 KiB.
 const BODY_GATHER: usize = 16 * 1024;
 /// What a reply written at or past the session's cap (its closing 421) still gets.
 pub(crate) const CLOSING_WRITE: Duration = Duration::from_secs(1);
@@ -552,7 +553,7 @@ impl Session {
         if self.draft.is_none() {
             return;
         }
-        let appended = if bytes.len() < SMALL_PIECE {
+        let appended = if bytes.len() < BODY_GATHER {
             self.gathered.extend_from_slice(bytes);
             if self.gathered.len() >= BODY_GATHER {
                 self.append_gathered()

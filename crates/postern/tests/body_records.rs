@@ -1,0 +1,69 @@
+//! A body goes to the spool in few records however it arrives: a client whose body is all
+//! dot-stuffed lines of 512 octets gets one record per 16 KiB, not one per line (each record is
+//! also a piece of the message kept in memory until it is delivered).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::Server;
+
+/// The records of each kind (START 1, BODY 2, END 3, ...) in every segment of the spool.
+fn record_kinds(spool: &Path) -> Vec<u8> {
+    let mut kinds = Vec::new();
+    for core in std::fs::read_dir(spool).unwrap().flatten() {
+        if !core.path().is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(core.path()).unwrap().flatten() {
+            if f.path().extension().is_none_or(|e| e != "seg") {
+                continue;
+            }
+            let data = std::fs::read(f.path()).unwrap();
+            let mut at = 64;
+            while at + 12 <= data.len() {
+                let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+                if len == 0 {
+                    break;
+                }
+                kinds.push(data[at + 8]);
+                at += (12 + len + 7) & !7;
+            }
+        }
+    }
+    kinds
+}
+
+#[test]
+fn a_body_of_dot_stuffed_lines_goes_in_records_of_16_kib() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.org>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    // 4,000 lines of 512 octets after unstuffing: about 2 MiB.
+    let line = format!("..{}\r\n", "x".repeat(509));
+    let mut body = b"Subject: dots\r\n\r\n".to_vec();
+    for _ in 0..4000 {
+        body.extend_from_slice(line.as_bytes());
+    }
+    body.extend_from_slice(b".\r\n");
+    c.send(&body);
+    let reply = c.line();
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    assert!(server.terminate().success());
+    let kinds = record_kinds(&spool);
+    let bodies = kinds.iter().filter(|&&k| k == 2).count();
+    let size = 4000 * 511;
+    assert!(
+        bodies <= size / (16 * 1024) + 3,
+        "{bodies} body records for {size} octets"
+    );
+    assert!(bodies >= size / (64 * 1024), "{bodies} body records");
+}
