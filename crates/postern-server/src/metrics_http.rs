@@ -45,7 +45,13 @@ pub(crate) fn start(
         .spawn(move || {
             let busy = Arc::new(AtomicUsize::new(0));
             let reading: Reading = Arc::default();
-            for (n, stream) in (0u64..).zip(listener.incoming().flatten()) {
+            // A failed accept (EMFILE, say) leaves the connection waiting: pause rather than
+            // spin on it, as the SMTP listeners do.
+            let accepted = listener.incoming().filter_map(|r| {
+                r.map_err(|_| std::thread::sleep(std::time::Duration::from_millis(10)))
+                    .ok()
+            });
+            for (n, stream) in (0u64..).zip(accepted) {
                 if busy.load(Ordering::Acquire) >= MAX_CLIENTS && !evict_slowest(&reading) {
                     // Every slot is writing a response: this one waits for the next scrape.
                     continue;

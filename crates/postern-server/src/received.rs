@@ -61,13 +61,12 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
         "Received: from {helo} ({literal})\r\n\tby {} (postern) with {protocol} id {}",
         t.hostname, t.queue_id
     );
-    // Not an address with a Unicode line or paragraph separator (possible in a quoted
-    // SMTPUTF8 local part): tools that split text at them would see a header line the client
-    // wrote. The clause is optional (RFC 5321 4.4).
-    if let Some(rcpt) = t
-        .single_rcpt
-        .filter(|r| !r.contains(['\u{85}', '\u{2028}', '\u{2029}']))
-    {
+    // Not an address with a control character (C1 controls such as U+0085 and U+009B are
+    // possible in a quoted SMTPUTF8 local part), a Unicode line or paragraph separator, or a
+    // bidirectional override: tools that split text at them would see a header line the
+    // client wrote, and displays would show it reordered. The clause is optional (RFC 5321
+    // 4.4).
+    if let Some(rcpt) = t.single_rcpt.filter(|r| !r.chars().any(unfit_for_trace)) {
         // `<Postmaster>` alone is this server's postmaster (RFC 5321 4.1.1.3); the clause takes
         // a whole Path (4.4), so the domain is written out.
         let _ = if rcpt.contains('@') {
@@ -173,6 +172,18 @@ impl LoopDetector {
     }
 }
 
+/// A character kept out of a trace field: a control, a line or paragraph separator, or a
+/// bidirectional formatting character (embeddings, overrides, isolates, marks).
+fn unfit_for_trace(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,11 +228,14 @@ mod tests {
     }
 
     #[test]
-    fn no_for_clause_for_an_address_with_a_unicode_line_separator() {
+    fn no_for_clause_for_an_address_with_a_separator_control_or_bidi_character() {
         for rcpt in [
             "\"a\u{2028}b\"@b.test",
             "\"a\u{85}b\"@b.test",
             "\"a\u{2029}\"@b.test",
+            "\"a\u{9b}b\"@b.test",
+            "\"\u{202e}gnp.exe\"@b.test",
+            "\"a\u{2066}b\u{2069}\"@b.test",
         ] {
             let text = header(&Trace {
                 smtputf8: true,

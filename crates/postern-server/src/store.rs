@@ -424,7 +424,15 @@ pub(crate) fn ensure_spare(core: &Rc<Core>) {
     };
     let core = core.clone();
     glommio::spawn_local(async move {
-        let made = glommio::executor().spawn_blocking(move || job.run()).await;
+        // A panic there would take the core's one blocking thread, which also runs its syncs:
+        // caught, it is a failed spare like any other.
+        let made = glommio::executor()
+            .spawn_blocking(move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).unwrap_or_else(
+                    |_| Err(std::io::Error::other("making the next segment panicked")),
+                )
+            })
+            .await;
         if let Err(e) = &made {
             core.spool_error("making the next segment", e);
         }
