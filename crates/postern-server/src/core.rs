@@ -359,7 +359,7 @@ impl Core {
     /// Copies the core's figures to where the scraper reads them.
     pub(crate) fn publish(&self) {
         let refusing = !self.accepting();
-        self.publish_as(refusing);
+        self.publish_as(refusing, false);
     }
 
     /// The first copy, made before the core says it is ready (so that the first scrape and
@@ -368,10 +368,21 @@ impl Core {
     /// ready every core has counted, and the next copy and MAIL see all of them.
     pub(crate) fn publish_first(&self) {
         let (open, _) = self.admission(true);
-        self.publish_as(!open);
+        self.publish_as(!open, true);
     }
 
-    fn publish_as(&self, refusing: bool) {
+    /// Without `wait`, a copy that a scrape is reading (merging it with the other cores') is
+    /// left for the next tick rather than waited for: the core's sessions do not wait on a
+    /// scraper.
+    fn publish_as(&self, refusing: bool, wait: bool) {
+        let slot = if wait {
+            self.published.lock().ok()
+        } else {
+            self.published.try_lock().ok()
+        };
+        let Some(mut slot) = slot else {
+            return;
+        };
         let mut m = self.metrics.borrow().clone();
         m.active_sessions = self.sessions.get() as u64;
         m.spool_bytes = self.store.bytes_in_use();
@@ -380,9 +391,7 @@ impl Core {
             m.queue_depth = self.store.live_messages() as u64;
         }
         m.refusing = u64::from(refusing);
-        if let Ok(mut slot) = self.published.lock() {
-            *slot = m;
-        }
+        *slot = m;
     }
 
     /// Whether a stop was asked for, on this core or by the process (not yet seen by `watch`).
