@@ -29,14 +29,18 @@ const REQUEST_TIME: Duration = Duration::from_secs(5);
 /// Connections still sending their request: (number, since when, a handle to shut it down).
 type Reading = Arc<Mutex<Vec<(u64, Instant, TcpStream)>>>;
 
-/// Binds `addr` and serves from a new thread; returns the bound address.
+/// Binds `addr` (before the cores start, so a metrics address in use ends the start before
+/// any SMTP client is taken).
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).map_err(|e| StartError::Metrics(format!("{addr}: {e}")))
+}
+
+/// Serves from a new thread on a listener from [`bind`]; returns the bound address.
 pub(crate) fn start(
-    addr: SocketAddr,
+    listener: TcpListener,
     registry: Registry,
     stop: Arc<StopFlag>,
 ) -> Result<SocketAddr, StartError> {
-    let listener =
-        TcpListener::bind(addr).map_err(|e| StartError::Metrics(format!("{addr}: {e}")))?;
     let local = listener
         .local_addr()
         .map_err(|e| StartError::Metrics(e.to_string()))?;

@@ -274,6 +274,7 @@ pub fn start_locked(
         settings.max_connections_per_ip,
         settings.ipv6_client_prefix,
     );
+    let metrics_listener = settings.metrics.map(metrics_http::bind).transpose()?;
     let registry = Registry::default();
     registry.set_spool_damage(settings.spool_damage_found);
     let stop = Arc::new(StopFlag::default());
@@ -313,9 +314,13 @@ pub fn start_locked(
         };
         beats.push(ctx.beat.clone());
         let ready = ready_tx.clone();
-        let handle = builder
-            .spawn(move || core_main(ctx, ready))
-            .map_err(|e| StartError::Executor(executor_advice(&e.to_string())))?;
+        let handle = match builder.spawn(move || core_main(ctx, ready)) {
+            Ok(handle) => handle,
+            Err(e) => {
+                let e = StartError::Executor(executor_advice(&e.to_string()));
+                return Err(abandon_start(&stop, threads, e));
+            }
+        };
         let stop_all = stop.clone();
         threads.push(std::thread::spawn(move || {
             // A core that fails leaves its deliveries and its spool unserved: the whole
@@ -331,25 +336,23 @@ pub fn start_locked(
     for _ in 0..settings.cores.max(1) {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                stop.stop();
-                return Err(e);
-            }
+            Ok(Err(e)) => return Err(abandon_start(&stop, threads, e)),
             Err(_) => {
-                stop.stop();
-                return Err(StartError::Executor(executor_advice(
-                    "an executor exited during start-up",
-                )));
+                let e = StartError::Executor(executor_advice("an executor exited during start-up"));
+                return Err(abandon_start(&stop, threads, e));
             }
         }
     }
     drop(placeholders);
-    watchdog::spawn(beats, registry.stalls()).map_err(|e| {
-        stop.stop();
-        StartError::Executor(format!("cannot start the cores' watchdog: {e}"))
-    })?;
-    let metrics = match settings.metrics {
-        Some(addr) => Some(metrics_http::start(addr, registry, stop.clone())?),
+    if let Err(e) = watchdog::spawn(beats, registry.stalls()) {
+        let e = StartError::Executor(format!("cannot start the cores' watchdog: {e}"));
+        return Err(abandon_start(&stop, threads, e));
+    }
+    let metrics = match metrics_listener {
+        Some(listener) => match metrics_http::start(listener, registry, stop.clone()) {
+            Ok(local) => Some(local),
+            Err(e) => return Err(abandon_start(&stop, threads, e)),
+        },
         None => None,
     };
     Ok(Running {
@@ -362,6 +365,21 @@ pub fn start_locked(
         threads,
         _spool_lock: spool_lock,
     })
+}
+
+/// A start that fails once some cores run: they stop as on SIGTERM (a client already taken
+/// finishes its transaction or gets `421`, and what they accepted is synced) before the error
+/// is handed back, so the process does not exit under them.
+fn abandon_start(
+    stop: &StopFlag,
+    threads: Vec<std::thread::JoinHandle<bool>>,
+    e: StartError,
+) -> StartError {
+    stop.stop();
+    for t in threads {
+        let _ = t.join();
+    }
+    e
 }
 
 fn executor_advice(cause: &str) -> String {

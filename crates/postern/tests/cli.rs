@@ -1153,6 +1153,49 @@ fn a_core_that_fails_to_start_after_another_has_started_ends_the_start_up() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot start"), "{err}");
     assert!(!err.contains(RAW_PANIC), "{err}");
+
+    // The same failure, 5 s late: meanwhile the core that started takes a client. The failed
+    // start then stops that core as SIGTERM does (the idle client gets 421) before the
+    // process exits, rather than dropping its connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let stream = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "nothing on {port}: {e}"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        };
+        let mut c = common::Client::from_stream(stream);
+        let mut said = vec![c.line(), c.cmd("EHLO early.test")];
+        // The next reply is the one the stop gives.
+        said.push(c.line());
+        let closed = c.closed();
+        (said, closed)
+    });
+    let inject = format!("inject=io_uring_setup:error=ENOMEM:delay_enter=5000000:when={more}");
+    let listen = format!("127.0.0.1:{port}");
+    let (code, _, err) = serve_under(
+        &["strace", "-f", "-qq", "-o", "/dev/null", "-e", &inject],
+        &["--cores", "2", "--listen", &listen],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot start"), "{err}");
+    let (said, closed) = client.join().unwrap();
+    assert!(said[0].starts_with("220 "), "{said:?}");
+    assert!(said[1].starts_with("250 "), "{said:?}");
+    assert!(said[2].starts_with("421 4.3.2"), "{said:?}");
+    assert!(closed, "{said:?}");
 }
 
 #[test]
