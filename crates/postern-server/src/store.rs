@@ -477,7 +477,19 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
         let listener = store.work.listen();
         let batch = store.spool.borrow_mut().take_sync();
         let Some(batch) = batch else {
-            listener.await;
+            // A quiet spell after a batch: the segment's mark is moved on to cover it once
+            // its interval has passed (one small write and sync), unless new work comes first.
+            let due = store.spool.borrow().mark_due_in();
+            match due {
+                Some(due) => {
+                    let timer = async {
+                        glommio::timer::sleep(due).await;
+                    };
+                    futures_lite::future::or(listener, timer).await;
+                    store.spool.borrow_mut().mark_tick();
+                }
+                None => listener.await,
+            }
             continue;
         };
         store.syncing.set(true);

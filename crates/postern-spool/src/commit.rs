@@ -55,6 +55,11 @@ impl Commits {
         Some(range)
     }
 
+    /// Whether every ticket issued is in a batch and every batch settled.
+    pub(crate) fn idle(&self) -> bool {
+        self.issued == self.batched && self.in_flight.is_empty()
+    }
+
     /// Records a batch's outcome and settles what can be settled in order.
     pub(crate) fn done(&mut self, (_, upto): (u64, u64), ok: bool) {
         if !ok {

@@ -799,6 +799,42 @@ impl Spool {
         }
     }
 
+    /// Whether the header of the segment being written claims less than is durable, with no
+    /// batch on its way that will move it: the last batch before a quiet spell. See
+    /// [`Spool::mark_tick`].
+    pub fn mark_lags(&self) -> bool {
+        let Some(seg) = self.seg.as_ref() else {
+            return false;
+        };
+        let (seq, end) = self.mark.durable;
+        seq == seg.seq
+            && end > HEADER
+            && self.mark.written != self.mark.durable
+            && self.mark.waiting.is_none()
+            && self.commits.idle()
+    }
+
+    /// In a quiet spell, once the mark's interval has passed since it was last written: asks
+    /// for one more batch, which only writes the mark of the segment being written (and syncs
+    /// it), so that its last records before the quiet spell are covered too. True when a
+    /// batch is now waiting for [`Spool::take_sync`].
+    pub fn mark_tick(&mut self) -> bool {
+        if !self.mark_lags() || self.mark.written_at.elapsed() < self.mark.every {
+            return false;
+        }
+        self.commits.issue();
+        true
+    }
+
+    /// How long until a lagging mark is due ([`Spool::mark_tick`]); None when it does not lag.
+    pub fn mark_due_in(&self) -> Option<Duration> {
+        self.mark_lags().then(|| {
+            self.mark
+                .every
+                .saturating_sub(self.mark.written_at.elapsed())
+        })
+    }
+
     /// How often the segment being written has its mark moved on (default: a second; tests
     /// set zero to have every batch write it).
     pub fn set_mark_interval(&mut self, every: Duration) {

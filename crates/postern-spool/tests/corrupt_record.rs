@@ -590,6 +590,35 @@ fn a_stop_marks_the_segment_being_written_to_its_end() {
 }
 
 #[test]
+fn a_quiet_spell_moves_the_mark_over_the_last_batch_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    spool.set_mark_interval(std::time::Duration::ZERO);
+    for i in 0..3 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 5000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    // The batch that makes them durable cannot claim them in the header it writes.
+    spool.sync_now().unwrap();
+    assert!(spool.mark_lags());
+    assert!(spool.mark_tick());
+    spool.sync_now().unwrap();
+    assert!(!spool.mark_lags());
+    assert!(!spool.mark_tick(), "one batch per quiet spell");
+    drop(spool);
+    let seg = segment_files(dir.path())[0].clone();
+    let mut data = std::fs::read(&seg).unwrap();
+    let last = *record_offsets(&data).last().unwrap();
+    // The last record of all, its CRC broken: damage, not a torn tail.
+    data[last + 12] ^= 0x01;
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.torn_tails, 0, "{:?}", r.corrupt_at);
+    assert!(r.corrupt_at.iter().any(|c| c.offset == last as u64));
+}
+
+#[test]
 fn a_marked_segment_whose_first_record_is_zeroed_is_not_taken_for_an_empty_one() {
     let dir = tempfile::tempdir().unwrap();
     let (seg, ids) = four_marked_messages(dir.path());

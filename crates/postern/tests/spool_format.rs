@@ -120,3 +120,50 @@ fn a_spool_of_a_newer_format_stops_the_start_and_is_left_as_it_is() {
     assert!(out.status.success(), "{out:?}");
     assert!(listed.contains("b@dest.test"), "{listed}");
 }
+
+/// Where the records of a segment's data end (the first zero length word after the header).
+fn records_end(data: &[u8]) -> usize {
+    let mut at = 64;
+    while at + 12 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        at += (12 + len + 7) & !7;
+    }
+    at
+}
+
+#[test]
+fn a_segment_gone_quiet_has_its_mark_moved_over_its_last_message() {
+    // The segment being written keeps in its header (bytes 36..48, where a full segment's
+    // seal goes) how far its records are durable, moved on with a group commit that comes
+    // after the one that made them so. A message followed by nothing gets no such commit:
+    // within about a second of quiet the server writes the mark itself, so a crash then
+    // leaves a segment whose every record is known good, and damage to it is reported rather
+    // than taken for a torn tail.
+    let server = Server::start(&["--cores", "1"]);
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.org>").starts_with("250"));
+    c.send(b"BDAT 27 LAST\r\nSubject: quiet\r\n\r\nnothing.\r\n");
+    let reply = c.line();
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    // The first segment is the one being written (the next is its spare, made ahead).
+    let segs = segments(&server.spool);
+    assert!(!segs.is_empty());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (mark, end) = loop {
+        let data = std::fs::read(&segs[0]).unwrap();
+        let mark = u64::from_le_bytes(data[36..44].try_into().unwrap()) as usize;
+        let end = records_end(&data);
+        if mark == end || std::time::Instant::now() > deadline {
+            break (mark, end);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(mark, end, "the mark does not reach the last record");
+}
