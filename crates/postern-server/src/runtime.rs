@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{CpuSet, LocalExecutorBuilder, Placement, PoolPlacement};
 use postern_proto::ServerConfig;
 use postern_spool::{DirLock, LOCK_FILE};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -293,9 +293,10 @@ pub fn start_locked(
         } else {
             Placement::Unbound
         };
-        let builder = LocalExecutorBuilder::new(placement)
+        let builder = LocalExecutorBuilder::new(placement.clone())
             .name(&format!("postern-core-{id}"))
-            .io_memory(IO_MEMORY);
+            .io_memory(IO_MEMORY)
+            .blocking_thread_pool_placement(blocking_pool(&placement));
         let ctx = CoreInit {
             id,
             settings: settings.clone(),
@@ -380,6 +381,19 @@ fn abandon_start(
         let _ = t.join();
     }
     e
+}
+
+/// A core's blocking pool: two threads where the core runs, so that its group commit's sync
+/// never waits behind the making of a segment or the deletion of freed ones.
+fn blocking_pool(core: &Placement) -> PoolPlacement {
+    const THREADS: usize = 2;
+    match core {
+        Placement::Fixed(cpu) => match CpuSet::online() {
+            Ok(set) => PoolPlacement::Fenced(THREADS, set.filter(|l| l.cpu == *cpu)),
+            Err(_) => PoolPlacement::Unbound(THREADS),
+        },
+        _ => PoolPlacement::Unbound(THREADS),
+    }
 }
 
 fn executor_advice(cause: &str) -> String {
@@ -477,6 +491,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     });
     core.count_held();
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
+    let unlinker = glommio::spawn_local(crate::store::unlink_freed(core.clone()));
     if let Some(factory) = &init.delivery {
         let d = factory(CoreHandle(core.clone()));
         *core.delivery.borrow_mut() = Some(d);
@@ -574,6 +589,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         futures_lite::future::or(drained(), futures_lite::future::or(last, hurried())).await;
     }
     drop(committer);
+    drop(unlinker);
     drop(watcher);
     core.publish();
 }

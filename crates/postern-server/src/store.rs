@@ -143,6 +143,10 @@ pub(crate) struct CoreStore {
     finished: Arc<FinishedSync>,
     /// Whether a sync is running and not yet collected.
     syncing: Cell<bool>,
+    /// Woken when segments were freed, for [`unlink_freed`] to delete them off the core.
+    freed: Event,
+    /// Whether [`unlink_freed`] has a batch on the blocking pool; woken by `freed` when done.
+    unlinking: Cell<bool>,
 }
 
 /// A sync the blocking pool has finished, waiting for the core. Whichever task of the core
@@ -198,8 +202,9 @@ impl CoreStore {
             })?;
         }
         let core = u32::try_from(core).map_err(|_| StartError::Spool("too many cores".into()))?;
-        let spool = Spool::open(dir, core, SpoolOptions { segment_size })
+        let mut spool = Spool::open(dir, core, SpoolOptions { segment_size })
             .map_err(|e| StartError::Spool(format!("{}: {e}", dir.display())))?;
+        spool.set_unlink_later(true);
         Ok(CoreStore {
             spool: RefCell::new(spool),
             work: Event::new(),
@@ -208,6 +213,8 @@ impl CoreStore {
             last_status: Cell::new(None),
             finished: Arc::default(),
             syncing: Cell::new(false),
+            freed: Event::new(),
+            unlinking: Cell::new(false),
         })
     }
 
@@ -291,7 +298,7 @@ impl CoreStore {
         let (ticket, pending) = self.failed_write(finished)?;
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
-            let _ = self.spool.borrow_mut().forget_failed(&queue_id);
+            let _ = self.freed_if(self.spool.borrow_mut().forget_failed(&queue_id));
             return Err(e);
         }
         let body = self.spool.borrow().body(pending).map_err(|_| {
@@ -342,11 +349,19 @@ impl CoreStore {
     }
 
     pub(crate) fn mark_final(&self, queue_id: &str) -> Result<usize, SpoolError> {
-        self.spool.borrow_mut().mark_final(queue_id)
+        self.freed_if(self.spool.borrow_mut().mark_final(queue_id))
     }
 
     pub(crate) fn reclaim(&self) -> Result<usize, SpoolError> {
-        self.spool.borrow_mut().reclaim()
+        self.freed_if(self.spool.borrow_mut().reclaim())
+    }
+
+    /// Wakes [`unlink_freed`] when `reclaimed` freed segments.
+    fn freed_if(&self, reclaimed: Result<usize, SpoolError>) -> Result<usize, SpoolError> {
+        if reclaimed.as_ref().is_ok_and(|&n| n > 0) {
+            self.freed.notify(usize::MAX);
+        }
+        reclaimed
     }
 
     /// Waits for a ticket's group commit.
@@ -374,9 +389,19 @@ impl CoreStore {
             glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
         })
         .await;
+        // Segments freed and not yet deleted go now, rather than at the next start, after
+        // those on their way (in order: older ones first).
+        while self.unlinking.get() {
+            let listener = self.freed.listen();
+            if !self.unlinking.get() {
+                break;
+            }
+            listener.await;
+        }
         let mut spool = self.spool.borrow_mut();
         let _ = spool.sync_now();
         spool.mark_durable_end();
+        let _ = postern_spool::unlink_segments(&spool.take_unlinks());
         drop(spool);
         self.synced.notify(usize::MAX);
     }
@@ -440,6 +465,41 @@ pub(crate) fn ensure_spare(core: &Rc<Core>) {
         core.store.spare_made.notify(usize::MAX);
     })
     .detach();
+}
+
+/// Deletes the segments the spool has freed, on the blocking pool, one batch at a time and in
+/// the order they were freed: deleting a segment frees its reserved extents, a millisecond or
+/// two that would otherwise stall every session of the core.
+pub(crate) async fn unlink_freed(core: Rc<Core>) {
+    let store = &core.store;
+    loop {
+        let listener = store.freed.listen();
+        let paths = store.spool.borrow_mut().take_unlinks();
+        if paths.is_empty() {
+            listener.await;
+            continue;
+        }
+        store.unlinking.set(true);
+        let failed = glommio::executor()
+            .spawn_blocking(move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    postern_spool::unlink_segments(&paths)
+                }))
+                .unwrap_or_else(|_| {
+                    vec![(
+                        std::path::PathBuf::new(),
+                        std::io::Error::other("deleting segments panicked"),
+                    )]
+                })
+            })
+            .await;
+        store.unlinking.set(false);
+        store.freed.notify(usize::MAX);
+        // Left on disk, holding only final messages: the next start deletes them.
+        for (path, e) in failed {
+            core.spool_error(&format!("deleting {}", path.display()), &e);
+        }
+    }
 }
 
 /// Collects a sync the blocking pool has finished, if there is one: its tickets complete and

@@ -46,4 +46,4 @@ pub use queue_id::{owner_core, MAX_CORES};
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
 pub use segment::create_private_dir;
 pub use spare::{PreparedSegment, SpareJob};
-pub use spool::{Draft, PendingBody, Spool, SpoolOptions, SyncBatch, DAMAGED_DIR};
+pub use spool::{unlink_segments, Draft, PendingBody, Spool, SpoolOptions, SyncBatch, DAMAGED_DIR};

@@ -163,6 +163,11 @@ pub struct Spool {
     to_seal: Vec<Seal>,
     /// The current segment's mark of how far its records are durable.
     mark: Mark,
+    /// Whether freed segments are handed out ([`Spool::take_unlinks`]) rather than deleted
+    /// in [`Spool::reclaim`].
+    unlink_later: bool,
+    /// Freed segments waiting to be deleted, oldest first.
+    to_unlink: Vec<PathBuf>,
 }
 
 /// How often the segment being written has its header's mark moved on (docs/durability.md,
@@ -316,6 +321,8 @@ impl Spool {
             in_flight_seq: 0,
             to_seal: Vec::new(),
             mark: Mark::new(),
+            unlink_later: false,
+            to_unlink: Vec::new(),
         };
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
         // damaged one to set aside on a full disk) stays where it is, in the index, for the
@@ -659,6 +666,11 @@ impl Spool {
         while let Some((seq, bytes)) = self.index.pop_free(current) {
             let path = self.dir.join(file_name(seq));
             let damaged = self.damaged.binary_search(&seq).is_ok();
+            if self.unlink_later && !damaged {
+                self.to_unlink.push(path);
+                deleted += 1;
+                continue;
+            }
             let gone = if damaged {
                 self.set_aside(&path)
             } else {
@@ -695,6 +707,22 @@ impl Spool {
             Some(e) => Err(SpoolError::from_io(e)),
             None => Ok(deleted),
         }
+    }
+
+    /// Has [`Spool::reclaim`] hand freed segments out through [`Spool::take_unlinks`], to be
+    /// deleted elsewhere ([`unlink_segments`]), instead of deleting them itself: freeing a
+    /// segment's reserved extents takes a millisecond or two of the caller's thread. Damaged
+    /// segments are still set aside at once. A segment freed and not yet deleted when the
+    /// process ends holds only final messages, and the next [`Spool::open`] deletes it.
+    pub fn set_unlink_later(&mut self, later: bool) {
+        self.unlink_later = later;
+    }
+
+    /// The segments freed since the last call, oldest first, to delete in that order (an
+    /// older segment's messages may be final by status records in a newer one, so the newer
+    /// must not go first).
+    pub fn take_unlinks(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.to_unlink)
     }
 
     /// Renames a damaged segment in its own directory to a name the scan passes over
@@ -996,4 +1024,19 @@ fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
     }
     let map = crate::map::ReadMap::new(&file).map_err(SpoolError::at(path))?;
     Ok(header(map.range(0, map.len())) == Header::Blank)
+}
+
+/// Deletes segments from [`Spool::take_unlinks`] in order; returns those that could not be
+/// deleted, with why (one already gone is no error). One left behind holds only final
+/// messages, and the next [`Spool::open`] deletes it.
+pub fn unlink_segments(paths: &[PathBuf]) -> Vec<(PathBuf, std::io::Error)> {
+    let mut failed = Vec::new();
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failed.push((path.clone(), e)),
+        }
+    }
+    failed
 }

@@ -171,3 +171,56 @@ fn a_body_is_handed_out_only_by_the_spool_that_made_it() {
     let pending = other.body(pending).unwrap_err();
     assert_eq!(spool.body(pending).unwrap().to_vec(), body(2, 100));
 }
+
+/// Freed segments handed out to be deleted elsewhere (as the server does, off its cores): the
+/// files stay until deleted, come out oldest first, and one the process never got to delete
+/// holds nothing the next open brings back.
+#[test]
+fn segments_freed_for_deletion_elsewhere_come_out_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    spool.set_unlink_later(true);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 20_000)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        spool.finish(d).unwrap();
+    }
+    for id in &ids {
+        spool.append_status(id, 0, &delivered()).unwrap();
+        spool.append_status(id, 1, &delivered()).unwrap();
+    }
+    spool.sync_now().unwrap();
+    let before = spool.segment_count();
+    let mut freed = 0;
+    for id in &ids {
+        freed += spool.mark_final(id).unwrap();
+    }
+    let paths = spool.take_unlinks();
+    assert!(freed >= 3, "{freed}");
+    assert_eq!(paths.len(), freed);
+    assert_eq!(spool.segment_count(), before - freed);
+    assert!(
+        paths.iter().all(|p| p.exists()),
+        "deleted by the spool itself"
+    );
+    let mut sorted = paths.clone();
+    sorted.sort();
+    assert_eq!(paths, sorted, "not oldest first");
+    assert!(spool.take_unlinks().is_empty());
+    // The newest two deleted, the rest left as by a process that ended first.
+    let (left, deleted) = paths.split_at(paths.len() - 2);
+    assert!(postern_spool::unlink_segments(deleted).is_empty());
+    assert!(deleted.iter().all(|p| !p.exists()));
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages.iter().all(|m| m.is_final()));
+    drop(r);
+    let spool = Spool::open(dir.path(), 0, opts).unwrap();
+    assert!(left.iter().all(|p| !p.exists()), "left for ever: {left:?}");
+    assert_eq!(spool.live_messages(), 0);
+}

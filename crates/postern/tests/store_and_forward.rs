@@ -504,3 +504,48 @@ fn each_deferred_recipient_keeps_its_own_reply() {
         }
     }
 }
+
+/// Segments whose messages are all delivered are deleted while the server runs (off the core
+/// that freed them), not left until the next start.
+#[test]
+fn segments_of_delivered_mail_are_deleted_while_the_server_runs() {
+    let (sink, out, addr) = start_sink(&[]);
+    let route = format!("sink.test={addr}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "128k",
+    ]);
+    let n = 40;
+    let filler = "x".repeat(998);
+    let body: String = (0..20).map(|_| format!("{filler}\r\n")).collect();
+    for i in 0..n {
+        let mut c = greeted(&server);
+        c.cmd("MAIL FROM:<a@origin.test>");
+        c.cmd("RCPT TO:<r@sink.test>");
+        c.cmd("DATA");
+        c.send(format!("Message-ID: <seg{i}@t>\r\n\r\n{body}.\r\n").as_bytes());
+        assert!(c.line().starts_with("250"));
+    }
+    server.metrics_until(|m| m.contains(&format!("postern_recipients_delivered_total {n}\n")));
+    let segments = || {
+        std::fs::read_dir(server.spool.join("0"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .count()
+    };
+    // About 800 KiB went through 128 KiB segments; what is left is the segment being written,
+    // its spare and at most one behind them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while segments() > 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(segments() <= 3, "{} segments left", segments());
+    stop_sink(sink, out);
+}
