@@ -63,11 +63,13 @@ fn reply_mix(s: &str) -> Result<ReplyMix, String> {
     let mix = units::parse_weighted("--reply-mix", s, |v| {
         v.parse::<u16>()
             .ok()
-            .filter(|c| (200..600).contains(c) && !(300..400).contains(c))
+            // 250 is end of data's one positive reply (RFC 5321 4.3.2), the one the sink
+            // sends; another 2xx would be counted and never said.
+            .filter(|c| *c == 250 || (400..600).contains(c))
             .ok_or_else(|| {
                 crate::LoadError::flag(
                     "--reply-mix",
-                    format!("{v:?} is not a 2xx, 4xx or 5xx code"),
+                    format!("{v:?} is not 250 or a 4xx or 5xx code"),
                 )
             })
     })
@@ -305,8 +307,9 @@ pub struct SinkArgs {
     /// Do not offer PIPELINING, like an older server.
     #[arg(long)]
     pub no_pipelining: bool,
-    /// Answer end of data with these codes in these proportions (250:98,451:1,550:1); a 421
-    /// also closes the connection, as a server going down does. [default: 250 to every message]
+    /// Answer end of data with these codes (250, or a 4xx or 5xx) in these proportions
+    /// (250:98,451:1,550:1); a 421 also closes the connection, as a server going down does.
+    /// [default: 250 to every message]
     #[arg(long, value_parser = reply_mix)]
     pub reply_mix: Option<ReplyMix>,
     /// Wait this long before answering each end of data. [default: none, answered at once]

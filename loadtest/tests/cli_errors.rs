@@ -7,8 +7,14 @@ use std::process::Command;
 
 use common::BIN;
 
+/// Runs the program with `args`, ended after 20 s should it take the flags and start (exit
+/// code 124 then, which no case expects).
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = Command::new("timeout")
+        .args(["20", BIN])
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -33,6 +39,8 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["send", "--pipelining", "--window", "0"][..], "--window"),
         (&["sink", "--drop-after", "0"][..], "--drop-after"),
         (&["sink", "--reply-mix", "250:9,999:1"][..], "--reply-mix"),
+        // The sink's positive end-of-data reply is 250: a 251 would be counted and not said.
+        (&["sink", "--reply-mix", "250:1,251:1"][..], "--reply-mix"),
         (&["sink", "--tls-cert", "x.pem"][..], "--tls-key"),
         (&["frobnicate"][..], "frobnicate"),
         (&["send", "--rate", "1e-20/s"][..], "--rate"),

@@ -134,3 +134,72 @@ fn a_run_against_a_port_where_nothing_listens_stops_and_says_so() {
     );
     assert!(!stdout.contains("stopped early by a signal"), "{stdout}");
 }
+
+/// A `send` against a listener that takes connections and never greets, with `extra` flags:
+/// started, and the listener (held, so its connections stay open and silent).
+fn send_to_silent(extra: &[&str]) -> (std::process::Child, std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap().to_string();
+    let sender = Command::new(BIN)
+        .args(["send", "--target", &target, "--quiet", "--duration", "120s"])
+        .args(["--connections", "2", "--timeout", "60s"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (sender, listener, target)
+}
+
+#[test]
+fn a_server_that_never_greets_ends_the_run_in_seconds_not_at_the_timeout() {
+    let started = Instant::now();
+    let (sender, _listener, target) = send_to_silent(&[]);
+    let out = sender.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited for the 60 s timeout: {stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "no connection to {target} opened in 3 s (no greeting)"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("note:     no connection opened"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn an_interrupt_ends_the_wait_for_a_greeting() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let (sender, listener, _) = send_to_silent(&["--json", json.to_str().unwrap()]);
+    // A connection has come: the sender waits for its greeting now.
+    let (_held, _) = listener.accept().unwrap();
+    assert!(Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let asked = Instant::now();
+    let out = sender.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "the interrupt waited: {text}"
+    );
+    assert!(text.contains("stopped early by a signal"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["interrupted"], true, "{report}");
+    assert_eq!(report["no_server"], false, "{report}");
+    assert_eq!(report["messages_sent"], 0, "{report}");
+}

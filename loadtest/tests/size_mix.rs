@@ -30,3 +30,30 @@ fn sizes_come_in_their_shares_and_bytes_agree() {
     assert_eq!(counters.get("bytes_received_total"), expected);
     check_record(&record, 0..200);
 }
+
+#[test]
+fn messages_over_the_servers_size_are_failures_of_their_own_not_transactions() {
+    // The sink takes 2 KiB: the 4 KiB half of the mix is refused here, before MAIL, by the
+    // SIZE the sink offered. No command went out and no reply came: no 552 in the replies,
+    // no transaction in the latency rows.
+    let sink = Sink::start(&["--max-size", "2k"]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "20",
+            "--connections",
+            "2",
+            "--size",
+            "1k:1,4k:1",
+        ],
+    );
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 10, "{report}");
+    assert_eq!(counters.get("messages_total"), 10);
+    assert_eq!(num(&report, "messages_failed"), 10, "{report}");
+    assert_eq!(report["errors"]["over_server_size"], 10, "{report}");
+    assert!(report["replies"].get("552").is_none(), "{report}");
+    assert_eq!(report["replies"]["250"], 10, "{report}");
+    assert_eq!(report["latency_ms"]["transaction"]["count"], 10, "{report}");
+}

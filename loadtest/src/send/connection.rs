@@ -15,7 +15,7 @@ use postern_proto::stuff::DotStuffer;
 use rustls::pki_types::ServerName;
 
 use crate::conn::Conn;
-use crate::send::core::{Core, Run};
+use crate::send::core::{Core, Run, NO_SERVER_WAIT};
 use crate::send::filter::NoPipelining;
 use crate::send::message::{address, with_date, Message};
 use crate::send::outbox::Outbox;
@@ -159,8 +159,13 @@ pub async fn run(core: Rc<Core>) {
     // Bounded: every pass settles or fails at least the ticket it starts with, and tickets
     // run out.
     while let Some(ticket) = next.take() {
-        let client = match open(&core).await {
+        let client = match open_unless_stopped(&core).await {
             Ok(c) => c,
+            Err(Failure(STOPPED)) => {
+                // Stopped (a signal, or no server) before the message could start.
+                core.run.plan.unclaim();
+                break;
+            }
             Err(Failure(kind)) => {
                 core.fail(kind);
                 core.run.give_up_unless_opened(kind);
@@ -218,7 +223,9 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                         break;
                     }
                     if !wait_until(run, due).await {
-                        // Stopped while waiting: the message is not sent.
+                        // Stopped while waiting: the message is not sent, and it does not
+                        // count as started (where it came due first, it was missed).
+                        run.plan.unclaim();
                         break;
                     }
                 }
@@ -375,6 +382,30 @@ fn lose(core: &Core, kind: &'static str, lost: usize, held: Option<Ticket>) -> O
     held.or_else(|| core.run.plan.claim())
 }
 
+/// What [`open_unless_stopped`] fails with when the run stopped first.
+const STOPPED: &str = "stopped";
+
+/// [`open`], given up when the run is stopped (a signal), or when no connection of the run
+/// has opened within [`NO_SERVER_WAIT`] (a server that accepts and never greets): the
+/// first is [`STOPPED`], the second a `no_greeting` failure. Neither waits out `--timeout`.
+async fn open_unless_stopped(core: &Core) -> Result<Client, Failure> {
+    let run = &core.run;
+    let watch = async {
+        // Bounded: the run stops, or NO_SERVER_WAIT passes, or `open` ends first.
+        loop {
+            glommio::timer::sleep(STOP_POLL).await;
+            if run.plan.stopped() {
+                return Err(Failure(STOPPED));
+            }
+            let opened = run.opened.load(std::sync::atomic::Ordering::Relaxed);
+            if !opened && run.plan.start().elapsed() >= NO_SERVER_WAIT {
+                return Err(Failure("no_greeting"));
+            }
+        }
+    };
+    futures_lite::future::or(open(core), watch).await
+}
+
 /// Connects, reads the banner, greets, and starts TLS when asked.
 async fn open(core: &Core) -> Result<Client, Failure> {
     let run = &core.run;
@@ -525,7 +556,13 @@ async fn start<'a>(
             }
             Err(r) if r.code == 451 => return Err(Failure("client_busy")),
             Err(r) => {
-                core.settle(ticket.seq, r.code, false, 0, started, None);
+                // Refused here, before a command went out (over the server's SIZE, say): no
+                // transaction and no reply from the server, a failure of its own kind.
+                core.fail(if r.code == 552 {
+                    "over_server_size"
+                } else {
+                    "refused_before_sending"
+                });
                 return Ok(None);
             }
         }

@@ -105,6 +105,14 @@ impl Plan {
         self.start
     }
 
+    /// Gives back a claimed ticket never started (the run was stopped first): it counts as
+    /// not started, so messages due less those not started are those started.
+    pub fn unclaim(&self) {
+        let _ = self
+            .claimed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+    }
+
     /// The next message, or None when the run is over.
     pub fn claim(&self) -> Option<Ticket> {
         if self.stopped() || self.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -207,6 +215,27 @@ mod tests {
             let handed_out = std::iter::from_fn(|| plan.claim()).count() as u64;
             assert_eq!(plan.due(), Some(handed_out), "rate {rate}, {ms} ms");
         }
+    }
+
+    #[test]
+    fn a_ticket_given_back_unsent_counts_as_not_started() {
+        let start = Instant::now() - Duration::from_secs(1);
+        let plan = Plan::new(start, None, Some(Duration::from_secs(60)), Some(10.0));
+        let claimed = std::iter::from_fn(|| plan.claim()).take(3).count() as u64;
+        assert_eq!(plan.claimed(), claimed);
+        // The third was waiting for its due time when the run stopped.
+        plan.stop_flag().store(true, Ordering::Relaxed);
+        assert!(plan.stopped());
+        plan.unclaim();
+        assert_eq!(plan.claimed(), 2);
+        let due = plan.due().unwrap();
+        assert!(due >= 3, "{due}");
+        // Due less not started (due - claimed) is what was started.
+        assert_eq!(due - (due - plan.claimed()), 2);
+        plan.unclaim();
+        plan.unclaim();
+        plan.unclaim();
+        assert_eq!(plan.claimed(), 0, "never below zero");
     }
 
     #[test]
