@@ -288,7 +288,18 @@ impl CoreStore {
     }
 
     pub(crate) fn abort(&self, draft: Draft) {
-        self.spool.borrow_mut().abort(draft);
+        let mut spool = self.spool.borrow_mut();
+        spool.abort(draft);
+        // The segments it filled go (unless older mail holds them), and the batch their
+        // seals wait for runs now rather than with the next message: until it has, their
+        // files stay open, and a deleted one keeps its space (a full disk would stay full).
+        let reclaimed = spool.reclaim();
+        let wanted = spool.sync_wanted();
+        drop(spool);
+        let _ = self.freed_if(reclaimed);
+        if wanted {
+            self.work.notify(1);
+        }
     }
 
     /// Finishes the message and waits until a group commit has made it durable.

@@ -55,6 +55,11 @@ impl Commits {
         Some(range)
     }
 
+    /// Whether every ticket issued is in a batch.
+    pub(crate) fn all_batched(&self) -> bool {
+        self.issued == self.batched
+    }
+
     /// Whether every ticket issued is in a batch and every batch settled.
     pub(crate) fn idle(&self) -> bool {
         self.issued == self.batched && self.in_flight.is_empty()

@@ -894,7 +894,10 @@ impl Spool {
     }
 
     /// Seals the full segments whose records are all durable now (best effort: a seal lost
-    /// only takes away a check). Their files are synced again with the next batch.
+    /// only takes away a check). Their files are synced again with the next batch, which a
+    /// ticket issued here asks for: without it they would wait, held open, for the next
+    /// message or status, and a segment deleted meanwhile (all its messages aborted, say)
+    /// would keep its space on disk until then.
     fn seal_durable(&mut self) {
         let mut sealed = Vec::new();
         let commits = &self.commits;
@@ -908,9 +911,18 @@ impl Spool {
                 false
             }
         });
+        if !sealed.is_empty() {
+            self.commits.issue();
+        }
         for file in sealed {
             self.mark_dirty(&file);
         }
+    }
+
+    /// Whether tickets wait for a batch ([`Spool::take_sync`] would return one): after an
+    /// [`Spool::abort`] that filled segments, their seals and the records gathered for them.
+    pub fn sync_wanted(&self) -> bool {
+        !self.commits.all_batched()
     }
 
     /// Where `ticket` stands.

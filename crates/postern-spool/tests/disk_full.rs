@@ -281,3 +281,51 @@ fn a_damaged_segment_that_cannot_be_set_aside_does_not_keep_the_spool_from_openi
     let _spool = Spool::open(&root, 0, opts).unwrap();
     assert!(in_place.exists(), "kept for the operator");
 }
+
+/// Files under `dir` that this process still holds open with no name left (deleted: their
+/// space is not free). A segment is opened under a temporary name and then linked to its own,
+/// so the kernel's " (deleted)" on the open name alone proves nothing: its link count does.
+fn deleted_but_open(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let nlink = std::fs::metadata(fd.path()).ok()?.nlink();
+            Some((target.to_string_lossy().into_owned(), nlink))
+        })
+        .filter(|(t, nlink)| t.starts_with(&prefix) && *nlink == 0)
+        .map(|(t, _)| t)
+        .collect()
+}
+
+#[test]
+fn an_aborted_message_that_filled_segments_keeps_none_of_them_open_once_deleted() {
+    // A client that sends a large body and goes: its segments are freed, and their space
+    // with them only once the spool lets go of their files. Those files wait for a batch (the
+    // seals of the full ones, the records gathered for them): the spool asks for it, and for
+    // the one after it that syncs the seals, so that no later message is needed.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut d = spool.begin(&meta(0)).unwrap();
+    for piece in body(0, 600_000).chunks(30_000) {
+        spool.append(&mut d, piece).unwrap();
+    }
+    spool.abort(d);
+    let freed = spool.reclaim().unwrap();
+    assert!(freed >= 5, "{freed}");
+    assert!(!deleted_but_open(dir.path()).is_empty(), "nothing to show");
+    assert!(spool.sync_wanted());
+    let mut batches = 0;
+    while spool.sync_wanted() {
+        spool.sync_now().unwrap();
+        batches += 1;
+        assert!(batches <= 3, "batches without end");
+    }
+    assert_eq!(deleted_but_open(dir.path()), Vec::<String>::new());
+}

@@ -67,3 +67,74 @@ fn a_body_of_dot_stuffed_lines_goes_in_records_of_16_kib() {
     );
     assert!(bodies >= size / (64 * 1024), "{bodies} body records");
 }
+
+/// Files under `dir` that process `pid` holds open with no name left (deleted, their space not
+/// free). Segments are opened under a temporary name and then linked to their own, so the
+/// kernel's " (deleted)" on the open name proves nothing alone: the link count does.
+fn deleted_but_open(pid: u32, dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = dir.to_string_lossy().into_owned();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            let nlink = std::fs::metadata(fd.path()).ok()?.nlink();
+            Some((target.to_string_lossy().into_owned(), nlink))
+        })
+        .filter(|(t, nlink)| t.starts_with(&prefix) && *nlink == 0)
+        .map(|(t, _)| t)
+        .collect()
+}
+
+#[test]
+fn a_refused_body_gives_the_segments_it_filled_back() {
+    // 600 KB into 64 KiB segments, then refused as over the size limit (552, after it was
+    // read to its end; a client that goes mid-body is the same abort). The segments it filled
+    // are deleted and their files let go without another message coming (which a full disk
+    // would never let come): a few such bodies would otherwise fill the spool's disk for good.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--spool-segment-size",
+            "64k",
+            "--max-message-size",
+            "500k",
+        ],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220"));
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@example.org>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let line = format!("{}\r\n", "y".repeat(998));
+    for _ in 0..600 {
+        c.send(line.as_bytes());
+    }
+    c.send(b".\r\n");
+    let reply = c.line();
+    assert!(reply.starts_with("552 5.3.4"), "{reply}");
+    let pid = server.child.id();
+    let files = || std::fs::read_dir(spool.join("0")).unwrap().count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut held = deleted_but_open(pid, &spool);
+    while (!held.is_empty() || files() > 3) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        held = deleted_but_open(pid, &spool);
+    }
+    assert_eq!(held, Vec::<String>::new());
+    assert!(
+        files() <= 3,
+        "{} files left in the core's directory",
+        files()
+    );
+    // The session goes on: the next message is taken.
+    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+}
