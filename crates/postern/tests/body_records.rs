@@ -21,15 +21,7 @@ fn record_kinds(spool: &Path) -> Vec<u8> {
                 continue;
             }
             let data = std::fs::read(f.path()).unwrap();
-            let mut at = 64;
-            while at + 12 <= data.len() {
-                let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-                if len == 0 {
-                    break;
-                }
-                kinds.push(data[at + 8]);
-                at += (12 + len + 7) & !7;
-            }
+            kinds.extend(common::segment_records(&data).0.iter().map(|&(_, k)| k));
         }
     }
     kinds
@@ -40,13 +32,7 @@ fn a_body_of_dot_stuffed_lines_goes_in_records_of_16_kib() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    let mut c = server.connect();
-    assert!(c.line().starts_with("220"));
-    c.send(b"EHLO client.test\r\n");
-    c.reply();
-    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@example.org>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
+    let mut c = server.in_data();
     // 4,000 lines of 512 octets after unstuffing: about 2 MiB.
     let line = format!("..{}\r\n", "x".repeat(509));
     let mut body = b"Subject: dots\r\n\r\n".to_vec();
@@ -107,13 +93,7 @@ fn a_refused_body_gives_the_segments_it_filled_back() {
         spool.clone(),
         None,
     );
-    let mut c = server.connect();
-    assert!(c.line().starts_with("220"));
-    c.send(b"EHLO client.test\r\n");
-    c.reply();
-    assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@example.org>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
+    let mut c = server.in_data();
     let line = format!("{}\r\n", "y".repeat(998));
     for _ in 0..600 {
         c.send(line.as_bytes());

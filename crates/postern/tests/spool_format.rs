@@ -121,19 +121,6 @@ fn a_spool_of_a_newer_format_stops_the_start_and_is_left_as_it_is() {
     assert!(listed.contains("b@dest.test"), "{listed}");
 }
 
-/// Where the records of a segment's data end (the first zero length word after the header).
-fn records_end(data: &[u8]) -> usize {
-    let mut at = 64;
-    while at + 12 <= data.len() {
-        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-        if len == 0 {
-            break;
-        }
-        at += (12 + len + 7) & !7;
-    }
-    at
-}
-
 #[test]
 fn a_segment_gone_quiet_has_its_mark_moved_over_its_last_message() {
     // The segment being written keeps in its header (bytes 36..48, where a full segment's
@@ -159,7 +146,7 @@ fn a_segment_gone_quiet_has_its_mark_moved_over_its_last_message() {
     let (mark, end) = loop {
         let data = std::fs::read(&segs[0]).unwrap();
         let mark = u64::from_le_bytes(data[36..44].try_into().unwrap()) as usize;
-        let end = records_end(&data);
+        let end = common::segment_records(&data).1;
         if mark == end || std::time::Instant::now() > deadline {
             break (mark, end);
         }

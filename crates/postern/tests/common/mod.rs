@@ -312,6 +312,36 @@ impl Client {
     }
 }
 
+/// The records of one segment file's bytes, as (offset, kind) in order, and where they end
+/// (the first zero length word after the 64-byte header; records are 8-aligned).
+pub fn segment_records(data: &[u8]) -> (Vec<(usize, u8)>, usize) {
+    let mut records = Vec::new();
+    let mut at = 64;
+    while at + 12 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        records.push((at, data[at + 8]));
+        at += (12 + len + 7) & !7;
+    }
+    (records, at)
+}
+
+impl Server {
+    /// A session greeted with EHLO client.test that has had `354` to DATA for one recipient.
+    pub fn in_data(&self) -> Client {
+        let mut c = self.connect();
+        assert!(c.line().starts_with("220"));
+        c.send(b"EHLO client.test\r\n");
+        c.reply();
+        assert!(c.cmd("MAIL FROM:<a@client.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<b@example.org>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c
+    }
+}
+
 /// The queue ID in a `250 2.0.0 Ok: queued as ID` reply.
 pub fn queue_id(reply: &str) -> String {
     assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
