@@ -563,42 +563,47 @@ fn a_bad_record_before_the_mark_is_damage_and_one_past_it_a_torn_tail() {
     );
 }
 
-#[test]
-fn a_stop_marks_the_segment_being_written_to_its_end() {
-    // Written well within a second: no group commit moved the mark. The stop does.
-    let dir = tempfile::tempdir().unwrap();
-    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+/// Three messages written into a new spool at `root`, not yet synced.
+fn three_unsynced(root: &std::path::Path) -> Spool {
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
     for i in 0..3 {
         let mut d = spool.begin(&meta(i)).unwrap();
         spool.append(&mut d, &body(i, 5000)).unwrap();
         spool.finish(d).unwrap();
     }
+    spool
+}
+
+/// Breaks the CRC of the last record of the spool's first segment and checks that recovery
+/// reports it as damage, not as a torn tail: the segment's mark covers it.
+fn a_broken_last_record_is_damage(root: &std::path::Path) {
+    let seg = segment_files(root)[0].clone();
+    let mut data = std::fs::read(&seg).unwrap();
+    assert_eq!(message_starts(&data).len(), 3);
+    let last = *record_offsets(&data).last().unwrap();
+    data[last + 12] ^= 0x01;
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(root).unwrap();
+    assert_eq!(r.torn_tails, 0, "{:?}", r.corrupt_at);
+    assert!(r.corrupt_at.iter().any(|c| c.offset == last as u64));
+}
+
+#[test]
+fn a_stop_marks_the_segment_being_written_to_its_end() {
+    // Written well within a second: no group commit moved the mark. The stop does.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = three_unsynced(dir.path());
     spool.sync_now().unwrap();
     spool.mark_durable_end();
     drop(spool);
-    let seg = segment_files(dir.path())[0].clone();
-    let mut data = std::fs::read(&seg).unwrap();
-    let starts = message_starts(&data);
-    let last = *record_offsets(&data).last().unwrap();
-    // The last record of all, its CRC broken: damage, not a torn tail.
-    data[last + 12] ^= 0x01;
-    std::fs::write(&seg, &data).unwrap();
-    let r = recover(dir.path()).unwrap();
-    assert_eq!(r.torn_tails, 0, "{:?}", r.corrupt_at);
-    assert!(r.corrupt_at.iter().any(|c| c.offset == last as u64));
-    assert_eq!(starts.len(), 3);
+    a_broken_last_record_is_damage(dir.path());
 }
 
 #[test]
 fn a_quiet_spell_moves_the_mark_over_the_last_batch_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut spool = three_unsynced(dir.path());
     spool.set_mark_interval(std::time::Duration::ZERO);
-    for i in 0..3 {
-        let mut d = spool.begin(&meta(i)).unwrap();
-        spool.append(&mut d, &body(i, 5000)).unwrap();
-        spool.finish(d).unwrap();
-    }
     // The batch that makes them durable cannot claim them in the header it writes.
     spool.sync_now().unwrap();
     assert!(spool.mark_lags());
@@ -607,15 +612,7 @@ fn a_quiet_spell_moves_the_mark_over_the_last_batch_before_it() {
     assert!(!spool.mark_lags());
     assert!(!spool.mark_tick(), "one batch per quiet spell");
     drop(spool);
-    let seg = segment_files(dir.path())[0].clone();
-    let mut data = std::fs::read(&seg).unwrap();
-    let last = *record_offsets(&data).last().unwrap();
-    // The last record of all, its CRC broken: damage, not a torn tail.
-    data[last + 12] ^= 0x01;
-    std::fs::write(&seg, &data).unwrap();
-    let r = recover(dir.path()).unwrap();
-    assert_eq!(r.torn_tails, 0, "{:?}", r.corrupt_at);
-    assert!(r.corrupt_at.iter().any(|c| c.offset == last as u64));
+    a_broken_last_record_is_damage(dir.path());
 }
 
 #[test]
