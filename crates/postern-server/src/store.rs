@@ -147,6 +147,8 @@ pub(crate) struct CoreStore {
     freed: Event,
     /// Whether [`unlink_freed`] has a batch on the blocking pool; woken by `freed` when done.
     unlinking: Cell<bool>,
+    /// Whether deleting stopped for this run (a deletion panicked, its batch lost).
+    unlink_stopped: Cell<bool>,
 }
 
 /// A sync the blocking pool has finished, waiting for the core. Whichever task of the core
@@ -215,6 +217,7 @@ impl CoreStore {
             syncing: Cell::new(false),
             freed: Event::new(),
             unlinking: Cell::new(false),
+            unlink_stopped: Cell::new(false),
         })
     }
 
@@ -412,7 +415,10 @@ impl CoreStore {
         let mut spool = self.spool.borrow_mut();
         let _ = spool.sync_now();
         spool.mark_durable_end();
-        let _ = postern_spool::unlink_segments(&spool.take_unlinks());
+        // Those that cannot go stay on disk, in order; the next start deletes them.
+        if !self.unlink_stopped.get() {
+            let _ = postern_spool::unlink_segments(spool.take_unlinks());
+        }
         drop(spool);
         self.synced.notify(usize::MAX);
     }
@@ -485,30 +491,39 @@ pub(crate) async fn unlink_freed(core: Rc<Core>) {
     let store = &core.store;
     loop {
         let listener = store.freed.listen();
-        let paths = store.spool.borrow_mut().take_unlinks();
-        if paths.is_empty() {
+        let freed = store.spool.borrow_mut().take_unlinks();
+        if freed.is_empty() {
             listener.await;
             continue;
         }
         store.unlinking.set(true);
-        let failed = glommio::executor()
+        let deleted = glommio::executor()
             .spawn_blocking(move || {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    postern_spool::unlink_segments(&paths)
+                    postern_spool::unlink_segments(freed)
                 }))
-                .unwrap_or_else(|_| {
-                    vec![(
-                        std::path::PathBuf::new(),
-                        std::io::Error::other("deleting segments panicked"),
-                    )]
-                })
+                .ok()
             })
             .await;
         store.unlinking.set(false);
         store.freed.notify(usize::MAX);
-        // Left on disk, holding only final messages: the next start deletes them.
-        for (path, e) in failed {
-            core.spool_error(&format!("deleting {}", path.display()), &e);
+        let Some(deleted) = deleted else {
+            // What is left of the batch is lost to the index: deleting anything newer now
+            // could delete a segment before an older one. Nothing more is deleted in this
+            // run; the next start deletes what is left, in order.
+            core.spool_error("deleting segments", &"the deletion panicked");
+            store.unlink_stopped.set(true);
+            return;
+        };
+        if let Err((undeleted, e)) = deleted {
+            // The first that could not go, and every newer one, go back to the index: none
+            // is deleted before it, and a later reclaim tries again.
+            let what = undeleted.first().map_or_else(
+                || "deleting segments".to_owned(),
+                |f| format!("deleting {}", f.path.display()),
+            );
+            core.spool_error(&what, &e);
+            store.spool.borrow_mut().keep_undeleted(undeleted);
         }
     }
 }

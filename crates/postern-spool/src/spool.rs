@@ -167,7 +167,7 @@ pub struct Spool {
     /// in [`Spool::reclaim`].
     unlink_later: bool,
     /// Freed segments waiting to be deleted, oldest first.
-    to_unlink: Vec<PathBuf>,
+    to_unlink: Vec<Freed>,
 }
 
 /// How often the segment being written has its header's mark moved on (docs/durability.md,
@@ -667,7 +667,7 @@ impl Spool {
             let path = self.dir.join(file_name(seq));
             let damaged = self.damaged.binary_search(&seq).is_ok();
             if self.unlink_later && !damaged {
-                self.to_unlink.push(path);
+                self.to_unlink.push(Freed { seq, bytes, path });
                 deleted += 1;
                 continue;
             }
@@ -721,8 +721,20 @@ impl Spool {
     /// The segments freed since the last call, oldest first, to delete in that order (an
     /// older segment's messages may be final by status records in a newer one, so the newer
     /// must not go first).
-    pub fn take_unlinks(&mut self) -> Vec<PathBuf> {
+    pub fn take_unlinks(&mut self) -> Vec<Freed> {
         std::mem::take(&mut self.to_unlink)
+    }
+
+    /// Takes back segments [`unlink_segments`] could not delete (the first failure and every
+    /// one after it), with those freed since and not yet handed out, all newer: they go back
+    /// to the front of the index, oldest first, as if never freed, so that no newer segment
+    /// is deleted before them (its status records may be what makes their messages final).
+    /// The next [`Spool::reclaim`] tries again.
+    pub fn keep_undeleted(&mut self, undeleted: Vec<Freed>) {
+        let pending = std::mem::take(&mut self.to_unlink);
+        for f in undeleted.into_iter().chain(pending).rev() {
+            self.index.push_front(f.seq, f.bytes);
+        }
     }
 
     /// Renames a damaged segment in its own directory to a name the scan passes over
@@ -1038,17 +1050,28 @@ fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
     Ok(header(map.range(0, map.len())) == Header::Blank)
 }
 
-/// Deletes segments from [`Spool::take_unlinks`] in order; returns those that could not be
-/// deleted, with why (one already gone is no error). One left behind holds only final
-/// messages, and the next [`Spool::open`] deletes it.
-pub fn unlink_segments(paths: &[PathBuf]) -> Vec<(PathBuf, std::io::Error)> {
-    let mut failed = Vec::new();
-    for path in paths {
-        match std::fs::remove_file(path) {
+/// A segment freed by [`Spool::reclaim`] and handed out ([`Spool::take_unlinks`]) to be
+/// deleted by [`unlink_segments`].
+#[derive(Debug)]
+pub struct Freed {
+    seq: u64,
+    bytes: u64,
+    /// The segment file.
+    pub path: PathBuf,
+}
+
+/// Deletes segments from [`Spool::take_unlinks`] in order, stopping at the first that cannot
+/// be deleted (one already gone is no error): on failure returns that one and those after it,
+/// for [`Spool::keep_undeleted`], with why. Left on disk, they hold only final messages, and
+/// the next [`Spool::open`] deletes them, oldest first.
+pub fn unlink_segments(freed: Vec<Freed>) -> Result<(), (Vec<Freed>, std::io::Error)> {
+    let mut freed = freed.into_iter();
+    while let Some(f) = freed.next() {
+        match std::fs::remove_file(&f.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => failed.push((path.clone(), e)),
+            Err(e) => return Err((std::iter::once(f).chain(freed).collect(), e)),
         }
     }
-    failed
+    Ok(())
 }

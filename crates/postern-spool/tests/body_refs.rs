@@ -173,8 +173,9 @@ fn a_body_is_handed_out_only_by_the_spool_that_made_it() {
 }
 
 /// Freed segments handed out to be deleted elsewhere (as the server does, off its cores): the
-/// files stay until deleted, come out oldest first, and one the process never got to delete
-/// holds nothing the next open brings back.
+/// files stay until deleted, come out oldest first; one that cannot be deleted stops the
+/// deleting, and it and every newer one go back to the spool, to be handed out again in
+/// order; those the process never got to delete hold nothing the next open brings back.
 #[test]
 fn segments_freed_for_deletion_elsewhere_come_out_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,7 +185,7 @@ fn segments_freed_for_deletion_elsewhere_come_out_oldest_first() {
     let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
     spool.set_unlink_later(true);
     let mut ids = Vec::new();
-    for i in 0..12 {
+    for i in 0..16 {
         let mut d = spool.begin(&meta(i)).unwrap();
         spool.append(&mut d, &body(i, 20_000)).unwrap();
         ids.push(d.queue_id().to_owned());
@@ -200,8 +201,9 @@ fn segments_freed_for_deletion_elsewhere_come_out_oldest_first() {
     for id in &ids {
         freed += spool.mark_final(id).unwrap();
     }
-    let paths = spool.take_unlinks();
-    assert!(freed >= 3, "{freed}");
+    let handed = spool.take_unlinks();
+    let paths: Vec<_> = handed.iter().map(|f| f.path.clone()).collect();
+    assert!(freed >= 4, "{freed}");
     assert_eq!(paths.len(), freed);
     assert_eq!(spool.segment_count(), before - freed);
     assert!(
@@ -212,15 +214,39 @@ fn segments_freed_for_deletion_elsewhere_come_out_oldest_first() {
     sorted.sort();
     assert_eq!(paths, sorted, "not oldest first");
     assert!(spool.take_unlinks().is_empty());
-    // The newest two deleted, the rest left as by a process that ended first.
-    let (left, deleted) = paths.split_at(paths.len() - 2);
-    assert!(postern_spool::unlink_segments(deleted).is_empty());
-    assert!(deleted.iter().all(|p| !p.exists()));
+    // The second cannot be deleted (a directory stands in its place): the first goes, the
+    // rest stay, and come back to the spool.
+    std::fs::remove_file(&paths[1]).unwrap();
+    std::fs::create_dir(&paths[1]).unwrap();
+    let (undeleted, _) = postern_spool::unlink_segments(handed).unwrap_err();
+    assert!(!paths[0].exists());
+    assert!(
+        paths[2..].iter().all(|p| p.exists()),
+        "a newer one went first"
+    );
+    let back: Vec<_> = undeleted.iter().map(|f| f.path.clone()).collect();
+    assert_eq!(back, paths[1..]);
+    spool.keep_undeleted(undeleted);
+    assert_eq!(spool.segment_count(), before - 1);
+    // Handed out again, in order, by the next reclaim.
+    assert_eq!(spool.reclaim().unwrap(), freed - 1);
+    let again = spool.take_unlinks();
+    let again_paths: Vec<_> = again.iter().map(|f| f.path.clone()).collect();
+    assert_eq!(again_paths, paths[1..]);
+    std::fs::remove_dir(&paths[1]).unwrap();
+    // The newest two left as by a process that ended before deleting them.
+    let mut again = again;
+    let left = again.split_off(again.len() - 2);
+    assert!(postern_spool::unlink_segments(again).is_ok());
+    assert!(paths[..paths.len() - 2].iter().all(|p| !p.exists()));
     drop(spool);
     let r = recover(dir.path()).unwrap();
     assert!(r.messages.iter().all(|m| m.is_final()));
     drop(r);
     let spool = Spool::open(dir.path(), 0, opts).unwrap();
-    assert!(left.iter().all(|p| !p.exists()), "left for ever: {left:?}");
+    assert!(
+        left.iter().all(|f| !f.path.exists()),
+        "left for ever: {left:?}"
+    );
     assert_eq!(spool.live_messages(), 0);
 }
