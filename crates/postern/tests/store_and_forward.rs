@@ -549,3 +549,93 @@ fn segments_of_delivered_mail_are_deleted_while_the_server_runs() {
     assert!(segments() <= 3, "{} segments left", segments());
     stop_sink(sink, out);
 }
+
+/// A bind mount over a file, undone when dropped: the file's name cannot be unlinked while
+/// it is there (`EBUSY`). Needs the privilege to mount (root in CI).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    fn over(source: &std::path::Path, target: &std::path::Path) -> BindMount {
+        let ok = std::process::Command::new("mount")
+            .arg("--bind")
+            .args([source, target])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount --bind over {}", target.display());
+        BindMount(target.to_owned())
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A freed segment that cannot be deleted holds back the deletion of every newer one (whose
+/// status records may be what makes its messages final), and is tried again later.
+#[test]
+fn a_segment_that_cannot_be_deleted_holds_back_the_newer_ones() {
+    let (sink, out, addr) = start_sink(&[]);
+    let route = format!("sink.test={addr}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "128k",
+    ]);
+    let filler = "x".repeat(998);
+    let body: String = (0..20).map(|_| format!("{filler}\r\n")).collect();
+    let send_some = |from: usize, n: usize| {
+        for i in from..from + n {
+            let mut c = greeted(&server);
+            c.cmd("MAIL FROM:<a@origin.test>");
+            c.cmd("RCPT TO:<r@sink.test>");
+            c.cmd("DATA");
+            c.send(format!("Message-ID: <held{i}@t>\r\n\r\n{body}.\r\n").as_bytes());
+            assert!(c.line().starts_with("250"));
+        }
+        server.metrics_until(|m| {
+            m.contains(&format!(
+                "postern_recipients_delivered_total {}\n",
+                from + n
+            ))
+        });
+    };
+    send_some(0, 4);
+    let core = server.spool.join("0");
+    let first = core.join("0000000001.seg");
+    assert!(first.exists());
+    let dummy = tempfile::NamedTempFile::new().unwrap();
+    let mount = BindMount::over(dummy.path(), &first);
+    // About 800 KiB more: segment 1 and several after it are freed; 1 cannot go.
+    send_some(4, 40);
+    let segments = || {
+        std::fs::read_dir(&core)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .count()
+    };
+    server.log_until(|l| l.contains("spool error while deleting") && l.contains("0000000001.seg"));
+    assert!(
+        segments() >= 6,
+        "{} segments: newer ones went before the first",
+        segments()
+    );
+    // Once it can go, they all go, at the next reclaim (the next message's).
+    drop(mount);
+    send_some(44, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while segments() > 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(segments() <= 3, "{} segments left", segments());
+    assert!(!first.exists());
+    stop_sink(sink, out);
+}
