@@ -384,7 +384,7 @@ fn abandon_start(
 }
 
 /// A core's blocking pool: two threads where the core runs, so that its group commit's sync
-/// never waits behind the making of a segment or the deletion of freed ones.
+/// runs beside the making of a segment or the deletion of freed ones rather than behind it.
 fn blocking_pool(core: &Placement) -> PoolPlacement {
     const THREADS: usize = 2;
     match core {

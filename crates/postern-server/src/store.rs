@@ -147,8 +147,6 @@ pub(crate) struct CoreStore {
     freed: Event,
     /// Whether [`unlink_freed`] has a batch on the blocking pool; woken by `freed` when done.
     unlinking: Cell<bool>,
-    /// Whether deleting stopped for this run (a deletion panicked, its batch lost).
-    unlink_stopped: Cell<bool>,
 }
 
 /// A sync the blocking pool has finished, waiting for the core. Whichever task of the core
@@ -217,7 +215,6 @@ impl CoreStore {
             syncing: Cell::new(false),
             freed: Event::new(),
             unlinking: Cell::new(false),
-            unlink_stopped: Cell::new(false),
         })
     }
 
@@ -296,10 +293,10 @@ impl CoreStore {
         // The segments it filled go (unless older mail holds them), and the batch their
         // seals wait for runs now rather than with the next message: until it has, their
         // files stay open, and a deleted one keeps its space (a full disk would stay full).
-        let reclaimed = spool.reclaim();
+        let _ = spool.reclaim();
         let wanted = spool.sync_wanted();
         drop(spool);
-        let _ = self.freed_if(reclaimed);
+        self.wake_unlinker();
         if wanted {
             self.work.notify(1);
         }
@@ -312,7 +309,8 @@ impl CoreStore {
         let (ticket, pending) = self.failed_write(finished)?;
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
-            let _ = self.freed_if(self.spool.borrow_mut().forget_failed(&queue_id));
+            let _ = self.spool.borrow_mut().forget_failed(&queue_id);
+            self.wake_unlinker();
             return Err(e);
         }
         let body = self.spool.borrow().body(pending).map_err(|_| {
@@ -363,19 +361,23 @@ impl CoreStore {
     }
 
     pub(crate) fn mark_final(&self, queue_id: &str) -> Result<usize, SpoolError> {
-        self.freed_if(self.spool.borrow_mut().mark_final(queue_id))
+        let reclaimed = self.spool.borrow_mut().mark_final(queue_id);
+        self.wake_unlinker();
+        reclaimed
     }
 
     pub(crate) fn reclaim(&self) -> Result<usize, SpoolError> {
-        self.freed_if(self.spool.borrow_mut().reclaim())
+        let reclaimed = self.spool.borrow_mut().reclaim();
+        self.wake_unlinker();
+        reclaimed
     }
 
-    /// Wakes [`unlink_freed`] when `reclaimed` freed segments.
-    fn freed_if(&self, reclaimed: Result<usize, SpoolError>) -> Result<usize, SpoolError> {
-        if reclaimed.as_ref().is_ok_and(|&n| n > 0) {
+    /// Wakes [`unlink_freed`] when freed segments wait (whatever the reclaim that freed them
+    /// returned: one that met an error may have freed some first).
+    fn wake_unlinker(&self) {
+        if self.spool.borrow().has_unlinks() {
             self.freed.notify(usize::MAX);
         }
-        reclaimed
     }
 
     /// Waits for a ticket's group commit.
@@ -404,19 +406,30 @@ impl CoreStore {
         })
         .await;
         // Segments freed and not yet deleted go now, rather than at the next start, after
-        // those on their way (in order: older ones first).
-        while self.unlinking.get() {
-            let listener = self.freed.listen();
-            if !self.unlinking.get() {
-                break;
-            }
-            listener.await;
-        }
+        // those on their way (in order: older ones first), which get as long as a sync.
+        let deleted = futures_lite::future::or(
+            async {
+                while self.unlinking.get() {
+                    let listener = self.freed.listen();
+                    if !self.unlinking.get() {
+                        break;
+                    }
+                    listener.await;
+                }
+                true
+            },
+            async {
+                glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
+                false
+            },
+        )
+        .await;
         let mut spool = self.spool.borrow_mut();
         let _ = spool.sync_now();
         spool.mark_durable_end();
-        // Those that cannot go stay on disk, in order; the next start deletes them.
-        if !self.unlink_stopped.get() {
+        // Those that cannot go stay on disk, in order; the next start deletes them. None goes
+        // while older ones may still be on their way.
+        if deleted {
             let _ = postern_spool::unlink_segments(spool.take_unlinks());
         }
         drop(spool);
@@ -512,18 +525,21 @@ pub(crate) async fn unlink_freed(core: Rc<Core>) {
             // could delete a segment before an older one. Nothing more is deleted in this
             // run; the next start deletes what is left, in order.
             core.spool_error("deleting segments", &"the deletion panicked");
-            store.unlink_stopped.set(true);
+            store.spool.borrow_mut().stop_deleting();
             return;
         };
-        if let Err((undeleted, e)) = deleted {
-            // The first that could not go, and every newer one, go back to the index: none
-            // is deleted before it, and a later reclaim tries again.
-            let what = undeleted.first().map_or_else(
-                || "deleting segments".to_owned(),
-                |f| format!("deleting {}", f.path.display()),
-            );
-            core.spool_error(&what, &e);
-            store.spool.borrow_mut().keep_undeleted(undeleted);
+        match deleted {
+            Ok(()) => store.spool.borrow_mut().unlinks_done(),
+            Err((undeleted, e)) => {
+                // The first that could not go, and every newer one, go back to the index: none
+                // is deleted before it, and a later reclaim tries again.
+                let what = undeleted.first().map_or_else(
+                    || "deleting segments".to_owned(),
+                    |f| format!("deleting {}", f.path.display()),
+                );
+                core.spool_error(&what, &e);
+                store.spool.borrow_mut().keep_undeleted(undeleted);
+            }
         }
     }
 }

@@ -168,6 +168,10 @@ pub struct Spool {
     unlink_later: bool,
     /// Freed segments waiting to be deleted, oldest first.
     to_unlink: Vec<Freed>,
+    /// Freed segments handed out and not yet reported deleted ([`Spool::unlinks_done`]).
+    unlinks_out: bool,
+    /// Deleting has stopped for this run ([`Spool::stop_deleting`]).
+    deleting_stopped: bool,
 }
 
 /// How often the segment being written has its header's mark moved on (docs/durability.md,
@@ -323,6 +327,8 @@ impl Spool {
             mark: Mark::new(),
             unlink_later: false,
             to_unlink: Vec::new(),
+            unlinks_out: false,
+            deleting_stopped: false,
         };
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
         // damaged one to set aside on a full disk) stays where it is, in the index, for the
@@ -660,12 +666,21 @@ impl Spool {
     /// [`Spool::open`] call it; call it also now and then on a core that writes mostly status
     /// records, whose full segments nothing else would release.
     pub fn reclaim(&mut self) -> Result<usize, SpoolError> {
+        if self.deleting_stopped {
+            return Ok(0);
+        }
         let current = self.seg.as_ref().map(|s| s.seq);
         let mut deleted = 0;
         let mut first_error = None;
         while let Some((seq, bytes)) = self.index.pop_free(current) {
             let path = self.dir.join(file_name(seq));
             let damaged = self.damaged.binary_search(&seq).is_ok();
+            if damaged && (!self.to_unlink.is_empty() || self.unlinks_out) {
+                // Set aside now, it would leave the scan before older segments still waiting
+                // to be deleted: it waits for them, at the front of the index.
+                self.index.push_front(seq, bytes);
+                break;
+            }
             if self.unlink_later && !damaged {
                 self.to_unlink.push(Freed { seq, bytes, path });
                 deleted += 1;
@@ -722,7 +737,28 @@ impl Spool {
     /// older segment's messages may be final by status records in a newer one, so the newer
     /// must not go first).
     pub fn take_unlinks(&mut self) -> Vec<Freed> {
-        std::mem::take(&mut self.to_unlink)
+        let freed = std::mem::take(&mut self.to_unlink);
+        self.unlinks_out |= !freed.is_empty();
+        freed
+    }
+
+    /// Whether freed segments wait to be handed out ([`Spool::take_unlinks`]).
+    pub fn has_unlinks(&self) -> bool {
+        !self.to_unlink.is_empty()
+    }
+
+    /// The segments last handed out are deleted: a damaged segment behind them may be set
+    /// aside now.
+    pub fn unlinks_done(&mut self) {
+        self.unlinks_out = false;
+    }
+
+    /// Deleting stops for the rest of this run (the deleting of a batch went wrong and what
+    /// is left of it is not known): what waits goes back to the index, which keeps counting
+    /// it, and nothing more is freed. The next [`Spool::open`] deletes what is left, in order.
+    pub fn stop_deleting(&mut self) {
+        self.keep_undeleted(Vec::new());
+        self.deleting_stopped = true;
     }
 
     /// Takes back segments [`unlink_segments`] could not delete (the first failure and every
@@ -731,6 +767,7 @@ impl Spool {
     /// is deleted before them (its status records may be what makes their messages final).
     /// The next [`Spool::reclaim`] tries again.
     pub fn keep_undeleted(&mut self, undeleted: Vec<Freed>) {
+        self.unlinks_out = false;
         let pending = std::mem::take(&mut self.to_unlink);
         for f in undeleted.into_iter().chain(pending).rev() {
             self.index.push_front(f.seq, f.bytes);

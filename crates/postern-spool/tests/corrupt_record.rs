@@ -392,6 +392,39 @@ fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
 }
 
 #[test]
+fn a_damaged_segment_is_set_aside_only_after_older_ones_handed_out_are_deleted() {
+    // Setting a segment aside takes it out of the scan at once; an older segment handed out
+    // for deleting elsewhere is still there until deleted. The damaged one waits for it.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = full_segments(dir.path());
+    let files = segment_files(dir.path());
+    let second = &files[1];
+    let mut data = std::fs::read(second).unwrap();
+    let records = record_offsets(&data);
+    let at = records[records.len() / 2];
+    data[at..at + 4].fill(0);
+    std::fs::write(second, &data).unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    spool.set_unlink_later(true);
+    for id in &ids {
+        let _ = spool.mark_final(id);
+    }
+    let handed = spool.take_unlinks();
+    let paths: Vec<_> = handed.iter().map(|f| f.path.clone()).collect();
+    assert_eq!(paths, [files[0].clone()]);
+    assert!(second.exists());
+    assert_eq!(kept_for_inspection(dir.path()), 0);
+    // Still waiting while the first is out, whatever asks.
+    spool.reclaim().unwrap();
+    assert!(second.exists() && spool.take_unlinks().is_empty());
+    assert!(postern_spool::unlink_segments(handed).is_ok());
+    spool.unlinks_done();
+    spool.reclaim().unwrap();
+    assert!(!second.exists());
+    assert_eq!(kept_for_inspection(dir.path()), 1);
+}
+
+#[test]
 fn zeros_over_the_first_length_word_of_a_full_segment_are_damage_reported_and_kept() {
     // Its first record gone, the segment looks like one made ahead and never written; the
     // seal says otherwise, so it is not deleted as empty at the next opening.

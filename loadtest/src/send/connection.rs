@@ -386,10 +386,12 @@ fn lose(core: &Core, kind: &'static str, lost: usize, held: Option<Ticket>) -> O
 const STOPPED: &str = "stopped";
 
 /// [`open`], given up when the run is stopped (a signal), or when no connection of the run
-/// has opened within [`NO_SERVER_WAIT`] (a server that accepts and never greets): the
-/// first is [`STOPPED`], the second a `no_greeting` failure. Neither waits out `--timeout`.
+/// has opened within [`NO_SERVER_WAIT`] (a server that accepts and never greets, or a
+/// connect that never completes): the first is [`STOPPED`], the second a `no_greeting` or
+/// `connect_timeout` failure. Neither waits out `--timeout`.
 async fn open_unless_stopped(core: &Core) -> Result<Client, Failure> {
     let run = &core.run;
+    let connected = std::cell::Cell::new(false);
     let watch = async {
         // Bounded: the run stops, or NO_SERVER_WAIT passes, or `open` ends first.
         loop {
@@ -399,15 +401,20 @@ async fn open_unless_stopped(core: &Core) -> Result<Client, Failure> {
             }
             let opened = run.opened.load(std::sync::atomic::Ordering::Relaxed);
             if !opened && run.plan.start().elapsed() >= NO_SERVER_WAIT {
-                return Err(Failure("no_greeting"));
+                let kind = if connected.get() {
+                    "no_greeting"
+                } else {
+                    "connect_timeout"
+                };
+                return Err(Failure(kind));
             }
         }
     };
-    futures_lite::future::or(open(core), watch).await
+    futures_lite::future::or(open(core, &connected), watch).await
 }
 
 /// Connects, reads the banner, greets, and starts TLS when asked.
-async fn open(core: &Core) -> Result<Client, Failure> {
+async fn open(core: &Core, connected: &std::cell::Cell<bool>) -> Result<Client, Failure> {
     let run = &core.run;
     let started = Instant::now();
     let tcp = TcpStream::connect_timeout(run.addr, run.args.timeout)
@@ -416,6 +423,7 @@ async fn open(core: &Core) -> Result<Client, Failure> {
             glommio::GlommioError::IoError(e) => Failure::from(e),
             _ => Failure("connect_error"),
         })?;
+    connected.set(true);
     let _ = tcp.set_nodelay(true);
     let mut client = Client {
         conn: Conn::plain_with_timeouts(tcp, run.args.timeout)?,
