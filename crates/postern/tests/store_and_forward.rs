@@ -505,13 +505,10 @@ fn each_deferred_recipient_keeps_its_own_reply() {
     }
 }
 
-/// Segments whose messages are all delivered are deleted while the server runs (off the core
-/// that freed them), not left until the next start.
-#[test]
-fn segments_of_delivered_mail_are_deleted_while_the_server_runs() {
-    let (sink, out, addr) = start_sink(&[]);
+/// A one-core server with 128 KiB segments that relays `sink.test` to the sink at `addr`.
+fn small_segment_server(addr: &str) -> Server {
     let route = format!("sink.test={addr}");
-    let server = Server::start(&[
+    Server::start(&[
         "--route",
         &route,
         "--metrics",
@@ -520,33 +517,54 @@ fn segments_of_delivered_mail_are_deleted_while_the_server_runs() {
         "1",
         "--spool-segment-size",
         "128k",
-    ]);
-    let n = 40;
+    ])
+}
+
+/// Sends messages `from..from + n` of about 20 KB each to `r@sink.test` and waits until all
+/// the server has taken so far are delivered.
+fn send_20k(server: &Server, from: usize, n: usize) {
     let filler = "x".repeat(998);
     let body: String = (0..20).map(|_| format!("{filler}\r\n")).collect();
-    for i in 0..n {
-        let mut c = greeted(&server);
+    for i in from..from + n {
+        let mut c = greeted(server);
         c.cmd("MAIL FROM:<a@origin.test>");
         c.cmd("RCPT TO:<r@sink.test>");
         c.cmd("DATA");
         c.send(format!("Message-ID: <seg{i}@t>\r\n\r\n{body}.\r\n").as_bytes());
         assert!(c.line().starts_with("250"));
     }
-    server.metrics_until(|m| m.contains(&format!("postern_recipients_delivered_total {n}\n")));
-    let segments = || {
-        std::fs::read_dir(server.spool.join("0"))
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-            .count()
-    };
-    // About 800 KiB went through 128 KiB segments; what is left is the segment being written,
-    // its spare and at most one behind them.
+    let delivered = format!("postern_recipients_delivered_total {}\n", from + n);
+    server.metrics_until(|m| m.contains(&delivered));
+}
+
+/// Segment files in a core's directory.
+fn segments(core: &std::path::Path) -> usize {
+    std::fs::read_dir(core)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        .count()
+}
+
+/// Waits (up to 20 s) until a core's directory holds at most `n` segment files.
+fn segments_down_to(core: &std::path::Path, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while segments() > 3 && std::time::Instant::now() < deadline {
+    while segments(core) > n && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(segments() <= 3, "{} segments left", segments());
+    assert!(segments(core) <= n, "{} segments left", segments(core));
+}
+
+/// Segments whose messages are all delivered are deleted while the server runs (off the core
+/// that freed them), not left until the next start.
+#[test]
+fn segments_of_delivered_mail_are_deleted_while_the_server_runs() {
+    let (sink, out, addr) = start_sink(&[]);
+    let server = small_segment_server(&addr);
+    send_20k(&server, 0, 40);
+    // About 800 KiB went through 128 KiB segments; what is left is the segment being written,
+    // its spare and at most one behind them.
+    segments_down_to(&server.spool.join("0"), 3);
     stop_sink(sink, out);
 }
 
@@ -578,64 +596,25 @@ impl Drop for BindMount {
 #[test]
 fn a_segment_that_cannot_be_deleted_holds_back_the_newer_ones() {
     let (sink, out, addr) = start_sink(&[]);
-    let route = format!("sink.test={addr}");
-    let server = Server::start(&[
-        "--route",
-        &route,
-        "--metrics",
-        "127.0.0.1:0",
-        "--cores",
-        "1",
-        "--spool-segment-size",
-        "128k",
-    ]);
-    let filler = "x".repeat(998);
-    let body: String = (0..20).map(|_| format!("{filler}\r\n")).collect();
-    let send_some = |from: usize, n: usize| {
-        for i in from..from + n {
-            let mut c = greeted(&server);
-            c.cmd("MAIL FROM:<a@origin.test>");
-            c.cmd("RCPT TO:<r@sink.test>");
-            c.cmd("DATA");
-            c.send(format!("Message-ID: <held{i}@t>\r\n\r\n{body}.\r\n").as_bytes());
-            assert!(c.line().starts_with("250"));
-        }
-        server.metrics_until(|m| {
-            m.contains(&format!(
-                "postern_recipients_delivered_total {}\n",
-                from + n
-            ))
-        });
-    };
-    send_some(0, 4);
+    let server = small_segment_server(&addr);
+    send_20k(&server, 0, 4);
     let core = server.spool.join("0");
     let first = core.join("0000000001.seg");
     assert!(first.exists());
     let dummy = tempfile::NamedTempFile::new().unwrap();
     let mount = BindMount::over(dummy.path(), &first);
     // About 800 KiB more: segment 1 and several after it are freed; 1 cannot go.
-    send_some(4, 40);
-    let segments = || {
-        std::fs::read_dir(&core)
-            .unwrap()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
-            .count()
-    };
+    send_20k(&server, 4, 40);
     server.log_until(|l| l.contains("spool error while deleting") && l.contains("0000000001.seg"));
     assert!(
-        segments() >= 6,
+        segments(&core) >= 6,
         "{} segments: newer ones went before the first",
-        segments()
+        segments(&core)
     );
     // Once it can go, they all go, at the next reclaim (the next message's).
     drop(mount);
-    send_some(44, 1);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while segments() > 3 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(segments() <= 3, "{} segments left", segments());
+    send_20k(&server, 44, 1);
+    segments_down_to(&core, 3);
     assert!(!first.exists());
     stop_sink(sink, out);
 }
