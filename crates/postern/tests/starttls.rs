@@ -400,26 +400,57 @@ fn renegotiate(addr: std::net::SocketAddr, starttls: bool) -> String {
             .spawn()
             .expect("openssl (the test command installs it)"),
     );
-    // s_client reads its commands only once the handshake is done; stdin stays open, as an
-    // end of input would end the session from the client's side.
+    // The renegotiation is asked for only once the session is quiet: on the implicit TLS port
+    // after the greeting has come, since OpenSSL gives up on application data that arrives
+    // while it waits for the server's answer to its hello ("unexpected record"). After
+    // STARTTLS the server says nothing until the client speaks, so the end of the handshake
+    // is enough. stdin stays open, as an end of input would end the session from the
+    // client's side.
+    let ready = if starttls {
+        "    Verify return code"
+    } else {
+        "220 "
+    };
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+                if line.starts_with(ready) {
+                    break;
+                }
+            }
+            Err(e) => panic!("no {ready:?} line from s_client ({e}):\n{out}"),
+        }
+    }
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"R\n").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the client still waits for an answer to its renegotiation after 20 s"
+            "the client still waits for an answer to its renegotiation:\n{out}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(stdin);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    reader.join().unwrap();
+    for line in lines.try_iter() {
+        out.push_str(&line);
+        out.push('\n');
+    }
     child
         .stderr
         .take()
