@@ -139,6 +139,21 @@ fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process(
             break;
         }
     }
+    // The first segment is made ahead, off the core, once the core is ready: the limit is
+    // lowered only after it has its name (it is linked to it once reserved), or making it
+    // would be what meets the limit, and the message would be refused at DATA.
+    let core = spool.join("0");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_dir(&core).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "seg"))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no segment made in 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let lowered = Command::new("prlimit")
         .args(["--pid", &child.id().to_string(), "--fsize=65536"])
         .status()
