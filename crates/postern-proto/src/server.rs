@@ -360,6 +360,10 @@ pub struct ServerSession {
     body_failed: Option<PendingReply>,
     /// Line ends of a text BDAT body, across its chunks.
     line_ends: LineEnds,
+    /// A BDAT chunk was refused and no other command came since: the chunks a pipelining
+    /// client had already sent behind it are read and discarded (RFC 3030 2), their refusals
+    /// not counted as the client's errors.
+    discarding_chunks: bool,
 }
 
 impl ServerSession {
@@ -388,6 +392,7 @@ impl ServerSession {
             body_bytes: 0,
             body_failed: None,
             line_ends: LineEnds::default(),
+            discarding_chunks: false,
         }
     }
 
@@ -689,6 +694,9 @@ impl ServerSession {
         input: &'a [u8],
         pos: &mut usize,
     ) -> Option<Event<'a>> {
+        if !is_bdat(line) {
+            self.discarding_chunks = false;
+        }
         if line.len() + 2 > self.config.max_line && !takes_dsn_room(line) {
             return self.refuse_line(replies::LINE_TOO_LONG, line);
         }
@@ -1002,7 +1010,7 @@ impl ServerSession {
                 self.body_failed = Some(replies::BARE_NEWLINE.into());
             }
             if step.end {
-                return self.end_of_body();
+                return self.end_of_body(false);
             }
             if step.bytes.is_empty() || self.body_failed.is_some() {
                 continue;
@@ -1052,7 +1060,7 @@ impl ServerSession {
         }
         self.phase = Phase::Commands;
         if last || self.body_failed.is_some() {
-            return self.end_of_body();
+            return self.end_of_body(true);
         }
         let text = format!("{size} octets received");
         write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
@@ -1080,13 +1088,28 @@ impl ServerSession {
         Some(Event::Body(bytes))
     }
 
-    /// The end of a DATA body, of a BDAT LAST chunk, or of a refused chunk.
-    fn end_of_body(&mut self) -> Option<Event<'static>> {
+    /// The end of a DATA body, of a BDAT LAST chunk, or of a refused chunk (`chunk`: a BDAT
+    /// chunk's end).
+    fn end_of_body(&mut self, chunk: bool) -> Option<Event<'static>> {
         self.phase = Phase::Commands;
         if let Some(reply) = self.body_failed.take() {
             let open = self.body_open;
-            self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
-            self.reset_transaction();
+            if chunk && self.discarding_chunks {
+                // A chunk the client had pipelined behind a refused one: it could not know,
+                // and a long message's chunks would otherwise reach the error limit.
+                write_reply(&mut self.out, reply.code, Some(reply.enhanced), &reply.text);
+            } else {
+                self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
+            }
+            self.discarding_chunks = chunk;
+            if reply.code == 503 && !open {
+                // Out of order (no RCPT yet): the server stays in the same state (RFC 5321
+                // 4.1.4), so the transaction keeps its sender; only the chunk is dropped.
+                self.body_bytes = 0;
+                self.line_ends = LineEnds::default();
+            } else {
+                self.reset_transaction();
+            }
             return open.then_some(Event::DataAbort);
         }
         self.decision = Decision::Commit;

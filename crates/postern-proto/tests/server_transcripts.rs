@@ -1303,3 +1303,85 @@ fn empty_bdat_chunks_without_end_count_as_commands_without_mail() {
     assert!(o.output.contains("queued as"), "{}", o.output);
     assert!(!o.output.contains("421 "), "{}", o.output);
 }
+
+#[test]
+fn chunks_pipelined_behind_a_refused_one_are_discarded_without_ending_the_session() {
+    // RFC 3030 2: a server offering PIPELINING takes and discards the chunks already in the
+    // pipeline after a failed BDAT. A long message's chunks outnumber the error limit (20);
+    // their refusals are not the client's errors, so the session goes on to its next message.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<x@denied.example>",
+    ]);
+    for _ in 0..30 {
+        input.extend_from_slice(b"BDAT 5\r\nhello");
+    }
+    input.extend_from_slice(b"BDAT 5 LAST\r\nhello");
+    input.extend_from_slice(&client(&["MAIL FROM:<a@b.test>", "RCPT TO:<c@mx.test>"]));
+    input.extend_from_slice(b"BDAT 7 LAST\r\nthere\r\n");
+    input.extend_from_slice(&client(&["QUIT"]));
+    let o = run(&config(), false, &input, &[]);
+    let mut expected = vec!["554 5.7.1 Relay access denied", "554 5.5.1 No valid recipients"];
+    expected.extend(std::iter::repeat_n("503 5.5.1 Need MAIL command", 30));
+    expected.extend([
+        "250 2.1.0 Ok",
+        "250 2.1.5 Ok",
+        "250 2.0.0 Ok: queued as Q1",
+        "221 2.0.0 mx.test Bye",
+    ]);
+    assert_tail(&o, &expected);
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].2, b"there\r\n");
+}
+
+#[test]
+fn a_command_after_refused_chunks_makes_later_refusals_count_again() {
+    // Only the chunks right behind a refused one are the pipeline's: once the client has sent
+    // another command it has read nothing it should not have, and its errors count.
+    let config = Arc::new(ServerConfig {
+        max_errors: 3,
+        ..(*config()).clone()
+    });
+    let mut input = client(&["EHLO client.test"]);
+    for _ in 0..2 {
+        input.extend_from_slice(b"BDAT 5\r\nhelloBDAT 5\r\nhelloBDAT 5\r\nhello");
+        input.extend_from_slice(&client(&["NOOP"]));
+    }
+    let o = run(&config, false, &input, &[]);
+    // Counted: the first chunk of each run (2) and nothing else, so the session is still
+    // open; a third run would be refused at its first chunk.
+    assert!(!o.closed, "{}", o.output);
+    assert_eq!(o.output.matches("503 5.5.1 Need MAIL command").count(), 6);
+    let mut input3 = input.clone();
+    input3.extend_from_slice(b"BDAT 5\r\nhelloBDAT 5\r\nhello");
+    let o = run(&config, false, &input3, &[]);
+    assert!(o.closed, "{}", o.output);
+    assert!(o.output.ends_with(
+        "503 5.5.1 Need MAIL command\r\n421 4.7.0 mx.test Too many errors, closing connection\r\n"
+    ));
+}
+
+#[test]
+fn a_chunk_before_any_recipient_keeps_the_transaction() {
+    // RFC 5321 4.1.4: commands out of order get 503 and the server stays in the same state, as
+    // DATA before RCPT does: the sender stays, and the recipient sent next is taken.
+    let mut input = client(&["EHLO client.test", "MAIL FROM:<a@b.test>"]);
+    input.extend_from_slice(b"BDAT 3\r\nabcBDAT 3 LAST\r\nabc");
+    input.extend_from_slice(&client(&["RCPT TO:<c@mx.test>"]));
+    input.extend_from_slice(b"BDAT 4 LAST\r\nok\r\n");
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.0 Ok",
+            "503 5.5.1 Need RCPT command",
+            "503 5.5.1 Need RCPT command",
+            "250 2.1.5 Ok",
+            "250 2.0.0 Ok: queued as Q1",
+        ],
+    );
+    assert_eq!(o.messages.len(), 1);
+    assert_eq!(o.messages[0].0, "a@b.test");
+    assert_eq!(o.messages[0].2, b"ok\r\n");
+}

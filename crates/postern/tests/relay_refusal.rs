@@ -158,3 +158,27 @@ fn a_flood_of_relay_refusals_is_logged_twenty_a_second() {
         .count();
     assert_eq!(logged, 20, "{log}");
 }
+
+#[test]
+fn a_long_pipelined_body_for_a_refused_recipient_does_not_end_the_session() {
+    // A client pipelining a large message in many BDAT chunks learns of the refusal only
+    // after sending them all (RFC 3030 2): each is read and discarded, and the session takes
+    // its next message instead of closing at the error limit.
+    let (mut server, mut c) = outsider_refused_once();
+    let chunk = format!("BDAT 1000\r\n{}", "x".repeat(998) + "\r\n");
+    c.send(format!("{}BDAT 0 LAST\r\n", chunk.repeat(40)).as_bytes());
+    assert_eq!(c.line(), "554 5.5.1 No valid recipients");
+    for _ in 0..40 {
+        assert_eq!(c.line(), "503 5.5.1 Need MAIL command");
+    }
+    assert_eq!(c.cmd("MAIL FROM:<a@outsider.test>"), "250 2.1.0 Ok");
+    assert_eq!(c.cmd("RCPT TO:<user@example.org>"), "250 2.1.5 Ok");
+    c.send(b"BDAT 12 LAST\r\nSubject: x\r\n");
+    let id = common::queue_id(&c.line());
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    assert!(server.terminate().success());
+    let spooled = common::spooled(&server.spool);
+    assert_eq!(spooled.len(), 1);
+    assert_eq!(spooled[0].0, id);
+    assert_eq!(spooled[0].2, ["user@example.org"]);
+}
