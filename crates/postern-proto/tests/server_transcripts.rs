@@ -1322,7 +1322,10 @@ fn chunks_pipelined_behind_a_refused_one_are_discarded_without_ending_the_sessio
     input.extend_from_slice(b"BDAT 7 LAST\r\nthere\r\n");
     input.extend_from_slice(&client(&["QUIT"]));
     let o = run(&config(), false, &input, &[]);
-    let mut expected = vec!["554 5.7.1 Relay access denied", "554 5.5.1 No valid recipients"];
+    let mut expected = vec![
+        "554 5.7.1 Relay access denied",
+        "554 5.5.1 No valid recipients",
+    ];
     expected.extend(std::iter::repeat_n("503 5.5.1 Need MAIL command", 30));
     expected.extend([
         "250 2.1.0 Ok",

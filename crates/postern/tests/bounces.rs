@@ -1064,3 +1064,34 @@ fn recipients_failing_at_two_next_hops_moments_apart_get_one_bounce() {
         .count();
     assert_eq!(reports, 1, "{log}");
 }
+
+#[test]
+fn a_bounce_to_a_sender_in_u_labels_reaches_a_next_hop_without_smtputf8() {
+    // The sender's domain is in U-labels, its local part ASCII: the message went out without
+    // SMTPUTF8 (the domain in A-labels), and so must its bounce, To field included, or a next
+    // hop without SMTPUTF8 would refuse the report, which nobody is then told of.
+    let peer = Peer::start(&["--reject-rcpt", "nobody", "--no-smtputf8"]);
+    let server = routed_apart(
+        peer.port,
+        peer.port,
+        &["--route", &format!("bücher.test=127.0.0.1:{}", peer.port)],
+    );
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<alice@bücher.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: test\r\nMessage-ID: <orig@t>\r\n\r\nbody\r\n.\r\n");
+    assert!(c.line().starts_with("250 2.0.0"));
+    let stored = peer.wait_for("the bounce", Duration::from_secs(20), |s| !s.is_empty());
+    let bounce = &stored[0];
+    assert_eq!(bounce.mail_from, "<>");
+    assert_eq!(bounce.rcpt_tos, ["alice@xn--bcher-kva.test"]);
+    let text = String::from_utf8_lossy(&bounce.data);
+    assert!(text.contains("To: <alice@xn--bcher-kva.test>"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@dest.test"),
+        "{text}"
+    );
+}

@@ -3,6 +3,7 @@
 //! next hop without DSN), until each message is final and forgotten.
 
 use super::*;
+use postern_proto::address::mailbox_to_ascii;
 
 /// How long a failure of some of a message's recipients waits for the outcomes of the others
 /// before its report is made (see `report_loop`).
@@ -502,13 +503,19 @@ impl CoreRelay {
             original.extend_from_slice(&chunk[..chunk.len().min(room)]);
         }
         let now = now_ms() / 1000;
+        // The sender's address in the report's To field as it goes in an envelope without
+        // SMTPUTF8 (its domain in A-labels) where it has such a form, so that only a UTF-8
+        // local part makes the report's header section internationalized (RFC 6531 3.2):
+        // otherwise a next hop without SMTPUTF8 could not take the report.
+        let ascii_to = mailbox_to_ascii(&msg.meta.reverse_path);
+        let to = ascii_to.as_deref().unwrap_or(&msg.meta.reverse_path);
         let bytes = dsn::build(&dsn::Report {
             reporting_mta: &self.relay.config.hostname,
             queue_id: &msg.queue_id,
             envid: msg.meta.envid.as_deref(),
             arrival: msg.meta.arrival,
             now,
-            to: &msg.meta.reverse_path,
+            to,
             received_from: Some(&msg.meta.helo),
             recipients,
             original: &original,
@@ -532,6 +539,8 @@ impl CoreRelay {
             envid: None,
             ret: None,
             body_type: u8::from(dsn::is_8bit(&bytes)),
+            // The envelope's own address is UTF-8: the transaction is internationalized,
+            // and goes to a next hop without SMTPUTF8 in A-labels where it can.
             smtputf8: !msg.meta.reverse_path.is_ascii(),
         };
         match self.handle.inject(&meta, &bytes).await {
