@@ -348,15 +348,11 @@ pub fn header_block(message: &[u8]) -> &[u8] {
 /// [`smtp_reply_in`]), else `fallback`, postern's status for what happened without a reply
 /// (4.4.1 no answer, 4.4.2 a connection broken off, RFC 3463 3.5).
 pub fn deferral_status(reply: &str, fallback: &str) -> String {
-    let trimmed = reply.trim_start();
-    let inner = smtp_reply_in(trimmed).unwrap_or(trimmed);
-    match inner.as_bytes() {
-        [b'2' | b'4' | b'5', b'0'..=b'9', b'0'..=b'9', rest @ ..]
-            if matches!(rest.first(), None | Some(b' ' | b'-' | b'\r' | b'\n')) =>
-        {
-            status_of(reply)
-        }
-        _ => fallback.to_owned(),
+    let inner = smtp_reply_in(reply.trim_start());
+    if inner.is_some_and(|r| matches!(r.as_bytes()[0], b'2' | b'4' | b'5')) {
+        status_of(reply)
+    } else {
+        fallback.to_owned()
     }
 }
 
@@ -511,7 +507,10 @@ impl Returned {
         // types then (RFC 6533 6.3, 6.4).
         let (content_type, description, content) = match self {
             Returned::Full(content) => {
-                let utf8 = !header_block(&content).is_ascii();
+                // As for the header section alone below: 8-bit octets that are not UTF-8
+                // are of some unknown charset, not internationalized header fields.
+                let header = header_block(&content);
+                let utf8 = !header.is_ascii() && std::str::from_utf8(header).is_ok();
                 let kind = if utf8 {
                     "message/global"
                 } else {
@@ -718,13 +717,24 @@ fn smtp_reply_in(text: &str) -> Option<&str> {
         .find(|rest| is_smtp_reply(rest))
 }
 
-/// Whether `text` is an SMTP reply line (three digits, then a space, a dash or nothing)
-/// rather than postern's own words.
+/// Whether `text` is an SMTP reply line (a reply code as RFC 5321 4.2 writes them, 2 to 5
+/// then 0 to 5 then a digit, followed by a space, a dash or nothing) rather than postern's
+/// own words. Those begin with a host or domain name, which may begin like a reply
+/// (`123-reg.example: ...`, `421-mx.example [192.0.2.1] said: ...`): a first word ending in a
+/// colon, or one followed by an address in brackets, is such a name.
 fn is_smtp_reply(text: &str) -> bool {
     let b = text.as_bytes();
-    b.len() >= 3
-        && b[..3].iter().all(u8::is_ascii_digit)
-        && matches!(b.get(3), None | Some(b' ' | b'-'))
+    let coded = matches!(b, [b'2'..=b'5', b'0'..=b'5', b'0'..=b'9', ..])
+        && matches!(b.get(3), None | Some(b' ' | b'-' | b'\r' | b'\n'));
+    if !coded {
+        return false;
+    }
+    if b.get(3) != Some(&b'-') {
+        return true;
+    }
+    let mut words = text.split(' ');
+    let first = words.next().unwrap_or_default();
+    !first.ends_with(':') && !words.next().is_some_and(|w| w.starts_with('['))
 }
 
 /// Undoes xtext (RFC 3461 4): `+` and two upper-case hex digits stand for that octet. A `+`
@@ -1036,6 +1046,24 @@ mod tests {
             "message size exceeds the next hop's fixed maximum message size"
         ));
         assert!(!is_smtp_reply("5500 x"));
+        // Reply codes are 2 to 5, 0 to 5, a digit (RFC 5321 4.2).
+        assert!(!is_smtp_reply("123 x"));
+        assert!(!is_smtp_reply("560 x"));
+        assert!(is_smtp_reply("421-4.3.2 busy"));
+        // postern's own words, about a host or domain whose name begins like a reply.
+        assert!(!is_smtp_reply("123-reg.example: DNS lookup failed"));
+        assert!(!is_smtp_reply("421-mx.example: no address"));
+        assert!(!is_smtp_reply(
+            "550-mx.example [192.0.2.1] said: 550 5.1.1 no"
+        ));
+        assert_eq!(
+            smtp_reply_in("550-mx.example [192.0.2.1] said: 550 5.1.1 no"),
+            Some("550 5.1.1 no")
+        );
+        assert_eq!(
+            deferral_status("421-mx.example: connection refused", "4.4.1"),
+            "4.4.1"
+        );
         assert_eq!(
             smtp_reply_in("127.0.0.1: server closed the session: 421 4.3.2 bye: now"),
             Some("421 4.3.2 bye: now")

@@ -419,6 +419,32 @@ fn a_nul_in_the_message_returns_headers_and_says_why() {
 }
 
 #[test]
+fn a_whole_message_with_8bit_header_fields_is_message_global_only_when_they_are_utf8() {
+    // RFC 6532 3.7, RFC 6533 6.3: message/global header fields are UTF-8.
+    let recipients = failures();
+    for (original, kind) in [
+        (
+            &b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"[..],
+            "message/global",
+        ),
+        (
+            &b"Subject: Gr\xfc\xdfe\r\n\r\nbody\r\n"[..],
+            "message/rfc822",
+        ),
+    ] {
+        let mut report = report(&recipients, original);
+        report.return_full = true;
+        let bytes = dsn::build(&report);
+        assert_lines_ok(&bytes);
+        assert_eq!(mime_type(parts(&parse(&bytes))[2]), kind);
+        assert!(
+            bytes.windows(original.len()).any(|w| w == original),
+            "the original is not returned verbatim"
+        );
+    }
+}
+
+#[test]
 fn eight_bit_headers_come_back_encoded_in_a_7bit_report() {
     let original = "Subject: Grüße aus Köln\r\nFrom: jörg@example.de\r\n\r\nHallo\r\n";
     let recipients = failures();
