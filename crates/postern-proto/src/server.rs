@@ -72,6 +72,10 @@ pub mod replies {
         0,
         "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
     );
+    /// BODY=BINARYMIME where BINARYMIME is not offered (`offer_chunking` off).
+    pub const BINARYMIME_NOT_OFFERED: StaticReply = r(555, 5, 5, 4, "BODY=BINARYMIME not offered");
+    /// BDAT where CHUNKING is not offered: a command this server does not know.
+    pub const BDAT_NOT_OFFERED: StaticReply = r(500, 5, 5, 1, "Command not recognized");
     /// EXPN.
     pub const EXPN: StaticReply = r(502, 5, 5, 1, "EXPN not supported");
     /// SEND, SOML, SAML, TURN.
@@ -730,6 +734,10 @@ impl ServerSession {
                 return self.fail(e.reply());
             }
         };
+        if matches!(cmd, Command::Bdat { .. }) && !self.config.offer_chunking {
+            // Not offered, so not known here; its chunk follows, so the session ends.
+            return self.refuse_line(replies::BDAT_NOT_OFFERED, line);
+        }
         // Commands that move no mail forward: a client may send some, but one that sends them
         // without end would hold its core for nothing.
         let junk = matches!(
@@ -871,6 +879,10 @@ impl ServerSession {
             .is_some_and(|s| s > self.config.max_message_size)
         {
             return self.fail(replies::TOO_BIG);
+        }
+        // Other extensions' parameters are taken only as EHLO advertises them.
+        if params.body == Some(BodyType::BinaryMime) && !self.config.offer_chunking {
+            return self.fail(replies::BINARYMIME_NOT_OFFERED);
         }
         if let ReversePath::Mailbox(m) = &path {
             if !m.is_ascii() && !params.smtputf8 {

@@ -1388,3 +1388,34 @@ fn a_chunk_before_any_recipient_keeps_the_transaction() {
     assert_eq!(o.messages[0].0, "a@b.test");
     assert_eq!(o.messages[0].2, b"ok\r\n");
 }
+
+#[test]
+fn binarymime_and_bdat_are_refused_where_chunking_is_not_offered() {
+    // A next hop without CHUNKING (the load sink's --no-chunking) must not take BDAT, or a
+    // client that sends it anyway would pass for one that does not.
+    let cfg = Arc::new(ServerConfig {
+        offer_chunking: false,
+        ..(*config()).clone()
+    });
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test> BODY=BINARYMIME",
+        "MAIL FROM:<a@b.test> BODY=8BITMIME",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    let mut input = input;
+    input.extend_from_slice(b"BDAT 4 LAST\r\nQUIT");
+    let o = run(&cfg, false, &input, &[]);
+    assert_tail(
+        &o,
+        &[
+            "555 5.5.4 BODY=BINARYMIME not offered",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "500 5.5.1 Command not recognized",
+            "421 4.5.0 mx.test Cannot follow BDAT framing, closing connection",
+        ],
+    );
+    assert!(o.closed);
+    assert!(o.messages.is_empty());
+}
