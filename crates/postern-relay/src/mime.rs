@@ -181,7 +181,7 @@ fn parameter(params: &[u8], name: &[u8]) -> Option<Vec<u8>> {
 fn delimiter(line: &[u8], open: &[Frame]) -> Option<(usize, bool)> {
     let rest = line.strip_prefix(b"--")?;
     open.iter().enumerate().rev().find_map(|(i, frame)| {
-        let Frame::Multipart(boundary) = frame else {
+        let Frame::Multipart(boundary, _) = frame else {
             return None;
         };
         let after = rest.strip_prefix(boundary.as_slice())?;
@@ -218,7 +218,9 @@ fn lines(data: &[u8]) -> impl Iterator<Item = (usize, usize, &[u8])> {
 
 /// What encloses the line being read.
 enum Frame {
-    Multipart(Vec<u8>),
+    /// A multipart's boundary, and whether it is a `multipart/digest`, whose parts are
+    /// messages unless their header says otherwise (RFC 2046 5.1.5).
+    Multipart(Vec<u8>, bool),
     Message,
 }
 
@@ -236,10 +238,17 @@ pub fn labelled_binary(message: &[u8]) -> bool {
                 if header.is_binary() {
                     return true;
                 }
+                // A part of a digest without a Content-Type is a message/rfc822.
+                let in_digest = matches!(open.last(), Some(Frame::Multipart(_, true)));
+                let message_part = header.is_message() || (in_digest && header.media.is_none());
                 header_from = None;
                 if let Some(boundary) = header.boundary {
-                    open.push(Frame::Multipart(boundary));
-                } else if header.is_message() {
+                    let digest = header
+                        .media
+                        .as_ref()
+                        .is_some_and(|(kind, sub)| kind == "multipart" && sub == "digest");
+                    open.push(Frame::Multipart(boundary, digest));
+                } else if message_part {
                     open.push(Frame::Message);
                     header_from = Some(end);
                 }
@@ -269,7 +278,7 @@ pub fn labelled_binary(message: &[u8]) -> bool {
 /// of multiparts inside the parts.
 pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
     let mut found = Vec::new();
-    let open = [Frame::Multipart(boundary.to_vec())];
+    let open = [Frame::Multipart(boundary.to_vec(), false)];
     // The part being read: its start, and its body's start once known.
     let mut current: Option<(usize, Option<usize>)> = None;
     let mut line_start_before = 0usize;
@@ -302,6 +311,26 @@ pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digest_s_parts_without_a_type_are_messages_whose_header_is_read() {
+        // RFC 2046 5.1.5: in a multipart/digest a part without Content-Type is message/rfc822,
+        // so the header section that starts its body is a message's, and its label counts.
+        let digest = |part_header: &str| {
+            format!(
+                "Content-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n{part_header}\r\n\
+                 Subject: inner\r\nContent-Transfer-Encoding: binary\r\n\r\nbody\r\n--d--\r\n"
+            )
+        };
+        assert!(labelled_binary(digest("").as_bytes()));
+        // With a type of its own the part is that type: its body is text, not a header.
+        assert!(!labelled_binary(
+            digest("Content-Type: text/plain\r\n").as_bytes()
+        ));
+        // Outside a digest a part without a type is text/plain (RFC 2046 5.1.1).
+        let mixed = digest("").replace("multipart/digest", "multipart/mixed");
+        assert!(!labelled_binary(mixed.as_bytes()));
+    }
 
     #[test]
     fn header_fields_unfold_and_lose_their_comments() {
