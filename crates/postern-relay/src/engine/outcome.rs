@@ -353,7 +353,13 @@ impl CoreRelay {
     }
 }
 
-/// A reply as one line of text: `550 5.1.1 text`.
+/// The most octets of a next hop's reply kept as the account of an attempt (a reply may
+/// have 64 lines of 500 octets; kept whole, it would be stored for each recipient at each
+/// attempt, and go into reports): enough for any reply people write.
+const MAX_REPLY_KEPT: usize = 2048;
+
+/// A reply as one line of text: `550 5.1.1 text`, cut after [`MAX_REPLY_KEPT`] octets (at
+/// a character's end, marked `[...]`).
 pub(super) fn reply_line(r: &Reply) -> String {
     let mut s = r.code.to_string();
     if let Some(e) = &r.enhanced {
@@ -363,6 +369,37 @@ pub(super) fn reply_line(r: &Reply) -> String {
     for line in &r.lines {
         s.push(' ');
         s.push_str(line);
+        if s.len() > MAX_REPLY_KEPT {
+            let mut end = MAX_REPLY_KEPT;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s.push_str(" [...]");
+            break;
+        }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postern_proto::EnhancedCode;
+
+    #[test]
+    fn a_long_reply_is_kept_cut_at_a_character() {
+        let reply = |lines: Vec<String>| Reply {
+            code: 451,
+            enhanced: Some(EnhancedCode::new(4, 3, 0)),
+            lines,
+        };
+        let short = reply(vec!["try".into(), "later".into()]);
+        assert_eq!(reply_line(&short), "451 4.3.0 try later");
+        let long = reply(vec!["é".repeat(250); 64]);
+        let kept = reply_line(&long);
+        assert!(kept.len() <= MAX_REPLY_KEPT + 6, "{}", kept.len());
+        assert!(kept.starts_with("451 4.3.0 éé"));
+        assert!(kept.ends_with("é [...]"), "{kept}");
+    }
 }
