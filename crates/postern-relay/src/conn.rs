@@ -716,14 +716,23 @@ impl Outbound {
                     }
                 }
                 BodyMode::Data => {
+                    // Dot-stuffing cuts the body at each line that starts with a dot: pieces
+                    // are gathered up to 64 KiB a write (a body of "." lines would otherwise
+                    // cost a write every three octets), and only a large one goes alone.
                     let mut stuffer = DotStuffer::new();
                     for chunk in body.chunks() {
                         for piece in stuffer.stuff(chunk) {
-                            if small {
+                            if small || out.len() + piece.len() <= COALESCE as usize {
                                 out.extend_from_slice(piece);
-                            } else {
+                                continue;
+                            }
+                            if !out.is_empty() {
                                 timed(limit, stream.write_all(&out)).await?;
                                 out.clear();
+                            }
+                            if piece.len() < COALESCE as usize {
+                                out.extend_from_slice(piece);
+                            } else {
                                 timed(limit, stream.write_all(piece)).await?;
                             }
                         }

@@ -51,6 +51,35 @@ fn delivers_through_data_to_aiosmtpd_with_dot_stuffing_and_trace() {
 }
 
 #[test]
+fn a_large_body_of_dot_lines_goes_through_data_whole() {
+    // Over 64 KiB, with a dot-stuffed line every few octets and long lines between: the
+    // pieces the stuffing makes are gathered into writes, in order, none lost or doubled.
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    let mut body = String::new();
+    for i in 0..20_000 {
+        body.push_str("..\r\n");
+        if i % 1000 == 0 {
+            body.push_str(&format!("{i:05}{}\r\n", "y".repeat(900)));
+        }
+    }
+    send(
+        &server,
+        "alice@origin.test",
+        &["bob@dest.test"],
+        "<dots@t>",
+        &body,
+    );
+    let stored = peer.wait_for("the message", Duration::from_secs(20), |s| s.len() == 1);
+    let text = String::from_utf8(stored[0].data.clone()).unwrap();
+    // The receiver undid the stuffing: each "..\r\n" sent in DATA is "." again.
+    let sent = body.replace("..\r\n", ".\r\n");
+    assert!(text.ends_with(&sent), "{} octets stored", text.len());
+    assert!(text.len() > 64 * 1024);
+}
+
+#[test]
 fn delivers_through_bdat_to_the_project_sink() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.txt");
