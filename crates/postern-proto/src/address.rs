@@ -521,6 +521,19 @@ pub fn same_mailbox(a: &str, b: &str) -> bool {
     }
 }
 
+/// A key two mailboxes share when [`same_mailbox`] finds them the same: the local part's
+/// value, `@`, the domain in canonical form (a string without `@` is its own key). Only two
+/// ASCII domains that differ by a trailing dot, which no parsed path has, share a key and
+/// not that test.
+pub fn mailbox_key(mailbox: &str) -> String {
+    match mailbox.rsplit_once('@') {
+        Some((local, domain)) => {
+            format!("{}@{}", local_part_value(local), canonical_domain(domain))
+        }
+        None => mailbox.to_owned(),
+    }
+}
+
 /// Checks that all of `s` is one RFC 5321 Domain.
 fn check_domain(s: &str) -> Result<(), PathError> {
     match scan_domain(s.as_bytes())? {

@@ -1,6 +1,7 @@
 //! The envelope of the transaction in progress, kept in one reusable buffer so that a steady
 //! stream of transactions allocates nothing once the buffers have grown.
 
+use std::collections::HashSet;
 use std::ops::Range;
 
 use crate::address::{ForwardPath, ReversePath};
@@ -38,6 +39,11 @@ pub struct Envelope {
     envid: Option<Range<usize>>,
     auth: Option<Range<usize>>,
     rcpts: Vec<RcptEntry>,
+    /// The recipients' mailbox keys ([`crate::address::mailbox_key`]), made at the first
+    /// look-up among more than a few and kept until a recipient is added or removed: past
+    /// the recipient limit a client may send a thousand RCPTs, each looked up among a
+    /// thousand recipients, whose domains would each be brought to canonical form again.
+    keys: Option<HashSet<String>>,
 }
 
 impl Envelope {
@@ -111,6 +117,7 @@ impl Envelope {
         self.envid = None;
         self.auth = None;
         self.rcpts.clear();
+        self.keys = None;
     }
 
     fn push(&mut self, s: &str) -> Range<usize> {
@@ -161,6 +168,7 @@ impl Envelope {
             ForwardPath::Mailbox(m) => self.push_display(m),
         };
         let orcpt = params.orcpt.map(|o| self.push(o));
+        self.keys = None;
         self.rcpts.push(RcptEntry {
             path,
             notify: params.notify,
@@ -170,17 +178,30 @@ impl Envelope {
 
     /// Whether `path` is the mailbox of a recipient already taken (see
     /// [`crate::address::same_mailbox`]).
-    pub(crate) fn has_recipient(&self, path: &ForwardPath<'_>) -> bool {
+    pub(crate) fn has_recipient(&mut self, path: &ForwardPath<'_>) -> bool {
         let shown = match path {
             ForwardPath::Postmaster => "Postmaster".to_owned(),
             ForwardPath::Mailbox(m) => m.to_string(),
         };
-        self.rcpts
-            .iter()
-            .any(|r| crate::address::same_mailbox(&self.buf[r.path.clone()], &shown))
+        if self.rcpts.len() <= 16 {
+            return self
+                .rcpts
+                .iter()
+                .any(|r| crate::address::same_mailbox(&self.buf[r.path.clone()], &shown));
+        }
+        let (rcpts, buf) = (&self.rcpts, &self.buf);
+        self.keys
+            .get_or_insert_with(|| {
+                rcpts
+                    .iter()
+                    .map(|r| crate::address::mailbox_key(&buf[r.path.clone()]))
+                    .collect()
+            })
+            .contains(&crate::address::mailbox_key(&shown))
     }
 
     pub(crate) fn pop_rcpt(&mut self) {
+        self.keys = None;
         if let Some(r) = self.rcpts.pop() {
             self.buf.truncate(r.path.start);
         }

@@ -1419,3 +1419,45 @@ fn binarymime_and_bdat_are_refused_where_chunking_is_not_offered() {
     assert!(o.closed);
     assert!(o.messages.is_empty());
 }
+
+#[test]
+fn past_the_limit_a_recipient_taken_is_found_among_many_in_any_of_its_forms() {
+    // Past the limit (100 here) a RCPT of a mailbox already taken is 250, any other 452: the
+    // look-up among many recipients finds the same mailbox written otherwise (domain case,
+    // A-labels for U-labels, a quoted local part) and nothing else (local part case).
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 100,
+        ..(*config()).clone()
+    });
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test> SMTPUTF8".to_owned(),
+        "RCPT TO:<a@b\u{fc}cher.example>".to_owned(),
+    ];
+    lines.extend((1..100).map(|i| format!("RCPT TO:<a@d{i}.example>")));
+    for past in [
+        "RCPT TO:<a@D5.EXAMPLE>",
+        "RCPT TO:<\"a\"@d7.example>",
+        "RCPT TO:<a@xn--bcher-kva.example>",
+        "RCPT TO:<A@d5.example>",
+        "RCPT TO:<a@d100.example>",
+        "RCPT TO:<b@d1.example>",
+    ] {
+        lines.push(past.to_owned());
+    }
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let o = run(&cfg, false, &client(&lines), &[]);
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.5 Ok",
+            "250 2.1.5 Ok",
+            "250 2.1.5 Ok",
+            "250 2.1.5 Ok",
+            "452 4.5.3 Too many recipients",
+            "452 4.5.3 Too many recipients",
+            "452 4.5.3 Too many recipients",
+        ],
+    );
+    assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 103);
+}
