@@ -652,6 +652,8 @@ impl ServerSession {
     /// smuggle commands past the line's refusal, so the connection ends as after an
     /// unreadable chunk size.
     fn refuse_line(&mut self, reply: StaticReply, line: &[u8]) -> Option<Event<'static>> {
+        // Another line than a chunk's: what follows it is no longer the pipeline's.
+        self.discarding_chunks = false;
         self.error_reply(reply.code, Some(reply.enhanced), reply.text);
         if is_bdat(line) && !self.is_closed() {
             let open = self.close_with(replies::BDAT_LOST);
@@ -1108,13 +1110,16 @@ impl ServerSession {
             let open = self.body_open;
             if chunk && self.discarding_chunks {
                 // A chunk the client had pipelined behind a refused one: it could not know,
-                // and a long message's chunks would otherwise reach the error limit.
+                // and a long message's chunks would otherwise reach the error limit. It
+                // moves no mail forward, so it counts as junk: a client that sends only
+                // refused chunks is still ended.
                 write_reply(&mut self.out, reply.code, Some(reply.enhanced), &reply.text);
+                self.count_junk();
             } else {
                 self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
             }
             self.discarding_chunks = chunk;
-            if reply.code == 503 && !open {
+            if reply.code == 503 && !open && !self.bdat {
                 // Out of order (no RCPT yet): the server stays in the same state (RFC 5321
                 // 4.1.4), so the transaction keeps its sender; only the chunk is dropped.
                 self.body_bytes = 0;

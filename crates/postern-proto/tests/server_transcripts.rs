@@ -1461,3 +1461,42 @@ fn past_the_limit_a_recipient_taken_is_found_among_many_in_any_of_its_forms() {
     );
     assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 103);
 }
+
+#[test]
+fn refused_chunks_without_end_still_end_the_session_as_junk() {
+    // Discarded chunks are not errors, but they move no mail forward: a client that sends
+    // nothing else is ended by the junk limit, as with NOOPs.
+    let mut input = client(&["EHLO client.test"]);
+    for _ in 0..300 {
+        input.extend_from_slice(b"BDAT 1 LAST\r\nx");
+    }
+    let o = run(&config(), false, &input, &[]);
+    assert!(o.closed, "{}", o.output);
+    assert!(o.output.ends_with(
+        "503 5.5.1 Need MAIL command\r\n421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"
+    ));
+    assert!(o.output.matches("503 5.5.1 Need MAIL command").count() < 150);
+}
+
+#[test]
+fn a_503_the_embedding_gives_a_first_chunk_ends_the_transaction() {
+    // Only the protocol's own "no RCPT yet" keeps the transaction; a 503 the embedding gives
+    // at the first chunk ends it, so the chunk pipelined behind is not taken as the rest of
+    // a message whose start was refused.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@refuse-503.example>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 5\r\nhelloBDAT 5 LAST\r\nthere");
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.5 Ok",
+            "503 5.5.1 Refused here",
+            "503 5.5.1 Need MAIL command",
+        ],
+    );
+    assert!(o.messages.is_empty());
+}

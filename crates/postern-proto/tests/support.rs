@@ -26,7 +26,7 @@ pub struct Outcome {
 
 /// Feeds `input` cut at `cuts` to a new session, answering decisions with the test policy:
 /// recipients at `denied.example` get 554 5.7.1; `spool-full.example` senders get 452 4.3.1 at
-/// DataStart. Queue IDs are Q1, Q2, ...
+/// DataStart, `refuse-503.example` senders 503 5.5.1. Queue IDs are Q1, Q2, ...
 pub fn run(config: &Arc<ServerConfig>, tls: bool, input: &[u8], cuts: &[usize]) -> Outcome {
     let mut s = ServerSession::new(config.clone(), tls);
     s.greet();
@@ -57,6 +57,8 @@ pub fn run(config: &Arc<ServerConfig>, tls: bool, input: &[u8], cuts: &[usize]) 
                 Event::DataStart => {
                     if s.envelope().reverse_path().ends_with("@spool-full.example") {
                         s.reject(replies::SPOOL_FULL);
+                    } else if s.envelope().reverse_path().ends_with("@refuse-503.example") {
+                        s.reject_with(503, EnhancedCode::new(5, 5, 1), "Refused here");
                     } else {
                         body.clear();
                         s.accept();

@@ -75,7 +75,7 @@ pub enum ConnError {
 impl ConnError {
     /// The text for a status record and a bounce.
     pub fn describe(&self, remote: &str) -> String {
-        match self {
+        cut_account(match self {
             ConnError::Io(e) | ConnError::Lost(e) | ConnError::Stale(e) => {
                 format!("connection with {remote} failed: {e}")
             }
@@ -87,7 +87,7 @@ impl ConnError {
                 format!("{remote} does not offer STARTTLS, which is required")
             }
             ConnError::Tls(e) => format!("TLS with {remote} failed: {e}"),
-        }
+        })
     }
 
     /// Whether the next hop answered before the failure (a greeting, an EHLO reply, a TLS
@@ -95,6 +95,24 @@ impl ConnError {
     pub fn answered(&self) -> bool {
         !matches!(self, ConnError::Io(_))
     }
+}
+
+/// The most octets of an account of an attempt kept (a next hop's reply may have 64 lines of
+/// 500 octets; kept whole, it would be stored for each recipient at each attempt, and go
+/// into reports): enough for any reply people write.
+pub(crate) const MAX_ACCOUNT: usize = 2048;
+
+/// `text` cut after [`MAX_ACCOUNT`] octets, at a character's end, marked `[...]`.
+pub(crate) fn cut_account(mut text: String) -> String {
+    if text.len() > MAX_ACCOUNT {
+        let mut end = MAX_ACCOUNT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [...]");
+    }
+    text
 }
 
 /// How to set up TLS on one connection.

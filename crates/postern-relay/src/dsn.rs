@@ -717,14 +717,14 @@ fn smtp_reply_in(text: &str) -> Option<&str> {
         .find(|rest| is_smtp_reply(rest))
 }
 
-/// Whether `text` is an SMTP reply line (a reply code as RFC 5321 4.2 writes them, 2 to 5
-/// then 0 to 5 then a digit, followed by a space, a dash or nothing) rather than postern's
-/// own words. Those begin with a host or domain name, which may begin like a reply
-/// (`123-reg.example: ...`, `421-mx.example [192.0.2.1] said: ...`): a first word ending in a
-/// colon, or one followed by an address in brackets, is such a name.
+/// Whether `text` is an SMTP reply line rather than postern's own words: a reply code (2 to
+/// 5, then two digits; RFC 5321 4.2 has 0 to 5 second, but next hops do send `571`), then a
+/// space, a dash or nothing. postern's words begin with a host or domain name, which may
+/// begin like a reply (`123-reg.example: ...`, `421-mx.example [192.0.2.1] said: ...`): a
+/// first word ending in a colon, or one followed by an address in brackets, is such a name.
 fn is_smtp_reply(text: &str) -> bool {
     let b = text.as_bytes();
-    let coded = matches!(b, [b'2'..=b'5', b'0'..=b'5', b'0'..=b'9', ..])
+    let coded = matches!(b, [b'2'..=b'5', b'0'..=b'9', b'0'..=b'9', ..])
         && matches!(b.get(3), None | Some(b' ' | b'-' | b'\r' | b'\n'));
     if !coded {
         return false;
@@ -1046,9 +1046,10 @@ mod tests {
             "message size exceeds the next hop's fixed maximum message size"
         ));
         assert!(!is_smtp_reply("5500 x"));
-        // Reply codes are 2 to 5, 0 to 5, a digit (RFC 5321 4.2).
+        // Reply codes begin with 2 to 5 (RFC 5321 4.2); a 571 is sent in the field.
         assert!(!is_smtp_reply("123 x"));
-        assert!(!is_smtp_reply("560 x"));
+        assert!(!is_smtp_reply("650 x"));
+        assert!(is_smtp_reply("571 Delivery not authorized"));
         assert!(is_smtp_reply("421-4.3.2 busy"));
         // postern's own words, about a host or domain whose name begins like a reply.
         assert!(!is_smtp_reply("123-reg.example: DNS lookup failed"));

@@ -353,13 +353,8 @@ impl CoreRelay {
     }
 }
 
-/// The most octets of a next hop's reply kept as the account of an attempt (a reply may
-/// have 64 lines of 500 octets; kept whole, it would be stored for each recipient at each
-/// attempt, and go into reports): enough for any reply people write.
-const MAX_REPLY_KEPT: usize = 2048;
-
-/// A reply as one line of text: `550 5.1.1 text`, cut after [`MAX_REPLY_KEPT`] octets (at
-/// a character's end, marked `[...]`).
+/// A reply as one line of text: `550 5.1.1 text`, cut as every account of an attempt is
+/// ([`crate::conn::cut_account`]).
 pub(super) fn reply_line(r: &Reply) -> String {
     let mut s = r.code.to_string();
     if let Some(e) = &r.enhanced {
@@ -369,17 +364,11 @@ pub(super) fn reply_line(r: &Reply) -> String {
     for line in &r.lines {
         s.push(' ');
         s.push_str(line);
-        if s.len() > MAX_REPLY_KEPT {
-            let mut end = MAX_REPLY_KEPT;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s.truncate(end);
-            s.push_str(" [...]");
+        if s.len() > crate::conn::MAX_ACCOUNT {
             break;
         }
     }
-    s
+    crate::conn::cut_account(s)
 }
 
 #[cfg(test)]
@@ -398,8 +387,15 @@ mod tests {
         assert_eq!(reply_line(&short), "451 4.3.0 try later");
         let long = reply(vec!["é".repeat(250); 64]);
         let kept = reply_line(&long);
-        assert!(kept.len() <= MAX_REPLY_KEPT + 6, "{}", kept.len());
+        assert!(kept.len() <= crate::conn::MAX_ACCOUNT + 6, "{}", kept.len());
         assert!(kept.starts_with("451 4.3.0 éé"));
         assert!(kept.ends_with("é [...]"), "{kept}");
+        // A session that ended on such a reply is told of as briefly.
+        let ended =
+            crate::conn::ConnError::Smtp(postern_proto::client::ClientError::Greeting(long));
+        let told = ended.describe("mx.test [192.0.2.1]");
+        assert!(told.starts_with("mx.test [192.0.2.1] said: 451"), "{told}");
+        assert!(told.len() <= crate::conn::MAX_ACCOUNT + 6, "{}", told.len());
+        assert!(told.ends_with(" [...]"), "{told}");
     }
 }
