@@ -11,6 +11,14 @@ use std::fmt::Write;
 
 use crate::reply::{ParsedReply, Reply, ReplyError, ReplyParser};
 
+/// The most commands of one transaction written before their replies are read, with
+/// PIPELINING: the rest wait for those replies and go in groups as large. A group must fit
+/// the connection's window (RFC 2920 3.1): a next hop that blocks writing replies nobody
+/// reads stops reading, and a client still writing a thousand RCPTs and a BDAT body after
+/// them would wait for it for ever. A hundred replies are a few KiB (at most 51 KiB of
+/// 512-octet lines), well within the socket buffers on both sides.
+pub const PIPELINED_GROUP: usize = 100;
+
 /// What the server offered in its EHLO reply.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -498,14 +506,23 @@ impl ClientSession {
             data: None,
         });
         for (i, (expect, line)) in cmds.into_iter().enumerate() {
-            if i == 0 || self.caps.pipelining {
+            if i == 0 || (self.caps.pipelining && i < PIPELINED_GROUP) {
                 self.out.extend_from_slice(line.as_bytes());
                 self.expect.push_back(expect);
             } else {
                 self.held.push_back((expect, line));
             }
         }
-        // Later chunks go out with the body, but their replies come in order after these.
+        if self.held.is_empty() {
+            self.expect_later_chunks();
+            // With BDAT, the body follows its command straight away.
+            self.body_pending = t.mode == BodyMode::Bdat;
+        }
+        Ok(())
+    }
+
+    /// Later chunks go out with the body, but their replies come in order after the first's.
+    fn expect_later_chunks(&mut self) {
         for i in 1..self.chunks.len() {
             let last = i + 1 == self.chunks.len();
             self.expect.push_back(if last {
@@ -514,9 +531,6 @@ impl ClientSession {
                 Expect::Chunk
             });
         }
-        // With BDAT, the body follows its command straight away.
-        self.body_pending = t.mode == BodyMode::Bdat && self.held.is_empty();
-        Ok(())
     }
 
     /// Splits a BDAT body of `len` octets into chunks of at most `size` (0: one chunk).
@@ -840,7 +854,8 @@ impl ClientSession {
                 .is_some_and(|r| r.mail.is_positive() && r.rcpts.iter().any(Reply::is_positive))
     }
 
-    /// Without PIPELINING: sends the next held command, or settles a transaction whose MAIL
+    /// Once every reply awaited is in: sends the next held command (without PIPELINING) or
+    /// group of them (with it, see [`PIPELINED_GROUP`]), or settles a transaction whose MAIL
     /// or every RCPT failed without asking for the body.
     fn release_held(&mut self) -> Option<ClientEvent> {
         if !self.expect.is_empty() {
@@ -858,11 +873,21 @@ impl ClientSession {
             self.reset = true;
             return Some(ClientEvent::Done(result));
         }
-        let (expect, line) = self.held.pop_front()?;
-        self.out.extend_from_slice(line.as_bytes());
-        self.expect.push_back(expect);
-        if expect == Expect::DataDone && self.mode == BodyMode::Bdat {
-            self.body_pending = true;
+        let group = if self.caps.pipelining {
+            PIPELINED_GROUP
+        } else {
+            1
+        };
+        for _ in 0..group {
+            let Some((expect, line)) = self.held.pop_front() else {
+                break;
+            };
+            self.out.extend_from_slice(line.as_bytes());
+            self.expect.push_back(expect);
+            if self.mode == BodyMode::Bdat && matches!(expect, Expect::Chunk | Expect::DataDone) {
+                self.expect_later_chunks();
+                self.body_pending = true;
+            }
         }
         None
     }

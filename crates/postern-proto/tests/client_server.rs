@@ -1080,3 +1080,50 @@ fn a_421_is_known_to_answer_the_rset_before_a_pipelined_transaction() {
     );
     assert!(!c.closed_at_rset());
 }
+
+#[test]
+fn a_transaction_with_many_recipients_goes_in_groups_that_fit_the_window() {
+    // RFC 2920 3.1: a group of commands written before their replies are read must fit the
+    // connection's window. 250 recipients go as MAIL and 99 RCPTs, then the next 100 once
+    // those are answered, then the rest with DATA or BDAT (and the body behind BDAT).
+    use postern_proto::client::PIPELINED_GROUP;
+    let names: Vec<String> = (0..250).map(|i| format!("r{i}@mx.test")).collect();
+    let rcpts: Vec<&str> = names.iter().map(String::as_str).collect();
+    let body = format!("Subject: x\r\n\r\n{}", "line\r\n".repeat(40)).into_bytes();
+    for (mode, chunk_size) in [
+        (BodyMode::Data, 0),
+        (BodyMode::Bdat, 0),
+        (BodyMode::Bdat, 64),
+    ] {
+        let mut w = Wire::new();
+        assert_eq!(w.pump(), ClientEvent::Ready);
+        w.commands.clear();
+        let mut t = transaction(mode, &body, &rcpts);
+        t.chunk_size = chunk_size;
+        w.client.send(&t).unwrap();
+        let first = String::from_utf8_lossy(w.client.output()).into_owned();
+        assert_eq!(first.matches("\r\n").count(), PIPELINED_GROUP, "{first}");
+        assert!(
+            first.starts_with("MAIL FROM:<sender@origin.test>"),
+            "{first}"
+        );
+        assert!(
+            !first.contains("DATA") && !first.contains("BDAT"),
+            "{first}"
+        );
+        assert_eq!(w.client.handle(&[]).1, ClientEvent::NeedInput);
+        assert_eq!(w.pump(), ClientEvent::SendBody);
+        w.send_body(mode, &body);
+        let ClientEvent::Done(result) = w.pump() else {
+            panic!("no result")
+        };
+        assert_eq!(result.mail.code, 250);
+        assert_eq!(result.rcpts.len(), 250);
+        assert!(result.rcpts.iter().all(|r| r.code == 250));
+        assert_eq!(w.queued, vec![body.clone()]);
+        assert_eq!(w.commands.matches("RCPT TO:").count(), 250);
+        if chunk_size > 0 {
+            assert!(w.bdat_commands().len() > 2, "{:?}", w.bdat_commands());
+        }
+    }
+}

@@ -80,6 +80,34 @@ fn a_large_body_of_dot_lines_goes_through_data_whole() {
 }
 
 #[test]
+fn a_message_for_many_recipients_goes_to_a_pipelining_next_hop_in_one_transaction() {
+    // 300 recipients at one next hop with PIPELINING and CHUNKING: their RCPTs go in groups
+    // that fit the connection's window (RFC 2920 3.1), the body behind the last, and the
+    // message is delivered once, to all of them.
+    let (sink, out, addr) = start_sink(&[]);
+    let route = format!("sink.test={addr}");
+    let server = Server::start(&["--route", &route, "--metrics", "127.0.0.1:0"]);
+    let mut c = greeted(&server);
+    c.cmd("MAIL FROM:<a@origin.test>");
+    for i in 0..300 {
+        assert_eq!(c.cmd(&format!("RCPT TO:<r{i}@sink.test>")), "250 2.1.5 Ok");
+    }
+    c.cmd("DATA");
+    c.send(b"Subject: many\r\n\r\nbody\r\n.\r\n");
+    assert!(c.line().starts_with("250"));
+    let text = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 300\n"));
+    assert!(
+        text.contains("postern_recipients_delivered_total 300\n"),
+        "{text}"
+    );
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_bdat_bodies_total 1\n"),
+        "{counters}"
+    );
+}
+
+#[test]
 fn delivers_through_bdat_to_the_project_sink() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.txt");
