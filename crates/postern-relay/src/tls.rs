@@ -45,31 +45,37 @@ pub struct TlsClients {
     pub unverified: Arc<ClientConfig>,
     /// Verify chain and name (required).
     pub verified: Arc<ClientConfig>,
+    /// How many trust anchors `verified` has: none, and no next hop can be verified.
+    pub anchors: usize,
+    /// Why the system's trust store gave none, when it gave none.
+    pub system_errors: Vec<String>,
 }
 
 impl TlsClients {
-    /// Builds both; `extra_ca` adds trust anchors from a PEM file.
+    /// Builds both; `extra_ca` adds trust anchors from a PEM file. The system's trust store
+    /// is found as OpenSSL finds it: `SSL_CERT_FILE` and `SSL_CERT_DIR` when set, otherwise
+    /// the distribution's bundle (Debian's, Red Hat's, SUSE's, Alpine's, the BSDs').
     pub fn new(extra_ca: Option<&Path>) -> Result<TlsClients, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
-        for bundle in [
-            Path::new("/etc/ssl/certs/ca-certificates.crt"),
-            Path::new("/etc/pki/tls/certs/ca-bundle.crt"),
-        ] {
-            if let Ok(pem) = std::fs::read(bundle) {
-                add_pem(&mut roots, &pem);
-                break;
-            }
-        }
+        let system = rustls_native_certs::load_native_certs();
+        let (mut anchors, _) = roots.add_parsable_certificates(system.certs);
+        let system_errors = if anchors == 0 {
+            system.errors.iter().map(ToString::to_string).collect()
+        } else {
+            Vec::new()
+        };
         if let Some(path) = extra_ca {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("--outbound-tls-ca {}: {e}", path.display()))?;
-            if add_pem(&mut roots, &pem) == 0 {
+            let added = add_pem(&mut roots, &pem);
+            if added == 0 {
                 return Err(format!(
                     "--outbound-tls-ca {}: no certificate in it",
                     path.display()
                 ));
             }
+            anchors += added;
         }
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -79,7 +85,28 @@ impl TlsClients {
         Ok(TlsClients {
             unverified: unverified_client()?,
             verified: Arc::new(verified),
+            anchors,
+            system_errors,
         })
+    }
+
+    /// For `--outbound-tls required`: an error saying why no next hop could be verified when
+    /// there is no trust anchor at all, which would otherwise defer every message until it
+    /// is returned.
+    pub fn check_required(&self) -> Result<(), String> {
+        if self.anchors > 0 {
+            return Ok(());
+        }
+        let why = if self.system_errors.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.system_errors.join("; "))
+        };
+        Err(format!(
+            "--outbound-tls required: no trust anchor to verify next hops with: the system's \
+             trust store has none{why}; install the CA certificates (ca-certificates), point \
+             SSL_CERT_FILE or SSL_CERT_DIR at them, or give --outbound-tls-ca"
+        ))
     }
 }
 

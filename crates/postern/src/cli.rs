@@ -268,6 +268,8 @@ pub(crate) struct Config {
     /// `--outbound-tls-ca`, read at start-up with --hold too: a file that cannot work is said
     /// at once, not when the hold is lifted.
     pub(crate) outbound_tls_ca: Option<PathBuf>,
+    /// `--outbound-tls required`: its trust anchors are checked at start-up, with --hold too.
+    pub(crate) outbound_tls_required: bool,
 }
 
 /// `POSTERN_*` variables set in the environment that name no setting of `postern serve` (a
@@ -523,6 +525,8 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
     };
     let relay = relay(&s).map_err(with_env_source)?;
     let outbound_tls_ca = s.outbound_tls_ca.clone();
+    // Read by `relay` above, which refuses any other value.
+    let outbound_tls_required = s.outbound_tls.parse() == Ok(TlsPolicy::Required);
     let server = settings(s).map_err(with_env_source)?;
     let relay = relay.map(|r| RelayConfig {
         hostname: server.hostname.clone(),
@@ -533,6 +537,7 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
         server,
         relay,
         outbound_tls_ca,
+        outbound_tls_required,
     }))))
 }
 

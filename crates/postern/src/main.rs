@@ -175,8 +175,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    if let Some(ca) = &config.outbound_tls_ca {
-        if let Err(e) = postern_relay::tls::TlsClients::new(Some(ca)) {
+    if config.outbound_tls_required {
+        let clients = postern_relay::tls::TlsClients::new(config.outbound_tls_ca.as_deref());
+        if let Err(e) = clients.and_then(|c| c.check_required()) {
             complain!("postern: cannot start: {e}");
             return ExitCode::from(1);
         }

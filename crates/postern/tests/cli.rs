@@ -996,6 +996,32 @@ fn serve_under(wrapper: &[&str], flags: &[&str]) -> (i32, String, String) {
 const RAW_PANIC: &str = "RUST_BACKTRACE";
 
 #[test]
+fn required_outbound_tls_without_any_trust_anchor_is_a_start_up_error() {
+    // A trust store that holds nothing (here: SSL_CERT_FILE and SSL_CERT_DIR naming nothing)
+    // and no --outbound-tls-ca: no next hop could ever be verified, and every message would
+    // wait until it is returned. Said at start, with what to do.
+    let (code, _, err) = serve_under(
+        &[
+            "env",
+            "SSL_CERT_FILE=/nonexistent/ca.pem",
+            "SSL_CERT_DIR=/nonexistent",
+        ],
+        &["--outbound-tls", "required"],
+    );
+    assert_eq!(code, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("postern: cannot start"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("no trust anchor"), "{line}");
+    assert!(
+        line.contains("SSL_CERT_FILE") && line.contains("--outbound-tls-ca"),
+        "{line}"
+    );
+    assert!(!err.contains(RAW_PANIC), "{err}");
+}
+
+#[test]
 fn an_open_file_limit_too_low_for_the_cores_is_named() {
     let (code, _, err) = serve_under(&["prlimit", "--nofile=20:20"], &["--cores", "2"]);
     assert_eq!(code, 1, "{err}");

@@ -58,6 +58,47 @@ fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral(
 }
 
 #[test]
+fn required_tls_trusts_the_store_that_ssl_cert_file_names() {
+    // The system's trust store is found as OpenSSL finds it: SSL_CERT_FILE, when set, names
+    // it (a host whose bundle is elsewhere than Debian's or Red Hat's path says so there).
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (sink, out, addr) = start_sink(&["--tls-cert", cert, "--tls-key", key]);
+    let port = addr.rsplit(':').next().unwrap();
+    let route = format!("sink.test=localhost:{port}");
+    let server = Server::start_with_env(
+        &[
+            "--route",
+            &route,
+            "--outbound-tls",
+            "required",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[("SSL_CERT_FILE", cert)],
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["r@sink.test"],
+        "<store@t>",
+        "x\r\n",
+    );
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 1\n"),
+        "{counters}"
+    );
+}
+
+#[test]
 fn outbound_starttls_opportunistic_and_required() {
     let dir = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
