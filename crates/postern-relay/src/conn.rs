@@ -90,6 +90,18 @@ impl ConnError {
         })
     }
 
+    /// The status a report gives this failure where no reply of the next hop gives one:
+    /// `4.7.4` for a next hop without the TLS required of it (security features not
+    /// supported), `4.7.5` for a handshake or a certificate that failed (cryptographic
+    /// failure), RFC 3463 3.8; None for the others, whose status comes from elsewhere.
+    pub fn tls_status(&self) -> Option<&'static str> {
+        match self {
+            ConnError::TlsRequired => Some("4.7.4"),
+            ConnError::Tls(_) => Some("4.7.5"),
+            _ => None,
+        }
+    }
+
     /// Whether the next hop answered before the failure (a greeting, an EHLO reply, a TLS
     /// handshake): it is then the remote MTA of the failure, not an address nobody answered.
     pub fn answered(&self) -> bool {

@@ -50,6 +50,8 @@ fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral(
         deferred.contains("invalid peer certificate: it is a CA certificate, not a server's"),
         "{deferred}"
     );
+    // A cryptographic failure (RFC 3463 3.8), not a broken connection's 4.4.2.
+    assert!(deferred.contains("dsn=\"4.7.5\""), "{deferred}");
     let counters = stop_sink(sink, out);
     assert!(
         counters.contains("postern_load_sink_messages_total 0\n"),
@@ -368,6 +370,10 @@ fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
             deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("TLS"),
             "{deferred}"
         );
+        // Its own status where it said one (454 4.7.0), else security features not
+        // supported (RFC 3463 3.8), not a broken connection's 4.4.2.
+        let dsn = if offers_starttls { "4.7.0" } else { "4.7.4" };
+        assert!(deferred.contains(&format!("dsn=\"{dsn}\"")), "{deferred}");
     }
 }
 

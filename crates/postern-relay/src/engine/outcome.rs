@@ -325,15 +325,23 @@ impl CoreRelay {
             .get(rcpt as usize)
             .map_or("", |r| r.path.as_str());
         let relay = remote.as_deref().unwrap_or("none");
+        // The enhanced status the reports give the outcome (RFC 3463), as Postfix logs `dsn=`.
         match &result {
             Result_::Delivered { .. } => {
-                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "sent", "{reply}")
+                let dsn = dsn::status_of(&reply);
+                let dsn = if dsn.starts_with('2') {
+                    dsn.as_str()
+                } else {
+                    "2.0.0"
+                };
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "sent", dsn, "{reply}")
             }
-            Result_::Deferred { .. } => {
-                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "deferred", "{reply}")
+            Result_::Deferred { status, .. } => {
+                let dsn = dsn::deferral_status(&reply, status);
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "deferred", dsn, "{reply}")
             }
-            Result_::Failed { .. } => {
-                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "bounced", "{reply}")
+            Result_::Failed { status } => {
+                tracing::info!(queue_id = %msg.queue_id, to, relay, status = "bounced", dsn = status.as_str(), "{reply}")
             }
         }
         out.push(Report {

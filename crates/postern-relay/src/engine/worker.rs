@@ -818,6 +818,8 @@ impl CoreRelay {
         };
         let mut last = String::from("no address to connect to");
         let mut last_remote = None;
+        // The status of the last account where the failure itself says one (TLS).
+        let mut last_status = None;
         let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
             .iter()
             .flat_map(|h| {
@@ -894,6 +896,7 @@ impl CoreRelay {
                             // handshake), whatever the second connection did.
                             last = format!("{}; then {}", e, e2.describe(&hop.host));
                             last_remote = Some(hop.host.clone());
+                            last_status = None;
                         }
                     }
                 }
@@ -906,6 +909,7 @@ impl CoreRelay {
                     if e.answered() || last_remote.is_none() {
                         last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
                         last_remote = e.answered().then(|| hop.host.clone());
+                        last_status = e.tls_status();
                     }
                 }
             }
@@ -917,7 +921,7 @@ impl CoreRelay {
         let refused =
             (refused_helo && addresses > 0 && failed.len() == addresses).then_some("5.0.0");
         let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
-        Err((last, refused, last_remote, None, failed))
+        Err((last, refused, last_remote, last_status, failed))
     }
 
     // ----- owner side -----
