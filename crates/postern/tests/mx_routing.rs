@@ -853,3 +853,97 @@ fn an_mx_host_that_greets_with_our_own_name_is_this_server_behind_a_port_forward
     );
     drop(dns);
 }
+
+#[test]
+fn a_failed_handshake_at_one_mx_host_leaves_tls_to_the_others() {
+    use dns_server::{Rec, TestDns};
+    // mx1 (preference 10) offers STARTTLS and breaks the handshake, then closes the
+    // cleartext retry at once: the mail goes on to mx2 (20) in the same attempt. mx2 is still
+    // asked for STARTTLS: the failure was mx1's, not the domain's.
+    let mx2 = TcpListener::bind("127.0.0.53:0").unwrap();
+    let port = mx2.local_addr().unwrap().port();
+    let mx1 = TcpListener::bind(("127.0.0.52", port)).unwrap();
+    std::thread::spawn(move || {
+        for (i, conn) in mx1.incoming().enumerate() {
+            let Ok(mut s) = conn else { return };
+            if i > 0 {
+                // The cleartext retry: closed before any greeting.
+                continue;
+            }
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = s.write_all(b"220 mx1.test ESMTP\r\n");
+            let _ = r.read_line(&mut line);
+            let _ = s.write_all(b"250-mx1.test\r\n250 STARTTLS\r\n");
+            let _ = r.read_line(&mut line);
+            let _ = s.write_all(b"220 2.0.0 go ahead\r\nthis is no TLS record\r\n");
+        }
+    });
+    let (seen_tx, seen) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let Ok((s, _)) = mx2.accept() else { return };
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let _ = w.write_all(b"220 mx2.test ESMTP\r\n");
+        let mut in_data = false;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if in_data {
+                if line == ".\r\n" {
+                    in_data = false;
+                    let _ = w.write_all(b"250 2.0.0 stored\r\n");
+                }
+                continue;
+            }
+            let verb = line
+                .split([' ', '\r'])
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            let _ = seen_tx.send(verb.clone());
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-mx2.test\r\n250 STARTTLS\r\n",
+                "STARTTLS" => b"454 4.7.0 TLS not available now\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                }
+                "QUIT" => b"221 2.0.0 bye\r\n",
+                _ => b"250 2.0.0 ok\r\n",
+            };
+            let _ = w.write_all(reply);
+        }
+    });
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("tlsmx.test.", Rec::Mx(10, "mx1.tlsmx.test.")),
+            ("tlsmx.test.", Rec::Mx(20, "mx2.tlsmx.test.")),
+            ("mx1.tlsmx.test.", Rec::A("127.0.0.52".parse().unwrap())),
+            ("mx2.tlsmx.test.", Rec::A("127.0.0.53".parse().unwrap())),
+        ],
+    );
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@tlsmx.test"],
+        "<tlsmx@t>",
+        "x\r\n",
+    );
+    let mut verbs = Vec::new();
+    while let Ok(verb) = seen.recv_timeout(Duration::from_secs(20)) {
+        let data = verb == "DATA";
+        verbs.push(verb);
+        if data {
+            break;
+        }
+    }
+    assert_eq!(verbs, ["EHLO", "STARTTLS", "MAIL", "RCPT", "DATA"]);
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+    drop(dns);
+}

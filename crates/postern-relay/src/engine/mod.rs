@@ -546,8 +546,10 @@ struct DestQueue {
     starved: Cell<bool>,
     /// In the core's `wanting_more` list: it has connections, and jobs they do not take.
     wanting_more: Cell<bool>,
-    /// A failed opportunistic TLS handshake: cleartext until then (ms).
-    cleartext_until: Cell<u64>,
+    /// Addresses whose opportunistic TLS handshake failed: cleartext to them until then
+    /// (ms). Per address, not for the whole next hop: one host with broken TLS must not
+    /// take TLS away from the domain's other MX hosts.
+    cleartext: RefCell<HashMap<SocketAddr, u64>>,
     /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
     /// to connect again.
     down_until: Cell<u64>,
@@ -970,7 +972,7 @@ impl CoreRelay {
                     arrived: Event::new(),
                     starved: Cell::new(false),
                     wanting_more: Cell::new(false),
-                    cleartext_until: Cell::new(0),
+                    cleartext: RefCell::new(HashMap::new()),
                     down_until: Cell::new(0),
                     serial_until: Cell::new(0),
                     lockstep_until: Cell::new(0),

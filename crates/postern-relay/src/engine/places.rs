@@ -193,7 +193,7 @@ impl CoreRelay {
                 || dq.down_until.get() > now
                 || dq.serial_until.get() > now
                 || dq.lockstep_until.get() > now
-                || dq.cleartext_until.get() > now
+                || dq.cleartext.borrow().values().any(|&until| until > now)
                 || dq.cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)
                 || dq.broke.borrow().values().any(|&until| until > now)

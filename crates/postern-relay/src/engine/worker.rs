@@ -862,8 +862,12 @@ impl CoreRelay {
                 failed,
                 fallback,
             };
-            let cleartext =
-                policy == TlsPolicy::Opportunistic && dq.cleartext_until.get() > now_ms();
+            let cleartext = policy == TlsPolicy::Opportunistic
+                && dq
+                    .cleartext
+                    .borrow()
+                    .get(&addr)
+                    .is_some_and(|&until| until > now_ms());
             let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
             let helo = &config.hostname;
             tracing::debug!(%addr, host = %hop.host, "connecting");
@@ -882,8 +886,8 @@ impl CoreRelay {
                 }
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
-                    // with this next hop for a while.
-                    dq.cleartext_until.set(now_ms() + 3_600_000);
+                    // with this address for a while.
+                    dq.cleartext.borrow_mut().insert(addr, now_ms() + 3_600_000);
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
                             let here = loops_here(c, hop, addr, primary, &config.hostname, &failed);
