@@ -59,6 +59,21 @@ fn injected_failures_are_counted_the_same_on_both_sides() {
 }
 
 #[test]
+fn the_reply_mix_holds_for_the_sink_as_a_whole_whatever_its_threads() {
+    // 98:1:1 over 100 messages is one of each failure, though 4 executors each take only
+    // some of the messages (a share counted per executor would come round on none of them).
+    let sink = Sink::start(&["--threads", "4", "--reply-mix", "250:98,451:1,550:1"]);
+    let report = send_json(
+        &sink.addr,
+        &["--messages", "100", "--connections", "16", "--pipelining"],
+    );
+    let c = sink.stop();
+    assert_eq!(c.get("replies_total{code=\"451\"}"), 1);
+    assert_eq!(c.get("replies_total{code=\"550\"}"), 1);
+    assert_eq!(num(&report, "messages_accepted"), 98, "{report}");
+}
+
+#[test]
 fn injected_refusals_never_add_up_to_a_close() {
     // Twenty-nine 550s on one connection: each is the sink's own fault, not the client's
     // error, so the sink never closes with "too many errors" and the mix stays as asked.
@@ -83,6 +98,10 @@ fn an_injected_421_closes_the_connection() {
     );
     let c = sink.stop();
     assert_eq!(num(&report, "messages_accepted"), 10, "{report}");
+    // Each 421 answered a message, which the server so refused: counted as the sink counts
+    // it, not as a failure.
+    assert_eq!(num(&report, "messages_refused"), 10, "{report}");
+    assert_eq!(num(&report, "messages_failed"), 0, "{report}");
     assert_eq!(c.get("messages_total"), 10);
     assert_eq!(c.get("replies_total{code=\"421\"}"), 10);
     assert_eq!(c.get("connections_total"), 10, "one connection per 421");

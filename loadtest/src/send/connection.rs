@@ -278,6 +278,7 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                 settle(core, &p, &result);
             }
             ClientEvent::Failed(e) => {
+                settle_closing(core, &mut flight, &e);
                 let Failure(kind) = e.into();
                 return lose(core, kind, flight.len(), next);
             }
@@ -302,6 +303,17 @@ fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult) {
         },
     };
     core.settle(p.seq, decided, accepted, p.message.len(), p.started, p.eod);
+}
+
+/// A 421 that came instead of the next reply answers a command of the oldest message in
+/// flight (replies come in order): the server refused that message, with 421 (RFC 5321
+/// 3.8), as a sink counts it. What was pipelined behind it is lost with the connection.
+fn settle_closing(core: &Core, flight: &mut VecDeque<Pending<'_>>, e: &ClientError) {
+    if let ClientError::Closing(reply) = e {
+        if let Some(p) = flight.pop_front() {
+            core.settle(p.seq, reply.code, false, p.message.len(), p.started, p.eod);
+        }
+    }
 }
 
 /// The longest wait for replies already on their way when a connection fails.
@@ -335,6 +347,10 @@ async fn salvage(
                     continue;
                 }
                 ClientEvent::NeedInput => {}
+                ClientEvent::Failed(e) => {
+                    settle_closing(core, flight, &e);
+                    break 'read;
+                }
                 _ => break 'read,
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -165,9 +165,10 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
                 total.merge(&stats);
             }
         }
-        for (index, stats) in buckets.ready() {
-            let secs = ((stats.last_reply_us as f64 / 1e6) - index as f64)
-                .clamp(0.001, TICK.as_secs_f64());
+        let ready = buckets.ready();
+        let (n, done) = (ready.len(), buckets.all_done());
+        for (i, (index, stats)) in ready.into_iter().enumerate() {
+            let secs = interval_secs(index, stats.last_reply_us, done && i + 1 == n);
             progress.interval(index, secs, &stats);
             log.write(index, &stats).map_err(|e| log_error(&args, e))?;
         }
@@ -284,6 +285,18 @@ async fn ticker(
     }
 }
 
+/// The length of interval `index` (seconds from the start) for its rates: a whole tick,
+/// except the run's last interval (`last`), which ends at its last reply
+/// (`last_reply_us`, microseconds from the start). An interval's last reply says nothing of
+/// its length otherwise: at 2 messages a second it comes half way through.
+fn interval_secs(index: u64, last_reply_us: u64, last: bool) -> f64 {
+    let tick = TICK.as_secs_f64();
+    if !last {
+        return tick;
+    }
+    ((last_reply_us as f64 / 1e6) - index as f64 * tick).clamp(0.001, tick)
+}
+
 /// Interval figures from every executor, merged per interval and released in order once
 /// every executor has sent that interval or finished.
 struct Buckets {
@@ -310,6 +323,11 @@ impl Buckets {
         self.finished[thread] = true;
     }
 
+    /// Every executor has finished and every interval has been released.
+    fn all_done(&self) -> bool {
+        self.finished.iter().all(|&f| f) && self.pending.is_empty()
+    }
+
     fn ready(&mut self) -> Vec<(u64, Stats)> {
         let mut out = Vec::new();
         while let Some((&index, _)) = self.pending.first_key_value() {
@@ -326,5 +344,21 @@ impl Buckets {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_is_a_whole_tick_unless_it_ends_the_run() {
+        // At 2 messages a second the last reply of interval 3 comes at 3.5 s: the interval
+        // still lasted a second, and 2 replies in it are 2 a second, not 4.
+        assert_eq!(interval_secs(3, 3_500_000, false), 1.0);
+        // The run's last interval ends at its last reply.
+        assert!((interval_secs(3, 3_500_000, true) - 0.5).abs() < 1e-9);
+        assert_eq!(interval_secs(3, 3_000_000, true), 0.001);
+        assert_eq!(interval_secs(3, 9_000_000, true), 1.0);
     }
 }

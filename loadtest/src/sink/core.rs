@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ pub struct Shared {
     pub timeout: Duration,
     /// Set by the main thread to stop.
     pub stop: Arc<AtomicBool>,
+    /// End-of-data decisions made on every executor: drives the reply mix, whose shares
+    /// are then exact for the sink as a whole, whatever the number of executors.
+    pub decisions: AtomicU64,
 }
 
 /// One executor's state.
@@ -44,8 +47,6 @@ pub struct Core {
     pub shared: Arc<Shared>,
     /// This executor's number.
     pub id: usize,
-    /// End-of-data decisions made here (drives the reply mix).
-    pub messages: Cell<u64>,
     /// Record lines not yet written.
     pub record: RefCell<Vec<u8>>,
     recorder: Option<Arc<Recorder>>,
@@ -109,7 +110,6 @@ pub async fn run(shared: Arc<Shared>, id: usize, socket: Socket, recorder: Optio
     let core = Rc::new(Core {
         shared,
         id,
-        messages: Cell::new(0),
         record: RefCell::new(Vec::with_capacity(BATCH)),
         recorder,
         stopping: Cell::new(false),

@@ -13,7 +13,7 @@ pub mod session;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,7 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         counters: counters.clone(),
         timeout: args.timeout,
         stop: stop.clone(),
+        decisions: AtomicU64::new(0),
     });
     let recorder = match &args.record {
         Some(path) => Some(Recorder::start(path)?),
