@@ -31,7 +31,8 @@ pub struct Deletions {
     waiting: Mutex<Vec<(String, u32)>>,
 }
 
-/// The most recipients a deletion records (a message has at most `--max-recipients`).
+/// The most recipients a deletion records where `--max-recipients` is lower (a message has
+/// at most `--max-recipients`, which bounds the count otherwise).
 const MAX_RECIPIENTS_DELETED: u32 = 100_000;
 
 /// Relay refusals logged per second and core.
@@ -213,8 +214,21 @@ impl Core {
     /// report was made), and once that is durable the message is forgotten and its space
     /// reclaimed. An ID this spool does not hold leaves records nobody reads.
     pub(crate) fn delete(self: &Rc<Self>, queue_id: &str, recipients: u32) {
-        // The count comes from the request (the listing's): bounded, against a forged one.
-        let recipients = recipients.min(MAX_RECIPIENTS_DELETED);
+        if !self.store.is_live(queue_id) {
+            // Delivered (or deleted) since the listing the request came from: nothing to
+            // record, and no deletion to log.
+            tracing::info!(
+                queue_id,
+                "not deleted: no longer queued (delivered or deleted since it was listed)"
+            );
+            return;
+        }
+        // The count comes from the request (the listing's): bounded, against a forged one,
+        // by the most a message may have.
+        let most = u32::try_from(self.settings.max_recipients)
+            .unwrap_or(u32::MAX)
+            .max(MAX_RECIPIENTS_DELETED);
+        let recipients = recipients.min(most);
         let delivery = self.delivery.borrow().clone();
         // How many it stops: those the delivery side still had to settle, or with nothing
         // delivering (--hold) every recipient the listing gave.

@@ -360,6 +360,11 @@ impl CoreStore {
         }
     }
 
+    /// Whether the finished message `queue_id` is this core's and not yet final.
+    pub(crate) fn is_live(&self, queue_id: &str) -> bool {
+        self.spool.borrow().is_live(queue_id)
+    }
+
     pub(crate) fn mark_final(&self, queue_id: &str) -> Result<usize, SpoolError> {
         let reclaimed = self.spool.borrow_mut().mark_final(queue_id);
         self.wake_unlinker();

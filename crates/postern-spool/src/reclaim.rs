@@ -56,6 +56,11 @@ impl Index {
         self.live.insert(queue_id, seq);
     }
 
+    /// Whether a finished message is live here (not yet final).
+    pub(crate) fn is_live(&self, queue_id: &str) -> bool {
+        self.live.contains_key(queue_id)
+    }
+
     /// A live message became final: releases its pin. False when it was not live here.
     pub(crate) fn set_final(&mut self, queue_id: &str) -> bool {
         match self.live.remove(queue_id) {

@@ -818,6 +818,11 @@ impl Spool {
         self.index.live()
     }
 
+    /// Whether the finished message `queue_id` is held here and not yet final.
+    pub fn is_live(&self, queue_id: &str) -> bool {
+        self.index.is_live(queue_id)
+    }
+
     /// Segment files of this core (the spare not counted).
     pub fn segment_count(&self) -> usize {
         self.index.segments()

@@ -648,3 +648,47 @@ fn a_deletion_request_left_behind_is_not_acted_on_later() {
     assert!(!left.exists());
     assert_eq!(listed(&spool), [stays]);
 }
+
+#[test]
+fn a_deletion_of_a_message_delivered_since_it_was_listed_is_no_deletion() {
+    // The request names a message the server has meanwhile delivered (the race between a
+    // listing and the server's taking the request): nothing is recorded for it, and the log
+    // says it was no longer queued rather than that it was deleted.
+    let peer = Peer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start_in(&["--route", &route], spool.clone(), None);
+    let id = send(&server, "a@origin.test", &["b@dest.test"], "<d@t>", "x\r\n");
+    peer.wait_for("the delivery", Duration::from_secs(20), |s| s.len() == 1);
+    server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"sent\""));
+    std::fs::write(spool.join("postern.delete.99998"), format!("{id} 1\n")).unwrap();
+    server.signal("-USR2");
+    let line = server.log_until(|l| l.contains(id.as_str()) && l.contains("deleted"));
+    assert!(line.contains("not deleted: no longer queued"), "{line}");
+    assert!(!line.contains("deleted by the operator"), "{line}");
+}
+
+#[test]
+fn a_transaction_under_way_when_its_message_is_deleted_is_logged_as_it_ends() {
+    // The next hop has the whole message and holds its reply while the operator deletes the
+    // message: the 250 that then comes is logged (the mail has left), though nothing more
+    // is recorded for a message the operator deleted.
+    let (release, gate) = std::sync::mpsc::channel();
+    let (port, stored, _) =
+        scripted_next_hop(|_, _| None, Act::SayWhenTold(gate, "250 2.0.0 taken\r\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start_in(&["--route", &route], spool.clone(), None);
+    let id = send(&server, "a@origin.test", &["b@dest.test"], "<u@t>", "x\r\n");
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    let (code, out, err) = delete(&spool, &id);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, format!("deleted {id}\n"));
+    release.send(()).unwrap();
+    let line =
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("when the operator deleted"));
+    assert!(line.contains("250 2.0.0 taken"), "{line}");
+    assert!(line.contains("status=\"sent\""), "{line}");
+}

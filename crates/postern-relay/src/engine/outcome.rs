@@ -315,16 +315,30 @@ impl CoreRelay {
         reply: String,
         remote: Option<String>,
     ) {
-        if msg.deleted.load(Ordering::Acquire) {
-            // Deleted by the operator meanwhile: its owner tracks it no more.
-            return;
-        }
         let to = msg
             .meta
             .recipients
             .get(rcpt as usize)
             .map_or("", |r| r.path.as_str());
         let relay = remote.as_deref().unwrap_or("none");
+        if msg.deleted.load(Ordering::Acquire) {
+            // Deleted by the operator while a transaction was under way: its owner tracks it
+            // no more (nothing is recorded or counted), but what became of the mail that was
+            // under way is logged: a message the next hop took has left.
+            let status = match &result {
+                Result_::Delivered { .. } => "sent",
+                Result_::Deferred { .. } => "deferred",
+                Result_::Failed { .. } => "bounced",
+            };
+            tracing::info!(
+                queue_id = %msg.queue_id,
+                to,
+                relay,
+                status,
+                "{reply} (under way when the operator deleted the message)"
+            );
+            return;
+        }
         // The enhanced status the reports give the outcome (RFC 3463), as Postfix logs `dsn=`.
         match &result {
             Result_::Delivered { .. } => {
