@@ -632,12 +632,21 @@ async fn host_lookup(resolver: &TokioResolver, host: &str) -> Result<Vec<NextHop
 }
 
 /// The domain as a fully qualified name (so no search list applies), or `None` if it is not a
-/// domain name.
+/// domain name. An ASCII name that IDNA's rules refuse (an underscore inside a label, as in
+/// the container service names a route or relay host may give) is taken as it is written.
 fn fqdn(domain: &str) -> Option<Name> {
     if domain.is_empty() || domain == "." {
         return None;
     }
-    let mut name = Name::from_utf8(domain).ok()?;
+    let mut name = Name::from_utf8(domain)
+        .or_else(|e| {
+            if domain.is_ascii() {
+                Name::from_ascii(domain)
+            } else {
+                Err(e)
+            }
+        })
+        .ok()?;
     name.set_fqdn(true);
     Some(name)
 }
@@ -1045,5 +1054,11 @@ mod tests {
         );
         assert!(fqdn("").is_none());
         assert!(fqdn(".").is_none());
+        // Underscores, which a route or relay host may have (a container service name).
+        assert_eq!(fqdn("mail_relay").unwrap().to_ascii(), "mail_relay.");
+        assert_eq!(
+            fqdn("smtp_out.internal.example").unwrap().to_ascii(),
+            "smtp_out.internal.example."
+        );
     }
 }

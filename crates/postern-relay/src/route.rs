@@ -15,12 +15,17 @@ pub struct HostPort {
 }
 
 impl HostPort {
-    /// Parses `host:port`, `[v6]:port`, or a bare host with `default_port`.
+    /// Parses `host:port`, `[v6]:port` (also `[IPv6:v6]:port`, as an address literal is
+    /// written in mail, RFC 5321 4.1.3), or a bare host with `default_port`.
     pub fn parse(s: &str, default_port: u16) -> Result<HostPort, String> {
         let bad = || format!("'{s}' is not HOST:PORT");
         let s = s.trim();
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            let host = match host.get(..5) {
+                Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => &host[5..],
+                _ => host,
+            };
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse().map_err(|_| bad())?,
                 None if after.is_empty() => default_port,
@@ -180,6 +185,14 @@ mod tests {
             "192.0.2.1"
         );
         assert_eq!(HostPort::parse("::1", 25).unwrap().host, "::1");
+        for literal in ["[IPv6:2001:db8::1]:26", "[ipv6:2001:DB8::1]:26"] {
+            let hp = HostPort::parse(literal, 25).unwrap();
+            assert_eq!(
+                (hp.host.as_str(), hp.port),
+                ("2001:db8::1", 26),
+                "{literal}"
+            );
+        }
         for bad in [
             "",
             ":25",
@@ -193,6 +206,7 @@ mod tests {
             "-x:25",
             "h:x:y",
             "[not-v6]:25",
+            "[IPv6:192.0.2.1x]:25",
         ] {
             assert!(HostPort::parse(bad, 25).is_err(), "{bad}");
         }

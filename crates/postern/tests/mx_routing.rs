@@ -947,3 +947,27 @@ fn a_failed_handshake_at_one_mx_host_leaves_tls_to_the_others() {
     assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
     drop(dns);
 }
+
+#[test]
+fn a_route_host_with_an_underscore_in_its_name_is_looked_up_and_reached() {
+    use dns_server::{Rec, TestDns};
+    // Container service names have underscores, which IDNA's rules refuse: the name is still
+    // asked of the DNS as it is written.
+    let peer = Peer::start(&[]);
+    let dns = TestDns::start(
+        "test",
+        &[("mail_relay.test.", Rec::A("127.0.0.1".parse().unwrap()))],
+    );
+    let route = format!("dest.test=mail_relay.test:{}", peer.port);
+    let dns_addr = dns.addr.to_string();
+    let server = Server::start(&["--dns-server", &dns_addr, "--route", &route]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@dest.test"],
+        "<underscore@t>",
+        "x\r\n",
+    );
+    peer.wait_for("the delivery", Duration::from_secs(20), |s| s.len() == 1);
+    drop(dns);
+}
