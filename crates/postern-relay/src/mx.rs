@@ -95,6 +95,9 @@ pub struct MxHops {
     /// The best preference among the hosts the domain publishes, those without an address
     /// included; 0 for the implicit MX and domain literals.
     pub best: u16,
+    /// The best preference among the hosts whose addresses could not be looked up for now
+    /// (a DNS failure that may pass): a host less preferred than it is used in its place.
+    pub pending: Option<u16>,
 }
 
 /// Why no next hop was found; each variant says whether to bounce or to retry later.
@@ -208,7 +211,7 @@ impl Myself<'_> {
         found: MxHops,
         mut local: impl FnMut() -> Vec<IpAddr>,
     ) -> Result<Vec<NextHop>, MxError> {
-        let MxHops { hops, best } = found;
+        let MxHops { hops, best, .. } = found;
         let mut known = None;
         let mut local = || known.get_or_insert_with(&mut local).clone();
         // The most preferred host that is this server names it in the error: not another
@@ -408,6 +411,7 @@ impl Resolver {
                     addrs: vec![addr],
                 }],
                 best: 0,
+                pending: None,
             });
         }
         let (reply, answer) = oneshot::channel();
@@ -466,9 +470,11 @@ async fn serve(resolver: TokioResolver, job: Job) {
     } = job;
     let work = async {
         match kind {
-            Lookup::Host => host_lookup(&resolver, &domain)
-                .await
-                .map(|hops| MxHops { hops, best: 0 }),
+            Lookup::Host => host_lookup(&resolver, &domain).await.map(|hops| MxHops {
+                hops,
+                best: 0,
+                pending: None,
+            }),
             Lookup::Mx(own_name) => lookup(&resolver, &domain, own_name.as_deref()).await,
         }
     };
@@ -534,9 +540,11 @@ async fn lookup(
         if own_name.is_some_and(|own| host.eq_ignore_ascii_case(own)) {
             return Err(MxError::LoopsToSelf(host));
         }
-        return implicit_mx(resolver, name)
-            .await
-            .map(|hops| MxHops { hops, best: 0 });
+        return implicit_mx(resolver, name).await.map(|hops| MxHops {
+            hops,
+            best: 0,
+            pending: None,
+        });
     }
     if records.iter().all(|(_, exchange)| exchange.is_root()) {
         return Err(MxError::NullMx);
@@ -560,9 +568,14 @@ async fn lookup(
         resolve_hosts(resolver, domain, round, &mut hops, &mut temporary).await?;
     }
     if !hops.is_empty() {
-        return Ok(MxHops { hops, best });
+        let pending = temporary.map(|(preference, _)| preference);
+        return Ok(MxHops {
+            hops,
+            best,
+            pending,
+        });
     }
-    Err(match (own, temporary) {
+    Err(match (own, temporary.map(|(_, why)| why)) {
         // A backup MX whose primaries have no address keeps the mail for them.
         (Some(own), _) => MxError::NoPrimary(own),
         (None, Some(why)) => MxError::Temporary(why),
@@ -571,13 +584,14 @@ async fn lookup(
 }
 
 /// Resolves `hosts` (MX hosts of `domain`, in order) at once, adding those with addresses to
-/// `hops`, and the first temporary failure to `temporary`.
+/// `hops`, and the first temporary failure to `temporary` (with its host's preference, the
+/// best of those that failed for now, as the hosts come in preference order).
 async fn resolve_hosts(
     resolver: &TokioResolver,
     domain: &str,
     hosts: Vec<(u16, Name)>,
     hops: &mut Vec<NextHop>,
-    temporary: &mut Option<String>,
+    temporary: &mut Option<(u16, String)>,
 ) -> Result<(), MxError> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (preference, exchange)) in hosts.into_iter().enumerate() {
@@ -606,7 +620,7 @@ async fn resolve_hosts(
             }
             Addresses::Failed(why) => {
                 tracing::debug!(%domain, %host, %why, "MX host address lookup failed; skipped");
-                temporary.get_or_insert(format!("MX host {host} of {domain}: {why}"));
+                temporary.get_or_insert((preference, format!("MX host {host} of {domain}: {why}")));
             }
         }
     }
@@ -792,7 +806,11 @@ mod tests {
     /// `hops` as a lookup finds them, the best preference published among them.
     fn found(hops: Vec<NextHop>) -> MxHops {
         let best = hops.iter().map(|h| h.preference).min().unwrap_or(0);
-        MxHops { hops, best }
+        MxHops {
+            hops,
+            best,
+            pending: None,
+        }
     }
 
     fn hosts(r: &Result<Vec<NextHop>, MxError>) -> Vec<String> {
@@ -875,6 +893,7 @@ mod tests {
             MxHops {
                 hops: hops.clone(),
                 best: 5,
+                pending: None,
             },
             never,
         );
@@ -883,7 +902,14 @@ mod tests {
         assert_eq!(e.enhanced(), "4.4.4");
         assert!(!e.is_permanent());
         // Nothing better published: a loop, permanent.
-        let r = me.drop_from(MxHops { hops, best: 10 }, never);
+        let r = me.drop_from(
+            MxHops {
+                hops,
+                best: 10,
+                pending: None,
+            },
+            never,
+        );
         assert!(matches!(&r, Err(e @ MxError::LoopsToSelf(_)) if e.is_permanent()));
     }
 

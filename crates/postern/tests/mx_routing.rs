@@ -971,3 +971,44 @@ fn a_route_host_with_an_underscore_in_its_name_is_looked_up_and_reached() {
     peer.wait_for("the delivery", Duration::from_secs(20), |s| s.len() == 1);
     drop(dns);
 }
+
+#[test]
+fn a_backup_mx_used_while_the_primary_s_address_cannot_be_looked_up_is_only_a_stand_in() {
+    use dns_server::{Rec, TestDns};
+    // The primary's address lookup fails for now (SERVFAIL): mail goes to the backup, over a
+    // connection kept only for the pause (the first retry delay, 200 ms here), as for a
+    // primary that could not be reached, so that the next connection asks the DNS again and
+    // can find the primary back. Mail kept flowing must therefore come to the backup on a
+    // new connection before long.
+    let (port, stored, _) =
+        scripted_next_hop_at("127.0.0.54:0", |_, _| None, Act::Say("250 2.0.0 ok\r\n"));
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("standin.test.", Rec::Mx(10, "servfail.test.")),
+            ("standin.test.", Rec::Mx(20, "mx2.test.")),
+            ("mx2.test.", Rec::A("127.0.0.54".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, port, &[]);
+    let (mut c, _) = hello(&server);
+    // Bounded in count and time: one message at a time until one arrives on a second
+    // connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for n in 0.. {
+        assert!(
+            std::time::Instant::now() < deadline && n < 2000,
+            "every message came over the first connection"
+        );
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<r@standin.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <standin{n}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+        let (connection, _) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+        if connection > 0 {
+            break;
+        }
+    }
+    drop(dns);
+}

@@ -762,6 +762,8 @@ impl CoreRelay {
         let mut looked_up_mx = false;
         // The best preference the domain publishes, hosts without an address included.
         let mut published_best = None;
+        // The best preference among MX hosts whose addresses could not be looked up for now.
+        let mut pending_best = None;
         let (hops, port) = match &dq.dest {
             Destination::Fixed(hp) => {
                 let hops = match hp.host.parse::<IpAddr>() {
@@ -793,6 +795,7 @@ impl CoreRelay {
                     .await
                     .and_then(|found| {
                         published_best = Some(found.best);
+                        pending_best = found.pending;
                         let me = crate::mx::Myself {
                             hostname: &config.hostname,
                             listen: &config.own_addrs,
@@ -830,6 +833,10 @@ impl CoreRelay {
             .collect();
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
         let best = candidates.iter().map(|(h, _)| h.preference).min();
+        // A host less preferred than one that could not be reached, or whose addresses could
+        // not be looked up for now, stands in for it: its connection is a fallback, kept only
+        // for the pause, so that the better host gets the mail back once it can.
+        let better = best.into_iter().chain(pending_best).min();
         // For a host that turns out to be this server: a more preferred one published, with
         // or without an address now, may take the mail later.
         let primary = best.into_iter().chain(published_best).min();
@@ -856,7 +863,7 @@ impl CoreRelay {
         // At most MAX_ADDRESSES_PER_ATTEMPT addresses, as for a job passed over: a next hop
         // with many silent addresses cannot hold a worker for their greeting timeouts.
         for (hop, addr) in candidates.into_iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
-            let fallback = best.is_some_and(|b| hop.preference > b);
+            let fallback = better.is_some_and(|b| hop.preference > b);
             let opened = |conn: Outbound, failed: Vec<SocketAddr>| Opened {
                 conn,
                 failed,
