@@ -818,7 +818,11 @@ impl ClientSession {
                 let mut result = self.results.pop_front()?;
                 // The first refused chunk decides, when there was one.
                 result.data.get_or_insert(reply);
-                self.held.clear();
+                if expect == Expect::DataGo {
+                    // Nothing of this transaction is left to send. At the end of its data,
+                    // what is held is a later transaction's, sent behind this one.
+                    self.held.clear();
+                }
                 if expect == Expect::DataGo && result.mail.is_positive() {
                     // DATA refused (no valid recipient, most often) after MAIL was taken: the
                     // server still holds the transaction open, and the next MAIL would get

@@ -1127,3 +1127,38 @@ fn a_transaction_with_many_recipients_goes_in_groups_that_fit_the_window() {
         }
     }
 }
+
+#[test]
+fn a_transaction_in_groups_sent_behind_another_keeps_its_held_commands() {
+    // T1's end-of-data reply is still awaited when T2, for 150 recipients, is sent behind it
+    // (RFC 2920 lets the next MAIL follow a body): T2's commands beyond its first group are
+    // held, and T1's reply must not take them away.
+    let names: Vec<String> = (0..150).map(|i| format!("r{i}@mx.test")).collect();
+    let many: Vec<&str> = names.iter().map(String::as_str).collect();
+    for mode in [BodyMode::Data, BodyMode::Bdat] {
+        let mut w = Wire::new();
+        assert_eq!(w.pump(), ClientEvent::Ready);
+        let first = b"Subject: one\r\n\r\nfirst\r\n".to_vec();
+        let second = b"Subject: two\r\n\r\nsecond\r\n".to_vec();
+        w.client
+            .send(&transaction(mode, &first, &["a@mx.test"]))
+            .unwrap();
+        assert_eq!(w.pump(), ClientEvent::SendBody);
+        w.send_body(mode, &first);
+        assert!(w.client.can_send());
+        w.client.send(&transaction(mode, &second, &many)).unwrap();
+        let ClientEvent::Done(one) = w.pump() else {
+            panic!("no result for the first")
+        };
+        assert_eq!(one.outcome(0).code, 250);
+        assert_eq!(w.pump(), ClientEvent::SendBody);
+        w.send_body(mode, &second);
+        let ClientEvent::Done(two) = w.pump() else {
+            panic!("no result for the second")
+        };
+        assert_eq!(two.rcpts.len(), 150);
+        assert!(two.rcpts.iter().all(|r| r.code == 250));
+        assert_eq!(two.outcome(0).code, 250);
+        assert_eq!(w.queued, vec![first, second]);
+    }
+}

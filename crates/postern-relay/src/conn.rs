@@ -538,8 +538,10 @@ impl Outbound {
             BodyMode::Data => envelope_limit.max(t.data_init),
             BodyMode::Bdat => envelope_limit,
         };
-        // With PIPELINING and BDAT the session asks for the body before any reply; the
-        // commands then go out in the same write as a small body, not in one of their own.
+        // With PIPELINING and BDAT the session asks for the body before any reply when the
+        // commands fit one group (a transaction for more recipients asks once its last group
+        // goes out); the commands then go out in the same write as a small body, not in one
+        // of their own.
         let ready = if tx.mode == BodyMode::Bdat && self.session.capabilities().pipelining {
             match self.session.handle(&[]) {
                 (_, ClientEvent::NeedInput) => None,

@@ -231,10 +231,21 @@ impl Core {
         let recipients = recipients.min(most);
         let delivery = self.delivery.borrow().clone();
         // How many it stops: those the delivery side still had to settle, or with nothing
-        // delivering (--hold) every recipient the listing gave.
-        let stopped = delivery
-            .and_then(|d| d.deleted(queue_id))
-            .map_or(recipients, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        // delivering (--hold) every recipient the listing gave. A delivery side that no
+        // longer tracks the message has its outcomes and is making it final.
+        let stopped = match delivery {
+            Some(d) => match d.deleted(queue_id) {
+                Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+                None => {
+                    tracing::info!(
+                        queue_id,
+                        "not deleted: no longer queued (every recipient has its outcome)"
+                    );
+                    return;
+                }
+            },
+            None => recipients,
+        };
         let status = postern_spool::Status {
             state: postern_spool::DeliveryState::Failed,
             reply: "deleted by the operator".to_owned(),

@@ -108,6 +108,50 @@ fn a_message_for_many_recipients_goes_to_a_pipelining_next_hop_in_one_transactio
 }
 
 #[test]
+fn a_message_for_many_recipients_among_others_waiting_is_not_batched_with_them() {
+    // Transactions in flight (--max-transactions-in-flight 4) go back to back only when each
+    // is one group of commands: the message for 150 recipients, waiting with small ones while
+    // the only connection is busy, goes on its own, group by group, and the small ones after
+    // it together. Every recipient is delivered, none deferred.
+    let (sink, out, addr) = start_sink(&["--delay", "300ms"]);
+    let route = format!("sink.test={addr}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+        "--max-transactions-in-flight",
+        "4",
+        "--max-connections-per-destination",
+        "1",
+    ]);
+    let mut c = greeted(&server);
+    for rcpts in [1, 150, 1, 1] {
+        c.cmd("MAIL FROM:<a@origin.test>");
+        for i in 0..rcpts {
+            assert_eq!(c.cmd(&format!("RCPT TO:<r{i}@sink.test>")), "250 2.1.5 Ok");
+        }
+        c.cmd("DATA");
+        c.send(b"Subject: batch\r\n\r\nbody\r\n.\r\n");
+        assert!(c.line().starts_with("250"));
+    }
+    let text = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 153\n"));
+    assert!(
+        text.contains("postern_recipients_delivered_total 153\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("postern_delivery_deferrals_total 0\n"),
+        "{text}"
+    );
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 4\n"),
+        "{counters}"
+    );
+}
+
+#[test]
 fn delivers_through_bdat_to_the_project_sink() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.txt");

@@ -151,6 +151,8 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     let mut progress = progress::Progress::new(args.quiet);
     let mut buckets = Buckets::new(threads);
     let mut total = Stats::default();
+    // The newest interval, not shown yet.
+    let mut held: Option<(u64, Stats)> = None;
     // Bounded: ends when every executor has dropped its sender, which each does once its
     // connections are done (bounded by the plan and the timeouts).
     for note in rx.iter() {
@@ -165,13 +167,26 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
                 total.merge(&stats);
             }
         }
-        let ready = buckets.ready();
-        let (n, done) = (ready.len(), buckets.all_done());
-        for (i, (index, stats)) in ready.into_iter().enumerate() {
-            let secs = interval_secs(index, stats.last_reply_us, done && i + 1 == n);
-            progress.interval(index, secs, &stats);
+        for (index, stats) in buckets.ready() {
             log.write(index, &stats).map_err(|e| log_error(&args, e))?;
+            // Shown once the next one is in (it lasted a whole tick) or the run is over (it
+            // may have been the run's last, cut short): an executor's last interval comes
+            // before its end, so no interval is known to be the last when it comes.
+            if let Some((shown, before)) = held.replace((index, stats)) {
+                progress.interval(
+                    shown,
+                    interval_secs(shown, before.last_reply_us, false),
+                    &before,
+                );
+            }
         }
+    }
+    if let Some((index, stats)) = held.take() {
+        progress.interval(
+            index,
+            interval_secs(index, stats.last_reply_us, true),
+            &stats,
+        );
     }
     progress.finish();
     for h in handles {
@@ -321,11 +336,6 @@ impl Buckets {
 
     fn finish(&mut self, thread: usize) {
         self.finished[thread] = true;
-    }
-
-    /// Every executor has finished and every interval has been released.
-    fn all_done(&self) -> bool {
-        self.finished.iter().all(|&f| f) && self.pending.is_empty()
     }
 
     fn ready(&mut self) -> Vec<(u64, Stats)> {

@@ -160,13 +160,26 @@ impl CoreRelay {
                     self.relay.config.max_in_flight
                 };
                 let counted = InFlight::new(&self.relay.in_flight);
-                let after = if window > 1 && conn.can_pipeline() {
+                // A job whose commands go out in one group (MAIL, its RCPTs, BDAT): one with
+                // more recipients is written a group at a time, each after the replies to
+                // the one before, so it cannot go back to back with others.
+                let one_group =
+                    |j: &Job| j.rcpts.len() + 2 <= postern_proto::client::PIPELINED_GROUP;
+                let after = if window > 1 && conn.can_pipeline() && one_group(&job) {
                     // Replies awaited at once stay few enough for any socket buffer: the
                     // server must never block writing them while this side still writes.
                     let mut replies = job.rcpts.len() + 3;
                     let mut jobs = vec![job];
                     while jobs.len() < window && replies < MAX_PIPELINED_REPLIES {
-                        let Some(more) = dq.ready.borrow_mut().pop_front() else {
+                        let more = {
+                            let mut ready = dq.ready.borrow_mut();
+                            if !ready.front().is_some_and(|j| one_group(j)) {
+                                None
+                            } else {
+                                ready.pop_front()
+                            }
+                        };
+                        let Some(more) = more else {
                             break;
                         };
                         replies += more.rcpts.len() + 3;
@@ -894,7 +907,11 @@ impl CoreRelay {
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
                     // with this address for a while.
-                    dq.cleartext.borrow_mut().insert(addr, now_ms() + 3_600_000);
+                    let mut cleartext = dq.cleartext.borrow_mut();
+                    let now = now_ms();
+                    cleartext.retain(|_, until| *until > now);
+                    cleartext.insert(addr, now + 3_600_000);
+                    drop(cleartext);
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
                             let here = loops_here(c, hop, addr, primary, &config.hostname, &failed);
