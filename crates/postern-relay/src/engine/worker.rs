@@ -173,7 +173,7 @@ impl CoreRelay {
                     while jobs.len() < window && replies < MAX_PIPELINED_REPLIES {
                         let more = {
                             let mut ready = dq.ready.borrow_mut();
-                            if !ready.front().is_some_and(|j| one_group(j)) {
+                            if !ready.front().is_some_and(&one_group) {
                                 None
                             } else {
                                 ready.pop_front()
@@ -907,11 +907,12 @@ impl CoreRelay {
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
                     // with this address for a while.
-                    let mut cleartext = dq.cleartext.borrow_mut();
-                    let now = now_ms();
-                    cleartext.retain(|_, until| *until > now);
-                    cleartext.insert(addr, now + 3_600_000);
-                    drop(cleartext);
+                    {
+                        let mut cleartext = dq.cleartext.borrow_mut();
+                        let now = now_ms();
+                        cleartext.retain(|_, until| *until > now);
+                        cleartext.insert(addr, now + 3_600_000);
+                    }
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
                             let here = loops_here(c, hop, addr, primary, &config.hostname, &failed);
