@@ -59,17 +59,26 @@ fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral(
     );
 }
 
+/// A self-signed certificate for `localhost` and its key, written into `dir`: their paths.
+fn localhost_cert(dir: &std::path::Path) -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (
+        cert.to_str().unwrap().to_owned(),
+        key.to_str().unwrap().to_owned(),
+    )
+}
+
 #[test]
 fn required_tls_trusts_the_store_that_ssl_cert_file_names() {
     // The system's trust store is found as OpenSSL finds it: SSL_CERT_FILE, when set, names
     // it (a host whose bundle is elsewhere than Debian's or Red Hat's path says so there).
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (cert, key) = localhost_cert(dir.path());
+    let (cert, key) = (cert.as_str(), key.as_str());
     let (sink, out, addr) = start_sink(&["--tls-cert", cert, "--tls-key", key]);
     let port = addr.rsplit(':').next().unwrap();
     let route = format!("sink.test=localhost:{port}");
@@ -103,17 +112,8 @@ fn required_tls_trusts_the_store_that_ssl_cert_file_names() {
 #[test]
 fn outbound_starttls_opportunistic_and_required() {
     let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let tls = [
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ];
+    let (cert, key) = localhost_cert(dir.path());
+    let tls = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
     let (sink, out, addr) = start_sink(&tls);
     let port = addr.rsplit(':').next().unwrap();
     let route = format!("sink.test=localhost:{port}");
@@ -149,7 +149,7 @@ fn outbound_starttls_opportunistic_and_required() {
             "--outbound-tls",
             "required",
             "--outbound-tls-ca",
-            cert.to_str().unwrap(),
+            cert.as_str(),
         ]);
         send(
             &server,
