@@ -651,7 +651,14 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
         if !name.to_string_lossy().starts_with(queue::DELETE_PREFIX) {
             continue;
         }
-        let path = entry.path();
+        // Claimed first, by a rename: the request is then either the command's to withdraw
+        // (it gave up, and told the operator nothing was deleted) or ours to act on, never
+        // both. One the command withdrew meanwhile is gone, and passed over.
+        let shown = entry.path();
+        let path = spool.join(format!(".{}.taken", name.to_string_lossy()));
+        if std::fs::rename(&shown, &path).is_err() {
+            continue;
+        }
         // A plain file, read without following a link or waiting on a pipe, and only as much
         // as a request can hold. One older than a command waits for its answer was left by a
         // command that gave up or died: it is not acted on now.
@@ -666,7 +673,7 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
         if stale {
             tracing::warn!(
                 "{}: an old deletion request, removed unread",
-                path.display()
+                shown.display()
             );
         } else if meta.is_ok_and(|m| m.is_file()) {
             let opened = std::fs::OpenOptions::new()
@@ -687,7 +694,7 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
                 words.next().map(str::parse::<u32>),
                 words.next(),
             ) else {
-                tracing::warn!("{}: a line that is no request: {line:?}", path.display());
+                tracing::warn!("{}: a line that is no request: {line:?}", shown.display());
                 continue;
             };
             if asked.iter().any(|(known, _)| known == id) {
