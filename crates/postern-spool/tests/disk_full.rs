@@ -6,9 +6,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "support/open_files.rs"]
+mod open_files;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use open_files::deleted_but_open;
 
 use common::{body, fnv, meta};
 use postern_spool::{recover, Spool, SpoolError, SpoolOptions};
@@ -282,25 +286,6 @@ fn a_damaged_segment_that_cannot_be_set_aside_does_not_keep_the_spool_from_openi
     assert!(in_place.exists(), "kept for the operator");
 }
 
-/// Files under `dir` that this process still holds open with no name left (deleted: their
-/// space is not free). A segment is opened under a temporary name and then linked to its own,
-/// so the kernel's " (deleted)" on the open name alone proves nothing: its link count does.
-fn deleted_but_open(dir: &Path) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .filter_map(|fd| {
-            let target = std::fs::read_link(fd.path()).ok()?;
-            let nlink = std::fs::metadata(fd.path()).ok()?.nlink();
-            Some((target.to_string_lossy().into_owned(), nlink))
-        })
-        .filter(|(t, nlink)| t.starts_with(&prefix) && *nlink == 0)
-        .map(|(t, _)| t)
-        .collect()
-}
-
 #[test]
 fn an_aborted_message_that_filled_segments_keeps_none_of_them_open_once_deleted() {
     // A client that sends a large body and goes: its segments are freed, and their space
@@ -319,7 +304,10 @@ fn an_aborted_message_that_filled_segments_keeps_none_of_them_open_once_deleted(
     spool.abort(d);
     let freed = spool.reclaim().unwrap();
     assert!(freed >= 5, "{freed}");
-    assert!(!deleted_but_open(dir.path()).is_empty(), "nothing to show");
+    assert!(
+        !deleted_but_open(std::process::id(), dir.path()).is_empty(),
+        "nothing to show"
+    );
     assert!(spool.sync_wanted());
     let mut batches = 0;
     while spool.sync_wanted() {
@@ -327,5 +315,8 @@ fn an_aborted_message_that_filled_segments_keeps_none_of_them_open_once_deleted(
         batches += 1;
         assert!(batches <= 3, "batches without end");
     }
-    assert_eq!(deleted_but_open(dir.path()), Vec::<String>::new());
+    assert_eq!(
+        deleted_but_open(std::process::id(), dir.path()),
+        Vec::<String>::new()
+    );
 }

@@ -4,10 +4,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../postern-spool/tests/support/open_files.rs"]
+mod open_files;
 
 use std::path::Path;
 
 use common::Server;
+use open_files::deleted_but_open;
 
 /// The records of each kind (START 1, BODY 2, END 3, ...) in every segment of the spool.
 fn record_kinds(spool: &Path) -> Vec<u8> {
@@ -52,25 +55,6 @@ fn a_body_of_dot_stuffed_lines_goes_in_records_of_16_kib() {
         "{bodies} body records for {size} octets"
     );
     assert!(bodies >= size / (64 * 1024), "{bodies} body records");
-}
-
-/// Files under `dir` that process `pid` holds open with no name left (deleted, their space not
-/// free). Segments are opened under a temporary name and then linked to their own, so the
-/// kernel's " (deleted)" on the open name proves nothing alone: the link count does.
-fn deleted_but_open(pid: u32, dir: &Path) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|fd| {
-            let target = std::fs::read_link(fd.path()).ok()?;
-            let nlink = std::fs::metadata(fd.path()).ok()?.nlink();
-            Some((target.to_string_lossy().into_owned(), nlink))
-        })
-        .filter(|(t, nlink)| t.starts_with(&prefix) && *nlink == 0)
-        .map(|(t, _)| t)
-        .collect()
 }
 
 #[test]
