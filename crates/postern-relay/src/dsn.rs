@@ -563,9 +563,10 @@ fn without_empty_line(block: &[u8]) -> &[u8] {
 }
 
 /// Copies `input` with every line ending made CRLF and a CRLF after the last line. A line
-/// over [`MAX_LINE`] octets makes the copy fail, or with `break_long` is folded (RFC 5322
-/// 2.2.3): a CRLF goes in before its last space or tab, so the field's content stays the
-/// same; a line without one is broken with `CRLF SP` where it reaches the limit.
+/// over [`MAX_LINE`] octets or a NUL makes the copy fail, or with `break_long` (a header
+/// section) the line is folded (RFC 5322 2.2.3): a CRLF goes in before its last space or tab,
+/// so the field's content stays the same; a line without one is broken with `CRLF SP` where
+/// it reaches the limit; a NUL becomes a space.
 fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
     let mut output = Vec::with_capacity(input.len() + input.len() / 32 + 2);
     // Where the current line starts in `output`, and its last space or tab past its first
@@ -587,6 +588,8 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
             // message with one cannot come back as it is.
             0 if !break_long => return None,
             _ => {
+                // In a header section, returned for its sender to read, a NUL is a space.
+                let byte = if byte == 0 { b' ' } else { byte };
                 if output.len() - start == MAX_LINE {
                     if !break_long {
                         return None;
@@ -650,9 +653,9 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
                         format!("utf-8;{}", safe(&utf8_addr_xtext(&address)))
                     }
                 }
-                Some((kind, addr)) => {
-                    format!("{};{}", safe(kind.trim()), safe(&xtext_decode(addr)))
-                }
+                // Made safe as a whole, so that it is cut as one value: the two halves
+                // each at the cap would make a line no mail may have.
+                Some((kind, addr)) => safe(&format!("{};{}", kind.trim(), xtext_decode(addr))),
                 None => format!("rfc822; {}", safe(&xtext_decode(orcpt))),
             };
             field(&mut out, "Original-Recipient", &value);

@@ -7,6 +7,7 @@
 pub mod conn;
 pub mod dsn;
 pub mod engine;
+pub mod fuzzing;
 pub mod mime;
 pub mod mx;
 pub mod route;
