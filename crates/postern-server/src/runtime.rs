@@ -64,8 +64,8 @@ impl Running {
         self.server_cert.clone()
     }
 
-    /// Waits until every core has stopped; false when one of them failed (panicked), which
-    /// stops the others.
+    /// Waits until every core has stopped; false when one of them failed (panicked, which
+    /// stops the others) or could not make its spool durable at the end.
     pub fn wait(self) -> bool {
         let mut clean = true;
         for t in self.threads {
@@ -287,11 +287,16 @@ pub fn start_locked(
     let held: Arc<[crossbeam::utils::CachePadded<AtomicU64>]> = (0..settings.cores.max(1))
         .map(|_| crossbeam::utils::CachePadded::new(AtomicU64::new(crate::core::NOT_COUNTED)))
         .collect();
+    // Core N runs on the Nth CPU the process may use (as `taskset`, a cpuset cgroup or
+    // systemd's AllowedCPUs= leave it), not on CPU N, which may be another's or refused.
+    // Under a CPU quota below that set (a container's CPU limit without a cpuset) the cores
+    // are left to the kernel: pinned, every such process would share the first CPUs.
+    let allowed = allowed_cpus();
+    let pin = settings.cores <= cpus && cpus == allowed.len();
     for id in 0..settings.cores.max(1) {
-        let placement = if settings.cores <= cpus {
-            Placement::Fixed(id)
-        } else {
-            Placement::Unbound
+        let placement = match allowed.get(id) {
+            Some(&cpu) if pin => Placement::Fixed(cpu),
+            _ => Placement::Unbound,
         };
         let builder = LocalExecutorBuilder::new(placement.clone())
             .name(&format!("postern-core-{id}"))
@@ -323,14 +328,21 @@ pub fn start_locked(
             }
         };
         let stop_all = stop.clone();
+        let failed = ready_tx.clone();
         threads.push(std::thread::spawn(move || {
             // A core that fails leaves its deliveries and its spool unserved: the whole
             // server stops (the others gracefully), for its supervisor to start it again.
-            let clean = handle.join().is_ok();
-            if !clean {
-                stop_all.stop();
+            // One that fails before it is ready (an executor glommio could not make) says
+            // why to the start, which otherwise only sees it gone.
+            match handle.join() {
+                Ok(clean) => clean,
+                Err(e) => {
+                    let advice = executor_advice(&e.to_string());
+                    let _ = failed.send(Err(StartError::Executor(advice)));
+                    stop_all.stop();
+                    false
+                }
             }
-            clean
         }));
     }
     drop(ready_tx);
@@ -396,6 +408,15 @@ fn blocking_pool(core: &Placement) -> PoolPlacement {
     }
 }
 
+/// The CPUs this process may run on, in order (empty when the mask cannot be read).
+fn allowed_cpus() -> Vec<usize> {
+    use rustix::thread::{sched_getaffinity, CpuSet as Mask};
+    sched_getaffinity(None).map_or_else(
+        |_| Vec::new(),
+        |mask| (0..Mask::MAX_CPU).filter(|&cpu| mask.is_set(cpu)).collect(),
+    )
+}
+
 fn executor_advice(cause: &str) -> String {
     let memlock = memlock_limit().map_or("unlimited or unknown".to_owned(), |l| {
         format!("{} KiB", l / 1024)
@@ -436,7 +457,8 @@ struct CoreInit {
     held: Arc<[crossbeam::utils::CachePadded<AtomicU64>]>,
 }
 
-async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) {
+/// Runs one core until it stops; false when it could not start or its last sync failed.
+async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) -> bool {
     let _ends = watchdog::EndsBeat(init.beat.clone());
     glommio::spawn_local(heartbeat(init.beat.clone())).detach();
     let store = match CoreStore::open(
@@ -447,7 +469,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(e));
-            return;
+            return false;
         }
     };
     let mut listeners = Vec::new();
@@ -457,7 +479,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
                 Ok(l) => listeners.push((l, implicit_tls)),
                 Err(source) => {
                     let _ = ready.send(Err(StartError::Bind { addr, source }));
-                    return;
+                    return false;
                 }
             }
         }
@@ -580,7 +602,20 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             );
         }
     }
-    core.store.shutdown().await;
+    let synced = core.store.shutdown().await;
+    if let Err(e) = &synced {
+        // Not rate-limited as other spool errors are: it is the core's last word. Every
+        // message acknowledged was durable before its 250; what this sync held is what was
+        // recorded after the one before (delivery outcomes), and a delivery whose outcome
+        // is lost is made again after the next start.
+        core.metrics.borrow_mut().spool_errors += 1;
+        tracing::error!(
+            core = core.id,
+            spool = %core.settings.spool_dir.display(),
+            "the last sync before the stop failed: {e}; outcomes recorded since the sync \
+             before may be lost, and their deliveries made again after the next start"
+        );
+    }
     if core.sessions.get() > core.lingering.get() {
         // A session that was waiting for its message's sync (a slow disk) has it now: it
         // says its 250 (then 421) before the core ends, rather than leave a stored message
@@ -592,6 +627,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     drop(unlinker);
     drop(watcher);
     core.publish();
+    synced.is_ok()
 }
 
 /// Ticks the core's heartbeat from a timer for as long as the core runs (see `watchdog`).

@@ -403,8 +403,9 @@ impl CoreStore {
 
     /// At shutdown: lets the sync in flight be collected (for a few seconds at most: a stop
     /// must end), then syncs what is pending, on this thread, and wakes whoever waits for a
-    /// ticket (a session whose end of data came before a slow sync then says its 250).
-    pub(crate) async fn shutdown(&self) {
+    /// ticket (a session whose end of data came before a slow sync then says its 250). Gives
+    /// back that last sync's error.
+    pub(crate) async fn shutdown(&self) -> Result<(), SpoolError> {
         const SYNC_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
         futures_lite::future::or(self.sync_collected(), async {
             glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
@@ -430,7 +431,7 @@ impl CoreStore {
         )
         .await;
         let mut spool = self.spool.borrow_mut();
-        let _ = spool.sync_now();
+        let synced = spool.sync_now();
         spool.mark_durable_end();
         // Those that cannot go stay on disk, in order; the next start deletes them. None goes
         // while older ones may still be on their way.
@@ -439,6 +440,7 @@ impl CoreStore {
         }
         drop(spool);
         self.synced.notify(usize::MAX);
+        synced
     }
 
     /// Waits until no sync is in flight (the last one collected).

@@ -428,7 +428,9 @@ fn main() -> ExitCode {
         let _ = signal_hook::low_level::raise(signal);
     }
     if !running.wait() {
-        say!("postern: stopped because a core failed (see the log above)");
+        say!(
+            "postern: stopped after a core failed or could not sync its spool (see the log above)"
+        );
         return ExitCode::FAILURE;
     }
     say!("postern: stopped");

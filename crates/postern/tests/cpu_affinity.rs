@@ -1,0 +1,66 @@
+//! Each core runs on a CPU the process was given (the Nth of its affinity mask, as `taskset`,
+//! a cpuset cgroup or systemd's AllowedCPUs= set it), never on a CPU outside it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
+
+fn cpus(mask: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::MAX_CPU)
+        .filter(|&cpu| mask.is_set(cpu))
+        .collect()
+}
+
+/// `Cpus_allowed_list` of every thread of `pid` whose name starts with `prefix`.
+fn allowed_lists(pid: u32, prefix: &str) -> Vec<String> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        lists.push(list);
+    }
+    lists
+}
+
+#[test]
+fn a_core_runs_on_the_cpu_it_was_given_not_on_cpu_0() {
+    let mine = sched_getaffinity(None).unwrap();
+    let given = cpus(&mine);
+    let Some(&last) = given.last().filter(|&&cpu| cpu != 0) else {
+        eprintln!("only CPU 0 here: no other CPU to give the server; nothing to tell apart");
+        return;
+    };
+    // The server inherits the mask of the thread that starts it.
+    let mut only = CpuSet::new();
+    only.set(last);
+    sched_setaffinity(None, &only).unwrap();
+    let server = common::Server::start(&["--cores", "1"]);
+    sched_setaffinity(None, &mine).unwrap();
+
+    let pid = server.child.id();
+    let lists = allowed_lists(pid, "postern-core-0");
+    // The core's thread and its blocking pool's.
+    assert!(lists.len() >= 2, "threads of core 0: {lists:?}");
+    assert!(
+        lists.iter().all(|list| *list == last.to_string()),
+        "core 0's threads may run on {lists:?}, the process was given CPU {last} alone"
+    );
+    // And it serves there.
+    let mut client = server.connect();
+    assert!(client.line().starts_with("220 "));
+    assert!(client.cmd("EHLO t").starts_with("250"));
+    client.cmd("QUIT");
+}
