@@ -78,6 +78,9 @@ pub(crate) async fn serve(
     let started = Instant::now();
     core.metrics.borrow_mut().connections += 1;
     let _ = tcp.set_nodelay(true);
+    // An IPv4 client of a dual-stack listener is itself everywhere (log, trace header,
+    // spool, relay check), not `::ffff:a.b.c.d`.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let mut session = Session {
         core: core.clone(),
         // Unspecified where the socket cannot say (an accepted one always can).

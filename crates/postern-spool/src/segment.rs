@@ -63,9 +63,28 @@ fn overwrites_in_place(file: &File) -> bool {
 }
 
 /// Writes all of `bytes` at `offset`.
-pub(crate) fn pwrite_all(file: &File, mut bytes: &[u8], mut offset: u64) -> io::Result<()> {
+pub(crate) fn pwrite_all(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
+    write_all_at(
+        |bytes, at| rustix::io::pwrite(file, bytes, at),
+        bytes,
+        offset,
+    )
+}
+
+/// Writes all of `bytes` at `offset` with `write`, as `pwrite` would, again where it was
+/// interrupted: a core's thread takes the watchdog's wake-up signal, which ends a write to a
+/// slow (network or FUSE) file system early with `EINTR`, and that is no failed write.
+fn write_all_at(
+    mut write: impl FnMut(&[u8], u64) -> rustix::io::Result<usize>,
+    mut bytes: &[u8],
+    mut offset: u64,
+) -> io::Result<()> {
     while !bytes.is_empty() {
-        let n = rustix::io::pwrite(file, bytes, offset)?;
+        let n = match write(bytes, offset) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -73,6 +92,17 @@ pub(crate) fn pwrite_all(file: &File, mut bytes: &[u8], mut offset: u64) -> io::
         offset += n as u64;
     }
     Ok(())
+}
+
+/// `fallocate` over the whole of `file`, again where it was interrupted (see
+/// [`write_all_at`]).
+fn reserve(file: &File, size: u64) -> rustix::io::Result<()> {
+    loop {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => return other,
+        }
+    }
 }
 
 /// The file name of segment `seq`.
@@ -327,7 +357,7 @@ impl Segment {
         let mut filled = false;
         let mut linked = false;
         let made = (|| {
-            match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            match reserve(&file, size) {
                 Ok(()) => {}
                 // A file system without fallocate (ext2, some network ones): the space is
                 // reserved by writing it, once (off the core when this is the spare made
@@ -518,6 +548,39 @@ mod tests {
     /// Where the file has data at or after `at` (SEEK_DATA), None past the last data.
     fn data_from(file: &File, at: u64) -> Option<u64> {
         rustix::fs::seek(file, rustix::fs::SeekFrom::Data(at)).ok()
+    }
+
+    /// An interrupted write (`EINTR`, the watchdog's signal on a slow file system) is made
+    /// again, and a short one goes on from where it stopped; another error is the write's.
+    #[test]
+    fn an_interrupted_write_is_made_again_not_failed() {
+        let mut file = vec![0u8; 16];
+        let mut calls = Vec::new();
+        let written = write_all_at(
+            |bytes, at| {
+                calls.push((bytes.len(), at));
+                match calls.len() {
+                    1 | 3 => Err(rustix::io::Errno::INTR),
+                    // Short: two octets.
+                    2 => {
+                        file[at as usize..at as usize + 2].copy_from_slice(&bytes[..2]);
+                        Ok(2)
+                    }
+                    _ => {
+                        file[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+                        Ok(bytes.len())
+                    }
+                }
+            },
+            b"abcdef",
+            4,
+        );
+        assert!(written.is_ok(), "{written:?}");
+        assert_eq!(&file[4..10], b"abcdef");
+        assert_eq!(calls, [(6, 4), (6, 4), (4, 6), (4, 6)]);
+        let failed = write_all_at(|_, _| Err(rustix::io::Errno::IO), b"x", 0);
+        let eio = rustix::io::Errno::IO.raw_os_error();
+        assert_eq!(failed.map_err(|e| e.raw_os_error()), Err(Some(eio)));
     }
 
     #[test]

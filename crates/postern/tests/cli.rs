@@ -864,9 +864,9 @@ fn the_queue_command_names_a_missing_spool_and_says_when_the_queue_is_empty() {
 }
 
 #[test]
-fn the_queue_lists_an_ipv4_client_of_a_dual_stack_listener_as_itself() {
+fn the_queue_and_the_log_give_an_ipv4_client_of_a_dual_stack_listener_as_itself() {
     // It arrives as ::ffff:127.0.0.1; Received, relay control and the per-IP count take it
-    // as 127.0.0.1, and so does the listing. That needs dual-stack IPv6 sockets.
+    // as 127.0.0.1, and so do the listing and the log. That needs dual-stack IPv6 sockets.
     let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
         .is_ok_and(|v| v.trim() == "0")
         && std::net::TcpListener::bind("[::]:0").is_ok();
@@ -874,16 +874,36 @@ fn the_queue_lists_an_ipv4_client_of_a_dual_stack_listener_as_itself() {
         eprintln!("no dual-stack IPv6 sockets on this host: nothing to test");
         return;
     }
-    let mut server = common::Server::start(&["--listen", "[::]:0"]);
+    // Relaying for nobody here, so that a recipient elsewhere is refused (and logged).
+    let mut server = common::Server::start(&[
+        "--listen",
+        "[::]:0",
+        "--relay-network",
+        "192.0.2.0/24",
+        "--accept-domain",
+        "dest.test",
+    ]);
     let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], server.smtp.port()));
     let mut c = common::Client::connect(v4);
     c.line();
     c.cmd("EHLO client.test");
     c.cmd("MAIL FROM:<a@client.test>");
-    c.cmd("RCPT TO:<b@localhost>");
+    assert!(c.cmd("RCPT TO:<c@elsewhere.test>").starts_with("554"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
     c.cmd("DATA");
     let id = common::queue_id(&c.cmd("Subject: v4\r\n\r\nx\r\n."));
-    assert!(server.terminate().success());
+    let log = server.terminate_for_log();
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("message accepted"))
+        .unwrap();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("recipient refused"))
+        .unwrap();
+    for line in [accepted, refused] {
+        assert!(line.contains("client=127.0.0.1 "), "{line}");
+    }
     let (code, out, err) = run(&["queue", "--json", "--spool", server.spool.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let line = out.lines().find(|l| l.contains(&id)).unwrap();
