@@ -554,7 +554,7 @@ mod tests {
     /// again, and a short one goes on from where it stopped; another error is the write's.
     #[test]
     fn an_interrupted_write_is_made_again_not_failed() {
-        let mut file = vec![0u8; 16];
+        let mut file = [0u8; 16];
         let mut calls = Vec::new();
         let written = write_all_at(
             |bytes, at| {
