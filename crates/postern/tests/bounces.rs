@@ -737,6 +737,57 @@ fn a_permanent_failure_is_bounced_at_once_though_another_recipient_waits_for_a_r
 }
 
 #[test]
+fn a_stop_right_after_a_permanent_failure_still_makes_its_bounce_and_records_it() {
+    // nobody@dest.test is refused with 550 while later@slow.test waits for a retry, so the
+    // bounce first waits a moment for the message's other outcomes. A stop in that moment
+    // still makes it (queued: origin.test is down too) and records the failure, so that the
+    // next run neither tries nobody@ again nor loses the report.
+    let peer = Peer::start(&["--reject-rcpt", "nobody"]);
+    let down = reserve("127.0.0.1", 0);
+    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
+    let slow = format!("slow.test=127.0.0.1:{}", down.1);
+    let origin = format!("origin.test=127.0.0.1:{}", down.1);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let args = [
+        "--route", &dest, "--route", &slow, "--route", &origin, "--cores", "1",
+    ];
+    let mut server = Server::start_in(&args, spool.clone(), None);
+    send(
+        &server,
+        "alice@origin.test",
+        &["nobody@dest.test", "later@slow.test"],
+        "<stopped@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("status=\"bounced\"") && l.contains("nobody@dest.test"));
+    let log = server.terminate_for_log();
+    let listing = queue_listing(&spool);
+    let pending = |m: &serde_json::Value| -> Vec<String> {
+        m["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["address"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let original = listing
+        .iter()
+        .find(|m| m["sender"] == "alice@origin.test")
+        .unwrap_or_else(|| panic!("{listing:#?}"));
+    assert_eq!(
+        pending(original),
+        ["later@slow.test"],
+        "{listing:#?}\n{log}"
+    );
+    let bounce = listing
+        .iter()
+        .find(|m| m["sender"] == "")
+        .unwrap_or_else(|| panic!("no bounce queued: {listing:#?}\n{log}"));
+    assert_eq!(pending(bounce), ["alice@origin.test"]);
+}
+
+#[test]
 fn a_delay_warning_names_every_deferred_recipient_that_wants_one() {
     // dest.test and far.test are both down, so their recipients are deferred in separate
     // attempts (separate batches of outcomes).

@@ -676,6 +676,11 @@ impl Delivery for CoreRelay {
             while self.relay.winding_down.load(Ordering::SeqCst) < self.relay.cores
                 || self.relay.in_flight.load(Ordering::SeqCst) > 0
                 || !inbox.is_empty()
+                // Outcomes taken but not yet reported: the report loop may be gathering
+                // a message's failures, and then makes their reports.
+                || !self.failed_waiting.borrow().is_empty()
+                || !self.relayed_waiting.borrow().is_empty()
+                || !self.delays_waiting.borrow().is_empty()
                 || self.reporting.get() > 0
                 // Connections ending say QUIT and read its reply (RFC 5321 4.1.1.10), which
                 // without PIPELINING waits behind a RSET's reply: a few round trips.

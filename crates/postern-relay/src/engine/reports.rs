@@ -23,12 +23,15 @@ impl CoreRelay {
                 // outcomes at other next hops (other domains failing their lookups, say)
                 // often come moments later, and then share the report (or the whole message
                 // is settled and `finish` makes one report of it all).
+                // A stop ends the wait: its grace is for making these reports.
                 let until = Instant::now() + GATHER_FAILURES;
                 while !self.handle.is_stopping() {
                     let Some(left) = until.checked_duration_since(Instant::now()) else {
                         break;
                     };
-                    futures_lite::future::or(inbox.wait(), glommio::timer::sleep(left)).await;
+                    let waited =
+                        futures_lite::future::or(inbox.wait(), glommio::timer::sleep(left));
+                    futures_lite::future::or(waited, self.handle.stopped()).await;
                     while let Some(batch) = inbox.pop() {
                         for r in batch {
                             self.settle(r);
