@@ -531,7 +531,8 @@ impl Returned {
         };
         if header_only && is_8bit(&content) {
             // Header fields with 8-bit octets are encoded (quoted-printable, which RFC 6533
-            // 6.3 allows for message/global-headers too), so that the report is 7-bit and
+            // 6.3 allows for message/global-headers too; base64 where they are not UTF-8, or
+            // mostly 8-bit, as mail-builder picks), so that the report is 7-bit and
             // reaches a sender whose next hop lacks 8BITMIME: a report from `<>` that fails
             // is never reported again. The part is made as binary so that it gets no charset
             // parameter, which neither type defines, and then given its text.
