@@ -346,6 +346,7 @@ fn main() -> ExitCode {
             std::thread::spawn(move || {
                 // Counted here: the stop flag is also set by a core that fails.
                 let mut asked_to_stop = false;
+                let mut hurried = false;
                 for signal in signals.forever() {
                     if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
                         asked_to_stop = true;
@@ -356,13 +357,29 @@ fn main() -> ExitCode {
                         );
                         continue;
                     }
-                    if signal == SIGTERM || signal == SIGINT {
+                    if (signal == SIGTERM || signal == SIGINT) && !hurried {
+                        hurried = true;
                         stop.hurry();
                         tracing::warn!(
                             "stopping now: the grace for transactions and deliveries in flight \
-                             is cut short"
+                             is cut short (a third SIGTERM or SIGINT ends the process at once)"
                         );
-                        return;
+                        continue;
+                    }
+                    if signal == SIGTERM || signal == SIGINT {
+                        // What is left of a hurried stop waits on the disk (a last sync, a
+                        // spool on a file system that hangs): the operator ends it. Mail
+                        // acknowledged is on disk; outcomes not yet synced are lost, and
+                        // their deliveries made again after the next start. Written at
+                        // once, not through the log's writer, which the end may not wait for.
+                        complain!(
+                            "postern: a third stop signal: ending at once, without waiting for \
+                             the spool's last sync"
+                        );
+                        let _ = signal_hook::low_level::emulate_default_handler(signal);
+                        // Not reached: the default action of SIGTERM and SIGINT ends the
+                        // process. Should it not, the signal is ignored as before.
+                        continue;
                     }
                     if signal == SIGUSR1 {
                         // `postern queue --flush`: deferred mail is tried now.

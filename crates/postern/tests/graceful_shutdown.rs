@@ -298,3 +298,41 @@ fn sigusr1_while_stopping_starts_no_delivery_and_says_so() {
     queue_id(&busy.line());
     assert!(server.child.wait().unwrap().success());
 }
+
+/// A stop that hangs on its disk (here a frozen file system under the spool) ends at the
+/// third SIGTERM: the first stops, the second cuts the grace, the third ends the process by
+/// its signal, which an operator (or a supervisor) sends when the second was not enough.
+#[test]
+fn a_third_sigterm_ends_a_stop_that_hangs_on_its_disk() {
+    let fs = common::FreezableFs::mount(256);
+    let spool = fs.path.join("spool");
+    let mut server = Server::start_in(&["--cores", "1"], spool, None);
+    // One message first, so the spool's files are made before the freeze.
+    let mut first = in_data(&server, "first.test");
+    first.send(b"Subject: before\r\n\r\nx\r\n.\r\n");
+    assert!(first.line().starts_with("250 "));
+    let frozen = fs.freeze();
+    // The next message's sync waits for the thaw, and the stop with it.
+    let mut stuck = in_data(&server, "stuck.test");
+    stuck.send(b"Subject: during\r\n\r\ny\r\n.\r\n");
+    let pid = server.child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !common::has_thread_in_d_state(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no thread of the server waits on the frozen file system"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("stopping: no new connections"));
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("stopping now"));
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("a third stop signal: ending at once"));
+    // It ends as soon as the kernel lets its threads go: at the thaw.
+    drop(frozen);
+    let status = server.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
+}

@@ -395,6 +395,95 @@ impl Drop for Tmpfs {
     }
 }
 
+/// An ext4 file system in a file, loop-mounted on a fresh directory, that a test can freeze
+/// (`fsfreeze`: every write and sync to it waits until it is thawed, as on a disk that
+/// hangs). Thawed and unmounted when dropped. Needs root and loop devices (CI has both).
+pub struct FreezableFs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FreezableFs {
+    pub fn mount(size_mib: u64) -> FreezableFs {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(size_mib << 20)
+            .unwrap();
+        let made = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfs.ext4 failed");
+        let mounted = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "this test loop-mounts an ext4 image: run it as root with loop devices (CI does)"
+        );
+        FreezableFs { path, _dir: dir }
+    }
+
+    /// Freezes it until the guard is dropped. Bind the guard after anything that waits for
+    /// a process using the file system (a [`Server`], which is killed and waited for when
+    /// dropped): dropped first, it thaws before that wait, also when the test fails.
+    pub fn freeze(&self) -> Frozen<'_> {
+        let status = Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(&self.path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "fsfreeze --freeze failed");
+        Frozen(self)
+    }
+}
+
+/// A frozen [`FreezableFs`], thawed when dropped.
+pub struct Frozen<'a>(&'a FreezableFs);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0.path)
+            .status();
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        // Thawed first: a frozen file system would hang whatever still writes to it.
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.path)
+            .status();
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// Whether a thread of process `pid` waits in the kernel without interruption (state `D`:
+/// on I/O, or on a frozen file system).
+pub fn has_thread_in_d_state(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('D'))
+        })
+    })
+}
+
 /// Runs `postern` with `args` to its end: exit code, stdout, stderr. One still running after
 /// 20 s (a server that started where it should have refused) is killed and the test fails,
 /// rather than waiting for it for ever.
