@@ -233,7 +233,9 @@ pub struct SendArgs {
     /// With --bdat, send each body as BDAT chunks of at most this many bytes, the last one
     /// `BDAT n LAST`, all written back to back (needs --pipelining and a server that offers
     /// PIPELINING; otherwise one `BDAT n LAST`). Also the largest single write of a body.
-    /// When absent: one `BDAT n LAST` per body, written 256k at a time.
+    /// When absent: one `BDAT n LAST` per body, written 256k at a time. Raised for a message
+    /// it would cut into more chunks than one message may have replies awaited (4096, less
+    /// its MAIL and RCPTs).
     #[arg(long, value_parser = chunk_size, requires = "bdat")]
     pub chunk_size: Option<u64>,
     /// Start TLS on every connection (the server must offer STARTTLS).

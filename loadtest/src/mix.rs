@@ -54,7 +54,10 @@ impl<T: Clone> Mix<T> {
 
     /// The item for position `n` of the sequence.
     pub fn pick(&self, n: u64) -> &T {
-        let slot = (n % self.total).wrapping_mul(self.stride) % self.total;
+        // In u128: the product of two values below the total (up to 2^64) would wrap in u64,
+        // and the picks would stop being a permutation of the cycle.
+        let slot =
+            (u128::from(n % self.total) * u128::from(self.stride) % u128::from(self.total)) as u64;
         let i = self.ends.partition_point(|&end| end <= slot);
         &self.items[i.min(self.items.len() - 1)]
     }
@@ -102,6 +105,21 @@ mod tests {
                 picks.windows(2).all(|p| p[0] != p[1]),
                 "weight {w}: {picks:?}"
             );
+        }
+    }
+
+    /// Weights whose total passes 2^32: late in a cycle `n * stride` passes 2^64, and each
+    /// pick must still be the item of slot `n * stride mod total` (it wrapped, and the
+    /// picks stopped being a permutation of the cycle).
+    #[test]
+    fn huge_weights_still_pick_by_the_cycle() {
+        let mix = Mix::new(vec![(0u8, 4_294_967_295), (1u8, 4_294_967_294)]);
+        let total = mix.total;
+        assert!(total > 1 << 32 && mix.stride > 1 << 32);
+        for n in total - 1000..total {
+            let slot = (u128::from(n) * u128::from(mix.stride) % u128::from(total)) as u64;
+            let item = u8::from(slot >= mix.ends[0]);
+            assert_eq!(*mix.pick(n), item, "n {n}, slot {slot}");
         }
     }
 

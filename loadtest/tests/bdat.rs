@@ -97,3 +97,34 @@ fn a_sink_without_chunking_gets_data() {
     assert_eq!(counters.get("bdat_bodies_total"), 0);
     assert_eq!(counters.get("data_bodies_total"), 50);
 }
+
+/// A body that `--chunk-size` would cut into more chunks than one message may have replies
+/// awaited (all its chunks go out before their replies are read) is cut into fewer, larger
+/// ones: 4 MiB in chunks of 64 octets would await 65,536 replies, over a megabyte of them,
+/// which a server that stops reading while its own writes wait (as a relay may) would leave
+/// the sender and itself waiting on each other.
+#[test]
+fn a_body_is_never_cut_into_more_chunks_than_replies_a_message_may_await() {
+    let sink = Sink::start(&[]);
+    let report = send_json(
+        &sink.addr,
+        &[
+            "--messages",
+            "2",
+            "--connections",
+            "1",
+            "--bdat",
+            "--pipelining",
+            "--size",
+            "4m",
+            "--chunk-size",
+            "64",
+        ],
+    );
+    let counters = sink.stop();
+    assert_eq!(num(&report, "messages_accepted"), 2, "{report}");
+    assert_eq!(counters.get("bdat_bodies_total"), 2);
+    let chunks = counters.get("bdat_chunks_total");
+    // At most 4096 replies awaited per message, MAIL and RCPT among them.
+    assert!((2 * 1024..=2 * 4094).contains(&chunks), "{chunks} chunks");
+}

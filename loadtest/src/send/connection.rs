@@ -76,6 +76,14 @@ struct Client {
     timeout: Duration,
     /// When the first command (EHLO) was written.
     first_write: Option<Instant>,
+    /// Where each read not yet wholly handled ended in the stream of `inbox` (counted from
+    /// the connection's start), and when it was made.
+    read_ends: VecDeque<(u64, Instant)>,
+    /// Octets of `inbox` handled since the connection's start.
+    handled: u64,
+    /// When the read that completed the last event's reply was made: the time a reply is
+    /// timed at, however long after it is taken (a body written meanwhile, say).
+    replied_at: Instant,
 }
 
 impl Client {
@@ -85,14 +93,43 @@ impl Client {
     async fn next_event(&mut self) -> Result<ClientEvent, Failure> {
         // Bounded: every pass either returns or waits for a read that times out.
         loop {
-            let (used, event) = self.session.handle(&self.inbox);
-            self.inbox.drain(..used);
+            let event = self.handle();
             if event != ClientEvent::NeedInput {
                 return Ok(event);
             }
             self.write_queued().await?;
             self.read().await?;
         }
+    }
+
+    /// Hands the session what was read, without reading more; notes when the reply it
+    /// answers with was read.
+    fn handle(&mut self) -> ClientEvent {
+        let (used, event) = self.session.handle(&self.inbox);
+        self.inbox.drain(..used);
+        if used > 0 {
+            self.handled += used as u64;
+            // The last octet handled came with the first read that ends at or after it.
+            while let Some(&(end, at)) = self.read_ends.front() {
+                if end >= self.handled {
+                    self.replied_at = at;
+                    if end == self.handled {
+                        self.read_ends.pop_front();
+                    }
+                    break;
+                }
+                self.read_ends.pop_front();
+            }
+        }
+        event
+    }
+
+    /// Forgets what was read and not handled (at STARTTLS, where it is not to be trusted).
+    fn discard_input(&mut self) {
+        self.raw_len = 0;
+        self.handled += self.inbox.len() as u64;
+        self.inbox.clear();
+        self.read_ends.clear();
     }
 
     /// Writes the session's commands and whatever the outbox holds, in order.
@@ -115,9 +152,7 @@ impl Client {
     async fn pump(&mut self) -> Result<(), Failure> {
         self.write_queued().await?;
         self.read().await?;
-        let (used, event) = self.session.handle(&self.inbox);
-        self.inbox.drain(..used);
-        match event {
+        match self.handle() {
             ClientEvent::NeedInput => Ok(()),
             ClientEvent::Failed(e) => Err(e.into()),
             _ => Err(Failure("protocol_error")),
@@ -129,6 +164,7 @@ impl Client {
             return Err(Failure("reply_too_long"));
         }
         let n = self.conn.read_some(&mut self.raw[self.raw_len..]).await?;
+        let at = Instant::now();
         if n == 0 {
             return Err(Failure("connection_closed"));
         }
@@ -142,6 +178,10 @@ impl Client {
         };
         self.raw.copy_within(used..self.raw_len, 0);
         self.raw_len -= used;
+        let end = self.handled + self.inbox.len() as u64;
+        if self.read_ends.back().is_none_or(|&(last, _)| last < end) {
+            self.read_ends.push_back((end, at));
+        }
         Ok(())
     }
 
@@ -181,7 +221,6 @@ pub async fn run(core: Rc<Core>) {
 
 /// A message sent on the connection and not yet answered.
 struct Pending<'a> {
-    seq: u64,
     /// Its due time, or when its MAIL was queued.
     started: Instant,
     /// When its body was queued for writing (written before the next read).
@@ -196,8 +235,9 @@ struct Pending<'a> {
 async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket> {
     let run = &core.run;
     // Replies awaited at once stay few enough for any socket buffer, so the server never
-    // blocks writing them while this side still writes.
-    let replies_each = run.args.rcpts as usize + 3;
+    // blocks writing them while this side still writes: MAIL, each RCPT, and the body's
+    // (DATA and its end, or one per BDAT chunk).
+    let replies_each = run.args.rcpts as usize + 1 + body_replies(run);
     let window = (run.args.window as usize).min((MAX_REPLIES_AWAITED / replies_each).max(1));
     let limit = run.args.msgs_per_conn;
     let mut flight: VecDeque<Pending<'_>> = VecDeque::with_capacity(window);
@@ -275,10 +315,10 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                 let Some(p) = flight.pop_front() else {
                     return lose(core, "protocol_error", 1, next);
                 };
-                settle(core, &p, &result);
+                settle(core, &p, &result, client.replied_at);
             }
             ClientEvent::Failed(e) => {
-                settle_closing(core, &mut flight, &e);
+                settle_closing(core, &mut flight, &e, client.replied_at);
                 let Failure(kind) = e.into();
                 return lose(core, kind, flight.len(), next);
             }
@@ -287,8 +327,43 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
     }
 }
 
-/// Counts the answer to message `p`.
-fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult) {
+/// The most replies a message's body may have awaited: the chunks a message of up to
+/// `--size` is cut into with `--chunk-size`, at most what one message may have awaited
+/// beside its MAIL and RCPTs; else 2 (DATA and the end of data).
+fn body_replies(run: &Run) -> usize {
+    let largest = run.sizes.items().iter().copied().max().unwrap_or(0) + HEADER_ROOM;
+    match run.args.chunk_size {
+        Some(chunk) if run.args.bdat => {
+            let chunks = usize::try_from(largest.div_ceil(chunk)).unwrap_or(usize::MAX);
+            chunks.clamp(1, chunk_budget(run))
+        }
+        _ => 2,
+    }
+}
+
+/// Room above the largest `--size`, which counts the header fields, for a size below their
+/// floor (about 210 octets), sent at the floor.
+const HEADER_ROOM: u64 = 256;
+
+/// Replies one message's BDAT chunks may have awaited: its chunks are written back to back
+/// before any of their replies is read, so a body is never cut into more.
+fn chunk_budget(run: &Run) -> usize {
+    MAX_REPLIES_AWAITED
+        .saturating_sub(run.args.rcpts as usize + 1)
+        .max(1)
+}
+
+/// The BDAT chunk size for a message of `len` octets: `--chunk-size`, raised where the body
+/// would be cut into more chunks than [`chunk_budget`] (0: one chunk).
+fn chunk_size_for(run: &Run, len: u64) -> u64 {
+    match run.args.chunk_size {
+        Some(chunk) => chunk.max(len.div_ceil(chunk_budget(run) as u64)),
+        None => 0,
+    }
+}
+
+/// Counts the answer to message `p`, read at `answered`.
+fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult, answered: Instant) {
     // Accepted only with MAIL, a recipient and the body taken: a server that took the
     // pipelined DATA after refusing them gets a lone dot, not the message.
     let accepted = result.mail.is_positive()
@@ -302,16 +377,35 @@ fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult) {
             Some(_) => result.data.as_ref().map_or(0, |d| d.code),
         },
     };
-    core.settle(p.seq, decided, accepted, p.message.len(), p.started, p.eod);
+    core.settle(
+        decided,
+        accepted,
+        p.message.len(),
+        p.started,
+        p.eod,
+        answered,
+    );
 }
 
 /// A 421 that came instead of the next reply answers a command of the oldest message in
 /// flight (replies come in order): the server refused that message, with 421 (RFC 5321
 /// 3.8), as a sink counts it. What was pipelined behind it is lost with the connection.
-fn settle_closing(core: &Core, flight: &mut VecDeque<Pending<'_>>, e: &ClientError) {
+fn settle_closing(
+    core: &Core,
+    flight: &mut VecDeque<Pending<'_>>,
+    e: &ClientError,
+    answered: Instant,
+) {
     if let ClientError::Closing(reply) = e {
         if let Some(p) = flight.pop_front() {
-            core.settle(p.seq, reply.code, false, p.message.len(), p.started, p.eod);
+            core.settle(
+                reply.code,
+                false,
+                p.message.len(),
+                p.started,
+                p.eod,
+                answered,
+            );
         }
     }
 }
@@ -336,19 +430,17 @@ async fn salvage(
         let deadline = Instant::now() + SALVAGE_WAIT.min(client.timeout);
         // Bounded: every pass settles a message, or reads with the deadline, or ends.
         'read: while !flight.is_empty() {
-            let (used, event) = client.session.handle(&client.inbox);
-            client.inbox.drain(..used);
-            match event {
+            match client.handle() {
                 ClientEvent::Done(result) => {
                     let Some(p) = flight.pop_front() else {
                         break 'read;
                     };
-                    settle(core, &p, &result);
+                    settle(core, &p, &result, client.replied_at);
                     continue;
                 }
                 ClientEvent::NeedInput => {}
                 ClientEvent::Failed(e) => {
-                    settle_closing(core, flight, &e);
+                    settle_closing(core, flight, &e, client.replied_at);
                     break 'read;
                 }
                 _ => break 'read,
@@ -451,6 +543,9 @@ async fn open(core: &Core, connected: &std::cell::Cell<bool>) -> Result<Client, 
         outbox: Outbox::new(run.args.chunk_size.unwrap_or(DEFAULT_WRITE)),
         timeout: run.args.timeout,
         first_write: None,
+        read_ends: VecDeque::new(),
+        handled: 0,
+        replied_at: started,
     };
     greet(&mut client).await?;
     run.opened.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -475,6 +570,9 @@ async fn open(core: &Core, connected: &std::cell::Cell<bool>) -> Result<Client, 
             s.without_chunking += u64::from(no_chunking);
         });
     }
+    // Only the greeting and EHLO replies need PIPELINING hidden: transaction replies go to
+    // the session as they are, not parsed and written again.
+    client.filter = None;
     Ok(client)
 }
 
@@ -522,8 +620,7 @@ async fn start_tls(core: &Core, client: &mut Client, addr: SocketAddr) -> Result
         Some(Err(_)) => return Err(Failure("tls_handshake")),
         None => return Err(Failure("timeout")),
     }
-    client.raw_len = 0;
-    client.inbox.clear();
+    client.discard_input();
     if client.filter.is_some() {
         client.filter = Some(NoPipelining::default());
     }
@@ -566,7 +663,7 @@ async fn start<'a>(
         body_len: message.len(),
         mode,
         // BDAT in chunks of this size where the session may pipeline them; 0 is one chunk.
-        chunk_size: run.args.chunk_size.unwrap_or(0),
+        chunk_size: chunk_size_for(run, message.len()),
     };
     let started = ticket.due.unwrap_or_else(Instant::now);
     // Bounded: the session is busy only while an RSET reply is pending; each pass reads.
@@ -592,7 +689,6 @@ async fn start<'a>(
         }
     }
     Ok(Some(Pending {
-        seq: ticket.seq,
         started,
         eod: None,
         mode,

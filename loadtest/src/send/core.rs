@@ -99,14 +99,16 @@ impl Core {
     /// A message with a final reply `code`.
     pub fn settle(
         &self,
-        _seq: u64,
         code: u16,
         accepted: bool,
         len: u64,
         started: Instant,
         eod: Option<Instant>,
+        answered: Instant,
     ) {
-        let now = Instant::now();
+        // The read that brought the reply, which may come before the start or the end of
+        // data as this thread saw them only by a few microseconds (saturating then).
+        let now = answered;
         let since_start = (now - self.run.plan.start()).as_micros() as u64;
         self.with_stats(|s| {
             *s.replies.entry(code).or_default() += 1;

@@ -199,8 +199,10 @@ impl Session {
         self.on_connection += 1;
         let faults = &self.core.shared.faults;
         // One count for the whole sink, taken only when a mix needs it (a shared write per
-        // message otherwise costs the reference server for nothing).
-        let n = if faults.mix.is_some() {
+        // message otherwise costs the reference server for nothing), and not for a message
+        // dropped unanswered: the shares are of the replies given.
+        let dropped = faults.drop_after.is_some_and(|d| self.on_connection >= d);
+        let n = if faults.mix.is_some() && !dropped {
             self.core
                 .shared
                 .decisions
