@@ -346,6 +346,16 @@ impl Scan<'_> {
                             pos += at;
                             continue;
                         }
+                        // The seal's end and the mark lie on a record boundary: where the
+                        // hole is the last record before the mark, the records past it (made
+                        // durable by later batches) start there.
+                        if matches!(
+                            data.get(limit..).map(|rest| read_record(rest, salt)),
+                            Some(Read::Record { .. })
+                        ) {
+                            pos = limit;
+                            continue;
+                        }
                     }
                     break;
                 }

@@ -562,6 +562,26 @@ fn zeros_before_the_mark_of_the_segment_being_written_are_damage_reported_and_ke
 }
 
 #[test]
+fn zeros_over_the_last_length_word_before_the_mark_lose_only_that_message() {
+    // The mark ends right after the third message's last record; zeros over that record's
+    // length word are damage, and the next record starts exactly at the mark: the fourth
+    // message, durable though past the mark, comes back.
+    let dir = tempfile::tempdir().unwrap();
+    let (seg, ids) = four_marked_messages(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let starts = message_starts(&data);
+    let records = record_offsets(&data);
+    let third_end = records[records.iter().position(|&r| r == starts[3]).unwrap() - 1];
+    data[third_end..third_end + 4].fill(0);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    let found: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    assert_eq!(found, [&ids[0], &ids[1], &ids[3]], "{:?}", r.corrupt_at);
+    assert_eq!(r.torn_tails, 0);
+    assert!(r.corrupt_at.iter().any(|c| c.offset == third_end as u64));
+}
+
+#[test]
 fn a_bad_record_before_the_mark_is_damage_and_one_past_it_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (seg, _) = four_marked_messages(dir.path());
