@@ -868,6 +868,12 @@ impl Spool {
     /// sync), so that a quiet segment is covered to its end. Best effort: a failure only
     /// leaves the mark where it was.
     pub fn mark_durable_end(&mut self) {
+        // Not while a batch syncs the same file: a write-back error is told to one
+        // `fdatasync` of the file only, and this one, which cannot fail any ticket, could
+        // take it from the batch, whose tickets would then read durable.
+        if !self.commits.idle() {
+            return;
+        }
         let Some(seg) = self.seg.as_ref() else {
             return;
         };

@@ -653,6 +653,30 @@ fn a_stop_marks_the_segment_being_written_to_its_end() {
 }
 
 #[test]
+fn the_stop_s_mark_waits_for_no_batch_in_flight() {
+    // A batch still syncing at the stop (a slow disk): the stop writes no mark, whose own
+    // fdatasync could take that batch's write-back error. The last record is then read as
+    // what a crash may leave (a torn tail), not as damage under a mark.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = three_unsynced(dir.path());
+    spool.sync_now().unwrap();
+    let mut d = spool.begin(&meta(3)).unwrap();
+    spool.append(&mut d, &body(3, 100)).unwrap();
+    spool.finish(d).unwrap();
+    let in_flight = spool.take_sync().unwrap();
+    spool.mark_durable_end();
+    drop(in_flight);
+    drop(spool);
+    let seg = segment_files(dir.path())[0].clone();
+    let mut data = std::fs::read(&seg).unwrap();
+    let last = *record_offsets(&data).last().unwrap();
+    data[last + 12] ^= 0x01;
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.torn_tails, r.corrupt_records), (1, 0), "{:?}", r.corrupt_at);
+}
+
+#[test]
 fn a_quiet_spell_moves_the_mark_over_the_last_batch_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut spool = three_unsynced(dir.path());
