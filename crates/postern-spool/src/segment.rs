@@ -136,9 +136,14 @@ pub(crate) fn is_temp_name(name: &str) -> bool {
         .is_some_and(|n| n.parse::<u64>().is_ok())
 }
 
-/// The segment number of a file name, if it is one.
+/// The segment number of a file name, if it is one: exactly as [`file_name`] writes it, and a
+/// number a spool can reach (draft numbers keep a segment's in their upper 32 bits). Another
+/// name (`1.seg`, `+000000001.seg`, a number past 2^32) is no segment: a reclaim deletes
+/// segments by the name it writes, and such a file would outlive the segments that settle it.
 pub(crate) fn parse_name(name: &str) -> Option<u64> {
-    name.strip_suffix(".seg")?.parse().ok()
+    let seq: u32 = name.strip_suffix(".seg")?.parse().ok()?;
+    let seq = u64::from(seq);
+    (file_name(seq) == name).then_some(seq)
 }
 
 /// Whether `path` (a symbolic link followed) is a regular file. A directory, a socket or a
@@ -661,6 +666,20 @@ mod tests {
         assert_eq!(names, [file_name(7)], "no temporary name left behind");
         assert!(is_temp_name(&temp_name(7)) && !is_temp_name(&file_name(7)));
         assert_eq!(parse_name(&temp_name(7)), None);
+        // Only names as segments get them.
+        assert_eq!(parse_name("0000000007.seg"), Some(7));
+        assert_eq!(
+            parse_name(&file_name(u64::from(u32::MAX))),
+            Some(u64::from(u32::MAX))
+        );
+        for odd in [
+            "7.seg",
+            "+000000007.seg",
+            "00000000007.seg",
+            "18446744073709551615.seg",
+        ] {
+            assert_eq!(parse_name(odd), None, "{odd}");
+        }
         // A file cut short is never a creation cut off: segments get their name once made.
         assert_eq!(header(&[]), Header::Bad);
         assert_eq!(header(&[0u8; 10]), Header::Bad);

@@ -582,6 +582,34 @@ fn zeros_over_the_last_length_word_before_the_mark_lose_only_that_message() {
 }
 
 #[test]
+fn files_named_almost_like_segments_are_left_alone() {
+    // A restored or hand-made spool: `1.seg` (not as postern names segments) and the largest
+    // number as a directory's name. Neither is read or counted, the spool opens (the next
+    // number once wrapped to 0), and the real segment's messages come back.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ids) = four_marked_messages(dir.path());
+    let core = dir.path().join("0");
+    std::fs::write(core.join("1.seg"), b"not a segment").unwrap();
+    std::fs::create_dir(core.join("18446744073709551615.seg")).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 4);
+    assert_eq!((r.corrupt_records, r.torn_tails), (0, 0));
+    drop(r);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut d = spool.begin(&meta(9)).unwrap();
+    spool.append(&mut d, &body(9, 100)).unwrap();
+    spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    for id in &ids {
+        let _ = spool.mark_final(id);
+    }
+    drop(spool);
+    assert!(core.join("1.seg").exists());
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 1);
+}
+
+#[test]
 fn a_bad_record_before_the_mark_is_damage_and_one_past_it_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let (seg, _) = four_marked_messages(dir.path());
@@ -673,7 +701,12 @@ fn the_stop_s_mark_waits_for_no_batch_in_flight() {
     data[last + 12] ^= 0x01;
     std::fs::write(&seg, &data).unwrap();
     let r = recover(dir.path()).unwrap();
-    assert_eq!((r.torn_tails, r.corrupt_records), (1, 0), "{:?}", r.corrupt_at);
+    assert_eq!(
+        (r.torn_tails, r.corrupt_records),
+        (1, 0),
+        "{:?}",
+        r.corrupt_at
+    );
 }
 
 #[test]
