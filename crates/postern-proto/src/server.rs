@@ -759,6 +759,11 @@ impl ServerSession {
         let event = self.run_command(cmd, input, pos);
         if junk {
             self.count_junk();
+            if self.is_closed() {
+                // The junk limit ended the session with this command: a first empty chunk
+                // starts no message there (its 421 is written).
+                return None;
+            }
         }
         event
     }

@@ -1269,6 +1269,29 @@ fn commands_without_mail_end_the_session_past_the_junk_limit() {
     );
 }
 
+/// The junk limit may end the session on a first empty chunk: no body starts there, as none
+/// may after the session's 421.
+#[test]
+fn an_empty_chunk_that_ends_the_session_at_the_junk_limit_starts_no_body() {
+    let mut lines = vec![
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@d.test>",
+    ];
+    // EHLO counts; the 120th command without mail ends the session: the BDAT 0.
+    lines.extend(vec!["NOOP"; 118]);
+    lines.push("BDAT 0");
+    let o = run(&config(), false, &client(&lines), &[]);
+    assert!(
+        o.output
+            .ends_with("421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"),
+        "{}",
+        o.output
+    );
+    assert!(o.closed);
+    assert_eq!(o.starts, 0, "{}", o.output);
+}
+
 /// Empty chunks that are not the last move no mail forward either: a client that sends them
 /// without end inside one BDAT transaction ends like one that sends NOOPs.
 #[test]

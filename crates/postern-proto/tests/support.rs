@@ -16,6 +16,8 @@ pub struct Outcome {
     pub messages: Vec<(String, Vec<String>, Vec<u8>)>,
     /// Bodies abandoned after DataStart.
     pub aborted: usize,
+    /// DataStart events: bodies the embedding was asked to begin.
+    pub starts: usize,
     /// The session asked to close.
     pub closed: bool,
     /// STARTTLS handshakes the session asked for.
@@ -55,6 +57,7 @@ pub fn run(config: &Arc<ServerConfig>, tls: bool, input: &[u8], cuts: &[usize]) 
                 }
                 Event::Rcpt(..) => s.accept(),
                 Event::DataStart => {
+                    o.starts += 1;
                     if s.envelope().reverse_path().ends_with("@spool-full.example") {
                         s.reject(replies::SPOOL_FULL);
                     } else if s.envelope().reverse_path().ends_with("@refuse-503.example") {

@@ -290,6 +290,9 @@ impl CoreStore {
     pub(crate) fn abort(&self, draft: Draft) {
         let mut spool = self.spool.borrow_mut();
         spool.abort(draft);
+        // Its ABORT record may have made a write that failed, failing every ticket not yet
+        // synced (as in `failed_write`): those waiting for theirs look again.
+        self.synced.notify(usize::MAX);
         // The segments it filled go (unless older mail holds them), and the batch their
         // seals wait for runs now rather than with the next message: until it has, their
         // files stay open, and a deleted one keeps its space (a full disk would stay full).
