@@ -304,7 +304,7 @@ fn sigusr1_while_stopping_starts_no_delivery_and_says_so() {
 /// its signal, which an operator (or a supervisor) sends when the second was not enough.
 #[test]
 fn a_third_sigterm_ends_a_stop_that_hangs_on_its_disk() {
-    let fs = common::FreezableFs::mount(256);
+    let fs = common::LoopFs::mount("ext4", 256);
     let spool = fs.path.join("spool");
     let mut server = Server::start_in(&["--cores", "1"], spool, None);
     // One message first, so the spool's files are made before the freeze.

@@ -455,6 +455,21 @@ fn listed(spool: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// On btrfs `stat` gives a subvolume's device and /proc/locks the file system's: the server
+/// is still found (as the process with the spool open), and the deletion made.
+#[test]
+fn the_operator_s_deletion_finds_the_server_on_btrfs() {
+    let fs = common::LoopFs::mount("btrfs", 512);
+    let spool = fs.path.join("spool");
+    let server = Server::start_in(&[], spool.clone(), None);
+    let doomed = send(&server, "a@origin.test", &["b@dest.test"], "<b@t>", "x\r\n");
+    let (code, out, err) = delete(&spool, &doomed);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, format!("deleted {doomed}\n"));
+    assert!(listed(&spool).is_empty());
+    drop(server);
+}
+
 #[test]
 fn a_held_message_deleted_by_the_operator_leaves_the_queue_for_good() {
     let dir = tempfile::tempdir().unwrap();

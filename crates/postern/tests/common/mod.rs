@@ -395,16 +395,17 @@ impl Drop for Tmpfs {
     }
 }
 
-/// An ext4 file system in a file, loop-mounted on a fresh directory, that a test can freeze
-/// (`fsfreeze`: every write and sync to it waits until it is thawed, as on a disk that
-/// hangs). Thawed and unmounted when dropped. Needs root and loop devices (CI has both).
-pub struct FreezableFs {
+/// A file system in a file (`kind`: `ext4` or `btrfs`), loop-mounted on a fresh directory,
+/// that a test can freeze (`fsfreeze`: every write and sync to it waits until it is thawed,
+/// as on a disk that hangs). Thawed and unmounted when dropped. Needs root and loop devices
+/// (CI has both; scripts/test installs the mkfs programs).
+pub struct LoopFs {
     pub path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-impl FreezableFs {
-    pub fn mount(size_mib: u64) -> FreezableFs {
+impl LoopFs {
+    pub fn mount(kind: &str, size_mib: u64) -> LoopFs {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("fs.img");
         let path = dir.path().join("mnt");
@@ -413,12 +414,13 @@ impl FreezableFs {
             .unwrap()
             .set_len(size_mib << 20)
             .unwrap();
-        let made = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
+        let force = if kind == "ext4" { "-F" } else { "-f" };
+        let made = Command::new(format!("mkfs.{kind}"))
+            .args(["-q", force])
             .arg(&image)
             .status()
             .unwrap();
-        assert!(made.success(), "mkfs.ext4 failed");
+        assert!(made.success(), "mkfs.{kind} failed");
         let mounted = Command::new("mount")
             .args(["-o", "loop"])
             .arg(&image)
@@ -427,9 +429,9 @@ impl FreezableFs {
             .unwrap();
         assert!(
             mounted.success(),
-            "this test loop-mounts an ext4 image: run it as root with loop devices (CI does)"
+            "this test loop-mounts a {kind} image: run it as root with loop devices (CI does)"
         );
-        FreezableFs { path, _dir: dir }
+        LoopFs { path, _dir: dir }
     }
 
     /// Freezes it until the guard is dropped. Bind the guard after anything that waits for
@@ -446,8 +448,8 @@ impl FreezableFs {
     }
 }
 
-/// A frozen [`FreezableFs`], thawed when dropped.
-pub struct Frozen<'a>(&'a FreezableFs);
+/// A frozen [`LoopFs`], thawed when dropped.
+pub struct Frozen<'a>(&'a LoopFs);
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
@@ -458,7 +460,7 @@ impl Drop for Frozen<'_> {
     }
 }
 
-impl Drop for FreezableFs {
+impl Drop for LoopFs {
     fn drop(&mut self) {
         // Thawed first: a frozen file system would hang whatever still writes to it.
         let _ = Command::new("fsfreeze")
