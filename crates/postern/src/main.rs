@@ -699,8 +699,15 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&path);
-            if let Ok(f) = opened {
-                let _ = f.take(DELETION_REQUEST_MAX).read_to_string(&mut text);
+            match opened {
+                Ok(f) => {
+                    let _ = f.take(DELETION_REQUEST_MAX).read_to_string(&mut text);
+                }
+                // Said, not passed over: the command waits, and then points at this log.
+                Err(e) => tracing::warn!(
+                    "{}: cannot read the deletion request ({e}); nothing deleted for it",
+                    shown.display()
+                ),
             }
         }
         if let Err(e) = std::fs::remove_file(&path) {

@@ -154,7 +154,9 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     let tmp = spool.join(format!(".{name}.tmp"));
     let text: String = asked.iter().map(|(id, n)| format!("{id} {n}\n")).collect();
     let request = spool.join(&name);
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &request)) {
+    if let Err(e) =
+        write_request(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, &request))
+    {
         let _ = std::fs::remove_file(&tmp);
         return Err(format!("{}: {e}", tmp.display()));
     }
@@ -203,6 +205,26 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         // Each look reads the whole spool: a few a second.
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Writes a deletion request to `tmp`, a new file: never through a link or into a file that
+/// is there (the spool's owner, which may not be who runs this, as root, could have put one
+/// there pointing anywhere), and readable by the server whatever the umask (the spool's
+/// directory keeps it from anyone else).
+fn write_request(tmp: &Path, text: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    // A leftover of an earlier command of this pid, or a link put in its place, goes (the
+    // link itself, not what it points at); one put back at once makes the create fail.
+    let _ = std::fs::remove_file(tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(tmp)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    file.write_all(text)
 }
 
 /// The process that holds the lock on the spool directory itself (a running postern).

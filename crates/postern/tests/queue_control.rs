@@ -470,6 +470,57 @@ fn the_operator_s_deletion_finds_the_server_on_btrfs() {
     drop(server);
 }
 
+/// `postern queue --delete` as root, beside a server that runs as another user (`nobody`,
+/// as `postern` under the shipped unit) and owns the spool.
+fn delete_as_root_with(spool: &std::path::Path, id: &str, before: &str) -> (Option<i32>, String) {
+    let script = format!("{before}; exec \"$0\" queue --spool \"$1\" --delete \"$2\"");
+    let out = Command::new("sh")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_postern")])
+        .arg(spool)
+        .arg(id)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// The request file is the command's own, new: a link the spool's owner put at its name
+/// (which has the command's pid in it) is not written through, whoever runs the command.
+#[test]
+fn a_deletion_request_is_never_written_through_a_link_in_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_as_nobody(&[], spool.clone(), None);
+    let doomed = send(&server, "a@origin.test", &["b@dest.test"], "<l@t>", "x\r\n");
+    // `$$` is the shell's pid, which `exec` hands to the command.
+    let plant = format!("ln -s {} \"$1/.postern.delete.$$.tmp\"", victim.display());
+    let (code, out) = delete_as_root_with(&spool, &doomed, &plant);
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "precious\n",
+        "{out}"
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(listed(&spool).is_empty(), "{out}");
+}
+
+/// A request written under a umask that keeps it from the server's user (a hardened sudo's
+/// 077) is still read by it.
+#[test]
+fn a_deletion_asked_under_a_tight_umask_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_as_nobody(&[], spool.clone(), None);
+    let doomed = send(&server, "a@origin.test", &["b@dest.test"], "<u@t>", "x\r\n");
+    let (code, out) = delete_as_root_with(&spool, &doomed, "umask 077");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out, format!("deleted {doomed}\n"));
+}
+
 #[test]
 fn a_held_message_deleted_by_the_operator_leaves_the_queue_for_good() {
     let dir = tempfile::tempdir().unwrap();

@@ -50,13 +50,55 @@ impl Server {
         Self::launch(args, env, spool, Some(dir))
     }
 
+    /// Like [`Server::start_in`], run as user `nobody` (by `setpriv`, from util-linux; the
+    /// tests run as root), on a spool directory made for it.
+    pub fn start_as_nobody(
+        args: &[&str],
+        spool: PathBuf,
+        dir: Option<tempfile::TempDir>,
+    ) -> Server {
+        std::fs::create_dir_all(&spool).unwrap();
+        let chowned = Command::new("chown")
+            .args(["-R", "nobody:nogroup"])
+            .arg(&spool)
+            .status()
+            .unwrap();
+        assert!(chowned.success());
+        let wrapper = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+        ];
+        Self::launch_via(&wrapper, args, &[], spool, dir)
+    }
+
     fn launch(
         args: &[&str],
         env: &[(&str, &str)],
         spool: PathBuf,
         dir: Option<tempfile::TempDir>,
     ) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        Self::launch_via(&[], args, env, spool, dir)
+    }
+
+    /// Starts the server through `wrapper` (a command that runs the one after it), if any.
+    fn launch_via(
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        spool: PathBuf,
+        dir: Option<tempfile::TempDir>,
+    ) -> Server {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(env!("CARGO_BIN_EXE_postern"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_postern")),
+        };
         // The tests read the log at its default level; a RUST_LOG of the caller's would change it.
         cmd.env_remove("RUST_LOG");
         cmd.envs(env.iter().copied());
