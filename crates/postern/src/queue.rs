@@ -168,7 +168,17 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     let deadline = std::time::Instant::now() + DELETE_WAIT;
     loop {
         let left: Vec<&String> = {
-            let now = queued(spool)?;
+            let now = match queued(spool) {
+                Ok(now) => now,
+                Err(e) => {
+                    // As at the deadline: a request not taken yet is withdrawn, not left
+                    // for a later signal to act on after this command said it failed.
+                    if std::fs::remove_file(&request).is_ok() {
+                        return Err(format!("{e}; the request is withdrawn"));
+                    }
+                    return Err(format!("{e}; postern (pid {raw}) took the request"));
+                }
+            };
             ids.iter()
                 .filter(|id| now.iter().any(|(q, _)| q == *id))
                 .collect()
@@ -525,7 +535,11 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
 fn for_terminal(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let reorders = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        // Unicode's bidi controls (UAX #9 2): the marks, embeddings, overrides, isolates.
+        let reorders = matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        );
         if c == '\t' {
             out.push(' ');
         } else if c.is_control() || reorders {
@@ -565,5 +579,6 @@ mod tests {
             "451 4.3.0 evil \\u{1b}[31mRED x\\u{7f}\\u{8}\\u{d}back \\u{202e}rev"
         );
         assert_eq!(for_terminal("450 4.2.1 b\u{fc}sy"), "450 4.2.1 b\u{fc}sy");
+        assert_eq!(for_terminal("a\u{61c}b"), "a\\u{61c}b");
     }
 }
