@@ -117,8 +117,12 @@ struct Partial {
 /// Scans the spool under `root`: every core directory, every segment in number order. Run it
 /// at start-up, before any [`Spool`](crate::Spool) writes.
 pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
-    let Ok(cores) = std::fs::read_dir(root) else {
-        return Ok(Recovered::default());
+    // No spool yet is an empty one; one that cannot be listed (a reader allowed to enter
+    // the directory and not to read it) is not.
+    let cores = match std::fs::read_dir(root) {
+        Ok(cores) => cores,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
+        Err(e) => return Err(SpoolError::at(root)(e)),
     };
     let mut core_dirs: Vec<(u32, PathBuf)> = cores
         .flatten()

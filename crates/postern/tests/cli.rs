@@ -965,6 +965,24 @@ fn a_spool_the_caller_cannot_enter_is_not_called_missing() {
         err.contains("cannot read the spool at") && err.contains("ermission denied"),
         "{err}"
     );
+    // One it may enter and not list (mode 711) is no empty queue either.
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let (said, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{said}{err}");
+    assert!(
+        err.contains("cannot read the spool at") && err.contains("ermission denied"),
+        "{said}{err}"
+    );
 }
 
 #[test]
