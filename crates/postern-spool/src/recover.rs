@@ -170,6 +170,11 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
         let mut segs: Vec<(u64, PathBuf)> = Vec::new();
+        // The newest segment reclaimed while this scan ran (a `postern queue` beside a
+        // running server): segments leave oldest first and only once nothing in them is live,
+        // so every message that starts in it or before was final, though the segments with
+        // its last statuses may have left before they were read.
+        let mut vanished: Option<u64> = None;
         for (seq, path) in std::fs::read_dir(dir)
             .map_err(SpoolError::at(dir))?
             .flatten()
@@ -183,6 +188,8 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                     // A link to nothing is still there, and holds nothing.
                     if std::fs::symlink_metadata(&path).is_ok() {
                         out.strays.push(path);
+                    } else {
+                        vanished = vanished.max(Some(seq));
                     }
                 }
                 Ok(_) => out.strays.push(path),
@@ -198,7 +205,10 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                 Ok(file) => file,
                 // Reclaimed since the directory was read (a `postern queue` beside a running
                 // server): a reclaimed segment held nothing live.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    vanished = vanished.max(Some(seq));
+                    continue;
+                }
                 Err(e) => return Err(SpoolError::at(&path)(e)),
             };
             let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::at(&path))?);
@@ -220,8 +230,18 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                 out: &mut out,
             };
             scan.segment();
+            #[cfg(test)]
+            tests::AFTER_SEGMENT.with(|hook| {
+                if let Some(hook) = hook.borrow_mut().as_mut() {
+                    hook(seq);
+                }
+            });
         }
         out.unfinished += open.len() as u64;
+        if let Some(gone) = vanished {
+            out.messages
+                .retain(|m| m.core != core || m.start_seq > gone);
+        }
     }
     apply_statuses(&mut out, statuses);
     Ok(out)
@@ -537,6 +557,88 @@ fn valid_record_within(data: &[u8], len: usize, salt: u32, budget: &mut usize) -
 mod tests {
     use super::*;
     use crate::format::write_record;
+    use std::cell::RefCell;
+
+    /// What runs after each segment is scanned, with its number.
+    type Hook = Box<dyn FnMut(u64)>;
+
+    thread_local! {
+        /// A stand-in for a server that reclaims segments while a `postern queue` reads them.
+        pub(super) static AFTER_SEGMENT: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// A message read whole from the first segment, whose final status is in the second, and
+    /// both segments reclaimed before the second is read: it was final, and is not listed (it
+    /// was, as never tried).
+    #[test]
+    fn a_message_reclaimed_while_it_is_read_is_not_listed() {
+        use crate::meta::{DeliveryState, MessageMeta, Recipient, Status};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let options = crate::SpoolOptions {
+            segment_size: 64 * 1024,
+        };
+        let meta = MessageMeta {
+            arrival: 1_795_346_220,
+            client: "192.0.2.1".into(),
+            helo: "client.test".into(),
+            reverse_path: "a@origin.test".into(),
+            recipients: vec![Recipient {
+                path: "b@dest.test".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            envid: None,
+            ret: None,
+            body_type: 1,
+            smtputf8: false,
+        };
+        let mut spool =
+            crate::Spool::open(dir.path(), 0, options).unwrap_or_else(|e| panic!("{e}"));
+        // The message, whole in the first segment; then one over a segment, so that the
+        // statuses that make both final go into the second.
+        let mut ids = Vec::new();
+        for len in [1024, 100 * 1024] {
+            let mut draft = spool.begin(&meta).unwrap_or_else(|e| panic!("{e}"));
+            spool
+                .append(&mut draft, &vec![b'x'; len])
+                .unwrap_or_else(|e| panic!("{e}"));
+            ids.push(draft.queue_id().to_owned());
+            spool.finish(draft).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let delivered = Status {
+            state: DeliveryState::Delivered,
+            reply: "250 ok".into(),
+        };
+        for id in &ids {
+            spool
+                .append_status(id, 0, &delivered)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        spool.sync_now().unwrap_or_else(|e| panic!("{e}"));
+        drop(spool);
+        let core = dir.path().join("0");
+        let found = recover(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found.messages.len(), 2);
+        assert!(
+            found.messages.iter().all(RecoveredMessage::is_final),
+            "read whole, both are final"
+        );
+        drop(found);
+        let reclaim = core.clone();
+        AFTER_SEGMENT.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move |seq| {
+                if seq == 1 {
+                    for n in [1, 2] {
+                        let _ = std::fs::remove_file(reclaim.join(crate::segment::file_name(n)));
+                    }
+                }
+            }));
+        });
+        let found = recover(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        AFTER_SEGMENT.with(|hook| hook.borrow_mut().take());
+        let listed: Vec<&str> = found.messages.iter().map(|m| m.queue_id.as_str()).collect();
+        assert!(listed.is_empty(), "{listed:?}");
+    }
 
     /// A bad record claiming 4 KiB, with a valid record 1 KiB into its span.
     fn span_with_a_record(salt: u32) -> (Vec<u8>, usize) {
