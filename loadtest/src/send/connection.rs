@@ -91,11 +91,19 @@ impl Client {
     /// queues are written before each read; those queued with its answer are left for the
     /// caller (a BDAT line goes out together with its body).
     async fn next_event(&mut self) -> Result<ClientEvent, Failure> {
-        // Bounded: every pass either returns or waits for a read that times out.
+        // A reply that never ends (continuation lines without pause, a line dripped an octet
+        // at a time) fails at the timeout like one that never comes: each read's own timeout
+        // would let it go on for ever.
+        let deadline = Instant::now() + self.timeout;
+        // Bounded: every pass either returns or waits for a read that times out, until the
+        // deadline.
         loop {
             let event = self.handle();
             if event != ClientEvent::NeedInput {
                 return Ok(event);
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure("timeout"));
             }
             self.write_queued().await?;
             self.read().await?;
