@@ -252,7 +252,7 @@ pub struct SendArgs {
     /// unpinned when absent.
     #[arg(long, value_parser = cpus)]
     pub cpus: Option<CpuList>,
-    /// Longest wait for a connection, a reply or a write.
+    /// Longest wait for a connection, a whole reply (however it trickles in) or a write.
     #[arg(long, default_value = "30s", value_parser = timeout)]
     pub timeout: Duration,
     /// The name sent with EHLO.
