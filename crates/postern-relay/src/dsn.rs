@@ -265,8 +265,13 @@ pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
         .media
         .as_ref()
         .is_some_and(|(kind, sub)| kind == "multipart" && sub == "report");
-    // Delivery status reports only (RFC 3464), not other reports such as MDNs.
-    if !is_report || top.report_type.as_deref() != Some("delivery-status") {
+    // Delivery status reports only (RFC 3464, and RFC 6533's internationalized ones, which
+    // return a message/global), not other reports such as MDNs.
+    let delivery_status = top.report_type.as_deref().is_some_and(|t| {
+        t.eq_ignore_ascii_case("delivery-status")
+            || t.eq_ignore_ascii_case("global-delivery-status")
+    });
+    if !is_report || !delivery_status {
         return None;
     }
     let boundary = top.boundary.as_deref()?;
@@ -1124,6 +1129,35 @@ mod tests {
                 "4.4.1"
             ),
             "4.7.0"
+        );
+    }
+
+    /// Another MTA's internationalized report (RFC 6533 6) returning a whole message/global
+    /// is remade with its header section for a next hop without 8BITMIME, as an RFC 3464 one
+    /// is; a report of another kind is not.
+    #[test]
+    fn a_global_delivery_status_report_is_remade_with_the_headers() {
+        let report = |kind: &str| {
+            format!(
+                "From: MAILER-DAEMON@mx.example\r\nMIME-Version: 1.0\r\n\
+                 Content-Type: multipart/report; report-type={kind}; boundary=\"b\"\r\n\r\n\
+                 --b\r\nContent-Type: text/plain\r\n\r\nA copy is attached.\r\n\
+                 --b\r\nContent-Type: message/global-delivery-status\r\n\r\n\
+                 Reporting-MTA: dns; mx.example\r\n\r\nFinal-Recipient: utf-8; j\u{f6}rg@x\r\n\
+                 Action: failed\r\nStatus: 5.1.1\r\n\r\n\
+                 --b\r\nContent-Type: message/global\r\n\r\n\
+                 Subject: caf\u{e9}\r\nFrom: j\u{f6}rg@x\r\n\r\nthe na\u{ef}ve body\r\n\
+                 --b--\r\n"
+            )
+            .into_bytes()
+        };
+        let remade = with_headers_only(&report("global-delivery-status"), HeadersOnly::EightBit)
+            .map(|r| String::from_utf8_lossy(&r).into_owned());
+        let remade = remade.unwrap_or_default();
+        assert!(remade.contains("message/global-headers"), "{remade}");
+        assert!(!remade.contains("the na"), "{remade}");
+        assert!(
+            with_headers_only(&report("disposition-notification"), HeadersOnly::EightBit).is_none()
         );
     }
 
