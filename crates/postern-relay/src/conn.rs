@@ -564,6 +564,8 @@ impl Outbound {
                     .await
                     .map_err(Err)?;
                 self.session.body_sent();
+                // A slow write is no silence of the next hop's.
+                self.quiet_from_now();
                 match self.next_event(t.data_done).await.map_err(Err)? {
                     ClientEvent::Done(_) if self.unasked_after_reply() => {
                         Err(Err(ConnError::Io(OUT_OF_STEP.into())))

@@ -1281,3 +1281,49 @@ fn a_next_hop_whose_replies_cannot_be_read_gets_no_pipelined_body_again() {
     let log = server.log_until(|l| l.contains(r#"malformed reply line "250ok""#));
     assert!(log.contains(r#"malformed reply line "250ok""#), "{log}");
 }
+
+/// A next hop that leaves out a pipelined reply (none for the first RCPT) puts each later one
+/// in the place of the command before its own: the 550 it gave the second recipient reads as
+/// the first's. When the transaction then ends in a timeout, which reply answered which
+/// command is not known: no recipient is failed on a reply read before it, both are tried
+/// again.
+#[test]
+fn replies_read_before_a_timeout_fail_no_recipient_when_one_may_be_missing() {
+    let (port, _stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say(
+                    "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+                ))
+            } else if line.starts_with("RCPT TO:<first@") {
+                Some(Act::Say(""))
+            } else if line.starts_with("RCPT TO:<second@") {
+                Some(Act::Say("550 5.1.1 <second@dest.test> no such user\r\n"))
+            } else {
+                None
+            }
+        },
+        // The body's reply, read as the second recipient's; then nothing more.
+        Act::Say("250 2.0.0 taken\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--smtp-data-done-timeout",
+        "1s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["first@dest.test", "second@dest.test"],
+        "<gap@t>",
+        "x\r\n",
+    );
+    let first = server.log_until(|l| l.contains("to=\"first@dest.test\"") && l.contains("status="));
+    assert!(first.contains("status=\"deferred\""), "{first}");
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
+    assert!(m.contains("postern_recipients_failed_total 0\n"), "{m}");
+}

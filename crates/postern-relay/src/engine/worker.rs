@@ -456,9 +456,14 @@ impl CoreRelay {
             return After::Broken;
         }
         // Replies got before a break still count where they refused for good, unless they
-        // were out of step: then a refusal may have been another command's.
+        // were out of step, or the break came as a timeout or after a long silence: a reply
+        // the next hop never sent would have let each later one answer the command before
+        // its own, so a refusal may have been another recipient's (as for a batch, see
+        // SILENCE_BEFORE_BREAK).
         let partial = match &outcome {
             Err(Err(e)) if crate::conn::out_of_step(e) => None,
+            Err(Err(ConnError::Io(text))) if text == crate::conn::TIMED_OUT => None,
+            Err(Err(_)) if conn.quiet_for() >= SILENCE_BEFORE_BREAK => None,
             Err(Err(_)) => conn.take_unfinished(),
             _ => None,
         };
