@@ -877,6 +877,27 @@ impl ClientSession {
             self.reset = true;
             return Some(ClientEvent::Done(result));
         }
+        // A RCPT refused as one too many (452, or 552 from an older server; RFC 5321
+        // 4.5.3.1.10) says the transaction is full: the recipients not sent yet are not sent
+        // in it (a server counts those past its limit as errors, and may end the session
+        // before the data), and take the reply the server would give them, for the embedding
+        // to send them in the next transaction.
+        let full =
+            result.mail.is_positive() && result.rcpts.iter().any(|r| matches!(r.code, 452 | 552));
+        if full && self.held.front().is_some_and(|(e, _)| *e == Expect::Rcpt) {
+            while self.held.front().is_some_and(|(e, _)| *e == Expect::Rcpt) {
+                self.held.pop_front();
+                if let Some(r) = self.results.front_mut() {
+                    r.rcpts.push(local_reply(
+                        452,
+                        "4.5.3",
+                        "Too many recipients in this transaction (not sent)",
+                    ));
+                }
+            }
+            // With none taken, the transaction ends here, as with every RCPT refused.
+            return self.release_held();
+        }
         let group = if self.caps.pipelining {
             PIPELINED_GROUP
         } else {

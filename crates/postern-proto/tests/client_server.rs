@@ -1128,6 +1128,46 @@ fn a_transaction_with_many_recipients_goes_in_groups_that_fit_the_window() {
     }
 }
 
+/// RFC 5321 4.5.3.1.10: once the server refuses a RCPT as one too many (452), the
+/// recipients still held are not sent in this transaction (a server counts those past its
+/// limit as errors and may end the session before the data): they get a local 452 4.5.3, for
+/// the next transaction, and the data goes for those taken.
+#[test]
+fn recipients_past_a_too_many_recipients_reply_are_not_sent_in_that_transaction() {
+    let names: Vec<String> = (0..250).map(|i| format!("r{i}@mx.test")).collect();
+    let rcpts: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250-x\r\n250 PIPELINING\r\n"]);
+    c.send(&transaction(BodyMode::Data, b"body\r\n", &rcpts))
+        .unwrap();
+    let first = String::from_utf8_lossy(c.output()).into_owned();
+    c.clear_output();
+    assert_eq!(first.matches("RCPT TO:").count(), 99, "{first}");
+    // MAIL and 60 RCPTs taken, then "too many" for the rest of the group.
+    let mut replies = String::from("250 2.1.0 ok\r\n");
+    replies.push_str(&"250 2.1.5 ok\r\n".repeat(60));
+    replies.push_str(&"452 4.5.3 Too many recipients\r\n".repeat(39));
+    let (events, sent) = canned(&mut c, &[&replies]);
+    assert!(events.is_empty(), "{events:?}");
+    assert!(!sent.contains("RCPT TO:"), "{sent}");
+    assert_eq!(sent, "DATA\r\n");
+    let (events, _) = canned(&mut c, &["354 go\r\n"]);
+    assert_eq!(events, [ClientEvent::SendBody]);
+    c.body_sent();
+    let (events, _) = canned(&mut c, &["250 2.0.0 queued\r\n"]);
+    let [ClientEvent::Done(result)] = &events[..] else {
+        panic!("{events:?}")
+    };
+    assert_eq!(result.rcpts.len(), 250);
+    assert!(result.rcpts[..60].iter().all(|r| r.code == 250));
+    assert!(
+        result.rcpts[60..].iter().all(|r| r.code == 452),
+        "{:?}",
+        result.rcpts[99..101].to_vec()
+    );
+    assert_eq!(result.data.as_ref().map(|d| d.code), Some(250));
+}
+
 #[test]
 fn a_transaction_in_groups_sent_behind_another_keeps_its_held_commands() {
     // T1's end-of-data reply is still awaited when T2, for 150 recipients, is sent behind it
