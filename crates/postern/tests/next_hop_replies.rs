@@ -1327,3 +1327,40 @@ fn replies_read_before_a_timeout_fail_no_recipient_when_one_may_be_missing() {
     let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
     assert!(m.contains("postern_recipients_failed_total 0\n"), "{m}");
 }
+
+/// A message for more recipients of one next hop than it takes in a transaction, by more than
+/// it lets a client overshoot (postern's own server: 100 here, then 1,000 refused with 452,
+/// then each one more an error, 421 at the twentieth): the relay stops sending RCPTs in a
+/// transaction once one is refused as too many, and the rest go in the next ones. Sending
+/// them all, every attempt ended in the 421, and nothing was delivered.
+#[test]
+fn recipients_past_the_next_hop_s_limit_go_in_later_transactions_not_into_its_421() {
+    let next_hop = Server::start(&["--accept-domain", "dest.test", "--max-recipients", "100"]);
+    let route = format!("dest.test=127.0.0.1:{}", next_hop.smtp.port());
+    let relay = Server::start(&[
+        "--route",
+        &route,
+        "--max-recipients",
+        "1200",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let names: Vec<String> = (0..1200).map(|i| format!("r{i}@dest.test")).collect();
+    let rcpts: Vec<&str> = names.iter().map(String::as_str).collect();
+    send(&relay, "a@origin.test", &rcpts, "<many@t>", "x\r\n");
+    let m = relay.metrics_until(|m| m.contains("postern_recipients_delivered_total 1200\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    let held = queue_listing(&next_hop.spool);
+    let mut got: Vec<String> = held
+        .iter()
+        .flat_map(|m| m["recipients"].as_array().unwrap().iter())
+        .map(|r| r["address"].as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let mut want = names.clone();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(held
+        .iter()
+        .all(|m| m["recipients"].as_array().unwrap().len() <= 100));
+}
