@@ -72,6 +72,22 @@ pub mod replies {
         0,
         "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
     );
+    /// HELP where CHUNKING is not offered either (BDAT is then not recognised).
+    pub const HELP_NO_BDAT: StaticReply = r(
+        214,
+        2,
+        0,
+        0,
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS",
+    );
+    /// HELP with neither CHUNKING nor STARTTLS offered.
+    pub const HELP_NO_BDAT_NO_TLS: StaticReply = r(
+        214,
+        2,
+        0,
+        0,
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY",
+    );
     /// BODY=BINARYMIME where BINARYMIME is not offered (`offer_chunking` off).
     pub const BINARYMIME_NOT_OFFERED: StaticReply = r(555, 5, 5, 4, "BODY=BINARYMIME not offered");
     /// BDAT where CHUNKING is not offered: a command this server does not know.
@@ -235,7 +251,8 @@ pub struct ServerConfig {
     /// older server to clients; pipelined commands are still answered in order.
     pub offer_pipelining: bool,
     /// Offer CHUNKING and BINARYMIME in the EHLO reply (default on). Off makes the session look
-    /// like an older server to clients; a BDAT that arrives anyway is still read and handled.
+    /// like an older server to clients: HELP does not list BDAT, and a BDAT that arrives
+    /// anyway is not recognised (500, then the close: its chunk cannot be read as commands).
     pub offer_chunking: bool,
     /// The most envelope octets the embedding can store for one message (a spool record's
     /// room), counting [`ServerConfig::stored_bytes_per_recipient`] for each recipient
@@ -708,6 +725,10 @@ impl ServerSession {
         }
         let cmd = match Command::parse(line) {
             Ok(cmd) => cmd,
+            // Not offered, so not known here, whatever its arguments (see below).
+            Err(_) if is_bdat(line) && !self.config.offer_chunking => {
+                return self.refuse_line(replies::BDAT_NOT_OFFERED, line);
+            }
             Err(CommandError::BadChunkSize) => {
                 // The chunk that follows cannot be skipped: stop before reading it as commands.
                 CommandError::BadChunkSize.reply().write(&mut self.out);
@@ -816,8 +837,16 @@ impl ServerSession {
             }
             Command::Vrfy(_) => self.ok(replies::VRFY),
             Command::Expn(_) => self.fail(replies::EXPN),
-            Command::Help(_) if self.tls_available && !self.tls_active => self.ok(replies::HELP),
-            Command::Help(_) => self.ok(replies::HELP_NO_TLS),
+            // What it lists is what this session offers (RFC 5321 4.1.1.8).
+            Command::Help(_) => {
+                let tls = self.tls_available && !self.tls_active;
+                self.ok(match (self.config.offer_chunking, tls) {
+                    (true, true) => replies::HELP,
+                    (true, false) => replies::HELP_NO_TLS,
+                    (false, true) => replies::HELP_NO_BDAT,
+                    (false, false) => replies::HELP_NO_BDAT_NO_TLS,
+                })
+            }
             Command::Auth(..) => self.fail(replies::NO_AUTH),
             Command::Obsolete(_) => self.fail(replies::OBSOLETE),
             Command::StartTls => {

@@ -1108,7 +1108,12 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
         offer_chunking: false,
         ..(*config()).clone()
     });
-    let o = run(&cfg, true, &client(&["EHLO client.test", "QUIT"]), &[]);
+    let o = run(
+        &cfg,
+        true,
+        &client(&["EHLO client.test", "HELP", "QUIT"]),
+        &[],
+    );
     assert_transcript(
         &o,
         &[
@@ -1120,6 +1125,8 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-SMTPUTF8",
             "250-DSN",
             "250 STARTTLS",
+            // HELP lists what is offered: no BDAT.
+            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS",
             "221 2.0.0 mx.test Bye",
         ],
     );
@@ -1441,6 +1448,24 @@ fn binarymime_and_bdat_are_refused_where_chunking_is_not_offered() {
     );
     assert!(o.closed);
     assert!(o.messages.is_empty());
+    // With a size it cannot read, it is still a command not recognised here, not a syntax
+    // error of one that is.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT x LAST\r\nQUIT");
+    let o = run(&cfg, false, &input, &[]);
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.5 Ok",
+            "500 5.5.1 Command not recognized",
+            "421 4.5.0 mx.test Cannot follow BDAT framing, closing connection",
+        ],
+    );
+    assert!(o.closed);
 }
 
 #[test]
