@@ -629,12 +629,18 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
 fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + report.recipients.len() * 320);
     if let Some(envid) = report.envid {
-        // RFC 3461 4.4: the ENVID came as xtext; the report carries its value.
-        field(
-            &mut out,
-            "Original-Envelope-Id",
-            &safe(&xtext_decode(envid)),
-        );
+        // RFC 3461 4.4: the ENVID came as xtext; the report carries its value, spelled as
+        // it came (RFC 3464 2.2.1): printable ASCII and spaces, at most 100 octets as taken,
+        // so written whole, spaces kept, on one line. Anything else is made safe.
+        let value = xtext_decode(envid);
+        let verbatim = value.len() <= 100 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if verbatim && !value.trim().is_empty() {
+            out.extend_from_slice(b"Original-Envelope-Id: ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        } else {
+            field(&mut out, "Original-Envelope-Id", &safe(&value));
+        }
     }
     field(&mut out, "Reporting-MTA", &format!("dns; {host}"));
     field(&mut out, "Arrival-Date", &date(report.arrival));
@@ -1159,6 +1165,43 @@ mod tests {
         assert!(
             with_headers_only(&report("disposition-notification"), HeadersOnly::EightBit).is_none()
         );
+    }
+
+    /// RFC 3464 2.2.1: the envelope ID is given back as it was spelled, its spaces too.
+    #[test]
+    fn the_envelope_id_comes_back_spelled_as_it_came() {
+        let recipients = [ReportRecipient {
+            path: "b@dest.example".into(),
+            orcpt: None,
+            action: Action::Failed,
+            status: "5.1.1".into(),
+            remote_mta: None,
+            diagnostic: None,
+            last_attempt: None,
+            will_retry_until: None,
+        }];
+        let report = |envid| Report {
+            reporting_mta: "mx.example",
+            queue_id: "Q1",
+            envid: Some(envid),
+            arrival: 1_790_000_000,
+            now: 1_790_000_100,
+            to: "a@origin.example",
+            received_from: None,
+            recipients: &recipients,
+            original: b"Subject: s\r\n\r\nbody\r\n",
+            return_full: false,
+            binary: false,
+            max_returned: 1 << 20,
+        };
+        let text = String::from_utf8_lossy(&build(&report("job+20+2042+20"))).into_owned();
+        assert!(
+            text.contains("Original-Envelope-Id: job  42 \r\n"),
+            "{text}"
+        );
+        // A control character, escaped in the xtext, is still not written.
+        let text = String::from_utf8_lossy(&build(&report("a+0D+0Ab"))).into_owned();
+        assert!(text.contains("Original-Envelope-Id: a b\r\n"), "{text}");
     }
 
     #[test]
