@@ -3,24 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
 use common::num;
 
 #[test]
 fn a_reply_of_endless_continuation_lines_times_out() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut out = stream.try_clone().unwrap();
-        let mut input = BufReader::new(stream);
-        out.write_all(b"220 tarpit ESMTP\r\n").unwrap();
+    let (addr, server) = common::one_connection_server(|mut input, mut out| {
         let mut line = String::new();
         input.read_line(&mut line).unwrap();
         out.write_all(b"250-tarpit\r\n250 PIPELINING\r\n").unwrap();

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, Read, Write};
 use std::time::Duration;
 
 use common::{num, send_json};
@@ -17,16 +16,7 @@ const STALL: Duration = Duration::from_millis(600);
 /// written in one burst once all of them are in, then nothing is read for [`STALL`]; every
 /// later command is answered at once.
 fn scripted_server(held: usize) -> (String, std::thread::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut out = stream.try_clone().unwrap();
-        let mut input = BufReader::new(stream);
-        out.write_all(b"220 scripted ESMTP\r\n").unwrap();
+    common::one_connection_server(move |mut input, mut out| {
         let mut owed = Vec::new();
         let mut bodies = 0;
         let mut line = String::new();
@@ -62,8 +52,7 @@ fn scripted_server(held: usize) -> (String, std::thread::JoinHandle<()>) {
                 out.write_all(reply).unwrap();
             }
         }
-    });
-    (addr, server)
+    })
 }
 
 #[test]

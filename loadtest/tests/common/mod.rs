@@ -189,3 +189,24 @@ pub fn certificate() -> (tempfile::TempDir, PathBuf, PathBuf) {
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     (dir, cert_path, key_path)
 }
+
+/// A scripted server for one connection on an ephemeral loopback port: it greets with `220`,
+/// then `script` gets the connection's input (20 s per read at most) and output. Returns the
+/// address and the thread, to join once the sender is done.
+pub fn one_connection_server(
+    script: impl FnOnce(BufReader<std::net::TcpStream>, std::net::TcpStream) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::Write as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut out = stream.try_clone().unwrap();
+        out.write_all(b"220 scripted ESMTP\r\n").unwrap();
+        script(BufReader::new(stream), out);
+    });
+    (addr, server)
+}
