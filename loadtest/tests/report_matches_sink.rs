@@ -213,3 +213,18 @@ fn the_report_says_when_the_server_offered_less_than_was_asked() {
     assert_eq!(num(&report, "connections_without_pipelining"), 0);
     assert_eq!(num(&report, "connections_without_chunking"), 0);
 }
+
+#[test]
+fn a_dropped_message_takes_no_share_of_the_reply_mix() {
+    // Each connection's second message is dropped unanswered, so only first messages get a
+    // reply. The shares are of the replies given: half 250, half 550. A dropped message that
+    // took its slot of the cycle left every answered message on the same half.
+    let sink = Sink::start(&["--drop-after", "2", "--reply-mix", "250:1,550:1"]);
+    let report = send_json(&sink.addr, &["--messages", "20", "--connections", "1"]);
+    let c = sink.stop();
+    assert_eq!(c.get("dropped_total"), 10, "{c:?}");
+    assert_eq!(c.get("replies_total{code=\"250\"}"), 5, "{c:?}");
+    assert_eq!(c.get("replies_total{code=\"550\"}"), 5, "{c:?}");
+    assert_eq!(num(&report, "messages_accepted"), 5, "{report}");
+    assert_eq!(num(&report, "messages_refused"), 5, "{report}");
+}
