@@ -150,6 +150,15 @@ pub mod replies {
     );
     /// The spool cannot take the message now (RFC 3463 4.3.1).
     pub const SPOOL_FULL: StaticReply = r(452, 4, 3, 1, "Insufficient system storage");
+    /// The spool failed to write or sync the message (a disk's I/O error): not stored, to
+    /// be sent again later (RFC 5321 4.2.3's 451, RFC 3463 4.3.0).
+    pub const SPOOL_ERROR: StaticReply = r(
+        451,
+        4,
+        3,
+        0,
+        "Local error in processing: the message could not be stored, try again later",
+    );
     /// A command line ended by a bare LF (RFC 5321 2.3.8).
     pub const BARE_LF_COMMAND: StaticReply = r(
         500,

@@ -457,7 +457,8 @@ struct CoreInit {
     held: Arc<[crossbeam::utils::CachePadded<AtomicU64>]>,
 }
 
-/// Runs one core until it stops; false when it could not start or its last sync failed.
+/// Runs one core until it stops; false when it could not start, or a sync failed during the
+/// stop (its last one or one of the group commit).
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) -> bool {
     let _ends = watchdog::EndsBeat(init.beat.clone());
     glommio::spawn_local(heartbeat(init.beat.clone())).detach();
@@ -530,6 +531,9 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         .map(|(l, implicit_tls)| glommio::spawn_local(accept_loop(core.clone(), l, implicit_tls)))
         .collect();
     core.stopped().await;
+    // A sync that fails from here on may have lost what the stop records (delivery outcomes,
+    // say), as the last one may: the exit status says so.
+    let failed_before_stop = core.store.failed_syncs();
     for a in acceptors {
         a.await;
     }
@@ -603,6 +607,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         }
     }
     let synced = core.store.shutdown().await;
+    let failed_in_stop = core.store.failed_syncs() - failed_before_stop;
     if let Err(e) = &synced {
         // Not rate-limited as other spool errors are: it is the core's last word. Every
         // message acknowledged was durable before its 250; what this sync held is what was
@@ -614,6 +619,17 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             spool = %core.settings.spool_dir.display(),
             "the last sync before the stop failed: {e}; outcomes recorded since the sync \
              before may be lost, and their deliveries made again after the next start"
+        );
+    } else if failed_in_stop > 0 {
+        // The group commit's own syncs during the stop (each already logged as a spool
+        // error): what they held is lost in the same way, though the last one had nothing
+        // left to write.
+        tracing::error!(
+            core = core.id,
+            spool = %core.settings.spool_dir.display(),
+            failed = failed_in_stop,
+            "a sync during the stop failed; outcomes recorded since the sync before it may \
+             be lost, and their deliveries made again after the next start"
         );
     }
     if core.sessions.get() > core.lingering.get() {
@@ -627,7 +643,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     drop(unlinker);
     drop(watcher);
     core.publish();
-    synced.is_ok()
+    synced.is_ok() && failed_in_stop == 0
 }
 
 /// Ticks the core's heartbeat from a timer for as long as the core runs (see `watchdog`).

@@ -60,6 +60,17 @@ const QUEUE_FULL: StaticReply = StaticReply::new(
     "Mail queue full, try again later",
 );
 
+/// The reply to a spool error: no room (a full disk, a file size limit, a record too large
+/// for a segment) is `452 4.3.1`; a failed write or sync (`EIO`) is `451 4.3.0`, a local
+/// fault rather than a full system. Both tell the client to send the message again later.
+fn spool_reply(e: &postern_spool::SpoolError) -> StaticReply {
+    use postern_spool::SpoolError;
+    match e {
+        SpoolError::NoSpace(_) | SpoolError::TooLarge(_) => replies::SPOOL_FULL,
+        _ => replies::SPOOL_ERROR,
+    }
+}
+
 enum Wake {
     Read(std::io::Result<usize>),
     Timeout,
@@ -517,7 +528,7 @@ impl Session {
             Ok(d) => d,
             Err(e) => {
                 self.core.spool_error("starting a message", &e);
-                self.proto.reject(replies::SPOOL_FULL);
+                self.proto.reject(spool_reply(&e));
                 return;
             }
         };
@@ -542,7 +553,7 @@ impl Session {
         if let Err(e) = self.core.store.append(&mut draft, &header) {
             self.core.spool_error("writing a message", &e);
             self.core.store.abort(draft);
-            self.proto.reject(replies::SPOOL_FULL);
+            self.proto.reject(spool_reply(&e));
             return;
         }
         self.loops = LoopDetector::default();
@@ -572,7 +583,7 @@ impl Session {
         if let Err(e) = appended {
             self.core.spool_error("writing a message", &e);
             self.drop_draft();
-            self.proto.abort_body(replies::SPOOL_FULL);
+            self.proto.abort_body(spool_reply(&e));
         }
     }
 
@@ -610,7 +621,7 @@ impl Session {
         if let Err(e) = appended {
             self.core.spool_error("writing a message", &e);
             self.drop_draft();
-            self.proto.message_failed(replies::SPOOL_FULL);
+            self.proto.message_failed(spool_reply(&e));
             return true;
         }
         let Some(draft) = self.draft.take() else {
@@ -654,7 +665,7 @@ impl Session {
             }
             Err(e) => {
                 self.core.spool_error("committing a message", &e);
-                self.proto.message_failed(replies::SPOOL_FULL);
+                self.proto.message_failed(spool_reply(&e));
             }
         }
         true

@@ -143,6 +143,8 @@ pub(crate) struct CoreStore {
     finished: Arc<FinishedSync>,
     /// Whether a sync is running and not yet collected.
     syncing: Cell<bool>,
+    /// Syncs of the group commit that failed, since the start.
+    failed_syncs: Cell<u64>,
     /// Woken when segments were freed, for [`unlink_freed`] to delete them off the core.
     freed: Event,
     /// Whether [`unlink_freed`] has a batch on the blocking pool; woken by `freed` when done.
@@ -213,6 +215,7 @@ impl CoreStore {
             last_status: Cell::new(None),
             finished: Arc::default(),
             syncing: Cell::new(false),
+            failed_syncs: Cell::new(0),
             freed: Event::new(),
             unlinking: Cell::new(false),
         })
@@ -446,6 +449,11 @@ impl CoreStore {
         synced
     }
 
+    /// How many syncs of the group commit have failed since the start.
+    pub(crate) fn failed_syncs(&self) -> u64 {
+        self.failed_syncs.get()
+    }
+
     /// Waits until no sync is in flight (the last one collected).
     async fn sync_collected(&self) {
         while self.syncing.get() {
@@ -575,6 +583,7 @@ pub(crate) fn collect_sync(core: &Core) {
     store.finished.ready.store(false, Ordering::Relaxed);
     if let Err(e) = &result {
         core.spool_error("syncing", e);
+        store.failed_syncs.set(store.failed_syncs.get() + 1);
     }
     store.spool.borrow_mut().sync_done(batch, result);
     store.syncing.set(false);

@@ -572,3 +572,83 @@ pub fn run_command_bounded(mut cmd: Command) -> (i32, String, String) {
         err.join().unwrap(),
     )
 }
+
+/// A pass-through FUSE file system (`tests/peers/faulty_fs.py`, on fusepy) over a fresh
+/// directory, whose syncs fail with `EIO` while [`FaultyFs::fail_syncs`] is on, as on a disk
+/// whose write-back failed. Unmounted when dropped. Needs root, `/dev/fuse`, libfuse 2 and
+/// fusepy (scripts/test installs the last two).
+pub struct FaultyFs {
+    pub path: PathBuf,
+    control: PathBuf,
+    daemon: KillOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl FaultyFs {
+    pub fn mount() -> FaultyFs {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let path = dir.path().join("mnt");
+        let control = dir.path().join("fail-syncs");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/faulty_fs.py");
+        let mut daemon = KillOnDrop(
+            Command::new("python3")
+                .arg(script)
+                .args([&root, &path, &control])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let target = path.to_str().unwrap().to_owned();
+        let mounted = || {
+            std::fs::read_to_string("/proc/mounts")
+                .unwrap()
+                .lines()
+                .any(|l| l.split(' ').nth(1) == Some(target.as_str()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !mounted() {
+            if let Some(status) = daemon.try_wait().unwrap() {
+                let mut err = String::new();
+                let _ = daemon.stderr.take().unwrap().read_to_string(&mut err);
+                panic!(
+                    "faulty_fs.py ended ({status}) without mounting: it needs root, /dev/fuse, \
+                     libfuse 2 and fusepy (scripts/test installs them):\n{err}"
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "faulty_fs.py did not mount in 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        FaultyFs {
+            path,
+            control,
+            daemon,
+            _dir: dir,
+        }
+    }
+
+    /// From now on every fsync and fdatasync under the mount fails with `EIO` (`false`: they
+    /// work again).
+    pub fn fail_syncs(&self, on: bool) {
+        if on {
+            std::fs::write(&self.control, b"").unwrap();
+        } else {
+            std::fs::remove_file(&self.control).unwrap();
+        }
+    }
+}
+
+impl Drop for FaultyFs {
+    fn drop(&mut self) {
+        // Lazily: a server still being killed may hold files open there.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = self.daemon.0.kill();
+        let _ = self.daemon.0.wait();
+    }
+}
