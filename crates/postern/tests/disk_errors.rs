@@ -1,6 +1,6 @@
-//! A disk that reports an I/O error on sync: the spool sits on a pass-through FUSE file system
-//! (`tests/peers/faulty_fs.py`) whose fsync and fdatasync fail with EIO while the test says
-//! so. A message whose group commit failed is refused `451 4.3.0` (not stored, not "disk
+//! A disk that reports I/O errors: the spool sits on a pass-through FUSE file system
+//! (`tests/peers/faulty_fs.py`) whose syncs, or writes, fail with EIO while the test says so.
+//! A message whose group commit or write failed is refused `451 4.3.0` (not stored, not "disk
 //! full"), the server goes on, and what it acknowledged is all there; a failed last sync at the
 //! stop ends the process with status 1. Needs root and /dev/fuse (CI has both; scripts/test
 //! installs libfuse 2 and fusepy).
@@ -63,6 +63,44 @@ fn a_failed_sync_gives_451_and_the_server_goes_on() {
         assert_eq!(m.2, [rcpt]);
         assert!(m.3.ends_with(format!("{text}\r\n").as_bytes()));
     }
+}
+
+#[test]
+fn a_failed_write_gives_451_and_later_mail_is_stored_whole() {
+    let disk = FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--spool-segment-size", "1M"],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
+    assert!(first.starts_with("250 2.0.0"), "{first}");
+
+    // A body larger than the session gathers in memory, so that it is written while the
+    // disk fails every write.
+    disk.fail_writes(true);
+    let big = format!(
+        "Subject: two\r\n\r\n{}",
+        ("z".repeat(998) + "\r\n").repeat(40)
+    );
+    let failed = send(&mut c, "two@d.test", &big);
+    assert!(failed.starts_with("451 4.3.0"), "{failed}");
+    disk.fail_writes(false);
+
+    // The segment that took the failed write is abandoned; what follows is written and
+    // read back whole.
+    let third = send(&mut c, "three@d.test", &big.replace("two", "three"));
+    assert!(third.starts_with("250 2.0.0"), "{third}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    assert!(server.terminate().success());
+    let kept = spooled(&spool);
+    let ids: Vec<&str> = kept.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(ids, [queue_id(&first), queue_id(&third)], "{kept:?}");
+    assert!(kept[1].3.ends_with(big.replace("two", "three").as_bytes()));
 }
 
 #[test]

@@ -575,7 +575,7 @@ pub fn run_command_bounded(mut cmd: Command) -> (i32, String, String) {
 
 /// A pass-through FUSE file system (`tests/peers/faulty_fs.py`, on fusepy) over a fresh
 /// directory, whose syncs fail with `EIO` while [`FaultyFs::fail_syncs`] is on, as on a disk
-/// whose write-back failed. Unmounted when dropped. Needs root, `/dev/fuse`, libfuse 2 and
+/// whose write-back failed, and whose writes fail while [`FaultyFs::fail_writes`] is on. Unmounted when dropped. Needs root, `/dev/fuse`, libfuse 2 and
 /// fusepy (scripts/test installs the last two).
 pub struct FaultyFs {
     pub path: PathBuf,
@@ -636,10 +636,19 @@ impl FaultyFs {
     /// From now on every fsync and fdatasync under the mount fails with `EIO` (`false`: they
     /// work again).
     pub fn fail_syncs(&self, on: bool) {
+        Self::switch(&self.control, on);
+    }
+
+    /// From now on every write under the mount fails with `EIO` (`false`: they work again).
+    pub fn fail_writes(&self, on: bool) {
+        Self::switch(&self.control.with_extension("writes"), on);
+    }
+
+    fn switch(control: &Path, on: bool) {
         if on {
-            std::fs::write(&self.control, b"").unwrap();
+            std::fs::write(control, b"").unwrap();
         } else {
-            std::fs::remove_file(&self.control).unwrap();
+            std::fs::remove_file(control).unwrap();
         }
     }
 }

@@ -6,7 +6,7 @@ that reports an error.
 
 Every operation is done on the same path under ROOT. While the file CONTROL exists, every
 fsync and fdatasync of a file under MOUNTPOINT fails with EIO (the error a disk's failed
-write-back gives), after doing nothing. Runs in the foreground until unmounted. Needs root
+write-back gives), after doing nothing; while CONTROL.writes exists, so does every write. Runs in the foreground until unmounted. Needs root
 and fusepy (with libfuse 2).
 """
 
@@ -92,6 +92,8 @@ class Faulty(Operations):
         return os.pread(fh, size, offset)
 
     def write(self, path, data, offset, fh):
+        if os.path.exists(self.control + ".writes"):
+            raise FuseOSError(errno.EIO)
         return os.pwrite(fh, data, offset)
 
     def truncate(self, path, length, fh=None):
