@@ -311,11 +311,12 @@ impl CoreStore {
     /// Finishes the message and waits until a group commit has made it durable.
     pub(crate) async fn commit(&self, draft: Draft) -> Result<(String, MessageRef), SpoolError> {
         let queue_id = draft.queue_id().to_owned();
+        let recipients = draft.recipients();
         let finished = self.spool.borrow_mut().finish_with_body(draft);
         let (ticket, pending) = self.failed_write(finished)?;
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
-            let _ = self.spool.borrow_mut().forget_failed(&queue_id);
+            let _ = self.spool.borrow_mut().forget_failed(&queue_id, recipients);
             self.wake_unlinker();
             return Err(e);
         }

@@ -10,7 +10,7 @@ use crate::body::{MessageRef, Piece};
 use crate::commit::{Commits, Ticket, TicketState};
 use crate::error::SpoolError;
 use crate::format::{record_len, Fields, Kind, HEADER, RECORD_HEADER};
-use crate::meta::{MessageMeta, Status};
+use crate::meta::{DeliveryState, MessageMeta, Status};
 use crate::queue_id;
 use crate::reclaim::Index;
 use crate::recover::recover_core;
@@ -19,6 +19,11 @@ use crate::segment::{
     write_seal, Header, Segment, SEAL_AT,
 };
 use crate::spare::{PreparedSegment, SpareJob};
+
+/// The reply kept in the statuses of a message whose sync failed after it was finished (see
+/// [`Spool::forget_failed`]).
+const WITHDRAWN: &str =
+    "not stored: a sync of the spool failed, and its client was told to send it again";
 
 /// Tunables.
 #[derive(Clone, Copy, Debug)]
@@ -47,12 +52,18 @@ pub struct Draft {
     queue_id: String,
     size: u64,
     pieces: Vec<Piece>,
+    /// Recipients in its envelope.
+    recipients: u32,
 }
 
 impl Draft {
     /// The queue ID the message will have.
     pub fn queue_id(&self) -> &str {
         &self.queue_id
+    }
+    /// The number of recipients in its envelope.
+    pub fn recipients(&self) -> u32 {
+        self.recipients
     }
     /// Body bytes appended so far.
     pub fn size(&self) -> u64 {
@@ -525,6 +536,7 @@ impl Spool {
             queue_id,
             size: 0,
             pieces: Vec::new(),
+            recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
         })
     }
 
@@ -656,7 +668,23 @@ impl Spool {
     /// delivered. Without this a failed sync would keep them, and every later one, for the
     /// rest of the run, since segments are deleted oldest first. Returns the number of
     /// segments deleted.
-    pub fn forget_failed(&mut self, queue_id: &str) -> Result<usize, SpoolError> {
+    ///
+    /// Its records may have reached the disk all the same (a failed sync does not say which
+    /// pages did not), so each of its `recipients` also gets a final status, written after
+    /// the failure: once a later sync makes it durable, a restart before the message's
+    /// segments go does not take it for mail to deliver, beside the copy its client sends
+    /// again. Until then a restart may still deliver it (a duplicate, never a loss).
+    pub fn forget_failed(&mut self, queue_id: &str, recipients: u32) -> Result<usize, SpoolError> {
+        let withdrawn = Status {
+            state: DeliveryState::Failed,
+            reply: WITHDRAWN.to_owned(),
+        };
+        for rcpt in 0..recipients {
+            if self.append_status(queue_id, rcpt, &withdrawn).is_err() {
+                // The disk fails again: the restart's duplicate is all that is at stake.
+                break;
+            }
+        }
         self.index.set_final(queue_id);
         self.reclaim()
     }

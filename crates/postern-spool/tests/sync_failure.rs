@@ -76,7 +76,7 @@ fn a_message_whose_sync_failed_does_not_hold_its_segments_once_forgotten() {
     let batch = spool.take_sync().unwrap();
     spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
     assert_eq!(spool.ticket_state(t), TicketState::Failed);
-    spool.forget_failed(&lost_id).unwrap();
+    spool.forget_failed(&lost_id, 1).unwrap();
 
     // Later messages fill several segments, are delivered and marked final.
     let mut ids = Vec::new();
@@ -100,5 +100,44 @@ fn a_message_whose_sync_failed_does_not_hold_its_segments_once_forgotten() {
         spool.bytes_in_use() <= 3 * 64 * 1024,
         "{}",
         spool.bytes_in_use()
+    );
+}
+
+#[test]
+fn a_message_refused_after_a_failed_sync_is_not_taken_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    let mut kept = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut kept, &body(1, 500)).unwrap();
+    let kept_id = kept.queue_id().to_owned();
+    let t1 = spool.finish(kept).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(t1));
+
+    // The next message's END is written, and the sync that covers it fails; its client is
+    // told to send it again. Its records reached the file all the same (as they may on a
+    // disk), in the segment the first message still holds.
+    let mut refused = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut refused, &body(2, 500)).unwrap();
+    let refused_id = refused.queue_id().to_owned();
+    let recipients = refused.recipients();
+    let t2 = spool.finish(refused).unwrap();
+    let batch = spool.take_sync().unwrap();
+    // The batch writes its records; its fdatasync is said to have failed.
+    batch.run().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(t2), TicketState::Failed);
+    spool.forget_failed(&refused_id, recipients).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+
+    let r = recover(dir.path()).unwrap();
+    let find = |id: &str| r.messages.iter().find(|m| m.queue_id == id);
+    assert!(!find(&kept_id).unwrap().is_final());
+    let refused = find(&refused_id).expect("its records are in the file");
+    assert_eq!(refused.statuses.len(), recipients as usize);
+    assert!(
+        refused.is_final(),
+        "a restart would deliver it beside the copy its client sends again"
     );
 }

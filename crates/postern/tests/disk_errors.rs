@@ -48,10 +48,7 @@ fn a_failed_sync_gives_451_and_the_server_goes_on() {
 
     let status = server.terminate();
     assert!(status.success(), "{status}");
-    // Both acknowledged messages are there, whole. The refused one's records reached the
-    // disk here (only the syncs failed) and its segment is still held by the first message,
-    // so the next start may take it too: a duplicate of what its client sends again
-    // (docs/durability.md), never a loss.
+    // Both acknowledged messages are there, whole.
     let kept = spooled(&spool);
     for (reply, rcpt, text) in [
         (&first, "one@d.test", "first"),
@@ -63,6 +60,22 @@ fn a_failed_sync_gives_451_and_the_server_goes_on() {
         assert_eq!(m.2, [rcpt]);
         assert!(m.3.ends_with(format!("{text}\r\n").as_bytes()));
     }
+    // The refused one's records reached the disk here (only the syncs failed), in the segment
+    // the first message holds; its recipients' final statuses, written after the failure,
+    // keep the next start from delivering it beside the copy its client sends again.
+    let recovered = postern_spool::recover(&spool).unwrap();
+    let live: Vec<&str> = recovered
+        .messages
+        .iter()
+        .filter(|m| !m.is_final())
+        .map(|m| m.queue_id.as_str())
+        .collect();
+    assert_eq!(live, [queue_id(&first), queue_id(&third)]);
+    assert_eq!(
+        recovered.messages.len(),
+        3,
+        "the refused message's records are there"
+    );
 }
 
 #[test]
