@@ -18,16 +18,18 @@ use crate::metrics::Registry;
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Connections served at once. Past this, the connection that has been sending its request
-/// the longest is dropped to make room: a scraper sends its request at once, so clients that
-/// trickle theirs (or say nothing) cannot keep it out.
+/// Connections served at once. Past this, the oldest connection is dropped to make room,
+/// whatever it is doing (sending its request, reading its response, or being read after it
+/// for a moment): a scraper sends its request at once and is answered within a millisecond,
+/// so clients that trickle their requests, say nothing, or send requests that keep them in
+/// the linger after the response cannot keep it out.
 const MAX_CLIENTS: usize = 64;
 
 /// How long a client has for its whole request head.
 const REQUEST_TIME: Duration = Duration::from_secs(5);
 
-/// Connections still sending their request: (number, since when, a handle to shut it down).
-type Reading = Arc<Mutex<Vec<(u64, Instant, TcpStream)>>>;
+/// Connections being served: (number, since when, a handle to shut it down).
+type Serving = Arc<Mutex<Vec<(u64, Instant, TcpStream)>>>;
 
 /// Binds `addr` (before the cores start, so a metrics address in use ends the start before
 /// any SMTP client is taken).
@@ -48,7 +50,7 @@ pub(crate) fn start(
         .name("postern-metrics".into())
         .spawn(move || {
             let busy = Arc::new(AtomicUsize::new(0));
-            let reading: Reading = Arc::default();
+            let serving: Serving = Arc::default();
             // A failed accept (EMFILE, say) leaves the connection waiting: pause rather than
             // spin on it, as the SMTP listeners do.
             let accepted = listener.incoming().filter_map(|r| {
@@ -56,24 +58,26 @@ pub(crate) fn start(
                     .ok()
             });
             for (n, stream) in (0u64..).zip(accepted) {
-                if busy.load(Ordering::Acquire) >= MAX_CLIENTS && !evict_slowest(&reading) {
-                    // Every slot is writing a response: this one waits for the next scrape.
-                    continue;
+                if busy.load(Ordering::Acquire) >= MAX_CLIENTS {
+                    // Its thread ends at its next read or write; until it has, the threads
+                    // may be one more than the slots.
+                    evict_oldest(&serving);
                 }
                 if let Ok(handle) = stream.try_clone() {
-                    if let Ok(mut r) = reading.lock() {
+                    if let Ok(mut r) = serving.lock() {
                         r.push((n, Instant::now(), handle));
                     }
                 }
                 busy.fetch_add(1, Ordering::AcqRel);
                 let (registry, stop, done) = (registry.clone(), stop.clone(), busy.clone());
-                // Out of the list however the request ends (read, silence, error, or a
-                // failed spawn): a copy left there would keep the connection open.
-                let listed = Listed(reading.clone(), n);
+                // Out of the list however the connection ends (answered, silence, error, or
+                // a failed spawn): a copy left there would keep the connection open.
+                let listed = Listed(serving.clone(), n);
                 let spawned = std::thread::Builder::new()
                     .name("postern-metrics-client".into())
                     .spawn(move || {
-                        let _ = answer(stream, &registry, &stop, || drop(listed));
+                        let _ = answer(stream, &registry, &stop);
+                        drop(listed);
                         done.fetch_sub(1, Ordering::AcqRel);
                     });
                 if spawned.is_err() {
@@ -85,9 +89,8 @@ pub(crate) fn start(
     Ok(local)
 }
 
-/// A connection's place in the list of those still sending their request; leaves it when
-/// dropped.
-struct Listed(Reading, u64);
+/// A connection's place in the list of those being served; leaves it when dropped.
+struct Listed(Serving, u64);
 
 impl Drop for Listed {
     fn drop(&mut self) {
@@ -97,31 +100,24 @@ impl Drop for Listed {
     }
 }
 
-/// Shuts down the connection that has been sending its request the longest, so that its
-/// thread ends and a new client is served; false when none is still reading.
-fn evict_slowest(reading: &Reading) -> bool {
-    let Ok(mut r) = reading.lock() else {
-        return false;
+/// Shuts down the connection served the longest, so that its thread ends and a new client is
+/// served.
+fn evict_oldest(serving: &Serving) {
+    let Ok(mut r) = serving.lock() else {
+        return;
     };
-    let Some(i) = r
+    let oldest = r
         .iter()
         .enumerate()
         .min_by_key(|(_, (_, since, _))| *since)
-        .map(|(i, _)| i)
-    else {
-        return false;
-    };
-    let (_, _, stream) = r.swap_remove(i);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    true
+        .map(|(i, _)| i);
+    if let Some(i) = oldest {
+        let (_, _, stream) = r.swap_remove(i);
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
 }
 
-fn answer(
-    mut stream: TcpStream,
-    registry: &Registry,
-    stop: &StopFlag,
-    request_read: impl FnOnce(),
-) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, registry: &Registry, stop: &StopFlag) -> std::io::Result<()> {
     stream.set_write_timeout(Some(REQUEST_TIME))?;
     let deadline = Instant::now() + REQUEST_TIME;
     let mut head = Vec::with_capacity(512);
@@ -150,7 +146,6 @@ fn answer(
             break;
         }
     }
-    request_read();
     let (status, kind, body, head_only) = if complete {
         route(&head, registry, stop)
     } else {

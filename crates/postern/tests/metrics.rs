@@ -211,6 +211,37 @@ fn clients_that_hold_every_slot_of_the_metrics_port_do_not_keep_a_scrape_out() {
 }
 
 #[test]
+fn clients_kept_after_their_response_do_not_keep_a_scrape_out() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    // Requests that announce a body and never send it: each is answered at once, and its
+    // connection is then read for a moment (so that the close does not reset the response
+    // away). More of them than the port serves at once, all in that moment.
+    let mut kept = Vec::new();
+    for _ in 0..80 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n"
+        )
+        .unwrap();
+        let mut status = [0u8; 15];
+        s.read_exact(&mut status).unwrap();
+        assert_eq!(&status, b"HTTP/1.1 200 OK");
+        kept.push(s);
+    }
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    drop(kept);
+}
+
+#[test]
 fn an_empty_line_before_a_request_is_passed_over_and_head_never_gets_a_body() {
     use std::io::Read;
     let server = Server::start(&["--metrics", "127.0.0.1:0"]);
