@@ -657,8 +657,10 @@ async fn heartbeat(beat: Arc<watchdog::Beat>) {
 
 async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
     // Checked at each turn too: under a backlog that never empties, or an accept error that
-    // comes at once each time, the accept below is always ready first.
-    while !core.stopping.get() {
+    // comes at once each time, the accept below is always ready first. The process-wide flag
+    // as well as the core's own: the task that sets the latter runs only when this one
+    // yields.
+    while !core.stop_asked() {
         let mut accept = std::pin::pin!(listener.accept());
         let stop = async {
             core.stopped().await;
@@ -685,6 +687,11 @@ async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
             continue;
         };
         admit(&core, stream, implicit_tls);
+        // glommio's accept takes a connection already waiting without going through the
+        // ring, so it never waits while the backlog has one: under a flood that keeps it
+        // full this loop would hold the core, its sessions, timers and stop alike. It gives
+        // way once the core's time slice is over.
+        glommio::yield_if_needed().await;
     }
     drain(&core, &listener, implicit_tls);
 }
@@ -712,9 +719,9 @@ const ACCEPT_END_WAIT: Duration = Duration::from_secs(1);
 /// How often a core in its shutdown grace looks whether a second stop signal cut it short.
 const HURRY_LOOK_EVERY: Duration = Duration::from_millis(50);
 
-/// At most this many waiting connections are taken from a listener when the server stops
-/// (glommio listens with a backlog of 1,024).
-const BACKLOG_DRAIN_MAX: usize = 1024;
+/// At most this many waiting connections are taken from a listener when the server stops:
+/// the listeners' backlog of 1,024, which Linux lets hold one more.
+const BACKLOG_DRAIN_MAX: usize = 1025;
 
 /// Starts a session for an accepted connection, or refuses it when over a limit.
 fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
