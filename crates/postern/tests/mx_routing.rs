@@ -409,6 +409,109 @@ fn the_end_of_a_pause_costs_one_connection_not_one_per_waiting_message() {
 }
 
 #[test]
+fn the_end_of_a_pause_for_a_name_that_cannot_be_looked_up_costs_one_lookup() {
+    use dns_server::TestDns;
+    // The MX lookup of the recipients' domain fails (SERVFAIL) each time, and several messages
+    // wait for it: each time the pause ends they all come due together, and one connection
+    // attempt looks the name up for them all, as for a next hop that does not answer, rather
+    // than one per message (each holding a place among the outbound connections). Attempts
+    // are counted from the relay's debug log.
+    let dns = TestDns::start("test", &[]);
+    let dns_addr = dns.addr.to_string();
+    let server = Server::start_with_env(
+        &[
+            "--dns-server",
+            &dns_addr,
+            "--retry-initial",
+            "300ms",
+            "--retry-max",
+            "300ms",
+            "--metrics",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+        ],
+        &[("RUST_LOG", "info,postern_relay::engine::worker=debug")],
+    );
+    for i in 0..6 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@servfail.test"],
+            &format!("<s{i}@t>"),
+            "x\r\n",
+        );
+    }
+    let deferrals = |m: &str| -> usize {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let attempts = || server.log_count(|l| l.contains("finding the next hop's addresses"));
+    // The first round, as the messages came, may start several; then five pauses.
+    let first = deferrals(&server.metrics_until(|m| deferrals(m) >= 6));
+    let before = attempts();
+    let m = server.metrics_until(|m| deferrals(m) >= first + 30);
+    let later = deferrals(&m) - first;
+    let lookups = attempts() - before;
+    assert!(later >= 30, "{later} deferrals");
+    assert!(
+        lookups * 3 <= later,
+        "{lookups} attempts for {later} deferrals"
+    );
+}
+
+#[test]
+fn a_flush_tries_a_next_hop_still_down_with_one_connection_not_one_per_message() {
+    // A next hop that refuses every session, paused with six messages waiting for it. A flush
+    // ends the pause and sends them all at once; the next hop's failures are not forgotten
+    // with it, so one connection finds it still down rather than one per message.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let refusals = refusing_greeter("127.0.0.1", port);
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+        "--cores",
+        "1",
+    ]);
+    for i in 0..6 {
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            &format!("<f{i}@t>"),
+            "x\r\n",
+        );
+    }
+    let deferrals = |m: &str| -> usize {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // Two refusals pause it; the messages that come meanwhile wait for the pause's end.
+    server.log_until(|l| l.contains("delivery to it paused"));
+    let first = deferrals(&server.metrics_until(|m| deferrals(m) >= 2));
+    let before = refusals.load(std::sync::atomic::Ordering::SeqCst);
+    server.signal("-USR1");
+    let m = server.metrics_until(|m| deferrals(m) >= first + 6);
+    assert!(deferrals(&m) >= first + 6, "the flush sent nothing");
+    let after = refusals.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(
+        after, 1,
+        "{after} connections for the six messages after the flush"
+    );
+}
+
+#[test]
 fn one_attempt_tries_at_most_five_addresses() {
     use dns_server::{Rec, TestDns};
     let peer = Peer::start_on("127.0.0.30", 0, &[]);

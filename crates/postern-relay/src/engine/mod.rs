@@ -931,7 +931,9 @@ impl CoreRelay {
     }
 
     /// Acts on a flush asked for since the last look: every next hop's pause and passed-over
-    /// addresses are forgotten, and every job waiting for its retry goes now.
+    /// addresses are forgotten, and every job waiting for its retry goes now. A next hop's
+    /// failures in a row are kept: one still down gets one connection for all its jobs, and
+    /// one that is back opens more as its connections open.
     fn flush_if_asked(self: &Rc<Self>) {
         let asked = self.relay.flushes.load(Ordering::SeqCst);
         if asked == self.flushes_seen.replace(asked) {
@@ -942,7 +944,6 @@ impl CoreRelay {
             dq.paused_for.borrow_mut().take();
             dq.avoid.borrow_mut().clear();
             dq.broke.borrow_mut().clear();
-            dq.broken_in_a_row.set(0);
         }
         let jobs: Vec<Job> = self.retry.borrow_mut().drain().collect();
         tracing::info!(

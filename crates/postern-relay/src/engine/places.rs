@@ -5,6 +5,10 @@
 
 use super::*;
 
+/// How long past `--retry-max` after its last failure a next hop that failed is kept (see
+/// `forget_quiet_next_hops`).
+const KEPT_PAST_RETRY_MAX: u64 = 60_000;
+
 impl CoreRelay {
     /// This core's share of `--max-outbound-connections`.
     pub(super) fn most_outbound(&self) -> usize {
@@ -197,10 +201,12 @@ impl CoreRelay {
                 || dq.cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)
                 || dq.broke.borrow().values().any(|&until| until > now)
-                // Failed lately: its deferred jobs come back within the longest retry delay,
-                // and then still get one connection at a time, not a fresh next hop's many.
+                // Failed lately: its deferred jobs come back within the longest retry delay
+                // (counted from when they were deferred, a moment after the failure, and
+                // taken when the core gets to them: a minute's margin), and then still get
+                // one connection at a time, not a fresh next hop's many.
                 || (dq.broken_in_a_row.get() > 0
-                    && now < dq.last_broke.get().saturating_add(retry_max))
+                    && now < dq.last_broke.get().saturating_add(retry_max).saturating_add(KEPT_PAST_RETRY_MAX))
         });
     }
 }

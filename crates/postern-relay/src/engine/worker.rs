@@ -281,6 +281,14 @@ impl CoreRelay {
         // (Counted by this attempt: the next hop's count of failures in a row may have been
         // reset meanwhile by another connection's transaction.)
         let no_address_tried = failed == 0;
+        if permanent.is_none() && no_address_tried {
+            // Counted as a failure of the next hop, as an address that broke is (see
+            // `broke`): when the pause ends, the jobs it held come due together and one
+            // connection (one lookup) tries for them all, not one per job.
+            dq.last_broke.set(now_ms());
+            dq.broken_in_a_row.set(dq.broken_in_a_row.get().max(1));
+            dq.opened_since_broke.set(0);
+        }
         if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
             dq.down_until.set(now_ms() + self.pause_ms());
             *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), remote.clone()));
@@ -775,6 +783,7 @@ impl CoreRelay {
         tried: &[SocketAddr],
     ) -> Result<Opened, Unopened> {
         let config = &self.relay.config;
+        tracing::debug!(next_hop = %dq.dest.key(), "finding the next hop's addresses");
         // MX hosts are checked for being this server once connected; a route's host and the
         // relay host are the operator's choice.
         let mut looked_up_mx = false;

@@ -195,6 +195,12 @@ impl Server {
         }
     }
 
+    /// How many lines of the server's log so far satisfy `pred`.
+    pub fn log_count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        let (text, _) = &*self.log;
+        text.lock().unwrap().lines().filter(|l| pred(l)).count()
+    }
+
     /// Sends SIGTERM, waits for a successful exit and returns the whole log.
     pub fn terminate_for_log(&mut self) -> String {
         let status = self.terminate();
