@@ -56,10 +56,18 @@ impl HostPort {
                 "'{s}' is not HOST:PORT: '{host}' is neither a host name nor an IP address"
             ));
         }
-        Ok(HostPort {
-            host: host.trim_end_matches('.').to_ascii_lowercase(),
-            port,
-        })
+        // A name in A-labels, the form DNS, a TLS server name (which takes no U-labels) and
+        // the logs use.
+        let host = if host.parse::<std::net::IpAddr>().is_ok() {
+            host.to_ascii_lowercase()
+        } else {
+            postern_proto::address::domain_to_ascii(name)
+                .ok_or_else(|| {
+                    format!("'{s}' is not HOST:PORT: '{host}' is not a valid internationalized host name")
+                })?
+                .to_ascii_lowercase()
+        };
+        Ok(HostPort { host, port })
     }
 }
 
@@ -185,6 +193,14 @@ mod tests {
             "192.0.2.1"
         );
         assert_eq!(HostPort::parse("::1", 25).unwrap().host, "::1");
+        // A U-label host in A-labels: a TLS server name takes no other form.
+        assert_eq!(
+            HostPort::parse("MX.B\u{fc}cher.Example.:26", 25).unwrap(),
+            HostPort {
+                host: "mx.xn--bcher-kva.example".into(),
+                port: 26
+            }
+        );
         for literal in ["[IPv6:2001:db8::1]:26", "[ipv6:2001:DB8::1]:26"] {
             let hp = HostPort::parse(literal, 25).unwrap();
             assert_eq!(
