@@ -670,13 +670,24 @@ fn fqdn(domain: &str) -> Option<Name> {
 /// shuffled). The caller cuts the list to [`MAX_MX_HOSTS`], once this server is out of it.
 fn order_mx(records: Vec<(u16, Name)>) -> Vec<(u16, Name)> {
     let mut hosts: Vec<(u16, Name)> = Vec::with_capacity(records.len());
+    // Where each name is in `hosts` (names compare and hash without regard to case): a look
+    // through `hosts` for each record made a published set of thousands of names cost
+    // seconds on the thread that makes every core's lookups.
+    let mut seen: std::collections::HashMap<Name, usize> =
+        std::collections::HashMap::with_capacity(records.len());
     for (preference, exchange) in records {
         if exchange.is_root() {
             continue;
         }
-        match hosts.iter_mut().find(|(_, known)| *known == exchange) {
-            Some(known) => known.0 = known.0.min(preference),
-            None => hosts.push((preference, exchange)),
+        match seen.entry(exchange) {
+            std::collections::hash_map::Entry::Occupied(at) => {
+                let known = &mut hosts[*at.get()];
+                known.0 = known.0.min(preference);
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                hosts.push((preference, slot.key().clone()));
+                slot.insert(hosts.len() - 1);
+            }
         }
     }
     hosts.shuffle(&mut rand::rng());
