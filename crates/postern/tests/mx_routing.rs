@@ -543,6 +543,46 @@ fn one_attempt_tries_at_most_five_addresses() {
 }
 
 #[test]
+fn an_address_under_two_mx_names_is_tried_once_in_an_attempt() {
+    use dns_server::{Rec, TestDns};
+    // Two MX names for one pool of three addresses, all refusing, and a backup MX: the pool's
+    // addresses, met twice in the list, are tried once each, and the backup gets the mail
+    // within the attempt's five addresses (before, the pool took all five and the backup none).
+    let backup = Peer::start_on("127.0.0.48", 0, &[]);
+    let port = backup.port;
+    let counts: Vec<_> = (0..3)
+        .map(|i| refusing_greeter(&format!("127.0.0.{}", 45 + i), port))
+        .collect();
+    let mut records = vec![
+        ("dup.test.", Rec::Mx(10, "mx1.dup.test.")),
+        ("dup.test.", Rec::Mx(20, "mx2.dup.test.")),
+        ("dup.test.", Rec::Mx(30, "backup.dup.test.")),
+        ("backup.dup.test.", Rec::A([127, 0, 0, 48].into())),
+    ];
+    for i in 0..3u8 {
+        records.push(("mx1.dup.test.", Rec::A([127, 0, 0, 45 + i].into())));
+        records.push(("mx2.dup.test.", Rec::A([127, 0, 0, 45 + i].into())));
+    }
+    let dns = TestDns::start("test", &records);
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@dup.test"],
+        "<dup@t>",
+        "x\r\n",
+    );
+    let (stored, _) = backup.first("the message at the backup MX");
+    assert_eq!(stored.rcpt_tos, ["r@dup.test"]);
+    let each: Vec<usize> = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        .collect();
+    assert_eq!(each, [1, 1, 1], "connections to each pool address");
+    drop(dns);
+}
+
+#[test]
 fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
     use dns_server::{Rec, TestDns};
     // A backup MX on another loopback address; this server on 127.0.0.1 at the same port,

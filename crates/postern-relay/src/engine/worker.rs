@@ -850,6 +850,10 @@ impl CoreRelay {
         let mut last_remote = None;
         // The status of the last account where the failure itself says one (TLS).
         let mut last_status = None;
+        // Each address once, under its best host: MX names that share addresses (aliases of
+        // one pool) would have one attempt try the same host again and leave the backup MX
+        // past the attempt's five addresses.
+        let mut listed = std::collections::HashSet::new();
         let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
             .iter()
             .flat_map(|h| {
@@ -857,6 +861,7 @@ impl CoreRelay {
                     .iter()
                     .map(move |&ip| (h, SocketAddr::new(ip, port)))
             })
+            .filter(|&(_, a)| listed.insert(a))
             .collect();
         *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
         let best = candidates.iter().map(|(h, _)| h.preference).min();
