@@ -59,6 +59,56 @@ fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral(
     );
 }
 
+#[test]
+fn failed_handshakes_on_connections_opened_together_are_no_connection_limit() {
+    // Eight messages queued, then delivered at once with TLS required to a next hop whose
+    // certificate is not trusted: eight connections open together and every handshake fails.
+    // That is no limit of connections per client (which a host shows by refusing the session),
+    // so none is said or applied, and the failures in a row pause the next hop.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = localhost_cert(dir.path());
+    let (sink, out, addr) = start_sink(&["--tls-cert", &cert, "--tls-key", &key]);
+    let port = addr.rsplit(':').next().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    for i in 0..8 {
+        send(
+            &held,
+            "a@origin.test",
+            &["r@sink.test"],
+            &format!("<t{i}@t>"),
+            "x\r\n",
+        );
+    }
+    assert!(held.terminate().success());
+    let route = format!("sink.test=localhost:{port}");
+    let server = Server::start_in(
+        &[
+            "--route",
+            &route,
+            "--outbound-tls",
+            "required",
+            "--cores",
+            "1",
+            "--retry-initial",
+            "60s",
+        ],
+        spool,
+        None,
+    );
+    server.log_until(|l| l.contains("delivery to it paused"));
+    assert_eq!(
+        server.log_count(|l| l.contains("refused another connection")),
+        0,
+        "failed handshakes were taken for a limit on connections"
+    );
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 0\n"),
+        "{counters}"
+    );
+}
+
 /// A self-signed certificate for `localhost` and its key, written into `dir`: their paths.
 fn localhost_cert(dir: &std::path::Path) -> (String, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();

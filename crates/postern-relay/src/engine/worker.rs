@@ -74,9 +74,7 @@ impl CoreRelay {
                     }
                     (c, fallback.then(|| now_ms() + self.pause_ms()))
                 }
-                Err(unopened)
-                    if unopened.1.is_none() && unopened.2.is_some() && dq.workers.get() > 1 =>
-                {
+                Err(unopened) if unopened.1.is_none() && unopened.5 && dq.workers.get() > 1 => {
                     // Refused by a host that answered (a 421 greeting, say) while other
                     // connections of ours to the same next hop are open or opening: a limit
                     // on connections per client, not a next hop that is down. The jobs stay
@@ -252,7 +250,7 @@ impl CoreRelay {
     /// fail, when the failure is for good), and the next hop is paused when connections keep
     /// failing.
     fn unopened(&self, dq: &DestQueue, unopened: Unopened) {
-        let (text, permanent, remote, deferred, failed) = unopened;
+        let (text, permanent, remote, deferred, failed, _) = unopened;
         // The next hop is unreachable (everything waiting for it waits again) or
         // does not exist (everything waiting for it fails).
         let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
@@ -850,6 +848,8 @@ impl CoreRelay {
         let mut last_remote = None;
         // The status of the last account where the failure itself says one (TLS).
         let mut last_status = None;
+        // Whether the last account is a host refusing the session (see `Unopened`).
+        let mut last_refused = false;
         // Each address once, under its best host: MX names that share addresses (aliases of
         // one pool) would have one attempt try the same host again and leave the backup MX
         // past the attempt's five addresses.
@@ -945,6 +945,7 @@ impl CoreRelay {
                             last = format!("{}; then {}", e, e2.describe(&hop.host));
                             last_remote = Some(hop.host.clone());
                             last_status = None;
+                            last_refused = refuses_session(&e2);
                         }
                     }
                 }
@@ -958,6 +959,7 @@ impl CoreRelay {
                         last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
                         last_remote = e.answered().then(|| hop.host.clone());
                         last_status = e.tls_status();
+                        last_refused = refuses_session(&e);
                     }
                 }
             }
@@ -969,10 +971,27 @@ impl CoreRelay {
         let refused =
             (refused_helo && addresses > 0 && failed.len() == addresses).then_some("5.0.0");
         let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
-        Err((last, refused, last_remote, last_status, failed))
+        Err((
+            last,
+            refused,
+            last_remote,
+            last_status,
+            failed,
+            last_refused,
+        ))
     }
 
     // ----- owner side -----
+}
+
+/// Whether a connection failed because the host refused the session, at its greeting or in
+/// answer to EHLO or HELO (as at its limit of connections per client), not because TLS,
+/// the network or the protocol failed.
+fn refuses_session(e: &ConnError) -> bool {
+    matches!(
+        e,
+        ConnError::Smtp(ClientError::Greeting(_) | ClientError::Closing(_) | ClientError::Helo(_))
+    )
 }
 
 /// Whether a host name is one only this server would greet with: it has a dot inside, and it
@@ -1004,22 +1023,25 @@ async fn loops_here(
     tracing::warn!(%addr, host = %hop.host, "{text}");
     let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
     if best.is_some_and(|b| hop.preference > b) {
-        (text, None, None, Some("4.4.4"), failed)
+        (text, None, None, Some("4.4.4"), failed, false)
     } else {
-        (text, Some("5.4.6"), None, None, failed)
+        (text, Some("5.4.6"), None, None, failed, false)
     }
 }
 
 /// A next hop that could not be reached: the text, the status when its jobs fail for good,
 /// the next hop's name when the last failure came from a host that answered, postern's
-/// own status for a deferral no reply explains (a DNS failure's, say), and how many
-/// addresses the attempt counted as failed (`CoreRelay::broke`).
+/// own status for a deferral no reply explains (a DNS failure's, say), how many
+/// addresses the attempt counted as failed (`CoreRelay::broke`), and whether that last
+/// failure was a host refusing the session (at its greeting, or in answer to EHLO or HELO),
+/// as a host does at its limit of connections per client, rather than TLS failing.
 pub(super) type Unopened = (
     String,
     Option<&'static str>,
     Option<String>,
     Option<&'static str>,
     u32,
+    bool,
 );
 
 /// A next hop that could not be resolved (no host answered): failed for good with the
@@ -1028,9 +1050,9 @@ pub(super) type Unopened = (
 pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
     let text = format!("{domain}: {e}");
     if e.is_permanent() {
-        (text, Some(e.enhanced()), None, None, 0)
+        (text, Some(e.enhanced()), None, None, 0, false)
     } else {
-        (text, None, None, Some(e.enhanced()), 0)
+        (text, None, None, Some(e.enhanced()), 0, false)
     }
 }
 
