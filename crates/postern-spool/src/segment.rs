@@ -346,6 +346,13 @@ impl Segment {
     /// Creates segment `seq` of `size` bytes in `dir`, durable before it returns: file created,
     /// space reserved, header written, file synced, directory synced.
     pub(crate) fn create(dir: &Path, core: u32, seq: u64, size: u64) -> io::Result<Segment> {
+        if seq > u64::from(u32::MAX) {
+            // Its name would not be read as a segment's (see `parse_name`).
+            return Err(io::Error::other(format!(
+                "segment numbers are used up in {}",
+                dir.display()
+            )));
+        }
         // Made under a temporary name and linked to its own only once reserved, headed and
         // synced: a segment file with a segment's name is never shorter than its header, so
         // recovery can tell a file cut short by damage from one whose creation was cut off.

@@ -313,6 +313,19 @@ impl Spool {
         damaged.dedup();
         drop(found);
         let next_seq = last.max(stray_last) + 1;
+        if next_seq > u64::from(u32::MAX) {
+            // Segment numbers are 32 bits (in names and in draft numbers): the next segment
+            // would be one no later opening or recovery reads, and mail acknowledged in it
+            // would be lost at the next start.
+            let path = dir.join(file_name(next_seq - 1));
+            return Err(SpoolError::Io(std::io::Error::other(format!(
+                "{}: no segment can follow this one ({} is the highest number a segment may \
+                 have); move the file away if it is not postern's, or deliver this core's \
+                 mail from a fresh spool",
+                path.display(),
+                u32::MAX
+            ))));
+        }
         let mut spool = Spool {
             dir,
             core,

@@ -312,3 +312,34 @@ fn killed(root: &std::path::Path, spool: Spool) -> postern_spool::Recovered {
     assert_eq!(r.corrupt_records, 0);
     r
 }
+
+#[test]
+fn a_spool_whose_segment_numbers_are_used_up_does_not_open() {
+    // Something with the highest name a segment may have (restored, or made by hand): the
+    // next segment would have a name no opening or recovery reads, and the mail acknowledged
+    // in it would be lost at the next start. The opening fails instead, naming the file.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("0/4294967295.seg")).unwrap();
+    let err = Spool::open(root.path(), 0, SpoolOptions::default())
+        .err()
+        .expect("opened with no segment number left");
+    let text = err.to_string();
+    assert!(
+        text.contains("4294967295.seg") && text.contains("no segment can follow"),
+        "{text}"
+    );
+    // One below it still leaves a number.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("0/4294967294.seg")).unwrap();
+    let mut spool = Spool::open(root.path(), 0, SpoolOptions::default()).unwrap();
+    let mut d = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut d, &body(1, 100)).unwrap();
+    let id = d.queue_id().to_owned();
+    let t = spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(t));
+    drop(spool);
+    let r = recover(root.path()).unwrap();
+    assert_eq!(r.messages.len(), 1);
+    assert_eq!(r.messages[0].queue_id, id);
+}
