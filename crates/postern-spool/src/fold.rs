@@ -73,7 +73,7 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     let mut old_dirs: Vec<u32> = entries
         .iter()
         .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|e| crate::core_number(e.file_name().to_str()?))
         .filter(|n| *n >= cores)
         .collect();
     old_dirs.sort_unstable();
@@ -388,7 +388,7 @@ pub fn kept_damage(root: &Path) -> Vec<std::path::PathBuf> {
         let name = name.to_string_lossy();
         if name.starts_with(DAMAGED_FOLD) {
             kept.push(path);
-        } else if name.parse::<u32>().is_ok() {
+        } else if crate::core_number(&name).is_some() {
             let aside = path.join(crate::DAMAGED_DIR);
             for seg in std::fs::read_dir(&aside).into_iter().flatten().flatten() {
                 kept.push(seg.path());

@@ -45,5 +45,12 @@ pub use meta::{envelope_room, DeliveryState, MessageMeta, Recipient, Status, STA
 pub use queue_id::{owner_core, MAX_CORES};
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
 pub use segment::create_private_dir;
+
+/// The core whose directory has this name: its number exactly as postern writes it (`3`, not
+/// `03` or `+3`, which parse to the same number but are not the directory any core opens).
+pub fn core_number(name: &str) -> Option<u32> {
+    let n: u32 = name.parse().ok()?;
+    (n.to_string() == name).then_some(n)
+}
 pub use spare::{PreparedSegment, SpareJob};
 pub use spool::{unlink_segments, Draft, PendingBody, Spool, SpoolOptions, SyncBatch, DAMAGED_DIR};

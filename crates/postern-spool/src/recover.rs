@@ -87,7 +87,8 @@ pub struct Recovered {
     pub segments: u64,
     /// Segment files with a blank header (creation cut off by a crash): nothing in them.
     pub unused_segments: u64,
-    /// Entries named like segments that are not regular files (a directory, say): not read,
+    /// Entries named like segments that are not regular files (a directory, say), and
+    /// directories named like a core's but not as postern writes the name (`03`): not read,
     /// left where they are.
     pub strays: Vec<PathBuf>,
 }
@@ -124,14 +125,28 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Recovered::default()),
         Err(e) => return Err(SpoolError::at(root)(e)),
     };
-    let mut core_dirs: Vec<(u32, PathBuf)> = cores
-        .flatten()
+    let mut core_dirs: Vec<(u32, PathBuf)> = Vec::new();
+    let mut odd = Vec::new();
+    for e in cores.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
         // A core's directory; a stray file with a number for a name is not one.
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
-        .collect();
+        if !e.path().is_dir() {
+            continue;
+        }
+        match crate::core_number(name) {
+            Some(core) => core_dirs.push((core, e.path())),
+            // `03` or `+3`: no core's directory has that name, so nothing postern does to
+            // core 3 (its opening, a fold, reclaiming) would act on it.
+            None if name.parse::<u32>().is_ok() => odd.push(e.path()),
+            None => {}
+        }
+    }
     core_dirs.sort();
-    scan_dirs(&core_dirs)
+    let mut out = scan_dirs(&core_dirs)?;
+    odd.sort();
+    out.strays.extend(odd);
+    Ok(out)
 }
 
 /// Whether a segment file has a valid header and not one record: a segment made ahead (the

@@ -65,3 +65,28 @@ fn queued_mail_of_missing_cores_moves_with_its_outcomes() {
     // Nothing more to fold.
     assert_eq!(fold_cores(dir.path(), 2, OPTS).unwrap().dirs, 0);
 }
+
+#[test]
+fn a_core_directory_not_named_as_postern_names_it_is_not_folded_or_read() {
+    // Core 3's directory restored as `03`: the same number, but no core opens, folds away or
+    // reclaims a directory of that name. Folded, its mail was copied at every start while the
+    // original stayed, each copy delivered again.
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = Spool::open(dir.path(), 3, OPTS).unwrap();
+    let mut d = old.begin(&meta(1)).unwrap();
+    old.append(&mut d, &body(1, 5000)).unwrap();
+    old.finish(d).unwrap();
+    old.sync_now().unwrap();
+    drop(old);
+    let odd = dir.path().join("03");
+    std::fs::rename(dir.path().join("3"), &odd).unwrap();
+
+    for _ in 0..2 {
+        let folded = fold_cores(dir.path(), 2, OPTS).unwrap();
+        assert_eq!((folded.dirs, folded.moved.len()), (0, 0), "{folded:?}");
+    }
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages.is_empty(), "{:?}", r.messages.len());
+    assert_eq!(r.strays, [odd.clone()], "reported for the operator to move");
+    assert!(odd.is_dir());
+}

@@ -907,8 +907,10 @@ fn recover_and_report(
         tracing::warn!(
             strays = recovered.strays.len(),
             first_at = %at.join(", "),
-            "entries named like spool segments are not regular files (a directory, say): \
-             they hold no mail and are not read; move them out of the spool"
+            "entries named like spool segments are not regular files (a directory, say), or \
+             directories are named like a core's but not as postern names them (`03` for \
+             `3`): they are not read, and mail in them is not delivered; move them out of \
+             the spool (or rename such a directory, with postern stopped)"
         );
     }
     let kept = postern_spool::kept_damage(&settings.spool_dir);

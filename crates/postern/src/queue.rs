@@ -381,7 +381,8 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     if let Some(first) = recovered.strays.first() {
         let _ = writeln!(
             note,
-            "-- {} entr{} named like a segment but not a regular file (first {}): not read",
+            "-- {} entr{} named like a segment but not a regular file, or like a core's \
+             directory but not as postern names it (first {}): not read",
             recovered.strays.len(),
             if recovered.strays.len() == 1 {
                 "y"
@@ -400,7 +401,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
                 .filter(|e| {
                     e.file_name()
                         .to_str()
-                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                        .is_some_and(|n| postern_spool::core_number(n).is_some())
                         && !e.path().is_dir()
                 })
                 .map(|e| e.path())
