@@ -177,14 +177,24 @@ fn copy(
 fn undo(root: &Path, journal: &Journal) -> Result<(), SpoolError> {
     for &(target, first) in &journal.targets {
         let dir = root.join(target.to_string());
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
+        // A target the move never made has nothing to undo; one that cannot be listed (or
+        // an entry that cannot be read) keeps the journal, for the next start to try again:
+        // passed over, its copies would stay beside their originals and be delivered twice.
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(SpoolError::at(&dir)(e)),
         };
-        let mut copies: Vec<(u64, std::path::PathBuf)> = entries
-            .flatten()
-            .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
-            .filter(|(seq, _)| *seq >= first)
-            .collect();
+        let mut copies: Vec<(u64, std::path::PathBuf)> = Vec::new();
+        for e in entries {
+            let e = e.map_err(SpoolError::at(&dir))?;
+            let Some(seq) = e.file_name().to_str().and_then(parse_name) else {
+                continue;
+            };
+            if seq >= first {
+                copies.push((seq, e.path()));
+            }
+        }
         // Newest first: a crash in the middle leaves the journal, and the next start goes on.
         copies.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
         for (_, path) in copies {
@@ -406,6 +416,32 @@ mod tests {
 
     use super::*;
     use crate::meta::{MessageMeta, Recipient};
+
+    #[test]
+    fn an_undo_that_cannot_list_a_target_keeps_the_journal() {
+        // The move's target directory cannot be listed (here: it is not a directory, the
+        // error is ENOTDIR): the copies in it cannot be found and deleted, so the journal
+        // stays for the next start. Dropped, the copies would be delivered beside their
+        // originals.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("0"), b"").unwrap();
+        let journal = Journal {
+            copied: false,
+            sources: vec![2],
+            targets: vec![(0, 5)],
+            damaged: Vec::new(),
+        };
+        journal.write(dir.path()).unwrap();
+        assert!(undo(dir.path(), &journal).is_err());
+        assert!(
+            Journal::read(dir.path()).unwrap().is_some(),
+            "the journal is kept"
+        );
+        // A target the move never made is nothing to undo.
+        std::fs::remove_file(dir.path().join("0")).unwrap();
+        undo(dir.path(), &journal).unwrap();
+        assert!(Journal::read(dir.path()).unwrap().is_none());
+    }
 
     const OPTS: SpoolOptions = SpoolOptions {
         segment_size: 128 * 1024,
