@@ -185,11 +185,12 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
         let mut segs: Vec<(u64, PathBuf)> = Vec::new();
-        // The newest segment reclaimed while this scan ran (a `postern queue` beside a
-        // running server): segments leave oldest first and only once nothing in them is live,
-        // so every message that starts in it or before was final, though the segments with
-        // its last statuses may have left before they were read.
-        let mut vanished: Option<u64> = None;
+        // Segments gone while this scan ran (a `postern queue` beside a running server).
+        // Reclaimed ones leave oldest first and only once nothing in them is live, so every
+        // message that starts in one or before was final, though the segments with its last
+        // statuses may have left before they were read. But the newest segments go too,
+        // holding nothing (a spare made late, an empty one at an opening): see below.
+        let mut vanished: Vec<u64> = Vec::new();
         for (seq, path) in std::fs::read_dir(dir)
             .map_err(SpoolError::at(dir))?
             .flatten()
@@ -204,7 +205,7 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                     if std::fs::symlink_metadata(&path).is_ok() {
                         out.strays.push(path);
                     } else {
-                        vanished = vanished.max(Some(seq));
+                        vanished.push(seq);
                     }
                 }
                 Ok(_) => out.strays.push(path),
@@ -221,7 +222,7 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                 // Reclaimed since the directory was read (a `postern queue` beside a running
                 // server): a reclaimed segment held nothing live.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    vanished = vanished.max(Some(seq));
+                    vanished.push(seq);
                     continue;
                 }
                 Err(e) => return Err(SpoolError::at(&path)(e)),
@@ -253,7 +254,17 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
             });
         }
         out.unfinished += open.len() as u64;
-        if let Some(gone) = vanished {
+        // A reclaim never leaves an older segment behind the one it deletes: a segment that
+        // went while an older one is still there went for another reason (it held nothing)
+        // and says nothing of the messages before it.
+        let oldest_left = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| parse_name(e.file_name().to_str()?))
+            .min()
+            .unwrap_or(u64::MAX);
+        if let Some(gone) = vanished.into_iter().filter(|&seq| seq < oldest_left).max() {
             out.messages
                 .retain(|m| m.core != core || m.start_seq > gone);
         }
@@ -653,6 +664,59 @@ mod tests {
         AFTER_SEGMENT.with(|hook| hook.borrow_mut().take());
         let listed: Vec<&str> = found.messages.iter().map(|m| m.queue_id.as_str()).collect();
         assert!(listed.is_empty(), "{listed:?}");
+    }
+
+    #[test]
+    fn a_spare_deleted_while_the_queue_is_read_hides_no_message() {
+        use crate::meta::{MessageMeta, Recipient};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let meta = MessageMeta {
+            arrival: 1_795_346_220,
+            client: "192.0.2.1".into(),
+            helo: "client.test".into(),
+            reverse_path: "a@origin.test".into(),
+            recipients: vec![Recipient {
+                path: "b@dest.test".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            envid: None,
+            ret: None,
+            body_type: 1,
+            smtputf8: false,
+        };
+        let mut spool = crate::Spool::open(dir.path(), 0, crate::SpoolOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut draft = spool.begin(&meta).unwrap_or_else(|e| panic!("{e}"));
+        spool
+            .append(&mut draft, b"queued\r\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let id = draft.queue_id().to_owned();
+        spool.finish(draft).unwrap_or_else(|e| panic!("{e}"));
+        spool.sync_now().unwrap_or_else(|e| panic!("{e}"));
+        // The next segment, made ahead and holding nothing.
+        let job = spool
+            .spare_job()
+            .unwrap_or_else(|| panic!("no spare to make"));
+        let spare = job.seq;
+        spool.install_spare(job.run());
+        let core = dir.path().join("0");
+        assert!(core.join(crate::segment::file_name(spare)).exists());
+        // The server deletes that spare (as a restart does) while the queue is being read,
+        // after the segment with the queued message: the message is still queued.
+        let spare_path = core.join(crate::segment::file_name(spare));
+        AFTER_SEGMENT.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move |seq| {
+                if seq < spare {
+                    let _ = std::fs::remove_file(&spare_path);
+                }
+            }));
+        });
+        let found = recover(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        AFTER_SEGMENT.with(|hook| hook.borrow_mut().take());
+        let listed: Vec<&str> = found.messages.iter().map(|m| m.queue_id.as_str()).collect();
+        assert_eq!(listed, [id.as_str()]);
+        drop(spool);
     }
 
     /// A bad record claiming 4 KiB, with a valid record 1 KiB into its span.
