@@ -214,6 +214,17 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
         let dir = root.join(n.to_string());
         if dir.is_dir() {
             let to = root.join(format!("{FOLDED}{n}"));
+            if to.exists() && std::fs::remove_dir_all(&to).is_err() {
+                // What an earlier fold of this core set aside and could not delete: a rename
+                // onto it would fail (not empty), at every start while the journal stays. It
+                // goes under another name the clean-up below still matches.
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let older = root.join(format!("{FOLDED}{n}.{secs}"));
+                std::fs::rename(&to, &older).map_err(SpoolError::at(&to))?;
+                out.left_behind.push(older);
+            }
             std::fs::rename(&dir, &to).map_err(SpoolError::at(&dir))?;
             out.dirs += 1;
         }
@@ -416,6 +427,29 @@ mod tests {
 
     use super::*;
     use crate::meta::{MessageMeta, Recipient};
+
+    #[test]
+    fn a_fold_sets_a_core_aside_where_an_earlier_fold_left_one_behind() {
+        // An earlier fold of core 2 set its directory aside and could not delete it; core 2
+        // was written again since and is folded now, its copies already durable.
+        let dir = tempfile::tempdir().unwrap();
+        let left = dir.path().join(format!("{FOLDED}2"));
+        std::fs::create_dir_all(left.join("sub")).unwrap();
+        std::fs::write(left.join("sub/0000000001.seg"), b"old").unwrap();
+        std::fs::create_dir(dir.path().join("2")).unwrap();
+        std::fs::write(dir.path().join("2/0000000001.seg"), b"new").unwrap();
+        let journal = Journal {
+            copied: true,
+            sources: vec![2],
+            targets: vec![(0, 1)],
+            damaged: Vec::new(),
+        };
+        journal.write(dir.path()).unwrap();
+        let folded = fold_cores(dir.path(), 2, OPTS).unwrap();
+        assert_eq!(folded.dirs, 1, "{folded:?}");
+        assert!(!dir.path().join("2").exists());
+        assert!(Journal::read(dir.path()).unwrap().is_none());
+    }
 
     #[test]
     fn an_undo_that_cannot_list_a_target_keeps_the_journal() {
