@@ -20,7 +20,7 @@ pub enum TicketState {
     Pending,
     /// Synced: the message (or status) is durable. Reply `250`.
     Durable,
-    /// A sync that covered it failed: not durable. Reply `452 4.3.1`.
+    /// A sync that covered it failed: not durable. Reply `451 4.3.0`.
     Failed,
 }
 
@@ -71,7 +71,14 @@ impl Commits {
             // Not only this batch's range: an earlier batch still in flight syncs the same
             // files, and a sync error is reported to one fdatasync only, so that batch's
             // success, if it comes later, proves nothing (docs/durability.md, "Faults").
-            self.failed.push((self.settled, self.issued));
+            // Kept in order and apart (ranges start at `settled`, which only grows): one
+            // that meets the last is merged into it, and a ticket is looked up by binary
+            // search, however many failures a flapping disk has had.
+            let (after, upto) = (self.settled, self.issued);
+            match self.failed.last_mut() {
+                Some(last) if after <= last.1 => last.1 = last.1.max(upto),
+                _ => self.failed.push((after, upto)),
+            }
         }
         if let Some(slot) = self.in_flight.iter_mut().find(|(u, _)| *u == upto) {
             slot.1 = Some(ok);
@@ -84,7 +91,9 @@ impl Commits {
 
     /// Where `t` stands.
     pub(crate) fn state(&self, t: Ticket) -> TicketState {
-        if self.failed.iter().any(|&(a, b)| t.0 > a && t.0 <= b) {
+        // The last range starting before `t`: the only one that can hold it.
+        let i = self.failed.partition_point(|&(a, _)| a < t.0);
+        if i > 0 && t.0 <= self.failed[i - 1].1 {
             TicketState::Failed
         } else if t.0 <= self.settled {
             TicketState::Durable
@@ -114,6 +123,32 @@ mod tests {
             (c.state(t1), c.state(t2)),
             (TicketState::Durable, TicketState::Durable)
         );
+    }
+
+    #[test]
+    fn failures_far_apart_and_close_together_fail_exactly_their_tickets() {
+        let mut c = Commits::default();
+        let mut states = Vec::new();
+        // Batches of three tickets; every third batch fails, and so do the two after the
+        // ninth (meeting ranges, merged).
+        for n in 0..12 {
+            let tickets: Vec<Ticket> = (0..3).map(|_| c.issue()).collect();
+            let batch = c.take().unwrap_or_default();
+            let ok = n % 3 != 2 && n != 10;
+            c.done(batch, ok);
+            states.extend(tickets.into_iter().map(|t| (t, ok)));
+        }
+        for (t, ok) in states {
+            let want = if ok {
+                TicketState::Durable
+            } else {
+                TicketState::Failed
+            };
+            assert_eq!(c.state(t), want, "{t:?}");
+        }
+        assert!(c.failed.len() <= 4, "{:?}", c.failed);
+        let next = c.issue();
+        assert_eq!(c.state(next), TicketState::Pending);
     }
 
     #[test]
