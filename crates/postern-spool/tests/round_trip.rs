@@ -320,9 +320,9 @@ fn a_spool_whose_segment_numbers_are_used_up_does_not_open() {
     // in it would be lost at the next start. The opening fails instead, naming the file.
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("0/4294967295.seg")).unwrap();
-    let err = Spool::open(root.path(), 0, SpoolOptions::default())
-        .err()
-        .expect("opened with no segment number left");
+    let Err(err) = Spool::open(root.path(), 0, SpoolOptions::default()) else {
+        panic!("opened with no segment number left");
+    };
     let text = err.to_string();
     assert!(
         text.contains("4294967295.seg") && text.contains("no segment can follow"),
