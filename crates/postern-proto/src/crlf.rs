@@ -48,12 +48,14 @@ impl LineEnds {
                 bytes: CRLF,
             };
         }
-        let mut pos = 0;
+        // Whole 64-octet blocks of CR LF text are passed over with vector compares. The walk
+        // stops at a bare CR or LF, never between a CR and its LF, and also (for DATA's sake)
+        // at a dot starting a line, which a BDAT body need not care about. Once per call, as
+        // in DATA: the walk may look far ahead without moving (blocks that end inside a CR
+        // LF), and walked again after each line it made a body of blank lines cost the
+        // square of its length.
+        let mut pos = crate::scan::clean_blocks(input, 0);
         loop {
-            // Whole 64-octet blocks of CR LF text are passed over with vector compares. The
-            // walk stops at a bare CR or LF, never between a CR and its LF, and also (for
-            // DATA's sake) at a dot starting a line, which a BDAT body need not care about.
-            pos = crate::scan::clean_blocks(input, pos);
             let Some(i) = memchr::memchr2(b'\r', b'\n', &input[pos..]) else {
                 return Repaired {
                     consumed: input.len(),
@@ -104,6 +106,29 @@ impl LineEnds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_block_walk_looks_at_each_block_a_bounded_number_of_times() {
+        // Blank lines, and lines of 30 and 62 octets: every 64-octet block ends inside or
+        // right after a CR LF, so a walk never moves its safe point and looks to the end.
+        for line in [&b"\r\n"[..], &[b'a'; 30], &[b'b'; 62]] {
+            let mut one = line.to_vec();
+            if one.len() > 2 {
+                one.extend_from_slice(b"\r\n");
+            }
+            let input = one.repeat(64 * 1024 / one.len());
+            crate::scan::BLOCKS_WALKED.with(|n| n.set(0));
+            let (out, bare) = repair_all(&[&input]);
+            assert_eq!((out.len(), bare), (input.len(), false));
+            let walked = crate::scan::BLOCKS_WALKED.with(std::cell::Cell::get);
+            assert!(
+                walked <= 2 * input.len() / 64 + 2,
+                "{walked} blocks walked for {} octets of {}-octet lines",
+                input.len(),
+                one.len()
+            );
+        }
+    }
 
     /// Feeds `pieces` as separate inputs (chunks or reads) and returns the repaired body.
     fn repair_all(pieces: &[&[u8]]) -> (Vec<u8>, bool) {

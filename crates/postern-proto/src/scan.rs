@@ -12,6 +12,12 @@ use wide::u8x16;
 /// Width of the blocks classified at once.
 const BLOCK: usize = 64;
 
+#[cfg(test)]
+thread_local! {
+    /// Blocks the walks of this thread have looked at, for the tests that bound them.
+    pub(crate) static BLOCKS_WALKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Returns a position from which the line-by-line scan can go on: inside a line, with no CR or
 /// LF just behind it, at or after `pos`. `pos` must be such a position too.
 pub(crate) fn clean_blocks(input: &[u8], pos: usize) -> usize {
@@ -37,6 +43,8 @@ fn walk(input: &[u8], mut pos: usize, masks: impl Fn(&[u8; BLOCK]) -> (u64, u64)
         let Ok(block) = <&[u8; BLOCK]>::try_from(block) else {
             break;
         };
+        #[cfg(test)]
+        BLOCKS_WALKED.with(|n| n.set(n.get() + 1));
         let (cr, lf) = masks(block);
         if lf != (cr << 1) | carry_cr {
             break;
