@@ -785,7 +785,8 @@ impl ServerSession {
                     size: 0,
                     last: false
                 }
-        );
+        ) && !(self.discarding_chunks && matches!(cmd, Command::Bdat { .. }));
+        // (A chunk behind a refused one counts at its end, like every discarded chunk.)
         let event = self.run_command(cmd, input, pos);
         if junk {
             self.count_junk();

@@ -1527,6 +1527,22 @@ fn refused_chunks_without_end_still_end_the_session_as_junk() {
 }
 
 #[test]
+fn an_empty_chunk_behind_a_refused_one_counts_once_as_junk() {
+    // Empty chunks after a refused one: each is one command without mail, as a NOOP, so the
+    // session ends where 119 NOOPs after EHLO would, not at about half that.
+    let mut input = client(&["EHLO client.test"]);
+    input.extend_from_slice(b"BDAT 1\r\nx");
+    for _ in 0..200 {
+        input.extend_from_slice(b"BDAT 0\r\n");
+    }
+    let o = run(&config(), false, &input, &[]);
+    assert!(o.closed, "{}", o.output);
+    // EHLO and the refused chunk, then 118 empty chunks answered before the 421.
+    let empty = o.output.matches("503 5.5.1 Need MAIL command").count() - 1;
+    assert_eq!(empty, 118, "{}", o.output);
+}
+
+#[test]
 fn a_503_the_embedding_gives_a_first_chunk_ends_the_transaction() {
     // Only the protocol's own "no RCPT yet" keeps the transaction; a 503 the embedding gives
     // at the first chunk ends it, so the chunk pipelined behind is not taken as the rest of
