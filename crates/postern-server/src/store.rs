@@ -316,7 +316,15 @@ impl CoreStore {
         let (ticket, pending) = self.failed_write(finished)?;
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
-            let _ = self.spool.borrow_mut().forget_failed(&queue_id, recipients);
+            let mut spool = self.spool.borrow_mut();
+            let _ = spool.forget_failed(&queue_id, recipients);
+            // Its statuses go with the next sync, which nothing else may ask for soon (an
+            // idle core): until they are durable, a restart would deliver it.
+            let wanted = spool.sync_wanted();
+            drop(spool);
+            if wanted {
+                self.work.notify(1);
+            }
             self.wake_unlinker();
             return Err(e);
         }
@@ -334,6 +342,9 @@ impl CoreStore {
         meta: &MessageMeta,
         body: &[u8],
     ) -> Result<(String, MessageRef), SpoolError> {
+        // As a session does: a message that would fill the segment waits for the one being
+        // made ahead rather than make another on the core.
+        self.spare_for(meta).await;
         let mut draft = self.begin(meta)?;
         if let Err(e) = self.append(&mut draft, body) {
             self.abort(draft);
@@ -414,10 +425,6 @@ impl CoreStore {
     /// back that last sync's error.
     pub(crate) async fn shutdown(&self) -> Result<(), SpoolError> {
         const SYNC_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-        futures_lite::future::or(self.sync_collected(), async {
-            glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
-        })
-        .await;
         // Segments freed and not yet deleted go now, rather than at the next start, after
         // those on their way (in order: older ones first), which get as long as a sync.
         let deleted = futures_lite::future::or(
@@ -437,8 +444,20 @@ impl CoreStore {
             },
         )
         .await;
+        // Then the sync in flight, with no wait between its end and the last sync: the group
+        // commit could start another meanwhile (an outcome recorded), which the last sync
+        // would not see, and the stop would end before it.
+        futures_lite::future::or(self.sync_collected(), async {
+            glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
+        })
+        .await;
         let mut spool = self.spool.borrow_mut();
-        let synced = spool.sync_now();
+        let mut synced = spool.sync_now();
+        // A segment that sync made durable gets its seal, a record of its own: synced too,
+        // so that the mark below covers all.
+        if synced.is_ok() && spool.sync_wanted() {
+            synced = spool.sync_now();
+        }
         spool.mark_durable_end();
         // Those that cannot go stay on disk, in order; the next start deletes them. None goes
         // while older ones may still be on their way.

@@ -42,6 +42,23 @@ fn a_failed_sync_gives_451_and_the_server_goes_on() {
     server.log_until(|l| l.contains("spool error") && l.contains("Input/output error"));
 
     disk.fail_syncs(false);
+    // With nothing else going on, the refused message's final statuses (written after the
+    // failure) still reach the disk: a kill now must not bring it back for delivery.
+    let refused_is_final = || {
+        postern_spool::recover(&spool)
+            .unwrap()
+            .messages
+            .iter()
+            .any(|m| m.queue_id != queue_id(&first) && m.is_final())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !refused_is_final() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused message's statuses were never synced on an idle core"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let third = send(&mut c, "three@d.test", "Subject: three\r\n\r\nthird\r\n");
     assert!(third.starts_with("250 2.0.0"), "{third}");
     assert!(c.cmd("QUIT").starts_with("221"));
