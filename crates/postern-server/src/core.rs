@@ -253,6 +253,7 @@ impl Core {
         let mut recorded = true;
         for rcpt in 0..recipients {
             if let Err(e) = self.store.append_status(queue_id, rcpt, &status) {
+                self.metrics.borrow_mut().spool_errors += 1;
                 tracing::error!(
                     queue_id,
                     "deleting: a status could not be written ({e}); the message is forgotten in \

@@ -74,7 +74,11 @@ impl CoreHandle {
         rcpt: u32,
         status: &Status,
     ) -> Result<(), SpoolError> {
-        self.0.store.append_status(queue_id, rcpt, status)
+        let appended = self.0.store.append_status(queue_id, rcpt, status);
+        if let Err(e) = &appended {
+            self.0.spool_error("recording a delivery outcome", e);
+        }
+        appended
     }
 
     /// Waits until everything appended so far on this core is durable.
