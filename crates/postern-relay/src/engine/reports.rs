@@ -9,6 +9,14 @@ use postern_proto::address::mailbox_to_ascii;
 /// before its report is made (see `report_loop`).
 const GATHER_FAILURES: Duration = Duration::from_millis(500);
 
+/// A next attempt (Unix milliseconds) in the whole seconds a status record keeps: rounded up,
+/// as an arrival time is (to the end of its second), so that after a restart the attempt
+/// comes up to a second late, never early: the last one, planned for the end of the queue
+/// lifetime, then expires the message rather than find it a second short and try again.
+fn attempt_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
 impl CoreRelay {
     pub(super) async fn report_loop(self: Rc<Self>) {
         let inbox = self.relay.reports.get(self.id);
@@ -74,7 +82,7 @@ impl CoreRelay {
                 Some(DeliveryState::Delivered)
             }
             Result_::Deferred { next_attempt, .. } => Some(DeliveryState::Deferred {
-                next_attempt: next_attempt / 1000,
+                next_attempt: attempt_secs(*next_attempt),
             }),
             Result_::Failed { status } => {
                 // The status record is written after the bounce is durable (see
@@ -563,6 +571,20 @@ impl CoreRelay {
                 tracing::error!(queue_id = %msg.queue_id, "cannot spool a bounce: {e}");
                 Err(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_next_attempt_kept_in_seconds_is_never_earlier() {
+        for ms in [0, 1, 999, 1000, 1001, 1_795_346_220_999, 1_795_346_221_000] {
+            let kept = super::attempt_secs(ms);
+            assert!(
+                kept * 1000 >= ms && kept * 1000 < ms + 1000,
+                "{ms} kept as {kept}"
+            );
         }
     }
 }
