@@ -881,9 +881,20 @@ impl ClientSession {
         // 4.5.3.1.10) says the transaction is full: the recipients not sent yet are not sent
         // in it (a server counts those past its limit as errors, and may end the session
         // before the data), and take the reply the server would give them, for the embedding
-        // to send them in the next transaction.
-        let full =
-            result.mail.is_positive() && result.rcpts.iter().any(|r| matches!(r.code, 452 | 552));
+        // to send them in the next transaction. Only "too many recipients" says so: its
+        // enhanced code X.5.3 (RFC 3463 3.6), or, without one, after a recipient was taken
+        // (a limit never refuses the first). The same codes also say one mailbox is full
+        // (452 4.2.2) or the server short of room (452 4.3.1): the recipients behind it are
+        // still asked for, or they would wait behind that mailbox at every attempt.
+        let mut taken = false;
+        let full = result.mail.is_positive()
+            && result.rcpts.iter().any(|r| {
+                let says_full = matches!(r.code, 452 | 552)
+                    && r.enhanced
+                        .map_or(taken, |e| e.subject == 5 && e.detail == 3);
+                taken |= r.is_positive();
+                says_full
+            });
         if full && self.held.front().is_some_and(|(e, _)| *e == Expect::Rcpt) {
             while self.held.front().is_some_and(|(e, _)| *e == Expect::Rcpt) {
                 self.held.pop_front();

@@ -1168,6 +1168,62 @@ fn recipients_past_a_too_many_recipients_reply_are_not_sent_in_that_transaction(
     assert_eq!(result.data.as_ref().map(|d| d.code), Some(250));
 }
 
+/// A 452 or 552 about one mailbox (full, 4.2.2; the server short of room, 4.3.1) is no
+/// "too many recipients": without PIPELINING, the recipients behind it are still sent in the
+/// same transaction, rather than wait behind that mailbox at every attempt.
+#[test]
+fn a_full_mailbox_does_not_keep_the_recipients_behind_it_from_being_sent() {
+    for refusal in [
+        "452 4.2.2 Mailbox full\r\n",
+        "552 5.2.2 Over quota\r\n",
+        "452 Mailbox busy\r\n",
+    ] {
+        let mut c = ClientSession::new("relay.test");
+        canned(&mut c, &["220 x\r\n", "250 x\r\n"]);
+        c.send(&transaction(
+            BodyMode::Data,
+            b"body\r\n",
+            &["full@mx.test", "fine@mx.test"],
+        ))
+        .unwrap();
+        let first = String::from_utf8_lossy(c.output()).into_owned();
+        c.clear_output();
+        assert_eq!(first, "MAIL FROM:<sender@origin.test>\r\n", "{first}");
+        let (_, sent) = canned(&mut c, &["250 2.1.0 ok\r\n"]);
+        assert!(sent.starts_with("RCPT TO:<full@mx.test>"), "{sent}");
+        let (_, sent) = canned(&mut c, &[refusal]);
+        assert!(
+            sent.starts_with("RCPT TO:<fine@mx.test>"),
+            "after {refusal:?}: {sent:?}"
+        );
+        let (_, sent) = canned(&mut c, &["250 2.1.5 ok\r\n"]);
+        assert_eq!(sent, "DATA\r\n");
+        let (events, _) = canned(&mut c, &["354 go\r\n"]);
+        assert_eq!(events, [ClientEvent::SendBody]);
+        c.body_sent();
+        let (events, _) = canned(&mut c, &["250 2.0.0 queued\r\n"]);
+        let [ClientEvent::Done(result)] = &events[..] else {
+            panic!("{events:?}")
+        };
+        let codes: Vec<u16> = result.rcpts.iter().map(|r| r.code).collect();
+        assert_eq!(codes[1], 250, "{refusal:?}");
+    }
+    // Without an enhanced code, a 452 after a recipient was taken is the limit.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250 x\r\n"]);
+    c.send(&transaction(
+        BodyMode::Data,
+        b"body\r\n",
+        &["a@mx.test", "b@mx.test", "c@mx.test"],
+    ))
+    .unwrap();
+    c.clear_output();
+    canned(&mut c, &["250 ok\r\n"]);
+    canned(&mut c, &["250 ok\r\n"]);
+    let (_, sent) = canned(&mut c, &["452 Too many recipients\r\n"]);
+    assert_eq!(sent, "DATA\r\n", "c is not sent");
+}
+
 #[test]
 fn a_transaction_in_groups_sent_behind_another_keeps_its_held_commands() {
     // T1's end-of-data reply is still awaited when T2, for 150 recipients, is sent behind it
