@@ -13,6 +13,8 @@ const DOT: &[u8] = b".";
 pub struct DotStuffer {
     at_line_start: bool,
     last_cr: bool,
+    /// The body so far ends in CR LF (or is empty): `.CRLF` alone ends it.
+    ends_crlf: bool,
 }
 
 impl Default for DotStuffer {
@@ -27,6 +29,7 @@ impl DotStuffer {
         Self {
             at_line_start: true,
             last_cr: false,
+            ends_crlf: true,
         }
     }
 
@@ -42,9 +45,10 @@ impl DotStuffer {
     }
 
     /// What ends the transmission after the last piece: `.CRLF`, with a CRLF before it when
-    /// the body did not end with one.
+    /// the body did not end with one (a bare LF at its end is not one: the receiver looks for
+    /// CR LF . CR LF).
     pub fn finish(&self) -> &'static [u8] {
-        match (self.at_line_start, self.last_cr) {
+        match (self.ends_crlf, self.last_cr) {
             (true, _) => b".\r\n",
             (false, true) => b"\n.\r\n",
             (false, false) => b"\r\n.\r\n",
@@ -83,7 +87,12 @@ impl<'a> Iterator for Stuffed<'a> {
         self.pos += end;
         if self.pos == self.piece.len() {
             let last = self.piece[self.piece.len() - 1];
+            let before_cr = match self.piece.len() {
+                1 => self.stuffer.last_cr,
+                n => self.piece[n - 2] == b'\r',
+            };
             self.stuffer.at_line_start = last == b'\n';
+            self.stuffer.ends_crlf = last == b'\n' && before_cr;
             self.stuffer.last_cr = last == b'\r';
         }
         Some(&rest[..end])
@@ -124,6 +133,10 @@ mod tests {
         assert_eq!(stuff_all(&[b"a"]), b"a\r\n.\r\n");
         assert_eq!(stuff_all(&[b"a\r"]), b"a\r\n.\r\n");
         assert_eq!(stuff_all(&[]), b".\r\n");
+        assert_eq!(stuff_all(&[b"a\r", b"\n"]), b"a\r\n.\r\n");
+        // A bare LF at the end is no CR LF: the end of data is still CR LF . CR LF.
+        assert_eq!(stuff_all(&[b"a\n"]), b"a\n\r\n.\r\n");
+        assert_eq!(stuff_all(&[b"a", b"\n"]), b"a\n\r\n.\r\n");
     }
 
     #[test]
