@@ -1,5 +1,6 @@
-//! Command-line flags. Every flag can also come from `POSTERN_<NAME>` (for example
-//! `POSTERN_MAX_MESSAGE_SIZE=10M`); repeatable flags take a comma-separated list there.
+//! Command-line flags. Every flag of `postern serve` (and `postern queue --spool`) can also
+//! come from `POSTERN_<NAME>` (for example `POSTERN_MAX_MESSAGE_SIZE=10M`); repeatable flags
+//! take a comma-separated list there.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -66,84 +67,81 @@ pub(crate) enum Job {
 }
 
 #[derive(Args, Debug)]
-// `--cores -1` or `--command-timeout -1s` is a wrong value for that flag, not an unknown flag.
-#[command(allow_hyphen_values = true)]
+// `--cores -1` or `--relay-host -x` is a wrong value for that flag, not an unknown flag: the
+// flags whose values are checked take a value starting with a hyphen (`--cores --hold` is
+// refused as a number that is not one). Not the paths (--spool, the TLS files), which take
+// any name: `--spool --hold` took `--hold` for the directory.
 struct Serve {
-    /// SMTP listen address (repeatable).
-    #[arg(
-        long,
-        env = "POSTERN_LISTEN",
-        value_delimiter = ',',
-        value_parser = socket_address,
-        default_value = "127.0.0.1:2525"
-    )]
+    /// SMTP listen address (repeatable) [default: 127.0.0.1:2525, unless --listen-tls is
+    /// given].
+    #[arg(long, env = "POSTERN_LISTEN", value_delimiter = ',', value_parser = socket_address, allow_hyphen_values = true)]
     listen: Vec<SocketAddr>,
     /// Implicit-TLS (RFC 8314) listen address (repeatable); needs --tls-cert and --tls-key
     /// [default: none].
-    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = socket_address)]
+    #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = socket_address, allow_hyphen_values = true)]
     listen_tls: Vec<SocketAddr>,
     /// Executors, one per core [default: all cores].
-    #[arg(long, env = "POSTERN_CORES", value_parser = trimmed::<usize>)]
+    #[arg(long, env = "POSTERN_CORES", value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     cores: Option<usize>,
     /// Spool directory.
     #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
     spool: PathBuf,
     /// Size of each spool segment file, reserved on disk when it is created (64k to 4G).
-    #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size)]
+    #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size, allow_hyphen_values = true)]
     spool_segment_size: u64,
     /// Spool size (all cores) at which new mail gets 452 4.3.1 until it falls to 80 % of it;
     /// 0 for no mark (a full disk still gives 452 4.3.1).
-    #[arg(long, env = "POSTERN_SPOOL_HIGH_WATER", default_value = "0", value_parser = parse_size)]
+    #[arg(long, env = "POSTERN_SPOOL_HIGH_WATER", default_value = "0", value_parser = parse_size, allow_hyphen_values = true)]
     spool_high_water: u64,
     /// Our host name, in the banner, EHLO and Received headers [default: the system's].
-    #[arg(long, env = "POSTERN_HOSTNAME", value_parser = trimmed::<String>)]
+    #[arg(long, env = "POSTERN_HOSTNAME", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     hostname: Option<String>,
     /// A domain to accept mail for from anyone (repeatable) [default: none].
-    #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',', value_parser = trimmed::<String>)]
+    #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',', value_parser = trimmed::<String>, allow_hyphen_values = true)]
     accept_domain: Vec<String>,
     /// Where mail to <postmaster>, postmaster@HOSTNAME and postmaster@[the address the client
     /// reached] goes (an address); all are accepted from anyone (RFC 5321 4.5.1) [default:
     /// they become postmaster@HOSTNAME, routed like any recipient].
-    #[arg(long, env = "POSTERN_POSTMASTER", value_parser = trimmed::<String>)]
+    #[arg(long, env = "POSTERN_POSTMASTER", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     postmaster: Option<String>,
     /// A network allowed to relay to any domain, as ADDR/PREFIX or one address (repeatable)
     /// [default: 127.0.0.0/8, ::1/128].
-    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = network)]
+    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = network, allow_hyphen_values = true)]
     relay_network: Vec<IpNet>,
     /// Largest message, advertised in SIZE (bytes; k, M, G suffixes are powers of 1024).
-    #[arg(long, env = "POSTERN_MAX_MESSAGE_SIZE", default_value = "50M", value_parser = parse_size)]
+    #[arg(long, env = "POSTERN_MAX_MESSAGE_SIZE", default_value = "50M", value_parser = parse_size, allow_hyphen_values = true)]
     max_message_size: u64,
     /// Recipients per transaction (at least 100); the envelope (paths and ORCPTs) is also
     /// capped at 128 octets per recipient allowed, never below 75,956 octets (room for 100
     /// recipients of the longest form).
-    #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000, value_parser = trimmed::<usize>)]
+    #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_recipients: usize,
     /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
     /// chunk not the last) a session may send between messages accepted; past it each one
     /// also counts as an error, and the session ends with 421 4.7.0 at the error limit (20).
     /// 0 for no limit.
-    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100, value_parser = trimmed::<u32>)]
+    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100, value_parser = trimmed::<u32>, allow_hyphen_values = true)]
     max_junk_commands: u32,
     /// Concurrent connections, all cores together; more get 421 4.3.2.
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = trimmed::<usize>)]
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_connections: usize,
     /// Concurrent connections from one client address; more get 421 4.7.0 [default: 1000, or
     /// --max-connections when that is lower].
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_parser = trimmed::<usize>)]
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_connections_per_ip: Option<usize>,
     /// For --max-connections-per-ip, IPv6 clients are counted per network of this prefix
     /// length (16 to 128; 128 counts each address on its own).
     #[arg(long, env = "POSTERN_IPV6_CLIENT_PREFIX", default_value_t = 84,
-          value_parser = ranged::<u8>(16, 128))]
+          value_parser = ranged::<u8>(16, 128), allow_hyphen_values = true)]
     ipv6_client_prefix: u8,
     /// Longest wait for a command or body bytes (RFC 5321 4.5.3.2), e.g. 500ms, 3s, 5m.
-    #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     command_timeout: Duration,
     /// Longest session, whatever the client does.
-    #[arg(long, env = "POSTERN_MAX_SESSION_TIME", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_MAX_SESSION_TIME", default_value = "1h", value_parser = parse_duration, allow_hyphen_values = true)]
     max_session_time: Duration,
     /// Longest wait for transactions in flight when stopping.
-    #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     shutdown_grace: Duration,
     /// PEM certificate chain; with --tls-key, enables STARTTLS [default: none, no TLS].
     #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key")]
@@ -154,7 +152,7 @@ struct Serve {
     /// Prometheus metrics, /healthz and /readyz on this address; `none` turns off one set
     /// elsewhere (the unit's POSTERN_METRICS, from /etc/default/postern) [default: none, not
     /// served].
-    #[arg(long, env = "POSTERN_METRICS", value_parser = metrics_address)]
+    #[arg(long, env = "POSTERN_METRICS", value_parser = metrics_address, allow_hyphen_values = true)]
     metrics: Option<MetricsAddress>,
     /// Refuse bodies with bare CR or LF (550 5.6.11) instead of storing them as CRLF
     /// [default: off; =false turns off a value set in the environment].
@@ -171,34 +169,36 @@ struct Serve {
     hold: bool,
     /// Send all mail to this smarthost (HOST:PORT; port 25 when left out) instead of looking
     /// up MX records [default: none, MX records].
-    #[arg(long, env = "POSTERN_RELAY_HOST", value_parser = trimmed::<String>)]
+    #[arg(long, env = "POSTERN_RELAY_HOST", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     relay_host: Option<String>,
-    /// Send mail for DOMAIN and its subdomains to HOST:PORT (repeatable; the longest domain
-    /// wins; takes precedence over --relay-host) [default: none].
-    #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',', value_parser = trimmed::<String>)]
+    /// Send mail for DOMAIN and its subdomains to HOST:PORT (port 25 when left out;
+    /// repeatable; the longest domain wins; takes precedence over --relay-host) [default:
+    /// none].
+    #[arg(long, env = "POSTERN_ROUTE", value_delimiter = ',', value_parser = trimmed::<String>,
+          value_name = "DOMAIN=HOST[:PORT]", allow_hyphen_values = true)]
     route: Vec<String>,
     /// The DNS server for MX lookups (ADDR or ADDR:PORT) [default: from /etc/resolv.conf].
-    #[arg(long, env = "POSTERN_DNS_SERVER", value_parser = trimmed::<String>)]
+    #[arg(long, env = "POSTERN_DNS_SERVER", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     dns_server: Option<String>,
     /// The TCP port of MX hosts (25 on the Internet; another value only in labs and tests).
     #[arg(long, env = "POSTERN_MX_PORT", default_value_t = 25,
-          value_parser = ranged::<u16>(1, u16::MAX))]
+          value_parser = ranged::<u16>(1, u16::MAX), allow_hyphen_values = true)]
     mx_port: u16,
     /// First retry delay after a temporary failure; it doubles with each failure.
-    #[arg(long, env = "POSTERN_RETRY_INITIAL", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_RETRY_INITIAL", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     retry_initial: Duration,
     /// Largest retry delay.
-    #[arg(long, env = "POSTERN_RETRY_MAX", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_RETRY_MAX", default_value = "1h", value_parser = parse_duration, allow_hyphen_values = true)]
     retry_max: Duration,
     /// A message still undelivered after this long is returned to its sender.
-    #[arg(long, env = "POSTERN_MAX_QUEUE_LIFETIME", default_value = "5days", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_MAX_QUEUE_LIFETIME", default_value = "5days", value_parser = parse_duration, allow_hyphen_values = true)]
     max_queue_lifetime: Duration,
     /// Tell the sender when a message is still queued after this long [default: never].
-    #[arg(long, env = "POSTERN_DELAY_WARNING", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_DELAY_WARNING", value_parser = parse_duration, allow_hyphen_values = true)]
     delay_warning: Option<Duration>,
     /// STARTTLS towards next hops: none, opportunistic (when offered, unauthenticated) or
     /// required (verified certificate).
-    #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic", value_parser = trimmed::<String>)]
+    #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     outbound_tls: String,
     /// Extra trust anchors (PEM) for --outbound-tls required [default: none, the system's].
     #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA")]
@@ -208,55 +208,57 @@ struct Serve {
         long,
         env = "POSTERN_MAX_CONNECTIONS_PER_DESTINATION",
         default_value_t = 16,
-        value_parser = trimmed::<usize>
-    )]
+        value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_connections_per_destination: usize,
     /// Outbound connections to all next hops together, each core taking an equal share
     /// (fewer when the open-file limit leaves too few descriptors, said at start-up). Past it,
     /// mail for another next hop waits for a connection to end; idle ones end at once for it.
     #[arg(long, env = "POSTERN_MAX_OUTBOUND_CONNECTIONS", default_value_t = 1000,
-          value_parser = trimmed::<usize>)]
+          value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_outbound_connections: usize,
     /// Messages pipelined into each other on one outbound connection when the next hop
     /// offers PIPELINING and CHUNKING: each transaction is written before the earlier ones'
     /// replies are read (1 to 256). 1 sends one transaction per round trip.
-    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1, value_parser = trimmed::<usize>)]
+    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_transactions_in_flight: usize,
     /// How long an idle outbound connection waits for the next message.
-    #[arg(long, env = "POSTERN_OUTBOUND_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_OUTBOUND_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     outbound_idle_timeout: Duration,
     /// Outbound TCP connect timeout.
-    #[arg(long, env = "POSTERN_SMTP_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_SMTP_CONNECT_TIMEOUT", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_connect_timeout: Duration,
-    /// Outbound wait for the greeting, EHLO and STARTTLS replies (RFC 5321 4.5.3.2.1).
-    #[arg(long, env = "POSTERN_SMTP_GREETING_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    /// Outbound wait for the greeting, EHLO and STARTTLS replies (RFC 5321 4.5.3.2.1), and for
+    /// the TLS handshake.
+    #[arg(long, env = "POSTERN_SMTP_GREETING_TIMEOUT", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_greeting_timeout: Duration,
-    /// Outbound wait for the reply to MAIL (RFC 5321 4.5.3.2.2).
-    #[arg(long, env = "POSTERN_SMTP_MAIL_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    /// Outbound wait for the reply to MAIL (RFC 5321 4.5.3.2.2), and to RSET; replies to MAIL,
+    /// RCPT and DATA, which may come together (PIPELINING), each wait the longest of
+    /// --smtp-mail-timeout, --smtp-rcpt-timeout and --smtp-data-init-timeout.
+    #[arg(long, env = "POSTERN_SMTP_MAIL_TIMEOUT", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_mail_timeout: Duration,
-    /// Outbound wait for the reply to RCPT (RFC 5321 4.5.3.2.3).
-    #[arg(long, env = "POSTERN_SMTP_RCPT_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    /// Outbound wait for the reply to RCPT (RFC 5321 4.5.3.2.3); see --smtp-mail-timeout.
+    #[arg(long, env = "POSTERN_SMTP_RCPT_TIMEOUT", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_rcpt_timeout: Duration,
-    /// Outbound wait for the 354 after DATA (RFC 5321 4.5.3.2.4).
-    #[arg(long, env = "POSTERN_SMTP_DATA_INIT_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    /// Outbound wait for the 354 after DATA (RFC 5321 4.5.3.2.4); see --smtp-mail-timeout.
+    #[arg(long, env = "POSTERN_SMTP_DATA_INIT_TIMEOUT", default_value = "2m", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_data_init_timeout: Duration,
     /// Outbound limit on each write of body bytes (RFC 5321 4.5.3.2.5).
-    #[arg(long, env = "POSTERN_SMTP_DATA_BLOCK_TIMEOUT", default_value = "3m", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_SMTP_DATA_BLOCK_TIMEOUT", default_value = "3m", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_data_block_timeout: Duration,
     /// Outbound wait for the reply after the body (RFC 5321 4.5.3.2.6).
-    #[arg(long, env = "POSTERN_SMTP_DATA_DONE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "POSTERN_SMTP_DATA_DONE_TIMEOUT", default_value = "10m", value_parser = parse_duration, allow_hyphen_values = true)]
     smtp_data_done_timeout: Duration,
     /// Messages queued (not yet delivered or bounced) at which new mail gets 452 4.3.1; 0 for
     /// no limit.
-    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000, value_parser = trimmed::<u64>)]
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000, value_parser = trimmed::<u64>, allow_hyphen_values = true)]
     queue_high_water: u64,
     /// Messages queued at which mail is accepted again [default: 80% of --queue-high-water].
-    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER", value_parser = trimmed::<u64>)]
+    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER", value_parser = trimmed::<u64>, allow_hyphen_values = true)]
     queue_low_water: Option<u64>,
     /// Recipients of the queued messages (each message's envelope is held in memory until it
     /// is final, about 130 bytes a recipient) at which new mail gets 452 4.3.1, accepted
     /// again at 80 % of it; 0 for no limit. Not applied with --hold (nothing is held in memory)
-    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER_RECIPIENTS", default_value_t = 10_000_000, value_parser = trimmed::<u64>)]
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER_RECIPIENTS", default_value_t = 10_000_000, value_parser = trimmed::<u64>, allow_hyphen_values = true)]
     queue_high_water_recipients: u64,
 }
 
@@ -414,6 +416,13 @@ fn network(s: &str) -> Result<IpNet, String> {
 /// Parses `1048576`, `64k`, `50M`, `2G` (suffixes are powers of 1024).
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
+    if s.strip_prefix('-')
+        .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+    {
+        return Err(format!(
+            "'{s}' is negative; it takes a size like 1048576, 64k or 50M"
+        ));
+    }
     let (digits, shift) = match s.char_indices().last() {
         Some((i, 'k' | 'K')) => (&s[..i], 10),
         Some((i, 'm' | 'M')) => (&s[..i], 20),
@@ -431,12 +440,23 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     // Blanks around a value (from an environment file) are no part of it, as for numbers.
     let s = s.trim();
+    if s.strip_prefix('-')
+        .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+    {
+        return Err(format!(
+            "'{s}' is negative; it takes a duration like 500ms, 3s, 5m or 1h"
+        ));
+    }
     // `M` is a month to the parser, while sizes take it for MiB: `5M` written for minutes
     // would be five months without a word.
     if s.contains('M') {
         return Err(format!(
             "'{s}' is ambiguous: durations take m for minutes (M would be months; write 30d)"
         ));
+    }
+    // The parser passes over blanks between digits: `1 5m` would be fifteen minutes.
+    if s.contains(char::is_whitespace) {
+        return Err(format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"));
     }
     let d = humantime::parse_duration(s)
         .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"))?;
@@ -805,7 +825,9 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         return Err("--listen-tls needs --tls-cert and --tls-key".into());
     }
     if s.listen.is_empty() && s.listen_tls.is_empty() {
-        return Err("--listen: at least one listen address is needed".into());
+        // The default, where no listener is asked for: a server with only --listen-tls has
+        // no cleartext port.
+        s.listen.push(SocketAddr::from(([127, 0, 0, 1], 2525)));
     }
     if !(64 * 1024..=1 << 32).contains(&s.spool_segment_size) {
         return Err("--spool-segment-size must be between 64k and 4G".into());
@@ -1049,5 +1071,16 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("soon").is_err());
+        // Blanks inside a duration were passed over: `1 5m` was fifteen minutes.
+        for odd in ["1 5m", "5 m", "1\t0s"] {
+            assert!(parse_duration(odd).is_err(), "{odd}");
+        }
+        assert_eq!(parse_duration(" 5m "), Ok(Duration::from_secs(300)));
+        for negative in ["-1", "-1s"] {
+            let e = parse_duration(negative).unwrap_err();
+            assert!(e.contains("is negative"), "{e}");
+        }
+        let e = parse_size("-1").unwrap_err();
+        assert!(e.contains("is negative"), "{e}");
     }
 }

@@ -415,7 +415,7 @@ fn help_explains_every_flag_with_its_default() {
         assert!(out.contains(flag), "--help lacks {flag}");
     }
     assert!(
-        out.contains("[default: 127.0.0.1:2525]")
+        out.contains("[default: 127.0.0.1:2525, unless --listen-tls is given]")
             && out.contains("[default: 50M]")
             && out.contains("[default: 5m]")
     );
@@ -1543,6 +1543,26 @@ fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
 }
 
 #[test]
+fn a_flag_without_its_value_does_not_take_the_next_flag_for_it() {
+    // `--spool --hold` was a spool directory named `--hold`, and the server delivered mail.
+    for (args, flag) in [
+        (&["serve", "--spool", "--hold"][..], "--spool"),
+        (&["serve", "--hostname", "--hold"], "--hostname"),
+        (&["serve", "--route", "--hold"], "--route"),
+        (&["serve", "--tls-cert", "--hold"], "--tls-cert"),
+    ] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+    // A negative number still reaches its flag's own check.
+    refused(&["serve", "--max-message-size", "-1"], "--max-message-size");
+    let (_, _, err) = run(&["serve", "--max-message-size", "-1"]);
+    assert!(err.contains("'-1' is negative"), "{err}");
+}
+
+#[test]
 fn a_negative_number_is_called_negative() {
     for flag in ["--cores", "--max-connections", "--max-junk-commands"] {
         refused(&["serve", flag, "-1"], flag);
@@ -1570,4 +1590,58 @@ fn the_start_names_its_version_and_a_misspelt_variable() {
     assert!(warned.contains("names no setting"), "{warned}");
     // The real settings' names are not warned of.
     assert!(!log.contains("POSTERN_HOLD names"), "{log}");
+}
+
+#[test]
+fn a_server_with_only_an_implicit_tls_listener_has_no_cleartext_port() {
+    // The default --listen 127.0.0.1:2525 is for a server that names no listener: one given
+    // only --listen-tls opened it all the same, a cleartext port that relays for loopback.
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+            .arg("serve")
+            .arg("--spool")
+            .arg(dir.path().join("spool"))
+            .args(["--hold", "--cores", "1", "--listen-tls", "127.0.0.1:0"])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .env_remove("POSTERN_LISTEN")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            let ready = line.contains("ready with");
+            let _ = tx.send(line);
+            if ready {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("ready with")) {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("not ready: {lines:?}"));
+        lines.push(line);
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("smtps listening on")),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("smtp listening on")),
+        "{lines:?}"
+    );
 }
