@@ -1645,3 +1645,27 @@ fn a_server_with_only_an_implicit_tls_listener_has_no_cleartext_port() {
         "{lines:?}"
     );
 }
+
+#[test]
+fn a_start_that_fails_on_one_core_ends_at_once_with_delivery_on() {
+    // Core 1's spool cannot open (its segment numbers are used up), core 0 started: the start
+    // is given up. With delivery on, core 0's stop waited for every configured core to wind
+    // its deliveries down, core 1 never would, and the failed start hung for the whole grace.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(spool.join("1/4294967295.seg")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--cores", "2"])
+        .args([
+            "--route",
+            "dest.test=127.0.0.1:9",
+            "--shutdown-grace",
+            "60s",
+        ])
+        .arg("--spool")
+        .arg(&spool);
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no segment can follow"), "{err}");
+}

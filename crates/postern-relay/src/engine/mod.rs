@@ -283,6 +283,10 @@ pub struct Relay {
     in_flight: AtomicUsize,
     /// Cores that have begun to wind down (they start no new transaction).
     winding_down: AtomicUsize,
+    /// Cores whose relay started: the ones a winding down waits for. Every core that starts
+    /// does so before the server says it is ready; one that failed to start never does, and
+    /// a start given up stops the others without waiting for it.
+    started: AtomicUsize,
     /// How many times the operator asked to try deferred mail now ([`Relay::flush`]).
     flushes: AtomicU64,
     /// Wakes every core's retry loop when a flush is asked for (from any thread).
@@ -402,6 +406,7 @@ impl Relay {
             recovered: Mutex::new(recovered),
             in_flight: AtomicUsize::new(0),
             winding_down: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
             flushes: AtomicU64::new(0),
             flush_asked: Event::new(),
         }))
@@ -411,6 +416,7 @@ impl Relay {
     pub fn factory(self: &Arc<Self>) -> DeliveryFactory {
         let relay = self.clone();
         Arc::new(move |handle: CoreHandle| -> Rc<dyn Delivery> {
+            relay.started.fetch_add(1, Ordering::SeqCst);
             let core = CoreRelay::start(relay.clone(), handle);
             core as Rc<dyn Delivery>
         })
@@ -673,7 +679,8 @@ impl Delivery for CoreRelay {
             // once they run: a moment for them before the first look.
             glommio::timer::sleep(WIND_DOWN_POLL).await;
             let inbox = self.relay.reports.get(self.id);
-            while self.relay.winding_down.load(Ordering::SeqCst) < self.relay.cores
+            while self.relay.winding_down.load(Ordering::SeqCst)
+                < self.relay.started.load(Ordering::SeqCst)
                 || self.relay.in_flight.load(Ordering::SeqCst) > 0
                 || !inbox.is_empty()
                 // Outcomes taken but not yet reported: the report loop may be gathering
