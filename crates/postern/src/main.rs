@@ -555,12 +555,12 @@ const OPEN_FILE_HEADROOM: u64 = 1024;
 const OPEN_FILES_PER_CORE: u64 = 16;
 const OPEN_FILES_BASE: u64 = 64;
 
-/// The connections an open-file limit of `limit` holds with room left for the spool and
-/// delivery: all but [`OPEN_FILE_HEADROOM`], and never less than half of what the cores'
-/// own descriptors (`least`) leave.
+/// The connections an open-file limit of `limit` holds with room left for the cores' own
+/// descriptors (`least`) and for the spool and delivery: all but those and
+/// [`OPEN_FILE_HEADROOM`], and never less than half of what the cores' own leave.
 fn connections_within(limit: u64, least: u64) -> usize {
     let cap = limit
-        .saturating_sub(OPEN_FILE_HEADROOM)
+        .saturating_sub(least.saturating_add(OPEN_FILE_HEADROOM))
         .max(limit.saturating_sub(least) / 2)
         .max(1);
     usize::try_from(cap).unwrap_or(usize::MAX)
@@ -591,7 +591,10 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
                     limit.now.map_or("unlimited".into(), |n| n.to_string()),
                 );
             }
-            let wanted = max_connections as u64 + OPEN_FILE_HEADROOM;
+            // Beside the connections: the cores' own descriptors (over 1,024 past 60 cores),
+            // and the spool's and delivery's.
+            let beside = least.saturating_add(OPEN_FILE_HEADROOM);
+            let wanted = (max_connections as u64).saturating_add(beside);
             let capped = limit
                 .now
                 .filter(|&n| n < wanted)
@@ -601,7 +604,7 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
                 let left = now.saturating_sub(cap as u64);
                 tracing::warn!(
                     "the open-file limit ({now}) is below --max-connections ({max_connections}) \
-                     plus {OPEN_FILE_HEADROOM} for the spool and delivery: connections are \
+                     plus {beside} for the cores, the spool and delivery: connections are \
                      capped at {cap}, leaving {left} descriptors so that idle connections \
                      cannot take those mail needs, and those past it get 421 4.3.2; raise it \
                      with `ulimit -n` or LimitNOFILE= in the systemd unit, or lower \
@@ -609,11 +612,11 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
                 );
                 // Free for lingering connections: what neither the connections nor the
                 // cores' own descriptors take.
-                return Ok((cap, now.saturating_sub(cap as u64 + least)));
+                return Ok((cap, now.saturating_sub((cap as u64).saturating_add(least))));
             }
             // No limit: no reserve to keep either.
             let spare = limit.now.map_or(u64::MAX, |n| {
-                n.saturating_sub(max_connections as u64 + least)
+                n.saturating_sub((max_connections as u64).saturating_add(least))
             });
             Ok((max_connections, spare))
         }
@@ -951,6 +954,19 @@ mod tests {
 
     use super::OneLine;
     use std::io::Write;
+
+    #[test]
+    fn the_connection_cap_leaves_the_cores_their_own_descriptors_past_60_cores() {
+        // 128 cores need 64 + 16 * 128 = 2,112 descriptors of their own: with a limit of
+        // 8,192, connections may take what those and the 1,024 for the spool and delivery
+        // leave, not 8,192 less 1,024 (which left the cores short, and the spool with none).
+        let least = super::OPEN_FILES_BASE + super::OPEN_FILES_PER_CORE * 128;
+        let cap = super::connections_within(8192, least);
+        assert_eq!(cap as u64, 8192 - least - super::OPEN_FILE_HEADROOM);
+        // A single core: the limit less its own and 1,024, or half what its own leave.
+        assert_eq!(super::connections_within(20_000, 80), 20_000 - 80 - 1024);
+        assert_eq!(super::connections_within(400, 80), 160);
+    }
 
     #[test]
     fn outbound_connections_are_held_to_half_the_spare_descriptors_one_per_core_at_least() {
