@@ -329,7 +329,8 @@ pub fn start_locked(
         };
         let stop_all = stop.clone();
         let failed = ready_tx.clone();
-        threads.push(std::thread::spawn(move || {
+        let watcher = std::thread::Builder::new().name(format!("postern-join-{id}"));
+        let joiner = watcher.spawn(move || {
             // A core that fails leaves its deliveries and its spool unserved: the whole
             // server stops (the others gracefully), for its supervisor to start it again.
             // One that fails before it is ready (an executor glommio could not make) says
@@ -343,7 +344,15 @@ pub fn start_locked(
                     false
                 }
             }
-        }));
+        });
+        match joiner {
+            Ok(joiner) => threads.push(joiner),
+            Err(e) => {
+                // The core's thread, whose handle went with the closure, stops with the others.
+                let e = StartError::Executor(executor_advice(&e.to_string()));
+                return Err(abandon_start(&stop, threads, e));
+            }
+        }
     }
     drop(ready_tx);
     for _ in 0..settings.cores.max(1) {
@@ -418,6 +427,14 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 fn executor_advice(cause: &str) -> String {
+    // EAGAIN from clone: a thread could not be made (ENOMEM and EPERM are the rings').
+    if cause.contains("os error 11") || cause.contains("Resource temporarily unavailable") {
+        return format!(
+            "cannot start a thread for a core ({cause}): a limit on tasks stops it; postern \
+             needs about four threads per core (raise TasksMax= in the systemd unit, a \
+             container's pids limit, or `ulimit -u`; or give fewer --cores)"
+        );
+    }
     let memlock = memlock_limit().map_or("unlimited or unknown".to_owned(), |l| {
         format!("{} KiB", l / 1024)
     });

@@ -1669,3 +1669,36 @@ fn a_start_that_fails_on_one_core_ends_at_once_with_delivery_on() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no segment can follow"), "{err}");
 }
+
+#[test]
+fn a_limit_on_threads_is_named_at_start() {
+    // As `nobody` under RLIMIT_NPROC 8 (a pids limit, TasksMax=): four cores need about
+    // sixteen threads. The start fails with the limit named, not with advice about io_uring
+    // and locked memory (and not with a panic of the start's own thread).
+    let dir = tempfile::tempdir().unwrap();
+    let open = std::os::unix::fs::PermissionsExt::from_mode(0o777);
+    std::fs::set_permissions(dir.path(), open).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["prlimit", "--nproc=8"])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--hold",
+            "--cores",
+            "4",
+            "--spool",
+        ])
+        .arg(dir.path().join("spool"))
+        .env_remove("RUST_BACKTRACE");
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("cannot start"))
+        .unwrap_or_else(|| panic!("no start-up error in {err}"));
+    assert!(line.contains("a limit on tasks"), "{line}");
+    assert!(!line.contains("memlock"), "{line}");
+}
