@@ -749,14 +749,16 @@ impl CoreRelay {
         core
     }
 
-    /// Takes this core's share of what recovery found: messages whose owner is this core (or,
-    /// when there are fewer cores than before, whose owner maps to it).
+    /// Takes this core's share of what recovery found: messages whose owner is this core.
     fn resume_recovered(&self) {
         let mine: Vec<RecoveredMessage> = match self.relay.recovered.lock() {
             Ok(mut all) => {
                 let (mine, rest) = std::mem::take(&mut *all)
                     .into_iter()
-                    .partition(|m| m.core as usize % self.relay.cores == self.id);
+                    // Each on its owner only: statuses written to another core's spool
+                    // would not settle it there (the start moves, by a fold, what a core
+                    // past --cores held, before this).
+                    .partition(|m| m.core as usize == self.id);
                 *all = rest;
                 mine
             }

@@ -218,6 +218,10 @@ impl CoreRelay {
         msg: Arc<Msg>,
         mut failed: Vec<Failure>,
     ) {
+        // Deleted by the operator since this was asked for: nothing is reported of it.
+        if msg.deleted.load(Ordering::Acquire) {
+            return;
+        }
         let (done, more) = loop {
             let outcome = self.report_failures(&msg, &failed).await;
             {
@@ -278,11 +282,18 @@ impl CoreRelay {
         if waiting.is_empty() {
             return;
         }
+        // In the order the messages came, through a map: a look through the list for each
+        // made a pass over many messages' deferrals (a queue resumed after a long outage)
+        // cost the square of their number, with the core held all the while.
         let mut by_message: Vec<(String, Vec<Delay>)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
         for (queue_id, delay) in waiting {
-            match by_message.iter_mut().find(|(id, _)| *id == queue_id) {
-                Some((_, delays)) => delays.push(delay),
-                None => by_message.push((queue_id, vec![delay])),
+            match at.get(&queue_id) {
+                Some(&i) => by_message[i].1.push(delay),
+                None => {
+                    at.insert(queue_id.clone(), by_message.len());
+                    by_message.push((queue_id, vec![delay]));
+                }
             }
         }
         let tracked = self.tracked.borrow();
@@ -425,6 +436,9 @@ impl CoreRelay {
         msg: &Msg,
         relayed: &[(u32, String, Option<String>, u64)],
     ) {
+        if msg.deleted.load(Ordering::Acquire) {
+            return;
+        }
         let recipients: Vec<dsn::ReportRecipient> = relayed
             .iter()
             .filter_map(|(i, reply, remote, at)| {
@@ -452,7 +466,7 @@ impl CoreRelay {
     }
 
     pub(super) async fn delay_warning(&self, msg: &Msg, warn: &[Delay]) {
-        if msg.meta.reverse_path.is_empty() {
+        if msg.meta.reverse_path.is_empty() || msg.deleted.load(Ordering::Acquire) {
             return;
         }
         let until = self
