@@ -453,11 +453,13 @@ impl Spool {
         // PENDING_LIMIT) comes after the gathered records of older segments are in theirs: a
         // crash must never leave a later record on file without an earlier one that only a
         // sync would have written (recovery would see a message with a hole in its body).
-        // Those records wait in `unwritten`, or in the batch being synced when the segment
-        // changed since it was taken (written here too: the same bytes at the same place).
+        // Those records wait in `unwritten`, or in the batch being synced (written here too:
+        // the same bytes at the same place). Also that batch's records of this very segment:
+        // left to the sync thread, a kill in the middle of its write tears them under valid
+        // records written here after them, which recovery cannot take for a torn tail.
         let at_once = |seg: &Segment| bulk || seg.pending_len() + len >= PENDING_LIMIT;
         if let Some(seg) = self.seg.as_ref().filter(|s| at_once(s)) {
-            let behind_in_flight = !self.in_flight.is_empty() && seg.seq > self.in_flight_seq;
+            let behind_in_flight = !self.in_flight.is_empty() && seg.seq >= self.in_flight_seq;
             if behind_in_flight || !self.unwritten.is_empty() {
                 if let Err(e) = self.write_behind(behind_in_flight) {
                     self.fail_unwritten();

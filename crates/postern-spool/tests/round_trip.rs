@@ -343,3 +343,33 @@ fn a_spool_whose_segment_numbers_are_used_up_does_not_open() {
     assert_eq!(r.messages.len(), 1);
     assert_eq!(r.messages[0].queue_id, id);
 }
+
+#[test]
+fn a_write_at_once_behind_a_batch_of_its_own_segment_comes_after_that_batch() {
+    // A finished message's records wait in a batch taken for its sync; then a bulk chunk of
+    // another message goes into the same segment at once. The batch's records are put in
+    // the file first: left to its sync thread, a kill in the middle of that thread's write
+    // tore its last record under valid ones written after it, which recovery reports as
+    // damage rather than as a torn tail.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    let mut first = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut first, b"small body\r\n").unwrap();
+    let first_id = first.queue_id().to_owned();
+    let _ticket = spool.finish(first).unwrap();
+    let batch = spool.take_sync().expect("a batch");
+    let mut second = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut second, &body(2, 64 * 1024)).unwrap();
+    // Killed here: the batch never ran.
+    std::mem::forget(batch);
+    std::mem::forget(second);
+    std::mem::forget(spool);
+    let r = recover(dir.path()).unwrap();
+    let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [first_id.as_str()],
+        "the batch's records were not put first"
+    );
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+}
