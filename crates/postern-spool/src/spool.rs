@@ -383,7 +383,21 @@ impl Spool {
         self.options.segment_size as usize - HEADER - RECORD_HEADER - 8
     }
 
-    /// Stops writing to the current segment (full, or after an error).
+    /// After a failure (a sync or a write): every ticket issued so far has failed and every
+    /// draft begun so far fails at finish, so nothing appended until now needs to reach the
+    /// disk. The current segment is left as it is, its gathered records and those waiting for
+    /// older segments dropped, and no file written so far is synced again: a file whose sync
+    /// fails for good would fail every later batch with it, the new messages in other
+    /// segments too, and records of a newer segment could reach the disk without older ones.
+    fn abandon_all(&mut self) {
+        if let Some(mut old) = self.seg.take() {
+            let _ = old.take_pending();
+        }
+        self.unwritten.clear();
+        self.dirty.clear();
+    }
+
+    /// Stops writing to the current segment (full).
     fn retire_current(&mut self) {
         if let Some(mut old) = self.seg.take() {
             if let Some((at, bytes)) = old.take_pending() {
@@ -522,7 +536,7 @@ impl Spool {
             self.commits.done(range, false);
         }
         self.poisoned_below = self.next_draft;
-        self.retire_current();
+        self.abandon_all();
     }
 
     /// Starts a message: writes its envelope and returns the draft to append the body to.
@@ -981,7 +995,7 @@ impl Spool {
         self.commits.done(batch.range, ok);
         if !ok {
             self.poisoned_below = self.next_draft;
-            self.retire_current();
+            self.abandon_all();
         }
         if let Some((ticket, seq, end)) = self.mark.waiting {
             match self.commits.state(ticket) {

@@ -96,6 +96,45 @@ fn a_failed_sync_gives_451_and_the_server_goes_on() {
 }
 
 #[test]
+fn a_segment_whose_sync_failed_is_not_synced_again_with_later_mail() {
+    // The syncs of the segment being written fail (a bad region under it): its message is
+    // refused, the segment abandoned, and later mail goes to the next one, acknowledged as
+    // usual. The abandoned segment's records (all refused or withdrawn) are not written and
+    // synced again with the next batch, whose sync would fail with them.
+    let disk = FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--spool-segment-size", "1M"],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
+    assert!(first.starts_with("250 2.0.0"), "{first}");
+    let segment = std::fs::read_dir(spool.join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".seg"))
+        .min()
+        .unwrap();
+    disk.fail_syncs_of(&segment);
+    let failed = send(&mut c, "two@d.test", "Subject: two\r\n\r\nsecond\r\n");
+    assert!(failed.starts_with("451 4.3.0"), "{failed}");
+    for n in 0..3 {
+        let later = send(&mut c, "three@d.test", "Subject: three\r\n\r\nlater\r\n");
+        assert!(
+            later.starts_with("250 2.0.0"),
+            "message {n} after the failure: {later}"
+        );
+    }
+    assert!(c.cmd("QUIT").starts_with("221"));
+    disk.fail_syncs(false);
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn a_failed_write_gives_451_and_later_mail_is_stored_whole() {
     let disk = FaultyFs::mount();
     let spool = disk.path.join("spool");

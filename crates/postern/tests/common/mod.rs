@@ -645,6 +645,12 @@ impl FaultyFs {
         Self::switch(&self.control, on);
     }
 
+    /// From now on the fsyncs and fdatasyncs of the file called `name` (in any directory)
+    /// fail with `EIO` (until [`FaultyFs::fail_syncs`] is called with `false`).
+    pub fn fail_syncs_of(&self, name: &str) {
+        std::fs::write(&self.control, name).unwrap();
+    }
+
     /// From now on every write under the mount fails with `EIO` (`false`: they work again).
     pub fn fail_writes(&self, on: bool) {
         Self::switch(&self.control.with_extension("writes"), on);

@@ -6,7 +6,8 @@ that reports an error.
 
 Every operation is done on the same path under ROOT. While the file CONTROL exists, every
 fsync and fdatasync of a file under MOUNTPOINT fails with EIO (the error a disk's failed
-write-back gives), after doing nothing; while CONTROL.writes exists, so does every write. Runs in the foreground until unmounted. Needs root
+write-back gives), after doing nothing (only those of the file named as CONTROL says, when
+it holds a name); while CONTROL.writes exists, so does every write. Runs in the foreground until unmounted. Needs root
 and fusepy (with libfuse 2).
 """
 
@@ -106,12 +107,26 @@ class Faulty(Operations):
         os.close(fh)
 
     def fsync(self, path, datasync, fh):
-        if os.path.exists(self.control):
+        try:
+            with open(self.control) as f:
+                only = f.read()
+        except FileNotFoundError:
+            only = None
+        if only is not None and (only == "" or self._is_named(fh, only)):
             raise FuseOSError(errno.EIO)
         if datasync:
             os.fdatasync(fh)
         else:
             os.fsync(fh)
+
+    def _is_named(self, fh, name):
+        """Whether the open file `fh` is the file called `name` somewhere under the root (by
+        inode: an open file's own path may be a hidden one, after a link and an unlink)."""
+        ino = os.fstat(fh).st_ino
+        for top, _, files in os.walk(self.root):
+            if name in files and os.stat(os.path.join(top, name)).st_ino == ino:
+                return True
+        return False
 
     def fsyncdir(self, path, datasync, fh):
         fd = os.open(self._path(path), os.O_RDONLY | os.O_DIRECTORY)
