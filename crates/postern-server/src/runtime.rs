@@ -194,7 +194,7 @@ pub fn start_with(
     delivery: Option<DeliveryFactory>,
 ) -> Result<Running, StartError> {
     let lock = lock_spool(&settings.spool_dir)?;
-    start_locked(settings, delivery, lock)
+    start_locked(settings, delivery, lock, Arc::default())
 }
 
 /// Checks that the spool directory can be created and written, and takes its lock (one process
@@ -211,11 +211,13 @@ pub fn lock_spool(dir: &std::path::Path) -> Result<DirLock, StartError> {
 }
 
 /// [`start_with`] on a spool whose lock the caller already holds (from [`lock_spool`]); the
-/// server keeps it until its cores have stopped.
+/// server keeps it until its cores have stopped. `stop` is the flag its cores stop by: the
+/// caller's, so that a stop asked for while they start (a signal) is theirs from the first.
 pub fn start_locked(
     settings: Settings,
     delivery: Option<DeliveryFactory>,
     spool_lock: DirLock,
+    stop: Arc<StopFlag>,
 ) -> Result<Running, StartError> {
     // A move to fewer cores cut off by a crash is finished or undone by
     // `postern_spool::fold_cores`, before any core writes: writing first would put new mail
@@ -277,7 +279,6 @@ pub fn start_locked(
     let metrics_listener = settings.metrics.map(metrics_http::bind).transpose()?;
     let registry = Registry::default();
     registry.set_spool_damage(settings.spool_damage_found);
-    let stop = Arc::new(StopFlag::default());
     let deletions = Arc::new(Deletions::default());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), StartError>>();
@@ -426,9 +427,26 @@ fn allowed_cpus() -> Vec<usize> {
     )
 }
 
+/// The last panic's message (see [`note_panic`]).
+static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// Keeps a panic's message, which the program's panic hook hands over: glommio reports an
+/// executor whose start panicked as "thread panicked", without the cause (a thread of its
+/// blocking pool that could not be made, say), which the start's advice then looks at.
+pub fn note_panic(message: &str) {
+    if let Ok(mut last) = LAST_PANIC.lock() {
+        message.clone_into(&mut last);
+    }
+}
+
 fn executor_advice(cause: &str) -> String {
-    // EAGAIN from clone: a thread could not be made (ENOMEM and EPERM are the rings').
-    if cause.contains("os error 11") || cause.contains("Resource temporarily unavailable") {
+    let panicked = LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default();
+    let thread_limit = |text: &str| {
+        text.contains("os error 11") || text.contains("Resource temporarily unavailable")
+    };
+    // EAGAIN from clone: a thread could not be made (ENOMEM and EPERM are the rings'), here
+    // or in a core's start.
+    if thread_limit(cause) || (cause.contains("panicked") && thread_limit(&panicked)) {
         return format!(
             "cannot start a thread for a core ({cause}): a limit on tasks stops it; postern \
              needs about four threads per core (raise TasksMax= in the systemd unit, a \

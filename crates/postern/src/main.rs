@@ -130,6 +130,21 @@ fn main() -> ExitCode {
     let signals = signals.unwrap_or_else(|| {
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
     });
+    let stop = std::sync::Arc::new(postern_server::StopFlag::default());
+    let launch = std::sync::Arc::new(std::sync::Mutex::new(Launch::default()));
+    match signals {
+        Ok(signals) => spawn_signal_thread(
+            signals,
+            stop.clone(),
+            launch.clone(),
+            config.server.spool_dir.clone(),
+            config.server.cores,
+        ),
+        Err(e) => tracing::warn!("cannot handle signals: {e}"),
+    }
+    // From here on this thread (and every thread it makes: the cores) leaves those signals
+    // to the signal thread.
+    block_handled_signals();
     let mut settings = config.server;
     let mut config_relay = config.relay;
     let cores = settings.cores;
@@ -268,7 +283,6 @@ fn main() -> ExitCode {
     // Said before the spool is read (a long recovery), once any move to fewer cores is done
     // (the marker must not take the room a move's journal needs on a full disk).
     mark_held(&settings.spool_dir, config_relay.is_none());
-    let spool_dir = settings.spool_dir.clone();
     for net in settings
         .relay_networks
         .iter()
@@ -308,19 +322,13 @@ fn main() -> ExitCode {
         },
     };
     // A SIGTERM or SIGINT that came while the spool was read (a long move to fewer cores):
-    // stop now, rather than say "ready" and greet clients first.
-    // Reading them clears them: the others (a flush, a certificate reload) are raised again
-    // once the server runs.
-    let mut signals = signals;
-    let early: Vec<i32> = match &mut signals {
-        Ok(signals) => signals.pending().collect(),
-        Err(_) => Vec::new(),
-    };
-    if early.iter().any(|&s| s == SIGTERM || s == SIGINT) {
+    // stop now, rather than say "ready" and greet clients first. (One that comes while the
+    // cores start stops them as they come up.)
+    if stop.is_stopping() {
         say!("postern: stopped before it was ready (a stop was asked for while it started)");
         return ExitCode::SUCCESS;
     }
-    let running = match postern_server::start_locked(settings, delivery, spool_lock) {
+    let running = match postern_server::start_locked(settings, delivery, spool_lock, stop.clone()) {
         Ok(r) => r,
         Err(e) => {
             complain!("postern: cannot start: {e}");
@@ -338,111 +346,19 @@ fn main() -> ExitCode {
     }
     let plural = if cores == 1 { "" } else { "s" };
     say!("postern: ready with {cores} core{plural}");
-    let stop = running.stop_flag();
-    let deletions = running.deletions();
-    let server_cert = running.server_cert();
-    match signals {
-        Ok(mut signals) => {
-            std::thread::spawn(move || {
-                // Counted here: the stop flag is also set by a core that fails.
-                let mut asked_to_stop = false;
-                let mut hurried = false;
-                for signal in signals.forever() {
-                    if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
-                        asked_to_stop = true;
-                        stop.stop();
-                        tracing::info!(
-                            "stopping: no new connections, finishing transactions in flight \
-                             (a second SIGTERM or SIGINT stops without waiting for them)"
-                        );
-                        continue;
-                    }
-                    if (signal == SIGTERM || signal == SIGINT) && !hurried {
-                        hurried = true;
-                        stop.hurry();
-                        tracing::warn!(
-                            "stopping now: the grace for transactions and deliveries in flight \
-                             is cut short (a third SIGTERM or SIGINT ends the process at once)"
-                        );
-                        continue;
-                    }
-                    if signal == SIGTERM || signal == SIGINT {
-                        // What is left of a hurried stop waits on the disk (a last sync, a
-                        // spool on a file system that hangs): the operator ends it. Mail
-                        // acknowledged is on disk; outcomes not yet synced are lost, and
-                        // their deliveries made again after the next start. Written at
-                        // once, not through the log's writer, which the end may not wait for.
-                        complain!(
-                            "postern: a third stop signal: ending at once, without waiting for \
-                             the spool's last sync"
-                        );
-                        let _ = signal_hook::low_level::emulate_default_handler(signal);
-                        // Not reached: the default action of SIGTERM and SIGINT ends the
-                        // process. Should it not, the signal is ignored as before.
-                        continue;
-                    }
-                    if signal == SIGUSR1 {
-                        // `postern queue --flush`: deferred mail is tried now.
-                        match &relay_handle {
-                            // A stopping server starts no delivery: what is deferred waits
-                            // for the next run.
-                            Some(_) if asked_to_stop => tracing::info!(
-                                "SIGUSR1: not flushing, the server is stopping (the next run \
-                                 tries deferred mail as its schedule says)"
-                            ),
-                            Some(relay) => {
-                                tracing::info!("SIGUSR1: trying deferred mail now");
-                                relay.flush();
-                            }
-                            None => {
-                                tracing::info!("SIGUSR1: nothing to flush, --hold delivers nothing")
-                            }
-                        }
-                        continue;
-                    }
-                    if signal == SIGUSR2 {
-                        // `postern queue --delete`: its requests wait in the spool.
-                        let asked = deletion_requests(&spool_dir, cores);
-                        tracing::info!(
-                            messages = asked.len(),
-                            "SIGUSR2: deleting for the operator"
-                        );
-                        deletions.ask(asked);
-                        continue;
-                    }
-                    if let (SIGHUP, Some(cert)) = (signal, &server_cert) {
-                        // A renewed certificate takes effect without a restart.
-                        match cert.reload() {
-                            Ok(()) => tracing::info!(
-                                "SIGHUP: TLS certificate and key read again from {}; new \
-                                 handshakes use them",
-                                cert.cert_path().display()
-                            ),
-                            Err(e) => tracing::error!(
-                                "SIGHUP: {e}; the certificate in use stays until this is fixed"
-                            ),
-                        }
-                        continue;
-                    }
-                    if signal == SIGHUP {
-                        // `systemctl reload` without TLS: nothing is read again.
-                        tracing::info!(
-                            "SIGHUP: nothing to read again (it reloads the --tls-cert and \
-                             --tls-key files, and none are set); other settings take a restart"
-                        );
-                        continue;
-                    }
-                    // Every other setting is a flag: a restart applies new ones. A stray
-                    // signal must not kill the server abruptly.
-                    let name = signal_hook::low_level::signal_name(signal).unwrap_or("unknown");
-                    tracing::warn!("{name} ignored; SIGTERM stops postern");
-                }
-            });
-        }
-        Err(e) => tracing::warn!("cannot handle signals: {e}"),
-    }
-    for signal in early {
-        let _ = signal_hook::low_level::raise(signal);
+    let deferred = {
+        let mut l = launch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        l.running = Some(Launched {
+            relay: relay_handle,
+            deletions: running.deletions(),
+            server_cert: running.server_cert(),
+        });
+        std::mem::take(&mut l.deferred)
+    };
+    for signal in deferred {
+        send_to_self(signal);
     }
     if !running.wait() {
         say!(
@@ -452,6 +368,171 @@ fn main() -> ExitCode {
     }
     say!("postern: stopped");
     ExitCode::SUCCESS
+}
+
+/// Blocks the signals `serve` handles in the calling thread, and in the threads it makes
+/// later. The kernel gives a signal sent to the process to a thread that does not block it,
+/// and prefers the main thread: one waiting on a disk without interruption (a file system
+/// frozen during the start) kept a SIGTERM pending until that wait ended, the signal
+/// thread never woken for it.
+#[allow(unsafe_code)]
+fn block_handled_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    // SAFETY: `set` is a local signal set, made empty before signals are added to it;
+    // pthread_sigmask changes only the calling thread's mask and takes a null old set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Sends `signal` to this process (not to the calling thread, which blocks it: see
+/// [`block_handled_signals`]), for the signal thread.
+#[allow(unsafe_code)]
+fn send_to_self(signal: i32) {
+    // SAFETY: kill(2) with this process's own ID and a signal number it handles.
+    unsafe {
+        libc::kill(libc::getpid(), signal);
+    }
+}
+
+/// What the signal thread acts on once the server runs. Signals other than the stops (a
+/// flush, deletions, a certificate reload) that come before wait in `deferred` and are raised
+/// again then.
+#[derive(Default)]
+struct Launch {
+    running: Option<Launched>,
+    deferred: Vec<i32>,
+}
+
+/// The running server's parts the signal thread uses.
+struct Launched {
+    relay: Option<std::sync::Arc<postern_relay::Relay>>,
+    deletions: std::sync::Arc<postern_server::Deletions>,
+    server_cert: Option<std::sync::Arc<postern_server::tls::ServerCert>>,
+}
+
+/// Handles `postern serve`'s signals from the start (before the spool is read, and while the
+/// cores start): a first SIGTERM or SIGINT stops, a second hurries the stop, a third ends the
+/// process at once, whatever the server is doing; the others once it runs.
+fn spawn_signal_thread(
+    mut signals: signal_hook::iterator::Signals,
+    stop: std::sync::Arc<postern_server::StopFlag>,
+    launch: std::sync::Arc<std::sync::Mutex<Launch>>,
+    spool_dir: std::path::PathBuf,
+    cores: usize,
+) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    std::thread::spawn(move || {
+        // Counted here: the stop flag is also set by a core that fails.
+        let mut asked_to_stop = false;
+        let mut hurried = false;
+        for signal in signals.forever() {
+            if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
+                asked_to_stop = true;
+                stop.stop();
+                tracing::info!(
+                    "stopping: no new connections, finishing transactions in flight \
+                     (a second SIGTERM or SIGINT stops without waiting for them)"
+                );
+                continue;
+            }
+            if (signal == SIGTERM || signal == SIGINT) && !hurried {
+                hurried = true;
+                stop.hurry();
+                tracing::warn!(
+                    "stopping now: the grace for transactions and deliveries in flight \
+                     is cut short (a third SIGTERM or SIGINT ends the process at once)"
+                );
+                continue;
+            }
+            if signal == SIGTERM || signal == SIGINT {
+                // What is left of a hurried stop waits on the disk (a last sync, a
+                // spool on a file system that hangs): the operator ends it. Mail
+                // acknowledged is on disk; outcomes not yet synced are lost, and
+                // their deliveries made again after the next start. Written at
+                // once, not through the log's writer, which the end may not wait for.
+                complain!(
+                    "postern: a third stop signal: ending at once, without waiting for \
+                     the spool's last sync"
+                );
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+                // Not reached: the default action of SIGTERM and SIGINT ends the
+                // process. Should it not, the signal is ignored as before.
+                continue;
+            }
+            // The others act on the running server: until it runs, they wait, and are
+            // raised again then.
+            let (relay_handle, deletions, server_cert) = {
+                let mut l = launch
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match &l.running {
+                    Some(r) => (r.relay.clone(), r.deletions.clone(), r.server_cert.clone()),
+                    None => {
+                        l.deferred.push(signal);
+                        continue;
+                    }
+                }
+            };
+            if signal == SIGUSR1 {
+                // `postern queue --flush`: deferred mail is tried now.
+                match &relay_handle {
+                    // A stopping server starts no delivery: what is deferred waits
+                    // for the next run.
+                    Some(_) if asked_to_stop => tracing::info!(
+                        "SIGUSR1: not flushing, the server is stopping (the next run \
+                         tries deferred mail as its schedule says)"
+                    ),
+                    Some(relay) => {
+                        tracing::info!("SIGUSR1: trying deferred mail now");
+                        relay.flush();
+                    }
+                    None => {
+                        tracing::info!("SIGUSR1: nothing to flush, --hold delivers nothing")
+                    }
+                }
+                continue;
+            }
+            if signal == SIGUSR2 {
+                // `postern queue --delete`: its requests wait in the spool.
+                let asked = deletion_requests(&spool_dir, cores);
+                tracing::info!(messages = asked.len(), "SIGUSR2: deleting for the operator");
+                deletions.ask(asked);
+                continue;
+            }
+            if let (SIGHUP, Some(cert)) = (signal, &server_cert) {
+                // A renewed certificate takes effect without a restart.
+                match cert.reload() {
+                    Ok(()) => tracing::info!(
+                        "SIGHUP: TLS certificate and key read again from {}; new \
+                         handshakes use them",
+                        cert.cert_path().display()
+                    ),
+                    Err(e) => tracing::error!(
+                        "SIGHUP: {e}; the certificate in use stays until this is fixed"
+                    ),
+                }
+                continue;
+            }
+            if signal == SIGHUP {
+                // `systemctl reload` without TLS: nothing is read again.
+                tracing::info!(
+                    "SIGHUP: nothing to read again (it reloads the --tls-cert and \
+                     --tls-key files, and none are set); other settings take a restart"
+                );
+                continue;
+            }
+            // Every other setting is a flag: a restart applies new ones. A stray
+            // signal must not kill the server abruptly.
+            let name = signal_hook::low_level::signal_name(signal).unwrap_or("unknown");
+            tracing::warn!("{name} ignored; SIGTERM stops postern");
+        }
+    });
 }
 
 /// Keeps each log event on one line: a line break inside an event (a library's message that
@@ -539,6 +620,8 @@ fn set_panic_hook() {
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
         complain!("postern: internal error: thread {name} panicked{at}: {message}");
+        // A core whose start panicked is reported by glommio without the cause.
+        postern_server::note_panic(&message);
         let trace = std::backtrace::Backtrace::capture();
         if trace.status() == std::backtrace::BacktraceStatus::Captured {
             complain!("{trace}");

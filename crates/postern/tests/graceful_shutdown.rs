@@ -336,3 +336,70 @@ fn a_third_sigterm_ends_a_stop_that_hangs_on_its_disk() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
 }
+
+#[test]
+fn stop_signals_act_while_the_start_hangs_on_its_disk() {
+    // The spool's file system is frozen before the start: the start waits on it. Stop
+    // signals are handled all the same: the first two say so, and the third ends the process
+    // as soon as the kernel lets its threads go (at the thaw). Before, they waited unread
+    // until the start was done, and three came out as one graceful stop.
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let fs = common::LoopFs::mount("ext4", 64);
+    let spool = fs.path.join("spool");
+    // Declared before the freeze's guard, so dropped after it: a test that fails thaws the
+    // file system before it kills and waits for the process.
+    let mut server = None;
+    let frozen = fs.freeze();
+    let child = server.insert(common::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cores", "1", "--hold"])
+            .arg("--spool")
+            .arg(&spool)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let pid = child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !common::has_thread_in_d_state(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no thread of the server waits on the frozen file system"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let wait_for = |what: &str| loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line saying {what:?}"));
+        if line.contains(what) {
+            break;
+        }
+    };
+    let term = || {
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    term();
+    wait_for("stopping: no new connections");
+    term();
+    wait_for("stopping now");
+    term();
+    wait_for("a third stop signal: ending at once");
+    drop(frozen);
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
+}
