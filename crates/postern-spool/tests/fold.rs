@@ -87,6 +87,10 @@ fn a_core_directory_not_named_as_postern_names_it_is_not_folded_or_read() {
     }
     let r = recover(dir.path()).unwrap();
     assert!(r.messages.is_empty(), "{:?}", r.messages.len());
-    assert_eq!(r.strays, [odd.clone()], "reported for the operator to move");
+    assert_eq!(
+        r.strays,
+        std::slice::from_ref(&odd),
+        "reported for the operator to move"
+    );
     assert!(odd.is_dir());
 }
