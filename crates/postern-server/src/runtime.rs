@@ -550,7 +550,9 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     core.count_held();
     let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
     let unlinker = glommio::spawn_local(crate::store::unlink_freed(core.clone()));
-    if let Some(factory) = &init.delivery {
+    // A core that comes up after a stop was asked for (a start given up while it opened its
+    // spool) starts no delivery: the other cores' stops may not wait for it.
+    if let Some(factory) = init.delivery.as_ref().filter(|_| !init.stop.is_stopping()) {
         let d = factory(CoreHandle(core.clone()));
         *core.delivery.borrow_mut() = Some(d);
     }

@@ -145,6 +145,9 @@ pub(crate) struct CoreStore {
     syncing: Cell<bool>,
     /// Syncs of the group commit that failed, since the start.
     failed_syncs: Cell<u64>,
+    /// Whether the last failure (a sync's, or a write's) was the disk's want of room, as on
+    /// a copy-on-write file system: the messages it failed are answered as over a full disk.
+    last_failure_no_space: Cell<bool>,
     /// Woken when segments were freed, for [`unlink_freed`] to delete them off the core.
     freed: Event,
     /// Whether [`unlink_freed`] has a batch on the blocking pool; woken by `freed` when done.
@@ -216,6 +219,7 @@ impl CoreStore {
             finished: Arc::default(),
             syncing: Cell::new(false),
             failed_syncs: Cell::new(0),
+            last_failure_no_space: Cell::new(false),
             freed: Event::new(),
             unlinking: Cell::new(false),
         })
@@ -284,10 +288,25 @@ impl CoreStore {
     /// among them (see `Spool`'s failed writes): those waiting for theirs are woken to see it,
     /// rather than wait for the next sync, which an idle core may never make.
     fn failed_write<T>(&self, result: Result<T, SpoolError>) -> Result<T, SpoolError> {
-        if result.is_err() {
+        if let Err(e) = &result {
+            if !matches!(e, SpoolError::SyncFailed(_)) {
+                self.last_failure_no_space
+                    .set(matches!(e, SpoolError::NoSpace(_)));
+            }
             self.synced.notify(usize::MAX);
         }
         result
+    }
+
+    /// A message's failure as its client is told it: over a full disk (`452 4.3.1`) when
+    /// the failure that took it was the disk's want of room.
+    fn as_failed(&self, e: SpoolError) -> SpoolError {
+        match e {
+            SpoolError::SyncFailed(why) if self.last_failure_no_space.get() => {
+                SpoolError::NoSpace(std::io::Error::other(why))
+            }
+            e => e,
+        }
     }
 
     pub(crate) fn abort(&self, draft: Draft) {
@@ -313,7 +332,7 @@ impl CoreStore {
         let queue_id = draft.queue_id().to_owned();
         let recipients = draft.recipients();
         let finished = self.spool.borrow_mut().finish_with_body(draft);
-        let (ticket, pending) = self.failed_write(finished)?;
+        let (ticket, pending) = self.failed_write(finished).map_err(|e| self.as_failed(e))?;
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
             let mut spool = self.spool.borrow_mut();
@@ -411,7 +430,7 @@ impl CoreStore {
             match self.spool.borrow().ticket_state(ticket) {
                 TicketState::Durable => return Ok(()),
                 TicketState::Failed => {
-                    return Err(SpoolError::Io(std::io::Error::other("spool sync failed")))
+                    return Err(self.as_failed(SpoolError::SyncFailed("spool sync failed".into())))
                 }
                 TicketState::Pending => {}
             }
@@ -461,7 +480,9 @@ impl CoreStore {
         spool.mark_durable_end();
         // Those that cannot go stay on disk, in order; the next start deletes them. None goes
         // while older ones may still be on their way.
-        if deleted {
+        // (The unlinker may have taken another batch while the sync in flight was waited
+        // for: then these wait for the next start too.)
+        if deleted && !self.unlinking.get() {
             let _ = postern_spool::unlink_segments(spool.take_unlinks());
         }
         drop(spool);
@@ -604,6 +625,10 @@ pub(crate) fn collect_sync(core: &Core) {
     if let Err(e) = &result {
         core.spool_error("syncing", e);
         store.failed_syncs.set(store.failed_syncs.get() + 1);
+        store.last_failure_no_space.set(matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+        ));
     }
     store.spool.borrow_mut().sync_done(batch, result);
     store.syncing.set(false);
@@ -640,7 +665,7 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
             glommio::executor()
                 .spawn_blocking(move || {
                     // A panic would leave the core waiting for this sync for ever: it fails
-                    // as a sync does instead (452 to the clients waiting on it).
+                    // as a sync does instead (451 to the clients waiting on it).
                     let result =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.run()))
                             .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked")));

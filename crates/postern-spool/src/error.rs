@@ -3,7 +3,7 @@
 use std::io;
 
 /// What went wrong in the spool. Always a local fault (never the peer's, never the next
-/// hop's); [`SpoolError::is_temporary`] tells the session whether to answer `452 4.3.1` (try
+/// hop's); [`SpoolError::is_temporary`] tells the session whether to answer `452`/`451` (try
 /// again later) or to treat it as a bug.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -45,7 +45,7 @@ pub enum SpoolError {
 }
 
 impl SpoolError {
-    /// Whether the client may try again later (`452 4.3.1`): every case but a caller bug and
+    /// Whether the client may try again later (`452 4.3.1` or `451 4.3.0`): every case but a caller bug and
     /// a spool of a newer format (both met before any client).
     pub fn is_temporary(&self) -> bool {
         !matches!(

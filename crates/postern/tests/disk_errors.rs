@@ -135,6 +135,28 @@ fn a_segment_whose_sync_failed_is_not_synced_again_with_later_mail() {
 }
 
 #[test]
+fn a_sync_that_finds_no_room_gives_452() {
+    // A copy-on-write file system finds no room for what it writes back, at the sync: the
+    // message is refused as over a full disk, 452 4.3.1, as at a segment's creation.
+    let disk = FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(&["--cores", "1", "--spool-segment-size", "1M"], spool, None);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
+    assert!(first.starts_with("250 2.0.0"), "{first}");
+    disk.fail_syncs_for_room();
+    let refused = send(&mut c, "two@d.test", "Subject: two\r\n\r\nsecond\r\n");
+    assert_eq!(refused, "452 4.3.1 Insufficient system storage");
+    disk.fail_syncs(false);
+    let later = send(&mut c, "three@d.test", "Subject: three\r\n\r\nlater\r\n");
+    assert!(later.starts_with("250 2.0.0"), "{later}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn a_failed_write_gives_451_and_later_mail_is_stored_whole() {
     let disk = FaultyFs::mount();
     let spool = disk.path.join("spool");

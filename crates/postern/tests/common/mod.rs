@@ -651,6 +651,12 @@ impl FaultyFs {
         std::fs::write(&self.control, name).unwrap();
     }
 
+    /// From now on every fsync and fdatasync fails with `ENOSPC`, as on a copy-on-write file
+    /// system that finds no room for the blocks it writes back.
+    pub fn fail_syncs_for_room(&self) {
+        std::fs::write(&self.control, "ENOSPC:").unwrap();
+    }
+
     /// From now on every write under the mount fails with `EIO` (`false`: they work again).
     pub fn fail_writes(&self, on: bool) {
         Self::switch(&self.control.with_extension("writes"), on);

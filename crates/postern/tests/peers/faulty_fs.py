@@ -7,7 +7,7 @@ that reports an error.
 Every operation is done on the same path under ROOT. While the file CONTROL exists, every
 fsync and fdatasync of a file under MOUNTPOINT fails with EIO (the error a disk's failed
 write-back gives), after doing nothing (only those of the file named as CONTROL says, when
-it holds a name); while CONTROL.writes exists, so does every write. Runs in the foreground until unmounted. Needs root
+it holds a name; with ENOSPC, a full disk's error, when it starts with `ENOSPC:`); while CONTROL.writes exists, so does every write. Runs in the foreground until unmounted. Needs root
 and fusepy (with libfuse 2).
 """
 
@@ -112,8 +112,12 @@ class Faulty(Operations):
                 only = f.read()
         except FileNotFoundError:
             only = None
-        if only is not None and (only == "" or self._is_named(fh, only)):
-            raise FuseOSError(errno.EIO)
+        if only is not None:
+            code = errno.EIO
+            if only.startswith("ENOSPC:"):
+                code, only = errno.ENOSPC, only[len("ENOSPC:"):]
+            if only == "" or self._is_named(fh, only):
+                raise FuseOSError(code)
         if datasync:
             os.fdatasync(fh)
         else:
