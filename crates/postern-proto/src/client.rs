@@ -886,15 +886,8 @@ impl ClientSession {
         // (a limit never refuses the first). The same codes also say one mailbox is full
         // (452 4.2.2) or the server short of room (452 4.3.1): the recipients behind it are
         // still asked for, or they would wait behind that mailbox at every attempt.
-        let mut taken = false;
         let full = result.mail.is_positive()
-            && result.rcpts.iter().any(|r| {
-                let says_full = matches!(r.code, 452 | 552)
-                    && r.enhanced
-                        .map_or(taken, |e| e.subject == 5 && e.detail == 3);
-                taken |= r.is_positive();
-                says_full
-            });
+            && (0..result.rcpts.len()).any(|k| too_many_recipients(&result.rcpts, k));
         if full && self.held.front().is_some_and(|(e, _)| *e == Expect::Rcpt) {
             while self.held.front().is_some_and(|(e, _)| *e == Expect::Rcpt) {
                 self.held.pop_front();
@@ -941,6 +934,21 @@ impl ClientSession {
         self.out.extend_from_slice(b"QUIT\r\n");
         ClientEvent::Failed(e)
     }
+}
+
+/// Whether the reply to the `k`th RCPT of a transaction (in `rcpts`) refuses it as one
+/// recipient too many for the transaction (RFC 5321 4.5.3.1.10): 452, or 552 from an older
+/// server, with the enhanced code X.5.3 (RFC 3463 3.6), or without an enhanced code after a
+/// recipient was taken (a limit never refuses the first). A 452 or 552 about the mailbox
+/// itself (full, 4.2.2 or 5.2.2) or the server's room (4.3.1) is not one.
+pub fn too_many_recipients(rcpts: &[Reply], k: usize) -> bool {
+    rcpts.get(k).is_some_and(|r| {
+        matches!(r.code, 452 | 552)
+            && r.enhanced.map_or_else(
+                || rcpts[..k].iter().any(Reply::is_positive),
+                |e| e.subject == 5 && e.detail == 3,
+            )
+    })
 }
 
 /// A reply made up locally (for a transaction refused before anything was sent).

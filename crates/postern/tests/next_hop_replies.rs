@@ -1364,3 +1364,46 @@ fn recipients_past_the_next_hop_s_limit_go_in_later_transactions_not_into_its_42
         .iter()
         .all(|m| m["recipients"].as_array().unwrap().len() <= 100));
 }
+
+#[test]
+fn a_full_mailbox_beside_a_recipient_taken_waits_for_its_retry() {
+    // 452 4.2.2 is about that mailbox, not a limit of the transaction: the recipient waits
+    // for its retry like any deferral. Taken for "too many recipients", it was sent again at
+    // once in a transaction of its own, to get the same answer.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = asked.clone();
+    let (port, _stored, _) = scripted_next_hop(
+        move |_, line| {
+            if line.starts_with("RCPT TO:<full@dest.test>") {
+                seen.fetch_add(1, Ordering::SeqCst);
+                Some(Act::Say("452 4.2.2 Mailbox full\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let relay = Server::start(&[
+        "--route",
+        &route,
+        "--retry-initial",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &relay,
+        "a@origin.test",
+        &["fine@dest.test", "full@dest.test"],
+        "<full@t>",
+        "x\r\n",
+    );
+    let m = relay.metrics_until(|m| {
+        m.contains("postern_delivery_deferrals_total 1\n")
+            && m.contains("postern_recipients_delivered_total 1\n")
+    });
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "asked again at once");
+}

@@ -61,10 +61,7 @@ impl CoreRelay {
                             remote.clone(),
                         );
                     } else if took_some
-                        && result
-                            .rcpts
-                            .get(k)
-                            .is_some_and(|r| r.code == 452 || r.code == 552)
+                        && postern_proto::client::too_many_recipients(&result.rcpts, k)
                     {
                         overflow.push(rcpt);
                     } else {
