@@ -257,14 +257,19 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
         // A reclaim never leaves an older segment behind the one it deletes: a segment that
         // went while an older one is still there went for another reason (it held nothing)
         // and says nothing of the messages before it.
-        let oldest_left = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| parse_name(e.file_name().to_str()?))
-            .min()
-            .unwrap_or(u64::MAX);
-        if let Some(gone) = vanished.into_iter().filter(|&seq| seq < oldest_left).max() {
+        // Only regular files count (a stray directory with a segment's name is no segment
+        // left behind); a listing that fails now tells nothing, and nothing is inferred.
+        let oldest_left = std::fs::read_dir(dir).ok().map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .filter_map(|e| parse_name(e.file_name().to_str()?))
+                .min()
+                .unwrap_or(u64::MAX)
+        });
+        let gone =
+            oldest_left.and_then(|oldest| vanished.into_iter().filter(|&seq| seq < oldest).max());
+        if let Some(gone) = gone {
             out.messages
                 .retain(|m| m.core != core || m.start_seq > gone);
         }
@@ -650,6 +655,10 @@ mod tests {
             "read whole, both are final"
         );
         drop(found);
+        // A stray directory with a segment's lowest name stays: it is no segment left behind
+        // the reclaimed ones, and must not keep the rule from applying.
+        std::fs::create_dir(core.join(crate::segment::file_name(0)))
+            .unwrap_or_else(|e| panic!("{e}"));
         let reclaim = core.clone();
         AFTER_SEGMENT.with(|hook| {
             *hook.borrow_mut() = Some(Box::new(move |seq| {

@@ -454,8 +454,17 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
             "'{s}' is ambiguous: durations take m for minutes (M would be months; write 30d)"
         ));
     }
-    // The parser passes over blanks between digits: `1 5m` would be fifteen minutes.
-    if s.contains(char::is_whitespace) {
+    // The parser passes over blanks between digits: `1 5m` would be fifteen minutes. (Blanks
+    // between units, `1h 30m`, are fine.)
+    let chars: Vec<char> = s.chars().collect();
+    let split_number = chars.iter().enumerate().any(|(i, c)| {
+        c.is_ascii_digit()
+            && chars[i + 1..]
+                .iter()
+                .position(|c| !c.is_whitespace())
+                .is_some_and(|n| n > 0 && chars[i + 1 + n].is_ascii_digit())
+    });
+    if split_number {
         return Err(format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"));
     }
     let d = humantime::parse_duration(s)
@@ -1071,10 +1080,12 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("soon").is_err());
-        // Blanks inside a duration were passed over: `1 5m` was fifteen minutes.
-        for odd in ["1 5m", "5 m", "1\t0s"] {
+        // Blanks inside a number were passed over: `1 5m` was fifteen minutes.
+        for odd in ["1 5m", "1\t0s", "1  5m"] {
             assert!(parse_duration(odd).is_err(), "{odd}");
         }
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("5 m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration(" 5m "), Ok(Duration::from_secs(300)));
         for negative in ["-1", "-1s"] {
             let e = parse_duration(negative).unwrap_err();
