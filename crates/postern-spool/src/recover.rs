@@ -601,19 +601,14 @@ mod tests {
     /// A message read whole from the first segment, whose final status is in the second, and
     /// both segments reclaimed before the second is read: it was final, and is not listed (it
     /// was, as never tried).
-    #[test]
-    fn a_message_reclaimed_while_it_is_read_is_not_listed() {
-        use crate::meta::{DeliveryState, MessageMeta, Recipient, Status};
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let options = crate::SpoolOptions {
-            segment_size: 64 * 1024,
-        };
-        let meta = MessageMeta {
+    /// An envelope from a@origin.test to b@dest.test.
+    fn one_recipient() -> crate::meta::MessageMeta {
+        crate::meta::MessageMeta {
             arrival: 1_795_346_220,
             client: "192.0.2.1".into(),
             helo: "client.test".into(),
             reverse_path: "a@origin.test".into(),
-            recipients: vec![Recipient {
+            recipients: vec![crate::meta::Recipient {
                 path: "b@dest.test".into(),
                 notify: None,
                 orcpt: None,
@@ -622,7 +617,17 @@ mod tests {
             ret: None,
             body_type: 1,
             smtputf8: false,
+        }
+    }
+
+    #[test]
+    fn a_message_reclaimed_while_it_is_read_is_not_listed() {
+        use crate::meta::{DeliveryState, Status};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let options = crate::SpoolOptions {
+            segment_size: 64 * 1024,
         };
+        let meta = one_recipient();
         let mut spool =
             crate::Spool::open(dir.path(), 0, options).unwrap_or_else(|e| panic!("{e}"));
         // The message, whole in the first segment; then one over a segment, so that the
@@ -677,23 +682,8 @@ mod tests {
 
     #[test]
     fn a_spare_deleted_while_the_queue_is_read_hides_no_message() {
-        use crate::meta::{MessageMeta, Recipient};
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let meta = MessageMeta {
-            arrival: 1_795_346_220,
-            client: "192.0.2.1".into(),
-            helo: "client.test".into(),
-            reverse_path: "a@origin.test".into(),
-            recipients: vec![Recipient {
-                path: "b@dest.test".into(),
-                notify: None,
-                orcpt: None,
-            }],
-            envid: None,
-            ret: None,
-            body_type: 1,
-            smtputf8: false,
-        };
+        let meta = one_recipient();
         let mut spool = crate::Spool::open(dir.path(), 0, crate::SpoolOptions::default())
             .unwrap_or_else(|e| panic!("{e}"));
         let mut draft = spool.begin(&meta).unwrap_or_else(|e| panic!("{e}"));

@@ -18,20 +18,26 @@ fn send(c: &mut Client, rcpt: &str, body: &str) -> String {
     c.cmd(".")
 }
 
-#[test]
-fn a_failed_sync_gives_451_and_the_server_goes_on() {
+/// A server on one core with 1 MiB segments (and `extra` flags), its spool on a fresh
+/// [`FaultyFs`], a client past EHLO, and a first message acknowledged: the file system, the
+/// spool, the server, the client and that message's reply.
+fn started(extra: &[&str]) -> (FaultyFs, std::path::PathBuf, Server, Client, String) {
     let disk = FaultyFs::mount();
     let spool = disk.path.join("spool");
-    let mut server = Server::start_in(
-        &["--cores", "1", "--spool-segment-size", "1M"],
-        spool.clone(),
-        None,
-    );
+    let mut args = vec!["--cores", "1", "--spool-segment-size", "1M"];
+    args.extend_from_slice(extra);
+    let server = Server::start_in(&args, spool.clone(), None);
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");
     let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
     assert!(first.starts_with("250 2.0.0"), "{first}");
+    (disk, spool, server, c, first)
+}
+
+#[test]
+fn a_failed_sync_gives_451_and_the_server_goes_on() {
+    let (disk, spool, mut server, mut c, first) = started(&[]);
 
     disk.fail_syncs(true);
     let failed = send(&mut c, "two@d.test", "Subject: two\r\n\r\nsecond\r\n");
@@ -101,18 +107,7 @@ fn a_segment_whose_sync_failed_is_not_synced_again_with_later_mail() {
     // refused, the segment abandoned, and later mail goes to the next one, acknowledged as
     // usual. The abandoned segment's records (all refused or withdrawn) are not written and
     // synced again with the next batch, whose sync would fail with them.
-    let disk = FaultyFs::mount();
-    let spool = disk.path.join("spool");
-    let mut server = Server::start_in(
-        &["--cores", "1", "--spool-segment-size", "1M"],
-        spool.clone(),
-        None,
-    );
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
-    assert!(first.starts_with("250 2.0.0"), "{first}");
+    let (disk, spool, mut server, mut c, _) = started(&[]);
     let segment = std::fs::read_dir(spool.join("0"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -138,14 +133,7 @@ fn a_segment_whose_sync_failed_is_not_synced_again_with_later_mail() {
 fn a_sync_that_finds_no_room_gives_452() {
     // A copy-on-write file system finds no room for what it writes back, at the sync: the
     // message is refused as over a full disk, 452 4.3.1, as at a segment's creation.
-    let disk = FaultyFs::mount();
-    let spool = disk.path.join("spool");
-    let mut server = Server::start_in(&["--cores", "1", "--spool-segment-size", "1M"], spool, None);
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
-    assert!(first.starts_with("250 2.0.0"), "{first}");
+    let (disk, _spool, mut server, mut c, _) = started(&[]);
     disk.fail_syncs_for_room();
     let refused = send(&mut c, "two@d.test", "Subject: two\r\n\r\nsecond\r\n");
     assert_eq!(refused, "452 4.3.1 Insufficient system storage");
@@ -158,18 +146,7 @@ fn a_sync_that_finds_no_room_gives_452() {
 
 #[test]
 fn a_failed_write_gives_451_and_later_mail_is_stored_whole() {
-    let disk = FaultyFs::mount();
-    let spool = disk.path.join("spool");
-    let mut server = Server::start_in(
-        &["--cores", "1", "--spool-segment-size", "1M"],
-        spool.clone(),
-        None,
-    );
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
-    assert!(first.starts_with("250 2.0.0"), "{first}");
+    let (disk, spool, mut server, mut c, first) = started(&[]);
 
     // A body larger than the session gathers in memory, so that it is written while the
     // disk fails every write.
@@ -196,25 +173,7 @@ fn a_failed_write_gives_451_and_later_mail_is_stored_whole() {
 
 #[test]
 fn a_failed_last_sync_at_the_stop_exits_1() {
-    let disk = FaultyFs::mount();
-    let spool = disk.path.join("spool");
-    let mut server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--spool-segment-size",
-            "1M",
-            "--shutdown-grace",
-            "300ms",
-        ],
-        spool.clone(),
-        None,
-    );
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    let acked = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
-    assert!(acked.starts_with("250 2.0.0"), "{acked}");
+    let (disk, spool, mut server, mut c, acked) = started(&["--shutdown-grace", "300ms"]);
     // A second message left in the middle of its data, with more than the session gathers in
     // memory written to the spool: records the stop's last sync must cover.
     assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));

@@ -347,6 +347,14 @@ fn a_next_hop_whose_every_address_breaks_off_is_paused_not_tried_again_for_each_
     drop(dns);
 }
 
+/// The deferrals counted so far, from a scrape of /metrics.
+fn deferrals(m: &str) -> usize {
+    m.lines()
+        .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn refusing_greeter(host: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let l = TcpListener::bind((host, port)).unwrap();
@@ -392,12 +400,6 @@ fn the_end_of_a_pause_costs_one_connection_not_one_per_waiting_message() {
             "x\r\n",
         );
     }
-    let deferrals = |m: &str| -> usize {
-        m.lines()
-            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     let m = server.metrics_until(|m| deferrals(m) >= 30);
     let connections = refusals.load(std::sync::atomic::Ordering::SeqCst);
     // Each connection after the first pause defers the six messages together.
@@ -442,12 +444,6 @@ fn the_end_of_a_pause_for_a_name_that_cannot_be_looked_up_costs_one_lookup() {
             "x\r\n",
         );
     }
-    let deferrals = |m: &str| -> usize {
-        m.lines()
-            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     let attempts = || server.log_count(|l| l.contains("finding the next hop's addresses"));
     // The first round, as the messages came, may start several; then five pauses.
     let first = deferrals(&server.metrics_until(|m| deferrals(m) >= 6));
@@ -491,12 +487,6 @@ fn a_flush_tries_a_next_hop_still_down_with_one_connection_not_one_per_message()
             "x\r\n",
         );
     }
-    let deferrals = |m: &str| -> usize {
-        m.lines()
-            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     // Two refusals pause it; the messages that come meanwhile wait for the pause's end.
     server.log_until(|l| l.contains("delivery to it paused"));
     let first = deferrals(&server.metrics_until(|m| deferrals(m) >= 2));
