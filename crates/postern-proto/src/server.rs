@@ -575,7 +575,11 @@ impl ServerSession {
     }
 
     fn close_with(&mut self, reply: StaticReply) -> bool {
-        self.write_closing(reply);
+        // A session already closed (its 221, or a 421 of its own) says nothing more: one
+        // closing reply, never a second after it (RFC 5321 3.8).
+        if !self.is_closed() {
+            self.write_closing(reply);
+        }
         let open = self.body_open;
         self.reset_transaction();
         self.phase = Phase::Closed;

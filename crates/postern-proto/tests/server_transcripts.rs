@@ -1564,3 +1564,34 @@ fn a_503_the_embedding_gives_a_first_chunk_ends_the_transaction() {
     );
     assert!(o.messages.is_empty());
 }
+
+#[test]
+fn a_session_closed_by_its_client_gets_no_second_closing_reply_at_the_stop() {
+    // QUIT while a BDAT transaction is open: 221 and close. The server's stop (or a timeout)
+    // that comes next must not say 421 after that 221 (RFC 5321 3.8: one closing reply).
+    use postern_proto::{Event, ServerSession};
+    let mut s = ServerSession::new(config(), false);
+    s.greet();
+    let input: &[u8] =
+        b"EHLO x\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 10\r\n0123456789QUIT\r\n";
+    let mut pos = 0;
+    for _ in 0..100 {
+        let step = s.handle(&input[pos..]);
+        pos += step.consumed;
+        match step.event {
+            Event::NeedInput => break,
+            Event::Mail(..) | Event::Rcpt(..) | Event::DataStart => s.accept(),
+            _ => {}
+        }
+        if s.is_closed() {
+            break;
+        }
+    }
+    let before = String::from_utf8_lossy(s.output()).into_owned();
+    assert!(before.ends_with("221 2.0.0 mx.test Bye\r\n"), "{before}");
+    assert!(s.is_closed());
+    s.shutdown();
+    s.timeout();
+    let after = String::from_utf8_lossy(s.output()).into_owned();
+    assert_eq!(after, before, "a reply after the 221");
+}

@@ -215,7 +215,8 @@ struct Session {
 
 impl Session {
     async fn run(&mut self) {
-        if self.core.stopping.get() {
+        // The process-wide flag too: a core sees its own only at its next tick.
+        if self.core.stop_asked() {
             self.proto.shutdown();
         } else {
             self.proto.greet();
@@ -466,7 +467,7 @@ impl Session {
         // One that begins during the stop (a connection taken from the listener's backlog
         // then) gets a short while, so that a client that completes it hears the 421.
         let core = self.core.clone();
-        let already_stopping = core.stopping.get();
+        let already_stopping = core.stop_asked();
         let limit = if already_stopping {
             limit.min(HANDSHAKE_DURING_STOP)
         } else {
