@@ -316,14 +316,7 @@ fn a_third_sigterm_ends_a_stop_that_hangs_on_its_disk() {
     let mut stuck = in_data(&server, "stuck.test");
     stuck.send(b"Subject: during\r\n\r\ny\r\n.\r\n");
     let pid = server.child.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !common::has_thread_in_d_state(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no thread of the server waits on the frozen file system"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    common::wait_for_d_state(pid);
     server.signal("-TERM");
     server.log_until(|l| l.contains("stopping: no new connections"));
     server.signal("-TERM");
@@ -370,14 +363,7 @@ fn stop_signals_act_while_the_start_hangs_on_its_disk() {
         }
     });
     let pid = child.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !common::has_thread_in_d_state(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no thread of the server waits on the frozen file system"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    common::wait_for_d_state(pid);
     let wait_for = |what: &str| loop {
         let line = rx
             .recv_timeout(std::time::Duration::from_secs(20))

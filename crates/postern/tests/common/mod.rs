@@ -534,6 +534,19 @@ pub fn has_thread_in_d_state(pid: u32) -> bool {
     })
 }
 
+/// Waits (at most 20 s) until a thread of process `pid` waits on a frozen file system (see
+/// [`has_thread_in_d_state`]); the test fails if none does.
+pub fn wait_for_d_state(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !has_thread_in_d_state(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "no thread of the server waits on the frozen file system"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Runs `postern` with `args` to its end: exit code, stdout, stderr. One still running after
 /// 20 s (a server that started where it should have refused) is killed and the test fails,
 /// rather than waiting for it for ever.
