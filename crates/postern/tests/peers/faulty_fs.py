@@ -15,7 +15,10 @@ import errno
 import os
 import sys
 
-from fuse import FUSE, FuseOSError, Operations
+try:
+    from fuse import FUSE, FuseOSError, Operations
+except ImportError:  # Debian's python3-fusepy names the module fusepy
+    from fusepy import FUSE, FuseOSError, Operations
 
 
 class Faulty(Operations):
