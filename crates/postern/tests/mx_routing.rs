@@ -370,14 +370,19 @@ fn refusing_greeter(host: &str, port: u16) -> std::sync::Arc<std::sync::atomic::
     count
 }
 
+/// A [`refusing_greeter`] on a free port of 127.0.0.1: its port and its count of connections.
+fn refusing_next_hop() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    (port, refusing_greeter("127.0.0.1", port))
+}
+
 #[test]
 fn the_end_of_a_pause_costs_one_connection_not_one_per_waiting_message() {
     // A next hop that refuses every session, and several messages waiting for it: each time
     // the pause ends they all come due together, and one connection finds it still down.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let refusals = refusing_greeter("127.0.0.1", port);
+    let (port, refusals) = refusing_next_hop();
     let route = format!("dest.test=127.0.0.1:{port}");
     let server = Server::start(&[
         "--route",
@@ -463,10 +468,7 @@ fn a_flush_tries_a_next_hop_still_down_with_one_connection_not_one_per_message()
     // A next hop that refuses every session, paused with six messages waiting for it. A flush
     // ends the pause and sends them all at once; the next hop's failures are not forgotten
     // with it, so one connection finds it still down rather than one per message.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let refusals = refusing_greeter("127.0.0.1", port);
+    let (port, refusals) = refusing_next_hop();
     let route = format!("dest.test=127.0.0.1:{port}");
     let server = Server::start(&[
         "--route",
