@@ -40,7 +40,7 @@ pub use body::MessageRef;
 pub use commit::{Ticket, TicketState};
 pub use error::SpoolError;
 pub use fold::{fold_cores, fold_pending, kept_damage, Folded};
-pub use lock::{DirLock, LOCK_FILE};
+pub use lock::{flock_holder, DirLock, LOCK_FILE};
 pub use meta::{envelope_room, DeliveryState, MessageMeta, Recipient, Status, START_PER_RECIPIENT};
 pub use queue_id::{owner_core, MAX_CORES};
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};

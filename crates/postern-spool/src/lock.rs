@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt};
 use std::path::Path;
 
 use rustix::fs::{flock, FlockOperation};
@@ -34,10 +34,15 @@ impl DirLock {
     pub fn acquire(dir: &Path) -> io::Result<DirLock> {
         let path = dir.join(LOCK_FILE);
         let in_use = || {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            let holder = match holder.trim() {
-                "" => String::new(),
-                pid => format!(" (pid {pid})"),
+            // The kernel's record of the holder comes first: the PID in the lock file may be
+            // stale (a process that inherited the lock from one that has ended) or from
+            // another PID namespace.
+            let holder = match flock_holder(dir) {
+                Ok(Some(pid)) => format!(" (pid {pid})"),
+                _ => match std::fs::read_to_string(&path).unwrap_or_default().trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid}, as its lock file says)"),
+                },
             };
             io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -72,6 +77,57 @@ impl DirLock {
     }
 }
 
+/// The process that holds an exclusive `flock` on the file or directory at `path`, as the
+/// kernel tells it in `/proc/locks`; `None` when no process in this PID namespace does.
+pub fn flock_holder(path: &Path) -> io::Result<Option<u32>> {
+    let meta = std::fs::metadata(path)?;
+    let locks = std::fs::read_to_string("/proc/locks")?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    let holders = flock_holders(&locks, ino);
+    let device = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    // /proc/locks gives the file system's device, which is the one `stat` gives except on
+    // btrfs (a subvolume's own): there the holder is the process with the file open.
+    Ok(holders
+        .iter()
+        .find(|(_, on)| *on == device)
+        .or_else(|| holders.iter().find(|(pid, _)| has_open(*pid, dev, ino)))
+        .map(|(pid, _)| *pid))
+}
+
+/// The processes holding an exclusive `flock` on a file with this inode, each with the device
+/// (major, minor) the lock names, from the text of `/proc/locks` (`1: FLOCK  ADVISORY  WRITE
+/// <pid> <maj>:<min>:<inode> 0 EOF`, major and minor in hex). Waiters (`->`), other kinds of
+/// lock, and holders outside this PID namespace (shown as 0 or -1) are passed over.
+fn flock_holders(locks: &str, inode: u64) -> Vec<(u32, (u32, u32))> {
+    locks
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [_, "FLOCK", _, "WRITE", pid, file, ..] = fields.as_slice() else {
+                return None;
+            };
+            let mut parts = file.split(':');
+            let major = u32::from_str_radix(parts.next()?, 16).ok()?;
+            let minor = u32::from_str_radix(parts.next()?, 16).ok()?;
+            if parts.next()?.parse::<u64>().ok()? != inode {
+                return None;
+            }
+            let pid = pid.parse::<u32>().ok().filter(|&p| p > 0)?;
+            Some((pid, (major, minor)))
+        })
+        .collect()
+}
+
+/// Whether process `pid` has the file (device, inode) open (false where its descriptors
+/// cannot be read: another user's process, to all but root).
+fn has_open(pid: u32, dev: u64, ino: u64) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +147,34 @@ mod tests {
         );
         drop(first);
         DirLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn the_holder_is_named_from_the_kernel_not_from_a_stale_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = DirLock::acquire(dir.path()).unwrap();
+        // A holder that inherited the lock through fork outlives the PID it wrote.
+        std::fs::write(dir.path().join(LOCK_FILE), "4000000\n").unwrap();
+        let text = DirLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains(&format!("(pid {})", std::process::id())),
+            "{text}"
+        );
+        assert!(!text.contains("4000000"), "{text}");
+    }
+
+    #[test]
+    fn the_lock_holder_is_found_by_its_file_and_nothing_else() {
+        let locks = "1: POSIX  ADVISORY  WRITE 11 fe:00:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 12 fe:00:77 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 13 fe:01:77 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 14 fe:00:77 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE -1 fe:00:77 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 0 fe:00:77 0 EOF\n\
+                     5: FLOCK  ADVISORY  WRITE 15 fe:00:77 0 EOF\n";
+        assert_eq!(flock_holders(locks, 77), [(13, (254, 1)), (15, (254, 0))]);
+        assert!(flock_holders(locks, 78).is_empty());
+        assert!(flock_holders("", 77).is_empty());
     }
 
     #[test]

@@ -239,20 +239,9 @@ fn write_request(tmp: &Path, text: &[u8]) -> std::io::Result<()> {
 
 /// The process that holds the lock on the spool directory itself (a running postern).
 fn server_pid(spool: &Path) -> Result<rustix::process::Pid, String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(spool).map_err(|e| format!("{}: {e}", spool.display()))?;
-    let locks = std::fs::read_to_string("/proc/locks")
-        .map_err(|e| format!("cannot read /proc/locks to find the server: {e}"))?;
-    let (dev, ino) = (meta.dev(), meta.ino());
-    let holders = flock_holders(&locks, ino);
-    let device = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    // /proc/locks gives the file system's device, which is the one `stat` gives except on
-    // btrfs (a subvolume's own): there the holder is the process with the directory open.
-    let pid = holders
-        .iter()
-        .find(|(_, on)| *on == device)
-        .or_else(|| holders.iter().find(|(pid, _)| has_open(*pid, dev, ino)))
-        .map(|(pid, _)| *pid)
+    let pid = postern_spool::flock_holder(spool)
+        .map_err(|e| format!("cannot find the server on {}: {e}", spool.display()))?
+        .and_then(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?))
         .ok_or_else(|| format!("no postern is running on {}", spool.display()))?;
     // Another program may lock the directory (`flock DIR command`): it is not signalled.
     let raw = pid.as_raw_nonzero();
@@ -278,41 +267,6 @@ fn server_pid(spool: &Path) -> Result<rustix::process::Pid, String> {
         ));
     }
     Ok(pid)
-}
-
-/// The processes holding an exclusive `flock` on a file with this inode, each with the device
-/// (major, minor) the lock names, from the text of `/proc/locks` (`1: FLOCK  ADVISORY  WRITE
-/// <pid> <maj>:<min>:<inode> 0 EOF`, major and minor in hex). Waiters (`->`) and other kinds
-/// of lock are passed over.
-fn flock_holders(locks: &str, inode: u64) -> Vec<(rustix::process::Pid, (u32, u32))> {
-    locks
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let [_, "FLOCK", _, "WRITE", pid, file, ..] = fields.as_slice() else {
-                return None;
-            };
-            let mut parts = file.split(':');
-            let major = u32::from_str_radix(parts.next()?, 16).ok()?;
-            let minor = u32::from_str_radix(parts.next()?, 16).ok()?;
-            if parts.next()?.parse::<u64>().ok()? != inode {
-                return None;
-            }
-            let pid = pid.parse::<i32>().ok().filter(|&p| p > 0)?;
-            Some((rustix::process::Pid::from_raw(pid)?, (major, minor)))
-        })
-        .collect()
-}
-
-/// Whether process `pid` has the file (device, inode) open (false where its descriptors
-/// cannot be read: another user's process, to all but root).
-fn has_open(pid: rustix::process::Pid, dev: u64, ino: u64) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", pid.as_raw_nonzero())) else {
-        return false;
-    };
-    fds.flatten()
-        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
 }
 
 /// A waiting recipient's state, for the listing.
@@ -555,23 +509,6 @@ fn for_terminal(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_lock_holder_is_found_by_its_file_and_nothing_else() {
-        let locks = "1: POSIX  ADVISORY  WRITE 11 fe:00:77 0 EOF\n\
-                     2: FLOCK  ADVISORY  READ 12 fe:00:77 0 EOF\n\
-                     3: FLOCK  ADVISORY  WRITE 13 fe:01:77 0 EOF\n\
-                     3: -> FLOCK  ADVISORY  WRITE 14 fe:00:77 0 EOF\n\
-                     4: FLOCK  ADVISORY  WRITE -1 fe:00:77 0 EOF\n\
-                     5: FLOCK  ADVISORY  WRITE 15 fe:00:77 0 EOF\n";
-        let found: Vec<(i32, (u32, u32))> = flock_holders(locks, 77)
-            .into_iter()
-            .map(|(p, on)| (p.as_raw_nonzero().get(), on))
-            .collect();
-        assert_eq!(found, [(13, (254, 1)), (15, (254, 0))]);
-        assert!(flock_holders(locks, 78).is_empty());
-        assert!(flock_holders("", 77).is_empty());
-    }
 
     #[test]
     fn a_reply_is_listed_without_its_control_and_reordering_characters() {
