@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod relaying;
 
 use common::{queue_id, spooled, Client, FaultyFs, Server};
 
@@ -197,4 +198,70 @@ fn a_failed_last_sync_at_the_stop_exits_1() {
     let kept = spooled(&spool);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0].0, queue_id(&acked));
+}
+
+#[test]
+fn a_bounce_the_failing_disk_cannot_take_does_not_hold_the_stop() {
+    use relaying::{scripted_next_hop, Act};
+    use std::time::{Duration, Instant};
+    // The next hop refuses the recipient for good, once the test says so.
+    let (refuse, refusal) = std::sync::mpsc::channel();
+    let refusal = std::sync::Mutex::new(Some(refusal));
+    let (port, _stored, _closed) = scripted_next_hop(
+        move |_, line| {
+            line.starts_with("RCPT").then(|| {
+                let told = refusal.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let disk = FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--route", &route, "--shutdown-grace", "10m"],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: lost\r\n\r\nx\r\n");
+    let acked = c.cmd(".");
+    assert!(acked.starts_with("250 2.0.0"), "{acked}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+
+    // The bounce cannot be made durable: it waits to be tried again.
+    disk.fail_syncs(true);
+    refuse.send(()).unwrap();
+    server.log_until(|l| l.contains("cannot spool the bounce"));
+
+    // The stop does not wait out its ten minutes for the disk to come back.
+    let asked = Instant::now();
+    server.signal("-TERM");
+    loop {
+        if server.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(60),
+            "the stop waited on the bounce's retries"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The failure was not recorded: the message and its recipient wait for the next run,
+    // which tries again and bounces then.
+    disk.fail_syncs(false);
+    let kept = postern_spool::recover(&spool).unwrap();
+    let msg = kept
+        .messages
+        .iter()
+        .find(|m| m.queue_id == queue_id(&acked))
+        .expect("the acknowledged message is kept");
+    assert!(!msg.is_final(), "{msg:?}");
 }

@@ -253,7 +253,9 @@ impl CoreRelay {
                     }
                 }
             }
-            glommio::timer::sleep(BOUNCE_RETRY).await;
+            if !self.bounce_pause().await {
+                return;
+            }
             let mut tracked = self.tracked.borrow_mut();
             let Some(t) = tracked.get_mut(&queue_id) else {
                 return;
@@ -364,6 +366,24 @@ impl CoreRelay {
         Ok(unrecorded)
     }
 
+    /// Waits [`BOUNCE_RETRY`] before a bounce that could not be spooled is tried again; false
+    /// when the stop comes first. The stop's grace is not spent on a disk that keeps failing:
+    /// the failures are not recorded, so the next run tries those recipients again and makes
+    /// the bounce then.
+    async fn bounce_pause(&self) -> bool {
+        futures_lite::future::or(
+            async {
+                glommio::timer::sleep(BOUNCE_RETRY).await;
+                true
+            },
+            async {
+                self.handle.stopped().await;
+                false
+            },
+        )
+        .await
+    }
+
     /// Every recipient has its outcome: bounce the failed ones, record them, forget the
     /// message once it is all durable.
     pub(super) async fn finish(self: Rc<Self>, mut t: Tracked) {
@@ -390,8 +410,9 @@ impl CoreRelay {
                     let me = self.clone();
                     let busy = Reporting::new(&self);
                     spawn_detached(async move {
-                        glommio::timer::sleep(BOUNCE_RETRY).await;
-                        me.finish(t).await;
+                        if me.bounce_pause().await {
+                            me.finish(t).await;
+                        }
                         drop(busy);
                     });
                     return;
