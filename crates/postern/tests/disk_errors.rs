@@ -201,7 +201,7 @@ fn a_failed_last_sync_at_the_stop_exits_1() {
 }
 
 #[test]
-fn a_bounce_the_failing_disk_cannot_take_does_not_hold_the_stop() {
+fn a_bounce_the_failing_disk_cannot_take_stays_counted_and_does_not_hold_the_stop() {
     use relaying::{scripted_next_hop, Act};
     use std::time::{Duration, Instant};
     // The next hop refuses the recipient for good, once the test says so.
@@ -220,7 +220,16 @@ fn a_bounce_the_failing_disk_cannot_take_does_not_hold_the_stop() {
     let spool = disk.path.join("spool");
     let route = format!("dest.test=127.0.0.1:{port}");
     let mut server = Server::start_in(
-        &["--cores", "1", "--route", &route, "--shutdown-grace", "10m"],
+        &[
+            "--cores",
+            "1",
+            "--route",
+            &route,
+            "--shutdown-grace",
+            "10m",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
         spool.clone(),
         None,
     );
@@ -239,6 +248,14 @@ fn a_bounce_the_failing_disk_cannot_take_does_not_hold_the_stop() {
     disk.fail_syncs(true);
     refuse.send(()).unwrap();
     server.log_until(|l| l.contains("cannot spool the bounce"));
+    // Still queued, and counted so: it holds its space until the bounce is made.
+    let depth = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_queue_depth "))
+            .map(str::to_owned)
+    };
+    let metrics = server.metrics_until(|m| depth(m).as_deref() == Some("1"));
+    assert_eq!(depth(&metrics).as_deref(), Some("1"), "{metrics}");
 
     // The stop does not wait out its ten minutes for the disk to come back.
     let asked = Instant::now();

@@ -622,6 +622,10 @@ pub struct CoreRelay {
     reporting: Cell<usize>,
     /// When a failed sync of settled statuses was last logged (at most once a minute).
     sync_warned: Cell<Option<std::time::Instant>>,
+    /// Messages settled but for a bounce the spool could not take, waiting to try it again
+    /// (no longer tracked), and their recipients: still counted in the queue's depth, as they
+    /// still hold their space.
+    bounces_waiting: Cell<(u64, u64)>,
     /// Outbound connections of this core (workers, from their start to their end).
     outbound: Cell<usize>,
     /// Next hops with jobs waiting that got no connection for the core's cap, in the order
@@ -734,6 +738,7 @@ impl CoreRelay {
             delays_waiting: RefCell::new(Vec::new()),
             reporting: Cell::new(0),
             sync_warned: Cell::new(None),
+            bounces_waiting: Cell::new((0, 0)),
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
@@ -820,7 +825,11 @@ impl CoreRelay {
     fn publish_depth(&self) {
         let (n, recipients) = {
             let tracked = self.tracked.borrow();
-            (tracked.len() as u64, tracked.recipients)
+            let (waiting, their_recipients) = self.bounces_waiting.get();
+            (
+                tracked.len() as u64 + waiting,
+                tracked.recipients + their_recipients,
+            )
         };
         self.relay.depth.set(self.id, n);
         self.relay.recipients.set(self.id, recipients);

@@ -384,6 +384,18 @@ impl CoreRelay {
         .await
     }
 
+    /// Counts a message (and its recipients) in, or out of, [`CoreRelay::bounces_waiting`],
+    /// and publishes the queue's depth.
+    fn count_bounce_waiting(&self, (messages, recipients): (u64, u64), waiting: bool) {
+        let (m, r) = self.bounces_waiting.get();
+        self.bounces_waiting.set(if waiting {
+            (m + messages, r + recipients)
+        } else {
+            (m - messages, r - recipients)
+        });
+        self.publish_depth();
+    }
+
     /// Every recipient has its outcome: bounce the failed ones, record them, forget the
     /// message once it is all durable.
     pub(super) async fn finish(self: Rc<Self>, mut t: Tracked) {
@@ -409,8 +421,12 @@ impl CoreRelay {
                     );
                     let me = self.clone();
                     let busy = Reporting::new(&self);
+                    let counted = (1, msg.meta.recipients.len() as u64);
+                    me.count_bounce_waiting(counted, true);
                     spawn_detached(async move {
-                        if me.bounce_pause().await {
+                        let again = me.bounce_pause().await;
+                        me.count_bounce_waiting(counted, false);
+                        if again {
                             me.finish(t).await;
                         }
                         drop(busy);
