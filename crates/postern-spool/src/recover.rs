@@ -416,12 +416,32 @@ impl Scan<'_> {
                 }
                 Read::Overrun => {
                     // Damage, not a crash: reported where it is (with a bad record before it,
-                    // that one too), and the segment is kept. What follows is lost to the
-                    // scan. (In a file cut short, the record the cut went through.)
+                    // that one too), and the segment is kept. (In a file cut short, the
+                    // record the cut went through.)
                     if let Some(at) = last_corrupt.take() {
                         self.corrupt(at);
                     }
                     self.corrupt(pos);
+                    // Before the seal's end or the mark, the records went on past this one
+                    // (its length word is what was damaged): the scan goes on from the next
+                    // valid record, as past a zeroed one. Past them, what follows is lost
+                    // to the scan.
+                    let limit = sealed.or(marked).unwrap_or(0);
+                    if pos < limit {
+                        if let Rescan::Found(at) =
+                            valid_record_within(&data[pos..], limit - pos, salt, &mut rescan)
+                        {
+                            pos += at;
+                            continue;
+                        }
+                        if matches!(
+                            data.get(limit..).map(|rest| read_record(rest, salt)),
+                            Some(Read::Record { .. })
+                        ) {
+                            pos = limit;
+                            continue;
+                        }
+                    }
                     overrun = true;
                     break;
                 }

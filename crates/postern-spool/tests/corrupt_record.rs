@@ -392,6 +392,42 @@ fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
 }
 
 #[test]
+fn a_length_word_run_past_the_end_in_a_full_segment_loses_only_its_message() {
+    // One bit flipped high in a length word of a sealed segment: the record claims more than
+    // the file holds. Everything before the seal's end was durable, so the scan goes on past
+    // it, as past a zeroed length word, rather than losing the rest of the segment.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for i in 0..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 30_000)).unwrap();
+        spool.finish(d).unwrap();
+        spool.sync_now().unwrap();
+    }
+    drop(spool);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 3, "{files:?}");
+    let first = &files[0];
+    let mut data = std::fs::read(first).unwrap();
+    let records = record_offsets(&data);
+    let at = records[records.len() / 2];
+    data[at + 3] |= 0x80;
+    assert!(
+        u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize > data.len(),
+        "the length must run past the file"
+    );
+    std::fs::write(first, &data).unwrap();
+
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.messages.len(), 11, "{:?}", r.corrupt_at);
+    assert!(r
+        .corrupt_at
+        .iter()
+        .any(|c| c.segment == 1 && c.offset == at as u64));
+    assert_eq!(r.torn_tails, 0);
+}
+
+#[test]
 fn a_damaged_segment_is_set_aside_only_after_older_ones_handed_out_are_deleted() {
     // Setting a segment aside takes it out of the scan at once; an older segment handed out
     // for deleting elsewhere is still there until deleted. The damaged one waits for it.
