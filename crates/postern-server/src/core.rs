@@ -248,7 +248,7 @@ impl Core {
         };
         let status = postern_spool::Status {
             state: postern_spool::DeliveryState::Failed,
-            reply: "deleted by the operator".to_owned(),
+            reply: postern_spool::DELETED_BY_OPERATOR.to_owned(),
         };
         let mut recorded = true;
         for rcpt in 0..recipients {

@@ -41,7 +41,10 @@ pub use commit::{Ticket, TicketState};
 pub use error::SpoolError;
 pub use fold::{fold_cores, fold_pending, kept_damage, Folded};
 pub use lock::{flock_holder, DirLock, LOCK_FILE};
-pub use meta::{envelope_room, DeliveryState, MessageMeta, Recipient, Status, START_PER_RECIPIENT};
+pub use meta::{
+    envelope_room, DeliveryState, MessageMeta, Recipient, Status, DELETED_BY_OPERATOR,
+    START_PER_RECIPIENT,
+};
 pub use queue_id::{owner_core, MAX_CORES};
 pub use recover::{recover, RecordLocation, Recovered, RecoveredMessage};
 pub use segment::create_private_dir;

@@ -145,6 +145,10 @@ pub enum DeliveryState {
     Failed,
 }
 
+/// The reply recorded for each recipient of a message the operator deleted
+/// (`postern queue --delete`).
+pub const DELETED_BY_OPERATOR: &str = "deleted by the operator";
+
 /// A recipient's outcome with the next hop's reply, as a status record holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {

@@ -110,16 +110,25 @@ const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Asks the server holding `spool`'s lock to delete the messages `ids`, then waits (bounded)
 /// until the queue no longer lists them. Each ID must be in the queue now.
 fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
-    let queued = |spool: &Path| -> Result<Vec<(String, u32)>, String> {
+    // The messages still waiting, with their recipients' count, and how those now final
+    // ended: by a deletion or not.
+    type Looked = (Vec<(String, u32)>, Vec<(String, bool)>);
+    let look = |spool: &Path| -> Result<Looked, String> {
         let recovered = postern_spool::recover(spool)
             .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))?;
-        Ok(recovered
-            .messages
-            .iter()
-            .filter(|m| !m.is_final())
-            .map(|m| (m.queue_id.clone(), m.meta.recipients.len() as u32))
-            .collect())
+        let (waiting, done): (Vec<_>, Vec<_>) =
+            recovered.messages.iter().partition(|m| !m.is_final());
+        Ok((
+            waiting
+                .iter()
+                .map(|m| (m.queue_id.clone(), m.meta.recipients.len() as u32))
+                .collect(),
+            done.iter()
+                .map(|m| (m.queue_id.clone(), deleted_by_operator(&m.statuses)))
+                .collect(),
+        ))
     };
+    let queued = |spool: &Path| look(spool).map(|(waiting, _)| waiting);
     if !spool.join(postern_spool::LOCK_FILE).is_file() {
         return Err(format!(
             "no spool at {} (no {}; give the --spool of `postern serve`)",
@@ -166,9 +175,12 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         return Err(format!("cannot signal postern (pid {raw}): {e}"));
     }
     let deadline = std::time::Instant::now() + DELETE_WAIT;
+    // How each message that left the queue ended, where a look saw it final before its
+    // space was reclaimed: deleted (true), or delivered or failed first (false).
+    let mut ended_as: Vec<(String, bool)> = Vec::new();
     loop {
         let left: Vec<&String> = {
-            let now = match queued(spool) {
+            let (now, done) = match look(spool) {
                 Ok(now) => now,
                 Err(e) => {
                     // As at the deadline: a request not taken yet is withdrawn, not left
@@ -179,16 +191,17 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
                     return Err(format!("{e}; postern (pid {raw}) took the request"));
                 }
             };
+            for (id, deleted) in done {
+                if ids.contains(&id) && !ended_as.iter().any(|(known, _)| *known == id) {
+                    ended_as.push((id, deleted));
+                }
+            }
             ids.iter()
                 .filter(|id| now.iter().any(|(q, _)| q == *id))
                 .collect()
         };
         if left.is_empty() {
-            let mut out = String::new();
-            for id in &ids {
-                out.push_str(&format!("deleted {id}\n"));
-            }
-            return Ok(out);
+            return deletion_outcome(&ids, &ended_as);
         }
         let ended = rustix::process::test_kill_process(pid).is_err();
         if ended || std::time::Instant::now() >= deadline {
@@ -215,6 +228,40 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         // Each look reads the whole spool: a few a second.
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Whether a message's recipients were recorded as deleted by the operator.
+fn deleted_by_operator(statuses: &[Option<Status>]) -> bool {
+    statuses
+        .iter()
+        .flatten()
+        .any(|s| s.state == DeliveryState::Failed && s.reply == postern_spool::DELETED_BY_OPERATOR)
+}
+
+/// What `--delete` prints once every message in `ids` has left the queue, given how those
+/// seen final ended (deleted or not). A message delivered or failed before its core took the
+/// request was not deleted: said, with exit 1. One whose space was reclaimed before a look
+/// saw it final left the queue one way or the other; the server's log says which.
+fn deletion_outcome(ids: &[String], ended_as: &[(String, bool)]) -> Result<String, String> {
+    let mut out = String::new();
+    let mut not_deleted = Vec::new();
+    for id in ids {
+        match ended_as.iter().find(|(known, _)| known == id) {
+            Some((_, true)) => out.push_str(&format!("deleted {id}\n")),
+            Some((_, false)) => not_deleted.push(id.as_str()),
+            None => out.push_str(&format!(
+                "{id} left the queue (deleted, or delivered first: the server's log says which)\n"
+            )),
+        }
+    }
+    if not_deleted.is_empty() {
+        return Ok(out);
+    }
+    Err(format!(
+        "{out}not deleted: {} had every recipient's outcome (delivered or failed) before the \
+         request was taken",
+        not_deleted.join(", ")
+    ))
 }
 
 /// Writes a deletion request to `tmp`, a new file: never through a link or into a file that
@@ -509,6 +556,34 @@ fn for_terminal(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deletion_is_told_from_a_delivery_that_came_first() {
+        let status = |state, reply: &str| {
+            Some(Status {
+                state,
+                reply: reply.to_owned(),
+            })
+        };
+        let deleted = [
+            status(DeliveryState::Delivered, "250 ok"),
+            status(DeliveryState::Failed, postern_spool::DELETED_BY_OPERATOR),
+        ];
+        let delivered = [
+            status(DeliveryState::Delivered, "250 ok"),
+            status(DeliveryState::Failed, "550 no such user"),
+        ];
+        assert!(deleted_by_operator(&deleted));
+        assert!(!deleted_by_operator(&delivered));
+        let ids = ["A".to_owned(), "B".to_owned(), "C".to_owned()];
+        let all = deletion_outcome(&ids[..1], &[("A".into(), true)]).unwrap();
+        assert_eq!(all, "deleted A\n");
+        let unseen = deletion_outcome(&ids[2..], &[]).unwrap();
+        assert!(unseen.starts_with("C left the queue"), "{unseen}");
+        let mixed = deletion_outcome(&ids, &[("A".into(), true), ("B".into(), false)]).unwrap_err();
+        assert!(mixed.starts_with("deleted A\nC left the queue"), "{mixed}");
+        assert!(mixed.ends_with("not deleted: B had every recipient's outcome (delivered or failed) before the request was taken"), "{mixed}");
+    }
 
     #[test]
     fn a_reply_is_listed_without_its_control_and_reordering_characters() {
