@@ -329,7 +329,15 @@ fn state(status: Option<&Status>) -> (&'static str, Option<u64>, &str) {
     }
 }
 
+/// A time for the listing; one past what RFC 3339 writes (the year 9999, from a
+/// `--retry-max` or `--max-queue-lifetime` of centuries, or a clock far off) is given in
+/// seconds since the epoch.
 fn time(unix: u64) -> String {
+    /// 9999-12-31T23:59:59Z.
+    const LAST: u64 = 253_402_300_799;
+    if unix > LAST {
+        return format!("{unix} s after 1970");
+    }
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
@@ -456,7 +464,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
                 "client": (!m.meta.client.is_empty()).then_some(&m.meta.client),
                 "recipients": recipients,
             });
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(out, "{}", json_for_terminal(&line.to_string()));
         }
         return Ok((out, note));
     }
@@ -537,15 +545,37 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
 fn for_terminal(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        // Unicode's bidi controls (UAX #9 2): the marks, embeddings, overrides, isolates.
-        let reorders = matches!(
-            c,
-            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-        );
         if c == '\t' {
             out.push(' ');
-        } else if c.is_control() || reorders {
+        } else if unsafe_on_a_terminal(c) {
             let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A control character (C0, DEL, C1: U+009B alone starts an escape sequence in some
+/// terminals) or one of Unicode's bidi controls (UAX #9 2: the marks, embeddings, overrides,
+/// isolates), which reorder what follows on the line.
+fn unsafe_on_a_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// A line of JSON with the characters [`unsafe_on_a_terminal`] written as `\uXXXX` escapes
+/// (serde_json escapes only C0): the same value to a JSON reader, and nothing a terminal acts
+/// on. Outside strings JSON holds none of them.
+fn json_for_terminal(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        if unsafe_on_a_terminal(c) {
+            // All of them lie in the Basic Multilingual Plane: one escape each.
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
         } else {
             out.push(c);
         }
@@ -556,6 +586,29 @@ fn for_terminal(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_past_the_year_9999_are_listed_in_seconds() {
+        assert_eq!(time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(time(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert_eq!(time(253_402_300_800), "253402300800 s after 1970");
+        assert_eq!(time(u64::MAX), format!("{} s after 1970", u64::MAX));
+    }
+
+    #[test]
+    fn json_lines_carry_no_character_a_terminal_acts_on() {
+        let value = "a\u{9b}31m\u{7f}\u{202e}b\u{1b}\u{85}c \u{e9}";
+        let line = serde_json::json!({ "address": value }).to_string();
+        let safe = json_for_terminal(&line);
+        assert!(!safe.chars().any(unsafe_on_a_terminal), "{safe:?}");
+        assert!(
+            safe.contains("\\u009b") && safe.contains("\\u202e"),
+            "{safe}"
+        );
+        // Read back, it is the same value, é and all.
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back["address"], value);
+    }
 
     #[test]
     fn a_deletion_is_told_from_a_delivery_that_came_first() {

@@ -935,6 +935,16 @@ fn the_queue_listing_escapes_controls_and_bidi_overrides_in_addresses() {
         out.contains("<evil\\u{202e}cba@client.test>") && out.contains("<x\\u{9b}2J@localhost>"),
         "{out}"
     );
+    // The JSON listing too, as JSON escapes: a reader gets the addresses as they are.
+    let (code, out, err) = run(&["queue", "--json", "--spool", server.spool.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains('\u{202e}') && !out.contains('\u{9b}'),
+        "{out:?}"
+    );
+    let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(line["sender"], "evil\u{202e}cba@client.test");
+    assert_eq!(line["recipients"][0]["address"], "x\u{9b}2J@localhost");
 }
 
 #[test]
