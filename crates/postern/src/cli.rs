@@ -31,6 +31,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Accept mail over SMTP, store it durably in the spool, and deliver it to its next hop.
+    #[command(after_help = "Every flag can also be set in the environment as \
+        POSTERN_<NAME> (--max-message-size: POSTERN_MAX_MESSAGE_SIZE=10M); a repeatable flag \
+        takes a comma-separated list there. A flag on the command line wins over its variable.")]
     Serve(Box<Serve>),
     /// List the mail waiting in a spool (the server may be running; the spool is only read;
     /// --flush and --delete ask the server).

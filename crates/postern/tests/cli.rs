@@ -364,6 +364,37 @@ fn a_wrong_value_from_the_environment_names_its_variable() {
     assert!(err.contains("(from POSTERN_RETRY_INITIAL)"), "{err}");
 }
 
+#[test]
+fn an_empty_variable_is_refused_not_read_as_nothing() {
+    // `POSTERN_LISTEN=` in a file of variables must not start a server that listens nowhere
+    // (or on the default), and an empty switch is no "off".
+    for (var, flag) in [
+        ("POSTERN_LISTEN", "--listen"),
+        ("POSTERN_HOLD", "--hold"),
+        ("POSTERN_SPOOL", "--spool"),
+        ("POSTERN_MAX_CONNECTIONS", "--max-connections"),
+    ] {
+        let (code, err) = serve_with_env(&[], var, "");
+        assert_eq!(code, Some(2), "{var}: {err}");
+        assert_eq!(err.lines().count(), 1, "{var}: {err}");
+        assert!(err.contains(flag) && err.contains(var), "{var}: {err}");
+    }
+}
+
+#[test]
+fn serve_help_tells_of_the_environment() {
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("POSTERN_<NAME>") && help.contains("comma-separated"),
+        "{help}"
+    );
+}
+
 /// `postern serve` with `args` and the variable `var` set to `value`, run to its end: the
 /// exit code and what it wrote to stderr.
 fn serve_with_env(args: &[&str], var: &str, value: &str) -> (Option<i32>, String) {

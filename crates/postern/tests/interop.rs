@@ -1,5 +1,5 @@
 //! Clients nobody here wrote: Python's smtplib (plain and STARTTLS) and swaks (pipelining,
-//! STARTTLS). `.ci/run` installs python3 and swaks.
+//! STARTTLS). `scripts/test` installs python3 and swaks.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -47,7 +47,7 @@ print("ok")
     let out = Command::new("python3")
         .args(["-c", script, &server.smtp.port().to_string(), &cert])
         .output()
-        .expect("python3 is needed (.ci/run installs it)");
+        .expect("python3 is needed (scripts/test installs it)");
     assert!(
         out.status.success(),
         "{}",
@@ -71,7 +71,7 @@ fn swaks(args: &[&str]) -> String {
     let out = Command::new("swaks")
         .args(args)
         .output()
-        .expect("swaks is needed (.ci/run installs it)");
+        .expect("swaks is needed (scripts/test installs it)");
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
