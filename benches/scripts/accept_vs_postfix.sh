@@ -29,9 +29,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if ! command -v smtp-source >/dev/null || ! command -v postfix >/dev/null; then
+if ! command -v smtp-source >/dev/null || ! command -v postfix >/dev/null \
+    || ! command -v curl >/dev/null || ! command -v python3 >/dev/null; then
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix curl python3 >/dev/null
 fi
 cargo build --release -q --bin postern
 
@@ -70,7 +72,8 @@ rate() { # port -> messages per second of one round
   end=$(date +%s.%N)
   python3 -c "print(round($MSGS / ($end - $start)))"
 }
-median() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+# (Of an even count, the mean of the two middle values.)
+median() { python3 -c 'import statistics, sys; print(round(statistics.median(map(float, sys.argv[1:]))))' "$@"; }
 drain_postfix() { # let Postfix hand its queue to the sink before the next measurement
   for _ in $(seq 1 600); do [ -z "$(postqueue -j 2>/dev/null)" ] && return; sleep 0.2; done
 }

@@ -135,6 +135,10 @@ def scrape(addr):
     return out
 
 
+# The metrics address of the postern that --start-postern starts.
+STARTED_POSTERN_METRICS = "127.0.0.1:25265"
+
+
 def drain_postern(metrics_addr, timeout=300.0):
     """Lets postern deliver its queue before the next measurement (postern_queue_depth 0)."""
     deadline = time.monotonic() + timeout
@@ -259,7 +263,9 @@ def workloads():
 
 
 def server_matrix(servers, rounds, seconds):
-    """servers: list of (name, target, is_postfix). Returns {workload: {name: [reports]}}."""
+    """servers: list of (name, target, drain), drain a function that waits until that
+    server's delivery backlog is gone (or None). Rounds alternate the servers' order. Returns
+    {workload: {name: [reports]}}."""
     results = {}
     for w in workloads():
         size, conns, pipelining, bdat, window = w
@@ -271,12 +277,14 @@ def server_matrix(servers, rounds, seconds):
         if window > 1:
             args += ["--window", str(window)]
         results[w] = {}
-        for _ in range(rounds):
-            for name, target, is_postfix in servers:
+        for r in range(rounds):
+            # Alternating, so that neither server always runs on a machine the other just
+            # left busy.
+            for name, target, drain in (servers if r % 2 == 0 else servers[::-1]):
                 report = send(target, *args)
                 results[w].setdefault(name, []).append(report)
-                if is_postfix:
-                    drain_postfix()
+                if drain:
+                    drain()
         summary = ", ".join(
             f"{n} {median([r['messages_per_s'] for r in rs]):.0f} msg/s"
             for n, rs in results[w].items())
@@ -357,12 +365,17 @@ def markdown(cmd, gen_rows, matrix, servers, rounds, seconds, relayed):
                    f"{r['messages']} messages: {rounds_txt}")
     out.append("")
     names = [n for n, _, _ in servers]
+    drained = [n for n, _, drain in servers if drain]
     out.append("### Servers\n")
     out.append(f"`postern-load send --duration {seconds}s` per workload and round, against "
-               "each server in turn. Postfix is a stock 3.x relay with its durable queue, "
-               "relaying to a postern-load sink; its queue is drained to the sink after every "
-               "run, so no run pays for the previous one's deliveries. p99 is the whole "
-               "transaction's (MAIL to the reply to the body).\n")
+               "each server in turn, the order alternating by round. Postfix is a stock 3.x "
+               "relay with its durable queue, relaying to a postern-load sink. The queue of "
+               f"{' and '.join(drained) or 'no server'} is drained to the sink after every run, "
+               "so that no run pays for those deliveries"
+               + ("" if "postern" not in names or "postern" in drained else
+                  " (postern, given by --postern, is not: its deliveries may overlap later "
+                  "runs)")
+               + ". p99 is the whole transaction's (MAIL to the reply to the body).\n")
     if "postern" not in names:
         out.append("postern was not part of this run (pass `--postern ADDR` or "
                    "`--start-postern`), so the ratio column is empty.\n")
@@ -439,7 +452,9 @@ def main():
                  "--hostname", "bench.test",
                  # The same next hop as Postfix: everything goes to the postern-load sink
                  # (never to MX hosts).
-                 "--relay-host", next_hop.addr],
+                 "--relay-host", next_hop.addr,
+                 # For the drain between runs.
+                 "--metrics", STARTED_POSTERN_METRICS],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(postern)
             wait_port(25264)
@@ -452,9 +467,11 @@ def main():
         if not args.skip_servers:
             configure_postfix(next_hop.port)
             drain_postfix()
-            servers = [("Postfix", f"127.0.0.1:{POSTFIX_PORT}", True)]
+            servers = [("Postfix", f"127.0.0.1:{POSTFIX_PORT}", drain_postfix)]
             if postern_target:
-                servers.insert(0, ("postern", postern_target, False))
+                drain = ((lambda: drain_postern(STARTED_POSTERN_METRICS))
+                         if args.start_postern else None)
+                servers.insert(0, ("postern", postern_target, drain))
             matrix = server_matrix(servers, args.rounds, args.seconds)
             accepted = {n: sum(r["messages_accepted"] for by in matrix.values()
                                for r in by.get(n, []))

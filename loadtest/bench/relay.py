@@ -3,7 +3,7 @@
 
 One postern-load sink is the next hop of both servers; its /metrics count what arrives. For each
 server in turn (alternating order, several rounds) `postern-load send --connections 50
---pipelining` sends N 1 KiB messages (postern also with --bdat, which it offers). Measured:
+--pipelining --bdat` sends N 1 KiB messages (both servers offer CHUNKING: Postfix since 3.4). Measured:
 
 - accepted msg/s, as the generator reports it;
 - delivered msg/s end to end: N / (time from starting the generator until the sink has counted
@@ -149,7 +149,8 @@ class Postfix:
         self.port = compare.POSTFIX_PORT
         self.qdir = subprocess.run(["postconf", "-h", "queue_directory"], capture_output=True,
                                    text=True, check=True).stdout.strip()
-        self.send_args = ["--pipelining"]
+        # The same as postern's: Postfix offers CHUNKING too.
+        self.send_args = ["--pipelining", "--bdat"]
 
     def depth(self):
         n = 0
@@ -298,8 +299,8 @@ def markdown(cmd, results, names, rounds, wall, notes, flags):
     out.append(
         "One `postern-load sink` is the next hop of both servers and counts what arrives. "
         f"Each round sends N messages of {SIZE // 1024} KiB (headers included) with "
-        f"`postern-load send --connections {CONNECTIONS} --pipelining` (and `--bdat` for "
-        "postern), then waits until the sink has counted N more. **Delivered msg/s** = N / "
+        f"`postern-load send --connections {CONNECTIONS} --pipelining --bdat` (both servers "
+        "offer CHUNKING), then waits until the sink has counted N more. **Delivered msg/s** = N / "
         "(time from starting the generator until the sink has counted the N-th message); "
         "**accepted msg/s** is the generator's own figure (250 replies). Queue depth: "
         "postern's `postern_queue_depth`, Postfix's files in incoming, active, deferred and "
