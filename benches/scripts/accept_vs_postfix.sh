@@ -43,7 +43,8 @@ postfix stop >/dev/null 2>&1 || true
 postconf -e "inet_interfaces = loopback-only" "inet_protocols = ipv4" "mydestination =" \
   "mynetworks = 127.0.0.0/8" "relayhost = [127.0.0.1]:$SINK_PORT" "default_process_limit = 200" \
   "smtpd_client_connection_count_limit = 0" "smtpd_client_connection_rate_limit = 0" \
-  "anvil_rate_time_unit = 60s" "maillog_file = /var/log/postfix-bench.log" "compatibility_level = 3.6"
+  "anvil_rate_time_unit = 60s" "maillog_file = /var/log/postfix-bench.log" "compatibility_level = 3.6" \
+  "in_flow_delay = 1s"
 postconf -M# smtp/inet >/dev/null 2>&1 || true
 postconf -Me "127.0.0.1:$POSTFIX_PORT/inet = 127.0.0.1:$POSTFIX_PORT inet n - n - - smtpd"
 [ -s /etc/mailname ] || hostname > /etc/mailname

@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--window", type=int, default=1,
                     help="messages in flight per connection (postern-load send --window); "
                     "the same for both servers")
+    ap.add_argument("--postfix-in-flow-delay", default="1s", metavar="DUR",
+                    help="Postfix's in_flow_delay: its default 1s slows acceptance while its "
+                    "deliveries fall behind; 0s measures its acceptance alone, as postern's is")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench", "accept.md"))
     args = ap.parse_args()
     cmd = " ".join(["python3 loadtest/bench/accept.py", *sys.argv[1:]])
@@ -61,7 +64,7 @@ def main():
     rows = {"postern": [], "Postfix": []}
     try:
         next_hop = compare.Sink()
-        compare.configure_postfix(next_hop.port)
+        compare.configure_postfix(next_hop.port, args.postfix_in_flow_delay)
         compare.drain_postfix()
         postern = subprocess.Popen(
             [POSTERN, "serve", "--listen", f"127.0.0.1:{POSTERN_PORT}",
@@ -131,7 +134,9 @@ def main():
            if not args.postern_flag else
            f"with its durable spool and `{' '.join(args.postern_flag)}`; ")
         + "Postfix "
-        "(stock, durable queue) relaying to the same sink; each server's queue drained "
+        f"(stock, durable queue, `in_flow_delay = {args.postfix_in_flow_delay}`"
+        + (", its default" if args.postfix_in_flow_delay == "1s" else "")
+        + ") relaying to the same sink; each server's queue drained "
         + ("after its runs. " if "--hold" not in args.postern_flag
            else "(Postfix's) after its runs. ")
         + f"{args.rounds} rounds of {args.seconds} s per server, alternating order; medians.",

@@ -81,8 +81,10 @@ def ensure_postfix():
     run(["apt-get", "install", "-y", "-qq", "postfix"], env=env, stdout=subprocess.DEVNULL)
 
 
-def configure_postfix(relay_port):
-    """A loopback-only Postfix on POSTFIX_PORT relaying everything to relay_port."""
+def configure_postfix(relay_port, in_flow_delay="1s"):
+    """A loopback-only Postfix on POSTFIX_PORT relaying everything to relay_port.
+    in_flow_delay is Postfix's own default (1s: smtpd waits up to that long before taking a
+    message while its queue manager falls behind); "0s" lets it accept as fast as it can."""
     if os.geteuid() != 0:
         raise SystemExit("configuring Postfix needs root")
     subprocess.run(["postfix", "stop"], capture_output=True)
@@ -94,7 +96,7 @@ def configure_postfix(relay_port):
          "default_process_limit = 200", "smtpd_client_connection_count_limit = 0",
          "smtpd_client_connection_rate_limit = 0", "anvil_rate_time_unit = 60s",
          "maillog_file = /var/log/postfix-bench.log", "compatibility_level = 3.6",
-         "message_size_limit = 52428800"])
+         "message_size_limit = 52428800", f"in_flow_delay = {in_flow_delay}"])
     subprocess.run(["postconf", "-M#", "smtp/inet"], capture_output=True)
     run(["postconf", "-Me",
          f"127.0.0.1:{POSTFIX_PORT}/inet = 127.0.0.1:{POSTFIX_PORT} inet n - n - - smtpd"])
