@@ -9,26 +9,90 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 /// Latency histograms, in microseconds, 1 µs to 100 s at 3 significant digits.
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+fn histogram() -> Timings {
+    Timings::new(
+        Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds"),
+        &BUCKETS,
+    )
 }
 
 /// Session durations reach `--max-session-time` (1 h by default) and beyond: up to 4 h.
-fn session_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 4 * 3_600_000_000, 3).expect("valid histogram bounds")
+fn session_histogram() -> Timings {
+    Timings::new(
+        Histogram::new_with_bounds(1, 4 * 3_600_000_000, 3).expect("valid histogram bounds"),
+        &SESSION_BUCKETS,
+    )
+}
+
+/// One kind of timing on one core: its exported buckets and sum, counted exactly, and an
+/// hdrhistogram for the quantiles. The histogram's slots are ranges of equivalent values (a
+/// value at a bucket's bound shares its slot with values a little above it, and one past the
+/// histogram's top is kept at the top), so the buckets and the sum are not read from it.
+#[derive(Clone, Debug)]
+pub struct Timings {
+    /// For the quantiles.
+    pub hist: Histogram<u64>,
+    /// The upper bounds of the exported buckets, in whole microseconds.
+    bounds: Vec<u64>,
+    /// Observations per bucket (not cumulative); one more, past the last bound, for `+Inf`.
+    counts: Vec<u64>,
+    /// The sum of the observations, in microseconds.
+    sum_us: u64,
+}
+
+impl Timings {
+    fn new(hist: Histogram<u64>, buckets: &[f64]) -> Self {
+        Self {
+            hist,
+            // Each bound is a whole number of microseconds (0.0001 s is 100 µs); rounded so
+            // that 0.00025 * 1e6 = 249.99... is not cut to 249.
+            bounds: buckets.iter().map(|le| (le * 1e6).round() as u64).collect(),
+            counts: vec![0; buckets.len() + 1],
+            sum_us: 0,
+        }
+    }
+
+    /// Adds one observation.
+    fn observe(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let bucket = self.bounds.partition_point(|&le| le < us);
+        self.counts[bucket] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+        // In range by the clamp.
+        let _ = self.hist.record(us.clamp(1, self.hist.high()));
+    }
+
+    fn add(&mut self, other: &Timings) {
+        // Same bounds on every core, so adding cannot fail.
+        let _ = self.hist.add(&other.hist);
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+    }
+
+    /// How many observations there are.
+    pub fn len(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One core's figures.
 #[derive(Clone, Debug)]
 pub struct CoreMetrics {
     /// End of data to the 250 reply.
-    pub eod_latency: Histogram<u64>,
+    pub eod_latency: Timings,
     /// Spool commit (append end to durable).
-    pub commit_latency: Histogram<u64>,
+    pub commit_latency: Timings,
     /// Time from a command's arrival to its reply being written.
-    pub command_latency: Histogram<u64>,
+    pub command_latency: Timings,
     /// Whole sessions.
-    pub session_duration: Histogram<u64>,
+    pub session_duration: Timings,
     /// Connections accepted.
     pub connections: u64,
     /// Connections refused at once (overload, per-IP limit).
@@ -108,12 +172,8 @@ impl Default for CoreMetrics {
 
 impl CoreMetrics {
     /// Records a latency.
-    pub fn record(h: &mut Histogram<u64>, d: Duration) {
-        let us = u64::try_from(d.as_micros())
-            .unwrap_or(u64::MAX)
-            .clamp(1, h.high());
-        // In range by the clamp above.
-        let _ = h.record(us);
+    pub fn record(t: &mut Timings, d: Duration) {
+        t.observe(d);
     }
 
     /// Counts the replies in a block of reply bytes (first line of each reply).
@@ -135,8 +195,7 @@ impl CoreMetrics {
             (&mut self.command_latency, &other.command_latency),
             (&mut self.session_duration, &other.session_duration),
         ] {
-            // Same bounds on every core, so adding cannot fail.
-            let _ = a.add(b);
+            a.add(b);
         }
         self.connections += other.connections;
         self.connections_refused += other.connections_refused;
@@ -274,32 +333,26 @@ const SESSION_BUCKETS: [f64; 14] = [
     0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
 ];
 
-fn render_histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
-    render_histogram_in(out, name, help, h, &BUCKETS);
+fn render_histogram(out: &mut String, name: &str, help: &str, t: &Timings) {
+    render_histogram_in(out, name, help, t, &BUCKETS);
 }
 
-fn render_histogram_in(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    h: &Histogram<u64>,
-    buckets: &[f64],
-) {
+/// A histogram (exact buckets and sum) and a summary (quantiles from the hdrhistogram).
+/// `buckets` are the bounds `t` was made with, as written in `le`.
+fn render_histogram_in(out: &mut String, name: &str, help: &str, t: &Timings, buckets: &[f64]) {
     let _ = writeln!(out, "# HELP {name}_seconds {help}");
     let _ = writeln!(out, "# TYPE {name}_seconds histogram");
-    for &le in buckets {
-        let us = (le * 1e6) as u64;
-        let count = if h.is_empty() {
-            0
-        } else {
-            h.count_between(0, us)
-        };
-        let _ = writeln!(out, "{name}_seconds_bucket{{le=\"{le}\"}} {count}");
+    let mut below = 0;
+    for (&le, n) in buckets.iter().zip(&t.counts) {
+        below += n;
+        let _ = writeln!(out, "{name}_seconds_bucket{{le=\"{le}\"}} {below}");
     }
-    let _ = writeln!(out, "{name}_seconds_bucket{{le=\"+Inf\"}} {}", h.len());
-    let sum = h.mean() * h.len() as f64 / 1e6;
+    let count = t.len();
+    let _ = writeln!(out, "{name}_seconds_bucket{{le=\"+Inf\"}} {count}");
+    let sum = t.sum_us as f64 / 1e6;
     let _ = writeln!(out, "{name}_seconds_sum {sum}");
-    let _ = writeln!(out, "{name}_seconds_count {}", h.len());
+    let _ = writeln!(out, "{name}_seconds_count {count}");
+    let h = &t.hist;
     let _ = writeln!(out, "# HELP {name}_quantile_seconds {help} (quantiles)");
     let _ = writeln!(out, "# TYPE {name}_quantile_seconds summary");
     for q in [0.5, 0.9, 0.99, 0.999] {
@@ -312,7 +365,7 @@ fn render_histogram_in(
         let _ = writeln!(out, "{name}_quantile_seconds{{quantile=\"{q}\"}} {v}");
     }
     let _ = writeln!(out, "{name}_quantile_seconds_sum {sum}");
-    let _ = writeln!(out, "{name}_quantile_seconds_count {}", h.len());
+    let _ = writeln!(out, "{name}_quantile_seconds_count {count}");
 }
 
 fn render_scalar(out: &mut String, name: &str, kind: &str, help: &str, v: u64) {
@@ -392,7 +445,9 @@ pub fn render(m: &CoreMetrics) -> String {
         ),
         (
             "postern_spool_errors_total",
-            "Spool errors.",
+            "Spool operations that failed: each failed write, sync or deletion, and each \
+             message a failed group commit refused (one failed sync with 50 messages waiting \
+             counts 51).",
             m.spool_errors,
         ),
         (
@@ -549,6 +604,56 @@ mod tests {
             text.contains("postern_spool_commit_latency_quantile_seconds{quantile=\"0.5\"} NaN\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn buckets_and_sums_are_exact_at_the_bounds_and_past_the_top() {
+        let registry = Registry::default();
+        let a = registry.slot();
+        {
+            let mut a = a.lock().unwrap();
+            // On a bound and just past it: the histogram's slot there holds both.
+            CoreMetrics::record(&mut a.session_duration, Duration::from_secs(3600));
+            CoreMetrics::record(&mut a.session_duration, Duration::from_millis(3_600_050));
+            CoreMetrics::record(&mut a.eod_latency, Duration::from_millis(10));
+            CoreMetrics::record(&mut a.eod_latency, Duration::from_micros(10_002));
+            // Past the latency histogram's top (100 s): counted and summed in full.
+            CoreMetrics::record(&mut a.eod_latency, Duration::from_secs(240));
+        }
+        let text = registry.render();
+        let line = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            line("postern_session_duration_seconds_bucket{le=\"3600\"}"),
+            "1"
+        );
+        assert_eq!(
+            line("postern_session_duration_seconds_bucket{le=\"7200\"}"),
+            "2"
+        );
+        assert_eq!(line("postern_eod_latency_seconds_bucket{le=\"0.01\"}"), "1");
+        assert_eq!(
+            line("postern_eod_latency_seconds_bucket{le=\"0.025\"}"),
+            "2"
+        );
+        assert_eq!(line("postern_eod_latency_seconds_bucket{le=\"10\"}"), "2");
+        assert_eq!(line("postern_eod_latency_seconds_bucket{le=\"+Inf\"}"), "3");
+        assert_eq!(line("postern_eod_latency_seconds_count"), "3");
+        assert_eq!(line("postern_eod_latency_seconds_sum"), "240.020002");
+        assert_eq!(line("postern_session_duration_seconds_sum"), "7200.05");
+        // The smallest bound, 100 µs, and 250 µs (0.00025 * 1e6 is 249.99...).
+        {
+            let mut a = a.lock().unwrap();
+            CoreMetrics::record(&mut a.commit_latency, Duration::from_micros(100));
+            CoreMetrics::record(&mut a.commit_latency, Duration::from_micros(250));
+        }
+        let text = registry.render();
+        assert!(text.contains("postern_spool_commit_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
+        assert!(text.contains("postern_spool_commit_latency_seconds_bucket{le=\"0.00025\"} 2\n"));
     }
 
     #[test]
