@@ -409,6 +409,7 @@ impl Core {
         let Some(mut slot) = slot else {
             return;
         };
+        self.metrics.borrow_mut().age(std::time::Instant::now());
         let mut m = self.metrics.borrow().clone();
         m.active_sessions = self.sessions.get() as u64;
         m.spool_bytes = self.store.bytes_in_use();

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
@@ -24,14 +24,23 @@ fn session_histogram() -> Timings {
     )
 }
 
-/// One kind of timing on one core: its exported buckets and sum, counted exactly, and an
-/// hdrhistogram for the quantiles. The histogram's slots are ranges of equivalent values (a
-/// value at a bucket's bound shares its slot with values a little above it, and one past the
-/// histogram's top is kept at the top), so the buckets and the sum are not read from it.
+/// How long each of the two periods lasts whose observations the summary quantiles cover:
+/// the quantiles are of the last 5 to 10 minutes.
+pub const QUANTILE_PERIOD: Duration = Duration::from_secs(300);
+
+/// One kind of timing on one core: its exported buckets and sum, counted exactly since the
+/// start, and hdrhistograms of the recent observations for the quantiles. The histograms'
+/// slots are ranges of equivalent values (a value at a bucket's bound shares its slot with
+/// values a little above it, and one past the histogram's top is kept at the top), so the
+/// buckets and the sum are not read from them.
 #[derive(Clone, Debug)]
 pub struct Timings {
-    /// For the quantiles.
-    pub hist: Histogram<u64>,
+    /// This period's observations, for the quantiles.
+    recent: Histogram<u64>,
+    /// The period before's.
+    before: Histogram<u64>,
+    /// When this period started (at the first look).
+    period_started: Option<Instant>,
     /// The upper bounds of the exported buckets, in whole microseconds.
     bounds: Vec<u64>,
     /// Observations per bucket (not cumulative); one more, past the last bound, for `+Inf`.
@@ -43,7 +52,9 @@ pub struct Timings {
 impl Timings {
     fn new(hist: Histogram<u64>, buckets: &[f64]) -> Self {
         Self {
-            hist,
+            before: hist.clone(),
+            recent: hist,
+            period_started: None,
             // Each bound is a whole number of microseconds (0.0001 s is 100 µs); rounded so
             // that 0.00025 * 1e6 = 249.99... is not cut to 249.
             bounds: buckets.iter().map(|le| (le * 1e6).round() as u64).collect(),
@@ -59,12 +70,40 @@ impl Timings {
         self.counts[bucket] += 1;
         self.sum_us = self.sum_us.saturating_add(us);
         // In range by the clamp.
-        let _ = self.hist.record(us.clamp(1, self.hist.high()));
+        let _ = self.recent.record(us.clamp(1, self.recent.high()));
+    }
+
+    /// Starts a new period when this one is over: the one before is forgotten. After more
+    /// than a period without a look, nothing recent is left.
+    fn age(&mut self, now: Instant) {
+        let Some(started) = self.period_started else {
+            self.period_started = Some(now);
+            return;
+        };
+        let elapsed = now.saturating_duration_since(started);
+        if elapsed < QUANTILE_PERIOD {
+            return;
+        }
+        std::mem::swap(&mut self.recent, &mut self.before);
+        self.recent.reset();
+        if elapsed >= 2 * QUANTILE_PERIOD {
+            self.before.reset();
+        }
+        self.period_started = Some(now);
+    }
+
+    /// The observations the quantiles cover: this period's and the one before's.
+    fn window(&self) -> Histogram<u64> {
+        let mut both = self.recent.clone();
+        // Same bounds, so adding cannot fail.
+        let _ = both.add(&self.before);
+        both
     }
 
     fn add(&mut self, other: &Timings) {
         // Same bounds on every core, so adding cannot fail.
-        let _ = self.hist.add(&other.hist);
+        let _ = self.recent.add(&other.recent);
+        let _ = self.before.add(&other.before);
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += b;
         }
@@ -174,6 +213,19 @@ impl CoreMetrics {
     /// Records a latency.
     pub fn record(t: &mut Timings, d: Duration) {
         t.observe(d);
+    }
+
+    /// Moves the quantiles' window on (see [`QUANTILE_PERIOD`]); called as the core
+    /// publishes its copy.
+    pub fn age(&mut self, now: Instant) {
+        for t in [
+            &mut self.eod_latency,
+            &mut self.commit_latency,
+            &mut self.command_latency,
+            &mut self.session_duration,
+        ] {
+            t.age(now);
+        }
     }
 
     /// Counts the replies in a block of reply bytes (first line of each reply).
@@ -352,8 +404,12 @@ fn render_histogram_in(out: &mut String, name: &str, help: &str, t: &Timings, bu
     let sum = t.sum_us as f64 / 1e6;
     let _ = writeln!(out, "{name}_seconds_sum {sum}");
     let _ = writeln!(out, "{name}_seconds_count {count}");
-    let h = &t.hist;
-    let _ = writeln!(out, "# HELP {name}_quantile_seconds {help} (quantiles)");
+    let window = t.window();
+    let h = &window;
+    let _ = writeln!(
+        out,
+        "# HELP {name}_quantile_seconds {help} (quantiles of the last 5 to 10 minutes)"
+    );
     let _ = writeln!(out, "# TYPE {name}_quantile_seconds summary");
     for q in [0.5, 0.9, 0.99, 0.999] {
         // No observation, no quantile: NaN, as Prometheus's own client libraries write it.
@@ -654,6 +710,49 @@ mod tests {
         let text = registry.render();
         assert!(text.contains("postern_spool_commit_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
         assert!(text.contains("postern_spool_commit_latency_seconds_bucket{le=\"0.00025\"} 2\n"));
+    }
+
+    #[test]
+    fn quantiles_cover_the_last_minutes_and_counts_the_whole_run() {
+        let registry = Registry::default();
+        let a = registry.slot();
+        let start = Instant::now();
+        let quantile = |text: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("postern_eod_latency_quantile_seconds{quantile=\"0.5\"} ")
+                })
+                .unwrap()
+                .to_owned()
+        };
+        let mut m = CoreMetrics::default();
+        m.age(start);
+        CoreMetrics::record(&mut m.eod_latency, Duration::from_secs(2));
+        *a.lock().unwrap() = m.clone();
+        // (Kept to three significant digits.)
+        let first = quantile(&registry.render());
+        assert!(first.starts_with("2.00"), "{first}");
+        // A period later, the one before still counts.
+        m.age(start + QUANTILE_PERIOD);
+        CoreMetrics::record(&mut m.eod_latency, Duration::from_millis(1));
+        CoreMetrics::record(&mut m.eod_latency, Duration::from_millis(1));
+        *a.lock().unwrap() = m.clone();
+        assert_eq!(quantile(&registry.render()), "0.001");
+        // Two periods on, the 2 s is gone from the quantiles, not from the count or sum.
+        m.age(start + 2 * QUANTILE_PERIOD);
+        CoreMetrics::record(&mut m.eod_latency, Duration::from_millis(3));
+        *a.lock().unwrap() = m.clone();
+        let text = registry.render();
+        assert!(
+            text.contains("postern_eod_latency_quantile_seconds{quantile=\"0.999\"} 0.003"),
+            "{text}"
+        );
+        assert!(text.contains("postern_eod_latency_quantile_seconds_count 4\n"));
+        assert!(text.contains("postern_eod_latency_seconds_sum 2.005\n"));
+        // Long quiet: nothing recent is left.
+        m.age(start + 10 * QUANTILE_PERIOD);
+        *a.lock().unwrap() = m.clone();
+        assert_eq!(quantile(&registry.render()), "NaN");
     }
 
     #[test]
