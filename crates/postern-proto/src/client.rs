@@ -460,14 +460,8 @@ impl ClientSession {
         if !self.can_send() {
             return Err(local_reply(451, "4.3.0", "client session busy"));
         }
-        if let Some(limit) = self.caps.size.filter(|&l| l > 0) {
-            if t.body_len > limit {
-                return Err(local_reply(
-                    552,
-                    "5.3.4",
-                    "message size exceeds the next hop's fixed maximum message size",
-                ));
-            }
+        if let Some(refusal) = self.refusal(t) {
+            return Err(refusal);
         }
         let mut mail = format!("MAIL FROM:<{}>", t.from);
         if self.caps.size.is_some() {
@@ -588,6 +582,20 @@ impl ClientSession {
     /// so it took nothing sent after that RSET.
     pub fn closed_at_rset(&self) -> bool {
         self.closed_at_rset
+    }
+
+    /// The reply [`ClientSession::send`] would refuse `t` with before writing anything for
+    /// it, whatever the session is doing: a body over the server's SIZE. Asked before an RSET
+    /// is written for `t`, so that a transaction refused here leaves no command behind.
+    pub fn refusal(&self, t: &Transaction) -> Option<Reply> {
+        let limit = self.caps.size.filter(|&l| l > 0)?;
+        (t.body_len > limit).then(|| {
+            local_reply(
+                552,
+                "5.3.4",
+                "message size exceeds the next hop's fixed maximum message size",
+            )
+        })
     }
 
     /// Resets the connection for the next transaction (RSET). With PIPELINING the next

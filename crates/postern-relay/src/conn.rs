@@ -682,6 +682,12 @@ impl Outbound {
                 "pipelined transactions need PIPELINING and BDAT".into(),
             )));
         }
+        // Refused here before its RSET is written: an RSET for nothing would leave its reply
+        // unread once the batch's last transaction is answered, and the idle connection
+        // would look out of step.
+        if let Some(refusal) = self.session.refusal(tx) {
+            return Err(Ok(refusal));
+        }
         if self.transactions > 0 {
             self.session.rset();
         }

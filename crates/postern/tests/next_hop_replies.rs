@@ -197,7 +197,8 @@ fn batch_next_hop(
     extensions: &'static str,
     answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
 ) -> (u16, Taken) {
-    batch_next_hop_idle(extensions, Duration::from_secs(30), answer)
+    let (port, taken, _) = batch_next_hop_told(extensions, Duration::from_secs(30), answer);
+    (port, taken)
 }
 
 /// [`batch_next_hop`] that ends a connection idle for `idle` with a 421 (as Postfix's
@@ -207,15 +208,30 @@ fn batch_next_hop_idle(
     idle: Duration,
     answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
 ) -> (u16, Taken) {
+    let (port, taken, _) = batch_next_hop_told(extensions, idle, answer);
+    (port, taken)
+}
+
+/// [`batch_next_hop_idle`] that also tells what happened to its connections, in order:
+/// `connected`, `QUIT` (a client that said goodbye) and `closed` (however it ended).
+fn batch_next_hop_told(
+    extensions: &'static str,
+    idle: Duration,
+    answer: impl Fn(usize) -> Option<&'static [u8]> + Send + 'static,
+) -> (u16, Taken, Taken) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let taken = Taken::default();
     let record = taken.clone();
+    let events = Taken::default();
+    let event = events.clone();
+    let tell = move |what: &str| event.lock().unwrap().push(what.to_owned());
     std::thread::spawn(move || {
         let mut bodies = 0;
         let ehlo = format!("250-hop.test\r\n250-PIPELINING\r\n{extensions}250 CHUNKING\r\n");
         for stream in listener.incoming().take(8) {
             let Ok(mut stream) = stream else { return };
+            tell("connected");
             let mut reader = greeted_by_hop(&mut stream);
             stream.set_read_timeout(Some(idle)).unwrap();
             loop {
@@ -245,6 +261,7 @@ fn batch_next_hop_idle(
                         reply
                     }
                     "QUIT" => {
+                        tell("QUIT");
                         let _ = stream.write_all(b"221 2.0.0 bye\r\n");
                         break;
                     }
@@ -254,9 +271,10 @@ fn batch_next_hop_idle(
                     break;
                 }
             }
+            tell("closed");
         }
     });
-    (port, taken)
+    (port, taken, events)
 }
 
 /// Messages (Message-ID, body) queued while held (a server that routes nowhere holds), then
@@ -430,15 +448,37 @@ fn a_batch_ending_in_a_message_over_the_next_hop_s_size_keeps_its_outcomes() {
     // Two messages released together in one batch; the second is over the next hop's SIZE and
     // refused before it is sent, leaving the RSET written for it awaited. Its reply, after the
     // first message's, is not a reply too many: the first message is delivered once.
-    let (port, taken) = batch_next_hop("250-SIZE 2000\r\n", |_| Some(b"250 2.0.0 queued\r\n"));
+    let (port, taken, events) =
+        batch_next_hop_told("250-SIZE 2000\r\n", Duration::from_secs(30), |_| {
+            Some(b"250 2.0.0 queued\r\n")
+        });
     let big = ("y".repeat(76) + "\r\n").repeat(64);
-    let mut server = released_in_one_batch(port, &[("<small@t>", "x\r\n"), ("<big@t>", &big)], &[]);
+    // One connection, so that both go in its one batch.
+    let mut server = released_in_one_batch(
+        port,
+        &[("<small@t>", "x\r\n"), ("<big@t>", &big)],
+        &["--max-connections-per-destination", "1"],
+    );
     // The big one fails for good (no one takes its bounce: its sender's domain goes nowhere).
     server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
     server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
     let log = server.terminate_for_log();
     assert!(!log.contains("out of step"), "{log}");
     assert_eq!(*taken.lock().unwrap(), ["<small@t>"]);
+    // The big one is refused before anything is written for it (no RSET whose reply would
+    // be left unread, so that the idle connection looked out of step and was given up): the
+    // one connection stays, and ends with QUIT at the stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.lock().unwrap().last().map(String::as_str) != Some("closed")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *events.lock().unwrap(),
+        ["connected", "QUIT", "closed"],
+        "{log}"
+    );
 }
 
 #[test]
