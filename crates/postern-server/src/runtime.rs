@@ -129,20 +129,33 @@ pub fn still_listening(addr: SocketAddr) -> bool {
     true
 }
 
+/// Whether a listener on `other` keeps a bind of `ours` (on the same port) out, as the kernel
+/// decides it: within one family the same address or a wildcard on either side; across the
+/// families, only where an IPv6 address stands for IPv4 ones: the IPv6 wildcard (a
+/// dual-stack socket, as postern's are; another program's may be IPv6-only, which cannot be
+/// seen from here, and is taken as dual-stack) and IPv4-mapped addresses. An IPv4 wildcard
+/// and a plain IPv6 address do not meet.
+fn listens_over(ours: std::net::IpAddr, other: std::net::IpAddr) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    let meet_v4 = |a: std::net::Ipv4Addr, b: std::net::Ipv4Addr| {
+        a == b || a.is_unspecified() || b.is_unspecified()
+    };
+    match (ours, other) {
+        (V4(a), V4(b)) => meet_v4(a, b),
+        (V6(a), V6(b)) => a == b || a.is_unspecified() || b.is_unspecified(),
+        (V4(a), V6(b)) => b.is_unspecified() || b.to_ipv4_mapped().is_some_and(|b| meet_v4(a, b)),
+        (V6(a), V4(b)) => a.is_unspecified() || a.to_ipv4_mapped().is_some_and(|a| meet_v4(a, b)),
+    }
+}
+
 /// Whether a TCP socket of this network namespace listens on `addr`'s port at an address that
-/// overlaps it (the same one, or a wildcard on either side), from `/proc/net/tcp` and `tcp6`.
+/// overlaps it ([`listens_over`]), from `/proc/net/tcp` and `tcp6`.
 /// A bind test cannot tell: with SO_REUSEADDR it also fails on an earlier run's connections
 /// in TIME_WAIT. Where `/proc` cannot be read, nothing is found.
 fn listening_on(addr: SocketAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     const LISTEN: &str = "0A";
-    let overlaps = |other: IpAddr| {
-        let mapped = match (other, addr.ip()) {
-            (IpAddr::V6(v6), IpAddr::V4(v4)) => v6.to_ipv4_mapped() == Some(v4),
-            _ => false,
-        };
-        other == addr.ip() || other.is_unspecified() || addr.ip().is_unspecified() || mapped
-    };
+    let overlaps = |other: IpAddr| listens_over(addr.ip(), other);
     let parse_ip = |hex: &str| -> Option<IpAddr> {
         // The kernel prints each 32-bit word of the address in host byte order.
         let words = (0..hex.len() / 8)
@@ -946,6 +959,32 @@ pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn listeners_of_the_other_family_meet_only_through_ipv6_that_stands_for_ipv4() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let meets = |ours: &str, other: &str| listens_over(ip(ours), ip(other));
+        // One family: the same address, or a wildcard on either side.
+        assert!(meets("127.0.0.1", "127.0.0.1"));
+        assert!(meets("0.0.0.0", "192.0.2.1"));
+        assert!(meets("192.0.2.1", "0.0.0.0"));
+        assert!(!meets("127.0.0.1", "127.0.0.2"));
+        assert!(meets("::", "::1"));
+        assert!(!meets("::1", "2001:db8::1"));
+        // The IPv4 wildcard and an IPv6 address: the kernel takes both binds.
+        assert!(!meets("0.0.0.0", "::1"));
+        assert!(!meets("0.0.0.0", "2001:db8::1"));
+        assert!(!meets("::1", "0.0.0.0"));
+        assert!(!meets("2001:db8::1", "127.0.0.1"));
+        // The IPv6 wildcard (dual-stack) and IPv4-mapped addresses stand for IPv4 ones.
+        assert!(meets("0.0.0.0", "::"));
+        assert!(meets("127.0.0.1", "::"));
+        assert!(meets("::", "127.0.0.1"));
+        assert!(meets("127.0.0.1", "::ffff:127.0.0.1"));
+        assert!(meets("0.0.0.0", "::ffff:127.0.0.1"));
+        assert!(!meets("127.0.0.2", "::ffff:127.0.0.1"));
+        assert!(meets("::ffff:127.0.0.1", "0.0.0.0"));
+    }
 
     #[test]
     fn a_cut_off_move_to_fewer_cores_is_never_written_over() {
