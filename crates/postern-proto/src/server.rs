@@ -604,7 +604,7 @@ impl ServerSession {
         let mut pos = 0;
         loop {
             let event = match &mut self.phase {
-                Phase::Closed => Some(Event::Close),
+                Phase::Closed => Some(self.closing_event()),
                 Phase::Data(_) => self.data(input, &mut pos),
                 Phase::Chunk { .. } => self.chunk(input, &mut pos),
                 Phase::Commands if self.out.len() >= self.flush_mark + OUTPUT_HIGH_WATER => {
@@ -643,9 +643,19 @@ impl ServerSession {
             if self.is_closed() {
                 return Step {
                     consumed: pos,
-                    event: Event::Close,
+                    event: self.closing_event(),
                 };
             }
+        }
+    }
+
+    /// The event of a closed session: `Close`, after a `DataAbort` where it closed with a
+    /// message open (the error limit's 421 in the middle of a BDAT transaction).
+    fn closing_event(&mut self) -> Event<'static> {
+        if self.reset_transaction() {
+            Event::DataAbort
+        } else {
+            Event::Close
         }
     }
 
@@ -796,8 +806,9 @@ impl ServerSession {
             self.count_junk();
             if self.is_closed() {
                 // The junk limit ended the session with this command: a first empty chunk
-                // starts no message there (its 421 is written).
-                return None;
+                // starts no message there (its 421 is written); a message this command
+                // dropped (RSET, EHLO) is still told.
+                return event.filter(|e| matches!(e, Event::DataAbort));
             }
         }
         event

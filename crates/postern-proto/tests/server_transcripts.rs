@@ -1595,3 +1595,44 @@ fn a_session_closed_by_its_client_gets_no_second_closing_reply_at_the_stop() {
     let after = String::from_utf8_lossy(s.output()).into_owned();
     assert_eq!(after, before, "a reply after the 221");
 }
+
+#[test]
+fn a_session_closed_by_a_limit_with_a_message_open_tells_the_embedding() {
+    // The error limit: a chunk of a message taken, then an unknown command that is the last
+    // error allowed. The session closes with 421, and the message begun is abandoned.
+    let limited = Arc::new(ServerConfig {
+        max_errors: 2,
+        ..(*config()).clone()
+    });
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.example>",
+        "RCPT TO:<x@d.example>",
+        "FOO",
+    ]);
+    input.extend_from_slice(b"BDAT 5\r\nhello");
+    input.extend_from_slice(&client(&["FOO"]));
+    let o = run_every_split(&limited, &input);
+    assert!(o.closed, "{}", o.output);
+    assert!(o
+        .output
+        .ends_with("421 4.7.0 mx.test Too many errors, closing connection\r\n"));
+    assert_eq!((o.starts, o.aborted), (1, 1), "{}", o.output);
+
+    // The junk limit, reached by the RSET that drops the message.
+    let junk_limited = Arc::new(ServerConfig {
+        max_errors: 1,
+        max_junk_commands: 1,
+        ..(*config()).clone()
+    });
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.example>",
+        "RCPT TO:<x@d.example>",
+    ]);
+    input.extend_from_slice(b"BDAT 5\r\nhello");
+    input.extend_from_slice(&client(&["RSET"]));
+    let o = run_every_split(&junk_limited, &input);
+    assert!(o.closed, "{}", o.output);
+    assert_eq!((o.starts, o.aborted), (1, 1), "{}", o.output);
+}
