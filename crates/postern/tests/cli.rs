@@ -1152,11 +1152,21 @@ fn a_file_size_limit_below_one_segment_is_a_start_up_error() {
 
 #[test]
 fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
-    for (errno, says) in [
-        ("EPERM", "io_uring is not allowed here"),
-        ("ENOSYS", "this kernel has no io_uring"),
+    for (call, errno, says) in [
+        ("io_uring_setup", "EPERM", "io_uring is not allowed here"),
+        ("io_uring_setup", "ENOSYS", "this kernel has no io_uring"),
+        // A seccomp profile that lets a ring be made but not used.
+        ("io_uring_register", "EPERM", "io_uring is not allowed here"),
+        ("io_uring_enter", "EPERM", "io_uring is not allowed here"),
+        // A kernel whose io_uring is older than what glommio asks of it.
+        (
+            "io_uring_register",
+            "EINVAL",
+            "this kernel's io_uring is too old",
+        ),
     ] {
-        let inject = format!("inject=io_uring_setup:error={errno}");
+        let errno = format!("{call}:error={errno}");
+        let inject = format!("inject={errno}");
         let (code, _, err) = serve_under(
             &["strace", "-f", "-qq", "-o", "/dev/null", "-e", &inject],
             &["--cores", "1"],
