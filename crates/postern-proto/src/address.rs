@@ -38,12 +38,16 @@ pub struct Mailbox<'a> {
     pub local: &'a str,
     /// The domain or address literal.
     pub host: Host<'a>,
+    /// The source route written before it (accepted and ignored) held UTF-8: the path
+    /// needs SMTPUTF8 as a UTF-8 mailbox does (RFC 6531 3.3).
+    pub route_utf8: bool,
 }
 
 impl Mailbox<'_> {
-    /// Whether the mailbox is all ASCII (otherwise it needs SMTPUTF8).
+    /// Whether the path is all ASCII (otherwise it needs SMTPUTF8), its source route too.
     pub fn is_ascii(&self) -> bool {
-        self.local.is_ascii()
+        !self.route_utf8
+            && self.local.is_ascii()
             && match self.host {
                 Host::Domain(d) => d.is_ascii(),
                 _ => true,
@@ -121,12 +125,14 @@ fn parse_path(s: &str) -> Result<(Option<Mailbox<'_>>, &str), PathError> {
         return Ok((None, &s[2..]));
     }
     // A source route (`@a,@b:`) is accepted and ignored (RFC 5321 4.1.2, C.).
+    let mut route_utf8 = false;
     if b.get(pos) == Some(&b'@') {
         let colon = memchr::memchr(b':', &b[pos..]).ok_or(PathError::Syntax)? + pos;
         for hop in s[pos..colon].split(',') {
             let domain = hop.strip_prefix('@').ok_or(PathError::Syntax)?;
             check_domain(domain)?;
         }
+        route_utf8 = !s[pos..colon].is_ascii();
         pos = colon + 1;
     }
     let local_end = local_part_end(b, pos)?;
@@ -160,7 +166,12 @@ fn parse_path(s: &str) -> Result<(Option<Mailbox<'_>>, &str), PathError> {
     if close + 1 > MAX_PATH {
         return Err(PathError::PathTooLong);
     }
-    Ok((Some(Mailbox { local, host }), &s[close + 1..]))
+    let mailbox = Mailbox {
+        local,
+        host,
+        route_utf8,
+    };
+    Ok((Some(mailbox), &s[close + 1..]))
 }
 
 /// Parses the path of MAIL FROM; returns it and the rest of the line.
@@ -198,6 +209,7 @@ pub fn parse_mailbox(s: &str) -> Result<Mailbox<'_>, PathError> {
     Ok(Mailbox {
         local,
         host: parse_host(&s[local_end + 1..])?,
+        route_utf8: false,
     })
 }
 

@@ -492,6 +492,7 @@ mod tests {
         let mb = Mailbox {
             local: "\"x y\"",
             host: Host::Domain("example.org"),
+            route_utf8: false,
         };
         for c in [
             Command::Helo("a.example"),

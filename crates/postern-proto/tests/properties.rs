@@ -150,6 +150,7 @@ fn command(m: &Material) -> Command<'_> {
     let mailbox = Mailbox {
         local: &m.local,
         host,
+        route_utf8: false,
     };
     let f = m.flags;
     match m.kind {

@@ -744,6 +744,35 @@ fn syntax_errors_get_precise_codes() {
 }
 
 #[test]
+fn a_utf8_source_route_needs_smtputf8_as_a_utf8_mailbox_does() {
+    // The route is ignored, but it is part of the path, and RFC 6531 3.3 lets UTF-8 into a
+    // path only with SMTPUTF8.
+    let input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<@b\u{fc}cher.example:a@b.test>",
+        "MAIL FROM:<@relay.example:a@b.test>",
+        "RCPT TO:<@b\u{fc}cher.example,@relay.example:c@mx.test>",
+        "RCPT TO:<@relay.example:c@mx.test>",
+        "RSET",
+        "MAIL FROM:<@b\u{fc}cher.example:a@b.test> SMTPUTF8",
+        "RCPT TO:<@b\u{fc}cher.example:c@mx.test>",
+    ]);
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "553 5.6.7 Non-ASCII address needs SMTPUTF8",
+            "250 2.1.0 Ok",
+            "553 5.6.7 Non-ASCII address needs SMTPUTF8",
+            "250 2.1.5 Ok",
+            "250 2.0.0 Ok",
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+        ],
+    );
+}
+
+#[test]
 fn utf8_in_orcpt_needs_smtputf8_and_escapes_must_be_printable() {
     let input = client(&[
         "EHLO client.test",
