@@ -459,8 +459,8 @@ fn a_batch_ending_in_a_message_over_the_next_hop_s_size_keeps_its_outcomes() {
         &[("<small@t>", "x\r\n"), ("<big@t>", &big)],
         &["--max-connections-per-destination", "1"],
     );
-    // The big one fails for good (no one takes its bounce: its sender's domain goes nowhere).
-    server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    // The big one fails for good (and so does its bounce: its sender's domain goes nowhere).
+    server.metrics_until(|m| counter(m, "postern_recipients_failed_total") >= 1);
     server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
     let log = server.terminate_for_log();
     assert!(!log.contains("out of step"), "{log}");
@@ -1362,10 +1362,14 @@ fn replies_read_before_a_timeout_fail_no_recipient_when_one_may_be_missing() {
         "<gap@t>",
         "x\r\n",
     );
-    let first = server.log_until(|l| l.contains("to=\"first@dest.test\"") && l.contains("status="));
-    assert!(first.contains("status=\"deferred\""), "{first}");
-    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
-    assert!(m.contains("postern_recipients_failed_total 0\n"), "{m}");
+    for who in ["first", "second"] {
+        let to = format!("to=\"{who}@dest.test\"");
+        let line = server.log_until(|l| l.contains(&to) && l.contains("status="));
+        assert!(line.contains("status=\"deferred\""), "{line}");
+    }
+    // One attempt, deferred (the counter counts attempts, not recipients); nothing failed.
+    let m = server.metrics_until(|m| counter(m, "postern_delivery_deferrals_total") >= 1);
+    assert_eq!(counter(&m, "postern_recipients_failed_total"), 0, "{m}");
 }
 
 /// A message for more recipients of one next hop than it takes in a transaction, by more than

@@ -253,14 +253,19 @@ impl Server {
         (head.lines().next().unwrap().to_owned(), body.to_owned())
     }
 
-    /// Reads the metrics until `pred` holds (the cores publish every 250 ms), at most 5 s.
+    /// Reads the metrics until `pred` holds (the cores publish every 250 ms), and returns
+    /// them; fails the test when it does not hold within 20 s.
     pub fn metrics_until(&self, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let (_, body) = self.http_get("/metrics");
-            if pred(&body) || std::time::Instant::now() > deadline {
+            if pred(&body) {
                 return body;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the metrics never came to what the test waits for:\n{body}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
