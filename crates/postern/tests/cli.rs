@@ -901,10 +901,10 @@ fn the_queue_and_the_log_give_an_ipv4_client_of_a_dual_stack_listener_as_itself(
     let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
         .is_ok_and(|v| v.trim() == "0")
         && std::net::TcpListener::bind("[::]:0").is_ok();
-    if !dual_stack {
-        eprintln!("no dual-stack IPv6 sockets on this host: nothing to test");
-        return;
-    }
+    assert!(
+        dual_stack,
+        "this test needs dual-stack IPv6 sockets (net.ipv6.bindv6only = 0)"
+    );
     // Relaying for nobody here, so that a recipient elsewhere is refused (and logged).
     let mut server = common::Server::start(&[
         "--listen",
@@ -1004,10 +1004,10 @@ fn a_spool_the_caller_cannot_enter_is_not_called_missing() {
     for mode in [0o700, 0o711] {
         std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(mode)).unwrap();
         let (code, said) = list_as_nobody();
-        if !running_as_root() {
-            eprintln!("not root: cannot run as another user here; {said}");
-            return;
-        }
+        assert!(
+            running_as_root(),
+            "running as another user needs root (CI runs the tests as root); {said}"
+        );
         assert_eq!(code, Some(1), "{mode:o}: {said}");
         assert!(
             said.contains("cannot read the spool at") && said.contains("ermission denied"),
@@ -1399,11 +1399,10 @@ fn an_unprivileged_start_under_the_usual_memlock_limit_logs_no_ring_warning() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let spool = dir.path().join("spool");
-    let root = running_as_root();
-    if !root {
-        eprintln!("not root: cannot run as another user here");
-        return;
-    }
+    assert!(
+        running_as_root(),
+        "running as another user needs root (CI runs the tests as root)"
+    );
     let mut cmd = Command::new("setpriv");
     cmd.args([
         "--reuid=65534",

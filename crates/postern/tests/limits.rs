@@ -168,10 +168,10 @@ fn an_ipv4_client_on_a_dual_stack_listener_is_counted_as_itself() {
     let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
         .is_ok_and(|v| v.trim() == "0")
         && std::net::TcpListener::bind("[::]:0").is_ok();
-    if !dual_stack {
-        eprintln!("no dual-stack IPv6 sockets on this host: nothing to test");
-        return;
-    }
+    assert!(
+        dual_stack,
+        "this test needs dual-stack IPv6 sockets (net.ipv6.bindv6only = 0)"
+    );
     let server = Server::start(&[
         "--listen",
         "127.0.0.1:0",
