@@ -19,7 +19,12 @@ const FLOOD_FOR: Duration = Duration::from_secs(20);
 /// A client inside DATA that writes bare line feeds, the costliest bytes for the server to take, as fast as the socket takes them,
 /// until `stop` is set, the server closes, or `FLOOD_FOR` passes. Returns whether it was
 /// still writing when stopped (not ended by its own time cap).
-fn flood(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<(bool, Vec<u8>)> {
+/// `under_way` is told once a MiB of it is written.
+fn flood(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    under_way: std::sync::mpsc::Sender<()>,
+) -> JoinHandle<(bool, Vec<u8>)> {
     let mut c = Client::connect(addr);
     c.line();
     c.cmd("EHLO flood.test");
@@ -34,13 +39,19 @@ fn flood(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<(bool, Vec<u8>)>
         let block = vec![b'\n'; 64 * 1024];
         let started = Instant::now();
         let mut capped = true;
+        let mut written = 0;
         while started.elapsed() < FLOOD_FOR {
             if stop.load(Ordering::SeqCst) {
                 capped = false;
                 break;
             }
             match stream.write(&block) {
-                Ok(_) => {}
+                Ok(n) => {
+                    written += n;
+                    if written >= 1 << 20 {
+                        let _ = under_way.send(());
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                 // Closed by the server.
@@ -68,9 +79,12 @@ fn a_flooding_client_does_not_starve_the_other_sessions_of_its_core() {
     // Within the size limit: each bare line feed is a line end to store.
     let server = Server::start(&["--cores", "1"]);
     let stop = Arc::new(AtomicBool::new(false));
-    let flooder = flood(server.smtp, stop.clone());
-    // Let the flood fill the server's socket buffer before the next client comes.
-    std::thread::sleep(Duration::from_millis(300));
+    let (told, under_way) = std::sync::mpsc::channel();
+    let flooder = flood(server.smtp, stop.clone(), told);
+    // The next client comes once the flood is in full swing (a MiB in).
+    under_way
+        .recv_timeout(FLOOD_FOR)
+        .expect("the flood never got going");
     let mut c = TcpStream::connect(server.smtp).unwrap();
     c.set_read_timeout(Some(FLOOD_FOR + Duration::from_secs(5)))
         .unwrap();
@@ -99,7 +113,8 @@ fn a_flooding_client_is_held_to_the_session_cap() {
         "30s",
     ]);
     let stop = Arc::new(AtomicBool::new(false));
-    let (ended_by_server, said) = flood(server.smtp, stop).join().unwrap();
+    let (told, _under_way) = std::sync::mpsc::channel();
+    let (ended_by_server, said) = flood(server.smtp, stop, told).join().unwrap();
     let said = String::from_utf8_lossy(&said);
     assert!(
         ended_by_server,

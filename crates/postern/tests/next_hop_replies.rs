@@ -487,6 +487,8 @@ fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core(
     // every read is ready at once, and only the deadline itself can end the wait.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    // Told once the flood is under way (its first block written).
+    let (flooding, under_way) = std::sync::mpsc::channel();
     let hop = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
         stream
@@ -507,8 +509,9 @@ fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core(
             if stream.write_all(&flood).is_err() {
                 break;
             }
+            let _ = flooding.send(());
         }
-        start.elapsed()
+        (start.elapsed(), Instant::now())
     });
     let route = format!("dest.test=127.0.0.1:{port}");
     // MAIL's reply is waited for as long as the longest of the envelope's timeouts.
@@ -516,11 +519,11 @@ fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core(
         "--route",
         &route,
         "--smtp-mail-timeout",
-        "1s",
+        "3s",
         "--smtp-rcpt-timeout",
-        "1s",
+        "3s",
         "--smtp-data-init-timeout",
-        "1s",
+        "3s",
         "--cores",
         "1",
     ]);
@@ -531,22 +534,31 @@ fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core(
         "<flood@t>",
         "x\r\n",
     );
+    under_way
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the flood never started");
     // Meanwhile the core still greets new clients.
+    let mut greeted = Instant::now();
     for _ in 0..3 {
         let start = Instant::now();
         let mut c = server.connect();
         assert!(c.line().starts_with("220 "));
+        greeted = Instant::now();
         assert!(
-            start.elapsed() < Duration::from_secs(2),
+            greeted - start < Duration::from_secs(2),
             "a greeting took {:?} during the flood",
-            start.elapsed()
+            greeted - start
         );
         c.cmd("QUIT");
     }
-    let flooded = hop.join().unwrap();
+    let (flooded, ended) = hop.join().unwrap();
     assert!(
-        flooded < Duration::from_secs(10),
-        "the reply went on for {flooded:?} with a 1 s timeout"
+        greeted < ended,
+        "the greetings came after the flood ended: they tell nothing"
+    );
+    assert!(
+        flooded < Duration::from_secs(12),
+        "the reply went on for {flooded:?} with a 3 s timeout"
     );
 }
 
