@@ -733,8 +733,8 @@ fn idle_connections_of_other_next_hops_give_their_places_to_a_backlog() {
 
 #[test]
 fn a_trickle_of_mail_keeps_its_connection_beside_a_backlog_and_gives_it_up_when_quiet() {
-    // Two outbound connections in all. One next hop gets a message every 100 ms for a second
-    // on its one connection, while another, on the other place, has a backlog (its next hop
+    // Two outbound connections in all. One next hop gets a stream of messages on its one
+    // connection, while another, on the other place, has a backlog (its next hop
     // answers only once two connections are open to it). An idle connection gives its place
     // to a backlog only after a second idle: the trickle keeps its connection rather than
     // losing it after each message, and once the trickle ends the place goes to the backlog.
@@ -765,11 +765,12 @@ fn a_trickle_of_mail_keeps_its_connection_beside_a_backlog_and_gives_it_up_when_
     // The trickle's connection is idle from here: the backlog and the next trickle message
     // go in at once (the backlog's three in one session), well inside its second of grace.
     send_in_one_session(&server, "r@big.test", "big", 3);
-    // The pace of the trickle is the scenario: a message every 100 ms, each well inside the
-    // second of idle after which its connection would go to the backlog.
+    // The pace of the trickle is the scenario: a message every few tens of milliseconds
+    // (its own session and sync, then a pause), each well inside the second of idle after
+    // which its connection would go to the backlog, with room for a slow machine.
     for k in 1..=10 {
         trickle(k);
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
     for k in 1..=10 {
         let (n, _) = stored_t
