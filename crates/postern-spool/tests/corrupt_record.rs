@@ -443,7 +443,7 @@ fn a_damaged_segment_is_set_aside_only_after_older_ones_handed_out_are_deleted()
     let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     spool.set_unlink_later(true);
     for id in &ids {
-        let _ = spool.mark_final(id);
+        spool.mark_final(id).unwrap();
     }
     let handed = spool.take_unlinks();
     let paths: Vec<_> = handed.iter().map(|f| f.path.clone()).collect();
@@ -480,7 +480,7 @@ fn zeros_over_the_first_length_word_of_a_full_segment_are_damage_reported_and_ke
     // opening or once the rest is final, never deleted.
     let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     for id in &ids {
-        let _ = spool.mark_final(id);
+        spool.mark_final(id).unwrap();
     }
     assert_eq!(kept_for_inspection(dir.path()), 1);
 }
@@ -591,7 +591,7 @@ fn zeros_before_the_mark_of_the_segment_being_written_are_damage_reported_and_ke
     drop(r);
     let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     for id in [&ids[0], &ids[2], &ids[3]] {
-        let _ = spool.mark_final(id);
+        spool.mark_final(id).unwrap();
     }
     assert!(!seg.exists());
     assert_eq!(kept_for_inspection(dir.path()), 1);
@@ -637,7 +637,7 @@ fn files_named_almost_like_segments_are_left_alone() {
     spool.finish(d).unwrap();
     spool.sync_now().unwrap();
     for id in &ids {
-        let _ = spool.mark_final(id);
+        spool.mark_final(id).unwrap();
     }
     drop(spool);
     assert!(core.join("1.seg").exists());
@@ -777,7 +777,7 @@ fn a_marked_segment_whose_first_record_is_zeroed_is_not_taken_for_an_empty_one()
     drop(r);
     let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     for id in &ids {
-        let _ = spool.mark_final(id);
+        spool.mark_final(id).unwrap();
     }
     assert_eq!(kept_for_inspection(dir.path()), 1);
 }
