@@ -673,12 +673,29 @@ fn a_deleted_message_for_a_next_hop_that_is_down_is_tried_no_more() {
         "<down@t>",
         "x\r\n",
     );
+    // A witness, kept: its attempts show that retries go on meanwhile.
+    let kept = send(
+        &server,
+        "a@origin.test",
+        &["c@dest.test"],
+        "<kept@t>",
+        "x\r\n",
+    );
     server.log_until(|l| l.contains(&doomed) && l.contains("deferred"));
     let (code, _, err) = delete(&server.spool, &doomed);
     assert_eq!(code, Some(0), "{err}");
     server.log_until(|l| l.contains("deleted by the operator") && l.contains(&doomed));
-    // Ten retry periods: the window in which attempts would show.
-    std::thread::sleep(Duration::from_secs(2));
+    // The window in which attempts would show: five more of the witness's.
+    let deferrals = || server.log_count(|l| l.contains(&kept) && l.contains("deferred"));
+    let before = deferrals();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while deferrals() < before + 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kept message was not tried again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = server.terminate_for_log();
     let after: Vec<&str> = log
         .lines()
