@@ -647,7 +647,7 @@ fn the_last_attempt_comes_at_the_end_of_the_lifetime_while_the_next_hop_is_pause
 #[test]
 fn delay_warning_tells_the_sender_once() {
     let origin = Peer::start(&[]);
-    let (server, _down) = unreachable_dest_with_origin(
+    let (mut server, _down) = unreachable_dest_with_origin(
         &origin,
         &["--delay-warning", "300ms", "--metrics", "127.0.0.1:0"],
     );
@@ -669,6 +669,15 @@ fn delay_warning_tells_the_sender_once() {
             .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
             .is_some_and(|n| n.parse::<u64>().unwrap() >= 6)
     });
+    // Made once, not only delivered once so far: a second one queued and not yet delivered
+    // would show in the log.
+    let log = server.terminate_for_log();
+    let made = log
+        .lines()
+        .filter(|l| l.contains("delivery status notification queued"))
+        .filter(|l| l.contains("action=\"delayed\""))
+        .count();
+    assert_eq!(made, 1, "{log}");
     assert_eq!(origin.stored().len(), 1);
 }
 
@@ -794,7 +803,7 @@ fn a_delay_warning_names_every_deferred_recipient_that_wants_one() {
     let origin = Peer::start(&[]);
     let far = reserve("127.0.0.1", 0);
     let far_route = format!("far.test=127.0.0.1:{}", far.1);
-    let (server, _down) = unreachable_dest_with_origin(
+    let (mut server, _down) = unreachable_dest_with_origin(
         &origin,
         &[
             "--delay-warning",
@@ -835,7 +844,15 @@ fn a_delay_warning_names_every_deferred_recipient_that_wants_one() {
             .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
             .is_some_and(|n| n.parse::<u64>().unwrap() >= 16)
     });
+    // Every warning made was delivered (none queued behind the ones counted below): the
+    // server is stopped first, and its log counts those it made.
+    let log = server.terminate_for_log();
+    let made = log
+        .lines()
+        .filter(|l| l.contains("delivery status notification queued"))
+        .count();
     let stored_after = origin.stored();
+    assert_eq!(made, stored_after.len(), "{log}");
     for s in &stored_after {
         let text = String::from_utf8_lossy(&s.data);
         assert!(text.contains("Action: delayed"), "{text}");
