@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{num, send_json};
 
 /// How long the scripted server stops reading after its burst of replies.
-const STALL: Duration = Duration::from_millis(600);
+const STALL: Duration = Duration::from_secs(2);
 
 /// One connection of PIPELINING and CHUNKING: the replies to the first `held` messages are
 /// written in one burst once all of them are in, then nothing is read for [`STALL`]; every
@@ -80,8 +80,9 @@ fn replies_read_together_keep_their_time_while_a_large_body_is_written() {
     assert_eq!(num(&report, "messages_accepted"), 4, "{report}");
     let eod = &report["latency_ms"]["end_of_data"];
     let max = eod["max"].as_f64().unwrap();
+    // Half the stall: room for a slow machine's copies of 16 MiB, none for the stall.
     assert!(
-        max < 400.0,
+        max < STALL.as_secs_f64() * 1000.0 / 2.0,
         "a reply read at once was timed after the stall of {STALL:?}: {eod}"
     );
 }
