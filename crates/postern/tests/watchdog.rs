@@ -125,8 +125,18 @@ fn a_core_whose_timers_stop_is_logged_counted_and_interrupted_and_the_server_goe
 
     let body = server.metrics_until(|m| m.contains("postern_core_stalls_total 1"));
     assert!(body.contains("postern_core_stalls_total 1"), "{body}");
-    // Both cores serve mail again: enough connections that the kernel gives each core some.
-    for n in 0..8 {
+    let per_core = |m: &str| -> Vec<u64> {
+        m.lines()
+            .filter(|l| l.starts_with("postern_core_connections_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let before = per_core(&body);
+    assert_eq!(before.len(), 2, "{body}");
+    // Both cores serve mail again: enough connections that the kernel gives each core some
+    // (the chance that 32 all go to one is one in two thousand million), as the per-core
+    // counts then show.
+    for n in 0..32 {
         let mut c = server.connect();
         assert!(c.line().starts_with("220 "));
         c.send(b"EHLO after.test\r\n");
@@ -137,6 +147,10 @@ fn a_core_whose_timers_stop_is_logged_counted_and_interrupted_and_the_server_goe
         let reply = c.cmd(&format!("Subject: {n}\r\n\r\nafter the stall\r\n."));
         assert!(reply.starts_with("250 2.0.0"), "{reply}");
     }
+    server.metrics_until(|m| {
+        let now = per_core(m);
+        now.len() == 2 && now.iter().zip(&before).all(|(n, b)| n > b)
+    });
     let exit = server.terminate();
     assert!(exit.success(), "{exit:?}");
 }
