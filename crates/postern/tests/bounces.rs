@@ -1168,3 +1168,83 @@ fn a_bounce_to_a_sender_in_u_labels_reaches_a_next_hop_without_smtputf8() {
         "{text}"
     );
 }
+
+#[test]
+fn each_message_gathers_its_failures_for_its_own_half_second() {
+    // A's first recipient fails at once and its second waits (its next hop never answers):
+    // A gathers failures for half a second. B comes a quarter of a second later: its first
+    // recipient fails at once, its second once A's report is made. That is inside B's own
+    // half second, so B gets one report naming both. Before, A's half second ended B's
+    // gathering too, and B got two reports.
+    let (port_x, _, _) = scripted_next_hop(
+        |_, line| {
+            line.starts_with("RCPT")
+                .then_some(Act::Say("550 5.1.1 no such user\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let (_hold_y, held_y) = std::sync::mpsc::channel::<()>();
+    let held_y = std::sync::Mutex::new(Some(held_y));
+    let (port_y, _, _) = scripted_next_hop(
+        move |_, line| {
+            line.starts_with("RCPT").then(|| {
+                let told = held_y.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "451 4.3.0 later\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let (release_z, gate_z) = std::sync::mpsc::channel::<()>();
+    let gate_z = std::sync::Mutex::new(Some(gate_z));
+    let (port_z, _, _) = scripted_next_hop(
+        move |_, line| {
+            line.starts_with("RCPT").then(|| {
+                let told = gate_z.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let origin = Peer::start(&[]);
+    let routes = [
+        format!("x.test=127.0.0.1:{port_x}"),
+        format!("y.test=127.0.0.1:{port_y}"),
+        format!("z.test=127.0.0.1:{port_z}"),
+        format!("origin.test=127.0.0.1:{}", origin.port),
+    ];
+    let mut args = vec!["--cores", "1", "--shutdown-grace", "1s"];
+    for r in &routes {
+        args.extend(["--route", r.as_str()]);
+    }
+    let mut server = Server::start(&args);
+    let a = send(
+        &server,
+        "s@origin.test",
+        &["a1@x.test", "a2@y.test"],
+        "<a@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"a1@x.test\"") && l.contains("bounced"));
+    // The pace is the scenario: B's first failure a quarter of a second into A's gathering.
+    std::thread::sleep(Duration::from_millis(250));
+    let b = send(
+        &server,
+        "s@origin.test",
+        &["b1@x.test", "b2@z.test"],
+        "<b@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"b1@x.test\"") && l.contains("bounced"));
+    // A's report, made at the end of A's half second; then B's second recipient fails.
+    let made = |id: &str| {
+        let id = format!("queue_id={id}");
+        move |l: &str| l.contains("delivery status notification queued") && l.contains(&id)
+    };
+    server.log_until(made(&a));
+    release_z.send(()).unwrap();
+    server.log_until(|l| l.contains("to=\"b2@z.test\"") && l.contains("bounced"));
+    server.log_until(made(&b));
+    let log = server.terminate_for_log();
+    let b_reports: Vec<&str> = log.lines().filter(|l| made(&b)(l)).collect();
+    assert_eq!(b_reports.len(), 1, "{b_reports:#?}");
+}

@@ -613,8 +613,9 @@ pub struct CoreRelay {
     flushes_seen: Cell<u64>,
     /// Messages with relayed recipients whose success report is still to be made.
     relayed_waiting: RefCell<Vec<String>>,
-    /// Messages with failed recipients whose bounce is still to be made.
-    failed_waiting: RefCell<Vec<String>>,
+    /// Messages with failed recipients whose bounce is still to be made, with when each
+    /// began gathering the failures that share its report.
+    failed_waiting: RefCell<Vec<(String, Instant)>>,
     /// Recipients deferred past `--delay-warning` in this batch of outcomes, by message.
     delays_waiting: RefCell<Vec<(String, Delay)>>,
     /// Bounces being made and messages being finished: a graceful stop waits for them, so

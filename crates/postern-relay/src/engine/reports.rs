@@ -26,34 +26,47 @@ impl CoreRelay {
                     self.settle(r);
                 }
             }
-            if !self.failed_waiting.borrow().is_empty() {
-                // Failures of messages with recipients still pending: those recipients'
-                // outcomes at other next hops (other domains failing their lookups, say)
-                // often come moments later, and then share the report (or the whole message
-                // is settled and `finish` makes one report of it all).
-                // A stop ends the wait: its grace is for making these reports.
-                let until = Instant::now() + GATHER_FAILURES;
-                while !self.handle.is_stopping() {
-                    let Some(left) = until.checked_duration_since(Instant::now()) else {
-                        break;
-                    };
-                    let waited =
-                        futures_lite::future::or(inbox.wait(), glommio::timer::sleep(left));
-                    futures_lite::future::or(waited, self.handle.stopped()).await;
-                    while let Some(batch) = inbox.pop() {
-                        for r in batch {
-                            self.settle(r);
-                        }
+            // Failures of messages with recipients still pending: those recipients' outcomes
+            // at other next hops (other domains failing their lookups, say) often come
+            // moments later, and then share the report (or the whole message is settled and
+            // `finish` makes one report of it all). Each message gathers for its own half
+            // second from its first failure, whatever others do meanwhile. A stop ends the
+            // wait: its grace is for making these reports.
+            while let Some(due) = self.first_failures_due() {
+                if self.handle.is_stopping() {
+                    break;
+                }
+                let Some(left) = due.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                let waited = futures_lite::future::or(inbox.wait(), glommio::timer::sleep(left));
+                futures_lite::future::or(waited, self.handle.stopped()).await;
+                while let Some(batch) = inbox.pop() {
+                    for r in batch {
+                        self.settle(r);
                     }
                 }
             }
             self.report_relayed();
             self.report_failed();
             self.report_delays();
+            // Messages still gathering: back to their wait.
+            if !self.failed_waiting.borrow().is_empty() && !self.handle.is_stopping() {
+                continue;
+            }
             // Also while stopping: outcomes of deliveries in flight still come (see
             // `wind_down`).
             inbox.wait().await;
         }
+    }
+
+    /// When the first message gathering failures is done gathering.
+    fn first_failures_due(&self) -> Option<Instant> {
+        self.failed_waiting
+            .borrow()
+            .iter()
+            .map(|(_, since)| *since + GATHER_FAILURES)
+            .min()
     }
 
     /// Records one recipient's outcome.
@@ -134,7 +147,11 @@ impl CoreRelay {
             }
         }
         if !t.failed.is_empty() && t.pending > 0 {
-            self.failed_waiting.borrow_mut().push(r.queue_id.clone());
+            // Gathering from its first failure on (one already gathering keeps its start).
+            let mut waiting = self.failed_waiting.borrow_mut();
+            if !waiting.iter().any(|(q, _)| *q == r.queue_id) {
+                waiting.push((r.queue_id.clone(), Instant::now()));
+            }
         }
         if t.pending == 0 && !t.bouncing {
             if let Some(t) = tracked.remove(&r.queue_id) {
@@ -186,14 +203,24 @@ impl CoreRelay {
     /// retry for a 4xx may take days), made after each batch of outcomes: the sender learns
     /// of a permanent failure at once, and its status is recorded so that a restart does not
     /// try that recipient again.
+    /// Only messages done gathering (see `report_loop`) are reported, all of them once
+    /// stopping.
     pub(super) fn report_failed(self: &Rc<Self>) {
-        let mut waiting = std::mem::take(&mut *self.failed_waiting.borrow_mut());
-        if waiting.is_empty() {
-            return;
-        }
-        waiting.dedup();
+        let now = Instant::now();
+        let all = self.handle.is_stopping();
+        let due: Vec<String> = {
+            let mut waiting = self.failed_waiting.borrow_mut();
+            if waiting.is_empty() {
+                return;
+            }
+            let (due, gathering) = std::mem::take(&mut *waiting)
+                .into_iter()
+                .partition(|(_, since)| all || *since + GATHER_FAILURES <= now);
+            *waiting = gathering;
+            due.into_iter().map(|(queue_id, _)| queue_id).collect()
+        };
         let mut tracked = self.tracked.borrow_mut();
-        for queue_id in waiting {
+        for queue_id in due {
             let Some(t) = tracked.get_mut(&queue_id) else {
                 continue;
             };
@@ -271,8 +298,12 @@ impl CoreRelay {
             self.publish_depth();
             self.finish(t).await;
         } else if more {
-            // Failures that came while this bounce was made.
-            self.failed_waiting.borrow_mut().push(queue_id);
+            // Failures that came while this bounce was made: reported now, their gathering
+            // done meanwhile.
+            let gathered = Instant::now()
+                .checked_sub(GATHER_FAILURES)
+                .unwrap_or_else(Instant::now);
+            self.failed_waiting.borrow_mut().push((queue_id, gathered));
             self.report_failed();
         }
     }
