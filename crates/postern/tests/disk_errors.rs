@@ -282,3 +282,78 @@ fn a_bounce_the_failing_disk_cannot_take_stays_counted_and_does_not_hold_the_sto
         .expect("the acknowledged message is kept");
     assert!(!msg.is_final(), "{msg:?}");
 }
+
+#[test]
+fn a_message_whose_bounce_waits_for_room_can_be_deleted() {
+    use relaying::{scripted_next_hop, Act};
+    // A full or failing disk is when an operator deletes mail: a message whose bounce the
+    // spool cannot take is deleted, leaves the gauges at once, and its bounce is not made.
+    // The next hop refuses the recipient for good, once the test says so.
+    let (refuse, refusal) = std::sync::mpsc::channel();
+    let refusal = std::sync::Mutex::new(Some(refusal));
+    let (port, _stored, _closed) = scripted_next_hop(
+        move |_, line| {
+            line.starts_with("RCPT").then(|| {
+                let told = refusal.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let disk = FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: doomed\r\n\r\nx\r\n");
+    let acked = c.cmd(".");
+    assert!(acked.starts_with("250 2.0.0"), "{acked}");
+    let id = queue_id(&acked);
+    // The disk fails from before the refusal: the bounce cannot be made durable.
+    disk.fail_syncs(true);
+    refuse.send(()).unwrap();
+    server.log_until(|l| l.contains("cannot spool the bounce") && l.contains(&id));
+    server.metrics_until(|m| m.contains("postern_queue_depth 1\n"));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .args(["--delete", &id])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    // (Its segment may be reclaimed before the command looks: then it cannot tell how the
+    // message left, and says so; the server's log says it was deleted.)
+    assert!(
+        said == format!("deleted {id}\n") || said.starts_with(&format!("{id} left the queue")),
+        "{said}"
+    );
+    server.log_until(|l| l.contains("deleted by the operator") && l.contains(&id));
+    server.metrics_until(|m| m.contains("postern_queue_depth 0\n"));
+    // Its bounce's next try finds it deleted, and makes no report.
+    server.log_until(|l| l.contains("is not made") && l.contains(&id));
+    disk.fail_syncs(false);
+    let log = server.terminate_for_log();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("delivery status notification queued") && l.contains(&id)),
+        "{log}"
+    );
+}

@@ -624,9 +624,9 @@ pub struct CoreRelay {
     /// When a failed sync of settled statuses was last logged (at most once a minute).
     sync_warned: Cell<Option<std::time::Instant>>,
     /// Messages settled but for a bounce the spool could not take, waiting to try it again
-    /// (no longer tracked), and their recipients: still counted in the queue's depth, as they
-    /// still hold their space.
-    bounces_waiting: Cell<(u64, u64)>,
+    /// (no longer tracked), by queue ID: still counted in the queue's depth, as they still
+    /// hold their space, and the operator may delete them (a full disk is when one would).
+    bounces_waiting: RefCell<HashMap<String, Arc<Msg>>>,
     /// Outbound connections of this core (workers, from their start to their end).
     outbound: Cell<usize>,
     /// Next hops with jobs waiting that got no connection for the core's cap, in the order
@@ -706,7 +706,15 @@ impl Delivery for CoreRelay {
     fn deleted(&self, queue_id: &str) -> Option<usize> {
         // Its outcomes still to come are ignored (nothing tracks it), and its jobs queued on
         // any core are dropped when their turn comes.
-        let t = self.tracked.borrow_mut().remove(queue_id)?;
+        let Some(t) = self.tracked.borrow_mut().remove(queue_id) else {
+            // Settled, but for its bounce, which waits for room in the spool: that bounce
+            // is not made (the operator's deletion says not to report), and none of its
+            // recipients is still to be settled.
+            let msg = self.bounces_waiting.borrow_mut().remove(queue_id)?;
+            msg.deleted.store(true, Ordering::Release);
+            self.publish_depth();
+            return Some(0);
+        };
         t.msg.deleted.store(true, Ordering::Release);
         self.publish_depth();
         // Failed for good, by the operator: counted with the other failures (those waiting
@@ -739,7 +747,7 @@ impl CoreRelay {
             delays_waiting: RefCell::new(Vec::new()),
             reporting: Cell::new(0),
             sync_warned: Cell::new(None),
-            bounces_waiting: Cell::new((0, 0)),
+            bounces_waiting: RefCell::new(HashMap::new()),
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
@@ -826,10 +834,11 @@ impl CoreRelay {
     fn publish_depth(&self) {
         let (n, recipients) = {
             let tracked = self.tracked.borrow();
-            let (waiting, their_recipients) = self.bounces_waiting.get();
+            let waiting = self.bounces_waiting.borrow();
+            let their_recipients: usize = waiting.values().map(|m| m.meta.recipients.len()).sum();
             (
-                tracked.len() as u64 + waiting,
-                tracked.recipients + their_recipients,
+                tracked.len() as u64 + waiting.len() as u64,
+                tracked.recipients + their_recipients as u64,
             )
         };
         self.relay.depth.set(self.id, n);

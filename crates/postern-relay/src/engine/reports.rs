@@ -415,15 +415,16 @@ impl CoreRelay {
         .await
     }
 
-    /// Counts a message (and its recipients) in, or out of, [`CoreRelay::bounces_waiting`],
-    /// and publishes the queue's depth.
-    fn count_bounce_waiting(&self, (messages, recipients): (u64, u64), waiting: bool) {
-        let (m, r) = self.bounces_waiting.get();
-        self.bounces_waiting.set(if waiting {
-            (m + messages, r + recipients)
+    /// Puts a message in, or takes it out of, [`CoreRelay::bounces_waiting`], and publishes
+    /// the queue's depth.
+    fn bounce_waits(&self, msg: &Arc<Msg>, waiting: bool) {
+        let mut waits = self.bounces_waiting.borrow_mut();
+        if waiting {
+            waits.insert(msg.queue_id.clone(), msg.clone());
         } else {
-            (m - messages, r - recipients)
-        });
+            waits.remove(&msg.queue_id);
+        }
+        drop(waits);
         self.publish_depth();
     }
 
@@ -452,12 +453,19 @@ impl CoreRelay {
                     );
                     let me = self.clone();
                     let busy = Reporting::new(&self);
-                    let counted = (1, msg.meta.recipients.len() as u64);
-                    me.count_bounce_waiting(counted, true);
+                    me.bounce_waits(&t.msg, true);
                     spawn_detached(async move {
                         let again = me.bounce_pause().await;
-                        me.count_bounce_waiting(counted, false);
-                        if again {
+                        me.bounce_waits(&t.msg, false);
+                        // Deleted by the operator meanwhile: its deletion records and
+                        // forgets it, with no report.
+                        if t.msg.deleted.load(Ordering::Acquire) {
+                            tracing::info!(
+                                queue_id = %t.msg.queue_id,
+                                "the bounce waiting for room in the spool is not made: the \
+                                 message was deleted by the operator"
+                            );
+                        } else if again {
                             me.finish(t).await;
                         }
                         drop(busy);
