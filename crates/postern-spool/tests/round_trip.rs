@@ -373,3 +373,62 @@ fn a_write_at_once_behind_a_batch_of_its_own_segment_comes_after_that_batch() {
     );
     assert_eq!((r.damaged, r.corrupt_records), (0, 0));
 }
+
+#[test]
+fn a_live_reader_holds_the_newest_segments_as_copies_and_maps_the_older() {
+    // Three segments or more; then every byte of every segment file is written over, as a
+    // writer could write under a reader (here, beyond anything the spool does): what a
+    // live reader got from the two newest is its own copy, unchanged, while the older ones
+    // are mapped and show the new bytes.
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 256 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    for i in 0..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 60_000)).unwrap();
+        spool.finish(d).unwrap();
+        spool.sync_now().unwrap();
+    }
+    drop(spool);
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let mapped = recover(dir.path()).unwrap();
+    let live = postern_spool::recover_live(dir.path()).unwrap();
+    let bodies = |r: &postern_spool::Recovered| -> Vec<Vec<u8>> {
+        r.messages.iter().map(|m| m.body().to_vec()).collect()
+    };
+    let before = bodies(&live);
+    assert_eq!(
+        before,
+        bodies(&mapped),
+        "the same messages, read either way"
+    );
+    assert_eq!(before.len(), 12);
+    for path in &segments {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.write_all_at(&vec![0xA5; len as usize - 64], 64)
+            .unwrap();
+    }
+    let kept: Vec<bool> = live
+        .messages
+        .iter()
+        .zip(&before)
+        .map(|(m, b)| m.body().to_vec() == *b)
+        .collect();
+    // The last messages (in the two newest segments) kept their bodies; the first ones,
+    // mapped, see the bytes written over them.
+    assert!(kept.last().copied().unwrap(), "{kept:?}");
+    assert!(!kept[0], "{kept:?}");
+    // Read through the mapping at start-up, as the server does, it shows the new bytes.
+    assert_ne!(mapped.messages[0].body().to_vec(), before[0]);
+}
