@@ -575,6 +575,46 @@ fn an_address_under_two_mx_names_is_tried_once_in_an_attempt() {
 }
 
 #[test]
+fn an_address_published_as_a_and_as_ipv4_mapped_aaaa_is_tried_once() {
+    use dns_server::{Rec, TestDns};
+    // The pool's three addresses each published twice, as A and as the IPv4-mapped AAAA of
+    // the same address: one server each, tried once in an attempt, and the backup MX gets
+    // the mail within the attempt's five addresses (before, the pool took all five).
+    let backup = Peer::start_on("127.0.0.58", 0, &[]);
+    let port = backup.port;
+    let counts: Vec<_> = (0..3)
+        .map(|i| refusing_greeter(&format!("127.0.0.{}", 55 + i), port))
+        .collect();
+    let mut records = vec![
+        ("mapped.test.", Rec::Mx(10, "pool.mapped.test.")),
+        ("mapped.test.", Rec::Mx(20, "backup.mapped.test.")),
+        ("backup.mapped.test.", Rec::A([127, 0, 0, 58].into())),
+    ];
+    for i in 0..3u8 {
+        let v4 = std::net::Ipv4Addr::new(127, 0, 0, 55 + i);
+        records.push(("pool.mapped.test.", Rec::A(v4)));
+        records.push(("pool.mapped.test.", Rec::Aaaa(v4.to_ipv6_mapped())));
+    }
+    let dns = TestDns::start("test", &records);
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@mapped.test"],
+        "<mapped@t>",
+        "x\r\n",
+    );
+    let (stored, _) = backup.first("the message at the backup MX");
+    assert_eq!(stored.rcpt_tos, ["r@mapped.test"]);
+    let each: Vec<usize> = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        .collect();
+    assert_eq!(each, [1, 1, 1], "connections to each pool address");
+    drop(dns);
+}
+
+#[test]
 fn mail_whose_best_mx_is_this_server_bounces_and_a_better_mx_still_gets_it() {
     use dns_server::{Rec, TestDns};
     // A backup MX on another loopback address; this server on 127.0.0.1 at the same port,

@@ -51,6 +51,24 @@ fn delivers_through_data_to_aiosmtpd_with_dot_stuffing_and_trace() {
 }
 
 #[test]
+fn a_relay_host_named_localhost_is_reached_on_ipv6_loopback_too() {
+    // A smarthost listening on ::1 alone: `localhost` stands for both loopback addresses,
+    // as a resolver gives it (before, for 127.0.0.1 only, and the mail waited for ever).
+    let peer = Peer::start_on("::1", 0, &[]);
+    let relay = format!("localhost:{}", peer.port);
+    let server = Server::start(&["--relay-host", &relay]);
+    send(
+        &server,
+        "alice@origin.test",
+        &["bob@dest.test"],
+        "<v6@t>",
+        "x\r\n",
+    );
+    let stored = peer.wait_for("the message", Duration::from_secs(20), |s| s.len() == 1);
+    assert_eq!(stored[0].rcpt_tos, ["bob@dest.test"]);
+}
+
+#[test]
 fn a_large_body_of_dot_lines_goes_through_data_whole() {
     // Over 64 KiB, with a dot-stuffed line every few octets and long lines between: the
     // pieces the stuffing makes are gathered into writes, in order, none lost or doubled.

@@ -797,10 +797,15 @@ impl CoreRelay {
                         preference: 0,
                         addrs: vec![ip],
                     }],
+                    // Both loopback addresses, IPv4 first, as a resolver gives `localhost.`:
+                    // a next hop listening on ::1 alone is reached too.
                     Err(_) if hp.host == "localhost" => vec![NextHop {
                         host: hp.host.clone(),
                         preference: 0,
-                        addrs: vec![IpAddr::from([127, 0, 0, 1])],
+                        addrs: vec![
+                            IpAddr::from([127, 0, 0, 1]),
+                            IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]),
+                        ],
                     }],
                     Err(_) => self
                         .relay
@@ -852,14 +857,15 @@ impl CoreRelay {
         let mut last_refused = false;
         // Each address once, under its best host: MX names that share addresses (aliases of
         // one pool) would have one attempt try the same host again and leave the backup MX
-        // past the attempt's five addresses.
+        // past the attempt's five addresses. An IPv4-mapped IPv6 address (an AAAA record
+        // for an IPv4 host) is that IPv4 address.
         let mut listed = std::collections::HashSet::new();
         let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
             .iter()
             .flat_map(|h| {
                 h.addrs
                     .iter()
-                    .map(move |&ip| (h, SocketAddr::new(ip, port)))
+                    .map(move |&ip| (h, SocketAddr::new(ip.to_canonical(), port)))
             })
             .filter(|&(_, a)| listed.insert(a))
             .collect();

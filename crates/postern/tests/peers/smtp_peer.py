@@ -131,7 +131,8 @@ class EightBitController(Controller):
 
 
 def free_port(host):
-    with socket.socket() as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
