@@ -743,20 +743,53 @@ enum Addresses {
     Failed(String),
 }
 
+/// Once one family's lookup has found addresses, how long the other's answer is waited for:
+/// a name server that drops AAAA queries (some still do) costs this, not its whole timeout
+/// and retries, for every connection to that host.
+const OTHER_FAMILY_GRACE: Duration = Duration::from_millis(500);
+
 /// Looks up a host's A and AAAA records at the same time.
 async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
-    let (v4, v6) = tokio::join!(
-        resolver.lookup(host.clone(), RecordType::A),
-        resolver.lookup(host, RecordType::AAAA),
-    );
-    let v4 = classify(v4, |data| match data {
+    let pick_v4 = |data: &RData| match data {
         RData::A(a) => Some(IpAddr::V4(a.0)),
         _ => None,
-    });
-    let v6 = classify(v6, |data| match data {
+    };
+    let pick_v6 = |data: &RData| match data {
         RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
         _ => None,
-    });
+    };
+    let usable = |found: &Found<IpAddr>| matches!(found, Found::Records(ips) if ips.iter().any(|ip| host_address(*ip).is_ok()));
+    let a = resolver.lookup(host.clone(), RecordType::A);
+    let aaaa = resolver.lookup(host, RecordType::AAAA);
+    tokio::pin!(a, aaaa);
+    // The other family's answer, in full where the first found no address, for the grace
+    // otherwise (then given up as no records).
+    let (v4, v6) = tokio::select! {
+        first = &mut a => {
+            let v4 = classify(first, pick_v4);
+            let v6 = if usable(&v4) {
+                match tokio::time::timeout(OTHER_FAMILY_GRACE, &mut aaaa).await {
+                    Ok(other) => classify(other, pick_v6),
+                    Err(_) => Found::NoData,
+                }
+            } else {
+                classify(aaaa.await, pick_v6)
+            };
+            (v4, v6)
+        }
+        first = &mut aaaa => {
+            let v6 = classify(first, pick_v6);
+            let v4 = if usable(&v6) {
+                match tokio::time::timeout(OTHER_FAMILY_GRACE, &mut a).await {
+                    Ok(other) => classify(other, pick_v4),
+                    Err(_) => Found::NoData,
+                }
+            } else {
+                classify(a.await, pick_v4)
+            };
+            (v4, v6)
+        }
+    };
     let mut addrs = Vec::new();
     let mut failed = None;
     for found in [v4, v6] {

@@ -575,6 +575,39 @@ fn an_address_under_two_mx_names_is_tried_once_in_an_attempt() {
 }
 
 #[test]
+fn a_host_whose_name_server_drops_aaaa_queries_is_reached_without_waiting_them_out() {
+    use dns_server::{Rec, TestDns};
+    // The MX host's A query is answered, its AAAA query never: its IPv4 address is used a
+    // moment later, not after the AAAA lookup's timeouts and retries (5 s each, three
+    // queries), which every connection to it paid before.
+    let peer = Peer::start_on("127.0.0.62", 0, &[]);
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("slowv6.test.", Rec::Mx(10, "v4only.test.")),
+            ("v4only.test.", Rec::A("127.0.0.62".parse().unwrap())),
+        ],
+    );
+    let server = mx_server(&dns, peer.port, &[]);
+    let sent = std::time::Instant::now();
+    send(
+        &server,
+        "s@origin.test",
+        &["r@slowv6.test"],
+        "<slowv6@t>",
+        "x\r\n",
+    );
+    peer.wait_for("the message", Duration::from_secs(30), |s| s.len() == 1);
+    // A bound on the wait, well under one AAAA query's timeout.
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "delivered after {:?}",
+        sent.elapsed()
+    );
+    drop(dns);
+}
+
+#[test]
 fn an_address_published_as_a_and_as_ipv4_mapped_aaaa_is_tried_once() {
     use dns_server::{Rec, TestDns};
     // The pool's three addresses each published twice, as A and as the IPv4-mapped AAAA of

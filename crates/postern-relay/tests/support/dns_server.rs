@@ -6,7 +6,8 @@
 //! (including empty non-terminals), NXDOMAIN with the SOA for names in the zone with no records,
 //! REFUSED outside the zone. UDP answers larger than the client's EDNS size (512 without EDNS)
 //! are truncated (TC set, no records), so clients must retry over TCP. Two names misbehave on
-//! purpose: `servfail.<zone>` answers SERVFAIL and `silent.<zone>` is never answered.
+//! purpose: `servfail.<zone>` answers SERVFAIL and `silent.<zone>` is never answered;
+//! `v4only.<zone>` answers A queries from its records and never answers AAAA ones.
 //!
 //! Self-contained (hickory-proto, tokio with `rt`, `net`, `sync`, `macros`, and std) so other
 //! crates' tests can include it with `#[path = "..."] mod dns_server;`.
@@ -64,6 +65,7 @@ struct Zone {
     soa: Record,
     servfail: Name,
     silent: Name,
+    v4only: Name,
     udp_queries: AtomicUsize,
     tcp_queries: AtomicUsize,
 }
@@ -115,6 +117,7 @@ impl TestDns {
         let zone = Arc::new(Zone {
             servfail: name("servfail"),
             silent: name("silent"),
+            v4only: name("v4only"),
             origin,
             records,
             soa,
@@ -321,7 +324,7 @@ impl Zone {
             response.metadata.response_code = ResponseCode::Refused;
             return Some(response);
         }
-        if *qname == self.silent {
+        if *qname == self.silent || (*qname == self.v4only && qtype == RecordType::AAAA) {
             return None;
         }
         if *qname == self.servfail {
