@@ -660,7 +660,7 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
                     // one) is of the utf-8 type, in its ASCII form (RFC 6533 3).
                     let address = xtext_decode(addr);
                     if address.is_ascii() {
-                        format!("rfc822;{}", safe(&address))
+                        format!("rfc822;{}", safe_address(&address))
                     } else {
                         format!("utf-8;{}", safe(&utf8_addr_xtext(&address)))
                     }
@@ -675,7 +675,7 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
         // A UTF-8 mailbox is of the utf-8 address type, written utf-8-addr-xtext (RFC 6533
         // 3).
         let final_recipient = if recipient.path.is_ascii() {
-            format!("rfc822; {}", safe(&recipient.path))
+            format!("rfc822; {}", safe_address(&recipient.path))
         } else {
             format!("utf-8; {}", safe(&utf8_addr_xtext(&recipient.path)))
         };
@@ -781,8 +781,14 @@ fn field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.push(b':');
     let mut column = name.len() + 1;
     let mut first = true;
-    for word in value.split(' ').filter(|word| !word.is_empty()) {
-        if !first && column + 1 + word.len() > FOLD_COLUMN {
+    // Spaces in a row are kept (an address's quoted local part may hold them): an empty
+    // word between two is written as one more space, and never folded before, so that no
+    // line is only white space.
+    for word in value.split(' ') {
+        if first && word.is_empty() {
+            continue;
+        }
+        if !first && !word.is_empty() && column + 1 + word.len() > FOLD_COLUMN {
             out.extend_from_slice(b"\r\n");
             column = 0;
         }
@@ -812,6 +818,17 @@ pub fn utf8_addr_xtext(s: &str) -> String {
 /// space runs shrink to one space, non-ASCII characters become RFC 6533 `\x{HEX}`, and the
 /// result is trimmed and cut at [`MAX_FIELD_VALUE`] octets.
 fn safe(value: &str) -> String {
+    clean(value, true)
+}
+
+/// [`safe`] for an address: its spaces are kept as they are, since a quoted local part may
+/// hold several in a row (`"a  b"@example.com`) and the report gives the address as it was
+/// (RFC 3464 2.3.1, 2.3.2); folding at a space loses none of them.
+fn safe_address(value: &str) -> String {
+    clean(value, false)
+}
+
+fn clean(value: &str, squeeze: bool) -> String {
     let mut out = String::with_capacity(value.len().min(MAX_FIELD_VALUE));
     for ch in value.chars() {
         if out.len() >= MAX_FIELD_VALUE {
@@ -824,7 +841,7 @@ fn safe(value: &str) -> String {
             }
             break;
         }
-        if ch.is_ascii_graphic() {
+        if ch.is_ascii_graphic() || (ch == ' ' && !squeeze && !out.is_empty()) {
             out.push(ch);
         } else if ch.is_ascii() {
             if !out.is_empty() && !out.ends_with(' ') {
@@ -1202,6 +1219,50 @@ mod tests {
         // A control character, escaped in the xtext, is still not written.
         let text = String::from_utf8_lossy(&build(&report("a+0D+0Ab"))).into_owned();
         assert!(text.contains("Original-Envelope-Id: a b\r\n"), "{text}");
+    }
+
+    /// RFC 3464 2.3.1, 2.3.2: an address is given as it was, a quoted local part's spaces
+    /// in a row too.
+    #[test]
+    fn spaces_in_a_quoted_local_part_are_kept() {
+        let recipients = [ReportRecipient {
+            path: "\"a  b\"@dest.example".into(),
+            orcpt: Some("rfc822;\"c+20+20d\"@x.example".into()),
+            action: Action::Failed,
+            status: "5.1.1".into(),
+            remote_mta: None,
+            diagnostic: Some("550 5.1.1   no  such user".into()),
+            last_attempt: None,
+            will_retry_until: None,
+        }];
+        let report = Report {
+            reporting_mta: "mx.example",
+            queue_id: "Q1",
+            envid: None,
+            arrival: 1_790_000_000,
+            now: 1_790_000_100,
+            to: "a@origin.example",
+            received_from: None,
+            recipients: &recipients,
+            original: b"Subject: s\r\n\r\nbody\r\n",
+            return_full: false,
+            binary: false,
+            max_returned: 1 << 20,
+        };
+        let text = String::from_utf8_lossy(&build(&report)).into_owned();
+        assert!(
+            text.contains("Final-Recipient: rfc822; \"a  b\"@dest.example\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Original-Recipient: rfc822;\"c  d\"@x.example\r\n"),
+            "{text}"
+        );
+        // A reply's spaces are squeezed as before.
+        assert!(
+            text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"),
+            "{text}"
+        );
     }
 
     #[test]
