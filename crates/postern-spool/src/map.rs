@@ -7,10 +7,10 @@
 //! reading only after the `pwrite` that wrote it returned (a finished message's body only
 //! through `Spool::body`, once the sync that writes and syncs its records has completed), and the spool never writes it
 //! again, never truncates a segment and never recycles one (it deletes; an unlinked file stays
-//! valid for whoever still maps it). The one reader beside a writer is `postern queue`,
-//! which scans a live spool: it reads the segments a server may still be writing (each
-//! core's two newest) into memory of its own ([`crate::recover_live`]), and maps only older
-//! ones, which no writer touches again.
+//! valid for whoever still maps it). The one reader outside that discipline is `postern
+//! queue`, which scans a live spool: the bytes it may see changing are only those of records
+//! being appended, and the scan treats every byte as untrusted (lengths bounds-checked, CRC
+//! checked) before it uses one.
 #![allow(unsafe_code)]
 
 use std::fs::File;

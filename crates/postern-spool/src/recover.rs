@@ -118,23 +118,6 @@ struct Partial {
 /// Scans the spool under `root`: every core directory, every segment in number order. Run it
 /// at start-up, before any [`Spool`](crate::Spool) writes.
 pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
-    recover_as(root, false)
-}
-
-/// [`recover`] for a reader beside a running server (`postern queue`): the newest segments
-/// of each core, the ones a server may still be writing (appending, zeroing ahead, marking,
-/// sealing), are read into memory of this process's own rather than read through a mapping,
-/// since no Rust reference may cover bytes that change under it. Older segments are only
-/// ever deleted, and are mapped as at start-up.
-pub fn recover_live(root: &Path) -> Result<Recovered, SpoolError> {
-    recover_as(root, true)
-}
-
-/// How many of a core's newest segments [`recover_live`] copies: the one being written and
-/// the one before, which its seal may still be written to.
-const LIVE_SEGMENTS: usize = 2;
-
-fn recover_as(root: &Path, live: bool) -> Result<Recovered, SpoolError> {
     // No spool yet is an empty one; one that cannot be listed (a reader allowed to enter
     // the directory and not to read it) is not.
     let cores = match std::fs::read_dir(root) {
@@ -160,7 +143,7 @@ fn recover_as(root: &Path, live: bool) -> Result<Recovered, SpoolError> {
         }
     }
     core_dirs.sort();
-    let mut out = scan_dirs(&core_dirs, live)?;
+    let mut out = scan_dirs(&core_dirs)?;
     odd.sort();
     out.strays.extend(odd);
     Ok(out)
@@ -194,12 +177,10 @@ fn cut_short(len: usize, size: u64) -> bool {
 
 /// Scans one core's directory (what the core's own spool needs at open).
 pub(crate) fn recover_core(dir: &Path, core: u32) -> Result<Recovered, SpoolError> {
-    scan_dirs(&[(core, dir.to_path_buf())], false)
+    scan_dirs(&[(core, dir.to_path_buf())])
 }
 
-/// Scans the segments of `core_dirs`; `live`: beside a running server (see
-/// [`recover_live`]).
-fn scan_dirs(core_dirs: &[(u32, PathBuf)], live: bool) -> Result<Recovered, SpoolError> {
+fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut out = Recovered::default();
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
@@ -233,14 +214,9 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)], live: bool) -> Result<Recovered, Spoo
             }
         }
         segs.sort();
-        let copied_from = if live {
-            segs.len().saturating_sub(LIVE_SEGMENTS)
-        } else {
-            segs.len()
-        };
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();
-        for (i, (seq, path)) in segs.into_iter().enumerate() {
+        for (seq, path) in segs {
             let file = match File::open(&path) {
                 Ok(file) => file,
                 // Reclaimed since the directory was read (a `postern queue` beside a running
@@ -251,15 +227,7 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)], live: bool) -> Result<Recovered, Spoo
                 }
                 Err(e) => return Err(SpoolError::at(&path)(e)),
             };
-            let map = if i >= copied_from {
-                let mut bytes = Vec::new();
-                std::io::Read::read_to_end(&mut &file, &mut bytes)
-                    .and_then(|_| ReadMap::holding(&bytes))
-                    .map_err(SpoolError::at(&path))?
-            } else {
-                ReadMap::new(&file).map_err(SpoolError::at(&path))?
-            };
-            let map = Arc::new(map);
+            let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::at(&path))?);
             // A newer postern's segment is not damage to set aside: nothing is read or
             // changed, and the start (or the listing) ends here, saying so.
             if let Header::Newer(found) = header(map.range(0, map.len())) {
@@ -369,9 +337,7 @@ impl Scan<'_> {
     }
 
     fn segment(&mut self) {
-        // Nothing writes what is scanned: at start-up no writer runs, and beside a running
-        // server the segments it may write are copies (`recover_live`). The whole segment
-        // may be borrowed.
+        // No writer runs during recovery: the whole segment may be borrowed.
         let data = self.map.range(0, self.map.len());
         let (salt, size) = match header(data) {
             Header::Valid { salt, size } => (salt, size),

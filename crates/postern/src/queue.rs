@@ -114,7 +114,7 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     // ended: by a deletion or not.
     type Looked = (Vec<(String, u32)>, Vec<(String, bool)>);
     let look = |spool: &Path| -> Result<Looked, String> {
-        let recovered = postern_spool::recover_live(spool)
+        let recovered = postern_spool::recover(spool)
             .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))?;
         let (waiting, done): (Vec<_>, Vec<_>) =
             recovered.messages.iter().partition(|m| !m.is_final());
@@ -361,7 +361,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             postern_spool::LOCK_FILE
         ));
     }
-    let recovered = postern_spool::recover_live(spool)
+    let recovered = postern_spool::recover(spool)
         .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))?;
     let mut waiting: Vec<&RecoveredMessage> = recovered
         .messages
