@@ -45,8 +45,8 @@ pub struct Timings {
     bounds: Vec<u64>,
     /// Observations per bucket (not cumulative); one more, past the last bound, for `+Inf`.
     counts: Vec<u64>,
-    /// The sum of the observations, in microseconds.
-    sum_us: u64,
+    /// The sum of the observations, in nanoseconds.
+    sum_ns: u64,
 }
 
 impl Timings {
@@ -59,16 +59,19 @@ impl Timings {
             // that 0.00025 * 1e6 = 249.99... is not cut to 249.
             bounds: buckets.iter().map(|le| (le * 1e6).round() as u64).collect(),
             counts: vec![0; buckets.len() + 1],
-            sum_us: 0,
+            sum_ns: 0,
         }
     }
 
     /// Adds one observation.
     fn observe(&mut self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        // Rounded up to the microsecond: a value a nanosecond past a bound is past it.
+        let us = u64::try_from(d.as_nanos().div_ceil(1000)).unwrap_or(u64::MAX);
         let bucket = self.bounds.partition_point(|&le| le < us);
         self.counts[bucket] += 1;
-        self.sum_us = self.sum_us.saturating_add(us);
+        self.sum_ns = self
+            .sum_ns
+            .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         // In range by the clamp.
         let _ = self.recent.record(us.clamp(1, self.recent.high()));
     }
@@ -107,7 +110,7 @@ impl Timings {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += b;
         }
-        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+        self.sum_ns = self.sum_ns.saturating_add(other.sum_ns);
     }
 
     /// How many observations there are.
@@ -401,7 +404,7 @@ fn render_histogram_in(out: &mut String, name: &str, help: &str, t: &Timings, bu
     }
     let count = t.len();
     let _ = writeln!(out, "{name}_seconds_bucket{{le=\"+Inf\"}} {count}");
-    let sum = t.sum_us as f64 / 1e6;
+    let sum = t.sum_ns as f64 / 1e9;
     let _ = writeln!(out, "{name}_seconds_sum {sum}");
     let _ = writeln!(out, "{name}_seconds_count {count}");
     let window = t.window();
@@ -672,7 +675,8 @@ mod tests {
             CoreMetrics::record(&mut a.session_duration, Duration::from_secs(3600));
             CoreMetrics::record(&mut a.session_duration, Duration::from_millis(3_600_050));
             CoreMetrics::record(&mut a.eod_latency, Duration::from_millis(10));
-            CoreMetrics::record(&mut a.eod_latency, Duration::from_micros(10_002));
+            // Past the bound by less than a microsecond: past it all the same.
+            CoreMetrics::record(&mut a.eod_latency, Duration::from_nanos(10_001_400));
             // Past the latency histogram's top (100 s): counted and summed in full.
             CoreMetrics::record(&mut a.eod_latency, Duration::from_secs(240));
         }
@@ -699,7 +703,7 @@ mod tests {
         assert_eq!(line("postern_eod_latency_seconds_bucket{le=\"10\"}"), "2");
         assert_eq!(line("postern_eod_latency_seconds_bucket{le=\"+Inf\"}"), "3");
         assert_eq!(line("postern_eod_latency_seconds_count"), "3");
-        assert_eq!(line("postern_eod_latency_seconds_sum"), "240.020002");
+        assert_eq!(line("postern_eod_latency_seconds_sum"), "240.0200014");
         assert_eq!(line("postern_session_duration_seconds_sum"), "7200.05");
         // The smallest bound, 100 µs, and 250 µs (0.00025 * 1e6 is 249.99...).
         {

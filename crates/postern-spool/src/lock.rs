@@ -34,9 +34,10 @@ impl DirLock {
     pub fn acquire(dir: &Path) -> io::Result<DirLock> {
         let path = dir.join(LOCK_FILE);
         let in_use = || {
-            // The kernel's record of the holder comes first: the PID in the lock file may be
-            // stale (a process that inherited the lock from one that has ended) or from
-            // another PID namespace.
+            // The kernel's record of the holder comes first: the lock file may not hold the
+            // holder's PID yet (it writes it after taking the lock), or hold one a process
+            // wrote from another PID namespace, or one left there by hand. (For a lock a
+            // child inherited, the kernel too names the process that took it.)
             let holder = match flock_holder(dir) {
                 Ok(Some(pid)) => format!(" (pid {pid})"),
                 _ => match std::fs::read_to_string(&path).unwrap_or_default().trim() {
@@ -153,7 +154,8 @@ mod tests {
     fn the_holder_is_named_from_the_kernel_not_from_a_stale_lock_file() {
         let dir = tempfile::tempdir().unwrap();
         let _first = DirLock::acquire(dir.path()).unwrap();
-        // A holder that inherited the lock through fork outlives the PID it wrote.
+        // The lock file names a process other than the holder (left there, or written from
+        // another PID namespace).
         std::fs::write(dir.path().join(LOCK_FILE), "4000000\n").unwrap();
         let text = DirLock::acquire(dir.path()).unwrap_err().to_string();
         assert!(

@@ -1172,7 +1172,7 @@ fn a_bounce_to_a_sender_in_u_labels_reaches_a_next_hop_without_smtputf8() {
 #[test]
 fn each_message_gathers_its_failures_for_its_own_half_second() {
     // A's first recipient fails at once and its second waits (its next hop never answers):
-    // A gathers failures for half a second. B comes a quarter of a second later: its first
+    // A gathers failures for half a second. B comes a third of a second later: its first
     // recipient fails at once, its second once A's report is made. That is inside B's own
     // half second, so B gets one report naming both. Before, A's half second ended B's
     // gathering too, and B got two reports.
@@ -1225,8 +1225,10 @@ fn each_message_gathers_its_failures_for_its_own_half_second() {
         "x\r\n",
     );
     server.log_until(|l| l.contains("to=\"a1@x.test\"") && l.contains("bounced"));
-    // The pace is the scenario: B's first failure a quarter of a second into A's gathering.
-    std::thread::sleep(Duration::from_millis(250));
+    // The pace is the scenario: B's first failure near the end of A's half second, so that
+    // B's own half second leaves room for a slow sync of A's report before B's second
+    // failure.
+    std::thread::sleep(Duration::from_millis(350));
     let b = send(
         &server,
         "s@origin.test",

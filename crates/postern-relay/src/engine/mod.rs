@@ -519,6 +519,54 @@ impl Queued {
     }
 }
 
+/// Messages gathering failures for one report each (see `report_loop`), in the order they
+/// began, which is the order they are done: looked up by queue ID, and taken from the front,
+/// without a pass over all of them per failure or per wake-up (a queue resumed after an
+/// outage may have thousands gathering at once).
+#[derive(Default)]
+struct Gathering {
+    order: VecDeque<(String, Instant)>,
+    members: std::collections::HashSet<String>,
+}
+
+impl Gathering {
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Starts `queue_id` gathering at `since`, unless it already is.
+    fn add(&mut self, queue_id: &str, since: Instant) {
+        if self.members.insert(queue_id.to_owned()) {
+            // Begun now, or (`since` in the past) done already: the back, or the front.
+            if self.order.back().is_none_or(|(_, last)| *last <= since) {
+                self.order.push_back((queue_id.to_owned(), since));
+            } else {
+                self.order.push_front((queue_id.to_owned(), since));
+            }
+        }
+    }
+
+    /// When the first message is done gathering.
+    fn first_due(&self, gather: Duration) -> Option<Instant> {
+        self.order.front().map(|(_, since)| *since + gather)
+    }
+
+    /// Takes the messages done gathering by `now`, or all of them.
+    fn take_due(&mut self, now: Instant, gather: Duration, all: bool) -> Vec<String> {
+        let mut due = Vec::new();
+        while let Some((_, since)) = self.order.front() {
+            if !all && *since + gather > now {
+                break;
+            }
+            if let Some((queue_id, _)) = self.order.pop_front() {
+                self.members.remove(&queue_id);
+                due.push(queue_id);
+            }
+        }
+        due
+    }
+}
+
 /// The owner's record of a message not yet final.
 struct Tracked {
     msg: Arc<Msg>,
@@ -615,7 +663,7 @@ pub struct CoreRelay {
     relayed_waiting: RefCell<Vec<String>>,
     /// Messages with failed recipients whose bounce is still to be made, with when each
     /// began gathering the failures that share its report.
-    failed_waiting: RefCell<Vec<(String, Instant)>>,
+    failed_waiting: RefCell<Gathering>,
     /// Recipients deferred past `--delay-warning` in this batch of outcomes, by message.
     delays_waiting: RefCell<Vec<(String, Delay)>>,
     /// Bounces being made and messages being finished: a graceful stop waits for them, so
@@ -743,7 +791,7 @@ impl CoreRelay {
             retry_changed: Event::new(),
             flushes_seen: Cell::new(0),
             relayed_waiting: RefCell::new(Vec::new()),
-            failed_waiting: RefCell::new(Vec::new()),
+            failed_waiting: RefCell::new(Gathering::default()),
             delays_waiting: RefCell::new(Vec::new()),
             reporting: Cell::new(0),
             sync_warned: Cell::new(None),
@@ -1074,5 +1122,40 @@ impl CoreRelay {
                 self.dests.borrow().len() as u64,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_gathering_are_taken_in_the_order_they_are_done_each_once() {
+        let gather = Duration::from_millis(500);
+        let t0 = Instant::now();
+        let mut g = Gathering::default();
+        g.add("A", t0);
+        g.add("B", t0 + Duration::from_millis(300));
+        // Again: keeps its start.
+        g.add("A", t0 + Duration::from_millis(400));
+        assert_eq!(g.first_due(gather), Some(t0 + gather));
+        assert!(g
+            .take_due(t0 + Duration::from_millis(499), gather, false)
+            .is_empty());
+        assert_eq!(g.take_due(t0 + gather, gather, false), ["A"]);
+        assert_eq!(g.first_due(gather), Some(t0 + Duration::from_millis(800)));
+        // One done already goes first.
+        g.add("C", t0);
+        assert_eq!(g.take_due(t0 + gather, gather, false), ["C"]);
+        // At the stop, all of them.
+        g.add("D", t0 + Duration::from_secs(9));
+        assert_eq!(g.take_due(t0, gather, true), ["B", "D"]);
+        assert!(g.is_empty());
+        // Taken, it may gather again.
+        g.add("A", t0 + Duration::from_secs(10));
+        assert_eq!(
+            g.take_due(t0 + Duration::from_secs(11), gather, false),
+            ["A"]
+        );
     }
 }

@@ -62,11 +62,7 @@ impl CoreRelay {
 
     /// When the first message gathering failures is done gathering.
     fn first_failures_due(&self) -> Option<Instant> {
-        self.failed_waiting
-            .borrow()
-            .iter()
-            .map(|(_, since)| *since + GATHER_FAILURES)
-            .min()
+        self.failed_waiting.borrow().first_due(GATHER_FAILURES)
     }
 
     /// Records one recipient's outcome.
@@ -148,10 +144,9 @@ impl CoreRelay {
         }
         if !t.failed.is_empty() && t.pending > 0 {
             // Gathering from its first failure on (one already gathering keeps its start).
-            let mut waiting = self.failed_waiting.borrow_mut();
-            if !waiting.iter().any(|(q, _)| *q == r.queue_id) {
-                waiting.push((r.queue_id.clone(), Instant::now()));
-            }
+            self.failed_waiting
+                .borrow_mut()
+                .add(&r.queue_id, Instant::now());
         }
         if t.pending == 0 && !t.bouncing {
             if let Some(t) = tracked.remove(&r.queue_id) {
@@ -206,19 +201,14 @@ impl CoreRelay {
     /// Only messages done gathering (see `report_loop`) are reported, all of them once
     /// stopping.
     pub(super) fn report_failed(self: &Rc<Self>) {
-        let now = Instant::now();
         let all = self.handle.is_stopping();
-        let due: Vec<String> = {
-            let mut waiting = self.failed_waiting.borrow_mut();
-            if waiting.is_empty() {
-                return;
-            }
-            let (due, gathering) = std::mem::take(&mut *waiting)
-                .into_iter()
-                .partition(|(_, since)| all || *since + GATHER_FAILURES <= now);
-            *waiting = gathering;
-            due.into_iter().map(|(queue_id, _)| queue_id).collect()
-        };
+        let due = self
+            .failed_waiting
+            .borrow_mut()
+            .take_due(Instant::now(), GATHER_FAILURES, all);
+        if due.is_empty() {
+            return;
+        }
         let mut tracked = self.tracked.borrow_mut();
         for queue_id in due {
             let Some(t) = tracked.get_mut(&queue_id) else {
@@ -303,7 +293,7 @@ impl CoreRelay {
             let gathered = Instant::now()
                 .checked_sub(GATHER_FAILURES)
                 .unwrap_or_else(Instant::now);
-            self.failed_waiting.borrow_mut().push((queue_id, gathered));
+            self.failed_waiting.borrow_mut().add(&queue_id, gathered);
             self.report_failed();
         }
     }
