@@ -76,9 +76,10 @@ pub(crate) enum Job {
 // any name: `--spool --hold` took `--hold` for the directory.
 struct Serve {
     /// SMTP listen address (repeatable) [default: 127.0.0.1:2525, unless --listen-tls is
-    /// given].
-    #[arg(long, env = "POSTERN_LISTEN", value_delimiter = ',', value_parser = socket_address, allow_hyphen_values = true)]
-    listen: Vec<SocketAddr>,
+    /// given]; `none` for no cleartext listener, beside --listen-tls (where a unit's
+    /// environment sets POSTERN_LISTEN).
+    #[arg(long, env = "POSTERN_LISTEN", value_delimiter = ',', value_parser = listen_address, allow_hyphen_values = true)]
+    listen: Vec<ListenAddress>,
     /// Implicit-TLS (RFC 8314) listen address (repeatable); needs --tls-cert and --tls-key
     /// [default: none].
     #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = socket_address, allow_hyphen_values = true)]
@@ -360,6 +361,19 @@ fn socket_address(s: &str) -> Result<SocketAddr, String> {
             s.trim()
         )
     })
+}
+
+/// `--listen`: an address, or `none` for no cleartext listener.
+#[derive(Clone, Copy, Debug)]
+struct ListenAddress(Option<SocketAddr>);
+
+fn listen_address(s: &str) -> Result<ListenAddress, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(ListenAddress(None));
+    }
+    socket_address(s)
+        .map(|a| ListenAddress(Some(a)))
+        .map_err(|e| format!("{e}, or none"))
 }
 
 /// `--metrics`: an address, or `none` for no metrics listener.
@@ -836,10 +850,18 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     if !s.listen_tls.is_empty() && s.tls_cert.is_none() {
         return Err("--listen-tls needs --tls-cert and --tls-key".into());
     }
-    if s.listen.is_empty() && s.listen_tls.is_empty() {
+    let no_cleartext = s.listen.iter().any(|l| l.0.is_none());
+    let mut listen: Vec<SocketAddr> = s.listen.iter().filter_map(|l| l.0).collect();
+    if no_cleartext && !listen.is_empty() {
+        return Err("--listen none cannot be given with listen addresses".into());
+    }
+    if no_cleartext && s.listen_tls.is_empty() {
+        return Err("--listen none leaves no listener: give --listen-tls".into());
+    }
+    if listen.is_empty() && s.listen_tls.is_empty() {
         // The default, where no listener is asked for: a server with only --listen-tls has
         // no cleartext port.
-        s.listen.push(SocketAddr::from(([127, 0, 0, 1], 2525)));
+        listen.push(SocketAddr::from(([127, 0, 0, 1], 2525)));
     }
     if !(64 * 1024..=1 << 32).contains(&s.spool_segment_size) {
         return Err("--spool-segment-size must be between 64k and 4G".into());
@@ -903,8 +925,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     // to the most specific. The same address twice is a mistake. The metrics listener has no
     // SO_REUSEPORT: an SMTP listener at its address, or at the wildcard of its family on its
     // port, would make it fail to bind.
-    let all: Vec<(&str, SocketAddr)> = s
-        .listen
+    let all: Vec<(&str, SocketAddr)> = listen
         .iter()
         .map(|a| ("--listen", *a))
         .chain(s.listen_tls.iter().map(|a| ("--listen-tls", *a)))
@@ -945,7 +966,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     }
     let defaults = Settings::default();
     Ok(Settings {
-        listen: s.listen,
+        listen,
         listen_tls: s.listen_tls,
         cores,
         spool_dir: s.spool,

@@ -1652,11 +1652,13 @@ fn a_server_with_only_an_implicit_tls_listener_has_no_cleartext_port() {
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let mut child = common::KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_postern"))
-            .arg("serve")
+    // Without --listen, and with the unit's POSTERN_LISTEN set to none (which turns off the
+    // cleartext listener that a unit's own setting asks for).
+    for listen in [None, Some("none")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.arg("serve")
             .arg("--spool")
-            .arg(dir.path().join("spool"))
+            .arg(dir.path().join(format!("spool-{}", listen.is_some())))
             .args(["--hold", "--cores", "1", "--listen-tls", "127.0.0.1:0"])
             .arg("--tls-cert")
             .arg(&cert)
@@ -1664,35 +1666,47 @@ fn a_server_with_only_an_implicit_tls_listener_has_no_cleartext_port() {
             .arg(&key)
             .env_remove("POSTERN_LISTEN")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(Result::ok) {
-            let ready = line.contains("ready with");
-            let _ = tx.send(line);
-            if ready {
-                break;
-            }
+            .stderr(std::process::Stdio::null());
+        if let Some(value) = listen {
+            cmd.env("POSTERN_LISTEN", value);
         }
-    });
-    let mut lines = Vec::new();
-    while !lines.iter().any(|l: &String| l.contains("ready with")) {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("not ready: {lines:?}"));
-        lines.push(line);
+        let mut child = common::KillOnDrop(cmd.spawn().unwrap());
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let ready = line.contains("ready with");
+                let _ = tx.send(line);
+                if ready {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        while !lines.iter().any(|l: &String| l.contains("ready with")) {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("not ready: {lines:?}"));
+            lines.push(line);
+        }
+        assert!(
+            lines.iter().any(|l| l.contains("smtps listening on")),
+            "{lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("smtp listening on")),
+            "{lines:?}"
+        );
     }
-    assert!(
-        lines.iter().any(|l| l.contains("smtps listening on")),
-        "{lines:?}"
+    // None without an implicit-TLS listener would leave no listener; none beside addresses
+    // says two things.
+    refused(
+        &["serve", "--listen", "none"],
+        "--listen none leaves no listener",
     );
-    assert!(
-        !lines.iter().any(|l| l.contains("smtp listening on")),
-        "{lines:?}"
+    refused(
+        &["serve", "--listen", "none,127.0.0.1:2525"],
+        "--listen none cannot be given with listen addresses",
     );
 }
 
