@@ -393,24 +393,9 @@ impl Scan<'_> {
                     // after the hole are not lost with it (each record found has this
                     // segment's salt, which no copy from elsewhere carries).
                     let limit = sealed.or(marked).unwrap_or(0);
-                    if pos < limit {
-                        let span = limit - pos;
-                        if let Rescan::Found(at) =
-                            valid_record_within(&data[pos..], span, salt, &mut rescan)
-                        {
-                            pos += at;
-                            continue;
-                        }
-                        // The seal's end and the mark lie on a record boundary: where the
-                        // hole is the last record before the mark, the records past it (made
-                        // durable by later batches) start there.
-                        if matches!(
-                            data.get(limit..).map(|rest| read_record(rest, salt)),
-                            Some(Read::Record { .. })
-                        ) {
-                            pos = limit;
-                            continue;
-                        }
+                    if let Some(next) = resume_before(data, pos, limit, salt, &mut rescan) {
+                        pos = next;
+                        continue;
                     }
                     break;
                 }
@@ -427,20 +412,9 @@ impl Scan<'_> {
                     // valid record, as past a zeroed one. Past them, what follows is lost
                     // to the scan.
                     let limit = sealed.or(marked).unwrap_or(0);
-                    if pos < limit {
-                        if let Rescan::Found(at) =
-                            valid_record_within(&data[pos..], limit - pos, salt, &mut rescan)
-                        {
-                            pos += at;
-                            continue;
-                        }
-                        if matches!(
-                            data.get(limit..).map(|rest| read_record(rest, salt)),
-                            Some(Read::Record { .. })
-                        ) {
-                            pos = limit;
-                            continue;
-                        }
+                    if let Some(next) = resume_before(data, pos, limit, salt, &mut rescan) {
+                        pos = next;
+                        continue;
                     }
                     overrun = true;
                     break;
@@ -563,6 +537,32 @@ impl Scan<'_> {
             }
         }
     }
+}
+
+/// Where the scan of a segment goes on after damage at `pos` (zeros over a length word, or
+/// one that runs past the file) before `limit`, the seal's end or the mark, before which the
+/// records went on: the next valid record after it, within the look's bound, or `limit`
+/// itself where a record starts there (the seal's end and the mark lie on a record boundary:
+/// where the damage is the last record before the mark, the records past it, made durable by
+/// later batches, start there). None: nothing to go on from.
+fn resume_before(
+    data: &[u8],
+    pos: usize,
+    limit: usize,
+    salt: u32,
+    rescan: &mut usize,
+) -> Option<usize> {
+    if pos >= limit {
+        return None;
+    }
+    if let Rescan::Found(at) = valid_record_within(&data[pos..], limit - pos, salt, rescan) {
+        return Some(pos + at);
+    }
+    matches!(
+        data.get(limit..).map(|rest| read_record(rest, salt)),
+        Some(Read::Record { .. })
+    )
+    .then_some(limit)
 }
 
 /// What a look inside a bad record's claimed span found.
