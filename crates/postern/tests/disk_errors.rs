@@ -12,7 +12,61 @@ mod relaying;
 use common::{queue_id, spooled, Client, FaultyFs, Server};
 
 fn send(c: &mut Client, rcpt: &str, body: &str) -> String {
-    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    send_from(c, "a@b.test", rcpt, body)
+}
+
+/// A server on one core (with `extra` flags) on a fresh [`FaultyFs`], routing dest.test to a
+/// next hop that refuses its recipient for good once told, and a message for it acknowledged;
+/// then every sync fails and the refusal comes, so that the message's bounce cannot be made
+/// durable: the file system, the spool, the server and the message's queue ID, once the
+/// server says it cannot spool the bounce.
+fn a_bounce_waiting_for_room(extra: &[&str]) -> (FaultyFs, std::path::PathBuf, Server, String) {
+    use relaying::{scripted_next_hop, Act};
+    let (refuse, refusal) = std::sync::mpsc::channel();
+    let refusal = std::sync::Mutex::new(Some(refusal));
+    let (port, _stored, _closed) = scripted_next_hop(
+        move |_, line| {
+            line.starts_with("RCPT").then(|| {
+                let told = refusal.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let disk = FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start_in(&args, spool.clone(), None);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let acked = send_from(
+        &mut c,
+        "s@origin.test",
+        "nobody@dest.test",
+        "Subject: x\r\n\r\nx\r\n",
+    );
+    assert!(acked.starts_with("250 2.0.0"), "{acked}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let id = queue_id(&acked);
+    disk.fail_syncs(true);
+    refuse.send(()).unwrap();
+    server.log_until(|l| l.contains("cannot spool the bounce") && l.contains(&id));
+    (disk, spool, server, id)
+}
+
+/// One message from `from` to `rcpt`; the reply to its end of data.
+fn send_from(c: &mut Client, from: &str, rcpt: &str, body: &str) -> String {
+    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
     assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).starts_with("250"));
     assert!(c.cmd("DATA").starts_with("354"));
     c.send(body.as_bytes());
@@ -202,52 +256,9 @@ fn a_failed_last_sync_at_the_stop_exits_1() {
 
 #[test]
 fn a_bounce_the_failing_disk_cannot_take_stays_counted_and_does_not_hold_the_stop() {
-    use relaying::{scripted_next_hop, Act};
     use std::time::{Duration, Instant};
-    // The next hop refuses the recipient for good, once the test says so.
-    let (refuse, refusal) = std::sync::mpsc::channel();
-    let refusal = std::sync::Mutex::new(Some(refusal));
-    let (port, _stored, _closed) = scripted_next_hop(
-        move |_, line| {
-            line.starts_with("RCPT").then(|| {
-                let told = refusal.lock().unwrap().take().unwrap();
-                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
-            })
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
-    let disk = FaultyFs::mount();
-    let spool = disk.path.join("spool");
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--route",
-            &route,
-            "--shutdown-grace",
-            "10m",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        spool.clone(),
-        None,
-    );
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(b"Subject: lost\r\n\r\nx\r\n");
-    let acked = c.cmd(".");
-    assert!(acked.starts_with("250 2.0.0"), "{acked}");
-    assert!(c.cmd("QUIT").starts_with("221"));
-
     // The bounce cannot be made durable: it waits to be tried again.
-    disk.fail_syncs(true);
-    refuse.send(()).unwrap();
-    server.log_until(|l| l.contains("cannot spool the bounce"));
+    let (disk, spool, mut server, id) = a_bounce_waiting_for_room(&["--shutdown-grace", "10m"]);
     // Still queued, and counted so: it holds its space until the bounce is made.
     let depth = |m: &str| {
         m.lines()
@@ -278,57 +289,16 @@ fn a_bounce_the_failing_disk_cannot_take_stays_counted_and_does_not_hold_the_sto
     let msg = kept
         .messages
         .iter()
-        .find(|m| m.queue_id == queue_id(&acked))
+        .find(|m| m.queue_id == id)
         .expect("the acknowledged message is kept");
     assert!(!msg.is_final(), "{msg:?}");
 }
 
 #[test]
 fn a_message_whose_bounce_waits_for_room_can_be_deleted() {
-    use relaying::{scripted_next_hop, Act};
     // A full or failing disk is when an operator deletes mail: a message whose bounce the
     // spool cannot take is deleted, leaves the gauges at once, and its bounce is not made.
-    // The next hop refuses the recipient for good, once the test says so.
-    let (refuse, refusal) = std::sync::mpsc::channel();
-    let refusal = std::sync::Mutex::new(Some(refusal));
-    let (port, _stored, _closed) = scripted_next_hop(
-        move |_, line| {
-            line.starts_with("RCPT").then(|| {
-                let told = refusal.lock().unwrap().take().unwrap();
-                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
-            })
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
-    let disk = FaultyFs::mount();
-    let spool = disk.path.join("spool");
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--route",
-            &route,
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        spool.clone(),
-        None,
-    );
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<nobody@dest.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(b"Subject: doomed\r\n\r\nx\r\n");
-    let acked = c.cmd(".");
-    assert!(acked.starts_with("250 2.0.0"), "{acked}");
-    let id = queue_id(&acked);
-    // The disk fails from before the refusal: the bounce cannot be made durable.
-    disk.fail_syncs(true);
-    refuse.send(()).unwrap();
-    server.log_until(|l| l.contains("cannot spool the bounce") && l.contains(&id));
+    let (disk, spool, mut server, id) = a_bounce_waiting_for_room(&[]);
     server.metrics_until(|m| m.contains("postern_queue_depth 1\n"));
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
