@@ -342,11 +342,9 @@ fn record_offsets(data: &[u8]) -> Vec<usize> {
     found
 }
 
-#[test]
-fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
-    // A full, sealed segment: a zero length word before the end its header records is a
-    // lost or zeroed write, not the end of the data, so its later messages are not lost
-    // without a word.
+/// Twelve messages of 30,000 octets, each synced, over three segments or more (the first
+/// ones full and sealed): the spool's directory and its segment files, oldest first.
+fn twelve_messages_over_sealed_segments() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     for i in 0..12 {
@@ -358,6 +356,15 @@ fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
     drop(spool);
     let files = segment_files(dir.path());
     assert!(files.len() >= 3, "{files:?}");
+    (dir, files)
+}
+
+#[test]
+fn zeros_over_a_length_word_in_a_full_segment_are_damage_reported_and_kept() {
+    // A full, sealed segment: a zero length word before the end its header records is a
+    // lost or zeroed write, not the end of the data, so its later messages are not lost
+    // without a word.
+    let (dir, files) = twelve_messages_over_sealed_segments();
     let before = recover(dir.path()).unwrap();
     assert_eq!((before.messages.len(), before.corrupt_records), (12, 0));
     let first = &files[0];
@@ -396,17 +403,7 @@ fn a_length_word_run_past_the_end_in_a_full_segment_loses_only_its_message() {
     // One bit flipped high in a length word of a sealed segment: the record claims more than
     // the file holds. Everything before the seal's end was durable, so the scan goes on past
     // it, as past a zeroed length word, rather than losing the rest of the segment.
-    let dir = tempfile::tempdir().unwrap();
-    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
-    for i in 0..12 {
-        let mut d = spool.begin(&meta(i)).unwrap();
-        spool.append(&mut d, &body(i, 30_000)).unwrap();
-        spool.finish(d).unwrap();
-        spool.sync_now().unwrap();
-    }
-    drop(spool);
-    let files = segment_files(dir.path());
-    assert!(files.len() >= 3, "{files:?}");
+    let (dir, files) = twelve_messages_over_sealed_segments();
     let first = &files[0];
     let mut data = std::fs::read(first).unwrap();
     let records = record_offsets(&data);
