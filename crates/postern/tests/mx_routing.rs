@@ -536,36 +536,49 @@ fn one_attempt_tries_at_most_five_addresses() {
 
 #[test]
 fn an_address_under_two_mx_names_is_tried_once_in_an_attempt() {
-    use dns_server::{Rec, TestDns};
+    use dns_server::Rec;
     // Two MX names for one pool of three addresses, all refusing, and a backup MX: the pool's
     // addresses, met twice in the list, are tried once each, and the backup gets the mail
     // within the attempt's five addresses (before, the pool took all five and the backup none).
-    let backup = Peer::start_on("127.0.0.48", 0, &[]);
+    pool_tried_once_then_backup(45, "dup.test", |pool, backup| {
+        let mut records = vec![
+            ("dup.test.", Rec::Mx(10, "mx1.dup.test.")),
+            ("dup.test.", Rec::Mx(20, "mx2.dup.test.")),
+            ("dup.test.", Rec::Mx(30, "backup.dup.test.")),
+            ("backup.dup.test.", Rec::A(backup)),
+        ];
+        for &ip in pool {
+            records.push(("mx1.dup.test.", Rec::A(ip)));
+            records.push(("mx2.dup.test.", Rec::A(ip)));
+        }
+        records
+    });
+}
+
+/// A pool of three refusing addresses (127.0.0.`first` and the two after) and a backup MX
+/// (the address after them) for `domain`, published by `records` (given the pool's addresses
+/// and the backup's): a message for `domain` reaches the backup within one attempt, each
+/// pool address tried once.
+fn pool_tried_once_then_backup(
+    first: u8,
+    domain: &str,
+    records: impl FnOnce(
+        &[std::net::Ipv4Addr],
+        std::net::Ipv4Addr,
+    ) -> Vec<(&'static str, dns_server::Rec)>,
+) {
+    let ip = |n: u8| std::net::Ipv4Addr::new(127, 0, 0, first + n);
+    let backup = Peer::start_on(&ip(3).to_string(), 0, &[]);
     let port = backup.port;
     let counts: Vec<_> = (0..3)
-        .map(|i| refusing_greeter(&format!("127.0.0.{}", 45 + i), port))
+        .map(|i| refusing_greeter(&ip(i).to_string(), port))
         .collect();
-    let mut records = vec![
-        ("dup.test.", Rec::Mx(10, "mx1.dup.test.")),
-        ("dup.test.", Rec::Mx(20, "mx2.dup.test.")),
-        ("dup.test.", Rec::Mx(30, "backup.dup.test.")),
-        ("backup.dup.test.", Rec::A([127, 0, 0, 48].into())),
-    ];
-    for i in 0..3u8 {
-        records.push(("mx1.dup.test.", Rec::A([127, 0, 0, 45 + i].into())));
-        records.push(("mx2.dup.test.", Rec::A([127, 0, 0, 45 + i].into())));
-    }
-    let dns = TestDns::start("test", &records);
+    let dns = dns_server::TestDns::start("test", &records(&[ip(0), ip(1), ip(2)], ip(3)));
     let server = mx_server_one_attempt(&dns, port, &[]);
-    send(
-        &server,
-        "s@origin.test",
-        &["r@dup.test"],
-        "<dup@t>",
-        "x\r\n",
-    );
+    let rcpt = format!("r@{domain}");
+    send(&server, "s@origin.test", &[&rcpt], "<pool@t>", "x\r\n");
     let (stored, _) = backup.first("the message at the backup MX");
-    assert_eq!(stored.rcpt_tos, ["r@dup.test"]);
+    assert_eq!(stored.rcpt_tos, [rcpt]);
     let each: Vec<usize> = counts
         .iter()
         .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
@@ -609,42 +622,22 @@ fn a_host_whose_name_server_drops_aaaa_queries_is_reached_without_waiting_them_o
 
 #[test]
 fn an_address_published_as_a_and_as_ipv4_mapped_aaaa_is_tried_once() {
-    use dns_server::{Rec, TestDns};
+    use dns_server::Rec;
     // The pool's three addresses each published twice, as A and as the IPv4-mapped AAAA of
     // the same address: one server each, tried once in an attempt, and the backup MX gets
     // the mail within the attempt's five addresses (before, the pool took all five).
-    let backup = Peer::start_on("127.0.0.58", 0, &[]);
-    let port = backup.port;
-    let counts: Vec<_> = (0..3)
-        .map(|i| refusing_greeter(&format!("127.0.0.{}", 55 + i), port))
-        .collect();
-    let mut records = vec![
-        ("mapped.test.", Rec::Mx(10, "pool.mapped.test.")),
-        ("mapped.test.", Rec::Mx(20, "backup.mapped.test.")),
-        ("backup.mapped.test.", Rec::A([127, 0, 0, 58].into())),
-    ];
-    for i in 0..3u8 {
-        let v4 = std::net::Ipv4Addr::new(127, 0, 0, 55 + i);
-        records.push(("pool.mapped.test.", Rec::A(v4)));
-        records.push(("pool.mapped.test.", Rec::Aaaa(v4.to_ipv6_mapped())));
-    }
-    let dns = TestDns::start("test", &records);
-    let server = mx_server_one_attempt(&dns, port, &[]);
-    send(
-        &server,
-        "s@origin.test",
-        &["r@mapped.test"],
-        "<mapped@t>",
-        "x\r\n",
-    );
-    let (stored, _) = backup.first("the message at the backup MX");
-    assert_eq!(stored.rcpt_tos, ["r@mapped.test"]);
-    let each: Vec<usize> = counts
-        .iter()
-        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
-        .collect();
-    assert_eq!(each, [1, 1, 1], "connections to each pool address");
-    drop(dns);
+    pool_tried_once_then_backup(55, "mapped.test", |pool, backup| {
+        let mut records = vec![
+            ("mapped.test.", Rec::Mx(10, "pool.mapped.test.")),
+            ("mapped.test.", Rec::Mx(20, "backup.mapped.test.")),
+            ("backup.mapped.test.", Rec::A(backup)),
+        ];
+        for &ip in pool {
+            records.push(("pool.mapped.test.", Rec::A(ip)));
+            records.push(("pool.mapped.test.", Rec::Aaaa(ip.to_ipv6_mapped())));
+        }
+        records
+    });
 }
 
 #[test]
