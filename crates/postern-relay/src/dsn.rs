@@ -1184,6 +1184,25 @@ mod tests {
         );
     }
 
+    /// A report of `recipients` from mx.example to a@origin.example, returning a short
+    /// message's headers.
+    fn plain_report<'a>(recipients: &'a [ReportRecipient], envid: Option<&'a str>) -> Report<'a> {
+        Report {
+            reporting_mta: "mx.example",
+            queue_id: "Q1",
+            envid,
+            arrival: 1_790_000_000,
+            now: 1_790_000_100,
+            to: "a@origin.example",
+            received_from: None,
+            recipients,
+            original: b"Subject: s\r\n\r\nbody\r\n",
+            return_full: false,
+            binary: false,
+            max_returned: 1 << 20,
+        }
+    }
+
     /// RFC 3464 2.2.1: the envelope ID is given back as it was spelled, its spaces too.
     #[test]
     fn the_envelope_id_comes_back_spelled_as_it_came() {
@@ -1197,20 +1216,7 @@ mod tests {
             last_attempt: None,
             will_retry_until: None,
         }];
-        let report = |envid| Report {
-            reporting_mta: "mx.example",
-            queue_id: "Q1",
-            envid: Some(envid),
-            arrival: 1_790_000_000,
-            now: 1_790_000_100,
-            to: "a@origin.example",
-            received_from: None,
-            recipients: &recipients,
-            original: b"Subject: s\r\n\r\nbody\r\n",
-            return_full: false,
-            binary: false,
-            max_returned: 1 << 20,
-        };
+        let report = |envid| plain_report(&recipients, Some(envid));
         let text = String::from_utf8_lossy(&build(&report("job+20+2042+20"))).into_owned();
         assert!(
             text.contains("Original-Envelope-Id: job  42 \r\n"),
@@ -1235,21 +1241,7 @@ mod tests {
             last_attempt: None,
             will_retry_until: None,
         }];
-        let report = Report {
-            reporting_mta: "mx.example",
-            queue_id: "Q1",
-            envid: None,
-            arrival: 1_790_000_000,
-            now: 1_790_000_100,
-            to: "a@origin.example",
-            received_from: None,
-            recipients: &recipients,
-            original: b"Subject: s\r\n\r\nbody\r\n",
-            return_full: false,
-            binary: false,
-            max_returned: 1 << 20,
-        };
-        let text = String::from_utf8_lossy(&build(&report)).into_owned();
+        let text = String::from_utf8_lossy(&build(&plain_report(&recipients, None))).into_owned();
         assert!(
             text.contains("Final-Recipient: rfc822; \"a  b\"@dest.example\r\n"),
             "{text}"

@@ -368,11 +368,16 @@ fn socket_address(s: &str) -> Result<SocketAddr, String> {
 struct ListenAddress(Option<SocketAddr>);
 
 fn listen_address(s: &str) -> Result<ListenAddress, String> {
+    address_or_none(s).map(ListenAddress)
+}
+
+/// An address, or `none`.
+fn address_or_none(s: &str) -> Result<Option<SocketAddr>, String> {
     if s.trim().eq_ignore_ascii_case("none") {
-        return Ok(ListenAddress(None));
+        return Ok(None);
     }
     socket_address(s)
-        .map(|a| ListenAddress(Some(a)))
+        .map(Some)
         .map_err(|e| format!("{e}, or none"))
 }
 
@@ -381,12 +386,7 @@ fn listen_address(s: &str) -> Result<ListenAddress, String> {
 struct MetricsAddress(Option<SocketAddr>);
 
 fn metrics_address(s: &str) -> Result<MetricsAddress, String> {
-    if s.trim().eq_ignore_ascii_case("none") {
-        return Ok(MetricsAddress(None));
-    }
-    socket_address(s)
-        .map(|a| MetricsAddress(Some(a)))
-        .map_err(|e| format!("{e}, or none"))
+    address_or_none(s).map(MetricsAddress)
 }
 
 /// A network as `ADDR/PREFIX`, or one address as its own network (`/32`, `/128`).
