@@ -653,9 +653,16 @@ impl CoreRelay {
                 return;
             }
         }
+        let n = jobs.len();
         let mut ready = dq.ready.borrow_mut();
         for job in jobs.into_iter().rev() {
             ready.push_front(job);
+        }
+        drop(ready);
+        // As for jobs that arrive: an idle connection takes them (the worker that puts them
+        // back may give its place up rather than reconnect).
+        if dq.idle.get() > 0 && n > 0 {
+            dq.arrived.notify(n.additional());
         }
     }
 
