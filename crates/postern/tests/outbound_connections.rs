@@ -411,6 +411,16 @@ fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connection
 /// `smtpd_client_connection_count_limit` does. Each end of data takes a moment (50 ms) and is
 /// answered 250; the Message-IDs go to the receiver.
 fn limited_next_hop(limit: usize) -> (u16, std::sync::mpsc::Receiver<String>) {
+    limited_next_hop_saying(limit, b"421 4.7.0 limited.test Error: too many connections\r\n")
+}
+
+/// [`limited_next_hop`], with `over` the only thing a connection over the limit is sent
+/// before it is closed: nothing, as a host that drops connections past its limit (a
+/// firewall's per-client limit, an inetd-style cap).
+fn limited_next_hop_saying(
+    limit: usize,
+    over: &'static [u8],
+) -> (u16, std::sync::mpsc::Receiver<String>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -423,7 +433,7 @@ fn limited_next_hop(limit: usize) -> (u16, std::sync::mpsc::Receiver<String>) {
             let mut w = s.try_clone().unwrap();
             if open.fetch_add(1, Ordering::SeqCst) >= limit {
                 open.fetch_sub(1, Ordering::SeqCst);
-                let _ = w.write_all(b"421 4.7.0 limited.test Error: too many connections\r\n");
+                let _ = w.write_all(over);
                 continue;
             }
             let (tx, open) = (tx.clone(), open.clone());
@@ -498,6 +508,21 @@ fn a_burst_of_connections_to_a_next_hop_that_limits_them_loses_no_time() {
         spool,
         Some(dir),
     );
+    all_stored_none_deferred(&stored, &ids, &mut server);
+}
+
+#[test]
+fn a_next_hop_that_drops_connections_past_its_limit_gets_its_mail_over_those_it_takes() {
+    // As above, but the third connection is closed before any greeting: no host answered it,
+    // yet two connections to the next hop are working. The jobs wait for those two, not an
+    // hour's retry.
+    let (port, stored) = limited_next_hop_saying(2, b"");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    let ids: Vec<String> = (0..20).map(|k| format!("<drop{k}@t>")).collect();
+    for id in &ids {
+        send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    }
     all_stored_none_deferred(&stored, &ids, &mut server);
 }
 

@@ -594,6 +594,8 @@ struct DestQueue {
     dest: Destination,
     ready: RefCell<VecDeque<Job>>,
     workers: Cell<usize>,
+    /// Workers whose connection is open (greeting and EHLO answered), idle or not.
+    connected: Cell<usize>,
     idle: Cell<usize>,
     arrived: Event,
     /// Waiting in the core's `starved` list for a connection the core's cap held back.
@@ -1050,6 +1052,7 @@ impl CoreRelay {
                     dest: job.dest.clone(),
                     ready: RefCell::new(VecDeque::new()),
                     workers: Cell::new(0),
+                    connected: Cell::new(0),
                     idle: Cell::new(0),
                     arrived: Event::new(),
                     starved: Cell::new(false),

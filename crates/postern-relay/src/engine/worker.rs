@@ -87,6 +87,17 @@ impl CoreRelay {
                     }
                     break;
                 }
+                Err(unopened) if unopened.1.is_none() && dq.connected.get() > 0 => {
+                    // No answer (refused, closed before its greeting, timed out) while other
+                    // connections of ours to the same next hop work: a host or firewall
+                    // that drops connections past a limit, or a passing fault. The jobs
+                    // wait for the connections that work, as above.
+                    self.at_connection_limit(&dq, unopened.4, &unopened.0);
+                    for k in carry.drain(..) {
+                        self.settle_carried(k);
+                    }
+                    break;
+                }
                 Err(unopened) => {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
@@ -95,6 +106,7 @@ impl CoreRelay {
                     break;
                 }
             };
+            let _connected = Connected::new(&dq);
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
@@ -1039,6 +1051,22 @@ async fn loops_here(
         (text, None, None, Some("4.4.4"), failed, false)
     } else {
         (text, Some("5.4.6"), None, None, failed, false)
+    }
+}
+
+/// Counts a worker's open connection in [`DestQueue::connected`] while it lives.
+struct Connected<'a>(&'a DestQueue);
+
+impl<'a> Connected<'a> {
+    fn new(dq: &'a DestQueue) -> Self {
+        dq.connected.set(dq.connected.get() + 1);
+        Self(dq)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.connected.set(self.0.connected.get() - 1);
     }
 }
 
