@@ -411,7 +411,10 @@ fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connection
 /// `smtpd_client_connection_count_limit` does. Each end of data takes a moment (50 ms) and is
 /// answered 250; the Message-IDs go to the receiver.
 fn limited_next_hop(limit: usize) -> (u16, std::sync::mpsc::Receiver<String>) {
-    limited_next_hop_saying(limit, b"421 4.7.0 limited.test Error: too many connections\r\n")
+    limited_next_hop_saying(
+        limit,
+        b"421 4.7.0 limited.test Error: too many connections\r\n",
+    )
 }
 
 /// [`limited_next_hop`], with `over` the only thing a connection over the limit is sent

@@ -87,7 +87,9 @@ impl CoreRelay {
                     }
                     break;
                 }
-                Err(unopened) if unopened.1.is_none() && dq.connected.get() > 0 => {
+                Err(unopened)
+                    if unopened.1.is_none() && unopened.2.is_none() && dq.connected.get() > 0 =>
+                {
                     // No answer (refused, closed before its greeting, timed out) while other
                     // connections of ours to the same next hop work: a host or firewall
                     // that drops connections past a limit, or a passing fault. The jobs
