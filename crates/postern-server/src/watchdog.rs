@@ -6,9 +6,13 @@
 //! ring, whose completions reach the main ring through a poll on that ring's descriptor. Were
 //! that wake-up ever lost, the core would sleep until some socket woke it: its timeouts, its
 //! retries and a stop request would all wait, and an idle server would not stop on SIGTERM. A
-//! signal ends the wait (`EINTR`, as the handler is installed without `SA_RESTART`); glommio
-//! then looks at every ring again and finds the timer that fired. A core that is merely busy
-//! is not harmed by the signal: its empty handler runs and returns.
+//! signal ends the wait (`EINTR`: the kernel never restarts an `io_uring_enter` wait, even for
+//! a handler installed with `SA_RESTART`); glommio then looks at every ring again and finds
+//! the timer that fired. A core that is merely busy is not harmed by the signal: its empty
+//! handler runs and returns. A core blocked in another system call (a write or a sync on a
+//! slow or network file system, which is also what stalls its timers) has that call
+//! restarted (`SA_RESTART`), not failed with `EINTR`: a spool write is not refused for a
+//! signal.
 //!
 //! Each stall is logged once, with the `postern_core_stalls_total` counter raised.
 //!
@@ -75,7 +79,7 @@ pub(crate) const WAKE_SIGNAL: libc::c_int = libc::SIGURG;
 
 extern "C" fn on_wake_signal(_: libc::c_int) {}
 
-/// Installs the empty handler for [`WAKE_SIGNAL`], without `SA_RESTART`, once per process.
+/// Installs the empty handler for [`WAKE_SIGNAL`], with `SA_RESTART`, once per process.
 pub(crate) fn install_handler() -> std::io::Result<()> {
     static INSTALLED: OnceLock<i32> = OnceLock::new();
     let errno = *INSTALLED.get_or_init(|| {
@@ -84,6 +88,7 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
         let rc = unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_wake_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(WAKE_SIGNAL, &action, std::ptr::null_mut())
         };
@@ -237,6 +242,107 @@ mod tests {
         assert!(w.look(t0 + STALL_AFTER * 2 + STALL_AFTER / 2).is_empty());
         assert_eq!(w.look(t0 + STALL_AFTER * 3), vec![(0, 100, true)]);
         assert_eq!(stalls.load(Ordering::Relaxed), 2);
+    }
+
+    /// Runs `call` on a thread of its own, sends that thread [`WAKE_SIGNAL`] once it is seen
+    /// blocked in system call `nr`, then runs `release`; what `call` returned, or `None` when
+    /// it has not returned within 10 s.
+    fn signalled_in<T: Send + 'static>(
+        nr: libc::c_long,
+        call: impl FnOnce() -> T + Send + 'static,
+        release: impl FnOnce(),
+    ) -> Option<T> {
+        install_handler().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_tx.send(call());
+        });
+        let tid = tid_rx.recv().unwrap();
+        let task = format!("/proc/self/task/{tid}");
+        let in_call = || {
+            std::fs::read_to_string(format!("{task}/syscall"))
+                .is_ok_and(|s| s.split(' ').next() == Some(nr.to_string().as_str()))
+                && std::fs::read_to_string(format!("{task}/stat"))
+                    .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.starts_with(" S")))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !in_call() {
+            assert!(
+                Instant::now() < deadline,
+                "the thread never blocked in {nr}"
+            );
+            std::thread::yield_now();
+        }
+        // SAFETY: signals a thread of this process, whose handler is installed above.
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, WAKE_SIGNAL) };
+        assert_eq!(rc, 0);
+        // The signal is taken once it is no longer pending on the thread.
+        let pending = || {
+            std::fs::read_to_string(format!("{task}/status")).is_ok_and(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigPnd:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                    .is_some_and(|m| m & (1 << (WAKE_SIGNAL - 1)) != 0)
+            })
+        };
+        while pending() {
+            assert!(Instant::now() < deadline, "the signal was never taken");
+            std::thread::yield_now();
+        }
+        release();
+        done_rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    #[test]
+    fn the_wake_signal_ends_a_ring_wait() {
+        // SAFETY: io_uring_setup with zeroed parameters makes a ring or fails.
+        let ring = unsafe {
+            let mut params: [u32; 30] = [0; 30];
+            libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr())
+        };
+        assert!(ring >= 0, "io_uring: {}", std::io::Error::last_os_error());
+        let ended = signalled_in(
+            libc::SYS_io_uring_enter,
+            move || {
+                // SAFETY: waits for one completion on the ring made above (none will come).
+                let rc = unsafe {
+                    libc::syscall(libc::SYS_io_uring_enter, ring, 0, 1, 1u32, 0usize, 0usize)
+                };
+                (rc, std::io::Error::last_os_error().raw_os_error())
+            },
+            || {},
+        );
+        assert_eq!(ended, Some((-1, Some(libc::EINTR))));
+        // SAFETY: the ring's descriptor, no longer used.
+        unsafe { libc::close(ring as libc::c_int) };
+    }
+
+    #[test]
+    fn a_blocking_call_the_wake_signal_reaches_is_restarted_not_failed() {
+        let mut fds = [0; 2];
+        // SAFETY: makes a pipe into `fds`.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let [r, w] = fds;
+        let read = signalled_in(
+            libc::SYS_read,
+            move || {
+                let mut byte = [0u8; 1];
+                // SAFETY: reads one byte into `byte`.
+                let n = unsafe { libc::read(r, byte.as_mut_ptr().cast(), 1) };
+                (n, byte[0])
+            },
+            // SAFETY: writes one byte to the pipe.
+            || assert_eq!(unsafe { libc::write(w, b"x".as_ptr().cast(), 1) }, 1),
+        );
+        assert_eq!(read, Some((1, b'x')), "the read failed for the signal");
+        // SAFETY: the pipe's descriptors, no longer used.
+        unsafe {
+            libc::close(r);
+            libc::close(w);
+        }
     }
 
     #[test]
