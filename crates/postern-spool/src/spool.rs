@@ -146,6 +146,9 @@ pub struct Spool {
     /// A spare is being made.
     spare_pending: bool,
     next_seq: u64,
+    /// The number of the newest segment written to so far (0: none since the opening). A
+    /// spare numbered at or below it is never used, even once that segment is reclaimed.
+    newest_used: u64,
     next_draft: u64,
     /// Drafts numbered below this were begun before a sync failed: they cannot be durable.
     poisoned_below: u64,
@@ -334,6 +337,7 @@ impl Spool {
             spare: None,
             spare_pending: false,
             next_seq,
+            newest_used: 0,
             next_draft: (next_seq << 32) + 1,
             poisoned_below: 0,
             counter: 0,
@@ -443,6 +447,7 @@ impl Spool {
                 }
             };
             self.index.add_segment(seg.seq, seg.size());
+            self.newest_used = self.newest_used.max(seg.seq);
             self.seg = Some(seg);
         }
         self.seg.as_mut().ok_or(SpoolError::UnknownDraft)
@@ -1107,13 +1112,15 @@ impl Spool {
     }
 
     /// Takes a segment made by a [`SpareJob`]. A spare that arrives after the spool had to make
-    /// a later segment itself is deleted unused, so segments are always used in number order.
+    /// a later segment itself is deleted unused, so segments are always used in number order
+    /// (also when that later segment has been reclaimed meanwhile: abandoned by a failed sync,
+    /// say, with nothing live in it or before it).
     pub fn install_spare(&mut self, made: std::io::Result<PreparedSegment>) {
         self.spare_pending = false;
         let Ok(PreparedSegment(seg)) = made else {
             return;
         };
-        if self.index.last().is_some_and(|last| last > seg.seq) {
+        if self.newest_used > seg.seq || self.index.last().is_some_and(|last| last > seg.seq) {
             let _ = std::fs::remove_file(self.dir.join(file_name(seg.seq)));
         } else {
             self.spare = Some(seg);

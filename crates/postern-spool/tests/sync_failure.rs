@@ -141,3 +141,72 @@ fn a_message_refused_after_a_failed_sync_is_not_taken_again_after_a_restart() {
         "a restart would deliver it beside the copy its client sends again"
     );
 }
+
+#[test]
+fn a_spare_numbered_below_a_segment_already_used_is_never_used() {
+    use postern_spool::{DeliveryState, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    // Two messages fill most of the first segment.
+    let mut ids = Vec::new();
+    for (i, len) in [(1, 5000), (2, 50_000)] {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, len)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    // Both are delivered.
+    for id in &ids {
+        spool.mark_final(id).unwrap();
+    }
+    // A spare is asked for (the next number), but is slow to come: delivery outcomes fill
+    // the first segment, and the one after it is made inline, with the number after the
+    // spare's. It holds nothing but outcomes.
+    let job = spool.spare_job().unwrap();
+    let delivered = Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 ok".into(),
+    };
+    let first = segment_files(dir.path());
+    while segment_files(dir.path()).len() == first.len() {
+        spool.append_status(&ids[0], 0, &delivered).unwrap();
+    }
+    let made_inline = segment_files(dir.path()).pop().unwrap();
+    // Its sync fails: that segment is abandoned and, holding no message, reclaimed with the
+    // first.
+    let batch = spool.take_sync().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    spool.reclaim().unwrap();
+    for f in spool.take_unlinks() {
+        std::fs::remove_file(&f.path).unwrap();
+    }
+    assert_eq!(segment_files(dir.path()), Vec::<String>::new());
+    // The spare arrives now, numbered below the segment used before it.
+    spool.install_spare(job.run());
+    let mut next = spool.begin(&meta(3)).unwrap();
+    spool.append(&mut next, &body(3, 20_000)).unwrap();
+    spool.finish(next).unwrap();
+    spool.sync_now().unwrap();
+    let now = segment_files(dir.path());
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(
+        now[0] > made_inline,
+        "segment {} used after segment {made_inline}",
+        now[0]
+    );
+}
+
+/// The segment files of core 0, by name (which sorts as the numbers do).
+fn segment_files(root: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
