@@ -108,7 +108,8 @@ impl CoreRelay {
                     break;
                 }
             };
-            let _connected = Connected::new(&dq);
+            // Counted out before any QUIT below: a connection saying QUIT works no more.
+            let connected = Connected::new(&dq);
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
@@ -124,6 +125,7 @@ impl CoreRelay {
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
                     // next run (their earlier attempt recorded nothing).
+                    drop(connected);
                     self.say_quit(conn).await;
                     break 'connect;
                 }
@@ -138,6 +140,7 @@ impl CoreRelay {
                 if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
                     // A less preferred host served long enough: see whether a better one is
                     // back (RFC 5321 5.1, preference order).
+                    drop(connected);
                     self.say_quit(conn).await;
                     continue 'connect;
                 }
@@ -152,10 +155,12 @@ impl CoreRelay {
                         Idled::Work => continue,
                         Idled::Reconnect => continue 'connect,
                         Idled::Quit => {
+                            drop(connected);
                             self.quit_after_leaving(conn).await;
                             return;
                         }
                         Idled::Over => {
+                            drop(connected);
                             if self.quit_idle(&dq, conn).await {
                                 return;
                             }
@@ -182,10 +187,14 @@ impl CoreRelay {
                     // server must never block writing them while this side still writes.
                     let mut replies = job.rcpts.len() + 3;
                     let mut jobs = vec![job];
-                    while jobs.len() < window && replies < MAX_PIPELINED_REPLIES {
+                    // A job joins only when its replies fit too.
+                    let joins = |j: &Job, replies: usize| {
+                        one_group(j) && replies + j.rcpts.len() + 3 <= MAX_PIPELINED_REPLIES
+                    };
+                    while jobs.len() < window {
                         let more = {
                             let mut ready = dq.ready.borrow_mut();
-                            if !ready.front().is_some_and(&one_group) {
+                            if !ready.front().is_some_and(|j| joins(j, replies)) {
                                 None
                             } else {
                                 ready.pop_front()
@@ -212,6 +221,7 @@ impl CoreRelay {
                 match after {
                     After::Keep if carry.is_empty() && self.yields_place(&dq, started) => {
                         // Other next hops wait for a connection of the core's share.
+                        drop(connected);
                         self.leave(&dq);
                         self.quit_after_leaving(conn).await;
                         return;
@@ -219,6 +229,7 @@ impl CoreRelay {
                     After::Keep => {}
                     After::Broken => continue 'connect,
                     After::Elsewhere => {
+                        drop(connected);
                         self.say_quit(conn).await;
                         continue 'connect;
                     }
