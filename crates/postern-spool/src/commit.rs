@@ -71,14 +71,7 @@ impl Commits {
             // Not only this batch's range: an earlier batch still in flight syncs the same
             // files, and a sync error is reported to one fdatasync only, so that batch's
             // success, if it comes later, proves nothing (docs/durability.md, "Faults").
-            // Kept in order and apart (ranges start at `settled`, which only grows): one
-            // that meets the last is merged into it, and a ticket is looked up by binary
-            // search, however many failures a flapping disk has had.
-            let (after, upto) = (self.settled, self.issued);
-            match self.failed.last_mut() {
-                Some(last) if after <= last.1 => last.1 = last.1.max(upto),
-                _ => self.failed.push((after, upto)),
-            }
+            self.fail_unsettled();
         }
         if let Some(slot) = self.in_flight.iter_mut().find(|(u, _)| *u == upto) {
             slot.1 = Some(ok);
@@ -86,6 +79,30 @@ impl Commits {
         while let Some(&(u, Some(_))) = self.in_flight.front() {
             self.settled = u;
             self.in_flight.pop_front();
+        }
+    }
+
+    /// After a failed write: fails every ticket issued and not yet settled, those of a batch
+    /// in flight too (the write may have held their records, or the disk lost others).
+    pub(crate) fn fail_issued(&mut self) {
+        match self.take() {
+            Some(range) => self.done(range, false),
+            None => self.fail_unsettled(),
+        }
+    }
+
+    /// Fails the tickets after `settled` up to the last issued. Kept in order and apart
+    /// (ranges start at `settled`, which only grows): one that meets the last is merged into
+    /// it, and a ticket is looked up by binary search, however many failures a flapping disk
+    /// has had.
+    fn fail_unsettled(&mut self) {
+        let (after, upto) = (self.settled, self.issued);
+        if after == upto {
+            return;
+        }
+        match self.failed.last_mut() {
+            Some(last) if after <= last.1 => last.1 = last.1.max(upto),
+            _ => self.failed.push((after, upto)),
         }
     }
 
@@ -123,6 +140,28 @@ mod tests {
             (c.state(t1), c.state(t2)),
             (TicketState::Durable, TicketState::Durable)
         );
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_tickets_of_a_batch_in_flight_too() {
+        let mut c = Commits::default();
+        let t1 = c.issue();
+        let b1 = c.take().unwrap_or_default();
+        // Every ticket issued is in that batch: the write that fails now has none of its own.
+        c.fail_issued();
+        assert_eq!(c.state(t1), TicketState::Failed);
+        // The batch's own success, later, proves nothing.
+        c.done(b1, true);
+        assert_eq!(c.state(t1), TicketState::Failed);
+        // Later tickets are not touched.
+        let t2 = c.issue();
+        let b2 = c.take().unwrap_or_default();
+        assert_eq!(c.state(t2), TicketState::Pending);
+        c.done(b2, true);
+        assert_eq!(c.state(t2), TicketState::Durable);
+        // With nothing issued since the last settled ticket, a failed write fails nothing.
+        c.fail_issued();
+        assert_eq!(c.state(t2), TicketState::Durable);
     }
 
     #[test]

@@ -537,9 +537,7 @@ impl Spool {
     /// fails at finish, and later records go to a new segment. Nothing whose records may be
     /// missing can be reported durable.
     fn fail_unwritten(&mut self) {
-        if let Some(range) = self.commits.take() {
-            self.commits.done(range, false);
-        }
+        self.commits.fail_issued();
         self.poisoned_below = self.next_draft;
         self.abandon_all();
     }
