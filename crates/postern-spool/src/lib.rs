@@ -19,6 +19,11 @@
 //! live segment, and per live message an index entry; a long-deferred message keeps the
 //! segments after it. Its only `unsafe` is in `map`.
 
+// Segments of up to 4 GiB are mapped whole, and record lengths are 32-bit words read into
+// `usize`: a 64-bit address space is assumed throughout.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("postern-spool needs a 64-bit target");
+
 mod body;
 mod commit;
 mod error;

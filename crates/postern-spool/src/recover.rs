@@ -83,6 +83,10 @@ pub struct Recovered {
     pub damaged_at: Vec<(RecordLocation, RecordLocation)>,
     /// Status records whose message was not found (already reclaimed, or lost).
     pub orphan_statuses: u64,
+    /// The newest time (microseconds) of any queue ID a record names: a message's start,
+    /// finished or not, or a status, its message's segment reclaimed or not. A spool opened
+    /// again issues no ID with a time below it.
+    pub newest_id_micros: u64,
     /// Segments read.
     pub segments: u64,
     /// Segment files with a blank header (creation cut off by a crash): nothing in them.
@@ -94,6 +98,13 @@ pub struct Recovered {
 }
 
 impl Recovered {
+    /// Counts `queue_id` in [`Recovered::newest_id_micros`].
+    fn saw_id(&mut self, queue_id: &str) {
+        if let Some(t) = crate::queue_id::micros_of(queue_id) {
+            self.newest_id_micros = self.newest_id_micros.max(t);
+        }
+    }
+
     /// The body of `m`, straight from the mapped segments.
     pub fn body<'a>(&'a self, m: &'a RecoveredMessage) -> impl Iterator<Item = &'a [u8]> + 'a {
         m.body.chunks()
@@ -293,6 +304,9 @@ fn apply_statuses(out: &mut Recovered, statuses: Vec<(u32, String, u32, Status)>
     let mut owned = Vec::with_capacity(statuses.len());
     let mut foreign = Vec::new();
     for (core, queue_id, rcpt, status) in statuses {
+        if let Some(t) = crate::queue_id::micros_of(&queue_id) {
+            out.newest_id_micros = out.newest_id_micros.max(t);
+        }
         match index.get(queue_id.as_str()) {
             Some(&i) if out.messages[i].core == core => owned.push((i, rcpt as usize, status)),
             Some(&i) => foreign.push((i, rcpt as usize, status)),
@@ -480,6 +494,7 @@ impl Scan<'_> {
                 let queue_id = c.bytes().and_then(|b| String::from_utf8(b.to_vec()).ok());
                 match (queue_id, MessageMeta::decode(&mut c)) {
                     (Some(queue_id), Some(meta)) => {
+                        self.out.saw_id(&queue_id);
                         let partial = Partial {
                             start_seq: self.seq,
                             start_at: (at - RECORD_HEADER) as u64,

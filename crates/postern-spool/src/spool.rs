@@ -298,9 +298,11 @@ impl Spool {
             index.add_segment(seq, bytes);
         }
         let found = recover_core(&dir, core)?;
-        let mut id_floor = 0;
+        // Past every ID a record names, not only the messages still found: a status whose
+        // message was reclaimed, or a start never finished, must not meet its ID again (a
+        // new message would take that status for its own).
+        let id_floor = found.newest_id_micros.saturating_add(1);
         for m in &found.messages {
-            id_floor = id_floor.max(queue_id::micros_of(&m.queue_id).map_or(0, |t| t + 1));
             if !m.is_final() {
                 index.pin(m.start_seq);
                 index.set_live(m.queue_id.clone(), m.start_seq);

@@ -373,3 +373,32 @@ fn a_write_at_once_behind_a_batch_of_its_own_segment_comes_after_that_batch() {
     );
     assert_eq!((r.damaged, r.corrupt_records), (0, 0));
 }
+
+#[test]
+fn an_id_a_status_names_is_not_issued_again_after_its_message_is_gone() {
+    use postern_spool::{DeliveryState, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    let mut d = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut d, &body(1, 100)).unwrap();
+    let id = d.queue_id().to_owned();
+    spool.finish(d).unwrap();
+    // An outcome for a message of this core whose records are gone (reclaimed), issued when
+    // the clock read far ahead of now (it has been set back since).
+    let ahead = format!("3{}", &id[1..]);
+    assert!(ahead > id);
+    let delivered = Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 ok".into(),
+    };
+    spool.append_status(&ahead, 0, &delivered).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    let d = spool.begin(&meta(2)).unwrap();
+    assert!(
+        d.queue_id() > ahead.as_str(),
+        "{} issued after a status for {ahead} was found",
+        d.queue_id()
+    );
+}
