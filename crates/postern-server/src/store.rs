@@ -441,7 +441,8 @@ impl CoreStore {
     /// At shutdown: lets the sync in flight be collected (for a few seconds at most: a stop
     /// must end), then syncs what is pending, on this thread, and wakes whoever waits for a
     /// ticket (a session whose end of data came before a slow sync then says its 250). Gives
-    /// back that last sync's error.
+    /// back that last sync's error, or an error without a last sync when the one in flight
+    /// did not end.
     pub(crate) async fn shutdown(&self) -> Result<(), SpoolError> {
         const SYNC_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
         // Segments freed and not yet deleted go now, rather than at the next start, after
@@ -466,10 +467,30 @@ impl CoreStore {
         // Then the sync in flight, with no wait between its end and the last sync: the group
         // commit could start another meanwhile (an outcome recorded), which the last sync
         // would not see, and the stop would end before it.
-        futures_lite::future::or(self.sync_collected(), async {
-            glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
-        })
+        let collected = futures_lite::future::or(
+            async {
+                self.sync_collected().await;
+                true
+            },
+            async {
+                glommio::timer::sleep(SYNC_IN_FLIGHT_WAIT).await;
+                false
+            },
+        )
         .await;
+        if !collected {
+            // A sync still running (a disk that hangs): no second one beside it. It would
+            // hang this thread too, and two `fdatasync`s of one file share a write-back
+            // error, which only one of them is told: the batch in flight could read
+            // durable for records that were lost. What is still pending is not
+            // acknowledged; outcomes recorded since the last sync are made again after
+            // the next start.
+            self.synced.notify(usize::MAX);
+            return Err(SpoolError::SyncFailed(format!(
+                "the sync in flight did not end within {}s; no last sync was made",
+                SYNC_IN_FLIGHT_WAIT.as_secs()
+            )));
+        }
         let mut spool = self.spool.borrow_mut();
         let mut synced = spool.sync_now();
         // A segment that sync made durable gets its seal, a record of its own: synced too,

@@ -891,7 +891,9 @@ impl Spool {
     }
 
     /// The sync work for every ticket issued since the last batch, if any. Run it anywhere
-    /// ([`SyncBatch::run`]) and report with [`Spool::sync_done`]; batches may overlap.
+    /// ([`SyncBatch::run`]) and report with [`Spool::sync_done`]. Batches may overlap as far
+    /// as the tickets' order goes, but two that sync one file at once share its write-back
+    /// error, which only one of them is told: run one at a time (postern does).
     pub fn take_sync(&mut self) -> Option<SyncBatch> {
         let range = self.commits.take()?;
         let mut writes = std::mem::take(&mut self.unwritten);
