@@ -9,10 +9,9 @@
 //! signal ends the wait (`EINTR`: the kernel never restarts an `io_uring_enter` wait, even for
 //! a handler installed with `SA_RESTART`); glommio then looks at every ring again and finds
 //! the timer that fired. A core that is merely busy is not harmed by the signal: its empty
-//! handler runs and returns. A core blocked in another system call (a write or a sync on a
-//! slow or network file system, which is also what stalls its timers) has that call
-//! restarted (`SA_RESTART`), not failed with `EINTR`: a spool write is not refused for a
-//! signal.
+//! handler runs and returns. A core blocked in another system call that the kernel restarts
+//! after a signal (`SA_RESTART`: a lock, a pipe, a socket, a network file system mounted
+//! `intr`) goes on rather than failing with `EINTR`.
 //!
 //! Each stall is logged once, with the `postern_core_stalls_total` counter raised.
 //!

@@ -529,6 +529,74 @@ fn a_next_hop_that_drops_connections_past_its_limit_gets_its_mail_over_those_it_
     all_stored_none_deferred(&stored, &ids, &mut server);
 }
 
+#[test]
+fn a_next_hop_gone_silent_beside_an_open_connection_is_not_taken_for_a_connection_limit() {
+    // The next hop takes one connection and the first message's data, then answers nothing
+    // more, there or on new connections (they wait in its backlog, never greeted). The
+    // second message's connection gets no greeting: the connection beside it is open, but
+    // had no answer while the attempt lasted, so it does not count as working. The second
+    // message is deferred, as for a next hop that cannot be reached; no limit is learned.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (got_data, data_in) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((s, _)) = l.accept() else { return };
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let _ = w.write_all(b"220 silent.test ESMTP\r\n");
+        let (mut line, mut in_data) = (String::new(), false);
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            let reply: &[u8] = if in_data && line == ".\r\n" {
+                // Silent from now on; the listener stays open and accepts nothing more.
+                let _ = got_data.send(());
+                b""
+            } else if in_data {
+                b""
+            } else if line.starts_with("EHLO") {
+                b"250 silent.test\r\n"
+            } else if line.starts_with("DATA") {
+                in_data = true;
+                b"354 go\r\n"
+            } else {
+                b"250 ok\r\n"
+            };
+            let _ = w.write_all(reply);
+            line.clear();
+        }
+        drop(l);
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "1h",
+        "--smtp-greeting-timeout",
+        "3s",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    data_in.recv_timeout(Duration::from_secs(20)).unwrap();
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<second@t>",
+        "x\r\n",
+    );
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(deferred.contains("timed out"), "{deferred}");
+    let log = server.terminate_for_log();
+    assert!(!log.contains("refused another connection"), "{log}");
+}
+
 /// Waits (20 s at most) until the next hop has stored every message of `ids`, then stops the
 /// server and checks that none was deferred and that the limit was learned.
 fn all_stored_none_deferred(

@@ -596,6 +596,8 @@ struct DestQueue {
     workers: Cell<usize>,
     /// Workers whose connection is open (greeting and EHLO answered), idle or not.
     connected: Cell<usize>,
+    /// When a connection to the next hop last opened or had a transaction answered (ms).
+    answered_at: Cell<u64>,
     idle: Cell<usize>,
     arrived: Event,
     /// Waiting in the core's `starved` list for a connection the core's cap held back.
@@ -1053,6 +1055,7 @@ impl CoreRelay {
                     ready: RefCell::new(VecDeque::new()),
                     workers: Cell::new(0),
                     connected: Cell::new(0),
+                    answered_at: Cell::new(0),
                     idle: Cell::new(0),
                     arrived: Event::new(),
                     starved: Cell::new(false),

@@ -49,6 +49,7 @@ impl CoreRelay {
                 .iter()
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
+            let attempt_began = now_ms();
             let (mut conn, fallback_until) = match self.open(&dq, &tried).await {
                 Ok(Opened {
                     conn: c,
@@ -88,7 +89,9 @@ impl CoreRelay {
                     break;
                 }
                 Err(unopened)
-                    if unopened.1.is_none() && unopened.2.is_none() && dq.connected.get() > 0 =>
+                    if unopened.1.is_none()
+                        && unopened.2.is_none()
+                        && self.others_work(&dq, attempt_began) =>
                 {
                     // No answer (refused, closed before its greeting, timed out) while other
                     // connections of ours to the same next hop work: a host or firewall
@@ -110,6 +113,7 @@ impl CoreRelay {
             };
             // Counted out before any QUIT below: a connection saying QUIT works no more.
             let connected = Connected::new(&dq);
+            dq.answered_at.set(now_ms());
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
@@ -212,6 +216,9 @@ impl CoreRelay {
                     self.transact(&mut conn, &dq, job, note, &mut carry).await
                 };
                 drop(counted);
+                if !matches!(after, After::Broken) {
+                    dq.answered_at.set(now_ms());
+                }
                 if after_failures && dq.broken_in_a_row.get() == 0 {
                     after_failures = false;
                     // A transaction answered after failures lifts the one-connection limit
@@ -237,6 +244,15 @@ impl CoreRelay {
             }
         }
         self.leave(&dq);
+    }
+
+    /// Whether another connection of ours to `dq`'s next hop works: one is open (past its
+    /// EHLO, not saying QUIT), and one got an answer since an attempt that began at
+    /// `began` (ms), or within [`WORKS_WITHIN`] for an attempt that failed sooner. A
+    /// connection open to a host that has since gone silent is not one that works.
+    fn others_work(&self, dq: &DestQueue, began: u64) -> bool {
+        let within = u64::try_from(WORKS_WITHIN.as_millis()).unwrap_or(u64::MAX);
+        dq.connected.get() > 0 && dq.answered_at.get() >= began.min(now_ms().saturating_sub(within))
     }
 
     /// A connection to `dq`'s next hop was refused while others of ours to it are open or
@@ -1066,6 +1082,10 @@ async fn loops_here(
         (text, Some("5.4.6"), None, None, failed, false)
     }
 }
+
+/// How lately another connection must have had an answer to count as one that works, for
+/// a connection attempt that failed in less time than this (see `CoreRelay::others_work`).
+const WORKS_WITHIN: Duration = Duration::from_secs(2);
 
 /// Counts a worker's open connection in [`DestQueue::connected`] while it lives.
 struct Connected<'a>(&'a DestQueue);
