@@ -685,7 +685,8 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     if core.sessions.get() > core.lingering.get() {
         // A session that was waiting for its message's sync (a slow disk) has it now: it
         // says its 250 (then 421) before the core ends, rather than leave a stored message
-        // unacknowledged, which its client would send again. A second stop signal ends it.
+        // unacknowledged, which its client would send again (or its 451, when the sync in
+        // flight never ended and no last one was made). A second stop signal ends it.
         let last = glommio::timer::sleep(GRACE_OVER_WRITES + session::CLOSING_WRITE);
         futures_lite::future::or(drained(), futures_lite::future::or(last, hurried())).await;
     }

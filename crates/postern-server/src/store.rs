@@ -483,8 +483,9 @@ impl CoreStore {
             // hang this thread too, and two `fdatasync`s of one file share a write-back
             // error, which only one of them is told: the batch in flight could read
             // durable for records that were lost. What is still pending is not
-            // acknowledged; outcomes recorded since the last sync are made again after
-            // the next start.
+            // acknowledged (the sessions waiting are told 451 now); outcomes recorded
+            // since the last sync are made again after the next start.
+            self.spool.borrow_mut().fail_pending();
             self.synced.notify(usize::MAX);
             return Err(SpoolError::SyncFailed(format!(
                 "the sync in flight did not end within {}s; no last sync was made",

@@ -1049,6 +1049,13 @@ impl Spool {
         !self.commits.all_batched()
     }
 
+    /// Fails every ticket issued and not yet durable, those of a batch still syncing too
+    /// (whose later success then proves nothing): for a stop that cannot wait for that
+    /// batch, so that nobody waiting is told a message is stored.
+    pub fn fail_pending(&mut self) {
+        self.commits.fail_issued();
+    }
+
     /// Where `ticket` stands.
     pub fn ticket_state(&self, ticket: Ticket) -> TicketState {
         self.commits.state(ticket)
