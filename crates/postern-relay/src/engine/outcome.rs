@@ -168,7 +168,8 @@ impl CoreRelay {
                     self.broke(dq, conn.addr);
                 }
                 if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
-                    if self.every_address_broke(dq) {
+                    // Once per pause: the jobs after this one in the batch come back too.
+                    if self.every_address_broke(dq) && dq.down_until.get() <= now_ms() {
                         self.suspend(dq, &c, carry);
                     }
                     self.settle_carried(c);

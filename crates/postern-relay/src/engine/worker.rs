@@ -790,8 +790,8 @@ impl CoreRelay {
     /// A job's transaction at `addr` broke off or was put off as a whole. The job goes at once
     /// to another address of its next hop that it has not tried in this attempt, on this
     /// worker's next connection (RFC 5321 5.1: the addresses in order until one takes the
-    /// mail), at most [`MAX_ADDRESSES_PER_ATTEMPT`]; None then. With none left it comes back,
-    /// to be deferred. With `host_trouble` the address is also passed over by new
+    /// mail), at most [`MAX_ADDRESSES_PER_ATTEMPT`]; None then. With none left, or the next
+    /// hop paused, it comes back, to be deferred. With `host_trouble` the address is also passed over by new
     /// connections for a while.
     pub(super) fn pass_over(
         &self,
@@ -809,7 +809,10 @@ impl CoreRelay {
         }
         let others = c.job.tried.len() < MAX_ADDRESSES_PER_ATTEMPT
             && dq.addrs.borrow().iter().any(|a| !c.job.tried.contains(a));
-        if !others {
+        // A next hop paused meanwhile (every address broke off, for a job before this one
+        // in the same batch, say) gets no new connection for this job either.
+        let paused = dq.down_until.get() > now_ms();
+        if !others || paused {
             return Some(c);
         }
         tracing::info!(queue_id = %c.job.msg.queue_id, %addr, "trying the next address of the next hop");
