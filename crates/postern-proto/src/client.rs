@@ -282,6 +282,8 @@ pub struct ClientSession {
     /// The server said 421 to the RSET that settles a refusal of DATA, or the connection
     /// ended or fell silent before its reply: nothing more may go out on it.
     closing: bool,
+    /// The server said 421: it is closing the connection, and takes no QUIT.
+    said_closing: bool,
     /// The names the server gave itself: the first word of its 220 greeting and of its
     /// EHLO (or HELO) reply (RFC 5321 4.2, 4.1.1.1).
     greeted_as: Option<String>,
@@ -317,6 +319,7 @@ impl ClientSession {
             abandoned: VecDeque::new(),
             noop_refused: None,
             closing: false,
+            said_closing: false,
             greeted_as: None,
             helo_as: None,
         }
@@ -638,6 +641,11 @@ impl ClientSession {
         self.closing
     }
 
+    /// Whether the server said 421 (it closes the connection: no QUIT is owed it).
+    pub fn said_closing(&self) -> bool {
+        self.said_closing
+    }
+
     fn close_settled(&mut self) {
         self.closing = true;
         self.expect.clear();
@@ -712,6 +720,9 @@ impl ClientSession {
     fn on_reply(&mut self, reply: Reply) -> Option<ClientEvent> {
         self.replies += 1;
         let expect = self.expect.pop_front()?;
+        if reply.code == 421 {
+            self.said_closing = true;
+        }
         if reply.code == 421 && expect == Expect::SettleRset {
             // The server closing after it refused DATA: the refusal stands (a reply out of
             // step would have been a 354 here), and the connection is done.

@@ -286,9 +286,13 @@ impl Outbound {
             // A reply after the EHLO reply, before any command of a transaction went out,
             // would answer the first command sent (and each reply the one after its own: a
             // refusal taken for a delivery). The connection is given up before it carries mail.
-            Ok(()) if conn.unasked_after_reply() => Err(ConnError::Lost(format!(
-                "{UNASKED_AFTER_EHLO}: {OUT_OF_STEP_AHEAD}"
-            ))),
+            Ok(()) if conn.unasked_after_reply() => {
+                // QUIT all the same (RFC 5321 4.1.1.10); its reply could not be told apart.
+                conn.quit_now().await;
+                Err(ConnError::Lost(format!(
+                    "{UNASKED_AFTER_EHLO}: {OUT_OF_STEP_AHEAD}"
+                )))
+            }
             Ok(()) => Ok(conn),
             // Reading or writing failed after the server had answered: it is the remote MTA
             // of the failure (RFC 3464 2.3.5), unlike an address where nobody answered.
@@ -644,6 +648,12 @@ impl Outbound {
     /// settled by the connection ending there (see `ClientSession::is_closing`).
     pub fn is_closing(&self) -> bool {
         self.session.is_closing()
+    }
+
+    /// Whether a connection given up is still owed a QUIT (RFC 5321 4.1.1.10): not when the
+    /// next hop said 421 (it is closing) or the session ended itself.
+    pub fn owes_quit(&self) -> bool {
+        !self.session.is_closing() && !self.session.said_closing()
     }
 
     /// Starts counting the next hop's silence now (once commands are written: the time

@@ -67,13 +67,17 @@ fn two_messages_the_second_bounced(port: u16, then: impl FnOnce()) {
 /// pipelining servers do (once the group's last command is in, or nothing more is waiting to
 /// be read: a client that does not pipeline gets each reply), takes the first message, and
 /// slips a reply too many in front of the next group's replies, whose BDAT it refuses (as
-/// every later one). Returns its port.
-fn next_hop_with_a_late_reply_too_many() -> u16 {
+/// every later one). Returns its port, and a word for each session that got the reply too
+/// many: whether it ended with QUIT (true) or with the client's close.
+fn next_hop_with_a_late_reply_too_many() -> (u16, std::sync::mpsc::Receiver<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let (ended, ends) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut messages = 0;
         for stream in listener.incoming().take(4) {
+            let mut strayed = false;
+            let mut quit = false;
             let Ok(mut stream) = stream else { return };
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
@@ -104,6 +108,7 @@ fn next_hop_with_a_late_reply_too_many() -> u16 {
                             flush = true;
                         }
                         "RSET" if messages == 1 => {
+                            strayed = true;
                             out.extend_from_slice(b"250 2.0.0 a reply nobody asked for\r\n");
                             out.extend_from_slice(b"250 2.0.0 ok\r\n");
                         }
@@ -120,6 +125,7 @@ fn next_hop_with_a_late_reply_too_many() -> u16 {
                             flush = true;
                         }
                         "QUIT" => {
+                            quit = true;
                             let _ = stream.write_all(b"221 2.0.0 bye\r\n");
                             break 'session;
                         }
@@ -128,9 +134,12 @@ fn next_hop_with_a_late_reply_too_many() -> u16 {
                     flush |= reader.buffer().is_empty();
                 }
             }
+            if strayed {
+                let _ = ended.send(quit);
+            }
         }
     });
-    port
+    (port, ends)
 }
 
 #[test]
@@ -138,7 +147,10 @@ fn a_reply_too_many_within_the_next_group_leaves_its_outcome_unknown_not_deliver
     // The reply too many comes only once the next group is written: RSET takes it, MAIL takes
     // RSET's reply, RCPT MAIL's and BDAT RCPT's, and the refusal is left over. Seen after the
     // last reply, it makes the outcome unknown: the message is tried again, and bounced.
-    two_messages_the_second_bounced(next_hop_with_a_late_reply_too_many(), || ());
+    let (port, ends) = next_hop_with_a_late_reply_too_many();
+    two_messages_the_second_bounced(port, || ());
+    // The session found out of step is still ended with QUIT (RFC 5321 4.1.1.10).
+    assert_eq!(ends.recv_timeout(Duration::from_secs(20)), Ok(true));
 }
 
 /// Greets a client of a scripted next hop (reads time out after 30 s); returns its reader.
@@ -1048,6 +1060,43 @@ fn a_reply_after_the_ehlo_reply_gives_the_connection_up_before_it_carries_mail()
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     server.log_until(|l| l.contains("after the EHLO reply"));
+}
+
+#[test]
+fn a_connection_given_up_for_a_reply_nobody_asked_for_still_says_quit() {
+    // RFC 5321 4.1.1.10: the client does not close before it sends QUIT. Its reply cannot be
+    // told from the stray ones, so none is waited for.
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    let (port, stored, closed) = scripted_next_hop(
+        move |n, line| {
+            seen.lock().unwrap().push((n, line.trim_end().to_owned()));
+            (n == 0 && line.starts_with("EHLO")).then_some(Act::Say(
+                "250-scripted.test\r\n250 PIPELINING\r\n250 2.0.0 nobody asked\r\n",
+            ))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let _server = Server::start(&["--cores", "1", "--route", &route]);
+    send(
+        &_server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<quit@t>",
+        "x\r\n",
+    );
+    // The first connection ends (the message waits for its retry).
+    closed.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(stored.try_recv().is_err(), "nothing was sent on it");
+    let first: Vec<String> = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| *n == 0)
+        .map(|(_, l)| l.clone())
+        .collect();
+    assert_eq!(first.last().map(String::as_str), Some("QUIT"), "{first:?}");
 }
 
 #[test]

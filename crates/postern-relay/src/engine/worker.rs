@@ -138,6 +138,13 @@ impl CoreRelay {
                     // reply too many) or closed: the next commands' replies could not be told
                     // from it. The jobs waiting go on a new connection, nothing charged.
                     tracing::debug!(remote = %conn.remote, "next hop out of step or gone between transactions");
+                    // A reply nobody asked for (not a 421, not the end): QUIT all the same
+                    // (RFC 5321 4.1.1.10); its reply could not be told apart, so none is
+                    // awaited.
+                    drop(connected);
+                    if conn.owes_quit() && conn.unasked_after_reply() {
+                        conn.quit_now().await;
+                    }
                     continue 'connect;
                 }
                 used = true;
@@ -234,7 +241,15 @@ impl CoreRelay {
                         return;
                     }
                     After::Keep => {}
-                    After::Broken => continue 'connect,
+                    After::Broken => {
+                        // Broken off or out of step: QUIT, not awaited, before the close
+                        // (RFC 5321 4.1.1.10), where the session has not ended itself.
+                        drop(connected);
+                        if conn.owes_quit() {
+                            conn.quit_now().await;
+                        }
+                        continue 'connect;
+                    }
                     After::Elsewhere => {
                         drop(connected);
                         self.say_quit(conn).await;
