@@ -196,6 +196,117 @@ pub fn server_session(data: &[u8]) {
     }
 }
 
+/// A client session against a next hop whose every byte is the input's, read a line at a
+/// time: transactions (one to three, each with one to four recipients, DATA or BDAT, as the
+/// first two bytes say) are
+/// sent whenever the session lets them go, bodies counted as written at once. No panic, no
+/// event the client did not ask for (STARTTLS), never more outcomes than transactions sent,
+/// and a recipient counts as delivered only when MAIL, its RCPT and the body were all
+/// answered 2xx, after its body was written.
+pub fn client_session(data: &[u8]) {
+    drive_client(data);
+}
+
+/// [`client_session`]'s run: transactions sent, and outcomes with a recipient delivered.
+fn drive_client(data: &[u8]) -> (usize, usize) {
+    use crate::client::{BodyMode, ClientEvent, ClientSession, OutRecipient, Transaction};
+    let (plan, rest) = data.split_at(data.len().min(2));
+    let plan = [
+        plan.first().copied().unwrap_or(0),
+        plan.get(1).copied().unwrap_or(0),
+    ];
+    let wanted = 1 + usize::from(plan[0] % 3);
+    let transactions: Vec<Transaction> = (0..wanted)
+        .map(|k| Transaction {
+            from: format!("s{k}@origin.test"),
+            mail_params: String::new(),
+            rcpts: (0..1 + usize::from((plan[0] >> 2) % 4))
+                .map(|r| OutRecipient {
+                    path: format!("r{r}@dest.test"),
+                    params: String::new(),
+                })
+                .collect(),
+            body_len: 10 + u64::from(plan[1] >> 4),
+            mode: if plan[1] & 1 == 0 {
+                BodyMode::Data
+            } else {
+                BodyMode::Bdat
+            },
+            chunk_size: u64::from(plan[1] & 2) * 2,
+        })
+        .collect();
+    let input = rest;
+    let mut c = ClientSession::new("relay.test");
+    if plan[1] & 4 != 0 {
+        c.forgo_pipelining();
+    }
+    let (mut sent, mut bodies, mut done, mut delivered) = (0usize, 0usize, 0usize, 0usize);
+    let send_more = |c: &mut ClientSession, sent: &mut usize| {
+        while *sent < transactions.len() && c.can_send() {
+            if *sent > 0 {
+                c.rset();
+                if !c.can_send() {
+                    break;
+                }
+            }
+            if c.send(&transactions[*sent]).is_err() {
+                break;
+            }
+            *sent += 1;
+        }
+    };
+    // The next hop's bytes arrive a line at a time, each read after the client wrote what it
+    // had (a reply cannot come before its command); what the session has not consumed yet (a
+    // reply not yet whole) stays for the next read.
+    let mut lines = input.split_inclusive(|&b| b == b'\n');
+    let mut buf = Vec::new();
+    // Each call consumes bytes or gives an event, or asks for the next line: a bound all the
+    // same.
+    for _ in 0..4 * input.len() + 16 {
+        let (used, event) = c.handle(&buf);
+        assert!(used <= buf.len(), "consumed more than it was given");
+        buf.drain(..used);
+        match event {
+            ClientEvent::NeedInput if used == 0 => match lines.next() {
+                Some(line) => buf.extend_from_slice(line),
+                None => return (sent, delivered),
+            },
+            ClientEvent::NeedInput => {}
+            ClientEvent::Ready => send_more(&mut c, &mut sent),
+            ClientEvent::SendBody => {
+                bodies += 1;
+                c.body_sent();
+            }
+            ClientEvent::Done(result) => {
+                done += 1;
+                assert!(done <= sent, "{done} outcomes for {sent} transactions");
+                let rcpts = transactions[done - 1].rcpts.len();
+                delivered += usize::from((0..rcpts).any(|i| result.outcome(i).is_positive()));
+                // Each transaction delivered had a body of its own written.
+                assert!(delivered <= bodies, "delivered before its body was written");
+                for i in 0..rcpts {
+                    if result.outcome(i).is_positive() {
+                        assert!(result.mail.is_positive(), "{result:?}");
+                        assert!(result.rcpts.get(i).is_some_and(|r| r.is_positive()));
+                        assert!(
+                            result.data.as_ref().is_some_and(|d| d.is_positive()),
+                            "delivered without a 2xx to its body: {result:?}"
+                        );
+                    }
+                }
+                send_more(&mut c, &mut sent);
+            }
+            ClientEvent::Closed | ClientEvent::Failed(_) => return (sent, delivered),
+            ClientEvent::StartTls | ClientEvent::StartTlsRefused(_) => {
+                panic!("a STARTTLS event nobody asked for: {event:?}")
+            }
+        }
+        assert!(c.output().len() < 1 << 20);
+        c.clear_output();
+    }
+    panic!("no progress through {} bytes", input.len());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +328,25 @@ mod tests {
             bdat(seed);
             reply(seed);
             server_session(seed);
+            client_session(seed);
         }
+        // A whole exchange, pipelined with BDAT, and the same where the body's reply is a
+        // refusal and a reply too many follows.
+        // Two transactions of two recipients each: 4 and 5 replies (RSET).
+        assert_eq!(
+            drive_client(
+                b"\x04\x01220 hop\r\n250-hop\r\n250-PIPELINING\r\n250 CHUNKING\r\n\
+                  250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n\
+                  250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n221 bye\r\n",
+            ),
+            (2, 2)
+        );
+        assert_eq!(
+            drive_client(
+                b"\x00\x40220 hop\r\n250 hop\r\n250 ok\r\n250 ok\r\n354 go\r\n\
+                  554 no\r\n250 ok\r\n250 extra\r\n",
+            ),
+            (1, 0)
+        );
     }
 }
