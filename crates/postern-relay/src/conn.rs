@@ -157,6 +157,12 @@ pub struct Outbound {
     /// The connection broke off and that was counted against its next hop (once per
     /// connection, however many transactions it carried).
     pub broke_counted: std::cell::Cell<bool>,
+    /// Given up because its replies are out of step, with every command's bytes written
+    /// and no QUIT yet: a QUIT is owed before the close (RFC 5321 4.1.1.10).
+    quit_owed: std::cell::Cell<bool>,
+    /// A write failed or ran out of time: what the next hop has may end inside a command or
+    /// a body, so nothing more is written (a QUIT there could complete a BDAT chunk).
+    write_failed: bool,
     /// When the last reply was read (or the connection made, or [`Outbound::quiet_from_now`]
     /// called), and how long the next hop had been quiet before it.
     last_reply: Instant,
@@ -279,6 +285,8 @@ impl Outbound {
             addr,
             transactions: 0,
             broke_counted: std::cell::Cell::new(false),
+            quit_owed: std::cell::Cell::new(false),
+            write_failed: false,
             last_reply: Instant::now(),
             quiet_before_last: Duration::ZERO,
         };
@@ -403,6 +411,9 @@ impl Outbound {
         })
         .await;
         self.out = out;
+        if result.is_err() {
+            self.write_failed = true;
+        }
         result.map(|()| true)
     }
 
@@ -488,9 +499,10 @@ impl Outbound {
                     // A reply after RSET's would answer the MAIL sent next: nothing of this
                     // transaction went out, so it goes on a new connection.
                     Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => {
+                        self.quit_owed.set(true);
                         return Err(Err(ConnError::Stale(format!(
                             "{UNASKED_AFTER_RSET}: {OUT_OF_STEP_AHEAD}"
-                        ))))
+                        ))));
                     }
                     Ok(ClientEvent::NeedInput) => {}
                     Ok(ClientEvent::Failed(e)) => {
@@ -656,6 +668,19 @@ impl Outbound {
         !self.session.is_closing() && !self.session.said_closing()
     }
 
+    /// Marks a connection given up because its replies are out of step (every command's
+    /// bytes written, no QUIT written by the session): it gets its QUIT before the close.
+    pub fn out_of_step_given_up(&self) {
+        self.quit_owed.set(true);
+    }
+
+    /// Whether [`Outbound::out_of_step_given_up`] marked it, and it is still owed a QUIT.
+    /// Never for a connection that broke in the middle of a body (a QUIT written there would
+    /// be taken as body bytes), nor for one whose session wrote QUIT itself.
+    pub fn quit_owed(&self) -> bool {
+        self.quit_owed.get() && !self.write_failed && self.owes_quit()
+    }
+
     /// Starts counting the next hop's silence now (once commands are written: the time
     /// their writing took is not the next hop's).
     pub fn quiet_from_now(&mut self) {
@@ -797,6 +822,9 @@ impl Outbound {
         }
         .await;
         self.out = out;
+        if result.is_err() {
+            self.write_failed = true;
+        }
         result
     }
 

@@ -130,6 +130,11 @@ impl CoreRelay {
                 After::Keep
             }
             Err(Err(e)) => {
+                // Given up out of step after every byte of the transaction went out (not a
+                // reply the session could not take: it wrote its own QUIT then).
+                if matches!(&e, ConnError::Io(t) if t == crate::conn::OUT_OF_STEP) {
+                    conn.out_of_step_given_up();
+                }
                 if matches!(
                     e,
                     ConnError::Smtp(ClientError::Protocol(_) | ClientError::Unexpected(..))

@@ -242,10 +242,11 @@ impl CoreRelay {
                     }
                     After::Keep => {}
                     After::Broken => {
-                        // Broken off or out of step: QUIT, not awaited, before the close
-                        // (RFC 5321 4.1.1.10), where the session has not ended itself.
+                        // Given up out of step: QUIT, not awaited, before the close (RFC
+                        // 5321 4.1.1.10). Not after a failed write (it could land inside a
+                        // body), a 421, or the session's own QUIT.
                         drop(connected);
-                        if conn.owes_quit() {
+                        if conn.quit_owed() {
                             conn.quit_now().await;
                         }
                         continue 'connect;
@@ -681,6 +682,7 @@ impl CoreRelay {
             // round trip to this next hop for a while, so that one stray reply costs one
             // message's attempt, not a batch's.
             let e = ConnError::Io(crate::conn::OUT_OF_STEP.into());
+            conn.out_of_step_given_up();
             dq.serial_until
                 .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
             for (job, _) in answered {
