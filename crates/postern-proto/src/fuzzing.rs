@@ -240,20 +240,32 @@ fn drive_client(data: &[u8]) -> (usize, usize) {
     if plan[1] & 4 != 0 {
         c.forgo_pipelining();
     }
-    let (mut sent, mut bodies, mut done, mut delivered) = (0usize, 0usize, 0usize, 0usize);
-    let send_more = |c: &mut ClientSession, sent: &mut usize| {
-        while *sent < transactions.len() && c.can_send() {
-            if *sent > 0 {
+    let (mut bodies, mut done, mut delivered) = (0usize, 0usize, 0usize);
+    // The bodies written before each transaction sent: its own comes after.
+    let mut bodies_before: Vec<usize> = Vec::new();
+    // As the relay does: each transaction after the first behind a RSET, sent as soon as the
+    // session lets it go (at once with PIPELINING, once the RSET is answered without).
+    let send_more = |c: &mut ClientSession, bodies_before: &mut Vec<usize>, bodies: usize| {
+        while bodies_before.len() < transactions.len() && c.can_send() {
+            if !bodies_before.is_empty() {
                 c.rset();
                 if !c.can_send() {
                     break;
                 }
             }
-            if c.send(&transactions[*sent]).is_err() {
+            if c.send(&transactions[bodies_before.len()]).is_err() {
                 break;
             }
-            *sent += 1;
+            bodies_before.push(bodies);
         }
+    };
+    // Every transaction sent ends with an outcome, or is handed back unfinished.
+    let accounted = |c: &mut ClientSession, done: usize, sent: usize| {
+        let mut unfinished = 0;
+        while c.take_unfinished().is_some() {
+            unfinished += 1;
+        }
+        assert_eq!(done + unfinished, sent, "a transaction lost");
     };
     // The next hop's bytes arrive a line at a time, each read after the client wrote what it
     // had (a reply cannot come before its command); what the session has not consumed yet (a
@@ -269,21 +281,37 @@ fn drive_client(data: &[u8]) -> (usize, usize) {
         match event {
             ClientEvent::NeedInput if used == 0 => match lines.next() {
                 Some(line) => buf.extend_from_slice(line),
-                None => return (sent, delivered),
+                None => {
+                    if c.settle_unanswered().is_some() {
+                        done += 1;
+                    }
+                    accounted(&mut c, done, bodies_before.len());
+                    return (bodies_before.len(), delivered);
+                }
             },
-            ClientEvent::NeedInput => {}
-            ClientEvent::Ready => send_more(&mut c, &mut sent),
+            ClientEvent::NeedInput => send_more(&mut c, &mut bodies_before, bodies),
+            ClientEvent::Ready => send_more(&mut c, &mut bodies_before, bodies),
             ClientEvent::SendBody => {
                 bodies += 1;
                 c.body_sent();
+                send_more(&mut c, &mut bodies_before, bodies);
             }
             ClientEvent::Done(result) => {
                 done += 1;
+                let sent = bodies_before.len();
                 assert!(done <= sent, "{done} outcomes for {sent} transactions");
-                let rcpts = transactions[done - 1].rcpts.len();
-                delivered += usize::from((0..rcpts).any(|i| result.outcome(i).is_positive()));
-                // Each transaction delivered had a body of its own written.
-                assert!(delivered <= bodies, "delivered before its body was written");
+                let k = done - 1;
+                let rcpts = transactions[k].rcpts.len();
+                if result.mail.is_positive() {
+                    assert_eq!(result.rcpts.len(), rcpts, "{result:?}");
+                }
+                let taken = (0..rcpts).any(|i| result.outcome(i).is_positive());
+                delivered += usize::from(taken);
+                // Its own body was written, after it was sent.
+                assert!(
+                    !taken || bodies > bodies_before[k],
+                    "delivered before its body was written"
+                );
                 for i in 0..rcpts {
                     if result.outcome(i).is_positive() {
                         assert!(result.mail.is_positive(), "{result:?}");
@@ -294,9 +322,12 @@ fn drive_client(data: &[u8]) -> (usize, usize) {
                         );
                     }
                 }
-                send_more(&mut c, &mut sent);
+                send_more(&mut c, &mut bodies_before, bodies);
             }
-            ClientEvent::Closed | ClientEvent::Failed(_) => return (sent, delivered),
+            ClientEvent::Closed | ClientEvent::Failed(_) => {
+                accounted(&mut c, done, bodies_before.len());
+                return (bodies_before.len(), delivered);
+            }
             ClientEvent::StartTls | ClientEvent::StartTlsRefused(_) => {
                 panic!("a STARTTLS event nobody asked for: {event:?}")
             }
