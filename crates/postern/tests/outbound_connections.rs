@@ -482,10 +482,18 @@ fn a_next_hop_that_limits_our_connections_gets_its_mail_over_those_it_takes() {
     // The mail queues up faster than two connections carry it, so more are opened, and the
     // third gets 421. The two that work carry everything, at once, not after a retry delay
     // of an hour for each message the third connection would have taken.
-    let (port, stored) = limited_next_hop(2);
+    twenty_over_the_connections_it_takes(limited_next_hop(2), "lim");
+}
+
+/// Twenty messages sent to a next hop that takes only some of our connections: all of them
+/// reach it over those, none deferred.
+fn twenty_over_the_connections_it_takes(
+    (port, stored): (u16, std::sync::mpsc::Receiver<String>),
+    tag: &str,
+) {
     let route = format!("dest.test=127.0.0.1:{port}");
     let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
-    let ids: Vec<String> = (0..20).map(|k| format!("<lim{k}@t>")).collect();
+    let ids: Vec<String> = (0..20).map(|k| format!("<{tag}{k}@t>")).collect();
     for id in &ids {
         send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
     }
@@ -519,14 +527,7 @@ fn a_next_hop_that_drops_connections_past_its_limit_gets_its_mail_over_those_it_
     // As above, but the third connection is closed before any greeting: no host answered it,
     // yet two connections to the next hop are working. The jobs wait for those two, not an
     // hour's retry.
-    let (port, stored) = limited_next_hop_saying(2, b"");
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
-    let ids: Vec<String> = (0..20).map(|k| format!("<drop{k}@t>")).collect();
-    for id in &ids {
-        send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
-    }
-    all_stored_none_deferred(&stored, &ids, &mut server);
+    twenty_over_the_connections_it_takes(limited_next_hop_saying(2, b""), "drop");
 }
 
 #[test]
