@@ -808,8 +808,8 @@ impl CoreRelay {
     /// to another address of its next hop that it has not tried in this attempt, on this
     /// worker's next connection (RFC 5321 5.1: the addresses in order until one takes the
     /// mail), at most [`MAX_ADDRESSES_PER_ATTEMPT`]; None then. With none left, or the next
-    /// hop paused, it comes back, to be deferred. With `host_trouble` the address is also passed over by new
-    /// connections for a while.
+    /// hop paused, it comes back, to be deferred. With `host_trouble` the address is also
+    /// passed over by new connections for a while.
     pub(super) fn pass_over(
         &self,
         dq: &DestQueue,
