@@ -327,3 +327,45 @@ fn a_message_whose_bounce_waits_for_room_can_be_deleted() {
         "{log}"
     );
 }
+
+#[test]
+fn a_stop_whose_sync_never_ends_tells_the_waiting_client_451_and_exits_1() {
+    use std::time::{Duration, Instant};
+    let disk = FaultyFs::mount_threaded();
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(&["--cores", "1", "--shutdown-grace", "500ms"], spool, None);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
+    assert!(first.starts_with("250 2.0.0"), "{first}");
+    // The disk stops answering syncs: the next message's end of data waits for one. (Let go
+    // before the server is dropped, whatever happens: a thread of it waits in the sync.)
+    disk.hang_syncs(true);
+    struct LetGo<'a>(&'a FaultyFs);
+    impl Drop for LetGo<'_> {
+        fn drop(&mut self) {
+            self.0.stop_hanging();
+        }
+    }
+    let _let_go = LetGo(&disk);
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<two@d.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: two\r\n\r\nsecond\r\n.\r\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !disk.a_sync_hangs() {
+        assert!(Instant::now() < deadline, "no sync reached the disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.signal("-TERM");
+    // No second sync is made beside the one that hangs; the client is told its message was
+    // not stored, and the core ends, saying why. (The process ends only once the sync
+    // returns: no thread leaves a system call the disk has not answered.)
+    let reply = c.line();
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    server.log_until(|l| l.contains("did not end within 5s"));
+    disk.stop_hanging();
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
+}

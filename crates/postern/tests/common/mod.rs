@@ -610,6 +610,16 @@ pub struct FaultyFs {
 
 impl FaultyFs {
     pub fn mount() -> FaultyFs {
+        Self::mount_with(false)
+    }
+
+    /// [`FaultyFs::mount`], serving each request on a thread of its own: a sync that hangs
+    /// ([`FaultyFs::hang_syncs`]) holds only itself.
+    pub fn mount_threaded() -> FaultyFs {
+        Self::mount_with(true)
+    }
+
+    fn mount_with(threads: bool) -> FaultyFs {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let path = dir.path().join("mnt");
@@ -621,6 +631,7 @@ impl FaultyFs {
             Command::new("python3")
                 .arg(script)
                 .args([&root, &path, &control])
+                .env("FAULTY_FS_THREADS", if threads { "1" } else { "0" })
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -673,6 +684,22 @@ impl FaultyFs {
     /// system that finds no room for the blocks it writes back.
     pub fn fail_syncs_for_room(&self) {
         std::fs::write(&self.control, "ENOSPC:").unwrap();
+    }
+
+    /// From now on every fsync and fdatasync waits until this is called with `false` (a disk
+    /// that stops answering).
+    pub fn hang_syncs(&self, on: bool) {
+        Self::switch(&self.control.with_extension("hang"), on);
+    }
+
+    /// Lets the syncs that wait go on, if any do (never fails: for a guard's drop).
+    pub fn stop_hanging(&self) {
+        let _ = std::fs::remove_file(self.control.with_extension("hang"));
+    }
+
+    /// Whether a sync has waited since [`FaultyFs::hang_syncs`] began.
+    pub fn a_sync_hangs(&self) -> bool {
+        self.control.with_extension("hanging").exists()
     }
 
     /// From now on every write under the mount fails with `EIO` (`false`: they work again).

@@ -7,13 +7,14 @@ that reports an error.
 Every operation is done on the same path under ROOT. While the file CONTROL exists, every
 fsync and fdatasync of a file under MOUNTPOINT fails with EIO (the error a disk's failed
 write-back gives), after doing nothing (only those of the file named as CONTROL says, when
-it holds a name; with ENOSPC, a full disk's error, when it starts with `ENOSPC:`); while CONTROL.writes exists, so does every write. Runs in the foreground until unmounted. Needs root
+it holds a name; with ENOSPC, a full disk's error, when it starts with `ENOSPC:`); while CONTROL.writes exists, so does every write; while CONTROL.hang exists, every fsync waits (with FAULTY_FS_THREADS=1 set, the rest goes on meanwhile). Runs in the foreground until unmounted. Needs root
 and fusepy (with libfuse 2).
 """
 
 import errno
 import os
 import sys
+import time
 
 try:
     from fuse import FUSE, FuseOSError, Operations
@@ -110,6 +111,15 @@ class Faulty(Operations):
         os.close(fh)
 
     def fsync(self, path, datasync, fh):
+        # While CONTROL.hang exists every fsync waits (a disk that stops answering), saying
+        # so with CONTROL.hanging. Only useful with threads (FAULTY_FS_THREADS=1): otherwise
+        # the whole file system waits with it.
+        hang = self.control + ".hang"
+        if os.path.exists(hang):
+            with open(self.control + ".hanging", "w"):
+                pass
+            while os.path.exists(hang):
+                time.sleep(0.02)
         try:
             with open(self.control) as f:
                 only = f.read()
@@ -145,7 +155,8 @@ class Faulty(Operations):
 
 def main():
     root, mountpoint, control = sys.argv[1:4]
-    FUSE(Faulty(root, control), mountpoint, foreground=True, nothreads=True,
+    threads = os.environ.get("FAULTY_FS_THREADS") == "1"
+    FUSE(Faulty(root, control), mountpoint, foreground=True, nothreads=not threads,
          allow_other=True, default_permissions=True)
 
 
