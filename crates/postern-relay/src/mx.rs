@@ -759,34 +759,37 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         _ => None,
     };
     let usable = |found: &Found<IpAddr>| matches!(found, Found::Records(ips) if ips.iter().any(|ip| host_address(*ip).is_ok()));
+    // The other family's answer, in full where the first found no address, for the grace
+    // otherwise (then given up as no records).
+    async fn the_other<F>(
+        wait_in_full: bool,
+        other: F,
+        pick: impl Fn(&RData) -> Option<IpAddr>,
+    ) -> Found<IpAddr>
+    where
+        F: std::future::Future<Output = Result<hickory_resolver::lookup::Lookup, NetError>> + Unpin,
+    {
+        if wait_in_full {
+            classify(other.await, pick)
+        } else {
+            match tokio::time::timeout(OTHER_FAMILY_GRACE, other).await {
+                Ok(answer) => classify(answer, pick),
+                Err(_) => Found::NoData,
+            }
+        }
+    }
     let a = resolver.lookup(host.clone(), RecordType::A);
     let aaaa = resolver.lookup(host, RecordType::AAAA);
     tokio::pin!(a, aaaa);
-    // The other family's answer, in full where the first found no address, for the grace
-    // otherwise (then given up as no records).
     let (v4, v6) = tokio::select! {
         first = &mut a => {
             let v4 = classify(first, pick_v4);
-            let v6 = if usable(&v4) {
-                match tokio::time::timeout(OTHER_FAMILY_GRACE, &mut aaaa).await {
-                    Ok(other) => classify(other, pick_v6),
-                    Err(_) => Found::NoData,
-                }
-            } else {
-                classify(aaaa.await, pick_v6)
-            };
+            let v6 = the_other(!usable(&v4), &mut aaaa, pick_v6).await;
             (v4, v6)
         }
         first = &mut aaaa => {
             let v6 = classify(first, pick_v6);
-            let v4 = if usable(&v6) {
-                match tokio::time::timeout(OTHER_FAMILY_GRACE, &mut a).await {
-                    Ok(other) => classify(other, pick_v4),
-                    Err(_) => Found::NoData,
-                }
-            } else {
-                classify(a.await, pick_v4)
-            };
+            let v4 = the_other(!usable(&v6), &mut a, pick_v4).await;
             (v4, v6)
         }
     };
