@@ -1183,28 +1183,8 @@ fn each_message_gathers_its_failures_for_its_own_half_second() {
         },
         Act::Say("250 2.0.0 stored\r\n"),
     );
-    let (_hold_y, held_y) = std::sync::mpsc::channel::<()>();
-    let held_y = std::sync::Mutex::new(Some(held_y));
-    let (port_y, _, _) = scripted_next_hop(
-        move |_, line| {
-            line.starts_with("RCPT").then(|| {
-                let told = held_y.lock().unwrap().take().unwrap();
-                Act::SayWhenTold(told, "451 4.3.0 later\r\n")
-            })
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
-    let (release_z, gate_z) = std::sync::mpsc::channel::<()>();
-    let gate_z = std::sync::Mutex::new(Some(gate_z));
-    let (port_z, _, _) = scripted_next_hop(
-        move |_, line| {
-            line.starts_with("RCPT").then(|| {
-                let told = gate_z.lock().unwrap().take().unwrap();
-                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
-            })
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
+    let (port_y, _hold_y) = next_hop_answering_rcpt_when_told("451 4.3.0 later\r\n");
+    let (port_z, release_z) = next_hop_answering_rcpt_when_told("550 5.1.1 no such user\r\n");
     let origin = Peer::start(&[]);
     let routes = [
         format!("x.test=127.0.0.1:{port_x}"),

@@ -21,18 +21,7 @@ fn send(c: &mut Client, rcpt: &str, body: &str) -> String {
 /// durable: the file system, the spool, the server and the message's queue ID, once the
 /// server says it cannot spool the bounce.
 fn a_bounce_waiting_for_room(extra: &[&str]) -> (FaultyFs, std::path::PathBuf, Server, String) {
-    use relaying::{scripted_next_hop, Act};
-    let (refuse, refusal) = std::sync::mpsc::channel();
-    let refusal = std::sync::Mutex::new(Some(refusal));
-    let (port, _stored, _closed) = scripted_next_hop(
-        move |_, line| {
-            line.starts_with("RCPT").then(|| {
-                let told = refusal.lock().unwrap().take().unwrap();
-                Act::SayWhenTold(told, "550 5.1.1 no such user\r\n")
-            })
-        },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
+    let (port, refuse) = relaying::next_hop_answering_rcpt_when_told("550 5.1.1 no such user\r\n");
     let disk = FaultyFs::mount();
     let spool = disk.path.join("spool");
     let route = format!("dest.test=127.0.0.1:{port}");

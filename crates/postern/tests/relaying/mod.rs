@@ -464,6 +464,26 @@ pub fn scripted_next_hop_at(
     (port, rx, closed)
 }
 
+/// A [`scripted_next_hop`] that answers each RCPT with `reply` once the returned sender
+/// says so (once for all; or when it is dropped), and stores the data: its port, and that
+/// sender.
+pub fn next_hop_answering_rcpt_when_told(
+    reply: &'static str,
+) -> (u16, std::sync::mpsc::Sender<()>) {
+    let (tell, told) = std::sync::mpsc::channel::<()>();
+    let told = std::sync::Mutex::new(Some(told));
+    let (port, _, _) = scripted_next_hop(
+        move |_, line| {
+            line.starts_with("RCPT").then(|| {
+                let told = told.lock().unwrap().take().unwrap();
+                Act::SayWhenTold(told, reply)
+            })
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    (port, tell)
+}
+
 /// `postern queue --json` on `spool`: one object per waiting message.
 pub fn queue_listing(spool: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_postern"))
