@@ -446,9 +446,13 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         Some((i, 'g' | 'G')) => (&s[..i], 30),
         _ => (s, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 1048576, 64k or 50M"))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            format!("'{s}' is too large")
+        } else {
+            format!("'{s}' is not a size like 1048576, 64k or 50M")
+        }
+    })?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| format!("'{s}' is too large"))
 }
@@ -484,8 +488,10 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if split_number {
         return Err(format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"));
     }
-    let d = humantime::parse_duration(s)
-        .map_err(|_| format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"))?;
+    let d = humantime::parse_duration(s).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => format!("'{s}' is more than 10 years"),
+        _ => format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"),
+    })?;
     // Deadlines are instants: a duration this long would overflow when added to one.
     if d > MAX_DURATION {
         return Err(format!("'{s}' is more than 10 years"));
@@ -515,6 +521,9 @@ fn system_hostname() -> String {
 /// Parses the command line: `Ok(None)` when help or the version was printed, `Err` with a
 /// one-line message naming the flag otherwise.
 pub(crate) fn parse() -> Result<Option<Job>, String> {
+    if let Some(message) = control_character_source() {
+        return Err(message);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e)
@@ -611,6 +620,40 @@ fn with_env_source(line: String) -> String {
         return line;
     }
     format!("{line} (from {})", vars.join(", "))
+}
+
+/// Which argument, flag value or `POSTERN_*` variable holds a control character (a line
+/// break, say) inside it: no flag takes one, and an error quoting the value would not be one
+/// line (blanks at either end, a CR from an environment file among them, are no part of a
+/// value and pass).
+fn control_character_source() -> Option<String> {
+    let inside = |s: &str| s.trim().chars().find(|c| c.is_control());
+    let shown = |c: char| c.escape_default().to_string();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    for (i, arg) in args.iter().enumerate().skip(1) {
+        let Some(arg) = arg.to_str() else { continue };
+        let Some(c) = inside(arg) else { continue };
+        let flag = match arg.split_once('=') {
+            Some((flag, _)) if flag.starts_with("--") && inside(flag).is_none() => Some(flag),
+            _ => args[i - 1]
+                .to_str()
+                .filter(|p| p.starts_with("--") && !p.contains('=') && inside(p).is_none()),
+        };
+        return Some(match flag {
+            Some(flag) => format!("a control character ({}) in the value of {flag}", shown(c)),
+            None => format!(
+                "a control character ({}) in the argument '{}'",
+                shown(c),
+                arg.escape_default()
+            ),
+        });
+    }
+    std::env::vars_os().find_map(|(name, value)| {
+        let name = name.to_str()?;
+        let c = inside(value.to_str()?)?;
+        name.starts_with("POSTERN_")
+            .then(|| format!("a control character ({}) in the variable {name}", shown(c)))
+    })
 }
 
 /// Which argument, flag value or `POSTERN_*` variable is not UTF-8 (clap's error names none).
@@ -1117,5 +1160,21 @@ mod tests {
         }
         let e = parse_size("-1").unwrap_err();
         assert!(e.contains("is negative"), "{e}");
+    }
+
+    #[test]
+    fn numbers_past_what_fits_are_too_large_not_misspelt() {
+        for big in [
+            "99999999999999999999",
+            "99999999999999999999G",
+            "17179869184G",
+        ] {
+            let e = parse_size(big).unwrap_err();
+            assert_eq!(e, format!("'{big}' is too large"));
+        }
+        let e = parse_size("12x4k").unwrap_err();
+        assert!(e.contains("is not a size"), "{e}");
+        let e = parse_duration("99999999999999999999999s").unwrap_err();
+        assert!(e.contains("is more than 10 years"), "{e}");
     }
 }

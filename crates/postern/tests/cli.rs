@@ -1337,6 +1337,56 @@ fn a_value_that_is_not_utf8_is_named_with_its_flag_or_variable() {
 }
 
 #[test]
+fn a_value_with_a_line_break_inside_is_named_on_one_line() {
+    let cases: [(&[&str], Option<(&str, &str)>, &str); 5] = [
+        (
+            &["--dns-server", "10.0.0.53\nx"],
+            None,
+            "a control character (\\n) in the value of --dns-server",
+        ),
+        (
+            &["--max-message-size=1\n\n2"],
+            None,
+            "a control character (\\n) in the value of --max-message-size",
+        ),
+        (
+            &["--route", "a.example=b\r.example:25"],
+            None,
+            "a control character (\\r) in the value of --route",
+        ),
+        (
+            &[],
+            Some(("POSTERN_RELAY_HOST", "relay\n.example")),
+            "a control character (\\n) in the variable POSTERN_RELAY_HOST",
+        ),
+        (
+            &["x\ty"],
+            None,
+            "a control character (\\t) in the argument 'x\\ty'",
+        ),
+    ];
+    for (args, var, says) in cases {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.arg("serve").args(args);
+        if let Some((name, value)) = var {
+            cmd.env(name, value);
+        }
+        let (code, _, err) = common::run_command_bounded(cmd);
+        assert_eq!(code, 2, "{says}: {err}");
+        assert_eq!(err.lines().count(), 1, "{says}: {err}");
+        assert_eq!(err.trim_end(), format!("postern: {says}"));
+    }
+    // A CR or LF at a value's end (an environment file written on another system) is no
+    // part of the value, as any blank there.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args(["serve", "--cores", "0"])
+        .env("POSTERN_HOSTNAME", "mx.example\r\n");
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--cores"), "{err}");
+}
+
+#[test]
 fn a_spool_path_that_is_no_directory_gets_advice_that_fits() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
