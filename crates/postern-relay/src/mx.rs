@@ -743,9 +743,12 @@ enum Addresses {
     Failed(String),
 }
 
-/// Once one family's lookup has found addresses, how long the other's answer is waited for:
-/// a name server that drops AAAA queries (some still do) costs this, not its whole timeout
-/// and retries, for every connection to that host.
+/// Once the A lookup has found addresses, or found that the name does not exist, how long the
+/// AAAA answer is waited for: a name server that drops AAAA queries (some still do) costs
+/// this, not its whole timeout and retries, for every connection to that host. The A answer,
+/// IPv4 being the family tried first, is always waited for in full: an AAAA answer that came
+/// first (from a cache, say) must not cost the host its IPv4 addresses, which may be the only
+/// ones this machine can reach.
 const OTHER_FAMILY_GRACE: Duration = Duration::from_millis(500);
 
 /// Looks up a host's A and AAAA records at the same time.
@@ -759,8 +762,8 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         _ => None,
     };
     let usable = |found: &Found<IpAddr>| matches!(found, Found::Records(ips) if ips.iter().any(|ip| host_address(*ip).is_ok()));
-    // The other family's answer, in full where the first found no address, for the grace
-    // otherwise (then given up as no records).
+    // The AAAA answer, in full where A found no address and did not find the name missing,
+    // for the grace otherwise (then given up as no records).
     async fn the_other<F>(
         wait_in_full: bool,
         other: F,
@@ -784,15 +787,20 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
     let (v4, v6) = tokio::select! {
         first = &mut a => {
             let v4 = classify(first, pick_v4);
-            let v6 = the_other(!usable(&v4), &mut aaaa, pick_v6).await;
+            let in_full = !usable(&v4) && !matches!(v4, Found::NxDomain);
+            let v6 = the_other(in_full, &mut aaaa, pick_v6).await;
             (v4, v6)
         }
         first = &mut aaaa => {
             let v6 = classify(first, pick_v6);
-            let v4 = the_other(!usable(&v6), &mut a, pick_v4).await;
+            let v4 = the_other(true, &mut a, pick_v4).await;
             (v4, v6)
         }
     };
+    // NXDOMAIN to A: the name does not exist, and an AAAA lookup that failed cannot make it a
+    // name that may come to have an address. (Not the other way round: some name servers
+    // answer AAAA queries NXDOMAIN for names that have only A records.)
+    let no_such_name = matches!(v4, Found::NxDomain);
     let mut addrs = Vec::new();
     let mut failed = None;
     for found in [v4, v6] {
@@ -808,6 +816,9 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
                 failed.get_or_insert(why);
             }
         }
+    }
+    if no_such_name {
+        failed = None;
     }
     match (addrs.is_empty(), failed) {
         (false, _) => Addresses::Found(addrs),

@@ -695,6 +695,47 @@ fn a_hosts_addresses_are_shuffled_at_each_lookup_ipv4_first() {
 }
 
 #[test]
+fn an_a_answer_later_than_the_aaaa_one_is_waited_for() {
+    // The AAAA answer comes first (a cached one, say) and the A answer a second later: the
+    // host keeps its IPv4 addresses, which come first.
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "slowv4")),
+            ("slowv4", Rec::A(v4("192.0.2.40"))),
+            ("slowv4", Rec::Aaaa(v6("2001:db8::40"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let started = Instant::now();
+    let hops = lookup(&resolver, ZONE).unwrap();
+    assert!(
+        started.elapsed() >= support::dns_server::SLOW_ANSWER,
+        "the A answer was not late: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(hosts(&hops), [(10, "slowv4.example.test")]);
+    assert_eq!(hops[0].addrs, [ip("192.0.2.40"), ip("2001:db8::40")]);
+}
+
+#[test]
+fn a_host_that_is_nxdomain_to_a_is_no_host_even_when_its_aaaa_lookup_fails() {
+    // The only MX host does not exist (NXDOMAIN to the A query) and the name server drops
+    // the AAAA query: no mail host, for good, not a lookup to try again for days.
+    let dns = TestDns::start(ZONE, &[("@", Rec::Mx(10, "nxv6silent"))]);
+    let resolver = Resolver::with_server_timeout(dns.addr, Duration::from_millis(200), 1).unwrap();
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert_eq!(err, MxError::NoMxAddress);
+    assert!(err.is_permanent());
+    // And the other way round, a host whose AAAA lookup failed beside an A lookup that
+    // failed, stays temporary (SERVFAIL to both).
+    let dns = TestDns::start(ZONE, &[("@", Rec::Mx(10, "servfail"))]);
+    let resolver = Resolver::with_server_timeout(dns.addr, Duration::from_millis(200), 1).unwrap();
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert!(matches!(err, MxError::Temporary(_)), "{err:?}");
+}
+
+#[test]
 fn a_host_whose_only_address_no_host_can_have_is_a_host_without_address() {
     // A parked domain's 0.0.0.0 (a connection there reaches this machine), `::`, a multicast
     // or the broadcast address, also as IPv4-mapped IPv6: skipped like no address at all.

@@ -7,7 +7,9 @@
 //! REFUSED outside the zone. UDP answers larger than the client's EDNS size (512 without EDNS)
 //! are truncated (TC set, no records), so clients must retry over TCP. Two names misbehave on
 //! purpose: `servfail.<zone>` answers SERVFAIL and `silent.<zone>` is never answered;
-//! `v4only.<zone>` answers A queries from its records and never answers AAAA ones.
+//! `v4only.<zone>` answers A queries from its records and never answers AAAA ones;
+//! `slowv4.<zone>` answers A queries [`SLOW_ANSWER`] late (AAAA ones at once); `nxv6silent.<zone>`
+//! (give it no records) answers A queries NXDOMAIN and never answers AAAA ones.
 //!
 //! Self-contained (hickory-proto, tokio with `rt`, `net`, `sync`, `macros`, and std) so other
 //! crates' tests can include it with `#[path = "..."] mod dns_server;`.
@@ -28,6 +30,9 @@ const TTL: u32 = 60;
 
 /// The largest UDP answer for a query without EDNS (RFC 1035 section 4.2.1).
 const PLAIN_UDP_LIMIT: usize = 512;
+
+/// How late `slowv4.<zone>`'s A answers come.
+pub const SLOW_ANSWER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The longest CNAME chain followed inside the zone for one answer.
 const MAX_CNAME_CHAIN: usize = 8;
@@ -66,6 +71,8 @@ struct Zone {
     servfail: Name,
     silent: Name,
     v4only: Name,
+    slowv4: Name,
+    nxv6silent: Name,
     udp_queries: AtomicUsize,
     tcp_queries: AtomicUsize,
 }
@@ -118,6 +125,8 @@ impl TestDns {
             servfail: name("servfail"),
             silent: name("silent"),
             v4only: name("v4only"),
+            slowv4: name("slowv4"),
+            nxv6silent: name("nxv6silent"),
             origin,
             records,
             soa,
@@ -197,6 +206,7 @@ fn bind_pair() -> (UdpSocket, TcpListener) {
 }
 
 async fn serve_udp(socket: tokio::net::UdpSocket, zone: Arc<Zone>) {
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; 65_535];
     loop {
         let Ok((len, peer)) = socket.recv_from(&mut buf).await else {
@@ -222,6 +232,14 @@ async fn serve_udp(socket: tokio::net::UdpSocket, zone: Arc<Zone>) {
                 continue;
             };
             bytes = truncated;
+        }
+        if zone.answers_late(&request) {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SLOW_ANSWER).await;
+                let _ = socket.send_to(&bytes, peer).await;
+            });
+            continue;
         }
         let _ = socket.send_to(&bytes, peer).await;
     }
@@ -260,6 +278,9 @@ async fn serve_tcp_connection(stream: tokio::net::TcpStream, zone: Arc<Zone>) {
         let Ok(len) = u16::try_from(bytes.len()) else {
             return;
         };
+        if zone.answers_late(&request) {
+            tokio::time::sleep(SLOW_ANSWER).await;
+        }
         let mut framed = len.to_be_bytes().to_vec();
         framed.extend_from_slice(&bytes);
         if write_all(&stream, &framed).await.is_err() {
@@ -297,6 +318,12 @@ async fn write_all(stream: &tokio::net::TcpStream, mut buf: &[u8]) -> io::Result
 }
 
 impl Zone {
+    /// Whether `request`'s answer is sent [`SLOW_ANSWER`] late.
+    fn answers_late(&self, request: &Message) -> bool {
+        matches!(request.queries.as_slice(),
+            [q] if *q.name() == self.slowv4 && q.query_type() == RecordType::A)
+    }
+
     /// The response to `request`, or `None` to stay silent.
     fn answer(&self, request: &Message) -> Option<Message> {
         if request.metadata.message_type != MessageType::Query {
@@ -324,7 +351,9 @@ impl Zone {
             response.metadata.response_code = ResponseCode::Refused;
             return Some(response);
         }
-        if *qname == self.silent || (*qname == self.v4only && qtype == RecordType::AAAA) {
+        if *qname == self.silent
+            || ((*qname == self.v4only || *qname == self.nxv6silent) && qtype == RecordType::AAAA)
+        {
             return None;
         }
         if *qname == self.servfail {
