@@ -24,9 +24,11 @@
 //!    back instead, and the text part says why. The
 //!    header section is cut at the last whole line within `max_returned`, and a header line
 //!    longer than [`MAX_LINE`] is broken into continuation lines. Bare CR and bare LF become
-//!    CRLF. The content is never re-encoded: its transfer encoding says `8bit` when it holds a
-//!    byte over 127 (8BITMIME or SMTPUTF8 mail), `7bit` otherwise. Such a report must be sent
-//!    with `BODY=8BITMIME`; [`is_8bit`] tells the caller.
+//!    CRLF. A whole `message/rfc822` is never re-encoded (that type allows no encoding): its
+//!    transfer encoding says `8bit` when it holds a byte over 127 (8BITMIME mail), `7bit`
+//!    otherwise, and such a report must be sent with `BODY=8BITMIME`; [`is_8bit`] tells the
+//!    caller. A header section, or a whole `message/global`, with 8-bit octets is encoded
+//!    (quoted-printable or base64), so that the report is 7-bit.
 //!
 //! Each recipient's `Status` must agree with its `Action` (RFC 3464 2.3.4): a status that is not
 //! an enhanced status code is replaced by `5.0.0`, `4.0.0` or `2.0.0` after the action, and one
@@ -206,7 +208,7 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
     .transfer_encoding("7bit");
     // A part that is 8bit makes the whole 8bit: a multipart is labelled with the widest
     // encoding of its parts (RFC 2045 6.4), and without a label it is taken as 7bit.
-    let eight_bit = matches!(&returned, Returned::Full(content) if is_8bit(content));
+    let eight_bit = returned.stays_8bit();
     let mut body = MimePart::new(
         ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
         vec![text, status, returned.into_part()],
@@ -284,7 +286,18 @@ pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
                 .is_some_and(|h| crate::mime::PartHeader::read(h).is_message())
         })
         .map(|(start, body, end)| (offset + start, offset + body, offset + end))?;
-    let fields = without_empty_line(header_block(report.get(body..end)?));
+    // A message/global may come encoded (RFC 6532 3.7; postern's own reports encode one
+    // with 8-bit octets): its header section is that of the decoded message.
+    let part = report.get(body..end)?;
+    let label = crate::mime::PartHeader::read(report.get(start..body)?);
+    let decoded = match label.encoding.as_deref() {
+        Some("base64") => Some(mail_parser::decoders::base64::base64_decode(part)?),
+        Some("quoted-printable") => {
+            Some(mail_parser::decoders::quoted_printable::quoted_printable_decode(part)?)
+        }
+        _ => None,
+    };
+    let fields = without_empty_line(header_block(decoded.as_deref().unwrap_or(part)));
     let mut returned = Vec::new();
     Returned::Headers(normalize(fields, true)?)
         .into_part()
@@ -506,17 +519,19 @@ impl Returned {
         matches!(self, Returned::Full(_))
     }
 
+    /// Whether the part goes out with 8-bit octets, as a whole `message/rfc822` with them
+    /// (which allows no encoding); every other part with them is encoded.
+    fn stays_8bit(&self) -> bool {
+        matches!(self, Returned::Full(content) if is_8bit(content) && !is_global(content))
+    }
+
     fn into_part(self) -> MimePart<'static> {
         let header_only = matches!(self, Returned::Headers(_));
         // UTF-8 in the returned header fields makes them internationalized: the RFC 6532
         // types then (RFC 6533 6.3, 6.4).
         let (content_type, description, content) = match self {
             Returned::Full(content) => {
-                // As for the header section alone below: 8-bit octets that are not UTF-8
-                // are of some unknown charset, not internationalized header fields.
-                let header = header_block(&content);
-                let utf8 = !header.is_ascii() && std::str::from_utf8(header).is_ok();
-                let kind = if utf8 {
+                let kind = if is_global(&content) {
                     "message/global"
                 } else {
                     "message/rfc822"
@@ -534,13 +549,16 @@ impl Returned {
                 (kind, "Original message headers", content)
             }
         };
-        if header_only && is_8bit(&content) {
+        if (header_only || content_type == "message/global") && is_8bit(&content) {
             // Header fields with 8-bit octets are encoded (quoted-printable, which RFC 6533
             // 6.3 allows for message/global-headers too; base64 where they are not UTF-8, or
             // mostly 8-bit, as mail-builder picks), so that the report is 7-bit and
             // reaches a sender whose next hop lacks 8BITMIME: a report from `<>` that fails
-            // is never reported again. The part is made as binary so that it gets no charset
-            // parameter, which neither type defines, and then given its text.
+            // is never reported again. A whole message/global is encoded the same way: that
+            // type takes any encoding (RFC 6532 3.7, unlike message/rfc822), and one with
+            // 8-bit octets must go 7-bit to a return path without SMTPUTF8 (RFC 6533 6),
+            // which is not known here. The part is made as binary so that it gets no charset
+            // parameter, which none of these types defines, and then given its text.
             let mut part = MimePart::new(content_type, BodyPart::Binary(Vec::new().into()));
             part.contents = match String::from_utf8(content) {
                 Ok(text) => BodyPart::Text(text.into()),
@@ -553,6 +571,14 @@ impl Returned {
             .header("Content-Description", Text::new(description))
             .transfer_encoding(encoding)
     }
+}
+
+/// Whether a whole message returned is a `message/global`: its header section holds UTF-8.
+/// As for a header section returned alone, 8-bit octets that are not UTF-8 are of some
+/// unknown charset, not internationalized header fields.
+fn is_global(message: &[u8]) -> bool {
+    let header = header_block(message);
+    !header.is_ascii() && std::str::from_utf8(header).is_ok()
 }
 
 /// The header fields of a block found by [`header_block`]: without its empty line when it has

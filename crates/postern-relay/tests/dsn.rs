@@ -436,12 +436,55 @@ fn a_whole_message_with_8bit_header_fields_is_message_global_only_when_they_are_
         report.return_full = true;
         let bytes = dsn::build(&report);
         assert_lines_ok(&bytes);
-        assert_eq!(mime_type(parts(&parse(&bytes))[2]), kind);
-        assert!(
-            bytes.windows(original.len()).any(|w| w == original),
-            "the original is not returned verbatim"
-        );
+        let message = parse(&bytes);
+        let returned = parts(&message)[2];
+        assert_eq!(mime_type(returned), kind);
+        if kind == "message/rfc822" {
+            // That type allows no encoding: the original as it came, and an 8bit report.
+            assert!(
+                bytes.windows(original.len()).any(|w| w == original),
+                "the original is not returned verbatim"
+            );
+            assert!(dsn::is_8bit(&bytes));
+        } else {
+            // message/global takes any encoding (RFC 6532 3.7), and goes 7-bit where the
+            // return path may lack SMTPUTF8 (RFC 6533 6): the report is 7-bit, and the part
+            // decodes to the original.
+            assert!(!dsn::is_8bit(&bytes), "an 8-bit report");
+            assert_eq!(returned.contents(), original);
+        }
     }
+}
+
+#[test]
+fn a_whole_internationalized_message_is_returned_encoded_in_a_7bit_report() {
+    // UTF-8 header fields and an 8-bit body in another charset, from an ASCII sender: the
+    // report needs neither 8BITMIME nor SMTPUTF8 on its way back, and carries the whole
+    // message, octet for octet.
+    let original = b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n\r\nGr\xfc\xdfe\r\n";
+    let recipients = failures();
+    let mut report = report(&recipients, original);
+    report.return_full = true;
+    let bytes = dsn::build(&report);
+    assert_lines_ok(&bytes);
+    assert!(!dsn::is_8bit(&bytes), "an 8-bit report");
+    let top = String::from_utf8_lossy(dsn::header_block(&bytes)).into_owned();
+    assert!(!top.contains("Content-Transfer-Encoding: 8bit"), "{top}");
+    let message = parse(&bytes);
+    let returned = parts(&message)[2];
+    assert_eq!(mime_type(returned), "message/global");
+    assert_eq!(returned.contents(), &original[..]);
+    // Too large for the sender's next hop: remade with the header section, read from the
+    // encoded message.
+    let remade = dsn::with_headers_only(&bytes, dsn::HeadersOnly::TooBig).unwrap();
+    assert_lines_ok(&remade);
+    let message = parse(&remade);
+    let returned = parts(&message)[2];
+    assert_eq!(mime_type(returned), "message/global-headers");
+    assert_eq!(
+        returned.contents(),
+        b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n"
+    );
 }
 
 #[test]
@@ -749,13 +792,14 @@ fn a_next_hop_given_by_address_is_an_address_literal_in_remote_mta() {
 
 #[test]
 fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
-    let original = "Subject: caf\u{e9}\r\nMessage-ID: <m@t>\r\n\r\nGr\u{fc}\u{df}e\r\n";
+    // ASCII header fields and an 8-bit body: a message/rfc822, which allows no encoding.
+    let original = "Subject: cafe\r\nMessage-ID: <m@t>\r\n\r\nGr\u{fc}\u{df}e\r\n";
     let recipients = failures();
     let mut full = report(&recipients, original.as_bytes());
     full.return_full = true;
     let bytes = dsn::build(&full);
     assert!(dsn::is_8bit(&bytes));
-    assert_eq!(mime_type(parts(&parse(&bytes))[2]), "message/global");
+    assert_eq!(mime_type(parts(&parse(&bytes))[2]), "message/rfc822");
     // The whole is labelled with the widest encoding of its parts (RFC 2045 6.4).
     let top = String::from_utf8_lossy(dsn::header_block(&bytes)).into_owned();
     assert!(
@@ -781,9 +825,9 @@ fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
         parts(&original_message)[1].contents()
     );
     let returned = remade_parts[2];
-    assert_eq!(mime_type(returned), "message/global-headers");
+    assert_eq!(mime_type(returned), "text/rfc822-headers");
     let decoded = String::from_utf8_lossy(returned.contents()).into_owned();
-    assert_eq!(decoded, "Subject: caf\u{e9}\r\nMessage-ID: <m@t>\r\n");
+    assert_eq!(decoded, "Subject: cafe\r\nMessage-ID: <m@t>\r\n");
     let text = remade_parts[0].text_contents().unwrap();
     assert!(
         text.contains("the headers of the message are attached"),
@@ -952,8 +996,9 @@ fn a_returned_message_nested_without_end_is_remade_in_bounded_stack() {
     // 3,000 messages inside each other (within the 128 KiB returned whole), 8-bit so that a
     // next hop without 8BITMIME has the report remade: read on a thread with a small stack.
     // (Not parsed here with a parse tree, which would be as deep.)
+    // (A message/rfc822, returned as it is: ASCII header fields, an 8-bit body.)
     let original = format!(
-        "Subject: caf\u{e9}\r\nMIME-Version: 1.0\r\n{}Subject: in\r\n\r\nx\r\n",
+        "Subject: cafe\r\nMIME-Version: 1.0\r\n{}Subject: in\r\n\r\ncaf\u{e9}\r\n",
         "Content-Type: message/rfc822\r\n\r\n".repeat(3000)
     );
     let recipients = failures();
@@ -961,7 +1006,7 @@ fn a_returned_message_nested_without_end_is_remade_in_bounded_stack() {
     full.return_full = true;
     full.max_returned = 128 * 1024;
     let bytes = dsn::build(&full);
-    let whole = "Content-Type: message/global\r\n".as_bytes();
+    let whole = original.as_bytes();
     assert!(
         bytes.windows(whole.len()).any(|w| w == whole),
         "not returned whole"
