@@ -1338,7 +1338,9 @@ fn a_value_that_is_not_utf8_is_named_with_its_flag_or_variable() {
 
 #[test]
 fn a_value_with_a_line_break_inside_is_named_on_one_line() {
-    let cases: [(&[&str], Option<(&str, &str)>, &str); 5] = [
+    // Arguments, an environment variable (name, value), and the line said.
+    type Case<'a> = (&'a [&'a str], Option<(&'a str, &'a str)>, &'a str);
+    let cases: [Case<'_>; 5] = [
         (
             &["--dns-server", "10.0.0.53\nx"],
             None,
