@@ -761,8 +761,10 @@ fn smtp_reply_in(text: &str) -> Option<&str> {
 /// Whether `text` is an SMTP reply line rather than postern's own words: a reply code (2 to
 /// 5, then two digits; RFC 5321 4.2 has 0 to 5 second, but next hops do send `571`), then a
 /// space, a dash or nothing. postern's words begin with a host or domain name, which may
-/// begin like a reply (`123-reg.example: ...`, `421-mx.example [192.0.2.1] said: ...`): a
-/// first word ending in a colon, or one followed by an address in brackets, is such a name.
+/// begin like a reply (`123-reg.example: ...`, `421-mx.example [192.0.2.1] said: ...`,
+/// `250-mx.example does not support ...`): a first word ending in a colon, or one followed by
+/// an address in brackets or by the words postern puts after a host name (`said:`, `does`),
+/// is such a name.
 fn is_smtp_reply(text: &str) -> bool {
     let b = text.as_bytes();
     let coded = matches!(b, [b'2'..=b'5', b'0'..=b'9', b'0'..=b'9', ..])
@@ -775,7 +777,16 @@ fn is_smtp_reply(text: &str) -> bool {
     }
     let mut words = text.split(' ');
     let first = words.next().unwrap_or_default();
-    !first.ends_with(':') && !words.next().is_some_and(|w| w.starts_with('['))
+    // A name has a dot inside and is no enhanced status code (`5.1.1`).
+    let after_code = first.get(4..).unwrap_or_default();
+    let dotted_name = after_code.contains('.')
+        && !after_code
+            .split('.')
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    !first.ends_with(':')
+        && !words
+            .next()
+            .is_some_and(|w| w.starts_with('[') || (dotted_name && (w == "said:" || w == "does")))
 }
 
 /// Undoes xtext (RFC 3461 4): `+` and two upper-case hex digits stand for that octet. A `+`
@@ -1119,6 +1130,23 @@ mod tests {
             smtp_reply_in("550-mx.example [192.0.2.1] said: 550 5.1.1 no"),
             Some("550 5.1.1 no")
         );
+        // Without the address: a host given by name alone (a greeting or EHLO refusal, or
+        // a next hop that lacks an extension).
+        assert!(!is_smtp_reply(
+            "250-mx.example does not support SMTPUTF8, needed for this message's addresses"
+        ));
+        assert!(!is_smtp_reply("250-mx.example said: 421 4.3.2 busy"));
+        assert_eq!(
+            smtp_reply_in("250-mx.example said: 421 4.3.2 busy"),
+            Some("421 4.3.2 busy")
+        );
+        assert_eq!(
+            connection_status("250-mx.example said: 421 4.3.2 busy", "4.4.2"),
+            "4.3.2"
+        );
+        // A reply whose text goes on with such a word is still a reply.
+        assert!(is_smtp_reply("550-5.1.1 does not exist"));
+        assert!(is_smtp_reply("550-Mailbox does not exist"));
         assert_eq!(
             deferral_status("421-mx.example: connection refused", "4.4.1"),
             "4.4.1"
