@@ -2,6 +2,8 @@
 //! transactions with the body read straight from the spool's mapping.
 
 use std::io;
+
+use nix::errno::Errno;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +61,10 @@ impl Default for Timeouts {
 pub enum ConnError {
     /// Connecting, reading or writing failed, or timed out.
     Io(String),
+    /// This machine has no way to that address: no route to its network, or no address or
+    /// support of its family here (an IPv4 address on a machine with IPv6 only, say). Said at
+    /// once by this machine's kernel, not by the network.
+    NoRoute(String),
     /// The server refused us or broke the protocol.
     Smtp(ClientError),
     /// STARTTLS was required and is not offered.
@@ -76,7 +82,7 @@ impl ConnError {
     /// The text for a status record and a bounce.
     pub fn describe(&self, remote: &str) -> String {
         cut_account(match self {
-            ConnError::Io(e) | ConnError::Lost(e) | ConnError::Stale(e) => {
+            ConnError::Io(e) | ConnError::NoRoute(e) | ConnError::Lost(e) | ConnError::Stale(e) => {
                 format!("connection with {remote} failed: {e}")
             }
             ConnError::Smtp(ClientError::Greeting(r)) | ConnError::Smtp(ClientError::Helo(r)) => {
@@ -105,7 +111,7 @@ impl ConnError {
     /// Whether the next hop answered before the failure (a greeting, an EHLO reply, a TLS
     /// handshake): it is then the remote MTA of the failure, not an address nobody answered.
     pub fn answered(&self) -> bool {
-        !matches!(self, ConnError::Io(_))
+        !matches!(self, ConnError::Io(_) | ConnError::NoRoute(_))
     }
 }
 
@@ -272,7 +278,19 @@ impl Outbound {
     ) -> Result<Outbound, ConnError> {
         let tcp = TcpStream::connect_timeout(addr, t.connect)
             .await
-            .map_err(|e| ConnError::Io(e.to_string()))?;
+            .map_err(|e| {
+                let e = std::io::Error::from(e);
+                let no_route = [
+                    Errno::ENETUNREACH,
+                    Errno::EAFNOSUPPORT,
+                    Errno::EADDRNOTAVAIL,
+                ]
+                .map(|n| n as i32);
+                match e.raw_os_error() {
+                    Some(n) if no_route.contains(&n) => ConnError::NoRoute(e.to_string()),
+                    _ => ConnError::Io(e.to_string()),
+                }
+            })?;
         let _ = tcp.set_nodelay(true);
         let mut conn = Outbound {
             stream: Conn::Plain(tcp),

@@ -588,6 +588,48 @@ fn pool_tried_once_then_backup(
 }
 
 #[test]
+fn an_address_this_machine_has_no_way_to_does_not_use_up_an_attempt() {
+    use dns_server::Rec;
+    // The primary MX has four addresses that refuse the session and one this machine has no
+    // route to: the kernel says ENETUNREACH at once for 127.255.255.255 (the broadcast
+    // address of the loopback network), as for an IPv4 address on a machine with IPv6 only.
+    // That one costs nothing, so the attempt's fifth connection goes to the backup MX, which
+    // takes the message (before, the five addresses of the primary used the attempt up).
+    let ip = |n: u8| std::net::Ipv4Addr::new(127, 0, 0, 150 + n);
+    let backup = Peer::start_on(&ip(4).to_string(), 0, &[]);
+    let port = backup.port;
+    let counts: Vec<_> = (0..4)
+        .map(|i| refusing_greeter(&ip(i).to_string(), port))
+        .collect();
+    let mut records = vec![
+        ("noroute.test.", Rec::Mx(10, "mx.noroute.test.")),
+        ("noroute.test.", Rec::Mx(20, "backup.noroute.test.")),
+        ("backup.noroute.test.", Rec::A(ip(4))),
+        ("mx.noroute.test.", Rec::A([127, 255, 255, 255].into())),
+    ];
+    for i in 0..4 {
+        records.push(("mx.noroute.test.", Rec::A(ip(i))));
+    }
+    let dns = dns_server::TestDns::start("test", &records);
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@noroute.test"],
+        "<noroute@t>",
+        "x\r\n",
+    );
+    let (stored, _) = backup.first("the message at the backup MX");
+    assert_eq!(stored.rcpt_tos, ["r@noroute.test"]);
+    let each: Vec<usize> = counts
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        .collect();
+    assert_eq!(each, [1, 1, 1, 1], "connections to each refusing address");
+    drop(dns);
+}
+
+#[test]
 fn a_host_whose_name_server_drops_aaaa_queries_is_reached_without_waiting_them_out() {
     use dns_server::{Rec, TestDns};
     // The MX host's A query is answered, its AAAA query never: its IPv4 address is used a

@@ -967,12 +967,26 @@ impl CoreRelay {
                 .sort_by_key(|(_, a)| (tried.contains(a), lately(&avoid, a) || lately(&broke, a)));
         }
         // At most MAX_ADDRESSES_PER_ATTEMPT addresses, as for a job passed over: a next hop
-        // with many silent addresses cannot hold a worker for their greeting timeouts.
-        for (hop, addr) in candidates.into_iter().take(MAX_ADDRESSES_PER_ATTEMPT) {
+        // with many silent addresses cannot hold a worker for their greeting timeouts. An
+        // address this machine has no way to (its kernel says so at once: an IPv4 address on
+        // a machine with IPv6 only, say) costs nothing and is not counted, up to
+        // MAX_NO_ROUTE of them: five such addresses first would otherwise leave the
+        // reachable ones, or a backup MX, untried at every attempt.
+        let mut costly = 0;
+        let mut no_route = Vec::new();
+        for (hop, addr) in candidates.into_iter() {
+            if costly == MAX_ADDRESSES_PER_ATTEMPT || no_route.len() == MAX_NO_ROUTE {
+                break;
+            }
             let fallback = better.is_some_and(|b| hop.preference > b);
+            // Addresses that failed on the way, as a carried job counts them: those this
+            // machine has no way to are not among them, as they are not counted here.
             let opened = |conn: Outbound, failed: Vec<SocketAddr>| Opened {
                 conn,
-                failed,
+                failed: failed
+                    .into_iter()
+                    .filter(|a| !no_route.contains(a))
+                    .collect(),
                 fallback,
             };
             let cleartext = policy == TlsPolicy::Opportunistic
@@ -1027,6 +1041,9 @@ impl CoreRelay {
                     if !matches!(&e, ConnError::Smtp(ClientError::Helo(r)) if r.is_permanent()) {
                         refused_helo = false;
                     }
+                    if matches!(e, ConnError::NoRoute(_)) {
+                        no_route.push(addr);
+                    }
                     // The account kept is that of the last host that answered, if any did: a
                     // later address where nobody answered does not hide it.
                     if e.answered() || last_remote.is_none() {
@@ -1039,6 +1056,9 @@ impl CoreRelay {
             }
             self.broke(dq, addr);
             failed.push(addr);
+            if no_route.last() != Some(&addr) {
+                costly += 1;
+            }
         }
         // Every address, not only those this attempt reached: a host further down the list
         // (a backup MX) may still take the mail.
