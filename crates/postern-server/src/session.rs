@@ -105,6 +105,7 @@ pub(crate) async fn serve(
         gathered: Vec::new(),
         meta: None,
         loops: LoopDetector::default(),
+        content_begun: false,
         eod_at: None,
         eod_queued: false,
         deadline: started + core.settings.max_session_time,
@@ -206,6 +207,8 @@ struct Session {
     /// Its envelope as spooled, for the delivery side.
     meta: Option<MessageMeta>,
     loops: LoopDetector,
+    /// Whether any of the message's content has come yet (after the Received header).
+    content_begun: bool,
     /// When the last end of data was seen, until its reply is written.
     eod_at: Option<Instant>,
     /// That reply is the 250 with a queue ID (only those are timed).
@@ -558,6 +561,7 @@ impl Session {
             return;
         }
         self.loops = LoopDetector::default();
+        self.content_begun = false;
         self.gathered.clear();
         self.draft = Some(draft);
         self.proto.accept();
@@ -567,6 +571,17 @@ impl Session {
         self.loops.feed(bytes);
         if self.draft.is_none() {
             return;
+        }
+        if !self.content_begun && !bytes.is_empty() {
+            self.content_begun = true;
+            // A first line that starts with a space or a tab (no header field can, RFC 5322
+            // 2.2.3) would read as a continuation of the Received header just written: words
+            // of the client's, a second date, inside this server's trace. An empty line goes
+            // first, so that the header section ends with the trace and the client's lines
+            // are the body (as they are for a message without header fields).
+            if matches!(bytes[0], b' ' | b'\t') {
+                self.gathered.extend_from_slice(b"\r\n");
+            }
         }
         let appended = if bytes.len() < BODY_GATHER {
             self.gathered.extend_from_slice(bytes);

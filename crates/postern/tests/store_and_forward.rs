@@ -51,6 +51,46 @@ fn delivers_through_data_to_aiosmtpd_with_dot_stuffing_and_trace() {
 }
 
 #[test]
+fn a_first_line_starting_with_white_space_cannot_continue_the_trace_header() {
+    // No header field starts with a space or a tab (RFC 5322 2.2.3): such a first line,
+    // stored right after the Received header, would read as part of it, a client's words and
+    // date inside this server's trace. An empty line goes between them, by DATA and by BDAT
+    // (a first chunk of one space).
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    let forged = "\t; Mon, 01 Jan 2001 00:00:00 +0000\r\nSubject: forged\r\n\r\nhello\r\n";
+    let mut c = greeted(&server);
+    assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<r@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(format!("{forged}.\r\n").as_bytes());
+    assert!(c.line().starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<r2@dest.test>").starts_with("250"));
+    c.send(b"BDAT 1\r\n ");
+    assert!(c.line().starts_with("250"));
+    let rest = "more\r\nSubject: also\r\n\r\nhi\r\n";
+    let last = format!("BDAT {} LAST\r\n{rest}", rest.len());
+    c.send(last.as_bytes());
+    let said = c.line();
+    assert!(said.starts_with("250"), "{said}");
+    let stored = peer.wait_for("two messages", Duration::from_secs(20), |s| s.len() == 2);
+    for (rcpt, content) in [
+        ("r@dest.test", forged.to_owned()),
+        ("r2@dest.test", format!(" {rest}")),
+    ] {
+        let m = stored.iter().find(|m| m.rcpt_tos == [rcpt]).unwrap();
+        let text = String::from_utf8(m.data.clone()).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("Received: from c.test"), "{text:?}");
+        assert_eq!(head.matches(';').count(), 1, "{text:?}");
+        assert!(!head.contains("2001") && !head.contains("more"), "{text:?}");
+        assert_eq!(body, content, "{text:?}");
+    }
+}
+
+#[test]
 fn a_relay_host_named_localhost_is_reached_on_ipv6_loopback_too() {
     // A smarthost listening on ::1 alone: `localhost` stands for both loopback addresses,
     // as a resolver gives it (before, for 127.0.0.1 only, and the mail waited for ever).
