@@ -64,9 +64,15 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
     // Not an address with a control character (C1 controls such as U+0085 and U+009B are
     // possible in a quoted SMTPUTF8 local part), a Unicode line or paragraph separator, or a
     // bidirectional override: tools that split text at them would see a header line the
-    // client wrote, and displays would show it reordered. The clause is optional (RFC 5321
-    // 4.4).
-    if let Some(rcpt) = t.single_rcpt.filter(|r| !r.chars().any(unfit_for_trace)) {
+    // client wrote, and displays would show it reordered. Nor one with `;`, `(` or `)` (a
+    // quoted local part may hold them): readers of trace fields take what follows the first
+    // `;` for the date, and parentheses for comments, so a client could write a date or a
+    // comment of its own into this server's field. The clause is optional (RFC 5321 4.4).
+    let fit = |r: &&str| {
+        !r.chars()
+            .any(|c| unfit_for_trace(c) || matches!(c, ';' | '(' | ')'))
+    };
+    if let Some(rcpt) = t.single_rcpt.filter(fit) {
         // `<Postmaster>` alone is this server's postmaster (RFC 5321 4.1.1.3); the clause takes
         // a whole Path (4.4), so the domain is written out.
         let _ = if rcpt.contains('@') {
@@ -228,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn no_for_clause_for_an_address_with_a_separator_control_or_bidi_character() {
+    fn no_for_clause_for_an_address_with_a_separator_control_bidi_or_trace_character() {
         for rcpt in [
             "\"a\u{2028}b\"@b.test",
             "\"a\u{85}b\"@b.test",
@@ -236,6 +242,9 @@ mod tests {
             "\"a\u{9b}b\"@b.test",
             "\"\u{202e}gnp.exe\"@b.test",
             "\"a\u{2066}b\u{2069}\"@b.test",
+            "\"x;Mon, 01 Jan 2001 00:00:00 +0000\"@b.test",
+            "\"a(b\"@b.test",
+            "\"a)b\"@b.test",
         ] {
             let text = header(&Trace {
                 smtputf8: true,

@@ -89,7 +89,14 @@ impl RelayPolicy {
     fn is_ours(&self, host: &Host<'_>, local: IpAddr) -> bool {
         let local = local.to_canonical();
         match host {
-            Host::Domain(d) => d.trim_end_matches('.').eq_ignore_ascii_case(&self.hostname),
+            // Our host name is ASCII (A-labels); a UTF-8 name (an SMTPUTF8 client's) is ours
+            // when its A-label form is.
+            Host::Domain(d) if d.is_ascii() => {
+                d.trim_end_matches('.').eq_ignore_ascii_case(&self.hostname)
+            }
+            Host::Domain(d) => {
+                canonical_domain(d.trim_end_matches('.')).eq_ignore_ascii_case(&self.hostname)
+            }
             Host::Ipv4(a) => local == IpAddr::V4(*a),
             Host::Ipv6(a) => local == IpAddr::V6(*a).to_canonical(),
         }
@@ -228,6 +235,26 @@ mod tests {
                 "{accepted}"
             );
         }
+    }
+
+    #[test]
+    fn the_postmaster_of_our_host_name_written_in_u_labels_is_ours() {
+        // The host name is ASCII (A-labels); an SMTPUTF8 client may write it in U-labels.
+        let p = RelayPolicy::new(&[], &[], "mx.xn--bcher-kva.example");
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        assert!(p.allows(
+            &rcpt("<postmaster@mx.b\u{fc}cher.example>"),
+            outside,
+            here()
+        ));
+        assert!(p.allows(
+            &rcpt("<postmaster@MX.B\u{dc}cher.example>"),
+            outside,
+            here()
+        ));
+        assert!(p.is_postmaster("postmaster@mx.b\u{fc}cher.example", here()));
+        assert!(!p.allows(&rcpt("<postmaster@mx.bucher.example>"), outside, here()));
+        assert!(!p.allows(&rcpt("<root@mx.b\u{fc}cher.example>"), outside, here()));
     }
 
     #[test]
