@@ -101,6 +101,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // From here on this thread, and every thread it makes (the log's writer, the cores),
+    // leaves those signals to the signal thread, which takes them back for itself.
+    block_handled_signals();
     // Log lines are handed to a writer thread (a lock-free channel), so a core never makes a
     // write(2) per delivery; lines beyond the channel's capacity are dropped, not waited for.
     // The writer thread takes every line waiting in the channel, then flushes: through a
@@ -133,18 +136,26 @@ fn main() -> ExitCode {
     let stop = std::sync::Arc::new(postern_server::StopFlag::default());
     let launch = std::sync::Arc::new(std::sync::Mutex::new(Launch::default()));
     match signals {
-        Ok(signals) => spawn_signal_thread(
-            signals,
-            stop.clone(),
-            launch.clone(),
-            config.server.spool_dir.clone(),
-            config.server.cores,
-        ),
-        Err(e) => tracing::warn!("cannot handle signals: {e}"),
+        Ok(signals) => {
+            let spawned = spawn_signal_thread(
+                signals,
+                stop.clone(),
+                launch.clone(),
+                config.server.spool_dir.clone(),
+                config.server.cores,
+            );
+            // Every thread blocks the stop signals: without this one, none would be heard.
+            if let Err(e) = spawned {
+                tracing::error!("cannot start: no thread for the signals ({e})");
+                return ExitCode::FAILURE;
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot handle signals: {e}");
+            // Their default actions, then, in the threads made from here on (the cores).
+            unblock_handled_signals();
+        }
     }
-    // From here on this thread (and every thread it makes: the cores) leaves those signals
-    // to the signal thread.
-    block_handled_signals();
     let mut settings = config.server;
     let mut config_relay = config.relay;
     let cores = settings.cores;
@@ -390,6 +401,22 @@ fn block_handled_signals() {
     }
 }
 
+/// Takes back, in the calling thread (the signal thread), the signals that
+/// [`block_handled_signals`] blocked in the thread that made it.
+#[allow(unsafe_code)]
+fn unblock_handled_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    // SAFETY: as in `block_handled_signals`, with SIG_UNBLOCK.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Sends `signal` to this process (not to the calling thread, which blocks it: see
 /// [`block_handled_signals`]), for the signal thread.
 #[allow(unsafe_code)]
@@ -425,114 +452,150 @@ fn spawn_signal_thread(
     launch: std::sync::Arc<std::sync::Mutex<Launch>>,
     spool_dir: std::path::PathBuf,
     cores: usize,
-) {
+) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
-    std::thread::spawn(move || {
-        // Counted here: the stop flag is also set by a core that fails.
-        let mut asked_to_stop = false;
-        let mut hurried = false;
-        for signal in signals.forever() {
-            if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
-                asked_to_stop = true;
-                stop.stop();
-                tracing::info!(
-                    "stopping: no new connections, finishing transactions in flight \
-                     (a second SIGTERM or SIGINT stops without waiting for them)"
-                );
-                continue;
-            }
-            if (signal == SIGTERM || signal == SIGINT) && !hurried {
-                hurried = true;
-                stop.hurry();
-                tracing::warn!(
-                    "stopping now: the grace for transactions and deliveries in flight \
-                     is cut short (a third SIGTERM or SIGINT ends the process at once)"
-                );
-                continue;
-            }
-            if signal == SIGTERM || signal == SIGINT {
-                // What is left of a hurried stop waits on the disk (a last sync, a
-                // spool on a file system that hangs): the operator ends it. Mail
-                // acknowledged is on disk; outcomes not yet synced are lost, and
-                // their deliveries made again after the next start. Written at
-                // once, not through the log's writer, which the end may not wait for.
-                complain!(
-                    "postern: a third stop signal: ending at once, without waiting for \
-                     the spool's last sync"
-                );
-                let _ = signal_hook::low_level::emulate_default_handler(signal);
-                // Not reached: the default action of SIGTERM and SIGINT ends the
-                // process. Should it not, the signal is ignored as before.
-                continue;
-            }
-            // The others act on the running server: until it runs, they wait, and are
-            // raised again then.
-            let (relay_handle, deletions, server_cert) = {
-                let mut l = launch
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match &l.running {
-                    Some(r) => (r.relay.clone(), r.deletions.clone(), r.server_cert.clone()),
-                    None => {
-                        l.deferred.push(signal);
-                        continue;
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            // What a signal asks of the disk (the requests of `postern queue --delete` in the
+            // spool directory, a certificate read again) is done by a thread of its own: on a
+            // disk that hangs (a frozen or stalled file system) that work waits, and the stop
+            // signals are still heard. Made before this thread takes its signals back, so that
+            // it blocks them, as the other threads do.
+            type Chore = Box<dyn FnOnce() + Send>;
+            let (chores, queued) = std::sync::mpsc::channel::<Chore>();
+            let chores = std::thread::Builder::new()
+                .name("signal-chores".into())
+                .spawn(move || {
+                    // Each chore in the order its signal came.
+                    for chore in queued {
+                        chore();
+                    }
+                })
+                .ok()
+                .map(|_| chores);
+            // Without that thread (none could be made), here.
+            let run = |chore: Chore| match &chores {
+                Some(chores) => {
+                    if let Err(unsent) = chores.send(chore) {
+                        (unsent.0)();
                     }
                 }
+                None => chore(),
             };
-            if signal == SIGUSR1 {
-                // `postern queue --flush`: deferred mail is tried now.
-                match &relay_handle {
-                    // A stopping server starts no delivery: what is deferred waits
-                    // for the next run.
-                    Some(_) if asked_to_stop => tracing::info!(
-                        "SIGUSR1: not flushing, the server is stopping (the next run \
+            unblock_handled_signals();
+            // Counted here: the stop flag is also set by a core that fails.
+            let mut asked_to_stop = false;
+            let mut hurried = false;
+            for signal in signals.forever() {
+                if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
+                    asked_to_stop = true;
+                    stop.stop();
+                    tracing::info!(
+                        "stopping: no new connections, finishing transactions in flight \
+                     (a second SIGTERM or SIGINT stops without waiting for them)"
+                    );
+                    continue;
+                }
+                if (signal == SIGTERM || signal == SIGINT) && !hurried {
+                    hurried = true;
+                    stop.hurry();
+                    tracing::warn!(
+                        "stopping now: the grace for transactions and deliveries in flight \
+                     is cut short (a third SIGTERM or SIGINT ends the process at once)"
+                    );
+                    continue;
+                }
+                if signal == SIGTERM || signal == SIGINT {
+                    // What is left of a hurried stop waits on the disk (a last sync, a
+                    // spool on a file system that hangs): the operator ends it. Mail
+                    // acknowledged is on disk; outcomes not yet synced are lost, and
+                    // their deliveries made again after the next start. Written at
+                    // once, not through the log's writer, which the end may not wait for.
+                    complain!(
+                        "postern: a third stop signal: ending at once, without waiting for \
+                     the spool's last sync"
+                    );
+                    let _ = signal_hook::low_level::emulate_default_handler(signal);
+                    // Not reached: the default action of SIGTERM and SIGINT ends the
+                    // process. Should it not, the signal is ignored as before.
+                    continue;
+                }
+                // The others act on the running server: until it runs, they wait, and are
+                // raised again then.
+                let (relay_handle, deletions, server_cert) = {
+                    let mut l = launch
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match &l.running {
+                        Some(r) => (r.relay.clone(), r.deletions.clone(), r.server_cert.clone()),
+                        None => {
+                            l.deferred.push(signal);
+                            continue;
+                        }
+                    }
+                };
+                if signal == SIGUSR1 {
+                    // `postern queue --flush`: deferred mail is tried now.
+                    match &relay_handle {
+                        // A stopping server starts no delivery: what is deferred waits
+                        // for the next run.
+                        Some(_) if asked_to_stop => tracing::info!(
+                            "SIGUSR1: not flushing, the server is stopping (the next run \
                          tries deferred mail as its schedule says)"
-                    ),
-                    Some(relay) => {
-                        tracing::info!("SIGUSR1: trying deferred mail now");
-                        relay.flush();
+                        ),
+                        Some(relay) => {
+                            tracing::info!("SIGUSR1: trying deferred mail now");
+                            relay.flush();
+                        }
+                        None => {
+                            tracing::info!("SIGUSR1: nothing to flush, --hold delivers nothing")
+                        }
                     }
-                    None => {
-                        tracing::info!("SIGUSR1: nothing to flush, --hold delivers nothing")
-                    }
+                    continue;
                 }
-                continue;
-            }
-            if signal == SIGUSR2 {
-                // `postern queue --delete`: its requests wait in the spool.
-                let asked = deletion_requests(&spool_dir, cores);
-                tracing::info!(messages = asked.len(), "SIGUSR2: deleting for the operator");
-                deletions.ask(asked);
-                continue;
-            }
-            if let (SIGHUP, Some(cert)) = (signal, &server_cert) {
-                // A renewed certificate takes effect without a restart.
-                match cert.reload() {
-                    Ok(()) => tracing::info!(
-                        "SIGHUP: TLS certificate and key read again from {}; new \
+                if signal == SIGUSR2 {
+                    // `postern queue --delete`: its requests wait in the spool.
+                    let spool_dir = spool_dir.clone();
+                    run(Box::new(move || {
+                        let asked = deletion_requests(&spool_dir, cores);
+                        tracing::info!(
+                            messages = asked.len(),
+                            "SIGUSR2: deleting for the operator"
+                        );
+                        deletions.ask(asked);
+                    }));
+                    continue;
+                }
+                if let (SIGHUP, Some(cert)) = (signal, server_cert) {
+                    // A renewed certificate takes effect without a restart.
+                    run(Box::new(move || match cert.reload() {
+                        Ok(()) => tracing::info!(
+                            "SIGHUP: TLS certificate and key read again from {}; new \
                          handshakes use them",
-                        cert.cert_path().display()
-                    ),
-                    Err(e) => tracing::error!(
-                        "SIGHUP: {e}; the certificate in use stays until this is fixed"
-                    ),
+                            cert.cert_path().display()
+                        ),
+                        Err(e) => tracing::error!(
+                            "SIGHUP: {e}; the certificate in use stays until this is fixed"
+                        ),
+                    }));
+                    continue;
                 }
-                continue;
-            }
-            if signal == SIGHUP {
-                // `systemctl reload` without TLS: nothing is read again.
-                tracing::info!(
-                    "SIGHUP: nothing to read again (it reloads the --tls-cert and \
+                if signal == SIGHUP {
+                    // `systemctl reload` without TLS: nothing is read again.
+                    tracing::info!(
+                        "SIGHUP: nothing to read again (it reloads the --tls-cert and \
                      --tls-key files, and none are set); other settings take a restart"
-                );
-                continue;
+                    );
+                    continue;
+                }
+                // Every other setting is a flag: a restart applies new ones. A stray
+                // signal must not kill the server abruptly.
+                let name = signal_hook::low_level::signal_name(signal).unwrap_or("unknown");
+                tracing::warn!("{name} ignored; SIGTERM stops postern");
             }
-            // Every other setting is a flag: a restart applies new ones. A stray
-            // signal must not kill the server abruptly.
-            let name = signal_hook::low_level::signal_name(signal).unwrap_or("unknown");
-            tracing::warn!("{name} ignored; SIGTERM stops postern");
-        }
-    });
+        });
+    spawned.map(|_| ())
 }
 
 /// Keeps each log event on one line: a line break inside an event (a library's message that

@@ -331,6 +331,69 @@ fn a_third_sigterm_ends_a_stop_that_hangs_on_its_disk() {
 }
 
 #[test]
+fn a_stop_is_heard_while_a_deletion_request_waits_on_a_frozen_spool() {
+    // SIGUSR2 has the server take `postern queue --delete`'s requests out of the spool
+    // directory (a rename, a read, a removal), which on a frozen file system waits for the
+    // thaw. Before, the signal thread itself waited there, and no SIGTERM was heard until
+    // the thaw, not even the third that ends the process at once.
+    let fs = common::LoopFs::mount("ext4", 256);
+    let spool = fs.path.join("spool");
+    let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    std::fs::write(spool.join("postern.delete.4242"), "NOSUCHID 1\n").unwrap();
+    let frozen = fs.freeze();
+    server.signal("-USR2");
+    common::wait_for_d_state(server.child.id());
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("stopping: no new connections"));
+    // The stop's last sync waits for the thaw too; then the server ends as usual, and the
+    // request is taken (and found to name no message).
+    drop(frozen);
+    assert!(server.child.wait().unwrap().success());
+    assert!(!spool.join("postern.delete.4242").exists());
+}
+
+#[test]
+fn only_the_signal_thread_takes_the_signals_the_server_handles() {
+    // The kernel gives a signal sent to the process to any thread that does not block it: one
+    // waiting on a disk without interruption would hold it pending. Every thread but the
+    // signal thread (the log's writer, the cores, their helpers, the signal chores) blocks
+    // SIGHUP, SIGINT, SIGUSR1, SIGUSR2 and SIGTERM.
+    let server = Server::start(&[]);
+    let handled: u64 = [1u32, 2, 10, 12, 15].iter().map(|s| 1u64 << (s - 1)).sum();
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.child.id())).unwrap();
+    let mut seen = Vec::new();
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let (name, blocked) = (field("Name:"), field("SigBlk:"));
+        let blocked = u64::from_str_radix(&blocked, 16).unwrap();
+        if name == "signals" {
+            assert_eq!(blocked & handled, 0, "the signal thread blocks {blocked:x}");
+        } else {
+            assert_eq!(
+                blocked & handled,
+                handled,
+                "thread {name} blocks {blocked:x}"
+            );
+        }
+        seen.push(name);
+    }
+    assert_eq!(
+        seen.iter().filter(|n| *n == "signals").count(),
+        1,
+        "{seen:?}"
+    );
+    assert!(seen.len() > 3, "{seen:?}");
+}
+
+#[test]
 fn stop_signals_act_while_the_start_hangs_on_its_disk() {
     // The spool's file system is frozen before the start: the start waits on it. Stop
     // signals are handled all the same: the first two say so, and the third ends the process
