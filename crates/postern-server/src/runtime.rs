@@ -574,6 +574,12 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
     // Dropped now, not at the core's end: should another core fail before it reports, the
     // start-up sees every sender gone and gives up, instead of waiting on this one.
     drop(ready);
+    // A core that fails (a bug), for the tests of what the others do then: debug builds
+    // only, never a release.
+    #[cfg(debug_assertions)]
+    if std::env::var("POSTERN_DEBUG_FAIL_CORE").is_ok_and(|v| v == core.id.to_string()) {
+        glommio::spawn_local(async { panic!("POSTERN_DEBUG_FAIL_CORE: this core fails") }).detach();
+    }
     crate::store::ensure_spare(&core);
     let watcher = glommio::spawn_local(watch(core.clone(), init.stop));
     let acceptors: Vec<_> = listeners

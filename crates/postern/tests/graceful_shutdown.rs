@@ -394,6 +394,45 @@ fn only_the_signal_thread_takes_the_signals_the_server_handles() {
 }
 
 #[test]
+fn a_core_that_fails_stops_the_others_without_waiting_out_the_grace() {
+    // A core that fails (a bug; made to here, in a debug build) stops the server, exit status
+    // 1, for its supervisor to start it again. The other cores' stops waited for the failed
+    // core to wind its deliveries down, which it never does, until the grace was over (30 s
+    // by default), with nothing in flight and the listeners already closed.
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let mut child = common::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cores", "2"])
+            .args(["--route", "x.test=127.0.0.1:9", "--hostname", "mx.test"])
+            .args(["--shutdown-grace", "30s", "--spool"])
+            .arg(dir.path().join("spool"))
+            .env("POSTERN_DEBUG_FAIL_CORE", "1")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "still running with a failed core"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the stop took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn stop_signals_act_while_the_start_hangs_on_its_disk() {
     // The spool's file system is frozen before the start: the start waits on it. Stop
     // signals are handled all the same: the first two say so, and the third ends the process

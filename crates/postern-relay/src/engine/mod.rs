@@ -375,6 +375,32 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+thread_local! {
+    /// This core's place among the cores winding down (see [`Relay::factory`]).
+    static WINDS_DOWN: RefCell<Option<WindsDown>> = const { RefCell::new(None) };
+}
+
+/// Counts a core among those winding down once: when its stop begins, or when its thread ends
+/// without one (a core that failed).
+struct WindsDown {
+    relay: Arc<Relay>,
+    counted: Cell<bool>,
+}
+
+impl WindsDown {
+    fn count(&self) {
+        if !self.counted.replace(true) {
+            self.relay.winding_down.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for WindsDown {
+    fn drop(&mut self) {
+        self.count();
+    }
+}
+
 impl Relay {
     /// The relay for `cores` cores, with the messages recovery found still to deliver.
     pub fn new(
@@ -422,6 +448,15 @@ impl Relay {
         let relay = self.clone();
         Arc::new(move |handle: CoreHandle| -> Rc<dyn Delivery> {
             relay.started.fetch_add(1, Ordering::SeqCst);
+            // Counted among the cores winding down when this core's thread ends, if it has
+            // not been already: a core that failed (a bug) never winds down, and the others'
+            // stops would wait for it until the grace is over.
+            WINDS_DOWN.with(|w| {
+                *w.borrow_mut() = Some(WindsDown {
+                    relay: relay.clone(),
+                    counted: Cell::new(false),
+                });
+            });
             let core = CoreRelay::start(relay.clone(), handle);
             core as Rc<dyn Delivery>
         })
@@ -736,7 +771,16 @@ impl Delivery for CoreRelay {
             // step), and a transaction's reports are sent before it stops counting: then
             // every outcome is in its owner's inbox, and the report loop records it (appends
             // its status) in the same step as it takes it out.
-            self.relay.winding_down.fetch_add(1, Ordering::SeqCst);
+            let counted = WINDS_DOWN.with(|w| match &*w.borrow() {
+                Some(w) if Arc::ptr_eq(&w.relay, &self.relay) => {
+                    w.count();
+                    true
+                }
+                _ => false,
+            });
+            if !counted {
+                self.relay.winding_down.fetch_add(1, Ordering::SeqCst);
+            }
             // Idle connections woken by the stop start their QUIT (counted in `closing`)
             // once they run: a moment for them before the first look.
             glommio::timer::sleep(WIND_DOWN_POLL).await;
