@@ -61,9 +61,9 @@ impl Default for Timeouts {
 pub enum ConnError {
     /// Connecting, reading or writing failed, or timed out.
     Io(String),
-    /// This machine has no way to that address: no route to its network, or no address or
-    /// support of its family here (an IPv4 address on a machine with IPv6 only, say). Said at
-    /// once by this machine's kernel, not by the network.
+    /// This machine has no way to that address: no route to its network (said by its
+    /// kernel, or by a router on the way), or no support of its family here (an IPv4
+    /// address on a machine with IPv6 only, say). Nothing of the next hop's doing.
     NoRoute(String),
     /// The server refused us or broke the protocol.
     Smtp(ClientError),
@@ -280,12 +280,8 @@ impl Outbound {
             .await
             .map_err(|e| {
                 let e = std::io::Error::from(e);
-                let no_route = [
-                    Errno::ENETUNREACH,
-                    Errno::EAFNOSUPPORT,
-                    Errno::EADDRNOTAVAIL,
-                ]
-                .map(|n| n as i32);
+                // (Not EADDRNOTAVAIL, which also says this machine's ports ran out.)
+                let no_route = [Errno::ENETUNREACH, Errno::EAFNOSUPPORT].map(|n| n as i32);
                 match e.raw_os_error() {
                     Some(n) if no_route.contains(&n) => ConnError::NoRoute(e.to_string()),
                     _ => ConnError::Io(e.to_string()),

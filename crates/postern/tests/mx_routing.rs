@@ -630,6 +630,54 @@ fn an_address_this_machine_has_no_way_to_does_not_use_up_an_attempt() {
 }
 
 #[test]
+fn an_address_this_machine_has_no_way_to_does_not_get_its_next_hop_paused() {
+    use dns_server::Rec;
+    // The primary MX at 127.255.255.255 (ENETUNREACH, as an IPv4 address on a machine with
+    // IPv6 only), tried first, and a backup that works but refuses its first session (421 to
+    // EHLO). The unreachable address says nothing of the next hop: one refused session at
+    // the other is a glitch, and the next message goes at once. Before, it counted as a
+    // failure too, the attempt had two failures in a row, and the next hop was paused for
+    // the first retry delay (a minute here).
+    let (port, stored, _) = scripted_next_hop_at(
+        "127.0.0.170:0",
+        |n, line| {
+            (n == 0 && line.starts_with("EHLO"))
+                .then_some(Act::SayAndClose("421 4.3.2 restarting\r\n"))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let dns = dns_server::TestDns::start(
+        "test",
+        &[
+            ("nr2.test.", Rec::Mx(10, "mx1.nr2.test.")),
+            ("nr2.test.", Rec::Mx(20, "mx2.nr2.test.")),
+            ("mx1.nr2.test.", Rec::A([127, 255, 255, 255].into())),
+            ("mx2.nr2.test.", Rec::A([127, 0, 0, 170].into())),
+        ],
+    );
+    let server = mx_server_one_attempt(&dns, port, &[]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@nr2.test"],
+        "<one@t>",
+        "x\r\n",
+    );
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    send(
+        &server,
+        "a@origin.test",
+        &["b@nr2.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let (connection, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.contains("Message-ID: <two@t>"), "{data}");
+    assert_eq!(connection, 1);
+    drop(dns);
+}
+
+#[test]
 fn a_host_whose_name_server_drops_aaaa_queries_is_reached_without_waiting_them_out() {
     use dns_server::{Rec, TestDns};
     // The MX host's A query is answered, its AAAA query never: its IPv4 address is used a

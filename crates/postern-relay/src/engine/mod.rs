@@ -216,9 +216,9 @@ struct Opened {
 /// bounded number of connections per attempt.
 const MAX_ADDRESSES_PER_ATTEMPT: usize = 5;
 
-/// Addresses this machine has no way to (no route to their network, no address of their
+/// Addresses this machine has no way to (no route to their network, no support of their
 /// family here) passed over in one attempt beside [`MAX_ADDRESSES_PER_ATTEMPT`]: they cost
-/// nothing, but the list of them is bounded all the same.
+/// next to nothing, but the list of them is bounded all the same.
 const MAX_NO_ROUTE: usize = 64;
 
 /// How long a connection stays idle before it gives its place to a next hop whose

@@ -91,10 +91,12 @@ impl CoreRelay {
                 Err(unopened)
                     if unopened.1.is_none()
                         && unopened.2.is_none()
+                        && unopened.4 > 0
                         && self.others_work(&dq, attempt_began) =>
                 {
-                    // No answer (refused, closed before its greeting, timed out) while other
-                    // connections of ours to the same next hop work: a host or firewall
+                    // No answer (refused, closed before its greeting, timed out; not only
+                    // addresses this machine has no way to, which say nothing of the next
+                    // hop) while other connections of ours to the same next hop work: a host or firewall
                     // that drops connections past a limit, or a passing fault. The jobs
                     // wait for the connections that work, as above.
                     self.at_connection_limit(&dq, unopened.4, &unopened.0);
@@ -979,14 +981,11 @@ impl CoreRelay {
                 break;
             }
             let fallback = better.is_some_and(|b| hop.preference > b);
-            // Addresses that failed on the way, as a carried job counts them: those this
-            // machine has no way to are not among them, as they are not counted here.
+            // Addresses that failed on the way, as a carried job counts them (those this
+            // machine has no way to are not among them, as they are not counted here).
             let opened = |conn: Outbound, failed: Vec<SocketAddr>| Opened {
                 conn,
-                failed: failed
-                    .into_iter()
-                    .filter(|a| !no_route.contains(a))
-                    .collect(),
+                failed,
                 fallback,
             };
             let cleartext = policy == TlsPolicy::Opportunistic
@@ -1037,12 +1036,21 @@ impl CoreRelay {
                         }
                     }
                 }
+                Err(e @ ConnError::NoRoute(_)) => {
+                    // Not this next hop's failure: it is not marked as broken (which could
+                    // pause it, beside addresses that work), takes no place among the failed
+                    // ones, and does not stand against a refusal of HELO by all the others.
+                    if last_remote.is_none() {
+                        last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
+                        last_status = None;
+                        last_refused = false;
+                    }
+                    no_route.push(addr);
+                    continue;
+                }
                 Err(e) => {
                     if !matches!(&e, ConnError::Smtp(ClientError::Helo(r)) if r.is_permanent()) {
                         refused_helo = false;
-                    }
-                    if matches!(e, ConnError::NoRoute(_)) {
-                        no_route.push(addr);
                     }
                     // The account kept is that of the last host that answered, if any did: a
                     // later address where nobody answered does not hide it.
@@ -1056,14 +1064,13 @@ impl CoreRelay {
             }
             self.broke(dq, addr);
             failed.push(addr);
-            if no_route.last() != Some(&addr) {
-                costly += 1;
-            }
+            costly += 1;
         }
         // Every address, not only those this attempt reached: a host further down the list
-        // (a backup MX) may still take the mail.
+        // (a backup MX) may still take the mail. (Those this machine has no way to aside.)
         let refused =
-            (refused_helo && addresses > 0 && failed.len() == addresses).then_some("5.0.0");
+            (refused_helo && !failed.is_empty() && failed.len() + no_route.len() == addresses)
+                .then_some("5.0.0");
         let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
         Err((
             last,
