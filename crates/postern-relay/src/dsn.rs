@@ -763,8 +763,8 @@ fn smtp_reply_in(text: &str) -> Option<&str> {
 /// space, a dash or nothing. postern's words begin with a host or domain name, which may
 /// begin like a reply (`123-reg.example: ...`, `421-mx.example [192.0.2.1] said: ...`,
 /// `250-mx.example does not support ...`): a first word ending in a colon, or one followed by
-/// an address in brackets or by the words postern puts after a host name (`said:`, `does`),
-/// is such a name.
+/// an address in brackets, or a dotted name followed by the words postern puts after a host
+/// name (`said: `, `does not support `, `does not offer `), is such a name.
 fn is_smtp_reply(text: &str) -> bool {
     let b = text.as_bytes();
     let coded = matches!(b, [b'2'..=b'5', b'0'..=b'9', b'0'..=b'9', ..])
@@ -783,10 +783,12 @@ fn is_smtp_reply(text: &str) -> bool {
         && !after_code
             .split('.')
             .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-    !first.ends_with(':')
-        && !words
-            .next()
-            .is_some_and(|w| w.starts_with('[') || (dotted_name && (w == "said:" || w == "does")))
+    let after_first = text.get(first.len() + 1..).unwrap_or_default();
+    let our_words = ["said: ", "does not support ", "does not offer "]
+        .iter()
+        .any(|w| after_first.starts_with(w));
+    let bracketed = words.next().is_some_and(|w| w.starts_with('['));
+    !(first.ends_with(':') || bracketed || (dotted_name && our_words))
 }
 
 /// Undoes xtext (RFC 3461 4): `+` and two upper-case hex digits stand for that octet. A `+`
@@ -1147,6 +1149,9 @@ mod tests {
         // A reply whose text goes on with such a word is still a reply.
         assert!(is_smtp_reply("550-5.1.1 does not exist"));
         assert!(is_smtp_reply("550-Mailbox does not exist"));
+        assert!(is_smtp_reply(
+            "550-mx.example.com does not accept mail from you"
+        ));
         assert_eq!(
             deferral_status("421-mx.example: connection refused", "4.4.1"),
             "4.4.1"

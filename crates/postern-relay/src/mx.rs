@@ -745,11 +745,15 @@ enum Addresses {
 
 /// Once the A lookup has found addresses, or found that the name does not exist, how long the
 /// AAAA answer is waited for: a name server that drops AAAA queries (some still do) costs
-/// this, not its whole timeout and retries, for every connection to that host. The A answer,
-/// IPv4 being the family tried first, is always waited for in full: an AAAA answer that came
-/// first (from a cache, say) must not cost the host its IPv4 addresses, which may be the only
-/// ones this machine can reach.
+/// this, not its whole timeout and retries, for every connection to that host.
 const OTHER_FAMILY_GRACE: Duration = Duration::from_millis(500);
+
+/// Once the AAAA lookup has found addresses, how long the A answer is waited for: longer, as
+/// IPv4 is the family tried first and may be all this machine can reach (an AAAA answer that
+/// came first, from a cache, must not cost the host its IPv4 addresses), enough for one
+/// query sent again after the resolver's default timeout (5 s), and still bounded against a
+/// name server that drops A queries.
+const IPV4_GRACE: Duration = Duration::from_secs(6);
 
 /// Looks up a host's A and AAAA records at the same time.
 async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
@@ -762,10 +766,11 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         _ => None,
     };
     let usable = |found: &Found<IpAddr>| matches!(found, Found::Records(ips) if ips.iter().any(|ip| host_address(*ip).is_ok()));
-    // The AAAA answer, in full where A found no address and did not find the name missing,
-    // for the grace otherwise (then given up as no records).
+    // The other family's answer, in full where the first found no address (and did not find
+    // the name missing), for `grace` otherwise (then given up as no records).
     async fn the_other<F>(
         wait_in_full: bool,
+        grace: Duration,
         other: F,
         pick: impl Fn(&RData) -> Option<IpAddr>,
     ) -> Found<IpAddr>
@@ -775,7 +780,7 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         if wait_in_full {
             classify(other.await, pick)
         } else {
-            match tokio::time::timeout(OTHER_FAMILY_GRACE, other).await {
+            match tokio::time::timeout(grace, other).await {
                 Ok(answer) => classify(answer, pick),
                 Err(_) => Found::NoData,
             }
@@ -788,12 +793,12 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         first = &mut a => {
             let v4 = classify(first, pick_v4);
             let in_full = !usable(&v4) && !matches!(v4, Found::NxDomain);
-            let v6 = the_other(in_full, &mut aaaa, pick_v6).await;
+            let v6 = the_other(in_full, OTHER_FAMILY_GRACE, &mut aaaa, pick_v6).await;
             (v4, v6)
         }
         first = &mut aaaa => {
             let v6 = classify(first, pick_v6);
-            let v4 = the_other(true, &mut a, pick_v4).await;
+            let v4 = the_other(!usable(&v6), IPV4_GRACE, &mut a, pick_v4).await;
             (v4, v6)
         }
     };

@@ -458,33 +458,44 @@ fn a_whole_message_with_8bit_header_fields_is_message_global_only_when_they_are_
 
 #[test]
 fn a_whole_internationalized_message_is_returned_encoded_in_a_7bit_report() {
-    // UTF-8 header fields and an 8-bit body in another charset, from an ASCII sender: the
-    // report needs neither 8BITMIME nor SMTPUTF8 on its way back, and carries the whole
-    // message, octet for octet.
-    let original = b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n\r\nGr\xfc\xdfe\r\n";
-    let recipients = failures();
-    let mut report = report(&recipients, original);
-    report.return_full = true;
-    let bytes = dsn::build(&report);
-    assert_lines_ok(&bytes);
-    assert!(!dsn::is_8bit(&bytes), "an 8-bit report");
-    let top = String::from_utf8_lossy(dsn::header_block(&bytes)).into_owned();
-    assert!(!top.contains("Content-Transfer-Encoding: 8bit"), "{top}");
-    let message = parse(&bytes);
-    let returned = parts(&message)[2];
-    assert_eq!(mime_type(returned), "message/global");
-    assert_eq!(returned.contents(), &original[..]);
-    // Too large for the sender's next hop: remade with the header section, read from the
-    // encoded message.
-    let remade = dsn::with_headers_only(&bytes, dsn::HeadersOnly::TooBig).unwrap();
-    assert_lines_ok(&remade);
-    let message = parse(&remade);
-    let returned = parts(&message)[2];
-    assert_eq!(mime_type(returned), "message/global-headers");
-    assert_eq!(
-        returned.contents(),
-        b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n"
-    );
+    // UTF-8 header fields and an 8-bit body, from an ASCII sender: the report needs neither
+    // 8BITMIME nor SMTPUTF8 on its way back, and carries the whole message, octet for octet.
+    // A body in another charset comes base64, one in UTF-8 quoted-printable.
+    for (original, encoding) in [
+        (
+            &b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n\r\nGr\xfc\xdfe\r\n"[..],
+            "base64",
+        ),
+        (
+            &b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n"[..],
+            "quoted-printable",
+        ),
+    ] {
+        let recipients = failures();
+        let mut report = report(&recipients, original);
+        report.return_full = true;
+        let bytes = dsn::build(&report);
+        assert_lines_ok(&bytes);
+        assert!(!dsn::is_8bit(&bytes), "an 8-bit report");
+        let top = String::from_utf8_lossy(dsn::header_block(&bytes)).into_owned();
+        assert!(!top.contains("Content-Transfer-Encoding: 8bit"), "{top}");
+        let message = parse(&bytes);
+        let returned = parts(&message)[2];
+        assert_eq!(mime_type(returned), "message/global");
+        assert_eq!(returned.content_transfer_encoding(), Some(encoding));
+        assert_eq!(returned.contents(), original);
+        // Too large for the sender's next hop: remade with the header section, read from
+        // the encoded message.
+        let remade = dsn::with_headers_only(&bytes, dsn::HeadersOnly::TooBig).unwrap();
+        assert_lines_ok(&remade);
+        let message = parse(&remade);
+        let returned = parts(&message)[2];
+        assert_eq!(mime_type(returned), "message/global-headers");
+        assert_eq!(
+            returned.contents(),
+            b"Subject: caf\xc3\xa9\r\nFrom: <a@example.test>\r\n"
+        );
+    }
 }
 
 #[test]

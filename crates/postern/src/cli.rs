@@ -44,7 +44,7 @@ enum Command {
 #[derive(Args, Debug)]
 pub(crate) struct Queue {
     /// Spool directory, as given to `postern serve`.
-    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
+    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path)]
     pub(crate) spool: PathBuf,
     /// One JSON object per message (one per line) instead of the table.
     #[arg(long)]
@@ -88,7 +88,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_CORES", value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     cores: Option<usize>,
     /// Spool directory.
-    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool")]
+    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path)]
     spool: PathBuf,
     /// Size of each spool segment file, reserved on disk when it is created (64k to 4G).
     #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size, allow_hyphen_values = true)]
@@ -148,10 +148,10 @@ struct Serve {
     #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     shutdown_grace: Duration,
     /// PEM certificate chain; with --tls-key, enables STARTTLS [default: none, no TLS].
-    #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key", value_parser = path)]
     tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert [default: none].
-    #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert", value_parser = path)]
     tls_key: Option<PathBuf>,
     /// Prometheus metrics, /healthz and /readyz on this address; `none` turns off one set
     /// elsewhere (the unit's POSTERN_METRICS, from /etc/default/postern) [default: none, not
@@ -205,7 +205,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     outbound_tls: String,
     /// Extra trust anchors (PEM) for --outbound-tls required [default: none, the system's].
-    #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA")]
+    #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA", value_parser = path)]
     outbound_tls_ca: Option<PathBuf>,
     /// Concurrent connections to one next hop.
     #[arg(
@@ -300,8 +300,6 @@ pub(crate) fn unknown_variables() -> Vec<String> {
     unknown
 }
 
-/// One item of a list flag, without the blanks around it: a `POSTERN_*` variable may list
-/// `a.example, b.example` as well as `a.example,b.example`.
 /// A queue ID for `--delete`: a wrong flag (exit 2) when empty, whatever the spool holds.
 fn queue_id_arg(s: &str) -> Result<String, String> {
     match s.trim() {
@@ -321,6 +319,16 @@ fn switch(s: &str) -> Result<bool, String> {
     }
 }
 
+/// A path, without blanks (a CR among them) around it; not an empty one.
+fn path(s: &str) -> Result<PathBuf, String> {
+    match s.trim() {
+        "" => Err("an empty path".to_owned()),
+        p => Ok(PathBuf::from(p)),
+    }
+}
+
+/// A value, or one item of a list flag, without the blanks around it: a `POSTERN_*` variable
+/// may list `a.example, b.example` as well as `a.example,b.example`.
 fn trimmed<T>(s: &str) -> Result<T, String>
 where
     T: std::str::FromStr,
@@ -627,6 +635,15 @@ fn with_env_source(line: String) -> String {
 /// line (blanks at either end, a CR from an environment file among them, are no part of a
 /// value and pass).
 fn control_character_source() -> Option<String> {
+    // Help and the version are shown whatever the values.
+    let asks_help = |a: &std::ffi::OsString| {
+        ["--help", "-h", "--version", "-V", "help"]
+            .iter()
+            .any(|h| a == std::ffi::OsStr::new(h))
+    };
+    if std::env::args_os().skip(1).any(|a| asks_help(&a)) {
+        return None;
+    }
     let inside = |s: &str| s.trim().chars().find(|c| c.is_control());
     let shown = |c: char| c.escape_default().to_string();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -1095,11 +1112,27 @@ mod tests {
             " mx1.example.net ",
             "--command-timeout",
             " 5s",
+            "--spool",
+            "/var/spool/postern\r\n",
+            "--tls-cert",
+            " /etc/postern/cert.pem",
+            "--tls-key",
+            "/etc/postern/key.pem\r",
+            "--outbound-tls-ca",
+            "/etc/postern/ca.pem ",
         ])
         .unwrap();
         let Command::Serve(s) = cli.command else {
             panic!("not serve")
         };
+        // Paths too (a CR from an environment file written on another system).
+        assert_eq!(s.spool, PathBuf::from("/var/spool/postern"));
+        assert_eq!(s.tls_cert, Some(PathBuf::from("/etc/postern/cert.pem")));
+        assert_eq!(s.tls_key, Some(PathBuf::from("/etc/postern/key.pem")));
+        assert_eq!(
+            s.outbound_tls_ca,
+            Some(PathBuf::from("/etc/postern/ca.pem"))
+        );
         assert_eq!(s.max_recipients, 5);
         assert_eq!(s.cores, Some(1));
         assert_eq!(s.mx_port, 2526);

@@ -557,7 +557,14 @@ fn spawn_signal_thread(
                 if signal == SIGUSR2 {
                     // `postern queue --delete`: its requests wait in the spool.
                     let spool_dir = spool_dir.clone();
+                    let stop = stop.clone();
                     run(Box::new(move || {
+                        // Come after the stop began (behind a disk that hung, say): the requests
+                        // stay, for their commands to withdraw, as when the stop came first.
+                        if stop.is_stopping() {
+                            tracing::info!("SIGUSR2: not deleting, the server is stopping");
+                            return;
+                        }
                         let asked = deletion_requests(&spool_dir, cores);
                         tracing::info!(
                             messages = asked.len(),

@@ -1378,6 +1378,13 @@ fn a_value_with_a_line_break_inside_is_named_on_one_line() {
         assert_eq!(err.lines().count(), 1, "{says}: {err}");
         assert_eq!(err.trim_end(), format!("postern: {says}"));
     }
+    // Help is shown whatever the values.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args(["serve", "--help"])
+        .env("POSTERN_RELAY_HOST", "relay\n.example");
+    let (code, out, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("--relay-host"), "{out}");
     // A CR or LF at a value's end (an environment file written on another system) is no
     // part of the value, as any blank there.
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));

@@ -363,7 +363,10 @@ fn only_the_signal_thread_takes_the_signals_the_server_handles() {
     let tasks = std::fs::read_dir(format!("/proc/{}/task", server.child.id())).unwrap();
     let mut seen = Vec::new();
     for task in tasks {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        // A thread that ended meanwhile (a helper of the blocking pool) is passed over.
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
         let field = |name: &str| {
             status
                 .lines()
@@ -394,6 +397,7 @@ fn only_the_signal_thread_takes_the_signals_the_server_handles() {
 }
 
 #[test]
+#[cfg(debug_assertions)] // The hook that makes a core fail is in debug builds only.
 fn a_core_that_fails_stops_the_others_without_waiting_out_the_grace() {
     // A core that fails (a bug; made to here, in a debug build) stops the server, exit status
     // 1, for its supervisor to start it again. The other cores' stops waited for the failed

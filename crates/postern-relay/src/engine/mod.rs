@@ -452,10 +452,15 @@ impl Relay {
             // not been already: a core that failed (a bug) never winds down, and the others'
             // stops would wait for it until the grace is over.
             WINDS_DOWN.with(|w| {
-                *w.borrow_mut() = Some(WindsDown {
+                let earlier = w.borrow_mut().replace(WindsDown {
                     relay: relay.clone(),
                     counted: Cell::new(false),
                 });
+                // One core per thread: an earlier relay's place (a test's, on this thread)
+                // is not this thread's end.
+                if let Some(earlier) = earlier {
+                    earlier.counted.set(true);
+                }
             });
             let core = CoreRelay::start(relay.clone(), handle);
             core as Rc<dyn Delivery>
