@@ -753,6 +753,50 @@ fn a_deletion_of_a_message_delivered_since_it_was_listed_is_no_deletion() {
 }
 
 #[test]
+fn a_transaction_put_off_after_its_message_was_deleted_is_not_counted_as_a_deferral() {
+    // As below, with a 451 for the reply: the outcome is logged, and neither recorded nor
+    // counted (the deferral counter counted it, for mail no longer queued).
+    let (release, gate) = std::sync::mpsc::channel();
+    let (port, stored, _) = scripted_next_hop(
+        |_, _| None,
+        Act::SayWhenTold(gate, "451 4.3.0 try later\r\n"),
+    );
+    // A second next hop that takes mail, on the same (only) core: its delivery, counted
+    // after the deleted message's outcome, shows when the counters include that outcome.
+    let (ok_port, ok_stored, _) = scripted_next_hop(|_, _| None, Act::Say("250 2.0.0 ok\r\n"));
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let ok_route = format!("ok.test=127.0.0.1:{ok_port}");
+    let server = Server::start_in(
+        &[
+            "--route",
+            &route,
+            "--route",
+            &ok_route,
+            "--cores",
+            "1",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        spool.clone(),
+        None,
+    );
+    let id = send(&server, "a@origin.test", &["b@dest.test"], "<d@t>", "x\r\n");
+    stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    let (code, _, err) = delete(&spool, &id);
+    assert_eq!(code, Some(0), "{err}");
+    release.send(()).unwrap();
+    let line =
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("when the operator deleted"));
+    assert!(line.contains("status=\"deferred\""), "{line}");
+    send(&server, "a@origin.test", &["c@ok.test"], "<ok@t>", "x\r\n");
+    ok_stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+}
+
+#[test]
 fn a_transaction_under_way_when_its_message_is_deleted_is_logged_as_it_ends() {
     // The next hop has the whole message and holds its reply while the operator deletes the
     // message: the 250 that then comes is logged (the mail has left), though nothing more

@@ -279,7 +279,10 @@ impl CoreRelay {
                     self.report(&mut out, &job.msg, rcpt, result, reply, remote.clone());
                 }
                 self.send_reports(&job.msg, out);
-                self.handle.count_outcome(Outcome::Deferred);
+                // Not a message the operator deleted (its outcome is only logged, above).
+                if !job.msg.deleted.load(Ordering::Acquire) {
+                    self.handle.count_outcome(Outcome::Deferred);
+                }
                 self.schedule(Job {
                     failures,
                     not_before: at,
