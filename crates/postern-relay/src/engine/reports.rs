@@ -430,7 +430,21 @@ impl CoreRelay {
         t.relayed.clear();
         if !t.failed.is_empty() {
             match self.report_failures(msg, &t.failed).await {
-                Ok(unrecorded) => t.unrecorded |= unrecorded,
+                Ok(unrecorded) => {
+                    t.unrecorded |= unrecorded;
+                    // Made at a second try: it waits no more.
+                    if self.bounces_waiting.borrow().contains_key(&msg.queue_id) {
+                        self.bounce_waits(msg, false);
+                    }
+                    // Deleted while its bounce was being made: the bounce stays made (it was
+                    // on its way), as a delivery under way when its message is deleted does.
+                    if msg.deleted.load(Ordering::Acquire) {
+                        tracing::info!(
+                            queue_id = %msg.queue_id,
+                            "the bounce was made as the operator deleted the message"
+                        );
+                    }
+                }
                 Err(()) => {
                     // Not durable (the spool's disk is full, most likely): the message stays
                     // queued and the bounce is tried again, once other messages have been
@@ -446,7 +460,6 @@ impl CoreRelay {
                     me.bounce_waits(&t.msg, true);
                     spawn_detached(async move {
                         let again = me.bounce_pause().await;
-                        me.bounce_waits(&t.msg, false);
                         // Deleted by the operator meanwhile: its deletion records and
                         // forgets it, with no report.
                         if t.msg.deleted.load(Ordering::Acquire) {
@@ -456,8 +469,14 @@ impl CoreRelay {
                                  message was deleted by the operator"
                             );
                         } else if again {
+                            // Still waiting while it is tried again, so that a deletion meanwhile
+                            // finds it; `finish` takes it out once its bounce is made, or puts
+                            // it back to wait.
                             me.finish(t).await;
+                            drop(busy);
+                            return;
                         }
+                        me.bounce_waits(&t.msg, false);
                         drop(busy);
                     });
                     return;
