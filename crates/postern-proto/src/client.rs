@@ -436,11 +436,15 @@ impl ClientSession {
         Ok(())
     }
 
-    /// The handshake is done: greets again (RFC 3207 4.2).
+    /// The handshake is done: greets again (RFC 3207 4.2). What the server said of itself
+    /// before TLS (its capabilities, the names in its greeting and EHLO reply) is forgotten:
+    /// anyone on the path could have written it. The names it gives after TLS count.
     pub fn tls_established(&mut self) {
         self.tls = true;
         self.parser = ReplyParser::new();
         self.caps = Capabilities::default();
+        self.greeted_as = None;
+        self.helo_as = None;
         self.send_ehlo();
     }
 

@@ -345,6 +345,40 @@ fn a_refused_starttls_leaves_the_session_usable_in_cleartext() {
 }
 
 #[test]
+fn names_said_before_tls_are_forgotten_after_it() {
+    // RFC 3207 4.2: what the server said before TLS may be anyone's on the path. A greeting
+    // rewritten to this server's own name must not make a verified next hop look like a
+    // loop back here.
+    let mut c = ClientSession::new("relay.test");
+    canned(
+        &mut c,
+        &["220 me.example\r\n", "250-me.example\r\n250 STARTTLS\r\n"],
+    );
+    assert!(c.names_itself("me.example"));
+    c.start_tls().unwrap();
+    let (events, _) = canned(&mut c, &["220 2.0.0 go ahead\r\n"]);
+    assert_eq!(events, vec![ClientEvent::StartTls]);
+    c.tls_established();
+    assert!(!c.names_itself("me.example"));
+    let (events, sent) = canned(&mut c, &["250-other.example\r\n250 PIPELINING\r\n"]);
+    assert_eq!(sent, "EHLO relay.test\r\n");
+    assert_eq!(events, vec![ClientEvent::Ready]);
+    assert!(!c.names_itself("me.example"));
+    assert!(c.names_itself("other.example"));
+    // The names given inside TLS count.
+    let mut c = ClientSession::new("relay.test");
+    canned(
+        &mut c,
+        &["220 x.example\r\n", "250-x.example\r\n250 STARTTLS\r\n"],
+    );
+    c.start_tls().unwrap();
+    canned(&mut c, &["220 go\r\n"]);
+    c.tls_established();
+    canned(&mut c, &["250 me.example\r\n"]);
+    assert!(c.names_itself("me.example"));
+}
+
+#[test]
 fn without_pipelining_commands_wait_for_replies() {
     let mut c = ClientSession::new("relay.test");
     let (events, _) = canned(&mut c, &["220 x\r\n", "250-x\r\n250 8BITMIME\r\n"]);
