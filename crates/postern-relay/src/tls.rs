@@ -68,7 +68,8 @@ impl TlsClients {
         if let Some(path) = extra_ca {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("--outbound-tls-ca {}: {e}", path.display()))?;
-            let added = add_pem(&mut roots, &pem);
+            let added = add_pem(&mut roots, &pem)
+                .map_err(|e| format!("--outbound-tls-ca {}: {e}", path.display()))?;
             if added == 0 {
                 return Err(format!(
                     "--outbound-tls-ca {}: no certificate in it",
@@ -123,12 +124,19 @@ pub fn unverified_client() -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
-fn add_pem(roots: &mut RootCertStore, pem: &[u8]) -> usize {
+/// Adds the certificates of a PEM file as trust anchors: how many. A block that cannot be
+/// read, or a certificate that is no trust anchor, fails the whole file: a CA left out
+/// without a word would defer the mail of the next hops it signs until it is returned.
+fn add_pem(roots: &mut RootCertStore, pem: &[u8]) -> Result<usize, String> {
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-        .filter_map(Result::ok)
-        .collect();
-    roots.add_parsable_certificates(certs).0
+        .enumerate()
+        .map(|(i, c)| c.map_err(|e| format!("certificate {} cannot be read ({e})", i + 1)))
+        .collect::<Result<_, _>>()?;
+    match roots.add_parsable_certificates(certs) {
+        (added, 0) => Ok(added),
+        (_, bad) => Err(format!("{bad} of its certificates are no trust anchors")),
+    }
 }
 
 /// Accepts any certificate, but still checks the handshake signatures (so the session key is

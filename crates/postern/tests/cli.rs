@@ -755,8 +755,26 @@ fn an_outbound_ca_that_cannot_work_stops_the_start_with_hold_too() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
+    // One good CA and one damaged: the damaged one is not left out without a word (the mail
+    // of the next hops it signs would wait until it is returned).
+    let good = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+    let good = good.cert.pem();
+    let damaged = good.replace("MII", "MIX");
+    let half_bad = dir.path().join("half-bad.pem");
+    std::fs::write(&half_bad, format!("{good}{damaged}")).unwrap();
+    let not_a_cert = dir.path().join("not-a-cert.pem");
+    std::fs::write(
+        &not_a_cert,
+        format!("{good}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+    )
+    .unwrap();
     let spool = dir.path().join("spool");
-    for ca in [empty.to_str().unwrap(), "/nonexistent/ca.pem"] {
+    for ca in [
+        empty.to_str().unwrap(),
+        "/nonexistent/ca.pem",
+        half_bad.to_str().unwrap(),
+        not_a_cert.to_str().unwrap(),
+    ] {
         let args = [
             "serve",
             "--hold",
