@@ -25,6 +25,11 @@ cleanup() {
   [ -n "${postern_pid:-}" ] && kill "$postern_pid" 2>/dev/null || true
   [ -n "${postern1_pid:-}" ] && kill "$postern1_pid" 2>/dev/null || true
   postfix stop >/dev/null 2>&1 || true
+  # The machine's own Postfix configuration back, and Postfix started again if it ran.
+  for f in main.cf master.cf; do
+    [ -f "$work/saved.$f" ] && cp "$work/saved.$f" "/etc/postfix/$f"
+  done
+  [ "${postfix_was_running:-no}" = yes ] && postfix start >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -37,7 +42,13 @@ if ! command -v smtp-source >/dev/null || ! command -v postfix >/dev/null \
 fi
 cargo build --release -q --bin postern
 
-# Postfix: loopback only, relays everything to the sink, queue on the same disk.
+# Postfix: loopback only, relays everything to the sink, queue on the same disk. The
+# machine's own configuration is kept and put back at the end (see cleanup).
+postfix_was_running=no
+postfix status >/dev/null 2>&1 && postfix_was_running=yes
+for f in main.cf master.cf; do
+  [ -f "/etc/postfix/$f" ] && cp "/etc/postfix/$f" "$work/saved.$f"
+done
 postfix stop >/dev/null 2>&1 || true
 [ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
 postconf -e "inet_interfaces = loopback-only" "inet_protocols = ipv4" "mydestination =" \

@@ -81,12 +81,49 @@ def ensure_postfix():
     run(["apt-get", "install", "-y", "-qq", "postfix"], env=env, stdout=subprocess.DEVNULL)
 
 
+_postfix_saved = None
+
+
+def _save_postfix():
+    """Keeps the machine's Postfix configuration and whether it ran, once per process, and
+    puts both back when the process ends (atexit: after the scripts' own cleanup, which
+    stops the benchmark's Postfix)."""
+    global _postfix_saved
+    if _postfix_saved is not None:
+        return
+    import atexit
+    was_running = subprocess.run(["postfix", "status"], capture_output=True).returncode == 0
+    files = {}
+    for name in ("main.cf", "master.cf"):
+        path = os.path.join("/etc/postfix", name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                files[path] = f.read()
+    _postfix_saved = (was_running, files)
+    atexit.register(_restore_postfix)
+
+
+def _restore_postfix():
+    was_running, files = _postfix_saved
+    subprocess.run(["postfix", "stop"], capture_output=True)
+    for path, content in files.items():
+        with open(path, "wb") as f:
+            f.write(content)
+    if was_running:
+        subprocess.run(["postfix", "start"], capture_output=True)
+    log("the machine's Postfix configuration put back"
+        + (" and Postfix started again" if was_running else ""))
+
+
 def configure_postfix(relay_port, in_flow_delay="1s"):
     """A loopback-only Postfix on POSTFIX_PORT relaying everything to relay_port.
     in_flow_delay is Postfix's own default (1s: smtpd waits up to that long before taking a
-    message while its queue manager falls behind); "0s" lets it accept as fast as it can."""
+    message while its queue manager falls behind); "0s" lets it accept as fast as it can.
+    The machine's own configuration (main.cf, master.cf) and whether Postfix ran are put back
+    when the script ends."""
     if os.geteuid() != 0:
         raise SystemExit("configuring Postfix needs root")
+    _save_postfix()
     subprocess.run(["postfix", "stop"], capture_output=True)
     if not os.path.exists("/etc/postfix/main.cf"):
         shutil.copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")
