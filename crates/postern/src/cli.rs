@@ -1016,14 +1016,26 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
             });
         }
     }
-    if let Some(pm) = &s.postmaster {
-        let bare = pm.trim_start_matches('<').trim_end_matches('>');
-        if postern_proto::address::parse_mailbox(bare).is_err() {
-            return Err(format!(
-                "--postmaster: {pm:?} is not a mail address (local@domain)"
-            ));
+    // Written with its domain in A-labels: mail for it may have come without SMTPUTF8, and
+    // goes on so (RFC 6531 3.2). A UTF-8 local part has no such form.
+    let postmaster = match &s.postmaster {
+        Some(pm) => {
+            let bare = pm.trim_start_matches('<').trim_end_matches('>');
+            if postern_proto::address::parse_mailbox(bare).is_err() {
+                return Err(format!(
+                    "--postmaster: {pm:?} is not a mail address (local@domain)"
+                ));
+            }
+            let ascii = postern_proto::address::mailbox_to_ascii(bare).ok_or_else(|| {
+                format!(
+                    "--postmaster: {pm:?} has a local part in UTF-8, which mail sent without \
+                     SMTPUTF8 cannot be relayed to: give an ASCII address"
+                )
+            })?;
+            Some(ascii.into_owned())
         }
-    }
+        None => None,
+    };
     let defaults = Settings::default();
     Ok(Settings {
         listen,
@@ -1063,9 +1075,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
             .zip(s.tls_key)
             .map(|(cert, key)| TlsFiles { cert, key }),
         metrics: s.metrics.and_then(|m| m.0),
-        postmaster: s
-            .postmaster
-            .map(|pm| pm.trim_start_matches('<').trim_end_matches('>').to_owned()),
+        postmaster,
         bare_newline: if s.reject_bare_newlines {
             BareNewlinePolicy::Reject
         } else {

@@ -76,6 +76,11 @@ fn wrong_flags_get_one_line_and_exit_2() {
         "--max-outbound-connections",
     );
     refused(&["serve", "--postmaster", "not an address"], "--postmaster");
+    // A UTF-8 local part: mail sent without SMTPUTF8 could not be relayed to it.
+    refused(
+        &["serve", "--postmaster", "j\u{f6}rg@x.test"],
+        "--postmaster",
+    );
     // Values that parse but cannot work: sessions that time out before a round trip, a
     // storm of retries.
     refused(&["serve", "--command-timeout", "1ns"], "--command-timeout");

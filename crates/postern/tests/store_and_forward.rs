@@ -381,6 +381,19 @@ fn the_postmaster_is_accepted_from_anyone_and_delivered_where_configured() {
     );
     let (got, _) = peer.first("the postmaster's mail, by host name");
     assert_eq!(got.rcpt_tos, ["postmaster@mx.test"]);
+
+    // A --postmaster in U-labels goes on in A-labels: the mail came without SMTPUTF8, and
+    // the next hop (aiosmtpd here) offers none.
+    let peer = Peer::start(&[]);
+    let route = format!("xn--bcher-kva.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route, "--postmaster", "pm@b\u{fc}cher.test"]);
+    send_commands(
+        &server,
+        &["MAIL FROM:<a@origin.test>", "RCPT TO:<postmaster>"],
+        "<pm3@t>",
+    );
+    let (got, _) = peer.first("the postmaster's mail, in A-labels");
+    assert_eq!(got.rcpt_tos, ["pm@xn--bcher-kva.test"]);
 }
 
 #[test]
