@@ -89,7 +89,8 @@ fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
         "Message-ID: <undeclared@t>\r\n\r\nGr\u{fc}\u{df}e\r\n",
     );
     // SMTPUTF8, ASCII addresses, a UTF-8 header field: an internationalized message, which
-    // cannot go to this next hop (RFC 6531 3.2): bounced with 5.6.7.
+    // cannot go to this next hop (RFC 6531 3.2): bounced with 5.6.9, a UTF-8 header message
+    // that cannot be transferred (5.6.7 is for addresses; RFC 6531 3.7.4).
     send_raw(
         "c.test",
         "MAIL FROM:<alice@origin.test> SMTPUTF8",
@@ -121,7 +122,8 @@ fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
     );
     assert!(String::from_utf8_lossy(&plain.data).contains("from xn--bcher-kva.test ("));
     let text = bounce_text(&stored);
-    assert!(text.contains("Status: 5.6.7"), "{text}");
+    assert!(text.contains("Status: 5.6.9"), "{text}");
+    assert!(text.contains("header fields"), "{text}");
     assert!(text.contains("<intl@t>"), "{text}");
 }
 

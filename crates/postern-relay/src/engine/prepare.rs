@@ -60,11 +60,18 @@ impl CoreRelay {
                     .get(i as usize)
                     .is_some_and(|r| mailbox_to_ascii(&r.path).is_some())
             });
-            if ascii.is_empty()
-                || mailbox_to_ascii(&meta.reverse_path).is_none()
-                || !headers_are_ascii(&job.msg.body)
-            {
+            if ascii.is_empty() || mailbox_to_ascii(&meta.reverse_path).is_none() {
                 self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
+                return None;
+            }
+            // Only the header section: X.6.9, a UTF-8 header message that cannot be
+            // transferred (RFC 6531 3.7.4), as against X.6.7 for addresses.
+            if !headers_are_ascii(&job.msg.body) {
+                let text = format!(
+                    "{} does not support SMTPUTF8, needed for this message's header fields",
+                    conn.remote
+                );
+                self.settle_all(job, true, "5.6.9", &text, Some(conn.remote.clone()));
                 return None;
             }
             if !intl.is_empty() {
