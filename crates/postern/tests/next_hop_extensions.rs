@@ -90,7 +90,7 @@ fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
     );
     // SMTPUTF8, ASCII addresses, a UTF-8 header field: an internationalized message, which
     // cannot go to this next hop (RFC 6531 3.2): bounced with 5.6.9, a UTF-8 header message
-    // that cannot be transferred (5.6.7 is for addresses; RFC 6531 3.7.4).
+    // that cannot be transferred (5.6.7 is for addresses; registered by RFC 6531).
     send_raw(
         "c.test",
         "MAIL FROM:<alice@origin.test> SMTPUTF8",

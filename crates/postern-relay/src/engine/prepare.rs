@@ -65,7 +65,7 @@ impl CoreRelay {
                 return None;
             }
             // Only the header section: X.6.9, a UTF-8 header message that cannot be
-            // transferred (RFC 6531 3.7.4), as against X.6.7 for addresses.
+            // transferred (registered by RFC 6531), as against X.6.7 for addresses.
             if !headers_are_ascii(&job.msg.body) {
                 let text = format!(
                     "{} does not support SMTPUTF8, needed for this message's header fields",
