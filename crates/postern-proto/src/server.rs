@@ -138,7 +138,7 @@ pub mod replies {
     pub const TOO_MANY_RCPTS: StaticReply = r(452, 4, 5, 3, "Too many recipients");
     /// ORCPT with raw UTF-8 outside an SMTPUTF8 transaction (RFC 6533 3).
     pub const ORCPT_NEEDS_SMTPUTF8: StaticReply = r(501, 5, 5, 4, "UTF-8 in ORCPT needs SMTPUTF8");
-    /// Non-ASCII address without SMTPUTF8 (registered by RFC 6531.1).
+    /// Non-ASCII address without SMTPUTF8 (RFC 6531 3.7.4.1).
     pub const NEED_SMTPUTF8: StaticReply = r(553, 5, 6, 7, "Non-ASCII address needs SMTPUTF8");
     /// Bare CR or LF in a DATA body under the reject policy.
     pub const BARE_NEWLINE: StaticReply = r(
