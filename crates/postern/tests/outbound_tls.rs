@@ -14,6 +14,89 @@ use common::Server;
 use relaying::*;
 
 #[test]
+fn opportunistic_tls_takes_an_old_style_certificate_it_need_not_verify() {
+    // A next hop (OpenSSL, through aiosmtpd) whose self-signed certificate is X.509 version 1,
+    // as old MTAs' often are: opportunistic TLS checks nothing of the certificate, so the
+    // session is encrypted. Before, the handshake's signature was checked through a parse
+    // of the certificate that takes version 3 only: the handshake failed, and the next hop
+    // got its mail in cleartext for an hour.
+    let dir = tempfile::tempdir().unwrap();
+    let (key, csr, cert) = (
+        dir.path().join("key.pem"),
+        dir.path().join("req.csr"),
+        dir.path().join("cert.pem"),
+    );
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    use std::ffi::OsStr;
+    openssl(&[
+        OsStr::new("req"),
+        OsStr::new("-new"),
+        OsStr::new("-newkey"),
+        OsStr::new("rsa:2048"),
+        OsStr::new("-nodes"),
+        OsStr::new("-subj"),
+        OsStr::new("/CN=localhost"),
+        OsStr::new("-keyout"),
+        key.as_os_str(),
+        OsStr::new("-out"),
+        csr.as_os_str(),
+    ]);
+    // `x509 -req` without extensions makes a version 1 certificate.
+    openssl(&[
+        OsStr::new("x509"),
+        OsStr::new("-req"),
+        OsStr::new("-days"),
+        OsStr::new("2"),
+        OsStr::new("-in"),
+        csr.as_os_str(),
+        OsStr::new("-signkey"),
+        key.as_os_str(),
+        OsStr::new("-out"),
+        cert.as_os_str(),
+    ]);
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"),
+        "not a version 1 certificate"
+    );
+    let peer = Peer::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let server = routed_to(&peer, &["--metrics", "127.0.0.1:0"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["r@dest.test"],
+        "<v1@t>",
+        "x\r\n",
+    );
+    let (got, _) = peer.first("the message");
+    assert!(got.tls, "delivered in cleartext");
+    let m = server.metrics_until(|m| m.contains("postern_outbound_tls_handshakes_total 1\n"));
+    assert!(
+        m.contains("postern_outbound_tls_handshake_failures_total 0\n"),
+        "{m}"
+    );
+}
+
+#[test]
 fn a_next_hop_with_a_ca_certificate_as_its_own_is_named_plainly_in_the_deferral() {
     // A certificate marked as an authority (CA:TRUE) served as the next hop's own, and
     // trusted: the verifier refuses it, and the log says why in words.

@@ -4,6 +4,7 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
     smtp_peer.py --host 127.0.0.1 --port 2526 --log FILE [--tempfail-first N]
                  [--reject-rcpt TEXT] [--delay SECONDS] [--size-limit OCTETS] [--dsn]
                  [--max-rcpts N] [--no-8bitmime] [--no-smtputf8] [--close-rcpt TEXT]
+                 [--tls-cert PEM --tls-key PEM]
 
 --port 0 picks a free port. --tempfail-first N answers 451 to the first N deliveries of each message (by Message-ID);
 --reject-rcpt TEXT answers 550 5.1.1 to recipients containing TEXT; --close-rcpt TEXT answers
@@ -11,7 +12,9 @@ one JSON line, and can be told to refuse in the ways a real next hop does.
 "552 5.5.3 Too many recipients" to each RCPT after the N-th of a transaction, as older servers
 do (RFC 5321 4.5.3.1.10). --no-8bitmime leaves 8BITMIME out of the EHLO reply, --no-smtputf8 SMTPUTF8. --dsn offers DSN (RFC 3461)
 in EHLO and records the DSN parameters of MAIL and of each RCPT (without it, aiosmtpd refuses
-them with 555, as a server without DSN should). It prints "ready" once it listens
+them with 555, as a server without DSN should). --tls-cert and --tls-key offer STARTTLS with
+that certificate (OpenSSL's, through Python's ssl module), and each record says whether its
+session was in TLS. It prints "ready" once it listens
 ("ready PORT") and runs until stdin closes.
 """
 
@@ -76,6 +79,7 @@ class Handler:
             "dsn_mail": getattr(envelope, "dsn_mail", []),
             "dsn_rcpts": getattr(envelope, "dsn_rcpts", []),
             "message_id": message_id,
+            "tls": getattr(session, "ssl", None) is not None,
             "size": len(data),
             "data": base64.b64encode(data).decode("ascii"),
         }
@@ -114,10 +118,11 @@ class DsnSMTP(SMTP):
 
 
 class EightBitController(Controller):
-    def __init__(self, handler, size_limit, dsn=False, smtputf8=True, **kw):
+    def __init__(self, handler, size_limit, dsn=False, smtputf8=True, tls=None, **kw):
         self.size_limit = size_limit
         self.dsn = dsn
         self.smtputf8 = smtputf8
+        self.tls = tls
         super().__init__(handler, **kw)
 
     def factory(self):
@@ -127,6 +132,7 @@ class EightBitController(Controller):
             enable_SMTPUTF8=self.smtputf8,
             ident="test peer",
             data_size_limit=self.size_limit,
+            tls_context=self.tls,
         )
 
 
@@ -151,7 +157,14 @@ def main():
     p.add_argument("--max-rcpts", type=int, default=0)
     p.add_argument("--no-8bitmime", action="store_true")
     p.add_argument("--no-smtputf8", action="store_true")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     args = p.parse_args()
+    tls = None
+    if args.tls_cert:
+        import ssl
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     # Port 0: a free port of our own choosing, tried again if another process takes it
     # between the probe and the bind (bounded).
     handler = Handler(args)
@@ -162,6 +175,7 @@ def main():
             args.size_limit,
             dsn=args.dsn,
             smtputf8=not args.no_smtputf8,
+            tls=tls,
             hostname=args.host,
             port=port,
         )

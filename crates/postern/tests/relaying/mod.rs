@@ -23,6 +23,8 @@ pub struct Stored {
     pub dsn_rcpts: Vec<Vec<String>>,
     pub message_id: String,
     pub data: Vec<u8>,
+    /// Whether the session was in TLS (STARTTLS, with a peer given a certificate).
+    pub tls: bool,
 }
 
 /// The aiosmtpd next hop (tests/peers/smtp_peer.py).
@@ -97,6 +99,7 @@ impl Peer {
                         .unwrap_or_default(),
                     message_id: v["message_id"].as_str().unwrap().to_owned(),
                     data: base64_decode(v["data"].as_str().unwrap()),
+                    tls: v["tls"].as_bool().unwrap_or(false),
                 }
             })
             .collect()
