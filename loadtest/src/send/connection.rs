@@ -281,7 +281,9 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
             started_here += 1;
             match start(core, &mut client, ticket).await {
                 Ok(Some(p)) => flight.push_back(p),
-                Ok(None) => {}
+                // Refused here, without a command sent: nothing in this pass waited, so the
+                // executor's other tasks (the ticker, the other connections) get their turn.
+                Ok(None) => glommio::yield_if_needed().await,
                 Err(Failure(kind)) => {
                     return salvage(core, &mut client, &mut flight, kind, 1, None).await
                 }
