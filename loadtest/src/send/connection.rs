@@ -612,6 +612,8 @@ async fn start_tls(core: &Core, client: &mut Client, addr: SocketAddr) -> Result
         .map_err(|_| Failure("client_out_of_order"))?;
     match client.next_event().await? {
         ClientEvent::StartTls => {}
+        // A 454 (or any other refusal): `--starttls` asks for TLS on every connection.
+        ClientEvent::StartTlsRefused(_) => return Err(Failure("starttls_refused")),
         ClientEvent::Failed(e) => return Err(e.into()),
         _ => return Err(Failure("protocol_error")),
     }
