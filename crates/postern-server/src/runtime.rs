@@ -132,10 +132,11 @@ pub fn still_listening(addr: SocketAddr) -> bool {
 /// Whether a listener on `other` keeps a bind of `ours` (on the same port) out, as the kernel
 /// decides it: within one family the same address or a wildcard on either side; across the
 /// families, only where an IPv6 address stands for IPv4 ones: the IPv6 wildcard (a
-/// dual-stack socket, as postern's are; another program's may be IPv6-only, which cannot be
-/// seen from here, and is taken as dual-stack) and IPv4-mapped addresses. An IPv4 wildcard
-/// and a plain IPv6 address do not meet.
-fn listens_over(ours: std::net::IpAddr, other: std::net::IpAddr) -> bool {
+/// dual-stack socket, as postern's are where `dual_stack`, `net.ipv6.bindv6only` being 0;
+/// another program's socket may have said otherwise, which cannot be seen from here, and is
+/// taken to follow that setting too) and IPv4-mapped addresses. An IPv4 wildcard and a plain
+/// IPv6 address do not meet.
+fn listens_over(ours: std::net::IpAddr, other: std::net::IpAddr, dual_stack: bool) -> bool {
     use std::net::IpAddr::{V4, V6};
     let meet_v4 = |a: std::net::Ipv4Addr, b: std::net::Ipv4Addr| {
         a == b || a.is_unspecified() || b.is_unspecified()
@@ -143,9 +144,19 @@ fn listens_over(ours: std::net::IpAddr, other: std::net::IpAddr) -> bool {
     match (ours, other) {
         (V4(a), V4(b)) => meet_v4(a, b),
         (V6(a), V6(b)) => a == b || a.is_unspecified() || b.is_unspecified(),
-        (V4(a), V6(b)) => b.is_unspecified() || b.to_ipv4_mapped().is_some_and(|b| meet_v4(a, b)),
-        (V6(a), V4(b)) => a.is_unspecified() || a.to_ipv4_mapped().is_some_and(|a| meet_v4(a, b)),
+        (V4(a), V6(b)) => {
+            (dual_stack && b.is_unspecified()) || b.to_ipv4_mapped().is_some_and(|b| meet_v4(a, b))
+        }
+        (V6(a), V4(b)) => {
+            (dual_stack && a.is_unspecified()) || a.to_ipv4_mapped().is_some_and(|a| meet_v4(a, b))
+        }
     }
+}
+
+/// Whether an IPv6 socket takes IPv4 too unless its program says otherwise
+/// (`net.ipv6.bindv6only` is 0, the default, also when it cannot be read).
+fn ipv6_is_dual_stack() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
 }
 
 /// Whether a TCP socket of this network namespace listens on `addr`'s port at an address that
@@ -155,7 +166,8 @@ fn listens_over(ours: std::net::IpAddr, other: std::net::IpAddr) -> bool {
 fn listening_on(addr: SocketAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     const LISTEN: &str = "0A";
-    let overlaps = |other: IpAddr| listens_over(addr.ip(), other);
+    let dual_stack = ipv6_is_dual_stack();
+    let overlaps = |other: IpAddr| listens_over(addr.ip(), other, dual_stack);
     let parse_ip = |hex: &str| -> Option<IpAddr> {
         // The kernel prints each 32-bit word of the address in host byte order.
         let words = (0..hex.len() / 8)
@@ -970,7 +982,7 @@ mod tests {
     #[test]
     fn listeners_of_the_other_family_meet_only_through_ipv6_that_stands_for_ipv4() {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-        let meets = |ours: &str, other: &str| listens_over(ip(ours), ip(other));
+        let meets = |ours: &str, other: &str| listens_over(ip(ours), ip(other), true);
         // One family: the same address, or a wildcard on either side.
         assert!(meets("127.0.0.1", "127.0.0.1"));
         assert!(meets("0.0.0.0", "192.0.2.1"));
@@ -991,6 +1003,13 @@ mod tests {
         assert!(meets("0.0.0.0", "::ffff:127.0.0.1"));
         assert!(!meets("127.0.0.2", "::ffff:127.0.0.1"));
         assert!(meets("::ffff:127.0.0.1", "0.0.0.0"));
+        // With net.ipv6.bindv6only set, the IPv6 wildcard is IPv6 only: the kernel takes an
+        // IPv4 bind beside it.
+        let meets_v6only = |ours: &str, other: &str| listens_over(ip(ours), ip(other), false);
+        assert!(!meets_v6only("0.0.0.0", "::"));
+        assert!(!meets_v6only("::", "127.0.0.1"));
+        assert!(meets_v6only("::", "::1"));
+        assert!(meets_v6only("127.0.0.1", "::ffff:127.0.0.1"));
     }
 
     #[test]
