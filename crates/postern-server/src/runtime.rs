@@ -155,7 +155,7 @@ fn listens_over(ours: std::net::IpAddr, other: std::net::IpAddr, dual_stack: boo
 
 /// Whether an IPv6 socket takes IPv4 too unless its program says otherwise
 /// (`net.ipv6.bindv6only` is 0, the default, also when it cannot be read).
-fn ipv6_is_dual_stack() -> bool {
+pub fn ipv6_is_dual_stack() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
 }
 

@@ -860,12 +860,6 @@ fn overlaps(a: SocketAddr, b: SocketAddr, dual_stack: bool) -> bool {
     a.port() == b.port() && (x == y || covers(x, y) || covers(y, x))
 }
 
-/// Whether an IPv6 socket takes IPv4 too unless told otherwise (`net.ipv6.bindv6only` is 0,
-/// the default, also when it cannot be read).
-fn ipv6_is_dual_stack() -> bool {
-    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
-}
-
 /// The shortest command timeout, session time and first retry delay that can work.
 const SHORTEST_WAIT: Duration = Duration::from_millis(100);
 
@@ -996,7 +990,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
                 .map(|a| ("--metrics", *a)),
         )
         .collect();
-    let dual_stack = ipv6_is_dual_stack();
+    let dual_stack = postern_server::ipv6_is_dual_stack();
     for (i, &(flag, a)) in all.iter().enumerate() {
         if a.port() == 0 {
             continue;
