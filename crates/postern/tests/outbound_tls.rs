@@ -19,60 +19,15 @@ fn opportunistic_tls_takes_an_old_style_certificate_it_need_not_verify() {
     // as old MTAs' often are: opportunistic TLS checks nothing of the certificate, so the
     // session is encrypted. Before, the handshake's signature was checked through a parse
     // of the certificate that takes version 3 only: the handshake failed, and the next hop
-    // got its mail in cleartext for an hour.
-    let dir = tempfile::tempdir().unwrap();
-    let (key, csr, cert) = (
-        dir.path().join("key.pem"),
-        dir.path().join("req.csr"),
-        dir.path().join("cert.pem"),
-    );
-    let openssl = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    use std::ffi::OsStr;
-    openssl(&[
-        OsStr::new("req"),
-        OsStr::new("-new"),
-        OsStr::new("-newkey"),
-        OsStr::new("rsa:2048"),
-        OsStr::new("-nodes"),
-        OsStr::new("-subj"),
-        OsStr::new("/CN=localhost"),
-        OsStr::new("-keyout"),
-        key.as_os_str(),
-        OsStr::new("-out"),
-        csr.as_os_str(),
-    ]);
-    // `x509 -req` without extensions makes a version 1 certificate.
-    openssl(&[
-        OsStr::new("x509"),
-        OsStr::new("-req"),
-        OsStr::new("-days"),
-        OsStr::new("2"),
-        OsStr::new("-in"),
-        csr.as_os_str(),
-        OsStr::new("-signkey"),
-        key.as_os_str(),
-        OsStr::new("-out"),
-        cert.as_os_str(),
-    ]);
-    let text = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-in"])
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&text.stdout).contains("Version: 1 (0x0)"),
-        "not a version 1 certificate"
-    );
+    // got its mail in cleartext for an hour. The certificate is a fixture (made with
+    // `openssl x509 -req` without extensions, valid until 2126): OpenSSL 3.2 and later make
+    // version 3 certificates only.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (cert, key) = (fixtures.join("v1-cert.pem"), fixtures.join("v1-key.pem"));
+    let der = pem_first_der(&std::fs::read(&cert).unwrap());
+    // The version field is absent from a version 1 certificate: its TBSCertificate begins
+    // with the serial number (an INTEGER, tag 2), not with the [0] tag (0xA0) of a version.
+    assert_eq!(tbs_first_tag(&der), 0x02, "not a version 1 certificate");
     let peer = Peer::start(&[
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -582,4 +537,31 @@ fn a_completed_outbound_handshake_counts_even_when_the_session_then_fails() {
     // It answered (and completed a handshake): the deferral names it.
     let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
     assert!(deferred.contains("relay=\"localhost\""), "{deferred}");
+}
+
+/// The DER of the first PEM block of `pem`.
+fn pem_first_der(pem: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(pem);
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64_decode(&body)
+}
+
+/// The tag of the first element inside a certificate's TBSCertificate: the outer SEQUENCE
+/// and the TBSCertificate SEQUENCE header skipped (long-form lengths included).
+fn tbs_first_tag(der: &[u8]) -> u8 {
+    let header = |at: usize| -> usize {
+        let len = der[at + 1];
+        if len & 0x80 == 0 {
+            2
+        } else {
+            2 + usize::from(len & 0x7f)
+        }
+    };
+    let tbs = header(0);
+    der[tbs + header(tbs)]
 }
