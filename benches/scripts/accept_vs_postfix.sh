@@ -20,16 +20,25 @@ SIZE=1024
 SINK_PORT=25251; POSTFIX_PORT=25252; POSTERN_PORT=25253; POSTERN1_PORT=25254
 METRICS_PORT=25263; METRICS1_PORT=25264
 work=$(mktemp -d /var/tmp/postern-bench.XXXXXX)
+# The machine's own Postfix configuration (and whether it ran) is kept first thing, and put
+# back by cleanup, whatever ends the script; a file that was absent is removed then.
+postfix_was_running=no
+postfix status >/dev/null 2>&1 && postfix_was_running=yes
+for f in /etc/postfix/main.cf /etc/postfix/master.cf /etc/mailname; do
+  if [ -f "$f" ]; then cp "$f" "$work/saved.$(basename "$f")"; else touch "$work/absent.$(basename "$f")"; fi
+done
 cleanup() {
   [ -n "${sink_pid:-}" ] && kill "$sink_pid" 2>/dev/null || true
   [ -n "${postern_pid:-}" ] && kill "$postern_pid" 2>/dev/null || true
   [ -n "${postern1_pid:-}" ] && kill "$postern1_pid" 2>/dev/null || true
   postfix stop >/dev/null 2>&1 || true
   # The machine's own Postfix configuration back, and Postfix started again if it ran.
-  for f in main.cf master.cf; do
-    [ -f "$work/saved.$f" ] && cp "$work/saved.$f" "/etc/postfix/$f"
+  for f in /etc/postfix/main.cf /etc/postfix/master.cf /etc/mailname; do
+    b=$(basename "$f")
+    if [ -f "$work/saved.$b" ]; then cp "$work/saved.$b" "$f"
+    elif [ -f "$work/absent.$b" ]; then rm -f "$f"; fi
   done
-  [ "${postfix_was_running:-no}" = yes ] && postfix start >/dev/null 2>&1 || true
+  if [ "$postfix_was_running" = yes ]; then postfix start >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -43,12 +52,7 @@ fi
 cargo build --release -q --bin postern
 
 # Postfix: loopback only, relays everything to the sink, queue on the same disk. The
-# machine's own configuration is kept and put back at the end (see cleanup).
-postfix_was_running=no
-postfix status >/dev/null 2>&1 && postfix_was_running=yes
-for f in main.cf master.cf; do
-  [ -f "/etc/postfix/$f" ] && cp "/etc/postfix/$f" "$work/saved.$f"
-done
+# machine's own configuration was kept above and is put back at the end (see cleanup).
 postfix stop >/dev/null 2>&1 || true
 [ -f /etc/postfix/main.cf ] || cp /usr/share/postfix/main.cf.debian /etc/postfix/main.cf
 postconf -e "inet_interfaces = loopback-only" "inet_protocols = ipv4" "mydestination =" \

@@ -110,7 +110,7 @@ def main():
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-        subprocess.run(["postfix", "stop"], capture_output=True)
+        compare.stop_postfix()
         shutil.rmtree(spool, ignore_errors=True)
 
     med = {n: compare.median([r["messages_per_s"] for r in rs]) for n, rs in rows.items()}

@@ -84,35 +84,55 @@ def ensure_postfix():
 _postfix_saved = None
 
 
+# The files the benchmark's configuration changes, put back as they were (or removed when
+# there were none) at the end.
+_POSTFIX_FILES = ("/etc/postfix/main.cf", "/etc/postfix/master.cf", "/etc/mailname")
+
+
 def _save_postfix():
     """Keeps the machine's Postfix configuration and whether it ran, once per process, and
     puts both back when the process ends (atexit: after the scripts' own cleanup, which
-    stops the benchmark's Postfix)."""
+    stops the benchmark's Postfix; a SIGTERM ends the script through that cleanup too)."""
     global _postfix_saved
     if _postfix_saved is not None:
         return
     import atexit
+    import signal
     was_running = subprocess.run(["postfix", "status"], capture_output=True).returncode == 0
     files = {}
-    for name in ("main.cf", "master.cf"):
-        path = os.path.join("/etc/postfix", name)
+    for path in _POSTFIX_FILES:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 files[path] = f.read()
+        else:
+            files[path] = None
     _postfix_saved = (was_running, files)
     atexit.register(_restore_postfix)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _restore_postfix():
     was_running, files = _postfix_saved
     subprocess.run(["postfix", "stop"], capture_output=True)
     for path, content in files.items():
-        with open(path, "wb") as f:
-            f.write(content)
+        if content is None:
+            if os.path.exists(path):
+                os.remove(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(content)
     if was_running:
         subprocess.run(["postfix", "start"], capture_output=True)
     log("the machine's Postfix configuration put back"
         + (" and Postfix started again" if was_running else ""))
+
+
+def stop_postfix():
+    """Stops the benchmark's Postfix: only one this script configured (the machine's own
+    is left alone, and put back at the end)."""
+    if _postfix_saved is not None:
+        subprocess.run(["postfix", "stop"], capture_output=True)
 
 
 def configure_postfix(relay_port, in_flow_delay="1s"):
@@ -527,7 +547,7 @@ def main():
             p.terminate()
             p.wait(timeout=30)
         if not args.skip_servers:
-            subprocess.run(["postfix", "stop"], capture_output=True)
+            stop_postfix()
         if spool:
             shutil.rmtree(spool, ignore_errors=True)
     text = markdown(cmd, gen_rows, matrix, servers, args.rounds, args.seconds, relayed)

@@ -163,7 +163,7 @@ class Postfix:
         compare.drain_postfix()
 
     def stop(self):
-        subprocess.run(["postfix", "stop"], capture_output=True)
+        compare.stop_postfix()
 
 
 def measure(server, sink, messages, timeout):
@@ -456,7 +456,7 @@ def main():
                 except Exception as e:  # keep cleaning up the others
                     log(f"stopping {type(s).__name__}: {e}")
         if postfix is None:
-            subprocess.run(["postfix", "stop"], capture_output=True)
+            compare.stop_postfix()
         shutil.rmtree(workdir, ignore_errors=True)
     wall = time.monotonic() - started
     text = markdown(cmd, results, ["postern", "Postfix"], args.rounds, wall, notes,

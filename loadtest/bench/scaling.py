@@ -220,7 +220,7 @@ def main():
             stop(p)
         log.close()
         if postfix:
-            subprocess.run(["postfix", "stop"], capture_output=True)
+            compare.stop_postfix()
         shutil.rmtree(work, ignore_errors=True)
     save(args, results)
     text = report(results, args, cores, top)
