@@ -68,8 +68,22 @@ impl TlsClients {
         if let Some(path) = extra_ca {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("--outbound-tls-ca {}: {e}", path.display()))?;
-            let added = add_pem(&mut roots, &pem)
+            let (added, left_out) = add_pem(&mut roots, &pem)
                 .map_err(|e| format!("--outbound-tls-ca {}: {e}", path.display()))?;
+            if left_out > 0 && added > 0 {
+                tracing::warn!(
+                    "--outbound-tls-ca {}: {left_out} of its certificates cannot be trust \
+                     anchors and are left out ({added} taken)",
+                    path.display()
+                );
+            }
+            if added == 0 && left_out > 0 {
+                return Err(format!(
+                    "--outbound-tls-ca {}: none of its {left_out} certificates can be a trust \
+                     anchor",
+                    path.display()
+                ));
+            }
             if added == 0 {
                 return Err(format!(
                     "--outbound-tls-ca {}: no certificate in it",
@@ -124,19 +138,18 @@ pub fn unverified_client() -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// Adds the certificates of a PEM file as trust anchors: how many. A block that cannot be
-/// read, or a certificate that is no trust anchor, fails the whole file: a CA left out
-/// without a word would defer the mail of the next hops it signs until it is returned.
-fn add_pem(roots: &mut RootCertStore, pem: &[u8]) -> Result<usize, String> {
+/// Adds the certificates of a PEM file as trust anchors: how many, and how many could not be
+/// taken. A PEM block that cannot be read (a file cut or damaged) fails the whole file: a CA
+/// left out without a word would defer the mail of the next hops it signs until it is
+/// returned. A certificate that is no trust anchor to rustls is left out and counted (whole
+/// distribution bundles hold a few such roots), for the caller to say.
+fn add_pem(roots: &mut RootCertStore, pem: &[u8]) -> Result<(usize, usize), String> {
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
         .enumerate()
-        .map(|(i, c)| c.map_err(|e| format!("certificate {} cannot be read ({e})", i + 1)))
+        .map(|(i, c)| c.map_err(|e| format!("PEM block {} cannot be read ({e})", i + 1)))
         .collect::<Result<_, _>>()?;
-    match roots.add_parsable_certificates(certs) {
-        (added, 0) => Ok(added),
-        (_, bad) => Err(format!("{bad} of its certificates are no trust anchors")),
-    }
+    Ok(roots.add_parsable_certificates(certs))
 }
 
 /// Accepts any certificate, and the handshake's signature made with it without checking it:

@@ -760,25 +760,29 @@ fn an_outbound_ca_that_cannot_work_stops_the_start_with_hold_too() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
-    // One good CA and one damaged: the damaged one is not left out without a word (the mail
-    // of the next hops it signs would wait until it is returned).
+    // One good CA and a PEM block damaged (a file cut or mangled): the damaged one is not left
+    // out without a word (the mail of the next hops it signs would wait until it is
+    // returned). And a file whose every certificate is no trust anchor.
     let good = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
     let good = good.cert.pem();
-    let damaged = good.replace("MII", "MIX");
-    let half_bad = dir.path().join("half-bad.pem");
-    std::fs::write(&half_bad, format!("{good}{damaged}")).unwrap();
-    let not_a_cert = dir.path().join("not-a-cert.pem");
+    let damaged = dir.path().join("damaged.pem");
     std::fs::write(
-        &not_a_cert,
-        format!("{good}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        &damaged,
+        format!("{good}-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n"),
+    )
+    .unwrap();
+    let no_anchor = dir.path().join("no-anchor.pem");
+    std::fs::write(
+        &no_anchor,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
     let spool = dir.path().join("spool");
     for ca in [
         empty.to_str().unwrap(),
         "/nonexistent/ca.pem",
-        half_bad.to_str().unwrap(),
-        not_a_cert.to_str().unwrap(),
+        damaged.to_str().unwrap(),
+        no_anchor.to_str().unwrap(),
     ] {
         let args = [
             "serve",
@@ -801,6 +805,25 @@ fn an_outbound_ca_that_cannot_work_stops_the_start_with_hold_too() {
         assert!(line.contains("--outbound-tls-ca"), "{line}");
         assert!(!spool.exists(), "the spool was made: {err}");
     }
+    // A bundle with a certificate rustls cannot take beside good ones (distribution bundles
+    // have a few): the good ones are used, and the log says how many were left out.
+    let mixed = dir.path().join("mixed.pem");
+    std::fs::write(
+        &mixed,
+        format!("{good}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+    )
+    .unwrap();
+    let server = common::Server::start(&[
+        "--outbound-tls",
+        "required",
+        "--outbound-tls-ca",
+        mixed.to_str().unwrap(),
+    ]);
+    let line = server.log_until(|l| l.contains("cannot be trust anchors"));
+    assert!(
+        line.contains("1 of its certificates") && line.contains("(1 taken)"),
+        "{line}"
+    );
 }
 
 /// Starts `postern serve` with a certificate and key and returns its exit code and stderr
