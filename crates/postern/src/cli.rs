@@ -1021,10 +1021,15 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
                 ));
             }
             let ascii = postern_proto::address::mailbox_to_ascii(bare).ok_or_else(|| {
-                format!(
-                    "--postmaster: {pm:?} has a local part in UTF-8, which mail sent without \
-                     SMTPUTF8 cannot be relayed to: give an ASCII address"
-                )
+                let local_ascii = bare.rsplit_once('@').is_some_and(|(l, _)| l.is_ascii());
+                if local_ascii {
+                    format!("--postmaster: {pm:?} has a domain that is no valid IDNA name")
+                } else {
+                    format!(
+                        "--postmaster: {pm:?} has a local part in UTF-8, which mail sent \
+                         without SMTPUTF8 cannot be relayed to: give an ASCII address"
+                    )
+                }
             })?;
             Some(ascii.into_owned())
         }

@@ -193,6 +193,63 @@ fn a_sender_whose_only_utf8_is_its_domain_goes_in_a_labels() {
 }
 
 #[test]
+fn utf8_addresses_fail_with_5_6_7_and_the_others_with_5_6_9_when_the_headers_are_utf8() {
+    // A next hop without SMTPUTF8; a UTF-8 header field, one ASCII and one UTF-8 recipient:
+    // neither can go. The UTF-8 address is the reason for its recipient (5.6.7), the header
+    // section for the other (5.6.9); before, both got 5.6.9.
+    let peer = Peer::start(&["--no-smtputf8"]);
+    let server = routed_to(&peer, &[]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO c.test\r\n");
+    c.reply();
+    assert!(c
+        .cmd("MAIL FROM:<alice@origin.test> SMTPUTF8")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bob@dest.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<j\u{f6}rg@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send("Message-ID: <both@t>\r\nSubject: Gr\u{fc}\u{df}e\r\n\r\nx\r\n.\r\n".as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let stored = peer.wait_for("the bounces", Duration::from_secs(20), |s| {
+        s.iter()
+            .filter(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+            .count()
+            >= 1
+            && s.iter()
+                .filter(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+                .map(|m| {
+                    String::from_utf8_lossy(&m.data)
+                        .matches("Final-Recipient:")
+                        .count()
+                })
+                .sum::<usize>()
+                == 2
+    });
+    assert!(
+        stored.iter().all(|m| m.message_id != "<both@t>"),
+        "{stored:?}"
+    );
+    // The status that follows each recipient's Final-Recipient field.
+    let reports: String = stored
+        .iter()
+        .filter(|m| m.mail_from.is_empty() || m.mail_from == "<>")
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    let status_of = |rcpt: &str| {
+        let at = reports
+            .find(&format!("Final-Recipient: {rcpt}"))
+            .unwrap_or_else(|| panic!("{reports}"));
+        let rest = &reports[at..];
+        let s = rest.find("Status: ").unwrap() + "Status: ".len();
+        rest[s..s + 5].to_owned()
+    };
+    assert_eq!(status_of("rfc822; bob@dest.test"), "5.6.9");
+    assert_eq!(status_of("utf-8; j\\x{F6}rg@dest.test"), "5.6.7");
+}
+
+#[test]
 fn only_the_utf8_recipients_fail_at_a_next_hop_without_smtputf8() {
     // A next hop without SMTPUTF8; an ASCII sender and header section, one ASCII and one
     // UTF-8 recipient there: the ASCII one gets the message (without SMTPUTF8), the UTF-8

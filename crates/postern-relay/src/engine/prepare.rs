@@ -64,16 +64,10 @@ impl CoreRelay {
                 self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
                 return None;
             }
-            // Only the header section: X.6.9, a UTF-8 header message that cannot be
-            // transferred (registered by RFC 6531), as against X.6.7 for addresses.
-            if !headers_are_ascii(&job.msg.body) {
-                let text = format!(
-                    "{} does not support SMTPUTF8, needed for this message's header fields",
-                    conn.remote
-                );
-                self.settle_all(job, true, "5.6.9", &text, Some(conn.remote.clone()));
-                return None;
-            }
+            // The recipients with a UTF-8 local part fail with X.6.7 (their addresses), the
+            // others, when the header section holds UTF-8, with X.6.9: a UTF-8 header message
+            // that cannot be transferred (registered by RFC 6531).
+            let headers_ascii = headers_are_ascii(&job.msg.body);
             if !intl.is_empty() {
                 let failed = Job {
                     msg: job.msg.clone(),
@@ -86,6 +80,14 @@ impl CoreRelay {
                 };
                 self.settle_all(failed, true, "5.6.7", &text(), Some(conn.remote.clone()));
                 job.rcpts = ascii;
+            }
+            if !headers_ascii {
+                let text = format!(
+                    "{} does not support SMTPUTF8, needed for this message's header fields",
+                    conn.remote
+                );
+                self.settle_all(job, true, "5.6.9", &text, Some(conn.remote.clone()));
+                return None;
             }
         }
         // RFC 6152 3: no octet above 127 goes to a next hop without 8BITMIME, and any that

@@ -457,7 +457,11 @@ impl CoreRelay {
                     );
                     let me = self.clone();
                     let busy = Reporting::new(&self);
-                    me.bounce_waits(&t.msg, true);
+                    // Not one the operator deleted while this try was under way: it waits no
+                    // more (the task below says so and lets it go).
+                    if !t.msg.deleted.load(Ordering::Acquire) {
+                        me.bounce_waits(&t.msg, true);
+                    }
                     spawn_detached(async move {
                         let again = me.bounce_pause().await;
                         // Deleted by the operator meanwhile: its deletion records and
