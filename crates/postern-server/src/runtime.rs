@@ -478,6 +478,14 @@ fn executor_advice(cause: &str) -> String {
              container's pids limit, or `ulimit -u`; or give fewer --cores)"
         );
     }
+    // A panic in postern's own code (the note says where): a bug, which no setting of the
+    // system's mends; the line before this one gave it.
+    if cause.contains("panicked") && panicked.contains("crates/postern") {
+        return format!(
+            "a core failed as it started ({panicked}): a bug in postern, not a setting of this \
+             system's (the line above has it; please report it)"
+        );
+    }
     let memlock = memlock_limit().map_or("unlimited or unknown".to_owned(), |l| {
         format!("{} KiB", l / 1024)
     });
@@ -521,6 +529,12 @@ struct CoreInit {
 /// stop (its last one or one of the group commit).
 async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) -> bool {
     let _ends = watchdog::EndsBeat(init.beat.clone());
+    // A core that fails as it starts (a bug), for the test of what the start says then:
+    // debug builds only, never a release.
+    #[cfg(debug_assertions)]
+    if std::env::var("POSTERN_DEBUG_FAIL_CORE").is_ok_and(|v| v == format!("{}:start", init.id)) {
+        panic!("POSTERN_DEBUG_FAIL_CORE: this core fails as it starts");
+    }
     glommio::spawn_local(heartbeat(init.beat.clone())).detach();
     let store = match CoreStore::open(
         &init.settings.spool_dir,

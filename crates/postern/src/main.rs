@@ -691,7 +691,7 @@ fn set_panic_hook() {
             .unwrap_or_default();
         complain!("postern: internal error: thread {name} panicked{at}: {message}");
         // A core whose start panicked is reported by glommio without the cause.
-        postern_server::note_panic(&message);
+        postern_server::note_panic(&format!("{message}{at}"));
         let trace = std::backtrace::Backtrace::capture();
         if trace.status() == std::backtrace::BacktraceStatus::Captured {
             complain!("{trace}");

@@ -1350,6 +1350,36 @@ fn a_core_that_fails_to_start_after_another_has_started_ends_the_start_up() {
 }
 
 #[test]
+#[cfg(debug_assertions)] // The hook that makes a core fail is in debug builds only.
+fn a_core_that_fails_as_it_starts_is_called_a_bug_not_a_memlock_limit() {
+    // A panic in postern's own code while a core starts: the start's last line says so,
+    // rather than send the operator to io_uring and the memlock limit.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--cores",
+        "2",
+        "--hold",
+        "--spool",
+    ])
+    .arg(&spool)
+    .env("POSTERN_DEBUG_FAIL_CORE", "1:start");
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("postern: cannot start"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("a core failed as it started"), "{line}");
+    assert!(line.contains("a bug in postern"), "{line}");
+    assert!(!line.contains("memlock"), "{line}");
+}
+
+#[test]
 fn a_value_that_is_not_utf8_is_named_with_its_flag_or_variable() {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
