@@ -71,7 +71,18 @@ impl ServerCert {
             &self.provider,
             true,
         )?;
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(renewed);
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        // A chain file caught half-written between two blocks reads as a shorter chain whose
+        // key still matches: taken (a renewal may change the chain), but said.
+        let (was, now) = (current.cert.len(), renewed.cert.len());
+        if now < was {
+            tracing::warn!(
+                "{}: the chain read again has {now} certificate(s), the one in use had {was} \
+                 (a file still being written?); new handshakes use it",
+                self.cert.display()
+            );
+        }
+        *current = Arc::new(renewed);
         Ok(())
     }
 

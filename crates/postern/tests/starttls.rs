@@ -345,6 +345,33 @@ fn sighup_reads_a_renewed_certificate_and_keeps_the_old_one_when_the_new_cannot_
 }
 
 #[test]
+fn sighup_says_so_when_the_chain_read_again_is_shorter() {
+    // A chain of two (the server's certificate and its issuer's), then a reload that finds
+    // the first alone, as a file caught half-written between its blocks reads: the key
+    // still matches, so it is used, and the log says the chain got shorter.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let leaf = rcgen::generate_simple_self_signed(vec!["mx.test".into()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+    std::fs::write(&cert, format!("{}{}", leaf.cert.pem(), other.cert.pem())).unwrap();
+    std::fs::write(&key, leaf.signing_key.serialize_pem()).unwrap();
+    let server = Server::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    std::fs::write(&cert, leaf.cert.pem()).unwrap();
+    server.signal("-HUP");
+    let warning = server.log_until(|l| l.contains("the chain read again"));
+    assert!(
+        warning.contains("has 1 certificate(s), the one in use had 2"),
+        "{warning}"
+    );
+    server.log_until(|l| l.contains("SIGHUP: TLS certificate and key read again"));
+}
+
+#[test]
 fn a_stop_does_not_wait_for_handshakes_in_progress() {
     // Long grace and long handshake limit: only ending the handshakes lets the stop finish
     // well inside either.
