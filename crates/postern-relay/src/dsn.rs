@@ -278,9 +278,8 @@ pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
     }
     let boundary = top.boundary.as_deref()?;
     let offset = top_block.len();
-    let (start, body, end) = crate::mime::parts(report.get(offset..)?, boundary)
-        .into_iter()
-        .find(|&(start, body, _)| {
+    let (start, body, end) =
+        crate::mime::first_part(report.get(offset..)?, boundary, |(start, body, _)| {
             report
                 .get(offset + start..offset + body)
                 .is_some_and(|h| crate::mime::PartHeader::read(h).is_message())

@@ -275,9 +275,25 @@ pub fn labelled_binary(message: &[u8]) -> bool {
 /// The parts of a multipart body, for each: where its header section starts, where its body
 /// starts (after the empty line; its end when it has none) and where it ends (before the line
 /// end that precedes the next delimiter). Only the delimiters of `boundary` count, not those
-/// of multiparts inside the parts.
+/// of multiparts inside the parts. A last part without its close delimiter (a multipart cut
+/// short) runs to the end of `body`, as other MIME readers take it.
 pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
     let mut found = Vec::new();
+    first_part(body, boundary, |part| {
+        found.push(part);
+        false
+    });
+    found
+}
+
+/// The first part of a multipart body (as [`parts`] gives them) for which `wanted` says
+/// true, reading no further than it: a body of many parts costs no list of them all.
+pub fn first_part(
+    body: &[u8],
+    boundary: &[u8],
+    mut wanted: impl FnMut((usize, usize, usize)) -> bool,
+) -> Option<(usize, usize, usize)> {
+    let mut offer = |part: (usize, usize, usize)| wanted(part).then_some(part);
     let open = [Frame::Multipart(boundary.to_vec(), false)];
     // The part being read: its start, and its body's start once known.
     let mut current: Option<(usize, Option<usize>)> = None;
@@ -287,14 +303,17 @@ pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
             if let Some((start, body_start)) = current.take() {
                 // The line end before the delimiter belongs to it (RFC 2046 5.1.1).
                 let part_end = line_start_before.max(start);
-                found.push((
+                let part = (
                     start,
                     body_start.unwrap_or(part_end).min(part_end),
                     part_end,
-                ));
+                );
+                if let Some(part) = offer(part) {
+                    return Some(part);
+                }
             }
             if closing {
-                return found;
+                return None;
             }
             current = Some((end, None));
         } else if let Some((_, body_start @ None)) = current.as_mut() {
@@ -305,7 +324,10 @@ pub fn parts(body: &[u8], boundary: &[u8]) -> Vec<(usize, usize, usize)> {
         // Where this line's own line end starts: the end of what precedes the next line.
         line_start_before = at + bare.len();
     }
-    found
+    // No close delimiter: the last part runs to the end.
+    let (start, body_start) = current?;
+    let end = body.len().max(start);
+    offer((start, body_start.unwrap_or(end).min(end), end))
 }
 
 #[cfg(test)]
@@ -371,5 +393,22 @@ mod tests {
         assert_eq!(&body[start..body_start], b"A: 1\r\n\r\n");
         assert_eq!(&body[body_start..end], b"one");
         assert!(body[parts[1].1..parts[1].2].ends_with(b"--c--"));
+    }
+
+    #[test]
+    fn a_last_part_without_its_close_delimiter_runs_to_the_end() {
+        let body = b"--b\r\nA: 1\r\n\r\none\r\n--b\r\nB: 2\r\n\r\ntwo, cut short";
+        let parts = parts(body, b"b");
+        assert_eq!(parts.len(), 2, "{parts:?}");
+        let (start, body_start, end) = parts[1];
+        assert_eq!(&body[start..body_start], b"B: 2\r\n\r\n");
+        assert_eq!(&body[body_start..end], b"two, cut short");
+        // And the first wanted part stops the reading there.
+        let mut seen = 0;
+        let first = first_part(body, b"b", |_| {
+            seen += 1;
+            true
+        });
+        assert_eq!((first, seen), (Some(parts[0]), 1));
     }
 }

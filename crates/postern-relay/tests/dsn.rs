@@ -802,6 +802,31 @@ fn a_next_hop_given_by_address_is_an_address_literal_in_remote_mta() {
 }
 
 #[test]
+fn a_report_cut_short_before_its_close_delimiter_can_still_be_remade() {
+    // A report (another MTA's, say) whose last part, the returned message, lacks its close
+    // delimiter: the part runs to the end, and the report can still be remade with the
+    // header section for a next hop that cannot take it whole.
+    let original = "Subject: cafe\r\nMessage-ID: <m@t>\r\n\r\nGr\u{fc}\u{df}e\r\n";
+    let recipients = failures();
+    let mut full = report(&recipients, original.as_bytes());
+    full.return_full = true;
+    let bytes = dsn::build(&full);
+    let text = String::from_utf8(bytes).unwrap();
+    let close = text.rfind("\r\n--").unwrap();
+    let cut = &text[..close + 2];
+    assert!(!cut.trim_end().ends_with("--"), "{cut}");
+    let remade = dsn::with_headers_only(cut.as_bytes(), dsn::HeadersOnly::EightBit)
+        .expect("remade without the close delimiter");
+    assert!(!dsn::is_8bit(&remade));
+    let remade = String::from_utf8(remade).unwrap();
+    assert!(
+        remade.contains("Subject: cafe\r\nMessage-ID: <m@t>\r\n"),
+        "{remade}"
+    );
+    assert!(!remade.contains("Gr\u{fc}"), "{remade}");
+}
+
+#[test]
 fn a_whole_8bit_return_can_be_remade_with_the_header_section_only() {
     // ASCII header fields and an 8-bit body: a message/rfc822, which allows no encoding.
     let original = "Subject: cafe\r\nMessage-ID: <m@t>\r\n\r\nGr\u{fc}\u{df}e\r\n";
