@@ -28,6 +28,11 @@ impl CoreRelay {
                     self.starved.borrow_mut().push_back(dq.clone());
                     // One idle connection of another next hop ends for it.
                     self.slot_wanted.notify(1.additional());
+                } else {
+                    // Already in line (maybe from mail deleted since, which woke a
+                    // connection that then found nobody wanting): one is woken again, unless
+                    // a wake-up is still pending.
+                    self.slot_wanted.notify(1);
                 }
             } else if dq.ready.borrow().len() > dq.workers.get() {
                 if !dq.wanting_more.replace(true) {
