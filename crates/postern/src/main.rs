@@ -386,8 +386,20 @@ fn main() -> ExitCode {
 /// and prefers the main thread: one waiting on a disk without interruption (a file system
 /// frozen during the start) kept a SIGTERM pending until that wait ended, the signal
 /// thread never woken for it.
-#[allow(unsafe_code)]
 fn block_handled_signals() {
+    mask_handled_signals(libc::SIG_BLOCK);
+}
+
+/// Takes back, in the calling thread (the signal thread), the signals that
+/// [`block_handled_signals`] blocked in the thread that made it.
+fn unblock_handled_signals() {
+    mask_handled_signals(libc::SIG_UNBLOCK);
+}
+
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) the signals `serve` handles in the
+/// calling thread.
+#[allow(unsafe_code)]
+fn mask_handled_signals(how: libc::c_int) {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
     // SAFETY: `set` is a local signal set, made empty before signals are added to it;
     // pthread_sigmask changes only the calling thread's mask and takes a null old set.
@@ -397,23 +409,7 @@ fn block_handled_signals() {
         for signal in [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
             libc::sigaddset(&mut set, signal);
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-}
-
-/// Takes back, in the calling thread (the signal thread), the signals that
-/// [`block_handled_signals`] blocked in the thread that made it.
-#[allow(unsafe_code)]
-fn unblock_handled_signals() {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
-    // SAFETY: as in `block_handled_signals`, with SIG_UNBLOCK.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for signal in [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
-            libc::sigaddset(&mut set, signal);
-        }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 
