@@ -156,9 +156,17 @@ impl CoreRelay {
     /// Ends `conn` with QUIT (its reply read, within a few seconds), counted meanwhile so that
     /// a stop lets it finish.
     pub(super) async fn say_quit(&self, conn: Outbound) {
+        /// Counts the connection out when its QUIT ends, or when the wait for its reply is
+        /// given up (the future dropped, the connection closed with it).
+        struct Closing<'a>(&'a Cell<usize>);
+        impl Drop for Closing<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.0.get() - 1);
+            }
+        }
         self.closing.set(self.closing.get() + 1);
+        let _closing = Closing(&self.closing);
         conn.quit().await;
-        self.closing.set(self.closing.get() - 1);
     }
 
     /// Whether a connection of `dq`, open since `since`, should give its place up after its

@@ -475,6 +475,12 @@ impl CoreRelay {
         .await;
         if asked {
             self.leave(dq);
+            // As many others as the core's share are already waiting for their QUIT's reply:
+            // this one is closed without waiting for it, so that sockets past the cap stay
+            // bounded, as in `quit_after_leaving` (its QUIT went out).
+            if self.quitting.get() >= self.most_outbound() {
+                return true;
+            }
             self.quitting.set(self.quitting.get() + 1);
             quit.await;
             self.quitting.set(self.quitting.get() - 1);
