@@ -321,7 +321,9 @@ impl Session {
                         self.proto.timeout()
                     };
                     self.abandon_draft(open);
-                    self.flush().await;
+                    // The client let a whole command timeout pass: its 421 gets what a reply
+                    // at the session's cap gets, not a second timeout to be read.
+                    self.flush_within(CLOSING_WRITE).await;
                     return;
                 }
                 Wake::Stop => {
@@ -404,6 +406,12 @@ impl Session {
     }
 
     async fn flush(&mut self) -> bool {
+        self.flush_within(self.core.settings.command_timeout).await
+    }
+
+    /// [`Session::flush`], the write bounded by `bound` (and the session's cap) rather than
+    /// by the command timeout.
+    async fn flush_within(&mut self, bound: Duration) -> bool {
         let out = self.proto.output();
         if out.is_empty() {
             return true;
@@ -417,7 +425,7 @@ impl Session {
         // Writes may run until 1 s past the cap, all of them together: the last replies (the
         // 421 among them) may still reach a client that reads slowly.
         let closing = (self.deadline + CLOSING_WRITE).saturating_duration_since(Instant::now());
-        let limit = self.core.settings.command_timeout.min(closing);
+        let limit = bound.min(closing);
         // A stop gives a write that waits 1 s more, as it gives a read none: outside a
         // message from the stop, inside one from the end of the grace. A client that never
         // reads would otherwise hold the stop for the whole grace.
