@@ -131,10 +131,107 @@ pub fn without_comments(value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The value of parameter `name` in `params` (`; a=b; c="d e"`), unquoted.
+/// The value of parameter `name` in `params` (`; a=b; c="d e"`), unquoted. A value written
+/// in RFC 2231's forms is put back together: extended (`name*=us-ascii'en'a%20b`, its octets
+/// percent-encoded after a charset and a language) or cut in numbered sections (`name*0=ab;
+/// name*1*=%63d`, each section plain or extended), as some mailers write a long boundary. The
+/// plain form comes first when both are there.
 fn parameter(params: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut extended = None;
+    let mut sections: Vec<(usize, Vec<u8>)> = Vec::new();
+    for (attribute, value) in parameters(params) {
+        if attribute.eq_ignore_ascii_case(name) {
+            return Some(value);
+        }
+        let Some(rest) = attribute
+            .get(..name.len())
+            .filter(|head| head.eq_ignore_ascii_case(name))
+            .and_then(|_| attribute[name.len()..].strip_prefix(b"*"))
+        else {
+            continue;
+        };
+        if rest.is_empty() {
+            extended.get_or_insert_with(|| percent_decoded(without_charset(&value)));
+            continue;
+        }
+        let (digits, encoded) = match rest.strip_suffix(b"*") {
+            Some(digits) => (digits, true),
+            None => (rest, false),
+        };
+        // Section numbers are decimal without leading zeros (RFC 2231 3); a message may hold
+        // any, but a value needs few: past MAX_SECTIONS they are not read.
+        let number = std::str::from_utf8(digits)
+            .ok()
+            .filter(|d| !d.is_empty() && (d == &"0" || !d.starts_with('0')))
+            .and_then(|d| d.parse::<usize>().ok())
+            .filter(|&n| n < MAX_SECTIONS);
+        let Some(number) = number else { continue };
+        if sections.iter().any(|(n, _)| *n == number) {
+            continue;
+        }
+        let value = match (encoded, number) {
+            (false, _) => value,
+            (true, 0) => percent_decoded(without_charset(&value)),
+            (true, _) => percent_decoded(&value),
+        };
+        sections.push((number, value));
+    }
+    if let Some(value) = extended {
+        return Some(value);
+    }
+    // The sections are taken from 0 up to the first one missing.
+    sections.sort_unstable_by_key(|(n, _)| *n);
+    let mut value = Vec::new();
+    for (expected, (number, section)) in sections.into_iter().enumerate() {
+        if number != expected {
+            break;
+        }
+        value.extend_from_slice(&section);
+    }
+    (!value.is_empty()).then_some(value)
+}
+
+/// The most sections of one RFC 2231 parameter value that are read.
+const MAX_SECTIONS: usize = 64;
+
+/// An extended value's octets, after its `charset'language'` (RFC 2231 4); all of it when
+/// those are missing.
+fn without_charset(value: &[u8]) -> &[u8] {
+    let mut quotes = value.iter().enumerate().filter(|(_, &b)| b == b'\'');
+    match (quotes.next(), quotes.next()) {
+        (Some(_), Some((second, _))) => &value[second + 1..],
+        _ => value,
+    }
+}
+
+/// `value` with its `%XX` escapes turned into octets (a `%` not followed by two hex digits
+/// stays as it is).
+fn percent_decoded(value: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        let escape = (value[i] == b'%')
+            .then(|| Some((hex(*value.get(i + 1)?)?, hex(*value.get(i + 2)?)?)))
+            .flatten();
+        match escape {
+            Some((high, low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            None => {
+                out.push(value[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The parameters of `params` (`; a=b; c="d e"`) in order: attribute and unquoted value.
+fn parameters(params: &[u8]) -> impl Iterator<Item = (&[u8], Vec<u8>)> {
     let mut rest = params;
-    loop {
+    std::iter::from_fn(move || loop {
         rest = rest.trim_ascii_start();
         let eq = rest.iter().position(|&b| b == b'=' || b == b';')?;
         let (attribute, after) = (rest[..eq].trim_ascii(), &rest[eq..]);
@@ -167,12 +264,14 @@ fn parameter(params: &[u8], name: &[u8]) -> Option<Vec<u8>> {
                 .unwrap_or(after.len());
             (after[..end].to_vec(), &after[end..])
         };
-        if attribute.eq_ignore_ascii_case(name) {
-            return Some(value);
-        }
-        let semicolon = next.iter().position(|&b| b == b';')?;
-        rest = &next[semicolon + 1..];
-    }
+        // What follows the value up to the next `;` is no parameter; nothing is left when
+        // there is no `;`.
+        rest = match next.iter().position(|&b| b == b';') {
+            Some(semicolon) => &next[semicolon + 1..],
+            None => &[],
+        };
+        return Some((attribute, value));
+    })
 }
 
 /// Where a line stands against the open multipart boundaries: `Some((i, closing))` when it
@@ -233,6 +332,16 @@ pub fn labelled_binary(message: &[u8]) -> bool {
     let mut header_from = Some(0usize);
     for (at, end, bare) in lines(message) {
         match header_from {
+            // A part may be header fields alone (RFC 2046 5.1.1: its empty line is there only
+            // before a body): a delimiter ends its header section, and is one.
+            Some(from) if !bare.is_empty() && delimiter(bare, &open).is_some() => {
+                if PartHeader::read(&message[from..at]).is_binary() {
+                    return true;
+                }
+                let (i, closing) = delimiter(bare, &open).unwrap_or_default();
+                open.truncate(if closing { i } else { i + 1 });
+                header_from = (!closing).then_some(end);
+            }
             Some(from) if bare.is_empty() => {
                 let header = PartHeader::read(&message[from..at]);
                 if header.is_binary() {
@@ -355,6 +464,27 @@ mod tests {
     }
 
     #[test]
+    fn a_part_of_header_fields_alone_ends_at_the_next_delimiter() {
+        // The first part is a message/rfc822 without a body; the second is text whose words
+        // only look like a header field: no part is labelled binary.
+        let message = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\
+              Content-Type: message/rfc822\r\n--b\r\nX-Part: 2\r\n\r\n\
+              Content-Transfer-Encoding: binary\r\n\r\ntext\r\n--b--\r\n";
+        assert!(!labelled_binary(message));
+        // A label in a part of fields alone counts, before a delimiter or a close one.
+        let labelled = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\
+              Content-Transfer-Encoding: binary\r\n--b\r\n\r\ntext\r\n--b--\r\n";
+        assert!(labelled_binary(labelled));
+        let last = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\ntext\r\n\
+              --b\r\nContent-Transfer-Encoding: binary\r\n--b--\r\nepilogue\r\n";
+        assert!(labelled_binary(last));
+        // After the close delimiter the epilogue is read as a body, not as fields.
+        let epilogue = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nX: 1\r\n\
+              --b--\r\nContent-Transfer-Encoding: binary\r\n\r\n";
+        assert!(!labelled_binary(epilogue));
+    }
+
+    #[test]
     fn header_fields_unfold_and_lose_their_comments() {
         let h = PartHeader::read(
             b"Content-Type: multipart/mixed;\r\n boundary=\"a b\" (the (nested) one)\r\n\
@@ -382,6 +512,40 @@ mod tests {
         assert_eq!(parameter(b"a=\"x;boundary=no\"", b"boundary"), None);
         assert_eq!(parameter(b"", b"boundary"), None);
         assert_eq!(parameter(b";;", b"boundary"), None);
+    }
+
+    #[test]
+    fn parameters_in_rfc_2231_forms_are_put_back_together() {
+        let found = |params: &[u8]| parameter(params, b"boundary");
+        assert_eq!(
+            found(b"; boundary*=us-ascii'en'a%20b%3Bc"),
+            Some(b"a b;c".to_vec())
+        );
+        assert_eq!(found(b"; boundary*=''%41"), Some(b"A".to_vec()));
+        assert_eq!(found(b"; boundary*=x%zz%4"), Some(b"x%zz%4".to_vec()));
+        // Sections come in any order, plain or encoded, and stop at the first gap.
+        assert_eq!(
+            found(b"; BOUNDARY*1*=%63d; boundary*0*=utf-8''a%62; boundary*2=\"e f\"; boundary*4=no"),
+            Some(b"abcde f".to_vec())
+        );
+        assert_eq!(found(b"; boundary*1=b; boundary*2=c"), None);
+        // A repeated section keeps its first value; a number with a leading zero is none.
+        assert_eq!(
+            found(b"; boundary*0=a; boundary*0=x; boundary*01=y; boundary*1=b"),
+            Some(b"ab".to_vec())
+        );
+        // The plain form wins over the others; other parameters are left alone.
+        assert_eq!(
+            found(b"; boundary*0=x; boundary=plain; boundary*=y"),
+            Some(b"plain".to_vec())
+        );
+        assert_eq!(found(b"; boundaryx*0=a; boundar*0=b"), None);
+        assert_eq!(found(b"; boundary*64=a"), None);
+        let header = PartHeader::read(
+            b"Content-Type: multipart/report;\r\n boundary*0=\"long-\";\r\n boundary*1=\"one\";\r\n report-type*=''delivery-status",
+        );
+        assert_eq!(header.boundary.as_deref(), Some(&b"long-one"[..]));
+        assert_eq!(header.report_type.as_deref(), Some("delivery-status"));
     }
 
     #[test]
