@@ -284,6 +284,29 @@ fn a_bounce_the_failing_disk_cannot_take_stays_counted_and_does_not_hold_the_sto
 }
 
 #[test]
+fn a_flush_tries_a_bounce_waiting_for_room_at_once() {
+    use std::time::{Duration, Instant};
+    // Room is made (here the disk comes back) and the operator asks for a flush: the bounce is
+    // tried then, not at its next try 10 s after the failure.
+    let (disk, spool, server, id) = a_bounce_waiting_for_room(&[]);
+    let failed = Instant::now();
+    disk.fail_syncs(false);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .arg("--flush")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    server.log_until(|l| l.contains("delivery status notification queued") && l.contains(&id));
+    assert!(
+        failed.elapsed() < Duration::from_secs(9),
+        "the bounce waited for its own retry: {:?}",
+        failed.elapsed()
+    );
+}
+
+#[test]
 fn a_message_whose_bounce_waits_for_room_can_be_deleted() {
     // A full or failing disk is when an operator deletes mail: a message whose bounce the
     // spool cannot take is deleted, leaves the gauges at once, and its bounce is not made.

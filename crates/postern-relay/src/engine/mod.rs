@@ -469,7 +469,8 @@ impl Relay {
 
     /// Asks every core to try its deferred mail now (SIGUSR1, `postern queue --flush`): the
     /// jobs waiting for a retry go at once, and next hops paused after failures are tried
-    /// again. Every core's retry loop is woken at once. Retry counts stay as they are.
+    /// again, as are bounces waiting for the spool's room. Every core's retry loop is woken at
+    /// once. Retry counts stay as they are.
     pub fn flush(&self) {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         self.flush_asked.notify(usize::MAX);

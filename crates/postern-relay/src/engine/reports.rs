@@ -387,16 +387,23 @@ impl CoreRelay {
         Ok(unrecorded)
     }
 
-    /// Waits [`BOUNCE_RETRY`] before a bounce that could not be spooled is tried again; false
-    /// when the stop comes first. The stop's grace is not spent on a disk that keeps failing:
-    /// the failures are not recorded, so the next run tries those recipients again and makes
-    /// the bounce then.
+    /// Waits [`BOUNCE_RETRY`], or until the operator asks for a flush (room was made), before
+    /// a bounce that could not be spooled is tried again; false when the stop comes first.
+    /// The stop's grace is not spent on a disk that keeps failing: the failures are not
+    /// recorded, so the next run tries those recipients again and makes the bounce then.
     async fn bounce_pause(&self) -> bool {
+        let flushed = self.relay.flush_asked.listen();
         futures_lite::future::or(
-            async {
-                glommio::timer::sleep(BOUNCE_RETRY).await;
-                true
-            },
+            futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(BOUNCE_RETRY).await;
+                    true
+                },
+                async {
+                    flushed.await;
+                    true
+                },
+            ),
             async {
                 self.handle.stopped().await;
                 false
