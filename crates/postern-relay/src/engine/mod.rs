@@ -296,6 +296,9 @@ pub struct Relay {
     flushes: AtomicU64,
     /// Wakes every core's retry loop when a flush is asked for (from any thread).
     flush_asked: Event,
+    /// How many messages the operator deleted: a core looks for their waiting jobs only
+    /// when it grew.
+    deletions: AtomicU64,
 }
 
 /// Counts an outbound transaction in [`Relay::in_flight`] while it lives.
@@ -440,6 +443,7 @@ impl Relay {
             started: AtomicUsize::new(0),
             flushes: AtomicU64::new(0),
             flush_asked: Event::new(),
+            deletions: AtomicU64::new(0),
         }))
     }
 
@@ -725,6 +729,10 @@ pub struct CoreRelay {
     /// (no longer tracked), by queue ID: still counted in the queue's depth, as they still
     /// hold their space, and the operator may delete them (a full disk is when one would).
     bounces_waiting: RefCell<HashMap<String, Arc<Msg>>>,
+    /// The recipients of the messages in `bounces_waiting`, all together.
+    bounces_waiting_recipients: Cell<u64>,
+    /// The last [`Relay::deletions`] whose jobs this core dropped.
+    deletions_seen: Cell<u64>,
     /// Outbound connections of this core (workers, from their start to their end).
     outbound: Cell<usize>,
     /// Next hops with jobs waiting that got no connection for the core's cap, in the order
@@ -817,12 +825,14 @@ impl Delivery for CoreRelay {
             // Settled, but for its bounce, which waits for room in the spool: that bounce
             // is not made (the operator's deletion says not to report), and none of its
             // recipients is still to be settled.
-            let msg = self.bounces_waiting.borrow_mut().remove(queue_id)?;
+            let msg = self.bounces_waiting.borrow().get(queue_id).cloned()?;
+            self.bounce_waits(&msg, false);
             msg.deleted.store(true, Ordering::Release);
-            self.publish_depth();
+            self.relay.deletions.fetch_add(1, Ordering::AcqRel);
             return Some(0);
         };
         t.msg.deleted.store(true, Ordering::Release);
+        self.relay.deletions.fetch_add(1, Ordering::AcqRel);
         self.publish_depth();
         // Failed for good, by the operator: counted with the other failures (those waiting
         // for their bounce were counted when they failed).
@@ -855,6 +865,8 @@ impl CoreRelay {
             reporting: Cell::new(0),
             sync_warned: Cell::new(None),
             bounces_waiting: RefCell::new(HashMap::new()),
+            bounces_waiting_recipients: Cell::new(0),
+            deletions_seen: Cell::new(0),
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
@@ -941,11 +953,10 @@ impl CoreRelay {
     fn publish_depth(&self) {
         let (n, recipients) = {
             let tracked = self.tracked.borrow();
-            let waiting = self.bounces_waiting.borrow();
-            let their_recipients: usize = waiting.values().map(|m| m.meta.recipients.len()).sum();
+            let waiting = self.bounces_waiting.borrow().len() as u64;
             (
-                tracked.len() as u64 + waiting.len() as u64,
-                tracked.recipients + their_recipients as u64,
+                tracked.len() as u64 + waiting,
+                tracked.recipients + self.bounces_waiting_recipients.get(),
             )
         };
         self.relay.depth.set(self.id, n);
@@ -1010,6 +1021,9 @@ impl CoreRelay {
                 } else {
                     self.enqueue(job);
                 }
+                // Thousands at once (a restart's queue, a core's retries): the core's sessions
+                // get their turns meanwhile.
+                glommio::yield_if_needed().await;
             }
             if self.handle.is_stopping() {
                 return;
@@ -1046,6 +1060,7 @@ impl CoreRelay {
             };
             for job in due {
                 self.enqueue(job);
+                glommio::yield_if_needed().await;
             }
             let wait = self
                 .retry
@@ -1157,8 +1172,13 @@ impl CoreRelay {
     /// Reclaims spool segments now and then (status-only segments have nothing else to free
     /// them) and keeps the depth gauge fresh.
     /// Drops the jobs of messages the operator deleted that wait here for their retry or for
-    /// a connection: they would only hold their bodies' space (and make connections).
+    /// a connection: they would only hold their bodies' space (and make connections). Looked
+    /// for only after a deletion: a long queue is not walked every second for nothing.
     fn drop_deleted(&self) {
+        let deletions = self.relay.deletions.load(Ordering::Acquire);
+        if self.deletions_seen.replace(deletions) == deletions {
+            return;
+        }
         let deleted = |job: &Job| job.msg.deleted.load(Ordering::Acquire);
         self.retry.borrow_mut().retain(|job| !deleted(job));
         for dq in self.dests.borrow().values() {

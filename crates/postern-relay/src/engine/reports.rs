@@ -24,6 +24,8 @@ impl CoreRelay {
             while let Some(batch) = inbox.pop() {
                 for r in batch {
                     self.settle(r);
+                    // A next hop's queue deferred at once comes back as one outcome per job.
+                    glommio::yield_if_needed().await;
                 }
             }
             // Failures of messages with recipients still pending: those recipients' outcomes
@@ -414,12 +416,16 @@ impl CoreRelay {
 
     /// Puts a message in, or takes it out of, [`CoreRelay::bounces_waiting`], and publishes
     /// the queue's depth.
-    fn bounce_waits(&self, msg: &Arc<Msg>, waiting: bool) {
+    pub(super) fn bounce_waits(&self, msg: &Arc<Msg>, waiting: bool) {
         let mut waits = self.bounces_waiting.borrow_mut();
+        let recipients = msg.meta.recipients.len() as u64;
+        let total = self.bounces_waiting_recipients.get();
         if waiting {
-            waits.insert(msg.queue_id.clone(), msg.clone());
-        } else {
-            waits.remove(&msg.queue_id);
+            if waits.insert(msg.queue_id.clone(), msg.clone()).is_none() {
+                self.bounces_waiting_recipients.set(total + recipients);
+            }
+        } else if waits.remove(&msg.queue_id).is_some() {
+            self.bounces_waiting_recipients.set(total - recipients);
         }
         drop(waits);
         self.publish_depth();
