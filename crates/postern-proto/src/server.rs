@@ -806,8 +806,9 @@ impl ServerSession {
             self.count_junk();
             if self.is_closed() {
                 // The junk limit ended the session with this command: a first empty chunk
-                // starts no message there (its 421 is written); a message this command
-                // dropped (RSET, EHLO) is still told.
+                // starts no message there (its 421 is written), and leaves no decision
+                // waiting; a message this command dropped (RSET, EHLO) is still told.
+                self.decision = Decision::None;
                 return event.filter(|e| matches!(e, Event::DataAbort));
             }
         }
@@ -963,7 +964,8 @@ impl ServerSession {
             return self.fail(replies::RCPT_AFTER_BDAT);
         }
         self.rcpts_tried += 1;
-        if !params.is_empty() && !self.envelope.is_esmtp() {
+        // As at MAIL: parameters need EHLO, unless no greeting was asked for.
+        if !params.is_empty() && !self.envelope.is_esmtp() && self.greeted {
             return self.fail(replies::PARAMS_NEED_EHLO);
         }
         if let ForwardPath::Mailbox(m) = &path {
@@ -1211,10 +1213,14 @@ fn hello_text(hostname: &str, name: &str) -> String {
     }
 }
 
-/// Whether a command line is meant as BDAT (the verb in any case, then a space or a tab),
-/// whatever the rest of it.
+/// Whether a command line is meant as BDAT (the verb in any case, after any blanks, then a
+/// blank: space, tab, vertical tab or form feed), whatever the rest of it. A lenient reader
+/// (a client's, a proxy's in front) may take any of these for BDAT and send a chunk next.
 fn is_bdat(line: &[u8]) -> bool {
-    line.len() > 4 && line[..4].eq_ignore_ascii_case(b"BDAT") && matches!(line[4], b' ' | b'\t')
+    let blank = |b: u8| matches!(b, b' ' | b'\t' | 0x0b | 0x0c);
+    let start = line.iter().position(|&b| !blank(b)).unwrap_or(line.len());
+    let line = &line[start..];
+    line.len() > 4 && line[..4].eq_ignore_ascii_case(b"BDAT") && blank(line[4])
 }
 
 fn looks_like_http(line: &[u8]) -> bool {

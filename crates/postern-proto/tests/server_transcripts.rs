@@ -203,6 +203,35 @@ fn sequencing_errors() {
     );
 }
 
+/// Without a greeting asked for, MAIL and RCPT take their parameters alike before one; after
+/// HELO neither does.
+#[test]
+fn without_a_greeting_required_parameters_are_taken_at_mail_and_rcpt_alike() {
+    let config = Arc::new(ServerConfig {
+        require_helo: false,
+        ..(*config()).clone()
+    });
+    let input = client(&[
+        "MAIL FROM:<a@b.test> SIZE=10",
+        "RCPT TO:<c@mx.test> NOTIFY=NEVER",
+        "HELO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test> NOTIFY=NEVER",
+    ]);
+    let o = run_every_split(&config, &input);
+    assert_transcript(
+        &o,
+        &[
+            BANNER,
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 mx.test Hello client.test",
+            "250 2.1.0 Ok",
+            "555 5.5.4 Parameters not allowed after HELO",
+        ],
+    );
+}
+
 #[test]
 fn relay_refusal_then_no_valid_recipients() {
     let input = client(&[
@@ -386,8 +415,12 @@ fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
     let long_line = format!("bdat {} LAST{}\r\n", chunk.len(), " ".repeat(600));
     let bare_lf = format!("BDAT {} LAST\n", chunk.len());
     let tab = format!("BDAT\t{} LAST\r\n", chunk.len());
+    let leading_blank = format!(" BDAT {} LAST\r\n", chunk.len());
+    let vertical_tab = format!("bdat\x0b{} LAST\r\n", chunk.len());
     let cases = [
         (tab, "500 5.5.1 Command not recognized"),
+        (leading_blank, "500 5.5.1 Command not recognized"),
+        (vertical_tab, "500 5.5.1 Command not recognized"),
         (
             bare_lf,
             "500 5.5.2 Syntax error: command lines must end with CR LF",
