@@ -525,7 +525,9 @@ mod tests {
         assert_eq!(found(b"; boundary*=x%zz%4"), Some(b"x%zz%4".to_vec()));
         // Sections come in any order, plain or encoded, and stop at the first gap.
         assert_eq!(
-            found(b"; BOUNDARY*1*=%63d; boundary*0*=utf-8''a%62; boundary*2=\"e f\"; boundary*4=no"),
+            found(
+                b"; BOUNDARY*1*=%63d; boundary*0*=utf-8''a%62; boundary*2=\"e f\"; boundary*4=no"
+            ),
             Some(b"abcde f".to_vec())
         );
         assert_eq!(found(b"; boundary*1=b; boundary*2=c"), None);

@@ -731,6 +731,8 @@ pub struct CoreRelay {
     bounces_waiting: RefCell<HashMap<String, Arc<Msg>>>,
     /// The recipients of the messages in `bounces_waiting`, all together.
     bounces_waiting_recipients: Cell<u64>,
+    /// When the spool last refused one of this core's bounces, unless one was taken since.
+    bounce_refused_at: Cell<Option<Instant>>,
     /// The last [`Relay::deletions`] whose jobs this core dropped.
     deletions_seen: Cell<u64>,
     /// Outbound connections of this core (workers, from their start to their end).
@@ -866,6 +868,7 @@ impl CoreRelay {
             sync_warned: Cell::new(None),
             bounces_waiting: RefCell::new(HashMap::new()),
             bounces_waiting_recipients: Cell::new(0),
+            bounce_refused_at: Cell::new(None),
             deletions_seen: Cell::new(0),
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
