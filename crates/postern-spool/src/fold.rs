@@ -56,10 +56,12 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
             undo(root, &journal).map_err(must_stop)?;
         }
     }
+    // A listing cut short by an error fails: an old core's directory left unseen would not
+    // be folded, its mail waiting unnoticed.
     let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(root)
         .map_err(SpoolError::at(root))?
-        .flatten()
-        .collect();
+        .collect::<Result<_, _>>()
+        .map_err(SpoolError::at(root))?;
     // What an earlier fold set aside after moving its messages: never read again.
     for e in &entries {
         if e.file_name()

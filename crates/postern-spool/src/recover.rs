@@ -138,7 +138,10 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
     };
     let mut core_dirs: Vec<(u32, PathBuf)> = Vec::new();
     let mut odd = Vec::new();
-    for e in cores.flatten() {
+    // A listing cut short by an error (an I/O error on the directory) fails the recovery: a
+    // core's directory left unseen would pass for one with nothing in it.
+    for e in cores {
+        let e = e.map_err(SpoolError::at(root))?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
         // A core's directory; a stray file with a number for a name is not one.
@@ -202,11 +205,17 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
         // statuses may have left before they were read. But the newest segments go too,
         // holding nothing (a spare made late, an empty one at an opening): see below.
         let mut vanished: Vec<u64> = Vec::new();
-        for (seq, path) in std::fs::read_dir(dir)
-            .map_err(SpoolError::at(dir))?
-            .flatten()
-            .filter_map(|e| Some((parse_name(e.file_name().to_str()?)?, e.path())))
-        {
+        // Not `flatten`: a listing cut short by an error would pass for all the segments,
+        // and those unseen for none (their messages never pinned, reclaimed or left behind
+        // by a fold).
+        let mut listed = Vec::new();
+        for e in std::fs::read_dir(dir).map_err(SpoolError::at(dir))? {
+            let e = e.map_err(SpoolError::at(dir))?;
+            if let Some(seq) = e.file_name().to_str().and_then(parse_name) {
+                listed.push((seq, e.path()));
+            }
+        }
+        for (seq, path) in listed {
             match std::fs::metadata(&path) {
                 Ok(m) if m.is_file() => segs.push((seq, path)),
                 // Reclaimed since the directory was read (a `postern queue` beside a running
@@ -270,13 +279,15 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
         // and says nothing of the messages before it.
         // Only regular files count (a stray directory with a segment's name is no segment
         // left behind); a listing that fails now tells nothing, and nothing is inferred.
-        let oldest_left = std::fs::read_dir(dir).ok().map(|entries| {
-            entries
-                .flatten()
+        let oldest_left = std::fs::read_dir(dir).ok().and_then(|entries| {
+            let entries: Vec<_> = entries.collect::<Result<_, _>>().ok()?;
+            let oldest = entries
+                .into_iter()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
                 .filter_map(|e| parse_name(e.file_name().to_str()?))
                 .min()
-                .unwrap_or(u64::MAX)
+                .unwrap_or(u64::MAX);
+            Some(oldest)
         });
         let gone =
             oldest_left.and_then(|oldest| vanished.into_iter().filter(|&seq| seq < oldest).max());

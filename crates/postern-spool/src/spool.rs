@@ -54,6 +54,8 @@ pub struct Draft {
     pieces: Vec<Piece>,
     /// Recipients in its envelope.
     recipients: u32,
+    /// An append failed: some of the body may be missing, so the draft never finishes.
+    broken: bool,
 }
 
 impl Draft {
@@ -571,6 +573,7 @@ impl Spool {
             size: 0,
             pieces: Vec::new(),
             recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
+            broken: false,
         })
     }
 
@@ -591,7 +594,15 @@ impl Spool {
             let take = if fits > 0 { fits } else { max_body }
                 .min(max_body)
                 .min(rest.len());
-            let (seg, at) = self.append_record(Kind::Body, &[&no, &rest[..take]])?;
+            let (seg, at) = match self.append_record(Kind::Body, &[&no, &rest[..take]]) {
+                Ok(appended) => appended,
+                Err(e) => {
+                    // Part of the body may be in: an END after it would make a message
+                    // cut short look whole.
+                    draft.broken = true;
+                    return Err(e);
+                }
+            };
             let start = at + no.len();
             draft.pieces.push(Piece {
                 map: seg.read.clone(),
@@ -647,6 +658,12 @@ impl Spool {
             self.index.unpin(draft.seq);
             return Err(SpoolError::SyncFailed(
                 "a sync covering this message's records failed".into(),
+            ));
+        }
+        if draft.broken {
+            self.index.unpin(draft.seq);
+            return Err(SpoolError::SyncFailed(
+                "an append of this message's body failed".into(),
             ));
         }
         let mut end = [0u8; 16];
@@ -891,9 +908,10 @@ impl Spool {
     }
 
     /// The sync work for every ticket issued since the last batch, if any. Run it anywhere
-    /// ([`SyncBatch::run`]) and report with [`Spool::sync_done`]. Batches may overlap as far
-    /// as the tickets' order goes, but two that sync one file at once share its write-back
-    /// error, which only one of them is told: run one at a time (postern does).
+    /// ([`SyncBatch::run`]) and report with [`Spool::sync_done`] before the next batch is
+    /// taken: one batch at a time (postern's store does so). Two at once would share a file's
+    /// write-back error, which only one of them is told, and the records of the first still
+    /// being written are no longer known to the appends that must not overtake them.
     pub fn take_sync(&mut self) -> Option<SyncBatch> {
         let range = self.commits.take()?;
         let mut writes = std::mem::take(&mut self.unwritten);

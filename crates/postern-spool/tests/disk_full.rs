@@ -122,6 +122,46 @@ fn a_full_tmpfs_refuses_temporarily_and_loses_nothing() {
 }
 
 #[test]
+fn a_draft_whose_append_failed_never_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "this test mounts a tmpfs: it needs root");
+    let _unmount = Tmpfs(mnt.clone());
+    std::fs::write(mnt.join("filler"), vec![1u8; 2560 * 1024]).unwrap();
+    let root = mnt.join("spool");
+    let opts = SpoolOptions {
+        segment_size: SEGMENT,
+    };
+    let mut spool = Spool::open(&root, 0, opts).unwrap();
+    let mut acked = Vec::new();
+    // A message begun, then the segment in use filled up by others; its body then needs
+    // the next segment, for which there is no room: part of it is in, the rest refused.
+    let mut d = spool.begin(&meta(9000)).unwrap();
+    assert_no_space(&fill(&mut spool, 0, &mut acked));
+    let b = body(9000, 4 * MESSAGE);
+    let mut refused = None;
+    for piece in b.chunks(32 * 1024) {
+        if let Err(e) = spool.append(&mut d, piece) {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert_no_space(&refused.expect("the body fitted: the test proves nothing"));
+    // Room comes back: finishing it anyway is still refused, and no message cut short is
+    // ever reported.
+    std::fs::remove_file(mnt.join("filler")).unwrap();
+    assert!(spool.finish(d).is_err());
+    let _ = spool.sync_now();
+    check(&root, &acked);
+}
+
+#[test]
 fn a_file_size_limit_refuses_temporarily_and_loses_nothing() {
     file_size_limit_scenario();
 }

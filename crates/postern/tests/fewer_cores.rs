@@ -195,6 +195,39 @@ fn a_move_to_fewer_cores_cut_off_by_crashes_delivers_each_message_once() {
 }
 
 #[test]
+fn a_removed_core_s_directory_that_cannot_be_listed_stops_the_start_and_keeps_its_mail() {
+    // A listing that fails (a bad directory block) is no empty directory: the move would
+    // copy nothing and delete the directory with the mail it did not see.
+    let disk = common::FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let (sent, _) = hold_on_two_cores(&spool, &[], "unlisted");
+    disk.fail_listing_of(Some("1"));
+    let spool_arg = spool.to_str().unwrap();
+    let (code, _, err) = common::run_bounded(&[
+        "serve",
+        "--cores",
+        "1",
+        "--hold",
+        "--listen",
+        "127.0.0.1:0",
+        "--spool",
+        spool_arg,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(!err.contains("ready with"), "{err}");
+    assert!(err.contains("/1"), "the error names no directory: {err}");
+    disk.fail_listing_of(None);
+    assert!(spool.join("1").exists(), "the directory went: {err}");
+    assert_eq!(common::spooled(&spool).len(), sent, "{err}");
+    // Once it can be listed, the move takes every message.
+    let mut one = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    one.log_until(|l| l.contains("folded into 1"));
+    assert!(one.terminate().success());
+    assert!(!spool.join("1").exists());
+    assert_eq!(common::spooled(&spool).len(), sent);
+}
+
+#[test]
 fn mail_of_removed_cores_with_no_room_to_move_waits_and_is_delivered_once() {
     let disk = common::Tmpfs::mount("24m");
     let spool = disk.path.join("spool");

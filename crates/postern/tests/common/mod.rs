@@ -702,6 +702,16 @@ impl FaultyFs {
         self.control.with_extension("hanging").exists()
     }
 
+    /// From now on listing a directory called `name` (in any directory) fails with `EIO`;
+    /// `None`: listings work again.
+    pub fn fail_listing_of(&self, name: Option<&str>) {
+        let control = self.control.with_extension("readdir");
+        match name {
+            Some(name) => std::fs::write(control, name).unwrap(),
+            None => std::fs::remove_file(control).unwrap(),
+        }
+    }
+
     /// From now on every write under the mount fails with `EIO` (`false`: they work again).
     pub fn fail_writes(&self, on: bool) {
         Self::switch(&self.control.with_extension("writes"), on);

@@ -49,6 +49,15 @@ class Faulty(Operations):
         return {k: getattr(st, k) for k in keys}
 
     def readdir(self, path, fh):
+        # While CONTROL.readdir names a directory (its last component), listing it fails
+        # with EIO (a bad directory block).
+        try:
+            with open(self.control + ".readdir") as f:
+                broken = f.read()
+        except FileNotFoundError:
+            broken = None
+        if broken is not None and os.path.basename(path) == broken:
+            raise FuseOSError(errno.EIO)
         return [".", ".."] + os.listdir(self._path(path))
 
     def readlink(self, path):
