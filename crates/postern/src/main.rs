@@ -108,10 +108,9 @@ fn main() -> ExitCode {
     // write(2) per delivery; lines beyond the channel's capacity are dropped, not waited for.
     // The writer thread takes every line waiting in the channel, then flushes: through a
     // buffer, a burst of lines is one write(2), and a lone line still goes out at once.
-    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
-        LOG_BUFFER,
-        Unfailing(std::io::stderr()),
-    ));
+    let Some((writer, _log_guard)) = log_writer() else {
+        return ExitCode::FAILURE;
+    };
     // Colours only on a terminal: a log file or journal gets plain text to grep.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -670,6 +669,40 @@ impl<W: std::io::Write> std::io::Write for Unfailing<W> {
 
 /// A panic (a bug, or a library failing where it cannot return an error) is reported as one
 /// line naming the thread and the place, and a backtrace only where RUST_BACKTRACE asks.
+/// The log's writer thread and its handle. tracing-appender panics when it cannot make the
+/// thread (a limit on tasks): that is said on one line as the start's error (None), not
+/// reported as a bug.
+fn log_writer() -> Option<(
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+)> {
+    // Only this thread runs yet: the hook is its own while it is swapped.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let made = std::panic::catch_unwind(|| {
+        tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
+            LOG_BUFFER,
+            Unfailing(std::io::stderr()),
+        ))
+    });
+    std::panic::set_hook(hook);
+    match made {
+        Ok(made) => Some(made),
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no reason given");
+            complain!(
+                "postern: cannot start: no thread for the log writer (a limit on tasks? {})",
+                why.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            None
+        }
+    }
+}
+
 fn set_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let payload = info.payload();

@@ -1870,6 +1870,30 @@ fn a_start_that_fails_on_one_core_ends_at_once_with_delivery_on() {
 }
 
 #[test]
+fn no_thread_for_the_log_writer_is_a_start_s_error_not_a_bug() {
+    // As `nobody` under RLIMIT_NPROC 1: the process itself is the one task allowed, so the
+    // first thread it makes (the log's writer) cannot be made.
+    let dir = tempfile::tempdir().unwrap();
+    let open = std::os::unix::fs::PermissionsExt::from_mode(0o777);
+    std::fs::set_permissions(dir.path(), open).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["prlimit", "--nproc=1"])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+        .arg(dir.path().join("spool"))
+        .env_remove("RUST_BACKTRACE");
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("postern: cannot start: no thread for the log writer"),
+        "{err}"
+    );
+    assert!(!err.contains("internal error"), "{err}");
+}
+
+#[test]
 fn a_limit_on_threads_is_named_at_start() {
     // As `nobody` under RLIMIT_NPROC 8 (a pids limit, TasksMax=): four cores need about
     // sixteen threads. The start fails with the limit named, not with advice about io_uring
