@@ -842,8 +842,9 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
 
 /// Over-limit clients of the implicit-TLS port that one core answers at a time. Their `421`
 /// costs a TLS handshake each; past this many, more are closed without a reply, so that a
-/// flood of connections does not also become a flood of handshakes.
-const TLS_REFUSALS_MAX: usize = 16;
+/// flood of connections does not also become a flood of handshakes. Each holds a descriptor
+/// for up to 20 s: the open-file budget counts them.
+pub const TLS_REFUSALS_MAX: usize = 16;
 
 /// Longest handshake and write for an over-limit client of the implicit-TLS port.
 const TLS_REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);

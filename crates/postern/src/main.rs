@@ -158,7 +158,8 @@ fn main() -> ExitCode {
     let mut settings = config.server;
     let mut config_relay = config.relay;
     let cores = settings.cores;
-    match check_open_file_limit(settings.max_connections, cores) {
+    let tls_port = !settings.listen_tls.is_empty();
+    match check_open_file_limit(settings.max_connections, cores, tls_port) {
         Ok((cap, reserve)) => {
             settings.max_connections = cap;
             settings.max_connections_per_ip = settings.max_connections_per_ip.min(cap);
@@ -738,11 +739,12 @@ const OPEN_FILES_PER_CORE: u64 = 16;
 const OPEN_FILES_BASE: u64 = 64;
 
 /// The connections an open-file limit of `limit` holds with room left for the cores' own
-/// descriptors (`least`) and for the spool and delivery: all but those and
-/// [`OPEN_FILE_HEADROOM`], and never less than half of what the cores' own leave.
-fn connections_within(limit: u64, least: u64) -> usize {
+/// descriptors (`least`) and `aside` (the spool and delivery's [`OPEN_FILE_HEADROOM`], and the
+/// over-limit clients of the implicit-TLS port): all but those, and never less than half of
+/// what the cores' own leave.
+fn connections_within(limit: u64, least: u64, aside: u64) -> usize {
     let cap = limit
-        .saturating_sub(least.saturating_add(OPEN_FILE_HEADROOM))
+        .saturating_sub(least.saturating_add(aside))
         .max(limit.saturating_sub(least) / 2)
         .max(1);
     usize::try_from(cap).unwrap_or(usize::MAX)
@@ -754,7 +756,13 @@ fn connections_within(limit: u64, least: u64) -> usize {
 /// at all is an error (naming the limit, rather than whichever descriptor happens to fail
 /// first).
 /// With the connection limit, the descriptors left over by the connections and the cores.
-fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize, u64), String> {
+/// `tls_port`: an implicit-TLS listener, whose over-limit clients each hold a descriptor
+/// while they are answered ([`postern_server::TLS_REFUSALS_MAX`] per core): kept aside too.
+fn check_open_file_limit(
+    max_connections: usize,
+    cores: usize,
+    tls_port: bool,
+) -> Result<(usize, u64), String> {
     match postern_server::raise_open_file_limit() {
         Ok(limit) => {
             let least = OPEN_FILES_BASE + OPEN_FILES_PER_CORE * cores as u64;
@@ -775,12 +783,18 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
             }
             // Beside the connections: the cores' own descriptors (over 1,024 past 60 cores),
             // and the spool's and delivery's.
-            let beside = least.saturating_add(OPEN_FILE_HEADROOM);
+            let refusing = if tls_port {
+                (postern_server::TLS_REFUSALS_MAX as u64).saturating_mul(cores as u64)
+            } else {
+                0
+            };
+            let aside = OPEN_FILE_HEADROOM.saturating_add(refusing);
+            let beside = least.saturating_add(aside);
             let wanted = (max_connections as u64).saturating_add(beside);
             let capped = limit
                 .now
                 .filter(|&n| n < wanted)
-                .map(|n| (n, connections_within(n, least)))
+                .map(|n| (n, connections_within(n, least, aside)))
                 .filter(|&(_, cap)| cap < max_connections);
             if let Some((now, cap)) = capped {
                 let left = now.saturating_sub(cap as u64);
@@ -792,9 +806,12 @@ fn check_open_file_limit(max_connections: usize, cores: usize) -> Result<(usize,
                      with `ulimit -n` or LimitNOFILE= in the systemd unit, or lower \
                      --max-connections"
                 );
-                // Free for lingering connections: what neither the connections nor the
-                // cores' own descriptors take.
-                return Ok((cap, now.saturating_sub((cap as u64).saturating_add(least))));
+                // Free for lingering connections: what neither the connections, the cores'
+                // own descriptors nor the TLS port's refusals take.
+                return Ok((
+                    cap,
+                    now.saturating_sub((cap as u64).saturating_add(least).saturating_add(refusing)),
+                ));
             }
             // No limit: no reserve to keep either.
             let spare = limit.now.map_or(u64::MAX, |n| {
@@ -1143,11 +1160,13 @@ mod tests {
         // 8,192, connections may take what those and the 1,024 for the spool and delivery
         // leave, not 8,192 less 1,024 (which left the cores short, and the spool with none).
         let least = super::OPEN_FILES_BASE + super::OPEN_FILES_PER_CORE * 128;
-        let cap = super::connections_within(8192, least);
+        let cap = super::connections_within(8192, least, super::OPEN_FILE_HEADROOM);
         assert_eq!(cap as u64, 8192 - least - super::OPEN_FILE_HEADROOM);
         // A single core: the limit less its own and 1,024, or half what its own leave.
-        assert_eq!(super::connections_within(20_000, 80), 20_000 - 80 - 1024);
-        assert_eq!(super::connections_within(400, 80), 160);
+        assert_eq!(super::connections_within(20_000, 80, 1024), 20_000 - 80 - 1024);
+        assert_eq!(super::connections_within(400, 80, 1024), 160);
+        // What the implicit-TLS port's refusals hold is kept aside as well.
+        assert_eq!(super::connections_within(20_000, 80, 1040), 20_000 - 80 - 1040);
     }
 
     #[test]
