@@ -743,6 +743,9 @@ async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
     // comes at once each time, the accept below is always ready first. The process-wide flag
     // as well as the core's own: the task that sets the latter runs only when this one
     // yields.
+    // Refusals made since this loop last gave way: each holds its descriptor until its task
+    // runs (see below).
+    let mut refused = 0usize;
     while !core.stop_asked() {
         let mut accept = std::pin::pin!(listener.accept());
         let stop = async {
@@ -769,12 +772,22 @@ async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
             glommio::timer::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        admit(&core, stream, implicit_tls);
         // glommio's accept takes a connection already waiting without going through the
         // ring, so it never waits while the backlog has one: under a flood that keeps it
         // full this loop would hold the core, its sessions, timers and stop alike. It gives
-        // way once the core's time slice is over.
-        glommio::yield_if_needed().await;
+        // way once the core's time slice is over, and after every few refusals: a refusal
+        // answers from a task of its own, which runs only then, and until it does its
+        // descriptor is held (a connect flood at the limit could gather thousands in a slice,
+        // and take the descriptors the spool and delivery need).
+        if !admit(&core, stream, implicit_tls) {
+            refused += 1;
+        }
+        if refused >= REFUSALS_BEFORE_YIELD {
+            refused = 0;
+            futures_lite::future::yield_now().await;
+        } else {
+            glommio::yield_if_needed().await;
+        }
     }
     drain(&core, &listener, implicit_tls);
 }
@@ -806,13 +819,16 @@ const HURRY_LOOK_EVERY: Duration = Duration::from_millis(50);
 /// the listeners' backlog of 1,024, which Linux lets hold one more.
 const BACKLOG_DRAIN_MAX: usize = 1025;
 
-/// Starts a session for an accepted connection, or refuses it when over a limit.
-fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
+/// Refused connections the accept loop takes before it lets their tasks answer them.
+const REFUSALS_BEFORE_YIELD: usize = 32;
+
+/// Starts a session for an accepted connection (true), or refuses it when over a limit.
+fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) -> bool {
     let Ok(peer) = stream.peer_addr() else {
         // Reset by the client between the kernel's accept and this one: accepted all the
         // same, and counted, though no session is left to run.
         core.metrics.borrow_mut().connections += 1;
-        return;
+        return true;
     };
     match core.limits.admit(peer.ip()) {
         Ok(permit) => {
@@ -826,6 +842,7 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
                 permit,
             ))
             .detach();
+            true
         }
         Err(refusal) => {
             let mut metrics = core.metrics.borrow_mut();
@@ -836,6 +853,7 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) {
             }
             drop(metrics);
             glommio::spawn_local(refuse(core.clone(), stream, refusal, implicit_tls)).detach();
+            false
         }
     }
 }
