@@ -688,7 +688,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             );
         }
     }
-    let synced = core.store.shutdown().await;
+    let synced = core.store.shutdown(&init.beat).await;
     let failed_in_stop = core.store.failed_syncs() - failed_before_stop;
     if let Err(e) = &synced {
         // Not rate-limited as other spool errors are: it is the core's last word. Every

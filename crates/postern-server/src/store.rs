@@ -443,7 +443,8 @@ impl CoreStore {
     /// ticket (a session whose end of data came before a slow sync then says its 250). Gives
     /// back that last sync's error, or an error without a last sync when the one in flight
     /// did not end.
-    pub(crate) async fn shutdown(&self) -> Result<(), SpoolError> {
+    /// `beat`: the core's heartbeat, told that the last sync blocks the core on purpose.
+    pub(crate) async fn shutdown(&self, beat: &crate::watchdog::Beat) -> Result<(), SpoolError> {
         const SYNC_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
         // Segments freed and not yet deleted go now, rather than at the next start, after
         // those on their way (in order: older ones first), which get as long as a sync.
@@ -493,6 +494,9 @@ impl CoreStore {
             )));
         }
         let mut spool = self.spool.borrow_mut();
+        // On the core's own thread: the watchdog is not to take a slow disk's sync for a
+        // stalled core.
+        beat.blocking(true);
         let mut synced = spool.sync_now();
         // A segment that sync made durable gets its seal, a record of its own: synced too,
         // so that the mark below covers all.
@@ -500,6 +504,7 @@ impl CoreStore {
             synced = spool.sync_now();
         }
         spool.mark_durable_end();
+        beat.blocking(false);
         // Those that cannot go stay on disk, in order; the next start deletes them. None goes
         // while older ones may still be on their way.
         // (The unlinker may have taken another batch while the sync in flight was waited

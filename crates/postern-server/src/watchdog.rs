@@ -42,6 +42,8 @@ pub(crate) struct Beat {
     beats: AtomicU64,
     /// The core has ended (or failed): nothing more to watch.
     done: AtomicBool,
+    /// The core blocks on purpose (the stop's last sync, on its own thread): not a stall.
+    blocking: AtomicBool,
 }
 
 impl Beat {
@@ -60,6 +62,12 @@ impl Beat {
     /// The core has ended.
     pub(crate) fn ended(&self) {
         self.done.store(true, Ordering::Release);
+    }
+
+    /// The core is about to block on purpose (true), or is done with it (false): the time in
+    /// between is not taken for a stall.
+    pub(crate) fn blocking(&self, on: bool) {
+        self.blocking.store(on, Ordering::Release);
     }
 }
 
@@ -142,6 +150,11 @@ impl Watch {
         for (id, (core, seen)) in self.cores.iter().zip(self.seen.iter_mut()).enumerate() {
             let tid = core.tid.load(Ordering::Acquire);
             if tid == 0 || core.done.load(Ordering::Acquire) {
+                continue;
+            }
+            if core.blocking.load(Ordering::Acquire) {
+                // Watched afresh once it is over.
+                *seen = None;
                 continue;
             }
             let beats = core.beats.load(Ordering::Acquire);
@@ -356,5 +369,22 @@ mod tests {
         assert!(!w.all_ended());
         beats[1].ended();
         assert!(w.all_ended());
+    }
+
+    #[test]
+    fn a_core_blocking_on_purpose_is_no_stall_and_is_watched_again_after() {
+        let (mut w, beats, stalls) = watch(1);
+        let t0 = Instant::now();
+        w.look(t0);
+        beats[0].blocking(true);
+        assert!(w.look(t0 + STALL_AFTER * 5).is_empty());
+        beats[0].blocking(false);
+        // Its time blocked is not counted: a stall is a full STALL_AFTER from now.
+        let t1 = t0 + STALL_AFTER * 6;
+        assert!(w.look(t1).is_empty());
+        assert!(w.look(t1 + STALL_AFTER / 2).is_empty());
+        assert_eq!(stalls.load(Ordering::Relaxed), 0);
+        assert_eq!(w.look(t1 + STALL_AFTER).len(), 1);
+        assert_eq!(stalls.load(Ordering::Relaxed), 1);
     }
 }
