@@ -684,10 +684,7 @@ impl Spool {
         if draft.spool == self.id {
             // Only where it fits the segment in use (or a spare is ready): recovery needs no
             // ABORT, and making a segment here would stall the core on its fsyncs.
-            let fits = self
-                .seg
-                .as_ref()
-                .is_some_and(|s| s.room() >= record_len(8));
+            let fits = self.seg.as_ref().is_some_and(|s| s.room() >= record_len(8));
             if fits || self.spare.is_some() {
                 let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
             }

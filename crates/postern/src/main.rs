@@ -1163,10 +1163,16 @@ mod tests {
         let cap = super::connections_within(8192, least, super::OPEN_FILE_HEADROOM);
         assert_eq!(cap as u64, 8192 - least - super::OPEN_FILE_HEADROOM);
         // A single core: the limit less its own and 1,024, or half what its own leave.
-        assert_eq!(super::connections_within(20_000, 80, 1024), 20_000 - 80 - 1024);
+        assert_eq!(
+            super::connections_within(20_000, 80, 1024),
+            20_000 - 80 - 1024
+        );
         assert_eq!(super::connections_within(400, 80, 1024), 160);
         // What the implicit-TLS port's refusals hold is kept aside as well.
-        assert_eq!(super::connections_within(20_000, 80, 1040), 20_000 - 80 - 1040);
+        assert_eq!(
+            super::connections_within(20_000, 80, 1040),
+            20_000 - 80 - 1040
+        );
     }
 
     #[test]
