@@ -232,6 +232,11 @@ async fn timed<T>(
     limit: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
 ) -> Result<T, ConnError> {
+    // `or` polls `f` first: one that is always ready (a read of a socket a next hop keeps
+    // full) would never let a spent limit's timer be seen.
+    if limit.is_zero() {
+        return Err(ConnError::Io(TIMED_OUT.into()));
+    }
     let timeout = async {
         glommio::timer::sleep(limit).await;
         Err(io::Error::new(io::ErrorKind::TimedOut, TIMED_OUT))

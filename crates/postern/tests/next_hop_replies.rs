@@ -47,6 +47,48 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
     assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
+#[test]
+fn a_reply_of_endless_lines_sent_without_pause_still_times_out() {
+    // A next hop that answers EHLO with continuation lines, as fast as it can write them and
+    // never ending: every read is ready at once, and the wait for the reply must still end
+    // at its timeout, the connection closed.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let flood = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(b"220 flood.test ESMTP\r\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut ehlo = String::new();
+        r.read_line(&mut ehlo).unwrap();
+        s.write_all(b"250-flood.test\r\n").unwrap();
+        let lines = b"250-x\r\n".repeat(64 * 1024);
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if s.write_all(&lines).is_err() {
+                // Closed by postern.
+                return true;
+            }
+        }
+        false
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "1h",
+        "--smtp-greeting-timeout",
+        "1s",
+    ]);
+    send(&server, "a@origin.test", &["b@dest.test"], "<flood@t>", "x\r\n");
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(deferred.contains("timed out"), "{deferred}");
+    assert!(flood.join().unwrap(), "the connection was kept for 30 s");
+    assert!(server.terminate().success());
+}
+
 /// Sends two messages through one connection to the next hop on `port` (retries 300 ms
 /// apart), calls `then`, and checks that the second one, which the next hop refuses with
 /// `554 5.7.1 message refused`, is bounced to its sender.
