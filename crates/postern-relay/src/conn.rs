@@ -187,13 +187,19 @@ pub(crate) const OUT_OF_STEP: &str =
 const UNASKED_AFTER_EHLO: &str = "a reply came after the EHLO reply, which no command asked for";
 const UNASKED_AFTER_RSET: &str = "a reply came after the RSET reply, which no command asked for";
 const OUT_OF_STEP_AHEAD: &str = "the replies to the next commands could not be told from it";
+/// Why a message is not sent after its 354: a reply came behind it, which no command asked
+/// for (taken after the body, it would pass for the answer to the message).
+const UNASKED_AFTER_354: &str =
+    "a reply came after the 354, which no command asked for: the body was not sent";
 
 /// Whether a failure ended a session whose replies were out of step: each reply read may have
 /// answered the command before its own, so none of them says what became of its command.
 pub fn out_of_step(e: &ConnError) -> bool {
     match e {
         ConnError::Smtp(ClientError::Unexpected(..)) => true,
-        ConnError::Io(text) | ConnError::Lost(text) => text == OUT_OF_STEP,
+        ConnError::Io(text) | ConnError::Lost(text) => {
+            text == OUT_OF_STEP || text == UNASKED_AFTER_354
+        }
         _ => false,
     }
 }
@@ -468,8 +474,12 @@ impl Outbound {
                 self.quiet_before_last = now.saturating_duration_since(self.last_reply);
                 self.last_reply = now;
             }
-            if matches!(event, ClientEvent::Failed(_)) && !self.session.output().is_empty() {
-                // A parting QUIT (after a refused greeting), best effort.
+            if matches!(event, ClientEvent::Failed(_))
+                && !self.session.output().is_empty()
+                && !self.write_failed
+            {
+                // A parting QUIT (after a refused greeting), best effort; never behind a
+                // write that broke off (it would land inside a chunk left unfinished).
                 let _ = self.flush(PARTING_WRITE).await;
             }
             if event != ClientEvent::NeedInput || (until_idle && self.session.is_idle()) {
@@ -594,6 +604,14 @@ impl Outbound {
             },
         };
         match event {
+            // Bytes behind the 354 answer nothing yet (its body is not even sent): read after
+            // the body, a `250` among them would be taken for the message's answer, and a
+            // refusal that came after the dot left unread. The body is not sent, the
+            // connection is given up (the next hop drops a message whose dot never comes),
+            // and the message is tried again.
+            ClientEvent::SendBody if tx.mode == BodyMode::Data && self.start < self.end => {
+                Err(Err(ConnError::Io(UNASKED_AFTER_354.into())))
+            }
             ClientEvent::SendBody => {
                 self.send_body(tx.mode, body, t.data_block)
                     .await

@@ -89,6 +89,58 @@ fn a_reply_of_endless_lines_sent_without_pause_still_times_out() {
     assert!(server.terminate().success());
 }
 
+#[test]
+fn a_reply_behind_the_354_is_not_taken_for_the_message_s_answer() {
+    // A next hop (no PIPELINING, no CHUNKING) whose 354 comes with a 250 behind it, and
+    // which refuses the message after its dot: read after the body, that 250 would pass for
+    // the answer to the message, counted delivered. It is given up unsent instead.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hop = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"220 hop.test ESMTP\r\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut in_data = false;
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if in_data {
+                if line == ".\r\n" {
+                    s.write_all(b"554 5.7.1 rejected\r\n").unwrap();
+                    return true;
+                }
+            } else if line.starts_with("DATA") {
+                in_data = true;
+                s.write_all(b"354 go\r\n250 2.0.0 Ok\r\n").unwrap();
+            } else if line.starts_with("QUIT") {
+                let _ = s.write_all(b"221 bye\r\n");
+                break;
+            } else if line.starts_with("EHLO") {
+                s.write_all(b"250 hop.test\r\n").unwrap();
+            } else {
+                s.write_all(b"250 2.0.0 ok\r\n").unwrap();
+            }
+            line.clear();
+        }
+        false
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "1h",
+    ]);
+    send(&server, "a@origin.test", &["b@dest.test"], "<behind@t>", "x\r\n");
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(deferred.contains("after the 354"), "{deferred}");
+    assert!(!hop.join().unwrap(), "the body was sent");
+    let log = server.terminate_for_log();
+    assert!(!log.contains("status=\"delivered\""), "{log}");
+}
+
 /// Sends two messages through one connection to the next hop on `port` (retries 300 ms
 /// apart), calls `then`, and checks that the second one, which the next hop refuses with
 /// `554 5.7.1 message refused`, is bounced to its sender.
