@@ -668,8 +668,6 @@ impl<W: std::io::Write> std::io::Write for Unfailing<W> {
     }
 }
 
-/// A panic (a bug, or a library failing where it cannot return an error) is reported as one
-/// line naming the thread and the place, and a backtrace only where RUST_BACKTRACE asks.
 /// The log's writer thread and its handle. tracing-appender panics when it cannot make the
 /// thread (a limit on tasks): that is said on one line as the start's error (None), not
 /// reported as a bug.
@@ -704,6 +702,8 @@ fn log_writer() -> Option<(
     }
 }
 
+/// A panic (a bug, or a library failing where it cannot return an error) is reported as one
+/// line naming the thread and the place, and a backtrace only where RUST_BACKTRACE asks.
 fn set_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let payload = info.payload();
@@ -815,7 +815,11 @@ fn check_open_file_limit(
             }
             // No limit: no reserve to keep either.
             let spare = limit.now.map_or(u64::MAX, |n| {
-                n.saturating_sub((max_connections as u64).saturating_add(least))
+                n.saturating_sub(
+                    (max_connections as u64)
+                        .saturating_add(least)
+                        .saturating_add(refusing),
+                )
             });
             Ok((max_connections, spare))
         }

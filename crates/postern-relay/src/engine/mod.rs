@@ -731,8 +731,8 @@ pub struct CoreRelay {
     bounces_waiting: RefCell<HashMap<String, Arc<Msg>>>,
     /// The recipients of the messages in `bounces_waiting`, all together.
     bounces_waiting_recipients: Cell<u64>,
-    /// When the spool last refused one of this core's bounces, unless one was taken since.
-    bounce_refused_at: Cell<Option<Instant>>,
+    /// Outcomes the report loop has taken from its inbox and not yet settled.
+    settling: Cell<usize>,
     /// The last [`Relay::deletions`] whose jobs this core dropped.
     deletions_seen: Cell<u64>,
     /// Outbound connections of this core (workers, from their start to their end).
@@ -786,7 +786,7 @@ impl Delivery for CoreRelay {
             // starts (a worker checks its core's stop and counts itself in flight in one
             // step), and a transaction's reports are sent before it stops counting: then
             // every outcome is in its owner's inbox, and the report loop records it (appends
-            // its status) in the same step as it takes it out.
+            // its status) before it counts it out of `settling`.
             let counted = WINDS_DOWN.with(|w| match &*w.borrow() {
                 Some(w) if Arc::ptr_eq(&w.relay, &self.relay) => {
                     w.count();
@@ -805,6 +805,9 @@ impl Delivery for CoreRelay {
                 < self.relay.started.load(Ordering::SeqCst)
                 || self.relay.in_flight.load(Ordering::SeqCst) > 0
                 || !inbox.is_empty()
+                // A batch taken from the inbox, not all recorded yet (the loop gives way
+                // between outcomes).
+                || self.settling.get() > 0
                 // Outcomes taken but not yet reported: the report loop may be gathering
                 // a message's failures, and then makes their reports.
                 || !self.failed_waiting.borrow().is_empty()
@@ -868,7 +871,7 @@ impl CoreRelay {
             sync_warned: Cell::new(None),
             bounces_waiting: RefCell::new(HashMap::new()),
             bounces_waiting_recipients: Cell::new(0),
-            bounce_refused_at: Cell::new(None),
+            settling: Cell::new(0),
             deletions_seen: Cell::new(0),
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
@@ -1065,6 +1068,8 @@ impl CoreRelay {
                 self.enqueue(job);
                 glommio::yield_if_needed().await;
             }
+            // Read again: the jobs above may have taken a while (given way to others).
+            let now = now_ms();
             let wait = self
                 .retry
                 .borrow()

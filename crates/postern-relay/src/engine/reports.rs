@@ -22,8 +22,10 @@ impl CoreRelay {
         let inbox = self.relay.reports.get(self.id);
         loop {
             while let Some(batch) = inbox.pop() {
+                self.settling.set(self.settling.get() + batch.len());
                 for r in batch {
                     self.settle(r);
+                    self.settling.set(self.settling.get() - 1);
                     // A next hop's queue deferred at once comes back as one outcome per job.
                     glommio::yield_if_needed().await;
                 }
@@ -393,43 +395,25 @@ impl CoreRelay {
     /// a bounce that could not be spooled is tried again; false when the stop comes first.
     /// The stop's grace is not spent on a disk that keeps failing: the failures are not
     /// recorded, so the next run tries those recipients again and makes the bounce then.
-    /// While the spool stays full, the core's waiting bounces take turns: one whose wait is
-    /// over while another failed less than [`BOUNCE_RETRY`] ago waits again, so thousands of
-    /// them do not each rebuild a report every 10 s only to be refused.
     async fn bounce_pause(&self) -> bool {
-        loop {
-            let flushed = self.relay.flush_asked.listen();
-            let woken = futures_lite::future::or(
-                futures_lite::future::or(
-                    async {
-                        glommio::timer::sleep(BOUNCE_RETRY).await;
-                        Some(false)
-                    },
-                    async {
-                        flushed.await;
-                        Some(true)
-                    },
-                ),
+        let flushed = self.relay.flush_asked.listen();
+        futures_lite::future::or(
+            futures_lite::future::or(
                 async {
-                    self.handle.stopped().await;
-                    None
+                    glommio::timer::sleep(BOUNCE_RETRY).await;
+                    true
                 },
-            )
-            .await;
-            match woken {
-                None => return false,
-                Some(true) => return true,
-                Some(false) => {
-                    let refused_lately = self
-                        .bounce_refused_at
-                        .get()
-                        .is_some_and(|at| at.elapsed() < BOUNCE_RETRY);
-                    if !refused_lately {
-                        return true;
-                    }
-                }
-            }
-        }
+                async {
+                    flushed.await;
+                    true
+                },
+            ),
+            async {
+                self.handle.stopped().await;
+                false
+            },
+        )
+        .await
     }
 
     /// Puts a message in, or takes it out of, [`CoreRelay::bounces_waiting`], and publishes
@@ -688,12 +672,7 @@ impl CoreRelay {
             // and goes to a next hop without SMTPUTF8 in A-labels where it can.
             smtputf8: !msg.meta.reverse_path.is_ascii(),
         };
-        let injected = self.handle.inject(&meta, &bytes).await;
-        // What the waiting bounces go by (`bounce_pause`): the spool's last refusal, forgotten
-        // once one is taken.
-        self.bounce_refused_at
-            .set(injected.is_err().then(Instant::now));
-        match injected {
+        match self.handle.inject(&meta, &bytes).await {
             Ok(accepted) => {
                 self.handle.count_outcome(Outcome::Bounced);
                 tracing::info!(

@@ -711,6 +711,12 @@ impl CoreRelay {
     /// Puts jobs that were never sent back at the front of their queue, in order.
     /// While the next hop is paused they are deferred like the jobs that waited for it.
     pub(super) fn requeue(&self, dq: &DestQueue, jobs: Vec<Job>) {
+        // Those the operator deleted meanwhile go no further: put back, they would wait
+        // with their bodies' space held (the look for deleted jobs was made already).
+        let jobs: Vec<Job> = jobs
+            .into_iter()
+            .filter(|job| !job.msg.deleted.load(Ordering::Acquire))
+            .collect();
         if dq.down_until.get() > now_ms() {
             if let Some((status, text, remote)) = dq.paused_for.borrow().clone() {
                 for job in jobs {
