@@ -176,6 +176,8 @@ pub struct Outbound {
 }
 
 const READ_BUFFER: usize = 16 * 1024;
+/// How long the replies a next hop sent before it broke off a body's write are read for.
+const REPLY_AFTER_BROKEN_BODY: Duration = Duration::from_secs(2);
 /// How long a parting QUIT may take to write.
 const PARTING_WRITE: Duration = Duration::from_secs(1);
 
@@ -613,9 +615,9 @@ impl Outbound {
                 Err(Err(ConnError::Io(UNASKED_AFTER_354.into())))
             }
             ClientEvent::SendBody => {
-                self.send_body(tx.mode, body, t.data_block)
-                    .await
-                    .map_err(Err)?;
+                if let Err(broke) = self.send_body(tx.mode, body, t.data_block).await {
+                    return self.after_broken_body(broke).await;
+                }
                 self.session.body_sent();
                 // A slow write is no silence of the next hop's.
                 self.quiet_from_now();
@@ -709,6 +711,12 @@ impl Outbound {
     /// bytes written, no QUIT written by the session): it gets its QUIT before the close.
     pub fn out_of_step_given_up(&self) {
         self.quit_owed.set(true);
+    }
+
+    /// Whether a write to the next hop failed: the connection cannot carry another
+    /// transaction.
+    pub fn write_broke(&self) -> bool {
+        self.write_failed
     }
 
     /// Whether [`Outbound::out_of_step_given_up`] marked it, and it is still owed a QUIT.
@@ -863,6 +871,27 @@ impl Outbound {
             self.write_failed = true;
         }
         result
+    }
+
+    /// A body whose write broke off: the next hop may have answered before it closed (a `552`
+    /// to a body over a limit it did not advertise with SIZE, a `421`; with PIPELINING, the
+    /// replies to MAIL and RCPT that were not read yet). Those are read for a moment: a
+    /// refusal of the message is its outcome, like any other, and the refusals of recipients
+    /// stand (RFC 5321 4.2.1). A reply that would take the message cannot be (it did not all
+    /// go out): then, as with no reply, the outcome is the broken write's.
+    async fn after_broken_body(
+        &mut self,
+        broke: ConnError,
+    ) -> Result<TransactionResult, Result<Reply, ConnError>> {
+        self.session.body_sent();
+        match self.next_event(REPLY_AFTER_BROKEN_BODY).await {
+            Ok(ClientEvent::Done(result))
+                if result.data.as_ref().is_some_and(|d| !d.is_positive()) =>
+            {
+                Ok(result)
+            }
+            _ => Err(Err(broke)),
+        }
     }
 
     /// Whether something came after the reply just read, with no command outstanding: the

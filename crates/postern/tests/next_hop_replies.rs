@@ -101,6 +101,48 @@ fn a_reply_of_endless_lines_sent_without_pause_still_times_out() {
 }
 
 #[test]
+fn a_refusal_sent_before_the_next_hop_broke_off_the_body_is_the_message_s_outcome() {
+    // A next hop without SIZE that refuses a large body part way (552) and closes with the
+    // rest unread (a reset): the write breaks, and the refusal, already sent, decides. It
+    // was taken for a broken connection, and the message sent again at every retry.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hop = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"220 hop.test ESMTP\r\n").unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.starts_with("DATA") {
+                s.write_all(b"354 go\r\n").unwrap();
+                let mut part = vec![0u8; 64 * 1024];
+                r.read_exact(&mut part).unwrap();
+                s.write_all(b"552 5.3.4 Message too big for this system\r\n")
+                    .unwrap();
+                // Closed with the rest of the body unread: a reset.
+                return;
+            } else if line.starts_with("EHLO") {
+                s.write_all(b"250 hop.test\r\n").unwrap();
+            } else {
+                s.write_all(b"250 2.0.0 ok\r\n").unwrap();
+            }
+            line.clear();
+        }
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    let body =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(64 * 1024);
+    send(&server, "", &["b@dest.test"], "<large@t>", &body);
+    hop.join().unwrap();
+    let outcome = server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("status="));
+    assert!(outcome.contains("status=\"bounced\""), "{outcome}");
+    assert!(outcome.contains("552 5.3.4 Message too big"), "{outcome}");
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn a_reply_behind_the_354_is_not_taken_for_the_message_s_answer() {
     // A next hop (no PIPELINING, no CHUNKING) whose 354 comes with a 250 behind it, and
     // which refuses the message after its dot: read after the body, that 250 would pass for

@@ -538,7 +538,12 @@ impl CoreRelay {
             Err(Err(_)) => conn.take_unfinished(),
             _ => None,
         };
-        self.conclude(conn, dq, job, outcome, partial, carry)
+        match self.conclude(conn, dq, job, outcome, partial, carry) {
+            // Answered (a refusal read after the body's write broke off), but the
+            // connection is gone: the next job gets a new one.
+            After::Keep if conn.write_broke() => After::Broken,
+            after => after,
+        }
     }
 
     /// Runs up to `--max-transactions-in-flight` jobs on `conn`, pipelined into each other:
