@@ -884,12 +884,20 @@ impl Outbound {
         broke: ConnError,
     ) -> Result<TransactionResult, Result<Reply, ConnError>> {
         self.session.body_sent();
+        // The write's time is no silence of the next hop's.
+        self.quiet_from_now();
         match self.next_event(REPLY_AFTER_BROKEN_BODY).await {
+            Ok(ClientEvent::Done(_)) if self.unasked_after_reply() => {
+                Err(Err(ConnError::Io(OUT_OF_STEP.into())))
+            }
             Ok(ClientEvent::Done(result))
                 if result.data.as_ref().is_some_and(|d| !d.is_positive()) =>
             {
                 Ok(result)
             }
+            // The session's own failure (a 421, at the RSET of a kept connection too, where
+            // it means the next hop took nothing of this transaction; replies out of step).
+            Ok(ClientEvent::Failed(e)) => Err(Err(ConnError::Smtp(e))),
             _ => Err(Err(broke)),
         }
     }

@@ -132,8 +132,9 @@ fn a_refusal_sent_before_the_next_hop_broke_off_the_body_is_the_message_s_outcom
     });
     let route = format!("dest.test=127.0.0.1:{port}");
     let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    // 16 MiB: more than the socket buffers on the way take, so the write does break off.
     let body =
-        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(64 * 1024);
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(256 * 1024);
     send(&server, "", &["b@dest.test"], "<large@t>", &body);
     hop.join().unwrap();
     let outcome = server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("status="));

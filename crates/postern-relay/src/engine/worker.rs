@@ -541,7 +541,7 @@ impl CoreRelay {
         match self.conclude(conn, dq, job, outcome, partial, carry) {
             // Answered (a refusal read after the body's write broke off), but the
             // connection is gone: the next job gets a new one.
-            After::Keep if conn.write_broke() => After::Broken,
+            After::Keep | After::Elsewhere if conn.write_broke() => After::Broken,
             after => after,
         }
     }
