@@ -176,8 +176,9 @@ pub struct Outbound {
 }
 
 const READ_BUFFER: usize = 16 * 1024;
-/// How long the replies a next hop sent before it broke off a body's write are read for.
-const REPLY_AFTER_BROKEN_BODY: Duration = Duration::from_secs(2);
+/// How long replies are read for after a write to the next hop failed (those it sent before
+/// it broke off: a refusal of the body, the replies to a batch's earlier transactions).
+pub(crate) const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(2);
 /// How long a parting QUIT may take to write.
 const PARTING_WRITE: Duration = Duration::from_secs(1);
 
@@ -886,7 +887,7 @@ impl Outbound {
         self.session.body_sent();
         // The write's time is no silence of the next hop's.
         self.quiet_from_now();
-        match self.next_event(REPLY_AFTER_BROKEN_BODY).await {
+        match self.next_event(AFTER_WRITE_FAILURE).await {
             Ok(ClientEvent::Done(_)) if self.unasked_after_reply() => {
                 Err(Err(ConnError::Io(OUT_OF_STEP.into())))
             }
@@ -894,6 +895,10 @@ impl Outbound {
                 if result.data.as_ref().is_some_and(|d| !d.is_positive()) =>
             {
                 Ok(result)
+            }
+            // Taking a body that did not all go out: no reply to it can be in step.
+            Ok(ClientEvent::Done(result)) if result.data.is_some() => {
+                Err(Err(ConnError::Io(OUT_OF_STEP.into())))
             }
             // The session's own failure (a 421, at the RSET of a kept connection too, where
             // it means the next hop took nothing of this transaction; replies out of step).

@@ -326,9 +326,6 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-/// How long replies are read for after a write to the next hop failed.
-const AFTER_WRITE_FAILURE: Duration = Duration::from_secs(2);
-
 /// A silence this long (since the last reply read, and since the batch was written) before a
 /// next hop ends a pipelined batch (a 421 or a close) makes the batch's replies unknown, as
 /// when postern's own wait runs out: a next hop in step that had the commands would have

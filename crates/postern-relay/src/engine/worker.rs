@@ -609,7 +609,7 @@ impl CoreRelay {
         // (from a server that answered 421 and closed, say): read them briefly, not guess.
         let limit = match broken {
             None => t.mail.max(t.rcpt).max(t.data_done),
-            Some(_) => t.data_done.min(AFTER_WRITE_FAILURE),
+            Some(_) => t.data_done.min(crate::conn::AFTER_WRITE_FAILURE),
         };
         let mut sent = sent.into_iter();
         let mut elsewhere = false;
