@@ -105,6 +105,25 @@ fn a_refusal_sent_before_the_next_hop_broke_off_the_body_is_the_message_s_outcom
     // A next hop without SIZE that refuses a large body part way (552) and closes with the
     // rest unread (a reset): the write breaks, and the refusal, already sent, decides. It
     // was taken for a broken connection, and the message sent again at every retry.
+    let outcome = broken_off_after("552 5.3.4 Message too big for this system\r\n");
+    assert!(outcome.contains("status=\"bounced\""), "{outcome}");
+    assert!(outcome.contains("552 5.3.4 Message too big"), "{outcome}");
+}
+
+#[test]
+fn a_421_sent_before_the_next_hop_broke_off_the_body_defers_with_its_words() {
+    let outcome = broken_off_after("421 4.3.2 hop.test shutting down\r\n");
+    assert!(outcome.contains("status=\"deferred\""), "{outcome}");
+    assert!(
+        outcome.contains("421 4.3.2 hop.test shutting down"),
+        "{outcome}"
+    );
+}
+
+/// A message of 16 MiB from `<>` to a next hop (no SIZE, PIPELINING or CHUNKING) that reads
+/// 64 KiB of its body, says `reply` and closes with the rest unread (a reset); the log line of
+/// its outcome.
+fn broken_off_after(reply: &'static str) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let hop = std::thread::spawn(move || {
@@ -118,8 +137,7 @@ fn a_refusal_sent_before_the_next_hop_broke_off_the_body_is_the_message_s_outcom
                 s.write_all(b"354 go\r\n").unwrap();
                 let mut part = vec![0u8; 64 * 1024];
                 r.read_exact(&mut part).unwrap();
-                s.write_all(b"552 5.3.4 Message too big for this system\r\n")
-                    .unwrap();
+                s.write_all(reply.as_bytes()).unwrap();
                 // Closed with the rest of the body unread: a reset.
                 return;
             } else if line.starts_with("EHLO") {
@@ -138,9 +156,8 @@ fn a_refusal_sent_before_the_next_hop_broke_off_the_body_is_the_message_s_outcom
     send(&server, "", &["b@dest.test"], "<large@t>", &body);
     hop.join().unwrap();
     let outcome = server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("status="));
-    assert!(outcome.contains("status=\"bounced\""), "{outcome}");
-    assert!(outcome.contains("552 5.3.4 Message too big"), "{outcome}");
     assert!(server.terminate().success());
+    outcome
 }
 
 #[test]
