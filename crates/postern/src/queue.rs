@@ -542,10 +542,14 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
 /// characters (a reply should hold none but tab, RFC 5321 4.2) and the characters that reorder
 /// text (bidirectional overrides) are written as `\u{HEX}`, so that a hostile or broken next
 /// hop or client cannot move the cursor, colour the terminal or make a line read differently.
+/// A backslash is written `\\`, so that no text can pass for an escape of a character it
+/// does not hold.
 fn for_terminal(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c == '\t' {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if c == '\t' {
             out.push(' ');
         } else if unsafe_on_a_terminal(c) {
             let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
@@ -646,5 +650,9 @@ mod tests {
         );
         assert_eq!(for_terminal("450 4.2.1 b\u{fc}sy"), "450 4.2.1 b\u{fc}sy");
         assert_eq!(for_terminal("a\u{61c}b"), "a\\u{61c}b");
+        // Text that reads like an escape is told from one.
+        assert_eq!(for_terminal("x\\u{1b}y"), "x\\\\u{1b}y");
+        assert_eq!(for_terminal("x\\\\u{1b}y"), "x\\\\\\\\u{1b}y");
+        assert_eq!(for_terminal("\"a\\\"b\"@c"), "\"a\\\\\"b\"@c");
     }
 }
