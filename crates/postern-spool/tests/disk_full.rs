@@ -73,10 +73,10 @@ impl Drop for Tmpfs {
     }
 }
 
-#[test]
-fn a_full_tmpfs_refuses_temporarily_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
+/// A 4 MiB tmpfs in `dir` with 2.5 MiB taken by a file called `filler` (room for one 1 MiB
+/// segment, not two), unmounted when the guard drops; None where mounting is not permitted.
+fn nearly_full_tmpfs(dir: &Path) -> Option<(PathBuf, Tmpfs)> {
+    let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mounted = Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
@@ -85,14 +85,22 @@ fn a_full_tmpfs_refuses_temporarily_and_loses_nothing() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
+        return None;
+    }
+    let unmount = Tmpfs(mnt.clone());
+    std::fs::write(mnt.join("filler"), vec![1u8; 2560 * 1024]).unwrap();
+    Some((mnt, unmount))
+}
+
+#[test]
+fn a_full_tmpfs_refuses_temporarily_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((mnt, _unmount)) = nearly_full_tmpfs(dir.path()) else {
         eprintln!("mounting a tmpfs is not permitted here: filling the disk with RLIMIT_FSIZE");
         file_size_limit_scenario();
         return;
-    }
-    let _unmount = Tmpfs(mnt.clone());
-    // 4 MiB, 2.5 taken: room for one 1 MiB segment, not two.
+    };
     let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![1u8; 2560 * 1024]).unwrap();
     let root = mnt.join("spool");
     let opts = SpoolOptions {
         segment_size: SEGMENT,
@@ -124,16 +132,8 @@ fn a_full_tmpfs_refuses_temporarily_and_loses_nothing() {
 #[test]
 fn a_draft_whose_append_failed_never_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(mounted, "this test mounts a tmpfs: it needs root");
-    let _unmount = Tmpfs(mnt.clone());
-    std::fs::write(mnt.join("filler"), vec![1u8; 2560 * 1024]).unwrap();
+    let (mnt, _unmount) =
+        nearly_full_tmpfs(dir.path()).expect("this test mounts a tmpfs: it needs root");
     let root = mnt.join("spool");
     let opts = SpoolOptions {
         segment_size: SEGMENT,

@@ -47,22 +47,61 @@ fn a_reply_too_many_between_transactions_does_not_shift_the_next_one_s_replies()
     assert_eq!(bdats.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
+/// A next hop on a thread for one connection (its reads and writes time out after 30 s, so
+/// that a postern that stops reading or writing fails the test rather than hangs it): it
+/// greets, then `hop` runs on the connection and its reader. The port, and the thread.
+fn one_connection_hop<T: Send + 'static>(
+    hop: impl FnOnce(TcpStream, BufReader<TcpStream>) -> T + Send + 'static,
+) -> (u16, std::thread::JoinHandle<T>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(b"220 hop.test ESMTP\r\n").unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        hop(s, r)
+    });
+    (port, thread)
+}
+
+/// Answers command lines until DATA: EHLO with `250 hop.test` (no extension), anything else
+/// with `250`. Whether DATA came (not the connection's end).
+fn until_data(s: &mut TcpStream, r: &mut BufReader<TcpStream>) -> bool {
+    let mut line = String::new();
+    while r.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.starts_with("DATA") {
+            return true;
+        }
+        let reply: &[u8] = if line.starts_with("EHLO") {
+            b"250 hop.test\r\n"
+        } else {
+            b"250 2.0.0 ok\r\n"
+        };
+        s.write_all(reply).unwrap();
+        line.clear();
+    }
+    false
+}
+
+/// postern on one core routing dest.test to `port`, retries an hour apart, with `extra`.
+fn routed_to_port(port: u16, extra: &[&str]) -> Server {
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec!["--cores", "1", "--route", &route, "--retry-initial", "1h"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
 #[test]
 fn a_reply_of_endless_lines_sent_without_pause_still_times_out() {
     // A next hop that answers EHLO with continuation lines, as fast as it can write them and
     // never ending: every read is ready at once, and the wait for the reply must still end
     // at its timeout, the connection closed.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let flood = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        // A postern that stopped reading without closing fails the test, not hangs it.
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(b"220 flood.test ESMTP\r\n").unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
+    let (port, flood) = one_connection_hop(|mut s, mut r| {
         let mut ehlo = String::new();
         r.read_line(&mut ehlo).unwrap();
-        s.write_all(b"250-flood.test\r\n").unwrap();
+        s.write_all(b"250-hop.test\r\n").unwrap();
         let lines = b"250-x\r\n".repeat(64 * 1024);
         let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until {
@@ -76,17 +115,7 @@ fn a_reply_of_endless_lines_sent_without_pause_still_times_out() {
         }
         false
     });
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route,
-        "--retry-initial",
-        "1h",
-        "--smtp-greeting-timeout",
-        "1s",
-    ]);
+    let mut server = routed_to_port(port, &["--smtp-greeting-timeout", "1s"]);
     send(
         &server,
         "a@origin.test",
@@ -124,32 +153,15 @@ fn a_421_sent_before_the_next_hop_broke_off_the_body_defers_with_its_words() {
 /// 64 KiB of its body, says `reply` and closes with the rest unread (a reset); the log line of
 /// its outcome.
 fn broken_off_after(reply: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hop = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(b"220 hop.test ESMTP\r\n").unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            if line.starts_with("DATA") {
-                s.write_all(b"354 go\r\n").unwrap();
-                let mut part = vec![0u8; 64 * 1024];
-                r.read_exact(&mut part).unwrap();
-                s.write_all(reply.as_bytes()).unwrap();
-                // Closed with the rest of the body unread: a reset.
-                return;
-            } else if line.starts_with("EHLO") {
-                s.write_all(b"250 hop.test\r\n").unwrap();
-            } else {
-                s.write_all(b"250 2.0.0 ok\r\n").unwrap();
-            }
-            line.clear();
-        }
+    let (port, hop) = one_connection_hop(move |mut s, mut r| {
+        assert!(until_data(&mut s, &mut r));
+        s.write_all(b"354 go\r\n").unwrap();
+        let mut part = vec![0u8; 64 * 1024];
+        r.read_exact(&mut part).unwrap();
+        s.write_all(reply.as_bytes()).unwrap();
+        // Closed with the rest of the body unread: a reset.
     });
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    let mut server = routed_to_port(port, &[]);
     // 16 MiB: more than the socket buffers on the way take, so the write does break off.
     let body =
         "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(256 * 1024);
@@ -165,38 +177,20 @@ fn a_reply_behind_the_354_is_not_taken_for_the_message_s_answer() {
     // A next hop (no PIPELINING, no CHUNKING) whose 354 comes with a 250 behind it, and
     // which refuses the message after its dot: read after the body, that 250 would pass for
     // the answer to the message, counted delivered. It is given up unsent instead.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hop = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(b"220 hop.test ESMTP\r\n").unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut in_data = false;
+    let (port, hop) = one_connection_hop(|mut s, mut r| {
+        assert!(until_data(&mut s, &mut r));
+        s.write_all(b"354 go\r\n250 2.0.0 Ok\r\n").unwrap();
         let mut line = String::new();
         while r.read_line(&mut line).unwrap_or(0) > 0 {
-            if in_data {
-                if line == ".\r\n" {
-                    s.write_all(b"554 5.7.1 rejected\r\n").unwrap();
-                    return true;
-                }
-            } else if line.starts_with("DATA") {
-                in_data = true;
-                s.write_all(b"354 go\r\n250 2.0.0 Ok\r\n").unwrap();
-            } else if line.starts_with("QUIT") {
-                let _ = s.write_all(b"221 bye\r\n");
-                break;
-            } else if line.starts_with("EHLO") {
-                s.write_all(b"250 hop.test\r\n").unwrap();
-            } else {
-                s.write_all(b"250 2.0.0 ok\r\n").unwrap();
+            if line == ".\r\n" {
+                s.write_all(b"554 5.7.1 rejected\r\n").unwrap();
+                return true;
             }
             line.clear();
         }
         false
     });
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let mut server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    let mut server = routed_to_port(port, &[]);
     send(
         &server,
         "a@origin.test",
