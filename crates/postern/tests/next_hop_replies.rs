@@ -173,6 +173,40 @@ fn broken_off_after(reply: &'static str) -> String {
 }
 
 #[test]
+fn a_refusal_sent_before_the_next_hop_broke_off_a_batch_s_body_is_its_outcome() {
+    // The same in a batch (transactions pipelined into each other): the transaction whose
+    // BDAT body's write broke off gets the refusal its next hop sent before closing.
+    let (port, hop) = one_connection_hop(|mut s, mut r| {
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.starts_with("EHLO") {
+                s.write_all(b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                    .unwrap();
+            } else if line.starts_with("BDAT") {
+                let mut part = vec![0u8; 64 * 1024];
+                r.read_exact(&mut part).unwrap();
+                s.write_all(b"552 5.3.4 Message too big for this system\r\n")
+                    .unwrap();
+                // Closed with the rest of the body unread: a reset.
+                return;
+            } else {
+                s.write_all(b"250 2.0.0 ok\r\n").unwrap();
+            }
+            line.clear();
+        }
+    });
+    let mut server = routed_to_port(port, &["--max-transactions-in-flight", "2"]);
+    let body =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(256 * 1024);
+    send(&server, "", &["b@dest.test"], "<large@t>", &body);
+    hop.join().unwrap();
+    let outcome = server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("status="));
+    assert!(outcome.contains("status=\"bounced\""), "{outcome}");
+    assert!(outcome.contains("552 5.3.4 Message too big"), "{outcome}");
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn a_reply_behind_the_354_is_not_taken_for_the_message_s_answer() {
     // A next hop (no PIPELINING, no CHUNKING) whose 354 comes with a 250 behind it, and
     // which refuses the message after its dot: read after the body, that 250 would pass for

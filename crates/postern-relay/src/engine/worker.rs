@@ -566,6 +566,8 @@ impl CoreRelay {
         let mut broken: Option<ConnError> = None;
         // A job whose RSET found the connection ended: it goes back first.
         let mut stale = Vec::new();
+        // Where in `sent` the job whose body's write broke off is.
+        let mut broken_at: Option<usize> = None;
         for (i, job) in unsent.by_ref().enumerate() {
             let first_note = if i == 0 { note.take() } else { None };
             let Some((job, tx, body)) = self.prepare(conn, job) else {
@@ -593,9 +595,15 @@ impl CoreRelay {
                         broken = Some(e);
                         break;
                     }
-                    // Part of it may have gone out: its outcome is unknown, like the sent ones'.
-                    // (The replies read so far belong to earlier transactions.)
-                    self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
+                    // Part of it went out: what the next hop sent before it broke off (a
+                    // refusal of its body, as from one without SIZE that stops reading an
+                    // oversized body) is read with the others' replies, as its outcome. No
+                    // reply can take it (its body did not all go out).
+                    if sent.is_empty() {
+                        note = first_note;
+                    }
+                    broken_at = Some(sent.len());
+                    sent.push(job);
                     dq.serial_until
                         .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
@@ -620,10 +628,22 @@ impl CoreRelay {
         // The silence before a break counts from the end of the writes (a slow write is no
         // silence of the next hop's).
         conn.quiet_from_now();
+        let mut read = 0usize;
         while let Some(job) = sent.next() {
             // Only the first job sent can be the carried one.
             let first_note = note.take();
-            match conn.finish(limit).await {
+            let cut_short = broken_at == Some(read);
+            read += 1;
+            let finished = match conn.finish(limit).await {
+                // A reply that takes a body that did not all go out cannot be in step.
+                Ok(result)
+                    if cut_short && !result.data.as_ref().is_some_and(|d| !d.is_positive()) =>
+                {
+                    Err(ConnError::Io(crate::conn::OUT_OF_STEP.into()))
+                }
+                finished => finished,
+            };
+            match finished {
                 Ok(result) => answered.push((job, result)),
                 Err(e) => {
                     // Those answered before the break keep their replies, unless the batch
