@@ -783,11 +783,11 @@ impl Outbound {
                 ))))
             }
         }
-        self.send_body(BodyMode::Bdat, body, t.data_block)
-            .await
-            .map_err(Err)?;
+        let sent = self.send_body(BodyMode::Bdat, body, t.data_block).await;
+        // Broken off or not, no more of the body goes: the session is idle again once its
+        // replies are in, so that one too many behind them can still be seen.
         self.session.body_sent();
-        Ok(())
+        sent.map_err(Err)
     }
 
     /// The replies the oldest transaction without an outcome got before the connection failed

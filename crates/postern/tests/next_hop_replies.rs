@@ -207,6 +207,57 @@ fn a_refusal_sent_before_the_next_hop_broke_off_a_batch_s_body_is_its_outcome() 
 }
 
 #[test]
+fn a_batch_s_body_whose_write_times_out_leaves_the_replies_before_it_standing() {
+    // A batch of a small message and a large one: the next hop takes the first (its replies
+    // are sent), then stops reading in the middle of the second's body. The second's write
+    // times out and gets no reply, as expected of a body that did not all go out: the first
+    // is still delivered on its own replies, not deferred and sent again.
+    let (port, hop) = one_connection_hop(|mut s, mut r| {
+        let mut line = String::new();
+        let mut bodies = 0;
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.starts_with("EHLO") {
+                s.write_all(b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+                    .unwrap();
+            } else if let Some(args) = line.strip_prefix("BDAT ") {
+                bodies += 1;
+                if bodies == 2 {
+                    // Reads no more, and keeps the connection until postern ends it.
+                    let mut rest = Vec::new();
+                    std::thread::sleep(Duration::from_secs(5));
+                    let _ = r.read_to_end(&mut rest);
+                    return;
+                }
+                let n: usize = args.split_whitespace().next().unwrap().parse().unwrap();
+                let mut body = vec![0u8; n];
+                r.read_exact(&mut body).unwrap();
+                s.write_all(b"250 2.0.0 queued\r\n").unwrap();
+            } else {
+                s.write_all(b"250 2.0.0 ok\r\n").unwrap();
+            }
+            line.clear();
+        }
+    });
+    let large =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(256 * 1024);
+    let mut server = released_in_one_batch(
+        port,
+        &[("<small@t>", "x\r\n"), ("<large@t>", &large)],
+        &["--smtp-data-block-timeout", "1s"],
+    );
+    // The small one is taken on its own replies; the large one is deferred for its write.
+    server.log_until(|l| l.contains("status=\"sent\""));
+    server.log_until(|l| l.contains("status=\"deferred\"") && l.contains("timed out"));
+    hop.join().unwrap();
+    let all = server.terminate_for_log();
+    let sent = all
+        .lines()
+        .filter(|l| l.contains("status=\"sent\""))
+        .count();
+    assert_eq!(sent, 1, "{all}");
+}
+
+#[test]
 fn a_reply_behind_the_354_is_not_taken_for_the_message_s_answer() {
     // A next hop (no PIPELINING, no CHUNKING) whose 354 comes with a 250 behind it, and
     // which refuses the message after its dot: read after the body, that 250 would pass for

@@ -598,12 +598,17 @@ impl CoreRelay {
                     // Part of it went out: what the next hop sent before it broke off (a
                     // refusal of its body, as from one without SIZE that stops reading an
                     // oversized body) is read with the others' replies, as its outcome. No
-                    // reply can take it (its body did not all go out).
-                    if sent.is_empty() {
-                        note = first_note;
+                    // reply can take it (its body did not all go out). A failure before
+                    // anything was written leaves its outcome unknown at once.
+                    if conn.write_broke() {
+                        if sent.is_empty() {
+                            note = first_note;
+                        }
+                        broken_at = Some(sent.len());
+                        sent.push(job);
+                    } else {
+                        self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
                     }
-                    broken_at = Some(sent.len());
-                    sent.push(job);
                     dq.serial_until
                         .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
@@ -636,15 +641,26 @@ impl CoreRelay {
             read += 1;
             let finished = match conn.finish(limit).await {
                 // A reply that takes a body that did not all go out cannot be in step.
-                Ok(result)
-                    if cut_short && !result.data.as_ref().is_some_and(|d| !d.is_positive()) =>
-                {
+                Ok(result) if cut_short && result.data.as_ref().is_none_or(|d| d.is_positive()) => {
                     Err(ConnError::Io(crate::conn::OUT_OF_STEP.into()))
                 }
                 finished => finished,
             };
             match finished {
                 Ok(result) => answered.push((job, result)),
+                // No reply to a body that did not all go out (the connection ended, or the
+                // next hop still waits for the rest of it): expected, and no sign that the
+                // others' replies were out of step. Its outcome is the broken write's, with
+                // what it got before, as for a transaction alone (see `transact`).
+                Err(e @ ConnError::Io(_)) if cut_short && !crate::conn::out_of_step(&e) => {
+                    let broke = broken.clone().unwrap_or(e);
+                    let partial = match &broke {
+                        ConnError::Io(text) if text == crate::conn::TIMED_OUT => None,
+                        _ if conn.quiet_for() >= SILENCE_BEFORE_BREAK => None,
+                        _ => conn.take_unfinished(),
+                    };
+                    self.conclude(conn, dq, job, Err(Err(broke)), partial, carry);
+                }
                 Err(e) => {
                     // Those answered before the break keep their replies, unless the batch
                     // ran out of time, the next hop ended it after a long silence, or its
