@@ -14,6 +14,18 @@ use std::time::{Duration, Instant};
 use common::Server;
 use relaying::*;
 
+/// `postern` arguments for a start on one core, holding its mail, on any loopback port: the
+/// spool's path goes last.
+const ONE_CORE_HELD: [&str; 7] = [
+    "serve",
+    "--cores",
+    "1",
+    "--hold",
+    "--listen",
+    "127.0.0.1:0",
+    "--spool",
+];
+
 /// Holds mail on two cores (`--hold`, with `extra` flags) in `spool` until some of it is on
 /// core 1 (one connection per message, which the kernel spreads over the cores), and stops;
 /// returns how many messages were sent and how many are on core 1.
@@ -155,15 +167,7 @@ fn a_move_to_fewer_cores_cut_off_by_crashes_delivers_each_message_once() {
             "inject=fdatasync:signal=SIGKILL:when=1",
         ])
         .arg(env!("CARGO_BIN_EXE_postern"))
-        .args([
-            "serve",
-            "--cores",
-            "1",
-            "--hold",
-            "--listen",
-            "127.0.0.1:0",
-            "--spool",
-        ])
+        .args(ONE_CORE_HELD)
         .arg(&spool);
         let (code, _, err) = common::run_command_bounded(cmd);
         assert_ne!(code, 0, "the start was not cut off: {err}");
@@ -202,17 +206,9 @@ fn a_removed_core_s_directory_that_cannot_be_listed_stops_the_start_and_keeps_it
     let spool = disk.path.join("spool");
     let (sent, _) = hold_on_two_cores(&spool, &[], "unlisted");
     disk.fail_listing_of(Some("1"));
-    let spool_arg = spool.to_str().unwrap();
-    let (code, _, err) = common::run_bounded(&[
-        "serve",
-        "--cores",
-        "1",
-        "--hold",
-        "--listen",
-        "127.0.0.1:0",
-        "--spool",
-        spool_arg,
-    ]);
+    let mut args = ONE_CORE_HELD.to_vec();
+    args.push(spool.to_str().unwrap());
+    let (code, _, err) = common::run_bounded(&args);
     assert_eq!(code, 1, "{err}");
     assert!(!err.contains("ready with"), "{err}");
     assert!(err.contains("/1"), "the error names no directory: {err}");
@@ -289,15 +285,7 @@ fn a_stop_asked_for_during_the_move_to_fewer_cores_ends_the_start_before_ready()
             .args(["-f", "-qq", "-o", "/dev/null", "-e"])
             .arg("inject=fdatasync:delay_enter=3000000:when=1")
             .arg(env!("CARGO_BIN_EXE_postern"))
-            .args([
-                "serve",
-                "--cores",
-                "1",
-                "--hold",
-                "--listen",
-                "127.0.0.1:0",
-                "--spool",
-            ])
+            .args(ONE_CORE_HELD)
             .arg(&spool)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -85,6 +85,15 @@ fn until_data(s: &mut TcpStream, r: &mut BufReader<TcpStream>) -> bool {
     false
 }
 
+/// A small message `id` sent through [`routed_to_port`]`(port, extra)`: the server, and the
+/// log line of the first deferral.
+fn first_deferral(port: u16, extra: &[&str], id: &str) -> (Server, String) {
+    let server = routed_to_port(port, extra);
+    send(&server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    (server, deferred)
+}
+
 /// postern on one core routing dest.test to `port`, retries an hour apart, with `extra`.
 fn routed_to_port(port: u16, extra: &[&str]) -> Server {
     let route = format!("dest.test=127.0.0.1:{port}");
@@ -115,15 +124,8 @@ fn a_reply_of_endless_lines_sent_without_pause_still_times_out() {
         }
         false
     });
-    let mut server = routed_to_port(port, &["--smtp-greeting-timeout", "1s"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<flood@t>",
-        "x\r\n",
-    );
-    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    let (mut server, deferred) =
+        first_deferral(port, &["--smtp-greeting-timeout", "1s"], "<flood@t>");
     assert!(deferred.contains("timed out"), "{deferred}");
     assert!(flood.join().unwrap(), "the connection was kept for 30 s");
     assert!(server.terminate().success());
@@ -275,15 +277,7 @@ fn a_reply_behind_the_354_is_not_taken_for_the_message_s_answer() {
         }
         false
     });
-    let mut server = routed_to_port(port, &[]);
-    send(
-        &server,
-        "a@origin.test",
-        &["b@dest.test"],
-        "<behind@t>",
-        "x\r\n",
-    );
-    let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
+    let (mut server, deferred) = first_deferral(port, &[], "<behind@t>");
     assert!(deferred.contains("after the 354"), "{deferred}");
     assert!(!hop.join().unwrap(), "the body was sent");
     let log = server.terminate_for_log();
