@@ -493,18 +493,58 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
                 .position(|c| !c.is_whitespace())
                 .is_some_and(|n| n > 0 && chars[i + 1 + n].is_ascii_digit())
     });
-    if split_number {
+    // Nor may a blank stand beside a decimal point (`1. 5h` is no 1.5 hours).
+    let split_fraction = chars
+        .windows(2)
+        .any(|w| (w[0] == '.' && w[1].is_whitespace()) || (w[0].is_whitespace() && w[1] == '.'));
+    if split_number || split_fraction {
         return Err(format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"));
     }
-    let d = humantime::parse_duration(s).map_err(|e| match e {
-        humantime::DurationError::NumberOverflow => format!("'{s}' is more than 10 years"),
-        _ => format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"),
-    })?;
-    // Deadlines are instants: a duration this long would overflow when added to one.
-    if d > MAX_DURATION {
-        return Err(format!("'{s}' is more than 10 years"));
+    // Each number with its unit is read on its own and the sum kept within bounds: the
+    // parser's own sum of parts that add up to its largest value panics.
+    let mut total = Duration::ZERO;
+    for part in duration_parts(s) {
+        let d = humantime::parse_duration(part).map_err(|e| match e {
+            humantime::DurationError::NumberOverflow if finer_than_nanoseconds(part) => {
+                format!("'{s}' is finer than a nanosecond")
+            }
+            humantime::DurationError::NumberOverflow => format!("'{s}' is more than 10 years"),
+            _ => format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"),
+        })?;
+        // Deadlines are instants: a duration this long would overflow when added to one.
+        total = total
+            .checked_add(d)
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| format!("'{s}' is more than 10 years"))?;
     }
-    Ok(d)
+    Ok(total)
+}
+
+/// A duration's parts, each a number and its unit (`1h 30m` and `1h30m`: `1h`, `30m`); a
+/// string without a number is one part (and no duration).
+fn duration_parts(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut in_unit = false;
+    for (i, c) in s.char_indices() {
+        if c.is_ascii_digit() && in_unit {
+            parts.push(s[start..i].trim());
+            start = i;
+            in_unit = false;
+        } else if !(c.is_ascii_digit() || c == '.' || c.is_whitespace()) {
+            in_unit = true;
+        }
+    }
+    parts.push(s[start..].trim());
+    parts
+}
+
+/// Whether the parser's overflow on `part` (one number and its unit) comes from a fraction
+/// it cannot hold (`0.5ns`, or more than nine decimals) rather than from its size: a whole
+/// part under 10^9 fits in any unit.
+fn finer_than_nanoseconds(part: &str) -> bool {
+    let whole: String = part.chars().take_while(char::is_ascii_digit).collect();
+    part[whole.len()..].starts_with('.') && whole.parse::<u64>().is_ok_and(|n| n < 1_000_000_000)
 }
 
 /// The longest duration any flag takes.
@@ -665,12 +705,42 @@ fn control_character_source() -> Option<String> {
             ),
         });
     }
-    std::env::vars_os().find_map(|(name, value)| {
-        let name = name.to_str()?;
+    // Only the variables the command reads: one whose flag is on the command line, or that
+    // names no setting of the command, is not read (nor is its value wrong).
+    read_variables(&args).into_iter().find_map(|name| {
+        let value = std::env::var_os(&name)?;
         let c = inside(value.to_str()?)?;
-        name.starts_with("POSTERN_")
-            .then(|| format!("a control character ({}) in the variable {name}", shown(c)))
+        Some(format!(
+            "a control character ({}) in the variable {name}",
+            shown(c)
+        ))
     })
+}
+
+/// The `POSTERN_*` variables that the subcommand named in `args` reads: those of its flags
+/// that are not on the command line.
+fn read_variables(args: &[std::ffi::OsString]) -> Vec<String> {
+    let cli = <Cli as clap::CommandFactory>::command();
+    let Some(sub) = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .find_map(|a| cli.find_subcommand(a))
+    else {
+        return Vec::new();
+    };
+    let given = |long: &str| {
+        let flag = format!("--{long}");
+        args.iter().filter_map(|a| a.to_str()).any(|a| {
+            a == flag
+                || a.strip_prefix(flag.as_str())
+                    .is_some_and(|v| v.starts_with('='))
+        })
+    };
+    sub.get_arguments()
+        .filter(|a| !a.get_long().is_some_and(given))
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+        .collect()
 }
 
 /// Which argument, flag value or `POSTERN_*` variable is not UTF-8 (clap's error names none).
@@ -1217,6 +1287,38 @@ mod tests {
         let e = parse_size("12x4k").unwrap_err();
         assert!(e.contains("is not a size"), "{e}");
         let e = parse_duration("99999999999999999999999s").unwrap_err();
+        assert!(e.contains("is more than 10 years"), "{e}");
+        // Parts adding up to the parser's largest value (its own sum panicked).
+        for big in [
+            "18446744073709551615s1000ms",
+            "18446744073709551615s 1000ms",
+            "9000000000000000000s 9446744073709551615s 1000ms",
+        ] {
+            let e = parse_duration(big).unwrap_err();
+            assert_eq!(e, format!("'{big}' is more than 10 years"));
+        }
+        for fine in ["0.5ns", "1.0000000001s"] {
+            let e = parse_duration(fine).unwrap_err();
+            assert_eq!(e, format!("'{fine}' is finer than a nanosecond"));
+        }
+    }
+
+    #[test]
+    fn durations_add_their_parts_and_take_no_blank_inside_a_number() {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration(" 1.5h "), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s 500ms"), Ok(Duration::from_millis(2500)));
+        assert_eq!(
+            parse_duration("3650d"),
+            Ok(Duration::from_secs(3650 * 86400))
+        );
+        for wrong in ["1. 5h", "1 .5h", "1 5m", "5", "", "h", "1h 30"] {
+            let e = parse_duration(wrong).unwrap_err();
+            assert!(e.contains("is not a duration"), "{wrong:?}: {e}");
+        }
+        let e = parse_duration("3000d 1000d").unwrap_err();
         assert!(e.contains("is more than 10 years"), "{e}");
     }
 }

@@ -1469,6 +1469,30 @@ fn a_value_with_a_line_break_inside_is_named_on_one_line() {
     let (code, _, err) = common::run_command_bounded(cmd);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--cores"), "{err}");
+    // A variable the command does not read holds nothing wrong: one whose flag is on the
+    // command line, one that names no setting, one of another command.
+    let unread: [(&[&str], &str); 4] = [
+        (
+            &["serve", "--cores", "0", "--route", "a.example=b.example:25"],
+            "POSTERN_ROUTE",
+        ),
+        (
+            &["serve", "--cores", "0", "--route=a.example=b.example:25"],
+            "POSTERN_ROUTE",
+        ),
+        (&["serve", "--cores", "0"], "POSTERN_NO_SUCH_SETTING"),
+        (
+            &["queue", "--spool", "/nonexistent/spool", "--cores", "0"],
+            "POSTERN_RELAY_HOST",
+        ),
+    ];
+    for (args, name) in unread {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
+        cmd.args(args).env(name, "x\ny");
+        let (code, _, err) = common::run_command_bounded(cmd);
+        assert_eq!(code, 2, "{args:?} {name}: {err}");
+        assert!(err.contains("--cores"), "{args:?} {name}: {err}");
+    }
 }
 
 #[test]
