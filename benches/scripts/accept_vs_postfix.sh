@@ -12,6 +12,8 @@
 # Needs root (installs and configures Postfix when missing). Usage:
 #   bash benches/scripts/accept_vs_postfix.sh [messages-per-round [rounds]]
 set -euo pipefail
+# A failure inside $(...) (a run of smtp-source cut short) ends the script too.
+shopt -s inherit_errexit
 cd "$(dirname "$0")/../.."
 MSGS=${1:-20000}
 ROUNDS=${2:-3}
@@ -83,15 +85,27 @@ done
 rate() { # port -> messages per second of one round
   local start end
   start=$(date +%s.%N)
-  smtp-source -d -s $SESSIONS -m "$MSGS" -l $SIZE -f bench@origin.test -t rcpt@dest.test \
-    "127.0.0.1:$1" >/dev/null
+  # smtp-source gives up at the first refusal or broken connection: such a round sent fewer
+  # than $MSGS messages and has no rate.
+  if ! smtp-source -d -s $SESSIONS -m "$MSGS" -l $SIZE -f bench@origin.test -t rcpt@dest.test \
+    "127.0.0.1:$1" >/dev/null 2>"$work/source.err"; then
+    echo "smtp-source against 127.0.0.1:$1 failed: $(tail -n 1 "$work/source.err")" >&2
+    return 1
+  fi
   end=$(date +%s.%N)
   python3 -c "print(round($MSGS / ($end - $start)))"
 }
 # (Of an even count, the mean of the two middle values.)
 median() { python3 -c 'import statistics, sys; print(round(statistics.median(map(float, sys.argv[1:]))))' "$@"; }
 drain_postfix() { # let Postfix hand its queue to the sink before the next measurement
-  for _ in $(seq 1 600); do [ -z "$(postqueue -j 2>/dev/null)" ] && return; sleep 0.2; done
+  local listing
+  for _ in $(seq 1 600); do
+    # A listing that fails says nothing about the queue: only a good, empty one ends the wait.
+    listing=$(postqueue -j 2>/dev/null) || { sleep 0.2; continue; }
+    [ -z "$listing" ] && return
+    sleep 0.2
+  done
+  echo "warning: Postfix queue not empty (or not listed) after 120 s" >&2
 }
 
 drain_postern() { # metrics port: wait until every accepted message has been delivered
@@ -104,8 +118,14 @@ drain_postern() { # metrics port: wait until every accepted message has been del
 }
 
 declare -A result
+targets=(postern postern1 postfix sink)
+# Postfix's queue is emptied of anything left from before, so no old delivery runs meanwhile.
+postsuper -d ALL >/dev/null 2>&1 || true
 for round in $(seq 1 "$ROUNDS"); do
-  for target in postern postern1 postfix sink; do
+  # Each round starts with the next receiver, so none is always first (or always after a
+  # drain).
+  order=("${targets[@]:$(( (round - 1) % 4 ))}" "${targets[@]:0:$(( (round - 1) % 4 ))}")
+  for target in "${order[@]}"; do
     case $target in
       postern) p=$POSTERN_PORT;; postern1) p=$POSTERN1_PORT;;
       postfix) p=$POSTFIX_PORT;; sink) p=$SINK_PORT;;

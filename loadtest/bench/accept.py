@@ -122,8 +122,13 @@ def main():
     # Messages that came due and were never sent have no latency: with any, the latencies
     # miss part of the run's tail, and no verdict is given.
     not_started = half.get("messages_not_started") or 0
+    # Nor when some failed (no latency either) or were refused (their quick refusals are
+    # among the latencies, and no refusal meets a target for accepting).
+    failed = (half.get("messages_failed") or 0) + (half.get("messages_refused") or 0)
     if not_started:
         p99_verdict = f"not judged: {not_started} messages due were never sent"
+    elif failed:
+        p99_verdict = f"not judged: {failed} messages failed or were refused"
     else:
         p99_verdict = "met" if eod["p99"] < 2 else "**not met**"
     lines = [
@@ -151,7 +156,10 @@ def main():
     ]
     for n in ("postern", "Postfix"):
         rs = " ".join(f"{r['messages_per_s']:.0f}" for r in rows[n])
-        lines.append(f"| {n} | {rs} | {med[n]:,.0f} | {p99[n]:.2f} |")
+        # A round's rate counts only accepted messages; the others are said beside it.
+        lost = sum(r["messages_failed"] + r["messages_refused"] for r in rows[n])
+        note = f" ({lost} not accepted)" if lost else ""
+        lines.append(f"| {n} | {rs}{note} | {med[n]:,.0f} | {p99[n]:.2f} |")
     verdict = "met" if ratio >= 50 else "**not met**"
     lines += [
         "",

@@ -231,8 +231,9 @@ pub async fn run(core: Rc<Core>) {
 struct Pending<'a> {
     /// Its due time, or when its MAIL was queued.
     started: Instant,
-    /// When its body was queued for writing (written before the next read).
-    eod: Option<Instant>,
+    /// Where its body ends in what the connection wrote (see [`Outbox::pushed`]), once
+    /// queued: its end of data is when the write that carried that octet out finished.
+    eod: Option<u64>,
     mode: BodyMode,
     message: Message<'a>,
 }
@@ -314,7 +315,7 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                     return salvage(core, &mut client, &mut flight, kind, 0, next).await;
                 }
                 client.session.body_sent();
-                p.eod = Some(Instant::now());
+                p.eod = Some(client.outbox.pushed());
                 let len = p.message.len();
                 core.with_stats(|s| {
                     s.sent += 1;
@@ -325,10 +326,10 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                 let Some(p) = flight.pop_front() else {
                     return lose(core, "protocol_error", 1, next);
                 };
-                settle(core, &p, &result, client.replied_at);
+                settle(core, &p, &result, &mut client);
             }
             ClientEvent::Failed(e) => {
-                settle_closing(core, &mut flight, &e, client.replied_at);
+                settle_closing(core, &mut flight, &e, &mut client);
                 let Failure(kind) = e.into();
                 return lose(core, kind, flight.len(), next);
             }
@@ -372,8 +373,8 @@ fn chunk_size_for(run: &Run, len: u64) -> u64 {
     }
 }
 
-/// Counts the answer to message `p`, read at `answered`.
-fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult, answered: Instant) {
+/// Counts the answer to message `p`, read at `client.replied_at`.
+fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult, client: &mut Client) {
     // Accepted only with MAIL, a recipient and the body taken: a server that took the
     // pipelined DATA after refusing them gets a lone dot, not the message.
     let accepted = result.mail.is_positive()
@@ -392,8 +393,8 @@ fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult, answered: In
         accepted,
         p.message.len(),
         p.started,
-        p.eod,
-        answered,
+        p.eod.and_then(|end| client.outbox.written_at(end)),
+        client.replied_at,
     );
 }
 
@@ -404,7 +405,7 @@ fn settle_closing(
     core: &Core,
     flight: &mut VecDeque<Pending<'_>>,
     e: &ClientError,
-    answered: Instant,
+    client: &mut Client,
 ) {
     if let ClientError::Closing(reply) = e {
         if let Some(p) = flight.pop_front() {
@@ -413,8 +414,8 @@ fn settle_closing(
                 false,
                 p.message.len(),
                 p.started,
-                p.eod,
-                answered,
+                p.eod.and_then(|end| client.outbox.written_at(end)),
+                client.replied_at,
             );
         }
     }
@@ -445,12 +446,12 @@ async fn salvage(
                     let Some(p) = flight.pop_front() else {
                         break 'read;
                     };
-                    settle(core, &p, &result, client.replied_at);
+                    settle(core, &p, &result, client);
                     continue;
                 }
                 ClientEvent::NeedInput => {}
                 ClientEvent::Failed(e) => {
-                    settle_closing(core, flight, &e, client.replied_at);
+                    settle_closing(core, flight, &e, client);
                     break 'read;
                 }
                 _ => break 'read,
