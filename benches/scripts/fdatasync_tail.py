@@ -64,7 +64,9 @@ def arrivals(syncs, wall, samples=200_000, seed=1):
     starts = [s for s, _ in syncs]
     waits = []
     for _ in range(samples):
-        t = rng.uniform(0, syncs[-1][0])
+        # From the first sync's start: an arrival before it has no sync in progress to
+        # wait for (index -1 would take the last sync's).
+        t = rng.uniform(syncs[0][0], syncs[-1][0])
         i = bisect.bisect_right(starts, t) - 1
         start, dur = syncs[i]
         rest = max(0.0, start + dur - t)
