@@ -1280,3 +1280,37 @@ fn a_backup_mx_used_while_the_primary_s_address_cannot_be_looked_up_is_only_a_st
     }
     drop(dns);
 }
+
+#[test]
+fn a_lookup_failing_beside_a_working_connection_defers_nothing() {
+    use dns_server::{Rec, TestDns};
+    // One connection to the MX host delivers (a third of a second a message); then every
+    // lookup fails. The connections opened for the backlog fail at their lookup, while the
+    // first still works: the jobs wait for it, not a retry with the next hop paused.
+    let peer = Peer::start_on("127.0.0.63", 0, &["--delay", "0.3"]);
+    let dns = TestDns::start_uncached(
+        "test",
+        &[
+            ("dest.test.", Rec::Mx(10, "mx.dest.test.")),
+            ("mx.dest.test.", Rec::A("127.0.0.63".parse().unwrap())),
+        ],
+    );
+    let mut server = mx_server_one_attempt(&dns, peer.port, &["--cores", "1"]);
+    send(
+        &server,
+        "s@origin.test",
+        &["r@dest.test"],
+        "<first@t>",
+        "x\r\n",
+    );
+    peer.first("the first message");
+    dns.fail_everything();
+    let asked = dns.query_count();
+    send_in_one_session(&server, "r@dest.test", "backlog", 8);
+    peer.wait_for("the backlog", Duration::from_secs(30), |s| s.len() == 9);
+    // A connection for the backlog asked (and failed) while the first carried it.
+    assert!(dns.query_count() > asked, "no lookup failed");
+    let log = server.terminate_for_log();
+    assert!(!log.contains("status=\"deferred\""), "{log}");
+    assert!(log.contains("refused another connection"), "{log}");
+}

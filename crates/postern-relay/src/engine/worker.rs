@@ -91,14 +91,15 @@ impl CoreRelay {
                 Err(unopened)
                     if unopened.1.is_none()
                         && unopened.2.is_none()
-                        && unopened.4 > 0
+                        && (unopened.4 > 0 || lookup_failed(&unopened))
                         && self.others_work(&dq, attempt_began) =>
                 {
-                    // No answer (refused, closed before its greeting, timed out; not only
-                    // addresses this machine has no way to, which say nothing of the next
-                    // hop) while other connections of ours to the same next hop work: a host or firewall
-                    // that drops connections past a limit, or a passing fault. The jobs
-                    // wait for the connections that work, as above.
+                    // No answer (refused, closed before its greeting, timed out, or the
+                    // lookup failed for now; not only addresses this machine has no way to,
+                    // which say nothing of the next hop) while other connections of ours to
+                    // the same next hop work: a host or firewall that drops connections past
+                    // a limit, or a passing fault. The jobs wait for the connections that
+                    // work, as above.
                     self.at_connection_limit(&dq, unopened.4, &unopened.0);
                     for k in carry.drain(..) {
                         self.settle_carried(k);
@@ -1217,6 +1218,12 @@ pub(super) type Unopened = (
     u32,
     bool,
 );
+
+/// Whether `unopened` is a lookup that failed for now ([`unresolved`]: no address tried, no
+/// host that answered, and a DNS failure's status to defer with).
+fn lookup_failed(unopened: &Unopened) -> bool {
+    unopened.4 == 0 && unopened.2.is_none() && matches!(unopened.3, Some("4.4.3" | "4.4.4"))
+}
 
 /// A next hop that could not be resolved (no host answered): failed for good with the
 /// lookup's status when it is permanent, deferred with it otherwise (4.4.3 a DNS failure,

@@ -9,7 +9,9 @@
 //! purpose: `servfail.<zone>` answers SERVFAIL and `silent.<zone>` is never answered;
 //! `v4only.<zone>` answers A queries from its records and never answers AAAA ones;
 //! `slowv4.<zone>` answers A queries [`SLOW_ANSWER`] late (AAAA ones at once); `nxv6silent.<zone>`
-//! (give it no records) answers A queries NXDOMAIN and never answers AAAA ones.
+//! (give it no records) answers A queries NXDOMAIN and never answers AAAA ones. Once told
+//! ([`TestDns::fail_everything`]), every name in the zone answers SERVFAIL; a zone started
+//! with [`TestDns::start_uncached`] gives its records a TTL of 0, so that every lookup asks.
 //!
 //! Self-contained (hickory-proto, tokio with `rt`, `net`, `sync`, `macros`, and std) so other
 //! crates' tests can include it with `#[path = "..."] mod dns_server;`.
@@ -75,12 +77,29 @@ struct Zone {
     nxv6silent: Name,
     udp_queries: AtomicUsize,
     tcp_queries: AtomicUsize,
+    /// Every name answers SERVFAIL.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl TestDns {
     /// Starts serving `zone` with `records` on `127.0.0.1:<ephemeral>`. Panics on bad names or
     /// when no port can be bound for both UDP and TCP.
     pub fn start(zone: &str, records: &[(&str, Rec)]) -> TestDns {
+        Self::start_with_ttl(zone, records, TTL)
+    }
+
+    /// As [`TestDns::start`], with every record's TTL (and the negative-caching TTL) 0: no
+    /// answer is kept by a resolver's cache.
+    pub fn start_uncached(zone: &str, records: &[(&str, Rec)]) -> TestDns {
+        Self::start_with_ttl(zone, records, 0)
+    }
+
+    /// From now on every name in the zone answers SERVFAIL (a broken zone or resolver).
+    pub fn fail_everything(&self) {
+        self.zone.failing.store(true, Ordering::SeqCst);
+    }
+
+    fn start_with_ttl(zone: &str, records: &[(&str, Rec)], ttl: u32) -> TestDns {
         let mut origin = Name::from_utf8(zone).expect("zone name");
         origin.set_fqdn(true);
         let name = |text: &str| -> Name {
@@ -105,12 +124,12 @@ impl TestDns {
                     Rec::Cname(target) => RData::CNAME(CNAME(name(target))),
                     Rec::Txt(text) => RData::TXT(TXT::new(vec![(*text).to_owned()])),
                 };
-                Record::from_rdata(name(owner), TTL, data)
+                Record::from_rdata(name(owner), ttl, data)
             })
             .collect();
         let soa = Record::from_rdata(
             origin.clone(),
-            TTL,
+            ttl,
             RData::SOA(SOA::new(
                 name("ns"),
                 name("hostmaster"),
@@ -118,7 +137,7 @@ impl TestDns {
                 3600,
                 600,
                 86400,
-                TTL,
+                ttl,
             )),
         );
         let zone = Arc::new(Zone {
@@ -132,6 +151,7 @@ impl TestDns {
             soa,
             udp_queries: AtomicUsize::new(0),
             tcp_queries: AtomicUsize::new(0),
+            failing: false.into(),
         });
 
         let (udp, tcp) = bind_pair();
@@ -356,7 +376,7 @@ impl Zone {
         {
             return None;
         }
-        if *qname == self.servfail {
+        if *qname == self.servfail || self.failing.load(Ordering::SeqCst) {
             response.metadata.response_code = ResponseCode::ServFail;
             return Some(response);
         }
