@@ -360,6 +360,22 @@ impl Outbound {
             }
             return Ok(());
         }
+        // The name the handshake is made for, found before STARTTLS: a name that TLS cannot
+        // carry (a label ending in '-', a last label all digits) is said before the next hop
+        // switches to TLS. Opportunistic TLS checks no name: the address stands in for it
+        // (and no SNI is sent).
+        let name = match ServerName::try_from(remote.to_owned()) {
+            Ok(name) => name,
+            Err(_) if tls.policy == TlsPolicy::Opportunistic => {
+                ServerName::IpAddress(self.addr.ip().into())
+            }
+            Err(_) => {
+                self.end_session().await;
+                return Err(ConnError::Tls(format!(
+                    "'{remote}' is not a valid TLS server name"
+                )));
+            }
+        };
         self.session.start_tls().map_err(ConnError::Smtp)?;
         match self.next_event(t.greeting).await? {
             ClientEvent::StartTls => {}
@@ -382,8 +398,6 @@ impl Outbound {
         }
         // Bytes after the 220 would be an injection attempt (RFC 3207 5): drop them.
         self.start = self.end;
-        let name = ServerName::try_from(remote.to_owned())
-            .map_err(|_| ConnError::Tls(format!("'{remote}' is not a valid TLS server name")))?;
         let Conn::Plain(tcp) = std::mem::replace(&mut self.stream, Conn::Gone) else {
             return Err(ConnError::Tls("connection already in TLS".into()));
         };

@@ -565,3 +565,43 @@ fn tbs_first_tag(der: &[u8]) -> u8 {
     let tbs = header(0);
     der[tbs + header(tbs)]
 }
+
+#[test]
+fn an_mx_host_whose_name_tls_cannot_carry_still_gets_opportunistic_tls() {
+    use dns_server::{Rec, TestDns};
+    // A label ending in '-' is a DNS name, not a TLS server name. Opportunistic TLS checks
+    // no name, so the handshake is made for the address. Before, the name was refused after
+    // the next hop had said 220 to STARTTLS: the connection was given up, and the host got
+    // its mail in cleartext on a second one (and for an hour after).
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let (cert, key) = (fixtures.join("v1-cert.pem"), fixtures.join("v1-key.pem"));
+    let peer = Peer::start_on(
+        "127.0.0.64",
+        0,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("dest.test.", Rec::Mx(10, "mx-.dest.test.")),
+            ("mx-.dest.test.", Rec::A("127.0.0.64".parse().unwrap())),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let port = peer.port.to_string();
+    let server = Server::start(&["--dns-server", &dns_addr, "--mx-port", &port]);
+    send(
+        &server,
+        "a@origin.test",
+        &["r@dest.test"],
+        "<dash@t>",
+        "x\r\n",
+    );
+    let (got, _) = peer.first("the message");
+    assert!(got.tls, "delivered in cleartext");
+}
