@@ -22,8 +22,13 @@ impl HostPort {
         let s = s.trim();
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+            // The tag says IPv6: an IPv4 address behind it is no literal (RFC 5321 4.1.3).
             let host = match host.get(..5) {
-                Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => &host[5..],
+                Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+                    let v6 = &host[5..];
+                    v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+                    v6
+                }
                 _ => host,
             };
             let port = match after.strip_prefix(':') {
@@ -223,6 +228,8 @@ mod tests {
             "h:x:y",
             "[not-v6]:25",
             "[IPv6:192.0.2.1x]:25",
+            "[IPv6:192.0.2.1]:25",
+            "[IPv6:192.0.2.1]",
         ] {
             assert!(HostPort::parse(bad, 25).is_err(), "{bad}");
         }
