@@ -198,8 +198,7 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
     let queue_id = dot_atom(report.queue_id, "dsn");
     let returned = Returned::from_original(report);
 
-    let text = MimePart::new("text/plain", human_text(report, &host, &returned))
-        .header("Content-Description", Text::new("Notification"));
+    let text = text_part_of(human_text(report, &host, &returned));
     let status = MimePart::new(
         "message/delivery-status",
         BodyPart::Binary(delivery_status(report, &host).into()),
@@ -237,6 +236,23 @@ pub fn build(report: &Report<'_>) -> Vec<u8> {
         .body(body)
         .serialize(&mut output);
     output
+}
+
+/// A report's text part, saying `text`.
+fn text_part_of<'x>(text: String) -> MimePart<'x> {
+    MimePart::new("text/plain", text).header("Content-Description", Text::new("Notification"))
+}
+
+/// A text part's body, decoded by its `Content-Transfer-Encoding`, when it is UTF-8.
+fn decoded_text(body: &[u8], encoding: Option<&str>) -> Option<String> {
+    let decoded = match encoding {
+        Some("base64") => mail_parser::decoders::base64::base64_decode(body)?,
+        Some("quoted-printable") => {
+            mail_parser::decoders::quoted_printable::quoted_printable_decode(body)?
+        }
+        _ => body.to_vec(),
+    };
+    String::from_utf8(decoded).ok()
 }
 
 /// What the text part of a report says when the whole message is attached.
@@ -304,26 +320,50 @@ pub fn with_headers_only(report: &[u8], why: HeadersOnly) -> Option<Vec<u8>> {
     let before = report.get(..start)?;
     let after = report.get(end..)?;
     let mut out = Vec::with_capacity(before.len() + returned.len() + after.len() + 128);
-    let copy_attached = COPY_ATTACHED.as_bytes();
-    match before
-        .windows(copy_attached.len())
-        .position(|w| w == copy_attached)
-    {
-        Some(at) => {
-            out.extend_from_slice(&before[..at]);
-            out.extend_from_slice(match why {
+    // A report of ours says in its text that the whole message is attached: it says now
+    // what is. The text is read decoded (it comes base64 when mostly not ASCII, where the
+    // sentence cannot be seen) and written anew.
+    let text_part = crate::mime::first_part(report.get(offset..start)?, boundary, |(s, b, _)| {
+        report.get(offset + s..offset + b).is_some_and(|h| {
+            let label = crate::mime::PartHeader::read(h);
+            label
+                .media
+                .as_ref()
+                .is_none_or(|(kind, sub)| kind == "text" && sub == "plain")
+        })
+    });
+    let own = text_part.and_then(|(s, b, e)| {
+        let label = crate::mime::PartHeader::read(report.get(offset + s..offset + b)?);
+        let text = decoded_text(
+            report.get(offset + b..offset + e)?,
+            label.encoding.as_deref(),
+        )?;
+        text.contains(COPY_ATTACHED)
+            .then_some((offset + s, offset + e, text))
+    });
+    match own {
+        Some((part_start, part_end, text)) => {
+            out.extend_from_slice(&report[..part_start]);
+            let now = match why {
                 HeadersOnly::EightBit => {
-                    b"A delivery report and the headers of the message are attached (the next\r\n\
-                      hop toward you does not take 8-bit mail, so the whole message could not\r\n\
-                      come back).\r\n"
+                    "A delivery report and the headers of the message are attached (the next\r\n\
+                     hop toward you does not take 8-bit mail, so the whole message could not\r\n\
+                     come back).\r\n"
                 }
                 HeadersOnly::TooBig => {
-                    b"A delivery report and the headers of the message are attached (the next\r\n\
-                      hop toward you does not take mail this large, so the whole message could\r\n\
-                      not come back).\r\n"
+                    "A delivery report and the headers of the message are attached (the next\r\n\
+                     hop toward you does not take mail this large, so the whole message could\r\n\
+                     not come back).\r\n"
                 }
-            });
-            out.extend_from_slice(&before[at + copy_attached.len()..]);
+            };
+            let mut part = Vec::new();
+            text_part_of(text.replacen(COPY_ATTACHED, now, 1)).write_part(&mut part);
+            out.extend_from_slice(&part);
+            let rest = &report[part_end..start];
+            if !part.ends_with(b"\r\n") && !rest.starts_with(b"\r\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(rest);
         }
         None => out.extend_from_slice(before),
     }
@@ -600,10 +640,12 @@ fn without_empty_line(block: &[u8]) -> &[u8] {
 /// it reaches the limit; a NUL becomes a space.
 fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
     let mut output = Vec::with_capacity(input.len() + input.len() / 32 + 2);
-    // Where the current line starts in `output`, and its last space or tab past its first
-    // octet (a fold there leaves a line with content before it).
+    // Where the current line starts in `output`, and its last space or tab after something
+    // else on it (a fold there leaves a line with content before it: a line of blanks alone
+    // would be obsolete syntax, and to some readers the header section's end).
     let mut start = 0;
     let mut blank = None;
+    let mut content = false;
     let mut bytes = input.iter().copied().peekable();
     while let Some(byte) = bytes.next() {
         match byte {
@@ -614,6 +656,7 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
                 output.extend_from_slice(b"\r\n");
                 start = output.len();
                 blank = None;
+                content = false;
             }
             // Neither 7bit nor 8bit content may hold a NUL (RFC 2045 2.7, 2.8): a whole
             // message with one cannot come back as it is.
@@ -629,15 +672,22 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
                         Some(at) => {
                             output.splice(at..at, *b"\r\n");
                             start = at + 2;
+                            // After the blank folded at, nothing but other octets.
+                            content = output.len() > start + 1;
                         }
                         None => {
                             output.extend_from_slice(b"\r\n ");
                             start = output.len() - 1;
+                            content = false;
                         }
                     }
                 }
-                if matches!(byte, b' ' | b'\t') && output.len() > start {
-                    blank = Some(output.len());
+                if matches!(byte, b' ' | b'\t') {
+                    if content {
+                        blank = Some(output.len());
+                    }
+                } else {
+                    content = true;
                 }
                 output.push(byte);
             }
@@ -1478,6 +1528,19 @@ mod tests {
         assert_eq!(
             String::from_utf8(folded).unwrap_or_default(),
             format!(" {}\r\n cccc\r\n", "c".repeat(MAX_LINE - 1))
+        );
+        // Nor is a blank among the blanks a line starts with: a fold there would leave a
+        // line of blanks alone.
+        let leads = format!("X-L: a\r\n \t{}", "d".repeat(MAX_LINE + 3));
+        let folded = normalize(leads.as_bytes(), true).unwrap_or_default();
+        let text = String::from_utf8(folded).unwrap_or_default();
+        assert!(
+            text.split_terminator("\r\n").all(|l| !l.trim().is_empty()),
+            "{text:?}"
+        );
+        assert_eq!(
+            text,
+            format!("X-L: a\r\n \t{}\r\n ddddd\r\n", "d".repeat(MAX_LINE - 2))
         );
     }
 }

@@ -1062,3 +1062,51 @@ fn a_returned_message_nested_without_end_is_remade_in_bounded_stack() {
     assert!(!dsn::is_8bit(&remade));
     assert!(remade.len() < 10_000, "{}", remade.len());
 }
+
+#[test]
+fn a_text_part_mostly_not_ascii_says_what_comes_back_when_remade() {
+    // Recipients and replies in Chinese: the text part goes out base64, where the sentence
+    // saying the whole message is attached cannot be seen in the encoded bytes. Remade with
+    // the header section only, the text says so all the same.
+    let recipients: Vec<ReportRecipient> = ["用户", "客户", "经理", "会计"]
+        .iter()
+        .map(|who| {
+            recipient(
+                &format!("{who}@例子.测试"),
+                Action::Failed,
+                "5.1.1",
+                &format!(
+                    "550 5.1.1 <{who}@例子.测试>: 收件人不存在，邮件无法投递，请检查地址是否正确"
+                ),
+            )
+        })
+        .collect();
+    let original = "Subject: cafe\r\nMessage-ID: <m@t>\r\n\r\nGr\u{fc}\u{df}e\r\n";
+    let mut full = report(&recipients, original.as_bytes());
+    full.return_full = true;
+    let bytes = dsn::build(&full);
+    let message = parse(&bytes);
+    let text = parts(&message)[0];
+    assert_eq!(text.content_transfer_encoding(), Some("base64"));
+    assert!(
+        text.text_contents()
+            .unwrap()
+            .contains("a copy of the message are attached"),
+        "{:?}",
+        text.text_contents()
+    );
+    let remade = dsn::with_headers_only(&bytes, dsn::HeadersOnly::EightBit).unwrap();
+    assert_lines_ok(&remade);
+    let message = parse(&remade);
+    let remade_parts = parts(&message);
+    assert_eq!(remade_parts.len(), 3);
+    assert_eq!(mime_type(remade_parts[2]), "text/rfc822-headers");
+    let said = remade_parts[0].text_contents().unwrap();
+    assert!(
+        said.contains("the headers of the message are attached"),
+        "{said}"
+    );
+    assert!(!said.contains("a copy of the message"), "{said}");
+    // The rest of the text stays.
+    assert!(said.contains("收件人不存在"), "{said}");
+}
