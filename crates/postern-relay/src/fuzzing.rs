@@ -92,6 +92,24 @@ pub fn report(data: &[u8]) {
     };
     if let Some(trimmed) = with_headers_only(&built, why) {
         check_mail(&trimmed, "report with headers only");
+        // Its text, whatever its encoding, no longer says the whole message is attached (a
+        // next hop's words quoted in it may say anything).
+        let text = |mail: &[u8]| {
+            mail_parser::MessageParser::default()
+                .parse(mail)
+                .and_then(|m| m.body_text(0).map(|t| t.into_owned()))
+                .unwrap_or_default()
+        };
+        let said = |text: &str| {
+            text.matches("a copy of the message are attached.\r\n")
+                .count()
+        };
+        let (before, after) = (said(&text(&built)), said(&text(&trimmed)));
+        assert!(
+            before >= 1 && after == before - 1,
+            "report with headers only still says the message is attached: {:?}",
+            text(&trimmed)
+        );
     }
 }
 

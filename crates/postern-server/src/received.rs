@@ -56,10 +56,17 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
         },
         v4 => format!("[{v4}]"),
     };
+    // An address literal for our own name takes its TCP-info too (RFC 5321 4.4's
+    // Extended-Domain): the literal itself.
+    let by = if t.hostname.starts_with('[') {
+        format!("{0} ({0})", t.hostname)
+    } else {
+        t.hostname.to_owned()
+    };
     let _ = write!(
         s,
-        "Received: from {helo} ({literal})\r\n\tby {} (postern) with {protocol} id {}",
-        t.hostname, t.queue_id
+        "Received: from {helo} ({literal})\r\n\tby {by} (postern) with {protocol} id {}",
+        t.queue_id
     );
     // Not an address with a control character (C1 controls such as U+0085 and U+009B are
     // possible in a quoted SMTPUTF8 local part), a Unicode line or paragraph separator, or a
@@ -214,6 +221,22 @@ mod tests {
             }),
             "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
+    }
+
+    #[test]
+    fn an_address_literal_for_our_name_has_its_tcp_info() {
+        for hostname in ["[192.0.2.1]", "[IPv6:2001:db8::1]"] {
+            let text = header(&Trace {
+                hostname,
+                ..trace()
+            });
+            assert!(
+                text.contains(&format!(
+                    "\tby {hostname} ({hostname}) (postern) with ESMTP id"
+                )),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -260,6 +260,44 @@ pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec
     let Some(hostname) = hostname else {
         return warnings;
     };
+    // An address literal is named by an IP address in subjectAltName (RFC 9525 6.2).
+    if let Some(literal) = hostname.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        let text = literal
+            .get(..5)
+            .filter(|tag| tag.eq_ignore_ascii_case("IPv6:"))
+            .map_or(literal, |_| &literal[5..]);
+        if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+            let addresses: Vec<std::net::IpAddr> = match cert.subject_alternative_name() {
+                Ok(Some(san)) => san
+                    .value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                            4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                            16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if !addresses.contains(&ip) {
+                let named: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+                warnings.push(format!(
+                    "the certificate does not name --hostname {hostname} (it names {}); \
+                     clients that verify the address will refuse TLS",
+                    if named.is_empty() {
+                        "no IP address".to_owned()
+                    } else {
+                        named.join(", ")
+                    }
+                ));
+            }
+            return warnings;
+        }
+    }
     let names: Vec<String> = match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
@@ -408,6 +446,26 @@ mod tests {
         let w = one_warning(&der, "mx.example.net", now);
         assert!(w.contains("--hostname mx.example.net"), "{w}");
         assert!(w.contains("a.example.net, b.example.net"), "{w}");
+    }
+
+    #[test]
+    fn an_address_literal_is_named_by_an_ip_address_in_the_certificate() {
+        let now = 1_800_000_000;
+        let der = cert(
+            &["192.0.2.1", "2001:db8::1", "mx.example.net"],
+            now - DAY,
+            now + 90 * DAY,
+        );
+        for ours in ["[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:2001:DB8::1]"] {
+            assert_eq!(
+                certificate_warnings(&der, Some(ours), now),
+                Vec::<String>::new(),
+                "{ours}"
+            );
+        }
+        let w = one_warning(&der, "[192.0.2.9]", now);
+        assert!(w.contains("--hostname [192.0.2.9]"), "{w}");
+        assert!(w.contains("192.0.2.1, 2001:db8::1"), "{w}");
     }
 
     /// Writes `pem` into `dir/name`; returns the path.
