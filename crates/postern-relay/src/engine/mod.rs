@@ -420,18 +420,44 @@ impl Relay {
         })?;
         let tls = TlsClients::new(config.tls_ca.as_deref())?;
         let cores = cores.max(1);
+        // The queue recovery found, counted on each owner's behalf from the start: a core
+        // counts its own once its delivery side starts, and until every core has, the
+        // others' mail would be missing from the depth that --queue-high-water is checked
+        // against (new mail taken past the mark while the start goes on).
+        let (depth, recipients) = (Depth::new(cores), Depth::new(cores));
+        let mut counted = vec![(0u64, 0u64); cores];
+        for m in recovered.iter().filter(|m| !m.is_final()) {
+            let Some((messages, pending)) = counted.get_mut(m.core as usize) else {
+                continue;
+            };
+            *messages += 1;
+            *pending += m
+                .statuses
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s.as_ref().map(|s| &s.state),
+                        None | Some(DeliveryState::Deferred { .. })
+                    )
+                })
+                .count() as u64;
+        }
+        for (core, (messages, pending)) in counted.into_iter().enumerate() {
+            depth.set(core, messages);
+            recipients.set(core, pending);
+        }
         Ok(Arc::new(Relay {
             marks: Watermarks::new(config.queue_high_water, config.queue_low_water),
             recipient_marks: Watermarks::new(
                 config.queue_high_water_recipients,
                 config.queue_low_water_recipients,
             ),
-            recipients: Depth::new(cores),
+            recipients,
             config,
             cores,
             jobs: Mailboxes::new(cores),
             reports: Mailboxes::new(cores),
-            depth: Depth::new(cores),
+            depth,
             resolver,
             tls,
             recovered: Mutex::new(recovered),
@@ -1052,15 +1078,15 @@ impl CoreRelay {
             let listener = self.retry_changed.listen();
             // Listening before looking: a flush asked for in between still wakes the loop.
             let flushed = self.relay.flush_asked.listen();
-            self.flush_if_asked();
+            let mut due = self.flush_if_asked();
             let now = now_ms();
             // Taken out before any goes on: a job that `enqueue` puts back (its next hop is
             // paused until a time this reading of the clock has passed but its own has not,
             // as after a step back of the clock) waits for the next pass, not this one.
-            let due: Vec<Job> = {
+            {
                 let mut retry = self.retry.borrow_mut();
-                std::iter::from_fn(|| retry.pop_due(now)).collect()
-            };
+                due.extend(std::iter::from_fn(|| retry.pop_due(now)));
+            }
             for job in due {
                 self.enqueue(job);
                 glommio::yield_if_needed().await;
@@ -1088,11 +1114,12 @@ impl CoreRelay {
     /// Acts on a flush asked for since the last look: every next hop's pause and passed-over
     /// addresses are forgotten, and every job waiting for its retry goes now. A next hop's
     /// failures in a row are kept: one still down gets one connection for all its jobs, and
-    /// one that is back opens more as its connections open.
-    fn flush_if_asked(self: &Rc<Self>) {
+    /// one that is back opens more as its connections open. Returns those jobs, for the
+    /// caller to put in line giving way between them (after an outage they may be many).
+    fn flush_if_asked(self: &Rc<Self>) -> Vec<Job> {
         let asked = self.relay.flushes.load(Ordering::SeqCst);
         if asked == self.flushes_seen.replace(asked) {
-            return;
+            return Vec::new();
         }
         for dq in self.dests.borrow().values() {
             dq.down_until.set(0);
@@ -1106,12 +1133,12 @@ impl CoreRelay {
             jobs = jobs.len(),
             "flush: deferred mail is tried now"
         );
-        for job in jobs {
-            self.enqueue(Job {
+        jobs.into_iter()
+            .map(|job| Job {
                 not_before: 0,
                 ..job
-            });
-        }
+            })
+            .collect()
     }
 
     fn enqueue(self: &Rc<Self>, job: Job) {
@@ -1214,6 +1241,60 @@ impl CoreRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recovered_queue_is_counted_for_every_core_before_any_starts() {
+        // Two messages of two recipients on core 1, one of them with a recipient delivered,
+        // and one message on core 0 whose recipients are all done.
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let meta = |i: u64| MessageMeta {
+            arrival: 1_795_346_220 + i,
+            client: "192.0.2.1".into(),
+            helo: "client.test".into(),
+            reverse_path: "s@origin.test".into(),
+            recipients: ["a@dest.test", "b@dest.test"]
+                .into_iter()
+                .map(|path| Recipient {
+                    path: path.into(),
+                    notify: None,
+                    orcpt: None,
+                })
+                .collect(),
+            envid: None,
+            ret: None,
+            body_type: 1,
+            smtputf8: false,
+        };
+        let delivered = Status {
+            state: DeliveryState::Delivered,
+            reply: "250 ok".into(),
+        };
+        let write = |core: u32, done: &[(u64, &[u32])]| {
+            let mut spool = postern_spool::Spool::open(dir.path(), core, Default::default())
+                .unwrap_or_else(|e| panic!("{e}"));
+            for &(i, rcpts) in done {
+                let mut draft = spool.begin(&meta(i)).unwrap_or_else(|e| panic!("{e}"));
+                spool
+                    .append(&mut draft, b"Subject: x\r\n\r\nx\r\n")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let id = draft.queue_id().to_owned();
+                spool.finish(draft).unwrap_or_else(|e| panic!("{e}"));
+                for &r in rcpts {
+                    spool
+                        .append_status(&id, r, &delivered)
+                        .unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+            spool.sync_now().unwrap_or_else(|e| panic!("{e}"));
+        };
+        write(1, &[(1, &[]), (2, &[0])]);
+        write(0, &[(3, &[0, 1])]);
+        let recovered = postern_spool::recover(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let relay = Relay::new(RelayConfig::default(), 2, recovered.messages)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(relay.depth.total(), 2);
+        assert_eq!(relay.recipients.total(), 3);
+    }
 
     #[test]
     fn messages_gathering_are_taken_in_the_order_they_are_done_each_once() {

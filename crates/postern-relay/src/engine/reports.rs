@@ -21,15 +21,7 @@ impl CoreRelay {
     pub(super) async fn report_loop(self: Rc<Self>) {
         let inbox = self.relay.reports.get(self.id);
         loop {
-            while let Some(batch) = inbox.pop() {
-                self.settling.set(self.settling.get() + batch.len());
-                for r in batch {
-                    self.settle(r);
-                    self.settling.set(self.settling.get() - 1);
-                    // A next hop's queue deferred at once comes back as one outcome per job.
-                    glommio::yield_if_needed().await;
-                }
-            }
+            self.settle_arrived(inbox).await;
             // Failures of messages with recipients still pending: those recipients' outcomes
             // at other next hops (other domains failing their lookups, say) often come
             // moments later, and then share the report (or the whole message is settled and
@@ -45,11 +37,7 @@ impl CoreRelay {
                 };
                 let waited = futures_lite::future::or(inbox.wait(), glommio::timer::sleep(left));
                 futures_lite::future::or(waited, self.handle.stopped()).await;
-                while let Some(batch) = inbox.pop() {
-                    for r in batch {
-                        self.settle(r);
-                    }
-                }
+                self.settle_arrived(inbox).await;
             }
             self.report_relayed();
             self.report_failed();
@@ -61,6 +49,20 @@ impl CoreRelay {
             // Also while stopping: outcomes of deliveries in flight still come (see
             // `wind_down`).
             inbox.wait().await;
+        }
+    }
+
+    /// Records the outcomes that have arrived, giving way between them (a next hop's queue
+    /// deferred at once comes back as one outcome per job), counted in `settling` meanwhile
+    /// for a stop to wait on.
+    async fn settle_arrived(self: &Rc<Self>, inbox: &postern_queue::Inbox<Vec<Report>>) {
+        while let Some(batch) = inbox.pop() {
+            self.settling.set(self.settling.get() + batch.len());
+            for r in batch {
+                self.settle(r);
+                self.settling.set(self.settling.get() - 1);
+                glommio::yield_if_needed().await;
+            }
         }
     }
 
