@@ -1749,3 +1749,37 @@ fn a_full_mailbox_beside_a_recipient_taken_waits_for_its_retry() {
     assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
     assert_eq!(asked.load(Ordering::SeqCst), 1, "asked again at once");
 }
+
+#[test]
+fn a_sender_refused_before_a_pipelining_next_hop_broke_off_fails_at_once() {
+    // MAIL, RCPT and DATA go out together; the next hop refuses the sender for good, then
+    // ends the session (421) at the RCPT. The refusal is the message's outcome (RFC 5321
+    // 4.2.1: not to be repeated), as when the replies come one at a time: a bounce now, not
+    // retries for the queue's lifetime ending in "delivery time expired".
+    let origin = Peer::start(&[]);
+    let (port, _stored, _) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say("250-scripted.test\r\n250 PIPELINING\r\n"))
+            } else if line.starts_with("MAIL") {
+                Some(Act::Say("550 5.7.1 sender blocked\r\n"))
+            } else if line.starts_with("RCPT") {
+                Some(Act::SayAndClose("421 4.3.2 closing\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let server = routed_apart(port, origin.port, &[]);
+    send(
+        &server,
+        "a@origin.test",
+        &["r@dest.test"],
+        "<blocked@t>",
+        "x\r\n",
+    );
+    let (_, report) = origin.first("the bounce");
+    assert!(report.contains("550 5.7.1 sender blocked"), "{report}");
+    assert!(report.contains("Status: 5.7.1"), "{report}");
+}

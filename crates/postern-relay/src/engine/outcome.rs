@@ -185,15 +185,37 @@ impl CoreRelay {
     }
 
     /// Fails the recipients of `job` that `partial` (the replies its transaction got before the
-    /// connection broke) shows refused for good at RCPT after MAIL was taken; returns the job
-    /// with the others. A 552 to RCPT is "too many recipients" and temporary (as in
-    /// `conclude`).
+    /// connection broke) shows refused for good: all of them when MAIL was (a pipelined
+    /// transaction's sender refused, then the session ended), or each refused at RCPT after
+    /// MAIL was taken; returns the job with the others. A 552 to RCPT is "too many
+    /// recipients" and temporary (as in `conclude`).
     pub(super) fn fail_refused(
         &self,
         mut job: Job,
         partial: &TransactionResult,
         remote: &Option<String>,
     ) -> Job {
+        if partial.mail.is_permanent() {
+            let text = reply_line(&partial.mail);
+            let status = dsn::status_of(&text);
+            let mut out = Vec::new();
+            for &rcpt in &job.rcpts {
+                let result = Result_::Failed {
+                    status: status.clone(),
+                };
+                self.report(
+                    &mut out,
+                    &job.msg,
+                    rcpt,
+                    result,
+                    text.clone(),
+                    remote.clone(),
+                );
+            }
+            self.send_reports(&job.msg, out);
+            job.rcpts.clear();
+            return job;
+        }
         if !partial.mail.is_positive() {
             return job;
         }
