@@ -165,6 +165,8 @@ struct Note {
     status: String,
     text: String,
     texts: Vec<String>,
+    /// The recipients `texts` speak of, in their order (the job's when split off).
+    rcpts: Vec<u32>,
     remote: Option<String>,
 }
 
@@ -177,12 +179,14 @@ impl Carried {
             texts,
             remote,
         } = self;
+        let rcpts = job.rcpts.clone();
         (
             job,
             Note {
                 status,
                 text,
                 texts,
+                rcpts,
                 remote,
             },
         )
@@ -190,15 +194,37 @@ impl Carried {
 }
 
 impl Note {
+    /// Carried again with `job`, which may have fewer recipients than when it was noted
+    /// (some failed meanwhile, at a next hop that could not take them): each keeps its own
+    /// reply.
     fn with(self, job: Job) -> Carried {
+        let texts = texts_for(&job.rcpts, &self.rcpts, self.texts, &self.text);
         Carried {
             job,
             status: self.status,
             text: self.text,
-            texts: self.texts,
+            texts,
             remote: self.remote,
         }
     }
+}
+
+/// The replies of `rcpts` (each its own from `texts`, which speak of `noted` in order, or
+/// `text`), in the order of `rcpts`; none when `texts` has none.
+fn texts_for(rcpts: &[u32], noted: &[u32], texts: Vec<String>, text: &str) -> Vec<String> {
+    if texts.is_empty() || rcpts == noted {
+        return texts;
+    }
+    rcpts
+        .iter()
+        .map(|r| {
+            noted
+                .iter()
+                .position(|n| n == r)
+                .and_then(|k| texts.get(k).cloned())
+                .unwrap_or_else(|| text.to_owned())
+        })
+        .collect()
 }
 
 /// A connection `open` made.
@@ -1241,6 +1267,24 @@ impl CoreRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_carried_again_with_fewer_recipients_keeps_each_one_s_reply() {
+        let texts = || {
+            vec![
+                "450 a busy".to_owned(),
+                "451 b later".into(),
+                "452 c full".into(),
+            ]
+        };
+        assert_eq!(texts_for(&[0, 4, 7], &[0, 4, 7], texts(), "x"), texts());
+        assert_eq!(
+            texts_for(&[0, 7], &[0, 4, 7], texts(), "x"),
+            ["450 a busy", "452 c full"]
+        );
+        assert_eq!(texts_for(&[9], &[0, 4, 7], texts(), "x"), ["x"]);
+        assert!(texts_for(&[0, 7], &[0, 4, 7], Vec::new(), "x").is_empty());
+    }
 
     #[test]
     fn the_recovered_queue_is_counted_for_every_core_before_any_starts() {
