@@ -31,8 +31,9 @@ impl fmt::Display for Host<'_> {
     }
 }
 
-/// `local-part@host`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// `local-part@host`. Two are equal when their addresses are: the source route is no part of
+/// one (it is ignored, and not written back).
+#[derive(Clone, Copy, Debug)]
 pub struct Mailbox<'a> {
     /// The local part as written: a dot-string, or a quoted string with its quotes.
     pub local: &'a str,
@@ -52,6 +53,21 @@ impl Mailbox<'_> {
                 Host::Domain(d) => d.is_ascii(),
                 _ => true,
             }
+    }
+}
+
+impl PartialEq for Mailbox<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.local == other.local && self.host == other.host
+    }
+}
+
+impl Eq for Mailbox<'_> {}
+
+impl std::hash::Hash for Mailbox<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.local.hash(state);
+        self.host.hash(state);
     }
 }
 
@@ -437,7 +453,9 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
 /// for case). Labels are each an LDH label or a U-label (RFC 6531 3.3), so a name may mix
 /// U-labels with A-labels: an ASCII label is compared in its ASCII form.
 fn check_idna(domain: &str) -> Result<(), PathError> {
-    let ascii = idna::domain_to_ascii_strict(domain).map_err(|_| PathError::Syntax)?;
+    // Hyphens in the third and fourth places are checked in U-labels only (below): an LDH
+    // label beside them (`ab--cd`) is taken as it is in a name all ASCII.
+    let ascii = to_a_labels(domain).map_err(|_| PathError::Syntax)?;
     let (unicode, back) = idna::domain_to_unicode(&ascii);
     if back.is_err() {
         return Err(PathError::Syntax);
@@ -448,10 +466,23 @@ fn check_idna(domain: &str) -> Result<(), PathError> {
         match (given.next(), ascii.next(), unicode.next()) {
             (None, None, None) => return Ok(()),
             (Some(g), Some(a), Some(u)) => {
+                // Case compared one character at a time, as UTS #46 maps it: no final sigma
+                // for a word's end, and Cherokee (which it maps to its capitals) in either
+                // case. Both ways: a sign that lower-cases to a letter (the Ohm sign to an
+                // omega) is not that letter's capital. A label that is not ASCII must be a
+                // U-label: one that maps to an ASCII label (a Kelvin sign for a `k`) is a
+                // homograph of that label.
+                let lower = |t: &str| t.chars().flat_map(char::to_lowercase).collect::<String>();
+                let upper = |t: &str| t.chars().flat_map(char::to_uppercase).collect::<String>();
                 let same = if g.is_ascii() {
                     g.eq_ignore_ascii_case(a)
                 } else {
-                    g.to_lowercase() == u
+                    let mut chars = g.chars().skip(2);
+                    let reserved = chars.next() == Some('-') && chars.next() == Some('-');
+                    !reserved
+                        && a.starts_with("xn--")
+                        && lower(g) == lower(u)
+                        && upper(g) == upper(u)
                 };
                 if !same {
                     return Err(PathError::Syntax);
@@ -462,15 +493,24 @@ fn check_idna(domain: &str) -> Result<(), PathError> {
     }
 }
 
+/// `domain` with its U-labels as A-labels, under UTS #46 with the STD3 rules and DNS lengths;
+/// hyphens are checked at the ends of labels only (see [`check_idna`] for U-labels').
+fn to_a_labels(domain: &str) -> Result<std::borrow::Cow<'_, str>, idna::Errors> {
+    idna::uts46::Uts46::new().to_ascii(
+        domain.as_bytes(),
+        idna::uts46::AsciiDenyList::STD3,
+        idna::uts46::Hyphens::CheckFirstLast,
+        idna::uts46::DnsLength::Verify,
+    )
+}
+
 /// The ASCII form of a valid domain: the domain itself when it is ASCII, else with its
 /// U-labels written as A-labels (`xn--...`). None when it is not a valid IDNA domain.
 pub fn domain_to_ascii(domain: &str) -> Option<std::borrow::Cow<'_, str>> {
     if domain.is_ascii() {
         return Some(std::borrow::Cow::Borrowed(domain));
     }
-    idna::domain_to_ascii_strict(domain)
-        .ok()
-        .map(std::borrow::Cow::Owned)
+    to_a_labels(domain).ok()
 }
 
 /// The ASCII form of a mailbox (`local@domain`): the mailbox itself when it is ASCII, with
@@ -783,6 +823,28 @@ mod tests {
         assert!(is_valid_helo("B\u{dc}CHER.example"));
         assert!(is_valid_helo("stra\u{df}e.example"));
         assert!(rev("<a@b\u{fc}cher.example>").is_ok());
+        // Capital Greek ending in a sigma, and Cherokee in either case: the same U-labels
+        // but for case.
+        for cased in [
+            "\u{39f}\u{394}\u{39f}\u{3a3}.example",
+            "\u{3bf}\u{3b4}\u{3bf}\u{3c2}.example",
+            "\u{13a0}\u{13a1}.example",
+            "\u{ab70}\u{ab71}.example",
+        ] {
+            assert!(is_valid_helo(cased), "{cased:?}");
+            assert!(rev(&format!("<a@{cased}>")).is_ok(), "{cased:?}");
+        }
+        // Signs that map to ASCII letters (Kelvin, Ohm, Angstrom) or a letter and its accent
+        // apart: not U-labels, homographs of other names.
+        for lookalike in [
+            "\u{212a}ey.example",
+            "\u{2126}m.example",
+            "\u{212b}ngstrom.example",
+            "e\u{301}cole.example",
+        ] {
+            assert!(!is_valid_helo(lookalike), "{lookalike:?}");
+            assert!(rev(&format!("<a@{lookalike}>")).is_err(), "{lookalike:?}");
+        }
         for bad in [
             "a\u{a0}b.example",
             "\u{202e}example.com",
@@ -808,6 +870,15 @@ mod tests {
             assert!(rev(&format!("<a@{mixed}>")).is_ok(), "{mixed:?}");
         }
         assert!(rev("<a@xn--bcher-kva.\u{fc}.example>").is_ok());
+        // An LDH label with hyphens in its third and fourth places is taken beside U-labels
+        // as in a name all ASCII.
+        assert!(rev("<a@ab--cd.example>").is_ok());
+        assert!(rev("<a@ab--cd.b\u{fc}.example>").is_ok());
+        assert!(is_valid_helo("ab--cd.b\u{fc}.example"));
+        assert_eq!(
+            domain_to_ascii("ab--cd.b\u{fc}.example").as_deref(),
+            Some("ab--cd.xn--b-eha.example")
+        );
         // A U-label's limit is its A-label's 63 octets, not its UTF-8 length: 32 u-umlauts
         // are 64 octets of UTF-8 and a 42-octet A-label; 60 are past 63 as an A-label.
         let long = "\u{fc}".repeat(32);

@@ -264,8 +264,11 @@ impl<'a> MailParams<'a> {
                 let v = value.filter(|v| v.len() <= MAX_ENVID && is_printable_xtext(v));
                 set(&mut p.envid, v.ok_or(ParamError::Invalid)?)?;
             } else if key.eq_ignore_ascii_case("AUTH") {
-                let v = value.filter(|v| *v == "<>" || is_xtext(v));
-                set(&mut p.auth, v.ok_or(ParamError::Invalid)?)?;
+                // Kept as written, whatever it is (or again): AUTH is not offered, so the
+                // parameter is one not recognised (555), not one badly written (501).
+                if p.auth.is_none() {
+                    p.auth = Some(value.unwrap_or(""));
+                }
             } else {
                 return Err(ParamError::Unknown);
             }
