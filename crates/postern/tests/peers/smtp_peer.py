@@ -131,6 +131,8 @@ class EightBitController(Controller):
             decode_data=False,
             enable_SMTPUTF8=self.smtputf8,
             ident="test peer",
+            # Named, not looked up: the machine's own name may take seconds to resolve.
+            hostname="peer.test",
             data_size_limit=self.size_limit,
             tls_context=self.tls,
         )
