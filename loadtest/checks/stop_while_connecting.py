@@ -42,14 +42,22 @@ def one_connection(port):
         line = f.readline()
         if line.startswith(b"220"):
             s.sendall(b"QUIT\r\n")
-            try:
-                rest = f.read()[:3]
-            except ConnectionResetError:
-                # Replies already come are read before a reset is said: none came.
-                return "220+reset"
+            # What came before a reset counts (a 421 written as the server stopped, with our
+            # QUIT unread, is followed by one): read until the end, keeping it.
+            rest = b""
+            while len(rest) < 3:
+                try:
+                    got = f.read1(3 - len(rest))
+                except ConnectionResetError:
+                    break
+                if not got:
+                    break
+                rest += got
+            if rest == b"":
+                return "220+no reply"
             if rest in (b"221", b"421"):
                 return "220+" + rest.decode()
-            return "220+no reply" if rest == b"" else "220+other"
+            return "220+other"
         if line.startswith(b"421"):
             return "421"
         return "no reply" if line == b"" else "other"

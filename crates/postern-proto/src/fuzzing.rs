@@ -344,10 +344,11 @@ mod tests {
 
     #[test]
     fn seeds_hold_their_invariants() {
-        let seeds: [&[u8]; 7] = [
+        let seeds: [&[u8]; 8] = [
             b"\x80EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\n.\n\r\n.\r\nQUIT\r\n",
             // A source route with UTF-8 in it, not written back.
             b"MAIL FROM:<@\xc3\xbc.example:a@b.test>",
+            b"MAIL FROM:<a@b.test> AUTH",
             b"\x10EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nabcNOOP\r\n",
             b"\xffMAIL FROM:<@x,@y:a@[IPv6:::1]> SIZE=1 BODY=8BITMIME",
             b"\x00250-a\r\n250 b\r\n5xx\r\n",

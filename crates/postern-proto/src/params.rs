@@ -301,8 +301,13 @@ impl<'a> MailParams<'a> {
         if let Some(e) = self.envid {
             let _ = write!(out, " ENVID={e}");
         }
-        if let Some(a) = self.auth {
-            let _ = write!(out, " AUTH={a}");
+        match self.auth {
+            // Given without a value: written back so.
+            Some("") => out.push_str(" AUTH"),
+            Some(a) => {
+                let _ = write!(out, " AUTH={a}");
+            }
+            None => {}
         }
     }
 }

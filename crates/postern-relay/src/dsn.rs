@@ -646,6 +646,11 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
     let mut start = 0;
     let mut blank = None;
     let mut content = false;
+    // The current line was begun by a fold of ours: blanks after the one it starts with are
+    // let go until something else comes (a run of blanks is folding white space, the same
+    // as one), and if nothing does, the fold is undone (a line of blanks alone would be
+    // obsolete syntax, and to some readers the header section's end).
+    let mut folded = false;
     let mut bytes = input.iter().copied().peekable();
     while let Some(byte) = bytes.next() {
         match byte {
@@ -653,10 +658,14 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
                 if byte == b'\r' && bytes.peek() == Some(&b'\n') {
                     bytes.next();
                 }
+                if folded && !content {
+                    output.truncate(start - 2);
+                }
                 output.extend_from_slice(b"\r\n");
                 start = output.len();
                 blank = None;
                 content = false;
+                folded = false;
             }
             // Neither 7bit nor 8bit content may hold a NUL (RFC 2045 2.7, 2.8): a whole
             // message with one cannot come back as it is.
@@ -681,10 +690,13 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
                             content = false;
                         }
                     }
+                    folded = true;
                 }
                 if matches!(byte, b' ' | b'\t') {
                     if content {
                         blank = Some(output.len());
+                    } else if folded {
+                        continue;
                     }
                 } else {
                     content = true;
@@ -693,7 +705,10 @@ fn normalize(input: &[u8], break_long: bool) -> Option<Vec<u8>> {
             }
         }
     }
-    if output.len() > start {
+    if folded && !content {
+        output.truncate(start - 2);
+        output.extend_from_slice(b"\r\n");
+    } else if output.len() > start {
         output.extend_from_slice(b"\r\n");
     }
     Some(output)
@@ -1542,5 +1557,24 @@ mod tests {
             text,
             format!("X-L: a\r\n \t{}\r\n ddddd\r\n", "d".repeat(MAX_LINE - 2))
         );
+        // A run of blanks past the limit: folded once, the rest of the run let go; at the
+        // end of the field, the fold undone.
+        for (long, ends) in [
+            (
+                format!("X: a{}b\r\nY: c", " ".repeat(2000)),
+                " b\r\nY: c\r\n",
+            ),
+            (format!("X: a{}\r\nY: c", " ".repeat(2000)), "\r\nY: c\r\n"),
+            (format!("X: a{}", "\t".repeat(2000)), "\r\n"),
+        ] {
+            let folded = normalize(long.as_bytes(), true).unwrap_or_default();
+            let text = String::from_utf8(folded).unwrap_or_default();
+            assert!(
+                text.split_terminator("\r\n")
+                    .all(|l| !l.trim().is_empty() && l.len() <= MAX_LINE),
+                "{text:?}"
+            );
+            assert!(text.ends_with(ends), "{text:?}");
+        }
     }
 }

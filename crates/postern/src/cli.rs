@@ -505,10 +505,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     for part in duration_parts(s) {
         let d = humantime::parse_duration(part).map_err(|e| match e {
-            humantime::DurationError::NumberOverflow if finer_than_nanoseconds(part) => {
-                format!("'{s}' is finer than a nanosecond")
-            }
-            humantime::DurationError::NumberOverflow => format!("'{s}' is more than 10 years"),
+            humantime::DurationError::NumberOverflow => overflow(s, part),
             _ => format!("'{s}' is not a duration like 500ms, 3s, 5m or 1h"),
         })?;
         // Deadlines are instants: a duration this long would overflow when added to one.
@@ -539,12 +536,31 @@ fn duration_parts(s: &str) -> Vec<&str> {
     parts
 }
 
-/// Whether the parser's overflow on `part` (one number and its unit) comes from a fraction
-/// it cannot hold (`0.5ns`, or more than nine decimals) rather than from its size: a whole
-/// part under 10^9 fits in any unit.
-fn finer_than_nanoseconds(part: &str) -> bool {
+/// What the parser's overflow on `part` (one number and its unit, of the duration `s`)
+/// says. A fraction the parser cannot hold is no great size: in seconds and smaller units,
+/// one finer than a nanosecond (`0.5ns`, more than nine decimals); in minutes and larger,
+/// one that does not come to whole seconds (`1.001h`), which the parser takes them in. A
+/// whole part that fits in any unit (under 10^9, or 10^18 in seconds and smaller) is no
+/// overflow of size.
+fn overflow(s: &str, part: &str) -> String {
     let whole: String = part.chars().take_while(char::is_ascii_digit).collect();
-    part[whole.len()..].starts_with('.') && whole.parse::<u64>().is_ok_and(|n| n < 1_000_000_000)
+    let rest = &part[whole.len()..];
+    let unit = rest
+        .trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
+        .trim();
+    let small = ["n", "u", "\u{b5}", "ms", "s"]
+        .iter()
+        .any(|p| unit.starts_with(p));
+    let whole = whole.parse::<u64>().ok();
+    match (rest.starts_with('.'), small) {
+        (true, true) if whole.is_some_and(|n| n < 1_000_000_000_000_000_000) => {
+            format!("'{s}' is finer than a nanosecond")
+        }
+        (true, false) if whole.is_some_and(|n| n < 1_000_000_000) => {
+            format!("'{s}' does not come to whole seconds: write it in smaller units")
+        }
+        _ => format!("'{s}' is more than 10 years"),
+    }
 }
 
 /// The longest duration any flag takes.
@@ -1297,9 +1313,16 @@ mod tests {
             let e = parse_duration(big).unwrap_err();
             assert_eq!(e, format!("'{big}' is more than 10 years"));
         }
-        for fine in ["0.5ns", "1.0000000001s"] {
+        for fine in ["0.5ns", "1.0000000001s", "1000000000.5ns", "0.0000001us"] {
             let e = parse_duration(fine).unwrap_err();
             assert_eq!(e, format!("'{fine}' is finer than a nanosecond"));
+        }
+        for uneven in ["1.001h", "0.1234d"] {
+            let e = parse_duration(uneven).unwrap_err();
+            assert_eq!(
+                e,
+                format!("'{uneven}' does not come to whole seconds: write it in smaller units")
+            );
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Outbox {
     /// Each finished write: the octets written out by its end (counted as `pushed`), and
     /// when it finished; oldest first.
     write_ends: VecDeque<(u64, Instant)>,
+    /// The end of the last write let go unasked (past [`WRITE_ENDS_KEPT`]): an octet up to
+    /// it was written at a time no longer known.
+    forgotten: u64,
 }
 
 impl Outbox {
@@ -36,6 +39,7 @@ impl Outbox {
             chunk,
             pushed: 0,
             write_ends: VecDeque::new(),
+            forgotten: 0,
         }
     }
 
@@ -67,6 +71,9 @@ impl Outbox {
     /// finished; `None` while it is not written. Asked in the order of the octets: the ends
     /// before `end` are forgotten.
     pub fn written_at(&mut self, end: u64) -> Option<Instant> {
+        if end <= self.forgotten {
+            return None;
+        }
         while self.write_ends.front().is_some_and(|&(e, _)| e < end) {
             self.write_ends.pop_front();
         }
@@ -76,7 +83,9 @@ impl Outbox {
     /// Notes a write that just finished, carrying everything pushed.
     fn written(&mut self) {
         if self.write_ends.len() >= WRITE_ENDS_KEPT {
-            self.write_ends.pop_front();
+            if let Some((end, _)) = self.write_ends.pop_front() {
+                self.forgotten = end;
+            }
         }
         self.write_ends.push_back((self.pushed, Instant::now()));
     }
@@ -119,5 +128,14 @@ mod tests {
         assert_eq!(outbox.written_at(30), Some(t2));
         // Not written yet.
         assert_eq!(outbox.written_at(31), None);
+        // A write let go unasked: the octets it carried have no time, not a later write's.
+        let mut outbox = Outbox::new(4096);
+        for k in 1..=WRITE_ENDS_KEPT as u64 + 1 {
+            outbox.pushed = k * 10;
+            outbox.written();
+        }
+        assert_eq!(outbox.written_at(5), None);
+        assert_eq!(outbox.written_at(10), None);
+        assert!(outbox.written_at(15).is_some());
     }
 }

@@ -1170,8 +1170,7 @@ async fn loops_here(
 ) -> Unopened {
     c.quit_now().await;
     let text = format!(
-        "mail for the domain loops back to this server (MX host {} [{}] greets with our own \
-         name, {hostname})",
+        "{LOOPS_BACK} (MX host {} [{}] greets with our own name, {hostname})",
         hop.host,
         addr.ip(),
     );
@@ -1219,10 +1218,17 @@ pub(super) type Unopened = (
     bool,
 );
 
+/// How the account of a next hop that loops back to this server begins (see `loops_here`).
+const LOOPS_BACK: &str = "mail for the domain loops back to this server";
+
 /// Whether `unopened` is a lookup that failed for now ([`unresolved`]: no address tried, no
-/// host that answered, and a DNS failure's status to defer with).
+/// host that answered, and a DNS failure's status to defer with), not a loop back here
+/// deferred with the same status.
 fn lookup_failed(unopened: &Unopened) -> bool {
-    unopened.4 == 0 && unopened.2.is_none() && matches!(unopened.3, Some("4.4.3" | "4.4.4"))
+    unopened.4 == 0
+        && unopened.2.is_none()
+        && matches!(unopened.3, Some("4.4.3" | "4.4.4"))
+        && !unopened.0.starts_with(LOOPS_BACK)
 }
 
 /// A next hop that could not be resolved (no host answered): failed for good with the
