@@ -169,6 +169,9 @@ pub mod replies {
     );
     /// Line over the cap.
     pub const LINE_TOO_LONG: StaticReply = r(500, 5, 5, 2, "Line too long");
+    /// A command line with a BDAT after a CR inside it.
+    pub const BARE_CR_BDAT: StaticReply =
+        r(500, 5, 5, 2, "Syntax error: a CR inside a command line");
     /// A decision the embedding never gave.
     pub const NO_DECISION: StaticReply = r(451, 4, 3, 0, "Local error in processing");
     /// Too many errors.
@@ -746,6 +749,12 @@ impl ServerSession {
         if line.len() + 2 > self.config.max_line && !takes_dsn_room(line) {
             return self.refuse_line(replies::LINE_TOO_LONG, line);
         }
+        // A BDAT behind a CR inside the line: what a reader that ends lines at a bare CR
+        // takes for a chunk would be read here as commands. Refused and the session closed,
+        // as for any line that may announce a chunk not read as one.
+        if line.contains(&b'\r') && is_bdat(line) {
+            return self.refuse_line(replies::BARE_CR_BDAT, line);
+        }
         let cmd = match Command::parse(line) {
             Ok(cmd) => cmd,
             // Not offered, so not known here, whatever its arguments (see below).
@@ -1215,12 +1224,16 @@ fn hello_text(hostname: &str, name: &str) -> String {
 
 /// Whether a command line is meant as BDAT (the verb in any case, after any blanks, then a
 /// blank: space, tab, vertical tab or form feed), whatever the rest of it. A lenient reader
-/// (a client's, a proxy's in front) may take any of these for BDAT and send a chunk next.
+/// (a client's, a proxy's in front) may take any of these for BDAT and send a chunk next;
+/// one that ends lines at a bare CR, also a BDAT after a CR inside the line
+/// (`NOOP \rBDAT 5`), which this server reads as one line.
 fn is_bdat(line: &[u8]) -> bool {
     let blank = |b: u8| matches!(b, b' ' | b'\t' | 0x0b | 0x0c);
-    let start = line.iter().position(|&b| !blank(b)).unwrap_or(line.len());
-    let line = &line[start..];
-    line.len() > 4 && line[..4].eq_ignore_ascii_case(b"BDAT") && blank(line[4])
+    line.split(|&b| b == b'\r').any(|part| {
+        let start = part.iter().position(|&b| !blank(b)).unwrap_or(part.len());
+        let part = &part[start..];
+        part.len() > 4 && part[..4].eq_ignore_ascii_case(b"BDAT") && blank(part[4])
+    })
 }
 
 fn looks_like_http(line: &[u8]) -> bool {

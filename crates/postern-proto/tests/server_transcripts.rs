@@ -417,8 +417,14 @@ fn a_refused_bdat_line_closes_the_connection_before_its_chunk() {
     let tab = format!("BDAT\t{} LAST\r\n", chunk.len());
     let leading_blank = format!(" BDAT {} LAST\r\n", chunk.len());
     let vertical_tab = format!("bdat\x0b{} LAST\r\n", chunk.len());
+    // One line here; a BDAT line to a reader that ends lines at a bare CR.
+    let behind_cr = format!("NOOP \rBDAT {} LAST\r\n", chunk.len());
     let cases = [
         (tab, "500 5.5.1 Command not recognized"),
+        (
+            behind_cr,
+            "500 5.5.2 Syntax error: a CR inside a command line",
+        ),
         (leading_blank, "500 5.5.1 Command not recognized"),
         (vertical_tab, "500 5.5.1 Command not recognized"),
         (
