@@ -124,7 +124,6 @@ fn path_text(p: PathError, sender: bool) -> &'static str {
     match (p, sender) {
         (PathError::Syntax, true) => "Bad sender address syntax",
         (PathError::Syntax, false) => "Bad recipient address syntax",
-        (PathError::LocalPartTooLong, _) => "Local part too long",
         (PathError::DomainTooLong, _) => "Domain too long",
         (PathError::PathTooLong, _) => "Path too long",
     }

@@ -15,8 +15,6 @@ pub const MAX_REPLY_LINE: usize = 512;
 /// Lines of one reply the client side keeps; further lines are read and dropped (RFC 5321
 /// sets no count, and an EHLO reply names one extension per line).
 pub const MAX_REPLY_LINES: usize = 64;
-/// Longest local part of a mailbox (RFC 5321 4.5.3.1.1).
-pub const MAX_LOCAL_PART: usize = 64;
 /// Longest domain (RFC 5321 4.5.3.1.2).
 pub const MAX_DOMAIN: usize = 255;
 /// Longest reverse or forward path, angle brackets included (RFC 5321 4.5.3.1.3).
