@@ -1018,7 +1018,10 @@ impl Outbound {
         self.session.quit();
         let limit = Duration::from_secs(5);
         let _ = self.next_event(limit).await;
-        let _ = self.stream.close().await;
+        // Bounded: closing TLS writes its close_notify, which a next hop that stopped reading
+        // would hold for ever.
+        let stream = &mut self.stream;
+        let _ = timed(PARTING_WRITE, stream.close()).await;
     }
 }
 

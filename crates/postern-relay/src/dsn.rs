@@ -459,7 +459,7 @@ pub fn status_of(reply: &str) -> String {
 /// Whether a message holds any byte over 127. A report that does must go out with
 /// `BODY=8BITMIME`, and to a next hop that does not offer 8BITMIME it cannot go as it is.
 pub fn is_8bit(message: &[u8]) -> bool {
-    message.iter().any(|&byte| byte > 0x7f)
+    !message.is_ascii()
 }
 
 /// Parses `X.Y.Z` with X one of 2, 4, 5 and Y, Z one to three digits each (RFC 3463 2).

@@ -57,6 +57,10 @@ fn one_connection_hop<T: Send + 'static>(
     let port = l.local_addr().unwrap().port();
     let thread = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
+        // Each reply goes out as it is written: one held back (Nagle, behind replies not yet
+        // acknowledged) would be thrown away by a close that resets the connection, as the
+        // hops that close with a body unread do.
+        s.set_nodelay(true).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(b"220 hop.test ESMTP\r\n").unwrap();

@@ -100,7 +100,7 @@ impl CoreRelay {
         // offers it.)
         let mut eight_bit = body_type != 2
             && !(body_type == 1 && eightbitmime)
-            && job.msg.body.chunks().any(|c| c.iter().any(|&b| b > 0x7f));
+            && job.msg.body.chunks().any(|c| !c.is_ascii());
         // A report from `<>` that returns a whole 8-bit message: what still reaches its
         // sender through this next hop is the report with the header section only. Only this
         // transaction's body changes: a later attempt, through a next hop with 8BITMIME,

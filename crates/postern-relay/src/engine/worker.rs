@@ -129,6 +129,10 @@ impl CoreRelay {
                 self.spread_waiting(&dq);
             }
             loop {
+                // Jobs refused here before anything is sent (over the next hop's size, 8-bit
+                // for one without 8BITMIME, deleted) go on without an await: a backlog of them
+                // gives way to the core's sessions.
+                glommio::yield_if_needed().await;
                 if self.handle.is_stopping() {
                     // No new transaction once the server stops; carried jobs wait for the
                     // next run (their earlier attempt recorded nothing).
@@ -136,7 +140,9 @@ impl CoreRelay {
                     self.say_quit(conn).await;
                     break 'connect;
                 }
-                if used && (conn.is_closing() || conn.went_away_while_idle()) {
+                // (A 421 to the NOOP after a transaction leaves the session said closing,
+                // not closed: no owed QUIT, and no next transaction either.)
+                if used && (conn.is_closing() || !conn.owes_quit() || conn.went_away_while_idle()) {
                     // The next hop said something after the last transaction's replies (a
                     // reply too many) or closed: the next commands' replies could not be told
                     // from it. The jobs waiting go on a new connection, nothing charged.
@@ -167,7 +173,15 @@ impl CoreRelay {
                 let Some(job) = job else {
                     match self.idle(&dq, &mut conn).await {
                         Idled::Work => continue,
-                        Idled::Reconnect => continue 'connect,
+                        Idled::Reconnect => {
+                            // A reply said while it sat idle, not a close: QUIT all the same
+                            // (RFC 5321 4.1.1.10), no reply awaited.
+                            drop(connected);
+                            if conn.owes_quit() && conn.unasked_after_reply() {
+                                conn.quit_now().await;
+                            }
+                            continue 'connect;
+                        }
                         Idled::Quit => {
                             drop(connected);
                             self.quit_after_leaving(conn).await;
@@ -501,8 +515,19 @@ impl CoreRelay {
         carry: &mut Vec<Carried>,
     ) {
         match note {
-            Some(note) => carry.insert(0, note.with(job)),
+            Some(note) => self.carry_again(dq, note.with(job), carry),
             None => self.requeue(dq, vec![job]),
+        }
+    }
+
+    /// Puts a carried job back first in `carry`, for the next connection; unless the next
+    /// hop was paused meanwhile (a transaction of the batch, or another connection, found it
+    /// down): then no connection is made for it, and it is deferred with its note.
+    fn carry_again(&self, dq: &DestQueue, carried: Carried, carry: &mut Vec<Carried>) {
+        if dq.down_until.get() > now_ms() {
+            self.settle_carried(carried);
+        } else {
+            carry.insert(0, carried);
         }
     }
 
@@ -590,7 +615,7 @@ impl CoreRelay {
                         // on a new connection, not charged a failed attempt.
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({e:?}); reconnecting");
                         match first_note {
-                            Some(n) => carry.insert(0, n.with(job)),
+                            Some(n) => self.carry_again(dq, n.with(job), carry),
                             None => stale.push(job),
                         }
                         broken = Some(e);
@@ -654,11 +679,43 @@ impl CoreRelay {
                 // others' replies were out of step. Its outcome is the broken write's, with
                 // what it got before, as for a transaction alone (see `transact`).
                 Err(e @ ConnError::Io(_)) if cut_short && !crate::conn::out_of_step(&e) => {
+                    let unfinished = conn.take_unfinished();
+                    // Not a reply to this transaction's MAIL: the RSET awaited is the one
+                    // before it, not one the session sent after a refusal of it.
+                    let unanswered = unfinished.as_ref().is_none_or(|p| p.mail.code == 0);
+                    let at_rset = if unanswered {
+                        conn.at_rset(e.clone())
+                    } else {
+                        e.clone()
+                    };
+                    if let ConnError::Stale(why) = at_rset {
+                        // The next hop closed at the RSET before this transaction (its body's
+                        // write then broke on the closed connection): it took neither this one
+                        // nor any later one, and none is charged a failed attempt, as below.
+                        tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
+                        let silent = conn.quiet_for() >= SILENCE_BEFORE_BREAK;
+                        for (job, result) in answered.drain(..) {
+                            let outcome = if silent {
+                                Err(Err(e.clone()))
+                            } else {
+                                Ok(result)
+                            };
+                            self.conclude(conn, dq, job, outcome, None, carry);
+                        }
+                        match first_note {
+                            Some(n) => {
+                                self.carry_again(dq, n.with(job), carry);
+                                self.requeue(dq, sent.collect());
+                            }
+                            None => self.requeue(dq, std::iter::once(job).chain(sent).collect()),
+                        }
+                        return After::Broken;
+                    }
                     let broke = broken.clone().unwrap_or(e);
                     let partial = match &broke {
                         ConnError::Io(text) if text == crate::conn::TIMED_OUT => None,
                         _ if conn.quiet_for() >= SILENCE_BEFORE_BREAK => None,
-                        _ => conn.take_unfinished(),
+                        _ => unfinished,
                     };
                     self.conclude(conn, dq, job, Err(Err(broke)), partial, carry);
                 }
@@ -686,7 +743,7 @@ impl CoreRelay {
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
                         match first_note {
                             Some(n) => {
-                                carry.insert(0, n.with(job));
+                                self.carry_again(dq, n.with(job), carry);
                                 self.requeue(dq, sent.collect());
                             }
                             None => self.requeue(dq, std::iter::once(job).chain(sent).collect()),

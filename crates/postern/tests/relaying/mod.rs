@@ -393,6 +393,9 @@ pub fn scripted_next_hop_at(
     std::thread::spawn(move || {
         for (n, conn) in l.incoming().take(4).enumerate() {
             let Ok(s) = conn else { return };
+            // Each reply goes out as it is written: one held back (Nagle) would be thrown
+            // away by a close that resets the connection (one with commands unread).
+            s.set_nodelay(true).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut w = s.try_clone().unwrap();
             let mut r = BufReader::new(s);
