@@ -216,7 +216,9 @@ pub fn parse_mailbox(s: &str) -> Result<Mailbox<'_>, PathError> {
         return Err(PathError::Syntax);
     }
     let local = &s[..local_end];
-    if local.len() > MAX_PATH {
+    // The whole path, angle brackets included, within RFC 5321's 256 (a local part over 64
+    // is taken, as in `parse_path`).
+    if s.len() + 2 > MAX_PATH {
         return Err(PathError::PathTooLong);
     }
     Ok(Mailbox {
@@ -799,6 +801,15 @@ mod tests {
         let local = "a".repeat(250);
         assert_eq!(
             rev(&format!("<{local}@example.com>")),
+            Err(PathError::PathTooLong)
+        );
+        // A stored mailbox (`--postmaster`) the same: its path, brackets included, at most 256.
+        let long_local = "p".repeat(100);
+        assert!(parse_mailbox(&format!("{long_local}@example.com")).is_ok());
+        let domain = format!("{}.example", "d".repeat(60));
+        let local = "p".repeat(200);
+        assert_eq!(
+            parse_mailbox(&format!("{local}@{domain}")).map(|m| m.local),
             Err(PathError::PathTooLong)
         );
         let label = "b".repeat(63);

@@ -1015,9 +1015,13 @@ impl Outbound {
     }
 
     async fn end_session(&mut self) {
-        self.session.quit();
-        let limit = Duration::from_secs(5);
-        let _ = self.next_event(limit).await;
+        // Not to a next hop that said it is closing (a 421 to a NOOP left the session usable
+        // for nothing more): only the close.
+        if self.owes_quit() {
+            self.session.quit();
+            let limit = Duration::from_secs(5);
+            let _ = self.next_event(limit).await;
+        }
         // Bounded: closing TLS writes its close_notify, which a next hop that stopped reading
         // would hold for ever.
         let stream = &mut self.stream;
