@@ -520,6 +520,26 @@ impl CoreRelay {
         }
     }
 
+    /// Puts back a batch's job that the next hop never took (it ended at the RSET before it),
+    /// and those sent after it: a carried one first in `carry` (with its note), the others at
+    /// the front of their queue, none charged a failed attempt.
+    fn put_back_untaken(
+        &self,
+        dq: &DestQueue,
+        job: Job,
+        note: Option<Note>,
+        later: impl Iterator<Item = Job>,
+        carry: &mut Vec<Carried>,
+    ) {
+        match note {
+            Some(n) => {
+                self.carry_again(dq, n.with(job), carry);
+                self.requeue(dq, later.collect());
+            }
+            None => self.requeue(dq, std::iter::once(job).chain(later).collect()),
+        }
+    }
+
     /// Puts a carried job back first in `carry`, for the next connection; unless the next
     /// hop was paused meanwhile (a transaction of the batch, or another connection, found it
     /// down): then no connection is made for it, and it is deferred with its note.
@@ -702,13 +722,7 @@ impl CoreRelay {
                             };
                             self.conclude(conn, dq, job, outcome, None, carry);
                         }
-                        match first_note {
-                            Some(n) => {
-                                self.carry_again(dq, n.with(job), carry);
-                                self.requeue(dq, sent.collect());
-                            }
-                            None => self.requeue(dq, std::iter::once(job).chain(sent).collect()),
-                        }
+                        self.put_back_untaken(dq, job, first_note, sent.by_ref(), carry);
                         return After::Broken;
                     }
                     let broke = broken.clone().unwrap_or(e);
@@ -741,13 +755,7 @@ impl CoreRelay {
                         // Ended at the RSET before this transaction: the server took neither
                         // it nor any later one, and none is charged a failed attempt.
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
-                        match first_note {
-                            Some(n) => {
-                                self.carry_again(dq, n.with(job), carry);
-                                self.requeue(dq, sent.collect());
-                            }
-                            None => self.requeue(dq, std::iter::once(job).chain(sent).collect()),
-                        }
+                        self.put_back_untaken(dq, job, first_note, sent.by_ref(), carry);
                         return After::Broken;
                     }
                     // The oldest transaction: the replies it got before the break are its own,
