@@ -137,6 +137,10 @@ pub(crate) struct CoreStore {
     synced: Event,
     /// Woken when the segment being made ahead of time is ready (or failed).
     spare_made: Event,
+    /// Messages refused to their clients after a failed sync, whose final statuses are not
+    /// durable yet: queue ID, recipients, the ticket of the last status written, and the
+    /// tries left to write them again should that sync fail too.
+    withdrawn: RefCell<Vec<Withdrawn>>,
     /// The latest status record's ticket.
     last_status: Cell<Option<Ticket>>,
     /// Where the blocking pool leaves a finished sync for the core to collect.
@@ -215,6 +219,7 @@ impl CoreStore {
             work: Event::new(),
             synced: Event::new(),
             spare_made: Event::new(),
+            withdrawn: RefCell::new(Vec::new()),
             last_status: Cell::new(None),
             finished: Arc::default(),
             syncing: Cell::new(false),
@@ -336,7 +341,20 @@ impl CoreStore {
         if let Err(e) = self.wait(ticket).await {
             // Refused to its client: nothing delivers it, and its segments must not stay.
             let mut spool = self.spool.borrow_mut();
-            let _ = spool.forget_failed(&queue_id, recipients);
+            // (Segments that could not be deleted stay for the next start.)
+            let ticket = match spool.forget_failed(&queue_id, recipients) {
+                Ok((_, ticket)) => ticket,
+                Err(_) => None,
+            };
+            // Its final statuses are written again if they could not be written or the sync
+            // meant for them fails too (a disk failing for a while): see `rewithdraw`.
+            self.withdrawn.borrow_mut().push(Withdrawn {
+                queue_id: queue_id.clone(),
+                recipients,
+                ticket,
+                tries: WITHDRAW_TRIES,
+                retry_at: std::time::Instant::now() + WITHDRAW_PAUSE,
+            });
             // Its statuses go with the next sync, which nothing else may ask for soon (an
             // idle core): until they are durable, a restart would deliver it.
             let wanted = spool.sync_wanted();
@@ -662,24 +680,102 @@ pub(crate) fn collect_sync(core: &Core) {
     store.synced.notify(usize::MAX);
 }
 
+/// How many times the final statuses of a message refused after a failed sync are written
+/// again when the syncs meant for them fail too, the first [`WITHDRAW_PAUSE`] after, each
+/// next twice as long after the one before (a disk that fails for a while). Past that, a
+/// restart may deliver it beside the copy its client sends again (a duplicate, never a
+/// loss).
+const WITHDRAW_TRIES: u8 = 4;
+const WITHDRAW_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A message refused to its client after a failed sync, whose final statuses are not durable
+/// yet (see [`CoreStore::rewithdraw`]).
+struct Withdrawn {
+    queue_id: String,
+    recipients: u32,
+    /// The last status written's ticket; None when it could not be written.
+    ticket: Option<Ticket>,
+    /// Times left to write them again.
+    tries: u8,
+    /// Not written again before this.
+    retry_at: std::time::Instant,
+}
+
+impl CoreStore {
+    /// Writes again the final statuses of refused messages whose sync failed, once their
+    /// pause is over (for the next sync to take), and forgets those now durable or out of
+    /// tries.
+    fn rewithdraw(&self) {
+        let mut withdrawn = self.withdrawn.borrow_mut();
+        if withdrawn.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut spool = self.spool.borrow_mut();
+        withdrawn.retain_mut(|w| {
+            // Not written at all: as a failed sync.
+            match w
+                .ticket
+                .map_or(TicketState::Failed, |t| spool.ticket_state(t))
+            {
+                TicketState::Durable => false,
+                TicketState::Pending => true,
+                TicketState::Failed if w.tries == 0 => false,
+                TicketState::Failed if now < w.retry_at => true,
+                TicketState::Failed => {
+                    w.tries -= 1;
+                    w.ticket = spool.withdraw(&w.queue_id, w.recipients);
+                    let tried = WITHDRAW_TRIES - w.tries;
+                    w.retry_at = now + WITHDRAW_PAUSE * (1u32 << tried.min(8));
+                    w.ticket.is_some() || w.tries > 0
+                }
+            }
+        });
+    }
+
+    /// How long until a refused message's statuses are to be written again, if any are.
+    fn rewithdraw_due_in(&self) -> Option<std::time::Duration> {
+        let withdrawn = self.withdrawn.borrow();
+        let spool = self.spool.borrow();
+        let now = std::time::Instant::now();
+        withdrawn
+            .iter()
+            .filter(|w| {
+                w.tries > 0
+                    && w.ticket
+                        .is_none_or(|t| spool.ticket_state(t) == TicketState::Failed)
+            })
+            .map(|w| w.retry_at.saturating_duration_since(now))
+            .min()
+    }
+}
+
 /// The group-commit loop of one core: every message finished since the last sync shares the
 /// next one, which runs on the blocking pool while the core goes on with other sessions.
 pub(crate) async fn group_commit(core: Rc<Core>) {
     let store = &core.store;
     loop {
         let listener = store.work.listen();
+        store.rewithdraw();
         let batch = store.spool.borrow_mut().take_sync();
         let Some(batch) = batch else {
             // A quiet spell after a batch: the segment's mark is moved on to cover it once
             // its interval has passed (one small write and sync), unless new work comes first.
-            let due = store.spool.borrow().mark_due_in();
+            // (Or a refused message's statuses are to be written again.)
+            let mark = store.spool.borrow().mark_due_in();
+            let due = match (mark, store.rewithdraw_due_in()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             match due {
                 Some(due) => {
                     let timer = async {
                         glommio::timer::sleep(due).await;
                     };
                     futures_lite::future::or(listener, timer).await;
-                    store.spool.borrow_mut().mark_tick();
+                    if mark.is_some() {
+                        store.spool.borrow_mut().mark_tick();
+                    }
                 }
                 None => listener.await,
             }

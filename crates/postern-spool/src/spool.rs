@@ -730,19 +730,33 @@ impl Spool {
     /// the failure: once a later sync makes it durable, a restart before the message's
     /// segments go does not take it for mail to deliver, beside the copy its client sends
     /// again. Until then a restart may still deliver it (a duplicate, never a loss).
-    pub fn forget_failed(&mut self, queue_id: &str, recipients: u32) -> Result<usize, SpoolError> {
+    /// Returns the segments deleted, and the ticket of the last status written (None when a
+    /// write failed), for a caller that writes them again should their sync fail
+    /// ([`Spool::withdraw`]).
+    pub fn forget_failed(
+        &mut self,
+        queue_id: &str,
+        recipients: u32,
+    ) -> Result<(usize, Option<Ticket>), SpoolError> {
+        // The disk may fail again: the restart's duplicate is all that is at stake.
+        let ticket = self.withdraw(queue_id, recipients);
+        self.index.set_final(queue_id);
+        Ok((self.reclaim()?, ticket))
+    }
+
+    /// Appends the final statuses [`Spool::forget_failed`] writes for a message refused to its
+    /// client (again, when the sync that was to make them durable failed too); the ticket
+    /// of the last, or None when an append failed.
+    pub fn withdraw(&mut self, queue_id: &str, recipients: u32) -> Option<Ticket> {
         let withdrawn = Status {
             state: DeliveryState::Failed,
             reply: WITHDRAWN.to_owned(),
         };
+        let mut last = None;
         for rcpt in 0..recipients {
-            if self.append_status(queue_id, rcpt, &withdrawn).is_err() {
-                // The disk fails again: the restart's duplicate is all that is at stake.
-                break;
-            }
+            last = Some(self.append_status(queue_id, rcpt, &withdrawn).ok()?);
         }
-        self.index.set_final(queue_id);
-        self.reclaim()
+        last
     }
 
     /// Deletes segments from the oldest while they hold nothing live (no open draft, no live
