@@ -857,18 +857,13 @@ mod tests {
             assert!(is_valid_helo(cased), "{cased:?}");
             assert!(rev(&format!("<a@{cased}>")).is_ok(), "{cased:?}");
         }
-        // Signs that map to ASCII letters (Kelvin, Ohm, Angstrom) or a letter and its accent
-        // apart: not U-labels, homographs of other names.
-        for lookalike in [
+        for bad in [
+            // Signs that map to ASCII letters (Kelvin, Ohm, Angstrom) or a letter and its
+            // accent apart: not U-labels, homographs of other names.
             "\u{212a}ey.example",
             "\u{2126}m.example",
             "\u{212b}ngstrom.example",
             "e\u{301}cole.example",
-        ] {
-            assert!(!is_valid_helo(lookalike), "{lookalike:?}");
-            assert!(rev(&format!("<a@{lookalike}>")).is_err(), "{lookalike:?}");
-        }
-        for bad in [
             "a\u{a0}b.example",
             "\u{202e}example.com",
             "\u{2028}x.example",

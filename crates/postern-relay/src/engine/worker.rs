@@ -520,6 +520,25 @@ impl CoreRelay {
         }
     }
 
+    /// Concludes the batch's transactions answered before a break: with their replies, or,
+    /// when those cannot be trusted (`unknown`: the break's error), as broken by it.
+    fn conclude_answered(
+        &self,
+        conn: &Outbound,
+        dq: &DestQueue,
+        answered: &mut Vec<(Job, TransactionResult)>,
+        unknown: Option<&ConnError>,
+        carry: &mut Vec<Carried>,
+    ) {
+        for (job, result) in answered.drain(..) {
+            let outcome = match unknown {
+                Some(e) => Err(Err(e.clone())),
+                None => Ok(result),
+            };
+            self.conclude(conn, dq, job, outcome, None, carry);
+        }
+    }
+
     /// Puts back a batch's job that the next hop never took (it ended at the RSET before it),
     /// and those sent after it: a carried one first in `carry` (with its note), the others at
     /// the front of their queue, none charged a failed attempt.
@@ -714,14 +733,13 @@ impl CoreRelay {
                         // nor any later one, and none is charged a failed attempt, as below.
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
                         let silent = conn.quiet_for() >= SILENCE_BEFORE_BREAK;
-                        for (job, result) in answered.drain(..) {
-                            let outcome = if silent {
-                                Err(Err(e.clone()))
-                            } else {
-                                Ok(result)
-                            };
-                            self.conclude(conn, dq, job, outcome, None, carry);
-                        }
+                        self.conclude_answered(
+                            conn,
+                            dq,
+                            &mut answered,
+                            silent.then_some(&e),
+                            carry,
+                        );
                         self.put_back_untaken(dq, job, first_note, sent.by_ref(), carry);
                         return After::Broken;
                     }
@@ -743,14 +761,7 @@ impl CoreRelay {
                     let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT)
                         || silent
                         || crate::conn::out_of_step(&e);
-                    for (job, result) in answered.drain(..) {
-                        let outcome = if short {
-                            Err(Err(e.clone()))
-                        } else {
-                            Ok(result)
-                        };
-                        self.conclude(conn, dq, job, outcome, None, carry);
-                    }
+                    self.conclude_answered(conn, dq, &mut answered, short.then_some(&e), carry);
                     if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
                         // Ended at the RSET before this transaction: the server took neither
                         // it nor any later one, and none is charged a failed attempt.
