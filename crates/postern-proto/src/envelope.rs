@@ -168,7 +168,11 @@ impl Envelope {
             ForwardPath::Mailbox(m) => self.push_display(m),
         };
         let orcpt = params.orcpt.map(|o| self.push(o));
-        self.keys = None;
+        // Kept up to date rather than made again: past the limit a repeated recipient with
+        // DSN parameters is taken again, and each would have the set made anew.
+        if let Some(keys) = self.keys.as_mut() {
+            keys.insert(crate::address::mailbox_key(&self.buf[path.clone()]));
+        }
         self.rcpts.push(RcptEntry {
             path,
             notify: params.notify,

@@ -697,12 +697,24 @@ impl ServerSession {
     fn refuse_line(&mut self, reply: StaticReply, line: &[u8]) -> Option<Event<'static>> {
         // Another line than a chunk's: what follows it is no longer the pipeline's.
         self.discarding_chunks = false;
+        self.note_rcpt_tried(line);
         self.error_reply(reply.code, Some(reply.enhanced), reply.text);
         if is_bdat(line) && !self.is_closed() {
             let open = self.close_with(replies::BDAT_LOST);
             return open.then_some(Event::DataAbort);
         }
         None
+    }
+
+    /// A refused RCPT is a RCPT tried, whatever refused it (its syntax, a bare LF, its
+    /// length): DATA or BDAT after it gets 554 (no valid recipients), not 503 (RFC 2920
+    /// 3.1). Returns the line's verb.
+    fn note_rcpt_tried<'l>(&mut self, line: &'l [u8]) -> &'l [u8] {
+        let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
+        if self.in_mail && verb.eq_ignore_ascii_case(b"RCPT") {
+            self.rcpts_tried += 1;
+        }
+        verb
     }
 
     fn fail(&mut self, reply: StaticReply) -> Option<Event<'static>> {
@@ -775,12 +787,7 @@ impl ServerSession {
             // front that does would send a chunk next.
             Err(e) if is_bdat(line) => return self.refuse_line(e.reply(), line),
             Err(e) => {
-                // A refused RCPT is a RCPT tried, bad syntax or not: DATA after it gets 554
-                // (no valid recipients), not 503 (RFC 2920 3.1).
-                let verb = line.split(|&b| b == b' ').next().unwrap_or_default();
-                if self.in_mail && verb.eq_ignore_ascii_case(b"RCPT") {
-                    self.rcpts_tried += 1;
-                }
+                let verb = self.note_rcpt_tried(line);
                 // AUTH is not offered: whatever its arguments, it is a command recognised and
                 // not implemented (RFC 5321 4.2.4), as with a mechanism.
                 if verb.eq_ignore_ascii_case(b"AUTH") {
@@ -997,7 +1004,16 @@ impl ServerSession {
             .max_envelope_bytes
             .saturating_sub((taken + 1).saturating_mul(self.config.stored_bytes_per_recipient));
         let budget = budget.min(stored);
-        if taken >= limit || !self.envelope.rcpt_fits(&path, &params, budget) {
+        let fits = self.envelope.rcpt_fits(&path, &params, budget);
+        // A mailbox already taken, given again past the limit with DSN parameters: taken
+        // again where the envelope's octets allow, so that its reports are merged with the
+        // first's when the message is stored (a 250 alone would drop a NOTIFY=SUCCESS the
+        // client was told was taken; RFC 3461 4.1).
+        let repeat_with_dsn = taken >= limit
+            && fits
+            && (params.notify.is_some() || params.orcpt.is_some())
+            && self.envelope.has_recipient(&path);
+        if (taken >= limit || !fits) && !repeat_with_dsn {
             // RFC 5321 4.5.3.1.10: the client sends these in a later transaction, so the
             // answer is not held against the session until the overshoot gets absurd.
             let absurd = self.rcpts_tried - taken > MAX_RCPT_OVERSHOOT;
@@ -1189,14 +1205,9 @@ impl ServerSession {
                 self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
             }
             self.discarding_chunks = chunk;
-            if reply.code == 503 && !open && !self.bdat {
-                // Out of order (no RCPT yet): the server stays in the same state (RFC 5321
-                // 4.1.4), so the transaction keeps its sender; only the chunk is dropped.
-                self.body_bytes = 0;
-                self.line_ends = LineEnds::default();
-            } else {
-                self.reset_transaction();
-            }
+            // Whatever refused it, a refused chunk fails its transaction (RFC 3030 2), one
+            // before any RCPT too: its client may have pipelined its next MAIL behind it.
+            self.reset_transaction();
             return open.then_some(Event::DataAbort);
         }
         self.decision = Decision::Commit;

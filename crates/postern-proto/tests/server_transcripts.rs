@@ -1464,12 +1464,14 @@ fn a_command_after_refused_chunks_makes_later_refusals_count_again() {
 }
 
 #[test]
-fn a_chunk_before_any_recipient_keeps_the_transaction() {
-    // RFC 5321 4.1.4: commands out of order get 503 and the server stays in the same state, as
-    // DATA before RCPT does: the sender stays, and the recipient sent next is taken.
+fn a_chunk_before_any_recipient_fails_its_transaction() {
+    // RFC 3030 2: a refused chunk fails the transaction, one before any RCPT too. A client
+    // that pipelines its next transaction behind a BDAT LAST must not have that one's
+    // recipient taken into the failed one's (its MAIL would get 503 nested MAIL and the
+    // message go under the first sender, which the client took for failed).
     let mut input = client(&["EHLO client.test", "MAIL FROM:<a@b.test>"]);
     input.extend_from_slice(b"BDAT 3\r\nabcBDAT 3 LAST\r\nabc");
-    input.extend_from_slice(&client(&["RCPT TO:<c@mx.test>"]));
+    input.extend_from_slice(&client(&["MAIL FROM:<d@e.test>", "RCPT TO:<c@mx.test>"]));
     input.extend_from_slice(b"BDAT 4 LAST\r\nok\r\n");
     let o = run_every_split(&config(), &input);
     assert_tail(
@@ -1477,14 +1479,47 @@ fn a_chunk_before_any_recipient_keeps_the_transaction() {
         &[
             "250 2.1.0 Ok",
             "503 5.5.1 Need RCPT command",
-            "503 5.5.1 Need RCPT command",
+            "503 5.5.1 Need MAIL command",
+            "250 2.1.0 Ok",
             "250 2.1.5 Ok",
             "250 2.0.0 Ok: queued as Q1",
         ],
     );
     assert_eq!(o.messages.len(), 1);
-    assert_eq!(o.messages[0].0, "a@b.test");
+    assert_eq!(o.messages[0].0, "d@e.test");
     assert_eq!(o.messages[0].2, b"ok\r\n");
+    // A RCPT sent next finds no transaction.
+    let mut input = client(&["EHLO client.test", "MAIL FROM:<a@b.test>"]);
+    input.extend_from_slice(b"BDAT 3 LAST\r\nabc");
+    input.extend_from_slice(&client(&["RCPT TO:<c@mx.test>"]));
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "250 2.1.0 Ok",
+            "503 5.5.1 Need RCPT command",
+            "503 5.5.1 Need MAIL command",
+        ],
+    );
+    assert!(o.messages.is_empty());
+}
+
+#[test]
+fn a_rcpt_refused_for_its_line_end_or_length_counts_as_tried() {
+    // RFC 2920 3.1: a body after refused recipients gets 554 (no valid recipients), not 503,
+    // whatever refused the RCPT line: a bare LF ending, or its length.
+    let long = format!("RCPT TO:<{}@mx.test>", "x".repeat(2000));
+    for rcpt in [b"RCPT TO:<c@mx.test>\n".to_vec(), client(&[long.as_str()])] {
+        let mut input = client(&["EHLO client.test", "MAIL FROM:<a@b.test>"]);
+        input.extend_from_slice(&rcpt);
+        input.extend_from_slice(b"BDAT 2 LAST\r\nok");
+        // The refused chunk ended the transaction: a new one may start.
+        input.extend_from_slice(&client(&["MAIL FROM:<a@b.test>"]));
+        let o = run(&config(), false, &input, &[]);
+        assert_tail(&o, &["554 5.5.1 No valid recipients", "250 2.1.0 Ok"]);
+        assert!(o.output.contains("\r\n500 5.5."), "{}", o.output);
+        assert!(o.messages.is_empty());
+    }
 }
 
 #[test]
@@ -1576,6 +1611,42 @@ fn past_the_limit_a_recipient_taken_is_found_among_many_in_any_of_its_forms() {
         ],
     );
     assert_eq!(o.output.matches("250 2.1.5 Ok").count(), 103);
+}
+
+#[test]
+fn past_the_limit_a_recipient_given_again_with_dsn_parameters_is_taken_again() {
+    // Its NOTIFY and ORCPT reach the stored message (merged there with the first's); given
+    // again without them it is only answered 250, and another mailbox still gets 452.
+    let cfg = Arc::new(ServerConfig {
+        max_recipients: 100,
+        ..(*config()).clone()
+    });
+    let mut lines = vec![
+        "EHLO client.test".to_owned(),
+        "MAIL FROM:<a@b.test>".to_owned(),
+    ];
+    lines.push("RCPT TO:<a@d0.example> NOTIFY=NEVER".to_owned());
+    lines.extend((1..100).map(|i| format!("RCPT TO:<a@d{i}.example>")));
+    lines.push("RCPT TO:<a@D0.example> NOTIFY=SUCCESS,FAILURE".to_owned());
+    lines.push("RCPT TO:<a@d7.example> ORCPT=rfc822;a@d7.example".to_owned());
+    lines.push("RCPT TO:<a@d8.example>".to_owned());
+    lines.push("RCPT TO:<a@d100.example> NOTIFY=SUCCESS".to_owned());
+    lines.push("DATA".to_owned());
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let mut input = client(&lines);
+    input.extend_from_slice(b"x\r\n.\r\n");
+    let o = run(&cfg, false, &input, &[]);
+    assert_eq!(
+        o.output.matches("250 2.1.5 Ok").count(),
+        103,
+        "{}",
+        o.output
+    );
+    assert_eq!(o.output.matches("452 4.5.3 Too many recipients").count(), 1);
+    assert_eq!(o.messages.len(), 1, "{}", o.output);
+    let rcpts = &o.messages[0].1;
+    assert_eq!(rcpts.len(), 102);
+    assert_eq!(rcpts[100..], ["a@D0.example", "a@d7.example"]);
 }
 
 #[test]
