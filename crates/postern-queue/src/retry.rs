@@ -67,6 +67,28 @@ impl RetryPolicy {
         RetryDecision::RetryAt(now.saturating_add(delay).min(deadline))
     }
 
+    /// Like [`RetryPolicy::after_failure`], for a job put off unsent because its next hop
+    /// was paused for `pause` (ms) while it waited: past its lifetime it is not expired
+    /// untried but goes again when the pause ends, as long as that is within two pauses of
+    /// the lifetime's end (so pauses in a row cannot keep it queued).
+    pub fn after_untried(
+        &self,
+        arrival: u64,
+        failures: u32,
+        now: u64,
+        pause: u64,
+    ) -> RetryDecision {
+        let pause = pause.max(1);
+        match self.after_failure(arrival, failures, now) {
+            RetryDecision::Expire
+                if now < self.expiry(arrival).saturating_add(pause.saturating_mul(2)) =>
+            {
+                RetryDecision::RetryAt(now.saturating_add(pause))
+            }
+            decision => decision,
+        }
+    }
+
     /// When to try again, after a restart at `now`, a delivery that an earlier run deferred
     /// until `recorded`: then, but no later than this run's settings allow, one longest delay
     /// from now and the end of the lifetime (where an attempt expires it). An operator who
@@ -169,6 +191,35 @@ mod tests {
             RetryDecision::RetryAt(end)
         );
         assert_eq!(p.after_failure(arrival, 51, end), RetryDecision::Expire);
+    }
+
+    #[test]
+    fn a_job_put_off_unsent_at_the_end_of_its_lifetime_goes_again_after_the_pause() {
+        let p = policy();
+        let arrival = 1_000_000;
+        let end = p.expiry(arrival);
+        let pause = 60_000;
+        // Before the end, as for a failure.
+        assert_eq!(
+            p.after_untried(arrival, 3, end - 1000, pause),
+            p.after_failure(arrival, 3, end - 1000)
+        );
+        // At the end (the last attempt, put off): after the pause, not expired.
+        assert_eq!(p.after_failure(arrival, 51, end), RetryDecision::Expire);
+        assert_eq!(
+            p.after_untried(arrival, 51, end, pause),
+            RetryDecision::RetryAt(end + pause)
+        );
+        // Put off again at the pause's end: once more.
+        assert_eq!(
+            p.after_untried(arrival, 52, end + pause, pause),
+            RetryDecision::RetryAt(end + 2 * pause)
+        );
+        // Two pauses past the end: expired.
+        assert_eq!(
+            p.after_untried(arrival, 53, end + 2 * pause, pause),
+            RetryDecision::Expire
+        );
     }
 
     #[test]

@@ -451,26 +451,19 @@ impl Relay {
         // others' mail would be missing from the depth that --queue-high-water is checked
         // against (new mail taken past the mark while the start goes on).
         let (depth, recipients) = (Depth::new(cores), Depth::new(cores));
+        // Every recipient of a message counts, final or not, as once its core tracks it
+        // (its whole envelope stays in memory until the message is final).
         let mut counted = vec![(0u64, 0u64); cores];
         for m in recovered.iter().filter(|m| !m.is_final()) {
-            let Some((messages, pending)) = counted.get_mut(m.core as usize) else {
+            let Some((messages, envelope)) = counted.get_mut(m.core as usize) else {
                 continue;
             };
             *messages += 1;
-            *pending += m
-                .statuses
-                .iter()
-                .filter(|s| {
-                    matches!(
-                        s.as_ref().map(|s| &s.state),
-                        None | Some(DeliveryState::Deferred { .. })
-                    )
-                })
-                .count() as u64;
+            *envelope += m.meta.recipients.len() as u64;
         }
-        for (core, (messages, pending)) in counted.into_iter().enumerate() {
+        for (core, (messages, envelope)) in counted.into_iter().enumerate() {
             depth.set(core, messages);
-            recipients.set(core, pending);
+            recipients.set(core, envelope);
         }
         Ok(Arc::new(Relay {
             marks: Watermarks::new(config.queue_high_water, config.queue_low_water),
@@ -1288,8 +1281,9 @@ mod tests {
 
     #[test]
     fn the_recovered_queue_is_counted_for_every_core_before_any_starts() {
-        // Two messages of two recipients on core 1, one of them with a recipient delivered,
-        // and one message on core 0 whose recipients are all done.
+        // Two messages of two recipients on core 1, one of them with a recipient delivered
+        // (it still counts: its envelope stays in memory, as once the core tracks it), and
+        // one message on core 0 whose recipients are all done.
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let meta = |i: u64| MessageMeta {
             arrival: 1_795_346_220 + i,
@@ -1337,7 +1331,7 @@ mod tests {
         let relay = Relay::new(RelayConfig::default(), 2, recovered.messages)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(relay.depth.total(), 2);
-        assert_eq!(relay.recipients.total(), 3);
+        assert_eq!(relay.recipients.total(), 4);
     }
 
     #[test]

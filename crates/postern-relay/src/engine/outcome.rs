@@ -285,12 +285,15 @@ impl CoreRelay {
         }
         let failures = job.failures + 1;
         let arrival = arrival_ms(&job.msg.meta);
-        match self
-            .relay
-            .config
-            .retry
-            .after_failure(arrival, failures, now_ms())
-        {
+        let retry = &self.relay.config.retry;
+        // Put off unsent because its next hop was suspended while it waited (see `suspend`):
+        // its last attempt, if this was to be it, comes after the pause.
+        let decision = if texts.is_empty() && text.starts_with(dsn::NOT_TRIED) {
+            retry.after_untried(arrival, failures, now_ms(), self.pause_ms())
+        } else {
+            retry.after_failure(arrival, failures, now_ms())
+        };
+        match decision {
             RetryDecision::RetryAt(at) => {
                 for (k, &rcpt) in job.rcpts.iter().enumerate() {
                     let result = Result_::Deferred {
