@@ -767,10 +767,19 @@ async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
             }
             return;
         };
-        let Ok(stream) = accepted else {
+        let stream = match accepted {
+            Ok(stream) => stream,
+            // One connection's trouble (it was reset while queued, or the network errors
+            // accept(2) passes on for the new connection): the next one is taken at once.
+            Err(e) if connection_error(&e) => {
+                glommio::yield_if_needed().await;
+                continue;
+            }
             // EMFILE and friends: back off briefly instead of spinning.
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-            continue;
+            Err(_) => {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         // glommio's accept takes a connection already waiting without going through the
         // ring, so it never waits while the backlog has one: under a flood that keeps it
@@ -795,6 +804,32 @@ async fn accept_loop(core: Rc<Core>, listener: Listener, implicit_tls: bool) {
 /// Connections whose handshake the kernel has already completed would be reset when the
 /// listener closes: they are taken and told that the server is stopping (421). Then the
 /// listener takes no more.
+/// Whether an accept's error is about the one connection it would have taken (accept(2):
+/// the connection was reset while queued, or a network error on it that Linux passes on),
+/// so that the next one can be taken at once, unlike a lack of descriptors or memory.
+fn connection_error(e: &glommio::GlommioError<()>) -> bool {
+    let os = match e {
+        glommio::GlommioError::IoError(e) => e.raw_os_error(),
+        glommio::GlommioError::EnhancedIoError { source, .. } => source.raw_os_error(),
+        _ => None,
+    };
+    matches!(
+        os,
+        Some(
+            libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}
+
 fn drain(core: &Rc<Core>, listener: &Listener, implicit_tls: bool) {
     for stream in listener.take_waiting(BACKLOG_DRAIN_MAX) {
         admit(core, stream, implicit_tls);
@@ -1011,6 +1046,23 @@ pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn an_accept_error_of_one_connection_is_told_from_a_lack_of_resources() {
+        let err =
+            |n: i32| glommio::GlommioError::<()>::IoError(std::io::Error::from_raw_os_error(n));
+        for n in [
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+        ] {
+            assert!(connection_error(&err(n)), "{n}");
+        }
+        for n in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!connection_error(&err(n)), "{n}");
+        }
+    }
 
     #[test]
     fn listeners_of_the_other_family_meet_only_through_ipv6_that_stands_for_ipv4() {

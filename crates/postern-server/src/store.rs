@@ -522,14 +522,15 @@ impl CoreStore {
             synced = spool.sync_now();
         }
         spool.mark_durable_end();
-        beat.blocking(false);
         // Those that cannot go stay on disk, in order; the next start deletes them. None goes
         // while older ones may still be on their way.
         // (The unlinker may have taken another batch while the sync in flight was waited
-        // for: then these wait for the next start too.)
+        // for: then these wait for the next start too.) Still marked blocking: hundreds of
+        // reserved segments take a second or more to delete.
         if deleted && !self.unlinking.get() {
             let _ = postern_spool::unlink_segments(spool.take_unlinks());
         }
+        beat.blocking(false);
         drop(spool);
         self.synced.notify(usize::MAX);
         synced
