@@ -58,6 +58,9 @@ pub struct Settings {
     pub max_lingering: usize,
     /// IPv6 clients are counted per network of this many bits by `max_connections_per_ip`.
     pub ipv6_client_prefix: u8,
+    /// Load balancers whose connections begin with a PROXY protocol header (version 1 or 2)
+    /// naming the real client; a connection from one without it is closed.
+    pub proxy_from: Vec<IpNet>,
     /// Longest wait for the next command or body bytes (RFC 5321 4.5.3.2).
     pub command_timeout: Duration,
     /// Longest session, whatever the client does.
@@ -101,6 +104,7 @@ impl Default for Settings {
             max_connections_per_ip: 1000,
             max_lingering: 256,
             ipv6_client_prefix: 84,
+            proxy_from: Vec::new(),
             command_timeout: Duration::from_secs(300),
             max_session_time: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),

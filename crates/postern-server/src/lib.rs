@@ -16,6 +16,7 @@ mod limits;
 mod listener;
 pub mod metrics;
 mod metrics_http;
+mod proxy;
 mod received;
 pub mod relay;
 mod runtime;

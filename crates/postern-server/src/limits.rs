@@ -39,7 +39,9 @@ pub(crate) struct ConnectionLimits {
 #[derive(Debug)]
 pub(crate) struct Permit {
     limits: Arc<ConnectionLimits>,
-    client: IpAddr,
+    /// None while the client is not yet known (a load balancer's connection before its
+    /// PROXY header): counted in the total only.
+    client: Option<IpAddr>,
 }
 
 impl ConnectionLimits {
@@ -74,44 +76,60 @@ impl ConnectionLimits {
 
     /// Admits a connection from `ip`, or says why not.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refusal> {
+        let mut permit = self.admit_unknown()?;
+        permit.attribute(ip)?;
+        Ok(permit)
+    }
+
+    /// Admits a connection whose client is not known yet, in the total only; see
+    /// [`Permit::attribute`].
+    pub(crate) fn admit_unknown(self: &Arc<Self>) -> Result<Permit, Refusal> {
         if self.total.fetch_add(1, Ordering::Relaxed) >= self.max_total {
             self.total.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::Total);
         }
-        let client = self.client(ip);
-        {
-            let mut counts = self
-                .shard(client)
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if counts.get(&client).copied().unwrap_or(0) >= self.max_per_client {
-                drop(counts);
-                self.total.fetch_sub(1, Ordering::Relaxed);
-                return Err(Refusal::PerIp);
-            }
-            *counts.entry(client).or_insert(0) += 1;
-        }
         Ok(Permit {
             limits: self.clone(),
-            client,
+            client: None,
         })
+    }
+}
+
+impl Permit {
+    /// Counts the connection as its client's, `ip`, or says it is one too many from there
+    /// (the permit then still holds its place in the total, until dropped).
+    pub(crate) fn attribute(&mut self, ip: IpAddr) -> Result<(), Refusal> {
+        debug_assert!(self.client.is_none());
+        let client = self.limits.client(ip);
+        let mut counts = self
+            .limits
+            .shard(client)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if counts.get(&client).copied().unwrap_or(0) >= self.limits.max_per_client {
+            return Err(Refusal::PerIp);
+        }
+        *counts.entry(client).or_insert(0) += 1;
+        self.client = Some(client);
+        Ok(())
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut counts = self
-            .limits
-            .shard(self.client)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.client) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.client);
+        if let Some(client) = self.client {
+            let mut counts = self
+                .limits
+                .shard(client)
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = counts.get_mut(&client) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(&client);
+                }
             }
         }
-        drop(counts);
         self.limits.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -150,6 +168,23 @@ mod tests {
             .collect();
         assert_eq!(l.admit(ip("10.0.0.7")).unwrap_err(), Refusal::PerIp);
         drop(held);
+        assert!(l.per_client.iter().all(|s| s.lock().unwrap().is_empty()));
+        assert_eq!(l.total.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_connection_counted_before_its_client_is_known_gets_the_client_s_count_later() {
+        // A load balancer's connections: the total at accept, the client's own count once its
+        // PROXY header names it.
+        let l = ConnectionLimits::new(3, 1, 64);
+        let mut p1 = l.admit_unknown().unwrap();
+        let mut p2 = l.admit_unknown().unwrap();
+        p1.attribute(ip("192.0.2.1")).unwrap();
+        assert_eq!(p2.attribute(ip("192.0.2.1")).unwrap_err(), Refusal::PerIp);
+        p2.attribute(ip("192.0.2.2")).unwrap();
+        let p3 = l.admit_unknown().unwrap();
+        assert_eq!(l.admit_unknown().unwrap_err(), Refusal::Total);
+        drop((p1, p2, p3));
         assert!(l.per_client.iter().all(|s| s.lock().unwrap().is_empty()));
         assert_eq!(l.total.load(Ordering::Relaxed), 0);
     }

@@ -139,6 +139,9 @@ pub struct CoreMetrics {
     pub connections: u64,
     /// Connections refused at once (overload, per-IP limit).
     pub connections_refused: u64,
+    /// Connections from a load balancer (`--proxy-from`) closed for want of a valid PROXY
+    /// header in time.
+    pub proxy_header_failures: u64,
     /// Messages accepted (250 after end of data).
     pub messages: u64,
     /// Message bytes spooled (with the Received header added).
@@ -189,6 +192,7 @@ impl Default for CoreMetrics {
             session_duration: session_histogram(),
             connections: 0,
             connections_refused: 0,
+            proxy_header_failures: 0,
             messages: 0,
             bytes: 0,
             replies: [0; 4],
@@ -254,6 +258,7 @@ impl CoreMetrics {
         }
         self.connections += other.connections;
         self.connections_refused += other.connections_refused;
+        self.proxy_header_failures += other.proxy_header_failures;
         self.messages += other.messages;
         self.bytes += other.bytes;
         for (a, b) in self.replies.iter_mut().zip(other.replies) {
@@ -471,6 +476,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_connections_refused_total",
             "Connections refused at once (overload or per-IP limit).",
             m.connections_refused,
+        ),
+        (
+            "postern_proxy_header_failures_total",
+            "Connections from a load balancer closed for want of a valid PROXY header.",
+            m.proxy_header_failures,
         ),
         (
             "postern_messages_accepted_total",

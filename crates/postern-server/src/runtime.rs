@@ -865,18 +865,31 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) -
         core.metrics.borrow_mut().connections += 1;
         return true;
     };
-    match core.limits.admit(peer.ip()) {
+    // A load balancer's connection: counted in the total now, and as its client's once its
+    // PROXY header has named the client.
+    let from_proxy = core
+        .settings
+        .proxy_from
+        .iter()
+        .any(|n| n.contains(&peer.ip().to_canonical()));
+    let admitted = if from_proxy {
+        core.limits.admit_unknown()
+    } else {
+        core.limits.admit(peer.ip())
+    };
+    match admitted {
         Ok(permit) => {
             // Counted now, not when the task first runs: a stop waits for it either way.
             core.sessions.set(core.sessions.get() + 1);
-            glommio::spawn_local(session::serve(
-                core.clone(),
-                stream,
-                peer,
-                implicit_tls,
-                permit,
-            ))
-            .detach();
+            let core = core.clone();
+            let task = async move {
+                if from_proxy {
+                    proxied(core, stream, peer, implicit_tls, permit).await;
+                } else {
+                    session::serve(core, stream, peer, None, implicit_tls, permit).await;
+                }
+            };
+            glommio::spawn_local(task).detach();
             true
         }
         Err(refusal) => {
@@ -901,6 +914,63 @@ pub const TLS_REFUSALS_MAX: usize = 16;
 
 /// Longest handshake and write for an over-limit client of the implicit-TLS port.
 const TLS_REFUSAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection from a load balancer (`--proxy-from`): its PROXY header is read, then its
+/// client is admitted under the per-client limit, and served as that client. A connection
+/// without a valid header in time is closed without a word (the load balancer logs it; an
+/// SMTP reply would reach a client that is not ours to talk to, or be read as its data).
+async fn proxied(
+    core: Rc<Core>,
+    mut stream: glommio::net::TcpStream,
+    peer: SocketAddr,
+    implicit_tls: bool,
+    mut permit: crate::limits::Permit,
+) {
+    let wait = crate::proxy::HEADER_TIMEOUT.min(core.settings.command_timeout);
+    let header = futures_lite::future::or(
+        async { Some(crate::proxy::read_header(&mut stream, Instant::now() + wait).await) },
+        async {
+            core.stopped().await;
+            None
+        },
+    )
+    .await;
+    let served = match header {
+        None => None,
+        Some(Err(e)) => {
+            core.metrics.borrow_mut().proxy_header_failures += 1;
+            tracing::info!(load_balancer = %peer, "connection closed: {e}");
+            None
+        }
+        Some(Ok(crate::proxy::Proxied::Local)) => Some((peer, None)),
+        Some(Ok(crate::proxy::Proxied::Client {
+            source,
+            destination,
+        })) => Some((source, Some(destination))),
+    };
+    let Some((client, reached)) = served else {
+        let _ = futures_lite::io::AsyncWriteExt::close(&mut stream).await;
+        drop(permit);
+        core.sessions.set(core.sessions.get() - 1);
+        core.session_ended.notify(usize::MAX);
+        return;
+    };
+    if let Err(refusal) = permit.attribute(client.ip()) {
+        drop(permit);
+        core.sessions.set(core.sessions.get() - 1);
+        core.session_ended.notify(usize::MAX);
+        {
+            let mut metrics = core.metrics.borrow_mut();
+            metrics.connections_refused += 1;
+            if !implicit_tls {
+                metrics.count_replies(b"421 \r\n");
+            }
+        }
+        refuse(core, stream, refusal, implicit_tls).await;
+        return;
+    }
+    session::serve(core, stream, client, reached, implicit_tls, permit).await;
+}
 
 thread_local! {
     /// This core's over-limit implicit-TLS clients being answered now.

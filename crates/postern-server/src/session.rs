@@ -79,10 +79,13 @@ enum Wake {
 
 /// Runs one session to its end. The caller has already counted it in `core.sessions`
 /// (before spawning it, so that a stop never misses a session whose task has not run yet).
+/// `reached`: the address the client connected to, where it is not the socket's own (a load
+/// balancer's, from its PROXY header).
 pub(crate) async fn serve(
     core: Rc<Core>,
     tcp: TcpStream,
     peer: SocketAddr,
+    reached: Option<SocketAddr>,
     implicit_tls: bool,
     permit: Permit,
 ) {
@@ -95,8 +98,8 @@ pub(crate) async fn serve(
     let mut session = Session {
         core: core.clone(),
         // Unspecified where the socket cannot say (an accepted one always can).
-        local: tcp
-            .local_addr()
+        local: reached
+            .or_else(|| tcp.local_addr().ok())
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip()),
         conn: Conn::Plain(tcp),
         peer,

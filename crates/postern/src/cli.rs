@@ -138,6 +138,12 @@ struct Serve {
     #[arg(long, env = "POSTERN_IPV6_CLIENT_PREFIX", default_value_t = 84,
           value_parser = ranged::<u8>(16, 128), allow_hyphen_values = true)]
     ipv6_client_prefix: u8,
+    /// A load balancer (ADDR/PREFIX or one address; repeatable) whose connections begin with
+    /// a PROXY protocol header, version 1 or 2, naming the real client: that client is then
+    /// the one limits, relay checks, the Received header and the log see. A connection from
+    /// one without a valid header is closed [default: none].
+    #[arg(long, env = "POSTERN_PROXY_FROM", value_delimiter = ',', value_parser = network, allow_hyphen_values = true)]
+    proxy_from: Vec<IpNet>,
     /// Longest wait for a command or body bytes (RFC 5321 4.5.3.2), e.g. 500ms, 3s, 5m.
     #[arg(long, env = "POSTERN_COMMAND_TIMEOUT", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     command_timeout: Duration,
@@ -1152,6 +1158,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         max_lingering: 256,
         max_connections_per_ip,
         ipv6_client_prefix: s.ipv6_client_prefix,
+        proxy_from: s.proxy_from,
         command_timeout: s.command_timeout,
         max_session_time: s.max_session_time,
         shutdown_grace: s.shutdown_grace,

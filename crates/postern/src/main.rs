@@ -305,6 +305,12 @@ fn main() -> ExitCode {
             if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
         );
     }
+    for net in settings.proxy_from.iter().filter(|n| n.prefix_len() == 0) {
+        tracing::warn!(
+            "--proxy-from {net} takes a PROXY header from every {} client: any of them can              pass for any address (and for a relay network's); name the load balancers' own              addresses instead",
+            if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
+        );
+    }
     let mut relay_handle = None;
     let delivery = match config_relay {
         None => {

@@ -165,6 +165,36 @@ fn implicit_tls_port_greets_inside_tls() {
 }
 
 #[test]
+fn implicit_tls_behind_a_load_balancer_reads_its_proxy_header_then_the_handshake() {
+    // The header and the client's hello in one write: the hello is not taken for part of
+    // the header, and the client is the one the header names.
+    let (mut server, roots, _dir) = server_with_cert_and(&["--proxy-from", "127.0.0.1"]);
+    let mut tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut conn =
+        ClientConnection::new(Arc::new(config), ServerName::try_from("mx.test").unwrap()).unwrap();
+    let mut first = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 465\r\n".to_vec();
+    conn.write_tls(&mut first).unwrap();
+    tcp.write_all(&first).unwrap();
+    let mut t = Tls {
+        stream: BufReader::new(StreamOwned::new(conn, tcp)),
+    };
+    assert_eq!(t.line(), "220 mx.test ESMTP postern");
+    t.cmd("EHLO client.test");
+    assert_eq!(t.cmd("MAIL FROM:<a@b.test>"), "250 2.1.0 Ok");
+    // Loopback may relay; the client behind the load balancer may not.
+    assert_eq!(t.cmd("RCPT TO:<c@d.test>"), "554 5.7.1 Relay access denied");
+    assert_eq!(t.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn an_over_limit_client_of_the_implicit_tls_port_gets_its_421_inside_tls() {
     let (server, roots, _dir) =
         server_with_cert_and(&["--max-connections-per-ip", "1", "--max-connections", "10"]);

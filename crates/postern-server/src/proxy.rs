@@ -1,0 +1,206 @@
+//! The PROXY protocol (HAProxy's, versions 1 and 2) for connections from a load balancer in
+//! `--proxy-from`: the header it sends before anything else names the real client, which is
+//! then the session's client everywhere (connection limits, relay checks, the trace header,
+//! the log). Parsed by the `ppp` crate.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_lite::io::AsyncReadExt;
+use glommio::net::TcpStream;
+use ppp::{v1, v2, HeaderResult, PartialResult};
+
+/// The longest header taken: a version 1 line is at most 107 octets; version 2 carries TLVs
+/// (a cloud load balancer's endpoint ID, TLS facts) that stay far below this.
+pub(crate) const MAX_HEADER: usize = 4096;
+
+/// How long a connection from a load balancer has to send its header (the protocol asks
+/// for it at once, in one piece).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait before looking again at a header that came in pieces.
+const PIECE_WAIT: Duration = Duration::from_millis(5);
+
+/// What a header says of the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Proxied {
+    /// The real client, and the address it reached (the load balancer's).
+    Client {
+        /// The client.
+        source: SocketAddr,
+        /// The address it connected to.
+        destination: SocketAddr,
+    },
+    /// The load balancer's own connection (a version 2 LOCAL command, its health check, or a
+    /// version 1 `UNKNOWN`): the connection's own addresses stand.
+    Local,
+}
+
+/// Reads the header at the start of `input`: the header and its length once it is whole,
+/// None while more is needed, or why it is not one that can be taken.
+pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
+    let parsed = HeaderResult::parse(input);
+    if parsed.is_incomplete() {
+        if input.len() >= MAX_HEADER {
+            return Err(format!("no PROXY header within {MAX_HEADER} octets"));
+        }
+        return Ok(None);
+    }
+    match parsed {
+        HeaderResult::V1(Ok(h)) => {
+            let proxied = match h.addresses {
+                v1::Addresses::Tcp4(a) => Proxied::Client {
+                    source: SocketAddr::from((a.source_address, a.source_port)),
+                    destination: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                v1::Addresses::Tcp6(a) => Proxied::Client {
+                    source: SocketAddr::from((a.source_address, a.source_port)),
+                    destination: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                v1::Addresses::Unknown => Proxied::Local,
+            };
+            Ok(Some((proxied, h.header.len())))
+        }
+        HeaderResult::V2(Ok(h)) => {
+            if h.len() > MAX_HEADER {
+                return Err(format!("a PROXY header of {} octets", h.len()));
+            }
+            let proxied = match (h.command, h.addresses) {
+                (v2::Command::Local, _) => Proxied::Local,
+                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Proxied::Client {
+                    source: SocketAddr::from((a.source_address, a.source_port)),
+                    destination: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Proxied::Client {
+                    source: SocketAddr::from((a.source_address, a.source_port)),
+                    destination: SocketAddr::from((a.destination_address, a.destination_port)),
+                },
+                // A UNIX socket or an unspecified family carries no client address; the
+                // protocol has the receiver use the connection's own then.
+                (v2::Command::Proxy, _) => Proxied::Local,
+            };
+            Ok(Some((proxied, h.len())))
+        }
+        HeaderResult::V1(Err(e)) => Err(format!("not a PROXY header ({e})")),
+        HeaderResult::V2(Err(e)) => Err(format!("not a PROXY header ({e})")),
+    }
+}
+
+/// Reads the header a connection from a load balancer begins with, and nothing after it (an
+/// implicit-TLS client's hello may follow in the same packet), by `deadline`.
+pub(crate) async fn read_header(tcp: &mut TcpStream, deadline: Instant) -> Result<Proxied, String> {
+    let mut buf = vec![0u8; MAX_HEADER];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let peeked = crate::runtime::within(left, tcp.peek(&mut buf)).await;
+        let n = match peeked {
+            None => return Err("no PROXY header in time".into()),
+            Some(Err(e)) => return Err(format!("reading the PROXY header: {e}")),
+            Some(Ok(0)) => return Err("closed before its PROXY header".into()),
+            Some(Ok(n)) => n,
+        };
+        if let Some((proxied, len)) = parse(&buf[..n])? {
+            tcp.read_exact(&mut buf[..len])
+                .await
+                .map_err(|e| format!("reading the PROXY header: {e}"))?;
+            return Ok(proxied);
+        }
+        // In pieces (the protocol asks for one, but a network may split it): a peek would
+        // see the same octets again at once, so the next look waits a little.
+        if Instant::now() + PIECE_WAIT >= deadline {
+            return Err("no whole PROXY header in time".into());
+        }
+        glommio::timer::sleep(PIECE_WAIT).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn v2(command: u8, family: u8, addrs: &[u8], tlvs: &[u8]) -> Vec<u8> {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        h.push(command);
+        h.push(family);
+        let len = u16::try_from(addrs.len() + tlvs.len()).unwrap();
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(addrs);
+        h.extend_from_slice(tlvs);
+        h
+    }
+
+    #[test]
+    fn version_1_names_the_client_and_its_length_leaves_what_follows() {
+        let input = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\nEHLO x\r\n";
+        let (p, len) = parse(input).unwrap().unwrap();
+        assert_eq!(&input[len..], b"EHLO x\r\n");
+        assert_eq!(
+            p,
+            Proxied::Client {
+                source: "192.0.2.7:40000".parse().unwrap(),
+                destination: "198.51.100.1:25".parse().unwrap(),
+            }
+        );
+        let input = b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 25\r\n";
+        let (p, len) = parse(input).unwrap().unwrap();
+        assert_eq!(len, input.len());
+        assert!(
+            matches!(p, Proxied::Client { source, .. } if source == "[2001:db8::7]:40000".parse().unwrap())
+        );
+        assert_eq!(
+            parse(b"PROXY UNKNOWN\r\n").unwrap(),
+            Some((Proxied::Local, 15))
+        );
+    }
+
+    #[test]
+    fn version_2_names_the_client_or_says_local() {
+        let mut addrs = vec![192, 0, 2, 7, 198, 51, 100, 1];
+        addrs.extend_from_slice(&40000u16.to_be_bytes());
+        addrs.extend_from_slice(&25u16.to_be_bytes());
+        // A TLV (type 0x04, NOOP) after the addresses is skipped.
+        let mut h = v2(0x21, 0x11, &addrs, &[0x04, 0, 2, 1, 2]);
+        let len = h.len();
+        h.extend_from_slice(b"\x16\x03\x01");
+        let (p, n) = parse(&h).unwrap().unwrap();
+        assert_eq!(n, len);
+        assert_eq!(
+            p,
+            Proxied::Client {
+                source: "192.0.2.7:40000".parse().unwrap(),
+                destination: "198.51.100.1:25".parse().unwrap(),
+            }
+        );
+        let local = v2(0x20, 0x00, &[], &[]);
+        assert_eq!(parse(&local).unwrap(), Some((Proxied::Local, 16)));
+    }
+
+    #[test]
+    fn a_header_in_pieces_waits_and_anything_else_is_refused() {
+        let whole = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n";
+        for cut in 1..whole.len() {
+            assert_eq!(parse(&whole[..cut]).unwrap(), None, "{cut}");
+        }
+        let h = v2(
+            0x21,
+            0x11,
+            &[192, 0, 2, 7, 198, 51, 100, 1, 0, 1, 0, 25],
+            &[],
+        );
+        for cut in 1..h.len() {
+            assert_eq!(parse(&h[..cut]).unwrap(), None, "{cut}");
+        }
+        for bad in [
+            &b"EHLO client.test\r\n"[..],
+            b"PROXY TCP4 192.0.2.7\r\n",
+            b"PROXY TCP4 999.0.2.7 198.51.100.1 40000 25\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        // A version 1 line past its 107 octets never ends.
+        let long = format!("PROXY TCP4 {}", "1".repeat(200));
+        assert!(parse(long.as_bytes()).is_err());
+    }
+}
