@@ -14,6 +14,9 @@ use ppp::{v1, v2, HeaderResult, PartialResult};
 /// (a cloud load balancer's endpoint ID, TLS facts) that stay far below this.
 pub(crate) const MAX_HEADER: usize = 4096;
 
+/// The longest version 1 line, its CR LF included.
+const V1_MAX: usize = 107;
+
 /// How long a connection from a load balancer has to send its header (the protocol asks
 /// for it at once, in one piece).
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,7 +42,21 @@ pub(crate) enum Proxied {
 /// Reads the header at the start of `input`: the header and its length once it is whole,
 /// None while more is needed, or why it is not one that can be taken.
 pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
+    // A version 1 line is judged whole: cut short, the parser can take it for a bad one
+    // (`... 40000 ` reads as a destination port missing).
+    let v1_prefix = b"PROXY ";
+    let starts_v1 = input.starts_with(v1_prefix) || v1_prefix.starts_with(input);
+    if starts_v1 && memchr::memchr(b'\n', input).is_none() {
+        if input.len() >= V1_MAX {
+            return Err(format!("no end to a PROXY line within {V1_MAX} octets"));
+        }
+        return Ok(None);
+    }
     let parsed = HeaderResult::parse(input);
+    if parsed.is_incomplete() && starts_v1 {
+        // Its line has ended (`PROXY TCP4 192.0.2.7` CR LF): there is nothing more to come.
+        return Err("not a PROXY header (a line cut short)".into());
+    }
     if parsed.is_incomplete() {
         if input.len() >= MAX_HEADER {
             return Err(format!("no PROXY header within {MAX_HEADER} octets"));
