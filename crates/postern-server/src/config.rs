@@ -67,6 +67,9 @@ pub struct Settings {
     pub max_session_time: Duration,
     /// Longest wait for in-flight transactions at shutdown.
     pub shutdown_grace: Duration,
+    /// How long a stop signal leaves the server taking mail with `/readyz` at 503 before it
+    /// stops (for a load balancer to send new clients elsewhere first); zero for none.
+    pub drain_time: Duration,
     /// TLS, when configured.
     pub tls: Option<TlsFiles>,
     /// Prometheus listener.
@@ -108,6 +111,7 @@ impl Default for Settings {
             command_timeout: Duration::from_secs(300),
             max_session_time: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),
+            drain_time: Duration::ZERO,
             tls: None,
             metrics: None,
             bare_newline: BareNewlinePolicy::Normalize,

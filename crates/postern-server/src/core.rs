@@ -68,9 +68,19 @@ impl Deletions {
 pub struct StopFlag {
     stop: AtomicBool,
     hurry: AtomicBool,
+    drain: AtomicBool,
 }
 
 impl StopFlag {
+    /// Says the server is about to stop (`--drain-time`): `/readyz` answers 503 while it
+    /// still takes mail.
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::Release);
+    }
+    /// Whether the server drains or stops.
+    pub fn is_draining(&self) -> bool {
+        self.drain.load(Ordering::Acquire) || self.is_stopping()
+    }
     /// Asks every core to stop.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);

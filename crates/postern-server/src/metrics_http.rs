@@ -338,7 +338,7 @@ fn route(
             registry.render(),
         ),
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        (b"GET", b"/readyz") if stop.is_stopping() => (
+        (b"GET", b"/readyz") if stop.is_draining() => (
             "503 Service Unavailable",
             "text/plain",
             "draining\n".to_owned(),

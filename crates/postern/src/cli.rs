@@ -153,6 +153,11 @@ struct Serve {
     /// Longest wait for transactions in flight when stopping.
     #[arg(long, env = "POSTERN_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     shutdown_grace: Duration,
+    /// After a SIGTERM or SIGINT, how long to go on taking mail with /readyz answering 503
+    /// before the stop begins, so that a load balancer sends new clients elsewhere first (a
+    /// second signal begins the stop at once); 0 for none.
+    #[arg(long, env = "POSTERN_DRAIN_TIME", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true)]
+    drain_time: Duration,
     /// PEM certificate chain; with --tls-key, enables STARTTLS [default: none, no TLS].
     #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key", value_parser = path)]
     tls_cert: Option<PathBuf>,
@@ -1162,6 +1167,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         command_timeout: s.command_timeout,
         max_session_time: s.max_session_time,
         shutdown_grace: s.shutdown_grace,
+        drain_time: s.drain_time,
         tls: s
             .tls_cert
             .zip(s.tls_key)

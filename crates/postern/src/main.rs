@@ -142,6 +142,7 @@ fn main() -> ExitCode {
                 launch.clone(),
                 config.server.spool_dir.clone(),
                 config.server.cores,
+                config.server.drain_time,
             );
             // Every thread blocks the stop signals: without this one, none would be heard.
             if let Err(e) = spawned {
@@ -454,6 +455,7 @@ fn spawn_signal_thread(
     launch: std::sync::Arc<std::sync::Mutex<Launch>>,
     spool_dir: std::path::PathBuf,
     cores: usize,
+    drain_time: std::time::Duration,
 ) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
     let spawned = std::thread::Builder::new()
@@ -489,7 +491,37 @@ fn spawn_signal_thread(
             // Counted here: the stop flag is also set by a core that fails.
             let mut asked_to_stop = false;
             let mut hurried = false;
+            let mut drained = false;
             for signal in signals.forever() {
+                // The drain's end began the stop: the next signal hurries it.
+                asked_to_stop |= drained && stop.is_stopping();
+                let stop_signal = signal == SIGTERM || signal == SIGINT;
+                if stop_signal && !asked_to_stop && !drained && !drain_time.is_zero() {
+                    drained = true;
+                    stop.drain();
+                    tracing::info!(
+                        "draining: /readyz answers 503 and mail is still taken for {}; then                          the stop begins (a second SIGTERM or SIGINT begins it now)",
+                        humantime::format_duration(drain_time)
+                    );
+                    let stop = stop.clone();
+                    let ended = std::thread::Builder::new()
+                        .name("drain".into())
+                        .spawn(move || {
+                            std::thread::sleep(drain_time);
+                            if !stop.is_stopping() {
+                                stop.stop();
+                                tracing::info!(
+                                    "drained; stopping: no new connections, finishing \
+                                     transactions in flight (a second SIGTERM or SIGINT stops \
+                                     without waiting for them)"
+                                );
+                            }
+                        });
+                    if ended.is_ok() {
+                        continue;
+                    }
+                    // No thread to end it: the stop begins now.
+                }
                 if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
                     asked_to_stop = true;
                     stop.stop();

@@ -495,3 +495,62 @@ fn stop_signals_act_while_the_start_hangs_on_its_disk() {
     let status = child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}");
 }
+
+/// Waits at most 20 s for `server` to end; its exit status.
+fn exit_within_20s(server: &mut Server) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 20 s after the stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_drain_says_not_ready_while_it_still_takes_mail_then_stops() {
+    let mut server = Server::start(&["--drain-time", "2s", "--metrics", "127.0.0.1:0"]);
+    assert_eq!(server.http_get("/readyz").0, "HTTP/1.1 200 OK");
+    let mut before = server.connect();
+    before.line();
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("draining: /readyz answers 503"));
+    let (status, body) = server.http_get("/readyz");
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.1 503 Service Unavailable", "draining\n")
+    );
+    // A session from before and a new one both go on taking mail.
+    let mut after = server.connect();
+    assert!(after.line().starts_with("220 "));
+    for c in [&mut before, &mut after] {
+        c.cmd("EHLO drain.test");
+        assert_eq!(c.cmd("MAIL FROM:<a@b.test>"), "250 2.1.0 Ok");
+        assert_eq!(c.cmd("RCPT TO:<c@d.test>"), "250 2.1.5 Ok");
+        assert!(c.cmd("DATA").starts_with("354"));
+        queue_id(&c.cmd("Subject: drained\r\n\r\nx\r\n."));
+    }
+    // Then the stop, by itself.
+    server.log_until(|l| l.contains("drained; stopping"));
+    assert_eq!(
+        after.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    let status = exit_within_20s(&mut server);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(spooled(&server.spool).len(), 2);
+}
+
+#[test]
+fn a_second_signal_during_a_drain_stops_at_once() {
+    let mut server = Server::start(&["--drain-time", "1h"]);
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("draining: /readyz answers 503"));
+    server.signal("-TERM");
+    let status = exit_within_20s(&mut server);
+    assert!(status.success(), "{status:?}");
+}
