@@ -232,8 +232,14 @@ impl Session {
         }
         let mut buf = vec![0u8; READ_BUFFER_FIRST];
         let (mut start, mut end) = (0usize, 0usize);
+        // When the wait for the next command began: the command timeout runs from there
+        // until a command is whole (a client trickling a line a byte at a time does not
+        // start it again with each byte); inside a body, from each read (RFC 5321 4.5.3.2.5).
+        let mut waiting_since = Instant::now();
         loop {
             let arrived = Instant::now();
+            // A command answered (or an event of a transaction) since the last read.
+            let mut progressed = false;
             // Answer every complete command (and take every body byte) already read.
             loop {
                 // Once the server stops, a session outside a message body gets 421, also
@@ -247,6 +253,7 @@ impl Session {
                 }
                 let step = self.proto.handle(&buf[start..end]);
                 start += step.consumed;
+                progressed |= !matches!(step.event, Event::NeedInput);
                 match step.event {
                     Event::NeedInput => break,
                     Event::Mail(..) => {
@@ -298,6 +305,9 @@ impl Session {
                     }
                 }
             }
+            if progressed || !self.proto.output().is_empty() || self.proto.in_message() {
+                waiting_since = Instant::now();
+            }
             if !self.flush_timed(arrived).await {
                 return;
             }
@@ -307,7 +317,7 @@ impl Session {
                 buf.copy_within(start..end, 0);
                 (start, end) = (0, end - start);
             }
-            match self.read(&mut buf[end..]).await {
+            match self.read(&mut buf[end..], waiting_since).await {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return,
                 Wake::Read(Ok(n)) => {
                     crate::store::collect_sync(&self.core);
@@ -339,9 +349,9 @@ impl Session {
         }
     }
 
-    /// Waits for bytes, the command timeout, the session's end, or (between transactions'
-    /// bodies) the server's stop.
-    async fn read(&mut self, into: &mut [u8]) -> Wake {
+    /// Waits for bytes, the command timeout (counted from `waiting_since`), the session's end,
+    /// or (between transactions' bodies) the server's stop.
+    async fn read(&mut self, into: &mut [u8], waiting_since: Instant) -> Wake {
         // A client that keeps the socket full makes every read ready at once, and `or` polls
         // the read first: the cap, the stop and the other tasks of the core are seen here,
         // not only when a read has to wait.
@@ -358,6 +368,7 @@ impl Session {
             .core
             .settings
             .command_timeout
+            .saturating_sub(now.saturating_duration_since(waiting_since))
             .min(self.deadline.saturating_duration_since(now));
         let core = self.core.clone();
         let read = async { Wake::Read(self.conn.read(into).await) };

@@ -192,3 +192,35 @@ fn place_comes_free(server: &Server, why: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_command_trickled_a_byte_at_a_time_still_gets_its_timeout() {
+    // The command timeout runs from the end of the last reply until a command is whole: a
+    // byte every 300 ms does not start it again (without that, a client holds its place
+    // until the session's cap, an hour by default).
+    let server = Server::start(&["--command-timeout", "2s"]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO slow.test");
+    let mut writer = c.stream.try_clone().unwrap();
+    let started = Instant::now();
+    // 40 bytes over 12 s at most, no line end; it stops at the first failed write.
+    let trickle = std::thread::spawn(move || {
+        for b in b"NOOP trickle trickle trickle trickle tri" {
+            if writer.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert_eq!(
+        c.line(),
+        "421 4.4.2 mx.test Timeout exceeded, closing connection"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    trickle.join().unwrap();
+}
