@@ -305,11 +305,13 @@ impl Session {
                     }
                 }
             }
-            if progressed || !self.proto.output().is_empty() || self.proto.in_message() {
-                waiting_since = Instant::now();
-            }
+            let restart = progressed || !self.proto.output().is_empty() || self.proto.in_message();
             if !self.flush_timed(arrived).await {
                 return;
+            }
+            // From the end of the reply's write: a client slow to read it is not given less.
+            if restart {
+                waiting_since = Instant::now();
             }
             if start == end {
                 (start, end) = (0, 0);
