@@ -21,6 +21,10 @@ const V1_MAX: usize = 107;
 /// for it at once, in one piece).
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The least it has, whatever `--command-timeout` says: a TCP retransmission's worth (the
+/// protocol asks for at least 3 s).
+pub(crate) const HEADER_TIMEOUT_LEAST: Duration = Duration::from_secs(3);
+
 /// How long to wait before looking again at a header that came in pieces.
 const PIECE_WAIT: Duration = Duration::from_millis(5);
 
@@ -34,9 +38,12 @@ pub(crate) enum Proxied {
         /// The address it connected to.
         destination: SocketAddr,
     },
-    /// The load balancer's own connection (a version 2 LOCAL command, its health check, or a
-    /// version 1 `UNKNOWN`): the connection's own addresses stand.
+    /// The load balancer's own connection (a version 2 LOCAL command, its health check): the
+    /// connection's own addresses stand.
     Local,
+    /// A client the balancer cannot name (a version 1 `UNKNOWN`, a version 2 PROXY for a
+    /// UNIX socket or of an unspecified family).
+    Unknown,
 }
 
 /// Reads the header at the start of `input`: the header and its length once it is whole,
@@ -74,7 +81,7 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
                     source: SocketAddr::from((a.source_address, a.source_port)),
                     destination: SocketAddr::from((a.destination_address, a.destination_port)),
                 },
-                v1::Addresses::Unknown => Proxied::Local,
+                v1::Addresses::Unknown => Proxied::Unknown,
             };
             Ok(Some((proxied, h.header.len())))
         }
@@ -92,9 +99,8 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
                     source: SocketAddr::from((a.source_address, a.source_port)),
                     destination: SocketAddr::from((a.destination_address, a.destination_port)),
                 },
-                // A UNIX socket or an unspecified family carries no client address; the
-                // protocol has the receiver use the connection's own then.
-                (v2::Command::Proxy, _) => Proxied::Local,
+                // A UNIX socket or an unspecified family carries no client address.
+                (v2::Command::Proxy, _) => Proxied::Unknown,
             };
             Ok(Some((proxied, h.len())))
         }
@@ -167,7 +173,7 @@ mod tests {
         );
         assert_eq!(
             parse(b"PROXY UNKNOWN\r\n").unwrap(),
-            Some((Proxied::Local, 15))
+            Some((Proxied::Unknown, 15))
         );
     }
 
@@ -191,6 +197,8 @@ mod tests {
         );
         let local = v2(0x20, 0x00, &[], &[]);
         assert_eq!(parse(&local).unwrap(), Some((Proxied::Local, 16)));
+        let unspecified = v2(0x21, 0x00, &[], &[]);
+        assert_eq!(parse(&unspecified).unwrap(), Some((Proxied::Unknown, 16)));
     }
 
     #[test]

@@ -900,7 +900,22 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) -
                 metrics.count_replies(b"421 \r\n");
             }
             drop(metrics);
-            glommio::spawn_local(refuse(core.clone(), stream, refusal, implicit_tls)).detach();
+            let core = core.clone();
+            let task = async move {
+                let mut stream = stream;
+                // A load balancer's: its header first, which the 421 must not be read as
+                // an answer to (nor a TLS handshake begin on).
+                if from_proxy
+                    && proxy_header(&core, &mut stream, peer, REFUSAL_HEADER_WAIT)
+                        .await
+                        .is_none()
+                {
+                    let _ = futures_lite::io::AsyncWriteExt::close(&mut stream).await;
+                    return;
+                }
+                refuse(core, stream, refusal, implicit_tls).await;
+            };
+            glommio::spawn_local(task).detach();
             false
         }
     }
@@ -926,28 +941,10 @@ async fn proxied(
     implicit_tls: bool,
     mut permit: crate::limits::Permit,
 ) {
-    let wait = crate::proxy::HEADER_TIMEOUT.min(core.settings.command_timeout);
-    let header = futures_lite::future::or(
-        async { Some(crate::proxy::read_header(&mut stream, Instant::now() + wait).await) },
-        async {
-            core.stopped().await;
-            None
-        },
-    )
-    .await;
-    let served = match header {
-        None => None,
-        Some(Err(e)) => {
-            core.metrics.borrow_mut().proxy_header_failures += 1;
-            tracing::info!(load_balancer = %peer, "connection closed: {e}");
-            None
-        }
-        Some(Ok(crate::proxy::Proxied::Local)) => Some((peer, None)),
-        Some(Ok(crate::proxy::Proxied::Client {
-            source,
-            destination,
-        })) => Some((source, Some(destination))),
-    };
+    let wait = crate::proxy::HEADER_TIMEOUT
+        .min(core.settings.command_timeout)
+        .max(crate::proxy::HEADER_TIMEOUT_LEAST);
+    let served = proxy_header(&core, &mut stream, peer, wait).await;
     let Some((client, reached)) = served else {
         let _ = futures_lite::io::AsyncWriteExt::close(&mut stream).await;
         drop(permit);
@@ -971,6 +968,54 @@ async fn proxied(
     }
     session::serve(core, stream, client, reached, implicit_tls, permit).await;
 }
+
+/// Reads the PROXY header of a connection from the load balancer at `peer`, within `wait`
+/// (and at most [`HEADER_DURING_STOP`] once the server stops): the client it names and the
+/// address that client reached, where the header names them. None (logged and counted)
+/// when no valid header came.
+async fn proxy_header(
+    core: &Core,
+    stream: &mut glommio::net::TcpStream,
+    peer: SocketAddr,
+    wait: Duration,
+) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    use crate::proxy::Proxied;
+    let header = futures_lite::future::or(
+        async { Some(crate::proxy::read_header(stream, Instant::now() + wait).await) },
+        async {
+            core.stopped().await;
+            glommio::timer::sleep(HEADER_DURING_STOP).await;
+            None
+        },
+    )
+    .await;
+    let header = header.unwrap_or_else(|| Err("no PROXY header before the stop".into()));
+    match header {
+        Err(e) => {
+            core.metrics.borrow_mut().proxy_header_failures += 1;
+            tracing::info!(load_balancer = %peer, "connection closed: {e}");
+            None
+        }
+        Ok(Proxied::Local) => Some((peer, None)),
+        // Someone the balancer cannot name: not the balancer, whose address may be a relay
+        // network's (loopback, for one on the same host), but the unspecified address, in no
+        // relay network but everyone's (0.0.0.0/0, which start-up warns about).
+        Ok(Proxied::Unknown) => Some((SocketAddr::from(([0, 0, 0, 0], 0)), None)),
+        Ok(Proxied::Client {
+            source,
+            destination,
+        }) => Some((source, Some(destination))),
+    }
+}
+
+/// What a connection from a load balancer still has for its PROXY header once the server
+/// stops: one already on its way is read, and its client told 421.
+const HEADER_DURING_STOP: Duration = Duration::from_secs(1);
+
+/// What an over-limit connection from a load balancer has for its PROXY header: its 421 must
+/// not go out before the header is read (on the implicit-TLS port it goes inside TLS, whose
+/// handshake follows the header), and a refusal is not to hold a descriptor long.
+const REFUSAL_HEADER_WAIT: Duration = Duration::from_secs(3);
 
 thread_local! {
     /// This core's over-limit implicit-TLS clients being answered now.

@@ -305,7 +305,9 @@ impl Session {
                     }
                 }
             }
-            let restart = progressed || !self.proto.output().is_empty() || self.proto.in_message();
+            // Inside a body (DATA's, or a chunk's octets), each read; not between chunks,
+            // where the next BDAT line is a command like any other.
+            let restart = progressed || !self.proto.output().is_empty() || self.proto.in_body();
             if !self.flush_timed(arrived).await {
                 return;
             }

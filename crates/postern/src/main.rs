@@ -308,7 +308,9 @@ fn main() -> ExitCode {
     }
     for net in settings.proxy_from.iter().filter(|n| n.prefix_len() == 0) {
         tracing::warn!(
-            "--proxy-from {net} takes a PROXY header from every {} client: any of them can              pass for any address (and for a relay network's); name the load balancers' own              addresses instead",
+            "--proxy-from {net} takes a PROXY header from every {} client: any of them can \
+             pass for any address (and for a relay network's); name the load balancers' own \
+             addresses instead",
             if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
         );
     }
@@ -496,17 +498,33 @@ fn spawn_signal_thread(
                 // The drain's end began the stop: the next signal hurries it.
                 asked_to_stop |= drained && stop.is_stopping();
                 let stop_signal = signal == SIGTERM || signal == SIGINT;
-                if stop_signal && !asked_to_stop && !drained && !drain_time.is_zero() {
+                // Not while the server starts (a stop then ends the start before it takes
+                // mail), nor once it stops (a core failed).
+                let running = launch
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .running
+                    .is_some();
+                if stop_signal
+                    && !asked_to_stop
+                    && !drained
+                    && !drain_time.is_zero()
+                    && running
+                    && !stop.is_stopping()
+                {
                     drained = true;
                     stop.drain();
                     tracing::info!(
-                        "draining: /readyz answers 503 and mail is still taken for {}; then                          the stop begins (a second SIGTERM or SIGINT begins it now)",
+                        "draining: /readyz answers 503 and mail is still taken for {}; then \
+                         the stop begins (a second SIGTERM or SIGINT begins it now)",
                         humantime::format_duration(drain_time)
                     );
                     let stop = stop.clone();
                     let ended = std::thread::Builder::new()
                         .name("drain".into())
                         .spawn(move || {
+                            // As every thread but the signal thread.
+                            block_handled_signals();
                             std::thread::sleep(drain_time);
                             if !stop.is_stopping() {
                                 stop.stop();

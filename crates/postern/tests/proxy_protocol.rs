@@ -125,6 +125,18 @@ fn a_version_2_header_names_an_ipv6_client_or_leaves_the_load_balancer_itself() 
 }
 
 #[test]
+fn a_client_the_balancer_cannot_name_is_not_the_balancer() {
+    // A version 1 UNKNOWN (or version 2 PROXY of no address family): not the balancer's
+    // loopback address, which may relay here, but the unspecified one.
+    let server = proxied_server(&[]);
+    let mut c = through(&server, [127, 0, 0, 1], b"PROXY UNKNOWN\r\n");
+    let (relay, id) = transaction(&mut c);
+    assert_eq!(relay, "554 5.7.1 Relay access denied");
+    let trace = received(&server, &id);
+    assert!(trace.contains("[0.0.0.0]"), "{trace}");
+}
+
+#[test]
 fn the_per_client_limit_counts_the_clients_behind_the_load_balancer() {
     let server = proxied_server(&["--max-connections-per-ip", "1"]);
     let mut first = through(&server, [127, 0, 0, 1], &v1("192.0.2.7"));
@@ -175,6 +187,23 @@ fn a_connection_from_the_load_balancer_without_a_valid_header_is_closed_unanswer
     // The server goes on.
     let mut c = through(&server, [127, 0, 0, 1], &v1("192.0.2.7"));
     assert!(c.line().starts_with("220 "));
+}
+
+#[test]
+fn a_balancer_s_connection_whose_header_comes_as_the_server_stops_is_told_421() {
+    let mut server = proxied_server(&[]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.connect(&server.smtp.into()).unwrap();
+    let mut c = Client::from_stream(TcpStream::from(socket));
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("stopping: no new connections"));
+    // Within the second a header on its way still gets.
+    c.send(&v1("192.0.2.7"));
+    assert_eq!(
+        c.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    assert!(server.child.wait().unwrap().success());
 }
 
 /// The haproxy program, from PATH or sbin.

@@ -164,27 +164,59 @@ fn implicit_tls_port_greets_inside_tls() {
     }
 }
 
-#[test]
-fn implicit_tls_behind_a_load_balancer_reads_its_proxy_header_then_the_handshake() {
-    // The header and the client's hello in one write: the hello is not taken for part of
-    // the header, and the client is the one the header names.
-    let (mut server, roots, _dir) = server_with_cert_and(&["--proxy-from", "127.0.0.1"]);
+/// A TLS client on `--listen-tls` through a load balancer: its PROXY header and its hello
+/// go in one write.
+fn tls_through_a_balancer(server: &Server, roots: &RootCertStore) -> Tls {
     let mut tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
+        .with_root_certificates(roots.clone())
         .with_no_client_auth();
     let mut conn =
         ClientConnection::new(Arc::new(config), ServerName::try_from("mx.test").unwrap()).unwrap();
     let mut first = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 465\r\n".to_vec();
     conn.write_tls(&mut first).unwrap();
     tcp.write_all(&first).unwrap();
-    let mut t = Tls {
+    Tls {
         stream: BufReader::new(StreamOwned::new(conn, tcp)),
-    };
+    }
+}
+
+#[test]
+fn a_balancer_s_client_over_the_connection_limit_gets_its_421_inside_tls() {
+    // The 421 waits for the header, and goes inside TLS, whose handshake follows it.
+    let (server, roots, _dir) = server_with_cert_and(&[
+        "--proxy-from",
+        "127.0.0.1",
+        "--max-connections",
+        "1",
+        "--max-connections-per-ip",
+        "1",
+    ]);
+    // The one place, taken by a client of its own (127.0.0.1 is the balancer).
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    socket.connect(&server.smtp.into()).unwrap();
+    let mut holder = common::Client::from_stream(TcpStream::from(socket));
+    assert!(holder.line().starts_with("220 "));
+    let mut t = tls_through_a_balancer(&server, &roots);
+    assert_eq!(
+        t.line(),
+        "421 4.3.2 mx.test Too many connections, try again later"
+    );
+}
+
+#[test]
+fn implicit_tls_behind_a_load_balancer_reads_its_proxy_header_then_the_handshake() {
+    // The header and the client's hello in one write: the hello is not taken for part of
+    // the header, and the client is the one the header names.
+    let (mut server, roots, _dir) = server_with_cert_and(&["--proxy-from", "127.0.0.1"]);
+    let mut t = tls_through_a_balancer(&server, &roots);
     assert_eq!(t.line(), "220 mx.test ESMTP postern");
     t.cmd("EHLO client.test");
     assert_eq!(t.cmd("MAIL FROM:<a@b.test>"), "250 2.1.0 Ok");

@@ -224,3 +224,37 @@ fn a_command_trickled_a_byte_at_a_time_still_gets_its_timeout() {
     );
     trickle.join().unwrap();
 }
+
+#[test]
+fn a_bdat_line_trickled_between_chunks_still_gets_its_timeout() {
+    // Between chunks the next BDAT line is a command: the timeout is not started again by
+    // each byte of it, as it is by each read of a chunk's octets.
+    let server = Server::start(&["--command-timeout", "2s"]);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO slow.test");
+    c.cmd("MAIL FROM:<a@b.test>");
+    c.cmd("RCPT TO:<c@d.test>");
+    c.send(b"BDAT 5\r\nhello");
+    assert_eq!(c.line(), "250 2.0.0 5 octets received");
+    let mut writer = c.stream.try_clone().unwrap();
+    let started = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        for b in b"BDAT 5 LAST         trickle trickle tri" {
+            if writer.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert_eq!(
+        c.line(),
+        "421 4.4.2 mx.test Timeout exceeded, closing connection"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    trickle.join().unwrap();
+}
