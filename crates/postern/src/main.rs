@@ -449,8 +449,9 @@ struct Launched {
 }
 
 /// Handles `postern serve`'s signals from the start (before the spool is read, and while the
-/// cores start): a first SIGTERM or SIGINT stops, a second hurries the stop, a third ends the
-/// process at once, whatever the server is doing; the others once it runs.
+/// cores start): a first SIGTERM or SIGINT stops (once the server runs, with `--drain-time`,
+/// it drains first, and a second begins the stop), the next hurries the stop, one more ends
+/// the process at once, whatever the server is doing; the others once it runs.
 fn spawn_signal_thread(
     mut signals: signal_hook::iterator::Signals,
     stop: std::sync::Arc<postern_server::StopFlag>,
