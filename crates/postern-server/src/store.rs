@@ -122,7 +122,13 @@ fn postmaster(rcpt: &mut Recipient, hostname: &str, to: Option<&str>) {
     if target == rcpt.path {
         return;
     }
-    if rcpt.orcpt.is_none() && rcpt.path.is_ascii() && !rcpt.path.contains(['+', '=']) {
+    // Only an address (RFC 3461 4.2: `rfc822;` takes an addr-spec): the bare `<Postmaster>`
+    // is none, and its report names where it went.
+    if rcpt.orcpt.is_none()
+        && rcpt.path.is_ascii()
+        && rcpt.path.contains('@')
+        && !rcpt.path.contains(['+', '='])
+    {
         rcpt.orcpt = Some(format!("rfc822;{}", rcpt.path));
     }
     rcpt.path = target;
@@ -808,6 +814,23 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postmaster_address_is_kept_as_its_orcpt_and_the_bare_postmaster_is_not() {
+        let rcpt = |path: &str| Recipient {
+            path: path.into(),
+            notify: None,
+            orcpt: None,
+        };
+        let mut at_host = rcpt("PostMaster@MX.test");
+        postmaster(&mut at_host, "mx.test", None);
+        assert_eq!(at_host.path, "postmaster@mx.test");
+        assert_eq!(at_host.orcpt.as_deref(), Some("rfc822;PostMaster@MX.test"));
+        let mut bare = rcpt("Postmaster");
+        postmaster(&mut bare, "mx.test", Some("ops@ops.test"));
+        assert_eq!(bare.path, "ops@ops.test");
+        assert_eq!(bare.orcpt, None);
+    }
 
     #[test]
     fn a_recipient_given_twice_gets_every_report_either_asked_for() {
