@@ -21,6 +21,24 @@ SESSIONS=50
 SIZE=1024
 SINK_PORT=25251; POSTFIX_PORT=25252; POSTERN_PORT=25253; POSTERN1_PORT=25254
 METRICS_PORT=25263; METRICS1_PORT=25264
+# Installed first, so that the configuration kept below is the one found after the install
+# (a fresh machine's package files), not "absent", which cleanup would remove.
+if ! command -v smtp-source >/dev/null || ! command -v postfix >/dev/null \
+    || ! command -v curl >/dev/null || ! command -v python3 >/dev/null; then
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix curl python3 >/dev/null
+fi
+# The benchmark empties Postfix's queue: a machine whose Postfix holds mail is not one to
+# run it on.
+queued=$( { find /var/spool/postfix/incoming /var/spool/postfix/active \
+  /var/spool/postfix/deferred /var/spool/postfix/hold /var/spool/postfix/maildrop \
+  -type f 2>/dev/null || true; } | wc -l)
+if [ "$queued" -gt 0 ]; then
+  echo "Postfix's queue holds $queued messages, and this benchmark empties it: deliver or" \
+    "move them first (or, left by an earlier benchmark, remove them: postsuper -d ALL)" >&2
+  exit 1
+fi
 work=$(mktemp -d /var/tmp/postern-bench.XXXXXX)
 # The machine's own Postfix configuration (and whether it ran) is kept first thing, and put
 # back by cleanup, whatever ends the script; a file that was absent is removed then.
@@ -33,6 +51,10 @@ cleanup() {
   [ -n "${sink_pid:-}" ] && kill "$sink_pid" 2>/dev/null || true
   [ -n "${postern_pid:-}" ] && kill "$postern_pid" 2>/dev/null || true
   [ -n "${postern1_pid:-}" ] && kill "$postern1_pid" 2>/dev/null || true
+  # Ended before their spools are removed with $work.
+  for pid in "${sink_pid:-}" "${postern_pid:-}" "${postern1_pid:-}"; do
+    [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+  done
   postfix stop >/dev/null 2>&1 || true
   # The machine's own Postfix configuration back, and Postfix started again if it ran.
   for f in /etc/postfix/main.cf /etc/postfix/master.cf /etc/mailname; do
@@ -45,12 +67,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if ! command -v smtp-source >/dev/null || ! command -v postfix >/dev/null \
-    || ! command -v curl >/dev/null || ! command -v python3 >/dev/null; then
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix curl python3 >/dev/null
-fi
 cargo build --release -q --bin postern
 
 # Postfix: loopback only, relays everything to the sink, queue on the same disk. The
@@ -110,7 +126,9 @@ drain_postfix() { # let Postfix hand its queue to the sink before the next measu
 
 drain_postern() { # metrics port: wait until every accepted message has been delivered
   for _ in $(seq 1 1500); do
-    depth=$(curl -s "http://127.0.0.1:$1/metrics" | awk '$1 == "postern_queue_depth" {print $2}')
+    # A scrape that fails is looked at again, not the end of the script (set -e).
+    depth=$(curl -s "http://127.0.0.1:$1/metrics" | awk '$1 == "postern_queue_depth" {print $2}') \
+      || { sleep 0.2; continue; }
     [ "$depth" = 0 ] && return
     sleep 0.2
   done

@@ -166,8 +166,10 @@ def configure_postfix(relay_port, in_flow_delay="1s"):
 
 
 def postfix_queue_empty():
-    out = subprocess.run(["postqueue", "-j"], capture_output=True, text=True).stdout
-    return out.strip() == ""
+    """Whether Postfix's queue is empty: a listing that failed (showq busy, Postfix down)
+    says nothing about it, and is not taken for an empty one."""
+    listed = subprocess.run(["postqueue", "-j"], capture_output=True, text=True)
+    return listed.returncode == 0 and listed.stdout.strip() == ""
 
 
 def drain_postfix(timeout=300.0):

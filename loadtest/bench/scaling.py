@@ -314,7 +314,10 @@ def report(res, args, cores, top):
     eod = half["latency_ms"]["end_of_data"]
     # Messages due and never sent have no latency: with any, no verdict.
     not_started = half.get("messages_not_started") or 0
+    # Nor with failed or refused messages: their quick refusals would sit among the latencies.
+    failed = (half.get("messages_failed") or 0) + (half.get("messages_refused") or 0)
     verdict = (f"not judged: {not_started} messages due were never sent" if not_started
+               else f"not judged: {failed} messages failed or were refused" if failed
                else "met" if eod["p99"] < 2 else "**not met**")
     lines += [
         "",

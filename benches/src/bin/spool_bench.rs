@@ -5,8 +5,9 @@
 //! - 10 MiB messages in MB/s against plain sequential `write` + one `fdatasync` of the same bytes;
 //! - recovery time of a spool of about 1 GiB.
 //!
-//! `cargo run --release -p postern-benches --bin spool-bench -- [DIR]` (DIR defaults to a new
-//! directory under /var/tmp; the figures are medians of 5 runs).
+//! `cargo run --release -p postern-benches --bin spool-bench -- [DIR]` (its files go in a new
+//! directory inside DIR, /var/tmp by default, removed at the end; the figures are medians of 5
+//! runs).
 #![forbid(unsafe_code)]
 
 use std::fs::OpenOptions;
@@ -138,7 +139,11 @@ fn main() {
     } else {
         dir
     };
+    // Everything goes in a directory of its own made inside the one given, removed at the
+    // end: the directory given (a disk's mount point, a data directory) is never emptied.
     std::fs::create_dir_all(&dir).expect("bench directory");
+    let dir = dir.join(format!("postern-spool-bench-{}", std::process::id()));
+    std::fs::create_dir(&dir).expect("a bench directory of its own");
     println!("directory: {}", dir.display());
     println!("| workload | postern spool (median of {RUNS}) | raw write + fdatasync (same run) | ratio |");
     println!("| --- | --- | --- | --- |");
