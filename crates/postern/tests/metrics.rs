@@ -415,3 +415,77 @@ fn connections_reset_at_once_are_counted() {
     let text = server.metrics_until(|m| m.contains(&want));
     assert!(text.contains(&want), "{text}");
 }
+
+/// Runs `promtool check rules` on `path`; fails the test with its output otherwise.
+fn promtool_checks_rules(path: &std::path::Path) {
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(path)
+        .output()
+        .expect("promtool is needed (.ci/run installs the prometheus package)");
+    assert!(
+        out.status.success(),
+        "promtool check rules {}: {}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_deployed_alerts_and_dashboard_ask_only_for_metrics_the_server_exports() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let alerts = root.join("prometheus-alerts.yml");
+    let dashboard = std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap();
+    // The alert rules are valid as Prometheus reads them.
+    promtool_checks_rules(&alerts);
+    // So is every query of the dashboard, checked as a recording rule.
+    let dash: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut queries = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let expr = expr.replace("$__rate_interval", "5m");
+            rules += &format!(
+                "      - record: dashboard:query_{queries}\n        expr: {}\n",
+                serde_json::Value::String(expr)
+            );
+            queries += 1;
+        }
+    }
+    assert!(queries > 20, "{queries}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    promtool_checks_rules(&file);
+    // Every metric they name is one the server exports (a renamed metric would leave a panel
+    // or an alert silent).
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let text = server.metrics_until(|m| m.contains("postern_queue_depth"));
+    let exported: std::collections::HashSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let named = |text: &str| -> Vec<String> {
+        text.match_indices("postern_")
+            .map(|(at, _)| {
+                text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect()
+            })
+            .collect()
+    };
+    let alerts = std::fs::read_to_string(&alerts).unwrap();
+    let mut names = named(&alerts);
+    names.extend(named(&dashboard));
+    assert!(names.len() > 30, "{names:?}");
+    for name in names {
+        assert!(
+            exported.contains(name.as_str()),
+            "{name} is not exported:\n{text}"
+        );
+    }
+}
