@@ -463,10 +463,14 @@ fn the_deployed_alerts_and_dashboard_ask_only_for_metrics_the_server_exports() {
     // or an alert silent).
     let server = Server::start(&["--metrics", "127.0.0.1:0"]);
     let text = server.metrics_until(|m| m.contains("postern_queue_depth"));
+    // The series, and the families (a histogram's name, as its `# TYPE` line gives it).
     let exported: std::collections::HashSet<&str> = text
         .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter_map(|l| match l.strip_prefix("# TYPE ") {
+            Some(family) => family.split(' ').next(),
+            None if l.starts_with('#') => None,
+            None => l.split(['{', ' ']).next(),
+        })
         .collect();
     let named = |text: &str| -> Vec<String> {
         text.match_indices("postern_")
