@@ -17,17 +17,20 @@ struct Tls {
     stream: BufReader<StreamOwned<ClientConnection, TcpStream>>,
 }
 
+/// A client's TLS session with mx.test, trusting `roots`.
+fn client_for_mx(roots: &RootCertStore) -> ClientConnection {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    ClientConnection::new(Arc::new(config), ServerName::try_from("mx.test").unwrap()).unwrap()
+}
+
 impl Tls {
     fn wrap(tcp: TcpStream, roots: &RootCertStore) -> Tls {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-        let conn =
-            ClientConnection::new(Arc::new(config), ServerName::try_from("mx.test").unwrap())
-                .unwrap();
+        let conn = client_for_mx(roots);
         Tls {
             stream: BufReader::new(StreamOwned::new(conn, tcp)),
         }
@@ -169,14 +172,7 @@ fn implicit_tls_port_greets_inside_tls() {
 fn tls_through_a_balancer(server: &Server, roots: &RootCertStore) -> Tls {
     let mut tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-    let mut conn =
-        ClientConnection::new(Arc::new(config), ServerName::try_from("mx.test").unwrap()).unwrap();
+    let mut conn = client_for_mx(roots);
     let mut first = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 465\r\n".to_vec();
     conn.write_tls(&mut first).unwrap();
     tcp.write_all(&first).unwrap();
