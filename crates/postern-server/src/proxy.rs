@@ -25,6 +25,10 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// protocol asks for at least 3 s).
 pub(crate) const HEADER_TIMEOUT_LEAST: Duration = Duration::from_secs(3);
 
+/// What [`read_header`] says of a connection closed before it sent anything: a balancer's
+/// plain TCP health check, not a failure.
+pub(crate) const CLOSED_BEFORE_A_BYTE: &str = "closed before a byte";
+
 /// How long to wait before looking again at a header that came in pieces.
 const PIECE_WAIT: Duration = Duration::from_millis(5);
 
@@ -119,7 +123,7 @@ pub(crate) async fn read_header(tcp: &mut TcpStream, deadline: Instant) -> Resul
         let n = match peeked {
             None => return Err("no PROXY header in time".into()),
             Some(Err(e)) => return Err(format!("reading the PROXY header: {e}")),
-            Some(Ok(0)) => return Err("closed before its PROXY header".into()),
+            Some(Ok(0)) => return Err(CLOSED_BEFORE_A_BYTE.into()),
             Some(Ok(n)) => n,
         };
         if let Some((proxied, len)) = parse(&buf[..n])? {

@@ -892,30 +892,35 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) -
             glommio::spawn_local(task).detach();
             true
         }
-        Err(refusal) => {
-            let mut metrics = core.metrics.borrow_mut();
-            metrics.connections_refused += 1;
-            if !implicit_tls {
-                // The 421 it gets is a reply like any other.
-                metrics.count_replies(b"421 \r\n");
-            }
-            drop(metrics);
+        Err(refusal) if from_proxy => {
+            // A load balancer's: its header first, which the 421 must not be read as an
+            // answer to (nor a TLS handshake begin on); counted as refused once it is read.
+            // A few at a time per core: past that it is closed at once, without a reply (a
+            // balancer that sends its header late would otherwise hold a descriptor per
+            // refusal for the whole wait).
+            let Some(slot) = ProxyRefusalSlot::take() else {
+                core.metrics.borrow_mut().connections_refused += 1;
+                drop(stream);
+                return false;
+            };
             let core = core.clone();
             let task = async move {
                 let mut stream = stream;
-                // A load balancer's: its header first, which the 421 must not be read as
-                // an answer to (nor a TLS handshake begin on).
-                if from_proxy
-                    && proxy_header(&core, &mut stream, peer, REFUSAL_HEADER_WAIT)
-                        .await
-                        .is_none()
-                {
+                let named = proxy_header(&core, &mut stream, peer, REFUSAL_HEADER_WAIT).await;
+                drop(slot);
+                if named.is_none() {
                     let _ = futures_lite::io::AsyncWriteExt::close(&mut stream).await;
                     return;
                 }
+                count_refusal(&core, implicit_tls);
                 refuse(core, stream, refusal, implicit_tls).await;
             };
             glommio::spawn_local(task).detach();
+            false
+        }
+        Err(refusal) => {
+            count_refusal(core, implicit_tls);
+            glommio::spawn_local(refuse(core.clone(), stream, refusal, implicit_tls)).detach();
             false
         }
     }
@@ -956,13 +961,7 @@ async fn proxied(
         drop(permit);
         core.sessions.set(core.sessions.get() - 1);
         core.session_ended.notify(usize::MAX);
-        {
-            let mut metrics = core.metrics.borrow_mut();
-            metrics.connections_refused += 1;
-            if !implicit_tls {
-                metrics.count_replies(b"421 \r\n");
-            }
-        }
+        count_refusal(&core, implicit_tls);
         refuse(core, stream, refusal, implicit_tls).await;
         return;
     }
@@ -991,6 +990,11 @@ async fn proxy_header(
     .await;
     let header = header.unwrap_or_else(|| Err("no PROXY header before the stop".into()));
     match header {
+        // A balancer's plain TCP health check: nothing was asked.
+        Err(e) if e == crate::proxy::CLOSED_BEFORE_A_BYTE => {
+            tracing::debug!(load_balancer = %peer, "connection closed before a byte");
+            None
+        }
         Err(e) => {
             core.metrics.borrow_mut().proxy_header_failures += 1;
             tracing::info!(load_balancer = %peer, "connection closed: {e}");
@@ -1005,6 +1009,44 @@ async fn proxy_header(
             source,
             destination,
         }) => Some((source, Some(destination))),
+    }
+}
+
+/// Counts a connection refused at once, and its 421 on a plain listener (a reply like any
+/// other; on the implicit-TLS port it is counted once it has gone out inside TLS).
+fn count_refusal(core: &Core, implicit_tls: bool) {
+    let mut metrics = core.metrics.borrow_mut();
+    metrics.connections_refused += 1;
+    if !implicit_tls {
+        metrics.count_replies(b"421 \r\n");
+    }
+}
+
+/// Over-limit connections from load balancers that one core waits on for their PROXY header
+/// at a time (see `admit`).
+const PROXY_REFUSALS_MAX: usize = 64;
+
+thread_local! {
+    static PROXY_REFUSALS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A place among this core's over-limit balancer connections waiting for their header,
+/// given back when dropped.
+struct ProxyRefusalSlot;
+
+impl ProxyRefusalSlot {
+    fn take() -> Option<ProxyRefusalSlot> {
+        let taken = PROXY_REFUSALS.get();
+        (taken < PROXY_REFUSALS_MAX).then(|| {
+            PROXY_REFUSALS.set(taken + 1);
+            ProxyRefusalSlot
+        })
+    }
+}
+
+impl Drop for ProxyRefusalSlot {
+    fn drop(&mut self) {
+        PROXY_REFUSALS.set(PROXY_REFUSALS.get() - 1);
     }
 }
 
