@@ -898,7 +898,7 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) -
             // A few at a time per core: past that it is closed at once, without a reply (a
             // balancer that sends its header late would otherwise hold a descriptor per
             // refusal for the whole wait).
-            let Some(slot) = ProxyRefusalSlot::take() else {
+            let Some(slot) = RefusalSlot::take(&PROXY_REFUSALS, PROXY_REFUSALS_MAX) else {
                 core.metrics.borrow_mut().connections_refused += 1;
                 drop(stream);
                 return false;
@@ -1030,26 +1030,6 @@ thread_local! {
     static PROXY_REFUSALS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// A place among this core's over-limit balancer connections waiting for their header,
-/// given back when dropped.
-struct ProxyRefusalSlot;
-
-impl ProxyRefusalSlot {
-    fn take() -> Option<ProxyRefusalSlot> {
-        let taken = PROXY_REFUSALS.get();
-        (taken < PROXY_REFUSALS_MAX).then(|| {
-            PROXY_REFUSALS.set(taken + 1);
-            ProxyRefusalSlot
-        })
-    }
-}
-
-impl Drop for ProxyRefusalSlot {
-    fn drop(&mut self) {
-        PROXY_REFUSALS.set(PROXY_REFUSALS.get() - 1);
-    }
-}
-
 /// What a connection from a load balancer still has for its PROXY header once the server
 /// stops: one already on its way is read, and its client told 421.
 const HEADER_DURING_STOP: Duration = Duration::from_secs(1);
@@ -1102,7 +1082,7 @@ async fn refuse(
         let _ = stream.close().await;
         return;
     };
-    let Some(_slot) = TlsRefusalSlot::take() else {
+    let Some(_slot) = RefusalSlot::take(&TLS_REFUSALS, TLS_REFUSALS_MAX) else {
         let _ = stream.close().await;
         return;
     };
@@ -1136,23 +1116,26 @@ async fn refuse(
     let _ = within(limit, reply).await;
 }
 
-/// A place among this core's over-limit implicit-TLS clients being answered, given back when
-/// dropped.
-struct TlsRefusalSlot;
+/// A place among this core's refused connections of one kind being handled at a time (the
+/// count in `taken`, at most `max`), given back when dropped.
+struct RefusalSlot(&'static std::thread::LocalKey<std::cell::Cell<usize>>);
 
-impl TlsRefusalSlot {
-    fn take() -> Option<TlsRefusalSlot> {
-        let taken = TLS_REFUSALS.get();
-        (taken < TLS_REFUSALS_MAX).then(|| {
-            TLS_REFUSALS.set(taken + 1);
-            TlsRefusalSlot
+impl RefusalSlot {
+    fn take(
+        taken: &'static std::thread::LocalKey<std::cell::Cell<usize>>,
+        max: usize,
+    ) -> Option<RefusalSlot> {
+        let now = taken.get();
+        (now < max).then(|| {
+            taken.set(now + 1);
+            RefusalSlot(taken)
         })
     }
 }
 
-impl Drop for TlsRefusalSlot {
+impl Drop for RefusalSlot {
     fn drop(&mut self) {
-        TLS_REFUSALS.set(TLS_REFUSALS.get() - 1);
+        self.0.set(self.0.get() - 1);
     }
 }
 
