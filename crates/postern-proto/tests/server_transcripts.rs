@@ -1571,21 +1571,31 @@ fn binarymime_and_bdat_are_refused_where_chunking_is_not_offered() {
     assert!(o.closed);
 }
 
-#[test]
-fn past_the_limit_a_recipient_taken_is_found_among_many_in_any_of_its_forms() {
-    // Past the limit (100 here) a RCPT of a mailbox already taken is 250, any other 452: the
-    // look-up among many recipients finds the same mailbox written otherwise (domain case,
-    // A-labels for U-labels, a quoted local part) and nothing else (local part case).
+/// A server taking 100 recipients, and a session's lines up to its limit: EHLO, `mail`,
+/// `first`, then 99 more (`a@d1.example` to `a@d99.example`).
+fn at_a_limit_of_100(mail: &str, first: &str) -> (Arc<ServerConfig>, Vec<String>) {
     let cfg = Arc::new(ServerConfig {
         max_recipients: 100,
         ..(*config()).clone()
     });
     let mut lines = vec![
         "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test> SMTPUTF8".to_owned(),
-        "RCPT TO:<a@b\u{fc}cher.example>".to_owned(),
+        mail.to_owned(),
+        first.to_owned(),
     ];
     lines.extend((1..100).map(|i| format!("RCPT TO:<a@d{i}.example>")));
+    (cfg, lines)
+}
+
+#[test]
+fn past_the_limit_a_recipient_taken_is_found_among_many_in_any_of_its_forms() {
+    // Past the limit (100 here) a RCPT of a mailbox already taken is 250, any other 452: the
+    // look-up among many recipients finds the same mailbox written otherwise (domain case,
+    // A-labels for U-labels, a quoted local part) and nothing else (local part case).
+    let (cfg, mut lines) = at_a_limit_of_100(
+        "MAIL FROM:<a@b.test> SMTPUTF8",
+        "RCPT TO:<a@b\u{fc}cher.example>",
+    );
     for past in [
         "RCPT TO:<a@D5.EXAMPLE>",
         "RCPT TO:<\"a\"@d7.example>",
@@ -1617,16 +1627,10 @@ fn past_the_limit_a_recipient_taken_is_found_among_many_in_any_of_its_forms() {
 fn past_the_limit_a_recipient_given_again_with_dsn_parameters_is_taken_again() {
     // Its NOTIFY and ORCPT reach the stored message (merged there with the first's); given
     // again without them it is only answered 250, and another mailbox still gets 452.
-    let cfg = Arc::new(ServerConfig {
-        max_recipients: 100,
-        ..(*config()).clone()
-    });
-    let mut lines = vec![
-        "EHLO client.test".to_owned(),
-        "MAIL FROM:<a@b.test>".to_owned(),
-    ];
-    lines.push("RCPT TO:<a@d0.example> NOTIFY=NEVER".to_owned());
-    lines.extend((1..100).map(|i| format!("RCPT TO:<a@d{i}.example>")));
+    let (cfg, mut lines) = at_a_limit_of_100(
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<a@d0.example> NOTIFY=NEVER",
+    );
     lines.push("RCPT TO:<a@D0.example> NOTIFY=SUCCESS,FAILURE".to_owned());
     lines.push("RCPT TO:<a@d7.example> ORCPT=rfc822;a@d7.example".to_owned());
     lines.push("RCPT TO:<a@d8.example>".to_owned());
