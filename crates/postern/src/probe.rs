@@ -104,8 +104,25 @@ fn at_least(release: &str, (major, minor): (u32, u32)) -> bool {
     }
 }
 
+/// Whether a seccomp filter confines this process (`Seccomp: 2` in `/proc/self/status`), as
+/// container runtimes do by default.
+fn seccomp_filtered() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|line| line.strip_prefix("Seccomp:").map(str::trim) == Some("2"))
+    })
+}
+
 /// What to do when [`io_uring`] fails with `e`.
 pub(crate) fn advice(e: &std::io::Error) -> String {
+    advice_under(e, seccomp_filtered())
+}
+
+/// What to do when [`io_uring`] fails with `e`, `filtered` saying whether a seccomp filter
+/// confines this process: a kernel with io_uring answers ENOSYS for it too when a filter
+/// refuses its calls (Podman's and containerd's default profiles do; Docker's answers EPERM).
+fn advice_under(e: &std::io::Error, filtered: bool) -> String {
     if e.kind() == std::io::ErrorKind::Unsupported && e.raw_os_error().is_none() {
         return format!(
             "this kernel ({e}) is older than Linux {}.{}, which postern needs for its io_uring",
@@ -113,8 +130,14 @@ pub(crate) fn advice(e: &std::io::Error) -> String {
         );
     }
     match e.raw_os_error() {
+        Some(libc::ENOSYS) if filtered => format!(
+            "io_uring is refused by this process's seccomp filter ({e}), as a container \
+             runtime's default profile does: run with a profile that also allows io_uring_setup, \
+             io_uring_enter and io_uring_register (deploy/seccomp.json)"
+        ),
         Some(libc::ENOSYS) => format!(
-            "this kernel has no io_uring ({e}); postern needs Linux 5.8 or later with io_uring"
+            "this kernel has no io_uring ({e}): it was built without it (CONFIG_IO_URING); \
+             postern needs Linux 5.8 or later with io_uring"
         ),
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "io_uring is not allowed here ({e}): set the sysctl kernel.io_uring_disabled to 0, \
@@ -160,6 +183,19 @@ mod tests {
         );
         let e = std::io::Error::from_raw_os_error(libc::EINVAL);
         assert!(advice(&e).starts_with("this kernel's io_uring is too old"));
+    }
+
+    #[test]
+    fn a_missing_io_uring_is_told_apart_from_one_a_seccomp_filter_refuses() {
+        let e = std::io::Error::from_raw_os_error(libc::ENOSYS);
+        let unfiltered = advice_under(&e, false);
+        assert!(
+            unfiltered.starts_with("this kernel has no io_uring"),
+            "{unfiltered}"
+        );
+        let filtered = advice_under(&e, true);
+        assert!(filtered.starts_with("io_uring is refused by this process's seccomp filter"));
+        assert!(filtered.contains("deploy/seccomp.json"), "{filtered}");
     }
 
     #[test]
