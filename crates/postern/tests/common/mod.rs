@@ -562,7 +562,12 @@ pub fn run_bounded(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Like [`run_bounded`] for any command (postern under `strace` or `prlimit`, say).
-pub fn run_command_bounded(mut cmd: Command) -> (i32, String, String) {
+pub fn run_command_bounded(cmd: Command) -> (i32, String, String) {
+    run_command_within(cmd, Duration::from_secs(20))
+}
+
+/// Like [`run_command_bounded`] with a bound of `limit`.
+pub fn run_command_within(mut cmd: Command, limit: Duration) -> (i32, String, String) {
     let what = format!("{cmd:?}");
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -578,7 +583,7 @@ pub fn run_command_bounded(mut cmd: Command) -> (i32, String, String) {
     };
     let out = drain(Box::new(child.stdout.take().unwrap()));
     let err = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -586,7 +591,7 @@ pub fn run_command_bounded(mut cmd: Command) -> (i32, String, String) {
         if Instant::now() > deadline {
             child.kill().unwrap();
             child.wait().unwrap();
-            panic!("{what} is still running after 20 s: it started where it must not");
+            panic!("{what} is still running after {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };

@@ -1,0 +1,304 @@
+//! The container image (deploy/Containerfile) built and run by Podman: under the runtime's
+//! default seccomp profile postern refuses to start and says which profile to use; under
+//! deploy/seccomp.json it takes mail through a published port as an unprivileged user, stops
+//! gracefully on `podman stop`, and the mail it acknowledged is in the spool volume for the
+//! next container. Needs root, Podman, runc and debootstrap (scripts/test installs them) and
+//! the Debian mirror: no registry can be reached here, so the image's base,
+//! `debian:bookworm-slim`, is a minimal bookworm made by debootstrap, and the image takes the
+//! binary under test (`--build-arg BINARY=prebuilt`) rather than building one.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Client;
+
+const IMAGE: &str = "localhost/postern:test";
+const BASE: &str = "docker.io/library/debian:bookworm-slim";
+
+/// Podman with a store of its own in a temporary directory, so that nothing is left behind
+/// in the machine's.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new() -> Podman {
+        Podman {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let at = |name: &str| self.dir.path().join(name);
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(at("storage"))
+            .arg("--runroot")
+            .arg(at("run"))
+            .arg("--tmpdir")
+            .arg(at("tmp"))
+            .arg("--volumepath")
+            .arg(at("volumes"))
+            // crun refuses this machine's hybrid cgroup hierarchy (a v2 controller beside
+            // the v1 ones); runc takes it. There is no systemd to manage cgroups or hold
+            // events either.
+            .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"])
+            .args(["--events-backend", "file"])
+            .args(args);
+        cmd
+    }
+
+    /// Runs podman with `args` to its end, within `limit`: exit code, stdout, stderr.
+    fn run_within(&self, args: &[&str], limit: Duration) -> (i32, String, String) {
+        common::run_command_within(self.command(args), limit)
+    }
+
+    /// Like [`Podman::run_within`] for a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run_within(args, Duration::from_secs(120));
+        assert_eq!(code, 0, "podman {args:?}: {err}{out}");
+        out
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Containers' mounts and network set-up live outside the directory.
+        let _ = self.command(&["system", "reset", "--force"]).output();
+    }
+}
+
+/// Limits within this machine's: podman gives containers higher ones by default, which this
+/// machine, with no CAP_SYS_RESOURCE, does not let it raise.
+fn ulimits() -> Vec<String> {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard_nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap()
+        .to_owned();
+    vec![
+        "--ulimit".into(),
+        format!("nofile={hard_nofile}:{hard_nofile}"),
+        "--ulimit".into(),
+        "nproc=4096:4096".into(),
+    ]
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Makes the base image, a minimal Debian bookworm, and builds deploy/Containerfile on it
+/// with the binary under test.
+fn build_image(podman: &Podman) {
+    let work = tempfile::tempdir().unwrap();
+    let rootfs = work.path().join("rootfs");
+    let mirror = std::env::var("POSTERN_TEST_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
+    let mut debootstrap = Command::new("debootstrap");
+    debootstrap
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&rootfs)
+        .arg(&mirror);
+    let (code, out, err) = common::run_command_within(debootstrap, Duration::from_secs(600));
+    assert_eq!(code, 0, "debootstrap: {err}{out}");
+    let tarball = work.path().join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    podman.ok(&["import", "--quiet", tarball.to_str().unwrap(), BASE]);
+
+    // The build context: only the binary, where the prebuilt stage takes it.
+    let context = work.path().join("context");
+    std::fs::create_dir_all(context.join("target/release")).unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_postern"),
+        context.join("target/release/postern"),
+    )
+    .unwrap();
+    let containerfile = repo().join("deploy/Containerfile");
+    let mut args = vec![
+        "build".to_owned(),
+        "--quiet".into(),
+        "--pull=never".into(),
+        "-f".into(),
+        containerfile.to_str().unwrap().into(),
+        "--build-arg".into(),
+        "BINARY=prebuilt".into(),
+        "-t".into(),
+        IMAGE.into(),
+    ];
+    args.extend(ulimits());
+    args.push(context.to_str().unwrap().into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    podman.ok(&args);
+}
+
+/// `podman run` with this machine's limits, then `args`.
+fn run_args<'a>(limits: &'a [String], args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["run"];
+    all.extend(limits.iter().map(String::as_str));
+    all.extend(args);
+    all
+}
+
+/// Waits (bounded) until the container's log says postern is ready; returns the log.
+fn wait_ready(podman: &Podman, name: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out, err) = podman.run_within(&["logs", name], Duration::from_secs(30));
+        let log = format!("{out}{err}");
+        if log.contains("postern: ready with") {
+            return log;
+        }
+        let (_, state, _) = podman.run_within(
+            &["inspect", "--format", "{{.State.Status}}", name],
+            Duration::from_secs(30),
+        );
+        assert!(
+            Instant::now() < deadline && state.trim() == "running",
+            "postern in {name} not ready ({}): {log}",
+            state.trim()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The host address a container's port is published on.
+fn published(podman: &Podman, name: &str, port: &str) -> std::net::SocketAddr {
+    let out = podman.ok(&["port", name, port]);
+    out.lines().next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn the_image_runs_postern_under_its_seccomp_profile_and_keeps_the_spool_in_its_volume() {
+    let podman = Podman::new();
+    build_image(&podman);
+    let limits = ulimits();
+    let profile = repo().join("deploy/seccomp.json");
+    let seccomp = format!("seccomp={}", profile.to_str().unwrap());
+
+    // The runtime's default seccomp profile refuses io_uring: postern says so, and what to
+    // run it with, and exits 1.
+    let (code, out, err) = podman.run_within(
+        &run_args(&limits, &["--rm", IMAGE]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, 1, "{err}{out}");
+    assert!(
+        err.contains("cannot start: io_uring is refused by this process's seccomp filter"),
+        "{err}"
+    );
+    assert!(err.contains("deploy/seccomp.json"), "{err}");
+
+    // With the profile: mail through the published port, to a domain it accepts, held.
+    podman.ok(&run_args(
+        &limits,
+        &[
+            "--detach",
+            "--name",
+            "mx",
+            "--security-opt",
+            &seccomp,
+            "--publish",
+            "127.0.0.1::2525",
+            "--publish",
+            "127.0.0.1::9325",
+            "--volume",
+            "spool:/var/spool/postern",
+            "--env",
+            "POSTERN_HOSTNAME=mx.example.net",
+            "--env",
+            "POSTERN_ACCEPT_DOMAIN=example.net",
+            "--env",
+            "POSTERN_HOLD=true",
+            IMAGE,
+        ],
+    ));
+    wait_ready(&podman, "mx");
+    let mut c = Client::connect(published(&podman, "mx", "2525/tcp"));
+    let banner = c.line();
+    assert!(banner.starts_with("220 mx.example.net "), "{banner}");
+    assert!(c.cmd("EHLO client.example.org").starts_with("250 "));
+    // Not from loopback inside the container: no relaying elsewhere.
+    assert!(c.cmd("MAIL FROM:<a@example.org>").starts_with("250 "));
+    assert!(c.cmd("RCPT TO:<b@example.com>").starts_with("554 5.7.1"));
+    assert!(c.cmd("RCPT TO:<b@example.net>").starts_with("250 "));
+    assert!(c.cmd("DATA").starts_with("354 "));
+    let id = common::queue_id(&c.cmd("Subject: in a container\r\n\r\nhello\r\n."));
+    assert!(c.cmd("QUIT").starts_with("221 "));
+
+    let metrics = published(&podman, "mx", "9325/tcp");
+    let (status, body) = http_get(metrics, "/readyz");
+    assert!(status.contains("200"), "{status} {body}");
+
+    // The profile is in force (a filter, a refused call), and postern runs unprivileged.
+    let status = podman.ok(&["exec", "mx", "cat", "/proc/1/status"]);
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:\t10025\t")),
+        "{status}"
+    );
+    let (code, _, err) = podman.run_within(
+        &["exec", "mx", "unshare", "--user", "true"],
+        Duration::from_secs(30),
+    );
+    assert_ne!(code, 0, "unshare was allowed: {err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    // `podman stop` sends SIGTERM: a graceful stop, exit 0.
+    podman.ok(&["stop", "--time", "60", "mx"]);
+    let code = podman.ok(&["inspect", "--format", "{{.State.ExitCode}}", "mx"]);
+    assert_eq!(code.trim(), "0");
+    let (_, out, err) = podman.run_within(&["logs", "mx"], Duration::from_secs(30));
+    assert!(
+        format!("{out}{err}").contains("postern: stopped"),
+        "{out}{err}"
+    );
+
+    // The next container on the volume finds the message (`postern queue` needs no
+    // io_uring: the default profile will do).
+    let listing = podman.ok(&run_args(
+        &limits,
+        &[
+            "--rm",
+            "--volume",
+            "spool:/var/spool/postern",
+            IMAGE,
+            "queue",
+        ],
+    ));
+    assert!(listing.contains(&id), "{listing}");
+    assert!(listing.contains("b@example.net"), "{listing}");
+}
+
+/// A GET of `path` on `addr`: the status line and the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
