@@ -67,8 +67,24 @@ impl Podman {
 
 impl Drop for Podman {
     fn drop(&mut self) {
-        // Containers' mounts and network set-up live outside the directory.
-        let _ = self.command(&["system", "reset", "--force"]).output();
+        // Containers' network set-up lives outside the directory, and the store mounts
+        // inside it. (`podman system reset` would also remove the machine's own networks.)
+        for args in [
+            &["rm", "--all", "--force"][..],
+            &["volume", "rm", "--all", "--force"],
+            &["rmi", "--all", "--force"],
+        ] {
+            let _ = self.command(args).output();
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|point| Path::new(point).starts_with(self.dir.path()))
+            .collect();
+        for point in under.iter().rev() {
+            let _ = Command::new("umount").arg(point).output();
+        }
     }
 }
 
