@@ -228,3 +228,33 @@ fn a_dropped_message_takes_no_share_of_the_reply_mix() {
     assert_eq!(num(&report, "messages_accepted"), 5, "{report}");
     assert_eq!(num(&report, "messages_refused"), 5, "{report}");
 }
+
+#[test]
+fn each_message_the_sink_accepts_gets_a_queue_id_of_its_own() {
+    // Without a reply mix: two connections, three messages each, spread by the kernel over
+    // the sink's two executors or not.
+    let sink = Sink::start(&["--threads", "2"]);
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(&sink.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut script = String::from("EHLO c\r\n");
+        for _ in 0..3 {
+            script.push_str("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n");
+            script.push_str("Subject: s\r\n\r\nbody\r\n.\r\n");
+        }
+        script.push_str("QUIT\r\n");
+        s.write_all(script.as_bytes()).unwrap();
+        let mut replies = String::new();
+        s.read_to_string(&mut replies).unwrap();
+        let queued: Vec<&str> = replies
+            .lines()
+            .filter_map(|l| l.split_once("queued as ").map(|(_, id)| id.trim()))
+            .collect();
+        assert_eq!(queued.len(), 3, "{replies}");
+        ids.extend(queued.into_iter().map(str::to_owned));
+    }
+    sink.stop();
+    assert_eq!(ids.len(), 6, "{ids:?}");
+}

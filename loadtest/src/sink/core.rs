@@ -54,6 +54,8 @@ pub struct Core {
     stop_event: Event,
     /// Sessions open.
     pub sessions: Cell<usize>,
+    /// Messages this executor has accepted, which numbers their queue IDs.
+    pub accepted: Cell<u64>,
     /// Notified when a session ends.
     pub session_ended: Event,
 }
@@ -115,6 +117,7 @@ pub async fn run(shared: Arc<Shared>, id: usize, socket: Socket, recorder: Optio
         stopping: Cell::new(false),
         stop_event: Event::new(),
         sessions: Cell::new(0),
+        accepted: Cell::new(0),
         session_ended: Event::new(),
     });
     let watcher = glommio::spawn_local(watch(core.clone()));

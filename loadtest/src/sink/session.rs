@@ -240,7 +240,11 @@ impl Session {
                     self.scan.line(&mut self.core.record.borrow_mut());
                     self.core.flush_record(false);
                 }
-                let id = format!("{:X}{:08X}", self.core.id, n);
+                // Unique within the run: the executor, then its own count (the mix's shared
+                // count `n` is taken only with a mix).
+                let seq = self.core.accepted.get();
+                self.core.accepted.set(seq + 1);
+                let id = format!("{:X}{:08X}", self.core.id, seq);
                 self.proto.message_queued(&id);
                 true
             }
