@@ -604,8 +604,16 @@ fn check_domain(s: &str) -> Result<(), PathError> {
 /// a path: RFC 5321 4.1.3 requires its tag to be registered, and none is but `IPv6`. Its
 /// content may hold `;` and `(`, which the Received header would carry into the trace where
 /// parsers look for the date and comments.
+///
+/// One leniency: a domain's labels may hold underscores wherever a letter may be. Hosts named
+/// `DESKTOP_7F3A` or `mail_gw.example` greet with those names, and a refused greeting stops
+/// their mail, which no check of the name was for.
 pub fn is_valid_helo(s: &str) -> bool {
-    s.len() <= MAX_DOMAIN && parse_host(s).is_ok()
+    if s.len() > MAX_DOMAIN {
+        return false;
+    }
+    parse_host(s).is_ok()
+        || (!s.starts_with('[') && s.contains('_') && parse_host(&s.replace('_', "x")).is_ok())
 }
 
 #[cfg(test)]
@@ -626,6 +634,9 @@ mod tests {
             "[192.0.2.1]",
             "[IPv6:2001:db8::1]",
             "b\u{fc}cher.example",
+            "DESKTOP_7F3A",
+            "mail_gw.example.com",
+            "_host.example",
         ] {
             assert!(is_valid_helo(ok), "{ok}");
         }
@@ -641,6 +652,10 @@ mod tests {
             "[-:x]",
             "[tag:a\\b]",
             "[ta_g:x]",
+            "[192.0.2_1]",
+            "a_b..example",
+            "-_.example",
+            "a b_c",
             "[tag:\u{e9}]",
             "bad..domain",
             long_literal.as_str(),

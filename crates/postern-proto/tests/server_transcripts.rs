@@ -1226,6 +1226,8 @@ fn helo_names_are_checked_and_echoed_in_ascii() {
         "HELO [x-tag:some.content]",
         "HELO [tag:a;b(c]",
         "HELO b\u{fc}cher.example",
+        // Underscores, which hosts use in their names: taken.
+        "HELO DESKTOP_7F3A",
         "NOOP \u{1}ignored",
         "QUIT",
     ]);
@@ -1239,6 +1241,7 @@ fn helo_names_are_checked_and_echoed_in_ascii() {
             "501 5.5.4 Syntax: HELO hostname",
             "501 5.5.4 Syntax: HELO hostname",
             "250 mx.test Hello xn--bcher-kva.example",
+            "250 mx.test Hello DESKTOP_7F3A",
             "250 2.0.0 Ok",
             "221 2.0.0 mx.test Bye",
         ],

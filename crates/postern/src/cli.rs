@@ -108,10 +108,11 @@ struct Serve {
     /// they become postmaster@HOSTNAME, routed like any recipient].
     #[arg(long, env = "POSTERN_POSTMASTER", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     postmaster: Option<String>,
-    /// A network allowed to relay to any domain, as ADDR/PREFIX or one address (repeatable)
-    /// [default: 127.0.0.0/8, ::1/128].
-    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = network, allow_hyphen_values = true)]
-    relay_network: Vec<IpNet>,
+    /// A network allowed to relay to any domain, as ADDR/PREFIX or one address (repeatable);
+    /// `none`: no client relays, not even loopback (mail only for --accept-domain and the
+    /// postmaster) [default: 127.0.0.0/8, ::1/128].
+    #[arg(long, env = "POSTERN_RELAY_NETWORK", value_delimiter = ',', value_parser = relay_network, allow_hyphen_values = true)]
+    relay_network: Vec<RelayNetwork>,
     /// Largest message, advertised in SIZE (bytes; k, M, G suffixes are powers of 1024).
     #[arg(long, env = "POSTERN_MAX_MESSAGE_SIZE", default_value = "50M", value_parser = parse_size, allow_hyphen_values = true)]
     max_message_size: u64,
@@ -398,6 +399,17 @@ fn address_or_none(s: &str) -> Result<Option<SocketAddr>, String> {
     socket_address(s)
         .map(Some)
         .map_err(|e| format!("{e}, or none"))
+}
+
+/// `--relay-network`: a network, or `none` for no relaying client at all.
+#[derive(Clone, Copy, Debug)]
+struct RelayNetwork(Option<IpNet>);
+
+fn relay_network(s: &str) -> Result<RelayNetwork, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(RelayNetwork(None));
+    }
+    network(s).map(|net| RelayNetwork(Some(net)))
 }
 
 /// `--metrics`: an address, or `none` for no metrics listener.
@@ -1001,6 +1013,10 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     if !s.listen_tls.is_empty() && s.tls_cert.is_none() {
         return Err("--listen-tls needs --tls-cert and --tls-key".into());
     }
+    let no_relaying = s.relay_network.iter().any(|n| n.0.is_none());
+    if no_relaying && s.relay_network.len() > 1 {
+        return Err("--relay-network none cannot be given with networks".into());
+    }
     let no_cleartext = s.listen.iter().any(|l| l.0.is_none());
     let mut listen: Vec<SocketAddr> = s.listen.iter().filter_map(|l| l.0).collect();
     if no_cleartext && !listen.is_empty() {
@@ -1153,7 +1169,8 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         relay_networks: if s.relay_network.is_empty() {
             defaults.relay_networks
         } else {
-            s.relay_network
+            // Empty for `none`.
+            s.relay_network.iter().filter_map(|n| n.0).collect()
         },
         max_message_size: s.max_message_size,
         max_recipients: s.max_recipients,

@@ -120,8 +120,10 @@ pub(crate) fn advice(e: &std::io::Error) -> String {
 }
 
 /// What to do when [`io_uring`] fails with `e`, `filtered` saying whether a seccomp filter
-/// confines this process: a kernel with io_uring answers ENOSYS for it too when a filter
-/// refuses its calls (Podman's and containerd's default profiles do; Docker's answers EPERM).
+/// confines this process: a filter that refuses io_uring answers ENOSYS (the default profile
+/// of Podman and CRI-O) or EPERM (Docker's, containerd's), which a kernel without io_uring
+/// or with it disabled answers too. Any filter counts (systemd's `SystemCallFilter=` makes
+/// one too), so the filter is given as the likely cause, not the sure one.
 fn advice_under(e: &std::io::Error, filtered: bool) -> String {
     if e.kind() == std::io::ErrorKind::Unsupported && e.raw_os_error().is_none() {
         return format!(
@@ -132,12 +134,20 @@ fn advice_under(e: &std::io::Error, filtered: bool) -> String {
     match e.raw_os_error() {
         Some(libc::ENOSYS) if filtered => format!(
             "io_uring is refused by this process's seccomp filter ({e}), as a container \
-             runtime's default profile does: run with a profile that also allows io_uring_setup, \
-             io_uring_enter and io_uring_register (deploy/seccomp.json)"
+             runtime's default profile does (unless this kernel was built without io_uring): \
+             run with a profile that also allows io_uring_setup, io_uring_enter and \
+             io_uring_register (deploy/seccomp.json)"
         ),
         Some(libc::ENOSYS) => format!(
             "this kernel has no io_uring ({e}): it was built without it (CONFIG_IO_URING); \
              postern needs Linux 5.8 or later with io_uring"
+        ),
+        Some(libc::EPERM) | Some(libc::EACCES) if filtered => format!(
+            "io_uring is not allowed here ({e}): this process's seccomp filter refuses it, as a \
+             container runtime's default profile does, unless the sysctl \
+             kernel.io_uring_disabled does: run with a profile that also allows \
+             io_uring_setup, io_uring_enter and io_uring_register (deploy/seccomp.json), and \
+             set the sysctl to 0"
         ),
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "io_uring is not allowed here ({e}): set the sysctl kernel.io_uring_disabled to 0, \
@@ -195,6 +205,17 @@ mod tests {
         );
         let filtered = advice_under(&e, true);
         assert!(filtered.starts_with("io_uring is refused by this process's seccomp filter"));
+        assert!(filtered.contains("deploy/seccomp.json"), "{filtered}");
+        // Docker's and containerd's profiles answer EPERM.
+        let e = std::io::Error::from_raw_os_error(libc::EPERM);
+        let unfiltered = advice_under(&e, false);
+        assert!(
+            unfiltered.contains("kernel.io_uring_disabled"),
+            "{unfiltered}"
+        );
+        assert!(!unfiltered.contains("deploy/seccomp.json"), "{unfiltered}");
+        let filtered = advice_under(&e, true);
+        assert!(filtered.contains("seccomp filter refuses it"), "{filtered}");
         assert!(filtered.contains("deploy/seccomp.json"), "{filtered}");
     }
 

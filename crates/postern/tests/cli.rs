@@ -31,6 +31,10 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--relay-network", "10.0.0.0/99"],
         "--relay-network",
     );
+    refused(
+        &["serve", "--relay-network", "none", "--relay-network", "::1"],
+        "--relay-network none cannot be given with networks",
+    );
     for (net, says) in [
         (
             "10.0.0.0/33",
@@ -1218,6 +1222,12 @@ fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
             "ENOSYS",
             true,
             "io_uring is refused by this process's seccomp filter",
+        ),
+        (
+            "io_uring_setup",
+            "EPERM",
+            true,
+            "this process's seccomp filter refuses it",
         ),
         // A seccomp profile that lets a ring be made but not used.
         (

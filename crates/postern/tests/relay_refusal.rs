@@ -51,6 +51,29 @@ fn by_default_loopback_may_relay_and_nothing_else_is_accepted() {
 }
 
 #[test]
+fn with_relay_network_none_not_even_loopback_relays() {
+    // As a flag and from the environment (a container image's setting).
+    for server in [
+        Server::start(&["--relay-network", "none", "--accept-domain", "example.org"]),
+        Server::start_with_env(
+            &["--accept-domain", "example.org"],
+            &[("POSTERN_RELAY_NETWORK", "None")],
+        ),
+    ] {
+        let mut c = server.connect();
+        c.line();
+        c.cmd("EHLO local.test");
+        assert_eq!(c.cmd("MAIL FROM:<a@local.test>"), "250 2.1.0 Ok");
+        assert_eq!(
+            c.cmd("RCPT TO:<anyone@anywhere.test>"),
+            "554 5.7.1 Relay access denied"
+        );
+        assert_eq!(c.cmd("RCPT TO:<user@example.org>"), "250 2.1.5 Ok");
+        assert_eq!(c.cmd("RCPT TO:<postmaster>"), "250 2.1.5 Ok");
+    }
+}
+
+#[test]
 fn lists_from_the_environment_may_have_blanks_after_their_commas() {
     let server = Server::start_with_env(
         &[],
