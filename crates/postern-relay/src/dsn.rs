@@ -413,6 +413,16 @@ pub fn deferral_status(reply: &str, fallback: &str) -> String {
     }
 }
 
+/// `status` (`X.Y.Z`) with the persistent transient class, 4: a deferral's, whatever the
+/// class of the reply it came from (a `552 5.2.2` to RCPT is taken for a deferral, RFC 5321
+/// 4.5.3.1.10). Anything else comes back unchanged.
+pub fn transient(status: &str) -> String {
+    match status.as_bytes() {
+        [b'2' | b'5', b'.', ..] => format!("4{}", &status[1..]),
+        _ => status.to_owned(),
+    }
+}
+
 /// The status of a connection that failed for now after the next hop answered: the enhanced
 /// code of the reply that ended it where postern's account quotes one that gives it (a `421
 /// 4.3.2` greeting, a `454 4.7.0` to STARTTLS), otherwise `fallback` (4.4.2, the connection
@@ -1267,6 +1277,10 @@ mod tests {
             "4.4.1"
         );
         assert_eq!(deferral_status("mx: timed out", "4.4.2"), "4.4.2");
+        assert_eq!(transient("5.2.2"), "4.2.2");
+        assert_eq!(transient("4.7.1"), "4.7.1");
+        assert_eq!(transient("5.0.0"), "4.0.0");
+        assert_eq!(transient("x"), "x");
         assert_eq!(deferral_status("451 4.3.0 try later", "4.4.2"), "4.3.0");
         assert_eq!(deferral_status("421 try later", "4.4.2"), "4.0.0");
         assert_eq!(

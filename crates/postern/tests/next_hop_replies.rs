@@ -89,6 +89,33 @@ fn until_data(s: &mut TcpStream, r: &mut BufReader<TcpStream>) -> bool {
     false
 }
 
+#[test]
+fn a_refusal_taken_for_a_deferral_is_logged_with_the_transient_class() {
+    // A 552 to RCPT is a deferral (RFC 5321 4.5.3.1.10); the log's dsn says 4.2.2, as the
+    // reports do, not the reply's 5.2.2.
+    let (port, _) = one_connection_hop(|mut s, mut r| {
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            let reply: &[u8] = if line.starts_with("EHLO") {
+                b"250 hop.test\r\n"
+            } else if line.starts_with("RCPT") {
+                b"552 5.2.2 over quota\r\n"
+            } else if line.starts_with("QUIT") {
+                b"221 2.0.0 bye\r\n"
+            } else {
+                b"250 2.0.0 ok\r\n"
+            };
+            if s.write_all(reply).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    });
+    let (_server, deferred) = first_deferral(port, &[], "<quota@t>");
+    assert!(deferred.contains("552 5.2.2 over quota"), "{deferred}");
+    assert!(deferred.contains("dsn=\"4.2.2\""), "{deferred}");
+}
+
 /// A small message `id` sent through [`routed_to_port`]`(port, extra)`: the server, and the
 /// log line of the first deferral.
 fn first_deferral(port: u16, extra: &[&str], id: &str) -> (Server, String) {

@@ -382,7 +382,9 @@ impl CoreRelay {
                 tracing::info!(queue_id = %msg.queue_id, to, relay, status = "sent", dsn, "{reply}")
             }
             Result_::Deferred { status, .. } => {
-                let dsn = dsn::deferral_status(&reply, status);
+                // A 5xx taken for a deferral (a 554 greeting, a 552 to RCPT) is logged with
+                // the transient class its reports give it.
+                let dsn = dsn::transient(&dsn::deferral_status(&reply, status));
                 tracing::info!(queue_id = %msg.queue_id, to, relay, status = "deferred", dsn, "{reply}")
             }
             Result_::Failed { status } => {
