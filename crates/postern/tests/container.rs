@@ -131,13 +131,22 @@ fn build_image(podman: &Podman) {
     let rootfs = work.path().join("rootfs");
     let mirror = std::env::var("POSTERN_TEST_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
-    let mut debootstrap = Command::new("debootstrap");
-    debootstrap
-        .args(["--variant=minbase", "bookworm"])
-        .arg(&rootfs)
-        .arg(&mirror);
-    let (code, out, err) = common::run_command_within(debootstrap, Duration::from_secs(600));
-    assert_eq!(code, 0, "debootstrap: {err}{out}");
+    // A second try where the first fails (a download cut off by the network).
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut debootstrap = Command::new("debootstrap");
+        debootstrap
+            .args(["--variant=minbase", "bookworm"])
+            .arg(&rootfs)
+            .arg(&mirror);
+        let (code, out, err) = common::run_command_within(debootstrap, Duration::from_secs(600));
+        if code == 0 {
+            break;
+        }
+        assert!(tries < 2, "debootstrap: {err}{out}");
+        let _ = std::fs::remove_dir_all(&rootfs);
+    }
     let tarball = work.path().join("rootfs.tar");
     let status = Command::new("tar")
         .arg("-C")
