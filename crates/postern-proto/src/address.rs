@@ -599,21 +599,26 @@ fn check_domain(s: &str) -> Result<(), PathError> {
     }
 }
 
-/// Checks a HELO/EHLO argument (RFC 5321 4.1.3): a domain, or an IPv4 or IPv6 address
+/// Checks a host name as RFC 5321 4.1.3 writes it: a domain, or an IPv4 or IPv6 address
 /// literal; at most 255 octets either way. The general form `[tag:content]` is refused, as in
 /// a path: RFC 5321 4.1.3 requires its tag to be registered, and none is but `IPv6`. Its
 /// content may hold `;` and `(`, which the Received header would carry into the trace where
-/// parsers look for the date and comments.
-///
-/// One leniency: a domain's labels may hold underscores wherever a letter may be. Hosts named
+/// parsers look for the date and comments. This server's own name is held to it.
+pub fn is_valid_host_name(s: &str) -> bool {
+    s.len() <= MAX_DOMAIN && parse_host(s).is_ok()
+}
+
+/// Checks a client's HELO/EHLO argument: [`is_valid_host_name`], with one leniency: the
+/// labels of an ASCII domain may hold underscores wherever a letter may be. Hosts named
 /// `DESKTOP_7F3A` or `mail_gw.example` greet with those names, and a refused greeting stops
-/// their mail, which no check of the name was for.
+/// their mail, which no check of the name was for. (Not in a UTF-8 name, whose A-label form,
+/// for the reply and the Received header, cannot hold one.)
 pub fn is_valid_helo(s: &str) -> bool {
-    if s.len() > MAX_DOMAIN {
-        return false;
-    }
-    parse_host(s).is_ok()
-        || (!s.starts_with('[') && s.contains('_') && parse_host(&s.replace('_', "x")).is_ok())
+    is_valid_host_name(s)
+        || (s.is_ascii()
+            && !s.starts_with('[')
+            && s.contains('_')
+            && is_valid_host_name(&s.replace('_', "x")))
 }
 
 #[cfg(test)]
@@ -640,6 +645,10 @@ mod tests {
         ] {
             assert!(is_valid_helo(ok), "{ok}");
         }
+        // This server's own name has none: it is the EHLO of its deliveries, and next hops
+        // may refuse one.
+        assert!(!is_valid_host_name("mail_gw.example.com"));
+        assert!(is_valid_host_name("mail.example.com"));
         let long_literal = format!("[tag:{}]", "x".repeat(250));
         for bad in [
             "[999.1.1.1]",
@@ -656,6 +665,7 @@ mod tests {
             "a_b..example",
             "-_.example",
             "a b_c",
+            "b\u{fc}_x.example",
             "[tag:\u{e9}]",
             "bad..domain",
             long_literal.as_str(),

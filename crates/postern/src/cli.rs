@@ -409,7 +409,9 @@ fn relay_network(s: &str) -> Result<RelayNetwork, String> {
     if s.trim().eq_ignore_ascii_case("none") {
         return Ok(RelayNetwork(None));
     }
-    network(s).map(|net| RelayNetwork(Some(net)))
+    network(s)
+        .map(|net| RelayNetwork(Some(net)))
+        .map_err(|e| format!("{e}, or none"))
 }
 
 /// `--metrics`: an address, or `none` for no metrics listener.
@@ -1014,7 +1016,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         return Err("--listen-tls needs --tls-cert and --tls-key".into());
     }
     let no_relaying = s.relay_network.iter().any(|n| n.0.is_none());
-    if no_relaying && s.relay_network.len() > 1 {
+    if no_relaying && s.relay_network.iter().any(|n| n.0.is_some()) {
         return Err("--relay-network none cannot be given with networks".into());
     }
     let no_cleartext = s.listen.iter().any(|l| l.0.is_none());
@@ -1059,7 +1061,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     // EHLO and Received, where a space or a line end would break them.
     let own = s.hostname.is_none();
     let h = s.hostname.get_or_insert_with(system_hostname);
-    if !h.is_ascii() || !postern_proto::address::is_valid_helo(h) {
+    if !h.is_ascii() || !postern_proto::address::is_valid_host_name(h) {
         return Err(if own {
             format!(
                 "--hostname: the system's name {h:?} is not a host name; give one (an ASCII \

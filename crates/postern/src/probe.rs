@@ -147,7 +147,7 @@ fn advice_under(e: &std::io::Error, filtered: bool) -> String {
              container runtime's default profile does, unless the sysctl \
              kernel.io_uring_disabled does: run with a profile that also allows \
              io_uring_setup, io_uring_enter and io_uring_register (deploy/seccomp.json), and \
-             set the sysctl to 0"
+             where the host's kernel.io_uring_disabled is not 0, set it to 0 there"
         ),
         Some(libc::EPERM) | Some(libc::EACCES) => format!(
             "io_uring is not allowed here ({e}): set the sysctl kernel.io_uring_disabled to 0, \

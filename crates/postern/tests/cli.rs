@@ -35,6 +35,7 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--relay-network", "none", "--relay-network", "::1"],
         "--relay-network none cannot be given with networks",
     );
+    refused(&["serve", "--relay-network", "nowhere"], "or none");
     for (net, says) in [
         (
             "10.0.0.0/33",
@@ -210,6 +211,9 @@ fn values_that_cannot_work_are_refused_by_name() {
     // The host name goes into the banner, EHLO and Received.
     refused(&["serve", "--hostname", ""], "--hostname");
     refused(&["serve", "--hostname", "two words"], "--hostname");
+    // Underscores are taken in a client's EHLO, not in this server's own name, which is the
+    // EHLO of its deliveries.
+    refused(&["serve", "--hostname", "mail_gw.example"], "--hostname");
     refused(&["serve", "--hostname", "ctl\u{1}host"], "--hostname");
     refused(
         &["serve", "--accept-domain", "bad domain"],
@@ -1203,7 +1207,12 @@ fn a_file_size_limit_below_one_segment_is_a_start_up_error() {
 #[test]
 fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
     // strace's --seccomp-bpf puts the traced process under a seccomp filter (as a container
-    // runtime does), which changes what an ENOSYS is taken for.
+    // runtime does), which changes what an ENOSYS is taken for. Tests that run under a filter
+    // of their own cannot show the unfiltered case.
+    let runner_filtered = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.strip_prefix("Seccomp:").map(str::trim) == Some("2"));
     for (call, errno, filtered, says) in [
         (
             "io_uring_setup",
@@ -1250,6 +1259,9 @@ fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
             "this kernel's io_uring is too old",
         ),
     ] {
+        if runner_filtered && !filtered && errno == "ENOSYS" {
+            continue;
+        }
         let errno = format!("{call}:error={errno}");
         let inject = format!("inject={errno}");
         let trace = format!("trace={call}");

@@ -90,15 +90,31 @@ impl Drop for Podman {
                 let _ = child.wait();
             }
         }
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let under: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|point| Path::new(point).starts_with(self.dir.path()))
-            .collect();
-        for point in under.iter().rev() {
-            let _ = Command::new("umount").arg(point).output();
-        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Unmounts whatever is mounted under `dir`, the latest first, so that the directory can be
+/// removed.
+fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let under: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|point| Path::new(point).starts_with(dir))
+        .collect();
+    for point in under.iter().rev() {
+        let _ = Command::new("umount").arg(point).output();
+    }
+}
+
+/// A temporary directory that is unmounted under before it is removed: debootstrap mounts
+/// `/proc` and `/sys` in the tree it makes, and one killed at its bound leaves them.
+struct WorkDir(tempfile::TempDir);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        unmount_under(self.0.path());
     }
 }
 
@@ -127,7 +143,8 @@ fn repo() -> PathBuf {
 /// Makes the base image, a minimal Debian bookworm, and builds deploy/Containerfile on it
 /// with the binary under test.
 fn build_image(podman: &Podman) {
-    let work = tempfile::tempdir().unwrap();
+    let work = WorkDir(tempfile::tempdir().unwrap());
+    let work = &work.0;
     let rootfs = work.path().join("rootfs");
     let mirror = std::env::var("POSTERN_TEST_DEBIAN_MIRROR")
         .unwrap_or_else(|_| "http://deb.debian.org/debian".to_owned());
@@ -431,5 +448,72 @@ fn a_build_is_sent_the_sources_and_of_target_only_the_release_binary() {
                 "{path} is sent to a build"
             );
         }
+    }
+}
+
+#[test]
+fn dockerignore_keeps_the_release_binary_and_drops_the_rest_of_the_build_output() {
+    // The repository's .dockerignore over a tree of every kind of path it must keep or drop
+    // (the test above sees the real tree, whose target/release/postern may not be built).
+    let podman = Podman::new();
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    let kept = [
+        "Cargo.toml",
+        "crates/postern-spool/Cargo.toml",
+        "crates/postern-spool/src/lib.rs",
+        "target/release/postern",
+        "fuzz/fuzz_targets/command.rs",
+        "deploy/Containerfile",
+    ];
+    let dropped = [
+        ".git/HEAD",
+        "target/debug/postern",
+        "target/release/deps/libx.rlib",
+        "target/release/postern.d",
+        "postern-spool/0/0000000000000001.seg",
+        "crates/postern/postern-spool/lock",
+        "loadtest/postern-spool/lock",
+        "fuzz/target/x",
+        "fuzz/corpus/command/x",
+        "benches/__pycache__/report.pyc",
+    ];
+    for path in kept.iter().chain(&dropped) {
+        let path = tree.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"x").unwrap();
+    }
+    std::fs::copy(repo().join(".dockerignore"), tree.join(".dockerignore")).unwrap();
+    let containerfile = work.path().join("Containerfile");
+    std::fs::write(&containerfile, "FROM scratch\nCOPY . /context/\n").unwrap();
+    podman.ok(&[
+        "build",
+        "--quiet",
+        "--pull=never",
+        "-f",
+        containerfile.to_str().unwrap(),
+        "-t",
+        "localhost/tree:test",
+        tree.to_str().unwrap(),
+    ]);
+    podman.ok(&["create", "--name", "tree", "localhost/tree:test", "/none"]);
+    let tarball = work.path().join("tree.tar");
+    podman.ok(&["export", "-o", tarball.to_str().unwrap(), "tree"]);
+    let listing = Command::new("tar")
+        .arg("-tf")
+        .arg(&tarball)
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let sent: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.trim_start_matches("./").strip_prefix("context/"))
+        .collect();
+    for path in kept {
+        assert!(sent.contains(&path), "{path} is not sent: {sent:?}");
+    }
+    for path in dropped {
+        assert!(!sent.contains(&path), "{path} is sent: {sent:?}");
     }
 }

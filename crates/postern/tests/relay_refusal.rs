@@ -71,6 +71,26 @@ fn with_relay_network_none_not_even_loopback_relays() {
         assert_eq!(c.cmd("RCPT TO:<user@example.org>"), "250 2.1.5 Ok");
         assert_eq!(c.cmd("RCPT TO:<postmaster>"), "250 2.1.5 Ok");
     }
+    // `none` twice is still none; a network given as a flag replaces `none` from the
+    // environment (the container image's setting) whole.
+    let twice = Server::start(&["--relay-network", "none,none"]);
+    let mut c = twice.connect();
+    c.line();
+    c.cmd("EHLO local.test");
+    c.cmd("MAIL FROM:<a@local.test>");
+    assert_eq!(
+        c.cmd("RCPT TO:<anyone@anywhere.test>"),
+        "554 5.7.1 Relay access denied"
+    );
+    let replaced = Server::start_with_env(
+        &["--relay-network", "127.0.0.0/8"],
+        &[("POSTERN_RELAY_NETWORK", "none")],
+    );
+    let mut c = replaced.connect();
+    c.line();
+    c.cmd("EHLO local.test");
+    c.cmd("MAIL FROM:<a@local.test>");
+    assert_eq!(c.cmd("RCPT TO:<anyone@anywhere.test>"), "250 2.1.5 Ok");
 }
 
 #[test]
