@@ -524,28 +524,51 @@ impl Drop for LoopFs {
     }
 }
 
-/// Whether a thread of process `pid` waits in the kernel without interruption (state `D`:
-/// on I/O, or on a frozen file system).
-pub fn has_thread_in_d_state(pid: u32) -> bool {
+/// The threads of process `pid` that wait in the kernel without interruption (state `D`: on
+/// I/O, or on a frozen file system), each with what it waits in (`wchan`).
+fn threads_in_d_state(pid: u32) -> Vec<(String, String)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
+        return Vec::new();
     };
-    tasks.flatten().any(|task| {
-        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-            // The state follows the command name, which is in parentheses.
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('D'))
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name, which is in parentheses.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('D'))
+            })
         })
-    })
+        .map(|task| {
+            let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+            (task.file_name().to_string_lossy().into_owned(), wchan)
+        })
+        .collect()
 }
 
-/// Waits (at most 20 s) until a thread of process `pid` waits on a frozen file system (see
-/// [`has_thread_in_d_state`]); the test fails if none does.
+/// Waits (at most 20 s) until a thread of process `pid` waits on a frozen file system; the
+/// test fails if none does. A wait of a moment in state `D` (a page of the program read from
+/// disk as it starts, before it even handles its signals) is not one: the thread must wait
+/// where a frozen file system holds writers (`percpu_rwsem_wait`, `sb_start_write`), or stay
+/// in `D` for half a second.
 pub fn wait_for_d_state(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !has_thread_in_d_state(pid) {
+    let mut since: std::collections::HashMap<String, Instant> = Default::default();
+    loop {
+        let now = Instant::now();
+        let waiting = threads_in_d_state(pid);
+        since.retain(|tid, _| waiting.iter().any(|(t, _)| t == tid));
+        for (tid, wchan) in &waiting {
+            let first = *since.entry(tid.clone()).or_insert(now);
+            let frozen = ["percpu_rwsem", "sb_start_write", "freeze"]
+                .iter()
+                .any(|w| wchan.contains(w));
+            if frozen || now.duration_since(first) >= Duration::from_millis(500) {
+                return;
+            }
+        }
         assert!(
-            Instant::now() < deadline,
+            now < deadline,
             "no thread of the server waits on the frozen file system"
         );
         std::thread::sleep(Duration::from_millis(5));
