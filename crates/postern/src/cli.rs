@@ -38,6 +38,36 @@ enum Command {
     /// List the mail waiting in a spool (the server may be running; the spool is only read;
     /// --flush and --delete ask the server).
     Queue(Queue),
+    /// Ask a running server whether it takes mail (its metrics listener's /readyz): exit 0
+    /// when it does, 1 with a line saying why not (a container's health check).
+    Ready(Ready),
+}
+
+/// `postern ready`.
+#[derive(Args, Debug)]
+pub(crate) struct Ready {
+    /// The server's --metrics address; one on every address (0.0.0.0, ::) is asked on
+    /// loopback.
+    #[arg(long, env = "POSTERN_METRICS", default_value = "127.0.0.1:9325", value_parser = metrics_address, allow_hyphen_values = true)]
+    metrics: MetricsAddress,
+    /// Longest wait for the connection and the answer (more than 0).
+    #[arg(long, default_value = "5s", value_parser = wait_duration, allow_hyphen_values = true)]
+    pub(crate) timeout: Duration,
+}
+
+impl Ready {
+    /// Where to ask: None where the metrics listener is turned off (`none`).
+    pub(crate) fn address(&self) -> Option<SocketAddr> {
+        self.metrics.0.map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(match a {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            a
+        })
+    }
 }
 
 /// `postern queue`.
@@ -67,6 +97,8 @@ pub(crate) enum Job {
     Serve(Box<Config>),
     /// List the queue.
     Queue(Queue),
+    /// Ask a running server whether it is ready.
+    Ready(Ready),
 }
 
 #[derive(Args, Debug)]
@@ -491,6 +523,17 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses `500ms`, `3s`, `5m`, `1h`.
+/// A duration that is a wait: more than 0.
+fn wait_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "'{}' is no time to wait: give more than 0",
+            s.trim()
+        )),
+        d => Ok(d),
+    }
+}
+
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     // Blanks around a value (from an environment file) are no part of it, as for numbers.
     let s = s.trim();
@@ -626,7 +669,8 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             return Err(
-                "a command is required: try 'postern serve', 'postern queue' or 'postern --help'"
+                "a command is required: try 'postern serve', 'postern queue', 'postern ready' \
+                 or 'postern --help'"
                     .into(),
             );
         }
@@ -666,6 +710,7 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
     let s = match cli.command {
         Command::Serve(s) => *s,
         Command::Queue(q) => return Ok(Some(Job::Queue(q))),
+        Command::Ready(r) => return Ok(Some(Job::Ready(r))),
     };
     let relay = relay(&s).map_err(with_env_source)?;
     let outbound_tls_ca = s.outbound_tls_ca.clone();

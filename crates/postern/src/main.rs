@@ -4,6 +4,7 @@
 mod cli;
 mod probe;
 mod queue;
+mod ready;
 mod ring;
 
 use std::process::ExitCode;
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
     let config = match cli::parse() {
         Ok(Some(cli::Job::Serve(config))) => *config,
         Ok(Some(cli::Job::Queue(q))) => return queue::run(&q),
+        Ok(Some(cli::Job::Ready(r))) => return ready::run(&r),
         Ok(None) => return ExitCode::SUCCESS,
         Err(message) => {
             complain!("postern: {message}");

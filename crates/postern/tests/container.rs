@@ -194,6 +194,9 @@ fn build_image(podman: &Podman) {
         // tracking of all its traffic, loopback too, for as long as it runs.
         "--network".into(),
         "host".into(),
+        // Docker's image format, which holds the HEALTHCHECK (OCI's has no place for it).
+        "--format".into(),
+        "docker".into(),
         "-f".into(),
         containerfile.to_str().unwrap().into(),
         "--target".into(),
@@ -312,6 +315,24 @@ fn the_image_runs_postern_under_its_seccomp_profile_and_keeps_the_spool_in_its_v
     let metrics = listening(&log, "metrics");
     let (status, body) = http_get(metrics, "/readyz");
     assert!(status.contains("200"), "{status} {body}");
+    // The image's health check is `postern ready`, and it runs there (here on the test's
+    // ephemeral metrics port rather than the image's own setting).
+    let check = podman.ok(&[
+        "inspect",
+        "--format",
+        "{{json .Config.Healthcheck.Test}}",
+        "mx",
+    ]);
+    assert_eq!(check.trim(), r#"["CMD","/usr/local/bin/postern","ready"]"#);
+    let ready = podman.ok(&[
+        "exec",
+        "mx",
+        "postern",
+        "ready",
+        "--metrics",
+        &metrics.to_string(),
+    ]);
+    assert_eq!(ready, "ready\n");
 
     // The profile is in force (a filter, a refused call), and postern runs unprivileged.
     // The trust anchors of outbound TLS are in the image.

@@ -511,6 +511,65 @@ fn exit_within_20s(server: &mut Server) -> std::process::ExitStatus {
     }
 }
 
+/// `postern ready` with `args` (and `metrics` in POSTERN_METRICS when given): exit code,
+/// stdout, stderr.
+fn ready(args: &[&str], metrics: Option<&str>) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postern"));
+    cmd.arg("ready").args(args).env_remove("POSTERN_METRICS");
+    if let Some(m) = metrics {
+        cmd.env("POSTERN_METRICS", m);
+    }
+    common::run_command_bounded(cmd)
+}
+
+#[test]
+fn postern_ready_asks_the_server_whether_it_takes_mail() {
+    let mut server = Server::start(&["--drain-time", "1h", "--metrics", "127.0.0.1:0"]);
+    let metrics = server.metrics.unwrap();
+    let at = metrics.to_string();
+    // Given as a flag, and as the server's own setting says it (POSTERN_METRICS, on every
+    // address, as in the container image): asked on loopback.
+    let every = format!("0.0.0.0:{}", metrics.port());
+    for (args, env) in [
+        (vec!["--metrics", at.as_str()], None),
+        (vec![], Some(every.as_str())),
+    ] {
+        let (code, out, err) = ready(&args, env);
+        assert_eq!((code, out.as_str()), (0, "ready\n"), "{err}");
+    }
+    // Draining: /readyz answers 503, and so does the command, with the reason.
+    server.signal("-TERM");
+    server.log_until(|l| l.contains("draining: /readyz answers 503"));
+    let (code, _, err) = ready(&["--metrics", &at], None);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!("postern: not ready: {at} answers 503 draining\n")
+    );
+    server.signal("-TERM");
+    let status = exit_within_20s(&mut server);
+    assert!(status.success(), "{status:?}");
+    // Nothing listening, and a listener turned off: not ready, one line each.
+    let (code, _, err) = ready(&["--metrics", &at, "--timeout", "2s"], None);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.starts_with("postern: not ready: no answer from the metrics listener"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (code, _, err) = ready(&[], Some("none"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("turned off"), "{err}");
+    // A wrong flag is one line naming it, exit 2, as for the other commands.
+    let (code, _, err) = ready(&["--timeout", "0s"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.starts_with("postern: ") && err.contains("--timeout"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 #[test]
 fn a_drain_says_not_ready_while_it_still_takes_mail_then_stops() {
     let mut server = Server::start(&["--drain-time", "2s", "--metrics", "127.0.0.1:0"]);
