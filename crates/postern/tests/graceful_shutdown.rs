@@ -47,12 +47,8 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
 #[test]
 fn sigterm_lets_a_bdat_transaction_between_chunks_finish() {
     let mut server = Server::start(&["--cores", "1"]);
-    let mut idle = server.connect();
-    idle.line();
-    idle.cmd("EHLO idle.test");
-    let mut chunked = server.connect();
-    chunked.line();
-    chunked.cmd("EHLO chunked.test");
+    let mut idle = server.greeted("idle.test");
+    let mut chunked = server.greeted("chunked.test");
     chunked.cmd("MAIL FROM:<a@b.test>");
     chunked.cmd("RCPT TO:<c@d.test>");
     chunked.send(b"BDAT 22\r\nSubject: chunked\r\n\r\nab");

@@ -32,9 +32,7 @@ fn message_size_limit_is_advertised_and_enforced() {
 #[test]
 fn recipient_limit_gives_452() {
     let server = Server::start(&["--max-recipients", "100"]);
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
+    let mut c = server.greeted("client.test");
     c.cmd("MAIL FROM:<a@b.test>");
     let mut batch = String::new();
     for i in 0..101 {

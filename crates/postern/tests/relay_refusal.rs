@@ -53,9 +53,7 @@ fn by_default_loopback_may_relay_and_nothing_else_is_accepted() {
 /// A loopback client's transaction on `server` up to a recipient in another domain: the
 /// client, and the reply to that RCPT.
 fn relay_from_loopback(server: &Server) -> (common::Client, String) {
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO local.test");
+    let mut c = server.greeted("local.test");
     assert_eq!(c.cmd("MAIL FROM:<a@local.test>"), "250 2.1.0 Ok");
     let reply = c.cmd("RCPT TO:<anyone@anywhere.test>");
     (c, reply)

@@ -225,9 +225,7 @@ fn a_command_trickled_a_byte_at_a_time_still_gets_its_timeout() {
     // byte every 300 ms does not start it again (without that, a client holds its place
     // until the session's cap, an hour by default).
     let server = Server::start(&["--command-timeout", "2s"]);
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO slow.test");
+    let mut c = server.greeted("slow.test");
     trickled_until_the_timeout(&mut c, b"NOOP trickle trickle trickle trickle tri");
 }
 
@@ -236,9 +234,7 @@ fn a_bdat_line_trickled_between_chunks_still_gets_its_timeout() {
     // Between chunks the next BDAT line is a command: the timeout is not started again by
     // each byte of it, as it is by each read of a chunk's octets.
     let server = Server::start(&["--command-timeout", "2s"]);
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO slow.test");
+    let mut c = server.greeted("slow.test");
     c.cmd("MAIL FROM:<a@b.test>");
     c.cmd("RCPT TO:<c@d.test>");
     c.send(b"BDAT 5\r\nhello");

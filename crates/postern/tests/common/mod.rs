@@ -382,6 +382,14 @@ pub fn segment_records(data: &[u8]) -> (Vec<(usize, u8)>, usize) {
 }
 
 impl Server {
+    /// A session that has read the banner and had its EHLO `helo` answered.
+    pub fn greeted(&self, helo: &str) -> Client {
+        let mut c = self.connect();
+        c.line();
+        c.cmd(&format!("EHLO {helo}"));
+        c
+    }
+
     /// A session greeted with EHLO client.test that has had `354` to DATA for one recipient.
     pub fn in_data(&self) -> Client {
         let mut c = self.connect();
