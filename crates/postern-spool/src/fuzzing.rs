@@ -239,9 +239,16 @@ fn build(data: &[u8], dir: &Path) -> Written {
                 // A status for a message of this segment (or one not there: an orphan).
                 let queue_id = format!("Q{seq}x{draft}x{}", next().unwrap_or(0));
                 let status = Status {
-                    state: match next().unwrap_or(0) % 3 {
+                    state: match next().unwrap_or(0) % 4 {
                         0 => crate::DeliveryState::Delivered,
-                        1 => crate::DeliveryState::Deferred { next_attempt: 7 },
+                        1 => crate::DeliveryState::Deferred {
+                            next_attempt: 7,
+                            warned: false,
+                        },
+                        2 => crate::DeliveryState::Deferred {
+                            next_attempt: 7,
+                            warned: true,
+                        },
                         _ => crate::DeliveryState::Failed,
                     },
                     reply: "250 ok".into(),

@@ -140,6 +140,9 @@ pub enum DeliveryState {
     Deferred {
         /// When to try again.
         next_attempt: u64,
+        /// The sender was sent a delay warning naming this recipient (`--delay-warning`),
+        /// durable before this record was written: a restart does not warn again.
+        warned: bool,
     },
     /// Refused for good (5xx) or expired: final.
     Failed,
@@ -167,7 +170,14 @@ impl Status {
     pub(crate) fn encode(&self, queue_id: &str, rcpt: u32, f: &mut Fields) {
         let (state, next) = match self.state {
             DeliveryState::Delivered => (1, 0),
-            DeliveryState::Deferred { next_attempt } => (2, next_attempt),
+            DeliveryState::Deferred {
+                next_attempt,
+                warned: false,
+            } => (2, next_attempt),
+            DeliveryState::Deferred {
+                next_attempt,
+                warned: true,
+            } => (4, next_attempt),
             DeliveryState::Failed => (3, 0),
         };
         f.u64(u64::from(rcpt))
@@ -183,7 +193,14 @@ impl Status {
         let queue_id = read_str(c)?;
         let state = match (c.u64()?, c.u64()?) {
             (1, _) => DeliveryState::Delivered,
-            (2, next_attempt) => DeliveryState::Deferred { next_attempt },
+            (2, next_attempt) => DeliveryState::Deferred {
+                next_attempt,
+                warned: false,
+            },
+            (4, next_attempt) => DeliveryState::Deferred {
+                next_attempt,
+                warned: true,
+            },
             (3, _) => DeliveryState::Failed,
             _ => return None,
         };

@@ -110,6 +110,7 @@ fn outcome(o: u8, step: usize) -> Status {
         0 => DeliveryState::Delivered,
         1 => DeliveryState::Deferred {
             next_attempt: step as u64,
+            warned: step % 2 == 0,
         },
         _ => DeliveryState::Failed,
     };

@@ -112,12 +112,23 @@ fn status_records_merge_across_cores_and_restarts() {
     let id = d.queue_id().to_owned();
     a.finish(d).unwrap();
     let deferred = Status {
-        state: DeliveryState::Deferred { next_attempt: 42 },
+        state: DeliveryState::Deferred {
+            next_attempt: 42,
+            warned: false,
+        },
         reply: "451 4.3.0 try later".into(),
     };
     a.append_status(&id, 0, &deferred).unwrap();
     a.sync_now().unwrap();
     drop(a);
+    // Recipient 1: deferred, then deferred again once its sender was warned of the delay.
+    let warned = Status {
+        state: DeliveryState::Deferred {
+            next_attempt: 43,
+            warned: true,
+        },
+        reply: "451 4.3.0 try later".into(),
+    };
     // After a restart: recipient 0 delivered, then a stale deferral that must not undo it.
     let mut a = Spool::open(dir.path(), 0, opts).unwrap();
     let delivered = Status {
@@ -126,14 +137,16 @@ fn status_records_merge_across_cores_and_restarts() {
     };
     a.append_status(&id, 0, &delivered).unwrap();
     a.append_status(&id, 0, &deferred).unwrap();
+    a.append_status(&id, 1, &deferred).unwrap();
+    a.append_status(&id, 1, &warned).unwrap();
     a.append_status("NO-SUCH-ID", 0, &delivered).unwrap();
     a.sync_now().unwrap();
 
     let r = recover(dir.path()).unwrap();
     assert_eq!(r.messages.len(), 1);
     let m = &r.messages[0];
-    assert_eq!(m.statuses, vec![Some(delivered.clone()), None]);
-    assert!(!m.is_final(), "recipient 1 has not been tried");
+    assert_eq!(m.statuses, vec![Some(delivered.clone()), Some(warned)]);
+    assert!(!m.is_final(), "recipient 1 is deferred");
     assert_eq!(r.orphan_statuses, 1);
 
     let failed = Status {

@@ -321,7 +321,7 @@ fn state(status: Option<&Status>) -> (&'static str, Option<u64>, &str) {
     match status {
         None => ("waiting", None, ""),
         Some(Status {
-            state: DeliveryState::Deferred { next_attempt },
+            state: DeliveryState::Deferred { next_attempt, .. },
             reply,
         }) => ("deferred", Some(*next_attempt), reply.as_str()),
         // Final recipients are not listed.

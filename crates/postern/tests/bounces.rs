@@ -672,13 +672,69 @@ fn delay_warning_tells_the_sender_once() {
     // Made once, not only delivered once so far: a second one queued and not yet delivered
     // would show in the log.
     let log = server.terminate_for_log();
-    let made = log
-        .lines()
+    assert_eq!(warnings_made(&log), 1, "{log}");
+    assert_eq!(origin.stored().len(), 1);
+}
+
+/// Delay warnings (`action="delayed"`) that a run's log says it queued.
+fn warnings_made(log: &str) -> usize {
+    log.lines()
         .filter(|l| l.contains("delivery status notification queued"))
         .filter(|l| l.contains("action=\"delayed\""))
-        .count();
-    assert_eq!(made, 1, "{log}");
-    assert_eq!(origin.stored().len(), 1);
+        .count()
+}
+
+#[test]
+fn a_delay_warning_is_not_made_again_after_a_restart() {
+    // The first run tries once (the next retry is an hour away), warns at that deferral and
+    // stops: no later deferral of that run writes the recipient's status again. The second
+    // run, on the same spool, retries at once and keeps failing.
+    let origin = Peer::start(&[]);
+    let down = reserve("127.0.0.1", 0);
+    let dest = format!("dest.test=127.0.0.1:{}", down.1);
+    let back = format!("origin.test=127.0.0.1:{}", origin.port);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let common = [
+        "--route",
+        dest.as_str(),
+        "--route",
+        back.as_str(),
+        "--delay-warning",
+        "0s",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--retry-initial", "1h", "--retry-max", "1h"]);
+    let mut server = Server::start_in(&first, spool.clone(), None);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<restarted@t>",
+        "x\r\n",
+    );
+    let (_, text) = origin.first("the delay warning");
+    assert!(text.contains("Action: delayed"), "{text}");
+    let log = server.terminate_for_log();
+    assert_eq!(warnings_made(&log), 1, "{log}");
+
+    let mut second = common.to_vec();
+    second.extend(FAST_RETRY);
+    let mut server = Server::start_in(&second, spool, Some(dir));
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n.parse::<u64>().unwrap() >= 3)
+    });
+    let log = server.terminate_for_log();
+    assert_eq!(
+        warnings_made(&log),
+        0,
+        "warned again after the restart:\n{log}"
+    );
+    assert_eq!(origin.stored().len(), 1, "{:#?}", origin.stored());
 }
 
 #[test]

@@ -534,8 +534,9 @@ const BOUNCE_RETRY: Duration = Duration::from_secs(10);
 /// A recipient failed for good: (recipient, reply, next hop, status, when).
 type Failure = (u32, String, Option<String>, String, u64);
 
-/// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, status).
-type Delay = (u32, String, Option<String>, String);
+/// A recipient deferred past `--delay-warning`: (recipient, reply, next hop, status, next
+/// attempt in Unix seconds).
+type Delay = (u32, String, Option<String>, String, u64);
 
 impl Tracked {
     /// Marks `rcpt` as warned of its delay; false if it already was.
@@ -547,6 +548,13 @@ impl Tracked {
         let first = self.warned[word] & bit == 0;
         self.warned[word] |= bit;
         first
+    }
+
+    /// Whether `rcpt` was warned of its delay (or its warning is being made).
+    fn is_warned(&self, rcpt: u32) -> bool {
+        self.warned
+            .get((rcpt / 64) as usize)
+            .is_some_and(|w| w & (1u64 << (rcpt % 64)) != 0)
     }
 
     /// Takes `rcpt`'s mark of [`Tracked::warn_once`] back: its warning was not made.
@@ -958,23 +966,38 @@ impl CoreRelay {
             });
             let mut now_rcpts = Vec::new();
             let mut later: HashMap<u64, Vec<u32>> = HashMap::new();
+            // Warned of their delay in an earlier run: not warned again.
+            let mut warned = Vec::new();
             let (arrival, now) = (arrival_ms(&msg.meta), now_ms());
             for (i, s) in m.statuses.iter().enumerate() {
                 match s.as_ref().map(|s| &s.state) {
                     None => now_rcpts.push(i as u32),
-                    Some(DeliveryState::Deferred { next_attempt }) => later
-                        .entry(self.relay.config.retry.resume_at(
-                            arrival,
-                            next_attempt.saturating_mul(1000),
-                            now,
-                        ))
-                        .or_default()
-                        .push(i as u32),
+                    Some(&DeliveryState::Deferred {
+                        next_attempt,
+                        warned: was_warned,
+                    }) => {
+                        if was_warned {
+                            warned.push(i as u32);
+                        }
+                        later
+                            .entry(self.relay.config.retry.resume_at(
+                                arrival,
+                                next_attempt.saturating_mul(1000),
+                                now,
+                            ))
+                            .or_default()
+                            .push(i as u32);
+                    }
                     Some(_) => {}
                 }
             }
             let pending = now_rcpts.len() + later.values().map(Vec::len).sum::<usize>();
             self.track(msg.clone(), pending);
+            if let Some(t) = self.tracked.borrow_mut().get_mut(&msg.queue_id) {
+                for i in warned {
+                    t.warn_once(i);
+                }
+            }
             self.dispatch(&msg, &now_rcpts, 0, 0);
             for (at, rcpts) in later {
                 self.dispatch(&msg, &rcpts, 1, at);

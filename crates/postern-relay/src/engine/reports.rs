@@ -98,6 +98,8 @@ impl CoreRelay {
             }
             Result_::Deferred { next_attempt, .. } => Some(DeliveryState::Deferred {
                 next_attempt: attempt_secs(*next_attempt),
+                // Kept on each later deferral: the record a restart reads is the latest.
+                warned: t.is_warned(r.rcpt),
             }),
             Result_::Failed { status } => {
                 // The status record is written after the bounce is durable (see
@@ -127,8 +129,13 @@ impl CoreRelay {
                 t.unrecorded = true;
             }
         }
-        if let (Result_::Deferred { status, .. }, Some(after)) =
-            (&r.result, self.relay.config.delay_warning)
+        if let (
+            Result_::Deferred {
+                status,
+                next_attempt,
+            },
+            Some(after),
+        ) = (&r.result, self.relay.config.delay_warning)
         {
             let age = now.saturating_sub(arrival_ms(&t.msg.meta));
             // DELAY notices only when asked for or by default (RFC 3461 4.1); the one
@@ -142,7 +149,13 @@ impl CoreRelay {
                 .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
             if wants && age >= after.as_millis() as u64 && t.warn_once(r.rcpt) {
                 let status = dsn::deferral_status(&r.reply, status);
-                let delay = (r.rcpt, r.reply.clone(), r.remote.clone(), status);
+                let delay = (
+                    r.rcpt,
+                    r.reply.clone(),
+                    r.remote.clone(),
+                    status,
+                    attempt_secs(*next_attempt),
+                );
                 self.delays_waiting
                     .borrow_mut()
                     .push((r.queue_id.clone(), delay));
@@ -583,7 +596,7 @@ impl CoreRelay {
             .div_ceil(1000);
         let recipients: Vec<dsn::ReportRecipient> = warn
             .iter()
-            .filter_map(|(i, reply, remote, status)| {
+            .filter_map(|(i, reply, remote, status, _)| {
                 let r = msg.meta.recipients.get(*i as usize)?;
                 // DELAY notices only when asked for or by default (RFC 3461 4.1).
                 r.notify
@@ -600,11 +613,13 @@ impl CoreRelay {
                     })
             })
             .collect();
-        if !recipients.is_empty()
-            && self
-                .bounce(msg, &recipients, dsn::Action::Delayed)
-                .await
-                .is_err()
+        if recipients.is_empty() {
+            return;
+        }
+        if self
+            .bounce(msg, &recipients, dsn::Action::Delayed)
+            .await
+            .is_err()
         {
             // Not spooled (the disk is full): the next deferral of these recipients tries
             // the warning again, as a bounce is tried again.
@@ -613,6 +628,30 @@ impl CoreRelay {
                     t.unwarn(*i);
                 }
             }
+            return;
+        }
+        // The warning is durable: so that a restart does not warn again, each recipient's
+        // deferral is written once more with the mark (the record a restart reads is its
+        // latest; a final outcome written meanwhile still wins). A crash before this record
+        // is durable warns once more, rather than never.
+        let tracked = self.tracked.borrow();
+        let Some(t) = tracked.get(&msg.queue_id) else {
+            return;
+        };
+        for (i, reply, _, _, next_attempt) in warn {
+            if !t.is_warned(*i) {
+                continue;
+            }
+            let status = Status {
+                state: DeliveryState::Deferred {
+                    next_attempt: *next_attempt,
+                    warned: true,
+                },
+                reply: reply.clone(),
+            };
+            // A failure is logged as the spool's error; the cost is a warning made again
+            // after a restart.
+            let _ = self.handle.append_status(&msg.queue_id, *i, &status);
         }
     }
 
