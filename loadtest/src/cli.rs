@@ -186,7 +186,7 @@ pub struct SendArgs {
     /// The server, HOST:PORT. Loopback only unless --allow-remote.
     #[arg(long, default_value = "127.0.0.1:2525", value_parser = target)]
     pub target: String,
-    /// Allow a target that is not a loopback address.
+    /// Allow a target that is not a loopback address [default: off].
     #[arg(long)]
     pub allow_remote: bool,
     /// Concurrent connections, spread over the threads.
@@ -216,7 +216,7 @@ pub struct SendArgs {
     /// Recipient address; {seq} is the message's sequence number, {r} the recipient's index.
     #[arg(long, default_value = "rcpt{r}@sink.test", value_parser = recipient_pattern)]
     pub to: String,
-    /// Pipeline MAIL, RCPT and DATA/BDAT when the server offers PIPELINING.
+    /// Pipeline MAIL, RCPT and DATA/BDAT when the server offers PIPELINING [default: off].
     #[arg(long)]
     pub pipelining: bool,
     /// With --pipelining, up to this many messages in flight on each connection: the next
@@ -227,7 +227,7 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 1, requires = "pipelining",
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub window: u32,
-    /// Send bodies with BDAT when the server offers CHUNKING (DATA otherwise).
+    /// Send bodies with BDAT when the server offers CHUNKING [default: off: DATA].
     #[arg(long)]
     pub bdat: bool,
     /// With --bdat, send each body as BDAT chunks of at most this many bytes, the last one
@@ -238,14 +238,14 @@ pub struct SendArgs {
     /// its MAIL and RCPTs).
     #[arg(long, value_parser = chunk_size, requires = "bdat")]
     pub chunk_size: Option<u64>,
-    /// Start TLS on every connection (the server must offer STARTTLS).
+    /// Start TLS on every connection (the server must offer STARTTLS) [default: off].
     #[arg(long)]
     pub starttls: bool,
     /// Open loop: start messages at this rate (500/s), latency measured from each message's
     /// intended start. [default: none: closed loop, each connection sends its next message once the last is answered]
     #[arg(long, value_parser = rate)]
     pub rate: Option<f64>,
-    /// Executors (one thread each).
+    /// Executors (one thread each; no more than --connections).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
     /// Pin executors to these CPUs (0,1 or 2-5), taken in turn when there are more threads;
@@ -267,7 +267,7 @@ pub struct SendArgs {
     /// Draw the latency percentile curves into this SVG file. [default: none]
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// No progress line, even on a terminal.
+    /// No progress line, even on a terminal [default: off].
     #[arg(long)]
     pub quiet: bool,
 }
@@ -303,10 +303,10 @@ pub struct SinkArgs {
     /// Private key (PEM) for STARTTLS. [default: none]
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Do not offer CHUNKING (and BINARYMIME), like an older server.
+    /// Do not offer CHUNKING (and BINARYMIME), like an older server [default: off].
     #[arg(long)]
     pub no_chunking: bool,
-    /// Do not offer PIPELINING, like an older server.
+    /// Do not offer PIPELINING, like an older server [default: off].
     #[arg(long)]
     pub no_pipelining: bool,
     /// Answer end of data with these codes (250, or a 4xx or 5xx) in these proportions

@@ -20,6 +20,9 @@ fn every_output_file_is_written_and_complete() {
         "300",
         "--connections",
         "3",
+        // No more executors than connections.
+        "--threads",
+        "8",
         "--rate",
         "250/s",
         "--json",
@@ -90,6 +93,7 @@ fn every_output_file_is_written_and_complete() {
             "settings.{field} in {report}"
         );
     }
+    assert_eq!(settings["threads"].as_u64(), Some(3), "{report}");
 
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("#[StartTime: "), "{log}");

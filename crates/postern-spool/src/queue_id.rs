@@ -33,6 +33,12 @@ pub fn owner_core(id: &str) -> Option<u32> {
     u32::try_from(core).ok()
 }
 
+/// Whether `id` is written as a queue ID is (17 characters of its alphabet), whether or not
+/// any message has it.
+pub fn is_queue_id(id: &str) -> bool {
+    id.len() == 17 && id.bytes().all(|c| digit(c).is_some())
+}
+
 /// The most cores whose queue IDs differ: an ID holds the core in 2 digits of base 32.
 pub const MAX_CORES: usize = 32 * 32;
 

@@ -48,7 +48,7 @@ enum Command {
 pub(crate) struct Ready {
     /// The server's --metrics address; one on every address (0.0.0.0, ::) is asked on
     /// loopback.
-    #[arg(long, env = "POSTERN_METRICS", default_value = "127.0.0.1:9325", value_parser = metrics_address, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_METRICS", default_value = "127.0.0.1:9325", value_parser = metrics_to_ask, allow_hyphen_values = true)]
     metrics: MetricsAddress,
     /// Longest wait for the connection and the answer (more than 0).
     #[arg(long, default_value = "5s", value_parser = wait_duration, allow_hyphen_values = true)]
@@ -74,13 +74,13 @@ impl Ready {
 #[derive(Args, Debug)]
 pub(crate) struct Queue {
     /// Spool directory, as given to `postern serve`.
-    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path)]
+    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path, allow_hyphen_values = true)]
     pub(crate) spool: PathBuf,
-    /// One JSON object per message (one per line) instead of the table.
+    /// One JSON object per message (one per line) instead of the table [default: off].
     #[arg(long)]
     pub(crate) json: bool,
     /// Instead of listing, ask the postern serving this spool to try its deferred mail now
-    /// (it sends that process SIGUSR1).
+    /// (it sends that process SIGUSR1) [default: off].
     #[arg(long, conflicts_with = "json")]
     pub(crate) flush: bool,
     /// Instead of listing, delete these queued messages (queue IDs, repeatable or comma
@@ -120,7 +120,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_CORES", value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     cores: Option<usize>,
     /// Spool directory.
-    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path)]
+    #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path, allow_hyphen_values = true)]
     spool: PathBuf,
     /// Size of each spool segment file, reserved on disk when it is created (64k to 4G).
     #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size, allow_hyphen_values = true)]
@@ -192,10 +192,10 @@ struct Serve {
     #[arg(long, env = "POSTERN_DRAIN_TIME", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true)]
     drain_time: Duration,
     /// PEM certificate chain; with --tls-key, enables STARTTLS [default: none, no TLS].
-    #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key", value_parser = path)]
+    #[arg(long, env = "POSTERN_TLS_CERT", requires = "tls_key", value_parser = path, allow_hyphen_values = true)]
     tls_cert: Option<PathBuf>,
     /// PEM private key for --tls-cert [default: none].
-    #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert", value_parser = path)]
+    #[arg(long, env = "POSTERN_TLS_KEY", requires = "tls_cert", value_parser = path, allow_hyphen_values = true)]
     tls_key: Option<PathBuf>,
     /// Prometheus metrics, /healthz and /readyz on this address; `none` turns off one set
     /// elsewhere (the unit's POSTERN_METRICS, from /etc/default/postern) [default: none, not
@@ -241,7 +241,8 @@ struct Serve {
     /// A message still undelivered after this long is returned to its sender.
     #[arg(long, env = "POSTERN_MAX_QUEUE_LIFETIME", default_value = "5days", value_parser = parse_duration, allow_hyphen_values = true)]
     max_queue_lifetime: Duration,
-    /// Tell the sender when a message is still queued after this long [default: never].
+    /// Tell the sender when a message is still queued after this long (0: at its first
+    /// deferral) [default: never].
     #[arg(long, env = "POSTERN_DELAY_WARNING", value_parser = parse_duration, allow_hyphen_values = true)]
     delay_warning: Option<Duration>,
     /// STARTTLS towards next hops: none, opportunistic (when offered, unauthenticated) or
@@ -249,7 +250,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_OUTBOUND_TLS", default_value = "opportunistic", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     outbound_tls: String,
     /// Extra trust anchors (PEM) for --outbound-tls required [default: none, the system's].
-    #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA", value_parser = path)]
+    #[arg(long, env = "POSTERN_OUTBOUND_TLS_CA", value_parser = path, allow_hyphen_values = true)]
     outbound_tls_ca: Option<PathBuf>,
     /// Concurrent connections to one next hop.
     #[arg(
@@ -348,6 +349,10 @@ pub(crate) fn unknown_variables() -> Vec<String> {
 fn queue_id_arg(s: &str) -> Result<String, String> {
     match s.trim() {
         "" => Err("an empty queue ID; nothing was deleted".to_owned()),
+        id if !postern_spool::is_queue_id(id) => Err(format!(
+            "'{id}' is not a queue ID (17 letters and digits, as `postern queue` lists them); \
+             nothing was deleted"
+        )),
         id => Ok(id.to_owned()),
     }
 }
@@ -363,10 +368,17 @@ fn switch(s: &str) -> Result<bool, String> {
     }
 }
 
-/// A path, without blanks (a CR among them) around it; not an empty one.
+/// A path, without blanks (a CR among them) around it; not an empty one, nor one that
+/// begins with `-` (a flag left without its value, or a value like `-1` given by mistake).
 fn path(s: &str) -> Result<PathBuf, String> {
     match s.trim() {
         "" => Err("an empty path".to_owned()),
+        p if p.starts_with("--") => Err(format!(
+            "'{p}' is a flag, not a path: the path goes right after its flag"
+        )),
+        p if p.starts_with('-') => Err(format!(
+            "'{p}' is not a path (it begins with '-'; write ./{p} for a file named so)"
+        )),
         p => Ok(PathBuf::from(p)),
     }
 }
@@ -454,6 +466,18 @@ fn metrics_address(s: &str) -> Result<MetricsAddress, String> {
     address_or_none(s).map(MetricsAddress)
 }
 
+/// A running server's metrics address, to ask: port 0 (which a server listening takes as "any
+/// free port") names no listener.
+fn metrics_to_ask(s: &str) -> Result<MetricsAddress, String> {
+    match metrics_address(s)? {
+        MetricsAddress(Some(a)) if a.port() == 0 => Err(format!(
+            "'{}' has port 0: give the port the server's log names",
+            s.trim()
+        )),
+        m => Ok(m),
+    }
+}
+
 /// A network as `ADDR/PREFIX`, or one address as its own network (`/32`, `/128`).
 fn network(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
@@ -494,6 +518,9 @@ fn network(s: &str) -> Result<IpNet, String> {
         },
     }
 }
+
+/// The largest `--max-message-size`: 1024G.
+const MAX_MESSAGE_SIZE: u64 = 1 << 40;
 
 /// Parses `1048576`, `64k`, `50M`, `2G` (suffixes are powers of 1024).
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
@@ -688,7 +715,15 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
                 .take_while(|l| !l.trim().is_empty())
                 .map(str::trim)
                 .collect();
-            let line = first.join(" ").trim_start_matches("error: ").to_owned();
+            let mut line = first.join(" ").trim_start_matches("error: ").to_owned();
+            if e.kind() == clap::error::ErrorKind::UnknownArgument {
+                if let Some(flag) = switch_before_unexpected(&e) {
+                    // `--hold no`: clap names only the word, not the switch it was meant for.
+                    line = format!(
+                        "{line} after {flag}, which takes no separate value (write {flag}=VALUE)"
+                    );
+                }
+            }
             if e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
                 // What asked for the missing flag may have come from the environment: only the
                 // flags that require another (the certificate and its key) can ask.
@@ -728,6 +763,30 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
         outbound_tls_ca,
         outbound_tls_required,
     }))))
+}
+
+/// The switch (`--hold`, `--reject-bare-newlines`, `--json`, ...) right before the argument
+/// clap found unexpected, when there is one: a value given to it as a separate word.
+fn switch_before_unexpected(e: &clap::Error) -> Option<String> {
+    let clap::error::ContextValue::String(word) = e.get(clap::error::ContextKind::InvalidArg)?
+    else {
+        return None;
+    };
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let at = args.iter().skip(1).position(|a| a == word)? + 1;
+    let before = args[at - 1].strip_prefix("--")?;
+    let cli = <Cli as clap::CommandFactory>::command();
+    let switch = cli
+        .get_subcommands()
+        .flat_map(clap::Command::get_arguments)
+        .filter(|a| a.get_long() == Some(before))
+        .any(|a| {
+            matches!(a.get_action(), ArgAction::SetTrue)
+                || a.get_num_args().is_some_and(|n| n.min_values() == 0)
+        });
+    switch.then(|| format!("--{before}"))
 }
 
 /// Adds which environment variables the values behind a message came from: each flag it
@@ -1101,6 +1160,14 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     if s.max_message_size == 0 {
         // SIZE 0 would tell clients there is no limit (RFC 1870).
         return Err("--max-message-size must be more than 0".into());
+    }
+    if s.max_message_size > MAX_MESSAGE_SIZE {
+        // A SIZE past what 64 bits hold is read as the largest number they do, which only a
+        // limit below it refuses; and no spool is meant to take a message of a tebibyte.
+        return Err(format!(
+            "--max-message-size {} is more than 1024G",
+            s.max_message_size
+        ));
     }
     // The system's name, the default, is checked like a given one: it goes into the banner,
     // EHLO and Received, where a space or a line end would break them.

@@ -29,6 +29,18 @@ pub(crate) fn run(r: &Ready) -> ExitCode {
             eprintln!("postern: not ready: {addr} answers {code} {}", body.trim());
             ExitCode::FAILURE
         }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            eprintln!(
+                "postern: not ready: the metrics listener at {addr} did not answer within {:?}",
+                r.timeout
+            );
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("postern: not ready: no answer from the metrics listener at {addr} ({e})");
             ExitCode::FAILURE

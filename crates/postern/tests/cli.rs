@@ -245,6 +245,43 @@ fn values_that_cannot_work_are_refused_by_name() {
     // An empty queue ID is a wrong value, found before the spool is looked at.
     refused(&["queue", "--delete", ""], "--delete");
     refused(&["queue", "--delete", "ID,"], "--delete");
+    // So is one that cannot be a queue ID.
+    refused(&["queue", "--delete", "not/an id"], "--delete");
+    refused(&["queue", "--delete", "0123456789BCDFGHa"], "--delete");
+    // A path that begins with '-' (a value like -1 given by mistake, a flag left without
+    // its path) is a wrong value of its flag, not an unknown flag.
+    refused(&["serve", "--spool", "-1"], "--spool");
+    refused(&["queue", "--spool", "-1"], "--spool");
+    refused(&["serve", "--spool", "--hold"], "--spool");
+    refused(
+        &["serve", "--tls-cert", "-1", "--tls-key", "k.pem"],
+        "--tls-cert",
+    );
+    refused(
+        &[
+            "serve",
+            "--outbound-tls-ca",
+            "-ca.pem",
+            "--outbound-tls",
+            "required",
+        ],
+        "--outbound-tls-ca",
+    );
+    // A switch given its value as a separate word is named with the word.
+    refused(&["serve", "--hold", "no"], "--hold");
+    refused(
+        &["serve", "--reject-bare-newlines", "0"],
+        "--reject-bare-newlines",
+    );
+    refused(&["queue", "--json", "yes"], "--json");
+    // A SIZE past 64 bits is read as the largest number they hold: a limit there would take
+    // it.
+    refused(
+        &["serve", "--max-message-size", "1025G"],
+        "--max-message-size",
+    );
+    let (code, _, err) = run(&["serve", "--max-message-size", "18446744073709551615"]);
+    assert!(code == 2 && err.contains("more than 1024G"), "{err}");
     // Queue IDs hold the core in two base-32 digits, whatever the CPUs.
     let (code, _, err) = run(&["serve", "--cores", "1025"]);
     assert!(

@@ -556,6 +556,21 @@ fn postern_ready_asks_the_server_whether_it_takes_mail() {
     let (code, _, err) = ready(&[], Some("none"));
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("turned off"), "{err}");
+    // A listener that takes the connection and never answers: the wait is named, not the
+    // socket's error.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = silent.local_addr().unwrap().to_string();
+    let (code, _, err) = ready(&["--metrics", &at, "--timeout", "300ms"], None);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!("postern: not ready: the metrics listener at {at} did not answer within 300ms\n")
+    );
+    drop(silent);
+    // Port 0 names no running listener.
+    let (code, _, err) = ready(&["--metrics", "127.0.0.1:0"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--metrics") && err.contains("port 0"), "{err}");
     // A wrong flag is one line naming it, exit 2, as for the other commands.
     let (code, _, err) = ready(&["--timeout", "0s"], None);
     assert_eq!(code, 2, "{err}");

@@ -99,12 +99,13 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     } else {
         None
     };
-    let threads = usize::from(args.threads);
+    // An executor without a connection would only idle: no more than one per connection.
+    let threads = usize::from(args.threads).min(args.connections as usize);
     let cpus = args.cpus.clone().map(|c| c.0).unwrap_or_default();
     let settings = Settings {
         target: addr.to_string(),
         connections: args.connections,
-        threads: args.threads,
+        threads: threads as u16,
         messages,
         duration_s: args.duration.map(|d| d.as_secs_f64()),
         sizes: args.size.0.clone(),
