@@ -397,6 +397,12 @@ where
             Some(n) if n.bytes().all(|b| b.is_ascii_digit()) && n.bytes().any(|b| b != b'0') => {
                 format!("'{s}' is negative; it takes a whole number")
             }
+            // And for a number past the type's range, "number too large to fit in target type".
+            None if s.bytes().all(|b| b.is_ascii_digit())
+                && e.to_string().contains("too large") =>
+            {
+                format!("'{s}' is too large")
+            }
             _ => e.to_string(),
         }
     })
@@ -1194,8 +1200,13 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     {
         let whose = if own { "the system's name " } else { "" };
         return Err(format!(
-            "--hostname: {whose}{h:?} is an IP address, not a host name; give a name (an \
-             ASCII domain such as mx1.example.net)"
+            "--hostname: {whose}{h:?} {}, not a host name; give a name (an ASCII domain \
+             such as mx1.example.net)",
+            if h.parse::<std::net::IpAddr>().is_ok() {
+                "is an IP address"
+            } else {
+                "is all digits and dots, which clients read as an IP address"
+            }
         ));
     }
     if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {

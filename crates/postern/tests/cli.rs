@@ -181,7 +181,14 @@ fn wrong_flags_get_one_line_and_exit_2() {
         "--delay-warning must be shorter than --max-queue-lifetime",
     );
     refused(&["serve", "--hostname", "127.0.0.1"], "is an IP address");
-    refused(&["serve", "--hostname", "1.2.3"], "is an IP address");
+    refused(
+        &["serve", "--hostname", "1.2.3"],
+        "clients read as an IP address",
+    );
+    refused(
+        &["serve", "--hostname", "99999999999999999999"],
+        "is all digits and dots",
+    );
     refused(&["serve", "--mx-port", "0"], "0 is not in 1..=65535");
     refused(
         &["serve", "--mx-port", "70000"],
@@ -247,6 +254,16 @@ fn values_that_cannot_work_are_refused_by_name() {
     refused(&["queue", "--delete", "ID,"], "--delete");
     // So is one that cannot be a queue ID.
     refused(&["queue", "--delete", "not/an id"], "--delete");
+    // A whole number past its type says so, in words of its own.
+    for flag in ["--max-recipients", "--cores"] {
+        let (code, _, err) = run(&["serve", flag, "99999999999999999999999"]);
+        assert!(
+            code == 2
+                && err.contains(flag)
+                && err.contains("'99999999999999999999999' is too large"),
+            "{err}"
+        );
+    }
     refused(&["queue", "--delete", "0123456789BCDFGHa"], "--delete");
     // A path that begins with '-' (a value like -1 given by mistake, a flag left without
     // its path) is a wrong value of its flag, not an unknown flag.
