@@ -115,13 +115,27 @@ fn load(
     let mut reader = BufReader::new(File::open(cert).map_err(|e| bad(cert, e.to_string()))?);
     let certs = rustls_pemfile::certs(&mut reader)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(cert, e.to_string()))?;
+        .map_err(|e| bad(cert, pem_error(&e)))?;
     if certs.is_empty() {
         return Err(bad(cert, "no certificate found".into()));
     }
+    // The first is read with the key below; the chain after it only goes out in handshakes,
+    // where one that does not parse fails every client's, those that verify nothing too.
+    for (i, c) in certs.iter().enumerate().skip(1) {
+        if let Err(e) = x509_parser::parse_x509_certificate(c) {
+            return Err(bad(
+                cert,
+                format!(
+                    "certificate {} of {} in the file cannot be read ({e}): the chain after \
+                     the server's own certificate is damaged",
+                    i + 1,
+                    certs.len()
+                ),
+            ));
+        }
+    }
     let key_pem = std::fs::read(key).map_err(|e| bad(key, e.to_string()))?;
-    // PKCS#8 `ENCRYPTED PRIVATE KEY`, or a legacy PEM with `Proc-Type: 4,ENCRYPTED`.
-    if key_pem.windows(9).any(|w| w == b"ENCRYPTED") {
+    if encrypted_key(&key_pem) {
         return Err(bad(
             key,
             "the private key is encrypted; postern needs it unencrypted (for example \
@@ -130,7 +144,7 @@ fn load(
         ));
     }
     let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| bad(key, e.to_string()))?
+        .map_err(|e| bad(key, pem_error(&e)))?
         .ok_or_else(|| {
             bad(
                 key,
@@ -179,6 +193,27 @@ fn load(
         tracing::warn!("{}: {warning}", cert.display());
     }
     Ok(certified)
+}
+
+/// Whether a key file holds an encrypted key: PKCS#8 `BEGIN ENCRYPTED PRIVATE KEY`, or a
+/// legacy PEM block with the header `Proc-Type: 4,ENCRYPTED`. Only those lines count: the
+/// word in a comment around the block is no sign of one.
+fn encrypted_key(pem: &[u8]) -> bool {
+    pem.split(|&b| b == b'\n').any(|line| {
+        let line = line.trim_ascii();
+        line.starts_with(b"-----BEGIN ENCRYPTED ")
+            || (line.starts_with(b"Proc-Type:") && line.ends_with(b"ENCRYPTED"))
+    })
+}
+
+/// A PEM file's error in words: rustls-pemfile names a damaged block's base64 by the
+/// decoder's own error (`InvalidCharacter(35)`).
+fn pem_error(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        format!("a PEM block is damaged: its content is not base64 ({e})")
+    } else {
+        e.to_string()
+    }
 }
 
 /// The kind of key a private key says it is, when it is one that is signed with: from its
@@ -541,6 +576,59 @@ mod tests {
         let why = load_error(&garbled, &own_key);
         assert!(why.contains("certificate cannot be read"), "{why}");
         assert!(!why.contains("peer"), "{why}");
+    }
+
+    #[test]
+    fn a_damaged_chain_a_comment_and_bad_base64_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
+        let own = params.self_signed(&key).unwrap().pem();
+        let own_key = key.serialize_pem();
+        let key_file = file(dir.path(), "key.pem", &own_key);
+        let provider = rustls::crypto::ring::default_provider();
+        // A chain whose second certificate is base64 of no certificate: refused by its place,
+        // not taken to fail every handshake later.
+        let chain = file(
+            dir.path(),
+            "chain.pem",
+            &format!(
+                "{own}-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n"
+            ),
+        );
+        let why = load_error(&chain, &key_file);
+        assert!(
+            why.contains("certificate 2 of 2 in the file cannot be read"),
+            "{why}"
+        );
+        // The word ENCRYPTED in a comment beside a plain key is no encrypted key.
+        let commented = file(
+            dir.path(),
+            "commented.pem",
+            &format!("# stored UNENCRYPTED: keep it private\n{own_key}"),
+        );
+        let cert = file(dir.path(), "cert.pem", &own);
+        assert!(load(&cert, &commented, None, &provider, false).is_ok());
+        // A PKCS#8 encrypted key and a legacy one with its Proc-Type header still are.
+        for (name, pem) in [
+            (
+                "pkcs8.pem",
+                "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            ),
+            (
+                "legacy.pem",
+                "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+            ),
+        ] {
+            let why = load_error(&cert, &file(dir.path(), name, pem));
+            assert!(why.contains("the private key is encrypted"), "{name}: {why}");
+        }
+        // A character that is not base64 inside a block: said in words.
+        let mut lines: Vec<String> = own.lines().map(str::to_owned).collect();
+        lines[2].replace_range(4..5, "#");
+        let damaged = file(dir.path(), "damaged.pem", &(lines.join("\n") + "\n"));
+        let why = load_error(&damaged, &key_file);
+        assert!(why.contains("a PEM block is damaged"), "{why}");
     }
 
     #[test]
