@@ -84,6 +84,10 @@ pub struct Settings {
     pub postmaster: Option<String>,
     /// Damaged records the spool's reading found at start-up (exported as a gauge).
     pub spool_damage_found: u64,
+    /// Each group commit's writes and `fdatasync` on the core's own thread rather than its
+    /// blocking pool (`--sync-on-core`): fewer thread switches, but a disk that hangs holds
+    /// the whole core.
+    pub sync_on_core: bool,
 }
 
 impl Default for Settings {
@@ -97,6 +101,7 @@ impl Default for Settings {
             spool_high_water: 0,
             held_queue_marks: None,
             spool_damage_found: 0,
+            sync_on_core: false,
             hostname: "localhost".into(),
             accept_domains: Vec::new(),
             relay_networks: RelayPolicy::loopback(),

@@ -587,7 +587,8 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         spool_error_log: Default::default(),
     });
     core.count_held();
-    let committer = glommio::spawn_local(crate::store::group_commit(core.clone()));
+    let committer =
+        glommio::spawn_local(crate::store::group_commit(core.clone(), init.beat.clone()));
     let unlinker = glommio::spawn_local(crate::store::unlink_freed(core.clone()));
     // A core that comes up after a stop was asked for (a start given up while it opened its
     // spool) starts no delivery: the other cores' stops may not wait for it.

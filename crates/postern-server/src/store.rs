@@ -173,6 +173,21 @@ struct FinishedSync {
     slot: Mutex<Option<(SyncBatch, std::io::Result<()>)>>,
 }
 
+impl FinishedSync {
+    /// Leaves a sync's outcome for [`collect_sync`].
+    fn put(&self, batch: SyncBatch, result: std::io::Result<()>) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((batch, result));
+        self.ready.store(true, Ordering::Release);
+    }
+}
+
+/// Runs a group commit's writes and sync. A panic would leave the core waiting for this sync
+/// for ever: it fails as a sync does instead (451 to the clients waiting on it).
+fn run_sync(batch: &SyncBatch) -> std::io::Result<()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.run()))
+        .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked")))
+}
+
 impl CoreStore {
     /// Checks at start-up that the spool directory can be created and written.
     pub(crate) fn check_dir(dir: &Path) -> Result<(), StartError> {
@@ -759,7 +774,9 @@ impl CoreStore {
 
 /// The group-commit loop of one core: every message finished since the last sync shares the
 /// next one, which runs on the blocking pool while the core goes on with other sessions.
-pub(crate) async fn group_commit(core: Rc<Core>) {
+/// `beat`: the core's heartbeat, told that a sync on the core (`--sync-on-core`) blocks it on
+/// purpose.
+pub(crate) async fn group_commit(core: Rc<Core>, beat: Arc<crate::watchdog::Beat>) {
     let store = &core.store;
     loop {
         let listener = store.work.listen();
@@ -789,19 +806,24 @@ pub(crate) async fn group_commit(core: Rc<Core>) {
             continue;
         };
         store.syncing.set(true);
+        if core.settings.sync_on_core {
+            // `--sync-on-core`: here, holding the core until the disk answers (no stall for
+            // the watchdog to wake); the sessions that came meanwhile share the next sync.
+            beat.blocking(true);
+            let result = run_sync(&batch);
+            beat.blocking(false);
+            store.finished.put(batch, result);
+            collect_sync(&core);
+            glommio::yield_if_needed().await;
+            continue;
+        }
         let finished = store.finished.clone();
         let owner = core.clone();
         glommio::spawn_local(async move {
             glommio::executor()
                 .spawn_blocking(move || {
-                    // A panic would leave the core waiting for this sync for ever: it fails
-                    // as a sync does instead (451 to the clients waiting on it).
-                    let result =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch.run()))
-                            .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked")));
-                    *finished.slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((batch, result));
-                    finished.ready.store(true, Ordering::Release);
+                    let result = run_sync(&batch);
+                    finished.put(batch, result);
                 })
                 .await;
             collect_sync(&owner);

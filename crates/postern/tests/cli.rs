@@ -291,6 +291,7 @@ fn values_that_cannot_work_are_refused_by_name() {
         "--reject-bare-newlines",
     );
     refused(&["queue", "--json", "yes"], "--json");
+    refused(&["serve", "--sync-on-core=maybe"], "--sync-on-core");
     // A SIZE past 64 bits is read as the largest number they hold: a limit there would take
     // it.
     refused(

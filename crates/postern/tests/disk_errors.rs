@@ -2,7 +2,8 @@
 //! (`tests/peers/faulty_fs.py`) whose syncs, or writes, fail with EIO while the test says so.
 //! A message whose group commit or write failed is refused `451 4.3.0` (not stored, not "disk
 //! full"), the server goes on, and what it acknowledged is all there; a failed last sync at the
-//! stop ends the process with status 1. Needs root and /dev/fuse (CI has both; scripts/test
+//! stop ends the process with status 1; with `--sync-on-core` a sync that hangs holds its
+//! whole core. Needs root and /dev/fuse (CI has both; scripts/test
 //! installs libfuse 2 and fusepy).
 #![allow(clippy::unwrap_used)]
 
@@ -338,6 +339,63 @@ fn a_message_whose_bounce_waits_for_room_can_be_deleted() {
             .any(|l| l.contains("delivery status notification queued") && l.contains(&id)),
         "{log}"
     );
+}
+
+#[test]
+fn with_sync_on_core_a_sync_that_hangs_holds_the_whole_core_until_the_disk_answers() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let disk = FaultyFs::mount_threaded();
+    let spool = disk.path.join("spool");
+    let server = Server::start_in(&["--cores", "1", "--sync-on-core"], spool.clone(), None);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
+    assert!(first.starts_with("250 2.0.0"), "{first}");
+    disk.hang_syncs(true);
+    struct LetGo<'a>(&'a FaultyFs);
+    impl Drop for LetGo<'_> {
+        fn drop(&mut self) {
+            self.0.stop_hanging();
+        }
+    }
+    let let_go = LetGo(&disk);
+    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<two@d.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: two\r\n\r\nsecond\r\n.\r\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !disk.a_sync_hangs() {
+        assert!(Instant::now() < deadline, "no sync reached the disk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The core itself waits in the sync: a new client's connection is taken by the kernel,
+    // and greeted by nobody. (Without the flag a core greets it at once: the sync waits on
+    // a thread of its blocking pool.)
+    let mut other = std::net::TcpStream::connect(server.smtp).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = other.read(&mut byte);
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "greeted while the core waits on the disk: {early:?}"
+    );
+    // The disk answers: the message is acknowledged and the new client greeted.
+    drop(let_go);
+    let second = c.line();
+    assert!(second.starts_with("250 2.0.0"), "{second}");
+    let mut other = Client::from_stream(other);
+    let banner = other.line();
+    assert!(banner.starts_with("220 "), "{banner}");
+    drop(server);
+    let mut stored: Vec<String> = spooled(&spool).into_iter().flat_map(|m| m.2).collect();
+    stored.sort();
+    assert_eq!(stored, ["one@d.test", "two@d.test"]);
 }
 
 #[test]
