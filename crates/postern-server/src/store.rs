@@ -153,6 +153,8 @@ pub(crate) struct CoreStore {
     finished: Arc<FinishedSync>,
     /// Whether a sync is running and not yet collected.
     syncing: Cell<bool>,
+    /// When a slow sync on the core was last logged (`--sync-on-core`).
+    slow_sync_said: Cell<Option<std::time::Instant>>,
     /// Syncs of the group commit that failed, since the start.
     failed_syncs: Cell<u64>,
     /// Whether the last failure (a sync's, or a write's) was the disk's want of room, as on
@@ -244,6 +246,7 @@ impl CoreStore {
             last_status: Cell::new(None),
             finished: Arc::default(),
             syncing: Cell::new(false),
+            slow_sync_said: Cell::new(None),
             failed_syncs: Cell::new(0),
             last_failure_no_space: Cell::new(false),
             freed: Event::new(),
@@ -774,6 +777,32 @@ impl CoreStore {
 
 /// The group-commit loop of one core: every message finished since the last sync shares the
 /// next one, which runs on the blocking pool while the core goes on with other sessions.
+/// A sync on the core (`--sync-on-core`) that held it this long is said, at most once a
+/// minute per core: the core served nothing meanwhile.
+const SLOW_SYNC_ON_CORE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Logs a sync on the core that took [`SLOW_SYNC_ON_CORE`] or more (once a minute at most).
+fn slow_sync_on_core(core: &Core, took: std::time::Duration) {
+    if took < SLOW_SYNC_ON_CORE {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let said = &core.store.slow_sync_said;
+    if said
+        .get()
+        .is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(60))
+    {
+        return;
+    }
+    said.set(Some(now));
+    tracing::warn!(
+        core = core.id,
+        "a sync of the spool held this core for {} ms (--sync-on-core: the core serves \
+         nothing while its disk syncs); logged once a minute at most",
+        took.as_millis()
+    );
+}
+
 /// `beat`: the core's heartbeat, told that a sync on the core (`--sync-on-core`) blocks it on
 /// purpose.
 pub(crate) async fn group_commit(core: Rc<Core>, beat: Arc<crate::watchdog::Beat>) {
@@ -810,8 +839,10 @@ pub(crate) async fn group_commit(core: Rc<Core>, beat: Arc<crate::watchdog::Beat
             // `--sync-on-core`: here, holding the core until the disk answers (no stall for
             // the watchdog to wake); the sessions that came meanwhile share the next sync.
             beat.blocking(true);
+            let began = std::time::Instant::now();
             let result = run_sync(&batch);
             beat.blocking(false);
+            slow_sync_on_core(&core, began.elapsed());
             store.finished.put(batch, result);
             collect_sync(&core);
             glommio::yield_if_needed().await;

@@ -392,6 +392,9 @@ fn with_sync_on_core_a_sync_that_hangs_holds_the_whole_core_until_the_disk_answe
     let mut other = Client::from_stream(other);
     let banner = other.line();
     assert!(banner.starts_with("220 "), "{banner}");
+    // The log says how long the core was held.
+    let said = server.log_until(|l| l.contains("a sync of the spool held this core for"));
+    assert!(said.contains("--sync-on-core"), "{said}");
     drop(server);
     let mut stored: Vec<String> = spooled(&spool).into_iter().flat_map(|m| m.2).collect();
     stored.sort();
