@@ -329,6 +329,17 @@ fn state(status: Option<&Status>) -> (&'static str, Option<u64>, &str) {
     }
 }
 
+/// Whether a waiting recipient's sender was sent a delay warning about it (`--delay-warning`).
+fn warned(status: Option<&Status>) -> bool {
+    matches!(
+        status,
+        Some(Status {
+            state: DeliveryState::Deferred { warned: true, .. },
+            ..
+        })
+    )
+}
+
 /// A time for the listing; one past what RFC 3339 writes (the year 9999, from a
 /// `--retry-max` or `--max-queue-lifetime` of centuries, or a clock far off) is given in
 /// seconds since the epoch.
@@ -453,6 +464,7 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
                         "state": state,
                         "next_attempt": next,
                         "reply": (!reply.is_empty()).then_some(reply),
+                        "delay_warned": warned(status),
                     })
                 })
                 .collect();
@@ -506,10 +518,15 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             let (_, next, reply) = state(status);
             let reply = for_terminal(reply);
             let address = for_terminal(address);
+            let told = if warned(status) {
+                " (sender warned of the delay)"
+            } else {
+                ""
+            };
             let _ = match next {
                 Some(at) => writeln!(
                     out,
-                    "{:>55}<{address}> deferred, next attempt {}: {reply}",
+                    "{:>55}<{address}> deferred{told}, next attempt {}: {reply}",
                     "",
                     time(at)
                 ),

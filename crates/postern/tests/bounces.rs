@@ -719,6 +719,16 @@ fn a_delay_warning_is_not_made_again_after_a_restart() {
     assert!(text.contains("Action: delayed"), "{text}");
     let log = server.terminate_for_log();
     assert_eq!(warnings_made(&log), 1, "{log}");
+    // The listing says the sender was warned about b@, from the spool.
+    let listing = queue_listing(&spool);
+    let original = listing
+        .iter()
+        .find(|m| m["sender"] == "a@origin.test")
+        .unwrap_or_else(|| panic!("{listing:#?}"));
+    assert_eq!(
+        original["recipients"][0]["delay_warned"], true,
+        "{listing:#?}"
+    );
 
     let mut second = common.to_vec();
     second.extend(FAST_RETRY);

@@ -324,6 +324,8 @@ fn the_queue_command_lists_waiting_mail_beside_a_running_server() {
         assert_eq!(r["state"], "deferred", "{r}");
         assert!(r["reply"].as_str().unwrap().contains("refused"), "{r}");
         assert!(r["next_attempt"].as_u64().unwrap() >= m["arrival"].as_u64().unwrap());
+        // No --delay-warning: nobody was warned.
+        assert_eq!(r["delay_warned"], false, "{r}");
     }
     let table = Command::new(env!("CARGO_BIN_EXE_postern"))
         .args(["queue", "--spool"])
