@@ -341,26 +341,35 @@ fn a_message_whose_bounce_waits_for_room_can_be_deleted() {
     );
 }
 
-#[test]
-fn with_sync_on_core_a_sync_that_hangs_holds_the_whole_core_until_the_disk_answers() {
-    use std::io::Read;
+/// Lets a [`FaultyFs`] whose syncs hang go when dropped, whatever happens: a server on it has
+/// a thread waiting in the sync, which must return before the server can be dropped.
+struct LetGo<'a>(&'a FaultyFs);
+
+impl Drop for LetGo<'_> {
+    fn drop(&mut self) {
+        self.0.stop_hanging();
+    }
+}
+
+/// A one-core server (with `extra` flags) on `disk` (a threaded [`FaultyFs`]) that has
+/// acknowledged one message (one@d.test); then the disk stops answering syncs, and a second
+/// message's end of data (two@d.test) waits in one. The server, the client waiting for that
+/// reply, and the guard that lets the disk go (bound last, so dropped first).
+fn a_message_waiting_on_a_hung_sync<'a>(
+    disk: &'a FaultyFs,
+    extra: &[&str],
+) -> (Server, Client, LetGo<'a>) {
     use std::time::{Duration, Instant};
-    let disk = FaultyFs::mount_threaded();
-    let spool = disk.path.join("spool");
-    let server = Server::start_in(&["--cores", "1", "--sync-on-core"], spool.clone(), None);
+    let mut args = vec!["--cores", "1"];
+    args.extend_from_slice(extra);
+    let server = Server::start_in(&args, disk.path.join("spool"), None);
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");
     let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
     assert!(first.starts_with("250 2.0.0"), "{first}");
     disk.hang_syncs(true);
-    struct LetGo<'a>(&'a FaultyFs);
-    impl Drop for LetGo<'_> {
-        fn drop(&mut self) {
-            self.0.stop_hanging();
-        }
-    }
-    let let_go = LetGo(&disk);
+    let let_go = LetGo(disk);
     assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
     assert!(c.cmd("RCPT TO:<two@d.test>").starts_with("250"));
     assert!(c.cmd("DATA").starts_with("354"));
@@ -370,6 +379,16 @@ fn with_sync_on_core_a_sync_that_hangs_holds_the_whole_core_until_the_disk_answe
         assert!(Instant::now() < deadline, "no sync reached the disk");
         std::thread::sleep(Duration::from_millis(20));
     }
+    (server, c, let_go)
+}
+
+#[test]
+fn with_sync_on_core_a_sync_that_hangs_holds_the_whole_core_until_the_disk_answers() {
+    use std::io::Read;
+    use std::time::Duration;
+    let disk = FaultyFs::mount_threaded();
+    let spool = disk.path.join("spool");
+    let (server, mut c, let_go) = a_message_waiting_on_a_hung_sync(&disk, &["--sync-on-core"]);
     // The core itself waits in the sync: a new client's connection is taken by the kernel,
     // and greeted by nobody. (Without the flag a core greets it at once: the sync waits on
     // a thread of its blocking pool.)
@@ -403,34 +422,9 @@ fn with_sync_on_core_a_sync_that_hangs_holds_the_whole_core_until_the_disk_answe
 
 #[test]
 fn a_stop_whose_sync_never_ends_tells_the_waiting_client_451_and_exits_1() {
-    use std::time::{Duration, Instant};
     let disk = FaultyFs::mount_threaded();
-    let spool = disk.path.join("spool");
-    let mut server = Server::start_in(&["--cores", "1", "--shutdown-grace", "500ms"], spool, None);
-    let mut c = server.connect();
-    c.line();
-    c.cmd("EHLO client.test");
-    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
-    assert!(first.starts_with("250 2.0.0"), "{first}");
-    // The disk stops answering syncs: the next message's end of data waits for one. (Let go
-    // before the server is dropped, whatever happens: a thread of it waits in the sync.)
-    disk.hang_syncs(true);
-    struct LetGo<'a>(&'a FaultyFs);
-    impl Drop for LetGo<'_> {
-        fn drop(&mut self) {
-            self.0.stop_hanging();
-        }
-    }
-    let _let_go = LetGo(&disk);
-    assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
-    assert!(c.cmd("RCPT TO:<two@d.test>").starts_with("250"));
-    assert!(c.cmd("DATA").starts_with("354"));
-    c.send(b"Subject: two\r\n\r\nsecond\r\n.\r\n");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !disk.a_sync_hangs() {
-        assert!(Instant::now() < deadline, "no sync reached the disk");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut server, mut c, _let_go) =
+        a_message_waiting_on_a_hung_sync(&disk, &["--shutdown-grace", "500ms"]);
     server.signal("-TERM");
     // No second sync is made beside the one that hangs; the client is told its message was
     // not stored, and the core ends, saying why. (The process ends only once the sync
