@@ -27,6 +27,12 @@ use postern_spool::MessageMeta;
 /// sends.
 const READ_BUFFER_FIRST: usize = 4 * 1024;
 const READ_BUFFER_MAX: usize = 64 * 1024;
+/// Bytes a session takes in, read after read, before it lets the core's other tasks run: a
+/// client that keeps its socket full never waits for a read, and glommio asks a task to yield
+/// only when the core's time slice (100 ms) is over, so each of many such clients could keep
+/// the core for a whole slice in turn, and a new connection, another session's command or the
+/// core's timers wait behind all of them (seconds, with a hundred clients uploading at once).
+const READ_TURN: usize = 256 * 1024;
 /// Longest TLS handshake (shorter when the command timeout or the session's cap is).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest TLS handshake begun once the server is stopping.
@@ -236,6 +242,8 @@ impl Session {
         // until a command is whole (a client trickling a line a byte at a time does not
         // start it again with each byte); inside a body, from each read (RFC 5321 4.5.3.2.5).
         let mut waiting_since = Instant::now();
+        // Taken in since this session last let the others run (see READ_TURN).
+        let mut read_in_turn = 0usize;
         loop {
             let arrived = Instant::now();
             // A command answered (or an event of a transaction) since the last read.
@@ -326,6 +334,13 @@ impl Session {
                 Wake::Read(Ok(n)) => {
                     crate::store::collect_sync(&self.core);
                     end += n;
+                    read_in_turn += n;
+                    if read_in_turn >= READ_TURN {
+                        read_in_turn = 0;
+                        // To the back of the core's run queue, behind the sessions, accepts
+                        // and timers made ready meanwhile.
+                        futures_lite::future::yield_now().await;
+                    }
                     // A full read: the client is sending in bulk, give it room.
                     if end == buf.len() && buf.len() < READ_BUFFER_MAX {
                         buf.resize(buf.len() * 2, 0);
