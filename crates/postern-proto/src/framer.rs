@@ -41,6 +41,11 @@ pub struct LineFramer {
 }
 
 impl LineFramer {
+    /// Whether the next byte starts a line (not the tail of an overlong one being skipped).
+    pub fn at_line_start(&self) -> bool {
+        !self.discarding
+    }
+
     /// A framer for lines of at most `max_line` octets, CR LF included (minimum 3).
     pub fn new(max_line: usize) -> Self {
         Self {

@@ -614,6 +614,14 @@ impl ServerSession {
                     self.flush_mark = self.out.len();
                     Some(Event::Flush)
                 }
+                // A TLS ClientHello on a cleartext port (a client set for implicit TLS, RFC
+                // 8314, or one that starts TLS without STARTTLS): no line of it is a command,
+                // and the client waits for the server's hello, which never comes. Closed at
+                // once, as an HTTP request is, rather than when the command timeout ends it.
+                Phase::Commands if self.framer.at_line_start() && looks_like_tls(&input[pos..]) => {
+                    self.close_with(replies::NOT_SMTP)
+                        .then_some(Event::DataAbort)
+                }
                 Phase::Commands => match self.framer.next_line(&input[pos..]) {
                     Frame::Incomplete { consumed } => {
                         pos += consumed;
@@ -1245,6 +1253,12 @@ fn is_bdat(line: &[u8]) -> bool {
         let part = &part[start..];
         part.len() > 4 && part[..4].eq_ignore_ascii_case(b"BDAT") && blank(part[4])
     })
+}
+
+/// A TLS record carrying a handshake (type 22, protocol version 3.x): the start of a
+/// ClientHello. No command line begins with a control character.
+fn looks_like_tls(input: &[u8]) -> bool {
+    input.starts_with(&[0x16, 0x03])
 }
 
 fn looks_like_http(line: &[u8]) -> bool {

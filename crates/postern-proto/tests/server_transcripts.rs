@@ -960,6 +960,31 @@ fn http_request_is_dropped() {
 }
 
 #[test]
+fn a_tls_client_hello_on_the_cleartext_port_is_dropped_at_once() {
+    // The start of a ClientHello (record header, handshake header, client version, random),
+    // with an LF among its bytes and without one; and after a command, from a client that
+    // starts TLS without STARTTLS.
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.extend((0u8..32).map(|i| i.wrapping_mul(37)));
+    hello[20] = b'\n';
+    let without_lf: Vec<u8> = hello.iter().copied().filter(|&b| b != b'\n').collect();
+    let after_ehlo = [&b"EHLO client.test\r\n"[..], &hello].concat();
+    for request in [hello, without_lf, after_ehlo] {
+        let o = run_every_split(&config(), &request);
+        assert!(o.closed);
+        assert!(
+            o.output
+                .ends_with("421 4.7.0 mx.test This is an SMTP server, closing connection\r\n"),
+            "{}",
+            o.output
+        );
+        assert!(!o.output.contains("500"), "{}", o.output);
+    }
+}
+
+#[test]
 fn smuggled_end_of_data_is_body() {
     for smuggle in [&b"\n.\n"[..], b"\n.\r\n", b"\r.\r\n", b"\r.\r", b"\r\n.\n"] {
         let mut input = client(&[
