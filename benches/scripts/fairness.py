@@ -28,7 +28,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PORT = 25285
 
 
-def hog(stop, deadline):
+def connect_draining(stop):
+    """A connection past its greeting whose replies a thread reads and drops until `stop`."""
     s = socket.create_connection(("127.0.0.1", PORT))
     s.recv(512)
 
@@ -41,6 +42,11 @@ def hog(stop, deadline):
                 return
 
     threading.Thread(target=drain, daemon=True).start()
+    return s
+
+
+def hog(stop, deadline):
+    s = connect_draining(stop)
     block = b"NOOP\r\n" * 10000
     # Bounded by the run's deadline.
     while not stop.is_set() and time.monotonic() < deadline:
@@ -51,19 +57,8 @@ def hog(stop, deadline):
 
 
 def bulk_hog(stop, deadline):
-    s = socket.create_connection(("127.0.0.1", PORT))
-    s.recv(512)
+    s = connect_draining(stop)
     s.sendall(b"EHLO hog.test\r\n")
-
-    def drain():
-        while not stop.is_set():
-            try:
-                if not s.recv(1 << 20):
-                    return
-            except OSError:
-                return
-
-    threading.Thread(target=drain, daemon=True).start()
     mib = (b"x" * 998 + b"\r\n") * 1024
     # Bounded by the run's deadline.
     while not stop.is_set() and time.monotonic() < deadline:
