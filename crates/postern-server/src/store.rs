@@ -775,8 +775,6 @@ impl CoreStore {
     }
 }
 
-/// The group-commit loop of one core: every message finished since the last sync shares the
-/// next one, which runs on the blocking pool while the core goes on with other sessions.
 /// A sync on the core (`--sync-on-core`) that held it this long is said, at most once a
 /// minute per core: the core served nothing meanwhile.
 const SLOW_SYNC_ON_CORE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -803,8 +801,10 @@ fn slow_sync_on_core(core: &Core, took: std::time::Duration) {
     );
 }
 
-/// `beat`: the core's heartbeat, told that a sync on the core (`--sync-on-core`) blocks it on
-/// purpose.
+/// The group-commit loop of one core: every message finished since the last sync shares the
+/// next one, which runs on the blocking pool while the core goes on with other sessions (or,
+/// with `--sync-on-core`, on the core itself).
+/// `beat`: the core's heartbeat, told that a sync on the core blocks it on purpose.
 pub(crate) async fn group_commit(core: Rc<Core>, beat: Arc<crate::watchdog::Beat>) {
     let store = &core.store;
     loop {
