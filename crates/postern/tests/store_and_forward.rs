@@ -166,6 +166,65 @@ fn a_message_for_many_recipients_goes_to_a_pipelining_next_hop_in_one_transactio
 }
 
 #[test]
+fn mail_waiting_all_at_once_opens_a_connection_per_batch_not_per_message() {
+    // Ten messages held in the queue, handed over together at a restart with
+    // --max-transactions-in-flight 8: a connection takes up to 8 of them at once, so two
+    // connections carry them all (ten opened before, eight of them only to say EHLO and
+    // QUIT).
+    assert_eq!(connections_for_ten_held_messages(&[]), 2);
+}
+
+#[test]
+fn a_next_hop_without_pipelining_gets_a_connection_per_message_after_all() {
+    // As above, to a next hop that offers no PIPELINING: the first connection to open finds
+    // that each connection takes one message at a time, and the others get their own.
+    assert_eq!(connections_for_ten_held_messages(&["--no-pipelining"]), 10);
+}
+
+/// Holds ten messages for one next hop, then restarts postern with
+/// --max-transactions-in-flight 8 and the next hop a sink with `sink_flags`; returns how many
+/// connections the sink took (all ten messages delivered).
+fn connections_for_ten_held_messages(sink_flags: &[&str]) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    send_in_one_session(&held, "r@sink.test", "burst", 10);
+    assert!(held.terminate().success());
+    let (sink, out, addr) = start_sink(sink_flags);
+    let route = format!("sink.test={addr}");
+    let server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+            "--max-transactions-in-flight",
+            "8",
+        ],
+        spool,
+        None,
+    );
+    let text = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 10\n"));
+    assert!(
+        text.contains("postern_recipients_delivered_total 10\n"),
+        "{text}"
+    );
+    drop(server);
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 10\n"),
+        "{counters}"
+    );
+    counters
+        .lines()
+        .find_map(|l| l.strip_prefix("postern_load_sink_connections_total "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no connection count: {counters}"))
+}
+
+#[test]
 fn a_message_for_many_recipients_among_others_waiting_is_not_batched_with_them() {
     // Transactions in flight (--max-transactions-in-flight 4) go back to back only when each
     // is one group of commands: the message for 150 recipients, waiting with small ones while

@@ -720,6 +720,10 @@ struct DestQueue {
     /// behind its RCPT, taken by the next hop while the RCPT's reply cannot be read, would
     /// be taken again at every retry.
     lockstep_until: Cell<u64>,
+    /// Whether the next hop's latest connection offered PIPELINING and CHUNKING (assumed
+    /// until one is opened): where it did not, each connection takes one job at a time,
+    /// whatever `--max-transactions-in-flight` says (see `CoreRelay::jobs_per_connection`).
+    pipelines: Cell<bool>,
     /// The addresses the next hop resolved to at the latest connection, in preference order.
     addrs: RefCell<Vec<SocketAddr>>,
     /// Addresses passed over until then (ms): they broke off or put off a transaction.
@@ -1208,6 +1212,7 @@ impl CoreRelay {
                     down_until: Cell::new(0),
                     serial_until: Cell::new(0),
                     lockstep_until: Cell::new(0),
+                    pipelines: Cell::new(true),
                     addrs: RefCell::new(Vec::new()),
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),
@@ -1238,7 +1243,7 @@ impl CoreRelay {
             // come due together) would all wait for that one.
             dq.arrived.notify(1.additional());
         }
-        if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(&dq) {
+        if self.connections_wanted(&dq, 0) > 0 && dq.workers.get() < self.most_workers(&dq) {
             self.start_worker(&dq);
         }
     }

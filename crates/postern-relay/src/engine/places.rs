@@ -34,7 +34,7 @@ impl CoreRelay {
                     // a wake-up is still pending.
                     self.slot_wanted.notify(1);
                 }
-            } else if dq.ready.borrow().len() > dq.workers.get() {
+            } else if self.backlog(dq) {
                 if !dq.wanting_more.replace(true) {
                     self.wanting_more.borrow_mut().push_back(dq.clone());
                 }
@@ -72,7 +72,7 @@ impl CoreRelay {
                 break;
             }
         }
-        if dq.ready.borrow().len() > dq.idle.get() && dq.workers.get() < self.most_workers(dq) {
+        if self.connections_wanted(dq, 0) > 0 && dq.workers.get() < self.most_workers(dq) {
             given |= self.start_worker(dq);
         }
         while !given {
@@ -80,7 +80,7 @@ impl CoreRelay {
                 break;
             };
             next.wanting_more.set(false);
-            if next.ready.borrow().len() > next.idle.get()
+            if self.connections_wanted(&next, 0) > 0
                 && next.workers.get() < self.most_workers(&next)
             {
                 given = self.start_worker(&next);
@@ -89,7 +89,7 @@ impl CoreRelay {
                 }
                 // Still more jobs than connections: first in line for the next place, and
                 // the next idle connection is asked for it.
-                if next.ready.borrow().len() > next.workers.get()
+                if self.backlog(&next)
                     && next.workers.get() < self.most_workers(&next)
                     && !next.wanting_more.replace(true)
                 {
@@ -126,7 +126,42 @@ impl CoreRelay {
 
     /// Whether `dq` has more jobs waiting than connections, and room for another.
     pub(super) fn wants_more(&self, dq: &DestQueue) -> bool {
-        dq.ready.borrow().len() > dq.workers.get() && dq.workers.get() < self.most_workers(dq)
+        self.backlog(dq) && dq.workers.get() < self.most_workers(dq)
+    }
+
+    /// Whether `dq` has more jobs waiting than its connections take at once.
+    fn backlog(&self, dq: &DestQueue) -> bool {
+        dq.ready.borrow().len()
+            > dq.workers
+                .get()
+                .saturating_mul(self.jobs_per_connection(dq))
+    }
+
+    /// How many waiting jobs one connection of `dq` takes at once: up to
+    /// `--max-transactions-in-flight` where the next hop pipelines (assumed until a
+    /// connection finds it does not) and nothing holds it to one transaction per round trip,
+    /// one otherwise.
+    pub(super) fn jobs_per_connection(&self, dq: &DestQueue) -> usize {
+        let now = now_ms();
+        if !dq.pipelines.get() || now < dq.serial_until.get() || now < dq.lockstep_until.get() {
+            1
+        } else {
+            self.relay.config.max_in_flight.max(1)
+        }
+    }
+
+    /// How many more connections `dq`'s waiting jobs call for: those its idle connections,
+    /// its connections still opening and the caller (`taking` jobs itself) will not take,
+    /// each new one taking [`CoreRelay::jobs_per_connection`]. With one transaction in flight
+    /// that is a connection for each job nobody takes; with more, a burst for one next hop
+    /// opens a connection per batch, not one per message that then finds nothing to send.
+    pub(super) fn connections_wanted(&self, dq: &DestQueue, taking: usize) -> usize {
+        let per = self.jobs_per_connection(dq);
+        let opening = dq.workers.get().saturating_sub(dq.connected.get());
+        let taken = (dq.idle.get() + opening)
+            .saturating_mul(per)
+            .saturating_add(taking);
+        dq.ready.borrow().len().saturating_sub(taken).div_ceil(per)
     }
 
     /// Takes the next hops that no longer want more out of `wanting_more` (their backlog

@@ -120,12 +120,18 @@ impl CoreRelay {
             let mut used = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
+            // Whether connections were opened for batches of transactions that the next hop
+            // turns out not to take (no PIPELINING or CHUNKING).
+            let batches_refused = dq.pipelines.replace(conn.can_pipeline()) && !conn.can_pipeline();
             if after_failures {
                 // The next hop answers again: the jobs that piled up get one more connection
                 // now, not only once this one's first transaction is answered (which a
                 // transaction that hangs may put off for many minutes).
                 dq.opened_since_broke
                     .set(dq.opened_since_broke.get().saturating_add(1));
+                self.spread_waiting(&dq);
+            } else if batches_refused {
+                // The jobs each would have taken get connections of their own.
                 self.spread_waiting(&dq);
             }
             loop {
@@ -863,10 +869,10 @@ impl CoreRelay {
         u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Starts connections for the jobs of `dq` waiting beyond the one this worker takes next
-    /// and the idle connections, as many as the next hop may have.
+    /// Starts connections for the jobs of `dq` waiting beyond those this worker takes next
+    /// and those the other connections take, as many as the next hop may have.
     fn spread_waiting(self: &Rc<Self>, dq: &Rc<DestQueue>) {
-        let waiting = dq.ready.borrow().len().saturating_sub(dq.idle.get() + 1);
+        let waiting = self.connections_wanted(dq, self.jobs_per_connection(dq));
         let room = self.most_workers(dq).saturating_sub(dq.workers.get());
         for _ in 0..waiting.min(room) {
             if !self.start_worker(dq) {
