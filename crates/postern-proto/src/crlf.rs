@@ -1,7 +1,8 @@
 //! Line ends of a BDAT body that is text (BODY=7BIT or 8BITMIME, RFC 3030 3): every line must
 //! end in CR LF, as in DATA. A bare CR or bare LF is written out as CR LF and reported through
 //! [`LineEnds::saw_bare_newline`], so the session can keep the repaired body or refuse it
-//! (550 5.6.11), as it does for DATA. BINARYMIME bodies never go through here.
+//! (550 5.6.11), as it does for DATA. As in DATA, CRs right before a CR LF are one line end
+//! with it (and count as bare). BINARYMIME bodies never go through here.
 //!
 //! The state carries over chunk boundaries: a CR that ends one chunk and an LF that starts the
 //! next are one CR LF. Output is slices of the input plus a static CR LF: nothing is copied.
@@ -11,8 +12,8 @@ const CRLF: &[u8] = b"\r\n";
 /// One step of [`LineEnds::repair`].
 #[derive(Debug, PartialEq, Eq)]
 pub struct Repaired<'a> {
-    /// Input octets used by this step (0 only when a CR held back from the previous input
-    /// turned out to be bare and `bytes` is its CR LF).
+    /// Input octets used by this step (0 only when a CR held back turned out to be bare and
+    /// `bytes` is its CR LF).
     pub consumed: usize,
     /// Body octets produced (possibly empty).
     pub bytes: &'a [u8],
@@ -21,9 +22,9 @@ pub struct Repaired<'a> {
 /// The line-end state of one text body.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LineEnds {
-    /// The last input ended in a CR, held back until the next octet shows whether an LF
-    /// follows it.
-    cr_pending: bool,
+    /// CRs in a row held back (the last input ended in them) until what follows them shows
+    /// whether they end in CR LF.
+    crs_pending: usize,
     bare: bool,
 }
 
@@ -35,17 +36,33 @@ impl LineEnds {
 
     /// Repairs from the start of `input` (not empty); call again with `input[consumed..]`.
     pub fn repair<'a>(&mut self, input: &'a [u8]) -> Repaired<'a> {
-        if std::mem::take(&mut self.cr_pending) {
-            if input.first() == Some(&b'\n') {
-                return Repaired {
-                    consumed: 1,
-                    bytes: CRLF,
-                };
-            }
-            self.bare = true;
-            return Repaired {
-                consumed: 0,
-                bytes: CRLF,
+        if self.crs_pending > 0 {
+            return match input.first() {
+                Some(b'\n') => {
+                    // CR LF, after the CRs that go with it.
+                    self.bare |= self.crs_pending > 1;
+                    self.crs_pending = 0;
+                    Repaired {
+                        consumed: 1,
+                        bytes: CRLF,
+                    }
+                }
+                Some(b'\r') => {
+                    self.crs_pending += 1;
+                    Repaired {
+                        consumed: 1,
+                        bytes: &[],
+                    }
+                }
+                _ => {
+                    // Bare CRs, a line end each.
+                    self.bare = true;
+                    self.crs_pending -= 1;
+                    Repaired {
+                        consumed: 0,
+                        bytes: CRLF,
+                    }
+                }
             };
         }
         // Whole 64-octet blocks of CR LF text are passed over with vector compares. The walk
@@ -68,8 +85,10 @@ impl LineEnds {
                     pos = at + 2;
                     continue;
                 }
-                (b'\r', None) => {
-                    self.cr_pending = true;
+                (b'\r', None | Some(b'\r')) => {
+                    // The last CR of the input, or the first of a run: held back until what
+                    // follows the run shows whether it ends in CR LF.
+                    self.crs_pending = 1;
                     return Repaired {
                         consumed: at + 1,
                         bytes: &input[..at],
@@ -91,10 +110,11 @@ impl LineEnds {
         }
     }
 
-    /// The body ended: a CR still held back was bare, and its CR LF is returned; otherwise
-    /// nothing.
+    /// The body ended: CRs still held back were bare. Returns a CR LF for one of them, or
+    /// nothing once there are none; call until it returns nothing.
     pub fn finish(&mut self) -> &'static [u8] {
-        if std::mem::take(&mut self.cr_pending) {
+        if self.crs_pending > 0 {
+            self.crs_pending -= 1;
             self.bare = true;
             CRLF
         } else {
@@ -142,7 +162,13 @@ mod tests {
                 rest = &rest[r.consumed..];
             }
         }
-        out.extend_from_slice(l.finish());
+        loop {
+            let tail = l.finish();
+            if tail.is_empty() {
+                break;
+            }
+            out.extend_from_slice(tail);
+        }
         (out, l.saw_bare_newline())
     }
 
@@ -166,9 +192,10 @@ mod tests {
             repair_all(&[b"ab\r", b"\ncd\r\n"]),
             (b"ab\r\ncd\r\n".to_vec(), false)
         );
+        // A CR, then CR LF in the next input: one line end (the first CR is bare).
         assert_eq!(
             repair_all(&[b"ab\r", b"cd\r", b"\r\n"]),
-            (b"ab\r\ncd\r\n\r\n".to_vec(), true)
+            (b"ab\r\ncd\r\n".to_vec(), true)
         );
     }
 
@@ -195,6 +222,31 @@ mod tests {
             let (a, b) = body.split_at(cut);
             assert_eq!(repair_all(&[a, b]), whole, "cut at {cut}");
         }
-        assert_eq!(whole.0, b"x\r\ny\r\nz\r\n\r\n.\r\nq\r\n".to_vec());
+        assert_eq!(whole.0, b"x\r\ny\r\nz\r\n.\r\nq\r\n".to_vec());
+    }
+
+    #[test]
+    fn crs_before_a_crlf_are_one_line_end_with_it() {
+        // Text converted from LF to CR LF twice: no empty line after the Subject, which would
+        // end the header section there.
+        let body = b"Subject: a\r\r\nTo: b\r\r\n\r\r\nbody\r\r\r\n";
+        assert_eq!(
+            repair_all(&[body]),
+            (b"Subject: a\r\nTo: b\r\n\r\nbody\r\n".to_vec(), true)
+        );
+        // CRs not followed by LF are still a line end each, also at the end of the body.
+        assert_eq!(
+            repair_all(&[b"a\r\rb\r\r\r"]),
+            (b"a\r\n\r\nb\r\n\r\n\r\n".to_vec(), true)
+        );
+        for body in [&body[..], b"a\r\rb\r\r\nc\r\r\r"] {
+            let whole = repair_all(&[body]);
+            for a in 0..=body.len() {
+                for b in a..=body.len() {
+                    let pieces = [&body[..a], &body[a..b], &body[b..]];
+                    assert_eq!(repair_all(&pieces), whole, "cut at {a},{b}");
+                }
+            }
+        }
     }
 }

@@ -5,13 +5,17 @@
 //! `<LF>.<CRLF>`, `<CR>.<CR>`, `<CR>.<CRLF>` and the other SMTP smuggling variants are body.
 //! Bare CR and bare LF are written out as CR LF and reported through
 //! [`DataDecoder::saw_bare_newline`], so the session can either keep the normalised body or
-//! refuse it (550 5.6.11) once the real end of data has been found.
+//! refuse it (550 5.6.11) once the real end of data has been found. CRs right before a CR LF
+//! are one line end with it (`a<CR><CR><LF>` is `a<CRLF>`, as text that went through an LF to
+//! CR LF conversion twice ends its lines), not an empty line that would end a header section
+//! early; they count as bare all the same.
 //!
 //! Output is a series of slices of the input (plus a few static ones), long runs of ordinary
 //! lines coming out as one slice: the decoder copies nothing.
 
 const CRLF: &[u8] = b"\r\n";
 const DOT_CRLF: &[u8] = b".\r\n";
+const DOT: &[u8] = b".";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -23,8 +27,10 @@ enum State {
     DotCr { strict: bool },
     /// Inside a line.
     Text,
-    /// A CR ended the last input; whether it starts CR LF is not known yet.
-    Cr,
+    /// A run of `pending` CRs (at least one) ended the last input, or was followed by
+    /// something other than LF (then each is a bare CR, written out one by one); whether the
+    /// run ends in CR LF is not known yet.
+    Cr { pending: usize },
     /// End of data was seen.
     Done,
 }
@@ -117,20 +123,43 @@ impl DataDecoder {
                         self.state = State::LineStart { strict: true };
                         return self.step(pos + 1, DOT_CRLF);
                     }
+                    if byte == b'\r' {
+                        // `.` then two CRs: a dot line whose end (a run of CRs, perhaps a
+                        // CR LF after all) is read on as any other. Never the end of data.
+                        self.state = State::Cr { pending: 1 };
+                        return self.step(pos, DOT);
+                    }
                     // `.` then a bare CR: a dot line of its own, ended by a bare CR.
                     self.bare_newline = true;
                     self.state = State::LineStart { strict: false };
                     return self.step(pos, DOT_CRLF);
                 }
-                State::Cr => {
-                    if byte == b'\n' {
+                State::Cr { pending } => match byte {
+                    b'\n' => {
+                        // CR LF, after `pending - 1` CRs that go with it.
+                        self.bare_newline |= pending > 1;
                         self.state = State::LineStart { strict: true };
                         return self.step(pos + 1, CRLF);
                     }
-                    self.bare_newline = true;
-                    self.state = State::LineStart { strict: false };
-                    return self.step(pos, CRLF);
-                }
+                    b'\r' => {
+                        pos += 1;
+                        self.state = State::Cr {
+                            pending: pending + 1,
+                        };
+                    }
+                    _ => {
+                        // Bare CRs: a line end each, the byte after them read once they are
+                        // all written out.
+                        self.bare_newline = true;
+                        self.state = match pending {
+                            1 => State::LineStart { strict: false },
+                            _ => State::Cr {
+                                pending: pending - 1,
+                            },
+                        };
+                        return self.step(pos, CRLF);
+                    }
+                },
                 State::Text => return self.text(input, pos),
             }
         }
@@ -155,9 +184,10 @@ impl DataDecoder {
                 return self.step(at + 1, CRLF);
             }
             match input.get(at + 1) {
-                None => {
-                    // CR at the end of input: the next read decides.
-                    self.state = State::Cr;
+                None | Some(b'\r') => {
+                    // CR at the end of input, or the first of a run: what follows the run
+                    // decides (the next read, perhaps).
+                    self.state = State::Cr { pending: 1 };
                     return self.step(at + 1, &input[start..at]);
                 }
                 Some(b'\n') => {
@@ -304,6 +334,35 @@ mod tests {
         let (body, end, _, bare) = decode(b"a\r\n.\nQUIT\r\n.\r\n");
         assert!(end && bare);
         assert_eq!(body, b"a\r\n.\r\nQUIT\r\n");
+    }
+
+    #[test]
+    fn crs_before_a_crlf_are_one_line_end_with_it() {
+        // Text converted from LF to CR LF twice: the header section goes on past the
+        // Subject, and the end of data is found after a line ended so.
+        let (body, end, _, bare) = decode(b"Subject: a\r\r\nTo: b\r\r\n\r\r\nbody\r\r\r\n.\r\n");
+        assert!(end && bare);
+        assert_eq!(body, b"Subject: a\r\nTo: b\r\n\r\nbody\r\n");
+        // CRs not followed by LF are still a line end each.
+        let (body, end, _, bare) = decode(b"a\r\rb\r\n.\r\n");
+        assert!(end && bare);
+        assert_eq!(body, b"a\r\n\r\nb\r\n");
+        // A CR LF after CRs alone does not count as bare.
+        let (_, _, _, bare) = decode(b"a\r\nb\r\n.\r\n");
+        assert!(!bare);
+    }
+
+    #[test]
+    fn a_dot_line_ended_by_crs_and_crlf_is_body() {
+        // `.<CR><CR><LF>` is no end of data: a dot line, stuffed again on relay. The real
+        // `<CRLF>.<CRLF>` right after it is the end.
+        let (body, end, used, bare) = decode(b"a\r\n.\r\r\n.\r\nNOOP\r\n");
+        assert!(end && bare);
+        assert_eq!(body, b"a\r\n.\r\n");
+        assert_eq!(used, 10);
+        let (body, end, _, _) = decode(b".\r\r\rx\r\n.\r\n");
+        assert!(end);
+        assert_eq!(body, b".\r\n\r\n\r\nx\r\n");
     }
 
     #[test]

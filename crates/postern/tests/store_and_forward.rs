@@ -166,6 +166,47 @@ fn a_message_for_many_recipients_goes_to_a_pipelining_next_hop_in_one_transactio
 }
 
 #[test]
+fn lines_ended_in_cr_cr_lf_keep_the_header_section_whole() {
+    // Text that went through an LF to CR LF conversion twice ends its lines in CR CR LF:
+    // each is one line end, by DATA and by BDAT, so aiosmtpd finds the Message-ID among the
+    // headers instead of in a body that began after the Subject.
+    let peer = Peer::start(&[]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start(&["--route", &route]);
+    let message = |id: &str| {
+        format!("Subject: twice converted\r\r\nMessage-ID: <{id}@t>\r\r\n\r\r\nbody\r\r\n")
+    };
+    let (mut c, _) = hello(&server);
+    for (id, bdat) in [("crcr-data", false), ("crcr-bdat", true)] {
+        assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+        let text = message(id);
+        if bdat {
+            c.send(format!("BDAT {} LAST\r\n{text}", text.len()).as_bytes());
+        } else {
+            assert!(c.cmd("DATA").starts_with("354"));
+            c.send(format!("{text}.\r\n").as_bytes());
+        }
+        let reply = c.line();
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    }
+    let stored = peer.wait_for("two messages", Duration::from_secs(20), |s| s.len() == 2);
+    for id in ["crcr-data", "crcr-bdat"] {
+        let m = stored
+            .iter()
+            .find(|m| m.message_id == format!("<{id}@t>"))
+            .unwrap_or_else(|| panic!("{id} not among the headers: {stored:?}"));
+        let data = String::from_utf8_lossy(&m.data);
+        assert!(
+            data.ends_with(&format!(
+                "Subject: twice converted\r\nMessage-ID: <{id}@t>\r\n\r\nbody\r\n"
+            )),
+            "{data:?}"
+        );
+    }
+}
+
+#[test]
 fn mail_waiting_all_at_once_opens_a_connection_per_batch_not_per_message() {
     // Ten messages held in the queue, handed over together at a restart with
     // --max-transactions-in-flight 8: a connection takes up to 8 of them at once, so two
