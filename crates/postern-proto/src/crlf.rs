@@ -7,6 +7,8 @@
 //! The state carries over chunk boundaries: a CR that ends one chunk and an LF that starts the
 //! next are one CR LF. Output is slices of the input plus a static CR LF: nothing is copied.
 
+use crate::data::MOST_CRS_HELD;
+
 const CRLF: &[u8] = b"\r\n";
 
 /// One step of [`LineEnds::repair`].
@@ -23,7 +25,8 @@ pub struct Repaired<'a> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LineEnds {
     /// CRs in a row held back (the last input ended in them) until what follows them shows
-    /// whether they end in CR LF.
+    /// whether they end in CR LF; at most [`MOST_CRS_HELD`], each CR past these written out
+    /// as a bare one at once.
     crs_pending: usize,
     bare: bool,
 }
@@ -42,6 +45,14 @@ impl LineEnds {
                     // CR LF, after the CRs that go with it.
                     self.bare |= self.crs_pending > 1;
                     self.crs_pending = 0;
+                    Repaired {
+                        consumed: 1,
+                        bytes: CRLF,
+                    }
+                }
+                Some(b'\r') if self.crs_pending >= MOST_CRS_HELD => {
+                    // The oldest CR held is bare whatever follows.
+                    self.bare = true;
                     Repaired {
                         consumed: 1,
                         bytes: CRLF,
@@ -239,7 +250,18 @@ mod tests {
             repair_all(&[b"a\r\rb\r\r\r"]),
             (b"a\r\n\r\nb\r\n\r\n\r\n".to_vec(), true)
         );
-        for body in [&body[..], b"a\r\rb\r\r\nc\r\r\r"] {
+        // Past a few held back, each CR comes out as it is read.
+        let mut l = LineEnds::default();
+        let mut out = 0;
+        let crs = vec![b'\r'; 1000];
+        let mut rest = &crs[..];
+        while !rest.is_empty() {
+            let r = l.repair(rest);
+            out += r.bytes.len();
+            rest = &rest[r.consumed..];
+        }
+        assert_eq!(out, 2 * (1000 - MOST_CRS_HELD));
+        for body in [&body[..], b"a\r\rb\r\r\nc\r\r\r", b"x\r\r\r\r\r\r\n"] {
             let whole = repair_all(&[body]);
             for a in 0..=body.len() {
                 for b in a..=body.len() {

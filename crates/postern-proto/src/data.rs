@@ -17,6 +17,12 @@ const CRLF: &[u8] = b"\r\n";
 const DOT_CRLF: &[u8] = b".\r\n";
 const DOT: &[u8] = b".";
 
+/// The most CRs in a row held back to see whether a CR LF ends them (and they go with it):
+/// each CR past these is a bare one written out at once, so that a body of nothing but CRs
+/// is handed on as it comes, counted against the size limit, not kept as a count to be
+/// written out all at once later.
+pub(crate) const MOST_CRS_HELD: usize = 4;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// At the start of a line. `strict`: the previous line ended in a real CR LF.
@@ -27,9 +33,9 @@ enum State {
     DotCr { strict: bool },
     /// Inside a line.
     Text,
-    /// A run of `pending` CRs (at least one) ended the last input, or was followed by
-    /// something other than LF (then each is a bare CR, written out one by one); whether the
-    /// run ends in CR LF is not known yet.
+    /// A run of `pending` CRs (at least one, at most [`MOST_CRS_HELD`]) ended the last input,
+    /// or was followed by something other than LF (then each is a bare CR, written out one by
+    /// one); whether the run ends in CR LF is not known yet.
     Cr { pending: usize },
     /// End of data was seen.
     Done,
@@ -139,6 +145,11 @@ impl DataDecoder {
                         // CR LF, after `pending - 1` CRs that go with it.
                         self.bare_newline |= pending > 1;
                         self.state = State::LineStart { strict: true };
+                        return self.step(pos + 1, CRLF);
+                    }
+                    b'\r' if pending >= MOST_CRS_HELD => {
+                        // The oldest CR held is bare whatever follows: written out now.
+                        self.bare_newline = true;
                         return self.step(pos + 1, CRLF);
                     }
                     b'\r' => {
@@ -350,6 +361,25 @@ mod tests {
         // A CR LF after CRs alone does not count as bare.
         let (_, _, _, bare) = decode(b"a\r\nb\r\n.\r\n");
         assert!(!bare);
+    }
+
+    #[test]
+    fn a_long_run_of_crs_comes_out_as_it_is_read() {
+        // Past a few CRs held back, each further CR is written out as it comes: what a read
+        // of CRs gives is bounded by the read, not held to come out all at once later.
+        let mut d = DataDecoder::new();
+        let mut body = Vec::new();
+        let crs = vec![b'\r'; 1000];
+        let (end, used) = decode_all(&mut d, &crs, &mut body);
+        assert!(!end);
+        assert_eq!(used, 1000);
+        assert_eq!(body.len(), 2 * (1000 - MOST_CRS_HELD));
+        let (end, _) = decode_all(&mut d, b"\nx\r\n.\r\n", &mut body);
+        assert!(end && d.saw_bare_newline());
+        assert_eq!(body.len(), 2 * (1000 - MOST_CRS_HELD) + 2 + 3);
+        // The last few CRs went with the LF, as a shorter run does.
+        let (short, _, _, _) = decode(b"a\r\r\r\r\nb\r\n.\r\n");
+        assert_eq!(short, b"a\r\nb\r\n");
     }
 
     #[test]

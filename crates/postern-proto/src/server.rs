@@ -1160,7 +1160,8 @@ impl ServerSession {
             return self.chunk_bytes(bytes);
         }
         if last && text {
-            // A CR held back at the very end of the body was a bare one.
+            // CRs held back at the very end of the body were bare ones: a CR LF each, one
+            // per call (`chunk_bytes` hands it on, or drops it for a body already refused).
             let tail = self.line_ends.finish();
             if !tail.is_empty() {
                 return self.chunk_bytes(tail);

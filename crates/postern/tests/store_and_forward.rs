@@ -212,24 +212,47 @@ fn mail_waiting_all_at_once_opens_a_connection_per_batch_not_per_message() {
     // --max-transactions-in-flight 8: a connection takes up to 8 of them at once, so two
     // connections carry them all (ten opened before, eight of them only to say EHLO and
     // QUIT).
-    assert_eq!(connections_for_ten_held_messages(&[]), 2);
+    assert_eq!(connections_for_held_messages(10, 1, &[]), 2);
+}
+
+#[test]
+fn messages_for_many_recipients_waiting_together_get_a_connection_each() {
+    // A message for more recipients than go in one group of commands is never batched with
+    // others: four of them handed over at once with --max-transactions-in-flight 8 get four
+    // connections, as with one transaction in flight, not one connection taking them in turn.
+    assert_eq!(connections_for_held_messages(4, 150, &[]), 4);
 }
 
 #[test]
 fn a_next_hop_without_pipelining_gets_a_connection_per_message_after_all() {
     // As above, to a next hop that offers no PIPELINING: the first connection to open finds
     // that each connection takes one message at a time, and the others get their own.
-    assert_eq!(connections_for_ten_held_messages(&["--no-pipelining"]), 10);
+    assert_eq!(
+        connections_for_held_messages(10, 1, &["--no-pipelining"]),
+        10
+    );
 }
 
-/// Holds ten messages for one next hop, then restarts postern with
-/// --max-transactions-in-flight 8 and the next hop a sink with `sink_flags`; returns how many
-/// connections the sink took (all ten messages delivered).
-fn connections_for_ten_held_messages(sink_flags: &[&str]) -> u64 {
+/// Holds `messages` messages for `rcpts` recipients each, all at one next hop, then restarts
+/// postern with --max-transactions-in-flight 8 and the next hop a sink with `sink_flags`;
+/// returns how many connections the sink took (every recipient delivered).
+fn connections_for_held_messages(messages: usize, rcpts: usize, sink_flags: &[&str]) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    send_in_one_session(&held, "r@sink.test", "burst", 10);
+    let mut c = greeted(&held);
+    for m in 0..messages {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        for r in 0..rcpts {
+            assert!(c
+                .cmd(&format!("RCPT TO:<r{r}@sink.test>"))
+                .starts_with("250"));
+        }
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <held{m}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    }
+    drop(c);
     assert!(held.terminate().success());
     let (sink, out, addr) = start_sink(sink_flags);
     let route = format!("sink.test={addr}");
@@ -247,15 +270,13 @@ fn connections_for_ten_held_messages(sink_flags: &[&str]) -> u64 {
         spool,
         None,
     );
-    let text = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 10\n"));
-    assert!(
-        text.contains("postern_recipients_delivered_total 10\n"),
-        "{text}"
-    );
+    let delivered = format!("postern_recipients_delivered_total {}\n", messages * rcpts);
+    let text = server.metrics_until(|m| m.contains(&delivered));
+    assert!(text.contains(&delivered), "{text}");
     drop(server);
     let counters = stop_sink(sink, out);
     assert!(
-        counters.contains("postern_load_sink_messages_total 10\n"),
+        counters.contains(&format!("postern_load_sink_messages_total {messages}\n")),
         "{counters}"
     );
     counters
