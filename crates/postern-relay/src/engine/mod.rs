@@ -696,6 +696,10 @@ struct DestQueue {
     workers: Cell<usize>,
     /// Workers whose connection is open (greeting and EHLO answered), idle or not.
     connected: Cell<usize>,
+    /// Workers opening a connection (from their start, or from when one begins again, until
+    /// it is made or given up): each takes jobs once it is open, so a job queued meanwhile
+    /// needs no connection of its own (see `CoreRelay::connections_wanted`).
+    opening: Cell<usize>,
     /// When a connection to the next hop last opened or had a transaction answered (ms).
     answered_at: Cell<u64>,
     idle: Cell<usize>,
@@ -1203,6 +1207,7 @@ impl CoreRelay {
                     ready: RefCell::new(VecDeque::new()),
                     workers: Cell::new(0),
                     connected: Cell::new(0),
+                    opening: Cell::new(0),
                     answered_at: Cell::new(0),
                     idle: Cell::new(0),
                     arrived: Event::new(),

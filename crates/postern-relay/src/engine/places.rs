@@ -46,6 +46,9 @@ impl CoreRelay {
         }
         self.outbound.set(self.outbound.get() + 1);
         dq.workers.set(dq.workers.get() + 1);
+        // Opening from now, not from when the task first runs: jobs queued in the same go
+        // count on it (the worker takes this count over).
+        std::mem::forget(super::worker::Opening::new(dq));
         spawn_detached(self.clone().worker(dq.clone()));
         true
     }
@@ -131,10 +134,7 @@ impl CoreRelay {
 
     /// Whether `dq` has more jobs waiting than its connections take at once.
     fn backlog(&self, dq: &DestQueue) -> bool {
-        dq.ready.borrow().len()
-            > dq.workers
-                .get()
-                .saturating_mul(self.jobs_per_connection(dq))
+        self.batches_waiting(dq, dq.workers.get() + 1) > dq.workers.get()
     }
 
     /// How many waiting jobs one connection of `dq` takes at once: up to
@@ -157,11 +157,52 @@ impl CoreRelay {
     /// opens a connection per batch, not one per message that then finds nothing to send.
     pub(super) fn connections_wanted(&self, dq: &DestQueue, taking: usize) -> usize {
         let per = self.jobs_per_connection(dq);
-        let opening = dq.workers.get().saturating_sub(dq.connected.get());
-        let taken = (dq.idle.get() + opening)
-            .saturating_mul(per)
-            .saturating_add(taking);
-        dq.ready.borrow().len().saturating_sub(taken).div_ceil(per)
+        let have = dq.idle.get() + dq.opening.get();
+        if per == 1 {
+            return dq.ready.borrow().len().saturating_sub(have + taking);
+        }
+        // The caller's batch first, then one for each connection: as many batches as could
+        // use a connection that may still be opened are enough to know.
+        let most = self.most_workers(dq).saturating_sub(dq.workers.get());
+        let caller = usize::from(taking > 0);
+        self.batches_waiting(dq, caller + have + most + 1)
+            .saturating_sub(caller + have)
+    }
+
+    /// How many connections would take `dq`'s waiting jobs at once, batched as a connection
+    /// batches them (up to [`CoreRelay::jobs_per_connection`] each, a job for many recipients
+    /// on its own, the replies awaited bounded): counted up to `enough`, and over the first
+    /// few thousand jobs (the rest taken as full batches).
+    fn batches_waiting(&self, dq: &DestQueue, enough: usize) -> usize {
+        /// Jobs looked at, at most.
+        const LOOKED_AT: usize = 4096;
+        let per = self.jobs_per_connection(dq);
+        let ready = dq.ready.borrow();
+        if per == 1 {
+            return ready.len();
+        }
+        let mut batches = 0;
+        // In the batch being made: its jobs and the replies they await (0 for a job for many
+        // recipients, which goes alone: nothing joins it).
+        let (mut jobs, mut replies) = (0, 0);
+        for job in ready.iter().take(LOOKED_AT) {
+            if jobs > 0 && jobs < per && replies > 0 && super::worker::joins_batch(job, replies) {
+                jobs += 1;
+                replies += super::worker::replies_awaited(job);
+                continue;
+            }
+            batches += 1;
+            if batches >= enough {
+                return batches;
+            }
+            jobs = 1;
+            replies = if super::worker::one_group(job) {
+                super::worker::replies_awaited(job)
+            } else {
+                0
+            };
+        }
+        batches + ready.len().saturating_sub(LOOKED_AT).div_ceil(per)
     }
 
     /// Takes the next hops that no longer want more out of `wanting_more` (their backlog

@@ -29,6 +29,49 @@ enum Idled {
     Over,
 }
 
+/// Whether `job`'s commands go out in one group (MAIL, its RCPTs, BDAT): one with more
+/// recipients is written a group at a time, each after the replies to the one before, so it
+/// cannot go back to back with others.
+pub(super) fn one_group(job: &Job) -> bool {
+    job.rcpts.len() + 2 <= postern_proto::client::PIPELINED_GROUP
+}
+
+/// The replies a job's transaction has awaited at once in a batch (RSET, MAIL, each RCPT,
+/// BDAT).
+pub(super) fn replies_awaited(job: &Job) -> usize {
+    job.rcpts.len() + 3
+}
+
+/// Whether `job` joins a batch of transactions already awaiting `replies`: replies awaited at
+/// once stay few enough for any socket buffer, so that the server never blocks writing them
+/// while this side still writes.
+pub(super) fn joins_batch(job: &Job, replies: usize) -> bool {
+    one_group(job) && replies + replies_awaited(job) <= MAX_PIPELINED_REPLIES
+}
+
+/// Counts a worker of a next hop as opening a connection (see `DestQueue::opening`) until
+/// dropped.
+pub(super) struct Opening<'a>(&'a DestQueue);
+
+impl<'a> Opening<'a> {
+    /// Counts one more.
+    pub(super) fn new(dq: &'a DestQueue) -> Self {
+        dq.opening.set(dq.opening.get() + 1);
+        Self(dq)
+    }
+
+    /// Takes over the count `CoreRelay::start_worker` made for the worker it started.
+    fn adopt(dq: &'a DestQueue) -> Self {
+        Self(dq)
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opening.set(self.0.opening.get() - 1);
+    }
+}
+
 impl CoreRelay {
     /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
     pub(super) async fn worker(self: Rc<Self>, dq: Rc<DestQueue>) {
@@ -37,11 +80,16 @@ impl CoreRelay {
         let mut carry: Vec<Carried> = Vec::new();
         // For its turn past the core's share (see `yields_place`).
         let started = Instant::now();
+        // Counted as opening from its start (`start_worker`) until its first connection is
+        // made or given up; each later one from when it begins.
+        let mut first = Some(Opening::adopt(&dq));
         'connect: while (!carry.is_empty() || !dq.ready.borrow().is_empty())
             && !self.handle.is_stopping()
         {
             if carry.is_empty() && self.yields_place(&dq, started) {
-                // About to connect again while another next hop waits in line.
+                // About to connect again while another next hop waits in line. (No longer
+                // opening when `leave` looks at what its next hop's jobs call for.)
+                drop(first.take());
                 self.leave(&dq);
                 return;
             }
@@ -50,7 +98,10 @@ impl CoreRelay {
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
             let attempt_began = now_ms();
-            let (mut conn, fallback_until) = match self.open(&dq, &tried).await {
+            let opening = first.take().unwrap_or_else(|| Opening::new(&dq));
+            let opened = self.open(&dq, &tried).await;
+            drop(opening);
+            let (mut conn, fallback_until) = match opened {
                 Ok(Opened {
                     conn: c,
                     failed,
@@ -211,24 +262,13 @@ impl CoreRelay {
                     self.relay.config.max_in_flight
                 };
                 let counted = InFlight::new(&self.relay.in_flight);
-                // A job whose commands go out in one group (MAIL, its RCPTs, BDAT): one with
-                // more recipients is written a group at a time, each after the replies to
-                // the one before, so it cannot go back to back with others.
-                let one_group =
-                    |j: &Job| j.rcpts.len() + 2 <= postern_proto::client::PIPELINED_GROUP;
                 let after = if window > 1 && conn.can_pipeline() && one_group(&job) {
-                    // Replies awaited at once stay few enough for any socket buffer: the
-                    // server must never block writing them while this side still writes.
-                    let mut replies = job.rcpts.len() + 3;
+                    let mut replies = replies_awaited(&job);
                     let mut jobs = vec![job];
-                    // A job joins only when its replies fit too.
-                    let joins = |j: &Job, replies: usize| {
-                        one_group(j) && replies + j.rcpts.len() + 3 <= MAX_PIPELINED_REPLIES
-                    };
                     while jobs.len() < window {
                         let more = {
                             let mut ready = dq.ready.borrow_mut();
-                            if !ready.front().is_some_and(|j| joins(j, replies)) {
+                            if !ready.front().is_some_and(|j| joins_batch(j, replies)) {
                                 None
                             } else {
                                 ready.pop_front()
@@ -237,7 +277,7 @@ impl CoreRelay {
                         let Some(more) = more else {
                             break;
                         };
-                        replies += more.rcpts.len() + 3;
+                        replies += replies_awaited(&more);
                         jobs.push(more);
                     }
                     self.transact_pipelined(&mut conn, &dq, jobs, note, &mut carry)
