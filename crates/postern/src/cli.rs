@@ -89,6 +89,12 @@ pub(crate) struct Queue {
     #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = queue_id_arg,
           conflicts_with_all = ["json", "flush"])]
     pub(crate) delete: Vec<String>,
+    /// Instead of listing, write this queued message to standard output as it is stored and
+    /// will be relayed (postern's Received header first, then the message as the client sent
+    /// it, CR LF line ends); on a terminal, control characters are written as escapes.
+    #[arg(long, value_name = "ID", value_parser = shown_queue_id,
+          conflicts_with_all = ["json", "flush", "delete"])]
+    pub(crate) show: Option<String>,
 }
 
 /// What the command line asks for.
@@ -357,11 +363,20 @@ pub(crate) fn unknown_variables() -> Vec<String> {
 
 /// A queue ID for `--delete`: a wrong flag (exit 2) when empty, whatever the spool holds.
 fn queue_id_arg(s: &str) -> Result<String, String> {
+    queue_id_then(s, "; nothing was deleted")
+}
+
+/// `--show`'s value: a queue ID.
+fn shown_queue_id(s: &str) -> Result<String, String> {
+    queue_id_then(s, "")
+}
+
+/// A queue ID (blanks around it dropped), or why not, ending in `then`.
+fn queue_id_then(s: &str, then: &str) -> Result<String, String> {
     match s.trim() {
-        "" => Err("an empty queue ID; nothing was deleted".to_owned()),
+        "" => Err(format!("an empty queue ID{then}")),
         id if !postern_spool::is_queue_id(id) => Err(format!(
-            "'{id}' is not a queue ID (17 letters and digits, as `postern queue` lists them); \
-             nothing was deleted"
+            "'{id}' is not a queue ID (17 letters and digits, as `postern queue` lists them){then}"
         )),
         id => Ok(id.to_owned()),
     }

@@ -31,6 +31,9 @@ fn held_by(spool: &Path) -> Option<rustix::process::Pid> {
 /// stderr (exit status 1).
 pub(crate) fn run(q: &Queue) -> ExitCode {
     use std::io::Write as _;
+    if let Some(id) = &q.show {
+        return show(&q.spool, id);
+    }
     let result = if q.flush {
         flush(&q.spool).map(|text| (text, String::new()))
     } else if !q.delete.is_empty() {
@@ -356,7 +359,8 @@ fn time(unix: u64) -> String {
 /// first.
 /// With the listing comes a note on damage found, if any: part of the listing in text, on
 /// stderr beside JSON (whose lines stay one message each).
-fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
+/// Reads the queue in `spool`, or says why not.
+fn read_spool(spool: &Path) -> Result<postern_spool::Recovered, String> {
     // Every spool has the lock file from its first start: without it, the directory is
     // more likely a typo than an empty queue.
     let lock = std::fs::metadata(spool.join(postern_spool::LOCK_FILE));
@@ -372,8 +376,67 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             postern_spool::LOCK_FILE
         ));
     }
-    let recovered = postern_spool::recover(spool)
-        .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))?;
+    postern_spool::recover(spool)
+        .map_err(|e| format!("cannot read the spool at {}: {e}", spool.display()))
+}
+
+/// `postern queue --show ID`: the message's stored octets on standard output (exit 0), or one
+/// line on stderr saying why not (exit 1: not in the queue, or the spool cannot be read).
+fn show(spool: &Path, id: &str) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let found = read_spool(spool).and_then(|recovered| {
+        match recovered.messages.iter().find(|m| m.queue_id == id) {
+            Some(m) if !m.is_final() => Ok(m.body().to_vec()),
+            Some(_) => Err(format!(
+                "{id} is no longer queued: each of its recipients was delivered, failed or \
+                 deleted (its space is freed later)"
+            )),
+            None => Err(format!("{id} is not in the queue at {}", spool.display())),
+        }
+    });
+    let message = match found {
+        Ok(message) => message,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "postern: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let written = if stdout.is_terminal() {
+        stdout.write_all(message_for_terminal(&message).as_bytes())
+    } else {
+        stdout.write_all(&message)
+    };
+    match written.and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`| head`) wanted no more.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "postern: writing the message: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A stored message for a terminal: each line (CR LF ended) as [`for_terminal`] writes it,
+/// ended by a line feed; octets that are not UTF-8 as U+FFFD.
+fn message_for_terminal(message: &[u8]) -> String {
+    let text = String::from_utf8_lossy(message);
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        // The split leaves an empty piece after a last CR LF: no line of its own.
+        if lines.peek().is_none() && line.is_empty() {
+            break;
+        }
+        out.push_str(&for_terminal(line));
+        out.push('\n');
+    }
+    out
+}
+
+fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
+    let recovered = read_spool(spool)?;
     let mut waiting: Vec<&RecoveredMessage> = recovered
         .messages
         .iter()
@@ -607,6 +670,16 @@ fn json_for_terminal(line: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_shown_on_a_terminal_has_no_escape_sequences() {
+        let message = b"Subject: \x1b[2Jhi\r\n\r\nline\ttwo \\ \xff\r\nlast";
+        assert_eq!(
+            message_for_terminal(message),
+            "Subject: \\u{1b}[2Jhi\n\nline two \\\\ \u{fffd}\nlast\n"
+        );
+        assert_eq!(message_for_terminal(b"a\r\n\r\n"), "a\n\n");
+    }
 
     #[test]
     fn times_past_the_year_9999_are_listed_in_seconds() {

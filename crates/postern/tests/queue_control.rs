@@ -345,6 +345,60 @@ fn the_queue_command_lists_waiting_mail_beside_a_running_server() {
 }
 
 #[test]
+fn the_queue_command_shows_a_waiting_message_as_it_is_stored() {
+    let server = Server::start(&[]);
+    let id = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<show@t>",
+        "first line\r\n..dot\r\n",
+    );
+    let show = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["queue", "--show", id, "--spool"])
+            .arg(&server.spool)
+            .output()
+            .unwrap()
+    };
+    let out = show(&id);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    // Octet for octet as it will be relayed: postern's trace first, CR LF line ends, the
+    // dot unstuffed.
+    assert!(text.starts_with("Received: from "), "{text:?}");
+    assert!(text.contains(&format!(" id {id}\r\n")), "{text:?}");
+    assert!(
+        text.ends_with(
+            "From: <a@origin.test>\r\nTo: <b@dest.test>\r\nSubject: test\r\n\
+             Message-ID: <show@t>\r\n\r\nfirst line\r\n.dot\r\n"
+        ),
+        "{text:?}"
+    );
+    // A well-formed ID that is not queued, and one that is not an ID at all.
+    let other = format!("{}B", &id[..16]);
+    let other = if other == id {
+        format!("{}C", &id[..16])
+    } else {
+        other
+    };
+    let out = show(&other);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!("{other} is not in the queue")),
+        "{err}"
+    );
+    let out = show("nonsense");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--show") && err.contains("'nonsense' is not a queue ID"),
+        "{err}"
+    );
+}
+
+#[test]
 fn queue_flush_tries_deferred_mail_now() {
     // The first RCPT is put off; later ones are taken.
     let rcpts = std::sync::atomic::AtomicUsize::new(0);
