@@ -66,6 +66,24 @@ impl LineFramer {
         self.scanned = 0;
     }
 
+    /// Drops the tail of an overlong line from the start of `input`, up to and with its line
+    /// feed, and returns how many bytes that was (all of `input` while the line feed has not
+    /// come); 0 at a line start. A caller that looks at how a line begins before framing it
+    /// calls this first, so that it sees the next line from its first byte, however the
+    /// reads fell.
+    pub fn skip_tail(&mut self, input: &[u8]) -> usize {
+        if !self.discarding {
+            return 0;
+        }
+        match memchr::memchr(b'\n', input) {
+            None => input.len(),
+            Some(i) => {
+                self.discarding = false;
+                i + 1
+            }
+        }
+    }
+
     /// Finds the next line in `input`, which must start with the first unconsumed byte.
     pub fn next_line<'a>(&mut self, input: &'a [u8]) -> Frame<'a> {
         let mut skipped = 0;

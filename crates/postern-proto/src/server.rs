@@ -614,6 +614,12 @@ impl ServerSession {
                     self.flush_mark = self.out.len();
                     Some(Event::Flush)
                 }
+                // The tail of an overlong line, dropped up to its line feed first: the line
+                // after it is looked at from its start below, in whatever read it came.
+                Phase::Commands if !self.framer.at_line_start() => {
+                    pos += self.framer.skip_tail(&input[pos..]);
+                    (!self.framer.at_line_start()).then_some(Event::NeedInput)
+                }
                 // A TLS ClientHello on a cleartext port (a client set for implicit TLS, RFC
                 // 8314, or one that starts TLS without STARTTLS): no line of it is a command,
                 // and the client waits for the server's hello, which never comes. Closed at

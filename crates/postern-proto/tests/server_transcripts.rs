@@ -971,6 +971,20 @@ fn a_tls_client_hello_on_the_cleartext_port_is_dropped_at_once() {
     hello[20] = b'\n';
     let without_lf: Vec<u8> = hello.iter().copied().filter(|&b| b != b'\n').collect();
     let after_ehlo = [&b"EHLO client.test\r\n"[..], &hello].concat();
+    // After a command line over the cap, whose tail the framer drops up to its line feed:
+    // the hello right behind it is seen from its first byte, in whatever read it comes (also
+    // when the hello holds a line feed, and the read that ends the long line holds it all).
+    let after_long_line = [&[b'x'; 1100][..], b"\r\n", &hello].concat();
+    let o = run_every_split(&config(), &after_long_line);
+    assert!(o.closed);
+    assert_eq!(
+        o.output,
+        server(&[
+            "220 mx.test ESMTP postern",
+            "500 5.5.2 Line too long",
+            "421 4.7.0 mx.test This is an SMTP server, closing connection",
+        ]),
+    );
     for request in [hello, without_lf, after_ehlo] {
         let o = run_every_split(&config(), &request);
         assert!(o.closed);
