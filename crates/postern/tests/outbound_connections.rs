@@ -116,6 +116,75 @@ fn mail_that_arrives_while_the_last_connection_says_quit_is_still_delivered() {
     assert!(second.contains("<second@t>"), "{second}");
 }
 
+#[test]
+fn a_trickle_of_mail_keeps_one_connection_and_lets_the_others_close() {
+    // Eight messages held, handed over at once at a restart: eight connections to the sink,
+    // idle once they are delivered. Then a message every 150 ms for 4 s: each goes to the
+    // connection idle for the shortest time, so one carries them all and the others reach
+    // their 2 s idle timeout. (Woken longest idle first, each of the eight got a message
+    // every 1.2 s and none ever closed.)
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    send_in_one_session(&held, "r@sink.test", "burst", 8);
+    assert!(held.terminate().success());
+    let (sink, out, addr) = start_sink(&[]);
+    let route = format!("sink.test={addr}");
+    let server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--route",
+            &route,
+            "--metrics",
+            "127.0.0.1:0",
+            "--outbound-idle-timeout",
+            "2s",
+        ],
+        spool,
+        None,
+    );
+    let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 8\n"));
+    assert!(m.contains("postern_recipients_delivered_total 8\n"), "{m}");
+    let open = |m: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_outbound_connections "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no outbound connection gauge: {m}"))
+    };
+    let (mut c, _) = hello(&server);
+    let began = Instant::now();
+    let mut sent = 0;
+    let mut during = None;
+    while began.elapsed() < Duration::from_secs(4) {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<r@sink.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <trickle{sent}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+        sent += 1;
+        // Read while the trickle still runs, past the idle timeout: what stays open for it.
+        if during.is_none() && began.elapsed() >= Duration::from_millis(3500) {
+            during = Some(open(&server.http_get("/metrics").1));
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let during = during.expect("the trickle ran past 3.5 s");
+    assert!(
+        during <= 3,
+        "{during} connections open for a message every 150 ms"
+    );
+    let delivered = format!("postern_recipients_delivered_total {}\n", 8 + sent);
+    let m = server.metrics_until(|m| m.contains(&delivered));
+    assert!(m.contains(&delivered), "{m}");
+    drop(server);
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains(&format!("postern_load_sink_messages_total {}\n", 8 + sent)),
+        "{counters}"
+    );
+}
+
 /// When a [`gated_next_hop`] answers an end of data.
 #[derive(Clone, Copy)]
 enum Gate {

@@ -703,7 +703,9 @@ struct DestQueue {
     /// When a connection to the next hop last opened or had a transaction answered (ms).
     answered_at: Cell<u64>,
     idle: Cell<usize>,
-    arrived: Event,
+    /// The idle connections' wake-ups, the most recently idle last: a job wakes the one
+    /// idle for the shortest time (see [`DestQueue::wake_idle`]).
+    idle_waits: RefCell<Vec<Rc<Event>>>,
     /// Waiting in the core's `starved` list for a connection the core's cap held back.
     starved: Cell<bool>,
     /// In the core's `wanting_more` list: it has connections, and jobs they do not take.
@@ -754,6 +756,22 @@ struct DestQueue {
     /// `cap_until` (ms).
     cap: Cell<usize>,
     cap_until: Cell<u64>,
+}
+
+impl DestQueue {
+    /// Wakes up to `n` idle connections for jobs just queued, the most recently idle first.
+    /// Under a trickle of mail the same few connections then take it in turn, and the others
+    /// reach `--outbound-idle-timeout` and close, rather than each getting a job now and then
+    /// (the longest idle first) and all of them staying open.
+    fn wake_idle(&self, n: usize) {
+        let mut waits = self.idle_waits.borrow_mut();
+        for _ in 0..n {
+            let Some(wake) = waits.pop() else {
+                break;
+            };
+            wake.notify(1);
+        }
+    }
 }
 
 /// How long a next hop's connection limit learned from a refusal holds (see
@@ -1210,7 +1228,7 @@ impl CoreRelay {
                     opening: Cell::new(0),
                     answered_at: Cell::new(0),
                     idle: Cell::new(0),
-                    arrived: Event::new(),
+                    idle_waits: RefCell::new(Vec::new()),
                     starved: Cell::new(false),
                     wanting_more: Cell::new(false),
                     cleartext: RefCell::new(HashMap::new()),
@@ -1246,7 +1264,7 @@ impl CoreRelay {
             // One more idle connection for each job: a plain `notify(1)` wakes no second one
             // while the first has not run yet, and jobs queued in one go (a flush, retries
             // come due together) would all wait for that one.
-            dq.arrived.notify(1.additional());
+            dq.wake_idle(1);
         }
         if self.connections_wanted(&dq, 0) > 0 && dq.workers.get() < self.most_workers(&dq) {
             self.start_worker(&dq);

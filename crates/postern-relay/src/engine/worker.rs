@@ -443,7 +443,9 @@ impl CoreRelay {
                 return Idled::Quit;
             }
             dq.idle.set(dq.idle.get() + 1);
-            let listener = dq.arrived.listen();
+            let wake = Rc::new(Event::new());
+            let listener = wake.listen();
+            dq.idle_waits.borrow_mut().push(wake.clone());
             // No borrow of the queue may live across the wait (enqueue pushes to
             // it).
             let empty = dq.ready.borrow().is_empty();
@@ -483,6 +485,8 @@ impl CoreRelay {
                 Wake::Job
             };
             dq.idle.set(dq.idle.get() - 1);
+            // Woken otherwise than by a job: no longer among those a job wakes.
+            dq.idle_waits.borrow_mut().retain(|w| !Rc::ptr_eq(w, &wake));
             // Asked for its place with nothing of its own to do: given up at the
             // top of the loop if the line still has someone (or it waits again).
             if woke != Wake::Wanted || !dq.ready.borrow().is_empty() {
@@ -898,7 +902,7 @@ impl CoreRelay {
         // As for jobs that arrive: an idle connection takes them (the worker that puts them
         // back may give its place up rather than reconnect).
         if dq.idle.get() > 0 && n > 0 {
-            dq.arrived.notify(n.additional());
+            dq.wake_idle(n);
         }
     }
 
