@@ -185,6 +185,110 @@ fn a_trickle_of_mail_keeps_one_connection_and_lets_the_others_close() {
     );
 }
 
+#[test]
+fn mail_that_arrives_while_an_idle_connection_says_quit_opens_no_second_connection() {
+    // Room for more connections this time: the worker whose QUIT's reply is late connects
+    // again for the message queued meanwhile, and no other worker opens a connection of its
+    // own for it (which made three connections for two messages).
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let (quit_seen, quit_rx) = std::sync::mpsc::channel::<usize>();
+    let (tell, told) = std::sync::mpsc::channel::<()>();
+    let told = Arc::new(Mutex::new(Some(told)));
+    let (stored, stored_rx) = std::sync::mpsc::channel::<(usize, String)>();
+    let counted = opened.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().take(8) {
+            let Ok(s) = conn else { return };
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let (quit_seen, told, stored) = (quit_seen.clone(), told.clone(), stored.clone());
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let _ = w.write_all(b"220 late-quit.test ESMTP\r\n");
+                let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    let reply: &[u8] = if in_data && line == ".\r\n" {
+                        in_data = false;
+                        let _ = stored.send((n, std::mem::take(&mut data)));
+                        b"250 2.0.0 taken\r\n"
+                    } else if in_data {
+                        data.push_str(&line);
+                        b""
+                    } else if line.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go\r\n"
+                    } else if line.starts_with("QUIT") {
+                        let _ = quit_seen.send(n);
+                        if n == 0 {
+                            // The first connection's QUIT is answered when the test says.
+                            let told = told.lock().unwrap().take().unwrap();
+                            let _ = told.recv();
+                        }
+                        let _ = w.write_all(b"221 bye\r\n");
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                    line.clear();
+                }
+            });
+        }
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--route",
+        &route,
+        "--cores",
+        "1",
+        "--outbound-idle-timeout",
+        "200ms",
+        "--retry-initial",
+        "1h",
+    ]);
+    let wait = Duration::from_secs(30);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<one@t>",
+        "one\r\n",
+    );
+    let (n, first) = stored_rx.recv_timeout(wait).unwrap();
+    assert!(n == 0 && first.contains("<one@t>"), "{n}: {first}");
+    assert_eq!(
+        quit_rx.recv_timeout(wait).unwrap(),
+        0,
+        "the idle connection says QUIT"
+    );
+    // Queued while that QUIT waits for its reply (one core: before its 250 is written).
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<two@t>",
+        "two\r\n",
+    );
+    tell.send(()).unwrap();
+    let (n, second) = stored_rx
+        .recv_timeout(wait)
+        .expect("the second message was never delivered");
+    assert!(second.contains("<two@t>"), "{second}");
+    // The connection that took it idles out in turn: by then a second one for the same
+    // message would long have opened.
+    assert_eq!(quit_rx.recv_timeout(wait).unwrap(), n);
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        2,
+        "connections opened for two messages"
+    );
+}
+
 /// When a [`gated_next_hop`] answers an end of data.
 #[derive(Clone, Copy)]
 enum Gate {

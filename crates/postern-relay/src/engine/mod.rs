@@ -772,6 +772,17 @@ impl DestQueue {
             wake.notify(1);
         }
     }
+
+    /// Wakes idle connections for the waiting jobs that no connection woken already (and not
+    /// yet run) will take: after a worker that was woken for one gave its place up instead.
+    fn wake_for_waiting(&self) {
+        let woken = self
+            .idle
+            .get()
+            .saturating_sub(self.idle_waits.borrow().len());
+        let uncovered = self.ready.borrow().len().saturating_sub(woken);
+        self.wake_idle(uncovered);
+    }
 }
 
 /// How long a next hop's connection limit learned from a refusal holds (see

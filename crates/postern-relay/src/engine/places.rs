@@ -64,6 +64,8 @@ impl CoreRelay {
             // No new connection once the server stops.
             return;
         }
+        // A job this worker was woken for, and leaves behind, goes to an idle connection.
+        dq.wake_for_waiting();
         let mut given = false;
         loop {
             let Some(next) = self.starved.borrow_mut().pop_front() else {
@@ -202,7 +204,9 @@ impl CoreRelay {
                 0
             };
         }
-        batches + ready.len().saturating_sub(LOOKED_AT).div_ceil(per)
+        // Past those, batches of one-recipient jobs (as many as the awaited replies allow).
+        let full = per.clamp(1, MAX_PIPELINED_REPLIES / 4);
+        batches + ready.len().saturating_sub(LOOKED_AT).div_ceil(full)
     }
 
     /// Takes the next hops that no longer want more out of `wanting_more` (their backlog

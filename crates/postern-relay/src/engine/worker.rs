@@ -49,6 +49,27 @@ pub(super) fn joins_batch(job: &Job, replies: usize) -> bool {
     one_group(job) && replies + replies_awaited(job) <= MAX_PIPELINED_REPLIES
 }
 
+/// An idle connection's place among those a job wakes (`DestQueue::idle_waits`), the most
+/// recently idle last; it leaves when dropped (unless a job's wake-up took it out already).
+struct IdleWait<'a>(Rc<Event>, &'a DestQueue);
+
+impl<'a> IdleWait<'a> {
+    fn new(dq: &'a DestQueue) -> Self {
+        let wake = Rc::new(Event::new());
+        dq.idle_waits.borrow_mut().push(wake.clone());
+        Self(wake, dq)
+    }
+}
+
+impl Drop for IdleWait<'_> {
+    fn drop(&mut self) {
+        self.1
+            .idle_waits
+            .borrow_mut()
+            .retain(|w| !Rc::ptr_eq(w, &self.0));
+    }
+}
+
 /// Counts a worker of a next hop as opening a connection (see `DestQueue::opening`) until
 /// dropped.
 pub(super) struct Opening<'a>(&'a DestQueue);
@@ -430,6 +451,9 @@ impl CoreRelay {
         // One idle timeout, however often the wait is woken for nothing.
         let idle_since = Instant::now();
         let idle_until = idle_since + self.relay.config.idle_timeout;
+        // Among the connections a job wakes, in its place from now on: a wait woken for
+        // nothing (a place wanted elsewhere) keeps it, rather than going back to the top.
+        let idle_wait = IdleWait::new(dq);
         let (woke, wanted) = loop {
             let wanted = self.slot_wanted.listen();
             // A next hop in line gets the place at once; one whose connections
@@ -439,13 +463,13 @@ impl CoreRelay {
             let backlog = self.someone_wanting_more();
             if self.someone_starved() || (grace_over && backlog) {
                 drop(wanted);
+                // Out of those a job wakes before `leave` may wake one.
+                drop(idle_wait);
                 self.leave(dq);
                 return Idled::Quit;
             }
             dq.idle.set(dq.idle.get() + 1);
-            let wake = Rc::new(Event::new());
-            let listener = wake.listen();
-            dq.idle_waits.borrow_mut().push(wake.clone());
+            let listener = idle_wait.0.listen();
             // No borrow of the queue may live across the wait (enqueue pushes to
             // it).
             let empty = dq.ready.borrow().is_empty();
@@ -485,14 +509,14 @@ impl CoreRelay {
                 Wake::Job
             };
             dq.idle.set(dq.idle.get() - 1);
-            // Woken otherwise than by a job: no longer among those a job wakes.
-            dq.idle_waits.borrow_mut().retain(|w| !Rc::ptr_eq(w, &wake));
             // Asked for its place with nothing of its own to do: given up at the
             // top of the loop if the line still has someone (or it waits again).
             if woke != Wake::Wanted || !dq.ready.borrow().is_empty() {
                 break (woke == Wake::Job, woke == Wake::Wanted);
             }
         };
+        // No longer among the connections a job wakes.
+        drop(idle_wait);
         if wanted {
             // Woken for a place, with a job of its own to do: the wake goes to
             // another idle connection.
@@ -521,10 +545,12 @@ impl CoreRelay {
     /// ends; false when jobs that came meanwhile may want a new connection.
     async fn quit_idle(self: &Rc<Self>, dq: &Rc<DestQueue>, conn: Outbound) -> bool {
         // The QUIT's reply may take a while, and this worker still counts against
-        // the next hop's connections: a job queued meanwhile started no worker of
-        // its own. The loop's test looks at the queue again before leaving. If
-        // another next hop comes to want the place meanwhile, it is counted out
-        // then, and the QUIT goes on.
+        // the next hop's connections, and as opening one: a job queued meanwhile
+        // starts no worker of its own (two connections would open for it), since
+        // the loop's test looks at the queue again and connects for it. If another
+        // next hop comes to want the place meanwhile, it is counted out then, and
+        // the QUIT goes on.
+        let opening = Opening::new(dq);
         let wanted = self.slot_wanted.listen();
         let mut quit = std::pin::pin!(self.say_quit(conn));
         let asked = future::or(
@@ -538,6 +564,7 @@ impl CoreRelay {
             },
         )
         .await;
+        drop(opening);
         if asked {
             self.leave(dq);
             // As many others as the core's share are already waiting for their QUIT's reply:
