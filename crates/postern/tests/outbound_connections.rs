@@ -123,26 +123,10 @@ fn a_trickle_of_mail_keeps_one_connection_and_lets_the_others_close() {
     // connection idle for the shortest time, so one carries them all and the others reach
     // their 2 s idle timeout. (Woken longest idle first, each of the eight got a message
     // every 1.2 s and none ever closed.)
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    send_in_one_session(&held, "r@sink.test", "burst", 8);
-    assert!(held.terminate().success());
-    let (sink, out, addr) = start_sink(&[]);
-    let route = format!("sink.test={addr}");
-    let server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--route",
-            &route,
-            "--metrics",
-            "127.0.0.1:0",
-            "--outbound-idle-timeout",
-            "2s",
-        ],
-        spool,
-        None,
+    let (server, sink, out, _dir) = held_then_relayed(
+        |held| send_in_one_session(held, "r@sink.test", "burst", 8),
+        &[],
+        &["--outbound-idle-timeout", "2s"],
     );
     let m = server.metrics_until(|m| m.contains("postern_recipients_delivered_total 8\n"));
     assert!(m.contains("postern_recipients_delivered_total 8\n"), "{m}");

@@ -237,39 +237,22 @@ fn a_next_hop_without_pipelining_gets_a_connection_per_message_after_all() {
 /// postern with --max-transactions-in-flight 8 and the next hop a sink with `sink_flags`;
 /// returns how many connections the sink took (every recipient delivered).
 fn connections_for_held_messages(messages: usize, rcpts: usize, sink_flags: &[&str]) -> u64 {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    let mut c = greeted(&held);
-    for m in 0..messages {
-        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
-        for r in 0..rcpts {
-            assert!(c
-                .cmd(&format!("RCPT TO:<r{r}@sink.test>"))
-                .starts_with("250"));
+    let queue = |held: &Server| {
+        let mut c = greeted(held);
+        for m in 0..messages {
+            assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+            for r in 0..rcpts {
+                assert!(c
+                    .cmd(&format!("RCPT TO:<r{r}@sink.test>"))
+                    .starts_with("250"));
+            }
+            assert!(c.cmd("DATA").starts_with("354"));
+            c.send(format!("Message-ID: <held{m}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
+            assert!(c.line().starts_with("250 2.0.0"));
         }
-        assert!(c.cmd("DATA").starts_with("354"));
-        c.send(format!("Message-ID: <held{m}@t>\r\n\r\nx\r\n.\r\n").as_bytes());
-        assert!(c.line().starts_with("250 2.0.0"));
-    }
-    drop(c);
-    assert!(held.terminate().success());
-    let (sink, out, addr) = start_sink(sink_flags);
-    let route = format!("sink.test={addr}");
-    let server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--route",
-            &route,
-            "--metrics",
-            "127.0.0.1:0",
-            "--max-transactions-in-flight",
-            "8",
-        ],
-        spool,
-        None,
-    );
+    };
+    let (server, sink, out, _dir) =
+        held_then_relayed(queue, sink_flags, &["--max-transactions-in-flight", "8"]);
     let delivered = format!("postern_recipients_delivered_total {}\n", messages * rcpts);
     let text = server.metrics_until(|m| m.contains(&delivered));
     assert!(text.contains(&delivered), "{text}");

@@ -294,6 +294,41 @@ pub fn send_in_one_session(server: &Server, rcpt: &str, prefix: &str, n: usize) 
 #[path = "../../../postern-relay/tests/support/dns_server.rs"]
 pub mod dns_server;
 
+/// Holds mail in a fresh spool (`queue` sends it to a one-core postern that delivers
+/// nothing), then starts postern on that spool, one core, with a postern-load sink (given
+/// `sink_flags`) as the next hop of sink.test, metrics on, and `extra` flags: the held mail
+/// is handed over all at once. Returns the server, the sink and its output, and the
+/// directory holding the spool (to keep while the server runs).
+pub fn held_then_relayed(
+    queue: impl FnOnce(&Server),
+    sink_flags: &[&str],
+    extra: &[&str],
+) -> (
+    Server,
+    Child,
+    BufReader<std::process::ChildStdout>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut held = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    queue(&held);
+    assert!(held.terminate().success());
+    let (sink, out, addr) = start_sink(sink_flags);
+    let route = format!("sink.test={addr}");
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start_in(&args, spool, None);
+    (server, sink, out, dir)
+}
+
 /// Starts `postern-load sink` with `extra` flags; returns it and its address.
 pub fn start_sink(extra: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, String) {
     let mut sink = Command::new(postern_load())
