@@ -12,11 +12,18 @@ use common::{num, send_json};
 /// How long the scripted server stops reading after its burst of replies.
 const STALL: Duration = Duration::from_secs(2);
 
+/// The scripted server's receive buffer (doubled by the kernel).
+const RECEIVE_BUFFER: usize = 256 * 1024;
+
 /// One connection of PIPELINING and CHUNKING: the replies to the first `held` messages are
 /// written in one burst once all of them are in, then nothing is read for [`STALL`]; every
 /// later command is answered at once.
 fn scripted_server(held: usize) -> (String, std::thread::JoinHandle<()>) {
-    common::one_connection_server(move |mut input, mut out| {
+    // A fixed receive buffer, so that a 16 MiB body cannot go into the sockets' buffers
+    // while the server stalls (the sender's own buffer grows to 4 MiB at most by default):
+    // one the kernel grew after the first bodies could take it whole, and its end of data
+    // would then be timed during the stall, its reply after it.
+    common::one_connection_server_with_receive_buffer(RECEIVE_BUFFER, move |mut input, mut out| {
         let mut owed = Vec::new();
         let mut bodies = 0;
         let mut line = String::new();

@@ -196,8 +196,33 @@ pub fn certificate() -> (tempfile::TempDir, PathBuf, PathBuf) {
 pub fn one_connection_server(
     script: impl FnOnce(BufReader<std::net::TcpStream>, std::net::TcpStream) + Send + 'static,
 ) -> (String, std::thread::JoinHandle<()>) {
+    serve_one(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), script)
+}
+
+/// As [`one_connection_server`], with the connection's receive buffer set to `bytes` (the
+/// kernel doubles it) and so kept there: left alone, the kernel grows it as the server reads
+/// fast, up to `net.ipv4.tcp_rmem`'s largest (32 MiB on some kernels), and a body the test
+/// means to block the sender while the server does not read can then go in whole.
+pub fn one_connection_server_with_receive_buffer(
+    bytes: usize,
+    script: impl FnOnce(BufReader<std::net::TcpStream>, std::net::TcpStream) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    // Set on the listener, before it listens: the accepted connection takes it, with the
+    // window scale its handshake offers.
+    socket.set_recv_buffer_size(bytes).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    socket.listen(1).unwrap();
+    serve_one(socket.into(), script)
+}
+
+fn serve_one(
+    listener: std::net::TcpListener,
+    script: impl FnOnce(BufReader<std::net::TcpStream>, std::net::TcpStream) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
     use std::io::Write as _;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
