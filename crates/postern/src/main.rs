@@ -6,6 +6,7 @@ mod probe;
 mod queue;
 mod ready;
 mod ring;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -674,9 +675,10 @@ fn is_stray_control(b: u8) -> bool {
 impl<W: std::io::Write> std::io::Write for OneLine<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        // Past ASCII: a character that may need escaping (looked at below).
         if !body
             .iter()
-            .any(|&b| b == b'\n' || b == b'\r' || is_stray_control(b))
+            .any(|&b| b == b'\n' || b == b'\r' || is_stray_control(b) || b >= 0x7f)
         {
             return self.0.write(buf);
         }
@@ -694,6 +696,28 @@ impl<W: std::io::Write> std::io::Write for OneLine<W> {
         for b in &mut joined {
             if *b == b'\r' || is_stray_control(*b) {
                 *b = b' ';
+            }
+        }
+        // DEL, a C1 control, a bidi control or a line separator (from a peer's UTF-8 text):
+        // written as an escape, as `postern queue` shows them, so that no log viewer reorders
+        // or breaks the line.
+        if let Ok(text) = std::str::from_utf8(&joined) {
+            if text
+                .chars()
+                .any(|c| c != '\u{1b}' && crate::terminal::unsafe_on_a_terminal(c))
+            {
+                let mut escaped = String::with_capacity(text.len() + 16);
+                for c in text.chars() {
+                    if c != '\u{1b}' && c != '\t' && crate::terminal::unsafe_on_a_terminal(c) {
+                        let _ = std::fmt::Write::write_fmt(
+                            &mut escaped,
+                            format_args!("\\u{{{:x}}}", u32::from(c)),
+                        );
+                    } else {
+                        escaped.push(c);
+                    }
+                }
+                joined = escaped.into_bytes();
             }
         }
         joined.extend_from_slice(&buf[body.len()..]);
@@ -1277,6 +1301,18 @@ mod tests {
         assert_eq!(
             String::from_utf8(out.0).unwrap(),
             "\x1b[32mINFO\x1b[0m z: 550 a b c\td\n"
+        );
+    }
+
+    #[test]
+    fn a_peer_s_bidi_and_c1_controls_and_line_separators_are_escaped() {
+        let mut out = OneLine(Vec::new());
+        out.write_all("INFO z: 550 a\u{202e}b\u{2028}c\u{9b}d\u{7f} é\n".as_bytes())
+            .unwrap();
+        out.write_all("INFO z: é\n".as_bytes()).unwrap();
+        assert_eq!(
+            String::from_utf8(out.0).unwrap(),
+            "INFO z: 550 a\\u{202e}b\\u{2028}c\\u{9b}d\\u{7f} é\nINFO z: é\n"
         );
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use postern_spool::{DeliveryState, RecoveredMessage, Status};
 
 use crate::cli::Queue;
+use crate::terminal::{for_terminal, unsafe_on_a_terminal};
 
 /// The file a server running with `--hold` keeps in its spool (and one without removes), so
 /// that the listing and `--flush` can say that nothing is delivered.
@@ -616,39 +617,6 @@ fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)
         .zip(&m.statuses)
         .filter(|(_, s)| !s.as_ref().is_some_and(Status::is_final))
         .map(|(r, s)| (r.path.as_str(), s.as_ref()))
-}
-
-/// A next hop's reply text or an address as the listing shows it on a terminal: control
-/// characters (a reply should hold none but tab, RFC 5321 4.2) and the characters that reorder
-/// text (bidirectional overrides) are written as `\u{HEX}`, so that a hostile or broken next
-/// hop or client cannot move the cursor, colour the terminal or make a line read differently.
-/// A backslash is written `\\`, so that no text can pass for an escape of a character it
-/// does not hold.
-fn for_terminal(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c == '\\' {
-            out.push_str("\\\\");
-        } else if c == '\t' {
-            out.push(' ');
-        } else if unsafe_on_a_terminal(c) {
-            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// A control character (C0, DEL, C1: U+009B alone starts an escape sequence in some
-/// terminals) or one of Unicode's bidi controls (UAX #9 2: the marks, embeddings, overrides,
-/// isolates), which reorder what follows on the line.
-fn unsafe_on_a_terminal(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
-        )
 }
 
 /// A line of JSON with the characters [`unsafe_on_a_terminal`] written as `\uXXXX` escapes

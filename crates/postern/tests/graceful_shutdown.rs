@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::net::TcpStream;
 
 use common::{queue_id, spooled, Server};
@@ -518,6 +519,29 @@ fn ready(args: &[&str], metrics: Option<&str>) -> (i32, String, String) {
     common::run_command_bounded(cmd)
 }
 
+/// A listener on loopback for one connection: `answer` gets it once its request is read.
+fn one_answer_server(
+    answer: impl FnOnce(std::net::TcpStream) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut request = std::io::BufReader::new(conn.try_clone().unwrap());
+        let mut line = String::new();
+        // Bounded: the request's lines, up to the blank one (or the read timeout).
+        while std::io::BufRead::read_line(&mut request, &mut line).unwrap_or(0) > 0
+            && line != "\r\n"
+        {
+            line.clear();
+        }
+        answer(conn);
+    });
+    (at, thread)
+}
+
 #[test]
 fn postern_ready_asks_the_server_whether_it_takes_mail() {
     let mut server = Server::start(&["--drain-time", "1h", "--metrics", "127.0.0.1:0"]);
@@ -567,6 +591,46 @@ fn postern_ready_asks_the_server_whether_it_takes_mail() {
         format!("postern: not ready: the metrics listener at {at} did not answer within 300ms\n")
     );
     drop(silent);
+    // One that answers an octet at a time without end: the timeout is the whole exchange's,
+    // not each read's.
+    let (at, trickle) = one_answer_server(|mut conn| {
+        // Bounded: 100 octets, 100 ms apart, whatever the command does.
+        for &b in b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Padding: "
+            .iter()
+            .cycle()
+            .take(100)
+        {
+            if conn.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    let started = std::time::Instant::now();
+    let (code, _, err) = ready(&["--metrics", &at, "--timeout", "1s"], None);
+    let took = started.elapsed();
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!("postern: not ready: the metrics listener at {at} did not answer within 1s\n")
+    );
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    trickle.join().unwrap();
+    // A server's answer is one line of the command's, with nothing a terminal acts on.
+    let (at, odd) = one_answer_server(|mut conn| {
+        let _ = conn.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\n\r\nline one\nline\ttwo\r\nthree\x1b[2J\xe2\x80\xae\n",
+        );
+    });
+    let (code, _, err) = ready(&["--metrics", &at], None);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "postern: not ready: {at} answers 503 line one line two three\\u{{1b}}[2J\\u{{202e}}\n"
+        )
+    );
+    odd.join().unwrap();
     // Port 0 names no running listener.
     let (code, _, err) = ready(&["--metrics", "127.0.0.1:0"], None);
     assert_eq!(code, 2, "{err}");
