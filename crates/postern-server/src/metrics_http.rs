@@ -220,6 +220,53 @@ fn has_body(head: &[u8]) -> bool {
         })
 }
 
+/// Whether a request's header fields frame its body validly (RFC 9112 6): every
+/// Content-Length a number, and all of them the same one (6.3: otherwise a 400 and a close);
+/// Transfer-Encoding only in HTTP/1.1, ending in `chunked`, and never beside a Content-Length
+/// (6.1 lets a server refuse that; refused, as a request that meant to smuggle a second one
+/// would carry it). The body itself is never read: this only keeps a faulty request from being
+/// answered as a good one.
+fn framing_is_valid(fields: &[&[u8]], version: &[u8]) -> bool {
+    let value_of = |line: &[u8], name: &[u8]| -> Option<Vec<u8>> {
+        let colon = line.iter().position(|&b| b == b':')?;
+        line[..colon]
+            .eq_ignore_ascii_case(name)
+            .then(|| line[colon + 1..].trim_ascii().to_vec())
+    };
+    let mut length: Option<Vec<u8>> = None;
+    let mut codings: Option<Vec<u8>> = None;
+    for line in fields {
+        if let Some(value) = value_of(line, b"content-length") {
+            // A list of the same value is one value (RFC 9110 8.6).
+            for one in value.split(|&b| b == b',') {
+                let one = one.trim_ascii();
+                if one.is_empty() || !one.iter().all(u8::is_ascii_digit) {
+                    return false;
+                }
+                match &length {
+                    Some(seen) if seen.as_slice() != one => return false,
+                    _ => length = Some(one.to_vec()),
+                }
+            }
+        } else if let Some(value) = value_of(line, b"transfer-encoding") {
+            // Several fields are one list, in order (RFC 9110 5.3).
+            codings.get_or_insert_with(Vec::new).push(b',');
+            if let Some(all) = codings.as_mut() {
+                all.extend_from_slice(&value);
+            }
+        }
+    }
+    let Some(codings) = codings else {
+        return true;
+    };
+    let last = codings
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .rfind(|c| !c.is_empty())
+        .unwrap_or(b"");
+    length.is_none() && version == b"HTTP/1.1" && last.eq_ignore_ascii_case(b"chunked")
+}
+
 /// How long, and how much, a response's connection reads after the response (see `answer`).
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
@@ -319,11 +366,15 @@ fn route(
     }
     // RFC 9112 3.2: an HTTP/1.1 request without Host is answered 400.
     // More than one Host is answered 400 as well.
-    let hosts = lines
-        .take_while(|l| !l.is_empty())
+    let fields: Vec<&[u8]> = lines.take_while(|l| !l.is_empty()).collect();
+    let hosts = fields
+        .iter()
         .filter(|l| l.len() >= 5 && l[..5].eq_ignore_ascii_case(b"host:"))
         .count();
     if (version == b"HTTP/1.1" && hosts == 0) || hosts > 1 {
+        return bad();
+    }
+    if !framing_is_valid(&fields, version) {
         return bad();
     }
     // A query string (Prometheus' `params`) does not change what is served.

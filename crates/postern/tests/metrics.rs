@@ -335,6 +335,45 @@ fn malformed_requests_to_the_metrics_port_get_400_or_431() {
         status_of(b"GET /healthz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
         "HTTP/1.1 400 Bad Request"
     );
+    // RFC 9112 6.3: a Content-Length that is not one number frames the body wrongly, and so
+    // does one beside a Transfer-Encoding (6.1), a Transfer-Encoding not ending in chunked, or
+    // one in HTTP/1.0: a 400, not an answer to what might be two requests.
+    for framing in [
+        "Content-Length: 5\r\nContent-Length: 6",
+        "Content-Length: 5, 6",
+        "Content-Length: -1",
+        "Content-Length: 0x10",
+        "Content-Length:",
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: gzip",
+        "Transfer-Encoding: chunked, gzip",
+    ] {
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n");
+        assert_eq!(
+            status_of(request.as_bytes()),
+            "HTTP/1.1 400 Bad Request",
+            "{framing}"
+        );
+    }
+    assert_eq!(
+        status_of(b"GET /healthz HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    // One length, given twice alike, and a chunked body are framed well (the body is not
+    // read, and the connection closes after the answer).
+    for framing in [
+        "Content-Length: 0",
+        "Content-Length: 0\r\nContent-Length: 0",
+        "Content-Length: 0, 0",
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: Chunked",
+    ] {
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n");
+        assert_eq!(
+            status_of(request.as_bytes()),
+            "HTTP/1.1 200 OK",
+            "{framing}"
+        );
+    }
     // Lines ended by a bare LF (RFC 9112 2.2), and a request line without a version, are
     // answered at once, not left to time out.
     let started = std::time::Instant::now();
