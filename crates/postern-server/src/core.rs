@@ -244,7 +244,7 @@ impl Core {
         // delivering (--hold) every recipient the listing gave. A delivery side that no
         // longer tracks the message has its outcomes and is making it final.
         let stopped = match delivery {
-            Some(d) => match d.deleted(queue_id) {
+            Some(ref d) => match d.deleted(queue_id) {
                 Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
                 None => {
                     tracing::info!(
@@ -275,6 +275,11 @@ impl Core {
         }
         if recorded {
             tracing::info!(queue_id, recipients = stopped, "deleted by the operator");
+        }
+        if delivery.is_none() {
+            // With nothing delivering (--hold), no delivery side counts the recipients that
+            // failed: counted here, as the delivery side counts those it stops.
+            self.metrics.borrow_mut().failed += u64::from(stopped);
         }
         let core = self.clone();
         let queue_id = queue_id.to_owned();

@@ -581,7 +581,7 @@ fn a_deletion_asked_under_a_tight_umask_is_made() {
 fn a_held_message_deleted_by_the_operator_leaves_the_queue_for_good() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let mut server = Server::start_in(&[], spool.clone(), None);
+    let mut server = Server::start_in(&["--metrics", "127.0.0.1:0"], spool.clone(), None);
     let doomed = send(
         &server,
         "a@origin.test",
@@ -600,6 +600,10 @@ fn a_held_message_deleted_by_the_operator_leaves_the_queue_for_good() {
     assert_eq!(out, format!("deleted {doomed}\n"));
     assert_eq!(listed(&spool), std::slice::from_ref(&kept));
     server.log_until(|l| l.contains("deleted by the operator") && l.contains(&doomed));
+    // Its two recipients failed for good, as when a delivery side stops them.
+    let m = server.metrics_until(|m| m.contains("postern_recipients_failed_total 2\n"));
+    assert!(m.contains("postern_recipients_failed_total 2\n"), "{m}");
+    assert!(m.contains("postern_queue_depth 1\n"), "{m}");
     // Recorded in the spool: a restart does not bring it back.
     assert!(server.terminate().success());
     let mut server = Server::start_in(&[], spool.clone(), None);
