@@ -389,7 +389,9 @@ fn switch(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "y" | "yes" | "t" | "true" | "on" | "1" => Ok(true),
         "n" | "no" | "f" | "false" | "off" | "0" => Ok(false),
-        _ => Err(format!("'{s}' is not a switch value (true or false)")),
+        _ => Err(format!(
+            "'{s}' is not a switch value (true or false; also yes or no, on or off, 1 or 0)"
+        )),
     }
 }
 
@@ -447,15 +449,27 @@ where
     }
 }
 
-/// An address to listen on: an IP address and a port.
+/// An address to listen on: an IP address and a port. Not a multicast or broadcast address:
+/// TCP takes no connections there (RFC 1122 4.2.3.10), and a listener bound to one would look
+/// ready while no client could ever reach it.
 fn socket_address(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| {
+    let addr: SocketAddr = s.trim().parse().map_err(|_| {
         format!(
             "'{}' is not an address like 127.0.0.1:2525, 0.0.0.0:25 or [::1]:2525 (an IP \
              address and a port; host names are not taken)",
             s.trim()
         )
-    })
+    })?;
+    let ip = addr.ip();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_multicast() || broadcast {
+        return Err(format!(
+            "'{addr}' is a {} address, where TCP takes no connections: give one of this \
+             machine's addresses (0.0.0.0 or [::] for all)",
+            if broadcast { "broadcast" } else { "multicast" }
+        ));
+    }
+    Ok(addr)
 }
 
 /// `--listen`: an address, or `none` for no cleartext listener.
@@ -471,9 +485,7 @@ fn address_or_none(s: &str) -> Result<Option<SocketAddr>, String> {
     if s.trim().eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    socket_address(s)
-        .map(Some)
-        .map_err(|e| format!("{e}, or none"))
+    socket_address(s).map(Some).map_err(|e| or_none(s, e))
 }
 
 /// `--relay-network`: a network, or `none` for no relaying client at all.
@@ -486,7 +498,21 @@ fn relay_network(s: &str) -> Result<RelayNetwork, String> {
     }
     network(s)
         .map(|net| RelayNetwork(Some(net)))
-        .map_err(|e| format!("{e}, or none"))
+        .map_err(|e| or_none(s, e))
+}
+
+/// A flag's error where `none` is also taken: the word is named where `s` could have been
+/// meant for it (a word, not an address or network gone wrong in its numbers).
+fn or_none(s: &str, e: String) -> String {
+    let numbers = s
+        .trim()
+        .chars()
+        .any(|c| c.is_ascii_digit() || c == ':' || c == '/');
+    if numbers {
+        e
+    } else {
+        format!("{e}, or none")
+    }
 }
 
 /// `--metrics`: an address, or `none` for no metrics listener.
@@ -1368,6 +1394,27 @@ mod tests {
             let e = socket_address(bad).unwrap_err();
             assert!(e.contains("an IP address and a port"), "{bad}: {e}");
         }
+        // TCP takes no connections at a multicast or broadcast address.
+        for (bad, kind) in [
+            ("224.0.0.1:25", "multicast"),
+            ("239.255.255.250:2525", "multicast"),
+            ("[ff02::1]:25", "multicast"),
+            ("255.255.255.255:25", "broadcast"),
+        ] {
+            let e = socket_address(bad).unwrap_err();
+            assert!(e.contains(&format!("is a {kind} address")), "{bad}: {e}");
+        }
+        // `none` is named where the value could have meant it, not after an address or a
+        // network whose numbers are wrong.
+        assert!(listen_address("nothing")
+            .unwrap_err()
+            .ends_with(", or none"));
+        assert!(!listen_address("224.0.0.1:25").unwrap_err().contains("none"));
+        assert!(!relay_network("10.0.0.0/33").unwrap_err().contains("none"));
+        assert!(!relay_network("10.0.0.1/8").unwrap_err().contains("none"));
+        assert!(relay_network("everyone")
+            .unwrap_err()
+            .ends_with(", or none"));
     }
 
     #[test]

@@ -534,7 +534,7 @@ fn spawn_signal_thread(
                                 stop.stop();
                                 tracing::info!(
                                     "drained; stopping: no new connections, finishing \
-                                     transactions in flight (a second SIGTERM or SIGINT stops \
+                                     transactions in flight (another SIGTERM or SIGINT stops \
                                      without waiting for them)"
                                 );
                             }
@@ -549,7 +549,7 @@ fn spawn_signal_thread(
                     stop.stop();
                     tracing::info!(
                         "stopping: no new connections, finishing transactions in flight \
-                     (a second SIGTERM or SIGINT stops without waiting for them)"
+                     (another SIGTERM or SIGINT stops without waiting for them)"
                     );
                     continue;
                 }

@@ -27,6 +27,21 @@ fn wrong_flags_get_one_line_and_exit_2() {
     );
     refused(&["serve", "--command-timeout", "soon"], "--command-timeout");
     refused(&["serve", "--listen", "nowhere"], "--listen");
+    // TCP takes no connections at a multicast or broadcast address: such a listener would
+    // say it was ready and never get a client.
+    refused(
+        &["serve", "--listen", "224.0.0.1:2525"],
+        "'224.0.0.1:2525' is a multicast address",
+    );
+    refused(
+        &["serve", "--listen", "255.255.255.255:2525"],
+        "is a broadcast address",
+    );
+    refused(
+        &["serve", "--listen-tls", "[ff02::1]:4650"],
+        "'[ff02::1]:4650' is a multicast address",
+    );
+    refused(&["serve", "--metrics", "239.1.1.1:9325"], "--metrics");
     refused(
         &["serve", "--relay-network", "10.0.0.0/99"],
         "--relay-network",
