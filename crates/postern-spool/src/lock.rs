@@ -68,9 +68,14 @@ impl DirLock {
             .mode(crate::segment::PRIVATE_FILE_MODE)
             .open(&path)?;
         locked(&file)?;
-        file.set_len(0)?;
-        file.rewind()?;
-        writeln!(file, "{}", std::process::id())?;
+        // The PID is for people: whoever finds the lock held is told the holder by the
+        // kernel first (`flock_holder`). A full disk, on which a copy-on-write file system
+        // (btrfs) cannot rewrite even these few bytes, must not stop the start that would
+        // deliver the queue and free it.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()));
         Ok(DirLock {
             _dir: dir_file,
             _file: file,
@@ -177,6 +182,17 @@ mod tests {
         assert_eq!(flock_holders(locks, 77), [(13, (254, 1)), (15, (254, 0))]);
         assert!(flock_holders(locks, 78).is_empty());
         assert!(flock_holders("", 77).is_empty());
+    }
+
+    #[test]
+    fn a_lock_file_that_cannot_be_written_still_locks() {
+        // /dev/full fails every write with ENOSPC, as a full disk does.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(LOCK_FILE)).unwrap();
+        let held = DirLock::acquire(dir.path()).unwrap();
+        let second = DirLock::acquire(dir.path()).err().unwrap();
+        assert_eq!(second.kind(), io::ErrorKind::WouldBlock, "{second}");
+        drop(held);
     }
 
     #[test]
