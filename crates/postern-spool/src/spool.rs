@@ -438,6 +438,18 @@ impl Spool {
             // here (file, reservation and two fsyncs: the slow path).
             let seg = match self.spare.take() {
                 Some(seg) => seg,
+                None if self.next_seq > u64::from(u32::MAX) => {
+                    // Segment numbers are 32 bits: a segment past the last would be a file
+                    // no opening or recovery reads, and mail acknowledged in it would be
+                    // lost at the next start. New mail is refused instead (for now).
+                    return Err(SpoolError::Io(std::io::Error::other(format!(
+                        "{}: no segment can follow {} (the highest number a segment may \
+                         have); new mail waits until the queue is delivered and the spool \
+                         moved to a fresh directory",
+                        self.dir.display(),
+                        file_name(self.next_seq - 1)
+                    ))));
+                }
                 None => {
                     let seg = Segment::create(
                         &self.dir,
@@ -1119,7 +1131,8 @@ impl Spool {
     /// The work of making the next segment ahead of time, when none is ready or being made.
     /// Run it off the core and hand the result to [`Spool::install_spare`].
     pub fn spare_job(&mut self) -> Option<SpareJob> {
-        if self.spare.is_some() || self.spare_pending {
+        // Past the last segment number, none is made (see `segment_for`).
+        if self.spare.is_some() || self.spare_pending || self.next_seq > u64::from(u32::MAX) {
             return None;
         }
         self.spare_pending = true;

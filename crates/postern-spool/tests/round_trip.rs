@@ -341,17 +341,43 @@ fn a_spool_whose_segment_numbers_are_used_up_does_not_open() {
         text.contains("4294967295.seg") && text.contains("no segment can follow"),
         "{text}"
     );
-    // One below it still leaves a number.
+    // One below it still leaves a number: the last.
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("0/4294967294.seg")).unwrap();
-    let mut spool = Spool::open(root.path(), 0, SpoolOptions::default()).unwrap();
+    let small = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(root.path(), 0, small).unwrap();
     let mut d = spool.begin(&meta(1)).unwrap();
     spool.append(&mut d, &body(1, 100)).unwrap();
     let id = d.queue_id().to_owned();
     let t = spool.finish(d).unwrap();
     spool.sync_now().unwrap();
     assert!(spool.is_durable(t));
+    // Past it, no segment is made (one numbered past 32 bits would never be read again):
+    // the message that needs one is refused, not acknowledged into a file lost at the
+    // next start.
+    assert!(
+        spool.spare_job().is_none(),
+        "no number is left to make ahead"
+    );
+    let refused = spool
+        .begin(&meta(2))
+        .and_then(|mut d| spool.append(&mut d, &body(2, 128 * 1024)).map(|()| d))
+        .and_then(|d| spool.finish(d));
+    let Err(err) = refused else {
+        panic!("a message past the last segment was taken");
+    };
+    assert!(err.to_string().contains("no segment can follow"), "{err}");
     drop(spool);
+    let names: Vec<String> = std::fs::read_dir(root.path().join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("4294967296")),
+        "{names:?}"
+    );
     let r = recover(root.path()).unwrap();
     assert_eq!(r.messages.len(), 1);
     assert_eq!(r.messages[0].queue_id, id);
