@@ -48,6 +48,8 @@ pub struct Draft {
     spool: u64,
     /// The segment holding the START record (pinned while the draft lives).
     seq: u64,
+    /// The newest segment its records reached (see `Index::draft_spans`).
+    last: u64,
     no: u64,
     queue_id: String,
     size: u64,
@@ -297,7 +299,7 @@ impl Spool {
                 continue;
             }
             let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-            index.add_segment(seq, bytes);
+            index.add_segment(seq, bytes, true);
         }
         let found = recover_core(&dir, core)?;
         // Past every ID a record names, not only the messages still found: a status whose
@@ -462,7 +464,7 @@ impl Spool {
                     seg
                 }
             };
-            self.index.add_segment(seg.seq, seg.size());
+            self.index.add_segment(seg.seq, seg.size(), false);
             self.newest_used = self.newest_used.max(seg.seq);
             self.seg = Some(seg);
         }
@@ -577,9 +579,11 @@ impl Spool {
         self.scratch = f.0;
         let seq = seq?;
         self.index.pin(seq);
+        self.index.draft_spans(seq, seq);
         Ok(Draft {
             spool: self.id,
             seq,
+            last: seq,
             no,
             queue_id,
             size: 0,
@@ -616,11 +620,16 @@ impl Spool {
                 }
             };
             let start = at + no.len();
+            let seq = seg.seq;
             draft.pieces.push(Piece {
                 map: seg.read.clone(),
                 start,
                 end: start + take,
             });
+            if seq > draft.last {
+                self.index.draft_spans(draft.last + 1, seq);
+                draft.last = seq;
+            }
             rest = &rest[take..];
             draft.size += take as u64;
         }
@@ -668,12 +677,14 @@ impl Spool {
         }
         if draft.no < self.poisoned_below {
             self.index.unpin(draft.seq);
+            self.index.draft_over(draft.seq, draft.last, false);
             return Err(SpoolError::SyncFailed(
                 "a sync covering this message's records failed".into(),
             ));
         }
         if draft.broken {
             self.index.unpin(draft.seq);
+            self.index.draft_over(draft.seq, draft.last, false);
             return Err(SpoolError::SyncFailed(
                 "an append of this message's body failed".into(),
             ));
@@ -681,10 +692,20 @@ impl Spool {
         let mut end = [0u8; 16];
         end[..8].copy_from_slice(&draft.no.to_le_bytes());
         end[8..].copy_from_slice(&draft.size.to_le_bytes());
-        if let Err(e) = self.append_record(Kind::End, &[&end]) {
-            self.index.unpin(draft.seq);
-            return Err(e);
+        let end_seq = match self.append_record(Kind::End, &[&end]) {
+            Ok((seg, _)) => seg.seq,
+            Err(e) => {
+                self.index.unpin(draft.seq);
+                // Part of its END may be on file: what it spans stays with the others.
+                self.index.draft_over(draft.seq, draft.last, true);
+                return Err(e);
+            }
+        };
+        if end_seq > draft.last {
+            self.index.draft_spans(draft.last + 1, end_seq);
         }
+        self.index
+            .draft_over(draft.seq, draft.last.max(end_seq), true);
         let body = MessageRef::new(&draft.queue_id, draft.size, draft.pieces);
         self.index.set_live(draft.queue_id, draft.seq);
         Ok((self.commits.issue(), body))
@@ -701,6 +722,9 @@ impl Spool {
                 let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
             }
             self.index.unpin(draft.seq);
+            // Its records will never be read as a message: the segments only it (and others
+            // abandoned) wrote into go at the next reclaim, whatever older mail still waits.
+            self.index.draft_over(draft.seq, draft.last, false);
         }
     }
 
@@ -717,9 +741,12 @@ impl Spool {
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         status.encode(queue_id, rcpt, &mut f);
-        let written = self.append_record(Kind::Status, &[&f.0]).map(|_| ());
+        let written = self
+            .append_record(Kind::Status, &[&f.0])
+            .map(|(seg, _)| seg.seq);
         self.scratch = f.0;
-        written?;
+        // A status must stay as long as the message it settles may be read.
+        self.index.keep(written?);
         Ok(self.commits.issue())
     }
 
@@ -788,7 +815,7 @@ impl Spool {
             if damaged && (!self.to_unlink.is_empty() || self.unlinks_out) {
                 // Set aside now, it would leave the scan before older segments still waiting
                 // to be deleted: it waits for them, at the front of the index.
-                self.index.push_front(seq, bytes);
+                self.index.put_back(seq, bytes, true);
                 break;
             }
             if self.unlink_later && !damaged {
@@ -813,7 +840,7 @@ impl Spool {
                     // Gone already: renamed by an earlier try whose directory sync failed.
                     if in_place.is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound) {
                         // Kept, and everything behind it with it, until one of the two works.
-                        self.index.push_front(seq, bytes);
+                        self.index.put_back(seq, bytes, true);
                         first_error = Some(e);
                         break;
                     }
@@ -821,7 +848,32 @@ impl Spool {
                     first_error.get_or_insert(e);
                 }
                 Err(e) => {
-                    self.index.push_front(seq, bytes);
+                    self.index.put_back(seq, bytes, true);
+                    first_error = Some(e);
+                    break;
+                }
+            }
+            deleted += 1;
+        }
+        // Then, out of order, the segments only abandoned drafts wrote into: a body refused
+        // as too large, or cut off by its client, must not hold its segments until the
+        // oldest mail waiting is delivered (days, for a next hop that is down), or repeated
+        // attempts would fill the disk. Nothing in them is read by a recovery.
+        while first_error.is_none() {
+            let Some((seq, bytes)) = self.index.pop_unused(current) else {
+                break;
+            };
+            let path = self.dir.join(file_name(seq));
+            if self.unlink_later {
+                self.to_unlink.push(Freed { seq, bytes, path });
+                deleted += 1;
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    self.index.put_back(seq, bytes, false);
                     first_error = Some(e);
                     break;
                 }
@@ -880,7 +932,7 @@ impl Spool {
         self.unlinks_out = false;
         let pending = std::mem::take(&mut self.to_unlink);
         for f in undeleted.into_iter().chain(pending).rev() {
-            self.index.push_front(f.seq, f.bytes);
+            self.index.put_back(f.seq, f.bytes, true);
         }
     }
 

@@ -441,3 +441,52 @@ fn an_id_a_status_names_is_not_issued_again_after_its_message_is_gone() {
         d.queue_id()
     );
 }
+
+#[test]
+fn segments_only_an_abandoned_body_wrote_into_go_while_older_mail_waits() {
+    // A waits in the first segment; B's body runs over three more and is abandoned (too
+    // large, or its client gone) while C is written and finished beside its end. B's own
+    // segments go at once; A's and C's stay; a recovery then finds A and C whole and reports
+    // no damage, B's START and its ABORT left without the records between them.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut a = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut a, &body(1, 1000)).unwrap();
+    let a_id = a.queue_id().to_owned();
+    let ta = spool.finish(a).unwrap();
+    let mut b = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut b, &body(2, 200 * 1024)).unwrap();
+    let mut c = spool.begin(&meta(3)).unwrap();
+    spool.append(&mut c, &body(3, 1000)).unwrap();
+    let c_id = c.queue_id().to_owned();
+    let (tc, c_body) = spool.finish_with_body(c).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ta) && spool.is_durable(tc));
+    let before = spool.segment_count();
+    assert!(before >= 4, "{before}");
+    // While B is open nothing goes.
+    assert_eq!(spool.reclaim().unwrap(), 0);
+    spool.abort(b);
+    let freed = spool.reclaim().unwrap();
+    // All but the first (A's, and B's START) and the last (B's end, C).
+    assert_eq!(freed, before - 2, "{freed} of {before} segments freed");
+    assert_eq!(spool.segment_count(), before - freed);
+    // C's body is still read where it was written.
+    let c_body = spool.body(c_body).unwrap();
+    assert_eq!(c_body.to_vec(), body(3, 1000));
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    assert_eq!(ids, [a_id.as_str(), c_id.as_str()]);
+    for m in &r.messages {
+        assert_eq!(r.body_vec(m).len(), 1000);
+    }
+    // Opened again, nothing is lost and A still holds its segment.
+    let spool = Spool::open(dir.path(), 0, opts).unwrap();
+    assert_eq!(spool.live_messages(), 2);
+}

@@ -309,3 +309,73 @@ fn a_core_directory_this_process_cannot_write_is_a_start_up_error() {
         "{err}"
     );
 }
+
+#[test]
+fn bodies_refused_or_cut_off_do_not_fill_the_disk_while_older_mail_waits() {
+    // One message waits in the oldest segment (held); then client after client sends a body
+    // over --max-message-size (552) or goes away in the middle of one. Each leaves up to a
+    // whole message of records in the segments after the waiting one: kept until that one
+    // was delivered, ten such attempts filled this 8 MiB disk, and every message after them
+    // got 452, at every restart too.
+    let disk = common::Tmpfs::mount("8m");
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--spool-segment-size",
+            "256k",
+            "--max-message-size",
+            "600k",
+        ],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.in_data();
+    let waiting = common::queue_id(&c.cmd("Subject: waits\r\n\r\nfor a next hop\r\n."));
+    let line = "y".repeat(998) + "\r\n";
+    // Bounded: 40 attempts of 700 KB each, 28 MB in all, three and a half times the disk.
+    for attempt in 0..40 {
+        let mut c = server.in_data();
+        for _ in 0..700 {
+            c.send(line.as_bytes());
+        }
+        if attempt % 4 == 3 {
+            // Gone in the middle of the body: the session ends with the connection.
+            drop(c);
+            continue;
+        }
+        let reply = c.cmd(".");
+        assert!(reply.starts_with("552 5.3.4"), "attempt {attempt}: {reply}");
+    }
+    // Mail is still taken.
+    let mut c = server.in_data();
+    let after = common::queue_id(&c.cmd("Subject: after\r\n\r\nstill taken\r\n."));
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    // What the abandoned bodies held is given back: a few segments remain, not dozens.
+    let segments = || {
+        std::fs::read_dir(spool.join("0"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Bounded by the deadline: the deletions run off the core.
+    while segments() > 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} segments kept for two small messages",
+            segments()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(server.terminate().success());
+    let r = postern_spool::recover(&spool).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    let mut ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut both = [waiting.as_str(), after.as_str()];
+    both.sort_unstable();
+    assert_eq!(ids, both);
+}
