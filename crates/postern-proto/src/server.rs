@@ -393,10 +393,13 @@ pub struct ServerSession {
     body_failed: Option<PendingReply>,
     /// Line ends of a text BDAT body, across its chunks.
     line_ends: LineEnds,
-    /// A BDAT chunk was refused and no other command came since: the chunks a pipelining
-    /// client had already sent behind it are read and discarded (RFC 3030 2), their refusals
-    /// not counted as the client's errors.
-    discarding_chunks: bool,
+    /// A BDAT chunk was refused (with this reply) and no other command came since: the
+    /// chunks a pipelining client had already sent behind it are read and discarded (RFC 3030
+    /// 2), each answered with the same refusal, not counted as the client's errors. The same
+    /// reply, not `503` for a transaction that has ended: a client that judges the message by
+    /// the reply to its `LAST` chunk takes a temporary refusal (`452` from a full spool) for
+    /// what it is, not for a permanent one.
+    discarding: Option<PendingReply>,
 }
 
 impl ServerSession {
@@ -425,7 +428,7 @@ impl ServerSession {
             body_bytes: 0,
             body_failed: None,
             line_ends: LineEnds::default(),
-            discarding_chunks: false,
+            discarding: None,
         }
     }
 
@@ -710,7 +713,7 @@ impl ServerSession {
     /// unreadable chunk size.
     fn refuse_line(&mut self, reply: StaticReply, line: &[u8]) -> Option<Event<'static>> {
         // Another line than a chunk's: what follows it is no longer the pipeline's.
-        self.discarding_chunks = false;
+        self.discarding = None;
         self.note_rcpt_tried(line);
         self.error_reply(reply.code, Some(reply.enhanced), reply.text);
         if is_bdat(line) && !self.is_closed() {
@@ -770,7 +773,7 @@ impl ServerSession {
         pos: &mut usize,
     ) -> Option<Event<'a>> {
         if !is_bdat(line) {
-            self.discarding_chunks = false;
+            self.discarding = None;
         }
         if line.len() + 2 > self.config.max_line && !takes_dsn_room(line) {
             return self.refuse_line(replies::LINE_TOO_LONG, line);
@@ -829,7 +832,7 @@ impl ServerSession {
                     size: 0,
                     last: false
                 }
-        ) && !(self.discarding_chunks && matches!(cmd, Command::Bdat { .. }));
+        ) && !(self.discarding.is_some() && matches!(cmd, Command::Bdat { .. }));
         // (A chunk behind a refused one counts at its end, like every discarded chunk.)
         let event = self.run_command(cmd, input, pos);
         if junk {
@@ -1091,6 +1094,10 @@ impl ServerSession {
         if self.body_failed.is_some() {
             return None;
         }
+        if let Some(refused) = &self.discarding {
+            self.body_failed = Some(refused.clone());
+            return None;
+        }
         if let Some(refusal) = self.body_refusal() {
             self.body_failed = Some(refusal.into());
             return None;
@@ -1209,7 +1216,7 @@ impl ServerSession {
         self.phase = Phase::Commands;
         if let Some(reply) = self.body_failed.take() {
             let open = self.body_open;
-            if chunk && self.discarding_chunks {
+            if chunk && self.discarding.is_some() {
                 // A chunk the client had pipelined behind a refused one: it could not know,
                 // and a long message's chunks would otherwise reach the error limit. It
                 // moves no mail forward, so it counts as junk: a client that sends only
@@ -1219,7 +1226,7 @@ impl ServerSession {
             } else {
                 self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
             }
-            self.discarding_chunks = chunk;
+            self.discarding = chunk.then_some(reply);
             // Whatever refused it, a refused chunk fails its transaction (RFC 3030 2), one
             // before any RCPT too: its client may have pipelined its next MAIL behind it.
             self.reset_transaction();

@@ -754,6 +754,32 @@ fn spool_refusal_at_first_bdat_chunk_still_reads_the_chunk() {
 }
 
 #[test]
+fn chunks_behind_a_spool_refusal_get_it_too_the_last_one_included() {
+    // RFC 3030 2 leaves the reply to a discarded chunk open. A client that judges its message
+    // by the reply to its LAST chunk must see the temporary refusal (and try again later),
+    // not a 5xx for a transaction that has ended, which would make it bounce the message.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@spool-full.example>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 3\r\nabcBDAT 3\r\ndefBDAT 3 LAST\r\nghi");
+    input.extend_from_slice(&client(&["NOOP"]));
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "452 4.3.1 Insufficient system storage",
+            "452 4.3.1 Insufficient system storage",
+            "452 4.3.1 Insufficient system storage",
+            "250 2.0.0 Ok",
+        ],
+    );
+    assert!(o.messages.is_empty());
+    assert!(!o.closed);
+}
+
+#[test]
 fn syntax_errors_get_precise_codes() {
     let input = client(&[
         "EHLO client.test",
@@ -1466,7 +1492,8 @@ fn chunks_pipelined_behind_a_refused_one_are_discarded_without_ending_the_sessio
         "554 5.7.1 Relay access denied",
         "554 5.5.1 No valid recipients",
     ];
-    expected.extend(std::iter::repeat_n("503 5.5.1 Need MAIL command", 30));
+    // Each discarded chunk gets the refusal that failed the transaction.
+    expected.extend(std::iter::repeat_n("554 5.5.1 No valid recipients", 30));
     expected.extend([
         "250 2.1.0 Ok",
         "250 2.1.5 Ok",
@@ -1521,7 +1548,7 @@ fn a_chunk_before_any_recipient_fails_its_transaction() {
         &[
             "250 2.1.0 Ok",
             "503 5.5.1 Need RCPT command",
-            "503 5.5.1 Need MAIL command",
+            "503 5.5.1 Need RCPT command",
             "250 2.1.0 Ok",
             "250 2.1.5 Ok",
             "250 2.0.0 Ok: queued as Q1",
@@ -1744,7 +1771,8 @@ fn a_503_the_embedding_gives_a_first_chunk_ends_the_transaction() {
         &[
             "250 2.1.5 Ok",
             "503 5.5.1 Refused here",
-            "503 5.5.1 Need MAIL command",
+            // The chunk pipelined behind it is discarded with the same refusal.
+            "503 5.5.1 Refused here",
         ],
     );
     assert!(o.messages.is_empty());
