@@ -503,7 +503,12 @@ mod tests {
 
     /// Three queued messages on core 3 of an earlier run.
     fn old_core(root: &Path) {
-        let mut old = Spool::open(root, 3, OPTS).unwrap();
+        old_core_on(root, 3);
+    }
+
+    /// Three queued messages on `core` of an earlier run.
+    fn old_core_on(root: &Path, core: u32) {
+        let mut old = Spool::open(root, core, OPTS).unwrap();
         for i in 0..3 {
             let mut d = old.begin(&meta(i)).unwrap();
             old.append(&mut d, format!("body {i}\r\n").as_bytes())
@@ -673,10 +678,7 @@ mod tests {
         // it the start moves core 2 (which holds a damaged record) as well.
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        old_core(root);
-        let seg = root.join("3").join(crate::segment::file_name(1));
-        std::fs::create_dir_all(root.join("2")).unwrap();
-        std::fs::rename(&seg, root.join("2").join(crate::segment::file_name(1))).unwrap();
+        old_core_on(root, 2);
         let seg = root.join("2").join(crate::segment::file_name(1));
         let mut data = std::fs::read(&seg).unwrap();
         let at = data.windows(6).position(|w| w == b"body 1").unwrap();

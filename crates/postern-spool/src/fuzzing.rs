@@ -284,6 +284,8 @@ impl Seg {
         let mut bytes = vec![0u8; SEGMENT_SIZE];
         bytes[..8].copy_from_slice(MAGIC);
         bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        // Made as core 0's segment `seq`, as its file is named.
+        bytes[16..24].copy_from_slice(&seq.to_le_bytes());
         bytes[24..28].copy_from_slice(&salt.to_le_bytes());
         bytes[28..36].copy_from_slice(&(SEGMENT_SIZE as u64).to_le_bytes());
         Seg {

@@ -376,6 +376,21 @@ impl Scan<'_> {
                 return;
             }
         };
+        // The header names the core and the number the segment was made as. A file copied
+        // or moved by hand under another number or into another core's directory is not
+        // read as this one: a copy would deliver its messages twice (its queue IDs beside the
+        // original's), a renamed one put them out of order with the statuses that settle
+        // them. It is damage, reported and kept for inspection, like a bad header.
+        let made_as = (
+            u32::from_le_bytes([data[12], data[13], data[14], data[15]]),
+            u64::from_le_bytes([
+                data[16], data[17], data[18], data[19], data[20], data[21], data[22], data[23],
+            ]),
+        );
+        if made_as != (self.core, self.seq) {
+            self.corrupt(0);
+            return;
+        }
         self.out.segments += 1;
         // A sealed segment was full, and everything it holds was durable: its records end
         // where the seal says, so a zero length word before that is damage (zeros over a

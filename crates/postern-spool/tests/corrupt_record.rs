@@ -856,3 +856,36 @@ fn a_length_word_that_claims_too_much_does_not_hide_the_records_after_it() {
 fn body_of(i: usize) -> Vec<u8> {
     body(i, 5000)
 }
+
+#[test]
+fn a_segment_copied_or_moved_by_hand_is_damage_not_a_second_copy_of_its_mail() {
+    // A segment's header names the core and the number it was made as. A copy under another
+    // number (a restore over a live spool, say) gave every message in it twice, each copy
+    // delivered; one moved into another core's directory put its mail under that core. Either
+    // is reported as damage and kept for inspection; the original is read as before.
+    let dir = tempfile::tempdir().unwrap();
+    let seg = three_messages(dir.path());
+    let r = recover(dir.path()).unwrap();
+    let mut ids: Vec<String> = r.messages.iter().map(|m| m.queue_id.clone()).collect();
+    ids.sort();
+    drop(r);
+    assert_eq!(ids.len(), 3);
+    let copy = dir.path().join("0").join("0000000012.seg");
+    std::fs::copy(&seg, &copy).unwrap();
+    std::fs::create_dir_all(dir.path().join("1")).unwrap();
+    let moved = dir.path().join("1").join(seg.file_name().unwrap());
+    std::fs::copy(&seg, &moved).unwrap();
+    let r = recover(dir.path()).unwrap();
+    let mut found: Vec<String> = r.messages.iter().map(|m| m.queue_id.clone()).collect();
+    found.sort();
+    assert_eq!(found, ids, "each message once, from the original");
+    assert!(r.messages.iter().all(|m| m.core == 0));
+    assert_eq!(r.corrupt_records, 2, "{:?}", r.corrupt_at);
+    let mut at: Vec<(u32, u64, u64)> = r
+        .corrupt_at
+        .iter()
+        .map(|c| (c.core, c.segment, c.offset))
+        .collect();
+    at.sort_unstable();
+    assert_eq!(at, [(0, 12, 0), (1, 1, 0)]);
+}
