@@ -13,11 +13,13 @@ struct Entry {
     seq: u64,
     pins: usize,
     bytes: u64,
-    /// Open drafts whose records (from their `START` to their latest) span this segment.
+    /// Open drafts with records in this segment.
     drafts: usize,
     /// Whether it may hold a record that matters once its draft is over: a finished
     /// message's, a status, or anything of a segment this run did not make.
     kept: bool,
+    /// Whether an abandoned draft wrote into it (what `pop_unused` is for).
+    abandoned: bool,
 }
 
 /// The index.
@@ -43,6 +45,7 @@ impl Index {
             bytes,
             drafts: 0,
             kept,
+            abandoned: false,
         });
     }
 
@@ -52,28 +55,22 @@ impl Index {
         self.segments.get_mut(i)
     }
 
-    /// The segments numbered `from..=to`, as the index has them.
-    fn range(&mut self, from: u64, to: u64) -> impl Iterator<Item = &mut Entry> {
-        let start = self.segments.partition_point(|e| e.seq < from);
-        self.segments
-            .range_mut(start..)
-            .take_while(move |e| e.seq <= to)
-    }
-
-    /// An open draft's records now reach `to` from `from` (both its segments): each segment
-    /// in between is counted for it, those it skipped too.
-    pub(crate) fn draft_spans(&mut self, from: u64, to: u64) {
-        for e in self.range(from, to) {
+    /// An open draft wrote its first record into segment `seq`. Only the segments it writes
+    /// into count for it, not those it passed over while it waited: a slow message must not
+    /// keep another's abandoned body from going.
+    pub(crate) fn draft_in(&mut self, seq: u64) {
+        if let Some(e) = self.entry(seq) {
             e.drafts += 1;
         }
     }
 
-    /// A draft whose records span `from..=to` is over: finished (`kept`: its records matter
+    /// A draft with records in segment `seq` is over: finished (`kept`: its records matter
     /// from now on), or abandoned (they never will).
-    pub(crate) fn draft_over(&mut self, from: u64, to: u64, kept: bool) {
-        for e in self.range(from, to) {
+    pub(crate) fn draft_out(&mut self, seq: u64, kept: bool) {
+        if let Some(e) = self.entry(seq) {
             e.drafts = e.drafts.saturating_sub(1);
             e.kept |= kept;
+            e.abandoned |= !kept;
         }
         self.maybe_unused |= !kept;
     }
@@ -138,13 +135,16 @@ impl Index {
         if !self.maybe_unused {
             return None;
         }
-        let found = self
-            .segments
-            .iter()
-            .position(|e| !e.kept && e.pins == 0 && e.drafts == 0 && Some(e.seq) != current);
+        let found = self.segments.iter().position(|e| {
+            e.abandoned && !e.kept && e.pins == 0 && e.drafts == 0 && Some(e.seq) != current
+        });
         let Some(i) = found else {
-            // The segment in use is looked at again once an abandoned draft has left it.
-            self.maybe_unused = false;
+            // Looked for again once another draft is abandoned, or now and then while the
+            // segment in use would be taken but for being in use (an abandoned draft wrote
+            // into it, nothing else that matters): once another is in use, it goes.
+            self.maybe_unused = current
+                .and_then(|c| self.entry(c))
+                .is_some_and(|e| e.abandoned && !e.kept && e.pins == 0 && e.drafts == 0);
             return None;
         };
         self.segments.remove(i).map(|e| (e.seq, e.bytes))
@@ -163,6 +163,7 @@ impl Index {
                 bytes,
                 drafts: 0,
                 kept,
+                abandoned: !kept,
             },
         );
     }
@@ -218,42 +219,51 @@ mod tests {
         for seq in 1..=6 {
             ix.add_segment(seq, 10, seq == 1);
         }
-        // 1: from the opening, with a live message; 2..=4: an abandoned draft's, which
-        // started in 2 and skipped 3; 5: a finished message's; 6: in use.
+        // 1: from the opening, with a live message; 2, 4: an abandoned draft's (which passed
+        // over 3 while it waited); 3: a finished message's; 5: a slow draft's, open; 6: in use.
         ix.pin(1);
         ix.set_live("old".into(), 1);
         ix.pin(2);
-        ix.draft_spans(2, 2);
-        ix.draft_spans(3, 4);
+        ix.draft_in(2);
+        ix.pin(3);
+        ix.draft_in(3);
+        ix.draft_out(3, true);
+        ix.set_live("new".into(), 3);
+        ix.draft_in(4);
         ix.pin(5);
-        ix.draft_spans(5, 5);
-        assert_eq!(ix.pop_unused(Some(6)), None, "both drafts are open");
-        ix.draft_over(5, 5, true);
-        ix.set_live("new".into(), 5);
-        // Abandoned: its START's pin goes, then its span (as `Spool::abort` does).
+        ix.draft_in(5);
+        assert_eq!(ix.pop_unused(Some(6)), None, "the drafts are open");
+        // Abandoned: its START's pin goes, then each segment it wrote into (as
+        // `Spool::abort` does).
         ix.unpin(2);
-        ix.draft_over(2, 4, false);
+        ix.draft_out(2, false);
+        ix.draft_out(4, false);
         assert_eq!(ix.pop_unused(Some(6)), Some((2, 10)));
-        assert_eq!(ix.pop_unused(Some(6)), Some((3, 10)));
         assert_eq!(ix.pop_unused(Some(6)), Some((4, 10)));
         assert_eq!(
             ix.pop_unused(Some(6)),
             None,
-            "5 is kept, 6 in use, 1 from the opening"
+            "3 kept, 5 open, 1 from the opening"
         );
-        // A status makes a segment matter; a put-back one keeps its place.
+        // A draft abandoned in the segment in use: it goes once another is in use.
         ix.add_segment(7, 10, false);
-        ix.keep(7);
-        assert_eq!(ix.pop_unused(Some(6)), None);
-        ix.put_back(3, 10, false);
+        ix.draft_in(7);
+        ix.draft_out(7, false);
+        assert_eq!(ix.pop_unused(Some(7)), None);
+        ix.add_segment(8, 10, false);
+        assert_eq!(ix.pop_unused(Some(8)), Some((7, 10)));
+        // A status makes a segment matter; a put-back one keeps its place.
+        ix.keep(8);
+        assert_eq!(ix.pop_unused(None), None);
+        ix.put_back(4, 10, false);
         assert_eq!(ix.pop_free(None), None, "1 is pinned");
-        assert_eq!(ix.pop_unused(Some(6)), Some((3, 10)));
+        assert_eq!(ix.pop_unused(Some(8)), Some((4, 10)));
         assert!(ix.set_final("old"));
-        assert_eq!(ix.pop_free(Some(7)), Some((1, 10)));
+        assert_eq!(ix.pop_free(Some(8)), Some((1, 10)));
         assert_eq!(
-            ix.pop_free(Some(7)),
+            ix.pop_free(Some(8)),
             None,
-            "5 is pinned by the live message"
+            "3 is pinned by the live message"
         );
     }
 }

@@ -202,8 +202,10 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
         // Segments gone while this scan ran (a `postern queue` beside a running server).
         // Reclaimed ones leave oldest first and only once nothing in them is live, so every
         // message that starts in one or before was final, though the segments with its last
-        // statuses may have left before they were read. But the newest segments go too,
-        // holding nothing (a spare made late, an empty one at an opening): see below.
+        // statuses may have left before they were read. Out of order, only segments that
+        // abandoned drafts alone wrote into go (no finished message's record, no status),
+        // and the newest ones holding nothing (a spare made late, an empty one at an
+        // opening): see below.
         let mut vanished: Vec<u64> = Vec::new();
         // Not `flatten`: a listing cut short by an error would pass for all the segments,
         // and those unseen for none (their messages never pinned, reclaimed or left behind
@@ -274,9 +276,10 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
             });
         }
         out.unfinished += open.len() as u64;
-        // A reclaim never leaves an older segment behind the one it deletes: a segment that
-        // went while an older one is still there went for another reason (it held nothing)
-        // and says nothing of the messages before it.
+        // A reclaim leaves no older segment behind the one it deletes unless that one held
+        // nothing a message needs (nothing at all, or only abandoned drafts' records): a
+        // segment that went while an older one is still there says nothing of the messages
+        // before it.
         // Only regular files count (a stray directory with a segment's name is no segment
         // left behind); a listing that fails now tells nothing, and nothing is inferred.
         let oldest_left = std::fs::read_dir(dir).ok().and_then(|entries| {

@@ -48,8 +48,9 @@ pub struct Draft {
     spool: u64,
     /// The segment holding the START record (pinned while the draft lives).
     seq: u64,
-    /// The newest segment its records reached (see `Index::draft_spans`).
-    last: u64,
+    /// The segments after `seq` it wrote records into, oldest first (see `Index::draft_in`);
+    /// empty, and not allocated, for a message within one segment.
+    later: Vec<u64>,
     no: u64,
     queue_id: String,
     size: u64,
@@ -579,11 +580,11 @@ impl Spool {
         self.scratch = f.0;
         let seq = seq?;
         self.index.pin(seq);
-        self.index.draft_spans(seq, seq);
+        self.index.draft_in(seq);
         Ok(Draft {
             spool: self.id,
             seq,
-            last: seq,
+            later: Vec::new(),
             no,
             queue_id,
             size: 0,
@@ -626,9 +627,9 @@ impl Spool {
                 start,
                 end: start + take,
             });
-            if seq > draft.last {
-                self.index.draft_spans(draft.last + 1, seq);
-                draft.last = seq;
+            if seq > draft.later.last().copied().unwrap_or(draft.seq) {
+                self.index.draft_in(seq);
+                draft.later.push(seq);
             }
             rest = &rest[take..];
             draft.size += take as u64;
@@ -677,14 +678,14 @@ impl Spool {
         }
         if draft.no < self.poisoned_below {
             self.index.unpin(draft.seq);
-            self.index.draft_over(draft.seq, draft.last, false);
+            self.draft_over(&draft, false);
             return Err(SpoolError::SyncFailed(
                 "a sync covering this message's records failed".into(),
             ));
         }
         if draft.broken {
             self.index.unpin(draft.seq);
-            self.index.draft_over(draft.seq, draft.last, false);
+            self.draft_over(&draft, false);
             return Err(SpoolError::SyncFailed(
                 "an append of this message's body failed".into(),
             ));
@@ -696,19 +697,26 @@ impl Spool {
             Ok((seg, _)) => seg.seq,
             Err(e) => {
                 self.index.unpin(draft.seq);
-                // Part of its END may be on file: what it spans stays with the others.
-                self.index.draft_over(draft.seq, draft.last, true);
+                // Part of its END may be on file, where its other records are. (One in a
+                // segment made for it alone may go: its client was refused, and that
+                // message is better never delivered than delivered beside its resend.)
+                self.draft_over(&draft, true);
                 return Err(e);
             }
         };
-        if end_seq > draft.last {
-            self.index.draft_spans(draft.last + 1, end_seq);
-        }
-        self.index
-            .draft_over(draft.seq, draft.last.max(end_seq), true);
+        self.index.keep(end_seq);
+        self.draft_over(&draft, true);
         let body = MessageRef::new(&draft.queue_id, draft.size, draft.pieces);
         self.index.set_live(draft.queue_id, draft.seq);
         Ok((self.commits.issue(), body))
+    }
+
+    /// A draft is over: each segment it wrote into counts it no more, and keeps its records
+    /// (`kept`: finished) or may go once nothing else holds it (abandoned).
+    fn draft_over(&mut self, draft: &Draft, kept: bool) {
+        for &seq in std::iter::once(&draft.seq).chain(&draft.later) {
+            self.index.draft_out(seq, kept);
+        }
     }
 
     /// Abandons a message: recovery will not report it. Best effort: the `ABORT` record needs
@@ -724,7 +732,7 @@ impl Spool {
             self.index.unpin(draft.seq);
             // Its records will never be read as a message: the segments only it (and others
             // abandoned) wrote into go at the next reclaim, whatever older mail still waits.
-            self.index.draft_over(draft.seq, draft.last, false);
+            self.draft_over(&draft, false);
         }
     }
 
@@ -819,7 +827,12 @@ impl Spool {
                 break;
             }
             if self.unlink_later && !damaged {
-                self.to_unlink.push(Freed { seq, bytes, path });
+                self.to_unlink.push(Freed {
+                    seq,
+                    bytes,
+                    kept: true,
+                    path,
+                });
                 deleted += 1;
                 continue;
             }
@@ -865,7 +878,12 @@ impl Spool {
             };
             let path = self.dir.join(file_name(seq));
             if self.unlink_later {
-                self.to_unlink.push(Freed { seq, bytes, path });
+                self.to_unlink.push(Freed {
+                    seq,
+                    bytes,
+                    kept: false,
+                    path,
+                });
                 deleted += 1;
                 continue;
             }
@@ -932,7 +950,7 @@ impl Spool {
         self.unlinks_out = false;
         let pending = std::mem::take(&mut self.to_unlink);
         for f in undeleted.into_iter().chain(pending).rev() {
-            self.index.put_back(f.seq, f.bytes, true);
+            self.index.put_back(f.seq, f.bytes, f.kept);
         }
     }
 
@@ -1279,6 +1297,8 @@ fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
 pub struct Freed {
     seq: u64,
     bytes: u64,
+    /// Freed in order (false: out of order, as only abandoned drafts wrote into it).
+    kept: bool,
     /// The segment file.
     pub path: PathBuf,
 }

@@ -490,3 +490,37 @@ fn segments_only_an_abandoned_body_wrote_into_go_while_older_mail_waits() {
     let spool = Spool::open(dir.path(), 0, opts).unwrap();
     assert_eq!(spool.live_messages(), 2);
 }
+
+#[test]
+fn a_slow_message_does_not_keep_the_segments_an_abandoned_body_filled_while_it_waited() {
+    // E starts, then waits (a slow client) while B's body fills three segments and is
+    // abandoned; E's next chunk goes into the newest segment. Only the segments E wrote into
+    // count for it: those it passed over held B's records alone, and go.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut e = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut e, &body(1, 500)).unwrap();
+    let mut b = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut b, &body(2, 200 * 1024)).unwrap();
+    spool.append(&mut e, &body(1, 500)).unwrap();
+    let before = spool.segment_count();
+    assert!(before >= 4, "{before}");
+    spool.abort(b);
+    let freed = spool.reclaim().unwrap();
+    assert_eq!(freed, before - 2, "{freed} of {before} segments freed");
+    let e_id = e.queue_id().to_owned();
+    let t = spool.finish(e).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(t));
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    assert_eq!(r.messages.len(), 1);
+    assert_eq!(r.messages[0].queue_id, e_id);
+    let mut whole = body(1, 500);
+    whole.extend(body(1, 500));
+    assert_eq!(r.body_vec(&r.messages[0]), whole);
+}
