@@ -84,9 +84,8 @@ fn main() -> ExitCode {
     // a SIGTERM during start-up stops it gracefully once it runs; only the moments between
     // exec and here (before it has touched anything) are left to the default action. Other
     // commands keep the defaults.
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
     let signals = (std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("serve")))
-        .then(|| signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2]));
+        .then(|| signal_hook::iterator::Signals::new(HANDLED_SIGNALS));
     let config = match cli::parse() {
         Ok(Some(cli::Job::Serve(config))) => *config,
         Ok(Some(cli::Job::Queue(q))) => return queue::run(&q),
@@ -132,9 +131,7 @@ fn main() -> ExitCode {
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, fsize_exceeded) {
         tracing::warn!("cannot handle SIGXFSZ: {e}");
     }
-    let signals = signals.unwrap_or_else(|| {
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
-    });
+    let signals = signals.unwrap_or_else(|| signal_hook::iterator::Signals::new(HANDLED_SIGNALS));
     let stop = std::sync::Arc::new(postern_server::StopFlag::default());
     let launch = std::sync::Arc::new(std::sync::Mutex::new(Launch::default()));
     match signals {
@@ -398,6 +395,18 @@ fn main() -> ExitCode {
 /// and prefers the main thread: one waiting on a disk without interruption (a file system
 /// frozen during the start) kept a SIGTERM pending until that wait ended, the signal
 /// thread never woken for it.
+/// The signals `serve` takes over: the stop (TERM, INT), HUP, USR1 and USR2 for their
+/// chores, and ALRM, which a stray `kill -ALRM` (or a library's alarm) would otherwise turn
+/// into an abrupt end of the server by its default action: it is logged and ignored.
+const HANDLED_SIGNALS: [libc::c_int; 6] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
+
 fn block_handled_signals() {
     mask_handled_signals(libc::SIG_BLOCK);
 }
@@ -412,13 +421,12 @@ fn unblock_handled_signals() {
 /// calling thread.
 #[allow(unsafe_code)]
 fn mask_handled_signals(how: libc::c_int) {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
     // SAFETY: `set` is a local signal set, made empty before signals are added to it;
     // pthread_sigmask changes only the calling thread's mask and takes a null old set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in [SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2] {
+        for signal in HANDLED_SIGNALS {
             libc::sigaddset(&mut set, signal);
         }
         libc::pthread_sigmask(how, &set, std::ptr::null_mut());

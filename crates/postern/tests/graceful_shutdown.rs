@@ -350,13 +350,28 @@ fn a_stop_is_heard_while_a_deletion_request_waits_on_a_frozen_spool() {
 }
 
 #[test]
+fn a_stray_sigalrm_is_logged_and_the_server_goes_on() {
+    // Its default action ends a process at once: no 421s, no last sync, no exit 0.
+    let mut server = Server::start(&[]);
+    server.signal("-ALRM");
+    server.log_until(|l| l.contains("SIGALRM ignored; SIGTERM stops postern"));
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220 "));
+    assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok");
+    assert!(server.terminate().success());
+}
+
+#[test]
 fn only_the_signal_thread_takes_the_signals_the_server_handles() {
     // The kernel gives a signal sent to the process to any thread that does not block it: one
     // waiting on a disk without interruption would hold it pending. Every thread but the
     // signal thread (the log's writer, the cores, their helpers, the signal chores) blocks
-    // SIGHUP, SIGINT, SIGUSR1, SIGUSR2 and SIGTERM.
+    // SIGHUP, SIGINT, SIGUSR1, SIGUSR2, SIGALRM and SIGTERM.
     let server = Server::start(&[]);
-    let handled: u64 = [1u32, 2, 10, 12, 15].iter().map(|s| 1u64 << (s - 1)).sum();
+    let handled: u64 = [1u32, 2, 10, 12, 14, 15]
+        .iter()
+        .map(|s| 1u64 << (s - 1))
+        .sum();
     let tasks = std::fs::read_dir(format!("/proc/{}/task", server.child.id())).unwrap();
     let mut seen = Vec::new();
     for task in tasks {
