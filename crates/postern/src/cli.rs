@@ -742,6 +742,24 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayVersion => {
+            // clap prints the version whatever follows the flag: `postern --version serve`
+            // would print it and start nothing, without a word about the rest.
+            let args: Vec<String> = std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            if let Some(extra) = args
+                .iter()
+                .find(|a| !matches!(a.as_str(), "--version" | "-V"))
+            {
+                return Err(format!(
+                    "--version takes nothing else: '{extra}' was given with it"
+                ));
+            }
+            let _ = e.print();
+            return Ok(None);
+        }
         Err(e)
             if matches!(
                 e.kind(),

@@ -27,6 +27,16 @@ fn wrong_flags_get_one_line_and_exit_2() {
     );
     refused(&["serve", "--command-timeout", "soon"], "--command-timeout");
     refused(&["serve", "--listen", "nowhere"], "--listen");
+    // --version prints the version and does nothing else: a word beside it is refused, not
+    // passed over (`postern --version serve` would have started nothing without a word).
+    refused(
+        &["--version", "serve"],
+        "--version takes nothing else: 'serve'",
+    );
+    refused(&["-V", "extra"], "'extra' was given with it");
+    let (code, out, err) = run(&["--version"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(out.starts_with("postern "), "{out}");
     // TCP takes no connections at a multicast or broadcast address: such a listener would
     // say it was ready and never get a client.
     refused(
