@@ -273,9 +273,6 @@ impl Core {
                 break;
             }
         }
-        if recorded {
-            tracing::info!(queue_id, recipients = stopped, "deleted by the operator");
-        }
         if delivery.is_none() {
             // With nothing delivering (--hold), no delivery side counts the recipients that
             // failed: counted here, as the delivery side counts those it stops.
@@ -285,13 +282,18 @@ impl Core {
         let queue_id = queue_id.to_owned();
         glommio::spawn_local(async move {
             // As for a message settled by its delivery: forgotten even when the records could
-            // not be made durable, or its segments, and every later one, would stay.
-            if let Err(e) = core.store.flush().await {
-                tracing::error!(
+            // not be made durable, or its segments, and every later one, would stay. Logged
+            // as deleted once that is durable: before, a restart could still deliver it.
+            match core.store.flush().await {
+                Ok(()) if recorded => {
+                    tracing::info!(queue_id, recipients = stopped, "deleted by the operator");
+                }
+                Ok(()) => {}
+                Err(e) => tracing::error!(
                     queue_id,
                     "deleting: the statuses could not be synced ({e}); the message is forgotten \
                      in this run, and a restart may deliver it"
-                );
+                ),
             }
             if let Err(e) = core.store.mark_final(&queue_id) {
                 core.spool_error("reclaiming segments", &e);

@@ -436,3 +436,46 @@ fn a_stop_whose_sync_never_ends_tells_the_waiting_client_451_and_exits_1() {
     let status = server.child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "{status}");
 }
+
+#[test]
+fn an_operator_deletion_is_logged_once_it_is_durable() {
+    // The deletion's final statuses wait in a sync the disk does not answer: until it does, a
+    // restart would still deliver the message, so the log must not say it was deleted.
+    let disk = FaultyFs::mount_threaded();
+    let spool = disk.path.join("spool");
+    let server = Server::start_in(
+        &["--cores", "1", "--metrics", "127.0.0.1:0"],
+        spool.clone(),
+        None,
+    );
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let id = queue_id(&send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n"));
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    disk.hang_syncs(true);
+    let let_go = LetGo(&disk);
+    let mut delete = std::process::Command::new(env!("CARGO_BIN_EXE_postern"));
+    delete
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .args(["--delete", &id]);
+    let deleting = std::thread::spawn(move || common::run_command_bounded(delete));
+    // The core has taken the request (its recipient counted as failed, its statuses
+    // appended); their sync cannot end while the disk hangs. A line logged after the signal
+    // below comes after any the deletion logged meanwhile (one writer, in order).
+    server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    server.signal("-HUP");
+    server.log_until(|l| l.contains("SIGHUP: nothing to read again"));
+    assert_eq!(
+        server.log_count(|l| l.contains("deleted by the operator")),
+        0,
+        "logged as deleted while its statuses wait for the disk"
+    );
+    drop(let_go);
+    let said = server.log_until(|l| l.contains("deleted by the operator") && l.contains(&id));
+    assert!(said.contains("recipients=1"), "{said}");
+    let (code, out, err) = deleting.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("deleted {id}\n"));
+}
