@@ -101,6 +101,34 @@ impl CoreHandle {
         }
     }
 
+    /// The messages of this core to copy forward now: live ones that keep the oldest
+    /// segment while the spool behind it has grown (docs/durability.md, "Reclaiming space").
+    /// Usually none.
+    pub fn to_copy_forward(&self) -> Vec<String> {
+        self.0.store.to_copy_forward()
+    }
+
+    /// Writes live message `queue_id` (with its envelope and body as spooled) again at the
+    /// end of this core's spool, with its outcomes so far, and once that copy is durable lets
+    /// the segments go that it kept: returns the body to read from now on (the old one's
+    /// space is freed once nothing reads it), or None when the message is final here (or
+    /// already being copied). An error is logged and counted; the message then stays where
+    /// it was.
+    pub async fn copy_forward(
+        &self,
+        queue_id: &str,
+        meta: &MessageMeta,
+        body: &MessageRef,
+    ) -> Result<Option<MessageRef>, SpoolError> {
+        let copied = self.0.store.copy_forward(queue_id, meta, body).await;
+        match &copied {
+            Ok(Some(_)) => self.0.metrics.borrow_mut().copied_forward += 1,
+            Ok(None) => {}
+            Err(e) => self.0.spool_error("copying a waiting message forward", e),
+        }
+        copied
+    }
+
     /// Spools a message made here (a bounce) and waits until it is durable.
     pub async fn inject(&self, meta: &MessageMeta, body: &[u8]) -> Result<Accepted, SpoolError> {
         let (queue_id, body) = self.0.store.inject(meta, body).await?;

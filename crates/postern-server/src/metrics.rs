@@ -181,6 +181,8 @@ pub struct CoreMetrics {
     pub failed: u64,
     /// Bounces (DSNs) made.
     pub bounces: u64,
+    /// Waiting messages copied forward in the spool, so that the segments they kept could go.
+    pub copied_forward: u64,
 }
 
 impl Default for CoreMetrics {
@@ -212,6 +214,7 @@ impl Default for CoreMetrics {
             deferred: 0,
             failed: 0,
             bounces: 0,
+            copied_forward: 0,
         }
     }
 }
@@ -280,6 +283,7 @@ impl CoreMetrics {
         self.deferred += other.deferred;
         self.failed += other.failed;
         self.bounces += other.bounces;
+        self.copied_forward += other.copied_forward;
     }
 }
 
@@ -538,6 +542,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_bounces_total",
             "Delivery status notifications made.",
             m.bounces,
+        ),
+        (
+            "postern_spool_messages_copied_total",
+            "Waiting messages copied forward in the spool, so that the segments they kept could be deleted.",
+            m.copied_forward,
         ),
     ] {
         render_scalar(&mut out, name, "counter", help, v);

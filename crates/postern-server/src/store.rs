@@ -414,6 +414,39 @@ impl CoreStore {
         self.commit(draft).await
     }
 
+    /// The live messages to copy forward now (`Spool::to_copy_forward`).
+    pub(crate) fn to_copy_forward(&self) -> Vec<String> {
+        self.spool.borrow().to_copy_forward()
+    }
+
+    /// Writes live message `queue_id` again at the end of the spool with its outcomes so
+    /// far, waits until the copy is durable, and lets the segments that held it go: the
+    /// body as read from the copy, or None when the message was final (or being copied)
+    /// already. On an error the message stays where it was.
+    pub(crate) async fn copy_forward(
+        &self,
+        queue_id: &str,
+        meta: &MessageMeta,
+        body: &MessageRef,
+    ) -> Result<Option<MessageRef>, SpoolError> {
+        self.spare_for(meta).await;
+        let copied = self.spool.borrow_mut().copy_forward(queue_id, meta, body);
+        let Some((ticket, pending)) = self.failed_write(copied)? else {
+            return Ok(None);
+        };
+        if let Err(e) = self.wait(ticket).await {
+            let _ = self.spool.borrow_mut().copy_over(queue_id, false);
+            return Err(e);
+        }
+        let mut spool = self.spool.borrow_mut();
+        let body = spool.body(pending).ok();
+        let released = spool.copy_over(queue_id, true);
+        drop(spool);
+        self.wake_unlinker();
+        released?;
+        Ok(body)
+    }
+
     /// Appends a recipient's status record; durable with the next group commit.
     pub(crate) fn append_status(
         &self,

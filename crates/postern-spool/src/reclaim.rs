@@ -3,9 +3,13 @@
 //! message pins. Segments are released from the oldest (docs/durability.md); the one
 //! exception is a segment that only ever held records of messages abandoned before their end
 //! (a body refused as too large, a client gone mid-body), which goes as soon as none of them
-//! is open, whatever is older.
+//! is open, whatever is older. A live message that keeps the oldest segment while the spool
+//! grows behind it is copied forward ([`Index::to_copy_forward`]): once its copy is durable,
+//! the pin moves to the copy's segment.
 
 use std::collections::{HashMap, VecDeque};
+
+use crate::meta::Status;
 
 /// One segment file of the core.
 #[derive(Debug)]
@@ -22,12 +26,29 @@ struct Entry {
     abandoned: bool,
 }
 
+/// A live message: finished, not final.
+#[derive(Debug)]
+struct Live {
+    /// The segment holding its `START`, which it pins.
+    seq: u64,
+    /// Its body's length.
+    size: u64,
+    /// A copy written further on and not yet durable: the segment holding the copy's
+    /// `START`, which it pins too until the copy is durable (then only it) or fails.
+    copy: Option<u64>,
+    /// The latest outcome of each recipient recorded in this spool (by envelope index; empty
+    /// until the first), which a copy carries with it.
+    statuses: Vec<Option<Status>>,
+}
+
 /// The index.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
     segments: VecDeque<Entry>,
-    /// Live (finished, not final) messages by queue ID, with the segment they pin.
-    live: HashMap<String, u64>,
+    /// Live (finished, not final) messages by queue ID.
+    live: HashMap<String, Live>,
+    /// The sum of the live messages' sizes.
+    live_bytes: u64,
     /// Whether a segment may have become unused since `pop_unused` last found none (a draft
     /// abandoned, a segment put back): only then is the index looked through for one, not at
     /// every reclaim.
@@ -96,9 +117,120 @@ impl Index {
         }
     }
 
-    /// A finished message keeps its pin until it is final.
-    pub(crate) fn set_live(&mut self, queue_id: String, seq: u64) {
-        self.live.insert(queue_id, seq);
+    /// A finished message keeps its pin until it is final; `statuses`, its recipients'
+    /// outcomes so far (those recovery found, at an opening).
+    pub(crate) fn set_live(
+        &mut self,
+        queue_id: String,
+        seq: u64,
+        size: u64,
+        statuses: Vec<Option<Status>>,
+    ) {
+        self.live_bytes += size;
+        let live = Live {
+            seq,
+            size,
+            copy: None,
+            statuses,
+        };
+        if let Some(old) = self.live.insert(queue_id, live) {
+            self.live_bytes -= old.size;
+            self.unpin(old.seq);
+            if let Some(copy) = old.copy {
+                self.unpin(copy);
+            }
+        }
+    }
+
+    /// Records recipient `rcpt`'s outcome for a live message (nothing for another): the
+    /// latest replaces the one before, except that a final outcome stays (as recovery takes
+    /// them).
+    pub(crate) fn set_status(&mut self, queue_id: &str, rcpt: u32, status: &Status) {
+        let Some(live) = self.live.get_mut(queue_id) else {
+            return;
+        };
+        let rcpt = rcpt as usize;
+        if live.statuses.len() <= rcpt {
+            live.statuses.resize(rcpt + 1, None);
+        }
+        let slot = &mut live.statuses[rcpt];
+        if !slot.as_ref().is_some_and(Status::is_final) {
+            *slot = Some(status.clone());
+        }
+    }
+
+    /// What a copy of live message `queue_id` carries: its recipients' outcomes so far. None
+    /// when it is not live here, or a copy of it is already on its way.
+    pub(crate) fn copyable(&self, queue_id: &str) -> Option<Vec<Option<Status>>> {
+        let live = self.live.get(queue_id)?;
+        live.copy.is_none().then(|| live.statuses.clone())
+    }
+
+    /// A copy of live message `queue_id` was written, its `START` in segment `seq` (pinned
+    /// by the draft that wrote it): both pin until [`Index::copy_over`].
+    pub(crate) fn copy_written(&mut self, queue_id: &str, seq: u64) -> bool {
+        match self.live.get_mut(queue_id) {
+            Some(live) if live.copy.is_none() => {
+                live.copy = Some(seq);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The copy of `queue_id` is durable (`durable`: the old place's pin goes, and the
+    /// copy's segment is the message's from now on) or failed (the copy's pin goes).
+    pub(crate) fn copy_over(&mut self, queue_id: &str, durable: bool) {
+        let Some(live) = self.live.get_mut(queue_id) else {
+            return;
+        };
+        let Some(copy) = live.copy.take() else {
+            return;
+        };
+        let unpinned = if durable {
+            std::mem::replace(&mut live.seq, copy)
+        } else {
+            copy
+        };
+        self.unpin(unpinned);
+    }
+
+    /// The live messages to copy forward, when the oldest segment is kept by nothing but live
+    /// messages (no open draft, no copy on its way) while the segments behind it come to
+    /// twice what is live and a `segment_size` more, and there are at least three: those
+    /// whose `START` it holds. Copying them lets it go; each copy carries its message's body
+    /// and outcomes. The proportion bounds the work: the spool holds at least as much that
+    /// is no longer needed as it holds live mail before anything is copied, so over time
+    /// every octet written costs at most about one octet copied.
+    pub(crate) fn to_copy_forward(&self, current: Option<u64>, segment_size: u64) -> Vec<String> {
+        let Some(front) = self.segments.front() else {
+            return Vec::new();
+        };
+        let room = self
+            .live_bytes
+            .saturating_add(segment_size)
+            .saturating_mul(2);
+        if self.segments.len() < 3 || front.pins == 0 || Some(front.seq) == current {
+            return Vec::new();
+        }
+        if self.bytes() < room {
+            return Vec::new();
+        }
+        let mut ids = Vec::new();
+        for (id, live) in &self.live {
+            if live.seq == front.seq {
+                if live.copy.is_some() {
+                    return Vec::new();
+                }
+                ids.push(id.clone());
+            }
+        }
+        if ids.len() != front.pins {
+            // An open draft started there: it cannot be copied, and keeps the segment.
+            return Vec::new();
+        }
+        ids.sort_unstable();
+        ids
     }
 
     /// Whether a finished message is live here (not yet final).
@@ -109,8 +241,12 @@ impl Index {
     /// A live message became final: releases its pin. False when it was not live here.
     pub(crate) fn set_final(&mut self, queue_id: &str) -> bool {
         match self.live.remove(queue_id) {
-            Some(seq) => {
-                self.unpin(seq);
+            Some(live) => {
+                self.live_bytes -= live.size;
+                self.unpin(live.seq);
+                if let Some(copy) = live.copy {
+                    self.unpin(copy);
+                }
                 true
             }
             None => false,
@@ -200,7 +336,7 @@ mod tests {
             ix.add_segment(seq, 10, true);
         }
         ix.pin(1);
-        ix.set_live("a".into(), 1);
+        ix.set_live("a".into(), 1, 0, Vec::new());
         ix.pin(2); // an open draft
         assert_eq!(ix.pop_free(Some(3)), None);
         assert!(ix.set_final("a"));
@@ -222,13 +358,13 @@ mod tests {
         // 1: from the opening, with a live message; 2, 4: an abandoned draft's (which passed
         // over 3 while it waited); 3: a finished message's; 5: a slow draft's, open; 6: in use.
         ix.pin(1);
-        ix.set_live("old".into(), 1);
+        ix.set_live("old".into(), 1, 0, Vec::new());
         ix.pin(2);
         ix.draft_in(2);
         ix.pin(3);
         ix.draft_in(3);
         ix.draft_out(3, true);
-        ix.set_live("new".into(), 3);
+        ix.set_live("new".into(), 3, 0, Vec::new());
         ix.draft_in(4);
         ix.pin(5);
         ix.draft_in(5);

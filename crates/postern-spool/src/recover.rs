@@ -276,6 +276,7 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
             });
         }
         out.unfinished += open.len() as u64;
+        keep_latest_copies(&mut out.messages, core);
         // A reclaim leaves no older segment behind the one it deletes unless that one held
         // nothing a message needs (nothing at all, or only abandoned drafts' records): a
         // segment that went while an older one is still there says nothing of the messages
@@ -301,6 +302,25 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     }
     apply_statuses(&mut out, statuses);
     Ok(out)
+}
+
+/// Keeps one of each message of `core` found whole more than once: the last one written. A
+/// live message is copied forward (`Spool::copy_forward`) under its own queue ID so that the
+/// segments it kept can go, and both stay on disk until they do; the statuses recorded for its
+/// queue ID, wherever they lie, are applied to the copy kept.
+fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) {
+    let mut seen = std::collections::HashSet::new();
+    let mut keep: Vec<bool> = messages
+        .iter()
+        .rev()
+        .map(|m| m.core != core || seen.insert(m.queue_id.clone()))
+        .collect();
+    if keep.iter().all(|&k| k) {
+        return;
+    }
+    keep.reverse();
+    let mut keep = keep.into_iter();
+    messages.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// Gives each message its recipients' outcomes. The owner's own records come first, in the

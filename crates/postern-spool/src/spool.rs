@@ -310,7 +310,12 @@ impl Spool {
         for m in &found.messages {
             if !m.is_final() {
                 index.pin(m.start_seq);
-                index.set_live(m.queue_id.clone(), m.start_seq);
+                index.set_live(
+                    m.queue_id.clone(),
+                    m.start_seq,
+                    m.size(),
+                    m.statuses.clone(),
+                );
             }
         }
         // Segments with damaged records, and those between a damaged message's first and
@@ -563,8 +568,6 @@ impl Spool {
 
     /// Starts a message: writes its envelope and returns the draft to append the body to.
     pub fn begin(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
-        let no = self.next_draft;
-        self.next_draft += 1;
         self.counter += 1;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -572,6 +575,13 @@ impl Spool {
         let micros = queue_id::time_for(now, self.id_floor, self.counter);
         self.id_floor = micros;
         let queue_id = queue_id::make(micros, self.core, self.counter);
+        self.begin_as(meta, queue_id)
+    }
+
+    /// Starts a message under `queue_id` (a new one's, or a live one's being copied).
+    fn begin_as(&mut self, meta: &MessageMeta, queue_id: String) -> Result<Draft, SpoolError> {
+        let no = self.next_draft;
+        self.next_draft += 1;
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         f.u64(no).bytes(queue_id.as_bytes());
@@ -639,7 +649,7 @@ impl Spool {
 
     /// Ends a message; it is durable once its ticket is (see [`Spool::ticket_state`]).
     pub fn finish(&mut self, draft: Draft) -> Result<Ticket, SpoolError> {
-        self.finish_inner(draft).map(|(t, _)| t)
+        self.finish_inner(draft, false).map(|(t, _)| t)
     }
 
     /// Ends a message like [`Spool::finish`] and also returns its body, to be read straight
@@ -649,7 +659,7 @@ impl Spool {
     /// finishing a small message costs none.
     pub fn finish_with_body(&mut self, draft: Draft) -> Result<(Ticket, PendingBody), SpoolError> {
         let spool = self.id;
-        self.finish_inner(draft).map(|(ticket, body)| {
+        self.finish_inner(draft, false).map(|(ticket, body)| {
             (
                 ticket,
                 PendingBody {
@@ -672,7 +682,13 @@ impl Spool {
         }
     }
 
-    fn finish_inner(&mut self, draft: Draft) -> Result<(Ticket, MessageRef), SpoolError> {
+    /// Ends a draft: a new message (it becomes live), or the copy of a live one (`copy`: see
+    /// [`Spool::copy_forward`]).
+    fn finish_inner(
+        &mut self,
+        draft: Draft,
+        copy: bool,
+    ) -> Result<(Ticket, MessageRef), SpoolError> {
         if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
         }
@@ -707,7 +723,14 @@ impl Spool {
         self.index.keep(end_seq);
         self.draft_over(&draft, true);
         let body = MessageRef::new(&draft.queue_id, draft.size, draft.pieces);
-        self.index.set_live(draft.queue_id, draft.seq);
+        if !copy {
+            self.index
+                .set_live(draft.queue_id, draft.seq, draft.size, Vec::new());
+        } else if !self.index.copy_written(&draft.queue_id, draft.seq) {
+            // Final meanwhile (the caller checks before it copies; kept for safety): the
+            // copy's records stay, the message they belong to final by its statuses.
+            self.index.unpin(draft.seq);
+        }
         Ok((self.commits.issue(), body))
     }
 
@@ -755,7 +778,77 @@ impl Spool {
         self.scratch = f.0;
         // A status must stay as long as the message it settles may be read.
         self.index.keep(written?);
+        self.index.set_status(queue_id, rcpt, status);
         Ok(self.commits.issue())
+    }
+
+    /// The live messages to copy forward now ([`Spool::copy_forward`]), by queue ID: those
+    /// whose `START` is in the oldest segment, when nothing else keeps it and the spool behind
+    /// it has grown to twice what is live and a segment more (docs/durability.md,
+    /// "Reclaiming space"). Usually none.
+    pub fn to_copy_forward(&self) -> Vec<String> {
+        let current = self.seg.as_ref().map(|s| s.seq);
+        self.index
+            .to_copy_forward(current, self.options.segment_size)
+    }
+
+    /// Writes live message `queue_id` again at the end of the spool, under its own queue ID,
+    /// with its envelope (`meta`, as spooled), its body (`body`, read from where it is) and
+    /// the outcome of each recipient recorded so far; Ok(None) when it is not live here or a
+    /// copy of it is on its way already. Once the returned ticket is durable, give the
+    /// outcome to [`Spool::copy_over`]: the message's old segments are then kept for it no
+    /// more, and its body is read from the copy ([`Spool::body`]). Until then, and if it
+    /// fails, the message stays where it was. Recovery takes the later of two copies of one
+    /// message, and applies the statuses recorded for its queue ID wherever they lie.
+    pub fn copy_forward(
+        &mut self,
+        queue_id: &str,
+        meta: &MessageMeta,
+        body: &MessageRef,
+    ) -> Result<Option<(Ticket, PendingBody)>, SpoolError> {
+        let Some(statuses) = self.index.copyable(queue_id) else {
+            return Ok(None);
+        };
+        let mut draft = self.begin_as(meta, queue_id.to_owned())?;
+        for chunk in body.chunks() {
+            if let Err(e) = self.append(&mut draft, chunk) {
+                self.abort(draft);
+                return Err(e);
+            }
+        }
+        let (mut ticket, copied) = self.finish_inner(draft, true)?;
+        for (rcpt, status) in statuses.iter().enumerate() {
+            let Some(status) = status else { continue };
+            match self.append_status(queue_id, rcpt as u32, status) {
+                Ok(t) => ticket = t,
+                Err(e) => {
+                    // The copy lacks an outcome: the old segments, which hold it, stay.
+                    self.index.copy_over(queue_id, false);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Some((
+            ticket,
+            PendingBody {
+                spool: self.id,
+                ticket,
+                body: copied,
+            },
+        )))
+    }
+
+    /// The copy [`Spool::copy_forward`] wrote of `queue_id` is durable (`durable`), or its
+    /// ticket failed: in the first case the segments that held the message before are
+    /// released and reclaimed, as far as nothing older keeps them. Returns the number of
+    /// segments deleted.
+    pub fn copy_over(&mut self, queue_id: &str, durable: bool) -> Result<usize, SpoolError> {
+        self.index.copy_over(queue_id, durable);
+        if durable {
+            self.reclaim()
+        } else {
+            Ok(0)
+        }
     }
 
     /// Forgets a message of this core whose recipients all have final, durable status records

@@ -123,10 +123,31 @@ struct Msg {
     queue_id: String,
     owner: usize,
     meta: MessageMeta,
-    body: MessageRef,
+    /// Where its body is read: replaced when the message is copied forward in its spool
+    /// (`CoreRelay::copy_forward`), so that the old place's space is freed once the
+    /// deliveries reading it are done.
+    body: Mutex<MessageRef>,
     /// Deleted by the operator (`postern queue --delete`): its jobs still queued on any core
     /// are dropped instead of delivered.
     deleted: AtomicBool,
+}
+
+impl Msg {
+    /// The body, where it is now.
+    fn body(&self) -> MessageRef {
+        self.body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The message was copied forward: its body is read from the copy from now on.
+    fn moved_to(&self, body: MessageRef) {
+        *self
+            .body
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = body;
+    }
 }
 
 /// The recipients of one message that go to one next hop.
@@ -822,6 +843,8 @@ pub struct CoreRelay {
     settling: Cell<usize>,
     /// The last [`Relay::deletions`] whose jobs this core dropped.
     deletions_seen: Cell<u64>,
+    /// Messages are being copied forward in this core's spool (one batch at a time).
+    copying: Cell<bool>,
     /// Outbound connections of this core (workers, from their start to their end).
     outbound: Cell<usize>,
     /// Next hops with jobs waiting that got no connection for the core's cap, in the order
@@ -844,7 +867,7 @@ impl Delivery for CoreRelay {
             queue_id: message.queue_id,
             owner: self.id,
             meta: message.meta,
-            body: message.body,
+            body: Mutex::new(message.body),
             deleted: AtomicBool::new(false),
         });
         let all: Vec<u32> = (0..msg.meta.recipients.len() as u32).collect();
@@ -960,6 +983,7 @@ impl CoreRelay {
             bounces_waiting_recipients: Cell::new(0),
             settling: Cell::new(0),
             deletions_seen: Cell::new(0),
+            copying: Cell::new(false),
             outbound: Cell::new(0),
             starved: RefCell::new(VecDeque::new()),
             slot_wanted: Event::new(),
@@ -998,7 +1022,7 @@ impl CoreRelay {
                 queue_id: m.queue_id.clone(),
                 owner: self.id,
                 meta: m.meta.clone(),
-                body: m.body().clone(),
+                body: Mutex::new(m.body().clone()),
                 deleted: AtomicBool::new(false),
             });
             let mut now_rcpts = Vec::new();
@@ -1299,6 +1323,64 @@ impl CoreRelay {
         }
     }
 
+    /// Copies forward the messages that keep the oldest segment of this core's spool while
+    /// the segments behind it pile up (a message deferred for days behind a day of other
+    /// mail delivered): once each copy is durable its old place goes, and its deliveries read
+    /// the copy (docs/durability.md, "Reclaiming space"). One batch at a time, off the
+    /// housekeeping loop, since each copy waits for a group commit.
+    fn copy_forward(self: &Rc<Self>) {
+        if self.copying.get() || self.handle.is_stopping() {
+            return;
+        }
+        let ids = self.handle.to_copy_forward();
+        if ids.is_empty() {
+            return;
+        }
+        let msgs: Vec<Arc<Msg>> = {
+            let tracked = self.tracked.borrow();
+            ids.iter()
+                .filter_map(|id| tracked.get(id).map(|t| t.msg.clone()))
+                .collect()
+        };
+        if msgs.is_empty() {
+            return;
+        }
+        self.copying.set(true);
+        let core = self.clone();
+        spawn_detached(async move {
+            let mut copied = 0usize;
+            let mut bytes = 0u64;
+            for msg in &msgs {
+                let body = msg.body();
+                match core
+                    .handle
+                    .copy_forward(&msg.queue_id, &msg.meta, &body)
+                    .await
+                {
+                    Ok(Some(moved)) => {
+                        copied += 1;
+                        bytes += moved.len();
+                        msg.moved_to(moved);
+                    }
+                    Ok(None) => {}
+                    // Logged and counted: the message stays where it was, and the next
+                    // round tries again.
+                    Err(_) => break,
+                }
+            }
+            if copied > 0 {
+                tracing::debug!(
+                    core = core.id,
+                    messages = copied,
+                    bytes,
+                    "copied waiting messages forward in the spool, so that the segments \
+                     they kept can be deleted"
+                );
+            }
+            core.copying.set(false);
+        });
+    }
+
     async fn housekeeping(self: Rc<Self>) {
         while !self.handle.is_stopping() {
             future::or(
@@ -1308,6 +1390,7 @@ impl CoreRelay {
             .await;
             self.drop_deleted();
             self.handle.reclaim();
+            self.copy_forward();
             self.publish_depth();
             self.prune_wanting_more();
             self.forget_quiet_next_hops();

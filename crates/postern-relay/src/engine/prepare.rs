@@ -17,6 +17,8 @@ impl CoreRelay {
             return None;
         }
         let meta = &job.msg.meta;
+        // Read from where the message is now (it may have been copied forward since).
+        let original = job.msg.body();
         let caps = conn.capabilities();
         let (chunking, binarymime, smtputf8, eightbitmime) = (
             caps.chunking,
@@ -31,7 +33,7 @@ impl CoreRelay {
         // rewritten (postern does not encode MIME parts) and fails for this next hop.
         let mut body_type = meta.body_type;
         if body_type == 2 && !(chunking && binarymime) {
-            if !is_text(|| job.msg.body.chunks()) {
+            if !is_text(|| original.chunks()) {
                 let text = format!(
                     "{} does not support BINARYMIME and the message is not text that could go without it",
                     conn.remote
@@ -67,7 +69,7 @@ impl CoreRelay {
             // The recipients with a UTF-8 local part fail with X.6.7 (their addresses), the
             // others, when the header section holds UTF-8, with X.6.9: a UTF-8 header message
             // that cannot be transferred (registered by RFC 6531).
-            let headers_ascii = headers_are_ascii(&job.msg.body);
+            let headers_ascii = headers_are_ascii(&original);
             if !intl.is_empty() {
                 let failed = Job {
                     msg: job.msg.clone(),
@@ -100,12 +102,12 @@ impl CoreRelay {
         // offers it.)
         let mut eight_bit = body_type != 2
             && !(body_type == 1 && eightbitmime)
-            && job.msg.body.chunks().any(|c| !c.is_ascii());
+            && original.chunks().any(|c| !c.is_ascii());
         // A report from `<>` that returns a whole 8-bit message: what still reaches its
         // sender through this next hop is the report with the header section only. Only this
         // transaction's body changes: a later attempt, through a next hop with 8BITMIME,
         // sends the whole report.
-        let mut body = job.msg.body.clone();
+        let mut body = original;
         if eight_bit && !eightbitmime {
             let seven_bit = |r: &[u8]| !dsn::is_8bit(r);
             if let Some(remade) =

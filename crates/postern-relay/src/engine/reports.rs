@@ -664,8 +664,9 @@ impl CoreRelay {
     ) -> Result<(), ()> {
         let cap = self.relay.config.bounce_max_returned;
         // The returned content needs one contiguous buffer, bounded by the cap.
-        let mut original = Vec::with_capacity((msg.body.len() as usize).min(cap + 1));
-        for chunk in msg.body.chunks() {
+        let body = msg.body();
+        let mut original = Vec::with_capacity((body.len() as usize).min(cap + 1));
+        for chunk in body.chunks() {
             let room = (cap + 1).saturating_sub(original.len());
             if room == 0 {
                 break;

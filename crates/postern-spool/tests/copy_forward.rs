@@ -1,0 +1,227 @@
+//! Copying a long-waiting message forward so that the segments behind it can go, on a real
+//! filesystem: what the copy carries, and what a recovery finds at each point of it.
+#![allow(clippy::unwrap_used)]
+
+use postern_spool::{
+    recover, DeliveryState, MessageMeta, MessageRef, Recipient, Spool, SpoolOptions, Status,
+};
+
+const OPTS: SpoolOptions = SpoolOptions {
+    segment_size: 64 * 1024,
+};
+
+fn meta(i: usize) -> MessageMeta {
+    MessageMeta {
+        arrival: 1_795_346_220 + i as u64,
+        client: "192.0.2.1".into(),
+        helo: "client.test".into(),
+        reverse_path: format!("sender{i}@origin.test"),
+        recipients: vec![
+            Recipient {
+                path: "a@dest.test".into(),
+                notify: Some(2),
+                orcpt: Some("rfc822;a@dest.test".into()),
+            },
+            Recipient {
+                path: "b@down.test".into(),
+                notify: None,
+                orcpt: None,
+            },
+        ],
+        envid: Some("ENV1".into()),
+        ret: Some(2),
+        body_type: 1,
+        smtputf8: false,
+    }
+}
+
+fn body(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|k| (k * 31 + i * 7) as u8).collect()
+}
+
+fn delivered() -> Status {
+    Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 taken".into(),
+    }
+}
+
+fn deferred() -> Status {
+    Status {
+        state: DeliveryState::Deferred {
+            next_attempt: 1_795_350_000,
+            warned: true,
+        },
+        reply: "451 4.3.0 try later".into(),
+    }
+}
+
+/// A spool whose first segment holds message W (its first recipient delivered, its second
+/// deferred and warned of the delay) and whose later segments hold messages delivered since:
+/// W's body and ID, and the spool.
+fn waiting_behind_delivered_mail(root: &std::path::Path) -> (Spool, String, MessageRef) {
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
+    let mut w = spool.begin(&meta(1)).unwrap();
+    // Over two segments: the copy must take the whole body, wherever its pieces lie.
+    spool.append(&mut w, &body(1, 90 * 1024)).unwrap();
+    let id = w.queue_id().to_owned();
+    let (_, pending) = spool.finish_with_body(w).unwrap();
+    spool.sync_now().unwrap();
+    let w_body = spool.body(pending).unwrap();
+    spool.append_status(&id, 0, &delivered()).unwrap();
+    spool.append_status(&id, 1, &deferred()).unwrap();
+    for i in 2..40 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 8 * 1024)).unwrap();
+        let done = d.queue_id().to_owned();
+        spool.finish(d).unwrap();
+        spool.append_status(&done, 0, &delivered()).unwrap();
+        spool.append_status(&done, 1, &delivered()).unwrap();
+        spool.sync_now().unwrap();
+        spool.mark_final(&done).unwrap();
+    }
+    assert!(spool.segment_count() >= 6, "{}", spool.segment_count());
+    (spool, id, w_body)
+}
+
+/// What a recovery of `root` finds of W: it alone, once, whole, with both outcomes.
+fn recovered_once(root: &std::path::Path, id: &str) -> postern_spool::Recovered {
+    let r = recover(root).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    let live: Vec<&str> = r
+        .messages
+        .iter()
+        .filter(|m| !m.is_final())
+        .map(|m| m.queue_id.as_str())
+        .collect();
+    assert_eq!(live, [id], "all found: {ids:?}");
+    assert_eq!(ids.iter().filter(|&&m| m == id).count(), 1, "{ids:?}");
+    let w = r.messages.iter().find(|m| m.queue_id == id).unwrap();
+    assert_eq!(r.body_vec(w), body(1, 90 * 1024));
+    assert_eq!(w.meta, meta(1));
+    assert_eq!(w.statuses, [Some(delivered()), Some(deferred())]);
+    r
+}
+
+#[test]
+fn a_message_copied_forward_lets_the_segments_it_kept_go_and_is_found_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    let before = spool.segment_count();
+    // Every segment after W's is done with, but W keeps them all.
+    assert_eq!(spool.reclaim().unwrap(), 0);
+    assert_eq!(spool.to_copy_forward(), [id.clone()]);
+    let (ticket, pending) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    assert!(
+        spool.copy_forward(&id, &meta(1), &w_body).unwrap().is_none(),
+        "one copy at a time"
+    );
+    assert!(spool.to_copy_forward().is_empty(), "a copy is on its way");
+    // Until the copy is durable, nothing goes.
+    assert_eq!(spool.reclaim().unwrap(), 0);
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
+    let copied = spool.body(pending).unwrap();
+    assert_eq!(copied.to_vec(), body(1, 90 * 1024));
+    let freed = spool.copy_over(&id, true).unwrap();
+    assert!(
+        spool.segment_count() <= 3,
+        "{freed} of {before} segments freed, {} kept",
+        spool.segment_count()
+    );
+    assert!(spool.to_copy_forward().is_empty());
+    assert!(spool.is_live(&id));
+    // An outcome recorded after the copy applies to it.
+    let later = Status {
+        state: DeliveryState::Deferred {
+            next_attempt: 1_795_360_000,
+            warned: true,
+        },
+        reply: "451 4.3.0 later still".into(),
+    };
+    spool.append_status(&id, 1, &later).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    let found: Vec<_> = r.messages.iter().filter(|m| m.queue_id == id).collect();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].statuses, [Some(delivered()), Some(later)]);
+    assert_eq!(r.body_vec(found[0]), body(1, 90 * 1024));
+    assert_eq!(r.messages.iter().filter(|m| !m.is_final()).count(), 1);
+    // Opened again, it is still live there, and the segments stay few.
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 1);
+    assert!(spool.segment_count() <= 3);
+}
+
+#[test]
+fn a_stop_between_a_copy_and_the_release_of_its_old_place_finds_the_message_once() {
+    // The copy is durable but the process ends before the old segments are let go: both
+    // copies are on disk, and a recovery takes one, with its outcomes; the opening after it
+    // lets the old segments go.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    let before = spool.segment_count();
+    let (ticket, _) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
+    std::mem::forget(spool);
+    recovered_once(dir.path(), &id);
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 1);
+    assert!(
+        spool.segment_count() < before / 2,
+        "{} of {before} kept",
+        spool.segment_count()
+    );
+    drop(spool);
+    recovered_once(dir.path(), &id);
+}
+
+#[test]
+fn a_copy_not_yet_durable_keeps_the_old_place_and_a_failed_one_can_be_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    let before = spool.segment_count();
+    spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    // Its sync failed, say: the message stays where it was.
+    assert_eq!(spool.copy_over(&id, false).unwrap(), 0);
+    assert_eq!(spool.reclaim().unwrap(), 0);
+    assert!(spool.segment_count() >= before);
+    assert_eq!(spool.to_copy_forward(), [id.clone()], "tried again");
+    // Killed with an unsynced copy: what is on file is read as one message.
+    std::mem::forget(spool);
+    recovered_once(dir.path(), &id);
+}
+
+#[test]
+fn a_message_made_final_while_its_copy_is_written_releases_both_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    spool.append_status(&id, 1, &delivered()).unwrap();
+    spool.sync_now().unwrap();
+    spool.mark_final(&id).unwrap();
+    assert_eq!(spool.copy_over(&id, true).unwrap(), 0, "nothing left to do");
+    assert!(spool.segment_count() <= 1, "{}", spool.segment_count());
+    assert_eq!(spool.live_messages(), 0);
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages.iter().all(|m| m.is_final()));
+}
+
+#[test]
+fn little_is_copied_while_the_spool_is_mostly_live_mail() {
+    // Messages all waiting: copying them would free nothing, and nothing is copied.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for i in 0..40 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 8 * 1024)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    assert!(spool.segment_count() >= 5);
+    assert!(spool.to_copy_forward().is_empty());
+}
