@@ -111,10 +111,13 @@ fn a_message_copied_forward_lets_the_segments_it_kept_go_and_is_found_once() {
     let before = spool.segment_count();
     // Every segment after W's is done with, but W keeps them all.
     assert_eq!(spool.reclaim().unwrap(), 0);
-    assert_eq!(spool.to_copy_forward(), [id.clone()]);
+    assert_eq!(spool.to_copy_forward(), [id.as_str()]);
     let (ticket, pending) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
     assert!(
-        spool.copy_forward(&id, &meta(1), &w_body).unwrap().is_none(),
+        spool
+            .copy_forward(&id, &meta(1), &w_body)
+            .unwrap()
+            .is_none(),
         "one copy at a time"
     );
     assert!(spool.to_copy_forward().is_empty(), "a copy is on its way");
@@ -189,7 +192,7 @@ fn a_copy_not_yet_durable_keeps_the_old_place_and_a_failed_one_can_be_made_again
     assert_eq!(spool.copy_over(&id, false).unwrap(), 0);
     assert_eq!(spool.reclaim().unwrap(), 0);
     assert!(spool.segment_count() >= before);
-    assert_eq!(spool.to_copy_forward(), [id.clone()], "tried again");
+    assert_eq!(spool.to_copy_forward(), [id.as_str()], "tried again");
     // Killed with an unsynced copy: what is on file is read as one message.
     std::mem::forget(spool);
     recovered_once(dir.path(), &id);

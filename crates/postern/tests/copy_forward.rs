@@ -1,0 +1,131 @@
+//! A message deferred for long must not keep the spool from shrinking: the real `postern`
+//! copies it forward in its spool while mail behind it is delivered, and the copy is what a
+//! restart (after SIGKILL) delivers, once, with the outcomes recorded before the copy.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod relaying;
+
+use std::time::{Duration, Instant};
+
+use common::Server;
+use relaying::*;
+
+fn segments(spool: &std::path::Path) -> usize {
+    std::fs::read_dir(spool.join("0"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .count()
+}
+
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_its_segments() {
+    let peer = Peer::start(&[]);
+    let down = reserve("127.0.0.1", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let to_peer = |domain: &str| format!("{domain}=127.0.0.1:{}", peer.port);
+    let (dest, origin) = (to_peer("dest.test"), to_peer("origin.test"));
+    let to_down = format!("down.test=127.0.0.1:{}", down.1);
+    let mut args = vec![
+        "--cores",
+        "1",
+        "--spool-segment-size",
+        "64k",
+        "--metrics",
+        "127.0.0.1:0",
+        "--route",
+        &dest,
+        "--route",
+        &origin,
+    ];
+    let mut first_args = args.clone();
+    first_args.extend(["--route", &to_down]);
+    first_args.extend(FAST_RETRY);
+    let mut server = Server::start_in(&first_args, spool.clone(), None);
+
+    // W: one recipient delivered at once, the other deferred again and again (nothing
+    // listens for down.test), each deferral a status record.
+    let text = "w".repeat(76) + "\r\n";
+    let w_body = text.repeat(250);
+    send(
+        &server,
+        "s@origin.test",
+        &["a@dest.test", "b@down.test"],
+        "<w@t>",
+        &w_body,
+    );
+    peer.wait_for("W for a@dest.test", Duration::from_secs(20), |s| {
+        s.iter().any(|m| m.message_id == "<w@t>")
+    });
+    // Then about ten segments' worth of mail, all delivered.
+    let line = "x".repeat(76) + "\r\n";
+    let (mut c, _) = hello(&server);
+    for i in 0..120 {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<x@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <m{i}@t>\r\n\r\n{}.\r\n", line.repeat(64)).as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    }
+    c.cmd("QUIT");
+    peer.wait_for("the mail behind W", Duration::from_secs(60), |s| {
+        s.len() == 121
+    });
+    // W is copied forward and what it kept goes: a few segments remain, not ten.
+    server.metrics_until(|m| counter(m, "postern_spool_messages_copied_total") >= 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segments(&spool) > 4 {
+        assert!(
+            Instant::now() < deadline,
+            "{} segments kept for one waiting message",
+            segments(&spool)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Killed: the spool holds W once, the delivered recipient's outcome with it.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let r = postern_spool::recover(&spool).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    let waiting: Vec<_> = r.messages.iter().filter(|m| !m.is_final()).collect();
+    assert_eq!(waiting.len(), 1, "{:?}", r.messages.len());
+    let w = waiting[0];
+    assert_eq!(w.meta.recipients.len(), 2);
+    assert!(matches!(
+        w.statuses[0].as_ref().map(|s| &s.state),
+        Some(postern_spool::DeliveryState::Delivered)
+    ));
+    assert!(matches!(
+        w.statuses[1].as_ref().map(|s| &s.state),
+        Some(postern_spool::DeliveryState::Deferred { .. })
+    ));
+
+    // Started again with down.test reachable: W goes there once, with the body it was
+    // accepted with, and not again to a@dest.test.
+    let back = Peer::start(&[]);
+    let to_back = format!("down.test=127.0.0.1:{}", back.port);
+    args.extend(["--route", &to_back]);
+    let server = Server::start_in(&args, spool.clone(), None);
+    let got = back.wait_for("W for b@down.test", Duration::from_secs(30), |s| {
+        !s.is_empty()
+    });
+    server.metrics_until(|m| counter(m, "postern_queue_depth") == 0);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message_id, "<w@t>");
+    assert_eq!(got[0].rcpt_tos, ["b@down.test"]);
+    let first = peer.stored();
+    let to_dest: Vec<_> = first.iter().filter(|m| m.message_id == "<w@t>").collect();
+    assert_eq!(to_dest.len(), 1, "W went to a@dest.test again");
+    assert_eq!(got[0].data, to_dest[0].data, "the copy's body differs");
+    drop(down);
+}
