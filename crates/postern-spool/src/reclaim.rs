@@ -402,4 +402,44 @@ mod tests {
             "3 is pinned by the live message"
         );
     }
+
+    #[test]
+    fn only_a_front_kept_by_live_messages_alone_behind_enough_spool_is_copied() {
+        let mut ix = Index::default();
+        for seq in 1..=2 {
+            ix.add_segment(seq, 100, true);
+        }
+        ix.pin(1);
+        ix.set_live("a".into(), 1, 10, Vec::new());
+        ix.pin(1);
+        ix.set_live("b".into(), 1, 10, Vec::new());
+        assert!(ix.to_copy_forward(Some(2), 30).is_empty(), "two segments");
+        ix.add_segment(3, 100, false);
+        // 300 bytes of segments against 2 x (20 live + 30).
+        assert_eq!(ix.to_copy_forward(Some(3), 30), ["a", "b"]);
+        assert!(
+            ix.to_copy_forward(Some(3), 200).is_empty(),
+            "too little spool behind it"
+        );
+        // A draft open in the front segment keeps it: nothing is copied.
+        ix.pin(1);
+        assert!(ix.to_copy_forward(Some(3), 30).is_empty());
+        ix.unpin(1);
+        // One copy on its way: the others wait for it.
+        ix.pin(3);
+        assert!(ix.copy_written("a", 3));
+        assert!(!ix.copy_written("a", 3), "one at a time");
+        assert!(ix.to_copy_forward(Some(3), 30).is_empty());
+        ix.copy_over("a", true);
+        assert_eq!(ix.to_copy_forward(Some(3), 30), ["b"]);
+        // Copied and final: both of b's places are let go, and 1 with them.
+        ix.pin(3);
+        assert!(ix.copy_written("b", 3));
+        assert!(ix.set_final("b"));
+        assert_eq!(ix.pop_free(Some(3)), Some((1, 100)));
+        assert_eq!(ix.pop_free(Some(3)), Some((2, 100)));
+        assert!(ix.set_final("a"));
+        assert_eq!(ix.live_bytes, 0);
+        assert_eq!(ix.segments.back().map(|e| e.pins), Some(0));
+    }
 }
