@@ -28,6 +28,9 @@ pub struct RecoveredMessage {
     body: MessageRef,
     /// The segment holding the message's START record.
     pub(crate) start_seq: u64,
+    /// How many status records the scan had read when it read this message's START: those
+    /// of its core before it are not its own (see `apply_statuses`).
+    statuses_before: usize,
 }
 
 impl RecoveredMessage {
@@ -118,6 +121,7 @@ impl Recovered {
 
 struct Partial {
     start_seq: u64,
+    statuses_before: usize,
     /// Offset of the START record in its segment.
     start_at: u64,
     queue_id: String,
@@ -325,7 +329,11 @@ fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) {
 
 /// Gives each message its recipients' outcomes. The owner's own records come first, in the
 /// order its log holds them: each replaces the one before, except that a final outcome is never
-/// replaced by a later deferral (which can only be stale). Records written on other cores then
+/// replaced by a later deferral (which can only be stale). Only the owner's records after the
+/// message's `START` count: a message copied forward carries, after its copy's `START`, the
+/// outcome of each recipient as it stood, which the records before sum up (and which stays
+/// right once the segments holding those are deleted); a message never copied has no record
+/// before its `START`. Records written on other cores then
 /// only fill a recipient the owner has nothing for, or turn a deferral into a final outcome
 /// (the owner's copy was not durable yet): their order relative to the owner's is unknown.
 fn apply_statuses(out: &mut Recovered, statuses: Vec<(u32, String, u32, Status)>) {
@@ -337,12 +345,16 @@ fn apply_statuses(out: &mut Recovered, statuses: Vec<(u32, String, u32, Status)>
         .collect();
     let mut owned = Vec::with_capacity(statuses.len());
     let mut foreign = Vec::new();
-    for (core, queue_id, rcpt, status) in statuses {
+    for (at, (core, queue_id, rcpt, status)) in statuses.into_iter().enumerate() {
         if let Some(t) = crate::queue_id::micros_of(&queue_id) {
             out.newest_id_micros = out.newest_id_micros.max(t);
         }
         match index.get(queue_id.as_str()) {
-            Some(&i) if out.messages[i].core == core => owned.push((i, rcpt as usize, status)),
+            Some(&i) if out.messages[i].core == core => {
+                if at >= out.messages[i].statuses_before {
+                    owned.push((i, rcpt as usize, status));
+                }
+            }
             Some(&i) => foreign.push((i, rcpt as usize, status)),
             None => out.orphan_statuses += 1,
         }
@@ -546,6 +558,7 @@ impl Scan<'_> {
                         self.out.saw_id(&queue_id);
                         let partial = Partial {
                             start_seq: self.seq,
+                            statuses_before: self.statuses.len(),
                             start_at: (at - RECORD_HEADER) as u64,
                             queue_id,
                             meta,
@@ -577,6 +590,7 @@ impl Scan<'_> {
                         self.out.messages.push(RecoveredMessage {
                             statuses: vec![None; n],
                             start_seq: p.start_seq,
+                            statuses_before: p.statuses_before,
                             body: MessageRef::new(&p.queue_id, p.size, p.pieces),
                             queue_id: p.queue_id,
                             meta: p.meta,

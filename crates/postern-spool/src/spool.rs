@@ -799,7 +799,8 @@ impl Spool {
     /// outcome to [`Spool::copy_over`]: the message's old segments are then kept for it no
     /// more, and its body is read from the copy ([`Spool::body`]). Until then, and if it
     /// fails, the message stays where it was. Recovery takes the later of two copies of one
-    /// message, and applies the statuses recorded for its queue ID wherever they lie.
+    /// message, with the outcomes written after that copy's `START` (the copy's own, written
+    /// before its `END`, and any later).
     pub fn copy_forward(
         &mut self,
         queue_id: &str,
@@ -816,18 +817,17 @@ impl Spool {
                 return Err(e);
             }
         }
-        let (mut ticket, copied) = self.finish_inner(draft, true)?;
+        // The outcomes go before the copy's END: a recovery that finds the END finds them
+        // (a scan stops at the first hole), and takes them in place of every record of the
+        // message before the copy's START.
         for (rcpt, status) in statuses.iter().enumerate() {
             let Some(status) = status else { continue };
-            match self.append_status(queue_id, rcpt as u32, status) {
-                Ok(t) => ticket = t,
-                Err(e) => {
-                    // The copy lacks an outcome: the old segments, which hold it, stay.
-                    self.index.copy_over(queue_id, false);
-                    return Err(e);
-                }
+            if let Err(e) = self.append_status(queue_id, rcpt as u32, status) {
+                self.abort(draft);
+                return Err(e);
             }
         }
+        let (ticket, copied) = self.finish_inner(draft, true)?;
         Ok(Some((
             ticket,
             PendingBody {

@@ -228,3 +228,34 @@ fn little_is_copied_while_the_spool_is_mostly_live_mail() {
     assert!(spool.segment_count() >= 5);
     assert!(spool.to_copy_forward().is_empty());
 }
+
+#[test]
+fn records_of_a_message_before_its_copy_count_no_more_once_the_copy_is_kept() {
+    // Recipient 0 delivered, then (a stale record) failed: the first final outcome stands.
+    // Copied forward, the segment with the first one goes; the stale one, in the segment
+    // the copy starts in, must not take its place.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let d = spool.begin(&meta(1)).unwrap();
+    let id = d.queue_id().to_owned();
+    let (_, pending) = spool.finish_with_body(d).unwrap();
+    spool.sync_now().unwrap();
+    let w_body = spool.body(pending).unwrap();
+    spool.append_status(&id, 0, &delivered()).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let stale = Status {
+        state: DeliveryState::Failed,
+        reply: "550 5.1.1 stale".into(),
+    };
+    spool.append_status(&id, 0, &stale).unwrap();
+    spool.sync_now().unwrap();
+    let found = |root: &std::path::Path| recover(root).unwrap().messages[0].statuses.clone();
+    assert_eq!(found(dir.path()), [Some(delivered()), None]);
+    spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    spool.sync_now().unwrap();
+    spool.copy_over(&id, true).unwrap();
+    assert_eq!(spool.segment_count(), 1, "the first segment went");
+    assert_eq!(found(dir.path()), [Some(delivered()), None]);
+}

@@ -1,6 +1,7 @@
 //! Model-based test: random sequences of writes (whole, aborted, or long ones kept open across
-//! other operations), status records written on either of two cores, reclaims and restarts,
-//! checked against an in-memory model after every step.
+//! other operations), status records written on either of two cores, reclaims, copies of
+//! live messages forward (made durable or not) and restarts, checked against an in-memory
+//! model after every step.
 #![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
@@ -46,6 +47,13 @@ enum Op {
     Reclaim {
         msg: Index,
     },
+    /// Copies a live message forward (the one at `msg`, or those the spool of `core` asks
+    /// for); its sync fails unless `durable`.
+    Copy {
+        msg: Option<Index>,
+        core: usize,
+        durable: bool,
+    },
     Restart,
 }
 
@@ -58,9 +66,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (core.clone(), 1usize..40_000).prop_map(|(core, size)| Op::Grow { core, size }),
         1 => (core.clone(), proptest::bool::weighted(0.3))
             .prop_map(|(core, abort)| Op::End { core, abort }),
-        4 => (any::<Index>(), 0u32..2, 0u8..3, core)
+        4 => (any::<Index>(), 0u32..2, 0u8..3, core.clone())
             .prop_map(|(msg, rcpt, outcome, on)| Op::Status { msg, rcpt, outcome, on }),
         2 => any::<Index>().prop_map(|msg| Op::Reclaim { msg }),
+        2 => (proptest::option::of(any::<Index>()), core, proptest::bool::weighted(0.8))
+            .prop_map(|(msg, core, durable)| Op::Copy { msg, core, durable }),
         1 => Just(Op::Restart),
     ]
 }
@@ -75,6 +85,8 @@ struct Model {
     pending: Option<PendingBody>,
     statuses: Vec<Option<Status>>,
     reclaimed: bool,
+    /// The step that wrote it (its envelope is `meta(step)`).
+    step: usize,
 }
 
 impl Model {
@@ -120,7 +132,7 @@ fn outcome(o: u8, step: usize) -> Status {
     }
 }
 
-fn check(dir: &std::path::Path, model: &[Model], open: &[Option<(Draft, Vec<u8>)>]) {
+fn check(dir: &std::path::Path, model: &[Model], open: &[Option<(Draft, Vec<u8>, usize)>]) {
     let r = recover(dir).unwrap();
     assert_eq!(r.corrupt_records, 0);
     for m in model.iter().filter(|m| !m.reclaimed) {
@@ -132,6 +144,7 @@ fn check(dir: &std::path::Path, model: &[Model], open: &[Option<(Draft, Vec<u8>)
         assert_eq!(found.body().to_vec(), m.body, "{} body", m.id);
         assert_eq!(found.statuses, m.statuses, "{} statuses", m.id);
         assert_eq!(found.core as usize, m.core);
+        assert_eq!(found.meta, meta(m.step), "{} envelope", m.id);
     }
     // Handles taken at finish read the same bytes, across restarts and reclaims.
     for m in model {
@@ -143,7 +156,7 @@ fn check(dir: &std::path::Path, model: &[Model], open: &[Option<(Draft, Vec<u8>)
             !open
                 .iter()
                 .flatten()
-                .any(|(d, _)| d.queue_id() == x.queue_id),
+                .any(|(d, _, _)| d.queue_id() == x.queue_id),
             "an open draft reported whole"
         );
         let m = model
@@ -173,7 +186,7 @@ proptest! {
         };
         let mut spools = open_all();
         let mut model: Vec<Model> = Vec::new();
-        let mut open: Vec<Option<(Draft, Vec<u8>)>> = (0..CORES).map(|_| None).collect();
+        let mut open: Vec<Option<(Draft, Vec<u8>, usize)>> = (0..CORES).map(|_| None).collect();
         for (step, op) in ops.into_iter().enumerate() {
             match op {
                 Op::Write { core, size, abort } => {
@@ -187,30 +200,30 @@ proptest! {
                     } else {
                         let id = d.queue_id().to_owned();
                         let (_, handle) = spool.finish_with_body(d).unwrap();
-                        model.push(Model { id, core, body, handle: None, pending: Some(handle), statuses: vec![None, None], reclaimed: false });
+                        model.push(Model { id, core, body, handle: None, pending: Some(handle), statuses: vec![None, None], reclaimed: false, step });
                     }
                 }
                 Op::Begin { core } => {
                     if open[core].is_none() {
                         let d = spools[core].begin(&meta(step)).unwrap();
-                        open[core] = Some((d, Vec::new()));
+                        open[core] = Some((d, Vec::new(), step));
                     }
                 }
                 Op::Grow { core, size } => {
-                    if let Some((d, body)) = open[core].as_mut() {
+                    if let Some((d, body, _)) = open[core].as_mut() {
                         let more: Vec<u8> = (0..size).map(|k| (k * 3 + step) as u8).collect();
                         write_body(&mut spools[core], d, &more);
                         body.extend_from_slice(&more);
                     }
                 }
                 Op::End { core, abort } => {
-                    if let Some((d, body)) = open[core].take() {
+                    if let Some((d, body, begun)) = open[core].take() {
                         if abort {
                             spools[core].abort(d);
                         } else {
                             let id = d.queue_id().to_owned();
                             let (_, handle) = spools[core].finish_with_body(d).unwrap();
-                            model.push(Model { id, core, body, handle: None, pending: Some(handle), statuses: vec![None, None], reclaimed: false });
+                            model.push(Model { id, core, body, handle: None, pending: Some(handle), statuses: vec![None, None], reclaimed: false, step: begun });
                         }
                     }
                 }
@@ -250,10 +263,37 @@ proptest! {
                     spools[m.core].mark_final(&m.id).unwrap();
                     m.reclaimed = true;
                 }
+                Op::Copy { msg, core, durable } => {
+                    let ids: Vec<String> = match msg {
+                        Some(i) if !model.is_empty() => {
+                            let n = model.len();
+                            vec![model[i.index(n)].id.clone()]
+                        }
+                        _ => spools[core].to_copy_forward(),
+                    };
+                    for id in ids {
+                        let Some(m) = model.iter_mut().find(|m| m.id == id) else {
+                            panic!("{id} asked for and never finished");
+                        };
+                        if m.reclaimed || m.is_final() {
+                            continue;
+                        }
+                        let handle = m.handle.clone().expect("readable after the sync");
+                        let spool = &mut spools[m.core];
+                        let copied = spool.copy_forward(&m.id, &meta(m.step), &handle).unwrap();
+                        let (ticket, pending) = copied.expect("a live message is copied");
+                        if durable {
+                            spool.sync_now().unwrap();
+                            prop_assert!(spool.is_durable(ticket));
+                            m.handle = Some(spool.body(pending).unwrap());
+                        }
+                        spool.copy_over(&m.id, durable).unwrap();
+                    }
+                }
                 Op::Restart => {
                     // Open drafts die with the process that wrote them.
                     for (c, slot) in open.iter_mut().enumerate() {
-                        if let Some((d, _)) = slot.take() {
+                        if let Some((d, _, _)) = slot.take() {
                             spools[c].abort(d);
                         }
                     }
@@ -292,7 +332,7 @@ proptest! {
         }
         // Once everything is final and reclaimed, only the segment in use may remain.
         for (c, slot) in open.iter_mut().enumerate() {
-            if let Some((d, _)) = slot.take() {
+            if let Some((d, _, _)) = slot.take() {
                 spools[c].abort(d);
             }
         }
