@@ -108,25 +108,23 @@ impl CoreHandle {
         self.0.store.to_copy_forward()
     }
 
-    /// Writes live message `queue_id` (with its envelope and body as spooled) again at the
-    /// end of this core's spool, with its outcomes so far, and once that copy is durable lets
-    /// the segments go that it kept: returns the body to read from now on (the old one's
-    /// space is freed once nothing reads it), or None when the message is final here (or
-    /// already being copied). An error is logged and counted; the message then stays where
-    /// it was.
+    /// Writes each of these live messages (queue ID, envelope and body as spooled) again at
+    /// the end of this core's spool, with its outcomes so far, and once the copies are durable
+    /// (one group commit for all) lets the segments go that they kept. Returns, in the same
+    /// order, the body to read each from now on (the old one's space is freed once nothing
+    /// reads it), or None where it was not copied: final here or already being copied, or
+    /// past an error, which is logged and counted; such a message stays where it was.
     pub async fn copy_forward(
         &self,
-        queue_id: &str,
-        meta: &MessageMeta,
-        body: &MessageRef,
-    ) -> Result<Option<MessageRef>, SpoolError> {
-        let copied = self.0.store.copy_forward(queue_id, meta, body).await;
-        match &copied {
-            Ok(Some(_)) => self.0.metrics.borrow_mut().copied_forward += 1,
-            Ok(None) => {}
-            Err(e) => self.0.spool_error("copying a waiting message forward", e),
+        messages: &[(&str, &MessageMeta, &MessageRef)],
+    ) -> Vec<Option<MessageRef>> {
+        let (moved, error) = self.0.store.copy_forward(messages).await;
+        if let Some(e) = error {
+            self.0.spool_error("copying waiting messages forward", &e);
         }
-        copied
+        let copied = moved.iter().flatten().count() as u64;
+        self.0.metrics.borrow_mut().copied_forward += copied;
+        moved
     }
 
     /// Spools a message made here (a bounce) and waits until it is durable.

@@ -419,32 +419,51 @@ impl CoreStore {
         self.spool.borrow().to_copy_forward()
     }
 
-    /// Writes live message `queue_id` again at the end of the spool with its outcomes so
-    /// far, waits until the copy is durable, and lets the segments that held it go: the
-    /// body as read from the copy, or None when the message was final (or being copied)
-    /// already. On an error the message stays where it was.
+    /// Writes each of these live messages (queue ID, envelope and body as spooled) again at
+    /// the end of the spool with its outcomes so far, waits until the copies are durable (one
+    /// group commit for all), and lets the segments that held them go. Returns, in the same
+    /// order, the body to read each from now on, or None where it was not copied (final, or
+    /// being copied, already; or past an error, which is returned too). A message not copied
+    /// stays where it was.
     pub(crate) async fn copy_forward(
         &self,
-        queue_id: &str,
-        meta: &MessageMeta,
-        body: &MessageRef,
-    ) -> Result<Option<MessageRef>, SpoolError> {
-        self.spare_for(meta).await;
-        let copied = self.spool.borrow_mut().copy_forward(queue_id, meta, body);
-        let Some((ticket, pending)) = self.failed_write(copied)? else {
-            return Ok(None);
+        messages: &[(&str, &MessageMeta, &MessageRef)],
+    ) -> (Vec<Option<MessageRef>>, Option<SpoolError>) {
+        let mut moved = vec![None; messages.len()];
+        let mut error = None;
+        let mut written = Vec::new();
+        for (i, &(queue_id, meta, body)) in messages.iter().enumerate() {
+            self.spare_for(meta).await;
+            let copied = self.spool.borrow_mut().copy_forward(queue_id, meta, body);
+            match self.failed_write(copied) {
+                Ok(Some((ticket, pending))) => written.push((i, ticket, pending)),
+                Ok(None) => {}
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let Some(&(_, last, _)) = written.last() else {
+            return (moved, error);
         };
-        if let Err(e) = self.wait(ticket).await {
-            let _ = self.spool.borrow_mut().copy_over(queue_id, false);
-            return Err(e);
+        if let Err(e) = self.wait(last).await {
+            error.get_or_insert(e);
         }
         let mut spool = self.spool.borrow_mut();
-        let body = spool.body(pending).ok();
-        let released = spool.copy_over(queue_id, true);
+        for (i, ticket, pending) in written {
+            let queue_id = messages[i].0;
+            let durable = spool.is_durable(ticket);
+            if durable {
+                moved[i] = spool.body(pending).ok();
+            }
+            if let Err(e) = spool.copy_over(queue_id, durable) {
+                error.get_or_insert(e);
+            }
+        }
         drop(spool);
         self.wake_unlinker();
-        released?;
-        Ok(body)
+        (moved, error)
     }
 
     /// Appends a recipient's status record; durable with the next group commit.

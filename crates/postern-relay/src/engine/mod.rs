@@ -549,6 +549,13 @@ impl Relay {
     }
 }
 
+/// The most messages copied forward in one round (see `CoreRelay::copy_forward`).
+const COPY_BATCH_MESSAGES: usize = 512;
+
+/// About the most octets of bodies copied forward in one round (the first message goes
+/// whatever its size).
+const COPY_BATCH_BYTES: u64 = 32 << 20;
+
 /// How long a bounce that could not be spooled waits before it is tried again.
 const BOUNCE_RETRY: Duration = Duration::from_secs(10);
 
@@ -1336,10 +1343,20 @@ impl CoreRelay {
         if ids.is_empty() {
             return;
         }
+        // A bounded batch a round: the copies are written on the core, between its sessions'
+        // work. The rest follow in the next rounds.
+        let mut budget = COPY_BATCH_BYTES;
         let msgs: Vec<Arc<Msg>> = {
             let tracked = self.tracked.borrow();
             ids.iter()
                 .filter_map(|id| tracked.get(id).map(|t| t.msg.clone()))
+                .take(COPY_BATCH_MESSAGES)
+                .take_while(|m| {
+                    let first = budget == COPY_BATCH_BYTES;
+                    let size = m.body().len();
+                    budget = budget.saturating_sub(size);
+                    first || budget > 0
+                })
                 .collect()
         };
         if msgs.is_empty() {
@@ -1348,24 +1365,19 @@ impl CoreRelay {
         self.copying.set(true);
         let core = self.clone();
         spawn_detached(async move {
-            let mut copied = 0usize;
-            let mut bytes = 0u64;
-            for msg in &msgs {
-                let body = msg.body();
-                match core
-                    .handle
-                    .copy_forward(&msg.queue_id, &msg.meta, &body)
-                    .await
-                {
-                    Ok(Some(moved)) => {
-                        copied += 1;
-                        bytes += moved.len();
-                        msg.moved_to(moved);
-                    }
-                    Ok(None) => {}
-                    // Logged and counted: the message stays where it was, and the next
-                    // round tries again.
-                    Err(_) => break,
+            let bodies: Vec<MessageRef> = msgs.iter().map(|m| m.body()).collect();
+            let batch: Vec<(&str, &MessageMeta, &MessageRef)> = msgs
+                .iter()
+                .zip(&bodies)
+                .map(|(m, b)| (m.queue_id.as_str(), &m.meta, b))
+                .collect();
+            let moved = core.handle.copy_forward(&batch).await;
+            let (mut copied, mut bytes) = (0usize, 0u64);
+            for (msg, moved) in msgs.iter().zip(moved) {
+                if let Some(body) = moved {
+                    copied += 1;
+                    bytes += body.len();
+                    msg.moved_to(body);
                 }
             }
             if copied > 0 {
