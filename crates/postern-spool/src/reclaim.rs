@@ -195,41 +195,61 @@ impl Index {
         self.unpin(unpinned);
     }
 
-    /// The live messages to copy forward, when the oldest segment is kept by nothing but live
-    /// messages (no open draft, no copy on its way) while the segments behind it come to
-    /// twice what is live and a `segment_size` more, and there are at least three: those
-    /// whose `START` it holds. Copying them lets it go; each copy carries its message's body
-    /// and outcomes. The proportion bounds the work: the spool holds at least as much that
-    /// is no longer needed as it holds live mail before anything is copied, so over time
-    /// every octet written costs at most about one octet copied.
+    /// The live messages to copy forward, oldest first: when the segments come to twice what
+    /// is live and a `segment_size` more, and there are at least three, those whose `START`
+    /// lies in the oldest segments, as many of them as it takes to bring the spool back to
+    /// about what is live and a segment (once the copies are durable, those segments go in
+    /// order). A segment with an open draft's `START`, or with a copy on its way, stops the
+    /// walk: nothing at or past it is asked for. The proportion bounds the work: the spool
+    /// has grown by what is live and a segment since the last copies before anything is
+    /// copied again, so over time every octet written costs less than one octet copied.
     pub(crate) fn to_copy_forward(&self, current: Option<u64>, segment_size: u64) -> Vec<String> {
-        let Some(front) = self.segments.front() else {
-            return Vec::new();
-        };
-        let room = self
+        let start = self
             .live_bytes
             .saturating_add(segment_size)
             .saturating_mul(2);
-        if self.segments.len() < 3 || front.pins == 0 || Some(front.seq) == current {
+        let total = self.bytes();
+        if self.segments.len() < 3 || total < start {
             return Vec::new();
         }
-        if self.bytes() < room {
-            return Vec::new();
+        let target = self.live_bytes.saturating_add(segment_size);
+        // The segments to empty, oldest first, up to the first that cannot be.
+        let mut upto = None;
+        let mut left = total;
+        for e in &self.segments {
+            if Some(e.seq) == current || left <= target {
+                break;
+            }
+            upto = Some(e.seq);
+            left = left.saturating_sub(e.bytes);
         }
-        let mut ids = Vec::new();
+        let Some(upto) = upto else {
+            return Vec::new();
+        };
+        let mut found: std::collections::BTreeMap<u64, Vec<(&str, bool)>> = Default::default();
         for (id, live) in &self.live {
-            if live.seq == front.seq {
-                if live.copy.is_some() {
-                    return Vec::new();
-                }
-                ids.push(id.clone());
+            if live.seq <= upto {
+                found
+                    .entry(live.seq)
+                    .or_default()
+                    .push((id.as_str(), live.copy.is_some()));
             }
         }
-        if ids.len() != front.pins {
-            // An open draft started there: it cannot be copied, and keeps the segment.
-            return Vec::new();
+        let mut ids = Vec::new();
+        for e in self.segments.iter().take_while(|e| e.seq <= upto) {
+            if e.pins == 0 {
+                continue;
+            }
+            let here = found.get(&e.seq).map_or(&[][..], Vec::as_slice);
+            if here.len() != e.pins || here.iter().any(|&(_, copying)| copying) {
+                // An open draft started here, or a copy is on its way: it stays for now, and
+                // so does everything after it.
+                break;
+            }
+            let mut here: Vec<String> = here.iter().map(|&(id, _)| id.to_owned()).collect();
+            here.sort_unstable();
+            ids.extend(here);
         }
-        ids.sort_unstable();
         ids
     }
 
@@ -441,5 +461,36 @@ mod tests {
         assert!(ix.set_final("a"));
         assert_eq!(ix.live_bytes, 0);
         assert_eq!(ix.segments.back().map(|e| e.pins), Some(0));
+    }
+
+    #[test]
+    fn enough_of_the_oldest_segments_are_emptied_in_one_go_to_bring_the_spool_back() {
+        // Ten segments of 100, a live message of 10 starting in 1, 3 and 6, one being
+        // written in 8; segments of 100. 1000 >= 2 x (30 + 100): copy until what is left
+        // comes to 130 or less, or up to the open draft.
+        let mut ix = Index::default();
+        for seq in 1..=10 {
+            ix.add_segment(seq, 100, true);
+        }
+        for (id, seq) in [("c", 1), ("d", 3), ("e", 6)] {
+            ix.pin(seq);
+            ix.set_live(id.into(), seq, 10, Vec::new());
+        }
+        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c", "d", "e"]);
+        // Left from 9 on, 200: more than 130, but 8 holds an open draft.
+        ix.pin(8);
+        ix.pin(8);
+        ix.set_live("f".into(), 8, 10, Vec::new());
+        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c", "d", "e"]);
+        // A copy on its way in 3 stops the walk there.
+        ix.pin(10);
+        assert!(ix.copy_written("d", 10));
+        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c"]);
+        // With less spool behind them, fewer.
+        ix.copy_over("d", false);
+        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c", "d", "e"]);
+        // 1000 >= 2 x (40 + 460), and five segments bring it to 500.
+        assert_eq!(ix.to_copy_forward(Some(10), 460), ["c", "d"]);
+        assert!(ix.to_copy_forward(Some(10), 461).is_empty());
     }
 }

@@ -549,12 +549,16 @@ impl Relay {
     }
 }
 
-/// The most messages copied forward in one round (see `CoreRelay::copy_forward`).
+/// The most messages copied forward in one batch (see `CoreRelay::copy_forward`).
 const COPY_BATCH_MESSAGES: usize = 512;
 
-/// About the most octets of bodies copied forward in one round (the first message goes
+/// About the most octets of bodies copied forward in one batch (the first message goes
 /// whatever its size).
 const COPY_BATCH_BYTES: u64 = 32 << 20;
+
+/// The most batches copied forward one after another, before the rest waits for the next
+/// second.
+const COPY_ROUNDS: usize = 16;
 
 /// How long a bounce that could not be spooled waits before it is tried again.
 const BOUNCE_RETRY: Duration = Duration::from_secs(10);
@@ -1339,45 +1343,39 @@ impl CoreRelay {
         if self.copying.get() || self.handle.is_stopping() {
             return;
         }
-        let ids = self.handle.to_copy_forward();
-        if ids.is_empty() {
-            return;
-        }
-        // A bounded batch a round: the copies are written on the core, between its sessions'
-        // work. The rest follow in the next rounds.
-        let mut budget = COPY_BATCH_BYTES;
-        let msgs: Vec<Arc<Msg>> = {
-            let tracked = self.tracked.borrow();
-            ids.iter()
-                .filter_map(|id| tracked.get(id).map(|t| t.msg.clone()))
-                .take(COPY_BATCH_MESSAGES)
-                .take_while(|m| {
-                    let first = budget == COPY_BATCH_BYTES;
-                    let size = m.body().len();
-                    budget = budget.saturating_sub(size);
-                    first || budget > 0
-                })
-                .collect()
-        };
-        if msgs.is_empty() {
+        let first = self.copy_batch();
+        if first.is_empty() {
             return;
         }
         self.copying.set(true);
         let core = self.clone();
         spawn_detached(async move {
-            let bodies: Vec<MessageRef> = msgs.iter().map(|m| m.body()).collect();
-            let batch: Vec<(&str, &MessageMeta, &MessageRef)> = msgs
-                .iter()
-                .zip(&bodies)
-                .map(|(m, b)| (m.queue_id.as_str(), &m.meta, b))
-                .collect();
-            let moved = core.handle.copy_forward(&batch).await;
             let (mut copied, mut bytes) = (0usize, 0u64);
-            for (msg, moved) in msgs.iter().zip(moved) {
-                if let Some(body) = moved {
-                    copied += 1;
-                    bytes += body.len();
-                    msg.moved_to(body);
+            let mut batch = first;
+            // Batch after batch while the spool asks for more (bounded: the rest waits for
+            // the next second), each after a group commit.
+            for _ in 0..COPY_ROUNDS {
+                let bodies: Vec<MessageRef> = batch.iter().map(|m| m.body()).collect();
+                let refs: Vec<(&str, &MessageMeta, &MessageRef)> = batch
+                    .iter()
+                    .zip(&bodies)
+                    .map(|(m, b)| (m.queue_id.as_str(), &m.meta, b))
+                    .collect();
+                let moved = core.handle.copy_forward(&refs).await;
+                let before = copied;
+                for (msg, moved) in batch.iter().zip(moved) {
+                    if let Some(body) = moved {
+                        copied += 1;
+                        bytes += body.len();
+                        msg.moved_to(body);
+                    }
+                }
+                if copied == before || core.handle.is_stopping() {
+                    break;
+                }
+                batch = core.copy_batch();
+                if batch.is_empty() {
+                    break;
                 }
             }
             if copied > 0 {
@@ -1391,6 +1389,26 @@ impl CoreRelay {
             }
             core.copying.set(false);
         });
+    }
+
+    /// The next messages to copy forward, as the spool asks for them: a bounded batch (the
+    /// copies are written on the core, between its sessions' work).
+    fn copy_batch(&self) -> Vec<Arc<Msg>> {
+        let ids = self.handle.to_copy_forward();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let mut budget = COPY_BATCH_BYTES;
+        let tracked = self.tracked.borrow();
+        ids.iter()
+            .filter_map(|id| tracked.get(id).map(|t| t.msg.clone()))
+            .take(COPY_BATCH_MESSAGES)
+            .take_while(|m| {
+                let first = budget == COPY_BATCH_BYTES;
+                budget = budget.saturating_sub(m.body().len());
+                first || budget > 0
+            })
+            .collect()
     }
 
     async fn housekeeping(self: Rc<Self>) {
