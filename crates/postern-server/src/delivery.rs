@@ -118,7 +118,11 @@ impl CoreHandle {
         &self,
         messages: &[(&str, &MessageMeta, &MessageRef)],
     ) -> Vec<Option<MessageRef>> {
-        let (moved, error) = self.0.store.copy_forward(messages).await;
+        let core = &self.0;
+        let (moved, error) = core
+            .store
+            .copy_forward(messages, &|| core.stopping.get())
+            .await;
         if let Some(e) = error {
             self.0.spool_error("copying waiting messages forward", &e);
         }

@@ -423,17 +423,25 @@ impl CoreStore {
     /// the end of the spool with its outcomes so far, waits until the copies are durable (one
     /// group commit for all), and lets the segments that held them go. Returns, in the same
     /// order, the body to read each from now on, or None where it was not copied (final, or
-    /// being copied, already; or past an error, which is returned too). A message not copied
-    /// stays where it was.
+    /// being copied, already; or past an error, which is returned too; or once `stopping`
+    /// says so). A message not copied stays where it was.
     pub(crate) async fn copy_forward(
         &self,
         messages: &[(&str, &MessageMeta, &MessageRef)],
+        stopping: &dyn Fn() -> bool,
     ) -> (Vec<Option<MessageRef>>, Option<SpoolError>) {
         let mut moved = vec![None; messages.len()];
         let mut error = None;
         let mut written = Vec::new();
         for (i, &(queue_id, meta, body)) in messages.iter().enumerate() {
+            // Each copy is written on the core: its sessions get their turns between them.
+            glommio::yield_if_needed().await;
             self.spare_for(meta).await;
+            if stopping() {
+                // Past the stop's last sync, a copy would wait for the next opening to be
+                // made durable.
+                break;
+            }
             let copied = self.spool.borrow_mut().copy_forward(queue_id, meta, body);
             match self.failed_write(copied) {
                 Ok(Some((ticket, pending))) => written.push((i, ticket, pending)),

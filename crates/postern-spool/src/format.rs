@@ -6,7 +6,14 @@ pub(crate) const HEADER: usize = 64;
 /// Segment magic.
 pub(crate) const MAGIC: &[u8; 8] = b"PSTNSEG\0";
 /// Format version: 2 added the per-segment salt in the CRC.
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 3;
+
+/// The oldest format version read. Version 3 added copies of live messages (a queue ID
+/// finished twice in a core's log, the later copy standing for both, and the status records of
+/// its ID before its `START` passed over): a version 2 postern would deliver both copies, so
+/// it must not read a version 3 segment (it refuses a newer version), while a version 2
+/// segment, which holds no copy, reads the same under either version's rules.
+pub(crate) const OLDEST_READ: u32 = 2;
 /// Record header: length, CRC, kind, padding.
 pub(crate) const RECORD_HEADER: usize = 12;
 

@@ -49,6 +49,10 @@ pub(crate) struct Index {
     live: HashMap<String, Live>,
     /// The sum of the live messages' sizes.
     live_bytes: u64,
+    /// The segment of the first copy written since the oldest segment last moved past the
+    /// one before: while an older segment is left, copies stop short of it (see
+    /// `to_copy_forward`).
+    copy_floor: Option<u64>,
     /// Whether a segment may have become unused since `pop_unused` last found none (a draft
     /// abandoned, a segment put back): only then is the index looked through for one, not at
     /// every reclaim.
@@ -172,6 +176,13 @@ impl Index {
         match self.live.get_mut(queue_id) {
             Some(live) if live.copy.is_none() => {
                 live.copy = Some(seq);
+                let front = self.segments.front().map(|e| e.seq);
+                if self
+                    .copy_floor
+                    .is_none_or(|floor| front.is_none_or(|front| front >= floor))
+                {
+                    self.copy_floor = Some(seq);
+                }
                 true
             }
             _ => false,
@@ -200,7 +211,10 @@ impl Index {
     /// lies in the oldest segments, as many of them as it takes to bring the spool back to
     /// about what is live and a segment (once the copies are durable, those segments go in
     /// order). A segment with an open draft's `START`, or with a copy on its way, stops the
-    /// walk: nothing at or past it is asked for. The proportion bounds the work: the spool
+    /// walk: nothing at or past it is asked for. So does the segment the last copies began
+    /// in, while a segment older than it is left: what was copied there is not copied again
+    /// while something older (a message the caller could not copy, a deletion that failed)
+    /// keeps the spool from shrinking. The proportion bounds the work: the spool
     /// has grown by what is live and a segment since the last copies before anything is
     /// copied again, so over time every octet written costs less than one octet copied.
     pub(crate) fn to_copy_forward(&self, current: Option<u64>, segment_size: u64) -> Vec<String> {
@@ -213,11 +227,13 @@ impl Index {
             return Vec::new();
         }
         let target = self.live_bytes.saturating_add(segment_size);
+        let front = self.segments.front().map_or(0, |e| e.seq);
+        let floor = self.copy_floor.filter(|&floor| front < floor);
         // The segments to empty, oldest first, up to the first that cannot be.
         let mut upto = None;
         let mut left = total;
         for e in &self.segments {
-            if Some(e.seq) == current || left <= target {
+            if Some(e.seq) == current || floor.is_some_and(|f| e.seq >= f) || left <= target {
                 break;
             }
             upto = Some(e.seq);
@@ -492,5 +508,37 @@ mod tests {
         // 1000 >= 2 x (40 + 460), and five segments bring it to 500.
         assert_eq!(ix.to_copy_forward(Some(10), 460), ["c", "d"]);
         assert!(ix.to_copy_forward(Some(10), 461).is_empty());
+    }
+
+    #[test]
+    fn what_was_copied_is_not_copied_again_while_an_older_segment_stays() {
+        let mut ix = Index::default();
+        for seq in 1..=8 {
+            ix.add_segment(seq, 100, true);
+        }
+        for (id, seq) in [("stuck", 1), ("g", 2), ("h", 4)] {
+            ix.pin(seq);
+            ix.set_live(id.into(), seq, 10, Vec::new());
+        }
+        assert_eq!(ix.to_copy_forward(Some(8), 100), ["stuck", "g", "h"]);
+        // The caller copies g and h, not the first (it cannot): 1 stays, and all behind it.
+        for id in ["g", "h"] {
+            ix.pin(8);
+            assert!(ix.copy_written(id, 8));
+            ix.copy_over(id, true);
+        }
+        assert_eq!(ix.pop_free(Some(8)), None);
+        ix.add_segment(9, 100, false);
+        // g and h, now in 8, are not asked for again while 1 is left.
+        assert_eq!(ix.to_copy_forward(Some(9), 100), ["stuck"]);
+        // Once it goes, so do the segments before 8, and copying starts afresh from there.
+        assert!(ix.set_final("stuck"));
+        for seq in 1..=7 {
+            assert_eq!(ix.pop_free(Some(9)), Some((seq, 100)));
+        }
+        for seq in 10..=12 {
+            ix.add_segment(seq, 100, false);
+        }
+        assert_eq!(ix.to_copy_forward(Some(12), 100), ["g", "h"]);
     }
 }

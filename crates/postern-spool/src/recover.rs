@@ -86,6 +86,9 @@ pub struct Recovered {
     pub damaged_at: Vec<(RecordLocation, RecordLocation)>,
     /// Status records whose message was not found (already reclaimed, or lost).
     pub orphan_statuses: u64,
+    /// Messages found whole more than once (copied forward, the old place not yet deleted):
+    /// the earlier copies passed over, the last one kept.
+    pub superseded: u64,
     /// The newest time (microseconds) of any queue ID a record names: a message's start,
     /// finished or not, or a status, its message's segment reclaimed or not. A spool opened
     /// again issues no ID with a time below it.
@@ -280,7 +283,7 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
             });
         }
         out.unfinished += open.len() as u64;
-        keep_latest_copies(&mut out.messages, core);
+        out.superseded += keep_latest_copies(&mut out.messages, core);
         // A reclaim leaves no older segment behind the one it deletes unless that one held
         // nothing a message needs (nothing at all, or only abandoned drafts' records): a
         // segment that went while an older one is still there says nothing of the messages
@@ -312,19 +315,20 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
 /// live message is copied forward (`Spool::copy_forward`) under its own queue ID so that the
 /// segments it kept can go, and both stay on disk until they do; the statuses recorded for its
 /// queue ID, wherever they lie, are applied to the copy kept.
-fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) {
+fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
     let mut seen = std::collections::HashSet::new();
     let mut keep: Vec<bool> = messages
         .iter()
         .rev()
         .map(|m| m.core != core || seen.insert(m.queue_id.clone()))
         .collect();
-    if keep.iter().all(|&k| k) {
-        return;
+    let passed_over = keep.iter().filter(|&&k| !k).count() as u64;
+    if passed_over > 0 {
+        keep.reverse();
+        let mut keep = keep.into_iter();
+        messages.retain(|_| keep.next().unwrap_or(true));
     }
-    keep.reverse();
-    let mut keep = keep.into_iter();
-    messages.retain(|_| keep.next().unwrap_or(true));
+    passed_over
 }
 
 /// Gives each message its recipients' outcomes. The owner's own records come first, in the

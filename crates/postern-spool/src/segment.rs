@@ -17,7 +17,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::format::{crc, record_len, write_record, Kind, HEADER, MAGIC, RECORD_HEADER, VERSION};
+use crate::format::{
+    crc, record_len, write_record, Kind, HEADER, MAGIC, OLDEST_READ, RECORD_HEADER, VERSION,
+};
 use crate::map::ReadMap;
 
 /// A segment being written.
@@ -249,7 +251,9 @@ pub(crate) fn header(data: &[u8]) -> Header {
         } else {
             Header::Bad
         }
-    } else if &h[..8] == MAGIC && h[8..12] == VERSION.to_le_bytes() {
+    } else if &h[..8] == MAGIC
+        && (OLDEST_READ..=VERSION).contains(&u32::from_le_bytes([h[8], h[9], h[10], h[11]]))
+    {
         Header::Valid {
             salt: u32::from_le_bytes([h[24], h[25], h[26], h[27]]),
             size: u64::from_le_bytes([h[28], h[29], h[30], h[31], h[32], h[33], h[34], h[35]]),

@@ -290,6 +290,7 @@ impl Spool {
         files.sort_unstable();
         let mut index = Index::default();
         let mut last = 0;
+        let mut kept = Vec::new();
         for (seq, path) in files {
             last = seq;
             if segment_is_blank(&path)? || crate::recover::segment_holds_nothing(&path)? {
@@ -301,8 +302,18 @@ impl Spool {
             }
             let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
             index.add_segment(seq, bytes, true);
+            kept.push(path);
         }
         let found = recover_core(&dir, core)?;
+        // A copy found in place of its original (docs/durability.md, "Copying forward") may
+        // be in the page cache only: written, and the process gone before the sync meant for
+        // it. The original's segments may go below, and the copy must not then be lost to a
+        // power cut: every segment is made durable first. Where that fails, nothing is
+        // deleted in this run (the next opening tries again).
+        let copies_durable = found.superseded == 0
+            || kept
+                .iter()
+                .all(|path| File::open(path).and_then(|f| f.sync_data()).is_ok());
         // Past every ID a record names, not only the messages still found: a status whose
         // message was reclaimed, or a start never finished, must not meet its ID again (a
         // new message would take that status for its own).
@@ -370,6 +381,7 @@ impl Spool {
             unlinks_out: false,
             deleting_stopped: false,
         };
+        spool.deleting_stopped = !copies_durable;
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
         // damaged one to set aside on a full disk) stays where it is, in the index, for the
         // next reclaim, whose error the embedding reports: a spool that holds mail to deliver
@@ -787,6 +799,10 @@ impl Spool {
     /// it has grown to twice what is live and a segment more (docs/durability.md,
     /// "Reclaiming space"). Usually none.
     pub fn to_copy_forward(&self) -> Vec<String> {
+        if self.deleting_stopped {
+            // Nothing copied would be freed in this run.
+            return Vec::new();
+        }
         let current = self.seg.as_ref().map(|s| s.seq);
         self.index
             .to_copy_forward(current, self.options.segment_size)

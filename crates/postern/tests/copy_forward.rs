@@ -129,3 +129,97 @@ fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_it
     assert_eq!(got[0].data, to_dest[0].data, "the copy's body differs");
     drop(down);
 }
+
+#[test]
+fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_go() {
+    // A copy forward is on file, and the process ended before the sync meant for it (the page
+    // cache still has it): the next start reads the copy in place of the original and would
+    // delete the original's segments. It first makes every segment durable; where that
+    // fails, it deletes nothing.
+    use postern_spool::{DeliveryState, MessageMeta, Recipient, Spool, SpoolOptions, Status};
+    let disk = common::FaultyFs::mount();
+    let spool = disk.path.join("spool");
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let meta = |i: u64| MessageMeta {
+        arrival: 1_795_346_220 + i,
+        reverse_path: format!("s{i}@origin.test"),
+        recipients: vec![
+            Recipient {
+                path: "a@dest.test".into(),
+                notify: None,
+                orcpt: None,
+            },
+            Recipient {
+                path: "b@down.test".into(),
+                notify: None,
+                orcpt: None,
+            },
+        ],
+        ..MessageMeta::default()
+    };
+    let delivered = Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 taken".into(),
+    };
+    let id = {
+        let mut s = Spool::open(&spool, 0, opts).unwrap();
+        let mut w = s.begin(&meta(0)).unwrap();
+        s.append(&mut w, b"Subject: waits\r\n\r\nfor down.test\r\n")
+            .unwrap();
+        let id = w.queue_id().to_owned();
+        let (_, pending) = s.finish_with_body(w).unwrap();
+        s.sync_now().unwrap();
+        let body = s.body(pending).unwrap();
+        s.append_status(&id, 0, &delivered).unwrap();
+        for i in 1..30 {
+            let mut d = s.begin(&meta(i)).unwrap();
+            s.append(&mut d, &vec![b'x'; 8 * 1024]).unwrap();
+            let done = d.queue_id().to_owned();
+            s.finish(d).unwrap();
+            s.append_status(&done, 0, &delivered).unwrap();
+            s.append_status(&done, 1, &delivered).unwrap();
+            s.sync_now().unwrap();
+            s.mark_final(&done).unwrap();
+        }
+        s.copy_forward(&id, &meta(0), &body).unwrap().unwrap();
+        // Written to the file (this sync is the test's way to get it there), and the
+        // process gone before it let the old place go.
+        s.sync_now().unwrap();
+        std::mem::forget(s);
+        id
+    };
+    let mut files: Vec<String> = std::fs::read_dir(spool.join("0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    let (first, copy) = (files[0].clone(), files.last().unwrap().clone());
+    let count = || segments(&spool);
+
+    // The copy's segment cannot be made durable: the original's stay.
+    disk.fail_syncs_of(&copy);
+    let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    assert!(
+        spool.join("0").join(&first).exists(),
+        "the original's segment went before the copy was durable"
+    );
+    assert!(count() >= files.len());
+    assert!(server.terminate().success());
+
+    // With syncs working again, they go at the next start.
+    disk.fail_syncs(false);
+    let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    assert!(!spool.join("0").join(&first).exists());
+    assert!(count() <= 3, "{} segments", count());
+    assert!(server.terminate().success());
+    let r = postern_spool::recover(&spool).unwrap();
+    let waiting: Vec<_> = r.messages.iter().filter(|m| !m.is_final()).collect();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].queue_id, id);
+    assert_eq!(waiting[0].statuses[0], Some(delivered));
+}
