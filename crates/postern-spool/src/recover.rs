@@ -104,6 +104,48 @@ pub struct Recovered {
 }
 
 impl Recovered {
+    /// Adds what the read of another core found (`found`: its status records, in the order
+    /// read) to this and to `statuses`.
+    fn add(
+        &mut self,
+        other: Recovered,
+        statuses: &mut Vec<(u32, String, u32, Status)>,
+        found: Vec<(u32, String, u32, Status)>,
+    ) {
+        let Recovered {
+            mut messages,
+            corrupt_records,
+            corrupt_at,
+            torn_tails,
+            unfinished,
+            damaged,
+            damaged_at,
+            orphan_statuses,
+            newest_id_micros,
+            segments,
+            unused_segments,
+            strays,
+            superseded,
+        } = other;
+        for m in &mut messages {
+            m.statuses_before += statuses.len();
+        }
+        statuses.extend(found);
+        self.messages.extend(messages);
+        self.corrupt_records += corrupt_records;
+        self.corrupt_at.extend(corrupt_at);
+        self.torn_tails += torn_tails;
+        self.unfinished += unfinished;
+        self.damaged += damaged;
+        self.damaged_at.extend(damaged_at);
+        self.orphan_statuses += orphan_statuses;
+        self.newest_id_micros = self.newest_id_micros.max(newest_id_micros);
+        self.segments += segments;
+        self.unused_segments += unused_segments;
+        self.strays.extend(strays);
+        self.superseded += superseded;
+    }
+
     /// Counts `queue_id` in [`Recovered::newest_id_micros`].
     fn saw_id(&mut self, queue_id: &str) {
         if let Some(t) = crate::queue_id::micros_of(queue_id) {
@@ -201,10 +243,43 @@ pub(crate) fn recover_core(dir: &Path, core: u32) -> Result<Recovered, SpoolErro
     scan_dirs(&[(core, dir.to_path_buf())])
 }
 
+/// How many times a core is read when segments vanish while it is (a `postern queue` beside
+/// a running server).
+const READS_WHILE_VANISHING: usize = 3;
+
 fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
     let mut out = Recovered::default();
     let mut statuses = Vec::new();
     for &(core, ref dir) in core_dirs {
+        // A segment that vanished while the core was read may have held the old place of a
+        // message copied forward (docs/durability.md, "Copying forward") into a segment this
+        // read did not list, or read before the copy was written: the core is read again,
+        // from its start, a few times, before the rule below is relied on.
+        let mut reads = 0;
+        loop {
+            reads += 1;
+            let mut one = Recovered::default();
+            let mut found = Vec::new();
+            let vanished = scan_core(core, dir, &mut one, &mut found)?;
+            if !vanished || reads >= READS_WHILE_VANISHING {
+                out.add(one, &mut statuses, found);
+                break;
+            }
+        }
+    }
+    apply_statuses(&mut out, statuses);
+    Ok(out)
+}
+
+/// Reads the segments of one core into `out` and `statuses`; whether any vanished while it
+/// did.
+fn scan_core(
+    core: u32,
+    dir: &Path,
+    out: &mut Recovered,
+    statuses: &mut Vec<(u32, String, u32, Status)>,
+) -> Result<bool, SpoolError> {
+    {
         let mut segs: Vec<(u64, PathBuf)> = Vec::new();
         // Segments gone while this scan ran (a `postern queue` beside a running server).
         // Reclaimed ones leave oldest first and only once nothing in them is live, so every
@@ -271,8 +346,8 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                 core,
                 seq,
                 open: &mut open,
-                statuses: &mut statuses,
-                out: &mut out,
+                statuses: &mut *statuses,
+                out: &mut *out,
             };
             scan.segment();
             #[cfg(test)]
@@ -300,15 +375,15 @@ fn scan_dirs(core_dirs: &[(u32, PathBuf)]) -> Result<Recovered, SpoolError> {
                 .unwrap_or(u64::MAX);
             Some(oldest)
         });
+        let any_vanished = !vanished.is_empty();
         let gone =
             oldest_left.and_then(|oldest| vanished.into_iter().filter(|&seq| seq < oldest).max());
         if let Some(gone) = gone {
             out.messages
                 .retain(|m| m.core != core || m.start_seq > gone);
         }
+        Ok(any_vanished)
     }
-    apply_statuses(&mut out, statuses);
-    Ok(out)
 }
 
 /// Keeps one of each message of `core` found whole more than once: the last one written. A
@@ -780,6 +855,75 @@ mod tests {
         AFTER_SEGMENT.with(|hook| hook.borrow_mut().take());
         let listed: Vec<&str> = found.messages.iter().map(|m| m.queue_id.as_str()).collect();
         assert!(listed.is_empty(), "{listed:?}");
+    }
+
+    #[test]
+    fn a_message_copied_forward_while_the_queue_is_read_is_still_listed() {
+        // W waits in the first segment; the second holds only mail delivered. While the
+        // listing reads the first, the server copies W forward into a third segment (which
+        // the listing did not see) and deletes the first two: the second vanishes before it
+        // is read. Taken at its word, that said W was final.
+        use crate::meta::{DeliveryState, Status};
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let options = crate::SpoolOptions {
+            segment_size: 64 * 1024,
+        };
+        let meta = one_recipient();
+        let mut spool =
+            crate::Spool::open(dir.path(), 0, options).unwrap_or_else(|e| panic!("{e}"));
+        let write = |spool: &mut crate::Spool, len: usize| {
+            let mut draft = spool.begin(&meta).unwrap_or_else(|e| panic!("{e}"));
+            spool
+                .append(&mut draft, &vec![b'x'; len])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let id = draft.queue_id().to_owned();
+            let (_, pending) = spool
+                .finish_with_body(draft)
+                .unwrap_or_else(|e| panic!("{e}"));
+            spool.sync_now().unwrap_or_else(|e| panic!("{e}"));
+            let body = spool
+                .body(pending)
+                .unwrap_or_else(|_| panic!("not durable"));
+            (id, body)
+        };
+        let (w, w_body) = write(&mut spool, 1024);
+        let (f, _) = write(&mut spool, 100 * 1024);
+        let delivered = Status {
+            state: DeliveryState::Delivered,
+            reply: "250 ok".into(),
+        };
+        spool
+            .append_status(&f, 0, &delivered)
+            .unwrap_or_else(|e| panic!("{e}"));
+        spool.sync_now().unwrap_or_else(|e| panic!("{e}"));
+        spool.mark_final(&f).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spool.segment_count(), 2);
+        let mut server = Some(spool);
+        let w_id = w.clone();
+        AFTER_SEGMENT.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move |seq| {
+                let Some(mut spool) = server.take().filter(|_| seq == 1) else {
+                    return;
+                };
+                // More mail fills the second segment and is given up; W goes to a third.
+                let mut draft = spool.begin(&meta).unwrap_or_else(|e| panic!("{e}"));
+                spool
+                    .append(&mut draft, &vec![b'y'; 64 * 1024])
+                    .unwrap_or_else(|e| panic!("{e}"));
+                spool.abort(draft);
+                let copied = spool.copy_forward(&w_id, &meta, &w_body);
+                assert!(copied.unwrap_or_else(|e| panic!("{e}")).is_some());
+                spool.sync_now().unwrap_or_else(|e| panic!("{e}"));
+                let deleted = spool
+                    .copy_over(&w_id, true)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(deleted, 2, "the first two segments go");
+            }));
+        });
+        let found = recover(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        AFTER_SEGMENT.with(|hook| hook.borrow_mut().take());
+        let listed: Vec<&str> = found.messages.iter().map(|m| m.queue_id.as_str()).collect();
+        assert_eq!(listed, [w.as_str()]);
     }
 
     #[test]
