@@ -40,9 +40,9 @@ impl DirLock {
             // child inherited, the kernel too names the process that took it.)
             let holder = match flock_holder(dir) {
                 Ok(Some(pid)) => format!(" (pid {pid})"),
-                _ => match std::fs::read_to_string(&path).unwrap_or_default().trim() {
-                    "" => String::new(),
-                    pid => format!(" (pid {pid}, as its lock file says)"),
+                _ => match pid_in_lock_file(&path) {
+                    None => String::new(),
+                    Some(pid) => format!(" (pid {pid}, as its lock file says)"),
                 },
             };
             io::Error::new(
@@ -81,6 +81,17 @@ impl DirLock {
             _file: file,
         })
     }
+}
+
+/// The process ID a lock file holds, if what it starts with is one: only its first few bytes
+/// are read (the lock file may be anything, even a link to a device that never ends, such as
+/// /dev/full or /dev/zero).
+fn pid_in_lock_file(path: &Path) -> Option<u32> {
+    let mut head = Vec::with_capacity(32);
+    File::open(path)
+        .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 32), &mut head))
+        .ok()?;
+    std::str::from_utf8(&head).ok()?.trim().parse().ok()
 }
 
 /// The process that holds an exclusive `flock` on the file or directory at `path`, as the
@@ -206,5 +217,20 @@ mod tests {
             err.to_string().contains("in use by another postern"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_lock_file_is_read_only_for_a_pid_at_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(LOCK_FILE);
+        std::fs::write(&file, "4242\n").unwrap();
+        assert_eq!(pid_in_lock_file(&file), Some(4242));
+        std::fs::write(&file, "not a pid\n").unwrap();
+        assert_eq!(pid_in_lock_file(&file), None);
+        // A link to a device that never ends is read for a few bytes, not to its end (which
+        // would take all memory).
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &file).unwrap();
+        assert_eq!(pid_in_lock_file(&file), None);
     }
 }
