@@ -2,42 +2,14 @@
 //! filesystem: what the copy carries, and what a recovery finds at each point of it.
 #![allow(clippy::unwrap_used)]
 
-use postern_spool::{
-    recover, DeliveryState, MessageMeta, MessageRef, Recipient, Spool, SpoolOptions, Status,
-};
+mod common;
+
+use common::{body, meta};
+use postern_spool::{recover, DeliveryState, MessageRef, Spool, SpoolOptions, Status};
 
 const OPTS: SpoolOptions = SpoolOptions {
     segment_size: 64 * 1024,
 };
-
-fn meta(i: usize) -> MessageMeta {
-    MessageMeta {
-        arrival: 1_795_346_220 + i as u64,
-        client: "192.0.2.1".into(),
-        helo: "client.test".into(),
-        reverse_path: format!("sender{i}@origin.test"),
-        recipients: vec![
-            Recipient {
-                path: "a@dest.test".into(),
-                notify: Some(2),
-                orcpt: Some("rfc822;a@dest.test".into()),
-            },
-            Recipient {
-                path: "b@down.test".into(),
-                notify: None,
-                orcpt: None,
-            },
-        ],
-        envid: Some("ENV1".into()),
-        ret: Some(2),
-        body_type: 1,
-        smtputf8: false,
-    }
-}
-
-fn body(i: usize, len: usize) -> Vec<u8> {
-    (0..len).map(|k| (k * 31 + i * 7) as u8).collect()
-}
 
 fn delivered() -> Status {
     Status {
