@@ -31,6 +31,9 @@ pub struct RecoveredMessage {
     /// How many status records the scan had read when it read this message's START: those
     /// of its core before it are not its own (see `apply_statuses`).
     statuses_before: usize,
+    /// A corrupt record was found between its START and its END: perhaps one of its own
+    /// status records (see `keep_latest_copies`).
+    tainted: bool,
 }
 
 impl RecoveredMessage {
@@ -167,6 +170,7 @@ impl Recovered {
 struct Partial {
     start_seq: u64,
     statuses_before: usize,
+    tainted: bool,
     /// Offset of the START record in its segment.
     start_at: u64,
     queue_id: String,
@@ -388,22 +392,40 @@ fn scan_core(
 
 /// Keeps one of each message of `core` found whole more than once: the last one written. A
 /// live message is copied forward (`Spool::copy_forward`) under its own queue ID so that the
-/// segments it kept can go, and both stay on disk until they do; the statuses recorded for its
-/// queue ID, wherever they lie, are applied to the copy kept.
+/// segments it kept can go, and both stay on disk until they do; the statuses after the kept
+/// copy's START are applied to it. A copy with a corrupt record between its START and END
+/// (its outcomes, written there, may have been one) gives way to an earlier one without, whose
+/// later statuses include the records before it.
 fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    let mut keep: Vec<bool> = messages
-        .iter()
-        .rev()
-        .map(|m| m.core != core || seen.insert(m.queue_id.clone()))
-        .collect();
-    let passed_over = keep.iter().filter(|&&k| !k).count() as u64;
-    if passed_over > 0 {
-        keep.reverse();
-        let mut keep = keep.into_iter();
-        messages.retain(|_| keep.next().unwrap_or(true));
+    let mut chosen: HashMap<&str, usize> = HashMap::new();
+    let mut copies = 0u64;
+    for (i, m) in messages.iter().enumerate().rev() {
+        if m.core != core {
+            continue;
+        }
+        match chosen.entry(m.queue_id.as_str()) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(i);
+            }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                copies += 1;
+                if messages[*e.get()].tainted && !m.tainted {
+                    e.insert(i);
+                }
+            }
+        }
     }
-    passed_over
+    if copies == 0 {
+        return 0;
+    }
+    let keep: Vec<bool> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.core != core || chosen.get(m.queue_id.as_str()) == Some(&i))
+        .collect();
+    let mut keep = keep.into_iter();
+    messages.retain(|_| keep.next().unwrap_or(true));
+    copies
 }
 
 /// Gives each message its recipients' outcomes. The owner's own records come first, in the
@@ -467,6 +489,9 @@ struct Scan<'a> {
 
 impl Scan<'_> {
     fn corrupt(&mut self, offset: usize) {
+        for p in self.open.values_mut() {
+            p.tainted = true;
+        }
         self.out.corrupt_records += 1;
         self.out.corrupt_at.push(RecordLocation {
             core: self.core,
@@ -638,6 +663,7 @@ impl Scan<'_> {
                         let partial = Partial {
                             start_seq: self.seq,
                             statuses_before: self.statuses.len(),
+                            tainted: false,
                             start_at: (at - RECORD_HEADER) as u64,
                             queue_id,
                             meta,
@@ -670,6 +696,7 @@ impl Scan<'_> {
                             statuses: vec![None; n],
                             start_seq: p.start_seq,
                             statuses_before: p.statuses_before,
+                            tainted: p.tainted,
                             body: MessageRef::new(&p.queue_id, p.size, p.pieces),
                             queue_id: p.queue_id,
                             meta: p.meta,

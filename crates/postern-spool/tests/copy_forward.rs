@@ -231,3 +231,56 @@ fn records_of_a_message_before_its_copy_count_no_more_once_the_copy_is_kept() {
     assert_eq!(spool.segment_count(), 1, "the first segment went");
     assert_eq!(found(dir.path()), [Some(delivered()), None]);
 }
+
+#[test]
+fn a_copy_whose_outcome_record_is_damaged_gives_way_to_the_original() {
+    // A power cut tears (or a bit flip spoils) the copy's status record while its END is on
+    // disk, before the old place was let go: the copy is whole, but what it would carry of
+    // recipient 0 is lost. The original, still there, is read with every status after it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut w = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut w, &body(1, 1000)).unwrap();
+    let id = w.queue_id().to_owned();
+    let (_, pending) = spool.finish_with_body(w).unwrap();
+    spool.sync_now().unwrap();
+    let w_body = spool.body(pending).unwrap();
+    let taken = Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 W was taken".into(),
+    };
+    spool.append_status(&id, 0, &taken).unwrap();
+    for i in 2..12 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 8 * 1024)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    spool.sync_now().unwrap();
+    std::mem::forget(spool);
+    let mut files: Vec<_> = std::fs::read_dir(dir.path().join("0"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let last = files.last().unwrap();
+    let mut data = std::fs::read(last).unwrap();
+    let needle = b"W was taken";
+    let at = data
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the copy's status record in the last segment");
+    data[at] ^= 0x20;
+    std::fs::write(last, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!(r.corrupt_records, 1);
+    let w = r.messages.iter().find(|m| m.queue_id == id).unwrap();
+    assert_eq!(
+        w.statuses[0],
+        Some(taken),
+        "recipient 0 would be delivered again"
+    );
+    assert_eq!(r.messages.iter().filter(|m| m.queue_id == id).count(), 1);
+}
