@@ -1131,7 +1131,7 @@ impl ServerSession {
                 self.body_failed = Some(replies::BARE_NEWLINE.into());
             }
             if step.end {
-                return self.end_of_body(false);
+                return self.end_of_body(None);
             }
             if step.bytes.is_empty() || self.body_failed.is_some() {
                 continue;
@@ -1182,7 +1182,7 @@ impl ServerSession {
         }
         self.phase = Phase::Commands;
         if last || self.body_failed.is_some() {
-            return self.end_of_body(true);
+            return self.end_of_body(Some(last));
         }
         let text = format!("{size} octets received");
         write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
@@ -1211,9 +1211,10 @@ impl ServerSession {
     }
 
     /// The end of a DATA body, of a BDAT LAST chunk, or of a refused chunk (`chunk`: a BDAT
-    /// chunk's end).
-    fn end_of_body(&mut self, chunk: bool) -> Option<Event<'static>> {
+    /// chunk's end, with whether it was the `LAST`).
+    fn end_of_body(&mut self, chunk: Option<bool>) -> Option<Event<'static>> {
         self.phase = Phase::Commands;
+        let (last, chunk) = (chunk == Some(true), chunk.is_some());
         if let Some(reply) = self.body_failed.take() {
             let open = self.body_open;
             if chunk && self.discarding.is_some() {
@@ -1226,7 +1227,10 @@ impl ServerSession {
             } else {
                 self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
             }
-            self.discarding = chunk.then_some(reply);
+            // Up to the `LAST` chunk: nothing a client pipelines comes after that one
+            // but a new transaction, and a chunk sent there is out of sequence (RFC 3030 2:
+            // `503`), not one more of the failed message's.
+            self.discarding = (chunk && !last).then_some(reply);
             // Whatever refused it, a refused chunk fails its transaction (RFC 3030 2), one
             // before any RCPT too: its client may have pipelined its next MAIL behind it.
             self.reset_transaction();

@@ -348,6 +348,32 @@ fn oversized_bdat_chunk_is_consumed_and_refused() {
 }
 
 #[test]
+fn a_chunk_after_a_refused_last_one_is_out_of_sequence() {
+    // RFC 3030 2: a BDAT after the LAST one is answered 503. The refusal of the LAST chunk
+    // is not repeated for it, as it is for the chunks pipelined behind a refused middle one.
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 20000 LAST\r\n");
+    input.extend(std::iter::repeat_n(b'R', 20000));
+    input.extend_from_slice(b"BDAT 5 LAST\r\nhelloBDAT 0 LAST\r\nNOOP\r\n");
+    let o = run_every_split(&config(), &input);
+    assert_tail(
+        &o,
+        &[
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            "503 5.5.1 Need MAIL command",
+            "503 5.5.1 Need MAIL command",
+            "250 2.0.0 Ok",
+        ],
+    );
+    assert!(o.messages.is_empty());
+    assert!(!o.closed, "{}", o.output);
+}
+
+#[test]
 fn bdat_without_transaction_is_consumed_and_refused() {
     let mut input = client(&["EHLO client.test"]);
     input.extend_from_slice(b"BDAT 12 LAST\r\nRSET\r\nQUIT\r\nNOOP\r\n");
@@ -1728,7 +1754,7 @@ fn refused_chunks_without_end_still_end_the_session_as_junk() {
     // nothing else is ended by the junk limit, as with NOOPs.
     let mut input = client(&["EHLO client.test"]);
     for _ in 0..300 {
-        input.extend_from_slice(b"BDAT 1 LAST\r\nx");
+        input.extend_from_slice(b"BDAT 1\r\nx");
     }
     let o = run(&config(), false, &input, &[]);
     assert!(o.closed, "{}", o.output);
@@ -1736,6 +1762,20 @@ fn refused_chunks_without_end_still_end_the_session_as_junk() {
         "503 5.5.1 Need MAIL command\r\n421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"
     ));
     assert!(o.output.matches("503 5.5.1 Need MAIL command").count() < 150);
+    // `LAST` chunks end what a pipeline could hold: each one after is the client's own
+    // error, and the error limit (20) ends the session sooner.
+    let mut input = client(&["EHLO client.test"]);
+    for _ in 0..300 {
+        input.extend_from_slice(b"BDAT 1 LAST\r\nx");
+    }
+    let o = run(&config(), false, &input, &[]);
+    assert!(o.closed, "{}", o.output);
+    assert!(
+        o.output.matches("503 5.5.1 Need MAIL command").count() <= 20,
+        "{}",
+        o.output
+    );
+    assert!(o.output.ends_with("closing connection\r\n"), "{}", o.output);
 }
 
 #[test]
