@@ -46,8 +46,13 @@ impl HostPort {
                 _ => (s, default_port),
             }
         };
-        if host.is_empty() || port == 0 {
+        if host.is_empty() {
             return Err(bad());
+        }
+        if port == 0 {
+            return Err(format!(
+                "'{s}' is not HOST:PORT: port 0 cannot be connected to"
+            ));
         }
         // An IP address, or a host name of letters, digits and hyphens (or UTF-8 labels);
         // underscores pass too, as in container service names.
@@ -232,6 +237,11 @@ mod tests {
             "[IPv6:192.0.2.1]",
         ] {
             assert!(HostPort::parse(bad, 25).is_err(), "{bad}");
+        }
+        // Port 0 is named as the trouble, in both forms.
+        for zero in ["host:0", "[::1]:0"] {
+            let err = HostPort::parse(zero, 25).unwrap_err();
+            assert!(err.contains("port 0"), "{zero}: {err}");
         }
     }
 

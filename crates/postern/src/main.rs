@@ -124,6 +124,15 @@ fn main() -> ExitCode {
     for var in cli::unknown_variables() {
         tracing::warn!("{var} names no setting and is ignored (a misspelt name?)");
     }
+    if !config.server.hostname.contains('.') {
+        // Taken (a test network may name its hosts so), but RFC 5321 2.3.5 and 4.1.1.1 want
+        // a fully qualified name in the banner and EHLO, and many next hops refuse others.
+        tracing::warn!(
+            hostname = %config.server.hostname,
+            "the host name has a single label, not a fully qualified domain name: next hops \
+             may refuse its EHLO (RFC 5321 2.3.5); give one with --hostname"
+        );
+    }
     // Past RLIMIT_FSIZE a write raises SIGXFSZ, which ends the process by default; with a
     // handler the write fails with EFBIG instead, which the spool answers as a full disk
     // (452 4.3.1) and logs.
@@ -1082,7 +1091,8 @@ fn start_relay(
     config: postern_relay::RelayConfig,
     settings: &postern_server::Settings,
 ) -> Result<(std::sync::Arc<postern_relay::Relay>, u64), String> {
-    let (mut pending, damage) = recover_and_report(settings, "delivery resumes")?;
+    let (mut pending, damage) =
+        recover_and_report(settings, "delivery resumes once the server is up")?;
     // Mail still in the directories of cores past --cores (its move found no room) waits
     // there: delivered from there, its outcomes would be written on a core whose segments
     // do not keep them, and a later start would deliver it all again.

@@ -1915,6 +1915,32 @@ fn a_negative_number_is_called_negative() {
 }
 
 #[test]
+fn a_host_name_of_one_label_is_warned_of() {
+    // RFC 5321 2.3.5: the banner and EHLO carry a fully qualified name; a system named `vm`
+    // (the default --hostname) still starts, with a warning that says what to give.
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let mut cmd = serve_on(&dir.path().join("spool"));
+        cmd.args(["--hold", "--hostname", name]);
+        ready_then_stopped(cmd)
+    };
+    let warning = "the host name has a single label";
+    let err = start("gateway");
+    let line = err
+        .lines()
+        .find(|l| l.contains(warning))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("WARN") && line.contains("hostname=gateway") && line.contains("--hostname"),
+        "{line}"
+    );
+    for name in ["mx1.example.net", "a.b"] {
+        let err = start(name);
+        assert!(!err.contains(warning), "{name}: {err}");
+    }
+}
+
+#[test]
 fn the_start_names_its_version_and_a_misspelt_variable() {
     let mut server = common::Server::start_with_env(&[], &[("POSTERN_METRIC", "127.0.0.1:0")]);
     // SIGHUP without TLS files reads nothing again, and says so.
