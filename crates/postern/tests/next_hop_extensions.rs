@@ -423,3 +423,57 @@ fn a_full_8bit_return_comes_back_as_headers_to_a_sender_whose_next_hop_lacks_8bi
         "{text}"
     );
 }
+
+#[test]
+fn a_body_that_came_as_text_but_is_not_goes_as_binarymime_where_the_next_hop_takes_it() {
+    // A line of 3,000 octets and a NUL, sent by DATA with no BODY: neither 7BIT nor
+    // 8BITMIME may carry them (RFC 5321 4.5.3.1.6, RFC 6152 3). A next hop with CHUNKING and
+    // BINARYMIME gets the body declared BINARYMIME, unchanged; a plain text message to the
+    // same next hop goes without it.
+    let (mail_tx, mail_rx) = std::sync::mpsc::channel::<String>();
+    let mail_tx = std::sync::Mutex::new(mail_tx);
+    let (port, stored, _) = scripted_next_hop(
+        move |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say(
+                    "250-scripted.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n\
+                     250 BINARYMIME\r\n",
+                ))
+            } else {
+                if line.starts_with("MAIL") {
+                    let _ = mail_tx.lock().unwrap().send(line.trim_end().to_owned());
+                }
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let server = routed_apart(port, port, &[]);
+    let long = "x".repeat(3000);
+    let body = format!("{long}\r\nbefore\0after\r\n");
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<long@t>",
+        &body,
+    );
+    let mail = mail_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(mail.contains(" BODY=BINARYMIME"), "{mail}");
+    let (_, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        data.ends_with(&format!("Message-ID: <long@t>\r\n\r\n{body}")),
+        "{data:?}"
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<short@t>",
+        "short lines\r\n",
+    );
+    let mail = mail_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(!mail.contains("BODY="), "{mail}");
+    let (_, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(data.ends_with("\r\n\r\nshort lines\r\n"), "{data:?}");
+}

@@ -42,6 +42,12 @@ impl CoreRelay {
                 return None;
             }
             body_type = 0;
+        } else if body_type != 2 && chunking && binarymime && !text_lines(original.chunks()) {
+            // Taken as text but not text: a line over 998 octets or a NUL, which neither 7BIT
+            // nor 8BITMIME may carry (RFC 5321 4.5.3.1.6, RFC 6152 3). A next hop that takes
+            // BINARYMIME gets it declared so, unchanged (RFC 3030 3); any other gets it as it
+            // came (docs/protocol.md).
+            body_type = 2;
         }
         // RFC 6531 3.2: an internationalized message (UTF-8 in its reverse path, its header
         // section or a recipient's address) goes only to a next hop with SMTPUTF8. postern
@@ -296,33 +302,38 @@ pub(super) fn is_text<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) 
     text_lines(chunks()) && !labelled_binary(chunks())
 }
 
-/// The line rules of [`is_text`].
+/// The line rules of [`is_text`]. (Run on every message to a next hop with BINARYMIME, so
+/// with memchr's scans: every LF right after a CR, as many CRs as LFs, no NUL, and no more
+/// than 998 octets and the CR between two LFs.)
 fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
-    let mut line = 0usize;
-    let mut after_cr = false;
+    // The octets of the line so far, its CR included; the piece before's last octet.
+    let (mut line, mut last) = (0usize, None);
+    let (mut crs, mut lfs) = (0usize, 0usize);
     for chunk in chunks {
-        for &b in chunk {
-            if after_cr {
-                if b != b'\n' {
-                    return false;
-                }
-                after_cr = false;
-                line = 0;
-                continue;
-            }
-            match b {
-                0 | b'\n' => return false,
-                b'\r' => after_cr = true,
-                _ => {
-                    line += 1;
-                    if line > 998 {
-                        return false;
-                    }
-                }
-            }
+        if chunk.is_empty() {
+            continue;
         }
+        if memchr::memchr(0, chunk).is_some() {
+            return false;
+        }
+        crs += memchr::memchr_iter(b'\r', chunk).count();
+        let mut start = 0;
+        for lf in memchr::memchr_iter(b'\n', chunk) {
+            let before = lf.checked_sub(1).map_or(last, |i| Some(chunk[i]));
+            line += lf - start;
+            if before != Some(b'\r') || line > 999 {
+                return false;
+            }
+            (line, start) = (0, lf + 1);
+            lfs += 1;
+        }
+        line += chunk.len() - start;
+        if line > 999 {
+            return false;
+        }
+        last = chunk.last().copied();
     }
-    !after_cr && line == 0
+    crs == lfs && line == 0
 }
 
 /// Whether a part of the message (or of a message inside it) is labelled
@@ -366,6 +377,54 @@ mod tests {
         assert!(text(&[b"X: Content-Transfer-Encoding: binary\r\n"]));
         let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
         assert!(text(&[long.as_bytes()]));
+    }
+
+    /// The rules of `text_lines`, octet by octet.
+    fn text_lines_slowly(body: &[u8]) -> bool {
+        let mut lines = body.split_inclusive(|&b| b == b'\n');
+        !body.contains(&0)
+            && lines.all(|l| {
+                l.len() <= 1000
+                    && l.ends_with(b"\r\n")
+                    && !l[..l.len() - 2].iter().any(|&b| b == b'\r' || b == b'\n')
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn text_lines_reads_any_cut_as_octet_by_octet(
+            body in proptest::collection::vec(
+                proptest::sample::select(vec![b'\r', b'\n', 0u8, b'x']),
+                0..40,
+            ),
+            long in 990usize..1003,
+            at in 0usize..40,
+            cuts in proptest::collection::vec(0usize..1100, 0..4),
+        ) {
+            // Short random bodies, and each with a long line put in.
+            let at = at.min(body.len());
+            let mut long_body = body.clone();
+            long_body.splice(at..at, std::iter::repeat_n(b'y', long));
+            long_body.extend_from_slice(b"\r\n");
+            for b in [body, long_body] {
+                let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(b.len())).collect();
+                cuts.sort_unstable();
+                let mut pieces = Vec::new();
+                let mut from = 0;
+                for &c in &cuts {
+                    pieces.push(&b[from..c]);
+                    from = c;
+                }
+                pieces.push(&b[from..]);
+                proptest::prop_assert_eq!(
+                    super::text_lines(pieces.iter().copied()),
+                    text_lines_slowly(&b),
+                    "{:?} cut at {:?}",
+                    String::from_utf8_lossy(&b),
+                    cuts
+                );
+            }
+        }
     }
 
     /// A multipart message whose second part has `label` as its header fields.
