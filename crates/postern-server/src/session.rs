@@ -517,12 +517,15 @@ impl Session {
         } else {
             limit
         };
+        // On the implicit-TLS port, a connection closed before its first byte, or silent
+        // until the limit (a port check, a load balancer's probe that connects and waits),
+        // attempted no handshake: not counted as failed.
+        let spoke = std::cell::Cell::new(!implicit);
         let handshake = async {
-            // On the implicit-TLS port, a connection closed before its first byte (a port
-            // check, a load balancer's probe) attempted no handshake: not counted as failed.
             if implicit && crate::conn::closed_before_a_byte(&tcp).await {
                 return Some(None);
             }
+            spoke.set(true);
             Some(Some(acceptor.accept(tcp).await))
         };
         let stopped = async {
@@ -541,8 +544,9 @@ impl Session {
                 self.core.metrics.borrow_mut().tls_handshakes += 1;
                 true
             }
-            // Closed before a byte: no handshake.
+            // Closed before a byte, or not a byte before the limit: no handshake.
             Some(None) => false,
+            None if !spoke.get() => false,
             // Ended by the stop: not the client's failure.
             None if !already_stopping && core.stopping.get() => false,
             _ => {

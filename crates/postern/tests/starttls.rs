@@ -277,7 +277,7 @@ fn a_failed_handshake_closes_only_that_session() {
 fn a_silent_handshake_is_bounded_by_the_command_timeout() {
     // The built-in handshake limit is 30 s; a 1 s command timeout bounds it too, after
     // STARTTLS and on the implicit-TLS port alike.
-    let (server, _roots, _dir) = server_with_cert_and(&["--command-timeout", "1s"]);
+    let (server, roots, _dir) = server_with_cert_and(&["--command-timeout", "1s", "--cores", "1"]);
     let closed_within = |tcp: &mut TcpStream| {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let start = std::time::Instant::now();
@@ -299,6 +299,24 @@ fn a_silent_handshake_is_bounded_by_the_command_timeout() {
     let mut tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
     let waited = closed_within(&mut tcp);
     assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // One that starts a ClientHello and stops fails it.
+    let mut tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
+    tcp.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    let waited = closed_within(&mut tcp);
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    // Then a handshake that completes, on the same (one) core: once the copy of its counts
+    // that shows it is published, the failures before it are in that copy too. The silent
+    // STARTTLS client and the half ClientHello failed; the implicit-TLS client that never
+    // sent a byte (a probe that connects and waits) tried no handshake.
+    let tcp = TcpStream::connect(server.smtps.unwrap()).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut done = Tls::wrap(tcp, &roots);
+    assert_eq!(done.line(), "220 mx.test ESMTP postern");
+    let m = server.metrics_until(|m| m.contains("postern_tls_handshakes_total 1\n"));
+    assert!(
+        m.contains("postern_tls_handshake_failures_total 2\n"),
+        "{m}"
+    );
 }
 
 #[test]
