@@ -17,6 +17,9 @@ use postern_proto::{ForwardPath, Host};
 pub struct RelayPolicy {
     /// Domains we accept mail for, in canonical form (lower case, A-labels, no trailing dot).
     accept_domains: Vec<String>,
+    /// Domains whose subdomains we accept mail for (given as `.example.net`), in canonical
+    /// form, each with a dot in front (`.example.net`).
+    accept_parents: Vec<String>,
     /// Networks whose clients may relay to any domain.
     relay_networks: Vec<IpNet>,
     /// Our host name, lower-case: `postmaster@` it is ours.
@@ -25,11 +28,19 @@ pub struct RelayPolicy {
 
 impl RelayPolicy {
     /// A policy from the operator's lists. Domains match exactly, in any case, and a U-label
-    /// matches its A-label (`b\u{fc}cher.example` is `xn--bcher-kva.example`).
+    /// matches its A-label (`b\u{fc}cher.example` is `xn--bcher-kva.example`); one written
+    /// with a dot in front (`.example.net`) matches its subdomains, at any depth, and not
+    /// itself.
     pub fn new(accept_domains: &[String], relay_networks: &[IpNet], hostname: &str) -> Self {
+        let (parents, exact): (Vec<&String>, Vec<&String>) =
+            accept_domains.iter().partition(|d| d.starts_with('.'));
         Self {
             hostname: hostname.trim_end_matches('.').to_ascii_lowercase(),
-            accept_domains: accept_domains.iter().map(|d| canonical_domain(d)).collect(),
+            accept_domains: exact.iter().map(|d| canonical_domain(d)).collect(),
+            accept_parents: parents
+                .iter()
+                .map(|d| format!(".{}", canonical_domain(&d[1..])))
+                .collect(),
             relay_networks: relay_networks.to_vec(),
         }
     }
@@ -53,19 +64,22 @@ impl RelayPolicy {
 
     /// Whether `domain` is one we accept mail for.
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        if self.accept_domains.is_empty() {
+        if self.accept_domains.is_empty() && self.accept_parents.is_empty() {
             return false;
         }
         let domain = domain.trim_end_matches('.');
-        if domain.is_ascii() {
-            // Its canonical form is its lower case: compare without making it.
-            return self
-                .accept_domains
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(domain));
-        }
-        let domain = canonical_domain(domain);
-        self.accept_domains.contains(&domain)
+        // An ASCII domain's canonical form is its lower case: compare without making it.
+        let canonical = (!domain.is_ascii()).then(|| canonical_domain(domain));
+        let domain = canonical.as_deref().unwrap_or(domain);
+        let under = |parent: &str| {
+            domain.len() > parent.len()
+                && domain.is_char_boundary(domain.len() - parent.len())
+                && domain[domain.len() - parent.len()..].eq_ignore_ascii_case(parent)
+        };
+        self.accept_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+            || self.accept_parents.iter().any(|p| under(p))
     }
 
     /// Whether `path` (a stored recipient of a session that reached us at `local`) is our
@@ -175,6 +189,40 @@ mod tests {
             "::ffff:127.0.0.1".parse().unwrap(),
             here()
         ));
+    }
+
+    #[test]
+    fn a_domain_with_a_dot_in_front_takes_its_subdomains_only() {
+        let p = RelayPolicy::new(
+            &[".Example.ORG".into(), ".b\u{fc}cher.example".into()],
+            &RelayPolicy::loopback(),
+            "mx.test",
+        );
+        let outside: IpAddr = "198.51.100.7".parse().unwrap();
+        for ok in [
+            "<a@sub.example.org>",
+            "<a@deep.sub.EXAMPLE.org>",
+            "<a@mx.xn--bcher-kva.example>",
+            "<a@mx.b\u{fc}cher.example>",
+        ] {
+            assert!(p.allows(&rcpt(ok), outside, here()), "{ok}");
+        }
+        for refused in [
+            "<a@example.org>",
+            "<a@badexample.org>",
+            "<a@example.org.evil.test>",
+            "<a@xn--bcher-kva.example>",
+        ] {
+            assert!(!p.allows(&rcpt(refused), outside, here()), "{refused}");
+        }
+        // Given both ways, the domain and its subdomains.
+        let both = RelayPolicy::new(
+            &["example.org".into(), ".example.org".into()],
+            &[],
+            "mx.test",
+        );
+        assert!(both.allows(&rcpt("<a@example.org>"), outside, here()));
+        assert!(both.allows(&rcpt("<a@x.example.org>"), outside, here()));
     }
 
     #[test]

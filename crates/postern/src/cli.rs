@@ -139,7 +139,8 @@ struct Serve {
     /// Our host name, in the banner, EHLO and Received headers [default: the system's].
     #[arg(long, env = "POSTERN_HOSTNAME", value_parser = trimmed::<String>, allow_hyphen_values = true)]
     hostname: Option<String>,
-    /// A domain to accept mail for from anyone (repeatable) [default: none].
+    /// A domain to accept mail for from anyone (repeatable); `.example.net` takes the
+    /// subdomains of example.net [default: none].
     #[arg(long, env = "POSTERN_ACCEPT_DOMAIN", value_delimiter = ',', value_parser = trimmed::<String>, allow_hyphen_values = true)]
     accept_domain: Vec<String>,
     /// Where mail to <postmaster>, postmaster@HOSTNAME and postmaster@[the address the client
@@ -1278,7 +1279,12 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
             }
         ));
     }
-    if let Some(d) = s.accept_domain.iter().find(|d| !is_domain(d)) {
+    // `.example.net`: the subdomains of example.net.
+    if let Some(d) = s
+        .accept_domain
+        .iter()
+        .find(|d| !is_domain(d.strip_prefix('.').unwrap_or(d)))
+    {
         return Err(format!("--accept-domain: {d:?} is not a domain"));
     }
     // Every listening address against those before it. SMTP listeners (SO_REUSEPORT) may

@@ -251,6 +251,11 @@ fn values_that_cannot_work_are_refused_by_name() {
         &["serve", "--accept-domain", "bad domain"],
         "--accept-domain",
     );
+    refused(&["serve", "--accept-domain", "."], "--accept-domain");
+    refused(
+        &["serve", "--accept-domain", "..example.org"],
+        "--accept-domain",
+    );
     refused(
         &[
             "serve",

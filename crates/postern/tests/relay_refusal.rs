@@ -41,6 +41,31 @@ fn outside_the_relay_networks_only_accepted_domains_are_taken() {
 }
 
 #[test]
+fn an_accepted_domain_with_a_dot_in_front_takes_its_subdomains_from_anyone() {
+    let server = Server::start(&[
+        "--relay-network",
+        "192.0.2.0/24",
+        "--accept-domain",
+        ".example.org",
+    ]);
+    let mut c = server.greeted("outsider.test");
+    assert_eq!(c.cmd("MAIL FROM:<a@outsider.test>"), "250 2.1.0 Ok");
+    assert_eq!(c.cmd("RCPT TO:<user@mx.Example.org>"), "250 2.1.5 Ok");
+    assert_eq!(c.cmd("RCPT TO:<user@a.b.example.org>"), "250 2.1.5 Ok");
+    for refused in [
+        "user@example.org",
+        "user@badexample.org",
+        "user@example.org.test",
+    ] {
+        assert_eq!(
+            c.cmd(&format!("RCPT TO:<{refused}>")),
+            "554 5.7.1 Relay access denied",
+            "{refused}"
+        );
+    }
+}
+
+#[test]
 fn by_default_loopback_may_relay_and_nothing_else_is_accepted() {
     let server = Server::start(&[]);
     let mut c = server.connect();
