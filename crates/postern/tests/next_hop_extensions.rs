@@ -477,3 +477,33 @@ fn a_body_that_came_as_text_but_is_not_goes_as_binarymime_where_the_next_hop_tak
     let (_, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
     assert!(data.ends_with("\r\n\r\nshort lines\r\n"), "{data:?}");
 }
+
+#[test]
+fn long_lines_are_broken_for_a_next_hop_without_binarymime() {
+    // The aiosmtpd next hop offers neither CHUNKING nor BINARYMIME: a line of 3,000 octets
+    // goes as lines of at most 998, each after the first begun with a space (RFC 5321
+    // 4.5.3.1.6), the text otherwise as it was.
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let long = "w".repeat(3000);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<fold@t>",
+        &format!("{long}\r\nafter\r\n"),
+    );
+    let (got, _) = peer.first("the message");
+    let data = String::from_utf8(got.data.clone()).unwrap();
+    assert!(data.split("\r\n").all(|l| l.len() <= 998), "{data:?}");
+    assert!(
+        data.ends_with(&format!(
+            "\r\n\r\n{}\r\n {}\r\n {}\r\n {}\r\nafter\r\n",
+            "w".repeat(998),
+            "w".repeat(997),
+            "w".repeat(997),
+            "w".repeat(8)
+        )),
+        "{data:?}"
+    );
+}

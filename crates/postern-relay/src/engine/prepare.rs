@@ -128,6 +128,21 @@ impl CoreRelay {
                 eight_bit = false;
             }
         }
+        // Lines over 998 octets to a next hop that cannot take them declared binary (above):
+        // RFC 5321 4.5.3.1.6 lets a client send none, so each is broken into lines of at most
+        // 998 octets with CR LF and a space, as Postfix's client does (in a header section
+        // that is folding; base64 and quoted-printable decoders pass over it). A NUL or a
+        // last line without CR LF is left as it came (docs/delivery.md).
+        if body_type != 2 && !text_lines(body.chunks()) {
+            if let Some(folded) = fold_long_lines(&job.msg.queue_id, &body) {
+                tracing::info!(
+                    queue_id = %job.msg.queue_id,
+                    "{} does not support BINARYMIME: lines over 998 octets are broken for it",
+                    conn.remote
+                );
+                body = folded;
+            }
+        }
         // The same for a report from `<>` larger than the next hop takes (its SIZE): with the
         // header section only, it may fit.
         if let Some(limit) = caps.size.filter(|&l| l > 0 && body.len() > l) {
@@ -336,6 +351,50 @@ fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     crs == lfs && line == 0
 }
 
+/// `body` with each line over 998 octets (before its line end) broken after 998 octets, and
+/// then every 997, by CR LF and a space, never inside a UTF-8 sequence where one can be
+/// told; None when no line is that long (or the copy cannot be made).
+fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
+    const MAX: usize = 998;
+    let whole: Vec<u8> = body.chunks().flat_map(|c| c.iter().copied()).collect();
+    let mut out = Vec::with_capacity(whole.len() + whole.len() / 300);
+    let mut folded = false;
+    for line in whole.split_inclusive(|&b| b == b'\n') {
+        let end = if line.ends_with(b"\r\n") {
+            2
+        } else {
+            usize::from(line.ends_with(b"\n"))
+        };
+        let (mut content, ending) = line.split_at(line.len() - end);
+        if content.len() <= MAX {
+            out.extend_from_slice(line);
+            continue;
+        }
+        folded = true;
+        let mut room = MAX;
+        while content.len() > room {
+            // Back off from the middle of a UTF-8 sequence (at most 3 octets), so that each
+            // line stays valid UTF-8 where the text was.
+            let mut cut = room;
+            while cut > room - 3 && content[cut] & 0xc0 == 0x80 {
+                cut -= 1;
+            }
+            if content[cut] & 0xc0 == 0x80 {
+                cut = room;
+            }
+            out.extend_from_slice(&content[..cut]);
+            out.extend_from_slice(b"\r\n ");
+            content = &content[cut..];
+            room = MAX - 1;
+        }
+        out.extend_from_slice(content);
+        out.extend_from_slice(ending);
+    }
+    folded
+        .then(|| MessageRef::from_bytes(queue_id, &out).ok())
+        .flatten()
+}
+
 /// Whether a part of the message (or of a message inside it) is labelled
 /// `Content-Transfer-Encoding: binary` ([`crate::mime::labelled_binary`]). The body is copied
 /// whole to be read: only bodies declared BINARYMIME for a next hop without it come here.
@@ -377,6 +436,55 @@ mod tests {
         assert!(text(&[b"X: Content-Transfer-Encoding: binary\r\n"]));
         let long = format!("Content-Transfer-Encoding:{}binary-ish\r\n", " ".repeat(32));
         assert!(text(&[long.as_bytes()]));
+    }
+
+    #[test]
+    fn long_lines_are_broken_with_a_space_and_nothing_else_changes() {
+        let fold = |body: &[u8]| {
+            let m = postern_spool::MessageRef::from_bytes("Q", body).unwrap();
+            super::fold_long_lines("Q", &m)
+                .map(|f| f.chunks().flatten().copied().collect::<Vec<u8>>())
+        };
+        assert_eq!(fold(b"short\r\nlines\r\n"), None);
+        let exact = [vec![b'a'; 998], b"\r\n".to_vec()].concat();
+        assert_eq!(fold(&exact), None);
+        let long = [
+            b"H: v\r\n\r\n".to_vec(),
+            vec![b'x'; 2500],
+            b"\r\nend\r\n".to_vec(),
+        ]
+        .concat();
+        let got = fold(&long).unwrap();
+        let lines: Vec<&[u8]> = got.split_inclusive(|&b| b == b'\n').collect();
+        assert!(lines
+            .iter()
+            .all(|l| l.len() <= 1000 && l.ends_with(b"\r\n")));
+        // 998, then 997 after the space each: 998 + 997 + 505.
+        assert_eq!(lines.len(), 6, "{}", String::from_utf8_lossy(&got));
+        assert_eq!(lines[2].len(), 1000);
+        assert!(lines[3].starts_with(b" x") && lines[4].starts_with(b" x"));
+        // Undone, the folds give the body back.
+        let undone: Vec<u8> = String::from_utf8(got.clone())
+            .unwrap()
+            .replace("\r\n ", "")
+            .into_bytes();
+        assert_eq!(undone, long);
+        // A two-octet character across the cut goes whole to the next line.
+        let utf8 = [
+            vec![b'y'; 997],
+            "\u{e9}".repeat(10).into_bytes(),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
+        let got = String::from_utf8(fold(&utf8).unwrap()).unwrap();
+        assert!(
+            got.starts_with(&format!("{}\r\n \u{e9}", "y".repeat(997))),
+            "{got}"
+        );
+        // A last line without its line end keeps that.
+        let tail = vec![b'z'; 1200];
+        let got = fold(&tail).unwrap();
+        assert!(got.ends_with(b"z") && got.len() == 1203);
     }
 
     /// The rules of `text_lines`, octet by octet.
