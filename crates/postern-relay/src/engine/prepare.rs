@@ -32,6 +32,9 @@ impl CoreRelay {
         // changes, and DATA's dot-stuffing is undone at the other end. Any other body is not
         // rewritten (postern does not encode MIME parts) and fails for this next hop.
         let mut body_type = meta.body_type;
+        // One that came as text (no BODY, 7BIT or 8BITMIME) but is not: a line over 998
+        // octets, a NUL, a last line without CR LF (one scan, for the two rules below).
+        let not_text = body_type != 2 && !text_lines(original.chunks());
         if body_type == 2 && !(chunking && binarymime) {
             if !is_text(|| original.chunks()) {
                 let text = format!(
@@ -42,11 +45,10 @@ impl CoreRelay {
                 return None;
             }
             body_type = 0;
-        } else if body_type != 2 && chunking && binarymime && !text_lines(original.chunks()) {
-            // Taken as text but not text: a line over 998 octets or a NUL, which neither 7BIT
-            // nor 8BITMIME may carry (RFC 5321 4.5.3.1.6, RFC 6152 3). A next hop that takes
-            // BINARYMIME gets it declared so, unchanged (RFC 3030 3); any other gets it as it
-            // came (docs/protocol.md).
+        } else if not_text && chunking && binarymime {
+            // Neither 7BIT nor 8BITMIME may carry it (RFC 5321 4.5.3.1.6, RFC 6152 3): a next
+            // hop that takes BINARYMIME gets it declared so, unchanged (RFC 3030 3); any other
+            // gets its long lines broken, below.
             body_type = 2;
         }
         // RFC 6531 3.2: an internationalized message (UTF-8 in its reverse path, its header
@@ -133,7 +135,7 @@ impl CoreRelay {
         // 998 octets with CR LF and a space, as Postfix's client does (in a header section
         // that is folding; base64 and quoted-printable decoders pass over it). A NUL or a
         // last line without CR LF is left as it came (docs/delivery.md).
-        if body_type != 2 && !text_lines(body.chunks()) {
+        if not_text && body_type != 2 {
             if let Some(folded) = fold_long_lines(&job.msg.queue_id, &body) {
                 tracing::info!(
                     queue_id = %job.msg.queue_id,
