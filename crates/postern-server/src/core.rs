@@ -284,7 +284,7 @@ impl Core {
             // As for a message settled by its delivery: forgotten even when the records could
             // not be made durable, or its segments, and every later one, would stay. Logged
             // as deleted once that is durable: before, a restart could still deliver it.
-            match core.store.flush().await {
+            match core.store.flush_statuses(&queue_id).await {
                 Ok(()) if recorded => {
                     tracing::info!(queue_id, recipients = stopped, "deleted by the operator");
                 }

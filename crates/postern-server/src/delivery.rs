@@ -81,9 +81,10 @@ impl CoreHandle {
         appended
     }
 
-    /// Waits until everything appended so far on this core is durable.
-    pub async fn durable(&self) -> Result<(), SpoolError> {
-        self.0.store.flush().await
+    /// Waits until everything appended so far on this core is settled; an error unless each
+    /// status record of message `queue_id` appended in this run is durable.
+    pub async fn durable(&self, queue_id: &str) -> Result<(), SpoolError> {
+        self.0.store.flush_statuses(queue_id).await
     }
 
     /// Forgets a message of this core whose recipients all have durable final statuses, and

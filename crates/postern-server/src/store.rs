@@ -491,12 +491,19 @@ impl CoreStore {
         Ok(())
     }
 
-    /// Waits until every status appended so far is durable.
-    pub(crate) async fn flush(&self) -> Result<(), SpoolError> {
-        match self.last_status.get() {
-            Some(ticket) => self.wait(ticket).await,
-            None => Ok(()),
+    /// Waits until every status appended so far is settled; an error when the latest failed,
+    /// or when one of message `queue_id`'s did (a later batch may have succeeded after it:
+    /// the latest ticket alone does not say).
+    pub(crate) async fn flush_statuses(&self, queue_id: &str) -> Result<(), SpoolError> {
+        if let Some(ticket) = self.last_status.get() {
+            self.wait(ticket).await?;
         }
+        if self.spool.borrow().status_lost(queue_id) {
+            return Err(SpoolError::SyncFailed(
+                "a status record was in a failed write or sync".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether the finished message `queue_id` is this core's and not yet final.

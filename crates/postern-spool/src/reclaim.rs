@@ -39,6 +39,10 @@ struct Live {
     /// The latest outcome of each recipient recorded in this spool (by envelope index; empty
     /// until the first), which a copy carries with it.
     statuses: Vec<Option<Status>>,
+    /// The ticket of the latest status record appended for it in this run (0: none).
+    last_status: u64,
+    /// A status record of its, appended in this run, was in a write or a sync that failed.
+    status_lost: bool,
 }
 
 /// The index.
@@ -136,6 +140,8 @@ impl Index {
             size,
             copy: None,
             statuses,
+            last_status: 0,
+            status_lost: false,
         };
         if let Some(old) = self.live.insert(queue_id, live) {
             self.live_bytes -= old.size;
@@ -149,10 +155,12 @@ impl Index {
     /// Records recipient `rcpt`'s outcome for a live message (nothing for another): the
     /// latest replaces the one before, except that a final outcome stays (as recovery takes
     /// them).
-    pub(crate) fn set_status(&mut self, queue_id: &str, rcpt: u32, status: &Status) {
+    /// `ticket`: the record's.
+    pub(crate) fn set_status(&mut self, queue_id: &str, rcpt: u32, status: &Status, ticket: u64) {
         let Some(live) = self.live.get_mut(queue_id) else {
             return;
         };
+        live.last_status = ticket;
         let rcpt = rcpt as usize;
         if live.statuses.len() <= rcpt {
             live.statuses.resize(rcpt + 1, None);
@@ -161,6 +169,23 @@ impl Index {
         if !slot.as_ref().is_some_and(Status::is_final) {
             *slot = Some(status.clone());
         }
+    }
+
+    /// After a failed write or sync: marks each live message whose latest status record has
+    /// a ticket that `failed`. Exact, as a failure fails every ticket not yet settled: a
+    /// message with a status record among them has its latest one among them too.
+    pub(crate) fn note_failed_statuses(&mut self, failed: impl Fn(u64) -> bool) {
+        for live in self.live.values_mut() {
+            if live.last_status != 0 && failed(live.last_status) {
+                live.status_lost = true;
+            }
+        }
+    }
+
+    /// Whether a status record of live message `queue_id`, appended in this run, was in a
+    /// write or a sync that failed (false for one not live here).
+    pub(crate) fn status_lost(&self, queue_id: &str) -> bool {
+        self.live.get(queue_id).is_some_and(|l| l.status_lost)
     }
 
     /// What a copy of live message `queue_id` carries: its recipients' outcomes so far. None

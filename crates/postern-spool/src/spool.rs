@@ -574,6 +574,7 @@ impl Spool {
     /// missing can be reported durable.
     fn fail_unwritten(&mut self) {
         self.commits.fail_issued();
+        self.note_failed_statuses();
         self.poisoned_below = self.next_draft;
         self.abandon_all();
     }
@@ -790,8 +791,25 @@ impl Spool {
         self.scratch = f.0;
         // A status must stay as long as the message it settles may be read.
         self.index.keep(written?);
-        self.index.set_status(queue_id, rcpt, status);
-        Ok(self.commits.issue())
+        let ticket = self.commits.issue();
+        self.index.set_status(queue_id, rcpt, status, ticket.0);
+        Ok(ticket)
+    }
+
+    /// Whether a status record of live message `queue_id` appended in this run was in a write
+    /// or a sync that failed: its latest ticket may be durable while an earlier record of it
+    /// was lost, so that a restart would not find that outcome. False for a message not live
+    /// here.
+    pub fn status_lost(&self, queue_id: &str) -> bool {
+        self.index.status_lost(queue_id)
+    }
+
+    /// After a failed write or sync: marks the live messages with a status record among the
+    /// tickets that failed ([`Spool::status_lost`]).
+    fn note_failed_statuses(&mut self) {
+        let commits = &self.commits;
+        self.index
+            .note_failed_statuses(|t| commits.state(Ticket(t)) == TicketState::Failed);
     }
 
     /// The live messages to copy forward now ([`Spool::copy_forward`]), by queue ID: those
@@ -1229,6 +1247,7 @@ impl Spool {
         let ok = result.is_ok();
         self.commits.done(batch.range, ok);
         if !ok {
+            self.note_failed_statuses();
             self.poisoned_below = self.next_draft;
             self.abandon_all();
         }
@@ -1282,6 +1301,7 @@ impl Spool {
     /// batch, so that nobody waiting is told a message is stored.
     pub fn fail_pending(&mut self) {
         self.commits.fail_issued();
+        self.note_failed_statuses();
     }
 
     /// Where `ticket` stands.

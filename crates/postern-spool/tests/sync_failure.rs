@@ -6,7 +6,7 @@
 mod common;
 
 use common::{body, meta};
-use postern_spool::{recover, Spool, SpoolError, SpoolOptions, TicketState};
+use postern_spool::{recover, DeliveryState, Spool, SpoolError, SpoolOptions, Status, TicketState};
 
 #[test]
 fn a_failed_sync_fails_what_it_touched_and_nothing_after() {
@@ -60,6 +60,43 @@ fn a_failed_sync_fails_what_it_touched_and_nothing_after() {
         "the draft refused at finish has no END"
     );
     assert_eq!(r.corrupt_records, 0);
+}
+
+#[test]
+fn a_status_in_a_failed_sync_is_known_lost_after_a_later_sync_succeeds() {
+    // The latest ticket written on a core says nothing of an earlier one that failed: the
+    // relay settles a message after waiting for the latest, and must still learn that one of
+    // its outcomes was not recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, SpoolOptions::default()).unwrap();
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 1000)).unwrap();
+        ids.push(d.queue_id().to_owned());
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    let delivered = Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 taken".into(),
+    };
+    let (lost, later, untouched) = (&ids[0], &ids[1], &ids[2]);
+    let first = spool.append_status(lost, 0, &delivered).unwrap();
+    let batch = spool.take_sync().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(first), TicketState::Failed);
+    // Statuses after the failure, this message's among them, are made durable.
+    spool.append_status(later, 0, &delivered).unwrap();
+    let last = spool.append_status(lost, 0, &delivered).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(last));
+    assert!(spool.status_lost(lost), "its first status record was lost");
+    assert!(
+        !spool.status_lost(later),
+        "all its status records are durable"
+    );
+    assert!(!spool.status_lost(untouched), "it has no status record");
 }
 
 #[test]

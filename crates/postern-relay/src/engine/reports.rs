@@ -524,7 +524,7 @@ impl CoreRelay {
                  anyway, so its space can be reclaimed"
             );
         }
-        if let Err(e) = self.handle.durable().await {
+        if let Err(e) = self.handle.durable(&msg.queue_id).await {
             // As for a status that could not be written: the outcomes are final here, and a
             // message kept live for ever would keep its segment, and every later one, from
             // being reclaimed for the rest of the run. A crash before its segments are
