@@ -329,6 +329,13 @@ impl Session {
                 buf.copy_within(start..end, 0);
                 (start, end) = (0, end - start);
             }
+            // The protocol consumes every body octet and refuses a command line longer than
+            // its limit, far below the buffer: there is always room, or a read of nothing
+            // would look like the client's close.
+            debug_assert!(
+                end < buf.len(),
+                "the read buffer is full of unconsumed input"
+            );
             match self.read(&mut buf[end..], waiting_since).await {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return,
                 Wake::Read(Ok(n)) => {
