@@ -163,6 +163,10 @@ pub struct Outbound {
     /// The connection broke off and that was counted against its next hop (once per
     /// connection, however many transactions it carried).
     pub broke_counted: std::cell::Cell<bool>,
+    /// Its next hop's count of transactions answered (`DestQueue::answered`) when this
+    /// connection's transaction began, plus those this connection got answered since: when
+    /// the count has moved past it, another connection got an answer meanwhile.
+    pub answered_mark: std::cell::Cell<u64>,
     /// Given up because its replies are out of step, with every command's bytes written
     /// and no QUIT yet: a QUIT is owed before the close (RFC 5321 4.1.1.10).
     quit_owed: std::cell::Cell<bool>,
@@ -313,6 +317,7 @@ impl Outbound {
             addr,
             transactions: 0,
             broke_counted: std::cell::Cell::new(false),
+            answered_mark: std::cell::Cell::new(0),
             quit_owed: std::cell::Cell::new(false),
             write_failed: false,
             last_reply: Instant::now(),

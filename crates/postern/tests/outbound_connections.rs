@@ -1232,3 +1232,218 @@ fn a_kept_connection_whose_last_transaction_was_refused_says_quit_at_shutdown() 
     }
     assert_eq!(seen.last().map(String::as_str), Some("QUIT"), "{seen:?}");
 }
+
+/// A next hop serving its connections concurrently (a thread each, 8 connections at most),
+/// which breaks off the transactions of `<fail0@t>` and `<fail1@t>` with `421` and answers
+/// every other message 250 (its Message-ID to the first receiver). `<fail0@t>`'s end of data
+/// is answered only once a connection that had a message answered has said something after
+/// it (its QUIT when idle: postern has taken that answer); the second receiver is told when
+/// postern has closed a broken-off connection (it has taken that break too).
+fn next_hop_breaking_off_beside_others() -> (
+    u16,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    use std::io::Read;
+    use std::sync::{Arc, Condvar, Mutex};
+    #[derive(Default)]
+    struct State {
+        answered_on: Option<usize>,
+        spoke_after: bool,
+    }
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (stored_tx, stored) = std::sync::mpsc::channel();
+    let (closed_tx, closed) = std::sync::mpsc::channel();
+    let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
+    std::thread::spawn(move || {
+        for (n, conn) in l.incoming().take(8).enumerate() {
+            let Ok(s) = conn else { return };
+            let (stored_tx, closed_tx, shared) =
+                (stored_tx.clone(), closed_tx.clone(), shared.clone());
+            std::thread::spawn(move || {
+                s.set_nodelay(true).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let _ = w.write_all(b"220 flaky.test ESMTP\r\n");
+                let (lock, changed) = &*shared;
+                let (mut line, mut id, mut in_data) = (String::new(), String::new(), false);
+                while r.read_line(&mut line).unwrap_or(0) > 0 {
+                    if !in_data {
+                        let mut st = lock.lock().unwrap();
+                        if st.answered_on == Some(n) {
+                            st.spoke_after = true;
+                            changed.notify_all();
+                        }
+                    }
+                    let reply: &[u8] = if in_data && line == ".\r\n" {
+                        in_data = false;
+                        if id.starts_with("<fail") {
+                            if id == "<fail0@t>" {
+                                let st = lock.lock().unwrap();
+                                let (st, _) = changed
+                                    .wait_timeout_while(st, Duration::from_secs(20), |st| {
+                                        !st.spoke_after
+                                    })
+                                    .unwrap();
+                                assert!(st.spoke_after, "no answer was taken beside it");
+                            }
+                            let _ = w.write_all(b"421 4.3.2 flaky.test going down\r\n");
+                            // Until postern closes its end.
+                            let _ = r.read_to_end(&mut Vec::new());
+                            let _ = closed_tx.send(());
+                            return;
+                        }
+                        let _ = w.write_all(b"250 2.0.0 stored\r\n");
+                        let _ = stored_tx.send(std::mem::take(&mut id));
+                        let mut st = lock.lock().unwrap();
+                        st.answered_on = Some(n);
+                        st.spoke_after = false;
+                        line.clear();
+                        continue;
+                    } else if in_data {
+                        if let Some(v) = line.strip_prefix("Message-ID: ") {
+                            id = v.trim_end().to_owned();
+                        }
+                        b""
+                    } else if line.starts_with("EHLO") {
+                        b"250-flaky.test\r\n250 8BITMIME\r\n"
+                    } else if line.starts_with("DATA") {
+                        in_data = true;
+                        b"354 go\r\n"
+                    } else if line.starts_with("QUIT") {
+                        let _ = w.write_all(b"221 bye\r\n");
+                        break;
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = w.write_all(reply);
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, stored, closed)
+}
+
+#[test]
+fn a_next_hop_that_breaks_off_now_and_then_while_it_answers_others_is_not_paused() {
+    // One connection's transaction breaks off while another connection has a message
+    // answered; then one more breaks off. Two breaks with no answer between them, but the
+    // first came beside an answer: the next hop works, and is not paused as a whole (which
+    // would hold all its mail for a minute, and a next hop failing one session in ten for
+    // most of the time).
+    let (port, stored, closed) = next_hop_breaking_off_beside_others();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "5m",
+        "--outbound-idle-timeout",
+        "1s",
+    ]);
+    let from = "a@origin.test";
+    send(&server, from, &["b@dest.test"], "<fail0@t>", "x\r\n");
+    // On a second connection while the first waits; answered; that connection, idle, says
+    // QUIT after a second, which lets the first's 421 go.
+    send(&server, from, &["b@dest.test"], "<ok1@t>", "x\r\n");
+    assert_eq!(
+        stored.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "<ok1@t>"
+    );
+    closed.recv_timeout(Duration::from_secs(30)).unwrap();
+    let id = send(&server, from, &["b@dest.test"], "<fail1@t>", "x\r\n");
+    closed.recv_timeout(Duration::from_secs(30)).unwrap();
+    server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    // Mail that comes now goes at once, not after a pause of the next hop.
+    send(&server, from, &["b@dest.test"], "<ok2@t>", "x\r\n");
+    assert_eq!(
+        stored.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "<ok2@t>"
+    );
+    assert_eq!(
+        server.log_count(|l| l.contains("suspended") || l.contains("paused")),
+        0
+    );
+}
+
+#[test]
+fn two_breaks_in_a_row_from_a_next_hop_that_answers_most_transactions_do_not_pause_it() {
+    // Over one connection at a time: four messages answered, then two transactions broken
+    // off with 421 in a row. Two failures in a row, but most of the next hop's last
+    // transactions were answered: a next hop that drops one session in ten has two drops in
+    // a row every hundred or so, and pausing it for each would hold all its mail.
+    let (port, stored, closed) = next_hop_breaking_off_beside_others();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "5m",
+        "--max-connections-per-destination",
+        "1",
+    ]);
+    let from = "a@origin.test";
+    for k in 0..4 {
+        let ok = format!("<ok{k}@t>");
+        send(&server, from, &["b@dest.test"], &ok, "x\r\n");
+        assert_eq!(stored.recv_timeout(Duration::from_secs(20)).unwrap(), ok);
+    }
+    for fail in ["<fail0@t>", "<fail1@t>"] {
+        let id = send(&server, from, &["b@dest.test"], fail, "x\r\n");
+        closed.recv_timeout(Duration::from_secs(30)).unwrap();
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    send(&server, from, &["b@dest.test"], "<ok4@t>", "x\r\n");
+    assert_eq!(
+        stored.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "<ok4@t>"
+    );
+    assert_eq!(
+        server.log_count(|l| l.contains("suspended") || l.contains("paused")),
+        0
+    );
+}
+
+#[test]
+fn a_next_hop_that_answered_and_then_breaks_off_every_session_is_paused_after_five() {
+    // Ten messages answered, then every transaction broken off: not paused while the breaks
+    // are fewer than the answers before them, but after five in a row whatever came before.
+    let (port, stored, closed) = next_hop_breaking_off_beside_others();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--retry-initial",
+        "5m",
+        "--max-connections-per-destination",
+        "1",
+    ]);
+    let from = "a@origin.test";
+    for k in 0..10 {
+        let ok = format!("<ok{k}@t>");
+        send(&server, from, &["b@dest.test"], &ok, "x\r\n");
+        assert_eq!(stored.recv_timeout(Duration::from_secs(20)).unwrap(), ok);
+    }
+    for k in 0..5 {
+        let id = send(
+            &server,
+            from,
+            &["b@dest.test"],
+            &format!("<fail{k}@t>"),
+            "x\r\n",
+        );
+        closed.recv_timeout(Duration::from_secs(30)).unwrap();
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+        let paused = server.log_count(|l| l.contains("delivery to it suspended"));
+        assert_eq!(paused, usize::from(k == 4), "after {} breaks", k + 1);
+    }
+}

@@ -771,8 +771,15 @@ struct DestQueue {
     /// whole is paused (`down_until`).
     broke: RefCell<HashMap<SocketAddr, u64>>,
     /// Connections in a row, since a transaction was last answered, that could not be made
-    /// or broke off.
+    /// or broke off (one that broke while another connection had a transaction answered is
+    /// not counted: see `CoreRelay::broke_off`).
     broken_in_a_row: Cell<u32>,
+    /// Transactions answered by the next hop so far.
+    answered: Cell<u64>,
+    /// Its last [`RECENT`] outcomes, newest in the lowest bit (1: a connection that broke off
+    /// or could not be made, counted by `CoreRelay::broke`; 0: a transaction answered), and
+    /// how many there are (at most [`RECENT`]).
+    recent: Cell<(u32, u8)>,
     /// Connections opened (greeting and EHLO answered) since the last one failed: each lets
     /// one more connection start past the one-connection limit after failures, so that a
     /// transaction that hangs does not hold every other job for the next hop, while a next
@@ -790,7 +797,26 @@ struct DestQueue {
     cap_until: Cell<u64>,
 }
 
+/// How many of a next hop's last outcomes [`DestQueue::mostly_failing`] looks at.
+const RECENT: u8 = 16;
+
 impl DestQueue {
+    /// Notes an outcome: a transaction answered, or a connection that broke off or could not
+    /// be made.
+    fn note_outcome(&self, failed: bool) {
+        let (bits, n) = self.recent.get();
+        let bits = ((bits << 1) | u32::from(failed)) & ((1 << RECENT) - 1);
+        self.recent.set((bits, n.saturating_add(1).min(RECENT)));
+    }
+
+    /// Whether at least half of its last outcomes (up to [`RECENT`]) were failures: a next
+    /// hop that answers most transactions and drops one now and then is not down, even when
+    /// two drops come in a row.
+    fn mostly_failing(&self) -> bool {
+        let (bits, n) = self.recent.get();
+        bits.count_ones() * 2 >= u32::from(n)
+    }
+
     /// Wakes up to `n` idle connections for jobs just queued, the most recently idle first.
     /// Under a trickle of mail the same few connections then take it in turn, and the others
     /// reach `--outbound-idle-timeout` and close, rather than each getting a job now and then
@@ -1286,6 +1312,8 @@ impl CoreRelay {
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),
                     broken_in_a_row: Cell::new(0),
+                    answered: Cell::new(0),
+                    recent: Cell::new((0, 0)),
                     opened_since_broke: Cell::new(0),
                     last_broke: Cell::new(0),
                     paused_for: RefCell::new(None),

@@ -22,6 +22,10 @@ impl CoreRelay {
         match outcome {
             Ok(result) => {
                 dq.broken_in_a_row.set(0);
+                dq.answered.set(dq.answered.get().wrapping_add(1));
+                dq.note_outcome(false);
+                conn.answered_mark
+                    .set(conn.answered_mark.get().wrapping_add(1));
                 let mut deferred = Vec::new();
                 let mut deferred_texts = Vec::new();
                 let mut last_deferral = String::new();
@@ -154,7 +158,7 @@ impl CoreRelay {
                 };
                 if job.rcpts.is_empty() {
                     if !conn.broke_counted.replace(true) {
-                        self.broke(dq, conn.addr);
+                        self.broke_off(dq, conn);
                     }
                     return After::Broken;
                 }
@@ -170,7 +174,7 @@ impl CoreRelay {
                 };
                 // One broken connection counts once, whatever it carried.
                 if !conn.broke_counted.replace(true) {
-                    self.broke(dq, conn.addr);
+                    self.broke_off(dq, conn);
                 }
                 if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
                     // Once per pause: the jobs after this one in the batch come back too.

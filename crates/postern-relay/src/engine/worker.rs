@@ -93,6 +93,10 @@ impl Drop for Opening<'_> {
     }
 }
 
+/// Sessions broken off in a row that pause a next hop whatever came before (see
+/// `CoreRelay::every_address_broke`).
+const BROKEN_IN_A_ROW_PAUSES: u32 = 5;
+
 impl CoreRelay {
     /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
     pub(super) async fn worker(self: Rc<Self>, dq: Rc<DestQueue>) {
@@ -283,6 +287,7 @@ impl CoreRelay {
                     self.relay.config.max_in_flight
                 };
                 let counted = InFlight::new(&self.relay.in_flight);
+                conn.answered_mark.set(dq.answered.get());
                 let after = if window > 1 && conn.can_pipeline() && one_group(&job) {
                     let mut replies = replies_awaited(&job);
                     let mut jobs = vec![job];
@@ -962,13 +967,43 @@ impl CoreRelay {
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_add(1));
         dq.opened_since_broke.set(0);
+        dq.note_outcome(true);
+    }
+
+    /// `conn`, to `dq`'s next hop, broke off (a 421, a close, a timeout) in a transaction.
+    /// Counted as a failure in a row only when no other connection to the next hop had a
+    /// transaction answered meanwhile: a next hop that carries mail on its other connections
+    /// while it drops one now and then (a content filter that fails one message in ten, a
+    /// per-session limit) works; two such breaks in a row, each beside transactions answered
+    /// elsewhere, would otherwise pause it as a whole, and with it all its mail. The address
+    /// is passed over all the same (another address may take the job at once).
+    pub(super) fn broke_off(&self, dq: &DestQueue, conn: &crate::conn::Outbound) {
+        if dq.answered.get() == conn.answered_mark.get() {
+            self.broke(dq, conn.addr);
+        } else {
+            tracing::debug!(
+                next_hop = %dq.dest.key(),
+                addr = %conn.addr,
+                "a connection broke off while others had transactions answered: not counted \
+                 as the next hop failing"
+            );
+            let now = now_ms();
+            let mut broke = dq.broke.borrow_mut();
+            broke.retain(|_, until| *until > now);
+            broke.insert(conn.addr, now + self.pause_ms());
+        }
     }
 
     /// Whether every address of `dq`'s next hop could not be reached or broke a connection
-    /// off lately, with at least two such failures in a row: one dropped connection to a
-    /// next hop with a single address is a glitch, not an outage.
+    /// off lately, with at least two such failures in a row (one dropped connection to a
+    /// next hop with a single address is a glitch, not an outage) and failures at least half
+    /// of its last outcomes, or [`BROKEN_IN_A_ROW_PAUSES`] in a row: two drops in a row from a
+    /// next hop that answers most transactions are not an outage either (one that fails a
+    /// session in ten has two in a row every hundred or so), and one that was working and
+    /// now fails every session is paused after a few.
     pub(super) fn every_address_broke(&self, dq: &DestQueue) -> bool {
-        if dq.broken_in_a_row.get() < 2 {
+        let in_a_row = dq.broken_in_a_row.get();
+        if in_a_row < 2 || (in_a_row < BROKEN_IN_A_ROW_PAUSES && !dq.mostly_failing()) {
             return false;
         }
         let now = now_ms();
