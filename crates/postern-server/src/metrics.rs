@@ -473,7 +473,7 @@ pub fn render(m: &CoreMetrics) -> String {
     for (name, help, v) in [
         (
             "postern_connections_total",
-            "Connections accepted (a session each, but for those reset before it began).",
+            "Connections accepted (a session each, but for those reset before it began); those refused at a limit are in postern_connections_refused_total.",
             m.connections,
         ),
         (
