@@ -155,12 +155,21 @@ impl Index {
     /// Records recipient `rcpt`'s outcome for a live message (nothing for another): the
     /// latest replaces the one before, except that a final outcome stays (as recovery takes
     /// them).
-    /// `ticket`: the record's.
-    pub(crate) fn set_status(&mut self, queue_id: &str, rcpt: u32, status: &Status, ticket: u64) {
+    /// `ticket`: the record's, when its failure is to mark the message (see
+    /// `note_failed_statuses`).
+    pub(crate) fn set_status(
+        &mut self,
+        queue_id: &str,
+        rcpt: u32,
+        status: &Status,
+        ticket: Option<u64>,
+    ) {
         let Some(live) = self.live.get_mut(queue_id) else {
             return;
         };
-        live.last_status = ticket;
+        if let Some(ticket) = ticket {
+            live.last_status = ticket;
+        }
         let rcpt = rcpt as usize;
         if live.statuses.len() <= rcpt {
             live.statuses.resize(rcpt + 1, None);
@@ -172,8 +181,9 @@ impl Index {
     }
 
     /// After a failed write or sync: marks each live message whose latest status record has
-    /// a ticket that `failed`. Exact, as a failure fails every ticket not yet settled: a
-    /// message with a status record among them has its latest one among them too.
+    /// a ticket that `failed`. No failed record is missed, as a failure fails every ticket not
+    /// yet settled: a message with a status record among them has its latest one among them
+    /// too.
     pub(crate) fn note_failed_statuses(&mut self, failed: impl Fn(u64) -> bool) {
         for live in self.live.values_mut() {
             if live.last_status != 0 && failed(live.last_status) {

@@ -782,6 +782,19 @@ impl Spool {
         rcpt: u32,
         status: &Status,
     ) -> Result<Ticket, SpoolError> {
+        self.append_status_record(queue_id, rcpt, status, true)
+    }
+
+    /// [`Spool::append_status`]; `track`: whether a failure of its ticket marks the message
+    /// ([`Spool::status_lost`]). Not for a copy's records: a copy that fails leaves the
+    /// message where it was, its own records untouched.
+    fn append_status_record(
+        &mut self,
+        queue_id: &str,
+        rcpt: u32,
+        status: &Status,
+        track: bool,
+    ) -> Result<Ticket, SpoolError> {
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         status.encode(queue_id, rcpt, &mut f);
@@ -792,14 +805,16 @@ impl Spool {
         // A status must stay as long as the message it settles may be read.
         self.index.keep(written?);
         let ticket = self.commits.issue();
-        self.index.set_status(queue_id, rcpt, status, ticket.0);
+        self.index
+            .set_status(queue_id, rcpt, status, track.then_some(ticket.0));
         Ok(ticket)
     }
 
     /// Whether a status record of live message `queue_id` appended in this run was in a write
     /// or a sync that failed: its latest ticket may be durable while an earlier record of it
-    /// was lost, so that a restart would not find that outcome. False for a message not live
-    /// here.
+    /// was lost, so that a restart would not find that outcome. Conservative: also true when
+    /// a later record of that recipient made up for the lost one. False for a message not
+    /// live here.
     pub fn status_lost(&self, queue_id: &str) -> bool {
         self.index.status_lost(queue_id)
     }
@@ -856,7 +871,7 @@ impl Spool {
         // message before the copy's START.
         for (rcpt, status) in statuses.iter().enumerate() {
             let Some(status) = status else { continue };
-            if let Err(e) = self.append_status(queue_id, rcpt as u32, status) {
+            if let Err(e) = self.append_status_record(queue_id, rcpt as u32, status, false) {
                 self.abort(draft);
                 return Err(e);
             }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{body, meta};
-use postern_spool::{recover, DeliveryState, MessageRef, Spool, SpoolOptions, Status};
+use postern_spool::{recover, DeliveryState, MessageRef, Spool, SpoolOptions, Status, TicketState};
 
 const OPTS: SpoolOptions = SpoolOptions {
     segment_size: 64 * 1024,
@@ -283,4 +283,19 @@ fn a_copy_whose_outcome_record_is_damaged_gives_way_to_the_original() {
         "recipient 0 would be delivered again"
     );
     assert_eq!(r.messages.iter().filter(|m| m.queue_id == id).count(), 1);
+}
+
+#[test]
+fn a_copy_whose_sync_fails_does_not_mark_the_message_s_statuses_lost() {
+    // The copy carries the message's outcomes as records of its own; when it fails, the
+    // message stays where it was with its own records, which were durable.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    spool.sync_now().unwrap();
+    let (ticket, _) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    let batch = spool.take_sync().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
+    spool.copy_over(&id, false).unwrap();
+    assert!(!spool.status_lost(&id));
 }

@@ -190,37 +190,20 @@ fn mail_that_arrives_while_an_idle_connection_says_quit_opens_no_second_connecti
             let n = counted.fetch_add(1, Ordering::SeqCst);
             let (quit_seen, told, stored) = (quit_seen.clone(), told.clone(), stored.clone());
             std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let _ = w.write_all(b"220 late-quit.test ESMTP\r\n");
-                let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
-                while r.read_line(&mut line).unwrap_or(0) > 0 {
-                    let reply: &[u8] = if in_data && line == ".\r\n" {
-                        in_data = false;
-                        let _ = stored.send((n, std::mem::take(&mut data)));
-                        b"250 2.0.0 taken\r\n"
-                    } else if in_data {
-                        data.push_str(&line);
-                        b""
-                    } else if line.starts_with("DATA") {
-                        in_data = true;
-                        b"354 go\r\n"
-                    } else if line.starts_with("QUIT") {
+                let on_command = |line: &str| {
+                    if line.starts_with("QUIT") {
                         let _ = quit_seen.send(n);
                         if n == 0 {
                             // The first connection's QUIT is answered when the test says.
                             let told = told.lock().unwrap().take().unwrap();
                             let _ = told.recv();
                         }
-                        let _ = w.write_all(b"221 bye\r\n");
-                        break;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    let _ = w.write_all(reply);
-                    line.clear();
-                }
+                    }
+                };
+                serve_plainly(s, "late-quit.test", on_command, |data| {
+                    let _ = stored.send((n, data));
+                    AtEnd::Say(b"250 2.0.0 taken\r\n")
+                });
             });
         }
     });
@@ -318,16 +301,14 @@ fn gated_next_hop(
                     let _ = w.write_all(b"421 4.3.2 gated.test busy\r\n");
                     return;
                 }
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 let (lock, changed) = &*shared;
                 lock.lock().unwrap().open += 1;
                 changed.notify_all();
-                let mut r = BufReader::new(s);
-                let _ = w.write_all(b"220 gated.test ESMTP\r\n");
-                let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
-                while r.read_line(&mut line).unwrap_or(0) > 0 {
-                    let reply: &[u8] = if in_data && line == ".\r\n" {
-                        in_data = false;
+                serve_plainly(
+                    s,
+                    "gated.test",
+                    |_| {},
+                    |data| {
                         let mut st = lock.lock().unwrap();
                         st.ends += 1;
                         let mut passed = st.ends <= free;
@@ -357,33 +338,17 @@ fn gated_next_hop(
                                 st.waiting -= 1;
                             }
                         }
-                        if !passed {
+                        AtEnd::Say(if !passed {
                             b"451 4.3.0 gate\r\n"
                         } else if st.deferred < defer {
                             st.deferred += 1;
                             b"451 4.3.0 later\r\n"
                         } else {
-                            let _ = tx.send((n, std::mem::take(&mut data)));
+                            let _ = tx.send((n, data));
                             b"250 2.0.0 stored\r\n"
-                        }
-                    } else if in_data {
-                        data.push_str(&line);
-                        b""
-                    } else if line.starts_with("EHLO") {
-                        b"250-gated.test\r\n250 8BITMIME\r\n"
-                    } else if line.starts_with("DATA") {
-                        in_data = true;
-                        data.clear();
-                        b"354 go\r\n"
-                    } else if line.starts_with("QUIT") {
-                        let _ = w.write_all(b"221 bye\r\n");
-                        break;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    let _ = w.write_all(reply);
-                    line.clear();
-                }
+                        })
+                    },
+                );
                 lock.lock().unwrap().open -= 1;
                 changed.notify_all();
             });
@@ -563,6 +528,74 @@ fn once_a_paused_next_hop_answers_the_mail_held_for_it_gets_its_other_connection
     assert!(!log.contains("4.3.0 gate"), "{log}");
 }
 
+/// The Message-ID field's value in a message's content (empty without one).
+fn message_id_of(data: &str) -> String {
+    data.lines()
+        .find_map(|l| l.strip_prefix("Message-ID: "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// What a [`serve_plainly`] next hop does at an end of data.
+enum AtEnd {
+    /// Says this and goes on.
+    Say(&'static [u8]),
+    /// Says this (a 421), then reads until the client closes.
+    BreakOff(&'static [u8]),
+}
+
+/// Serves one connection as a plain next hop until QUIT or the close: greets as `name`,
+/// offers 8BITMIME, says 354 to DATA and 250 to other commands (after calling `on_command`
+/// with the line);
+/// at each end of data `at_end`, given the message's content, says what to do. Returns
+/// whether it broke the session off.
+fn serve_plainly(
+    s: std::net::TcpStream,
+    name: &str,
+    mut on_command: impl FnMut(&str),
+    mut at_end: impl FnMut(String) -> AtEnd,
+) -> bool {
+    use std::io::Read;
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let _ = w.write_all(format!("220 {name} ESMTP\r\n").as_bytes());
+    let (mut line, mut data, mut in_data) = (String::new(), String::new(), false);
+    while r.read_line(&mut line).unwrap_or(0) > 0 {
+        let reply: &[u8] = if in_data && line == ".\r\n" {
+            in_data = false;
+            match at_end(std::mem::take(&mut data)) {
+                AtEnd::Say(reply) => reply,
+                AtEnd::BreakOff(reply) => {
+                    let _ = w.write_all(reply);
+                    let _ = r.read_to_end(&mut Vec::new());
+                    return true;
+                }
+            }
+        } else if in_data {
+            data.push_str(&line);
+            b""
+        } else {
+            on_command(&line);
+            if line.starts_with("EHLO") {
+                b"250-next.test\r\n250 8BITMIME\r\n"
+            } else if line.starts_with("DATA") {
+                in_data = true;
+                b"354 go\r\n"
+            } else if line.starts_with("QUIT") {
+                let _ = w.write_all(b"221 bye\r\n");
+                break;
+            } else {
+                b"250 ok\r\n"
+            }
+        };
+        let _ = w.write_all(reply);
+        line.clear();
+    }
+    false
+}
+
 /// A next hop that takes at most `limit` connections from us at once (a thread each; 64
 /// connections in all): one more gets `421 4.7.0` as its greeting and a close, as Postfix's
 /// `smtpd_client_connection_count_limit` does. Each end of data takes a moment (50 ms) and is
@@ -598,35 +631,16 @@ fn limited_next_hop_saying(
             }
             let (tx, open) = (tx.clone(), open.clone());
             std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let mut r = BufReader::new(s);
-                let _ = w.write_all(b"220 limited.test ESMTP\r\n");
-                let (mut line, mut id, mut in_data) = (String::new(), String::new(), false);
-                while r.read_line(&mut line).unwrap_or(0) > 0 {
-                    let reply: &[u8] = if in_data && line == ".\r\n" {
-                        in_data = false;
+                serve_plainly(
+                    s,
+                    "limited.test",
+                    |_| {},
+                    |data| {
                         std::thread::sleep(Duration::from_millis(50));
-                        let _ = tx.send(std::mem::take(&mut id));
-                        b"250 2.0.0 stored\r\n"
-                    } else if in_data {
-                        if let Some(v) = line.strip_prefix("Message-ID: ") {
-                            id = v.trim_end().to_owned();
-                        }
-                        b""
-                    } else if line.starts_with("EHLO") {
-                        b"250-limited.test\r\n250 8BITMIME\r\n"
-                    } else if line.starts_with("DATA") {
-                        in_data = true;
-                        b"354 go\r\n"
-                    } else if line.starts_with("QUIT") {
-                        let _ = w.write_all(b"221 bye\r\n");
-                        break;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    let _ = w.write_all(reply);
-                    line.clear();
-                }
+                        let _ = tx.send(message_id_of(&data));
+                        AtEnd::Say(b"250 2.0.0 stored\r\n")
+                    },
+                );
                 open.fetch_sub(1, Ordering::SeqCst);
             });
         }
@@ -1233,23 +1247,24 @@ fn a_kept_connection_whose_last_transaction_was_refused_says_quit_at_shutdown() 
     assert_eq!(seen.last().map(String::as_str), Some("QUIT"), "{seen:?}");
 }
 
-/// A next hop serving its connections concurrently (a thread each, 8 connections at most),
+/// A next hop serving its connections concurrently (a thread each, 32 connections at most),
 /// which breaks off the transactions of `<fail0@t>` and `<fail1@t>` with `421` and answers
 /// every other message 250 (its Message-ID to the first receiver). `<fail0@t>`'s end of data
 /// is answered only once a connection that had a message answered has said something after
 /// it (its QUIT when idle: postern has taken that answer); the second receiver is told when
-/// postern has closed a broken-off connection (it has taken that break too).
+/// postern has closed a broken-off connection (it has taken that break too). `<failr@t>` is
+/// broken off the same way, and the next connection then gets `421` as its greeting.
 fn next_hop_breaking_off_beside_others() -> (
     u16,
     std::sync::mpsc::Receiver<String>,
     std::sync::mpsc::Receiver<()>,
 ) {
-    use std::io::Read;
     use std::sync::{Arc, Condvar, Mutex};
     #[derive(Default)]
     struct State {
         answered_on: Option<usize>,
         spoke_after: bool,
+        refuse_next: bool,
     }
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -1257,69 +1272,47 @@ fn next_hop_breaking_off_beside_others() -> (
     let (closed_tx, closed) = std::sync::mpsc::channel();
     let shared = Arc::new((Mutex::new(State::default()), Condvar::new()));
     std::thread::spawn(move || {
-        for (n, conn) in l.incoming().take(8).enumerate() {
-            let Ok(s) = conn else { return };
+        for (n, conn) in l.incoming().take(32).enumerate() {
+            let Ok(mut s) = conn else { return };
+            if std::mem::take(&mut shared.0.lock().unwrap().refuse_next) {
+                let _ = s.write_all(b"421 4.3.2 flaky.test busy\r\n");
+                continue;
+            }
             let (stored_tx, closed_tx, shared) =
                 (stored_tx.clone(), closed_tx.clone(), shared.clone());
             std::thread::spawn(move || {
-                s.set_nodelay(true).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let _ = w.write_all(b"220 flaky.test ESMTP\r\n");
                 let (lock, changed) = &*shared;
-                let (mut line, mut id, mut in_data) = (String::new(), String::new(), false);
-                while r.read_line(&mut line).unwrap_or(0) > 0 {
-                    if !in_data {
-                        let mut st = lock.lock().unwrap();
-                        if st.answered_on == Some(n) {
-                            st.spoke_after = true;
-                            changed.notify_all();
-                        }
+                let on_command = |_: &str| {
+                    let mut st = lock.lock().unwrap();
+                    if st.answered_on == Some(n) {
+                        st.spoke_after = true;
+                        changed.notify_all();
                     }
-                    let reply: &[u8] = if in_data && line == ".\r\n" {
-                        in_data = false;
-                        if id.starts_with("<fail") {
-                            if id == "<fail0@t>" {
-                                let st = lock.lock().unwrap();
-                                let (st, _) = changed
-                                    .wait_timeout_while(st, Duration::from_secs(20), |st| {
-                                        !st.spoke_after
-                                    })
-                                    .unwrap();
-                                assert!(st.spoke_after, "no answer was taken beside it");
-                            }
-                            let _ = w.write_all(b"421 4.3.2 flaky.test going down\r\n");
-                            // Until postern closes its end.
-                            let _ = r.read_to_end(&mut Vec::new());
-                            let _ = closed_tx.send(());
-                            return;
-                        }
-                        let _ = w.write_all(b"250 2.0.0 stored\r\n");
-                        let _ = stored_tx.send(std::mem::take(&mut id));
-                        let mut st = lock.lock().unwrap();
-                        st.answered_on = Some(n);
-                        st.spoke_after = false;
-                        line.clear();
-                        continue;
-                    } else if in_data {
-                        if let Some(v) = line.strip_prefix("Message-ID: ") {
-                            id = v.trim_end().to_owned();
-                        }
-                        b""
-                    } else if line.starts_with("EHLO") {
-                        b"250-flaky.test\r\n250 8BITMIME\r\n"
-                    } else if line.starts_with("DATA") {
-                        in_data = true;
-                        b"354 go\r\n"
-                    } else if line.starts_with("QUIT") {
-                        let _ = w.write_all(b"221 bye\r\n");
-                        break;
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    let _ = w.write_all(reply);
-                    line.clear();
+                };
+                let at_end = |data: String| {
+                    let id = message_id_of(&data);
+                    if id == "<fail0@t>" {
+                        let st = lock.lock().unwrap();
+                        let (st, _) = changed
+                            .wait_timeout_while(st, Duration::from_secs(20), |st| !st.spoke_after)
+                            .unwrap();
+                        assert!(st.spoke_after, "no answer was taken beside it");
+                    }
+                    // And the next connection gets 421 as its greeting.
+                    if id == "<failr@t>" {
+                        lock.lock().unwrap().refuse_next = true;
+                    }
+                    if id.starts_with("<fail") {
+                        return AtEnd::BreakOff(b"421 4.3.2 flaky.test going down\r\n");
+                    }
+                    let _ = stored_tx.send(id);
+                    let mut st = lock.lock().unwrap();
+                    st.answered_on = Some(n);
+                    st.spoke_after = false;
+                    AtEnd::Say(b"250 2.0.0 stored\r\n")
+                };
+                if serve_plainly(s, "flaky.test", on_command, at_end) {
+                    let _ = closed_tx.send(());
                 }
             });
         }
@@ -1334,18 +1327,7 @@ fn a_next_hop_that_breaks_off_now_and_then_while_it_answers_others_is_not_paused
     // first came beside an answer: the next hop works, and is not paused as a whole (which
     // would hold all its mail for a minute, and a next hop failing one session in ten for
     // most of the time).
-    let (port, stored, closed) = next_hop_breaking_off_beside_others();
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route,
-        "--retry-initial",
-        "5m",
-        "--outbound-idle-timeout",
-        "1s",
-    ]);
+    let (server, stored, closed) = breaking_off_behind(&["--outbound-idle-timeout", "1s"]);
     let from = "a@origin.test";
     send(&server, from, &["b@dest.test"], "<fail0@t>", "x\r\n");
     // On a second connection while the first waits; answered; that connection, idle, says
@@ -1356,19 +1338,73 @@ fn a_next_hop_that_breaks_off_now_and_then_while_it_answers_others_is_not_paused
         "<ok1@t>"
     );
     closed.recv_timeout(Duration::from_secs(30)).unwrap();
-    let id = send(&server, from, &["b@dest.test"], "<fail1@t>", "x\r\n");
-    closed.recv_timeout(Duration::from_secs(30)).unwrap();
-    server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
-    // Mail that comes now goes at once, not after a pause of the next hop.
-    send(&server, from, &["b@dest.test"], "<ok2@t>", "x\r\n");
-    assert_eq!(
-        stored.recv_timeout(Duration::from_secs(20)).unwrap(),
-        "<ok2@t>"
-    );
+    broken_off(&server, &closed, "<fail1@t>");
+    delivered_unpaused(&server, &stored, "<ok2@t>");
+}
+
+/// postern on one core (with `flags`, and a first retry after 5 minutes) sending dest.test
+/// to a [`next_hop_breaking_off_beside_others`]: the server, and the next hop's receivers.
+fn breaking_off_behind(
+    flags: &[&str],
+) -> (
+    Server,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    let (port, stored, closed) = next_hop_breaking_off_beside_others();
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let mut args = vec!["--cores", "1", "--route", &route, "--retry-initial", "5m"];
+    args.extend_from_slice(flags);
+    (Server::start(&args), stored, closed)
+}
+
+/// Mail sent now goes at once, not after a pause of the next hop, and none was logged.
+fn delivered_unpaused(server: &Server, stored: &std::sync::mpsc::Receiver<String>, id: &str) {
+    send(server, "a@origin.test", &["b@dest.test"], id, "x\r\n");
+    assert_eq!(stored.recv_timeout(Duration::from_secs(20)).unwrap(), id);
     assert_eq!(
         server.log_count(|l| l.contains("suspended") || l.contains("paused")),
         0
     );
+}
+
+/// postern on one core with one connection at a time to a
+/// [`next_hop_breaking_off_beside_others`] for dest.test, once `answered` messages
+/// (`<ok0@t>`...) went there and were answered: the server, and the next hop's receivers.
+fn one_connection_after_answers(
+    answered: usize,
+) -> (
+    Server,
+    std::sync::mpsc::Receiver<String>,
+    std::sync::mpsc::Receiver<()>,
+) {
+    let (server, stored, closed) = breaking_off_behind(&[
+        "--max-connections-per-destination",
+        "1",
+        // The connection is kept between messages however slow the machine.
+        "--outbound-idle-timeout",
+        "60s",
+    ]);
+    for k in 0..answered {
+        let ok = format!("<ok{k}@t>");
+        send(&server, "a@origin.test", &["b@dest.test"], &ok, "x\r\n");
+        assert_eq!(stored.recv_timeout(Duration::from_secs(20)).unwrap(), ok);
+    }
+    (server, stored, closed)
+}
+
+/// Sends `message_id`, whose transaction the next hop breaks off, and waits until postern
+/// has closed that connection and deferred the message.
+fn broken_off(server: &Server, closed: &std::sync::mpsc::Receiver<()>, message_id: &str) {
+    let id = send(
+        server,
+        "a@origin.test",
+        &["b@dest.test"],
+        message_id,
+        "x\r\n",
+    );
+    closed.recv_timeout(Duration::from_secs(30)).unwrap();
+    server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
 }
 
 #[test]
@@ -1377,73 +1413,39 @@ fn two_breaks_in_a_row_from_a_next_hop_that_answers_most_transactions_do_not_pau
     // off with 421 in a row. Two failures in a row, but most of the next hop's last
     // transactions were answered: a next hop that drops one session in ten has two drops in
     // a row every hundred or so, and pausing it for each would hold all its mail.
-    let (port, stored, closed) = next_hop_breaking_off_beside_others();
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route,
-        "--retry-initial",
-        "5m",
-        "--max-connections-per-destination",
-        "1",
-    ]);
-    let from = "a@origin.test";
-    for k in 0..4 {
-        let ok = format!("<ok{k}@t>");
-        send(&server, from, &["b@dest.test"], &ok, "x\r\n");
-        assert_eq!(stored.recv_timeout(Duration::from_secs(20)).unwrap(), ok);
-    }
-    for fail in ["<fail0@t>", "<fail1@t>"] {
-        let id = send(&server, from, &["b@dest.test"], fail, "x\r\n");
-        closed.recv_timeout(Duration::from_secs(30)).unwrap();
-        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
-    }
-    send(&server, from, &["b@dest.test"], "<ok4@t>", "x\r\n");
-    assert_eq!(
-        stored.recv_timeout(Duration::from_secs(20)).unwrap(),
-        "<ok4@t>"
-    );
-    assert_eq!(
-        server.log_count(|l| l.contains("suspended") || l.contains("paused")),
-        0
-    );
+    let (server, stored, closed) = one_connection_after_answers(4);
+    broken_off(&server, &closed, "<fail0@t>");
+    broken_off(&server, &closed, "<fail1@t>");
+    delivered_unpaused(&server, &stored, "<ok4@t>");
 }
 
 #[test]
 fn a_next_hop_that_answered_and_then_breaks_off_every_session_is_paused_after_five() {
     // Ten messages answered, then every transaction broken off: not paused while the breaks
     // are fewer than the answers before them, but after five in a row whatever came before.
-    let (port, stored, closed) = next_hop_breaking_off_beside_others();
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--route",
-        &route,
-        "--retry-initial",
-        "5m",
-        "--max-connections-per-destination",
-        "1",
-    ]);
-    let from = "a@origin.test";
-    for k in 0..10 {
-        let ok = format!("<ok{k}@t>");
-        send(&server, from, &["b@dest.test"], &ok, "x\r\n");
-        assert_eq!(stored.recv_timeout(Duration::from_secs(20)).unwrap(), ok);
-    }
+    let (server, _stored, closed) = one_connection_after_answers(10);
     for k in 0..5 {
-        let id = send(
-            &server,
-            from,
-            &["b@dest.test"],
-            &format!("<fail{k}@t>"),
-            "x\r\n",
-        );
-        closed.recv_timeout(Duration::from_secs(30)).unwrap();
-        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+        broken_off(&server, &closed, &format!("<fail{k}@t>"));
         let paused = server.log_count(|l| l.contains("delivery to it suspended"));
         assert_eq!(paused, usize::from(k == 4), "after {} breaks", k + 1);
     }
+}
+
+#[test]
+fn a_break_and_a_refused_connection_from_a_next_hop_that_answers_most_do_not_pause_it() {
+    // Four messages answered, a transaction broken off, then a connection greeted with 421:
+    // two failures in a row, one of them a session broken off, from a next hop that answers
+    // most transactions. The message that met the refusal waits for its retry; the next one
+    // goes at once, the next hop not paused.
+    let (server, stored, closed) = one_connection_after_answers(4);
+    broken_off(&server, &closed, "<failr@t>");
+    let id = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<refused@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    delivered_unpaused(&server, &stored, "<ok4@t>");
 }

@@ -774,6 +774,9 @@ struct DestQueue {
     /// or broke off (one that broke while another connection had a transaction answered is
     /// not counted: see `CoreRelay::broke_off`).
     broken_in_a_row: Cell<u32>,
+    /// Of `broken_in_a_row`, the addresses that could not be used at all (no connection
+    /// made, or an error for a greeting): two in a row pause the next hop.
+    unopened_in_a_row: Cell<u32>,
     /// Transactions answered by the next hop so far.
     answered: Cell<u64>,
     /// Its last [`RECENT`] outcomes, newest in the lowest bit (1: a connection that broke off
@@ -1312,6 +1315,7 @@ impl CoreRelay {
                     avoid: RefCell::new(HashMap::new()),
                     broke: RefCell::new(HashMap::new()),
                     broken_in_a_row: Cell::new(0),
+                    unopened_in_a_row: Cell::new(0),
                     answered: Cell::new(0),
                     recent: Cell::new((0, 0)),
                     opened_since_broke: Cell::new(0),

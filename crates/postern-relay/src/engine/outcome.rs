@@ -22,6 +22,7 @@ impl CoreRelay {
         match outcome {
             Ok(result) => {
                 dq.broken_in_a_row.set(0);
+                dq.unopened_in_a_row.set(0);
                 dq.answered.set(dq.answered.get().wrapping_add(1));
                 dq.note_outcome(false);
                 conn.answered_mark

@@ -368,6 +368,8 @@ impl CoreRelay {
     fn at_connection_limit(&self, dq: &DestQueue, failed: u32, why: &str) {
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_sub(failed));
+        dq.unopened_in_a_row
+            .set(dq.unopened_in_a_row.get().saturating_sub(failed));
         // This worker is about to leave; the others stay.
         let open = dq.workers.get().saturating_sub(1).max(1);
         let capped = dq.cap_until.get() > now_ms();
@@ -433,7 +435,17 @@ impl CoreRelay {
             dq.broken_in_a_row.set(dq.broken_in_a_row.get().max(1));
             dq.opened_since_broke.set(0);
         }
-        if permanent.is_none() && (dq.broken_in_a_row.get() >= 2 || no_address_tried) {
+        // Classified now (not a connection limit): a failure in the next hop's history, and
+        // `failed` more addresses in a row that could not be used.
+        dq.note_outcome(true);
+        dq.unopened_in_a_row
+            .set(dq.unopened_in_a_row.get().saturating_add(failed));
+        // Two connections in a row not made pause it; a session broken off before one counts
+        // as for sessions broken off (see `failing_enough`): a next hop that answers most
+        // transactions is not paused for one break and one refused connection.
+        if permanent.is_none()
+            && (dq.unopened_in_a_row.get() >= 2 || no_address_tried || self.failing_enough(dq))
+        {
             dq.down_until.set(now_ms() + self.pause_ms());
             *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), remote.clone()));
             tracing::info!(
@@ -781,6 +793,8 @@ impl CoreRelay {
         // silence of the next hop's).
         conn.quiet_from_now();
         let mut read = 0usize;
+        // The job whose body did not all go out, once its reply (or none) is read.
+        let mut cut: Option<(Job, ConnError, Option<TransactionResult>)> = None;
         while let Some(job) = sent.next() {
             // Only the first job sent can be the carried one.
             let first_note = note.take();
@@ -831,7 +845,9 @@ impl CoreRelay {
                         _ if conn.quiet_for() >= SILENCE_BEFORE_BREAK => None,
                         _ => unfinished,
                     };
-                    self.conclude(conn, dq, job, Err(Err(broke)), partial, carry);
+                    // The last job sent: concluded after those answered before it, so that
+                    // their answers count before its break (which may pause the next hop).
+                    cut = Some((job, broke, partial));
                 }
                 Err(e) => {
                     // Those answered before the break keep their replies, unless the batch
@@ -896,10 +912,16 @@ impl CoreRelay {
             for (job, _) in answered {
                 self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
             }
+            if let Some((job, broke, partial)) = cut {
+                self.conclude(conn, dq, job, Err(Err(broke)), partial, carry);
+            }
             return After::Broken;
         }
         for (job, result) in answered {
             elsewhere |= self.conclude(conn, dq, job, Ok(result), None, carry) == After::Elsewhere;
+        }
+        if let Some((job, broke, partial)) = cut {
+            self.conclude(conn, dq, job, Err(Err(broke)), partial, carry);
         }
         match (broken, elsewhere) {
             (Some(_), _) => After::Broken,
@@ -967,7 +989,13 @@ impl CoreRelay {
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_add(1));
         dq.opened_since_broke.set(0);
-        dq.note_outcome(true);
+    }
+
+    /// Whether `dq`'s failures in a row are enough to pause it: two, with failures at least
+    /// half of its last outcomes, or [`BROKEN_IN_A_ROW_PAUSES`] whatever came before.
+    fn failing_enough(&self, dq: &DestQueue) -> bool {
+        let in_a_row = dq.broken_in_a_row.get();
+        in_a_row >= BROKEN_IN_A_ROW_PAUSES || (in_a_row >= 2 && dq.mostly_failing())
     }
 
     /// `conn`, to `dq`'s next hop, broke off (a 421, a close, a timeout) in a transaction.
@@ -980,6 +1008,7 @@ impl CoreRelay {
     pub(super) fn broke_off(&self, dq: &DestQueue, conn: &crate::conn::Outbound) {
         if dq.answered.get() == conn.answered_mark.get() {
             self.broke(dq, conn.addr);
+            dq.note_outcome(true);
         } else {
             tracing::debug!(
                 next_hop = %dq.dest.key(),
@@ -1002,8 +1031,7 @@ impl CoreRelay {
     /// session in ten has two in a row every hundred or so), and one that was working and
     /// now fails every session is paused after a few.
     pub(super) fn every_address_broke(&self, dq: &DestQueue) -> bool {
-        let in_a_row = dq.broken_in_a_row.get();
-        if in_a_row < 2 || (in_a_row < BROKEN_IN_A_ROW_PAUSES && !dq.mostly_failing()) {
+        if !self.failing_enough(dq) {
             return false;
         }
         let now = now_ms();
