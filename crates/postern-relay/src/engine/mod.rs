@@ -812,12 +812,12 @@ impl DestQueue {
         self.recent.set((bits, n.saturating_add(1).min(RECENT)));
     }
 
-    /// Whether at least half of its last outcomes (up to [`RECENT`]) were failures: a next
-    /// hop that answers most transactions and drops one now and then is not down, even when
-    /// two drops come in a row.
+    /// Whether at least three quarters of its last outcomes (up to [`RECENT`]) were failures:
+    /// a next hop that answers many of its transactions and drops others is not down, even
+    /// when drops come in a row.
     fn mostly_failing(&self) -> bool {
         let (bits, n) = self.recent.get();
-        bits.count_ones() * 2 >= u32::from(n)
+        bits.count_ones() * 4 >= u32::from(n) * 3
     }
 
     /// Wakes up to `n` idle connections for jobs just queued, the most recently idle first.

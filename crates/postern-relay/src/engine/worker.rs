@@ -95,7 +95,7 @@ impl Drop for Opening<'_> {
 
 /// Sessions broken off in a row that pause a next hop whatever came before (see
 /// `CoreRelay::every_address_broke`).
-const BROKEN_IN_A_ROW_PAUSES: u32 = 5;
+const BROKEN_IN_A_ROW_PAUSES: u32 = 8;
 
 impl CoreRelay {
     /// Delivers a next hop's jobs over one connection at a time, reusing it while jobs come.
@@ -992,7 +992,8 @@ impl CoreRelay {
     }
 
     /// Whether `dq`'s failures in a row are enough to pause it: two, with failures at least
-    /// half of its last outcomes, or [`BROKEN_IN_A_ROW_PAUSES`] whatever came before.
+    /// three quarters of its last outcomes, or [`BROKEN_IN_A_ROW_PAUSES`] whatever came
+    /// before.
     fn failing_enough(&self, dq: &DestQueue) -> bool {
         let in_a_row = dq.broken_in_a_row.get();
         in_a_row >= BROKEN_IN_A_ROW_PAUSES || (in_a_row >= 2 && dq.mostly_failing())
@@ -1024,12 +1025,12 @@ impl CoreRelay {
     }
 
     /// Whether every address of `dq`'s next hop could not be reached or broke a connection
-    /// off lately, with at least two such failures in a row (one dropped connection to a
-    /// next hop with a single address is a glitch, not an outage) and failures at least half
-    /// of its last outcomes, or [`BROKEN_IN_A_ROW_PAUSES`] in a row: two drops in a row from a
-    /// next hop that answers most transactions are not an outage either (one that fails a
-    /// session in ten has two in a row every hundred or so), and one that was working and
-    /// now fails every session is paused after a few.
+    /// off lately, with enough failures in a row (`failing_enough`): one dropped connection
+    /// to a next hop with a single address is a glitch, not an outage; nor are a few drops in
+    /// a row from a next hop that answers most transactions (one that fails a session in ten
+    /// has two in a row every hundred or so, one that fails three in ten five in a row every
+    /// few hundred); and one that was working and now fails every session is paused after
+    /// [`BROKEN_IN_A_ROW_PAUSES`].
     pub(super) fn every_address_broke(&self, dq: &DestQueue) -> bool {
         if !self.failing_enough(dq) {
             return false;
