@@ -779,9 +779,10 @@ struct DestQueue {
     unopened_in_a_row: Cell<u32>,
     /// Transactions answered by the next hop so far.
     answered: Cell<u64>,
-    /// Its last [`RECENT`] outcomes, newest in the lowest bit (1: a connection that broke off
-    /// or could not be made, counted by `CoreRelay::broke`; 0: a transaction answered), and
-    /// how many there are (at most [`RECENT`]).
+    /// Its last [`RECENT`] outcomes, newest in the lowest bit (1: a session broken off and
+    /// counted in a row, or an attempt whose connections could not be made, not taken for a
+    /// connection limit; 0: a transaction answered), and how many there are (at most
+    /// [`RECENT`]).
     recent: Cell<(u32, u8)>,
     /// Connections opened (greeting and EHLO answered) since the last one failed: each lets
     /// one more connection start past the one-connection limit after failures, so that a

@@ -981,14 +981,21 @@ impl CoreRelay {
 
     /// Notes that `addr` of `dq`'s next hop could not be reached or broke a connection off.
     pub(super) fn broke(&self, dq: &DestQueue, addr: SocketAddr) {
-        let now = now_ms();
-        let mut broke = dq.broke.borrow_mut();
-        broke.retain(|_, until| *until > now);
-        broke.insert(addr, now + self.pause_ms());
+        let now = self.passed_over(dq, addr);
         dq.last_broke.set(now);
         dq.broken_in_a_row
             .set(dq.broken_in_a_row.get().saturating_add(1));
         dq.opened_since_broke.set(0);
+    }
+
+    /// Notes that `addr` of `dq`'s next hop broke, for the first retry delay (at most a
+    /// minute; see `every_address_broke`); gives back the time now (ms).
+    fn passed_over(&self, dq: &DestQueue, addr: SocketAddr) -> u64 {
+        let now = now_ms();
+        let mut broke = dq.broke.borrow_mut();
+        broke.retain(|_, until| *until > now);
+        broke.insert(addr, now + self.pause_ms());
+        now
     }
 
     /// Whether `dq`'s failures in a row are enough to pause it: two, with failures at least
@@ -1017,10 +1024,7 @@ impl CoreRelay {
                 "a connection broke off while others had transactions answered: not counted \
                  as the next hop failing"
             );
-            let now = now_ms();
-            let mut broke = dq.broke.borrow_mut();
-            broke.retain(|_, until| *until > now);
-            broke.insert(conn.addr, now + self.pause_ms());
+            self.passed_over(dq, conn.addr);
         }
     }
 
