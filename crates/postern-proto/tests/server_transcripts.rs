@@ -326,8 +326,8 @@ fn size_limits() {
     assert_eq!(o.aborted, 1);
 }
 
-#[test]
-fn oversized_bdat_chunk_is_consumed_and_refused() {
+/// A transaction whose one chunk, `BDAT 20000 LAST`, is over the size limit, sent whole.
+fn oversized_last_chunk() -> Vec<u8> {
     let mut input = client(&[
         "EHLO client.test",
         "MAIL FROM:<a@b.test>",
@@ -335,6 +335,12 @@ fn oversized_bdat_chunk_is_consumed_and_refused() {
     ]);
     input.extend_from_slice(b"BDAT 20000 LAST\r\n");
     input.extend(std::iter::repeat_n(b'R', 20000));
+    input
+}
+
+#[test]
+fn oversized_bdat_chunk_is_consumed_and_refused() {
+    let mut input = oversized_last_chunk();
     input.extend_from_slice(b"NOOP\r\n");
     let o = run(&config(), false, &input, &[]);
     assert_tail(
@@ -351,13 +357,7 @@ fn oversized_bdat_chunk_is_consumed_and_refused() {
 fn a_chunk_after_a_refused_last_one_is_out_of_sequence() {
     // RFC 3030 2: a BDAT after the LAST one is answered 503. The refusal of the LAST chunk
     // is not repeated for it, as it is for the chunks pipelined behind a refused middle one.
-    let mut input = client(&[
-        "EHLO client.test",
-        "MAIL FROM:<a@b.test>",
-        "RCPT TO:<c@mx.test>",
-    ]);
-    input.extend_from_slice(b"BDAT 20000 LAST\r\n");
-    input.extend(std::iter::repeat_n(b'R', 20000));
+    let mut input = oversized_last_chunk();
     input.extend_from_slice(b"BDAT 5 LAST\r\nhelloBDAT 0 LAST\r\nNOOP\r\n");
     let o = run_every_split(&config(), &input);
     assert_tail(
