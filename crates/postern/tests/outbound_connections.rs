@@ -1450,3 +1450,143 @@ fn a_break_and_a_refused_connection_from_a_next_hop_that_answers_most_do_not_pau
     server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
     delivered_unpaused(&server, &stored, "<ok4@t>");
 }
+
+/// A next hop on `host` (a thread for each connection, 16 in all) whose first connection
+/// serves one message and then, at the RSET of the next transaction, tells the first receiver and holds
+/// its reply until the sender gives a word, then closes without one. The connections after
+/// it are closed before a greeting until the flag is set, then served. The Message-IDs it
+/// stores go to the last receiver.
+fn next_hop_closing_at_rset(
+    host: &str,
+) -> (
+    u16,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let l = TcpListener::bind((host, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (rset_tx, rset_seen) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (stored_tx, stored) = std::sync::mpsc::channel();
+    let healed = std::sync::Arc::new(AtomicBool::new(false));
+    let heal = healed.clone();
+    std::thread::spawn(move || {
+        let mut first = Some((rset_tx, released));
+        for (n, conn) in l.incoming().take(16).enumerate() {
+            let Ok(s) = conn else { return };
+            if n > 0 && !healed.load(Ordering::SeqCst) {
+                continue;
+            }
+            let stored_tx = stored_tx.clone();
+            let hold = first.take();
+            std::thread::spawn(move || {
+                let closer = s.try_clone().unwrap();
+                let on_command = |line: &str| {
+                    if let Some((seen, released)) = hold.as_ref() {
+                        if line.starts_with("RSET") {
+                            let _ = seen.send(());
+                            let _ = released.recv_timeout(Duration::from_secs(30));
+                            let _ = closer.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                };
+                serve_plainly(s, "rset.test", on_command, |data| {
+                    let _ = stored_tx.send(message_id_of(&data));
+                    AtEnd::Say(b"250 2.0.0 stored\r\n")
+                });
+            });
+        }
+    });
+    (port, rset_seen, release, heal, stored)
+}
+
+#[test]
+fn a_message_put_back_unsent_while_its_next_hop_is_paused_is_not_expired_untried() {
+    use relaying::dns_server::{Rec, TestDns};
+    use std::sync::atomic::Ordering;
+    // The kept connection that carried the first message ends at the RSET of the second;
+    // meanwhile a connection could be made to neither of the next hop's two addresses
+    // (closed before its greeting, refused), and the next hop is paused. The second message
+    // was never sent: past its lifetime, it still gets its last attempt when the pause ends,
+    // rather than being expired as if that had been it.
+    let (port, rset_seen, release, heal, stored) = next_hop_closing_at_rset("127.0.0.52");
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("dest.test.", Rec::A("127.0.0.52".parse().unwrap())),
+            ("dest.test.", Rec::A("127.0.0.53".parse().unwrap())),
+        ],
+    );
+    let (dns_addr, port) = (dns.addr.to_string(), port.to_string());
+    let server = Server::start(&[
+        "--cores",
+        "1",
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        &port,
+        "--retry-initial",
+        "5s",
+        "--max-queue-lifetime",
+        "2s",
+        "--outbound-idle-timeout",
+        "60s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(&server, "", &["b@dest.test"], "<rset1@t>", "x\r\n");
+    assert_eq!(
+        stored.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "<rset1@t>"
+    );
+    let answered = Instant::now();
+    let second = send(&server, "", &["b@dest.test"], "<rset2@t>", "x\r\n");
+    // Its lifetime ends 2 s after the second it arrived in (arrival times are kept in
+    // whole seconds, rounded up for the lifetime).
+    let end_of_life = Instant::now() + Duration::from_millis(3300);
+    rset_seen.recv_timeout(Duration::from_secs(20)).unwrap();
+    // One more message: its connection is closed unanswered at one address and refused at
+    // the other, which pauses the next hop. It comes once the kept connection has had no
+    // answer for two seconds (before, a connection closed beside it is taken for the next
+    // hop's limit on connections, and nothing is paused).
+    std::thread::sleep(
+        (answered + Duration::from_millis(2200)).saturating_duration_since(Instant::now()),
+    );
+    send(&server, "", &["b@dest.test"], "<rset3@t>", "x\r\n");
+    let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    assert!(m.contains("postern_delivery_deferrals_total 1\n"), "{m}");
+    // The second message's lifetime is over; its connection now ends at the RSET.
+    std::thread::sleep(end_of_life.saturating_duration_since(Instant::now()));
+    release.send(()).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let listing = queue_listing(&server.spool);
+        let entry = listing.iter().find(|m| m["queue_id"] == second.as_str());
+        match entry.map(|m| m["recipients"][0]["reply"].as_str()) {
+            Some(None) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Some(reply) => break reply.map(str::to_owned),
+            None => break None,
+        }
+    };
+    let reply = reply.expect("the message put back unsent was expired");
+    assert!(
+        reply.starts_with("not tried, delivery to the next hop suspended after: "),
+        "{reply}"
+    );
+    heal.store(true, Ordering::SeqCst);
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match stored.recv_timeout(left) {
+            Ok(id) if id == "<rset2@t>" => break,
+            Ok(_) => {}
+            Err(e) => panic!("the second message was not delivered after the pause: {e}"),
+        }
+    }
+    drop(dns);
+}

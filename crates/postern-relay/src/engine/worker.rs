@@ -447,7 +447,12 @@ impl CoreRelay {
             && (dq.unopened_in_a_row.get() >= 2 || no_address_tried || self.failing_enough(dq))
         {
             dq.down_until.set(now_ms() + self.pause_ms());
-            *dq.paused_for.borrow_mut() = Some((status.into(), text.clone(), remote.clone()));
+            // For jobs put back unsent while it lasts (`requeue`; a kept connection of
+            // another worker that ended at its RSET): they were not tried, and say so, as
+            // for a suspension, so that a last attempt is not expired untried. No host
+            // answered for them: no Remote-MTA in their reports.
+            let not_tried = format!("{}{text}", dsn::NOT_TRIED);
+            *dq.paused_for.borrow_mut() = Some((status.into(), not_tried, None));
             tracing::info!(
                 next_hop = %dq.dest.key(),
                 "no connection to the next hop could be used ({text}); delivery to it paused for {:?}",
