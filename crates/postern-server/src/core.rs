@@ -228,7 +228,7 @@ impl Core {
             // Delivered (or deleted) since the listing the request came from: nothing to
             // record, and no deletion to log.
             tracing::info!(
-                queue_id,
+                queue_id = %queue_id,
                 "not deleted: no longer queued (delivered or deleted since it was listed)"
             );
             return;
@@ -248,7 +248,7 @@ impl Core {
                 Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
                 None => {
                     tracing::info!(
-                        queue_id,
+                        queue_id = %queue_id,
                         "not deleted: no longer queued (every recipient has its outcome)"
                     );
                     return;
@@ -265,7 +265,7 @@ impl Core {
             if let Err(e) = self.store.append_status(queue_id, rcpt, &status) {
                 self.metrics.borrow_mut().spool_errors += 1;
                 tracing::error!(
-                    queue_id,
+                    queue_id = %queue_id,
                     "deleting: a status could not be written ({e}); the message is forgotten in \
                      this run, and a restart may deliver the recipients not recorded"
                 );
@@ -286,11 +286,11 @@ impl Core {
             // as deleted once that is durable: before, a restart could still deliver it.
             match core.store.flush_statuses(&queue_id).await {
                 Ok(()) if recorded => {
-                    tracing::info!(queue_id, recipients = stopped, "deleted by the operator");
+                    tracing::info!(queue_id = %queue_id, recipients = stopped, "deleted by the operator");
                 }
                 Ok(()) => {}
                 Err(e) => tracing::error!(
-                    queue_id,
+                    queue_id = %queue_id,
                     "deleting: the statuses could not be synced ({e}); the message is forgotten \
                      in this run, and a restart may deliver it"
                 ),

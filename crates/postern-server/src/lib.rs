@@ -31,6 +31,7 @@ pub use error::StartError;
 pub use postern_spool::DirLock;
 pub use received::rfc5322_date;
 pub use runtime::{
-    check_listen, ipv6_is_dual_stack, lock_spool, note_panic, raise_open_file_limit, start,
-    start_locked, start_with, still_listening, OpenFileLimit, Running, TLS_REFUSALS_MAX,
+    check_listen, ipv6_is_dual_stack, lock_spool, memlock_limit_text, note_panic,
+    raise_open_file_limit, start, start_locked, start_with, still_listening, OpenFileLimit,
+    Running, TLS_REFUSALS_MAX,
 };

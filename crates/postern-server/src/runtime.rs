@@ -486,15 +486,21 @@ fn executor_advice(cause: &str) -> String {
              system's (the line above has it; please report it)"
         );
     }
-    let memlock = memlock_limit().map_or("unlimited or unknown".to_owned(), |l| {
-        format!("{} KiB", l / 1024)
-    });
     format!(
         "cannot start a glommio executor ({cause}). postern needs io_uring (Linux 5.8 or later, \
          not disabled by kernel.io_uring_disabled or a seccomp profile) and locked memory for \
-         its rings: the memlock limit here is {memlock}; raise it with `ulimit -l unlimited` or \
-         LimitMEMLOCK=infinity in the systemd unit"
+         its rings: the memlock limit here is {}; raise it with `ulimit -l unlimited` or \
+         LimitMEMLOCK=infinity in the systemd unit",
+        memlock_limit_text()
     )
+}
+
+/// This process's locked-memory limit, for advice on io_uring's rings: `8 KiB`, or
+/// `unlimited or unknown`.
+pub fn memlock_limit_text() -> String {
+    memlock_limit().map_or("unlimited or unknown".to_owned(), |l| {
+        format!("{} KiB", l / 1024)
+    })
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes, from /proc (None when unlimited or unknown).

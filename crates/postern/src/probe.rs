@@ -160,8 +160,10 @@ fn advice_under(e: &std::io::Error, filtered: bool) -> String {
             OLDEST.0, OLDEST.1
         ),
         Some(libc::ENOMEM) => format!(
-            "cannot make an io_uring ({e}): raise the locked-memory limit with \
-             `ulimit -l unlimited`, or LimitMEMLOCK=infinity in the systemd unit"
+            "cannot make an io_uring ({e}): the memlock limit here is {}; raise the \
+             locked-memory limit with `ulimit -l unlimited`, or LimitMEMLOCK=infinity in the \
+             systemd unit",
+            postern_server::memlock_limit_text()
         ),
         _ => format!("cannot make an io_uring ({e}); postern needs io_uring (Linux 5.8 or later)"),
     }

@@ -1364,6 +1364,32 @@ fn no_io_uring_is_a_start_up_error_saying_what_to_allow() {
 }
 
 #[test]
+fn a_ring_refused_for_memory_at_the_start_up_look_is_told_with_the_memlock_limit() {
+    // The first ring postern makes (the start-up look, before any core) fails with ENOMEM,
+    // as under a low locked-memory limit without CAP_IPC_LOCK: the line gives the limit, as
+    // a core's failure does, beside what to do.
+    let (code, _, err) = serve_under(
+        &[
+            "prlimit",
+            "--memlock=65536:65536",
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "inject=io_uring_setup:error=ENOMEM:when=1",
+        ],
+        &["--cores", "1"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot make an io_uring"), "{err}");
+    assert!(err.contains("the memlock limit here is 64 KiB"), "{err}");
+    assert!(err.contains("ulimit -l unlimited"), "{err}");
+    assert_eq!(err.matches("cannot start").count(), 1, "{err}");
+}
+
+#[test]
 fn a_core_that_fails_to_start_after_another_has_started_ends_the_start_up() {
     // How many rings each thread of a two-core server makes as it starts. strace counts the
     // calls of each thread apart, and the core that comes first to glommio's look at the

@@ -716,6 +716,8 @@ fn a_deletion_counts_only_the_recipients_it_stops() {
     assert_eq!(code, Some(0), "{err}");
     let line = server.log_until(|l| l.contains("deleted by the operator"));
     assert!(line.contains("recipients=1"), "{line}");
+    // Written as on every other line of the message's history, for a grep of its ID.
+    assert!(line.contains(&format!(" queue_id={id} ")), "{line}");
     let m = server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
     assert!(m.contains("postern_recipients_failed_total 1\n"), "{m}");
 }
