@@ -443,7 +443,15 @@ where
 {
     move |s: &str| {
         let n: i128 = trimmed(s)?;
-        if n < low.into() || n > high.into() {
+        // Said as for other numbers (`trimmed`), with the range the flag takes.
+        let takes = format!("it takes a whole number in {low}..={high}");
+        if n < 0 && low.into() >= 0 {
+            return Err(format!("'{}' is negative; {takes}", s.trim()));
+        }
+        if n > high.into() {
+            return Err(format!("'{}' is too large; {takes}", s.trim()));
+        }
+        if n < low.into() {
             return Err(format!("{n} is not in {low}..={high}"));
         }
         T::try_from(n).map_err(|_| format!("{n} is not in {low}..={high}"))

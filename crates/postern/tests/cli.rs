@@ -217,7 +217,20 @@ fn wrong_flags_get_one_line_and_exit_2() {
     refused(&["serve", "--mx-port", "0"], "0 is not in 1..=65535");
     refused(
         &["serve", "--mx-port", "70000"],
-        "70000 is not in 1..=65535",
+        "'70000' is too large; it takes a whole number in 1..=65535",
+    );
+    // Said as for any other number (docs/operations.md), with the range.
+    refused(
+        &["serve", "--mx-port", "-1"],
+        "'-1' is negative; it takes a whole number in 1..=65535",
+    );
+    refused(
+        &["serve", "--ipv6-client-prefix", "-1"],
+        "'-1' is negative; it takes a whole number in 16..=128",
+    );
+    refused(
+        &["serve", "--mx-port", "99999999999999999999"],
+        "'99999999999999999999' is too large",
     );
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
