@@ -77,6 +77,16 @@ fn reply_mix(s: &str) -> Result<ReplyMix, String> {
     Ok(ReplyMix(mix))
 }
 
+/// A count above zero (said so, rather than as a range up to 2^64 - 1).
+fn at_least_one(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("it takes a whole number of at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) if s.starts_with('-') => Err(format!("{s:?} is negative")),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
+}
+
 fn rate(s: &str) -> Result<f64, String> {
     units::parse_rate("--rate", s).map_err(|e| e.to_string())
 }
@@ -193,11 +203,11 @@ pub struct SendArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub connections: u32,
     /// Messages to send in all (default 1000 unless --duration is given).
-    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, conflicts_with = "duration", value_parser = at_least_one)]
     pub messages: Option<u64>,
     /// Start messages for this long instead of a number of messages (30s, 2m); those in flight
     /// at the end still get their replies (each within --timeout), and count. [default: none: --messages ends the run]
-    #[arg(long, value_parser = run_duration)]
+    #[arg(long, value_parser = run_duration, allow_hyphen_values = true)]
     pub duration: Option<Duration>,
     /// Messages per connection before QUIT and a new connection; 0 keeps each connection.
     #[arg(long, default_value_t = 0)]
@@ -253,7 +263,7 @@ pub struct SendArgs {
     #[arg(long, value_parser = cpus)]
     pub cpus: Option<CpuList>,
     /// Longest wait for a connection, a whole reply (however it trickles in) or a write.
-    #[arg(long, default_value = "30s", value_parser = timeout)]
+    #[arg(long, default_value = "30s", value_parser = timeout, allow_hyphen_values = true)]
     pub timeout: Duration,
     /// The name sent with EHLO.
     #[arg(long, default_value = "postern-load.test", value_parser = helo)]
@@ -315,18 +325,18 @@ pub struct SinkArgs {
     #[arg(long, value_parser = reply_mix)]
     pub reply_mix: Option<ReplyMix>,
     /// Wait this long before answering each end of data. [default: none, answered at once]
-    #[arg(long, value_parser = duration)]
+    #[arg(long, value_parser = duration, allow_hyphen_values = true)]
     pub delay: Option<Duration>,
     /// Close a connection without a reply at its N-th end of data. [default: never]
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = at_least_one)]
     pub drop_after: Option<u64>,
     /// Serve counters as Prometheus text at http://ADDR/metrics. [default: none, not served]
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Close a session silent for this long.
-    #[arg(long, default_value = "60s", value_parser = timeout)]
+    #[arg(long, default_value = "60s", value_parser = timeout, allow_hyphen_values = true)]
     pub timeout: Duration,
     /// Exit by itself after this long (otherwise on SIGTERM or SIGINT); above zero. [default: none]
-    #[arg(long, value_parser = run_duration)]
+    #[arg(long, value_parser = run_duration, allow_hyphen_values = true)]
     pub lifetime: Option<Duration>,
 }

@@ -75,6 +75,10 @@ const MAX_RATE: f64 = 1e9;
 
 /// Reads a duration: `30s`, `1m`, `250ms`, `1h 30m`.
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, LoadError> {
+    // Taken as a value, not a flag, so that it is refused as what it is.
+    if s.trim_start().starts_with('-') {
+        return Err(LoadError::flag(flag, format!("{s:?} is negative")));
+    }
     // `M` is a month to the parser, while sizes take it for MiB: `5M` written for minutes
     // would be a five-month run without a word.
     if s.contains('M') {

@@ -100,6 +100,12 @@ fn wrong_flags_are_one_line_and_exit_2() {
         (&["sink", "--max-size", "0"][..], "--max-size"),
         (&["sink", "--lifetime", "0s"][..], "--lifetime"),
         (&["sink", "--hostname", "two words"][..], "--hostname"),
+        // A negative duration is a wrong value for its flag, not an unknown argument.
+        (&["send", "--timeout", "-5s"][..], "--timeout"),
+        (&["send", "--duration", "-1s"][..], "--duration"),
+        (&["sink", "--delay", "-1s"][..], "--delay"),
+        (&["sink", "--timeout", "-1s"][..], "--timeout"),
+        (&["sink", "--lifetime", "-1s"][..], "--lifetime"),
     ] {
         let (code, err) = run(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -212,4 +218,24 @@ fn a_target_that_does_not_resolve_or_a_cpu_not_online_is_a_wrong_flag() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(names), "{args:?} should name {names}: {err}");
     }
+}
+
+#[test]
+fn a_count_of_zero_is_refused_as_such() {
+    for args in [
+        &["send", "--messages", "0"][..],
+        &["sink", "--drop-after", "0"],
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("at least 1"), "{args:?}: {err}");
+        assert!(!err.contains("18446744073709551615"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_negative_duration_is_refused_as_negative() {
+    let (code, err) = run(&["send", "--timeout", "-5s"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("\"-5s\" is negative"), "{err}");
 }

@@ -273,8 +273,9 @@ async fn serve(core: &Core, mut client: Client, first: Ticket) -> Option<Ticket>
                     }
                     if !wait_until(run, due).await {
                         // Stopped while waiting: the message is not sent, and it does not
-                        // count as started (where it came due first, it was missed).
-                        run.plan.unclaim();
+                        // count as started; nor as due where it came due first, since this
+                        // connection was free for it.
+                        run.plan.unclaim_waited(due);
                         break;
                     }
                 }

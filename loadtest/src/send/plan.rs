@@ -22,6 +22,10 @@ pub struct Plan {
     stop: Arc<AtomicBool>,
     /// When the run first saw `stop` set: where an interrupted run's due times end.
     stop_seen: OnceLock<Instant>,
+    /// Tickets given back unsent that came due before the stop was seen, on a connection
+    /// that was waiting for them: late by the wait's own granularity, not for want of a
+    /// connection, so not among those due (nor those missed).
+    excused: AtomicU64,
 }
 
 /// One message to send.
@@ -51,6 +55,7 @@ impl Plan {
             claimed: AtomicU64::new(0),
             stop: Arc::new(AtomicBool::new(false)),
             stop_seen: OnceLock::new(),
+            excused: AtomicU64::new(0),
         }
     }
 
@@ -92,7 +97,8 @@ impl Plan {
         while due < u64::MAX && self.due_time(due, rate) < deadline {
             due += 1;
         }
-        Some(self.limit.map_or(due, |l| l.min(due)))
+        let due = self.limit.map_or(due, |l| l.min(due));
+        Some(due.saturating_sub(self.excused.load(Ordering::Relaxed)))
     }
 
     /// When message `seq` is due at `rate` messages per second.
@@ -111,6 +117,16 @@ impl Plan {
         let _ = self
             .claimed
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+    }
+
+    /// Gives back a ticket due at `due` that a connection was waiting to start when the run
+    /// was stopped: where it came due before the stop was seen, it is not counted as due
+    /// either (the connection was free; only the wait's wake-up was late).
+    pub fn unclaim_waited(&self, due: Instant) {
+        self.unclaim();
+        if self.stop_seen.get().is_some_and(|stop| due < *stop) {
+            self.excused.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The next message, or None when the run is over.
@@ -236,6 +252,25 @@ mod tests {
         plan.unclaim();
         plan.unclaim();
         assert_eq!(plan.claimed(), 0, "never below zero");
+    }
+
+    #[test]
+    fn a_ticket_that_came_due_while_its_connection_waited_for_it_is_not_missed() {
+        let start = Instant::now() - Duration::from_secs(1);
+        let plan = Plan::new(start, None, Some(Duration::from_secs(60)), Some(10.0));
+        let tickets: Vec<Ticket> = std::iter::from_fn(|| plan.claim()).take(3).collect();
+        plan.stop_flag().store(true, Ordering::Relaxed);
+        assert!(plan.stopped());
+        let due = plan.due().unwrap();
+        // The third came due (0.2 s in) long before the stop, while its connection waited
+        // for it: given back, it is neither started nor missed.
+        plan.unclaim_waited(tickets[2].due.unwrap());
+        assert_eq!(plan.claimed(), 2);
+        assert_eq!(plan.due(), Some(due - 1));
+        // One due after the stop was seen is given back as any other.
+        plan.unclaim_waited(Instant::now() + Duration::from_secs(1));
+        assert_eq!(plan.claimed(), 1);
+        assert_eq!(plan.due(), Some(due - 1));
     }
 
     #[test]
