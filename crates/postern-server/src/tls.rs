@@ -151,7 +151,20 @@ fn load(
                 "no private key found (PEM, PKCS#1, PKCS#8 or SEC1)".into(),
             )
         })?;
-    let warnings = certificate_warnings(&certs[0], hostname, unix_now());
+    let mut warnings = Vec::new();
+    if let Some(mode) = std::fs::metadata(key)
+        .ok()
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+        .filter(|mode| mode & 0o007 != 0)
+    {
+        warnings.push(format!(
+            "the private key {} can be read by any user of this machine (mode {:o}): \
+             `chmod 600` it (or 640, with a group of its own)",
+            key.display(),
+            mode & 0o777
+        ));
+    }
+    warnings.extend(certificate_warnings(&certs[0], hostname, unix_now()));
     let claimed_kind = key_kind(&key_der);
     let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
         // The advice fits the failure: a key of a kind rustls does not sign with (Ed448, DSA)

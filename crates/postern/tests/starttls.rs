@@ -351,6 +351,37 @@ fn an_expired_certificate_for_another_name_is_warned_about_and_still_served() {
     assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
 }
 
+#[test]
+fn a_private_key_any_user_can_read_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    // A certificate for another name, so that a warning about it ends what the start says
+    // of the pair (the key's comes before it).
+    let ck = rcgen::generate_simple_self_signed(vec!["other.test".into()]).unwrap();
+    for (mode, warned) in [(0o644, true), (0o600, false), (0o640, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let server = Server::start(&[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ]);
+        server.log_until(|l| l.contains("does not name --hostname mx.test"));
+        let said = |l: &str| l.contains("WARN") && l.contains("can be read by any user");
+        assert_eq!(server.log_count(said), usize::from(warned), "mode {mode:o}");
+        if warned {
+            let line = server.log_until(said);
+            assert!(
+                line.contains("key.pem") && line.contains("(mode 644)"),
+                "{line}"
+            );
+        }
+    }
+}
+
 /// STARTTLS with a client that trusts only `roots`; the first line of the EHLO reply inside
 /// TLS, or the error of the handshake.
 fn ehlo_inside_tls(server: &Server, roots: &RootCertStore) -> std::io::Result<String> {
