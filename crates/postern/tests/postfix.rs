@@ -19,7 +19,7 @@ use common::Server;
 use relaying::hello;
 
 /// A Postfix instance listening on 127.0.0.1:`port` that relays all it takes to
-/// 127.0.0.1:`relay`; stopped when dropped.
+/// 127.0.0.1:`relay`, with `extra` lines in its main.cf; stopped when dropped.
 struct Postfix {
     dir: tempfile::TempDir,
     port: u16,
@@ -45,11 +45,12 @@ retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 postlog   unix-dgram n  -       n       -       1       postlogd
 ";
 
 impl Postfix {
-    fn start(relay: u16) -> Postfix {
+    fn start(relay: u16, extra: &str) -> Postfix {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         // Postfix's daemons run as its own user: they reach the queue through this directory.
@@ -80,7 +81,8 @@ impl Postfix {
              alias_database =\n\
              local_header_rewrite_clients =\n\
              in_flow_delay = 0s\n\
-             smtputf8_enable = yes\n"
+             smtputf8_enable = yes\n\
+             {extra}"
         );
         std::fs::write(d.join("main.cf"), main_cf).unwrap();
         let master_cf = format!("127.0.0.1:{port} inet n - n - - smtpd\n{MASTER_CF}");
@@ -170,7 +172,7 @@ fn message_id(content: &[u8]) -> String {
 #[test]
 fn mail_relayed_through_postfix_arrives_whole() {
     let last = Server::start(&["--cores", "1"]);
-    let postfix = Postfix::start(last.smtp.port());
+    let postfix = Postfix::start(last.smtp.port(), "");
     let route = format!("viapf.test=127.0.0.1:{}", postfix.port);
     let first = Server::start(&["--cores", "1", "--route", &route]);
 
@@ -303,4 +305,65 @@ fn mail_relayed_through_postfix_arrives_whole() {
         .find(|(_, c)| message_id(c) == "<utf8@pf.test>")
         .unwrap();
     assert!(utf8_meta.smtputf8);
+}
+
+#[test]
+fn mail_relayed_through_postfix_goes_over_starttls_both_ways() {
+    // Postfix's TLS is OpenSSL's: postern's SMTP client starts TLS with Postfix's smtpd, and
+    // Postfix's SMTP client with the second postern (both opportunistic, as between MTAs
+    // that do not verify each other).
+    let ck = rcgen::generate_simple_self_signed(vec!["mx.test".into(), "pfx.test".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let last = Server::start(&["--cores", "1", "--tls-cert", cert, "--tls-key", key]);
+    let postfix = Postfix::start(
+        last.smtp.port(),
+        &format!(
+            "smtpd_tls_cert_file = {cert}\nsmtpd_tls_key_file = {key}\n\
+             smtpd_tls_security_level = may\nsmtp_tls_security_level = may\n"
+        ),
+    );
+    let route = format!("viapf.test=127.0.0.1:{}", postfix.port);
+    let first = Server::start(&["--cores", "1", "--route", &route]);
+    let content = b"From: <s@origin.test>\r\nTo: <r@viapf.test>\r\nSubject: tls\r\n\
+        Date: Sun, 6 Dec 2026 12:00:00 +0000\r\nMessage-ID: <tls@pf.test>\r\n\r\nsecret\r\n"
+        .to_vec();
+    submit(
+        &first,
+        &[Sent {
+            from: "s@origin.test",
+            mail_params: "",
+            rcpts: vec![("r@viapf.test".into(), "")],
+            content: content.clone(),
+        }],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (meta, stored) = loop {
+        if let Some(m) = held(&last.spool).pop() {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing arrived; Postfix's log:\n{}",
+            postfix.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(meta.recipients[0].path, "r@viapf.test");
+    assert!(stored.ends_with(&content));
+    let trace = String::from_utf8_lossy(&stored[..stored.len() - content.len()]).into_owned();
+    // Each hop's trace field names the protocol its client used (RFC 3848): ESMTPS, over
+    // TLS, from Postfix to the second postern and from the first postern to Postfix.
+    let received: Vec<&str> = trace.split("Received: ").skip(1).collect();
+    assert_eq!(received.len(), 3, "{trace}");
+    assert!(received[0].contains("from pfx.test"), "{trace}");
+    assert!(received[0].contains("with ESMTPS"), "{trace}");
+    assert!(received[1].contains("by pfx.test (Postfix)"), "{trace}");
+    assert!(received[1].contains("with ESMTPS"), "{trace}");
+    assert!(received[2].contains("with ESMTP "), "{trace}");
 }
