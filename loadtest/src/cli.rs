@@ -82,7 +82,12 @@ fn at_least_one(s: &str) -> Result<u64, String> {
     match s.parse::<u64>() {
         Ok(0) => Err("it takes a whole number of at least 1".into()),
         Ok(n) => Ok(n),
-        Err(_) if s.starts_with('-') => Err(format!("{s:?} is negative")),
+        Err(_)
+            if s.strip_prefix('-')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            Err(format!("{s:?} is negative"))
+        }
         Err(e) => Err(format!("{s:?}: {e}")),
     }
 }

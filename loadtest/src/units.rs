@@ -75,8 +75,18 @@ const MAX_RATE: f64 = 1e9;
 
 /// Reads a duration: `30s`, `1m`, `250ms`, `1h 30m`.
 pub fn parse_duration(flag: &'static str, s: &str) -> Result<Duration, LoadError> {
-    // Taken as a value, not a flag, so that it is refused as what it is.
-    if s.trim_start().starts_with('-') {
+    // Taken as a value even when it begins with `-`, so that it is refused as what it is: a
+    // negative duration, or the next flag where the value was left out.
+    let t = s.trim_start();
+    if t.starts_with("--") {
+        return Err(LoadError::flag(
+            flag,
+            format!("a value is required (found the flag {s:?})"),
+        ));
+    }
+    if t.strip_prefix('-')
+        .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit() || c == '.'))
+    {
         return Err(LoadError::flag(flag, format!("{s:?} is negative")));
     }
     // `M` is a month to the parser, while sizes take it for MiB: `5M` written for minutes

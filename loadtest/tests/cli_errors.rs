@@ -238,4 +238,16 @@ fn a_negative_duration_is_refused_as_negative() {
     let (code, err) = run(&["send", "--timeout", "-5s"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("\"-5s\" is negative"), "{err}");
+    // A flag where the value was left out is not taken for a negative duration.
+    let (code, err) = run(&["send", "--duration", "--quiet"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--duration"), "{err}");
+    assert!(err.contains("a value is required"), "{err}");
+    assert!(!err.contains("negative"), "{err}");
+    let (code, err) = run(&["send", "--messages", "-1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--messages") && err.contains("is negative"),
+        "{err}"
+    );
 }

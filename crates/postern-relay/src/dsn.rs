@@ -814,8 +814,9 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
 /// Writes `name: value` CRLF, folding at spaces before [`FOLD_COLUMN`] when it can. `value`
 /// is already safe: ASCII, no control characters, single spaces.
 /// How the account of a recipient whose message was never sent begins: its next hop was
-/// paused after another session broke off. The reply it quotes was not given to this message,
-/// so a report writes it as postern's words (`X-Postern`), not as this recipient's reply.
+/// paused after another session broke off or connections to it could not be made. The reply
+/// it quotes was not given to this message, so a report writes it as postern's words
+/// (`X-Postern`), not as this recipient's reply.
 pub const NOT_TRIED: &str = "not tried, delivery to the next hop suspended after: ";
 
 /// The SMTP reply that `text` is, or that it ends with after a `": "`.

@@ -286,7 +286,11 @@ impl Core {
             // as deleted once that is durable: before, a restart could still deliver it.
             match core.store.flush_statuses(&queue_id).await {
                 Ok(()) if recorded => {
-                    tracing::info!(queue_id = %queue_id, recipients = stopped, "deleted by the operator");
+                    tracing::info!(
+                        queue_id = %queue_id,
+                        recipients = stopped,
+                        "deleted by the operator"
+                    );
                 }
                 Ok(()) => {}
                 Err(e) => tracing::error!(

@@ -151,20 +151,8 @@ fn load(
                 "no private key found (PEM, PKCS#1, PKCS#8 or SEC1)".into(),
             )
         })?;
-    let mut warnings = Vec::new();
-    if let Some(mode) = std::fs::metadata(key)
-        .ok()
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
-        .filter(|mode| mode & 0o007 != 0)
-    {
-        warnings.push(format!(
-            "the private key {} can be read by any user of this machine (mode {:o}): \
-             `chmod 600` it (or 640, with a group of its own)",
-            key.display(),
-            mode & 0o777
-        ));
-    }
-    warnings.extend(certificate_warnings(&certs[0], hostname, unix_now()));
+    let key_warning = open_key_warning(key);
+    let warnings = certificate_warnings(&certs[0], hostname, unix_now());
     let claimed_kind = key_kind(&key_der);
     let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
         // The advice fits the failure: a key of a kind rustls does not sign with (Ed448, DSA)
@@ -202,10 +190,47 @@ fn load(
         };
         StartError::Tls(format!("{} and {}: {why}", cert.display(), key.display()))
     })?;
-    for warning in warnings.into_iter().filter(|_| warn) {
-        tracing::warn!("{}: {warning}", cert.display());
+    if warn {
+        if let Some(warning) = key_warning {
+            tracing::warn!("{warning}");
+        }
+        for warning in warnings {
+            tracing::warn!("{}: {warning}", cert.display());
+        }
     }
     Ok(certified)
+}
+
+/// What to say of a private key file that users other than its owner and group can read or
+/// replace (its mode's bits for others, where every directory on the way lets others through
+/// to it); None for one kept closed. The key is still used: postern reads it as the user it
+/// runs as, and a key refused here would stop all TLS.
+fn open_key_warning(key: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = std::fs::canonicalize(key).ok()?;
+    let mode = std::fs::metadata(&key).ok()?.permissions().mode();
+    if mode & 0o006 == 0 {
+        return None;
+    }
+    // A directory on the way that others cannot pass (no o+x) closes the key to them.
+    let reachable = key
+        .ancestors()
+        .skip(1)
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if !reachable {
+        return None;
+    }
+    let what = if mode & 0o002 != 0 {
+        "can be replaced by any user of this machine"
+    } else {
+        "can be read by any user of this machine"
+    };
+    Some(format!(
+        "the private key {} {what} (mode {:o}): let only the user postern runs as read it \
+         (its owner, mode 600), or a group of its own (mode 640)",
+        key.display(),
+        mode & 0o7777
+    ))
 }
 
 /// Whether a key file holds an encrypted key: PKCS#8 `BEGIN ENCRYPTED PRIVATE KEY`, or a

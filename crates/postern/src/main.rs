@@ -1035,7 +1035,7 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
             match postern_spool::owner_core(id) {
                 Some(core) if (core as usize) < cores => asked.push((id.to_owned(), n)),
                 _ => tracing::warn!(
-                    queue_id = id,
+                    queue_id = %id,
                     "not deleted: no core of this run holds it (a queue ID of a core removed by \
                      a smaller --cores whose mail could not be moved yet)"
                 ),

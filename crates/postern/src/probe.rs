@@ -162,7 +162,7 @@ fn advice_under(e: &std::io::Error, filtered: bool) -> String {
         Some(libc::ENOMEM) => format!(
             "cannot make an io_uring ({e}): the memlock limit here is {}; raise the \
              locked-memory limit with `ulimit -l unlimited`, or LimitMEMLOCK=infinity in the \
-             systemd unit",
+             systemd unit (or, where it is already unlimited, free memory)",
             postern_server::memlock_limit_text()
         ),
         _ => format!("cannot make an io_uring ({e}); postern needs io_uring (Linux 5.8 or later)"),

@@ -1551,9 +1551,10 @@ fn a_message_put_back_unsent_while_its_next_hop_is_paused_is_not_expired_untried
     // One more message: its connection is closed unanswered at one address and refused at
     // the other, which pauses the next hop. It comes once the kept connection has had no
     // answer for two seconds (before, a connection closed beside it is taken for the next
-    // hop's limit on connections, and nothing is paused).
+    // hop's limit on connections, and nothing is paused); counted here from before postern
+    // read that answer, so with room to spare.
     std::thread::sleep(
-        (answered + Duration::from_millis(2200)).saturating_duration_since(Instant::now()),
+        (answered + Duration::from_millis(2700)).saturating_duration_since(Instant::now()),
     );
     send(&server, "", &["b@dest.test"], "<rset3@t>", "x\r\n");
     let m = server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));

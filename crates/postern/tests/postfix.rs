@@ -49,20 +49,35 @@ tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 postlog   unix-dgram n  -       n       -       1       postlogd
 ";
 
+/// Postfix's command: Debian puts it in /usr/sbin, which a root shell's PATH may lack.
+fn postfix_command() -> Command {
+    let sbin = Path::new("/usr/sbin/postfix");
+    Command::new(if sbin.exists() {
+        sbin
+    } else {
+        Path::new("postfix")
+    })
+}
+
 impl Postfix {
     fn start(relay: u16, extra: &str) -> Postfix {
+        let installed = Command::new("id")
+            .arg("postfix")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(installed, "Postfix is needed (scripts/test installs it)");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        // Postfix's daemons run as its own user: they reach the queue through this directory.
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Postfix's daemons run as its own user: they reach the queue through these
+        // directories, whatever the umask made them.
+        let open = |path: &Path| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        open(d);
         std::fs::create_dir(d.join("queue")).unwrap();
+        open(&d.join("queue"));
         std::fs::create_dir(d.join("data")).unwrap();
         run(Command::new("chown").arg("postfix").arg(d.join("data")));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let d_text = d.to_str().unwrap();
         let main_cf = format!(
             "compatibility_level = 3.6\n\
@@ -85,15 +100,34 @@ impl Postfix {
              {extra}"
         );
         std::fs::write(d.join("main.cf"), main_cf).unwrap();
-        let master_cf = format!("127.0.0.1:{port} inet n - n - - smtpd\n{MASTER_CF}");
-        std::fs::write(d.join("master.cf"), master_cf).unwrap();
-        run(Command::new("postfix").arg("-c").arg(d).arg("start"));
-        let pf = Postfix { dir, port };
+        // Stopped when dropped from here on, should a start leave its master running.
+        let mut pf = Postfix { dir, port: 0 };
+        // A port free a moment ago may be taken before Postfix binds it: another, then.
+        for attempt in 1..=3 {
+            pf.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let master_cf = format!("127.0.0.1:{} inet n - n - - smtpd\n{MASTER_CF}", pf.port);
+            std::fs::write(pf.dir.path().join("master.cf"), master_cf).unwrap();
+            let out = postfix_command()
+                .arg("-c")
+                .arg(pf.dir.path())
+                .arg("start")
+                .output()
+                .unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(attempt < 3, "postfix start: {out:?}\n{}", pf.log());
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", pf.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "Postfix does not listen on {port}: {}",
+                "Postfix does not listen on {}: {}",
+                pf.port,
                 pf.log()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -109,7 +143,7 @@ impl Postfix {
 
 impl Drop for Postfix {
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
+        let _ = postfix_command()
             .arg("-c")
             .arg(self.dir.path())
             .arg("stop")
@@ -119,9 +153,7 @@ impl Drop for Postfix {
 
 /// Runs `cmd`, which must succeed.
 fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/test installs Postfix)"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {out:?}");
 }
 

@@ -354,15 +354,28 @@ fn an_expired_certificate_for_another_name_is_warned_about_and_still_served() {
 #[test]
 fn a_private_key_any_user_can_read_is_warned_about() {
     use std::os::unix::fs::PermissionsExt;
-    // A certificate for another name, so that a warning about it ends what the start says
-    // of the pair (the key's comes before it).
+    let set = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // A certificate for another name, so that a warning about it ends what the start (or a
+    // reload) says of the pair: the key's comes before it.
     let ck = rcgen::generate_simple_self_signed(vec!["other.test".into()]).unwrap();
-    for (mode, warned) in [(0o644, true), (0o600, false), (0o640, false)] {
+    let said = |l: &str| l.contains("WARN") && l.contains("by any user of this machine");
+    // (key's mode, its directory's, warned): a directory closed to others closes the key.
+    for (mode, dir_mode, warned) in [
+        (0o644, 0o755, Some("can be read")),
+        (0o666, 0o755, Some("can be replaced")),
+        (0o600, 0o755, None),
+        (0o640, 0o755, None),
+        (0o711, 0o755, None),
+        (0o644, 0o700, None),
+    ] {
         let dir = tempfile::tempdir().unwrap();
+        set(dir.path(), dir_mode);
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        set(&key, mode);
         let server = Server::start(&[
             "--tls-cert",
             cert.to_str().unwrap(),
@@ -370,14 +383,27 @@ fn a_private_key_any_user_can_read_is_warned_about() {
             key.to_str().unwrap(),
         ]);
         server.log_until(|l| l.contains("does not name --hostname mx.test"));
-        let said = |l: &str| l.contains("WARN") && l.contains("can be read by any user");
-        assert_eq!(server.log_count(said), usize::from(warned), "mode {mode:o}");
-        if warned {
+        let case = format!("key {mode:o} in a directory {dir_mode:o}");
+        assert_eq!(
+            server.log_count(said),
+            usize::from(warned.is_some()),
+            "{case}"
+        );
+        if let Some(what) = warned {
             let line = server.log_until(said);
+            let mode = format!("(mode {mode:o})");
             assert!(
-                line.contains("key.pem") && line.contains("(mode 644)"),
-                "{line}"
+                line.contains(what) && line.contains("key.pem"),
+                "{case}: {line}"
             );
+            assert!(line.contains(&mode), "{case}: {line}");
+        }
+        // Opened to everyone later: a reload says so too.
+        if mode == 0o600 {
+            set(&key, 0o644);
+            server.signal("-HUP");
+            server.log_until(|l| l.contains("SIGHUP: TLS certificate and key read again"));
+            assert_eq!(server.log_count(said), 1, "{case}, then 644 and a reload");
         }
     }
 }

@@ -792,10 +792,10 @@ struct DestQueue {
     opened_since_broke: Cell<u32>,
     /// When a connection last failed (ms).
     last_broke: Cell<u64>,
-    /// Why the next hop is paused (status, text, remote), while `down_until` lasts: what a
-    /// job put back unsent meanwhile is deferred with (`requeue`), its text saying it was not
-    /// tried (`dsn::NOT_TRIED`).
-    paused_for: RefCell<Option<(String, String, Option<String>)>>,
+    /// Why the next hop is paused (status, text), while `down_until` lasts: what a job put
+    /// back unsent meanwhile is deferred with (`requeue`), its text saying it was not tried
+    /// (`dsn::NOT_TRIED`), with no remote host (none answered for it).
+    paused_for: RefCell<Option<(String, String)>>,
     /// The most connections the next hop takes from us, learned from a connection it
     /// refused while others of ours were open or opening (a per-client limit), until
     /// `cap_until` (ms).

@@ -452,7 +452,7 @@ impl CoreRelay {
             // for a suspension, so that a last attempt is not expired untried. No host
             // answered for them: no Remote-MTA in their reports.
             let not_tried = format!("{}{text}", dsn::NOT_TRIED);
-            *dq.paused_for.borrow_mut() = Some((status.into(), not_tried, None));
+            *dq.paused_for.borrow_mut() = Some((status.into(), not_tried));
             tracing::info!(
                 next_hop = %dq.dest.key(),
                 "no connection to the next hop could be used ({text}); delivery to it paused for {:?}",
@@ -945,9 +945,9 @@ impl CoreRelay {
             .filter(|job| !job.msg.deleted.load(Ordering::Acquire))
             .collect();
         if dq.down_until.get() > now_ms() {
-            if let Some((status, text, remote)) = dq.paused_for.borrow().clone() {
+            if let Some((status, text)) = dq.paused_for.borrow().clone() {
                 for job in jobs {
-                    self.settle_all(job, false, &status, &text, remote.clone());
+                    self.settle_all(job, false, &status, &text, None);
                 }
                 return;
             }
@@ -1063,7 +1063,7 @@ impl CoreRelay {
         dq.down_until.set(now_ms() + self.pause_ms());
         // No next hop answered for these jobs: no Remote-MTA in their reports.
         let not_tried = format!("{}{}", dsn::NOT_TRIED, last.text);
-        *dq.paused_for.borrow_mut() = Some((last.status.clone(), not_tried.clone(), None));
+        *dq.paused_for.borrow_mut() = Some((last.status.clone(), not_tried.clone()));
         tracing::info!(
             next_hop = %dq.dest.key(),
             "every address of the next hop broke off; delivery to it suspended for {}s",
