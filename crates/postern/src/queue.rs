@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-use postern_spool::{DeliveryState, RecoveredMessage, Status};
+use postern_spool::{DeliveryState, Recipient, RecoveredMessage, Status};
 
 use crate::cli::Queue;
 use crate::terminal::{for_terminal, unsafe_on_a_terminal};
@@ -521,14 +521,16 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
     if json {
         for m in &waiting {
             let recipients: Vec<serde_json::Value> = pending(m)
-                .map(|(address, status)| {
+                .map(|(rcpt, status)| {
                     let (state, next, reply) = state(status);
                     serde_json::json!({
-                        "address": address,
+                        "address": rcpt.path,
                         "state": state,
                         "next_attempt": next,
                         "reply": (!reply.is_empty()).then_some(reply),
                         "delay_warned": warned(status),
+                        "notify": rcpt.notify.map(notify_words),
+                        "orcpt": rcpt.orcpt,
                     })
                 })
                 .collect();
@@ -538,6 +540,14 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
                 "arrival": m.meta.arrival,
                 "sender": m.meta.reverse_path,
                 "client": (!m.meta.client.is_empty()).then_some(&m.meta.client),
+                "envid": m.meta.envid,
+                "ret": m.meta.ret.map(|r| if r == 2 { "hdrs" } else { "full" }),
+                "body": match m.meta.body_type {
+                    1 => "8bitmime",
+                    2 => "binarymime",
+                    _ => "7bit",
+                },
+                "smtputf8": m.meta.smtputf8,
                 "recipients": recipients,
             });
             let _ = writeln!(out, "{}", json_for_terminal(&line.to_string()));
@@ -577,7 +587,8 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             m.size(),
             time(m.meta.arrival)
         );
-        for (address, status) in pending(m) {
+        for (rcpt, status) in pending(m) {
+            let address = rcpt.path.as_str();
             recipients += 1;
             let (_, next, reply) = state(status);
             let reply = for_terminal(reply);
@@ -610,13 +621,25 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
 }
 
 /// The recipients of `m` without a final outcome, with their latest status.
-fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&str, Option<&Status>)> {
+fn pending(m: &RecoveredMessage) -> impl Iterator<Item = (&Recipient, Option<&Status>)> {
     m.meta
         .recipients
         .iter()
         .zip(&m.statuses)
         .filter(|(_, s)| !s.as_ref().is_some_and(Status::is_final))
-        .map(|(r, s)| (r.path.as_str(), s.as_ref()))
+        .map(|(r, s)| (r, s.as_ref()))
+}
+
+/// A recipient's NOTIFY bits (RFC 3461 4.1) as the keywords it was given with.
+fn notify_words(bits: u8) -> Vec<&'static str> {
+    if bits == 0 {
+        return vec!["never"];
+    }
+    [(1, "success"), (2, "failure"), (4, "delay")]
+        .into_iter()
+        .filter(|(bit, _)| bits & bit != 0)
+        .map(|(_, word)| word)
+        .collect()
 }
 
 /// A line of JSON with the characters [`unsafe_on_a_terminal`] written as `\uXXXX` escapes

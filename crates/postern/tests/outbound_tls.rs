@@ -355,6 +355,13 @@ fn through_tls_next_hop(refuse: bool, message_id: &str) -> bool {
         m.contains("postern_outbound_tls_handshakes_total 0\n"),
         "{m}"
     );
+    // A failed handshake is said, since mail to that address now goes unencrypted.
+    let said = |l: &str| l.contains("WARN") && l.contains("goes in cleartext for an hour");
+    if !refuse {
+        let line = server.log_until(said);
+        assert!(line.contains("STARTTLS failed"), "{line}");
+    }
+    assert_eq!(server.log_count(said), usize::from(!refuse));
     connection == 0
 }
 

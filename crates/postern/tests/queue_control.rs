@@ -881,3 +881,65 @@ fn a_transaction_under_way_when_its_message_is_deleted_is_logged_as_it_ends() {
     assert!(line.contains("250 2.0.0 taken"), "{line}");
     assert!(line.contains("status=\"sent\""), "{line}");
 }
+
+#[test]
+fn the_json_listing_gives_each_message_s_dsn_parameters() {
+    // What a next hop will be given and what a report will say: RET, ENVID, BODY, SMTPUTF8,
+    // and each recipient's NOTIFY and ORCPT, as the client gave them (ENVID and ORCPT in
+    // their xtext); null where it gave none.
+    let server = Server::start(&["--cores", "1"]);
+    let (mut c, _) = hello(&server);
+    for (command, want) in [
+        (
+            "MAIL FROM:<a@origin.test> BODY=8BITMIME RET=HDRS ENVID=e+2B1 SMTPUTF8",
+            "250",
+        ),
+        (
+            "RCPT TO:<b@dest.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+40x@dest.test",
+            "250",
+        ),
+        ("RCPT TO:<c@dest.test> NOTIFY=NEVER", "250"),
+        ("RCPT TO:<d@dest.test>", "250"),
+        ("DATA", "354"),
+    ] {
+        let reply = c.cmd(command);
+        assert!(reply.starts_with(want), "{command}: {reply}");
+    }
+    c.send(b"Subject: dsn\r\n\r\nx\r\n.\r\n");
+    let id = common::queue_id(&c.line());
+    let listing = queue_listing(&server.spool);
+    let m = listing
+        .iter()
+        .find(|m| m["queue_id"] == id.as_str())
+        .unwrap();
+    assert_eq!(m["ret"], "hdrs", "{m}");
+    assert_eq!(m["envid"], "e+2B1", "{m}");
+    assert_eq!(m["body"], "8bitmime", "{m}");
+    assert_eq!(m["smtputf8"], true, "{m}");
+    let r = m["recipients"].as_array().unwrap();
+    assert_eq!(
+        r[0]["notify"],
+        serde_json::json!(["success", "delay"]),
+        "{m}"
+    );
+    assert_eq!(r[0]["orcpt"], "rfc822;b+40x@dest.test", "{m}");
+    assert_eq!(r[1]["notify"], serde_json::json!(["never"]), "{m}");
+    assert!(r[1]["orcpt"].is_null(), "{m}");
+    assert!(r[2]["notify"].is_null() && r[2]["orcpt"].is_null(), "{m}");
+    // And a message without them: nulls, 7bit.
+    let plain = send(
+        &server,
+        "a@origin.test",
+        &["e@dest.test"],
+        "<plain@t>",
+        "x\r\n",
+    );
+    let listing = queue_listing(&server.spool);
+    let m = listing
+        .iter()
+        .find(|m| m["queue_id"] == plain.as_str())
+        .unwrap();
+    assert!(m["ret"].is_null() && m["envid"].is_null(), "{m}");
+    assert_eq!(m["body"], "7bit", "{m}");
+    assert_eq!(m["smtputf8"], false, "{m}");
+}

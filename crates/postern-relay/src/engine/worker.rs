@@ -1292,7 +1292,14 @@ impl CoreRelay {
                 }
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
-                    // with this address for a while.
+                    // with this address for a while: said once for that while, since mail
+                    // to it now goes unencrypted.
+                    tracing::warn!(
+                        next_hop = %dq.dest.key(),
+                        %addr,
+                        "STARTTLS failed ({e}); mail to this address goes in cleartext for an \
+                         hour (--outbound-tls opportunistic)"
+                    );
                     {
                         let mut cleartext = dq.cleartext.borrow_mut();
                         let now = now_ms();
