@@ -193,6 +193,28 @@ fn held(spool: &Path) -> Vec<(postern_spool::MessageMeta, Vec<u8>)> {
         .collect()
 }
 
+/// What `server` holds once `wanted` recipients have arrived there (bounded: a minute).
+fn held_at(
+    server: &Server,
+    postfix: &Postfix,
+    wanted: usize,
+) -> Vec<(postern_spool::MessageMeta, Vec<u8>)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let arrived = held(&server.spool);
+        let rcpts: usize = arrived.iter().map(|(m, _)| m.recipients.len()).sum();
+        if rcpts >= wanted {
+            return arrived;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rcpts} of {wanted} recipients arrived; Postfix's log:\n{}",
+            postfix.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn message_id(content: &[u8]) -> String {
     String::from_utf8_lossy(content)
         .lines()
@@ -265,22 +287,8 @@ fn mail_relayed_through_postfix_arrives_whole() {
     ];
     submit(&first, &sent);
 
-    // Bounded: until every recipient of every message is held at the last postern.
     let wanted: usize = sent.iter().map(|m| m.rcpts.len()).sum();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let arrived = loop {
-        let arrived = held(&last.spool);
-        let rcpts: usize = arrived.iter().map(|(m, _)| m.recipients.len()).sum();
-        if rcpts >= wanted {
-            break arrived;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{rcpts} of {wanted} recipients arrived; Postfix's log:\n{}",
-            postfix.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let arrived = held_at(&last, &postfix, wanted);
 
     for m in &sent {
         let id = message_id(&m.content);
@@ -374,18 +382,7 @@ fn mail_relayed_through_postfix_goes_over_starttls_both_ways() {
             content: content.clone(),
         }],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (meta, stored) = loop {
-        if let Some(m) = held(&last.spool).pop() {
-            break m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing arrived; Postfix's log:\n{}",
-            postfix.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (meta, stored) = held_at(&last, &postfix, 1).pop().unwrap();
     assert_eq!(meta.recipients[0].path, "r@viapf.test");
     assert!(stored.ends_with(&content));
     let trace = String::from_utf8_lossy(&stored[..stored.len() - content.len()]).into_owned();
