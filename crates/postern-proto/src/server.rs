@@ -92,8 +92,15 @@ pub mod replies {
     pub const BINARYMIME_NOT_OFFERED: StaticReply = r(555, 5, 5, 4, "BODY=BINARYMIME not offered");
     /// BDAT where CHUNKING is not offered: a command this server does not know.
     pub const BDAT_NOT_OFFERED: StaticReply = r(500, 5, 5, 1, "Command not recognized");
-    /// EXPN.
-    pub const EXPN: StaticReply = r(502, 5, 5, 1, "EXPN not supported");
+    /// EXPN: no list is expanded here, and a server that does not expand lists answers 252,
+    /// which neither confirms nor denies an address (RFC 5321 7.3, 3.5.3), as VRFY does.
+    pub const EXPN: StaticReply = r(
+        252,
+        2,
+        5,
+        0,
+        "Cannot expand list, but will accept message and attempt delivery",
+    );
     /// SEND, SOML, SAML, TURN.
     pub const OBSOLETE: StaticReply = r(502, 5, 5, 1, "Command not implemented");
     /// AUTH on a server that offers none.
@@ -826,6 +833,7 @@ impl ServerSession {
                 | Command::Rset
                 | Command::Noop(_)
                 | Command::Vrfy(_)
+                | Command::Expn(_)
                 | Command::Help(_)
                 // An empty chunk that is not the last adds nothing to the message.
                 | Command::Bdat {
@@ -895,7 +903,7 @@ impl ServerSession {
                 open.then_some(Event::DataAbort)
             }
             Command::Vrfy(_) => self.ok(replies::VRFY),
-            Command::Expn(_) => self.fail(replies::EXPN),
+            Command::Expn(_) => self.ok(replies::EXPN),
             // What it lists is what this session offers (RFC 5321 4.1.1.8).
             Command::Help(_) => {
                 let tls = self.tls_available && !self.tls_active;

@@ -330,7 +330,8 @@ fn mail_relayed_through_postfix_arrives_whole() {
         .iter()
         .find(|(_, c)| message_id(c) == "<dots@pf.test>")
         .unwrap();
-    // Kept decoded (the xtext `env+2Done` given at the first hop).
+    // The same value as the `env+2Done` given at the first hop, in Postfix's own xtext
+    // spelling (`-` needs no escape).
     assert_eq!(dots_meta.envid.as_deref(), Some("env-one"));
     // RET=HDRS (2), NOTIFY=SUCCESS,FAILURE (1 | 2), NOTIFY=NEVER (0), BODY=8BITMIME (1).
     assert_eq!(dots_meta.ret, Some(2));
