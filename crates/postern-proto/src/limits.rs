@@ -44,7 +44,7 @@ pub const MAX_SIZE_DIGITS: usize = 20;
 /// answer RFC 5321 4.5.3.1.10 requires and clients act on) does not count below
 /// [`MAX_RCPT_OVERSHOOT`].
 pub const DEFAULT_MAX_ERRORS: u32 = 20;
-/// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
+/// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, EXPN, HELP, an empty BDAT
 /// chunk not the last) between messages accepted before each further one also counts as an
 /// error (Postfix's junk command limit, also 100): with the error limit, a session that sends
 /// nothing else ends after 120.

@@ -256,7 +256,7 @@ pub struct ServerConfig {
     pub max_recipients: usize,
     /// Error replies after which the session is ended with 421.
     pub max_errors: u32,
-    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, EXPN, HELP, an empty BDAT
     /// chunk not the last) a session may send between messages accepted before each further
     /// one counts as an error.
     pub max_junk_commands: u32,
@@ -383,7 +383,7 @@ pub struct ServerSession {
     tls_available: bool,
     tls_active: bool,
     errors: u32,
-    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, EXPN, HELP, an empty BDAT
     /// chunk not the last) since the session began or the last message was accepted.
     junk: u32,
     /// MAIL accepted, transaction open.

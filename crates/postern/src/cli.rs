@@ -161,7 +161,7 @@ struct Serve {
     /// recipients of the longest form).
     #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
     max_recipients: usize,
-    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, HELP, an empty BDAT
+    /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, EXPN, HELP, an empty BDAT
     /// chunk not the last) a session may send between messages accepted; past it each one
     /// also counts as an error, and the session ends with 421 4.7.0 at the error limit (20).
     /// 0 for no limit.

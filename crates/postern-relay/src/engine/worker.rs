@@ -1292,19 +1292,24 @@ impl CoreRelay {
                 }
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
-                    // with this address for a while: said once for that while, since mail
-                    // to it now goes unencrypted.
-                    tracing::warn!(
-                        next_hop = %dq.dest.key(),
-                        %addr,
-                        "STARTTLS failed ({e}); mail to this address goes in cleartext for an \
-                         hour (--outbound-tls opportunistic)"
-                    );
-                    {
+                    // with this address for a while: said when that while begins (not by
+                    // each connection whose handshake failed meanwhile), since mail to it
+                    // now goes unencrypted.
+                    let begins = {
                         let mut cleartext = dq.cleartext.borrow_mut();
                         let now = now_ms();
                         cleartext.retain(|_, until| *until > now);
-                        cleartext.insert(addr, now + 3_600_000);
+                        cleartext.insert(addr, now + 3_600_000).is_none()
+                    };
+                    if begins {
+                        tracing::warn!(
+                            next_hop = %dq.dest.key(),
+                            %addr,
+                            "STARTTLS failed ({e}); mail to this address goes in cleartext for \
+                             an hour (--outbound-tls opportunistic)"
+                        );
+                    } else {
+                        tracing::debug!(%addr, "STARTTLS failed ({e}); in cleartext already");
                     }
                     match Outbound::connect(addr, &hop.host, helo, None, &config.timeouts).await {
                         Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
