@@ -318,7 +318,18 @@ pub fn start_locked(
     // Under a CPU quota below that set (a container's CPU limit without a cpuset) the cores
     // are left to the kernel: pinned, every such process would share the first CPUs.
     let allowed = allowed_cpus();
-    let pin = settings.cores <= cpus && cpus == allowed.len();
+    let mut pin = settings.cores <= cpus && cpus == allowed.len();
+    // Pinning reads the CPU topology from sysfs (glommio); without it (a chroot or a
+    // container with no /sys) the cores are left to the kernel rather than not started.
+    if pin {
+        if let Err(e) = CpuSet::online() {
+            tracing::warn!(
+                "cannot read the CPU topology ({e}; is /sys mounted?): the cores are not \
+                 pinned to CPUs"
+            );
+            pin = false;
+        }
+    }
     for id in 0..settings.cores.max(1) {
         let placement = match allowed.get(id) {
             Some(&cpu) if pin => Placement::Fixed(cpu),

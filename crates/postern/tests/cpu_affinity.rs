@@ -63,3 +63,28 @@ fn a_core_runs_on_the_cpu_it_was_given_not_on_cpu_0() {
     assert!(client.cmd("EHLO t").starts_with("250"));
     client.cmd("QUIT");
 }
+
+#[test]
+fn without_sysfs_the_cores_start_unpinned_and_say_why() {
+    // Pinning reads the CPU topology from /sys; a chroot or a container may have none. Here
+    // /sys is hidden under an empty tmpfs in a mount namespace of the server's own: it starts,
+    // says its cores are not pinned, and takes mail.
+    let server = common::Server::start_via(
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /sys && exec \"$0\" \"$@\"",
+        ],
+        &["--cores", "1"],
+    );
+    let warned = server.log_until(|l| l.contains("cannot read the CPU topology"));
+    assert!(warned.contains("not pinned"), "{warned}");
+    let mut c = server.connect();
+    assert!(c.line().starts_with("220 "));
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert!(c.cmd("QUIT").starts_with("221"));
+}

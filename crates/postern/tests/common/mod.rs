@@ -43,6 +43,13 @@ impl Server {
         Self::launch(args, &[], spool, dir)
     }
 
+    /// Like [`Server::start`], run through `wrapper` (a command that runs the one after it).
+    pub fn start_via(wrapper: &[&str], args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        Self::launch_via(wrapper, args, &[], spool, Some(dir))
+    }
+
     /// Like [`Server::start`], with these `POSTERN_*` variables set.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
