@@ -45,7 +45,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
@@ -98,6 +98,10 @@ pub struct MxHops {
     /// The best preference among the hosts whose addresses could not be looked up for now
     /// (a DNS failure that may pass): a host less preferred than it is used in its place.
     pub pending: Option<u16>,
+    /// When the first of the records this answer rests on (the MX records, the hosts'
+    /// address records) runs past its TTL, so that the answer may have changed; `None` for a
+    /// domain literal, which rests on no record.
+    pub valid_until: Option<Instant>,
 }
 
 /// Why no next hop was found; each variant says whether to bounce or to retry later.
@@ -394,7 +398,13 @@ impl Resolver {
     /// not exist or has no address is a temporary failure here: the operator's setting is
     /// wrong, and mail waits for it to be fixed rather than bouncing.
     pub async fn host_next_hops(&self, host: &str) -> Result<Vec<NextHop>, MxError> {
-        self.ask(host, Lookup::Host).await.map(|found| found.hops)
+        self.host_hops(host).await.map(|found| found.hops)
+    }
+
+    /// [`Resolver::host_next_hops`] with when the answer's records run past their TTL (`best`
+    /// and `pending` say nothing here).
+    pub async fn host_hops(&self, host: &str) -> Result<MxHops, MxError> {
+        self.ask(host, Lookup::Host).await
     }
 
     async fn hops(&self, domain: &str, own_name: Option<String>) -> Result<MxHops, MxError> {
@@ -412,6 +422,7 @@ impl Resolver {
                 }],
                 best: 0,
                 pending: None,
+                valid_until: None,
             });
         }
         let (reply, answer) = oneshot::channel();
@@ -470,11 +481,14 @@ async fn serve(resolver: TokioResolver, job: Job) {
     } = job;
     let work = async {
         match kind {
-            Lookup::Host => host_lookup(&resolver, &domain).await.map(|hops| MxHops {
-                hops,
-                best: 0,
-                pending: None,
-            }),
+            Lookup::Host => host_lookup(&resolver, &domain)
+                .await
+                .map(|(hops, valid_until)| MxHops {
+                    hops,
+                    best: 0,
+                    pending: None,
+                    valid_until: Some(valid_until),
+                }),
             Lookup::Mx(own_name) => lookup(&resolver, &domain, own_name.as_deref()).await,
         }
     };
@@ -487,8 +501,9 @@ async fn serve(resolver: TokioResolver, job: Job) {
 
 /// What one record-set lookup found.
 enum Found<T> {
-    /// Records of the type asked for (possibly none, after filtering a CNAME-only answer).
-    Records(Vec<T>),
+    /// Records of the type asked for (possibly none, after filtering a CNAME-only answer),
+    /// and when the answer runs past its TTL.
+    Records(Vec<T>, Instant),
     /// The name does not exist.
     NxDomain,
     /// The name exists but has no records of that type.
@@ -509,6 +524,7 @@ fn classify<T>(
                 .iter()
                 .filter_map(|r| pick(&r.data))
                 .collect(),
+            lookup.valid_until(),
         ),
         Err(e) if e.is_nx_domain() => Found::NxDomain,
         Err(e) if e.is_no_records_found() => Found::NoData,
@@ -524,12 +540,12 @@ async fn lookup(
 ) -> Result<MxHops, MxError> {
     let name = fqdn(domain).ok_or(MxError::NoSuchDomain)?;
     let mx = resolver.lookup(name.clone(), RecordType::MX).await;
-    let records = match classify(mx, |data| match data {
+    let (records, mx_until) = match classify(mx, |data| match data {
         RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
         _ => None,
     }) {
-        Found::Records(records) => records,
-        Found::NoData => Vec::new(),
+        Found::Records(records, until) => (records, Some(until)),
+        Found::NoData => (Vec::new(), None),
         Found::NxDomain => return Err(MxError::NoSuchDomain),
         Found::Failed(why) => return Err(MxError::Temporary(format!("MX {domain}: {why}"))),
     };
@@ -540,11 +556,14 @@ async fn lookup(
         if own_name.is_some_and(|own| host.eq_ignore_ascii_case(own)) {
             return Err(MxError::LoopsToSelf(host));
         }
-        return implicit_mx(resolver, name).await.map(|hops| MxHops {
-            hops,
-            best: 0,
-            pending: None,
-        });
+        return implicit_mx(resolver, name)
+            .await
+            .map(|(hops, valid_until)| MxHops {
+                hops,
+                best: 0,
+                pending: None,
+                valid_until: Some(valid_until),
+            });
     }
     if records.iter().all(|(_, exchange)| exchange.is_root()) {
         return Err(MxError::NullMx);
@@ -562,10 +581,19 @@ async fn lookup(
     // abandoned); only when none of them has an address, the next ones.
     let mut hops = Vec::new();
     let mut temporary = None;
+    let mut valid_until = mx_until;
     let mut hosts = hosts.into_iter().peekable();
     while hops.is_empty() && hosts.peek().is_some() {
         let round: Vec<(u16, Name)> = hosts.by_ref().take(MAX_MX_HOSTS).collect();
-        resolve_hosts(resolver, domain, round, &mut hops, &mut temporary).await?;
+        resolve_hosts(
+            resolver,
+            domain,
+            round,
+            &mut hops,
+            &mut temporary,
+            &mut valid_until,
+        )
+        .await?;
     }
     if !hops.is_empty() {
         let pending = temporary.map(|(preference, _)| preference);
@@ -573,6 +601,7 @@ async fn lookup(
             hops,
             best,
             pending,
+            valid_until,
         });
     }
     Err(match (own, temporary.map(|(_, why)| why)) {
@@ -585,13 +614,15 @@ async fn lookup(
 
 /// Resolves `hosts` (MX hosts of `domain`, in order) at once, adding those with addresses to
 /// `hops`, and the first temporary failure to `temporary` (with its host's preference, the
-/// best of those that failed for now, as the hosts come in preference order).
+/// best of those that failed for now, as the hosts come in preference order); `valid_until`
+/// is brought forward to the earliest expiry of the addresses found.
 async fn resolve_hosts(
     resolver: &TokioResolver,
     domain: &str,
     hosts: Vec<(u16, Name)>,
     hops: &mut Vec<NextHop>,
     temporary: &mut Option<(u16, String)>,
+    valid_until: &mut Option<Instant>,
 ) -> Result<(), MxError> {
     let mut tasks = tokio::task::JoinSet::new();
     for (index, (preference, exchange)) in hosts.into_iter().enumerate() {
@@ -610,11 +641,14 @@ async fn resolve_hosts(
     for (_, preference, exchange, addrs) in resolved {
         let host = host_text(&exchange);
         match addrs {
-            Addresses::Found(addrs) => hops.push(NextHop {
-                host,
-                preference,
-                addrs,
-            }),
+            Addresses::Found(addrs, until) => {
+                *valid_until = Some(valid_until.map_or(until, |v| v.min(until)));
+                hops.push(NextHop {
+                    host,
+                    preference,
+                    addrs,
+                });
+            }
             Addresses::None => {
                 tracing::debug!(%domain, %host, "MX host has no address; skipped");
             }
@@ -627,17 +661,24 @@ async fn resolve_hosts(
     Ok(())
 }
 
-/// The addresses of a configured host, for [`Resolver::host_next_hops`].
-async fn host_lookup(resolver: &TokioResolver, host: &str) -> Result<Vec<NextHop>, MxError> {
+/// The addresses of a configured host, for [`Resolver::host_next_hops`], and when they run
+/// past their TTL.
+async fn host_lookup(
+    resolver: &TokioResolver,
+    host: &str,
+) -> Result<(Vec<NextHop>, Instant), MxError> {
     let Some(name) = fqdn(host) else {
         return Err(MxError::Temporary(format!("{host} is not a host name")));
     };
     match addresses(resolver, name).await {
-        Addresses::Found(addrs) => Ok(vec![NextHop {
-            host: host.trim_end_matches('.').to_owned(),
-            preference: 0,
-            addrs,
-        }]),
+        Addresses::Found(addrs, until) => Ok((
+            vec![NextHop {
+                host: host.trim_end_matches('.').to_owned(),
+                preference: 0,
+                addrs,
+            }],
+            until,
+        )),
         Addresses::None => Err(MxError::Temporary(format!(
             "the host {host} has no address (A or AAAA record) or does not exist"
         ))),
@@ -719,15 +760,21 @@ fn drop_own_name(
 }
 
 /// The implicit MX (RFC 5321 section 5.1): the domain itself at preference 0, if it has an
-/// address.
-async fn implicit_mx(resolver: &TokioResolver, name: Name) -> Result<Vec<NextHop>, MxError> {
+/// address, and when its addresses run past their TTL.
+async fn implicit_mx(
+    resolver: &TokioResolver,
+    name: Name,
+) -> Result<(Vec<NextHop>, Instant), MxError> {
     let host = host_text(&name);
     match addresses(resolver, name).await {
-        Addresses::Found(addrs) => Ok(vec![NextHop {
-            host,
-            preference: 0,
-            addrs,
-        }]),
+        Addresses::Found(addrs, until) => Ok((
+            vec![NextHop {
+                host,
+                preference: 0,
+                addrs,
+            }],
+            until,
+        )),
         Addresses::None => Err(MxError::NoMailHost),
         Addresses::Failed(why) => Err(MxError::Temporary(format!("A/AAAA {host}: {why}"))),
     }
@@ -735,8 +782,9 @@ async fn implicit_mx(resolver: &TokioResolver, name: Name) -> Result<Vec<NextHop
 
 /// What the address lookups for one host found.
 enum Addresses {
-    /// IPv4 addresses, then IPv6 addresses; never empty.
-    Found(Vec<IpAddr>),
+    /// IPv4 addresses, then IPv6 addresses, never empty; and when the first of the answers
+    /// that gave them runs past its TTL.
+    Found(Vec<IpAddr>, Instant),
     /// Neither lookup found an address, and both answered definitively (NXDOMAIN or no data).
     None,
     /// No address was found and at least one lookup failed for a reason that may pass.
@@ -765,7 +813,7 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
         _ => None,
     };
-    let usable = |found: &Found<IpAddr>| matches!(found, Found::Records(ips) if ips.iter().any(|ip| host_address(*ip).is_ok()));
+    let usable = |found: &Found<IpAddr>| matches!(found, Found::Records(ips, _) if ips.iter().any(|ip| host_address(*ip).is_ok()));
     // The other family's answer, in full where the first found no address (and did not find
     // the name missing), for `grace` otherwise (then given up as no records).
     async fn the_other<F>(
@@ -808,12 +856,16 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
     let no_such_name = matches!(v4, Found::NxDomain);
     let mut addrs = Vec::new();
     let mut failed = None;
+    let mut valid_until: Option<Instant> = None;
     for found in [v4, v6] {
         match found {
-            Found::Records(mut records) => {
+            Found::Records(mut records, until) => {
                 // An address no host can have (a parked domain's `0.0.0.0`) is no address.
                 records.retain(|ip| host_address(*ip).is_ok());
                 records.shuffle(&mut rand::rng());
+                if !records.is_empty() {
+                    valid_until = Some(valid_until.map_or(until, |v| v.min(until)));
+                }
                 addrs.append(&mut records);
             }
             Found::NxDomain | Found::NoData => {}
@@ -825,10 +877,11 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
     if no_such_name {
         failed = None;
     }
-    match (addrs.is_empty(), failed) {
-        (false, _) => Addresses::Found(addrs),
-        (true, Some(why)) => Addresses::Failed(why),
-        (true, None) => Addresses::None,
+    match (addrs.is_empty(), failed, valid_until) {
+        (false, _, Some(until)) => Addresses::Found(addrs, until),
+        // (Addresses always come with their answer's expiry.)
+        (_, Some(why), _) => Addresses::Failed(why),
+        _ => Addresses::None,
     }
 }
 
@@ -873,6 +926,7 @@ mod tests {
             hops,
             best,
             pending: None,
+            valid_until: None,
         }
     }
 
@@ -957,6 +1011,7 @@ mod tests {
                 hops: hops.clone(),
                 best: 5,
                 pending: None,
+                valid_until: None,
             },
             never,
         );
@@ -970,6 +1025,7 @@ mod tests {
                 hops,
                 best: 10,
                 pending: None,
+                valid_until: None,
             },
             never,
         );

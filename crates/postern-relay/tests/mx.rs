@@ -806,3 +806,39 @@ fn past_the_hosts_resolved_at_once_the_next_ones_are_resolved_when_none_has_an_a
         [(100, "last.example.test")]
     );
 }
+
+#[test]
+fn an_answer_says_when_its_records_run_past_their_ttl() {
+    // The MX records live 60 s; the hosts' addresses (and the implicit MX's) as long: each
+    // answer is good until about then, and a domain literal, which rests on no record, for
+    // ever.
+    let dns = TestDns::start_with_ttl(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "mx")),
+            ("mx", Rec::A(v4("192.0.2.10"))),
+            ("plain", Rec::A(v4("192.0.2.11"))),
+        ],
+        60,
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let asked = Instant::now();
+    let found = |domain: &str| {
+        on_glommio(|| within_deadline(domain, resolver.mx_next_hops(domain, "me.test"))).unwrap()
+    };
+    for domain in [ZONE.to_owned(), format!("plain.{ZONE}")] {
+        let until = found(&domain)
+            .valid_until
+            .expect("an expiry for looked-up records");
+        let done = Instant::now();
+        assert!(
+            until >= asked + Duration::from_secs(59) && until <= done + Duration::from_secs(60),
+            "{domain}: good for {:?} after the lookup",
+            until.saturating_duration_since(asked)
+        );
+    }
+    let mx = format!("mx.{ZONE}");
+    let host = on_glommio(|| within_deadline("mx", resolver.host_hops(&mx)));
+    assert!(host.unwrap().valid_until.is_some());
+    assert_eq!(found("[192.0.2.12]").valid_until, None);
+}

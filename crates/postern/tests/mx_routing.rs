@@ -1087,6 +1087,8 @@ fn an_mx_host_that_greets_with_our_own_name_is_this_server_behind_a_port_forward
     let text = loop_bounce(&server, &origin, "r@nat.test", "<nat@t>");
     assert!(text.contains("Action: failed"), "{text}");
     assert!(text.contains("greets with our own name"), "{text}");
+    // The host whose greeting decided is named, as for any host that answered.
+    assert!(text.contains("Remote-MTA: dns; fwd.test"), "{text}");
     send(
         &server,
         "s@origin.test",
@@ -1313,4 +1315,92 @@ fn a_lookup_failing_beside_a_working_connection_defers_nothing() {
     let log = server.terminate_for_log();
     assert!(!log.contains("status=\"deferred\""), "{log}");
     assert!(log.contains("refused another connection"), "{log}");
+}
+
+#[test]
+fn a_kept_connection_follows_the_dns_once_its_answers_expire() {
+    use dns_server::{Rec, TestDns};
+    // moves.test names mxa at first; its records live a second. A connection to mxa is kept
+    // (a minute of idle time) while mail keeps coming.
+    let mxa = Peer::start_on("127.0.0.80", 0, &[]);
+    let port = mxa.port;
+    let mxb = Peer::start_on("127.0.0.81", port, &[]);
+    let origin = Peer::start_on("127.0.0.82", port, &[]);
+    let hosts = [
+        ("mxa.test.", Rec::A("127.0.0.80".parse().unwrap())),
+        ("mxb.test.", Rec::A("127.0.0.81".parse().unwrap())),
+        ("origin.test.", Rec::A("127.0.0.82".parse().unwrap())),
+    ];
+    let with = |mx: Rec| {
+        let mut records = vec![("moves.test.", mx)];
+        records.extend(hosts.iter().cloned());
+        records
+    };
+    let dns = TestDns::start_with_ttl("test", &with(Rec::Mx(10, "mxa.test.")), 1);
+    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "60s"]);
+    let mut sent = 0;
+    let mut send_one = |what: &str| {
+        sent += 1;
+        send(
+            &server,
+            "s@origin.test",
+            &["r@moves.test"],
+            &format!("<{what}{sent}@t>"),
+            "x\r\n",
+        );
+        sent
+    };
+    let n = send_one("first");
+    mxa.wait_for("the first message, at mxa", Duration::from_secs(20), |s| {
+        s.len() == n
+    });
+
+    // The domain moves to mxb. Past the TTL, the kept connection is left for the host the
+    // DNS names now: one message at a time, each delivered before the next, until one
+    // reaches mxb (within a bound far past the TTL and the second between lookups).
+    dns.replace(&with(Rec::Mx(10, "mxb.test.")));
+    let moved_by = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = send_one("moved");
+        let total = |_: &[Stored]| mxa.stored().len() + mxb.stored().len() == n;
+        mxa.wait_for("the message, at mxa or mxb", Duration::from_secs(20), total);
+        if !mxb.stored().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < moved_by,
+            "{n} messages went to mxa over its kept connection after moves.test named mxb"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let at_mxa = mxa.stored().len();
+
+    // Now the domain takes no mail (RFC 7505): the next messages bounce once the answers
+    // have run out, and none goes to mxb over its kept connection.
+    dns.replace(&with(Rec::Mx(0, ".")));
+    let nulled_by = std::time::Instant::now() + Duration::from_secs(15);
+    let before = mxb.stored().len();
+    loop {
+        let n = send_one("nulled");
+        let bounces = || origin.stored().len();
+        let done = |_: &[Stored]| at_mxa + mxb.stored().len() + bounces() == n;
+        mxa.wait_for(
+            "the message, at mxb or bounced",
+            Duration::from_secs(20),
+            done,
+        );
+        if bounces() > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < nulled_by,
+            "{} messages went to mxb over its kept connection after moves.test published a null MX",
+            mxb.stored().len() - before
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (bounce, text) = origin.first("the null-MX bounce");
+    assert!(text.contains("Status: 5.1.10"), "{text}");
+    assert_eq!(bounce.mail_from, "<>");
+    assert_eq!(mxa.stored().len(), at_mxa, "mxa got mail after the move");
 }

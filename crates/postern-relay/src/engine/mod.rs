@@ -256,6 +256,48 @@ struct Opened {
     /// The address is of a less preferred MX host than the best: the connection is used for
     /// a while only, so that the better host gets mail again once it is back.
     fallback: bool,
+    /// When (ms) the DNS answers the connection was chosen by run past their TTL, and the
+    /// next hop is looked up again before the connection takes another job; `None` for an
+    /// address given as such.
+    recheck_at: Option<u64>,
+}
+
+/// What `CoreRelay::find` found for a next hop.
+struct Found {
+    hops: Vec<NextHop>,
+    port: u16,
+    /// The hosts came from MX records (or the implicit MX): each is checked for being this
+    /// server once connected.
+    looked_up_mx: bool,
+    /// The best preference the domain publishes, hosts without an address included.
+    published_best: Option<u16>,
+    /// The best preference among MX hosts whose addresses could not be looked up for now.
+    pending_best: Option<u16>,
+    /// When the first answer the hosts rest on runs past its TTL.
+    valid_until: Option<Instant>,
+}
+
+/// The least time between two lookups of a kept connection's next hop: a TTL of 0 (or of a
+/// second) must not cost a lookup for every transaction.
+const RECHECK_FLOOR: Duration = Duration::from_secs(1);
+
+/// The most time between two lookups of a kept connection's next hop, whatever the TTL, as
+/// Postfix bounds a connection's reuse (`smtp_connection_reuse_time_limit`, 300 s): the
+/// cache's answer costs next to nothing, and a long TTL does not keep mail on a host for
+/// hours after its DNS changed.
+const RECHECK_CEILING: Duration = Duration::from_secs(300);
+
+/// The time (ms) to look a kept connection's next hop up again, for answers valid until
+/// `until`: then, within [`RECHECK_FLOOR`] and [`RECHECK_CEILING`] from now.
+fn recheck_time(until: Instant) -> u64 {
+    let left = until
+        .saturating_duration_since(Instant::now())
+        .clamp(RECHECK_FLOOR, RECHECK_CEILING);
+    now_ms().saturating_add(duration_ms(left))
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Addresses tried within one attempt of a job at most (as Postfix's

@@ -126,11 +126,12 @@ impl CoreRelay {
             let opening = first.take().unwrap_or_else(|| Opening::new(&dq));
             let opened = self.open(&dq, &tried).await;
             drop(opening);
-            let (mut conn, fallback_until) = match opened {
+            let (mut conn, fallback_until, mut recheck_at) = match opened {
                 Ok(Opened {
                     conn: c,
                     failed,
                     fallback,
+                    recheck_at,
                 }) => {
                     // A carried job counts the addresses that failed on the way as tried. One
                     // whose only way on is an address it already tried, or that has tried
@@ -149,7 +150,9 @@ impl CoreRelay {
                             carry.push(k);
                         }
                     }
-                    (c, fallback.then(|| now_ms() + self.pause_ms()))
+                    // (A fallback is left after its while, and looked up again then.)
+                    let recheck_at = recheck_at.filter(|_| !fallback);
+                    (c, fallback.then(|| now_ms() + self.pause_ms()), recheck_at)
                 }
                 Err(unopened) if unopened.1.is_none() && unopened.5 && dq.workers.get() > 1 => {
                     // Refused by a host that answered (a 421 greeting, say) while other
@@ -245,6 +248,18 @@ impl CoreRelay {
                     drop(connected);
                     self.say_quit(conn).await;
                     continue 'connect;
+                }
+                if carry.is_empty() && recheck_at.is_some_and(|at| now_ms() >= at) {
+                    // The DNS answers this connection was chosen by ran past their TTL: the
+                    // next hop may have moved, or published a null MX, since.
+                    match self.still_chosen(&dq, &conn).await {
+                        Some(next) => recheck_at = Some(next),
+                        None => {
+                            drop(connected);
+                            self.say_quit(conn).await;
+                            continue 'connect;
+                        }
+                    }
                 }
                 let (job, note) = if carry.is_empty() {
                     (dq.ready.borrow_mut().pop_front(), None)
@@ -1119,6 +1134,128 @@ impl CoreRelay {
         None
     }
 
+    /// The next hop's hosts and addresses, looked up (through the resolver's cache) or as
+    /// configured.
+    async fn find(&self, dq: &DestQueue) -> Result<Found, Unopened> {
+        let config = &self.relay.config;
+        tracing::debug!(next_hop = %dq.dest.key(), "finding the next hop's addresses");
+        Ok(match &dq.dest {
+            Destination::Fixed(hp) => {
+                let (hops, valid_until) = match hp.host.parse::<IpAddr>() {
+                    Ok(ip) => (
+                        vec![NextHop {
+                            host: hp.host.clone(),
+                            preference: 0,
+                            addrs: vec![ip],
+                        }],
+                        None,
+                    ),
+                    // Both loopback addresses, IPv4 first, as a resolver gives `localhost.`:
+                    // a next hop listening on ::1 alone is reached too.
+                    Err(_) if hp.host == "localhost" => (
+                        vec![NextHop {
+                            host: hp.host.clone(),
+                            preference: 0,
+                            addrs: vec![
+                                IpAddr::from([127, 0, 0, 1]),
+                                IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]),
+                            ],
+                        }],
+                        None,
+                    ),
+                    Err(_) => {
+                        let found = self
+                            .relay
+                            .resolver
+                            .host_hops(&hp.host)
+                            .await
+                            .map_err(|e| unresolved(&hp.host, &e))?;
+                        (found.hops, found.valid_until)
+                    }
+                };
+                // A route's host and the relay host are the operator's choice: not checked
+                // for being this server.
+                Found {
+                    hops,
+                    port: hp.port,
+                    looked_up_mx: false,
+                    published_best: None,
+                    pending_best: None,
+                    valid_until,
+                }
+            }
+            Destination::Mx(domain) => {
+                let found = self
+                    .relay
+                    .resolver
+                    .mx_next_hops(domain, &config.hostname)
+                    .await
+                    .map_err(|e| unresolved(domain, &e))?;
+                let (published_best, pending_best, valid_until) =
+                    (Some(found.best), found.pending, found.valid_until);
+                let me = crate::mx::Myself {
+                    hostname: &config.hostname,
+                    listen: &config.own_addrs,
+                    port: config.mx_port,
+                };
+                let hops = me
+                    .drop_from(found, crate::mx::local_addresses)
+                    .map_err(|e| unresolved(domain, &e))?;
+                // MX hosts are checked for being this server once connected.
+                Found {
+                    hops,
+                    port: config.mx_port,
+                    looked_up_mx: true,
+                    published_best,
+                    pending_best,
+                    valid_until,
+                }
+            }
+        })
+    }
+
+    /// Whether the kept connection `conn` (not a fallback) still goes where the next hop's
+    /// DNS sends its mail, once the answers it was opened on ran past their TTL: its address
+    /// is one of the most preferred hosts' (RFC 5321 5.1; RFC 7505 3: no mail to a domain
+    /// that now publishes a null MX). `Some` gives when to ask again. A lookup that fails for
+    /// now keeps the connection (its host answered a moment ago), and is made again after
+    /// [`RECHECK_FLOOR`].
+    async fn still_chosen(&self, dq: &DestQueue, conn: &Outbound) -> Option<u64> {
+        match self.find(dq).await {
+            Ok(found) => {
+                let best = found.hops.iter().map(|h| h.preference).min();
+                let better = best.into_iter().chain(found.pending_best).min();
+                let here = conn.addr.ip().to_canonical();
+                let chosen = found.hops.iter().any(|h| {
+                    better.is_none_or(|b| h.preference <= b)
+                        && h.addrs.iter().any(|a| a.to_canonical() == here)
+                });
+                if chosen {
+                    Some(found.valid_until.map_or(u64::MAX, recheck_time))
+                } else {
+                    tracing::info!(
+                        next_hop = %dq.dest.key(),
+                        remote = %conn.remote,
+                        "the next hop's DNS no longer leads to this connection's host; reconnecting"
+                    );
+                    None
+                }
+            }
+            // Failed for good (a null MX published now, the name gone): the jobs meet that in
+            // the next connection's lookup.
+            Err(unopened) if unopened.1.is_some() => {
+                tracing::info!(
+                    next_hop = %dq.dest.key(),
+                    remote = %conn.remote,
+                    "the next hop's DNS now says {}; leaving the connection",
+                    unopened.0
+                );
+                None
+            }
+            Err(_) => Some(now_ms().saturating_add(duration_ms(RECHECK_FLOOR))),
+        }
+    }
+
     /// Connects to the next hop: its addresses in preference order (those in `tried` by the
     /// jobs this connection is for, and those passed over lately, last), the next one when a
     /// host refuses or greets with an error. Err carries the text, for a permanent failure
@@ -1131,62 +1268,15 @@ impl CoreRelay {
         tried: &[SocketAddr],
     ) -> Result<Opened, Unopened> {
         let config = &self.relay.config;
-        tracing::debug!(next_hop = %dq.dest.key(), "finding the next hop's addresses");
-        // MX hosts are checked for being this server once connected; a route's host and the
-        // relay host are the operator's choice.
-        let mut looked_up_mx = false;
-        // The best preference the domain publishes, hosts without an address included.
-        let mut published_best = None;
-        // The best preference among MX hosts whose addresses could not be looked up for now.
-        let mut pending_best = None;
-        let (hops, port) = match &dq.dest {
-            Destination::Fixed(hp) => {
-                let hops = match hp.host.parse::<IpAddr>() {
-                    Ok(ip) => vec![NextHop {
-                        host: hp.host.clone(),
-                        preference: 0,
-                        addrs: vec![ip],
-                    }],
-                    // Both loopback addresses, IPv4 first, as a resolver gives `localhost.`:
-                    // a next hop listening on ::1 alone is reached too.
-                    Err(_) if hp.host == "localhost" => vec![NextHop {
-                        host: hp.host.clone(),
-                        preference: 0,
-                        addrs: vec![
-                            IpAddr::from([127, 0, 0, 1]),
-                            IpAddr::from([0, 0, 0, 0, 0, 0, 0, 1]),
-                        ],
-                    }],
-                    Err(_) => self
-                        .relay
-                        .resolver
-                        .host_next_hops(&hp.host)
-                        .await
-                        .map_err(|e| unresolved(&hp.host, &e))?,
-                };
-                (hops, hp.port)
-            }
-            Destination::Mx(domain) => {
-                looked_up_mx = true;
-                let hops = self
-                    .relay
-                    .resolver
-                    .mx_next_hops(domain, &config.hostname)
-                    .await
-                    .and_then(|found| {
-                        published_best = Some(found.best);
-                        pending_best = found.pending;
-                        let me = crate::mx::Myself {
-                            hostname: &config.hostname,
-                            listen: &config.own_addrs,
-                            port: config.mx_port,
-                        };
-                        me.drop_from(found, crate::mx::local_addresses)
-                    })
-                    .map_err(|e| unresolved(domain, &e))?;
-                (hops, config.mx_port)
-            }
-        };
+        let Found {
+            hops,
+            port,
+            looked_up_mx,
+            published_best,
+            pending_best,
+            valid_until,
+        } = self.find(dq).await?;
+        let recheck_at = valid_until.map(recheck_time);
         // Only a name of ours that no other server is likely to give itself: a fully
         // qualified one, not `localhost` (which unconfigured servers greet with).
         let check_greeting = looked_up_mx && distinctive(&config.hostname);
@@ -1267,6 +1357,7 @@ impl CoreRelay {
                 conn,
                 failed,
                 fallback,
+                recheck_at,
             };
             let cleartext = policy == TlsPolicy::Opportunistic
                 && dq
@@ -1414,10 +1505,13 @@ async fn loops_here(
     );
     tracing::warn!(%addr, host = %hop.host, "{text}");
     let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+    // The host answered (its greeting decided): it is the log's `relay` and the report's
+    // Remote-MTA.
+    let remote = Some(hop.host.clone());
     if best.is_some_and(|b| hop.preference > b) {
-        (text, None, None, Some("4.4.4"), failed, false)
+        (text, None, remote, Some("4.4.4"), failed, false)
     } else {
-        (text, Some("5.4.6"), None, None, failed, false)
+        (text, Some("5.4.6"), remote, None, failed, false)
     }
 }
 

@@ -11,7 +11,9 @@
 //! `slowv4.<zone>` answers A queries [`SLOW_ANSWER`] late (AAAA ones at once); `nxv6silent.<zone>`
 //! (give it no records) answers A queries NXDOMAIN and never answers AAAA ones. Once told
 //! ([`TestDns::fail_everything`]), every name in the zone answers SERVFAIL; a zone started
-//! with [`TestDns::start_uncached`] gives its records a TTL of 0, so that every lookup asks.
+//! with [`TestDns::start_uncached`] gives its records a TTL of 0, so that every lookup asks,
+//! and one started with [`TestDns::start_with_ttl`] the TTL given. [`TestDns::replace`] puts
+//! other records in place of the zone's, as a zone edited and reloaded.
 //!
 //! Self-contained (hickory-proto, tokio with `rt`, `net`, `sync`, `macros`, and std) so other
 //! crates' tests can include it with `#[path = "..."] mod dns_server;`.
@@ -68,7 +70,8 @@ pub struct TestDns {
 /// The zone's data and counters, shared by the server's tasks.
 struct Zone {
     origin: Name,
-    records: Vec<Record>,
+    records: std::sync::Mutex<Vec<Record>>,
+    ttl: u32,
     soa: Record,
     servfail: Name,
     silent: Name,
@@ -99,34 +102,18 @@ impl TestDns {
         self.zone.failing.store(true, Ordering::SeqCst);
     }
 
-    fn start_with_ttl(zone: &str, records: &[(&str, Rec)], ttl: u32) -> TestDns {
+    /// From now on the zone holds `records` (and whatever the names below say) instead.
+    pub fn replace(&self, records: &[(&str, Rec)]) {
+        let records = build_records(&self.zone.origin, records, self.zone.ttl);
+        *self.zone.records.lock().unwrap() = records;
+    }
+
+    /// As [`TestDns::start`], with `ttl` for every record and for negative answers.
+    pub fn start_with_ttl(zone: &str, records: &[(&str, Rec)], ttl: u32) -> TestDns {
         let mut origin = Name::from_utf8(zone).expect("zone name");
         origin.set_fqdn(true);
-        let name = |text: &str| -> Name {
-            if text == "@" {
-                origin.clone()
-            } else {
-                // Relaxed for names that IDNA's rules refuse (an underscore inside a label).
-                Name::parse(text, Some(&origin))
-                    .or_else(|_| Name::from_str_relaxed(text))
-                    .expect("record name")
-            }
-        };
-        let records = records
-            .iter()
-            .map(|(owner, rec)| {
-                let data = match rec {
-                    Rec::Mx(preference, exchange) => {
-                        RData::MX(MX::new(*preference, name(exchange)))
-                    }
-                    Rec::A(addr) => RData::A(A(*addr)),
-                    Rec::Aaaa(addr) => RData::AAAA(AAAA(*addr)),
-                    Rec::Cname(target) => RData::CNAME(CNAME(name(target))),
-                    Rec::Txt(text) => RData::TXT(TXT::new(vec![(*text).to_owned()])),
-                };
-                Record::from_rdata(name(owner), ttl, data)
-            })
-            .collect();
+        let name = |text: &str| name_in(&origin, text);
+        let records = build_records(&origin, records, ttl);
         let soa = Record::from_rdata(
             origin.clone(),
             ttl,
@@ -147,7 +134,8 @@ impl TestDns {
             slowv4: name("slowv4"),
             nxv6silent: name("nxv6silent"),
             origin,
-            records,
+            records: std::sync::Mutex::new(records),
+            ttl,
             soa,
             udp_queries: AtomicUsize::new(0),
             tcp_queries: AtomicUsize::new(0),
@@ -211,6 +199,36 @@ impl Drop for TestDns {
             let _ = thread.join();
         }
     }
+}
+
+/// `text` as a name: relative to `origin` (`"@"` is the apex) or absolute.
+fn name_in(origin: &Name, text: &str) -> Name {
+    if text == "@" {
+        origin.clone()
+    } else {
+        // Relaxed for names that IDNA's rules refuse (an underscore inside a label).
+        Name::parse(text, Some(origin))
+            .or_else(|_| Name::from_str_relaxed(text))
+            .expect("record name")
+    }
+}
+
+/// The zone's records, each with `ttl`.
+fn build_records(origin: &Name, records: &[(&str, Rec)], ttl: u32) -> Vec<Record> {
+    let name = |text: &str| name_in(origin, text);
+    records
+        .iter()
+        .map(|(owner, rec)| {
+            let data = match rec {
+                Rec::Mx(preference, exchange) => RData::MX(MX::new(*preference, name(exchange))),
+                Rec::A(addr) => RData::A(A(*addr)),
+                Rec::Aaaa(addr) => RData::AAAA(AAAA(*addr)),
+                Rec::Cname(target) => RData::CNAME(CNAME(name(target))),
+                Rec::Txt(text) => RData::TXT(TXT::new(vec![(*text).to_owned()])),
+            };
+            Record::from_rdata(name(owner), ttl, data)
+        })
+        .collect()
 }
 
 /// A UDP socket and a TCP listener on the same ephemeral loopback port.
@@ -382,9 +400,10 @@ impl Zone {
         }
         response.metadata.authoritative = true;
 
+        let records = self.records.lock().unwrap().clone();
         let mut current = qname.clone();
         for _ in 0..MAX_CNAME_CHAIN {
-            let at_name: Vec<&Record> = self.records.iter().filter(|r| r.name == current).collect();
+            let at_name: Vec<&Record> = records.iter().filter(|r| r.name == current).collect();
             let matching: Vec<Record> = at_name
                 .iter()
                 .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
@@ -411,8 +430,7 @@ impl Zone {
                 current = target;
                 continue;
             }
-            let exists =
-                current == self.origin || self.records.iter().any(|r| current.zone_of(&r.name));
+            let exists = current == self.origin || records.iter().any(|r| current.zone_of(&r.name));
             if !exists {
                 response.metadata.response_code = ResponseCode::NXDomain;
             }
