@@ -1404,3 +1404,56 @@ fn a_kept_connection_follows_the_dns_once_its_answers_expire() {
     assert_eq!(bounce.mail_from, "<>");
     assert_eq!(mxa.stored().len(), at_mxa, "mxa got mail after the move");
 }
+
+#[test]
+fn a_kept_connection_goes_on_while_the_dns_fails() {
+    use dns_server::{Rec, TestDns};
+    // A connection to mxa, chosen by records that live a second, is kept while mail comes.
+    let mxa = Peer::start_on("127.0.0.83", 0, &[]);
+    let port = mxa.port;
+    let dns = TestDns::start_with_ttl(
+        "test",
+        &[
+            ("steady.test.", Rec::Mx(10, "mxa.test.")),
+            ("mxa.test.", Rec::A("127.0.0.83".parse().unwrap())),
+        ],
+        1,
+    );
+    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "60s"]);
+    let mut sent = 0;
+    let mut send_one = |what: &str| {
+        sent += 1;
+        send(
+            &server,
+            "s@origin.test",
+            &["r@steady.test"],
+            &format!("<{what}{sent}@t>"),
+            "x\r\n",
+        );
+        sent
+    };
+    let n = send_one("first");
+    mxa.wait_for("the first message, at mxa", Duration::from_secs(20), |s| {
+        s.len() == n
+    });
+
+    // Then the DNS fails: the connection's host answered a moment ago, and mail goes
+    // on over it, though the lookup made past the TTL fails (a connection left for it would
+    // find no address, and the mail would wait for the DNS).
+    dns.fail_everything();
+    let queries = dns.query_count();
+    let failing_until = std::time::Instant::now() + Duration::from_millis(3_000);
+    while std::time::Instant::now() < failing_until || dns.query_count() == queries {
+        let n = send_one("failing");
+        mxa.wait_for(
+            "the message sent while the DNS fails, at mxa",
+            Duration::from_secs(10),
+            |s| s.len() == n,
+        );
+        assert!(
+            std::time::Instant::now() < failing_until + Duration::from_secs(10),
+            "no lookup of the next hop while the DNS failed"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

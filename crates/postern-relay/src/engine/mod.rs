@@ -287,6 +287,11 @@ const RECHECK_FLOOR: Duration = Duration::from_secs(1);
 /// hours after its DNS changed.
 const RECHECK_CEILING: Duration = Duration::from_secs(300);
 
+/// How long a kept connection goes on after its next hop's lookup failed for now (a DNS
+/// server that does not answer) before the next one: not a query a second per connection
+/// to a DNS that is down.
+const RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(30);
+
 /// The time (ms) to look a kept connection's next hop up again, for answers valid until
 /// `until`: then, within [`RECHECK_FLOOR`] and [`RECHECK_CEILING`] from now.
 fn recheck_time(until: Instant) -> u64 {

@@ -197,6 +197,12 @@ impl CoreRelay {
             let connected = Connected::new(&dq);
             dq.answered_at.set(now_ms());
             let mut used = false;
+            // The next hop looked up again once the answers the connection was chosen by
+            // expire (`still_chosen`), and whether that found it gone from this host.
+            let mut recheck: Option<
+                std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>>>>,
+            > = None;
+            let mut moved = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
             // Whether connections were opened for batches of transactions that the next hop
@@ -249,17 +255,28 @@ impl CoreRelay {
                     self.say_quit(conn).await;
                     continue 'connect;
                 }
-                if carry.is_empty() && recheck_at.is_some_and(|at| now_ms() >= at) {
+                if recheck.is_none() && recheck_at.is_some_and(|at| now_ms() >= at) {
                     // The DNS answers this connection was chosen by ran past their TTL: the
-                    // next hop may have moved, or published a null MX, since.
-                    match self.still_chosen(&dq, &conn).await {
-                        Some(next) => recheck_at = Some(next),
-                        None => {
-                            drop(connected);
-                            self.say_quit(conn).await;
-                            continue 'connect;
+                    // next hop may have moved, or published a null MX, since. Looked up
+                    // beside the transactions, not before them: a DNS that is slow to answer
+                    // does not hold the mail up meanwhile.
+                    recheck_at = None;
+                    let (this, dq, addr) = (self.clone(), dq.clone(), conn.addr);
+                    recheck = Some(Box::pin(async move { this.still_chosen(&dq, addr).await }));
+                }
+                if let Some(pending) = recheck.as_mut() {
+                    if let Some(verdict) = future::poll_once(pending.as_mut()).await {
+                        recheck = None;
+                        match verdict {
+                            Some(next) => recheck_at = Some(next),
+                            None => moved = true,
                         }
                     }
+                }
+                if moved && carry.is_empty() {
+                    drop(connected);
+                    self.say_quit(conn).await;
+                    continue 'connect;
                 }
                 let (job, note) = if carry.is_empty() {
                     (dq.ready.borrow_mut().pop_front(), None)
@@ -1214,18 +1231,18 @@ impl CoreRelay {
         })
     }
 
-    /// Whether the kept connection `conn` (not a fallback) still goes where the next hop's
+    /// Whether the kept connection to `addr` (not a fallback) still goes where the next hop's
     /// DNS sends its mail, once the answers it was opened on ran past their TTL: its address
     /// is one of the most preferred hosts' (RFC 5321 5.1; RFC 7505 3: no mail to a domain
     /// that now publishes a null MX). `Some` gives when to ask again. A lookup that fails for
     /// now keeps the connection (its host answered a moment ago), and is made again after
-    /// [`RECHECK_FLOOR`].
-    async fn still_chosen(&self, dq: &DestQueue, conn: &Outbound) -> Option<u64> {
+    /// [`RECHECK_AFTER_FAILURE`].
+    async fn still_chosen(&self, dq: &DestQueue, addr: SocketAddr) -> Option<u64> {
         match self.find(dq).await {
             Ok(found) => {
                 let best = found.hops.iter().map(|h| h.preference).min();
                 let better = best.into_iter().chain(found.pending_best).min();
-                let here = conn.addr.ip().to_canonical();
+                let here = addr.ip().to_canonical();
                 let chosen = found.hops.iter().any(|h| {
                     better.is_none_or(|b| h.preference <= b)
                         && h.addrs.iter().any(|a| a.to_canonical() == here)
@@ -1235,8 +1252,8 @@ impl CoreRelay {
                 } else {
                     tracing::info!(
                         next_hop = %dq.dest.key(),
-                        remote = %conn.remote,
-                        "the next hop's DNS no longer leads to this connection's host; reconnecting"
+                        %addr,
+                        "the next hop's DNS no longer leads to this connection's address; reconnecting"
                     );
                     None
                 }
@@ -1246,13 +1263,13 @@ impl CoreRelay {
             Err(unopened) if unopened.1.is_some() => {
                 tracing::info!(
                     next_hop = %dq.dest.key(),
-                    remote = %conn.remote,
+                    %addr,
                     "the next hop's DNS now says {}; leaving the connection",
                     unopened.0
                 );
                 None
             }
-            Err(_) => Some(now_ms().saturating_add(duration_ms(RECHECK_FLOOR))),
+            Err(_) => Some(now_ms().saturating_add(duration_ms(RECHECK_AFTER_FAILURE))),
         }
     }
 

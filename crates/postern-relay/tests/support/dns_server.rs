@@ -102,6 +102,11 @@ impl TestDns {
         self.zone.failing.store(true, Ordering::SeqCst);
     }
 
+    /// Undoes [`TestDns::fail_everything`]: the zone answers from its records again.
+    pub fn answer_again(&self) {
+        self.zone.failing.store(false, Ordering::SeqCst);
+    }
+
     /// From now on the zone holds `records` (and whatever the names below say) instead.
     pub fn replace(&self, records: &[(&str, Rec)]) {
         let records = build_records(&self.zone.origin, records, self.zone.ttl);
