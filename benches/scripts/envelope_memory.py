@@ -19,11 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serving  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-# (what it is, recipients sent, length of the ORCPT value's padding; None for no ORCPT)
+# (what it is, recipients sent, length of the ORCPT value's padding, None for no ORCPT, or
+# ("path", N) for mailboxes of N octets without ORCPT)
 KINDS = [
     ("idle after EHLO", 0, None),
     ("1,000 short recipients", 1000, None),
     ("1,000 recipients with 440-octet ORCPTs", 1000, 433),
+    ("1,000 recipients of 200 octets", 1000, ("path", 200)),
     ("none, after 8,000 pipelined EHLOs", 0, "ehlo"),
 ]
 EHLOS = 8000
@@ -41,11 +43,20 @@ def read_reply(f):
 
 def measure(count, pad):
     with tempfile.TemporaryDirectory() as spool:
-        srv, port = serving.start(spool, "--hostname", "mem.test", "--cores", "1", quiet=True)
+        # (The pipelined EHLOs are past the junk command limit, which would end the session.)
+        junk = ("--max-junk-commands", "0") if pad == "ehlo" else ()
+        srv, port = serving.start(
+            spool, "--hostname", "mem.test", "--cores", "1", *junk, quiet=True
+        )
         try:
             before = serving.rss_kib(srv.pid)
-            orcpt = "" if pad in (None, "ehlo") else " ORCPT=rfc822;" + "o" * pad
-            batch = "".join(f"RCPT TO:<r{i:04}@mem.test>{orcpt}\r\n" for i in range(count))
+            if isinstance(pad, tuple):
+                # A local part that brings the mailbox (r0000...@mem.test) to the length given.
+                local = "x" * (pad[1] - len("r0000@mem.test"))
+                batch = "".join(f"RCPT TO:<r{i:04}{local}@mem.test>\r\n" for i in range(count))
+            else:
+                orcpt = "" if pad in (None, "ehlo") else " ORCPT=rfc822;" + "o" * pad
+                batch = "".join(f"RCPT TO:<r{i:04}@mem.test>{orcpt}\r\n" for i in range(count))
             conns, taken = [], 0
             deadline = time.time() + 120
             for _ in range(N):

@@ -1,7 +1,7 @@
 //! The envelope of the transaction in progress, kept in one reusable buffer so that a steady
 //! stream of transactions allocates nothing once the buffers have grown.
 
-use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
 
 use crate::address::{ForwardPath, ReversePath};
@@ -39,11 +39,14 @@ pub struct Envelope {
     envid: Option<Range<usize>>,
     auth: Option<Range<usize>>,
     rcpts: Vec<RcptEntry>,
-    /// The recipients' mailbox keys ([`crate::address::mailbox_key`]), made at the first
-    /// look-up among more than a few and kept until a recipient is added or removed: past
-    /// the recipient limit a client may send a thousand RCPTs, each looked up among a
-    /// thousand recipients, whose domains would each be brought to canonical form again.
-    keys: Option<HashSet<String>>,
+    /// The recipients' mailbox keys ([`crate::address::mailbox_key`]) as hashes, sorted,
+    /// each with its recipient's place in `rcpts`: made at the first look-up among more
+    /// than a few and kept up to date until a recipient is removed. Past the recipient limit
+    /// a client may send a thousand RCPTs, each looked up among a thousand recipients,
+    /// whose domains would each be brought to canonical form again; hashes rather than the
+    /// keys themselves, so that the index costs 16 octets a recipient, not a second copy of
+    /// every mailbox (a hash found is checked against the recipient's own key).
+    keys: Option<(RandomState, Vec<(u64, u32)>)>,
 }
 
 impl Envelope {
@@ -169,9 +172,12 @@ impl Envelope {
         };
         let orcpt = params.orcpt.map(|o| self.push(o));
         // Kept up to date rather than made again: past the limit a repeated recipient with
-        // DSN parameters is taken again, and each would have the set made anew.
-        if let Some(keys) = self.keys.as_mut() {
-            keys.insert(crate::address::mailbox_key(&self.buf[path.clone()]));
+        // DSN parameters is taken again, and each would have the index made anew.
+        if let Some((state, index)) = self.keys.as_mut() {
+            let hash = state.hash_one(crate::address::mailbox_key(&self.buf[path.clone()]));
+            let at = index.partition_point(|&(h, _)| h < hash);
+            let place = u32::try_from(self.rcpts.len()).unwrap_or(u32::MAX);
+            index.insert(at, (hash, place));
         }
         self.rcpts.push(RcptEntry {
             path,
@@ -194,14 +200,29 @@ impl Envelope {
                 .any(|r| crate::address::same_mailbox(&self.buf[r.path.clone()], &shown));
         }
         let (rcpts, buf) = (&self.rcpts, &self.buf);
-        self.keys
-            .get_or_insert_with(|| {
-                rcpts
-                    .iter()
-                    .map(|r| crate::address::mailbox_key(&buf[r.path.clone()]))
-                    .collect()
-            })
-            .contains(&crate::address::mailbox_key(&shown))
+        let key_of = |place: usize| {
+            rcpts
+                .get(place)
+                .map(|r| crate::address::mailbox_key(&buf[r.path.clone()]))
+        };
+        let (state, index) = self.keys.get_or_insert_with(|| {
+            let state = RandomState::new();
+            let mut index: Vec<(u64, u32)> = (0..rcpts.len())
+                .filter_map(|place| {
+                    let key = key_of(place)?;
+                    Some((state.hash_one(key), u32::try_from(place).ok()?))
+                })
+                .collect();
+            index.sort_unstable();
+            (state, index)
+        });
+        let key = crate::address::mailbox_key(&shown);
+        let hash = state.hash_one(&key);
+        let from = index.partition_point(|&(h, _)| h < hash);
+        index[from..]
+            .iter()
+            .take_while(|&&(h, _)| h == hash)
+            .any(|&(_, place)| key_of(place as usize).is_some_and(|k| k == key))
     }
 
     pub(crate) fn pop_rcpt(&mut self) {
@@ -224,4 +245,44 @@ fn shown_len(d: impl std::fmt::Display) -> usize {
     let mut n = Count(0);
     let _ = std::fmt::Write::write_fmt(&mut n, format_args!("{d}"));
     n.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::parse_forward_path;
+
+    fn path(text: &str) -> ForwardPath<'_> {
+        parse_forward_path(text).expect("a forward path").0
+    }
+
+    #[test]
+    fn the_index_of_many_recipients_finds_each_mailbox_and_no_other() {
+        let mut envelope = Envelope::default();
+        let none = RcptParams::default();
+        let taken: Vec<String> = (0..40).map(|i| format!("<u{i}@d{i}.example>")).collect();
+        for p in &taken {
+            envelope.push_rcpt(&path(p), &none);
+        }
+        // Past a few recipients the index is made at the first look-up: each mailbox is
+        // found, also with its domain written otherwise, and a local part in other case is
+        // another mailbox.
+        for i in 0..40 {
+            assert!(envelope.has_recipient(&path(&format!("<u{i}@D{i}.EXAMPLE>"))));
+            assert!(!envelope.has_recipient(&path(&format!("<U{i}@d{i}.example>"))));
+            assert!(!envelope.has_recipient(&path(&format!("<u{i}@d{}.example>", i + 1))));
+        }
+        // Recipients added once it is made are found too, the others still not.
+        for i in 40..60 {
+            let p = format!("<u{i}@d{i}.example>");
+            assert!(!envelope.has_recipient(&path(&p)));
+            envelope.push_rcpt(&path(&p), &none);
+            assert!(envelope.has_recipient(&path(&p)));
+        }
+        // One taken away is no longer found (the index is made again).
+        envelope.pop_rcpt();
+        assert!(!envelope.has_recipient(&path("<u59@d59.example>")));
+        assert!(envelope.has_recipient(&path("<u58@d58.example>")));
+        assert!(envelope.has_recipient(&path("<u0@d0.example>")));
+    }
 }

@@ -323,7 +323,9 @@ struct Serve {
     queue_low_water: Option<u64>,
     /// Recipients of the queued messages (each message's envelope is held in memory until it
     /// is final, about 130 bytes a recipient) at which new mail gets 452 4.3.1, accepted
-    /// again at 80 % of it; 0 for no limit. Not applied with --hold (nothing is held in memory)
+    /// again at 80 % of it; 0 for no limit. Not applied with --hold (the envelopes are not
+    /// held in memory then; each queued message still costs the spool's index of it, under
+    /// 200 bytes, which --queue-high-water bounds)
     #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER_RECIPIENTS", default_value_t = 10_000_000, value_parser = trimmed::<u64>, allow_hyphen_values = true)]
     queue_high_water_recipients: u64,
 }
