@@ -1457,3 +1457,58 @@ fn a_kept_connection_goes_on_while_the_dns_fails() {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+#[test]
+fn a_kept_connection_stays_with_its_host_while_the_host_s_addresses_rotate() {
+    use dns_server::{Rec, TestDns};
+    // pool.test's host answers with a part of its addresses that changes (as large pools
+    // do, with a short TTL): a connection to an address it no longer lists is still its
+    // host's, and is kept, rather than a new one being opened at every TTL. Here the
+    // address it lists now takes no connection: mail that goes there fails.
+    let mxa = Peer::start_on("127.0.0.84", 0, &[]);
+    let port = mxa.port;
+    let elsewhere = reserve("127.0.0.85", port);
+    let with = |addr: &str| {
+        vec![
+            ("pool.test.", Rec::Mx(10, "mx.pool.test.")),
+            ("mx.pool.test.", Rec::A(addr.parse().unwrap())),
+        ]
+    };
+    let dns = TestDns::start_with_ttl("test", &with("127.0.0.84"), 1);
+    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "60s"]);
+    let mut sent = 0;
+    let mut send_one = |what: &str| {
+        sent += 1;
+        send(
+            &server,
+            "s@origin.test",
+            &["r@pool.test"],
+            &format!("<{what}{sent}@t>"),
+            "x\r\n",
+        );
+        sent
+    };
+    let n = send_one("first");
+    mxa.wait_for("the first message, at mxa", Duration::from_secs(20), |s| {
+        s.len() == n
+    });
+    dns.replace(&with("127.0.0.85"));
+    // Past the TTL and a look-up (the DNS is asked again), mail still goes over the kept
+    // connection, each message delivered before the next is sent.
+    let queries = dns.query_count();
+    let rotated_until = std::time::Instant::now() + Duration::from_millis(3_000);
+    while std::time::Instant::now() < rotated_until || dns.query_count() == queries {
+        let n = send_one("rotated");
+        mxa.wait_for(
+            "the message sent after the host's address changed, at mxa",
+            Duration::from_secs(10),
+            |s| s.len() == n,
+        );
+        assert!(
+            std::time::Instant::now() < rotated_until + Duration::from_secs(10),
+            "no lookup of the next hop after its TTL"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(elsewhere);
+}

@@ -256,10 +256,35 @@ struct Opened {
     /// The address is of a less preferred MX host than the best: the connection is used for
     /// a while only, so that the better host gets mail again once it is back.
     fallback: bool,
-    /// When (ms) the DNS answers the connection was chosen by run past their TTL, and the
-    /// next hop is looked up again before the connection takes another job; `None` for an
-    /// address given as such.
-    recheck_at: Option<u64>,
+    /// When the DNS answers the connection was chosen by run past their TTL, and the next
+    /// hop is looked up again; `None` for an address given as such.
+    recheck_at: Option<Instant>,
+    /// The MX preference of the host connected to (0 for other next hops).
+    preference: u16,
+}
+
+/// A look-up of a kept connection's next hop under way: when to ask again and what the
+/// connection was chosen as, or `None` when it is to be left.
+type Recheck = std::pin::Pin<Box<dyn std::future::Future<Output = Option<(Instant, Chosen)>>>>;
+
+/// A kept connection as chosen by the DNS, for `CoreRelay::still_chosen`.
+struct Chosen {
+    addr: SocketAddr,
+    /// The host's name, as looked up.
+    host: String,
+    preference: u16,
+    opened: Instant,
+}
+
+impl Chosen {
+    fn new(conn: &Outbound, preference: u16) -> Chosen {
+        Chosen {
+            addr: conn.addr,
+            host: conn.remote.clone(),
+            preference,
+            opened: Instant::now(),
+        }
+    }
 }
 
 /// What `CoreRelay::find` found for a next hop.
@@ -292,18 +317,19 @@ const RECHECK_CEILING: Duration = Duration::from_secs(300);
 /// to a DNS that is down.
 const RECHECK_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
-/// The time (ms) to look a kept connection's next hop up again, for answers valid until
-/// `until`: then, within [`RECHECK_FLOOR`] and [`RECHECK_CEILING`] from now.
-fn recheck_time(until: Instant) -> u64 {
-    let left = until
-        .saturating_duration_since(Instant::now())
-        .clamp(RECHECK_FLOOR, RECHECK_CEILING);
-    now_ms().saturating_add(duration_ms(left))
+/// When to look a kept connection's next hop up again, for answers valid until `until`:
+/// then, within [`RECHECK_FLOOR`] and [`RECHECK_CEILING`] from now.
+fn recheck_time(until: Instant) -> Instant {
+    let now = Instant::now();
+    now + until
+        .saturating_duration_since(now)
+        .clamp(RECHECK_FLOOR, RECHECK_CEILING)
 }
 
-fn duration_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+/// How long a job waits for its connection's look-up when it begins (see
+/// `CoreRelay::still_chosen`): long enough for the resolver's cache or a DNS that answers at
+/// once, short beside a transaction.
+const RECHECK_WAIT: Duration = Duration::from_millis(200);
 
 /// Addresses tried within one attempt of a job at most (as Postfix's
 /// `smtp_mx_address_limit`): a domain with many addresses that all put mail off costs a

@@ -132,6 +132,7 @@ impl CoreRelay {
                     failed,
                     fallback,
                     recheck_at,
+                    preference,
                 }) => {
                     // A carried job counts the addresses that failed on the way as tried. One
                     // whose only way on is an address it already tried, or that has tried
@@ -151,7 +152,9 @@ impl CoreRelay {
                         }
                     }
                     // (A fallback is left after its while, and looked up again then.)
-                    let recheck_at = recheck_at.filter(|_| !fallback);
+                    let recheck_at = recheck_at
+                        .filter(|_| !fallback)
+                        .map(|at| (at, Chosen::new(&c, preference)));
                     (c, fallback.then(|| now_ms() + self.pause_ms()), recheck_at)
                 }
                 Err(unopened) if unopened.1.is_none() && unopened.5 && dq.workers.get() > 1 => {
@@ -199,9 +202,7 @@ impl CoreRelay {
             let mut used = false;
             // The next hop looked up again once the answers the connection was chosen by
             // expire (`still_chosen`), and whether that found it gone from this host.
-            let mut recheck: Option<
-                std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>>>>,
-            > = None;
+            let mut recheck: Option<Recheck> = None;
             let mut moved = false;
             // Connections to this next hop failed lately (this attempt's too).
             let mut after_failures = dq.broken_in_a_row.get() > 0;
@@ -255,17 +256,35 @@ impl CoreRelay {
                     self.say_quit(conn).await;
                     continue 'connect;
                 }
-                if recheck.is_none() && recheck_at.is_some_and(|at| now_ms() >= at) {
-                    // The DNS answers this connection was chosen by ran past their TTL: the
-                    // next hop may have moved, or published a null MX, since. Looked up
-                    // beside the transactions, not before them: a DNS that is slow to answer
-                    // does not hold the mail up meanwhile.
-                    recheck_at = None;
-                    let (this, dq, addr) = (self.clone(), dq.clone(), conn.addr);
-                    recheck = Some(Box::pin(async move { this.still_chosen(&dq, addr).await }));
+                let mut asked_now = false;
+                if recheck.is_none() {
+                    if let Some((_, chosen)) = recheck_at.take_if(|(at, _)| Instant::now() >= *at) {
+                        // The DNS answers this connection was chosen by ran past their TTL:
+                        // the next hop may have moved, or published a null MX, since.
+                        let (this, dq) = (self.clone(), dq.clone());
+                        recheck = Some(Box::pin(async move {
+                            this.still_chosen(&dq, &chosen)
+                                .await
+                                .map(|next| (next, chosen))
+                        }));
+                        asked_now = true;
+                    }
                 }
                 if let Some(pending) = recheck.as_mut() {
-                    if let Some(verdict) = future::poll_once(pending.as_mut()).await {
+                    // The answer is waited for a moment when the look-up begins (the cache's
+                    // answer, or a DNS that answers at once), so that the job about to go
+                    // goes where the DNS now says; beyond that it is looked at between
+                    // transactions, and a DNS slow to answer holds no mail up.
+                    let verdict = if asked_now {
+                        future::or(async { Some(pending.as_mut().await) }, async {
+                            glommio::timer::sleep(RECHECK_WAIT).await;
+                            None
+                        })
+                        .await
+                    } else {
+                        future::poll_once(pending.as_mut()).await
+                    };
+                    if let Some(verdict) = verdict {
                         recheck = None;
                         match verdict {
                             Some(next) => recheck_at = Some(next),
@@ -1231,45 +1250,63 @@ impl CoreRelay {
         })
     }
 
-    /// Whether the kept connection to `addr` (not a fallback) still goes where the next hop's
-    /// DNS sends its mail, once the answers it was opened on ran past their TTL: its address
-    /// is one of the most preferred hosts' (RFC 5321 5.1; RFC 7505 3: no mail to a domain
-    /// that now publishes a null MX). `Some` gives when to ask again. A lookup that fails for
-    /// now keeps the connection (its host answered a moment ago), and is made again after
-    /// [`RECHECK_AFTER_FAILURE`].
-    async fn still_chosen(&self, dq: &DestQueue, addr: SocketAddr) -> Option<u64> {
+    /// Whether the kept connection `chosen` (not a fallback) still goes where the next hop's
+    /// DNS sends its mail, once the answers it was opened on ran past their TTL (RFC 5321
+    /// 5.1; RFC 7505 3: no mail to a domain that now publishes a null MX); `Some` gives when
+    /// to ask again. It does while its address is one of the most preferred hosts'. Its host
+    /// still among them under other addresses (a pool that answers with a rotating part of
+    /// its addresses, one family's lookup that failed for now) keeps it up to
+    /// [`RECHECK_CEILING`] from its start, after which a new connection takes the host's
+    /// addresses as they are now. A lookup that fails for now, for its host or one more
+    /// preferred, or as a whole, keeps it (its host answered a moment ago), asked again
+    /// after [`RECHECK_AFTER_FAILURE`].
+    async fn still_chosen(&self, dq: &DestQueue, chosen: &Chosen) -> Option<Instant> {
+        let for_now = || Some(Instant::now() + RECHECK_AFTER_FAILURE);
         match self.find(dq).await {
             Ok(found) => {
                 let best = found.hops.iter().map(|h| h.preference).min();
                 let better = best.into_iter().chain(found.pending_best).min();
-                let here = addr.ip().to_canonical();
-                let chosen = found.hops.iter().any(|h| {
-                    better.is_none_or(|b| h.preference <= b)
-                        && h.addrs.iter().any(|a| a.to_canonical() == here)
-                });
-                if chosen {
-                    Some(found.valid_until.map_or(u64::MAX, recheck_time))
-                } else {
-                    tracing::info!(
-                        next_hop = %dq.dest.key(),
-                        %addr,
-                        "the next hop's DNS no longer leads to this connection's address; reconnecting"
-                    );
-                    None
+                let preferred: Vec<&NextHop> = found
+                    .hops
+                    .iter()
+                    .filter(|h| better.is_none_or(|b| h.preference <= b))
+                    .collect();
+                let next = found
+                    .valid_until
+                    .map_or(Instant::now() + RECHECK_CEILING, recheck_time);
+                let here = chosen.addr.ip().to_canonical();
+                if preferred
+                    .iter()
+                    .any(|h| h.addrs.iter().any(|a| a.to_canonical() == here))
+                {
+                    return Some(next);
                 }
+                let ceiling = chosen.opened + RECHECK_CEILING;
+                if preferred.iter().any(|h| h.host == chosen.host) && Instant::now() < ceiling {
+                    return Some(next.min(ceiling));
+                }
+                if found.pending_best.is_some_and(|p| p <= chosen.preference) {
+                    return for_now();
+                }
+                tracing::info!(
+                    next_hop = %dq.dest.key(),
+                    addr = %chosen.addr,
+                    "the next hop's DNS no longer leads to this connection's address; reconnecting"
+                );
+                None
             }
             // Failed for good (a null MX published now, the name gone): the jobs meet that in
             // the next connection's lookup.
             Err(unopened) if unopened.1.is_some() => {
                 tracing::info!(
                     next_hop = %dq.dest.key(),
-                    %addr,
+                    addr = %chosen.addr,
                     "the next hop's DNS now says {}; leaving the connection",
                     unopened.0
                 );
                 None
             }
-            Err(_) => Some(now_ms().saturating_add(duration_ms(RECHECK_AFTER_FAILURE))),
+            Err(_) => for_now(),
         }
     }
 
@@ -1375,6 +1412,7 @@ impl CoreRelay {
                 failed,
                 fallback,
                 recheck_at,
+                preference: hop.preference,
             };
             let cleartext = policy == TlsPolicy::Opportunistic
                 && dq
