@@ -15,6 +15,11 @@ pub const MAX_REPLY_LINE: usize = 512;
 /// Lines of one reply the client side keeps; further lines are read and dropped (RFC 5321
 /// sets no count, and an EHLO reply names one extension per line).
 pub const MAX_REPLY_LINES: usize = 64;
+/// Lines of one reply the client side reads at most, those dropped included: a server that
+/// sends continuation lines without end would otherwise keep its connection reading (and its
+/// core busy) until the reply's timeout. No server's reply comes near it (an EHLO reply
+/// has a line per extension, a few dozen).
+pub const MAX_REPLY_LINES_READ: usize = 1000;
 /// Longest domain (RFC 5321 4.5.3.1.2).
 pub const MAX_DOMAIN: usize = 255;
 /// Longest reverse or forward path, angle brackets included (RFC 5321 4.5.3.1.3).

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::framer::{Frame, LineFramer};
-use crate::limits::{MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_LINE_READ};
+use crate::limits::{MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_LINES_READ, MAX_REPLY_LINE_READ};
 
 /// An RFC 3463 enhanced status code, `class.subject.detail`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -153,6 +153,10 @@ pub enum ReplyError {
     /// A line longer than the reply line cap.
     #[error("reply line too long")]
     LineTooLong,
+    /// More lines in one reply than [`MAX_REPLY_LINES_READ`]: a server that sends
+    /// continuation lines without end would hold the client reading them until its timeout.
+    #[error("reply of more than {MAX_REPLY_LINES_READ} lines")]
+    TooManyLines,
 }
 
 /// A line a server sent, for a report or a log: in double quotes, at most
@@ -182,6 +186,8 @@ const SHOWN_LINE: usize = 64;
 pub struct ReplyParser {
     framer: LineFramer,
     partial: Option<Reply>,
+    /// Lines of the partial reply read, those dropped past [`MAX_REPLY_LINES`] included.
+    lines_read: usize,
 }
 
 impl Default for ReplyParser {
@@ -220,6 +226,7 @@ impl ReplyParser {
         Self {
             framer: LineFramer::new(MAX_REPLY_LINE_READ),
             partial: None,
+            lines_read: 0,
         }
     }
 
@@ -293,6 +300,10 @@ impl ReplyParser {
                 if r.code != code {
                     return Err(ReplyError::InconsistentCode(r.code, code));
                 }
+                self.lines_read += 1;
+                if self.lines_read > MAX_REPLY_LINES_READ {
+                    return Err(ReplyError::TooManyLines);
+                }
                 // RFC 5321 sets no line count: lines past the cap are read and dropped, so
                 // memory stays bounded and the reply still ends where the server ends it.
                 if r.lines.len() >= MAX_REPLY_LINES {
@@ -308,6 +319,7 @@ impl ReplyParser {
                 r
             }
             None => {
+                self.lines_read = 1;
                 let (enhanced, text) = match EnhancedCode::parse_prefix(&text) {
                     Some((e, rest)) if e.class == (code / 100) as u8 => (Some(e), rest.to_owned()),
                     _ => (None, text.into_owned()),
@@ -334,6 +346,42 @@ mod tests {
 
     fn parse_all(input: &[u8]) -> ParsedReply {
         ReplyParser::new().parse(input)
+    }
+
+    #[test]
+    fn a_reply_of_endless_continuation_lines_is_an_error_past_the_cap() {
+        // Up to the cap the lines past the kept ones are read and dropped, and the reply
+        // ends where the server ends it; one line more is an error, whatever follows.
+        let mut at_cap = b"220-x\r\n".repeat(MAX_REPLY_LINES_READ - 1);
+        at_cap.extend_from_slice(b"220 end\r\n");
+        match parse_all(&at_cap) {
+            ParsedReply::Complete { reply, consumed } => {
+                assert_eq!(consumed, at_cap.len());
+                assert_eq!(reply.lines.len(), MAX_REPLY_LINES);
+            }
+            other => panic!("{other:?}"),
+        }
+        let over = b"220-x\r\n".repeat(MAX_REPLY_LINES_READ + 1);
+        let mut parser = ReplyParser::new();
+        assert!(matches!(
+            parser.parse(&over),
+            ParsedReply::Error {
+                error: ReplyError::TooManyLines,
+                ..
+            }
+        ));
+        // Replies one after another each count their own lines.
+        let mut two = at_cap.clone();
+        two.extend_from_slice(&at_cap);
+        let mut parser = ReplyParser::new();
+        let first = parser.parse(&two);
+        let ParsedReply::Complete { consumed, .. } = first else {
+            panic!("{first:?}");
+        };
+        assert!(matches!(
+            parser.parse(&two[consumed..]),
+            ParsedReply::Complete { .. }
+        ));
     }
 
     #[test]
