@@ -766,9 +766,10 @@ fn a_batch_ending_in_a_message_over_the_next_hop_s_size_keeps_its_outcomes() {
 }
 
 #[test]
-fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core() {
+fn a_next_hop_that_never_ends_its_reply_is_given_up_and_does_not_hold_the_core() {
     // The reply to MAIL is continuation lines without end, as fast as the socket takes them:
-    // every read is ready at once, and only the deadline itself can end the wait.
+    // every read is ready at once, and the wait would end only at its deadline (minutes
+    // here); the reply is given up past its line cap instead.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     // Told once the flood is under way (its first block written).
@@ -803,11 +804,11 @@ fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core(
         "--route",
         &route,
         "--smtp-mail-timeout",
-        "3s",
+        "5m",
         "--smtp-rcpt-timeout",
-        "3s",
+        "5m",
         "--smtp-data-init-timeout",
-        "3s",
+        "5m",
         "--cores",
         "1",
     ]);
@@ -821,29 +822,24 @@ fn a_next_hop_that_never_ends_its_reply_is_timed_out_and_does_not_hold_the_core(
     under_way
         .recv_timeout(Duration::from_secs(20))
         .expect("the flood never started");
-    // Meanwhile the core still greets new clients.
-    let mut greeted = Instant::now();
+    // The core still greets new clients.
     for _ in 0..3 {
         let start = Instant::now();
         let mut c = server.connect();
         assert!(c.line().starts_with("220 "));
-        greeted = Instant::now();
         assert!(
-            greeted - start < Duration::from_secs(2),
-            "a greeting took {:?} during the flood",
-            greeted - start
+            start.elapsed() < Duration::from_secs(2),
+            "a greeting took {:?} after the flood began",
+            start.elapsed()
         );
         c.cmd("QUIT");
     }
-    let (flooded, ended) = hop.join().unwrap();
-    assert!(
-        greeted < ended,
-        "the greetings came after the flood ended: they tell nothing"
-    );
+    let (flooded, _) = hop.join().unwrap();
     assert!(
         flooded < Duration::from_secs(12),
-        "the reply went on for {flooded:?} with a 3 s timeout"
+        "the reply went on for {flooded:?}"
     );
+    server.log_until(|l| l.contains("reply of more than 1000 lines"));
 }
 
 #[test]
@@ -1195,7 +1191,9 @@ fn a_carried_job_whose_kept_connection_ends_at_rset_stays_carried() {
 /// nobody asked for behind its reply to the first `after` command (`EHLO` or `RSET`) of its
 /// first connection, in the same write. It refuses `<unknown@...>` at RCPT with 550, and a
 /// message whose body holds `refuse-me` with 554 a moment after the body (after postern's
-/// look for replies too many); it takes the others and records their Message-IDs.
+/// look for replies too many); it takes the others and records their Message-IDs. Its
+/// replies carry the enhanced codes servers give: `2.1.0` to MAIL, `2.1.5` to RCPT, `2.0.0`
+/// to the rest.
 fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) -> (u16, Taken) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -1253,6 +1251,8 @@ fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) ->
                             .push(id.unwrap_or_default().to_owned());
                         "250 2.0.0 queued\r\n".into()
                     }
+                    ("MAIL", _) => "250 2.1.0 ok\r\n".into(),
+                    ("RCPT", _) => "250 2.1.5 ok\r\n".into(),
                     _ => "250 2.0.0 ok\r\n".into(),
                 };
                 if stray && verb == after {
@@ -1332,6 +1332,24 @@ fn a_reply_after_the_ehlo_reply_gives_the_connection_up_before_it_carries_mail()
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     server.log_until(|l| l.contains("after the EHLO reply"));
+}
+
+#[test]
+fn a_reply_after_the_mail_reply_does_not_pass_a_rcpt_reply_for_the_answer_to_the_body() {
+    // The extra reply behind MAIL's answers RCPT, and RCPT's `250 2.1.5` the body: BDAT has
+    // no 354 that would show the shift, and the next hop's real answer to the body, a 554,
+    // comes after its content check. An addressing status (2.1.x) is no answer to a body:
+    // the message is tried again, and bounced with the 554, not counted delivered.
+    let (taken, origin, server) = strayed_into(
+        "MAIL",
+        "250-PIPELINING\r\n250-CHUNKING\r\n",
+        &[("<refused@t>", &["b@dest.test"], "refuse-me\r\n")],
+    );
+    let (bounce, text) = origin.first("the refused message's bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(taken.lock().unwrap().is_empty());
+    server.log_until(|l| l.contains("unexpected reply to the message (250 2.1.5"));
 }
 
 #[test]
