@@ -8,8 +8,11 @@ pub const MAX_COMMAND_LINE: usize = 512;
 pub const DSN_LINE_EXTRA: usize = 500;
 /// Longest reply line the client side reads, CRLF included. RFC 5321 4.5.3.1 asks for as few
 /// limits as can be, and some servers write long reply lines; beyond [`MAX_REPLY_LINE`] the
-/// text is cut.
-pub const MAX_REPLY_LINE_READ: usize = 4096;
+/// text is cut. A line past this is an error, and the transaction's outcome unknown: the
+/// message is sent again, so a next hop that answers a body with a long line would get it at
+/// every retry; the bound is therefore the outbound connection's read buffer (16 KiB), not
+/// what a reply line should be.
+pub const MAX_REPLY_LINE_READ: usize = 16 * 1024;
 /// Longest reply line, CRLF included (RFC 5321 4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;
 /// Lines of one reply the client side keeps; further lines are read and dropped (RFC 5321

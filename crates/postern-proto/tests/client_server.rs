@@ -312,8 +312,9 @@ fn the_names_a_server_gives_itself_are_kept_and_blanks_in_ehlo_lines_are_any_bla
 #[test]
 fn a_long_ehlo_reply_is_taken_whole_up_to_its_last_line() {
     // More lines than the client keeps: the extra lines are read and dropped, the reply
-    // itself still counts (RFC 5321 4.2.1 sets no line count).
-    for (lines, keeps_last) in [(40, true), (5000, false)] {
+    // itself still counts (RFC 5321 4.2.1 sets no line count), up to the 1,000 lines a
+    // reply may have here.
+    for (lines, keeps_last) in [(40, true), (900, false)] {
         let mut ehlo = String::new();
         for i in 0..lines {
             ehlo.push_str(&format!("250-X-EXTENSION-{i}\r\n"));

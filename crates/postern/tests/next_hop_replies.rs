@@ -134,6 +134,26 @@ fn routed_to_port(port: u16, extra: &[&str]) -> Server {
 }
 
 #[test]
+fn a_long_reply_line_to_the_data_is_read_and_the_message_delivered_once() {
+    // RFC 5321 caps a reply line at 512 octets; some servers write longer ones. A 250 to the
+    // data with 10,000 octets of text is still the answer to the message: taken as an error,
+    // the message would be sent again at every retry.
+    let long: &'static str = Box::leak(format!("250 2.0.0 {}\r\n", "y".repeat(10_000)).into());
+    let (port, stored, _) = scripted_next_hop(|_, _| None, Act::Say(long));
+    let server = routed_to_port(port, &[]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<long@t>",
+        "x\r\n",
+    );
+    let outcome = server.log_until(|l| l.contains("status="));
+    assert!(outcome.contains("status=\"sent\""), "{outcome}");
+    stored.recv_timeout(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
 fn a_reply_of_endless_lines_is_given_up_past_its_line_cap_not_at_its_timeout() {
     // A next hop that answers EHLO with continuation lines, as fast as it can write them and
     // never ending: every read is ready at once, and the core would read them until the
