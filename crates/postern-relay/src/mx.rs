@@ -104,6 +104,19 @@ pub struct MxHops {
     pub valid_until: Option<Instant>,
 }
 
+impl MxHops {
+    /// Hosts found without MX records (a host's own addresses, the implicit MX), good until
+    /// `valid_until`.
+    fn plain((hops, valid_until): (Vec<NextHop>, Instant)) -> MxHops {
+        MxHops {
+            hops,
+            best: 0,
+            pending: None,
+            valid_until: Some(valid_until),
+        }
+    }
+}
+
 /// Why no next hop was found; each variant says whether to bounce or to retry later.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MxError {
@@ -481,14 +494,7 @@ async fn serve(resolver: TokioResolver, job: Job) {
     } = job;
     let work = async {
         match kind {
-            Lookup::Host => host_lookup(&resolver, &domain)
-                .await
-                .map(|(hops, valid_until)| MxHops {
-                    hops,
-                    best: 0,
-                    pending: None,
-                    valid_until: Some(valid_until),
-                }),
+            Lookup::Host => host_lookup(&resolver, &domain).await.map(MxHops::plain),
             Lookup::Mx(own_name) => lookup(&resolver, &domain, own_name.as_deref()).await,
         }
     };
@@ -556,14 +562,7 @@ async fn lookup(
         if own_name.is_some_and(|own| host.eq_ignore_ascii_case(own)) {
             return Err(MxError::LoopsToSelf(host));
         }
-        return implicit_mx(resolver, name)
-            .await
-            .map(|(hops, valid_until)| MxHops {
-                hops,
-                best: 0,
-                pending: None,
-                valid_until: Some(valid_until),
-            });
+        return implicit_mx(resolver, name).await.map(MxHops::plain);
     }
     if records.iter().all(|(_, exchange)| exchange.is_root()) {
         return Err(MxError::NullMx);

@@ -1317,11 +1317,73 @@ fn a_lookup_failing_beside_a_working_connection_defers_nothing() {
     assert!(log.contains("refused another connection"), "{log}");
 }
 
+/// Messages sent one at a time from s@origin.test to `rcpt`, numbered, through a server
+/// that keeps its connections a minute (`--outbound-idle-timeout 60s`).
+struct OneAtATime {
+    server: Server,
+    rcpt: &'static str,
+    sent: usize,
+}
+
+impl OneAtATime {
+    fn start(dns: &dns_server::TestDns, port: u16, rcpt: &'static str) -> OneAtATime {
+        let server = mx_server(dns, port, &["--outbound-idle-timeout", "60s"]);
+        OneAtATime {
+            server,
+            rcpt,
+            sent: 0,
+        }
+    }
+
+    /// Sends one more message (its Message-ID made of `what` and its number); returns how
+    /// many have been sent.
+    fn send(&mut self, what: &str) -> usize {
+        self.sent += 1;
+        let id = format!("<{what}{}@t>", self.sent);
+        send(&self.server, "s@origin.test", &[self.rcpt], &id, "x\r\n");
+        self.sent
+    }
+
+    /// Sends messages `what`, each once the one before has arrived (`arrived`, given how
+    /// many were sent, waited for up to 10 s), a quarter second apart, for at least
+    /// `at_least` and until `done`; fails with `why` when that takes 10 s more.
+    fn keep_sending(
+        &mut self,
+        what: &str,
+        at_least: Duration,
+        arrived: impl Fn(usize) -> bool,
+        done: impl Fn() -> bool,
+        why: impl Fn() -> String,
+    ) {
+        let start = std::time::Instant::now();
+        loop {
+            let n = self.send(what);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !arrived(n) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "message {n} ({what}) never arrived"
+                );
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            if start.elapsed() >= at_least && done() {
+                return;
+            }
+            assert!(
+                start.elapsed() < at_least + Duration::from_secs(10),
+                "{}",
+                why()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
 #[test]
 fn a_kept_connection_follows_the_dns_once_its_answers_expire() {
     use dns_server::{Rec, TestDns};
     // moves.test names mxa at first; its records live a second. A connection to mxa is kept
-    // (a minute of idle time) while mail keeps coming.
+    // while mail keeps coming.
     let mxa = Peer::start_on("127.0.0.80", 0, &[]);
     let port = mxa.port;
     let mxb = Peer::start_on("127.0.0.81", port, &[]);
@@ -1337,68 +1399,45 @@ fn a_kept_connection_follows_the_dns_once_its_answers_expire() {
         records
     };
     let dns = TestDns::start_with_ttl("test", &with(Rec::Mx(10, "mxa.test.")), 1);
-    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "60s"]);
-    let mut sent = 0;
-    let mut send_one = |what: &str| {
-        sent += 1;
-        send(
-            &server,
-            "s@origin.test",
-            &["r@moves.test"],
-            &format!("<{what}{sent}@t>"),
-            "x\r\n",
-        );
-        sent
-    };
-    let n = send_one("first");
+    let mut mail = OneAtATime::start(&dns, port, "r@moves.test");
+    let n = mail.send("first");
     mxa.wait_for("the first message, at mxa", Duration::from_secs(20), |s| {
         s.len() == n
     });
 
     // The domain moves to mxb. Past the TTL, the kept connection is left for the host the
-    // DNS names now: one message at a time, each delivered before the next, until one
-    // reaches mxb (within a bound far past the TTL and the second between lookups).
+    // DNS names now: messages one at a time until one reaches mxb.
     dns.replace(&with(Rec::Mx(10, "mxb.test.")));
-    let moved_by = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let n = send_one("moved");
-        let total = |_: &[Stored]| mxa.stored().len() + mxb.stored().len() == n;
-        mxa.wait_for("the message, at mxa or mxb", Duration::from_secs(20), total);
-        if !mxb.stored().is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < moved_by,
-            "{n} messages went to mxa over its kept connection after moves.test named mxb"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    mail.keep_sending(
+        "moved",
+        Duration::ZERO,
+        |n| mxa.stored().len() + mxb.stored().len() == n,
+        || !mxb.stored().is_empty(),
+        || {
+            format!(
+                "{} messages went to mxa after moves.test named mxb",
+                mxa.stored().len()
+            )
+        },
+    );
     let at_mxa = mxa.stored().len();
 
     // Now the domain takes no mail (RFC 7505): the next messages bounce once the answers
     // have run out, and none goes to mxb over its kept connection.
     dns.replace(&with(Rec::Mx(0, ".")));
-    let nulled_by = std::time::Instant::now() + Duration::from_secs(15);
     let before = mxb.stored().len();
-    loop {
-        let n = send_one("nulled");
-        let bounces = || origin.stored().len();
-        let done = |_: &[Stored]| at_mxa + mxb.stored().len() + bounces() == n;
-        mxa.wait_for(
-            "the message, at mxb or bounced",
-            Duration::from_secs(20),
-            done,
-        );
-        if bounces() > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < nulled_by,
-            "{} messages went to mxb over its kept connection after moves.test published a null MX",
-            mxb.stored().len() - before
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    mail.keep_sending(
+        "nulled",
+        Duration::ZERO,
+        |n| at_mxa + mxb.stored().len() + origin.stored().len() == n,
+        || !origin.stored().is_empty(),
+        || {
+            format!(
+                "{} messages went to mxb after moves.test published a null MX",
+                mxb.stored().len() - before
+            )
+        },
+    );
     let (bounce, text) = origin.first("the null-MX bounce");
     assert!(text.contains("Status: 5.1.10"), "{text}");
     assert_eq!(bounce.mail_from, "<>");
@@ -1419,43 +1458,25 @@ fn a_kept_connection_goes_on_while_the_dns_fails() {
         ],
         1,
     );
-    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "60s"]);
-    let mut sent = 0;
-    let mut send_one = |what: &str| {
-        sent += 1;
-        send(
-            &server,
-            "s@origin.test",
-            &["r@steady.test"],
-            &format!("<{what}{sent}@t>"),
-            "x\r\n",
-        );
-        sent
-    };
-    let n = send_one("first");
+    let mut mail = OneAtATime::start(&dns, port, "r@steady.test");
+    let n = mail.send("first");
     mxa.wait_for("the first message, at mxa", Duration::from_secs(20), |s| {
         s.len() == n
     });
 
-    // Then the DNS fails: the connection's host answered a moment ago, and mail goes
-    // on over it, though the lookup made past the TTL fails (a connection left for it would
-    // find no address, and the mail would wait for the DNS).
+    // Then the DNS fails: the connection's host answered a moment ago, and mail goes on
+    // over it, though the lookup made past the TTL fails (a connection left for it would
+    // find no address, and the mail would wait for the DNS). For 3 s, and until the DNS
+    // was asked.
     dns.fail_everything();
     let queries = dns.query_count();
-    let failing_until = std::time::Instant::now() + Duration::from_millis(3_000);
-    while std::time::Instant::now() < failing_until || dns.query_count() == queries {
-        let n = send_one("failing");
-        mxa.wait_for(
-            "the message sent while the DNS fails, at mxa",
-            Duration::from_secs(10),
-            |s| s.len() == n,
-        );
-        assert!(
-            std::time::Instant::now() < failing_until + Duration::from_secs(10),
-            "no lookup of the next hop while the DNS failed"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    mail.keep_sending(
+        "failing",
+        Duration::from_secs(3),
+        |n| mxa.stored().len() == n,
+        || dns.query_count() > queries,
+        || "no lookup of the next hop while the DNS failed".into(),
+    );
 }
 
 #[test]
@@ -1475,40 +1496,21 @@ fn a_kept_connection_stays_with_its_host_while_the_host_s_addresses_rotate() {
         ]
     };
     let dns = TestDns::start_with_ttl("test", &with("127.0.0.84"), 1);
-    let server = mx_server(&dns, port, &["--outbound-idle-timeout", "60s"]);
-    let mut sent = 0;
-    let mut send_one = |what: &str| {
-        sent += 1;
-        send(
-            &server,
-            "s@origin.test",
-            &["r@pool.test"],
-            &format!("<{what}{sent}@t>"),
-            "x\r\n",
-        );
-        sent
-    };
-    let n = send_one("first");
+    let mut mail = OneAtATime::start(&dns, port, "r@pool.test");
+    let n = mail.send("first");
     mxa.wait_for("the first message, at mxa", Duration::from_secs(20), |s| {
         s.len() == n
     });
-    dns.replace(&with("127.0.0.85"));
     // Past the TTL and a look-up (the DNS is asked again), mail still goes over the kept
-    // connection, each message delivered before the next is sent.
+    // connection.
+    dns.replace(&with("127.0.0.85"));
     let queries = dns.query_count();
-    let rotated_until = std::time::Instant::now() + Duration::from_millis(3_000);
-    while std::time::Instant::now() < rotated_until || dns.query_count() == queries {
-        let n = send_one("rotated");
-        mxa.wait_for(
-            "the message sent after the host's address changed, at mxa",
-            Duration::from_secs(10),
-            |s| s.len() == n,
-        );
-        assert!(
-            std::time::Instant::now() < rotated_until + Duration::from_secs(10),
-            "no lookup of the next hop after its TTL"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    mail.keep_sending(
+        "rotated",
+        Duration::from_secs(3),
+        |n| mxa.stored().len() == n,
+        || dns.query_count() > queries,
+        || "no lookup of the next hop after its TTL".into(),
+    );
     drop(elsewhere);
 }
