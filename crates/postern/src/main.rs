@@ -26,7 +26,8 @@ const DEFAULT_LOG_FILTER: &str = "info,rustls=error,glommio::sys::uring=error";
 /// The log filter: `RUST_LOG`, or [`DEFAULT_LOG_FILTER`] when it is unset or blank (an empty
 /// value from an environment file must not silence the log). A word that is neither a level
 /// nor `TARGET=LEVEL` would turn off every line but a target's nobody has (`warning` is not
-/// a level, `warn` is): refused, like a wrong flag.
+/// a level, `warn` is): refused, like a wrong flag. A value without a bare level adds to the
+/// default instead of replacing it.
 fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
     let value = std::env::var("RUST_LOG").unwrap_or_default();
     if value.trim().is_empty() {
@@ -52,7 +53,29 @@ fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
             ));
         }
     }
-    let filter = directives.join(",");
+    // Directives for some targets only (`postern_relay=debug`) would leave every other
+    // target off, its errors and warnings too, and a misspelt target would silence the whole
+    // log: without a level of its own, the value goes on top of the default, whose parts for
+    // a target the value names are left out.
+    let mut parts: Vec<&str> = Vec::new();
+    let has_level = directives.iter().any(|d| !d.contains(['=', '[']));
+    if !has_level {
+        let named = |target: &str| {
+            directives
+                .iter()
+                .any(|d| d.split(['=', '[']).next() == Some(target))
+        };
+        parts.extend(
+            DEFAULT_LOG_FILTER
+                .split(',')
+                .filter(|d| match d.split_once('=') {
+                    Some((target, _)) => !named(target),
+                    None => true,
+                }),
+        );
+    }
+    parts.extend(directives);
+    let filter = parts.join(",");
     tracing_subscriber::EnvFilter::builder()
         .parse(&filter)
         .map_err(|e| format!("RUST_LOG: '{filter}': {e}"))
