@@ -25,6 +25,7 @@ pub mod reply;
 mod scan;
 pub mod server;
 pub mod stuff;
+pub mod text;
 
 pub use address::{ForwardPath, Host, Mailbox, PathError, ReversePath};
 pub use command::{Command, CommandError};

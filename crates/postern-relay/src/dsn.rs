@@ -984,11 +984,13 @@ fn is_escape_start(tail: &str) -> bool {
     hex.len() <= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Makes a value safe for the text for people: control characters become spaces, white space
-/// runs shrink to one space, and the result is trimmed.
+/// Makes a value safe for the text for people: control characters and the characters that
+/// reorder or break a line (a next hop's U+202E would turn the rest of the reason around in
+/// the sender's mail reader) become spaces, white space runs shrink to one space, and the
+/// result is trimmed.
 fn readable(value: &str) -> String {
     value
-        .split(|ch: char| ch.is_whitespace() || ch.is_control())
+        .split(|ch: char| ch.is_whitespace() || postern_proto::text::unfit_for_display(ch))
         .filter(|word| !word.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
@@ -1494,6 +1496,17 @@ mod tests {
                 &written[written.len() - 10..]
             );
         }
+    }
+
+    #[test]
+    fn text_for_people_shows_no_control_nor_reordering_character() {
+        // A next hop's reply with a right-to-left override would turn the rest of the reason
+        // around in the sender's mail reader; a C1 control or a line separator would break it.
+        assert_eq!(
+            readable("550 no \u{202e}resu\u{2066}x\u{9b}y\u{2028}z \u{e9}"),
+            "550 no resu x y z \u{e9}"
+        );
+        assert_eq!(readable("\u{200f} a\r\n\tb \u{61c}"), "a b");
     }
 
     #[test]

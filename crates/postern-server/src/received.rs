@@ -188,13 +188,7 @@ impl LoopDetector {
 /// A character kept out of a trace field: a control, a line or paragraph separator, or a
 /// bidirectional formatting character (embeddings, overrides, isolates, marks).
 fn unfit_for_trace(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{2028}' | '\u{2029}' | '\u{200E}' | '\u{200F}' | '\u{061C}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2066}'..='\u{2069}'
-        )
+    postern_proto::text::unfit_for_display(c)
 }
 
 #[cfg(test)]

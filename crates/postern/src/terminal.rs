@@ -26,18 +26,5 @@ pub(crate) fn for_terminal(text: &str) -> String {
     out
 }
 
-/// A control character (C0, DEL, C1: U+009B alone starts an escape sequence in some
-/// terminals), one of Unicode's bidi controls (UAX #9 2: the marks, embeddings, overrides,
-/// isolates), which reorder what follows on the line, or a line or paragraph separator
-/// (U+2028, U+2029), which some terminals and log viewers break the line at.
-pub(crate) fn unsafe_on_a_terminal(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{061c}'
-                | '\u{200e}'
-                | '\u{200f}'
-                | '\u{2028}'..='\u{202e}'
-                | '\u{2066}'..='\u{2069}'
-        )
-}
+// Controls, bidi controls and line separators: what no peer text may show as itself.
+pub(crate) use postern_proto::text::unfit_for_display as unsafe_on_a_terminal;

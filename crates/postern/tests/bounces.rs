@@ -417,6 +417,8 @@ fn recipients_failed_in_one_transaction_get_one_bounce() {
     {
         // Each says what kind of report it is: these are all failures.
         assert!(line.contains("action=\"failed\""), "{line}");
+        // The address it goes to is quoted, as in every other line naming an address.
+        assert!(line.contains(" to=\""), "{line}");
         let id = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("queue_id="))

@@ -720,7 +720,7 @@ impl CoreRelay {
                 tracing::info!(
                     queue_id = %msg.queue_id,
                     bounce = %accepted.queue_id,
-                    to = %msg.meta.reverse_path,
+                    to = ?msg.meta.reverse_path,
                     action = action.as_str(),
                     "delivery status notification queued"
                 );
