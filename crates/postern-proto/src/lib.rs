@@ -32,4 +32,4 @@ pub use command::{Command, CommandError};
 pub use envelope::{Envelope, Recipient};
 pub use params::{BodyType, MailParams, Notify, RcptParams, Ret};
 pub use reply::{EnhancedCode, Reply, ReplyParser, StaticReply};
-pub use server::{BareNewlinePolicy, Event, ServerConfig, ServerSession, Step};
+pub use server::{BareNewlinePolicy, Event, RefusedMessage, ServerConfig, ServerSession, Step};

@@ -233,6 +233,26 @@ impl From<StaticReply> for PendingReply {
     }
 }
 
+/// A message refused once its data was on the way: over the size limit, a bare line end
+/// under [`BareNewlinePolicy::Reject`], or the embedding's refusal of its body or its commit.
+/// The embedding logs it (taken with [`ServerSession::take_refused`]): its replies are
+/// written here, so it has no other sight of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedMessage {
+    /// The reply's code (`552`).
+    pub code: u16,
+    /// The reply's enhanced code (`5.3.4`).
+    pub enhanced: EnhancedCode,
+    /// The reply's text.
+    pub text: String,
+    /// The client's HELO or EHLO name.
+    pub helo: String,
+    /// The transaction's reverse path, without angle brackets (empty for `<>`).
+    pub reverse_path: String,
+    /// How many recipients the transaction had.
+    pub recipients: usize,
+}
+
 /// What to do with bare CR and bare LF in a DATA body or a text (not BINARYMIME) BDAT body.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BareNewlinePolicy {
@@ -407,6 +427,8 @@ pub struct ServerSession {
     /// the reply to its `LAST` chunk takes a temporary refusal (`452` from a full spool) for
     /// what it is, not for a permanent one.
     discarding: Option<PendingReply>,
+    /// The last message refused after its data began, until the embedding takes it.
+    refused: Option<Box<RefusedMessage>>,
 }
 
 impl ServerSession {
@@ -436,6 +458,7 @@ impl ServerSession {
             body_failed: None,
             line_ends: LineEnds::default(),
             discarding: None,
+            refused: None,
         }
     }
 
@@ -454,6 +477,28 @@ impl ServerSession {
     pub fn clear_output(&mut self) {
         self.out.clear();
         self.flush_mark = 0;
+    }
+
+    /// The message refused since the last call, if any (see [`RefusedMessage`]).
+    pub fn take_refused(&mut self) -> Option<Box<RefusedMessage>> {
+        self.refused.take()
+    }
+
+    /// Keeps a refusal of the transaction's message for [`Self::take_refused`]; call before
+    /// the transaction is reset. Not for a transaction with no recipient (a BDAT out of
+    /// sequence): no message was refused there, and the client's error is its reply.
+    fn note_refused(&mut self, code: u16, enhanced: EnhancedCode, text: &str) {
+        if self.envelope.recipient_count() == 0 {
+            return;
+        }
+        self.refused = Some(Box::new(RefusedMessage {
+            code,
+            enhanced,
+            text: text.to_owned(),
+            helo: self.envelope.helo().to_owned(),
+            reverse_path: self.envelope.reverse_path().to_owned(),
+            recipients: self.envelope.recipient_count(),
+        }));
     }
 
     /// The transaction's envelope (valid from `Mail` until the transaction ends).
@@ -531,6 +576,7 @@ impl ServerSession {
                     });
                     return;
                 }
+                self.note_refused(code, enhanced, text);
             }
             other => {
                 self.decision = other;
@@ -565,6 +611,7 @@ impl ServerSession {
         if self.decision == Decision::Commit {
             self.decision = Decision::None;
             self.body_open = false;
+            self.note_refused(reply.code, reply.enhanced, reply.text);
             self.error_reply(reply.code, Some(reply.enhanced), reply.text);
             self.reset_transaction();
         }
@@ -1233,6 +1280,7 @@ impl ServerSession {
                 write_reply(&mut self.out, reply.code, Some(reply.enhanced), &reply.text);
                 self.count_junk();
             } else {
+                self.note_refused(reply.code, reply.enhanced, &reply.text);
                 self.error_reply(reply.code, Some(reply.enhanced), &reply.text);
             }
             // Up to the `LAST` chunk: nothing a client pipelines comes after that one

@@ -761,6 +761,8 @@ fn spool_refusal_at_data() {
         &o,
         &["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"],
     );
+    // The embedding is told of the refused message, for its log.
+    assert_eq!(o.refused, ["452 4.3.1 <a@spool-full.example> 1"]);
 }
 
 #[test]
@@ -777,6 +779,38 @@ fn spool_refusal_at_first_bdat_chunk_still_reads_the_chunk() {
         &["452 4.3.1 Insufficient system storage", "250 2.0.0 Ok"],
     );
     assert!(o.messages.is_empty());
+    assert_eq!(o.refused, ["452 4.3.1 <a@spool-full.example> 1"]);
+}
+
+#[test]
+fn messages_refused_after_their_data_began_are_told_to_the_embedding_once() {
+    // Too large (DATA, then BDAT chunks of which each one after the first is discarded), and
+    // not a BDAT out of sequence, where no message was refused.
+    let big = "x".repeat(10_001);
+    let mut input = client(&[
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+        &big,
+        ".",
+        "MAIL FROM:<>",
+        "RCPT TO:<c@mx.test>",
+        "RCPT TO:<d@mx.test>",
+    ]);
+    input.extend_from_slice(b"BDAT 10001\r\n");
+    input.extend_from_slice(big.as_bytes());
+    input.extend_from_slice(b"BDAT 1 LAST\r\nx");
+    input.extend_from_slice(b"BDAT 2 LAST\r\nxx");
+    input.extend_from_slice(&client(&["NOOP"]));
+    let o = run_every_split(&config(), &input);
+    assert_tail(&o, &["503 5.5.1 Need MAIL command", "250 2.0.0 Ok"]);
+    assert_eq!(
+        o.refused,
+        ["552 5.3.4 <a@b.test> 1", "552 5.3.4 <> 2"],
+        "{}",
+        o.output
+    );
 }
 
 #[test]

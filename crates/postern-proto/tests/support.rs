@@ -24,6 +24,8 @@ pub struct Outcome {
     pub tls: usize,
     /// The length of the output written at each `Flush`.
     pub flushed: Vec<usize>,
+    /// Messages refused after their data began, as `code enhanced reverse-path recipients`.
+    pub refused: Vec<String>,
 }
 
 /// Feeds `input` cut at `cuts` to a new session, answering decisions with the test policy:
@@ -44,6 +46,12 @@ pub fn run(config: &Arc<ServerConfig>, tls: bool, input: &[u8], cuts: &[usize]) 
         loop {
             let step = s.handle(&buf);
             let consumed = step.consumed;
+            if let Some(r) = s.take_refused() {
+                o.refused.push(format!(
+                    "{} {} <{}> {}",
+                    r.code, r.enhanced, r.reverse_path, r.recipients
+                ));
+            }
             match step.event {
                 Event::NeedInput => {
                     buf.drain(..consumed);

@@ -178,28 +178,57 @@ impl Core {
         }
     }
 
-    /// Logs a recipient refused for relaying: at most [`REFUSALS_LOGGED`] a second on this
-    /// core; past that they are counted, and the count is logged with the next one logged.
+    /// Logs a recipient refused for relaying, within [`Self::may_log_refusal`].
     pub(crate) fn log_relay_refusal(&self, client: std::net::IpAddr, to: &str) {
-        let now = std::time::Instant::now();
-        self.end_refusal_window(now);
-        let (since, logged, unlogged) = self.refusals_logged.get();
-        let since = since.unwrap_or(now);
-        if logged < REFUSALS_LOGGED {
+        if self.may_log_refusal() {
             tracing::info!(
                 client = %client,
                 to = ?to,
                 "recipient refused: 554 5.7.1 relay access denied"
             );
-            self.refusals_logged
-                .set((Some(since), logged + 1, unlogged));
-        } else {
-            self.refusals_logged
-                .set((Some(since), logged, unlogged + 1));
         }
     }
 
-    /// Closes the second of relay refusals once it is over, logging how many were not
+    /// Logs a message refused after its data began (too large, a bare line end, a full
+    /// spool, a loop), within [`Self::may_log_refusal`].
+    pub(crate) fn log_message_refusal(
+        &self,
+        client: std::net::IpAddr,
+        refused: &postern_proto::RefusedMessage,
+    ) {
+        if self.may_log_refusal() {
+            tracing::info!(
+                client = %client,
+                helo = ?refused.helo,
+                from = ?refused.reverse_path,
+                nrcpt = refused.recipients,
+                "message refused: {} {} {}",
+                refused.code,
+                refused.enhanced,
+                refused.text
+            );
+        }
+    }
+
+    /// Whether a refusal may be logged: at most [`REFUSALS_LOGGED`] a second on this core;
+    /// past that they are counted, and the count is logged once the second is over.
+    fn may_log_refusal(&self) -> bool {
+        let now = std::time::Instant::now();
+        self.end_refusal_window(now);
+        let (since, logged, unlogged) = self.refusals_logged.get();
+        let since = since.unwrap_or(now);
+        if logged < REFUSALS_LOGGED {
+            self.refusals_logged
+                .set((Some(since), logged + 1, unlogged));
+            true
+        } else {
+            self.refusals_logged
+                .set((Some(since), logged, unlogged + 1));
+            false
+        }
+    }
+
+    /// Closes the second of refusals logged once it is over, logging how many were not
     /// (called with each refusal and at each tick of the core, so that the count of a flood
     /// that stopped is not lost).
     pub(crate) fn end_refusal_window(&self, now: std::time::Instant) {
@@ -213,7 +242,8 @@ impl Core {
         if unlogged > 0 {
             tracing::info!(
                 unlogged,
-                "more recipients refused for relaying than are logged ({REFUSALS_LOGGED} a second)"
+                "more refusals than are logged ({REFUSALS_LOGGED} a second): recipients \
+                 refused for relaying, messages refused"
             );
         }
         self.refusals_logged.set((None, 0, 0));

@@ -260,6 +260,7 @@ impl Session {
                     return;
                 }
                 let step = self.proto.handle(&buf[start..end]);
+                self.log_refused();
                 start += step.consumed;
                 progressed |= !matches!(step.event, Event::NeedInput);
                 match step.event {
@@ -312,6 +313,8 @@ impl Session {
                         glommio::yield_if_needed().await;
                     }
                 }
+                // What the session refused itself (a full spool at the data, a loop).
+                self.log_refused();
             }
             // Inside a body (DATA's, or a chunk's octets), each read; not between chunks,
             // where the next BDAT line is a command like any other.
@@ -617,6 +620,13 @@ impl Session {
         self.gathered.clear();
         self.draft = Some(draft);
         self.proto.accept();
+    }
+
+    /// Logs a message refused after its data began, which only the reply would show.
+    fn log_refused(&mut self) {
+        if let Some(refused) = self.proto.take_refused() {
+            self.core.log_message_refusal(self.peer.ip(), &refused);
+        }
     }
 
     fn body(&mut self, bytes: &[u8]) {

@@ -27,6 +27,42 @@ fn message_size_limit_is_advertised_and_enforced() {
         "552 5.3.4 Message size exceeds fixed maximum message size"
     );
     assert_eq!(c.cmd("NOOP"), "250 2.0.0 Ok", "the session goes on");
+    // The operator sees why: each refused message is logged with its client and envelope.
+    let refused = "message refused: 552 5.3.4 Message size exceeds fixed maximum message size";
+    let line = server.log_until(|l| l.contains(refused));
+    for field in [
+        "client=127.0.0.1",
+        "helo=\"client.test\"",
+        "from=\"a@b.test\"",
+        "nrcpt=1",
+    ] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    // So is one refused at a BDAT chunk, and one with a bare line end under
+    // --reject-bare-newlines.
+    let server = Server::start(&["--max-message-size", "2k", "--reject-bare-newlines"]);
+    let mut c = server.connect();
+    c.line();
+    c.send(b"EHLO client.test\r\n");
+    c.reply();
+    c.cmd("MAIL FROM:<>");
+    c.cmd("RCPT TO:<c@d.test>");
+    c.cmd("RCPT TO:<e@d.test>");
+    c.send(b"BDAT 3000 LAST\r\n");
+    c.send(&[b'x'; 3000]);
+    assert_eq!(
+        c.reply(),
+        ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    );
+    c.cmd("MAIL FROM:<f@b.test>");
+    c.cmd("RCPT TO:<c@d.test>");
+    c.cmd("DATA");
+    c.send(b"a\nb\r\n");
+    assert!(c.cmd(".").starts_with("550 5.6.11 "));
+    let sized = server.log_until(|l| l.contains("message refused: 552 5.3.4"));
+    assert!(sized.contains("from=\"\" nrcpt=2"), "{sized}");
+    let bare = server.log_until(|l| l.contains("message refused: 550 5.6.11"));
+    assert!(bare.contains("from=\"f@b.test\""), "{bare}");
 }
 
 #[test]

@@ -210,7 +210,7 @@ fn a_flood_of_relay_refusals_is_logged_twenty_a_second() {
         c.cmd("QUIT");
     }
     // The ten not logged are counted once the second is over, though no refusal follows.
-    let counted = server.log_until(|l| l.contains("more recipients refused for relaying"));
+    let counted = server.log_until(|l| l.contains("more refusals than are logged"));
     assert!(counted.contains("unlogged=10"), "{counted}");
     let log = server.terminate_for_log();
     let logged = log
