@@ -225,6 +225,13 @@ impl CoreStore {
         // Each core writes its own directory, which may differ from the root (made by another
         // user, mounted read-only).
         let own = dir.join(core.to_string());
+        if own.symlink_metadata().is_ok() && !own.is_dir() {
+            return Err(StartError::Spool(format!(
+                "{} is not a directory, and core {core} keeps its messages there: move it \
+                 out of the spool or pass another --spool DIR",
+                own.display()
+            )));
+        }
         if own.is_dir() {
             probe_writable(&own).map_err(|e| {
                 StartError::Spool(format!(

@@ -124,7 +124,7 @@ struct Serve {
     #[arg(long, env = "POSTERN_LISTEN_TLS", value_delimiter = ',', value_parser = socket_address, allow_hyphen_values = true)]
     listen_tls: Vec<SocketAddr>,
     /// Executors, one per core [default: all cores].
-    #[arg(long, env = "POSTERN_CORES", value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_CORES", value_parser = number::<usize>, allow_hyphen_values = true)]
     cores: Option<usize>,
     /// Spool directory.
     #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path, allow_hyphen_values = true)]
@@ -159,20 +159,20 @@ struct Serve {
     /// Recipients per transaction (at least 100); the envelope (paths and ORCPTs) is also
     /// capped at 128 octets per recipient allowed, never below 75,956 octets (room for 100
     /// recipients of the longest form).
-    #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_MAX_RECIPIENTS", default_value_t = 1000, value_parser = number::<usize>, allow_hyphen_values = true)]
     max_recipients: usize,
     /// Commands that move no mail forward (EHLO, HELO, RSET, NOOP, VRFY, EXPN, HELP, an empty BDAT
     /// chunk not the last) a session may send between messages accepted; past it each one
     /// also counts as an error, and the session ends with 421 4.7.0 at the error limit (20).
     /// 0 for no limit.
-    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100, value_parser = trimmed::<u32>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_MAX_JUNK_COMMANDS", default_value_t = 100, value_parser = number::<u32>, allow_hyphen_values = true)]
     max_junk_commands: u32,
     /// Concurrent connections, all cores together; more get 421 4.3.2.
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = number::<usize>, allow_hyphen_values = true)]
     max_connections: usize,
     /// Concurrent connections from one client address; more get 421 4.7.0 [default: 1000, or
     /// --max-connections when that is lower].
-    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_MAX_CONNECTIONS_PER_IP", value_parser = number::<usize>, allow_hyphen_values = true)]
     max_connections_per_ip: Option<usize>,
     /// For --max-connections-per-ip, IPv6 clients are counted per network of this prefix
     /// length (16 to 128; 128 counts each address on its own).
@@ -274,18 +274,18 @@ struct Serve {
         long,
         env = "POSTERN_MAX_CONNECTIONS_PER_DESTINATION",
         default_value_t = 16,
-        value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+        value_parser = number::<usize>, allow_hyphen_values = true)]
     max_connections_per_destination: usize,
     /// Outbound connections to all next hops together, each core taking an equal share
     /// (fewer when the open-file limit leaves too few descriptors, said at start-up). Past it,
     /// mail for another next hop waits for a connection to end; idle ones end at once for it.
     #[arg(long, env = "POSTERN_MAX_OUTBOUND_CONNECTIONS", default_value_t = 1000,
-          value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+          value_parser = number::<usize>, allow_hyphen_values = true)]
     max_outbound_connections: usize,
     /// Messages pipelined into each other on one outbound connection when the next hop
     /// offers PIPELINING and CHUNKING: each transaction is written before the earlier ones'
     /// replies are read (1 to 256). 1 sends one transaction per round trip.
-    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1, value_parser = trimmed::<usize>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_MAX_TRANSACTIONS_IN_FLIGHT", default_value_t = 1, value_parser = number::<usize>, allow_hyphen_values = true)]
     max_transactions_in_flight: usize,
     /// How long an idle outbound connection waits for the next message.
     #[arg(long, env = "POSTERN_OUTBOUND_IDLE_TIMEOUT", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -316,17 +316,17 @@ struct Serve {
     smtp_data_done_timeout: Duration,
     /// Messages queued (not yet delivered or bounced) at which new mail gets 452 4.3.1; 0 for
     /// no limit.
-    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000, value_parser = trimmed::<u64>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER", default_value_t = 1_000_000, value_parser = number::<u64>, allow_hyphen_values = true)]
     queue_high_water: u64,
     /// Messages queued at which mail is accepted again [default: 80% of --queue-high-water].
-    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER", value_parser = trimmed::<u64>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_QUEUE_LOW_WATER", value_parser = number::<u64>, allow_hyphen_values = true)]
     queue_low_water: Option<u64>,
     /// Recipients of the queued messages (each message's envelope is held in memory until it
     /// is final, about 130 bytes a recipient) at which new mail gets 452 4.3.1, accepted
     /// again at 80 % of it; 0 for no limit. Not applied with --hold (the envelopes are not
     /// held in memory then; each queued message still costs the spool's index of it, under
     /// 200 bytes, which --queue-high-water bounds)
-    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER_RECIPIENTS", default_value_t = 10_000_000, value_parser = trimmed::<u64>, allow_hyphen_values = true)]
+    #[arg(long, env = "POSTERN_QUEUE_HIGH_WATER_RECIPIENTS", default_value_t = 10_000_000, value_parser = number::<u64>, allow_hyphen_values = true)]
     queue_high_water_recipients: u64,
 }
 
@@ -438,14 +438,35 @@ where
     })
 }
 
+/// A count: digits only, without the blanks around them. The parser's own words for `abc`,
+/// `1k` or an empty value ("invalid digit found in string", "cannot parse integer from empty
+/// string") would not say what the flag takes, and it would take `+5`.
+fn number<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let t = s.trim();
+    let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    if t.is_empty() {
+        return Err("an empty value; it takes a whole number".to_owned());
+    }
+    if !digits(t) && !t.strip_prefix('-').is_some_and(digits) {
+        return Err(format!(
+            "'{t}' is not a whole number; it takes digits only (no sign, unit or exponent)"
+        ));
+    }
+    trimmed(t)
+}
+
 /// A number within `low..=high`, without the blanks around it.
 fn ranged<T>(low: T, high: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync
 where
     T: Into<i128> + TryFrom<i128> + Copy + std::fmt::Display + Send + Sync + 'static,
 {
     move |s: &str| {
-        let n: i128 = trimmed(s)?;
-        // Said as for other numbers (`trimmed`), with the range the flag takes.
+        let n: i128 = number(s)?;
+        // Said as for other numbers (`number`), with the range the flag takes.
         let takes = format!("it takes a whole number in {low}..={high}");
         if n < 0 && low.into() >= 0 {
             return Err(format!("'{}' is negative; {takes}", s.trim()));

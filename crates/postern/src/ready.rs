@@ -47,7 +47,16 @@ pub(crate) fn run(r: &Ready) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("postern: not ready: no answer from the metrics listener at {addr} ({e})");
+            // Refused is also what a server started without --metrics gives (it has no
+            // metrics listener unless asked for one): say where to look.
+            let hint = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                "; is the server running, with --metrics on this address?"
+            } else {
+                ""
+            };
+            eprintln!(
+                "postern: not ready: no answer from the metrics listener at {addr} ({e}){hint}"
+            );
             ExitCode::FAILURE
         }
     }

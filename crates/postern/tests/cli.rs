@@ -232,6 +232,19 @@ fn wrong_flags_get_one_line_and_exit_2() {
         &["serve", "--mx-port", "99999999999999999999"],
         "'99999999999999999999' is too large",
     );
+    // A count takes digits only, and says so rather than what Rust's parser says.
+    for (flag, value) in [
+        ("--max-connections", "abc"),
+        ("--max-connections", "+5"),
+        ("--queue-high-water", "1k"),
+        ("--max-recipients", "1e3"),
+        ("--mx-port", "25.0"),
+    ] {
+        refused(
+            &["serve", flag, value],
+            &format!("'{value}' is not a whole number; it takes digits only"),
+        );
+    }
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
 }
@@ -490,6 +503,12 @@ fn an_empty_variable_is_refused_not_read_as_nothing() {
         assert_eq!(err.lines().count(), 1, "{var}: {err}");
         assert!(err.contains(flag) && err.contains(var), "{var}: {err}");
     }
+    // A count's error says what the value should have been.
+    let (_, err) = serve_with_env(&[], "POSTERN_MAX_CONNECTIONS_PER_IP", " ");
+    assert!(
+        err.contains("an empty value; it takes a whole number"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -1700,6 +1719,27 @@ fn a_spool_path_that_is_no_directory_gets_advice_that_fits() {
         assert!(line.contains(says), "{line}");
         assert!(!line.contains("create it"), "{line}");
     }
+    // A core's own directory in the spool that is a file: named, with what to do.
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(spool.join("0")).unwrap();
+    std::fs::write(spool.join("1"), "x").unwrap();
+    let (code, _, err) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--hold",
+        "--cores",
+        "2",
+        "--spool",
+        spool.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("cannot start"))
+        .unwrap_or_else(|| panic!("no start-up error in {err}"));
+    assert!(line.contains("/1 is not a directory"), "{line}");
+    assert!(line.contains("--spool DIR"), "{line}");
 }
 
 #[test]
@@ -1914,6 +1954,17 @@ fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
     assert!(start("warn, postern=info").contains(held));
     assert!(!start(" warn ").contains(held));
     assert!(start(" info ").contains(held));
+    // Targets without a level of their own go on top of the default: the rest of the log
+    // stays at info (it was off, errors included), and so does a misspelt target's.
+    for on_top in [
+        "postern_relay=debug",
+        "bogus=info",
+        " postern_relay::engine=trace ",
+    ] {
+        assert!(start(on_top).contains(held), "{on_top}");
+    }
+    // A target the value names takes the value's level, not the default's.
+    assert!(!start("postern=warn").contains(held));
     // A word that is no level would have silenced every line.
     for wrong in ["garbage", "warning", "info,verbose"] {
         let out = Command::new(env!("CARGO_BIN_EXE_postern"))

@@ -591,6 +591,8 @@ fn postern_ready_asks_the_server_whether_it_takes_mail() {
         err.starts_with("postern: not ready: no answer from the metrics listener"),
         "{err}"
     );
+    // serve has no metrics listener unless asked for one: the line says where to look.
+    assert!(err.contains("with --metrics on this address?"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     let (code, _, err) = ready(&[], Some("none"));
     assert_eq!(code, 1, "{err}");
