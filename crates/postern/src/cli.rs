@@ -1253,7 +1253,7 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     if s.spool_high_water != 0 && s.spool_high_water < floor {
         return Err(format!(
             "--spool-high-water must be 0 or at least {} (three --spool-segment-size segments \
-             per core: two are reserved on disk even when empty)",
+             per core: a core's segment and its spare are reserved on disk from its first message on)",
             floor
         ));
     }

@@ -362,8 +362,8 @@ fn values_that_cannot_work_are_refused_by_name() {
         code == 2 && err.contains("--cores 1025 is more than 1024"),
         "{err}"
     );
-    // Two segments per core are reserved even when the spool is empty: a mark there would
-    // refuse all mail for good.
+    // A core's segment and its spare are reserved from its first message on: a mark at two
+    // segments per core would refuse all mail for good.
     refused(
         &[
             "serve",
