@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     // exec and here (before it has touched anything) are left to the default action. Other
     // commands keep the defaults.
     let signals = (std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("serve")))
-        .then(|| signal_hook::iterator::Signals::new(HANDLED_SIGNALS));
+        .then(|| Signals::new(HANDLED_SIGNALS));
     let config = match cli::parse() {
         Ok(Some(cli::Job::Serve(config))) => *config,
         Ok(Some(cli::Job::Queue(q))) => return queue::run(&q),
@@ -163,7 +163,7 @@ fn main() -> ExitCode {
     if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, fsize_exceeded) {
         tracing::warn!("cannot handle SIGXFSZ: {e}");
     }
-    let signals = signals.unwrap_or_else(|| signal_hook::iterator::Signals::new(HANDLED_SIGNALS));
+    let signals = signals.unwrap_or_else(|| Signals::new(HANDLED_SIGNALS));
     let stop = std::sync::Arc::new(postern_server::StopFlag::default());
     let launch = std::sync::Arc::new(std::sync::Mutex::new(Launch::default()));
     match signals {
@@ -422,11 +422,13 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Blocks the signals `serve` handles in the calling thread, and in the threads it makes
-/// later. The kernel gives a signal sent to the process to a thread that does not block it,
-/// and prefers the main thread: one waiting on a disk without interruption (a file system
-/// frozen during the start) kept a SIGTERM pending until that wait ended, the signal
-/// thread never woken for it.
+/// The signal thread's signals, each with the process that sent it.
+type Signals = signal_hook::iterator::SignalsInfo<signal_hook::iterator::exfiltrator::WithOrigin>;
+
+/// How soon a stop signal from the process that sent the last one is taken for the same
+/// request, not a second one that hurries the stop.
+const SAME_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The signals `serve` takes over: the stop (TERM, INT), HUP, USR1 and USR2 for their
 /// chores, and ALRM, which a stray `kill -ALRM` (or a library's alarm) would otherwise turn
 /// into an abrupt end of the server by its default action: it is logged and ignored.
@@ -439,6 +441,11 @@ const HANDLED_SIGNALS: [libc::c_int; 6] = [
     libc::SIGALRM,
 ];
 
+/// Blocks the signals `serve` handles in the calling thread, and in the threads it makes
+/// later. The kernel gives a signal sent to the process to a thread that does not block it,
+/// and prefers the main thread: one waiting on a disk without interruption (a file system
+/// frozen during the start) kept a SIGTERM pending until that wait ended, the signal
+/// thread never woken for it.
 fn block_handled_signals() {
     mask_handled_signals(libc::SIG_BLOCK);
 }
@@ -496,7 +503,7 @@ struct Launched {
 /// it drains first, and a second begins the stop), the next hurries the stop, one more ends
 /// the process at once, whatever the server is doing; the others once it runs.
 fn spawn_signal_thread(
-    mut signals: signal_hook::iterator::Signals,
+    mut signals: Signals,
     stop: std::sync::Arc<postern_server::StopFlag>,
     launch: std::sync::Arc<std::sync::Mutex<Launch>>,
     spool_dir: std::path::PathBuf,
@@ -538,7 +545,30 @@ fn spawn_signal_thread(
             let mut asked_to_stop = false;
             let mut hurried = false;
             let mut drained = false;
-            for signal in signals.forever() {
+            // The process that sent the last stop signal acted on, and when.
+            let mut last_stop: Option<(libc::pid_t, std::time::Instant)> = None;
+            for origin in signals.forever() {
+                let signal = origin.signal;
+                let sender = origin.process.map(|p| p.pid).filter(|&pid| pid > 0);
+                if signal == SIGTERM || signal == SIGINT {
+                    // `timeout(1)` signals the process and then its process group, so a stop
+                    // comes twice, microseconds apart, from one sender, and the second would
+                    // cut the grace short. A second from the same process (not the terminal's
+                    // Ctrl-C, which has none) within SAME_STOP is the same request.
+                    let now = std::time::Instant::now();
+                    if let (Some(pid), Some((last, at))) = (sender, last_stop) {
+                        if pid == last && now.duration_since(at) < SAME_STOP {
+                            tracing::info!(
+                                sender = pid,
+                                "a stop signal again from the same process within {}: the \
+                                 same request (as timeout(1) sends to the process and its group)",
+                                humantime::format_duration(SAME_STOP)
+                            );
+                            continue;
+                        }
+                    }
+                    last_stop = sender.map(|pid| (pid, now));
+                }
                 // The drain's end began the stop: the next signal hurries it.
                 asked_to_stop |= drained && stop.is_stopping();
                 let stop_signal = signal == SIGTERM || signal == SIGINT;

@@ -124,6 +124,44 @@ fn a_second_sigterm_cuts_the_grace_short() {
     assert!(spooled(&server.spool).is_empty());
 }
 
+/// `timeout(1)` signals the process and then its process group: one stop, asked twice by
+/// one process. The grace is not cut short for it; a stop signal from another process still
+/// hurries the stop.
+#[test]
+fn a_stop_signal_sent_again_by_the_same_process_is_the_same_stop() {
+    let mut server = Server::start(&["--cores", "1", "--shutdown-grace", "60s"]);
+    let mut finishing = in_data(&server, "finishing.test");
+    finishing.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
+    let mut stalled = in_data(&server, "stalled.test");
+    stalled.send(b"Subject: never finished\r\n\r\nhalf\r\n");
+    // One shell, its builtin kill: both come from the shell's process, the second after the
+    // first was taken (as a supervisor's second would be).
+    let pid = server.child.id();
+    let twice = format!("kill -TERM {pid}; sleep 0.2; kill -TERM {pid}");
+    let status = std::process::Command::new("sh")
+        .args(["-c", &twice])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    server.log_until(|l| l.contains("a stop signal again from the same process"));
+    // Still the graceful stop: the message in flight is finished and acknowledged.
+    finishing.send(b"second half\r\n.\r\n");
+    assert!(finishing.line().starts_with("250 2.0.0 Ok: queued as "));
+    assert_eq!(
+        server.log_count(|l| l.contains("cut short")),
+        0,
+        "the grace was cut short"
+    );
+    // Another process's stop signal is a second request: it hurries the stop.
+    server.signal("-TERM");
+    assert_eq!(
+        stalled.line(),
+        "421 4.3.2 mx.test Service shutting down, closing connection"
+    );
+    server.log_until(|l| l.contains("stopping now: the grace") && l.contains("cut short"));
+    assert!(server.child.wait().unwrap().success());
+}
+
 /// A session greeted as `helo`, inside a transaction's DATA (354 received).
 fn in_data(server: &Server, helo: &str) -> common::Client {
     let mut c = server.connect();
