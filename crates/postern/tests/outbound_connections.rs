@@ -1591,3 +1591,52 @@ fn a_message_put_back_unsent_while_its_next_hop_is_paused_is_not_expired_untried
     }
     drop(dns);
 }
+
+#[test]
+fn a_next_hop_s_whole_queue_failing_together_is_deferred_every_job_and_the_stop_waits_for_it() {
+    // A next hop that takes the connection and never greets, one connection to it at a time:
+    // the mail that comes meanwhile waits, and when the greeting's wait ends, all of it is
+    // deferred together, more jobs than are settled at once (the core gives way between them
+    // to its sessions). Each one is deferred, none twice, and a graceful stop waits for them.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let route = format!(
+        "dest.test=127.0.0.1:{}",
+        silent.local_addr().unwrap().port()
+    );
+    let mut server = Server::start(&[
+        "--cores",
+        "1",
+        "--route",
+        &route,
+        "--max-connections-per-destination",
+        "1",
+        "--smtp-greeting-timeout",
+        "8s",
+        "--retry-initial",
+        "1h",
+    ]);
+    const N: usize = 150;
+    let ids: Vec<String> = (0..N)
+        .map(|k| {
+            send(
+                &server,
+                "a@origin.test",
+                &["b@dest.test"],
+                &format!("<together{k}@t>"),
+                "x\r\n",
+            )
+        })
+        .collect();
+    for id in &ids {
+        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
+    }
+    let log = server.terminate_for_log();
+    for id in &ids {
+        let deferred = log
+            .lines()
+            .filter(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""))
+            .count();
+        assert_eq!(deferred, 1, "{id}");
+    }
+    drop(silent);
+}

@@ -975,7 +975,49 @@ pub struct CoreRelay {
     /// Next hops that have connections and wanted more when the core had none to give: a
     /// place no next hop in line takes goes to the first of them.
     wanting_more: RefCell<VecDeque<Rc<DestQueue>>>,
+    /// Jobs that failed together in numbers (a next hop's whole queue, when it could not be
+    /// reached), for `settle_loop` to settle in turns with the core's sessions.
+    backlog: RefCell<VecDeque<Settlement>>,
+    /// Told when `backlog` gets a batch.
+    backlog_added: Event,
 }
+
+/// Jobs that failed the same way, to be settled by `settle_loop` (see
+/// [`CoreRelay::settle_all_in_turns`]).
+struct Settlement {
+    jobs: Vec<Job>,
+    permanent: bool,
+    status: String,
+    text: String,
+    remote: Option<String>,
+}
+
+/// How many jobs failed together are settled at once, without giving way: more go to the
+/// core's `settle_loop`. Settling one costs some microseconds (a log line and a report per
+/// recipient): a next hop's queue of 200,000 held a core for a second.
+const SETTLE_AT_ONCE: usize = 64;
+
+/// How many jobs or outcomes a loop settles before it gives way to the core's sessions
+/// (about a millisecond's work).
+const GIVE_WAY_EVERY: u32 = 256;
+
+/// Gives way to the core's sessions every [`GIVE_WAY_EVERY`] calls, and when glommio's turn
+/// is over. glommio looks for finished I/O (a session's read) only between its turns, 100 ms
+/// long (see postern-server's runtime), or when no task can run: a task that only yields
+/// stays runnable, and the sessions waiting for their reads would wait the whole turn. A
+/// moment's sleep leaves nothing to run, so the reads are looked at then.
+async fn give_way(count: &mut u32) {
+    *count += 1;
+    if *count >= GIVE_WAY_EVERY {
+        *count = 0;
+        glommio::timer::sleep(GIVE_WAY_FOR).await;
+    } else {
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// The sleep of [`give_way`]: the shortest timer, ended at the next look for I/O.
+const GIVE_WAY_FOR: Duration = Duration::from_micros(1);
 
 impl Delivery for CoreRelay {
     fn accepted(&self, message: Accepted) {
@@ -1106,11 +1148,14 @@ impl CoreRelay {
             quitting: Cell::new(0),
             closing: Cell::new(0),
             wanting_more: RefCell::new(VecDeque::new()),
+            backlog: RefCell::new(VecDeque::new()),
+            backlog_added: Event::new(),
         });
         glommio::spawn_local(core.clone().job_loop()).detach();
         glommio::spawn_local(core.clone().report_loop()).detach();
         glommio::spawn_local(core.clone().retry_loop()).detach();
         glommio::spawn_local(core.clone().housekeeping()).detach();
+        glommio::spawn_local(core.clone().settle_loop()).detach();
         core.resume_recovered();
         core
     }
@@ -1290,6 +1335,54 @@ impl CoreRelay {
         if earlier {
             self.retry_changed.notify(1);
         }
+    }
+
+    /// Settles [`Settlement`]s, giving way between jobs. Never ends, also while stopping: a
+    /// batch is counted in [`Relay::in_flight`] until settled, so that every core's stop
+    /// waits for its reports.
+    async fn settle_loop(self: Rc<Self>) {
+        let mut settled = 0;
+        loop {
+            let added = self.backlog_added.listen();
+            loop {
+                let next = self.backlog.borrow_mut().pop_front();
+                let Some(batch) = next else { break };
+                for job in batch.jobs {
+                    let remote = batch.remote.clone();
+                    self.settle_all(job, batch.permanent, &batch.status, &batch.text, remote);
+                    give_way(&mut settled).await;
+                }
+                self.relay.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+            added.await;
+        }
+    }
+
+    /// [`Self::settle_all`] for each of `jobs`: at once when they are few, otherwise in turns
+    /// with the core's sessions, by `settle_loop`.
+    fn settle_all_in_turns(
+        &self,
+        jobs: Vec<Job>,
+        permanent: bool,
+        status: &str,
+        text: &str,
+        remote: Option<String>,
+    ) {
+        if jobs.len() <= SETTLE_AT_ONCE {
+            for job in jobs {
+                self.settle_all(job, permanent, status, text, remote.clone());
+            }
+            return;
+        }
+        self.relay.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.backlog.borrow_mut().push_back(Settlement {
+            jobs,
+            permanent,
+            status: status.to_owned(),
+            text: text.to_owned(),
+            remote,
+        });
+        self.backlog_added.notify(1);
     }
 
     async fn retry_loop(self: Rc<Self>) {

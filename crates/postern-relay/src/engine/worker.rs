@@ -510,9 +510,7 @@ impl CoreRelay {
                 Duration::from_millis(self.pause_ms())
             );
         }
-        for job in jobs {
-            self.settle_all(job, permanent.is_some(), status, &text, remote.clone());
-        }
+        self.settle_all_in_turns(jobs, permanent.is_some(), status, &text, remote);
     }
 
     /// A connection with no job waiting: kept for the next job up to `--outbound-idle-timeout`,
@@ -1124,9 +1122,7 @@ impl CoreRelay {
             self.settle_carried(k);
         }
         let jobs: Vec<Job> = dq.ready.borrow_mut().drain(..).collect();
-        for job in jobs {
-            self.settle_all(job, false, &last.status, &not_tried, None);
-        }
+        self.settle_all_in_turns(jobs, false, &last.status, &not_tried, None);
     }
 
     /// Passes over `addr` of `dq`'s next hop for a while (see `pause_ms`).
