@@ -1699,23 +1699,30 @@ fn a_spool_path_that_is_no_directory_gets_advice_that_fits() {
     std::fs::write(&file, "x").unwrap();
     let dangling = dir.path().join("dangling");
     std::os::unix::fs::symlink(dir.path().join("gone"), &dangling).unwrap();
-    for (spool, says) in [
-        (&file, "it is not a directory"),
-        (&dangling, "symbolic link to nothing"),
-    ] {
+    // The start-up error of a server on `spool` with `cores`.
+    let start_error = |spool: &std::path::Path, cores: &str| {
+        let spool = spool.to_str().unwrap();
         let (code, _, err) = run(&[
             "serve",
             "--listen",
             "127.0.0.1:0",
             "--hold",
+            "--cores",
+            cores,
             "--spool",
-            spool.to_str().unwrap(),
+            spool,
         ]);
         assert_eq!(code, 1, "{err}");
-        let line = err
-            .lines()
+        err.lines()
             .find(|l| l.contains("cannot start"))
-            .unwrap_or_else(|| panic!("no start-up error in {err}"));
+            .unwrap_or_else(|| panic!("no start-up error in {err}"))
+            .to_owned()
+    };
+    for (spool, says) in [
+        (&file, "it is not a directory"),
+        (&dangling, "symbolic link to nothing"),
+    ] {
+        let line = start_error(spool, "1");
         assert!(line.contains(says), "{line}");
         assert!(!line.contains("create it"), "{line}");
     }
@@ -1723,21 +1730,7 @@ fn a_spool_path_that_is_no_directory_gets_advice_that_fits() {
     let spool = dir.path().join("spool");
     std::fs::create_dir_all(spool.join("0")).unwrap();
     std::fs::write(spool.join("1"), "x").unwrap();
-    let (code, _, err) = run(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--hold",
-        "--cores",
-        "2",
-        "--spool",
-        spool.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.contains("cannot start"))
-        .unwrap_or_else(|| panic!("no start-up error in {err}"));
+    let line = start_error(&spool, "2");
     assert!(line.contains("/1 is not a directory"), "{line}");
     assert!(line.contains("--spool DIR"), "{line}");
 }

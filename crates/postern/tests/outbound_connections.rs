@@ -407,9 +407,9 @@ fn one_connection_for_two_next_hops(port_a: u16, extra: &[&str]) -> (Server, Sto
     (Server::start(&args), stored_b)
 }
 
-/// Sends `n` messages from a@origin.test to b@dest.test (Message-IDs `<{prefix}{k}@t>`),
-/// waits until each is deferred, then asks for a flush.
-fn defer_then_flush(server: &Server, prefix: &str, n: usize) {
+/// Sends `n` messages from a@origin.test to b@dest.test (Message-IDs `<{prefix}{k}@t>`) and
+/// waits until each is deferred; returns their queue IDs.
+fn send_until_deferred(server: &Server, prefix: &str, n: usize) -> Vec<String> {
     let ids: Vec<String> = (0..n)
         .map(|k| {
             send(
@@ -424,6 +424,12 @@ fn defer_then_flush(server: &Server, prefix: &str, n: usize) {
     for id in &ids {
         server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
     }
+    ids
+}
+
+/// [`send_until_deferred`], then a flush.
+fn defer_then_flush(server: &Server, prefix: &str, n: usize) {
+    send_until_deferred(server, prefix, n);
     let out = Command::new(env!("CARGO_BIN_EXE_postern"))
         .args(["queue", "--flush", "--spool"])
         .arg(&server.spool)
@@ -1615,21 +1621,7 @@ fn a_next_hop_s_whole_queue_failing_together_is_deferred_every_job_and_the_stop_
         "--retry-initial",
         "1h",
     ]);
-    const N: usize = 150;
-    let ids: Vec<String> = (0..N)
-        .map(|k| {
-            send(
-                &server,
-                "a@origin.test",
-                &["b@dest.test"],
-                &format!("<together{k}@t>"),
-                "x\r\n",
-            )
-        })
-        .collect();
-    for id in &ids {
-        server.log_until(|l| l.contains(id.as_str()) && l.contains("status=\"deferred\""));
-    }
+    let ids = send_until_deferred(&server, "together", 150);
     let log = server.terminate_for_log();
     for id in &ids {
         let deferred = log
