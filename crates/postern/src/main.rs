@@ -387,17 +387,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    for addr in &running.listen {
-        say!("postern: smtp listening on {addr}");
-    }
-    for addr in &running.listen_tls {
-        say!("postern: smtps listening on {addr}");
-    }
-    if let Some(addr) = running.metrics {
-        say!("postern: metrics listening on {addr}");
-    }
-    let plural = if cores == 1 { "" } else { "s" };
-    say!("postern: ready with {cores} core{plural}");
+    // Running for the signal thread before `ready` is said: a supervisor (or a test) that
+    // signals once it reads that line gets what a running server does with the signal (a
+    // drain with --drain-time), not the stop of a server still starting.
     let deferred = {
         let mut l = launch
             .lock()
@@ -409,6 +401,17 @@ fn main() -> ExitCode {
         });
         std::mem::take(&mut l.deferred)
     };
+    for addr in &running.listen {
+        say!("postern: smtp listening on {addr}");
+    }
+    for addr in &running.listen_tls {
+        say!("postern: smtps listening on {addr}");
+    }
+    if let Some(addr) = running.metrics {
+        say!("postern: metrics listening on {addr}");
+    }
+    let plural = if cores == 1 { "" } else { "s" };
+    say!("postern: ready with {cores} core{plural}");
     for signal in deferred {
         send_to_self(signal);
     }
