@@ -23,6 +23,7 @@ mod runtime;
 mod session;
 mod store;
 pub mod tls;
+mod turns;
 mod watchdog;
 
 pub use config::{Settings, TlsFiles};
@@ -35,3 +36,4 @@ pub use runtime::{
     raise_open_file_limit, start, start_locked, start_with, still_listening, OpenFileLimit,
     Running, TLS_REFUSALS_MAX,
 };
+pub use turns::GiveWay;

@@ -440,9 +440,10 @@ impl CoreStore {
         let mut moved = vec![None; messages.len()];
         let mut error = None;
         let mut written = Vec::new();
+        let mut turns = crate::GiveWay::new();
         for (i, &(queue_id, meta, body)) in messages.iter().enumerate() {
             // Each copy is written on the core: its sessions get their turns between them.
-            glommio::yield_if_needed().await;
+            turns.step().await;
             self.spare_for(meta).await;
             if stopping() {
                 // Past the stop's last sync, a copy would wait for the next opening to be

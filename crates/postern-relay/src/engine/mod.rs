@@ -31,6 +31,7 @@ use postern_proto::client::{BodyMode, ClientError, OutRecipient, Transaction, Tr
 use postern_proto::{Notify, Reply};
 use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
 use postern_server::delivery::{Accepted, CoreHandle, Delivery, DeliveryFactory, Outcome};
+use postern_server::GiveWay;
 use postern_spool::{DeliveryState, MessageMeta, MessageRef, Recipient, RecoveredMessage, Status};
 
 use crate::conn::{ConnError, Outbound, Timeouts, TlsSetup};
@@ -997,28 +998,6 @@ struct Settlement {
 /// recipient): a next hop's queue of 200,000 held a core for a second.
 const SETTLE_AT_ONCE: usize = 64;
 
-/// How many jobs or outcomes a loop settles before it gives way to the core's sessions
-/// (about a millisecond's work).
-const GIVE_WAY_EVERY: u32 = 256;
-
-/// Gives way to the core's sessions every [`GIVE_WAY_EVERY`] calls, and when glommio's turn
-/// is over. glommio looks for finished I/O (a session's read) only between its turns, 100 ms
-/// long (see postern-server's runtime), or when no task can run: a task that only yields
-/// stays runnable, and the sessions waiting for their reads would wait the whole turn. A
-/// moment's sleep leaves nothing to run, so the reads are looked at then.
-async fn give_way(count: &mut u32) {
-    *count += 1;
-    if *count >= GIVE_WAY_EVERY {
-        *count = 0;
-        glommio::timer::sleep(GIVE_WAY_FOR).await;
-    } else {
-        glommio::yield_if_needed().await;
-    }
-}
-
-/// The sleep of [`give_way`]: the shortest timer, ended at the next look for I/O.
-const GIVE_WAY_FOR: Duration = Duration::from_micros(1);
-
 impl Delivery for CoreRelay {
     fn accepted(&self, message: Accepted) {
         let msg = Arc::new(Msg {
@@ -1306,6 +1285,7 @@ impl CoreRelay {
 
     async fn job_loop(self: Rc<Self>) {
         let inbox = self.relay.jobs.get(self.id);
+        let mut turns = GiveWay::new();
         loop {
             while let Some(job) = inbox.pop() {
                 tracing::debug!(queue_id = %job.msg.queue_id, core = self.id, "job received");
@@ -1316,7 +1296,7 @@ impl CoreRelay {
                 }
                 // Thousands at once (a restart's queue, a core's retries): the core's sessions
                 // get their turns meanwhile.
-                glommio::yield_if_needed().await;
+                turns.step().await;
             }
             if self.handle.is_stopping() {
                 return;
@@ -1341,7 +1321,7 @@ impl CoreRelay {
     /// batch is counted in [`Relay::in_flight`] until settled, so that every core's stop
     /// waits for its reports.
     async fn settle_loop(self: Rc<Self>) {
-        let mut settled = 0;
+        let mut turns = GiveWay::new();
         loop {
             let added = self.backlog_added.listen();
             loop {
@@ -1350,7 +1330,7 @@ impl CoreRelay {
                 for job in batch.jobs {
                     let remote = batch.remote.clone();
                     self.settle_all(job, batch.permanent, &batch.status, &batch.text, remote);
-                    give_way(&mut settled).await;
+                    turns.step().await;
                 }
                 self.relay.in_flight.fetch_sub(1, Ordering::SeqCst);
             }
@@ -1386,6 +1366,7 @@ impl CoreRelay {
     }
 
     async fn retry_loop(self: Rc<Self>) {
+        let mut turns = GiveWay::new();
         loop {
             let listener = self.retry_changed.listen();
             // Listening before looking: a flush asked for in between still wakes the loop.
@@ -1401,7 +1382,7 @@ impl CoreRelay {
             }
             for job in due {
                 self.enqueue(job);
-                glommio::yield_if_needed().await;
+                turns.step().await;
             }
             // Read again: the jobs above may have taken a while (given way to others).
             let now = now_ms();

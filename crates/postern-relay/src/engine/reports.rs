@@ -56,12 +56,13 @@ impl CoreRelay {
     /// deferred at once comes back as one outcome per job), counted in `settling` meanwhile
     /// for a stop to wait on.
     async fn settle_arrived(self: &Rc<Self>, inbox: &postern_queue::Inbox<Vec<Report>>) {
+        let mut turns = GiveWay::new();
         while let Some(batch) = inbox.pop() {
             self.settling.set(self.settling.get() + batch.len());
             for r in batch {
                 self.settle(r);
                 self.settling.set(self.settling.get() - 1);
-                glommio::yield_if_needed().await;
+                turns.step().await;
             }
         }
     }
