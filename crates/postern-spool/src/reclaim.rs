@@ -45,6 +45,9 @@ struct Live {
     status_lost: bool,
 }
 
+/// Room for live messages the index keeps however few there are (see `Index::set_final`).
+const ROOM_KEPT: usize = 1024;
+
 /// The index.
 #[derive(Debug, Default)]
 pub(crate) struct Index {
@@ -318,6 +321,14 @@ impl Index {
                 if let Some(copy) = live.copy {
                     self.unpin(copy);
                 }
+                // A queue that grew large (an outage) gives its room back as it drains,
+                // rather than keeping the table of its largest size for good. Shrunk to
+                // twice what is left, once a quarter is: each shrink is paid for by the
+                // removals before it.
+                let (len, room) = (self.live.len(), self.live.capacity());
+                if room > ROOM_KEPT && len < room / 4 {
+                    self.live.shrink_to(len * 2);
+                }
                 true
             }
             None => false,
@@ -399,6 +410,33 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drained_queue_gives_its_room_back() {
+        let mut ix = Index::default();
+        ix.add_segment(1, 10, true);
+        for i in 0..100_000 {
+            ix.pin(1);
+            ix.set_live(format!("m{i}"), 1, 1, Vec::new());
+        }
+        let largest = ix.live.capacity();
+        assert!(largest >= 100_000);
+        for i in 10..100_000 {
+            assert!(ix.set_final(&format!("m{i}")));
+        }
+        assert_eq!(ix.live(), 10);
+        assert!(
+            ix.live.capacity() <= ROOM_KEPT * 4,
+            "room for {} kept for 10 messages",
+            ix.live.capacity()
+        );
+        // What is left is still found, and the pins are right.
+        for i in 0..10 {
+            assert!(ix.is_live(&format!("m{i}")));
+            assert!(ix.set_final(&format!("m{i}")));
+        }
+        assert_eq!(ix.pop_free(Some(2)), Some((1, 10)));
+    }
 
     #[test]
     fn segments_go_oldest_first_and_only_unpinned() {

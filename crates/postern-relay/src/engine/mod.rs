@@ -709,6 +709,9 @@ impl Queued {
     fn remove(&mut self, queue_id: &str) -> Option<Tracked> {
         let t = self.messages.remove(queue_id)?;
         self.recipients -= t.msg.meta.recipients.len() as u64;
+        if sparse(self.messages.len(), self.messages.capacity()) {
+            self.messages.shrink_to(self.messages.len() * 2);
+        }
         Some(t)
     }
 
@@ -723,6 +726,17 @@ impl Queued {
     fn len(&self) -> usize {
         self.messages.len()
     }
+}
+
+/// Room a collection of the queue keeps however little it holds (see [`sparse`]).
+const ROOM_KEPT: usize = 1024;
+
+/// Whether a collection holding `len` items has room for over four times as many (and more
+/// than [`ROOM_KEPT`]): then it is shrunk to twice `len`, so that a queue that grew large (an
+/// outage) gives its memory back as it drains, rather than keeping its largest size for good.
+/// Each shrink is paid for by the removals before it.
+fn sparse(len: usize, room: usize) -> bool {
+    room > ROOM_KEPT && len < room / 4
 }
 
 /// Messages gathering failures for one report each (see `report_loop`), in the order they
@@ -768,6 +782,12 @@ impl Gathering {
                 self.members.remove(&queue_id);
                 due.push(queue_id);
             }
+        }
+        if sparse(self.members.len(), self.members.capacity()) {
+            self.members.shrink_to(self.members.len() * 2);
+        }
+        if sparse(self.order.len(), self.order.capacity()) {
+            self.order.shrink_to(self.order.len() * 2);
         }
         due
     }
@@ -1641,6 +1661,68 @@ mod tests {
         );
         assert_eq!(texts_for(&[9], &[0, 4, 7], texts(), "x"), ["x"]);
         assert!(texts_for(&[0, 7], &[0, 4, 7], Vec::new(), "x").is_empty());
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_room_back() {
+        let body = MessageRef::from_bytes("q", b"x\r\n").unwrap_or_else(|e| panic!("{e}"));
+        let msg = |i: usize| {
+            Arc::new(Msg {
+                queue_id: format!("m{i}"),
+                owner: 0,
+                meta: MessageMeta {
+                    arrival: 0,
+                    client: String::new(),
+                    helo: String::new(),
+                    reverse_path: String::new(),
+                    recipients: vec![Recipient {
+                        path: "a@dest.test".into(),
+                        notify: None,
+                        orcpt: None,
+                    }],
+                    envid: None,
+                    ret: None,
+                    body_type: 0,
+                    smtputf8: false,
+                },
+                body: Mutex::new(body.clone()),
+                deleted: AtomicBool::new(false),
+            })
+        };
+        let mut queued = Queued::default();
+        let mut gathering = Gathering::default();
+        let since = Instant::now();
+        for i in 0..20_000 {
+            queued.insert(
+                format!("m{i}"),
+                Tracked {
+                    msg: msg(i),
+                    pending: 1,
+                    failed: Vec::new(),
+                    bouncing: false,
+                    relayed: Vec::new(),
+                    warned: Vec::new(),
+                    unrecorded: false,
+                },
+            );
+            gathering.add(&format!("m{i}"), since);
+        }
+        assert!(queued.messages.capacity() >= 20_000);
+        for i in 10..20_000 {
+            assert!(queued.remove(&format!("m{i}")).is_some());
+        }
+        assert_eq!((queued.len(), queued.recipients), (10, 10));
+        assert!(
+            queued.messages.capacity() <= ROOM_KEPT * 4,
+            "room for {} kept for 10 messages",
+            queued.messages.capacity()
+        );
+        assert!((0..10).all(|i| queued.get(&format!("m{i}")).is_some()));
+        let due = gathering.take_due(since, Duration::ZERO, false);
+        assert_eq!(due.len(), 20_000);
+        assert!(gathering.is_empty());
+        assert!(gathering.members.capacity() <= ROOM_KEPT * 4);
+        assert!(gathering.order.capacity() <= ROOM_KEPT * 4);
     }
 
     #[test]

@@ -282,7 +282,15 @@ impl CoreRelay {
     pub(super) fn forget_quiet_next_hops(&self) {
         let now = now_ms();
         let retry_max = u64::try_from(self.relay.config.retry.max.as_millis()).unwrap_or(u64::MAX);
-        self.dests.borrow_mut().retain(|_, dq| {
+        let mut dests = self.dests.borrow_mut();
+        for dq in dests.values() {
+            let mut ready = dq.ready.borrow_mut();
+            if sparse(ready.len(), ready.capacity()) {
+                let left = ready.len();
+                ready.shrink_to(left * 2);
+            }
+        }
+        dests.retain(|_, dq| {
             dq.workers.get() > 0
                 || dq.starved.get()
                 || dq.wanting_more.get()
@@ -301,5 +309,9 @@ impl CoreRelay {
                 || (dq.broken_in_a_row.get() > 0
                     && now < dq.last_broke.get().saturating_add(retry_max).saturating_add(KEPT_PAST_RETRY_MAX))
         });
+        if sparse(dests.len(), dests.capacity()) {
+            let left = dests.len();
+            dests.shrink_to(left * 2);
+        }
     }
 }
