@@ -24,6 +24,13 @@
 //!   NXDOMAIN or has no address records), which is permanent: 5.4.4, routing information the
 //!   DNS does not give (RFC 3463 3.5), as against 5.1.2 for a domain with no MX at all and no
 //!   address, which cannot take mail.
+//! * **Malformed MX host names.** An MX record whose target is no host name (a label with a
+//!   space, a control character, `@` or raw UTF-8 in it: anything but letters, digits, hyphens
+//!   and underscores, the last for the internal names some sites use) names no host this
+//!   server should connect to, and is skipped without a lookup. When every target but the
+//!   root is such a name, the domain cannot be routed: [`MxError::MalformedMx`], permanent,
+//!   5.4.4, as for MX hosts without addresses (a name that cannot be a host's would get no
+//!   address from a well-kept DNS either).
 //! * **Address order.** Within one host, IPv4 addresses come before IPv6 ones, each family
 //!   shuffled on every lookup (the DNS, or its cache, may give them in the same order every time,
 //!   and only the first few addresses are tried: all of them get their turn). Many senders' IPv6
@@ -138,6 +145,10 @@ pub enum MxError {
     /// (unable to route).
     #[error("the domain's MX hosts have no address")]
     NoMxAddress,
+    /// The domain's MX records name no host but by malformed names (the first given here,
+    /// escaped). Permanent, 5.4.4 (unable to route).
+    #[error("the domain's MX records name no host but by malformed names (such as {0})")]
+    MalformedMx(String),
     /// This server is among the domain's MX hosts and no host is more preferred than it (RFC
     /// 5321 section 5.1): the mail would come back here. Permanent, 5.4.6.
     #[error("mail for the domain loops back to this server (MX host {0})")]
@@ -164,7 +175,7 @@ impl MxError {
         match self {
             MxError::NullMx => "5.1.10",
             MxError::NoSuchDomain | MxError::NoMailHost | MxError::NotHostAddress(_) => "5.1.2",
-            MxError::NoMxAddress => "5.4.4",
+            MxError::NoMxAddress | MxError::MalformedMx(_) => "5.4.4",
             MxError::LoopsToSelf(_) => "5.4.6",
             MxError::Temporary(_) => "4.4.3",
             MxError::NoPrimary(_) => "4.4.4",
@@ -564,6 +575,16 @@ async fn lookup(
         }
         return implicit_mx(resolver, name).await.map(MxHops::plain);
     }
+    let (records, malformed): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .partition(|(_, exchange)| exchange.is_root() || is_host_name(exchange));
+    if let Some((_, first)) = malformed.first() {
+        tracing::debug!(%domain, malformed = malformed.len(), first = %host_text(first),
+            "MX records with malformed host names; skipped");
+        if records.iter().all(|(_, exchange)| exchange.is_root()) {
+            return Err(MxError::MalformedMx(host_text(first)));
+        }
+    }
     if records.iter().all(|(_, exchange)| exchange.is_root()) {
         return Err(MxError::NullMx);
     }
@@ -882,6 +903,17 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         (_, Some(why), _) => Addresses::Failed(why),
         _ => Addresses::None,
     }
+}
+
+/// Whether `name` can be a mail host's: every label of letters, digits, hyphens and
+/// underscores (see the module's notes).
+fn is_host_name(name: &Name) -> bool {
+    name.iter().all(|label| {
+        !label.is_empty()
+            && label
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// A name as a host string: lower-case A-labels without the trailing dot.

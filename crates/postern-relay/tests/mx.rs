@@ -318,6 +318,48 @@ fn mx_hosts_that_do_not_exist_are_unable_to_route() {
 }
 
 #[test]
+fn mx_hosts_with_malformed_names_are_skipped_without_a_lookup() {
+    // A space, and a NUL, in a label: the zone gives them addresses, so only the check keeps
+    // them out.
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "bad name")),
+            ("@", Rec::Mx(20, "nul\0")),
+            ("@", Rec::Mx(30, "ok")),
+            ("bad name", Rec::A(v4("192.0.2.10"))),
+            ("nul\0", Rec::A(v4("192.0.2.20"))),
+            ("ok", Rec::A(v4("192.0.2.30"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    assert_eq!(
+        hosts(&lookup(&resolver, ZONE).unwrap()),
+        [(30, "ok.example.test")]
+    );
+}
+
+#[test]
+fn mx_records_that_name_only_malformed_hosts_are_unable_to_route() {
+    let dns = TestDns::start_uncached(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "bad name")),
+            ("@", Rec::Mx(0, ".")),
+            ("bad name", Rec::A(v4("192.0.2.10"))),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let err = lookup(&resolver, ZONE).unwrap_err();
+    assert!(matches!(err, MxError::MalformedMx(_)), "{err:?}");
+    assert!(err.is_permanent());
+    assert_eq!(err.enhanced(), "5.4.4");
+    assert!(err.to_string().contains("bad"), "{err}");
+    // The MX query only: no address was asked for the malformed name.
+    assert_eq!(dns.query_count(), 1);
+}
+
+#[test]
 fn mx_hosts_without_addresses_are_skipped() {
     let dns = TestDns::start(
         ZONE,

@@ -211,9 +211,14 @@ fn name_in(origin: &Name, text: &str) -> Name {
     if text == "@" {
         origin.clone()
     } else {
-        // Relaxed for names that IDNA's rules refuse (an underscore inside a label).
+        // Relaxed for names that IDNA's rules refuse (an underscore inside a label); and
+        // then, for names no host has (a space or a NUL in a label), the labels' bytes as
+        // they are, relative to the zone.
         Name::parse(text, Some(origin))
             .or_else(|_| Name::from_str_relaxed(text))
+            .or_else(|_| {
+                Name::from_labels(text.split('.').map(str::as_bytes))?.append_domain(origin)
+            })
             .expect("record name")
     }
 }
