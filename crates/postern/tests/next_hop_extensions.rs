@@ -507,3 +507,59 @@ fn long_lines_are_broken_for_a_next_hop_without_binarymime() {
         "{data:?}"
     );
 }
+
+#[test]
+fn a_long_header_field_is_folded_at_its_blanks_for_a_next_hop_without_binarymime() {
+    // A References field of 60 message IDs (about 3,000 octets on one line), to the aiosmtpd
+    // next hop (neither CHUNKING nor BINARYMIME): folded before blanks that were there
+    // (RFC 5322 2.2.3), so that every ID arrives whole and unfolding gives the field back.
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let ids: String = (0..60)
+        .map(|i| format!(" <message-{i:04}-with-a-long-id@lists.example.org>"))
+        .collect();
+    let (mut c, _) = hello(&server);
+    assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(format!("References:{ids}\r\nSubject: folded\r\n\r\nbody\r\n.\r\n").as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, _) = peer.first("the message");
+    let data = String::from_utf8(got.data.clone()).unwrap();
+    assert!(data.split("\r\n").all(|l| l.len() <= 998), "{data:?}");
+    let references = data
+        .split("\r\nReferences:")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\nSubject:").next())
+        .unwrap_or_else(|| panic!("{data:?}"));
+    assert!(references.contains("\r\n "), "not folded: {references:?}");
+    assert_eq!(references.replace("\r\n ", " "), ids);
+}
+
+#[test]
+fn a_bdat_body_whose_last_line_has_no_line_end_gets_one_for_a_next_hop_without_binarymime() {
+    // BDAT lets a client end a message without CR LF; a next hop with CHUNKING but without
+    // BINARYMIME takes text only, whose lines all end in CR LF (RFC 5322 2.1, RFC 3030 3).
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            line.starts_with("EHLO").then_some(Act::Say(
+                "250-scripted.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n",
+            ))
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let server = routed_apart(port, port, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c.cmd("MAIL FROM:<a@origin.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let message = "Subject: unended\r\n\r\nthe last line";
+    c.send(format!("BDAT {} LAST\r\n{message}", message.len()).as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (_, data) = stored.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        data.ends_with("Subject: unended\r\n\r\nthe last line\r\n"),
+        "{data:?}"
+    );
+}

@@ -131,15 +131,15 @@ impl CoreRelay {
             }
         }
         // Lines over 998 octets to a next hop that cannot take them declared binary (above):
-        // RFC 5321 4.5.3.1.6 lets a client send none, so each is broken into lines of at most
-        // 998 octets with CR LF and a space, as Postfix's client does (in a header section
-        // that is folding; base64 and quoted-printable decoders pass over it). A NUL or a
-        // last line without CR LF is left as it came (docs/delivery.md).
+        // RFC 5321 4.5.3.1.6 lets a client send none, so each is folded or broken into lines
+        // of at most 998 octets (`fold_long_lines`; base64 and quoted-printable decoders pass
+        // over the breaks). A last line without CR LF gets one, as DATA would add (a message
+        // is lines, RFC 5322 2.1); a NUL is left as it came (docs/delivery.md).
         if not_text && body_type != 2 {
             if let Some(folded) = fold_long_lines(&job.msg.queue_id, &body) {
                 tracing::info!(
                     queue_id = %job.msg.queue_id,
-                    "{} does not support BINARYMIME: lines over 998 octets are broken for it",
+                    "{} does not support BINARYMIME: the message's lines are made to fit it (over 998 octets folded or broken, the last ended)",
                     conn.remote
                 );
                 body = folded;
@@ -353,14 +353,21 @@ fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     crs == lfs && line == 0
 }
 
-/// `body` with each line over 998 octets (before its line end) broken after 998 octets, and
-/// then every 997, by CR LF and a space, never inside a UTF-8 sequence where one can be
-/// told; None when no line is that long (or the copy cannot be made).
+/// `body` made fit for a next hop that takes only text: each line over 998 octets (before its
+/// line end) broken, and a CR LF after a last line without one; None when neither is needed
+/// (or the copy cannot be made). In the header section a long line is folded (RFC 5322
+/// 2.2.3): a CR LF goes in before its last space or tab within the limit that has something
+/// else before it and after it on the line, so that unfolding gives the field back as it
+/// was. A line without such a blank (in the header section), or in the body, is broken after
+/// 998 octets, and then every 997, by CR LF and a space, as Postfix's client does, never
+/// inside a UTF-8 sequence where one can be told.
 fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
     const MAX: usize = 998;
+    let blank = |b: &u8| matches!(b, b' ' | b'\t');
     let whole: Vec<u8> = body.chunks().flat_map(|c| c.iter().copied()).collect();
-    let mut out = Vec::with_capacity(whole.len() + whole.len() / 300);
-    let mut folded = false;
+    let mut out = Vec::with_capacity(whole.len() + whole.len() / 300 + 2);
+    let mut changed = false;
+    let mut in_header = true;
     for line in whole.split_inclusive(|&b| b == b'\n') {
         let end = if line.ends_with(b"\r\n") {
             2
@@ -368,13 +375,51 @@ fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
             usize::from(line.ends_with(b"\n"))
         };
         let (mut content, ending) = line.split_at(line.len() - end);
+        if content.is_empty() && end > 0 {
+            in_header = false;
+        }
         if content.len() <= MAX {
             out.extend_from_slice(line);
+            if end == 0 && !content.is_empty() {
+                // The last line, without its line end.
+                out.extend_from_slice(b"\r\n");
+                changed = true;
+            }
             continue;
         }
-        folded = true;
+        changed = true;
+        if in_header {
+            // Blanks at the end of a field are no content (and a line of blanks alone, which
+            // a break among them would make, is obsolete syntax, to some readers the header
+            // section's end): a long line loses them.
+            content = &content[..content.iter().rposition(|b| !blank(b)).map_or(1, |l| l + 1)];
+        }
         let mut room = MAX;
         while content.len() > room {
+            // A header field's fold: the last blank within the room after the line's first
+            // other octet, and before its last. A run of blanks longer than the room, before
+            // the first other octet, goes as one blank.
+            let fold = in_header
+                .then(|| {
+                    let first = content.iter().position(|b| !blank(b))?;
+                    let last = content.iter().rposition(|b| !blank(b))?;
+                    (first + 1..=room.min(last))
+                        .rev()
+                        .find(|&at| blank(&content[at]))
+                        .or_else(|| (first >= room).then(|| first - 1))
+                })
+                .flatten();
+            if let Some(at) = fold.filter(|&at| content[..at].iter().all(blank)) {
+                content = &content[at..];
+                continue;
+            }
+            if let Some(at) = fold {
+                out.extend_from_slice(&content[..at]);
+                out.extend_from_slice(b"\r\n");
+                content = &content[at..];
+                room = MAX;
+                continue;
+            }
             // Back off from the middle of a UTF-8 sequence (at most 3 octets), so that each
             // line stays valid UTF-8 where the text was.
             let mut cut = room;
@@ -390,9 +435,9 @@ fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
             room = MAX - 1;
         }
         out.extend_from_slice(content);
-        out.extend_from_slice(ending);
+        out.extend_from_slice(if end == 0 { b"\r\n" } else { ending });
     }
-    folded
+    changed
         .then(|| MessageRef::from_bytes(queue_id, &out).ok())
         .flatten()
 }
@@ -483,10 +528,70 @@ mod tests {
             got.starts_with(&format!("{}\r\n \u{e9}", "y".repeat(997))),
             "{got}"
         );
-        // A last line without its line end keeps that.
-        let tail = vec![b'z'; 1200];
+        // A last line without its line end gets one, long or not.
+        let tail = [b"H: v\r\n\r\n".to_vec(), vec![b'z'; 1200]].concat();
         let got = fold(&tail).unwrap();
-        assert!(got.ends_with(b"z") && got.len() == 1203);
+        assert!(got.ends_with(b"z\r\n") && got.len() == tail.len() + 3 + 2);
+        assert_eq!(
+            fold(b"H: v\r\n\r\nshort").unwrap(),
+            b"H: v\r\n\r\nshort\r\n"
+        );
+    }
+
+    #[test]
+    fn long_header_lines_are_folded_at_a_blank_so_that_unfolding_gives_them_back() {
+        let fold = |body: &[u8]| {
+            let m = postern_spool::MessageRef::from_bytes("Q", body).unwrap();
+            super::fold_long_lines("Q", &m)
+                .map(|f| f.chunks().flatten().copied().collect::<Vec<u8>>())
+        };
+        let ids: String = (0..60)
+            .map(|i| format!(" <message-{i:04}-with-a-long-id@lists.example.org>"))
+            .collect();
+        let words: String = (0..300).map(|i| format!(" word{i}\tw")).collect();
+        let header = format!("References:{ids}\r\nX-Words:{words}\r\nSubject: s\r\n");
+        let body = format!("{header}\r\n{}\r\n", "b ".repeat(700));
+        let got = fold(body.as_bytes()).unwrap();
+        let text = String::from_utf8(got.clone()).unwrap();
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+        for line in head.split("\r\n") {
+            assert!(line.len() <= 998, "{line}");
+            // Each fold is before a blank that was there, with something after it.
+            assert!(line.trim_start().len() > 1, "{line:?}");
+        }
+        // Unfolding (RFC 5322 2.2.3: a CR LF before a blank taken out) gives the fields back.
+        assert_eq!(
+            head.replace("\r\n ", " ").replace("\r\n\t", "\t") + "\r\n",
+            header
+        );
+        assert!(head.matches("\r\n ").count() >= 3, "{head}");
+        // No message ID is cut.
+        assert_eq!(head.matches("@lists.example.org>").count(), 60);
+        // The body's long line is broken as before: after 998 octets, with a space.
+        assert!(rest.starts_with(&"b ".repeat(499)), "{rest}");
+        assert_eq!(rest.split("\r\n").next().unwrap().len(), 998);
+
+        // A header line with no blank to fold at past its name is folded there, and then
+        // broken.
+        let solid = format!("X-Solid: {}\r\n\r\nbody\r\n", "a".repeat(1500));
+        let got = String::from_utf8(fold(solid.as_bytes()).unwrap()).unwrap();
+        let lines = got.split("\r\n").collect::<Vec<_>>();
+        assert_eq!(lines[0], "X-Solid:");
+        assert_eq!(lines[1], format!(" {}", "a".repeat(997)));
+        assert_eq!(lines[2], format!(" {}", "a".repeat(503)));
+        assert_eq!(lines[3..], ["", "body", ""]);
+        // Trailing blanks are no place to fold: the line would be blanks alone.
+        let trailing = format!(
+            "X-T: {}{}\r\nY: y\r\n\r\n",
+            "c".repeat(900),
+            " ".repeat(300)
+        );
+        let got = String::from_utf8(fold(trailing.as_bytes()).unwrap()).unwrap();
+        assert_eq!(got, format!("X-T: {}\r\nY: y\r\n\r\n", "c".repeat(900)));
+        // And so is a run of blanks longer than a line, before the text of a line.
+        let leading = format!("X-L: a\r\n{}b\r\n\r\n", " ".repeat(1200));
+        let got = String::from_utf8(fold(leading.as_bytes()).unwrap()).unwrap();
+        assert_eq!(got, "X-L: a\r\n b\r\n\r\n");
     }
 
     /// The rules of `text_lines`, octet by octet.
@@ -501,6 +606,34 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn a_body_made_to_fit_is_text_with_the_same_words(
+            pieces in proptest::collection::vec(
+                (proptest::sample::select(vec!["a", "\u{e9}", " ", "\t", "\r\n", "\r\n "]),
+                 1usize..700),
+                0..12,
+            ),
+            ended in proptest::bool::ANY,
+        ) {
+            let mut body: String = pieces.iter().map(|(p, n)| p.repeat(*n)).collect();
+            if ended {
+                body.push_str("\r\n");
+            }
+            let m = postern_spool::MessageRef::from_bytes("Q", body.as_bytes()).unwrap();
+            let out = match super::fold_long_lines("Q", &m) {
+                Some(f) => f.chunks().flatten().copied().collect::<Vec<u8>>(),
+                None => body.clone().into_bytes(),
+            };
+            proptest::prop_assert!(super::text_lines(std::iter::once(&out[..])),
+                "{:?}", String::from_utf8_lossy(&out));
+            let text = String::from_utf8(out).unwrap();
+            // Only line ends and blanks come and go (and a run of blanks that outruns a line
+            // in a header section may shrink): the words stay, in order.
+            let words = |t: &str| t.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+            let joined = |t: &str| words(t).concat();
+            proptest::prop_assert_eq!(joined(&text), joined(&body));
+        }
+
         #[test]
         fn text_lines_reads_any_cut_as_octet_by_octet(
             body in proptest::collection::vec(
