@@ -485,13 +485,14 @@ mod tests {
         assert!(text(&[long.as_bytes()]));
     }
 
+    /// `body` as `fold_long_lines` makes it fit, or None where it is left as it is.
+    fn fold(body: &[u8]) -> Option<Vec<u8>> {
+        let m = postern_spool::MessageRef::from_bytes("Q", body).unwrap();
+        super::fold_long_lines("Q", &m).map(|f| f.chunks().flatten().copied().collect())
+    }
+
     #[test]
     fn long_lines_are_broken_with_a_space_and_nothing_else_changes() {
-        let fold = |body: &[u8]| {
-            let m = postern_spool::MessageRef::from_bytes("Q", body).unwrap();
-            super::fold_long_lines("Q", &m)
-                .map(|f| f.chunks().flatten().copied().collect::<Vec<u8>>())
-        };
         assert_eq!(fold(b"short\r\nlines\r\n"), None);
         let exact = [vec![b'a'; 998], b"\r\n".to_vec()].concat();
         assert_eq!(fold(&exact), None);
@@ -540,11 +541,6 @@ mod tests {
 
     #[test]
     fn long_header_lines_are_folded_at_a_blank_so_that_unfolding_gives_them_back() {
-        let fold = |body: &[u8]| {
-            let m = postern_spool::MessageRef::from_bytes("Q", body).unwrap();
-            super::fold_long_lines("Q", &m)
-                .map(|f| f.chunks().flatten().copied().collect::<Vec<u8>>())
-        };
         let ids: String = (0..60)
             .map(|i| format!(" <message-{i:04}-with-a-long-id@lists.example.org>"))
             .collect();
@@ -619,11 +615,7 @@ mod tests {
             if ended {
                 body.push_str("\r\n");
             }
-            let m = postern_spool::MessageRef::from_bytes("Q", body.as_bytes()).unwrap();
-            let out = match super::fold_long_lines("Q", &m) {
-                Some(f) => f.chunks().flatten().copied().collect::<Vec<u8>>(),
-                None => body.clone().into_bytes(),
-            };
+            let out = fold(body.as_bytes()).unwrap_or_else(|| body.clone().into_bytes());
             proptest::prop_assert!(super::text_lines(std::iter::once(&out[..])),
                 "{:?}", String::from_utf8_lossy(&out));
             let text = String::from_utf8(out).unwrap();
