@@ -10,7 +10,8 @@ sessions (two per core) then send NOOP every 5 ms through three passes over the 
   one core, the cores that own the messages record the outcomes the delivering core sends);
 - flush: `postern queue --flush` makes every deferred job due at once (the retry pass);
 - restart: the server is stopped and started again, and the recovered queue is handed to the
-  delivering core (the job pass).
+  delivering core (the job pass). The probes connect once the server listens, and the pass
+  is often over by then: this row then measures a server at rest.
 
 Prints, per build and pass, the probes' worst and 99th-percentile NOOP round trip. The
 reference is the other build, measured in the same run. Loopback only, bounded in time.

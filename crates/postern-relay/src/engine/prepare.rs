@@ -374,17 +374,20 @@ fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
         } else {
             usize::from(line.ends_with(b"\n"))
         };
-        let (mut content, ending) = line.split_at(line.len() - end);
+        let (mut content, mut ending) = line.split_at(line.len() - end);
+        if end == 0 {
+            // The last line, without its line end: it gets CR LF, as over DATA. A lone CR
+            // there (which DATA too makes CR LF) is taken for that line end's first half.
+            content = content.strip_suffix(b"\r").unwrap_or(content);
+            ending = b"\r\n";
+            changed |= !line.is_empty();
+        }
         if content.is_empty() && end > 0 {
             in_header = false;
         }
         if content.len() <= MAX {
-            out.extend_from_slice(line);
-            if end == 0 && !content.is_empty() {
-                // The last line, without its line end.
-                out.extend_from_slice(b"\r\n");
-                changed = true;
-            }
+            out.extend_from_slice(content);
+            out.extend_from_slice(ending);
             continue;
         }
         changed = true;
@@ -396,29 +399,30 @@ fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
         }
         let mut room = MAX;
         while content.len() > room {
-            // A header field's fold: the last blank within the room after the line's first
-            // other octet, and before its last. A run of blanks longer than the room, before
-            // the first other octet, goes as one blank.
-            let fold = in_header
-                .then(|| {
-                    let first = content.iter().position(|b| !blank(b))?;
-                    let last = content.iter().rposition(|b| !blank(b))?;
-                    (first + 1..=room.min(last))
-                        .rev()
-                        .find(|&at| blank(&content[at]))
-                        .or_else(|| (first >= room).then(|| first - 1))
-                })
-                .flatten();
-            if let Some(at) = fold.filter(|&at| content[..at].iter().all(blank)) {
-                content = &content[at..];
-                continue;
-            }
-            if let Some(at) = fold {
-                out.extend_from_slice(&content[..at]);
-                out.extend_from_slice(b"\r\n");
-                content = &content[at..];
-                room = MAX;
-                continue;
+            if in_header {
+                // (Some other octet: the blanks at the end are gone, and a line of blanks
+                // alone is one blank, within the room.)
+                let first = content.iter().position(|b| !blank(b)).unwrap_or(0);
+                let last = content.iter().rposition(|b| !blank(b)).unwrap_or(0);
+                // A header field's fold: the last blank within the room after the line's
+                // first other octet, and before its last.
+                if let Some(at) = (first + 1..=room.min(last))
+                    .rev()
+                    .find(|&at| blank(&content[at]))
+                {
+                    out.extend_from_slice(&content[..at]);
+                    out.extend_from_slice(b"\r\n");
+                    content = &content[at..];
+                    room = MAX;
+                    continue;
+                }
+                // No blank to fold at, and the text begins so late that a break would leave
+                // blanks alone on the line (the break backs off up to 3 octets, below): the
+                // run of blanks before it goes as one blank.
+                if first + 3 >= room {
+                    content = &content[first - 1..];
+                    continue;
+                }
             }
             // Back off from the middle of a UTF-8 sequence (at most 3 octets), so that each
             // line stays valid UTF-8 where the text was.
@@ -435,7 +439,7 @@ fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
             room = MAX - 1;
         }
         out.extend_from_slice(content);
-        out.extend_from_slice(if end == 0 { b"\r\n" } else { ending });
+        out.extend_from_slice(ending);
     }
     changed
         .then(|| MessageRef::from_bytes(queue_id, &out).ok())
@@ -537,6 +541,8 @@ mod tests {
             fold(b"H: v\r\n\r\nshort").unwrap(),
             b"H: v\r\n\r\nshort\r\n"
         );
+        // A lone CR at the end is that line end's first half, as over DATA.
+        assert_eq!(fold(b"H: v\r\n\r\nx\r").unwrap(), b"H: v\r\n\r\nx\r\n");
     }
 
     #[test]
@@ -576,6 +582,16 @@ mod tests {
         assert_eq!(lines[1], format!(" {}", "a".repeat(997)));
         assert_eq!(lines[2], format!(" {}", "a".repeat(503)));
         assert_eq!(lines[3..], ["", "body", ""]);
+        // Blanks that outrun a line before a character of several octets, which a break
+        // backs off from: one blank.
+        let late = format!(
+            "X-U: a\r\n{}{}\r\n\r\n",
+            " ".repeat(996),
+            "\u{20ac}".repeat(400)
+        );
+        let got = String::from_utf8(fold(late.as_bytes()).unwrap()).unwrap();
+        assert!(got.starts_with("X-U: a\r\n \u{20ac}"), "{got:?}");
+        assert!(got.split("\r\n").all(|l| l.len() <= 998), "{got:?}");
         // Trailing blanks are no place to fold: the line would be blanks alone.
         let trailing = format!(
             "X-T: {}{}\r\nY: y\r\n\r\n",
@@ -609,12 +625,10 @@ mod tests {
                  1usize..700),
                 0..12,
             ),
-            ended in proptest::bool::ANY,
+            ending in proptest::sample::select(vec!["", "\r", "\r\n"]),
         ) {
             let mut body: String = pieces.iter().map(|(p, n)| p.repeat(*n)).collect();
-            if ended {
-                body.push_str("\r\n");
-            }
+            body.push_str(ending);
             let out = fold(body.as_bytes()).unwrap_or_else(|| body.clone().into_bytes());
             proptest::prop_assert!(super::text_lines(std::iter::once(&out[..])),
                 "{:?}", String::from_utf8_lossy(&out));
@@ -624,6 +638,49 @@ mod tests {
             let words = |t: &str| t.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
             let joined = |t: &str| words(t).concat();
             proptest::prop_assert_eq!(joined(&text), joined(&body));
+        }
+
+        #[test]
+        fn a_header_section_made_to_fit_unfolds_to_what_it_was(
+            fields in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        (proptest::sample::select(vec!["a", "\u{e9}", "\u{20ac}"]), 1usize..300),
+                        1..12,
+                    ),
+                    proptest::sample::select(vec![" ", "\t", "  "]),
+                    0usize..1100,
+                ),
+                1..4,
+            ),
+        ) {
+            // Fields of words (each within a line) parted by blanks, some ending in a run of
+            // blanks: folded only, never broken.
+            let header: String = fields
+                .iter()
+                .enumerate()
+                .map(|(i, (words, gap, trailing))| {
+                    let words: Vec<String> = words.iter().map(|(w, n)| w.repeat(*n)).collect();
+                    format!("X-{i}: {}{}\r\n", words.join(gap), " ".repeat(*trailing))
+                })
+                .collect();
+            let body = format!("{header}\r\nbody\r\n");
+            let out = fold(body.as_bytes()).unwrap_or_else(|| body.clone().into_bytes());
+            let text = String::from_utf8(out).unwrap();
+            let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+            proptest::prop_assert_eq!(rest, "body\r\n");
+            for line in head.split("\r\n") {
+                proptest::prop_assert!(line.len() <= 998);
+                proptest::prop_assert!(!line.trim().is_empty(), "a line of blanks: {:?}", head);
+            }
+            // Unfolded, each field is as it was, but for the blanks at the end of a long one.
+            let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", "\t");
+            let want: Vec<&str> = header
+                .split("\r\n")
+                .filter(|l| !l.is_empty())
+                .map(|l| if l.len() > 998 { l.trim_end() } else { l })
+                .collect();
+            proptest::prop_assert_eq!(unfolded.split("\r\n").collect::<Vec<_>>(), want);
         }
 
         #[test]
