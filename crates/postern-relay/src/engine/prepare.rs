@@ -405,8 +405,13 @@ fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
                 let first = content.iter().position(|b| !blank(b)).unwrap_or(0);
                 let last = content.iter().rposition(|b| !blank(b)).unwrap_or(0);
                 // A header field's fold: the last blank within the room after the line's
-                // first other octet, and before its last.
-                if let Some(at) = (first + 1..=room.min(last))
+                // first other octet (and, on a field's first line, after the colon that ends
+                // its name: a blank before it is obsolete syntax), and before its last.
+                let after = match content.first() {
+                    Some(b) if !blank(b) => memchr::memchr(b':', content).map_or(first, |c| c),
+                    _ => first,
+                };
+                if let Some(at) = (after + 1..=room.min(last))
                     .rev()
                     .find(|&at| blank(&content[at]))
                 {
@@ -582,6 +587,13 @@ mod tests {
         assert_eq!(lines[1], format!(" {}", "a".repeat(997)));
         assert_eq!(lines[2], format!(" {}", "a".repeat(503)));
         assert_eq!(lines[3..], ["", "body", ""]);
+        // A field's name is not folded, even where a blank comes before its colon.
+        let named = format!("Subject :{}\r\n\r\n", "s".repeat(1200));
+        let got = String::from_utf8(fold(named.as_bytes()).unwrap()).unwrap();
+        assert!(
+            got.starts_with(&format!("Subject :{}\r\n s", "s".repeat(989))),
+            "{got:?}"
+        );
         // Blanks that outrun a line before a character of several octets, which a break
         // backs off from: one blank.
         let late = format!(
