@@ -157,3 +157,64 @@ fn check_mail(mail: &[u8], what: &str) {
         );
     }
 }
+
+/// Makes `data`, taken as a stored message, fit a next hop that takes text only (as a relay
+/// does for one without BINARYMIME, `fold_long_lines`), and checks what goes out: no line
+/// over 998 octets before its line end, a line end after the last line, the same octets but
+/// for line ends and blanks (in order), no more lines of blanks alone in the header section
+/// than came in, and, where `data` holds no NUL and no CR or LF but in CR LF (the last line
+/// aside), text (RFC 5322 2.1.1).
+pub fn fit_text(data: &[u8]) {
+    let Ok(body) = postern_spool::MessageRef::from_bytes("Q", data) else {
+        return;
+    };
+    let out: Vec<u8> = match crate::engine::prepare::fold_long_lines("Q", &body) {
+        Some(fitted) => fitted.chunks().flatten().copied().collect(),
+        None => data.to_vec(),
+    };
+    let lines: Vec<&[u8]> = out.split_inclusive(|&b| b == b'\n').collect();
+    for line in &lines {
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let content = content.strip_suffix(b"\r").unwrap_or(content);
+        assert!(
+            content.len() <= MAX_LINE,
+            "a line of {} octets",
+            content.len()
+        );
+    }
+    assert!(
+        out.is_empty() || out.ends_with(b"\n"),
+        "no line end at the end"
+    );
+    let words = |m: &[u8]| -> Vec<u8> {
+        m.iter()
+            .copied()
+            .filter(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            .collect()
+    };
+    assert_eq!(words(&out), words(data), "octets other than blanks changed");
+    let blank_lines = |m: &[u8]| {
+        m.split_inclusive(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\n").unwrap_or(l))
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .take_while(|l| !l.is_empty())
+            .filter(|l| l.iter().all(|b| matches!(b, b' ' | b'\t')))
+            .count()
+    };
+    assert!(
+        blank_lines(&out) <= blank_lines(data),
+        "a line of blanks alone made in the header section"
+    );
+    let body_part = data.strip_suffix(b"\r").unwrap_or(data);
+    let crlf_only = !data.contains(&0)
+        && body_part.split_inclusive(|&b| b == b'\n').all(|l| {
+            let content = l.strip_suffix(b"\r\n").unwrap_or(l);
+            !content.contains(&b'\r') && !content.contains(&b'\n')
+        });
+    if crlf_only {
+        assert!(
+            crate::engine::prepare::text_lines(std::iter::once(&out[..])),
+            "not text"
+        );
+    }
+}

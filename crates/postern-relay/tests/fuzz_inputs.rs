@@ -1,4 +1,5 @@
-//! The relay's fuzz harness (`postern_relay::fuzzing`, run by the `report` target in `fuzz/`)
+//! The relay's fuzz harness (`postern_relay::fuzzing`, run by the `report` and `fit_text`
+//! targets in `fuzz/`)
 //! over its committed seed corpus and over random inputs, so that the harness and the
 //! invariants it checks run with every test, not only under cargo-fuzz.
 
@@ -13,6 +14,18 @@ fn report_seeds() {
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.expect("a corpus entry").path();
         postern_relay::fuzzing::report(&std::fs::read(&path).expect("a corpus file"));
+        seen += 1;
+    }
+    assert!(seen > 0, "no seeds in {}", dir.display());
+}
+
+#[test]
+fn fit_text_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/fit_text");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("a corpus entry").path();
+        postern_relay::fuzzing::fit_text(&std::fs::read(&path).expect("a corpus file"));
         seen += 1;
     }
     assert!(seen > 0, "no seeds in {}", dir.display());
@@ -51,6 +64,21 @@ fn a_whole_eight_bit_message_comes_back_and_goes_to_headers_only() {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Messages made of the octets that matter to fitting: blanks, line ends, NUL, a
+    /// character of several octets, in runs long enough to make lines over 998 octets.
+    #[test]
+    fn random_messages_fit_text(
+        runs in proptest::collection::vec(
+            (proptest::sample::select(vec![
+                &b"a"[..], b" ", b"\t", b"\r\n", b"\r", b"\n", b"\0", "\u{20ac}".as_bytes(), b":",
+            ]), 1usize..1200),
+            0..8,
+        ),
+    ) {
+        let data: Vec<u8> = runs.iter().flat_map(|(piece, n)| piece.repeat(*n)).collect();
+        postern_relay::fuzzing::fit_text(&data);
+    }
 
     #[test]
     fn random_reports_stay_mail(data in proptest::collection::vec(any::<u8>(), 0..1200)) {

@@ -42,7 +42,7 @@ use crate::tls::{TlsClients, TlsPolicy};
 
 mod outcome;
 mod places;
-mod prepare;
+pub(crate) mod prepare;
 mod reports;
 mod worker;
 

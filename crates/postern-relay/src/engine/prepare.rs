@@ -322,7 +322,7 @@ pub(super) fn is_text<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) 
 /// The line rules of [`is_text`]. (Run on every message to a next hop with BINARYMIME, so
 /// with memchr's scans: every LF right after a CR, as many CRs as LFs, no NUL, and no more
 /// than 998 octets and the CR between two LFs.)
-fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
+pub(crate) fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
     // The octets of the line so far, its CR included; the piece before's last octet.
     let (mut line, mut last) = (0usize, None);
     let (mut crs, mut lfs) = (0usize, 0usize);
@@ -361,7 +361,7 @@ fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
 /// was. A line without such a blank (in the header section), or in the body, is broken after
 /// 998 octets, and then every 997, by CR LF and a space, as Postfix's client does, never
 /// inside a UTF-8 sequence where one can be told.
-fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
+pub(crate) fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<MessageRef> {
     const MAX: usize = 998;
     let blank = |b: &u8| matches!(b, b' ' | b'\t');
     let whole: Vec<u8> = body.chunks().flat_map(|c| c.iter().copied()).collect();
