@@ -394,8 +394,13 @@ pub(crate) fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<Messa
         if in_header {
             // Blanks at the end of a field are no content (and a line of blanks alone, which
             // a break among them would make, is obsolete syntax, to some readers the header
-            // section's end): a long line loses them.
-            content = &content[..content.iter().rposition(|b| !blank(b)).map_or(1, |l| l + 1)];
+            // section's end): a long line loses them, and any bare CR among them (one the
+            // spool does not store: it makes bare CRs line ends). A long line of nothing
+            // else goes altogether.
+            match content.iter().rposition(|b| !blank(b) && *b != b'\r') {
+                Some(last) => content = &content[..=last],
+                None => continue,
+            }
         }
         let mut room = MAX;
         while content.len() > room {
