@@ -745,6 +745,15 @@ fn refusals_a_next_hop_slows_down_before_it_closes_stay_refusals() {
         .filter(|l| l.contains("to=\"unknown0@dest.test\"") && l.contains("status=\"deferred\""))
         .collect();
     assert!(put_off.is_empty(), "{put_off:#?}");
+    // The session the next hop ended is in the log, with its words: the transactions it had
+    // not answered went again without a line of their own.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the next hop broke the session off")
+                && l.contains("421 4.7.0 hop.test too many errors")
+                && l.contains(&format!("127.0.0.1:{port}"))),
+        "{log}"
+    );
 }
 
 #[test]

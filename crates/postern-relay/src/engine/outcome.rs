@@ -157,15 +157,15 @@ impl CoreRelay {
                     Some(r) => self.fail_refused(job, &r, &remote),
                     None => job,
                 };
+                let text = e.describe(remote_name);
                 if job.rcpts.is_empty() {
                     if !conn.broke_counted.replace(true) {
-                        self.broke_off(dq, conn);
+                        self.broke_off(dq, conn, &text);
                     }
                     return After::Broken;
                 }
                 // 4.4.2 (the connection broke), or the status of the reply that ended it (a
                 // 421 4.3.2), which a report and the expiry bounce then keep.
-                let text = e.describe(remote_name);
                 let c = Carried {
                     job,
                     status: dsn::connection_status(&text, "4.4.2"),
@@ -175,7 +175,7 @@ impl CoreRelay {
                 };
                 // One broken connection counts once, whatever it carried.
                 if !conn.broke_counted.replace(true) {
-                    self.broke_off(dq, conn);
+                    self.broke_off(dq, conn, &c.text);
                 }
                 if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
                     // Once per pause: the jobs after this one in the batch come back too.

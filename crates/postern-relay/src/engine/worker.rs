@@ -1066,8 +1066,17 @@ impl CoreRelay {
     /// while it drops one now and then (a content filter that fails one message in ten, a
     /// per-session limit) works; two such breaks in a row, each beside transactions answered
     /// elsewhere, would otherwise pause it as a whole, and with it all its mail. The address
-    /// is passed over all the same (another address may take the job at once).
-    pub(super) fn broke_off(&self, dq: &DestQueue, conn: &crate::conn::Outbound) {
+    /// is passed over all the same (another address may take the job at once). Logged, with
+    /// `why`: the transactions the next hop had not answered go again without a word of their
+    /// own (they were not refused), and a next hop that ends sessions over and over (an error
+    /// limit) should show in the log.
+    pub(super) fn broke_off(&self, dq: &DestQueue, conn: &crate::conn::Outbound, why: &str) {
+        tracing::info!(
+            next_hop = %dq.dest.key(),
+            addr = %conn.addr,
+            "the next hop broke the session off in a transaction ({why}); what it had not \
+             answered goes again"
+        );
         if dq.answered.get() == conn.answered_mark.get() {
             self.broke(dq, conn.addr);
             dq.note_outcome(true);
