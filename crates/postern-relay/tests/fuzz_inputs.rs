@@ -1,34 +1,33 @@
 //! The relay's fuzz harness (`postern_relay::fuzzing`, run by the `report` and `fit_text`
-//! targets in `fuzz/`)
-//! over its committed seed corpus and over random inputs, so that the harness and the
-//! invariants it checks run with every test, not only under cargo-fuzz.
+//! targets in `fuzz/`) over its committed seed corpora and over random inputs, so that the
+//! harness and the invariants it checks run with every test, not only under cargo-fuzz.
 
 use std::path::Path;
 
 use proptest::prelude::*;
 
-#[test]
-fn report_seeds() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/report");
+/// Runs `check` over every seed of the target's committed corpus.
+fn over_seeds(target: &str, check: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.expect("a corpus entry").path();
-        postern_relay::fuzzing::report(&std::fs::read(&path).expect("a corpus file"));
+        check(&std::fs::read(&path).expect("a corpus file"));
         seen += 1;
     }
     assert!(seen > 0, "no seeds in {}", dir.display());
 }
 
 #[test]
+fn report_seeds() {
+    over_seeds("report", postern_relay::fuzzing::report);
+}
+
+#[test]
 fn fit_text_seeds() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/fit_text");
-    let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.expect("a corpus entry").path();
-        postern_relay::fuzzing::fit_text(&std::fs::read(&path).expect("a corpus file"));
-        seen += 1;
-    }
-    assert!(seen > 0, "no seeds in {}", dir.display());
+    over_seeds("fit_text", postern_relay::fuzzing::fit_text);
 }
 
 /// Settings, then fields separated by 0xFF, then the original message.
