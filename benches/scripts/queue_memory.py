@@ -4,11 +4,12 @@ they are delivered.
 
 For each build given (directories holding `postern` and `postern-load`), in turn: postern on
 2 cores routes every message to a next hop that is down (a port nothing listens on), and the
-bundled generator queues N 1 KiB messages (PIPELINING, BDAT). Then a sink starts on that port,
+bundled generator queues N 1 KiB messages (PIPELINING, BDAT). The server is stopped and
+started again (it reads the queue back from its spool). Then a sink starts on that port,
 `postern queue --flush` sends the queue, and once the queue depth on `/metrics` is 0 the
 script waits 15 s (the allocator's delayed returns). Prints postern's anonymous resident memory
-(RssAnon) fresh, queued and drained, per queued message, and what draining left over the
-fresh figure. Loopback only, bounded in time. Usage, from the workspace root:
+(RssAnon) fresh, queued, 3 s after the restart's `ready`, and drained, per queued message,
+and what draining left over the fresh figure. Loopback only, bounded in time. Usage, from the workspace root:
 
     python3 benches/scripts/queue_memory.py DIR [DIR ...] [--messages N]
 
@@ -73,17 +74,21 @@ def measure(bindir):
     port, hop, metrics = free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as work:
         spool = os.path.join(work, "spool")
-        server = subprocess.Popen(
-            [os.path.join(bindir, "postern"), "serve", "--cores", "2",
-             "--listen", f"127.0.0.1:{port}", "--spool", spool, "--hostname", "memory.test",
-             "--route", f"sink.test=127.0.0.1:{hop}", "--retry-initial", "1h",
-             "--metrics", f"127.0.0.1:{metrics}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        def start():
+            srv = subprocess.Popen(
+                [os.path.join(bindir, "postern"), "serve", "--cores", "2",
+                 "--listen", f"127.0.0.1:{port}", "--spool", spool, "--hostname", "memory.test",
+                 "--route", f"sink.test=127.0.0.1:{hop}", "--retry-initial", "1h",
+                 "--metrics", f"127.0.0.1:{metrics}"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for line in srv.stdout:
+                if "ready with" in line:
+                    return srv
+            raise SystemExit("postern did not start")
+
+        server = start()
         sink = None
         try:
-            for line in server.stdout:
-                if "ready with" in line:
-                    break
             fresh = anon_kib(server.pid)
             subprocess.run(
                 [os.path.join(bindir, "postern-load"), "send", "--target", f"127.0.0.1:{port}",
@@ -93,6 +98,12 @@ def measure(bindir):
             wait_for("the queue", lambda: depth(metrics) == N, 60)
             time.sleep(3)
             queued = anon_kib(server.pid)
+            server.terminate()
+            server.wait(120)
+            server = start()
+            wait_for("the queue read back", lambda: depth(metrics) == N, 60)
+            time.sleep(3)
+            restarted = anon_kib(server.pid)
             sink = subprocess.Popen(
                 [os.path.join(bindir, "postern-load"), "sink", "--listen", f"127.0.0.1:{hop}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,13 +121,14 @@ def measure(bindir):
             if sink:
                 sink.terminate()
                 sink.wait(30)
-    return fresh, queued, drained, drain_s
+    return fresh, queued, restarted, drained, drain_s
 
 
 print(f"{N} messages of one recipient queued on 2 cores, then delivered; RssAnon in MiB")
-print(f"{'build':30} {'fresh':>7} {'queued':>7} {'B/msg':>6} {'drained':>8} {'left':>6} {'drain s':>8}")
+print(f"{'build':30} {'fresh':>7} {'queued':>7} {'B/msg':>6} {'restarted':>9} {'drained':>8} "
+      f"{'left':>6} {'drain s':>8}")
 for d in args:
-    fresh, queued, drained, drain_s = measure(d)
+    fresh, queued, restarted, drained, drain_s = measure(d)
     per = (queued - fresh) * 1024 / N
-    print(f"{d:30} {fresh / 1024:7.1f} {queued / 1024:7.1f} {per:6.0f} {drained / 1024:8.1f} "
-          f"{(drained - fresh) / 1024:6.1f} {drain_s:8.1f}")
+    print(f"{d:30} {fresh / 1024:7.1f} {queued / 1024:7.1f} {per:6.0f} {restarted / 1024:9.1f} "
+          f"{drained / 1024:8.1f} {(drained - fresh) / 1024:6.1f} {drain_s:8.1f}")

@@ -2,6 +2,7 @@
 //! signals, and the server on its embedded defaults.
 
 mod cli;
+mod memory;
 mod probe;
 mod queue;
 mod ready;
@@ -415,6 +416,9 @@ fn main() -> ExitCode {
     for signal in deferred {
         send_to_self(signal);
     }
+    // The start's recovery is over and its tables are freed: their memory goes back now, not
+    // never (see memory.rs).
+    memory::give_back();
     if !running.wait() {
         say!(
             "postern: stopped after a core failed or could not sync its spool (see the log above)"
