@@ -403,19 +403,24 @@ pub(crate) fn fold_long_lines(queue_id: &str, body: &MessageRef) -> Option<Messa
             }
         }
         let mut room = MAX;
+        // The first line of a header field, not yet folded or broken: its name ends at a
+        // colon, before which no fold goes (a blank there is obsolete syntax).
+        let mut field_start = in_header && content.first().is_some_and(|b| !blank(b));
         while content.len() > room {
             if in_header {
                 // (Some other octet: the blanks at the end are gone, and a line of blanks
-                // alone is one blank, within the room.)
+                // alone is one blank, within the room. Each look is bounded by the room or
+                // ends at once, so a line of any length costs in proportion to it.)
                 let first = content.iter().position(|b| !blank(b)).unwrap_or(0);
                 let last = content.iter().rposition(|b| !blank(b)).unwrap_or(0);
                 // A header field's fold: the last blank within the room after the line's
-                // first other octet (and, on a field's first line, after the colon that ends
-                // its name: a blank before it is obsolete syntax), and before its last.
-                let after = match content.first() {
-                    Some(b) if !blank(b) => memchr::memchr(b':', content).map_or(first, |c| c),
-                    _ => first,
+                // first other octet (and after its name's colon), and before its last.
+                let after = if field_start {
+                    memchr::memchr(b':', &content[..=room]).unwrap_or(room)
+                } else {
+                    first
                 };
+                field_start = false;
                 if let Some(at) = (after + 1..=room.min(last))
                     .rev()
                     .find(|&at| blank(&content[at]))
