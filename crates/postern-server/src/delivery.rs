@@ -104,9 +104,9 @@ impl CoreHandle {
 
     /// The messages of this core to copy forward now: live ones that keep the oldest
     /// segment while the spool behind it has grown (docs/durability.md, "Reclaiming space").
-    /// Usually none.
-    pub fn to_copy_forward(&self) -> Vec<String> {
-        self.0.store.to_copy_forward()
+    /// Usually none; at most `most`, oldest first (the next call hands out the rest).
+    pub fn next_to_copy(&self, most: usize) -> Vec<String> {
+        self.0.store.next_to_copy(most)
     }
 
     /// Writes each of these live messages (queue ID, envelope and body as spooled) again at

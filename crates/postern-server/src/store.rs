@@ -421,9 +421,9 @@ impl CoreStore {
         self.commit(draft).await
     }
 
-    /// The live messages to copy forward now (`Spool::to_copy_forward`).
-    pub(crate) fn to_copy_forward(&self) -> Vec<String> {
-        self.spool.borrow().to_copy_forward()
+    /// The live messages to copy forward now, at most `most` (`Spool::next_to_copy`).
+    pub(crate) fn next_to_copy(&self, most: usize) -> Vec<String> {
+        self.spool.borrow_mut().next_to_copy(most)
     }
 
     /// Writes each of these live messages (queue ID, envelope and body as spooled) again at

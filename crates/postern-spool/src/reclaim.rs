@@ -4,7 +4,7 @@
 //! exception is a segment that only ever held records of messages abandoned before their end
 //! (a body refused as too large, a client gone mid-body), which goes as soon as none of them
 //! is open, whatever is older. A live message that keeps the oldest segment while the spool
-//! grows behind it is copied forward ([`Index::to_copy_forward`]): once its copy is durable,
+//! grows behind it is copied forward ([`Index::next_to_copy`]): once its copy is durable,
 //! the pin moves to the copy's segment.
 
 use std::collections::{HashMap, VecDeque};
@@ -31,11 +31,14 @@ struct Entry {
 struct Live {
     /// The segment holding its `START`, which it pins.
     seq: u64,
-    /// Its body's length.
+    /// The octets its records take in the segments (`START`, body, `END`, and the status
+    /// records written for it since), which copying it forward would write again.
     size: u64,
     /// A copy written further on and not yet durable: the segment holding the copy's
     /// `START`, which it pins too until the copy is durable (then only it) or fails.
     copy: Option<u64>,
+    /// The octets the copy's records take (its `size` once durable).
+    copy_size: u64,
     /// The latest outcome of each recipient recorded in this spool (by envelope index; empty
     /// until the first), which a copy carries with it.
     statuses: Vec<Option<Status>>,
@@ -44,6 +47,9 @@ struct Live {
     /// A status record of its, appended in this run, was in a write or a sync that failed.
     status_lost: bool,
 }
+
+/// Batches of copies `Index::next_to_copy` looks for in one walk over the live messages.
+const PLAN_BATCHES: usize = 16;
 
 /// Room for live messages the index keeps however few there are (see `Index::set_final`).
 const ROOM_KEPT: usize = 1024;
@@ -54,12 +60,16 @@ pub(crate) struct Index {
     segments: VecDeque<Entry>,
     /// Live (finished, not final) messages by queue ID.
     live: HashMap<String, Live>,
-    /// The sum of the live messages' sizes.
+    /// The sum of the live messages' sizes: the octets their records take.
     live_bytes: u64,
     /// The segment of the first copy written since the oldest segment last moved past the
     /// one before: while an older segment is left, copies stop short of it (see
-    /// `to_copy_forward`).
+    /// `next_to_copy`).
     copy_floor: Option<u64>,
+    /// The live messages the last walk of `next_to_copy` found to copy, oldest first, with
+    /// the segment of each one's `START`: handed out a batch at a time, so that a long queue
+    /// is walked once for several batches rather than once for each.
+    plan: VecDeque<(u64, String)>,
     /// Whether a segment may have become unused since `pop_unused` last found none (a draft
     /// abandoned, a segment put back): only then is the index looked through for one, not at
     /// every reclaim.
@@ -128,8 +138,9 @@ impl Index {
         }
     }
 
-    /// A finished message keeps its pin until it is final; `statuses`, its recipients'
-    /// outcomes so far (those recovery found, at an opening).
+    /// A finished message keeps its pin until it is final; `size`, the octets its records
+    /// take; `statuses`, its recipients' outcomes so far (those recovery found, at an
+    /// opening).
     pub(crate) fn set_live(
         &mut self,
         queue_id: String,
@@ -142,6 +153,7 @@ impl Index {
             seq,
             size,
             copy: None,
+            copy_size: 0,
             statuses,
             last_status: 0,
             status_lost: false,
@@ -160,12 +172,17 @@ impl Index {
     /// them).
     /// `ticket`: the record's, when its failure is to mark the message (see
     /// `note_failed_statuses`).
+    ///
+    /// `bytes`: the octets of its status record. A recipient's first counts among the
+    /// message's octets (a copy carries one status per recipient, the latest, taken to be
+    /// about as long). 0 for a record written into a copy, which counts them itself.
     pub(crate) fn set_status(
         &mut self,
         queue_id: &str,
         rcpt: u32,
         status: &Status,
         ticket: Option<u64>,
+        bytes: u64,
     ) {
         let Some(live) = self.live.get_mut(queue_id) else {
             return;
@@ -178,6 +195,10 @@ impl Index {
             live.statuses.resize(rcpt + 1, None);
         }
         let slot = &mut live.statuses[rcpt];
+        if slot.is_none() {
+            live.size += bytes;
+            self.live_bytes += bytes;
+        }
         if !slot.as_ref().is_some_and(Status::is_final) {
             *slot = Some(status.clone());
         }
@@ -209,11 +230,13 @@ impl Index {
     }
 
     /// A copy of live message `queue_id` was written, its `START` in segment `seq` (pinned
-    /// by the draft that wrote it): both pin until [`Index::copy_over`].
-    pub(crate) fn copy_written(&mut self, queue_id: &str, seq: u64) -> bool {
+    /// by the draft that wrote it), its records `size` octets: both pin until
+    /// [`Index::copy_over`].
+    pub(crate) fn copy_written(&mut self, queue_id: &str, seq: u64, size: u64) -> bool {
         match self.live.get_mut(queue_id) {
             Some(live) if live.copy.is_none() => {
                 live.copy = Some(seq);
+                live.copy_size = size;
                 let front = self.segments.front().map(|e| e.seq);
                 if self
                     .copy_floor
@@ -237,6 +260,8 @@ impl Index {
             return;
         };
         let unpinned = if durable {
+            self.live_bytes = self.live_bytes - live.size + live.copy_size;
+            live.size = live.copy_size;
             std::mem::replace(&mut live.seq, copy)
         } else {
             copy
@@ -254,15 +279,72 @@ impl Index {
     /// while something older (a message the caller could not copy, a deletion that failed)
     /// keeps the spool from shrinking. The proportion bounds the work: the spool
     /// has grown by what is live and a segment since the last copies before anything is
-    /// copied again, so over time every octet written costs less than one octet copied.
-    pub(crate) fn to_copy_forward(&self, current: Option<u64>, segment_size: u64) -> Vec<String> {
+    /// copied again, so over time every octet written costs less than one octet copied
+    /// (what is live counts the octets a copy writes, envelopes and outcomes with the
+    /// bodies: small messages would otherwise be copied again and again).
+    ///
+    /// At most `most` are handed out. A walk over the live messages finds those of the oldest
+    /// segments, about `PLAN_BATCHES` times `most`, and its result is kept: later calls hand
+    /// out the rest, less those copied or final meanwhile, and walk again once none is left.
+    /// A copy on its way stops the handing out there.
+    pub(crate) fn next_to_copy(
+        &mut self,
+        current: Option<u64>,
+        segment_size: u64,
+        most: usize,
+    ) -> Vec<String> {
+        let Some(upto) = self.copy_upto(current, segment_size) else {
+            self.plan = VecDeque::new();
+            return Vec::new();
+        };
+        // What was found before and no longer waits there (copied, final) goes, and so does
+        // what lies past the segments to empty now.
+        while self.plan.back().is_some_and(|&(seq, _)| seq > upto) {
+            self.plan.pop_back();
+        }
+        let live = &self.live;
+        let waits = |&(seq, ref id): &(u64, String)| live.get(id).is_some_and(|l| l.seq == seq);
+        while self.plan.front().is_some_and(|e| !waits(e)) {
+            self.plan.pop_front();
+        }
+        if self.plan.is_empty() {
+            // Enough for a few batches: a long queue is walked once for each few thousand
+            // copies, not once for each batch, nor its whole list made in one go.
+            let mut wanted = most.saturating_mul(PLAN_BATCHES);
+            let mut upto_now = upto;
+            for e in self.segments.iter().take_while(|e| e.seq <= upto) {
+                upto_now = e.seq;
+                wanted = wanted.saturating_sub(e.pins);
+                if wanted == 0 {
+                    break;
+                }
+            }
+            self.plan = self.walk_to_copy(upto_now).into();
+        }
+        let live = &self.live;
+        let mut ids = Vec::new();
+        for (seq, id) in &self.plan {
+            if ids.len() == most {
+                break;
+            }
+            match live.get(id) {
+                Some(l) if l.seq == *seq && l.copy.is_some() => break,
+                Some(l) if l.seq == *seq => ids.push(id.clone()),
+                _ => {}
+            }
+        }
+        ids
+    }
+
+    /// The newest segment `next_to_copy` would empty now, if any.
+    fn copy_upto(&self, current: Option<u64>, segment_size: u64) -> Option<u64> {
         let start = self
             .live_bytes
             .saturating_add(segment_size)
             .saturating_mul(2);
         let total = self.bytes();
         if self.segments.len() < 3 || total < start {
-            return Vec::new();
+            return None;
         }
         let target = self.live_bytes.saturating_add(segment_size);
         let front = self.segments.front().map_or(0, |e| e.seq);
@@ -277,32 +359,44 @@ impl Index {
             upto = Some(e.seq);
             left = left.saturating_sub(e.bytes);
         }
-        let Some(upto) = upto else {
-            return Vec::new();
-        };
-        let mut found: std::collections::BTreeMap<u64, Vec<(&str, bool)>> = Default::default();
-        for (id, live) in &self.live {
-            if live.seq <= upto {
-                found
-                    .entry(live.seq)
-                    .or_default()
-                    .push((id.as_str(), live.copy.is_some()));
-            }
-        }
+        upto
+    }
+
+    /// The live messages whose `START` lies in the segments up to `upto`, oldest first, by
+    /// queue ID within a segment, up to the first segment with an open draft's `START` or a
+    /// copy on its way.
+    fn walk_to_copy(&self, upto: u64) -> Vec<(u64, String)> {
+        // (segment, queue ID, whether a copy is on its way), by segment: one pass over the
+        // live messages and one sort by number, the only work that grows with the queue. (A
+        // sort by queue ID here would read each ID's octets again and again, wherever they
+        // lie in memory: a few hundred nanoseconds a message.)
+        let mut found: Vec<(u64, &str, bool)> = self
+            .live
+            .iter()
+            .filter(|(_, live)| live.seq <= upto)
+            .map(|(id, live)| (live.seq, id.as_str(), live.copy.is_some()))
+            .collect();
+        found.sort_unstable_by_key(|f| f.0);
         let mut ids = Vec::new();
+        let mut rest = &found[..];
         for e in self.segments.iter().take_while(|e| e.seq <= upto) {
+            let before = rest.iter().take_while(|f| f.0 < e.seq).count();
+            rest = &rest[before..];
+            let n = rest.iter().take_while(|f| f.0 == e.seq).count();
+            let (here, after) = rest.split_at(n);
+            rest = after;
             if e.pins == 0 {
                 continue;
             }
-            let here = found.get(&e.seq).map_or(&[][..], Vec::as_slice);
-            if here.len() != e.pins || here.iter().any(|&(_, copying)| copying) {
+            if here.len() != e.pins || here.iter().any(|&(_, _, copying)| copying) {
                 // An open draft started here, or a copy is on its way: it stays for now, and
                 // so does everything after it.
                 break;
             }
-            let mut here: Vec<String> = here.iter().map(|&(id, _)| id.to_owned()).collect();
+            // Copied in order of arrival (queue IDs sort by it), each ID read once.
+            let mut here: Vec<String> = here.iter().map(|&(_, id, _)| id.to_owned()).collect();
             here.sort_unstable();
-            ids.extend(here);
+            ids.extend(here.into_iter().map(|id| (e.seq, id)));
         }
         ids
     }
@@ -399,6 +493,11 @@ impl Index {
     /// The newest segment's number.
     pub(crate) fn last(&self) -> Option<u64> {
         self.segments.back().map(|e| e.seq)
+    }
+
+    /// The octets the live messages' records take.
+    pub(crate) fn live_bytes(&self) -> u64 {
+        self.live_bytes
     }
 
     /// Bytes of all segment files.
@@ -522,28 +621,31 @@ mod tests {
         ix.set_live("a".into(), 1, 10, Vec::new());
         ix.pin(1);
         ix.set_live("b".into(), 1, 10, Vec::new());
-        assert!(ix.to_copy_forward(Some(2), 30).is_empty(), "two segments");
+        assert!(
+            ix.next_to_copy(Some(2), 30, usize::MAX).is_empty(),
+            "two segments"
+        );
         ix.add_segment(3, 100, false);
         // 300 bytes of segments against 2 x (20 live + 30).
-        assert_eq!(ix.to_copy_forward(Some(3), 30), ["a", "b"]);
+        assert_eq!(ix.next_to_copy(Some(3), 30, usize::MAX), ["a", "b"]);
         assert!(
-            ix.to_copy_forward(Some(3), 200).is_empty(),
+            ix.next_to_copy(Some(3), 200, usize::MAX).is_empty(),
             "too little spool behind it"
         );
         // A draft open in the front segment keeps it: nothing is copied.
         ix.pin(1);
-        assert!(ix.to_copy_forward(Some(3), 30).is_empty());
+        assert!(ix.next_to_copy(Some(3), 30, usize::MAX).is_empty());
         ix.unpin(1);
         // One copy on its way: the others wait for it.
         ix.pin(3);
-        assert!(ix.copy_written("a", 3));
-        assert!(!ix.copy_written("a", 3), "one at a time");
-        assert!(ix.to_copy_forward(Some(3), 30).is_empty());
+        assert!(ix.copy_written("a", 3, 10));
+        assert!(!ix.copy_written("a", 3, 10), "one at a time");
+        assert!(ix.next_to_copy(Some(3), 30, usize::MAX).is_empty());
         ix.copy_over("a", true);
-        assert_eq!(ix.to_copy_forward(Some(3), 30), ["b"]);
+        assert_eq!(ix.next_to_copy(Some(3), 30, usize::MAX), ["b"]);
         // Copied and final: both of b's places are let go, and 1 with them.
         ix.pin(3);
-        assert!(ix.copy_written("b", 3));
+        assert!(ix.copy_written("b", 3, 10));
         assert!(ix.set_final("b"));
         assert_eq!(ix.pop_free(Some(3)), Some((1, 100)));
         assert_eq!(ix.pop_free(Some(3)), Some((2, 100)));
@@ -565,22 +667,86 @@ mod tests {
             ix.pin(seq);
             ix.set_live(id.into(), seq, 10, Vec::new());
         }
-        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c", "d", "e"]);
+        assert_eq!(ix.next_to_copy(Some(10), 100, usize::MAX), ["c", "d", "e"]);
         // Left from 9 on, 200: more than 130, but 8 holds an open draft.
         ix.pin(8);
         ix.pin(8);
         ix.set_live("f".into(), 8, 10, Vec::new());
-        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c", "d", "e"]);
+        assert_eq!(ix.next_to_copy(Some(10), 100, usize::MAX), ["c", "d", "e"]);
         // A copy on its way in 3 stops the walk there.
         ix.pin(10);
-        assert!(ix.copy_written("d", 10));
-        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c"]);
+        assert!(ix.copy_written("d", 10, 10));
+        assert_eq!(ix.next_to_copy(Some(10), 100, usize::MAX), ["c"]);
         // With less spool behind them, fewer.
         ix.copy_over("d", false);
-        assert_eq!(ix.to_copy_forward(Some(10), 100), ["c", "d", "e"]);
+        assert_eq!(ix.next_to_copy(Some(10), 100, usize::MAX), ["c", "d", "e"]);
         // 1000 >= 2 x (40 + 460), and five segments bring it to 500.
-        assert_eq!(ix.to_copy_forward(Some(10), 460), ["c", "d"]);
-        assert!(ix.to_copy_forward(Some(10), 461).is_empty());
+        assert_eq!(ix.next_to_copy(Some(10), 460, usize::MAX), ["c", "d"]);
+        assert!(ix.next_to_copy(Some(10), 461, usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_long_list_to_copy_is_handed_out_a_batch_at_a_time_from_one_walk() {
+        let mut ix = Index::default();
+        for seq in 1..=10 {
+            ix.add_segment(seq, 100, true);
+        }
+        for (id, seq) in [("a", 1), ("b", 1), ("c", 2), ("d", 3), ("e", 3)] {
+            ix.pin(seq);
+            ix.set_live(id.into(), seq, 10, Vec::new());
+        }
+        assert_eq!(ix.next_to_copy(Some(10), 100, 2), ["a", "b"]);
+        // Not copied yet: the same again.
+        assert_eq!(ix.next_to_copy(Some(10), 100, 2), ["a", "b"]);
+        for id in ["a", "b"] {
+            ix.pin(10);
+            assert!(ix.copy_written(id, 10, 10));
+            ix.copy_over(id, true);
+        }
+        // Final meanwhile: skipped.
+        assert!(ix.set_final("d"));
+        assert_eq!(ix.next_to_copy(Some(10), 100, 2), ["c", "e"]);
+        // A copy on its way stops the batch there.
+        ix.pin(10);
+        assert!(ix.copy_written("e", 10, 10));
+        assert_eq!(ix.next_to_copy(Some(10), 100, 5), ["c"]);
+        // The walk's result was kept: a message made live in an old segment since (which
+        // a spool never does; here it shows that the list was not made again) is not in it.
+        ix.pin(2);
+        ix.set_live("late".into(), 2, 10, Vec::new());
+        ix.copy_over("e", true);
+        assert_eq!(ix.next_to_copy(Some(10), 100, 5), ["c"]);
+        // Once all of it is handed out and copied, the next call walks again.
+        ix.pin(10);
+        assert!(ix.copy_written("c", 10, 10));
+        ix.copy_over("c", true);
+        assert_eq!(ix.next_to_copy(Some(10), 100, 5), ["late"]);
+        // Nothing to copy any more: the list goes.
+        assert!(ix.set_final("late"));
+        for id in ["a", "b", "c", "e"] {
+            assert!(ix.set_final(id));
+        }
+        assert!(ix.next_to_copy(Some(10), 100, 5).is_empty());
+        assert!(ix.plan.is_empty());
+    }
+
+    #[test]
+    fn a_walk_looks_for_a_few_batches_only() {
+        let mut ix = Index::default();
+        for seq in 1..=40 {
+            ix.add_segment(seq, 100, true);
+        }
+        // 30 segments of two waiting messages each.
+        for seq in 1..=30 {
+            for k in 0..2 {
+                ix.pin(seq);
+                ix.set_live(format!("{seq:02}-{k}"), seq, 1, Vec::new());
+            }
+        }
+        assert_eq!(ix.next_to_copy(Some(40), 100, 1), ["01-0"]);
+        // One a batch: a walk found the first PLAN_BATCHES, in PLAN_BATCHES / 2 segments.
+        assert_eq!(ix.plan.len(), PLAN_BATCHES);
+        assert_eq!(ix.plan.back().map(|e| e.0), Some(PLAN_BATCHES as u64 / 2));
     }
 
     #[test]
@@ -593,17 +759,20 @@ mod tests {
             ix.pin(seq);
             ix.set_live(id.into(), seq, 10, Vec::new());
         }
-        assert_eq!(ix.to_copy_forward(Some(8), 100), ["stuck", "g", "h"]);
+        assert_eq!(
+            ix.next_to_copy(Some(8), 100, usize::MAX),
+            ["stuck", "g", "h"]
+        );
         // The caller copies g and h, not the first (it cannot): 1 stays, and all behind it.
         for id in ["g", "h"] {
             ix.pin(8);
-            assert!(ix.copy_written(id, 8));
+            assert!(ix.copy_written(id, 8, 10));
             ix.copy_over(id, true);
         }
         assert_eq!(ix.pop_free(Some(8)), None);
         ix.add_segment(9, 100, false);
         // g and h, now in 8, are not asked for again while 1 is left.
-        assert_eq!(ix.to_copy_forward(Some(9), 100), ["stuck"]);
+        assert_eq!(ix.next_to_copy(Some(9), 100, usize::MAX), ["stuck"]);
         // Once it goes, so do the segments before 8, and copying starts afresh from there.
         assert!(ix.set_final("stuck"));
         for seq in 1..=7 {
@@ -612,6 +781,6 @@ mod tests {
         for seq in 10..=12 {
             ix.add_segment(seq, 100, false);
         }
-        assert_eq!(ix.to_copy_forward(Some(12), 100), ["g", "h"]);
+        assert_eq!(ix.next_to_copy(Some(12), 100, usize::MAX), ["g", "h"]);
     }
 }

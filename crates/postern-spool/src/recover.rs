@@ -34,6 +34,8 @@ pub struct RecoveredMessage {
     /// A corrupt record was found between its START and its END: perhaps one of its own
     /// status records (see `keep_latest_copies`).
     tainted: bool,
+    /// The octets of its `START`, body and `END` records.
+    pub(crate) records: u64,
 }
 
 impl RecoveredMessage {
@@ -176,6 +178,8 @@ struct Partial {
     queue_id: String,
     meta: MessageMeta,
     size: u64,
+    /// The octets of its records so far.
+    records: u64,
     pieces: Vec<Piece>,
 }
 
@@ -668,6 +672,7 @@ impl Scan<'_> {
                             queue_id,
                             meta,
                             size: 0,
+                            records: record_len(payload.len()) as u64,
                             pieces: Vec::new(),
                         };
                         if self.open.insert(no, partial).is_some() {
@@ -680,6 +685,7 @@ impl Scan<'_> {
             Kind::Body => {
                 if let Some(p) = self.open.get_mut(&no) {
                     p.size += (payload.len() - 8) as u64;
+                    p.records += record_len(payload.len()) as u64;
                     p.pieces.push(Piece {
                         map: self.map.clone(),
                         start: at + 8,
@@ -697,6 +703,7 @@ impl Scan<'_> {
                             start_seq: p.start_seq,
                             statuses_before: p.statuses_before,
                             tainted: p.tainted,
+                            records: p.records + record_len(payload.len()) as u64,
                             body: MessageRef::new(&p.queue_id, p.size, p.pieces),
                             queue_id: p.queue_id,
                             meta: p.meta,

@@ -54,6 +54,8 @@ pub struct Draft {
     no: u64,
     queue_id: String,
     size: u64,
+    /// The octets of the records appended for it so far (see `Index::set_live`).
+    records: u64,
     pieces: Vec<Piece>,
     /// Recipients in its envelope.
     recipients: u32,
@@ -318,13 +320,25 @@ impl Spool {
         // message was reclaimed, or a start never finished, must not meet its ID again (a
         // new message would take that status for its own).
         let id_floor = found.newest_id_micros.saturating_add(1);
+        let mut scratch = Fields(Vec::new());
         for m in &found.messages {
             if !m.is_final() {
                 index.pin(m.start_seq);
+                // What a copy of it would write: its records, and one status record for each
+                // recipient with an outcome.
+                let statuses: u64 = (0u32..)
+                    .zip(&m.statuses)
+                    .filter_map(|(rcpt, s)| {
+                        let s = s.as_ref()?;
+                        scratch.0.clear();
+                        s.encode(&m.queue_id, rcpt, &mut scratch);
+                        Some(record_len(scratch.0.len()) as u64)
+                    })
+                    .sum();
                 index.set_live(
                     m.queue_id.clone(),
                     m.start_seq,
-                    m.size(),
+                    m.records + statuses,
                     m.statuses.clone(),
                 );
             }
@@ -600,6 +614,7 @@ impl Spool {
         f.u64(no).bytes(queue_id.as_bytes());
         meta.encode(&mut f);
         let seq = self.append_record(Kind::Start, &[&f.0]).map(|(s, _)| s.seq);
+        let records = record_len(f.0.len()) as u64;
         self.scratch = f.0;
         let seq = seq?;
         self.index.pin(seq);
@@ -611,6 +626,7 @@ impl Spool {
             no,
             queue_id,
             size: 0,
+            records,
             pieces: Vec::new(),
             recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
             broken: false,
@@ -656,6 +672,7 @@ impl Spool {
             }
             rest = &rest[take..];
             draft.size += take as u64;
+            draft.records += record_len(no.len() + take) as u64;
         }
         Ok(())
     }
@@ -735,11 +752,12 @@ impl Spool {
         };
         self.index.keep(end_seq);
         self.draft_over(&draft, true);
+        let records = draft.records + record_len(end.len()) as u64;
         let body = MessageRef::new(&draft.queue_id, draft.size, draft.pieces);
         if !copy {
             self.index
-                .set_live(draft.queue_id, draft.seq, draft.size, Vec::new());
-        } else if !self.index.copy_written(&draft.queue_id, draft.seq) {
+                .set_live(draft.queue_id, draft.seq, records, Vec::new());
+        } else if !self.index.copy_written(&draft.queue_id, draft.seq, records) {
             // Final meanwhile (the caller checks before it copies; kept for safety): the
             // copy's records stay, the message they belong to final by its statuses.
             self.index.unpin(draft.seq);
@@ -783,31 +801,40 @@ impl Spool {
         status: &Status,
     ) -> Result<Ticket, SpoolError> {
         self.append_status_record(queue_id, rcpt, status, true)
+            .map(|(ticket, _)| ticket)
     }
 
-    /// [`Spool::append_status`]; `track`: whether a failure of its ticket marks the message
-    /// ([`Spool::status_lost`]). Not for a copy's records: a copy that fails leaves the
-    /// message where it was, its own records untouched.
+    /// [`Spool::append_status`], with the octets the record takes; `track`: whether a
+    /// failure of its ticket marks the message ([`Spool::status_lost`]), and whether the
+    /// record counts among the message's own (not for a copy's records: a copy that fails
+    /// leaves the message where it was, its own records untouched, and one that succeeds
+    /// counts them itself).
     fn append_status_record(
         &mut self,
         queue_id: &str,
         rcpt: u32,
         status: &Status,
         track: bool,
-    ) -> Result<Ticket, SpoolError> {
+    ) -> Result<(Ticket, u64), SpoolError> {
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         status.encode(queue_id, rcpt, &mut f);
         let written = self
             .append_record(Kind::Status, &[&f.0])
             .map(|(seg, _)| seg.seq);
+        let bytes = record_len(f.0.len()) as u64;
         self.scratch = f.0;
         // A status must stay as long as the message it settles may be read.
         self.index.keep(written?);
         let ticket = self.commits.issue();
-        self.index
-            .set_status(queue_id, rcpt, status, track.then_some(ticket.0));
-        Ok(ticket)
+        self.index.set_status(
+            queue_id,
+            rcpt,
+            status,
+            track.then_some(ticket.0),
+            if track { bytes } else { 0 },
+        );
+        Ok((ticket, bytes))
     }
 
     /// Whether a status record of live message `queue_id` appended in this run was in a write
@@ -830,15 +857,16 @@ impl Spool {
     /// The live messages to copy forward now ([`Spool::copy_forward`]), by queue ID: those
     /// whose `START` is in the oldest segment, when nothing else keeps it and the spool behind
     /// it has grown to twice what is live and a segment more (docs/durability.md,
-    /// "Reclaiming space"). Usually none.
-    pub fn to_copy_forward(&self) -> Vec<String> {
+    /// "Reclaiming space"). Usually none. At most `most`: the next call hands out the rest
+    /// (those not copied yet), without looking through every live message again.
+    pub fn next_to_copy(&mut self, most: usize) -> Vec<String> {
         if self.deleting_stopped {
             // Nothing copied would be freed in this run.
             return Vec::new();
         }
         let current = self.seg.as_ref().map(|s| s.seq);
         self.index
-            .to_copy_forward(current, self.options.segment_size)
+            .next_to_copy(current, self.options.segment_size, most)
     }
 
     /// Writes live message `queue_id` again at the end of the spool, under its own queue ID,
@@ -871,9 +899,12 @@ impl Spool {
         // message before the copy's START.
         for (rcpt, status) in statuses.iter().enumerate() {
             let Some(status) = status else { continue };
-            if let Err(e) = self.append_status_record(queue_id, rcpt as u32, status, false) {
-                self.abort(draft);
-                return Err(e);
+            match self.append_status_record(queue_id, rcpt as u32, status, false) {
+                Ok((_, bytes)) => draft.records += bytes,
+                Err(e) => {
+                    self.abort(draft);
+                    return Err(e);
+                }
             }
         }
         let (ticket, copied) = self.finish_inner(draft, true)?;
@@ -1138,6 +1169,12 @@ impl Spool {
     /// Messages of this core that are finished and not yet final.
     pub fn live_messages(&self) -> usize {
         self.index.live()
+    }
+
+    /// The octets the records of this core's live messages take (one status record for each
+    /// recipient with an outcome): about what copying them all forward would write.
+    pub fn live_bytes(&self) -> u64 {
+        self.index.live_bytes()
     }
 
     /// Whether the finished message `queue_id` is held here and not yet final.

@@ -83,7 +83,7 @@ fn a_message_copied_forward_lets_the_segments_it_kept_go_and_is_found_once() {
     let before = spool.segment_count();
     // Every segment after W's is done with, but W keeps them all.
     assert_eq!(spool.reclaim().unwrap(), 0);
-    assert_eq!(spool.to_copy_forward(), [id.as_str()]);
+    assert_eq!(spool.next_to_copy(usize::MAX), [id.as_str()]);
     let (ticket, pending) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
     assert!(
         spool
@@ -92,7 +92,10 @@ fn a_message_copied_forward_lets_the_segments_it_kept_go_and_is_found_once() {
             .is_none(),
         "one copy at a time"
     );
-    assert!(spool.to_copy_forward().is_empty(), "a copy is on its way");
+    assert!(
+        spool.next_to_copy(usize::MAX).is_empty(),
+        "a copy is on its way"
+    );
     // Until the copy is durable, nothing goes.
     assert_eq!(spool.reclaim().unwrap(), 0);
     spool.sync_now().unwrap();
@@ -105,7 +108,7 @@ fn a_message_copied_forward_lets_the_segments_it_kept_go_and_is_found_once() {
         "{freed} of {before} segments freed, {} kept",
         spool.segment_count()
     );
-    assert!(spool.to_copy_forward().is_empty());
+    assert!(spool.next_to_copy(usize::MAX).is_empty());
     assert!(spool.is_live(&id));
     // An outcome recorded after the copy applies to it.
     let later = Status {
@@ -164,7 +167,7 @@ fn a_copy_not_yet_durable_keeps_the_old_place_and_a_failed_one_can_be_made_again
     assert_eq!(spool.copy_over(&id, false).unwrap(), 0);
     assert_eq!(spool.reclaim().unwrap(), 0);
     assert!(spool.segment_count() >= before);
-    assert_eq!(spool.to_copy_forward(), [id.as_str()], "tried again");
+    assert_eq!(spool.next_to_copy(usize::MAX), [id.as_str()], "tried again");
     // Killed with an unsynced copy: what is on file is read as one message.
     std::mem::forget(spool);
     recovered_once(dir.path(), &id);
@@ -198,7 +201,7 @@ fn little_is_copied_while_the_spool_is_mostly_live_mail() {
     }
     spool.sync_now().unwrap();
     assert!(spool.segment_count() >= 5);
-    assert!(spool.to_copy_forward().is_empty());
+    assert!(spool.next_to_copy(usize::MAX).is_empty());
 }
 
 #[test]
@@ -298,4 +301,75 @@ fn a_copy_whose_sync_fails_does_not_mark_the_message_s_statuses_lost() {
     assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
     spool.copy_over(&id, false).unwrap();
     assert!(!spool.status_lost(&id));
+}
+
+#[test]
+fn small_waiting_messages_count_what_their_records_take_not_their_bodies_alone() {
+    // 300 waiting messages of 200-octet bodies, each with an outcome for both recipients:
+    // their envelopes and status records take more room than their bodies. The spool is
+    // copied forward once it holds twice what a copy of them would write, and a segment
+    // more; counted by their bodies alone, copying would start at less than half that, and
+    // a steady stream of other mail would have them copied again and again.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    for i in 0..300 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 200)).unwrap();
+        let id = d.queue_id().to_owned();
+        spool.finish(d).unwrap();
+        spool.append_status(&id, 0, &deferred()).unwrap();
+        spool.append_status(&id, 1, &deferred()).unwrap();
+        // A later attempt's outcome replaces the first: a copy carries only the latest.
+        spool.append_status(&id, 1, &deferred()).unwrap();
+    }
+    spool.sync_now().unwrap();
+    let written = spool.segment_count();
+    let segment = OPTS.segment_size;
+    // Mail delivered behind them, until the spool is `segments` segments long.
+    let mut n = 1000;
+    let mut grow_to = |spool: &mut Spool, segments: usize| {
+        while spool.segment_count() < segments {
+            let mut d = spool.begin(&meta(n)).unwrap();
+            spool.append(&mut d, &body(n, 4 * 1024)).unwrap();
+            let id = d.queue_id().to_owned();
+            spool.finish(d).unwrap();
+            spool.append_status(&id, 0, &delivered()).unwrap();
+            spool.append_status(&id, 1, &delivered()).unwrap();
+            spool.sync_now().unwrap();
+            spool.mark_final(&id).unwrap();
+            n += 1;
+        }
+    };
+    let live = spool.live_bytes();
+    assert_eq!(spool.live_messages(), 300);
+    // What their records take: more than the segments they filled less one, at most
+    // those segments.
+    assert!(
+        live > (written as u64 - 1) * segment && live <= written as u64 * segment,
+        "{live} octets counted for {written} segments of {segment}"
+    );
+    // Twice their bodies and a segment is passed, twice their records and a segment not yet.
+    let bodies = 300 * 200;
+    let short_of = usize::try_from((2 * (live + segment)).div_ceil(segment)).unwrap() - 1;
+    assert!(2 * (bodies + segment) < short_of as u64 * segment);
+    grow_to(&mut spool, short_of);
+    assert!(spool.next_to_copy(usize::MAX).is_empty(), "copied too soon");
+    // Read back at an opening, they count the same: nothing is copied yet either.
+    drop(spool);
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let recovered = spool.live_bytes();
+    assert!(
+        recovered.abs_diff(live) * 50 < live,
+        "{recovered} octets counted at the opening against {live}"
+    );
+    assert!(
+        spool.next_to_copy(usize::MAX).is_empty(),
+        "copied too soon after the opening"
+    );
+    grow_to(&mut spool, short_of + 2);
+    assert_eq!(
+        spool.next_to_copy(usize::MAX).len(),
+        300,
+        "copied once it is twice as big"
+    );
 }

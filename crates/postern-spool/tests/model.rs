@@ -269,7 +269,7 @@ proptest! {
                             let n = model.len();
                             vec![model[i.index(n)].id.clone()]
                         }
-                        _ => spools[core].to_copy_forward(),
+                        _ => spools[core].next_to_copy(3),
                     };
                     for id in ids {
                         let Some(m) = model.iter_mut().find(|m| m.id == id) else {

@@ -1596,7 +1596,7 @@ impl CoreRelay {
     /// The next messages to copy forward, as the spool asks for them: a bounded batch (the
     /// copies are written on the core, between its sessions' work).
     fn copy_batch(&self) -> Vec<Arc<Msg>> {
-        let ids = self.handle.to_copy_forward();
+        let ids = self.handle.next_to_copy(COPY_BATCH_MESSAGES);
         if ids.is_empty() {
             return Vec::new();
         }
