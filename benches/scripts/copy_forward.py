@@ -24,12 +24,13 @@ N is 100000, RATE 4000 and FLOW 40 by default.
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from probing import count, free_port, probe, wait_listening
 
 if len(sys.argv) < 3:
     sys.exit(__doc__)
@@ -40,47 +41,6 @@ FLOW = int(sys.argv[5]) if len(sys.argv) > 5 else 40
 PROBE = FLOW + 20  # s
 LOAD = os.path.join(sys.argv[1], "postern-load")
 PROBES = 2
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port, deadline):
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def probe(port, seconds, out):
-    """NOOP round trips (ms) for `seconds`."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    f = s.makefile("rb")
-    f.readline()
-    s.sendall(b"EHLO probe.test\r\n")
-    while f.readline()[3:4] != b" ":
-        pass
-    end = time.time() + seconds
-    while time.time() < end:
-        t = time.perf_counter()
-        s.sendall(b"NOOP\r\n")
-        if not f.readline().startswith(b"250"):
-            raise SystemExit("the probe's NOOP was refused")
-        out.append((time.perf_counter() - t) * 1000)
-        time.sleep(0.005)
-    s.sendall(b"QUIT\r\n")
-    s.close()
-
-
-def count(path, needle):
-    with open(path) as f:
-        return sum(needle in line for line in f)
 
 
 def segments(spool):

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{body, meta};
+use common::{body, meta, pass_through};
 use postern_spool::{recover, DeliveryState, Spool, SpoolOptions, Status};
 
 fn delivered() -> Status {
@@ -69,14 +69,7 @@ fn a_message_being_written_keeps_its_first_segment() {
     for (k, piece) in long_body.chunks(30_000).enumerate() {
         spool.append(&mut long, piece).unwrap();
         // Meanwhile short messages come and go final, which reclaims what it can.
-        let mut d = spool.begin(&meta(k)).unwrap();
-        spool.append(&mut d, &body(k, 10_000)).unwrap();
-        let id = d.queue_id().to_owned();
-        spool.finish(d).unwrap();
-        spool.append_status(&id, 0, &delivered()).unwrap();
-        spool.append_status(&id, 1, &delivered()).unwrap();
-        spool.sync_now().unwrap();
-        spool.mark_final(&id).unwrap();
+        pass_through(&mut spool, k, 10_000, &delivered().reply);
     }
     let (ticket, r) = spool.finish_with_body(long).unwrap();
     spool.sync_now().unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{body, meta};
+use common::{body, meta, pass_through};
 use postern_spool::{recover, DeliveryState, MessageRef, Spool, SpoolOptions, Status, TicketState};
 
 const OPTS: SpoolOptions = SpoolOptions {
@@ -43,14 +43,7 @@ fn waiting_behind_delivered_mail(root: &std::path::Path) -> (Spool, String, Mess
     spool.append_status(&id, 0, &delivered()).unwrap();
     spool.append_status(&id, 1, &deferred()).unwrap();
     for i in 2..40 {
-        let mut d = spool.begin(&meta(i)).unwrap();
-        spool.append(&mut d, &body(i, 8 * 1024)).unwrap();
-        let done = d.queue_id().to_owned();
-        spool.finish(d).unwrap();
-        spool.append_status(&done, 0, &delivered()).unwrap();
-        spool.append_status(&done, 1, &delivered()).unwrap();
-        spool.sync_now().unwrap();
-        spool.mark_final(&done).unwrap();
+        pass_through(&mut spool, i, 8 * 1024, &delivered().reply);
     }
     assert!(spool.segment_count() >= 6, "{}", spool.segment_count());
     (spool, id, w_body)
@@ -329,14 +322,7 @@ fn small_waiting_messages_count_what_their_records_take_not_their_bodies_alone()
     let mut n = 1000;
     let mut grow_to = |spool: &mut Spool, segments: usize| {
         while spool.segment_count() < segments {
-            let mut d = spool.begin(&meta(n)).unwrap();
-            spool.append(&mut d, &body(n, 4 * 1024)).unwrap();
-            let id = d.queue_id().to_owned();
-            spool.finish(d).unwrap();
-            spool.append_status(&id, 0, &delivered()).unwrap();
-            spool.append_status(&id, 1, &delivered()).unwrap();
-            spool.sync_now().unwrap();
-            spool.mark_final(&id).unwrap();
+            pass_through(spool, n, 4 * 1024, &delivered().reply);
             n += 1;
         }
     };
