@@ -198,6 +198,10 @@ impl Index {
         if slot.is_none() {
             live.size += bytes;
             self.live_bytes += bytes;
+            if live.copy.is_some() {
+                // The copy on its way was written without it: its size counts it too.
+                live.copy_size += bytes;
+            }
         }
         if !slot.as_ref().is_some_and(Status::is_final) {
             *slot = Some(status.clone());
@@ -285,8 +289,10 @@ impl Index {
     ///
     /// At most `most` are handed out. A walk over the live messages finds those of the oldest
     /// segments, about `PLAN_BATCHES` times `most`, and its result is kept: later calls hand
-    /// out the rest, less those copied or final meanwhile, and walk again once none is left.
-    /// A copy on its way stops the handing out there.
+    /// out the rest, less those copied or final meanwhile, and walk again once fewer than
+    /// `most` are left (so that one the caller cannot copy, handed out again and again, does
+    /// not keep those behind it from being found). A copy on its way stops the handing out
+    /// there.
     pub(crate) fn next_to_copy(
         &mut self,
         current: Option<u64>,
@@ -307,33 +313,49 @@ impl Index {
         while self.plan.front().is_some_and(|e| !waits(e)) {
             self.plan.pop_front();
         }
-        if self.plan.is_empty() {
-            // Enough for a few batches: a long queue is walked once for each few thousand
-            // copies, not once for each batch, nor its whole list made in one go.
-            let mut wanted = most.saturating_mul(PLAN_BATCHES);
-            let mut upto_now = upto;
-            for e in self.segments.iter().take_while(|e| e.seq <= upto) {
-                upto_now = e.seq;
-                wanted = wanted.saturating_sub(e.pins);
-                if wanted == 0 {
-                    break;
-                }
-            }
-            self.plan = self.walk_to_copy(upto_now).into();
+        let fresh = self.plan.is_empty();
+        if fresh {
+            self.plan = self.plan_copies(upto, most);
         }
-        let live = &self.live;
+        let (ids, stopped) = self.hand_out(most);
+        if fresh || stopped || ids.len() == most {
+            return ids;
+        }
+        self.plan = self.plan_copies(upto, most);
+        self.hand_out(most).0
+    }
+
+    /// A walk for `next_to_copy`: enough for a few batches, so that a long queue is walked
+    /// once for each few thousand copies, not once for each batch, nor its whole list made in
+    /// one go.
+    fn plan_copies(&self, upto: u64, most: usize) -> VecDeque<(u64, String)> {
+        let mut wanted = most.saturating_mul(PLAN_BATCHES);
+        let mut upto_now = upto;
+        for e in self.segments.iter().take_while(|e| e.seq <= upto) {
+            upto_now = e.seq;
+            wanted = wanted.saturating_sub(e.pins);
+            if wanted == 0 {
+                break;
+            }
+        }
+        self.walk_to_copy(upto_now).into()
+    }
+
+    /// Up to `most` of the plan's messages that still wait where it found them, and whether
+    /// a copy on its way stopped the list short.
+    fn hand_out(&self, most: usize) -> (Vec<String>, bool) {
         let mut ids = Vec::new();
         for (seq, id) in &self.plan {
             if ids.len() == most {
                 break;
             }
-            match live.get(id) {
-                Some(l) if l.seq == *seq && l.copy.is_some() => break,
+            match self.live.get(id) {
+                Some(l) if l.seq == *seq && l.copy.is_some() => return (ids, true),
                 Some(l) if l.seq == *seq => ids.push(id.clone()),
                 _ => {}
             }
         }
-        ids
+        (ids, false)
     }
 
     /// The newest segment `next_to_copy` would empty now, if any.
@@ -509,6 +531,7 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DeliveryState;
 
     #[test]
     fn a_drained_queue_gives_its_room_back() {
@@ -710,12 +733,13 @@ mod tests {
         ix.pin(10);
         assert!(ix.copy_written("e", 10, 10));
         assert_eq!(ix.next_to_copy(Some(10), 100, 5), ["c"]);
-        // The walk's result was kept: a message made live in an old segment since (which
-        // a spool never does; here it shows that the list was not made again) is not in it.
+        // The walk's result was kept while it holds a batch: a message made live in an old
+        // segment since (which a spool never does; here it shows that the list was not made
+        // again) is not in it.
         ix.pin(2);
         ix.set_live("late".into(), 2, 10, Vec::new());
         ix.copy_over("e", true);
-        assert_eq!(ix.next_to_copy(Some(10), 100, 5), ["c"]);
+        assert_eq!(ix.next_to_copy(Some(10), 100, 1), ["c"]);
         // Once all of it is handed out and copied, the next call walks again.
         ix.pin(10);
         assert!(ix.copy_written("c", 10, 10));
@@ -728,6 +752,77 @@ mod tests {
         }
         assert!(ix.next_to_copy(Some(10), 100, 5).is_empty());
         assert!(ix.plan.is_empty());
+    }
+
+    #[test]
+    fn one_that_cannot_be_copied_does_not_hide_those_behind_the_walk_s_reach() {
+        let mut ix = Index::default();
+        for seq in 1..=60 {
+            ix.add_segment(seq, 100, true);
+        }
+        ix.pin(1);
+        ix.set_live("stuck".into(), 1, 1, Vec::new());
+        for seq in 2..=41 {
+            ix.pin(seq);
+            ix.set_live(format!("m{seq:02}"), seq, 1, Vec::new());
+        }
+        // Two a batch: a walk reaches the first 2 x PLAN_BATCHES. All but the first are
+        // copied, batch after batch (one a batch, beside it).
+        let mut handed = Vec::new();
+        for _ in 0..40 {
+            let ids = ix.next_to_copy(Some(60), 100, 2);
+            assert_eq!(ids.first().map(String::as_str), Some("stuck"));
+            for id in &ids[1..] {
+                ix.pin(60);
+                assert!(ix.copy_written(id, 60, 1));
+                ix.copy_over(id, true);
+                handed.push(id.clone());
+            }
+        }
+        // Past the first walk's reach too: the plan left with less than a batch is made
+        // again, and what lies behind is found.
+        assert!(
+            handed.contains(&format!("m{:02}", PLAN_BATCHES * 2 + 1)),
+            "{handed:?}"
+        );
+        assert_eq!(handed.len(), 40, "{handed:?}");
+    }
+
+    #[test]
+    fn a_copy_made_durable_counts_what_the_copy_holds() {
+        let mut ix = Index::default();
+        for seq in 1..=3 {
+            ix.add_segment(seq, 100, true);
+        }
+        ix.pin(1);
+        ix.set_live("a".into(), 1, 10, vec![None, None]);
+        let deferred = Status {
+            state: DeliveryState::Deferred {
+                next_attempt: 1,
+                warned: false,
+            },
+            reply: "451 later".into(),
+        };
+        ix.set_status("a", 0, &deferred, Some(1), 4);
+        assert_eq!(ix.live_bytes, 14);
+        // A failed copy changes nothing; a durable one counts the copy's records.
+        ix.pin(3);
+        assert!(ix.copy_written("a", 3, 30));
+        ix.copy_over("a", false);
+        assert_eq!(ix.live_bytes, 14);
+        ix.pin(3);
+        assert!(ix.copy_written("a", 3, 30));
+        // An outcome recorded while the copy is on its way is in neither the copy's records
+        // nor its count yet: both count it.
+        ix.set_status("a", 1, &deferred, Some(2), 5);
+        assert_eq!(ix.live_bytes, 19);
+        ix.copy_over("a", true);
+        assert_eq!(ix.live_bytes, 35);
+        // A later outcome of a recipient that has one adds nothing (a copy carries one).
+        ix.set_status("a", 1, &deferred, Some(3), 5);
+        assert_eq!(ix.live_bytes, 35);
+        assert!(ix.set_final("a"));
+        assert_eq!(ix.live_bytes, 0);
     }
 
     #[test]
