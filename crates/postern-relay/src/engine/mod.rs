@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use event_listener::{Event, IntoNotification};
 use futures_lite::future;
+use indexmap::IndexMap;
 use postern_proto::client::{BodyMode, ClientError, OutRecipient, Transaction, TransactionResult};
 use postern_proto::{Notify, Reply};
 use postern_queue::{shard_of, Depth, Mailboxes, RetryDecision, RetryPolicy, Schedule, Watermarks};
@@ -953,7 +954,9 @@ pub struct CoreRelay {
     handle: CoreHandle,
     id: usize,
     tracked: RefCell<Queued>,
-    dests: RefCell<HashMap<String, Rc<DestQueue>>>,
+    dests: RefCell<IndexMap<String, Rc<DestQueue>>>,
+    /// Where `forget_quiet_next_hops` goes on in `dests` at its next turn.
+    forget_at: Cell<usize>,
     retry: RefCell<Schedule<Job>>,
     retry_changed: Event,
     /// The last [`Relay::flushes`] this core acted on.
@@ -1127,7 +1130,8 @@ impl CoreRelay {
             handle,
             id,
             tracked: RefCell::new(Queued::default()),
-            dests: RefCell::new(HashMap::new()),
+            dests: RefCell::new(IndexMap::new()),
+            forget_at: Cell::new(0),
             retry: RefCell::new(Schedule::new()),
             retry_changed: Event::new(),
             flushes_seen: Cell::new(0),
