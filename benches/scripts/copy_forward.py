@@ -27,10 +27,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from probing import count, free_port, probe, wait_listening
+from probing import free_port, joined, queue_deferred, start_probes, wait_listening
 
 if len(sys.argv) < 3:
     sys.exit(__doc__)
@@ -76,21 +75,9 @@ def run(bindir):
             wait_listening(port, time.time() + 30)
             wait_listening(sink_port, time.time() + 30)
             wait_listening(refuser_port, time.time() + 30)
-            subprocess.run(
-                [LOAD, "send", "--target", f"127.0.0.1:{port}", "--connections", "16",
-                 "--pipelining", "--window", "8", "--bdat", "--messages", str(N),
-                 "--to", "d{seq}@deferred.test", "--quiet"],
-                check=True, stdout=subprocess.DEVNULL, timeout=120)
-            deadline = time.time() + 120
-            while count(err_path, 'status="deferred"') < N:
-                if time.time() > deadline:
-                    raise SystemExit("the deferred queue was not deferred in time")
-                time.sleep(0.5)
-            rtts = []
-            threads = [threading.Thread(target=probe, args=(port, PROBE, rtts))
-                       for _ in range(PROBES)]
-            for t in threads:
-                t.start()
+            queue_deferred(LOAD, port, N, "d{seq}@deferred.test", err_path,
+                           "the deferred queue")
+            probes = start_probes(port, PROBE, PROBES)
             began = time.time()
             flow = subprocess.Popen(
                 [LOAD, "send", "--target", f"127.0.0.1:{port}", "--connections", "8",
@@ -104,17 +91,14 @@ def run(bindir):
                 if copied_at is None and peak >= 8 and n < peak * 0.8:
                     copied_at = time.time() - began
                 time.sleep(0.25)
-            for t in threads:
-                t.join(30)
+            rtts = joined(probes, 30)
             if flow.wait(60) != 0:
                 raise SystemExit("the flow failed")
-            if not rtts:
-                raise SystemExit("no probe answered")
             print(name_of(bindir), "segment files every 5 s:", seen[::20], flush=True)
             with open(err_path) as f:
                 copies = sum(int(line.split(" messages=")[1].split()[0]) for line in f
                              if "copied waiting messages forward" in line)
-            result = {"rtts": sorted(rtts), "peak": peak, "end": seen[-1],
+            result = {"rtts": rtts, "peak": peak, "end": seen[-1],
                       "copied_at": copied_at, "copies": copies}
         finally:
             server.send_signal(signal.SIGTERM)

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 
-from probing import count, free_port, probe, wait_listening
+from probing import free_port, joined, queue_deferred, start_probes, wait_listening
 
 if len(sys.argv) < 3:
     sys.exit(__doc__)
@@ -72,31 +72,13 @@ def run(bindir):
             server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_listening(port, time.time() + 30)
-            subprocess.run(
-                [LOAD, "send", "--target", f"127.0.0.1:{port}", "--connections", "16",
-                 "--pipelining", "--window", "8", "--bdat", "--messages", str(N),
-                 "--to", "r@d{seq}.test", "--quiet"],
-                check=True, stdout=subprocess.DEVNULL, timeout=120)
-            deadline = time.time() + 120
-            while count(err_path, 'status="deferred"') < N:
-                if time.time() > deadline:
-                    raise SystemExit("the messages were not deferred in time")
-                time.sleep(0.5)
-            rtts = []
-            threads = [threading.Thread(target=probe, args=(port, PROBE, rtts))
-                       for _ in range(PROBES)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(PROBE + 30)
-            if not rtts:
-                raise SystemExit("no probe answered")
+            queue_deferred(LOAD, port, N, "r@d{seq}.test", err_path, "the mail")
+            rtts = joined(start_probes(port, PROBE, PROBES), PROBE + 30)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(120)
             stop.set()
             stub.join(5)
-    rtts.sort()
     return (rtts[-1], rtts[int(len(rtts) * 0.999)], rtts[int(len(rtts) * 0.99)], len(rtts))
 
 

@@ -1,6 +1,8 @@
 """What the session-wait benchmarks share: free ports, waiting for a listener, and probe
 sessions that time NOOP round trips. Loopback only."""
 import socket
+import subprocess
+import threading
 import time
 
 
@@ -54,3 +56,39 @@ def probe(port, seconds, out):
 def count(path, needle):
     with open(path) as f:
         return sum(needle in line for line in f)
+
+
+def queue_deferred(load, port, n, to, err_path, why):
+    """Sends `n` messages to `to` (a `postern-load send --to` pattern) through the server on
+    `port`, and waits until its log at `err_path` says each was deferred."""
+    subprocess.run(
+        [load, "send", "--target", f"127.0.0.1:{port}", "--connections", "16",
+         "--pipelining", "--window", "8", "--bdat", "--messages", str(n),
+         "--to", to, "--quiet"],
+        check=True, stdout=subprocess.DEVNULL, timeout=120)
+    deadline = time.time() + 120
+    while count(err_path, 'status="deferred"') < n:
+        if time.time() > deadline:
+            raise SystemExit(f"{why} was not deferred in time")
+        time.sleep(0.5)
+
+
+def start_probes(port, seconds, sessions):
+    """`sessions` probe sessions on `port` for `seconds`: their threads, started, and the
+    list their round trips go into."""
+    rtts = []
+    threads = [threading.Thread(target=probe, args=(port, seconds, rtts))
+               for _ in range(sessions)]
+    for t in threads:
+        t.start()
+    return threads, rtts
+
+
+def joined(probes, timeout):
+    """The round trips of `start_probes`' sessions once they end, sorted."""
+    threads, rtts = probes
+    for t in threads:
+        t.join(timeout)
+    if not rtts:
+        raise SystemExit("no probe answered")
+    return sorted(rtts)
