@@ -759,13 +759,16 @@ impl ClientSession {
             Expect::DataGo if reply.is_positive() && reply.code != 354 => {
                 Some(self.fail(ClientError::Unexpected("DATA", reply)))
             }
-            // A success to a chunk or to the end of the data with an addressing status (RFC
-            // 3463 X.1.X, a MAIL or RCPT reply's: 2.1.0, 2.1.5) answered another command: a
-            // reply no command asked for pushed it along, and the data's own reply, perhaps
-            // a refusal, is still to come. BDAT has no intermediate reply that would show it
-            // (DATA's 354 does). Taken, it would count the message delivered; the session
-            // ends out of step and the outcome stays open (the mail is tried again).
-            Expect::Chunk | Expect::DataDone
+            // A success to a chunk before the last with an addressing status (RFC 3463
+            // X.1.X, a MAIL or RCPT reply's: 2.1.0, 2.1.5) answered another command: a reply
+            // no command asked for pushed it along, and the chunk's own reply, perhaps a
+            // refusal, is still to come. BDAT has no intermediate reply that would show it
+            // (DATA's 354 does). The session ends out of step and the outcome stays open
+            // (the mail is tried again). Such a success to the end of the data is the
+            // transaction's result, for the embedding to check with a NOOP before it takes
+            // it: some servers do answer a message so, and RFC 5321 4.2.1 makes any 2yz a
+            // success.
+            Expect::Chunk
                 if reply.is_positive() && reply.enhanced.is_some_and(|e| e.subject == 1) =>
             {
                 Some(self.fail(ClientError::Unexpected("the message", reply)))

@@ -231,6 +231,30 @@ pub fn taken_past_a_refusal<'a>(
     results.clone().any(taken) && results.clone().any(refused)
 }
 
+/// Whether transactions whose replies were all read took a message with an addressing status
+/// (RFC 3463 X.1.X, what MAIL and RCPT get: `250 2.1.5`) as the answer to its data. Some next
+/// hops answer a message so, and any 2yz is a success (RFC 5321 4.2.1); but it is also what a
+/// RCPT reply looks like when a reply no command asked for has pushed the replies along by
+/// one, the data's own answer (perhaps a refusal) still to come. Asked a NOOP, a next hop in
+/// step says 250; one out of step puts that answer in the NOOP's place.
+pub fn taken_with_an_addressing_status<'a>(
+    mut results: impl Iterator<Item = &'a TransactionResult>,
+) -> bool {
+    results.any(|r| {
+        r.mail.is_positive()
+            && r.data
+                .as_ref()
+                .is_some_and(|d| d.is_positive() && d.enhanced.is_some_and(|e| e.subject == 1))
+    })
+}
+
+/// Whether the replies just read must be seen to be in step (a NOOP, [`Outbound::in_step`])
+/// before their outcomes are taken: [`taken_past_a_refusal`] or
+/// [`taken_with_an_addressing_status`].
+pub fn unsure_of<'a>(results: impl Iterator<Item = &'a TransactionResult> + Clone) -> bool {
+    taken_past_a_refusal(results.clone()) || taken_with_an_addressing_status(results)
+}
+
 /// A reply longer than the read buffer.
 const REPLY_TOO_LONG: &str = "reply too long";
 
@@ -645,7 +669,7 @@ impl Outbound {
                     ClientEvent::Done(_) if self.unasked_after_reply() => {
                         Err(Err(ConnError::Io(OUT_OF_STEP.into())))
                     }
-                    ClientEvent::Done(result) if taken_past_a_refusal(std::iter::once(&result)) => {
+                    ClientEvent::Done(result) if unsure_of(std::iter::once(&result)) => {
                         self.in_step(t.mail).await.map_err(Err)?;
                         Ok(result)
                     }

@@ -154,6 +154,64 @@ fn a_long_reply_line_to_the_data_is_read_and_the_message_delivered_once() {
 }
 
 #[test]
+fn a_message_answered_with_an_addressing_status_is_delivered_once_a_noop_finds_the_replies_in_step()
+{
+    // RFC 5321 4.2.1 makes any 2yz to the data a success, and some next hops give it a 2.1.x
+    // status (RFC 3463 leaves the detail to them). That is also what a RCPT reply looks like
+    // when a reply nobody asked for has pushed the others along, so a NOOP asks whether the
+    // replies are in step; a next hop in step answers 250, and the message is delivered,
+    // once. Taken as out of step, it would be sent again at every retry and then returned
+    // as undelivered. For the end of a BDAT body (alone, and in a pipelined batch), of a
+    // pipelined DATA, and of a DATA sent a command at a time.
+    let chunking = "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n";
+    for (ehlo, extra) in [
+        (chunking, &[][..]),
+        (chunking, &["--max-transactions-in-flight", "8"][..]),
+        ("250-scripted.test\r\n250 PIPELINING\r\n", &[][..]),
+        ("250 scripted.test\r\n", &[][..]),
+    ] {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let (port, stored, _) = scripted_next_hop(
+            move |n, line| {
+                seen.lock().unwrap().push((n, line.trim_end().to_owned()));
+                line.starts_with("EHLO").then_some(Act::Say(ehlo))
+            },
+            Act::Say("250 2.1.0 Ok, message accepted\r\n"),
+        );
+        let server = routed_to_port(port, extra);
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            "<addressed@t>",
+            "x\r\n",
+        );
+        let outcome = server.log_until(|l| l.contains("status="));
+        assert!(
+            outcome.contains("status=\"sent\""),
+            "{ehlo:?} {extra:?}: {outcome}"
+        );
+        assert!(
+            outcome.contains("250 2.1.0 Ok, message accepted"),
+            "{outcome}"
+        );
+        let (n, body) = stored.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(n, 0);
+        assert!(body.contains("Message-ID: <addressed@t>"), "{body}");
+        assert!(stored.try_recv().is_err(), "one copy only");
+        let first: Vec<String> = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(n, _)| *n == 0)
+            .map(|(_, l)| l.clone())
+            .collect();
+        assert!(first.iter().any(|l| l == "NOOP"), "{ehlo:?}: {first:?}");
+    }
+}
+
+#[test]
 fn a_reply_of_endless_lines_is_given_up_past_its_line_cap_not_at_its_timeout() {
     // A next hop that answers EHLO with continuation lines, as fast as it can write them and
     // never ending: every read is ready at once, and the core would read them until the
@@ -1380,8 +1438,9 @@ fn a_reply_after_the_ehlo_reply_gives_the_connection_up_before_it_carries_mail()
 fn a_reply_after_the_mail_reply_does_not_pass_a_rcpt_reply_for_the_answer_to_the_body() {
     // The extra reply behind MAIL's answers RCPT, and RCPT's `250 2.1.5` the body: BDAT has
     // no 354 that would show the shift, and the next hop's real answer to the body, a 554,
-    // comes after its content check. An addressing status (2.1.x) is no answer to a body:
-    // the message is tried again, and bounced with the 554, not counted delivered.
+    // comes after its content check. An addressing status (2.1.x) to a body is checked with a
+    // NOOP, whose place the 554 takes: the message is tried again, and bounced with the 554,
+    // not counted delivered.
     let (taken, origin, server) = strayed_into(
         "MAIL",
         "250-PIPELINING\r\n250-CHUNKING\r\n",
@@ -1391,7 +1450,10 @@ fn a_reply_after_the_mail_reply_does_not_pass_a_rcpt_reply_for_the_answer_to_the
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     assert!(taken.lock().unwrap().is_empty());
-    server.log_until(|l| l.contains("unexpected reply to the message (250 2.1.5"));
+    // Its NOOP got the 554 in its place: out of step, as the first attempt's outcome says.
+    let first = server.log_until(|l| l.contains("status="));
+    assert!(first.contains("status=\"deferred\""), "{first}");
+    assert!(first.contains("the replies were out of step"), "{first}");
 }
 
 #[test]

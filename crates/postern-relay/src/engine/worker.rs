@@ -949,9 +949,9 @@ impl CoreRelay {
                 }
             }
         }
-        // A batch that took a message past a refusal is asked a NOOP (see
-        // `taken_past_a_refusal`): anything but its 250 is a reply left over.
-        let unsure = || crate::conn::taken_past_a_refusal(answered.iter().map(|(_, r)| r));
+        // A batch that took a message past a refusal, or with an addressing status, is asked
+        // a NOOP (see `unsure_of`): anything but its 250 is a reply left over.
+        let unsure = || crate::conn::unsure_of(answered.iter().map(|(_, r)| r));
         if conn.unasked_after_reply()
             || (broken.is_none() && unsure() && conn.in_step(t.mail).await.is_err())
         {
