@@ -188,6 +188,8 @@ pub struct ReplyParser {
     partial: Option<Reply>,
     /// Lines of the partial reply read, those dropped past [`MAX_REPLY_LINES`] included.
     lines_read: usize,
+    /// Blank lines read since the last reply.
+    blank_lines: usize,
 }
 
 impl Default for ReplyParser {
@@ -227,6 +229,7 @@ impl ReplyParser {
             framer: LineFramer::new(MAX_REPLY_LINE_READ),
             partial: None,
             lines_read: 0,
+            blank_lines: 0,
         }
     }
 
@@ -271,6 +274,17 @@ impl ReplyParser {
     }
 
     fn line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
+        // A line of nothing but blanks between replies is no reply (some servers write a
+        // line end too many after one): passed over, as Postfix's client passes over lines
+        // that are no reply. They count, so that a server writing them without end is given
+        // up like one writing a reply of endless lines.
+        if self.partial.is_none() && line.iter().all(|&b| matches!(b, b' ' | b'\t' | b'\r')) {
+            self.blank_lines += 1;
+            if self.blank_lines > MAX_REPLY_LINES_READ {
+                return Err(ReplyError::TooManyLines);
+            }
+            return Ok(None);
+        }
         if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
             return Err(ReplyError::Malformed(shown(line)));
         }
@@ -320,6 +334,7 @@ impl ReplyParser {
             }
             None => {
                 self.lines_read = 1;
+                self.blank_lines = 0;
                 let (enhanced, text) = match EnhancedCode::parse_prefix(&text) {
                     Some((e, rest)) if e.class == (code / 100) as u8 => (Some(e), rest.to_owned()),
                     _ => (None, text.into_owned()),
@@ -381,6 +396,49 @@ mod tests {
         assert!(matches!(
             parser.parse(&two[consumed..]),
             ParsedReply::Complete { .. }
+        ));
+    }
+
+    #[test]
+    fn blank_lines_between_replies_are_passed_over_up_to_the_cap() {
+        let mut parser = ReplyParser::new();
+        let input = b"\r\n \t\r\n\n250 2.0.0 ok\r\n\r\n";
+        let ParsedReply::Complete { reply, consumed } = parser.parse(input) else {
+            panic!("not read");
+        };
+        assert_eq!((reply.code, reply.lines[0].as_str()), (250, "ok"));
+        assert_eq!(&input[consumed..], b"\r\n");
+        assert!(matches!(
+            parser.parse(&input[consumed..]),
+            ParsedReply::Incomplete { consumed: 2 }
+        ));
+        // Inside a reply a blank line is still no reply line.
+        assert!(matches!(
+            ReplyParser::new().parse(b"250-a\r\n\r\n250 b\r\n"),
+            ParsedReply::Error {
+                error: ReplyError::Malformed(_),
+                ..
+            }
+        ));
+        // Without end, they are given up past the cap, as continuation lines are; each
+        // reply starts the count again.
+        let mut at_cap = b"\r\n".repeat(MAX_REPLY_LINES_READ);
+        at_cap.extend_from_slice(b"250 ok\r\n");
+        let twice = at_cap.repeat(2);
+        let mut parser = ReplyParser::new();
+        let ParsedReply::Complete { consumed, .. } = parser.parse(&twice) else {
+            panic!("not read");
+        };
+        assert!(matches!(
+            parser.parse(&twice[consumed..]),
+            ParsedReply::Complete { .. }
+        ));
+        assert!(matches!(
+            ReplyParser::new().parse(&b"\r\n".repeat(MAX_REPLY_LINES_READ + 1)),
+            ParsedReply::Error {
+                error: ReplyError::TooManyLines,
+                ..
+            }
         ));
     }
 

@@ -956,9 +956,10 @@ impl Outbound {
     /// answered is then not known. A `421` is not counted: next hops say it right after a
     /// last 250 as they close, and counting it would send such a next hop every message again
     /// and again (after a shifted reply it is the real answer to the last command, which
-    /// this cannot tell). Nor is the end of the connection. Inside TLS only what has already
-    /// been read and decrypted can be looked at.
-    pub fn unasked_after_reply(&self) -> bool {
+    /// this cannot tell). Nor is the end of the connection, nor blank lines, which are no
+    /// reply (some next hops write a line end too many after a reply): those are read and
+    /// dropped. Inside TLS only what has already been read and decrypted can be looked at.
+    pub fn unasked_after_reply(&mut self) -> bool {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
         // A reply still awaited (a RSET queued after a refusal, or before a transaction that
@@ -966,25 +967,38 @@ impl Outbound {
         if !self.session.is_idle() {
             return false;
         }
-        let mut head = [0u8; 4];
-        let n = if self.start < self.end {
-            let n = (self.end - self.start).min(head.len());
-            head[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-            n
-        } else if self.is_tls() {
+        let blank = |b: &u8| matches!(b, b'\r' | b'\n' | b' ' | b'\t');
+        let unasked =
+            |head: &[u8]| !head.is_empty() && !b"421".starts_with(&head[..head.len().min(3)]);
+        while self.start < self.end && blank(&self.buf[self.start]) {
+            self.start += 1;
+        }
+        if self.start < self.end {
+            let n = (self.end - self.start).min(3);
+            return unasked(&self.buf[self.start..self.start + n]);
+        }
+        if self.is_tls() {
             return false;
-        } else {
-            let Some(tcp) = self.stream.tcp() else {
-                return false;
-            };
-            recv(
-                tcp.as_raw_fd(),
-                &mut head,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-            )
-            .unwrap_or_default()
+        }
+        let Some(tcp) = self.stream.tcp() else {
+            return false;
         };
-        n > 0 && !b"421".starts_with(&head[..n.min(3)])
+        let fd = tcp.as_raw_fd();
+        // Blank bytes are taken off the socket a peek at a time; past a few peeks of nothing
+        // else, the next hop is writing them without end, which no reply in step does.
+        for _ in 0..16 {
+            let mut head = [0u8; 64];
+            let n = recv(fd, &mut head, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+                .unwrap_or_default();
+            let blanks = head[..n].iter().take_while(|b| blank(b)).count();
+            if blanks < n || n == 0 {
+                return unasked(&head[blanks..n]);
+            }
+            if recv(fd, &mut head[..blanks], MsgFlags::MSG_DONTWAIT).unwrap_or_default() != blanks {
+                return true;
+            }
+        }
+        true
     }
 
     /// Whether the server ended the connection, or said something unasked (a 421 before

@@ -212,6 +212,46 @@ fn a_message_answered_with_an_addressing_status_is_delivered_once_a_noop_finds_t
 }
 
 #[test]
+fn blank_lines_around_a_next_hop_s_replies_are_no_replies() {
+    // A line end too many after a reply (or before one) is no reply: it shifts nothing, and
+    // taken for a reply nobody asked for it had every message sent again at each retry and
+    // then returned as undelivered.
+    let chunking = "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n";
+    for (ehlo, extra) in [
+        (chunking, &[][..]),
+        (chunking, &["--max-transactions-in-flight", "8"][..]),
+        ("250-scripted.test\r\n250 PIPELINING\r\n", &[][..]),
+        ("250 scripted.test\r\n", &[][..]),
+    ] {
+        let (port, stored, _) = scripted_next_hop(
+            move |_, line| match line.get(..4) {
+                Some("EHLO") => Some(Act::Say(ehlo)),
+                Some("MAIL") => Some(Act::Say("\r\n250 2.1.0 ok\r\n")),
+                _ => None,
+            },
+            Act::Say("250 2.0.0 queued\r\n\r\n"),
+        );
+        let server = routed_to_port(port, extra);
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            "<blank@t>",
+            "x\r\n",
+        );
+        let outcome = server.log_until(|l| l.contains("status="));
+        assert!(
+            outcome.contains("status=\"sent\""),
+            "{ehlo:?} {extra:?}: {outcome}"
+        );
+        let (n, body) = stored.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(n, 0);
+        assert!(body.contains("Message-ID: <blank@t>"), "{body}");
+        assert!(stored.try_recv().is_err(), "one copy only");
+    }
+}
+
+#[test]
 fn a_reply_of_endless_lines_is_given_up_past_its_line_cap_not_at_its_timeout() {
     // A next hop that answers EHLO with continuation lines, as fast as it can write them and
     // never ending: every read is ready at once, and the core would read them until the
