@@ -347,6 +347,24 @@ fn main() -> ExitCode {
             if net.addr().is_ipv4() { "IPv4" } else { "IPv6" }
         );
     }
+    // RFC 5321 4.5.1: mail to the postmaster is always taken. Without --postmaster it goes
+    // to postmaster@<hostname>, whose MX is most often this very server: each such message
+    // would come back as a loop and be returned to its sender.
+    if let Some(relay) = &config_relay {
+        let mailbox = format!("postmaster@{}", settings.hostname);
+        if settings.postmaster.is_none()
+            && matches!(
+                relay.router.route(&mailbox),
+                Some(postern_relay::route::Destination::Mx(_))
+            )
+        {
+            tracing::warn!(
+                "mail to <postmaster> goes to {mailbox} by that domain's MX, most often this \
+                 server itself (then returned as a mail loop): name where it goes with \
+                 --postmaster ADDR, or route the domain with --route"
+            );
+        }
+    }
     let mut relay_handle = None;
     let delivery = match config_relay {
         None => {

@@ -879,6 +879,39 @@ fn a_relay_network_of_everyone_is_warned_about() {
 }
 
 #[test]
+fn mail_to_the_postmaster_sent_by_the_host_s_own_mx_is_warned_about() {
+    // Without --postmaster, <postmaster> becomes postmaster@<hostname>, delivered by that
+    // domain's MX: most often this server, so each such message would loop and be returned.
+    let first = |args: &[&str]| {
+        let server = common::Server::start(args);
+        server.log_until(|l| l.contains("spool recovered") || l.contains("<postmaster>"))
+    };
+    let line = first(&["--route", "other.test=127.0.0.1:9"]);
+    assert!(
+        line.contains("WARN")
+            && line.contains("postmaster@mx.test")
+            && line.contains("--postmaster"),
+        "{line}"
+    );
+    // Said nowhere it is not so: a postmaster named, the host's domain routed, a relay host,
+    // or nothing delivered.
+    for args in [
+        &[
+            "--route",
+            "other.test=127.0.0.1:9",
+            "--postmaster",
+            "pm@other.test",
+        ][..],
+        &["--route", "mx.test=127.0.0.1:9"][..],
+        &["--relay-host", "127.0.0.1:9"][..],
+        &[][..],
+    ] {
+        let line = first(args);
+        assert!(line.contains("spool recovered"), "{args:?}: {line}");
+    }
+}
+
+#[test]
 fn an_outbound_ca_that_cannot_work_stops_the_start_with_hold_too() {
     // A file, not a flag, that cannot work: a start-up failure (exit 1, as for --tls-cert),
     // which a supervisor may try again once the file is there, not a wrong flag (exit 2).
