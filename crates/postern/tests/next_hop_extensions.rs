@@ -346,6 +346,69 @@ fn a_binarymime_message_that_is_text_goes_to_a_next_hop_without_binarymime_uncha
 }
 
 #[test]
+fn a_binarymime_message_that_is_text_but_for_long_lines_is_made_to_fit_a_next_hop_without_it() {
+    // What a server upstream (postern among them) declares BINARYMIME when a body came to it
+    // as text with a line over 998 octets, and its next hop takes BINARYMIME: to the aiosmtpd
+    // next hop (neither CHUNKING nor BINARYMIME) it goes as text, its long line broken and
+    // its last line ended, as it would have gone had it come here as text. Refused with
+    // 5.6.3, such mail was returned one hop later than where it came in.
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let long = "w".repeat(1500);
+    let body = format!("Subject: long\r\nMessage-ID: <binlong@t>\r\n\r\n{long}\r\nend");
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body.as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (got, _) = peer.first("the message");
+    let data = String::from_utf8(got.data.clone()).unwrap();
+    assert!(
+        data.ends_with(&format!(
+            "\r\n\r\n{}\r\n {}\r\nend\r\n",
+            "w".repeat(998),
+            "w".repeat(502)
+        )),
+        "{data:?}"
+    );
+    assert!(
+        !got.mail_options.iter().any(|o| o.contains("BINARYMIME")),
+        "{:?}",
+        got.mail_options
+    );
+}
+
+#[test]
+fn a_binarymime_message_with_a_part_labelled_binary_is_not_made_to_fit() {
+    // Long lines in a part labelled `Content-Transfer-Encoding: binary` are the part's
+    // octets, which breaking them would change: still 5.6.3 for a next hop without
+    // BINARYMIME (RFC 3030 3 lets a server return such mail), not mangled.
+    let peer = Peer::start(&[]);
+    let server = routed_to(&peer, &[]);
+    let (mut c, _) = hello(&server);
+    assert!(c
+        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
+        .starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    let body = format!(
+        "Subject: bin\r\nMessage-ID: <binpart@t>\r\nMIME-Version: 1.0\r\n\
+         Content-Transfer-Encoding: binary\r\n\r\n{}\r\n",
+        "w".repeat(1500)
+    );
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body.as_bytes());
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+    let (bounce, text) = peer.first("the bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.6.3"), "{text}");
+}
+
+#[test]
 fn a_bounce_of_8bit_header_fields_reaches_a_sender_whose_next_hop_lacks_8bitmime() {
     let (_dest, origin, server) = refusing_next_hop_and_sender_s(&["--no-8bitmime"]);
     let (mut c, _) = hello(&server);

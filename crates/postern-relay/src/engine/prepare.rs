@@ -34,15 +34,22 @@ impl CoreRelay {
         let mut body_type = meta.body_type;
         // One that came as text (no BODY, 7BIT or 8BITMIME) but is not: a line over 998
         // octets, a NUL, a last line without CR LF (one scan, for the two rules below).
-        let not_text = body_type != 2 && !text_lines(original.chunks());
+        let mut not_text = body_type != 2 && !text_lines(original.chunks());
         if body_type == 2 && !(chunking && binarymime) {
             if !is_text(|| original.chunks()) {
-                let text = format!(
-                    "{} does not support BINARYMIME and the message is not text that could go without it",
-                    conn.remote
-                );
-                self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
-                return None;
+                // Declared binary, but text apart from lines over 998 octets or a last line
+                // without CR LF: what a server upstream (postern among them) declares
+                // BINARYMIME when a body came to it as text with such lines and its next hop
+                // takes BINARYMIME. Made to fit below, as a body that came as text is.
+                if !text_but_for_length(|| original.chunks()) {
+                    let text = format!(
+                        "{} does not support BINARYMIME and the message is not text that could go without it",
+                        conn.remote
+                    );
+                    self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+                    return None;
+                }
+                not_text = true;
             }
             body_type = 0;
         } else if not_text && chunking && binarymime {
@@ -319,10 +326,24 @@ pub(super) fn is_text<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) 
     text_lines(chunks()) && !labelled_binary(chunks())
 }
 
+/// Whether a body that is not [`is_text`] is text all the same but for the length of its
+/// lines and the line end of its last one (so [`fold_long_lines`] makes it text): every CR
+/// in a CR LF (a last octet CR aside), no NUL, and no part labelled binary.
+fn text_but_for_length<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) -> bool {
+    crlf_lines(chunks(), None) && !labelled_binary(chunks())
+}
+
 /// The line rules of [`is_text`]. (Run on every message to a next hop with BINARYMIME, so
 /// with memchr's scans: every LF right after a CR, as many CRs as LFs, no NUL, and no more
 /// than 998 octets and the CR between two LFs.)
 pub(crate) fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
+    crlf_lines(chunks, Some(999))
+}
+
+/// [`text_lines`] with lines of any length when `longest` (octets and the CR) is None, the
+/// last line then without a line end too (or ending in the CR alone).
+fn crlf_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>, longest: Option<usize>) -> bool {
+    let longest = longest.unwrap_or(usize::MAX);
     // The octets of the line so far, its CR included; the piece before's last octet.
     let (mut line, mut last) = (0usize, None);
     let (mut crs, mut lfs) = (0usize, 0usize);
@@ -338,17 +359,20 @@ pub(crate) fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
         for lf in memchr::memchr_iter(b'\n', chunk) {
             let before = lf.checked_sub(1).map_or(last, |i| Some(chunk[i]));
             line += lf - start;
-            if before != Some(b'\r') || line > 999 {
+            if before != Some(b'\r') || line > longest {
                 return false;
             }
             (line, start) = (0, lf + 1);
             lfs += 1;
         }
         line += chunk.len() - start;
-        if line > 999 {
+        if line > longest {
             return false;
         }
         last = chunk.last().copied();
+    }
+    if longest == usize::MAX {
+        return crs == lfs || (crs == lfs + 1 && last == Some(b'\r'));
     }
     crs == lfs && line == 0
 }
@@ -639,6 +663,20 @@ mod tests {
             })
     }
 
+    /// The rules of `crlf_lines` with lines of any length, octet by octet.
+    fn crlf_lines_slowly(body: &[u8]) -> bool {
+        !body.contains(&0)
+            && body.split_inclusive(|&b| b == b'\n').all(|l| {
+                let content = match l.strip_suffix(b"\r\n") {
+                    Some(c) => c,
+                    None if l.ends_with(b"\n") => return false,
+                    // The last line, without a line end, or with its CR alone.
+                    None => l.strip_suffix(b"\r").unwrap_or(l),
+                };
+                !content.iter().any(|&b| b == b'\r' || b == b'\n')
+            })
+    }
+
     proptest::proptest! {
         #[test]
         fn a_body_made_to_fit_is_text_with_the_same_words(
@@ -730,6 +768,13 @@ mod tests {
                     from = c;
                 }
                 pieces.push(&b[from..]);
+                proptest::prop_assert_eq!(
+                    super::crlf_lines(pieces.iter().copied(), None),
+                    crlf_lines_slowly(&b),
+                    "{:?} cut at {:?}, any length",
+                    b,
+                    cuts
+                );
                 proptest::prop_assert_eq!(
                     super::text_lines(pieces.iter().copied()),
                     text_lines_slowly(&b),
