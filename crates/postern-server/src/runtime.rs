@@ -666,7 +666,8 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
                 core = core.id,
                 sessions = open,
                 "the stop's grace is over with sessions still open: they are told 421 and \
-                 closed, and a message one was sending is not stored (its client still has it)"
+                 closed; a message still being sent is not stored (its client still has it), \
+                 one whose end of data came is answered by its sync (250 once it is on disk)"
             );
         }
         // Sessions still inside a body: they answer 421 and close (RFC 5321 3.8), and
