@@ -66,6 +66,29 @@ fn message_size_limit_is_advertised_and_enforced() {
 }
 
 #[test]
+fn the_limit_counts_the_trace_header_added_to_what_is_stored() {
+    // What is stored and sent on is the client's message with a Received header in front: a
+    // body at the limit would be over it by that header for a next hop with the same limit,
+    // and returned after its 250. So the header counts, as Postfix counts what it adds.
+    let server = Server::start(&["--max-message-size", "2k"]);
+    let mut c = server.greeted("client.test");
+    // Lines of 64 octets, CR LF included: 2048 octets in all, then 1024.
+    let lines = |n: usize| format!("{}\r\n", "x".repeat(62)).repeat(n / 64);
+    for (body, want) in [(lines(2048), "552 5.3.4"), (lines(1024), "250 2.0.0")] {
+        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<c@d.test>").starts_with("250"));
+        c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+        c.send(body.as_bytes());
+        let reply = c.reply();
+        assert!(
+            reply[0].starts_with(want),
+            "{} octets: {reply:?}",
+            body.len()
+        );
+    }
+}
+
+#[test]
 fn recipient_limit_gives_452() {
     let server = Server::start(&["--max-recipients", "100"]);
     let mut c = server.greeted("client.test");
