@@ -348,10 +348,11 @@ fn a_binarymime_message_that_is_text_goes_to_a_next_hop_without_binarymime_uncha
 #[test]
 fn a_binarymime_message_that_is_text_but_for_long_lines_is_made_to_fit_a_next_hop_without_it() {
     // What a server upstream (postern among them) declares BINARYMIME when a body came to it
-    // as text with a line over 998 octets, and its next hop takes BINARYMIME: to the aiosmtpd
-    // next hop (neither CHUNKING nor BINARYMIME) it goes as text, its long line broken and
-    // its last line ended, as it would have gone had it come here as text. Refused with
-    // 5.6.3, such mail was returned one hop later than where it came in.
+    // as text with a line over 998 octets (or a NUL), and its next hop takes BINARYMIME: to
+    // the aiosmtpd next hop (neither CHUNKING nor BINARYMIME) it goes as text, its long line
+    // broken, its last line ended and its NUL as it came, as it would have gone had it come
+    // here as text. Refused with 5.6.3, such mail was returned one hop later than where it
+    // came in.
     let peer = Peer::start(&[]);
     let server = routed_to(&peer, &[]);
     let (mut c, _) = hello(&server);
@@ -360,7 +361,8 @@ fn a_binarymime_message_that_is_text_but_for_long_lines_is_made_to_fit_a_next_ho
         .starts_with("250"));
     assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
     let long = "w".repeat(1500);
-    let body = format!("Subject: long\r\nMessage-ID: <binlong@t>\r\n\r\n{long}\r\nend");
+    let body =
+        format!("Subject: long\r\nMessage-ID: <binlong@t>\r\n\r\n{long}\r\nbefore\0after\r\nend");
     c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
     c.send(body.as_bytes());
     assert!(c.line().starts_with("250 2.0.0"));
@@ -369,7 +371,7 @@ fn a_binarymime_message_that_is_text_but_for_long_lines_is_made_to_fit_a_next_ho
     let data = String::from_utf8(got.data.clone()).unwrap();
     assert!(
         data.ends_with(&format!(
-            "\r\n\r\n{}\r\n {}\r\nend\r\n",
+            "\r\n\r\n{}\r\n {}\r\nbefore\0after\r\nend\r\n",
             "w".repeat(998),
             "w".repeat(502)
         )),

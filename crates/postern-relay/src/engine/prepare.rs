@@ -37,10 +37,11 @@ impl CoreRelay {
         let mut not_text = body_type != 2 && !text_lines(original.chunks());
         if body_type == 2 && !(chunking && binarymime) {
             if !is_text(|| original.chunks()) {
-                // Declared binary, but text apart from lines over 998 octets or a last line
-                // without CR LF: what a server upstream (postern among them) declares
-                // BINARYMIME when a body came to it as text with such lines and its next hop
-                // takes BINARYMIME. Made to fit below, as a body that came as text is.
+                // Declared binary, but text apart from lines over 998 octets, a last line
+                // without CR LF or NULs: what a server upstream (postern among them) declares
+                // BINARYMIME when such a body came to it as text and its next hop takes
+                // BINARYMIME. It goes as a body that came as text does (made to fit below,
+                // a NUL as it came).
                 if !text_but_for_length(|| original.chunks()) {
                     let text = format!(
                         "{} does not support BINARYMIME and the message is not text that could go without it",
@@ -327,8 +328,9 @@ pub(super) fn is_text<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) 
 }
 
 /// Whether a body that is not [`is_text`] is text all the same but for the length of its
-/// lines and the line end of its last one (so [`fold_long_lines`] makes it text): every CR
-/// in a CR LF (a last octet CR aside), no NUL, and no part labelled binary.
+/// lines, the line end of its last one and NULs, what a body that came as text may have
+/// (so [`fold_long_lines`] makes it go as one): every CR in a CR LF (a last octet CR
+/// aside), and no part labelled binary.
 fn text_but_for_length<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) -> bool {
     crlf_lines(chunks(), None) && !labelled_binary(chunks())
 }
@@ -341,8 +343,9 @@ pub(crate) fn text_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> bool {
 }
 
 /// [`text_lines`] with lines of any length when `longest` (octets and the CR) is None, the
-/// last line then without a line end too (or ending in the CR alone).
+/// last line then without a line end too (or ending in the CR alone), and NULs.
 fn crlf_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>, longest: Option<usize>) -> bool {
+    let nul_ok = longest.is_none();
     let longest = longest.unwrap_or(usize::MAX);
     // The octets of the line so far, its CR included; the piece before's last octet.
     let (mut line, mut last) = (0usize, None);
@@ -351,7 +354,7 @@ fn crlf_lines<'a>(chunks: impl Iterator<Item = &'a [u8]>, longest: Option<usize>
         if chunk.is_empty() {
             continue;
         }
-        if memchr::memchr(0, chunk).is_some() {
+        if !nul_ok && memchr::memchr(0, chunk).is_some() {
             return false;
         }
         crs += memchr::memchr_iter(b'\r', chunk).count();
@@ -663,18 +666,17 @@ mod tests {
             })
     }
 
-    /// The rules of `crlf_lines` with lines of any length, octet by octet.
+    /// The rules of `crlf_lines` with lines of any length (and NULs), octet by octet.
     fn crlf_lines_slowly(body: &[u8]) -> bool {
-        !body.contains(&0)
-            && body.split_inclusive(|&b| b == b'\n').all(|l| {
-                let content = match l.strip_suffix(b"\r\n") {
-                    Some(c) => c,
-                    None if l.ends_with(b"\n") => return false,
-                    // The last line, without a line end, or with its CR alone.
-                    None => l.strip_suffix(b"\r").unwrap_or(l),
-                };
-                !content.iter().any(|&b| b == b'\r' || b == b'\n')
-            })
+        body.split_inclusive(|&b| b == b'\n').all(|l| {
+            let content = match l.strip_suffix(b"\r\n") {
+                Some(c) => c,
+                None if l.ends_with(b"\n") => return false,
+                // The last line, without a line end, or with its CR alone.
+                None => l.strip_suffix(b"\r").unwrap_or(l),
+            };
+            !content.iter().any(|&b| b == b'\r' || b == b'\n')
+        })
     }
 
     proptest::proptest! {
