@@ -168,6 +168,86 @@ fn a_run_against_a_port_where_nothing_listens_stops_and_says_so() {
     assert!(!stdout.contains("stopped early by a signal"), "{stdout}");
 }
 
+#[test]
+fn an_open_loop_against_nothing_fails_messages_only_as_they_come_due() {
+    // A connection that cannot open fails the message it was to carry once that message is
+    // due, not before: each failed try took the next message at once, so the run ran ahead
+    // of its rate, with more messages failed than had come due.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let out = common::send(&[
+        "--target",
+        &target,
+        "--rate",
+        "10/s",
+        "--duration",
+        "60s",
+        "--connections",
+        "2",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["no_server"], true, "{report}");
+    let (failed, due) = (
+        common::num(&report, "messages_failed"),
+        common::num(&report, "messages_due"),
+    );
+    assert!(
+        failed > 0 && failed <= due,
+        "{failed} failed of {due} due: {report}"
+    );
+}
+
+#[test]
+fn an_interrupt_while_the_server_stalls_ends_the_messages_due_at_the_signal() {
+    // The sink holds each answer to the data for 30 s: every connection waits in a read when
+    // the interrupt comes, until its --timeout. The messages due end at the signal, not when
+    // the first connection wakes up from that wait.
+    let sink = Sink::start(&["--delay", "30s"]);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let sender = Command::new(BIN)
+        .args(["send", "--target", &sink.addr, "--quiet", "--rate", "100/s"])
+        .args(["--duration", "60s", "--connections", "2", "--timeout", "4s"])
+        .args(["--json", json.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let spawned = Instant::now();
+    // When to interrupt, not a wait for something: the run is a second old then.
+    std::thread::sleep(Duration::from_secs(1));
+    let signalled = spawned.elapsed().as_secs_f64();
+    assert!(Command::new("kill")
+        .args(["-INT", &sender.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    sender.wait_with_output().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["interrupted"], true, "{report}");
+    // The run began after the process did, and the stop is seen within 50 ms of the signal:
+    // at 100 a second, no more than the signal's time of messages and a few. Seen only once
+    // the reads gave up, it was 4 s more of them.
+    let due = common::num(&report, "messages_due") as f64;
+    assert!(
+        due <= 100.0 * (signalled + 0.5),
+        "{due} due at {signalled} s: {report}"
+    );
+    sink.stop();
+}
+
 /// A `send` against a listener that takes connections and never greets, with `extra` flags:
 /// started, and the listener (held, so its connections stay open and silent).
 fn send_to_silent(extra: &[&str]) -> (std::process::Child, std::net::TcpListener, String) {

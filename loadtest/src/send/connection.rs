@@ -204,8 +204,9 @@ impl Client {
 /// Runs one of the run's connections until the plan has no more messages.
 pub async fn run(core: Rc<Core>) {
     let mut next = core.run.plan.claim();
-    // Bounded: every pass settles or fails at least the ticket it starts with, and tickets
-    // run out.
+    // Bounded: every pass settles or fails at least the ticket it starts with, or tries
+    // again to open a connection for one not yet due (which comes due, or the run stops),
+    // and tickets run out.
     while let Some(ticket) = next.take() {
         let client = match open_unless_stopped(&core).await {
             Ok(c) => c,
@@ -214,11 +215,21 @@ pub async fn run(core: Rc<Core>) {
                 core.run.plan.unclaim();
                 break;
             }
+            // With --rate, a message not yet due when a connection for it fails has not
+            // been tried: it waits for the next attempt, and fails only when one fails once
+            // it is due (counted, it would end the run early, with failures that came due
+            // faster than the rate).
+            Err(Failure(kind)) if ticket.due.is_some_and(|due| Instant::now() < due) => {
+                core.run.give_up_unless_opened(kind);
+                glommio::timer::sleep(CONNECT_RETRY).await;
+                next = Some(ticket);
+                continue;
+            }
             Err(Failure(kind)) => {
                 core.fail(kind);
                 core.run.give_up_unless_opened(kind);
                 // Do not spin against a server that refuses connections.
-                glommio::timer::sleep(Duration::from_millis(20)).await;
+                glommio::timer::sleep(CONNECT_RETRY).await;
                 next = core.run.plan.claim();
                 continue;
             }
@@ -226,6 +237,10 @@ pub async fn run(core: Rc<Core>) {
         next = serve(&core, client, ticket).await;
     }
 }
+
+/// The pause after a connection that failed to open, before the next try: a server that
+/// refuses connections is not hammered.
+const CONNECT_RETRY: Duration = Duration::from_millis(20);
 
 /// A message sent on the connection and not yet answered.
 struct Pending<'a> {
@@ -476,7 +491,7 @@ async fn salvage(
 
 /// Longest sleep towards a due time between looks at the stop flag: how late a SIGINT or
 /// SIGTERM can end a run at a slow `--rate`.
-const STOP_POLL: Duration = Duration::from_millis(50);
+pub(super) const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// Waits until `due`, or until the run is stopped; true when `due` came.
 async fn wait_until(run: &Run, due: Instant) -> bool {
@@ -511,6 +526,11 @@ const STOPPED: &str = "stopped";
 /// `connect_timeout` failure. Neither waits out `--timeout`.
 async fn open_unless_stopped(core: &Core) -> Result<Client, Failure> {
     let run = &core.run;
+    // Not even tried once stopped: a try that failed would fail its message after the end
+    // of the messages due.
+    if run.plan.stopped() {
+        return Err(Failure(STOPPED));
+    }
     let connected = std::cell::Cell::new(false);
     let watch = async {
         // Bounded: the run stops, or NO_SERVER_WAIT passes, or `open` ends first.

@@ -263,14 +263,30 @@ async fn executor_main(run: Arc<Run>, thread: usize, threads: usize, tx: mpsc::S
         .collect();
     let done = Rc::new((Cell::new(false), Event::new()));
     let ticker = glommio::spawn_local(ticker(core.clone(), thread, tx.clone(), done.clone()));
+    let watcher = glommio::spawn_local(watch_stop(core.clone(), done.clone()));
     for t in tasks {
         t.await;
     }
     done.0.set(true);
     done.1.notify(usize::MAX);
     ticker.await;
+    watcher.await;
     let stats = Box::new(core.total.borrow().clone());
     let _ = tx.send(Note::Done { thread, stats });
+}
+
+/// Looks at the stop flag every [`connection::STOP_POLL`] until the connections are done, so
+/// that the time a signal ended the run is noted then (the end of the messages due), also
+/// while every connection waits on a server that stalls, for as long as `--timeout`.
+async fn watch_stop(core: Rc<Core>, done: Rc<(Cell<bool>, Event)>) {
+    // Bounded: ends once the connections are done, which the plan and timeouts bound.
+    while !done.0.get() && !core.run.plan.stopped() {
+        let listener = done.1.listen();
+        if done.0.get() {
+            break;
+        }
+        futures_lite::future::or(glommio::timer::sleep(connection::STOP_POLL), listener).await;
+    }
 }
 
 /// Hands the main thread this executor's figures once a tick, and a last time when done.
