@@ -102,6 +102,18 @@ fn every_output_file_is_written_and_complete() {
         log.lines().any(|l| l.starts_with("Tag=transaction,")),
         "{log}"
     );
+    // Each interval as long as it lasted: whole seconds, and the run's last cut short where
+    // the run ended, so that the intervals add up to the run.
+    let lengths: f64 = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("Tag=transaction,"))
+        .map(|l| l.split(',').nth(1).unwrap().parse::<f64>().unwrap())
+        .sum();
+    let elapsed = report["elapsed_s"].as_f64().unwrap();
+    assert!(
+        (lengths - elapsed).abs() < 0.1,
+        "{lengths} s of intervals in {elapsed} s: {log}"
+    );
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(
         svg.contains("<svg") && svg.contains("transaction"),

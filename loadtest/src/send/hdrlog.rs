@@ -38,15 +38,16 @@ impl<'a> HdrLog<'a> {
         })
     }
 
-    /// Writes interval `index`.
-    pub fn write(&mut self, index: u64, stats: &Stats) -> io::Result<()> {
+    /// Writes interval `index`, `secs` long (a tick, or less for the run's last).
+    pub fn write(&mut self, index: u64, secs: f64, stats: &Stats) -> io::Result<()> {
         let Some(w) = self.writer.as_mut() else {
             return Ok(());
         };
         let start = TICK * index as u32;
+        let length = Duration::from_secs_f64(secs);
         for kind in Lat::ALL {
             let h = &stats.latency[kind as usize];
-            w.write_histogram(h, start, Duration::from_secs(1), Tag::new(kind.name()))
+            w.write_histogram(h, start, length, Tag::new(kind.name()))
                 .map_err(|e| io::Error::other(format!("{e:?}")))?;
         }
         Ok(())

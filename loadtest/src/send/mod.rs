@@ -169,25 +169,23 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
             }
         }
         for (index, stats) in buckets.ready() {
-            log.write(index, &stats).map_err(|e| log_error(&args, e))?;
-            // Shown once the next one is in (it lasted a whole tick) or the run is over (it
-            // may have been the run's last, cut short): an executor's last interval comes
-            // before its end, so no interval is known to be the last when it comes.
+            // Shown and logged once the next one is in (it lasted a whole tick) or the run
+            // is over (it may have been the run's last, cut short): an executor's last
+            // interval comes before its end, so no interval is known to be the last when it
+            // comes.
             if let Some((shown, before)) = held.replace((index, stats)) {
-                progress.interval(
-                    shown,
-                    interval_secs(shown, before.last_reply_us, false),
-                    &before,
-                );
+                let secs = interval_secs(shown, before.last_reply_us, false);
+                log.write(shown, secs, &before)
+                    .map_err(|e| log_error(&args, e))?;
+                progress.interval(shown, secs, &before);
             }
         }
     }
     if let Some((index, stats)) = held.take() {
-        progress.interval(
-            index,
-            interval_secs(index, stats.last_reply_us, true),
-            &stats,
-        );
+        let secs = interval_secs(index, stats.last_reply_us, true);
+        log.write(index, secs, &stats)
+            .map_err(|e| log_error(&args, e))?;
+        progress.interval(index, secs, &stats);
     }
     progress.finish();
     for h in handles {
