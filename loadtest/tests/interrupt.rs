@@ -127,15 +127,15 @@ fn an_interrupt_while_a_free_connection_waits_for_a_message_due_misses_none() {
     }
 }
 
+/// A loopback address where nothing listens: a port that was free a moment ago.
+fn nothing_listens() -> String {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    free.local_addr().unwrap().to_string()
+}
+
 #[test]
 fn a_run_against_a_port_where_nothing_listens_stops_and_says_so() {
-    // A port that was free a moment ago: nothing listens there now.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let target = format!("127.0.0.1:{port}");
+    let target = nothing_listens();
     let started = Instant::now();
     let out = common::send(&[
         "--target",
@@ -173,12 +173,7 @@ fn an_open_loop_against_nothing_fails_messages_only_as_they_come_due() {
     // A connection that cannot open fails the message it was to carry once that message is
     // due, not before: each failed try took the next message at once, so the run ran ahead
     // of its rate, with more messages failed than had come due.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let target = format!("127.0.0.1:{port}");
+    let target = nothing_listens();
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let out = common::send(&[

@@ -65,6 +65,19 @@ fn bounce_text(stored: &[Stored]) -> String {
     String::from_utf8_lossy(&bounce.data).into_owned()
 }
 
+/// Sends `body` from a@origin.test to b@dest.test through `server`, declared
+/// `BODY=BINARYMIME` (with `params` after it) in one `BDAT LAST`, and sees it taken.
+fn send_binarymime(server: &Server, params: &str, body: &[u8]) {
+    let (mut c, _) = hello(server);
+    let mail = format!("MAIL FROM:<a@origin.test> BODY=BINARYMIME{params}");
+    assert!(c.cmd(&mail).starts_with("250"));
+    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+    c.send(body);
+    assert!(c.line().starts_with("250 2.0.0"));
+    c.cmd("QUIT");
+}
+
 #[test]
 fn eight_bit_content_is_announced_and_utf8_header_fields_need_smtputf8() {
     // A next hop with 8BITMIME and without SMTPUTF8.
@@ -289,17 +302,9 @@ fn a_binarymime_message_bounced_with_ret_full_returns_only_its_headers() {
     // The aiosmtpd next hop offers no BINARYMIME, so the message fails there (5.6.3).
     let peer = Peer::start(&[]);
     let server = routed_to(&peer, &[]);
-    let (mut c, _) = hello(&server);
-    assert!(c
-        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME RET=FULL")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
     let mut body = b"Subject: binary\r\nMessage-ID: <bin@t>\r\n\r\n".to_vec();
     body.extend((0u8..=255).cycle().take(3000));
-    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
-    c.send(&body);
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_binarymime(&server, " RET=FULL", &body);
     let (bounce, text) = peer.first("the bounce");
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("Status: 5.6.3"), "{text}");
@@ -318,18 +323,10 @@ fn a_binarymime_message_that_is_text_goes_to_a_next_hop_without_binarymime_uncha
     // as 8BITMIME and arrives byte for byte.
     let peer = Peer::start(&[]);
     let server = routed_to(&peer, &[]);
-    let (mut c, _) = hello(&server);
-    assert!(c
-        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
     let body = "Subject: caf\u{e9}\r\nMessage-ID: <bintext@t>\r\n\r\n.leading dot\r\n\
                 cr\u{e8}me\r\n.\r\nlast\r\n"
         .as_bytes();
-    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
-    c.send(body);
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_binarymime(&server, "", body);
     let (got, _) = peer.first("the message");
     assert!(
         got.data.ends_with(body),
@@ -355,18 +352,10 @@ fn a_binarymime_message_that_is_text_but_for_long_lines_is_made_to_fit_a_next_ho
     // came in.
     let peer = Peer::start(&[]);
     let server = routed_to(&peer, &[]);
-    let (mut c, _) = hello(&server);
-    assert!(c
-        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
     let long = "w".repeat(1500);
     let body =
         format!("Subject: long\r\nMessage-ID: <binlong@t>\r\n\r\n{long}\r\nbefore\0after\r\nend");
-    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
-    c.send(body.as_bytes());
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_binarymime(&server, "", body.as_bytes());
     let (got, _) = peer.first("the message");
     let data = String::from_utf8(got.data.clone()).unwrap();
     assert!(
@@ -391,20 +380,12 @@ fn a_binarymime_message_with_a_part_labelled_binary_is_not_made_to_fit() {
     // BINARYMIME (RFC 3030 3 lets a server return such mail), not mangled.
     let peer = Peer::start(&[]);
     let server = routed_to(&peer, &[]);
-    let (mut c, _) = hello(&server);
-    assert!(c
-        .cmd("MAIL FROM:<a@origin.test> BODY=BINARYMIME")
-        .starts_with("250"));
-    assert!(c.cmd("RCPT TO:<b@dest.test>").starts_with("250"));
     let body = format!(
         "Subject: bin\r\nMessage-ID: <binpart@t>\r\nMIME-Version: 1.0\r\n\
          Content-Transfer-Encoding: binary\r\n\r\n{}\r\n",
         "w".repeat(1500)
     );
-    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
-    c.send(body.as_bytes());
-    assert!(c.line().starts_with("250 2.0.0"));
-    c.cmd("QUIT");
+    send_binarymime(&server, "", body.as_bytes());
     let (bounce, text) = peer.first("the bounce");
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("Status: 5.6.3"), "{text}");
