@@ -255,6 +255,17 @@ pub fn unsure_of<'a>(results: impl Iterator<Item = &'a TransactionResult> + Clon
     taken_past_a_refusal(results.clone()) || taken_with_an_addressing_status(results)
 }
 
+/// Whether a refusal of NOOP says the command is not known (500, 502, or X.5.X): a server
+/// without NOOP, not a refusal of data that took its place.
+fn not_known(r: &Reply) -> bool {
+    matches!(r.code, 500 | 502) || r.enhanced.is_some_and(|e| e.subject == 5)
+}
+
+/// The octets of a blank line.
+fn is_blank(b: &u8) -> bool {
+    matches!(b, b'\r' | b'\n' | b' ' | b'\t')
+}
+
 /// A reply longer than the read buffer.
 const REPLY_TOO_LONG: &str = "reply too long";
 
@@ -655,7 +666,7 @@ impl Outbound {
             // refusal that came after the dot left unread. The body is not sent, the
             // connection is given up (the next hop drops a message whose dot never comes),
             // and the message is tried again.
-            ClientEvent::SendBody if tx.mode == BodyMode::Data && self.start < self.end => {
+            ClientEvent::SendBody if tx.mode == BodyMode::Data && self.unread_past_blanks() => {
                 Err(Err(ConnError::Io(UNASKED_AFTER_354.into())))
             }
             ClientEvent::SendBody => {
@@ -670,7 +681,8 @@ impl Outbound {
                         Err(Err(ConnError::Io(OUT_OF_STEP.into())))
                     }
                     ClientEvent::Done(result) if unsure_of(std::iter::once(&result)) => {
-                        self.in_step(t.mail).await.map_err(Err)?;
+                        let strict = taken_with_an_addressing_status(std::iter::once(&result));
+                        self.in_step(t.mail, strict).await.map_err(Err)?;
                         Ok(result)
                     }
                     ClientEvent::Done(result) => Ok(result),
@@ -694,27 +706,35 @@ impl Outbound {
     /// Whether the replies are still in step after a transaction, asked with a NOOP: a reply
     /// left over (the real answer to the data, when a reply no command asked for pushed the
     /// others along) takes the place of its 250. A 421 there is the next hop closing, after
-    /// replies in step.
-    pub async fn in_step(&mut self, limit: Duration) -> Result<(), ConnError> {
+    /// replies in step. `strict` (a message taken with an addressing status, which is itself
+    /// what a reply pushed along looks like) takes only a 250 for in step, or a refusal of
+    /// NOOP as not known (500, 502, X.5.X) followed by silence: a 421 or the connection's end
+    /// there may be the real answer to the data, which a delivery must not be taken over.
+    pub async fn in_step(&mut self, limit: Duration, strict: bool) -> Result<(), ConnError> {
         let out_of_step = || ConnError::Io(OUT_OF_STEP.into());
         self.session.noop();
         match self.read_until(limit, true).await {
             Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => Err(out_of_step()),
             Ok(ClientEvent::NeedInput) => match self.session.take_noop_refusal() {
                 None => Ok(()),
+                Some(r) if strict && !not_known(&r) => Err(out_of_step()),
                 // Replies pushed along put a reply left over in the NOOP's place, and its own
                 // 250 comes next; a server that does not take NOOP says nothing more (and
                 // keeps the connection: one that ends it there may have been out of step).
                 Some(_) if self.quiet_for_a_while(NOOP_ECHO_WAIT).await => Ok(()),
                 Some(_) => Err(out_of_step()),
             },
+            Ok(ClientEvent::Failed(ClientError::Closing(_))) if strict => Err(out_of_step()),
             Ok(ClientEvent::Failed(ClientError::Closing(_))) => Ok(()),
             Ok(ClientEvent::Failed(e)) => Err(ConnError::Smtp(e)),
             Ok(other) => Err(ConnError::Io(format!("unexpected {other:?} after NOOP"))),
             // No answer to a NOOP in all that time, or more than a reply: what the last
             // reply answered is not known either.
             Err(ConnError::Io(e)) if e == TIMED_OUT || e == REPLY_TOO_LONG => Err(out_of_step()),
-            // The connection ended with nothing more read: no reply was left over.
+            // The connection ended with nothing more read: no reply was left over (unless
+            // strict: a next hop may close right after refusing the data, and the refusal
+            // be lost to the reset our NOOP causes).
+            Err(_) if strict => Err(out_of_step()),
             Err(_) => Ok(()),
         }
     }
@@ -967,13 +987,9 @@ impl Outbound {
         if !self.session.is_idle() {
             return false;
         }
-        let blank = |b: &u8| matches!(b, b'\r' | b'\n' | b' ' | b'\t');
         let unasked =
             |head: &[u8]| !head.is_empty() && !b"421".starts_with(&head[..head.len().min(3)]);
-        while self.start < self.end && blank(&self.buf[self.start]) {
-            self.start += 1;
-        }
-        if self.start < self.end {
+        if self.unread_past_blanks() {
             let n = (self.end - self.start).min(3);
             return unasked(&self.buf[self.start..self.start + n]);
         }
@@ -985,20 +1001,30 @@ impl Outbound {
         };
         let fd = tcp.as_raw_fd();
         // Blank bytes are taken off the socket a peek at a time; past a few peeks of nothing
-        // else, the next hop is writing them without end, which no reply in step does.
+        // else, what follows is left to the next read (the reply parser's own cap ends blank
+        // lines without end).
         for _ in 0..16 {
             let mut head = [0u8; 64];
             let n = recv(fd, &mut head, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
                 .unwrap_or_default();
-            let blanks = head[..n].iter().take_while(|b| blank(b)).count();
+            let blanks = head[..n].iter().take_while(|b| is_blank(b)).count();
             if blanks < n || n == 0 {
                 return unasked(&head[blanks..n]);
             }
             if recv(fd, &mut head[..blanks], MsgFlags::MSG_DONTWAIT).unwrap_or_default() != blanks {
-                return true;
+                return false;
             }
         }
-        true
+        false
+    }
+
+    /// Whether bytes other than blanks are read and not yet parsed; the blanks before them are
+    /// dropped (blank lines are no reply: some next hops write a line end too many).
+    fn unread_past_blanks(&mut self) -> bool {
+        while self.start < self.end && is_blank(&self.buf[self.start]) {
+            self.start += 1;
+        }
+        self.start < self.end
     }
 
     /// Whether the server ended the connection, or said something unasked (a 421 before

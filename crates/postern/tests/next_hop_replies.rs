@@ -219,16 +219,18 @@ fn a_message_answered_with_an_addressing_status_is_delivered_once_a_noop_finds_t
 
 #[test]
 fn blank_lines_around_a_next_hop_s_replies_are_no_replies() {
-    // A line end too many after a reply (or before one) is no reply: it shifts nothing, and
-    // taken for a reply nobody asked for it had every message sent again at each retry and
-    // then returned as undelivered.
+    // A line end too many after a reply (or before one, or after the 354) is no reply: it
+    // shifts nothing, and taken for a reply nobody asked for it had every message sent again
+    // at each retry and then returned as undelivered.
     for (ehlo, extra) in EACH_KIND_OF_NEXT_HOP {
-        let (port, stored, _) = scripted_next_hop(
+        let (port, stored, _) = scripted_next_hop_going(
+            "127.0.0.1:0",
             move |_, line| match line.get(..4) {
                 Some("EHLO") => Some(Act::Say(ehlo)),
                 Some("MAIL") => Some(Act::Say("\r\n250 2.1.0 ok\r\n")),
                 _ => None,
             },
+            "354 go\r\n\r\n",
             Act::Say("250 2.0.0 queued\r\n\r\n"),
         );
         sent_once(port, extra, &stored, "<blank@t>");
@@ -700,6 +702,39 @@ fn taken_within(taken: &Taken, id: &str, limit: Duration) {
         assert!(
             Instant::now() < deadline,
             "{id} was never taken: {:?}",
+            taken.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_batch_broken_off_after_an_addressing_status_to_a_body_leaves_that_outcome_unknown() {
+    // The first message's body is answered `250 2.1.5`, and the next hop then closes (a 421
+    // in place of the second transaction's RSET reply). A success with an addressing status
+    // is known only once a NOOP finds the replies in step, and there is none to ask: the
+    // first message's outcome is not known, and it goes again (a duplicate at worst, never
+    // a refusal pushed along taken for a delivery).
+    let (port, taken) = batch_next_hop("", |n| {
+        Some(if n == 0 {
+            b"250 2.1.5 ok\r\n421 4.3.2 closing\r\n"
+        } else {
+            b"250 2.0.0 queued\r\n"
+        })
+    });
+    let _server = released_in_one_batch(port, &[("<a1@t>", "x\r\n"), ("<a2@t>", "x\r\n")], &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while taken
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| *t == "<a1@t>")
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not sent again: {:?}",
             taken.lock().unwrap()
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -1367,6 +1402,11 @@ fn next_hop_with_a_stray_after(after: &'static str, extensions: &'static str) ->
                         std::thread::sleep(Duration::from_millis(200));
                         "554 5.7.1 message refused\r\n".into()
                     }
+                    (_, Some(body)) if body.contains("close-on-me") => {
+                        std::thread::sleep(Duration::from_millis(200));
+                        let _ = stream.write_all(b"421 4.3.2 closing on this message\r\n");
+                        break;
+                    }
                     (_, Some(body)) => {
                         let id = body.lines().find_map(|l| l.strip_prefix("Message-ID: "));
                         record
@@ -1478,6 +1518,23 @@ fn a_reply_after_the_mail_reply_does_not_pass_a_rcpt_reply_for_the_answer_to_the
     let first = server.log_until(|l| l.contains("status="));
     assert!(first.contains("status=\"deferred\""), "{first}");
     assert!(first.contains("the replies were out of step"), "{first}");
+}
+
+#[test]
+fn a_421_in_place_of_the_noop_s_answer_after_an_addressing_status_is_no_delivery() {
+    // As above, but the next hop's real answer to the body is a 421 and the close: it comes
+    // in the NOOP's place. After a success with an addressing status, only the NOOP's 250
+    // shows the replies in step; taken as the next hop closing, as after other replies, the
+    // message would count as delivered, and it never was.
+    let (taken, _origin, server) = strayed_into(
+        "MAIL",
+        "250-PIPELINING\r\n250-CHUNKING\r\n",
+        &[("<closed-on@t>", &["b@dest.test"], "close-on-me\r\n")],
+    );
+    let first = server.log_until(|l| l.contains("status="));
+    assert!(first.contains("status=\"deferred\""), "{first}");
+    assert!(first.contains("the replies were out of step"), "{first}");
+    assert!(taken.lock().unwrap().is_empty());
 }
 
 #[test]

@@ -883,11 +883,12 @@ impl CoreRelay {
                         // nor any later one, and none is charged a failed attempt, as below.
                         tracing::debug!(remote = %conn.remote, "kept connection ended at RSET ({why}); reconnecting");
                         let silent = conn.quiet_for() >= SILENCE_BEFORE_BREAK;
+                        let unsure = silent || addressed(&answered);
                         self.conclude_answered(
                             conn,
                             dq,
                             &mut answered,
-                            silent.then_some(&e),
+                            unsure.then_some(&e),
                             carry,
                         );
                         self.put_back_untaken(dq, job, first_note, sent.by_ref(), carry);
@@ -910,9 +911,12 @@ impl CoreRelay {
                     // later one answer the command before its own (the next RSET's 250 taken
                     // for a message's), so none of them is known (see SILENCE_BEFORE_BREAK).
                     let silent = conn.quiet_for() >= SILENCE_BEFORE_BREAK;
+                    // Nor when one was taken with an addressing status, which only a NOOP
+                    // after the batch could show to be in step.
                     let short = matches!(&e, ConnError::Io(text) if text == crate::conn::TIMED_OUT)
                         || silent
-                        || crate::conn::out_of_step(&e);
+                        || crate::conn::out_of_step(&e)
+                        || addressed(&answered);
                     self.conclude_answered(conn, dq, &mut answered, short.then_some(&e), carry);
                     if let ConnError::Stale(why) = conn.at_rset(e.clone()) {
                         // Ended at the RSET before this transaction: the server took neither
@@ -951,9 +955,13 @@ impl CoreRelay {
         }
         // A batch that took a message past a refusal, or with an addressing status, is asked
         // a NOOP (see `unsure_of`): anything but its 250 is a reply left over.
+        // One taken with an addressing status in a batch whose write broke gets no NOOP: its
+        // outcome is not known.
         let unsure = || crate::conn::unsure_of(answered.iter().map(|(_, r)| r));
+        let strict = addressed(&answered);
         if conn.unasked_after_reply()
-            || (broken.is_none() && unsure() && conn.in_step(t.mail).await.is_err())
+            || (broken.is_some() && strict)
+            || (broken.is_none() && unsure() && conn.in_step(t.mail, strict).await.is_err())
         {
             // Out of step: none of these outcomes is known. Deferred, and tried again (a
             // duplicate at worst, never a refusal taken for a delivery); one transaction per
@@ -1633,6 +1641,13 @@ pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
     } else {
         (text, None, None, Some(e.enhanced()), 0, false)
     }
+}
+
+/// Whether a message of those answered was taken with an addressing status (see
+/// `taken_with_an_addressing_status`): its outcome is known only once a NOOP finds the
+/// replies in step.
+fn addressed<J>(answered: &[(J, postern_proto::client::TransactionResult)]) -> bool {
+    crate::conn::taken_with_an_addressing_status(answered.iter().map(|(_, r)| r))
 }
 
 #[cfg(test)]

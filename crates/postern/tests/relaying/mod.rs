@@ -421,6 +421,17 @@ pub fn scripted_next_hop_at(
     answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
     after_data: Act,
 ) -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
+    scripted_next_hop_going(bind, answer, "354 go\r\n", after_data)
+}
+
+/// [`scripted_next_hop_at`] that answers DATA with `go`.
+pub fn scripted_next_hop_going(
+    bind: &str,
+    answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
+    go: &'static str,
+    after_data: Act,
+) -> (u16, StoredRx, std::sync::mpsc::Receiver<()>) {
+    let go = Act::Say(go);
     let l = TcpListener::bind(bind).unwrap();
     let port = l.local_addr().unwrap().port();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -448,7 +459,7 @@ pub fn scripted_next_hop_at(
                     None
                 } else if line.starts_with("DATA") {
                     in_data = true;
-                    Some(&Act::Say("354 go\r\n"))
+                    Some(&go)
                 } else if let Some(args) = line.strip_prefix("BDAT ") {
                     let mut args = args.split_whitespace();
                     let size: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(0);
