@@ -148,9 +148,10 @@ fn main() -> ExitCode {
     for var in cli::unknown_variables() {
         tracing::warn!("{var} names no setting and is ignored (a misspelt name?)");
     }
-    if !config.server.hostname.contains('.') {
+    if !config.server.hostname.contains('.') && !config.server.hostname.starts_with('[') {
         // Taken (a test network may name its hosts so), but RFC 5321 2.3.5 and 4.1.1.1 want
         // a fully qualified name in the banner and EHLO, and many next hops refuse others.
+        // (An address literal is no name: `[IPv6:2001:db8::25]` has no dot either.)
         tracing::warn!(
             hostname = %config.server.hostname,
             "the host name has a single label, not a fully qualified domain name: next hops \

@@ -2055,7 +2055,12 @@ fn a_host_name_of_one_label_is_warned_of() {
         line.contains("WARN") && line.contains("hostname=gateway") && line.contains("--hostname"),
         "{line}"
     );
-    for name in ["mx1.example.net", "a.b"] {
+    for name in [
+        "mx1.example.net",
+        "a.b",
+        "[IPv6:2001:db8::25]",
+        "[192.0.2.25]",
+    ] {
         let err = start(name);
         assert!(!err.contains(warning), "{name}: {err}");
     }
