@@ -25,6 +25,18 @@ fn so_far(metrics: &str, name: &str) -> u64 {
     Counters::parse(body).get(name)
 }
 
+/// Starts a quiet `send` to `target` with `extra` flags, its JSON report to `json`.
+fn spawn_send(target: &str, extra: &[&str], json: &std::path::Path) -> std::process::Child {
+    Command::new(BIN)
+        .args(["send", "--target", target, "--quiet"])
+        .args(extra)
+        .args(["--json", json.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Starts a `send` with `extra` flags against `sink`, waits until the sink has taken
 /// mail, and interrupts it: returns its output, its JSON report, and when it started.
 fn interrupt_after_first(sink: &Sink, extra: &[&str]) -> (Output, serde_json::Value, Instant) {
@@ -39,14 +51,7 @@ fn interrupt_after(
 ) -> (Output, serde_json::Value, Instant) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
-    let sender = Command::new(BIN)
-        .args(["send", "--target", &sink.addr, "--quiet"])
-        .args(extra)
-        .args(["--json", json.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sender = spawn_send(&sink.addr, extra, &json);
     let started = Instant::now();
     // Bounded: until the sink has taken mail, or 20 s.
     let metrics = sink.metrics.clone().unwrap();
@@ -218,14 +223,20 @@ fn an_interrupt_while_the_server_stalls_ends_the_messages_due_at_the_signal() {
     let sink = Sink::start(&["--delay", "30s", "--metrics", "127.0.0.1:0"]);
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
-    let sender = Command::new(BIN)
-        .args(["send", "--target", &sink.addr, "--quiet", "--rate", "100/s"])
-        .args(["--duration", "60s", "--connections", "2", "--timeout", "4s"])
-        .args(["--json", json.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let sender = spawn_send(
+        &sink.addr,
+        &[
+            "--rate",
+            "100/s",
+            "--duration",
+            "60s",
+            "--connections",
+            "2",
+            "--timeout",
+            "4s",
+        ],
+        &json,
+    );
     let spawned = Instant::now();
     // Both connections in (so the run is under way, its signal handlers set), each with a
     // message waiting for its answer; then a second of the run at least.
