@@ -52,6 +52,9 @@ pub(crate) enum Proxied {
 
 /// Reads the header at the start of `input`: the header and its length once it is whole,
 /// None while more is needed, or why it is not one that can be taken.
+/// The twelve octets a version 2 header begins with.
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
 pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
     // A version 1 line is judged whole: cut short, the parser can take it for a bad one
     // (`... 40000 ` reads as a destination port missing).
@@ -63,7 +66,13 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
         }
         return Ok(None);
     }
-    let parsed = HeaderResult::parse(input);
+    // Past version 2's signature the header is judged as version 2 alone: the crate's own
+    // dispatch tries a bad one again as version 1 and would give that parser's reason.
+    let parsed = if input.starts_with(V2_SIGNATURE) {
+        HeaderResult::from(v2::Header::try_from(input))
+    } else {
+        HeaderResult::parse(input)
+    };
     if parsed.is_incomplete() && starts_v1 {
         // Its line has ended (`PROXY TCP4 192.0.2.7` CR LF): there is nothing more to come.
         return Err("not a PROXY header (a line cut short)".into());
@@ -272,6 +281,21 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+        // A version 2 header that is wrong past its signature is refused for what is wrong
+        // with it as version 2, not as a version 1 line.
+        let mut bad_version = v2(
+            0x21,
+            0x11,
+            &[192, 0, 2, 7, 198, 51, 100, 1, 0, 1, 0, 25],
+            &[],
+        );
+        bad_version[12] = 0x31;
+        let reason = parse(&bad_version).unwrap_err();
+        assert!(reason.contains("version 3"), "{reason}");
+        let mut bad_command = bad_version.clone();
+        bad_command[12] = 0x2f;
+        let reason = parse(&bad_command).unwrap_err();
+        assert!(reason.contains("command F"), "{reason}");
         // A version 1 line past its 107 octets never ends.
         let long = format!("PROXY TCP4 {}", "1".repeat(200));
         assert!(parse(long.as_bytes()).is_err());
