@@ -258,3 +258,33 @@ fn each_message_the_sink_accepts_gets_a_queue_id_of_its_own() {
     sink.stop();
     assert_eq!(ids.len(), 6, "{ids:?}");
 }
+
+#[test]
+fn a_body_over_the_size_limit_counts_among_the_end_of_data_replies() {
+    // No SIZE= at MAIL: the sink finds each body too big only as it comes, by DATA, by one
+    // BDAT chunk, and by the second of two.
+    let sink = Sink::start(&["--max-size", "2k"]);
+    let mut s = TcpStream::connect(&sink.addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let envelope = "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n";
+    let big = format!("Subject: s\r\n\r\n{}\r\n", "x".repeat(3000));
+    let mut script = String::from("EHLO c\r\n");
+    script.push_str(&format!("{envelope}DATA\r\n{big}.\r\n"));
+    script.push_str(&format!(
+        "{envelope}DATA\r\nSubject: s\r\n\r\nsmall\r\n.\r\n"
+    ));
+    script.push_str(&format!("{envelope}BDAT {} LAST\r\n{big}", big.len()));
+    let (first, second) = big.split_at(1500);
+    script.push_str(&format!("{envelope}BDAT {}\r\n{first}", first.len()));
+    script.push_str(&format!("BDAT {} LAST\r\n{second}", second.len()));
+    script.push_str("QUIT\r\n");
+    s.write_all(script.as_bytes()).unwrap();
+    let mut replies = String::new();
+    s.read_to_string(&mut replies).unwrap();
+    assert_eq!(replies.matches("\r\n552 ").count(), 3, "{replies}");
+    let c = sink.stop();
+    assert_eq!(c.get("replies_total{code=\"552\"}"), 3, "{c:?}");
+    assert_eq!(c.get("replies_total{code=\"250\"}"), 1, "{c:?}");
+    assert_eq!(c.get("messages_total"), 1, "{c:?}");
+}

@@ -39,6 +39,8 @@ pub fn run(args: SinkArgs) -> Result<ExitCode, LoadError> {
         Some(mix) => mix.0.iter().map(|(c, _)| *c).collect(),
         None => vec![250],
     };
+    // A body over `--max-size` is answered 552 whatever the mix.
+    codes.push(552);
     codes.sort_unstable();
     codes.dedup();
     let proto = Arc::new(ServerConfig {

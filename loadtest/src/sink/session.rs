@@ -77,6 +77,9 @@ impl Session {
                 let before = self.proto.output().len();
                 let step = self.proto.handle(&buf[start..end]);
                 start += step.consumed;
+                // A body the session refused itself (over `--max-size`): its end-of-data
+                // reply counts with the mix's.
+                self.count_refused();
                 if self.in_bdat {
                     let acks = chunk_acks(&self.proto.output()[before..]);
                     Slot::add(&self.core.slot().bdat_chunks, acks);
@@ -192,6 +195,15 @@ impl Session {
         future::or(read, future::or(expire, stop)).await
     }
 
+    /// Counts the end-of-data reply of a message refused since the last call, if any.
+    fn count_refused(&mut self) {
+        if let Some(refused) = self.proto.take_refused() {
+            if let Some(i) = self.core.shared.counters.code_index(refused.code) {
+                Slot::add(&self.core.slot().replies[i], 1);
+            }
+        }
+    }
+
     /// Settles an end of data; false when the connection is to be dropped.
     async fn data_end(&mut self) -> bool {
         let slot_bytes = self.body_len;
@@ -249,10 +261,8 @@ impl Session {
                 true
             }
             Verdict::Refuse(reply) => {
-                if let Some(i) = counters.code_index(reply.code) {
-                    Slot::add(&self.core.slot().replies[i], 1);
-                }
                 self.proto.message_failed(reply);
+                self.count_refused();
                 if reply.code == 421 {
                     // 421 closes the channel (RFC 5321 3.8): nothing after it is read.
                     self.flush().await;
