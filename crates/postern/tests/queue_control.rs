@@ -947,3 +947,72 @@ fn the_json_listing_gives_each_message_s_dsn_parameters() {
     assert_eq!(m["body"], "7bit", "{m}");
     assert_eq!(m["smtputf8"], false, "{m}");
 }
+
+#[test]
+fn a_next_attempt_brought_forward_by_a_restart_s_settings_is_listed_as_it_will_be_made() {
+    // Deferred for an hour by the first run; the second allows at most two minutes between
+    // attempts, so it tries within two minutes of its start, and the listing says so.
+    let down = reserve("127.0.0.1", 0);
+    let route = format!("dest.test=127.0.0.1:{}", down.1);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let first = [
+        "--route",
+        route.as_str(),
+        "--retry-initial",
+        "1h",
+        "--retry-max",
+        "1h",
+    ];
+    let mut server = Server::start_in(&first, spool.clone(), None);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<later@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("deferred"));
+    server.terminate_for_log();
+    let next_attempt = |listing: &[serde_json::Value]| {
+        assert_eq!(listing.len(), 1, "{listing:?}");
+        listing[0]["recipients"][0]["next_attempt"]
+            .as_u64()
+            .unwrap()
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let before = next_attempt(&queue_listing(&spool));
+    assert!(before >= now() + 3000, "{before}");
+
+    let second = [
+        "--route",
+        route.as_str(),
+        "--retry-initial",
+        "1m",
+        "--retry-max",
+        "2m",
+    ];
+    let started = now();
+    let mut server = Server::start_in(&second, spool.clone(), Some(dir));
+    // Written as the queue resumes, just after start-up: bounded wait for the record.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let at = next_attempt(&queue_listing(&spool));
+        if at < before || Instant::now() > deadline {
+            break at;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        listed >= started + 119 && listed <= now() + 121,
+        "listed {listed}, started {started}"
+    );
+    server.terminate_for_log();
+    // Kept in the spool: a listing of the stopped server says the same.
+    assert_eq!(next_attempt(&queue_listing(&server.spool)), listed);
+}

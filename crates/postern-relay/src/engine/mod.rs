@@ -1204,14 +1204,29 @@ impl CoreRelay {
                         if was_warned {
                             warned.push(i as u32);
                         }
-                        later
-                            .entry(self.relay.config.retry.resume_at(
-                                arrival,
-                                next_attempt.saturating_mul(1000),
-                                now,
-                            ))
-                            .or_default()
-                            .push(i as u32);
+                        let at = self.relay.config.retry.resume_at(
+                            arrival,
+                            next_attempt.saturating_mul(1000),
+                            now,
+                        );
+                        // Brought forward by this run's settings (a shorter --retry-max or
+                        // --max-queue-lifetime): recorded, so that `postern queue` lists the
+                        // attempt this run makes. A record that cannot be written costs only
+                        // that (the attempt is made all the same); a write error is logged.
+                        let moved = reports::attempt_secs(at);
+                        if moved < next_attempt {
+                            if let Some(recorded) = s {
+                                let status = Status {
+                                    state: DeliveryState::Deferred {
+                                        next_attempt: moved,
+                                        warned: was_warned,
+                                    },
+                                    reply: recorded.reply.clone(),
+                                };
+                                let _ = self.handle.append_status(&msg.queue_id, i as u32, &status);
+                            }
+                        }
+                        later.entry(at).or_default().push(i as u32);
                     }
                     Some(_) => {}
                 }

@@ -13,7 +13,7 @@ const GATHER_FAILURES: Duration = Duration::from_millis(500);
 /// as an arrival time is (to the end of its second), so that after a restart the attempt
 /// comes up to a second late, never early: the last one, planned for the end of the queue
 /// lifetime, then expires the message rather than find it a second short and try again.
-fn attempt_secs(ms: u64) -> u64 {
+pub(super) fn attempt_secs(ms: u64) -> u64 {
     ms.div_ceil(1000)
 }
 
