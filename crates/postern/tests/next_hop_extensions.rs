@@ -385,10 +385,29 @@ fn a_binarymime_message_with_a_part_labelled_binary_is_not_made_to_fit() {
          Content-Transfer-Encoding: binary\r\n\r\n{}\r\n",
         "w".repeat(1500)
     );
-    send_binarymime(&server, "", body.as_bytes());
+    send_binarymime(&server, " RET=FULL", body.as_bytes());
     let (bounce, text) = peer.first("the bounce");
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("Status: 5.6.3"), "{text}");
+    // Nor does it come back whole: its header section only, and the report says why.
+    assert!(text.contains("text/rfc822-headers"), "{text}");
+    assert!(text.contains("came as binary MIME"), "{text}");
+}
+
+#[test]
+fn a_binarymime_message_that_is_text_comes_back_whole_when_asked_for() {
+    // A text body without a line end after its last line, which a server upstream sends
+    // declared BINARYMIME (its next hop took that): returned whole with RET=FULL, as it is
+    // when it comes as text, not cut to its header section for the declaration alone.
+    let peer = Peer::start(&["--reject-rcpt", "b@dest"]);
+    let server = routed_to(&peer, &[]);
+    let body = "Subject: whole\r\nMessage-ID: <binwhole@t>\r\n\r\nfirst line\r\nno line end";
+    send_binarymime(&server, " RET=FULL", body.as_bytes());
+    let (bounce, text) = peer.first("the bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(text.contains("Content-Type: message/rfc822"), "{text}");
+    assert!(text.contains("\r\nfirst line\r\nno line end\r\n"), "{text}");
 }
 
 #[test]

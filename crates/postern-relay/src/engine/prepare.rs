@@ -331,7 +331,9 @@ pub(super) fn is_text<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) 
 /// lines, the line end of its last one and NULs, what a body that came as text may have
 /// (so [`fold_long_lines`] makes it go as one): every CR in a CR LF (a last octet CR
 /// aside), and no part labelled binary.
-fn text_but_for_length<'a, I: Iterator<Item = &'a [u8]>>(chunks: impl Fn() -> I) -> bool {
+pub(super) fn text_but_for_length<'a, I: Iterator<Item = &'a [u8]>>(
+    chunks: impl Fn() -> I,
+) -> bool {
     crlf_lines(chunks(), None) && !labelled_binary(chunks())
 }
 

@@ -694,7 +694,11 @@ impl CoreRelay {
             // What the sender asked for: the report says why it gets the headers instead
             // (a message over the cap, which `original` is then longer than; BINARYMIME).
             return_full: msg.meta.ret == Some(1),
-            binary: msg.meta.body_type == 2,
+            // Declared BINARYMIME, but text all the same (what a server upstream sends so
+            // when a text body has a long line, a NUL, or no line end at its close): held to
+            // what a report can carry as a body that came as text is.
+            binary: msg.meta.body_type == 2
+                && !prepare::text_but_for_length(|| std::iter::once(original.as_slice())),
             max_returned: cap,
         });
         let meta = MessageMeta {
