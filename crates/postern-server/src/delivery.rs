@@ -134,7 +134,14 @@ impl CoreHandle {
 
     /// Spools a message made here (a bounce) and waits until it is durable.
     pub async fn inject(&self, meta: &MessageMeta, body: &[u8]) -> Result<Accepted, SpoolError> {
-        let (queue_id, body) = self.0.store.inject(meta, body).await?;
+        let (queue_id, body) = match self.0.store.inject(meta, body).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                self.0
+                    .spool_error("spooling a delivery status notification", &e);
+                return Err(e);
+            }
+        };
         crate::store::ensure_spare(&self.0);
         Ok(Accepted {
             queue_id,

@@ -50,7 +50,7 @@ fn a_bounce_waiting_for_room(extra: &[&str]) -> (FaultyFs, std::path::PathBuf, S
     let id = queue_id(&acked);
     disk.fail_syncs(true);
     refuse.send(()).unwrap();
-    server.log_until(|l| l.contains("cannot spool the bounce") && l.contains(&id));
+    server.log_until(|l| l.contains("cannot spool a bounce") && l.contains(&id));
     (disk, spool, server, id)
 }
 

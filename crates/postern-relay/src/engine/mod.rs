@@ -973,6 +973,11 @@ pub struct CoreRelay {
     reporting: Cell<usize>,
     /// When a failed sync of settled statuses was last logged (at most once a minute).
     sync_warned: Cell<Option<std::time::Instant>>,
+    /// When a bounce put off for want of room was last logged, and how many since (at most
+    /// once a minute).
+    bounce_wait_logged: Cell<(Option<Instant>, u64)>,
+    /// The same for messages settled with a status that could not be written.
+    unrecorded_logged: Cell<(Option<Instant>, u64)>,
     /// Messages settled but for a bounce the spool could not take, waiting to try it again
     /// (no longer tracked), by queue ID: still counted in the queue's depth, as they still
     /// hold their space, and the operator may delete them (a full disk is when one would).
@@ -1140,6 +1145,8 @@ impl CoreRelay {
             delays_waiting: RefCell::new(Vec::new()),
             reporting: Cell::new(0),
             sync_warned: Cell::new(None),
+            bounce_wait_logged: Cell::new((None, 0)),
+            unrecorded_logged: Cell::new((None, 0)),
             bounces_waiting: RefCell::new(HashMap::new()),
             bounces_waiting_recipients: Cell::new(0),
             settling: Cell::new(0),

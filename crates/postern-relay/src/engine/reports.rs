@@ -281,11 +281,7 @@ impl CoreRelay {
                     Err(()) => {
                         // Not durable (the spool's disk is full, most likely): tried again
                         // after a pause, with any failures that came meanwhile.
-                        tracing::error!(
-                            queue_id = %queue_id,
-                            "cannot spool the bounce; trying again in {}s",
-                            BOUNCE_RETRY.as_secs()
-                        );
+                        self.bounce_put_off(&queue_id);
                         t.failed.splice(0..0, std::mem::take(&mut failed));
                     }
                 }
@@ -407,6 +403,23 @@ impl CoreRelay {
         Ok(unrecorded)
     }
 
+    /// Says that a bounce could not be spooled and waits: at most once a minute per core, with
+    /// how many messages wait so (on a full disk every settled message's bounce fails in turn,
+    /// each again every [`BOUNCE_RETRY`]: a line each would flood the log).
+    fn bounce_put_off(&self, queue_id: &str) {
+        if let Some(held_back) = once_a_minute(&self.bounce_wait_logged) {
+            tracing::error!(
+                queue_id = %queue_id,
+                waiting = self.bounces_waiting.borrow().len(),
+                more_since_last = held_back,
+                "cannot spool a bounce (see the spool error); its message stays queued and each \
+                 waiting bounce is tried again every {}s: free space on the spool's disk (or \
+                 delete such messages with `postern queue --delete`)",
+                BOUNCE_RETRY.as_secs()
+            );
+        }
+    }
+
     /// Waits [`BOUNCE_RETRY`], or until the operator asks for a flush (room was made), before
     /// a bounce that could not be spooled is tried again; false when the stop comes first.
     /// The stop's grace is not spent on a disk that keeps failing: the failures are not
@@ -481,11 +494,7 @@ impl CoreRelay {
                     // queued and the bounce is tried again, once other messages have been
                     // settled and their segments reclaimed. After a restart it would be made
                     // again from the spool.
-                    tracing::error!(
-                        queue_id = %msg.queue_id,
-                        "cannot spool the bounce; trying again in {}s",
-                        BOUNCE_RETRY.as_secs()
-                    );
+                    self.bounce_put_off(&msg.queue_id);
                     let me = self.clone();
                     let busy = Reporting::new(&self);
                     // Not one the operator deleted while this try was under way: it waits no
@@ -518,11 +527,20 @@ impl CoreRelay {
                 }
             }
         }
-        if t.unrecorded {
+        let due = if t.unrecorded {
+            once_a_minute(&self.unrecorded_logged)
+        } else {
+            None
+        };
+        if let Some(held_back) = due {
+            // The spool's own error (a full disk, a read-only or failing one) is logged
+            // where the write failed; this says what became of the message.
             tracing::warn!(
                 queue_id = %msg.queue_id,
-                "a delivery status could not be written (spool full); the message is settled \
-                 anyway, so its space can be reclaimed"
+                more_since_last = held_back,
+                "a delivery status could not be written (see the spool error); the message is \
+                 settled anyway, so its space can be reclaimed (a crash before then may deliver \
+                 it again)"
             );
         }
         if let Err(e) = self.handle.durable(&msg.queue_id).await {
@@ -733,15 +751,50 @@ impl CoreRelay {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(queue_id = %msg.queue_id, "cannot spool a bounce: {e}");
+                // Logged by the core as a spool error (once a minute, counted); here only at
+                // debug level, as a full disk fails every message's report in turn.
+                tracing::debug!(queue_id = %msg.queue_id, "cannot spool a report: {e}");
                 Err(())
             }
         }
     }
 }
 
+/// Whether a line kept to once a minute is due now: `log` holds when the last was written
+/// and how many were held back since. Due: the count held back (cleared); None otherwise.
+fn once_a_minute(log: &Cell<(Option<Instant>, u64)>) -> Option<u64> {
+    let now = Instant::now();
+    let (last, quiet) = log.get();
+    if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+        log.set((last, quiet + 1));
+        return None;
+    }
+    log.set((Some(now), 0));
+    Some(quiet)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_line_kept_to_once_a_minute_says_how_many_were_held_back() {
+        use std::cell::Cell;
+        use std::time::{Duration, Instant};
+        let log = Cell::new((None, 0));
+        assert_eq!(super::once_a_minute(&log), Some(0));
+        for _ in 0..1000 {
+            assert_eq!(super::once_a_minute(&log), None);
+        }
+        // A minute later (as if): the next line is due, and counts the thousand.
+        let (last, held) = log.get();
+        let earlier = last.and_then(|t| t.checked_sub(Duration::from_secs(61)));
+        if let Some(earlier) = earlier {
+            log.set((Some(earlier), held));
+            assert_eq!(super::once_a_minute(&log), Some(1000));
+            assert_eq!(super::once_a_minute(&log), None);
+        }
+        assert!(log.get().0.is_some_and(|t| t <= Instant::now()));
+    }
+
     #[test]
     fn a_next_attempt_kept_in_seconds_is_never_earlier() {
         for ms in [0, 1, 999, 1000, 1001, 1_795_346_220_999, 1_795_346_221_000] {
