@@ -50,11 +50,11 @@ pub(crate) enum Proxied {
     Unknown,
 }
 
-/// Reads the header at the start of `input`: the header and its length once it is whole,
-/// None while more is needed, or why it is not one that can be taken.
 /// The twelve octets a version 2 header begins with.
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
+/// Reads the header at the start of `input`: the header and its length once it is whole,
+/// None while more is needed, or why it is not one that can be taken.
 pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
     // A version 1 line is judged whole: cut short, the parser can take it for a bad one
     // (`... 40000 ` reads as a destination port missing).

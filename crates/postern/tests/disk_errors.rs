@@ -50,7 +50,9 @@ fn a_bounce_waiting_for_room(extra: &[&str]) -> (FaultyFs, std::path::PathBuf, S
     let id = queue_id(&acked);
     disk.fail_syncs(true);
     refuse.send(()).unwrap();
-    server.log_until(|l| l.contains("cannot spool a bounce") && l.contains(&id));
+    let said = server.log_until(|l| l.contains("cannot spool a bounce") && l.contains(&id));
+    // Counted among the messages that wait for their bounce alone.
+    assert!(said.contains("settled_waiting=1"), "{said}");
     (disk, spool, server, id)
 }
 

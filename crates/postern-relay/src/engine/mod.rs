@@ -1185,6 +1185,8 @@ impl CoreRelay {
             }
             Err(_) => return,
         };
+        // Whether attempts brought forward are still recorded (see below).
+        let mut record_moves = true;
         for m in mine {
             if m.is_final() {
                 continue;
@@ -1217,11 +1219,14 @@ impl CoreRelay {
                             now,
                         );
                         // Brought forward by this run's settings (a shorter --retry-max or
-                        // --max-queue-lifetime): recorded, so that `postern queue` lists the
-                        // attempt this run makes. A record that cannot be written costs only
-                        // that (the attempt is made all the same); a write error is logged.
+                        // --max-queue-lifetime) to a time still ahead: recorded, so that
+                        // `postern queue` lists the attempt this run makes. (One due now
+                        // records its own outcome at once.) A record that cannot be written
+                        // costs only that, the attempt is made all the same; after the first
+                        // failure (a full disk) no more are tried in this pass, which would
+                        // only fail in turn and take room from the outcomes and bounces.
                         let moved = reports::attempt_secs(at);
-                        if moved < next_attempt {
+                        if moved < next_attempt && at > now && record_moves {
                             if let Some(recorded) = s {
                                 let status = Status {
                                     state: DeliveryState::Deferred {
@@ -1230,7 +1235,10 @@ impl CoreRelay {
                                     },
                                     reply: recorded.reply.clone(),
                                 };
-                                let _ = self.handle.append_status(&msg.queue_id, i as u32, &status);
+                                record_moves = self
+                                    .handle
+                                    .append_status(&msg.queue_id, i as u32, &status)
+                                    .is_ok();
                             }
                         }
                         later.entry(at).or_default().push(i as u32);

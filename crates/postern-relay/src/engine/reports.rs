@@ -404,13 +404,15 @@ impl CoreRelay {
     }
 
     /// Says that a bounce could not be spooled and waits: at most once a minute per core, with
-    /// how many messages wait so (on a full disk every settled message's bounce fails in turn,
+    /// how many settled messages wait so (on a full disk every settled message's bounce fails in turn,
     /// each again every [`BOUNCE_RETRY`]: a line each would flood the log).
     fn bounce_put_off(&self, queue_id: &str) {
         if let Some(held_back) = once_a_minute(&self.bounce_wait_logged) {
             tracing::error!(
                 queue_id = %queue_id,
-                waiting = self.bounces_waiting.borrow().len(),
+                // Messages settled but for their bounce (one whose other recipients are
+                // still pending waits as it is, tracked, and is not among them).
+                settled_waiting = self.bounces_waiting.borrow().len(),
                 more_since_last = held_back,
                 "cannot spool a bounce (see the spool error); its message stays queued and each \
                  waiting bounce is tried again every {}s: free space on the spool's disk (or \
@@ -494,7 +496,6 @@ impl CoreRelay {
                     // queued and the bounce is tried again, once other messages have been
                     // settled and their segments reclaimed. After a restart it would be made
                     // again from the spool.
-                    self.bounce_put_off(&msg.queue_id);
                     let me = self.clone();
                     let busy = Reporting::new(&self);
                     // Not one the operator deleted while this try was under way: it waits no
@@ -502,6 +503,7 @@ impl CoreRelay {
                     if !t.msg.deleted.load(Ordering::Acquire) {
                         me.bounce_waits(&t.msg, true);
                     }
+                    self.bounce_put_off(&msg.queue_id);
                     spawn_detached(async move {
                         let again = me.bounce_pause().await;
                         // Deleted by the operator meanwhile: its deletion records and
@@ -763,7 +765,11 @@ impl CoreRelay {
 /// Whether a line kept to once a minute is due now: `log` holds when the last was written
 /// and how many were held back since. Due: the count held back (cleared); None otherwise.
 fn once_a_minute(log: &Cell<(Option<Instant>, u64)>) -> Option<u64> {
-    let now = Instant::now();
+    once_a_minute_at(log, Instant::now())
+}
+
+/// [`once_a_minute`] at `now`.
+fn once_a_minute_at(log: &Cell<(Option<Instant>, u64)>, now: Instant) -> Option<u64> {
     let (last, quiet) = log.get();
     if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
         log.set((last, quiet + 1));
@@ -777,22 +783,24 @@ fn once_a_minute(log: &Cell<(Option<Instant>, u64)>) -> Option<u64> {
 mod tests {
     #[test]
     fn a_line_kept_to_once_a_minute_says_how_many_were_held_back() {
+        use super::once_a_minute_at;
         use std::cell::Cell;
         use std::time::{Duration, Instant};
         let log = Cell::new((None, 0));
-        assert_eq!(super::once_a_minute(&log), Some(0));
-        for _ in 0..1000 {
-            assert_eq!(super::once_a_minute(&log), None);
+        let start = Instant::now();
+        assert_eq!(once_a_minute_at(&log, start), Some(0));
+        for s in 0..1000u64 {
+            let at = start + Duration::from_millis(59_000 * s / 1000);
+            assert_eq!(once_a_minute_at(&log, at), None);
         }
-        // A minute later (as if): the next line is due, and counts the thousand.
-        let (last, held) = log.get();
-        let earlier = last.and_then(|t| t.checked_sub(Duration::from_secs(61)));
-        if let Some(earlier) = earlier {
-            log.set((Some(earlier), held));
-            assert_eq!(super::once_a_minute(&log), Some(1000));
-            assert_eq!(super::once_a_minute(&log), None);
-        }
-        assert!(log.get().0.is_some_and(|t| t <= Instant::now()));
+        // A minute after the first line: the next is due, and counts the thousand.
+        let later = start + Duration::from_secs(60);
+        assert_eq!(once_a_minute_at(&log, later), Some(1000));
+        assert_eq!(once_a_minute_at(&log, later + Duration::from_secs(1)), None);
+        assert_eq!(
+            once_a_minute_at(&log, later + Duration::from_secs(60)),
+            Some(1)
+        );
     }
 
     #[test]
