@@ -89,6 +89,12 @@ pub struct Recovered {
     /// Where each damaged message's first record (`START`) and last (`END`) are: the records
     /// it lost lie between them.
     pub damaged_at: Vec<(RecordLocation, RecordLocation)>,
+    /// Octets of segment files that could not be read for damage, at most: the rest of a
+    /// file from a record whose length runs past its end (with no valid record after it),
+    /// what was cut from the end of a file shorter than it was made, and a file whose header
+    /// is bad. The messages whose records lay there are lost and counted nowhere else; the
+    /// figure gives their scale (it may hold space never written).
+    pub unread_octets: u64,
     /// Status records whose message was not found (already reclaimed, or lost).
     pub orphan_statuses: u64,
     /// Messages found whole more than once (copied forward, the old place not yet deleted):
@@ -125,6 +131,7 @@ impl Recovered {
             unfinished,
             damaged,
             damaged_at,
+            unread_octets,
             orphan_statuses,
             newest_id_micros,
             segments,
@@ -143,6 +150,7 @@ impl Recovered {
         self.unfinished += unfinished;
         self.damaged += damaged;
         self.damaged_at.extend(damaged_at);
+        self.unread_octets += unread_octets;
         self.orphan_statuses += orphan_statuses;
         self.newest_id_micros = self.newest_id_micros.max(newest_id_micros);
         self.segments += segments;
@@ -516,6 +524,9 @@ impl Scan<'_> {
             // (A newer format's segment stopped the scan before this one.)
             Header::Bad | Header::Newer(_) => {
                 self.corrupt(0);
+                if matches!(header(data), Header::Bad) {
+                    self.out.unread_octets += data.len() as u64;
+                }
                 return;
             }
         };
@@ -600,6 +611,7 @@ impl Scan<'_> {
                         continue;
                     }
                     overrun = true;
+                    self.out.unread_octets += (data.len() - pos) as u64;
                     break;
                 }
                 Read::Corrupt { len } => {
@@ -640,8 +652,11 @@ impl Scan<'_> {
         // A file shorter than it was made lost what was past its end to damage, not to a
         // crash (its size is reserved before it gets its name): damage where it ends, unless
         // already reported at the record the cut went through.
-        if cut_short(data.len(), size) && !overrun {
-            self.corrupt(data.len());
+        if cut_short(data.len(), size) {
+            self.out.unread_octets += size - data.len() as u64;
+            if !overrun {
+                self.corrupt(data.len());
+            }
         }
     }
 

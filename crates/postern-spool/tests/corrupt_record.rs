@@ -208,6 +208,7 @@ fn a_segment_cut_short_is_damage_reported_and_kept() {
     let seg = three_messages(dir.path());
     // Cut in the middle of the second message's body.
     let cut = 64 + 5000 + 2500;
+    let made = std::fs::metadata(&seg).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
         .open(&seg)
@@ -224,6 +225,8 @@ fn a_segment_cut_short_is_damage_reported_and_kept() {
         "{:?}",
         r.corrupt_at
     );
+    // What could not be read: from that record to where the file ended as it was made.
+    assert_eq!(r.unread_octets, made - r.corrupt_at[0].offset);
     let first = r.messages[0].queue_id.clone();
     drop(r);
     // Still in place while the first message is queued; set aside, not deleted, once it is
@@ -252,6 +255,8 @@ fn a_segment_cut_to_nothing_or_into_its_header_is_damage_reported_and_kept() {
             (0, 1, 0),
             "{len} bytes"
         );
+        // What is left of it could not be read (what it was made with is unknown).
+        assert_eq!(r.unread_octets, len, "{len} bytes");
         drop(r);
         let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
         assert_eq!(kept_for_inspection(dir.path()), 1, "{len} bytes");

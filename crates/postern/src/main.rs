@@ -1280,10 +1280,13 @@ fn recover_and_report(
         tracing::warn!(
             corrupt_records = recovered.corrupt_records,
             damaged_messages = recovered.damaged,
+            unread_octets = recovered.unread_octets,
             first_at = %at.join("; "),
             "the spool has damaged records: the messages they held (or parts of them) are not \
              delivered, and a message whose first record was lost is not counted in \
-             damaged_messages; look at the disk"
+             damaged_messages; past the damage up to unread_octets of segment files could not \
+             be read (cut off, or behind a record whose length runs past the file's end), and \
+             the messages there are lost too; look at the disk"
         );
     }
     if !recovered.strays.is_empty() {

@@ -454,6 +454,14 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             recovered.corrupt_records
         );
     }
+    if recovered.unread_octets > 0 {
+        let _ = writeln!(
+            note,
+            "-- up to {} octets of segment files could not be read past damage (a file cut \
+             short, or a record running past its file's end): the messages there are not listed",
+            recovered.unread_octets
+        );
+    }
     if postern_spool::fold_pending(spool) {
         let _ = writeln!(
             note,
