@@ -251,3 +251,29 @@ fn a_negative_duration_is_refused_as_negative() {
         "{err}"
     );
 }
+
+#[test]
+fn one_report_file_under_two_names_is_refused_before_the_run() {
+    // Another spelling of the same path, and a link to it: compared as files, not as names.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.out");
+    let respelled = dir.path().join(".").join("report.out");
+    let link = dir.path().join("link.out");
+    std::fs::write(&file, "").unwrap();
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    for (json, other_flag, other) in [(&file, "--hdr-log", &respelled), (&file, "--plot", &link)] {
+        let (code, err) = run(&[
+            "send",
+            "--json",
+            json.to_str().unwrap(),
+            other_flag,
+            other.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(2), "{other_flag}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(other_flag) && err.contains("--json"),
+            "{other_flag}: {err}"
+        );
+    }
+}

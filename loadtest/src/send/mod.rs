@@ -51,6 +51,35 @@ enum Note {
     Done { thread: usize, stats: Box<Stats> },
 }
 
+/// An error naming the later of two output flags whose paths are one file (by device and
+/// inode: another spelling of the path, a link).
+fn same_file_twice(
+    outputs: &[(&'static str, &Option<std::path::PathBuf>)],
+) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: Vec<(&'static str, u64, u64)> = Vec::new();
+    for (flag, path) in outputs {
+        let Some(path) = path else { continue };
+        let Ok(m) = std::fs::metadata(path) else {
+            continue;
+        };
+        if let Some((other, ..)) = seen
+            .iter()
+            .find(|(_, dev, ino)| (*dev, *ino) == (m.dev(), m.ino()))
+        {
+            return Err(LoadError::flag(
+                flag,
+                format!(
+                    "{} is also the file of {other} (the same file by another name)",
+                    path.display()
+                ),
+            ));
+        }
+        seen.push((flag, m.dev(), m.ino()));
+    }
+    Ok(())
+}
+
 /// Runs `send` to its end and prints the report.
 pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
     let addr = crate::target::resolve(&args.target, args.allow_remote)?;
@@ -123,6 +152,9 @@ pub fn run(args: SendArgs) -> Result<ExitCode, LoadError> {
         ),
         None => None,
     };
+    // The same file under two names (`x` and `./x`, a link): compared as files, now that
+    // each exists.
+    same_file_twice(&outputs)?;
     let run = Arc::new(Run {
         sizes: Mix::new(args.size.0.clone()),
         bodies: Bodies::new(max_size, run_id),
