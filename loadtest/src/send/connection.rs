@@ -412,6 +412,15 @@ fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult, client: &mut
         p.eod.and_then(|end| client.outbox.written_at(end)),
         client.replied_at,
     );
+    // Recipients refused in a transaction the server took up: the message's own count says
+    // nothing of them when another recipient was taken.
+    if result.mail.is_positive() && result.rcpts.iter().any(|r| !r.is_positive()) {
+        core.with_stats(|s| {
+            for r in result.rcpts.iter().filter(|r| !r.is_positive()) {
+                *s.rcpt_refusals.entry(r.code).or_default() += 1;
+            }
+        });
+    }
 }
 
 /// A 421 that came instead of the next reply answers a command of the oldest message in

@@ -119,6 +119,10 @@ pub struct Report {
     pub latency_ms: BTreeMap<&'static str, Latency>,
     /// Messages by the code of the reply that decided them.
     pub replies: BTreeMap<String, u64>,
+    /// Recipients refused at RCPT in transactions whose MAIL was taken.
+    pub recipients_refused: u64,
+    /// Those, by the code of their RCPT reply.
+    pub recipient_refusals: BTreeMap<String, u64>,
     /// Failures by kind.
     pub errors: BTreeMap<&'static str, u64>,
 }
@@ -163,6 +167,12 @@ impl Report {
                 .collect(),
             replies: stats
                 .replies
+                .iter()
+                .map(|(c, n)| (c.to_string(), *n))
+                .collect(),
+            recipients_refused: stats.rcpt_refusals.values().sum(),
+            recipient_refusals: stats
+                .rcpt_refusals
                 .iter()
                 .map(|(c, n)| (c.to_string(), *n))
                 .collect(),
@@ -227,6 +237,20 @@ impl Report {
             "messages: {} sent, {} accepted, {} refused, {} failed",
             self.messages_sent, self.messages_accepted, self.messages_refused, self.messages_failed
         );
+        if self.recipients_refused > 0 {
+            let by_code: Vec<String> = self
+                .recipient_refusals
+                .iter()
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect();
+            let _ = writeln!(
+                t,
+                "rcpts:    {} refused at RCPT in transactions the server took up ({}); a \
+                 message counts as accepted when any of its recipients was",
+                self.recipients_refused,
+                by_code.join(", ")
+            );
+        }
         if let (Some(due), Some(missed)) = (self.messages_due, self.messages_not_started) {
             if missed > 0 {
                 let _ = writeln!(

@@ -67,6 +67,10 @@ pub struct Stats {
     pub without_chunking: u64,
     /// Messages by the code of the reply that decided them.
     pub replies: BTreeMap<u16, u64>,
+    /// Recipients refused (4xx or 5xx to their RCPT) in transactions whose MAIL was taken,
+    /// by reply code: a message accepted for some of its recipients counts as accepted, and
+    /// these say for how many it was not.
+    pub rcpt_refusals: BTreeMap<u16, u64>,
     /// Failures by kind.
     pub errors: BTreeMap<&'static str, u64>,
     /// Latency histograms in microseconds, indexed by [`Lat`].
@@ -89,6 +93,7 @@ impl Default for Stats {
             without_pipelining: 0,
             without_chunking: 0,
             replies: BTreeMap::new(),
+            rcpt_refusals: BTreeMap::new(),
             errors: BTreeMap::new(),
             latency: [histogram(), histogram(), histogram(), histogram()],
             last_reply_us: 0,
@@ -124,6 +129,9 @@ impl Stats {
         }
         for (kind, n) in &other.errors {
             *self.errors.entry(kind).or_default() += n;
+        }
+        for (code, n) in &other.rcpt_refusals {
+            *self.rcpt_refusals.entry(*code).or_default() += n;
         }
         for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
             // Both histograms have the same bounds, so adding cannot fail.
