@@ -15,7 +15,8 @@ pub struct Slot {
     pub messages: AtomicU64,
     /// Octets of the messages answered 2xx.
     pub bytes: AtomicU64,
-    /// Octets of every body received.
+    /// Octets of every body answered at its end by the reply mix (a body over `--max-size`
+    /// is read and dropped, and not counted here).
     pub bytes_received: AtomicU64,
     /// Recipients accepted.
     pub recipients: AtomicU64,
@@ -34,7 +35,7 @@ pub struct Slot {
     pub overlapped: AtomicU64,
     /// Bodies started with DATA.
     pub data_bodies: AtomicU64,
-    /// Bodies started with BDAT.
+    /// Bodies started with BDAT (not one whose first chunk is already over `--max-size`).
     pub bdat_bodies: AtomicU64,
     /// BDAT chunks of those bodies.
     pub bdat_chunks: AtomicU64,
@@ -103,7 +104,7 @@ impl Counters {
             ),
             (
                 "bytes_received_total",
-                "Octets of every body received.",
+                "Octets of the bodies answered by the reply mix (not those refused over --max-size).",
                 self.sum(|s| &s.bytes_received),
             ),
             (
@@ -148,7 +149,7 @@ impl Counters {
             ),
             (
                 "bdat_bodies_total",
-                "Bodies started with BDAT.",
+                "Bodies started with BDAT (not one whose first chunk is over --max-size).",
                 self.sum(|s| &s.bdat_bodies),
             ),
             (
