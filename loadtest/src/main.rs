@@ -17,6 +17,10 @@ use postern_load::cli::{Cli, Command};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // No transparent huge pages: the first touch of each 2 MiB the allocator takes would
+    // have the kernel zero it while a connection waits, milliseconds that the first
+    // connections' latencies would count as the server's.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

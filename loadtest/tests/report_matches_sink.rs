@@ -288,3 +288,17 @@ fn a_body_over_the_size_limit_counts_among_the_end_of_data_replies() {
     assert_eq!(c.get("replies_total{code=\"250\"}"), 1, "{c:?}");
     assert_eq!(c.get("messages_total"), 1, "{c:?}");
 }
+
+#[test]
+fn the_sink_runs_without_transparent_huge_pages() {
+    // A 2 MiB page zeroed at its first touch would hold a connection for milliseconds, which
+    // the sender's latencies would count as the server's (the kernel shows it from 5.0 on).
+    let sink = Sink::start(&[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sink.pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+    sink.stop();
+}

@@ -104,6 +104,7 @@ macro_rules! complain {
 
 fn main() -> ExitCode {
     set_panic_hook();
+    no_huge_pages();
     // `serve` takes the stop signals over first thing, before the flags are even read, so that
     // a SIGTERM during start-up stops it gracefully once it runs; only the moments between
     // exec and here (before it has touched anything) are left to the default action. Other
@@ -446,6 +447,14 @@ fn main() -> ExitCode {
     }
     say!("postern: stopped");
     ExitCode::SUCCESS
+}
+
+/// Turns transparent huge pages off for this process. The allocator asks for them, and a
+/// core that first touches a page of memory it has just taken then waits while the kernel
+/// zeroes 2 MiB: milliseconds on a virtual machine, a stall of every session on the core
+/// (docs/operations.md, "Memory"). A kernel that refuses costs only that.
+fn no_huge_pages() {
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
 /// The signal thread's signals, each with the process that sent it.

@@ -1,5 +1,6 @@
 //! Each core runs on a CPU the process was given (the Nth of its affinity mask, as `taskset`,
-//! a cpuset cgroup or systemd's AllowedCPUs= set it), never on a CPU outside it.
+//! a cpuset cgroup or systemd's AllowedCPUs= set it), never on a CPU outside it; and the
+//! process runs without transparent huge pages.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -87,4 +88,17 @@ fn without_sysfs_the_cores_start_unpinned_and_say_why() {
     assert!(c.line().starts_with("220 "));
     assert!(c.cmd("EHLO client.test").starts_with("250"));
     assert!(c.cmd("QUIT").starts_with("221"));
+}
+
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    // A 2 MiB page zeroed at its first touch stalls the core that touches it: postern turns
+    // them off for itself, whatever the system's setting (the kernel shows it from 5.0 on).
+    let server = common::Server::start(&["--cores", "1"]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
 }

@@ -65,6 +65,12 @@ impl Sink {
     }
 
     /// Stops the sink (SIGTERM), waits for it, and returns its counters.
+    /// The sink's process ID.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) -> Counters {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
