@@ -226,13 +226,22 @@ pub fn start_with(
 /// per spool: [`DirLock`]). For a caller that reads the spool before [`start_locked`].
 pub fn lock_spool(dir: &std::path::Path) -> Result<DirLock, StartError> {
     CoreStore::check_dir(dir)?;
-    DirLock::acquire(dir).map_err(|e| match e.kind() {
+    let lock = DirLock::acquire(dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::WouldBlock => StartError::Spool(e.to_string()),
         _ => StartError::Spool(format!(
             "cannot lock {}: {e}",
             dir.join(LOCK_FILE).display()
         )),
-    })
+    })?;
+    if let Some(e) = lock.pid_not_written() {
+        tracing::warn!(
+            "{}: this process's ID could not be written there ({e}); the spool is locked all \
+             the same, and a second postern or `postern queue` finds this one through the \
+             kernel",
+            dir.join(LOCK_FILE).display()
+        );
+    }
+    Ok(lock)
 }
 
 /// [`start_with`] on a spool whose lock the caller already holds (from [`lock_spool`]); the

@@ -25,6 +25,8 @@ pub const LOCK_FILE: &str = "postern.lock";
 pub struct DirLock {
     _dir: File,
     _file: File,
+    /// Why this process's ID could not be written into the lock file, if it could not.
+    pid_not_written: Option<io::Error>,
 }
 
 impl DirLock {
@@ -72,14 +74,24 @@ impl DirLock {
         // kernel first (`flock_holder`). A full disk, on which a copy-on-write file system
         // (btrfs) cannot rewrite even these few bytes, must not stop the start that would
         // deliver the queue and free it.
-        let _ = file
+        // The failure is kept for the caller to say.
+        let pid_not_written = file
             .set_len(0)
             .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()));
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .err();
         Ok(DirLock {
             _dir: dir_file,
             _file: file,
+            pid_not_written,
         })
+    }
+
+    /// Why the lock file does not hold this process's ID (a full disk, say), if it does not:
+    /// the lock holds all the same, and whoever finds it held is told the holder by the
+    /// kernel.
+    pub fn pid_not_written(&self) -> Option<&io::Error> {
+        self.pid_not_written.as_ref()
     }
 }
 
@@ -201,6 +213,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("/dev/full", dir.path().join(LOCK_FILE)).unwrap();
         let held = DirLock::acquire(dir.path()).unwrap();
+        // And says why the PID is not there.
+        assert!(held.pid_not_written().is_some());
         let second = DirLock::acquire(dir.path()).err().unwrap();
         assert_eq!(second.kind(), io::ErrorKind::WouldBlock, "{second}");
         drop(held);
@@ -210,6 +224,7 @@ mod tests {
     fn a_deleted_lock_file_does_not_let_a_second_hold_in() {
         let dir = tempfile::tempdir().unwrap();
         let _first = DirLock::acquire(dir.path()).unwrap();
+        assert!(_first.pid_not_written().is_none());
         std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
         let err = DirLock::acquire(dir.path()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
