@@ -90,9 +90,10 @@ pub struct Recovered {
     /// it lost lie between them.
     pub damaged_at: Vec<(RecordLocation, RecordLocation)>,
     /// Octets of segment files that could not be read for damage, at most: the rest of a
-    /// file from a record whose length runs past its end (with no valid record after it),
-    /// what was cut from the end of a file shorter than it was made, and a file whose header
-    /// is bad. The messages whose records lay there are lost and counted nowhere else; the
+    /// file from a record whose length runs past its end (with no valid record after it), a
+    /// hole before a sealed segment's end or a segment's durable mark with nothing valid
+    /// after it, what was cut from the end of a file shorter than it was made, and a file
+    /// whose header is bad or names another core or number. The messages whose records lay there are lost and counted nowhere else; the
     /// figure gives their scale (it may hold space never written).
     pub unread_octets: u64,
     /// Status records whose message was not found (already reclaimed, or lost).
@@ -543,6 +544,7 @@ impl Scan<'_> {
         );
         if made_as != (self.core, self.seq) {
             self.corrupt(0);
+            self.out.unread_octets += data.len() as u64;
             return;
         }
         self.out.segments += 1;
@@ -591,6 +593,9 @@ impl Scan<'_> {
                         pos = next;
                         continue;
                     }
+                    // A hole with nothing valid after it before the seal's end or the mark:
+                    // what was durable there is lost.
+                    self.out.unread_octets += limit.saturating_sub(pos) as u64;
                     break;
                 }
                 Read::Overrun => {

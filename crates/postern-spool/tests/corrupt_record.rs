@@ -274,6 +274,8 @@ fn zeros_over_the_start_are_damage_reported_and_kept(len: usize) {
     std::fs::write(&seg, &data).unwrap();
     let r = recover(dir.path()).unwrap();
     assert_eq!((r.corrupt_records, r.unused_segments), (1, 0), "{len}");
+    // Nothing of it is read.
+    assert_eq!(r.unread_octets, data.len() as u64, "{len}");
     drop(r);
     let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert_eq!(kept_for_inspection(dir.path()), 1, "{len}");
@@ -585,6 +587,8 @@ fn zeros_before_the_mark_of_the_segment_being_written_are_damage_reported_and_ke
     let found: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
     assert_eq!(found, [&ids[0], &ids[2], &ids[3]]);
     assert_eq!(r.torn_tails, 0);
+    // Past the hole the records were read again: nothing is left unread.
+    assert_eq!(r.unread_octets, 0);
     assert!(
         r.corrupt_at.iter().any(|c| c.offset == starts[1] as u64),
         "{:?}",

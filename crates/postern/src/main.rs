@@ -449,10 +449,10 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Turns transparent huge pages off for this process. The allocator asks for them, and a
-/// core that first touches a page of memory it has just taken then waits while the kernel
-/// zeroes 2 MiB: milliseconds on a virtual machine, a stall of every session on the core
-/// (docs/operations.md, "Memory"). A kernel that refuses costs only that.
+/// Turns transparent huge pages off for this process. Where the kernel backs the
+/// allocator's regions with them, a core that first touches memory it has just taken waits
+/// while the kernel zeroes 2 MiB: milliseconds on a virtual machine, a stall of every session
+/// on the core (docs/operations.md, "Memory"). A kernel that refuses costs only that.
 fn no_huge_pages() {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
@@ -1294,8 +1294,9 @@ fn recover_and_report(
             "the spool has damaged records: the messages they held (or parts of them) are not \
              delivered, and a message whose first record was lost is not counted in \
              damaged_messages; past the damage up to unread_octets of segment files could not \
-             be read (cut off, or behind a record whose length runs past the file's end), and \
-             the messages there are lost too; look at the disk"
+             be read (cut off, behind a record whose length runs past the file's end or a hole \
+             in durable records, or in a file whose header is bad or not its own), and the \
+             messages there are lost too; look at the disk"
         );
     }
     if !recovered.strays.is_empty() {

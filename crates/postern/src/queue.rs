@@ -458,7 +458,8 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
         let _ = writeln!(
             note,
             "-- up to {} octets of segment files could not be read past damage (a file cut \
-             short, or a record running past its file's end): the messages there are not listed",
+             short, a record running past its file's end, a hole in durable records, a file \
+             whose header is bad or not its own): the messages there are not listed",
             recovered.unread_octets
         );
     }

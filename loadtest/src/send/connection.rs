@@ -412,8 +412,9 @@ fn settle(core: &Core, p: &Pending<'_>, result: &TransactionResult, client: &mut
         p.eod.and_then(|end| client.outbox.written_at(end)),
         client.replied_at,
     );
-    // Recipients refused in a transaction the server took up: the message's own count says
-    // nothing of them when another recipient was taken.
+    // Recipients refused in a transaction whose MAIL the server took: the message's own
+    // count says nothing of them when another recipient was taken (with every recipient
+    // refused, the message is counted refused too, by the first refusal's code).
     if result.mail.is_positive() && result.rcpts.iter().any(|r| !r.is_positive()) {
         core.with_stats(|s| {
             for r in result.rcpts.iter().filter(|r| !r.is_positive()) {

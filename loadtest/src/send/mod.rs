@@ -60,7 +60,11 @@ fn same_file_twice(
     let mut seen: Vec<(&'static str, u64, u64)> = Vec::new();
     for (flag, path) in outputs {
         let Some(path) = path else { continue };
-        let Ok(m) = std::fs::metadata(path) else {
+        // Only regular files: two writes to one terminal, pipe or /dev/null overwrite nothing.
+        let Some(m) = std::fs::metadata(path)
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+        else {
             continue;
         };
         if let Some((other, ..)) = seen

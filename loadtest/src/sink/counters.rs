@@ -15,8 +15,8 @@ pub struct Slot {
     pub messages: AtomicU64,
     /// Octets of the messages answered 2xx.
     pub bytes: AtomicU64,
-    /// Octets of every body answered at its end by the reply mix (a body over `--max-size`
-    /// is read and dropped, and not counted here).
+    /// Octets of every body that reached its end (a body over `--max-size` is read and
+    /// dropped, and not counted here).
     pub bytes_received: AtomicU64,
     /// Recipients accepted.
     pub recipients: AtomicU64,
@@ -104,7 +104,7 @@ impl Counters {
             ),
             (
                 "bytes_received_total",
-                "Octets of the bodies answered by the reply mix (not those refused over --max-size).",
+                "Octets of every body that reached its end (not those refused over --max-size).",
                 self.sum(|s| &s.bytes_received),
             ),
             (

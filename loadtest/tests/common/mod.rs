@@ -64,13 +64,13 @@ impl Sink {
         panic!("the sink did not say where it listens");
     }
 
-    /// Stops the sink (SIGTERM), waits for it, and returns its counters.
     /// The sink's process ID.
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// Stops the sink (SIGTERM), waits for it, and returns its counters.
     pub fn stop(mut self) -> Counters {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
