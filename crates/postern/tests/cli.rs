@@ -780,6 +780,7 @@ fn connections_under_open_file_limit(
     String,
     common::KillOnDrop,
     std::sync::mpsc::Receiver<String>,
+    tempfile::TempDir,
 ) {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
@@ -816,7 +817,9 @@ fn connections_under_open_file_limit(
         let mut first = String::new();
         r.read_line(&mut first).unwrap();
         if !first.starts_with("220 ") {
-            return (said, held, first, child, log);
+            // The spool's directory lives as long as the server: removed under it, the
+            // server could make no new segment (a message refused 451).
+            return (said, held, first, child, log, dir);
         }
         held.push((tcp, r));
     }
@@ -827,7 +830,7 @@ fn connections_under_open_file_limit(
 fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
     // 400 descriptors cannot hold 20,000 connections and the spool's: connections are capped
     // at half of what the core's own descriptors (64 + 16) leave, the rest get 421 4.3.2.
-    let (said, held, refused, _server, _) = connections_under_open_file_limit(400, &[]);
+    let (said, held, refused, _server, _, _dir) = connections_under_open_file_limit(400, &[]);
     assert!(
         said.iter()
             .any(|l| l.contains("(400) is below --max-connections (20000)")
@@ -840,7 +843,7 @@ fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
         "{refused}"
     );
     // A lower --max-connections stays as it is: the cap never raises it.
-    let (said, held, refused, _server, _) =
+    let (said, held, refused, _server, _, _dir) =
         connections_under_open_file_limit(1024, &["--max-connections", "100"]);
     assert!(!said.iter().any(|l| l.contains("capped")), "{said:?}");
     assert_eq!(held.len(), 100);
@@ -850,7 +853,7 @@ fn an_open_file_limit_below_the_connection_limit_caps_connections_with_421() {
 #[test]
 fn mail_goes_through_when_the_open_file_cap_is_reached() {
     use std::io::{BufRead, Write};
-    let (_, mut held, refused, _server, log) = connections_under_open_file_limit(400, &[]);
+    let (_, mut held, refused, _server, log, _dir) = connections_under_open_file_limit(400, &[]);
     assert!(refused.starts_with("421 4.3.2 "), "{refused}");
     let (tcp, r) = &mut held[0];
     tcp.write_all(
