@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 
-use common::{num, send};
+use common::num;
 
 /// Serves one connection with fixed replies; returns the lines it read.
 fn broken_server(listener: TcpListener) -> Vec<String> {
@@ -43,21 +43,9 @@ fn a_354_after_a_refused_mail_sends_nothing_and_counts_the_refusal() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server = std::thread::spawn(move || broken_server(listener));
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.json");
-    let out = send(&[
-        "--target",
-        &addr,
-        "--messages",
-        "1",
-        "--pipelining",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (out, report) =
+        common::send_with_report(&addr, &["--messages", "1", "--pipelining", "--quiet"]);
     let lines = server.join().unwrap();
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     // Nothing accepted: exit code 1.
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert_eq!(num(&report, "messages_accepted"), 0, "{report}");

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, Write};
 
-use common::{num, send};
+use common::num;
 
 #[test]
 fn recipients_refused_beside_accepted_ones_are_counted_by_code() {
@@ -51,23 +51,11 @@ fn recipients_refused_beside_accepted_ones_are_counted_by_code() {
             }
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("r.json");
-    let out = send(&[
-        "--target",
+    let (out, report) = common::send_with_report(
         &addr,
-        "--messages",
-        "4",
-        "--rcpts",
-        "3",
-        "--pipelining",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+        &["--messages", "4", "--rcpts", "3", "--pipelining", "--quiet"],
+    );
     server.join().unwrap();
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert!(out.status.success(), "{report}");
     assert_eq!(num(&report, "messages_accepted"), 4, "{report}");
     assert_eq!(num(&report, "recipients_refused"), 8, "{report}");

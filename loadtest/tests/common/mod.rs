@@ -128,20 +128,30 @@ pub fn send(args: &[&str]) -> Output {
         .expect("run the sender")
 }
 
-/// Runs the sender against `addr` with `args` and `--json`; returns the JSON report.
+/// Runs the sender against `addr` with `args` and `--json`; returns the JSON report, after
+/// checking that the run succeeded.
 pub fn send_json(addr: &str, args: &[&str]) -> serde_json::Value {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    let mut all = vec!["--target", addr, "--json", json.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = send(&all);
+    let (out, report) = send_with_report(addr, args);
     assert!(
         out.status.success(),
         "sender failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+    report
+}
+
+/// Runs the sender against `addr` with `args` and `--json`, whatever its exit status; returns
+/// what it printed and the JSON report.
+#[allow(dead_code)]
+pub fn send_with_report(addr: &str, args: &[&str]) -> (Output, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let mut all = vec!["--target", addr, "--json", json.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = send(&all);
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (out, report)
 }
 
 /// A number from the report.
