@@ -198,6 +198,12 @@ const OUT_OF_STEP_AHEAD: &str = "the replies to the next commands could not be t
 /// for (taken after the body, it would pass for the answer to the message).
 const UNASKED_AFTER_354: &str =
     "a reply came after the 354, which no command asked for: the body was not sent";
+/// Why a message is not sent with BDAT: a reply came behind the one that let BDAT go out (its
+/// last RCPT's, without PIPELINING), before BDAT was written, so no command asked for it.
+/// Taken as the answer to the body (BDAT has no 354 to show the shift), it would pass a
+/// message the next hop then refuses for delivered.
+const UNASKED_BEFORE_BDAT: &str =
+    "a reply came before BDAT was sent, which no command asked for: the body was not sent";
 
 /// Whether a failure ended a session whose replies were out of step: each reply read may have
 /// answered the command before its own, so none of them says what became of its command.
@@ -205,7 +211,7 @@ pub fn out_of_step(e: &ConnError) -> bool {
     match e {
         ConnError::Smtp(ClientError::Unexpected(..)) => true,
         ConnError::Io(text) | ConnError::Lost(text) => {
-            text == OUT_OF_STEP || text == UNASKED_AFTER_354
+            text == OUT_OF_STEP || text == UNASKED_AFTER_354 || text == UNASKED_BEFORE_BDAT
         }
         _ => false,
     }
@@ -666,8 +672,15 @@ impl Outbound {
             // refusal that came after the dot left unread. The body is not sent, the
             // connection is given up (the next hop drops a message whose dot never comes),
             // and the message is tried again.
-            ClientEvent::SendBody if tx.mode == BodyMode::Data && self.unread_past_blanks() => {
-                Err(Err(ConnError::Io(UNASKED_AFTER_354.into())))
+            // The same for BDAT: the session asks for the body as soon as the reply that
+            // releases it is read (or before any, pipelined), so bytes behind it came before
+            // BDAT was written.
+            ClientEvent::SendBody if self.unread_past_blanks() => {
+                let why = match tx.mode {
+                    BodyMode::Data => UNASKED_AFTER_354,
+                    BodyMode::Bdat => UNASKED_BEFORE_BDAT,
+                };
+                Err(Err(ConnError::Io(why.into())))
             }
             ClientEvent::SendBody => {
                 if let Err(broke) = self.send_body(tx.mode, body, t.data_block).await {

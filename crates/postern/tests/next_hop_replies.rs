@@ -1670,6 +1670,26 @@ fn a_refusal_to_the_data_pushed_past_the_last_reply_is_not_taken_for_a_delivery(
     refusal_of_the_data_pushed_past_the_last_reply(&[]);
 }
 
+#[test]
+fn a_reply_after_the_rcpt_reply_without_pipelining_is_not_taken_for_the_answer_to_bdat() {
+    // Without PIPELINING, BDAT goes out once RCPT is answered; the extra reply behind RCPT's,
+    // read with it, came before BDAT was sent. Taken as the answer to the body (BDAT has no
+    // 354 that would show the shift), the message would count as delivered, and the next
+    // hop's real answer, its 554 a moment after the body, would be read by nobody.
+    let (taken, origin, server) = strayed_into(
+        "RCPT",
+        "250-CHUNKING\r\n",
+        &[("<refused@t>", &["b@dest.test"], "refuse-me\r\n")],
+    );
+    let (bounce, text) = origin.first("the refused message's bounce");
+    assert_eq!(bounce.mail_from, "<>");
+    assert!(text.contains("554 5.7.1 message refused"), "{text}");
+    assert!(taken.lock().unwrap().is_empty());
+    let first = server.log_until(|l| l.contains("status="));
+    assert!(first.contains("status=\"deferred\""), "{first}");
+    assert!(first.contains("which no command asked for"), "{first}");
+}
+
 /// A next hop (PIPELINING) serving each connection on its own thread: a message whose body
 /// holds `break-me` is cut off in its data (the connection closed) the first time; one with
 /// `hang-me` gets no reply to its data (the connection held for a minute); the others are

@@ -297,6 +297,15 @@ impl CoreRelay {
                     self.say_quit(conn).await;
                     continue 'connect;
                 }
+                if asked_now && self.handle.is_stopping() {
+                    // The stop came while the look-up was waited for: the stop's wind-down
+                    // may have found nothing in flight and ended, and a transaction begun now
+                    // would have its outcome made durable by nobody (the next run would send
+                    // the message again).
+                    drop(connected);
+                    self.say_quit(conn).await;
+                    break 'connect;
+                }
                 let (job, note) = if carry.is_empty() {
                     (dq.ready.borrow_mut().pop_front(), None)
                 } else {
