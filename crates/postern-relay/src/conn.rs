@@ -1042,26 +1042,39 @@ impl Outbound {
 
     /// Whether the server ended the connection, or said something unasked (a 421 before
     /// closing an idle connection), while it sat idle between transactions. Looked at without
-    /// waiting and without consuming anything; such a connection is not used again.
-    pub fn went_away_while_idle(&self) -> bool {
+    /// waiting; blank lines are no reply (some next hops write a line end too many, a moment
+    /// after their reply) and are taken off and dropped, anything else is left. Such a
+    /// connection is not used again. Inside TLS, any byte counts (what the socket holds is
+    /// not yet decrypted).
+    pub fn went_away_while_idle(&mut self) -> bool {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
-        if self.start < self.end {
+        if self.unread_past_blanks() {
             return true;
         }
         let Some(tcp) = self.stream.tcp() else {
             return true;
         };
-        let mut byte = [0u8; 1];
-        match recv(
-            tcp.as_raw_fd(),
-            &mut byte,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Err(nix::errno::Errno::EAGAIN) => false,
-            // End of file, a byte nobody asked for, or a socket error.
-            _ => true,
+        let (fd, tls) = (tcp.as_raw_fd(), self.is_tls());
+        // Blank bytes are taken off a peek at a time; past a few peeks of nothing else, the
+        // connection is given up.
+        for _ in 0..16 {
+            let mut head = [0u8; 64];
+            let n = match recv(fd, &mut head, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(nix::errno::Errno::EAGAIN) => return false,
+                // End of file, or a socket error.
+                Ok(0) | Err(_) => return true,
+                Ok(n) => n,
+            };
+            let blanks = head[..n].iter().take_while(|b| is_blank(b)).count();
+            if tls || blanks < n {
+                return true;
+            }
+            if recv(fd, &mut head[..blanks], MsgFlags::MSG_DONTWAIT).unwrap_or_default() != blanks {
+                return true;
+            }
         }
+        true
     }
 
     /// Each command waits for the reply before it from now on

@@ -1690,6 +1690,88 @@ fn a_reply_after_the_rcpt_reply_without_pipelining_is_not_taken_for_the_answer_t
     assert!(first.contains("which no command asked for"), "{first}");
 }
 
+#[test]
+fn a_line_end_a_next_hop_writes_late_after_its_reply_does_not_cost_the_connection() {
+    // Some next hops write a line end too many a moment after a reply. A blank line is no
+    // reply and shifts nothing: the kept connection takes the next message (it was given up,
+    // and every message then took a connection of its own).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken: std::sync::Arc<std::sync::Mutex<Vec<(usize, String)>>> = Default::default();
+    let record = taken.clone();
+    let (blank_tx, blank_sent) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().take(4).enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let (record, blank_tx) = (record.clone(), blank_tx.clone());
+            std::thread::spawn(move || {
+                let mut reader = greeted_by_hop(&mut stream);
+                while let Some((_, verb)) = command_line(&mut reader) {
+                    let reply = match verb.as_str() {
+                        "EHLO" => "250-hop.test\r\n250 8BITMIME\r\n",
+                        "DATA" => "354 go on\r\n",
+                        "QUIT" => {
+                            let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                            return;
+                        }
+                        _ => "250 2.0.0 ok\r\n",
+                    };
+                    stream.write_all(reply.as_bytes()).unwrap();
+                    if verb != "DATA" {
+                        continue;
+                    }
+                    let mut body = String::new();
+                    loop {
+                        let mut l = String::new();
+                        if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if l == ".\r\n" {
+                            break;
+                        }
+                        body.push_str(&l);
+                    }
+                    stream.write_all(b"250 2.0.0 queued\r\n").unwrap();
+                    let id = body.lines().find_map(|l| l.strip_prefix("Message-ID: "));
+                    record
+                        .lock()
+                        .unwrap()
+                        .push((n, id.unwrap_or_default().to_owned()));
+                    // Late: after postern's look for replies too many.
+                    std::thread::sleep(Duration::from_millis(300));
+                    stream.write_all(b"\r\n").unwrap();
+                    let _ = blank_tx.send(());
+                }
+            });
+        }
+    });
+    let origin = Peer::start(&[]);
+    let server = one_connection_to(port, &origin, &[]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<one@t>",
+        "x\r\n",
+    );
+    blank_sent.recv_timeout(Duration::from_secs(20)).unwrap();
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<two@t>",
+        "y\r\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while taken.lock().unwrap().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        *taken.lock().unwrap(),
+        [(0, "<one@t>".to_owned()), (0, "<two@t>".to_owned())]
+    );
+}
+
 /// A next hop (PIPELINING) serving each connection on its own thread: a message whose body
 /// holds `break-me` is cut off in its data (the connection closed) the first time; one with
 /// `hang-me` gets no reply to its data (the connection held for a minute); the others are
