@@ -1091,10 +1091,37 @@ fn human_text(report: &Report<'_>, host: &str, returned: &Returned) -> String {
     };
     let mut text = format!("This is the mail system at host {host}.\r\n\r\n");
     if has(Action::Failed) {
-        text.push_str(
-            "Your message could not be delivered to one or more of its recipients.\r\n\
-             The mail system has given up on them; this is a permanent error.\r\n\r\n",
-        );
+        // A failure keeps a 4.x.x status when the message's time in the queue ran out while
+        // its delivery kept failing for a time (the last attempt's status): not a permanent
+        // error, and the text must not call it one.
+        let failed = report
+            .recipients
+            .iter()
+            .filter(|recipient| recipient.action == Action::Failed);
+        let (mut refused, mut expired) = (false, false);
+        for recipient in failed {
+            if recipient_status(recipient).starts_with('4') {
+                expired = true;
+            } else {
+                refused = true;
+            }
+        }
+        text.push_str("Your message could not be delivered to one or more of its recipients.\r\n");
+        text.push_str(match (refused, expired) {
+            (_, false) => {
+                "The mail system has given up on them; this is a permanent error.\r\n\r\n"
+            }
+            (false, true) => {
+                "The mail system has given up on them: each try failed for a time\r\n\
+                 (a temporary error), until the message had waited in the queue\r\n\
+                 as long as it may.\r\n\r\n"
+            }
+            (true, true) => {
+                "The mail system has given up on them: some were refused for good (a\r\n\
+                 permanent error); for the others each try failed for a time (a temporary\r\n\
+                 error), until the message had waited in the queue as long as it may.\r\n\r\n"
+            }
+        });
     }
     if has(Action::Delayed) {
         text.push_str(
@@ -1394,6 +1421,43 @@ mod tests {
         assert!(
             text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"),
             "{text}"
+        );
+    }
+
+    /// A recipient that failed because its time in the queue ran out keeps its last 4.x.x
+    /// status; the text does not call that a permanent error.
+    #[test]
+    fn a_failure_after_the_queue_lifetime_is_not_called_a_permanent_error() {
+        let recipient = |path: &str, status: &str| ReportRecipient {
+            path: path.into(),
+            orcpt: None,
+            action: Action::Failed,
+            status: status.into(),
+            remote_mta: None,
+            diagnostic: None,
+            last_attempt: None,
+            will_retry_until: None,
+        };
+        let text_of = |recipients: &[ReportRecipient]| {
+            String::from_utf8_lossy(&build(&plain_report(recipients, None))).into_owned()
+        };
+        let expired = text_of(&[recipient("b@dest.example", "4.4.1")]);
+        assert!(expired.contains("Status: 4.4.1\r\n"), "{expired}");
+        assert!(!expired.contains("permanent error"), "{expired}");
+        assert!(expired.contains("temporary"), "{expired}");
+        assert!(!expired.contains("quoted-printable"), "{expired}");
+        assert!(expired.contains("as long as it may"), "{expired}");
+        let refused = text_of(&[recipient("b@dest.example", "5.1.1")]);
+        assert!(refused.contains("this is a permanent error"), "{refused}");
+        assert!(!refused.contains("temporary"), "{refused}");
+        let both = text_of(&[
+            recipient("b@dest.example", "5.1.1"),
+            recipient("c@dest.example", "4.4.1"),
+        ]);
+        assert!(both.contains("some were refused for good"), "{both}");
+        assert!(
+            both.contains("waited in the queue as long as it may"),
+            "{both}"
         );
     }
 

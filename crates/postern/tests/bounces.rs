@@ -750,6 +750,43 @@ fn a_delay_warning_is_not_made_again_after_a_restart() {
 }
 
 #[test]
+fn a_message_from_the_null_sender_is_not_listed_as_warned_of_its_delay() {
+    // No warning goes to <> (RFC 3461 4.1, RFC 5321 4.5.5): the listing must not say the
+    // sender was warned (each deferral after the first said so).
+    let down = reserve("127.0.0.1", 0);
+    let dest = format!("dest.test=127.0.0.1:{}", down.1);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut args = vec![
+        "--route",
+        dest.as_str(),
+        "--delay-warning",
+        "0s",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    args.extend(FAST_RETRY);
+    let mut server = Server::start_in(&args, spool.clone(), Some(dir));
+    send(&server, "", &["b@dest.test"], "<from-null@t>", "x\r\n");
+    server.metrics_until(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("postern_delivery_deferrals_total "))
+            .is_some_and(|n| n.parse::<u64>().unwrap() >= 3)
+    });
+    let log = server.terminate_for_log();
+    assert_eq!(warnings_made(&log), 0, "{log}");
+    let listing = queue_listing(&spool);
+    let original = listing
+        .iter()
+        .find(|m| m["sender"] == "")
+        .unwrap_or_else(|| panic!("{listing:#?}"));
+    assert_eq!(
+        original["recipients"][0]["delay_warned"], false,
+        "{listing:#?}"
+    );
+}
+
+#[test]
 fn a_permanent_failure_is_bounced_at_once_though_another_recipient_waits_for_a_retry() {
     // dest.test refuses nobody@ with 550; slow.test is down (retried for days by default);
     // bounces go to origin.test, the same peer.

@@ -139,15 +139,16 @@ impl CoreRelay {
         ) = (&r.result, self.relay.config.delay_warning)
         {
             let age = now.saturating_sub(arrival_ms(&t.msg.meta));
-            // DELAY notices only when asked for or by default (RFC 3461 4.1); the one
-            // warning of a message goes out after this batch, naming every recipient
-            // deferred in it that wants one.
-            let wants = t
-                .msg
-                .meta
-                .recipients
-                .get(r.rcpt as usize)
-                .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
+            // DELAY notices only when asked for or by default (RFC 3461 4.1), and never to
+            // the null sender (RFC 5321 4.5.5; marked, its recipients would be listed as
+            // warned); the one warning of a message goes out after this batch, naming every
+            // recipient deferred in it that wants one.
+            let wants = !t.msg.meta.reverse_path.is_empty()
+                && t.msg
+                    .meta
+                    .recipients
+                    .get(r.rcpt as usize)
+                    .is_some_and(|rcpt| rcpt.notify.is_none_or(|n| n & Notify::DELAY != 0));
             if wants && age >= after.as_millis() as u64 && t.warn_once(r.rcpt) {
                 let status = dsn::deferral_status(&r.reply, status);
                 let delay = (
