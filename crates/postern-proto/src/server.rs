@@ -556,15 +556,6 @@ impl ServerSession {
         }
     }
 
-    /// Counts `octets` that the embedding adds to the message it stores (its trace header)
-    /// against the message size limit, as if the client had sent them. The limit is then
-    /// that of what is stored and sent on, as Postfix's is: a message taken at the limit
-    /// with a header added would otherwise be too large for a next hop with the same limit,
-    /// and returned after its 250. Call it before accepting a `DataStart`.
-    pub fn count_added(&mut self, octets: u64) {
-        self.body_bytes = self.body_bytes.saturating_add(octets);
-    }
-
     /// Settles a pending `Mail`, `Rcpt` or `DataStart` with a refusal.
     pub fn reject(&mut self, reply: StaticReply) {
         self.reject_with(reply.code, reply.enhanced, reply.text);

@@ -619,8 +619,6 @@ impl Session {
         self.content_begun = false;
         self.gathered.clear();
         self.draft = Some(draft);
-        // The trace header counts against --max-message-size, as the client's octets do.
-        self.proto.count_added(header.len() as u64);
         self.proto.accept();
     }
 

@@ -66,25 +66,39 @@ fn message_size_limit_is_advertised_and_enforced() {
 }
 
 #[test]
-fn the_limit_counts_the_trace_header_added_to_what_is_stored() {
-    // What is stored and sent on is the client's message with a Received header in front: a
-    // body at the limit would be over it by that header for a next hop with the same limit,
-    // and returned after its 250. So the header counts, as Postfix counts what it adds.
+fn a_message_of_exactly_the_advertised_size_is_taken() {
+    // RFC 1870 4: the number after SIZE is the size of the largest message the server will
+    // take, counted in the octets the client sends. The Received header postern puts in
+    // front is its own addition and does not count: a message at the limit, declared at
+    // MAIL and sent by BDAT or by DATA, gets its 250; one octet more gets 552.
     let server = Server::start(&["--max-message-size", "2k"]);
     let mut c = server.greeted("client.test");
-    // Lines of 64 octets, CR LF included: 2048 octets in all, then 1024.
-    let lines = |n: usize| format!("{}\r\n", "x".repeat(62)).repeat(n / 64);
-    for (body, want) in [(lines(2048), "552 5.3.4"), (lines(1024), "250 2.0.0")] {
-        assert!(c.cmd("MAIL FROM:<a@b.test>").starts_with("250"));
+    // Lines of 64 octets, CR LF included; the last one shorter to make the size.
+    let body = |n: usize| {
+        let mut b = format!("{}\r\n", "x".repeat(62)).repeat(n / 64 - 1);
+        b.push_str(&format!("{}\r\n", "y".repeat(64 + n % 64 - 2)));
+        assert_eq!(b.len(), n);
+        b
+    };
+    for (size, want) in [(2048, "250 2.0.0"), (2049, "552 5.3.4")] {
+        let body = body(size);
+        let declared = size.min(2048);
+        let mail = format!("MAIL FROM:<a@b.test> SIZE={declared}");
+        assert!(c.cmd(&mail).starts_with("250"));
         assert!(c.cmd("RCPT TO:<c@d.test>").starts_with("250"));
         c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
         c.send(body.as_bytes());
         let reply = c.reply();
         assert!(
             reply[0].starts_with(want),
-            "{} octets: {reply:?}",
-            body.len()
+            "{size} octets by BDAT: {reply:?}"
         );
+        assert!(c.cmd(&mail).starts_with("250"));
+        assert!(c.cmd("RCPT TO:<c@d.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(body.as_bytes());
+        let reply = c.cmd(".");
+        assert!(reply.starts_with(want), "{size} octets by DATA: {reply:?}");
     }
 }
 
