@@ -202,7 +202,7 @@ const UNASKED_AFTER_354: &str =
 /// last RCPT's, without PIPELINING), before BDAT was written, so no command asked for it.
 /// Taken as the answer to the body (BDAT has no 354 to show the shift), it would pass a
 /// message the next hop then refuses for delivered.
-const UNASKED_BEFORE_BDAT: &str =
+pub(crate) const UNASKED_BEFORE_BDAT: &str =
     "a reply came before BDAT was sent, which no command asked for: the body was not sent";
 
 /// Whether a failure ended a session whose replies were out of step: each reply read may have
@@ -675,7 +675,17 @@ impl Outbound {
             // The same for BDAT: the session asks for the body as soon as the reply that
             // releases it is read (or before any, pipelined), so bytes behind it came before
             // BDAT was written.
+            // A 421 there is the next hop closing (RFC 5321 3.8), which it may say at any
+            // time: the body is not sent either, but the replies read before it stand.
             ClientEvent::SendBody if self.unread_past_blanks() => {
+                let unread = &self.buf[self.start..self.end];
+                if unread.starts_with(b"421") {
+                    if let postern_proto::reply::ParsedReply::Complete { reply, .. } =
+                        postern_proto::reply::ReplyParser::new().parse(unread)
+                    {
+                        return Err(Err(ConnError::Smtp(ClientError::Closing(reply))));
+                    }
+                }
                 let why = match tx.mode {
                     BodyMode::Data => UNASKED_AFTER_354,
                     BodyMode::Bdat => UNASKED_BEFORE_BDAT,

@@ -73,9 +73,11 @@ fn a_message_of_exactly_the_advertised_size_is_taken() {
     // MAIL and sent by BDAT or by DATA, gets its 250; one octet more gets 552.
     let server = Server::start(&["--max-message-size", "2k"]);
     let mut c = server.greeted("client.test");
-    // Lines of 64 octets, CR LF included; the last one shorter to make the size.
+    // Lines of 64 octets, CR LF included, the first starting with a dot (doubled by DATA's
+    // dot-stuffing, which does not count); the last one shorter to make the size.
     let body = |n: usize| {
-        let mut b = format!("{}\r\n", "x".repeat(62)).repeat(n / 64 - 1);
+        let mut b = format!(".{}\r\n", "x".repeat(61));
+        b.push_str(&format!("{}\r\n", "x".repeat(62)).repeat(n / 64 - 2));
         b.push_str(&format!("{}\r\n", "y".repeat(64 + n % 64 - 2)));
         assert_eq!(b.len(), n);
         b
@@ -96,7 +98,7 @@ fn a_message_of_exactly_the_advertised_size_is_taken() {
         assert!(c.cmd(&mail).starts_with("250"));
         assert!(c.cmd("RCPT TO:<c@d.test>").starts_with("250"));
         assert!(c.cmd("DATA").starts_with("354"));
-        c.send(body.as_bytes());
+        c.send(format!(".{body}").as_bytes());
         let reply = c.cmd(".");
         assert!(reply.starts_with(want), "{size} octets by DATA: {reply:?}");
     }

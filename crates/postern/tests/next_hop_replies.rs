@@ -1575,6 +1575,47 @@ fn a_connection_given_up_for_a_reply_nobody_asked_for_still_says_quit() {
 }
 
 #[test]
+fn a_connection_given_up_before_bdat_for_a_reply_nobody_asked_for_says_quit() {
+    // As above, with the extra reply behind the RCPT reply that lets BDAT go: nothing was
+    // written since, so QUIT can still go out (it cannot after a 354, where it would be
+    // body text).
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    let (port, stored, closed) = scripted_next_hop(
+        move |n, line| {
+            seen.lock().unwrap().push((n, line.trim_end().to_owned()));
+            if line.starts_with("EHLO") {
+                Some(Act::Say("250-scripted.test\r\n250 CHUNKING\r\n"))
+            } else if n == 0 && line.starts_with("RCPT") {
+                Some(Act::Say("250 2.1.5 ok\r\n250 2.0.0 nobody asked\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let _server = Server::start(&["--cores", "1", "--route", &route]);
+    send(
+        &_server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<quit-bdat@t>",
+        "x\r\n",
+    );
+    closed.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(stored.try_recv().is_err(), "nothing was sent on it");
+    let first: Vec<String> = lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| *n == 0)
+        .map(|(_, l)| l.clone())
+        .collect();
+    assert_eq!(first.last().map(String::as_str), Some("QUIT"), "{first:?}");
+}
+
+#[test]
 fn a_reply_after_the_rset_reply_without_pipelining_moves_the_next_message_to_a_new_connection() {
     // Without PIPELINING, MAIL goes out once RSET is answered; the extra reply behind RSET's
     // would answer it, and each later reply the command before its own.
@@ -1688,6 +1729,42 @@ fn a_reply_after_the_rcpt_reply_without_pipelining_is_not_taken_for_the_answer_t
     let first = server.log_until(|l| l.contains("status="));
     assert!(first.contains("status=\"deferred\""), "{first}");
     assert!(first.contains("which no command asked for"), "{first}");
+}
+
+#[test]
+fn a_421_behind_the_last_rcpt_reply_is_the_next_hop_closing_not_replies_out_of_step() {
+    // A 421 may come at any time (RFC 5321 3.8): read behind the reply that lets BDAT go,
+    // it ends the transaction unsent, but the refusal read before it stands (unknown@ is
+    // bounced with its 550 now, not tried again as after replies out of step).
+    let (port, _stored, _closed) = scripted_next_hop(
+        |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say("250-scripted.test\r\n250 CHUNKING\r\n"))
+            } else if line.starts_with("RCPT TO:<unknown@") {
+                Some(Act::Say("550 5.1.1 unknown user\r\n"))
+            } else if line.starts_with("RCPT") {
+                Some(Act::SayAndClose("250 2.1.5 ok\r\n421 4.3.2 going down\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["unknown@dest.test", "b@dest.test"],
+        "<closing@t>",
+        "x\r\n",
+    );
+    let unknown = server.log_until(|l| l.contains("to=\"unknown@dest.test\""));
+    assert!(unknown.contains("status=\"bounced\""), "{unknown}");
+    assert!(unknown.contains("550 5.1.1 unknown user"), "{unknown}");
+    let b = server.log_until(|l| l.contains("to=\"b@dest.test\""));
+    assert!(b.contains("status=\"deferred\""), "{b}");
+    assert!(b.contains("421 4.3.2 going down"), "{b}");
 }
 
 #[test]

@@ -135,9 +135,12 @@ impl CoreRelay {
                 After::Keep
             }
             Err(Err(e)) => {
-                // Given up out of step after every byte of the transaction went out (not a
-                // reply the session could not take: it wrote its own QUIT then).
-                if matches!(&e, ConnError::Io(t) if t == crate::conn::OUT_OF_STEP) {
+                // Given up out of step after every byte of the transaction went out, or
+                // before BDAT was written (not a reply the session could not take: it wrote
+                // its own QUIT then; nor after a 354, where a QUIT would be body text).
+                if matches!(&e, ConnError::Io(t)
+                    if t == crate::conn::OUT_OF_STEP || t == crate::conn::UNASKED_BEFORE_BDAT)
+                {
                     conn.out_of_step_given_up();
                 }
                 if matches!(
