@@ -1815,7 +1815,7 @@ fn a_line_end_a_next_hop_writes_late_after_its_reply_does_not_cost_the_connectio
                         .unwrap()
                         .push((n, id.unwrap_or_default().to_owned()));
                     // Late: after postern's look for replies too many.
-                    std::thread::sleep(Duration::from_millis(300));
+                    std::thread::sleep(Duration::from_millis(1000));
                     stream.write_all(b"\r\n").unwrap();
                     let _ = blank_tx.send(());
                 }
