@@ -116,6 +116,16 @@ impl Action {
     }
 }
 
+/// The host's name in a next hop's account as the relay gives it (`name[address]:port`, the
+/// address connected to): what `Remote-MTA` names. An account without an address is the
+/// name itself.
+pub fn mta_name(remote: &str) -> &str {
+    match remote.find('[') {
+        Some(at) if at > 0 => &remote[..at],
+        _ => remote,
+    }
+}
+
 /// One recipient of the report: one per-recipient block of the delivery-status part.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportRecipient {
@@ -785,6 +795,7 @@ fn delivery_status(report: &Report<'_>, host: &str) -> Vec<u8> {
         if let Some(remote) = &recipient.remote_mta {
             // A next hop given by address is written as an address literal: the `dns` type
             // names hosts, and `[192.0.2.1]` is how SMTP writes an address in their place.
+            let remote = mta_name(remote);
             let name = match remote.parse::<std::net::IpAddr>() {
                 Ok(std::net::IpAddr::V4(ip)) => format!("[{ip}]"),
                 Ok(std::net::IpAddr::V6(ip)) => format!("[IPv6:{ip}]"),
@@ -1420,6 +1431,46 @@ mod tests {
         // A reply's spaces are squeezed as before.
         assert!(
             text.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"),
+            "{text}"
+        );
+    }
+
+    /// The relay's account of a host names the address connected to (`name[ip]:port`);
+    /// `Remote-MTA` names the host alone, an address as a literal.
+    #[test]
+    fn remote_mta_names_the_host_without_the_address_connected_to() {
+        let line = |remote: &str| {
+            let recipients = [ReportRecipient {
+                path: "b@dest.example".into(),
+                orcpt: None,
+                action: Action::Failed,
+                status: "5.1.1".into(),
+                remote_mta: Some(remote.into()),
+                diagnostic: Some("550 5.1.1 no such user".into()),
+                last_attempt: None,
+                will_retry_until: None,
+            }];
+            let text =
+                String::from_utf8_lossy(&build(&plain_report(&recipients, None))).into_owned();
+            let field = text
+                .lines()
+                .find(|l| l.starts_with("Remote-MTA: "))
+                .map(str::to_owned);
+            (field, text)
+        };
+        for (remote, want) in [
+            ("mx.example[192.0.2.1]:25", "Remote-MTA: dns; mx.example"),
+            ("127.0.0.1[127.0.0.1]:2525", "Remote-MTA: dns; [127.0.0.1]"),
+            ("::1[::1]:25", "Remote-MTA: dns; [IPv6:::1]"),
+            ("mx.example", "Remote-MTA: dns; mx.example"),
+        ] {
+            let (field, text) = line(remote);
+            assert_eq!(field.as_deref(), Some(want), "{text}");
+        }
+        // The text for people names where the mail went.
+        let (_, text) = line("mx.example[192.0.2.1]:25");
+        assert!(
+            text.contains("mx.example[192.0.2.1]:25 said: 550 5.1.1 no such user"),
             "{text}"
         );
     }

@@ -462,7 +462,7 @@ fn a_next_hop_without_the_required_tls_gets_quit_and_nothing_else() {
         // The next hop answered: the deferral names it, not "none".
         let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
         assert!(
-            deferred.contains("relay=\"127.0.0.1\"") && deferred.contains("TLS"),
+            deferred.contains("relay=\"127.0.0.1[127.0.0.1]:") && deferred.contains("TLS"),
             "{deferred}"
         );
         // Its own status where it said one (454 4.7.0), else security features not
@@ -543,7 +543,7 @@ fn a_completed_outbound_handshake_counts_even_when_the_session_then_fails() {
     );
     // It answered (and completed a handshake): the deferral names it.
     let deferred = server.log_until(|l| l.contains("status=\"deferred\""));
-    assert!(deferred.contains("relay=\"localhost\""), "{deferred}");
+    assert!(deferred.contains("relay=\"localhost["), "{deferred}");
 }
 
 /// The DER of the first PEM block of `pem`.

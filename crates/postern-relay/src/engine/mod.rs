@@ -378,6 +378,15 @@ enum Result_ {
     },
 }
 
+/// How the log's `relay` field and a report's account name the host that answered: its name,
+/// then the address and port connected to (`mx1.example.net[192.0.2.1]:25`, as Postfix logs
+/// it), so that a name with several addresses, or one that does not look like the address
+/// it has, shows where the mail went. A report's `Remote-MTA` takes the name alone
+/// ([`crate::dsn::mta_name`]).
+fn relay_label(host: &str, addr: std::net::SocketAddr) -> String {
+    format!("{host}[{}]:{}", addr.ip(), addr.port())
+}
+
 /// One recipient's outcome, on its way back to the owner.
 #[derive(Debug)]
 struct Report {

@@ -18,7 +18,7 @@ impl CoreRelay {
         carry: &mut Vec<Carried>,
     ) -> After {
         let remote_name = conn.remote.as_str();
-        let remote = Some(remote_name.to_owned());
+        let remote = Some(relay_label(remote_name, conn.addr));
         match outcome {
             Ok(result) => {
                 dq.broken_in_a_row.set(0);

@@ -47,7 +47,13 @@ impl CoreRelay {
                         "{} does not support BINARYMIME and the message is not text that could go without it",
                         conn.remote
                     );
-                    self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+                    self.settle_all(
+                        job,
+                        true,
+                        "5.6.3",
+                        &text,
+                        Some(relay_label(&conn.remote, conn.addr)),
+                    );
                     return None;
                 }
                 not_text = true;
@@ -79,7 +85,13 @@ impl CoreRelay {
                     .is_some_and(|r| mailbox_to_ascii(&r.path).is_some())
             });
             if ascii.is_empty() || mailbox_to_ascii(&meta.reverse_path).is_none() {
-                self.settle_all(job, true, "5.6.7", &text(), Some(conn.remote.clone()));
+                self.settle_all(
+                    job,
+                    true,
+                    "5.6.7",
+                    &text(),
+                    Some(relay_label(&conn.remote, conn.addr)),
+                );
                 return None;
             }
             // The recipients with a UTF-8 local part fail with X.6.7 (their addresses), the
@@ -96,7 +108,13 @@ impl CoreRelay {
                     hop_dsn: false,
                     tried: Vec::new(),
                 };
-                self.settle_all(failed, true, "5.6.7", &text(), Some(conn.remote.clone()));
+                self.settle_all(
+                    failed,
+                    true,
+                    "5.6.7",
+                    &text(),
+                    Some(relay_label(&conn.remote, conn.addr)),
+                );
                 job.rcpts = ascii;
             }
             if !headers_ascii {
@@ -104,7 +122,13 @@ impl CoreRelay {
                     "{} does not support SMTPUTF8, needed for this message's header fields",
                     conn.remote
                 );
-                self.settle_all(job, true, "5.6.9", &text, Some(conn.remote.clone()));
+                self.settle_all(
+                    job,
+                    true,
+                    "5.6.9",
+                    &text,
+                    Some(relay_label(&conn.remote, conn.addr)),
+                );
                 return None;
             }
         }
@@ -171,7 +195,13 @@ impl CoreRelay {
                 "{} does not support 8BITMIME and the message has 8-bit content",
                 conn.remote
             );
-            self.settle_all(job, true, "5.6.3", &text, Some(conn.remote.clone()));
+            self.settle_all(
+                job,
+                true,
+                "5.6.3",
+                &text,
+                Some(relay_label(&conn.remote, conn.addr)),
+            );
             return None;
         }
         let mut mail_params = String::new();

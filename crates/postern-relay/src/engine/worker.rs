@@ -1490,7 +1490,7 @@ impl CoreRelay {
                             // It answered the first time (STARTTLS came before the
                             // handshake), whatever the second connection did.
                             last = format!("{}; then {}", e, e2.describe(&hop.host));
-                            last_remote = Some(hop.host.clone());
+                            last_remote = Some(relay_label(&hop.host, addr));
                             last_status = None;
                             last_refused = refuses_session(&e2);
                         }
@@ -1516,7 +1516,7 @@ impl CoreRelay {
                     // later address where nobody answered does not hide it.
                     if e.answered() || last_remote.is_none() {
                         last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
-                        last_remote = e.answered().then(|| hop.host.clone());
+                        last_remote = e.answered().then(|| relay_label(&hop.host, addr));
                         last_status = e.tls_status();
                         last_refused = refuses_session(&e);
                     }
@@ -1584,7 +1584,7 @@ async fn loops_here(
     let failed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
     // The host answered (its greeting decided): it is the log's `relay` and the report's
     // Remote-MTA.
-    let remote = Some(hop.host.clone());
+    let remote = Some(relay_label(&hop.host, addr));
     if best.is_some_and(|b| hop.preference > b) {
         (text, None, remote, Some("4.4.4"), failed, false)
     } else {
