@@ -112,7 +112,9 @@ pub(crate) const DELETE_PREFIX: &str = "postern.delete.";
 const DELETE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Asks the server holding `spool`'s lock to delete the messages `ids`, then waits (bounded)
-/// until the queue no longer lists them. Each ID must be in the queue now.
+/// until the queue no longer lists them. Those not in the queue now (delivered or deleted
+/// since a listing) are named, with exit 1, and the others deleted all the same; with none
+/// in the queue, nothing is asked.
 fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     // The messages still waiting, with their recipients' count, and how those now final
     // ended: by a deletion or not.
@@ -150,18 +152,39 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         return Err("--delete: an empty queue ID; nothing was deleted".to_owned());
     }
     let now = queued(spool)?;
-    let mut asked = Vec::new();
+    let (mut asked, mut missing) = (Vec::new(), Vec::new());
     for id in &ids {
         match now.iter().find(|(q, _)| q == id) {
             Some(found) => asked.push(found.clone()),
-            None => {
-                return Err(format!(
-                    "{id} is not in the queue of {}; nothing was deleted",
-                    spool.display()
-                ))
-            }
+            None => missing.push(id.clone()),
         }
     }
+    let not_queued = |missing: &[String]| {
+        let are = if missing.len() == 1 { "is" } else { "are" };
+        format!(
+            "{} {are} not in the queue of {} (delivered, failed or deleted already, or \
+             never queued)",
+            missing.join(", "),
+            spool.display()
+        )
+    };
+    if asked.is_empty() {
+        return Err(format!("{}; nothing was deleted", not_queued(&missing)));
+    }
+    ids.retain(|id| !missing.contains(id));
+    // What the others came to, then those not queued, named: exit 1.
+    let with_missing = |outcome: Result<String, String>| {
+        if missing.is_empty() {
+            return outcome;
+        }
+        let (Ok(out) | Err(out)) = outcome;
+        let out = if out.is_empty() || out.ends_with('\n') {
+            out
+        } else {
+            out + "\n"
+        };
+        Err(format!("{out}{}", not_queued(&missing)))
+    };
     let raw = pid.as_raw_nonzero();
     let name = format!("{DELETE_PREFIX}{}", std::process::id());
     let tmp = spool.join(format!(".{name}.tmp"));
@@ -205,7 +228,7 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
                 .collect()
         };
         if left.is_empty() {
-            return deletion_outcome(&ids, &ended_as);
+            return with_missing(deletion_outcome(&ids, &ended_as));
         }
         let ended = rustix::process::test_kill_process(pid).is_err();
         if ended || std::time::Instant::now() >= deadline {
@@ -227,7 +250,7 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
                     DELETE_WAIT.as_secs()
                 )
             };
-            return Err(format!("{what} {}; its log says why", left.join(", ")));
+            return with_missing(Err(format!("{what} {}; its log says why", left.join(", "))));
         }
         // Each look reads the whole spool: a few a second.
         std::thread::sleep(std::time::Duration::from_millis(200));

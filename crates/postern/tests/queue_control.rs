@@ -636,6 +636,41 @@ fn a_held_message_deleted_by_the_operator_leaves_the_queue_for_good() {
 }
 
 #[test]
+fn ids_no_longer_queued_are_named_and_the_others_deleted_all_the_same() {
+    // A listing, then a deletion: a message may have left the queue between the two. The
+    // others are deleted (one not queued stopped the whole command, and a script had to
+    // list and try again); the command names those not queued and exits 1.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_in(&[], spool.clone(), None);
+    let gone = send(&server, "a@origin.test", &["b@dest.test"], "<g@t>", "x\r\n");
+    let doomed = send(&server, "a@origin.test", &["b@dest.test"], "<d@t>", "x\r\n");
+    let kept = send(&server, "a@origin.test", &["b@dest.test"], "<k@t>", "x\r\n");
+    let (code, _, err) = delete(&spool, &gone);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = delete(&spool, &format!("{gone},{doomed}"));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains(&format!("deleted {doomed}\n")), "{err}");
+    assert!(
+        err.contains(&format!("{gone} is not in the queue")),
+        "{err}"
+    );
+    assert!(!err.contains("nothing was deleted"), "{err}");
+    assert_eq!(listed(&spool), std::slice::from_ref(&kept));
+    // None queued: nothing is asked, and the command says so.
+    let (code, _, err) = delete(&spool, &format!("{gone},{doomed}"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{gone}, {doomed} are not in the queue"))
+            || err.contains(&format!("{doomed}, {gone} are not in the queue")),
+        "{err}"
+    );
+    assert!(err.contains("nothing was deleted"), "{err}");
+    assert_eq!(listed(&spool), [kept]);
+    drop(server);
+}
+
+#[test]
 fn a_deferred_message_deleted_by_the_operator_is_not_delivered_and_nobody_is_told() {
     // The next hop is down: the message waits for its retry an hour away. Deleted, it is not
     // delivered when the next hop is back and the queue is flushed; no report goes out.
