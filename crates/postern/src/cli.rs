@@ -249,7 +249,9 @@ struct Serve {
     #[arg(long, env = "POSTERN_MX_PORT", default_value_t = 25,
           value_parser = ranged::<u16>(1, u16::MAX), allow_hyphen_values = true)]
     mx_port: u16,
-    /// First retry delay after a temporary failure; it doubles with each failure.
+    /// First retry delay after a temporary failure; it doubles with each failure, up to
+    /// --retry-max. A message queued longer than the delay (after a restart, or a wait under
+    /// --hold) waits as long as its age instead, up to --retry-max.
     #[arg(long, env = "POSTERN_RETRY_INITIAL", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     retry_initial: Duration,
     /// Largest retry delay.
