@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,18 +18,30 @@ use crate::metrics::Registry;
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Connections served at once. Past this, the oldest connection is dropped to make room,
-/// whatever it is doing (sending its request, reading its response, or being read after it
-/// for a moment): a scraper sends its request at once and is answered within a millisecond,
-/// so clients that trickle their requests, say nothing, or send requests that keep them in
-/// the linger after the response cannot keep it out.
+/// Connections served at once. Past this, the oldest connection still sending its request
+/// (or being read after its response, for a moment) is dropped to make room: a scraper sends
+/// its request at once and is answered within a millisecond, so clients that trickle their
+/// requests, say nothing, or send requests that keep them in the linger after the response
+/// cannot keep it out. A connection whose whole request is in and is being answered, or one
+/// taken less than [`NEW`] ago, is not dropped for [`ANSWER_GRACE`]: a burst of scrapers
+/// beyond the slots waits for their answers rather than losing them.
 const MAX_CLIENTS: usize = 64;
+
+/// How long a new connection may wait for a slot when every connection is being answered
+/// or new; past it, the oldest is dropped all the same (a client that does not read its
+/// response).
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a connection is spared before its request is in: a scraper sends it at once, and
+/// one of a burst just taken is not dropped for the next.
+const NEW: Duration = Duration::from_millis(250);
 
 /// How long a client has for its whole request head.
 const REQUEST_TIME: Duration = Duration::from_secs(5);
 
-/// Connections being served: (number, since when, a handle to shut it down).
-type Serving = Arc<Mutex<Vec<(u64, Instant, TcpStream)>>>;
+/// Connections being served: (number, since when, a handle to shut it down, whether its
+/// request is in and its response being made or written).
+type Serving = Arc<Mutex<Vec<(u64, Instant, TcpStream, Arc<AtomicBool>)>>>;
 
 /// Binds `addr` (before the cores start, so a metrics address in use ends the start before
 /// any SMTP client is taken).
@@ -60,12 +72,19 @@ pub(crate) fn start(
             for (n, stream) in (0u64..).zip(accepted) {
                 if busy.load(Ordering::Acquire) >= MAX_CLIENTS {
                     // Its thread ends at its next read or write; until it has, the threads
-                    // may be one more than the slots.
-                    evict_oldest(&serving);
+                    // may be one more than the slots. Those being answered are waited for
+                    // a moment first (bounded).
+                    let give_up = Instant::now() + ANSWER_GRACE;
+                    while busy.load(Ordering::Acquire) >= MAX_CLIENTS
+                        && !evict_oldest(&serving, Instant::now() >= give_up)
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
+                let answering = Arc::new(AtomicBool::new(false));
                 if let Ok(handle) = stream.try_clone() {
                     if let Ok(mut r) = serving.lock() {
-                        r.push((n, Instant::now(), handle));
+                        r.push((n, Instant::now(), handle, answering.clone()));
                     }
                 }
                 busy.fetch_add(1, Ordering::AcqRel);
@@ -76,7 +95,7 @@ pub(crate) fn start(
                 let spawned = std::thread::Builder::new()
                     .name("postern-metrics-client".into())
                     .spawn(move || {
-                        let _ = answer(stream, &registry, &stop);
+                        let _ = answer(stream, &registry, &stop, &answering);
                         drop(listed);
                         done.fetch_sub(1, Ordering::AcqRel);
                     });
@@ -100,24 +119,38 @@ impl Drop for Listed {
     }
 }
 
-/// Shuts down the connection served the longest, so that its thread ends and a new client is
-/// served.
-fn evict_oldest(serving: &Serving) {
+/// Shuts down the connection served the longest that is neither being answered nor new
+/// (with `any`, the longest of all), so that its thread ends and a new client is served;
+/// false when there was none to shut down.
+fn evict_oldest(serving: &Serving, any: bool) -> bool {
     let Ok(mut r) = serving.lock() else {
-        return;
+        return true;
     };
     let oldest = r
         .iter()
         .enumerate()
-        .min_by_key(|(_, (_, since, _))| *since)
+        .filter(|(_, (_, since, _, answering))| {
+            any || (!answering.load(Ordering::Acquire) && since.elapsed() >= NEW)
+        })
+        .min_by_key(|(_, (_, since, ..))| *since)
         .map(|(i, _)| i);
-    if let Some(i) = oldest {
-        let (_, _, stream) = r.swap_remove(i);
-        let _ = stream.shutdown(std::net::Shutdown::Both);
+    match oldest {
+        Some(i) => {
+            let (_, _, stream, _) = r.swap_remove(i);
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            true
+        }
+        // Nobody listed (all ended meanwhile): a slot is free or about to be.
+        None => r.is_empty(),
     }
 }
 
-fn answer(mut stream: TcpStream, registry: &Registry, stop: &StopFlag) -> std::io::Result<()> {
+fn answer(
+    mut stream: TcpStream,
+    registry: &Registry,
+    stop: &StopFlag,
+    answering: &AtomicBool,
+) -> std::io::Result<()> {
     stream.set_write_timeout(Some(REQUEST_TIME))?;
     let deadline = Instant::now() + REQUEST_TIME;
     let mut head = Vec::with_capacity(512);
@@ -150,6 +183,8 @@ fn answer(mut stream: TcpStream, registry: &Registry, stop: &StopFlag) -> std::i
             break;
         }
     }
+    // Its request is in: not dropped for a new client while it is answered (a moment).
+    answering.store(complete, Ordering::Release);
     let (status, kind, body, head_only) = if complete {
         route(&head, registry, stop)
     } else {
@@ -183,6 +218,7 @@ fn answer(mut stream: TcpStream, registry: &Registry, stop: &StopFlag) -> std::i
         )
     };
     stream.write_all(response.as_bytes())?;
+    answering.store(false, Ordering::Release);
     if complete && !has_body(&head) {
         return Ok(());
     }

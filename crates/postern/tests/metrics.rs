@@ -211,6 +211,31 @@ fn clients_that_hold_every_slot_of_the_metrics_port_do_not_keep_a_scrape_out() {
 }
 
 #[test]
+fn a_burst_of_scrapers_beyond_the_slots_is_answered_in_full() {
+    use std::io::Read;
+    let server = Server::start(&["--metrics", "127.0.0.1:0"]);
+    let addr = server.metrics.unwrap();
+    // Many more scrapers than the port serves at once, each sending its request as soon as
+    // it connects: the newest must not take the place of one being answered (each lost its
+    // response to a bare close).
+    let scrapers: Vec<_> = (0..200)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+                let mut text = String::new();
+                let _ = s.read_to_string(&mut text);
+                text.lines().next().unwrap_or("(nothing)").to_owned()
+            })
+        })
+        .collect();
+    let statuses: Vec<String> = scrapers.into_iter().map(|t| t.join().unwrap()).collect();
+    let lost = statuses.iter().filter(|s| *s != "HTTP/1.1 200 OK").count();
+    assert_eq!(lost, 0, "{statuses:?}");
+}
+
+#[test]
 fn clients_kept_after_their_response_do_not_keep_a_scrape_out() {
     use std::io::Read;
     let server = Server::start(&["--metrics", "127.0.0.1:0"]);
