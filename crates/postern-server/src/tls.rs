@@ -111,19 +111,25 @@ fn load(
     provider: &CryptoProvider,
     warn: bool,
 ) -> Result<CertifiedKey, StartError> {
-    let bad = |path: &Path, why: String| StartError::Tls(format!("{}: {why}", path.display()));
-    let mut reader = BufReader::new(File::open(cert).map_err(|e| bad(cert, e.to_string()))?);
+    // Each file is named with the flag that gave it (`--tls-cert x.pem: ...`): one file given
+    // to both flags, say, then shows which of them failed.
+    let bad = |flag: &str, path: &Path, why: String| {
+        StartError::Tls(format!("{flag} {}: {why}", path.display()))
+    };
+    let mut reader =
+        BufReader::new(File::open(cert).map_err(|e| bad("--tls-cert", cert, e.to_string()))?);
     let certs = rustls_pemfile::certs(&mut reader)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(cert, pem_error(&e)))?;
+        .map_err(|e| bad("--tls-cert", cert, pem_error(&e)))?;
     if certs.is_empty() {
-        return Err(bad(cert, "no certificate found".into()));
+        return Err(bad("--tls-cert", cert, "no certificate found".into()));
     }
     // The first is read with the key below; the chain after it only goes out in handshakes,
     // where one that does not parse fails every client's, those that verify nothing too.
     for (i, c) in certs.iter().enumerate().skip(1) {
         if let Err(e) = x509_parser::parse_x509_certificate(c) {
             return Err(bad(
+                "--tls-cert",
                 cert,
                 format!(
                     "certificate {} of {} in the file cannot be read ({e}): the chain after \
@@ -134,9 +140,10 @@ fn load(
             ));
         }
     }
-    let key_pem = std::fs::read(key).map_err(|e| bad(key, e.to_string()))?;
+    let key_pem = std::fs::read(key).map_err(|e| bad("--tls-key", key, e.to_string()))?;
     if encrypted_key(&key_pem) {
         return Err(bad(
+            "--tls-key",
             key,
             "the private key is encrypted; postern needs it unencrypted (for example \
              `openssl pkey -in KEY -out KEY.plain`, then keep that file private)"
@@ -144,9 +151,10 @@ fn load(
         ));
     }
     let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| bad(key, pem_error(&e)))?
+        .map_err(|e| bad("--tls-key", key, pem_error(&e)))?
         .ok_or_else(|| {
             bad(
+                "--tls-key",
                 key,
                 "no private key found (PEM, PKCS#1, PKCS#8 or SEC1)".into(),
             )
@@ -188,7 +196,11 @@ fn load(
             }
             e => e.to_string(),
         };
-        StartError::Tls(format!("{} and {}: {why}", cert.display(), key.display()))
+        StartError::Tls(format!(
+            "--tls-cert {} and --tls-key {}: {why}",
+            cert.display(),
+            key.display()
+        ))
     })?;
     if warn {
         if let Some(warning) = key_warning {

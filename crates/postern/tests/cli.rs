@@ -1039,10 +1039,23 @@ fn tls_files_that_cannot_work_are_named_with_what_to_do() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("other.key"), "the key is not named: {err}");
     assert!(err.contains("first certificate"), "{err}");
+    // Each file is named with its flag: one missing, and one file given to both flags.
+    let (code, err) = start_with_tls_files(&path("missing.pem"), &path("other.key"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("--tls-cert {}", path("missing.pem"))),
+        "{err}"
+    );
+    let (code, err) = start_with_tls_files(&path("cert.pem"), &path("cert.pem"));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("--tls-key {}: no private key", path("cert.pem"))),
+        "{err}"
+    );
     for key in ["pkcs8.key", "legacy.key"] {
         let (code, err) = start_with_tls_files(&path("cert.pem"), &path(key));
         assert_eq!(code, 1, "{err}");
-        assert!(err.contains(key), "{err}");
+        assert!(err.contains(&format!("--tls-key {}", path(key))), "{err}");
         assert!(err.contains("encrypted"), "{key}: {err}");
         assert!(err.contains("openssl pkey"), "{key}: {err}");
     }
