@@ -53,6 +53,24 @@ impl Conn {
         }
     }
 
+    /// The TLS cipher suite in use, by its name in the IANA registry (`TLS_AES_128_GCM_SHA256`);
+    /// None in cleartext.
+    pub fn tls_cipher(&self) -> Option<String> {
+        let Conn::Tls(s) = self else {
+            return None;
+        };
+        let suite = match s.as_ref() {
+            futures_rustls::TlsStream::Server(s) => s.get_ref().1.negotiated_cipher_suite(),
+            futures_rustls::TlsStream::Client(c) => c.get_ref().1.negotiated_cipher_suite(),
+        }?;
+        // rustls names the TLS 1.3 suites `TLS13_...`; the registry, `TLS_...`.
+        let name = suite.suite().as_str()?;
+        Some(match name.strip_prefix("TLS13") {
+            Some(rest) => format!("TLS{rest}"),
+            None => name.to_owned(),
+        })
+    }
+
     /// Reads what has arrived.
     pub async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.read(buf).await

@@ -15,6 +15,8 @@ pub(crate) struct Trace<'a> {
     pub(crate) hostname: &'a str,
     pub(crate) esmtp: bool,
     pub(crate) tls: bool,
+    /// The TLS cipher suite in use, by its IANA name (RFC 8314 4.3's `tls` clause).
+    pub(crate) tls_cipher: Option<&'a str>,
     /// The transaction used SMTPUTF8 (MAIL ... SMTPUTF8).
     pub(crate) smtputf8: bool,
     pub(crate) queue_id: &'a str,
@@ -92,6 +94,15 @@ pub(crate) fn received_header(t: &Trace<'_>, out: &mut Vec<u8>) {
         } else {
             write!(s, "\r\n\tfor <{rcpt}@{}>", t.hostname)
         };
+    }
+    // RFC 8314 4.3: the cipher suite of a TLS session, in a clause of its own after the
+    // others (RFC 5321 4.4's Additional-Registered-Clauses). A name as rustls gives it is
+    // letters, digits and `_`; anything else is left out rather than written into the trace.
+    if let Some(cipher) = t
+        .tls_cipher
+        .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    {
+        let _ = write!(s, "\r\n\ttls {cipher}");
     }
     let _ = write!(s, ";\r\n\t{}\r\n", rfc5322_date(t.now));
     out.extend_from_slice(s.as_bytes());
@@ -215,6 +226,22 @@ mod tests {
             }),
             "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
         );
+        // RFC 8314 4.3: the cipher suite in a `tls` clause, after `for`.
+        assert_eq!(
+            header(&Trace {
+                tls: true,
+                tls_cipher: Some("TLS_AES_256_GCM_SHA384"),
+                ..trace()
+            }),
+            "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (postern) with ESMTPS id Q1\r\n\tfor <a@b.test>\r\n\ttls TLS_AES_256_GCM_SHA384;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+        // A name with anything but letters, digits and `_` is left out.
+        let odd = header(&Trace {
+            tls: true,
+            tls_cipher: Some("X; (y)"),
+            ..trace()
+        });
+        assert!(!odd.contains("tls "), "{odd}");
     }
 
     #[test]
@@ -298,6 +325,7 @@ mod tests {
             hostname: "mx.test",
             esmtp: true,
             tls: false,
+            tls_cipher: None,
             smtputf8: false,
             queue_id: "Q1",
             single_rcpt: Some("a@b.test"),

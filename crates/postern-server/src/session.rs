@@ -595,6 +595,7 @@ impl Session {
             .then(|| env.recipients().next().map(|r| r.path))
             .flatten();
         let mut header = Vec::with_capacity(256);
+        let cipher = self.conn.tls_cipher();
         received_header(
             &Trace {
                 helo: env.helo(),
@@ -602,6 +603,7 @@ impl Session {
                 hostname: &self.core.settings.hostname,
                 esmtp: env.is_esmtp(),
                 tls: self.proto.is_tls(),
+                tls_cipher: cipher.as_deref(),
                 smtputf8: env.smtputf8(),
                 queue_id: draft.queue_id(),
                 single_rcpt: single,

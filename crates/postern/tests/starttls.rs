@@ -131,7 +131,22 @@ fn starttls_drops_pipelined_commands_and_starts_over() {
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].0, id);
     assert_eq!(msgs[0].1, "a@b.test", "the injected sender never made it");
-    assert!(String::from_utf8_lossy(&msgs[0].3).contains("with ESMTPS id"));
+    let text = String::from_utf8_lossy(&msgs[0].3);
+    assert!(text.contains("with ESMTPS id"), "{text}");
+    assert_tls_clause(&text);
+}
+
+/// The trace header names the TLS 1.3 cipher suite the test's client and the server agreed
+/// on, by its IANA name, in RFC 8314 4.3's `tls` clause.
+fn assert_tls_clause(text: &str) {
+    let named = [
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+    ]
+    .iter()
+    .any(|suite| text.contains(&format!("\r\n\ttls {suite};\r\n")));
+    assert!(named, "{text}");
 }
 
 #[test]
@@ -164,6 +179,7 @@ fn implicit_tls_port_greets_inside_tls() {
     for m in &msgs {
         let text = String::from_utf8_lossy(&m.3);
         assert!(text.contains(") with ESMTPS id"), "{text}");
+        assert_tls_clause(&text);
     }
 }
 
