@@ -20,6 +20,10 @@ use crate::store::CoreStore;
 /// At most one log line about spool errors per core this often.
 const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// At most one line a minute per core about failed TLS handshakes: scanners fail them by the
+/// thousand, and the counter has them all.
+const TLS_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Messages the operator asked to delete (`postern queue --delete`, then SIGUSR2), handed
 /// from the signal thread to the cores: each core takes those of its own spool at its next
 /// tick (50 ms).
@@ -147,6 +151,8 @@ pub(crate) struct Core {
     pub(crate) refusing: Cell<bool>,
     /// When a spool error was last logged, and how many came since.
     pub(crate) spool_error_log: Cell<(Option<std::time::Instant>, u64)>,
+    /// When a failed TLS handshake was last logged, and how many failed since.
+    pub(crate) tls_failure_log: Cell<(Option<std::time::Instant>, u64)>,
     /// Where acknowledged messages go (none: they stay in the spool).
     pub(crate) delivery: std::cell::RefCell<Option<Rc<dyn crate::delivery::Delivery>>>,
 }
@@ -411,6 +417,27 @@ impl Core {
         };
         self.spool_full.set(full);
         !full
+    }
+
+    /// Counts a failed TLS handshake and logs it, with the client and why: the first at once,
+    /// then at most one line every [`TLS_FAILURE_LOG_EVERY`] with how many failed meanwhile
+    /// (`more_since_last`). Each is logged at debug level too.
+    pub(crate) fn tls_failure(&self, client: std::net::SocketAddr, why: &dyn std::fmt::Display) {
+        self.metrics.borrow_mut().tls_failures += 1;
+        tracing::debug!(core = self.id, %client, "TLS handshake failed: {why}");
+        let now = std::time::Instant::now();
+        let (last, quiet) = self.tls_failure_log.get();
+        if last.is_some_and(|t| now.duration_since(t) < TLS_FAILURE_LOG_EVERY) {
+            self.tls_failure_log.set((last, quiet + 1));
+            return;
+        }
+        self.tls_failure_log.set((Some(now), 0));
+        tracing::info!(
+            core = self.id,
+            %client,
+            more_since_last = quiet,
+            "TLS handshake failed: {why}"
+        );
     }
 
     /// Counts a spool error and logs it: the first at once, then at most one line every

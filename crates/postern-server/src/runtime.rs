@@ -611,6 +611,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         held: init.held,
         refusing: Default::default(),
         spool_error_log: Default::default(),
+        tls_failure_log: Default::default(),
     });
     core.count_held();
     let committer =

@@ -559,8 +559,13 @@ impl Session {
             None if !spoke.get() => false,
             // Ended by the stop: not the client's failure.
             None if !already_stopping && core.stopping.get() => false,
-            _ => {
-                self.core.metrics.borrow_mut().tls_failures += 1;
+            Some(Some(Err(e))) => {
+                self.core.tls_failure(self.peer, &e);
+                false
+            }
+            None => {
+                let why = format!("not finished within {:?}", limit);
+                self.core.tls_failure(self.peer, &why);
                 false
             }
         }

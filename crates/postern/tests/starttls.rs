@@ -290,6 +290,36 @@ fn a_failed_handshake_closes_only_that_session() {
 }
 
 #[test]
+fn a_failed_handshake_is_logged_with_its_client_and_why_at_most_once_a_minute() {
+    // An operator sees why handshakes fail (a counter alone says nothing of whom or why),
+    // without a line for each of a scanner's thousands: the first at once, then one a
+    // minute per core with how many came meanwhile.
+    let (mut server, _roots, _dir) = server_with_cert_and(&["--cores", "1"]);
+    let fail = || {
+        let mut c = server.connect();
+        c.line();
+        c.cmd("EHLO client.test");
+        assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
+        c.send(b"this is not a TLS ClientHello\r\n\r\n");
+        let mut rest = Vec::new();
+        let _ = c.reader.read_to_end(&mut rest);
+    };
+    fail();
+    let line = server.log_until(|l| l.contains("TLS handshake failed"));
+    assert!(line.contains("client=127.0.0.1:"), "{line}");
+    assert!(line.contains("more_since_last=0"), "{line}");
+    fail();
+    fail();
+    server.metrics_until(|m| m.contains("postern_tls_handshake_failures_total 3\n"));
+    let log = server.terminate_for_log();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains(" INFO ") && l.contains("TLS handshake failed"))
+        .count();
+    assert_eq!(logged, 1, "{log}");
+}
+
+#[test]
 fn a_silent_handshake_is_bounded_by_the_command_timeout() {
     // The built-in handshake limit is 30 s; a 1 s command timeout bounds it too, after
     // STARTTLS and on the implicit-TLS port alike.
