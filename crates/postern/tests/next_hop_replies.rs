@@ -1510,14 +1510,30 @@ fn a_reply_after_the_mail_reply_does_not_pass_a_rcpt_reply_for_the_answer_to_the
         "250-PIPELINING\r\n250-CHUNKING\r\n",
         &[("<refused@t>", &["b@dest.test"], "refuse-me\r\n")],
     );
+    // Its NOOP got the 554 in its place: out of step, as the first attempt's outcome says.
+    refused_after_a_first_attempt_out_of_step(
+        &taken,
+        &origin,
+        &server,
+        "the replies were out of step",
+    );
+}
+
+/// The message of [`strayed_into`] that the next hop refuses came back to its sender with
+/// the next hop's 554, was taken nowhere, and its first attempt was deferred saying `why`.
+fn refused_after_a_first_attempt_out_of_step(
+    taken: &Taken,
+    origin: &Peer,
+    server: &Server,
+    why: &str,
+) {
     let (bounce, text) = origin.first("the refused message's bounce");
     assert_eq!(bounce.mail_from, "<>");
     assert!(text.contains("554 5.7.1 message refused"), "{text}");
     assert!(taken.lock().unwrap().is_empty());
-    // Its NOOP got the 554 in its place: out of step, as the first attempt's outcome says.
     let first = server.log_until(|l| l.contains("status="));
     assert!(first.contains("status=\"deferred\""), "{first}");
-    assert!(first.contains("the replies were out of step"), "{first}");
+    assert!(first.contains(why), "{first}");
 }
 
 #[test]
@@ -1722,13 +1738,12 @@ fn a_reply_after_the_rcpt_reply_without_pipelining_is_not_taken_for_the_answer_t
         "250-CHUNKING\r\n",
         &[("<refused@t>", &["b@dest.test"], "refuse-me\r\n")],
     );
-    let (bounce, text) = origin.first("the refused message's bounce");
-    assert_eq!(bounce.mail_from, "<>");
-    assert!(text.contains("554 5.7.1 message refused"), "{text}");
-    assert!(taken.lock().unwrap().is_empty());
-    let first = server.log_until(|l| l.contains("status="));
-    assert!(first.contains("status=\"deferred\""), "{first}");
-    assert!(first.contains("which no command asked for"), "{first}");
+    refused_after_a_first_attempt_out_of_step(
+        &taken,
+        &origin,
+        &server,
+        "which no command asked for",
+    );
 }
 
 #[test]

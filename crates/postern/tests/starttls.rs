@@ -271,9 +271,9 @@ fn an_over_limit_client_of_the_implicit_tls_port_gets_its_421_inside_tls() {
     assert_eq!(first.cmd("QUIT"), "221 2.0.0 mx.test Bye");
 }
 
-#[test]
-fn a_failed_handshake_closes_only_that_session() {
-    let (server, _roots, _dir) = server_with_cert();
+/// A session whose client answers STARTTLS's 220 with bytes that are no ClientHello, read
+/// until the server closes it.
+fn a_handshake_that_fails(server: &Server) {
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");
@@ -281,6 +281,12 @@ fn a_failed_handshake_closes_only_that_session() {
     c.send(b"this is not a TLS ClientHello\r\n\r\n");
     let mut rest = Vec::new();
     let _ = c.reader.read_to_end(&mut rest);
+}
+
+#[test]
+fn a_failed_handshake_closes_only_that_session() {
+    let (server, _roots, _dir) = server_with_cert();
+    a_handshake_that_fails(&server);
     // Another session is unaffected.
     let mut d = server.connect();
     assert_eq!(d.line(), "220 mx.test ESMTP postern");
@@ -295,21 +301,12 @@ fn a_failed_handshake_is_logged_with_its_client_and_why_at_most_once_a_minute() 
     // without a line for each of a scanner's thousands: the first at once, then one a
     // minute per core with how many came meanwhile.
     let (mut server, _roots, _dir) = server_with_cert_and(&["--cores", "1"]);
-    let fail = || {
-        let mut c = server.connect();
-        c.line();
-        c.cmd("EHLO client.test");
-        assert_eq!(c.cmd("STARTTLS"), "220 2.0.0 Ready to start TLS");
-        c.send(b"this is not a TLS ClientHello\r\n\r\n");
-        let mut rest = Vec::new();
-        let _ = c.reader.read_to_end(&mut rest);
-    };
-    fail();
+    a_handshake_that_fails(&server);
     let line = server.log_until(|l| l.contains("TLS handshake failed"));
     assert!(line.contains("client=127.0.0.1:"), "{line}");
     assert!(line.contains("more_since_last=0"), "{line}");
-    fail();
-    fail();
+    a_handshake_that_fails(&server);
+    a_handshake_that_fails(&server);
     server.metrics_until(|m| m.contains("postern_tls_handshake_failures_total 3\n"));
     let log = server.terminate_for_log();
     let logged = log

@@ -5,6 +5,13 @@ use super::*;
 use postern_proto::address::mailbox_to_ascii;
 
 impl CoreRelay {
+    /// Fails `job` for good with `status` and `text`, decided here from what `conn`'s next hop
+    /// offers before anything is sent; that next hop is the one the reports name.
+    fn refused_here(&self, job: Job, status: &str, text: &str, conn: &Outbound) {
+        let remote = Some(relay_label(&conn.remote, conn.addr));
+        self.settle_all(job, true, status, text, remote);
+    }
+
     /// The transaction for `job` on `conn`, or None when the job was settled without
     /// sending (the next hop lacks an extension the message needs).
     pub(super) fn prepare(
@@ -47,13 +54,7 @@ impl CoreRelay {
                         "{} does not support BINARYMIME and the message is not text that could go without it",
                         conn.remote
                     );
-                    self.settle_all(
-                        job,
-                        true,
-                        "5.6.3",
-                        &text,
-                        Some(relay_label(&conn.remote, conn.addr)),
-                    );
+                    self.refused_here(job, "5.6.3", &text, conn);
                     return None;
                 }
                 not_text = true;
@@ -85,13 +86,7 @@ impl CoreRelay {
                     .is_some_and(|r| mailbox_to_ascii(&r.path).is_some())
             });
             if ascii.is_empty() || mailbox_to_ascii(&meta.reverse_path).is_none() {
-                self.settle_all(
-                    job,
-                    true,
-                    "5.6.7",
-                    &text(),
-                    Some(relay_label(&conn.remote, conn.addr)),
-                );
+                self.refused_here(job, "5.6.7", &text(), conn);
                 return None;
             }
             // The recipients with a UTF-8 local part fail with X.6.7 (their addresses), the
@@ -108,13 +103,7 @@ impl CoreRelay {
                     hop_dsn: false,
                     tried: Vec::new(),
                 };
-                self.settle_all(
-                    failed,
-                    true,
-                    "5.6.7",
-                    &text(),
-                    Some(relay_label(&conn.remote, conn.addr)),
-                );
+                self.refused_here(failed, "5.6.7", &text(), conn);
                 job.rcpts = ascii;
             }
             if !headers_ascii {
@@ -122,13 +111,7 @@ impl CoreRelay {
                     "{} does not support SMTPUTF8, needed for this message's header fields",
                     conn.remote
                 );
-                self.settle_all(
-                    job,
-                    true,
-                    "5.6.9",
-                    &text,
-                    Some(relay_label(&conn.remote, conn.addr)),
-                );
+                self.refused_here(job, "5.6.9", &text, conn);
                 return None;
             }
         }
@@ -195,13 +178,7 @@ impl CoreRelay {
                 "{} does not support 8BITMIME and the message has 8-bit content",
                 conn.remote
             );
-            self.settle_all(
-                job,
-                true,
-                "5.6.3",
-                &text,
-                Some(relay_label(&conn.remote, conn.addr)),
-            );
+            self.refused_here(job, "5.6.3", &text, conn);
             return None;
         }
         let mut mail_params = String::new();
