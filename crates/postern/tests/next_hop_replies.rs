@@ -1557,37 +1557,14 @@ fn a_421_in_place_of_the_noop_s_answer_after_an_addressing_status_is_no_delivery
 fn a_connection_given_up_for_a_reply_nobody_asked_for_still_says_quit() {
     // RFC 5321 4.1.1.10: the client does not close before it sends QUIT. Its reply cannot be
     // told from the stray ones, so none is waited for.
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = lines.clone();
-    let (port, stored, closed) = scripted_next_hop(
-        move |n, line| {
-            seen.lock().unwrap().push((n, line.trim_end().to_owned()));
+    given_up_with_quit(
+        |n, line| {
             (n == 0 && line.starts_with("EHLO")).then_some(Act::Say(
                 "250-scripted.test\r\n250 PIPELINING\r\n250 2.0.0 nobody asked\r\n",
             ))
         },
-        Act::Say("250 2.0.0 stored\r\n"),
-    );
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let _server = Server::start(&["--cores", "1", "--route", &route]);
-    send(
-        &_server,
-        "a@origin.test",
-        &["b@dest.test"],
         "<quit@t>",
-        "x\r\n",
     );
-    // The first connection ends (the message waits for its retry).
-    closed.recv_timeout(Duration::from_secs(20)).unwrap();
-    assert!(stored.try_recv().is_err(), "nothing was sent on it");
-    let first: Vec<String> = lines
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(n, _)| *n == 0)
-        .map(|(_, l)| l.clone())
-        .collect();
-    assert_eq!(first.last().map(String::as_str), Some("QUIT"), "{first:?}");
 }
 
 #[test]
@@ -1595,11 +1572,8 @@ fn a_connection_given_up_before_bdat_for_a_reply_nobody_asked_for_says_quit() {
     // As above, with the extra reply behind the RCPT reply that lets BDAT go: nothing was
     // written since, so QUIT can still go out (it cannot after a 354, where it would be
     // body text).
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = lines.clone();
-    let (port, stored, closed) = scripted_next_hop(
-        move |n, line| {
-            seen.lock().unwrap().push((n, line.trim_end().to_owned()));
+    given_up_with_quit(
+        |n, line| {
             if line.starts_with("EHLO") {
                 Some(Act::Say("250-scripted.test\r\n250 CHUNKING\r\n"))
             } else if n == 0 && line.starts_with("RCPT") {
@@ -1608,15 +1582,33 @@ fn a_connection_given_up_before_bdat_for_a_reply_nobody_asked_for_says_quit() {
                 None
             }
         },
+        "<quit-bdat@t>",
+    );
+}
+
+/// A next hop that answers as `answer` says (a reply nobody asked for on its first
+/// connection), sent one message: that connection ends with nothing sent on it, its last line
+/// QUIT (the message waits for its retry).
+fn given_up_with_quit(
+    answer: impl Fn(usize, &str) -> Option<Act> + Send + 'static,
+    message_id: &str,
+) {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
+    let (port, stored, closed) = scripted_next_hop(
+        move |n, line| {
+            seen.lock().unwrap().push((n, line.trim_end().to_owned()));
+            answer(n, line)
+        },
         Act::Say("250 2.0.0 stored\r\n"),
     );
     let route = format!("dest.test=127.0.0.1:{port}");
-    let _server = Server::start(&["--cores", "1", "--route", &route]);
+    let server = Server::start(&["--cores", "1", "--route", &route]);
     send(
-        &_server,
+        &server,
         "a@origin.test",
         &["b@dest.test"],
-        "<quit-bdat@t>",
+        message_id,
         "x\r\n",
     );
     closed.recv_timeout(Duration::from_secs(20)).unwrap();
