@@ -172,18 +172,23 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         return Err(format!("{}; nothing was deleted", not_queued(&missing)));
     }
     ids.retain(|id| !missing.contains(id));
-    // What the others came to, then those not queued, named: exit 1.
+    // What the others came to (on stdout, as when every ID was queued), then those not
+    // queued, named: exit 1.
     let with_missing = |outcome: Result<String, String>| {
         if missing.is_empty() {
             return outcome;
         }
-        let (Ok(out) | Err(out)) = outcome;
-        let out = if out.is_empty() || out.ends_with('\n') {
-            out
-        } else {
-            out + "\n"
-        };
-        Err(format!("{out}{}", not_queued(&missing)))
+        match outcome {
+            Ok(out) => {
+                use std::io::Write as _;
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout
+                    .write_all(out.as_bytes())
+                    .and_then(|()| stdout.flush());
+                Err(not_queued(&missing))
+            }
+            Err(e) => Err(format!("{e}\n{}", not_queued(&missing))),
+        }
     };
     let raw = pid.as_raw_nonzero();
     let name = format!("{DELETE_PREFIX}{}", std::process::id());

@@ -650,7 +650,7 @@ fn ids_no_longer_queued_are_named_and_the_others_deleted_all_the_same() {
     assert_eq!(code, Some(0), "{err}");
     let (code, out, err) = delete(&spool, &format!("{gone},{doomed}"));
     assert_eq!(code, Some(1), "{out}{err}");
-    assert!(err.contains(&format!("deleted {doomed}\n")), "{err}");
+    assert_eq!(out, format!("deleted {doomed}\n"), "{err}");
     assert!(
         err.contains(&format!("{gone} is not in the queue")),
         "{err}"
