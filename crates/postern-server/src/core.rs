@@ -20,6 +20,28 @@ use crate::store::CoreStore;
 /// At most one log line about spool errors per core this often.
 const SPOOL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Whether a log line kept to one every `every` goes out now, given `log` (when the last went
+/// out, and how many were held back since): with how many were held back when it does (and
+/// the count starts again), None when it is held back (and counted).
+fn due(log: &Cell<(Option<std::time::Instant>, u64)>, every: Duration) -> Option<u64> {
+    log_due_at(log, every, std::time::Instant::now())
+}
+
+/// [`due`] at `now`.
+pub fn log_due_at(
+    log: &Cell<(Option<std::time::Instant>, u64)>,
+    every: Duration,
+    now: std::time::Instant,
+) -> Option<u64> {
+    let (last, quiet) = log.get();
+    if last.is_some_and(|t| now.duration_since(t) < every) {
+        log.set((last, quiet + 1));
+        return None;
+    }
+    log.set((Some(now), 0));
+    Some(quiet)
+}
+
 /// At most one line a minute per core about failed TLS handshakes: scanners fail them by the
 /// thousand, and the counter has them all.
 const TLS_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -425,13 +447,9 @@ impl Core {
     pub(crate) fn tls_failure(&self, client: std::net::SocketAddr, why: &dyn std::fmt::Display) {
         self.metrics.borrow_mut().tls_failures += 1;
         tracing::debug!(core = self.id, %client, "TLS handshake failed: {why}");
-        let now = std::time::Instant::now();
-        let (last, quiet) = self.tls_failure_log.get();
-        if last.is_some_and(|t| now.duration_since(t) < TLS_FAILURE_LOG_EVERY) {
-            self.tls_failure_log.set((last, quiet + 1));
+        let Some(quiet) = due(&self.tls_failure_log, TLS_FAILURE_LOG_EVERY) else {
             return;
-        }
-        self.tls_failure_log.set((Some(now), 0));
+        };
         tracing::info!(
             core = self.id,
             %client,
@@ -445,13 +463,9 @@ impl Core {
     /// the log without flooding it.
     pub(crate) fn spool_error(&self, what: &str, e: &dyn std::fmt::Display) {
         self.metrics.borrow_mut().spool_errors += 1;
-        let now = std::time::Instant::now();
-        let (last, quiet) = self.spool_error_log.get();
-        if last.is_some_and(|t| now.duration_since(t) < SPOOL_ERROR_LOG_EVERY) {
-            self.spool_error_log.set((last, quiet + 1));
+        let Some(quiet) = due(&self.spool_error_log, SPOOL_ERROR_LOG_EVERY) else {
             return;
-        }
-        self.spool_error_log.set((Some(now), 0));
+        };
         tracing::error!(
             core = self.id,
             spool = %self.settings.spool_dir.display(),

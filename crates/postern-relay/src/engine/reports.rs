@@ -771,13 +771,7 @@ fn once_a_minute(log: &Cell<(Option<Instant>, u64)>) -> Option<u64> {
 
 /// [`once_a_minute`] at `now`.
 fn once_a_minute_at(log: &Cell<(Option<Instant>, u64)>, now: Instant) -> Option<u64> {
-    let (last, quiet) = log.get();
-    if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
-        log.set((last, quiet + 1));
-        return None;
-    }
-    log.set((Some(now), 0));
-    Some(quiet)
+    postern_server::log_due_at(log, Duration::from_secs(60), now)
 }
 
 #[cfg(test)]
