@@ -272,6 +272,41 @@ fn is_blank(b: &u8) -> bool {
     matches!(b, b'\r' | b'\n' | b' ' | b'\t')
 }
 
+/// What a socket holds past blank lines, looked at without waiting ([`behind_blanks`]).
+enum Behind {
+    /// Nothing (more) has come.
+    Nothing,
+    /// The end of the connection, or an error on it.
+    Closed,
+    /// Bytes other than blanks: the first of them, in the head peeked at.
+    Said([u8; 64], std::ops::Range<usize>),
+    /// Blanks still, after as many as are taken off at one look.
+    Blanks,
+}
+
+/// What the socket `fd` holds past blank lines (no reply: some next hops write a line end
+/// too many after a reply), which are taken off it a peek at a time, at most 16 peeks of 64
+/// octets; nothing else is taken.
+fn behind_blanks(fd: std::os::fd::RawFd) -> Behind {
+    use nix::sys::socket::{recv, MsgFlags};
+    for _ in 0..16 {
+        let mut head = [0u8; 64];
+        let n = match recv(fd, &mut head, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EAGAIN) => return Behind::Nothing,
+            Ok(0) | Err(_) => return Behind::Closed,
+            Ok(n) => n,
+        };
+        let blanks = head[..n].iter().take_while(|b| is_blank(b)).count();
+        if blanks < n {
+            return Behind::Said(head, blanks..n);
+        }
+        if recv(fd, &mut head[..blanks], MsgFlags::MSG_DONTWAIT).unwrap_or_default() != blanks {
+            return Behind::Closed;
+        }
+    }
+    Behind::Blanks
+}
+
 /// A reply longer than the read buffer.
 const REPLY_TOO_LONG: &str = "reply too long";
 
@@ -1003,7 +1038,6 @@ impl Outbound {
     /// reply (some next hops write a line end too many after a reply): those are read and
     /// dropped. Inside TLS only what has already been read and decrypted can be looked at.
     pub fn unasked_after_reply(&mut self) -> bool {
-        use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
         // A reply still awaited (a RSET queued after a refusal, or before a transaction that
         // was then refused here for its size) may be what follows: nothing to tell.
@@ -1022,23 +1056,12 @@ impl Outbound {
         let Some(tcp) = self.stream.tcp() else {
             return false;
         };
-        let fd = tcp.as_raw_fd();
-        // Blank bytes are taken off the socket a peek at a time; past a few peeks of nothing
-        // else, what follows is left to the next read (the reply parser's own cap ends blank
-        // lines without end).
-        for _ in 0..16 {
-            let mut head = [0u8; 64];
-            let n = recv(fd, &mut head, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
-                .unwrap_or_default();
-            let blanks = head[..n].iter().take_while(|b| is_blank(b)).count();
-            if blanks < n || n == 0 {
-                return unasked(&head[blanks..n]);
-            }
-            if recv(fd, &mut head[..blanks], MsgFlags::MSG_DONTWAIT).unwrap_or_default() != blanks {
-                return false;
-            }
+        // Past a few peeks of blanks, what follows is left to the next read (the reply
+        // parser's own cap ends blank lines without end).
+        match behind_blanks(tcp.as_raw_fd()) {
+            Behind::Said(head, said) => unasked(&head[said]),
+            Behind::Nothing | Behind::Closed | Behind::Blanks => false,
         }
-        false
     }
 
     /// Whether bytes other than blanks are read and not yet parsed; the blanks before them are
@@ -1065,26 +1088,14 @@ impl Outbound {
         let Some(tcp) = self.stream.tcp() else {
             return true;
         };
-        let (fd, tls) = (tcp.as_raw_fd(), self.is_tls());
-        // Blank bytes are taken off a peek at a time; past a few peeks of nothing else, the
-        // connection is given up.
-        for _ in 0..16 {
-            let mut head = [0u8; 64];
-            let n = match recv(fd, &mut head, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-                Err(nix::errno::Errno::EAGAIN) => return false,
-                // End of file, or a socket error.
-                Ok(0) | Err(_) => return true,
-                Ok(n) => n,
-            };
-            let blanks = head[..n].iter().take_while(|b| is_blank(b)).count();
-            if tls || blanks < n {
-                return true;
-            }
-            if recv(fd, &mut head[..blanks], MsgFlags::MSG_DONTWAIT).unwrap_or_default() != blanks {
-                return true;
-            }
+        if self.is_tls() {
+            // What the socket holds is not decrypted yet: any byte counts.
+            let mut byte = [0u8; 1];
+            let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+            return !matches!(recv(tcp.as_raw_fd(), &mut byte, peek), Err(Errno::EAGAIN));
         }
-        true
+        // Past a few peeks of blanks, the connection is given up.
+        !matches!(behind_blanks(tcp.as_raw_fd()), Behind::Nothing)
     }
 
     /// Each command waits for the reply before it from now on
