@@ -34,6 +34,10 @@ pub struct RecoveredMessage {
     /// A corrupt record was found between its START and its END: perhaps one of its own
     /// status records (see `keep_latest_copies`).
     tainted: bool,
+    /// Its `END` lies before its segment's seal or durable mark, which are written only once
+    /// what they cover is durable: the message was on disk, not in the page cache alone (see
+    /// `keep_latest_copies`).
+    known_durable: bool,
     /// The octets of its `START`, body and `END` records.
     pub(crate) records: u64,
 }
@@ -365,6 +369,7 @@ fn scan_core(
                 open: &mut open,
                 statuses: &mut *statuses,
                 out: &mut *out,
+                durable_to: 0,
             };
             scan.segment();
             #[cfg(test)]
@@ -406,9 +411,13 @@ fn scan_core(
 /// Keeps one of each message of `core` found whole more than once: the last one written. A
 /// live message is copied forward (`Spool::copy_forward`) under its own queue ID so that the
 /// segments it kept can go, and both stay on disk until they do; the statuses after the kept
-/// copy's START are applied to it. A copy with a corrupt record between its START and END
-/// (its outcomes, written there, may have been one) gives way to an earlier one without, whose
-/// later statuses include the records before it.
+/// copy's START are applied to it. A copy not known to be durable (its END past its
+/// segment's seal and mark) gives way to an earlier one that is: it may be in the page cache
+/// only (a copy whose sync failed, read back by a restart without a reboot, looks whole), and
+/// the earlier one's segments, released for it, would go with nothing on disk in their place.
+/// Then a copy with a corrupt record between its START and END (its outcomes, written there,
+/// may have been one) gives way to an earlier one without, whose later statuses include the
+/// records before it.
 fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
     let mut chosen: HashMap<&str, usize> = HashMap::new();
     let mut copies = 0u64;
@@ -422,7 +431,8 @@ fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
             }
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 copies += 1;
-                if messages[*e.get()].tainted && !m.tainted {
+                let rank = |m: &RecoveredMessage| (m.known_durable, !m.tainted);
+                if rank(m) > rank(&messages[*e.get()]) {
                     e.insert(i);
                 }
             }
@@ -498,6 +508,8 @@ struct Scan<'a> {
     open: &'a mut HashMap<u64, Partial>,
     statuses: &'a mut Vec<(u32, String, u32, Status)>,
     out: &'a mut Recovered,
+    /// Where the segment's seal or mark says its records were durable to (0: neither).
+    durable_to: usize,
 }
 
 impl Scan<'_> {
@@ -558,6 +570,7 @@ impl Scan<'_> {
             .is_none()
             .then(|| marked_end(data, salt).filter(|&end| end <= data.len()))
             .flatten();
+        self.durable_to = sealed.or(marked).unwrap_or(0);
         let mut pos = HEADER;
         let mut last_corrupt = None;
         let mut overrun = false;
@@ -723,6 +736,8 @@ impl Scan<'_> {
                             start_seq: p.start_seq,
                             statuses_before: p.statuses_before,
                             tainted: p.tainted,
+                            known_durable: at - RECORD_HEADER + record_len(payload.len())
+                                <= self.durable_to,
                             records: p.records + record_len(payload.len()) as u64,
                             body: MessageRef::new(&p.queue_id, p.size, p.pieces),
                             queue_id: p.queue_id,

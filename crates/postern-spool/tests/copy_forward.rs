@@ -139,6 +139,43 @@ fn a_stop_between_a_copy_and_the_release_of_its_old_place_finds_the_message_once
     assert!(spool.is_durable(ticket));
     std::mem::forget(spool);
     recovered_once(dir.path(), &id);
+    // Killed before the mark of the copy's segment moved past it: nothing on disk says the
+    // copy is durable, and the opening keeps the message where it was.
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 1);
+    assert!(spool.segment_count() >= before, "{}", spool.segment_count());
+    // The copy a start makes at once lets the old segments go.
+    assert_eq!(spool.next_to_copy(usize::MAX), [id.as_str()]);
+    let found = recover(dir.path()).unwrap();
+    let w = found.messages.iter().find(|m| m.queue_id == id).unwrap();
+    spool.copy_forward(&id, &w.meta, w.body()).unwrap().unwrap();
+    spool.sync_now().unwrap();
+    spool.copy_over(&id, true).unwrap();
+    drop(found);
+    assert!(
+        spool.segment_count() < before / 2,
+        "{} of {before} kept",
+        spool.segment_count()
+    );
+    drop(spool);
+    recovered_once(dir.path(), &id);
+}
+
+#[test]
+fn a_copy_at_a_graceful_stop_is_known_durable_and_the_opening_lets_the_old_place_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    let before = spool.segment_count();
+    spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    spool.sync_now().unwrap();
+    // A stop syncs the seal of the segment the copy filled, then moves the mark of the one
+    // being written over its durable records.
+    while spool.sync_wanted() {
+        spool.sync_now().unwrap();
+    }
+    spool.mark_durable_end();
+    std::mem::forget(spool);
+    recovered_once(dir.path(), &id);
     let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert_eq!(spool.live_messages(), 1);
     assert!(
@@ -147,6 +184,54 @@ fn a_stop_between_a_copy_and_the_release_of_its_old_place_finds_the_message_once
         spool.segment_count()
     );
     drop(spool);
+    recovered_once(dir.path(), &id);
+}
+
+/// Each segment file of core 0 under `root`, with its content.
+fn segment_files(
+    root: &std::path::Path,
+) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    std::fs::read_dir(root.join("0"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.path(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_copy_whose_sync_failed_does_not_take_the_original_s_place_at_the_next_opening() {
+    // The copy's sync fails with EIO: the kernel may have marked its pages clean without
+    // writing them, and a restart without a reboot reads the copy whole from the page cache,
+    // where a later sync (the opening's) succeeds without writing it. Taken in place of the
+    // original, the original's segments would be deleted at the opening, and a power cut
+    // after that would leave neither.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
+    spool.sync_now().unwrap();
+    let before_copy = segment_files(dir.path());
+    let (ticket, _) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
+    let batch = spool.take_sync().unwrap();
+    // The bytes reach the file (the page cache), and the sync says EIO.
+    batch.run().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
+    spool.copy_over(&id, false).unwrap();
+    std::mem::forget(spool);
+    // The restart.
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 1);
+    drop(spool);
+    // The power cut: what the failed sync held never reached the disk. Segments made since
+    // are gone with it; the others are as they were before the copy (a deletion since, which
+    // the opening syncs, stays).
+    let now = segment_files(dir.path());
+    for (path, data) in &now {
+        match before_copy.get(path) {
+            Some(old) if old != data => std::fs::write(path, old).unwrap(),
+            Some(_) => {}
+            None => std::fs::remove_file(path).unwrap(),
+        }
+    }
     recovered_once(dir.path(), &id);
 }
 

@@ -133,17 +133,24 @@ fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_it
 #[test]
 fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_go() {
     // A copy forward is on file, and the process ended before the sync meant for it (the page
-    // cache still has it): the next start reads the copy in place of the original and would
-    // delete the original's segments. It first makes every segment durable; where that
-    // fails, it deletes nothing.
+    // cache still has it): the next start must not delete the original's segments for it.
+    // The copy is not covered by its segment's mark, so the original is kept; and a start
+    // that finds a message twice makes every segment durable first, and where that fails,
+    // deletes nothing in that run.
     use postern_spool::{DeliveryState, MessageMeta, Recipient, Spool, SpoolOptions, Status};
     let disk = common::FaultyFs::mount();
     let spool = disk.path.join("spool");
     let opts = SpoolOptions {
         segment_size: 64 * 1024,
     };
+    // Arrived now: delivery runs in the second start, and an older message would be past
+    // its queue lifetime there.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let meta = |i: u64| MessageMeta {
-        arrival: 1_795_346_220 + i,
+        arrival: now + i,
         reverse_path: format!("s{i}@origin.test"),
         recipients: vec![
             Recipient {
@@ -211,11 +218,30 @@ fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_g
     assert!(count() >= files.len());
     assert!(server.terminate().success());
 
-    // With syncs working again, they go at the next start.
+    // With syncs working again, they go once a copy is known durable: the one on file is
+    // not (no mark of its segment covers it), and the start copies the message again (with
+    // segments of the size the spool was written with, a copy is due; delivery runs, the
+    // waiting recipient's next hop refusing connections).
     disk.fail_syncs(false);
-    let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
-    assert!(!spool.join("0").join(&first).exists());
-    assert!(count() <= 3, "{} segments", count());
+    let down = reserve("127.0.0.1", 0);
+    let to_down = format!("down.test=127.0.0.1:{}", down.1);
+    let mut server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--spool-segment-size",
+            "64k",
+            "--route",
+            &to_down,
+        ],
+        spool.clone(),
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while spool.join("0").join(&first).exists() || count() > 3 {
+        assert!(Instant::now() < deadline, "{} segments kept", count());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(server.terminate().success());
     let r = postern_spool::recover(&spool).unwrap();
     let waiting: Vec<_> = r.messages.iter().filter(|m| !m.is_final()).collect();
