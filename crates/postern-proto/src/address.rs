@@ -407,6 +407,9 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     let mut prev = b'.';
     let mut i = 0;
     let mut utf8 = false;
+    // An ASCII label of the form `xn--...` claims to be an A-label: it must be one (RFC 5890
+    // 2.3.2.1), decoding to a U-label that encodes back to it.
+    let mut a_label = false;
     // A U-label's length limit is its A-label's (RFC 5890 4.2), checked by `check_idna`;
     // 63 octets here is the limit of an ASCII label only.
     let mut label_utf8 = false;
@@ -414,6 +417,11 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
         utf8 |= c >= 0x80;
         label_utf8 |= c >= 0x80;
         if CLASS[usize::from(c)] & LABEL != 0 || (c == b'-' && label_len != 0) {
+            if label_len == 0 {
+                a_label |= b
+                    .get(i..i + 4)
+                    .is_some_and(|p| p.eq_ignore_ascii_case(b"xn--"));
+            }
             label_len += 1;
         } else if c == b'.' && label_len != 0 && (label_len <= 63 || label_utf8) && prev != b'-' {
             label_len = 0;
@@ -432,7 +440,7 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     if i > MAX_DOMAIN {
         return Err(PathError::DomainTooLong);
     }
-    if utf8 {
+    if utf8 || a_label {
         // UTF-8 bytes end only where a character ends, so the prefix is still text.
         let domain = std::str::from_utf8(&b[..i]).map_err(|_| PathError::Syntax)?;
         check_idna(domain)?;
@@ -913,6 +921,28 @@ mod tests {
             assert!(rev(&format!("<a@{mixed}>")).is_ok(), "{mixed:?}");
         }
         assert!(rev("<a@xn--bcher-kva.\u{fc}.example>").is_ok());
+        // An ASCII label of the A-label form must be one: Punycode that decodes (not
+        // `xn--zz`), to a U-label (not `xn--a`, a C1 control; not `xn--abc`, which decodes
+        // to ASCII), in the form that encodes back to it.
+        for good in [
+            "xn--bcher-kva.example",
+            "XN--BCHER-KVA.example",
+            "mx.xn--tda.example",
+        ] {
+            assert!(is_valid_helo(good), "{good:?}");
+            assert!(rev(&format!("<a@{good}>")).is_ok(), "{good:?}");
+        }
+        for fake in [
+            "xn--zz.example",
+            "xn--a.example",
+            "xn--abc.example",
+            "mail.xn--zz.example",
+            "b\u{fc}.xn--zz.example",
+            "xn--.example",
+        ] {
+            assert!(!is_valid_helo(fake), "{fake:?}");
+            assert!(rev(&format!("<a@{fake}>")).is_err(), "{fake:?}");
+        }
         // An LDH label with hyphens in its third and fourth places is taken beside U-labels
         // as in a name all ASCII.
         assert!(rev("<a@ab--cd.example>").is_ok());
