@@ -439,6 +439,77 @@ fn queue_flush_tries_deferred_mail_now() {
 }
 
 #[test]
+fn a_flush_while_a_connection_is_tried_is_not_undone_when_that_connection_fails() {
+    // The next hop refused the first message's session (it waits an hour for its retry); a
+    // second connection, for the next message, waits on the next hop's EHLO reply when the
+    // operator flushes. That connection then fails too: the mail the flush put in line is
+    // tried again at once, not sent back to its retry (and the next hop paused) for an
+    // attempt that began before the flush.
+    use std::sync::{mpsc::channel, Mutex};
+    let (in_ehlo, in_second_ehlo) = channel::<()>();
+    let (release, released) = channel::<()>();
+    let in_ehlo = Mutex::new(in_ehlo);
+    let released = Mutex::new(Some(released));
+    let (port, stored, _) = scripted_next_hop(
+        move |conn, line| {
+            if !line.starts_with("EHLO") {
+                return None;
+            }
+            match conn {
+                0 => Some(Act::SayAndClose("421 4.3.2 not now\r\n")),
+                1 => {
+                    let _ = in_ehlo.lock().unwrap().send(());
+                    let told = released.lock().unwrap().take().unwrap();
+                    Some(Act::SayAndClose(if told.recv().is_ok() {
+                        "421 4.3.2 still not\r\n"
+                    } else {
+                        "421 4.3.2 the test went\r\n"
+                    }))
+                }
+                _ => None,
+            }
+        },
+        Act::Say("250 2.0.0 stored\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<m0@t>",
+        "x\r\n",
+    );
+    server.log_until(|l| l.contains("to=\"b@dest.test\"") && l.contains("deferred"));
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<m1@t>",
+        "y\r\n",
+    );
+    in_second_ehlo
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a second connection, for the second message");
+    server.signal("-USR1");
+    server.log_until(|l| l.contains("flush: deferred mail is tried now"));
+    release.send(()).unwrap();
+    let mut ids: Vec<String> = (0..2)
+        .map(|_| {
+            let (_, data) = stored
+                .recv_timeout(Duration::from_secs(20))
+                .expect("both messages delivered on the next connection");
+            data.lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["<m0@t>", "<m1@t>"]);
+}
+
+#[test]
 fn the_listing_and_a_flush_say_when_the_server_holds_its_mail() {
     let queue = |spool: &std::path::Path, flush: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));

@@ -957,6 +957,11 @@ impl DestQueue {
 /// [`DestQueue::cap`]); then more connections are tried again, and a refusal learns it anew.
 const CAP_HOLDS: Duration = Duration::from_secs(300);
 
+/// How long no more connections are opened to a next hop after one failed at its lookup
+/// while others of ours to it work (see `CoreRelay::lookup_failed_beside_others`): a
+/// resolver's passing fault, not a limit of the next hop's.
+const LOOKUP_CAP_HOLDS: Duration = Duration::from_secs(30);
+
 /// One core's relay.
 pub struct CoreRelay {
     relay: Arc<Relay>,

@@ -123,6 +123,7 @@ impl CoreRelay {
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
             let attempt_began = now_ms();
+            let flushes_before = self.flushes_seen.get();
             let opening = first.take().unwrap_or_else(|| Opening::new(&dq));
             let opened = self.open(&dq, &tried).await;
             drop(opening);
@@ -182,7 +183,11 @@ impl CoreRelay {
                     // the same next hop work: a host or firewall that drops connections past
                     // a limit, or a passing fault. The jobs wait for the connections that
                     // work, as above.
-                    self.at_connection_limit(&dq, unopened.4, &unopened.0);
+                    if unopened.4 > 0 {
+                        self.at_connection_limit(&dq, unopened.4, &unopened.0);
+                    } else {
+                        self.lookup_failed_beside_others(&dq, &unopened.0);
+                    }
                     for k in carry.drain(..) {
                         self.settle_carried(k);
                     }
@@ -191,6 +196,19 @@ impl CoreRelay {
                 Err(unopened) => {
                     for k in carry.drain(..) {
                         self.settle_carried(k);
+                    }
+                    // A flush acted on while this attempt was made (a connection timing out
+                    // slowly, the only one a failing next hop gets): the mail it put in line
+                    // was released by the operator after what failed here began, and is not
+                    // sent back to its retry (nor the next hop paused) for it. One more
+                    // connection is tried for it at once.
+                    if unopened.1.is_none() && self.flushes_seen.get() != flushes_before {
+                        tracing::debug!(
+                            next_hop = %dq.dest.key(),
+                            "a connection tried before the flush failed ({}); trying again",
+                            unopened.0
+                        );
+                        continue 'connect;
                     }
                     self.unopened(&dq, unopened);
                     break;
@@ -452,6 +470,31 @@ impl CoreRelay {
         dq.cap.set(open);
         dq.cap_until
             .set(now_ms() + u64::try_from(CAP_HOLDS.as_millis()).unwrap_or(u64::MAX));
+    }
+
+    /// The lookup for a connection to `dq`'s next hop failed for now while others of ours to
+    /// it work. Unlike a refused connection, that says nothing of a limit of the next hop's
+    /// (a resolver's passing fault), so the connections are not held to those for
+    /// [`CAP_HOLDS`]; but another one opened now would only ask the resolver again, at once
+    /// and over and over while jobs wait: none is, for [`LOOKUP_CAP_HOLDS`]. A limit learned
+    /// from a refusal is neither raised nor shortened.
+    fn lookup_failed_beside_others(&self, dq: &DestQueue, why: &str) {
+        let open = dq.workers.get().saturating_sub(1).max(1);
+        let now = now_ms();
+        let until = now + u64::try_from(LOOKUP_CAP_HOLDS.as_millis()).unwrap_or(u64::MAX);
+        let cap = if dq.cap_until.get() > now {
+            dq.cap.get().min(open)
+        } else {
+            open
+        };
+        tracing::debug!(
+            next_hop = %dq.dest.key(),
+            connections = cap,
+            "{why}: the jobs wait for the connections that work, and no more are opened for {}s",
+            LOOKUP_CAP_HOLDS.as_secs()
+        );
+        dq.cap.set(cap);
+        dq.cap_until.set(dq.cap_until.get().max(until));
     }
 
     /// No connection could be made to `dq`'s next hop: the jobs waiting for it wait again (or
