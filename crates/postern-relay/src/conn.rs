@@ -1034,7 +1034,9 @@ impl Outbound {
     /// answered is then not known. A `421` is not counted: next hops say it right after a
     /// last 250 as they close, and counting it would send such a next hop every message again
     /// and again (after a shifted reply it is the real answer to the last command, which
-    /// this cannot tell). Nor is the end of the connection, nor blank lines, which are no
+    /// this cannot tell). Nor is a `221`, which some next hops say in the same place as they
+    /// close (a limit of messages per connection): it answers only a QUIT, which was not
+    /// sent, so it shifts nothing. Nor is the end of the connection, nor blank lines, which are no
     /// reply (some next hops write a line end too many after a reply): those are read and
     /// dropped. Inside TLS only what has already been read and decrypted can be looked at.
     pub fn unasked_after_reply(&mut self) -> bool {
@@ -1044,8 +1046,10 @@ impl Outbound {
         if !self.session.is_idle() {
             return false;
         }
-        let unasked =
-            |head: &[u8]| !head.is_empty() && !b"421".starts_with(&head[..head.len().min(3)]);
+        let unasked = |head: &[u8]| {
+            let code = &head[..head.len().min(3)];
+            !head.is_empty() && !b"421".starts_with(code) && !b"221".starts_with(code)
+        };
         if self.unread_past_blanks() {
             let n = (self.end - self.start).min(3);
             return unasked(&self.buf[self.start..self.start + n]);

@@ -1775,6 +1775,52 @@ fn a_421_behind_the_last_rcpt_reply_is_the_next_hop_closing_not_replies_out_of_s
 }
 
 #[test]
+fn a_221_behind_the_reply_to_the_body_is_the_next_hop_closing_and_the_250_stands() {
+    // Some next hops say 221 right after their last 250 and close (a limit of messages per
+    // connection), often in the same write. A 221 answers nothing postern asked (it sent no
+    // QUIT): not replies out of step. The message is delivered, not sent again at every
+    // retry and bounced when its lifetime ends.
+    for chunking in [false, true] {
+        let (port, stored, _) = scripted_next_hop(
+            move |_, line| {
+                (chunking && line.starts_with("EHLO"))
+                    .then_some(Act::Say("250-scripted.test\r\n250 CHUNKING\r\n"))
+            },
+            Act::SayAndClose("250 2.0.0 stored\r\n221 2.0.0 closing\r\n"),
+        );
+        let route = format!("dest.test=127.0.0.1:{port}");
+        let server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            "<one@t>",
+            "x\r\n",
+        );
+        let outcome = server.log_until(|l| l.contains("to=\"b@dest.test\""));
+        assert!(outcome.contains("status=\"sent\""), "{chunking}: {outcome}");
+        // The connection the next hop closed is not used again: the next message goes on a
+        // connection of its own.
+        send(
+            &server,
+            "a@origin.test",
+            &["c@dest.test"],
+            "<two@t>",
+            "y\r\n",
+        );
+        let outcome = server.log_until(|l| l.contains("to=\"c@dest.test\""));
+        assert!(outcome.contains("status=\"sent\""), "{chunking}: {outcome}");
+        let got: Vec<(usize, bool)> = (0..2)
+            .map(|_| {
+                let (conn, data) = stored.recv_timeout(Duration::from_secs(10)).unwrap();
+                (conn, data.contains("<two@t>"))
+            })
+            .collect();
+        assert_eq!(got, [(0, false), (1, true)], "{chunking}");
+    }
+}
+
+#[test]
 fn a_line_end_a_next_hop_writes_late_after_its_reply_does_not_cost_the_connection() {
     // Some next hops write a line end too many a moment after a reply. A blank line is no
     // reply and shifts nothing: the kept connection takes the next message (it was given up,
