@@ -791,6 +791,17 @@ impl ClientSession {
                 self.expect.push_back(Expect::Helo);
                 None
             }
+            // A success or an intermediate reply other than 250 answers something else (a
+            // second greeting the server wrote, and EHLO's own reply still to come): out of
+            // step, not a refusal of EHLO.
+            Expect::Ehlo | Expect::Helo if reply.code < 400 && reply.code != 250 => {
+                let command = if matches!(expect, Expect::Ehlo) {
+                    "EHLO"
+                } else {
+                    "HELO"
+                };
+                Some(self.fail(ClientError::Unexpected(command, reply)))
+            }
             Expect::Ehlo | Expect::Helo if reply.code != 250 => {
                 Some(self.fail(ClientError::Helo(reply)))
             }

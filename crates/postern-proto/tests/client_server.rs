@@ -286,6 +286,28 @@ fn a_refused_helo_or_a_temporary_ehlo_refusal_ends_with_quit() {
 }
 
 #[test]
+fn a_success_other_than_250_to_ehlo_or_helo_is_out_of_step_not_a_refusal() {
+    // A second greeting (its EHLO reply still to come), or a 354: no answer EHLO or HELO can
+    // get. Taken for a refusal, it was reported as the next hop saying it, with a status made
+    // of a success's code.
+    for replies in [
+        &["220 x first\r\n", "220 x second\r\n"][..],
+        &["220 x\r\n", "354 go on\r\n"][..],
+        &["220 x\r\n", "502 5.5.1 no EHLO\r\n", "220 x again\r\n"][..],
+    ] {
+        let mut c = ClientSession::new("relay.test");
+        let (events, sent) = canned(&mut c, replies);
+        let [ClientEvent::Failed(ClientError::Unexpected(command, r))] = &events[..] else {
+            panic!("{events:?}")
+        };
+        let helo = replies.len() == 3;
+        assert_eq!(*command, if helo { "HELO" } else { "EHLO" });
+        assert_eq!(r.code, replies.last().unwrap()[..3].parse::<u16>().unwrap());
+        assert!(sent.ends_with("QUIT\r\n"), "{sent:?}");
+    }
+}
+
+#[test]
 fn the_names_a_server_gives_itself_are_kept_and_blanks_in_ehlo_lines_are_any_blanks() {
     let mut c = ClientSession::new("relay.test");
     let (events, _) = canned(
