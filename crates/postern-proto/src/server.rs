@@ -1159,7 +1159,7 @@ impl ServerSession {
         }
         if self.body_bytes.saturating_add(size) > self.config.max_message_size {
             self.body_failed = Some(replies::TOO_BIG.into());
-            return None;
+            return self.refused_mid_body();
         }
         if !self.bdat {
             self.bdat = true;
@@ -1184,6 +1184,9 @@ impl ServerSession {
                 && self.body_failed.is_none()
             {
                 self.body_failed = Some(replies::BARE_NEWLINE.into());
+                if !step.end && std::mem::take(&mut self.body_open) {
+                    return Some(Event::DataAbort);
+                }
             }
             if step.end {
                 return self.end_of_body(None);
@@ -1194,6 +1197,9 @@ impl ServerSession {
             self.body_bytes += step.bytes.len() as u64;
             if self.body_bytes > self.config.max_message_size {
                 self.body_failed = Some(replies::TOO_BIG.into());
+                if std::mem::take(&mut self.body_open) {
+                    return Some(Event::DataAbort);
+                }
                 continue;
             }
             return Some(Event::Body(step.bytes));
@@ -1252,6 +1258,7 @@ impl ServerSession {
             && self.body_failed.is_none()
         {
             self.body_failed = Some(replies::BARE_NEWLINE.into());
+            return self.refused_mid_body();
         }
         if bytes.is_empty() || self.body_failed.is_some() {
             return None;
@@ -1260,9 +1267,18 @@ impl ServerSession {
         if self.body_bytes > self.config.max_message_size {
             // Repaired line ends can make a body longer than its BDAT sizes said.
             self.body_failed = Some(replies::TOO_BIG.into());
-            return None;
+            return self.refused_mid_body();
         }
         Some(Event::Body(bytes))
+    }
+
+    /// A body refused before its end (over the size limit, a bare line end): the embedding
+    /// drops what it stored of it now (`DataAbort`), not once the rest is read and thrown
+    /// away. A client that takes its time over that rest (a trickle, a BDAT chunk declared
+    /// far over the limit) would otherwise keep the spool's segment pinned, and no segment
+    /// after it freed, for as long as its session lasts.
+    fn refused_mid_body(&mut self) -> Option<Event<'static>> {
+        std::mem::take(&mut self.body_open).then_some(Event::DataAbort)
     }
 
     /// The end of a DATA body, of a BDAT LAST chunk, or of a refused chunk (`chunk`: a BDAT

@@ -326,6 +326,50 @@ fn size_limits() {
     assert_eq!(o.aborted, 1);
 }
 
+#[test]
+fn a_body_refused_before_its_end_is_dropped_at_once_not_at_its_end() {
+    // The embedding drops what it stored of a body as soon as it is refused (over the size
+    // limit, a bare line end): a client taking its time over the rest, which is read and
+    // thrown away, would otherwise keep it (and the spool segment it is in) until the end.
+    let big = "x".repeat(998);
+    let mut lines = vec![
+        "EHLO client.test",
+        "MAIL FROM:<a@b.test>",
+        "RCPT TO:<c@mx.test>",
+        "DATA",
+    ];
+    lines.extend(std::iter::repeat_n(big.as_str(), 11));
+    let over = client(&lines);
+    let mut bare = client(&lines[..4]);
+    bare.extend_from_slice(b"one\ntwo\r\n");
+    let mut chunked = client(&lines[..3]);
+    chunked.extend_from_slice(b"BDAT 5000\r\n");
+    chunked.extend(std::iter::repeat_n(b'c', 5000));
+    chunked.extend_from_slice(b"BDAT 6000 LAST\r\n");
+    let mut declared = client(&lines[..3]);
+    declared.extend_from_slice(b"BDAT 100\r\n");
+    declared.extend(std::iter::repeat_n(b'd', 100));
+    declared.extend_from_slice(b"BDAT 20000 LAST\r\nddd");
+    let mut repaired = client(&lines[..3]);
+    repaired.extend_from_slice(b"BDAT 9990\r\n");
+    repaired.extend(std::iter::repeat_n(b'\n', 9990));
+    let reject_bare = Arc::new(ServerConfig {
+        bare_newline: postern_proto::BareNewlinePolicy::Reject,
+        ..(*config()).clone()
+    });
+    for (what, cfg, input) in [
+        ("DATA over the limit", config(), over),
+        ("a bare line end", reject_bare, bare),
+        ("chunks over the limit", config(), chunked),
+        ("a chunk declared over the limit", config(), declared),
+        ("line ends repaired over the limit", config(), repaired),
+    ] {
+        let o = run(&cfg, false, &input, &[]);
+        assert_eq!((o.starts, o.aborted), (1, 1), "{what}: {}", o.output);
+        assert!(o.messages.is_empty(), "{what}");
+    }
+}
+
 /// A transaction whose one chunk, `BDAT 20000 LAST`, is over the size limit, sent whole.
 fn oversized_last_chunk() -> Vec<u8> {
     let mut input = client(&[
