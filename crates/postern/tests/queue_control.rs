@@ -510,6 +510,34 @@ fn a_flush_while_a_connection_is_tried_is_not_undone_when_that_connection_fails(
 }
 
 #[test]
+fn a_flush_at_once_after_a_start_releases_the_whole_recovered_queue() {
+    // A queue of deferred mail, found at a start, is handed to delivery a batch at a time;
+    // a flush asked for at once (as the start finishes) counts for the batches still on
+    // their way too. It released only those already handed over, and the others waited
+    // for their recorded retry, an hour here.
+    const N: usize = 4000;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    // Each message is put off once (451 to its data), then taken.
+    let peer = Peer::start(&["--tempfail-first", "1"]);
+    let route = format!("dest.test=127.0.0.1:{}", peer.port);
+    let args = ["--cores", "2", "--route", &route, "--retry-initial", "1h"];
+    let mut first = Server::start_in(&args, spool.clone(), None);
+    send_in_one_session(&first, "r@dest.test", "queued", N);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while first.log_count(|l| l.contains("status=\"deferred\"")) < N {
+        assert!(Instant::now() < deadline, "not all deferred");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(first.terminate().success());
+    assert!(peer.stored().is_empty());
+    let second = Server::start_in(&args, spool, None);
+    second.signal("-USR1");
+    peer.wait_for("the whole queue", Duration::from_secs(60), |s| s.len() >= N);
+    drop(dir);
+}
+
+#[test]
 fn the_listing_and_a_flush_say_when_the_server_holds_its_mail() {
     let queue = |spool: &std::path::Path, flush: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));

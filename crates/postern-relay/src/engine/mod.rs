@@ -168,6 +168,10 @@ struct Job {
     /// Addresses of the next hop that broke off or put off this attempt: its next connection
     /// goes elsewhere (see `pass_over`).
     tried: Vec<SocketAddr>,
+    /// [`Relay::flushes`] when its time was decided (0 for one recovered at a start, decided
+    /// in an earlier run): one a flush asked for since then reaches its shard due now,
+    /// whatever its time (see `job_loop`).
+    flushes: u64,
 }
 
 /// A job passed over to another address of its next hop, with what the last one said, for
@@ -1269,6 +1273,8 @@ impl CoreRelay {
             }
             self.dispatch(&msg, &now_rcpts, 0, 0);
             for (at, rcpts) in later {
+                // Its wait was decided in an earlier run: any flush of this one counts for
+                // it, also one asked for before it reaches its shard.
                 self.dispatch(&msg, &rcpts, 1, at);
             }
         }
@@ -1344,6 +1350,9 @@ impl CoreRelay {
                     not_before,
                     hop_dsn: false,
                     tried: Vec::new(),
+                    // Only recovered jobs are sent with a time ahead, their waits decided
+                    // in an earlier run.
+                    flushes: 0,
                 },
             );
         }
@@ -1357,7 +1366,12 @@ impl CoreRelay {
         loop {
             while let Some(job) = inbox.pop() {
                 tracing::debug!(queue_id = %job.msg.queue_id, core = self.id, "job received");
-                if job.not_before > now_ms() {
+                // A flush asked for since its time was decided counts for it, also one this
+                // core acted on while the job was on its way (a restart hands its queue over
+                // a batch at a time, and a flush at once after it found only the first
+                // batches waiting here).
+                let flushed = job.flushes != self.relay.flushes.load(Ordering::SeqCst);
+                if job.not_before > now_ms() && !flushed {
                     self.schedule(job);
                 } else {
                     self.enqueue(job);

@@ -85,6 +85,7 @@ impl CoreRelay {
                         not_before: 0,
                         hop_dsn: false,
                         tried: Vec::new(),
+                        flushes: job.flushes,
                     });
                 }
                 if !deferred.is_empty() {

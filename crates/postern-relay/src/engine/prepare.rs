@@ -102,6 +102,7 @@ impl CoreRelay {
                     not_before: 0,
                     hop_dsn: false,
                     tried: Vec::new(),
+                    flushes: job.flushes,
                 };
                 self.refused_here(failed, "5.6.7", &text(), conn);
                 job.rcpts = ascii;
