@@ -735,7 +735,7 @@ impl Outbound {
                 // A slow write is no silence of the next hop's.
                 self.quiet_from_now();
                 match self.next_event(t.data_done).await.map_err(Err)? {
-                    ClientEvent::Done(_) if self.unasked_after_reply() => {
+                    ClientEvent::Done(_) if self.unasked_after_last_reply() => {
                         Err(Err(ConnError::Io(OUT_OF_STEP.into())))
                     }
                     ClientEvent::Done(result) if unsure_of(std::iter::once(&result)) => {
@@ -750,7 +750,7 @@ impl Outbound {
                     )))),
                 }
             }
-            ClientEvent::Done(_) if self.unasked_after_reply() => {
+            ClientEvent::Done(_) if self.unasked_after_last_reply() => {
                 Err(Err(ConnError::Io(OUT_OF_STEP.into())))
             }
             ClientEvent::Done(result) => Ok(result),
@@ -764,7 +764,7 @@ impl Outbound {
     /// Whether the replies are still in step after a transaction, asked with a NOOP: a reply
     /// left over (the real answer to the data, when a reply no command asked for pushed the
     /// others along) takes the place of its 250. A 421 there is the next hop closing, after
-    /// replies in step. `strict` (a message taken with an addressing status, which is itself
+    /// replies in step, and so is a 221 (said as it closed after its last reply). `strict` (a message taken with an addressing status, which is itself
     /// what a reply pushed along looks like) takes only a 250 for in step, or a refusal of
     /// NOOP as not known (500, 502, X.5.X) followed by silence: a 421 or the connection's end
     /// there may be the real answer to the data, which a delivery must not be taken over.
@@ -772,9 +772,13 @@ impl Outbound {
         let out_of_step = || ConnError::Io(OUT_OF_STEP.into());
         self.session.noop();
         match self.read_until(limit, true).await {
-            Ok(ClientEvent::NeedInput) if self.unasked_after_reply() => Err(out_of_step()),
+            Ok(ClientEvent::NeedInput) if self.unasked_after_last_reply() => Err(out_of_step()),
             Ok(ClientEvent::NeedInput) => match self.session.take_noop_refusal() {
                 None => Ok(()),
+                // A 221 the next hop wrote as it closed after its last reply, read in the
+                // NOOP's place: nothing was left over before it. Taken as a 421 there is.
+                Some(r) if r.code == 221 && strict => Err(out_of_step()),
+                Some(r) if r.code == 221 => Ok(()),
                 Some(r) if strict && !not_known(&r) => Err(out_of_step()),
                 // Replies pushed along put a reply left over in the NOOP's place, and its own
                 // 250 comes next; a server that does not take NOOP says nothing more (and
@@ -1009,7 +1013,7 @@ impl Outbound {
         // The write's time is no silence of the next hop's.
         self.quiet_from_now();
         match self.next_event(AFTER_WRITE_FAILURE).await {
-            Ok(ClientEvent::Done(_)) if self.unasked_after_reply() => {
+            Ok(ClientEvent::Done(_)) if self.unasked_after_last_reply() => {
                 Err(Err(ConnError::Io(OUT_OF_STEP.into())))
             }
             Ok(ClientEvent::Done(result))
@@ -1034,12 +1038,26 @@ impl Outbound {
     /// answered is then not known. A `421` is not counted: next hops say it right after a
     /// last 250 as they close, and counting it would send such a next hop every message again
     /// and again (after a shifted reply it is the real answer to the last command, which
-    /// this cannot tell). Nor is a `221`, which some next hops say in the same place as they
-    /// close (a limit of messages per connection): it answers only a QUIT, which was not
-    /// sent, so it shifts nothing. Nor is the end of the connection, nor blank lines, which are no
+    /// this cannot tell). Nor is the end of the connection, nor blank lines, which are no
     /// reply (some next hops write a line end too many after a reply): those are read and
     /// dropped. Inside TLS only what has already been read and decrypted can be looked at.
     pub fn unasked_after_reply(&mut self) -> bool {
+        self.unasked_behind(false)
+    }
+
+    /// [`Conn::unasked_after_reply`] after the last reply of a transaction (to its body, or
+    /// the NOOP asked after it): there a `221` is not counted either. Some next hops say it
+    /// right after their last 250 as they close (a limit of messages per connection), often
+    /// in the same write; it answers only a QUIT, which was not sent, so it shifts nothing,
+    /// and the connection is not used again (see [`Conn::went_away_while_idle`]). Counted,
+    /// it had every message to such a next hop sent again at each retry. Before a
+    /// transaction (after EHLO, after RSET) it still counts: the connection then carries
+    /// nothing, and the job goes on a new one.
+    pub fn unasked_after_last_reply(&mut self) -> bool {
+        self.unasked_behind(true)
+    }
+
+    fn unasked_behind(&mut self, goodbye_ends: bool) -> bool {
         use std::os::fd::AsRawFd;
         // A reply still awaited (a RSET queued after a refusal, or before a transaction that
         // was then refused here for its size) may be what follows: nothing to tell.
@@ -1048,7 +1066,8 @@ impl Outbound {
         }
         let unasked = |head: &[u8]| {
             let code = &head[..head.len().min(3)];
-            !head.is_empty() && !b"421".starts_with(code) && !b"221".starts_with(code)
+            let closing = b"421".starts_with(code) || (goodbye_ends && code == b"221");
+            !head.is_empty() && !closing
         };
         if self.unread_past_blanks() {
             let n = (self.end - self.start).min(3);

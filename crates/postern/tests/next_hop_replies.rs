@@ -1821,6 +1821,34 @@ fn a_221_behind_the_reply_to_the_body_is_the_next_hop_closing_and_the_250_stands
 }
 
 #[test]
+fn a_221_behind_the_reply_to_the_body_is_no_reply_to_the_noop_asked_after_a_refusal() {
+    // One recipient refused, the other taken: the message's 250 is checked with a NOOP (a
+    // stray reply would have pushed the others along). The 221 the next hop wrote as it
+    // closed is read in the NOOP's place: nothing was left over, and the 250 stands.
+    let (port, stored, _) = scripted_next_hop(
+        |_, line| {
+            line.starts_with("RCPT TO:<unknown@")
+                .then_some(Act::Say("550 5.1.1 unknown user\r\n"))
+        },
+        Act::SayAndClose("250 2.0.0 stored\r\n221 2.0.0 closing\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["unknown@dest.test", "b@dest.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let b = server.log_until(|l| l.contains("to=\"b@dest.test\""));
+    assert!(b.contains("status=\"sent\""), "{b}");
+    let unknown = server.log_until(|l| l.contains("to=\"unknown@dest.test\""));
+    assert!(unknown.contains("status=\"bounced\""), "{unknown}");
+    assert!(stored.recv_timeout(Duration::from_secs(10)).is_ok());
+}
+
+#[test]
 fn a_line_end_a_next_hop_writes_late_after_its_reply_does_not_cost_the_connection() {
     // Some next hops write a line end too many a moment after a reply. A blank line is no
     // reply and shifts nothing: the kept connection takes the next message (it was given up,

@@ -1011,7 +1011,7 @@ impl CoreRelay {
         // outcome is not known.
         let unsure = || crate::conn::unsure_of(answered.iter().map(|(_, r)| r));
         let strict = addressed(&answered);
-        if conn.unasked_after_reply()
+        if conn.unasked_after_last_reply()
             || (broken.is_some() && strict)
             || (broken.is_none() && unsure() && conn.in_step(t.mail, strict).await.is_err())
         {
