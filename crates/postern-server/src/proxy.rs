@@ -85,6 +85,14 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
     }
     match parsed {
         HeaderResult::V1(Ok(h)) => {
+            // Ports are plain decimal digits (the PROXY protocol's text, 2.1); the crate's
+            // parser also takes a sign (`+25`).
+            let line = h.header.trim_end_matches(['\r', '\n']);
+            let fields: Vec<&str> = line.split(' ').collect();
+            let digits = |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+            if fields.len() == 6 && !fields[4..].iter().all(digits) {
+                return Err("not a PROXY header (a port that is not a decimal number)".into());
+            }
             let proxied = match h.addresses {
                 v1::Addresses::Tcp4(a) => Proxied::Client {
                     source: SocketAddr::from((a.source_address, a.source_port)),
@@ -277,6 +285,8 @@ mod tests {
             &b"EHLO client.test\r\n"[..],
             b"PROXY TCP4 192.0.2.7\r\n",
             b"PROXY TCP4 999.0.2.7 198.51.100.1 40000 25\r\n",
+            b"PROXY TCP4 192.0.2.7 198.51.100.1 +1 +25\r\n",
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 40000 +25\r\n",
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");

@@ -494,7 +494,8 @@ fn socket_address(s: &str) -> Result<SocketAddr, String> {
             s.trim()
         )
     })?;
-    let ip = addr.ip();
+    // A mapped IPv4 address (`[::ffff:224.0.0.1]`) is that address.
+    let ip = addr.ip().to_canonical();
     let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
     if ip.is_multicast() || broadcast {
         return Err(format!(
@@ -570,6 +571,21 @@ fn metrics_to_ask(s: &str) -> Result<MetricsAddress, String> {
 }
 
 /// A network as `ADDR/PREFIX`, or one address as its own network (`/32`, `/128`).
+/// An IPv6 network of IPv4-mapped addresses (`::ffff:127.0.0.1`, `::ffff:10.0.0.0/104`) as
+/// the IPv4 network it stands for: a client that comes in on an IPv6 socket with such an
+/// address is taken as its IPv4 address, which the mapped form would never match (a
+/// `--proxy-from` balancer copied from `ss` on a dual-stack listener then never matched,
+/// and its header was taken for a command).
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
 fn network(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     match s.parse::<IpNet>() {
@@ -580,9 +596,9 @@ fn network(s: &str) -> Result<IpNet, String> {
             net.trunc(),
             net.addr()
         )),
-        Ok(net) => Ok(net),
+        Ok(net) => Ok(unmapped(net)),
         Err(e) => match s.parse::<std::net::IpAddr>() {
-            Ok(addr) => Ok(IpNet::from(addr)),
+            Ok(addr) => Ok(unmapped(IpNet::from(addr))),
             Err(_) if s.contains('/') => {
                 // ipnet says "invalid IP address syntax" for a prefix that is too long too.
                 let (addr, prefix) = s.split_once('/').unwrap_or((s, ""));
@@ -1457,6 +1473,8 @@ mod tests {
             ("239.255.255.250:2525", "multicast"),
             ("[ff02::1]:25", "multicast"),
             ("255.255.255.255:25", "broadcast"),
+            ("[::ffff:224.0.0.1]:25", "multicast"),
+            ("[::ffff:255.255.255.255]:25", "broadcast"),
         ] {
             let e = socket_address(bad).unwrap_err();
             assert!(e.contains(&format!("is a {kind} address")), "{bad}: {e}");
@@ -1472,6 +1490,24 @@ mod tests {
         assert!(relay_network("everyone")
             .unwrap_err()
             .ends_with(", or none"));
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_are_the_ipv4_networks_they_stand_for() {
+        // Clients on an IPv6 socket with a mapped address are taken as IPv4: a network
+        // written in the mapped form would match none of them.
+        for (given, taken) in [
+            ("::ffff:127.0.0.1", "127.0.0.1/32"),
+            ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
+            ("::FFFF:10.1.0.0/112", "10.1.0.0/16"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("::1", "::1/128"),
+            ("10.0.0.0/8", "10.0.0.0/8"),
+        ] {
+            assert_eq!(network(given), Ok(taken.parse().unwrap()), "{given}");
+        }
+        assert!(network("::ffff:127.0.0.1/104").is_err(), "host bits set");
     }
 
     #[test]
