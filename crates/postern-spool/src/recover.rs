@@ -380,7 +380,6 @@ fn scan_core(
             });
         }
         out.unfinished += open.len() as u64;
-        out.superseded += keep_latest_copies(&mut out.messages, core);
         // A reclaim leaves no older segment behind the one it deletes unless that one held
         // nothing a message needs (nothing at all, or only abandoned drafts' records): a
         // segment that went while an older one is still there says nothing of the messages
@@ -404,6 +403,11 @@ fn scan_core(
             out.messages
                 .retain(|m| m.core != core || m.start_seq > gone);
         }
+        // After the above: of a message found twice, beside a server that copied it forward
+        // and deleted the old place while this read, the old place may be the one known
+        // durable (the copy's mark not moved yet), and must not be kept over the copy only
+        // to be dropped as gone.
+        out.superseded += keep_latest_copies(&mut out.messages, core);
         Ok(any_vanished)
     }
 }
