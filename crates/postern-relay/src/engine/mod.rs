@@ -909,6 +909,11 @@ struct DestQueue {
     /// `cap_until` (ms).
     cap: Cell<usize>,
     cap_until: Cell<u64>,
+    /// The most connections opened to it while a lookup for one failed beside others that
+    /// work (see `CoreRelay::lookup_failed_beside_others`), until `lookup_cap_until` (ms):
+    /// apart from `cap`, which a resolver's fault neither tightens nor lengthens.
+    lookup_cap: Cell<usize>,
+    lookup_cap_until: Cell<u64>,
 }
 
 /// How many of a next hop's last outcomes [`DestQueue::mostly_failing`] looks at.
@@ -1555,6 +1560,8 @@ impl CoreRelay {
                     paused_for: RefCell::new(None),
                     cap: Cell::new(0),
                     cap_until: Cell::new(0),
+                    lookup_cap: Cell::new(0),
+                    lookup_cap_until: Cell::new(0),
                 })
             })
             .clone();

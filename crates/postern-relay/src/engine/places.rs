@@ -270,12 +270,17 @@ impl CoreRelay {
         } else {
             all
         };
-        // A connection limit the next hop showed (see `DestQueue::cap`).
-        if dq.cap_until.get() > now_ms() {
-            most.min(dq.cap.get().max(1))
-        } else {
-            most
+        // A connection limit the next hop showed (see `DestQueue::cap`), and a hold after a
+        // lookup failed (`DestQueue::lookup_cap`).
+        let now = now_ms();
+        let mut most = most;
+        if dq.cap_until.get() > now {
+            most = most.min(dq.cap.get().max(1));
         }
+        if dq.lookup_cap_until.get() > now {
+            most = most.min(dq.lookup_cap.get().max(1));
+        }
+        most
     }
 
     /// Forgets the next hops with nothing going on: no connection, no job waiting, and no
@@ -299,6 +304,7 @@ impl CoreRelay {
                 || dq.lockstep_until.get() > now
                 || dq.cleartext.borrow().values().any(|&until| until > now)
                 || dq.cap_until.get() > now
+                || dq.lookup_cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)
                 || dq.broke.borrow().values().any(|&until| until > now)
                 // Failed lately: its deferred jobs come back within the longest retry delay

@@ -476,25 +476,20 @@ impl CoreRelay {
     /// it work. Unlike a refused connection, that says nothing of a limit of the next hop's
     /// (a resolver's passing fault), so the connections are not held to those for
     /// [`CAP_HOLDS`]; but another one opened now would only ask the resolver again, at once
-    /// and over and over while jobs wait: none is, for [`LOOKUP_CAP_HOLDS`]. A limit learned
-    /// from a refusal is neither raised nor shortened.
+    /// and over and over while jobs wait: none is, for [`LOOKUP_CAP_HOLDS`]. A hold of its
+    /// own, beside a limit learned from a refusal (`DestQueue::cap`), which it leaves as it
+    /// is.
     fn lookup_failed_beside_others(&self, dq: &DestQueue, why: &str) {
         let open = dq.workers.get().saturating_sub(1).max(1);
-        let now = now_ms();
-        let until = now + u64::try_from(LOOKUP_CAP_HOLDS.as_millis()).unwrap_or(u64::MAX);
-        let cap = if dq.cap_until.get() > now {
-            dq.cap.get().min(open)
-        } else {
-            open
-        };
+        let until = now_ms() + u64::try_from(LOOKUP_CAP_HOLDS.as_millis()).unwrap_or(u64::MAX);
         tracing::debug!(
             next_hop = %dq.dest.key(),
-            connections = cap,
+            connections = open,
             "{why}: the jobs wait for the connections that work, and no more are opened for {}s",
             LOOKUP_CAP_HOLDS.as_secs()
         );
-        dq.cap.set(cap);
-        dq.cap_until.set(dq.cap_until.get().max(until));
+        dq.lookup_cap.set(open);
+        dq.lookup_cap_until.set(until);
     }
 
     /// No connection could be made to `dq`'s next hop: the jobs waiting for it wait again (or
