@@ -440,10 +440,24 @@ fn scan_domain(b: &[u8]) -> Result<usize, PathError> {
     if i > MAX_DOMAIN {
         return Err(PathError::DomainTooLong);
     }
-    if utf8 || a_label {
+    if utf8 {
         // UTF-8 bytes end only where a character ends, so the prefix is still text.
         let domain = std::str::from_utf8(&b[..i]).map_err(|_| PathError::Syntax)?;
         check_idna(domain)?;
+    } else if a_label {
+        // Each A-label on its own: the name as a whole is taken as before, all ASCII, and
+        // IDNA's rule for names with right-to-left labels (every label then starts with a
+        // letter) would refuse reverse-DNS names in use under such top-level domains
+        // (`41-33-12-9.dyn.example.xn--mgbaam7a8h`).
+        let domain = std::str::from_utf8(&b[..i]).map_err(|_| PathError::Syntax)?;
+        for label in domain.split('.') {
+            if label
+                .get(..4)
+                .is_some_and(|p| p.eq_ignore_ascii_case("xn--"))
+            {
+                check_idna(label)?;
+            }
+        }
     }
     Ok(i)
 }
@@ -928,6 +942,8 @@ mod tests {
             "xn--bcher-kva.example",
             "XN--BCHER-KVA.example",
             "mx.xn--tda.example",
+            "41-33-12-9.dyn.example.xn--mgbaam7a8h",
+            "1.xn--mgbaam7a8h",
         ] {
             assert!(is_valid_helo(good), "{good:?}");
             assert!(rev(&format!("<a@{good}>")).is_ok(), "{good:?}");
