@@ -1738,6 +1738,24 @@ fn a_reply_after_the_rcpt_reply_without_pipelining_is_not_taken_for_the_answer_t
     );
 }
 
+/// Sends one message from a@origin.test to unknown@dest.test and b@dest.test through a
+/// one-core postern routed to a next hop on `port` (its first retry an hour away): the log
+/// lines of their outcomes, unknown@'s and b@'s.
+fn outcomes_for_unknown_and_b(port: u16) -> (String, String) {
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["unknown@dest.test", "b@dest.test"],
+        "<two@t>",
+        "x\r\n",
+    );
+    let unknown = server.log_until(|l| l.contains("to=\"unknown@dest.test\""));
+    let b = server.log_until(|l| l.contains("to=\"b@dest.test\""));
+    (unknown, b)
+}
+
 #[test]
 fn a_421_behind_the_last_rcpt_reply_is_the_next_hop_closing_not_replies_out_of_step() {
     // A 421 may come at any time (RFC 5321 3.8): read behind the reply that lets BDAT go,
@@ -1757,19 +1775,9 @@ fn a_421_behind_the_last_rcpt_reply_is_the_next_hop_closing_not_replies_out_of_s
         },
         Act::Say("250 2.0.0 stored\r\n"),
     );
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["unknown@dest.test", "b@dest.test"],
-        "<closing@t>",
-        "x\r\n",
-    );
-    let unknown = server.log_until(|l| l.contains("to=\"unknown@dest.test\""));
+    let (unknown, b) = outcomes_for_unknown_and_b(port);
     assert!(unknown.contains("status=\"bounced\""), "{unknown}");
     assert!(unknown.contains("550 5.1.1 unknown user"), "{unknown}");
-    let b = server.log_until(|l| l.contains("to=\"b@dest.test\""));
     assert!(b.contains("status=\"deferred\""), "{b}");
     assert!(b.contains("421 4.3.2 going down"), "{b}");
 }
@@ -1832,18 +1840,8 @@ fn a_221_behind_the_reply_to_the_body_is_no_reply_to_the_noop_asked_after_a_refu
         },
         Act::SayAndClose("250 2.0.0 stored\r\n221 2.0.0 closing\r\n"),
     );
-    let route = format!("dest.test=127.0.0.1:{port}");
-    let server = Server::start(&["--cores", "1", "--route", &route, "--retry-initial", "1h"]);
-    send(
-        &server,
-        "a@origin.test",
-        &["unknown@dest.test", "b@dest.test"],
-        "<two@t>",
-        "x\r\n",
-    );
-    let b = server.log_until(|l| l.contains("to=\"b@dest.test\""));
+    let (unknown, b) = outcomes_for_unknown_and_b(port);
     assert!(b.contains("status=\"sent\""), "{b}");
-    let unknown = server.log_until(|l| l.contains("to=\"unknown@dest.test\""));
     assert!(unknown.contains("status=\"bounced\""), "{unknown}");
     assert!(stored.recv_timeout(Duration::from_secs(10)).is_ok());
 }

@@ -438,23 +438,6 @@ fn defer_then_flush(server: &Server, prefix: &str, n: usize) {
     assert!(out.status.success(), "{out:?}");
 }
 
-/// The Message-IDs of `n` messages from `stored`, waiting up to 20 s for each.
-fn message_ids(stored: &std::sync::mpsc::Receiver<(usize, String)>, n: usize) -> Vec<String> {
-    let mut ids: Vec<String> = (0..n)
-        .map(|k| {
-            let (_, data) = stored
-                .recv_timeout(Duration::from_secs(20))
-                .unwrap_or_else(|e| panic!("message {k} of {n} not delivered: {e}"));
-            data.lines()
-                .find_map(|l| l.strip_prefix("Message-ID: "))
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
-    ids.sort();
-    ids
-}
-
 #[test]
 fn a_flush_wakes_every_idle_connection_to_a_next_hop_not_one() {
     // Four messages on four connections are put off together; the connections stay, idle.

@@ -550,3 +550,20 @@ pub fn queue_listing(spool: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The Message-IDs of `n` messages from `stored`, waiting up to 20 s for each.
+pub fn message_ids(stored: &std::sync::mpsc::Receiver<(usize, String)>, n: usize) -> Vec<String> {
+    let mut ids: Vec<String> = (0..n)
+        .map(|k| {
+            let (_, data) = stored
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("message {k} of {n} not delivered: {e}"));
+            data.lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
