@@ -421,6 +421,11 @@ impl ClientSession {
             && (self.expect.is_empty() || only_replies_to_earlier())
     }
 
+    /// Replies awaited: one for each command written (or held back) and not answered yet.
+    pub fn replies_awaited(&self) -> usize {
+        self.expect.len() + self.held.len()
+    }
+
     /// Transactions sent and not yet answered in full.
     pub fn in_flight(&self) -> usize {
         self.results.len()

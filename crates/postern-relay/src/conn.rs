@@ -177,6 +177,11 @@ pub struct Outbound {
     /// called), and how long the next hop had been quiet before it.
     last_reply: Instant,
     quiet_before_last: Duration,
+    /// The session's count of replies read when commands last went out.
+    replies_at_write: u64,
+    /// A wait for replies to pipelined commands ran out after the next hop had answered
+    /// some of them: see [`Outbound::lost_pipelined_replies`].
+    pipelined_silence: bool,
 }
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -398,6 +403,8 @@ impl Outbound {
             write_failed: false,
             last_reply: Instant::now(),
             quiet_before_last: Duration::ZERO,
+            replies_at_write: 0,
+            pipelined_silence: false,
         };
         match conn.open(remote, tls, t).await {
             // A reply after the EHLO reply, before any command of a transaction went out,
@@ -527,6 +534,7 @@ impl Outbound {
         out.clear();
         out.extend_from_slice(self.session.output());
         self.session.clear_output();
+        self.replies_at_write = self.session.replies_read();
         let stream = &mut self.stream;
         let result = timed(limit, async {
             stream.write_all(&out).await?;
@@ -602,7 +610,19 @@ impl Outbound {
             // other tasks run before the next one.
             glommio::yield_if_needed().await;
             let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
-            let n = timed(left(deadline), stream.read(room)).await?;
+            let n = match timed(left(deadline), stream.read(room)).await {
+                Ok(n) => n,
+                Err(e) => {
+                    if self.session.capabilities().pipelining
+                        && self.session.replies_awaited() > 0
+                        && self.session.replies_read() > self.replies_at_write
+                        && matches!(&e, ConnError::Io(t) if t == TIMED_OUT)
+                    {
+                        self.pipelined_silence = true;
+                    }
+                    return Err(e);
+                }
+            };
             if n == 0 {
                 return Err(ConnError::Io("connection closed by the server".into()));
             }
@@ -839,6 +859,15 @@ impl Outbound {
         self.quit_owed.set(true);
     }
 
+    /// Whether the next hop answered some of the commands written together and then fell
+    /// silent until the wait for the next reply ran out: the sign of a server (or a filter
+    /// in front of it) that reads one command and drops what was pipelined behind it, which
+    /// would time out on every try. Its next hop is then sent one command at a time for a
+    /// while. A next hop silent from the first reply on does not count (it may be down).
+    pub fn lost_pipelined_replies(&self) -> bool {
+        self.pipelined_silence
+    }
+
     /// Whether a write to the next hop failed: the connection cannot carry another
     /// transaction.
     pub fn write_broke(&self) -> bool {
@@ -949,6 +978,7 @@ impl Outbound {
         out.clear();
         out.extend_from_slice(self.session.output());
         self.session.clear_output();
+        self.replies_at_write = self.session.replies_read();
         let small = body.len() <= COALESCE;
         let stream = &mut self.stream;
         let result = async {

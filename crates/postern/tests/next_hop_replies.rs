@@ -2116,6 +2116,120 @@ fn a_next_hop_whose_replies_cannot_be_read_gets_no_pipelined_body_again() {
     assert!(log.contains(r#"malformed reply line "250ok""#), "{log}");
 }
 
+/// A next hop (or a filter in front of it) that reads one command at a time and drops what
+/// came behind it in the same read: it offers PIPELINING, answers the MAIL of a pipelined
+/// group and never the RCPT and DATA that followed. Returns its port, what it took, and how
+/// many MAIL commands it answered.
+fn next_hop_that_drops_pipelined_commands(
+) -> (u16, Taken, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let taken = Taken::default();
+    let record = taken.clone();
+    let mails = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = mails.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(mut stream) = stream else { return };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            loop {
+                // One read's first line is the command; the rest of the read is dropped.
+                let line = loop {
+                    if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+                        let line = String::from_utf8_lossy(&buf[..end]).to_ascii_uppercase();
+                        buf.clear();
+                        break Some(line);
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let Some(line) = line else { break };
+                let reply: &[u8] = if line.starts_with("EHLO") {
+                    b"250-hop.test\r\n250 PIPELINING\r\n"
+                } else if line.starts_with("MAIL") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    b"250 2.1.0 ok\r\n"
+                } else if line.starts_with("DATA") {
+                    if stream.write_all(b"354 go on\r\n").is_err() {
+                        break;
+                    }
+                    let mut body = Vec::new();
+                    while !body.ends_with(b"\r\n.\r\n") {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => body.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&body);
+                    let id = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Message-ID: "))
+                        .unwrap_or("")
+                        .to_owned();
+                    record.lock().unwrap().push(id);
+                    b"250 2.0.0 queued\r\n"
+                } else if line.starts_with("QUIT") {
+                    let _ = stream.write_all(b"221 2.0.0 bye\r\n");
+                    break;
+                } else {
+                    b"250 2.0.0 ok\r\n"
+                };
+                if stream.write_all(reply).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, taken, mails)
+}
+
+#[test]
+fn a_next_hop_that_drops_pipelined_commands_gets_one_command_at_a_time_after_a_timeout() {
+    // The first attempt pipelines MAIL, RCPT and DATA; the next hop answers the MAIL only and
+    // the wait for the RCPT's reply runs out. Pipelining to it again would time out at every
+    // retry: the next one goes a command at a time, and the message is delivered, once.
+    use std::sync::atomic::Ordering;
+    let (port, taken, mails) = next_hop_that_drops_pipelined_commands();
+    let origin = Peer::start(&[]);
+    // Replies to a pipelined group are each awaited for the longest of its commands' limits.
+    let limits = [
+        "--smtp-mail-timeout",
+        "1s",
+        "--smtp-rcpt-timeout",
+        "1s",
+        "--smtp-data-init-timeout",
+        "1s",
+    ];
+    let server = one_connection_to(port, &origin, &limits);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<dropped@t>",
+        "x\r\n",
+    );
+    taken_within(&taken, "<dropped@t>", Duration::from_secs(30));
+    assert_eq!(*taken.lock().unwrap(), ["<dropped@t>"]);
+    assert_eq!(
+        mails.load(Ordering::SeqCst),
+        2,
+        "one attempt timed out, one delivered"
+    );
+    let log = server.log_until(|l| l.contains("sent one command at a time"));
+    assert!(
+        log.contains("answered part of the commands pipelined"),
+        "{log}"
+    );
+}
+
 /// A next hop that leaves out a pipelined reply (none for the first RCPT) puts each later one
 /// in the place of the command before its own: the 550 it gave the second recipient reads as
 /// the first's. When the transaction then ends in a timeout, which reply answered which

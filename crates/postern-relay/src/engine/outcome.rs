@@ -148,9 +148,21 @@ impl CoreRelay {
                     e,
                     ConnError::Smtp(ClientError::Protocol(_) | ClientError::Unexpected(..))
                 ) || crate::conn::out_of_step(&e)
+                    || conn.lost_pipelined_replies()
                 {
                     // Replies that could not be read: a body that went out pipelined behind
-                    // them may have been taken, and would be at every retry.
+                    // them may have been taken, and would be at every retry. Replies that
+                    // stopped coming partway through pipelined commands: a next hop that
+                    // drops what is pipelined would time out at every retry.
+                    if conn.lost_pipelined_replies() && dq.lockstep_until.get() <= now_ms() {
+                        tracing::info!(
+                            next_hop = %dq.dest.key(),
+                            relay = %remote_name,
+                            "the next hop answered part of the commands pipelined to it and then \
+                             nothing more: it is sent one command at a time for {}s",
+                            LOCKSTEP_AFTER_PROTOCOL_ERROR.as_secs()
+                        );
+                    }
                     dq.lockstep_until
                         .set(now_ms() + LOCKSTEP_AFTER_PROTOCOL_ERROR.as_millis() as u64);
                 }
