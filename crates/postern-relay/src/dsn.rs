@@ -204,7 +204,7 @@ impl Report<'_> {
 /// Builds the whole report: header and MIME body with CRLF line ends, ready to be spooled and
 /// sent from the null reverse path `<>` to [`Report::to`].
 pub fn build(report: &Report<'_>) -> Vec<u8> {
-    let host = dot_atom(report.reporting_mta, "localhost");
+    let host = reporting_host(report.reporting_mta);
     let queue_id = dot_atom(report.queue_id, "dsn");
     let returned = Returned::from_original(report);
 
@@ -1007,6 +1007,20 @@ fn readable(value: &str) -> String {
         .join(" ")
 }
 
+/// The server's name as the From address, the Message-ID and `Reporting-MTA` give it: an
+/// address literal (a `--hostname` of `[192.0.2.1]`, for a server with no name) as it is,
+/// a domain literal being good on the right of both (RFC 5322 3.4.1, 3.6.4); a name as a
+/// dot-atom ([`dot_atom`]).
+fn reporting_host(value: &str) -> String {
+    let value = value.trim();
+    match postern_proto::address::parse_host(value) {
+        Ok(postern_proto::address::Host::Ipv4(_) | postern_proto::address::Host::Ipv6(_)) => {
+            value.to_owned()
+        }
+        _ => dot_atom(value, "localhost"),
+    }
+}
+
 /// Keeps the characters of a dot-atom (RFC 5322 3.2.3) for the From address and the
 /// Message-ID; every other character becomes `_`, and an empty result becomes `fallback`.
 fn dot_atom(value: &str, fallback: &str) -> String {
@@ -1379,6 +1393,49 @@ mod tests {
             binary: false,
             max_returned: 1 << 20,
         }
+    }
+
+    /// A server named by an address literal signs its reports with it, not with the
+    /// literal's characters turned into a name nobody has.
+    #[test]
+    fn a_server_named_by_an_address_literal_signs_its_reports_with_it() {
+        let recipients = [ReportRecipient {
+            path: "b@dest.example".into(),
+            orcpt: None,
+            action: Action::Failed,
+            status: "5.1.1".into(),
+            remote_mta: None,
+            diagnostic: None,
+            last_attempt: None,
+            will_retry_until: None,
+        }];
+        for literal in ["[192.0.2.1]", "[IPv6:2001:db8::1]"] {
+            let report = Report {
+                reporting_mta: literal,
+                ..plain_report(&recipients, None)
+            };
+            let text = String::from_utf8_lossy(&build(&report)).into_owned();
+            assert!(
+                text.contains(&format!("<MAILER-DAEMON@{literal}>")),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("Reporting-MTA: dns; {literal}\r\n")),
+                "{text}"
+            );
+            let id = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Message-ID: "))
+                .unwrap_or_default();
+            assert!(id.ends_with(&format!("@{literal}>")), "{id}");
+        }
+        // Something only like one is still made a dot-atom.
+        let report = Report {
+            reporting_mta: "[mx example]",
+            ..plain_report(&recipients, None)
+        };
+        let text = String::from_utf8_lossy(&build(&report)).into_owned();
+        assert!(text.contains("<MAILER-DAEMON@_mx_example_>"), "{text}");
     }
 
     /// RFC 3464 2.2.1: the envelope ID is given back as it was spelled, its spaces too.
