@@ -40,7 +40,8 @@
 //!   section 5.1 asks for randomisation to spread load); a host named by several MX records
 //!   keeps its best preference only. The best [`MAX_MX_HOSTS`] hosts are resolved (counted
 //!   after this server, by its name, and the hosts not preferred to it are taken out); the
-//!   next ones only when none of those has an address, up to 64 in all.
+//!   next ones when none of those has an address, or to finish the preference the first
+//!   ones ended in (a host there may be this server by its address), up to 64 in all.
 //! * **A backup MX without a primary.** When this server is an MX host of the domain and no
 //!   more preferred host has an address (its lookup failed, for now or for good), the mail
 //!   waits ([`MxError::NoPrimary`], 4.4.4) rather than bouncing: the primary's DNS may be
@@ -598,13 +599,21 @@ async fn lookup(
     hosts.truncate(MAX_MX_HOSTS * MX_HOST_ROUNDS);
 
     // The best MAX_MX_HOSTS hosts are resolved at once (the set aborts them if this lookup is
-    // abandoned); only when none of them has an address, the next ones.
+    // abandoned); only when none of them has an address, the next ones. A preference the
+    // round cut through is resolved whole, in the next rounds: a host there may be this
+    // server by its address (`Myself::drop_from`), which RFC 5321 5.1 has every host of that
+    // preference dropped with.
     let mut hops = Vec::new();
     let mut temporary = None;
     let mut valid_until = mx_until;
     let mut hosts = hosts.into_iter().peekable();
-    while hops.is_empty() && hosts.peek().is_some() {
+    let mut last = None;
+    while hosts
+        .peek()
+        .is_some_and(|(preference, _)| hops.is_empty() || last == Some(*preference))
+    {
         let round: Vec<(u16, Name)> = hosts.by_ref().take(MAX_MX_HOSTS).collect();
+        last = round.last().map(|(preference, _)| *preference);
         resolve_hosts(
             resolver,
             domain,

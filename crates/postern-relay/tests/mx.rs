@@ -698,6 +698,38 @@ fn this_server_is_found_by_name_in_a_list_longer_than_the_hosts_resolved() {
 }
 
 #[test]
+fn this_server_is_found_by_address_in_a_list_longer_than_the_hosts_resolved_at_once() {
+    // The same with this server known by its address only: the preference the first hosts
+    // resolved end in is resolved whole, so that the host that is this server is not left
+    // unresolved past them, and the mail not sent to another host of its preference.
+    const PEERS: usize = 40;
+    let mut records = vec![("@", Rec::Mx(10, "me")), ("me", Rec::A(v4("192.0.2.10")))];
+    for i in 0..PEERS {
+        let peer: &'static str = Box::leak(format!("peer{i}").into_boxed_str());
+        records.push(("@", Rec::Mx(10, peer)));
+        records.push((peer, Rec::A(Ipv4Addr::new(198, 51, 100, i as u8))));
+    }
+    let dns = TestDns::start(ZONE, &records);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let listen = [SocketAddr::from(([192, 0, 2, 10], 25))];
+    let me = Myself {
+        hostname: "other.test",
+        listen: &listen,
+        port: 25,
+    };
+    // Each lookup shuffles anew; this server would be past the first round in most of them.
+    for round in 0..8 {
+        let found = on_glommio(|| within_deadline(ZONE, resolver.mx_next_hops(ZONE, "other.test")))
+            .unwrap();
+        assert_eq!(
+            me.drop_from(found, Vec::new),
+            Err(MxError::LoopsToSelf("me.example.test".into())),
+            "round {round}"
+        );
+    }
+}
+
+#[test]
 fn a_hosts_addresses_are_shuffled_at_each_lookup_ipv4_first() {
     // Only the first few addresses of a host are tried: each must get its turn, although
     // the DNS (and the resolver's cache) gives them in one order.
