@@ -139,7 +139,8 @@ pub enum MxError {
     #[error("the domain has no mail host with an address")]
     NoMailHost,
     /// An address literal that no host can have as its own (unspecified, multicast,
-    /// broadcast): a connection to `0.0.0.0` would even reach this machine. Permanent, 5.1.2.
+    /// broadcast) or that names none without its link (IPv6 link-local): a connection to
+    /// `0.0.0.0` would even reach this machine. Permanent, 5.1.2.
     #[error("{0} is not a host's address")]
     NotHostAddress(IpAddr),
     /// The domain's MX hosts are all NXDOMAIN or without address records. Permanent, 5.4.4
@@ -482,14 +483,17 @@ fn domain_literal(domain: &str) -> Option<Result<IpAddr, MxError>> {
     })
 }
 
-/// `ip` when a host can have it as its own: not the unspecified address (`0.0.0.0`, `::`,
-/// which a connection takes for this machine), nor a multicast or broadcast address (RFC
-/// 1122 3.2.1.3, RFC 4291 2.5.2), also when written as IPv4-mapped IPv6.
+/// `ip` when a host can have it as its own, reachable from here: not the unspecified address
+/// (`0.0.0.0`, `::`, which a connection takes for this machine), nor a multicast or broadcast
+/// address (RFC 1122 3.2.1.3, RFC 4291 2.5.2), also when written as IPv4-mapped IPv6, nor an
+/// IPv6 link-local one (`fe80::/10`, RFC 4291 2.5.6), which names no host without the link
+/// it is on, and neither the DNS nor a literal says which (a connection fails with EINVAL).
 fn host_address(ip: IpAddr) -> Result<IpAddr, MxError> {
     let canonical = ip.to_canonical();
     let unusable = canonical.is_unspecified()
         || canonical.is_multicast()
-        || canonical == IpAddr::V4(Ipv4Addr::BROADCAST);
+        || canonical == IpAddr::V4(Ipv4Addr::BROADCAST)
+        || matches!(canonical, IpAddr::V6(v6) if v6.is_unicast_link_local());
     if unusable {
         Err(MxError::NotHostAddress(ip))
     } else {

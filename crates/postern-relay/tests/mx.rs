@@ -822,6 +822,9 @@ fn a_host_whose_only_address_no_host_can_have_is_a_host_without_address() {
             ("@", Rec::Mx(20, "multi")),
             ("multi", Rec::A(v4("224.0.0.1"))),
             ("multi", Rec::Aaaa(v6("::"))),
+            // Link-local IPv6: not reachable without the link, which the DNS cannot say.
+            ("@", Rec::Mx(25, "link")),
+            ("link", Rec::Aaaa(v6("fe80::1"))),
             ("@", Rec::Mx(30, "ok")),
             ("ok", Rec::A(v4("255.255.255.255"))),
             ("ok", Rec::A(v4("192.0.2.30"))),
@@ -851,6 +854,7 @@ fn a_host_whose_only_address_no_host_can_have_is_a_host_without_address() {
         "[IPv6:::]",
         "[IPv6:::ffff:0.0.0.0]",
         "[224.0.0.5]",
+        "[IPv6:fe80::1]",
     ] {
         let err = lookup(&resolver, literal).unwrap_err();
         assert!(
