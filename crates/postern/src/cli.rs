@@ -453,6 +453,12 @@ where
     if t.is_empty() {
         return Err("an empty value; it takes a whole number".to_owned());
     }
+    // `-0` parses as 0 where a sign is taken, and as nothing where it is not.
+    if t.strip_prefix('-')
+        .is_some_and(|d| digits(d) && d.bytes().all(|b| b == b'0'))
+    {
+        return Err(format!("'{t}' has a sign; it takes digits only"));
+    }
     if !digits(t) && !t.strip_prefix('-').is_some_and(digits) {
         return Err(format!(
             "'{t}' is not a whole number; it takes digits only (no sign, unit or exponent)"
@@ -1223,7 +1229,8 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
     // segments on disk and its io_uring memory.
     if cores > MAX_CORES_PER_CPU * available {
         return Err(format!(
-            "--cores {cores} is more than {MAX_CORES_PER_CPU} per CPU this process may use ({available} CPUs)"
+            "--cores {cores} is more than {MAX_CORES_PER_CPU} per CPU this process may use ({available} {})",
+            if available == 1 { "CPU" } else { "CPUs" }
         ));
     }
     if s.max_recipients < 100 {

@@ -1,6 +1,25 @@
 //! The `postern` binary: flags (each also read from `POSTERN_<NAME>`), start-up checks,
 //! signals, and the server on its embedded defaults.
 
+// The macros come before the modules, which use them too.
+
+/// A line on stdout. A closed stdout (a pipe whose reader has gone) must not stop the server
+/// or make it panic, so a failed write is ignored.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// A line on stderr, with the same care as [`say!`].
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod memory;
 mod probe;
@@ -79,28 +98,12 @@ fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
     let filter = parts.join(",");
     tracing_subscriber::EnvFilter::builder()
         .parse(&filter)
-        .map_err(|e| format!("RUST_LOG: '{filter}': {e}"))
+        // The operator's own value is quoted, not the default it was put on top of.
+        .map_err(|e| format!("RUST_LOG: '{}': {e}", value.trim()))
 }
 
 /// Messages moved to other cores at start-up that get a log line each (old and new queue ID).
 const MOVED_LOGGED: usize = 20;
-
-/// A line on stdout. A closed stdout (a pipe whose reader has gone) must not stop the server
-/// or make it panic, so a failed write is ignored.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
-
-/// A line on stderr, with the same care as [`say!`].
-macro_rules! complain {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
 
 fn main() -> ExitCode {
     set_panic_hook();

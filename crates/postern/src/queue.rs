@@ -35,6 +35,9 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
     if let Some(id) = &q.show {
         return show(&q.spool, id);
     }
+    // With --flush and --delete what goes to stdout only tells of what was done: a failure
+    // to write it is said, and does not make the command look as if it had failed.
+    let acted = q.flush || !q.delete.is_empty();
     let result = if q.flush {
         flush(&q.spool).map(|text| (text, String::new()))
     } else if !q.delete.is_empty() {
@@ -52,6 +55,12 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
                 Ok(()) => {}
                 // A reader that stopped early (`| head`) wanted no more.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) if acted => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "postern: done, but its account could not be written to stdout: {e}"
+                    );
+                }
                 Err(e) => {
                     let _ = writeln!(std::io::stderr(), "postern: writing the listing: {e}");
                     return ExitCode::from(1);

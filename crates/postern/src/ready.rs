@@ -16,7 +16,7 @@ const ANSWER_MAX: usize = 4096;
 /// Exit 0 with `ready` when the server answers 200; 1 with a line saying why otherwise.
 pub(crate) fn run(r: &Ready) -> ExitCode {
     let Some(addr) = r.address() else {
-        eprintln!(
+        complain!(
             "postern: not ready: the metrics listener is turned off (--metrics none), and \
              readiness is asked there"
         );
@@ -24,11 +24,12 @@ pub(crate) fn run(r: &Ready) -> ExitCode {
     };
     match ask(addr, r.timeout) {
         Ok((200, _)) => {
-            println!("ready");
+            // A closed or full stdout does not change the answer (the exit status).
+            say!("ready");
             ExitCode::SUCCESS
         }
         Ok((code, body)) => {
-            eprintln!(
+            complain!(
                 "postern: not ready: {addr} answers {code} {}",
                 one_line(&body)
             );
@@ -40,7 +41,7 @@ pub(crate) fn run(r: &Ready) -> ExitCode {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            eprintln!(
+            complain!(
                 "postern: not ready: the metrics listener at {addr} did not answer within {:?}",
                 r.timeout
             );
@@ -54,7 +55,7 @@ pub(crate) fn run(r: &Ready) -> ExitCode {
             } else {
                 ""
             };
-            eprintln!(
+            complain!(
                 "postern: not ready: no answer from the metrics listener at {addr} ({e}){hint}"
             );
             ExitCode::FAILURE

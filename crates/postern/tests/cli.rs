@@ -245,6 +245,17 @@ fn wrong_flags_get_one_line_and_exit_2() {
             &format!("'{value}' is not a whole number; it takes digits only"),
         );
     }
+    // A minus before a zero is a sign too, whether the flag's type takes one or not.
+    for (flag, value) in [
+        ("--cores", "-0"),
+        ("--max-connections", "-00"),
+        ("--mx-port", "-0"),
+    ] {
+        refused(
+            &["serve", flag, value],
+            &format!("'{value}' has a sign; it takes digits only"),
+        );
+    }
     refused(&["frobnicate"], "frobnicate");
     refused(&[], "postern serve");
 }
@@ -2028,6 +2039,20 @@ fn an_empty_rust_log_keeps_the_default_and_a_wrong_one_is_refused() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("RUST_LOG"), "{err}");
     }
+    // A value the filter's parser refuses is quoted as the operator wrote it, not with the
+    // default it goes on top of.
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--spool"])
+        .arg(dir.path().join("spool"))
+        .env("RUST_LOG", "postern=bogus")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("postern: RUST_LOG: 'postern=bogus': "),
+        "{err}"
+    );
 }
 
 #[test]

@@ -610,6 +610,21 @@ fn postern_ready_asks_the_server_whether_it_takes_mail() {
         let (code, out, err) = ready(&args, env);
         assert_eq!((code, out.as_str()), (0, "ready\n"), "{err}");
     }
+    // A stdout that takes nothing (full, or a pipe whose reader is gone) changes nothing of
+    // the answer, which is the exit status.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["ready", "--metrics", &at, "--timeout", "10s"])
+        .env_remove("POSTERN_METRICS")
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
     // Draining: /readyz answers 503, and so does the command, with the reason.
     server.signal("-TERM");
     server.log_until(|l| l.contains("draining: /readyz answers 503"));

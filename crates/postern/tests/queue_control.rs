@@ -592,6 +592,33 @@ fn delete(spool: &std::path::Path, ids: &str) -> (Option<i32>, String, String) {
     )
 }
 
+#[test]
+fn a_deletion_whose_account_cannot_be_written_is_done_and_says_so_without_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_in(&[], spool.clone(), None);
+    let doomed = send(&server, "a@origin.test", &["b@dest.test"], "<f@t>", "x\r\n");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .args(["--delete", &doomed])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("done, but its account could not be written"),
+        "{err}"
+    );
+    assert!(listed(&spool).is_empty());
+    drop(server);
+}
+
 /// The queue IDs `postern queue --json` lists.
 fn listed(spool: &std::path::Path) -> Vec<String> {
     queue_listing(spool)
