@@ -391,6 +391,16 @@ fn relay_label(host: &str, addr: std::net::SocketAddr) -> String {
     format!("{host}[{}]:{}", addr.ip(), addr.port())
 }
 
+/// How an account of a failed connection names the address tried: `host [ip]`, with the
+/// port where it is not SMTP's own (a `--route` or `--relay-host` to another port, where a
+/// mistyped port is what the operator needs to see).
+fn tried_label(host: &str, addr: std::net::SocketAddr) -> String {
+    match addr.port() {
+        25 => format!("{host} [{}]", addr.ip()),
+        port => format!("{host} [{}]:{port}", addr.ip()),
+    }
+}
+
 /// One recipient's outcome, on its way back to the owner.
 #[derive(Debug)]
 struct Report {
@@ -1713,6 +1723,19 @@ impl CoreRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed connection's account names the port where it is not 25: a wrong one given
+    /// with --route or --relay-host shows there.
+    #[test]
+    fn an_account_of_a_connection_names_a_port_other_than_25() {
+        let at = |a: &str| a.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(tried_label("mx", at("192.0.2.1:25")), "mx [192.0.2.1]");
+        assert_eq!(
+            tried_label("mx", at("192.0.2.1:2525")),
+            "mx [192.0.2.1]:2525"
+        );
+        assert_eq!(tried_label("::1", at("[::1]:2526")), "::1 [::1]:2526");
+    }
 
     #[test]
     fn a_job_carried_again_with_fewer_recipients_keeps_each_one_s_reply() {

@@ -1539,7 +1539,7 @@ impl CoreRelay {
                     // pause it, beside addresses that work), takes no place among the failed
                     // ones, and does not stand against a refusal of HELO by all the others.
                     if last_remote.is_none() {
-                        last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
+                        last = e.describe(&tried_label(&hop.host, addr));
                         last_status = None;
                         last_refused = false;
                     }
@@ -1553,7 +1553,7 @@ impl CoreRelay {
                     // The account kept is that of the last host that answered, if any did: a
                     // later address where nobody answered does not hide it.
                     if e.answered() || last_remote.is_none() {
-                        last = e.describe(&format!("{} [{}]", hop.host, addr.ip()));
+                        last = e.describe(&tried_label(&hop.host, addr));
                         last_remote = e.answered().then(|| relay_label(&hop.host, addr));
                         last_status = e.tls_status();
                         last_refused = refuses_session(&e);
