@@ -464,6 +464,13 @@ impl Outbound {
                 )));
             }
         };
+        // A reply read before STARTTLS is written cannot be its answer (RFC 3207 4), and
+        // taken for it, the handshake would meet the real one and fail, as if TLS did not
+        // work there. STARTTLS is not sent: `Outbound::connect` finds the reply unasked and
+        // gives the connection up, out of step, as before a transaction.
+        if self.unasked_after_reply() {
+            return Ok(());
+        }
         self.session.start_tls().map_err(ConnError::Smtp)?;
         match self.next_event(t.greeting).await? {
             ClientEvent::StartTls => {}

@@ -374,6 +374,48 @@ fn failed_opportunistic_tls_is_retried_in_cleartext_on_a_new_connection() {
 }
 
 #[test]
+fn a_reply_behind_the_ehlo_reply_is_not_taken_for_the_answer_to_starttls() {
+    // The next hop writes a 220 behind its EHLO reply, before STARTTLS went out: taken for
+    // STARTTLS's answer, the handshake met the real one, failed, and the next hop got mail
+    // in cleartext for an hour. It is a reply nobody asked for: the connection is given up
+    // before STARTTLS, with QUIT, and TLS is not held against the next hop.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let asked = std::sync::Arc::new(AtomicBool::new(false));
+    let seen = asked.clone();
+    let (port, _stored, _) = scripted_next_hop(
+        move |_, line| {
+            if line.starts_with("EHLO") {
+                Some(Act::Say(
+                    "250-scripted.test\r\n250 STARTTLS\r\n220 2.0.0 early\r\n",
+                ))
+            } else if line.starts_with("STARTTLS") {
+                seen.store(true, Ordering::SeqCst);
+                Some(Act::Say("220 2.0.0 go ahead\r\n"))
+            } else {
+                None
+            }
+        },
+        Act::Say("250 2.0.0 taken\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<early@t>",
+        "x\r\n",
+    );
+    let line = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(
+        line.contains("a reply came after the EHLO reply, which no command asked for"),
+        "{line}"
+    );
+    assert!(!asked.load(Ordering::SeqCst), "STARTTLS was sent");
+    assert_eq!(server.log_count(|l| l.contains("cleartext for an hour")), 0);
+}
+
+#[test]
 fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
     assert!(
         through_tls_next_hop(true, "<tls454@t>"),
