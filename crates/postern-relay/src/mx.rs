@@ -611,13 +611,19 @@ async fn lookup(
     let mut temporary = None;
     let mut valid_until = mx_until;
     let mut hosts = hosts.into_iter().peekable();
-    let mut last = None;
-    while hosts
-        .peek()
-        .is_some_and(|(preference, _)| hops.is_empty() || last == Some(*preference))
-    {
-        let round: Vec<(u16, Name)> = hosts.by_ref().take(MAX_MX_HOSTS).collect();
-        last = round.last().map(|(preference, _)| *preference);
+    // The preference to finish: that of the last host of the round that found the first
+    // addresses; after it, only hosts of that preference are resolved.
+    let mut finish: Option<u16> = None;
+    loop {
+        let round: Vec<(u16, Name)> = match finish {
+            None => hosts.by_ref().take(MAX_MX_HOSTS).collect(),
+            Some(p) => std::iter::from_fn(|| hosts.next_if(|(q, _)| *q == p))
+                .take(MAX_MX_HOSTS)
+                .collect(),
+        };
+        let Some(&(last, _)) = round.last() else {
+            break;
+        };
         resolve_hosts(
             resolver,
             domain,
@@ -627,6 +633,9 @@ async fn lookup(
             &mut valid_until,
         )
         .await?;
+        if finish.is_none() && !hops.is_empty() {
+            finish = Some(last);
+        }
     }
     if !hops.is_empty() {
         let pending = temporary.map(|(preference, _)| preference);

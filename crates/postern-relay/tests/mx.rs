@@ -730,6 +730,28 @@ fn this_server_is_found_by_address_in_a_list_longer_than_the_hosts_resolved_at_o
 }
 
 #[test]
+fn the_preference_the_first_hosts_end_in_is_finished_and_no_worse_one_resolved() {
+    // 10 hosts at 10, 8 at 20, 40 at 30, all with addresses: the first 16 take the ten and six
+    // of the 20s; the other two 20s are resolved, and none of the 30s.
+    let mut records = Vec::new();
+    for (preference, count) in [(10u16, 10usize), (20, 8), (30, 40)] {
+        for i in 0..count {
+            let host: &'static str = Box::leak(format!("p{preference}h{i}").into_boxed_str());
+            records.push(("@", Rec::Mx(preference, host)));
+            let last = u8::try_from(i).unwrap();
+            records.push((host, Rec::A(Ipv4Addr::new(198, 51, preference as u8, last))));
+        }
+    }
+    let dns = TestDns::start(ZONE, &records);
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, ZONE).unwrap();
+    let mut preferences: Vec<u16> = hops.iter().map(|h| h.preference).collect();
+    preferences.dedup();
+    assert_eq!(preferences, [10, 20]);
+    assert_eq!(hops.len(), 18);
+}
+
+#[test]
 fn a_hosts_addresses_are_shuffled_at_each_lookup_ipv4_first() {
     // Only the first few addresses of a host are tried: each must get its turn, although
     // the DNS (and the resolver's cache) gives them in one order.
