@@ -421,9 +421,15 @@ impl ClientSession {
             && (self.expect.is_empty() || only_replies_to_earlier())
     }
 
-    /// Replies awaited: one for each command written (or held back) and not answered yet.
-    pub fn replies_awaited(&self) -> usize {
-        self.expect.len() + self.held.len()
+    /// Whether the next reply awaited answers a command of a transaction's envelope (`RSET`,
+    /// `MAIL`, `RCPT`, or `DATA`'s 354), not its body (a BDAT chunk, the end of the data)
+    /// nor anything else: a wait for one of those that runs out after the server answered
+    /// others written with it is the mark of a server that drops what is pipelined to it.
+    pub fn awaiting_envelope_reply(&self) -> bool {
+        matches!(
+            self.expect.front(),
+            Some(Expect::Rset | Expect::Mail | Expect::Rcpt | Expect::DataGo)
+        )
     }
 
     /// Transactions sent and not yet answered in full.

@@ -322,6 +322,25 @@ const NOOP_ECHO_WAIT: Duration = Duration::from_secs(2);
 /// The text of a [`timed`] read or write that ran out of time.
 pub(crate) const TIMED_OUT: &str = "timed out";
 
+/// The most body octets one write carries, each write given the data-block timeout.
+const BODY_BLOCK: usize = 64 * 1024;
+
+/// Writes `bytes` in writes of at most [`BODY_BLOCK`] octets, each within `limit`: the
+/// data-block timeout is for each send of a block of data (RFC 5321 4.5.3.2.5), so a next hop
+/// that keeps reading, however slowly, takes a body of any size, while one that stopped
+/// reading is given up after `limit` (a chunk of the spool, or a body rewritten whole, may be
+/// many megabytes: one write of it all would need the whole body sent within `limit`).
+async fn write_in_blocks(
+    stream: &mut Conn,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), ConnError> {
+    for block in bytes.chunks(BODY_BLOCK) {
+        timed(limit, stream.write_all(block)).await?;
+    }
+    Ok(())
+}
+
 async fn timed<T>(
     limit: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
@@ -621,7 +640,7 @@ impl Outbound {
                 Ok(n) => n,
                 Err(e) => {
                     if self.session.capabilities().pipelining
-                        && self.session.replies_awaited() > 0
+                        && self.session.awaiting_envelope_reply()
                         && self.session.replies_read() > self.replies_at_write
                         && matches!(&e, ConnError::Io(t) if t == TIMED_OUT)
                     {
@@ -867,10 +886,12 @@ impl Outbound {
     }
 
     /// Whether the next hop answered some of the commands written together and then fell
-    /// silent until the wait for the next reply ran out: the sign of a server (or a filter
-    /// in front of it) that reads one command and drops what was pipelined behind it, which
+    /// silent until the wait for the reply to a later command of an envelope (`MAIL`,
+    /// `RCPT`, `DATA`, a pipelined `RSET`) ran out: the sign of a server (or a filter in
+    /// front of it) that reads one command and drops what was pipelined behind it, which
     /// would time out on every try. Its next hop is then sent one command at a time for a
-    /// while. A next hop silent from the first reply on does not count (it may be down).
+    /// while. A next hop silent from the first reply on does not count (it may be down), nor
+    /// one slow to answer a body (its reply is awaited the same way one command at a time).
     pub fn lost_pipelined_replies(&self) -> bool {
         self.pipelined_silence
     }
@@ -980,7 +1001,7 @@ impl Outbound {
         body: &MessageRef,
         limit: Duration,
     ) -> Result<(), ConnError> {
-        const COALESCE: u64 = 64 * 1024;
+        const COALESCE: u64 = BODY_BLOCK as u64;
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         out.extend_from_slice(self.session.output());
@@ -995,7 +1016,7 @@ impl Outbound {
                     timed(limit, stream.write_all(&out)).await?;
                     out.clear();
                     for chunk in body.chunks() {
-                        timed(limit, stream.write_all(chunk)).await?;
+                        write_in_blocks(stream, chunk, limit).await?;
                     }
                 }
                 BodyMode::Data => {
@@ -1016,7 +1037,7 @@ impl Outbound {
                             if piece.len() < COALESCE as usize {
                                 out.extend_from_slice(piece);
                             } else {
-                                timed(limit, stream.write_all(piece)).await?;
+                                write_in_blocks(stream, piece, limit).await?;
                             }
                         }
                     }

@@ -2230,6 +2230,39 @@ fn a_next_hop_that_drops_pipelined_commands_gets_one_command_at_a_time_after_a_t
     );
 }
 
+#[test]
+fn a_next_hop_slow_to_answer_a_pipelined_body_is_not_sent_one_command_at_a_time() {
+    // MAIL, RCPT and BDAT with the body go out together; the next hop answers MAIL and RCPT
+    // and takes longer than the end-of-data timeout over the body (a slow content scan).
+    // That reply would be awaited the same way one command at a time: no reason to stop
+    // pipelining to it.
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let (port, _stored, _) = scripted_next_hop(
+        |_, line| {
+            line.starts_with("EHLO").then_some(Act::Say(
+                "250-scripted.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            ))
+        },
+        Act::SayWhenTold(gate, "250 2.0.0 scanned\r\n"),
+    );
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--smtp-data-done-timeout", "1s"]);
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<slow@t>",
+        "x\r\n",
+    );
+    let line = server.log_until(|l| l.contains("status=\"deferred\""));
+    assert!(line.contains("timed out"), "{line}");
+    assert_eq!(
+        server.log_count(|l| l.contains("answered part of the commands pipelined")),
+        0
+    );
+    drop(release);
+}
+
 /// A next hop that leaves out a pipelined reply (none for the first RCPT) puts each later one
 /// in the place of the command before its own: the 550 it gave the second recipient reads as
 /// the first's. When the transaction then ends in a timeout, which reply answered which
