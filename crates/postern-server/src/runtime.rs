@@ -566,6 +566,7 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
         &init.settings.spool_dir,
         init.id,
         init.settings.spool_segment_size,
+        init.settings.cores,
     ) {
         Ok(s) => s,
         Err(e) => {

@@ -221,6 +221,7 @@ impl CoreStore {
         dir: &Path,
         core: usize,
         segment_size: u64,
+        cores: usize,
     ) -> Result<CoreStore, StartError> {
         // Each core writes its own directory, which may differ from the root (made by another
         // user, mounted read-only).
@@ -244,6 +245,10 @@ impl CoreStore {
         let mut spool = Spool::open(dir, core, SpoolOptions { segment_size })
             .map_err(|e| StartError::Spool(format!("{}: {e}", dir.display())))?;
         spool.set_unlink_later(true);
+        // A segment for each core of the file system's space is kept from new mail: enough for
+        // every core to copy its waiting mail forward and write outcomes when new mail has
+        // filled the disk (see `Spool::set_reserve`).
+        spool.set_reserve(segment_size.saturating_mul(cores as u64));
         Ok(CoreStore {
             spool: RefCell::new(spool),
             work: Event::new(),
@@ -312,6 +317,12 @@ impl CoreStore {
 
     pub(crate) fn begin(&self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
         let begun = self.spool.borrow_mut().begin(meta);
+        self.failed_write(begun)
+    }
+
+    /// [`CoreStore::begin`] for a report made here, which may take the spool's reserve.
+    fn begin_report(&self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
+        let begun = self.spool.borrow_mut().begin_report(meta);
         self.failed_write(begun)
     }
 
@@ -413,7 +424,7 @@ impl CoreStore {
         // As a session does: a message that would fill the segment waits for the one being
         // made ahead rather than make another on the core.
         self.spare_for(meta).await;
-        let mut draft = self.begin(meta)?;
+        let mut draft = self.begin_report(meta)?;
         if let Err(e) = self.append(&mut draft, body) {
             self.abort(draft);
             return Err(e);

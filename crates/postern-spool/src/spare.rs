@@ -13,6 +13,8 @@ pub struct SpareJob {
     pub(crate) core: u32,
     pub(crate) seq: u64,
     pub(crate) size: u64,
+    /// The spool's reserve, which a spare (made for new mail) must leave free.
+    pub(crate) reserve: u64,
 }
 
 /// A segment made by a [`SpareJob`], durable and ready to be written.
@@ -27,6 +29,7 @@ impl std::fmt::Debug for PreparedSegment {
 impl SpareJob {
     /// Creates, reserves and syncs the segment file and its directory (blocking).
     pub fn run(self) -> std::io::Result<PreparedSegment> {
+        crate::spool::room_past_reserve(&self.dir, self.size, self.reserve)?;
         Segment::create(&self.dir, self.core, self.seq, self.size).map(PreparedSegment)
     }
 }

@@ -61,6 +61,8 @@ pub struct Draft {
     recipients: u32,
     /// An append failed: some of the body may be missing, so the draft never finishes.
     broken: bool,
+    /// New mail: a new segment for it leaves the spool's reserve free ([`Spool::set_reserve`]).
+    keeps_reserve: bool,
 }
 
 impl Draft {
@@ -137,6 +139,32 @@ const BULK_WRITE: usize = 16 * 1024;
 /// Records gathered in memory for the next sync are written out early past this many bytes.
 const PENDING_LIMIT: usize = 256 * 1024;
 
+/// Whether a segment of `size` bytes leaves `reserve` bytes free on the file system of `dir`
+/// (what its owner may use without privileges). A file system that says nothing of its size
+/// (some FUSE and network ones), or a reserve of 0, passes.
+pub(crate) fn room_past_reserve(dir: &Path, size: u64, reserve: u64) -> std::io::Result<()> {
+    if reserve == 0 {
+        return Ok(());
+    }
+    let Ok(fs) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    if fs.f_blocks == 0 {
+        return Ok(());
+    }
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    if free >= reserve.saturating_add(size) {
+        return Ok(());
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        format!(
+            "{free} bytes free, and a new segment of {size} would leave less than the \
+             {reserve} kept for copies of waiting mail, delivery outcomes and reports"
+        ),
+    ))
+}
+
 /// Tells one spool's drafts from another's (cores, reopenings).
 static NEXT_SPOOL_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -152,6 +180,8 @@ pub struct Spool {
     spare: Option<Segment>,
     /// A spare is being made.
     spare_pending: bool,
+    /// Free space on the spool's file system that new mail leaves (see [`Spool::set_reserve`]).
+    reserve: u64,
     next_seq: u64,
     /// The number of the newest segment written to so far (0: none since the opening). A
     /// spare numbered at or below it is never used, even once that segment is reclaimed.
@@ -373,6 +403,7 @@ impl Spool {
             seg: None,
             spare: None,
             spare_pending: false,
+            reserve: 0,
             next_seq,
             newest_used: 0,
             next_draft: (next_seq << 32) + 1,
@@ -449,8 +480,9 @@ impl Spool {
         }
     }
 
-    /// The segment to write a record of `len` bytes into, starting a new one when needed.
-    fn segment_for(&mut self, len: usize) -> Result<&mut Segment, SpoolError> {
+    /// The segment to write a record of `len` bytes into, starting a new one when needed; one
+    /// made here for new mail (`keeps_reserve`) must leave the reserve free.
+    fn segment_for(&mut self, len: usize, keeps_reserve: bool) -> Result<&mut Segment, SpoolError> {
         if len > self.options.segment_size as usize - HEADER {
             return Err(SpoolError::TooLarge(len));
         }
@@ -458,6 +490,11 @@ impl Spool {
             // A full segment is sealed once all it holds is durable: the ticket issued now
             // covers its last record. (One left by a failed write is not current any more,
             // and is never sealed.)
+            // New mail does not make a segment out of the reserve (a spare is made only past
+            // it, so taking one leaves it as it was).
+            if keeps_reserve && self.spare.is_none() {
+                self.check_reserve()?;
+            }
             if let Some(full) = self.seg.as_ref() {
                 let seal = Seal {
                     ticket: self.commits.issue(),
@@ -515,9 +552,19 @@ impl Spool {
         kind: Kind,
         pieces: &[&[u8]],
     ) -> Result<(&Segment, usize), SpoolError> {
+        self.append_record_keeping(kind, pieces, false)
+    }
+
+    /// [`Spool::append_record`]; `keeps_reserve` for a record of new mail.
+    fn append_record_keeping(
+        &mut self,
+        kind: Kind,
+        pieces: &[&[u8]],
+        keeps_reserve: bool,
+    ) -> Result<(&Segment, usize), SpoolError> {
         let len = record_len(pieces.iter().map(|p| p.len()).sum());
         let bulk = matches!(pieces, [_, bulk] if bulk.len() >= BULK_WRITE);
-        self.segment_for(len)?;
+        self.segment_for(len, keeps_reserve)?;
         // A write that goes into the file at once (a bulk chunk, or gathered records past
         // PENDING_LIMIT) comes after the gathered records of older segments are in theirs: a
         // crash must never leave a later record on file without an earlier one that only a
@@ -593,8 +640,20 @@ impl Spool {
         self.abandon_all();
     }
 
-    /// Starts a message: writes its envelope and returns the draft to append the body to.
+    /// Starts a message: writes its envelope and returns the draft to append the body to. A
+    /// new segment it needs leaves the reserve free ([`Spool::set_reserve`]).
     pub fn begin(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
+        self.begin_new(meta, true)
+    }
+
+    /// Starts a message made here to finish other mail (a delivery report): like
+    /// [`Spool::begin`], but it may take the reserve, as a failing message's bounce is what
+    /// lets it leave the queue.
+    pub fn begin_report(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
+        self.begin_new(meta, false)
+    }
+
+    fn begin_new(&mut self, meta: &MessageMeta, keeps_reserve: bool) -> Result<Draft, SpoolError> {
         self.counter += 1;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -602,18 +661,26 @@ impl Spool {
         let micros = queue_id::time_for(now, self.id_floor, self.counter);
         self.id_floor = micros;
         let queue_id = queue_id::make(micros, self.core, self.counter);
-        self.begin_as(meta, queue_id)
+        self.begin_as(meta, queue_id, keeps_reserve)
     }
 
-    /// Starts a message under `queue_id` (a new one's, or a live one's being copied).
-    fn begin_as(&mut self, meta: &MessageMeta, queue_id: String) -> Result<Draft, SpoolError> {
+    /// Starts a message under `queue_id` (a new one's, or a live one's being copied); new
+    /// mail `keeps_reserve`.
+    fn begin_as(
+        &mut self,
+        meta: &MessageMeta,
+        queue_id: String,
+        keeps_reserve: bool,
+    ) -> Result<Draft, SpoolError> {
         let no = self.next_draft;
         self.next_draft += 1;
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         f.u64(no).bytes(queue_id.as_bytes());
         meta.encode(&mut f);
-        let seq = self.append_record(Kind::Start, &[&f.0]).map(|(s, _)| s.seq);
+        let seq = self
+            .append_record_keeping(Kind::Start, &[&f.0], keeps_reserve)
+            .map(|(s, _)| s.seq);
         let records = record_len(f.0.len()) as u64;
         self.scratch = f.0;
         let seq = seq?;
@@ -630,6 +697,7 @@ impl Spool {
             pieces: Vec::new(),
             recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
             broken: false,
+            keeps_reserve,
         })
     }
 
@@ -650,7 +718,9 @@ impl Spool {
             let take = if fits > 0 { fits } else { max_body }
                 .min(max_body)
                 .min(rest.len());
-            let (seg, at) = match self.append_record(Kind::Body, &[&no, &rest[..take]]) {
+            let appended =
+                self.append_record_keeping(Kind::Body, &[&no, &rest[..take]], draft.keeps_reserve);
+            let (seg, at) = match appended {
                 Ok(appended) => appended,
                 Err(e) => {
                     // Part of the body may be in: an END after it would make a message
@@ -887,7 +957,7 @@ impl Spool {
         let Some(statuses) = self.index.copyable(queue_id) else {
             return Ok(None);
         };
-        let mut draft = self.begin_as(meta, queue_id.to_owned())?;
+        let mut draft = self.begin_as(meta, queue_id.to_owned(), false)?;
         for chunk in body.chunks() {
             if let Err(e) = self.append(&mut draft, chunk) {
                 self.abort(draft);
@@ -1379,6 +1449,27 @@ impl Spool {
         Ok(())
     }
 
+    /// Keeps `bytes` of the spool's file system free of new mail: a segment for new mail is
+    /// made (or made ahead) only where that much stays free after it; copies of waiting
+    /// messages, status records, the ends of messages begun and delivery reports
+    /// ([`Spool::begin_report`]) may take it. Without it, a disk filled with new mail while a
+    /// message waits in the oldest segment stays full: that message cannot be copied forward
+    /// (which needs a segment), so the segments behind it, delivered or not, are never
+    /// deleted, and the outcomes of deliveries cannot be written either. 0 (the default) keeps
+    /// none.
+    pub fn set_reserve(&mut self, bytes: u64) {
+        self.reserve = bytes;
+    }
+
+    /// Fails with [`SpoolError::NoSpace`] when a new segment would leave less than the
+    /// reserve free on the spool's file system.
+    fn check_reserve(&self) -> Result<(), SpoolError> {
+        match room_past_reserve(&self.dir, self.options.segment_size, self.reserve) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(SpoolError::NoSpace(e)),
+        }
+    }
+
     /// The work of making the next segment ahead of time, when none is ready or being made.
     /// Run it off the core and hand the result to [`Spool::install_spare`].
     pub fn spare_job(&mut self) -> Option<SpareJob> {
@@ -1392,6 +1483,7 @@ impl Spool {
             core: self.core,
             seq: self.next_seq,
             size: self.options.segment_size,
+            reserve: self.reserve,
         };
         self.next_seq += 1;
         Some(job)

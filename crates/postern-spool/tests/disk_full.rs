@@ -361,3 +361,47 @@ fn an_aborted_message_that_filled_segments_keeps_none_of_them_open_once_deleted(
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn new_mail_leaves_the_reserve_to_reports_copies_and_outcomes() {
+    // A reserve larger than any disk: every new segment would eat into it.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: SEGMENT,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    spool.set_reserve(u64::MAX / 4);
+    // New mail needs the first segment: refused, as on a full disk.
+    let refused = write_one(&mut spool, 0, &body(0, MESSAGE)).unwrap_err();
+    assert_no_space(&refused);
+    assert!(refused.to_string().contains("kept for copies"), "{refused}");
+    // A report may take it, and then new mail goes into the segment the report started,
+    // as far as it has room, but not into another.
+    let mut d = spool.begin_report(&meta(1)).unwrap();
+    spool.append(&mut d, &body(1, MESSAGE)).unwrap();
+    let report = d.queue_id().to_owned();
+    spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    let mut acked = Vec::new();
+    let refused = fill(&mut spool, 2, &mut acked);
+    assert_no_space(&refused);
+    assert!(!acked.is_empty() && acked.len() < 10, "{}", acked.len());
+    // Outcomes still go in, past the segment new mail filled (into a new one, out of the
+    // reserve): 300 deferrals with a 4 KB reply each, more than a segment.
+    let deferred = postern_spool::Status {
+        state: postern_spool::DeliveryState::Deferred {
+            next_attempt: 1,
+            warned: false,
+        },
+        reply: "4".repeat(4000),
+    };
+    let before = spool.segment_count();
+    for _ in 0..300 {
+        spool.append_status(&report, 0, &deferred).unwrap();
+    }
+    spool.sync_now().unwrap();
+    assert!(spool.segment_count() > before);
+    // Without a reserve, new mail takes new segments again.
+    spool.set_reserve(0);
+    write_one(&mut spool, 5000, &body(5000, MESSAGE)).unwrap();
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod relaying;
 
 use common::{spooled, Server};
 
@@ -11,9 +12,10 @@ use common::{spooled, Server};
 fn a_full_spool_disk_gives_452_and_loses_nothing() {
     let disk = common::Tmpfs::mount("4m");
     let mnt = disk.path.clone();
-    // Leave about 1.5 MiB: room for one 1 MiB segment, not two.
+    // Leave about 2.5 MiB: room for one 1 MiB segment past the one kept from new mail (for
+    // copies and outcomes), not two.
     let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![0u8; 2560 * 1024]).unwrap();
+    std::fs::write(&filler, vec![0u8; 1536 * 1024]).unwrap();
 
     let spool = mnt.join("spool");
     let mut server = Server::start_in(
@@ -83,10 +85,10 @@ fn a_full_spool_disk_gives_452_and_loses_nothing() {
 
 #[test]
 fn the_first_message_after_start_takes_the_segment_being_made_not_a_second_one() {
-    // Room for one 256 MiB segment, not two. At start-up the server makes its first segment
-    // off the core; a message that arrives meanwhile must wait for it, not make another (which
-    // the disk cannot hold) and be refused.
-    let disk = common::Tmpfs::mount("400m");
+    // Room for one 256 MiB segment past the one kept from new mail, not two. At start-up the
+    // server makes its first segment off the core; a message that arrives meanwhile must wait
+    // for it, not make another (which the disk cannot hold) and be refused.
+    let disk = common::Tmpfs::mount("600m");
     let spool = disk.path.join("spool");
     let mut server = Server::start_in(
         &["--cores", "1", "--spool-segment-size", "256M"],
@@ -378,4 +380,103 @@ fn bodies_refused_or_cut_off_do_not_fill_the_disk_while_older_mail_waits() {
     let mut both = [waiting.as_str(), after.as_str()];
     both.sort_unstable();
     assert_eq!(ids, both);
+}
+
+/// One 20 KB message for r@dest.test from a session of its own: the reply that ended it
+/// (`250` at its end, or a refusal on the way: a full spool may say `452` before the data).
+fn offer_to_dest(server: &Server, n: usize) -> String {
+    let (mut c, _) = relaying::hello(server);
+    for command in ["MAIL FROM:<a@origin.test>", "RCPT TO:<r@dest.test>", "DATA"] {
+        let reply = c.cmd(command);
+        if !reply.starts_with('2') && !reply.starts_with('3') {
+            return reply;
+        }
+    }
+    let mut body = format!("Message-ID: <fill{n}@t>\r\n\r\n");
+    for _ in 0..20 {
+        body.push_str(&"y".repeat(998));
+        body.push_str("\r\n");
+    }
+    body.push_str(".\r\n");
+    c.send(body.as_bytes());
+    let reply = c.line();
+    c.cmd("QUIT");
+    reply
+}
+
+#[test]
+fn a_disk_filled_while_a_message_waits_in_the_oldest_segment_empties_once_the_rest_is_delivered() {
+    // One message waits in the oldest segment for a next hop that stays down; mail for another
+    // next hop, down for now, fills the disk. Once that next hop takes its mail, the waiting
+    // message is copied forward so that the segments behind it can go, and the outcomes of
+    // the deliveries are written: both need room in a new segment. New mail took the disk to
+    // its last segment: neither could be written, nothing was deleted, and every message after
+    // got 452, for good (and each restart sent the delivered mail again).
+    let disk = common::Tmpfs::mount("8m");
+    let spool = disk.path.join("spool");
+    let free_port = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (dest, down) = (free_port(), free_port());
+    let to_dest = format!("dest.test=127.0.0.1:{dest}");
+    let to_down = format!("down.test=127.0.0.1:{down}");
+    let server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--spool-segment-size",
+            "256k",
+            "--route",
+            &to_dest,
+            "--route",
+            &to_down,
+            "--retry-initial",
+            "300ms",
+            "--retry-max",
+            "300ms",
+        ],
+        spool.clone(),
+        None,
+    );
+    relaying::send(
+        &server,
+        "a@origin.test",
+        &["w@down.test"],
+        "<waits@t>",
+        "x\r\n",
+    );
+    // Bounded: 8 MiB of 20 KB messages is some 400.
+    let mut taken = 0;
+    let refusal = loop {
+        assert!(taken < 1000, "the disk never filled");
+        let reply = offer_to_dest(&server, taken);
+        if !reply.starts_with("250") {
+            break reply;
+        }
+        taken += 1;
+    };
+    assert!(refusal.starts_with("452 4.3.1"), "{refusal}");
+    assert!(taken > 100, "only {taken} messages taken");
+    // The next hop comes back and takes them all.
+    let peer = relaying::Peer::start_on("127.0.0.1", dest, &[]);
+    peer.wait_for(
+        "the mail taken before the disk filled",
+        std::time::Duration::from_secs(60),
+        |stored| stored.len() >= taken,
+    );
+    // Then the disk empties and mail is taken again. Bounded by the deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let reply = offer_to_dest(&server, taken);
+        if reply.starts_with("250") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused once the mail was delivered: {reply}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    drop(server);
 }
