@@ -182,6 +182,9 @@ pub struct Outbound {
     /// A wait for replies to pipelined commands ran out after the next hop had answered
     /// some of them: see [`Outbound::lost_pipelined_replies`].
     pipelined_silence: bool,
+    /// The longest wait for the reply to a command of an envelope (`MAIL`, `RCPT`, `DATA`'s
+    /// 354, a `RSET`): see [`Outbound::reply_wait`].
+    envelope_wait: Duration,
 }
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -424,6 +427,7 @@ impl Outbound {
             quiet_before_last: Duration::ZERO,
             replies_at_write: 0,
             pipelined_silence: false,
+            envelope_wait: t.mail.max(t.rcpt).max(t.data_init),
         };
         match conn.open(remote, tls, t).await {
             // A reply after the EHLO reply, before any command of a transaction went out,
@@ -574,6 +578,20 @@ impl Outbound {
         result.map(|()| true)
     }
 
+    /// How long the wait for the next reply may take, `limit` being the caller's: no longer
+    /// than the envelope's timeouts allow while the reply awaited answers a command of an
+    /// envelope. With PIPELINING and BDAT the commands go out with the body and every reply
+    /// is awaited after it, for the end of the data's timeout (10 min) otherwise: a next hop
+    /// that dropped the pipelined commands would hold each try that long, and close first
+    /// where its own timeout is shorter.
+    fn reply_wait(&self, limit: Duration) -> Duration {
+        if self.session.awaiting_envelope_reply() {
+            limit.min(self.envelope_wait)
+        } else {
+            limit
+        }
+    }
+
     /// Writes pending commands and reads until the session has an event other than
     /// `NeedInput`.
     async fn next_event(&mut self, limit: Duration) -> Result<ClientEvent, ConnError> {
@@ -591,18 +609,18 @@ impl Outbound {
         // read: a server that sends its reply a byte at a time does not get past it. The
         // wait starts again when a command goes out and when a whole reply is in (pipelined
         // commands each get their own wait, as they would one after another).
-        let mut deadline = Instant::now() + limit;
+        let mut deadline = Instant::now() + self.reply_wait(limit);
         let left = |deadline: Instant| deadline.saturating_duration_since(Instant::now());
         loop {
             if self.flush(limit).await? {
-                deadline = Instant::now() + limit;
+                deadline = Instant::now() + self.reply_wait(limit);
             }
             let replies = self.session.replies_read();
             let (n, event) = self.session.handle(&self.buf[self.start..self.end]);
             self.start += n;
             if self.session.replies_read() != replies {
                 let now = Instant::now();
-                deadline = now + limit;
+                deadline = now + self.reply_wait(limit);
                 self.quiet_before_last = now.saturating_duration_since(self.last_reply);
                 self.last_reply = now;
             }
@@ -620,7 +638,7 @@ impl Outbound {
             // Handling the replies may have queued commands (EHLO after the greeting, held
             // commands without PIPELINING): they go out before waiting.
             if self.flush(limit).await? {
-                deadline = Instant::now() + limit;
+                deadline = Instant::now() + self.reply_wait(limit);
             }
             if self.start == self.end {
                 (self.start, self.end) = (0, 0);
@@ -636,20 +654,28 @@ impl Outbound {
             // other tasks run before the next one.
             glommio::yield_if_needed().await;
             let (stream, room) = (&mut self.stream, &mut self.buf[self.end..]);
-            let n = match timed(left(deadline), stream.read(room)).await {
+            let read = timed(left(deadline), stream.read(room)).await;
+            // Silence, or a close, where the next hop owes the reply to a command of an
+            // envelope it wrote with others it answered.
+            let partway = || {
+                self.session.capabilities().pipelining
+                    && self.session.awaiting_envelope_reply()
+                    && self.session.replies_read() > self.replies_at_write
+            };
+            let n = match read {
                 Ok(n) => n,
                 Err(e) => {
-                    if self.session.capabilities().pipelining
-                        && self.session.awaiting_envelope_reply()
-                        && self.session.replies_read() > self.replies_at_write
-                        && matches!(&e, ConnError::Io(t) if t == TIMED_OUT)
-                    {
+                    if matches!(&e, ConnError::Io(t) if t == TIMED_OUT) && partway() {
                         self.pipelined_silence = true;
                     }
                     return Err(e);
                 }
             };
             if n == 0 {
+                // A next hop whose own timeout is the shorter ends the wait so.
+                if partway() {
+                    self.pipelined_silence = true;
+                }
                 return Err(ConnError::Io("connection closed by the server".into()));
             }
             self.end += n;
@@ -887,7 +913,8 @@ impl Outbound {
 
     /// Whether the next hop answered some of the commands written together and then fell
     /// silent until the wait for the reply to a later command of an envelope (`MAIL`,
-    /// `RCPT`, `DATA`, a pipelined `RSET`) ran out: the sign of a server (or a filter in
+    /// `RCPT`, `DATA`, a pipelined `RSET`) ran out, or closed the connection (its own
+    /// timeout the shorter): the sign of a server (or a filter in
     /// front of it) that reads one command and drops what was pipelined behind it, which
     /// would time out on every try. Its next hop is then sent one command at a time for a
     /// while. A next hop silent from the first reply on does not count (it may be down), nor

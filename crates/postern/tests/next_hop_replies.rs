@@ -2117,10 +2117,14 @@ fn a_next_hop_whose_replies_cannot_be_read_gets_no_pipelined_body_again() {
 }
 
 /// A next hop (or a filter in front of it) that reads one command at a time and drops what
-/// came behind it in the same read: it offers PIPELINING, answers the MAIL of a pipelined
-/// group and never the RCPT and DATA that followed. Returns its port, what it took, and how
+/// came behind it in the same read: it offers PIPELINING (and CHUNKING with `chunking`),
+/// answers the MAIL of a pipelined group and never the RCPT and DATA or BDAT that followed
+/// (the octets of a BDAT body are kept). With `idle_close` it closes a connection silent that
+/// long, its own timeout shorter than the client's. Returns its port, what it took, and how
 /// many MAIL commands it answered.
 fn next_hop_that_drops_pipelined_commands(
+    chunking: bool,
+    idle_close: Option<Duration>,
 ) -> (u16, Taken, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -2129,34 +2133,55 @@ fn next_hop_that_drops_pipelined_commands(
     let record = taken.clone();
     let mails = std::sync::Arc::new(AtomicUsize::new(0));
     let seen = mails.clone();
+    let id_of = |body: &[u8]| {
+        String::from_utf8_lossy(body)
+            .lines()
+            .find_map(|l| l.strip_prefix("Message-ID: "))
+            .unwrap_or("")
+            .to_owned()
+    };
     std::thread::spawn(move || {
         for stream in listener.incoming().take(20) {
             let Ok(mut stream) = stream else { return };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
+            let idle = idle_close.unwrap_or(Duration::from_secs(30));
+            stream.set_read_timeout(Some(idle)).unwrap();
             let _ = stream.write_all(b"220 hop.test ESMTP\r\n");
             let mut buf = Vec::new();
             let mut chunk = [0u8; 65536];
             loop {
-                // One read's first line is the command; the rest of the read is dropped.
-                let line = loop {
+                // One read's first line is the command; the rest of the read is dropped (but
+                // for a BDAT body, which follows its command).
+                let (line, rest) = loop {
                     if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
                         let line = String::from_utf8_lossy(&buf[..end]).to_ascii_uppercase();
+                        let rest = buf.split_off(end + 2);
                         buf.clear();
-                        break Some(line);
+                        break (Some(line), rest);
                     }
                     match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => break None,
+                        Ok(0) | Err(_) => break (None, Vec::new()),
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 };
                 let Some(line) = line else { break };
-                let reply: &[u8] = if line.starts_with("EHLO") {
+                let reply: &[u8] = if line.starts_with("EHLO") && chunking {
+                    b"250-hop.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n"
+                } else if line.starts_with("EHLO") {
                     b"250-hop.test\r\n250 PIPELINING\r\n"
                 } else if line.starts_with("MAIL") {
                     seen.fetch_add(1, Ordering::SeqCst);
                     b"250 2.1.0 ok\r\n"
+                } else if let Some(size) = line.strip_prefix("BDAT ") {
+                    let size: usize = size.split_whitespace().next().unwrap().parse().unwrap();
+                    let mut body = rest;
+                    while body.len() < size {
+                        match stream.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => body.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    record.lock().unwrap().push(id_of(&body[..size]));
+                    b"250 2.0.0 queued\r\n"
                 } else if line.starts_with("DATA") {
                     if stream.write_all(b"354 go on\r\n").is_err() {
                         break;
@@ -2168,13 +2193,7 @@ fn next_hop_that_drops_pipelined_commands(
                             Ok(n) => body.extend_from_slice(&chunk[..n]),
                         }
                     }
-                    let text = String::from_utf8_lossy(&body);
-                    let id = text
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Message-ID: "))
-                        .unwrap_or("")
-                        .to_owned();
-                    record.lock().unwrap().push(id);
+                    record.lock().unwrap().push(id_of(&body));
                     b"250 2.0.0 queued\r\n"
                 } else if line.starts_with("QUIT") {
                     let _ = stream.write_all(b"221 2.0.0 bye\r\n");
@@ -2191,24 +2210,14 @@ fn next_hop_that_drops_pipelined_commands(
     (port, taken, mails)
 }
 
-#[test]
-fn a_next_hop_that_drops_pipelined_commands_gets_one_command_at_a_time_after_a_timeout() {
-    // The first attempt pipelines MAIL, RCPT and DATA; the next hop answers the MAIL only and
-    // the wait for the RCPT's reply runs out. Pipelining to it again would time out at every
-    // retry: the next one goes a command at a time, and the message is delivered, once.
+/// The message <dropped@t> through a one-core postern to a next hop made by
+/// [`next_hop_that_drops_pipelined_commands`], with `extra` flags: delivered once, after one
+/// attempt that failed, with the log line saying why the next went a command at a time.
+fn delivered_a_command_at_a_time(chunking: bool, idle_close: Option<Duration>, extra: &[&str]) {
     use std::sync::atomic::Ordering;
-    let (port, taken, mails) = next_hop_that_drops_pipelined_commands();
+    let (port, taken, mails) = next_hop_that_drops_pipelined_commands(chunking, idle_close);
     let origin = Peer::start(&[]);
-    // Replies to a pipelined group are each awaited for the longest of its commands' limits.
-    let limits = [
-        "--smtp-mail-timeout",
-        "1s",
-        "--smtp-rcpt-timeout",
-        "1s",
-        "--smtp-data-init-timeout",
-        "1s",
-    ];
-    let server = one_connection_to(port, &origin, &limits);
+    let server = one_connection_to(port, &origin, extra);
     send(
         &server,
         "a@origin.test",
@@ -2221,13 +2230,42 @@ fn a_next_hop_that_drops_pipelined_commands_gets_one_command_at_a_time_after_a_t
     assert_eq!(
         mails.load(Ordering::SeqCst),
         2,
-        "one attempt timed out, one delivered"
+        "one attempt failed, one delivered"
     );
     let log = server.log_until(|l| l.contains("sent one command at a time"));
     assert!(
         log.contains("answered part of the commands pipelined"),
         "{log}"
     );
+}
+
+#[test]
+fn a_next_hop_that_drops_pipelined_commands_gets_one_command_at_a_time_after_a_timeout() {
+    // The first attempt pipelines MAIL, RCPT and DATA; the next hop answers the MAIL only and
+    // the wait for the RCPT's reply runs out. Pipelining to it again would time out at every
+    // retry: the next one goes a command at a time, and the message is delivered, once.
+    // Replies to a pipelined group are each awaited for the longest of its commands' limits.
+    let limits = [
+        "--smtp-mail-timeout",
+        "1s",
+        "--smtp-rcpt-timeout",
+        "1s",
+        "--smtp-data-init-timeout",
+        "1s",
+    ];
+    delivered_a_command_at_a_time(false, None, &limits);
+    // With BDAT the body goes out with the commands and every reply is awaited after it: the
+    // replies to the envelope's commands still get the envelope's timeouts, not the end of
+    // the data's (10 min, which a next hop's own timeout would end first, every try).
+    delivered_a_command_at_a_time(true, None, &limits);
+}
+
+#[test]
+fn a_next_hop_that_drops_pipelined_commands_and_closes_first_gets_one_command_at_a_time() {
+    // The same next hop, whose own idle timeout (half a second) is shorter than postern's (the
+    // defaults, minutes): the connection's end, partway through the replies owed, counts as
+    // the timeout would.
+    delivered_a_command_at_a_time(false, Some(Duration::from_millis(500)), &[]);
 }
 
 #[test]
