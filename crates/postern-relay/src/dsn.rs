@@ -1376,6 +1376,20 @@ mod tests {
         );
     }
 
+    /// b@dest.example, failed with 5.1.1 and nothing more said.
+    fn failed_b() -> ReportRecipient {
+        ReportRecipient {
+            path: "b@dest.example".into(),
+            orcpt: None,
+            action: Action::Failed,
+            status: "5.1.1".into(),
+            remote_mta: None,
+            diagnostic: None,
+            last_attempt: None,
+            will_retry_until: None,
+        }
+    }
+
     /// A report of `recipients` from mx.example to a@origin.example, returning a short
     /// message's headers.
     fn plain_report<'a>(recipients: &'a [ReportRecipient], envid: Option<&'a str>) -> Report<'a> {
@@ -1399,16 +1413,7 @@ mod tests {
     /// literal's characters turned into a name nobody has.
     #[test]
     fn a_server_named_by_an_address_literal_signs_its_reports_with_it() {
-        let recipients = [ReportRecipient {
-            path: "b@dest.example".into(),
-            orcpt: None,
-            action: Action::Failed,
-            status: "5.1.1".into(),
-            remote_mta: None,
-            diagnostic: None,
-            last_attempt: None,
-            will_retry_until: None,
-        }];
+        let recipients = [failed_b()];
         for literal in ["[192.0.2.1]", "[IPv6:2001:db8::1]"] {
             let report = Report {
                 reporting_mta: literal,
@@ -1441,16 +1446,7 @@ mod tests {
     /// RFC 3464 2.2.1: the envelope ID is given back as it was spelled, its spaces too.
     #[test]
     fn the_envelope_id_comes_back_spelled_as_it_came() {
-        let recipients = [ReportRecipient {
-            path: "b@dest.example".into(),
-            orcpt: None,
-            action: Action::Failed,
-            status: "5.1.1".into(),
-            remote_mta: None,
-            diagnostic: None,
-            last_attempt: None,
-            will_retry_until: None,
-        }];
+        let recipients = [failed_b()];
         let report = |envid| plain_report(&recipients, Some(envid));
         let text = String::from_utf8_lossy(&build(&report("job+20+2042+20"))).into_owned();
         assert!(

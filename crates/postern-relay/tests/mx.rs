@@ -673,6 +673,21 @@ fn a_backup_mx_whose_primary_has_no_address_waits_for_it() {
     );
 }
 
+/// `count` MX records of `preference`, for hosts `{prefix}0`... each with an address of its
+/// own (198.51.P.N: the preference's low octet and the host's number).
+fn mx_hosts(preference: u16, count: usize, prefix: &str) -> Vec<(&'static str, Rec)> {
+    (0..count)
+        .flat_map(|i| {
+            let host: &'static str = Box::leak(format!("{prefix}{i}").into_boxed_str());
+            let (hi, lo) = (preference.to_be_bytes()[1], u8::try_from(i).unwrap());
+            [
+                ("@", Rec::Mx(preference, host)),
+                (host, Rec::A(Ipv4Addr::new(198, 51, hi, lo))),
+            ]
+        })
+        .collect()
+}
+
 #[test]
 fn this_server_is_found_by_name_in_a_list_longer_than_the_hosts_resolved() {
     // 40 other hosts at this server's preference: RFC 5321 5.1 drops them all with it,
@@ -680,11 +695,7 @@ fn this_server_is_found_by_name_in_a_list_longer_than_the_hosts_resolved() {
     const PEERS: usize = 40;
     const { assert!(PEERS > postern_relay::mx::MAX_MX_HOSTS) };
     let mut records = vec![("@", Rec::Mx(10, "us"))];
-    for i in 0..PEERS {
-        let peer: &'static str = Box::leak(format!("peer{i}").into_boxed_str());
-        records.push(("@", Rec::Mx(10, peer)));
-        records.push((peer, Rec::A(Ipv4Addr::new(198, 51, 100, i as u8))));
-    }
+    records.extend(mx_hosts(10, PEERS, "peer"));
     let dns = TestDns::start(ZONE, &records);
     let resolver = Resolver::with_server(dns.addr).unwrap();
     // Each lookup shuffles anew; this server would be cut off in more than half of them.
@@ -704,11 +715,7 @@ fn this_server_is_found_by_address_in_a_list_longer_than_the_hosts_resolved_at_o
     // unresolved past them, and the mail not sent to another host of its preference.
     const PEERS: usize = 40;
     let mut records = vec![("@", Rec::Mx(10, "me")), ("me", Rec::A(v4("192.0.2.10")))];
-    for i in 0..PEERS {
-        let peer: &'static str = Box::leak(format!("peer{i}").into_boxed_str());
-        records.push(("@", Rec::Mx(10, peer)));
-        records.push((peer, Rec::A(Ipv4Addr::new(198, 51, 100, i as u8))));
-    }
+    records.extend(mx_hosts(10, PEERS, "peer"));
     let dns = TestDns::start(ZONE, &records);
     let resolver = Resolver::with_server(dns.addr).unwrap();
     let listen = [SocketAddr::from(([192, 0, 2, 10], 25))];
@@ -735,12 +742,7 @@ fn the_preference_the_first_hosts_end_in_is_finished_and_no_worse_one_resolved()
     // of the 20s; the other two 20s are resolved, and none of the 30s.
     let mut records = Vec::new();
     for (preference, count) in [(10u16, 10usize), (20, 8), (30, 40)] {
-        for i in 0..count {
-            let host: &'static str = Box::leak(format!("p{preference}h{i}").into_boxed_str());
-            records.push(("@", Rec::Mx(preference, host)));
-            let last = u8::try_from(i).unwrap();
-            records.push((host, Rec::A(Ipv4Addr::new(198, 51, preference as u8, last))));
-        }
+        records.extend(mx_hosts(preference, count, &format!("p{preference}h")));
     }
     let dns = TestDns::start(ZONE, &records);
     let resolver = Resolver::with_server(dns.addr).unwrap();
