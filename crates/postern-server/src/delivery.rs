@@ -132,9 +132,15 @@ impl CoreHandle {
         moved
     }
 
-    /// Spools a message made here (a bounce) and waits until it is durable.
-    pub async fn inject(&self, meta: &MessageMeta, body: &[u8]) -> Result<Accepted, SpoolError> {
-        let (queue_id, body) = match self.0.store.inject(meta, body).await {
+    /// Spools a message made here (a report) and waits until it is durable; one that
+    /// `finishes` other mail (a failure report) may take the spool's reserve.
+    pub async fn inject(
+        &self,
+        meta: &MessageMeta,
+        body: &[u8],
+        finishes: bool,
+    ) -> Result<Accepted, SpoolError> {
+        let (queue_id, body) = match self.0.store.inject(meta, body, finishes).await {
             Ok(stored) => stored,
             Err(e) => {
                 self.0

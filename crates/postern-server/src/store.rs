@@ -247,8 +247,8 @@ impl CoreStore {
         spool.set_unlink_later(true);
         // A segment for each core of the file system's space is kept from new mail: enough for
         // every core to copy its waiting mail forward and write outcomes when new mail has
-        // filled the disk (see `Spool::set_reserve`).
-        spool.set_reserve(segment_size.saturating_mul(cores as u64));
+        // filled the disk (see `Spool::set_reserve`); none on a file system too small for it.
+        spool.set_reserve(postern_spool::reserve_for(dir, segment_size, cores));
         Ok(CoreStore {
             spool: RefCell::new(spool),
             work: Event::new(),
@@ -415,16 +415,23 @@ impl CoreStore {
         Ok((queue_id, body))
     }
 
-    /// Spools a whole message made locally and waits until it is durable.
+    /// Spools a whole message made locally and waits until it is durable; one that `finishes`
+    /// other mail (a failure report, which lets its message leave the queue) may take the
+    /// spool's reserve, others (a delay warning) keep it as new mail does.
     pub(crate) async fn inject(
         &self,
         meta: &MessageMeta,
         body: &[u8],
+        finishes: bool,
     ) -> Result<(String, MessageRef), SpoolError> {
         // As a session does: a message that would fill the segment waits for the one being
         // made ahead rather than make another on the core.
         self.spare_for(meta).await;
-        let mut draft = self.begin_report(meta)?;
+        let mut draft = if finishes {
+            self.begin_report(meta)?
+        } else {
+            self.begin(meta)?
+        };
         if let Err(e) = self.append(&mut draft, body) {
             self.abort(draft);
             return Err(e);
@@ -704,7 +711,11 @@ pub(crate) fn ensure_spare(core: &Rc<Core>) {
             })
             .await;
         if let Err(e) = &made {
-            core.spool_error("making the next segment", e);
+            // One refused for the reserve is no error: the new mail it was for is refused,
+            // and that is said.
+            if !postern_spool::is_reserve_refusal(e) {
+                core.spool_error("making the next segment", e);
+            }
         }
         core.store.spool.borrow_mut().install_spare(made);
         core.store.spare_made.notify(usize::MAX);

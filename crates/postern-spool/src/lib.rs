@@ -61,4 +61,7 @@ pub fn core_number(name: &str) -> Option<u32> {
     (n.to_string() == name).then_some(n)
 }
 pub use spare::{PreparedSegment, SpareJob};
-pub use spool::{unlink_segments, Draft, PendingBody, Spool, SpoolOptions, SyncBatch, DAMAGED_DIR};
+pub use spool::{
+    is_reserve_refusal, reserve_for, unlink_segments, Draft, PendingBody, Spool, SpoolOptions,
+    SyncBatch, DAMAGED_DIR,
+};

@@ -29,7 +29,7 @@ impl std::fmt::Debug for PreparedSegment {
 impl SpareJob {
     /// Creates, reserves and syncs the segment file and its directory (blocking).
     pub fn run(self) -> std::io::Result<PreparedSegment> {
-        crate::spool::room_past_reserve(&self.dir, self.size, self.reserve)?;
-        Segment::create(&self.dir, self.core, self.seq, self.size).map(PreparedSegment)
+        crate::spool::create_past_reserve(&self.dir, self.core, self.seq, self.size, self.reserve)
+            .map(PreparedSegment)
     }
 }

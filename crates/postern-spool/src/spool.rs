@@ -139,6 +139,68 @@ const BULK_WRITE: usize = 16 * 1024;
 /// Records gathered in memory for the next sync are written out early past this many bytes.
 const PENDING_LIMIT: usize = 256 * 1024;
 
+/// How long after a spare was refused for the reserve no other is asked for.
+const SPARE_AFTER_REFUSAL: Duration = Duration::from_secs(1);
+
+/// Held from the look at the free space to the end of the segment's creation, for creations
+/// that must leave the reserve: the cores share one file system, and each looking while the
+/// others create would let them all take the same room.
+static RESERVE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Makes segment `seq` of `size` bytes where it leaves `reserve` bytes free (none to leave:
+/// at once).
+pub(crate) fn create_past_reserve(
+    dir: &Path,
+    core: u32,
+    seq: u64,
+    size: u64,
+    reserve: u64,
+) -> std::io::Result<Segment> {
+    if reserve == 0 {
+        return Segment::create(dir, core, seq, size);
+    }
+    let _held = RESERVE_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    room_past_reserve(dir, size, reserve)?;
+    Segment::create(dir, core, seq, size)
+}
+
+/// A segment refused to new mail for the reserve ([`Spool::set_reserve`]): the disk is not
+/// full, but what is left is kept for what finishes the mail already taken.
+#[derive(Debug)]
+struct ReserveKept(String);
+
+impl std::fmt::Display for ReserveKept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ReserveKept {}
+
+/// Whether `e` is a refusal for the reserve rather than the file system's own `ENOSPC`.
+pub fn is_reserve_refusal(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<ReserveKept>())
+}
+
+/// The reserve to keep on the file system of `dir` for `cores` cores writing segments of
+/// `size` bytes: a segment per core, where the file system holds three per core in all (the
+/// one written, the next made ahead, the one kept); none on a smaller one (which would
+/// otherwise take no mail at all), or one that says nothing of its size.
+pub fn reserve_for(dir: &Path, size: u64, cores: usize) -> u64 {
+    let reserve = size.saturating_mul(cores as u64);
+    let Ok(fs) = rustix::fs::statvfs(dir) else {
+        return 0;
+    };
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    if total >= reserve.saturating_mul(3) {
+        reserve
+    } else {
+        0
+    }
+}
+
 /// Whether a segment of `size` bytes leaves `reserve` bytes free on the file system of `dir`
 /// (what its owner may use without privileges). A file system that says nothing of its size
 /// (some FUSE and network ones), or a reserve of 0, passes.
@@ -158,10 +220,10 @@ pub(crate) fn room_past_reserve(dir: &Path, size: u64, reserve: u64) -> std::io:
     }
     Err(std::io::Error::new(
         std::io::ErrorKind::StorageFull,
-        format!(
+        ReserveKept(format!(
             "{free} bytes free, and a new segment of {size} would leave less than the \
              {reserve} kept for copies of waiting mail, delivery outcomes and reports"
-        ),
+        )),
     ))
 }
 
@@ -182,6 +244,10 @@ pub struct Spool {
     spare_pending: bool,
     /// Free space on the spool's file system that new mail leaves (see [`Spool::set_reserve`]).
     reserve: u64,
+    /// When a spare was last refused for the reserve, and the number it was to have: no other
+    /// is asked for within [`SPARE_AFTER_REFUSAL`].
+    spare_refused: Option<Instant>,
+    spare_seq: u64,
     next_seq: u64,
     /// The number of the newest segment written to so far (0: none since the opening). A
     /// spare numbered at or below it is never used, even once that segment is reclaimed.
@@ -404,6 +470,8 @@ impl Spool {
             spare: None,
             spare_pending: false,
             reserve: 0,
+            spare_refused: None,
+            spare_seq: 0,
             next_seq,
             newest_used: 0,
             next_draft: (next_seq << 32) + 1,
@@ -491,7 +559,7 @@ impl Spool {
             // covers its last record. (One left by a failed write is not current any more,
             // and is never sealed.)
             // New mail does not make a segment out of the reserve (a spare is made only past
-            // it, so taking one leaves it as it was).
+            // it, so taking one leaves it as it was): looked at before anything changes.
             if keeps_reserve && self.spare.is_none() {
                 self.check_reserve()?;
             }
@@ -522,11 +590,13 @@ impl Spool {
                     ))));
                 }
                 None => {
-                    let seg = Segment::create(
+                    let reserve = if keeps_reserve { self.reserve } else { 0 };
+                    let seg = create_past_reserve(
                         &self.dir,
                         self.core,
                         self.next_seq,
                         self.options.segment_size,
+                        reserve,
                     )
                     .map_err(SpoolError::from_io)?;
                     self.next_seq += 1;
@@ -889,8 +959,13 @@ impl Spool {
         let mut f = Fields(std::mem::take(&mut self.scratch));
         f.0.clear();
         status.encode(queue_id, rcpt, &mut f);
+        // A deferral (written at every retry of every waiting recipient) lets no message leave
+        // the queue, and losing one costs only an earlier retry after a restart: it keeps the
+        // reserve, as new mail does, which is left to what finishes mail (not for a copy's
+        // records, `track` false, which carry the outcomes over).
+        let keeps_reserve = track && !status.is_final();
         let written = self
-            .append_record(Kind::Status, &[&f.0])
+            .append_record_keeping(Kind::Status, &[&f.0], keeps_reserve)
             .map(|(seg, _)| seg.seq);
         let bytes = record_len(f.0.len()) as u64;
         self.scratch = f.0;
@@ -1477,7 +1552,16 @@ impl Spool {
         if self.spare.is_some() || self.spare_pending || self.next_seq > u64::from(u32::MAX) {
             return None;
         }
+        // Refused for the reserve a moment ago: asked for at every message, it would only be
+        // refused again.
+        if self
+            .spare_refused
+            .is_some_and(|at| at.elapsed() < SPARE_AFTER_REFUSAL)
+        {
+            return None;
+        }
         self.spare_pending = true;
+        self.spare_seq = self.next_seq;
         let job = SpareJob {
             dir: self.dir.clone(),
             core: self.core,
@@ -1519,8 +1603,18 @@ impl Spool {
     /// say, with nothing live in it or before it).
     pub fn install_spare(&mut self, made: std::io::Result<PreparedSegment>) {
         self.spare_pending = false;
-        let Ok(PreparedSegment(seg)) = made else {
-            return;
+        let seg = match made {
+            Ok(PreparedSegment(seg)) => seg,
+            Err(e) => {
+                if is_reserve_refusal(&e) {
+                    self.spare_refused = Some(Instant::now());
+                    // No file was made: its number is given back unless a later one is taken.
+                    if self.next_seq == self.spare_seq + 1 {
+                        self.next_seq = self.spare_seq;
+                    }
+                }
+                return;
+            }
         };
         if self.newest_used > seg.seq || self.index.last().is_some_and(|last| last > seg.seq) {
             let _ = std::fs::remove_file(self.dir.join(file_name(seg.seq)));

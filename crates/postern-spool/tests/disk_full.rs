@@ -375,13 +375,19 @@ fn new_mail_leaves_the_reserve_to_reports_copies_and_outcomes() {
     let refused = write_one(&mut spool, 0, &body(0, MESSAGE)).unwrap_err();
     assert_no_space(&refused);
     assert!(refused.to_string().contains("kept for copies"), "{refused}");
+    // Nor is a segment made ahead for it.
+    let job = spool.spare_job().unwrap();
+    let refused = job.run().unwrap_err();
+    assert!(postern_spool::is_reserve_refusal(&refused), "{refused}");
+    spool.install_spare(Err(refused));
     // A report may take it, and then new mail goes into the segment the report started,
     // as far as it has room, but not into another.
     let mut d = spool.begin_report(&meta(1)).unwrap();
     spool.append(&mut d, &body(1, MESSAGE)).unwrap();
     let report = d.queue_id().to_owned();
-    spool.finish(d).unwrap();
+    let (_, pending) = spool.finish_with_body(d).unwrap();
     spool.sync_now().unwrap();
+    let report_body = spool.body(pending).unwrap();
     let mut acked = Vec::new();
     let refused = fill(&mut spool, 2, &mut acked);
     assert_no_space(&refused);
@@ -395,12 +401,29 @@ fn new_mail_leaves_the_reserve_to_reports_copies_and_outcomes() {
         },
         reply: "4".repeat(4000),
     };
+    let delivered = postern_spool::Status {
+        state: postern_spool::DeliveryState::Delivered,
+        reply: "2".repeat(4000),
+    };
+    // A deferral keeps it (it lets no message leave the queue): refused once the segment is
+    // full; a final outcome takes it.
     let before = spool.segment_count();
+    let refused = (0..300)
+        .find_map(|_| spool.append_status(&report, 0, &deferred).err())
+        .expect("deferrals took the reserve");
+    assert!(matches!(refused, SpoolError::NoSpace(_)), "{refused}");
     for _ in 0..300 {
-        spool.append_status(&report, 0, &deferred).unwrap();
+        spool.append_status(&report, 1, &delivered).unwrap();
     }
     spool.sync_now().unwrap();
     assert!(spool.segment_count() > before);
+    // And a copy of a waiting message forward.
+    let (ticket, _) = spool
+        .copy_forward(&report, &meta(1), &report_body)
+        .unwrap()
+        .expect("the report is live");
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
     // Without a reserve, new mail takes new segments again.
     spool.set_reserve(0);
     write_one(&mut spool, 5000, &body(5000, MESSAGE)).unwrap();

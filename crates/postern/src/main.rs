@@ -1232,8 +1232,8 @@ fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result
             "the spool's file system ({}) holds {total} bytes in all, less than three segments \
              for each core ({wanted} bytes of --spool-segment-size {segment} with {cores} \
              core{plural}: the one written, the next made ahead, and one kept from new mail for \
-             copies of waiting mail and delivery outcomes): mail gets 452 4.3.1 long before it \
-             is full; lower --spool-segment-size",
+             copies of waiting mail and delivery outcomes): none is kept, and mail gets 452 \
+             4.3.1 long before it is full; lower --spool-segment-size",
             dir.display()
         );
     }

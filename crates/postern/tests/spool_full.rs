@@ -480,3 +480,23 @@ fn a_disk_filled_while_a_message_waits_in_the_oldest_segment_empties_once_the_re
     }
     drop(server);
 }
+
+#[test]
+fn a_file_system_too_small_for_the_reserve_keeps_none_and_takes_mail() {
+    // 1.5 MiB and 1 MiB segments: one segment and the one kept from new mail do not fit.
+    // Kept all the same, no message would ever be taken; none is kept (a warning says so).
+    let disk = common::Tmpfs::mount("1536k");
+    let spool = disk.path.join("spool");
+    let mut server = Server::start_in(
+        &["--cores", "1", "--spool-segment-size", "1M"],
+        spool.clone(),
+        None,
+    );
+    let warning = server.log_until(|l| l.contains("less than three segments for each core"));
+    assert!(warning.contains("none is kept"), "{warning}");
+    let mut c = server.in_data();
+    let id = common::queue_id(&c.cmd("Subject: small\r\n\r\ntaken\r\n."));
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    assert!(server.terminate().success());
+    assert_eq!(spooled(&spool)[0].0, id);
+}

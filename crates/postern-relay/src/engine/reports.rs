@@ -740,7 +740,10 @@ impl CoreRelay {
             // and goes to a next hop without SMTPUTF8 in A-labels where it can.
             smtputf8: !msg.meta.reverse_path.is_ascii(),
         };
-        match self.handle.inject(&meta, &bytes).await {
+        // A failure report lets its message leave the queue: it may take the spool's reserve,
+        // which a delay warning or a success report, like new mail, leaves.
+        let finishes = action == dsn::Action::Failed;
+        match self.handle.inject(&meta, &bytes, finishes).await {
             Ok(accepted) => {
                 self.handle.count_outcome(Outcome::Bounced);
                 tracing::info!(
