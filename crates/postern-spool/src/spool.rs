@@ -61,8 +61,9 @@ pub struct Draft {
     recipients: u32,
     /// An append failed: some of the body may be missing, so the draft never finishes.
     broken: bool,
-    /// New mail: a new segment for it leaves the spool's reserve free ([`Spool::set_reserve`]).
-    keeps_reserve: bool,
+    /// How much of the spool's reserve a segment for its records must leave free
+    /// ([`Spool::set_reserve`]).
+    keep: Keep,
 }
 
 impl Draft {
@@ -139,6 +140,30 @@ const BULK_WRITE: usize = 16 * 1024;
 /// Records gathered in memory for the next sync are written out early past this many bytes.
 const PENDING_LIMIT: usize = 256 * 1024;
 
+/// How much of the spool's reserve ([`Spool::set_reserve`]) a record must leave free where it
+/// makes a new segment, or goes into one made out of the reserve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Keep {
+    /// Nothing: the copy of a waiting message forward, which lets segments go, and the end
+    /// or abandonment of a message whose records are in.
+    Nothing,
+    /// Half: what finishes mail (a final outcome, a failure report).
+    Half,
+    /// All of it: new mail, deferrals, delay warnings and success reports.
+    All,
+}
+
+impl Keep {
+    /// The bytes to leave free of a reserve of `reserve`.
+    fn of(self, reserve: u64) -> u64 {
+        match self {
+            Keep::Nothing => 0,
+            Keep::Half => reserve / 2,
+            Keep::All => reserve,
+        }
+    }
+}
+
 /// How long after a spare was refused for the reserve no other is asked for.
 const SPARE_AFTER_REFUSAL: Duration = Duration::from_secs(1);
 
@@ -185,16 +210,17 @@ pub fn is_reserve_refusal(e: &std::io::Error) -> bool {
 }
 
 /// The reserve to keep on the file system of `dir` for `cores` cores writing segments of
-/// `size` bytes: a segment per core, where the file system holds three per core in all (the
-/// one written, the next made ahead, the one kept); none on a smaller one (which would
-/// otherwise take no mail at all), or one that says nothing of its size.
+/// `size` bytes: two segments per core (one for what finishes mail, one for the copies that
+/// let segments go), where the file system holds four per core in all (with the one written
+/// and the next made ahead); none on a smaller one (which would otherwise take little or no
+/// mail), or one that says nothing of its size.
 pub fn reserve_for(dir: &Path, size: u64, cores: usize) -> u64 {
-    let reserve = size.saturating_mul(cores as u64);
+    let reserve = size.saturating_mul(2 * cores as u64);
     let Ok(fs) = rustix::fs::statvfs(dir) else {
         return 0;
     };
     let total = fs.f_blocks.saturating_mul(fs.f_frsize);
-    if total >= reserve.saturating_mul(3) {
+    if total >= reserve.saturating_mul(2) {
         reserve
     } else {
         0
@@ -244,6 +270,9 @@ pub struct Spool {
     spare_pending: bool,
     /// Free space on the spool's file system that new mail leaves (see [`Spool::set_reserve`]).
     reserve: u64,
+    /// What the current segment was made for: records that must leave more of the reserve
+    /// go into it only once that much is free again.
+    seg_keep: Keep,
     /// When a spare was last refused for the reserve, and the number it was to have: no other
     /// is asked for within [`SPARE_AFTER_REFUSAL`].
     spare_refused: Option<Instant>,
@@ -470,6 +499,7 @@ impl Spool {
             spare: None,
             spare_pending: false,
             reserve: 0,
+            seg_keep: Keep::All,
             spare_refused: None,
             spare_seq: 0,
             next_seq,
@@ -549,19 +579,27 @@ impl Spool {
     }
 
     /// The segment to write a record of `len` bytes into, starting a new one when needed; one
-    /// made here for new mail (`keeps_reserve`) must leave the reserve free.
-    fn segment_for(&mut self, len: usize, keeps_reserve: bool) -> Result<&mut Segment, SpoolError> {
+    /// made here must leave free what `keep` says of the reserve, and a record goes into a
+    /// segment made for records that leave less only once that much is free again (new mail
+    /// filling a segment made out of the reserve would leave the copy it was for no room).
+    fn segment_for(&mut self, len: usize, keep: Keep) -> Result<&mut Segment, SpoolError> {
         if len > self.options.segment_size as usize - HEADER {
             return Err(SpoolError::TooLarge(len));
         }
-        if self.seg.as_ref().is_none_or(|s| s.room() < len) {
+        let fits = self.seg.as_ref().is_some_and(|s| s.room() >= len);
+        if fits && keep.of(self.reserve) > self.seg_keep.of(self.reserve) {
+            self.check_reserve(keep)?;
+            self.seg_keep = keep;
+        }
+        if !fits {
             // A full segment is sealed once all it holds is durable: the ticket issued now
             // covers its last record. (One left by a failed write is not current any more,
             // and is never sealed.)
-            // New mail does not make a segment out of the reserve (a spare is made only past
-            // it, so taking one leaves it as it was): looked at before anything changes.
-            if keeps_reserve && self.spare.is_none() {
-                self.check_reserve()?;
+            // No segment is made out of more of the reserve than `keep` allows (a spare is made
+            // only past all of it, so taking one leaves it as it was): looked at before
+            // anything changes.
+            if self.spare.is_none() {
+                self.check_reserve(keep)?;
             }
             if let Some(full) = self.seg.as_ref() {
                 let seal = Seal {
@@ -575,8 +613,8 @@ impl Spool {
             self.retire_current();
             // A segment made ahead of time off the core when there is one; otherwise make it
             // here (file, reservation and two fsyncs: the slow path).
-            let seg = match self.spare.take() {
-                Some(seg) => seg,
+            let (seg, made_for) = match self.spare.take() {
+                Some(seg) => (seg, Keep::All),
                 None if self.next_seq > u64::from(u32::MAX) => {
                     // Segment numbers are 32 bits: a segment past the last would be a file
                     // no opening or recovery reads, and mail acknowledged in it would be
@@ -590,19 +628,19 @@ impl Spool {
                     ))));
                 }
                 None => {
-                    let reserve = if keeps_reserve { self.reserve } else { 0 };
                     let seg = create_past_reserve(
                         &self.dir,
                         self.core,
                         self.next_seq,
                         self.options.segment_size,
-                        reserve,
+                        keep.of(self.reserve),
                     )
                     .map_err(SpoolError::from_io)?;
                     self.next_seq += 1;
-                    seg
+                    (seg, keep)
                 }
             };
+            self.seg_keep = made_for;
             self.index.add_segment(seg.seq, seg.size(), false);
             self.newest_used = self.newest_used.max(seg.seq);
             self.seg = Some(seg);
@@ -622,19 +660,19 @@ impl Spool {
         kind: Kind,
         pieces: &[&[u8]],
     ) -> Result<(&Segment, usize), SpoolError> {
-        self.append_record_keeping(kind, pieces, false)
+        self.append_record_keeping(kind, pieces, Keep::Nothing)
     }
 
-    /// [`Spool::append_record`]; `keeps_reserve` for a record of new mail.
+    /// [`Spool::append_record`], leaving free what `keep` says of the reserve.
     fn append_record_keeping(
         &mut self,
         kind: Kind,
         pieces: &[&[u8]],
-        keeps_reserve: bool,
+        keep: Keep,
     ) -> Result<(&Segment, usize), SpoolError> {
         let len = record_len(pieces.iter().map(|p| p.len()).sum());
         let bulk = matches!(pieces, [_, bulk] if bulk.len() >= BULK_WRITE);
-        self.segment_for(len, keeps_reserve)?;
+        self.segment_for(len, keep)?;
         // A write that goes into the file at once (a bulk chunk, or gathered records past
         // PENDING_LIMIT) comes after the gathered records of older segments are in theirs: a
         // crash must never leave a later record on file without an earlier one that only a
@@ -713,17 +751,17 @@ impl Spool {
     /// Starts a message: writes its envelope and returns the draft to append the body to. A
     /// new segment it needs leaves the reserve free ([`Spool::set_reserve`]).
     pub fn begin(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
-        self.begin_new(meta, true)
+        self.begin_new(meta, Keep::All)
     }
 
     /// Starts a message made here to finish other mail (a delivery report): like
     /// [`Spool::begin`], but it may take the reserve, as a failing message's bounce is what
     /// lets it leave the queue.
     pub fn begin_report(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
-        self.begin_new(meta, false)
+        self.begin_new(meta, Keep::Half)
     }
 
-    fn begin_new(&mut self, meta: &MessageMeta, keeps_reserve: bool) -> Result<Draft, SpoolError> {
+    fn begin_new(&mut self, meta: &MessageMeta, keep: Keep) -> Result<Draft, SpoolError> {
         self.counter += 1;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -731,16 +769,16 @@ impl Spool {
         let micros = queue_id::time_for(now, self.id_floor, self.counter);
         self.id_floor = micros;
         let queue_id = queue_id::make(micros, self.core, self.counter);
-        self.begin_as(meta, queue_id, keeps_reserve)
+        self.begin_as(meta, queue_id, keep)
     }
 
-    /// Starts a message under `queue_id` (a new one's, or a live one's being copied); new
-    /// mail `keeps_reserve`.
+    /// Starts a message under `queue_id` (a new one's, or a live one's being copied), its
+    /// records leaving free what `keep` says of the reserve.
     fn begin_as(
         &mut self,
         meta: &MessageMeta,
         queue_id: String,
-        keeps_reserve: bool,
+        keep: Keep,
     ) -> Result<Draft, SpoolError> {
         let no = self.next_draft;
         self.next_draft += 1;
@@ -749,7 +787,7 @@ impl Spool {
         f.u64(no).bytes(queue_id.as_bytes());
         meta.encode(&mut f);
         let seq = self
-            .append_record_keeping(Kind::Start, &[&f.0], keeps_reserve)
+            .append_record_keeping(Kind::Start, &[&f.0], keep)
             .map(|(s, _)| s.seq);
         let records = record_len(f.0.len()) as u64;
         self.scratch = f.0;
@@ -767,7 +805,7 @@ impl Spool {
             pieces: Vec::new(),
             recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
             broken: false,
-            keeps_reserve,
+            keep,
         })
     }
 
@@ -789,7 +827,7 @@ impl Spool {
                 .min(max_body)
                 .min(rest.len());
             let appended =
-                self.append_record_keeping(Kind::Body, &[&no, &rest[..take]], draft.keeps_reserve);
+                self.append_record_keeping(Kind::Body, &[&no, &rest[..take]], draft.keep);
             let (seg, at) = match appended {
                 Ok(appended) => appended,
                 Err(e) => {
@@ -961,11 +999,15 @@ impl Spool {
         status.encode(queue_id, rcpt, &mut f);
         // A deferral (written at every retry of every waiting recipient) lets no message leave
         // the queue, and losing one costs only an earlier retry after a restart: it keeps the
-        // reserve, as new mail does, which is left to what finishes mail (not for a copy's
-        // records, `track` false, which carry the outcomes over).
-        let keeps_reserve = track && !status.is_final();
+        // reserve, as new mail does; a final outcome may take half of it; a copy's records
+        // (`track` false), which carry the outcomes over, all of it.
+        let keep = match (track, status.is_final()) {
+            (false, _) => Keep::Nothing,
+            (true, true) => Keep::Half,
+            (true, false) => Keep::All,
+        };
         let written = self
-            .append_record_keeping(Kind::Status, &[&f.0], keeps_reserve)
+            .append_record_keeping(Kind::Status, &[&f.0], keep)
             .map(|(seg, _)| seg.seq);
         let bytes = record_len(f.0.len()) as u64;
         self.scratch = f.0;
@@ -1032,7 +1074,7 @@ impl Spool {
         let Some(statuses) = self.index.copyable(queue_id) else {
             return Ok(None);
         };
-        let mut draft = self.begin_as(meta, queue_id.to_owned(), false)?;
+        let mut draft = self.begin_as(meta, queue_id.to_owned(), Keep::Nothing)?;
         for chunk in body.chunks() {
             if let Err(e) = self.append(&mut draft, chunk) {
                 self.abort(draft);
@@ -1525,21 +1567,23 @@ impl Spool {
     }
 
     /// Keeps `bytes` of the spool's file system free of new mail: a segment for new mail is
-    /// made (or made ahead) only where that much stays free after it; copies of waiting
-    /// messages, status records, the ends of messages begun and delivery reports
-    /// ([`Spool::begin_report`]) may take it. Without it, a disk filled with new mail while a
-    /// message waits in the oldest segment stays full: that message cannot be copied forward
-    /// (which needs a segment), so the segments behind it, delivered or not, are never
-    /// deleted, and the outcomes of deliveries cannot be written either. 0 (the default) keeps
-    /// none.
+    /// made (or made ahead) only where that much stays free after it, and new mail goes into
+    /// a segment made out of the reserve only once it is whole again. Deferrals, delay
+    /// warnings and success reports keep it as new mail does; what finishes mail (final
+    /// outcomes, failure reports, [`Spool::begin_report`]) may take half of it; the copy of a
+    /// waiting message forward, and the end of a message whose records are in, all of it.
+    /// Without it, a disk filled with new mail while a message waits in the oldest segment
+    /// stays full: that message cannot be copied forward (which needs a segment), so the
+    /// segments behind it, delivered or not, are never deleted. 0 (the default) keeps none.
     pub fn set_reserve(&mut self, bytes: u64) {
         self.reserve = bytes;
     }
 
-    /// Fails with [`SpoolError::NoSpace`] when a new segment would leave less than the
-    /// reserve free on the spool's file system.
-    fn check_reserve(&self) -> Result<(), SpoolError> {
-        match room_past_reserve(&self.dir, self.options.segment_size, self.reserve) {
+    /// Fails with [`SpoolError::NoSpace`] when a new segment would leave less free on the
+    /// spool's file system than `keep` says of the reserve.
+    fn check_reserve(&self, keep: Keep) -> Result<(), SpoolError> {
+        let reserve = keep.of(self.reserve);
+        match room_past_reserve(&self.dir, self.options.segment_size, reserve) {
             Ok(()) => Ok(()),
             Err(e) => Err(SpoolError::NoSpace(e)),
         }

@@ -1203,8 +1203,8 @@ fn start_relay(
 
 /// Whether the spool's file system is big enough for its segments, which are reserved whole
 /// when made: one that cannot hold a single segment could never take a message (every one
-/// would get 452 4.3.1), so the start fails; one that cannot hold three for each core (the
-/// one written, the next made ahead, one kept from new mail) refuses mail long before it is
+/// would get 452 4.3.1), so the start fails; one that cannot hold four for each core (the
+/// one written, the next made ahead, two kept from new mail) refuses mail long before it is
 /// full, which is a warning.
 fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result<(), String> {
     // Some file systems (FUSE, network ones) say nothing of their size: no check then.
@@ -1223,15 +1223,15 @@ fn check_spool_room(dir: &std::path::Path, segment: u64, cores: usize) -> Result
             dir.display()
         ));
     }
-    // Each core writes one segment, has the next made ahead, and keeps one from new mail
+    // Each core writes one segment, has the next made ahead, and keeps two from new mail
     // (for copies of waiting mail and the outcomes of deliveries once new mail fills the disk).
-    let wanted = segment.saturating_mul(3 * cores as u64);
+    let wanted = segment.saturating_mul(4 * cores as u64);
     if total < wanted {
         let plural = if cores == 1 { "" } else { "s" };
         tracing::warn!(
-            "the spool's file system ({}) holds {total} bytes in all, less than three segments \
+            "the spool's file system ({}) holds {total} bytes in all, less than four segments \
              for each core ({wanted} bytes of --spool-segment-size {segment} with {cores} \
-             core{plural}: the one written, the next made ahead, and one kept from new mail for \
+             core{plural}: the one written, the next made ahead, and two kept from new mail for \
              copies of waiting mail and delivery outcomes): none is kept, and mail gets 452 \
              4.3.1 long before it is full; lower --spool-segment-size",
             dir.display()

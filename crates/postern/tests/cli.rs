@@ -1917,14 +1917,14 @@ fn a_spool_file_system_smaller_than_a_segment_is_refused_and_a_tight_one_warned_
         err.contains("less than one spool segment") && err.contains("--spool-segment-size"),
         "{err}"
     );
-    // 2 MiB segments fit, but not the three of each of two cores (one written, the next
-    // made ahead, one kept from new mail).
+    // 2 MiB segments fit, but not the four of each of two cores (one written, the next
+    // made ahead, two kept from new mail).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_postern"));
     cmd.args(["serve", "--hold", "--cores", "2", "--listen", "127.0.0.1:0"])
         .args(["--spool-segment-size", "2M", "--spool", spool]);
     let err = ready_then_stopped(cmd);
     assert!(
-        err.contains("WARN") && err.contains("less than three segments for each core"),
+        err.contains("WARN") && err.contains("less than four segments for each core"),
         "{err}"
     );
 }

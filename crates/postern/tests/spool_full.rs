@@ -10,12 +10,12 @@ use common::{spooled, Server};
 
 #[test]
 fn a_full_spool_disk_gives_452_and_loses_nothing() {
-    let disk = common::Tmpfs::mount("4m");
+    let disk = common::Tmpfs::mount("6m");
     let mnt = disk.path.clone();
-    // Leave about 2.5 MiB: room for one 1 MiB segment past the one kept from new mail (for
+    // Leave about 3.5 MiB: room for one 1 MiB segment past the two kept from new mail (for
     // copies and outcomes), not two.
     let filler = mnt.join("filler");
-    std::fs::write(&filler, vec![0u8; 1536 * 1024]).unwrap();
+    std::fs::write(&filler, vec![0u8; 2560 * 1024]).unwrap();
 
     let spool = mnt.join("spool");
     let mut server = Server::start_in(
@@ -85,10 +85,11 @@ fn a_full_spool_disk_gives_452_and_loses_nothing() {
 
 #[test]
 fn the_first_message_after_start_takes_the_segment_being_made_not_a_second_one() {
-    // Room for one 256 MiB segment past the one kept from new mail, not two. At start-up the
-    // server makes its first segment off the core; a message that arrives meanwhile must wait
-    // for it, not make another (which the disk cannot hold) and be refused.
-    let disk = common::Tmpfs::mount("600m");
+    // Room for one 256 MiB segment, not two (and too small to keep any from new mail). At
+    // start-up the server makes its first segment off the core; a message that arrives
+    // meanwhile must wait for it, not make another (which the disk cannot hold) and be
+    // refused.
+    let disk = common::Tmpfs::mount("400m");
     let spool = disk.path.join("spool");
     let mut server = Server::start_in(
         &["--cores", "1", "--spool-segment-size", "256M"],
@@ -199,7 +200,8 @@ fn a_spool_past_the_file_size_limit_gives_452_and_a_log_line_not_a_dead_process(
 
 #[test]
 fn a_server_starts_on_a_full_disk_refuses_mail_with_452_and_takes_it_once_space_returns() {
-    let disk = common::Tmpfs::mount("4m");
+    // Room for a segment past the two kept from new mail once the fillers are gone.
+    let disk = common::Tmpfs::mount("6m");
     let spool = disk.path.join("spool");
     let args = ["--cores", "1", "--spool-segment-size", "1M"];
     // A first run takes a message and stops.
@@ -458,6 +460,14 @@ fn a_disk_filled_while_a_message_waits_in_the_oldest_segment_empties_once_the_re
     };
     assert!(refusal.starts_with("452 4.3.1"), "{refusal}");
     assert!(taken > 100, "only {taken} messages taken");
+    // Their next hop stays down for two more rounds of retries: the deferrals written then
+    // must not take the room the copy will need. Bounded by the deadline.
+    let deferred = |l: &str| l.contains("to=\"r@dest.test\"") && l.contains("status=\"deferred\"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.log_count(deferred) < 3 * taken {
+        assert!(std::time::Instant::now() < deadline, "not retried");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     // The next hop comes back and takes them all.
     let peer = relaying::Peer::start_on("127.0.0.1", dest, &[]);
     peer.wait_for(
@@ -483,7 +493,7 @@ fn a_disk_filled_while_a_message_waits_in_the_oldest_segment_empties_once_the_re
 
 #[test]
 fn a_file_system_too_small_for_the_reserve_keeps_none_and_takes_mail() {
-    // 1.5 MiB and 1 MiB segments: one segment and the one kept from new mail do not fit.
+    // 1.5 MiB and 1 MiB segments: one segment and the two kept from new mail do not fit.
     // Kept all the same, no message would ever be taken; none is kept (a warning says so).
     let disk = common::Tmpfs::mount("1536k");
     let spool = disk.path.join("spool");
@@ -492,7 +502,7 @@ fn a_file_system_too_small_for_the_reserve_keeps_none_and_takes_mail() {
         spool.clone(),
         None,
     );
-    let warning = server.log_until(|l| l.contains("less than three segments for each core"));
+    let warning = server.log_until(|l| l.contains("less than four segments for each core"));
     assert!(warning.contains("none is kept"), "{warning}");
     let mut c = server.in_data();
     let id = common::queue_id(&c.cmd("Subject: small\r\n\r\ntaken\r\n."));
