@@ -133,7 +133,7 @@ impl CoreHandle {
     }
 
     /// Spools a message made here (a report) and waits until it is durable; one that
-    /// `finishes` other mail (a failure report) may take the spool's reserve.
+    /// `finishes` other mail (a failure report) may take half the spool's reserve.
     pub async fn inject(
         &self,
         meta: &MessageMeta,

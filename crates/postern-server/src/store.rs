@@ -245,7 +245,7 @@ impl CoreStore {
         let mut spool = Spool::open(dir, core, SpoolOptions { segment_size })
             .map_err(|e| StartError::Spool(format!("{}: {e}", dir.display())))?;
         spool.set_unlink_later(true);
-        // A segment for each core of the file system's space is kept from new mail: enough for
+        // Two segments for each core of the file system's space are kept from new mail: for
         // every core to copy its waiting mail forward and write outcomes when new mail has
         // filled the disk (see `Spool::set_reserve`); none on a file system too small for it.
         spool.set_reserve(postern_spool::reserve_for(dir, segment_size, cores));
@@ -320,7 +320,8 @@ impl CoreStore {
         self.failed_write(begun)
     }
 
-    /// [`CoreStore::begin`] for a report made here, which may take the spool's reserve.
+    /// [`CoreStore::begin`] for a failure report made here, which may take half the spool's
+    /// reserve.
     fn begin_report(&self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
         let begun = self.spool.borrow_mut().begin_report(meta);
         self.failed_write(begun)
@@ -416,8 +417,8 @@ impl CoreStore {
     }
 
     /// Spools a whole message made locally and waits until it is durable; one that `finishes`
-    /// other mail (a failure report, which lets its message leave the queue) may take the
-    /// spool's reserve, others (a delay warning) keep it as new mail does.
+    /// other mail (a failure report, which lets its message leave the queue) may take half
+    /// the spool's reserve, others (a delay warning) keep it as new mail does.
     pub(crate) async fn inject(
         &self,
         meta: &MessageMeta,

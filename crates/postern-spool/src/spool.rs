@@ -749,14 +749,14 @@ impl Spool {
     }
 
     /// Starts a message: writes its envelope and returns the draft to append the body to. A
-    /// new segment it needs leaves the reserve free ([`Spool::set_reserve`]).
+    /// new segment it needs leaves the whole reserve free ([`Spool::set_reserve`]).
     pub fn begin(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
         self.begin_new(meta, Keep::All)
     }
 
-    /// Starts a message made here to finish other mail (a delivery report): like
-    /// [`Spool::begin`], but it may take the reserve, as a failing message's bounce is what
-    /// lets it leave the queue.
+    /// Starts a message made here to finish other mail (a failure report): like
+    /// [`Spool::begin`], but it may take half the reserve, as a failing message's bounce is
+    /// what lets it leave the queue.
     pub fn begin_report(&mut self, meta: &MessageMeta) -> Result<Draft, SpoolError> {
         self.begin_new(meta, Keep::Half)
     }

@@ -740,8 +740,8 @@ impl CoreRelay {
             // and goes to a next hop without SMTPUTF8 in A-labels where it can.
             smtputf8: !msg.meta.reverse_path.is_ascii(),
         };
-        // A failure report lets its message leave the queue: it may take the spool's reserve,
-        // which a delay warning or a success report, like new mail, leaves.
+        // A failure report lets its message leave the queue: it may take half the spool's
+        // reserve, which a delay warning or a success report, like new mail, leaves whole.
         let finishes = action == dsn::Action::Failed;
         match self.handle.inject(&meta, &bytes, finishes).await {
             Ok(accepted) => {
