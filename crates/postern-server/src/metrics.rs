@@ -386,10 +386,11 @@ impl Registry {
     }
 }
 
-/// Bucket bounds in seconds for the latency histograms.
-const BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+/// Bucket bounds in seconds for the latency histograms. 2 ms is among them as the bound an
+/// operator holds end of data to `250` to (the share of replies over it, from two scrapes).
+const BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
 
 /// Bucket bounds in seconds for session durations.
@@ -674,6 +675,9 @@ mod tests {
         assert!(text.contains("postern_replies_total{class=\"3xx\"} 1\n"));
         assert!(text.contains("postern_replies_total{class=\"5xx\"} 1\n"));
         assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.0005\"} 1\n"));
+        // 3 ms is past the 2 ms bound and within 2.5 ms's successor.
+        assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.002\"} 1\n"));
+        assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.0025\"} 1\n"));
         assert!(text.contains("postern_eod_latency_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("postern_eod_latency_seconds_count 2\n"));
         // A summary with no observation has no quantiles to give.
