@@ -102,7 +102,9 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     // into the journal, so that a start that finishes the move reports it too.
     for &n in &journal.sources {
         let records = found.corrupt_at.iter().filter(|l| l.core == n).count() as u64;
-        let messages = found.damaged_at.iter().filter(|(s, _)| s.core == n).count() as u64;
+        let messages = (found.damaged_at.iter().filter(|(s, _)| s.core == n).count()
+            + found.cut_off.iter().filter(|c| c.start.core == n).count())
+            as u64;
         if records + messages > 0 {
             journal.damaged.push((n, records, messages));
         }

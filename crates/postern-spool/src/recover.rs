@@ -73,6 +73,22 @@ pub struct RecordLocation {
     pub offset: u64,
 }
 
+/// A message whose `START` was read, with damage after it and no `END`: its last records (the
+/// `END` among them) may have been lost to the damage, so it may have been acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CutOffMessage {
+    /// Its queue ID, as its `250` gave it.
+    pub queue_id: String,
+    /// The reverse path, empty for `<>`: whom to tell.
+    pub reverse_path: String,
+    /// How many recipients it had.
+    pub recipients: usize,
+    /// Where its `START` is.
+    pub start: RecordLocation,
+    /// The first damage after it.
+    pub damage: RecordLocation,
+}
+
 /// What recovery found.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -93,6 +109,12 @@ pub struct Recovered {
     /// Where each damaged message's first record (`START`) and last (`END`) are: the records
     /// it lost lie between them.
     pub damaged_at: Vec<(RecordLocation, RecordLocation)>,
+    /// Messages started with damage after their `START` and no `END` found: counted in
+    /// `unfinished` too. A crash cuts off only what was never acknowledged, and its torn
+    /// tail is no damage; these may have lost their `END` to the damage instead, after their
+    /// `250`. Not delivered (their bodies are not whole), named so that their senders can
+    /// be told. (A message with its `START` lost too is named nowhere.)
+    pub cut_off: Vec<CutOffMessage>,
     /// Octets of segment files that could not be read for damage, at most: the rest of a
     /// file from a record whose length runs past its end (with no valid record after it), a
     /// hole before a sealed segment's end or a segment's durable mark with nothing valid
@@ -136,6 +158,7 @@ impl Recovered {
             unfinished,
             damaged,
             damaged_at,
+            cut_off,
             unread_octets,
             orphan_statuses,
             newest_id_micros,
@@ -155,6 +178,7 @@ impl Recovered {
         self.unfinished += unfinished;
         self.damaged += damaged;
         self.damaged_at.extend(damaged_at);
+        self.cut_off.extend(cut_off);
         self.unread_octets += unread_octets;
         self.orphan_statuses += orphan_statuses;
         self.newest_id_micros = self.newest_id_micros.max(newest_id_micros);
@@ -185,7 +209,8 @@ impl Recovered {
 struct Partial {
     start_seq: u64,
     statuses_before: usize,
-    tainted: bool,
+    /// The first corrupt record found after its START, if any.
+    damage: Option<RecordLocation>,
     /// Offset of the START record in its segment.
     start_at: u64,
     queue_id: String,
@@ -341,6 +366,8 @@ fn scan_core(
         segs.sort();
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();
+        // The newest opening whose START was read (a draft number's high half).
+        let mut opening = 0u64;
         for (seq, path) in segs {
             let file = match File::open(&path) {
                 Ok(file) => file,
@@ -367,6 +394,7 @@ fn scan_core(
                 core,
                 seq,
                 open: &mut open,
+                opening: &mut opening,
                 statuses: &mut *statuses,
                 out: &mut *out,
                 durable_to: 0,
@@ -380,6 +408,31 @@ fn scan_core(
             });
         }
         out.unfinished += open.len() as u64;
+        // Unfinished with damage after the start: the damage may have taken the END. Not
+        // where the message is found whole all the same (an earlier place of a message
+        // copied forward, whose copy the damage cut off).
+        let mut cut_off: Vec<CutOffMessage> = open
+            .into_values()
+            .filter_map(|p| {
+                let damage = p.damage?;
+                let whole = out
+                    .messages
+                    .iter()
+                    .any(|m| m.core == core && m.queue_id == p.queue_id);
+                (!whole).then_some(CutOffMessage {
+                    start: RecordLocation {
+                        core,
+                        segment: p.start_seq,
+                        offset: p.start_at,
+                    },
+                    damage,
+                    queue_id: p.queue_id,
+                    reverse_path: p.meta.reverse_path,
+                    recipients: p.meta.recipients.len(),
+                })
+            })
+            .collect();
+        cut_off.sort_by_key(|c| (c.start.segment, c.start.offset));
         // A reclaim leaves no older segment behind the one it deletes unless that one held
         // nothing a message needs (nothing at all, or only abandoned drafts' records): a
         // segment that went while an older one is still there says nothing of the messages
@@ -402,7 +455,9 @@ fn scan_core(
         if let Some(gone) = gone {
             out.messages
                 .retain(|m| m.core != core || m.start_seq > gone);
+            cut_off.retain(|c| c.start.segment > gone);
         }
+        out.cut_off.extend(cut_off);
         // After the above: of a message found twice, beside a server that copied it forward
         // and deleted the old place while this read, the old place may be the one known
         // durable (the copy's mark not moved yet), and must not be kept over the copy only
@@ -510,6 +565,8 @@ struct Scan<'a> {
     core: u32,
     seq: u64,
     open: &'a mut HashMap<u64, Partial>,
+    /// The newest opening whose `START` was read.
+    opening: &'a mut u64,
     statuses: &'a mut Vec<(u32, String, u32, Status)>,
     out: &'a mut Recovered,
     /// Where the segment's seal or mark says its records were durable to (0: neither).
@@ -518,15 +575,20 @@ struct Scan<'a> {
 
 impl Scan<'_> {
     fn corrupt(&mut self, offset: usize) {
-        for p in self.open.values_mut() {
-            p.tainted = true;
-        }
-        self.out.corrupt_records += 1;
-        self.out.corrupt_at.push(RecordLocation {
+        let at = RecordLocation {
             core: self.core,
             segment: self.seq,
             offset: offset as u64,
-        });
+        };
+        // Drafts of an earlier opening still open were cut off by the crash or stop that
+        // ended it, before their END was written (none of their records follows a later
+        // opening's): damage from there on cannot have held their END.
+        let opening = *self.opening;
+        for (_, p) in self.open.iter_mut().filter(|(&d, _)| d >> 32 >= opening) {
+            p.damage.get_or_insert(at);
+        }
+        self.out.corrupt_records += 1;
+        self.out.corrupt_at.push(at);
     }
 
     fn segment(&mut self) {
@@ -701,10 +763,11 @@ impl Scan<'_> {
                 match (queue_id, MessageMeta::decode(&mut c)) {
                     (Some(queue_id), Some(meta)) => {
                         self.out.saw_id(&queue_id);
+                        *self.opening = (*self.opening).max(no >> 32);
                         let partial = Partial {
                             start_seq: self.seq,
                             statuses_before: self.statuses.len(),
-                            tainted: false,
+                            damage: None,
                             start_at: (at - RECORD_HEADER) as u64,
                             queue_id,
                             meta,
@@ -739,7 +802,7 @@ impl Scan<'_> {
                             statuses: vec![None; n],
                             start_seq: p.start_seq,
                             statuses_before: p.statuses_before,
-                            tainted: p.tainted,
+                            tainted: p.damage.is_some(),
                             known_durable: at - RECORD_HEADER + record_len(payload.len())
                                 <= self.durable_to,
                             records: p.records + record_len(payload.len()) as u64,

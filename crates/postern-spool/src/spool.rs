@@ -469,10 +469,15 @@ impl Spool {
             }
         }
         // Segments with damaged records, and those between a damaged message's first and
-        // last records (one of them lost the records it misses).
+        // last records (one of them lost the records it misses), or between the first record
+        // of a message cut off by damage and the damage (what is left of its envelope and
+        // body, for whoever tells its sender).
         let mut damaged: Vec<u64> = found.corrupt_at.iter().map(|l| l.segment).collect();
         for (start, end) in &found.damaged_at {
             damaged.extend(start.segment..=end.segment);
+        }
+        for c in &found.cut_off {
+            damaged.extend(c.start.segment..=c.damage.segment);
         }
         damaged.sort_unstable();
         damaged.dedup();

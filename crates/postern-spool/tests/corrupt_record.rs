@@ -898,3 +898,99 @@ fn a_segment_copied_or_moved_by_hand_is_damage_not_a_second_copy_of_its_mail() {
     at.sort_unstable();
     assert_eq!(at, [(0, 12, 0), (1, 1, 0)]);
 }
+
+/// A message finished and synced across two segments, the spool closed: its queue ID and the
+/// segment files (oldest first).
+fn one_message_across_segments(root: &std::path::Path) -> (String, Vec<std::path::PathBuf>) {
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
+    let mut d = spool.begin(&meta(1)).unwrap();
+    for i in 0..20 {
+        spool.append(&mut d, &body(i, 8 * 1024)).unwrap();
+    }
+    let id = d.queue_id().to_owned();
+    spool.finish(d).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let segs = segment_files(root);
+    assert!(segs.len() >= 2, "the message must cross a segment boundary");
+    (id, segs)
+}
+
+/// A message whose END went with the damage (its last segment cut short) was acknowledged
+/// with a queue ID: it is named, with its sender, and what is left of it (the segments from
+/// its START to the damage) is kept for inspection.
+#[test]
+fn a_message_whose_end_was_lost_to_damage_is_named_and_its_first_records_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (id, segs) = one_message_across_segments(dir.path());
+    let last = segs.last().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(last)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages.is_empty());
+    assert_eq!(r.damaged, 0, "no END was read: not a damaged message");
+    assert_eq!(r.cut_off.len(), 1, "{r:?}");
+    let c = &r.cut_off[0];
+    assert_eq!(c.queue_id, id);
+    assert_eq!(c.reverse_path, "sender1@origin.test");
+    assert_eq!(c.recipients, 2);
+    assert_eq!((c.start.segment, c.start.offset), (1, 64));
+    assert_eq!(c.damage.segment, segs.len() as u64);
+    drop(r);
+    let _spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(kept_for_inspection(dir.path()), segs.len());
+}
+
+/// A draft a crash cut off (never acknowledged) is not named for damage that a later opening
+/// met: that damage cannot have held its END. Nor for a torn tail, a crash's own trace.
+#[test]
+fn a_draft_cut_off_by_a_crash_is_not_named_for_later_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut d = spool.begin(&meta(7)).unwrap();
+    spool.append(&mut d, &body(7, 3000)).unwrap();
+    // A message finished after it takes its records to the file.
+    let mut e = spool.begin(&meta(8)).unwrap();
+    spool.append(&mut e, &body(8, 3000)).unwrap();
+    spool.finish(e).unwrap();
+    spool.sync_now().unwrap();
+    std::mem::forget(d);
+    std::mem::forget(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.messages.len(), r.unfinished, r.cut_off.len()), (1, 1, 0));
+    drop(r);
+    // A later opening, whose segment is then damaged.
+    let seg = three_messages_in_a_new_opening(dir.path());
+    let mut data = std::fs::read(&seg).unwrap();
+    let at = data
+        .windows(32)
+        .position(|w| w == &body(1, 5000)[..32])
+        .unwrap();
+    data[at..at + 64].fill(0xA5);
+    std::fs::write(&seg, &data).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert!(r.corrupt_records > 0, "{r:?}");
+    assert_eq!(r.unfinished, 1);
+    assert!(r.cut_off.is_empty(), "{:?}", r.cut_off);
+}
+
+/// Three messages written by a new opening of the spool at `root`: the segment it wrote.
+fn three_messages_in_a_new_opening(root: &std::path::Path) -> std::path::PathBuf {
+    let before = segment_files(root);
+    let mut spool = Spool::open(root, 0, OPTS).unwrap();
+    for i in 0..3 {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, 5000)).unwrap();
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    drop(spool);
+    let after = segment_files(root);
+    let new: Vec<_> = after.iter().filter(|p| !before.contains(p)).collect();
+    assert_eq!(new.len(), 1, "{after:?}");
+    new[0].clone()
+}

@@ -1254,6 +1254,9 @@ fn check_file_size_limit(segment: u64) -> Result<(), String> {
     }
 }
 
+/// How many messages cut off by damage the start names one by one.
+const CUT_OFF_LOGGED: usize = 100;
+
 /// Reads the spool's messages still to deliver, logging how many and any damaged records.
 /// `then` says what happens to them.
 /// Returns the messages not yet final, and how many damaged records were found (or messages
@@ -1304,6 +1307,38 @@ fn recover_and_report(
              be read (cut off, behind a record whose length runs past the file's end or a hole \
              in durable records, or in a file whose header is bad or not its own), and the \
              messages there are lost too; look at the disk"
+        );
+    }
+    // By name, each: the sender may be owed word that a message it was told was queued
+    // will not arrive.
+    for c in recovered.cut_off.iter().take(CUT_OFF_LOGGED) {
+        let sender = if c.reverse_path.is_empty() {
+            "<>"
+        } else {
+            &c.reverse_path
+        };
+        tracing::warn!(
+            queue_id = %c.queue_id,
+            from = %sender,
+            recipients = c.recipients,
+            start = %format_args!(
+                "core {} segment {} offset {}",
+                c.start.core, c.start.segment, c.start.offset
+            ),
+            damage = %format_args!(
+                "segment {} offset {}",
+                c.damage.segment, c.damage.offset
+            ),
+            "a message started before the damage has no end: its last records may have been \
+             lost to it, after its 250 gave this queue ID; it is not delivered (its body is \
+             not whole); tell its sender (its first records are kept with the damaged \
+             segments)"
+        );
+    }
+    if recovered.cut_off.len() > CUT_OFF_LOGGED {
+        tracing::warn!(
+            more = recovered.cut_off.len() - CUT_OFF_LOGGED,
+            "more messages cut off by the damage; `postern queue --spool` lists them all"
         );
     }
     if !recovered.strays.is_empty() {

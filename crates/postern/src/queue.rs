@@ -555,6 +555,24 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             recovered.damaged
         );
     }
+    for c in &recovered.cut_off {
+        let _ = writeln!(
+            note,
+            "-- {} from {} ({} recipient{}): started before damage in core {} segment {} and \
+             no end found; its end may have been lost to the damage after its 250 (or it is \
+             being received at this moment): not listed and not delivered",
+            c.queue_id,
+            if c.reverse_path.is_empty() {
+                "<>".to_owned()
+            } else {
+                for_terminal(&c.reverse_path)
+            },
+            c.recipients,
+            if c.recipients == 1 { "" } else { "s" },
+            c.damage.core,
+            c.damage.segment
+        );
+    }
     if let Some(pid) = held_by(spool) {
         let _ = writeln!(
             note,

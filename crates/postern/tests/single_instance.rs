@@ -234,3 +234,56 @@ fn damaged_records_are_reported_at_start_with_or_without_hold() {
     let warned = server.log_until(|l| l.contains("kept for inspection"));
     assert!(warned.contains("damaged"), "{warned}");
 }
+
+/// A message whose last records went with damage (the segment holding its end cut short, as
+/// a failing disk or a careless copy leaves it) was acknowledged with a queue ID: the start
+/// names it and its sender, and so does `postern queue`.
+#[test]
+fn a_message_whose_end_was_lost_to_damage_is_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let small = ["--cores", "1", "--spool-segment-size", "64k"];
+    let mut first = Server::start_in(&small, spool.clone(), None);
+    let mut c = first.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<teller@client.test>");
+    c.cmd("RCPT TO:<b@dest.test>");
+    c.cmd("DATA");
+    let line = "x".repeat(76);
+    let body: String = (0..2000).map(|_| format!("{line}\r\n")).collect();
+    let reply = c.cmd(&format!(
+        "Subject: long\r\n\r\n{body}the-last-line-of-the-body\r\n."
+    ));
+    assert!(reply.starts_with("250 "), "{reply}");
+    let id = queue_id(&reply);
+    assert!(first.terminate().success());
+    // The segment with the body's end (and the END after it) cut short before it.
+    let marker = b"the-last-line-of-the-body";
+    let mut cut = 0;
+    for seg in segments(&spool) {
+        let bytes = std::fs::read(&seg).unwrap();
+        if let Some(at) = bytes.windows(marker.len()).position(|w| w == marker) {
+            let f = std::fs::File::options().write(true).open(&seg).unwrap();
+            f.set_len(at as u64).unwrap();
+            cut += 1;
+        }
+    }
+    assert_eq!(cut, 1, "the body's end is in one segment");
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["queue", "--spool"])
+        .arg(&spool)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    assert!(
+        listing.contains(&format!("-- {id} from teller@client.test (1 recipient)")),
+        "{listing}"
+    );
+    let server = Server::start_in(&small, spool.clone(), None);
+    let warned = server.log_until(|l| l.contains("has no end"));
+    assert!(
+        warned.contains(&format!("queue_id={id}")) && warned.contains("from=teller@client.test"),
+        "{warned}"
+    );
+}
