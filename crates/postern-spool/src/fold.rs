@@ -24,6 +24,9 @@ pub struct Folded {
     pub kept_damaged: Vec<std::path::PathBuf>,
     /// Old directories whose messages were moved but that could not be deleted.
     pub left_behind: Vec<std::path::PathBuf>,
+    /// Old directories that held entries postern did not write (a file put there by hand, a
+    /// directory named like a segment): postern's segments deleted, the rest kept here.
+    pub kept_foreign: Vec<std::path::PathBuf>,
     /// Damage found in the old directories, which stays there (not moved): per old core, the
     /// corrupt records and the damaged messages (body records lost).
     pub damage: Vec<(u32, u64, u64)>,
@@ -64,12 +67,13 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
         .map_err(SpoolError::at(root))?;
     // What an earlier fold set aside after moving its messages: never read again.
     for e in &entries {
-        if e.file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(FOLDED))
-            && std::fs::remove_dir_all(e.path()).is_err()
-        {
-            out.left_behind.push(e.path());
+        let name = e.file_name();
+        if let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(FOLDED)) {
+            clear_folded(
+                &e.path(),
+                &root.join(format!("{KEPT_FOLD}{rest}")),
+                &mut out,
+            );
         }
     }
     let mut old_dirs: Vec<u32> = entries
@@ -251,8 +255,11 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
                 Ok(()) => out.kept_damaged.push(kept),
                 Err(_) => out.kept_damaged.push(dir),
             }
-        } else if std::fs::remove_dir_all(&dir).is_err() {
-            out.left_behind.push(dir);
+        } else {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            clear_folded(&dir, &root.join(format!("{KEPT_FOLD}{n}-{secs}")), out);
         }
     }
     // Last, so that a crash before this point keeps damaged directories too.
@@ -386,6 +393,51 @@ impl Journal {
 const FOLDED: &str = ".folded-core-";
 /// The name an old core directory with damaged records keeps (with the time it was folded).
 const DAMAGED_FOLD: &str = ".damaged-core-";
+/// The name an old core directory keeps that held entries postern did not write, its
+/// segments deleted (with the time it was folded).
+const KEPT_FOLD: &str = ".kept-core-";
+
+/// Deletes a folded core directory whose mail has moved: postern's own files in it (its
+/// segments, a segment being made), then the directory. Anything else in it was put there
+/// by someone else (notes, a copy kept by hand, a directory named like a segment) and is
+/// not postern's to delete: the directory is kept under `kept` with it, and said.
+fn clear_folded(dir: &Path, kept: &Path, out: &mut Folded) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        out.left_behind.push(dir.to_path_buf());
+        return;
+    };
+    let mut foreign = false;
+    for e in entries {
+        let Ok(e) = e else {
+            out.left_behind.push(dir.to_path_buf());
+            return;
+        };
+        let name = e.file_name();
+        let name = name.to_str().unwrap_or("");
+        let making = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".new"))
+            .and_then(parse_name);
+        let ours = (parse_name(name).is_some() || making.is_some())
+            && e.file_type().is_ok_and(|t| t.is_file());
+        if !ours {
+            foreign = true;
+        } else if std::fs::remove_file(e.path()).is_err() {
+            out.left_behind.push(dir.to_path_buf());
+            return;
+        }
+    }
+    if !foreign {
+        if std::fs::remove_dir(dir).is_err() {
+            out.left_behind.push(dir.to_path_buf());
+        }
+        return;
+    }
+    match std::fs::rename(dir, kept) {
+        Ok(()) => out.kept_foreign.push(kept.to_path_buf()),
+        Err(_) => out.left_behind.push(dir.to_path_buf()),
+    }
+}
 
 /// The damaged segments kept in a core's own directory, for want of room for `damaged/`.
 fn damaged_in_place(dir: &Path) -> Vec<std::path::PathBuf> {

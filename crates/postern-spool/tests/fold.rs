@@ -94,3 +94,62 @@ fn a_core_directory_not_named_as_postern_names_it_is_not_folded_or_read() {
     );
     assert!(odd.is_dir());
 }
+
+#[test]
+fn what_postern_did_not_write_in_a_folded_directory_is_kept() {
+    // Core 2's directory with its mail, an operator's note and a directory named like a
+    // segment beside it; and a directory `7` holding only a note.
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = Spool::open(dir.path(), 2, OPTS).unwrap();
+    let mut d = old.begin(&meta(1)).unwrap();
+    old.append(&mut d, &body(1, 5000)).unwrap();
+    old.finish(d).unwrap();
+    old.sync_now().unwrap();
+    drop(old);
+    std::fs::write(dir.path().join("2").join("notes.txt"), b"keep me").unwrap();
+    std::fs::create_dir(dir.path().join("2").join("0000000009.seg")).unwrap();
+    std::fs::create_dir(dir.path().join("7")).unwrap();
+    std::fs::write(dir.path().join("7").join("README"), b"mine").unwrap();
+
+    let folded = fold_cores(dir.path(), 2, OPTS).unwrap();
+    assert_eq!((folded.dirs, folded.moved.len()), (2, 1), "{folded:?}");
+    assert_eq!(folded.kept_foreign.len(), 2, "{folded:?}");
+    assert!(!dir.path().join("2").exists() && !dir.path().join("7").exists());
+    let mut kept: Vec<Vec<String>> = folded
+        .kept_foreign
+        .iter()
+        .map(|k| {
+            let mut names: Vec<String> = std::fs::read_dir(k)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        })
+        .collect();
+    kept.sort();
+    // postern's own segment files went; the rest is as it was.
+    assert_eq!(
+        kept,
+        [vec!["0000000009.seg", "notes.txt"], vec!["README"]],
+        "{:?}",
+        folded.kept_foreign
+    );
+    assert_eq!(
+        std::fs::read(
+            folded
+                .kept_foreign
+                .iter()
+                .find(|k| k.join("README").exists())
+                .unwrap()
+                .join("README")
+        )
+        .unwrap(),
+        b"mine"
+    );
+    // The mail moved once, and a later start neither moves nor deletes anything more.
+    assert_eq!(recover(dir.path()).unwrap().messages.len(), 1);
+    let again = fold_cores(dir.path(), 2, OPTS).unwrap();
+    assert_eq!((again.dirs, again.kept_foreign.len()), (0, 0), "{again:?}");
+    assert!(folded.kept_foreign.iter().all(|k| k.is_dir()));
+}

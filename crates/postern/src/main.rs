@@ -1044,6 +1044,14 @@ fn outbound_within(wanted: usize, reserve: u64, cores: usize) -> usize {
 /// Folded core directories that could not be deleted: their mail was moved, the operator may
 /// delete them.
 fn warn_left_behind(folded: &postern_spool::Folded) {
+    for dir in &folded.kept_foreign {
+        tracing::warn!(
+            dir = %dir.display(),
+            "a folded core directory held entries postern did not write: its mail was moved \
+             and its segments deleted, and the rest is kept here, to be looked at and deleted \
+             by hand"
+        );
+    }
     for dir in &folded.left_behind {
         tracing::warn!(
             dir = %dir.display(),
