@@ -129,7 +129,8 @@ struct Serve {
     /// Spool directory.
     #[arg(long, env = "POSTERN_SPOOL", default_value = "./postern-spool", value_parser = path, allow_hyphen_values = true)]
     spool: PathBuf,
-    /// Size of each spool segment file, reserved on disk when it is created (64k to 4G).
+    /// Size of each spool segment file, reserved on disk when it is created (128k to 4G: a
+    /// message's envelope is kept in one segment, and 100 recipients must fit).
     #[arg(long, env = "POSTERN_SPOOL_SEGMENT_SIZE", default_value = "64M", value_parser = parse_size, allow_hyphen_values = true)]
     spool_segment_size: u64,
     /// Spool size (all cores) at which new mail gets 452 4.3.1 until it falls to 80 % of it;
@@ -634,6 +635,12 @@ fn network(s: &str) -> Result<IpNet, String> {
 
 /// The largest `--max-message-size`: 1024G.
 const MAX_MESSAGE_SIZE: u64 = 1 << 40;
+
+/// The smallest `--spool-segment-size`: a message's `START` record (its envelope) is never
+/// split, and 100 recipients of the longest form (paths of 256 octets, ORCPTs of 500) must
+/// fit one segment (RFC 5321 4.5.3.1.8: a server takes at least 100 recipients). 64k held
+/// 81 of them.
+const MIN_SEGMENT_SIZE: u64 = 128 * 1024;
 
 /// Parses `1048576`, `64k`, `50M`, `2G` (suffixes are powers of 1024).
 pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
@@ -1268,8 +1275,13 @@ fn settings(mut s: Serve) -> Result<Settings, String> {
         // no cleartext port.
         listen.push(SocketAddr::from(([127, 0, 0, 1], 2525)));
     }
-    if !(64 * 1024..=1 << 32).contains(&s.spool_segment_size) {
-        return Err("--spool-segment-size must be between 64k and 4G".into());
+    if !(MIN_SEGMENT_SIZE..=1 << 32).contains(&s.spool_segment_size) {
+        return Err(
+            "--spool-segment-size must be between 128k and 4G (a message's envelope is kept \
+             in one segment, and one of 100 recipients, the least RFC 5321 4.5.3.1.8 allows, \
+             may take 78k)"
+                .into(),
+        );
     }
     // Each core keeps a segment it writes and a spare, both reserved in full on disk, and
     // watches its share of the mark: a share of two segments would refuse all mail on an
@@ -1597,6 +1609,20 @@ mod tests {
     fn sizes_and_durations() {
         assert_eq!(parse_size("1048576"), Ok(1_048_576));
         assert_eq!(parse_size("64k"), Ok(65_536));
+    }
+
+    #[test]
+    fn the_smallest_segment_holds_the_envelope_of_100_recipients_of_the_longest_form() {
+        use postern_proto::limits::{MIN_ENVELOPE_BYTES, MIN_RECIPIENTS};
+        let needed = MIN_ENVELOPE_BYTES + MIN_RECIPIENTS * postern_spool::START_PER_RECIPIENT;
+        let room = |size: u64| postern_spool::envelope_room(size);
+        assert!(
+            room(MIN_SEGMENT_SIZE) >= needed,
+            "{} < {needed}",
+            room(MIN_SEGMENT_SIZE)
+        );
+        // Half of it does not: the floor is not higher than it needs to be by half.
+        assert!(room(MIN_SEGMENT_SIZE / 2) < needed);
         assert_eq!(parse_size("50M"), Ok(50 << 20));
         assert!(parse_size("5x").is_err());
         assert!(parse_size("99999999999G").is_err());

@@ -59,7 +59,7 @@ fn a_body_of_dot_stuffed_lines_goes_in_records_of_16_kib() {
 
 #[test]
 fn a_refused_body_gives_the_segments_it_filled_back() {
-    // 600 KB into 64 KiB segments, then refused as over the size limit (552, after it was
+    // 600 KB into 128 KiB segments, then refused as over the size limit (552, after it was
     // read to its end; a client that goes mid-body is the same abort). The segments it filled
     // are deleted and their files let go without another message coming (which a full disk
     // would never let come): a few such bodies would otherwise fill the spool's disk for good.
@@ -70,7 +70,7 @@ fn a_refused_body_gives_the_segments_it_filled_back() {
             "--cores",
             "1",
             "--spool-segment-size",
-            "64k",
+            "128k",
             "--max-message-size",
             "500k",
         ],

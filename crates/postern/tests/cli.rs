@@ -27,6 +27,11 @@ fn wrong_flags_get_one_line_and_exit_2() {
     );
     refused(&["serve", "--command-timeout", "soon"], "--command-timeout");
     refused(&["serve", "--listen", "nowhere"], "--listen");
+    // Too small for an envelope of 100 recipients of the longest form (RFC 5321 4.5.3.1.8).
+    refused(
+        &["serve", "--spool-segment-size", "64k"],
+        "--spool-segment-size must be between 128k and 4G",
+    );
     // --version prints the version and does nothing else: a word beside it is refused, not
     // passed over (`postern --version serve` would have started nothing without a word).
     refused(

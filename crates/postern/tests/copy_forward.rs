@@ -39,7 +39,7 @@ fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_it
         "--cores",
         "1",
         "--spool-segment-size",
-        "64k",
+        "128k",
         "--metrics",
         "127.0.0.1:0",
         "--route",
@@ -69,7 +69,7 @@ fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_it
     // Then about ten segments' worth of mail, all delivered.
     let line = "x".repeat(76) + "\r\n";
     let (mut c, _) = hello(&server);
-    for i in 0..120 {
+    for i in 0..240 {
         assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
         assert!(c.cmd("RCPT TO:<x@dest.test>").starts_with("250"));
         assert!(c.cmd("DATA").starts_with("354"));
@@ -78,7 +78,7 @@ fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_it
     }
     c.cmd("QUIT");
     peer.wait_for("the mail behind W", Duration::from_secs(60), |s| {
-        s.len() == 121
+        s.len() == 241
     });
     // W is copied forward and what it kept goes: a few segments remain, not ten.
     server.metrics_until(|m| counter(m, "postern_spool_messages_copied_total") >= 1);
@@ -141,7 +141,7 @@ fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_g
     let disk = common::FaultyFs::mount();
     let spool = disk.path.join("spool");
     let opts = SpoolOptions {
-        segment_size: 64 * 1024,
+        segment_size: 128 * 1024,
     };
     // Arrived now: delivery runs in the second start, and an older message would be past
     // its queue lifetime there.
@@ -180,7 +180,7 @@ fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_g
         s.sync_now().unwrap();
         let body = s.body(pending).unwrap();
         s.append_status(&id, 0, &delivered).unwrap();
-        for i in 1..30 {
+        for i in 1..60 {
             let mut d = s.begin(&meta(i)).unwrap();
             s.append(&mut d, &vec![b'x'; 8 * 1024]).unwrap();
             let done = d.queue_id().to_owned();
@@ -230,7 +230,7 @@ fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_g
             "--cores",
             "1",
             "--spool-segment-size",
-            "64k",
+            "128k",
             "--route",
             &to_down,
         ],

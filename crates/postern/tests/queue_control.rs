@@ -170,9 +170,9 @@ fn spool_past_its_high_water_mark_refuses_then_accepts_again() {
         "--cores",
         "1",
         "--spool-segment-size",
-        "64k",
+        "128k",
         "--spool-high-water",
-        "256k",
+        "512k",
     ]);
     let port = down.1;
     let body = ("z".repeat(78) + "\r\n").repeat(500); // 40 KiB

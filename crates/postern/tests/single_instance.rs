@@ -242,7 +242,7 @@ fn damaged_records_are_reported_at_start_with_or_without_hold() {
 fn a_message_whose_end_was_lost_to_damage_is_named_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
-    let small = ["--cores", "1", "--spool-segment-size", "64k"];
+    let small = ["--cores", "1", "--spool-segment-size", "128k"];
     let mut first = Server::start_in(&small, spool.clone(), None);
     let mut c = first.connect();
     c.line();
