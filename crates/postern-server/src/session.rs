@@ -654,7 +654,15 @@ impl Session {
         }
         let appended = if bytes.len() < BODY_GATHER {
             self.gathered.extend_from_slice(bytes);
-            if self.gathered.len() >= BODY_GATHER {
+            // A body that comes slowly while other mail fills the spool goes in at once,
+            // which moves it forward, rather than once 16 KiB of it have come (a client
+            // trickling it would keep the oldest segment, and all behind it, meanwhile).
+            let holds_back = || {
+                self.draft
+                    .as_ref()
+                    .is_some_and(|d| self.core.store.holds_back(d))
+            };
+            if self.gathered.len() >= BODY_GATHER || holds_back() {
                 self.append_gathered()
             } else {
                 Ok(())

@@ -327,6 +327,12 @@ impl CoreStore {
         self.failed_write(begun)
     }
 
+    /// Whether `draft` keeps the spool's oldest segment while other mail fills the spool
+    /// behind it: its next append moves it forward ([`postern_spool::Spool::holds_back`]).
+    pub(crate) fn holds_back(&self, draft: &Draft) -> bool {
+        self.spool.borrow().holds_back(draft)
+    }
+
     pub(crate) fn append(&self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
         let appended = self.spool.borrow_mut().append(draft, bytes);
         self.failed_write(appended)

@@ -512,6 +512,11 @@ impl Index {
         self.segments.len()
     }
 
+    /// The oldest segment's number.
+    pub(crate) fn first(&self) -> Option<u64> {
+        self.segments.front().map(|e| e.seq)
+    }
+
     /// The newest segment's number.
     pub(crate) fn last(&self) -> Option<u64> {
         self.segments.back().map(|e| e.seq)

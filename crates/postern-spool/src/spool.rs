@@ -56,6 +56,9 @@ pub struct Draft {
     size: u64,
     /// The octets of the records appended for it so far (see `Index::set_live`).
     records: u64,
+    /// Where its `START` record's payload is, to write it again when the draft is moved
+    /// forward ([`Spool::append`]).
+    start: Piece,
     pieces: Vec<Piece>,
     /// Recipients in its envelope.
     recipients: u32,
@@ -318,6 +321,8 @@ pub struct Spool {
     unlinks_out: bool,
     /// Deleting has stopped for this run ([`Spool::stop_deleting`]).
     deleting_stopped: bool,
+    /// Drafts moved forward in this run ([`Spool::append`]).
+    drafts_moved: u64,
 }
 
 /// How often the segment being written has its header's mark moved on (docs/durability.md,
@@ -528,6 +533,7 @@ impl Spool {
             to_unlink: Vec::new(),
             unlinks_out: false,
             deleting_stopped: false,
+            drafts_moved: 0,
         };
         spool.deleting_stopped = !copies_durable;
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
@@ -791,12 +797,19 @@ impl Spool {
         f.0.clear();
         f.u64(no).bytes(queue_id.as_bytes());
         meta.encode(&mut f);
-        let seq = self
+        let written = self
             .append_record_keeping(Kind::Start, &[&f.0], keep)
-            .map(|(s, _)| s.seq);
+            .map(|(s, at)| {
+                let start = Piece {
+                    map: s.read.clone(),
+                    start: at,
+                    end: at + f.0.len(),
+                };
+                (s.seq, start)
+            });
         let records = record_len(f.0.len()) as u64;
         self.scratch = f.0;
-        let seq = seq?;
+        let (seq, start) = written?;
         self.index.pin(seq);
         self.index.draft_in(seq);
         Ok(Draft {
@@ -807,6 +820,7 @@ impl Spool {
             queue_id,
             size: 0,
             records,
+            start,
             pieces: Vec::new(),
             recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
             broken: false,
@@ -815,11 +829,119 @@ impl Spool {
     }
 
     /// Appends body bytes as they arrive, in records of at most one segment each. On an error
-    /// the draft can still be aborted (and must be: it will not finish).
+    /// the draft can still be aborted (and must be: it will not finish). A draft that keeps
+    /// the oldest segment while other mail fills the spool behind it is moved forward first
+    /// (written again at the end), so that the segments it held can go.
     pub fn append(&mut self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
         if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
         }
+        if self.holds_back(draft) {
+            self.move_forward(draft)?;
+        }
+        self.append_body(draft, bytes)
+    }
+
+    /// Whether `draft`, a message still being received, keeps the spool's oldest segment
+    /// while the spool grows behind it with other mail: its `START` is in the oldest segment,
+    /// and at least two segments (and twice what its own records take) that it wrote nothing
+    /// into came after it. A client trickling a body within the limits (an octet a command
+    /// timeout) would otherwise hold every segment from there on for up to its session's
+    /// length; a body streaming at speed writes into each segment as it comes, and is left
+    /// where it is. Not a draft that will fail at its end anyway (its records may be
+    /// missing: moved, it would pass for whole). An embedding that gathers small pieces of
+    /// a body before appending them appends at once when this says so.
+    pub fn holds_back(&self, draft: &Draft) -> bool {
+        if draft.broken || draft.no < self.poisoned_below || self.deleting_stopped {
+            return false;
+        }
+        if self.index.first() != Some(draft.seq) {
+            return false;
+        }
+        let newest = self.index.last().unwrap_or(draft.seq);
+        let passed = newest
+            .saturating_sub(draft.seq)
+            .saturating_sub(draft.later.len() as u64);
+        passed >= 2 && passed.saturating_mul(self.options.segment_size) >= 2 * draft.records
+    }
+
+    /// Moves `draft` forward: its envelope and the body so far written again at the end of
+    /// the spool under a new draft number (an `ABORT` for the old one where it fits), so that
+    /// the segments it held go once nothing else keeps them. Its records so far are put in
+    /// their files first (gathered ones wait for a sync otherwise), to be read back from
+    /// there. A draft is never acknowledged before its `END` is durable, so the old records
+    /// may go before the new ones are: a crash in between loses only what a crash loses
+    /// anyway (the message was not taken). An error once its envelope is written again
+    /// leaves the draft broken (it fails at its end), holding what it holds then.
+    fn move_forward(&mut self, draft: &mut Draft) -> Result<(), SpoolError> {
+        let on_file = self
+            .write_behind(!self.in_flight.is_empty())
+            .and_then(|()| {
+                let Some(seg) = self.seg.as_mut() else {
+                    return Ok(());
+                };
+                match seg.take_pending() {
+                    Some((offset, bytes)) => pwrite_all(&seg.file, &bytes, offset),
+                    None => Ok(()),
+                }
+            });
+        if let Err(e) = on_file {
+            self.fail_unwritten();
+            draft.broken = true;
+            return Err(SpoolError::from_io(e));
+        }
+        let old_no = draft.no;
+        let no = self.next_draft;
+        self.next_draft += 1;
+        let mut start = draft
+            .start
+            .map
+            .range(draft.start.start, draft.start.end)
+            .to_vec();
+        start[..8].copy_from_slice(&no.to_le_bytes());
+        let written = self
+            .append_record_keeping(Kind::Start, &[&start], draft.keep)
+            .map(|(s, at)| {
+                let piece = Piece {
+                    map: s.read.clone(),
+                    start: at,
+                    end: at + start.len(),
+                };
+                (s.seq, piece)
+            });
+        // Not moved where its envelope cannot be written again (no room, or a segment that
+        // would take from the reserve): the draft stays where it is, as it was, and the
+        // append that follows meets the same want of room as it would have. (A write that
+        // failed has failed every draft begun so far: this one fails at its end.)
+        let Ok((seq, piece)) = written else {
+            return Ok(());
+        };
+        // From here on the draft is the new one: the old one's pin and segments are let go
+        // (abandoned: its records will never be read as a message).
+        self.index.unpin(draft.seq);
+        self.draft_over(draft, false);
+        self.index.pin(seq);
+        self.index.draft_in(seq);
+        let old = std::mem::take(&mut draft.pieces);
+        draft.no = no;
+        draft.seq = seq;
+        draft.later = Vec::new();
+        draft.start = piece;
+        draft.size = 0;
+        draft.records = record_len(start.len()) as u64;
+        for p in &old {
+            let bytes = p.map.range(p.start, p.end).to_vec();
+            self.append_body(draft, &bytes)?;
+        }
+        if self.seg.as_ref().is_some_and(|s| s.room() >= record_len(8)) {
+            let _ = self.append_record(Kind::Abort, &[&old_no.to_le_bytes()]);
+        }
+        self.drafts_moved += 1;
+        Ok(())
+    }
+
+    /// Appends body bytes to `draft`, in records of at most one segment each.
+    fn append_body(&mut self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
         let no = draft.no.to_le_bytes();
         let max_body = self.max_payload() - 8;
         let mut rest = bytes;
@@ -1356,6 +1478,12 @@ impl Spool {
         std::fs::rename(path, to)?;
         sync_dir(&aside)?;
         sync_dir(&self.dir)
+    }
+
+    /// Messages still being received that were moved forward in this run, so that the
+    /// segments they held could go ([`Spool::append`]).
+    pub fn drafts_moved(&self) -> u64 {
+        self.drafts_moved
     }
 
     /// Messages of this core that are finished and not yet final.

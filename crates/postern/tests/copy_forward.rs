@@ -249,3 +249,77 @@ fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_g
     assert_eq!(waiting[0].queue_id, id);
     assert_eq!(waiting[0].statuses[0], Some(delivered));
 }
+
+#[test]
+fn a_body_trickled_while_other_mail_is_delivered_does_not_keep_the_segments_behind_it() {
+    // A client sends a body within the limits a line now and then (the command timeout
+    // allows minutes between reads) while other mail comes and is delivered. The message
+    // being received is moved forward at its next line, and the delivered mail's segments go
+    // while it is still open, rather than at its end (up to --max-session-time later).
+    let peer = Peer::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let dest = format!("dest.test=127.0.0.1:{}", peer.port);
+    let server = Server::start_in(
+        &[
+            "--cores",
+            "1",
+            "--spool-segment-size",
+            "128k",
+            "--route",
+            &dest,
+        ],
+        spool.clone(),
+        None,
+    );
+    let (mut slow, _) = hello(&server);
+    assert!(slow.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+    assert!(slow.cmd("RCPT TO:<slow@dest.test>").starts_with("250"));
+    assert!(slow.cmd("DATA").starts_with("354"));
+    slow.send(b"Message-ID: <slow@t>\r\n\r\nthe first line\r\n");
+    // About ten segments' worth of other mail, all delivered.
+    let line = "x".repeat(76) + "\r\n";
+    let (mut c, _) = hello(&server);
+    for i in 0..240 {
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<x@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <m{i}@t>\r\n\r\n{}.\r\n", line.repeat(64)).as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+    }
+    peer.wait_for("the other mail", Duration::from_secs(60), |s| {
+        s.len() == 240
+    });
+    let grown = segments(&spool);
+    assert!(grown >= 6, "{grown} segments");
+    // The next line moves the message; the segments behind it go at the next delivery.
+    slow.send(b"the second line\r\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while segments(&spool) > 4 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {grown} segments kept for a message still being received",
+            segments(&spool)
+        );
+        assert!(c.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<x@dest.test>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("Message-ID: <n{n}@t>\r\n\r\nshort\r\n.\r\n").as_bytes());
+        assert!(c.line().starts_with("250 2.0.0"));
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its end: taken and delivered whole.
+    let reply = slow.cmd("the last line\r\n.");
+    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+    let got = peer.wait_for("the trickled message", Duration::from_secs(20), |s| {
+        s.iter().any(|m| m.message_id == "<slow@t>")
+    });
+    let m = got.iter().find(|m| m.message_id == "<slow@t>").unwrap();
+    let text = String::from_utf8_lossy(&m.data);
+    assert!(
+        text.ends_with("\r\n\r\nthe first line\r\nthe second line\r\nthe last line\r\n"),
+        "{text}"
+    );
+}

@@ -1,0 +1,149 @@
+//! A message still being received that keeps the oldest segment while other mail fills the
+//! spool behind it (a client trickling its body) is moved forward: written again at the end,
+//! so that the segments it held go. Its body comes out whole; a crash after the move loses
+//! nothing acknowledged and leaves no damage; a body streamed at speed is left where it is.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{body, meta};
+use postern_spool::{recover, DeliveryState, Draft, Spool, SpoolOptions, Status};
+
+const OPTS: SpoolOptions = SpoolOptions {
+    segment_size: 128 * 1024,
+};
+
+fn delivered() -> Status {
+    Status {
+        state: DeliveryState::Delivered,
+        reply: "250 2.0.0 ok".into(),
+    }
+}
+
+/// `n` messages of `len` octets, finished, durable and delivered (final): they hold their
+/// segments no longer than something older does.
+fn delivered_mail(spool: &mut Spool, from: usize, n: usize, len: usize) {
+    for i in from..from + n {
+        let mut d = spool.begin(&meta(i)).unwrap();
+        spool.append(&mut d, &body(i, len)).unwrap();
+        let id = d.queue_id().to_owned();
+        spool.finish(d).unwrap();
+        spool.sync_now().unwrap();
+        spool.append_status(&id, 0, &delivered()).unwrap();
+        spool.append_status(&id, 1, &delivered()).unwrap();
+        spool.sync_now().unwrap();
+        spool.mark_final(&id).unwrap();
+    }
+}
+
+/// A draft begun with `first` as its body so far.
+fn slow_draft(spool: &mut Spool, first: &[u8]) -> Draft {
+    let mut slow = spool.begin(&meta(0)).unwrap();
+    spool.append(&mut slow, first).unwrap();
+    slow
+}
+
+#[test]
+fn a_trickled_body_is_moved_forward_and_the_segments_behind_it_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut expected = body(1000, 3000);
+    let mut slow = slow_draft(&mut spool, &expected);
+    let id = slow.queue_id().to_owned();
+    // About six segments of other mail, all delivered: kept all the same, behind the draft's
+    // START in the oldest segment.
+    delivered_mail(&mut spool, 1, 60, 12 * 1024);
+    let grown = spool.segment_count();
+    assert!(grown >= 6, "{grown} segments");
+    assert_eq!(spool.drafts_moved(), 0);
+    // The next piece of the slow body moves it, and the segments it held go.
+    let more = body(1001, 500);
+    spool.append(&mut slow, &more).unwrap();
+    expected.extend_from_slice(&more);
+    assert_eq!(spool.drafts_moved(), 1);
+    spool.sync_now().unwrap();
+    spool.reclaim().unwrap();
+    assert!(
+        spool.segment_count() <= 2,
+        "{} of {grown} segments kept",
+        spool.segment_count()
+    );
+    // Not moved again while it is where the spool ends.
+    let last = body(1002, 700);
+    spool.append(&mut slow, &last).unwrap();
+    expected.extend_from_slice(&last);
+    assert_eq!(spool.drafts_moved(), 1);
+    spool.finish(slow).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.damaged, r.torn_tails), (0, 0, 0));
+    let found: Vec<_> = r.messages.iter().filter(|m| m.queue_id == id).collect();
+    assert_eq!(found.len(), 1, "found {} times", found.len());
+    assert_eq!(r.body_vec(found[0]), expected);
+    assert_eq!(found[0].meta, meta(0));
+    assert_eq!(r.unfinished, 0, "the old place is aborted");
+}
+
+#[test]
+fn a_crash_after_the_move_leaves_no_message_and_no_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut slow = slow_draft(&mut spool, &body(1000, 3000));
+    delivered_mail(&mut spool, 1, 60, 12 * 1024);
+    spool.append(&mut slow, &body(1001, 500)).unwrap();
+    assert_eq!(spool.drafts_moved(), 1);
+    spool.sync_now().unwrap();
+    spool.reclaim().unwrap();
+    // Killed before its end: never acknowledged, so nothing to deliver, and nothing damaged.
+    std::mem::forget(slow);
+    std::mem::forget(spool);
+    let r = recover(dir.path()).unwrap();
+    assert!(r.messages.iter().all(|m| m.is_final() || m.meta != meta(0)));
+    assert_eq!((r.corrupt_records, r.damaged), (0, 0));
+    assert!(r.cut_off.is_empty());
+}
+
+#[test]
+fn a_body_written_into_every_segment_as_it_comes_is_left_where_it_is() {
+    // A large body streamed beside other mail writes into each segment the spool makes: it
+    // holds the oldest one only as long as it takes to arrive, and copying it would double
+    // its writes.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut expected = Vec::new();
+    let mut big = spool.begin(&meta(0)).unwrap();
+    for i in 0..12 {
+        let part = body(2000 + i, 20 * 1024);
+        spool.append(&mut big, &part).unwrap();
+        expected.extend_from_slice(&part);
+        delivered_mail(&mut spool, 10 * i + 1, 4, 12 * 1024);
+    }
+    assert!(spool.segment_count() >= 6, "{}", spool.segment_count());
+    assert_eq!(spool.drafts_moved(), 0);
+    let id = big.queue_id().to_owned();
+    spool.finish(big).unwrap();
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    let m = r.messages.iter().find(|m| m.queue_id == id).unwrap();
+    assert_eq!(r.body_vec(m), expected);
+}
+
+#[test]
+fn a_draft_whose_records_may_be_missing_is_not_moved() {
+    // A sync failed under its records: it fails at its end, and a move would make a whole
+    // message of what is left.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut slow = slow_draft(&mut spool, &body(1000, 3000));
+    let mut other = spool.begin(&meta(9)).unwrap();
+    spool.append(&mut other, b"in the failed batch").unwrap();
+    spool.finish(other).unwrap();
+    let batch = spool.take_sync().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    delivered_mail(&mut spool, 1, 60, 12 * 1024);
+    spool.append(&mut slow, &body(1001, 500)).unwrap();
+    assert_eq!(spool.drafts_moved(), 0);
+    assert!(spool.finish(slow).is_err());
+}
