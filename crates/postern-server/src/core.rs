@@ -505,6 +505,7 @@ impl Core {
         let mut m = self.metrics.borrow().clone();
         m.active_sessions = self.sessions.get() as u64;
         m.spool_bytes = self.store.bytes_in_use();
+        m.drafts_moved = self.store.drafts_moved();
         if self.delivery.borrow().is_none() {
             // Held mail (--hold): nothing delivers, so the queue is what the spool keeps live.
             m.queue_depth = self.store.live_messages() as u64;

@@ -183,6 +183,8 @@ pub struct CoreMetrics {
     pub bounces: u64,
     /// Waiting messages copied forward in the spool, so that the segments they kept could go.
     pub copied_forward: u64,
+    /// Messages still being received moved forward in the spool (the spool's own count).
+    pub drafts_moved: u64,
 }
 
 impl Default for CoreMetrics {
@@ -215,6 +217,7 @@ impl Default for CoreMetrics {
             failed: 0,
             bounces: 0,
             copied_forward: 0,
+            drafts_moved: 0,
         }
     }
 }
@@ -284,6 +287,7 @@ impl CoreMetrics {
         self.failed += other.failed;
         self.bounces += other.bounces;
         self.copied_forward += other.copied_forward;
+        self.drafts_moved += other.drafts_moved;
     }
 }
 
@@ -548,6 +552,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_spool_messages_copied_total",
             "Waiting messages copied forward in the spool, so that the segments they kept could be deleted.",
             m.copied_forward,
+        ),
+        (
+            "postern_spool_drafts_moved_total",
+            "Messages still being received (a body trickled in) moved forward in the spool, so that the segments they kept could be deleted.",
+            m.drafts_moved,
         ),
     ] {
         render_scalar(&mut out, name, "counter", help, v);

@@ -271,6 +271,11 @@ impl CoreStore {
         self.spool.borrow().live_messages()
     }
 
+    /// Messages still being received moved forward in this run.
+    pub(crate) fn drafts_moved(&self) -> u64 {
+        self.spool.borrow().drafts_moved()
+    }
+
     pub(crate) fn bytes_in_use(&self) -> u64 {
         self.spool.borrow().bytes_in_use()
     }

@@ -266,6 +266,8 @@ fn a_body_trickled_while_other_mail_is_delivered_does_not_keep_the_segments_behi
             "1",
             "--spool-segment-size",
             "128k",
+            "--metrics",
+            "127.0.0.1:0",
             "--route",
             &dest,
         ],
@@ -310,6 +312,7 @@ fn a_body_trickled_while_other_mail_is_delivered_does_not_keep_the_segments_behi
         n += 1;
         std::thread::sleep(Duration::from_millis(50));
     }
+    server.metrics_until(|m| counter(m, "postern_spool_drafts_moved_total") == 1);
     // Its end: taken and delivered whole.
     let reply = slow.cmd("the last line\r\n.");
     assert!(reply.starts_with("250 2.0.0"), "{reply}");
