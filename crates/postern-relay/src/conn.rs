@@ -456,6 +456,12 @@ impl Outbound {
         t: &Timeouts,
     ) -> Result<(), ConnError> {
         self.expect_ready(t.greeting).await?;
+        // A 421 read behind the EHLO reply: the next hop is closing (RFC 5321 3.8). Whatever
+        // went out next (STARTTLS, MAIL) would take it for its answer: the session ends
+        // here, as at a 421 greeting (a host refusing the session).
+        if let Some(reply) = self.closing_behind() {
+            return Err(ConnError::Smtp(ClientError::Closing(reply)));
+        }
         let Some(tls) = tls else {
             return Ok(());
         };
@@ -1179,6 +1185,22 @@ impl Outbound {
             self.start += 1;
         }
         self.start < self.end
+    }
+
+    /// A whole `421` reply read and not yet parsed, with no command outstanding: the next
+    /// hop closing unasked.
+    fn closing_behind(&mut self) -> Option<postern_proto::reply::Reply> {
+        if !self.session.is_idle() || !self.unread_past_blanks() {
+            return None;
+        }
+        let unread = &self.buf[self.start..self.end];
+        if !unread.starts_with(b"421") {
+            return None;
+        }
+        match postern_proto::reply::ReplyParser::new().parse(unread) {
+            postern_proto::reply::ParsedReply::Complete { reply, .. } => Some(reply),
+            _ => None,
+        }
     }
 
     /// Whether the server ended the connection, or said something unasked (a 421 before

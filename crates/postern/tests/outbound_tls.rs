@@ -416,6 +416,52 @@ fn a_reply_behind_the_ehlo_reply_is_not_taken_for_the_answer_to_starttls() {
 }
 
 #[test]
+fn a_421_behind_the_ehlo_reply_ends_the_session_before_anything_else_goes() {
+    // The next hop writes a 421 behind its EHLO reply (it is closing). Before, STARTTLS (or
+    // MAIL, where no STARTTLS is offered) went out and took the 421 for its answer. It is the
+    // session's end, said before any command follows: a host refusing the session.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for offered in [
+        "250-scripted.test\r\n250 STARTTLS\r\n",
+        "250 scripted.test\r\n",
+    ] {
+        let asked = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = asked.clone();
+        let ehlo: &'static str =
+            Box::leak(format!("{offered}421 4.3.2 scripted.test going away\r\n").into_boxed_str());
+        let (port, _stored, _) = scripted_next_hop(
+            move |_, line| {
+                if line.starts_with("EHLO") {
+                    Some(Act::Say(ehlo))
+                } else if line.starts_with("STARTTLS") || line.starts_with("MAIL") {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    Some(Act::Say("421 4.3.2 told you\r\n"))
+                } else {
+                    None
+                }
+            },
+            Act::Say("250 2.0.0 taken\r\n"),
+        );
+        let route = format!("dest.test=127.0.0.1:{port}");
+        let server = Server::start(&["--route", &route]);
+        send(
+            &server,
+            "a@origin.test",
+            &["b@dest.test"],
+            "<closing@t>",
+            "x\r\n",
+        );
+        let line = server.log_until(|l| l.contains("status=\"deferred\""));
+        assert!(line.contains("going away"), "{offered}: {line}");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            0,
+            "{offered}: a command was sent"
+        );
+    }
+}
+
+#[test]
 fn a_refused_opportunistic_starttls_goes_on_in_cleartext() {
     assert!(
         through_tls_next_hop(true, "<tls454@t>"),
