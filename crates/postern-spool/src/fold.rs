@@ -69,11 +69,8 @@ pub fn fold_cores(root: &Path, cores: u32, options: SpoolOptions) -> Result<Fold
     for e in &entries {
         let name = e.file_name();
         if let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(FOLDED)) {
-            clear_folded(
-                &e.path(),
-                &root.join(format!("{KEPT_FOLD}{rest}")),
-                &mut out,
-            );
+            let kept = root.join(format!("{KEPT_FOLD}{rest}-{}", unix_secs()));
+            clear_folded(&e.path(), &kept, &mut out);
         }
     }
     let mut old_dirs: Vec<u32> = entries
@@ -222,14 +219,16 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
         let dir = root.join(n.to_string());
         if dir.is_dir() {
             let to = root.join(format!("{FOLDED}{n}"));
-            if to.exists() && std::fs::remove_dir_all(&to).is_err() {
+            if to.exists() {
+                // What an earlier fold of this core set aside: cleared as at a start.
+                let kept = root.join(format!("{KEPT_FOLD}{n}-{}-earlier", unix_secs()));
+                clear_folded(&to, &kept, out);
+            }
+            if to.exists() {
                 // What an earlier fold of this core set aside and could not delete: a rename
                 // onto it would fail (not empty), at every start while the journal stays. It
                 // goes under another name the clean-up below still matches.
-                let secs = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let older = root.join(format!("{FOLDED}{n}.{secs}"));
+                let older = root.join(format!("{FOLDED}{n}.{}", unix_secs()));
                 std::fs::rename(&to, &older).map_err(SpoolError::at(&to))?;
                 out.left_behind.push(older);
             }
@@ -247,19 +246,14 @@ fn set_aside(root: &Path, journal: &Journal, out: &mut Folded) -> Result<(), Spo
         if damaged || dir.join(crate::DAMAGED_DIR).exists() || !damaged_in_place(&dir).is_empty() {
             // Damaged records (or segments set aside for them): kept for the operator to look
             // at (see the log), under a name the next start does not clear.
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let kept = root.join(format!("{DAMAGED_FOLD}{n}-{secs}"));
+            let kept = root.join(format!("{DAMAGED_FOLD}{n}-{}", unix_secs()));
             match std::fs::rename(&dir, &kept) {
                 Ok(()) => out.kept_damaged.push(kept),
                 Err(_) => out.kept_damaged.push(dir),
             }
         } else {
-            let secs = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            clear_folded(&dir, &root.join(format!("{KEPT_FOLD}{n}-{secs}")), out);
+            let kept = root.join(format!("{KEPT_FOLD}{n}-{}", unix_secs()));
+            clear_folded(&dir, &kept, out);
         }
     }
     // Last, so that a crash before this point keeps damaged directories too.
@@ -397,10 +391,18 @@ const DAMAGED_FOLD: &str = ".damaged-core-";
 /// segments deleted (with the time it was folded).
 const KEPT_FOLD: &str = ".kept-core-";
 
+/// Seconds since the Unix epoch, for the names of directories set aside.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Deletes a folded core directory whose mail has moved: postern's own files in it (its
-/// segments, a segment being made), then the directory. Anything else in it was put there
-/// by someone else (notes, a copy kept by hand, a directory named like a segment) and is
-/// not postern's to delete: the directory is kept under `kept` with it, and said.
+/// segments, a segment being made), then the directory. Anything else in it is not to be
+/// deleted here: put there by someone else (notes, a copy kept by hand, a directory named
+/// like a segment), or damaged segments set aside (its `damaged/`, a `.seg.damaged`, for
+/// the operator to look at): the directory is kept under `kept` with it, and said.
 fn clear_folded(dir: &Path, kept: &Path, out: &mut Folded) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         out.left_behind.push(dir.to_path_buf());

@@ -366,8 +366,9 @@ fn scan_core(
         segs.sort();
         // Draft numbers are unique per core across openings (docs/durability.md).
         let mut open: HashMap<u64, Partial> = HashMap::new();
-        // The newest opening whose START was read (a draft number's high half).
-        let mut opening = 0u64;
+        // The openings whose drafts wrote records here (a draft number's high half: the
+        // first segment the opening wrote).
+        let mut openings: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
         for (seq, path) in segs {
             let file = match File::open(&path) {
                 Ok(file) => file,
@@ -394,7 +395,7 @@ fn scan_core(
                 core,
                 seq,
                 open: &mut open,
-                opening: &mut opening,
+                openings: &mut openings,
                 statuses: &mut *statuses,
                 out: &mut *out,
                 durable_to: 0,
@@ -410,16 +411,25 @@ fn scan_core(
         out.unfinished += open.len() as u64;
         // Unfinished with damage after the start: the damage may have taken the END. Not
         // where the message is found whole all the same (an earlier place of a message
-        // copied forward, whose copy the damage cut off).
+        // copied forward, or of one still being received moved forward, whose copy the
+        // damage cut off). Not where the first damage is in a segment a later opening
+        // wrote (numbered from that opening's first on): the crash or stop that ended the
+        // draft's own opening cut it off before its END, never acknowledged.
+        let whole: std::collections::HashSet<&str> = out
+            .messages
+            .iter()
+            .filter(|m| m.core == core)
+            .map(|m| m.queue_id.as_str())
+            .collect();
         let mut cut_off: Vec<CutOffMessage> = open
-            .into_values()
-            .filter_map(|p| {
+            .into_iter()
+            .filter_map(|(no, p)| {
                 let damage = p.damage?;
-                let whole = out
-                    .messages
-                    .iter()
-                    .any(|m| m.core == core && m.queue_id == p.queue_id);
-                (!whole).then_some(CutOffMessage {
+                // (A range whose start is past its end would panic: checked first.)
+                let from = (no >> 32).saturating_add(1);
+                let later_opening = from <= damage.segment
+                    && openings.range(from..=damage.segment).next().is_some();
+                (!later_opening && !whole.contains(p.queue_id.as_str())).then_some(CutOffMessage {
                     start: RecordLocation {
                         core,
                         segment: p.start_seq,
@@ -432,7 +442,12 @@ fn scan_core(
                 })
             })
             .collect();
-        cut_off.sort_by_key(|c| (c.start.segment, c.start.offset));
+        // A message moved forward whose old place had no ABORT is open twice: named once,
+        // at its latest place.
+        cut_off.sort_by_key(|c| std::cmp::Reverse((c.start.segment, c.start.offset)));
+        let mut named = std::collections::HashSet::new();
+        cut_off.retain(|c| named.insert(c.queue_id.clone()));
+        cut_off.reverse();
         // A reclaim leaves no older segment behind the one it deletes unless that one held
         // nothing a message needs (nothing at all, or only abandoned drafts' records): a
         // segment that went while an older one is still there says nothing of the messages
@@ -565,8 +580,8 @@ struct Scan<'a> {
     core: u32,
     seq: u64,
     open: &'a mut HashMap<u64, Partial>,
-    /// The newest opening whose `START` was read.
-    opening: &'a mut u64,
+    /// The openings whose drafts' records were read (see `scan_core`).
+    openings: &'a mut std::collections::BTreeSet<u64>,
     statuses: &'a mut Vec<(u32, String, u32, Status)>,
     out: &'a mut Recovered,
     /// Where the segment's seal or mark says its records were durable to (0: neither).
@@ -580,11 +595,7 @@ impl Scan<'_> {
             segment: self.seq,
             offset: offset as u64,
         };
-        // Drafts of an earlier opening still open were cut off by the crash or stop that
-        // ended it, before their END was written (none of their records follows a later
-        // opening's): damage from there on cannot have held their END.
-        let opening = *self.opening;
-        for (_, p) in self.open.iter_mut().filter(|(&d, _)| d >> 32 >= opening) {
+        for p in self.open.values_mut() {
             p.damage.get_or_insert(at);
         }
         self.out.corrupt_records += 1;
@@ -751,6 +762,9 @@ impl Scan<'_> {
             self.corrupt(at - RECORD_HEADER);
             return;
         };
+        if kind != Kind::Status {
+            self.openings.insert(no >> 32);
+        }
         match kind {
             Kind::Status => match Status::decode(no, &mut c) {
                 Some((rcpt, queue_id, status)) => {
@@ -763,7 +777,6 @@ impl Scan<'_> {
                 match (queue_id, MessageMeta::decode(&mut c)) {
                     (Some(queue_id), Some(meta)) => {
                         self.out.saw_id(&queue_id);
-                        *self.opening = (*self.opening).max(no >> 32);
                         let partial = Partial {
                             start_seq: self.seq,
                             statuses_before: self.statuses.len(),

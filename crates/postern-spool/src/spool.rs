@@ -67,6 +67,9 @@ pub struct Draft {
     /// How much of the spool's reserve a segment for its records must leave free
     /// ([`Spool::set_reserve`]).
     keep: Keep,
+    /// What other records had taken ([`Spool`]'s `grown`) when it began, was last moved, or
+    /// a move of it was refused ([`Spool::holds_back`]).
+    grown_at: u64,
 }
 
 impl Draft {
@@ -323,6 +326,12 @@ pub struct Spool {
     deleting_stopped: bool,
     /// Drafts moved forward in this run ([`Spool::append`]).
     drafts_moved: u64,
+    /// Octets of records written in this run other than by moves of drafts.
+    grown: u64,
+    /// Octets of records moves of drafts wrote in this run.
+    moved_bytes: u64,
+    /// A move of a draft is being written: its records are not growth.
+    moving: bool,
 }
 
 /// How often the segment being written has its header's mark moved on (docs/durability.md,
@@ -474,15 +483,14 @@ impl Spool {
             }
         }
         // Segments with damaged records, and those between a damaged message's first and
-        // last records (one of them lost the records it misses), or between the first record
-        // of a message cut off by damage and the damage (what is left of its envelope and
-        // body, for whoever tells its sender).
+        // last records (one of them lost the records it misses), and the one holding the
+        // envelope of a message cut off by damage (for whoever tells its sender).
         let mut damaged: Vec<u64> = found.corrupt_at.iter().map(|l| l.segment).collect();
         for (start, end) in &found.damaged_at {
             damaged.extend(start.segment..=end.segment);
         }
         for c in &found.cut_off {
-            damaged.extend(c.start.segment..=c.damage.segment);
+            damaged.extend([c.start.segment, c.damage.segment]);
         }
         damaged.sort_unstable();
         damaged.dedup();
@@ -534,6 +542,9 @@ impl Spool {
             unlinks_out: false,
             deleting_stopped: false,
             drafts_moved: 0,
+            grown: 0,
+            moved_bytes: 0,
+            moving: false,
         };
         spool.deleting_stopped = !copies_durable;
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
@@ -684,6 +695,9 @@ impl Spool {
         let len = record_len(pieces.iter().map(|p| p.len()).sum());
         let bulk = matches!(pieces, [_, bulk] if bulk.len() >= BULK_WRITE);
         self.segment_for(len, keep)?;
+        if !self.moving {
+            self.grown = self.grown.saturating_add(len as u64);
+        }
         // A write that goes into the file at once (a bulk chunk, or gathered records past
         // PENDING_LIMIT) comes after the gathered records of older segments are in theirs: a
         // crash must never leave a later record on file without an earlier one that only a
@@ -825,6 +839,7 @@ impl Spool {
             recipients: u32::try_from(meta.recipients.len()).unwrap_or(u32::MAX),
             broken: false,
             keep,
+            grown_at: self.grown,
         })
     }
 
@@ -844,13 +859,17 @@ impl Spool {
 
     /// Whether `draft`, a message still being received, keeps the spool's oldest segment
     /// while the spool grows behind it with other mail: its `START` is in the oldest segment,
-    /// and at least two segments (and twice what its own records take) that it wrote nothing
-    /// into came after it. A client trickling a body within the limits (an octet a command
-    /// timeout) would otherwise hold every segment from there on for up to its session's
-    /// length; a body streaming at speed writes into each segment as it comes, and is left
-    /// where it is. Not a draft that will fail at its end anyway (its records may be
-    /// missing: moved, it would pass for whole). An embedding that gathers small pieces of
-    /// a body before appending them appends at once when this says so.
+    /// at least two segments it wrote nothing into came after it, and since it began (or was
+    /// last moved, or a move of it was refused) other records took at least two segments and
+    /// twice what its own records take. A client trickling a body within the limits (an octet
+    /// a command timeout) would otherwise hold every segment from there on for up to its
+    /// session's length; a body streaming at speed writes into each segment as it comes, and
+    /// is left where it is. What moves write is not counted as growth, and all moves
+    /// together write at most half of what other records take (and two segments): slow
+    /// drafts that take turns at the front cannot move one another on without end. Not a
+    /// draft that will fail at its end anyway (its records may be missing: moved, it would
+    /// pass for whole). An embedding that gathers small pieces of a body before appending
+    /// them appends at once when this says so. A few comparisons: cheap at every read.
     pub fn holds_back(&self, draft: &Draft) -> bool {
         if draft.broken || draft.no < self.poisoned_below || self.deleting_stopped {
             return false;
@@ -858,21 +877,27 @@ impl Spool {
         if self.index.first() != Some(draft.seq) {
             return false;
         }
-        let newest = self.index.last().unwrap_or(draft.seq);
-        let passed = newest
-            .saturating_sub(draft.seq)
+        let segment = self.options.segment_size;
+        let passed = (self.index.segments() as u64)
+            .saturating_sub(1)
             .saturating_sub(draft.later.len() as u64);
-        passed >= 2 && passed.saturating_mul(self.options.segment_size) >= 2 * draft.records
+        let grown = self.grown.saturating_sub(draft.grown_at);
+        let budget = (self.grown / 2).saturating_add(2 * segment);
+        passed >= 2
+            && grown >= (2 * segment).max(2 * draft.records)
+            && self.moved_bytes.saturating_add(draft.records) <= budget
     }
 
     /// Moves `draft` forward: its envelope and the body so far written again at the end of
-    /// the spool under a new draft number (an `ABORT` for the old one where it fits), so that
-    /// the segments it held go once nothing else keeps them. Its records so far are put in
-    /// their files first (gathered ones wait for a sync otherwise), to be read back from
-    /// there. A draft is never acknowledged before its `END` is durable, so the old records
-    /// may go before the new ones are: a crash in between loses only what a crash loses
-    /// anyway (the message was not taken). An error once its envelope is written again
-    /// leaves the draft broken (it fails at its end), holding what it holds then.
+    /// the spool under a new draft number, then an `ABORT` for the old one (where it fits),
+    /// so that the segments it held go once nothing else keeps them. Its records so far are
+    /// put in their files first (gathered ones wait for a sync otherwise), to be read back
+    /// from there. A draft is never acknowledged before its `END` is durable, so the old
+    /// records may go before the new ones are: a crash in between loses only what a crash
+    /// loses anyway (the message was not taken). Where the copy cannot be written whole (no
+    /// room, the reserve), it is abandoned and the draft stays as it was, where it was, not
+    /// moved again before the spool grows as much once more. An error that failed every
+    /// draft begun so far (a failed write) is returned: this one fails at its end.
     fn move_forward(&mut self, draft: &mut Draft) -> Result<(), SpoolError> {
         let on_file = self
             .write_behind(!self.in_flight.is_empty())
@@ -890,7 +915,32 @@ impl Spool {
             draft.broken = true;
             return Err(SpoolError::from_io(e));
         }
-        let old_no = draft.no;
+        self.moving = true;
+        let moved = self.write_again(draft);
+        self.moving = false;
+        draft.grown_at = self.grown;
+        match moved {
+            Ok(moved) => {
+                self.moved_bytes = self.moved_bytes.saturating_add(moved.records);
+                let old = std::mem::replace(draft, moved);
+                self.write_abort(old.no);
+                self.index.unpin(old.seq);
+                self.draft_over(&old, false);
+                self.drafts_moved += 1;
+                Ok(())
+            }
+            // Every draft begun so far fails at its end: said, as for any failed write.
+            Err(e) if draft.no < self.poisoned_below => {
+                draft.broken = true;
+                Err(e)
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A copy of `draft` (its envelope and body so far) at the end of the spool, as a draft
+    /// of its own; on an error, the part written is abandoned.
+    fn write_again(&mut self, draft: &Draft) -> Result<Draft, SpoolError> {
         let no = self.next_draft;
         self.next_draft += 1;
         let mut start = draft
@@ -899,7 +949,7 @@ impl Spool {
             .range(draft.start.start, draft.start.end)
             .to_vec();
         start[..8].copy_from_slice(&no.to_le_bytes());
-        let written = self
+        let (seq, piece) = self
             .append_record_keeping(Kind::Start, &[&start], draft.keep)
             .map(|(s, at)| {
                 let piece = Piece {
@@ -908,36 +958,42 @@ impl Spool {
                     end: at + start.len(),
                 };
                 (s.seq, piece)
-            });
-        // Not moved where its envelope cannot be written again (no room, or a segment that
-        // would take from the reserve): the draft stays where it is, as it was, and the
-        // append that follows meets the same want of room as it would have. (A write that
-        // failed has failed every draft begun so far: this one fails at its end.)
-        let Ok((seq, piece)) = written else {
-            return Ok(());
-        };
-        // From here on the draft is the new one: the old one's pin and segments are let go
-        // (abandoned: its records will never be read as a message).
-        self.index.unpin(draft.seq);
-        self.draft_over(draft, false);
+            })?;
         self.index.pin(seq);
         self.index.draft_in(seq);
-        let old = std::mem::take(&mut draft.pieces);
-        draft.no = no;
-        draft.seq = seq;
-        draft.later = Vec::new();
-        draft.start = piece;
-        draft.size = 0;
-        draft.records = record_len(start.len()) as u64;
-        for p in &old {
-            let bytes = p.map.range(p.start, p.end).to_vec();
-            self.append_body(draft, &bytes)?;
+        let mut moved = Draft {
+            spool: self.id,
+            seq,
+            later: Vec::new(),
+            no,
+            queue_id: draft.queue_id.clone(),
+            size: 0,
+            records: record_len(start.len()) as u64,
+            start: piece,
+            pieces: Vec::with_capacity(draft.pieces.len()),
+            recipients: draft.recipients,
+            broken: false,
+            keep: draft.keep,
+            grown_at: 0,
+        };
+        for p in &draft.pieces {
+            if let Err(e) = self.append_body(&mut moved, p.map.range(p.start, p.end)) {
+                self.abort(moved);
+                return Err(e);
+            }
         }
-        if self.seg.as_ref().is_some_and(|s| s.room() >= record_len(8)) {
-            let _ = self.append_record(Kind::Abort, &[&old_no.to_le_bytes()]);
+        Ok(moved)
+    }
+
+    /// An `ABORT` for draft `no`, best effort: only where it fits the segment in use (or a
+    /// spare is ready), since recovery needs none (a draft without `END` is never reported)
+    /// and making a segment here would stall the core on its fsyncs. It keeps a draft that
+    /// ended without its `END` from being named as cut off by later damage (recovery).
+    fn write_abort(&mut self, no: u64) {
+        let fits = self.seg.as_ref().is_some_and(|s| s.room() >= record_len(8));
+        if fits || self.spare.is_some() {
+            let _ = self.append_record(Kind::Abort, &[&no.to_le_bytes()]);
         }
-        self.drafts_moved += 1;
-        Ok(())
     }
 
     /// Appends body bytes to `draft`, in records of at most one segment each.
@@ -1028,6 +1084,8 @@ impl Spool {
             return Err(SpoolError::UnknownDraft);
         }
         if draft.no < self.poisoned_below {
+            // An ABORT where it fits: damage found later does not name it (recovery).
+            self.write_abort(draft.no);
             self.index.unpin(draft.seq);
             self.draft_over(&draft, false);
             return Err(SpoolError::SyncFailed(
@@ -1035,6 +1093,7 @@ impl Spool {
             ));
         }
         if draft.broken {
+            self.write_abort(draft.no);
             self.index.unpin(draft.seq);
             self.draft_over(&draft, false);
             return Err(SpoolError::SyncFailed(
@@ -1082,12 +1141,7 @@ impl Spool {
     /// no sync, since a message without `END` is not reported either.
     pub fn abort(&mut self, draft: Draft) {
         if draft.spool == self.id {
-            // Only where it fits the segment in use (or a spare is ready): recovery needs no
-            // ABORT, and making a segment here would stall the core on its fsyncs.
-            let fits = self.seg.as_ref().is_some_and(|s| s.room() >= record_len(8));
-            if fits || self.spare.is_some() {
-                let _ = self.append_record(Kind::Abort, &[&draft.no.to_le_bytes()]);
-            }
+            self.write_abort(draft.no);
             self.index.unpin(draft.seq);
             // Its records will never be read as a message: the segments only it (and others
             // abandoned) wrote into go at the next reclaim, whatever older mail still waits.

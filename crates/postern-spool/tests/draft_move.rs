@@ -132,3 +132,39 @@ fn a_draft_whose_records_may_be_missing_is_not_moved() {
     assert_eq!(spool.drafts_moved(), 0);
     assert!(spool.finish(slow).is_err());
 }
+
+#[test]
+fn slow_drafts_do_not_move_one_another_on_without_other_mail() {
+    // Two slow messages take turns at the front: once each is moved, what the moves wrote
+    // is no growth that moves either again; only more of other mail does.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut a = slow_draft(&mut spool, &body(1000, 120 * 1024));
+    let mut b = slow_draft(&mut spool, &body(1001, 120 * 1024));
+    delivered_mail(&mut spool, 1, 60, 12 * 1024);
+    for i in 0..50 {
+        spool.append(&mut a, &body(2000 + i, 100)).unwrap();
+        spool.append(&mut b, &body(3000 + i, 100)).unwrap();
+        spool.sync_now().unwrap();
+        spool.reclaim().unwrap();
+    }
+    let moved = spool.drafts_moved();
+    assert!((1..=2).contains(&moved), "{moved} moves");
+    // More of other mail lets them move again, once each at most.
+    delivered_mail(&mut spool, 100, 60, 12 * 1024);
+    for _ in 0..5 {
+        spool.append(&mut a, b"x").unwrap();
+        spool.append(&mut b, b"y").unwrap();
+    }
+    let again = spool.drafts_moved() - moved;
+    assert!((1..=2).contains(&again), "{again} moves");
+    for d in [a, b] {
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.damaged), (0, 0));
+    let mine: Vec<_> = r.messages.iter().filter(|m| m.meta == meta(0)).collect();
+    assert_eq!(mine.len(), 2);
+}

@@ -1047,9 +1047,9 @@ fn warn_left_behind(folded: &postern_spool::Folded) {
     for dir in &folded.kept_foreign {
         tracing::warn!(
             dir = %dir.display(),
-            "a folded core directory held entries postern did not write: its mail was moved \
-             and its segments deleted, and the rest is kept here, to be looked at and deleted \
-             by hand"
+            "a folded core directory held entries other than postern's segments (files \
+             postern did not write, or damaged segments set aside): its mail was moved and its \
+             segments deleted, and the rest is kept here, to be looked at and deleted by hand"
         );
     }
     for dir in &folded.left_behind {
