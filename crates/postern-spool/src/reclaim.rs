@@ -512,9 +512,9 @@ impl Index {
         self.segments.len()
     }
 
-    /// The oldest segment's number.
-    pub(crate) fn first(&self) -> Option<u64> {
-        self.segments.front().map(|e| e.seq)
+    /// How many segments are newer than segment `seq` (all of them, where it is gone).
+    pub(crate) fn newer_than(&self, seq: u64) -> usize {
+        self.segments.len() - self.segments.partition_point(|e| e.seq <= seq)
     }
 
     /// The newest segment's number.

@@ -857,30 +857,29 @@ impl Spool {
         self.append_body(draft, bytes)
     }
 
-    /// Whether `draft`, a message still being received, keeps the spool's oldest segment
-    /// while the spool grows behind it with other mail: its `START` is in the oldest segment,
-    /// at least two segments it wrote nothing into came after it, and since it began (or was
+    /// Whether `draft`, a message still being received, holds old segments while the spool
+    /// grows behind it with other mail: at least two segments it wrote nothing into came
+    /// after the one with its `START`, and since it began (or was
     /// last moved, or a move of it was refused) other records took at least two segments and
     /// twice what its own records take. A client trickling a body within the limits (an octet
     /// a command timeout) would otherwise hold every segment from there on for up to its
     /// session's length; a body streaming at speed writes into each segment as it comes, and
-    /// is left where it is. What moves write is not counted as growth, and all moves
-    /// together write at most half of what other records take (and two segments): slow
-    /// drafts that take turns at the front cannot move one another on without end. Not a
+    /// is left where it is. Not only the draft in the oldest segment: with many slow
+    /// clients, each moving only once the ones before it went would keep a segment of
+    /// intake per client and per pause between its pieces. What moves write is not counted
+    /// as growth, and all moves together write at most half of what other records take
+    /// (and two segments): slow drafts cannot move one another on without end. Not a
     /// draft that will fail at its end anyway (its records may be missing: moved, it would
     /// pass for whole). An embedding that gathers small pieces of a body before appending
-    /// them appends at once when this says so. A few comparisons: cheap at every read.
+    /// them appends at once when this says so. A binary search and a few comparisons: cheap at
+    /// every read.
     pub fn holds_back(&self, draft: &Draft) -> bool {
         if draft.broken || draft.no < self.poisoned_below || self.deleting_stopped {
             return false;
         }
-        if self.index.first() != Some(draft.seq) {
-            return false;
-        }
         let segment = self.options.segment_size;
-        let passed = (self.index.segments() as u64)
-            .saturating_sub(1)
-            .saturating_sub(draft.later.len() as u64);
+        let passed =
+            (self.index.newer_than(draft.seq) as u64).saturating_sub(draft.later.len() as u64);
         let grown = self.grown.saturating_sub(draft.grown_at);
         let budget = (self.grown / 2).saturating_add(2 * segment);
         passed >= 2

@@ -168,3 +168,48 @@ fn slow_drafts_do_not_move_one_another_on_without_other_mail() {
     let mine: Vec<_> = r.messages.iter().filter(|m| m.meta == meta(0)).collect();
     assert_eq!(mine.len(), 2);
 }
+
+#[test]
+fn several_slow_drafts_each_move_at_their_next_piece_wherever_they_are() {
+    // Three slow messages begun at different times, other mail between and after them.
+    // Each moves at its next piece, the newest first here (not yet at the front then): with
+    // only the one at the front moving, each would wait for a piece of its own once the
+    // ones before it went, and the spool would keep what came in meanwhile.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut a = slow_draft(&mut spool, &body(1000, 3000));
+    delivered_mail(&mut spool, 1, 30, 12 * 1024);
+    let mut b = slow_draft(&mut spool, &body(1001, 3000));
+    delivered_mail(&mut spool, 100, 30, 12 * 1024);
+    let mut c = slow_draft(&mut spool, &body(1002, 3000));
+    delivered_mail(&mut spool, 200, 60, 12 * 1024);
+    let grown = spool.segment_count();
+    for d in [&mut c, &mut b, &mut a] {
+        spool.append(d, b"the next piece").unwrap();
+    }
+    assert_eq!(spool.drafts_moved(), 3);
+    spool.sync_now().unwrap();
+    spool.reclaim().unwrap();
+    assert!(
+        spool.segment_count() <= 2,
+        "{} of {grown} segments kept",
+        spool.segment_count()
+    );
+    let ids: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|d| d.queue_id().to_owned())
+        .collect();
+    for d in [a, b, c] {
+        spool.finish(d).unwrap();
+    }
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.corrupt_records, r.damaged), (0, 0));
+    for (i, id) in ids.iter().enumerate() {
+        let m = r.messages.iter().find(|m| &m.queue_id == id).unwrap();
+        let mut want = body(1000 + i, 3000);
+        want.extend_from_slice(b"the next piece");
+        assert_eq!(r.body_vec(m), want);
+    }
+}
