@@ -62,7 +62,7 @@ pub mod replies {
         2,
         0,
         0,
-        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS",
     );
     /// HELP where STARTTLS is not offered (no certificate, or TLS already on).
     pub const HELP_NO_TLS: StaticReply = r(
@@ -70,7 +70,7 @@ pub mod replies {
         2,
         0,
         0,
-        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP",
     );
     /// HELP where CHUNKING is not offered either (BDAT is then not recognised).
     pub const HELP_NO_BDAT: StaticReply = r(
@@ -78,7 +78,7 @@ pub mod replies {
         2,
         0,
         0,
-        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS",
     );
     /// HELP with neither CHUNKING nor STARTTLS offered.
     pub const HELP_NO_BDAT_NO_TLS: StaticReply = r(
@@ -86,7 +86,7 @@ pub mod replies {
         2,
         0,
         0,
-        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+        "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP",
     );
     /// BODY=BINARYMIME where BINARYMIME is not offered (`offer_chunking` off).
     pub const BINARYMIME_NOT_OFFERED: StaticReply = r(555, 5, 5, 4, "BODY=BINARYMIME not offered");

@@ -283,7 +283,7 @@ fn helo_session_and_misc_commands() {
             "250 2.0.0 Ok",
             "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
             "252 2.5.0 Cannot expand list, but will accept message and attempt delivery",
-            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
+            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP",
             "502 5.5.1 Command not implemented",
             "502 5.5.1 Command not implemented",
             "502 5.5.1 Authentication not enabled",
@@ -1268,12 +1268,12 @@ fn help_names_starttls_only_where_it_is_offered() {
     let o = run(&config(), true, &input, &[]);
     assert_tail(
         &o,
-        &["214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS"],
+        &["214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS"],
     );
     let o = run(&config(), false, &input, &[]);
     assert_tail(
         &o,
-        &["214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"],
+        &["214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP"],
     );
 }
 
@@ -1363,7 +1363,7 @@ fn pipelining_and_chunking_can_be_left_unoffered() {
             "250-DSN",
             "250 STARTTLS",
             // HELP lists what is offered: no BDAT.
-            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+            "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY EXPN HELP STARTTLS",
             "221 2.0.0 mx.test Bye",
         ],
     );
