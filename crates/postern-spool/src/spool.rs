@@ -844,9 +844,10 @@ impl Spool {
     }
 
     /// Appends body bytes as they arrive, in records of at most one segment each. On an error
-    /// the draft can still be aborted (and must be: it will not finish). A draft that keeps
-    /// the oldest segment while other mail fills the spool behind it is moved forward first
-    /// (written again at the end), so that the segments it held can go.
+    /// the draft can still be aborted (and must be: it will not finish). A draft that holds
+    /// old segments while other mail fills the spool behind it is moved forward first
+    /// (written again at the end), so that the segments it held can go
+    /// ([`Spool::holds_back`]).
     pub fn append(&mut self, draft: &mut Draft, bytes: &[u8]) -> Result<(), SpoolError> {
         if draft.spool != self.id {
             return Err(SpoolError::UnknownDraft);
@@ -859,9 +860,9 @@ impl Spool {
 
     /// Whether `draft`, a message still being received, holds old segments while the spool
     /// grows behind it with other mail: at least two segments it wrote nothing into came
-    /// after the one with its `START`, and since it began (or was
-    /// last moved, or a move of it was refused) other records took at least two segments and
-    /// twice what its own records take. A client trickling a body within the limits (an octet
+    /// after the one with its `START`, and since it began (or was last moved, or a move of it
+    /// was refused) other records took at least two segments and twice what its own records
+    /// take. A client trickling a body within the limits (an octet
     /// a command timeout) would otherwise hold every segment from there on for up to its
     /// session's length; a body streaming at speed writes into each segment as it comes, and
     /// is left where it is. Not only the draft in the oldest segment: with many slow
