@@ -574,6 +574,9 @@ async fn core_main(init: CoreInit, ready: mpsc::Sender<Result<(), StartError>>) 
             return false;
         }
     };
+    if init.delivery.is_none() {
+        store.hold_mail();
+    }
     let mut listeners = Vec::new();
     for (addrs, implicit_tls) in [(&init.listen, false), (&init.listen_tls, true)] {
         for &addr in addrs {

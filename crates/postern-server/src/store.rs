@@ -271,6 +271,12 @@ impl CoreStore {
         self.spool.borrow().live_messages()
     }
 
+    /// Mail is held (`--hold`): nothing becomes final, so no segment goes behind a message
+    /// moved forward, and none is moved.
+    pub(crate) fn hold_mail(&self) {
+        self.spool.borrow_mut().set_move_drafts(false);
+    }
+
     /// Messages still being received moved forward in this run.
     pub(crate) fn drafts_moved(&self) -> u64 {
         self.spool.borrow().drafts_moved()

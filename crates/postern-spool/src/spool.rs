@@ -332,6 +332,8 @@ pub struct Spool {
     moved_bytes: u64,
     /// A move of a draft is being written: its records are not growth.
     moving: bool,
+    /// Drafts are moved forward ([`Spool::set_move_drafts`]).
+    move_drafts: bool,
 }
 
 /// How often the segment being written has its header's mark moved on (docs/durability.md,
@@ -545,6 +547,7 @@ impl Spool {
             grown: 0,
             moved_bytes: 0,
             moving: false,
+            move_drafts: true,
         };
         spool.deleting_stopped = !copies_durable;
         // Segments left with nothing live by the last run go now. One that cannot go yet (a
@@ -875,7 +878,11 @@ impl Spool {
     /// them appends at once when this says so. A binary search and a few comparisons: cheap at
     /// every read.
     pub fn holds_back(&self, draft: &Draft) -> bool {
-        if draft.broken || draft.no < self.poisoned_below || self.deleting_stopped {
+        if !self.move_drafts
+            || draft.broken
+            || draft.no < self.poisoned_below
+            || self.deleting_stopped
+        {
             return false;
         }
         let segment = self.options.segment_size;
@@ -1532,6 +1539,13 @@ impl Spool {
         std::fs::rename(path, to)?;
         sync_dir(&aside)?;
         sync_dir(&self.dir)
+    }
+
+    /// Whether drafts that hold old segments are moved forward (the default). An embedding
+    /// that delivers nothing (it holds all it takes) frees no segment behind a moved draft,
+    /// and turns it off: the moves would be writes for nothing.
+    pub fn set_move_drafts(&mut self, on: bool) {
+        self.move_drafts = on;
     }
 
     /// Messages still being received that were moved forward in this run, so that the

@@ -213,3 +213,16 @@ fn several_slow_drafts_each_move_at_their_next_piece_wherever_they_are() {
         assert_eq!(r.body_vec(m), want);
     }
 }
+
+#[test]
+fn a_spool_that_holds_its_mail_moves_no_draft() {
+    // Nothing becomes final where mail is held: no segment would go behind a moved draft.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    spool.set_move_drafts(false);
+    let mut slow = slow_draft(&mut spool, &body(1000, 3000));
+    delivered_mail(&mut spool, 1, 60, 12 * 1024);
+    spool.append(&mut slow, &body(1001, 500)).unwrap();
+    assert!(!spool.holds_back(&slow));
+    assert_eq!(spool.drafts_moved(), 0);
+}
