@@ -871,8 +871,11 @@ impl Spool {
     /// is left where it is. Not only the draft in the oldest segment: with many slow
     /// clients, each moving only once the ones before it went would keep a segment of
     /// intake per client and per pause between its pieces. What moves write is not counted
-    /// as growth, and all moves together write at most half of what other records take
-    /// (and two segments): slow drafts cannot move one another on without end. Not a
+    /// as growth, and the moves of drafts other than the one in the oldest segment write at
+    /// most half of what other records take (and two segments) together: slow drafts cannot
+    /// move one another on without end, and those that come by most often cannot spend
+    /// what the one keeping the oldest segment needs (its own moves are bounded by its own
+    /// rule: at most half of the growth between two of them). Not a
     /// draft that will fail at its end anyway (its records may be missing: moved, it would
     /// pass for whole). An embedding that gathers small pieces of a body before appending
     /// them appends at once when this says so. A binary search and a few comparisons: cheap at
@@ -890,9 +893,12 @@ impl Spool {
             (self.index.newer_than(draft.seq) as u64).saturating_sub(draft.later.len() as u64);
         let grown = self.grown.saturating_sub(draft.grown_at);
         let budget = (self.grown / 2).saturating_add(2 * segment);
+        // The draft in the oldest segment is what keeps the spool from shrinking: it moves
+        // whatever the others spent (its own rule above still bounds its moves).
+        let at_front = self.index.newer_than(draft.seq) + 1 == self.index.segments();
         passed >= 2
             && grown >= (2 * segment).max(2 * draft.records)
-            && self.moved_bytes.saturating_add(draft.records) <= budget
+            && (at_front || self.moved_bytes.saturating_add(draft.records) <= budget)
     }
 
     /// Moves `draft` forward: its envelope and the body so far written again at the end of

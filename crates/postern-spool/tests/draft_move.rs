@@ -226,3 +226,35 @@ fn a_spool_that_holds_its_mail_moves_no_draft() {
     assert!(!spool.holds_back(&slow));
     assert_eq!(spool.drafts_moved(), 0);
 }
+
+#[test]
+fn the_draft_in_the_oldest_segment_moves_when_the_others_spent_the_budget() {
+    // Slow drafts that come by more often than the one in the oldest segment spend the
+    // moves' budget: the one in the oldest segment, which alone keeps the spool from
+    // shrinking, moves all the same.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut oldest = slow_draft(&mut spool, &body(1000, 120 * 1024));
+    let mut others: Vec<Draft> = (0..7)
+        .map(|i| slow_draft(&mut spool, &body(1100 + i, 120 * 1024)))
+        .collect();
+    for round in 0..6 {
+        delivered_mail(&mut spool, 100 * round + 1, 25, 12 * 1024);
+        for d in &mut others {
+            spool.append(d, b"x").unwrap();
+        }
+    }
+    // The others came by after each growth, and spent what the budget gave (a move each at
+    // first, then one for every 300 KB or so).
+    delivered_mail(&mut spool, 900, 25, 12 * 1024);
+    for d in &mut others {
+        spool.append(d, b"z").unwrap();
+    }
+    let before = spool.drafts_moved();
+    assert!(before >= 7, "{before} moves");
+    assert!(others.iter().all(|d| !spool.holds_back(d)));
+    // The oldest, which has not moved at all, still does.
+    assert!(spool.holds_back(&oldest));
+    spool.append(&mut oldest, b"y").unwrap();
+    assert_eq!(spool.drafts_moved(), before + 1);
+}
