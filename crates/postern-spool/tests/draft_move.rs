@@ -21,6 +21,18 @@ fn delivered_mail(spool: &mut Spool, from: usize, n: usize, len: usize) {
     }
 }
 
+/// Once what was written is durable and reclaimed, at most two of `grown` segments are
+/// left: the moved drafts' and the one in use.
+fn assert_shrinks_to_two(spool: &mut Spool, grown: usize) {
+    spool.sync_now().unwrap();
+    spool.reclaim().unwrap();
+    assert!(
+        spool.segment_count() <= 2,
+        "{} of {grown} segments kept",
+        spool.segment_count()
+    );
+}
+
 /// A draft begun with `first` as its body so far.
 fn slow_draft(spool: &mut Spool, first: &[u8]) -> Draft {
     let mut slow = spool.begin(&meta(0)).unwrap();
@@ -46,13 +58,7 @@ fn a_trickled_body_is_moved_forward_and_the_segments_behind_it_go() {
     spool.append(&mut slow, &more).unwrap();
     expected.extend_from_slice(&more);
     assert_eq!(spool.drafts_moved(), 1);
-    spool.sync_now().unwrap();
-    spool.reclaim().unwrap();
-    assert!(
-        spool.segment_count() <= 2,
-        "{} of {grown} segments kept",
-        spool.segment_count()
-    );
+    assert_shrinks_to_two(&mut spool, grown);
     // Not moved again while it is where the spool ends.
     let last = body(1002, 700);
     spool.append(&mut slow, &last).unwrap();
@@ -188,13 +194,7 @@ fn several_slow_drafts_each_move_at_their_next_piece_wherever_they_are() {
         spool.append(d, b"the next piece").unwrap();
     }
     assert_eq!(spool.drafts_moved(), 3);
-    spool.sync_now().unwrap();
-    spool.reclaim().unwrap();
-    assert!(
-        spool.segment_count() <= 2,
-        "{} of {grown} segments kept",
-        spool.segment_count()
-    );
+    assert_shrinks_to_two(&mut spool, grown);
     let ids: Vec<String> = [&a, &b, &c]
         .iter()
         .map(|d| d.queue_id().to_owned())
