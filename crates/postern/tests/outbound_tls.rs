@@ -379,18 +379,37 @@ fn a_reply_behind_the_ehlo_reply_is_not_taken_for_the_answer_to_starttls() {
     // STARTTLS's answer, the handshake met the real one, failed, and the next hop got mail
     // in cleartext for an hour. It is a reply nobody asked for: the connection is given up
     // before STARTTLS, with QUIT, and TLS is not held against the next hop.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let asked = std::sync::Arc::new(AtomicBool::new(false));
+    let (server, line, asked) = deferred_after_ehlo(
+        "250-scripted.test\r\n250 STARTTLS\r\n220 2.0.0 early\r\n",
+        "220 2.0.0 go ahead\r\n",
+        "<early@t>",
+    );
+    assert!(
+        line.contains("a reply came after the EHLO reply, which no command asked for"),
+        "{line}"
+    );
+    assert_eq!(asked, 0, "STARTTLS was sent");
+    assert_eq!(server.log_count(|l| l.contains("cleartext for an hour")), 0);
+}
+
+/// A server routing dest.test to a scripted next hop that answers EHLO with `ehlo`, and
+/// STARTTLS or MAIL with `answer`, sent one message: the server, its line for the message
+/// deferred, and how many STARTTLS or MAIL commands the next hop got.
+fn deferred_after_ehlo(
+    ehlo: &'static str,
+    answer: &'static str,
+    message_id: &str,
+) -> (Server, String, usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
     let seen = asked.clone();
     let (port, _stored, _) = scripted_next_hop(
         move |_, line| {
             if line.starts_with("EHLO") {
-                Some(Act::Say(
-                    "250-scripted.test\r\n250 STARTTLS\r\n220 2.0.0 early\r\n",
-                ))
-            } else if line.starts_with("STARTTLS") {
-                seen.store(true, Ordering::SeqCst);
-                Some(Act::Say("220 2.0.0 go ahead\r\n"))
+                Some(Act::Say(ehlo))
+            } else if line.starts_with("STARTTLS") || line.starts_with("MAIL") {
+                seen.fetch_add(1, Ordering::SeqCst);
+                Some(Act::Say(answer))
             } else {
                 None
             }
@@ -403,16 +422,12 @@ fn a_reply_behind_the_ehlo_reply_is_not_taken_for_the_answer_to_starttls() {
         &server,
         "a@origin.test",
         &["b@dest.test"],
-        "<early@t>",
+        message_id,
         "x\r\n",
     );
     let line = server.log_until(|l| l.contains("status=\"deferred\""));
-    assert!(
-        line.contains("a reply came after the EHLO reply, which no command asked for"),
-        "{line}"
-    );
-    assert!(!asked.load(Ordering::SeqCst), "STARTTLS was sent");
-    assert_eq!(server.log_count(|l| l.contains("cleartext for an hour")), 0);
+    let asked = asked.load(Ordering::SeqCst);
+    (server, line, asked)
 }
 
 #[test]
@@ -420,44 +435,14 @@ fn a_421_behind_the_ehlo_reply_ends_the_session_before_anything_else_goes() {
     // The next hop writes a 421 behind its EHLO reply (it is closing). Before, STARTTLS (or
     // MAIL, where no STARTTLS is offered) went out and took the 421 for its answer. It is the
     // session's end, said before any command follows: a host refusing the session.
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    for offered in [
-        "250-scripted.test\r\n250 STARTTLS\r\n",
-        "250 scripted.test\r\n",
+    for ehlo in [
+        "250-scripted.test\r\n250 STARTTLS\r\n421 4.3.2 scripted.test going away\r\n",
+        "250 scripted.test\r\n421 4.3.2 scripted.test going away\r\n",
     ] {
-        let asked = std::sync::Arc::new(AtomicUsize::new(0));
-        let seen = asked.clone();
-        let ehlo: &'static str =
-            Box::leak(format!("{offered}421 4.3.2 scripted.test going away\r\n").into_boxed_str());
-        let (port, _stored, _) = scripted_next_hop(
-            move |_, line| {
-                if line.starts_with("EHLO") {
-                    Some(Act::Say(ehlo))
-                } else if line.starts_with("STARTTLS") || line.starts_with("MAIL") {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    Some(Act::Say("421 4.3.2 told you\r\n"))
-                } else {
-                    None
-                }
-            },
-            Act::Say("250 2.0.0 taken\r\n"),
-        );
-        let route = format!("dest.test=127.0.0.1:{port}");
-        let server = Server::start(&["--route", &route]);
-        send(
-            &server,
-            "a@origin.test",
-            &["b@dest.test"],
-            "<closing@t>",
-            "x\r\n",
-        );
-        let line = server.log_until(|l| l.contains("status=\"deferred\""));
-        assert!(line.contains("going away"), "{offered}: {line}");
-        assert_eq!(
-            asked.load(Ordering::SeqCst),
-            0,
-            "{offered}: a command was sent"
-        );
+        let (_server, line, asked) =
+            deferred_after_ehlo(ehlo, "421 4.3.2 told you\r\n", "<closing@t>");
+        assert!(line.contains("going away"), "{ehlo}: {line}");
+        assert_eq!(asked, 0, "{ehlo}: a command was sent");
     }
 }
 
