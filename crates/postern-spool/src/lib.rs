@@ -51,7 +51,7 @@ pub use meta::{
     START_PER_RECIPIENT,
 };
 pub use queue_id::{is_queue_id, owner_core, MAX_CORES};
-pub use recover::{recover, CutOffMessage, RecordLocation, Recovered, RecoveredMessage};
+pub use recover::{recover, CutOffMessage, ReadError, RecordLocation, Recovered, RecoveredMessage};
 pub use segment::create_private_dir;
 
 /// The core whose directory has this name: its number exactly as postern writes it (`3`, not

@@ -30,6 +30,60 @@ impl ReadMap {
         MmapOptions::new().map_raw_read_only(file).map(ReadMap)
     }
 
+    /// Maps `file` read-only up to its first octet that cannot be read, found by reading the
+    /// file through first (recovery's maps): a page the disk cannot give back (a media error)
+    /// raises `SIGBUS` when touched through a mapping, which ends the process, and at every
+    /// start again. A read error shows instead, and the map ends before it. With the mapping
+    /// comes where the read failed (page aligned, as reads go) and why, if it did.
+    ///
+    /// The read goes through the page cache that the mapping then finds filled: the file is
+    /// read from the disk once either way.
+    pub(crate) fn readable(file: &File) -> io::Result<(ReadMap, Option<(u64, io::Error)>)> {
+        use std::os::unix::fs::FileExt;
+        /// How much is read at a time; a failed read is gone over again a page at a time.
+        const CHUNK: usize = 1 << 20;
+        const PAGE: usize = 4096;
+        let len = file.metadata()?.len();
+        let mut buf = vec![0u8; CHUNK.min(usize::try_from(len).unwrap_or(CHUNK)).max(PAGE)];
+        let mut at = 0u64;
+        let mut failed = None;
+        'read: while at < len {
+            let want = buf
+                .len()
+                .min(usize::try_from(len - at).unwrap_or(usize::MAX));
+            match file.read_at(&mut buf[..want], at) {
+                // Shorter now than its length was: the map ends where the file does.
+                Ok(0) => break,
+                Ok(n) => at += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    // Where in this stretch: the pages before the bad one are read. (Should
+                    // the error not come again, the rest is read a page at a time.)
+                    let why = loop {
+                        let want = PAGE.min(usize::try_from(len - at).unwrap_or(PAGE));
+                        match file.read_at(&mut buf[..want], at) {
+                            Ok(0) => break 'read,
+                            Ok(n) => at += n as u64,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) => break e,
+                        }
+                        if at >= len {
+                            break 'read;
+                        }
+                    };
+                    failed = Some((at, why));
+                    break;
+                }
+            }
+        }
+        let map_len = usize::try_from(at).map_err(io::Error::other)?;
+        let map = MmapOptions::new()
+            .len(map_len)
+            .map_raw_read_only(file)
+            .map(ReadMap)?;
+        Ok((map, failed))
+    }
+
     /// An anonymous read-only mapping holding `bytes` (a body made in memory, see
     /// [`crate::MessageRef::from_bytes`]).
     pub(crate) fn holding(bytes: &[u8]) -> io::Result<ReadMap> {

@@ -89,6 +89,15 @@ pub struct CutOffMessage {
     pub damage: RecordLocation,
 }
 
+/// A segment file that could not be read past `at` (its offset: page aligned).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadError {
+    /// Where the read failed.
+    pub at: RecordLocation,
+    /// The error the read gave.
+    pub error: String,
+}
+
 /// What recovery found.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -122,6 +131,10 @@ pub struct Recovered {
     /// whose header is bad or names another core or number. The messages whose records lay there are lost and counted nowhere else; the
     /// figure gives their scale (it may hold space never written).
     pub unread_octets: u64,
+    /// Segment files that could not be read to their end (a media error: the disk could not
+    /// give a page back): where the read failed, and why. Each is damage too (in
+    /// `corrupt_at`, with what was past it in `unread_octets`): the scan stops there.
+    pub read_errors: Vec<ReadError>,
     /// Status records whose message was not found (already reclaimed, or lost).
     pub orphan_statuses: u64,
     /// Messages found whole more than once (copied forward, the old place not yet deleted):
@@ -160,6 +173,7 @@ impl Recovered {
             damaged_at,
             cut_off,
             unread_octets,
+            read_errors,
             orphan_statuses,
             newest_id_micros,
             segments,
@@ -180,6 +194,7 @@ impl Recovered {
         self.damaged_at.extend(damaged_at);
         self.cut_off.extend(cut_off);
         self.unread_octets += unread_octets;
+        self.read_errors.extend(read_errors);
         self.orphan_statuses += orphan_statuses;
         self.newest_id_micros = self.newest_id_micros.max(newest_id_micros);
         self.segments += segments;
@@ -260,14 +275,30 @@ pub fn recover(root: &Path) -> Result<Recovered, SpoolError> {
 
 /// Whether a segment file has a valid header and not one record: a segment made ahead (the
 /// spare) or opened by a run that wrote nothing to it. It holds nothing to keep.
+///
+/// Only the header and the first record's length word are looked at, read (not mapped: a
+/// page the disk cannot give back would end the process through a mapping). One that cannot
+/// be read holds something as far as this says: recovery reports it.
 pub(crate) fn segment_holds_nothing(path: &Path) -> Result<bool, SpoolError> {
+    use std::os::unix::fs::FileExt;
     let file = File::open(path).map_err(SpoolError::at(path))?;
-    let map = ReadMap::new(&file).map_err(SpoolError::at(path))?;
-    let data = map.range(0, map.len());
+    let len = file.metadata().map_err(SpoolError::at(path))?.len();
+    let mut head = [0u8; HEADER + RECORD_HEADER];
+    let mut n = 0;
+    while n < head.len() {
+        match file.read_at(&mut head[n..], n as u64) {
+            Ok(0) => break,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    let data = &head[..n];
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
     Ok(match header(data) {
         // A sealed segment held records, whatever its first length word says now.
         Header::Valid { salt, size } => {
-            !cut_short(data.len(), size)
+            !cut_short(len, size)
                 && sealed_end(data, salt).is_none_or(|end| end <= HEADER)
                 && marked_end(data, salt).is_none_or(|end| end <= HEADER)
                 && data
@@ -380,7 +411,23 @@ fn scan_core(
                 }
                 Err(e) => return Err(SpoolError::at(&path)(e)),
             };
-            let map = Arc::new(ReadMap::new(&file).map_err(SpoolError::at(&path))?);
+            // Read through before it is mapped: a page the disk cannot give back would end
+            // the process through the mapping (SIGBUS), at every start; read, it is an error,
+            // and the map stops before it.
+            let file_len = file.metadata().map_err(SpoolError::at(&path))?.len();
+            let (map, failed) = ReadMap::readable(&file).map_err(SpoolError::at(&path))?;
+            let map = Arc::new(map);
+            let read_failed = failed.is_some();
+            if let Some((offset, error)) = failed {
+                out.read_errors.push(ReadError {
+                    at: RecordLocation {
+                        core,
+                        segment: seq,
+                        offset,
+                    },
+                    error: error.to_string(),
+                });
+            }
             // A newer postern's segment is not damage to set aside: nothing is read or
             // changed, and the start (or the listing) ends here, saying so.
             if let Header::Newer(found) = header(map.range(0, map.len())) {
@@ -399,6 +446,8 @@ fn scan_core(
                 statuses: &mut *statuses,
                 out: &mut *out,
                 durable_to: 0,
+                file_len,
+                read_failed,
             };
             scan.segment();
             #[cfg(test)]
@@ -586,6 +635,10 @@ struct Scan<'a> {
     out: &'a mut Recovered,
     /// Where the segment's seal or mark says its records were durable to (0: neither).
     durable_to: usize,
+    /// The segment file's length; more than the map's where a read failed.
+    file_len: u64,
+    /// Whether the map ends at a read error rather than at the file's end.
+    read_failed: bool,
 }
 
 impl Scan<'_> {
@@ -615,7 +668,7 @@ impl Scan<'_> {
             Header::Bad | Header::Newer(_) => {
                 self.corrupt(0);
                 if matches!(header(data), Header::Bad) {
-                    self.out.unread_octets += data.len() as u64;
+                    self.out.unread_octets += self.file_len.max(data.len() as u64);
                 }
                 return;
             }
@@ -633,7 +686,7 @@ impl Scan<'_> {
         );
         if made_as != (self.core, self.seq) {
             self.corrupt(0);
-            self.out.unread_octets += data.len() as u64;
+            self.out.unread_octets += self.file_len.max(data.len() as u64);
             return;
         }
         self.out.segments += 1;
@@ -746,9 +799,11 @@ impl Scan<'_> {
         }
         // A file shorter than it was made lost what was past its end to damage, not to a
         // crash (its size is reserved before it gets its name): damage where it ends, unless
-        // already reported at the record the cut went through.
-        if cut_short(data.len(), size) {
-            self.out.unread_octets += size - data.len() as u64;
+        // already reported at the record the cut went through. So did a file that could not
+        // be read past where its map ends (a media error).
+        if cut_short(data.len(), size) || self.read_failed {
+            let made = if size == 0 { self.file_len } else { size };
+            self.out.unread_octets += made.saturating_sub(data.len() as u64);
             if !overrun {
                 self.corrupt(data.len());
             }

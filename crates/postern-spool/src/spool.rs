@@ -1898,15 +1898,18 @@ fn segment_is_blank(path: &Path) -> Result<bool, SpoolError> {
     // The header and the first record's first: what nearly every segment is ruled out by.
     let mut file = File::open(path).map_err(SpoolError::at(path))?;
     let mut head = Vec::with_capacity(HEADER + RECORD_HEADER);
-    (&mut file)
+    // One that cannot be read is not blank as far as this says: recovery reports it.
+    if (&mut file)
         .take((HEADER + RECORD_HEADER) as u64)
         .read_to_end(&mut head)
-        .map_err(SpoolError::at(path))?;
-    if header(&head) != Header::Blank {
+        .is_err()
+        || header(&head) != Header::Blank
+    {
         return Ok(false);
     }
-    let map = crate::map::ReadMap::new(&file).map_err(SpoolError::at(path))?;
-    Ok(header(map.range(0, map.len())) == Header::Blank)
+    // Read through, not touched through a mapping where a page may not come back.
+    let (map, failed) = crate::map::ReadMap::readable(&file).map_err(SpoolError::at(path))?;
+    Ok(failed.is_none() && header(map.range(0, map.len())) == Header::Blank)
 }
 
 /// A segment freed by [`Spool::reclaim`] and handed out ([`Spool::take_unlinks`]) to be

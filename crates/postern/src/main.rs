@@ -1317,6 +1317,19 @@ fn recover_and_report(
              messages there are lost too; look at the disk"
         );
     }
+    // A disk that cannot give pages back: said apart from other damage, with the error.
+    for e in recovered.read_errors.iter().take(10) {
+        tracing::warn!(
+            at = %format_args!(
+                "core {} segment {} offset {}",
+                e.at.core, e.at.segment, e.at.offset
+            ),
+            error = %e.error,
+            "a segment file could not be read past this offset (the disk gave an error, as \
+             for a bad sector): what lies past it is counted in unread_octets and not \
+             delivered; the file is kept as it is; look at the disk"
+        );
+    }
     // By name, each: the sender may be owed word that a message it was told was queued
     // will not arrive.
     for c in recovered.cut_off.iter().take(CUT_OFF_LOGGED) {

@@ -500,6 +500,14 @@ fn listing(spool: &Path, json: bool) -> Result<(String, String), String> {
             recovered.unread_octets
         );
     }
+    for e in &recovered.read_errors {
+        let _ = writeln!(
+            note,
+            "-- core {} segment {} could not be read past offset {} ({}): the disk gave an \
+             error there",
+            e.at.core, e.at.segment, e.at.offset, e.error
+        );
+    }
     if postern_spool::fold_pending(spool) {
         let _ = writeln!(
             note,

@@ -485,3 +485,72 @@ fn an_operator_deletion_is_logged_once_it_is_durable() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("deleted {id}\n"));
 }
+
+#[test]
+fn a_segment_the_disk_cannot_read_is_reported_and_the_mail_before_it_kept() {
+    // Three messages in one segment, the second's body over several pages; then a page in
+    // the middle of that body can no longer be read (a bad sector). Read through the mapping,
+    // it would end the server at every start (SIGBUS).
+    let (disk, spool, mut server, mut c, first) = started(&[]);
+    let body = format!(
+        "Subject: two\r\n\r\n{}",
+        ("marker-two ".to_owned() + &"z".repeat(987) + "\r\n").repeat(40)
+    );
+    let second = send(&mut c, "two@d.test", &body);
+    assert!(second.starts_with("250 2.0.0"), "{second}");
+    let third = send(&mut c, "three@d.test", "Subject: three\r\n\r\nthird\r\n");
+    assert!(third.starts_with("250 2.0.0"), "{third}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    assert!(server.terminate().success());
+
+    // The segment holding them, and a page well inside the second body.
+    let (segment, bytes) = std::fs::read_dir(spool.join("0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .find(|(_, b)| b.windows(10).any(|w| w == b"marker-two"))
+        .expect("no segment holds the second message");
+    let at = bytes.windows(10).position(|w| w == b"marker-two").unwrap() as u64;
+    let bad = (at / 4096 + 3) * 4096;
+    let name = segment.file_name().unwrap().to_str().unwrap().to_owned();
+    disk.fail_reads_of(&name, bad);
+
+    // The server starts, says where the disk failed, and keeps the first message.
+    let server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let seq = name.trim_end_matches(".seg").trim_start_matches('0');
+    let said = server.log_until(|l| l.contains("could not be read past this offset"));
+    assert!(
+        said.contains(&format!("segment {seq} offset {bad}")) && said.contains("error"),
+        "{said}"
+    );
+    // The second message began before the bad page and its end lies past it: named.
+    let cut = server.log_until(|l| l.contains("has no end"));
+    assert!(cut.contains(&queue_id(&second)), "{cut}");
+
+    // The listing says the same, and holds the first message alone.
+    let (code, out, err) =
+        common::run_bounded(&["queue", "--spool", spool.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<&str> = out.lines().collect();
+    assert_eq!(listed.len(), 1, "{out}");
+    assert!(listed[0].contains(&queue_id(&first)), "{out}");
+    assert!(
+        err.contains(&format!(
+            "segment {seq} could not be read past offset {bad}"
+        )),
+        "{err}"
+    );
+    let (code, shown, err) = common::run_bounded(&[
+        "queue",
+        "--spool",
+        spool.to_str().unwrap(),
+        "--show",
+        &queue_id(&first),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(shown.ends_with("Subject: one\r\n\r\nfirst\r\n"), "{shown}");
+    drop(server);
+}

@@ -755,6 +755,17 @@ impl FaultyFs {
         }
     }
 
+    /// From now on every read of the file called `name` (in any directory) that reaches the
+    /// 4096 octets from `offset` fails with `EIO`, as over a bad sector. Reads of a file open
+    /// before this may still be served from the page cache; one opened after is read anew.
+    pub fn fail_reads_of(&self, name: &str, offset: u64) {
+        std::fs::write(
+            self.control.with_extension("reads"),
+            format!("{name} {offset}"),
+        )
+        .unwrap();
+    }
+
     /// From now on every write under the mount fails with `EIO` (`false`: they work again).
     pub fn fail_writes(&self, on: bool) {
         Self::switch(&self.control.with_extension("writes"), on);

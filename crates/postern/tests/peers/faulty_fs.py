@@ -7,7 +7,7 @@ that reports an error.
 Every operation is done on the same path under ROOT. While the file CONTROL exists, every
 fsync and fdatasync of a file under MOUNTPOINT fails with EIO (the error a disk's failed
 write-back gives), after doing nothing (only those of the file named as CONTROL says, when
-it holds a name; with ENOSPC, a full disk's error, when it starts with `ENOSPC:`); while CONTROL.writes exists, so does every write; while CONTROL.hang exists, every fsync waits (with FAULTY_FS_THREADS=1 set, the rest goes on meanwhile). Runs in the foreground until unmounted. Needs root
+it holds a name; with ENOSPC, a full disk's error, when it starts with `ENOSPC:`); while CONTROL.writes exists, so does every write; while CONTROL.reads holds a file name and an offset, so does every read of that page of that file; while CONTROL.hang exists, every fsync waits (with FAULTY_FS_THREADS=1 set, the rest goes on meanwhile). Runs in the foreground until unmounted. Needs root
 and fusepy (with libfuse 2).
 """
 
@@ -103,6 +103,17 @@ class Faulty(Operations):
         return os.open(self._path(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
 
     def read(self, path, size, offset, fh):
+        # While CONTROL.reads holds "NAME OFFSET", a read of a file called NAME that reaches
+        # the 4096 octets from OFFSET fails with EIO (a bad sector).
+        try:
+            with open(self.control + ".reads") as f:
+                name, bad = f.read().split()
+        except FileNotFoundError:
+            name = None
+        if name is not None and os.path.basename(path) == name:
+            bad = int(bad)
+            if offset < bad + 4096 and offset + size > bad:
+                raise FuseOSError(errno.EIO)
         return os.pread(fh, size, offset)
 
     def write(self, path, data, offset, fh):
