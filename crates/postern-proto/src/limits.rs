@@ -6,12 +6,12 @@ pub const MAX_COMMAND_LINE: usize = 512;
 /// parameters (RFC 3461 4: 500 for NOTIFY and ORCPT on RCPT, 100 for RET and ENVID on MAIL,
 /// here 500 for both).
 pub const DSN_LINE_EXTRA: usize = 500;
-/// Longest reply line the client side reads, CRLF included. RFC 5321 4.5.3.1 asks for as few
-/// limits as can be, and some servers write long reply lines; beyond [`MAX_REPLY_LINE`] the
-/// text is cut. A line past this is an error, and the transaction's outcome unknown: the
-/// message is sent again, so a next hop that answers a body with a long line would get it at
-/// every retry; the bound is therefore the outbound connection's read buffer (16 KiB), not
-/// what a reply line should be.
+/// Longest reply line the client side holds whole, CRLF included: a longer one has its start
+/// kept and its tail skipped as it arrives (never buffered), and is read like any other.
+/// RFC 5321 4.5.3.1 asks for as few limits as can be, and some servers write long reply
+/// lines; beyond [`MAX_REPLY_LINE`] the text is cut. Taken as an error, a long line to a
+/// body would leave the transaction's outcome unknown and the message sent again at every
+/// retry.
 pub const MAX_REPLY_LINE_READ: usize = 16 * 1024;
 /// Longest reply line, CRLF included (RFC 5321 4.5.3.1.5).
 pub const MAX_REPLY_LINE: usize = 512;

@@ -150,9 +150,6 @@ pub enum ReplyError {
     /// The lines of one multi-line reply carried different codes: the first, then the other.
     #[error("reply code changed inside a multi-line reply ({0}, then {1})")]
     InconsistentCode(u16, u16),
-    /// A line longer than the reply line cap.
-    #[error("reply line too long")]
-    LineTooLong,
     /// More lines in one reply than [`MAX_REPLY_LINES_READ`]: a server that sends
     /// continuation lines without end would hold the client reading them until its timeout.
     #[error("reply of more than {MAX_REPLY_LINES_READ} lines")]
@@ -190,6 +187,9 @@ pub struct ReplyParser {
     lines_read: usize,
     /// Blank lines read since the last reply.
     blank_lines: usize,
+    /// The start of a line longer than the framer takes, while its tail is skipped: read as
+    /// a line of its own (its text cut, as any long line's) once its line feed has come.
+    long_line: Option<Vec<u8>>,
 }
 
 impl Default for ReplyParser {
@@ -230,6 +230,7 @@ impl ReplyParser {
             partial: None,
             lines_read: 0,
             blank_lines: 0,
+            long_line: None,
         }
     }
 
@@ -237,37 +238,57 @@ impl ReplyParser {
     pub fn parse(&mut self, input: &[u8]) -> ParsedReply {
         let mut pos = 0;
         loop {
-            match self.framer.next_line(&input[pos..]) {
-                Frame::Incomplete { consumed } => {
-                    return ParsedReply::Incomplete {
-                        consumed: pos + consumed,
+            // An overlong line is a line like any other (RFC 5321 4.5.3.1 asks a client to
+            // take what it can; a server that answers a body with one would otherwise get
+            // the message again at every retry): its start is kept, its tail skipped, and it
+            // is read once its line feed has come, never before (what follows it in the
+            // stream must not be taken for a reply of its own).
+            let long = match self.long_line.take() {
+                Some(head) => {
+                    pos += self.framer.skip_tail(&input[pos..]);
+                    if !self.framer.at_line_start() {
+                        self.long_line = Some(head);
+                        return ParsedReply::Incomplete { consumed: pos };
+                    }
+                    Some(head)
+                }
+                None => None,
+            };
+            let (line, consumed) = match long.as_deref() {
+                Some(head) => (head, 0),
+                None => match self.framer.next_line(&input[pos..]) {
+                    Frame::Incomplete { consumed } => {
+                        return ParsedReply::Incomplete {
+                            consumed: pos + consumed,
+                        }
+                    }
+                    Frame::TooLong { head, consumed } if !self.framer.at_line_start() => {
+                        // The tail still to come: skipped as it does.
+                        self.long_line = Some(head[..head.len().min(MAX_REPLY_LINE)].to_vec());
+                        pos += consumed;
+                        continue;
+                    }
+                    Frame::TooLong { head, consumed } => {
+                        (&head[..head.len().min(MAX_REPLY_LINE)], consumed)
+                    }
+                    Frame::Line { line, consumed } => (line, consumed),
+                },
+            };
+            pos += consumed;
+            match self.line(line) {
+                Ok(Some(reply)) => {
+                    return ParsedReply::Complete {
+                        reply,
+                        consumed: pos,
                     }
                 }
-                Frame::TooLong { consumed, .. } => {
+                Ok(None) => {}
+                Err(error) => {
                     self.partial = None;
                     return ParsedReply::Error {
-                        error: ReplyError::LineTooLong,
-                        consumed: pos + consumed,
+                        error,
+                        consumed: pos,
                     };
-                }
-                Frame::Line { line, consumed } => {
-                    pos += consumed;
-                    match self.line(line) {
-                        Ok(Some(reply)) => {
-                            return ParsedReply::Complete {
-                                reply,
-                                consumed: pos,
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(error) => {
-                            self.partial = None;
-                            return ParsedReply::Error {
-                                error,
-                                consumed: pos,
-                            };
-                        }
-                    }
                 }
             }
         }
@@ -457,17 +478,61 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_line_past_what_is_read_is_an_error() {
-        let mut line = b"250 ".to_vec();
-        line.extend(std::iter::repeat_n(b'y', MAX_REPLY_LINE_READ));
+    fn a_reply_line_past_what_is_read_is_taken_with_its_text_cut() {
+        // Whole in one read, and as it comes over many, the reply after it read apart.
+        let mut line = b"250 2.0.0 ".to_vec();
+        line.extend(std::iter::repeat_n(b'y', 3 * MAX_REPLY_LINE_READ));
         line.extend_from_slice(b"\r\n");
+        let mut input = line.clone();
+        input.extend_from_slice(b"221 2.0.0 bye\r\n");
+        let ParsedReply::Complete { reply, consumed } = parse_all(&input) else {
+            panic!("not read");
+        };
+        assert_eq!((reply.code, consumed), (250, line.len()));
+        assert!(reply.lines[0].starts_with("yyy") && reply.lines[0].len() <= MAX_REPLY_LINE);
         assert!(matches!(
-            parse_all(&line),
-            ParsedReply::Error {
-                error: ReplyError::LineTooLong,
-                ..
-            }
+            parse_all(&input[consumed..]),
+            ParsedReply::Complete { reply, .. } if reply.code == 221
         ));
+        for piece in [1000, 4096, MAX_REPLY_LINE_READ - 1, MAX_REPLY_LINE_READ + 7] {
+            let mut p = ReplyParser::new();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut replies = Vec::new();
+            for chunk in input.chunks(piece) {
+                buf.extend_from_slice(chunk);
+                loop {
+                    match p.parse(&buf) {
+                        ParsedReply::Complete { reply, consumed } => {
+                            buf.drain(..consumed);
+                            replies.push(reply);
+                        }
+                        ParsedReply::Incomplete { consumed } => {
+                            buf.drain(..consumed);
+                            break;
+                        }
+                        ParsedReply::Error { error, .. } => panic!("{error}"),
+                    }
+                }
+                // Never more than a read's worth held.
+                assert!(buf.len() <= MAX_REPLY_LINE_READ + piece, "{}", buf.len());
+            }
+            let codes: Vec<u16> = replies.iter().map(|r| r.code).collect();
+            assert_eq!(codes, [250, 221], "pieces of {piece}");
+            assert!(replies[0].lines[0].starts_with("yyy"));
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_inside_a_multi_line_reply_keeps_the_reply_whole() {
+        let mut input = b"250-first\r\n250-".to_vec();
+        input.extend(std::iter::repeat_n(b'z', 2 * MAX_REPLY_LINE_READ));
+        input.extend_from_slice(b"\r\n250 last\r\n");
+        let ParsedReply::Complete { reply, consumed } = parse_all(&input) else {
+            panic!("not read");
+        };
+        assert_eq!(consumed, input.len());
+        assert_eq!(reply.lines.len(), 3, "{reply:?}");
+        assert_eq!(reply.lines[2], "last");
     }
 
     #[test]

@@ -153,6 +153,22 @@ fn a_long_reply_line_to_the_data_is_read_and_the_message_delivered_once() {
     stored.recv_timeout(Duration::from_secs(10)).unwrap();
 }
 
+#[test]
+fn a_reply_line_longer_than_a_read_to_the_data_is_taken_and_the_message_delivered_once() {
+    // Past what the client holds of a line (16 KiB), the line's start is kept and its tail
+    // skipped: still the answer to the message, on every kind of next hop. Taken as an
+    // error, the message was sent again at every retry.
+    let long: &'static str = Box::leak(format!("250 2.0.0 {}\r\n", "y".repeat(40_000)).into());
+    for (ehlo, extra) in EACH_KIND_OF_NEXT_HOP {
+        let (port, stored, _) = scripted_next_hop(
+            move |_, line| line.starts_with("EHLO").then_some(Act::Say(ehlo)),
+            Act::Say(long),
+        );
+        let outcome = sent_once(port, extra, &stored, "<longer@t>");
+        assert!(outcome.contains("250 2.0.0 yyy"), "{outcome}");
+    }
+}
+
 /// Next hops of each kind a reply is read from, by their EHLO reply, with postern's extra
 /// flags: PIPELINING and CHUNKING (the end of a BDAT body, for a message alone and in a
 /// pipelined batch), PIPELINING alone (a pipelined DATA), and neither (a DATA sent a command
