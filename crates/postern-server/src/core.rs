@@ -64,8 +64,12 @@ const MAX_RECIPIENTS_DELETED: u32 = 100_000;
 /// Relay refusals logged per second and core.
 const REFUSALS_LOGGED: u32 = 20;
 
-/// Requests kept for a core that never takes them (an ID of no core of this run).
-const MAX_DELETIONS_WAITING: usize = 10_000;
+/// Requests kept for cores that have not taken them yet: as many as `postern queue
+/// --delete` asks at once ([`MAX_DELETIONS_ASKED`]), several commands' worth.
+const MAX_DELETIONS_WAITING: usize = 4 * MAX_DELETIONS_ASKED;
+
+/// The most queue IDs one `postern queue --delete` asks to delete.
+pub const MAX_DELETIONS_ASKED: usize = 1_000_000;
 
 impl Deletions {
     /// Asks the cores to delete these messages (queue ID, recipients).
@@ -73,8 +77,18 @@ impl Deletions {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         waiting.extend(ids);
         let over = waiting.len().saturating_sub(MAX_DELETIONS_WAITING);
-        waiting.drain(..over);
+        let dropped: Vec<String> = waiting.drain(..over).map(|(id, _)| id).collect();
         drop(waiting);
+        if let Some(first) = dropped.first() {
+            // Never silently: the commands that asked wait for them and say they were not
+            // deleted, pointing at this log.
+            tracing::warn!(
+                dropped = dropped.len(),
+                first = %first,
+                "deletion requests past {MAX_DELETIONS_WAITING} waiting for their cores: the \
+                 oldest are not acted on"
+            );
+        }
         self.asked.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -27,7 +27,7 @@ mod turns;
 mod watchdog;
 
 pub use config::{Settings, TlsFiles};
-pub use core::{log_due_at, Deletions, StopFlag};
+pub use core::{log_due_at, Deletions, StopFlag, MAX_DELETIONS_ASKED};
 pub use error::StartError;
 pub use postern_spool::DirLock;
 pub use received::rfc5322_date;

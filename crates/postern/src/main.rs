@@ -1067,6 +1067,7 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut asked = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let Ok(entries) = std::fs::read_dir(spool) else {
         return asked;
     };
@@ -1128,7 +1129,7 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
                 tracing::warn!("{}: a line that is no request: {line:?}", shown.display());
                 continue;
             };
-            if asked.iter().any(|(known, _)| known == id) {
+            if !seen.insert(id.to_owned()) {
                 continue;
             }
             match postern_spool::owner_core(id) {
@@ -1144,8 +1145,9 @@ fn deletion_requests(spool: &std::path::Path, cores: usize) -> Vec<(String, u32)
     asked
 }
 
-/// The most bytes read of one deletion request.
-const DELETION_REQUEST_MAX: u64 = 1 << 20;
+/// The most bytes read of one deletion request: [`postern_server::MAX_DELETIONS_ASKED`] lines
+/// of a queue ID and a count, with room to spare.
+const DELETION_REQUEST_MAX: u64 = postern_server::MAX_DELETIONS_ASKED as u64 * 64;
 
 /// A deletion request older than this (its command waits 10 s) is not acted on.
 const DELETION_REQUEST_STALE: std::time::Duration = std::time::Duration::from_secs(30);

@@ -6,6 +6,7 @@
 //! checked (length and CRC) before it is believed, so such a record is passed over like a
 //! torn tail, and the listing is a snapshot that may miss the message it belongs to.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -160,11 +161,19 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     if ids.iter().any(String::is_empty) {
         return Err("--delete: an empty queue ID; nothing was deleted".to_owned());
     }
-    let now = queued(spool)?;
+    if ids.len() > postern_server::MAX_DELETIONS_ASKED {
+        return Err(format!(
+            "--delete: {} queue IDs, more than the {} one command deletes; nothing was \
+             deleted (give them in several commands)",
+            ids.len(),
+            postern_server::MAX_DELETIONS_ASKED
+        ));
+    }
+    let now: HashMap<String, u32> = queued(spool)?.into_iter().collect();
     let (mut asked, mut missing) = (Vec::new(), Vec::new());
     for id in &ids {
-        match now.iter().find(|(q, _)| q == id) {
-            Some(found) => asked.push(found.clone()),
+        match now.get(id) {
+            Some(&n) => asked.push((id.clone(), n)),
             None => missing.push(id.clone()),
         }
     }
@@ -180,7 +189,11 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
     if asked.is_empty() {
         return Err(format!("{}; nothing was deleted", not_queued(&missing)));
     }
-    ids.retain(|id| !missing.contains(id));
+    {
+        let missing: HashSet<&String> = missing.iter().collect();
+        ids.retain(|id| !missing.contains(id));
+    }
+    let wanted: HashSet<&String> = ids.iter().collect();
     // What the others came to (on stdout, as when every ID was queued), then those not
     // queued, named: exit 1.
     let with_missing = |outcome: Result<String, String>| {
@@ -215,10 +228,13 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
         let _ = std::fs::remove_file(&request);
         return Err(format!("cannot signal postern (pid {raw}): {e}"));
     }
-    let deadline = std::time::Instant::now() + DELETE_WAIT;
+    // Each look reads the whole spool, and the server records each deletion: more time for
+    // more of them.
+    let wait = DELETE_WAIT + std::time::Duration::from_millis(ids.len() as u64);
+    let deadline = std::time::Instant::now() + wait;
     // How each message that left the queue ended, where a look saw it final before its
     // space was reclaimed: deleted (true), or delivered or failed first (false).
-    let mut ended_as: Vec<(String, bool)> = Vec::new();
+    let mut ended_as: HashMap<String, bool> = HashMap::new();
     loop {
         let left: Vec<&String> = {
             let (now, done) = match look(spool) {
@@ -233,13 +249,12 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
                 }
             };
             for (id, deleted) in done {
-                if ids.contains(&id) && !ended_as.iter().any(|(known, _)| *known == id) {
-                    ended_as.push((id, deleted));
+                if wanted.contains(&id) {
+                    ended_as.entry(id).or_insert(deleted);
                 }
             }
-            ids.iter()
-                .filter(|id| now.iter().any(|(q, _)| q == *id))
-                .collect()
+            let now: HashSet<&String> = now.iter().map(|(q, _)| q).collect();
+            ids.iter().filter(|id| now.contains(id)).collect()
         };
         if left.is_empty() {
             return with_missing(deletion_outcome(&ids, &ended_as));
@@ -256,12 +271,12 @@ fn delete(spool: &Path, ids: &[String]) -> Result<String, String> {
             } else if withdrawn {
                 format!(
                     "postern (pid {raw}) did not take the request within {}s (withdrawn) for",
-                    DELETE_WAIT.as_secs()
+                    wait.as_secs()
                 )
             } else {
                 format!(
                     "postern (pid {raw}) has not deleted within {}s",
-                    DELETE_WAIT.as_secs()
+                    wait.as_secs()
                 )
             };
             return with_missing(Err(format!("{what} {}; its log says why", left.join(", "))));
@@ -283,13 +298,13 @@ fn deleted_by_operator(statuses: &[Option<Status>]) -> bool {
 /// seen final ended (deleted or not). A message delivered or failed before its core took the
 /// request was not deleted: said, with exit 1. One whose space was reclaimed before a look
 /// saw it final left the queue one way or the other; the server's log says which.
-fn deletion_outcome(ids: &[String], ended_as: &[(String, bool)]) -> Result<String, String> {
+fn deletion_outcome(ids: &[String], ended_as: &HashMap<String, bool>) -> Result<String, String> {
     let mut out = String::new();
     let mut not_deleted = Vec::new();
     for id in ids {
-        match ended_as.iter().find(|(known, _)| known == id) {
-            Some((_, true)) => out.push_str(&format!("deleted {id}\n")),
-            Some((_, false)) => not_deleted.push(id.as_str()),
+        match ended_as.get(id) {
+            Some(true) => out.push_str(&format!("deleted {id}\n")),
+            Some(false) => not_deleted.push(id.as_str()),
             None => out.push_str(&format!(
                 "{id} left the queue (deleted, or delivered first: the server's log says which)\n"
             )),
@@ -786,11 +801,15 @@ mod tests {
         assert!(deleted_by_operator(&deleted));
         assert!(!deleted_by_operator(&delivered));
         let ids = ["A".to_owned(), "B".to_owned(), "C".to_owned()];
-        let all = deletion_outcome(&ids[..1], &[("A".into(), true)]).unwrap();
+        let all = deletion_outcome(&ids[..1], &HashMap::from([("A".into(), true)])).unwrap();
         assert_eq!(all, "deleted A\n");
-        let unseen = deletion_outcome(&ids[2..], &[]).unwrap();
+        let unseen = deletion_outcome(&ids[2..], &HashMap::new()).unwrap();
         assert!(unseen.starts_with("C left the queue"), "{unseen}");
-        let mixed = deletion_outcome(&ids, &[("A".into(), true), ("B".into(), false)]).unwrap_err();
+        let mixed = deletion_outcome(
+            &ids,
+            &HashMap::from([("A".into(), true), ("B".into(), false)]),
+        )
+        .unwrap_err();
         assert!(mixed.starts_with("deleted A\nC left the queue"), "{mixed}");
         assert!(mixed.ends_with("not deleted: B had every recipient's outcome (delivered or failed) before the request was taken"), "{mixed}");
     }

@@ -1167,3 +1167,52 @@ fn a_next_attempt_brought_forward_by_a_restart_s_settings_is_listed_as_it_will_b
     // Kept in the spool: a listing of the stopped server says the same.
     assert_eq!(next_attempt(&queue_listing(&server.spool)), listed);
 }
+
+#[test]
+fn one_deletion_of_more_than_ten_thousand_messages_deletes_them_all() {
+    // A purge of a spam run: every ID given is deleted, the first ones too (a cap of 10,000
+    // requests waiting for their cores dropped the oldest, and the command then waited and
+    // failed, the log silent).
+    const N: usize = 10_050;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let server = Server::start_in(&[], spool.clone(), None);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let mut ids = Vec::with_capacity(N);
+    for batch in (0..N).collect::<Vec<_>>().chunks(250) {
+        let mut pipelined = String::new();
+        for _ in batch {
+            pipelined.push_str(
+                "MAIL FROM:<a@origin.test>\r\nRCPT TO:<b@dest.test>\r\nBDAT 3 LAST\r\nx\r\n",
+            );
+        }
+        c.send(pipelined.as_bytes());
+        for _ in batch {
+            assert!(c.line().starts_with("250"));
+            assert!(c.line().starts_with("250"));
+            let reply = c.line();
+            assert!(reply.starts_with("250 2.0.0"), "{reply}");
+            ids.push(common::queue_id(&reply));
+        }
+    }
+    assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
+    let mut delete = Command::new(env!("CARGO_BIN_EXE_postern"));
+    delete.args(["queue", "--spool"]).arg(&spool);
+    for id in &ids {
+        delete.args(["--delete", id]);
+    }
+    let (code, out, err) = common::run_command_within(delete, Duration::from_secs(120));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), N, "{err}");
+    for id in [&ids[0], &ids[N / 2], &ids[N - 1]] {
+        assert!(out.contains(&format!("deleted {id}\n")), "{id}");
+    }
+    assert!(listed(&spool).is_empty());
+    assert_eq!(
+        server.log_count(|l| l.contains("deleted by the operator")),
+        N
+    );
+    drop(server);
+}
