@@ -467,12 +467,14 @@ type Signals = signal_hook::iterator::SignalsInfo<signal_hook::iterator::exfiltr
 /// request, not a second one that hurries the stop.
 const SAME_STOP: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The signals `serve` takes over: the stop (TERM, INT), HUP, USR1 and USR2 for their
-/// chores, and ALRM, which a stray `kill -ALRM` (or a library's alarm) would otherwise turn
-/// into an abrupt end of the server by its default action: it is logged and ignored.
-const HANDLED_SIGNALS: [libc::c_int; 6] = [
+/// The signals `serve` takes over: the stop (TERM, INT, and QUIT, a terminal's Ctrl-\, whose
+/// default action would end the server abruptly, without its 421s), HUP, USR1 and USR2 for
+/// their chores, and ALRM, which a stray `kill -ALRM` (or a library's alarm) would otherwise
+/// turn into an abrupt end of the server by its default action: it is logged and ignored.
+const HANDLED_SIGNALS: [libc::c_int; 7] = [
     libc::SIGTERM,
     libc::SIGINT,
+    libc::SIGQUIT,
     libc::SIGHUP,
     libc::SIGUSR1,
     libc::SIGUSR2,
@@ -548,7 +550,9 @@ fn spawn_signal_thread(
     cores: usize,
     drain_time: std::time::Duration,
 ) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+    // SIGQUIT stops as SIGTERM does.
+    let stops = |signal| signal == SIGTERM || signal == SIGINT || signal == SIGQUIT;
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -588,7 +592,7 @@ fn spawn_signal_thread(
             for origin in signals.forever() {
                 let signal = origin.signal;
                 let sender = origin.process.map(|p| p.pid).filter(|&pid| pid > 0);
-                if signal == SIGTERM || signal == SIGINT {
+                if stops(signal) {
                     // `timeout(1)` signals the process and then its process group, so a stop
                     // comes twice, microseconds apart, from one sender, and the second would
                     // cut the grace short. A second from the same process (not the terminal's
@@ -609,7 +613,7 @@ fn spawn_signal_thread(
                 }
                 // The drain's end began the stop: the next signal hurries it.
                 asked_to_stop |= drained && stop.is_stopping();
-                let stop_signal = signal == SIGTERM || signal == SIGINT;
+                let stop_signal = stops(signal);
                 // Not while the server starts (a stop then ends the start before it takes
                 // mail), nor once it stops (a core failed).
                 let running = launch
@@ -652,7 +656,7 @@ fn spawn_signal_thread(
                     }
                     // No thread to end it: the stop begins now.
                 }
-                if (signal == SIGTERM || signal == SIGINT) && !asked_to_stop {
+                if stop_signal && !asked_to_stop {
                     asked_to_stop = true;
                     stop.stop();
                     tracing::info!(
@@ -661,7 +665,7 @@ fn spawn_signal_thread(
                     );
                     continue;
                 }
-                if (signal == SIGTERM || signal == SIGINT) && !hurried {
+                if stop_signal && !hurried {
                     hurried = true;
                     stop.hurry();
                     tracing::warn!(
@@ -670,7 +674,7 @@ fn spawn_signal_thread(
                     );
                     continue;
                 }
-                if signal == SIGTERM || signal == SIGINT {
+                if stop_signal {
                     // What is left of a hurried stop waits on the disk (a last sync, a
                     // spool on a file system that hangs): the operator ends it. Mail
                     // acknowledged is on disk; outcomes not yet synced are lost, and

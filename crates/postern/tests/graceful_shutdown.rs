@@ -1,4 +1,4 @@
-//! SIGTERM: no new connections, idle sessions get 421, a body in flight is finished and
+//! SIGTERM (SIGINT, SIGQUIT): no new connections, idle sessions get 421, a body in flight is finished and
 //! acknowledged, the spool is synced, exit status 0.
 #![allow(clippy::unwrap_used)]
 
@@ -11,6 +11,19 @@ use common::{queue_id, spooled, Server};
 
 #[test]
 fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
+    finishes_in_flight_and_says_421_to_idle_sessions("-TERM");
+}
+
+#[test]
+fn sigquit_stops_as_sigterm_does() {
+    // A terminal's Ctrl-\: by its default action the server would end at once, its sessions
+    // told nothing.
+    finishes_in_flight_and_says_421_to_idle_sessions("-QUIT");
+}
+
+/// The stop at `signal`: the body being sent is finished and acknowledged, then 421, as an
+/// idle session gets at once; no new connections, exit status 0.
+fn finishes_in_flight_and_says_421_to_idle_sessions(signal: &str) {
     let mut server = Server::start(&["--cores", "1"]);
     let mut idle = server.connect();
     idle.line();
@@ -19,7 +32,7 @@ fn sigterm_finishes_the_transaction_in_flight_and_says_421_to_idle_sessions() {
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
 
     // Ask the server to stop while the body is half sent.
-    server.signal("-TERM");
+    server.signal(signal);
 
     assert_eq!(
         idle.line(),
@@ -404,9 +417,9 @@ fn only_the_signal_thread_takes_the_signals_the_server_handles() {
     // The kernel gives a signal sent to the process to any thread that does not block it: one
     // waiting on a disk without interruption would hold it pending. Every thread but the
     // signal thread (the log's writer, the cores, their helpers, the signal chores) blocks
-    // SIGHUP, SIGINT, SIGUSR1, SIGUSR2, SIGALRM and SIGTERM.
+    // SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM and SIGTERM.
     let server = Server::start(&[]);
-    let handled: u64 = [1u32, 2, 10, 12, 14, 15]
+    let handled: u64 = [1u32, 2, 3, 10, 12, 14, 15]
         .iter()
         .map(|s| 1u64 << (s - 1))
         .sum();
