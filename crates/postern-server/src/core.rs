@@ -347,8 +347,8 @@ impl Core {
         }
         if delivery.is_none() {
             // With nothing delivering (--hold), no delivery side counts the recipients that
-            // failed: counted here, as the delivery side counts those it stops.
-            self.metrics.borrow_mut().failed += u64::from(stopped);
+            // were deleted: counted here, as the delivery side counts those it stops.
+            self.metrics.borrow_mut().deleted += u64::from(stopped);
         }
         let core = self.clone();
         let queue_id = queue_id.to_owned();

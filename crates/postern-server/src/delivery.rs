@@ -187,6 +187,7 @@ impl CoreHandle {
             Outcome::Delivered => m.delivered += 1,
             Outcome::Deferred => m.deferred += 1,
             Outcome::Failed => m.failed += 1,
+            Outcome::Deleted => m.deleted += 1,
             Outcome::Bounced => m.bounces += 1,
         }
     }
@@ -211,6 +212,8 @@ pub enum Outcome {
     Deferred,
     /// A recipient failed for good.
     Failed,
+    /// A recipient was deleted by the operator before its outcome.
+    Deleted,
     /// A bounce was made.
     Bounced,
 }

@@ -179,6 +179,8 @@ pub struct CoreMetrics {
     pub deferred: u64,
     /// Recipients failed for good (permanent failure or expiry).
     pub failed: u64,
+    /// Recipients deleted by the operator (`postern queue --delete`) before their outcome.
+    pub deleted: u64,
     /// Bounces (DSNs) made.
     pub bounces: u64,
     /// Waiting messages copied forward in the spool, so that the segments they kept could go.
@@ -215,6 +217,7 @@ impl Default for CoreMetrics {
             delivered: 0,
             deferred: 0,
             failed: 0,
+            deleted: 0,
             bounces: 0,
             copied_forward: 0,
             drafts_moved: 0,
@@ -285,6 +288,7 @@ impl CoreMetrics {
         self.delivered += other.delivered;
         self.deferred += other.deferred;
         self.failed += other.failed;
+        self.deleted += other.deleted;
         self.bounces += other.bounces;
         self.copied_forward += other.copied_forward;
         self.drafts_moved += other.drafts_moved;
@@ -542,6 +546,11 @@ pub fn render(m: &CoreMetrics) -> String {
             "postern_recipients_failed_total",
             "Recipients failed for good (permanent failure or expiry).",
             m.failed,
+        ),
+        (
+            "postern_recipients_deleted_total",
+            "Recipients deleted by the operator (postern queue --delete) before they were delivered or failed: no attempt and no report made for them.",
+            m.deleted,
         ),
         (
             "postern_bounces_total",

@@ -470,7 +470,7 @@ fn an_operator_deletion_is_logged_once_it_is_durable() {
     // The core has taken the request (its recipient counted as failed, its statuses
     // appended); their sync cannot end while the disk hangs. A line logged after the signal
     // below comes after any the deletion logged meanwhile (one writer, in order).
-    server.metrics_until(|m| m.contains("postern_recipients_failed_total 1\n"));
+    server.metrics_until(|m| m.contains("postern_recipients_deleted_total 1\n"));
     server.signal("-HUP");
     server.log_until(|l| l.contains("SIGHUP: nothing to read again"));
     assert_eq!(

@@ -1147,10 +1147,10 @@ impl Delivery for CoreRelay {
         t.msg.deleted.store(true, Ordering::Release);
         self.relay.deletions.fetch_add(1, Ordering::AcqRel);
         self.publish_depth();
-        // Failed for good, by the operator: counted with the other failures (those waiting
-        // for their bounce were counted when they failed).
+        // Deleted by the operator: counted apart from the failures, which an alert may watch
+        // (those waiting for their bounce were counted when they failed).
         for _ in 0..t.pending {
-            self.handle.count_outcome(Outcome::Failed);
+            self.handle.count_outcome(Outcome::Deleted);
         }
         Some(t.pending)
     }
