@@ -29,9 +29,6 @@ pub(crate) const HEADER_TIMEOUT_LEAST: Duration = Duration::from_secs(3);
 /// plain TCP health check, not a failure.
 pub(crate) const CLOSED_BEFORE_A_BYTE: &str = "closed before a byte";
 
-/// How long to wait before looking again at a header that came in pieces.
-const PIECE_WAIT: Duration = Duration::from_millis(5);
-
 /// What a header says of the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Proxied {
@@ -132,29 +129,59 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
 
 /// Reads the header a connection from a load balancer begins with, and nothing after it (an
 /// implicit-TLS client's hello may follow in the same packet), by `deadline`.
+///
+/// Each look at the socket (a peek) is followed by taking the octets that belong to the
+/// header: all of them while it is not whole (they cannot be anything else), the rest of it
+/// once it is. So a header that comes in pieces is never looked at again before more of it
+/// comes: the next peek waits for the network, and sees a close or a reset as it comes.
 pub(crate) async fn read_header(tcp: &mut TcpStream, deadline: Instant) -> Result<Proxied, String> {
+    let mut header: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; MAX_HEADER];
     loop {
+        // `parse` refuses an unfinished header of MAX_HEADER octets: there is room.
+        let room = MAX_HEADER.saturating_sub(header.len()).max(1);
         let left = deadline.saturating_duration_since(Instant::now());
-        let peeked = crate::runtime::within(left, tcp.peek(&mut buf)).await;
+        let peeked = crate::runtime::within(left, tcp.peek(&mut buf[..room])).await;
         let n = match peeked {
-            None => return Err("no PROXY header in time".into()),
-            Some(Err(e)) => return Err(format!("reading the PROXY header: {e}")),
-            Some(Ok(0)) => return Err(CLOSED_BEFORE_A_BYTE.into()),
+            None if header.is_empty() => return Err("no PROXY header in time".into()),
+            None => return Err("no whole PROXY header in time".into()),
+            Some(Err(e)) => {
+                let e = std::io::Error::from(e);
+                // A reset with nothing sent is a health check too (some end theirs so).
+                if header.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset {
+                    return Err(CLOSED_BEFORE_A_BYTE.into());
+                }
+                return Err(format!("reading the PROXY header: {e}"));
+            }
+            Some(Ok(0)) if header.is_empty() => return Err(CLOSED_BEFORE_A_BYTE.into()),
+            Some(Ok(0)) => {
+                return Err(format!(
+                    "closed after {} octets of a PROXY header",
+                    header.len()
+                ))
+            }
             Some(Ok(n)) => n,
         };
-        if let Some((proxied, len)) = parse(&buf[..n])? {
-            tcp.read_exact(&mut buf[..len])
-                .await
-                .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        let before = header.len();
+        header.extend_from_slice(&buf[..n]);
+        let take = match parse(&header)? {
+            // What of this look is the header's: a header is longer than any part of it
+            // found unfinished before.
+            Some((proxied, len)) => match len.checked_sub(before) {
+                Some(take) if take <= n => Ok((proxied, take)),
+                _ => return Err("not a PROXY header (its length changed)".into()),
+            },
+            None => Err(n),
+        };
+        let len = match take {
+            Ok((_, take)) | Err(take) => take,
+        };
+        tcp.read_exact(&mut buf[..len])
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if let Ok((proxied, _)) = take {
             return Ok(proxied);
         }
-        // In pieces (the protocol asks for one, but a network may split it): a peek would
-        // see the same octets again at once, so the next look waits a little.
-        if Instant::now() + PIECE_WAIT >= deadline {
-            return Err("no whole PROXY header in time".into());
-        }
-        glommio::timer::sleep(PIECE_WAIT).await;
     }
 }
 

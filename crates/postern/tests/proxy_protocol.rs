@@ -57,6 +57,11 @@ fn v2(source: Option<std::net::Ipv6Addr>) -> Vec<u8> {
 fn transaction(c: &mut Client) -> (String, String) {
     let banner = c.line();
     assert!(banner.starts_with("220 mx.test"), "{banner}");
+    transaction_after_banner(c)
+}
+
+/// [`transaction`] once the banner was read.
+fn transaction_after_banner(c: &mut Client) -> (String, String) {
     c.send(b"EHLO client.test\r\n");
     c.reply();
     assert_eq!(c.cmd("MAIL FROM:<a@client.test>"), "250 2.1.0 Ok");
@@ -194,6 +199,61 @@ fn a_connection_from_the_load_balancer_without_a_valid_header_is_closed_unanswer
     let m = server.metrics_until(|m| m.contains("postern_connections_total 1\n"));
     assert!(m.contains("postern_proxy_header_failures_total 3\n"), "{m}");
     assert!(m.contains("postern_connections_refused_total 0\n"), "{m}");
+}
+
+#[test]
+fn a_header_that_comes_in_pieces_is_taken_whole_and_what_follows_it_is_smtp() {
+    // The protocol asks for the header in one piece; a network may split it. Each piece is
+    // taken as it comes (the next look at the socket waits for more), and the SMTP sent
+    // behind the last one, in the same packet, is the session's.
+    let server = proxied_server(&["--cores", "1"]);
+    let client: std::net::Ipv6Addr = "2001:db8::9".parse().unwrap();
+    let v2 = v2(Some(client));
+    let v1 = v1("192.0.2.9");
+    for (header, cuts, address) in [
+        (&v1, &[6usize, 20][..], "[192.0.2.9]"),
+        (&v2, &[5, 16, 30][..], "[IPv6:2001:db8::9]"),
+    ] {
+        let mut c = through(&server, [127, 0, 0, 1], &header[..cuts[0]]);
+        c.stream.set_nodelay(true).unwrap();
+        let mut pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &header[w[0]..w[1]]).collect();
+        pieces.push(&header[*cuts.last().unwrap()..]);
+        for (i, piece) in pieces.iter().enumerate() {
+            // Apart, as a network's pieces come (what is checked does not hang on it).
+            std::thread::sleep(Duration::from_millis(30));
+            let mut bytes = piece.to_vec();
+            if i + 1 == pieces.len() {
+                bytes.extend_from_slice(b"NOOP\r\n");
+            }
+            c.send(&bytes);
+        }
+        assert!(c.line().starts_with("220 mx.test"));
+        assert_eq!(c.line(), "250 2.0.0 Ok");
+        let (_, id) = transaction_after_banner(&mut c);
+        let trace = received(&server, &id);
+        assert!(trace.contains(address), "{trace}");
+    }
+}
+
+#[test]
+fn a_balancer_that_closes_within_its_header_is_let_go_at_once() {
+    // The close is seen as it comes, not at the header's deadline (10 s), and the log says
+    // what happened.
+    let server = proxied_server(&["--cores", "1"]);
+    let c = through(&server, [127, 0, 0, 1], b"PROXY TCP4 192.0.2.7 ");
+    let started = Instant::now();
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut c = c;
+    let mut got = Vec::new();
+    let _ = c.stream.read_to_end(&mut got);
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let said = server.log_until(|l| l.contains("connection closed: closed after"));
+    assert!(said.contains("21 octets of a PROXY header"), "{said}");
 }
 
 #[test]
