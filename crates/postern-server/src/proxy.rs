@@ -50,6 +50,10 @@ pub(crate) enum Proxied {
 /// The twelve octets a version 2 header begins with.
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
+/// A version 2 header's fixed part: the signature, the version and command, the family and
+/// transport, and the length of what follows.
+const V2_FIXED: usize = 16;
+
 /// Reads the header at the start of `input`: the header and its length once it is whole,
 /// None while more is needed, or why it is not one that can be taken.
 pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
@@ -62,6 +66,15 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
             return Err(format!("no end to a PROXY line within {V1_MAX} octets"));
         }
         return Ok(None);
+    }
+    // A version 2 LOCAL (the balancer's own connection) is taken whatever its address block
+    // holds: the protocol has the receiver skip that block, family and all, by its length.
+    if input.len() >= V2_FIXED && input.starts_with(V2_SIGNATURE) && input[12] == 0x20 {
+        let len = V2_FIXED + usize::from(u16::from_be_bytes([input[14], input[15]]));
+        if len > MAX_HEADER {
+            return Err(format!("a PROXY header of {len} octets"));
+        }
+        return Ok((input.len() >= len).then_some((Proxied::Local, len)));
     }
     // Past version 2's signature the header is judged as version 2 alone: the crate's own
     // dispatch tries a bad one again as version 1 and would give that parser's reason.
@@ -107,8 +120,12 @@ pub(crate) fn parse(input: &[u8]) -> Result<Option<(Proxied, usize)>, String> {
             if h.len() > MAX_HEADER {
                 return Err(format!("a PROXY header of {} octets", h.len()));
             }
+            // An unspecified transport (the family byte's low half 0): the protocol has the
+            // receiver ignore the addresses.
+            let transport_unspecified = input[13] & 0x0f == 0;
             let proxied = match (h.command, h.addresses) {
                 (v2::Command::Local, _) => Proxied::Local,
+                (v2::Command::Proxy, _) if transport_unspecified => Proxied::Unknown,
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Proxied::Client {
                     source: SocketAddr::from((a.source_address, a.source_port)),
                     destination: SocketAddr::from((a.destination_address, a.destination_port)),
@@ -247,6 +264,40 @@ mod tests {
         assert_eq!(parse(&local).unwrap(), Some((Proxied::Local, 16)));
         let unspecified = v2(0x21, 0x00, &[], &[]);
         assert_eq!(parse(&unspecified).unwrap(), Some((Proxied::Unknown, 16)));
+    }
+
+    #[test]
+    fn a_version_2_local_is_taken_whatever_its_address_block_and_unspecified_transport_names_no_one(
+    ) {
+        // LOCAL: the block is skipped by its length, family and all (an unknown family 0x41,
+        // an IPv6 family with a 12-octet block), and what follows is left.
+        for (family, block) in [
+            (0x41u8, vec![7u8; 5]),
+            (0x21, vec![0u8; 12]),
+            (0x13, vec![]),
+        ] {
+            let mut h = v2(0x20, family, &block, &[]);
+            let len = h.len();
+            assert_eq!(parse(&h[..len - 1]).unwrap(), None, "{family:x}");
+            h.extend_from_slice(b"EHLO x\r\n");
+            assert_eq!(
+                parse(&h).unwrap(),
+                Some((Proxied::Local, len)),
+                "{family:x}"
+            );
+        }
+        // PROXY of an IPv4 family over an unspecified transport (0x10): no client is named.
+        let mut addrs = vec![192, 0, 2, 7, 198, 51, 100, 1];
+        addrs.extend_from_slice(&40000u16.to_be_bytes());
+        addrs.extend_from_slice(&25u16.to_be_bytes());
+        let h = v2(0x21, 0x10, &addrs, &[]);
+        assert_eq!(parse(&h).unwrap(), Some((Proxied::Unknown, h.len())));
+        // Over a stream (0x11), it is.
+        let h = v2(0x21, 0x11, &addrs, &[]);
+        assert!(matches!(
+            parse(&h).unwrap(),
+            Some((Proxied::Client { .. }, _))
+        ));
     }
 
     #[test]
