@@ -115,8 +115,45 @@ pub fn bdat(data: &[u8]) {
     assert_eq!(d.remaining(), 0);
 }
 
-/// The reply parser never panics and consumes what it reports.
+/// The replies (code and lines) a parser with a line cap of `cap` finds in `pieces` read one
+/// after another, up to and with the first error.
+fn replies_in(cap: usize, pieces: &[&[u8]]) -> Vec<Result<(u16, Vec<String>), String>> {
+    let mut p = ReplyParser::with_line_cap(cap);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    for piece in pieces {
+        buf.extend_from_slice(piece);
+        loop {
+            match p.parse(&buf) {
+                ParsedReply::Complete { reply, consumed } => {
+                    buf.drain(..consumed);
+                    out.push(Ok((reply.code, reply.lines)));
+                }
+                ParsedReply::Incomplete { consumed } => {
+                    buf.drain(..consumed);
+                    break;
+                }
+                ParsedReply::Error { error, .. } => {
+                    out.push(Err(error.to_string()));
+                    return out;
+                }
+            }
+            // Never more than the cap's worth of one line held, and the piece just read.
+            assert!(buf.len() <= cap + piece.len());
+        }
+    }
+    out
+}
+
+/// The reply parser never panics and consumes what it reports; with a small line cap, the
+/// replies found do not depend on how the input was cut into reads (overlong lines
+/// included).
 pub fn reply(data: &[u8]) {
+    let (input, cut) = split(data);
+    let whole = replies_in(64, &[input]);
+    assert_eq!(whole, replies_in(64, &[&input[..cut], &input[cut..]]));
+    let bytewise: Vec<&[u8]> = input.chunks(1).collect();
+    assert_eq!(whole, replies_in(64, &bytewise));
     let mut p = ReplyParser::new();
     let mut pos = 0;
     while pos < data.len() {
@@ -355,6 +392,23 @@ mod tests {
             b"\x40..\r\n.\r\r.\r\n\r\n.\r\n",
             b"",
         ];
+        // Overlong reply lines (past the fuzz target's cap of 64), in and out of a multi-line
+        // reply, cut in the middle of one: the same replies however the reads fall.
+        let long = format!(
+            "\x60250-{}\r\n250 {}\r\n421 {}\r\n250 ok\r\n",
+            "a".repeat(100),
+            "b".repeat(70),
+            " ".repeat(300)
+        );
+        reply(long.as_bytes());
+        assert_eq!(
+            replies_in(64, &[&long.as_bytes()[1..]]),
+            [
+                Ok((250, vec!["a".repeat(60), "b".repeat(60)])),
+                Ok((421, vec![" ".repeat(60)])),
+                Ok((250, vec!["ok".to_owned()])),
+            ]
+        );
         for seed in seeds {
             framer(seed);
             command(seed);

@@ -225,8 +225,14 @@ pub enum ParsedReply {
 impl ReplyParser {
     /// A parser expecting the first line of a reply.
     pub fn new() -> Self {
+        Self::with_line_cap(MAX_REPLY_LINE_READ)
+    }
+
+    /// A parser holding lines of at most `cap` octets whole (the fuzz target's small one
+    /// reaches the long-line path with short inputs).
+    pub(crate) fn with_line_cap(cap: usize) -> Self {
         Self {
-            framer: LineFramer::new(MAX_REPLY_LINE_READ),
+            framer: LineFramer::new(cap),
             partial: None,
             lines_read: 0,
             blank_lines: 0,
@@ -264,12 +270,12 @@ impl ReplyParser {
                     }
                     Frame::TooLong { head, consumed } if !self.framer.at_line_start() => {
                         // The tail still to come: skipped as it does.
-                        self.long_line = Some(head[..head.len().min(MAX_REPLY_LINE)].to_vec());
+                        self.long_line = Some(head[..head.len().min(self.head_kept())].to_vec());
                         pos += consumed;
                         continue;
                     }
                     Frame::TooLong { head, consumed } => {
-                        (&head[..head.len().min(MAX_REPLY_LINE)], consumed)
+                        (&head[..head.len().min(self.head_kept())], consumed)
                     }
                     Frame::Line { line, consumed } => (line, consumed),
                 },
@@ -292,6 +298,12 @@ impl ReplyParser {
                 }
             }
         }
+    }
+
+    /// How much of an overlong line is kept: what a reply line may be, and never more than the
+    /// framer's cap (so that the same is kept however the line's reads fell).
+    fn head_kept(&self) -> usize {
+        MAX_REPLY_LINE.min(self.framer.max_line())
     }
 
     fn line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
