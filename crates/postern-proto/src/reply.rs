@@ -301,9 +301,10 @@ impl ReplyParser {
     }
 
     /// How much of an overlong line is kept: what a reply line may be, and never more than the
-    /// framer's cap (so that the same is kept however the line's reads fell).
+    /// framer's cap less a line end, so that the same is kept however the line's reads fell
+    /// (an overlong line holds at least that much before its CR LF, which is never kept).
     fn head_kept(&self) -> usize {
-        MAX_REPLY_LINE.min(self.framer.max_line())
+        MAX_REPLY_LINE.min(self.framer.max_line().saturating_sub(2))
     }
 
     fn line(&mut self, line: &[u8]) -> Result<Option<Reply>, ReplyError> {
