@@ -33,11 +33,14 @@ impl ReadMap {
     /// Maps `file` read-only up to its first octet that cannot be read, found by reading the
     /// file through first (recovery's maps): a page the disk cannot give back (a media error)
     /// raises `SIGBUS` when touched through a mapping, which ends the process, and at every
-    /// start again. A read error shows instead, and the map ends before it. With the mapping
-    /// comes where the read failed (page aligned, as reads go) and why, if it did.
+    /// start again. A read error shows instead. With the map comes where the read failed and
+    /// why, if it did.
     ///
-    /// The read goes through the page cache that the mapping then finds filled: the file is
-    /// read from the disk once either way.
+    /// A file read to its end is mapped (the read went through the page cache that the
+    /// mapping then finds filled). One that failed is not: what could be read before the
+    /// error is copied into memory and served from there, since a page cache that keeps
+    /// large folios may fault a good page back in with its bad neighbour, and a short read
+    /// may end inside a page; a damaged segment is rare, and no larger than a segment.
     pub(crate) fn readable(file: &File) -> io::Result<(ReadMap, Option<(u64, io::Error)>)> {
         use std::os::unix::fs::FileExt;
         /// How much is read at a time; a failed read is gone over again a page at a time.
@@ -77,11 +80,37 @@ impl ReadMap {
             }
         }
         let map_len = usize::try_from(at).map_err(io::Error::other)?;
-        let map = MmapOptions::new()
-            .len(map_len)
-            .map_raw_read_only(file)
-            .map(ReadMap)?;
-        Ok((map, failed))
+        if failed.is_none() || map_len == 0 {
+            let map = MmapOptions::new()
+                .len(map_len)
+                .map_raw_read_only(file)
+                .map(ReadMap)?;
+            return Ok((map, failed));
+        }
+        // Read again into memory (from the page cache, as just read); should it fail now, the
+        // copy ends there.
+        let mut copy = vec![0u8; map_len];
+        let mut got = 0;
+        while got < map_len {
+            match file.read_at(&mut copy[got..], got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        copy.truncate(got);
+        if got == 0 {
+            let map = MmapOptions::new()
+                .len(0)
+                .map_raw_read_only(file)
+                .map(ReadMap)?;
+            return Ok((map, failed));
+        }
+        Ok((
+            ReadMap::holding(&copy)?,
+            failed.map(|(_, why)| (got as u64, why)),
+        ))
     }
 
     /// An anonymous read-only mapping holding `bytes` (a body made in memory, see

@@ -660,6 +660,12 @@ impl Scan<'_> {
         let data = self.map.range(0, self.map.len());
         let (salt, size) = match header(data) {
             Header::Valid { salt, size } => (salt, size),
+            // Zeros up to a read error are no blank segment: what lay past them is not known.
+            Header::Blank if self.read_failed => {
+                self.corrupt(0);
+                self.out.unread_octets += self.file_len.saturating_sub(data.len() as u64);
+                return;
+            }
             Header::Blank => {
                 self.out.unused_segments += 1;
                 return;
@@ -801,7 +807,13 @@ impl Scan<'_> {
         // crash (its size is reserved before it gets its name): damage where it ends, unless
         // already reported at the record the cut went through. So did a file that could not
         // be read past where its map ends (a media error).
-        if cut_short(data.len(), size) || self.read_failed {
+        // (A read error past a sealed segment's end, in space never written, loses nothing.)
+        let cut = if self.read_failed {
+            sealed.is_none()
+        } else {
+            cut_short(data.len(), size)
+        };
+        if cut {
             let made = if size == 0 { self.file_len } else { size };
             self.out.unread_octets += made.saturating_sub(data.len() as u64);
             if !overrun {
