@@ -294,8 +294,13 @@ impl Core {
     /// Deletes a message of this core's spool for the operator: its delivery drops it, each
     /// recipient is recorded as failed (no report is made: a failed status on disk means the
     /// report was made), and once that is durable the message is forgotten and its space
-    /// reclaimed. An ID this spool does not hold leaves records nobody reads.
-    pub(crate) fn delete(self: &Rc<Self>, queue_id: &str, recipients: u32) {
+    /// reclaimed. An ID this spool does not hold leaves records nobody reads. The task that
+    /// waits for the records to be durable, where there is one.
+    pub(crate) fn delete(
+        self: &Rc<Self>,
+        queue_id: &str,
+        recipients: u32,
+    ) -> Option<glommio::Task<()>> {
         if !self.store.is_live(queue_id) {
             // Delivered (or deleted) since the listing the request came from: nothing to
             // record, and no deletion to log.
@@ -303,7 +308,7 @@ impl Core {
                 queue_id = %queue_id,
                 "not deleted: no longer queued (delivered or deleted since it was listed)"
             );
-            return;
+            return None;
         }
         // The count comes from the request (the listing's): bounded, against a forged one,
         // by the most a message may have.
@@ -323,7 +328,7 @@ impl Core {
                         queue_id = %queue_id,
                         "not deleted: no longer queued (every recipient has its outcome)"
                     );
-                    return;
+                    return None;
                 }
             },
             None => recipients,
@@ -352,7 +357,7 @@ impl Core {
         }
         let core = self.clone();
         let queue_id = queue_id.to_owned();
-        glommio::spawn_local(async move {
+        Some(glommio::spawn_local(async move {
             // As for a message settled by its delivery: forgotten even when the records could
             // not be made durable, or its segments, and every later one, would stay. Logged
             // as deleted once that is durable: before, a restart could still deliver it.
@@ -374,8 +379,25 @@ impl Core {
             if let Err(e) = core.store.mark_final(&queue_id) {
                 core.spool_error("reclaiming segments", &e);
             }
-        })
-        .detach();
+        }))
+    }
+
+    /// Deletes `batch` for the operator, a few hundred messages at a time: between them the
+    /// core's sessions run, and the tasks waiting for the records to be durable stay few
+    /// however many messages a request names.
+    async fn delete_all(self: Rc<Self>, batch: Vec<(String, u32)>) {
+        /// Messages deleted before their records are waited for.
+        const AT_ONCE: usize = 256;
+        for chunk in batch.chunks(AT_ONCE) {
+            let waiting: Vec<_> = chunk
+                .iter()
+                .filter_map(|(queue_id, recipients)| self.delete(queue_id, *recipients))
+                .collect();
+            for t in waiting {
+                t.await;
+            }
+            glommio::yield_if_needed().await;
+        }
     }
 
     /// Whether new transactions may start: the spool below its high-water mark (this core's
@@ -573,8 +595,11 @@ pub(crate) async fn watch(core: Rc<Core>, flag: Arc<StopFlag>) {
         let asked = core.deletions.asked.load(Ordering::Acquire);
         if asked != deletions_seen {
             deletions_seen = asked;
-            for (queue_id, recipients) in core.deletions.take_for(core.id) {
-                core.delete(&queue_id, recipients);
+            let batch = core.deletions.take_for(core.id);
+            // By a task of its own: a disk that hangs holds the deletions, not this watch
+            // (the stop must still be heard).
+            if !batch.is_empty() {
+                glommio::spawn_local(core.clone().delete_all(batch)).detach();
             }
         }
         if ticks % PUBLISH_EVERY == 0 {

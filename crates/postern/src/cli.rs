@@ -84,8 +84,10 @@ pub(crate) struct Queue {
     #[arg(long, conflicts_with = "json")]
     pub(crate) flush: bool,
     /// Instead of listing, delete these queued messages (queue IDs, repeatable or comma
-    /// separated): the postern serving this spool records their recipients as failed, sends
-    /// no report, and forgets them. Waits up to 10 s for them to leave the queue.
+    /// separated; `-` reads more from standard input, separated by blanks, commas or lines,
+    /// for a purge larger than a command line holds; up to 1,000,000 at once): the postern
+    /// serving this spool records their recipients as failed, sends no report, and forgets
+    /// them. Waits up to 10 s (and 1 ms more for each ID) for them to leave the queue.
     #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = queue_id_arg,
           conflicts_with_all = ["json", "flush"])]
     pub(crate) delete: Vec<String>,
@@ -367,9 +369,26 @@ pub(crate) fn unknown_variables() -> Vec<String> {
     unknown
 }
 
-/// A queue ID for `--delete`: a wrong flag (exit 2) when empty, whatever the spool holds.
+/// A queue ID for `--delete`, or `-` (standard input): a wrong flag (exit 2) when empty,
+/// whatever the spool holds.
 fn queue_id_arg(s: &str) -> Result<String, String> {
+    if s.trim() == "-" {
+        return Ok("-".to_owned());
+    }
     queue_id_then(s, "; nothing was deleted")
+}
+
+/// The queue IDs `--delete -` reads from `input` (separated by blanks, commas or lines), or
+/// a line naming the first that is not one.
+pub(crate) fn queue_ids_from(input: &str) -> Result<Vec<String>, String> {
+    input
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            queue_id_then(w, "; nothing was deleted")
+                .map_err(|e| format!("--delete - (standard input): {e}"))
+        })
+        .collect()
 }
 
 /// `--show`'s value: a queue ID.

@@ -42,7 +42,33 @@ pub(crate) fn run(q: &Queue) -> ExitCode {
     let result = if q.flush {
         flush(&q.spool).map(|text| (text, String::new()))
     } else if !q.delete.is_empty() {
-        delete(&q.spool, &q.delete).map(|text| (text, String::new()))
+        // `-`: the IDs on standard input too.
+        let mut ids: Vec<String> = q.delete.iter().filter(|id| *id != "-").cloned().collect();
+        if q.delete.iter().any(|id| id == "-") {
+            let mut input = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "postern: --delete -: standard input: {e}"
+                );
+                return ExitCode::from(2);
+            }
+            match crate::cli::queue_ids_from(&input) {
+                Ok(more) => ids.extend(more),
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "postern: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        if ids.is_empty() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "postern: --delete -: no queue ID on standard input; nothing was deleted"
+            );
+            return ExitCode::from(2);
+        }
+        delete(&q.spool, &ids).map(|text| (text, String::new()))
     } else {
         listing(&q.spool, q.json)
     };

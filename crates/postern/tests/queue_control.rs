@@ -1201,12 +1201,41 @@ fn one_deletion_of_more_than_ten_thousand_messages_deletes_them_all() {
         }
     }
     assert_eq!(c.cmd("QUIT"), "221 2.0.0 mx.test Bye");
-    let mut delete = Command::new(env!("CARGO_BIN_EXE_postern"));
-    delete.args(["queue", "--spool"]).arg(&spool);
-    for id in &ids {
-        delete.args(["--delete", id]);
+    // The first on the command line, the others on standard input (as a purge larger than a
+    // command line holds gives them), a line each or several to a line.
+    let mut stdin = String::new();
+    for (i, id) in ids[1..].iter().enumerate() {
+        stdin.push_str(id);
+        stdin.push_str(if i % 3 == 0 { "\n" } else { ", " });
     }
-    let (code, out, err) = common::run_command_within(delete, Duration::from_secs(120));
+    let run = |input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["queue", "--spool"])
+            .arg(&spool)
+            .args(["--delete", &ids[0], "--delete", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut to = child.stdin.take().unwrap();
+        let input = input.to_owned();
+        let writer =
+            std::thread::spawn(move || std::io::Write::write_all(&mut to, input.as_bytes()));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Something on standard input that is no queue ID: nothing is deleted.
+    let (code, _, err) = run(&format!("{stdin}not-an-id\n"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("'not-an-id' is not a queue ID"), "{err}");
+    assert_eq!(listed(&spool).len(), N);
+    let (code, out, err) = run(&stdin);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), N, "{err}");
     for id in [&ids[0], &ids[N / 2], &ids[N - 1]] {
