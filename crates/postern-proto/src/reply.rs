@@ -143,6 +143,9 @@ impl fmt::Display for Reply {
 /// a temporary failure of that connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplyError {
+    /// A line longer than [`MAX_REPLY_LINE_SKIPPED`]: a line without end.
+    #[error("reply line of more than {MAX_REPLY_LINE_SKIPPED} octets")]
+    LineTooLong,
     /// A line did not start with three digits (200 to 599) and a separator; the line as
     /// [`shown`] in reports and logs.
     #[error("malformed reply line {0}")]
@@ -175,6 +178,10 @@ fn shown(line: &[u8]) -> String {
     out
 }
 
+/// The longest reply line read (its start kept, the rest skipped) before it is taken for one
+/// without end: far past any server's, which RFC 5321 caps at 512 octets.
+pub const MAX_REPLY_LINE_SKIPPED: usize = 1 << 20;
+
 /// How much of a malformed reply line an error shows.
 const SHOWN_LINE: usize = 64;
 
@@ -190,6 +197,8 @@ pub struct ReplyParser {
     /// The start of a line longer than the framer takes, while its tail is skipped: read as
     /// a line of its own (its text cut, as any long line's) once its line feed has come.
     long_line: Option<Vec<u8>>,
+    /// Octets of that line read so far.
+    long_read: usize,
 }
 
 impl Default for ReplyParser {
@@ -237,6 +246,7 @@ impl ReplyParser {
             lines_read: 0,
             blank_lines: 0,
             long_line: None,
+            long_read: 0,
         }
     }
 
@@ -251,7 +261,18 @@ impl ReplyParser {
             // stream must not be taken for a reply of its own).
             let long = match self.long_line.take() {
                 Some(head) => {
-                    pos += self.framer.skip_tail(&input[pos..]);
+                    let skipped = self.framer.skip_tail(&input[pos..]);
+                    pos += skipped;
+                    self.long_read = self.long_read.saturating_add(skipped);
+                    if self.long_read > MAX_REPLY_LINE_SKIPPED {
+                        // A line without end: given up, as a reply of endless lines is,
+                        // rather than read until the reply's timeout.
+                        self.partial = None;
+                        return ParsedReply::Error {
+                            error: ReplyError::LineTooLong,
+                            consumed: pos,
+                        };
+                    }
                     if !self.framer.at_line_start() {
                         self.long_line = Some(head);
                         return ParsedReply::Incomplete { consumed: pos };
@@ -271,6 +292,7 @@ impl ReplyParser {
                     Frame::TooLong { head, consumed } if !self.framer.at_line_start() => {
                         // The tail still to come: skipped as it does.
                         self.long_line = Some(head[..head.len().min(self.head_kept())].to_vec());
+                        self.long_read = consumed;
                         pos += consumed;
                         continue;
                     }
@@ -532,6 +554,29 @@ mod tests {
             let codes: Vec<u16> = replies.iter().map(|r| r.code).collect();
             assert_eq!(codes, [250, 221], "pieces of {piece}");
             assert!(replies[0].lines[0].starts_with("yyy"));
+        }
+    }
+
+    #[test]
+    fn a_line_without_end_is_given_up_past_a_mebibyte() {
+        let mut p = ReplyParser::new();
+        let chunk = vec![b'y'; 64 * 1024];
+        assert!(matches!(p.parse(b"250 "), ParsedReply::Incomplete { .. }));
+        let mut read = 4;
+        loop {
+            match p.parse(&chunk) {
+                ParsedReply::Incomplete { consumed } => {
+                    assert_eq!(consumed, chunk.len());
+                    read += consumed;
+                    assert!(read <= MAX_REPLY_LINE_SKIPPED + chunk.len(), "{read}");
+                }
+                ParsedReply::Error { error, .. } => {
+                    assert_eq!(error, ReplyError::LineTooLong);
+                    assert!(read >= MAX_REPLY_LINE_SKIPPED - chunk.len(), "{read}");
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
