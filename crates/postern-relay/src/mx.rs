@@ -534,20 +534,47 @@ enum Found<T> {
     Failed(String),
 }
 
-/// Classifies a hickory lookup result, keeping the records `pick` selects.
+/// Classifies a hickory lookup result for `query`, keeping the records `pick` selects.
+///
+/// Only the records of the name asked about count, or of the names its CNAMEs in the answer
+/// lead to (RFC 1034 3.6.2, 5.3.3; RFC 2181 5.4.1): a name server (a forwarder, a spoofer)
+/// may put records of other names in the answer section, and an MX or an address of another
+/// name taken for this one sends its mail to a host the domain never named.
 fn classify<T>(
     result: Result<hickory_resolver::lookup::Lookup, NetError>,
+    query: &Name,
     pick: impl Fn(&RData) -> Option<T>,
 ) -> Found<T> {
     match result {
-        Ok(lookup) => Found::Records(
-            lookup
-                .answers()
-                .iter()
-                .filter_map(|r| pick(&r.data))
-                .collect(),
-            lookup.valid_until(),
-        ),
+        Ok(lookup) => {
+            let answers = lookup.answers();
+            let mut names = vec![query.clone()];
+            // A chain of CNAMEs, followed from the name asked about (bounded: a loop adds no
+            // name, and a chain is at most as long as the answer).
+            for _ in 0..answers.len() {
+                let next = answers.iter().find_map(|r| match &r.data {
+                    RData::CNAME(target)
+                        if names.iter().any(|n| n.eq_ignore_root(&r.name))
+                            && !names.iter().any(|n| n.eq_ignore_root(&target.0)) =>
+                    {
+                        Some(target.0.clone())
+                    }
+                    _ => None,
+                });
+                match next {
+                    Some(name) => names.push(name),
+                    None => break,
+                }
+            }
+            Found::Records(
+                answers
+                    .iter()
+                    .filter(|r| names.iter().any(|n| n.eq_ignore_root(&r.name)))
+                    .filter_map(|r| pick(&r.data))
+                    .collect(),
+                lookup.valid_until(),
+            )
+        }
         Err(e) if e.is_nx_domain() => Found::NxDomain,
         Err(e) if e.is_no_records_found() => Found::NoData,
         Err(e) => Found::Failed(e.to_string()),
@@ -562,7 +589,7 @@ async fn lookup(
 ) -> Result<MxHops, MxError> {
     let name = fqdn(domain).ok_or(MxError::NoSuchDomain)?;
     let mx = resolver.lookup(name.clone(), RecordType::MX).await;
-    let (records, mx_until) = match classify(mx, |data| match data {
+    let (records, mx_until) = match classify(mx, &name, |data| match data {
         RData::MX(mx) => Some((mx.preference, mx.exchange.clone())),
         _ => None,
     }) {
@@ -862,33 +889,34 @@ async fn addresses(resolver: &TokioResolver, host: Name) -> Addresses {
         wait_in_full: bool,
         grace: Duration,
         other: F,
+        host: &Name,
         pick: impl Fn(&RData) -> Option<IpAddr>,
     ) -> Found<IpAddr>
     where
         F: std::future::Future<Output = Result<hickory_resolver::lookup::Lookup, NetError>> + Unpin,
     {
         if wait_in_full {
-            classify(other.await, pick)
+            classify(other.await, host, pick)
         } else {
             match tokio::time::timeout(grace, other).await {
-                Ok(answer) => classify(answer, pick),
+                Ok(answer) => classify(answer, host, pick),
                 Err(_) => Found::NoData,
             }
         }
     }
     let a = resolver.lookup(host.clone(), RecordType::A);
-    let aaaa = resolver.lookup(host, RecordType::AAAA);
+    let aaaa = resolver.lookup(host.clone(), RecordType::AAAA);
     tokio::pin!(a, aaaa);
     let (v4, v6) = tokio::select! {
         first = &mut a => {
-            let v4 = classify(first, pick_v4);
+            let v4 = classify(first, &host, pick_v4);
             let in_full = !usable(&v4) && !matches!(v4, Found::NxDomain);
-            let v6 = the_other(in_full, OTHER_FAMILY_GRACE, &mut aaaa, pick_v6).await;
+            let v6 = the_other(in_full, OTHER_FAMILY_GRACE, &mut aaaa, &host, pick_v6).await;
             (v4, v6)
         }
         first = &mut aaaa => {
-            let v6 = classify(first, pick_v6);
-            let v4 = the_other(!usable(&v6), IPV4_GRACE, &mut a, pick_v4).await;
+            let v6 = classify(first, &host, pick_v6);
+            let v4 = the_other(!usable(&v6), IPV4_GRACE, &mut a, &host, pick_v4).await;
             (v4, v6)
         }
     };

@@ -126,6 +126,33 @@ fn resolver_handle_is_clone_send_sync() {
 }
 
 #[test]
+fn records_of_other_names_in_an_answer_are_not_taken_for_the_name_asked_about() {
+    // A forwarder (or a spoofer) that puts other names' records in the answer section: an MX
+    // of another domain, preferred, and an address of another host, beside the real ones.
+    // Taken for the domain's and its host's, they sent its mail to a host it never named.
+    let dns = TestDns::start(
+        ZONE,
+        &[
+            ("@", Rec::Mx(10, "mx")),
+            ("mx", Rec::A(v4("192.0.2.10"))),
+            ("evil", Rec::A(v4("192.0.2.66"))),
+            ("other.stray", Rec::Mx(1, "evil")),
+            ("host.stray", Rec::A(v4("192.0.2.99"))),
+            ("alias", Rec::Cname("mx")),
+            ("via", Rec::Mx(10, "alias")),
+        ],
+    );
+    let resolver = Resolver::with_server(dns.addr).unwrap();
+    let hops = lookup(&resolver, ZONE).unwrap();
+    assert_eq!(hosts(&hops), [(10, "mx.example.test")]);
+    assert_eq!(hops[0].addrs, [ip("192.0.2.10")]);
+    // An MX host that is an alias: its CNAME's target's addresses are its own.
+    let hops = lookup(&resolver, "via.example.test").unwrap();
+    assert_eq!(hosts(&hops), [(10, "alias.example.test")]);
+    assert_eq!(hops[0].addrs, [ip("192.0.2.10")]);
+}
+
+#[test]
 fn mx_hosts_come_in_preference_order_with_their_addresses() {
     let dns = TestDns::start(
         ZONE,

@@ -9,7 +9,10 @@
 //! purpose: `servfail.<zone>` answers SERVFAIL and `silent.<zone>` is never answered;
 //! `v4only.<zone>` answers A queries from its records and never answers AAAA ones;
 //! `slowv4.<zone>` answers A queries [`SLOW_ANSWER`] late (AAAA ones at once); `nxv6silent.<zone>`
-//! (give it no records) answers A queries NXDOMAIN and never answers AAAA ones. Once told
+//! (give it no records) answers A queries NXDOMAIN and never answers AAAA ones. Records
+//! owned by names under `stray.<zone>` are never answered for their own names: they are
+//! added, those of the type asked for, to every answer that has records, as a forwarder
+//! that passes other names' records on (or a spoofer) would. Once told
 //! ([`TestDns::fail_everything`]), every name in the zone answers SERVFAIL; a zone started
 //! with [`TestDns::start_uncached`] gives its records a TTL of 0, so that every lookup asks,
 //! and one started with [`TestDns::start_with_ttl`] the TTL given. [`TestDns::replace`] puts
@@ -78,6 +81,7 @@ struct Zone {
     v4only: Name,
     slowv4: Name,
     nxv6silent: Name,
+    stray: Name,
     udp_queries: AtomicUsize,
     tcp_queries: AtomicUsize,
     /// Every name answers SERVFAIL.
@@ -138,6 +142,7 @@ impl TestDns {
             v4only: name("v4only"),
             slowv4: name("slowv4"),
             nxv6silent: name("nxv6silent"),
+            stray: name("stray"),
             origin,
             records: std::sync::Mutex::new(records),
             ttl,
@@ -421,6 +426,12 @@ impl Zone {
                 .collect();
             if !matching.is_empty() {
                 response.add_answers(matching);
+                response.add_answers(
+                    records
+                        .iter()
+                        .filter(|r| self.stray.zone_of(&r.name) && r.record_type() == qtype)
+                        .cloned(),
+                );
                 return Some(response);
             }
             let cname = at_name.iter().find_map(|r| match &r.data {
