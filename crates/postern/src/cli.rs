@@ -87,13 +87,15 @@ pub(crate) struct Queue {
     /// separated; `-` reads more from standard input, separated by blanks, commas or lines,
     /// for a purge larger than a command line holds; up to 1,000,000 at once): the postern
     /// serving this spool records their recipients as failed, sends no report, and forgets
-    /// them. Waits up to 10 s (and 1 ms more for each ID) for them to leave the queue.
+    /// them. Waits up to 10 s (and 1 ms more for each ID) for them to leave the queue
+    /// [default: none].
     #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = queue_id_arg,
           conflicts_with_all = ["json", "flush"])]
     pub(crate) delete: Vec<String>,
     /// Instead of listing, write this queued message to standard output as it is stored and
     /// will be relayed (postern's Received header first, then the message as the client sent
-    /// it, CR LF line ends); on a terminal, control characters are written as escapes.
+    /// it, CR LF line ends); on a terminal, control characters are written as escapes
+    /// [default: none].
     #[arg(long, value_name = "ID", value_parser = shown_queue_id,
           conflicts_with_all = ["json", "flush", "delete"])]
     pub(crate) show: Option<String>,

@@ -568,6 +568,20 @@ fn environment_variables_set_flags() {
 }
 
 #[test]
+fn the_queue_command_s_help_gives_every_option_s_default() {
+    let (code, out, _) = run(&["queue", "--help"]);
+    assert_eq!(code, 0);
+    let options: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("--") && !l.contains("--help"))
+        .collect();
+    assert!(options.len() >= 5, "{out}");
+    for line in options {
+        assert!(line.contains("[default: "), "{line}");
+    }
+}
+
+#[test]
 fn help_explains_every_flag_with_its_default() {
     let (code, out, _) = run(&["serve", "--help"]);
     assert_eq!(code, 0);
