@@ -92,6 +92,10 @@ impl Draft {
 #[derive(Debug)]
 pub struct SyncBatch {
     files: Vec<Arc<File>>,
+    /// The segment being written when the batch was taken: never deleted by the spool while
+    /// this batch runs (it is not freed while current, and what it holds is not final before
+    /// a later batch), so its file's being unlinked is someone else's doing.
+    current: Option<Arc<File>>,
     /// Records appended since the previous batch, not yet in their files.
     writes: Vec<Gathered>,
     range: (u64, u64),
@@ -108,6 +112,18 @@ impl SyncBatch {
         for f in &self.files {
             f.sync_data()?;
         }
+        // Deleted by another process (the spool removed by hand): the records are in a file
+        // no start will read, and must not be acknowledged. The tickets fail (451), and the
+        // next records go to a new segment, or fail with it where the directory went too.
+        if let Some(current) = &self.current {
+            if !still_linked(current) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the segment being written was deleted by another process (not postern): \
+                     what it holds would be lost at the next start",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -115,6 +131,12 @@ impl SyncBatch {
     pub fn tickets(&self) -> u64 {
         self.range.1 - self.range.0
     }
+}
+
+/// Whether `file` still has a name (one that cannot be looked at is taken to have one).
+fn still_linked(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    file.metadata().map_or(true, |m| m.nlink() > 0)
 }
 
 /// The body of a message finished by [`Spool::finish_with_body`], not yet readable: [`Spool::body`]
@@ -623,6 +645,15 @@ impl Spool {
             // No segment is made out of more of the reserve than `keep` allows (a spare is made
             // only past all of it, so taking one leaves it as it was): looked at before
             // anything changes.
+            // A spare deleted by another process (the spool's files removed by hand) would
+            // take mail into a file no start reads: a new one is made instead.
+            if self
+                .spare
+                .as_ref()
+                .is_some_and(|spare| !still_linked(&spare.file))
+            {
+                self.spare = None;
+            }
             if self.spare.is_none() {
                 self.check_reserve(keep)?;
             }
@@ -1613,6 +1644,7 @@ impl Spool {
             }
         }
         Some(SyncBatch {
+            current: self.seg.as_ref().map(|seg| seg.file.clone()),
             files,
             writes,
             range,

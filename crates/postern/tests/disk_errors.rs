@@ -554,3 +554,31 @@ fn a_segment_the_disk_cannot_read_is_reported_and_the_mail_before_it_kept() {
     assert!(shown.ends_with("Subject: one\r\n\r\nfirst\r\n"), "{shown}");
     drop(server);
 }
+
+#[test]
+fn mail_is_not_acknowledged_into_a_segment_someone_deleted() {
+    // The spool's files deleted by hand while the server runs: a message whose records went
+    // into the deleted segment would be lost at the next start, so it gets 451, not 250; the
+    // next goes into a new segment and is there after a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let mut server = Server::start_in(&["--cores", "1"], spool.clone(), None);
+    let mut c = server.connect();
+    c.line();
+    c.cmd("EHLO client.test");
+    let first = send(&mut c, "one@d.test", "Subject: one\r\n\r\nfirst\r\n");
+    assert!(first.starts_with("250 2.0.0"), "{first}");
+    for entry in std::fs::read_dir(spool.join("0")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let lost = send(&mut c, "two@d.test", "Subject: two\r\n\r\nsecond\r\n");
+    assert!(lost.starts_with("451 4.3.0"), "{lost}");
+    let third = send(&mut c, "three@d.test", "Subject: three\r\n\r\nthird\r\n");
+    assert!(third.starts_with("250 2.0.0"), "{third}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let log = server.terminate_for_log();
+    assert!(log.contains("deleted by another process"), "{log}");
+    let kept = spooled(&spool);
+    let ids: Vec<&str> = kept.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(ids, [queue_id(&third)], "{kept:?}");
+}
