@@ -35,18 +35,15 @@ fn a_deferred_message_is_copied_forward_so_the_mail_delivered_behind_it_frees_it
     let to_peer = |domain: &str| format!("{domain}=127.0.0.1:{}", peer.port);
     let (dest, origin) = (to_peer("dest.test"), to_peer("origin.test"));
     let to_down = format!("down.test=127.0.0.1:{}", down.1);
-    let mut args = vec![
-        "--cores",
-        "1",
-        "--spool-segment-size",
-        "128k",
+    let mut args = common::SMALL_SEGMENTS.to_vec();
+    args.extend([
         "--metrics",
         "127.0.0.1:0",
         "--route",
         &dest,
         "--route",
         &origin,
-    ];
+    ]);
     let mut first_args = args.clone();
     first_args.extend(["--route", &to_down]);
     first_args.extend(FAST_RETRY);
@@ -225,18 +222,9 @@ fn a_copy_found_at_a_start_is_made_durable_before_the_segments_of_its_original_g
     disk.fail_syncs(false);
     let down = reserve("127.0.0.1", 0);
     let to_down = format!("down.test=127.0.0.1:{}", down.1);
-    let mut server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--spool-segment-size",
-            "128k",
-            "--route",
-            &to_down,
-        ],
-        spool.clone(),
-        None,
-    );
+    let mut args = common::SMALL_SEGMENTS.to_vec();
+    args.extend(["--route", &to_down]);
+    let mut server = Server::start_in(&args, spool.clone(), None);
     let deadline = Instant::now() + Duration::from_secs(20);
     while spool.join("0").join(&first).exists() || count() > 3 {
         assert!(Instant::now() < deadline, "{} segments kept", count());
@@ -260,20 +248,9 @@ fn a_body_trickled_while_other_mail_is_delivered_does_not_keep_the_segments_behi
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     let dest = format!("dest.test=127.0.0.1:{}", peer.port);
-    let server = Server::start_in(
-        &[
-            "--cores",
-            "1",
-            "--spool-segment-size",
-            "128k",
-            "--metrics",
-            "127.0.0.1:0",
-            "--route",
-            &dest,
-        ],
-        spool.clone(),
-        None,
-    );
+    let mut args = common::SMALL_SEGMENTS.to_vec();
+    args.extend(["--metrics", "127.0.0.1:0", "--route", &dest]);
+    let server = Server::start_in(&args, spool.clone(), None);
     let (mut slow, _) = hello(&server);
     assert!(slow.cmd("MAIL FROM:<s@origin.test>").starts_with("250"));
     assert!(slow.cmd("RCPT TO:<slow@dest.test>").starts_with("250"));

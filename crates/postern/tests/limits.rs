@@ -297,14 +297,8 @@ fn metric(text: &str, name: &str) -> u64 {
 fn a_body_cut_into_tiny_pieces_costs_the_spool_what_a_plain_one_does() {
     // Dot-stuffed lines and bare line feeds come out of the decoder as tiny pieces; stored one
     // record each, 150 KiB of them would take some 2 MiB of spool.
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--spool-segment-size",
-        "128k",
-        "--metrics",
-        "127.0.0.1:0",
-    ]);
+    let server =
+        Server::start(&[&common::SMALL_SEGMENTS[..], &["--metrics", "127.0.0.1:0"]].concat());
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");
@@ -405,6 +399,16 @@ fn a_session_closed_with_input_still_coming_ends_in_its_421_and_a_clean_close_no
     );
 }
 
+/// [`common::SMALL_SEGMENTS`] with room for more recipients than one segment holds.
+const SMALL_SEGMENTS_MANY_RECIPIENTS: [&str; 6] = [
+    "--cores",
+    "1",
+    "--spool-segment-size",
+    "128k",
+    "--max-recipients",
+    "5000",
+];
+
 /// With small spool segments and a large recipient limit, an envelope that would not fit one
 /// segment (long paths with long ORCPTs) is cut short at RCPT with 452 4.5.3, which clients
 /// answer by sending the rest in another transaction, and the message with the recipients
@@ -413,14 +417,7 @@ fn a_session_closed_with_input_still_coming_ends_in_its_421_and_a_clean_close_no
 /// for.
 #[test]
 fn an_envelope_is_capped_at_what_one_spool_segment_holds() {
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--spool-segment-size",
-        "128k",
-        "--max-recipients",
-        "5000",
-    ]);
+    let server = Server::start(&SMALL_SEGMENTS_MANY_RECIPIENTS);
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");
@@ -454,14 +451,7 @@ fn an_envelope_is_capped_at_what_one_spool_segment_holds() {
     assert_eq!(spooled[0].0, id);
     // The room is shared by the recipients taken, not reserved for as many as
     // --max-recipients allows: a large limit with small segments still takes mail.
-    let server = Server::start(&[
-        "--cores",
-        "1",
-        "--spool-segment-size",
-        "128k",
-        "--max-recipients",
-        "5000",
-    ]);
+    let server = Server::start(&SMALL_SEGMENTS_MANY_RECIPIENTS);
     let mut c = server.connect();
     c.line();
     c.cmd("EHLO client.test");

@@ -9,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// One core on the smallest spool segments the server takes: segments filled, sealed and
+/// deleted by a test's few messages.
+pub const SMALL_SEGMENTS: [&str; 4] = ["--cores", "1", "--spool-segment-size", "128k"];
+
 /// A running server process; killed when dropped.
 pub struct Server {
     pub child: Child,
