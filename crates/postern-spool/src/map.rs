@@ -80,13 +80,15 @@ impl ReadMap {
             }
         }
         let map_len = usize::try_from(at).map_err(io::Error::other)?;
-        if failed.is_none() || map_len == 0 {
-            let map = MmapOptions::new()
-                .len(map_len)
+        let map_file = |len: usize| {
+            MmapOptions::new()
+                .len(len)
                 .map_raw_read_only(file)
-                .map(ReadMap)?;
-            return Ok((map, failed));
-        }
+                .map(ReadMap)
+        };
+        let Some((_, why)) = failed else {
+            return Ok((map_file(map_len)?, None));
+        };
         // Read again into memory (from the page cache, as just read); should it fail now, the
         // copy ends there.
         let mut copy = vec![0u8; map_len];
@@ -100,17 +102,13 @@ impl ReadMap {
             }
         }
         copy.truncate(got);
-        if got == 0 {
-            let map = MmapOptions::new()
-                .len(0)
-                .map_raw_read_only(file)
-                .map(ReadMap)?;
-            return Ok((map, failed));
-        }
-        Ok((
-            ReadMap::holding(&copy)?,
-            failed.map(|(_, why)| (got as u64, why)),
-        ))
+        // Nothing read: a map of nothing (an anonymous one holds at least an octet).
+        let map = if got == 0 {
+            map_file(0)?
+        } else {
+            ReadMap::holding(&copy)?
+        };
+        Ok((map, Some((got as u64, why))))
     }
 
     /// An anonymous read-only mapping holding `bytes` (a body made in memory, see
