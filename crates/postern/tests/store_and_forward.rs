@@ -600,6 +600,63 @@ fn next_hop_down_then_up() {
     assert_eq!(stored[0].message_id, "<down@t>");
 }
 
+/// libfaketime (Debian's `faketime` package), which moves the wall clock a process reads, not
+/// its monotonic clock, by the offset a file holds, read again at each reading.
+fn faketime_library() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime is installed (scripts/test installs the faketime package)")
+}
+
+#[test]
+fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let (library, offset_file) = (faketime_library(), offset.to_str().unwrap().to_owned());
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let args = ["--route", &route, "--retry-initial", "1s", "--cores", "1"];
+    let server = Server::start_with_env(
+        &args,
+        &[
+            ("LD_PRELOAD", library.to_str().unwrap()),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_file),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    // Nothing listens: two attempts fail and the next hop is paused for a second.
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<first@t>",
+        "one\r\n",
+    );
+    server.log_until(|l| l.contains("delivery to it paused for 1s"));
+    // The wall clock is stepped back a day (an NTP step, `date -s`), and the next hop comes up.
+    std::fs::write(&offset, "-1d\n").unwrap();
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    // A message that comes while the pause lasts waits for its end, not for the day; and the
+    // first one's retry, a few seconds off when it was deferred, is as far off as it was.
+    send(
+        &server,
+        "a@origin.test",
+        &["c@dest.test"],
+        "<second@t>",
+        "two\r\n",
+    );
+    let stored = peer.wait_for("both messages", Duration::from_secs(30), |s| s.len() >= 2);
+    let mut ids: Vec<&str> = stored.iter().map(|s| s.message_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["<first@t>", "<second@t>"]);
+}
+
 #[test]
 fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
     let dir = tempfile::tempdir().unwrap();

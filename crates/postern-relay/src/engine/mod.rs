@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use event_listener::{Event, IntoNotification};
@@ -518,6 +518,19 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The engine's clock for the windows it keeps in memory only (a next hop's pause, an address
+/// passed over or broken, the hour without PIPELINING or TLS, a connection cap, when a
+/// connection was last answered): milliseconds on the monotonic clock, counted on from the
+/// wall clock's reading when first asked. A step of the wall clock (an NTP step, `date -s`)
+/// leaves those windows as long as they were meant to be: on the wall clock a step back of a
+/// day held a paused next hop's new mail for that day. The times of jobs (a retry's time, a
+/// message's expiry from its arrival) stay on the wall clock, as the spool keeps them.
+fn mono_ms() -> u64 {
+    static START: OnceLock<(u64, Instant)> = OnceLock::new();
+    let (wall, at) = *START.get_or_init(|| (now_ms(), Instant::now()));
+    wall.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
 }
 
 thread_local! {
@@ -1406,7 +1419,10 @@ impl CoreRelay {
         if job.msg.deleted.load(Ordering::Acquire) {
             return;
         }
-        let at = job.not_before;
+        // Kept by the engine's own clock: the time left until the job's, so that a step of
+        // the wall clock moves no retry already decided (a step back of a day held every
+        // deferred job a day more).
+        let at = mono_ms().saturating_add(job.not_before.saturating_sub(now_ms()));
         let earlier = self.retry.borrow().next_deadline().is_none_or(|d| at < d);
         self.retry.borrow_mut().insert(at, job);
         if earlier {
@@ -1469,10 +1485,10 @@ impl CoreRelay {
             // Listening before looking: a flush asked for in between still wakes the loop.
             let flushed = self.relay.flush_asked.listen();
             let mut due = self.flush_if_asked();
-            let now = now_ms();
+            let now = mono_ms();
             // Taken out before any goes on: a job that `enqueue` puts back (its next hop is
-            // paused until a time this reading of the clock has passed but its own has not,
-            // as after a step back of the clock) waits for the next pass, not this one.
+            // paused until a time this reading of the clock has passed but its own, taken
+            // from the wall clock, has not) waits for the next pass, not this one.
             {
                 let mut retry = self.retry.borrow_mut();
                 due.extend(std::iter::from_fn(|| retry.pop_due(now)));
@@ -1482,7 +1498,7 @@ impl CoreRelay {
                 turns.step().await;
             }
             // Read again: the jobs above may have taken a while (given way to others).
-            let now = now_ms();
+            let now = mono_ms();
             let wait = self
                 .retry
                 .borrow()
@@ -1575,16 +1591,18 @@ impl CoreRelay {
                 })
             })
             .clone();
-        let down_until = dq.down_until.get();
-        // A job whose lifetime ends before the next hop's pause does gets its last attempt
-        // now, not after the pause.
-        let expiry = self.relay.config.retry.expiry(arrival_ms(&job.msg.meta));
-        if down_until > now_ms() && expiry > down_until {
-            self.schedule(Job {
-                not_before: down_until,
-                ..job
-            });
-            return;
+        // The pause is on the engine's own clock, the job's times on the wall clock: the
+        // pause's end is taken over as the time left of it.
+        let (mono, down_until) = (mono_ms(), dq.down_until.get());
+        if down_until > mono {
+            let not_before = now_ms().saturating_add(down_until - mono);
+            // A job whose lifetime ends before the next hop's pause does gets its last
+            // attempt now, not after the pause.
+            let expiry = self.relay.config.retry.expiry(arrival_ms(&job.msg.meta));
+            if expiry > not_before {
+                self.schedule(Job { not_before, ..job });
+                return;
+            }
         }
         dq.ready.borrow_mut().push_back(job);
         if dq.idle.get() > 0 {

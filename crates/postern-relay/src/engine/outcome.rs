@@ -154,7 +154,7 @@ impl CoreRelay {
                     // them may have been taken, and would be at every retry. Replies that
                     // stopped coming partway through pipelined commands: a next hop that
                     // drops what is pipelined would time out at every retry.
-                    if conn.lost_pipelined_replies() && dq.lockstep_until.get() <= now_ms() {
+                    if conn.lost_pipelined_replies() && dq.lockstep_until.get() <= mono_ms() {
                         tracing::info!(
                             next_hop = %dq.dest.key(),
                             relay = %remote_name,
@@ -164,7 +164,7 @@ impl CoreRelay {
                         );
                     }
                     dq.lockstep_until
-                        .set(now_ms() + LOCKSTEP_AFTER_PROTOCOL_ERROR.as_millis() as u64);
+                        .set(mono_ms() + LOCKSTEP_AFTER_PROTOCOL_ERROR.as_millis() as u64);
                 }
                 // The connection broke off (421, closed, timed out): another address may
                 // take the job at once. Recipients the next hop had already refused for good
@@ -195,7 +195,7 @@ impl CoreRelay {
                 }
                 if let Some(c) = self.pass_over(dq, conn.addr, true, c, carry) {
                     // Once per pause: the jobs after this one in the batch come back too.
-                    if self.every_address_broke(dq) && dq.down_until.get() <= now_ms() {
+                    if self.every_address_broke(dq) && dq.down_until.get() <= mono_ms() {
                         self.suspend(dq, &c, carry);
                     }
                     self.settle_carried(c);

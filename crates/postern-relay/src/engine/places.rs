@@ -147,7 +147,7 @@ impl CoreRelay {
     /// connection finds it does not) and nothing holds it to one transaction per round trip,
     /// one otherwise.
     pub(super) fn jobs_per_connection(&self, dq: &DestQueue) -> usize {
-        let now = now_ms();
+        let now = mono_ms();
         if !dq.pipelines.get() || now < dq.serial_until.get() || now < dq.lockstep_until.get() {
             1
         } else {
@@ -272,7 +272,7 @@ impl CoreRelay {
         };
         // A connection limit the next hop showed (see `DestQueue::cap`), and a hold after a
         // lookup failed (`DestQueue::lookup_cap`).
-        let now = now_ms();
+        let now = mono_ms();
         let mut most = most;
         if dq.cap_until.get() > now {
             most = most.min(dq.cap.get().max(1));
@@ -291,7 +291,7 @@ impl CoreRelay {
     /// thousand next hops (failing ones are kept a while) spent about 8 ms a second here
     /// when each turn looked at them all; a quiet one is forgotten within a round instead.
     pub(super) fn forget_quiet_next_hops(&self) {
-        let now = now_ms();
+        let now = mono_ms();
         let retry_max = u64::try_from(self.relay.config.retry.max.as_millis()).unwrap_or(u64::MAX);
         let mut dests = self.dests.borrow_mut();
         let keep = |dq: &DestQueue| {

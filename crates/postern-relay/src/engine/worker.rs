@@ -122,7 +122,7 @@ impl CoreRelay {
                 .iter()
                 .flat_map(|c| c.job.tried.iter().copied())
                 .collect();
-            let attempt_began = now_ms();
+            let attempt_began = mono_ms();
             let flushes_before = self.flushes_seen.get();
             let opening = first.take().unwrap_or_else(|| Opening::new(&dq));
             let opened = self.open(&dq, &tried).await;
@@ -156,7 +156,7 @@ impl CoreRelay {
                     let recheck_at = recheck_at
                         .filter(|_| !fallback)
                         .map(|at| (at, Chosen::new(&c, preference)));
-                    (c, fallback.then(|| now_ms() + self.pause_ms()), recheck_at)
+                    (c, fallback.then(|| mono_ms() + self.pause_ms()), recheck_at)
                 }
                 Err(unopened) if unopened.1.is_none() && unopened.5 && dq.workers.get() > 1 => {
                     // Refused by a host that answered (a 421 greeting, say) while other
@@ -216,7 +216,7 @@ impl CoreRelay {
             };
             // Counted out before any QUIT below: a connection saying QUIT works no more.
             let connected = Connected::new(&dq);
-            dq.answered_at.set(now_ms());
+            dq.answered_at.set(mono_ms());
             let mut used = false;
             // The next hop looked up again once the answers the connection was chosen by
             // expire (`still_chosen`), and whether that found it gone from this host.
@@ -267,7 +267,7 @@ impl CoreRelay {
                     continue 'connect;
                 }
                 used = true;
-                if carry.is_empty() && fallback_until.is_some_and(|until| now_ms() >= until) {
+                if carry.is_empty() && fallback_until.is_some_and(|until| mono_ms() >= until) {
                     // A less preferred host served long enough: see whether a better one is
                     // back (RFC 5321 5.1, preference order).
                     drop(connected);
@@ -356,10 +356,10 @@ impl CoreRelay {
                         }
                     }
                 };
-                if now_ms() < dq.lockstep_until.get() {
+                if mono_ms() < dq.lockstep_until.get() {
                     conn.forgo_pipelining();
                 }
-                let window = if now_ms() < dq.serial_until.get() {
+                let window = if mono_ms() < dq.serial_until.get() {
                     1
                 } else {
                     self.relay.config.max_in_flight
@@ -391,7 +391,7 @@ impl CoreRelay {
                 };
                 drop(counted);
                 if !matches!(after, After::Broken) {
-                    dq.answered_at.set(now_ms());
+                    dq.answered_at.set(mono_ms());
                 }
                 if after_failures && dq.broken_in_a_row.get() == 0 {
                     after_failures = false;
@@ -435,7 +435,8 @@ impl CoreRelay {
     /// connection open to a host that has since gone silent is not one that works.
     fn others_work(&self, dq: &DestQueue, began: u64) -> bool {
         let within = u64::try_from(WORKS_WITHIN.as_millis()).unwrap_or(u64::MAX);
-        dq.connected.get() > 0 && dq.answered_at.get() >= began.min(now_ms().saturating_sub(within))
+        dq.connected.get() > 0
+            && dq.answered_at.get() >= began.min(mono_ms().saturating_sub(within))
     }
 
     /// A connection to `dq`'s next hop was refused while others of ours to it are open or
@@ -450,7 +451,7 @@ impl CoreRelay {
             .set(dq.unopened_in_a_row.get().saturating_sub(failed));
         // This worker is about to leave; the others stay.
         let open = dq.workers.get().saturating_sub(1).max(1);
-        let capped = dq.cap_until.get() > now_ms();
+        let capped = dq.cap_until.get() > mono_ms();
         // Once per window: a burst refused one by one lowers the cap one by one.
         if capped {
             tracing::debug!(
@@ -469,7 +470,7 @@ impl CoreRelay {
         }
         dq.cap.set(open);
         dq.cap_until
-            .set(now_ms() + u64::try_from(CAP_HOLDS.as_millis()).unwrap_or(u64::MAX));
+            .set(mono_ms() + u64::try_from(CAP_HOLDS.as_millis()).unwrap_or(u64::MAX));
     }
 
     /// The lookup for a connection to `dq`'s next hop failed for now while others of ours to
@@ -481,7 +482,7 @@ impl CoreRelay {
     /// is.
     fn lookup_failed_beside_others(&self, dq: &DestQueue, why: &str) {
         let open = dq.workers.get().saturating_sub(1).max(1);
-        let until = now_ms() + u64::try_from(LOOKUP_CAP_HOLDS.as_millis()).unwrap_or(u64::MAX);
+        let until = mono_ms() + u64::try_from(LOOKUP_CAP_HOLDS.as_millis()).unwrap_or(u64::MAX);
         tracing::debug!(
             next_hop = %dq.dest.key(),
             connections = open,
@@ -529,7 +530,7 @@ impl CoreRelay {
             // Counted as a failure of the next hop, as an address that broke is (see
             // `broke`): when the pause ends, the jobs it held come due together and one
             // connection (one lookup) tries for them all, not one per job.
-            dq.last_broke.set(now_ms());
+            dq.last_broke.set(mono_ms());
             dq.broken_in_a_row.set(dq.broken_in_a_row.get().max(1));
             dq.opened_since_broke.set(0);
         }
@@ -544,7 +545,7 @@ impl CoreRelay {
         if permanent.is_none()
             && (dq.unopened_in_a_row.get() >= 2 || no_address_tried || self.failing_enough(dq))
         {
-            dq.down_until.set(now_ms() + self.pause_ms());
+            dq.down_until.set(mono_ms() + self.pause_ms());
             // For jobs put back unsent while it lasts (`requeue`; a kept connection of
             // another worker that ended at its RSET): they were not tried, and say so, as
             // for a suspension, so that a last attempt is not expired untried. No host
@@ -758,7 +759,7 @@ impl CoreRelay {
     /// hop was paused meanwhile (a transaction of the batch, or another connection, found it
     /// down): then no connection is made for it, and it is deferred with its note.
     fn carry_again(&self, dq: &DestQueue, carried: Carried, carry: &mut Vec<Carried>) {
-        if dq.down_until.get() > now_ms() {
+        if dq.down_until.get() > mono_ms() {
             self.settle_carried(carried);
         } else {
             carry.insert(0, carried);
@@ -870,7 +871,7 @@ impl CoreRelay {
                         self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
                     }
                     dq.serial_until
-                        .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                        .set(mono_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                     broken = Some(e);
                     break;
                 }
@@ -983,7 +984,7 @@ impl CoreRelay {
                         // at worst, one transaction per round trip for a while, as below).
                         if short {
                             dq.serial_until
-                                .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                                .set(mono_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                         }
                         self.requeue(dq, sent.collect());
                     } else {
@@ -991,7 +992,7 @@ impl CoreRelay {
                         // drops connections in the middle of a batch might do it to every
                         // batch, so it gets one transaction per round trip for a while.
                         dq.serial_until
-                            .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                            .set(mono_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
                         for job in sent {
                             self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
                         }
@@ -1017,7 +1018,7 @@ impl CoreRelay {
             let e = ConnError::Io(crate::conn::OUT_OF_STEP.into());
             conn.out_of_step_given_up();
             dq.serial_until
-                .set(now_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
+                .set(mono_ms() + SERIAL_AFTER_BREAK.as_millis() as u64);
             for (job, _) in answered {
                 self.conclude(conn, dq, job, Err(Err(e.clone())), None, carry);
             }
@@ -1048,7 +1049,7 @@ impl CoreRelay {
             .into_iter()
             .filter(|job| !job.msg.deleted.load(Ordering::Acquire))
             .collect();
-        if dq.down_until.get() > now_ms() {
+        if dq.down_until.get() > mono_ms() {
             if let Some((status, text)) = dq.paused_for.borrow().clone() {
                 for job in jobs {
                     self.settle_all(job, false, &status, &text, None);
@@ -1100,7 +1101,7 @@ impl CoreRelay {
     /// Notes that `addr` of `dq`'s next hop broke, for the first retry delay (at most a
     /// minute; see `every_address_broke`); gives back the time now (ms).
     fn passed_over(&self, dq: &DestQueue, addr: SocketAddr) -> u64 {
-        let now = now_ms();
+        let now = mono_ms();
         let mut broke = dq.broke.borrow_mut();
         broke.retain(|_, until| *until > now);
         broke.insert(addr, now + self.pause_ms());
@@ -1157,7 +1158,7 @@ impl CoreRelay {
         if !self.failing_enough(dq) {
             return false;
         }
-        let now = now_ms();
+        let now = mono_ms();
         let broke = dq.broke.borrow();
         let addrs = dq.addrs.borrow();
         !addrs.is_empty()
@@ -1173,7 +1174,7 @@ impl CoreRelay {
     /// the reason they were not tried (it may be about another message); jobs that come
     /// meanwhile wait for the pause's end.
     pub(super) fn suspend(&self, dq: &DestQueue, last: &Carried, carry: &mut Vec<Carried>) {
-        dq.down_until.set(now_ms() + self.pause_ms());
+        dq.down_until.set(mono_ms() + self.pause_ms());
         // No next hop answered for these jobs: no Remote-MTA in their reports.
         let not_tried = format!("{}{}", dsn::NOT_TRIED, last.text);
         *dq.paused_for.borrow_mut() = Some((last.status.clone(), not_tried.clone()));
@@ -1191,7 +1192,7 @@ impl CoreRelay {
 
     /// Passes over `addr` of `dq`'s next hop for a while (see `pause_ms`).
     pub(super) fn avoid(&self, dq: &DestQueue, addr: SocketAddr) {
-        let now = now_ms();
+        let now = mono_ms();
         let mut avoid = dq.avoid.borrow_mut();
         avoid.retain(|_, until| *until > now);
         avoid.insert(addr, now + self.pause_ms());
@@ -1221,7 +1222,7 @@ impl CoreRelay {
             && dq.addrs.borrow().iter().any(|a| !c.job.tried.contains(a));
         // A next hop paused meanwhile (every address broke off, for a job before this one
         // in the same batch, say) gets no new connection for this job either.
-        let paused = dq.down_until.get() > now_ms();
+        let paused = dq.down_until.get() > mono_ms();
         if !others || paused {
             return Some(c);
         }
@@ -1443,7 +1444,7 @@ impl CoreRelay {
         // a greeting timeout to fail would otherwise cost the next connection as much, as
         // often as the shuffle puts it first); the sort is stable, so preference order holds
         // otherwise.
-        let now = now_ms();
+        let now = mono_ms();
         {
             let (avoid, broke) = (dq.avoid.borrow(), dq.broke.borrow());
             let lately = |m: &HashMap<SocketAddr, u64>, a: &SocketAddr| {
@@ -1479,7 +1480,7 @@ impl CoreRelay {
                     .cleartext
                     .borrow()
                     .get(&addr)
-                    .is_some_and(|&until| until > now_ms());
+                    .is_some_and(|&until| until > mono_ms());
             let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
             let helo = &config.hostname;
             tracing::debug!(%addr, host = %hop.host, "connecting");
@@ -1503,7 +1504,7 @@ impl CoreRelay {
                     // now goes unencrypted.
                     let begins = {
                         let mut cleartext = dq.cleartext.borrow_mut();
-                        let now = now_ms();
+                        let now = mono_ms();
                         cleartext.retain(|_, until| *until > now);
                         cleartext.insert(addr, now + 3_600_000).is_none()
                     };
