@@ -88,6 +88,9 @@ pub enum CommandError {
     /// A MAIL or RCPT parameter with a bad value (501 5.5.4).
     #[error("invalid parameter")]
     InvalidParameter,
+    /// A MAIL or RCPT parameter given twice (501 5.5.4).
+    #[error("parameter given twice")]
+    DuplicateParameter,
     /// A BDAT line whose size cannot be read: the server cannot stay in step (501, then close).
     #[error("bad BDAT size")]
     BadChunkSize,
@@ -113,6 +116,9 @@ impl CommandError {
             CommandError::InvalidParameter => {
                 StaticReply::new(501, e(5, 5, 4), "Invalid parameter value")
             }
+            CommandError::DuplicateParameter => {
+                StaticReply::new(501, e(5, 5, 4), "Parameter given twice")
+            }
             CommandError::BadChunkSize => {
                 StaticReply::new(501, e(5, 5, 4), "Syntax: BDAT size [LAST]")
             }
@@ -129,11 +135,17 @@ fn path_text(p: PathError, sender: bool) -> &'static str {
     }
 }
 
+/// The usage given for a MAIL line whose parameters do not follow the path with a space.
+const MAIL_PARAMETERS: &str = "Syntax: MAIL FROM:<address> [SP keyword[=value]]...";
+/// The same for RCPT.
+const RCPT_PARAMETERS: &str = "Syntax: RCPT TO:<address> [SP keyword[=value]]...";
+
 impl From<ParamError> for CommandError {
     fn from(e: ParamError) -> Self {
         match e {
             ParamError::Unknown => CommandError::UnknownParameter,
             ParamError::Invalid => CommandError::InvalidParameter,
+            ParamError::Duplicate => CommandError::DuplicateParameter,
         }
     }
 }
@@ -221,8 +233,10 @@ impl<'a> Command<'a> {
                 let rest = strip_keyword(arg, "FROM:")
                     .ok_or(CommandError::Syntax("Syntax: MAIL FROM:<address>"))?;
                 let (path, rest) = parse_reverse_path(rest).map_err(CommandError::Sender)?;
+                // The path is whole: what sticks to it (a tab before a parameter) is the
+                // line's syntax, not the address's.
                 if !rest.is_empty() && !rest.starts_with(' ') {
-                    return Err(CommandError::Sender(PathError::Syntax));
+                    return Err(CommandError::Syntax(MAIL_PARAMETERS));
                 }
                 Ok(Command::Mail(path, MailParams::parse(rest)?))
             }
@@ -232,7 +246,7 @@ impl<'a> Command<'a> {
                     .ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
                 let (path, rest) = parse_forward_path(rest).map_err(CommandError::Recipient)?;
                 if !rest.is_empty() && !rest.starts_with(' ') {
-                    return Err(CommandError::Recipient(PathError::Syntax));
+                    return Err(CommandError::Syntax(RCPT_PARAMETERS));
                 }
                 Ok(Command::Rcpt(path, RcptParams::parse(rest)?))
             }
@@ -439,7 +453,23 @@ mod tests {
         assert_eq!(code("RCPT TO:<a@@b>"), "501 5.1.3");
         assert_eq!(code("MAIL FROM:<a@b> FOO=BAR"), "555 5.5.4");
         assert_eq!(code("MAIL FROM:<a@b> SIZE=x"), "501 5.5.4");
-        assert_eq!(code("MAIL FROM:<a@b>SIZE=1"), "501 5.1.7");
+        // The path is whole: what sticks to it is the line's syntax, not the address's.
+        assert_eq!(code("MAIL FROM:<a@b>SIZE=1"), "501 5.5.4");
+        assert_eq!(code("MAIL FROM:<a@b>\tSIZE=1"), "501 5.5.4");
+        assert_eq!(code("RCPT TO:<a@b>\tNOTIFY=NEVER"), "501 5.5.4");
+        assert!(parse("MAIL FROM:<a@b>\tSIZE=1")
+            .unwrap_err()
+            .reply()
+            .text
+            .starts_with("Syntax: MAIL FROM:<address> [SP"));
+        assert_eq!(code("MAIL FROM:<a@b> SIZE=1 SIZE=1"), "501 5.5.4");
+        assert_eq!(
+            parse("RCPT TO:<a@b> NOTIFY=NEVER NOTIFY=NEVER")
+                .unwrap_err()
+                .reply()
+                .text,
+            "Parameter given twice"
+        );
         assert_eq!(code("DATA now"), "501 5.5.4");
         assert_eq!(code("BDAT x"), "501 5.5.4");
         assert_eq!(code("BDAT 10 FIRST"), "501 5.5.4");

@@ -113,9 +113,12 @@ pub enum ParamError {
     /// A keyword this server does not know (555 5.5.4).
     #[error("unrecognized parameter")]
     Unknown,
-    /// A known keyword with a bad value, a missing value, or given twice (501 5.5.4).
+    /// A known keyword with a bad or missing value (501 5.5.4).
     #[error("invalid parameter value")]
     Invalid,
+    /// A known keyword given twice (501 5.5.4).
+    #[error("parameter given twice")]
+    Duplicate,
 }
 
 /// esmtp-value bytes: %d33-60 / %d62-126, and UTF-8 (RFC 6531).
@@ -218,7 +221,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 fn set<T>(slot: &mut Option<T>, value: T) -> Result<(), ParamError> {
     if slot.is_some() {
-        return Err(ParamError::Invalid);
+        return Err(ParamError::Duplicate);
     }
     *slot = Some(value);
     Ok(())
@@ -246,8 +249,11 @@ impl<'a> MailParams<'a> {
                 };
                 set(&mut p.body, body)?;
             } else if key.eq_ignore_ascii_case("SMTPUTF8") {
-                if value.is_some() || p.smtputf8 {
+                if value.is_some() {
                     return Err(ParamError::Invalid);
+                }
+                if p.smtputf8 {
+                    return Err(ParamError::Duplicate);
                 }
                 p.smtputf8 = true;
             } else if key.eq_ignore_ascii_case("RET") {
@@ -505,7 +511,19 @@ mod tests {
         );
         assert_eq!(
             MailParams::parse(" SIZE=1 SIZE=2"),
-            Err(ParamError::Invalid)
+            Err(ParamError::Duplicate)
+        );
+        assert_eq!(
+            MailParams::parse(" SMTPUTF8 smtputf8"),
+            Err(ParamError::Duplicate)
+        );
+        assert_eq!(
+            MailParams::parse(" RET=FULL ret=HDRS"),
+            Err(ParamError::Duplicate)
+        );
+        assert_eq!(
+            RcptParams::parse(" ORCPT=rfc822;a+40b ORCPT=rfc822;a+40b"),
+            Err(ParamError::Duplicate)
         );
         assert_eq!(MailParams::parse(" BODY=9BIT"), Err(ParamError::Invalid));
         assert_eq!(MailParams::parse(" ENVID=a=b"), Err(ParamError::Invalid));
