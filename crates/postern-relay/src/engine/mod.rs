@@ -874,9 +874,10 @@ struct DestQueue {
     /// In the core's `wanting_more` list: it has connections, and jobs they do not take.
     wanting_more: Cell<bool>,
     /// Addresses whose opportunistic TLS handshake failed: cleartext to them until then
-    /// (ms). Per address, not for the whole next hop: one host with broken TLS must not
-    /// take TLS away from the domain's other MX hosts.
-    cleartext: RefCell<HashMap<SocketAddr, u64>>,
+    /// (ms), and how many handshakes in a row failed (see [`cleartext_window`]). Per
+    /// address, not for the whole next hop: one host with broken TLS must not take TLS away
+    /// from the domain's other MX hosts.
+    cleartext: RefCell<HashMap<SocketAddr, (u64, u32)>>,
     /// The next hop could not be reached: jobs wait until then (ms) instead of each trying
     /// to connect again.
     down_until: Cell<u64>,

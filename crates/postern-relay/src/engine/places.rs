@@ -302,7 +302,7 @@ impl CoreRelay {
                 || dq.down_until.get() > now
                 || dq.serial_until.get() > now
                 || dq.lockstep_until.get() > now
-                || dq.cleartext.borrow().values().any(|&until| until > now)
+                || dq.cleartext.borrow().values().any(|&(until, _)| until > now)
                 || dq.cap_until.get() > now
                 || dq.lookup_cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)

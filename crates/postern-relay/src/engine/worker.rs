@@ -217,6 +217,18 @@ impl CoreRelay {
             // Counted out before any QUIT below: a connection saying QUIT works no more.
             let connected = Connected::new(&dq);
             dq.answered_at.set(mono_ms());
+            // In cleartext because the address's handshakes failed: kept for that while
+            // only, so that a next hop with mail enough to keep the connection busy gets
+            // STARTTLS again when the while is over.
+            let cleartext_until = (!conn.is_tls())
+                .then(|| {
+                    dq.cleartext
+                        .borrow()
+                        .get(&conn.addr)
+                        .map(|&(until, _)| until)
+                })
+                .flatten()
+                .filter(|&until| until > mono_ms());
             let mut used = false;
             // The next hop looked up again once the answers the connection was chosen by
             // expire (`still_chosen`), and whether that found it gone from this host.
@@ -267,9 +279,11 @@ impl CoreRelay {
                     continue 'connect;
                 }
                 used = true;
-                if carry.is_empty() && fallback_until.is_some_and(|until| mono_ms() >= until) {
+                let over = |until: Option<u64>| until.is_some_and(|until| mono_ms() >= until);
+                if carry.is_empty() && (over(fallback_until) || over(cleartext_until)) {
                     // A less preferred host served long enough: see whether a better one is
-                    // back (RFC 5321 5.1, preference order).
+                    // back (RFC 5321 5.1, preference order). Or the while in cleartext is
+                    // over: the next connection tries STARTTLS again.
                     drop(connected);
                     self.say_quit(conn).await;
                     continue 'connect;
@@ -1480,7 +1494,7 @@ impl CoreRelay {
                     .cleartext
                     .borrow()
                     .get(&addr)
-                    .is_some_and(|&until| until > mono_ms());
+                    .is_some_and(|&(until, _)| until > mono_ms());
             let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
             let helo = &config.hostname;
             tracing::debug!(%addr, host = %hop.host, "connecting");
@@ -1495,25 +1509,44 @@ impl CoreRelay {
                 }
                 Ok(c) => {
                     tracing::debug!(%addr, tls = c.is_tls(), "connected");
+                    if c.is_tls() {
+                        // Its handshakes work again: a later failure starts over.
+                        dq.cleartext.borrow_mut().remove(&addr);
+                    }
                     return Ok(opened(c, failed));
                 }
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
-                    // with this address for a while: said when that while begins (not by
-                    // each connection whose handshake failed meanwhile), since mail to it
-                    // now goes unencrypted.
+                    // with this address for a while, longer with each failure in a row:
+                    // said when that while begins (not by each connection whose handshake
+                    // failed meanwhile), since mail to it now goes unencrypted.
                     let begins = {
                         let mut cleartext = dq.cleartext.borrow_mut();
                         let now = mono_ms();
-                        cleartext.retain(|_, until| *until > now);
-                        cleartext.insert(addr, now + 3_600_000).is_none()
+                        // Failures in a row are forgotten a window's longest after the last.
+                        cleartext.retain(|_, (until, _)| {
+                            until.saturating_add(CLEARTEXT_LONGEST_MS) > now
+                        });
+                        match cleartext.get(&addr).copied() {
+                            // A connection that began its handshake before another's failure.
+                            Some((until, _)) if until > now => None,
+                            was => {
+                                let failures = was.map_or(1, |(_, n)| n.saturating_add(1));
+                                let window = cleartext_window(self.pause_ms(), failures);
+                                cleartext.insert(addr, (now.saturating_add(window), failures));
+                                Some((window, failures))
+                            }
+                        }
                     };
-                    if begins {
+                    if let Some((window, failures)) = begins {
                         tracing::warn!(
                             next_hop = %dq.dest.key(),
                             %addr,
+                            failures_in_a_row = failures,
                             "STARTTLS failed ({e}); mail to this address goes in cleartext for \
-                             an hour (--outbound-tls opportunistic)"
+                             {} (--outbound-tls opportunistic; STARTTLS is tried again after \
+                             that, and each failure in a row doubles the while, up to an hour)",
+                            spoken_while(window)
                         );
                     } else {
                         tracing::debug!(%addr, "STARTTLS failed ({e}); in cleartext already");
@@ -1698,8 +1731,63 @@ fn addressed<J>(answered: &[(J, postern_proto::client::TransactionResult)]) -> b
     crate::conn::taken_with_an_addressing_status(answered.iter().map(|(_, r)| r))
 }
 
+/// The longest an address whose opportunistic handshakes fail is spoken to in cleartext
+/// before STARTTLS is tried again (ms).
+const CLEARTEXT_LONGEST_MS: u64 = 3_600_000;
+
+/// How long an address is spoken to in cleartext after its `failures`th failed handshake in
+/// a row (ms): the pause of a next hop that failed (`--retry-initial`, at most a minute),
+/// doubled with each failure after the first, up to an hour. One handshake cut by a passing
+/// fault (a reset, a timeout) costs a minute of cleartext, not an hour; a next hop whose TLS
+/// is broken for good costs a failed handshake now and then, not one per connection.
+fn cleartext_window(pause_ms: u64, failures: u32) -> u64 {
+    let doublings = failures.saturating_sub(1).min(32);
+    pause_ms
+        .max(1)
+        .saturating_mul(1u64 << doublings)
+        .min(CLEARTEXT_LONGEST_MS)
+}
+
+/// A while in words, for the log: "an hour", "8 minutes", "30 seconds", "200 ms".
+fn spoken_while(ms: u64) -> String {
+    match ms {
+        CLEARTEXT_LONGEST_MS => "an hour".to_owned(),
+        60_000 => "a minute".to_owned(),
+        1000 => "a second".to_owned(),
+        ms if ms % 60_000 == 0 => format!("{} minutes", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{} seconds", ms / 1000),
+        ms => format!("{ms} ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cleartext_after_failed_handshakes_doubles_from_the_pause_up_to_an_hour() {
+        use super::{cleartext_window, spoken_while};
+        let minute = 60_000;
+        let windows: Vec<u64> = (1..=9).map(|n| cleartext_window(minute, n)).collect();
+        let minutes = [1, 2, 4, 8, 16, 32, 60, 60, 60].map(|m| m * minute);
+        assert_eq!(windows, minutes);
+        assert_eq!(cleartext_window(200, 1), 200);
+        assert_eq!(cleartext_window(200, 3), 800);
+        // No overflow however many failures.
+        assert_eq!(cleartext_window(minute, u32::MAX), 3_600_000);
+        let said: Vec<String> = [minute, 2 * minute, 3_600_000, 30_000, 1000, 200]
+            .into_iter()
+            .map(spoken_while)
+            .collect();
+        let want = [
+            "a minute",
+            "2 minutes",
+            "an hour",
+            "30 seconds",
+            "a second",
+            "200 ms",
+        ];
+        assert_eq!(said, want);
+    }
+
     #[test]
     fn only_a_fully_qualified_name_not_localhost_is_taken_for_ours_in_a_greeting() {
         for ours in ["mx.example.net", "MX.Example.Net.", "a.b"] {
