@@ -198,6 +198,66 @@ fn required_tls_trusts_the_store_that_ssl_cert_file_names() {
 }
 
 #[test]
+fn required_tls_tries_the_next_mx_host_at_the_same_address_under_its_own_name() {
+    use dns_server::{Rec, TestDns};
+    // Two MX hosts at one address, the certificate naming only the second. The address was
+    // listed once, under the best host's name: its certificate failed that name, and the
+    // second host, whose name it carries, was never tried; the mail waited until returned.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["mx2.dest.test".into()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (sink, out, addr) = start_sink(&["--tls-cert", cert, "--tls-key", key]);
+    let port = addr.rsplit(':').next().unwrap();
+    let loopback = "127.0.0.1".parse().unwrap();
+    let dns = TestDns::start(
+        "test",
+        &[
+            ("dest.test.", Rec::Mx(10, "mx1.dest.test.")),
+            ("dest.test.", Rec::Mx(20, "mx2.dest.test.")),
+            ("mx1.dest.test.", Rec::A(loopback)),
+            ("mx2.dest.test.", Rec::A(loopback)),
+        ],
+    );
+    let dns_addr = dns.addr.to_string();
+    let server = Server::start(&[
+        "--dns-server",
+        &dns_addr,
+        "--mx-port",
+        port,
+        "--outbound-tls",
+        "required",
+        "--outbound-tls-ca",
+        cert,
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    send(
+        &server,
+        "a@origin.test",
+        &["r@dest.test"],
+        "<second-name@t>",
+        "x\r\n",
+    );
+    let m = server.metrics_until(|m| {
+        m.contains("postern_recipients_delivered_total 1\n")
+            || m.contains("postern_delivery_deferrals_total 1\n")
+    });
+    assert!(m.contains("postern_recipients_delivered_total 1\n"), "{m}");
+    assert!(m.contains("postern_delivery_deferrals_total 0\n"), "{m}");
+    // Delivered to the address under the second name, which its certificate carries.
+    let line = server.log_until(|l| l.contains("sent"));
+    assert!(line.contains("mx2.dest.test"), "{line}");
+    let counters = stop_sink(sink, out);
+    assert!(
+        counters.contains("postern_load_sink_messages_total 1\n"),
+        "{counters}"
+    );
+}
+
+#[test]
 fn outbound_starttls_opportunistic_and_required() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = localhost_cert(dir.path());

@@ -1427,7 +1427,12 @@ impl CoreRelay {
         // Each address once, under its best host: MX names that share addresses (aliases of
         // one pool) would have one attempt try the same host again and leave the backup MX
         // past the attempt's five addresses. An IPv4-mapped IPv6 address (an AAAA record
-        // for an IPv4 host) is that IPv4 address.
+        // for an IPv4 host) is that IPv4 address. Where TLS is required, the certificate is
+        // checked against the host's name, so an address is listed once for each name: one
+        // whose certificate does not name the best host may name the next (RFC 7672 2.2.2,
+        // RFC 8461 5: the next MX host is tried); it is passed over under the later names
+        // once it failed otherwise than in TLS (it is down whatever its name).
+        let by_name = policy == TlsPolicy::Required;
         let mut listed = std::collections::HashSet::new();
         let mut candidates: Vec<(&NextHop, SocketAddr)> = hops
             .iter()
@@ -1436,9 +1441,16 @@ impl CoreRelay {
                     .iter()
                     .map(move |&ip| (h, SocketAddr::new(ip.to_canonical(), port)))
             })
-            .filter(|&(_, a)| listed.insert(a))
+            .filter(|&(h, a)| listed.insert((a, by_name.then(|| h.host.to_ascii_lowercase()))))
             .collect();
-        *dq.addrs.borrow_mut() = candidates.iter().map(|&(_, a)| a).collect();
+        {
+            let mut once = std::collections::HashSet::new();
+            *dq.addrs.borrow_mut() = candidates
+                .iter()
+                .map(|&(_, a)| a)
+                .filter(|&a| once.insert(a))
+                .collect();
+        }
         let best = candidates.iter().map(|(h, _)| h.preference).min();
         // A host less preferred than one that could not be reached, or whose addresses could
         // not be looked up for now, stands in for it: its connection is a fallback, kept only
@@ -1447,7 +1459,7 @@ impl CoreRelay {
         // For a host that turns out to be this server: a more preferred one published, with
         // or without an address now, may take the mail later.
         let primary = best.into_iter().chain(published_best).min();
-        let addresses = candidates.len();
+        let addresses = dq.addrs.borrow().len();
         let mut failed = Vec::new();
         // Whether every address tried answered and then refused HELO for good (after EHLO):
         // that host will not take mail from us, now or later (RFC 5321 4.2.1: a 5yz is not
@@ -1475,9 +1487,14 @@ impl CoreRelay {
         // reachable ones, or a backup MX, untried at every attempt.
         let mut costly = 0;
         let mut no_route = Vec::new();
+        // Addresses that failed in this attempt otherwise than in TLS, under any name.
+        let mut down = std::collections::HashSet::new();
         for (hop, addr) in candidates.into_iter() {
             if costly == MAX_ADDRESSES_PER_ATTEMPT || no_route.len() == MAX_NO_ROUTE {
                 break;
+            }
+            if down.contains(&addr) || no_route.contains(&addr) {
+                continue;
             }
             let fallback = better.is_some_and(|b| hop.preference > b);
             // Addresses that failed on the way, as a carried job counts them (those this
@@ -1584,6 +1601,9 @@ impl CoreRelay {
                     if !matches!(&e, ConnError::Smtp(ClientError::Helo(r)) if r.is_permanent()) {
                         refused_helo = false;
                     }
+                    if !matches!(&e, ConnError::Tls(_)) {
+                        down.insert(addr);
+                    }
                     // The account kept is that of the last host that answered, if any did: a
                     // later address where nobody answered does not hide it.
                     if e.answered() || last_remote.is_none() {
@@ -1594,8 +1614,11 @@ impl CoreRelay {
                     }
                 }
             }
-            self.broke(dq, addr);
-            failed.push(addr);
+            // (An address tried under a second name, TLS being required, is one failure.)
+            if !failed.contains(&addr) {
+                self.broke(dq, addr);
+                failed.push(addr);
+            }
             costly += 1;
         }
         // Every address, not only those this attempt reached: a host further down the list
