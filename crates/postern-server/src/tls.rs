@@ -342,6 +342,20 @@ pub fn certificate_warnings(der: &[u8], hostname: Option<&str>, now: i64) -> Vec
             "the certificate expires on {until}, {when} (renew it)"
         ));
     }
+    // `openssl req -x509` marks what it makes an authority unless told otherwise: webpki
+    // (rustls, postern's own --outbound-tls required among them) refuses such a certificate
+    // as a server's own, whatever it names.
+    if let Ok(Some(bc)) = cert.basic_constraints() {
+        if bc.value.ca {
+            warnings.push(
+                "the certificate is marked as a certificate authority's (basicConstraints \
+                 CA:TRUE, what `openssl req -x509` makes unless told otherwise); clients that \
+                 verify it (rustls among them) refuse it as a server's own (make it with \
+                 `-addext basicConstraints=critical,CA:FALSE`, or have a CA issue it)"
+                    .to_owned(),
+            );
+        }
+    }
     let Some(hostname) = hostname else {
         return warnings;
     };
@@ -503,6 +517,26 @@ mod tests {
         let later = cert(&["mx.example.net"], now - 80 * DAY, now + 15 * DAY);
         assert_eq!(
             certificate_warnings(&later, Some("mx.example.net"), now),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_certificate_marked_as_an_authority_is_said_so() {
+        let now = 1_800_000_000;
+        let mut params = rcgen::CertificateParams::new(vec!["mx.example.net".into()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let w = one_warning(&der, "mx.example.net", now);
+        assert!(w.contains("CA:TRUE") && w.contains("CA:FALSE"), "{w}");
+        // Without a name to check, still said.
+        assert_eq!(certificate_warnings(&der, None, now).len(), 1);
+        // Marked as no authority: nothing to say.
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(
+            certificate_warnings(&der, Some("mx.example.net"), now),
             Vec::<String>::new()
         );
     }
