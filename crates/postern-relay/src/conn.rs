@@ -359,7 +359,16 @@ async fn timed<T>(
     };
     future::or(f, timeout)
         .await
-        .map_err(|e| ConnError::Io(e.to_string()))
+        .map_err(|e| ConnError::Io(io_text(&e)))
+}
+
+/// An I/O error in words, for a status record and a report. rustls's text for a TLS session
+/// that ended without its close_notify carries a link to its manual.
+fn io_text(e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::UnexpectedEof && e.to_string().contains("close_notify") {
+        return "connection closed by the server without ending TLS (no close_notify)".into();
+    }
+    e.to_string()
 }
 
 /// A failed handshake in words. rustls names most certificate faults itself, but passes on
@@ -369,8 +378,26 @@ async fn timed<T>(
 fn handshake_failure(e: &io::Error) -> String {
     use rustls::{CertificateError, Error};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
-    let Some(Error::InvalidCertificate(CertificateError::Other(other))) = inner else {
-        return e.to_string();
+    let other = match inner {
+        Some(Error::InvalidCertificate(CertificateError::Other(other))) => other,
+        // rustls's own texts name its types ("received corrupt message of type
+        // InvalidContentType"): what they mean for a next hop, the type kept in brackets.
+        Some(Error::InvalidMessage(m)) => {
+            return format!("the next hop's answer is not TLS or is damaged ({m:?})")
+        }
+        Some(Error::AlertReceived(a)) => {
+            return format!("the next hop ended the handshake with the alert {a:?}")
+        }
+        Some(Error::PeerIncompatible(p)) => {
+            return format!("no TLS version or cipher suite in common with the next hop ({p:?})")
+        }
+        Some(Error::PeerMisbehaved(p)) => {
+            return format!("the next hop broke the TLS protocol ({p:?})")
+        }
+        _ if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return "connection closed by the server during the TLS handshake".into()
+        }
+        _ => return io_text(e),
     };
     let name = other.to_string();
     let plain = match name.as_str() {
@@ -1277,6 +1304,42 @@ impl Outbound {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tls_failures_are_said_without_rustls_type_texts_or_links() {
+        use super::{handshake_failure, io_text};
+        use std::io::{Error, ErrorKind};
+        let tls = |e: rustls::Error| handshake_failure(&Error::new(ErrorKind::InvalidData, e));
+        let garbage = tls(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        ));
+        assert_eq!(
+            garbage,
+            "the next hop's answer is not TLS or is damaged (InvalidContentType)"
+        );
+        let alert = tls(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure,
+        ));
+        assert_eq!(
+            alert,
+            "the next hop ended the handshake with the alert HandshakeFailure"
+        );
+        let eof = Error::new(ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert_eq!(
+            handshake_failure(&eof),
+            "connection closed by the server during the TLS handshake"
+        );
+        let cut = Error::new(
+            ErrorKind::UnexpectedEof,
+            "peer closed connection without sending TLS close_notify: https://docs.rs/rustls/",
+        );
+        let said = io_text(&cut);
+        assert!(!said.contains("https://"), "{said}");
+        assert!(said.contains("without ending TLS"), "{said}");
+        // Other errors as the system says them.
+        let reset = Error::from_raw_os_error(104);
+        assert_eq!(io_text(&reset), reset.to_string());
+    }
+
     use std::io;
 
     #[test]
