@@ -94,6 +94,10 @@ pub enum CommandError {
     /// A BDAT line whose size cannot be read: the server cannot stay in step (501, then close).
     #[error("bad BDAT size")]
     BadChunkSize,
+    /// A BDAT line whose size was read but whose rest is wrong (`BDAT 5 LASTX`): the chunk is
+    /// read and thrown away, and refused with 501 (the session stays in step).
+    #[error("bad BDAT arguments")]
+    ChunkSyntax(u64),
 }
 
 impl CommandError {
@@ -119,7 +123,7 @@ impl CommandError {
             CommandError::DuplicateParameter => {
                 StaticReply::new(501, e(5, 5, 4), "Parameter given twice")
             }
-            CommandError::BadChunkSize => {
+            CommandError::BadChunkSize | CommandError::ChunkSyntax(_) => {
                 StaticReply::new(501, e(5, 5, 4), "Syntax: BDAT size [LAST]")
             }
         }
@@ -354,10 +358,10 @@ fn parse_bdat(arg: &[u8]) -> Result<Command<'static>, CommandError> {
     let last = match words.next() {
         None => false,
         Some(w) if w.eq_ignore_ascii_case("LAST") => true,
-        Some(_) => return Err(CommandError::BadChunkSize),
+        Some(_) => return Err(CommandError::ChunkSyntax(size)),
     };
     if words.next().is_some() {
-        return Err(CommandError::BadChunkSize);
+        return Err(CommandError::ChunkSyntax(size));
     }
     Ok(Command::Bdat { size, last })
 }
@@ -473,6 +477,10 @@ mod tests {
         assert_eq!(code("DATA now"), "501 5.5.4");
         assert_eq!(code("BDAT x"), "501 5.5.4");
         assert_eq!(code("BDAT 10 FIRST"), "501 5.5.4");
+        // The size was read: the chunk can be skipped.
+        assert_eq!(parse("BDAT 10 FIRST"), Err(CommandError::ChunkSyntax(10)));
+        assert_eq!(parse("BDAT 7 LAST LAST"), Err(CommandError::ChunkSyntax(7)));
+        assert_eq!(parse("BDAT x LAST"), Err(CommandError::BadChunkSize));
         assert_eq!(code("BDAT 99999999999999999999"), "501 5.5.4");
         assert_eq!(code("BDAT 00000000000000000000001 0"), "501 5.5.4");
         // chunk-size is 1*DIGIT (RFC 3030 2): leading zeros, however many, are a size.

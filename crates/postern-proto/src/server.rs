@@ -844,6 +844,20 @@ impl ServerSession {
             Err(_) if is_bdat(line) && !self.config.offer_chunking => {
                 return self.refuse_line(replies::BDAT_NOT_OFFERED, line);
             }
+            Err(e @ CommandError::ChunkSyntax(size)) if self.config.offer_chunking => {
+                // The size was read: the chunk is read and thrown away as a refused one is,
+                // answered 501 at its end, and its transaction fails (RFC 3030 2); the
+                // session stays in step. (Taken as not the last: a BDAT pipelined behind it
+                // gets the same refusal, any other command ends that.)
+                self.discarding = None;
+                self.phase = Phase::Chunk {
+                    decoder: ChunkDecoder::new(size),
+                    size,
+                    last: false,
+                };
+                self.body_failed = Some(e.reply().into());
+                return self.refused_mid_body();
+            }
             Err(CommandError::BadChunkSize) => {
                 // The chunk that follows cannot be skipped: stop before reading it as commands.
                 CommandError::BadChunkSize.reply().write(&mut self.out);

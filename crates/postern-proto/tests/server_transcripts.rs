@@ -475,6 +475,43 @@ fn bad_bdat_size_closes_the_connection() {
     assert!(o.closed);
 }
 
+/// A BDAT line whose size was read but whose other words are wrong: the chunk is read and
+/// thrown away (never run as commands), refused with 501 at its end, and its transaction
+/// fails (the chunk before it is dropped); the session stays in step and goes on.
+#[test]
+fn a_bdat_line_with_a_size_and_wrong_words_has_its_chunk_thrown_away() {
+    for bad in ["BDAT 6 LASTX", "BDAT 6 LAST LAST", "bdat 6 foo"] {
+        let mut input = client(&[
+            "EHLO client.test",
+            "MAIL FROM:<a@b.test>",
+            "RCPT TO:<c@mx.test>",
+        ]);
+        input.extend_from_slice(b"BDAT 3\r\nabc");
+        // The chunk would be a command, read as one.
+        input.extend_from_slice(format!("{bad}\r\nNOOP\r\n").as_bytes());
+        input.extend_from_slice(b"BDAT 2 LAST\r\nzz");
+        input.extend_from_slice(&client(&["MAIL FROM:<a@b.test>", "RCPT TO:<c@mx.test>"]));
+        input.extend_from_slice(b"BDAT 2 LAST\r\nok");
+        let o = run_every_split(&config(), &input);
+        assert_tail(
+            &o,
+            &[
+                "250 2.0.0 3 octets received",
+                "501 5.5.4 Syntax: BDAT size [LAST]",
+                // A chunk pipelined behind the refused one: refused alike.
+                "501 5.5.4 Syntax: BDAT size [LAST]",
+                "250 2.1.0 Ok",
+                "250 2.1.5 Ok",
+                "250 2.0.0 Ok: queued as Q1",
+            ],
+        );
+        assert!(!o.closed, "{bad}: {o:?}");
+        assert_eq!(o.aborted, 1, "{bad}: the first chunk's body is dropped");
+        assert_eq!(o.messages.len(), 1, "{bad}: {o:?}");
+        assert_eq!(o.messages[0].2, b"ok", "{bad}");
+    }
+}
+
 /// A BDAT line refused before its size is read (a bare LF, a line over the cap, with or
 /// without the leading zeros RFC 3030 allows) still announced a chunk: the chunk's octets must
 /// never run as commands.
