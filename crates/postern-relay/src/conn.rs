@@ -96,6 +96,12 @@ impl ConnError {
         })
     }
 
+    /// Whether TLS failed on the host's name alone (the certificate does not carry it, or
+    /// it is no name TLS can carry): the same address may do under another name.
+    pub fn on_the_name(&self) -> bool {
+        matches!(self, ConnError::Tls(s) if s.starts_with(NAME_NOT_CERTIFIED) || s.ends_with(NOT_A_SERVER_NAME))
+    }
+
     /// The status a report gives this failure where no reply of the next hop gives one:
     /// `4.7.4` for a next hop without the TLS required of it (security features not
     /// supported), `4.7.5` for a handshake or a certificate that failed (cryptographic
@@ -375,11 +381,21 @@ fn io_text(e: &io::Error) -> String {
 /// some of what its verifier found as a Rust identifier (`Other(OtherError(CaUsedAsEndEntity))`):
 /// those an operator meets with a misconfigured next hop are said plainly, the rest by name.
 /// (Malformed encodings, bad signatures and the wrong key usage rustls names itself.)
+/// How a handshake that failed on the certificate's names alone begins: under another name
+/// of the same address (an MX host beside it) the certificate may do.
+const NAME_NOT_CERTIFIED: &str = "the certificate does not name this host";
+
+/// The end of the text for a host name that TLS cannot carry.
+const NOT_A_SERVER_NAME: &str = "is not a valid TLS server name";
+
 fn handshake_failure(e: &io::Error) -> String {
     use rustls::{CertificateError, Error};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
     let other = match inner {
         Some(Error::InvalidCertificate(CertificateError::Other(other))) => other,
+        Some(Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => return format!("{NAME_NOT_CERTIFIED}: {e}"),
         // rustls's own texts name its types ("received corrupt message of type
         // InvalidContentType"): what they mean for a next hop, the type kept in brackets.
         Some(Error::InvalidMessage(m)) => {
@@ -515,9 +531,7 @@ impl Outbound {
             }
             Err(_) => {
                 self.end_session().await;
-                return Err(ConnError::Tls(format!(
-                    "'{remote}' is not a valid TLS server name"
-                )));
+                return Err(ConnError::Tls(format!("'{remote}' {NOT_A_SERVER_NAME}")));
             }
         };
         // A reply read before STARTTLS is written cannot be its answer (RFC 3207 4), and

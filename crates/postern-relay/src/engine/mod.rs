@@ -267,6 +267,10 @@ struct Opened {
     recheck_at: Option<Instant>,
     /// The MX preference of the host connected to (0 for other next hops).
     preference: u16,
+    /// In cleartext because the address's opportunistic handshakes failed: the end of that
+    /// while (ms, [`mono_ms`]), past which the connection takes no new transaction (even
+    /// when the while ended as it connected).
+    cleartext_until: Option<u64>,
 }
 
 /// A look-up of a kept connection's next hop under way: when to ask again and what the
@@ -336,6 +340,11 @@ fn recheck_time(until: Instant) -> Instant {
 /// `CoreRelay::still_chosen`): long enough for the resolver's cache or a DNS that answers at
 /// once, short beside a transaction.
 const RECHECK_WAIT: Duration = Duration::from_millis(200);
+
+/// The longest an address whose opportunistic handshakes fail is spoken to in cleartext
+/// before STARTTLS is tried again (ms); its failures in a row are remembered as long after
+/// the last while ends.
+const CLEARTEXT_LONGEST_MS: u64 = 3_600_000;
 
 /// Addresses tried within one attempt of a job at most (as Postfix's
 /// `smtp_mx_address_limit`): a domain with many addresses that all put mail off costs a

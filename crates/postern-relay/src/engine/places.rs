@@ -302,7 +302,12 @@ impl CoreRelay {
                 || dq.down_until.get() > now
                 || dq.serial_until.get() > now
                 || dq.lockstep_until.get() > now
-                || dq.cleartext.borrow().values().any(|&(until, _)| until > now)
+                // (Its failures in a row are kept as long as the count is: see `open`.)
+                || dq
+                    .cleartext
+                    .borrow()
+                    .values()
+                    .any(|&(until, _)| until.saturating_add(CLEARTEXT_LONGEST_MS) > now)
                 || dq.cap_until.get() > now
                 || dq.lookup_cap_until.get() > now
                 || dq.avoid.borrow().values().any(|&until| until > now)

@@ -127,13 +127,14 @@ impl CoreRelay {
             let opening = first.take().unwrap_or_else(|| Opening::new(&dq));
             let opened = self.open(&dq, &tried).await;
             drop(opening);
-            let (mut conn, fallback_until, mut recheck_at) = match opened {
+            let (mut conn, fallback_until, mut recheck_at, cleartext_until) = match opened {
                 Ok(Opened {
                     conn: c,
                     failed,
                     fallback,
                     recheck_at,
                     preference,
+                    cleartext_until,
                 }) => {
                     // A carried job counts the addresses that failed on the way as tried. One
                     // whose only way on is an address it already tried, or that has tried
@@ -156,7 +157,12 @@ impl CoreRelay {
                     let recheck_at = recheck_at
                         .filter(|_| !fallback)
                         .map(|at| (at, Chosen::new(&c, preference)));
-                    (c, fallback.then(|| mono_ms() + self.pause_ms()), recheck_at)
+                    (
+                        c,
+                        fallback.then(|| mono_ms() + self.pause_ms()),
+                        recheck_at,
+                        cleartext_until,
+                    )
                 }
                 Err(unopened) if unopened.1.is_none() && unopened.5 && dq.workers.get() > 1 => {
                     // Refused by a host that answered (a 421 greeting, say) while other
@@ -217,18 +223,6 @@ impl CoreRelay {
             // Counted out before any QUIT below: a connection saying QUIT works no more.
             let connected = Connected::new(&dq);
             dq.answered_at.set(mono_ms());
-            // In cleartext because the address's handshakes failed: kept for that while
-            // only, so that a next hop with mail enough to keep the connection busy gets
-            // STARTTLS again when the while is over.
-            let cleartext_until = (!conn.is_tls())
-                .then(|| {
-                    dq.cleartext
-                        .borrow()
-                        .get(&conn.addr)
-                        .map(|&(until, _)| until)
-                })
-                .flatten()
-                .filter(|&until| until > mono_ms());
             let mut used = false;
             // The next hop looked up again once the answers the connection was chosen by
             // expire (`still_chosen`), and whether that found it gone from this host.
@@ -283,7 +277,8 @@ impl CoreRelay {
                 if carry.is_empty() && (over(fallback_until) || over(cleartext_until)) {
                     // A less preferred host served long enough: see whether a better one is
                     // back (RFC 5321 5.1, preference order). Or the while in cleartext is
-                    // over: the next connection tries STARTTLS again.
+                    // over: the next connection tries STARTTLS again, so that a next hop with
+                    // mail enough to keep this one busy is not kept in cleartext by it.
                     drop(connected);
                     self.say_quit(conn).await;
                     continue 'connect;
@@ -1204,6 +1199,23 @@ impl CoreRelay {
         self.settle_all_in_turns(jobs, false, &last.status, &not_tried, None);
     }
 
+    /// The addresses in `on_a_name` (their certificate failed a host's name, another name
+    /// was ahead) other than `but` failed this attempt: noted as broken, and among `failed`.
+    fn failed_on_names(
+        &self,
+        dq: &DestQueue,
+        on_a_name: &mut Vec<SocketAddr>,
+        failed: &mut Vec<SocketAddr>,
+        but: Option<SocketAddr>,
+    ) {
+        for a in on_a_name.drain(..) {
+            if Some(a) != but && !failed.contains(&a) {
+                self.broke(dq, a);
+                failed.push(a);
+            }
+        }
+    }
+
     /// Passes over `addr` of `dq`'s next hop for a while (see `pause_ms`).
     pub(super) fn avoid(&self, dq: &DestQueue, addr: SocketAddr) {
         let now = mono_ms();
@@ -1487,11 +1499,27 @@ impl CoreRelay {
         // reachable ones, or a backup MX, untried at every attempt.
         let mut costly = 0;
         let mut no_route = Vec::new();
-        // Addresses that failed in this attempt otherwise than in TLS, under any name.
+        // With TLS required, an address listed under several names (see `by_name`): how many
+        // of its listings are still ahead, those that failed otherwise than on the name
+        // alone (down under any name), those that failed on a name with another ahead (not
+        // counted as failed unless the others fail too), and those counted against
+        // MAX_ADDRESSES_PER_ATTEMPT (once each, whatever its names).
+        let mut ahead: HashMap<SocketAddr, usize> = HashMap::new();
+        for &(_, a) in &candidates {
+            *ahead.entry(a).or_default() += 1;
+        }
         let mut down = std::collections::HashSet::new();
+        let mut on_a_name: Vec<SocketAddr> = Vec::new();
+        let mut counted = std::collections::HashSet::new();
         for (hop, addr) in candidates.into_iter() {
-            if costly == MAX_ADDRESSES_PER_ATTEMPT || no_route.len() == MAX_NO_ROUTE {
+            if no_route.len() == MAX_NO_ROUTE {
                 break;
+            }
+            if let Some(n) = ahead.get_mut(&addr) {
+                *n = n.saturating_sub(1);
+            }
+            if costly == MAX_ADDRESSES_PER_ATTEMPT && !counted.contains(&addr) {
+                continue;
             }
             if down.contains(&addr) || no_route.contains(&addr) {
                 continue;
@@ -1499,20 +1527,20 @@ impl CoreRelay {
             let fallback = better.is_some_and(|b| hop.preference > b);
             // Addresses that failed on the way, as a carried job counts them (those this
             // machine has no way to are not among them, as they are not counted here).
-            let opened = |conn: Outbound, failed: Vec<SocketAddr>| Opened {
+            let opened = |conn: Outbound, failed: Vec<SocketAddr>, cleartext_until| Opened {
                 conn,
                 failed,
                 fallback,
                 recheck_at,
                 preference: hop.preference,
+                cleartext_until,
             };
-            let cleartext = policy == TlsPolicy::Opportunistic
-                && dq
-                    .cleartext
-                    .borrow()
-                    .get(&addr)
-                    .is_some_and(|&(until, _)| until > mono_ms());
-            let setup = (policy != TlsPolicy::None && !cleartext).then(|| config_for(policy));
+            // The end of the while this address is spoken to in cleartext, if it lasts.
+            let window = (policy == TlsPolicy::Opportunistic)
+                .then(|| dq.cleartext.borrow().get(&addr).map(|&(until, _)| until))
+                .flatten()
+                .filter(|&until| until > mono_ms());
+            let setup = (policy != TlsPolicy::None && window.is_none()).then(|| config_for(policy));
             let helo = &config.hostname;
             tracing::debug!(%addr, host = %hop.host, "connecting");
             let connected =
@@ -1522,22 +1550,26 @@ impl CoreRelay {
             }
             match connected {
                 Ok(c) if check_greeting && c.names_itself(&config.hostname) => {
+                    self.failed_on_names(dq, &mut on_a_name, &mut failed, Some(addr));
                     return Err(loops_here(c, hop, addr, primary, &config.hostname, &failed).await);
                 }
                 Ok(c) => {
+                    // Addresses that failed on a name, other than this one (it works under
+                    // this name), failed.
+                    self.failed_on_names(dq, &mut on_a_name, &mut failed, Some(addr));
                     tracing::debug!(%addr, tls = c.is_tls(), "connected");
                     if c.is_tls() {
                         // Its handshakes work again: a later failure starts over.
                         dq.cleartext.borrow_mut().remove(&addr);
                     }
-                    return Ok(opened(c, failed));
+                    return Ok(opened(c, failed, window));
                 }
                 Err(ConnError::Tls(e)) if policy == TlsPolicy::Opportunistic => {
                     // Try again in cleartext on a new connection, and stay in cleartext
                     // with this address for a while, longer with each failure in a row:
                     // said when that while begins (not by each connection whose handshake
                     // failed meanwhile), since mail to it now goes unencrypted.
-                    let begins = {
+                    let (until, begins) = {
                         let mut cleartext = dq.cleartext.borrow_mut();
                         let now = mono_ms();
                         // Failures in a row are forgotten a window's longest after the last.
@@ -1546,12 +1578,13 @@ impl CoreRelay {
                         });
                         match cleartext.get(&addr).copied() {
                             // A connection that began its handshake before another's failure.
-                            Some((until, _)) if until > now => None,
+                            Some((until, _)) if until > now => (until, None),
                             was => {
                                 let failures = was.map_or(1, |(_, n)| n.saturating_add(1));
                                 let window = cleartext_window(self.pause_ms(), failures);
-                                cleartext.insert(addr, (now.saturating_add(window), failures));
-                                Some((window, failures))
+                                let until = now.saturating_add(window);
+                                cleartext.insert(addr, (until, failures));
+                                (until, Some((window, failures)))
                             }
                         }
                     };
@@ -1573,7 +1606,7 @@ impl CoreRelay {
                             let here = loops_here(c, hop, addr, primary, &config.hostname, &failed);
                             return Err(here.await);
                         }
-                        Ok(c) => return Ok(opened(c, failed)),
+                        Ok(c) => return Ok(opened(c, failed, Some(until))),
                         Err(e2) => {
                             refused_helo = false;
                             // It answered the first time (STARTTLS came before the
@@ -1601,9 +1634,6 @@ impl CoreRelay {
                     if !matches!(&e, ConnError::Smtp(ClientError::Helo(r)) if r.is_permanent()) {
                         refused_helo = false;
                     }
-                    if !matches!(&e, ConnError::Tls(_)) {
-                        down.insert(addr);
-                    }
                     // The account kept is that of the last host that answered, if any did: a
                     // later address where nobody answered does not hide it.
                     if e.answered() || last_remote.is_none() {
@@ -1612,15 +1642,32 @@ impl CoreRelay {
                         last_status = e.tls_status();
                         last_refused = refuses_session(&e);
                     }
+                    if by_name && e.on_the_name() && ahead.get(&addr).is_some_and(|&n| n > 0) {
+                        // Another name of this address is ahead: tried under it before the
+                        // address counts as failed.
+                        if !on_a_name.contains(&addr) {
+                            on_a_name.push(addr);
+                        }
+                        if counted.insert(addr) {
+                            costly += 1;
+                        }
+                        continue;
+                    }
+                    down.insert(addr);
                 }
             }
             // (An address tried under a second name, TLS being required, is one failure.)
+            on_a_name.retain(|&a| a != addr);
             if !failed.contains(&addr) {
                 self.broke(dq, addr);
                 failed.push(addr);
             }
-            costly += 1;
+            if counted.insert(addr) {
+                costly += 1;
+            }
         }
+        // Those whose other names were not reached.
+        self.failed_on_names(dq, &mut on_a_name, &mut failed, None);
         // Every address, not only those this attempt reached: a host further down the list
         // (a backup MX) may still take the mail. (Those this machine has no way to aside.)
         let refused =
@@ -1753,10 +1800,6 @@ pub(super) fn unresolved(domain: &str, e: &MxError) -> Unopened {
 fn addressed<J>(answered: &[(J, postern_proto::client::TransactionResult)]) -> bool {
     crate::conn::taken_with_an_addressing_status(answered.iter().map(|(_, r)| r))
 }
-
-/// The longest an address whose opportunistic handshakes fail is spoken to in cleartext
-/// before STARTTLS is tried again (ms).
-const CLEARTEXT_LONGEST_MS: u64 = 3_600_000;
 
 /// How long an address is spoken to in cleartext after its `failures`th failed handshake in
 /// a row (ms): the pause of a next hop that failed (`--retry-initial`, at most a minute),
