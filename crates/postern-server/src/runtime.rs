@@ -945,14 +945,14 @@ fn admit(core: &Rc<Core>, stream: glommio::net::TcpStream, implicit_tls: bool) -
                     let _ = futures_lite::io::AsyncWriteExt::close(&mut stream).await;
                     return;
                 }
-                count_refusal(&core, implicit_tls);
+                count_refusal(&core);
                 refuse(core, stream, refusal, implicit_tls).await;
             };
             glommio::spawn_local(task).detach();
             false
         }
         Err(refusal) => {
-            count_refusal(core, implicit_tls);
+            count_refusal(core);
             glommio::spawn_local(refuse(core.clone(), stream, refusal, implicit_tls)).detach();
             false
         }
@@ -994,7 +994,7 @@ async fn proxied(
         drop(permit);
         core.sessions.set(core.sessions.get() - 1);
         core.session_ended.notify(usize::MAX);
-        count_refusal(&core, implicit_tls);
+        count_refusal(&core);
         refuse(core, stream, refusal, implicit_tls).await;
         return;
     }
@@ -1047,12 +1047,9 @@ async fn proxy_header(
 
 /// Counts a connection refused at once, and its 421 on a plain listener (a reply like any
 /// other; on the implicit-TLS port it is counted once it has gone out inside TLS).
-fn count_refusal(core: &Core, implicit_tls: bool) {
-    let mut metrics = core.metrics.borrow_mut();
-    metrics.connections_refused += 1;
-    if !implicit_tls {
-        metrics.count_replies(b"421 \r\n");
-    }
+/// Counts a connection refused at a limit (its 421 is counted once written, in `refuse`).
+fn count_refusal(core: &Core) {
+    core.metrics.borrow_mut().connections_refused += 1;
 }
 
 /// Over-limit connections from load balancers that one core waits on for their PROXY header
@@ -1104,6 +1101,11 @@ async fn refuse(
             stream.write_all(text.as_bytes()).await.is_ok() && stream.close().await.is_ok()
         })
         .await;
+        // Counted as sent once written, as on the implicit-TLS port (a client that reset
+        // its connection at once gets none).
+        if wrote == Some(true) {
+            core.metrics.borrow_mut().count_replies(text.as_bytes());
+        }
         if wrote == Some(true) && !core.stopping.get() {
             session::linger(&core, &core.refusals_lingering, &mut stream, until).await;
         }

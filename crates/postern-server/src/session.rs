@@ -459,7 +459,6 @@ impl Session {
         if out.is_empty() {
             return true;
         }
-        self.core.metrics.borrow_mut().count_replies(out);
         // A client that sends but never reads (or reads a trickle) fills the socket's buffers
         // until this write waits: the whole write gets no longer than a command may, nor
         // past the session's cap, so such a client cannot hold its connection (and its place
@@ -490,6 +489,14 @@ impl Session {
             false
         };
         let ok = future::or(write, future::or(expire, stop)).await;
+        // Replies are counted as sent once written whole (not those of a write that timed
+        // out against a client that does not read, or that met a reset).
+        if ok {
+            self.core
+                .metrics
+                .borrow_mut()
+                .count_replies(self.proto.output());
+        }
         self.proto.clear_output();
         let queued = std::mem::take(&mut self.eod_queued);
         if let (Some(at), true, true) = (self.eod_at.take(), queued, ok) {

@@ -1040,6 +1040,10 @@ pub struct CoreRelay {
     bounces_waiting: RefCell<HashMap<String, Arc<Msg>>>,
     /// The recipients of the messages in `bounces_waiting`, all together.
     bounces_waiting_recipients: Cell<u64>,
+    /// Messages taken out of `tracked` whose `finish` has not ended (their reports being
+    /// spooled, their last statuses made durable), and their recipients: not final yet, so
+    /// still counted in the queue's depth.
+    finishing: Cell<(u64, u64)>,
     /// Outcomes the report loop has taken from its inbox and not yet settled.
     settling: Cell<usize>,
     /// The last [`Relay::deletions`] whose jobs this core dropped.
@@ -1205,6 +1209,7 @@ impl CoreRelay {
             unrecorded_logged: Cell::new((None, 0)),
             bounces_waiting: RefCell::new(HashMap::new()),
             bounces_waiting_recipients: Cell::new(0),
+            finishing: Cell::new((0, 0)),
             settling: Cell::new(0),
             deletions_seen: Cell::new(0),
             copying: Cell::new(false),
@@ -1338,9 +1343,10 @@ impl CoreRelay {
         let (n, recipients) = {
             let tracked = self.tracked.borrow();
             let waiting = self.bounces_waiting.borrow().len() as u64;
+            let (finishing, finishing_recipients) = self.finishing.get();
             (
-                tracked.len() as u64 + waiting,
-                tracked.recipients + self.bounces_waiting_recipients.get(),
+                tracked.len() as u64 + waiting + finishing,
+                tracked.recipients + self.bounces_waiting_recipients.get() + finishing_recipients,
             )
         };
         self.relay.depth.set(self.id, n);

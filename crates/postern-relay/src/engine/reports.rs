@@ -176,7 +176,7 @@ impl CoreRelay {
                 let me = self.clone();
                 let busy = Reporting::new(self);
                 spawn_detached(async move {
-                    me.finish(t).await;
+                    me.finish_counted(t).await;
                     drop(busy);
                 });
             }
@@ -303,7 +303,7 @@ impl CoreRelay {
         };
         if let Some(t) = done {
             self.publish_depth();
-            self.finish(t).await;
+            self.finish_counted(t).await;
         } else if more {
             // Failures that came while this bounce was made: reported now, their gathering
             // done meanwhile.
@@ -467,6 +467,19 @@ impl CoreRelay {
 
     /// Every recipient has its outcome: bounce the failed ones, record them, forget the
     /// message once it is all durable.
+    /// [`CoreRelay::finish`], the message counted in the queue's depth until it ends.
+    async fn finish_counted(self: Rc<Self>, t: Tracked) {
+        let recipients = t.msg.meta.recipients.len() as u64;
+        let (n, r) = self.finishing.get();
+        self.finishing.set((n + 1, r + recipients));
+        self.publish_depth();
+        self.clone().finish(t).await;
+        let (n, r) = self.finishing.get();
+        self.finishing
+            .set((n.saturating_sub(1), r.saturating_sub(recipients)));
+        self.publish_depth();
+    }
+
     pub(super) async fn finish(self: Rc<Self>, mut t: Tracked) {
         let msg = t.msg.clone();
         let msg = &msg;
