@@ -150,26 +150,52 @@ fn load(
                 .into(),
         ));
     }
-    let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| bad("--tls-key", key, pem_error(&e)))?
-        .ok_or_else(|| {
-            bad(
-                "--tls-key",
-                key,
-                "no private key found (PEM, PKCS#1, PKCS#8 or SEC1)".into(),
-            )
-        })?;
+    let mut keys = private_keys(&key_pem).map_err(|e| bad("--tls-key", key, pem_error(&e)))?;
+    if keys.is_empty() {
+        return Err(bad(
+            "--tls-key",
+            key,
+            "no private key found (PEM, PKCS#1, PKCS#8 or SEC1)".into(),
+        ));
+    }
+    // A file with several keys (a renewal's new key beside the old, say): the one of the
+    // certificate is used, said at start; with none of them its, the first is tried below
+    // and the mismatch said with the count.
+    let several = keys.len();
+    let chosen = (several > 1)
+        .then(|| {
+            keys.iter().position(|k| {
+                // (`from_der` checks that the key is the certificate's.)
+                CertifiedKey::from_der(certs.clone(), k.clone_key(), provider).is_ok()
+            })
+        })
+        .flatten();
+    let key_der = keys.swap_remove(chosen.unwrap_or(0));
     let key_warning = open_key_warning(key);
+    if let Some(i) = chosen.filter(|_| warn) {
+        tracing::warn!(
+            "--tls-key {}: the file holds {several} private keys; the one of the certificate \
+             (key {} of {several}) is used",
+            key.display(),
+            i + 1
+        );
+    }
+    let key_count_note = if several > 1 && chosen.is_none() {
+        format!(" (the file holds {several} private keys, none of them the certificate's)")
+    } else {
+        String::new()
+    };
     let warnings = certificate_warnings(&certs[0], hostname, unix_now());
     let claimed_kind = key_kind(&key_der);
     let certified = CertifiedKey::from_der(certs, key_der, provider).map_err(|e| {
         // The advice fits the failure: a key of a kind rustls does not sign with (Ed448, DSA)
         // or a certificate that does not parse is not a mismatch.
         let why = match e {
-            rustls::Error::InconsistentKeys(_) => "the key does not match the certificate; the \
-                 key must be the one of the first certificate in the file (the server's own, \
-                 followed by its chain)"
-                .to_owned(),
+            rustls::Error::InconsistentKeys(_) => format!(
+                "the key does not match the certificate{key_count_note}; the key must be the \
+                 one of the first certificate in the file (the server's own, followed by its \
+                 chain)"
+            ),
             rustls::Error::General(ref m) if m.contains("failed to parse private key") => {
                 match claimed_kind {
                     // A kind that is signed with, yet unreadable: the file is damaged, or
@@ -211,6 +237,21 @@ fn load(
         }
     }
     Ok(certified)
+}
+
+/// Every private key in a PEM file (PKCS#1, PKCS#8 or SEC1), in order.
+fn private_keys(pem: &[u8]) -> std::io::Result<Vec<PrivateKeyDer<'static>>> {
+    use rustls_pemfile::Item;
+    let mut keys = Vec::new();
+    for item in rustls_pemfile::read_all(&mut &pem[..]) {
+        match item? {
+            Item::Pkcs1Key(k) => keys.push(PrivateKeyDer::Pkcs1(k)),
+            Item::Pkcs8Key(k) => keys.push(PrivateKeyDer::Pkcs8(k)),
+            Item::Sec1Key(k) => keys.push(PrivateKeyDer::Sec1(k)),
+            _ => {}
+        }
+    }
+    Ok(keys)
 }
 
 /// What to say of a private key file that users other than its owner and group can read or
@@ -660,6 +701,33 @@ mod tests {
         let why = load_error(&garbled, &own_key);
         assert!(why.contains("certificate cannot be read"), "{why}");
         assert!(!why.contains("peer"), "{why}");
+    }
+
+    #[test]
+    fn of_several_keys_in_a_file_the_certificate_s_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
+        let cert = file(
+            dir.path(),
+            "cert.pem",
+            &params.self_signed(&key).unwrap().pem(),
+        );
+        let (other, third) = (
+            rcgen::KeyPair::generate().unwrap(),
+            rcgen::KeyPair::generate().unwrap(),
+        );
+        let provider = rustls::crypto::ring::default_provider();
+        // Another key first, the certificate's second: taken.
+        let both = format!("{}{}", other.serialize_pem(), key.serialize_pem());
+        let keys = file(dir.path(), "both.pem", &both);
+        let loaded = load(&cert, &keys, None, &provider, false).unwrap();
+        assert!(loaded.keys_match().is_ok());
+        // None of them the certificate's: refused, the count said.
+        let neither = format!("{}{}", other.serialize_pem(), third.serialize_pem());
+        let why = load_error(&cert, &file(dir.path(), "neither.pem", &neither));
+        assert!(why.contains("does not match the certificate"), "{why}");
+        assert!(why.contains("holds 2 private keys, none of them"), "{why}");
     }
 
     #[test]
