@@ -179,6 +179,9 @@ pub struct Outbound {
     /// A write failed or ran out of time: what the next hop has may end inside a command or
     /// a body, so nothing more is written (a QUIT there could complete a BDAT chunk).
     write_failed: bool,
+    /// Asked when a transaction's body is due: true when its message was withdrawn (deleted
+    /// by the operator) meanwhile, and the body is not to be sent (see [`WITHDRAWN`]).
+    withdrawn: Option<Box<dyn Fn() -> bool>>,
     /// When the last reply was read (or the connection made, or [`Outbound::quiet_from_now`]
     /// called), and how long the next hop had been quiet before it.
     last_reply: Instant,
@@ -331,6 +334,11 @@ const NOOP_ECHO_WAIT: Duration = Duration::from_secs(2);
 /// The text of a [`timed`] read or write that ran out of time.
 pub(crate) const TIMED_OUT: &str = "timed out";
 
+/// The text of a transaction given up before its body because its message was withdrawn
+/// (deleted by the operator) while its envelope was answered: the connection is given up
+/// with it, and the message's deletion stands for its outcome.
+pub(crate) const WITHDRAWN: &str = "withdrawn before its body was sent";
+
 /// The most body octets one write carries, each write given the data-block timeout.
 const BODY_BLOCK: usize = 64 * 1024;
 
@@ -466,6 +474,7 @@ impl Outbound {
             answered_mark: std::cell::Cell::new(0),
             quit_owed: std::cell::Cell::new(false),
             write_failed: false,
+            withdrawn: None,
             last_reply: Instant::now(),
             quiet_before_last: Duration::ZERO,
             replies_at_write: 0,
@@ -846,6 +855,14 @@ impl Outbound {
                 };
                 Err(Err(ConnError::Io(why.into())))
             }
+            ClientEvent::SendBody if self.withdrawn.as_ref().is_some_and(|w| w()) => {
+                // Withdrawn while its envelope was answered (a next hop slow to say 354):
+                // the body is not sent. Past a 354 or a BDAT line only the connection's end
+                // takes the transaction back; nothing more is written (a QUIT would be read
+                // as body), as after a write that broke off.
+                self.write_failed = true;
+                Err(Err(ConnError::Io(WITHDRAWN.into())))
+            }
             ClientEvent::SendBody => {
                 if let Err(broke) = self.send_body(tx.mode, body, t.data_block).await {
                     return self.after_broken_body(broke).await;
@@ -974,6 +991,12 @@ impl Outbound {
     /// transaction.
     pub fn write_broke(&self) -> bool {
         self.write_failed
+    }
+
+    /// Sets what is asked when a transaction's body is due (see [`WITHDRAWN`]); None asks
+    /// nothing.
+    pub fn withdraw_if(&mut self, withdrawn: Option<Box<dyn Fn() -> bool>>) {
+        self.withdrawn = withdrawn;
     }
 
     /// Whether [`Outbound::out_of_step_given_up`] marked it, and it is still owed a QUIT.

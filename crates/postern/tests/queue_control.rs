@@ -577,6 +577,68 @@ fn the_listing_and_a_flush_say_when_the_server_holds_its_mail() {
     drop(server);
 }
 
+#[test]
+fn a_message_deleted_while_its_next_hop_holds_back_its_354_is_not_sent() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    // The next hop (without CHUNKING: the body waits for DATA's 354) takes the envelope and
+    // sits on its answer to DATA; the operator deletes the message meanwhile, and `postern
+    // queue --delete` says it is deleted. Before, the 354 then came and the body went out: a
+    // message reported deleted was delivered.
+    let (go, held) = std::sync::mpsc::channel::<()>();
+    let (seen, data_seen) = std::sync::mpsc::channel::<()>();
+    let (after, what_came) = std::sync::mpsc::channel::<Vec<u8>>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        w.write_all(b"220 hop.test ESMTP\r\n").unwrap();
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.starts_with("EHLO") {
+                w.write_all(b"250-hop.test\r\n250 8BITMIME\r\n").unwrap();
+            } else if line.starts_with("DATA") {
+                seen.send(()).unwrap();
+                let _ = held.recv();
+                w.write_all(b"354 go\r\n").unwrap();
+                // Whatever comes after the 354 until the connection ends.
+                let mut rest = Vec::new();
+                let _ = r.read_to_end(&mut rest);
+                let _ = after.send(rest);
+                return;
+            } else {
+                w.write_all(b"250 2.0.0 ok\r\n").unwrap();
+            }
+            line.clear();
+        }
+    });
+    let route = format!("dest.test=127.0.0.1:{port}");
+    let server = Server::start(&["--route", &route, "--cores", "1"]);
+    let id = send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<withdrawn@t>",
+        "not to be sent\r\n",
+    );
+    data_seen.recv_timeout(Duration::from_secs(20)).unwrap();
+    let (code, out, err) = delete(&server.spool, &id);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(out, format!("deleted {id}\n"));
+    go.send(()).unwrap();
+    // The connection is given up with the transaction, the body unsent.
+    let came = what_came.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert!(
+        came.is_empty(),
+        "after the 354: {:?}",
+        String::from_utf8_lossy(&came)
+    );
+    let line = server.log_until(|l| l.contains("its body was not sent"));
+    assert!(line.contains(&id), "{line}");
+}
+
 /// `postern queue --delete IDS` on `spool`: exit code, stdout, stderr.
 fn delete(spool: &std::path::Path, ids: &str) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_postern"))

@@ -787,7 +787,22 @@ impl CoreRelay {
         let Some((job, tx, body)) = self.prepare(conn, job) else {
             return After::Keep;
         };
+        // A message deleted by the operator while its envelope is answered (a next hop slow
+        // to say 354) does not have its body sent: its deletion, already reported done,
+        // would otherwise be followed by its delivery.
+        let msg = job.msg.clone();
+        conn.withdraw_if(Some(Box::new(move || msg.deleted.load(Ordering::Acquire))));
         let outcome = conn.deliver(&tx, &body, &self.relay.config.timeouts).await;
+        conn.withdraw_if(None);
+        if matches!(&outcome, Err(Err(ConnError::Io(why))) if why == crate::conn::WITHDRAWN) {
+            tracing::info!(
+                queue_id = %job.msg.queue_id,
+                remote = %conn.remote,
+                "deleted by the operator while its transaction was under way: its body was not \
+                 sent, and the connection is given up with it"
+            );
+            return After::Broken;
+        }
         if let Err(Err(ConnError::Stale(e))) = &outcome {
             // The next hop ended a kept connection before this transaction began: the job
             // goes on a new connection, not charged a failed attempt (a new connection never
