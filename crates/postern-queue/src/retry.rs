@@ -58,11 +58,24 @@ impl RetryPolicy {
     /// `initial` again after a restart, nor after a wait under `--hold` (the age-based
     /// back-off Postfix's queue manager uses).
     pub fn after_failure(&self, arrival: u64, failures: u32, now: u64) -> RetryDecision {
+        self.after_failure_at(arrival, now.saturating_sub(arrival), failures, now)
+    }
+
+    /// [`RetryPolicy::after_failure`] for a message `age` ms old, as its owner counts it (on
+    /// a clock that steps of the wall clock do not move); its lifetime still ends by the
+    /// wall clock, from `arrival`.
+    pub fn after_failure_at(
+        &self,
+        arrival: u64,
+        age: u64,
+        failures: u32,
+        now: u64,
+    ) -> RetryDecision {
         let deadline = arrival.saturating_add(millis(self.lifetime));
         if now >= deadline {
             return RetryDecision::Expire;
         }
-        let age = now.saturating_sub(arrival).min(millis(self.max));
+        let age = age.min(millis(self.max));
         let delay = self.delay(failures).max(age);
         RetryDecision::RetryAt(now.saturating_add(delay).min(deadline))
     }
@@ -78,8 +91,21 @@ impl RetryPolicy {
         now: u64,
         pause: u64,
     ) -> RetryDecision {
+        self.after_untried_at(arrival, now.saturating_sub(arrival), failures, now, pause)
+    }
+
+    /// [`RetryPolicy::after_untried`] for a message `age` ms old (see
+    /// [`RetryPolicy::after_failure_at`]).
+    pub fn after_untried_at(
+        &self,
+        arrival: u64,
+        age: u64,
+        failures: u32,
+        now: u64,
+        pause: u64,
+    ) -> RetryDecision {
         let pause = pause.max(1);
-        match self.after_failure(arrival, failures, now) {
+        match self.after_failure_at(arrival, age, failures, now) {
             RetryDecision::Expire
                 if now < self.expiry(arrival).saturating_add(pause.saturating_mul(2)) =>
             {
@@ -110,6 +136,30 @@ impl RetryPolicy {
 mod tests {
     use super::{RetryDecision, RetryPolicy};
     use std::time::Duration;
+
+    #[test]
+    fn the_delay_follows_the_age_given_not_the_wall_clock_s() {
+        let p = policy();
+        let arrival = 1_000_000_000;
+        // Ten seconds old by the owner's count, though the wall clock says two hours (it was
+        // stepped ahead): the doubling delay, not an hour.
+        let now = arrival + 2 * 3_600_000;
+        assert_eq!(
+            p.after_failure_at(arrival, 10_000, 1, now),
+            RetryDecision::RetryAt(now + 300_000)
+        );
+        // By the wall clock's age: the longest delay.
+        assert_eq!(
+            p.after_failure(arrival, 1, now),
+            RetryDecision::RetryAt(now + 3_600_000)
+        );
+        // The lifetime still ends by the wall clock.
+        let late = arrival + 5 * 86_400_000;
+        assert_eq!(
+            p.after_failure_at(arrival, 10_000, 1, late),
+            RetryDecision::Expire
+        );
+    }
 
     fn policy() -> RetryPolicy {
         RetryPolicy {

@@ -674,6 +674,55 @@ fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
 }
 
 #[test]
+fn a_step_ahead_of_the_clock_does_not_age_deferred_mail_into_the_longest_delay() {
+    let down = reserve("127.0.0.1", 0);
+    let port = down.1;
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let (library, offset_file) = (faketime_library(), offset.to_str().unwrap().to_owned());
+    let route = format!("dest.test=127.0.0.1:{port}");
+    // The longest delay an hour (the default): a message as old as that waits that long.
+    let args = [
+        "--route",
+        &route,
+        "--retry-initial",
+        "1s",
+        "--cores",
+        "1",
+        "--metrics",
+        "127.0.0.1:0",
+    ];
+    let server = Server::start_with_env(
+        &args,
+        &[
+            ("LD_PRELOAD", library.to_str().unwrap()),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_file),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    send(
+        &server,
+        "a@origin.test",
+        &["b@dest.test"],
+        "<ahead@t>",
+        "one\r\n",
+    );
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 1\n"));
+    // The wall clock is stepped two hours ahead (a virtual machine resumed, a clock set
+    // right); the attempt after that fails too. Before, the message then counted as two
+    // hours old and waited the longest delay, an hour, for its next attempt.
+    std::fs::write(&offset, "+2h\n").unwrap();
+    server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
+    drop(down);
+    let peer = Peer::start_on("127.0.0.1", port, &[]);
+    let stored = peer.wait_for("the message", Duration::from_secs(30), |s| !s.is_empty());
+    assert_eq!(stored[0].message_id, "<ahead@t>");
+}
+
+#[test]
 fn sigkill_during_deliveries_loses_nothing_and_repeats_only_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");

@@ -132,6 +132,32 @@ struct Msg {
     /// Deleted by the operator (`postern queue --delete`): its jobs still queued on any core
     /// are dropped instead of delivered.
     deleted: AtomicBool,
+    /// When the engine took it (see [`Seen`]).
+    seen: Seen,
+}
+
+/// When the engine took a message ([`mono_ms`]), and its age then (the wall clock's, from
+/// its arrival): its age later is counted on from there on the monotonic clock, so that a
+/// step of the wall clock ahead does not make every deferred message as old as the step
+/// (the retry delay grows with the age), nor one back make it younger.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at: u64,
+    age: u64,
+}
+
+impl Seen {
+    fn now(arrival: u64) -> Seen {
+        Seen {
+            at: mono_ms(),
+            age: now_ms().saturating_sub(arrival),
+        }
+    }
+
+    /// The message's age now (ms).
+    fn age(&self) -> u64 {
+        self.age.saturating_add(mono_ms().saturating_sub(self.at))
+    }
 }
 
 impl Msg {
@@ -1091,6 +1117,7 @@ impl Delivery for CoreRelay {
         let msg = Arc::new(Msg {
             queue_id: message.queue_id,
             owner: self.id,
+            seen: Seen::now(arrival_ms(&message.meta)),
             meta: message.meta,
             body: Mutex::new(message.body),
             deleted: AtomicBool::new(false),
@@ -1255,6 +1282,7 @@ impl CoreRelay {
             let msg = Arc::new(Msg {
                 queue_id: m.queue_id.clone(),
                 owner: self.id,
+                seen: Seen::now(arrival_ms(&m.meta)),
                 meta: m.meta.clone(),
                 body: Mutex::new(m.body().clone()),
                 deleted: AtomicBool::new(false),
@@ -1796,6 +1824,7 @@ mod tests {
             Arc::new(Msg {
                 queue_id: format!("m{i}"),
                 owner: 0,
+                seen: Seen::now(0),
                 meta: MessageMeta {
                     arrival: 0,
                     client: String::new(),

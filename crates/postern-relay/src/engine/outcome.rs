@@ -310,9 +310,15 @@ impl CoreRelay {
         // Put off unsent because its next hop was suspended while it waited (see `suspend`):
         // its last attempt, if this was to be it, comes after the pause.
         let decision = if texts.is_empty() && text.starts_with(dsn::NOT_TRIED) {
-            retry.after_untried(arrival, failures, now_ms(), self.pause_ms())
+            retry.after_untried_at(
+                arrival,
+                job.msg.seen.age(),
+                failures,
+                now_ms(),
+                self.pause_ms(),
+            )
         } else {
-            retry.after_failure(arrival, failures, now_ms())
+            retry.after_failure_at(arrival, job.msg.seen.age(), failures, now_ms())
         };
         match decision {
             RetryDecision::RetryAt(at) => {
