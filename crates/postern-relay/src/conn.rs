@@ -397,17 +397,14 @@ const NAME_NOT_CERTIFIED: &str = "the certificate does not name this host";
 const NOT_A_SERVER_NAME: &str = "is not a valid TLS server name";
 
 fn handshake_failure(e: &io::Error) -> String {
-    use rustls::{CertificateError, Error};
+    use rustls::{CertificateError as C, Error};
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<Error>());
-    let other = match inner {
-        Some(Error::InvalidCertificate(CertificateError::Other(other))) => other,
-        Some(Error::InvalidCertificate(
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        )) => return format!("{NAME_NOT_CERTIFIED}: {e}"),
+    let certificate = match inner {
+        Some(Error::InvalidCertificate(c)) => c,
         // rustls's own texts name its types ("received corrupt message of type
-        // InvalidContentType"): what they mean for a next hop, the type kept in brackets.
-        Some(Error::InvalidMessage(m)) => {
-            return format!("the next hop's answer is not TLS or is damaged ({m:?})")
+        // InvalidContentType"): what they mean for a next hop.
+        Some(Error::InvalidMessage(_)) => {
+            return "the next hop's answer is not TLS, or is damaged".into()
         }
         Some(Error::AlertReceived(a)) => {
             return format!("the next hop ended the handshake with the alert {a:?}")
@@ -423,16 +420,63 @@ fn handshake_failure(e: &io::Error) -> String {
         }
         _ => return io_text(e),
     };
-    let name = other.to_string();
-    let plain = match name.as_str() {
-        "CaUsedAsEndEntity" => "it is a CA certificate, not a server's",
-        "EndEntityUsedAsCa" => "a server's certificate signs another in its chain",
-        "PathLenConstraintViolated" => "its chain is longer than an authority in it allows",
-        "NameConstraintViolation" => "its names are outside what its authority may certify",
-        "UnsupportedCertVersion" => "it is not an X.509 v3 certificate",
-        "UnsupportedCriticalExtension" => "it has a critical extension that is not understood",
-        "SignatureAlgorithmMismatch" => "its signature does not verify",
-        _ => return format!("invalid peer certificate: {name}"),
+    let plain = match certificate {
+        C::NotValidForName => return NAME_NOT_CERTIFIED.into(),
+        C::NotValidForNameContext { presented, .. } => {
+            // rustls writes each name as its type would be (`DnsName("a.example")`).
+            let names: Vec<&str> = presented
+                .iter()
+                .map(|n| {
+                    n.strip_prefix("DnsName(\"")
+                        .and_then(|n| n.strip_suffix("\")"))
+                        .or_else(|| {
+                            n.strip_prefix("IpAddress(")
+                                .and_then(|n| n.strip_suffix(')'))
+                        })
+                        .unwrap_or(n)
+                })
+                .collect();
+            return match names.as_slice() {
+                [] => format!("{NAME_NOT_CERTIFIED} (it names no host)"),
+                names => format!("{NAME_NOT_CERTIFIED} (it names {})", names.join(", ")),
+            };
+        }
+        C::UnknownIssuer => "its issuer is not trusted (no chain to a trusted authority)".into(),
+        C::BadSignature => "its signature does not verify".into(),
+        C::Expired => "it has expired".into(),
+        C::ExpiredContext { not_after, .. } => {
+            format!("it expired on {}", crate::dsn::date(not_after.as_secs()))
+        }
+        C::NotValidYet => "it is not valid yet".into(),
+        C::NotValidYetContext { not_before, .. } => {
+            format!(
+                "it is not valid before {}",
+                crate::dsn::date(not_before.as_secs())
+            )
+        }
+        C::Revoked => "it has been revoked".into(),
+        C::BadEncoding => "it cannot be read".into(),
+        C::UnhandledCriticalExtension => {
+            "it has a critical extension that is not understood".into()
+        }
+        C::Other(other) => match other.to_string().as_str() {
+            "CaUsedAsEndEntity" => "it is a CA certificate, not a server's".into(),
+            "EndEntityUsedAsCa" => "a server's certificate signs another in its chain".into(),
+            "PathLenConstraintViolated" => {
+                "its chain is longer than an authority in it allows".into()
+            }
+            "NameConstraintViolation" => {
+                "its names are outside what its authority may certify".into()
+            }
+            "UnsupportedCertVersion" => "it is not an X.509 v3 certificate".into(),
+            "UnsupportedCriticalExtension" => {
+                "it has a critical extension that is not understood".into()
+            }
+            "SignatureAlgorithmMismatch" => "its signature does not verify".into(),
+            name => name.to_owned(),
+        },
+        // The others (a purpose, a revocation list, an algorithm) rustls says in words.
+        _ => return io_text(e),
     };
     format!("invalid peer certificate: {plain}")
 }
@@ -1349,10 +1393,37 @@ mod tests {
         let garbage = tls(rustls::Error::InvalidMessage(
             rustls::InvalidMessage::InvalidContentType,
         ));
+        assert_eq!(garbage, "the next hop's answer is not TLS, or is damaged");
+        // Certificates: in words, without rustls's type names.
+        let cert = |c: rustls::CertificateError| tls(rustls::Error::InvalidCertificate(c));
+        let name = cert(rustls::CertificateError::NotValidForNameContext {
+            expected: rustls::pki_types::ServerName::try_from("mx.example.net").unwrap(),
+            presented: vec![
+                "DnsName(\"other.example\")".into(),
+                "IpAddress(127.0.0.9)".into(),
+            ],
+        });
         assert_eq!(
-            garbage,
-            "the next hop's answer is not TLS or is damaged (InvalidContentType)"
+            name,
+            "the certificate does not name this host (it names other.example, 127.0.0.9)"
         );
+        assert_eq!(
+            cert(rustls::CertificateError::UnknownIssuer),
+            "invalid peer certificate: its issuer is not trusted (no chain to a trusted authority)"
+        );
+        let expired = cert(rustls::CertificateError::ExpiredContext {
+            time: rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                1_800_000_000,
+            )),
+            not_after: rustls::pki_types::UnixTime::since_unix_epoch(
+                std::time::Duration::from_secs(1_700_000_000),
+            ),
+        });
+        assert!(
+            expired.starts_with("invalid peer certificate: it expired on "),
+            "{expired}"
+        );
+        assert!(!expired.contains("UNIX"), "{expired}");
         let alert = tls(rustls::Error::AlertReceived(
             rustls::AlertDescription::HandshakeFailure,
         ));

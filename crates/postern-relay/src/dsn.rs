@@ -1059,7 +1059,7 @@ fn timestamp(unix: u64) -> i64 {
 }
 
 /// An RFC 5322 date in UTC for unix seconds, held to four-digit years.
-fn date(unix: u64) -> String {
+pub(crate) fn date(unix: u64) -> String {
     Date::new(timestamp(unix)).to_rfc822()
 }
 
