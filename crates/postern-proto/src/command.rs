@@ -239,7 +239,9 @@ impl<'a> Command<'a> {
                 let (path, rest) = parse_reverse_path(rest).map_err(CommandError::Sender)?;
                 // The path is whole: what sticks to it (a tab before a parameter) is the
                 // line's syntax, not the address's.
-                if !rest.is_empty() && !rest.starts_with(' ') {
+                // (A tab among the parameters too: they are separated by spaces, and no
+                // value holds one.)
+                if (!rest.is_empty() && !rest.starts_with(' ')) || rest.contains('\t') {
                     return Err(CommandError::Syntax(MAIL_PARAMETERS));
                 }
                 Ok(Command::Mail(path, MailParams::parse(rest)?))
@@ -249,7 +251,9 @@ impl<'a> Command<'a> {
                 let rest = strip_keyword(arg, "TO:")
                     .ok_or(CommandError::Syntax("Syntax: RCPT TO:<address>"))?;
                 let (path, rest) = parse_forward_path(rest).map_err(CommandError::Recipient)?;
-                if !rest.is_empty() && !rest.starts_with(' ') {
+                // (A tab among the parameters too: they are separated by spaces, and no
+                // value holds one.)
+                if (!rest.is_empty() && !rest.starts_with(' ')) || rest.contains('\t') {
                     return Err(CommandError::Syntax(RCPT_PARAMETERS));
                 }
                 Ok(Command::Rcpt(path, RcptParams::parse(rest)?))
@@ -461,6 +465,13 @@ mod tests {
         assert_eq!(code("MAIL FROM:<a@b>SIZE=1"), "501 5.5.4");
         assert_eq!(code("MAIL FROM:<a@b>\tSIZE=1"), "501 5.5.4");
         assert_eq!(code("RCPT TO:<a@b>\tNOTIFY=NEVER"), "501 5.5.4");
+        assert!(parse("MAIL FROM:<a@b> SIZE=1\tBODY=8BITMIME")
+            .unwrap_err()
+            .reply()
+            .text
+            .starts_with("Syntax: MAIL FROM:<address> [SP"));
+        // Trailing white space is still tolerated (RFC 5321 4.1.1).
+        assert!(parse("MAIL FROM:<a@b> SIZE=1\t").is_ok());
         assert!(parse("MAIL FROM:<a@b>\tSIZE=1")
             .unwrap_err()
             .reply()
