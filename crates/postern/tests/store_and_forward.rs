@@ -610,25 +610,17 @@ fn faketime_library() -> std::path::PathBuf {
         .expect("libfaketime is installed (scripts/test installs the faketime package)")
 }
 
-#[test]
-fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
-    let down = reserve("127.0.0.1", 0);
-    let port = down.1;
+/// A server routing dest.test to 127.0.0.1:`port` on one core, with `extra` flags, whose
+/// wall clock is moved by the offset written to the file returned (`+0` at first; `-1d`,
+/// `+2h`, read again at each reading of the clock).
+fn server_with_a_clock_to_step(port: u16, extra: &[&str]) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let offset = dir.path().join("offset");
     std::fs::write(&offset, "+0\n").unwrap();
     let (library, offset_file) = (faketime_library(), offset.to_str().unwrap().to_owned());
     let route = format!("dest.test=127.0.0.1:{port}");
-    let args = [
-        "--route",
-        &route,
-        "--retry-initial",
-        "1s",
-        "--retry-max",
-        "2s",
-        "--cores",
-        "1",
-    ];
+    let mut args = vec!["--route", &route, "--retry-initial", "1s", "--cores", "1"];
+    args.extend(extra);
     let server = Server::start_with_env(
         &args,
         &[
@@ -640,6 +632,18 @@ fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
             ("DONT_FAKE_MONOTONIC", "1"),
         ],
     );
+    (server, dir)
+}
+
+/// Steps the clock of a [`server_with_a_clock_to_step`] to `offset`.
+fn step_clock(dir: &tempfile::TempDir, offset: &str) {
+    std::fs::write(dir.path().join("offset"), format!("{offset}\n")).unwrap();
+}
+
+#[test]
+fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
+    let down = reserve("127.0.0.1", 0);
+    let (server, clock) = server_with_a_clock_to_step(down.1, &["--retry-max", "2s"]);
     // Nothing listens: two attempts fail and the next hop is paused for a second.
     send(
         &server,
@@ -650,7 +654,8 @@ fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
     );
     let paused = server.log_until(|l| l.contains("delivery to it paused for 1s"));
     // The wall clock is stepped back a day (an NTP step, `date -s`), and the next hop comes up.
-    std::fs::write(&offset, "-1d\n").unwrap();
+    step_clock(&clock, "-1d");
+    let port = down.1;
     drop(down);
     let peer = Peer::start_on("127.0.0.1", port, &[]);
     // A message that comes while the pause lasts waits for its end, not for the day; and the
@@ -676,33 +681,8 @@ fn a_step_back_of_the_clock_holds_no_mail_for_a_paused_next_hop() {
 #[test]
 fn a_step_ahead_of_the_clock_does_not_age_deferred_mail_into_the_longest_delay() {
     let down = reserve("127.0.0.1", 0);
-    let port = down.1;
-    let dir = tempfile::tempdir().unwrap();
-    let offset = dir.path().join("offset");
-    std::fs::write(&offset, "+0\n").unwrap();
-    let (library, offset_file) = (faketime_library(), offset.to_str().unwrap().to_owned());
-    let route = format!("dest.test=127.0.0.1:{port}");
     // The longest delay an hour (the default): a message as old as that waits that long.
-    let args = [
-        "--route",
-        &route,
-        "--retry-initial",
-        "1s",
-        "--cores",
-        "1",
-        "--metrics",
-        "127.0.0.1:0",
-    ];
-    let server = Server::start_with_env(
-        &args,
-        &[
-            ("LD_PRELOAD", library.to_str().unwrap()),
-            ("FAKETIME_TIMESTAMP_FILE", &offset_file),
-            ("FAKETIME_NO_CACHE", "1"),
-            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
-            ("DONT_FAKE_MONOTONIC", "1"),
-        ],
-    );
+    let (server, clock) = server_with_a_clock_to_step(down.1, &["--metrics", "127.0.0.1:0"]);
     send(
         &server,
         "a@origin.test",
@@ -714,8 +694,9 @@ fn a_step_ahead_of_the_clock_does_not_age_deferred_mail_into_the_longest_delay()
     // The wall clock is stepped two hours ahead (a virtual machine resumed, a clock set
     // right); the attempt after that fails too. Before, the message then counted as two
     // hours old and waited the longest delay, an hour, for its next attempt.
-    std::fs::write(&offset, "+2h\n").unwrap();
+    step_clock(&clock, "+2h");
     server.metrics_until(|m| m.contains("postern_delivery_deferrals_total 2\n"));
+    let port = down.1;
     drop(down);
     let peer = Peer::start_on("127.0.0.1", port, &[]);
     let stored = peer.wait_for("the message", Duration::from_secs(30), |s| !s.is_empty());
