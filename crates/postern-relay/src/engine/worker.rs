@@ -1821,12 +1821,14 @@ fn addressed<J>(answered: &[(J, postern_proto::client::TransactionResult)]) -> b
 /// doubled with each failure after the first, up to an hour. One handshake cut by a passing
 /// fault (a reset, a timeout) costs a minute of cleartext, not an hour; a next hop whose TLS
 /// is broken for good costs a failed handshake now and then, not one per connection.
+/// (The retry schedule's doubling, over other bounds.)
 fn cleartext_window(pause_ms: u64, failures: u32) -> u64 {
-    let doublings = failures.saturating_sub(1).min(32);
-    pause_ms
-        .max(1)
-        .saturating_mul(1u64 << doublings)
-        .min(CLEARTEXT_LONGEST_MS)
+    let doubling = RetryPolicy {
+        initial: Duration::from_millis(pause_ms),
+        max: Duration::from_millis(CLEARTEXT_LONGEST_MS),
+        ..RetryPolicy::default()
+    };
+    doubling.delay(failures)
 }
 
 /// A while in words, for the log: "an hour", "8 minutes", "30 seconds", "200 ms".
