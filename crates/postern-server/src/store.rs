@@ -815,7 +815,17 @@ pub(crate) fn collect_sync(core: &Core) {
             Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
         ));
     }
-    store.spool.borrow_mut().sync_done(batch, result);
+    let mut spool = store.spool.borrow_mut();
+    spool.sync_done(batch, result);
+    if spool.reclaim_after_sync() {
+        // A segment only abandoned drafts wrote into, kept for the batch's sake: it goes
+        // now (an error here is met again, and reported, at the next reclaim).
+        let _ = spool.reclaim();
+        drop(spool);
+        store.wake_unlinker();
+    } else {
+        drop(spool);
+    }
     store.syncing.set(false);
     store.synced.notify(usize::MAX);
 }

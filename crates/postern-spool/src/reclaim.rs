@@ -26,6 +26,13 @@ struct Entry {
     abandoned: bool,
 }
 
+impl Entry {
+    /// Only abandoned drafts wrote into it, and none of them is open.
+    fn unused(&self) -> bool {
+        self.abandoned && !self.kept && self.pins == 0 && self.drafts == 0
+    }
+}
+
 /// A live message: finished, not final.
 #[derive(Debug)]
 struct Live {
@@ -451,37 +458,51 @@ impl Index {
         }
     }
 
-    /// The oldest segment, when nothing pins it and it is not `current`: removed from the
-    /// index, for the caller to delete.
-    pub(crate) fn pop_free(&mut self, current: Option<u64>) -> Option<(u64, u64)> {
+    /// The oldest segment, when nothing pins it and it is none of `in_use` (the one being
+    /// written, the one the batch being synced was taken in): removed from the index, for
+    /// the caller to delete.
+    pub(crate) fn pop_free(&mut self, in_use: [Option<u64>; 2]) -> Option<(u64, u64)> {
         let front = self.segments.front()?;
-        if front.pins > 0 || Some(front.seq) == current {
+        if front.pins > 0 || in_use.contains(&Some(front.seq)) {
             return None;
         }
         self.segments.pop_front().map(|e| (e.seq, e.bytes))
     }
 
-    /// A segment, other than `current`, that only abandoned drafts wrote into and none of
-    /// them is open: removed from the index, for the caller to delete, whatever is older. Its
-    /// records matter to no recovery: a draft without its `END` is never delivered, and one
-    /// whose `START` or `ABORT` it held leaves the others' records without a message.
-    pub(crate) fn pop_unused(&mut self, current: Option<u64>) -> Option<(u64, u64)> {
+    /// A segment, none of `in_use`, that only abandoned drafts wrote into and none of them is
+    /// open: removed from the index, for the caller to delete, whatever is older. Its records
+    /// matter to no recovery: a draft without its `END` is never delivered, and one whose
+    /// `START` or `ABORT` it held leaves the others' records without a message.
+    pub(crate) fn pop_unused(&mut self, in_use: [Option<u64>; 2]) -> Option<(u64, u64)> {
         if !self.maybe_unused {
             return None;
         }
-        let found = self.segments.iter().position(|e| {
-            e.abandoned && !e.kept && e.pins == 0 && e.drafts == 0 && Some(e.seq) != current
-        });
+        let found = self
+            .segments
+            .iter()
+            .position(|e| e.unused() && !in_use.contains(&Some(e.seq)));
         let Some(i) = found else {
-            // Looked for again once another draft is abandoned, or now and then while the
-            // segment in use would be taken but for being in use (an abandoned draft wrote
-            // into it, nothing else that matters): once another is in use, it goes.
-            self.maybe_unused = current
-                .and_then(|c| self.entry(c))
-                .is_some_and(|e| e.abandoned && !e.kept && e.pins == 0 && e.drafts == 0);
+            // Looked for again once another draft is abandoned, or now and then while a
+            // segment would be taken but for being in use (an abandoned draft wrote into
+            // it, nothing else that matters): once it is not, it goes.
+            self.maybe_unused = in_use.into_iter().flatten().any(|s| self.is_unused(s));
             return None;
         };
         self.segments.remove(i).map(|e| (e.seq, e.bytes))
+    }
+
+    /// Whether segment `seq` is one [`Index::pop_free`] or [`Index::pop_unused`] would take
+    /// but for its being in use.
+    pub(crate) fn would_go(&mut self, seq: u64) -> bool {
+        let oldest_free = self
+            .segments
+            .front()
+            .is_some_and(|e| e.seq == seq && e.pins == 0);
+        oldest_free || self.is_unused(seq)
+    }
+
+    fn is_unused(&mut self, seq: u64) -> bool {
+        self.entry(seq).is_some_and(|e| e.unused())
     }
 
     /// Puts back a segment `pop_free` or `pop_unused` returned (its deletion failed or
@@ -562,7 +583,7 @@ mod tests {
             assert!(ix.is_live(&format!("m{i}")));
             assert!(ix.set_final(&format!("m{i}")));
         }
-        assert_eq!(ix.pop_free(Some(2)), Some((1, 10)));
+        assert_eq!(ix.pop_free([Some(2), None]), Some((1, 10)));
     }
 
     #[test]
@@ -574,14 +595,18 @@ mod tests {
         ix.pin(1);
         ix.set_live("a".into(), 1, 0, Vec::new());
         ix.pin(2); // an open draft
-        assert_eq!(ix.pop_free(Some(3)), None);
+        assert_eq!(ix.pop_free([Some(3), None]), None);
         assert!(ix.set_final("a"));
         assert!(!ix.set_final("a"), "only once");
-        assert_eq!(ix.pop_free(Some(3)), Some((1, 10)));
-        assert_eq!(ix.pop_free(Some(3)), None, "the open draft pins 2");
+        assert_eq!(ix.pop_free([Some(3), None]), Some((1, 10)));
+        assert_eq!(ix.pop_free([Some(3), None]), None, "the open draft pins 2");
         ix.unpin(2);
-        assert_eq!(ix.pop_free(Some(3)), Some((2, 10)));
-        assert_eq!(ix.pop_free(Some(3)), None, "the current segment stays");
+        assert_eq!(ix.pop_free([Some(3), None]), Some((2, 10)));
+        assert_eq!(
+            ix.pop_free([Some(3), None]),
+            None,
+            "the current segment stays"
+        );
         assert_eq!((ix.segments(), ix.bytes(), ix.last()), (1, 10, Some(3)));
     }
 
@@ -604,16 +629,16 @@ mod tests {
         ix.draft_in(4);
         ix.pin(5);
         ix.draft_in(5);
-        assert_eq!(ix.pop_unused(Some(6)), None, "the drafts are open");
+        assert_eq!(ix.pop_unused([Some(6), None]), None, "the drafts are open");
         // Abandoned: its START's pin goes, then each segment it wrote into (as
         // `Spool::abort` does).
         ix.unpin(2);
         ix.draft_out(2, false);
         ix.draft_out(4, false);
-        assert_eq!(ix.pop_unused(Some(6)), Some((2, 10)));
-        assert_eq!(ix.pop_unused(Some(6)), Some((4, 10)));
+        assert_eq!(ix.pop_unused([Some(6), None]), Some((2, 10)));
+        assert_eq!(ix.pop_unused([Some(6), None]), Some((4, 10)));
         assert_eq!(
-            ix.pop_unused(Some(6)),
+            ix.pop_unused([Some(6), None]),
             None,
             "3 kept, 5 open, 1 from the opening"
         );
@@ -621,19 +646,22 @@ mod tests {
         ix.add_segment(7, 10, false);
         ix.draft_in(7);
         ix.draft_out(7, false);
-        assert_eq!(ix.pop_unused(Some(7)), None);
+        assert_eq!(ix.pop_unused([Some(7), None]), None);
         ix.add_segment(8, 10, false);
-        assert_eq!(ix.pop_unused(Some(8)), Some((7, 10)));
+        // Not while the sync in flight was taken in it; looked for again after.
+        assert_eq!(ix.pop_unused([Some(8), Some(7)]), None);
+        assert!(ix.would_go(7));
+        assert_eq!(ix.pop_unused([Some(8), None]), Some((7, 10)));
         // A status makes a segment matter; a put-back one keeps its place.
         ix.keep(8);
-        assert_eq!(ix.pop_unused(None), None);
+        assert_eq!(ix.pop_unused([None, None]), None);
         ix.put_back(4, 10, false);
-        assert_eq!(ix.pop_free(None), None, "1 is pinned");
-        assert_eq!(ix.pop_unused(Some(8)), Some((4, 10)));
+        assert_eq!(ix.pop_free([None, None]), None, "1 is pinned");
+        assert_eq!(ix.pop_unused([Some(8), None]), Some((4, 10)));
         assert!(ix.set_final("old"));
-        assert_eq!(ix.pop_free(Some(8)), Some((1, 10)));
+        assert_eq!(ix.pop_free([Some(8), None]), Some((1, 10)));
         assert_eq!(
-            ix.pop_free(Some(8)),
+            ix.pop_free([Some(8), None]),
             None,
             "3 is pinned by the live message"
         );
@@ -675,8 +703,8 @@ mod tests {
         ix.pin(3);
         assert!(ix.copy_written("b", 3, 10));
         assert!(ix.set_final("b"));
-        assert_eq!(ix.pop_free(Some(3)), Some((1, 100)));
-        assert_eq!(ix.pop_free(Some(3)), Some((2, 100)));
+        assert_eq!(ix.pop_free([Some(3), None]), Some((1, 100)));
+        assert_eq!(ix.pop_free([Some(3), None]), Some((2, 100)));
         assert!(ix.set_final("a"));
         assert_eq!(ix.live_bytes, 0);
         assert_eq!(ix.segments.back().map(|e| e.pins), Some(0));
@@ -869,14 +897,14 @@ mod tests {
             assert!(ix.copy_written(id, 8, 10));
             ix.copy_over(id, true);
         }
-        assert_eq!(ix.pop_free(Some(8)), None);
+        assert_eq!(ix.pop_free([Some(8), None]), None);
         ix.add_segment(9, 100, false);
         // g and h, now in 8, are not asked for again while 1 is left.
         assert_eq!(ix.next_to_copy(Some(9), 100, usize::MAX), ["stuck"]);
         // Once it goes, so do the segments before 8, and copying starts afresh from there.
         assert!(ix.set_final("stuck"));
         for seq in 1..=7 {
-            assert_eq!(ix.pop_free(Some(9)), Some((seq, 100)));
+            assert_eq!(ix.pop_free([Some(9), None]), Some((seq, 100)));
         }
         for seq in 10..=12 {
             ix.add_segment(seq, 100, false);

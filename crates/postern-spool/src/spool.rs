@@ -93,8 +93,8 @@ impl Draft {
 pub struct SyncBatch {
     files: Vec<Arc<File>>,
     /// The segment being written when the batch was taken: never deleted by the spool while
-    /// this batch runs (it is not freed while current, and what it holds is not final before
-    /// a later batch), so its file's being unlinked is someone else's doing.
+    /// this batch runs (not even when only abandoned drafts wrote into it: it waits for
+    /// [`Spool::sync_done`]), so its file's being unlinked is someone else's doing.
     current: Option<Arc<File>>,
     /// Records appended since the previous batch, not yet in their files.
     writes: Vec<Gathered>,
@@ -333,6 +333,11 @@ pub struct Spool {
     /// current when it was taken (its records are in that one or older ones).
     in_flight: Vec<Gathered>,
     in_flight_seq: u64,
+    /// The segment that was current when the batch being synced was taken, until it is
+    /// done: not deleted meanwhile ([`SyncBatch`] takes its being unlinked for another
+    /// process's doing), and whether a reclaim passed it over for that.
+    syncing: Option<u64>,
+    reclaim_after_sync: bool,
     /// Full segments to seal once the ticket issued when they filled is durable.
     to_seal: Vec<Seal>,
     /// The current segment's mark of how far its records are durable.
@@ -559,6 +564,8 @@ impl Spool {
             unwritten: Vec::new(),
             in_flight: Vec::new(),
             in_flight_seq: 0,
+            syncing: None,
+            reclaim_after_sync: false,
             to_seal: Vec::new(),
             mark: Mark::new(),
             unlink_later: false,
@@ -1399,10 +1406,11 @@ impl Spool {
         if self.deleting_stopped {
             return Ok(0);
         }
-        let current = self.seg.as_ref().map(|s| s.seq);
+        self.reclaim_after_sync = false;
+        let in_use = [self.seg.as_ref().map(|s| s.seq), self.syncing];
         let mut deleted = 0;
         let mut first_error = None;
-        while let Some((seq, bytes)) = self.index.pop_free(current) {
+        while let Some((seq, bytes)) = self.index.pop_free(in_use) {
             let path = self.dir.join(file_name(seq));
             let damaged = self.damaged.binary_search(&seq).is_ok();
             if damaged && (!self.to_unlink.is_empty() || self.unlinks_out) {
@@ -1458,7 +1466,7 @@ impl Spool {
         // oldest mail waiting is delivered (days, for a next hop that is down), or repeated
         // attempts would fill the disk. Nothing in them is read by a recovery.
         while first_error.is_none() {
-            let Some((seq, bytes)) = self.index.pop_unused(current) else {
+            let Some((seq, bytes)) = self.index.pop_unused(in_use) else {
                 break;
             };
             let path = self.dir.join(file_name(seq));
@@ -1483,10 +1491,19 @@ impl Spool {
             }
             deleted += 1;
         }
+        // The segment the batch being synced was taken in, would it go now, goes after
+        // the batch ([`Spool::reclaim_after_sync`]).
+        self.reclaim_after_sync |= self.syncing.is_some_and(|seq| self.index.would_go(seq));
         match first_error {
             Some(e) => Err(SpoolError::from_io(e)),
             None => Ok(deleted),
         }
+    }
+
+    /// Whether [`Spool::reclaim`] passed over a segment only because the batch being synced
+    /// was taken in it: call it again once [`Spool::sync_done`] has been told.
+    pub fn reclaim_after_sync(&self) -> bool {
+        self.reclaim_after_sync && self.syncing.is_none()
     }
 
     /// Has [`Spool::reclaim`] hand freed segments out through [`Spool::take_unlinks`], to be
@@ -1626,6 +1643,7 @@ impl Spool {
             }
             self.in_flight_seq = seg.seq;
         }
+        self.syncing = self.seg.as_ref().map(|seg| seg.seq);
         self.in_flight.clone_from(&writes);
         let mut files = std::mem::take(&mut self.dirty);
         if let Some(seg) = self.seg.as_ref() {
@@ -1722,6 +1740,7 @@ impl Spool {
     /// is abandoned (docs/durability.md, "Faults").
     pub fn sync_done(&mut self, batch: SyncBatch, result: std::io::Result<()>) {
         self.in_flight.clear();
+        self.syncing = None;
         let ok = result.is_ok();
         self.commits.done(batch.range, ok);
         if !ok {

@@ -527,3 +527,49 @@ fn a_slow_message_does_not_keep_the_segments_an_abandoned_body_filled_while_it_w
     whole.extend(body(1, 500));
     assert_eq!(r.body_vec(&r.messages[0]), whole);
 }
+
+#[test]
+fn a_segment_only_an_abandoned_body_filled_waits_for_the_sync_taken_while_it_was_written() {
+    // M is finished and its batch taken while D's body is being written into the second
+    // segment; D runs on into a third and is abandoned before the batch's sync returns.
+    // The second segment holds only D's records, but the batch was taken in it: deleting it
+    // now would make the batch take its unlinking for another process's doing and fail
+    // every ticket (M's 250 would become a 451). It goes once the batch is done.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut m = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut m, &body(1, 1000)).unwrap();
+    let m_id = m.queue_id().to_owned();
+    let tm = spool.finish(m).unwrap();
+    let mut d = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut d, &body(2, 70 * 1024)).unwrap();
+    assert_eq!(spool.segment_count(), 2);
+    let batch = spool.take_sync().expect("a batch");
+    spool.append(&mut d, &body(2, 70 * 1024)).unwrap();
+    assert_eq!(spool.segment_count(), 3);
+    spool.abort(d);
+    assert_eq!(
+        spool.reclaim().unwrap(),
+        0,
+        "the batch's segment stays while it runs"
+    );
+    assert!(!spool.reclaim_after_sync(), "not before the batch is done");
+    let result = batch.run();
+    assert!(result.is_ok(), "{result:?}");
+    spool.sync_done(batch, result);
+    assert_eq!(spool.ticket_state(tm), TicketState::Durable);
+    assert!(spool.reclaim_after_sync());
+    assert_eq!(spool.reclaim().unwrap(), 1);
+    assert!(!spool.reclaim_after_sync());
+    assert_eq!(spool.segment_count(), 2);
+    spool.sync_now().unwrap();
+    drop(spool);
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    assert_eq!(r.messages.len(), 1);
+    assert_eq!(r.messages[0].queue_id, m_id);
+    assert_eq!(r.body_vec(&r.messages[0]), body(1, 1000));
+}
