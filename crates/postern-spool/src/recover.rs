@@ -531,16 +531,19 @@ fn scan_core(
     }
 }
 
-/// Keeps one of each message of `core` found whole more than once: the last one written. A
-/// live message is copied forward (`Spool::copy_forward`) under its own queue ID so that the
-/// segments it kept can go, and both stay on disk until they do; the statuses after the kept
-/// copy's START are applied to it. A copy not known to be durable (its END past its
-/// segment's seal and mark) gives way to an earlier one that is: it may be in the page cache
-/// only (a copy whose sync failed, read back by a restart without a reboot, looks whole), and
-/// the earlier one's segments, released for it, would go with nothing on disk in their place.
-/// Then a copy with a corrupt record between its START and END (its outcomes, written there,
-/// may have been one) gives way to an earlier one without, whose later statuses include the
-/// records before it.
+/// Keeps one of each message of `core` found whole more than once: the last one written
+/// that is known durable. A live message is copied forward (`Spool::copy_forward`) under its
+/// own queue ID so that the segments it kept can go, and both stay on disk until they do;
+/// the statuses after the kept copy's START are applied to it. A copy not known to be
+/// durable (its END past its segment's seal and mark) gives way to an earlier one that is:
+/// it may be in the page cache only (a copy whose sync failed, read back by a restart
+/// without a reboot, looks whole), and the earlier one's segments, released for it, would go
+/// with nothing on disk in their place. Where none is known durable (the original was
+/// acknowledged less than a mark's while before a stop, and the copy made in a later run),
+/// the earliest is kept: it was durable when it was acknowledged, or when the places before
+/// it were let go, which a copy's failed sync never does. Then a copy with a corrupt record
+/// between its START and END (its outcomes, written there, may have been one) gives way to
+/// an earlier one without, whose later statuses include the records before it.
 fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
     let mut chosen: HashMap<&str, usize> = HashMap::new();
     let mut copies = 0u64;
@@ -555,7 +558,8 @@ fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 copies += 1;
                 let rank = |m: &RecoveredMessage| (m.known_durable, !m.tainted);
-                if rank(m) > rank(&messages[*e.get()]) {
+                let (earlier, later) = (rank(m), rank(&messages[*e.get()]));
+                if earlier > later || (earlier == later && !m.known_durable) {
                     e.insert(i);
                 }
             }

@@ -236,6 +236,60 @@ fn a_copy_whose_sync_failed_does_not_take_the_original_s_place_at_the_next_openi
 }
 
 #[test]
+fn a_copy_whose_sync_failed_does_not_take_the_place_of_an_original_no_mark_covers() {
+    // As above, but W was acknowledged just before a stop, before any mark of its segment
+    // said so (a mark follows a while after), and copied in the next run: neither place is
+    // known durable by the marks. The original was synced before its 250; the copy's sync
+    // failed. The opening after must keep the original, not the copy.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let mut w = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut w, &body(1, 8 * 1024)).unwrap();
+    let id = w.queue_id().to_owned();
+    let ticket = spool.finish(w).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ticket));
+    // Killed at once: no mark after W.
+    std::mem::forget(spool);
+
+    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 1);
+    let r = recover(dir.path()).unwrap();
+    let found = r.messages.iter().find(|m| m.queue_id == id).unwrap();
+    let before_copy = segment_files(dir.path());
+    let (ticket, _) = spool
+        .copy_forward(&id, &found.meta, found.body())
+        .unwrap()
+        .unwrap();
+    let batch = spool.take_sync().unwrap();
+    batch.run().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
+    spool.copy_over(&id, false).unwrap();
+    std::mem::forget(spool);
+    drop(r);
+
+    // The restart without a reboot reads the copy whole from the page cache.
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    assert_eq!(spool.live_messages(), 1);
+    drop(spool);
+    // The power cut, as above.
+    for (path, data) in &segment_files(dir.path()) {
+        match before_copy.get(path) {
+            Some(old) if old != data => std::fs::write(path, old).unwrap(),
+            Some(_) => {}
+            None => std::fs::remove_file(path).unwrap(),
+        }
+    }
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0));
+    let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "W, once");
+    assert_eq!(r.body_vec(&r.messages[0]), body(1, 8 * 1024));
+    assert_eq!(r.messages[0].meta, meta(1));
+}
+
+#[test]
 fn a_copy_not_yet_durable_keeps_the_old_place_and_a_failed_one_can_be_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
