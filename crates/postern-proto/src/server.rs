@@ -896,21 +896,15 @@ impl ServerSession {
                 | Command::Vrfy(_)
                 | Command::Expn(_)
                 | Command::Help(_)
-                // An empty chunk that is not the last adds nothing to the message.
-                | Command::Bdat {
-                    size: 0,
-                    last: false
-                }
-        ) && !(self.discarding.is_some() && matches!(cmd, Command::Bdat { .. }));
-        // (A chunk behind a refused one counts at its end, like every discarded chunk.)
+        );
+        // (An empty chunk that is not the last counts too, once its reply is written, as
+        // a chunk behind a refused one does: `chunk`, `end_of_body`.)
         let event = self.run_command(cmd, input, pos);
         if junk {
             self.count_junk();
             if self.is_closed() {
-                // The junk limit ended the session with this command: a first empty chunk
-                // starts no message there (its 421 is written), and leaves no decision
-                // waiting; a message this command dropped (RSET, EHLO) is still told.
-                self.decision = Decision::None;
+                // The junk limit ended the session with this command, its reply written
+                // before the 421; a message it dropped (RSET, EHLO) is still told.
                 return event.filter(|e| matches!(e, Event::DataAbort));
             }
         }
@@ -1261,6 +1255,15 @@ impl ServerSession {
         }
         let text = format!("{size} octets received");
         write_reply(&mut self.out, 250, Some(EnhancedCode::new(2, 0, 0)), &text);
+        if size == 0 {
+            // An empty chunk that is not the last adds nothing to the message: it moves no
+            // mail forward, like a NOOP, and counts as junk after its reply. Where that
+            // ends the session, the message it belonged to is dropped.
+            self.count_junk();
+            if self.is_closed() {
+                return self.refused_mid_body();
+            }
+        }
         None
     }
 

@@ -1553,10 +1553,10 @@ fn commands_without_mail_end_the_session_past_the_junk_limit() {
     );
 }
 
-/// The junk limit may end the session on a first empty chunk: no body starts there, as none
-/// may after the session's 421.
+/// The junk limit may end the session on a first empty chunk: like a NOOP there, it gets its
+/// own reply before the 421, and the body it started is dropped.
 #[test]
-fn an_empty_chunk_that_ends_the_session_at_the_junk_limit_starts_no_body() {
+fn an_empty_chunk_that_ends_the_session_at_the_junk_limit_is_answered_and_its_body_dropped() {
     let mut lines = vec![
         "EHLO client.test",
         "MAIL FROM:<a@b.test>",
@@ -1567,13 +1567,34 @@ fn an_empty_chunk_that_ends_the_session_at_the_junk_limit_starts_no_body() {
     lines.push("BDAT 0");
     let o = run(&config(), false, &client(&lines), &[]);
     assert!(
-        o.output
-            .ends_with("421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"),
+        o.output.ends_with(
+            "250 2.0.0 0 octets received\r\n\
+             421 4.7.0 mx.test Too many commands without mail, closing connection\r\n"
+        ),
         "{}",
         o.output
     );
     assert!(o.closed);
-    assert_eq!(o.starts, 0, "{}", o.output);
+    assert_eq!((o.starts, o.aborted), (1, 1), "{}", o.output);
+    assert!(o.messages.is_empty());
+}
+
+/// An empty chunk that is not the last counts as one command without mail, as a NOOP does:
+/// a session of them ends after as many replies as a session of NOOPs.
+#[test]
+fn empty_chunks_reach_the_junk_limit_after_as_many_replies_as_noops() {
+    let replies = |filler: &str| {
+        let mut lines = vec![
+            "EHLO client.test",
+            "MAIL FROM:<a@b.test>",
+            "RCPT TO:<c@d.test>",
+        ];
+        lines.extend(vec![filler; 200]);
+        let o = run(&config(), false, &client(&lines), &[]);
+        assert!(o.closed, "{}", o.output);
+        o.output.matches("\r\n").count()
+    };
+    assert_eq!(replies("BDAT 0"), replies("NOOP"));
 }
 
 /// Empty chunks that are not the last move no mail forward either: a client that sends them
