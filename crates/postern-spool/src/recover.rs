@@ -234,6 +234,10 @@ struct Partial {
     /// The octets of its records so far.
     records: u64,
     pieces: Vec<Piece>,
+    /// It was open where a segment's records ended past its seal or mark (none there): a
+    /// power cut may have lost that segment's last writes while a later segment's reached
+    /// the disk, and its records there with them.
+    open_at_unsealed_end: bool,
 }
 
 /// Scans the spool under `root`: every core directory, every segment in number order. Run it
@@ -714,6 +718,9 @@ impl Scan<'_> {
         let mut pos = HEADER;
         let mut last_corrupt = None;
         let mut overrun = false;
+        // Whether the records end at zeros past what the mark says was durable, in a segment
+        // without a seal: where a crash's lost writes end them.
+        let mut unsealed_end = false;
         // The CRC work the rescans below may do in this segment, all together.
         let mut rescan = data.len().saturating_mul(4).max(1 << 20);
         loop {
@@ -749,6 +756,7 @@ impl Scan<'_> {
                     // A hole with nothing valid after it before the seal's end or the mark:
                     // what was durable there is lost.
                     self.out.unread_octets += limit.saturating_sub(pos) as u64;
+                    unsealed_end = sealed.is_none() && pos >= limit;
                     break;
                 }
                 Read::Overrun => {
@@ -807,6 +815,11 @@ impl Scan<'_> {
         if last_corrupt.is_some() {
             self.out.torn_tails += 1;
         }
+        if unsealed_end || last_corrupt.is_some() {
+            for p in self.open.values_mut() {
+                p.open_at_unsealed_end = true;
+            }
+        }
         // A file shorter than it was made lost what was past its end to damage, not to a
         // crash (its size is reserved before it gets its name): damage where it ends, unless
         // already reported at the record the cut went through. So did a file that could not
@@ -858,6 +871,7 @@ impl Scan<'_> {
                             size: 0,
                             records: record_len(payload.len()) as u64,
                             pieces: Vec::new(),
+                            open_at_unsealed_end: false,
                         };
                         if self.open.insert(no, partial).is_some() {
                             self.out.unfinished += 1;
@@ -880,7 +894,14 @@ impl Scan<'_> {
             Kind::End => {
                 let size = c.u64();
                 if let Some(p) = self.open.remove(&no) {
-                    if size == Some(p.size) {
+                    if size != Some(p.size) && p.open_at_unsealed_end && p.damage.is_none() {
+                        // Body records lost at the end of an earlier segment, where nothing
+                        // said they were durable: a batch that wrote there and into a later
+                        // segment, cut by a power cut that let the later pages reach the disk
+                        // first. Never acknowledged (that takes the whole batch's sync, and
+                        // the earlier segment's seal after it): cut off by a crash, no damage.
+                        self.out.unfinished += 1;
+                    } else if size == Some(p.size) {
                         let n = p.meta.recipients.len();
                         self.out.messages.push(RecoveredMessage {
                             statuses: vec![None; n],

@@ -573,3 +573,50 @@ fn a_segment_only_an_abandoned_body_filled_waits_for_the_sync_taken_while_it_was
     assert_eq!(r.messages[0].queue_id, m_id);
     assert_eq!(r.body_vec(&r.messages[0]), body(1, 1000));
 }
+
+#[test]
+fn a_power_cut_that_keeps_a_later_segment_s_writes_and_loses_an_earlier_one_s_tail_is_no_damage() {
+    // M's START and first piece are durable in the first segment beside A; its next batch
+    // writes the rest of the first segment and the start of the second, M's END there. The
+    // power goes before that batch's sync returns, and the disk kept the second segment's
+    // pages but not the first one's tail: M was never acknowledged, so it is cut off by a
+    // crash, not damaged (nothing set aside, no warning to look at the disk), and A is whole.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        segment_size: 64 * 1024,
+    };
+    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let mut a = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut a, &body(1, 1000)).unwrap();
+    let a_id = a.queue_id().to_owned();
+    let ta = spool.finish(a).unwrap();
+    let mut m = spool.begin(&meta(2)).unwrap();
+    spool.append(&mut m, &body(2, 20 * 1024)).unwrap();
+    spool.sync_now().unwrap();
+    assert!(spool.is_durable(ta));
+    let segments = |dir: &std::path::Path| {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("0"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files
+    };
+    let first = segments(dir.path())[0].clone();
+    let first_before = std::fs::read(&first).unwrap();
+    spool.append(&mut m, &body(3, 100 * 1024)).unwrap();
+    spool.finish(m).unwrap();
+    spool.sync_now().unwrap();
+    assert!(segments(dir.path()).len() >= 2);
+    std::mem::forget(spool);
+    // The power cut: the first segment as it was before the second batch.
+    std::fs::write(&first, &first_before).unwrap();
+    let r = recover(dir.path()).unwrap();
+    assert_eq!((r.damaged, r.corrupt_records), (0, 0), "{:?}", r.damaged_at);
+    assert!(r.damaged_at.is_empty());
+    assert_eq!(r.unfinished, 1);
+    let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();
+    assert_eq!(ids, [a_id.as_str()]);
+    assert_eq!(r.body_vec(&r.messages[0]), body(1, 1000));
+}
