@@ -545,9 +545,10 @@ fn scan_core(
 /// with nothing on disk in their place. Where none is known durable (the original was
 /// acknowledged less than a mark's while before a stop, and the copy made in a later run),
 /// the earliest is kept: it was durable when it was acknowledged, or when the places before
-/// it were let go, which a copy's failed sync never does. Then a copy with a corrupt record
-/// between its START and END (its outcomes, written there, may have been one) gives way to
-/// an earlier one without, whose later statuses include the records before it.
+/// it were let go, which a copy's failed sync never does. Among places known durable, a copy
+/// with a corrupt record between its START and END (its outcomes, written there, may have
+/// been one) gives way to an earlier one without, whose later statuses include the records
+/// before it.
 fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
     let mut chosen: HashMap<&str, usize> = HashMap::new();
     let mut copies = 0u64;
@@ -561,9 +562,18 @@ fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
             }
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 copies += 1;
-                let rank = |m: &RecoveredMessage| (m.known_durable, !m.tainted);
-                let (earlier, later) = (rank(m), rank(&messages[*e.get()]));
-                if earlier > later || (earlier == later && !m.known_durable) {
+                let chosen = &messages[*e.get()];
+                let earlier = if m.known_durable != chosen.known_durable {
+                    m.known_durable
+                } else if !m.known_durable {
+                    // Neither known durable: the first, even with a corrupt record in it
+                    // (an outcome lost to it is a recipient tried again; a copy in the
+                    // page cache alone is a message lost).
+                    true
+                } else {
+                    m.tainted < chosen.tainted
+                };
+                if earlier {
                     e.insert(i);
                 }
             }
