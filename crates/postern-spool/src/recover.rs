@@ -571,7 +571,7 @@ fn keep_latest_copies(messages: &mut Vec<RecoveredMessage>, core: u32) -> u64 {
                     // page cache alone is a message lost).
                     true
                 } else {
-                    m.tainted < chosen.tainted
+                    !m.tainted && chosen.tainted
                 };
                 if earlier {
                     e.insert(i);
