@@ -750,6 +750,9 @@ impl ClientSession {
             self.expect.clear();
             self.abandoned.extend(self.results.drain(..));
             self.held.clear();
+            // Nothing more goes to a server that is closing (RFC 5321 3.8), not even what
+            // the replies before this one let out, nor a QUIT.
+            self.out.clear();
             return Some(ClientEvent::Failed(ClientError::Closing(reply)));
         }
         match expect {
@@ -891,10 +894,13 @@ impl ClientSession {
                 }
                 Some(ClientEvent::Done(result))
             }
-            Expect::SettleRset if reply.code == 250 => {
-                self.results.pop_front().map(ClientEvent::Done)
+            // RSET has one answer, 250 (RFC 5321 4.1.1.5): any other (a 354 left over from
+            // a DATA whose refusal came early, a 5xx) means the replies are out of step, and
+            // what was pipelined behind it cannot be matched with its own.
+            Expect::SettleRset | Expect::Rset if reply.code != 250 => {
+                Some(self.fail(ClientError::Unexpected("RSET", reply)))
             }
-            Expect::SettleRset => Some(self.fail(ClientError::Unexpected("RSET", reply))),
+            Expect::SettleRset => self.results.pop_front().map(ClientEvent::Done),
             Expect::Rset => None,
             Expect::Noop if reply.code == 250 => None,
             Expect::Noop => {

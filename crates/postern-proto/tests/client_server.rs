@@ -1139,6 +1139,60 @@ fn a_421_is_known_to_answer_the_rset_before_a_pipelined_transaction() {
 }
 
 #[test]
+fn a_reply_other_than_250_to_a_rset_puts_the_session_out_of_step() {
+    // RSET has one answer (RFC 5321 4.1.1.5). A 354 there is a DATA's, left over: the
+    // server is reading message text, and what went behind the RSET cannot be matched with
+    // its replies.
+    let tx = transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]);
+    let mut c = second_transaction_in_flight(&tx);
+    let (events, sent) = canned(&mut c, &["354 go ahead\r\n"]);
+    assert!(
+        matches!(
+            &events[..],
+            [ClientEvent::Failed(ClientError::Unexpected("RSET", r))] if r.code == 354
+        ),
+        "{events:?}"
+    );
+    assert!(!c.closed_at_rset());
+    assert!(!sent.contains("MAIL") && !sent.contains("RCPT"), "{sent}");
+    // Without PIPELINING: the RSET after a transaction whose only recipient was put off.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250 x\r\n"]);
+    c.send(&tx).unwrap();
+    let (events, sent) = canned(&mut c, &["250 ok\r\n", "450 4.2.1 busy\r\n"]);
+    assert!(matches!(&events[..], [ClientEvent::Done(_)]), "{events:?}");
+    assert!(sent.ends_with("RSET\r\n"), "{sent}");
+    let (events, sent) = canned(&mut c, &["502 5.5.1 not here\r\n"]);
+    assert!(
+        matches!(
+            &events[..],
+            [ClientEvent::Failed(ClientError::Unexpected("RSET", r))] if r.code == 502
+        ),
+        "{events:?}"
+    );
+    assert_eq!(sent, "QUIT\r\n");
+}
+
+#[test]
+fn nothing_is_written_after_a_421_not_even_what_the_reply_before_it_let_out() {
+    // Without PIPELINING each RCPT waits for the reply before it; the 250 to MAIL lets the
+    // first out, but the 421 behind it in the same read says the server is closing (RFC
+    // 5321 3.8): nothing more goes, a QUIT neither.
+    let mut c = ClientSession::new("relay.test");
+    canned(&mut c, &["220 x\r\n", "250 x\r\n"]);
+    c.send(&transaction(BodyMode::Data, b"hi\r\n", &["a@x.test"]))
+        .unwrap();
+    assert!(String::from_utf8_lossy(c.output()).starts_with("MAIL FROM:"));
+    c.clear_output();
+    let (events, sent) = canned(&mut c, &["250 2.1.0 ok\r\n421 4.3.2 going down\r\n"]);
+    assert!(
+        matches!(&events[..], [ClientEvent::Failed(ClientError::Closing(_))]),
+        "{events:?}"
+    );
+    assert_eq!(sent, "", "written after the 421");
+}
+
+#[test]
 fn a_transaction_with_many_recipients_goes_in_groups_that_fit_the_window() {
     // RFC 2920 3.1: a group of commands written before their replies are read must fit the
     // connection's window. 250 recipients go as MAIL and 99 RCPTs, then the next 100 once
