@@ -5,7 +5,9 @@
 mod common;
 
 use common::{body, meta, pass_through};
-use postern_spool::{recover, DeliveryState, MessageRef, Spool, SpoolOptions, Status, TicketState};
+use postern_spool::{
+    recover, DeliveryState, MessageMeta, MessageRef, Spool, SpoolOptions, Status, TicketState,
+};
 
 const OPTS: SpoolOptions = SpoolOptions {
     segment_size: 64 * 1024,
@@ -198,6 +200,40 @@ fn segment_files(
         .collect()
 }
 
+/// Copies message `id` forward; the copy reaches its file (the page cache) and its sync says
+/// EIO (the kernel may have marked the pages clean without writing them), so the message
+/// stays where it was; then the process is killed.
+fn copy_whose_sync_fails_then_kill(
+    mut spool: Spool,
+    id: &str,
+    meta: &MessageMeta,
+    body: &MessageRef,
+) {
+    let (ticket, _) = spool.copy_forward(id, meta, body).unwrap().unwrap();
+    let batch = spool.take_sync().unwrap();
+    batch.run().unwrap();
+    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
+    spool.copy_over(id, false).unwrap();
+    std::mem::forget(spool);
+}
+
+/// The power cut after a failed sync: what it held never reached the disk. Segments made
+/// since `before` are gone with it; the others are as they were then (a deletion since,
+/// which an opening syncs, stays).
+fn power_cut_back_to(
+    root: &std::path::Path,
+    before: &std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>,
+) {
+    for (path, data) in &segment_files(root) {
+        match before.get(path) {
+            Some(old) if old != data => std::fs::write(path, old).unwrap(),
+            Some(_) => {}
+            None => std::fs::remove_file(path).unwrap(),
+        }
+    }
+}
+
 #[test]
 fn a_copy_whose_sync_failed_does_not_take_the_original_s_place_at_the_next_opening() {
     // The copy's sync fails with EIO: the kernel may have marked its pages clean without
@@ -209,29 +245,12 @@ fn a_copy_whose_sync_failed_does_not_take_the_original_s_place_at_the_next_openi
     let (mut spool, id, w_body) = waiting_behind_delivered_mail(dir.path());
     spool.sync_now().unwrap();
     let before_copy = segment_files(dir.path());
-    let (ticket, _) = spool.copy_forward(&id, &meta(1), &w_body).unwrap().unwrap();
-    let batch = spool.take_sync().unwrap();
-    // The bytes reach the file (the page cache), and the sync says EIO.
-    batch.run().unwrap();
-    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
-    assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
-    spool.copy_over(&id, false).unwrap();
-    std::mem::forget(spool);
+    copy_whose_sync_fails_then_kill(spool, &id, &meta(1), &w_body);
     // The restart.
     let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert_eq!(spool.live_messages(), 1);
     drop(spool);
-    // The power cut: what the failed sync held never reached the disk. Segments made since
-    // are gone with it; the others are as they were before the copy (a deletion since, which
-    // the opening syncs, stays).
-    let now = segment_files(dir.path());
-    for (path, data) in &now {
-        match before_copy.get(path) {
-            Some(old) if old != data => std::fs::write(path, old).unwrap(),
-            Some(_) => {}
-            None => std::fs::remove_file(path).unwrap(),
-        }
-    }
+    power_cut_back_to(dir.path(), &before_copy);
     recovered_once(dir.path(), &id);
 }
 
@@ -252,35 +271,19 @@ fn a_copy_whose_sync_failed_does_not_take_the_place_of_an_original_no_mark_cover
     // Killed at once: no mark after W.
     std::mem::forget(spool);
 
-    let mut spool = Spool::open(dir.path(), 0, OPTS).unwrap();
+    let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert_eq!(spool.live_messages(), 1);
     let r = recover(dir.path()).unwrap();
     let found = r.messages.iter().find(|m| m.queue_id == id).unwrap();
     let before_copy = segment_files(dir.path());
-    let (ticket, _) = spool
-        .copy_forward(&id, &found.meta, found.body())
-        .unwrap()
-        .unwrap();
-    let batch = spool.take_sync().unwrap();
-    batch.run().unwrap();
-    spool.sync_done(batch, Err(std::io::Error::from_raw_os_error(5)));
-    assert_eq!(spool.ticket_state(ticket), TicketState::Failed);
-    spool.copy_over(&id, false).unwrap();
-    std::mem::forget(spool);
+    copy_whose_sync_fails_then_kill(spool, &id, &found.meta, found.body());
     drop(r);
 
     // The restart without a reboot reads the copy whole from the page cache.
     let spool = Spool::open(dir.path(), 0, OPTS).unwrap();
     assert_eq!(spool.live_messages(), 1);
     drop(spool);
-    // The power cut, as above.
-    for (path, data) in &segment_files(dir.path()) {
-        match before_copy.get(path) {
-            Some(old) if old != data => std::fs::write(path, old).unwrap(),
-            Some(_) => {}
-            None => std::fs::remove_file(path).unwrap(),
-        }
-    }
+    power_cut_back_to(dir.path(), &before_copy);
     let r = recover(dir.path()).unwrap();
     assert_eq!((r.damaged, r.corrupt_records), (0, 0));
     let ids: Vec<&str> = r.messages.iter().map(|m| m.queue_id.as_str()).collect();

@@ -1,7 +1,7 @@
 //! Appends, syncs and recovery on a real filesystem.
 #![allow(clippy::unwrap_used)]
 
-use postern_spool::{recover, MessageMeta, Recipient, Spool, SpoolOptions, TicketState};
+use postern_spool::{recover, MessageMeta, Recipient, Spool, SpoolOptions, Ticket, TicketState};
 
 fn meta(i: usize) -> MessageMeta {
     MessageMeta {
@@ -30,6 +30,21 @@ fn meta(i: usize) -> MessageMeta {
 
 fn body(i: usize, len: usize) -> Vec<u8> {
     (0..len).map(|k| (k * 31 + i * 7) as u8).collect()
+}
+
+const SMALL: SpoolOptions = SpoolOptions {
+    segment_size: 64 * 1024,
+};
+
+/// A spool of 64 KiB segments under `root` holding one message finished in it (`meta(1)`,
+/// 1,000 octets of `body(1, _)`), not yet synced: the spool, its ID and its ticket.
+fn one_message_in_small_segments(root: &std::path::Path) -> (Spool, String, Ticket) {
+    let mut spool = Spool::open(root, 0, SMALL).unwrap();
+    let mut m = spool.begin(&meta(1)).unwrap();
+    spool.append(&mut m, &body(1, 1000)).unwrap();
+    let id = m.queue_id().to_owned();
+    let ticket = spool.finish(m).unwrap();
+    (spool, id, ticket)
 }
 
 #[test]
@@ -449,14 +464,7 @@ fn segments_only_an_abandoned_body_wrote_into_go_while_older_mail_waits() {
     // segments go at once; A's and C's stay; a recovery then finds A and C whole and reports
     // no damage, B's START and its ABORT left without the records between them.
     let dir = tempfile::tempdir().unwrap();
-    let opts = SpoolOptions {
-        segment_size: 64 * 1024,
-    };
-    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
-    let mut a = spool.begin(&meta(1)).unwrap();
-    spool.append(&mut a, &body(1, 1000)).unwrap();
-    let a_id = a.queue_id().to_owned();
-    let ta = spool.finish(a).unwrap();
+    let (mut spool, a_id, ta) = one_message_in_small_segments(dir.path());
     let mut b = spool.begin(&meta(2)).unwrap();
     spool.append(&mut b, &body(2, 200 * 1024)).unwrap();
     let mut c = spool.begin(&meta(3)).unwrap();
@@ -487,7 +495,7 @@ fn segments_only_an_abandoned_body_wrote_into_go_while_older_mail_waits() {
         assert_eq!(r.body_vec(m).len(), 1000);
     }
     // Opened again, nothing is lost and A still holds its segment.
-    let spool = Spool::open(dir.path(), 0, opts).unwrap();
+    let spool = Spool::open(dir.path(), 0, SMALL).unwrap();
     assert_eq!(spool.live_messages(), 2);
 }
 
@@ -536,14 +544,7 @@ fn a_segment_only_an_abandoned_body_filled_waits_for_the_sync_taken_while_it_was
     // now would make the batch take its unlinking for another process's doing and fail
     // every ticket (M's 250 would become a 451). It goes once the batch is done.
     let dir = tempfile::tempdir().unwrap();
-    let opts = SpoolOptions {
-        segment_size: 64 * 1024,
-    };
-    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
-    let mut m = spool.begin(&meta(1)).unwrap();
-    spool.append(&mut m, &body(1, 1000)).unwrap();
-    let m_id = m.queue_id().to_owned();
-    let tm = spool.finish(m).unwrap();
+    let (mut spool, m_id, tm) = one_message_in_small_segments(dir.path());
     let mut d = spool.begin(&meta(2)).unwrap();
     spool.append(&mut d, &body(2, 70 * 1024)).unwrap();
     assert_eq!(spool.segment_count(), 2);
@@ -582,14 +583,7 @@ fn a_power_cut_that_keeps_a_later_segment_s_writes_and_loses_an_earlier_one_s_ta
     // pages but not the first one's tail: M was never acknowledged, so it is cut off by a
     // crash, not damaged (nothing set aside, no warning to look at the disk), and A is whole.
     let dir = tempfile::tempdir().unwrap();
-    let opts = SpoolOptions {
-        segment_size: 64 * 1024,
-    };
-    let mut spool = Spool::open(dir.path(), 0, opts).unwrap();
-    let mut a = spool.begin(&meta(1)).unwrap();
-    spool.append(&mut a, &body(1, 1000)).unwrap();
-    let a_id = a.queue_id().to_owned();
-    let ta = spool.finish(a).unwrap();
+    let (mut spool, a_id, ta) = one_message_in_small_segments(dir.path());
     let mut m = spool.begin(&meta(2)).unwrap();
     spool.append(&mut m, &body(2, 20 * 1024)).unwrap();
     spool.sync_now().unwrap();
