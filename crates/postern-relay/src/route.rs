@@ -43,7 +43,21 @@ impl HostPort {
         } else {
             match s.rsplit_once(':') {
                 Some((h, p)) if !h.contains(':') => (h, p.parse().map_err(|_| bad())?),
-                _ => (s, default_port),
+                Some((h, p)) => {
+                    // An IPv6 address without brackets: `::1:2626` is an address (port 25)
+                    // as much as `::1` with port 2626, so neither is guessed.
+                    let split = match (h.parse::<std::net::Ipv6Addr>(), p.parse::<u16>()) {
+                        (Ok(_), Ok(port)) if port > 0 => {
+                            format!(" ([{h}]:{p}, or [{s}]:{default_port}?)")
+                        }
+                        _ => String::new(),
+                    };
+                    return Err(format!(
+                        "'{s}' is not HOST:PORT: an IPv6 address goes in brackets, \
+                         [ADDRESS]:PORT{split}"
+                    ));
+                }
+                None => (s, default_port),
             }
         };
         if host.is_empty() {
@@ -202,7 +216,15 @@ mod tests {
             HostPort::parse("[192.0.2.1]:26", 25).unwrap().host,
             "192.0.2.1"
         );
-        assert_eq!(HostPort::parse("::1", 25).unwrap().host, "::1");
+        // An IPv6 address without brackets is not guessed at: `::1:2626` is an address as
+        // much as `::1` and a port.
+        for bare in ["::1", "::1:2626", "2001:db8::1:25"] {
+            let err = HostPort::parse(bare, 25).unwrap_err();
+            assert!(err.contains("in brackets"), "{bare}: {err}");
+        }
+        assert!(HostPort::parse("::1:2626", 25)
+            .unwrap_err()
+            .contains("([::1]:2626, or [::1:2626]:25?)"));
         // A U-label host in A-labels: a TLS server name takes no other form.
         assert_eq!(
             HostPort::parse("MX.B\u{fc}cher.Example.:26", 25).unwrap(),

@@ -824,6 +824,9 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
     if let Some(message) = control_character_source() {
         return Err(message);
     }
+    if let Some(message) = flag_taken_as_value() {
+        return Err(with_env_source(message));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayVersion => {
@@ -922,6 +925,45 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
         outbound_tls_ca,
         outbound_tls_required,
     }))))
+}
+
+/// A flag that takes a value left without it, the next word being another flag (`--spool
+/// --cores 1`): clap would take that flag for the value and then stumble on the word after
+/// it (`unexpected argument '1'`), naming neither.
+fn flag_taken_as_value() -> Option<String> {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let cli = <Cli as clap::CommandFactory>::command();
+    let command = cli.find_subcommand(args.first()?)?;
+    let name = |word: &str| {
+        let name = word.strip_prefix("--")?;
+        Some(name.split_once('=').map_or(name, |(n, _)| n).to_owned())
+    };
+    let arg = |name: &str| command.get_arguments().find(|a| a.get_long() == Some(name));
+    let takes_value = |a: &clap::Arg| {
+        !matches!(a.get_action(), ArgAction::SetTrue | ArgAction::Help)
+            && a.get_num_args().is_none_or(|n| n.min_values() > 0)
+    };
+    for pair in args[1..].windows(2) {
+        if pair[0] == "--" {
+            return None;
+        }
+        if pair[0].contains('=') {
+            continue;
+        }
+        let (Some(flag), Some(next)) = (name(&pair[0]), name(&pair[1])) else {
+            continue;
+        };
+        let next_is_flag = next == "help" || arg(&next).is_some();
+        if next_is_flag && arg(&flag).is_some_and(takes_value) {
+            return Some(format!(
+                "a value is required for '--{flag}': the word after it, '--{next}', is a flag"
+            ));
+        }
+    }
+    None
 }
 
 /// The switch (`--hold`, `--reject-bare-newlines`, `--json`, ...) right before the argument

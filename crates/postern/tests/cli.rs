@@ -356,6 +356,16 @@ fn values_that_cannot_work_are_refused_by_name() {
         ],
         "--outbound-tls-ca",
     );
+    // A flag left without its value before another flag and that one's value: the first
+    // is named (clap took the second flag for its value and named only the word after it).
+    refused(&["serve", "--spool", "--cores", "1"], "'--spool'");
+    refused(
+        &["serve", "--tls-cert", "--tls-key", "k.pem"],
+        "'--tls-cert'",
+    );
+    refused(&["serve", "--listen", "--spool", "x"], "'--listen'");
+    refused(&["queue", "--spool", "--show", "x"], "'--spool'");
+    refused(&["serve", "--hostname", "--help"], "'--hostname'");
     // A switch given its value as a separate word is named with the word.
     refused(&["serve", "--hold", "no"], "--hold");
     refused(
@@ -414,6 +424,12 @@ fn values_that_cannot_work_are_refused_by_name() {
         refused(&["serve", "--relay-host", bad], "--relay-host");
     }
     refused(&["serve", "--route", "a.test=h:x:y"], "--route");
+    // An IPv6 address without brackets: `::1:2626` is an address, or `::1` and a port.
+    refused(&["serve", "--relay-host", "::1:2626"], "in brackets");
+    refused(
+        &["serve", "--route", "a.test=2001:db8::1:25"],
+        "in brackets",
+    );
     refused(
         &[
             "serve",
