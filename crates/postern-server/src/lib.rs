@@ -32,8 +32,8 @@ pub use error::StartError;
 pub use postern_spool::DirLock;
 pub use received::rfc5322_date;
 pub use runtime::{
-    check_listen, ipv6_is_dual_stack, lock_spool, memlock_limit_text, note_panic,
+    check_listen, ipv6_is_dual_stack, lock_spool, memlock_limit, memlock_limit_text, note_panic,
     raise_open_file_limit, start, start_locked, start_with, still_listening, OpenFileLimit,
-    Running, TLS_REFUSALS_MAX,
+    Running, MIN_MEMLOCK, TLS_REFUSALS_MAX,
 };
 pub use turns::GiveWay;

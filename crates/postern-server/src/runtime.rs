@@ -523,8 +523,12 @@ pub fn memlock_limit_text() -> String {
     })
 }
 
+/// The least locked memory glommio starts an executor with (its rings' check, whatever the
+/// process's privileges).
+pub const MIN_MEMLOCK: u64 = 512 * 1024;
+
 /// The soft RLIMIT_MEMLOCK in bytes, from /proc (None when unlimited or unknown).
-fn memlock_limit() -> Option<u64> {
+pub fn memlock_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits
         .lines()

@@ -217,6 +217,20 @@ fn main() -> ExitCode {
         complain!("postern: cannot start: {}", probe::advice(&e));
         return ExitCode::from(1);
     }
+    // glommio refuses to start an executor under this much locked memory: said now, before
+    // the spool is read (a long recovery would come first otherwise).
+    if let Some(limit) =
+        postern_server::memlock_limit().filter(|&l| l < postern_server::MIN_MEMLOCK)
+    {
+        complain!(
+            "postern: cannot start: the locked-memory limit here is {} KiB, and each core's \
+             io_uring needs at least {} KiB: raise it with `ulimit -l unlimited`, or \
+             LimitMEMLOCK=infinity in the systemd unit",
+            limit / 1024,
+            postern_server::MIN_MEMLOCK / 1024
+        );
+        return ExitCode::from(1);
+    }
     // A start that cannot listen changes nothing: the addresses are checked before the spool
     // is locked (made, when new) or moved to fewer cores.
     let addresses = (settings.listen.iter().map(|a| ("--listen", a)))

@@ -2320,3 +2320,33 @@ fn a_limit_on_threads_is_named_at_start() {
     assert!(line.contains("a limit on tasks"), "{line}");
     assert!(!line.contains("memlock"), "{line}");
 }
+
+#[test]
+fn a_locked_memory_limit_too_small_for_the_rings_is_named_before_the_spool_is_touched() {
+    // glommio will not start an executor under 512 KiB of locked memory: said at once, with
+    // what to change, not after a recovery of the spool and with glommio's own words.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    for limit in ["0", "65536"] {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--memlock={limit}:{limit}"))
+            .arg(env!("CARGO_BIN_EXE_postern"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
+            .arg(&spool);
+        let (code, _, err) = common::run_command_bounded(cmd);
+        assert_eq!(code, 1, "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("postern: cannot start:"))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(
+            line.contains(&format!(
+                "limit here is {} KiB",
+                limit.parse::<u64>().unwrap() / 1024
+            )) && line.contains("at least 512 KiB")
+                && line.contains("ulimit -l"),
+            "{line}"
+        );
+        assert!(!spool.exists(), "the spool was made: {err}");
+    }
+}
