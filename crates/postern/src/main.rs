@@ -1294,8 +1294,22 @@ fn recover_and_report(
     then: &str,
 ) -> Result<(Vec<postern_spool::RecoveredMessage>, u64), String> {
     let recovered = if settings.spool_dir.exists() {
-        postern_spool::recover(&settings.spool_dir)
-            .map_err(|e| format!("reading the spool {}: {e}", settings.spool_dir.display()))?
+        postern_spool::recover(&settings.spool_dir).map_err(|e| {
+            let what = match &e {
+                postern_spool::SpoolError::Io(io)
+                    if io.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    "; every directory and file in the spool must be readable and writable by \
+                     the user postern runs as (give them to it with chown -R, or run postern as \
+                     their owner)"
+                }
+                _ => "",
+            };
+            format!(
+                "reading the spool {}: {e}{what}",
+                settings.spool_dir.display()
+            )
+        })?
     } else {
         postern_spool::Recovered::default()
     };

@@ -2350,3 +2350,41 @@ fn a_locked_memory_limit_too_small_for_the_rings_is_named_before_the_spool_is_to
         assert!(!spool.exists(), "the spool was made: {err}");
     }
 }
+
+#[test]
+fn a_core_directory_the_server_s_user_cannot_read_is_named_with_what_to_do() {
+    // The spool is nobody's, as the user postern runs as; a core's directory in it is
+    // root's, mode 000 (copied in by hand as root, say).
+    use std::os::unix::fs::PermissionsExt;
+    assert!(running_as_root(), "running as another user needs root");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::os::unix::fs::chown(&spool, Some(65534), Some(65534)).unwrap();
+    std::fs::create_dir(spool.join("0")).unwrap();
+    std::fs::set_permissions(spool.join("0"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_postern"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--hold",
+            "--cores",
+            "1",
+            "--spool",
+        ])
+        .arg(&spool);
+    let (code, _, err) = common::run_command_bounded(cmd);
+    assert_eq!(code, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("postern: cannot start:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("ermission denied") && line.contains("chown -R"),
+        "{line}"
+    );
+}
