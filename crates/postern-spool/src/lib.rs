@@ -50,7 +50,7 @@ pub use meta::{
     envelope_room, DeliveryState, MessageMeta, Recipient, Status, DELETED_BY_OPERATOR,
     START_PER_RECIPIENT,
 };
-pub use queue_id::{is_queue_id, owner_core, MAX_CORES};
+pub use queue_id::{is_queue_id, is_queue_id_char, owner_core, MAX_CORES};
 pub use recover::{recover, CutOffMessage, ReadError, RecordLocation, Recovered, RecoveredMessage};
 pub use segment::create_private_dir;
 

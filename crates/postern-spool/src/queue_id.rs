@@ -39,6 +39,11 @@ pub fn is_queue_id(id: &str) -> bool {
     id.len() == 17 && id.bytes().all(|c| digit(c).is_some())
 }
 
+/// Whether `c` is one of the characters a queue ID is written in.
+pub fn is_queue_id_char(c: char) -> bool {
+    u8::try_from(c).is_ok_and(|b| digit(b).is_some())
+}
+
 /// The most cores whose queue IDs differ: an ID holds the core in 2 digits of base 32.
 pub const MAX_CORES: usize = 32 * 32;
 

@@ -402,9 +402,20 @@ fn shown_queue_id(s: &str) -> Result<String, String> {
 fn queue_id_then(s: &str, then: &str) -> Result<String, String> {
     match s.trim() {
         "" => Err(format!("an empty queue ID{then}")),
-        id if !postern_spool::is_queue_id(id) => Err(format!(
-            "'{id}' is not a queue ID (17 letters and digits, as `postern queue` lists them){then}"
-        )),
+        id if !postern_spool::is_queue_id(id) => {
+            // Say which part is wrong: its length, or a letter IDs never hold.
+            let why = match id.chars().find(|&c| !postern_spool::is_queue_id_char(c)) {
+                _ if id.chars().count() != 17 => {
+                    format!("{} characters, not 17; ", id.chars().count())
+                }
+                Some(c) => format!("it has '{}', which no ID holds; ", c.escape_default()),
+                None => String::new(),
+            };
+            Err(format!(
+                "'{id}' is not a queue ID ({why}IDs are 17 of the digits and the letters \
+                 BCDFGHJKLMNPQRSTVWXYZ and b, as `postern queue` lists them){then}"
+            ))
+        }
         id => Ok(id.to_owned()),
     }
 }

@@ -337,6 +337,9 @@ fn values_that_cannot_work_are_refused_by_name() {
         );
     }
     refused(&["queue", "--delete", "0123456789BCDFGHa"], "--delete");
+    // What is wrong with it: a character no ID holds, or its length.
+    refused(&["queue", "--delete", "0123456789BCDFGHa"], "it has 'a'");
+    refused(&["queue", "--show", "1M22X"], "5 characters, not 17");
     // A path that begins with '-' (a value like -1 given by mistake, a flag left without
     // its path) is a wrong value of its flag, not an unknown flag.
     refused(&["serve", "--spool", "-1"], "--spool");
