@@ -347,6 +347,8 @@ pub(crate) struct Config {
     pub(crate) outbound_tls_ca: Option<PathBuf>,
     /// `--outbound-tls required`: its trust anchors are checked at start-up, with --hold too.
     pub(crate) outbound_tls_required: bool,
+    /// With --hold, the flags given that say where mail goes, unused in this run.
+    pub(crate) unused_with_hold: Vec<&'static str>,
 }
 
 /// `POSTERN_*` variables set in the environment that name no setting of `postern serve` (a
@@ -924,6 +926,17 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
     let outbound_tls_ca = s.outbound_tls_ca.clone();
     // Read by `relay` above, which refuses any other value.
     let outbound_tls_required = s.outbound_tls.parse() == Ok(TlsPolicy::Required);
+    let unused_with_hold = if relay.is_none() {
+        [
+            ("--relay-host", s.relay_host.is_some()),
+            ("--route", !s.route.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    } else {
+        Vec::new()
+    };
     let server = settings(s).map_err(with_env_source)?;
     let relay = relay.map(|r| RelayConfig {
         hostname: server.hostname.clone(),
@@ -935,6 +948,7 @@ pub(crate) fn parse() -> Result<Option<Job>, String> {
         relay,
         outbound_tls_ca,
         outbound_tls_required,
+        unused_with_hold,
     }))))
 }
 

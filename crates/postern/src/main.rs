@@ -388,6 +388,13 @@ fn main() -> ExitCode {
     let delivery = match config_relay {
         None => {
             tracing::info!("--hold: accepted mail stays queued, nothing is delivered");
+            if !config.unused_with_hold.is_empty() {
+                tracing::warn!(
+                    "{} given with --hold: not used in this run (a run without --hold \
+                     delivers by them)",
+                    config.unused_with_hold.join(" and ")
+                );
+            }
             // Read the spool all the same, so that damage is reported at start-up with or
             // without delivery.
             match recover_and_report(&settings, "nothing is delivered (--hold)") {

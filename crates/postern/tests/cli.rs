@@ -939,6 +939,27 @@ fn a_relay_network_of_everyone_is_warned_about() {
 }
 
 #[test]
+fn where_mail_would_go_given_with_hold_is_warned_about() {
+    let server = common::Server::start(&[
+        "--relay-host",
+        "127.0.0.1:2626",
+        "--route",
+        "a.test=h.test",
+        "--hold",
+    ]);
+    let line = server.log_until(|l| l.contains("given with --hold"));
+    assert!(
+        line.contains("WARN") && line.contains("--relay-host and --route given with --hold"),
+        "{line}"
+    );
+    // Without them nothing is said: the recovery's line comes first.
+    let quiet = common::Server::start(&[]);
+    let first =
+        quiet.log_until(|l| l.contains("given with --hold") || l.contains("spool recovered"));
+    assert!(first.contains("spool recovered"), "{first}");
+}
+
+#[test]
 fn mail_to_the_postmaster_sent_by_the_host_s_own_mx_is_warned_about() {
     // Without --postmaster, <postmaster> becomes postmaster@<hostname>, delivered by that
     // domain's MX: most often this server, so each such message would loop and be returned.
