@@ -804,6 +804,12 @@ impl Outbound {
                         ))));
                     }
                     Ok(ClientEvent::NeedInput) => {}
+                    // A RSET refused (a next hop that takes none after a refusal): nothing of
+                    // this transaction went out, so it goes on a new connection, no failed
+                    // attempt counted.
+                    Ok(ClientEvent::Failed(ClientError::Unexpected("RSET", r))) => {
+                        return Err(Err(ConnError::Stale(format!("RSET answered {r}"))));
+                    }
                     Ok(ClientEvent::Failed(e)) => {
                         return Err(Err(self.at_rset(ConnError::Smtp(e))))
                     }
