@@ -2320,9 +2320,28 @@ fn a_limit_on_threads_is_named_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let open = std::os::unix::fs::PermissionsExt::from_mode(0o777);
     std::fs::set_permissions(dir.path(), open).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .args(["prlimit", "--nproc=8"])
+    let (line, _) = start_failure(
+        &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "prlimit",
+            "--nproc=8",
+        ],
+        "4",
+        &dir.path().join("spool"),
+    );
+    assert!(line.contains("a limit on tasks"), "{line}");
+    assert!(!line.contains("memlock"), "{line}");
+}
+
+/// `postern serve --hold --listen 127.0.0.1:0 --cores CORES --spool SPOOL` run through
+/// `wrapper` (a command that runs the one after it), expected to fail at start-up: its
+/// `cannot start` line, and all it wrote to stderr.
+fn start_failure(wrapper: &[&str], cores: &str, spool: &std::path::Path) -> (String, String) {
+    let mut cmd = Command::new(wrapper[0]);
+    cmd.args(&wrapper[1..])
         .arg(env!("CARGO_BIN_EXE_postern"))
         .args([
             "serve",
@@ -2330,19 +2349,19 @@ fn a_limit_on_threads_is_named_at_start() {
             "127.0.0.1:0",
             "--hold",
             "--cores",
-            "4",
-            "--spool",
+            cores,
         ])
-        .arg(dir.path().join("spool"))
+        .arg("--spool")
+        .arg(spool)
         .env_remove("RUST_BACKTRACE");
     let (code, _, err) = common::run_command_bounded(cmd);
     assert_eq!(code, 1, "{err}");
     let line = err
         .lines()
-        .find(|l| l.contains("cannot start"))
-        .unwrap_or_else(|| panic!("no start-up error in {err}"));
-    assert!(line.contains("a limit on tasks"), "{line}");
-    assert!(!line.contains("memlock"), "{line}");
+        .find(|l| l.starts_with("postern: cannot start:"))
+        .unwrap_or_else(|| panic!("no start-up error in {err}"))
+        .to_owned();
+    (line, err)
 }
 
 #[test]
@@ -2352,17 +2371,8 @@ fn a_locked_memory_limit_too_small_for_the_rings_is_named_before_the_spool_is_to
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool");
     for limit in ["0", "65536"] {
-        let mut cmd = Command::new("prlimit");
-        cmd.arg(format!("--memlock={limit}:{limit}"))
-            .arg(env!("CARGO_BIN_EXE_postern"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--hold", "--spool"])
-            .arg(&spool);
-        let (code, _, err) = common::run_command_bounded(cmd);
-        assert_eq!(code, 1, "{err}");
-        let line = err
-            .lines()
-            .find(|l| l.starts_with("postern: cannot start:"))
-            .unwrap_or_else(|| panic!("{err}"));
+        let memlock = format!("--memlock={limit}:{limit}");
+        let (line, err) = start_failure(&["prlimit", &memlock], "2", &spool);
         assert!(
             line.contains(&format!(
                 "limit here is {} KiB",
@@ -2388,25 +2398,16 @@ fn a_core_directory_the_server_s_user_cannot_read_is_named_with_what_to_do() {
     std::os::unix::fs::chown(&spool, Some(65534), Some(65534)).unwrap();
     std::fs::create_dir(spool.join("0")).unwrap();
     std::fs::set_permissions(spool.join("0"), std::fs::Permissions::from_mode(0o000)).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_postern"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--hold",
-            "--cores",
-            "1",
-            "--spool",
-        ])
-        .arg(&spool);
-    let (code, _, err) = common::run_command_bounded(cmd);
-    assert_eq!(code, 1, "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("postern: cannot start:"))
-        .unwrap_or_else(|| panic!("{err}"));
+    let (line, _) = start_failure(
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        "1",
+        &spool,
+    );
     assert!(
         line.contains("ermission denied") && line.contains("chown -R"),
         "{line}"
