@@ -635,6 +635,14 @@ mod tests {
         path
     }
 
+    /// A key and a certificate for mx.example.net signed with it, in PEM.
+    fn self_signed() -> (rcgen::KeyPair, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
+        let cert = params.self_signed(&key).unwrap().pem();
+        (key, cert)
+    }
+
     fn load_error(cert: &Path, key: &Path) -> String {
         let provider = rustls::crypto::ring::default_provider();
         match load(cert, key, None, &provider, true) {
@@ -647,13 +655,8 @@ mod tests {
     #[test]
     fn the_advice_for_a_key_or_certificate_fits_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
-        let good_cert = file(
-            dir.path(),
-            "cert.pem",
-            &params.self_signed(&key).unwrap().pem(),
-        );
+        let (key, pem) = self_signed();
+        let good_cert = file(dir.path(), "cert.pem", &pem);
         let other = rcgen::KeyPair::generate().unwrap();
         let other_key = file(dir.path(), "other.pem", &other.serialize_pem());
         let why = load_error(&good_cert, &other_key);
@@ -706,13 +709,8 @@ mod tests {
     #[test]
     fn of_several_keys_in_a_file_the_certificate_s_is_used() {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
-        let cert = file(
-            dir.path(),
-            "cert.pem",
-            &params.self_signed(&key).unwrap().pem(),
-        );
+        let (key, pem) = self_signed();
+        let cert = file(dir.path(), "cert.pem", &pem);
         let (other, third) = (
             rcgen::KeyPair::generate().unwrap(),
             rcgen::KeyPair::generate().unwrap(),
@@ -733,9 +731,7 @@ mod tests {
     #[test]
     fn a_damaged_chain_a_comment_and_bad_base64_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(vec!["mx.example.net".to_owned()]).unwrap();
-        let own = params.self_signed(&key).unwrap().pem();
+        let (key, own) = self_signed();
         let own_key = key.serialize_pem();
         let key_file = file(dir.path(), "key.pem", &own_key);
         let provider = rustls::crypto::ring::default_provider();
